@@ -1,0 +1,18 @@
+//! ferroquant-core: block quantization in the formats of ggml (legacy, K-quants, IQ4),
+//! bitsandbytes (NF4/FP4 with double quantization), int8 and fp8, with one scalar reference per
+//! format and multithreading that never changes a result. No Python here: the bindings live in
+//! `rust/python`.
+
+pub mod error;
+pub mod formats;
+pub mod input;
+pub mod parallel;
+pub mod qtype;
+pub mod quantize;
+
+pub use error::{Error, Result};
+pub use input::{Elems, Matrix};
+pub use qtype::{QType, QTypeInfo, QTYPES};
+pub use quantize::{
+    dequantize, quantize, DoubleQuant, Options, Quantized, QuantizedView, ScaleMode,
+};

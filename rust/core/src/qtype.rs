@@ -1,0 +1,197 @@
+//! The qtype table: one row per format with its block geometry and ggml id.
+
+use crate::error::{Error, Result};
+
+/// Every format ferroquant quantizes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    IQ4NL,
+    IQ4XS,
+    NF4,
+    FP4,
+    Int8,
+    Fp8E4M3,
+    Fp8E5M2,
+}
+
+/// How a format is laid out and which peer defines it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QTypeInfo {
+    pub qtype: QType,
+    /// Lower-case name used everywhere in the API.
+    pub name: &'static str,
+    /// Weights per block (the default block size for formats where it is a parameter).
+    pub block_size: usize,
+    /// Bytes per block of `data` (statistics kept beside the data are not counted here).
+    pub type_size: usize,
+    /// Bits per weight including per-block statistics, at the default block size.
+    pub bits_per_weight: f64,
+    /// GGML type id, for the formats a GGUF file can hold.
+    pub ggml_id: Option<u32>,
+    /// The library whose output this format matches bit for bit.
+    pub peer: &'static str,
+}
+
+const fn ggml(
+    qtype: QType,
+    name: &'static str,
+    block_size: usize,
+    type_size: usize,
+    id: u32,
+    peer: &'static str,
+) -> QTypeInfo {
+    QTypeInfo {
+        qtype,
+        name,
+        block_size,
+        type_size,
+        bits_per_weight: (type_size * 8) as f64 / block_size as f64,
+        ggml_id: Some(id),
+        peer,
+    }
+}
+
+/// The table, in the order `fq.qtypes()` lists it.
+pub const QTYPES: [QTypeInfo; 20] = [
+    ggml(QType::F32, "f32", 1, 4, 0, "numpy"),
+    ggml(QType::F16, "f16", 1, 2, 1, "numpy"),
+    ggml(QType::BF16, "bf16", 1, 2, 30, "torch"),
+    ggml(QType::Q4_0, "q4_0", 32, 18, 2, "gguf-py, libggml"),
+    ggml(QType::Q4_1, "q4_1", 32, 20, 3, "gguf-py, libggml"),
+    ggml(QType::Q5_0, "q5_0", 32, 22, 6, "gguf-py, libggml"),
+    ggml(QType::Q5_1, "q5_1", 32, 24, 7, "gguf-py, libggml"),
+    ggml(QType::Q8_0, "q8_0", 32, 34, 8, "gguf-py, libggml"),
+    ggml(QType::Q2K, "q2_k", 256, 84, 10, "libggml"),
+    ggml(QType::Q3K, "q3_k", 256, 110, 11, "libggml"),
+    ggml(QType::Q4K, "q4_k", 256, 144, 12, "libggml"),
+    ggml(QType::Q5K, "q5_k", 256, 176, 13, "libggml"),
+    ggml(QType::Q6K, "q6_k", 256, 210, 14, "libggml"),
+    ggml(QType::IQ4NL, "iq4_nl", 32, 18, 20, "libggml"),
+    ggml(QType::IQ4XS, "iq4_xs", 256, 136, 23, "libggml"),
+    // bitsandbytes 4-bit: 32 packed bytes per 64 weights plus an fp32 absmax per block.
+    QTypeInfo {
+        qtype: QType::NF4,
+        name: "nf4",
+        block_size: 64,
+        type_size: 32,
+        bits_per_weight: 4.5,
+        ggml_id: None,
+        peer: "bitsandbytes",
+    },
+    QTypeInfo {
+        qtype: QType::FP4,
+        name: "fp4",
+        block_size: 64,
+        type_size: 32,
+        bits_per_weight: 4.5,
+        ggml_id: None,
+        peer: "bitsandbytes",
+    },
+    // int8 / fp8: one byte per weight plus an fp32 scale per block (default: per row, given
+    // here for a block of 4096 weights).
+    QTypeInfo {
+        qtype: QType::Int8,
+        name: "int8",
+        block_size: 64,
+        type_size: 64,
+        bits_per_weight: 8.5,
+        ggml_id: None,
+        peer: "torch",
+    },
+    QTypeInfo {
+        qtype: QType::Fp8E4M3,
+        name: "fp8_e4m3",
+        block_size: 1,
+        type_size: 1,
+        bits_per_weight: 8.0,
+        ggml_id: None,
+        peer: "torch",
+    },
+    QTypeInfo {
+        qtype: QType::Fp8E5M2,
+        name: "fp8_e5m2",
+        block_size: 1,
+        type_size: 1,
+        bits_per_weight: 8.0,
+        ggml_id: None,
+        peer: "torch",
+    },
+];
+
+impl QType {
+    pub fn info(self) -> &'static QTypeInfo {
+        QTYPES
+            .iter()
+            .find(|i| i.qtype == self)
+            .expect("every QType has a row in QTYPES")
+    }
+
+    pub fn name(self) -> &'static str {
+        self.info().name
+    }
+
+    /// Parse a lower-case qtype name (upper case is accepted too, as llama.cpp spells them).
+    pub fn parse(name: &str) -> Result<QType> {
+        let lower = name.to_ascii_lowercase();
+        QTYPES
+            .iter()
+            .find(|i| i.name == lower)
+            .map(|i| i.qtype)
+            .ok_or_else(|| {
+                let known: Vec<&str> = QTYPES.iter().map(|i| i.name).collect();
+                Error::UnknownQType(name.to_string(), known.join(" "))
+            })
+    }
+
+    pub fn from_ggml_id(id: u32) -> Option<QType> {
+        QTYPES
+            .iter()
+            .find(|i| i.ggml_id == Some(id))
+            .map(|i| i.qtype)
+    }
+
+    /// True for the formats whose `data` is ggml's block layout (no statistics beside it).
+    pub fn is_ggml(self) -> bool {
+        self.info().ggml_id.is_some()
+    }
+
+    /// Bytes of `data` for one row of `cols` weights (ggml formats and the byte-per-weight ones).
+    pub fn row_bytes(self, cols: usize, block_size: usize) -> usize {
+        match self {
+            QType::NF4 | QType::FP4 => cols / 2,
+            QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => cols,
+            _ => cols / block_size * self.info().type_size,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_ids_are_unique() {
+        for info in QTYPES.iter() {
+            assert_eq!(QType::parse(info.name).unwrap(), info.qtype);
+            assert_eq!(info.qtype.info().name, info.name);
+            if let Some(id) = info.ggml_id {
+                assert_eq!(QType::from_ggml_id(id), Some(info.qtype));
+            }
+        }
+        assert!(matches!(QType::parse("q9_9"), Err(Error::UnknownQType(..))));
+        assert_eq!(QType::parse("Q4_K").unwrap(), QType::Q4K);
+    }
+}
