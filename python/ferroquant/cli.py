@@ -44,6 +44,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "threads": _native.num_threads(),
+        "simd": _native.simd_level(),
+        "FERROQUANT_FORCE_SCALAR": os.environ.get("FERROQUANT_FORCE_SCALAR", "(unset)"),
         "FERROQUANT_NUM_THREADS": os.environ.get("FERROQUANT_NUM_THREADS", "(unset: all cores)"),
         "peers": {m: _peer_version(m) for m in ("numpy", "torch", "gguf", "bitsandbytes")},
     }

@@ -180,9 +180,12 @@ fn dequantize<'py>(
     Ok(out.map_err(to_py)?.into_pyarray(py))
 }
 
-/// The qtype table: (name, block_size, type_size, bits_per_weight, ggml_id, peer) per format.
+/// One row of the qtype table: (name, block_size, type_size, bits_per_weight, ggml_id, peer).
+type QTypeRow = (&'static str, usize, usize, f64, Option<u32>, &'static str);
+
+/// The qtype table, one row per format.
 #[pyfunction]
-fn qtypes() -> Vec<(&'static str, usize, usize, f64, Option<u32>, &'static str)> {
+fn qtypes() -> Vec<QTypeRow> {
     core::QTYPES
         .iter()
         .map(|i| {
@@ -204,6 +207,12 @@ fn block_struct_sizes() -> Vec<(&'static str, usize)> {
     core::formats::blocks::BLOCK_SIZES.to_vec()
 }
 
+/// The instruction set the quantizers use here ("avx2" or "scalar").
+#[pyfunction]
+fn simd_level() -> &'static str {
+    core::formats::simd::level()
+}
+
 #[pyfunction]
 fn set_num_threads(n: usize) {
     core::parallel::set_num_threads(n)
@@ -223,6 +232,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(block_struct_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

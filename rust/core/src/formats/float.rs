@@ -3,6 +3,7 @@
 
 use crate::qtype::QType;
 
+#[inline(always)]
 pub fn quantize_row(qtype: QType, x: &[f32], out: &mut [u8]) {
     match qtype {
         QType::F32 => {

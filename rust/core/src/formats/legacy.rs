@@ -5,20 +5,20 @@
 
 use super::blocks::*;
 
-/// (amax, the signed value with the largest magnitude), first one wins on ties as in ggml.
-#[inline]
+/// (amax, the signed value with the largest magnitude), first one wins on ties as in ggml's
+/// `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }`. Written as a max-reduction followed by
+/// a search for its first occurrence, which selects the same element (inputs are finite) and
+/// vectorises.
+#[inline(always)]
 fn signed_absmax(x: &[f32]) -> (f32, f32) {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        if amax < v.abs() {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let amax = x
+        .iter()
+        .fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
     (amax, max)
 }
 
-#[inline]
+#[inline(always)]
 fn min_max(x: &[f32]) -> (f32, f32) {
     let (mut min, mut max) = (f32::MAX, -f32::MAX);
     for &v in x {
@@ -41,6 +41,7 @@ fn inverse(d: f32) -> f32 {
     }
 }
 
+#[inline(always)]
 pub fn quantize_row_q4_0_ref(x: &[f32], out: &mut [u8]) {
     let blocks: &mut [BlockQ4_0] = bytemuck::cast_slice_mut(out);
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK4_0)) {
@@ -58,6 +59,7 @@ pub fn quantize_row_q4_0_ref(x: &[f32], out: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 pub fn quantize_row_q4_1_ref(x: &[f32], out: &mut [u8]) {
     let blocks: &mut [BlockQ4_1] = bytemuck::cast_slice_mut(out);
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK4_1)) {
@@ -76,6 +78,7 @@ pub fn quantize_row_q4_1_ref(x: &[f32], out: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 pub fn quantize_row_q5_0_ref(x: &[f32], out: &mut [u8]) {
     let blocks: &mut [BlockQ5_0] = bytemuck::cast_slice_mut(out);
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK5_0)) {
@@ -97,6 +100,7 @@ pub fn quantize_row_q5_0_ref(x: &[f32], out: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 pub fn quantize_row_q5_1_ref(x: &[f32], out: &mut [u8]) {
     let blocks: &mut [BlockQ5_1] = bytemuck::cast_slice_mut(out);
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK5_1)) {
@@ -119,6 +123,7 @@ pub fn quantize_row_q5_1_ref(x: &[f32], out: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 pub fn quantize_row_q8_0_ref(x: &[f32], out: &mut [u8]) {
     let blocks: &mut [BlockQ8_0] = bytemuck::cast_slice_mut(out);
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK8_0)) {
@@ -133,6 +138,7 @@ pub fn quantize_row_q8_0_ref(x: &[f32], out: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 pub fn dequantize_row_q4_0(data: &[u8], y: &mut [f32]) {
     let blocks: &[BlockQ4_0] = bytemuck::cast_slice(data);
     for (b, y) in blocks.iter().zip(y.chunks_exact_mut(QK4_0)) {
@@ -144,6 +150,7 @@ pub fn dequantize_row_q4_0(data: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub fn dequantize_row_q4_1(data: &[u8], y: &mut [f32]) {
     let blocks: &[BlockQ4_1] = bytemuck::cast_slice(data);
     for (b, y) in blocks.iter().zip(y.chunks_exact_mut(QK4_1)) {
@@ -155,6 +162,7 @@ pub fn dequantize_row_q4_1(data: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub fn dequantize_row_q5_0(data: &[u8], y: &mut [f32]) {
     let blocks: &[BlockQ5_0] = bytemuck::cast_slice(data);
     for (b, y) in blocks.iter().zip(y.chunks_exact_mut(QK5_0)) {
@@ -169,6 +177,7 @@ pub fn dequantize_row_q5_0(data: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub fn dequantize_row_q5_1(data: &[u8], y: &mut [f32]) {
     let blocks: &[BlockQ5_1] = bytemuck::cast_slice(data);
     for (b, y) in blocks.iter().zip(y.chunks_exact_mut(QK5_1)) {
@@ -183,6 +192,7 @@ pub fn dequantize_row_q5_1(data: &[u8], y: &mut [f32]) {
     }
 }
 
+#[inline(always)]
 pub fn dequantize_row_q8_0(data: &[u8], y: &mut [f32]) {
     let blocks: &[BlockQ8_0] = bytemuck::cast_slice(data);
     for (b, y) in blocks.iter().zip(y.chunks_exact_mut(QK8_0)) {

@@ -12,12 +12,28 @@ pub mod iq4;
 pub mod k_quants;
 pub mod legacy;
 pub mod legacy_imatrix;
+pub mod simd;
 
 use crate::qtype::QType;
 
-/// Quantize one row of a ggml-layout qtype: the scalar reference, bit-exact with libggml's
-/// `ggml_quantize_chunk` (with `imatrix` = its `quant_weights`).
+/// Quantize one row of a ggml-layout qtype, bit-exact with libggml's `ggml_quantize_chunk`
+/// (with `imatrix` = its `quant_weights`). On x86-64 with AVX2 the legacy formats run the same
+/// scalar source compiled for AVX2 (see `simd.rs`); results are identical by construction (Rust
+/// never contracts a*b+c into an FMA) and tested against the forced scalar path.
 pub fn ggml_quantize_row(qtype: QType, x: &[f32], out: &mut [u8], imatrix: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if imatrix.is_none() && simd::legacy_avx2(qtype) {
+        // SAFETY: legacy_avx2 returned true only after runtime detection of AVX2 and F16C,
+        // the features the callee is compiled for.
+        unsafe { simd::quantize_row_legacy_avx2(qtype, x, out) };
+        return;
+    }
+    ggml_quantize_row_scalar(qtype, x, out, imatrix)
+}
+
+/// The scalar reference of every ggml-layout qtype.
+#[inline(always)]
+pub fn ggml_quantize_row_scalar(qtype: QType, x: &[f32], out: &mut [u8], imatrix: Option<&[f32]>) {
     use QType::*;
     match (qtype, imatrix) {
         (F32 | F16 | BF16, _) => float::quantize_row(qtype, x, out),
