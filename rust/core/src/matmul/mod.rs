@@ -1,0 +1,346 @@
+//! Quantized CPU matmul: `y = x · Wᵀ` with `W` (N x K, quantized, one row per output feature, in
+//! ferroquant's layouts) and `x` (M x K, f32), `y` (M x N, f32).
+//!
+//! Each output element is one dot product computed by one fixed sequence (`reference.rs`
+//! defines it; `x86.rs` computes the same bits with AVX2), so results do not depend on the
+//! thread count, on M, or on the instruction set. Work is split over output features N through
+//! the one pool of `parallel.rs`.
+//!
+//! Supported weight formats and the activation each uses:
+//! q4_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
+//! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations.
+
+pub mod reference;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::formats::blocks::*;
+use crate::parallel;
+use crate::qtype::QType;
+use crate::quantize::{validate_view, QuantizedView, ScaleMode};
+use reference::BlockQ8K;
+
+/// The weight qtypes `qmatmul` accepts.
+pub const SUPPORTED: [QType; 8] = [
+    QType::Q4_0,
+    QType::Q8_0,
+    QType::IQ4NL,
+    QType::Q4K,
+    QType::Q5K,
+    QType::Q6K,
+    QType::NF4,
+    QType::Int8,
+];
+
+/// The activations, prepared once per call (one row of x per `m`).
+enum Acts<'a> {
+    Q8_0 { blocks: Vec<BlockQ8_0>, d: Vec<f32> },
+    Q8K(Vec<BlockQ8K>),
+    F32(&'a [f32]),
+}
+
+/// Everything one dot product needs, checked once.
+struct Plan<'a> {
+    w: &'a QuantizedView<'a>,
+    k: usize,
+    row_bytes: usize,
+    acts: Acts<'a>,
+    /// int8: where the scales of row n start and how many there are; the block length.
+    stats_per_row: usize,
+    block_len: usize,
+    simd: bool,
+}
+
+fn use_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::formats::simd::has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl Plan<'_> {
+    /// y[mi][n]: weight row `n` with activation row `mi`.
+    fn dot(&self, n: usize, mi: usize) -> f32 {
+        let wrow = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
+        let k = self.k;
+        match &self.acts {
+            Acts::Q8_0 { blocks, d } => {
+                let nb = k / QK8_0;
+                let (x, xd) = (&blocks[mi * nb..(mi + 1) * nb], &d[mi * nb..(mi + 1) * nb]);
+                match self.w.qtype {
+                    QType::Q4_0 => self.dot32::<BlockQ4_0>(wrow, x, xd),
+                    QType::Q8_0 => self.dot32::<BlockQ8_0>(wrow, x, xd),
+                    _ => self.dot32::<BlockIQ4NL>(wrow, x, xd),
+                }
+            }
+            Acts::Q8K(blocks) => {
+                let nb = k / QK_K;
+                let x = &blocks[mi * nb..(mi + 1) * nb];
+                match self.w.qtype {
+                    QType::Q4K => self.dot_k::<BlockQ4K>(wrow, x),
+                    QType::Q5K => self.dot_k::<BlockQ5K>(wrow, x),
+                    _ => self.dot_k::<BlockQ6K>(wrow, x),
+                }
+            }
+            Acts::F32(xs) => {
+                let x = &xs[mi * k..(mi + 1) * k];
+                let spr = self.stats_per_row;
+                let stats = if self.w.stats.len() == 1 {
+                    self.w.stats
+                } else {
+                    &self.w.stats[n * spr..(n + 1) * spr]
+                };
+                self.dot_f32(wrow, stats, x)
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn dot32<W: x86::Load32>(&self, wrow: &[u8], x: &[BlockQ8_0], xd: &[f32]) -> f32 {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd {
+            // SAFETY: simd is set only when AVX2 and F16C were detected; x and xd have one
+            // entry per weight block (both built from the same K).
+            unsafe { x86::dot_block32(w, x, xd) }
+        } else {
+            reference::dot_block32(w, x, xd)
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn dot32<W: reference::Block32>(&self, wrow: &[u8], x: &[BlockQ8_0], xd: &[f32]) -> f32 {
+        reference::dot_block32(bytemuck::cast_slice::<u8, W>(wrow), x, xd)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn dot_k<W: x86::SumsK>(&self, wrow: &[u8], x: &[BlockQ8K]) -> f32 {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd {
+            // SAFETY: AVX2 detected; x has one block per weight block.
+            unsafe { x86::dot_block_k(w, x) }
+        } else {
+            reference::dot_block_k(w, x)
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn dot_k<W: reference::BlockK>(&self, wrow: &[u8], x: &[BlockQ8K]) -> f32 {
+        reference::dot_block_k(bytemuck::cast_slice::<u8, W>(wrow), x)
+    }
+
+    fn dot_f32(&self, wrow: &[u8], stats: &[f32], x: &[f32]) -> f32 {
+        let nf4 = self.w.qtype == QType::NF4;
+        #[cfg(target_arch = "x86_64")]
+        if self.simd {
+            // SAFETY: AVX2 detected; lengths checked by `plan` (K/2 or K bytes, one stat per
+            // block, nf4 blocks a multiple of 32).
+            return unsafe {
+                if nf4 {
+                    x86::dot_nf4(wrow, stats, self.block_len, x)
+                } else {
+                    x86::dot_int8(wrow, stats, self.block_len, x)
+                }
+            };
+        }
+        if nf4 {
+            reference::dot_nf4(wrow, stats, self.block_len, x)
+        } else {
+            reference::dot_int8(wrow, stats, self.block_len, x)
+        }
+    }
+}
+
+fn bad(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+fn stats_err(w: &QuantizedView<'_>, got: usize, expected: usize) -> Error {
+    Error::DataSize {
+        what: "stats",
+        qtype: w.qtype.name(),
+        rows: w.rows,
+        cols: w.cols,
+        got,
+        expected,
+    }
+}
+
+fn check_bnb_block(w: &QuantizedView<'_>) -> Result<usize> {
+    let b = w.block_size;
+    if b.is_power_of_two() && (32..=4096).contains(&b) {
+        Ok(b)
+    } else {
+        Err(Error::BlockSize {
+            qtype: w.qtype.name(),
+            got: b,
+            allowed: "a power of two from 32 to 4096",
+        })
+    }
+}
+
+/// Check everything about the request and prepare the activations.
+fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) -> Result<Plan<'a>> {
+    let (n, k) = (w.rows, w.cols);
+    if !SUPPORTED.contains(&w.qtype) {
+        let names: Vec<&str> = SUPPORTED.iter().map(|q| q.name()).collect();
+        return Err(bad(format!(
+            "qmatmul does not support {} weights; supported: {}",
+            w.qtype.name(),
+            names.join(" ")
+        )));
+    }
+    if m == 0 {
+        return Err(Error::Empty { rows: m, cols: k });
+    }
+    validate_view(w)?;
+    let (mut stats_per_row, mut block_len) = (0, 0);
+    match w.qtype {
+        QType::NF4 => {
+            block_len = check_bnb_block(w)?;
+            if w.double_quant.is_some() {
+                return Err(bad(
+                    "qmatmul takes nf4 weights with a plain fp32 absmax; expand a \
+                     double-quantized absmax first"
+                        .into(),
+                ));
+            }
+            stats_per_row = k / block_len;
+        }
+        QType::Int8 => match w.scale_mode {
+            Some(ScaleMode::Tensor) => (stats_per_row, block_len) = (1, k),
+            Some(ScaleMode::Row) => (stats_per_row, block_len) = (1, k),
+            Some(ScaleMode::Block) => {
+                block_len = check_bnb_block(w)?;
+                stats_per_row = k / block_len;
+            }
+            None => return Err(bad("int8 weights need a scale_mode".into())),
+        },
+        q => {
+            let bs = q.info().block_size;
+            if w.block_size != bs {
+                return Err(bad(format!(
+                    "{} has block size {bs}, got block_size={}",
+                    q.name(),
+                    w.block_size
+                )));
+            }
+        }
+    }
+    if stats_per_row > 0 {
+        let expected = if w.scale_mode == Some(ScaleMode::Tensor) {
+            1
+        } else {
+            n * stats_per_row
+        };
+        if w.stats.len() != expected {
+            return Err(stats_err(w, w.stats.len(), expected));
+        }
+    }
+    let x_len = m
+        .checked_mul(k)
+        .ok_or_else(|| bad(format!("shape {m}x{k} overflows")))?;
+    if x.len() != x_len {
+        return Err(bad(format!(
+            "x has {} elements but M={m} rows of K={k} need {x_len}",
+            x.len()
+        )));
+    }
+    let y_len = m
+        .checked_mul(n)
+        .ok_or_else(|| bad(format!("shape {m}x{n} overflows")))?;
+    if out_len != y_len {
+        return Err(bad(format!(
+            "output has {out_len} elements but M={m} rows of N={n} need {y_len}"
+        )));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            row: i / k,
+            col: i % k,
+            value: x[i],
+        });
+    }
+    let acts = match w.qtype {
+        QType::Q4_0 | QType::Q8_0 | QType::IQ4NL => {
+            let nb = k / QK8_0;
+            let mut blocks = vec![BlockQ8_0::zeroed(); m * nb];
+            parallel::install(|| {
+                blocks
+                    .par_chunks_mut(nb)
+                    .zip(x.par_chunks(k))
+                    .for_each(|(b, x)| reference::quantize_row_q8_0(x, b))
+            });
+            let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
+            Acts::Q8_0 { blocks, d }
+        }
+        QType::Q4K | QType::Q5K | QType::Q6K => {
+            let nb = k / QK_K;
+            let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
+            parallel::install(|| {
+                blocks
+                    .par_chunks_mut(nb)
+                    .zip(x.par_chunks(k))
+                    .for_each(|(b, x)| reference::quantize_row_q8_k(x, b))
+            });
+            Acts::Q8K(blocks)
+        }
+        _ => Acts::F32(x),
+    };
+    Ok(Plan {
+        w,
+        k,
+        row_bytes: w.qtype.row_bytes(k, w.block_size),
+        acts,
+        stats_per_row,
+        block_len,
+        simd: use_simd(),
+    })
+}
+
+use bytemuck::Zeroable;
+
+/// `out = x · Wᵀ`: `x` is M x K row-major f32 (M = `m`), `w` is N x K quantized, `out` is M x N
+/// row-major. Every shape, size and value is checked; errors, never panics.
+pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
+    let plan = plan(x, m, w, out.len())?;
+    let n = w.rows;
+    // Rows of Wᵀ·x (N x M): each task owns whole weight rows, reads each row once and reuses it
+    // for all M activation rows.
+    let per_task = parallel::rows_per_task(n, w.cols.saturating_mul(m));
+    let fill = |yt: &mut [f32]| {
+        parallel::install(|| {
+            yt.par_chunks_mut(per_task * m)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    for (i, yrow) in chunk.chunks_mut(m).enumerate() {
+                        let row = t * per_task + i;
+                        for (mi, y) in yrow.iter_mut().enumerate() {
+                            *y = plan.dot(row, mi);
+                        }
+                    }
+                })
+        })
+    };
+    if m == 1 {
+        fill(out);
+    } else {
+        let mut yt = vec![0.0f32; n * m];
+        fill(&mut yt);
+        for (r, yrow) in yt.chunks_exact(m).enumerate() {
+            for (mi, &v) in yrow.iter().enumerate() {
+                out[mi * n + r] = v;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
