@@ -1,6 +1,8 @@
 //! ferroquant._native: thin PyO3 bindings over ferroquant-core. Only conversion, GIL release
 //! and error mapping live here; no numerics.
 
+mod matmul;
+
 use ferroquant_core as core;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
@@ -234,6 +236,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -348,7 +348,11 @@ pub fn dot_block_k<W: BlockK>(w: &[W], x: &[BlockQ8K]) -> f32 {
 #[inline(always)]
 pub fn nibble(packed: &[u8], j: usize) -> usize {
     let b = packed[j / 2];
-    (if j.is_multiple_of(2) { b >> 4 } else { b & 0x0f }) as usize
+    (if j.is_multiple_of(2) {
+        b >> 4
+    } else {
+        b & 0x0f
+    }) as usize
 }
 
 /// Σ_b absmax_b Σ_{j in b} code[q_j] x_j for one nf4 row (`packed` = K/2 bytes, `absmax` = one
