@@ -6,11 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import ferroquant as fq
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import ferroquant as fq
 
 ALL = [q.name for q in fq.qtypes()]
 GGML_FIXED = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
