@@ -16,9 +16,14 @@ from .tensor import QTensor, dequantize
 
 
 def _as_qtensor(
-    data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int, block_size: int,
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
     scale_mode: str,
-) -> QTensor:  # fmt: skip
+) -> QTensor:
     return QTensor(
         qtype=qtype,
         shape=(n, k),

@@ -15,8 +15,14 @@ from dataclasses import dataclass, field
 
 from ..qtypes import qtype_info
 
-FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0",
-            "q5_k": "q5_1", "q6_k": "q8_0"}  # fmt: skip
+FALLBACK = {
+    "q2_k": "iq4_nl",
+    "q3_k": "iq4_nl",
+    "iq4_xs": "iq4_nl",
+    "q4_k": "q5_0",
+    "q5_k": "q5_1",
+    "q6_k": "q8_0",
+}
 
 # recipe -> (base qtype, qtype for "more bits" tensors (v/down in use_more_bits layers), output)
 MIXES = {

@@ -60,8 +60,14 @@ class QuantLinear(nn.Module):
         if qt.state is not None:
             qt = _expand_double_quant(qt)
         n, k = qt.shape
-        mod = cls(k, n, bias=bias is not None, qtype=qt.qtype, block_size=qt.block_size,
-                  scale_mode=qt.scale_mode)  # fmt: skip
+        mod = cls(
+            k,
+            n,
+            bias=bias is not None,
+            qtype=qt.qtype,
+            block_size=qt.block_size,
+            scale_mode=qt.scale_mode,
+        )
         mod.qweight = torch.from_numpy(np.array(qt.data, copy=True))
         mod.qstats = torch.from_numpy(np.array(qt.stats, dtype=np.float32, copy=True))
         if bias is not None:
@@ -85,16 +91,27 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.ferroquant.qmatmul(
-            x, self.qweight, self.qstats, self.qtype, self.out_features, self.in_features,
-            self.block_size, self.scale_mode or "",
-        )  # fmt: skip
+            x,
+            self.qweight,
+            self.qstats,
+            self.qtype,
+            self.out_features,
+            self.in_features,
+            self.block_size,
+            self.scale_mode or "",
+        )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"qtype": self.qtype, "block_size": self.block_size, "scale_mode": self.scale_mode,
-                "in_features": self.in_features, "out_features": self.out_features}  # fmt: skip
+        return {
+            "qtype": self.qtype,
+            "block_size": self.block_size,
+            "scale_mode": self.scale_mode,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.qtype = state["qtype"]
@@ -112,8 +129,10 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, qtype={self.qtype}")  # fmt: skip
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, qtype={self.qtype}"
+        )
 
 
 def _expand_double_quant(qt: QTensor) -> QTensor:
