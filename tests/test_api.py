@@ -6,11 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import ferroquant as fq
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import ferroquant as fq
 
 ALL = [q.name for q in fq.qtypes()]
 GGML_FIXED = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
@@ -19,12 +20,22 @@ GGML_FIXED = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
 def test_qtype_table_matches_design():
     table = {q.name: q for q in fq.qtypes()}
     expected = {  # DESIGN.md "Format facts": bytes per block / weights per block, ggml ids
-        "q4_0": (18, 32, 2), "q4_1": (20, 32, 3), "q5_0": (22, 32, 6), "q5_1": (24, 32, 7),
-        "q8_0": (34, 32, 8), "q2_k": (84, 256, 10), "q3_k": (110, 256, 11),
-        "q4_k": (144, 256, 12), "q5_k": (176, 256, 13), "q6_k": (210, 256, 14),
-        "iq4_nl": (18, 32, 20), "iq4_xs": (136, 256, 23), "f32": (4, 1, 0), "f16": (2, 1, 1),
+        "q4_0": (18, 32, 2),
+        "q4_1": (20, 32, 3),
+        "q5_0": (22, 32, 6),
+        "q5_1": (24, 32, 7),
+        "q8_0": (34, 32, 8),
+        "q2_k": (84, 256, 10),
+        "q3_k": (110, 256, 11),
+        "q4_k": (144, 256, 12),
+        "q5_k": (176, 256, 13),
+        "q6_k": (210, 256, 14),
+        "iq4_nl": (18, 32, 20),
+        "iq4_xs": (136, 256, 23),
+        "f32": (4, 1, 0),
+        "f16": (2, 1, 1),
         "bf16": (2, 1, 30),
-    }  # fmt: skip
+    }
     for name, (type_size, block, ggml_id) in expected.items():
         q = table[name]
         assert (q.type_size, q.block_size, q.ggml_id) == (type_size, block, ggml_id)

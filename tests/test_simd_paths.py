@@ -10,6 +10,7 @@ import sys
 import numpy as np
 
 import ferroquant as fq
+
 from data import DISTRIBUTIONS, make
 
 SCRIPT = r"""

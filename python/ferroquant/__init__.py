@@ -7,12 +7,21 @@ w2 = fq.dequantize(qt)
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import _native
 from ._native import FormatError, QuantizeError
 from .qtypes import QType, qtype_info, qtypes
 from .tensor import DoubleQuantState, QTensor, dequantize, quantize
 
 __version__ = _native.__version__
+
+
+def quantize_model(model: Any, recipe: Any = "q4_k_m", **kwargs: Any) -> Any:
+    """Quantize the nn.Linear layers of a torch model in place (see ferroquant.models)."""
+    from .models import quantize_model as _quantize_model
+
+    return _quantize_model(model, recipe, **kwargs)
 
 
 def set_num_threads(n: int) -> None:
@@ -35,5 +44,6 @@ __all__ = [
     "qtype_info",
     "qtypes",
     "quantize",
+    "quantize_model",
     "set_num_threads",
 ]

