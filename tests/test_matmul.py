@@ -42,14 +42,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import peers
 import pytest
-from data import DISTRIBUTIONS, make
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ferroquant as fq
 from ferroquant import _native
+
+import peers
+from data import DISTRIBUTIONS, make
 
 GGML_QTYPES = ("q4_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k")
 QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block")
