@@ -52,12 +52,25 @@ struct Plan<'a> {
     stats_per_row: usize,
     block_len: usize,
     simd: bool,
+    /// AVX-512F for the nf4 decode.
+    avx512: bool,
 }
 
 fn use_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::formats::simd::has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn use_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::has_avx512f()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -142,7 +155,9 @@ impl Plan<'_> {
             // SAFETY: AVX2 detected; lengths checked by `plan` (K/2 or K bytes, one stat per
             // block, nf4 blocks a multiple of 32).
             return unsafe {
-                if nf4 {
+                if nf4 && self.avx512 {
+                    x86::dot_nf4_avx512(wrow, stats, self.block_len, x)
+                } else if nf4 {
                     x86::dot_nf4(wrow, stats, self.block_len, x)
                 } else {
                     x86::dot_int8(wrow, stats, self.block_len, x)
@@ -301,6 +316,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
         stats_per_row,
         block_len,
         simd: use_simd(),
+        avx512: use_avx512(),
     })
 }
 

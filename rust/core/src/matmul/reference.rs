@@ -15,7 +15,10 @@
 //! **Float order (the same in every path).** Per-block float products go to one of 8 lanes,
 //! block `b` to lane `b % 8`: `acc[b % 8] += p_b`, blocks in increasing order. For the f32
 //! formats, element `j` of a block goes to lane `j % 8` of a per-block partial sum
-//! (`part[j % 8] += v_j * x_j`, no fused multiply-add), then `acc[l] += part[l] * scale_b`.
+//! uses 32 lanes, element `j` of a block to lane `j % 32` of a per-block partial sum
+//! (`part[j % 32] += v_j * x_j`, no fused multiply-add), then `acc[l] += part[l] * scale_b`;
+//! 32 lanes (four AVX2 registers) because a single chain of dependent adds would bound the speed
+//! by the add latency. 32 lanes are folded to 8 as `(a[l] + a[l+8]) + (a[l+16] + a[l+24])`.
 //! The 8 lanes are summed as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, which is what
 //! an AVX2 register reduction (high half + low half, then movehl, then the last pair) does.
 
@@ -26,6 +29,8 @@ use crate::formats::legacy;
 
 /// Number of float accumulator lanes (one AVX2 register of f32).
 pub const LANES: usize = 8;
+/// Lanes of the f32-activation formats (four AVX2 registers).
+pub const WIDE: usize = 32;
 
 /// ggml's `block_q8_K`: the activation format of the K-quant dot products.
 #[repr(C)]
@@ -70,6 +75,16 @@ pub const KVALUES_IQ4NL: [i8; 16] = [
 pub fn hsum8(a: &[f32; LANES]) -> f32 {
     let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
     (s[0] + s[2]) + (s[1] + s[3])
+}
+
+/// The fixed reduction of 32 lanes: fold to 8 (see the module comment), then `hsum8`.
+#[inline(always)]
+pub fn hsum32(a: &[f32; WIDE]) -> f32 {
+    let mut s = [0.0f32; LANES];
+    for l in 0..LANES {
+        s[l] = (a[l] + a[l + 8]) + (a[l + 16] + a[l + 24]);
+    }
+    hsum8(&s)
 }
 
 // ---------------------------------------------------------------- activation quantization
@@ -356,38 +371,38 @@ pub fn nibble(packed: &[u8], j: usize) -> usize {
 }
 
 /// Σ_b absmax_b Σ_{j in b} code[q_j] x_j for one nf4 row (`packed` = K/2 bytes, `absmax` = one
-/// per block of `block_size`).
+/// per block of `block_size`, a multiple of 32).
 pub fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
+    let mut acc = [0.0f32; WIDE];
     for (b, (&s, xb)) in absmax.iter().zip(x.chunks_exact(block_size)).enumerate() {
         let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
-        let mut part = [0.0f32; LANES];
+        let mut part = [0.0f32; WIDE];
         for (j, &xv) in xb.iter().enumerate() {
-            part[j % LANES] += NF4_CODE[nibble(wb, j)] * xv;
+            part[j % WIDE] += NF4_CODE[nibble(wb, j)] * xv;
         }
-        for l in 0..LANES {
+        for l in 0..WIDE {
             acc[l] += part[l] * s;
         }
     }
-    hsum8(&acc)
+    hsum32(&acc)
 }
 
 /// Σ_b scale_b Σ_{j in b} q_j x_j for one int8 row. `block_len` is the scale's block (the whole
 /// row for per-row and per-tensor scales); `scales` holds one scale per block.
 pub fn dot_int8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
+    let mut acc = [0.0f32; WIDE];
     for ((&s, qb), xb) in scales
         .iter()
         .zip(q.chunks(block_len))
         .zip(x.chunks(block_len))
     {
-        let mut part = [0.0f32; LANES];
+        let mut part = [0.0f32; WIDE];
         for (j, (&w, &xv)) in qb.iter().zip(xb).enumerate() {
-            part[j % LANES] += (w as i8) as f32 * xv;
+            part[j % WIDE] += (w as i8) as f32 * xv;
         }
-        for l in 0..LANES {
+        for l in 0..WIDE {
             acc[l] += part[l] * s;
         }
     }
-    hsum8(&acc)
+    hsum32(&acc)
 }

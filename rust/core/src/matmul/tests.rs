@@ -307,6 +307,11 @@ fn simd_paths_are_bit_identical_to_references() {
             let simd = unsafe { x86::dot_nf4(&packed, &absmax, bs, &x) };
             let scalar = r::dot_nf4(&packed, &absmax, bs, &x);
             assert_eq!(simd.to_bits(), scalar.to_bits(), "nf4 bs={bs} nb={nb}");
+            if x86::has_avx512f() {
+                // SAFETY: AVX-512F detected; lengths as documented.
+                let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, &x) };
+                assert_eq!(z.to_bits(), scalar.to_bits(), "nf4 avx512 bs={bs} nb={nb}");
+            }
         }
         for (k, bl) in [(nb * 32, 32), (nb * 13 + 5, nb * 13 + 5)] {
             let q = rng.bytes(k);

@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES};
+use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES, WIDE};
 use crate::formats::blocks::*;
 
 #[inline(always)]
@@ -292,9 +292,19 @@ pub unsafe fn dot_block_k<W: SumsK>(w: &[W], x: &[BlockQ8K]) -> f32 {
 
 // ---------------------------------------------------------------- f32 activations
 
+/// Store four registers as the 32 lanes of the f32-activation formats.
+#[inline(always)]
+fn wide_lanes(v: &[__m256; 4]) -> [f32; WIDE] {
+    let mut a = [0.0f32; WIDE];
+    for (k, r) in v.iter().enumerate() {
+        a[8 * k..8 * k + 8].copy_from_slice(&lanes_of(*r));
+    }
+    a
+}
+
 /// `reference::dot_nf4`: 32 weights per step decoded in registers (two permutes of the code
-/// table and a blend on bit 3 of the index), `part += code * x` lane-wise, then
-/// `acc += part * absmax` per block.
+/// table and a blend on bit 3 of the index), `part[k] += code * x` for the four registers of
+/// 32 lanes, then `acc[k] += part[k] * absmax` per block.
 ///
 /// # Safety
 /// AVX2 must be available; `block_size` a multiple of 32, `packed.len() * 2 == x.len()`,
@@ -311,9 +321,9 @@ pub unsafe fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32
         let hi = _mm256_permutevar8x32_ps(tab_hi, idx);
         _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
     };
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); 4];
     for (b, &s) in absmax.iter().enumerate() {
-        let mut part = _mm256_setzero_ps();
+        let mut part = [_mm256_setzero_ps(); 4];
         let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
         let xb = &x[b * block_size..(b + 1) * block_size];
         for (wq, xq) in wb.chunks_exact(16).zip(xb.chunks_exact(32)) {
@@ -324,53 +334,111 @@ pub unsafe fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32
             let e0 = _mm_unpacklo_epi8(hi, lo);
             let e1 = _mm_unpackhi_epi8(hi, lo);
             let idx = [e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)];
-            for (k, &i8s) in idx.iter().enumerate() {
+            for k in 0..4 {
                 let xv = unsafe { _mm256_loadu_ps(xq[8 * k..].as_ptr()) };
-                part = _mm256_add_ps(part, _mm256_mul_ps(decode(i8s), xv));
+                part[k] = _mm256_add_ps(part[k], _mm256_mul_ps(decode(idx[k]), xv));
             }
         }
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(part, _mm256_set1_ps(s)));
+        let sv = _mm256_set1_ps(s);
+        for k in 0..4 {
+            acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(part[k], sv));
+        }
     }
-    r::hsum8(&lanes_of(acc))
+    r::hsum32(&wide_lanes(&acc))
 }
 
-/// `reference::dot_int8`: 8 weights per step (sign-extended, converted exactly to f32),
-/// `part += q * x` lane-wise, the block's tail on the same lanes in scalar code, then
+/// True when the AVX-512F decode of nf4 may run (AVX2 allowed, FERROQUANT_FORCE_SCALAR unset).
+pub fn has_avx512f() -> bool {
+    use std::sync::OnceLock;
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        crate::formats::simd::has_avx2() && std::arch::is_x86_feature_detected!("avx512f")
+    })
+}
+
+/// `dot_nf4` with AVX-512F: one 16-entry permute decodes 16 weights. The products and sums are
+/// those of the four AVX2 registers (a 512-bit register holds lanes 0..15 or 16..31 of the 32),
+/// so the result is the same bits.
+///
+/// # Safety
+/// AVX-512F must be available (`has_avx512f`); lengths as for `dot_nf4`.
+#[target_feature(enable = "avx2,avx512f")]
+pub unsafe fn dot_nf4_avx512(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f32 {
+    debug_assert!(block_size.is_multiple_of(32));
+    let tab = unsafe { _mm512_loadu_ps(r::NF4_CODE.as_ptr()) };
+    let m4 = _mm_set1_epi8(0x0f);
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for (b, &s) in absmax.iter().enumerate() {
+        let mut part = [_mm512_setzero_ps(); 2];
+        let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
+        let xb = &x[b * block_size..(b + 1) * block_size];
+        for (wq, xq) in wb.chunks_exact(16).zip(xb.chunks_exact(32)) {
+            let q = unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) };
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+            let lo = _mm_and_si128(q, m4);
+            let e = [_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)];
+            for k in 0..2 {
+                let code = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(e[k]), tab);
+                let xv = unsafe { _mm512_loadu_ps(xq[16 * k..].as_ptr()) };
+                part[k] = _mm512_add_ps(part[k], _mm512_mul_ps(code, xv));
+            }
+        }
+        let sv = _mm512_set1_ps(s);
+        for k in 0..2 {
+            acc[k] = _mm512_add_ps(acc[k], _mm512_mul_ps(part[k], sv));
+        }
+    }
+    let mut a = [0.0f32; WIDE];
+    // SAFETY: a holds 32 f32.
+    unsafe {
+        _mm512_storeu_ps(a.as_mut_ptr(), acc[0]);
+        _mm512_storeu_ps(a[16..].as_mut_ptr(), acc[1]);
+    }
+    r::hsum32(&a)
+}
+
+/// `reference::dot_int8`: 32 weights per step in four registers (sign-extended, converted
+/// exactly to f32), `part[k] += q * x`, the block's tail on the same lanes in scalar code, then
 /// `acc += part * scale`.
 ///
 /// # Safety
 /// AVX2 must be available; `q.len() == x.len()`, `scales.len() == x.len().div_ceil(block_len)`.
 #[target_feature(enable = "avx2")]
 pub unsafe fn dot_int8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
+    let mut acc = [_mm256_setzero_ps(); 4];
     for ((&s, qb), xb) in scales
         .iter()
         .zip(q.chunks(block_len))
         .zip(x.chunks(block_len))
     {
-        let mut part = _mm256_setzero_ps();
-        let whole = qb.len() / LANES * LANES;
-        for (w8, x8) in qb[..whole]
-            .chunks_exact(LANES)
-            .zip(xb[..whole].chunks_exact(LANES))
+        let mut part = [_mm256_setzero_ps(); 4];
+        let whole = qb.len() / WIDE * WIDE;
+        for (w32, x32) in qb[..whole]
+            .chunks_exact(WIDE)
+            .zip(xb[..whole].chunks_exact(WIDE))
         {
-            // SAFETY: 8 bytes / 8 f32 inside the chunks.
-            let (wv, xv) = unsafe {
-                (
-                    _mm_loadl_epi64(w8.as_ptr() as *const __m128i),
-                    _mm256_loadu_ps(x8.as_ptr()),
-                )
-            };
-            let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv));
-            part = _mm256_add_ps(part, _mm256_mul_ps(wf, xv));
+            for k in 0..4 {
+                // SAFETY: 8 bytes / 8 f32 inside the 32-element chunks.
+                let (wv, xv) = unsafe {
+                    (
+                        _mm_loadl_epi64(w32[8 * k..].as_ptr() as *const __m128i),
+                        _mm256_loadu_ps(x32[8 * k..].as_ptr()),
+                    )
+                };
+                let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv));
+                part[k] = _mm256_add_ps(part[k], _mm256_mul_ps(wf, xv));
+            }
         }
-        let mut p = lanes_of(part);
+        let mut p = wide_lanes(&part);
         for j in whole..qb.len() {
-            p[j % LANES] += (qb[j] as i8) as f32 * xb[j];
+            p[j % WIDE] += (qb[j] as i8) as f32 * xb[j];
         }
-        for l in 0..LANES {
-            acc[l] += p[l] * s;
+        let sv = _mm256_set1_ps(s);
+        for k in 0..4 {
+            // SAFETY: 8 f32 inside p.
+            let pk = unsafe { _mm256_loadu_ps(p[8 * k..].as_ptr()) };
+            acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(pk, sv));
         }
     }
-    r::hsum8(&acc)
+    r::hsum32(&wide_lanes(&acc))
 }
