@@ -78,32 +78,52 @@ fn use_avx512() -> bool {
     }
 }
 
+/// Activation rows handled together by the SIMD kernels (weights decoded once for all of them).
+const ROWS: usize = 4;
+
 impl Plan<'_> {
-    /// y[mi][n]: weight row `n` with activation row `mi`.
-    fn dot(&self, n: usize, mi: usize) -> f32 {
+    /// `y[mi]` = weight row `n` with activation row `mi`, for every `mi` (y has M entries).
+    /// Rows go to the kernels in groups of `ROWS`, then one at a time; each output's arithmetic
+    /// is the same in either case.
+    fn dots(&self, n: usize, y: &mut [f32]) {
         let wrow = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
+        let mut m0 = 0;
+        while m0 < y.len() {
+            if y.len() - m0 >= ROWS && self.simd {
+                let rows: [usize; ROWS] = std::array::from_fn(|i| m0 + i);
+                y[m0..m0 + ROWS].copy_from_slice(&self.dot_rows(n, wrow, rows));
+                m0 += ROWS;
+            } else {
+                y[m0] = self.dot_rows(n, wrow, [m0])[0];
+                m0 += 1;
+            }
+        }
+    }
+
+    fn dot_rows<const R: usize>(&self, n: usize, wrow: &[u8], rows: [usize; R]) -> [f32; R] {
         let k = self.k;
         match &self.acts {
             Acts::Q8_0 { blocks, d } => {
                 let nb = k / QK8_0;
-                let (x, xd) = (&blocks[mi * nb..(mi + 1) * nb], &d[mi * nb..(mi + 1) * nb]);
+                let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
+                let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
                 match self.w.qtype {
-                    QType::Q4_0 => self.dot32::<BlockQ4_0>(wrow, x, xd),
-                    QType::Q8_0 => self.dot32::<BlockQ8_0>(wrow, x, xd),
-                    _ => self.dot32::<BlockIQ4NL>(wrow, x, xd),
+                    QType::Q4_0 => self.dot32::<BlockQ4_0, R>(wrow, x, xd),
+                    QType::Q8_0 => self.dot32::<BlockQ8_0, R>(wrow, x, xd),
+                    _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd),
                 }
             }
             Acts::Q8K(blocks) => {
                 let nb = k / QK_K;
-                let x = &blocks[mi * nb..(mi + 1) * nb];
+                let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 match self.w.qtype {
-                    QType::Q4K => self.dot_k::<BlockQ4K>(wrow, x),
-                    QType::Q5K => self.dot_k::<BlockQ5K>(wrow, x),
-                    _ => self.dot_k::<BlockQ6K>(wrow, x),
+                    QType::Q4K => self.dot_k::<BlockQ4K, R>(wrow, x),
+                    QType::Q5K => self.dot_k::<BlockQ5K, R>(wrow, x),
+                    _ => self.dot_k::<BlockQ6K, R>(wrow, x),
                 }
             }
             Acts::F32(xs) => {
-                let x = &xs[mi * k..(mi + 1) * k];
+                let x = rows.map(|mi| &xs[mi * k..(mi + 1) * k]);
                 let spr = self.stats_per_row;
                 let stats = if self.w.stats.len() == 1 {
                     self.w.stats
@@ -116,59 +136,78 @@ impl Plan<'_> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn dot32<W: x86::Load32>(&self, wrow: &[u8], x: &[BlockQ8_0], xd: &[f32]) -> f32 {
+    fn dot32<W: x86::Load32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+    ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
         if self.simd {
             // SAFETY: simd is set only when AVX2 and F16C were detected; x and xd have one
             // entry per weight block (both built from the same K).
             unsafe { x86::dot_block32(w, x, xd) }
         } else {
-            reference::dot_block32(w, x, xd)
+            std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn dot32<W: reference::Block32>(&self, wrow: &[u8], x: &[BlockQ8_0], xd: &[f32]) -> f32 {
-        reference::dot_block32(bytemuck::cast_slice::<u8, W>(wrow), x, xd)
+    fn dot32<W: reference::Block32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn dot_k<W: x86::SumsK>(&self, wrow: &[u8], x: &[BlockQ8K]) -> f32 {
+    fn dot_k<W: x86::SumsK, const R: usize>(&self, wrow: &[u8], x: [&[BlockQ8K]; R]) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
         if self.simd {
             // SAFETY: AVX2 detected; x has one block per weight block.
             unsafe { x86::dot_block_k(w, x) }
         } else {
-            reference::dot_block_k(w, x)
+            std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn dot_k<W: reference::BlockK>(&self, wrow: &[u8], x: &[BlockQ8K]) -> f32 {
-        reference::dot_block_k(bytemuck::cast_slice::<u8, W>(wrow), x)
+    fn dot_k<W: reference::BlockK, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8K]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
     }
 
-    fn dot_f32(&self, wrow: &[u8], stats: &[f32], x: &[f32]) -> f32 {
+    fn dot_f32<const R: usize>(&self, wrow: &[u8], stats: &[f32], x: [&[f32]; R]) -> [f32; R] {
         let nf4 = self.w.qtype == QType::NF4;
+        let bl = self.block_len;
         #[cfg(target_arch = "x86_64")]
         if self.simd {
-            // SAFETY: AVX2 detected; lengths checked by `plan` (K/2 or K bytes, one stat per
-            // block, nf4 blocks a multiple of 32).
+            // SAFETY: AVX2 (and AVX-512F where used) detected; lengths checked by `plan` (K/2
+            // or K bytes, one stat per block, nf4 blocks a multiple of 32).
             return unsafe {
                 if nf4 && self.avx512 {
-                    x86::dot_nf4_avx512(wrow, stats, self.block_len, x)
+                    x86::dot_nf4_avx512(wrow, stats, bl, x)
                 } else if nf4 {
-                    x86::dot_nf4(wrow, stats, self.block_len, x)
+                    x86::dot_nf4(wrow, stats, bl, x)
                 } else {
-                    x86::dot_int8(wrow, stats, self.block_len, x)
+                    x86::dot_int8(wrow, stats, bl, x)
                 }
             };
         }
-        if nf4 {
-            reference::dot_nf4(wrow, stats, self.block_len, x)
-        } else {
-            reference::dot_int8(wrow, stats, self.block_len, x)
-        }
+        std::array::from_fn(|r| {
+            if nf4 {
+                reference::dot_nf4(wrow, stats, bl, x[r])
+            } else {
+                reference::dot_int8(wrow, stats, bl, x[r])
+            }
+        })
     }
 }
 
@@ -336,10 +375,7 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
                 .enumerate()
                 .for_each(|(t, chunk)| {
                     for (i, yrow) in chunk.chunks_mut(m).enumerate() {
-                        let row = t * per_task + i;
-                        for (mi, y) in yrow.iter_mut().enumerate() {
-                            *y = plan.dot(row, mi);
-                        }
+                        plan.dots(t * per_task + i, yrow);
                     }
                 })
         })

@@ -253,15 +253,24 @@ fn simd_paths_are_bit_identical_to_references() {
                     match qtype {
                         QType::Q4_0 => {
                             let w: &[BlockQ4_0] = bytemuck::cast_slice(&data);
-                            (x86::dot_block32(w, &xq, &xd), r::dot_block32(w, &xq, &xd))
+                            (
+                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                r::dot_block32(w, &xq, &xd),
+                            )
                         }
                         QType::Q8_0 => {
                             let w: &[BlockQ8_0] = bytemuck::cast_slice(&data);
-                            (x86::dot_block32(w, &xq, &xd), r::dot_block32(w, &xq, &xd))
+                            (
+                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                r::dot_block32(w, &xq, &xd),
+                            )
                         }
                         _ => {
                             let w: &[BlockIQ4NL] = bytemuck::cast_slice(&data);
-                            (x86::dot_block32(w, &xq, &xd), r::dot_block32(w, &xq, &xd))
+                            (
+                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                r::dot_block32(w, &xq, &xd),
+                            )
                         }
                     }
                 }
@@ -276,21 +285,21 @@ fn simd_paths_are_bit_identical_to_references() {
                             for (wb, xb) in w.iter().zip(&xq) {
                                 assert_eq!(wb.sums_avx2_for_test(xb), r::BlockK::sums(wb, xb));
                             }
-                            (x86::dot_block_k(w, &xq), r::dot_block_k(w, &xq))
+                            (x86::dot_block_k(w, [&xq])[0], r::dot_block_k(w, &xq))
                         }
                         QType::Q5K => {
                             let w: &[BlockQ5K] = bytemuck::cast_slice(&data);
                             for (wb, xb) in w.iter().zip(&xq) {
                                 assert_eq!(wb.sums_avx2_for_test(xb), r::BlockK::sums(wb, xb));
                             }
-                            (x86::dot_block_k(w, &xq), r::dot_block_k(w, &xq))
+                            (x86::dot_block_k(w, [&xq])[0], r::dot_block_k(w, &xq))
                         }
                         _ => {
                             let w: &[BlockQ6K] = bytemuck::cast_slice(&data);
                             for (wb, xb) in w.iter().zip(&xq) {
                                 assert_eq!(wb.sums_avx2_for_test(xb), r::BlockK::sums(wb, xb));
                             }
-                            (x86::dot_block_k(w, &xq), r::dot_block_k(w, &xq))
+                            (x86::dot_block_k(w, [&xq])[0], r::dot_block_k(w, &xq))
                         }
                     }
                 }
@@ -304,12 +313,12 @@ fn simd_paths_are_bit_identical_to_references() {
             let absmax: Vec<f32> = (0..nb).map(|_| rng.unit().abs()).collect();
             let x = rng.normalish(k, 1.0);
             // SAFETY: AVX2 detected; lengths as documented.
-            let simd = unsafe { x86::dot_nf4(&packed, &absmax, bs, &x) };
+            let simd = unsafe { x86::dot_nf4(&packed, &absmax, bs, [&x])[0] };
             let scalar = r::dot_nf4(&packed, &absmax, bs, &x);
             assert_eq!(simd.to_bits(), scalar.to_bits(), "nf4 bs={bs} nb={nb}");
             if x86::has_avx512f() {
                 // SAFETY: AVX-512F detected; lengths as documented.
-                let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, &x) };
+                let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, [&x])[0] };
                 assert_eq!(z.to_bits(), scalar.to_bits(), "nf4 avx512 bs={bs} nb={nb}");
             }
         }
@@ -318,7 +327,7 @@ fn simd_paths_are_bit_identical_to_references() {
             let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
             let x = rng.normalish(k, 1.0);
             // SAFETY: AVX2 detected; lengths as documented.
-            let simd = unsafe { x86::dot_int8(&q, &scales, bl, &x) };
+            let simd = unsafe { x86::dot_int8(&q, &scales, bl, [&x])[0] };
             let scalar = r::dot_int8(&q, &scales, bl, &x);
             assert_eq!(simd.to_bits(), scalar.to_bits(), "int8 k={k} block={bl}");
         }
@@ -334,7 +343,7 @@ trait SumsForTest {
 impl<W: x86::SumsK> SumsForTest for W {
     fn sums_avx2_for_test(&self, x: &BlockQ8K) -> (i32, i32) {
         // SAFETY: only called after has_avx2() returned true.
-        unsafe { self.sums_avx2(x) }
+        unsafe { self.sums_decoded(&self.decode(), x) }
     }
 }
 

@@ -103,45 +103,64 @@ impl Load32 for BlockIQ4NL {
     }
 }
 
-/// `reference::dot_block32` with 8 blocks per step: their integer sums in one register, then
-/// `acc += (dw * dx) * float(isum)` lane-wise.
+/// `reference::dot_block32` for R activation rows at once (the weights are decoded once per
+/// group of 8 blocks and reused): per row, the 8 blocks' integer sums in one register, then
+/// `acc += (dw * dx) * float(isum)` lane-wise; each row's operations are those of R = 1.
 ///
 /// # Safety
-/// AVX2 and F16C must be available; `x.len() >= w.len()`, `xd.len() >= w.len()`.
+/// AVX2 and F16C must be available; every `x[r]` and `xd[r]` has at least `w.len()` entries.
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn dot_block32<W: Load32>(w: &[W], x: &[BlockQ8_0], xd: &[f32]) -> f32 {
+pub unsafe fn dot_block32<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
-        let xg = &x[g * LANES..g * LANES + LANES];
-        let mut s = [_mm256_setzero_si256(); 8];
+        let mut wv = [_mm256_setzero_si256(); 8];
         let mut dh = [0u16; 8];
         for j in 0..LANES {
-            s[j] = unsafe { block_isums(wg[j].load(), &xg[j].qs) };
+            wv[j] = unsafe { wg[j].load() };
             dh[j] = u16::from_le_bytes(wg[j].d());
         }
-        let isum = reduce8(&s);
         let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
-        let dx = unsafe { _mm256_loadu_ps(xd[g * LANES..].as_ptr()) };
-        let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
-        acc = _mm256_add_ps(acc, p);
+        for r in 0..R {
+            let xg = &x[r][g * LANES..g * LANES + LANES];
+            let mut s = [_mm256_setzero_si256(); 8];
+            for j in 0..LANES {
+                s[j] = unsafe { block_isums(wv[j], &xg[j].qs) };
+            }
+            let isum = reduce8(&s);
+            let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
+            let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            acc[r] = _mm256_add_ps(acc[r], p);
+        }
     }
-    let mut lanes = lanes_of(acc);
-    for b in groups * LANES..nb {
-        lanes[b % LANES] += r::block32_product(&w[b], &x[b], xd[b]);
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        let mut lanes = lanes_of(acc[r]);
+        for b in groups * LANES..nb {
+            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+        }
+        out[r] = r::hsum8(&lanes);
     }
-    r::hsum8(&lanes)
+    out
 }
 
 // ---------------------------------------------------------------- K-quants
 
-/// Integer sums of K-quant blocks in AVX2 (the float part is the reference's scalar code).
+/// Integer sums of K-quant blocks in AVX2 (the float part is the reference's scalar code). The
+/// quants are decoded once (`decode`) and reused for several activation rows.
 pub trait SumsK: BlockK {
     /// # Safety
     /// AVX2 must be available.
-    unsafe fn sums_avx2(&self, x: &BlockQ8K) -> (i32, i32);
+    unsafe fn decode(&self) -> [__m256i; 8];
+    /// # Safety
+    /// AVX2 must be available; `q` comes from `self.decode()`.
+    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32);
 }
 
 #[target_feature(enable = "avx2")]
@@ -158,113 +177,137 @@ unsafe fn load256_i8(p: &[i8]) -> __m256i {
     _mm256_loadu_si256(p.as_ptr() as *const __m256i)
 }
 
-/// Σ_s sc_s Σ q x over the 8 sub-blocks of 32, `q(j)` giving the unsigned quants of chunk j
-/// (elements 64j..64j+64) as two registers.
+/// Σ_s sc_s Σ q x over the 8 sub-blocks of 32; `q[s]` holds the unsigned quants (<= 31) of
+/// sub-block s.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn isum_k4(
-    scales: &[u8; K_SCALE_SIZE],
-    x: &BlockQ8K,
-    q: impl Fn(usize) -> (__m256i, __m256i),
-) -> i32 {
+unsafe fn isum_k4(scales: &[u8; K_SCALE_SIZE], x: &BlockQ8K, q: &[__m256i; 8]) -> i32 {
     let mut acc = _mm256_setzero_si256();
-    for j in 0..4 {
-        let (lo, hi) = q(j);
-        let (sc0, _) = r::scale_min_k4(2 * j, scales);
-        let (sc1, _) = r::scale_min_k4(2 * j + 1, scales);
-        let x0 = unsafe { load256_i8(&x.qs[64 * j..]) };
-        let x1 = unsafe { load256_i8(&x.qs[64 * j + 32..]) };
+    for (s, &qs) in q.iter().enumerate() {
+        let (sc, _) = r::scale_min_k4(s, scales);
+        let xv = unsafe { load256_i8(&x.qs[32 * s..]) };
         // q <= 31, |x| <= 127: the maddubs pairs stay below 2 * 31 * 127.
-        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_set1_epi16(sc0 as i16));
-        let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, x1), _mm256_set1_epi16(sc1 as i16));
-        acc = _mm256_add_epi32(acc, _mm256_add_epi32(p0, p1));
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qs, xv), _mm256_set1_epi16(sc as i16));
+        acc = _mm256_add_epi32(acc, p);
     }
     hsum_i32(acc)
 }
 
 impl SumsK for BlockQ4K {
     #[inline(always)]
-    unsafe fn sums_avx2(&self, x: &BlockQ8K) -> (i32, i32) {
+    unsafe fn decode(&self) -> [__m256i; 8] {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs (128 bytes).
-        let isum = unsafe {
-            isum_k4(&self.scales, x, |j| {
-                let q = load256(&self.qs[32 * j..]);
-                let m4 = _mm256_set1_epi8(0x0f);
-                (
-                    _mm256_and_si256(q, m4),
-                    _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
-                )
-            })
-        };
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                let v = load256(&self.qs[32 * j..]);
+                q[2 * j] = _mm256_and_si256(v, m4);
+                q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            q
+        }
+    }
+    #[inline(always)]
+    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: AVX2 is available (contract).
+        let isum = unsafe { isum_k4(&self.scales, x, q) };
         (isum, r::min_sum_k4(&self.scales, x))
     }
 }
 
 impl SumsK for BlockQ5K {
     #[inline(always)]
-    unsafe fn sums_avx2(&self, x: &BlockQ8K) -> (i32, i32) {
+    unsafe fn decode(&self) -> [__m256i; 8] {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs / qh.
-        let isum = unsafe {
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
             let qh = load256(&self.qh);
-            isum_k4(&self.scales, x, |j| {
-                let q = load256(&self.qs[32 * j..]);
-                let m4 = _mm256_set1_epi8(0x0f);
-                let sixteen = _mm256_set1_epi8(16);
-                // bit 2j of qh[l] is bit 4 of element 64j + l, bit 2j+1 of element 64j+32+l.
-                let b0 = _mm256_set1_epi8(1 << (2 * j));
-                let b1 = _mm256_set1_epi8((1u8 << (2 * j + 1)) as i8);
-                let h0 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b0), b0), sixteen);
-                let h1 = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, b1), b1), sixteen);
-                (
-                    _mm256_or_si256(_mm256_and_si256(q, m4), h0),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1),
-                )
-            })
-        };
+            let mut q = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                let v = load256(&self.qs[32 * j..]);
+                // bit s of qh[l] is bit 4 of element 32s + l: shift it to bit 4 of each byte.
+                // (qh >> (s - 4)) or (qh << (4 - s)) moves bit s to bit 4; the 16-bit shifts
+                // leak bits across bytes, which the mask 0x10 removes.
+                let s0 = 2 * j as i32;
+                let s1 = s0 + 1;
+                let h0 = _mm256_and_si256(shift_bit_to_4(qh, s0), _mm256_set1_epi8(0x10));
+                let h1 = _mm256_and_si256(shift_bit_to_4(qh, s1), _mm256_set1_epi8(0x10));
+                q[2 * j] = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
+                q[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
+            }
+            q
+        }
+    }
+    #[inline(always)]
+    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: AVX2 is available (contract).
+        let isum = unsafe { isum_k4(&self.scales, x, q) };
         (isum, r::min_sum_k4(&self.scales, x))
+    }
+}
+
+/// `v` shifted (in 16-bit lanes) so that bit `s` (0..7) of each byte lands on bit 4.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn shift_bit_to_4(v: __m256i, s: i32) -> __m256i {
+    match s {
+        0 => _mm256_slli_epi16(v, 4),
+        1 => _mm256_slli_epi16(v, 3),
+        2 => _mm256_slli_epi16(v, 2),
+        3 => _mm256_slli_epi16(v, 1),
+        4 => v,
+        5 => _mm256_srli_epi16(v, 1),
+        6 => _mm256_srli_epi16(v, 2),
+        _ => _mm256_srli_epi16(v, 3),
     }
 }
 
 impl SumsK for BlockQ6K {
     #[inline(always)]
-    unsafe fn sums_avx2(&self, x: &BlockQ8K) -> (i32, i32) {
-        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside ql / qh / x.qs.
+    unsafe fn decode(&self) -> [__m256i; 8] {
+        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside ql / qh.
         unsafe {
             let m4 = _mm256_set1_epi8(0x0f);
-            let m2 = _mm256_set1_epi8(3);
-            let mut acc = _mm256_setzero_si256();
+            let m2 = _mm256_set1_epi8(0x30);
+            let mut q = [_mm256_setzero_si256(); 8];
             for h in 0..2 {
                 let ql0 = load256(&self.ql[64 * h..]);
                 let ql1 = load256(&self.ql[64 * h + 32..]);
                 let qh = load256(&self.qh[32 * h..]);
-                let top = |s: i32| {
-                    let t = match s {
-                        0 => qh,
-                        2 => _mm256_srli_epi16(qh, 2),
-                        4 => _mm256_srli_epi16(qh, 4),
-                        _ => _mm256_srli_epi16(qh, 6),
-                    };
-                    // (t & 3) << 4 stays inside each byte.
-                    _mm256_slli_epi16(_mm256_and_si256(t, m2), 4)
-                };
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, m4), top(0)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), top(2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), top(4)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), top(6)),
+                // bits 2k..2k+1 of qh to bits 4..5 ((qh << 4), qh << 2, qh, qh >> 2 in 16-bit
+                // lanes; the mask 0x30 drops what crossed a byte boundary)
+                let top = [
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2),
+                    _mm256_and_si256(qh, m2),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
                 ];
-                for (k, &qk) in q.iter().enumerate() {
-                    let e = 128 * h + 32 * k;
-                    let xv = load256_i8(&x.qs[e..]);
-                    // Unsigned q <= 63 times x: pairs below 2 * 63 * 127; the low 128 bits
-                    // are group e/16, the high 128 bits group e/16 + 1.
-                    let sc = _mm256_set_m128i(
-                        _mm_set1_epi16(self.scales[e / 16 + 1] as i16),
-                        _mm_set1_epi16(self.scales[e / 16] as i16),
-                    );
-                    let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qk, xv), sc);
-                    acc = _mm256_add_epi32(acc, p);
-                }
+                q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, m4), top[0]);
+                q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), top[1]);
+                q[4 * h + 2] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), top[2]);
+                q[4 * h + 3] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), top[3]);
+            }
+            q
+        }
+    }
+    #[inline(always)]
+    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside x.qs.
+        unsafe {
+            let mut acc = _mm256_setzero_si256();
+            for (c, &qc) in q.iter().enumerate() {
+                let e = 32 * c; // q[c] holds elements 32c..32c+32 (c = 4h + k)
+                let xv = load256_i8(&x.qs[e..]);
+                // Unsigned q <= 63 times x: pairs below 2 * 63 * 127; the low 128 bits are
+                // group e/16, the high 128 bits group e/16 + 1.
+                let sc = _mm256_set_m128i(
+                    _mm_set1_epi16(self.scales[e / 16 + 1] as i16),
+                    _mm_set1_epi16(self.scales[e / 16] as i16),
+                );
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(qc, xv), sc));
             }
             // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum (exact integers).
             let bias: i32 = (0..16)
@@ -275,19 +318,24 @@ impl SumsK for BlockQ6K {
     }
 }
 
-/// `reference::dot_block_k` with the integer sums in AVX2.
+/// `reference::dot_block_k` for R activation rows at once, integer sums in AVX2 (each
+/// super-block decoded once), float part the reference's.
 ///
 /// # Safety
-/// AVX2 must be available; `x.len() >= w.len()`.
+/// AVX2 must be available; every `x[r]` has at least `w.len()` blocks.
 #[target_feature(enable = "avx2")]
-pub unsafe fn dot_block_k<W: SumsK>(w: &[W], x: &[BlockQ8K]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    for (b, (w, x)) in w.iter().zip(x).enumerate() {
-        let (isum, msum) = unsafe { w.sums_avx2(x) };
-        let (d, dmin) = w.d_dmin();
-        acc[b % LANES] += r::block_k_product(d, dmin, x.d, isum, msum);
+pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
+    let mut acc = [[0.0f32; LANES]; R];
+    for (b, wb) in w.iter().enumerate() {
+        let q = unsafe { wb.decode() };
+        let (d, dmin) = wb.d_dmin();
+        for r in 0..R {
+            let xb = &x[r][b];
+            let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
+            acc[r][b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
+        }
     }
-    r::hsum8(&acc)
+    acc.map(|a| r::hsum8(&a))
 }
 
 // ---------------------------------------------------------------- f32 activations
@@ -302,49 +350,74 @@ fn wide_lanes(v: &[__m256; 4]) -> [f32; WIDE] {
     a
 }
 
-/// `reference::dot_nf4`: 32 weights per step decoded in registers (two permutes of the code
-/// table and a blend on bit 3 of the index), `part[k] += code * x` for the four registers of
-/// 32 lanes, then `acc[k] += part[k] * absmax` per block.
+/// The 32 nf4 indices of 16 packed bytes in element order, as four groups of 8 bytes (the low
+/// 8 bytes of each register): element 2j is the high nibble of byte j, 2j+1 the low nibble.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nf4_indices(wq: &[u8]) -> [__m128i; 4] {
+    debug_assert!(wq.len() >= 16);
+    let q = unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) };
+    let m4 = _mm_set1_epi8(0x0f);
+    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+    let lo = _mm_and_si128(q, m4);
+    let e0 = _mm_unpacklo_epi8(hi, lo);
+    let e1 = _mm_unpackhi_epi8(hi, lo);
+    [e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)]
+}
+
+/// `reference::dot_nf4` for R activation rows at once: 32 weights per step decoded once in
+/// registers (two permutes of the code table and a blend on bit 3 of the index), then per row
+/// `part[k] += code * x` for the four registers of 32 lanes and `acc[k] += part[k] * absmax`
+/// per block.
 ///
 /// # Safety
-/// AVX2 must be available; `block_size` a multiple of 32, `packed.len() * 2 == x.len()`,
-/// `absmax.len() * block_size == x.len()`.
+/// AVX2 must be available; `block_size` a multiple of 32, `packed.len() * 2 == x[r].len()`,
+/// `absmax.len() * block_size == x[r].len()`.
 #[target_feature(enable = "avx2")]
-pub unsafe fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f32 {
+pub unsafe fn dot_nf4<const R: usize>(
+    packed: &[u8],
+    absmax: &[f32],
+    block_size: usize,
+    x: [&[f32]; R],
+) -> [f32; R] {
     debug_assert!(block_size.is_multiple_of(32));
     let tab_lo = unsafe { _mm256_loadu_ps(r::NF4_CODE.as_ptr()) };
     let tab_hi = unsafe { _mm256_loadu_ps(r::NF4_CODE[8..].as_ptr()) };
-    let m4 = _mm_set1_epi8(0x0f);
     let decode = |idx8: __m128i| {
         let idx = _mm256_cvtepu8_epi32(idx8);
         let lo = _mm256_permutevar8x32_ps(tab_lo, idx);
         let hi = _mm256_permutevar8x32_ps(tab_hi, idx);
         _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
     };
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
     for (b, &s) in absmax.iter().enumerate() {
-        let mut part = [_mm256_setzero_ps(); 4];
+        let mut part = [[_mm256_setzero_ps(); 4]; R];
         let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
-        let xb = &x[b * block_size..(b + 1) * block_size];
-        for (wq, xq) in wb.chunks_exact(16).zip(xb.chunks_exact(32)) {
-            let q = unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) };
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-            let lo = _mm_and_si128(q, m4);
-            // element 2j = high nibble of byte j, element 2j+1 = its low nibble
-            let e0 = _mm_unpacklo_epi8(hi, lo);
-            let e1 = _mm_unpackhi_epi8(hi, lo);
-            let idx = [e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)];
-            for k in 0..4 {
-                let xv = unsafe { _mm256_loadu_ps(xq[8 * k..].as_ptr()) };
-                part[k] = _mm256_add_ps(part[k], _mm256_mul_ps(decode(idx[k]), xv));
+        for (c, wq) in wb.chunks_exact(16).enumerate() {
+            let idx = unsafe { nf4_indices(wq) };
+            let code = [
+                decode(idx[0]),
+                decode(idx[1]),
+                decode(idx[2]),
+                decode(idx[3]),
+            ];
+            let at = b * block_size + 32 * c;
+            for r in 0..R {
+                let xq = &x[r][at..at + 32];
+                for k in 0..4 {
+                    let xv = unsafe { _mm256_loadu_ps(xq[8 * k..].as_ptr()) };
+                    part[r][k] = _mm256_add_ps(part[r][k], _mm256_mul_ps(code[k], xv));
+                }
             }
         }
         let sv = _mm256_set1_ps(s);
-        for k in 0..4 {
-            acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(part[k], sv));
+        for r in 0..R {
+            for k in 0..4 {
+                acc[r][k] = _mm256_add_ps(acc[r][k], _mm256_mul_ps(part[r][k], sv));
+            }
         }
     }
-    r::hsum32(&wide_lanes(&acc))
+    acc.map(|a| r::hsum32(&wide_lanes(&a)))
 }
 
 /// True when the AVX-512F decode of nf4 may run (AVX2 allowed, FERROQUANT_FORCE_SCALAR unset).
@@ -363,82 +436,103 @@ pub fn has_avx512f() -> bool {
 /// # Safety
 /// AVX-512F must be available (`has_avx512f`); lengths as for `dot_nf4`.
 #[target_feature(enable = "avx2,avx512f")]
-pub unsafe fn dot_nf4_avx512(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f32 {
+pub unsafe fn dot_nf4_avx512<const R: usize>(
+    packed: &[u8],
+    absmax: &[f32],
+    block_size: usize,
+    x: [&[f32]; R],
+) -> [f32; R] {
     debug_assert!(block_size.is_multiple_of(32));
     let tab = unsafe { _mm512_loadu_ps(r::NF4_CODE.as_ptr()) };
     let m4 = _mm_set1_epi8(0x0f);
-    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for (b, &s) in absmax.iter().enumerate() {
-        let mut part = [_mm512_setzero_ps(); 2];
+        let mut part = [[_mm512_setzero_ps(); 2]; R];
         let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
-        let xb = &x[b * block_size..(b + 1) * block_size];
-        for (wq, xq) in wb.chunks_exact(16).zip(xb.chunks_exact(32)) {
+        for (c, wq) in wb.chunks_exact(16).enumerate() {
             let q = unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) };
             let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
             let lo = _mm_and_si128(q, m4);
             let e = [_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)];
-            for k in 0..2 {
-                let code = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(e[k]), tab);
-                let xv = unsafe { _mm512_loadu_ps(xq[16 * k..].as_ptr()) };
-                part[k] = _mm512_add_ps(part[k], _mm512_mul_ps(code, xv));
+            let code = [
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(e[0]), tab),
+                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(e[1]), tab),
+            ];
+            let at = b * block_size + 32 * c;
+            for r in 0..R {
+                let xq = &x[r][at..at + 32];
+                for k in 0..2 {
+                    let xv = unsafe { _mm512_loadu_ps(xq[16 * k..].as_ptr()) };
+                    part[r][k] = _mm512_add_ps(part[r][k], _mm512_mul_ps(code[k], xv));
+                }
             }
         }
         let sv = _mm512_set1_ps(s);
-        for k in 0..2 {
-            acc[k] = _mm512_add_ps(acc[k], _mm512_mul_ps(part[k], sv));
-        }
-    }
-    let mut a = [0.0f32; WIDE];
-    // SAFETY: a holds 32 f32.
-    unsafe {
-        _mm512_storeu_ps(a.as_mut_ptr(), acc[0]);
-        _mm512_storeu_ps(a[16..].as_mut_ptr(), acc[1]);
-    }
-    r::hsum32(&a)
-}
-
-/// `reference::dot_int8`: 32 weights per step in four registers (sign-extended, converted
-/// exactly to f32), `part[k] += q * x`, the block's tail on the same lanes in scalar code, then
-/// `acc += part * scale`.
-///
-/// # Safety
-/// AVX2 must be available; `q.len() == x.len()`, `scales.len() == x.len().div_ceil(block_len)`.
-#[target_feature(enable = "avx2")]
-pub unsafe fn dot_int8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32]) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for ((&s, qb), xb) in scales
-        .iter()
-        .zip(q.chunks(block_len))
-        .zip(x.chunks(block_len))
-    {
-        let mut part = [_mm256_setzero_ps(); 4];
-        let whole = qb.len() / WIDE * WIDE;
-        for (w32, x32) in qb[..whole]
-            .chunks_exact(WIDE)
-            .zip(xb[..whole].chunks_exact(WIDE))
-        {
-            for k in 0..4 {
-                // SAFETY: 8 bytes / 8 f32 inside the 32-element chunks.
-                let (wv, xv) = unsafe {
-                    (
-                        _mm_loadl_epi64(w32[8 * k..].as_ptr() as *const __m128i),
-                        _mm256_loadu_ps(x32[8 * k..].as_ptr()),
-                    )
-                };
-                let wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv));
-                part[k] = _mm256_add_ps(part[k], _mm256_mul_ps(wf, xv));
+        for r in 0..R {
+            for k in 0..2 {
+                acc[r][k] = _mm512_add_ps(acc[r][k], _mm512_mul_ps(part[r][k], sv));
             }
         }
-        let mut p = wide_lanes(&part);
-        for j in whole..qb.len() {
-            p[j % WIDE] += (qb[j] as i8) as f32 * xb[j];
+    }
+    acc.map(|a| {
+        let mut l = [0.0f32; WIDE];
+        // SAFETY: l holds 32 f32.
+        unsafe {
+            _mm512_storeu_ps(l.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(l[16..].as_mut_ptr(), a[1]);
+        }
+        r::hsum32(&l)
+    })
+}
+
+/// `reference::dot_int8` for R activation rows at once: 32 weights per step converted once
+/// (sign-extended, exactly to f32), per row `part[k] += q * x` in four registers, the block's
+/// tail on the same lanes in scalar code, then `acc += part * scale`.
+///
+/// # Safety
+/// AVX2 must be available; `q.len() == x[r].len()`,
+/// `scales.len() == x[r].len().div_ceil(block_len)`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_int8<const R: usize>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+) -> [f32; R] {
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    for (b, (&s, qb)) in scales.iter().zip(q.chunks(block_len)).enumerate() {
+        let mut part = [[_mm256_setzero_ps(); 4]; R];
+        let whole = qb.len() / WIDE * WIDE;
+        for (c, w32) in qb[..whole].chunks_exact(WIDE).enumerate() {
+            let mut wf = [_mm256_setzero_ps(); 4];
+            for (k, v) in wf.iter_mut().enumerate() {
+                // SAFETY: 8 bytes inside the 32-byte chunk.
+                let wv = unsafe { _mm_loadl_epi64(w32[8 * k..].as_ptr() as *const __m128i) };
+                *v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv));
+            }
+            let at = b * block_len + WIDE * c;
+            for r in 0..R {
+                let x32 = &x[r][at..at + WIDE];
+                for k in 0..4 {
+                    // SAFETY: 8 f32 inside the 32-element chunk.
+                    let xv = unsafe { _mm256_loadu_ps(x32[8 * k..].as_ptr()) };
+                    part[r][k] = _mm256_add_ps(part[r][k], _mm256_mul_ps(wf[k], xv));
+                }
+            }
         }
         let sv = _mm256_set1_ps(s);
-        for k in 0..4 {
-            // SAFETY: 8 f32 inside p.
-            let pk = unsafe { _mm256_loadu_ps(p[8 * k..].as_ptr()) };
-            acc[k] = _mm256_add_ps(acc[k], _mm256_mul_ps(pk, sv));
+        for r in 0..R {
+            let mut p = wide_lanes(&part[r]);
+            let xb = &x[r][b * block_len..b * block_len + qb.len()];
+            for j in whole..qb.len() {
+                p[j % WIDE] += (qb[j] as i8) as f32 * xb[j];
+            }
+            for k in 0..4 {
+                // SAFETY: 8 f32 inside p.
+                let pk = unsafe { _mm256_loadu_ps(p[8 * k..].as_ptr()) };
+                acc[r][k] = _mm256_add_ps(acc[r][k], _mm256_mul_ps(pk, sv));
+            }
         }
     }
-    r::hsum32(&wide_lanes(&acc))
+    acc.map(|a| r::hsum32(&wide_lanes(&a)))
 }
