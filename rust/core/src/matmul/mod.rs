@@ -53,6 +53,7 @@ struct Plan<'a> {
     block_len: usize,
     simd: bool,
     /// AVX-512F for the nf4 decode.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
 }
 

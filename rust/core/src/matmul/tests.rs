@@ -334,6 +334,66 @@ fn simd_paths_are_bit_identical_to_references() {
     }
 }
 
+/// The multi-row kernels (4 activation rows per call) give each row's single-row bits.
+#[test]
+fn four_rows_at_once_equal_one_at_a_time() {
+    let mut rng = Rng(0x5eed_5eed_5eed_5eed);
+    for (qtype, halves) in GGML_CASES {
+        let info = qtype.info();
+        let (n, nb, m) = (3, 11, 9);
+        let k = nb * info.block_size;
+        let data = blocks(&mut rng, n * nb, info.type_size, halves);
+        let x = rng.normalish(m * k, 1.5);
+        let v = view(qtype, n, k, &data);
+        let mut all = vec![0.0f32; m * n];
+        qmatmul(&x, m, &v, &mut all).unwrap();
+        for mi in 0..m {
+            let mut one = vec![0.0f32; n];
+            qmatmul(&x[mi * k..(mi + 1) * k], 1, &v, &mut one).unwrap();
+            for (a, b) in one.iter().zip(&all[mi * n..(mi + 1) * n]) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{qtype:?} row {mi}");
+            }
+        }
+    }
+    for (qtype, mode, bs, k) in [
+        (QType::NF4, None, 64, 320),
+        (QType::Int8, Some(ScaleMode::Row), 64, 333),
+        (QType::Int8, Some(ScaleMode::Block), 32, 320),
+    ] {
+        let (n, m) = (3, 6);
+        let data = rng.bytes(qtype.row_bytes(k, bs) * n);
+        let n_stats = if mode == Some(ScaleMode::Row) {
+            n
+        } else {
+            n * k / bs
+        };
+        let stats: Vec<f32> = (0..n_stats).map(|_| rng.unit().abs()).collect();
+        let x = rng.normalish(m * k, 1.0);
+        let v = QuantizedView {
+            qtype,
+            rows: n,
+            cols: k,
+            block_size: bs,
+            scale_mode: mode,
+            data: &data,
+            stats: &stats,
+            double_quant: None,
+        };
+        let mut all = vec![0.0f32; m * n];
+        qmatmul(&x, m, &v, &mut all).unwrap();
+        for mi in 0..m {
+            let mut one = vec![0.0f32; n];
+            qmatmul(&x[mi * k..(mi + 1) * k], 1, &v, &mut one).unwrap();
+            let want: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+            let got: Vec<u32> = all[mi * n..(mi + 1) * n]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(want, got, "{qtype:?} row {mi}");
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 trait SumsForTest {
     fn sums_avx2_for_test(&self, x: &BlockQ8K) -> (i32, i32);
