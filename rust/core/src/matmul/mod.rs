@@ -37,7 +37,12 @@ pub const SUPPORTED: [QType; 8] = [
 
 /// The activations, prepared once per call (one row of x per `m`).
 enum Acts<'a> {
-    Q8_0 { blocks: Vec<BlockQ8_0>, d: Vec<f32> },
+    Q8_0 {
+        blocks: Vec<BlockQ8_0>,
+        /// Each block's scale as f32, and the sum of its 32 quants.
+        d: Vec<f32>,
+        sums: Vec<i32>,
+    },
     Q8K(Vec<BlockQ8K>),
     F32(&'a [f32]),
 }
@@ -55,12 +60,26 @@ struct Plan<'a> {
     /// AVX-512F for the nf4 decode.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
+    /// AVX-512 VNNI for the 32-weight integer formats.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    vnni: bool,
 }
 
 fn use_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::formats::simd::has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn use_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::has_vnni()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -104,14 +123,15 @@ impl Plan<'_> {
     fn dot_rows<const R: usize>(&self, n: usize, wrow: &[u8], rows: [usize; R]) -> [f32; R] {
         let k = self.k;
         match &self.acts {
-            Acts::Q8_0 { blocks, d } => {
+            Acts::Q8_0 { blocks, d, sums } => {
                 let nb = k / QK8_0;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
+                let xs = rows.map(|mi| &sums[mi * nb..(mi + 1) * nb]);
                 match self.w.qtype {
-                    QType::Q4_0 => self.dot32::<BlockQ4_0, R>(wrow, x, xd),
-                    QType::Q8_0 => self.dot32::<BlockQ8_0, R>(wrow, x, xd),
-                    _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd),
+                    QType::Q4_0 => self.dot32::<BlockQ4_0, R>(wrow, x, xd, xs),
+                    QType::Q8_0 => self.dot32::<BlockQ8_0, R>(wrow, x, xd, xs),
+                    _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd, xs),
                 }
             }
             Acts::Q8K(blocks) => {
@@ -142,9 +162,14 @@ impl Plan<'_> {
         wrow: &[u8],
         x: [&[BlockQ8_0]; R],
         xd: [&[f32]; R],
+        xs: [&[i32]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
-        if self.simd {
+        if self.simd && self.vnni {
+            // SAFETY: vnni is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; x,
+            // xd and xs have one entry per weight block (all built from the same K).
+            unsafe { x86::dot_block32_vnni(w, x, xd, xs) }
+        } else if self.simd {
             // SAFETY: simd is set only when AVX2 and F16C were detected; x and xd have one
             // entry per weight block (both built from the same K).
             unsafe { x86::dot_block32(w, x, xd) }
@@ -159,6 +184,7 @@ impl Plan<'_> {
         wrow: &[u8],
         x: [&[BlockQ8_0]; R],
         xd: [&[f32]; R],
+        _xs: [&[i32]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
         std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
@@ -333,7 +359,11 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
                     .for_each(|(b, x)| reference::quantize_row_q8_0(x, b))
             });
             let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
-            Acts::Q8_0 { blocks, d }
+            let sums = blocks
+                .iter()
+                .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+                .collect();
+            Acts::Q8_0 { blocks, d, sums }
         }
         QType::Q4K | QType::Q5K | QType::Q6K => {
             let nb = k / QK_K;
@@ -357,6 +387,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
         block_len,
         simd: use_simd(),
         avx512: use_avx512(),
+        vnni: use_vnni(),
     })
 }
 

@@ -74,6 +74,12 @@ pub trait Load32: Block32 {
     /// # Safety
     /// AVX2 must be available.
     unsafe fn load(&self) -> __m256i;
+    /// The weights plus `BIAS`, as 32 unsigned bytes (for the u8 x i8 VNNI product).
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    unsafe fn load_unsigned(&self) -> __m256i;
+    const BIAS: i32;
 }
 
 impl Load32 for BlockQ4_0 {
@@ -82,6 +88,12 @@ impl Load32 for BlockQ4_0 {
         // SAFETY: AVX2 is available (this method's contract).
         unsafe { _mm256_sub_epi8(nibbles_ggml(&self.qs), _mm256_set1_epi8(8)) }
     }
+    #[inline(always)]
+    unsafe fn load_unsigned(&self) -> __m256i {
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { nibbles_ggml(&self.qs) }
+    }
+    const BIAS: i32 = 8;
 }
 
 impl Load32 for BlockQ8_0 {
@@ -90,6 +102,17 @@ impl Load32 for BlockQ8_0 {
         // SAFETY: qs is 32 bytes; AVX is available.
         unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
     }
+    #[inline(always)]
+    unsafe fn load_unsigned(&self) -> __m256i {
+        // SAFETY: qs is 32 bytes; AVX2 is available. w ^ 0x80 == w + 128 as u8.
+        unsafe {
+            _mm256_xor_si256(
+                _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i),
+                _mm256_set1_epi8(-128),
+            )
+        }
+    }
+    const BIAS: i32 = 128;
 }
 
 impl Load32 for BlockIQ4NL {
@@ -101,6 +124,89 @@ impl Load32 for BlockIQ4NL {
             _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles_ggml(&self.qs))
         }
     }
+    #[inline(always)]
+    unsafe fn load_unsigned(&self) -> __m256i {
+        // SAFETY: as `load`; the table is kvalues + 128 (1..241).
+        unsafe {
+            let t = _mm_loadu_si128(KVALUES_IQ4NL_U8.as_ptr() as *const __m128i);
+            _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles_ggml(&self.qs))
+        }
+    }
+    const BIAS: i32 = 128;
+}
+
+/// ggml's kvalues_iq4nl plus 128.
+const KVALUES_IQ4NL_U8: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (r::KVALUES_IQ4NL[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// True when the AVX-512 VNNI integer dot products may run (AVX2 allowed, not forced scalar).
+pub fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        crate::formats::simd::has_avx2()
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// `dot_block32` with AVX-512 VNNI: per block `dpbusd(w + BIAS, x)` (u8 x i8 products summed
+/// in i32, exact: 4 * 255 * 127 per step) minus `BIAS * Σx` (`xsum`, the activation block's
+/// quant sum) is the same integer as the reference's Σ w x; the float part is `dot_block32`'s.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`has_vnni`); every `x[r]`, `xd[r]`,
+/// `xsum[r]` has at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xsum: [&[i32]; R],
+) -> [f32; R] {
+    let nb = w.len();
+    let groups = nb / LANES;
+    let bias = _mm256_set1_epi32(W::BIAS);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for g in 0..groups {
+        let wg = &w[g * LANES..g * LANES + LANES];
+        let mut wv = [_mm256_setzero_si256(); 8];
+        let mut dh = [0u16; 8];
+        for j in 0..LANES {
+            wv[j] = unsafe { wg[j].load_unsigned() };
+            dh[j] = u16::from_le_bytes(wg[j].d());
+        }
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        for r in 0..R {
+            let xg = &x[r][g * LANES..g * LANES + LANES];
+            let mut s = [_mm256_setzero_si256(); 8];
+            for j in 0..LANES {
+                let xv = unsafe { _mm256_loadu_si256(xg[j].qs.as_ptr() as *const __m256i) };
+                s[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[j], xv);
+            }
+            let xs = unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
+            let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xs));
+            let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
+            let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            acc[r] = _mm256_add_ps(acc[r], p);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        let mut lanes = lanes_of(acc[r]);
+        for b in groups * LANES..nb {
+            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+        }
+        out[r] = r::hsum8(&lanes);
+    }
+    out
 }
 
 /// `reference::dot_block32` for R activation rows at once (the weights are decoded once per
