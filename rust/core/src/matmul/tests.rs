@@ -407,6 +407,23 @@ impl<W: x86::SumsK> SumsForTest for W {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn unpacked_k4_scales_equal_get_scale_min_k4() {
+    let mut rng = Rng(0x1357_9bdf_2468_ace0);
+    for _ in 0..2000 {
+        let q: [u8; 12] = rng.bytes(12).try_into().unwrap();
+        let (sc, m) = x86::unpack_scales_k4(&q);
+        for j in 0..8 {
+            assert_eq!(
+                (sc[j] as i32, m[j] as i32),
+                r::scale_min_k4(j, &q),
+                "{q:?} j={j}"
+            );
+        }
+    }
+}
+
 #[test]
 fn q8_k_activation_quantization() {
     let mut x: Vec<f32> = (0..512).map(|i| (i as f32 - 100.0) * 0.37).collect();

@@ -49,15 +49,6 @@ fn reduce8(v: &[__m256i; 8]) -> __m256i {
     _mm256_add_epi32(lo, hi)
 }
 
-#[target_feature(enable = "avx2")]
-#[inline]
-fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
-
 /// The 32 nibbles of 16 bytes in ggml order: low nibbles (elements 0..15), then high nibbles.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -258,15 +249,26 @@ pub unsafe fn dot_block32<W: Load32, const R: usize>(
 
 // ---------------------------------------------------------------- K-quants
 
-/// Integer sums of K-quant blocks in AVX2 (the float part is the reference's scalar code). The
-/// quants are decoded once (`decode`) and reused for several activation rows.
+/// A K-quant super-block decoded once for several activation rows: the unsigned quants of the
+/// 8 sub-blocks of 32, per sub-block scale multipliers (i16 lanes), and the multipliers of the 16
+/// bsums (mins for q4_K/q5_K, scales for q6_K).
+pub struct DecodedK {
+    q: [__m256i; 8],
+    scale: [__m256i; 8],
+    bsum_mul: __m256i,
+}
+
+/// Integer sums of K-quant blocks in AVX2 (the float part is the reference's scalar code).
 pub trait SumsK: BlockK {
     /// # Safety
     /// AVX2 must be available.
-    unsafe fn decode(&self) -> [__m256i; 8];
+    unsafe fn decode(&self) -> DecodedK;
+    /// (Σ scale·q·x, Σ bsum_mul·bsum) with `self`'s correction: q4_K/q5_K return them as
+    /// (isum, msum); q6_K (quants stored +32) returns (Σ sc·q·x - 32·Σ sc·bsum, 0).
+    ///
     /// # Safety
-    /// AVX2 must be available; `q` comes from `self.decode()`.
-    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32);
+    /// AVX2 must be available; `d` comes from `self.decode()`.
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32);
 }
 
 #[target_feature(enable = "avx2")]
@@ -283,25 +285,64 @@ unsafe fn load256_i8(p: &[i8]) -> __m256i {
     _mm256_loadu_si256(p.as_ptr() as *const __m256i)
 }
 
-/// Σ_s sc_s Σ q x over the 8 sub-blocks of 32; `q[s]` holds the unsigned quants (<= 31) of
-/// sub-block s.
+/// The 8 scales and 8 mins of a q4_K/q5_K block (the bit shuffling of ggml's AVX2 kernels, equal
+/// to `reference::scale_min_k4` for every j; tested).
+#[inline(always)]
+pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let sc = [u0 & KMASK1, (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)];
+    let m = [
+        u1 & KMASK1,
+        ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
+    ];
+    let bytes = |w: [u32; 2]| {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&w[0].to_le_bytes());
+        b[4..].copy_from_slice(&w[1].to_le_bytes());
+        b
+    };
+    (bytes(sc), bytes(m))
+}
+
+/// Scale broadcasts and the duplicated mins of a q4_K/q5_K block.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn isum_k4(scales: &[u8; K_SCALE_SIZE], x: &BlockQ8K, q: &[__m256i; 8]) -> i32 {
+fn scales_k4(scales: &[u8; K_SCALE_SIZE]) -> ([__m256i; 8], __m256i) {
+    let (sc, m) = unpack_scales_k4(scales);
+    let scale = sc.map(|v| _mm256_set1_epi16(v as i16));
+    let m16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(m)));
+    // [m0 m0 m1 m1 ... m7 m7]: bsums 2s and 2s+1 belong to sub-block s
+    let mins = _mm256_set_m128i(_mm_unpackhi_epi16(m16, m16), _mm_unpacklo_epi16(m16, m16));
+    (scale, mins)
+}
+
+/// (Σ_s scale_s Σ q x, Σ bsum_mul·bsum): two reductions of 8 i32 sharing their adds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sums_k(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
     let mut acc = _mm256_setzero_si256();
-    for (s, &qs) in q.iter().enumerate() {
-        let (sc, _) = r::scale_min_k4(s, scales);
+    for s in 0..8 {
         let xv = unsafe { load256_i8(&x.qs[32 * s..]) };
-        // q <= 31, |x| <= 127: the maddubs pairs stay below 2 * 31 * 127.
-        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(qs, xv), _mm256_set1_epi16(sc as i16));
+        // q <= 63 unsigned, |x| <= 127: the maddubs pairs stay below 2 * 63 * 127.
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(d.q[s], xv), d.scale[s]);
         acc = _mm256_add_epi32(acc, p);
     }
-    hsum_i32(acc)
+    let bs = unsafe { _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i) };
+    let mv = _mm256_madd_epi16(bs, d.bsum_mul);
+    // [a0+a1 a2+a3 m0+m1 m2+m3 | a4+a5 a6+a7 m4+m5 m6+m7] -> [A M A M | A' M' A' M']
+    let t = _mm256_hadd_epi32(acc, mv);
+    let t = _mm256_hadd_epi32(t, t);
+    let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    (_mm_cvtsi128_si32(t), _mm_extract_epi32(t, 1))
 }
 
 impl SumsK for BlockQ4K {
     #[inline(always)]
-    unsafe fn decode(&self) -> [__m256i; 8] {
+    unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs (128 bytes).
         unsafe {
             let m4 = _mm256_set1_epi8(0x0f);
@@ -311,45 +352,43 @@ impl SumsK for BlockQ4K {
                 q[2 * j] = _mm256_and_si256(v, m4);
                 q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
             }
-            q
+            let (scale, bsum_mul) = scales_k4(&self.scales);
+            DecodedK { q, scale, bsum_mul }
         }
     }
     #[inline(always)]
-    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32) {
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
         // SAFETY: AVX2 is available (contract).
-        let isum = unsafe { isum_k4(&self.scales, x, q) };
-        (isum, r::min_sum_k4(&self.scales, x))
+        unsafe { sums_k(d, x) }
     }
 }
 
 impl SumsK for BlockQ5K {
     #[inline(always)]
-    unsafe fn decode(&self) -> [__m256i; 8] {
+    unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs / qh.
         unsafe {
             let m4 = _mm256_set1_epi8(0x0f);
+            let bit4 = _mm256_set1_epi8(0x10);
             let qh = load256(&self.qh);
             let mut q = [_mm256_setzero_si256(); 8];
             for j in 0..4 {
                 let v = load256(&self.qs[32 * j..]);
-                // bit s of qh[l] is bit 4 of element 32s + l: shift it to bit 4 of each byte.
-                // (qh >> (s - 4)) or (qh << (4 - s)) moves bit s to bit 4; the 16-bit shifts
-                // leak bits across bytes, which the mask 0x10 removes.
-                let s0 = 2 * j as i32;
-                let s1 = s0 + 1;
-                let h0 = _mm256_and_si256(shift_bit_to_4(qh, s0), _mm256_set1_epi8(0x10));
-                let h1 = _mm256_and_si256(shift_bit_to_4(qh, s1), _mm256_set1_epi8(0x10));
+                // bit s of qh[l] is bit 4 of element 32s + l; the 16-bit shifts leak bits
+                // across bytes, which the mask 0x10 removes.
+                let h0 = _mm256_and_si256(shift_bit_to_4(qh, 2 * j as i32), bit4);
+                let h1 = _mm256_and_si256(shift_bit_to_4(qh, 2 * j as i32 + 1), bit4);
                 q[2 * j] = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
                 q[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
             }
-            q
+            let (scale, bsum_mul) = scales_k4(&self.scales);
+            DecodedK { q, scale, bsum_mul }
         }
     }
     #[inline(always)]
-    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32) {
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
         // SAFETY: AVX2 is available (contract).
-        let isum = unsafe { isum_k4(&self.scales, x, q) };
-        (isum, r::min_sum_k4(&self.scales, x))
+        unsafe { sums_k(d, x) }
     }
 }
 
@@ -371,8 +410,9 @@ fn shift_bit_to_4(v: __m256i, s: i32) -> __m256i {
 
 impl SumsK for BlockQ6K {
     #[inline(always)]
-    unsafe fn decode(&self) -> [__m256i; 8] {
-        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside ql / qh.
+    unsafe fn decode(&self) -> DecodedK {
+        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside ql / qh and 16
+        // bytes of scales.
         unsafe {
             let m4 = _mm256_set1_epi8(0x0f);
             let m2 = _mm256_set1_epi8(0x30);
@@ -381,7 +421,7 @@ impl SumsK for BlockQ6K {
                 let ql0 = load256(&self.ql[64 * h..]);
                 let ql1 = load256(&self.ql[64 * h + 32..]);
                 let qh = load256(&self.qh[32 * h..]);
-                // bits 2k..2k+1 of qh to bits 4..5 ((qh << 4), qh << 2, qh, qh >> 2 in 16-bit
+                // bits 2k..2k+1 of qh to bits 4..5 (qh << 4, qh << 2, qh, qh >> 2 in 16-bit
                 // lanes; the mask 0x30 drops what crossed a byte boundary)
                 let top = [
                     _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2),
@@ -396,31 +436,29 @@ impl SumsK for BlockQ6K {
                 q[4 * h + 3] =
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), top[3]);
             }
-            q
+            // q[c] holds elements 32c..32c+32: its low 128 bits are group 2c, the high group
+            // 2c+1 (groups of 16 share a scale).
+            let sc = self.scales;
+            let scale: [__m256i; 8] = std::array::from_fn(|c| {
+                _mm256_set_m128i(
+                    _mm_set1_epi16(sc[2 * c + 1] as i16),
+                    _mm_set1_epi16(sc[2 * c] as i16),
+                )
+            });
+            let scv = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
+            DecodedK {
+                q,
+                scale,
+                bsum_mul: _mm256_cvtepi8_epi16(scv),
+            }
         }
     }
     #[inline(always)]
-    unsafe fn sums_decoded(&self, q: &[__m256i; 8], x: &BlockQ8K) -> (i32, i32) {
-        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside x.qs.
-        unsafe {
-            let mut acc = _mm256_setzero_si256();
-            for (c, &qc) in q.iter().enumerate() {
-                let e = 32 * c; // q[c] holds elements 32c..32c+32 (c = 4h + k)
-                let xv = load256_i8(&x.qs[e..]);
-                // Unsigned q <= 63 times x: pairs below 2 * 63 * 127; the low 128 bits are
-                // group e/16, the high 128 bits group e/16 + 1.
-                let sc = _mm256_set_m128i(
-                    _mm_set1_epi16(self.scales[e / 16 + 1] as i16),
-                    _mm_set1_epi16(self.scales[e / 16] as i16),
-                );
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(qc, xv), sc));
-            }
-            // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum (exact integers).
-            let bias: i32 = (0..16)
-                .map(|g| self.scales[g] as i32 * x.bsums[g] as i32)
-                .sum();
-            (hsum_i32(acc) - 32 * bias, 0)
-        }
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: AVX2 is available (contract).
+        let (isum, bias) = unsafe { sums_k(d, x) };
+        // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum (exact integers).
+        (isum - 32 * bias, 0)
     }
 }
 
