@@ -313,7 +313,10 @@ pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
 #[inline]
 fn scales_k4(scales: &[u8; K_SCALE_SIZE]) -> ([__m256i; 8], __m256i) {
     let (sc, m) = unpack_scales_k4(scales);
-    let scale = sc.map(|v| _mm256_set1_epi16(v as i16));
+    let mut scale = [_mm256_setzero_si256(); 8];
+    for (v, &s) in scale.iter_mut().zip(&sc) {
+        *v = _mm256_set1_epi16(s as i16);
+    }
     let m16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(m)));
     // [m0 m0 m1 m1 ... m7 m7]: bsums 2s and 2s+1 belong to sub-block s
     let mins = _mm256_set_m128i(_mm_unpackhi_epi16(m16, m16), _mm_unpacklo_epi16(m16, m16));
@@ -439,12 +442,13 @@ impl SumsK for BlockQ6K {
             // q[c] holds elements 32c..32c+32: its low 128 bits are group 2c, the high group
             // 2c+1 (groups of 16 share a scale).
             let sc = self.scales;
-            let scale: [__m256i; 8] = std::array::from_fn(|c| {
-                _mm256_set_m128i(
+            let mut scale = [_mm256_setzero_si256(); 8];
+            for (c, v) in scale.iter_mut().enumerate() {
+                *v = _mm256_set_m128i(
                     _mm_set1_epi16(sc[2 * c + 1] as i16),
                     _mm_set1_epi16(sc[2 * c] as i16),
-                )
-            });
+                );
+            }
             let scv = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
             DecodedK {
                 q,
@@ -509,6 +513,17 @@ unsafe fn nf4_indices(wq: &[u8]) -> [__m128i; 4] {
     [e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)]
 }
 
+/// 8 nf4 codes from the 8 indices in the low bytes of `idx8`: two 8-entry permutes and a blend
+/// on bit 3 of the index.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn nf4_decode8(tab_lo: __m256, tab_hi: __m256, idx8: __m128i) -> __m256 {
+    let idx = _mm256_cvtepu8_epi32(idx8);
+    let lo = _mm256_permutevar8x32_ps(tab_lo, idx);
+    let hi = _mm256_permutevar8x32_ps(tab_hi, idx);
+    _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+}
+
 /// `reference::dot_nf4` for R activation rows at once: 32 weights per step decoded once in
 /// registers (two permutes of the code table and a blend on bit 3 of the index), then per row
 /// `part[k] += code * x` for the four registers of 32 lanes and `acc[k] += part[k] * absmax`
@@ -527,24 +542,16 @@ pub unsafe fn dot_nf4<const R: usize>(
     debug_assert!(block_size.is_multiple_of(32));
     let tab_lo = unsafe { _mm256_loadu_ps(r::NF4_CODE.as_ptr()) };
     let tab_hi = unsafe { _mm256_loadu_ps(r::NF4_CODE[8..].as_ptr()) };
-    let decode = |idx8: __m128i| {
-        let idx = _mm256_cvtepu8_epi32(idx8);
-        let lo = _mm256_permutevar8x32_ps(tab_lo, idx);
-        let hi = _mm256_permutevar8x32_ps(tab_hi, idx);
-        _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-    };
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     for (b, &s) in absmax.iter().enumerate() {
         let mut part = [[_mm256_setzero_ps(); 4]; R];
         let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
         for (c, wq) in wb.chunks_exact(16).enumerate() {
             let idx = unsafe { nf4_indices(wq) };
-            let code = [
-                decode(idx[0]),
-                decode(idx[1]),
-                decode(idx[2]),
-                decode(idx[3]),
-            ];
+            let mut code = [_mm256_setzero_ps(); 4];
+            for k in 0..4 {
+                code[k] = nf4_decode8(tab_lo, tab_hi, idx[k]);
+            }
             let at = b * block_size + 32 * c;
             for r in 0..R {
                 let xq = &x[r][at..at + 32];
