@@ -21,6 +21,8 @@
 // against ggml-quants.c; iterator rewrites would hide that correspondence.
 #![allow(clippy::needless_range_loop)]
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod common;
 pub mod fast;
 pub mod q2_k;
