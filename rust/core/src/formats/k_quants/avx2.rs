@@ -12,7 +12,10 @@
 
 use std::arch::x86_64::*;
 
-use super::common::AsymSearch;
+use super::common::{get_scale_min_k4, AsymSearch};
+use super::q4_k::{pack_q4, ref_scales, Q4K_REF};
+use super::q5_k::{pack_q5, Q5K_REF};
+use crate::formats::blocks::{f16_to_f32, BlockQ4K, BlockQ5K, Half};
 
 /// ggml's `nearest_int` on 8 lanes.
 #[inline]
@@ -46,17 +49,18 @@ fn store(a: &mut [f32; 8], v: __m256) {
     unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
 }
 
-/// `make_qkx2_quants(32, nmax, x, weights, ...)` for 8 sub-blocks: `xt[i][j]`, `wt[i][j]` are
-/// element `i` of sub-block `j`. Writes the levels to `lt[i][j]`; returns (scales, -mins).
+/// `make_qkx2_quants(32, nmax, x, weights, ...)` for the 8 sub-blocks of `N` super-blocks:
+/// `x[i][b]`, `w[i][b]` hold element `i` of the 8 sub-blocks of super-block `b`. The `N`
+/// super-blocks are independent; interleaving them hides the latency of the sequential sums.
+/// Writes the levels to `lt[b][i]` (lane = sub-block); returns (scales, -mins) per super-block.
+#[inline]
 #[target_feature(enable = "avx2")]
-pub fn qkx2_avx2(
+fn qkx2_avx2<const N: usize>(
     p: AsymSearch,
-    xt: &[[f32; 8]; 32],
-    wt: &[[f32; 8]; 32],
-    lt: &mut [[u8; 8]; 32],
-) -> ([f32; 8], [f32; 8]) {
-    let x: [__m256; 32] = std::array::from_fn(|i| load(&xt[i]));
-    let w: [__m256; 32] = std::array::from_fn(|i| load(&wt[i]));
+    x: &[[__m256; N]; 32],
+    w: &[[__m256; N]; 32],
+    lt: &mut [[[i32; 8]; 32]; N],
+) -> [([f32; 8], [f32; 8]); N] {
     let zero = _mm256_setzero_ps();
     let nmax_i = _mm256_set1_epi32(p.nmax);
     let nmax_f = p.nmax as f32;
@@ -64,87 +68,255 @@ pub fn qkx2_avx2(
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = w[0];
-    let mut sum_x = _mm256_mul_ps(sum_w, x[0]);
+    let mut sum_x = [zero; N];
+    for b in 0..N {
+        sum_x[b] = _mm256_mul_ps(sum_w[b], x[0][b]);
+    }
     for i in 1..32 {
-        min = _mm256_blendv_ps(min, x[i], _mm256_cmp_ps::<_CMP_LT_OQ>(x[i], min));
-        max = _mm256_blendv_ps(max, x[i], _mm256_cmp_ps::<_CMP_GT_OQ>(x[i], max));
-        sum_w = _mm256_add_ps(sum_w, w[i]);
-        sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(w[i], x[i]));
+        for b in 0..N {
+            let xi = x[i][b];
+            min[b] = _mm256_blendv_ps(min[b], xi, _mm256_cmp_ps::<_CMP_LT_OQ>(xi, min[b]));
+            max[b] = _mm256_blendv_ps(max[b], xi, _mm256_cmp_ps::<_CMP_GT_OQ>(xi, max[b]));
+            sum_w[b] = _mm256_add_ps(sum_w[b], w[i][b]);
+            sum_x[b] = _mm256_add_ps(sum_x[b], _mm256_mul_ps(w[i][b], xi));
+        }
     }
-    min = _mm256_blendv_ps(min, zero, _mm256_cmp_ps::<_CMP_GT_OQ>(min, zero));
-    let degenerate = _mm256_cmp_ps::<_CMP_EQ_OQ>(max, min);
+    let mut degenerate = [zero; N];
+    let mut scale = [zero; N];
+    let mut iscale = [zero; N];
+    for b in 0..N {
+        min[b] = _mm256_blendv_ps(min[b], zero, _mm256_cmp_ps::<_CMP_GT_OQ>(min[b], zero));
+        degenerate[b] = _mm256_cmp_ps::<_CMP_EQ_OQ>(max[b], min[b]);
+        iscale[b] = _mm256_div_ps(_mm256_set1_ps(nmax_f), _mm256_sub_ps(max[b], min[b]));
+        scale[b] = _mm256_div_ps(_mm256_set1_ps(1.0), iscale[b]);
+    }
     let min0 = min;
-    let iscale = _mm256_div_ps(_mm256_set1_ps(nmax_f), _mm256_sub_ps(max, min));
-    let mut scale = _mm256_div_ps(_mm256_set1_ps(1.0), iscale);
 
-    let mut lbest = [zero; 32];
-    let mut best_error = zero;
+    let mut lbest = [[zero; N]; 32];
+    let mut best_error = [zero; N];
     for i in 0..32 {
-        let l = level(iscale, x[i], min, nmax_i);
-        lbest[i] = l;
-        let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, l), min), x[i]);
-        best_error = _mm256_add_ps(best_error, _mm256_mul_ps(w[i], _mm256_mul_ps(diff, diff)));
+        for b in 0..N {
+            let l = level(iscale[b], x[i][b], min[b], nmax_i);
+            lbest[i][b] = l;
+            let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale[b], l), min[b]), x[i][b]);
+            let e = _mm256_mul_ps(w[i][b], _mm256_mul_ps(diff, diff));
+            best_error[b] = _mm256_add_ps(best_error[b], e);
+        }
     }
 
-    let mut laux = [zero; 32];
+    let mut laux = [[zero; N]; 32];
     for is in 0..=p.nstep {
-        let num = p.rmin + p.rdelta * is as f32 + nmax_f;
-        let iscale = _mm256_div_ps(_mm256_set1_ps(num), _mm256_sub_ps(max, min));
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (zero, zero, zero);
-        for i in 0..32 {
-            let l = level(iscale, x[i], min, nmax_i);
-            laux[i] = l;
-            let wl = _mm256_mul_ps(w[i], l);
-            sum_l = _mm256_add_ps(sum_l, wl);
-            sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wl, l));
-            sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wl, x[i]));
+        let num = _mm256_set1_ps(p.rmin + p.rdelta * is as f32 + nmax_f);
+        for b in 0..N {
+            iscale[b] = _mm256_div_ps(num, _mm256_sub_ps(max[b], min[b]));
         }
-        let d = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
-        let ok = _mm256_cmp_ps::<_CMP_GT_OQ>(d, zero);
-        let ts = _mm256_div_ps(
-            _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l)),
-            d,
-        );
-        let tm = _mm256_div_ps(
-            _mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl)),
-            d,
-        );
-        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(tm, zero);
-        let this_min = _mm256_blendv_ps(tm, zero, pos);
-        let this_scale = _mm256_blendv_ps(ts, _mm256_div_ps(sum_xl, sum_l2), pos);
-        let mut cur_error = zero;
+        let (mut sum_l, mut sum_l2, mut sum_xl) = ([zero; N], [zero; N], [zero; N]);
         for i in 0..32 {
-            let diff = _mm256_sub_ps(
-                _mm256_add_ps(_mm256_mul_ps(this_scale, laux[i]), this_min),
-                x[i],
+            for b in 0..N {
+                let l = level(iscale[b], x[i][b], min[b], nmax_i);
+                laux[i][b] = l;
+                let wl = _mm256_mul_ps(w[i][b], l);
+                sum_l[b] = _mm256_add_ps(sum_l[b], wl);
+                sum_l2[b] = _mm256_add_ps(sum_l2[b], _mm256_mul_ps(wl, l));
+                sum_xl[b] = _mm256_add_ps(sum_xl[b], _mm256_mul_ps(wl, x[i][b]));
+            }
+        }
+        let mut ok = [zero; N];
+        let mut this_scale = [zero; N];
+        let mut this_min = [zero; N];
+        for b in 0..N {
+            let (sw, sx, sl, sl2, sxl) = (sum_w[b], sum_x[b], sum_l[b], sum_l2[b], sum_xl[b]);
+            let d = _mm256_sub_ps(_mm256_mul_ps(sw, sl2), _mm256_mul_ps(sl, sl));
+            ok[b] = _mm256_cmp_ps::<_CMP_GT_OQ>(d, zero);
+            let ts = _mm256_div_ps(
+                _mm256_sub_ps(_mm256_mul_ps(sw, sxl), _mm256_mul_ps(sx, sl)),
+                d,
             );
-            cur_error = _mm256_add_ps(cur_error, _mm256_mul_ps(w[i], _mm256_mul_ps(diff, diff)));
+            let tm = _mm256_div_ps(
+                _mm256_sub_ps(_mm256_mul_ps(sl2, sx), _mm256_mul_ps(sl, sxl)),
+                d,
+            );
+            let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(tm, zero);
+            this_min[b] = _mm256_blendv_ps(tm, zero, pos);
+            this_scale[b] = _mm256_blendv_ps(ts, _mm256_div_ps(sxl, sl2), pos);
         }
-        let take = _mm256_and_ps(ok, _mm256_cmp_ps::<_CMP_LT_OQ>(cur_error, best_error));
-        if _mm256_movemask_ps(take) != 0 {
-            best_error = _mm256_blendv_ps(best_error, cur_error, take);
-            scale = _mm256_blendv_ps(scale, this_scale, take);
-            min = _mm256_blendv_ps(min, this_min, take);
-            for i in 0..32 {
-                lbest[i] = _mm256_blendv_ps(lbest[i], laux[i], take);
+        let mut cur_error = [zero; N];
+        for i in 0..32 {
+            for b in 0..N {
+                let fit = _mm256_add_ps(_mm256_mul_ps(this_scale[b], laux[i][b]), this_min[b]);
+                let diff = _mm256_sub_ps(fit, x[i][b]);
+                let e = _mm256_mul_ps(w[i][b], _mm256_mul_ps(diff, diff));
+                cur_error[b] = _mm256_add_ps(cur_error[b], e);
+            }
+        }
+        for b in 0..N {
+            let better = _mm256_cmp_ps::<_CMP_LT_OQ>(cur_error[b], best_error[b]);
+            let take = _mm256_and_ps(ok[b], better);
+            if _mm256_movemask_ps(take) != 0 {
+                best_error[b] = _mm256_blendv_ps(best_error[b], cur_error[b], take);
+                scale[b] = _mm256_blendv_ps(scale[b], this_scale[b], take);
+                min[b] = _mm256_blendv_ps(min[b], this_min[b], take);
+                for i in 0..32 {
+                    lbest[i][b] = _mm256_blendv_ps(lbest[i][b], laux[i][b], take);
+                }
             }
         }
     }
-    scale = _mm256_blendv_ps(scale, zero, degenerate);
-    // -min: flip the sign bit, as scalar negation does (0 - min would turn -0 into +0).
-    let neg_min = _mm256_xor_ps(
-        _mm256_blendv_ps(min, min0, degenerate),
-        _mm256_set1_ps(-0.0),
-    );
-    for i in 0..32 {
-        let l = _mm256_cvttps_epi32(_mm256_blendv_ps(lbest[i], zero, degenerate));
-        let mut li = [0i32; 8];
-        // SAFETY: `li` is a valid, writable [i32; 8]: exactly the 32 bytes storeu writes.
-        unsafe { _mm256_storeu_si256(li.as_mut_ptr().cast(), l) };
-        lt[i] = li.map(|v| v as u8);
+    let mut out = [([0f32; 8], [0f32; 8]); N];
+    for b in 0..N {
+        let s = _mm256_blendv_ps(scale[b], zero, degenerate[b]);
+        // -min: flip the sign bit, as scalar negation does (0 - min would turn -0 into +0).
+        let m = _mm256_blendv_ps(min[b], min0[b], degenerate[b]);
+        let neg_min = _mm256_xor_ps(m, _mm256_set1_ps(-0.0));
+        store(&mut out[b].0, s);
+        store(&mut out[b].1, neg_min);
+        for i in 0..32 {
+            let l = _mm256_cvttps_epi32(_mm256_blendv_ps(lbest[i][b], zero, degenerate[b]));
+            store_i(&mut lt[b][i], l);
+        }
     }
-    let (mut s, mut m) = ([0f32; 8], [0f32; 8]);
-    store(&mut s, scale);
-    store(&mut m, neg_min);
-    (s, m)
+    out
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+fn store_i(a: &mut [i32; 8], v: __m256i) {
+    // SAFETY: `a` is a valid, writable [i32; 8]: exactly the 32 bytes storeu writes (unaligned).
+    unsafe { _mm256_storeu_si256(a.as_mut_ptr().cast(), v) }
+}
+
+/// Transpose `N` super-blocks (lane = sub-block) and compute the reference weights
+/// `sqrt(sum(x^2)/32) + |x|` (the sum in index order per lane, as the scalar loop).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes_and_weights<const N: usize>(
+    xs: &[f32],
+    x: &mut [[__m256; N]; 32],
+    w: &mut [[__m256; N]; 32],
+) {
+    for b in 0..N {
+        let blk = &xs[256 * b..256 * b + 256];
+        let mut t = [[0f32; 8]; 32];
+        for k in 0..8 {
+            for i in 0..32 {
+                t[i][k] = blk[32 * k + i];
+            }
+        }
+        let mut sum_x2 = _mm256_setzero_ps();
+        for i in 0..32 {
+            x[i][b] = load(&t[i]);
+            sum_x2 = _mm256_add_ps(sum_x2, _mm256_mul_ps(x[i][b], x[i][b]));
+        }
+        let av_x = _mm256_sqrt_ps(_mm256_div_ps(sum_x2, _mm256_set1_ps(32.0)));
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for i in 0..32 {
+            w[i][b] = _mm256_add_ps(av_x, _mm256_and_ps(x[i][b], abs_mask));
+        }
+    }
+}
+
+/// `q4_k::requantize` with the 32 divisions of a sub-block in 4 vectors.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn requantize(x: &[f32], scales: &[u8; 12], d: Half, dmin: Half, nmax: i32, l: &mut [u8; 256]) {
+    let (dd, dmin) = (f16_to_f32(d), f16_to_f32(dmin));
+    let nmax_i = _mm256_set1_epi32(nmax);
+    for j in 0..8 {
+        let (sc, m) = get_scale_min_k4(j, scales);
+        let d = dd * sc as f32;
+        if d == 0.0 {
+            continue;
+        }
+        let dm = _mm256_set1_ps(dmin * m as f32);
+        let dv = _mm256_set1_ps(d);
+        for c in 0..4 {
+            let xs: &[f32; 8] = x[32 * j + 8 * c..][..8].try_into().expect("8 values");
+            let q = _mm256_div_ps(_mm256_add_ps(load(xs), dm), dv);
+            let li = _mm256_max_epi32(
+                _mm256_min_epi32(nearest_int8(q), nmax_i),
+                _mm256_setzero_si256(),
+            );
+            let mut out = [0i32; 8];
+            store_i(&mut out, li);
+            for (o, v) in l[32 * j + 8 * c..][..8].iter_mut().zip(out) {
+                *o = v as u8;
+            }
+        }
+    }
+}
+
+/// The levels of `lt` (lane = sub-block) back in row order.
+#[inline]
+fn untranspose(lt: &[[i32; 8]; 32], l: &mut [u8; 256]) {
+    for k in 0..8 {
+        for i in 0..32 {
+            l[32 * k + i] = lt[i][k] as u8;
+        }
+    }
+}
+
+/// The reference quantizer of q4_K (`nmax = 15`) or q5_K (`nmax = 31`) on whole super-blocks,
+/// two at a time; `finish(block index, values, scales, mins)` writes one block.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q45_row<F>(p: AsymSearch, x: &[f32], mut finish: F)
+where
+    F: FnMut(usize, &[f32], &[f32; 8], &[f32; 8], &mut [u8; 256]),
+{
+    let nb = x.len() / 256;
+    let mut l_all = [0u8; 256];
+    let mut i = 0;
+    while i + 2 <= nb {
+        let xs = &x[256 * i..256 * (i + 2)];
+        let mut xl = [[_mm256_setzero_ps(); 2]; 32];
+        let mut wl = xl;
+        lanes_and_weights::<2>(xs, &mut xl, &mut wl);
+        let mut lt = [[[0i32; 8]; 32]; 2];
+        let r = qkx2_avx2::<2>(p, &xl, &wl, &mut lt);
+        for b in 0..2 {
+            untranspose(&lt[b], &mut l_all);
+            finish(
+                i + b,
+                &xs[256 * b..256 * b + 256],
+                &r[b].0,
+                &r[b].1,
+                &mut l_all,
+            );
+        }
+        i += 2;
+    }
+    if i < nb {
+        let xs = &x[256 * i..256 * (i + 1)];
+        let mut xl = [[_mm256_setzero_ps(); 1]; 32];
+        let mut wl = xl;
+        lanes_and_weights::<1>(xs, &mut xl, &mut wl);
+        let mut lt = [[[0i32; 8]; 32]; 1];
+        let r = qkx2_avx2::<1>(p, &xl, &wl, &mut lt);
+        untranspose(&lt[0], &mut l_all);
+        finish(i, xs, &r[0].0, &r[0].1, &mut l_all);
+    }
+}
+
+/// `quantize_row_q4_K_ref`, bit-exact, with the search and the requantization in AVX2.
+#[target_feature(enable = "avx2")]
+pub fn quantize_row_q4_k(x: &[f32], out: &mut [u8]) {
+    let blocks: &mut [BlockQ4K] = bytemuck::cast_slice_mut(out);
+    q45_row(Q4K_REF, x, |i, xs, scales, mins, l_all| {
+        let b = &mut blocks[i];
+        (b.scales, b.d, b.dmin) = ref_scales(scales, mins);
+        requantize(xs, &b.scales, b.d, b.dmin, 15, l_all);
+        pack_q4(l_all, &mut b.qs);
+    });
+}
+
+/// `quantize_row_q5_K_ref`, bit-exact, with the search and the requantization in AVX2.
+#[target_feature(enable = "avx2")]
+pub fn quantize_row_q5_k(x: &[f32], out: &mut [u8]) {
+    let blocks: &mut [BlockQ5K] = bytemuck::cast_slice_mut(out);
+    q45_row(Q5K_REF, x, |i, xs, scales, mins, l_all| {
+        let b = &mut blocks[i];
+        (b.scales, b.d, b.dmin) = ref_scales(scales, mins);
+        requantize(xs, &b.scales, b.d, b.dmin, 31, l_all);
+        pack_q5(l_all, b);
+    });
 }
