@@ -3,8 +3,8 @@
 Provenance: the bytes must equal libggml's `ggml_quantize_chunk` (llama-cpp-python's
 libggml-base, through `peers.ggml_quantize`), without an imatrix (ggml runs
 `quantize_row_qN_K_ref`) and with one (`quantize_row_qN_K_impl`); dequantization must equal
-gguf-py's numpy `gguf.quants.dequantize` bit for bit. The data are fresh random matrices of every
-distribution in tests/data.py.
+gguf-py's numpy `gguf.quants.dequantize` and libggml's `dequantize_row_qN_K` bit for bit. The
+data are fresh random matrices of every distribution in tests/data.py.
 
 Properties (each derived below, none taken from our own output):
 - nearest level: every dequantized value is the level of its sub-block's grid nearest to the
@@ -83,6 +83,31 @@ def test_dequantize_equals_gguf_py(qtype, dist):
             )
 
 
+def _ggml_dequantize(data: np.ndarray, qtype: str, n: int) -> np.ndarray:
+    """libggml's own `dequantize_row_qN_K` (exported by libggml-base) on raw block bytes."""
+    import ctypes
+
+    lib = peers.libggml()
+    fn = getattr(lib, "dequantize_row_" + qtype[:2] + "_K")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    y = np.empty(n, np.float32)
+    fn(data.ctypes.data, y.ctypes.data, n)
+    return y
+
+
+@pytest.mark.parametrize("qtype", KQ)
+def test_dequantize_equals_libggml(qtype):
+    for dist in DISTRIBUTIONS:
+        x = make(dist, 4, 1024, 21)
+        for w in (None, _imatrix(1024, 21)):
+            qt = fq.quantize(x, qtype, imatrix=w)
+            ours = fq.dequantize(qt).reshape(-1)
+            ref = _ggml_dequantize(qt.data, qtype, x.size)
+            assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32)), f"{qtype} {dist}"
+
+
 @pytest.mark.parametrize("qtype", KQ)
 def test_random_bytes_dequantize_like_gguf_py(qtype):
     """Every bit pattern (not only ours) decodes as gguf-py decodes it: f16 fields kept finite."""
@@ -99,6 +124,8 @@ def test_random_bytes_dequantize_like_gguf_py(qtype):
     ours = fq.dequantize(qt)
     ref = np.asarray(gq.dequantize(data, peers.gguf_qtype(qtype)), dtype=np.float32)
     assert np.array_equal(ours.view(np.uint32), ref.reshape(4, -1).view(np.uint32))
+    ref_c = _ggml_dequantize(data, qtype, ours.size)
+    assert np.array_equal(ours.reshape(-1).view(np.uint32), ref_c.view(np.uint32))
 
 
 # ---- the grid of every sub-block, read back through dequantize -------------------------------
