@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use super::common::{nearest_int, AsymSearch};
 use super::q4_k::{self, pack_q4, ref_scales, requantize, Q4K_REF};
 use super::q5_k::{self, pack_q5, Q5K_REF};
+use super::q6_k;
 use crate::formats::blocks::{BlockQ4K, BlockQ5K, QK_K};
 
 const LANES: usize = 8;
@@ -212,6 +213,7 @@ where
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     pub use super::super::avx2::{quantize_row_q4_k as q4_k_avx2, quantize_row_q5_k as q5_k_avx2};
+    pub use super::super::avx2_q6::quantize_row_q6_k as q6_k_avx2;
 
     pub fn has_avx2() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
@@ -261,6 +263,23 @@ pub fn quantize_row_q5_k_with(path: Path, x: &[f32], out: &mut [u8]) {
         Path::Avx2 if x86::has_avx2() => unsafe { x86::q5_k_avx2(x, out) },
         _ => q5_k_lanes(x, out, qkx2_lanes),
     }
+}
+
+/// q6_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
+/// run the scalar reference).
+pub fn quantize_row_q6_k_with(path: Path, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    match (path, qw) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
+        (Path::Avx2, _) if x86::has_avx2() => unsafe { x86::q6_k_avx2(x, out, qw) },
+        (_, None) => q6_k::quantize_row_q6_k_ref(x, out),
+        (_, Some(w)) => q6_k::quantize_row_q6_k_impl(x, out, w),
+    }
+}
+
+/// q6_K: bytes of `quantize_row_q6_K_ref` / `_impl`, by the fastest path.
+pub fn quantize_row_q6_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    quantize_row_q6_k_with(default_path(), x, out, qw)
 }
 
 /// q4_K without an imatrix: bytes of `quantize_row_q4_K_ref`, by the fastest path.
@@ -374,6 +393,19 @@ mod tests {
                 quantize_row_q5_k_with(path, x, &mut o5);
                 assert_eq!(o4, r4, "q4_k {path:?} seed {seed}");
                 assert_eq!(o5, r5, "q5_k {path:?} seed {seed}");
+            }
+            // q6_K, without and with importance weights (some of them zero)
+            let qw: Vec<f32> = (0..x.len())
+                .map(|i| (i * 7919 % 13) as f32 * 0.25)
+                .collect();
+            for w in [None, Some(&qw[..])] {
+                let mut r6 = vec![0u8; nb * 210];
+                quantize_row_q6_k_with(Path::Scalar, x, &mut r6, w);
+                for path in paths() {
+                    let mut o6 = vec![0u8; nb * 210];
+                    quantize_row_q6_k_with(path, x, &mut o6, w);
+                    assert_eq!(o6, r6, "q6_k {path:?} seed {seed} imatrix {}", w.is_some());
+                }
             }
         }
     }

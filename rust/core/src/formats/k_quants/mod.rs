@@ -23,6 +23,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx2_q6;
 pub mod common;
 pub mod fast;
 pub mod q2_k;
@@ -46,8 +48,7 @@ pub fn quantize_row(qtype: QType, x: &[f32], out: &mut [u8], imatrix: Option<&[f
         (Q4K, Some(w)) => q4_k::quantize_row_q4_k_impl(x, out, w),
         (Q5K, None) => fast::quantize_row_q5_k(x, out),
         (Q5K, Some(w)) => q5_k::quantize_row_q5_k_impl(x, out, w),
-        (Q6K, None) => q6_k::quantize_row_q6_k_ref(x, out),
-        (Q6K, Some(w)) => q6_k::quantize_row_q6_k_impl(x, out, w),
+        (Q6K, w) => fast::quantize_row_q6_k(x, out, w),
         _ => unreachable!("{qtype:?} is not a K-quant"),
     }
 }

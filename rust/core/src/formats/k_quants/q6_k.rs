@@ -11,41 +11,50 @@ fn quantize_row(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
     let mut l_all = [0i8; QK_K];
     for (i, (b, x)) in blocks.iter_mut().zip(x.chunks_exact(QK_K)).enumerate() {
         let mut scales = [0f32; QK_K / 16];
-        let mut max_scale = 0.0f32;
-        let mut max_abs_scale = 0.0f32;
         for ib in 0..QK_K / 16 {
             let xs = &x[16 * ib..16 * ib + 16];
             let w = qw.map(|w| &w[QK_K * i + 16 * ib..QK_K * i + 16 * ib + 16]);
-            let scale = make_qx_quants(32, xs, &mut l_all[16 * ib..16 * ib + 16], w);
-            scales[ib] = scale;
-            let abs_scale = scale.abs();
-            if abs_scale > max_abs_scale {
-                max_abs_scale = abs_scale;
-                max_scale = scale;
-            }
+            scales[ib] = make_qx_quants(32, xs, &mut l_all[16 * ib..16 * ib + 16], w);
         }
-        if max_abs_scale < GROUP_MAX_EPS {
-            *b = bytemuck::Zeroable::zeroed();
+        finish_block(x, &scales, &mut l_all, b);
+    }
+}
+
+/// Everything after the sub-block searches: the int8 sub-block scales against the largest
+/// one, the requantization with the f16 block scale, and the packing. `l_all` holds the
+/// levels of the searches (`l + 32`), kept where a sub-block's scale rounds to zero.
+#[inline]
+pub fn finish_block(x: &[f32], scales: &[f32; 16], l_all: &mut [i8; QK_K], b: &mut BlockQ6K) {
+    let mut max_scale = 0.0f32;
+    let mut max_abs_scale = 0.0f32;
+    for &scale in scales {
+        let abs_scale = scale.abs();
+        if abs_scale > max_abs_scale {
+            max_abs_scale = abs_scale;
+            max_scale = scale;
+        }
+    }
+    if max_abs_scale < GROUP_MAX_EPS {
+        *b = bytemuck::Zeroable::zeroed();
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    b.d = f16_from_f32(1.0 / iscale);
+    for ib in 0..QK_K / 16 {
+        b.scales[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+    }
+    let dd = f16_to_f32(b.d);
+    for j in 0..QK_K / 16 {
+        let d = dd * b.scales[j] as f32;
+        if d == 0.0 {
             continue;
         }
-        let iscale = -128.0 / max_scale;
-        b.d = f16_from_f32(1.0 / iscale);
-        for ib in 0..QK_K / 16 {
-            b.scales[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+        for ii in 0..16 {
+            let l = clamp(nearest_int(x[16 * j + ii] / d), -32, 31);
+            l_all[16 * j + ii] = (l + 32) as i8;
         }
-        let dd = f16_to_f32(b.d);
-        for j in 0..QK_K / 16 {
-            let d = dd * b.scales[j] as f32;
-            if d == 0.0 {
-                continue;
-            }
-            for ii in 0..16 {
-                let l = clamp(nearest_int(x[16 * j + ii] / d), -32, 31);
-                l_all[16 * j + ii] = (l + 32) as i8;
-            }
-        }
-        pack(&l_all, b);
     }
+    pack(l_all, b);
 }
 
 /// Byte `l` of `ql[64h..]` holds values `128h + l` (low nibble) and `128h + 64 + l` (high);
