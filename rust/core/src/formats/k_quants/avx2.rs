@@ -13,9 +13,10 @@
 use std::arch::x86_64::*;
 
 use super::common::{get_scale_min_k4, AsymSearch};
+use super::q2_k::{finish_block_ref, Q2K_REF};
 use super::q4_k::{pack_q4, ref_scales, Q4K_REF};
 use super::q5_k::{pack_q5, Q5K_REF};
-use crate::formats::blocks::{f16_to_f32, BlockQ4K, BlockQ5K, Half};
+use crate::formats::blocks::{f16_to_f32, BlockQ2K, BlockQ4K, BlockQ5K, Half, QK_K};
 
 /// ggml's `nearest_int` on 8 lanes.
 #[inline]
@@ -37,30 +38,44 @@ fn level(iscale: __m256, x: __m256, min: __m256, nmax: __m256i) -> __m256 {
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn load(a: &[f32; 8]) -> __m256 {
+pub(super) fn load(a: &[f32; 8]) -> __m256 {
     // SAFETY: `a` is a valid, readable [f32; 8]: exactly the 32 bytes loadu reads (unaligned).
     unsafe { _mm256_loadu_ps(a.as_ptr()) }
 }
 
 #[inline]
 #[target_feature(enable = "avx2")]
-fn store(a: &mut [f32; 8], v: __m256) {
+pub(super) fn store(a: &mut [f32; 8], v: __m256) {
     // SAFETY: `a` is a valid, writable [f32; 8]: exactly the 32 bytes storeu writes (unaligned).
     unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
 }
 
-/// `make_qkx2_quants(32, nmax, x, weights, ...)` for the 8 sub-blocks of `N` super-blocks:
-/// `x[i][b]`, `w[i][b]` hold element `i` of the 8 sub-blocks of super-block `b`. The `N`
-/// super-blocks are independent; interleaving them hides the latency of the sequential sums.
-/// Writes the levels to `lt[b][i]` (lane = sub-block); returns (scales, -mins) per super-block.
+/// ggml's error term: `use_mad ? fabsf(diff) : diff*diff`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn qkx2_avx2<const N: usize>(
+fn err<const MAD: bool>(diff: __m256) -> __m256 {
+    if MAD {
+        _mm256_and_ps(diff, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff)))
+    } else {
+        _mm256_mul_ps(diff, diff)
+    }
+}
+
+/// `make_qkx2_quants(E, nmax, x, weights, ...)` for `N` registers of 8 sub-blocks of `E`
+/// values: `x[i][b]`, `w[i][b]` hold element `i` of the 8 sub-blocks of register `b` (the 8
+/// sub-blocks of a q4_K / q5_K super-block, or half of the 16 of a q2_K one). The registers are
+/// independent; interleaving them hides the latency of the sequential sums. `MAD` is ggml's
+/// `use_mad` (error |diff| instead of diff^2). Writes the levels to `lt[b][i]` (lane =
+/// sub-block); returns (scales, -mins) per register.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) fn qkx2_avx2<const N: usize, const E: usize, const MAD: bool>(
     p: AsymSearch,
-    x: &[[__m256; N]; 32],
-    w: &[[__m256; N]; 32],
-    lt: &mut [[[i32; 8]; 32]; N],
+    x: &[[__m256; N]; E],
+    w: &[[__m256; N]; E],
+    lt: &mut [[[i32; 8]; E]; N],
 ) -> [([f32; 8], [f32; 8]); N] {
+    debug_assert_eq!(p.use_mad, MAD);
     let zero = _mm256_setzero_ps();
     let nmax_i = _mm256_set1_epi32(p.nmax);
     let nmax_f = p.nmax as f32;
@@ -72,7 +87,7 @@ fn qkx2_avx2<const N: usize>(
     for b in 0..N {
         sum_x[b] = _mm256_mul_ps(sum_w[b], x[0][b]);
     }
-    for i in 1..32 {
+    for i in 1..E {
         for b in 0..N {
             let xi = x[i][b];
             min[b] = _mm256_blendv_ps(min[b], xi, _mm256_cmp_ps::<_CMP_LT_OQ>(xi, min[b]));
@@ -92,26 +107,26 @@ fn qkx2_avx2<const N: usize>(
     }
     let min0 = min;
 
-    let mut lbest = [[zero; N]; 32];
+    let mut lbest = [[zero; N]; E];
     let mut best_error = [zero; N];
-    for i in 0..32 {
+    for i in 0..E {
         for b in 0..N {
             let l = level(iscale[b], x[i][b], min[b], nmax_i);
             lbest[i][b] = l;
             let diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale[b], l), min[b]), x[i][b]);
-            let e = _mm256_mul_ps(w[i][b], _mm256_mul_ps(diff, diff));
+            let e = _mm256_mul_ps(w[i][b], err::<MAD>(diff));
             best_error[b] = _mm256_add_ps(best_error[b], e);
         }
     }
 
-    let mut laux = [[zero; N]; 32];
+    let mut laux = [[zero; N]; E];
     for is in 0..=p.nstep {
         let num = _mm256_set1_ps(p.rmin + p.rdelta * is as f32 + nmax_f);
         for b in 0..N {
             iscale[b] = _mm256_div_ps(num, _mm256_sub_ps(max[b], min[b]));
         }
         let (mut sum_l, mut sum_l2, mut sum_xl) = ([zero; N], [zero; N], [zero; N]);
-        for i in 0..32 {
+        for i in 0..E {
             for b in 0..N {
                 let l = level(iscale[b], x[i][b], min[b], nmax_i);
                 laux[i][b] = l;
@@ -141,11 +156,11 @@ fn qkx2_avx2<const N: usize>(
             this_scale[b] = _mm256_blendv_ps(ts, _mm256_div_ps(sxl, sl2), pos);
         }
         let mut cur_error = [zero; N];
-        for i in 0..32 {
+        for i in 0..E {
             for b in 0..N {
                 let fit = _mm256_add_ps(_mm256_mul_ps(this_scale[b], laux[i][b]), this_min[b]);
                 let diff = _mm256_sub_ps(fit, x[i][b]);
-                let e = _mm256_mul_ps(w[i][b], _mm256_mul_ps(diff, diff));
+                let e = _mm256_mul_ps(w[i][b], err::<MAD>(diff));
                 cur_error[b] = _mm256_add_ps(cur_error[b], e);
             }
         }
@@ -156,7 +171,7 @@ fn qkx2_avx2<const N: usize>(
                 best_error[b] = _mm256_blendv_ps(best_error[b], cur_error[b], take);
                 scale[b] = _mm256_blendv_ps(scale[b], this_scale[b], take);
                 min[b] = _mm256_blendv_ps(min[b], this_min[b], take);
-                for i in 0..32 {
+                for i in 0..E {
                     lbest[i][b] = _mm256_blendv_ps(lbest[i][b], laux[i][b], take);
                 }
             }
@@ -170,7 +185,7 @@ fn qkx2_avx2<const N: usize>(
         let neg_min = _mm256_xor_ps(m, _mm256_set1_ps(-0.0));
         store(&mut out[b].0, s);
         store(&mut out[b].1, neg_min);
-        for i in 0..32 {
+        for i in 0..E {
             let l = _mm256_cvttps_epi32(_mm256_blendv_ps(lbest[i][b], zero, degenerate[b]));
             store_i(&mut lt[b][i], l);
         }
@@ -272,7 +287,7 @@ where
         let mut wl = xl;
         lanes_and_weights::<2>(xs, &mut xl, &mut wl);
         let mut lt = [[[0i32; 8]; 32]; 2];
-        let r = qkx2_avx2::<2>(p, &xl, &wl, &mut lt);
+        let r = qkx2_avx2::<2, 32, false>(p, &xl, &wl, &mut lt);
         for b in 0..2 {
             untranspose(&lt[b], &mut l_all);
             finish(
@@ -291,7 +306,7 @@ where
         let mut wl = xl;
         lanes_and_weights::<1>(xs, &mut xl, &mut wl);
         let mut lt = [[[0i32; 8]; 32]; 1];
-        let r = qkx2_avx2::<1>(p, &xl, &wl, &mut lt);
+        let r = qkx2_avx2::<1, 32, false>(p, &xl, &wl, &mut lt);
         untranspose(&lt[0], &mut l_all);
         finish(i, xs, &r[0].0, &r[0].1, &mut l_all);
     }
@@ -319,4 +334,43 @@ pub fn quantize_row_q5_k(x: &[f32], out: &mut [u8]) {
         requantize(xs, &b.scales, b.d, b.dmin, 31, l_all);
         pack_q5(l_all, b);
     });
+}
+
+/// `quantize_row_q2_K_ref`, bit-exact: the 16 sub-blocks of 16 values of a super-block in the
+/// lanes of two registers (lane `k` of register `r` = sub-block `8r + k`), weights `|x|`,
+/// `make_qkx2_quants(16, 3, ..., use_mad = true)`; the rest is `q2_k::finish_block_ref`.
+#[target_feature(enable = "avx2")]
+pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
+    let blocks: &mut [BlockQ2K] = bytemuck::cast_slice_mut(out);
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut l_all = [0u8; QK_K];
+    for (b, xs) in blocks.iter_mut().zip(x.chunks_exact(QK_K)) {
+        let mut t = [[[0f32; 8]; 2]; 16];
+        for s in 0..16 {
+            for i in 0..16 {
+                t[i][s / 8][s % 8] = xs[16 * s + i];
+            }
+        }
+        let xl: [[__m256; 2]; 16] = std::array::from_fn(|i| [load(&t[i][0]), load(&t[i][1])]);
+        let wl: [[__m256; 2]; 16] = std::array::from_fn(|i| {
+            [
+                _mm256_and_ps(xl[i][0], abs_mask),
+                _mm256_and_ps(xl[i][1], abs_mask),
+            ]
+        });
+        let mut lt = [[[0i32; 8]; 16]; 2];
+        let r = qkx2_avx2::<2, 16, true>(Q2K_REF, &xl, &wl, &mut lt);
+        let mut scales = [0f32; 16];
+        let mut mins = [0f32; 16];
+        for h in 0..2 {
+            scales[8 * h..8 * h + 8].copy_from_slice(&r[h].0);
+            mins[8 * h..8 * h + 8].copy_from_slice(&r[h].1);
+            for k in 0..8 {
+                for i in 0..16 {
+                    l_all[16 * (8 * h + k) + i] = lt[h][i][k] as u8;
+                }
+            }
+        }
+        finish_block_ref(xs, &scales, &mins, &mut l_all, b);
+    }
 }

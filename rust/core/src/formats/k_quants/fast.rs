@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use super::common::{nearest_int, AsymSearch};
 use super::q4_k::{self, pack_q4, ref_scales, requantize, Q4K_REF};
 use super::q5_k::{self, pack_q5, Q5K_REF};
-use super::q6_k;
+use super::{q2_k, q6_k};
 use crate::formats::blocks::{BlockQ4K, BlockQ5K, QK_K};
 
 const LANES: usize = 8;
@@ -212,6 +212,7 @@ where
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    pub use super::super::avx2::quantize_row_q2_k as q2_k_avx2;
     pub use super::super::avx2::{quantize_row_q4_k as q4_k_avx2, quantize_row_q5_k as q5_k_avx2};
     pub use super::super::avx2_q6::quantize_row_q6_k as q6_k_avx2;
 
@@ -263,6 +264,22 @@ pub fn quantize_row_q5_k_with(path: Path, x: &[f32], out: &mut [u8]) {
         Path::Avx2 if x86::has_avx2() => unsafe { x86::q5_k_avx2(x, out) },
         _ => q5_k_lanes(x, out, qkx2_lanes),
     }
+}
+
+/// q2_K without an imatrix by `path` (the lane code exists only for AVX2: other paths run the
+/// scalar reference).
+pub fn quantize_row_q2_k_with(path: Path, x: &[f32], out: &mut [u8]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
+        Path::Avx2 if x86::has_avx2() => unsafe { x86::q2_k_avx2(x, out) },
+        _ => q2_k::quantize_row_q2_k_ref(x, out),
+    }
+}
+
+/// q2_K without an imatrix: bytes of `quantize_row_q2_K_ref`, by the fastest path.
+pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
+    quantize_row_q2_k_with(default_path(), x, out)
 }
 
 /// q6_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
@@ -393,6 +410,13 @@ mod tests {
                 quantize_row_q5_k_with(path, x, &mut o5);
                 assert_eq!(o4, r4, "q4_k {path:?} seed {seed}");
                 assert_eq!(o5, r5, "q5_k {path:?} seed {seed}");
+            }
+            let mut r2 = vec![0u8; nb * 84];
+            quantize_row_q2_k_with(Path::Scalar, x, &mut r2);
+            for path in paths() {
+                let mut o2 = vec![0u8; nb * 84];
+                quantize_row_q2_k_with(path, x, &mut o2);
+                assert_eq!(o2, r2, "q2_k {path:?} seed {seed}");
             }
             // q6_K, without and with importance weights (some of them zero)
             let qw: Vec<f32> = (0..x.len())

@@ -40,7 +40,7 @@ use crate::qtype::QType;
 pub fn quantize_row(qtype: QType, x: &[f32], out: &mut [u8], imatrix: Option<&[f32]>) {
     use QType::*;
     match (qtype, imatrix) {
-        (Q2K, None) => q2_k::quantize_row_q2_k_ref(x, out),
+        (Q2K, None) => fast::quantize_row_q2_k(x, out),
         (Q2K, Some(w)) => q2_k::quantize_row_q2_k_impl(x, out, w),
         (Q3K, None) => q3_k::quantize_row_q3_k_ref(x, out),
         (Q3K, Some(w)) => q3_k::quantize_row_q3_k_impl(x, out, w),

@@ -23,16 +23,17 @@ fn requantize_and_pack(x: &[f32], b: &mut BlockQ2K, l_all: &mut [u8; QK_K]) {
     pack_2bit(l_all, &mut b.qs);
 }
 
+/// Search parameters of `quantize_row_q2_K_ref`.
+pub const Q2K_REF: AsymSearch = AsymSearch {
+    nmax: 3,
+    rmin: -0.5,
+    rdelta: 0.1,
+    nstep: 15,
+    use_mad: true,
+};
+
 /// ggml's `quantize_row_q2_K_ref` (what `ggml_quantize_chunk` runs without an imatrix).
 pub fn quantize_row_q2_k_ref(x: &[f32], out: &mut [u8]) {
-    const Q4SCALE: f32 = 15.0;
-    let p = AsymSearch {
-        nmax: 3,
-        rmin: -0.5,
-        rdelta: 0.1,
-        nstep: 15,
-        use_mad: true,
-    };
     let blocks: &mut [BlockQ2K] = bytemuck::cast_slice_mut(out);
     let mut l_all = [0u8; QK_K];
     let mut laux = [0u8; 16];
@@ -40,44 +41,60 @@ pub fn quantize_row_q2_k_ref(x: &[f32], out: &mut [u8]) {
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK_K)) {
         let mut scales = [0f32; QK_K / 16];
         let mut mins = [0f32; QK_K / 16];
-        let mut max_scale = 0.0f32;
-        let mut max_min = 0.0f32;
         for j in 0..QK_K / 16 {
             let xs = &x[16 * j..16 * j + 16];
             for l in 0..16 {
                 weights[l] = xs[l].abs();
             }
             let ls = &mut l_all[16 * j..16 * j + 16];
-            (scales[j], mins[j]) = make_qkx2_quants(p, xs, &weights, ls, &mut laux);
-            if scales[j] > max_scale {
-                max_scale = scales[j];
-            }
-            if mins[j] > max_min {
-                max_min = mins[j];
-            }
+            (scales[j], mins[j]) = make_qkx2_quants(Q2K_REF, xs, &weights, ls, &mut laux);
         }
-        if max_scale > 0.0 {
-            let iscale = Q4SCALE / max_scale;
-            for j in 0..QK_K / 16 {
-                b.scales[j] = nearest_int(iscale * scales[j]) as u8;
-            }
-            b.d = f16_from_f32(max_scale / Q4SCALE);
-        } else {
-            b.scales = [0; QK_K / 16];
-            b.d = f16_from_f32(0.0);
-        }
-        if max_min > 0.0 {
-            let iscale = Q4SCALE / max_min;
-            for j in 0..QK_K / 16 {
-                let l = nearest_int(iscale * mins[j]);
-                b.scales[j] |= (l << 4) as u8;
-            }
-            b.dmin = f16_from_f32(max_min / Q4SCALE);
-        } else {
-            b.dmin = f16_from_f32(0.0);
-        }
-        requantize_and_pack(x, b, &mut l_all);
+        finish_block_ref(x, &scales, &mins, &mut l_all, b);
     }
+}
+
+/// The reference path after the sub-block searches: 4-bit scales and mins against their
+/// maxima (`d = max_scale/15`, `dmin = max_min/15`), requantization and packing.
+#[inline]
+pub fn finish_block_ref(
+    x: &[f32],
+    scales: &[f32; 16],
+    mins: &[f32; 16],
+    l_all: &mut [u8; QK_K],
+    b: &mut BlockQ2K,
+) {
+    const Q4SCALE: f32 = 15.0;
+    let mut max_scale = 0.0f32;
+    let mut max_min = 0.0f32;
+    for j in 0..QK_K / 16 {
+        if scales[j] > max_scale {
+            max_scale = scales[j];
+        }
+        if mins[j] > max_min {
+            max_min = mins[j];
+        }
+    }
+    if max_scale > 0.0 {
+        let iscale = Q4SCALE / max_scale;
+        for j in 0..QK_K / 16 {
+            b.scales[j] = nearest_int(iscale * scales[j]) as u8;
+        }
+        b.d = f16_from_f32(max_scale / Q4SCALE);
+    } else {
+        b.scales = [0; QK_K / 16];
+        b.d = f16_from_f32(0.0);
+    }
+    if max_min > 0.0 {
+        let iscale = Q4SCALE / max_min;
+        for j in 0..QK_K / 16 {
+            let l = nearest_int(iscale * mins[j]);
+            b.scales[j] |= (l << 4) as u8;
+        }
+        b.dmin = f16_from_f32(max_min / Q4SCALE);
+    } else {
+        b.dmin = f16_from_f32(0.0);
+    }
+    requantize_and_pack(x, b, l_all);
 }
 
 /// ggml's `quantize_row_q2_K_impl` (what `ggml_quantize_chunk` runs with an imatrix `qw`, one
