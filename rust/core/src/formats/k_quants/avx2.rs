@@ -12,9 +12,9 @@
 
 use std::arch::x86_64::*;
 
-use super::common::{get_scale_min_k4, AsymSearch};
+use super::common::{get_scale_min_k4, sum_sq, AsymSearch};
 use super::q2_k::{finish_block_ref, Q2K_REF};
-use super::q4_k::{pack_q4, ref_scales, Q4K_REF};
+use super::q4_k::{impl_scales, pack_q4, ref_scales, Q4K_REF, QK_IMPL};
 use super::q5_k::{pack_q5, Q5K_REF};
 use crate::formats::blocks::{f16_to_f32, BlockQ2K, BlockQ4K, BlockQ5K, Half, QK_K};
 
@@ -50,6 +50,18 @@ pub(super) fn store(a: &mut [f32; 8], v: __m256) {
     unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) }
 }
 
+/// `make_qkx3_quants`' candidate level: `v = iscale*(x - min)`,
+/// `v > 0 ? nearest_int(v < nmax ? v : nmax) : 0`, as f32.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn level3(iscale: __m256, x: __m256, min: __m256, nmax: __m256) -> __m256 {
+    let v = _mm256_mul_ps(iscale, _mm256_sub_ps(x, min));
+    let c = _mm256_blendv_ps(nmax, v, _mm256_cmp_ps::<_CMP_LT_OQ>(v, nmax));
+    let l = _mm256_cvtepi32_ps(nearest_int8(c));
+    let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_setzero_ps());
+    _mm256_and_ps(l, pos)
+}
+
 /// ggml's error term: `use_mad ? fabsf(diff) : diff*diff`.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -65,11 +77,13 @@ fn err<const MAD: bool>(diff: __m256) -> __m256 {
 /// values: `x[i][b]`, `w[i][b]` hold element `i` of the 8 sub-blocks of register `b` (the 8
 /// sub-blocks of a q4_K / q5_K super-block, or half of the 16 of a q2_K one). The registers are
 /// independent; interleaving them hides the latency of the sequential sums. `MAD` is ggml's
-/// `use_mad` (error |diff| instead of diff^2). Writes the levels to `lt[b][i]` (lane =
+/// `use_mad` (error |diff| instead of diff^2). `X3` selects `make_qkx3_quants` instead (the
+/// imatrix paths): degenerate when `max <= min`, and candidate levels
+/// `v > 0 ? nearest_int(MIN(v, nmax)) : 0`. Writes the levels to `lt[b][i]` (lane =
 /// sub-block); returns (scales, -mins) per register.
 #[inline]
 #[target_feature(enable = "avx2")]
-pub(super) fn qkx2_avx2<const N: usize, const E: usize, const MAD: bool>(
+pub(super) fn qkx2_avx2<const N: usize, const E: usize, const MAD: bool, const X3: bool>(
     p: AsymSearch,
     x: &[[__m256; N]; E],
     w: &[[__m256; N]; E],
@@ -79,6 +93,7 @@ pub(super) fn qkx2_avx2<const N: usize, const E: usize, const MAD: bool>(
     let zero = _mm256_setzero_ps();
     let nmax_i = _mm256_set1_epi32(p.nmax);
     let nmax_f = p.nmax as f32;
+    let nmax_v = _mm256_set1_ps(nmax_f);
 
     let mut min = x[0];
     let mut max = x[0];
@@ -101,7 +116,11 @@ pub(super) fn qkx2_avx2<const N: usize, const E: usize, const MAD: bool>(
     let mut iscale = [zero; N];
     for b in 0..N {
         min[b] = _mm256_blendv_ps(min[b], zero, _mm256_cmp_ps::<_CMP_GT_OQ>(min[b], zero));
-        degenerate[b] = _mm256_cmp_ps::<_CMP_EQ_OQ>(max[b], min[b]);
+        degenerate[b] = if X3 {
+            _mm256_cmp_ps::<_CMP_LE_OQ>(max[b], min[b])
+        } else {
+            _mm256_cmp_ps::<_CMP_EQ_OQ>(max[b], min[b])
+        };
         iscale[b] = _mm256_div_ps(_mm256_set1_ps(nmax_f), _mm256_sub_ps(max[b], min[b]));
         scale[b] = _mm256_div_ps(_mm256_set1_ps(1.0), iscale[b]);
     }
@@ -128,7 +147,11 @@ pub(super) fn qkx2_avx2<const N: usize, const E: usize, const MAD: bool>(
         let (mut sum_l, mut sum_l2, mut sum_xl) = ([zero; N], [zero; N], [zero; N]);
         for i in 0..E {
             for b in 0..N {
-                let l = level(iscale[b], x[i][b], min[b], nmax_i);
+                let l = if X3 {
+                    level3(iscale[b], x[i][b], min[b], nmax_v)
+                } else {
+                    level(iscale[b], x[i][b], min[b], nmax_i)
+                };
                 laux[i][b] = l;
                 let wl = _mm256_mul_ps(w[i][b], l);
                 sum_l[b] = _mm256_add_ps(sum_l[b], wl);
@@ -270,67 +293,133 @@ fn untranspose(lt: &[[i32; 8]; 32], l: &mut [u8; 256]) {
     }
 }
 
-/// The reference quantizer of q4_K (`nmax = 15`) or q5_K (`nmax = 31`) on whole super-blocks,
-/// two at a time; `finish(block index, values, scales, mins)` writes one block.
+/// The imatrix weights of `q4_k::impl_search` for `N` super-blocks: `qw*sqrt(sigma2 + x^2)`
+/// with `sigma2 = 2*sum(x^2)/256` (the sum in index order, scalar as in ggml), and their sums
+/// per sub-block (index order per lane).
 #[inline]
 #[target_feature(enable = "avx2")]
-fn q45_row<F>(p: AsymSearch, x: &[f32], mut finish: F)
-where
-    F: FnMut(usize, &[f32], &[f32; 8], &[f32; 8], &mut [u8; 256]),
-{
-    let nb = x.len() / 256;
-    let mut l_all = [0u8; 256];
-    let mut i = 0;
-    while i + 2 <= nb {
-        let xs = &x[256 * i..256 * (i + 2)];
-        let mut xl = [[_mm256_setzero_ps(); 2]; 32];
-        let mut wl = xl;
-        lanes_and_weights::<2>(xs, &mut xl, &mut wl);
-        let mut lt = [[[0i32; 8]; 32]; 2];
-        let r = qkx2_avx2::<2, 32, false>(p, &xl, &wl, &mut lt);
-        for b in 0..2 {
-            untranspose(&lt[b], &mut l_all);
-            finish(
-                i + b,
-                &xs[256 * b..256 * b + 256],
-                &r[b].0,
-                &r[b].1,
-                &mut l_all,
-            );
+fn impl_lanes_and_weights<const N: usize>(
+    xs: &[f32],
+    qw: &[f32],
+    x: &mut [[__m256; N]; 32],
+    w: &mut [[__m256; N]; 32],
+) -> [[f32; 8]; N] {
+    let mut sw = [[0f32; 8]; N];
+    for b in 0..N {
+        let blk = &xs[256 * b..256 * b + 256];
+        let q = &qw[256 * b..256 * b + 256];
+        let sigma2 = _mm256_set1_ps(2.0 * sum_sq(blk) / QK_K as f32);
+        let mut t = [[0f32; 8]; 32];
+        let mut tq = [[0f32; 8]; 32];
+        for k in 0..8 {
+            for i in 0..32 {
+                t[i][k] = blk[32 * k + i];
+                tq[i][k] = q[32 * k + i];
+            }
         }
-        i += 2;
+        let mut sumw = _mm256_setzero_ps();
+        for i in 0..32 {
+            x[i][b] = load(&t[i]);
+            let r = _mm256_sqrt_ps(_mm256_add_ps(sigma2, _mm256_mul_ps(x[i][b], x[i][b])));
+            w[i][b] = _mm256_mul_ps(load(&tq[i]), r);
+            sumw = _mm256_add_ps(sumw, w[i][b]);
+        }
+        store(&mut sw[b], sumw);
     }
-    if i < nb {
-        let xs = &x[256 * i..256 * (i + 1)];
-        let mut xl = [[_mm256_setzero_ps(); 1]; 32];
-        let mut wl = xl;
-        lanes_and_weights::<1>(xs, &mut xl, &mut wl);
-        let mut lt = [[[0i32; 8]; 32]; 1];
-        let r = qkx2_avx2::<1, 32, false>(p, &xl, &wl, &mut lt);
-        untranspose(&lt[0], &mut l_all);
-        finish(i, xs, &r[0].0, &r[0].1, &mut l_all);
+    sw
+}
+
+/// Search `N` super-blocks (`xs`, the row's blocks `first..first+N`) with the reference
+/// weights (`qw = None`, `make_qkx2_quants`) or the imatrix weights (`make_qkx3_quants`), then
+/// `finish(block, values, scales, mins, weight sums, levels)` each.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn blocks_n<const N: usize, F>(
+    p: AsymSearch,
+    xs: &[f32],
+    qw: Option<&[f32]>,
+    first: usize,
+    finish: &mut F,
+) where
+    F: FnMut(usize, &[f32], &[f32; 8], &[f32; 8], &[f32; 8], &mut [u8; 256]),
+{
+    let mut xl = [[_mm256_setzero_ps(); N]; 32];
+    let mut wl = xl;
+    let mut lt = [[[0i32; 8]; 32]; N];
+    let (r, sw) = match qw {
+        None => {
+            lanes_and_weights::<N>(xs, &mut xl, &mut wl);
+            let r = qkx2_avx2::<N, 32, false, false>(p, &xl, &wl, &mut lt);
+            (r, [[0f32; 8]; N])
+        }
+        Some(qw) => {
+            let sw = impl_lanes_and_weights::<N>(xs, qw, &mut xl, &mut wl);
+            (qkx2_avx2::<N, 32, false, true>(p, &xl, &wl, &mut lt), sw)
+        }
+    };
+    let mut l_all = [0u8; 256];
+    for b in 0..N {
+        untranspose(&lt[b], &mut l_all);
+        let x = &xs[256 * b..256 * b + 256];
+        finish(first + b, x, &r[b].0, &r[b].1, &sw[b], &mut l_all);
     }
 }
 
-/// `quantize_row_q4_K_ref`, bit-exact, with the search and the requantization in AVX2.
+/// q4_K (`nmax = 15`) or q5_K (`nmax = 31`) on whole super-blocks, two at a time.
+#[inline]
 #[target_feature(enable = "avx2")]
-pub fn quantize_row_q4_k(x: &[f32], out: &mut [u8]) {
+fn q45_row<F>(p: AsymSearch, x: &[f32], qw: Option<&[f32]>, mut finish: F)
+where
+    F: FnMut(usize, &[f32], &[f32; 8], &[f32; 8], &[f32; 8], &mut [u8; 256]),
+{
+    let nb = x.len() / 256;
+    let mut i = 0;
+    while i + 2 <= nb {
+        let q = qw.map(|w| &w[256 * i..256 * (i + 2)]);
+        blocks_n::<2, F>(p, &x[256 * i..256 * (i + 2)], q, i, &mut finish);
+        i += 2;
+    }
+    if i < nb {
+        let q = qw.map(|w| &w[256 * i..256 * (i + 1)]);
+        blocks_n::<1, F>(p, &x[256 * i..256 * (i + 1)], q, i, &mut finish);
+    }
+}
+
+/// `quantize_row_q4_K_ref` (`qw = None`) or `quantize_row_q4_K_impl`, bit-exact, with the
+/// search and the requantization in AVX2.
+#[target_feature(enable = "avx2")]
+pub fn quantize_row_q4_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
     let blocks: &mut [BlockQ4K] = bytemuck::cast_slice_mut(out);
-    q45_row(Q4K_REF, x, |i, xs, scales, mins, l_all| {
+    let p = if qw.is_some() { QK_IMPL } else { Q4K_REF };
+    q45_row(p, x, qw, |i, xs, scales, mins, sw, l_all| {
         let b = &mut blocks[i];
-        (b.scales, b.d, b.dmin) = ref_scales(scales, mins);
+        (b.scales, b.d, b.dmin) = match qw {
+            None => ref_scales(scales, mins),
+            Some(_) => impl_scales(scales, mins, sw, false),
+        };
         requantize(xs, &b.scales, b.d, b.dmin, 15, l_all);
         pack_q4(l_all, &mut b.qs);
     });
 }
 
-/// `quantize_row_q5_K_ref`, bit-exact, with the search and the requantization in AVX2.
+/// `quantize_row_q5_K_ref` (`qw = None`) or `quantize_row_q5_K_impl`, bit-exact, with the
+/// search and the requantization in AVX2.
 #[target_feature(enable = "avx2")]
-pub fn quantize_row_q5_k(x: &[f32], out: &mut [u8]) {
+pub fn quantize_row_q5_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
     let blocks: &mut [BlockQ5K] = bytemuck::cast_slice_mut(out);
-    q45_row(Q5K_REF, x, |i, xs, scales, mins, l_all| {
+    let p = match qw {
+        None => Q5K_REF,
+        Some(_) => AsymSearch {
+            nmax: 31,
+            ..QK_IMPL
+        },
+    };
+    q45_row(p, x, qw, |i, xs, scales, mins, sw, l_all| {
         let b = &mut blocks[i];
-        (b.scales, b.d, b.dmin) = ref_scales(scales, mins);
+        (b.scales, b.d, b.dmin) = match qw {
+            None => ref_scales(scales, mins),
+            Some(_) => impl_scales(scales, mins, sw, true),
+        };
         requantize(xs, &b.scales, b.d, b.dmin, 31, l_all);
         pack_q5(l_all, b);
     });
@@ -359,7 +448,7 @@ pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
             ]
         });
         let mut lt = [[[0i32; 8]; 16]; 2];
-        let r = qkx2_avx2::<2, 16, true>(Q2K_REF, &xl, &wl, &mut lt);
+        let r = qkx2_avx2::<2, 16, true, false>(Q2K_REF, &xl, &wl, &mut lt);
         let mut scales = [0f32; 16];
         let mut mins = [0f32; 16];
         for h in 0..2 {

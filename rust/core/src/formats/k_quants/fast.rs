@@ -250,9 +250,25 @@ pub fn quantize_row_q4_k_with(path: Path, x: &[f32], out: &mut [u8]) {
         Path::Scalar => q4_k::quantize_row_q4_k_ref(x, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
-        Path::Avx2 if x86::has_avx2() => unsafe { x86::q4_k_avx2(x, out) },
+        Path::Avx2 if x86::has_avx2() => unsafe { x86::q4_k_avx2(x, out, None) },
         _ => q4_k_lanes(x, out, qkx2_lanes),
     }
+}
+
+/// q4_K with an imatrix `qw` by `path` (the lane code exists only for AVX2: other paths run
+/// the scalar `quantize_row_q4_K_impl`).
+pub fn quantize_row_q4_k_impl_with(path: Path, x: &[f32], out: &mut [u8], qw: &[f32]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
+        Path::Avx2 if x86::has_avx2() => unsafe { x86::q4_k_avx2(x, out, Some(qw)) },
+        _ => q4_k::quantize_row_q4_k_impl(x, out, qw),
+    }
+}
+
+/// q4_K with an imatrix: bytes of `quantize_row_q4_K_impl`, by the fastest path.
+pub fn quantize_row_q4_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
+    quantize_row_q4_k_impl_with(default_path(), x, out, qw)
 }
 
 /// q5_K without an imatrix by `path` (falls back to `Lanes` where the CPU lacks the feature).
@@ -261,9 +277,25 @@ pub fn quantize_row_q5_k_with(path: Path, x: &[f32], out: &mut [u8]) {
         Path::Scalar => q5_k::quantize_row_q5_k_ref(x, out),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
-        Path::Avx2 if x86::has_avx2() => unsafe { x86::q5_k_avx2(x, out) },
+        Path::Avx2 if x86::has_avx2() => unsafe { x86::q5_k_avx2(x, out, None) },
         _ => q5_k_lanes(x, out, qkx2_lanes),
     }
+}
+
+/// q5_K with an imatrix `qw` by `path` (the lane code exists only for AVX2: other paths run
+/// the scalar `quantize_row_q5_K_impl`).
+pub fn quantize_row_q5_k_impl_with(path: Path, x: &[f32], out: &mut [u8], qw: &[f32]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
+        Path::Avx2 if x86::has_avx2() => unsafe { x86::q5_k_avx2(x, out, Some(qw)) },
+        _ => q5_k::quantize_row_q5_k_impl(x, out, qw),
+    }
+}
+
+/// q5_K with an imatrix: bytes of `quantize_row_q5_K_impl`, by the fastest path.
+pub fn quantize_row_q5_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
+    quantize_row_q5_k_impl_with(default_path(), x, out, qw)
 }
 
 /// q2_K without an imatrix by `path` (the lane code exists only for AVX2: other paths run the
@@ -410,6 +442,21 @@ mod tests {
                 quantize_row_q5_k_with(path, x, &mut o5);
                 assert_eq!(o4, r4, "q4_k {path:?} seed {seed}");
                 assert_eq!(o5, r5, "q5_k {path:?} seed {seed}");
+            }
+            let qw: Vec<f32> = (0..x.len())
+                .map(|i| (i * 7919 % 13) as f32 * 0.25)
+                .collect();
+            let mut r4 = vec![0u8; nb * 144];
+            let mut r5 = vec![0u8; nb * 176];
+            q4_k::quantize_row_q4_k_impl(x, &mut r4, &qw);
+            q5_k::quantize_row_q5_k_impl(x, &mut r5, &qw);
+            for path in paths() {
+                let mut o4 = vec![0u8; nb * 144];
+                let mut o5 = vec![0u8; nb * 176];
+                quantize_row_q4_k_impl_with(path, x, &mut o4, &qw);
+                quantize_row_q5_k_impl_with(path, x, &mut o5, &qw);
+                assert_eq!(o4, r4, "q4_k imatrix {path:?} seed {seed}");
+                assert_eq!(o5, r5, "q5_k imatrix {path:?} seed {seed}");
             }
             let mut r2 = vec![0u8; nb * 84];
             quantize_row_q2_k_with(Path::Scalar, x, &mut r2);

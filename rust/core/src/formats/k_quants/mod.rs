@@ -45,9 +45,9 @@ pub fn quantize_row(qtype: QType, x: &[f32], out: &mut [u8], imatrix: Option<&[f
         (Q3K, None) => q3_k::quantize_row_q3_k_ref(x, out),
         (Q3K, Some(w)) => q3_k::quantize_row_q3_k_impl(x, out, w),
         (Q4K, None) => fast::quantize_row_q4_k(x, out),
-        (Q4K, Some(w)) => q4_k::quantize_row_q4_k_impl(x, out, w),
+        (Q4K, Some(w)) => fast::quantize_row_q4_k_impl(x, out, w),
         (Q5K, None) => fast::quantize_row_q5_k(x, out),
-        (Q5K, Some(w)) => q5_k::quantize_row_q5_k_impl(x, out, w),
+        (Q5K, Some(w)) => fast::quantize_row_q5_k_impl(x, out, w),
         (Q6K, w) => fast::quantize_row_q6_k(x, out, w),
         _ => unreachable!("{qtype:?} is not a K-quant"),
     }
