@@ -1,6 +1,7 @@
-//! AVX2 copy of `fast::qkx2_lanes`: the 8 sub-blocks of a super-block in the 8 f32 lanes of a
-//! ymm register, every lane running the scalar sequence of `common::make_qkx2_quants`
-//! (`use_mad = false`) operation for operation:
+//! AVX2 copy of `fast::qkx2_lanes`: the 8 sub-blocks of a super-block (q4_K, q5_K; for q2_K
+//! 8 of its 16) in the 8 f32 lanes of a ymm register, every lane running the scalar sequence of
+//! `common::make_qkx2_quants` (or `make_qkx3_quants` for the imatrix paths) operation for
+//! operation:
 //! - `nearest_int` is the same bit trick (`+ 1.5*2^23`, keep the mantissa bits, `- 2^22`);
 //! - `vdivps`/`vsqrtps` round exactly like `divss`/`sqrtss` (IEEE, correctly rounded); no FMA is
 //!   used, every product is rounded before it is added, as in the scalar code;

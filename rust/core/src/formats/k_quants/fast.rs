@@ -1,5 +1,6 @@
-//! The fast path of the q4_K / q5_K reference quantizers (no imatrix): the same scalar sequence
-//! as `common::make_qkx2_quants`, run for the 8 sub-blocks of a super-block side by side in 8
+//! Path selection for the fast K-quant quantizers (`avx2.rs`, `avx2_q6.rs`), and the portable
+//! lane version of the q4_K / q5_K reference search: the same scalar sequence as
+//! `common::make_qkx2_quants`, run for the 8 sub-blocks of a super-block side by side in 8
 //! lanes (`[f32; 8]` arrays, lane `j` = sub-block `j`, element `i` of every sub-block at step
 //! `i`). Each lane performs exactly the operations of the scalar reference in the same order:
 //! the sums over `i` stay sequential per lane, only the independent sub-blocks run in parallel,
@@ -8,10 +9,10 @@
 //! discarded, as the scalar code never computes it). So the bytes are identical to the scalar
 //! reference, which the unit tests below and tests/test_k_quants.py check.
 //!
-//! The lane code is plain Rust that LLVM vectorizes; it is compiled twice, for the baseline
-//! target and with AVX2 enabled, and the AVX2 copy is chosen at run time when the CPU has it
-//! (`is_x86_feature_detected!`). FERROQUANT_FORCE_SCALAR=1 (read once) selects the scalar
-//! references instead, for tests and comparisons.
+//! The portable lane code is plain Rust (LLVM vectorizes it only partly: about 1.5x the scalar
+//! reference); where the CPU has AVX2 (`is_x86_feature_detected!`) the intrinsics of `avx2.rs`
+//! run instead (about 7x). FERROQUANT_FORCE_SCALAR=1 (read once) selects the scalar references,
+//! for tests and comparisons.
 
 use std::sync::OnceLock;
 

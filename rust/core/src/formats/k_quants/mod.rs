@@ -13,9 +13,15 @@
 //! | q6_K | `make_qx_quants` (x^2 weights)       | `make_qx_quants` (imatrix weights)       |
 //!
 //! `q2_k.rs` .. `q6_k.rs` hold the scalar references (one per format and path) and the
-//! dequantizers; `common.rs` the shared searches. `fast.rs` runs the reference search of q4_K
-//! and q5_K for the 8 sub-blocks of a super-block in SIMD lanes (same scalar sequence per lane),
-//! and is tested bit-exact against the references here.
+//! dequantizers; `common.rs` the shared searches. The fast paths run the searches of the
+//! independent sub-blocks of a super-block side by side in SIMD lanes, each lane doing exactly
+//! the scalar sequence of its sub-block, and share everything after the search with the
+//! references: `avx2.rs` (`make_qkx2_quants` / `make_qkx3_quants` for q2_K, q4_K, q5_K),
+//! `avx2_q6.rs` (`make_qx_quants` for q6_K), both runtime-detected, and `fast.rs`, which picks
+//! the path (FERROQUANT_FORCE_SCALAR=1 forces the references) and holds a portable lane version
+//! of the q4_K/q5_K search for CPUs without AVX2. q3_K and the q2_K imatrix path run the
+//! references. Every fast path is tested bit-exact against its reference (`fast::tests`) and,
+//! through Python, against libggml.
 
 // The references index arrays like the C loops they mirror, so that each line can be checked
 // against ggml-quants.c; iterator rewrites would hide that correspondence.
