@@ -133,21 +133,26 @@ def inverse_scale_overflows(x: np.ndarray, qtype: str) -> bool:
     w=hnp.arrays(np.float32, 64, elements=st.floats(0, 1e6, width=32)),
 )
 def test_quantize_matches_both_peers_on_arbitrary_arrays(qtype, x, w):
+    if qtype == "q8_0":  # q8_0 ignores the imatrix: its weighted path is the plain one
+        assume(not inverse_scale_overflows(x, qtype))
     check_bytes(fq.quantize(x, qtype, w).data, peers.ggml_quantize(x, qtype, w), qtype, "imatrix")
     assume(not inverse_scale_overflows(x, qtype))  # the known case below
     ours = fq.quantize(x, qtype).data
     check_bytes(ours, peers.ggml_quantize(x, qtype), qtype, "vs libggml")
     with np.errstate(all="ignore"):
-        ref = gguf_quantize(x, qtype).reshape(-1, BLOCK_BYTES[qtype])
-    if qtype in ("q4_0", "q5_0"):
-        ref[gguf_negative_zero_blocks(x), :2] = [0, 0x80]  # libggml's d = -0.0
-    check_bytes(ours, ref, qtype, "vs gguf-py")
+        ref = gguf_quantize(x, qtype)
+    check_bytes(zero_signs_cleared(ours, qtype), zero_signs_cleared(ref, qtype), qtype, "gguf-py")
 
 
-def gguf_negative_zero_blocks(x: np.ndarray) -> np.ndarray:
-    """Blocks of zeros whose first element is -0.0: see test_all_zero_blocks_starting_with_-0."""
-    b = x.reshape(-1, 32)
-    return np.all(b == 0, axis=1) & np.signbit(b[:, 0])
+def zero_signs_cleared(data: np.ndarray, qtype: str) -> np.ndarray:
+    """The bytes with every f16 scale (and minimum) of -0.0 replaced by +0.0: gguf-py and
+    libggml disagree on the sign of a zero scale or minimum (see the two tests below)."""
+    b = data.reshape(-1, BLOCK_BYTES[qtype]).copy()
+    for off in (0, 2) if qtype in ("q4_1", "q5_1") else (0,):
+        h = b[:, off : off + 2].copy().view(np.uint16)
+        h[h == 0x8000] = 0
+        b[:, off : off + 2] = h.view(np.uint8)
+    return b.reshape(-1)
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q5_0"])
@@ -165,8 +170,27 @@ def test_all_zero_blocks_starting_with_negative_zero(qtype):
     gguf = gguf_quantize(x, qtype).reshape(-1, BLOCK_BYTES[qtype])
     lib = lib.reshape(-1, BLOCK_BYTES[qtype])
     assert list(lib[:, 1]) == [0x80, 0x80] and list(gguf[:, 1]) == [0x00, 0x00]
-    assert np.array_equal(gguf[:, 2:], lib[:, 2:]) and np.all(gguf_negative_zero_blocks(x))
+    assert np.array_equal(gguf[:, 2:], lib[:, 2:])
     assert np.all(fq.dequantize(fq.quantize(x, qtype)) == 0)
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q5_1"])
+def test_minimum_of_mixed_signed_zeros(qtype):
+    """The other known difference: ggml's minimum is the first of equal values
+    (`if (v < min) min = v`), so with +0.0 before -0.0 (and nothing negative) m = +0.0. numpy's
+    `min` (gguf-py) returns one or the other zero depending on their positions (its reduction
+    is vectorised). We follow libggml; the rest of the block is identical."""
+    differs = 0
+    for i, j in ((0, 1), (5, 9), (3, 20), (16, 31)):
+        x = np.abs(make("normal", 1, 32, i))
+        x[0, i], x[0, j] = 0.0, -0.0
+        ours, lib = fq.quantize(x, qtype).data, peers.ggml_quantize(x, qtype)
+        check_bytes(ours, lib, qtype, f"zeros at {i}, {j} vs libggml")
+        gguf = gguf_quantize(x, qtype).reshape(-1)
+        assert list(lib[2:4]) == [0x00, 0x00] and list(gguf[2:4]) in ([0, 0], [0, 0x80])
+        assert np.array_equal(np.delete(gguf, [2, 3]), np.delete(lib, [2, 3]))
+        differs += list(gguf[2:4]) != [0, 0]
+    assert differs > 0
 
 
 @pytest.mark.xfail(
