@@ -28,37 +28,35 @@ const BLOCK: usize = 32;
 /// `quantize_iq4_nl` / `quantize_iq4_xs`, the entry points `ggml_quantize_chunk` uses).
 const NTRY: i32 = 7;
 
-/// ggml's `best_index_int8(16, kvalues, x)`: the index of the table value nearest to `x`, ties
-/// going to the larger value. This is the bisection of the libggml we are tested against
-/// (llama-cpp-python 0.3.36's libggml-base): clamp to the ends, bisect, then compare the two
-/// distances in f32. Current upstream ggml replaced it with a branchless midpoint search
-/// (`2x >= val[i-1] + val[i]`); for every non-NaN `x` the two agree (near each midpoint both
-/// distances are exact in f32), which `best_index_matches_the_branchless_search` checks. They
-/// differ only for NaN (this one returns 15, the branchless one 0), which happens when the
-/// block sums overflow f32 (|x| around 1e13 and beyond); we follow the installed peer.
+/// Twice the midpoints between neighbouring table values (exact small integers).
+const MID2_IQ4NL: [f32; 15] = {
+    let mut m = [0.0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        m[i] = (KVALUES_IQ4NL[i] as i32 + KVALUES_IQ4NL[i + 1] as i32) as f32;
+        i += 1;
+    }
+    m
+};
+
+/// ggml's `best_index_int8(16, kvalues_iq4nl, x)`: the index of the table value nearest to `x`,
+/// ties going to the larger value. Computed as the number of midpoints at or below `x`
+/// (`2x >= val[i-1] + val[i]`, exact on both sides: doubling is exact and the sums are small
+/// integers), which is what current upstream ggml's branchless search computes, without
+/// branches. The libggml we test against (llama-cpp-python 0.3.36) still bisects and then
+/// compares the two distances `x - val[mu-1] < val[mu] - x` in f32; for every non-NaN `x` the
+/// two agree (near each midpoint both distances are exact in f32), which the unit test
+/// `best_index_matches_ggml_bisection` checks over every midpoint and its float neighbours.
+/// They differ only for NaN, which occurs when a block's sums overflow f32 (|x| around 1e13
+/// and beyond): the bisection returns 15, the branchless search 0. We return the installed
+/// peer's 15.
 #[inline]
-pub fn best_index_int8(val: &[i8; 16], x: f32) -> usize {
-    let n = val.len();
-    if x <= val[0] as f32 {
-        return 0;
+pub fn best_index_int8(x: f32) -> usize {
+    if x.is_nan() {
+        return 15;
     }
-    if x >= val[n - 1] as f32 {
-        return n - 1;
-    }
-    let (mut ml, mut mu) = (0usize, n - 1);
-    while mu - ml > 1 {
-        let mav = (ml + mu) / 2;
-        if x < val[mav] as f32 {
-            mu = mav;
-        } else {
-            ml = mav;
-        }
-    }
-    if x - (val[mu - 1] as f32) < val[mu] as f32 - x {
-        mu - 1
-    } else {
-        mu
-    }
+    let x2 = x + x;
+    MID2_IQ4NL.iter().map(|&m| (x2 >= m) as usize).sum()
 }
 
 /// ggml's `nearest_int` as libggml runs it (its range assert compiled out): round half to even
@@ -114,7 +112,7 @@ fn block_scale(xb: &[f32], w: &[f32; BLOCK]) -> f32 {
     let id = 1.0 / d;
     let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
     for (&x, &wj) in xb.iter().zip(w) {
-        let q = values[best_index_int8(values, id * x)] as f32;
+        let q = values[best_index_int8(id * x)] as f32;
         sumqx += wj * q * x;
         sumq2 += wj * q * q;
     }
@@ -126,7 +124,7 @@ fn block_scale(xb: &[f32], w: &[f32; BLOCK]) -> f32 {
         let id = (itry as f32 + v0) / max;
         let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
         for (&x, &wj) in xb.iter().zip(w) {
-            let q = values[best_index_int8(values, id * x)] as f32;
+            let q = values[best_index_int8(id * x)] as f32;
             sumqx += wj * q * x;
             sumq2 += wj * q * q;
         }
@@ -159,7 +157,6 @@ fn pack32(l: &[u8], qs: &mut [u8]) {
 }
 
 fn quantize_block_nl(x: &[f32], qw: Option<&[f32]>, b: &mut BlockIQ4NL) {
-    let values = &KVALUES_IQ4NL;
     let mut w = [0.0f32; BLOCK];
     weights(x, qw, sigma2(x), &mut w);
     let scale = block_scale(x, &w);
@@ -168,14 +165,13 @@ fn quantize_block_nl(x: &[f32], qw: Option<&[f32]>, b: &mut BlockIQ4NL) {
     let id = if scale != 0.0 { 1.0 / scale } else { 0.0 };
     let mut l = [0u8; QK4_NL];
     for (lj, &v) in l.iter_mut().zip(x) {
-        *lj = best_index_int8(values, id * v) as u8;
+        *lj = best_index_int8(id * v) as u8;
     }
     pack32(&l, &mut b.qs);
 }
 
 fn quantize_block_xs(x: &[f32], qw: Option<&[f32]>, b: &mut BlockIQ4XS) {
     const NB: usize = QK_K / BLOCK;
-    let values = &KVALUES_IQ4NL;
     let s2 = sigma2(x);
     let mut scales = [0.0f32; NB];
     let (mut max_scale, mut amax_scale) = (0.0f32, 0.0f32);
@@ -203,7 +199,7 @@ fn quantize_block_xs(x: &[f32], qw: Option<&[f32]>, b: &mut BlockIQ4XS) {
         let dl = d * ls as f32;
         let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
         for (lj, &v) in l.iter_mut().zip(xb) {
-            *lj = best_index_int8(values, idl * v) as u8;
+            *lj = best_index_int8(idl * v) as u8;
         }
         pack32(&l, &mut b.qs[ib * 16..(ib + 1) * 16]);
         let ls = (ls + 32) as u8;
@@ -278,19 +274,30 @@ pub fn dequantize_row(qtype: QType, data: &[u8], y: &mut [f32]) {
 mod tests {
     use super::*;
 
-    /// Current upstream ggml's branchless `best_index_int8`.
-    fn best_index_branchless(values: &[i8; 16], x: f32) -> usize {
-        let x2 = x + x;
-        let mut idx = 0usize;
-        let mut step = values.len() >> 1;
-        while step > 0 {
-            let j = idx + step;
-            if x2 >= (values[j - 1] as i32 + values[j] as i32) as f32 {
-                idx = j;
-            }
-            step >>= 1;
+    /// ggml's `best_index_int8` as the tested libggml compiles it: clamp to the ends, bisect,
+    /// then compare the two distances in f32.
+    fn best_index_bisect(val: &[i8; 16], x: f32) -> usize {
+        let n = val.len();
+        if x <= val[0] as f32 {
+            return 0;
         }
-        idx
+        if x >= val[n - 1] as f32 {
+            return n - 1;
+        }
+        let (mut ml, mut mu) = (0usize, n - 1);
+        while mu - ml > 1 {
+            let mav = (ml + mu) / 2;
+            if x < val[mav] as f32 {
+                mu = mav;
+            } else {
+                ml = mav;
+            }
+        }
+        if x - (val[mu - 1] as f32) < val[mu] as f32 - x {
+            mu - 1
+        } else {
+            mu
+        }
     }
 
     /// A small deterministic generator (xorshift) so the tests need no extra crate.
@@ -313,7 +320,7 @@ mod tests {
     }
 
     #[test]
-    fn best_index_matches_the_branchless_search() {
+    fn best_index_matches_ggml_bisection() {
         let v = &KVALUES_IQ4NL;
         let mut probes = vec![-1e30f32, -128.0, -127.0, 0.0, -0.0, 113.0, 200.0, 1e30];
         for i in 0..15 {
@@ -332,21 +339,19 @@ mod tests {
             probes.push(rng.normal() * 60.0);
         }
         for &x in &probes {
-            assert_eq!(
-                best_index_int8(v, x),
-                best_index_branchless(v, x),
-                "x = {x:e}"
-            );
+            assert_eq!(best_index_int8(x), best_index_bisect(v, x), "x = {x:e}");
             // and it is the nearest value
-            let i = best_index_int8(v, x);
+            let i = best_index_int8(x);
             let err = (v[i] as f64 - x as f64).abs();
             assert!(v.iter().all(|&q| (q as f64 - x as f64).abs() >= err));
         }
         // ties go up
-        assert_eq!(best_index_int8(v, -4.5), 8);
-        // NaN: the one input where the two differ
-        assert_eq!(best_index_int8(v, f32::NAN), 15);
-        assert_eq!(best_index_branchless(v, f32::NAN), 0);
+        assert_eq!(best_index_int8(-4.5), 8);
+        // NaN, infinities
+        assert_eq!(best_index_int8(f32::NAN), 15);
+        assert_eq!(best_index_bisect(v, f32::NAN), 15);
+        assert_eq!(best_index_int8(f32::INFINITY), 15);
+        assert_eq!(best_index_int8(f32::NEG_INFINITY), 0);
     }
 
     #[test]
