@@ -47,9 +47,9 @@ const MID2_IQ4NL: [f32; 15] = {
 /// compares the two distances `x - val[mu-1] < val[mu] - x` in f32; for every non-NaN `x` the
 /// two agree (near each midpoint both distances are exact in f32), which the unit test
 /// `best_index_matches_ggml_bisection` checks over every midpoint and its float neighbours.
-/// They differ only for NaN, which occurs when a block's sums overflow f32 (|x| around 1e13
-/// and beyond): the bisection returns 15, the branchless search 0. We return the installed
-/// peer's 15.
+/// They differ only for NaN, which occurs when a block's weighted sums overflow f32 (without an
+/// imatrix the weights are x^2, so from |x| of order 1e11): the bisection returns 15, the
+/// branchless search 0. We return the installed peer's 15.
 #[inline]
 pub fn best_index_int8(x: f32) -> usize {
     if x.is_nan() {
@@ -61,7 +61,7 @@ pub fn best_index_int8(x: f32) -> usize {
 
 /// ggml's `nearest_int` as libggml runs it (its range assert compiled out): round half to even
 /// via the 1.5*2^23 trick. Unlike `blocks::nearest_int` it has no debug assertion, because here
-/// an overflowed block sum (|x| beyond about 1e13) can make the argument infinite or NaN, and
+/// an overflowed block sum (|x| of order 1e11 and beyond) can make the argument infinite or NaN, and
 /// the result must then be libggml's bits (0 for NaN, -2^22 for an infinity) rather than a
 /// panic. For |x| < 2^22 the two functions are identical.
 #[inline]
@@ -116,8 +116,9 @@ fn block_scale(xb: &[f32], w: &[f32; BLOCK]) -> f32 {
         sumqx += wj * q * x;
         sumq2 += wj * q * q;
     }
-    // Current ggml: `d = sumq2 > 0 ? sumqx/sumq2 : 0.f` (older releases divided unguarded, which
-    // gives NaN when every weight of the block is 0, e.g. an imatrix with zero entries).
+    // `d = sumq2 > 0 ? sumqx/sumq2 : 0.f` as in the tested libggml and current ggml (early
+    // releases divided unguarded: NaN when every weight of the block is 0, e.g. an imatrix with
+    // zeros there).
     d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
     let mut best = d * sumqx;
     for itry in -NTRY..=NTRY {
