@@ -15,16 +15,15 @@ from __future__ import annotations
 import contextlib
 import importlib
 
+import data
+import ferroquant as fq
 import ml_dtypes
 import numpy as np
+import peers
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-import data
-import ferroquant as fq
-import peers
 
 torch = peers.require("torch")
 F = peers.require("bitsandbytes.functional")
@@ -71,8 +70,8 @@ def bnb_dequantize_f32(q, state) -> np.ndarray:
 
 def assert_same_as_bnb(ours: fq.QTensor, q, state, dq: bool, what: str) -> None:
     peer = q.numpy().reshape(-1)
-    assert np.array_equal(ours.data, peer), what + ": " + peers.first_difference(
-        ours.data, peer, ours.block_size // 2
+    assert np.array_equal(ours.data, peer), (
+        what + ": " + peers.first_difference(ours.data, peer, ours.block_size // 2)
     )
     if dq:
         s = ours.state
@@ -197,6 +196,7 @@ def test_bad_state_is_an_error_not_a_crash():
 
 
 # ---- properties -------------------------------------------------------------------------------
+
 
 # Round-trip bound without double quantization. With a = absmax of the block, v = fl(x * fl(1/a))
 # is within 2 ulps (2^-22 relative) of x/a, the stored code c is a nearest code to v (bucketize
