@@ -11,12 +11,14 @@
 //! x'    = q.to(torch.float32) * scale
 //! ```
 //!
-//! The casts are c10's `fp8e4m3fn_from_fp32_value` / `fp8e5m2_from_fp32_value`: round to
-//! nearest even; e4m3fn has no infinity, so a magnitude of 480 or more becomes NaN (0x7f with
-//! the sign), and e5m2 turns 61440 or more into infinity. With `scale = amax / fmax` a scaled
-//! value can only exceed fmax by the rounding of the two divisions (x = amax gives fmax or
-//! the next float32 above it, which rounds back to fmax), except when the scale is a
-//! subnormal float32 that lost precision; the cast then behaves exactly as torch's does.
+//! The casts are c10's `fp8e4m3fn_from_fp32_value` / `fp8e5m2_from_fp32_value` of torch 2.15:
+//! round to nearest even; e4m3fn has no infinity and saturates (a magnitude above 464,
+//! infinity included, becomes 448; NaN stays NaN, 0x7f), while e5m2 turns 61440 or more into
+//! infinity. (Older torch versions turned e4m3fn overflow into NaN.) With
+//! `scale = amax / fmax` a scaled value can only exceed fmax by the rounding of the two
+//! divisions (x = amax gives fmax or the next float32 above it, which rounds back to fmax),
+//! except when the scale is a subnormal float32 that lost precision; the cast then behaves
+//! exactly as torch's does.
 //! Layout and block_size as for int8 (see int8.rs).
 
 use super::int8::{dequantize_scaled, quantize_scaled};
@@ -33,15 +35,19 @@ pub fn fmax(qtype: QType) -> f32 {
     }
 }
 
-/// c10::Float8_e4m3fn from float32.
+/// c10::Float8_e4m3fn from float32 (torch 2.15: saturating, NaN stays NaN).
 pub fn e4m3fn_from_f32(f: f32) -> u8 {
-    const FP8_MAX: u32 = 1087 << 20; // 480.0: first magnitude that rounds past 448
+    const FP8_MAX: u32 = 1087 << 20; // 480.0, the first magnitude past the format
     const DENORM_MASK: u32 = 141 << 23;
     let mut bits = f.to_bits();
     let sign = bits & 0x8000_0000;
     bits ^= sign;
     let result = if bits >= FP8_MAX {
-        0x7f
+        if bits > 0x7f80_0000 {
+            0x7f // NaN
+        } else {
+            0x7e // finite overflow or infinity saturates to 448
+        }
     } else if bits < (121 << 23) {
         // below 2^-6, the smallest normal: let the float32 adder round to the denormal grid
         let sum = f32::from_bits(bits) + f32::from_bits(DENORM_MASK);
@@ -51,7 +57,8 @@ pub fn e4m3fn_from_f32(f: f32) -> u8 {
         let b = bits
             .wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7ffff))
             .wrapping_add(mant_odd);
-        (b >> 20) as u8
+        // rounding up into the NaN pattern (values in (464, 480)) saturates to 448
+        ((b >> 20) as u8).min(0x7e)
     };
     result | (sign >> 24) as u8
 }
@@ -170,8 +177,10 @@ mod tests {
     fn rounding_ties_even_and_overflow() {
         assert_eq!(e4m3fn_from_f32(448.0), 0x7e);
         assert_eq!(e4m3fn_from_f32(464.0), 0x7e); // tie between 448 and 480: even mantissa
-        assert_eq!(e4m3fn_from_f32(479.0), 0x7f); // rounds to 480, which e4m3fn lacks: NaN
-        assert_eq!(e4m3fn_from_f32(-1000.0), 0xff);
+        assert_eq!(e4m3fn_from_f32(479.0), 0x7e); // would round to 480: saturates
+        assert_eq!(e4m3fn_from_f32(-1000.0), 0xfe);
+        assert_eq!(e4m3fn_from_f32(f32::INFINITY), 0x7e);
+        assert_eq!(e4m3fn_from_f32(f32::NAN), 0x7f);
         assert_eq!(e4m3fn_from_f32(1.0625), 0x38); // tie between 1 and 1.125
         assert_eq!(e4m3fn_from_f32(2f32.powi(-10)), 0x00); // half the smallest denormal
         assert_eq!(e4m3fn_from_f32(1.5 * 2f32.powi(-9)), 0x02);
