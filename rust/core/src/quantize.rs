@@ -168,7 +168,7 @@ pub fn quantize(m: &Matrix<'_>, qtype: QType, opts: &Options<'_>) -> Result<Quan
         _ => qtype.info().block_size,
     };
     let needs_whole_blocks = !is_scaled || scale_mode == ScaleMode::Block;
-    if needs_whole_blocks && m.cols % block_size != 0 {
+    if needs_whole_blocks && !m.cols.is_multiple_of(block_size) {
         return Err(Error::RowLength {
             qtype: qtype.name(),
             rows: m.rows,

@@ -172,7 +172,7 @@ fn quantize_block_portable(
 
 /// The fast path for one block (dispatches on the CPU's features).
 pub fn quantize_block_fast(x: &[f32], bounds: &[f32; 15], order: &[u8; 16], out: &mut [u8]) -> f32 {
-    debug_assert!(x.len() % 16 == 0 && out.len() * 2 == x.len());
+    debug_assert!(x.len().is_multiple_of(16) && out.len() * 2 == x.len());
     let identity = order.iter().enumerate().all(|(i, &o)| o as usize == i);
     #[cfg(target_arch = "x86_64")]
     {
@@ -307,7 +307,7 @@ fn absmax_of(q: &QuantizedView<'_>, n_blocks: usize) -> Result<Vec<f32>> {
 /// `code[nibble] * absmax[block]`, as bitsandbytes' `dequantize_4bit` computes it.
 pub fn dequantize(q: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
     let bs = q.block_size;
-    if bs < 2 || bs % 2 != 0 || q.cols % bs != 0 {
+    if bs < 2 || !bs.is_multiple_of(2) || !q.cols.is_multiple_of(bs) {
         return Err(Error::RowLength {
             qtype: q.qtype.name(),
             rows: q.rows,

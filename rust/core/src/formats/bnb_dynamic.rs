@@ -96,14 +96,7 @@ pub fn build_lut(code: &[f32; CODE_SIZE]) -> Vec<u8> {
 /// The table index of a normalized value, as libbitsandbytes computes it.
 #[inline]
 fn lut_index(v: f32) -> usize {
-    // std::clamp(v, -1, 1)
-    let v = if v < -1.0 {
-        -1.0
-    } else if v > 1.0 {
-        1.0
-    } else {
-        v
-    };
+    let v = v.clamp(-1.0, 1.0); // std::clamp(v, -1, 1)
     let t = ((v + 1.0) * 0.5).mul_add((LUT_SIZE - 1) as f32, 0.5);
     // cvttss2si to a 32-bit int, then the low 16 bits (static_cast<uint16_t>).
     (t as i32 as u16) as usize

@@ -126,7 +126,7 @@ pub(crate) fn dequantize_scaled(
     let mode = q.scale_mode.ok_or_else(|| {
         Error::InvalidArgument(format!("{name} needs a scale mode to dequantize"))
     })?;
-    if mode == ScaleMode::Block && (q.block_size == 0 || q.cols % q.block_size != 0) {
+    if mode == ScaleMode::Block && (q.block_size == 0 || !q.cols.is_multiple_of(q.block_size)) {
         return Err(Error::RowLength {
             qtype: name,
             rows: q.rows,
