@@ -212,7 +212,11 @@ def max_gap(qtype: str) -> float:
 
 finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
 blocks = hnp.arrays(np.float32, st.sampled_from([(1, 64), (3, 64), (2, 128)]), elements=finite)
-prop = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+prop = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 @prop
@@ -257,7 +261,7 @@ def test_fp4_sign_symmetry(x):
     v = (x * r).reshape(-1)
     bounds = np.sort(F.get_4bit_type("fp4", device="cpu").numpy())
     bounds = (bounds[:-1] + bounds[1:]) / np.float32(2)
-    assume(not np.isin(np.abs(v), np.abs(bounds)).any())
+    assume(not np.isin(np.abs(v[v != 0]), np.abs(bounds)).any())
     n = np.stack([qt.data >> 4, qt.data & 15], -1).reshape(-1)
     m = np.stack([neg.data >> 4, neg.data & 15], -1).reshape(-1)
     zero = v == 0
