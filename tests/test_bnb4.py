@@ -122,6 +122,20 @@ def test_numpy_inputs_and_output_dtypes(dtype):
         assert np.array_equal(bits(y.astype(np.float32)), bits(np.asarray(peer, np.float32)))
 
 
+@pytest.mark.parametrize("value", [0.0, 0.75, -3.0, 1e-30])
+def test_constant_matrices(value):
+    """Every absmax equal: absmax - offset is 0 or a rounding residue, an edge of the 8-bit
+    quantizer (all-zero blocks store index 0 with absmax 0)."""
+    x = torch.full((8, 4096), value, dtype=torch.float32)
+    for qtype in ("nf4", "fp4"):
+        for dq in (False, True):
+            q, state = bnb_quantize(x, qtype, 64, dq)
+            ours = fq.quantize(x, qtype, block_size=64, double_quant=dq)
+            assert_same_as_bnb(ours, q, state, dq, f"constant {value} {qtype} dq={dq}")
+            y = fq.dequantize(ours).reshape(-1)
+            assert np.array_equal(bits(y), bits(bnb_dequantize_f32(q, state)))
+
+
 def test_three_dimensional_input_keeps_shape():
     x = torch.from_numpy(data.make("normal", 6, 256, seed=1).reshape(2, 3, 256))
     q, state = bnb_quantize(x, "nf4", 64, False)
