@@ -200,11 +200,15 @@ impl GgufFile {
     }
 
     /// The data of tensor `index` as a read-only uint8 numpy array viewing the map (no copy).
-    fn tensor_data<'py>(slf: &Bound<'py, Self>, index: usize) -> PyResult<Bound<'py, PyArray1<u8>>> {
+    fn tensor_data<'py>(
+        slf: &Bound<'py, Self>,
+        index: usize,
+    ) -> PyResult<Bound<'py, PyArray1<u8>>> {
         let this = slf.get();
-        let t = this.inner.header().tensors.get(index).ok_or_else(|| {
-            PyIndexError::new_err(format!("tensor index {index} out of range"))
-        })?;
+        let t =
+            this.inner.header().tensors.get(index).ok_or_else(|| {
+                PyIndexError::new_err(format!("tensor index {index} out of range"))
+            })?;
         let bytes = this.inner.tensor_data(t).map_err(err)?;
         let view = ArrayView1::from(bytes);
         // SAFETY: `bytes` borrows the memory map (or byte buffer) owned by `this.inner`, which is
