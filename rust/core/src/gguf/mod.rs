@@ -6,6 +6,7 @@
 //! u64 dims innermost first, u32 ggml type, u64 data offset); padding to `general.alignment`
 //! (default 32); the tensor data, each tensor at an aligned offset from the section start.
 
+mod cursor;
 pub mod limits;
 pub mod reader;
 pub mod types;
