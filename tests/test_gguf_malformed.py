@@ -239,6 +239,14 @@ def test_deep_nesting_and_memory_bounded(tmp_path):
     cases["dims"] = hdr + struct.pack("<QQ", 1, 0) + name + struct.pack("<IQ", 0, 0)
     for k, raw in cases.items():
         (tmp_path / f"{k}.gguf").write_bytes(raw)
+    # A sparse 1 GiB file whose kv count (1e7 pairs of at least 13 bytes, under MAX_KV) fits in
+    # its size: a parser that reserved the claimed count up front would ask for about 1 GiB more
+    # than the headroom; ours finds the duplicate (empty) key in the second pair.
+    huge = 1 << 30
+    with open(tmp_path / "sparse_kv_count.gguf", "wb") as fh:
+        fh.write(hdr + struct.pack("<QQ", 0, 10**7))
+        fh.truncate(huge)
+    cases["sparse_kv_count"] = b""
     script = textwrap.dedent(f"""
         import resource, sys, glob
         import ferroquant as fq, ferroquant.gguf as fg
@@ -246,7 +254,7 @@ def test_deep_nesting_and_memory_bounded(tmp_path):
             for line in open("/proc/self/status"):
                 if line.startswith("VmSize:"):
                     return int(line.split()[1]) * 1024
-        limit = vm() + 256 * 2**20
+        limit = vm() + {huge} + 256 * 2**20  # the map of the largest file, plus headroom
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         for p in sorted(glob.glob({str(tmp_path)!r} + "/*.gguf")):
             try:
@@ -266,6 +274,7 @@ def test_deep_nesting_and_memory_bounded(tmp_path):
     assert lines["deep.gguf"].startswith('metadata "k"') and "nested" in lines["deep.gguf"]
     assert "header.kv_count" in lines["kv_count.gguf"]
     assert "header.tensor_count" in lines["tensor_count.gguf"]
+    assert "duplicate key" in lines["sparse_kv_count.gguf"]
     assert ".count" in lines["string_array.gguf"] and ".count" in lines["array_array.gguf"]
     assert "past the end" in lines["dims.gguf"] or "overflow" in lines["dims.gguf"]
 

@@ -194,21 +194,21 @@ fn read_array(cur: &mut Cursor<'_>, depth: usize, field: &dyn Fn() -> String) ->
         ValueType::I64 => Array::I64(read_vec(cur, n, field, i64::from_le_bytes)?),
         ValueType::F64 => Array::F64(read_vec(cur, n, field, f64::from_le_bytes)?),
         ValueType::Bool => {
-            let mut v = Vec::with_capacity(n as usize);
+            let mut v = Vec::with_capacity(prealloc(n));
             for i in 0..n {
                 v.push(read_bool(cur, &elem(i))?);
             }
             Array::Bool(v)
         }
         ValueType::String => {
-            let mut v = Vec::with_capacity(n as usize);
+            let mut v = Vec::with_capacity(prealloc(n));
             for i in 0..n {
                 v.push(cur.string(MAX_STRING_LEN, &elem(i))?);
             }
             Array::String(v)
         }
         ValueType::Array => {
-            let mut v = Vec::with_capacity(n as usize);
+            let mut v = Vec::with_capacity(prealloc(n));
             for i in 0..n {
                 v.push(read_array(cur, depth + 1, &elem(i))?);
             }

@@ -3,9 +3,10 @@
 //! arithmetic) before anything is allocated, so a hostile header cannot make the reader allocate
 //! much more than the file's own size, recurse without bound or loop for long.
 //!
-//! Memory bound: the parsed header (keys, values, tensor infos) takes at most about 8 bytes of
-//! memory per byte of header (a `Vec<String>` entry is 24 bytes for an 8-byte empty string in the
-//! file, a key/value entry about 80 bytes for a 13-byte minimal pair); tensor data is never copied.
+//! Memory bound: nothing is reserved for more than `MAX_PREALLOC` entries of a claimed count, so
+//! memory grows only with entries actually parsed: at most about 8 bytes of memory per byte of
+//! header (a `Vec<String>` entry is 24 bytes for an 8-byte empty string in the file, a key/value
+//! entry about 80 bytes for a 13-byte minimal pair); tensor data is never copied.
 
 /// Default alignment of the tensor data section when `general.alignment` is absent (ggml's
 /// `GGUF_DEFAULT_ALIGNMENT`).
@@ -37,8 +38,9 @@ pub const MAX_TENSORS: u64 = 1 << 24;
 /// Most metadata key/value pairs in one file.
 pub const MAX_KV: u64 = 1 << 24;
 
-/// Most elements in one metadata array (vocabularies have a few hundred thousand tokens).
-pub const MAX_ARRAY_LEN: u64 = 1 << 32;
+/// Most elements in one metadata array (vocabularies and merge lists have a few hundred
+/// thousand entries); with `MAX_KV` it bounds the parsed metadata whatever the file size.
+pub const MAX_ARRAY_LEN: u64 = 1 << 26;
 
 /// Deepest nesting of arrays inside arrays (keeps the recursive parser's stack small).
 pub const MAX_NESTING: usize = 8;
@@ -48,6 +50,16 @@ pub const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 
 /// Smallest encoding of one tensor info: u64 name length, u32 n_dims, u32 type, u64 offset.
 pub const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
+
+/// Most entries reserved up front for a list whose length comes from the file. Longer lists grow
+/// as their entries are actually parsed, so memory follows the bytes really present, never a
+/// claimed count (a hostile count that still fits a huge file cannot reserve gigabytes).
+pub const MAX_PREALLOC: u64 = 4096;
+
+/// Capacity to reserve for `n` claimed entries.
+pub fn prealloc(n: u64) -> usize {
+    n.min(MAX_PREALLOC) as usize
+}
 
 /// Size of the fixed header: magic, version, tensor count, kv count.
 pub const HEADER_BYTES: u64 = 4 + 4 + 8 + 8;

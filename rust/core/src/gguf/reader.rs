@@ -123,8 +123,8 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
         ));
     }
 
-    let mut metadata: Vec<Kv> = Vec::with_capacity(n_kv as usize);
-    let mut keys: HashSet<String> = HashSet::with_capacity(n_kv as usize);
+    let mut metadata: Vec<Kv> = Vec::with_capacity(prealloc(n_kv));
+    let mut keys: HashSet<String> = HashSet::with_capacity(prealloc(n_kv));
     let mut alignment = DEFAULT_ALIGNMENT;
     for i in 0..n_kv {
         let offset = cur.offset();
@@ -177,8 +177,8 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
             format!("{n_tensors} tensor infos cannot fit in the {left} bytes left"),
         ));
     }
-    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(n_tensors as usize);
-    let mut names: HashSet<String> = HashSet::with_capacity(n_tensors as usize);
+    let mut tensors: Vec<TensorInfo> = Vec::with_capacity(prealloc(n_tensors));
+    let mut names: HashSet<String> = HashSet::with_capacity(prealloc(n_tensors));
     for i in 0..n_tensors {
         let info_offset = cur.offset();
         let name = cur.string(MAX_TENSOR_NAME, &|| format!("tensor_info[{i}].name"))?;
