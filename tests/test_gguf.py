@@ -4,6 +4,7 @@ of the reader (zero-copy read-only views, v2, alignment) and the streaming atomi
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pathlib
 import struct
@@ -412,3 +413,101 @@ def test_random_files_round_trip_with_gguf_py(tmp_path_factory, qtype, rows, blo
         assert t.shape == x.shape and t.data_offset == rt.data_offset
         ref = gguf.quants.dequantize(q, peers.gguf_qtype(qtype)).astype(np.float32)
         np.testing.assert_array_equal(t.dequantize(), ref.reshape(x.shape))
+
+
+class _GgufInitParams(ctypes.Structure):
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]
+
+
+def _libggml_gguf():
+    """libggml's own GGUF parser (gguf.cpp in libggml-base, from llama-cpp-python's wheel)."""
+    lib = peers.libggml()
+    P, I64, SZ = ctypes.c_void_p, ctypes.c_int64, ctypes.c_size_t
+    sigs = {
+        "gguf_init_from_file": (P, [ctypes.c_char_p, _GgufInitParams]),
+        "gguf_free": (None, [P]),
+        "gguf_get_version": (ctypes.c_uint32, [P]),
+        "gguf_get_alignment": (SZ, [P]),
+        "gguf_get_data_offset": (SZ, [P]),
+        "gguf_get_n_kv": (I64, [P]),
+        "gguf_get_key": (ctypes.c_char_p, [P, I64]),
+        "gguf_get_kv_type": (ctypes.c_int, [P, I64]),
+        "gguf_get_val_data": (P, [P, I64]),
+        "gguf_get_val_str": (ctypes.c_char_p, [P, I64]),
+        "gguf_get_arr_type": (ctypes.c_int, [P, I64]),
+        "gguf_get_arr_n": (SZ, [P, I64]),
+        "gguf_get_arr_data": (P, [P, I64]),
+        "gguf_get_arr_str": (ctypes.c_char_p, [P, I64, SZ]),
+        "gguf_get_n_tensors": (I64, [P]),
+        "gguf_get_tensor_name": (ctypes.c_char_p, [P, I64]),
+        "gguf_get_tensor_offset": (SZ, [P, I64]),
+        "gguf_get_tensor_type": (ctypes.c_int, [P, I64]),
+        "gguf_get_tensor_size": (SZ, [P, I64]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
+def _libggml_value(lib, ctx, i: int):
+    t = lib.gguf_get_kv_type(ctx, i)
+    if t == GVT.STRING:
+        return lib.gguf_get_val_str(ctx, i).decode()
+    if t == GVT.ARRAY:
+        et, n = lib.gguf_get_arr_type(ctx, i), lib.gguf_get_arr_n(ctx, i)
+        if et == GVT.STRING:
+            return [lib.gguf_get_arr_str(ctx, i, j).decode() for j in range(n)]
+        dtype = np.dtype(fg._NUMPY_OF_VALUE_TYPE[et])
+        buf = ctypes.string_at(lib.gguf_get_arr_data(ctx, i), n * dtype.itemsize)
+        return np.frombuffer(buf, dtype)
+    dtype = np.dtype(fg._NUMPY_OF_VALUE_TYPE[t])
+    return np.frombuffer(ctypes.string_at(lib.gguf_get_val_data(ctx, i), dtype.itemsize), dtype)[0]
+
+
+@pytest.mark.parametrize("dist", ["normal", "outliers"])
+def test_libggml_reads_files_we_write(tmp_path, dist):
+    """llama.cpp's C parser accepts our files and sees the same keys, values and tensors (it does
+    not support nested arrays, so this file has none)."""
+    lib = _libggml_gguf()
+    rng = np.random.default_rng(5)
+    x = data.make(dist, 4, 256, 3)
+    path = tmp_path / "ours.gguf"
+    with fg.GGUFWriter(path, "llama", alignment=64) as w:
+        for method, val, tname in SCALARS:
+            getattr(w, method)(f"s.{tname}", val)
+        for vt, dt in NUMERIC_ARRAY_TYPES:
+            w.add_array(f"a.{vt.name}", _rand_array(rng, dt, 9))
+        w.add_array("a.strings", ["<s>", "", "ü"])
+        for name, t in {"f32": x, "f16": x.astype(np.float16), "q8_0": fq.quantize(x, "q8_0"),
+                        "q4_0": fq.quantize(x[:1], "q4_0")}.items():  # fmt: skip
+            w.add_tensor(name, t)
+        w.write_tensors_to_file()
+    ctx = lib.gguf_init_from_file(str(path).encode(), _GgufInitParams(True, None))
+    assert ctx, "libggml refused the file"
+    try:
+        with fg.open(path) as f:
+            assert lib.gguf_get_version(ctx) == 3
+            assert lib.gguf_get_alignment(ctx) == f.alignment == 64
+            assert lib.gguf_get_data_offset(ctx) == f.data_offset
+            assert lib.gguf_get_n_kv(ctx) == len(f.metadata)
+            for i, key in enumerate(f.metadata):
+                assert lib.gguf_get_key(ctx, i).decode() == key
+                want = f.metadata[key]
+                got = _libggml_value(lib, ctx, i)
+                if isinstance(want, np.ndarray):
+                    assert got.dtype == want.dtype and np.array_equal(got, want), key
+                elif isinstance(want, float):
+                    assert got == want or np.float32(got) == np.float32(want), key
+                elif isinstance(want, str):  # the C API hands out NUL-terminated strings
+                    assert got == want.split("\0")[0], key
+                else:
+                    assert got == want, key
+            assert lib.gguf_get_n_tensors(ctx) == len(f.tensors)
+            for i, t in enumerate(f.tensors.values()):
+                assert lib.gguf_get_tensor_name(ctx, i).decode() == t.name
+                assert lib.gguf_get_tensor_type(ctx, i) == t.ggml_type
+                assert lib.gguf_get_tensor_size(ctx, i) == t.nbytes
+                assert lib.gguf_get_tensor_offset(ctx, i) + f.data_offset == t.data_offset
+    finally:
+        lib.gguf_free(ctx)

@@ -5,6 +5,7 @@ so the corpus does not trust our own parser to find them."""
 
 from __future__ import annotations
 
+import ctypes
 import re
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import peers
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_gguf import _GgufInitParams, _libggml_gguf
 
 gguf = peers.require("gguf")
 
@@ -342,3 +344,52 @@ def test_mutation_fuzz_only_format_errors(base, fuzz_dir, data_):
                 y = t.dequantize()
                 assert y.shape == t.shape
                 assert np.asarray(y).dtype == np.float32
+
+
+@pytest.fixture(scope="module")
+def flat_base(tmp_path_factory):
+    """A file libggml's C parser accepts too (it does not support nested arrays)."""
+    path = tmp_path_factory.mktemp("flat") / "flat.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("n", 5)
+    w.add_bool("flag", True)
+    w.add_array("toks", ["a", "bc", "d"])
+    w.add_array("scores", [1.0, 2.0])
+    x = data.make("normal", 4, 64, 0)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("t.q8", gguf.quants.quantize(x, q8), raw_dtype=q8)
+    w.add_tensor("t.f", x[:2].copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data_=st.data())
+def test_every_file_libggml_accepts_we_accept(flat_base, fuzz_dir, data_):
+    """Differential fuzz against llama.cpp's own parser: ours rejects a file libggml accepts only
+    for the two checks libggml lacks (UTF-8 of strings, bools other than 0/1). (The converse
+    differs on purpose: like gguf-py, ours allows gaps between tensors, libggml does not.)"""
+    lib = _libggml_gguf()
+    n = 160 if data_.draw(st.booleans()) else len(flat_base)
+    mutated = _mutate(flat_base, data_.draw(_mutations(n)))
+    p = fuzz_dir / "diff.gguf"
+    p.write_bytes(mutated)
+    # no_alloc=False makes libggml also read the tensor data (with no_alloc it does not check
+    # that the data lies inside the file); the tensors land in a ggml context freed below.
+    ggml_ctx = ctypes.c_void_p()
+    params = _GgufInitParams(False, ctypes.cast(ctypes.byref(ggml_ctx), ctypes.c_void_p))
+    ctx = lib.gguf_init_from_file(str(p).encode(), params)
+    if not ctx:
+        return
+    lib.gguf_free(ctx)
+    lib.ggml_free.argtypes = [ctypes.c_void_p]
+    lib.ggml_free(ggml_ctx)
+    try:
+        _open_bytes(fuzz_dir, mutated, "diff.gguf")
+    except fq.FormatError as e:
+        assert "UTF-8" in str(e) or "bool value" in str(e), str(e)

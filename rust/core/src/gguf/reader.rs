@@ -2,6 +2,12 @@
 //! length, dimension, type and offset checked against the bytes left and the limits in
 //! `limits.rs` (checked arithmetic, before any allocation); tensor data is handed out as slices
 //! of the memory map, never copied. Every failure is `Error::Format { field, offset, message }`.
+//!
+//! Compared with llama.cpp's `gguf.cpp` the reader is stricter on two points (strings must be
+//! valid UTF-8, as gguf-py requires; bools must be 0 or 1) and, like gguf-py, more lenient on one:
+//! tensors may leave aligned gaps between them (llama.cpp requires them packed in order). Tensors
+//! must be aligned, inside the file and must not overlap. Nested arrays are read (gguf-py writes
+//! them; llama.cpp refuses them).
 
 use std::collections::HashSet;
 use std::fs::File;
