@@ -8,6 +8,8 @@ import ctypes
 import os
 import pathlib
 import struct
+import subprocess
+import sys
 
 import data
 import ferroquant as fq
@@ -511,3 +513,23 @@ def test_libggml_reads_files_we_write(tmp_path, dist):
                 assert lib.gguf_get_tensor_offset(ctx, i) + f.data_offset == t.data_offset
     finally:
         lib.gguf_free(ctx)
+
+
+def test_a_killed_writer_never_leaves_a_truncated_target(tmp_path):
+    """A process that dies mid-write (no cleanup runs) leaves the old file under the target name;
+    only a hidden temporary file remains beside it."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"previous model")
+    script = (
+        "import os, sys, numpy as np, ferroquant.gguf as fg\n"
+        "w = fg.GGUFWriter(sys.argv[1], 'llama')\n"
+        "w.add_tensor_info('a', (64, 64), 'f32')\n"
+        "w.add_tensor_info('b', (64, 64), 'f32')\n"
+        "w.write_tensor_data(np.ones((64, 64), np.float32))\n"
+        "os._exit(3)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert path.read_bytes() == b"previous model"
+    leftovers = [n for n in os.listdir(tmp_path) if n != "m.gguf"]
+    assert all(n.startswith(".m.gguf.") and n.endswith(".tmp") for n in leftovers), leftovers
