@@ -356,6 +356,9 @@ def tensor_nbytes(shape: Iterable[int], ggml_type: Any) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (cols // bs) * ts
 
 
+_nbytes_of = tensor_nbytes
+
+
 class GGUFWriter:
     """Streaming, atomic GGUF v3 writer with gguf-py's method names.
 
@@ -437,9 +440,6 @@ class GGUFWriter:
     def add_name(self, name: str) -> None:
         self.add_string("general.name", name)
 
-    def add_description(self, description: str) -> None:
-        self.add_string("general.description", description)
-
     def add_file_type(self, ftype: int) -> None:
         self.add_uint32("general.file_type", ftype)
 
@@ -471,7 +471,12 @@ class GGUFWriter:
             t = _NUMPY_GGML[dname]
         type_id = ggml_type_id(t)
         shape = tuple(int(s) for s in tensor_shape)
-        nbytes = tensor_nbytes_checked(name, shape, type_id, tensor_nbytes)
+        try:
+            nbytes = _nbytes_of(shape, type_id)  # the argument shadows tensor_nbytes()
+        except ValueError as e:
+            raise ValueError(f"tensor {name!r}: {e}") from None
+        if tensor_nbytes is not None and int(tensor_nbytes) != nbytes:
+            raise ValueError(f"tensor {name!r}: {shape} is {nbytes} bytes, not {tensor_nbytes}")
         self._tensors.append((name, shape, type_id, nbytes))
 
     def add_tensor(
@@ -551,20 +556,6 @@ class GGUFWriter:
             self.abort()
         else:
             self.close()
-
-
-def tensor_nbytes_checked(
-    name: str, shape: tuple[int, ...], type_id: int, given: int | None
-) -> int:
-    try:
-        nbytes = tensor_nbytes(shape, type_id)
-    except ValueError as e:
-        raise ValueError(f"tensor {name!r}: {e}") from None
-    if given is not None and int(given) != nbytes:
-        raise ValueError(
-            f"tensor {name!r}: {shape} of {GGML_TYPES[type_id][0]} is {nbytes} bytes, not {given}"
-        )
-    return nbytes
 
 
 def write_gguf(
