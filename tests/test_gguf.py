@@ -270,6 +270,11 @@ def test_data_is_a_zero_copy_read_only_view(tmp_path):
     np.testing.assert_array_equal(a.view(np.float32).reshape(x.shape), x)
     with pytest.raises(ValueError):
         _ = t.data
+    # Rewriting the path renames a new file over it: the old map (and `a`) still sees old bytes.
+    fg.write_gguf(path, {"general.architecture": "llama"}, {"w": -x})
+    np.testing.assert_array_equal(a.view(np.float32).reshape(x.shape), x)
+    with fg.open(path) as f2:
+        np.testing.assert_array_equal(f2.tensors["w"].numpy(), -x)
 
 
 def test_streaming_writer_one_tensor_at_a_time(tmp_path):
