@@ -20,10 +20,11 @@ import statistics
 import tempfile
 import time
 
-import ferroquant as fq
-import ferroquant.gguf as fg
 import gguf
 import numpy as np
+
+import ferroquant as fq
+import ferroquant.gguf as fg
 
 
 def make_model(mib: int, vocab: int, seed: int = 0):

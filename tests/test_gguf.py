@@ -11,14 +11,16 @@ import struct
 import subprocess
 import sys
 
-import data
-import ferroquant as fq
-import ferroquant.gguf as fg
 import numpy as np
-import peers
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import ferroquant as fq
+import ferroquant.gguf as fg
+
+import data
+import peers
 
 gguf = peers.require("gguf")
 GVT = gguf.GGUFValueType
@@ -202,9 +204,7 @@ def test_gguf_py_reads_files_we_write(tmp_path, dist):
     assert [t.name for t in r.tensors] == list(tensors)
     for rt in r.tensors:
         src = tensors[rt.name]
-        want = (
-            src.data if isinstance(src, fq.QTensor) else np.ascontiguousarray(src).view(np.uint8)
-        )
+        want = src.data if isinstance(src, fq.QTensor) else np.ascontiguousarray(src).view(np.uint8)
         assert rt.data_offset % 32 == 0
         assert tuple(reversed(rt.shape.tolist())) == tuple(src.shape)
         assert np.array_equal(np.asarray(rt.data).reshape(-1).view(np.uint8), want.reshape(-1))

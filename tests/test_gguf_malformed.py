@@ -12,15 +12,17 @@ import sys
 import textwrap
 import time
 
-import data
-import ferroquant as fq
-import ferroquant.gguf as fg
 import numpy as np
-import peers
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_gguf import _GgufInitParams, _libggml_gguf
+
+import ferroquant as fq
+import ferroquant.gguf as fg
+
+import data
+import peers
 
 gguf = peers.require("gguf")
 
@@ -303,7 +305,7 @@ def _mutate(raw: bytes, ops) -> bytes:
         elif op in ("u32", "u64"):
             size = 4 if op == "u32" else 8
             interesting = [0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1, v]
-            val = interesting[v % len(interesting)] & (2**(8 * size) - 1)
+            val = interesting[v % len(interesting)] & (2 ** (8 * size) - 1)
             chunk = val.to_bytes(size, "little")[: len(b) - at]
             b[at : at + len(chunk)] = chunk
         elif op == "cut":
