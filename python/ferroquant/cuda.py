@@ -409,6 +409,17 @@ def program(qtype: str, device: Any = None) -> _Program:
     return prog
 
 
+def precompile(qtypes: Sequence[str] | None = None, device: Any = None) -> None:
+    """Compile (or read from the cache) and load every format's kernels on `device`, NVRTC
+    running in parallel threads; afterwards no call compiles, so graphs can be captured."""
+    _, cc = check_device(device)
+    wanted = list(qtypes or FORMATS)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda q: compile_program(q, cc[0] * 10 + cc[1], "cubin"), wanted))
+    for q in wanted:
+        program(q, device)
+
+
 def available(device: Any = None) -> bool:
     try:
         check_device(device)

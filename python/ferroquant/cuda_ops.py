@@ -137,16 +137,17 @@ def supported(x: torch.Tensor, qtype: str, k: int, block_size: int, scale_mode: 
 
 def qmatmul_cuda(
     x: torch.Tensor, data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int,
-    block_size: int, scale_mode: str,
+    block_size: int, scale_mode: str, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """y[..., n] = x[..., k] @ W.T on x's CUDA device (x bf16 or fp16)."""
+    """y[..., n] = x[..., k] @ W.T on x's CUDA device (x bf16 or fp16). `out`: an optional
+    contiguous (rows of x, n) tensor of x's dtype to write into (tests poison it first)."""
     with torch.cuda.device(x.device):
-        return _qmatmul_cuda(x, data, stats, qtype, n, k, block_size, scale_mode)
+        return _qmatmul_cuda(x, data, stats, qtype, n, k, block_size, scale_mode, out)
 
 
 def _qmatmul_cuda(
     x: torch.Tensor, data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int,
-    block_size: int, scale_mode: str,
+    block_size: int, scale_mode: str, out: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
     act = _ACT[x.dtype]
     prog = _cuda.program(qtype, x.device)
@@ -156,12 +157,17 @@ def _qmatmul_cuda(
     if not x2.is_contiguous() or x2.data_ptr() % 16:
         x2 = x2.contiguous() if x2.data_ptr() % 16 == 0 else x2.clone()
     m = x2.shape[0]
+    if out is not None and (
+        out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous()
+        or out.device != x.device
+    ):  # fmt: skip
+        raise ValueError(f"out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
     if m == 0:
         return x.new_empty((*lead, n))
     common = [("ptr", prep.qbits.data_ptr()), ("ptr", prep.meta.data_ptr())]
     if m <= MAX_GEMV_M:
         mt = next(t for t in _cuda.GEMV_M if t >= m)
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
         warps = math.ceil(n / _cuda.GEMV_ROWS)
         grid = math.ceil(warps / _cuda.GEMV_WARPS)
         args = [*common, ("ptr", x2.data_ptr()), ("ptr", y.data_ptr()), ("i32", m), ("i32", n),
@@ -169,15 +175,18 @@ def _qmatmul_cuda(
         prog.launch(_cuda.gemv_kernel_name(qtype, act, mt), grid, 32 * _cuda.GEMV_WARPS, args)
     else:
         w = dequantize_cuda(prog, prep, qtype, act, n, k, x.dtype, x.device)
-        y = torch.nn.functional.linear(x2, w)
+        if out is None:
+            y = torch.nn.functional.linear(x2, w)
+        else:
+            y = torch.matmul(x2, w.t(), out=out)
     return y.reshape(*lead, n)
 
 
 def dequantize_cuda(
     prog: Any, prep: _Prepared, qtype: str, act: str, n: int, k: int, dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    w = torch.empty((n, k), dtype=dtype, device=device)
+    w = torch.empty((n, k), dtype=dtype, device=device) if out is None else out
     threads = n * (k // prep.qk) * prep.spb
     grid = math.ceil(threads / _cuda.DEQUANT_THREADS)
     args = [("ptr", prep.qbits.data_ptr()), ("ptr", prep.meta.data_ptr()), ("ptr", w.data_ptr()),
@@ -188,13 +197,16 @@ def dequantize_cuda(
 
 def dequantize(
     data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int, block_size: int = 0,
-    scale_mode: str = "", dtype: torch.dtype = torch.bfloat16,
+    scale_mode: str = "", dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """W (n x k) in `dtype` (bf16/fp16), dequantized on data's CUDA device."""
+    """W (n x k) in `dtype` (bf16/fp16), dequantized on data's CUDA device (bit-exact with
+    ferroquant.dequantize rounded to `dtype`). `out`: optional contiguous (n, k) destination."""
+    if out is not None and (out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({n}, {k}) {dtype} tensor")
     with torch.cuda.device(data.device):
         prog = _cuda.program(qtype, data.device)
         prep = _prepare(data, stats, qtype, n, k, block_size, scale_mode)
-        return dequantize_cuda(prog, prep, qtype, _ACT[dtype], n, k, dtype, data.device)
+        return dequantize_cuda(prog, prep, qtype, _ACT[dtype], n, k, dtype, data.device, out)
 
 
 def register(op: Any, reference: Any) -> None:
