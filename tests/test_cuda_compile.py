@@ -5,6 +5,7 @@ split layout of the ggml formats. Correctness and speed on a GPU: benches/gpu_qm
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 
@@ -208,3 +209,191 @@ def test_split_layout_of_real_blocks_puts_scales_in_meta():
     qs = split[: 4 * 64].view(np.int8).astype(np.float32).reshape(4, 2, 32)
     d = split[4 * 64 :].view(np.float16).astype(np.float32).reshape(4, 2, 1)
     assert np.array_equal((qs * d).reshape(4, 64), fq.dequantize(qt))
+
+
+# ---- the traits compiled for the host, against the formats' defining peers -------------------
+#
+# The format traits (decode + column map) are the part of each kernel that knows the format. They
+# are compiled here with the host C++ compiler, unchanged, behind stub CUDA headers, and run in
+# the loop qdequant runs on the GPU (every lane step of every block of every row); the result must
+# equal the peer's dequantization bit for bit, and every element must be written (NaN-poisoned).
+
+STUB_FP16 = r"""
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <math.h>
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __global__
+#define __shared__ static
+#define __constant__
+#define __launch_bounds__(x)
+struct uint4 { unsigned x, y, z, w; };
+struct float2 { float x, y; };
+struct Dim3 { unsigned x, y, z; };
+static Dim3 threadIdx, blockIdx, blockDim;
+inline void __syncthreads() {}
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+using std::min;
+inline uint4 __ldcs(const uint4* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
+inline uint4 __ldg(const uint4* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
+inline unsigned char __ldg(const unsigned char* p) { return *p; }
+inline signed char __ldg(const signed char* p) { return *p; }
+inline unsigned short __ldg(const unsigned short* p) {
+    unsigned short v; std::memcpy(&v, p, 2); return v;
+}
+inline float __ldg(const float* p) { return *p; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+struct __half { unsigned short bits; };
+struct __half2 { __half x, y; };
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+inline float __half2float(__half h) {
+    const unsigned s = h.bits >> 15, e = (h.bits >> 10) & 31, m = h.bits & 1023;
+    float v = e == 0 ? std::ldexp(float(m), -24)
+            : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(float(m | 1024), int(e) - 25);
+    return s ? -v : v;
+}
+float2 __half22float2(__half2);
+__half2 __floats2half2_rn(float, float);
+__half __float2half_rn(float);
+"""
+
+STUB_BF16 = r"""
+#pragma once
+#include "cuda_fp16.h"
+struct __nv_bfloat16 { unsigned short bits; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+float2 __bfloat1622float2(__nv_bfloat162);
+__nv_bfloat162 __floats2bfloat162_rn(float, float);
+__nv_bfloat16 __float2bfloat16_rn(float);
+"""
+
+HARNESS = r"""
+#include "qmatmul.cu"
+using namespace fq;
+template <class F>
+static void run(const u8* qbits, const u8* meta, float* out, int N, int K, long long group) {
+    typename F::Shared sh;
+    for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
+    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    for (i64 row = 0; row < N; ++row)
+        for (int s = 0; s < c.nb * F::SPB; ++s) {
+            const int b = s / F::SPB, st = s % F::SPB;
+            float w[F::NRUNS][F::RUN];
+            F::decode(c, sh, row, b, st, w);
+            for (int r = 0; r < F::NRUNS; ++r)
+                for (int i = 0; i < F::RUN; ++i)
+                    out[row * K + b * F::QK + F::col(st, r) + i] = w[r][i];
+        }
+}
+#define FQ_HOST(FMT) extern "C" void dequant_##FMT(const u8* q, const u8* m, float* o, int n, \
+    int k, long long g) { run<Fmt_##FMT>(q, m, o, n, k, g); }
+FQ_HOST(nf4) FQ_HOST(int8) FQ_HOST(q4_0) FQ_HOST(q8_0) FQ_HOST(q4_K) FQ_HOST(q5_K) FQ_HOST(q6_K)
+"""
+
+
+@pytest.fixture(scope="module")
+def host_traits(tmp_path_factory):
+    import ctypes
+    import subprocess
+
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        if peers.REQUIRE_PEERS:
+            pytest.fail("no C++ compiler to build the host copy of the CUDA traits")
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp("host_traits")
+    (d / "cuda_fp16.h").write_text(STUB_FP16)
+    (d / "cuda_bf16.h").write_text(STUB_BF16)
+    (d / "harness.cpp").write_text(HARNESS)
+    lib = d / "libtraits.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", f"-I{d}",
+           f"-I{fqcuda.SRC_DIR}", "-DFQ_NO_INSTANTIATIONS", str(d / "harness.cpp"),
+           "-o", str(lib)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        pytest.fail(f"host build of the CUDA traits failed:\n{res.stderr}")
+    return ctypes.CDLL(str(lib))
+
+
+def _first_diff(got, want):
+    i = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))[0]
+    return f"element {np.unravel_index(i, got.shape)}: got {got.flat[i]!r}, want {want.flat[i]!r}"
+
+
+def _host_dequant(lib, qtype, qbits, meta, n, k, group=0):
+    import ctypes
+
+    out = np.full((n, k), np.nan, dtype=np.float32)
+    qbits = np.ascontiguousarray(qbits, dtype=np.uint8)
+    meta = np.ascontiguousarray(meta).view(np.uint8)
+    fn = getattr(lib, "dequant_" + fqcuda.FORMATS[qtype])
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+    fn(qbits.ctypes.data, meta.ctypes.data, out.ctypes.data, n, k, group)
+    return out
+
+
+# (offset of each ggml_half field) for valid random blocks
+HALF_FIELDS = {"q4_0": [0], "q8_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+
+
+@pytest.mark.parametrize("qtype", sorted(HALF_FIELDS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_traits_equal_gguf_dequantize(host_traits, qtype, seed):
+    torch = peers_torch
+    gguf = peers.require("gguf")
+    quants = peers.require("gguf.quants")
+
+    qk, bpb, *_ = cuda_ops.GGML_SPLIT[qtype]
+    rng = np.random.default_rng(seed)
+    n, nb = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+    k = nb * qk
+    blocks = rng.integers(0, 256, (n * nb, bpb), dtype=np.uint8)
+    for off in HALF_FIELDS[qtype]:
+        h = (rng.standard_normal(n * nb) * 2.0 ** rng.integers(-12, 3, n * nb)).astype(np.float16)
+        h[::7] = 0.0  # zero scales too
+        blocks[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
+    data = blocks.reshape(-1)
+    gtype = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    want = quants.dequantize(data.reshape(n, nb * bpb), gtype).astype(np.float32)
+    split = cuda_ops.to_split(torch.from_numpy(data), qtype, n, k).numpy()
+    nq = n * nb * cuda_ops.GGML_SPLIT[qtype][3]
+    got = _host_dequant(host_traits, qtype, split[:nq], split[nq:], n, k)
+    assert not np.isnan(got).any(), "an element was never written"
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (
+        peers.first_difference(got, want) if hasattr(peers, "first_difference") else None
+    )
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 256])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_traits_nf4_equal_bitsandbytes_code(host_traits, block_size, seed):
+    bnbf = peers.require("bitsandbytes.functional")
+    code = bnbf.get_4bit_type("nf4", device="cpu").numpy().astype(np.float32)
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 6)), 32 * int(rng.integers(1, 6))  # blocks may straddle rows
+    packed = rng.integers(0, 256, n * k // 2, dtype=np.uint8)
+    absmax = rng.random(-(-n * k // block_size), dtype=np.float32) * 3
+    q = np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)  # element 2j: high nibble
+    want = (code[q] * absmax[np.arange(n * k) // block_size]).reshape(n, k)
+    got = _host_dequant(host_traits, "nf4", packed, absmax, n, k, block_size)
+    assert not np.isnan(got).any()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("mode", ["row", "tensor", "block"])
+def test_host_traits_int8(host_traits, mode):
+    rng = np.random.default_rng(5)
+    n, k = 5, 192
+    q = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    group = {"row": k, "tensor": n * k, "block": 64}[mode]
+    scales = rng.random(n * k // group, dtype=np.float32) / 100
+    want = (q.astype(np.float32).reshape(-1) * scales[np.arange(n * k) // group]).reshape(n, k)
+    got = _host_dequant(host_traits, "int8", q.view(np.uint8), scales, n, k, group)
+    assert not np.isnan(got).any()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert cuda_ops._stat_group("int8", n, k, 64, mode) == group

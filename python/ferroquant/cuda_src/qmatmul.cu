@@ -320,6 +320,8 @@ __device__ __forceinline__ void qdequant(const u8* __restrict__ qbits,
 }  // namespace fq
 
 // ---- named instantiations (the shim's kernel names) -----------------------------------------
+// (FQ_NO_INSTANTIATIONS: tests/test_cuda_compile.py compiles the traits for the host.)
+#ifndef FQ_NO_INSTANTIATIONS
 
 #define FQ_GEMV(FMT, ACT, T, MT)                                                              \
     extern "C" __global__ void __launch_bounds__(FQ_GEMV_WARPS * 32)                          \
@@ -374,3 +376,4 @@ FQ_FORMAT(q5_K)
 #if defined(FQ_ALL_FORMATS) || defined(FQ_ONLY_q6_K)
 FQ_FORMAT(q6_K)
 #endif
+#endif  // FQ_NO_INSTANTIATIONS
