@@ -257,7 +257,7 @@ inline float __half2float(__half h) {
             : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(float(m | 1024), int(e) - 25);
     return s ? -v : v;
 }
-float2 __half22float2(__half2);
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
 __half2 __floats2half2_rn(float, float);
 __half __float2half_rn(float);
 """
@@ -267,7 +267,12 @@ STUB_BF16 = r"""
 #include "cuda_fp16.h"
 struct __nv_bfloat16 { unsigned short bits; };
 struct __nv_bfloat162 { __nv_bfloat16 x, y; };
-float2 __bfloat1622float2(__nv_bfloat162);
+inline float __bf16_to_float(__nv_bfloat16 h) {
+    const unsigned u = unsigned(h.bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
+}
+inline float2 __bfloat1622float2(__nv_bfloat162 h) {
+    return {__bf16_to_float(h.x), __bf16_to_float(h.y)};
+}
 __nv_bfloat162 __floats2bfloat162_rn(float, float);
 __nv_bfloat16 __float2bfloat16_rn(float);
 """
@@ -290,8 +295,36 @@ static void run(const u8* qbits, const u8* meta, float* out, int N, int K, long 
                     out[row * K + b * F::QK + F::col(st, r) + i] = w[r][i];
         }
 }
+// qgemv on the host: each lane's partial sums (qgemv_lane, as on the GPU), summed over the warp.
+template <class F, int MT>
+static void gemv(const u8* qbits, const u8* meta, const __nv_bfloat16* x, float* y, int M, int N,
+                 int K, long long group) {
+    typename F::Shared sh;
+    for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
+    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    for (int n0 = 0; n0 < N; n0 += FQ_ROWS) {
+        float tot[FQ_ROWS][MT] = {};
+        for (int lane = 0; lane < 32; ++lane) {
+            float acc[FQ_ROWS][MT];
+            qgemv_lane<F, __nv_bfloat16, MT>(c, sh, x, M, N, n0, lane, acc);
+            for (int r = 0; r < FQ_ROWS; ++r)
+                for (int m = 0; m < MT; ++m) tot[r][m] += acc[r][m];
+        }
+        for (int r = 0; r < FQ_ROWS; ++r)
+            for (int m = 0; m < M; ++m)
+                if (n0 + r < N) y[i64(m) * N + n0 + r] = tot[r][m];
+    }
+}
 #define FQ_HOST(FMT) extern "C" void dequant_##FMT(const u8* q, const u8* m, float* o, int n, \
-    int k, long long g) { run<Fmt_##FMT>(q, m, o, n, k, g); }
+    int k, long long g) { run<Fmt_##FMT>(q, m, o, n, k, g); } \
+    extern "C" void gemv_##FMT(const u8* q, const u8* m, const __nv_bfloat16* x, float* y, \
+    int M, int n, int k, long long g, int mt) { \
+        switch (mt) { \
+        case 1: gemv<Fmt_##FMT, 1>(q, m, x, y, M, n, k, g); break; \
+        case 2: gemv<Fmt_##FMT, 2>(q, m, x, y, M, n, k, g); break; \
+        case 4: gemv<Fmt_##FMT, 4>(q, m, x, y, M, n, k, g); break; \
+        case 8: gemv<Fmt_##FMT, 8>(q, m, x, y, M, n, k, g); break; \
+        default: gemv<Fmt_##FMT, 16>(q, m, x, y, M, n, k, g); break; } }
 FQ_HOST(nf4) FQ_HOST(int8) FQ_HOST(q4_0) FQ_HOST(q8_0) FQ_HOST(q4_K) FQ_HOST(q5_K) FQ_HOST(q6_K)
 """
 
@@ -397,3 +430,53 @@ def test_host_traits_int8(host_traits, mode):
     assert not np.isnan(got).any()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert cuda_ops._stat_group("int8", n, k, 64, mode) == group
+
+
+def _random_weights(qtype, n, k, seed):
+    """(qbits, meta, group, W float32) of random valid weights in the kernels' layout; W from the
+    host traits (equal to the peers by the tests above)."""
+    torch = peers_torch
+    rng = np.random.default_rng(seed)
+    if qtype == "nf4":
+        qbits = rng.integers(0, 256, n * k // 2, dtype=np.uint8)
+        meta, group = rng.random(-(-n * k // 64), dtype=np.float32), 64
+    elif qtype == "int8":
+        qbits = rng.integers(0, 256, n * k, dtype=np.uint8)
+        meta, group = rng.random(n, dtype=np.float32) / 64, k
+    else:
+        qk, bpb, _, qb, _ = cuda_ops.GGML_SPLIT[qtype]
+        blocks = rng.integers(0, 256, (n * k // qk, bpb), dtype=np.uint8)
+        for off in HALF_FIELDS[qtype]:
+            h = (rng.standard_normal(len(blocks)) * 0.01).astype(np.float16)
+            blocks[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
+        split = cuda_ops.to_split(torch.from_numpy(blocks.reshape(-1)), qtype, n, k).numpy()
+        nq = n * k // qk * qb
+        qbits, meta, group = split[:nq], split[nq:], 0
+    return qbits, meta, group
+
+
+@pytest.mark.parametrize("qtype", sorted(fqcuda.FORMATS))
+def test_host_gemv_lanes_sum_to_the_product(host_traits, qtype):
+    """qgemv_lane (the GPU kernel's per-lane loop) over 32 lanes: x @ W.T within the fp32 bound
+    (K/32 + 6) * 2^-24 * sum|x w| (the lane sums plus the warp sum), for M up to 16, N odd."""
+    import ctypes
+
+    torch = peers_torch
+    qk = cuda_ops.GGML_SPLIT.get(qtype, (32,))[0]
+    n, k = 5, 3 * max(qk, 64)
+    qbits, meta, group = _random_weights(qtype, n, k, seed=11)
+    w = _host_dequant(host_traits, qtype, qbits, meta, n, k, group).astype(np.float64)
+    fn = getattr(host_traits, "gemv_" + fqcuda.FORMATS[qtype])
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_longlong, ctypes.c_int]
+    meta8 = np.ascontiguousarray(meta).view(np.uint8)
+    for m in (1, 2, 3, 8, 13, 16):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        xb = x.view(torch.int16).numpy()
+        x64 = x.double().numpy()
+        mt = next(t for t in fqcuda.GEMV_M if t >= m)
+        y = np.full((m, n), np.nan, dtype=np.float32)
+        fn(qbits.ctypes.data, meta8.ctypes.data, xb.ctypes.data, y.ctypes.data, m, n, k, group, mt)
+        ref = x64 @ w.T
+        tol = (k / 32 + 6) * 2.0**-24 * (np.abs(x64) @ np.abs(w).T)
+        assert not np.isnan(y).any()
+        assert np.all(np.abs(y - ref) <= tol), (m, np.max(np.abs(y - ref) - tol))

@@ -234,21 +234,13 @@ struct Fmt_int8 {
 #define FQ_GEMV_WARPS 4  // warps per CTA
 #define FQ_ROWS 2        // weight rows per warp: activations loaded once serve FQ_ROWS rows
 
-// y[m, n] for m < M <= MT and FQ_ROWS rows n per warp. x: [M, K], y: [M, N], both contiguous
-// and 16-byte aligned (the shim checks).
+// One lane's partial sums for rows n0 .. n0 + FQ_ROWS - 1 and tokens m < M <= MT: the lane
+// takes lane steps lane, lane + 32, ... of each row (consecutive lanes read consecutive 16-byte
+// pieces of the row), decodes them once and multiplies them with every token's activations.
 template <class F, class T, int MT>
-__device__ __forceinline__ void qgemv(const u8* __restrict__ qbits, const u8* __restrict__ meta,
-                                      const T* __restrict__ x, T* __restrict__ y, int M, int N,
-                                      int K, i64 group) {
-    __shared__ typename F::Shared sh;
-    sh.init();
-    __syncthreads();
-    const Ctx c = {qbits, meta, K, K / F::QK, group};
-    const int lane = threadIdx.x & 31;
-    const int warp = blockIdx.x * FQ_GEMV_WARPS + (threadIdx.x >> 5);
-    const int n0 = warp * FQ_ROWS;
-    if (n0 >= N) return;
-    float acc[FQ_ROWS][MT];
+__device__ __forceinline__ void qgemv_lane(const Ctx& c, const typename F::Shared& sh,
+                                           const T* __restrict__ x, int M, int N, int n0,
+                                           int lane, float acc[FQ_ROWS][MT]) {
 #pragma unroll
     for (int r = 0; r < FQ_ROWS; ++r)
 #pragma unroll
@@ -267,7 +259,7 @@ __device__ __forceinline__ void qgemv(const u8* __restrict__ qbits, const u8* __
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             if (m >= M) break;
-            const T* xm = x + static_cast<i64>(m) * K + static_cast<i64>(b) * F::QK;
+            const T* xm = x + static_cast<i64>(m) * c.K + static_cast<i64>(b) * F::QK;
 #pragma unroll
             for (int run = 0; run < F::NRUNS; ++run) {
 #pragma unroll
@@ -283,12 +275,32 @@ __device__ __forceinline__ void qgemv(const u8* __restrict__ qbits, const u8* __
             }
         }
     }
+}
+
+// y[m, n] for m < M <= MT; a warp owns FQ_ROWS rows. x: [M, K], y: [M, N], both contiguous and
+// x 16-byte aligned (the shim checks).
+template <class F, class T, int MT>
+__device__ __forceinline__ void qgemv(const u8* __restrict__ qbits, const u8* __restrict__ meta,
+                                      const T* __restrict__ x, T* __restrict__ y, int M, int N,
+                                      int K, i64 group) {
+    __shared__ typename F::Shared sh;
+    sh.init();
+    __syncthreads();
+    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    const int lane = threadIdx.x & 31;
+    const int warp = blockIdx.x * FQ_GEMV_WARPS + (threadIdx.x >> 5);
+    const int n0 = warp * FQ_ROWS;
+    if (n0 >= N) return;  // whole warps only: the shuffles below see all 32 lanes
+    float acc[FQ_ROWS][MT];
+    qgemv_lane<F, T, MT>(c, sh, x, M, N, n0, lane, acc);
 #pragma unroll
     for (int r = 0; r < FQ_ROWS; ++r) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             const float v = warp_sum(acc[r][m]);
-            if (lane == 0 && m < M && n0 + r < N) y[static_cast<i64>(m) * N + n0 + r] = Act<T>::from_float(v);
+            if (lane == 0 && m < M && n0 + r < N) {
+                y[static_cast<i64>(m) * N + n0 + r] = Act<T>::from_float(v);
+            }
         }
     }
 }
