@@ -337,7 +337,12 @@ class _Program:
                     dev = _drv(driver.cuDeviceGet(index), "cuDeviceGet")
                     ctx = _drv(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
                     _drv(driver.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-                self.module = _drv(driver.cuModuleLoadData(code), "cuModuleLoadData")
+                import numpy as np
+
+                self._image = np.frombuffer(code, dtype=np.uint8).copy()  # alive while loaded
+                self.module = _drv(
+                    driver.cuModuleLoadData(self._image.ctypes.data), "cuModuleLoadData"
+                )
                 self.kernels = {
                     n: _drv(driver.cuModuleGetFunction(self.module, n.encode()), n)
                     for n in kernel_names(qtype)
@@ -391,7 +396,7 @@ def _drv(res: Any, what: str) -> Any:
     return res[1] if len(res) == 2 else (res[1:] if len(res) > 2 else None)
 
 
-_programs: dict[tuple[str, int], _Program] = {}
+_programs: dict[tuple[str, int, str], _Program] = {}
 _lock = threading.Lock()
 
 
@@ -399,7 +404,7 @@ def program(qtype: str, device: Any = None) -> _Program:
     """`qtype`'s kernels loaded on `device` (compiled or read from the cache at first use). Load
     every program a CUDA graph needs before capturing it (a first forward pass does)."""
     index, cc = check_device(device)
-    key = (qtype, index)
+    key = (qtype, index, _backend_name())
     prog = _programs.get(key)
     if prog is None:
         with _lock:
