@@ -107,8 +107,10 @@ def _prepare(
         stats32 = stats.reshape(-1)
         if stats32.dtype != torch.float32 or not stats32.is_contiguous():
             stats32 = stats32.to(torch.float32).contiguous()
-        prep = _Prepared(data.reshape(-1).contiguous(), stats32, group, qk, spb, version)
-        return prep  # views only: nothing to cache
+        flat = data.reshape(-1).contiguous()
+        if flat.data_ptr() % 16:  # the kernels read 16-byte pieces; a view at an odd offset
+            flat = flat.clone()
+        return _Prepared(flat, stats32, group, qk, spb, version)  # views only: nothing to cache
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
             f"ferroquant: the first CUDA call of a {qtype} weight repacks it (see "
@@ -159,7 +161,7 @@ def _qmatmul_cuda(
     m = x2.shape[0]
     if out is not None and (
         out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous()
-        or out.device != x.device
+        or out.device != x.device or out.data_ptr() % 16
     ):  # fmt: skip
         raise ValueError(f"out must be a contiguous ({m}, {n}) {x.dtype} tensor on {x.device}")
     if m == 0:
@@ -201,8 +203,10 @@ def dequantize(
 ) -> torch.Tensor:  # fmt: skip
     """W (n x k) in `dtype` (bf16/fp16), dequantized on data's CUDA device (bit-exact with
     ferroquant.dequantize rounded to `dtype`). `out`: optional contiguous (n, k) destination."""
-    if out is not None and (out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous ({n}, {k}) {dtype} tensor")
+    if out is not None and (
+        out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous() or out.data_ptr() % 16
+    ):
+        raise ValueError(f"out must be a contiguous, 16-byte aligned ({n}, {k}) {dtype} tensor")
     with torch.cuda.device(data.device):
         prog = _cuda.program(qtype, data.device)
         prep = _prepare(data, stats, qtype, n, k, block_size, scale_mode)
