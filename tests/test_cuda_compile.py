@@ -233,6 +233,7 @@ STUB_FP16 = r"""
 #define __launch_bounds__(x)
 struct uint4 { unsigned x, y, z, w; };
 struct float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
 struct Dim3 { unsigned x, y, z; };
 static Dim3 threadIdx, blockIdx, blockDim;
 inline void __syncthreads() {}
@@ -247,6 +248,7 @@ inline unsigned short __ldg(const unsigned short* p) {
 }
 inline float __ldg(const float* p) { return *p; }
 inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __fsub_rn(float a, float b) { return a - b; }
 struct __half { unsigned short bits; };
 struct __half2 { __half x, y; };
@@ -283,6 +285,7 @@ using namespace fq;
 template <class F>
 static void run(const u8* qbits, const u8* meta, float* out, int N, int K, long long group) {
     typename F::Shared sh;
+    blockDim.x = 32;
     for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
     const Ctx c = {qbits, meta, K, K / F::QK, group};
     for (i64 row = 0; row < N; ++row)
@@ -300,6 +303,7 @@ template <class F, int MT>
 static void gemv(const u8* qbits, const u8* meta, const __nv_bfloat16* x, float* y, int M, int N,
                  int K, long long group) {
     typename F::Shared sh;
+    blockDim.x = 32;
     for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
     const Ctx c = {qbits, meta, K, K / F::QK, group};
     for (int n0 = 0; n0 < N; n0 += FQ_ROWS) {

@@ -145,6 +145,14 @@ __device__ __forceinline__ uint4 load_ro16(const void* p) {
     return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// (u - off) as a float, exactly, for 0 <= u < 2^23 and a small constant off, without I2F (a
+// quarter-rate instruction on sm_80/sm_90 that would bound the 4-bit decoders): the float with
+// bits 0x4B000000 | u is 2^23 + u.
+template <int off>
+__device__ __forceinline__ float int_minus(u32 u) {
+    return __fsub_rn(__int_as_float(static_cast<int>(0x4B000000u | u)), 8388608.0f + off);
+}
+
 __device__ __forceinline__ u8 byte_of(const uint4& v, int i) {
     const u32 w = i < 4 ? v.x : i < 8 ? v.y : i < 12 ? v.z : v.w;
     return static_cast<u8>(w >> (8 * (i & 3)));

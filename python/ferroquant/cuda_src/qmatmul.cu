@@ -60,8 +60,8 @@ struct Fmt_q4_0 {
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
             const int q = byte_of(v, i);
-            w[0][i] = __fmul_rn(static_cast<float>((q & 0xF) - 8), d);
-            w[1][i] = __fmul_rn(static_cast<float>((q >> 4) - 8), d);
+            w[0][i] = __fmul_rn(int_minus<8>(q & 0xF), d);
+            w[1][i] = __fmul_rn(int_minus<8>(q >> 4), d);
         }
     }
 };
@@ -77,7 +77,7 @@ struct Fmt_q8_0 {
         const float d = load_half(c.meta + blk * MB);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            w[0][i] = __fmul_rn(static_cast<float>(static_cast<i8>(byte_of(v, i))), d);
+            w[0][i] = __fmul_rn(int_minus<128>(byte_of(v, i) ^ 0x80u), d);  // int8 value
         }
     }
 };
@@ -113,8 +113,8 @@ struct Fmt_q4_K {
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
             const int q = byte_of(v, i);
-            w[0][i] = __fsub_rn(__fmul_rn(d1, static_cast<float>(q & 0xF)), m1);
-            w[1][i] = __fsub_rn(__fmul_rn(d2, static_cast<float>(q >> 4)), m2);
+            w[0][i] = __fsub_rn(__fmul_rn(d1, int_minus<0>(q & 0xF)), m1);
+            w[1][i] = __fsub_rn(__fmul_rn(d2, int_minus<0>(q >> 4)), m2);
         }
     }
 };
@@ -140,8 +140,8 @@ struct Fmt_q5_K {
             const int hb = byte_of(vh, i);
             const int lo = (q & 0xF) + (((hb >> (2 * j)) & 1) ? 16 : 0);
             const int hi = (q >> 4) + (((hb >> (2 * j + 1)) & 1) ? 16 : 0);
-            w[0][i] = __fsub_rn(__fmul_rn(d1, static_cast<float>(lo)), m1);
-            w[1][i] = __fsub_rn(__fmul_rn(d2, static_cast<float>(hi)), m2);
+            w[0][i] = __fsub_rn(__fmul_rn(d1, int_minus<0>(lo)), m1);
+            w[1][i] = __fsub_rn(__fmul_rn(d2, int_minus<0>(hi)), m2);
         }
     }
 };
@@ -173,22 +173,25 @@ struct Fmt_q6_K {
         for (int i = 0; i < 16; ++i) {
             const int ql = byte_of(vl, i);
             const int qh = byte_of(vh, i);
-            const int lo = ((ql & 0xF) | (((qh >> (2 * wq)) & 3) << 4)) - 32;
-            const int hi = ((ql >> 4) | (((qh >> (4 + 2 * wq)) & 3) << 4)) - 32;
-            w[0][i] = __fmul_rn(dlo, static_cast<float>(lo));
-            w[1][i] = __fmul_rn(dhi, static_cast<float>(hi));
+            const u32 lo = (ql & 0xF) | (((qh >> (2 * wq)) & 3) << 4);
+            const u32 hi = (ql >> 4) | (((qh >> (4 + 2 * wq)) & 3) << 4);
+            w[0][i] = __fmul_rn(dlo, int_minus<32>(lo));
+            w[1][i] = __fmul_rn(dhi, int_minus<32>(hi));
         }
     }
 };
 
 // nf4 (bitsandbytes): a pseudo-block of 32 weights = 16 packed bytes; byte i holds element 2i in
-// the high nibble and 2i + 1 in the low one; value code[q] * absmax[element / group].
+// the high nibble and 2i + 1 in the low one; value code[q] * absmax[element / group]. The table
+// is per byte (both nibbles' codes, one 64-bit shared-memory load per two weights).
 __constant__ float nf4_code[16] = FQ_NF4_CODE;
 
 struct Nf4Shared {
-    float code[16];
+    float2 pair[256];
     __device__ void init() {
-        if (threadIdx.x < 16) code[threadIdx.x] = nf4_code[threadIdx.x];
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+            pair[i] = make_float2(nf4_code[i >> 4], nf4_code[i & 15]);
+        }
     }
 };
 
@@ -204,9 +207,9 @@ struct Fmt_nf4 {
         const float a = __ldg(absmax + (row * c.K + static_cast<i64>(b) * QK) / c.group);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            const int q = byte_of(v, i);
-            w[0][2 * i] = __fmul_rn(sh.code[q >> 4], a);
-            w[0][2 * i + 1] = __fmul_rn(sh.code[q & 0xF], a);
+            const float2 p = sh.pair[byte_of(v, i)];
+            w[0][2 * i] = __fmul_rn(p.x, a);
+            w[0][2 * i + 1] = __fmul_rn(p.y, a);
         }
     }
 };
@@ -224,7 +227,7 @@ struct Fmt_int8 {
         const float s = __ldg(scales + (row * c.K + static_cast<i64>(b) * QK + 16 * st) / c.group);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            w[0][i] = __fmul_rn(static_cast<float>(static_cast<i8>(byte_of(v, i))), s);
+            w[0][i] = __fmul_rn(int_minus<128>(byte_of(v, i) ^ 0x80u), s);  // int8 value
         }
     }
 };
