@@ -218,10 +218,10 @@ def test_split_layout_of_real_blocks_puts_scales_in_meta():
 # the loop qdequant runs on the GPU (every lane step of every block of every row); the result must
 # equal the peer's dequantization bit for bit, and every element must be written (NaN-poisoned).
 
-STUB_FP16 = r"""
+EMU = r"""
+// Just enough of CUDA's built-ins for the host build of the traits.
 #pragma once
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <math.h>
 #define __device__
@@ -248,35 +248,8 @@ inline unsigned short __ldg(const unsigned short* p) {
 }
 inline float __ldg(const float* p) { return *p; }
 inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline float __fsub_rn(float a, float b) { return a - b; }
-struct __half { unsigned short bits; };
-struct __half2 { __half x, y; };
-inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
-inline float __half2float(__half h) {
-    const unsigned s = h.bits >> 15, e = (h.bits >> 10) & 31, m = h.bits & 1023;
-    float v = e == 0 ? std::ldexp(float(m), -24)
-            : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(float(m | 1024), int(e) - 25);
-    return s ? -v : v;
-}
-inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
-__half2 __floats2half2_rn(float, float);
-__half __float2half_rn(float);
-"""
-
-STUB_BF16 = r"""
-#pragma once
-#include "cuda_fp16.h"
-struct __nv_bfloat16 { unsigned short bits; };
-struct __nv_bfloat162 { __nv_bfloat16 x, y; };
-inline float __bf16_to_float(__nv_bfloat16 h) {
-    const unsigned u = unsigned(h.bits) << 16; float f; std::memcpy(&f, &u, 4); return f;
-}
-inline float2 __bfloat1622float2(__nv_bfloat162 h) {
-    return {__bf16_to_float(h.x), __bf16_to_float(h.y)};
-}
-__nv_bfloat162 __floats2bfloat162_rn(float, float);
-__nv_bfloat16 __float2bfloat16_rn(float);
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 """
 
 HARNESS = r"""
@@ -300,7 +273,7 @@ static void run(const u8* qbits, const u8* meta, float* out, int N, int K, long 
 }
 // qgemv on the host: each lane's partial sums (qgemv_lane, as on the GPU), summed over the warp.
 template <class F, int MT>
-static void gemv(const u8* qbits, const u8* meta, const __nv_bfloat16* x, float* y, int M, int N,
+static void gemv(const u8* qbits, const u8* meta, const bf16_t* x, float* y, int M, int N,
                  int K, long long group) {
     typename F::Shared sh;
     blockDim.x = 32;
@@ -310,7 +283,7 @@ static void gemv(const u8* qbits, const u8* meta, const __nv_bfloat16* x, float*
         float tot[FQ_ROWS][MT] = {};
         for (int lane = 0; lane < 32; ++lane) {
             float acc[FQ_ROWS][MT];
-            qgemv_lane<F, __nv_bfloat16, MT>(c, sh, x, M, N, n0, lane, acc);
+            qgemv_lane<F, bf16_t, MT>(c, sh, x, M, N, n0, lane, acc);
             for (int r = 0; r < FQ_ROWS; ++r)
                 for (int m = 0; m < MT; ++m) tot[r][m] += acc[r][m];
         }
@@ -321,7 +294,7 @@ static void gemv(const u8* qbits, const u8* meta, const __nv_bfloat16* x, float*
 }
 #define FQ_HOST(FMT) extern "C" void dequant_##FMT(const u8* q, const u8* m, float* o, int n, \
     int k, long long g) { run<Fmt_##FMT>(q, m, o, n, k, g); } \
-    extern "C" void gemv_##FMT(const u8* q, const u8* m, const __nv_bfloat16* x, float* y, \
+    extern "C" void gemv_##FMT(const u8* q, const u8* m, const bf16_t* x, float* y, \
     int M, int n, int k, long long g, int mt) { \
         switch (mt) { \
         case 1: gemv<Fmt_##FMT, 1>(q, m, x, y, M, n, k, g); break; \
@@ -344,13 +317,12 @@ def host_traits(tmp_path_factory):
             pytest.fail("no C++ compiler to build the host copy of the CUDA traits")
         pytest.skip("no C++ compiler")
     d = tmp_path_factory.mktemp("host_traits")
-    (d / "cuda_fp16.h").write_text(STUB_FP16)
-    (d / "cuda_bf16.h").write_text(STUB_BF16)
+    (d / "emu.h").write_text(EMU)
     (d / "harness.cpp").write_text(HARNESS)
     lib = d / "libtraits.so"
-    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC", f"-I{d}",
-           f"-I{fqcuda.SRC_DIR}", "-DFQ_NO_INSTANTIATIONS", str(d / "harness.cpp"),
-           "-o", str(lib)]  # fmt: skip
+    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+           "-include", str(d / "emu.h"), f"-I{fqcuda.SRC_DIR}", "-DFQ_NO_INSTANTIATIONS",
+           str(d / "harness.cpp"), "-o", str(lib)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         pytest.fail(f"host build of the CUDA traits failed:\n{res.stderr}")

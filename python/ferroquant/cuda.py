@@ -100,32 +100,9 @@ def normalize_arch(arch: Any) -> int:
     return int(text)
 
 
-def include_dirs() -> list[str]:
-    """Folders holding cuda_fp16.h / cuda_bf16.h: the CUDA headers from the registry's nvidia-*
-    wheels (nvidia/cu13/include, nvidia/cuda_runtime/include, ...), or CUDA_HOME/CUDA_PATH."""
-    candidates: list[pathlib.Path] = []
-    try:
-        import nvidia  # namespace package of NVIDIA's wheels
-
-        for root in map(pathlib.Path, nvidia.__path__):
-            candidates += sorted(root.glob("cu*/include"), reverse=True)
-            candidates += [root / "cuda_runtime" / "include", root / "cuda_nvrtc" / "include"]
-    except ImportError:
-        pass
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(pathlib.Path(os.environ[var]) / "include")
-    candidates.append(pathlib.Path("/usr/local/cuda/include"))
-    for c in candidates:
-        if (c / "cuda_fp16.h").is_file() and (c / "cuda_bf16.h").is_file():
-            return [str(c)]
-    return []  # NVRTC may still find them among its built-in headers
-
-
 def compile_options(qtype: str, arch: int, kind: str) -> list[str]:
     target = f"compute_{arch}" if kind == "ptx" else f"sm_{arch}"
-    opts = [f"--gpu-architecture={target}", *OPTIONS, f"-DFQ_ONLY_{FORMATS[qtype]}"]
-    return opts + [f"-I{d}" for d in include_dirs()]
+    return [f"--gpu-architecture={target}", *OPTIONS, f"-DFQ_ONLY_{FORMATS[qtype]}"]
 
 
 def cache_key(qtype: str, arch: Any, kind: str = "cubin") -> str:
@@ -134,7 +111,7 @@ def cache_key(qtype: str, arch: Any, kind: str = "cubin") -> str:
     h = hashlib.sha256()
     for name, data in sorted(sources().items()):
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    opts = [o for o in compile_options(qtype, arch_n, kind) if not o.startswith("-I")]
+    opts = compile_options(qtype, arch_n, kind)
     fields = [f"sm_{arch_n}", kind, ".".join(map(str, nvrtc_version())), *opts]
     h.update("\0".join(fields).encode())
     return h.hexdigest()

@@ -5,12 +5,10 @@
 // parses these asserts and compares them with ferroquant._native.block_struct_sizes(), and NVRTC
 // enforces them whenever the kernels compile.
 //
-// Compiled by NVRTC only (ferroquant/cuda.py), so no host headers: fixed-width types are defined
-// here and the fp16/bf16 types come from cuda_fp16.h / cuda_bf16.h.
+// Compiled by NVRTC (ferroquant/cuda.py) with no include path: no host or CUDA headers, the
+// fixed-width types are defined here and bf16/fp16 are raw bits converted with PTX `cvt`. (The
+// tests also compile it for the host, without __CUDA_ARCH__, behind a small emulation header.)
 #pragma once
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 namespace fq {
 
@@ -123,12 +121,64 @@ static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs size");
      0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f, \
      0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f}
 
+// ---- 16-bit floats as raw bits -------------------------------------------------------------
+
+struct bf16_t {
+    u16 bits;
+};
+struct fp16_t {
+    u16 bits;
+};
+
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ float f16_to_f32(u16 h) {  // exact
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// Round to nearest even; `lo` lands in the low 16 bits (the lower address).
+__device__ __forceinline__ u32 f32x2_to_f16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u32 f32x2_to_bf16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u16 f32_to_f16(float a) {
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(a));
+    return r;
+}
+__device__ __forceinline__ u16 f32_to_bf16(float a) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(a));
+    return r;
+}
+#else  // host build for the tests: the exact decoder; the encoders are never called there
+inline float f16_to_f32(u16 h) {
+    const u32 s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    const float v = e == 0    ? ldexpf(static_cast<float>(m), -24)
+                    : e == 31 ? (m ? __int_as_float(0x7fc00000) : __int_as_float(0x7f800000))
+                              : ldexpf(static_cast<float>(m | 1024), static_cast<int>(e) - 25);
+    return s ? -v : v;
+}
+u32 f32x2_to_f16x2(float lo, float hi);
+u32 f32x2_to_bf16x2(float lo, float hi);
+u16 f32_to_f16(float a);
+u16 f32_to_bf16(float a);
+#endif
+
+__device__ __forceinline__ float bf16_to_f32(u32 h) {  // exact; h < 2^16
+    return __int_as_float(static_cast<int>(h << 16));
+}
+
 // ---- helpers -------------------------------------------------------------------------------
 
 // Little-endian ggml_half bits -> float (exact).
-__device__ __forceinline__ float half_bits_to_float(u16 bits) {
-    return __half2float(__ushort_as_half(bits));
-}
+__device__ __forceinline__ float half_bits_to_float(u16 bits) { return f16_to_f32(bits); }
 
 // A ggml_half in global memory (p 2-byte aligned), through the read-only cache.
 __device__ __forceinline__ float load_half(const u8* p) {
@@ -176,31 +226,26 @@ template <class T>
 struct Act;
 
 template <>
-struct Act<__nv_bfloat16> {
+struct Act<bf16_t> {
     __device__ static __forceinline__ float2 to_float2(u32 bits) {
-        __nv_bfloat162 h = *reinterpret_cast<__nv_bfloat162*>(&bits);
-        return __bfloat1622float2(h);
+        return make_float2(bf16_to_f32(bits & 0xffffu), bf16_to_f32(bits >> 16));
     }
     __device__ static __forceinline__ u32 from_float2(float a, float b) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-        return *reinterpret_cast<u32*>(&h);
+        return f32x2_to_bf16x2(a, b);
     }
-    __device__ static __forceinline__ __nv_bfloat16 from_float(float a) {
-        return __float2bfloat16_rn(a);
-    }
+    __device__ static __forceinline__ bf16_t from_float(float a) { return {f32_to_bf16(a)}; }
 };
 
 template <>
-struct Act<__half> {
+struct Act<fp16_t> {
     __device__ static __forceinline__ float2 to_float2(u32 bits) {
-        __half2 h = *reinterpret_cast<__half2*>(&bits);
-        return __half22float2(h);
+        return make_float2(f16_to_f32(static_cast<u16>(bits & 0xffffu)),
+                           f16_to_f32(static_cast<u16>(bits >> 16)));
     }
     __device__ static __forceinline__ u32 from_float2(float a, float b) {
-        __half2 h = __floats2half2_rn(a, b);
-        return *reinterpret_cast<u32*>(&h);
+        return f32x2_to_f16x2(a, b);
     }
-    __device__ static __forceinline__ __half from_float(float a) { return __float2half_rn(a); }
+    __device__ static __forceinline__ fp16_t from_float(float a) { return {f32_to_f16(a)}; }
 };
 
 // Eight consecutive activations (one 128-bit load) as floats.

@@ -360,9 +360,9 @@ __device__ __forceinline__ void qdequant(const u8* __restrict__ qbits,
     FQ_GEMV(FMT, ACT, T, 16)  \
     FQ_DEQUANT(FMT, ACT, T)
 
-#define FQ_FORMAT(FMT)                  \
-    FQ_ACT(FMT, bf16, __nv_bfloat16)    \
-    FQ_ACT(FMT, fp16, __half)
+#define FQ_FORMAT(FMT)              \
+    FQ_ACT(FMT, bf16, fq::bf16_t)   \
+    FQ_ACT(FMT, fp16, fq::fp16_t)
 
 // The shim compiles one program per format (-DFQ_ONLY_<fmt>); without a selection, all of them.
 #if !defined(FQ_ONLY_nf4) && !defined(FQ_ONLY_int8) && !defined(FQ_ONLY_q4_0) && \
