@@ -25,8 +25,11 @@ in one run on one card. Usage (wheel installed, torch with CUDA):
    4096, 4096 x 14336, 14336 x 4096 and M in {1, 8, 16, 64, 512}. Each time is the median of 15
    replays of a CUDA graph of 64 launches rotating over enough weight copies to exceed 4x L2,
    divided by 64. Device-to-device copy bandwidth (bytes read + written) measured in the same run.
-3. The table (shape, M, backend, time, effective GB/s = weight bytes / time, % of copy bandwidth,
-   ratios), printed last and written to $OUT/gpu_qmatmul.json when $OUT is set.
+3. Tuning: the GEMV kernel's variants (FQ_ROWS rows per warp, FQ_UNROLL lane steps) for q4_k,
+   nf4 and q8_0 at M = 1 and 16, which must agree bit for bit, timed the same way.
+4. The tables (tuning, then the main one: shape, M, backend, time, effective GB/s = weight
+   bytes / time, % of copy bandwidth, ratios), the main one last; all written to
+   $OUT/gpu_qmatmul.json when $OUT is set.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ CHECK_M = [1, 2, 3, 4, 5, 8, 13, 16, 17, 64, 512]
 TIME_M = [1, 8, 16, 64, 512]
 TIME_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # K x N
 TIME_FORMATS = ["nf4", "q4_k", "q8_0", "int8_row", "q6_k", "q5_k", "q4_0"]
+# Kernel variants (qmatmul.cu tuning macros) timed side by side; outputs must be bit-identical
+# (neither knob changes any row's order of operations).
+TUNE_VARIANTS = [(), ("FQ_ROWS=1",), ("FQ_ROWS=4",), ("FQ_UNROLL=2",), ("FQ_ROWS=1", "FQ_UNROLL=2"),
+                 ("FQ_ROWS=4", "FQ_UNROLL=2")]  # fmt: skip
+TUNE_FORMATS = ["q4_k", "nf4", "q8_0"]
+TUNE_SHAPES = [(14336, 4096), (4096, 14336)]
+TUNE_M = [1, 16]
 GRAPH_LAUNCHES = 64
 REPLAYS = 15
 
@@ -408,6 +418,46 @@ def _peer_weights(dev, n: int, k: int, l2: int):
     return for_x
 
 
+def run_tuning(dev, bw: float) -> tuple[list[dict], list[str]]:
+    """Time every kernel variant of TUNE_FORMATS (M = 1 and 16); check they agree bit for bit."""
+    import torch
+
+    l2 = int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20))
+    t = time.time()
+    fqcuda.precompile(TUNE_FORMATS, dev, TUNE_VARIANTS)
+    log(f"tuning variants compiled in {time.time() - t:.1f} s")
+    rows, failures = [], []
+    for k, n in TUNE_SHAPES:
+        for fmt in TUNE_FORMATS:
+            _, data, stats, qtype, bs, mode, _ = quantized(fmt, n, k, seed=2)
+            nbytes = data.nbytes + stats.nbytes
+            d0, s0 = torch.from_numpy(data).to(dev), torch.from_numpy(stats).to(dev)
+            copies = [(d0.clone(), s0.clone()) for _ in range(copies_for(nbytes, l2))]
+            for m in TUNE_M:
+                x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+                first = None
+                for v in TUNE_VARIANTS:
+                    y = cuda_ops.qmatmul_cuda(x, d0, s0, qtype, n, k, bs, mode, variant=v)
+                    if first is None:
+                        first = y
+                    elif not torch.equal(y, first):
+                        failures.append(f"variant {v} of {fmt} K={k} N={n} M={m} differs")
+                    fns = [
+                        functools.partial(
+                            cuda_ops.qmatmul_cuda, x, d, s, qtype, n, k, bs, mode, None, v
+                        )
+                        for d, s in copies
+                    ]
+                    us = graph_time_us(fns)
+                    gbs = nbytes / (us * 1e-6) / 1e9
+                    rows.append({"K": k, "N": n, "M": m, "format": fmt, "variant": " ".join(v)
+                                 or "default", "time_us": us, "GB_s": gbs,
+                                 "pct_copy_bw": 100 * gbs / bw})  # fmt: skip
+            del copies, d0, s0
+            torch.cuda.empty_cache()
+    return rows, failures
+
+
 # ---- report ----------------------------------------------------------------------------------
 
 
@@ -430,10 +480,21 @@ def table(rows: list[dict], bw: float) -> str:
     return "\n".join(lines)
 
 
+def tuning_table(rows: list[dict]) -> str:
+    lines = [f"{'K x N':>12} {'M':>3} {'format':<7} {'variant':<22} {'time us':>8} {'% copy':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r['K']:>5}x{r['N']:<6} {r['M']:>3} {r['format']:<7} {r['variant']:<22} "
+            f"{r['time_us']:>8.1f} {r['pct_copy_bw']:>6.1f}%"
+        )
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU side only (no GPU needed)")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-tuning", action="store_true", help="no kernel-variant timings")
     args = ap.parse_args()
     t0 = time.time()
     report: dict = {"ferroquant": fq.__version__}
@@ -463,9 +524,20 @@ def main() -> int:
     # the failures are printed after the table and the exit status is 1.
     _use_backend(checks["clean_backends"][0])
     rows, bw = run_timings(dev)
-    report.update(rows=rows, copy_bandwidth_GB_s=bw, seconds=time.time() - t0)
+    report.update(rows=rows, copy_bandwidth_GB_s=bw)
+    tune: list[dict] = []
+    if not args.skip_tuning:
+        try:
+            tune, tune_failures = run_tuning(dev, bw)
+            failures += tune_failures
+        except Exception as e:  # the main table still counts
+            failures.append(f"tuning: {type(e).__name__}: {e}")
+        report["tuning"] = tune
+    report["seconds"] = time.time() - t0
     _write(report)
     print(f"device: {report['device']}, torch {report['torch']}, {fqcuda.diagnose()}")
+    if tune:
+        print(tuning_table(tune))
     print(table(rows, bw))
     return _verdict(failures)
 

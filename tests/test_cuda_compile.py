@@ -42,6 +42,13 @@ def test_every_kernel_compiles_to_ptx(arch):
         assert entries == set(fqcuda.kernel_names(qtype)), (qtype, entries)
 
 
+def test_tuning_variants_compile():
+    """The knobs benches/gpu_qmatmul.py times (rows per warp, unrolled lane steps) compile."""
+    _nvrtc_or_fail()
+    ptx = fqcuda.compile_program("q8_0", "sm_90", "ptx", False, ("FQ_ROWS=4", "FQ_UNROLL=2"))
+    assert set(re.findall(r"\.entry\s+(\w+)", ptx.decode())) == set(fqcuda.kernel_names("q8_0"))
+
+
 def test_header_block_sizes_equal_rust():
     pairs = re.findall(
         r"static_assert\(sizeof\((block_\w+)\) == (\d+)", HEADER.read_text(encoding="utf-8")
@@ -74,6 +81,7 @@ def test_cache_key_changes_with_source_and_arch(tmp_path, monkeypatch):
     assert k90 != fqcuda.cache_key("q4_k", "sm_80")
     assert k90 != fqcuda.cache_key("q6_k", "sm_90")
     assert k90 != fqcuda.cache_key("q4_k", "sm_90", "ptx")
+    assert k90 != fqcuda.cache_key("q4_k", "sm_90", variant=("FQ_ROWS=4",))
     src = tmp_path / "src"
     shutil.copytree(fqcuda.SRC_DIR, src)
     monkeypatch.setattr(fqcuda, "SRC_DIR", src)

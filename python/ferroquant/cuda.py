@@ -100,18 +100,20 @@ def normalize_arch(arch: Any) -> int:
     return int(text)
 
 
-def compile_options(qtype: str, arch: int, kind: str) -> list[str]:
+def compile_options(qtype: str, arch: int, kind: str, variant: Sequence[str] = ()) -> list[str]:
+    """NVRTC options; `variant`: tuning macros such as "FQ_ROWS=4", "FQ_UNROLL=2"."""
     target = f"compute_{arch}" if kind == "ptx" else f"sm_{arch}"
-    return [f"--gpu-architecture={target}", *OPTIONS, f"-DFQ_ONLY_{FORMATS[qtype]}"]
+    opts = [f"--gpu-architecture={target}", *OPTIONS, f"-DFQ_ONLY_{FORMATS[qtype]}"]
+    return opts + [f"-D{v}" for v in variant]
 
 
-def cache_key(qtype: str, arch: Any, kind: str = "cubin") -> str:
+def cache_key(qtype: str, arch: Any, kind: str = "cubin", variant: Sequence[str] = ()) -> str:
     """sha256 of sources + headers, architecture, NVRTC version, kind and compile options."""
     arch_n = normalize_arch(arch)
     h = hashlib.sha256()
     for name, data in sorted(sources().items()):
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    opts = compile_options(qtype, arch_n, kind)
+    opts = compile_options(qtype, arch_n, kind, variant)
     fields = [f"sm_{arch_n}", kind, ".".join(map(str, nvrtc_version())), *opts]
     h.update("\0".join(fields).encode())
     return h.hexdigest()
@@ -195,7 +197,7 @@ def _nvrtc_check(res: Any, what: str) -> Any:
     return res[1:] if len(res) > 2 else (res[1] if len(res) == 2 else None)
 
 
-def _compile(qtype: str, arch: int, kind: str) -> bytes:
+def _compile(qtype: str, arch: int, kind: str, variant: Sequence[str] = ()) -> bytes:
     from cuda.bindings import nvrtc
 
     files = sources()
@@ -207,7 +209,7 @@ def _compile(qtype: str, arch: int, kind: str) -> bytes:
         "nvrtcCreateProgram",
     )
     try:
-        opts = [o.encode() for o in compile_options(qtype, arch, kind)]
+        opts = [o.encode() for o in compile_options(qtype, arch, kind, variant)]
         res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         if int(res[0]) != 0:
             size = _nvrtc_check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
@@ -230,15 +232,17 @@ def _compile(qtype: str, arch: int, kind: str) -> bytes:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-def compile_program(qtype: str, arch: Any, kind: str = "cubin", use_cache: bool = True) -> bytes:
+def compile_program(
+    qtype: str, arch: Any, kind: str = "cubin", use_cache: bool = True, variant: Sequence[str] = ()
+) -> bytes:
     """PTX or cubin of `qtype`'s kernels for `arch`, from the disk cache when present."""
     if qtype not in FORMATS:
         raise ValueError(f"no CUDA kernels for {qtype!r}; have {sorted(FORMATS)}")
     arch_n = normalize_arch(arch)
-    path = cache_dir() / f"{qtype}-sm_{arch_n}-{cache_key(qtype, arch_n, kind)}.{kind}"
+    path = cache_dir() / f"{qtype}-sm_{arch_n}-{cache_key(qtype, arch_n, kind, variant)}.{kind}"
     if use_cache and path.is_file():
         return path.read_bytes()
-    code = _compile(qtype, arch_n, kind)
+    code = _compile(qtype, arch_n, kind, variant)
     if use_cache:
         try:
             _atomic_write(path, code)
@@ -291,12 +295,18 @@ def check_device(device: Any = None) -> tuple[int, tuple[int, int]]:
 class _Program:
     """One format's compiled kernels, loaded on one device."""
 
-    def __init__(self, qtype: str, index: int, cc: tuple[int, int]) -> None:
+    def __init__(
+        self, qtype: str, index: int, cc: tuple[int, int], variant: Sequence[str] = ()
+    ) -> None:
         torch = _torch()
         self.backend = _backend_name()
         self.index = index
+        self.rows = GEMV_ROWS  # FQ_ROWS of this build: the GEMV grid depends on it
+        for v in variant:
+            if v.startswith("FQ_ROWS="):
+                self.rows = int(v.split("=", 1)[1])
         arch = cc[0] * 10 + cc[1]
-        code = compile_program(qtype, arch, "cubin")
+        code = compile_program(qtype, arch, "cubin", variant=variant)
         with torch.cuda.device(index):
             torch.cuda.current_stream(index)  # makes torch's primary context current
             if self.backend == "core":
@@ -373,33 +383,38 @@ def _drv(res: Any, what: str) -> Any:
     return res[1] if len(res) == 2 else (res[1:] if len(res) > 2 else None)
 
 
-_programs: dict[tuple[str, int, str], _Program] = {}
+_programs: dict[tuple[str, int, str, tuple[str, ...]], _Program] = {}
 _lock = threading.Lock()
 
 
-def program(qtype: str, device: Any = None) -> _Program:
+def program(qtype: str, device: Any = None, variant: Sequence[str] = ()) -> _Program:
     """`qtype`'s kernels loaded on `device` (compiled or read from the cache at first use). Load
-    every program a CUDA graph needs before capturing it (a first forward pass does)."""
+    every program a CUDA graph needs before capturing it (a first forward pass does). `variant`:
+    tuning macros (see qmatmul.cu), for benchmarks."""
     index, cc = check_device(device)
-    key = (qtype, index, _backend_name())
+    key = (qtype, index, _backend_name(), tuple(variant))
     prog = _programs.get(key)
     if prog is None:
         with _lock:
             prog = _programs.get(key)
             if prog is None:
-                prog = _programs[key] = _Program(qtype, index, cc)
+                prog = _programs[key] = _Program(qtype, index, cc, tuple(variant))
     return prog
 
 
-def precompile(qtypes: Sequence[str] | None = None, device: Any = None) -> None:
+def precompile(
+    qtypes: Sequence[str] | None = None,
+    device: Any = None,
+    variants: Sequence[Sequence[str]] = ((),),
+) -> None:
     """Compile (or read from the cache) and load every format's kernels on `device`, NVRTC
     running in parallel threads; afterwards no call compiles, so graphs can be captured."""
     _, cc = check_device(device)
-    wanted = list(qtypes or FORMATS)
-    with ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1))) as pool:
-        list(pool.map(lambda q: compile_program(q, cc[0] * 10 + cc[1], "cubin"), wanted))
-    for q in wanted:
-        program(q, device)
+    jobs = [(q, tuple(v)) for q in (qtypes or FORMATS) for v in variants]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda j: compile_program(j[0], cc[0] * 10 + cc[1], variant=j[1]), jobs))
+    for q, v in jobs:
+        program(q, device, v)
 
 
 def available(device: Any = None) -> bool:

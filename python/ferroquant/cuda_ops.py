@@ -140,19 +140,21 @@ def supported(x: torch.Tensor, qtype: str, k: int, block_size: int, scale_mode: 
 def qmatmul_cuda(
     x: torch.Tensor, data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int,
     block_size: int, scale_mode: str, out: torch.Tensor | None = None,
+    variant: tuple[str, ...] = (),
 ) -> torch.Tensor:  # fmt: skip
     """y[..., n] = x[..., k] @ W.T on x's CUDA device (x bf16 or fp16). `out`: an optional
-    contiguous (rows of x, n) tensor of x's dtype to write into (tests poison it first)."""
+    contiguous (rows of x, n) tensor of x's dtype to write into (tests poison it first).
+    `variant`: tuning macros of the kernels (benchmarks only)."""
     with torch.cuda.device(x.device):
-        return _qmatmul_cuda(x, data, stats, qtype, n, k, block_size, scale_mode, out)
+        return _qmatmul_cuda(x, data, stats, qtype, n, k, block_size, scale_mode, out, variant)
 
 
 def _qmatmul_cuda(
     x: torch.Tensor, data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int,
-    block_size: int, scale_mode: str, out: torch.Tensor | None,
+    block_size: int, scale_mode: str, out: torch.Tensor | None, variant: tuple[str, ...],
 ) -> torch.Tensor:  # fmt: skip
     act = _ACT[x.dtype]
-    prog = _cuda.program(qtype, x.device)
+    prog = _cuda.program(qtype, x.device, variant)
     prep = _prepare(data, stats, qtype, n, k, block_size, scale_mode)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -170,7 +172,7 @@ def _qmatmul_cuda(
     if m <= MAX_GEMV_M:
         mt = next(t for t in _cuda.GEMV_M if t >= m)
         y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
-        warps = math.ceil(n / _cuda.GEMV_ROWS)
+        warps = math.ceil(n / prog.rows)
         grid = math.ceil(warps / _cuda.GEMV_WARPS)
         args = [*common, ("ptr", x2.data_ptr()), ("ptr", y.data_ptr()), ("i32", m), ("i32", n),
                 ("i32", k), ("i64", prep.group)]  # fmt: skip

@@ -234,8 +234,16 @@ struct Fmt_int8 {
 
 // ---- kernels -------------------------------------------------------------------------------
 
+// Tuning knobs (the shim passes -D for variants; benches/gpu_qmatmul.py times them):
 #define FQ_GEMV_WARPS 4  // warps per CTA
-#define FQ_ROWS 2        // weight rows per warp: activations loaded once serve FQ_ROWS rows
+#ifndef FQ_ROWS
+#define FQ_ROWS 2  // weight rows per warp: activations loaded once serve FQ_ROWS rows
+#endif
+#ifndef FQ_UNROLL
+#define FQ_UNROLL 1  // lane steps unrolled (more loads in flight, more registers)
+#endif
+#define FQ_PRAGMA_(x) _Pragma(#x)
+#define FQ_PRAGMA(x) FQ_PRAGMA_(x)
 
 // One lane's partial sums for rows n0 .. n0 + FQ_ROWS - 1 and tokens m < M <= MT: the lane
 // takes lane steps lane, lane + 32, ... of each row (consecutive lanes read consecutive 16-byte
@@ -250,6 +258,7 @@ __device__ __forceinline__ void qgemv_lane(const Ctx& c, const typename F::Share
         for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
 
     const int steps = c.nb * F::SPB;
+    FQ_PRAGMA(unroll FQ_UNROLL)
     for (int s = lane; s < steps; s += 32) {
         const int b = s / F::SPB, st = s % F::SPB;
         float w[FQ_ROWS][F::NRUNS][F::RUN];
