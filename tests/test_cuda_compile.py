@@ -29,10 +29,20 @@ def _nvrtc_or_fail():
     peers.require("cuda.bindings.nvrtc")
 
 
+_PTX: dict[str, dict[str, bytes]] = {}
+
+
+def _ptx(arch: str) -> dict[str, bytes]:
+    """Every format's PTX for `arch`, compiled once per test session."""
+    _nvrtc_or_fail()
+    if arch not in _PTX:
+        _PTX[arch] = fqcuda.compile_all_ptx(arch)
+    return _PTX[arch]
+
+
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_every_kernel_compiles_to_ptx(arch):
-    _nvrtc_or_fail()
-    ptx = fqcuda.compile_all_ptx(arch)
+    ptx = _ptx(arch)
     assert set(ptx) == set(fqcuda.FORMATS)
     target = f".target sm_{arch[3:]}"
     for qtype, code in ptx.items():
@@ -40,6 +50,94 @@ def test_every_kernel_compiles_to_ptx(arch):
         assert target in text, (qtype, arch)
         entries = set(re.findall(r"\.entry\s+(\w+)", text))
         assert entries == set(fqcuda.kernel_names(qtype)), (qtype, entries)
+
+
+def _entry_params(ptx: str, name: str) -> list[str]:
+    """PTX types of kernel `name`'s parameters, in order."""
+    m = re.search(r"\.entry\s+" + name + r"\s*\((.*?)\)", ptx, re.S)
+    assert m, name
+    return re.findall(r"\.param\s+\.(\w+)\s+\w+", m.group(1))
+
+
+class _RecordingProgram:
+    rows = fqcuda.GEMV_ROWS
+
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, name, grid, block, args):
+        self.launches.append((name, grid, block, args))
+
+
+@pytest.mark.parametrize("qtype", sorted(fqcuda.FORMATS))
+def test_launch_arguments_match_the_kernels(qtype, monkeypatch):
+    """What cuda_ops passes (names, argument kinds, grid) against the compiled kernels' PTX
+    signatures, with the launch recorded instead of run (no GPU here)."""
+    import contextlib
+
+    torch = peers_torch
+    ptx = _ptx("sm_80")[qtype].decode()
+    prog = _RecordingProgram()
+    monkeypatch.setattr(cuda_ops._cuda, "program", lambda *a, **k: prog)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    qk = cuda_ops.GGML_SPLIT.get(qtype, (32,))[0]
+    n, k = 37, 3 * max(qk, 64)
+    qbits, meta, group = _random_weights(qtype, n, k, seed=3)
+    if qtype in cuda_ops.GGML_SPLIT:
+        data = cuda_ops.from_split(torch.from_numpy(np.concatenate([qbits, meta])), qtype, n, k)
+        stats = torch.zeros(0)
+    else:
+        data, stats = torch.from_numpy(qbits), torch.from_numpy(np.asarray(meta))
+    kinds = {"ptr": "u64", "i32": "u32", "i64": "u64"}
+    for m, dtype in ((3, torch.bfloat16), (20, torch.float16)):
+        prog.launches.clear()
+        x = torch.zeros(m, k, dtype=dtype)
+        y = cuda_ops.qmatmul_cuda(x, data, stats, qtype, n, k, 64, "row")
+        assert y.shape == (m, n) and y.dtype == dtype
+        ((name, grid, block, args),) = prog.launches
+        act = "bf16" if dtype == torch.bfloat16 else "fp16"
+        if m <= cuda_ops.MAX_GEMV_M:
+            assert name == fqcuda.gemv_kernel_name(qtype, act, 4)
+            assert block == 32 * fqcuda.GEMV_WARPS and grid * fqcuda.GEMV_WARPS * prog.rows >= n
+            assert args[2:] == [("ptr", x.data_ptr()), ("ptr", y.data_ptr()), ("i32", m),
+                                ("i32", n), ("i32", k), ("i64", group or 0)]  # fmt: skip
+        else:
+            spb = cuda_ops.GGML_SPLIT[qtype][4] if qtype in cuda_ops.GGML_SPLIT else None
+            spb = spb or cuda_ops.FLAT[qtype][1]
+            assert name == fqcuda.dequant_kernel_name(qtype, act)
+            assert grid * block >= n * (k // qk if qtype in cuda_ops.GGML_SPLIT else k // 32) * spb
+        assert [kinds[t] for t, _ in args] == _entry_params(ptx, name)
+
+
+def test_driver_launch_marshals_arguments(monkeypatch):
+    """The cuda.bindings launch path hands cuLaunchKernel an array of pointers to the values."""
+    import ctypes
+    import types
+
+    torch = peers_torch
+    driver = peers.require("cuda.bindings.driver")
+    seen = {}
+
+    def fake_launch(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        p = (ctypes.c_void_p * 3).from_address(params)
+        seen.update(f=f, grid=(gx, gy, gz), block=(bx, by, bz), shmem=shmem, extra=extra)
+        seen["vals"] = [
+            ctypes.c_void_p.from_address(p[0]).value,
+            ctypes.c_int32.from_address(p[1]).value,
+            ctypes.c_int64.from_address(p[2]).value,
+        ]
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+    monkeypatch.setattr(driver, "cuLaunchKernel", fake_launch)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda i=None: types.SimpleNamespace(cuda_stream=0)
+    )
+    prog = object.__new__(fqcuda._Program)
+    prog.backend, prog.index, prog.kernels, prog._streams = "bindings", 0, {"k": "fn"}, {}
+    prog.launch("k", 5, 128, [("ptr", 0xDEADBEEF0), ("i32", -7), ("i64", 1 << 40)])
+    assert seen == {"f": "fn", "grid": (5, 1, 1), "block": (128, 1, 1), "shmem": 0, "extra": 0,
+                    "vals": [0xDEADBEEF0, -7, 1 << 40]}  # fmt: skip
 
 
 def test_tuning_variants_compile():
