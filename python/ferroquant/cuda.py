@@ -278,9 +278,13 @@ def check_device(device: Any = None) -> tuple[int, tuple[int, int]]:
         raise CudaUnavailable(f"this PyTorch ({torch.__version__}) was built without CUDA")
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         raise CudaUnavailable("no CUDA device (torch.cuda.is_available() is False)")
-    index = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-    index = torch.device(index).index
-    index = torch.cuda.current_device() if index is None else index
+    if device is None:
+        index = torch.cuda.current_device()
+    elif isinstance(device, int):
+        index = device
+    else:
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
     cc = torch.cuda.get_device_capability(index)
     if cc < MIN_CC:
         name = torch.cuda.get_device_name(index)
@@ -391,13 +395,17 @@ def program(qtype: str, device: Any = None, variant: Sequence[str] = ()) -> _Pro
     """`qtype`'s kernels loaded on `device` (compiled or read from the cache at first use). Load
     every program a CUDA graph needs before capturing it (a first forward pass does). `variant`:
     tuning macros (see qmatmul.cu), for benchmarks."""
-    index, cc = check_device(device)
-    key = (qtype, index, _backend_name(), tuple(variant))
+    # Fast path (every launch): no device queries once the program is loaded.
+    index = getattr(device, "index", None) if device is not None else None
+    if index is None:
+        index, _ = check_device(device)
+    key = (qtype, index, os.environ.get("FERROQUANT_CUDA_BACKEND", ""), tuple(variant))
     prog = _programs.get(key)
     if prog is None:
         with _lock:
             prog = _programs.get(key)
             if prog is None:
+                index, cc = check_device(index)
                 prog = _programs[key] = _Program(qtype, index, cc, tuple(variant))
     return prog
 
