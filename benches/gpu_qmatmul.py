@@ -227,7 +227,8 @@ def _use_backend(be: str) -> None:
 
 def check_op(dev) -> list[str]:
     """QuantLinear on CUDA through torch.ops.ferroquant.qmatmul: eager, torch.compile and a CUDA
-    graph, bit-identical to the direct kernel call."""
+    graph give the direct kernel call's bits (M <= 16; M > 16 goes through cuBLAS, which may
+    choose another algorithm on a capture stream: within 2^-6 of the largest output)."""
     import torch
 
     from ferroquant.nn import QuantLinear
@@ -253,7 +254,12 @@ def check_op(dev) -> list[str]:
             g.replay()
             torch.cuda.synchronize()
             for name, got in (("eager", eager), ("compile", compiled), ("graph", static_y)):
-                if not torch.equal(got, want):
+                if m <= cuda_ops.MAX_GEMV_M:
+                    same = torch.equal(got, want)  # our kernel alone: deterministic
+                else:  # cuBLAS may pick another algorithm on another stream (graph capture)
+                    err = (got.float() - want.float()).abs().max().item()
+                    same = err <= 2**-6 * want.float().abs().max().item()
+                if not same:
                     failures.append(f"op {qtype} m={m} {name}: differs from the direct call")
     return failures
 
