@@ -26,9 +26,12 @@
 //! quantizer with the dynamic map, blocks of 256 (see `bnb_dynamic.rs`); the dequantized absmax
 //! is `code[q] * absmax2 + offset`, two float32 roundings.
 //!
-//! The fast path compares each scaled value with the 15 bounds and counts (the same count
-//! `bucketize` returns) over 16 values at a time, compiled for AVX2 where the CPU has it; it is
-//! tested bit-exact against the scalar reference below.
+//! The fast paths find the same count `bucketize` returns: a portable one compares each scaled
+//! value with all 15 bounds, 16 values at a time; on AVX2 CPUs a 4-level branch-free binary
+//! search does it (see `quantize_block_avx2`). Both are tested bit-exact against the scalar
+//! reference `quantize_block_ref`. Rows are quantized in parallel, one block at a time, and the
+//! double quantization runs once over the whole absmax vector, so no result depends on the
+//! thread count.
 
 use super::bnb_dynamic::{self, CODE_SIZE, DQ_BLOCK_SIZE};
 use crate::error::{Error, Result};
