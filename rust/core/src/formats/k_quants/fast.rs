@@ -380,13 +380,13 @@ mod tests {
         x
     }
 
+    /// The non-reference paths this CPU can run.
     fn paths() -> Vec<Path> {
-        let mut p = vec![Path::Lanes];
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx2() {
-            p.push(Path::Avx2);
+            return vec![Path::Lanes, Path::Avx2];
         }
-        p
+        vec![Path::Lanes]
     }
 
     /// Timing of the paths on one thread: `cargo test --release -p ferroquant-core
