@@ -1,4 +1,4 @@
-//! Path selection for the fast K-quant quantizers (`avx2.rs`, `avx2_q6.rs`), and the portable
+//! Path selection for the fast K-quant quantizers (`avx2.rs`, `avx2_sym.rs`), and the portable
 //! lane version of the q4_K / q5_K reference search: the same scalar sequence as
 //! `common::make_qkx2_quants`, run for the 8 sub-blocks of a super-block side by side in 8
 //! lanes (`[f32; 8]` arrays, lane `j` = sub-block `j`, element `i` of every sub-block at step
@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use super::common::{nearest_int, AsymSearch};
 use super::q4_k::{self, pack_q4, ref_scales, requantize, Q4K_REF};
 use super::q5_k::{self, pack_q5, Q5K_REF};
-use super::{q2_k, q6_k};
+use super::{q2_k, q3_k, q6_k};
 use crate::formats::blocks::{BlockQ4K, BlockQ5K, QK_K};
 
 const LANES: usize = 8;
@@ -215,7 +215,9 @@ where
 mod x86 {
     pub use super::super::avx2::quantize_row_q2_k as q2_k_avx2;
     pub use super::super::avx2::{quantize_row_q4_k as q4_k_avx2, quantize_row_q5_k as q5_k_avx2};
-    pub use super::super::avx2_q6::quantize_row_q6_k as q6_k_avx2;
+    pub use super::super::avx2_sym::{
+        quantize_row_q3_k as q3_k_avx2, quantize_row_q6_k as q6_k_avx2,
+    };
 
     pub fn has_avx2() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
@@ -313,6 +315,22 @@ pub fn quantize_row_q2_k_with(path: Path, x: &[f32], out: &mut [u8]) {
 /// q2_K without an imatrix: bytes of `quantize_row_q2_K_ref`, by the fastest path.
 pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
     quantize_row_q2_k_with(default_path(), x, out)
+}
+
+/// q3_K without an imatrix by `path` (the lane code exists only for AVX2: other paths run the
+/// scalar reference).
+pub fn quantize_row_q3_k_with(path: Path, x: &[f32], out: &mut [u8]) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
+        Path::Avx2 if x86::has_avx2() => unsafe { x86::q3_k_avx2(x, out) },
+        _ => q3_k::quantize_row_q3_k_ref(x, out),
+    }
+}
+
+/// q3_K without an imatrix: bytes of `quantize_row_q3_K_ref`, by the fastest path.
+pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8]) {
+    quantize_row_q3_k_with(default_path(), x, out)
 }
 
 /// q6_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
@@ -458,6 +476,13 @@ mod tests {
                 quantize_row_q5_k_impl_with(path, x, &mut o5, &qw);
                 assert_eq!(o4, r4, "q4_k imatrix {path:?} seed {seed}");
                 assert_eq!(o5, r5, "q5_k imatrix {path:?} seed {seed}");
+            }
+            let mut r3 = vec![0u8; nb * 110];
+            quantize_row_q3_k_with(Path::Scalar, x, &mut r3);
+            for path in paths() {
+                let mut o3 = vec![0u8; nb * 110];
+                quantize_row_q3_k_with(path, x, &mut o3);
+                assert_eq!(o3, r3, "q3_k {path:?} seed {seed}");
             }
             let mut r2 = vec![0u8; nb * 84];
             quantize_row_q2_k_with(Path::Scalar, x, &mut r2);

@@ -63,32 +63,41 @@ pub fn quantize_row_q3_k_ref(x: &[f32], out: &mut [u8]) {
     let mut l_all = [0i8; QK_K];
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK_K)) {
         let mut scales = [0f32; QK_K / 16];
-        let mut max_scale = 0.0f32;
-        let mut amax = 0.0f32;
         for j in 0..QK_K / 16 {
             let xs = &x[16 * j..16 * j + 16];
             scales[j] = make_q3_quants(4, xs, &mut l_all[16 * j..16 * j + 16]);
-            let scale = scales[j].abs();
-            if scale > amax {
-                amax = scale;
-                max_scale = scales[j];
-            }
         }
-        b.scales = [0; 12];
-        if max_scale != 0.0 {
-            let iscale = -32.0 / max_scale;
-            for j in 0..QK_K / 16 {
-                // int8_t l = nearest_int(...): the low byte, then clamped and offset.
-                let l = nearest_int(iscale * scales[j]) as i8 as i32;
-                put_scale(&mut b.scales, j, (clamp(l, -32, 31) + 32) as u8);
-            }
-            b.d = f16_from_f32(1.0 / iscale);
-        } else {
-            b.d = f16_from_f32(0.0);
-        }
-        let mut l = to_u8(&l_all);
-        requantize_and_pack(x, b, &mut l);
+        finish_block_ref(x, &scales, &l_all, b);
     }
+}
+
+/// The reference path after the sub-block searches: 6-bit signed scales against the one of
+/// largest magnitude (`d = max_scale/-32`), requantization and packing. `l_all` holds the levels
+/// of the searches (`l + 4`), kept where a sub-block's scale rounds to zero.
+#[inline]
+pub fn finish_block_ref(x: &[f32], scales: &[f32; 16], l_all: &[i8; QK_K], b: &mut BlockQ3K) {
+    let mut max_scale = 0.0f32;
+    let mut amax = 0.0f32;
+    for &s in scales {
+        if s.abs() > amax {
+            amax = s.abs();
+            max_scale = s;
+        }
+    }
+    b.scales = [0; 12];
+    if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        for j in 0..QK_K / 16 {
+            // int8_t l = nearest_int(...): the low byte, then clamped and offset.
+            let l = nearest_int(iscale * scales[j]) as i8 as i32;
+            put_scale(&mut b.scales, j, (clamp(l, -32, 31) + 32) as u8);
+        }
+        b.d = f16_from_f32(1.0 / iscale);
+    } else {
+        b.d = f16_from_f32(0.0);
+    }
+    let mut l = to_u8(l_all);
+    requantize_and_pack(x, b, &mut l);
 }
 
 /// ggml's `quantize_row_q3_K_impl` with an imatrix `qw` (what `ggml_quantize_chunk` runs when

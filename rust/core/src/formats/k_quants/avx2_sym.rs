@@ -1,16 +1,20 @@
-//! AVX2 copy of the q6_K sub-block search: `make_qx_quants(16, 32, x, L, 1, qw)` for the 16
-//! sub-blocks of a super-block in the lanes of two ymm registers (lane `k` of register `r` =
-//! sub-block `8r + k`). Each lane runs the scalar sequence of `common::make_qx_quants`
-//! operation for operation, under the rules of `avx2.rs` (ggml's `nearest_int` bit trick, no
-//! FMA, IEEE division, ordered quiet comparisons, blends of values the scalar code computes).
-//! The rest of the block (`q6_k::finish_block`) is shared with the reference.
+//! AVX2 copies of the symmetric sub-block searches: `make_qx_quants(16, 32, x, L, 1, qw)` of
+//! q6_K and `make_q3_quants(16, 4, x, L, true)` of q3_K (no imatrix), for the 16 sub-blocks of
+//! a super-block in the lanes of two ymm registers (lane `k` of register `r` = sub-block
+//! `8r + k`). Each lane runs the scalar sequence of `common::make_qx_quants` /
+//! `common::make_q3_quants` operation for operation, under the rules of `avx2.rs` (ggml's
+//! `nearest_int` bit trick, no FMA, IEEE division, ordered quiet comparisons, blends of values
+//! the scalar code computes). The rest of the block (`q6_k::finish_block`,
+//! `q3_k::finish_block_ref`) is shared with the references.
 //!
 //! Only called after `is_x86_feature_detected!("avx2")` (see `fast.rs`).
 
 use std::arch::x86_64::*;
 
 use super::common::GROUP_MAX_EPS;
+use super::q3_k::finish_block_ref as q3_finish;
 use super::q6_k::finish_block;
+use crate::formats::blocks::BlockQ3K;
 use crate::formats::blocks::{BlockQ6K, QK_K};
 
 #[inline]
@@ -157,5 +161,118 @@ pub fn quantize_row_q6_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
         let wl: [[__m256; 2]; 16] = std::array::from_fn(|i| [load(&tw[i][0]), load(&tw[i][1])]);
         let scales = qx_lanes(32, &xl, &wl, &mut l_all);
         finish_block(xs, &scales, &mut l_all, b);
+    }
+}
+
+/// `make_q3_quants(16, nmax, x, L, true)` for 16 sub-blocks (layout as `qx_lanes`): x^2
+/// weights, then up to 5 rounds of single-level moves. A lane whose scalar loop would have
+/// stopped (a round without a change) keeps running with the others, but such a round changes
+/// nothing (its state is the one that just produced no change), so its result is the scalar one.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn q3_lanes(nmax: i32, x: &[[__m256; 2]; 16], l_out: &mut [i8; QK_K]) -> [f32; 16] {
+    let zero = _mm256_setzero_ps();
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let (lo, hi) = (_mm256_set1_epi32(-nmax), _mm256_set1_epi32(nmax - 1));
+    let mut amax = [zero; 2];
+    let mut max = [zero; 2];
+    for xi in x {
+        for r in 0..2 {
+            let ax = _mm256_and_ps(xi[r], abs_mask);
+            let gt = _mm256_cmp_ps::<_CMP_GT_OQ>(ax, amax[r]);
+            amax[r] = _mm256_blendv_ps(amax[r], ax, gt);
+            max[r] = _mm256_blendv_ps(max[r], xi[r], gt);
+        }
+    }
+    let mut zero_group = [zero; 2];
+    let mut iscale = [zero; 2];
+    for r in 0..2 {
+        zero_group[r] = _mm256_cmp_ps::<_CMP_LT_OQ>(amax[r], _mm256_set1_ps(GROUP_MAX_EPS));
+        iscale[r] = _mm256_div_ps(_mm256_set1_ps(-(nmax as f32)), max[r]);
+    }
+    // w = x*x and w*x, as the scalar loop computes them each time
+    let w: [[__m256; 2]; 16] = std::array::from_fn(|i| {
+        [
+            _mm256_mul_ps(x[i][0], x[i][0]),
+            _mm256_mul_ps(x[i][1], x[i][1]),
+        ]
+    });
+    let mut l = [[zero; 2]; 16];
+    let (mut sumlx, mut suml2) = ([zero; 2], [zero; 2]);
+    for i in 0..16 {
+        for r in 0..2 {
+            let li = level(_mm256_mul_ps(iscale[r], x[i][r]), lo, hi);
+            l[i][r] = li;
+            let wx = _mm256_mul_ps(w[i][r], x[i][r]);
+            sumlx[r] = _mm256_add_ps(sumlx[r], _mm256_mul_ps(wx, li));
+            suml2[r] = _mm256_add_ps(suml2[r], _mm256_mul_ps(_mm256_mul_ps(w[i][r], li), li));
+        }
+    }
+    for _ in 0..5 {
+        let mut changed = [zero; 2];
+        for i in 0..16 {
+            for r in 0..2 {
+                let (wi, xi, li) = (w[i][r], x[i][r], l[i][r]);
+                let wx = _mm256_mul_ps(wi, xi);
+                let slx = _mm256_sub_ps(sumlx[r], _mm256_mul_ps(wx, li));
+                let c1 = _mm256_cmp_ps::<_CMP_GT_OQ>(slx, zero);
+                let sl2 = _mm256_sub_ps(suml2[r], _mm256_mul_ps(_mm256_mul_ps(wi, li), li));
+                let new_l = level(_mm256_div_ps(_mm256_mul_ps(xi, sl2), slx), lo, hi);
+                let c2 = _mm256_cmp_ps::<_CMP_NEQ_OQ>(new_l, li);
+                let slx2 = _mm256_add_ps(slx, _mm256_mul_ps(wx, new_l));
+                let sl2b = _mm256_add_ps(sl2, _mm256_mul_ps(_mm256_mul_ps(wi, new_l), new_l));
+                let c3 = _mm256_cmp_ps::<_CMP_GT_OQ>(sl2b, zero);
+                let c4 = _mm256_cmp_ps::<_CMP_GT_OQ>(
+                    _mm256_mul_ps(_mm256_mul_ps(slx2, slx2), suml2[r]),
+                    _mm256_mul_ps(_mm256_mul_ps(sumlx[r], sumlx[r]), sl2b),
+                );
+                let upd = _mm256_and_ps(_mm256_and_ps(c1, c2), _mm256_and_ps(c3, c4));
+                l[i][r] = _mm256_blendv_ps(li, new_l, upd);
+                sumlx[r] = _mm256_blendv_ps(sumlx[r], slx2, upd);
+                suml2[r] = _mm256_blendv_ps(suml2[r], sl2b, upd);
+                changed[r] = _mm256_or_ps(changed[r], upd);
+            }
+        }
+        if _mm256_movemask_ps(_mm256_or_ps(changed[0], changed[1])) == 0 {
+            break;
+        }
+    }
+    let mut scales = [0f32; 16];
+    let offset = _mm256_set1_epi32(nmax);
+    for r in 0..2 {
+        let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(suml2[r], zero);
+        let s = _mm256_and_ps(_mm256_div_ps(sumlx[r], suml2[r]), pos);
+        let s = _mm256_blendv_ps(s, zero, zero_group[r]);
+        // SAFETY: `scales[8r..8r+8]` is 8 valid, writable f32: the 32 bytes storeu writes.
+        unsafe { _mm256_storeu_ps(scales[8 * r..].as_mut_ptr(), s) };
+        for i in 0..16 {
+            let li = _mm256_add_epi32(_mm256_cvttps_epi32(l[i][r]), offset);
+            let li = _mm256_andnot_si256(_mm256_castps_si256(zero_group[r]), li);
+            let mut v = [0i32; 8];
+            // SAFETY: `v` is a valid, writable [i32; 8]: the 32 bytes storeu writes.
+            unsafe { _mm256_storeu_si256(v.as_mut_ptr().cast(), li) };
+            for k in 0..8 {
+                l_out[16 * (8 * r + k) + i] = v[k] as i8;
+            }
+        }
+    }
+    scales
+}
+
+/// `quantize_row_q3_K_ref`, bit-exact, with the sub-block searches in AVX2.
+#[target_feature(enable = "avx2")]
+pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8]) {
+    let blocks: &mut [BlockQ3K] = bytemuck::cast_slice_mut(out);
+    let mut l_all = [0i8; QK_K];
+    for (b, xs) in blocks.iter_mut().zip(x.chunks_exact(QK_K)) {
+        let mut t = [[[0f32; 8]; 2]; 16];
+        for s in 0..16 {
+            for i in 0..16 {
+                t[i][s / 8][s % 8] = xs[16 * s + i];
+            }
+        }
+        let xl: [[__m256; 2]; 16] = std::array::from_fn(|i| [load(&t[i][0]), load(&t[i][1])]);
+        let scales = q3_lanes(4, &xl, &mut l_all);
+        q3_finish(xs, &scales, &l_all, b);
     }
 }
