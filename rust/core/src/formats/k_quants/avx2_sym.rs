@@ -12,7 +12,7 @@
 use std::arch::x86_64::*;
 
 use super::common::GROUP_MAX_EPS;
-use super::q3_k::finish_block_ref as q3_finish;
+use super::q3_k::finish_block_ref_with as q3_finish;
 use super::q6_k::finish_block;
 use crate::formats::blocks::BlockQ3K;
 use crate::formats::blocks::{BlockQ6K, QK_K};
@@ -273,6 +273,25 @@ pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8]) {
         }
         let xl: [[__m256; 2]; 16] = std::array::from_fn(|i| [load(&t[i][0]), load(&t[i][1])]);
         let scales = q3_lanes(4, &xl, &mut l_all);
-        q3_finish(xs, &scales, &l_all, b);
+        q3_finish(xs, &scales, &l_all, b, |v, d, out| requantize16(v, d, out));
+    }
+}
+
+/// `q3_k::requantize16` in two vectors: `clamp(nearest_int(x/d), -4, 3) + 4`.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn requantize16(xs: &[f32], d: f32, out: &mut [u8]) {
+    let dv = _mm256_set1_ps(d);
+    let (lo, hi) = (_mm256_set1_epi32(-4), _mm256_set1_epi32(3));
+    for c in 0..2 {
+        let v: &[f32; 8] = xs[8 * c..8 * c + 8].try_into().expect("8 values");
+        let l = level(_mm256_div_ps(load(v), dv), lo, hi);
+        let l = _mm256_add_epi32(_mm256_cvttps_epi32(l), _mm256_set1_epi32(4));
+        let mut li = [0i32; 8];
+        // SAFETY: `li` is a valid, writable [i32; 8]: the 32 bytes storeu writes.
+        unsafe { _mm256_storeu_si256(li.as_mut_ptr().cast(), l) };
+        for (o, v) in out[8 * c..8 * c + 8].iter_mut().zip(li) {
+            *o = v as u8;
+        }
     }
 }

@@ -31,16 +31,32 @@ fn get_scale(scales: &[u8; 12], j: usize) -> i32 {
 /// shared by the ref and the imatrix variant). `l_all` holds `l + 4` in 0..8; sub-blocks whose
 /// scale is zero keep the levels of the search.
 fn requantize_and_pack(x: &[f32], b: &mut BlockQ3K, l_all: &mut [u8; QK_K]) {
+    requantize_and_pack_with(x, b, l_all, requantize16);
+}
+
+/// ggml's requantization of one sub-block: `clamp(nearest_int(x/d), -4, 3) + 4`.
+#[inline]
+pub fn requantize16(xs: &[f32], d: f32, out: &mut [u8]) {
+    for ii in 0..16 {
+        let l = clamp(nearest_int(xs[ii] / d), -4, 3);
+        out[ii] = (l + 4) as u8;
+    }
+}
+
+/// `requantize_and_pack` with the sub-block requantization `requant` (`requantize16` or a
+/// SIMD copy of it).
+#[inline]
+pub fn requantize_and_pack_with<R>(x: &[f32], b: &mut BlockQ3K, l_all: &mut [u8; QK_K], requant: R)
+where
+    R: Fn(&[f32], f32, &mut [u8]),
+{
     let dd = f16_to_f32(b.d);
     for j in 0..QK_K / 16 {
         let d = dd * get_scale(&b.scales, j) as f32;
         if d == 0.0 {
             continue;
         }
-        for ii in 0..16 {
-            let l = clamp(nearest_int(x[16 * j + ii] / d), -4, 3);
-            l_all[16 * j + ii] = (l + 4) as u8;
-        }
+        requant(&x[16 * j..16 * j + 16], d, &mut l_all[16 * j..16 * j + 16]);
     }
     // The high bit of value j goes to hmask[j % 32], bit j / 32.
     b.hmask = [0; QK_K / 8];
@@ -76,6 +92,20 @@ pub fn quantize_row_q3_k_ref(x: &[f32], out: &mut [u8]) {
 /// of the searches (`l + 4`), kept where a sub-block's scale rounds to zero.
 #[inline]
 pub fn finish_block_ref(x: &[f32], scales: &[f32; 16], l_all: &[i8; QK_K], b: &mut BlockQ3K) {
+    finish_block_ref_with(x, scales, l_all, b, requantize16);
+}
+
+/// `finish_block_ref` with the sub-block requantization `requant`.
+#[inline]
+pub fn finish_block_ref_with<R>(
+    x: &[f32],
+    scales: &[f32; 16],
+    l_all: &[i8; QK_K],
+    b: &mut BlockQ3K,
+    requant: R,
+) where
+    R: Fn(&[f32], f32, &mut [u8]),
+{
     let mut max_scale = 0.0f32;
     let mut amax = 0.0f32;
     for &s in scales {
@@ -97,7 +127,7 @@ pub fn finish_block_ref(x: &[f32], scales: &[f32; 16], l_all: &[i8; QK_K], b: &m
         b.d = f16_from_f32(0.0);
     }
     let mut l = to_u8(l_all);
-    requantize_and_pack(x, b, &mut l);
+    requantize_and_pack_with(x, b, &mut l, requant);
 }
 
 /// ggml's `quantize_row_q3_K_impl` with an imatrix `qw` (what `ggml_quantize_chunk` runs when
