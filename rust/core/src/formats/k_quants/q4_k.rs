@@ -241,8 +241,7 @@ mod tests {
         // min 1 everywhere, so the 6-bit scales are all 63 and d = f16(1/8/63), dmin = f16(1/63).
         // f16 rounding is within 2^-12 relative, so d*63 is within 2^-12/8 of 1/8 and dmin*63
         // within 2^-12 of 1: level l is off by at most 15*2^-15 + 2^-12 = 7.02e-4 (+ f32
-        // rounding, ~1e-7), and the nearest
-        // level can only be closer.
+        // rounding, ~1e-7), and the nearest level can only be closer.
         let x: Vec<f32> = (0..QK_K).map(|i| (i % 16) as f32 * 0.125 - 1.0).collect();
         let mut q = [0u8; 144];
         quantize_row_q4_k_ref(&x, &mut q);
