@@ -11,8 +11,9 @@
 
 use std::arch::x86_64::*;
 
+use super::common::sum_sq;
 use super::common::GROUP_MAX_EPS;
-use super::q3_k::finish_block_ref_with as q3_finish;
+use super::q3_k::{finish_block_impl_with as q3_finish_impl, finish_block_ref_with as q3_finish};
 use super::q6_k::finish_block;
 use crate::formats::blocks::BlockQ3K;
 use crate::formats::blocks::{BlockQ6K, QK_K};
@@ -259,21 +260,53 @@ fn q3_lanes(nmax: i32, x: &[[__m256; 2]; 16], l_out: &mut [i8; QK_K]) -> [f32; 1
     scales
 }
 
-/// `quantize_row_q3_K_ref`, bit-exact, with the sub-block searches in AVX2.
+/// `quantize_row_q3_K_ref` (`qw = None`: `make_q3_quants`) or `quantize_row_q3_K_impl`
+/// (`make_qx_quants` with weights `qw*sqrt(sigma2 + x^2)`, `sigma2 = 2*sum(x^2)/256`),
+/// bit-exact, with the sub-block searches and the requantization in AVX2.
 #[target_feature(enable = "avx2")]
-pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8]) {
+pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
     let blocks: &mut [BlockQ3K] = bytemuck::cast_slice_mut(out);
     let mut l_all = [0i8; QK_K];
-    for (b, xs) in blocks.iter_mut().zip(x.chunks_exact(QK_K)) {
+    for (ib, (b, xs)) in blocks.iter_mut().zip(x.chunks_exact(QK_K)).enumerate() {
         let mut t = [[[0f32; 8]; 2]; 16];
+        let mut tq = t;
         for s in 0..16 {
             for i in 0..16 {
                 t[i][s / 8][s % 8] = xs[16 * s + i];
+                if let Some(q) = qw {
+                    tq[i][s / 8][s % 8] = q[QK_K * ib + 16 * s + i];
+                }
             }
         }
         let xl: [[__m256; 2]; 16] = std::array::from_fn(|i| [load(&t[i][0]), load(&t[i][1])]);
-        let scales = q3_lanes(4, &xl, &mut l_all);
-        q3_finish(xs, &scales, &l_all, b, |v, d, out| requantize16(v, d, out));
+        match qw {
+            None => {
+                let scales = q3_lanes(4, &xl, &mut l_all);
+                q3_finish(xs, &scales, &l_all, b, |v, d, out| requantize16(v, d, out));
+            }
+            Some(_) => {
+                let sigma2 = _mm256_set1_ps(2.0 * sum_sq(xs) / QK_K as f32);
+                let mut wl = [[_mm256_setzero_ps(); 2]; 16];
+                let mut sums = [_mm256_setzero_ps(); 2];
+                for i in 0..16 {
+                    for h in 0..2 {
+                        let x2 = _mm256_mul_ps(xl[i][h], xl[i][h]);
+                        let r = _mm256_sqrt_ps(_mm256_add_ps(sigma2, x2));
+                        wl[i][h] = _mm256_mul_ps(load(&tq[i][h]), r);
+                        sums[h] = _mm256_add_ps(sums[h], wl[i][h]);
+                    }
+                }
+                let mut sw = [0f32; 16];
+                for h in 0..2 {
+                    // SAFETY: `sw[8h..8h+8]` is 8 valid, writable f32: the 32 bytes storeu writes.
+                    unsafe { _mm256_storeu_ps(sw[8 * h..].as_mut_ptr(), sums[h]) };
+                }
+                let scales = qx_lanes(4, &xl, &wl, &mut l_all);
+                q3_finish_impl(xs, &scales, &sw, &l_all, b, |v, d, out| {
+                    requantize16(v, d, out)
+                });
+            }
+        }
     }
 }
 

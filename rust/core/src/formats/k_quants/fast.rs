@@ -301,36 +301,38 @@ pub fn quantize_row_q5_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
     quantize_row_q5_k_impl_with(default_path(), x, out, qw)
 }
 
-/// q2_K without an imatrix by `path` (the lane code exists only for AVX2: other paths run the
-/// scalar reference).
-pub fn quantize_row_q2_k_with(path: Path, x: &[f32], out: &mut [u8]) {
-    match path {
+/// q2_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
+/// run the scalar reference).
+pub fn quantize_row_q2_k_with(path: Path, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    match (path, qw) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
-        Path::Avx2 if x86::has_avx2() => unsafe { x86::q2_k_avx2(x, out) },
-        _ => q2_k::quantize_row_q2_k_ref(x, out),
+        (Path::Avx2, _) if x86::has_avx2() => unsafe { x86::q2_k_avx2(x, out, qw) },
+        (_, None) => q2_k::quantize_row_q2_k_ref(x, out),
+        (_, Some(w)) => q2_k::quantize_row_q2_k_impl(x, out, w),
     }
 }
 
-/// q2_K without an imatrix: bytes of `quantize_row_q2_K_ref`, by the fastest path.
-pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
-    quantize_row_q2_k_with(default_path(), x, out)
+/// q2_K: bytes of `quantize_row_q2_K_ref` / `_impl`, by the fastest path.
+pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    quantize_row_q2_k_with(default_path(), x, out, qw)
 }
 
-/// q3_K without an imatrix by `path` (the lane code exists only for AVX2: other paths run the
-/// scalar reference).
-pub fn quantize_row_q3_k_with(path: Path, x: &[f32], out: &mut [u8]) {
-    match path {
+/// q3_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
+/// run the scalar reference).
+pub fn quantize_row_q3_k_with(path: Path, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    match (path, qw) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
-        Path::Avx2 if x86::has_avx2() => unsafe { x86::q3_k_avx2(x, out) },
-        _ => q3_k::quantize_row_q3_k_ref(x, out),
+        (Path::Avx2, _) if x86::has_avx2() => unsafe { x86::q3_k_avx2(x, out, qw) },
+        (_, None) => q3_k::quantize_row_q3_k_ref(x, out),
+        (_, Some(w)) => q3_k::quantize_row_q3_k_impl(x, out, w),
     }
 }
 
-/// q3_K without an imatrix: bytes of `quantize_row_q3_K_ref`, by the fastest path.
-pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8]) {
-    quantize_row_q3_k_with(default_path(), x, out)
+/// q3_K: bytes of `quantize_row_q3_K_ref` / `_impl`, by the fastest path.
+pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    quantize_row_q3_k_with(default_path(), x, out, qw)
 }
 
 /// q6_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
@@ -477,19 +479,20 @@ mod tests {
                 assert_eq!(o4, r4, "q4_k imatrix {path:?} seed {seed}");
                 assert_eq!(o5, r5, "q5_k imatrix {path:?} seed {seed}");
             }
-            let mut r3 = vec![0u8; nb * 110];
-            quantize_row_q3_k_with(Path::Scalar, x, &mut r3);
-            for path in paths() {
-                let mut o3 = vec![0u8; nb * 110];
-                quantize_row_q3_k_with(path, x, &mut o3);
-                assert_eq!(o3, r3, "q3_k {path:?} seed {seed}");
-            }
-            let mut r2 = vec![0u8; nb * 84];
-            quantize_row_q2_k_with(Path::Scalar, x, &mut r2);
-            for path in paths() {
-                let mut o2 = vec![0u8; nb * 84];
-                quantize_row_q2_k_with(path, x, &mut o2);
-                assert_eq!(o2, r2, "q2_k {path:?} seed {seed}");
+            for w in [None, Some(&qw[..])] {
+                let mut r3 = vec![0u8; nb * 110];
+                let mut r2 = vec![0u8; nb * 84];
+                quantize_row_q3_k_with(Path::Scalar, x, &mut r3, w);
+                quantize_row_q2_k_with(Path::Scalar, x, &mut r2, w);
+                for path in paths() {
+                    let mut o3 = vec![0u8; nb * 110];
+                    let mut o2 = vec![0u8; nb * 84];
+                    quantize_row_q3_k_with(path, x, &mut o3, w);
+                    quantize_row_q2_k_with(path, x, &mut o2, w);
+                    let im = w.is_some();
+                    assert_eq!(o3, r3, "q3_k {path:?} seed {seed} imatrix {im}");
+                    assert_eq!(o2, r2, "q2_k {path:?} seed {seed} imatrix {im}");
+                }
             }
             // q6_K, without and with importance weights (some of them zero)
             let qw: Vec<f32> = (0..x.len())

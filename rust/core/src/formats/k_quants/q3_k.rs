@@ -27,13 +27,6 @@ fn get_scale(scales: &[u8; 12], j: usize) -> i32 {
     (low | (((scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32
 }
 
-/// Requantize against the f16 scale, split off the high bits into `hmask` and pack (the tail
-/// shared by the ref and the imatrix variant). `l_all` holds `l + 4` in 0..8; sub-blocks whose
-/// scale is zero keep the levels of the search.
-fn requantize_and_pack(x: &[f32], b: &mut BlockQ3K, l_all: &mut [u8; QK_K]) {
-    requantize_and_pack_with(x, b, l_all, requantize16);
-}
-
 /// ggml's requantization of one sub-block: `clamp(nearest_int(x/d), -4, 3) + 4`.
 #[inline]
 pub fn requantize16(xs: &[f32], d: f32, out: &mut [u8]) {
@@ -43,8 +36,10 @@ pub fn requantize16(xs: &[f32], d: f32, out: &mut [u8]) {
     }
 }
 
-/// `requantize_and_pack` with the sub-block requantization `requant` (`requantize16` or a
-/// SIMD copy of it).
+/// Requantize against the f16 scale with `requant` (`requantize16` or a SIMD copy of it),
+/// split off the high bits into `hmask` and pack (the tail shared by the ref and the imatrix
+/// variant). `l_all` holds `l + 4` in 0..8; sub-blocks whose scale is zero keep the levels of
+/// the search.
 #[inline]
 pub fn requantize_and_pack_with<R>(x: &[f32], b: &mut BlockQ3K, l_all: &mut [u8; QK_K], requant: R)
 where
@@ -156,16 +151,32 @@ pub fn quantize_row_q3_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
             sw[j] = sumw;
             scales[j] = make_qx_quants(4, xs, &mut l_all[16 * j..16 * j + 16], Some(&weight));
         }
-        b.scales = [0; 12];
-        let mut ls = [0i8; QK_K / 16];
-        let d_block = make_qx_quants(32, &scales, &mut ls, Some(&sw));
-        for (j, &l) in ls.iter().enumerate() {
-            put_scale(&mut b.scales, j, l as u8);
-        }
-        b.d = f16_from_f32(d_block);
-        let mut l = to_u8(&l_all);
-        requantize_and_pack(x, b, &mut l);
+        finish_block_impl_with(x, &scales, &sw, &l_all, b, requantize16);
     }
+}
+
+/// The imatrix path after the sub-block searches: `make_qx_quants` over the scales (weighted
+/// by the sub-block weight sums `sw`), requantization (by `requant`) and packing.
+#[inline]
+pub fn finish_block_impl_with<R>(
+    x: &[f32],
+    scales: &[f32; 16],
+    sw: &[f32; 16],
+    l_all: &[i8; QK_K],
+    b: &mut BlockQ3K,
+    requant: R,
+) where
+    R: Fn(&[f32], f32, &mut [u8]),
+{
+    b.scales = [0; 12];
+    let mut ls = [0i8; QK_K / 16];
+    let d_block = make_qx_quants(32, scales, &mut ls, Some(sw));
+    for (j, &l) in ls.iter().enumerate() {
+        put_scale(&mut b.scales, j, l as u8);
+    }
+    b.d = f16_from_f32(d_block);
+    let mut l = to_u8(l_all);
+    requantize_and_pack_with(x, b, &mut l, requant);
 }
 
 /// ggml's `dequantize_row_q3_K` (and gguf-py's `Q3_K.dequantize_blocks`):
