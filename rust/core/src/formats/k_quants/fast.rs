@@ -11,8 +11,9 @@
 //!
 //! The portable lane code is plain Rust (LLVM vectorizes it only partly: about 1.5x the scalar
 //! reference); where the CPU has AVX2 (`is_x86_feature_detected!`) the intrinsics of `avx2.rs`
-//! run instead (about 7x). FERROQUANT_FORCE_SCALAR=1 (read once) selects the scalar references,
-//! for tests and comparisons.
+//! and `avx2_sym.rs` run instead (q4_K: about 7x the reference per core), for all five types
+//! with and without an imatrix. FERROQUANT_FORCE_SCALAR=1 (read once) selects the scalar
+//! references, for tests and comparisons.
 
 use std::sync::OnceLock;
 
@@ -224,7 +225,7 @@ mod x86 {
     }
 }
 
-/// Which implementation `quantize_row_q4_k` / `quantize_row_q5_k` run.
+/// Which implementation the `quantize_row_*` functions of this module run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
     /// The scalar references of q4_k.rs / q5_k.rs.
