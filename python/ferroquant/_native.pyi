@@ -1,5 +1,6 @@
 """Type stub of the Rust extension module ferroquant._native."""
 
+import os
 from typing import Any
 
 import numpy as np
@@ -45,3 +46,43 @@ def qmatmul(
     scale_mode: str | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def qmatmul_qtypes() -> list[str]: ...
+
+# GGUF (rust/python/src/gguf.rs)
+class GgufFile:
+    """An open, memory-mapped GGUF file (v2 or v3); raises FormatError for a malformed one."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def alignment(self) -> int: ...
+    @property
+    def data_offset(self) -> int: ...
+    @property
+    def file_size(self) -> int: ...
+    def metadata(self) -> list[tuple[str, str, Any, int]]:
+        """[(key, type name such as "uint32" or "array[string]", value, byte offset)]."""
+    def tensors(self) -> list[tuple[str, list[int], int, str, int, int, int]]:
+        """[(name, ggml dims innermost first, ggml type id, type name, absolute data offset,
+        nbytes, n_elements)]."""
+    def tensor_data(self, index: int) -> npt.NDArray[np.uint8]:
+        """Read-only zero-copy view of a tensor's bytes in the map."""
+
+class GgufWriter:
+    """Streaming atomic GGUF v3 writer: header and tensor infos on creation, then tensors in
+    order, then finish() (fsync + rename) or abort()."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        metadata: list[tuple[str, tuple[int, Any]]],
+        tensors: list[tuple[str, list[int], int]],
+    ) -> None: ...
+    def next_tensor(self) -> tuple[str, int] | None: ...
+    def write_tensor(self, data: npt.NDArray[np.uint8]) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+
+def ggml_types() -> list[tuple[int, str, int, int]]: ...

@@ -1,9 +1,10 @@
 //! ferroquant._native: thin PyO3 bindings over ferroquant-core. Only conversion, GIL release
 //! and error mapping live here; no numerics.
 
-mod matmul;
-
 use ferroquant_core as core;
+
+mod gguf;
+mod matmul;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -23,7 +24,7 @@ create_exception!(
     "A malformed or unsupported file."
 );
 
-fn to_py(e: core::Error) -> PyErr {
+pub(crate) fn to_py(e: core::Error) -> PyErr {
     if e.is_format() {
         FormatError::new_err(e.to_string())
     } else {
@@ -238,6 +239,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
+    gguf::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
