@@ -7,8 +7,9 @@ F.linear and against the machine's multi-threaded memory read bandwidth, in one 
 
 K x N = in x out features (ANCHORS.md). Every backend rotates over copies of its weights that
 together exceed --rotate-mb (default 640 MB, over twice the 300 MiB last-level cache), so each
-call reads its weights from memory, not from cache. Weights: a 512-row quantized slab tiled to N
-rows (the kernels have no data-dependent branches, so timing does not depend on the values).
+call reads its weights from memory, not from cache. Weights: a 512-row slab quantized by
+fq.quantize (int8: per-row scales) and tiled to N rows (the kernels have no data-dependent
+branches, so timing does not depend on the values).
 Effective GB/s = weight bytes (data + statistics) / time. The read bandwidth is torch's
 multi-threaded sum over a 1 GiB float32 array, best of 5. Threads: ferroquant's pool and torch
 both use --threads (default: all cores).
@@ -41,27 +42,10 @@ SLAB_ROWS = 512
 def slab(qtype: str, k: int, rng: np.random.Generator):
     """(data per row as uint8 (rows, bytes), stats per row (rows, s) or None, block, mode)."""
     w = rng.standard_normal((SLAB_ROWS, k)).astype(np.float32)
-    if qtype in ("q4_0", "q8_0"):
-        qt = fq.quantize(w, qtype)
-        return qt.data.reshape(SLAB_ROWS, -1), None, qt.block_size, None
-    if qtype in ("iq4_nl", "q4_k", "q5_k", "q6_k"):
-        import peers
-
-        data = peers.ggml_quantize(w, qtype).reshape(SLAB_ROWS, -1)
-        return data, None, 32 if qtype == "iq4_nl" else 256, None
-    if qtype == "nf4":
-        import bitsandbytes.functional as bnbf
-        import torch
-
-        packed, st = bnbf.quantize_4bit(
-            torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=False
-        )
-        absmax = st.absmax.numpy().astype(np.float32).reshape(SLAB_ROWS, -1)
-        return packed.numpy().reshape(SLAB_ROWS, -1), absmax, 64, None
-    # int8, one scale per row
-    s = (np.abs(w).max(axis=1, keepdims=True) / 127).astype(np.float32)
-    q = np.clip(np.rint(w / s), -127, 127).astype(np.int8).view(np.uint8)
-    return q, s, 64, "row"
+    kw = {"scale_mode": "row"} if qtype == "int8" else {}
+    qt = fq.quantize(w, qtype, **kw)
+    stats = qt.stats.reshape(SLAB_ROWS, -1) if qt.stats.size else None
+    return qt.data.reshape(SLAB_ROWS, -1), stats, qt.block_size, qt.scale_mode
 
 
 def tile_rows(a: np.ndarray, n: int) -> np.ndarray:
@@ -120,9 +104,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     ms = [int(v) for v in args.m.split(",")]
     qtypes = [q for q in args.qtypes.split(",") if q]
-    shapes = [
-        s for s in SHAPES if args.shapes == "all" or args.shapes == f"{s[0]}x{s[1]}"
-    ]
+    shapes = [s for s in SHAPES if args.shapes == "all" or args.shapes == f"{s[0]}x{s[1]}"]
     bw = read_bandwidth(threads)
     print(
         f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
@@ -161,7 +143,7 @@ def main() -> None:
             for m in ms:
                 x = x_by_m[m]
 
-                def call(c, x=x, q=q, block=block, mode=mode):
+                def call(c, x=x, q=q, n=n, k=k, block=block, mode=mode):
                     return _native.qmatmul(x, c[0], q, n, k, block, c[1], mode)
 
                 t = time_calls(call, copies, args.budget)

@@ -9,10 +9,10 @@ What is compared with what:
 - 1 thread against 2 threads, and the SIMD build against FERROQUANT_FORCE_SCALAR=1: identical bits;
 - bad shapes and values: ferroquant.QuantizeError.
 
-Weights: q4_0 and q8_0 through fq.quantize / fq.dequantize; the other ggml types are quantized by
-libggml (`peers.ggml_quantize`, the bytes fq.quantize is tested to reproduce) and dequantized by
-gguf-py; nf4 by bitsandbytes (quantize_4bit / dequantize_4bit, plain fp32 absmax); int8 built here
-(q = round(w / s), s = absmax / 127 per row or per block, dequantized value = q · s).
+Weights: fq.quantize / fq.dequantize for every format (int8 per row and per block of 32); and,
+so the kernels are also checked on bytes ferroquant did not write, the ggml types quantized by
+libggml (`peers.ggml_quantize`, dequantized by gguf-py) and nf4 by bitsandbytes (quantize_4bit /
+dequantize_4bit, plain fp32 absmax).
 
 Error bound (q8 activations). The kernel computes Σ_i w_i x̂_i exactly in integers per block, with
 x̂ the activation dequantized from its q8 block of scale d = amax/127:
@@ -75,18 +75,23 @@ class Weights:
         )
 
 
-def make_weights(kind: str, w: np.ndarray) -> Weights:
+KIND = {
+    "int8_row": ("int8", {"scale_mode": "row"}),
+    "int8_block": ("int8", {"scale_mode": "block", "block_size": 32}),
+}
+
+
+def make_weights(kind: str, w: np.ndarray, peer: bool = False) -> Weights:
+    """Weights quantized by fq.quantize and dequantized by fq.dequantize; with `peer`, quantized
+    by the format's defining library instead (libggml, bitsandbytes) and dequantized by gguf-py /
+    bitsandbytes, so the kernel is also checked on bytes ferroquant did not write."""
     n, k = w.shape
-    if kind in ("q4_0", "q8_0"):
-        qt = fq.quantize(w, kind)
-        deq = fq.dequantize(qt).astype(np.float64)
-        return Weights(kind, n, k, qt.data.reshape(-1), qt.block_size, None, None, deq)
-    if kind in GGML_QTYPES:
+    if peer and kind in GGML_QTYPES:
         data = peers.ggml_quantize(w, kind)
         gq = peers.gguf_quants()
         deq = gq.dequantize(data.reshape(n, -1), peers.gguf_qtype(kind)).astype(np.float64)
         return Weights(kind, n, k, data, BLOCK[kind], None, None, deq)
-    if kind == "nf4":
+    if peer and kind == "nf4":
         torch = peers.require("torch")
         bnb_f = peers.require("bitsandbytes.functional")
         packed, state = bnb_f.quantize_4bit(
@@ -95,14 +100,11 @@ def make_weights(kind: str, w: np.ndarray) -> Weights:
         deq = bnb_f.dequantize_4bit(packed, state).numpy().astype(np.float64)
         absmax = state.absmax.numpy().astype(np.float32)
         return Weights("nf4", n, k, packed.numpy().reshape(-1), 64, absmax, None, deq)
-    mode = kind.removeprefix("int8_")
-    bs = k if mode == "row" else 32
-    blocks = w.reshape(n, k // bs, bs)
-    s = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
-    s[s == 0] = 1.0
-    q = np.clip(np.rint(blocks / s), -127, 127).astype(np.int8)
-    deq = (q.astype(np.float64) * s.astype(np.float64)).reshape(n, k)
-    return Weights("int8", n, k, q.view(np.uint8).reshape(-1), 32, s.reshape(-1), mode, deq)
+    qtype, kw = KIND.get(kind, (kind, {}))
+    qt = fq.quantize(w, qtype, **kw)
+    deq = fq.dequantize(qt).astype(np.float64)
+    stats = qt.stats if qt.stats.size else None
+    return Weights(qtype, n, k, qt.data.reshape(-1), qt.block_size, stats, qt.scale_mode, deq)
 
 
 def sub_block_max(absw: np.ndarray, size: int) -> np.ndarray:
@@ -237,7 +239,7 @@ def test_against_libggml_vec_dot(kind, dist):
     k = 768
     w = make(dist, 19, k, seed=7)
     x = make(dist, 3, k, seed=8)
-    W = make_weights(kind, w)
+    W = make_weights(kind, w, peer=True)
     y = W.matmul(x)
     ref = ggml_matmul(W, x)
     nb = k // BLOCK[kind]
@@ -246,6 +248,16 @@ def test_against_libggml_vec_dot(kind, dist):
     err = np.abs(y.astype(np.float64) - ref)
     worst = np.unravel_index(err.argmax(), err.shape)
     assert (err <= bound).all(), f"max err {err.max()} at {worst}, bound there {bound[worst]}"
+
+
+@pytest.mark.parametrize("kind", (*GGML_QTYPES, "nf4"))
+@pytest.mark.parametrize("dist", ("normal", "outliers", "tiny"))
+def test_peer_quantized_weights(kind, dist):
+    """Bytes written by libggml / bitsandbytes, reference weights dequantized by gguf-py /
+    bitsandbytes."""
+    w = make(dist, 21, 512, seed=11)
+    x = make(dist, 5, 512, seed=12)
+    check_against_dequantized(make_weights(kind, w, peer=True), x)
 
 
 def test_float64_bound_is_not_vacuous():
