@@ -277,9 +277,6 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             names.join(" ")
         )));
     }
-    if m == 0 {
-        return Err(Error::Empty { rows: m, cols: k });
-    }
     validate_view(w)?;
     let (mut stats_per_row, mut block_len) = (0, 0);
     match w.qtype {
@@ -395,8 +392,13 @@ use bytemuck::Zeroable;
 
 /// `out = x · Wᵀ`: `x` is M x K row-major f32 (M = `m`), `w` is N x K quantized, `out` is M x N
 /// row-major. Every shape, size and value is checked; errors, never panics.
+///
+/// M = 0 (an empty batch) is allowed once the weights check out: nothing to compute.
 pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
     let plan = plan(x, m, w, out.len())?;
+    if m == 0 {
+        return Ok(());
+    }
     let n = w.rows;
     // Rows of Wᵀ·x (N x M): each task owns whole weight rows, reads each row once and reuses it
     // for all M activation rows.

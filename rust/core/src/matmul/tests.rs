@@ -463,7 +463,8 @@ fn bad_shapes_are_errors() {
     assert!(qmatmul(&x, 1, &v, &mut y).is_ok());
     assert!(qmatmul(&x[..63], 1, &v, &mut y).is_err());
     assert!(qmatmul(&x, 2, &v, &mut y).is_err());
-    assert!(qmatmul(&x, 0, &v, &mut y).is_err());
+    assert!(qmatmul(&x, 0, &v, &mut y).is_err()); // x and y are not empty
+    assert!(qmatmul(&[], 0, &v, &mut []).is_ok()); // an empty batch
     assert!(qmatmul(&x, 1, &v, &mut [0.0; 2]).is_err());
     assert!(qmatmul(&x, 1, &view(QType::Q4_0, 1, 64, &data[..35]), &mut y).is_err());
     assert!(qmatmul(&x, 1, &view(QType::Q4_1, 1, 64, &data), &mut y).is_err());
