@@ -2,13 +2,17 @@
 //! ferroquant's layouts) and `x` (M x K, f32), `y` (M x N, f32).
 //!
 //! Each output element is one dot product computed by one fixed sequence (`reference.rs`
-//! defines it; `x86.rs` computes the same bits with AVX2), so results do not depend on the
-//! thread count, on M, or on the instruction set. Work is split over output features N through
-//! the one pool of `parallel.rs`.
+//! defines it; `x86.rs` computes the same bits with AVX2, plus AVX-512 VNNI integer sums for the
+//! 32-weight formats and an AVX-512F nf4 decode where the CPU has them), so results do not
+//! depend on the thread count, on M, or on the instruction set. Work is split over output
+//! features N through the one pool of `parallel.rs`; each task reads a weight row once and uses
+//! it for all M activation rows (4 at a time in the SIMD kernels). FERROQUANT_FORCE_SCALAR=1
+//! runs the references. Other architectures (aarch64: no NEON kernels yet) run the references.
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
-//! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations.
+//! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
+//! dequantized product within float rounding; no activation error added to the weights').
 
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
@@ -53,7 +57,7 @@ struct Plan<'a> {
     k: usize,
     row_bytes: usize,
     acts: Acts<'a>,
-    /// int8: where the scales of row n start and how many there are; the block length.
+    /// nf4 / int8: statistics per weight row, and the weights sharing one of them.
     stats_per_row: usize,
     block_len: usize,
     simd: bool,
