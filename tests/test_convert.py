@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from peers import REQUIRE_PEERS, require
 
 import ferroquant.gguf as fg
 from ferroquant import cli
 from ferroquant.models.convert import gguf_to_hf, hf_to_gguf, permute, quantize_gguf, unpermute
+
+from peers import REQUIRE_PEERS, require
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
