@@ -13,8 +13,7 @@ tensor as `llama-quantize` does for that file type (no imatrix, not `--pure`):
   eighth of ffn down; q3_k_m / q3_k_l / q2_k: their own rules, see `_mix_type`);
 - then, where the chosen type cannot hold a row (length not a multiple of its block size), the
   fallback of llama.cpp's `tensor_type_fallback`: q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0,
-  iq4_xs -> iq4_nl, q2_k / q3_k -> `FALLBACK["q2_k"]` (see there), f16 when even that does
-  not fit.
+  iq4_xs -> iq4_nl, q2_k / q3_k -> q4_0, f16 when even that does not fit.
 
 Any other qtype name is "pure": every quantized weight gets that qtype (with the fallback).
 """
@@ -27,10 +26,10 @@ from dataclasses import dataclass, field
 from ..qtypes import qtype_info
 
 FALLBACK = {
-    # llama.cpp (the libllama that llama-cpp-python 0.3.36 ships) falls back from q2_k and
-    # q3_k to iq4_nl; newer llama.cpp uses q4_0 there.
-    "q2_k": "iq4_nl",
-    "q3_k": "iq4_nl",
+    # llama.cpp's tensor_type_fallback as of the libllama that llama-cpp-python 0.3.36 ships
+    # (checked by tests/test_convert.py); older llama.cpp fell back from q2_k / q3_k to iq4_nl.
+    "q2_k": "q4_0",
+    "q3_k": "q4_0",
     "iq4_xs": "iq4_nl",
     "q4_k": "q5_0",
     "q5_k": "q5_1",
