@@ -244,7 +244,7 @@ def tiny_llama(hf_dir, tmp_path_factory) -> tuple[Path, Path]:
     return out, f32
 
 
-@pytest.mark.parametrize("ftype", ["q2_k", "q3_k_m", "q4_k_s", "q5_k_m"])
+@pytest.mark.parametrize("ftype", ["q2_k", "q3_k_m", "q4_k_s", "q5_k_m", "f16", "bf16"])
 def test_mixes_pick_llama_cpp_s_types_on_a_gqa_model(tiny_llama, tmp_path, ftype):
     src, f32 = tiny_llama
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
@@ -254,6 +254,33 @@ def test_mixes_pick_llama_cpp_s_types_on_a_gqa_model(tiny_llama, tmp_path, ftype
         assert "output.weight" in b.tensors
         types = {n: t.qtype for n, t in b.tensors.items()}
         assert {n: t.qtype for n, t in a.tensors.items()} == types
+        assert a.metadata["general.file_type"] == b.metadata["general.file_type"]
         wrong = [n for n, t in b.tensors.items() if not np.array_equal(a.tensors[n].data, t.data)]
         assert not wrong, f"bytes differ from llama.cpp's in {wrong[:3]}"
-    assert len(set(types.values())) >= 3  # a real mix, not one type
+    assert len(set(types.values())) >= (2 if ftype in ("f16", "bf16") else 3)  # a real mix
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_streaming_safetensors_writer_reads_back_in_safetensors(tmp_path, dtype):
+    torch = require("torch")
+    from safetensors.torch import load_file
+
+    from ferroquant.models.convert import _write_safetensors
+
+    rng = np.random.default_rng(1)
+    xs = {
+        "a.weight": rng.standard_normal((3, 5)),
+        "b": rng.standard_normal(7),
+        "c": np.zeros((0, 2)),
+    }
+    xs = {k: v.astype(np.float32) for k, v in xs.items()}
+    conv = {"float32": lambda x: x, "float16": lambda x: x.astype(np.float16)}
+    conv["bfloat16"] = lambda x: torch.from_numpy(x).bfloat16().view(torch.int16).numpy()
+    _write_safetensors(tmp_path / "m.safetensors", [(k, v.shape) for k, v in xs.items()], dtype,
+                       (conv[dtype](v) for v in xs.values()))  # fmt: skip
+    back = load_file(tmp_path / "m.safetensors")
+    assert list(back) == list(xs)
+    for k, v in xs.items():
+        assert back[k].dtype == getattr(torch, dtype)
+        np.testing.assert_array_equal(back[k].float().numpy(), torch.from_numpy(v).to(
+            getattr(torch, dtype)).float().numpy())  # fmt: skip
