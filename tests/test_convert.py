@@ -284,3 +284,58 @@ def test_streaming_safetensors_writer_reads_back_in_safetensors(tmp_path, dtype)
         assert back[k].dtype == getattr(torch, dtype)
         np.testing.assert_array_equal(back[k].float().numpy(), torch.from_numpy(v).to(
             getattr(torch, dtype)).float().numpy())  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_convert_and_run_in_llama_cpp(hf_dir, tmp_path, family):
+    """Random tiny Qwen2 (q/k/v biases, no q/k permutation) and Mistral (the llama arch) models:
+    f32 GGUF logits in llama.cpp match transformers'. Tolerance as for SmolLM2 (float32 both
+    sides, f32 KV cache); these models are 2 layers deep, so the bound is looser than needed."""
+    torch = require("torch")
+    llama_cpp = require("llama_cpp")
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(1)
+    kw = dict(
+        vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    if family == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**kw), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.MistralConfig(**kw), transformers.MistralForCausalLM
+    model = cls(cfg).eval()
+    if family == "qwen2":  # random biases, so that a dropped or misplaced one shows
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                ):
+                    proj.bias.normal_(0, 0.5)
+    src = tmp_path / "hf"
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(hf_dir / name, src / name)
+    out = tmp_path / "f32.gguf"
+    # transformers loads a qwen2 folder's tokenizer as Qwen2Tokenizer (Qwen2's pre-tokenizer
+    # over SmolLM2's vocabulary: a hash llama.cpp does not know); name SmolLM2's
+    hf_to_gguf(src, out, "f32", tokenizer_pre="smollm")
+    with fg.open(out) as f:
+        assert f.metadata["general.architecture"] == ("qwen2" if family == "qwen2" else "llama")
+        assert ("blk.0.attn_q.bias" in f.tensors) == (family == "qwen2")
+    ids = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(
+        str(out), logits_all=True, n_ctx=32, n_threads=2, verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32,
+    )  # fmt: skip
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    assert np.abs(want).max() > 0.1  # not a degenerate model
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)

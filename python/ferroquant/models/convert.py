@@ -172,11 +172,14 @@ def hf_to_gguf(
     qtype: str | Recipe = "f16",
     *,
     name: str | None = None,
+    tokenizer_pre: str | None = None,
     progress: bool = False,
 ) -> dict[str, str]:
     """Convert a Hugging Face llama-family folder (config.json, *.safetensors, tokenizer files)
     to a GGUF file; `qtype` is f32 / f16 / bf16, a llama.cpp file type (q4_k_m, q8_0, ...) or a
-    ggml qtype (pure). Returns {gguf tensor name: qtype}. The write is atomic."""
+    ggml qtype (pure). `tokenizer_pre` names llama.cpp's BPE pre-tokenizer (tokenizer.ggml.pre)
+    where convert_hf_to_gguf.py's hash table does not know the tokenizer. Returns {gguf tensor
+    name: qtype}. The write is atomic."""
     import gguf
     import torch
     from safetensors import safe_open
@@ -215,7 +218,7 @@ def hf_to_gguf(
     with _Writer(out_path, arch) as w:
         _add_hparams(w, cfg, name or hf_dir.resolve().name, arch)
         w.add_file_type(file_type)
-        add_vocab(w, hf_dir, cfg.get("vocab_size"))
+        add_vocab(w, hf_dir, cfg.get("vocab_size"), tokenizer_pre)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for gname, _, _, shape, t in plan:
             w.add_tensor_info(gname, shape, t)
@@ -237,10 +240,15 @@ def hf_to_gguf(
     return chosen
 
 
+def _quantizable(gname: str, shape: tuple[int, ...]) -> bool:
+    """llama.cpp's tensor_allows_quantization for the llama family: 2-D weights but norms."""
+    return len(shape) >= 2 and gname.endswith(".weight") and not gname.endswith("_norm.weight")
+
+
 def _gguf_type(recipe: Recipe, gname: str, shape: tuple[int, ...], n_layer: int, tied: bool) -> str:
     """The type of one tensor: 1-D tensors and norms f32 (as convert_hf_to_gguf.py and
     llama-quantize keep them), the rest per the recipe."""
-    if len(shape) < 2 or not gname.endswith(".weight") or gname.endswith("_norm.weight"):
+    if not _quantizable(gname, shape):
         return "f32"
     if recipe.name in UNQUANTIZED:
         return recipe.name
@@ -388,10 +396,12 @@ def quantize_gguf(
         n_head_kv = int(f.metadata.get(f"{arch}.attention.head_count_kv", n_head)) or n_head
         recipe = qtype if isinstance(qtype, Recipe) else recipe_for(qtype, (), n_head // n_head_kv)
         tied = "output.weight" not in f.tensors
-        plan = {n: _gguf_type(recipe, n, t.shape, n_layer, tied) for n, t in f.tensors.items()}
-        for n, t in f.tensors.items():
-            if plan[n] == "f32" and t.qtype not in UNQUANTIZED:
-                plan[n] = t.qtype  # llama-quantize copies what it does not quantize
+        plan = {
+            n: _gguf_type(recipe, n, t.shape, n_layer, tied)
+            if _quantizable(n, t.shape)
+            else t.qtype
+            for n, t in f.tensors.items()
+        }  # llama-quantize copies what it does not quantize
         alignment = f.alignment if "general.alignment" in f.metadata else None
         with _Writer(out_path, None, alignment=alignment) as w:
             for key, val in f.metadata.items():
@@ -410,7 +420,7 @@ def quantize_gguf(
                     items = tqdm(list(items), desc=f"quantize {recipe.name}", unit="tensor")
             for n, t in items:
                 if plan[n] == t.qtype:
-                    w.write_tensor_data(t.to_qtensor() if t.qtype not in UNQUANTIZED else t.numpy())
+                    w.write_tensor_data(t.data, raw_dtype=t.ggml_type)
                 else:
                     x = t.dequantize()
                     w.write_tensor_data(x if plan[n] == "f32" else quantize(x, plan[n]))

@@ -62,8 +62,11 @@ def _is_bpe(hf_dir: Path) -> bool:
     return model.get("type") == "BPE" and not model.get("byte_fallback", False)
 
 
-def add_vocab(writer: Any, hf_dir: str | Path, vocab_size: int | None) -> None:
-    """Add tokenizer.ggml.* to `writer` (gguf-py's writer methods) from the tokenizer files."""
+def add_vocab(
+    writer: Any, hf_dir: str | Path, vocab_size: int | None, pre: str | None = None
+) -> None:
+    """Add tokenizer.ggml.* to `writer` (gguf-py's writer methods) from the tokenizer files;
+    `pre` names llama.cpp's pre-tokenizer for a BPE tokenizer `bpe_pre_name` does not know."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -97,7 +100,7 @@ def add_vocab(writer: Any, hf_dir: str | Path, vocab_size: int | None) -> None:
                 types.append(gguf.TokenType.NORMAL)
             tokens.append(token)
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(bpe_pre_name(tokenizer))
+        writer.add_tokenizer_pre(pre or bpe_pre_name(tokenizer))
         writer.add_token_list(tokens)
         writer.add_token_types([int(t) for t in types])
         special = gguf.SpecialVocab(hf_dir, load_merges=True)
