@@ -339,3 +339,50 @@ def test_qwen2_and_mistral_convert_and_run_in_llama_cpp(hf_dir, tmp_path, family
     got = np.array(llm.scores[: len(ids)])
     assert np.abs(want).max() > 0.1  # not a degenerate model
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
+
+
+def test_conversion_is_deterministic_across_thread_counts(tiny_llama, tmp_path):
+    import ferroquant as fq
+
+    src, _ = tiny_llama
+    before = fq.num_threads()
+    try:
+        fq.set_num_threads(1)
+        hf_to_gguf(src, tmp_path / "t1.gguf", "q4_k_m")
+        fq.set_num_threads(2)
+        hf_to_gguf(src, tmp_path / "t2.gguf", "q4_k_m")
+    finally:
+        fq.set_num_threads(before)
+    assert (tmp_path / "t1.gguf").read_bytes() == (tmp_path / "t2.gguf").read_bytes()
+
+
+def test_bad_checkpoints_are_one_clear_error_and_leave_no_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1, "hidden_size": 64,
+        "num_attention_heads": 2, "intermediate_size": 64, "rms_norm_eps": 1e-5,
+        "vocab_size": 32,
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({"model.layers.0.mystery.weight": np.zeros((4, 4), np.float32)},
+              tmp_path / "model.safetensors")  # fmt: skip
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ValueError, match="model.layers.0.mystery.weight"):
+        hf_to_gguf(tmp_path, out, "q8_0")
+    assert not out.exists() and not list(tmp_path.glob(".out.gguf*"))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported"):
+        hf_to_gguf(tmp_path, out, "q8_0")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="nf4 is not a type a GGUF file can hold"):
+        hf_to_gguf(tmp_path, out, "nf4")
+    with pytest.raises(ValueError, match="q7_x"):
+        hf_to_gguf(tmp_path, out, "q7_x")
+    # names fine, but no tokenizer: the error comes while writing; the old file stays as it was
+    save_file({"model.layers.0.mlp.up_proj.weight": np.zeros((64, 64), np.float32)},
+              tmp_path / "model.safetensors")  # fmt: skip
+    out.write_bytes(b"old")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        hf_to_gguf(tmp_path, out, "q8_0")
+    assert out.read_bytes() == b"old" and not list(tmp_path.glob(".out.gguf*"))
