@@ -155,15 +155,58 @@ def _add_hparams(w: _Writer, cfg: dict[str, Any], name: str, arch: str) -> None:
     if arch == "llama":
         w.add_vocab_size(cfg["vocab_size"])
         w.add_rope_dimension_count(head_dim or cfg["hidden_size"] // n_head)
-    scaling = cfg.get("rope_scaling") or {}
+    scaling = _rope_scaling(cfg)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         import gguf
 
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
-    elif kind != "default":
+    elif kind not in ("default", "llama3") or (kind == "llama3" and arch != "llama"):
         raise ValueError(f"rope scaling {kind!r} is not supported by this converter")
+
+
+def _rope_scaling(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The rope scaling parameters (config.json's rope_scaling, or transformers 5's
+    rope_parameters)."""
+    return cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+
+
+def _extra_tensors(cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """LlamaModel.generate_extra_tensors of convert_hf_to_gguf.py: rope_freqs for llama3 rope
+    scaling, computed as there (torch float32)."""
+    import math
+
+    import torch
+
+    rope = _rope_scaling(cfg)
+    if rope.get("rope_type", rope.get("type", "")).lower() != "llama3":
+        return {}
+    base = _rope_theta(cfg) or 10000.0
+    if (dim := cfg.get("head_dim")) is None:
+        dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = rope.get("factor", 8.0)
+    low_freq_factor = rope.get("low_freq_factor", 1.0)
+    high_freq_factor = rope.get("high_freq_factor", 4.0)
+    old_context_len = rope.get("original_max_position_embeddings", 8192)
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    if low_freq_wavelen == high_freq_wavelen:
+        raise ValueError("llama3 rope scaling with low_freq_factor == high_freq_factor")
+    factors: list[Any] = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return {"rope_freqs.weight": torch.tensor(factors, dtype=torch.float32).numpy()}
 
 
 def hf_to_gguf(
@@ -196,8 +239,12 @@ def hf_to_gguf(
     file_type = _file_type(recipe)
     tmap = gguf.get_tensor_name_map(_model_arch(arch), n_layer)
 
-    # plan: (gguf name, hf name, shard, numpy shape, type)
-    plan: list[tuple[str, str, Path, tuple[int, ...], str]] = []
+    # plan: (gguf name, hf name, shard, numpy shape, type); generated tensors first, as in
+    # convert_hf_to_gguf.py
+    extra = _extra_tensors(cfg)
+    plan: list[tuple[str, str | None, Path | None, tuple[int, ...], str]] = [
+        (g, None, None, x.shape, "f32") for g, x in extra.items()
+    ]
     hf_items = list(_hf_tensors(hf_dir))
     names = {n for n, _ in hf_items}
     tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
@@ -229,6 +276,9 @@ def hf_to_gguf(
 
                 items = tqdm(plan, desc=f"convert {recipe.name}", unit="tensor")
         for gname, hf_name, shard, _, t in items:
+            if hf_name is None or shard is None:
+                w.write_tensor_data(extra[gname])
+                continue
             with safe_open(shard, framework="pt") as f:
                 x = f.get_tensor(hf_name).to(torch.float32).numpy()
             if arch in PERMUTED_ARCHES and gname.endswith(("attn_q.weight", "attn_q.bias")):
