@@ -399,3 +399,22 @@ def test_bad_checkpoints_are_one_clear_error_and_leave_no_file(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer"):
         hf_to_gguf(tmp_path, out, "q8_0")
     assert out.read_bytes() == b"old" and not list(tmp_path.glob(".out.gguf*"))
+
+
+def test_tiny_llama_round_trips_hf_gguf_hf_in_bf16(tiny_llama, tmp_path):
+    """HF (float32) -> GGUF f32 -> HF bfloat16: every tensor is the original under its own
+    name (q/k permuted and back, untied lm_head kept), rounded to bfloat16 as torch rounds."""
+    torch = require("torch")
+    from safetensors.torch import load_file
+
+    src, f32 = tiny_llama
+    written = gguf_to_hf(f32, tmp_path / "hf", dtype="bfloat16")
+    assert "model.safetensors" in written and "tokenizer.json" in written
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["num_key_value_heads"] == 1
+    want = load_file(src / "model.safetensors")
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(got) == set(want) and len(got) == 75
+    for name, w in want.items():
+        assert got[name].dtype == torch.bfloat16, name
+        assert torch.equal(got[name], w.to(torch.bfloat16)), name
