@@ -352,6 +352,13 @@ def test_qwen2_and_mistral_convert_and_run_in_llama_cpp(hf_dir, tmp_path, family
     got = np.array(llm.scores[: len(ids)])
     assert np.abs(want).max() > 0.1  # not a degenerate model
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    if family == "qwen2":  # and back: the original tensors (biases too) under their names
+        gguf_to_hf(out, tmp_path / "back")
+        from safetensors.torch import load_file
+
+        back, orig = load_file(tmp_path / "back" / "model.safetensors"), model.state_dict()
+        assert set(back) == set(orig)
+        assert all(torch.equal(back[k], v) for k, v in orig.items())
 
 
 def test_conversion_is_deterministic_across_thread_counts(tiny_llama, tmp_path):
