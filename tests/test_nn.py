@@ -100,7 +100,7 @@ def test_recipe_rules_follow_llama_cpp():
     assert r.qtype_for("model.layers.5.self_attn.v_proj", (256, 256), n) == "q4_k"
     assert r.qtype_for("model.layers.5.self_attn.q_proj", (256, 256), n) == "q4_k"
     assert r.qtype_for("lm_head", (96, 256), n) is None
-    assert fit("q4_k", 384) == "q5_0" and fit("q6_k", 96) == "q8_0" and fit("q2_k", 32) == "iq4_nl"
+    assert fit("q4_k", 384) == "q5_0" and fit("q6_k", 96) == "q8_0" and fit("q2_k", 32) == "q4_0"
     assert recipe_for("q8_0").qtype_for("model.layers.3.mlp.up_proj", (512, 256), n) == "q8_0"
     with pytest.raises(fq.QuantizeError):
         recipe_for("q7_x")

@@ -71,6 +71,47 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .models.convert import hf_to_gguf
+
+    hf_to_gguf(args.hf_dir, args.out, args.qtype, progress=not args.quiet)
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .models.convert import quantize_gguf
+
+    quantize_gguf(args.input, args.out, args.qtype, progress=not args.quiet)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from . import gguf
+
+    if not args.json:
+        print(gguf.inspect(args.file))
+        return 0
+    with gguf.open(args.file) as f:
+        meta = {
+            k: {"type": f.metadata_types[k], "value": v.tolist() if hasattr(v, "tolist") else v}
+            for k, v in f.metadata.items()
+        }
+        tensors = [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "qtype": t.qtype,
+                "nbytes": t.nbytes,
+                "offset": t.data_offset,
+            }  # fmt: skip
+            for t in f.tensors.values()
+        ]
+        info = {"path": f.path, "version": f.version, "alignment": f.alignment,
+                "file_size": f.file_size, "metadata": meta, "tensors": tensors}  # fmt: skip
+    print(json.dumps(info))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferroquant", description=__doc__)
     p.add_argument("--version", action="version", version=f"ferroquant {__version__}")
@@ -85,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="what this machine and installation support")
     doc.add_argument("--json", action="store_true")
     doc.set_defaults(func=_cmd_doctor)
+
+    qhelp = "f32, f16, bf16, a llama.cpp file type (q4_k_m, q8_0, ...) or a ggml qtype"
+    c = sub.add_parser("convert", help="a Hugging Face llama-family folder -> GGUF")
+    c.add_argument("hf_dir")
+    c.add_argument("out", help="the GGUF file to write")
+    c.add_argument("--qtype", default="f16", help=qhelp)
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_convert)
+
+    q = sub.add_parser("quantize", help="requantize a GGUF file")
+    q.add_argument("input")
+    q.add_argument("out")
+    q.add_argument("--qtype", required=True, help=qhelp)
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_quantize)
+
+    i = sub.add_parser("inspect", help="metadata and tensor table of a GGUF file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=_cmd_inspect)
     return p
 
 
