@@ -415,7 +415,9 @@ def test_tiny_llama_round_trips_hf_gguf_hf_in_bf16(tiny_llama, tmp_path):
     from safetensors.torch import load_file
 
     src, f32 = tiny_llama
-    written = gguf_to_hf(f32, tmp_path / "hf", dtype="bfloat16")
+    # through the command line: `convert FILE.gguf DIR` is the reverse direction
+    assert cli.main(["convert", str(f32), str(tmp_path / "hf"), "--dtype", "bfloat16"]) == 0
+    written = [p.name for p in (tmp_path / "hf").iterdir()]
     assert "model.safetensors" in written and "tokenizer.json" in written
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and cfg["num_key_value_heads"] == 1

@@ -72,9 +72,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .models.convert import hf_to_gguf
+    from .models.convert import gguf_to_hf, hf_to_gguf
 
-    hf_to_gguf(args.hf_dir, args.out, args.qtype, progress=not args.quiet)
+    if str(args.src).endswith(".gguf"):  # the reverse direction, for inspection
+        written = gguf_to_hf(args.src, args.out, dtype=args.dtype)
+        print(f"wrote {', '.join(written)} to {args.out}")
+        return 0
+    hf_to_gguf(args.src, args.out, args.qtype, progress=not args.quiet)
     return 0
 
 
@@ -128,10 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=_cmd_doctor)
 
     qhelp = "f32, f16, bf16, a llama.cpp file type (q4_k_m, q8_0, ...) or a ggml qtype"
-    c = sub.add_parser("convert", help="a Hugging Face llama-family folder -> GGUF")
-    c.add_argument("hf_dir")
-    c.add_argument("out", help="the GGUF file to write")
+    c = sub.add_parser(
+        "convert", help="a Hugging Face llama-family folder -> GGUF (or a .gguf -> HF folder)"
+    )
+    c.add_argument("src", help="a Hugging Face folder, or a .gguf file for the reverse direction")
+    c.add_argument("out", help="the GGUF file to write (or the folder, from a .gguf)")
     c.add_argument("--qtype", default="f16", help=qhelp)
+    c.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="tensor dtype of the HF folder written from a .gguf",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
 
