@@ -91,6 +91,13 @@ def test_bfloat16_numpy_and_torch_inputs_match_their_float32_upcast():
     assert np.array_equal(fq.dequantize(fq.quantize(up, "bf16")), up)
 
 
+def test_formats_without_float16_fields_take_any_finite_value():
+    x = np.full((2, 64), -1e30, np.float32)
+    for qtype in ("f32", "bf16", "nf4", "int8", "fp8_e4m3"):
+        y = fq.dequantize(fq.quantize(x, qtype))
+        assert np.isfinite(y).all(), qtype
+
+
 def test_float_formats_are_exact_casts():
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((3, 50)) * 100).astype(np.float32)
@@ -127,6 +134,11 @@ BAD_INPUTS = [
         "row 2, column 5",
     ),
     (lambda: fq.quantize(np.zeros((2, 64), np.float32), "q4_0", np.ones(32)), "imatrix has 32"),
+    (
+        lambda: fq.quantize(_with(np.zeros((2, 64), np.float32), 1, 9, -1e5), "q8_0"),
+        "row 1, column 9 is beyond q8_0's range",
+    ),
+    (lambda: fq.quantize(np.full((1, 32), 7e4, np.float32), "f16"), "beyond f16's range"),
     (lambda: fq.quantize(np.zeros((2, 64), np.float32), "q4_0", -np.ones(64)), "imatrix value"),
     (lambda: fq.quantize(np.zeros((2, 64), np.float32), "q8_0", block_size=64), "block_size"),
     (lambda: fq.quantize(np.zeros((2, 64), np.float32), "nf4", block_size=48), "block size 48"),

@@ -78,11 +78,11 @@ def test_quantize_matches_libggml_on_fresh_data(qtype, dist, rows, nsuper, seed,
     check_bytes(fq.quantize(x, qtype, w).data, peers.ggml_quantize(x, qtype, w), qtype, dist)
 
 
-# Arbitrary values: repeated values, exact zeros, mixed magnitudes, subnormals, and magnitudes
-# up to 2^50 (about 1e15), where ggml's x^2-weighted sums overflow f32 (ours must then still
-# give its bytes).
-SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-20])
-ARBITRARY = st.floats(-(2.0**50), 2.0**50, width=32) | SPECIAL
+# Arbitrary values: repeated values, exact zeros, mixed magnitudes, subnormals, up to the float16
+# range that ferroquant accepts for formats with float16 scales (larger inputs raise
+# QuantizeError: test_api.py).
+SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1e-20, 65504.0, -65504.0])
+ARBITRARY = st.floats(-65504.0, 65504.0, width=32) | SPECIAL
 
 
 @SETTINGS

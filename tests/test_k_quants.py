@@ -209,6 +209,7 @@ finite_rows = st.integers(1, 3).flatmap(
 def test_round_trip_picks_the_nearest_level(qtype, spec, use_imatrix):
     seed, dist, rows, cols, log_scale = spec
     x = (make(dist, rows, cols, seed) * np.float32(10.0**log_scale)).astype(np.float32)
+    assume(np.abs(x).max() <= 65504)  # beyond the float16 range: QuantizeError (test_api.py)
     w = _imatrix(cols, seed) if use_imatrix else None
     _check_nearest_level(x, qtype, w)
 

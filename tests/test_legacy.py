@@ -109,9 +109,10 @@ def test_quantize_matches_both_peers_on_fresh_data(qtype, dist, rows, nblocks, s
 
 
 # Arbitrary values: repeated values, exact zeros, signed zeros, ties of |max|, subnormals, mixed
-# magnitudes up to 2^60 (about 1e18; beyond it the weighted sums of squares overflow f32).
-SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-20])
-ARBITRARY = st.floats(-(2.0**60), 2.0**60, width=32) | SPECIAL
+# magnitudes up to the float16 range that ferroquant accepts for formats with float16 scales
+# (larger inputs raise QuantizeError: test_api.py).
+SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-20, 65504.0, -65504.0])
+ARBITRARY = st.floats(-65504.0, 65504.0, width=32) | SPECIAL
 
 
 def inverse_scale_overflows(x: np.ndarray, qtype: str) -> bool:

@@ -20,6 +20,15 @@ pub enum Error {
     /// NaN or Inf in the input.
     #[error("non-finite value {value} at row {row}, column {col}")]
     NonFinite { row: usize, col: usize, value: f32 },
+    /// A finite value too large for the format (e.g. beyond the float16 range of its scales).
+    #[error("value {value} at row {row}, column {col} is beyond {what}'s range (|x| <= {limit})")]
+    OutOfRange {
+        row: usize,
+        col: usize,
+        value: f32,
+        limit: f32,
+        what: &'static str,
+    },
     /// An importance matrix whose length is not the row length.
     #[error("imatrix has {got} values but rows have {expected} columns")]
     ImatrixLength { got: usize, expected: usize },

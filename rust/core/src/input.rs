@@ -76,23 +76,38 @@ impl<'a> Matrix<'a> {
 
     /// The first NaN or Inf in row-major order, as an error.
     pub fn check_finite(&self) -> Result<()> {
+        self.check_range(f32::MAX, "")
+    }
+
+    /// The first value that is NaN, infinite or larger than `limit` in magnitude (row-major
+    /// order), as an error; `what` names the format whose range `limit` is.
+    pub fn check_range(&self, limit: f32, what: &'static str) -> Result<()> {
+        let limit_bits = limit.to_bits();
         let bad = parallel::install(|| {
             (0..self.rows).into_par_iter().find_first(|&r| {
                 let mut buf = Vec::new();
-                !all_finite(self.row(r, &mut buf))
+                max_abs_bits(self.row(r, &mut buf)) > limit_bits
             })
         });
-        if let Some(row) = bad {
-            let mut buf = Vec::new();
-            let vals = self.row(row, &mut buf);
-            let col = vals.iter().position(|v| !v.is_finite()).unwrap_or(0);
-            return Err(Error::NonFinite {
+        let Some(row) = bad else { return Ok(()) };
+        let mut buf = Vec::new();
+        let vals = self.row(row, &mut buf);
+        let col = vals
+            .iter()
+            .position(|v| v.to_bits() & 0x7fff_ffff > limit_bits)
+            .unwrap_or(0);
+        let value = vals[col];
+        Err(if value.is_finite() {
+            Error::OutOfRange {
                 row,
                 col,
-                value: vals[col],
-            });
-        }
-        Ok(())
+                value,
+                limit,
+                what,
+            }
+        } else {
+            Error::NonFinite { row, col, value }
+        })
     }
 
     /// Largest |x| over the whole matrix (order independent, so thread-count independent).
@@ -113,8 +128,10 @@ impl<'a> Matrix<'a> {
 
 /// True when no value is NaN or infinite: the largest magnitude bit pattern stays below the
 /// all-ones exponent. Branch-free, so it vectorizes (an early-exit `any` does not).
-fn all_finite(v: &[f32]) -> bool {
-    v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff)) < 0x7f80_0000
+/// The largest |x| of `v` as IEEE bits (ordered like the magnitudes for non-negative floats;
+/// Inf and NaN compare above every finite value). A fold on integers, so it vectorises.
+fn max_abs_bits(v: &[f32]) -> u32 {
+    v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff))
 }
 
 /// Quantize every row of `m` in parallel: `f(row_index, row_values, row_out, row_stats)` writes

@@ -103,6 +103,9 @@ pub struct Options<'a> {
     pub scale_mode: Option<ScaleMode>,
 }
 
+/// The largest finite float16 value.
+const F16_MAX: f32 = 65504.0;
+
 const ALLOWED_BLOCKS: &str = "a power of two from 32 to 4096";
 
 fn check_block_size(qtype: QType, b: usize) -> Result<usize> {
@@ -176,7 +179,13 @@ pub fn quantize(m: &Matrix<'_>, qtype: QType, opts: &Options<'_>) -> Result<Quan
             block_size,
         });
     }
-    m.check_finite()?;
+    // ggml formats store float16 (scales, minimums, or the values themselves): inputs beyond
+    // the float16 range would silently become Inf/NaN on dequantization, so they are refused.
+    if qtype.is_ggml() && !matches!(qtype, F32 | BF16) {
+        m.check_range(F16_MAX, qtype.name())?;
+    } else {
+        m.check_finite()?;
+    }
     match qtype {
         NF4 | FP4 => bnb4::quantize(m, qtype, block_size, opts.double_quant),
         Int8 => int8::quantize(m, scale_mode, block_size),

@@ -11,6 +11,7 @@ pub mod int8;
 pub mod iq4;
 pub mod k_quants;
 pub mod legacy;
+pub mod legacy_avx2;
 pub mod legacy_imatrix;
 pub mod simd;
 

@@ -42,12 +42,18 @@ pub fn legacy_avx2(qtype: QType) -> bool {
     matches!(qtype, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | F16 | BF16) && has_avx2()
 }
 
-/// The legacy references compiled for AVX2 + F16C.
+/// The legacy quantizers for AVX2 + F16C: hand-vectorised q8_0 and q4_0 (`legacy_avx2.rs`),
+/// the other references compiled for AVX2.
 ///
 /// # Safety
 /// The CPU must support AVX2 and F16C (checked by `legacy_avx2`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn quantize_row_legacy_avx2(qtype: QType, x: &[f32], out: &mut [u8]) {
-    super::ggml_quantize_row_scalar(qtype, x, out, None)
+    match qtype {
+        // SAFETY (both): the caller guarantees AVX2 and F16C.
+        QType::Q8_0 => unsafe { super::legacy_avx2::quantize_row_q8_0(x, out) },
+        QType::Q4_0 => unsafe { super::legacy_avx2::quantize_row_q4_0(x, out) },
+        _ => super::ggml_quantize_row_scalar(qtype, x, out, None),
+    }
 }
