@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import ferroquant as fq  # noqa: E402
+
 import peers  # noqa: E402
 
 

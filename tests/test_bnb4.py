@@ -15,15 +15,17 @@ from __future__ import annotations
 import contextlib
 import importlib
 
-import data
-import ferroquant as fq
 import ml_dtypes
 import numpy as np
-import peers
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+import ferroquant as fq
+
+import data
+import peers
 
 torch = peers.require("torch")
 F = peers.require("bitsandbytes.functional")

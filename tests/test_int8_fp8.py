@@ -9,15 +9,17 @@ Bytes, scales and dequantized values are compared bit for bit.
 
 from __future__ import annotations
 
-import data
-import ferroquant as fq
 import ml_dtypes
 import numpy as np
-import peers
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+
+import ferroquant as fq
+
+import data
+import peers
 
 torch = peers.require("torch")
 

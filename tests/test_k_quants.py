@@ -29,13 +29,15 @@ import os
 import subprocess
 import sys
 
-import ferroquant as fq
 import numpy as np
-import peers
 import pytest
-from data import DISTRIBUTIONS, make
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
+import ferroquant as fq
+
+import peers
+from data import DISTRIBUTIONS, make
 
 KQ = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}

@@ -193,11 +193,6 @@ def test_minimum_of_mixed_signed_zeros(qtype):
     assert differs > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="legacy.rs converts x/d to an integer with Rust's saturating `as`; C's (int8_t)(float) "
-    "on x86 (cvttss2si, then the low byte) and numpy's astype give 0 when id = 1/d is infinite",
-)
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_blocks_whose_inverse_scale_overflows(qtype):
     """A block of values near FLT_MIN: d = amax/nmax (or range/levels) is subnormal, 1/d = inf,

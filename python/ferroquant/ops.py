@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _native
+from . import _native, cuda_ops
 from .tensor import QTensor, dequantize
 
 
@@ -40,8 +40,7 @@ def native_kernel_available(qtype: str) -> bool:
     return supported is not None and qtype in supported()
 
 
-@torch.library.custom_op("ferroquant::qmatmul", mutates_args=())
-def qmatmul(
+def qmatmul_reference(
     x: torch.Tensor,
     data: torch.Tensor,
     stats: torch.Tensor,
@@ -75,6 +74,25 @@ def qmatmul(
         )
         out = torch.nn.functional.linear(x2, w.to(device=x.device, dtype=x.dtype))
     return out.reshape(*lead, n)
+
+
+@torch.library.custom_op("ferroquant::qmatmul", mutates_args=())
+def qmatmul(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+) -> torch.Tensor:
+    """y[..., n] = x[..., k] @ W.T with W (n x k) quantized as `qtype`."""
+    return qmatmul_reference(x, data, stats, qtype, n, k, block_size, scale_mode)
+
+
+# The CUDA kernel (ferroquant.cuda_ops; importing it touches no GPU).
+cuda_ops.register(qmatmul, qmatmul_reference)
 
 
 @qmatmul.register_fake

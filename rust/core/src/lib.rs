@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod formats;
+pub mod gguf;
 pub mod input;
 pub mod parallel;
 pub mod qtype;

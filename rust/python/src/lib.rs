@@ -2,6 +2,8 @@
 //! and error mapping live here; no numerics.
 
 use ferroquant_core as core;
+
+mod gguf;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -21,7 +23,7 @@ create_exception!(
     "A malformed or unsupported file."
 );
 
-fn to_py(e: core::Error) -> PyErr {
+pub(crate) fn to_py(e: core::Error) -> PyErr {
     if e.is_format() {
         FormatError::new_err(e.to_string())
     } else {
@@ -234,6 +236,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    gguf::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

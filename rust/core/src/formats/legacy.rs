@@ -14,7 +14,12 @@ fn signed_absmax(x: &[f32]) -> (f32, f32) {
     let amax = x
         .iter()
         .fold(0.0f32, |m, v| if v.abs() > m { v.abs() } else { m });
-    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
+    // ggml never replaces its starting max = +0.0 in a block of zeros (even one of -0.0s)
+    let max = if amax > 0.0 {
+        x.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0)
+    } else {
+        0.0
+    };
     (amax, max)
 }
 
@@ -30,6 +35,19 @@ fn min_max(x: &[f32]) -> (f32, f32) {
         }
     }
     (min, max)
+}
+
+/// C's `(int8_t)f` / `(uint8_t)f` as gcc compiles them on x86-64: cvttss2si (truncate to i32;
+/// NaN and out-of-range give i32::MIN) and keep the low byte. Differs from Rust's saturating
+/// `as` only when 1/d overflowed (blocks of values near FLT_MIN).
+#[inline(always)]
+fn c_to_i8(v: f32) -> i8 {
+    let i = if v.is_nan() || !(-2147483648.0..2147483648.0).contains(&v) {
+        i32::MIN
+    } else {
+        v as i32
+    };
+    i as i8
 }
 
 #[inline]
@@ -52,8 +70,8 @@ pub fn quantize_row_q4_0_ref(x: &[f32], out: &mut [u8]) {
         for j in 0..QK4_0 / 2 {
             let x0 = x[j] * id;
             let x1 = x[QK4_0 / 2 + j] * id;
-            let xi0 = ((x0 + 8.5) as i8 as u8).min(15);
-            let xi1 = ((x1 + 8.5) as i8 as u8).min(15);
+            let xi0 = c_to_i8(x0 + 8.5).min(15) as u8;
+            let xi1 = c_to_i8(x1 + 8.5).min(15) as u8;
             b.qs[j] = xi0 | (xi1 << 4);
         }
     }
@@ -71,8 +89,8 @@ pub fn quantize_row_q4_1_ref(x: &[f32], out: &mut [u8]) {
         for j in 0..QK4_1 / 2 {
             let x0 = (x[j] - min) * id;
             let x1 = (x[QK4_1 / 2 + j] - min) * id;
-            let xi0 = ((x0 + 0.5) as i8 as u8).min(15);
-            let xi1 = ((x1 + 0.5) as i8 as u8).min(15);
+            let xi0 = c_to_i8(x0 + 0.5).min(15) as u8;
+            let xi1 = c_to_i8(x1 + 0.5).min(15) as u8;
             b.qs[j] = xi0 | (xi1 << 4);
         }
     }
@@ -90,8 +108,8 @@ pub fn quantize_row_q5_0_ref(x: &[f32], out: &mut [u8]) {
         for j in 0..QK5_0 / 2 {
             let x0 = x[j] * id;
             let x1 = x[QK5_0 / 2 + j] * id;
-            let xi0 = ((x0 + 16.5) as i8 as u8).min(31);
-            let xi1 = ((x1 + 16.5) as i8 as u8).min(31);
+            let xi0 = c_to_i8(x0 + 16.5).min(31) as u8;
+            let xi1 = c_to_i8(x1 + 16.5).min(31) as u8;
             b.qs[j] = (xi0 & 0x0f) | ((xi1 & 0x0f) << 4);
             qh |= (((xi0 & 0x10) >> 4) as u32) << j;
             qh |= (((xi1 & 0x10) >> 4) as u32) << (j + QK5_0 / 2);
@@ -113,8 +131,8 @@ pub fn quantize_row_q5_1_ref(x: &[f32], out: &mut [u8]) {
         for j in 0..QK5_1 / 2 {
             let x0 = (x[j] - min) * id;
             let x1 = (x[QK5_1 / 2 + j] - min) * id;
-            let xi0 = (x0 + 0.5) as u8;
-            let xi1 = (x1 + 0.5) as u8;
+            let xi0 = c_to_i8(x0 + 0.5) as u8;
+            let xi1 = c_to_i8(x1 + 0.5) as u8;
             b.qs[j] = (xi0 & 0x0f) | ((xi1 & 0x0f) << 4);
             qh |= (((xi0 & 0x10) >> 4) as u32) << j;
             qh |= (((xi1 & 0x10) >> 4) as u32) << (j + QK5_1 / 2);
@@ -133,7 +151,7 @@ pub fn quantize_row_q8_0_ref(x: &[f32], out: &mut [u8]) {
         b.d = f16_from_f32(d);
         for (q, &v) in b.qs.iter_mut().zip(x) {
             // roundf: half away from zero, as f32::round.
-            *q = (v * id).round() as i8;
+            *q = c_to_i8((v * id).round());
         }
     }
 }

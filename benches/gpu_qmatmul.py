@@ -1,0 +1,566 @@
+"""GPU dequant-matmul: correctness of every ferroquant CUDA kernel, then timings beside the peers,
+in one run on one card. Usage (wheel installed, torch with CUDA):
+
+    python benches/gpu_qmatmul.py            # checks, then times; table last; JSON under $OUT
+    python benches/gpu_qmatmul.py --dry-run  # no GPU: builds inputs and float64 references on the
+                                             # CPU and compiles every kernel to PTX
+
+1. Correctness (fails loudly, exit 1, on any mismatch). For every format (nf4, nf4 with double
+   quantization expanded at load, int8 per row / per tensor / per block, q4_0, q8_0, q4_k, q5_k,
+   q6_k), activation type (bf16, fp16), M in {1, 2, 3, 4, 5, 8, 13, 16, 17, 64, 512} and odd
+   shapes, on fresh random data, with the output NaN-poisoned before each launch:
+   - the dequantize kernel is bit-exact with ferroquant.dequantize (CPU) rounded to the dtype;
+   - y = x @ W.T against float64 (x exactly as given, W = ferroquant.dequantize in float64) within
+         |y - ref| <= sum_k |x_k w_k| * ((K/32 + 6) * 2^-24 + e_w + e_red) + u_out * |ref|
+     where K/32 + 5 terms bound each fp32 sum (a lane's sequential sum, then 5 shuffle steps),
+     e_w = u_act when W is first rounded to the activation dtype (the M > 16 path), e_red = u_act
+     when cuBLAS may reduce in reduced precision (torch's default for bf16/fp16), and
+     u_out = 2^-8 (bf16) or 2^-11 (fp16) the rounding of the output; plus 2^-24 for fp16's
+     subnormals. Through every available launch backend (cuda.core and cuda.bindings).
+   - the op `ferroquant::qmatmul` through QuantLinear on CUDA, eager, torch.compile and a CUDA
+     graph capture, gives the same bits as the direct call.
+2. Timing: ferroquant (M <= 16: fused GEMV; M > 16: dequantize + cuBLAS), bf16 F.linear (cuBLAS),
+   bitsandbytes NF4 matmul_4bit (if importable), torch int4 _weight_int4pack_mm (g128) and fp8
+   _scaled_mm (x pre-cast to fp8 and padded to 16 rows, as _scaled_mm needs), at K x N = 4096 x
+   4096, 4096 x 14336, 14336 x 4096 and M in {1, 8, 16, 64, 512}. Each time is the median of 15
+   replays of a CUDA graph of 64 launches rotating over enough weight copies to exceed 4x L2,
+   divided by 64. Device-to-device copy bandwidth (bytes read + written) measured in the same run.
+3. Tuning: the GEMV kernel's variants (FQ_ROWS rows per warp, FQ_UNROLL lane steps) for q4_k,
+   nf4 and q8_0 at M = 1 and 16, which must agree bit for bit, timed the same way.
+4. The tables (tuning, then the main one: shape, M, backend, time, effective GB/s = weight
+   bytes / time, % of copy bandwidth, ratios), the main one last; all written to
+   $OUT/gpu_qmatmul.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import ferroquant as fq
+from ferroquant import cuda as fqcuda
+from ferroquant import cuda_ops
+
+FORMATS = ["nf4", "nf4_dq", "int8_row", "int8_tensor", "int8_block", "q4_0", "q8_0", "q4_k",
+           "q5_k", "q6_k"]  # fmt: skip
+CHECK_M = [1, 2, 3, 4, 5, 8, 13, 16, 17, 64, 512]
+TIME_M = [1, 8, 16, 64, 512]
+TIME_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # K x N
+TIME_FORMATS = ["nf4", "q4_k", "q8_0", "int8_row", "q6_k", "q5_k", "q4_0"]
+# Kernel variants (qmatmul.cu tuning macros) timed side by side; outputs must be bit-identical
+# (neither knob changes any row's order of operations).
+TUNE_VARIANTS = [(), ("FQ_ROWS=1",), ("FQ_ROWS=4",), ("FQ_UNROLL=2",), ("FQ_ROWS=1", "FQ_UNROLL=2"),
+                 ("FQ_ROWS=4", "FQ_UNROLL=2")]  # fmt: skip
+TUNE_FORMATS = ["q4_k", "nf4", "q8_0"]
+TUNE_SHAPES = [(14336, 4096), (4096, 14336)]
+TUNE_M = [1, 16]
+GRAPH_LAUNCHES = 64
+REPLAYS = 15
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ---- weights ---------------------------------------------------------------------------------
+
+
+def quantized(fmt: str, n: int, k: int, seed: int):
+    """(QTensor for the CPU reference, data, stats, qtype, block_size, scale_mode) of random
+    normal weights (n x k) in `fmt`; data/stats as QuantLinear holds them (DQ expanded)."""
+    from ferroquant.nn.linear import _expand_double_quant
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k), dtype=np.float32) * np.float32(0.05)
+    opts: dict = {}
+    qtype = fmt
+    if fmt == "nf4":
+        opts = {"block_size": 64}
+    elif fmt == "nf4_dq":
+        qtype, opts = "nf4", {"block_size": 64, "double_quant": True}
+    elif fmt.startswith("int8_"):
+        qtype, mode = "int8", fmt[5:]
+        opts = {"scale_mode": mode}
+        if mode == "block":
+            opts["block_size"] = 64
+    qt = fq.quantize(w, qtype, **opts)
+    flat = _expand_double_quant(qt) if qt.state is not None else qt
+    data = np.ascontiguousarray(flat.data, dtype=np.uint8).reshape(-1)
+    stats = np.ascontiguousarray(flat.stats, dtype=np.float32).reshape(-1)
+    return qt, data, stats, qtype, int(qt.block_size), qt.scale_mode or "", flat
+
+
+def check_shapes(fmt: str) -> list[tuple[int, int]]:
+    """(n, k): a larger one and odd ones (n odd, not a multiple of the CTA's rows; K a few
+    blocks)."""
+    kq = 256 if fmt.startswith("q") and fmt.endswith("_k") else 32
+    return [(1001, 1024), (37, 3 * kq), (3, 5 * kq)]
+
+
+# ---- correctness -----------------------------------------------------------------------------
+
+
+def tolerance(x64, w64, ref, k, act, via_dequant):
+    import torch
+
+    u_act = 2.0**-8 if act == torch.bfloat16 else 2.0**-11
+    if via_dequant:  # W rounded to the dtype; cuBLAS: up to K sequential fp32 adds, and
+        # possibly reduced-precision split-K reductions (torch's default for bf16/fp16)
+        terms, e_w, e_red = k + 6, u_act, u_act
+    else:  # fused GEMV: K/32 sequential FMAs per lane, then 5 shuffle adds
+        terms, e_w, e_red = k / 32 + 6, 0.0, 0.0
+    mag = np.abs(x64) @ np.abs(w64).T
+    sub = 2.0**-24 if act == torch.float16 else 0.0
+    return mag * (terms * 2.0**-24 + e_w + e_red) + u_act * np.abs(ref) + sub
+
+
+def run_checks(dev, dry_run: bool) -> dict:
+    import torch
+
+    failures, count = [], 0
+    backends = _backends()
+    broken: dict[str, str] = {}  # backend -> the exception that stopped it
+    for fmt in FORMATS:
+        try:
+            prepared = [quantized(fmt, n, k, seed=100 + si) for si, (n, k) in
+                        enumerate(check_shapes(fmt))]  # fmt: skip
+        except BaseException as e:
+            if not dry_run or isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            log(f"dry run: {fmt} cannot be quantized by this build ({type(e).__name__}: {e})")
+            continue
+        for si, (n, k) in enumerate(check_shapes(fmt)):
+            qt, data, stats, qtype, bs, mode, flat = prepared[si]
+            w32 = fq.dequantize(flat)  # what the kernels read (nf4_dq: absmax expanded)
+            if fmt == "nf4_dq" and not np.array_equal(w32, fq.dequantize(qt)):
+                failures.append(f"nf4_dq n={n} k={k}: the fp32 absmax expansion differs from "
+                                "ferroquant.dequantize of the double-quantized tensor")  # fmt: skip
+            w64 = w32.astype(np.float64)
+            rng = np.random.default_rng(7 + si)
+            d_data = torch.from_numpy(data)
+            d_stats = torch.from_numpy(stats)
+            if not dry_run:
+                d_data, d_stats = d_data.to(dev), d_stats.to(dev)
+            for act in (torch.bfloat16, torch.float16):
+                want_w = torch.from_numpy(w32).to(act)
+                if not dry_run:
+                    for be in [b for b in backends if b not in broken]:
+                        _use_backend(be)
+                        out = torch.full((n, k), float("nan"), dtype=act, device=dev)
+                        try:
+                            got = cuda_ops.dequantize(
+                                d_data, d_stats, qtype, n, k, bs, mode, act, out
+                            )
+                            torch.cuda.synchronize()
+                        except Exception as e:
+                            broken[be] = f"[{be}] dequantize {fmt}: {type(e).__name__}: {e}"
+                            continue
+                        count += 1
+                        if not torch.equal(got.cpu(), want_w):
+                            bad = (got.cpu() != want_w).nonzero()[:3].tolist()
+                            failures.append(f"dequant {fmt} {act} n={n} k={k} [{be}] at {bad}")
+                for m in CHECK_M:
+                    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(act)
+                    x64 = x.double().numpy()
+                    ref = x64 @ w64.T
+                    tol = tolerance(x64, w64, ref, k, act, via_dequant=m > cuda_ops.MAX_GEMV_M)
+                    if dry_run:
+                        continue
+                    for be in [b for b in backends if b not in broken]:
+                        _use_backend(be)
+                        out = torch.full((m, n), float("nan"), dtype=act, device=dev)
+                        try:
+                            y = cuda_ops.qmatmul_cuda(
+                                x.to(dev), d_data, d_stats, qtype, n, k, bs, mode, out=out
+                            )
+                            torch.cuda.synchronize()
+                        except Exception as e:
+                            broken[be] = f"[{be}] qmatmul {fmt} m={m}: {type(e).__name__}: {e}"
+                            continue
+                        y64 = y.double().cpu().numpy()
+                        count += 1
+                        err = np.abs(y64 - ref)
+                        if not np.all(err <= tol):  # NaN (an unwritten output) fails too
+                            i = np.unravel_index(np.argmax(np.nan_to_num(err / tol, nan=1e30)),
+                                                 err.shape)  # fmt: skip
+                            failures.append(
+                                f"qmatmul {fmt} {str(act)[6:]} m={m} n={n} k={k} [{be}]: "
+                                f"at {i} got {y64[i]!r} want {ref[i]!r} tol {tol[i]:.3g}"
+                            )
+            log(f"checked {fmt} n={n} k={k}" + (" (CPU side only)" if dry_run else ""))
+    failures += list(broken.values())
+    clean = [b for b in backends if b not in broken and not any(f"[{b}]" in f for f in failures)]
+    if not dry_run and clean:
+        _use_backend(clean[0])
+        try:
+            failures += check_op(dev)
+        except Exception as e:
+            failures.append(f"op check: {type(e).__name__}: {e}")
+        count += 1
+    return {"checks": count, "failures": failures, "backends": backends, "clean_backends": clean}
+
+
+def _backends() -> list[str]:
+    have = []
+    for be in ("core", "bindings"):
+        os.environ["FERROQUANT_CUDA_BACKEND"] = be
+        try:
+            fqcuda._backend_name()
+            have.append(be)
+        except fqcuda.CudaUnavailable:
+            pass
+    os.environ.pop("FERROQUANT_CUDA_BACKEND", None)
+    return have
+
+
+def _use_backend(be: str) -> None:
+    os.environ["FERROQUANT_CUDA_BACKEND"] = be  # programs are kept per backend
+
+
+def check_op(dev) -> list[str]:
+    """QuantLinear on CUDA through torch.ops.ferroquant.qmatmul: eager, torch.compile and a CUDA
+    graph give the direct kernel call's bits (M <= 16; M > 16 goes through cuBLAS, which may
+    choose another algorithm on a capture stream: within 2^-6 of the largest output)."""
+    import torch
+
+    from ferroquant.nn import QuantLinear
+
+    failures = []
+    torch.manual_seed(0)
+    for qtype in ("q4_k", "nf4"):
+        lin = torch.nn.Linear(512, 384, bias=False)  # the op alone: no bias add to fuse
+        q = QuantLinear.from_linear(lin, qtype).to(dev)
+        for m in (1, 64):
+            x = torch.randn(m, 512, dtype=torch.bfloat16, device=dev)
+            direct = cuda_ops.qmatmul_cuda(x, q.qweight, q.qstats, qtype, 384, 512,
+                                           q.block_size, q.scale_mode or "")  # fmt: skip
+            want = direct
+            eager = q(x)
+            compiled = torch.compile(q, fullgraph=True)(x) if qtype == "q4_k" else eager
+            static_x = x.clone()
+            q(static_x)  # warm-up (loads kernels, makes the split copy) before capture
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                static_y = q(static_x)
+            static_x.copy_(x)
+            g.replay()
+            torch.cuda.synchronize()
+            for name, got in (("eager", eager), ("compile", compiled), ("graph", static_y)):
+                if m <= cuda_ops.MAX_GEMV_M:
+                    same = torch.equal(got, want)  # our kernel alone: deterministic
+                else:  # cuBLAS may pick another algorithm on another stream (graph capture)
+                    err = (got.float() - want.float()).abs().max().item()
+                    same = err <= 2**-6 * want.float().abs().max().item()
+                if not same:
+                    failures.append(f"op {qtype} m={m} {name}: differs from the direct call")
+    return failures
+
+
+# ---- timing ----------------------------------------------------------------------------------
+
+
+def graph_time_us(fns) -> float:
+    """Median over REPLAYS of one CUDA graph of GRAPH_LAUNCHES calls (fns[i % len(fns)]), per
+    call."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()  # warm-up outside the capture (loads kernels, makes split copies)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(GRAPH_LAUNCHES):
+            fns[i % len(fns)]()
+    g.replay()
+    times = []
+    for _ in range(REPLAYS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000.0 / GRAPH_LAUNCHES)
+    del g
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(dev) -> float:
+    import torch
+
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1000.0)
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def copies_for(nbytes: int, l2: int) -> int:
+    return max(2, math.ceil(4 * l2 / max(nbytes, 1)))
+
+
+def run_timings(dev) -> tuple[list[dict], float]:
+    import torch
+
+    props = torch.cuda.get_device_properties(dev)
+    l2 = int(getattr(props, "L2_cache_size", 50 << 20))
+    bw = copy_bandwidth_gbs(dev)
+    log(f"copy bandwidth {bw:.0f} GB/s, L2 {l2 >> 20} MiB")
+    rows: list[dict] = []
+    for k, n in TIME_SHAPES:
+        peers = _peer_weights(dev, n, k, l2)
+        ours = {}
+        for fmt in TIME_FORMATS:
+            _, data, stats, qtype, bs, mode, _ = quantized(fmt, n, k, seed=1)
+            nbytes = data.nbytes + stats.nbytes
+            d0, s0 = torch.from_numpy(data).to(dev), torch.from_numpy(stats).to(dev)
+            copies = [(d0.clone(), s0.clone()) for _ in range(copies_for(nbytes, l2))]
+            ours[fmt] = (qtype, bs, mode, nbytes, copies)
+        for m in TIME_M:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+
+            def add(backend, nbytes, fns, x=x, m=m, k=k, n=n):
+                try:
+                    t = graph_time_us(fns)
+                except Exception as e:  # a peer that cannot run this shape
+                    log(f"  {backend} K={k} N={n} M={m}: {type(e).__name__}: {e}")
+                    return
+                rows.append({"K": k, "N": n, "M": m, "backend": backend, "time_us": t,
+                             "weight_bytes": nbytes})  # fmt: skip
+
+            for backend, (nbytes, fns) in peers(x).items():
+                add(backend, nbytes, fns)
+            for fmt, (qtype, bs, mode, nbytes, copies) in ours.items():
+                fns = [
+                    functools.partial(cuda_ops.qmatmul_cuda, x, d, s, qtype, n, k, bs, mode)
+                    for d, s in copies
+                ]
+                add(f"ferroquant {fmt}", nbytes, fns)
+            log(f"timed K={k} N={n} M={m}")
+        del ours, peers
+        torch.cuda.empty_cache()
+    for r in rows:
+        r["GB_s"] = r["weight_bytes"] / (r["time_us"] * 1e-6) / 1e9
+        r["pct_copy_bw"] = 100.0 * r["GB_s"] / bw
+    return rows, bw
+
+
+def _peer_weights(dev, n: int, k: int, l2: int):
+    """backend -> (weight bytes, [callables]) for an activation x, with rotating weight copies."""
+    import torch
+
+    w = (torch.randn(n, k, device=dev) * 0.05).to(torch.bfloat16)
+    bf16 = [w.clone() for _ in range(copies_for(w.numel() * 2, l2))]
+    made: dict = {"bf16": bf16}
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+        nb = packed.numel() + state.absmax.numel() * 4
+        made["bnb"] = (bnb, [(packed.clone(), state) for _ in range(copies_for(nb, l2))], nb)
+    except Exception as e:
+        log(f"bitsandbytes NF4 unavailable: {type(e).__name__}: {e}")
+    try:
+        g = 128
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=dev)
+        q8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+        packed = torch._convert_weight_to_int4pack(q8, 8)
+        sz = (torch.randn(k // g, n, 2, device=dev) * 0.01).to(torch.bfloat16)
+        nb = n * k // 2 + sz.numel() * 2
+        made["int4"] = ([(packed.clone(), sz.clone()) for _ in range(copies_for(nb, l2))], nb)
+    except Exception as e:
+        log(f"torch int4 unavailable: {type(e).__name__}: {e}")
+    try:
+        w8 = w.to(torch.float8_e4m3fn)
+        made["fp8"] = [w8.clone() for _ in range(copies_for(w8.numel(), l2))]
+    except Exception as e:
+        log(f"fp8 unavailable: {type(e).__name__}: {e}")
+
+    def for_x(x):
+        F = torch.nn.functional
+        out = {"bf16 cuBLAS": (n * k * 2, [lambda c=c: F.linear(x, c) for c in made["bf16"]])}
+        if "bnb" in made:
+            bnb, cs, nb = made["bnb"]
+            out["bnb nf4 b64"] = (
+                nb, [lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s) for p, s in cs],
+            )  # fmt: skip
+        if "int4" in made:
+            cs, nb = made["int4"]
+            out["torch int4 g128"] = (
+                nb, [lambda p=p, s=s: torch._weight_int4pack_mm(x, p, 128, s) for p, s in cs],
+            )  # fmt: skip
+        if "fp8" in made:
+            mp = max(16, -(-x.shape[0] // 16) * 16)
+            xp = torch.zeros(mp, k, device=x.device, dtype=torch.bfloat16)
+            xp[: x.shape[0]] = x
+            x8 = xp.to(torch.float8_e4m3fn)
+            one = torch.ones((), device=x.device)
+            out["fp8 e4m3 _scaled_mm"] = (
+                n * k,
+                [lambda c=c: torch._scaled_mm(x8, c.t(), scale_a=one, scale_b=one,
+                                              out_dtype=torch.bfloat16) for c in made["fp8"]],
+            )  # fmt: skip
+        return out
+
+    return for_x
+
+
+def run_tuning(dev, bw: float) -> tuple[list[dict], list[str]]:
+    """Time every kernel variant of TUNE_FORMATS (M = 1 and 16); check they agree bit for bit."""
+    import torch
+
+    l2 = int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 50 << 20))
+    t = time.time()
+    fqcuda.precompile(TUNE_FORMATS, dev, TUNE_VARIANTS)
+    log(f"tuning variants compiled in {time.time() - t:.1f} s")
+    rows, failures = [], []
+    for k, n in TUNE_SHAPES:
+        for fmt in TUNE_FORMATS:
+            _, data, stats, qtype, bs, mode, _ = quantized(fmt, n, k, seed=2)
+            nbytes = data.nbytes + stats.nbytes
+            d0, s0 = torch.from_numpy(data).to(dev), torch.from_numpy(stats).to(dev)
+            copies = [(d0.clone(), s0.clone()) for _ in range(copies_for(nbytes, l2))]
+            for m in TUNE_M:
+                x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+                first = None
+                for v in TUNE_VARIANTS:
+                    y = cuda_ops.qmatmul_cuda(x, d0, s0, qtype, n, k, bs, mode, variant=v)
+                    if first is None:
+                        first = y
+                    elif not torch.equal(y, first):
+                        failures.append(f"variant {v} of {fmt} K={k} N={n} M={m} differs")
+                    fns = [
+                        functools.partial(
+                            cuda_ops.qmatmul_cuda, x, d, s, qtype, n, k, bs, mode, None, v
+                        )
+                        for d, s in copies
+                    ]
+                    us = graph_time_us(fns)
+                    gbs = nbytes / (us * 1e-6) / 1e9
+                    rows.append({"K": k, "N": n, "M": m, "format": fmt, "variant": " ".join(v)
+                                 or "default", "time_us": us, "GB_s": gbs,
+                                 "pct_copy_bw": 100 * gbs / bw})  # fmt: skip
+            del copies, d0, s0
+            torch.cuda.empty_cache()
+    return rows, failures
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def table(rows: list[dict], bw: float) -> str:
+    base = {(r["K"], r["N"], r["M"]): r["time_us"] for r in rows if r["backend"] == "bf16 cuBLAS"}
+    m1 = {(r["K"], r["N"], r["backend"]): r["time_us"] for r in rows if r["M"] == 1}
+    lines = [
+        f"copy bandwidth (read + write): {bw:.0f} GB/s",
+        f"{'K x N':>12} {'M':>4} {'backend':<24} {'time us':>9} {'GB/s':>7} {'% copy':>7} "
+        f"{'bf16/t':>7} {'t/t(M=1)':>8}",
+    ]
+    for r in rows:
+        key = (r["K"], r["N"], r["M"])
+        vs_bf16 = base.get(key, float("nan")) / r["time_us"]
+        vs_m1 = r["time_us"] / m1.get((r["K"], r["N"], r["backend"]), float("nan"))
+        lines.append(
+            f"{r['K']:>5}x{r['N']:<6} {r['M']:>4} {r['backend']:<24} {r['time_us']:>9.1f} "
+            f"{r['GB_s']:>7.0f} {r['pct_copy_bw']:>6.1f}% {vs_bf16:>7.2f} {vs_m1:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def tuning_table(rows: list[dict]) -> str:
+    lines = [f"{'K x N':>12} {'M':>3} {'format':<7} {'variant':<22} {'time us':>8} {'% copy':>7}"]
+    for r in rows:
+        lines.append(
+            f"{r['K']:>5}x{r['N']:<6} {r['M']:>3} {r['format']:<7} {r['variant']:<22} "
+            f"{r['time_us']:>8.1f} {r['pct_copy_bw']:>6.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dry-run", action="store_true", help="CPU side only (no GPU needed)")
+    ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--skip-tuning", action="store_true", help="no kernel-variant timings")
+    args = ap.parse_args()
+    t0 = time.time()
+    report: dict = {"ferroquant": fq.__version__}
+    if args.dry_run:
+        ptx = fqcuda.compile_all_ptx("sm_90")
+        log(f"compiled {sum(len(fqcuda.kernel_names(q)) for q in ptx)} kernels to PTX for sm_90")
+        dev = None
+    else:
+        import torch
+
+        fqcuda.check_device()  # CudaUnavailable says what is missing
+        dev = torch.device("cuda", torch.cuda.current_device())
+        report["device"] = torch.cuda.get_device_name(dev)
+        report["torch"] = torch.__version__
+        t = time.time()
+        fqcuda.precompile()
+        log(f"{fqcuda.diagnose()}; kernels ready in {time.time() - t:.1f} s")
+    checks = run_checks(dev, args.dry_run)
+    report["correctness"] = checks
+    failures = checks["failures"]
+    log(f"correctness: {checks['checks']} checks, {len(failures)} failures "
+        f"({time.time() - t0:.0f} s)")  # fmt: skip
+    if args.dry_run or args.skip_timing or not checks["clean_backends"]:
+        _write(report)
+        return _verdict(failures)
+    # Timings still run when one launch backend passed every check (its numbers are meaningful);
+    # the failures are printed after the table and the exit status is 1.
+    _use_backend(checks["clean_backends"][0])
+    rows, bw = run_timings(dev)
+    report.update(rows=rows, copy_bandwidth_GB_s=bw)
+    tune: list[dict] = []
+    if not args.skip_tuning:
+        try:
+            tune, tune_failures = run_tuning(dev, bw)
+            failures += tune_failures
+        except Exception as e:  # the main table still counts
+            failures.append(f"tuning: {type(e).__name__}: {e}")
+        report["tuning"] = tune
+    report["seconds"] = time.time() - t0
+    _write(report)
+    print(f"device: {report['device']}, torch {report['torch']}, {fqcuda.diagnose()}")
+    if tune:
+        print(tuning_table(tune))
+    print(table(rows, bw))
+    return _verdict(failures)
+
+
+def _verdict(failures: list[str]) -> int:
+    if failures:
+        print("\n".join(["CORRECTNESS FAILURES:", *failures[:50]]))
+        return 1
+    return 0
+
+
+def _write(report: dict) -> None:
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_qmatmul.json"), "w") as f:
+            json.dump(report, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,564 @@
+"""The CUDA groundwork that runs without a GPU: NVRTC compiles every kernel instantiation to PTX
+for sm_80 and sm_90 (which also checks the header's static_asserts), the header's block sizes
+equal the Rust core's, the shim's errors without a GPU, the disk-cache key, and the reversible
+split layout of the ggml formats. Correctness and speed on a GPU: benches/gpu_qmatmul.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import ferroquant as fq
+from ferroquant import _native
+
+peers_torch = pytest.importorskip("torch")
+
+from ferroquant import cuda as fqcuda  # noqa: E402
+from ferroquant import cuda_ops  # noqa: E402
+
+import peers  # noqa: E402
+
+HEADER = fqcuda.SRC_DIR / "ferroquant_blocks.cuh"
+
+
+def _nvrtc_or_fail():
+    peers.require("cuda.bindings.nvrtc")
+
+
+_PTX: dict[str, dict[str, bytes]] = {}
+
+
+def _ptx(arch: str) -> dict[str, bytes]:
+    """Every format's PTX for `arch`, compiled once per test session."""
+    _nvrtc_or_fail()
+    if arch not in _PTX:
+        _PTX[arch] = fqcuda.compile_all_ptx(arch)
+    return _PTX[arch]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_compiles_to_ptx(arch):
+    ptx = _ptx(arch)
+    assert set(ptx) == set(fqcuda.FORMATS)
+    target = f".target sm_{arch[3:]}"
+    for qtype, code in ptx.items():
+        text = code.decode(errors="replace")
+        assert target in text, (qtype, arch)
+        entries = set(re.findall(r"\.entry\s+(\w+)", text))
+        assert entries == set(fqcuda.kernel_names(qtype)), (qtype, entries)
+
+
+def _entry_params(ptx: str, name: str) -> list[str]:
+    """PTX types of kernel `name`'s parameters, in order."""
+    m = re.search(r"\.entry\s+" + name + r"\s*\((.*?)\)", ptx, re.S)
+    assert m, name
+    return re.findall(r"\.param\s+\.(\w+)\s+\w+", m.group(1))
+
+
+class _RecordingProgram:
+    rows = fqcuda.GEMV_ROWS
+
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, name, grid, block, args):
+        self.launches.append((name, grid, block, args))
+
+
+@pytest.mark.parametrize("qtype", sorted(fqcuda.FORMATS))
+def test_launch_arguments_match_the_kernels(qtype, monkeypatch):
+    """What cuda_ops passes (names, argument kinds, grid) against the compiled kernels' PTX
+    signatures, with the launch recorded instead of run (no GPU here)."""
+    import contextlib
+
+    torch = peers_torch
+    ptx = _ptx("sm_80")[qtype].decode()
+    prog = _RecordingProgram()
+    monkeypatch.setattr(cuda_ops._cuda, "program", lambda *a, **k: prog)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    qk = cuda_ops.GGML_SPLIT.get(qtype, (32,))[0]
+    n, k = 37, 3 * max(qk, 64)
+    qbits, meta, group = _random_weights(qtype, n, k, seed=3)
+    if qtype in cuda_ops.GGML_SPLIT:
+        data = cuda_ops.from_split(torch.from_numpy(np.concatenate([qbits, meta])), qtype, n, k)
+        stats = torch.zeros(0)
+    else:
+        data, stats = torch.from_numpy(qbits), torch.from_numpy(np.asarray(meta))
+    kinds = {"ptr": "u64", "i32": "u32", "i64": "u64"}
+    for m, dtype in ((3, torch.bfloat16), (20, torch.float16)):
+        prog.launches.clear()
+        x = torch.zeros(m, k, dtype=dtype)
+        y = cuda_ops.qmatmul_cuda(x, data, stats, qtype, n, k, 64, "row")
+        assert y.shape == (m, n) and y.dtype == dtype
+        ((name, grid, block, args),) = prog.launches
+        act = "bf16" if dtype == torch.bfloat16 else "fp16"
+        if m <= cuda_ops.MAX_GEMV_M:
+            assert name == fqcuda.gemv_kernel_name(qtype, act, 4)
+            assert block == 32 * fqcuda.GEMV_WARPS and grid * fqcuda.GEMV_WARPS * prog.rows >= n
+            assert args[2:] == [("ptr", x.data_ptr()), ("ptr", y.data_ptr()), ("i32", m),
+                                ("i32", n), ("i32", k), ("i64", group or 0)]  # fmt: skip
+        else:
+            spb = cuda_ops.GGML_SPLIT[qtype][4] if qtype in cuda_ops.GGML_SPLIT else None
+            spb = spb or cuda_ops.FLAT[qtype][1]
+            assert name == fqcuda.dequant_kernel_name(qtype, act)
+            assert grid * block >= n * (k // qk if qtype in cuda_ops.GGML_SPLIT else k // 32) * spb
+        assert [kinds[t] for t, _ in args] == _entry_params(ptx, name)
+
+
+def test_driver_launch_marshals_arguments(monkeypatch):
+    """The cuda.bindings launch path hands cuLaunchKernel an array of pointers to the values."""
+    import ctypes
+    import types
+
+    torch = peers_torch
+    driver = peers.require("cuda.bindings.driver")
+    seen = {}
+
+    def fake_launch(f, gx, gy, gz, bx, by, bz, shmem, stream, params, extra):
+        p = (ctypes.c_void_p * 3).from_address(params)
+        seen.update(f=f, grid=(gx, gy, gz), block=(bx, by, bz), shmem=shmem, extra=extra)
+        seen["vals"] = [
+            ctypes.c_void_p.from_address(p[0]).value,
+            ctypes.c_int32.from_address(p[1]).value,
+            ctypes.c_int64.from_address(p[2]).value,
+        ]
+        return (driver.CUresult.CUDA_SUCCESS,)
+
+    monkeypatch.setattr(driver, "cuLaunchKernel", fake_launch)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda i=None: types.SimpleNamespace(cuda_stream=0)
+    )
+    prog = object.__new__(fqcuda._Program)
+    prog.backend, prog.index, prog.kernels, prog._streams = "bindings", 0, {"k": "fn"}, {}
+    prog.launch("k", 5, 128, [("ptr", 0xDEADBEEF0), ("i32", -7), ("i64", 1 << 40)])
+    assert seen == {"f": "fn", "grid": (5, 1, 1), "block": (128, 1, 1), "shmem": 0, "extra": 0,
+                    "vals": [0xDEADBEEF0, -7, 1 << 40]}  # fmt: skip
+
+
+def test_tuning_variants_compile():
+    """The knobs benches/gpu_qmatmul.py times (rows per warp, unrolled lane steps) compile."""
+    _nvrtc_or_fail()
+    ptx = fqcuda.compile_program("q8_0", "sm_90", "ptx", False, ("FQ_ROWS=4", "FQ_UNROLL=2"))
+    assert set(re.findall(r"\.entry\s+(\w+)", ptx.decode())) == set(fqcuda.kernel_names("q8_0"))
+
+
+def test_header_block_sizes_equal_rust():
+    pairs = re.findall(
+        r"static_assert\(sizeof\((block_\w+)\) == (\d+)", HEADER.read_text(encoding="utf-8")
+    )
+    header = {name: int(size) for name, size in pairs}
+    rust = dict(_native.block_struct_sizes())
+    assert header == rust
+    # ...and the qtype table agrees for the ggml formats the kernels read.
+    for qtype, (qk, bpb, *_rest) in cuda_ops.GGML_SPLIT.items():
+        info = fq.qtype_info(qtype)
+        assert (info.block_size, info.type_size) == (qk, bpb)
+        assert header["block_" + qtype.replace("_k", "_K")] == bpb
+
+
+def test_compile_error_carries_the_log(tmp_path, monkeypatch):
+    _nvrtc_or_fail()
+    src = tmp_path / "src"
+    shutil.copytree(fqcuda.SRC_DIR, src)
+    hdr = src / "ferroquant_blocks.cuh"
+    hdr.write_text(hdr.read_text().replace("sizeof(block_q8_0) == 34", "sizeof(block_q8_0) == 35"))
+    monkeypatch.setattr(fqcuda, "SRC_DIR", src)
+    with pytest.raises(fqcuda.CudaCompileError, match="block_q8_0 size"):
+        fqcuda.compile_program("q8_0", "sm_80", "ptx", use_cache=False)
+
+
+def test_cache_key_changes_with_source_and_arch(tmp_path, monkeypatch):
+    _nvrtc_or_fail()
+    k90 = fqcuda.cache_key("q4_k", "sm_90")
+    assert k90 == fqcuda.cache_key("q4_k", 90)
+    assert k90 != fqcuda.cache_key("q4_k", "sm_80")
+    assert k90 != fqcuda.cache_key("q6_k", "sm_90")
+    assert k90 != fqcuda.cache_key("q4_k", "sm_90", "ptx")
+    assert k90 != fqcuda.cache_key("q4_k", "sm_90", variant=("FQ_ROWS=4",))
+    src = tmp_path / "src"
+    shutil.copytree(fqcuda.SRC_DIR, src)
+    monkeypatch.setattr(fqcuda, "SRC_DIR", src)
+    assert fqcuda.cache_key("q4_k", "sm_90") == k90
+    (src / "qmatmul.cu").write_text((src / "qmatmul.cu").read_text() + "\n// edit\n")
+    k_src = fqcuda.cache_key("q4_k", "sm_90")
+    assert k_src != k90
+    hdr = src / "ferroquant_blocks.cuh"
+    hdr.write_text(hdr.read_text() + "\n// edit\n")
+    assert fqcuda.cache_key("q4_k", "sm_90") not in (k90, k_src)
+
+
+def test_disk_cache_is_used(tmp_path, monkeypatch):
+    _nvrtc_or_fail()
+    monkeypatch.setenv("FERROQUANT_CACHE_DIR", str(tmp_path))
+    first = fqcuda.compile_program("q8_0", "sm_80", "ptx")
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].read_bytes() == first
+    assert fqcuda.cache_key("q8_0", "sm_80", "ptx") in files[0].name
+
+    def no_compile(*args):
+        raise AssertionError("compiled again despite a cached result")
+
+    monkeypatch.setattr(fqcuda, "_compile", no_compile)
+    assert fqcuda.compile_program("q8_0", "sm_80", "ptx") == first
+
+
+def test_arch_names():
+    assert fqcuda.normalize_arch("sm_90a") == 90
+    assert fqcuda.normalize_arch("compute_80") == 80
+    assert fqcuda.normalize_arch((8, 6)) == 86
+    with pytest.raises(ValueError):
+        fqcuda.normalize_arch("hopper")
+
+
+# ---- no GPU: a clear error, and the CPU path still works --------------------------------------
+
+
+def _no_gpu_here():
+    torch = peers_torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the no-GPU error cannot be observed")
+
+
+def test_without_gpu_the_shim_says_what_is_missing():
+    _no_gpu_here()
+    assert not fqcuda.available()
+    for call in (lambda: fqcuda.program("q4_k"), fqcuda.check_device):
+        with pytest.raises(fqcuda.CudaUnavailable) as e:
+            call()
+        assert isinstance(e.value, RuntimeError)
+        msg = str(e.value)
+        assert "without CUDA" in msg or "no CUDA device" in msg
+    assert fqcuda.diagnose().startswith("CUDA unavailable:")
+
+
+def test_old_gpu_and_missing_nvrtc_are_named(monkeypatch):
+    torch = peers_torch
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Tesla T4")
+    with pytest.raises(fqcuda.CudaUnavailable, match=r"Tesla T4 has compute capability 7\.5"):
+        fqcuda.check_device()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setenv("FERROQUANT_CUDA_BACKEND", "nonesuch")
+    with pytest.raises(fqcuda.CudaUnavailable, match="NVRTC not found"):
+        fqcuda.check_device()
+
+
+def test_cpu_path_still_works_without_gpu():
+    torch = peers_torch
+    from ferroquant.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8)
+    q = QuantLinear.from_linear(lin, "q8_0")
+    x = torch.randn(3, 64)
+    y = q(x)
+    ref = x @ q.dequantized_weight().T + q.bias
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_kernel_is_registered():
+    torch = peers_torch
+    op = torch.ops.ferroquant.qmatmul.default
+    assert op.has_kernel_for_dispatch_key("CUDA")
+
+
+def test_supported_shapes():
+    torch = peers_torch
+    xb = torch.empty(1, 64, dtype=torch.bfloat16)
+    assert cuda_ops.supported(xb, "q4_k", 256, 0, "")
+    assert cuda_ops.supported(xb, "nf4", 64, 64, "")
+    assert not cuda_ops.supported(xb, "nf4", 48, 16, "")  # K % 32, block < 32
+    assert not cuda_ops.supported(xb.float(), "q4_k", 256, 0, "")  # fp32 activations
+    assert not cuda_ops.supported(xb, "q3_k", 256, 0, "")  # no kernel
+
+
+# ---- the split layout of the ggml formats -----------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", sorted(cuda_ops.GGML_SPLIT))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_split_layout_is_a_reversible_permutation(qtype, seed):
+    torch = peers_torch
+    qk, bpb, off, qb, _ = cuda_ops.GGML_SPLIT[qtype]
+    rng = np.random.default_rng(seed)
+    n, nb = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+    data = torch.from_numpy(rng.integers(0, 256, n * nb * bpb, dtype=np.uint8))
+    split = cuda_ops.to_split(data, qtype, n, nb * qk)
+    assert split.shape == data.shape and split.dtype == torch.uint8
+    assert torch.equal(cuda_ops.from_split(split, qtype, n, nb * qk), data)
+    blocks = data.numpy().reshape(n * nb, bpb)
+    s = split.numpy()
+    # the quant bytes first, block after block, then each block's other bytes in their order
+    assert np.array_equal(s[: n * nb * qb].reshape(n * nb, qb), blocks[:, off : off + qb])
+    meta = np.concatenate([blocks[:, :off], blocks[:, off + qb :]], axis=1)
+    assert np.array_equal(s[n * nb * qb :].reshape(n * nb, bpb - qb), meta)
+    assert qb % 16 == 0  # every quant run starts 16-byte aligned
+
+
+def test_split_layout_of_real_blocks_puts_scales_in_meta():
+    """q8_0: the split's quant bytes are the int8 values, its meta the fp16 scales."""
+    torch = peers_torch
+    from data import make
+
+    w = make("normal", 4, 64, seed=3)
+    qt = fq.quantize(w, "q8_0")
+    split = cuda_ops.to_split(torch.from_numpy(np.array(qt.data)), "q8_0", 4, 64).numpy()
+    qs = split[: 4 * 64].view(np.int8).astype(np.float32).reshape(4, 2, 32)
+    d = split[4 * 64 :].view(np.float16).astype(np.float32).reshape(4, 2, 1)
+    assert np.array_equal((qs * d).reshape(4, 64), fq.dequantize(qt))
+
+
+# ---- the traits compiled for the host, against the formats' defining peers -------------------
+#
+# The format traits (decode + column map) are the part of each kernel that knows the format. They
+# are compiled here with the host C++ compiler, unchanged, behind stub CUDA headers, and run in
+# the loop qdequant runs on the GPU (every lane step of every block of every row); the result must
+# equal the peer's dequantization bit for bit, and every element must be written (NaN-poisoned).
+
+EMU = r"""
+// Just enough of CUDA's built-ins for the host build of the traits.
+#pragma once
+#include <algorithm>
+#include <cstring>
+#include <math.h>
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __global__
+#define __shared__ static
+#define __constant__
+#define __launch_bounds__(x)
+struct uint4 { unsigned x, y, z, w; };
+struct float2 { float x, y; };
+inline float2 make_float2(float x, float y) { return {x, y}; }
+struct Dim3 { unsigned x, y, z; };
+static Dim3 threadIdx, blockIdx, blockDim;
+inline void __syncthreads() {}
+inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
+using std::min;
+inline uint4 __ldcs(const uint4* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
+inline uint4 __ldg(const uint4* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
+inline unsigned char __ldg(const unsigned char* p) { return *p; }
+inline signed char __ldg(const signed char* p) { return *p; }
+inline unsigned short __ldg(const unsigned short* p) {
+    unsigned short v; std::memcpy(&v, p, 2); return v;
+}
+inline float __ldg(const float* p) { return *p; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+"""
+
+HARNESS = r"""
+#include "qmatmul.cu"
+using namespace fq;
+template <class F>
+static void run(const u8* qbits, const u8* meta, float* out, int N, int K, long long group) {
+    typename F::Shared sh;
+    blockDim.x = 32;
+    for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
+    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    for (i64 row = 0; row < N; ++row)
+        for (int s = 0; s < c.nb * F::SPB; ++s) {
+            const int b = s / F::SPB, st = s % F::SPB;
+            float w[F::NRUNS][F::RUN];
+            F::decode(c, sh, row, b, st, w);
+            for (int r = 0; r < F::NRUNS; ++r)
+                for (int i = 0; i < F::RUN; ++i)
+                    out[row * K + b * F::QK + F::col(st, r) + i] = w[r][i];
+        }
+}
+// qgemv on the host: each lane's partial sums (qgemv_lane, as on the GPU), summed over the warp.
+template <class F, int MT>
+static void gemv(const u8* qbits, const u8* meta, const bf16_t* x, float* y, int M, int N,
+                 int K, long long group) {
+    typename F::Shared sh;
+    blockDim.x = 32;
+    for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
+    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    for (int n0 = 0; n0 < N; n0 += FQ_ROWS) {
+        float tot[FQ_ROWS][MT] = {};
+        for (int lane = 0; lane < 32; ++lane) {
+            float acc[FQ_ROWS][MT];
+            qgemv_lane<F, bf16_t, MT>(c, sh, x, M, N, n0, lane, acc);
+            for (int r = 0; r < FQ_ROWS; ++r)
+                for (int m = 0; m < MT; ++m) tot[r][m] += acc[r][m];
+        }
+        for (int r = 0; r < FQ_ROWS; ++r)
+            for (int m = 0; m < M; ++m)
+                if (n0 + r < N) y[i64(m) * N + n0 + r] = tot[r][m];
+    }
+}
+#define FQ_HOST(FMT) extern "C" void dequant_##FMT(const u8* q, const u8* m, float* o, int n, \
+    int k, long long g) { run<Fmt_##FMT>(q, m, o, n, k, g); } \
+    extern "C" void gemv_##FMT(const u8* q, const u8* m, const bf16_t* x, float* y, \
+    int M, int n, int k, long long g, int mt) { \
+        switch (mt) { \
+        case 1: gemv<Fmt_##FMT, 1>(q, m, x, y, M, n, k, g); break; \
+        case 2: gemv<Fmt_##FMT, 2>(q, m, x, y, M, n, k, g); break; \
+        case 4: gemv<Fmt_##FMT, 4>(q, m, x, y, M, n, k, g); break; \
+        case 8: gemv<Fmt_##FMT, 8>(q, m, x, y, M, n, k, g); break; \
+        default: gemv<Fmt_##FMT, 16>(q, m, x, y, M, n, k, g); break; } }
+FQ_HOST(nf4) FQ_HOST(int8) FQ_HOST(q4_0) FQ_HOST(q8_0) FQ_HOST(q4_K) FQ_HOST(q5_K) FQ_HOST(q6_K)
+"""
+
+
+@pytest.fixture(scope="module")
+def host_traits(tmp_path_factory):
+    import ctypes
+    import subprocess
+
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None:
+        if peers.REQUIRE_PEERS:
+            pytest.fail("no C++ compiler to build the host copy of the CUDA traits")
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp("host_traits")
+    (d / "emu.h").write_text(EMU)
+    (d / "harness.cpp").write_text(HARNESS)
+    lib = d / "libtraits.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
+           "-include", str(d / "emu.h"), f"-I{fqcuda.SRC_DIR}", "-DFQ_NO_INSTANTIATIONS",
+           str(d / "harness.cpp"), "-o", str(lib)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        pytest.fail(f"host build of the CUDA traits failed:\n{res.stderr}")
+    return ctypes.CDLL(str(lib))
+
+
+def _first_diff(got, want):
+    i = np.flatnonzero(got.view(np.uint32) != want.view(np.uint32))[0]
+    return f"element {np.unravel_index(i, got.shape)}: got {got.flat[i]!r}, want {want.flat[i]!r}"
+
+
+def _host_dequant(lib, qtype, qbits, meta, n, k, group=0):
+    import ctypes
+
+    out = np.full((n, k), np.nan, dtype=np.float32)
+    qbits = np.ascontiguousarray(qbits, dtype=np.uint8)
+    meta = np.ascontiguousarray(meta).view(np.uint8)
+    fn = getattr(lib, "dequant_" + fqcuda.FORMATS[qtype])
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
+    fn(qbits.ctypes.data, meta.ctypes.data, out.ctypes.data, n, k, group)
+    return out
+
+
+# (offset of each ggml_half field) for valid random blocks
+HALF_FIELDS = {"q4_0": [0], "q8_0": [0], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+
+
+@pytest.mark.parametrize("qtype", sorted(HALF_FIELDS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_traits_equal_gguf_dequantize(host_traits, qtype, seed):
+    torch = peers_torch
+    gguf = peers.require("gguf")
+    quants = peers.require("gguf.quants")
+
+    qk, bpb, *_ = cuda_ops.GGML_SPLIT[qtype]
+    rng = np.random.default_rng(seed)
+    n, nb = int(rng.integers(1, 7)), int(rng.integers(1, 5))
+    k = nb * qk
+    blocks = rng.integers(0, 256, (n * nb, bpb), dtype=np.uint8)
+    for off in HALF_FIELDS[qtype]:
+        h = (rng.standard_normal(n * nb) * 2.0 ** rng.integers(-12, 3, n * nb)).astype(np.float16)
+        h[::7] = 0.0  # zero scales too
+        blocks[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
+    data = blocks.reshape(-1)
+    gtype = getattr(gguf.GGMLQuantizationType, qtype.upper())
+    want = quants.dequantize(data.reshape(n, nb * bpb), gtype).astype(np.float32)
+    split = cuda_ops.to_split(torch.from_numpy(data), qtype, n, k).numpy()
+    nq = n * nb * cuda_ops.GGML_SPLIT[qtype][3]
+    got = _host_dequant(host_traits, qtype, split[:nq], split[nq:], n, k)
+    assert not np.isnan(got).any(), "an element was never written"
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (
+        peers.first_difference(got, want) if hasattr(peers, "first_difference") else None
+    )
+
+
+@pytest.mark.parametrize("block_size", [32, 64, 256])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_host_traits_nf4_equal_bitsandbytes_code(host_traits, block_size, seed):
+    bnbf = peers.require("bitsandbytes.functional")
+    code = bnbf.get_4bit_type("nf4", device="cpu").numpy().astype(np.float32)
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(1, 6)), 32 * int(rng.integers(1, 6))  # blocks may straddle rows
+    packed = rng.integers(0, 256, n * k // 2, dtype=np.uint8)
+    absmax = rng.random(-(-n * k // block_size), dtype=np.float32) * 3
+    q = np.stack([packed >> 4, packed & 15], axis=1).reshape(-1)  # element 2j: high nibble
+    want = (code[q] * absmax[np.arange(n * k) // block_size]).reshape(n, k)
+    got = _host_dequant(host_traits, "nf4", packed, absmax, n, k, block_size)
+    assert not np.isnan(got).any()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("mode", ["row", "tensor", "block"])
+def test_host_traits_int8(host_traits, mode):
+    rng = np.random.default_rng(5)
+    n, k = 5, 192
+    q = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    group = {"row": k, "tensor": n * k, "block": 64}[mode]
+    scales = rng.random(n * k // group, dtype=np.float32) / 100
+    want = (q.astype(np.float32).reshape(-1) * scales[np.arange(n * k) // group]).reshape(n, k)
+    got = _host_dequant(host_traits, "int8", q.view(np.uint8), scales, n, k, group)
+    assert not np.isnan(got).any()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert cuda_ops._stat_group("int8", n, k, 64, mode) == group
+
+
+def _random_weights(qtype, n, k, seed):
+    """(qbits, meta, group, W float32) of random valid weights in the kernels' layout; W from the
+    host traits (equal to the peers by the tests above)."""
+    torch = peers_torch
+    rng = np.random.default_rng(seed)
+    if qtype == "nf4":
+        qbits = rng.integers(0, 256, n * k // 2, dtype=np.uint8)
+        meta, group = rng.random(-(-n * k // 64), dtype=np.float32), 64
+    elif qtype == "int8":
+        qbits = rng.integers(0, 256, n * k, dtype=np.uint8)
+        meta, group = rng.random(n, dtype=np.float32) / 64, k
+    else:
+        qk, bpb, _, qb, _ = cuda_ops.GGML_SPLIT[qtype]
+        blocks = rng.integers(0, 256, (n * k // qk, bpb), dtype=np.uint8)
+        for off in HALF_FIELDS[qtype]:
+            h = (rng.standard_normal(len(blocks)) * 0.01).astype(np.float16)
+            blocks[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
+        split = cuda_ops.to_split(torch.from_numpy(blocks.reshape(-1)), qtype, n, k).numpy()
+        nq = n * k // qk * qb
+        qbits, meta, group = split[:nq], split[nq:], 0
+    return qbits, meta, group
+
+
+@pytest.mark.parametrize("qtype", sorted(fqcuda.FORMATS))
+def test_host_gemv_lanes_sum_to_the_product(host_traits, qtype):
+    """qgemv_lane (the GPU kernel's per-lane loop) over 32 lanes: x @ W.T within the fp32 bound
+    (K/32 + 6) * 2^-24 * sum|x w| (the lane sums plus the warp sum), for M up to 16, N odd."""
+    import ctypes
+
+    torch = peers_torch
+    qk = cuda_ops.GGML_SPLIT.get(qtype, (32,))[0]
+    n, k = 5, 3 * max(qk, 64)
+    qbits, meta, group = _random_weights(qtype, n, k, seed=11)
+    w = _host_dequant(host_traits, qtype, qbits, meta, n, k, group).astype(np.float64)
+    fn = getattr(host_traits, "gemv_" + fqcuda.FORMATS[qtype])
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_longlong, ctypes.c_int]
+    meta8 = np.ascontiguousarray(meta).view(np.uint8)
+    for m in (1, 2, 3, 8, 13, 16):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+        xb = x.view(torch.int16).numpy()
+        x64 = x.double().numpy()
+        mt = next(t for t in fqcuda.GEMV_M if t >= m)
+        y = np.full((m, n), np.nan, dtype=np.float32)
+        fn(qbits.ctypes.data, meta8.ctypes.data, xb.ctypes.data, y.ctypes.data, m, n, k, group, mt)
+        ref = x64 @ w.T
+        tol = (k / 32 + 6) * 2.0**-24 * (np.abs(x64) @ np.abs(w).T)
+        assert not np.isnan(y).any()
+        assert np.all(np.abs(y - ref) <= tol), (m, np.max(np.abs(y - ref) - tol))
