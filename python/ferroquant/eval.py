@@ -247,6 +247,7 @@ def run_eval(
     decode_tokens: int = 16,
     threads: int | None = None,
     progress: bool = True,
+    against: str | None = None,
     loaded: Loaded | None = None,
 ) -> dict[str, Any]:
     """Evaluate every row; returns {"protocol": {...}, "rows": [{...}, ...]} (see module doc)."""
@@ -258,8 +259,12 @@ def run_eval(
         raise ValueError("--prompt-tokens and --decode-tokens must be at least 1")
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be at least 1, got {threads}")
-    if loaded is None:
-        resolve_model(model)
+    if against not in (None, "llama.cpp"):
+        raise ValueError(f"--against: only llama.cpp is supported, got {against!r}")
+    if loaded is None or against:
+        _, gguf_file = resolve_model(model)
+        if against and gguf_file is None:
+            raise ValueError("--against llama.cpp needs a .gguf MODEL (llama.cpp reads GGUF)")
     txt, text_desc = read_text(text)
     torch = need("torch")
     from . import set_num_threads
@@ -353,7 +358,25 @@ def run_eval(
         "ferroquant": __version__,
         "model_load_s": round(load_s, 1),
     }
-    return {"protocol": protocol, "rows": [asdict(r) for r in results]}
+    out: dict[str, Any] = {"protocol": protocol, "rows": [asdict(r) for r in results]}
+    if against == "llama.cpp":
+        from .eval_llamacpp import run_llamacpp
+
+        folder, gguf_file = resolve_model(model)
+        assert gguf_file is not None
+        out["against"] = {
+            "llama.cpp": run_llamacpp(
+                folder / gguf_file,
+                [s.name for s in specs],
+                ids.tolist(),
+                windows,
+                prompt.tolist(),
+                decode_tokens,
+                n_threads,
+                progress,
+            )
+        }
+    return out
 
 
 def _loadavg() -> list[float] | None:

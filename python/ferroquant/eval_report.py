@@ -44,9 +44,25 @@ def _fmt(key: str, v: Any) -> str:
     return str(v)
 
 
-def table_cells(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = [h for _, h in COLUMNS]
-    body = [[_fmt(k, row[k]) for k, _ in COLUMNS] for row in result["rows"]]
+LLAMA_COLUMNS = (
+    ("name", "row"),
+    ("llama_ftype", "llama.cpp file type"),
+    ("bits_per_weight", "bits/w"),
+    ("size_mb", "size MB"),
+    ("ppl", "ppl"),
+    ("dppl_pct", "Δppl %"),
+    ("kl", "mean KL"),
+    ("top1", "top-1"),
+    ("prompt_tps", "prompt tok/s"),
+    ("decode_tps", "decode tok/s"),
+)
+
+
+def table_cells(
+    rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...] = COLUMNS
+) -> tuple[list[str], list[list[str]]]:
+    head = [h for _, h in columns]
+    body = [[_fmt(k, row[k]) for k, _ in columns] for row in rows]
     return head, body
 
 
@@ -68,11 +84,19 @@ def protocol_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """A plain-text table, protocol first."""
-    head, body = table_cells(result)
+def _llama(result: dict[str, Any]) -> dict[str, Any] | None:
+    return (result.get("against") or {}).get("llama.cpp")
+
+
+def _llama_lines(lc: dict[str, Any]) -> list[str]:
+    out = [f"{lc['stack']}, same protocol; baseline = {lc['baseline']}", lc["note"]]
+    if lc["skipped"]:
+        out.append("no llama.cpp file type for: " + ", ".join(lc["skipped"]))
+    return out
+
+
+def _text_table(head: list[str], body: list[list[str]], left: set[int]) -> list[str]:
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    left = {0, 1, len(head) - 1}
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -80,18 +104,35 @@ def format_table(result: dict[str, Any]) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    rule = "  ".join("-" * w for w in widths)
-    out = ["ferroquant eval", *("  " + s for s in protocol_lines(result)), "", line(head), rule]
-    out += [line(r) for r in body]
+    return [line(head), "  ".join("-" * w for w in widths), *(line(r) for r in body)]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Plain text: the protocol, then the table (and llama.cpp's, with --against)."""
+    out = ["ferroquant eval", *("  " + s for s in protocol_lines(result)), ""]
+    lc = _llama(result)
+    if lc is not None:
+        out += ["llama.cpp:", *("  " + s for s in _llama_lines(lc)), ""]
+        out += _text_table(*table_cells(lc["rows"], LLAMA_COLUMNS), {0, 1}) + [""]
+        out += ["ferroquant:"]
+    out += _text_table(*table_cells(result["rows"]), {0, 1, len(COLUMNS) - 1})
     return "\n".join(out)
 
 
+def _md_table(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+        "| " + " | ".join(r) + " |" for r in body
+    ]
+
+
 def to_markdown(result: dict[str, Any]) -> str:
-    head, body = table_cells(result)
     out = ["# ferroquant eval", "", "Protocol:", ""]
     out += [f"- {s}" for s in protocol_lines(result)]
-    out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in body]
+    out += ["", *_md_table(*table_cells(result["rows"]))]
+    lc = _llama(result)
+    if lc is not None:
+        out += ["", "## llama.cpp, same protocol", ""] + [f"- {s}" for s in _llama_lines(lc)]
+        out += ["", *_md_table(*table_cells(lc["rows"], LLAMA_COLUMNS))]
     return "\n".join(out) + "\n"
 
 
@@ -109,15 +150,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
         (axes[0], "kl", "mean KL divergence vs bf16 (symlog)"),
         (axes[1], "decode_tps", "CPU decode tokens/s"),
     ):
-        xs = [r["bits_per_weight"] for r in rows]
-        ys = [r[key] for r in rows]
-        ax.scatter(xs, ys)
-        for r, x, y in zip(rows, xs, ys, strict=True):
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        lc = _llama(result)
+        for stack, rs, marker in (("ferroquant", rows, "o"), ("llama.cpp", lc and lc["rows"], "x")):
+            if not rs:
+                continue
+            xs = [r["bits_per_weight"] for r in rs]
+            ys = [r[key] for r in rs]
+            ax.scatter(xs, ys, marker=marker, label=stack)
+            for r, x, y in zip(rs, xs, ys, strict=True):
+                ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)  # fmt: skip
+        if lc:
+            ax.legend()
         ax.set_xlabel("bits per weight (whole model, as stored)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
-    kls = [r["kl"] for r in rows if r["kl"] > 0]
+    lc = _llama(result)
+    kls = [r["kl"] for r in rows + (lc["rows"] if lc else []) if r["kl"] > 0]
     axes[0].set_yscale("symlog", linthresh=min(kls) if kls else 1e-6)
     fig.suptitle(
         f"{p['model']}: ctx {p['ctx']}, {p['tokens_scored']} tokens scored, {p['threads']} threads",
