@@ -9,9 +9,9 @@ Protocol (every output states it):
   (a K-quant needs rows that are a multiple of 256) the recipe falls back as llama.cpp does, and
   the row reports the qtypes actually used.
 - The text is tokenized once without special tokens and cut into windows of `ctx` tokens that
-  start every `stride` tokens; each token is scored once, from the window in which it has the most
-  context (with stride = ctx: every token of a window but its first). At most `max_tokens` tokens
-  are scored (0: the whole text).
+  start every `stride` tokens; each token is scored once, in the first window that reaches it
+  (Hugging Face's sliding-window perplexity; with stride = ctx every token of a window but its
+  first). At most `max_tokens` tokens are scored (0: the whole text).
 - Metrics against the baseline's next-token distributions on the same windows, in float64 from
   log-softmax: perplexity, mean KL(baseline || row) over scored tokens, top-1 agreement.
 - Size: quantized Linear weights as stored (blocks and statistics), every other parameter as held
@@ -337,6 +337,9 @@ def run_eval(
         "text": text_desc,
         "text_tokens": int(ids.shape[0]),
         "tokenization": "no special tokens (no BOS)",
+        "formats": "ggml types as llama.cpp stores them; int8 / fp8_e4m3 with one float32 scale "
+        "per row; nf4 blocks of 64 with float32 absmax; nf4+dq: bitsandbytes double quantization "
+        "of the absmax (counted as stored, expanded to float32 in memory)",
         "ctx": ctx,
         "stride": stride,
         "windows": len(windows),

@@ -23,7 +23,8 @@ class Window:
 
 def make_windows(n_tokens: int, ctx: int, stride: int, max_tokens: int = 0) -> list[Window]:
     """Windows of at most `ctx` tokens every `stride` tokens; each token is scored once, in the
-    first window that gives it the most context; at most `max_tokens` scored (0: all)."""
+    first window that reaches it (a window scores the tokens past those scored before, as Hugging
+    Face's sliding-window perplexity does); at most `max_tokens` scored (0: all)."""
     if ctx < 2:
         raise ValueError(f"--ctx must be at least 2, got {ctx}")
     if not 1 <= stride <= ctx:

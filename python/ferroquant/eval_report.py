@@ -4,6 +4,7 @@ the protocol it was measured under."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ def table_cells(
 def protocol_lines(result: dict[str, Any]) -> list[str]:
     p = result["protocol"]
     load = p.get("load_average") or {}
+    formats = [f"formats: {p['formats']}"] if "formats" in p else []
     return [
         f"model: {p['model']}; baseline = {p['baseline']}",
         f"kept unquantized: {p['kept_unquantized']}",
@@ -76,6 +78,7 @@ def protocol_lines(result: dict[str, Any]) -> list[str]:
         f"windows: ctx {p['ctx']}, stride {p['stride']}, {p['windows']} windows, "
         f"{p['tokens_scored']} tokens scored"
         + (f" (cap {p['max_tokens']})" if p["max_tokens"] else " (whole text)"),
+        *formats,
         f"metrics: {p['metrics']}",
         f"size: {p['size']}",
         f"speed: {p['speed']}; threads {p['threads']}",
@@ -148,7 +151,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), constrained_layout=True)
     for ax, key, label in (
         (axes[0], "kl", "mean KL divergence vs bf16 (symlog)"),
-        (axes[1], "decode_tps", "CPU decode tokens/s"),
+        (axes[1], "decode_tps", "CPU decode tokens/s (log)"),
     ):
         lc = _llama(result)
         for stack, rs, marker in (("ferroquant", rows, "o"), ("llama.cpp", lc and lc["rows"], "x")):
@@ -168,13 +171,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     lc = _llama(result)
     kls = [r["kl"] for r in rows + (lc["rows"] if lc else []) if r["kl"] > 0]
     axes[0].set_yscale("symlog", linthresh=min(kls) if kls else 1e-6)
+    axes[1].set_yscale("log")
     fig.suptitle(
         f"{p['model']}: ctx {p['ctx']}, {p['tokens_scored']} tokens scored, {p['threads']} threads",
         fontsize=10,
     )
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
+        _readable(tmp)
     plt.close(fig)
+
+
+def _readable(path: Path) -> None:
+    """Report files get the permissions of any new file (the temporary file is 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def save(result: dict[str, Any], out_dir: str | Path, png: bool = True) -> dict[str, str]:
@@ -184,8 +196,10 @@ def save(result: dict[str, Any], out_dir: str | Path, png: bool = True) -> dict[
     paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
     with atomic_path(paths["json"]) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
+        _readable(tmp)
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text(to_markdown(result), encoding="utf-8")
+        _readable(tmp)
     if png:
         paths["png"] = out / "eval.png"
         plot(result, paths["png"])
