@@ -295,14 +295,14 @@ def test_thread_count_does_not_change_the_bytes(qtype):
 
 def test_forced_scalar_path_gives_the_same_bytes():
     """FERROQUANT_FORCE_SCALAR=1 (read once per process) selects the scalar references instead
-    of the SIMD searches of q2_k/q4_k/q5_k/q6_k; both must write the bytes of libggml."""
+    of the SIMD searches of q2_k..q6_k; both must write the bytes of libggml."""
     code = (
         "import sys, numpy as np, ferroquant as fq; sys.path.insert(0, sys.argv[1]);"
         "from data import make, DISTRIBUTIONS;"
         "xs = [make(d, 8, 1024, 11) for d in DISTRIBUTIONS];"
         "w = np.linspace(0, 2, 1024, dtype=np.float32);"
         "np.save(sys.argv[2], np.stack([np.concatenate([fq.quantize(x, t, imatrix=m).data"
-        " for t in ('q2_k', 'q4_k', 'q5_k', 'q6_k') for m in (None, w)]) for x in xs]))"
+        " for t in ('q2_k', 'q3_k', 'q4_k', 'q5_k', 'q6_k') for m in (None, w)]) for x in xs]))"
     )
     here = os.path.dirname(__file__)
     outs = []
@@ -320,7 +320,7 @@ def test_forced_scalar_path_gives_the_same_bytes():
             np.concatenate(
                 [
                     peers.ggml_quantize(x, t, m)
-                    for t in ("q2_k", "q4_k", "q5_k", "q6_k")
+                    for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
                     for m in (None, w)
                 ]
             )

@@ -37,6 +37,14 @@ def _peer_version(module: str) -> str:
     return getattr(mod, "__version__", "installed")
 
 
+def _cuda_status() -> str:
+    try:
+        from . import cuda
+    except Exception as e:  # the shim itself failing to import is worth reporting, not fatal
+        return f"shim failed to import ({type(e).__name__}: {e})"
+    return cuda.diagnose()
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     info = {
         "ferroquant": __version__,
@@ -48,6 +56,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         "FERROQUANT_FORCE_SCALAR": os.environ.get("FERROQUANT_FORCE_SCALAR", "(unset)"),
         "FERROQUANT_NUM_THREADS": os.environ.get("FERROQUANT_NUM_THREADS", "(unset: all cores)"),
         "peers": {m: _peer_version(m) for m in ("numpy", "torch", "gguf", "bitsandbytes")},
+        "cuda": _cuda_status(),
     }
     if args.json:
         print(json.dumps(info))

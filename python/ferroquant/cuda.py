@@ -23,11 +23,12 @@ import ctypes
 import hashlib
 import os
 import pathlib
-import tempfile
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from ._atomic import atomic_path
 
 SRC_DIR = pathlib.Path(__file__).parent / "cuda_src"
 SOURCE = "qmatmul.cu"
@@ -126,16 +127,8 @@ def cache_dir() -> pathlib.Path:
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 # ---- NVRTC ----------------------------------------------------------------------------------

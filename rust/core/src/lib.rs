@@ -7,6 +7,7 @@ pub mod error;
 pub mod formats;
 pub mod gguf;
 pub mod input;
+pub mod matmul;
 pub mod parallel;
 pub mod qtype;
 pub mod quantize;

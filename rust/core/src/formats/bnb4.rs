@@ -26,9 +26,12 @@
 //! quantizer with the dynamic map, blocks of 256 (see `bnb_dynamic.rs`); the dequantized absmax
 //! is `code[q] * absmax2 + offset`, two float32 roundings.
 //!
-//! The fast path compares each scaled value with the 15 bounds and counts (the same count
-//! `bucketize` returns) over 16 values at a time, compiled for AVX2 where the CPU has it; it is
-//! tested bit-exact against the scalar reference below.
+//! The fast paths find the same count `bucketize` returns: a portable one compares each scaled
+//! value with all 15 bounds, 16 values at a time; on AVX2 CPUs a 4-level branch-free binary
+//! search does it (see `quantize_block_avx2`). Both are tested bit-exact against the scalar
+//! reference `quantize_block_ref`. Rows are quantized in parallel, one block at a time, and the
+//! double quantization runs once over the whole absmax vector, so no result depends on the
+//! thread count.
 
 use super::bnb_dynamic::{self, CODE_SIZE, DQ_BLOCK_SIZE};
 use crate::error::{Error, Result};
@@ -149,10 +152,13 @@ fn quantize_block_fast_body(
     absmax
 }
 
-/// AVX2 version of [`quantize_block_fast_body`], written with intrinsics: per 16 values two
-/// multiplies, 2 x 15 comparisons whose all-ones masks are subtracted from 32-bit counters (so
-/// each counter ends as the number of bounds below the value, as in the reference), then the
-/// counters are packed to bytes, mapped through `order` (fp4), and paired into nibbles.
+/// AVX2 version of [`quantize_block_fast_body`], written with intrinsics. The count of bounds
+/// below v is found by a 4-level binary search instead of 15 comparisons: with the bounds
+/// sorted, "b[k] < v" is monotone in k, so after each level the count is known to lie in
+/// [c, c + 2^(4 - level)), and comparing v with the bound b[c + 2^(3 - level) - 1] halves the
+/// range; the last level leaves count = c exactly. The level-2..4 bounds are picked per lane
+/// with a blend and two `permutevar8x32` table look-ups. The counts are then packed to bytes,
+/// mapped through `order` (fp4), and paired into nibbles.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn quantize_block_avx2(
@@ -184,7 +190,32 @@ fn quantize_block_avx2(
         .iter()
         .fold(0f32, |acc, &v| if v > acc { v } else { acc });
     let r = _mm256_set1_ps(reciprocal(absmax));
-    let bv: [__m256; 15] = bounds.map(|b| _mm256_set1_ps(b));
+    let b7 = _mm256_set1_ps(bounds[7]);
+    let (b3, b11) = (_mm256_set1_ps(bounds[3]), _mm256_set1_ps(bounds[11]));
+    let t3 = _mm256_setr_ps(
+        bounds[1], bounds[5], bounds[9], bounds[13], 0.0, 0.0, 0.0, 0.0,
+    );
+    let t4 = _mm256_setr_ps(
+        bounds[0], bounds[2], bounds[4], bounds[6], bounds[8], bounds[10], bounds[12], bounds[14],
+    );
+    let (eight, four, two) = (
+        _mm256_set1_epi32(8),
+        _mm256_set1_epi32(4),
+        _mm256_set1_epi32(2),
+    );
+    // the number of bounds below each lane of v
+    let count = |v: __m256| -> __m256i {
+        let m1 = _mm256_cmp_ps::<_CMP_GT_OQ>(v, b7);
+        let c = _mm256_and_si256(_mm256_castps_si256(m1), eight);
+        let m2 = _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_blendv_ps(b3, b11, m1));
+        let c = _mm256_add_epi32(c, _mm256_and_si256(_mm256_castps_si256(m2), four));
+        let m3 =
+            _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_permutevar8x32_ps(t3, _mm256_srli_epi32::<2>(c)));
+        let c = _mm256_add_epi32(c, _mm256_and_si256(_mm256_castps_si256(m3), two));
+        let m4 =
+            _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_permutevar8x32_ps(t4, _mm256_srli_epi32::<1>(c)));
+        _mm256_sub_epi32(c, _mm256_castps_si256(m4))
+    };
     // SAFETY: `order` holds 16 bytes.
     let order_v = unsafe { _mm_loadu_si128(order.as_ptr().cast()) };
     // bytes come out as [e0..3, e8..11, e4..7, e12..15]; this puts them back in order
@@ -198,19 +229,8 @@ fn quantize_block_avx2(
                 _mm256_loadu_ps(c.as_ptr().add(8)),
             )
         };
-        let (v0, v1) = (_mm256_mul_ps(a, r), _mm256_mul_ps(b, r));
-        let (mut q0, mut q1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for bk in &bv {
-            // bound < v  <=>  v > bound (ordered: inputs are finite)
-            q0 = _mm256_sub_epi32(
-                q0,
-                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v0, *bk)),
-            );
-            q1 = _mm256_sub_epi32(
-                q1,
-                _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(v1, *bk)),
-            );
-        }
+        let q0 = count(_mm256_mul_ps(a, r));
+        let q1 = count(_mm256_mul_ps(b, r));
         let p16 = _mm256_packs_epi32(q0, q1); // [q0 0..3, q1 0..3 | q0 4..7, q1 4..7]
         let lo = _mm256_castsi256_si128(p16);
         let hi = _mm256_extracti128_si256::<1>(p16);

@@ -15,7 +15,9 @@
 //!   is not always the code nearest to `v`; it is what bitsandbytes stores.
 //! - [`dequantize_blockwise`] is `code[q] * absmax[block]` in float32.
 //! - [`torch_mean`] is `torch.mean` of a float32 vector as torch's CPU kernel computes it in one
-//!   reduction chunk: the cascade sum of `SumKernel.cpp` over 8-lane vectors, then `/ n`.
+//!   reduction chunk: the cascade sum of `SumKernel.cpp` over 8-lane vectors, then `/ n`. The
+//!   8 lanes are what torch 2.15 uses on x86-64 (measured on an AVX-512 machine too); a torch
+//!   build with another vector width (e.g. 4-lane NEON on aarch64) sums in another order.
 //!   torch splits a reduction of 32768 or more elements over its threads (the per-thread
 //!   partial sums then differ in order), so for such vectors the peer's mean matches this
 //!   one exactly only with `torch.set_num_threads(1)`; with more threads it differs by an ulp

@@ -10,7 +10,7 @@
 //! Dequantization: y = d * kvalues[q] (nl), y = (d * (ls - 32)) * kvalues[q] (xs), as
 //! `dequantize_row_iq4_*` and gguf-py do.
 
-use super::blocks::{f16_from_f32, f16_to_f32, BlockIQ4NL, BlockIQ4XS, QK4_NL, QK_K};
+use super::blocks::{f16_from_f32, f16_to_f32, nearest_int, BlockIQ4NL, BlockIQ4XS, QK4_NL, QK_K};
 use crate::qtype::QType;
 
 /// ggml-common.h `kvalues_iq4nl`, sorted ascending.
@@ -18,8 +18,7 @@ pub const KVALUES_IQ4NL: [i8; 16] = [
     -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
 ];
 
-/// ggml's `GROUP_MAX_EPS`: a block whose largest |x| is below this is an all-zero block.
-const GROUP_MAX_EPS: f32 = 1e-15;
+use super::k_quants::common::GROUP_MAX_EPS;
 
 /// Weights per block inside a super-block (both formats).
 const BLOCK: usize = 32;
@@ -57,17 +56,6 @@ pub fn best_index_int8(x: f32) -> usize {
     }
     let x2 = x + x;
     MID2_IQ4NL.iter().map(|&m| (x2 >= m) as usize).sum()
-}
-
-/// ggml's `nearest_int` as libggml runs it (its range assert compiled out): round half to even
-/// via the 1.5*2^23 trick. Unlike `blocks::nearest_int` it has no debug assertion, because here
-/// an overflowed block sum (|x| of order 1e11 and beyond) can make the argument infinite or NaN, and
-/// the result must then be libggml's bits (0 for NaN, -2^22 for an infinity) rather than a
-/// panic. For |x| < 2^22 the two functions are identical.
-#[inline]
-pub(crate) fn nearest_int_ggml(fval: f32) -> i32 {
-    let val = fval + 12_582_912.0;
-    ((val.to_bits() & 0x007f_ffff) as i32) - 0x0040_0000
 }
 
 /// The weight of element `j` of a block: `qw * sqrt(sigma2 + x^2)` with an imatrix, `x^2`
@@ -195,7 +183,7 @@ fn quantize_block_xs(x: &[f32], qw: Option<&[f32]>, b: &mut BlockIQ4XS) {
     b.scales_l = [0; QK_K / 64];
     let mut l = [0u8; BLOCK];
     for (ib, xb) in x.chunks_exact(BLOCK).enumerate() {
-        let ls = nearest_int_ggml(id * scales[ib]).clamp(-32, 31);
+        let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
         // The indices use the f32 super scale, not its f16 rounding (as ggml).
         let dl = d * ls as f32;
         let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };

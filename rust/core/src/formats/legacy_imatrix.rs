@@ -14,155 +14,33 @@
 //! K-quants use them too; to be shared once both families are merged).
 
 use super::blocks::*;
-use super::iq4::nearest_int_ggml;
+use super::k_quants::common::{self, AsymSearch};
 
-/// ggml's `GROUP_MAX_EPS`: a block whose largest |x| is below this is an all-zero block.
-const GROUP_MAX_EPS: f32 = 1e-15;
-
-/// ggml's `make_qx_quants(n, nmax, x, L, rmse_type = 1, qw)` with quant weights: a symmetric
-/// scale (signed, so that the extreme value maps to `-nmax`) chosen among 19 candidates
-/// `-(nmax + 0.1*is) / max` by the weighted least-squares score `sumlx^2 / suml2`. Writes
-/// `L[i]` in `0..2*nmax` (the stored unsigned levels) and returns the scale.
-fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [u8], qw: &[f32]) -> f32 {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in x {
-        let ax = v.abs();
-        if ax > amax {
-            amax = ax;
-            max = v;
-        }
+/// ggml's `make_qx_quants(n, nmax, x, L, rmse_type = 1, qw)` (shared with the K-quants),
+/// with the levels `L[i] = l + nmax` as the unsigned values the block stores.
+fn make_qx_quants(nmax: i32, x: &[f32], l_out: &mut [u8; 32], qw: &[f32]) -> f32 {
+    let mut l = [0i8; 32];
+    let d = common::make_qx_quants(nmax, x, &mut l, Some(qw));
+    for (o, v) in l_out.iter_mut().zip(l) {
+        *o = v as u8;
     }
-    if amax < GROUP_MAX_EPS {
-        l_out.fill(0);
-        return 0.0;
-    }
-    let level = |iscale: f32, v: f32| nearest_int_ggml(iscale * v).clamp(-nmax, nmax - 1);
-    let mut iscale = -(nmax as f32) / max;
-    let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-    for ((lo, &v), &w) in l_out.iter_mut().zip(x).zip(qw) {
-        let l = level(iscale, v);
-        *lo = (l + nmax) as u8;
-        sumlx += w * v * l as f32;
-        suml2 += w * l as f32 * l as f32;
-    }
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for is in -9..=9 {
-        if is == 0 {
-            continue;
-        }
-        iscale = -(nmax as f32 + 0.1f32 * is as f32) / max;
-        let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-        for (&v, &w) in x.iter().zip(qw) {
-            let l = level(iscale, v);
-            sumlx += w * v * l as f32;
-            suml2 += w * l as f32 * l as f32;
-        }
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for (lo, &v) in l_out.iter_mut().zip(x) {
-                *lo = (level(iscale, v) + nmax) as u8;
-            }
-            scale = sumlx / suml2;
-            best = scale * sumlx;
-        }
-    }
-    scale
+    d
 }
 
-/// ggml's `make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep,
-/// use_mad = false)`: an affine fit `x ~ scale * L + min` with `min <= 0`, trying
-/// `nstep + 1` inverse scales `(rmin + rdelta*is + nmax) / (max - min)` and solving the weighted
-/// least-squares scale and minimum for each; the smallest weighted squared error wins.
-/// Returns `(scale, -min)` and writes `L[i]` in `0..=nmax`.
-///
-/// As in ggml, `min` is updated to the best fit while the search goes on, so later candidates
-/// divide by `max - best_min`. The levels are `clamp(nearest_int(v), 0, nmax)` as in the
-/// libggml we test against; current upstream ggml writes `v > 0 ? nearest_int(MIN(v, nmax)) :
-/// 0`, which gives the same level for every `v` that is not NaN and below 2^22 in magnitude
-/// (the only values a finite fit produces here).
-fn make_qkx3_quants(
-    nmax: i32,
-    x: &[f32],
-    weights: &[f32],
-    l_out: &mut [u8],
-    rmin: f32,
-    rdelta: f32,
-    nstep: i32,
-) -> (f32, f32) {
-    let n = x.len();
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
-        }
-        if x[i] > max {
-            max = x[i];
-        }
-        let w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max <= min {
-        l_out.fill(0);
-        return (0.0, -min);
-    }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_mad = 0.0f32;
-    for ((lo, &v), &w) in l_out.iter_mut().zip(x).zip(weights) {
-        let l = nearest_int_ggml(iscale * (v - min)).clamp(0, nmax);
-        *lo = l as u8;
-        let diff = scale * l as f32 + min - v;
-        best_mad += w * (diff * diff);
-    }
-    if nstep < 1 {
-        return (scale, -min);
-    }
-    let mut laux = [0u8; 256];
-    let laux = &mut laux[..n];
-    for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for ((la, &v), &w) in laux.iter_mut().zip(x).zip(weights) {
-            let l = nearest_int_ggml(iscale * (v - min)).clamp(0, nmax);
-            *la = l as u8;
-            let lf = l as f32;
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * v;
-        }
-        let det = sum_w * sum_l2 - sum_l * sum_l;
-        if det > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / det;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut mad = 0.0f32;
-            for ((&la, &v), &w) in laux.iter().zip(x).zip(weights) {
-                let diff = this_scale * la as f32 + this_min - v;
-                mad += w * (diff * diff);
-            }
-            if mad < best_mad {
-                l_out.copy_from_slice(laux);
-                best_mad = mad;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    (scale, -min)
+/// ggml's `make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, -0.9, 0.05, 36, false)`
+/// (shared with the K-quants). Returns `(scale, -min)`.
+fn make_qkx3_quants(nmax: i32, x: &[f32], w: &[f32], l_out: &mut [u8; 32]) -> (f32, f32) {
+    let search = AsymSearch {
+        nmax,
+        rmin: -0.9,
+        rdelta: 0.05,
+        nstep: 36,
+        use_mad: false,
+    };
+    let mut laux = [0u8; 32];
+    common::make_qkx3_quants(search, x, w, l_out, &mut laux)
 }
 
-/// `sigma2 = sum(x^2) / n_per_row` over the whole row (the legacy `_impl` functions).
-#[inline]
 fn row_sigma2(x: &[f32]) -> f32 {
     let mut s = 0.0f32;
     for &v in x {
@@ -221,7 +99,7 @@ pub fn quantize_row_q4_1_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
     {
         let w = block_weights(xb, qwb, sigma2);
         let mut l = [0u8; QK4_1];
-        let (d, the_min) = make_qkx3_quants(15, xb, &w, &mut l, -0.9, 0.05, 36);
+        let (d, the_min) = make_qkx3_quants(15, xb, &w, &mut l);
         b.d = f16_from_f32(d);
         b.m = f16_from_f32(-the_min);
         for j in 0..16 {
@@ -256,7 +134,7 @@ pub fn quantize_row_q5_1_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
     {
         let w = block_weights(xb, qwb, sigma2);
         let mut l = [0u8; QK5_1];
-        let (d, the_min) = make_qkx3_quants(31, xb, &w, &mut l, -0.9, 0.05, 36);
+        let (d, the_min) = make_qkx3_quants(31, xb, &w, &mut l);
         b.d = f16_from_f32(d);
         b.m = f16_from_f32(-the_min);
         b.qh = pack5(&l, &mut b.qs);
@@ -331,7 +209,7 @@ mod tests {
             let x: Vec<f32> = (0..32).map(|_| rng.normal() + shift).collect();
             let w: Vec<f32> = (0..32).map(|_| rng.uniform() * 4.0).collect();
             let mut l = [0u8; 32];
-            let (s, neg_min) = make_qkx3_quants(nmax, &x, &w, &mut l, -0.9, 0.05, 36);
+            let (s, neg_min) = make_qkx3_quants(nmax, &x, &w, &mut l);
             assert!(neg_min >= 0.0);
             let ours = weighted_err(&x, &w, |i| s * l[i] as f32 - neg_min);
             let min = x.iter().fold(0f32, |m, &v| m.min(v));

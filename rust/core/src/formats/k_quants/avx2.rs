@@ -14,7 +14,7 @@
 use std::arch::x86_64::*;
 
 use super::common::{get_scale_min_k4, sum_sq, AsymSearch};
-use super::q2_k::{finish_block_ref, Q2K_REF};
+use super::q2_k::{finish_block_impl, finish_block_ref, Q2K_IMPL, Q2K_REF};
 use super::q4_k::{impl_scales, pack_q4, ref_scales, Q4K_REF, QK_IMPL};
 use super::q5_k::{pack_q5, Q5K_REF};
 use crate::formats::blocks::{f16_to_f32, BlockQ2K, BlockQ4K, BlockQ5K, Half, QK_K};
@@ -426,30 +426,59 @@ pub fn quantize_row_q5_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
     });
 }
 
-/// `quantize_row_q2_K_ref`, bit-exact: the 16 sub-blocks of 16 values of a super-block in the
-/// lanes of two registers (lane `k` of register `r` = sub-block `8r + k`), weights `|x|`,
-/// `make_qkx2_quants(16, 3, ..., use_mad = true)`; the rest is `q2_k::finish_block_ref`.
+/// `quantize_row_q2_K_ref` (`qw = None`) or `quantize_row_q2_K_impl`, bit-exact: the 16
+/// sub-blocks of 16 values of a super-block in the lanes of two registers (lane `k` of register
+/// `r` = sub-block `8r + k`); the ref path searches with weights `|x|` and
+/// `make_qkx2_quants(..., use_mad = true)`, the imatrix path with `qw*sqrt(sigma2 + x^2)`
+/// (`sigma2 = sum(x^2)/256`) and `make_qkx3_quants`; the rest is `q2_k::finish_block_*`.
 #[target_feature(enable = "avx2")]
-pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
+pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
     let blocks: &mut [BlockQ2K] = bytemuck::cast_slice_mut(out);
     let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
     let mut l_all = [0u8; QK_K];
-    for (b, xs) in blocks.iter_mut().zip(x.chunks_exact(QK_K)) {
+    for (ib, (b, xs)) in blocks.iter_mut().zip(x.chunks_exact(QK_K)).enumerate() {
         let mut t = [[[0f32; 8]; 2]; 16];
+        let mut tq = t;
         for s in 0..16 {
             for i in 0..16 {
                 t[i][s / 8][s % 8] = xs[16 * s + i];
+                if let Some(q) = qw {
+                    tq[i][s / 8][s % 8] = q[QK_K * ib + 16 * s + i];
+                }
             }
         }
         let xl: [[__m256; 2]; 16] = std::array::from_fn(|i| [load(&t[i][0]), load(&t[i][1])]);
-        let wl: [[__m256; 2]; 16] = std::array::from_fn(|i| {
-            [
-                _mm256_and_ps(xl[i][0], abs_mask),
-                _mm256_and_ps(xl[i][1], abs_mask),
-            ]
-        });
         let mut lt = [[[0i32; 8]; 16]; 2];
-        let r = qkx2_avx2::<2, 16, true, false>(Q2K_REF, &xl, &wl, &mut lt);
+        let mut sw = [0f32; 16];
+        let r = match qw {
+            None => {
+                let wl: [[__m256; 2]; 16] = std::array::from_fn(|i| {
+                    [
+                        _mm256_and_ps(xl[i][0], abs_mask),
+                        _mm256_and_ps(xl[i][1], abs_mask),
+                    ]
+                });
+                qkx2_avx2::<2, 16, true, false>(Q2K_REF, &xl, &wl, &mut lt)
+            }
+            Some(_) => {
+                let sigma2 = _mm256_set1_ps(sum_sq(xs) / QK_K as f32);
+                let mut wl = [[_mm256_setzero_ps(); 2]; 16];
+                let mut sums = [_mm256_setzero_ps(); 2];
+                for i in 0..16 {
+                    for h in 0..2 {
+                        let x2 = _mm256_mul_ps(xl[i][h], xl[i][h]);
+                        let r = _mm256_sqrt_ps(_mm256_add_ps(sigma2, x2));
+                        wl[i][h] = _mm256_mul_ps(load(&tq[i][h]), r);
+                        sums[h] = _mm256_add_ps(sums[h], wl[i][h]);
+                    }
+                }
+                for h in 0..2 {
+                    let part: &mut [f32; 8] = (&mut sw[8 * h..8 * h + 8]).try_into().expect("8");
+                    store(part, sums[h]);
+                }
+                qkx2_avx2::<2, 16, false, true>(Q2K_IMPL, &xl, &wl, &mut lt)
+            }
+        };
         let mut scales = [0f32; 16];
         let mut mins = [0f32; 16];
         for h in 0..2 {
@@ -461,6 +490,9 @@ pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
                 }
             }
         }
-        finish_block_ref(xs, &scales, &mins, &mut l_all, b);
+        match qw {
+            None => finish_block_ref(xs, &scales, &mins, &mut l_all, b),
+            Some(_) => finish_block_impl(xs, &scales, &mins, &sw, &mut l_all, b),
+        }
     }
 }

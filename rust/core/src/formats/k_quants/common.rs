@@ -10,16 +10,7 @@
 /// ggml's `GROUP_MAX_EPS`: a group whose largest magnitude is below it is all zero.
 pub const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// ggml's `nearest_int`: round half to even through the 1.5*2^23 trick. ggml only `assert`s
-/// |x| <= 2^22 - 1, which release builds compile out; for larger or infinite values the trick
-/// returns a deterministic wrong integer that the callers then clamp. This copy keeps that
-/// release behaviour (no debug assertion) so the debug test build agrees with libggml on every
-/// finite input. Inside the range it equals `blocks::nearest_int`.
-#[inline(always)]
-pub fn nearest_int(fval: f32) -> i32 {
-    let val = fval + 12_582_912.0;
-    ((val.to_bits() & 0x007f_ffff) as i32) - 0x0040_0000
-}
+pub use crate::formats::blocks::nearest_int;
 
 /// `MAX(lo, MIN(hi, l))` on ints.
 #[inline(always)]

@@ -1,4 +1,4 @@
-//! Path selection for the fast K-quant quantizers (`avx2.rs`, `avx2_q6.rs`), and the portable
+//! Path selection for the fast K-quant quantizers (`avx2.rs`, `avx2_sym.rs`), and the portable
 //! lane version of the q4_K / q5_K reference search: the same scalar sequence as
 //! `common::make_qkx2_quants`, run for the 8 sub-blocks of a super-block side by side in 8
 //! lanes (`[f32; 8]` arrays, lane `j` = sub-block `j`, element `i` of every sub-block at step
@@ -11,15 +11,16 @@
 //!
 //! The portable lane code is plain Rust (LLVM vectorizes it only partly: about 1.5x the scalar
 //! reference); where the CPU has AVX2 (`is_x86_feature_detected!`) the intrinsics of `avx2.rs`
-//! run instead (about 7x). FERROQUANT_FORCE_SCALAR=1 (read once) selects the scalar references,
-//! for tests and comparisons.
+//! and `avx2_sym.rs` run instead (q4_K: about 7x the reference per core), for all five types
+//! with and without an imatrix. FERROQUANT_FORCE_SCALAR=1 (read once) selects the scalar
+//! references, for tests and comparisons.
 
 use std::sync::OnceLock;
 
 use super::common::{nearest_int, AsymSearch};
 use super::q4_k::{self, pack_q4, ref_scales, requantize, Q4K_REF};
 use super::q5_k::{self, pack_q5, Q5K_REF};
-use super::{q2_k, q6_k};
+use super::{q2_k, q3_k, q6_k};
 use crate::formats::blocks::{BlockQ4K, BlockQ5K, QK_K};
 
 const LANES: usize = 8;
@@ -215,14 +216,16 @@ where
 mod x86 {
     pub use super::super::avx2::quantize_row_q2_k as q2_k_avx2;
     pub use super::super::avx2::{quantize_row_q4_k as q4_k_avx2, quantize_row_q5_k as q5_k_avx2};
-    pub use super::super::avx2_q6::quantize_row_q6_k as q6_k_avx2;
+    pub use super::super::avx2_sym::{
+        quantize_row_q3_k as q3_k_avx2, quantize_row_q6_k as q6_k_avx2,
+    };
 
     pub fn has_avx2() -> bool {
         std::arch::is_x86_feature_detected!("avx2")
     }
 }
 
-/// Which implementation `quantize_row_q4_k` / `quantize_row_q5_k` run.
+/// Which implementation the `quantize_row_*` functions of this module run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Path {
     /// The scalar references of q4_k.rs / q5_k.rs.
@@ -299,20 +302,38 @@ pub fn quantize_row_q5_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
     quantize_row_q5_k_impl_with(default_path(), x, out, qw)
 }
 
-/// q2_K without an imatrix by `path` (the lane code exists only for AVX2: other paths run the
-/// scalar reference).
-pub fn quantize_row_q2_k_with(path: Path, x: &[f32], out: &mut [u8]) {
-    match path {
+/// q2_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
+/// run the scalar reference).
+pub fn quantize_row_q2_k_with(path: Path, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    match (path, qw) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
-        Path::Avx2 if x86::has_avx2() => unsafe { x86::q2_k_avx2(x, out) },
-        _ => q2_k::quantize_row_q2_k_ref(x, out),
+        (Path::Avx2, _) if x86::has_avx2() => unsafe { x86::q2_k_avx2(x, out, qw) },
+        (_, None) => q2_k::quantize_row_q2_k_ref(x, out),
+        (_, Some(w)) => q2_k::quantize_row_q2_k_impl(x, out, w),
     }
 }
 
-/// q2_K without an imatrix: bytes of `quantize_row_q2_K_ref`, by the fastest path.
-pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8]) {
-    quantize_row_q2_k_with(default_path(), x, out)
+/// q2_K: bytes of `quantize_row_q2_K_ref` / `_impl`, by the fastest path.
+pub fn quantize_row_q2_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    quantize_row_q2_k_with(default_path(), x, out, qw)
+}
+
+/// q3_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
+/// run the scalar reference).
+pub fn quantize_row_q3_k_with(path: Path, x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    match (path, qw) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the function only needs AVX2, which `has_avx2` just confirmed at run time.
+        (Path::Avx2, _) if x86::has_avx2() => unsafe { x86::q3_k_avx2(x, out, qw) },
+        (_, None) => q3_k::quantize_row_q3_k_ref(x, out),
+        (_, Some(w)) => q3_k::quantize_row_q3_k_impl(x, out, w),
+    }
+}
+
+/// q3_K: bytes of `quantize_row_q3_K_ref` / `_impl`, by the fastest path.
+pub fn quantize_row_q3_k(x: &[f32], out: &mut [u8], qw: Option<&[f32]>) {
+    quantize_row_q3_k_with(default_path(), x, out, qw)
 }
 
 /// q6_K with or without an imatrix by `path` (the lane code exists only for AVX2: other paths
@@ -380,13 +401,13 @@ mod tests {
         x
     }
 
+    /// The non-reference paths this CPU can run.
     fn paths() -> Vec<Path> {
-        let mut p = vec![Path::Lanes];
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx2() {
-            p.push(Path::Avx2);
+            return vec![Path::Lanes, Path::Avx2];
         }
-        p
+        vec![Path::Lanes]
     }
 
     /// Timing of the paths on one thread: `cargo test --release -p ferroquant-core
@@ -459,12 +480,20 @@ mod tests {
                 assert_eq!(o4, r4, "q4_k imatrix {path:?} seed {seed}");
                 assert_eq!(o5, r5, "q5_k imatrix {path:?} seed {seed}");
             }
-            let mut r2 = vec![0u8; nb * 84];
-            quantize_row_q2_k_with(Path::Scalar, x, &mut r2);
-            for path in paths() {
-                let mut o2 = vec![0u8; nb * 84];
-                quantize_row_q2_k_with(path, x, &mut o2);
-                assert_eq!(o2, r2, "q2_k {path:?} seed {seed}");
+            for w in [None, Some(&qw[..])] {
+                let mut r3 = vec![0u8; nb * 110];
+                let mut r2 = vec![0u8; nb * 84];
+                quantize_row_q3_k_with(Path::Scalar, x, &mut r3, w);
+                quantize_row_q2_k_with(Path::Scalar, x, &mut r2, w);
+                for path in paths() {
+                    let mut o3 = vec![0u8; nb * 110];
+                    let mut o2 = vec![0u8; nb * 84];
+                    quantize_row_q3_k_with(path, x, &mut o3, w);
+                    quantize_row_q2_k_with(path, x, &mut o2, w);
+                    let im = w.is_some();
+                    assert_eq!(o3, r3, "q3_k {path:?} seed {seed} imatrix {im}");
+                    assert_eq!(o2, r2, "q2_k {path:?} seed {seed} imatrix {im}");
+                }
             }
             // q6_K, without and with importance weights (some of them zero)
             let qw: Vec<f32> = (0..x.len())

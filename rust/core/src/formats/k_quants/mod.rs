@@ -17,10 +17,9 @@
 //! independent sub-blocks of a super-block side by side in SIMD lanes, each lane doing exactly
 //! the scalar sequence of its sub-block, and share everything after the search with the
 //! references: `avx2.rs` (`make_qkx2_quants` / `make_qkx3_quants` for q2_K, q4_K, q5_K),
-//! `avx2_q6.rs` (`make_qx_quants` for q6_K), both runtime-detected, and `fast.rs`, which picks
+//! `avx2_sym.rs` (`make_qx_quants` for q6_K and the q3_K imatrix path, `make_q3_quants` for q3_K), both runtime-detected, and `fast.rs`, which picks
 //! the path (FERROQUANT_FORCE_SCALAR=1 forces the references) and holds a portable lane version
-//! of the q4_K/q5_K search for CPUs without AVX2. q3_K and the q2_K imatrix path run the
-//! references. Every fast path is tested bit-exact against its reference (`fast::tests`) and,
+//! of the q4_K/q5_K search for CPUs without AVX2. Every fast path is tested bit-exact against its reference (`fast::tests`) and,
 //! through Python, against libggml.
 
 // The references index arrays like the C loops they mirror, so that each line can be checked
@@ -30,7 +29,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod avx2_q6;
+mod avx2_sym;
 pub mod common;
 pub mod fast;
 pub mod q2_k;
@@ -46,10 +45,8 @@ use crate::qtype::QType;
 pub fn quantize_row(qtype: QType, x: &[f32], out: &mut [u8], imatrix: Option<&[f32]>) {
     use QType::*;
     match (qtype, imatrix) {
-        (Q2K, None) => fast::quantize_row_q2_k(x, out),
-        (Q2K, Some(w)) => q2_k::quantize_row_q2_k_impl(x, out, w),
-        (Q3K, None) => q3_k::quantize_row_q3_k_ref(x, out),
-        (Q3K, Some(w)) => q3_k::quantize_row_q3_k_impl(x, out, w),
+        (Q2K, w) => fast::quantize_row_q2_k(x, out, w),
+        (Q3K, w) => fast::quantize_row_q3_k(x, out, w),
         (Q4K, None) => fast::quantize_row_q4_k(x, out),
         (Q4K, Some(w)) => fast::quantize_row_q4_k_impl(x, out, w),
         (Q5K, None) => fast::quantize_row_q5_k(x, out),

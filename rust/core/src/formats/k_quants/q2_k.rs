@@ -100,13 +100,6 @@ pub fn finish_block_ref(
 /// ggml's `quantize_row_q2_K_impl` (what `ggml_quantize_chunk` runs with an imatrix `qw`, one
 /// weight per column of the row).
 pub fn quantize_row_q2_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
-    let p = AsymSearch {
-        nmax: 3,
-        rmin: -0.9,
-        rdelta: 0.05,
-        nstep: 36,
-        use_mad: false,
-    };
     let blocks: &mut [BlockQ2K] = bytemuck::cast_slice_mut(out);
     let mut l_all = [0u8; QK_K];
     let mut laux = [0u8; 16];
@@ -129,19 +122,42 @@ pub fn quantize_row_q2_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
                 sw[j] += w;
             }
             let ls = &mut l_all[16 * j..16 * j + 16];
-            (scales[j], mins[j]) = make_qkx3_quants(p, xs, &weight, ls, &mut laux);
+            (scales[j], mins[j]) = make_qkx3_quants(Q2K_IMPL, xs, &weight, ls, &mut laux);
         }
-        let mut ls = [0u8; QK_K / 16];
-        let mut lm = [0u8; QK_K / 16];
-        let dm = make_qp_quants(15, &scales, &mut ls, &sw);
-        let mm = make_qp_quants(15, &mins, &mut lm, &sw);
-        b.d = f16_from_f32(dm);
-        b.dmin = f16_from_f32(mm);
-        for j in 0..QK_K / 16 {
-            b.scales[j] = ls[j] | (lm[j] << 4);
-        }
-        requantize_and_pack(x, b, &mut l_all);
+        finish_block_impl(x, &scales, &mins, &sw, &mut l_all, b);
     }
+}
+
+/// Search parameters of `quantize_row_q2_K_impl`.
+pub const Q2K_IMPL: AsymSearch = AsymSearch {
+    nmax: 3,
+    rmin: -0.9,
+    rdelta: 0.05,
+    nstep: 36,
+    use_mad: false,
+};
+
+/// The imatrix path after the sub-block searches: `make_qp_quants` over the scales and the
+/// mins (weighted by the sub-block weight sums `sw`), requantization and packing.
+#[inline]
+pub fn finish_block_impl(
+    x: &[f32],
+    scales: &[f32; 16],
+    mins: &[f32; 16],
+    sw: &[f32; 16],
+    l_all: &mut [u8; QK_K],
+    b: &mut BlockQ2K,
+) {
+    let mut ls = [0u8; QK_K / 16];
+    let mut lm = [0u8; QK_K / 16];
+    let dm = make_qp_quants(15, scales, &mut ls, sw);
+    let mm = make_qp_quants(15, mins, &mut lm, sw);
+    b.d = f16_from_f32(dm);
+    b.dmin = f16_from_f32(mm);
+    for j in 0..QK_K / 16 {
+        b.scales[j] = ls[j] | (lm[j] << 4);
+    }
+    requantize_and_pack(x, b, l_all);
 }
 
 /// ggml's `dequantize_row_q2_K` (and gguf-py's `Q2_K.dequantize_blocks`): `dl*l - ml`.

@@ -27,20 +27,31 @@ fn get_scale(scales: &[u8; 12], j: usize) -> i32 {
     (low | (((scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32
 }
 
-/// Requantize against the f16 scale, split off the high bits into `hmask` and pack (the tail
-/// shared by the ref and the imatrix variant). `l_all` holds `l + 4` in 0..8; sub-blocks whose
-/// scale is zero keep the levels of the search.
-fn requantize_and_pack(x: &[f32], b: &mut BlockQ3K, l_all: &mut [u8; QK_K]) {
+/// ggml's requantization of one sub-block: `clamp(nearest_int(x/d), -4, 3) + 4`.
+#[inline]
+pub fn requantize16(xs: &[f32], d: f32, out: &mut [u8]) {
+    for ii in 0..16 {
+        let l = clamp(nearest_int(xs[ii] / d), -4, 3);
+        out[ii] = (l + 4) as u8;
+    }
+}
+
+/// Requantize against the f16 scale with `requant` (`requantize16` or a SIMD copy of it),
+/// split off the high bits into `hmask` and pack (the tail shared by the ref and the imatrix
+/// variant). `l_all` holds `l + 4` in 0..8; sub-blocks whose scale is zero keep the levels of
+/// the search.
+#[inline]
+pub fn requantize_and_pack_with<R>(x: &[f32], b: &mut BlockQ3K, l_all: &mut [u8; QK_K], requant: R)
+where
+    R: Fn(&[f32], f32, &mut [u8]),
+{
     let dd = f16_to_f32(b.d);
     for j in 0..QK_K / 16 {
         let d = dd * get_scale(&b.scales, j) as f32;
         if d == 0.0 {
             continue;
         }
-        for ii in 0..16 {
-            let l = clamp(nearest_int(x[16 * j + ii] / d), -4, 3);
-            l_all[16 * j + ii] = (l + 4) as u8;
-        }
+        requant(&x[16 * j..16 * j + 16], d, &mut l_all[16 * j..16 * j + 16]);
     }
     // The high bit of value j goes to hmask[j % 32], bit j / 32.
     b.hmask = [0; QK_K / 8];
@@ -63,32 +74,55 @@ pub fn quantize_row_q3_k_ref(x: &[f32], out: &mut [u8]) {
     let mut l_all = [0i8; QK_K];
     for (b, x) in blocks.iter_mut().zip(x.chunks_exact(QK_K)) {
         let mut scales = [0f32; QK_K / 16];
-        let mut max_scale = 0.0f32;
-        let mut amax = 0.0f32;
         for j in 0..QK_K / 16 {
             let xs = &x[16 * j..16 * j + 16];
             scales[j] = make_q3_quants(4, xs, &mut l_all[16 * j..16 * j + 16]);
-            let scale = scales[j].abs();
-            if scale > amax {
-                amax = scale;
-                max_scale = scales[j];
-            }
         }
-        b.scales = [0; 12];
-        if max_scale != 0.0 {
-            let iscale = -32.0 / max_scale;
-            for j in 0..QK_K / 16 {
-                // int8_t l = nearest_int(...): the low byte, then clamped and offset.
-                let l = nearest_int(iscale * scales[j]) as i8 as i32;
-                put_scale(&mut b.scales, j, (clamp(l, -32, 31) + 32) as u8);
-            }
-            b.d = f16_from_f32(1.0 / iscale);
-        } else {
-            b.d = f16_from_f32(0.0);
-        }
-        let mut l = to_u8(&l_all);
-        requantize_and_pack(x, b, &mut l);
+        finish_block_ref(x, &scales, &l_all, b);
     }
+}
+
+/// The reference path after the sub-block searches: 6-bit signed scales against the one of
+/// largest magnitude (`d = max_scale/-32`), requantization and packing. `l_all` holds the levels
+/// of the searches (`l + 4`), kept where a sub-block's scale rounds to zero.
+#[inline]
+pub fn finish_block_ref(x: &[f32], scales: &[f32; 16], l_all: &[i8; QK_K], b: &mut BlockQ3K) {
+    finish_block_ref_with(x, scales, l_all, b, requantize16);
+}
+
+/// `finish_block_ref` with the sub-block requantization `requant`.
+#[inline]
+pub fn finish_block_ref_with<R>(
+    x: &[f32],
+    scales: &[f32; 16],
+    l_all: &[i8; QK_K],
+    b: &mut BlockQ3K,
+    requant: R,
+) where
+    R: Fn(&[f32], f32, &mut [u8]),
+{
+    let mut max_scale = 0.0f32;
+    let mut amax = 0.0f32;
+    for &s in scales {
+        if s.abs() > amax {
+            amax = s.abs();
+            max_scale = s;
+        }
+    }
+    b.scales = [0; 12];
+    if max_scale != 0.0 {
+        let iscale = -32.0 / max_scale;
+        for j in 0..QK_K / 16 {
+            // int8_t l = nearest_int(...): the low byte, then clamped and offset.
+            let l = nearest_int(iscale * scales[j]) as i8 as i32;
+            put_scale(&mut b.scales, j, (clamp(l, -32, 31) + 32) as u8);
+        }
+        b.d = f16_from_f32(1.0 / iscale);
+    } else {
+        b.d = f16_from_f32(0.0);
+    }
+    let mut l = to_u8(l_all);
+    requantize_and_pack_with(x, b, &mut l, requant);
 }
 
 /// ggml's `quantize_row_q3_K_impl` with an imatrix `qw` (what `ggml_quantize_chunk` runs when
@@ -117,16 +151,32 @@ pub fn quantize_row_q3_k_impl(x: &[f32], out: &mut [u8], qw: &[f32]) {
             sw[j] = sumw;
             scales[j] = make_qx_quants(4, xs, &mut l_all[16 * j..16 * j + 16], Some(&weight));
         }
-        b.scales = [0; 12];
-        let mut ls = [0i8; QK_K / 16];
-        let d_block = make_qx_quants(32, &scales, &mut ls, Some(&sw));
-        for (j, &l) in ls.iter().enumerate() {
-            put_scale(&mut b.scales, j, l as u8);
-        }
-        b.d = f16_from_f32(d_block);
-        let mut l = to_u8(&l_all);
-        requantize_and_pack(x, b, &mut l);
+        finish_block_impl_with(x, &scales, &sw, &l_all, b, requantize16);
     }
+}
+
+/// The imatrix path after the sub-block searches: `make_qx_quants` over the scales (weighted
+/// by the sub-block weight sums `sw`), requantization (by `requant`) and packing.
+#[inline]
+pub fn finish_block_impl_with<R>(
+    x: &[f32],
+    scales: &[f32; 16],
+    sw: &[f32; 16],
+    l_all: &[i8; QK_K],
+    b: &mut BlockQ3K,
+    requant: R,
+) where
+    R: Fn(&[f32], f32, &mut [u8]),
+{
+    b.scales = [0; 12];
+    let mut ls = [0i8; QK_K / 16];
+    let d_block = make_qx_quants(32, scales, &mut ls, Some(sw));
+    for (j, &l) in ls.iter().enumerate() {
+        put_scale(&mut b.scales, j, l as u8);
+    }
+    b.d = f16_from_f32(d_block);
+    let mut l = to_u8(l_all);
+    requantize_and_pack_with(x, b, &mut l, requant);
 }
 
 /// ggml's `dequantize_row_q3_K` (and gguf-py's `Q3_K.dequantize_blocks`):

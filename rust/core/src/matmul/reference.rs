@@ -1,0 +1,408 @@
+//! Scalar references of the quantized dot products `y = Σ_i w_i x_i` of one weight row with one
+//! activation row. These define the result bit for bit; the SIMD paths in `x86.rs` compute the
+//! same integers and the same float operations in the same order (tested against these).
+//!
+//! Activations are quantized as ggml does for its `vec_dot` (ggml-quants.c):
+//! - q4_0, q8_0, iq4_nl weights: activations to q8_0 blocks (`quantize_row_q8_0_ref`, f16 scale,
+//!   `roundf`), an exact integer sum per block of 32, times `d_w * d_x`.
+//! - q4_k, q5_k, q6_k weights: activations to q8_K blocks (`quantize_row_q8_K_ref`: f32 scale
+//!   `1/iscale`, `nearest_int`, plus the 16-element sums `bsums`), an exact integer sum per
+//!   super-block of 256 (sub-block scales applied in integers), the minimum term from `bsums`.
+//! - nf4 and int8: activations stay f32; the weights are decoded in registers (no activation
+//!   error at all; at 4.5 / 8 bits per weight these are memory bound at M=1, and f32 activations
+//!   keep int8's result within float rounding of the dequantized product).
+//!
+//! **Float order (the same in every path).** Per-block float products go to one of 8 lanes,
+//! block `b` to lane `b % 8`: `acc[b % 8] += p_b`, blocks in increasing order. For the f32
+//! formats, element `j` of a block goes to lane `j % 8` of a per-block partial sum
+//! uses 32 lanes, element `j` of a block to lane `j % 32` of a per-block partial sum
+//! (`part[j % 32] += v_j * x_j`, no fused multiply-add), then `acc[l] += part[l] * scale_b`;
+//! 32 lanes (four AVX2 registers) because a single chain of dependent adds would bound the speed
+//! by the add latency. 32 lanes are folded to 8 as `(a[l] + a[l+8]) + (a[l+16] + a[l+24])`.
+//! The 8 lanes are summed as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, which is what
+//! an AVX2 register reduction (high half + low half, then movehl, then the last pair) does.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::formats::blocks::*;
+use crate::formats::legacy;
+
+/// Number of float accumulator lanes (one AVX2 register of f32).
+pub const LANES: usize = 8;
+/// Lanes of the f32-activation formats (four AVX2 registers).
+pub const WIDE: usize = 32;
+
+/// ggml's `block_q8_K`: the activation format of the K-quant dot products.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct BlockQ8K {
+    pub d: f32,
+    pub qs: [i8; QK_K],
+    pub bsums: [i16; QK_K / 16],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ8K>() == 292);
+
+/// The NF4 code of bitsandbytes (index 0..15), digits as bitsandbytes prints them (each literal
+/// rounds to the f32 bitsandbytes stores).
+#[allow(clippy::excessive_precision)]
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_800_998_687_7,
+    -0.525_073_051_452_636_7,
+    -0.394_917_488_098_144_53,
+    -0.284_441_381_692_886_35,
+    -0.184_773_430_228_233_34,
+    -0.091_050_036_251_544_95,
+    0.0,
+    0.079_580_299_556_255_34,
+    0.160_930_201_411_247_25,
+    0.246_112_301_945_686_34,
+    0.337_915_241_718_292_24,
+    0.440_709_829_330_444_34,
+    0.562_617_003_917_694_1,
+    0.722_956_836_223_602_3,
+    1.0,
+];
+
+/// ggml's `kvalues_iq4nl`.
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
+/// The fixed reduction order of the 8 lanes (see the module comment).
+#[inline(always)]
+pub fn hsum8(a: &[f32; LANES]) -> f32 {
+    let s = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
+/// The fixed reduction of 32 lanes: fold to 8 (see the module comment), then `hsum8`.
+#[inline(always)]
+pub fn hsum32(a: &[f32; WIDE]) -> f32 {
+    let mut s = [0.0f32; LANES];
+    for l in 0..LANES {
+        s[l] = (a[l] + a[l + 8]) + (a[l + 16] + a[l + 24]);
+    }
+    hsum8(&s)
+}
+
+// ---------------------------------------------------------------- activation quantization
+
+/// ggml's `quantize_row_q8_0_ref` (the legacy quantizer of q8_0 weights, reused).
+pub fn quantize_row_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    legacy::quantize_row_q8_0_ref(x, bytemuck::cast_slice_mut(out));
+}
+
+/// ggml's `nearest_int` without its debug assertion: the same bits for |x| < 2^22, and a
+/// defined (if meaningless) value otherwise, so hostile activations cannot panic a debug build.
+#[inline(always)]
+fn nearest_int_unchecked(fval: f32) -> i32 {
+    let val = fval + 12_582_912.0;
+    ((val.to_bits() & 0x007f_ffff) as i32) - 0x0040_0000
+}
+
+/// ggml's `quantize_row_q8_K_ref`: per block of 256, `iscale = -127/max` (max = the signed value
+/// of largest magnitude, first one on ties), `q = min(127, nearest_int(iscale*x))`, `d = 1/iscale`,
+/// `bsums[j]` = sum of the 16 quants of group j. An all-zero block gets d = 0 and zero quants.
+pub fn quantize_row_q8_k(x: &[f32], out: &mut [BlockQ8K]) {
+    for (b, x) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        let (mut max, mut amax) = (0.0f32, 0.0f32);
+        for &v in x {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            *b = BlockQ8K::zeroed();
+            continue;
+        }
+        let iscale = -127.0f32 / max;
+        for (q, &v) in b.qs.iter_mut().zip(x) {
+            *q = nearest_int_unchecked(iscale * v).min(127) as i8;
+        }
+        for (s, g) in b.bsums.iter_mut().zip(b.qs.chunks_exact(16)) {
+            *s = g.iter().map(|&q| q as i16).sum();
+        }
+        b.d = 1.0 / iscale;
+    }
+}
+
+// ---------------------------------------------------------------- 32-weight blocks, q8_0 x
+
+/// The 32 signed weights of a q4_0 block in element order (low nibbles are elements 0..15).
+#[inline(always)]
+pub fn unpack_q4_0(w: &BlockQ4_0) -> [i8; 32] {
+    let mut q = [0i8; 32];
+    for j in 0..16 {
+        q[j] = (w.qs[j] & 0x0f) as i8 - 8;
+        q[j + 16] = (w.qs[j] >> 4) as i8 - 8;
+    }
+    q
+}
+
+#[inline(always)]
+pub fn unpack_iq4_nl(w: &BlockIQ4NL) -> [i8; 32] {
+    let mut q = [0i8; 32];
+    for j in 0..16 {
+        q[j] = KVALUES_IQ4NL[(w.qs[j] & 0x0f) as usize];
+        q[j + 16] = KVALUES_IQ4NL[(w.qs[j] >> 4) as usize];
+    }
+    q
+}
+
+#[inline(always)]
+pub fn isum32(w: &[i8; 32], x: &[i8; 32]) -> i32 {
+    w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
+}
+
+/// A weight block of 32 with an f16 scale and an exact integer dot with a q8_0 block.
+pub trait Block32: Pod {
+    fn d(&self) -> Half;
+    fn isum(&self, x: &BlockQ8_0) -> i32;
+}
+
+impl Block32 for BlockQ4_0 {
+    fn d(&self) -> Half {
+        self.d
+    }
+    fn isum(&self, x: &BlockQ8_0) -> i32 {
+        isum32(&unpack_q4_0(self), &x.qs)
+    }
+}
+
+impl Block32 for BlockQ8_0 {
+    fn d(&self) -> Half {
+        self.d
+    }
+    fn isum(&self, x: &BlockQ8_0) -> i32 {
+        isum32(&self.qs, &x.qs)
+    }
+}
+
+impl Block32 for BlockIQ4NL {
+    fn d(&self) -> Half {
+        self.d
+    }
+    fn isum(&self, x: &BlockQ8_0) -> i32 {
+        isum32(&unpack_iq4_nl(self), &x.qs)
+    }
+}
+
+/// The float product of block `b`: `(d_w * d_x) * isum` (d_x = the activation block's f16 scale
+/// as f32, passed in as `xd`).
+#[inline(always)]
+pub fn block32_product<W: Block32>(w: &W, x: &BlockQ8_0, xd: f32) -> f32 {
+    (f16_to_f32(w.d()) * xd) * w.isum(x) as f32
+}
+
+/// Σ over blocks of `(d_w d_x) isum_b`, lane-wise (block b in lane b % 8).
+pub fn dot_block32<W: Block32>(w: &[W], x: &[BlockQ8_0], xd: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (b, ((w, x), &xd)) in w.iter().zip(x).zip(xd).enumerate() {
+        acc[b % LANES] += block32_product(w, x, xd);
+    }
+    hsum8(&acc)
+}
+
+// ---------------------------------------------------------------- K-quants, q8_K x
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` (0..8).
+#[inline(always)]
+pub fn scale_min_k4(j: usize, q: &[u8; K_SCALE_SIZE]) -> (i32, i32) {
+    if j < 4 {
+        ((q[j] & 63) as i32, (q[j + 4] & 63) as i32)
+    } else {
+        (
+            ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4)) as i32,
+            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as i32,
+        )
+    }
+}
+
+/// Σ_s min_s · (Σ of the 32 activation quants of sub-block s), from the bsums.
+#[inline(always)]
+pub fn min_sum_k4(scales: &[u8; K_SCALE_SIZE], x: &BlockQ8K) -> i32 {
+    (0..8)
+        .map(|s| scale_min_k4(s, scales).1 * (x.bsums[2 * s] as i32 + x.bsums[2 * s + 1] as i32))
+        .sum()
+}
+
+/// The unsigned quants of a q4_K block in element order (chunk j of 64: low nibbles of
+/// qs[32j..32j+32] are elements 64j..64j+32, high nibbles the next 32).
+pub fn unpack_q4_k(w: &BlockQ4K) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    for j in 0..4 {
+        for l in 0..32 {
+            q[64 * j + l] = w.qs[32 * j + l] & 0x0f;
+            q[64 * j + 32 + l] = w.qs[32 * j + l] >> 4;
+        }
+    }
+    q
+}
+
+/// q5_K: the q4_K nibbles plus bit s of qh[l] as bit 4 of element 32s + l.
+pub fn unpack_q5_k(w: &BlockQ5K) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    for j in 0..4 {
+        for l in 0..32 {
+            q[64 * j + l] = w.qs[32 * j + l] & 0x0f;
+            q[64 * j + 32 + l] = w.qs[32 * j + l] >> 4;
+        }
+    }
+    for s in 0..8 {
+        for l in 0..32 {
+            q[32 * s + l] |= ((w.qh[l] >> s) & 1) << 4;
+        }
+    }
+    q
+}
+
+/// q6_K: unsigned 6-bit quants (0..63; the weight is q - 32) in element order. In each half h
+/// of 128: element 128h + 32k + l takes its low 4 bits from ql[64h + l + 32(k%2)] (low nibble for
+/// k < 2, high nibble otherwise) and its top 2 bits from bits 2k..2k+1 of qh[32h + l].
+pub fn unpack_q6_k(w: &BlockQ6K) -> [u8; QK_K] {
+    let mut q = [0u8; QK_K];
+    for h in 0..2 {
+        for l in 0..32 {
+            let (ql0, ql1, qh) = (w.ql[64 * h + l], w.ql[64 * h + l + 32], w.qh[32 * h + l]);
+            q[128 * h + l] = (ql0 & 0x0f) | ((qh & 3) << 4);
+            q[128 * h + 32 + l] = (ql1 & 0x0f) | (((qh >> 2) & 3) << 4);
+            q[128 * h + 64 + l] = (ql0 >> 4) | (((qh >> 4) & 3) << 4);
+            q[128 * h + 96 + l] = (ql1 >> 4) | (((qh >> 6) & 3) << 4);
+        }
+    }
+    q
+}
+
+/// Σ_s scale_s · Σ_{e in sub-block s} q_e x_e over the 8 sub-blocks of 32 (q4_K, q5_K).
+fn isum_k4(q: &[u8; QK_K], scales: &[u8; K_SCALE_SIZE], x: &BlockQ8K) -> i32 {
+    (0..8)
+        .map(|s| {
+            let dot: i32 = (32 * s..32 * s + 32)
+                .map(|e| q[e] as i32 * x.qs[e] as i32)
+                .sum();
+            scale_min_k4(s, scales).0 * dot
+        })
+        .sum()
+}
+
+/// The exact integer parts of a K-quant super-block: (Σ scale·q·x, Σ min·bsum).
+pub trait BlockK: Pod {
+    fn sums(&self, x: &BlockQ8K) -> (i32, i32);
+    /// f16 super-block scale and min (min is zero for q6_K, which has none).
+    fn d_dmin(&self) -> (f32, f32);
+}
+
+impl BlockK for BlockQ4K {
+    fn sums(&self, x: &BlockQ8K) -> (i32, i32) {
+        (
+            isum_k4(&unpack_q4_k(self), &self.scales, x),
+            min_sum_k4(&self.scales, x),
+        )
+    }
+    fn d_dmin(&self) -> (f32, f32) {
+        (f16_to_f32(self.d), f16_to_f32(self.dmin))
+    }
+}
+
+impl BlockK for BlockQ5K {
+    fn sums(&self, x: &BlockQ8K) -> (i32, i32) {
+        (
+            isum_k4(&unpack_q5_k(self), &self.scales, x),
+            min_sum_k4(&self.scales, x),
+        )
+    }
+    fn d_dmin(&self) -> (f32, f32) {
+        (f16_to_f32(self.d), f16_to_f32(self.dmin))
+    }
+}
+
+impl BlockK for BlockQ6K {
+    /// Σ_g scale_g · Σ_{e in group g of 16} (q_e - 32) x_e.
+    fn sums(&self, x: &BlockQ8K) -> (i32, i32) {
+        let q = unpack_q6_k(self);
+        let isum = (0..16)
+            .map(|g| {
+                let dot: i32 = (16 * g..16 * g + 16)
+                    .map(|e| (q[e] as i32 - 32) * x.qs[e] as i32)
+                    .sum();
+                self.scales[g] as i32 * dot
+            })
+            .sum();
+        (isum, 0)
+    }
+    fn d_dmin(&self) -> (f32, f32) {
+        (f16_to_f32(self.d), 0.0)
+    }
+}
+
+/// The float product of one super-block from its integer sums:
+/// `(d_w d_x) isum - (dmin_w d_x) msum` (q6_K has no min: dmin = 0 and msum = 0, and
+/// `p - 0.0 == p`, so this is ggml's `d * isum` there).
+#[inline(always)]
+pub fn block_k_product(d: f32, dmin: f32, xd: f32, isum: i32, msum: i32) -> f32 {
+    (d * xd) * isum as f32 - (dmin * xd) * msum as f32
+}
+
+/// Σ over super-blocks, lane-wise (super-block b in lane b % 8).
+pub fn dot_block_k<W: BlockK>(w: &[W], x: &[BlockQ8K]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    for (b, (w, x)) in w.iter().zip(x).enumerate() {
+        let (isum, msum) = w.sums(x);
+        let (d, dmin) = w.d_dmin();
+        acc[b % LANES] += block_k_product(d, dmin, x.d, isum, msum);
+    }
+    hsum8(&acc)
+}
+
+// ---------------------------------------------------------------- f32 activations
+
+/// Element `j` of a bitsandbytes-packed 4-bit row: element 2j in the high nibble of byte j.
+#[inline(always)]
+pub fn nibble(packed: &[u8], j: usize) -> usize {
+    let b = packed[j / 2];
+    (if j.is_multiple_of(2) {
+        b >> 4
+    } else {
+        b & 0x0f
+    }) as usize
+}
+
+/// Σ_b absmax_b Σ_{j in b} code[q_j] x_j for one nf4 row (`packed` = K/2 bytes, `absmax` = one
+/// per block of `block_size`, a multiple of 32).
+pub fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; WIDE];
+    for (b, (&s, xb)) in absmax.iter().zip(x.chunks_exact(block_size)).enumerate() {
+        let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
+        let mut part = [0.0f32; WIDE];
+        for (j, &xv) in xb.iter().enumerate() {
+            part[j % WIDE] += NF4_CODE[nibble(wb, j)] * xv;
+        }
+        for l in 0..WIDE {
+            acc[l] += part[l] * s;
+        }
+    }
+    hsum32(&acc)
+}
+
+/// Σ_b scale_b Σ_{j in b} q_j x_j for one int8 row. `block_len` is the scale's block (the whole
+/// row for per-row and per-tensor scales); `scales` holds one scale per block.
+pub fn dot_int8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; WIDE];
+    for ((&s, qb), xb) in scales
+        .iter()
+        .zip(q.chunks(block_len))
+        .zip(x.chunks(block_len))
+    {
+        let mut part = [0.0f32; WIDE];
+        for (j, (&w, &xv)) in qb.iter().zip(xb).enumerate() {
+            part[j % WIDE] += (w as i8) as f32 * xv;
+        }
+        for l in 0..WIDE {
+            acc[l] += part[l] * s;
+        }
+    }
+    hsum32(&acc)
+}

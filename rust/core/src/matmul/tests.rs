@@ -1,0 +1,506 @@
+//! Unit tests of the matmul references (against an independent dequantization and an f64 dot,
+//! within the bound derived below) and of the SIMD paths (bit for bit against the references),
+//! on hand-built random blocks (the K-quant / nf4 / int8 quantizers live elsewhere).
+//!
+//! Bound. With activations quantized to x̂ (q8_0: x̂ = f16(d)·q, d = amax/127, |x - x̂| <=
+//! d/2 + 127·d·2^-11 (the f16 rounding of d, |q| <= 127) + float rounding, below 0.57·d;
+//! q8_K: x̂ = q/iscale, |x - x̂| <= d/2 (1 + 2^-20)), the exact dot differs from Σ w x by at most
+//! Σ_b c·d_b·Σ_{i in b} |w_i|. The float part adds at most (n + 8)·2^-24·Σ|w_i||x̂_i| with n the
+//! number of float operations along the longest path (blocks + lanes + 3); we allow
+//! (n + 16)·2^-23·Σ|w||x| (|x̂| <= |x| + d).
+
+use super::reference::{self as r, BlockQ8K};
+use super::*;
+use crate::formats::legacy;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn normalish(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.unit() + self.unit() + self.unit()) * scale)
+            .collect()
+    }
+}
+
+/// Random blocks of `size` bytes with a sane f16 at each of `half_at` (the scales).
+fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
+    let mut v = rng.bytes(nb * size);
+    for b in 0..nb {
+        for &o in half_at {
+            let h = f16_from_f32(rng.unit() * 0.01);
+            v[b * size + o..b * size + o + 2].copy_from_slice(&h);
+        }
+    }
+    v
+}
+
+/// Independent dequantization of one block (written from gguf-py's numpy code).
+fn dequant(qtype: QType, blk: &[u8], out: &mut [f32]) {
+    match qtype {
+        QType::Q4_0 => legacy::dequantize_row_q4_0(blk, out),
+        QType::Q8_0 => legacy::dequantize_row_q8_0(blk, out),
+        QType::IQ4NL => {
+            let d = f16_to_f32([blk[0], blk[1]]);
+            for j in 0..32 {
+                let nib = (blk[2 + j % 16] >> (4 * (j / 16))) & 15;
+                out[j] = d * r::KVALUES_IQ4NL[nib as usize] as f32;
+            }
+        }
+        QType::Q4K | QType::Q5K => {
+            let d = f16_to_f32([blk[0], blk[1]]);
+            let dmin = f16_to_f32([blk[2], blk[3]]);
+            let sc: [u8; 12] = blk[4..16].try_into().unwrap();
+            let (qh, qs) = if qtype == QType::Q5K {
+                (&blk[16..48], &blk[48..176])
+            } else {
+                (&blk[0..0], &blk[16..144])
+            };
+            for e in 0..256 {
+                let (chunk, within) = (e / 64, e % 64);
+                let byte = qs[32 * chunk + within % 32];
+                let mut q = if within < 32 { byte & 15 } else { byte >> 4 };
+                if qtype == QType::Q5K {
+                    q |= ((qh[e % 32] >> (e / 32)) & 1) << 4;
+                }
+                let (s, m) = r::scale_min_k4(e / 32, &sc);
+                out[e] = d * s as f32 * q as f32 - dmin * m as f32;
+            }
+        }
+        QType::Q6K => {
+            let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+            let d = f16_to_f32([blk[208], blk[209]]);
+            for e in 0..256 {
+                let (h, rest) = (e / 128, e % 128);
+                let (k, l) = (rest / 32, rest % 32);
+                let byte = ql[64 * h + 32 * (k % 2) + l];
+                let low = if k < 2 { byte & 15 } else { byte >> 4 };
+                let top = (qh[32 * h + l] >> (2 * k)) & 3;
+                let q = (low | (top << 4)) as i32 - 32;
+                out[e] = d * (sc[e / 16] as i8) as f32 * q as f32;
+            }
+        }
+        _ => unreachable!(),
+    }
+}
+
+fn view(qtype: QType, rows: usize, cols: usize, data: &[u8]) -> QuantizedView<'_> {
+    QuantizedView {
+        qtype,
+        rows,
+        cols,
+        block_size: qtype.info().block_size,
+        scale_mode: None,
+        data,
+        stats: &[],
+        double_quant: None,
+    }
+}
+
+const GGML_CASES: [(QType, &[usize]); 6] = [
+    (QType::Q4_0, &[0]),
+    (QType::Q8_0, &[0]),
+    (QType::IQ4NL, &[0]),
+    (QType::Q4K, &[0, 2]),
+    (QType::Q5K, &[0, 2]),
+    (QType::Q6K, &[208]),
+];
+
+#[test]
+fn ggml_references_within_derived_bound_of_f64_dot() {
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for (qtype, halves) in GGML_CASES {
+        let info = qtype.info();
+        for nb in [1usize, 3, 8, 9, 17] {
+            let k = nb * info.block_size;
+            let n = 3;
+            let data = blocks(&mut rng, n * nb, info.type_size, halves);
+            for scale in [1.0f32, 1e-3, 1e3] {
+                let x = rng.normalish(2 * k, scale);
+                let mut y = vec![0.0f32; 2 * n];
+                qmatmul(&x, 2, &view(qtype, n, k, &data), &mut y).unwrap();
+                let is_k = info.block_size == QK_K;
+                let (c, ab) = if is_k { (0.501, QK_K) } else { (0.57, QK8_0) };
+                let mut w = vec![0.0f32; k];
+                for row in 0..n {
+                    let rb = &data[row * nb * info.type_size..(row + 1) * nb * info.type_size];
+                    for (b, blk) in rb.chunks_exact(info.type_size).enumerate() {
+                        let bs = info.block_size;
+                        dequant(qtype, blk, &mut w[b * bs..(b + 1) * bs]);
+                    }
+                    for mi in 0..2 {
+                        let xr = &x[mi * k..(mi + 1) * k];
+                        let exact: f64 = w.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mut bound = 0.0f64;
+                        let mut wx = 0.0f64;
+                        for (wb, xb) in w.chunks(ab).zip(xr.chunks(ab)) {
+                            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+                            let d = amax / 127.0;
+                            let sw: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                            bound += c * d * sw;
+                            wx += wb
+                                .iter()
+                                .zip(xb)
+                                .map(|(&a, &b)| a.abs() as f64 * (b.abs() as f64 + d))
+                                .sum::<f64>();
+                        }
+                        bound += (nb + 16 + 8) as f64 * f64::powi(2.0, -23) * wx;
+                        let got = y[mi * n + row] as f64;
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{qtype:?} nb={nb} scale={scale}: got {got} exact {exact} bound {bound}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn f32_references_within_float_bound() {
+    let mut rng = Rng(0xfeed_beef_0123_4567);
+    for (qtype, mode, bs) in [
+        (QType::NF4, None, 64),
+        (QType::NF4, None, 32),
+        (QType::Int8, Some(ScaleMode::Row), 64),
+        (QType::Int8, Some(ScaleMode::Tensor), 64),
+        (QType::Int8, Some(ScaleMode::Block), 32),
+    ] {
+        for k in [64usize, 320, 1024] {
+            let n = 5;
+            let data = rng.bytes(qtype.row_bytes(k, bs) * n);
+            let n_stats = match mode {
+                Some(ScaleMode::Tensor) => 1,
+                Some(ScaleMode::Row) => n,
+                _ => n * k / bs,
+            };
+            let stats: Vec<f32> = (0..n_stats).map(|_| rng.unit().abs() * 0.1).collect();
+            let x = rng.normalish(k, 1.0);
+            let v = QuantizedView {
+                qtype,
+                rows: n,
+                cols: k,
+                block_size: bs,
+                scale_mode: mode,
+                data: &data,
+                stats: &stats,
+                double_quant: None,
+            };
+            let mut y = vec![0.0f32; n];
+            qmatmul(&x, 1, &v, &mut y).unwrap();
+            for row in 0..n {
+                let (mut exact, mut wx) = (0.0f64, 0.0f64);
+                for j in 0..k {
+                    let (wq, s) = if qtype == QType::NF4 {
+                        let b = data[row * k / 2 + j / 2];
+                        let q = if j % 2 == 0 { b >> 4 } else { b & 15 };
+                        (r::NF4_CODE[q as usize] as f64, stats[row * k / bs + j / bs])
+                    } else {
+                        let s = match mode {
+                            Some(ScaleMode::Tensor) => stats[0],
+                            Some(ScaleMode::Row) => stats[row],
+                            _ => stats[row * k / bs + j / bs],
+                        };
+                        ((data[row * k + j] as i8) as f64, s)
+                    };
+                    exact += wq * s as f64 * x[j] as f64;
+                    wx += (wq * s as f64 * x[j] as f64).abs();
+                }
+                let bound = (k / 8 + k / bs + 16) as f64 * f64::powi(2.0, -23) * wx;
+                assert!(
+                    (y[row] as f64 - exact).abs() <= bound,
+                    "{qtype:?} {mode:?} k={k}: {} vs {exact} (bound {bound})",
+                    y[row]
+                );
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_paths_are_bit_identical_to_references() {
+    if !crate::formats::simd::has_avx2() {
+        return;
+    }
+    let mut rng = Rng(0x0bad_cafe_dead_f00d);
+    for nb in [1usize, 2, 7, 8, 9, 16, 23] {
+        for (qtype, halves) in GGML_CASES {
+            let info = qtype.info();
+            let k = nb * info.block_size;
+            let data = blocks(&mut rng, nb, info.type_size, halves);
+            let x = rng.normalish(k, 2.0);
+            let (simd, scalar) = if info.block_size == QK8_0 {
+                let mut xq = vec![BlockQ8_0::zeroed(); nb];
+                r::quantize_row_q8_0(&x, &mut xq);
+                let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+                // SAFETY: AVX2 and F16C detected above; one activation block per weight block.
+                unsafe {
+                    match qtype {
+                        QType::Q4_0 => {
+                            let w: &[BlockQ4_0] = bytemuck::cast_slice(&data);
+                            (
+                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                r::dot_block32(w, &xq, &xd),
+                            )
+                        }
+                        QType::Q8_0 => {
+                            let w: &[BlockQ8_0] = bytemuck::cast_slice(&data);
+                            (
+                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                r::dot_block32(w, &xq, &xd),
+                            )
+                        }
+                        _ => {
+                            let w: &[BlockIQ4NL] = bytemuck::cast_slice(&data);
+                            (
+                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                r::dot_block32(w, &xq, &xd),
+                            )
+                        }
+                    }
+                }
+            } else {
+                let mut xq = vec![BlockQ8K::zeroed(); nb];
+                r::quantize_row_q8_k(&x, &mut xq);
+                // SAFETY: AVX2 detected above.
+                unsafe {
+                    match qtype {
+                        QType::Q4K => {
+                            let w: &[BlockQ4K] = bytemuck::cast_slice(&data);
+                            for (wb, xb) in w.iter().zip(&xq) {
+                                assert_eq!(wb.sums_avx2_for_test(xb), r::BlockK::sums(wb, xb));
+                            }
+                            (x86::dot_block_k(w, [&xq])[0], r::dot_block_k(w, &xq))
+                        }
+                        QType::Q5K => {
+                            let w: &[BlockQ5K] = bytemuck::cast_slice(&data);
+                            for (wb, xb) in w.iter().zip(&xq) {
+                                assert_eq!(wb.sums_avx2_for_test(xb), r::BlockK::sums(wb, xb));
+                            }
+                            (x86::dot_block_k(w, [&xq])[0], r::dot_block_k(w, &xq))
+                        }
+                        _ => {
+                            let w: &[BlockQ6K] = bytemuck::cast_slice(&data);
+                            for (wb, xb) in w.iter().zip(&xq) {
+                                assert_eq!(wb.sums_avx2_for_test(xb), r::BlockK::sums(wb, xb));
+                            }
+                            (x86::dot_block_k(w, [&xq])[0], r::dot_block_k(w, &xq))
+                        }
+                    }
+                }
+            };
+            assert_eq!(simd.to_bits(), scalar.to_bits(), "{qtype:?} nb={nb}");
+        }
+        // nf4 (block 32 and 64) and int8 (rows whose length is not a multiple of 8)
+        for bs in [32usize, 64] {
+            let k = nb * bs;
+            let packed = rng.bytes(k / 2);
+            let absmax: Vec<f32> = (0..nb).map(|_| rng.unit().abs()).collect();
+            let x = rng.normalish(k, 1.0);
+            // SAFETY: AVX2 detected; lengths as documented.
+            let simd = unsafe { x86::dot_nf4(&packed, &absmax, bs, [&x])[0] };
+            let scalar = r::dot_nf4(&packed, &absmax, bs, &x);
+            assert_eq!(simd.to_bits(), scalar.to_bits(), "nf4 bs={bs} nb={nb}");
+            if x86::has_avx512f() {
+                // SAFETY: AVX-512F detected; lengths as documented.
+                let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, [&x])[0] };
+                assert_eq!(z.to_bits(), scalar.to_bits(), "nf4 avx512 bs={bs} nb={nb}");
+            }
+        }
+        for (k, bl) in [(nb * 32, 32), (nb * 13 + 5, nb * 13 + 5)] {
+            let q = rng.bytes(k);
+            let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
+            let x = rng.normalish(k, 1.0);
+            // SAFETY: AVX2 detected; lengths as documented.
+            let simd = unsafe { x86::dot_int8(&q, &scales, bl, [&x])[0] };
+            let scalar = r::dot_int8(&q, &scales, bl, &x);
+            assert_eq!(simd.to_bits(), scalar.to_bits(), "int8 k={k} block={bl}");
+        }
+    }
+}
+
+/// The multi-row kernels (4 activation rows per call) give each row's single-row bits.
+#[test]
+fn four_rows_at_once_equal_one_at_a_time() {
+    let mut rng = Rng(0x5eed_5eed_5eed_5eed);
+    for (qtype, halves) in GGML_CASES {
+        let info = qtype.info();
+        let (n, nb, m) = (3, 11, 9);
+        let k = nb * info.block_size;
+        let data = blocks(&mut rng, n * nb, info.type_size, halves);
+        let x = rng.normalish(m * k, 1.5);
+        let v = view(qtype, n, k, &data);
+        let mut all = vec![0.0f32; m * n];
+        qmatmul(&x, m, &v, &mut all).unwrap();
+        for mi in 0..m {
+            let mut one = vec![0.0f32; n];
+            qmatmul(&x[mi * k..(mi + 1) * k], 1, &v, &mut one).unwrap();
+            for (a, b) in one.iter().zip(&all[mi * n..(mi + 1) * n]) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{qtype:?} row {mi}");
+            }
+        }
+    }
+    for (qtype, mode, bs, k) in [
+        (QType::NF4, None, 64, 320),
+        (QType::Int8, Some(ScaleMode::Row), 64, 333),
+        (QType::Int8, Some(ScaleMode::Block), 32, 320),
+    ] {
+        let (n, m) = (3, 6);
+        let data = rng.bytes(qtype.row_bytes(k, bs) * n);
+        let n_stats = if mode == Some(ScaleMode::Row) {
+            n
+        } else {
+            n * k / bs
+        };
+        let stats: Vec<f32> = (0..n_stats).map(|_| rng.unit().abs()).collect();
+        let x = rng.normalish(m * k, 1.0);
+        let v = QuantizedView {
+            qtype,
+            rows: n,
+            cols: k,
+            block_size: bs,
+            scale_mode: mode,
+            data: &data,
+            stats: &stats,
+            double_quant: None,
+        };
+        let mut all = vec![0.0f32; m * n];
+        qmatmul(&x, m, &v, &mut all).unwrap();
+        for mi in 0..m {
+            let mut one = vec![0.0f32; n];
+            qmatmul(&x[mi * k..(mi + 1) * k], 1, &v, &mut one).unwrap();
+            let want: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
+            let got: Vec<u32> = all[mi * n..(mi + 1) * n]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(want, got, "{qtype:?} row {mi}");
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+trait SumsForTest {
+    fn sums_avx2_for_test(&self, x: &BlockQ8K) -> (i32, i32);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<W: x86::SumsK> SumsForTest for W {
+    fn sums_avx2_for_test(&self, x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: only called after has_avx2() returned true.
+        unsafe { self.sums_decoded(&self.decode(), x) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn unpacked_k4_scales_equal_get_scale_min_k4() {
+    let mut rng = Rng(0x1357_9bdf_2468_ace0);
+    for _ in 0..2000 {
+        let q: [u8; 12] = rng.bytes(12).try_into().unwrap();
+        let (sc, m) = x86::unpack_scales_k4(&q);
+        for j in 0..8 {
+            assert_eq!(
+                (sc[j] as i32, m[j] as i32),
+                r::scale_min_k4(j, &q),
+                "{q:?} j={j}"
+            );
+        }
+    }
+}
+
+#[test]
+fn q8_k_activation_quantization() {
+    let mut x: Vec<f32> = (0..512).map(|i| (i as f32 - 100.0) * 0.37).collect();
+    x[300] = -500.0; // the block's signed max is negative: iscale > 0
+    x[256..300].iter_mut().for_each(|v| *v = 0.0);
+    let mut out = vec![BlockQ8K::zeroed(); 2];
+    r::quantize_row_q8_k(&x, &mut out);
+    for (b, blk) in out.iter().enumerate() {
+        let xb = &x[b * 256..(b + 1) * 256];
+        let max = xb
+            .iter()
+            .copied()
+            .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+        let iscale = -127.0f32 / max;
+        assert_eq!(blk.d, 1.0 / iscale);
+        for (j, &q) in blk.qs.iter().enumerate() {
+            let want = ((iscale * xb[j]) as f64).round_ties_even().min(127.0) as i8;
+            assert_eq!(q, want, "block {b} element {j}");
+        }
+        for g in 0..16 {
+            let s: i32 = blk.qs[16 * g..16 * g + 16].iter().map(|&q| q as i32).sum();
+            assert_eq!(blk.bsums[g] as i32, s);
+        }
+    }
+    let mut z = vec![BlockQ8K::zeroed(); 1];
+    r::quantize_row_q8_k(&[0.0; 256], &mut z);
+    assert_eq!(z[0].d, 0.0);
+    assert!(z[0].qs.iter().all(|&q| q == 0));
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let data = vec![0u8; 18 * 2];
+    let x = vec![0.5f32; 64];
+    let mut y = vec![0.0f32; 1];
+    let v = view(QType::Q4_0, 1, 64, &data);
+    assert!(qmatmul(&x, 1, &v, &mut y).is_ok());
+    assert!(qmatmul(&x[..63], 1, &v, &mut y).is_err());
+    assert!(qmatmul(&x, 2, &v, &mut y).is_err());
+    assert!(qmatmul(&x, 0, &v, &mut y).is_err()); // x and y are not empty
+    assert!(qmatmul(&[], 0, &v, &mut []).is_ok()); // an empty batch
+    assert!(qmatmul(&x, 1, &v, &mut [0.0; 2]).is_err());
+    assert!(qmatmul(&x, 1, &view(QType::Q4_0, 1, 64, &data[..35]), &mut y).is_err());
+    assert!(qmatmul(&x, 1, &view(QType::Q4_1, 1, 64, &data), &mut y).is_err());
+    let mut bad_bs = view(QType::Q4_0, 1, 64, &data);
+    bad_bs.block_size = 64;
+    assert!(qmatmul(&x, 1, &bad_bs, &mut y).is_err());
+    let mut nan = x.clone();
+    nan[7] = f32::NAN;
+    assert!(matches!(
+        qmatmul(&nan, 1, &v, &mut y),
+        Err(Error::NonFinite { row: 0, col: 7, .. })
+    ));
+    let nf4 = QuantizedView {
+        qtype: QType::NF4,
+        block_size: 64,
+        data: &data[..32],
+        stats: &[1.0, 2.0],
+        ..view(QType::NF4, 1, 64, &data)
+    };
+    assert!(matches!(
+        qmatmul(&x, 1, &nf4, &mut y),
+        Err(Error::DataSize { .. })
+    ));
+    // int8 without a scale mode, then with too few scales
+    let bytes = vec![1u8; 64];
+    let mut int8 = QuantizedView {
+        block_size: 64,
+        ..view(QType::Int8, 1, 64, &bytes)
+    };
+    assert!(qmatmul(&x, 1, &int8, &mut y).is_err());
+    int8.scale_mode = Some(ScaleMode::Row);
+    assert!(matches!(
+        qmatmul(&x, 1, &int8, &mut y),
+        Err(Error::DataSize { .. })
+    ));
+    int8.stats = &[0.5];
+    qmatmul(&x, 1, &int8, &mut y).unwrap();
+    assert_eq!(y[0], 0.5 * 0.5 * 64.0);
+}

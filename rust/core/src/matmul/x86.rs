@@ -1,0 +1,492 @@
+//! AVX2 versions of the dot products in `reference.rs`, chosen at run time (`simd::has_avx2`,
+//! which honours FERROQUANT_FORCE_SCALAR). Integer sums are exact, so any summation order gives
+//! the reference's integers; float products and lane accumulations are the reference's
+//! operations in the reference's order (separate multiply and add, no FMA), so the results are
+//! identical bit for bit. Where a row ends in fewer than 8 blocks (or 8 elements), the tail runs
+//! the reference's scalar code on the same lanes.
+//!
+//! Safety of every function here: callers must have checked AVX2 and F16C at run time, and pass
+//! slices of matching lengths (checked by the callers in `mod.rs`); all loads are unaligned
+//! loads from in-bounds pointers of those slices.
+
+use std::arch::x86_64::*;
+
+use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES};
+use crate::formats::blocks::*;
+
+#[inline(always)]
+fn lanes_of(v: __m256) -> [f32; LANES] {
+    let mut a = [0.0f32; LANES];
+    // SAFETY: `a` has room for 8 f32; storeu has no alignment requirement.
+    unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
+    a
+}
+
+/// 8 x i32 partial sums of one block: `w` (32 signed i8) times the 32 i8 at `x`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_isums(w: __m256i, x: &[i8; 32]) -> __m256i {
+    let xv = _mm256_loadu_si256(x.as_ptr() as *const __m256i);
+    // |w| (unsigned) times x with w's sign; |x| <= 127 (our quantizers never give -128), so
+    // the pairs of maddubs cannot saturate: 2 * 128 * 127 < 32767.
+    let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+    _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+}
+
+/// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn reduce8(v: &[__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(v[0], v[1]);
+    let h23 = _mm256_hadd_epi32(v[2], v[3]);
+    let h45 = _mm256_hadd_epi32(v[4], v[5]);
+    let h67 = _mm256_hadd_epi32(v[6], v[7]);
+    // [v0lo v1lo v2lo v3lo | v0hi v1hi v2hi v3hi] (lo/hi = sum of the low/high 4 lanes)
+    let a = _mm256_hadd_epi32(h01, h23);
+    let b = _mm256_hadd_epi32(h45, h67);
+    let lo = _mm256_permute2x128_si256(a, b, 0x20);
+    let hi = _mm256_permute2x128_si256(a, b, 0x31);
+    _mm256_add_epi32(lo, hi)
+}
+
+/// The 32 nibbles of 16 bytes in ggml order: low nibbles (elements 0..15), then high nibbles.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nibbles_ggml(qs: &[u8; 16]) -> __m256i {
+    let q = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+    let m4 = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(q, m4);
+    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
+    _mm256_set_m128i(hi, lo)
+}
+
+/// A weight block of 32 as 32 signed i8 in element order.
+pub trait Load32: Block32 {
+    /// # Safety
+    /// AVX2 must be available.
+    unsafe fn load(&self) -> __m256i;
+    /// The weights plus `BIAS`, as 32 unsigned bytes (for the u8 x i8 VNNI product).
+    ///
+    /// # Safety
+    /// AVX2 must be available.
+    unsafe fn load_unsigned(&self) -> __m256i;
+    const BIAS: i32;
+}
+
+impl Load32 for BlockQ4_0 {
+    #[inline(always)]
+    unsafe fn load(&self) -> __m256i {
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { _mm256_sub_epi8(nibbles_ggml(&self.qs), _mm256_set1_epi8(8)) }
+    }
+    #[inline(always)]
+    unsafe fn load_unsigned(&self) -> __m256i {
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { nibbles_ggml(&self.qs) }
+    }
+    const BIAS: i32 = 8;
+}
+
+impl Load32 for BlockQ8_0 {
+    #[inline(always)]
+    unsafe fn load(&self) -> __m256i {
+        // SAFETY: qs is 32 bytes; AVX is available.
+        unsafe { _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i) }
+    }
+    #[inline(always)]
+    unsafe fn load_unsigned(&self) -> __m256i {
+        // SAFETY: qs is 32 bytes; AVX2 is available. w ^ 0x80 == w + 128 as u8.
+        unsafe {
+            _mm256_xor_si256(
+                _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i),
+                _mm256_set1_epi8(-128),
+            )
+        }
+    }
+    const BIAS: i32 = 128;
+}
+
+impl Load32 for BlockIQ4NL {
+    #[inline(always)]
+    unsafe fn load(&self) -> __m256i {
+        // SAFETY: 16-byte table loaded from a 16-element i8 array; AVX2 is available.
+        unsafe {
+            let t = _mm_loadu_si128(r::KVALUES_IQ4NL.as_ptr() as *const __m128i);
+            _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles_ggml(&self.qs))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_unsigned(&self) -> __m256i {
+        // SAFETY: as `load`; the table is kvalues + 128 (1..241).
+        unsafe {
+            let t = _mm_loadu_si128(KVALUES_IQ4NL_U8.as_ptr() as *const __m128i);
+            _mm256_shuffle_epi8(_mm256_set_m128i(t, t), nibbles_ggml(&self.qs))
+        }
+    }
+    const BIAS: i32 = 128;
+}
+
+/// ggml's kvalues_iq4nl plus 128.
+const KVALUES_IQ4NL_U8: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (r::KVALUES_IQ4NL[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// True when the AVX-512 VNNI integer dot products may run (AVX2 allowed, not forced scalar).
+pub fn has_vnni() -> bool {
+    use std::sync::OnceLock;
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        crate::formats::simd::has_avx2()
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// `dot_block32` with AVX-512 VNNI: per block `dpbusd(w + BIAS, x)` (u8 x i8 products summed
+/// in i32, exact: 4 * 255 * 127 per step) minus `BIAS * Σx` (`xsum`, the activation block's
+/// quant sum) is the same integer as the reference's Σ w x; the float part is `dot_block32`'s.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`has_vnni`); every `x[r]`, `xd[r]`,
+/// `xsum[r]` has at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xsum: [&[i32]; R],
+) -> [f32; R] {
+    let nb = w.len();
+    let groups = nb / LANES;
+    let bias = _mm256_set1_epi32(W::BIAS);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for g in 0..groups {
+        let wg = &w[g * LANES..g * LANES + LANES];
+        let mut wv = [_mm256_setzero_si256(); 8];
+        let mut dh = [0u16; 8];
+        for j in 0..LANES {
+            wv[j] = unsafe { wg[j].load_unsigned() };
+            dh[j] = u16::from_le_bytes(wg[j].d());
+        }
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        for r in 0..R {
+            let xg = &x[r][g * LANES..g * LANES + LANES];
+            let mut s = [_mm256_setzero_si256(); 8];
+            for j in 0..LANES {
+                let xv = unsafe { _mm256_loadu_si256(xg[j].qs.as_ptr() as *const __m256i) };
+                s[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[j], xv);
+            }
+            let xs = unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
+            let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xs));
+            let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
+            let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            acc[r] = _mm256_add_ps(acc[r], p);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        let mut lanes = lanes_of(acc[r]);
+        for b in groups * LANES..nb {
+            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+        }
+        out[r] = r::hsum8(&lanes);
+    }
+    out
+}
+
+/// `reference::dot_block32` for R activation rows at once (the weights are decoded once per
+/// group of 8 blocks and reused): per row, the 8 blocks' integer sums in one register, then
+/// `acc += (dw * dx) * float(isum)` lane-wise; each row's operations are those of R = 1.
+///
+/// # Safety
+/// AVX2 and F16C must be available; every `x[r]` and `xd[r]` has at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn dot_block32<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+) -> [f32; R] {
+    let nb = w.len();
+    let groups = nb / LANES;
+    let mut acc = [_mm256_setzero_ps(); R];
+    for g in 0..groups {
+        let wg = &w[g * LANES..g * LANES + LANES];
+        let mut wv = [_mm256_setzero_si256(); 8];
+        let mut dh = [0u16; 8];
+        for j in 0..LANES {
+            wv[j] = unsafe { wg[j].load() };
+            dh[j] = u16::from_le_bytes(wg[j].d());
+        }
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        for r in 0..R {
+            let xg = &x[r][g * LANES..g * LANES + LANES];
+            let mut s = [_mm256_setzero_si256(); 8];
+            for j in 0..LANES {
+                s[j] = unsafe { block_isums(wv[j], &xg[j].qs) };
+            }
+            let isum = reduce8(&s);
+            let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
+            let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            acc[r] = _mm256_add_ps(acc[r], p);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        let mut lanes = lanes_of(acc[r]);
+        for b in groups * LANES..nb {
+            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+        }
+        out[r] = r::hsum8(&lanes);
+    }
+    out
+}
+
+// ---------------------------------------------------------------- K-quants
+
+/// A K-quant super-block decoded once for several activation rows: the unsigned quants of the
+/// 8 sub-blocks of 32, per sub-block scale multipliers (i16 lanes), and the multipliers of the 16
+/// bsums (mins for q4_K/q5_K, scales for q6_K).
+pub struct DecodedK {
+    q: [__m256i; 8],
+    scale: [__m256i; 8],
+    bsum_mul: __m256i,
+}
+
+/// Integer sums of K-quant blocks in AVX2 (the float part is the reference's scalar code).
+pub trait SumsK: BlockK {
+    /// # Safety
+    /// AVX2 must be available.
+    unsafe fn decode(&self) -> DecodedK;
+    /// (Σ scale·q·x, Σ bsum_mul·bsum) with `self`'s correction: q4_K/q5_K return them as
+    /// (isum, msum); q6_K (quants stored +32) returns (Σ sc·q·x - 32·Σ sc·bsum, 0).
+    ///
+    /// # Safety
+    /// AVX2 must be available; `d` comes from `self.decode()`.
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32);
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load256(p: &[u8]) -> __m256i {
+    debug_assert!(p.len() >= 32);
+    _mm256_loadu_si256(p.as_ptr() as *const __m256i)
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn load256_i8(p: &[i8]) -> __m256i {
+    debug_assert!(p.len() >= 32);
+    _mm256_loadu_si256(p.as_ptr() as *const __m256i)
+}
+
+/// The 8 scales and 8 mins of a q4_K/q5_K block (the bit shuffling of ggml's AVX2 kernels, equal
+/// to `reference::scale_min_k4` for every j; tested).
+#[inline(always)]
+pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let sc = [u0 & KMASK1, (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)];
+    let m = [
+        u1 & KMASK1,
+        ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
+    ];
+    let bytes = |w: [u32; 2]| {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&w[0].to_le_bytes());
+        b[4..].copy_from_slice(&w[1].to_le_bytes());
+        b
+    };
+    (bytes(sc), bytes(m))
+}
+
+/// Scale broadcasts and the duplicated mins of a q4_K/q5_K block.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn scales_k4(scales: &[u8; K_SCALE_SIZE]) -> ([__m256i; 8], __m256i) {
+    let (sc, m) = unpack_scales_k4(scales);
+    let mut scale = [_mm256_setzero_si256(); 8];
+    for (v, &s) in scale.iter_mut().zip(&sc) {
+        *v = _mm256_set1_epi16(s as i16);
+    }
+    let m16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(m)));
+    // [m0 m0 m1 m1 ... m7 m7]: bsums 2s and 2s+1 belong to sub-block s
+    let mins = _mm256_set_m128i(_mm_unpackhi_epi16(m16, m16), _mm_unpacklo_epi16(m16, m16));
+    (scale, mins)
+}
+
+/// (Σ_s scale_s Σ q x, Σ bsum_mul·bsum): two reductions of 8 i32 sharing their adds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sums_k(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+    let mut acc = _mm256_setzero_si256();
+    for s in 0..8 {
+        let xv = unsafe { load256_i8(&x.qs[32 * s..]) };
+        // q <= 63 unsigned, |x| <= 127: the maddubs pairs stay below 2 * 63 * 127.
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(d.q[s], xv), d.scale[s]);
+        acc = _mm256_add_epi32(acc, p);
+    }
+    let bs = unsafe { _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i) };
+    let mv = _mm256_madd_epi16(bs, d.bsum_mul);
+    // [a0+a1 a2+a3 m0+m1 m2+m3 | a4+a5 a6+a7 m4+m5 m6+m7] -> [A M A M | A' M' A' M']
+    let t = _mm256_hadd_epi32(acc, mv);
+    let t = _mm256_hadd_epi32(t, t);
+    let t = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    (_mm_cvtsi128_si32(t), _mm_extract_epi32(t, 1))
+}
+
+impl SumsK for BlockQ4K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> DecodedK {
+        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs (128 bytes).
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                let v = load256(&self.qs[32 * j..]);
+                q[2 * j] = _mm256_and_si256(v, m4);
+                q[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            }
+            let (scale, bsum_mul) = scales_k4(&self.scales);
+            DecodedK { q, scale, bsum_mul }
+        }
+    }
+    #[inline(always)]
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: AVX2 is available (contract).
+        unsafe { sums_k(d, x) }
+    }
+}
+
+impl SumsK for BlockQ5K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> DecodedK {
+        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs / qh.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let bit4 = _mm256_set1_epi8(0x10);
+            let qh = load256(&self.qh);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for j in 0..4 {
+                let v = load256(&self.qs[32 * j..]);
+                // bit s of qh[l] is bit 4 of element 32s + l; the 16-bit shifts leak bits
+                // across bytes, which the mask 0x10 removes.
+                let h0 = _mm256_and_si256(shift_bit_to_4(qh, 2 * j as i32), bit4);
+                let h1 = _mm256_and_si256(shift_bit_to_4(qh, 2 * j as i32 + 1), bit4);
+                q[2 * j] = _mm256_or_si256(_mm256_and_si256(v, m4), h0);
+                q[2 * j + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), h1);
+            }
+            let (scale, bsum_mul) = scales_k4(&self.scales);
+            DecodedK { q, scale, bsum_mul }
+        }
+    }
+    #[inline(always)]
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: AVX2 is available (contract).
+        unsafe { sums_k(d, x) }
+    }
+}
+
+/// `v` shifted (in 16-bit lanes) so that bit `s` (0..7) of each byte lands on bit 4.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn shift_bit_to_4(v: __m256i, s: i32) -> __m256i {
+    match s {
+        0 => _mm256_slli_epi16(v, 4),
+        1 => _mm256_slli_epi16(v, 3),
+        2 => _mm256_slli_epi16(v, 2),
+        3 => _mm256_slli_epi16(v, 1),
+        4 => v,
+        5 => _mm256_srli_epi16(v, 1),
+        6 => _mm256_srli_epi16(v, 2),
+        _ => _mm256_srli_epi16(v, 3),
+    }
+}
+
+impl SumsK for BlockQ6K {
+    #[inline(always)]
+    unsafe fn decode(&self) -> DecodedK {
+        // SAFETY: AVX2 is available (contract); loads are 32 bytes inside ql / qh and 16
+        // bytes of scales.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0f);
+            let m2 = _mm256_set1_epi8(0x30);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for h in 0..2 {
+                let ql0 = load256(&self.ql[64 * h..]);
+                let ql1 = load256(&self.ql[64 * h + 32..]);
+                let qh = load256(&self.qh[32 * h..]);
+                // bits 2k..2k+1 of qh to bits 4..5 (qh << 4, qh << 2, qh, qh >> 2 in 16-bit
+                // lanes; the mask 0x30 drops what crossed a byte boundary)
+                let top = [
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2),
+                    _mm256_and_si256(qh, m2),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2),
+                ];
+                q[4 * h] = _mm256_or_si256(_mm256_and_si256(ql0, m4), top[0]);
+                q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), top[1]);
+                q[4 * h + 2] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), top[2]);
+                q[4 * h + 3] =
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), top[3]);
+            }
+            // q[c] holds elements 32c..32c+32: its low 128 bits are group 2c, the high group
+            // 2c+1 (groups of 16 share a scale).
+            let sc = self.scales;
+            let mut scale = [_mm256_setzero_si256(); 8];
+            for (c, v) in scale.iter_mut().enumerate() {
+                *v = _mm256_set_m128i(
+                    _mm_set1_epi16(sc[2 * c + 1] as i16),
+                    _mm_set1_epi16(sc[2 * c] as i16),
+                );
+            }
+            let scv = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
+            DecodedK {
+                q,
+                scale,
+                bsum_mul: _mm256_cvtepi8_epi16(scv),
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: AVX2 is available (contract).
+        let (isum, bias) = unsafe { sums_k(d, x) };
+        // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum (exact integers).
+        (isum - 32 * bias, 0)
+    }
+}
+
+/// `reference::dot_block_k` for R activation rows at once, integer sums in AVX2 (each
+/// super-block decoded once), float part the reference's.
+///
+/// # Safety
+/// AVX2 must be available; every `x[r]` has at least `w.len()` blocks.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
+    let mut acc = [[0.0f32; LANES]; R];
+    for (b, wb) in w.iter().enumerate() {
+        let q = unsafe { wb.decode() };
+        let (d, dmin) = wb.d_dmin();
+        for r in 0..R {
+            let xb = &x[r][b];
+            let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
+            acc[r][b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
+        }
+    }
+    acc.map(|a| r::hsum8(&a))
+}
+
+// ---------------------------------------------------------------- f32 activations
+
+mod float_acts;
+pub use float_acts::{dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f};

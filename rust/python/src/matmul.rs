@@ -1,0 +1,68 @@
+//! Binding of the quantized CPU matmul: convert, release the GIL, map errors. No numerics.
+
+use ferroquant_core as core;
+use numpy::{
+    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2,
+    PyUntypedArrayMethods,
+};
+use pyo3::prelude::*;
+
+use crate::{not_contiguous, to_py};
+
+/// `y = x · Wᵀ`: x (M x K float32, C-contiguous), W given as its raw quantized data (N x K in
+/// `qtype`'s layout) plus statistics (nf4 absmax, int8 scales). Returns y (M x N float32).
+#[pyfunction]
+#[pyo3(signature = (x, data, qtype, n, k, block_size, stats=None, scale_mode=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    data: PyReadonlyArray1<'py, u8>,
+    qtype: &str,
+    n: usize,
+    k: usize,
+    block_size: usize,
+    stats: Option<PyReadonlyArray1<'py, f32>>,
+    scale_mode: Option<&str>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let qtype = core::QType::parse(qtype).map_err(to_py)?;
+    let scale_mode = scale_mode
+        .map(core::ScaleMode::parse)
+        .transpose()
+        .map_err(to_py)?;
+    let m = x.shape()[0];
+    // as_slice also accepts Fortran order (a transposed array), which would be read wrongly.
+    if !x.is_c_contiguous() {
+        return Err(not_contiguous("x"));
+    }
+    let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
+    let data_s = data.as_slice().map_err(|_| not_contiguous("data"))?;
+    let stats_s: &[f32] = match &stats {
+        Some(s) => s.as_slice().map_err(|_| not_contiguous("stats"))?,
+        None => &[],
+    };
+    let view = core::QuantizedView {
+        qtype,
+        rows: n,
+        cols: k,
+        block_size,
+        scale_mode,
+        data: data_s,
+        stats: stats_s,
+        double_quant: None,
+    };
+    let y = py.detach(|| {
+        let len = m.checked_mul(n).ok_or_else(|| {
+            core::Error::InvalidArgument(format!("output shape {m}x{n} overflows"))
+        })?;
+        let mut y = vec![0f32; len];
+        core::matmul::qmatmul(xs, m, &view, &mut y).map(|_| y)
+    });
+    y.map_err(to_py)?.into_pyarray(py).reshape([m, n])
+}
+
+/// Names of the weight qtypes `qmatmul` has kernels for.
+#[pyfunction]
+pub fn qmatmul_qtypes() -> Vec<&'static str> {
+    core::matmul::SUPPORTED.iter().map(|q| q.name()).collect()
+}

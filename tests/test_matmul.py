@@ -1,0 +1,434 @@
+"""The quantized CPU matmul `_native.qmatmul`: y = x · Wᵀ, W quantized (N x K), x float32 (M x K).
+
+What is compared with what:
+- every qtype against the float64 product of the dequantized weights with x, within the bound
+  derived below (the kernel quantizes x for the ggml types);
+- the ggml types against libggml's own `ggml_vec_dot_*_generic` on activations quantized by
+  libggml's `quantize_row_q8_0_ref` / `quantize_row_q8_K_ref` (same integers, other float order:
+  a much tighter bound, which also pins our activation quantization to ggml's);
+- 1 thread against 2 threads, and the SIMD build against FERROQUANT_FORCE_SCALAR=1: identical bits;
+- bad shapes and values: ferroquant.QuantizeError.
+
+Weights: fq.quantize / fq.dequantize for every format (int8 per row and per block of 32); and,
+so the kernels are also checked on bytes ferroquant did not write, the ggml types quantized by
+libggml (`peers.ggml_quantize`, dequantized by gguf-py) and nf4 by bitsandbytes (quantize_4bit /
+dequantize_4bit, plain fp32 absmax).
+
+Error bound (q8 activations). The kernel computes Σ_i w_i x̂_i exactly in integers per block, with
+x̂ the activation dequantized from its q8 block of scale d = amax/127:
+  q8_0: x̂ = f16(d)·q, q = round(x/d), |q| <= 127, so |x - x̂| <= d/2 + 127·|d - f16(d)| =: e_b
+        (< 0.57·d while d is a normal f16; for tiny blocks d's f16 rounding dominates and e_b is
+        computed exactly);
+  q8_K: x̂ = q/iscale with q = nearest_int(iscale·x), so |x - x̂| <= d/2·(1 + 2^-20) < 0.501·d =: e_b.
+Hence |Σ w_i x_i - Σ w_i x̂_i| <= Σ_b e_b·Σ_{i in b} |w_i|. The float part:
+each block product takes at most 3 roundings and the sum of nb products in 8 lanes at most
+nb/8 + 3 more; the f32 dequantized reference weights carry one rounding each, or for q4_k/q5_k
+(w = d·sc·q - dmin·m) up to 3 roundings of terms as large as ~3·max|w| of the sub-block. We allow
+  slack = (nb + 32)·2^-23·Σ_i w̃_i·(|x_i| + e_b),  w̃_i = |w_i| (+ 4·max_sub-block|w| for q4_k/q5_k).
+For nf4 / int8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb.
+Against libggml: both sides sum the same integers; each side's float work is at most
+nb + 16 roundings (block products, lane / sequential sums), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
+(|x̂_i| <= |x_i| + e_b).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ferroquant as fq
+from ferroquant import _native
+
+import peers
+from data import DISTRIBUTIONS, make
+
+GGML_QTYPES = ("q4_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k")
+QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block")
+BLOCK = {"q4_0": 32, "q8_0": 32, "iq4_nl": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+U = 2.0**-24
+
+
+@dataclass
+class Weights:
+    qtype: str  # the name qmatmul takes
+    n: int
+    k: int
+    data: np.ndarray  # uint8, flat
+    block_size: int
+    stats: np.ndarray | None
+    scale_mode: str | None
+    deq: np.ndarray  # float64 (n, k): the dequantized weights
+
+    def matmul(self, x: np.ndarray) -> np.ndarray:
+        return _native.qmatmul(
+            x, self.data, self.qtype, self.n, self.k, self.block_size, self.stats, self.scale_mode
+        )
+
+
+KIND = {
+    "int8_row": ("int8", {"scale_mode": "row"}),
+    "int8_block": ("int8", {"scale_mode": "block", "block_size": 32}),
+}
+
+
+def make_weights(kind: str, w: np.ndarray, peer: bool = False) -> Weights:
+    """Weights quantized by fq.quantize and dequantized by fq.dequantize; with `peer`, quantized
+    by the format's defining library instead (libggml, bitsandbytes) and dequantized by gguf-py /
+    bitsandbytes, so the kernel is also checked on bytes ferroquant did not write."""
+    n, k = w.shape
+    if peer and kind in GGML_QTYPES:
+        data = peers.ggml_quantize(w, kind)
+        gq = peers.gguf_quants()
+        deq = gq.dequantize(data.reshape(n, -1), peers.gguf_qtype(kind)).astype(np.float64)
+        return Weights(kind, n, k, data, BLOCK[kind], None, None, deq)
+    if peer and kind == "nf4":
+        torch = peers.require("torch")
+        bnb_f = peers.require("bitsandbytes.functional")
+        packed, state = bnb_f.quantize_4bit(
+            torch.from_numpy(w), blocksize=64, quant_type="nf4", compress_statistics=False
+        )
+        deq = bnb_f.dequantize_4bit(packed, state).numpy().astype(np.float64)
+        absmax = state.absmax.numpy().astype(np.float32)
+        return Weights("nf4", n, k, packed.numpy().reshape(-1), 64, absmax, None, deq)
+    qtype, kw = KIND.get(kind, (kind, {}))
+    qt = fq.quantize(w, qtype, **kw)
+    deq = fq.dequantize(qt).astype(np.float64)
+    stats = qt.stats if qt.stats.size else None
+    return Weights(qtype, n, k, qt.data.reshape(-1), qt.block_size, stats, qt.scale_mode, deq)
+
+
+def sub_block_max(absw: np.ndarray, size: int) -> np.ndarray:
+    n, k = absw.shape
+    return np.repeat(absw.reshape(n, k // size, size).max(axis=-1), size, axis=-1)
+
+
+def weight_magnitude(W: Weights) -> np.ndarray:
+    """w̃ of the module docstring."""
+    absw = np.abs(W.deq)
+    if W.qtype in ("q4_k", "q5_k"):
+        return absw + 4 * sub_block_max(absw, 32)
+    return absw
+
+
+def act_scales(x: np.ndarray, block: int) -> np.ndarray:
+    """d = amax/127 (f32) per activation block, repeated over the block's columns: (M, K)."""
+    m, k = x.shape
+    amax = np.abs(x).reshape(m, k // block, block).max(axis=-1)
+    d = (amax / np.float32(127)).astype(np.float32).astype(np.float64)
+    return np.repeat(d, block, axis=-1)
+
+
+def act_error(x: np.ndarray, block: int) -> np.ndarray:
+    """Per-element bound on |x - x̂| (module docstring): q8_0 stores d as f16, whose rounding
+    error is relative 2^-11 for normal halves but absolute (up to all of d) when d is below the
+    f16 normal range, so it is computed exactly here."""
+    d = act_scales(x, block)
+    if block == 32:
+        dh = d.astype(np.float16).astype(np.float64)
+        return d / 2 * (1 + 2.0**-20) + 127 * np.abs(d - dh) + 2.0**-20 * d
+    return 0.501 * d
+
+
+def error_bound(W: Weights, x: np.ndarray) -> np.ndarray:
+    """The bound derived in the module docstring, per output element (M, N)."""
+    m, k = x.shape
+    wt = weight_magnitude(W)
+    ax = np.abs(x.astype(np.float64))
+    if W.qtype in BLOCK:
+        block = BLOCK[W.qtype]
+        e = act_error(x, block)
+        nb = k // block
+        # Σ_b e_b Σ_{i in b} |w_i| = e @ |w|ᵀ since e is constant over each block
+        act = e @ np.abs(W.deq).T
+        slack = (nb + 32) * 2.0**-23 * ((ax + e) @ wt.T)
+        return act + slack
+    nb = k // (W.block_size if W.scale_mode != "row" else k)
+    return (k // 8 + nb + 32) * 2.0**-23 * (ax @ wt.T)
+
+
+def check_against_dequantized(W: Weights, x: np.ndarray) -> np.ndarray:
+    y = W.matmul(x)
+    assert y.shape == (x.shape[0], W.n) and y.dtype == np.float32
+    exact = x.astype(np.float64) @ W.deq.T
+    bound = error_bound(W, x)
+    err = np.abs(y - exact)
+    bad = np.argwhere(err > bound)
+    assert bad.size == 0, (
+        f"{W.qtype}: {len(bad)} outputs off; first {tuple(bad[0])}: got {y[tuple(bad[0])]}, "
+        f"float64 {exact[tuple(bad[0])]}, bound {bound[tuple(bad[0])]}"
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------- libggml vec_dot
+
+
+@lru_cache(maxsize=1)
+def _libggml_cpu() -> ctypes.CDLL:
+    llama_cpp = peers.require("llama_cpp")
+    base = peers.libggml()  # loads libggml-base first
+    libdir = pathlib.Path(llama_cpp.__file__).parent / "lib"
+    lib = ctypes.CDLL(str(sorted(libdir.glob("libggml-cpu.*"))[0]))
+    lib.ggml_cpu_init()  # fills the f16 -> f32 table the vec_dot functions read
+    for name in ("quantize_row_q8_0_ref", "quantize_row_q8_K_ref"):
+        getattr(base, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+VEC_DOT = {
+    "q4_0": ("ggml_vec_dot_q4_0_q8_0_generic", "q8_0"),
+    "q8_0": ("ggml_vec_dot_q8_0_q8_0_generic", "q8_0"),
+    "iq4_nl": ("ggml_vec_dot_iq4_nl_q8_0_generic", "q8_0"),
+    "q4_k": ("ggml_vec_dot_q4_K_q8_K_generic", "q8_K"),
+    "q5_k": ("ggml_vec_dot_q5_K_q8_K_generic", "q8_K"),
+    "q6_k": ("ggml_vec_dot_q6_K_q8_K_generic", "q8_K"),
+}
+
+
+def ggml_matmul(W: Weights, x: np.ndarray) -> np.ndarray:
+    """libggml's reference dot products, one output at a time."""
+    lib = _libggml_cpu()
+    base = peers.libggml()
+    fname, act = VEC_DOT[W.qtype]
+    fn = getattr(lib, fname)
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
+                   ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]  # fmt: skip
+    m, k = x.shape
+    act_bytes = k // 32 * 34 if act == "q8_0" else k // 256 * 292
+    quant = base.quantize_row_q8_0_ref if act == "q8_0" else base.quantize_row_q8_K_ref
+    row_bytes = W.data.size // W.n
+    y = np.zeros((m, W.n), np.float32)
+    s = np.zeros(1, np.float32)
+    for mi in range(m):
+        xr = np.ascontiguousarray(x[mi], dtype=np.float32)
+        xq = np.zeros(act_bytes, np.uint8)
+        quant(xr.ctypes.data, xq.ctypes.data, k)
+        for r in range(W.n):
+            wrow = W.data[r * row_bytes : (r + 1) * row_bytes]
+            fn(k, s.ctypes.data, 0, wrow.ctypes.data, 0, xq.ctypes.data, 0, 1)
+            y[mi, r] = s[0]
+    return y
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("kind", QTYPES)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_against_float64_of_dequantized(kind, dist):
+    k = 512
+    w = make(dist, 37, k, seed=hash((kind, dist)) % 1000)
+    x = make(dist, 9, k, seed=1 + hash((dist, kind)) % 1000)
+    check_against_dequantized(make_weights(kind, w), x)
+
+
+@pytest.mark.parametrize("kind", GGML_QTYPES)
+@pytest.mark.parametrize("dist", ("normal", "outliers", "zero_and_constant_blocks", "huge"))
+def test_against_libggml_vec_dot(kind, dist):
+    k = 768
+    w = make(dist, 19, k, seed=7)
+    x = make(dist, 3, k, seed=8)
+    W = make_weights(kind, w, peer=True)
+    y = W.matmul(x)
+    ref = ggml_matmul(W, x)
+    nb = k // BLOCK[kind]
+    xhat = np.abs(x.astype(np.float64)) + act_error(x, BLOCK[kind])
+    bound = 2 * (nb + 16) * U * (xhat @ weight_magnitude(W).T)
+    err = np.abs(y.astype(np.float64) - ref)
+    worst = np.unravel_index(err.argmax(), err.shape)
+    assert (err <= bound).all(), f"max err {err.max()} at {worst}, bound there {bound[worst]}"
+
+
+@pytest.mark.parametrize("kind", (*GGML_QTYPES, "nf4"))
+@pytest.mark.parametrize("dist", ("normal", "outliers", "tiny"))
+def test_peer_quantized_weights(kind, dist):
+    """Bytes written by libggml / bitsandbytes, reference weights dequantized by gguf-py /
+    bitsandbytes."""
+    w = make(dist, 21, 512, seed=11)
+    x = make(dist, 5, 512, seed=12)
+    check_against_dequantized(make_weights(kind, w, peer=True), x)
+
+
+def test_float64_bound_is_not_vacuous():
+    """The derived bound is below the size of the outputs, so a gross kernel error (a block of
+    weights lost) would exceed it. It is a worst case (every activation error aligned with the
+    weight's sign), loosest for q8_K's 256-wide activation blocks; the libggml comparison above
+    is the tight check."""
+    w = make("normal", 64, 1024, seed=3)
+    x = make("normal", 4, 1024, seed=4)
+    for kind in QTYPES:
+        W = make_weights(kind, w)
+        y = x.astype(np.float64) @ W.deq.T
+        bound = error_bound(W, x)
+        assert np.median(bound) < 0.6 * np.median(np.abs(y)), kind
+        lost = x.astype(np.float64) @ np.where(np.arange(1024) < 512, 0, W.deq).T
+        assert (np.abs(lost - y) > bound).mean() > 0.5, kind
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(QTYPES),
+    dist=st.sampled_from(DISTRIBUTIONS),
+    nb=st.integers(1, 9),
+    n=st.integers(0, 16).map(lambda i: 2 * i + 1),
+    m=st.one_of(st.integers(1, 17), st.just(64)),
+    seed=st.integers(0, 2**16),
+)
+def test_property_shapes_threads(kind, dist, nb, n, m, seed):
+    block = BLOCK.get(kind, 64)
+    k = nb * block
+    if kind == "nf4" and k % 64:
+        k = 64 * nb
+    w = make(dist, n, k, seed=seed)
+    x = make(dist, m, k, seed=seed + 1)
+    W = make_weights(kind, w)
+    before = fq.num_threads()
+    try:
+        fq.set_num_threads(1)
+        y1 = check_against_dequantized(W, x)
+        fq.set_num_threads(2)
+        y2 = W.matmul(x)
+    finally:
+        fq.set_num_threads(before)
+    assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
+    # every row of a batch equals the same row computed alone (one sequence per output)
+    i = seed % m
+    assert np.array_equal(W.matmul(x[i : i + 1]).view(np.uint32), y1[i : i + 1].view(np.uint32))
+
+
+SCALAR_SCRIPT = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_matmul as t
+from ferroquant import _native
+from data import make
+out = {}
+for kind in t.QTYPES:
+    for i, (n, k, m) in enumerate([(13, 512, 1), (9, 2304, 5), (33, 256, 64)]):
+        W = t.make_weights(kind, make("normal", n, k, seed=i))
+        out[f"{kind}/{i}"] = W.matmul(make("heavy_tailed", m, k, seed=10 + i))
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_simd_matches_forced_scalar_bitwise(tmp_path):
+    from data import make as mk
+
+    path = tmp_path / "scalar.npz"
+    tests_dir = os.path.dirname(__file__)
+    env = dict(os.environ, FERROQUANT_FORCE_SCALAR="1")
+    r = subprocess.run(
+        [sys.executable, "-c", SCALAR_SCRIPT, tests_dir, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    scalar = np.load(path)
+    assert _native.simd_level() in ("avx2", "scalar")
+    for kind in QTYPES:
+        for i, (n, k, m) in enumerate([(13, 512, 1), (9, 2304, 5), (33, 256, 64)]):
+            W = make_weights(kind, mk("normal", n, k, seed=i))
+            y = W.matmul(mk("heavy_tailed", m, k, seed=10 + i))
+            assert np.array_equal(y.view(np.uint32), scalar[f"{kind}/{i}"].view(np.uint32)), (
+                kind,
+                i,
+            )
+
+
+def test_zero_activations_and_zero_weights():
+    w = make("normal", 5, 256, seed=0)
+    for kind in QTYPES:
+        W = make_weights(kind, w)
+        assert not W.matmul(np.zeros((3, 256), np.float32)).any(), kind
+        Z = make_weights(kind, np.zeros((5, 256), np.float32))
+        assert not Z.matmul(make("normal", 2, 256, seed=1)).any(), kind
+
+
+def test_sign_and_scale_behaviour():
+    """y(-x) = -y(x) exactly; y(2^j x) = 2^j y(x) exactly (power-of-two activation scaling moves
+    only the activation scales' exponents, in every format)."""
+    w = make("normal", 11, 512, seed=5)
+    x = make("normal", 3, 512, seed=6)
+    for kind in QTYPES:
+        W = make_weights(kind, w)
+        y = W.matmul(x)
+        assert np.array_equal(W.matmul(-x), -y), kind
+        assert np.array_equal(W.matmul(x * np.float32(4.0)), y * np.float32(4.0)), kind
+
+
+def bad_call(**over):
+    W = make_weights("q4_0", make("normal", 4, 64, seed=0))
+    args = dict(
+        x=make("normal", 2, 64, seed=1),
+        data=W.data,
+        qtype="q4_0",
+        n=4,
+        k=64,
+        block_size=32,
+        stats=None,
+        scale_mode=None,
+    )
+    args.update(over)
+    return _native.qmatmul(**args)
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"k": 32},
+        {"n": 5},
+        {"x": np.zeros((2, 96), np.float32)},
+        {"x": np.full((1, 64), np.nan, np.float32)},
+        {"x": np.full((1, 64), np.inf, np.float32)},
+        {"x": np.zeros((64, 4), np.float32).T},
+        {"data": np.zeros(10, np.uint8)},
+        {"block_size": 64},
+        {"block_size": 0},
+        {"qtype": "q4_1"},
+        {"qtype": "q9_9"},
+        {"qtype": "nf4", "block_size": 64, "data": np.zeros(128, np.uint8),
+         "stats": np.ones(3, np.float32)},
+        {"qtype": "nf4", "block_size": 48, "data": np.zeros(128, np.uint8),
+         "stats": np.ones(4, np.float32)},
+        {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": None},
+        {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": "row",
+         "stats": np.ones(3, np.float32)},
+        {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": "sideways",
+         "stats": np.ones(4, np.float32)},
+    ],
+)  # fmt: skip
+def test_bad_inputs_raise_quantize_error(over):
+    with pytest.raises(fq.QuantizeError):
+        bad_call(**over)
+
+
+def test_empty_batch_gives_empty_result():
+    y = bad_call(x=np.zeros((0, 64), np.float32))
+    assert y.shape == (0, 4) and y.dtype == np.float32
+    with pytest.raises(fq.QuantizeError):  # the weights are still checked
+        bad_call(x=np.zeros((0, 64), np.float32), data=np.zeros(10, np.uint8))
+
+
+def test_qmatmul_qtypes_lists_the_kernels():
+    assert sorted(_native.qmatmul_qtypes()) == sorted(
+        ["q4_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8"]
+    )
+
+
+def test_good_call_of_bad_call_helper_works():
+    """The helper above is valid without overrides, so each failure is due to its override."""
+    y = bad_call()
+    assert y.shape == (2, 4)
