@@ -239,7 +239,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_cli_json_on_a_tiny_slice_and_its_errors(tiny_model, tmp_path):
+def test_cli_json_on_a_tiny_slice_and_its_errors(tiny_model, tmp_path, capsys):
+    from ferroquant import cli
+
     out = tmp_path / "o"
     r = run_cli(str(tiny_model), "--qtypes", "q8_0,nf4", "--ctx", "32", "--max-tokens", "40",
                 "--prompt-tokens", "8", "--decode-tokens", "2", "--json", "--no-progress",
@@ -249,6 +251,7 @@ def test_cli_json_on_a_tiny_slice_and_its_errors(tiny_model, tmp_path):
     assert [row["name"] for row in res["rows"]] == ["bf16", "q8_0", "nf4"]
     assert res["rows"][0]["kl"] == 0.0 and res["protocol"]["tokens_scored"] == 40
     assert {"eval.json", "eval.md", "eval.png"} <= {f.name for f in out.iterdir()}
+    # errors: exit code 2 and one line naming the problem (main() in-process: no model loads)
     for args, msg in [
         (("/nonexistent/model.gguf",), "no such model"),
         ((str(tiny_model), "--qtypes", "q9_9"), "unknown qtype"),
@@ -256,9 +259,9 @@ def test_cli_json_on_a_tiny_slice_and_its_errors(tiny_model, tmp_path):
         ((str(tiny_model / "config.json"),), "folder or a .gguf file"),
         ((str(tiny_model), "--against", "llama.cpp"), "needs a .gguf MODEL"),
     ]:
-        r = run_cli(*args, "--out", str(out))
-        assert r.returncode == 2 and msg in r.stderr, r.stderr
-        assert r.stderr.strip().splitlines()[-1].startswith("ferroquant eval: ")
+        assert cli.main(["eval", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.startswith("ferroquant eval: ") and err.count("\n") == 1, err
 
 
 def test_default_model_and_text_on_a_tiny_slice():
