@@ -113,6 +113,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         info = {"path": f.path, "version": f.version, "alignment": f.alignment,
                 "file_size": f.file_size, "metadata": meta, "tensors": tensors}  # fmt: skip
     print(json.dumps(info))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import eval as ev
+    from . import eval_report
+
+    result = ev.run_eval(
+        args.model,
+        rows=args.qtypes,
+        text=args.text,
+        ctx=args.ctx,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        prompt_tokens=args.prompt_tokens,
+        decode_tokens=args.decode_tokens,
+        threads=args.threads,
+        progress=not args.no_progress,
+        against=args.against,
+    )
+    result["files"] = eval_report.save(result, args.out, png=not args.no_plot)
+    print(json.dumps(result) if args.json else eval_report.format_table(result))
     return 0
 
 
@@ -158,6 +179,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=_cmd_inspect)
+    e = sub.add_parser("eval", help="quality/size/speed table of every precision on a real model")
+    e.add_argument("model", nargs="?", help="HF checkpoint folder or .gguf (default: SmolLM2-135M)")
+    e.add_argument(
+        "--qtypes",
+        help="comma-separated rows (default: bf16,fp8_e4m3,int8,q8_0,"
+        "q6_k,q5_k_m,q4_k_m,q4_0,nf4,nf4+dq,q3_k,q2_k); bf16 is always the baseline",
+    )
+    e.add_argument("--text", help="held-out text file (default: gensim's lee.cor)")
+    e.add_argument("--ctx", type=int, default=512, help="context length (default 512)")
+    e.add_argument("--stride", type=int, help="window stride (default: ctx, no overlap)")
+    e.add_argument("--max-tokens", type=int, default=2048, help="tokens scored (0: whole text)")
+    e.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for speed")
+    e.add_argument("--decode-tokens", type=int, default=16, help="greedy decode steps timed")
+    e.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    e.add_argument("--out", default="ferroquant-eval", help="output folder (JSON, Markdown, PNG)")
+    e.add_argument("--against", choices=["llama.cpp"], help="also score llama.cpp's quantizations")
+    e.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 

