@@ -125,3 +125,19 @@ def first_difference(a: np.ndarray, b: np.ndarray, block_bytes: int) -> str:
         f"ours {a[i * block_bytes : (i + 1) * block_bytes].tolist()} "
         f"peer {b[i * block_bytes : (i + 1) * block_bytes].tolist()}"
     )
+
+
+def check_bytes(ours: np.ndarray, ref: np.ndarray, qtype: str, what: str = "") -> None:
+    """Assert byte equality with the peer, naming the differing blocks on failure."""
+    import ferroquant as fq
+
+    block = fq.qtype_info(qtype).type_size
+    ours, ref = np.asarray(ours).reshape(-1), np.asarray(ref).reshape(-1)
+    assert np.array_equal(ours, ref), f"{qtype} {what}: " + first_difference(ours, ref, block)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality of two float32 arrays (NaN payloads and signed zeros included)."""
+    a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
+    b = np.ascontiguousarray(b, dtype=np.float32).reshape(-1)
+    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))

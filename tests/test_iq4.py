@@ -17,6 +17,7 @@ import ferroquant as fq
 
 import peers
 from data import DISTRIBUTIONS, make
+from peers import check_bytes, same_bits
 
 QTYPES = ("iq4_nl", "iq4_xs")
 BLOCK_BYTES = {"iq4_nl": 18, "iq4_xs": 136}
@@ -32,18 +33,6 @@ def imatrix_for(cols: int, seed: int) -> np.ndarray:
     w = rng.gamma(0.5, 2.0, cols) * 10.0 ** rng.uniform(-2, 2)
     w[rng.random(cols) < 0.05] = 0.0
     return w.astype(np.float32)
-
-
-def check_bytes(ours: np.ndarray, ref: np.ndarray, qtype: str, what: str) -> None:
-    assert np.array_equal(ours, ref), f"{qtype} {what}: " + peers.first_difference(
-        ours, ref, BLOCK_BYTES[qtype]
-    )
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-    b = np.ascontiguousarray(b, dtype=np.float32).reshape(-1)
-    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import ferroquant as fq
 
 import peers
 from data import DISTRIBUTIONS, make
+from peers import check_bytes, same_bits
 
 QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 WEIGHTED = ("q4_0", "q4_1", "q5_0", "q5_1")  # the ones with an importance-weighted quantizer
@@ -34,21 +35,8 @@ def imatrix_for(cols: int, seed: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
-def check_bytes(ours: np.ndarray, ref: np.ndarray, qtype: str, what: str) -> None:
-    ours, ref = np.asarray(ours).reshape(-1), np.asarray(ref).reshape(-1)
-    assert np.array_equal(ours, ref), f"{qtype} {what}: " + peers.first_difference(
-        ours, ref, BLOCK_BYTES[qtype]
-    )
-
-
 def gguf_quantize(x: np.ndarray, qtype: str) -> np.ndarray:
     return peers.gguf_quants().quantize(x, peers.gguf_qtype(qtype))
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1)
-    b = np.ascontiguousarray(b, dtype=np.float32).reshape(-1)
-    return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 # ---------------------------------------------------------------------------------------------
