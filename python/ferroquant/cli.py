@@ -37,6 +37,19 @@ def _peer_version(module: str) -> str:
     return getattr(mod, "__version__", "installed")
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .qtypes import qtype_info
+
+    qtypes = tuple(qtype_info(q).name for q in args.qtypes.split(",")) if args.qtypes else None
+    rows = bench.run(args.rows, args.cols, qtypes or bench.DEFAULT_QTYPES)
+    if args.json:
+        print(json.dumps({"shape": [args.rows, args.cols], "rows": rows}))
+    else:
+        print(bench.format_table(rows, (args.rows, args.cols)))
+    return 0
+
+
 def _cuda_status() -> str:
     try:
         from . import cuda
@@ -147,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tensor", help="name of a 2-D tensor in that file")
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="quick throughput of quantization and the CPU matmul")
+    b.add_argument("--rows", type=int, default=1024)
+    b.add_argument("--cols", type=int, default=4096)
+    b.add_argument("--qtypes", help="comma-separated qtypes (default: a representative set)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.set_defaults(func=_cmd_bench)
 
     doc = sub.add_parser("doctor", help="what this machine and installation support")
     doc.add_argument("--json", action="store_true")
