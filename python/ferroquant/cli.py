@@ -120,12 +120,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
                 "qtype": t.qtype,
                 "nbytes": t.nbytes,
                 "offset": t.data_offset,
-            }  # fmt: skip
+            }
             for t in f.tensors.values()
         ]
-        info = {"path": f.path, "version": f.version, "alignment": f.alignment,
-                "file_size": f.file_size, "metadata": meta, "tensors": tensors}  # fmt: skip
+        info = {
+            "path": f.path,
+            "version": f.version,
+            "alignment": f.alignment,
+            "file_size": f.file_size,
+            "metadata": meta,
+            "tensors": tensors,
+        }
     print(json.dumps(info))
+    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
