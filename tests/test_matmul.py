@@ -52,9 +52,9 @@ from ferroquant import _native
 import peers
 from data import DISTRIBUTIONS, make
 
-GGML_QTYPES = ("q4_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k")
+GGML_QTYPES = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k")
 QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block")
-BLOCK = {"q4_0": 32, "q8_0": 32, "iq4_nl": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+BLOCK = {"q4_0": 32, "q5_0": 32, "q8_0": 32, "iq4_nl": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
 U = 2.0**-24
 
 
@@ -187,6 +187,7 @@ def _libggml_cpu() -> ctypes.CDLL:
 
 VEC_DOT = {
     "q4_0": ("ggml_vec_dot_q4_0_q8_0_generic", "q8_0"),
+    "q5_0": ("ggml_vec_dot_q5_0_q8_0_generic", "q8_0"),
     "q8_0": ("ggml_vec_dot_q8_0_q8_0_generic", "q8_0"),
     "iq4_nl": ("ggml_vec_dot_iq4_nl_q8_0_generic", "q8_0"),
     "q4_k": ("ggml_vec_dot_q4_K_q8_K_generic", "q8_K"),
@@ -424,7 +425,7 @@ def test_empty_batch_gives_empty_result():
 
 def test_qmatmul_qtypes_lists_the_kernels():
     assert sorted(_native.qmatmul_qtypes()) == sorted(
-        ["q4_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8"]
+        ["q4_0", "q5_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8"]
     )
 
 

@@ -10,7 +10,7 @@
 //! runs the references. Other architectures (aarch64: no NEON kernels yet) run the references.
 //!
 //! Supported weight formats and the activation each uses:
-//! q4_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
+//! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
 //! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
 //! dequantized product within float rounding; no activation error added to the weights').
 
@@ -28,8 +28,9 @@ use crate::quantize::{validate_view, QuantizedView, ScaleMode};
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.
-pub const SUPPORTED: [QType; 8] = [
+pub const SUPPORTED: [QType; 9] = [
     QType::Q4_0,
+    QType::Q5_0,
     QType::Q8_0,
     QType::IQ4NL,
     QType::Q4K,
@@ -135,6 +136,7 @@ impl Plan<'_> {
                 match self.w.qtype {
                     QType::Q4_0 => self.dot32::<BlockQ4_0, R>(wrow, x, xd, xs),
                     QType::Q8_0 => self.dot32::<BlockQ8_0, R>(wrow, x, xd, xs),
+                    QType::Q5_0 => self.dot32::<BlockQ5_0, R>(wrow, x, xd, xs),
                     _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd, xs),
                 }
             }
@@ -350,7 +352,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
         });
     }
     let acts = match w.qtype {
-        QType::Q4_0 | QType::Q8_0 | QType::IQ4NL => {
+        QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
             let nb = k / QK8_0;
             let mut blocks = vec![BlockQ8_0::zeroed(); m * nb];
             parallel::install(|| {

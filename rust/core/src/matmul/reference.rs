@@ -152,6 +152,19 @@ pub fn unpack_iq4_nl(w: &BlockIQ4NL) -> [i8; 32] {
     q
 }
 
+/// q5_0's 32 levels minus 16 (ggml's `dequantize_row_q5_0` without the scale).
+pub fn unpack_q5_0(w: &BlockQ5_0) -> [i8; 32] {
+    let qh = u32::from_le_bytes(w.qh);
+    let mut q = [0i8; 32];
+    for j in 0..16 {
+        let h0 = (((qh >> j) << 4) & 0x10) as u8;
+        let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+        q[j] = ((w.qs[j] & 0x0f) | h0) as i8 - 16;
+        q[j + 16] = ((w.qs[j] >> 4) | h1) as i8 - 16;
+    }
+    q
+}
+
 #[inline(always)]
 pub fn isum32(w: &[i8; 32], x: &[i8; 32]) -> i32 {
     w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
@@ -178,6 +191,15 @@ impl Block32 for BlockQ8_0 {
     }
     fn isum(&self, x: &BlockQ8_0) -> i32 {
         isum32(&self.qs, &x.qs)
+    }
+}
+
+impl Block32 for BlockQ5_0 {
+    fn d(&self) -> Half {
+        self.d
+    }
+    fn isum(&self, x: &BlockQ8_0) -> i32 {
+        isum32(&unpack_q5_0(self), &x.qs)
     }
 }
 

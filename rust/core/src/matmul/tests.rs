@@ -52,6 +52,7 @@ fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
 fn dequant(qtype: QType, blk: &[u8], out: &mut [f32]) {
     match qtype {
         QType::Q4_0 => legacy::dequantize_row_q4_0(blk, out),
+        QType::Q5_0 => legacy::dequantize_row_q5_0(blk, out),
         QType::Q8_0 => legacy::dequantize_row_q8_0(blk, out),
         QType::IQ4NL => {
             let d = f16_to_f32([blk[0], blk[1]]);
@@ -110,8 +111,9 @@ fn view(qtype: QType, rows: usize, cols: usize, data: &[u8]) -> QuantizedView<'_
     }
 }
 
-const GGML_CASES: [(QType, &[usize]); 6] = [
+const GGML_CASES: [(QType, &[usize]); 7] = [
     (QType::Q4_0, &[0]),
+    (QType::Q5_0, &[0]),
     (QType::Q8_0, &[0]),
     (QType::IQ4NL, &[0]),
     (QType::Q4K, &[0, 2]),
@@ -260,6 +262,13 @@ fn simd_paths_are_bit_identical_to_references() {
                         }
                         QType::Q8_0 => {
                             let w: &[BlockQ8_0] = bytemuck::cast_slice(&data);
+                            (
+                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                r::dot_block32(w, &xq, &xd),
+                            )
+                        }
+                        QType::Q5_0 => {
+                            let w: &[BlockQ5_0] = bytemuck::cast_slice(&data);
                             (
                                 x86::dot_block32(w, [&xq], [&xd])[0],
                                 r::dot_block32(w, &xq, &xd),

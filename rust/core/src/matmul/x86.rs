@@ -106,6 +106,21 @@ impl Load32 for BlockQ8_0 {
     const BIAS: i32 = 128;
 }
 
+impl Load32 for BlockQ5_0 {
+    #[inline(always)]
+    unsafe fn load(&self) -> __m256i {
+        let q = r::unpack_q5_0(self);
+        // SAFETY: q is 32 bytes; AVX is available (this method's contract).
+        unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) }
+    }
+    #[inline(always)]
+    unsafe fn load_unsigned(&self) -> __m256i {
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { _mm256_add_epi8(self.load(), _mm256_set1_epi8(16)) }
+    }
+    const BIAS: i32 = 16;
+}
+
 impl Load32 for BlockIQ4NL {
     #[inline(always)]
     unsafe fn load(&self) -> __m256i {
