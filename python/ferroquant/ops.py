@@ -34,10 +34,13 @@ def _as_qtensor(
     )
 
 
+# Asked once: the op runs on every forward of every QuantLinear.
+_NATIVE_QTYPES = frozenset(_native.qmatmul_qtypes())
+
+
 def native_kernel_available(qtype: str) -> bool:
     """True when the Rust core has a quantized matmul kernel for `qtype`."""
-    supported = getattr(_native, "qmatmul_qtypes", None)
-    return supported is not None and qtype in supported()
+    return qtype in _NATIVE_QTYPES
 
 
 def qmatmul_reference(
