@@ -47,6 +47,9 @@ enum Acts<'a> {
         /// Each block's scale as f32, and the sum of its 32 quants.
         d: Vec<f32>,
         sums: Vec<i32>,
+        /// The quants interleaved for the tile kernels (`x86::tile::interleave_q8_0`), one row
+        /// after the other; empty when the tile path does not run.
+        xt: Vec<u8>,
     },
     Q8K(Vec<BlockQ8K>),
     F32(&'a [f32]),
@@ -55,7 +58,12 @@ enum Acts<'a> {
 /// Everything one dot product needs, checked once.
 struct Plan<'a> {
     w: &'a QuantizedView<'a>,
+    m: usize,
     k: usize,
+    /// Activation rows per cache block.
+    m_block: usize,
+    /// The tiled kernels (`x86::tile`) run: 32-weight formats, VNNI, M >= 2.
+    tile: bool,
     row_bytes: usize,
     acts: Acts<'a>,
     /// nf4 / int8: statistics per weight row, and the weights sharing one of them.
@@ -103,24 +111,121 @@ fn use_avx512() -> bool {
     }
 }
 
-/// Activation rows handled together by the SIMD kernels (weights decoded once for all of them).
+/// Activation rows handled together by the row kernels (weights decoded once for all of them).
 const ROWS: usize = 4;
+/// Weight rows of one tile panel (`x86::tile`).
+#[cfg(target_arch = "x86_64")]
+const NR: usize = 8;
+/// Bytes of activations one block of rows may take (kept in the 1 MiB L2 beside the weights).
+const ACT_BLOCK_BYTES: usize = 384 << 10;
+/// Weight bytes of one task in the tiled path (re-read from L2 for every block of rows).
+const TASK_WEIGHT_BYTES: usize = 256 << 10;
+/// Below this many multiply-adds (M·N·K) a call runs on the calling thread: handing work to the
+/// pool costs more than it saves (SmolLM2's 576x576 is 0.33 M per token).
+const SERIAL_WORK: usize = if cfg!(test) { 1 << 12 } else { 1 << 21 };
 
 impl Plan<'_> {
-    /// `y[mi]` = weight row `n` with activation row `mi`, for every `mi` (y has M entries).
+    /// The rows of the N x M result (`yt`, M values per weight row) from weight row `n0` on.
+    /// Activation rows go in blocks of `m_block` (kept in cache while the task's weight rows
+    /// pass), weight rows in panels of `NR` (tile path) or one by one; each output's
+    /// arithmetic is the same wherever it sits.
+    fn fill(&self, n0: usize, yt: &mut [f32]) {
+        let m = self.m;
+        let rows = yt.len() / m;
+        let mut mb = 0;
+        while mb < m {
+            let ms = mb..(mb + self.m_block).min(m);
+            let mut i = 0;
+            #[cfg(target_arch = "x86_64")]
+            if self.tile {
+                while i + NR <= rows {
+                    self.panel::<NR>(n0 + i, ms.clone(), &mut yt[i * m..(i + NR) * m]);
+                    i += NR;
+                }
+                while i < rows {
+                    self.panel::<1>(n0 + i, ms.clone(), &mut yt[i * m..(i + 1) * m]);
+                    i += 1;
+                }
+            }
+            while i < rows {
+                self.dots(
+                    n0 + i,
+                    ms.clone(),
+                    &mut yt[i * m + ms.start..i * m + ms.end],
+                );
+                i += 1;
+            }
+            mb = ms.end;
+        }
+    }
+
+    /// One tile panel: weight rows `n0..n0 + P` with activation rows `ms`, into `yt` (P rows of
+    /// M values).
+    #[cfg(target_arch = "x86_64")]
+    fn panel<const P: usize>(&self, n0: usize, ms: std::ops::Range<usize>, yt: &mut [f32]) {
+        match self.w.qtype {
+            QType::Q4_0 => self.panel_w::<BlockQ4_0, P>(n0, ms, yt),
+            QType::Q8_0 => self.panel_w::<BlockQ8_0, P>(n0, ms, yt),
+            QType::Q5_0 => self.panel_w::<BlockQ5_0, P>(n0, ms, yt),
+            _ => self.panel_w::<BlockIQ4NL, P>(n0, ms, yt),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn panel_w<W: x86::tile::Tile32, const P: usize>(
+        &self,
+        n0: usize,
+        ms: std::ops::Range<usize>,
+        yt: &mut [f32],
+    ) {
+        let Acts::Q8_0 {
+            blocks,
+            d,
+            sums,
+            xt,
+        } = &self.acts
+        else {
+            unreachable!("the tile path runs only with q8_0 activations")
+        };
+        let nb = self.k / QK8_0;
+        let gb = nb / reference::LANES * x86::tile::GROUP_BYTES;
+        let rb = self.row_bytes;
+        let w: [&[W]; P] =
+            std::array::from_fn(|i| bytemuck::cast_slice(&self.w.data[(n0 + i) * rb..][..rb]));
+        let x = x86::tile::RowsQ8 {
+            xt: &xt[ms.start * gb..ms.end * gb],
+            blocks: &blocks[ms.start * nb..ms.end * nb],
+            d: &d[ms.start * nb..ms.end * nb],
+            sums: &sums[ms.start * nb..ms.end * nb],
+        };
+        let mut out = vec![[0.0f32; P]; ms.len()];
+        // SAFETY: tile is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; every
+        // weight row has nb blocks, x has ms.len() rows of nb blocks (gb interleaved bytes),
+        // out has ms.len() entries.
+        unsafe { x86::tile::tile32_vnni(w, &x, &mut out) };
+        let m = self.m;
+        for (j, o) in out.iter().enumerate() {
+            for (i, &v) in o.iter().enumerate() {
+                yt[i * m + ms.start + j] = v;
+            }
+        }
+    }
+
+    /// `y[j]` = weight row `n` with activation row `ms.start + j`, for the rows `ms`.
     /// Rows go to the kernels in groups of `ROWS`, then one at a time; each output's arithmetic
     /// is the same in either case.
-    fn dots(&self, n: usize, y: &mut [f32]) {
+    fn dots(&self, n: usize, ms: std::ops::Range<usize>, y: &mut [f32]) {
         let wrow = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
-        let mut m0 = 0;
-        while m0 < y.len() {
-            if y.len() - m0 >= ROWS && self.simd {
+        let mut j = 0;
+        while j < y.len() {
+            let m0 = ms.start + j;
+            if y.len() - j >= ROWS && self.simd {
                 let rows: [usize; ROWS] = std::array::from_fn(|i| m0 + i);
-                y[m0..m0 + ROWS].copy_from_slice(&self.dot_rows(n, wrow, rows));
-                m0 += ROWS;
+                y[j..j + ROWS].copy_from_slice(&self.dot_rows(n, wrow, rows));
+                j += ROWS;
             } else {
-                y[m0] = self.dot_rows(n, wrow, [m0])[0];
-                m0 += 1;
+                y[j] = self.dot_rows(n, wrow, [m0])[0];
+                j += 1;
             }
         }
     }
@@ -128,7 +233,9 @@ impl Plan<'_> {
     fn dot_rows<const R: usize>(&self, n: usize, wrow: &[u8], rows: [usize; R]) -> [f32; R] {
         let k = self.k;
         match &self.acts {
-            Acts::Q8_0 { blocks, d, sums } => {
+            Acts::Q8_0 {
+                blocks, d, sums, ..
+            } => {
                 let nb = k / QK8_0;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
@@ -272,6 +379,24 @@ fn check_bnb_block(w: &QuantizedView<'_>) -> Result<usize> {
     }
 }
 
+/// ggml's `quantize_row_q8_0_ref` of one activation row: the AVX2 quantizer of the q8_0
+/// weights where it runs (bit-identical to the reference, tested in `formats`), else the reference.
+fn quantize_acts_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::formats::simd::legacy_avx2(QType::Q8_0) {
+        // SAFETY: legacy_avx2 checked AVX2 and F16C; out holds x.len() / 32 blocks.
+        unsafe {
+            crate::formats::simd::quantize_row_legacy_avx2(
+                QType::Q8_0,
+                x,
+                bytemuck::cast_slice_mut(out),
+            )
+        };
+        return;
+    }
+    reference::quantize_row_q8_0(x, out);
+}
+
 /// Check everything about the request and prepare the activations.
 fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) -> Result<Plan<'a>> {
     let (n, k) = (w.rows, w.cols);
@@ -351,46 +476,92 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             value: x[i],
         });
     }
-    let acts = match w.qtype {
+    let simd = use_simd();
+    let vnni = simd && use_vnni();
+    // Quantizing the activations is worth the pool only for many rows.
+    let par = m >= 4 && m.saturating_mul(k) >= 1 << 17;
+    let tile = cfg!(target_arch = "x86_64")
+        && vnni
+        && m >= 2
+        && matches!(
+            w.qtype,
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL
+        );
+    let (acts, act_row_bytes) = match w.qtype {
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
             let nb = k / QK8_0;
             let mut blocks = vec![BlockQ8_0::zeroed(); m * nb];
-            parallel::install(|| {
-                blocks
-                    .par_chunks_mut(nb)
-                    .zip(x.par_chunks(k))
-                    .for_each(|(b, x)| reference::quantize_row_q8_0(x, b))
-            });
+            let quant = |(b, x): (&mut [BlockQ8_0], &[f32])| quantize_acts_q8_0(x, b);
+            if par {
+                parallel::install(|| {
+                    blocks
+                        .par_chunks_mut(nb)
+                        .zip(x.par_chunks(k))
+                        .for_each(quant)
+                });
+            } else {
+                blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
+            }
             let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
             let sums = blocks
                 .iter()
                 .map(|b| b.qs.iter().map(|&q| q as i32).sum())
                 .collect();
-            Acts::Q8_0 { blocks, d, sums }
+            let mut xt = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            if tile {
+                let gb = nb / reference::LANES * x86::tile::GROUP_BYTES;
+                xt = vec![0u8; m * gb];
+                for (o, b) in xt.chunks_mut(gb.max(1)).zip(blocks.chunks(nb)) {
+                    x86::tile::interleave_q8_0(b, o);
+                }
+            }
+            let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
+            (
+                Acts::Q8_0 {
+                    blocks,
+                    d,
+                    sums,
+                    xt,
+                },
+                row_bytes,
+            )
         }
         QType::Q4K | QType::Q5K | QType::Q6K => {
             let nb = k / QK_K;
             let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
-            parallel::install(|| {
-                blocks
-                    .par_chunks_mut(nb)
-                    .zip(x.par_chunks(k))
-                    .for_each(|(b, x)| reference::quantize_row_q8_k(x, b))
-            });
-            Acts::Q8K(blocks)
+            let quant = |(b, x): (&mut [BlockQ8K], &[f32])| reference::quantize_row_q8_k(x, b);
+            if par {
+                parallel::install(|| {
+                    blocks
+                        .par_chunks_mut(nb)
+                        .zip(x.par_chunks(k))
+                        .for_each(quant)
+                });
+            } else {
+                blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
+            }
+            (Acts::Q8K(blocks), nb * std::mem::size_of::<BlockQ8K>())
         }
-        _ => Acts::F32(x),
+        _ => (Acts::F32(x), 4 * k),
     };
+    // Blocks of activation rows that fit ACT_BLOCK_BYTES, split evenly (M = 67 at most 34 a
+    // block gives 34 + 33, not 34 + 33 + 0).
+    let max_block = (ACT_BLOCK_BYTES / act_row_bytes.max(1)).clamp(ROWS, 64);
+    let n_blocks = m.div_ceil(max_block).max(1);
     Ok(Plan {
         w,
+        m,
         k,
+        m_block: m.div_ceil(n_blocks).max(1),
+        tile,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,
         stats_per_row,
         block_len,
-        simd: use_simd(),
+        simd,
         avx512: use_avx512(),
-        vnni: use_vnni(),
+        vnni,
     })
 }
 
@@ -406,18 +577,26 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         return Ok(());
     }
     let n = w.rows;
-    // Rows of Wᵀ·x (N x M): each task owns whole weight rows, reads each row once and reuses it
-    // for all M activation rows.
-    let per_task = parallel::rows_per_task(n, w.cols.saturating_mul(m));
+    // Each task owns whole weight rows (rows of Wᵀ·x, N x M) and reads them from memory once.
+    let threads = parallel::num_threads();
+    let work = n.saturating_mul(w.cols).saturating_mul(m);
+    let per_task = if plan.tile {
+        // Weights of a task stay in L2 while its blocks of activation rows pass.
+        let by_cache = (TASK_WEIGHT_BYTES / plan.row_bytes.max(1)).max(1);
+        let by_balance = n.div_ceil(threads * 4).max(1);
+        by_cache.min(by_balance).next_multiple_of(NR_TASK)
+    } else {
+        parallel::rows_per_task(n, w.cols.saturating_mul(m))
+    };
     let fill = |yt: &mut [f32]| {
+        if threads == 1 || work < SERIAL_WORK {
+            plan.fill(0, yt);
+            return;
+        }
         parallel::install(|| {
             yt.par_chunks_mut(per_task * m)
                 .enumerate()
-                .for_each(|(t, chunk)| {
-                    for (i, yrow) in chunk.chunks_mut(m).enumerate() {
-                        plan.dots(t * per_task + i, yrow);
-                    }
-                })
+                .for_each(|(t, chunk)| plan.fill(t * per_task, chunk))
         })
     };
     if m == 1 {
@@ -433,6 +612,12 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
     }
     Ok(())
 }
+
+/// Task sizes of the tiled path are whole panels.
+#[cfg(target_arch = "x86_64")]
+const NR_TASK: usize = NR;
+#[cfg(not(target_arch = "x86_64"))]
+const NR_TASK: usize = 1;
 
 #[cfg(test)]
 mod tests;

@@ -15,7 +15,7 @@ use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES};
 use crate::formats::blocks::*;
 
 #[inline(always)]
-fn lanes_of(v: __m256) -> [f32; LANES] {
+pub(crate) fn lanes_of(v: __m256) -> [f32; LANES] {
     let mut a = [0.0f32; LANES];
     // SAFETY: `a` has room for 8 f32; storeu has no alignment requirement.
     unsafe { _mm256_storeu_ps(a.as_mut_ptr(), v) };
@@ -142,7 +142,7 @@ impl Load32 for BlockIQ4NL {
 }
 
 /// ggml's kvalues_iq4nl plus 128.
-const KVALUES_IQ4NL_U8: [u8; 16] = {
+pub(crate) const KVALUES_IQ4NL_U8: [u8; 16] = {
     let mut t = [0u8; 16];
     let mut i = 0;
     while i < 16 {
@@ -504,4 +504,5 @@ pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]
 // ---------------------------------------------------------------- f32 activations
 
 mod float_acts;
+pub mod tile;
 pub use float_acts::{dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f};

@@ -1,0 +1,217 @@
+//! Tiled kernels for M >= 2 of the 32-weight integer formats (q4_0, q5_0, q8_0, iq4_nl) with
+//! AVX-512 VNNI on 256-bit vectors: a panel of `NR` weight rows times a block of activation rows,
+//! accumulated group by group (8 blocks of 32) over K. Each weight group is decoded once per
+//! panel and block of rows, each activation group is loaded once per panel.
+//!
+//! **Layout.** A block's integer sum Σ w·x is exact, so it does not depend on the order of its 32
+//! products. Weights and activations are therefore both "transposed" per group of 8 blocks:
+//! vector t (0..8) holds in its 32-bit lane l the four quants 4t..4t+3 of block l (activations:
+//! prepared once per call by `interleave_q8_0`; weights: decoded per group). Eight `vpdpbusd`
+//! into one register leave block l's exact Σ (w + BIAS)·x in lane l without any horizontal
+//! reduction, and lane l is the reference's float lane of block 8g + l. The float part is the
+//! reference's: `acc[l] += (d_w · d_x) · isum` per group in block order, the blocks after the
+//! last whole group on the same lanes in scalar code, then `hsum8`: the same bits as
+//! `reference::dot_block32` for every output, wherever it sits in a tile.
+//!
+//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI at run time (`has_vnni`)
+//! and pass slices of the lengths stated on each function.
+
+use std::arch::x86_64::*;
+
+use super::{lanes_of, Load32};
+use crate::formats::blocks::*;
+use crate::matmul::reference::{self as r, LANES};
+
+/// Bytes of one interleaved group of 8 activation blocks.
+pub const GROUP_BYTES: usize = 256;
+
+/// Activation quants of one row of q8_0 blocks rearranged for the tile kernels: per whole group
+/// of 8 blocks, 256 bytes where bytes `32t + 4l .. 32t + 4l + 4` are bytes `4t .. 4t + 4` of
+/// block l's quants. `out` holds `blocks.len() / 8 * 256` bytes (the tail blocks stay in
+/// `blocks` only).
+pub fn interleave_q8_0(blocks: &[BlockQ8_0], out: &mut [u8]) {
+    for (g, o) in blocks
+        .chunks_exact(LANES)
+        .zip(out.chunks_exact_mut(GROUP_BYTES))
+    {
+        for (l, b) in g.iter().enumerate() {
+            let q: &[u8; 32] = bytemuck::cast_ref(&b.qs);
+            for t in 0..8 {
+                o[32 * t + 4 * l..32 * t + 4 * l + 4].copy_from_slice(&q[4 * t..4 * t + 4]);
+            }
+        }
+    }
+}
+
+/// 8 vectors of 8 dwords transposed: lane l of output t = lane t of input l.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    let mut t = [_mm256_setzero_si256(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    // u[c] (c < 4) = dword c | dword c + 4 of rows 0..3; u[4 + c] the same of rows 4..7
+    let mut u = [_mm256_setzero_si256(); 8];
+    for h in 0..2 {
+        let (a, b, c, d) = (t[4 * h], t[4 * h + 1], t[4 * h + 2], t[4 * h + 3]);
+        u[4 * h] = _mm256_unpacklo_epi64(a, c);
+        u[4 * h + 1] = _mm256_unpackhi_epi64(a, c);
+        u[4 * h + 2] = _mm256_unpacklo_epi64(b, d);
+        u[4 * h + 3] = _mm256_unpackhi_epi64(b, d);
+    }
+    let mut o = [_mm256_setzero_si256(); 8];
+    for c in 0..4 {
+        o[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        o[c + 4] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+    }
+    o
+}
+
+/// The 16 quant bytes of 8 q4_0-style blocks transposed: output c (0..4), lane l = bytes
+/// 4c..4c+4 of block l (their low nibbles are elements 4c.., the high ones 16 + 4c..).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn qs16_transposed(qs: [&[u8; 16]; 8]) -> [__m256i; 4] {
+    let ld = |p: &[u8; 16]| unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
+    let a: [__m256i; 4] = std::array::from_fn(|l| _mm256_set_m128i(ld(qs[l + 4]), ld(qs[l])));
+    let t0 = _mm256_unpacklo_epi32(a[0], a[1]);
+    let t1 = _mm256_unpackhi_epi32(a[0], a[1]);
+    let t2 = _mm256_unpacklo_epi32(a[2], a[3]);
+    let t3 = _mm256_unpackhi_epi32(a[2], a[3]);
+    [
+        _mm256_unpacklo_epi64(t0, t2),
+        _mm256_unpackhi_epi64(t0, t2),
+        _mm256_unpacklo_epi64(t1, t3),
+        _mm256_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// Nibbles of `qs16_transposed`: vector t < 4 = low nibbles of c = t, t >= 4 = high nibbles of
+/// c = t - 4, i.e. elements 4t..4t+4 of each block in lane order.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn nibbles_t(c: [__m256i; 4]) -> [__m256i; 8] {
+    let m4 = _mm256_set1_epi8(0x0f);
+    let mut o = [_mm256_setzero_si256(); 8];
+    for i in 0..4 {
+        o[i] = _mm256_and_si256(c[i], m4);
+        o[i + 4] = _mm256_and_si256(_mm256_srli_epi16(c[i], 4), m4);
+    }
+    o
+}
+
+/// A 32-weight format whose groups of 8 blocks can be decoded in the transposed layout.
+pub trait Tile32: Load32 {
+    /// The quants plus `BIAS` of the 8 blocks `w[..8]`, transposed: vector t, lane l = elements
+    /// 4t..4t+4 of block l (unsigned bytes).
+    ///
+    /// # Safety
+    /// AVX2 must be available; `w.len() >= 8`.
+    #[inline(always)]
+    unsafe fn load8_t(w: &[Self]) -> [__m256i; 8] {
+        // SAFETY: AVX2 is available (this method's contract); w has 8 blocks.
+        unsafe { transpose8(std::array::from_fn(|l| w[l].load_unsigned())) }
+    }
+}
+
+impl Tile32 for BlockQ8_0 {}
+impl Tile32 for BlockQ5_0 {}
+
+impl Tile32 for BlockQ4_0 {
+    #[inline(always)]
+    unsafe fn load8_t(w: &[Self]) -> [__m256i; 8] {
+        // SAFETY: AVX2 is available (contract); 16-byte loads of each block's qs.
+        unsafe { nibbles_t(qs16_transposed(std::array::from_fn(|l| &w[l].qs))) }
+    }
+}
+
+impl Tile32 for BlockIQ4NL {
+    #[inline(always)]
+    unsafe fn load8_t(w: &[Self]) -> [__m256i; 8] {
+        // SAFETY: AVX2 is available (contract); the table is 16 bytes (kvalues + 128).
+        unsafe {
+            let t = _mm_loadu_si128(super::KVALUES_IQ4NL_U8.as_ptr() as *const __m128i);
+            let tab = _mm256_set_m128i(t, t);
+            nibbles_t(qs16_transposed(std::array::from_fn(|l| &w[l].qs)))
+                .map(|v| _mm256_shuffle_epi8(tab, v))
+        }
+    }
+}
+
+/// One block of activation rows for `tile32_vnni`: `rows` rows, each with `nb` q8_0 blocks.
+pub struct RowsQ8<'a> {
+    /// Interleaved quants (`interleave_q8_0`), `nb / 8 * 256` bytes per row.
+    pub xt: &'a [u8],
+    pub blocks: &'a [BlockQ8_0],
+    /// Each block's scale as f32 and the sum of its quants.
+    pub d: &'a [f32],
+    pub sums: &'a [i32],
+}
+
+/// The outputs of `NR` weight rows (one panel) with every row of `x`: `out[r][i]` = the dot of
+/// weight row `i` with activation row `r`, bit for bit `reference::dot_block32`'s.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`has_vnni`). Every `w[i]` has `nb` blocks;
+/// `x` has `out.len()` rows of `nb` blocks (`xt`: `nb / 8 * 256` bytes per row).
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
+    w: [&[W]; NR],
+    x: &RowsQ8<'_>,
+    out: &mut [[f32; NR]],
+) {
+    let nb = w[0].len();
+    let groups = nb / LANES;
+    let rows = out.len();
+    let gbytes = groups * GROUP_BYTES;
+    debug_assert!(x.xt.len() >= rows * gbytes && x.d.len() >= rows * nb);
+    debug_assert!(W::BIAS.count_ones() == 1);
+    let shift = _mm_cvtsi32_si128(W::BIAS.trailing_zeros() as i32);
+    let mut acc = vec![[_mm256_setzero_ps(); NR]; rows];
+    for g in 0..groups {
+        let mut wv = [[_mm256_setzero_si256(); 8]; NR];
+        let mut dw = [_mm256_setzero_ps(); NR];
+        for i in 0..NR {
+            let wg = &w[i][g * LANES..g * LANES + LANES];
+            wv[i] = unsafe { W::load8_t(wg) };
+            let dh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].d()));
+            dw[i] = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        }
+        for (rr, a) in acc.iter_mut().enumerate() {
+            let xg = &x.xt[rr * gbytes + g * GROUP_BYTES..rr * gbytes + (g + 1) * GROUP_BYTES];
+            let xv: [__m256i; 8] = std::array::from_fn(|t| unsafe {
+                _mm256_loadu_si256(xg[32 * t..].as_ptr() as *const __m256i)
+            });
+            let at = rr * nb + g * LANES;
+            // BIAS · Σx per block (BIAS is a power of two)
+            let bias = _mm256_sll_epi32(
+                unsafe { _mm256_loadu_si256(x.sums[at..at + LANES].as_ptr() as *const __m256i) },
+                shift,
+            );
+            let dx = unsafe { _mm256_loadu_ps(x.d[at..at + LANES].as_ptr()) };
+            for i in 0..NR {
+                let mut s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[i][0], xv[0]);
+                let mut s1 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[i][1], xv[1]);
+                for t in 1..4 {
+                    s0 = _mm256_dpbusd_epi32(s0, wv[i][2 * t], xv[2 * t]);
+                    s1 = _mm256_dpbusd_epi32(s1, wv[i][2 * t + 1], xv[2 * t + 1]);
+                }
+                let isum = _mm256_sub_epi32(_mm256_add_epi32(s0, s1), bias);
+                let p = _mm256_mul_ps(_mm256_mul_ps(dw[i], dx), _mm256_cvtepi32_ps(isum));
+                a[i] = _mm256_add_ps(a[i], p);
+            }
+        }
+    }
+    for (rr, (a, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
+        for i in 0..NR {
+            let mut lanes = lanes_of(a[i]);
+            for b in groups * LANES..nb {
+                let at = rr * nb + b;
+                lanes[b % LANES] += r::block32_product(&w[i][b], &x.blocks[at], x.d[at]);
+            }
+            o[i] = r::hsum8(&lanes);
+        }
+    }
+}
