@@ -66,3 +66,11 @@ pub fn qmatmul<'py>(
 pub fn qmatmul_qtypes() -> Vec<&'static str> {
     core::matmul::SUPPORTED.iter().map(|q| q.name()).collect()
 }
+
+/// Memory read bandwidth helper of the benchmarks: a multi-threaded streaming read of `data`
+/// (the pool's threads, one contiguous part each), returning a checksum; time it from Python.
+#[pyfunction]
+pub fn stream_read(py: Python<'_>, data: PyReadonlyArray1<'_, u8>) -> PyResult<u64> {
+    let d = data.as_slice().map_err(|_| not_contiguous("data"))?;
+    Ok(py.detach(|| core::matmul::bandwidth::stream_read(d)))
+}

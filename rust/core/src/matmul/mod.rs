@@ -14,6 +14,7 @@
 //! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
 //! dequantized product within float rounding; no activation error added to the weights').
 
+pub mod bandwidth;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
