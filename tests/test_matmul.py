@@ -308,6 +308,37 @@ def test_property_shapes_threads(kind, dist, nb, n, m, seed):
     assert np.array_equal(W.matmul(x[i : i + 1]).view(np.uint32), y1[i : i + 1].view(np.uint32))
 
 
+def tiled_case(kind: str) -> tuple[int, int, int]:
+    """(N, K, M) big enough for the pool to split the work (M·N·K above the serial threshold)
+    with N not a multiple of the 8-row tile panel, K with a partial group of 8 blocks for the
+    32-weight formats, and M = 67 split into two uneven blocks of activation rows."""
+    block = BLOCK.get(kind, 64)
+    return 131, (1312 if block == 32 else 1280), 67
+
+
+@pytest.mark.parametrize("kind", QTYPES)
+def test_tiled_batches_threads_and_rows(kind):
+    """The tiled M >= 2 path, split over tasks and blocks of rows: 1 thread == 2 threads bit for
+    bit, every row equals the same row computed alone, and the result is within the float64
+    bound."""
+    n, k, m = tiled_case(kind)
+    W = make_weights(kind, make("normal", n, k, seed=3))
+    x = make("outliers", m, k, seed=4)
+    before = fq.num_threads()
+    try:
+        fq.set_num_threads(1)
+        y1 = check_against_dequantized(W, x)
+        fq.set_num_threads(2)
+        y2 = W.matmul(x)
+        y3 = W.matmul(x[:3])
+    finally:
+        fq.set_num_threads(before)
+    assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
+    assert np.array_equal(y1[:3].view(np.uint32), y3.view(np.uint32))
+    for i in (0, 5, 33, 34, 66):
+        assert np.array_equal(W.matmul(x[i : i + 1])[0].view(np.uint32), y1[i].view(np.uint32)), i
+
+
 SCALAR_SCRIPT = r"""
 import sys, numpy as np
 sys.path.insert(0, sys.argv[1])
@@ -316,7 +347,7 @@ from ferroquant import _native
 from data import make
 out = {}
 for kind in t.QTYPES:
-    for i, (n, k, m) in enumerate([(13, 512, 1), (9, 2304, 5), (33, 256, 64)]):
+    for i, (n, k, m) in enumerate([(13, 512, 1), (9, 2304, 5), (33, 256, 64), t.tiled_case(kind)]):
         W = t.make_weights(kind, make("normal", n, k, seed=i))
         out[f"{kind}/{i}"] = W.matmul(make("heavy_tailed", m, k, seed=10 + i))
 np.savez(sys.argv[2], **out)
@@ -340,7 +371,8 @@ def test_simd_matches_forced_scalar_bitwise(tmp_path):
     scalar = np.load(path)
     assert _native.simd_level() in ("avx2", "scalar")
     for kind in QTYPES:
-        for i, (n, k, m) in enumerate([(13, 512, 1), (9, 2304, 5), (33, 256, 64)]):
+        cases = [(13, 512, 1), (9, 2304, 5), (33, 256, 64), tiled_case(kind)]
+        for i, (n, k, m) in enumerate(cases):
             W = make_weights(kind, mk("normal", n, k, seed=i))
             y = W.matmul(mk("heavy_tailed", m, k, seed=10 + i))
             assert np.array_equal(y.view(np.uint32), scalar[f"{kind}/{i}"].view(np.uint32)), (

@@ -33,6 +33,25 @@ unsafe fn block_isums(w: __m256i, x: &[i8; 32]) -> __m256i {
     _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
 }
 
+/// The sum of the 8 i32 lanes of `v` (exact in wrapping i32, as the reference's integer sums).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// The exact integer sum of one weight block with one q8_0 block, by VNNI:
+/// Σ (w + BIAS) x - BIAS Σx (`xsum`).
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+#[inline]
+pub(crate) unsafe fn isum_vnni<W: Load32>(wu: __m256i, x: &BlockQ8_0, xsum: i32) -> i32 {
+    let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) };
+    hsum_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, xv)) - W::BIAS * xsum
+}
+
 /// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]`.
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -204,15 +223,18 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    let mut out = [0.0f32; R];
-    for r in 0..R {
-        let mut lanes = lanes_of(acc[r]);
-        for b in groups * LANES..nb {
-            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+    // The blocks after the last whole group: the integer sums in SIMD (the weights decoded once
+    // for all rows), the float operations of `block32_product` on the same lanes.
+    let mut lanes = acc.map(lanes_of);
+    for b in groups * LANES..nb {
+        let wu = unsafe { w[b].load_unsigned() };
+        let dw = f16_to_f32(w[b].d());
+        for r in 0..R {
+            let isum = unsafe { isum_vnni::<W>(wu, &x[r][b], xsum[r][b]) };
+            lanes[r][b % LANES] += (dw * xd[r][b]) * isum as f32;
         }
-        out[r] = r::hsum8(&lanes);
     }
-    out
+    lanes.map(|l| r::hsum8(&l))
 }
 
 /// `reference::dot_block32` for R activation rows at once (the weights are decoded once per
@@ -251,15 +273,16 @@ pub unsafe fn dot_block32<W: Load32, const R: usize>(
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    let mut out = [0.0f32; R];
-    for r in 0..R {
-        let mut lanes = lanes_of(acc[r]);
-        for b in groups * LANES..nb {
-            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+    let mut lanes = acc.map(lanes_of);
+    for b in groups * LANES..nb {
+        let wv = unsafe { w[b].load() };
+        let dw = f16_to_f32(w[b].d());
+        for r in 0..R {
+            let isum = hsum_epi32(unsafe { block_isums(wv, &x[r][b].qs) });
+            lanes[r][b % LANES] += (dw * xd[r][b]) * isum as f32;
         }
-        out[r] = r::hsum8(&lanes);
     }
-    out
+    lanes.map(|l| r::hsum8(&l))
 }
 
 // ---------------------------------------------------------------- K-quants

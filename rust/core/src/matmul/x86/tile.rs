@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{lanes_of, Load32};
+use super::{isum_vnni, lanes_of, Load32};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, LANES};
 
@@ -204,14 +204,23 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
             }
         }
     }
-    for (rr, (a, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
+    // The blocks after the last whole group: integer sums in SIMD, the float operations of
+    // `reference::block32_product` on the same lanes.
+    let mut lanes: Vec<[[f32; LANES]; NR]> = acc.iter().map(|a| a.map(lanes_of)).collect();
+    for b in groups * LANES..nb {
         for i in 0..NR {
-            let mut lanes = lanes_of(a[i]);
-            for b in groups * LANES..nb {
+            let wu = unsafe { w[i][b].load_unsigned() };
+            let dw = f16_to_f32(w[i][b].d());
+            for (rr, l) in lanes.iter_mut().enumerate() {
                 let at = rr * nb + b;
-                lanes[b % LANES] += r::block32_product(&w[i][b], &x.blocks[at], x.d[at]);
+                let isum = unsafe { isum_vnni::<W>(wu, &x.blocks[at], x.sums[at]) };
+                l[i][b % LANES] += (dw * x.d[at]) * isum as f32;
             }
-            o[i] = r::hsum8(&lanes);
+        }
+    }
+    for (l, o) in lanes.iter().zip(out.iter_mut()) {
+        for i in 0..NR {
+            o[i] = r::hsum8(&l[i]);
         }
     }
 }
