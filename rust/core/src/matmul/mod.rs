@@ -52,7 +52,13 @@ enum Acts<'a> {
         /// after the other; empty when the tile path does not run.
         xt: Vec<u8>,
     },
-    Q8K(Vec<BlockQ8K>),
+    Q8K {
+        blocks: Vec<BlockQ8K>,
+        /// Interleaved for the tile kernels (`x86::tile_k::interleave_q8_k`); empty otherwise.
+        xq: Vec<u8>,
+        xs: Vec<i32>,
+        xd: Vec<f32>,
+    },
     F32(&'a [f32]),
 }
 
@@ -168,7 +174,45 @@ impl Plan<'_> {
             QType::Q4_0 => self.panel_w::<BlockQ4_0, P>(n0, ms, yt),
             QType::Q8_0 => self.panel_w::<BlockQ8_0, P>(n0, ms, yt),
             QType::Q5_0 => self.panel_w::<BlockQ5_0, P>(n0, ms, yt),
-            _ => self.panel_w::<BlockIQ4NL, P>(n0, ms, yt),
+            QType::IQ4NL => self.panel_w::<BlockIQ4NL, P>(n0, ms, yt),
+            QType::Q4K => self.panel_k::<BlockQ4K, P>(n0, ms, yt),
+            QType::Q5K => self.panel_k::<BlockQ5K, P>(n0, ms, yt),
+            _ => self.panel_k::<BlockQ6K, P>(n0, ms, yt),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn panel_k<W: x86::tile_k::TileK, const P: usize>(
+        &self,
+        n0: usize,
+        ms: std::ops::Range<usize>,
+        yt: &mut [f32],
+    ) {
+        use x86::tile_k::{GROUP_BYTES_K, GROUP_SUMS_K};
+        let Acts::Q8K { blocks, xq, xs, xd } = &self.acts else {
+            unreachable!("the K-quant tiles run only with q8_K activations")
+        };
+        let nb = self.k / QK_K;
+        let groups = nb / reference::LANES;
+        let rb = self.row_bytes;
+        let w: [&[W]; P] =
+            std::array::from_fn(|i| bytemuck::cast_slice(&self.w.data[(n0 + i) * rb..][..rb]));
+        let x = x86::tile_k::RowsQ8K {
+            xq: &xq[ms.start * groups * GROUP_BYTES_K..ms.end * groups * GROUP_BYTES_K],
+            xs: &xs[ms.start * groups * GROUP_SUMS_K..ms.end * groups * GROUP_SUMS_K],
+            xd: &xd[ms.start * groups * reference::LANES..ms.end * groups * reference::LANES],
+            blocks: &blocks[ms.start * nb..ms.end * nb],
+        };
+        let mut out = vec![[0.0f32; P]; ms.len()];
+        // SAFETY: tile is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; every
+        // weight row has nb super-blocks, x has ms.len() rows of nb blocks and nb / 8
+        // interleaved groups; out has ms.len() entries.
+        unsafe { x86::tile_k::tile_k_vnni(w, &x, &mut out) };
+        let m = self.m;
+        for (j, o) in out.iter().enumerate() {
+            for (i, &v) in o.iter().enumerate() {
+                yt[i * m + ms.start + j] = v;
+            }
         }
     }
 
@@ -248,7 +292,7 @@ impl Plan<'_> {
                     _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd, xs),
                 }
             }
-            Acts::Q8K(blocks) => {
+            Acts::Q8K { blocks, .. } => {
                 let nb = k / QK_K;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 match self.w.qtype {
@@ -486,7 +530,13 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
         && m >= 2
         && matches!(
             w.qtype,
-            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL
+            QType::Q4_0
+                | QType::Q5_0
+                | QType::Q8_0
+                | QType::IQ4NL
+                | QType::Q4K
+                | QType::Q5K
+                | QType::Q6K
         );
     let (acts, act_row_bytes) = match w.qtype {
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
@@ -542,7 +592,31 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             } else {
                 blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
             }
-            (Acts::Q8K(blocks), nb * std::mem::size_of::<BlockQ8K>())
+            let (mut xq, mut xs, mut xd) = (Vec::new(), Vec::new(), Vec::new());
+            #[cfg(target_arch = "x86_64")]
+            if tile {
+                use x86::tile_k::{interleave_q8_k, GROUP_BYTES_K, GROUP_SUMS_K};
+                let groups = nb / reference::LANES;
+                xq = vec![0u8; m * groups * GROUP_BYTES_K];
+                xs = vec![0i32; m * groups * GROUP_SUMS_K];
+                xd = vec![0f32; m * groups * reference::LANES];
+                if groups > 0 {
+                    for (((b, q), s), d) in blocks
+                        .chunks(nb)
+                        .zip(xq.chunks_mut(groups * GROUP_BYTES_K))
+                        .zip(xs.chunks_mut(groups * GROUP_SUMS_K))
+                        .zip(xd.chunks_mut(groups * reference::LANES))
+                    {
+                        interleave_q8_k(b, q, s, d);
+                    }
+                }
+            }
+            let row_bytes = if tile {
+                k + k / 2 + nb * 4
+            } else {
+                nb * std::mem::size_of::<BlockQ8K>()
+            };
+            (Acts::Q8K { blocks, xq, xs, xd }, row_bytes)
         }
         _ => (Acts::F32(x), 4 * k),
     };

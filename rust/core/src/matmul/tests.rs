@@ -564,3 +564,38 @@ fn tiles_equal_reference_for_any_m_and_n() {
         }
     }
 }
+
+/// The K-quant tiles (groups of 8 super-blocks, tails in the row kernel's code) give every
+/// output the reference's bits.
+#[test]
+fn k_quant_tiles_equal_reference() {
+    let mut rng = Rng(0x0dd5_0dd5_0dd5_0dd5);
+    for (qtype, halves) in &GGML_CASES[4..] {
+        let info = qtype.info();
+        for (n, nb, m) in [(3, 1, 2), (8, 8, 5), (13, 9, 13), (9, 17, 3)] {
+            let k = nb * info.block_size;
+            let data = blocks(&mut rng, n * nb, info.type_size, halves);
+            let x = rng.normalish(m * k, 2.0);
+            let mut y = vec![0.0f32; m * n];
+            qmatmul(&x, m, &view(*qtype, n, k, &data), &mut y).unwrap();
+            let mut xq = vec![BlockQ8K::zeroed(); nb];
+            for mi in 0..m {
+                r::quantize_row_q8_k(&x[mi * k..(mi + 1) * k], &mut xq);
+                for row in 0..n {
+                    let wr = &data[row * nb * info.type_size..(row + 1) * nb * info.type_size];
+                    let want = match qtype {
+                        QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(wr), &xq),
+                        _ => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(wr), &xq),
+                    };
+                    let got = y[mi * n + row];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{qtype:?} n={n} nb={nb} m={m} row {row} act row {mi}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}

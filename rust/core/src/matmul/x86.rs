@@ -436,7 +436,7 @@ impl SumsK for BlockQ5K {
 /// `v` shifted (in 16-bit lanes) so that bit `s` (0..7) of each byte lands on bit 4.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn shift_bit_to_4(v: __m256i, s: i32) -> __m256i {
+pub(crate) fn shift_bit_to_4(v: __m256i, s: i32) -> __m256i {
     match s {
         0 => _mm256_slli_epi16(v, 4),
         1 => _mm256_slli_epi16(v, 3),
@@ -528,4 +528,5 @@ pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]
 
 mod float_acts;
 pub mod tile;
+pub mod tile_k;
 pub use float_acts::{dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f};

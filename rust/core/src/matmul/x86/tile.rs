@@ -46,7 +46,7 @@ pub fn interleave_q8_0(blocks: &[BlockQ8_0], out: &mut [u8]) {
 /// 8 vectors of 8 dwords transposed: lane l of output t = lane t of input l.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+pub(crate) fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     let mut t = [_mm256_setzero_si256(); 8];
     for i in 0..4 {
         t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
