@@ -60,6 +60,9 @@ enum Acts<'a> {
         xd: Vec<f32>,
     },
     F32(&'a [f32]),
+    /// nf4 with AVX-512: x with the even and odd elements of every 32 apart (16 + 16).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    F32Split(Vec<f32>),
 }
 
 /// Everything one dot product needs, checked once.
@@ -301,7 +304,12 @@ impl Plan<'_> {
                     _ => self.dot_k::<BlockQ6K, R>(wrow, x),
                 }
             }
-            Acts::F32(xs) => {
+            Acts::F32(_) | Acts::F32Split(_) => {
+                let xs: &[f32] = match &self.acts {
+                    Acts::F32(xs) => xs,
+                    Acts::F32Split(xs) => xs,
+                    _ => unreachable!(),
+                };
                 let x = rows.map(|mi| &xs[mi * k..(mi + 1) * k]);
                 let spr = self.stats_per_row;
                 let stats = if self.w.stats.len() == 1 {
@@ -618,6 +626,9 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             };
             (Acts::Q8K { blocks, xq, xs, xd }, row_bytes)
         }
+        // Even and odd elements of every 32 apart, as `x86::dot_nf4_avx512` reads them.
+        #[cfg(target_arch = "x86_64")]
+        QType::NF4 if simd && use_avx512() => (Acts::F32Split(x86::split_even_odd(x)), 4 * k),
         _ => (Acts::F32(x), 4 * k),
     };
     // Blocks of activation rows that fit ACT_BLOCK_BYTES, split evenly (M = 67 at most 34 a
@@ -661,7 +672,10 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         let by_balance = n.div_ceil(threads * 4).max(1);
         by_cache.min(by_balance).next_multiple_of(NR_TASK)
     } else {
-        parallel::rows_per_task(n, w.cols.saturating_mul(m))
+        // At least ~256 K multiply-adds a task (rayon's per-task cost is about a microsecond),
+        // and at least 8 tasks a thread to balance.
+        let by_size = ((1 << 18) / w.cols.saturating_mul(m).max(1)).max(1);
+        by_size.min(n.div_ceil(threads * 8).max(1))
     };
     let fill = |yt: &mut [f32]| {
         if threads == 1 || work < SERIAL_WORK {

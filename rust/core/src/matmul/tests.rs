@@ -327,7 +327,8 @@ fn simd_paths_are_bit_identical_to_references() {
             assert_eq!(simd.to_bits(), scalar.to_bits(), "nf4 bs={bs} nb={nb}");
             if x86::has_avx512f() {
                 // SAFETY: AVX-512F detected; lengths as documented.
-                let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, [&x])[0] };
+                let xs = x86::split_even_odd(&x);
+                let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, [&xs])[0] };
                 assert_eq!(z.to_bits(), scalar.to_bits(), "nf4 avx512 bs={bs} nb={nb}");
             }
         }

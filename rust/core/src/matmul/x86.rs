@@ -529,4 +529,4 @@ pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]
 mod float_acts;
 pub mod tile;
 pub mod tile_k;
-pub use float_acts::{dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f};
+pub use float_acts::{dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f, split_even_odd};

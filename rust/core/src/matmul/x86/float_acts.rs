@@ -99,12 +99,16 @@ pub fn has_avx512f() -> bool {
     })
 }
 
-/// `dot_nf4` with AVX-512F: one 16-entry permute decodes 16 weights. The products and sums are
-/// those of the four AVX2 registers (a 512-bit register holds lanes 0..15 or 16..31 of the 32),
-/// so the result is the same bits.
+/// `dot_nf4` with AVX-512F on split activations: `x` holds, for every 32 elements, the 16 even
+/// ones then the 16 odd ones. The 16 packed bytes of 32 weights widen to 16 dwords (byte i:
+/// element 2i in its high nibble, 2i+1 in its low one); one 16-entry permute of the code table
+/// by the low nibbles (`vpermps` reads only the index's low 4 bits) gives the odd elements, one
+/// by the bytes shifted right by 4 the even ones. Register `e` then holds reference lanes
+/// 0, 2, .., 30 and register `o` lanes 1, 3, .., 31, with the reference's products and sums on
+/// every lane, so the result is the same bits.
 ///
 /// # Safety
-/// AVX-512F must be available (`has_avx512f`); lengths as for `dot_nf4`.
+/// AVX-512F must be available (`has_avx512f`); lengths as for `dot_nf4`, `x[r]` split.
 #[target_feature(enable = "avx2,avx512f")]
 pub unsafe fn dot_nf4_avx512<const R: usize>(
     packed: &[u8],
@@ -114,19 +118,16 @@ pub unsafe fn dot_nf4_avx512<const R: usize>(
 ) -> [f32; R] {
     debug_assert!(block_size.is_multiple_of(32));
     let tab = unsafe { _mm512_loadu_ps(r::NF4_CODE.as_ptr()) };
-    let m4 = _mm_set1_epi8(0x0f);
+    // [even, odd] per row
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for (b, &s) in absmax.iter().enumerate() {
         let mut part = [[_mm512_setzero_ps(); 2]; R];
         let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
         for (c, wq) in wb.chunks_exact(16).enumerate() {
-            let q = unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) };
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-            let lo = _mm_and_si128(q, m4);
-            let e = [_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)];
+            let q = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) });
             let code = [
-                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(e[0]), tab),
-                _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(e[1]), tab),
+                _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), tab),
+                _mm512_permutexvar_ps(q, tab),
             ];
             let at = b * block_size + 32 * c;
             for r in 0..R {
@@ -145,14 +146,27 @@ pub unsafe fn dot_nf4_avx512<const R: usize>(
         }
     }
     acc.map(|a| {
-        let mut l = [0.0f32; WIDE];
-        // SAFETY: l holds 32 f32.
+        let mut eo = [0.0f32; WIDE];
+        // SAFETY: eo holds 32 f32.
         unsafe {
-            _mm512_storeu_ps(l.as_mut_ptr(), a[0]);
-            _mm512_storeu_ps(l[16..].as_mut_ptr(), a[1]);
+            _mm512_storeu_ps(eo.as_mut_ptr(), a[0]);
+            _mm512_storeu_ps(eo[16..].as_mut_ptr(), a[1]);
         }
+        let l: [f32; WIDE] = std::array::from_fn(|j| eo[(j % 2) * 16 + j / 2]);
         r::hsum32(&l)
     })
+}
+
+/// Split one row of activations as `dot_nf4_avx512` reads them (tests).
+pub fn split_even_odd(x: &[f32]) -> Vec<f32> {
+    let mut xe = vec![0.0f32; x.len()];
+    for (o, c) in xe.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
+        for i in 0..16 {
+            o[i] = c[2 * i];
+            o[16 + i] = c[2 * i + 1];
+        }
+    }
+    xe
 }
 
 /// `reference::dot_int8` for R activation rows at once: 32 weights per step converted once

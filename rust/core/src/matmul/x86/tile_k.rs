@@ -165,8 +165,8 @@ impl TileK for BlockQ6K {
         unsafe {
             let mut sc = [[0i32; 8]; 16];
             for (l, b) in w[..8].iter().enumerate() {
-                for j in 0..16 {
-                    sc[j][l] = b.scales[j] as i32;
+                for (v, &s) in sc.iter_mut().zip(&b.scales) {
+                    v[l] = s as i32;
                 }
             }
             let ld = |v: &[i32; 8]| _mm256_loadu_si256(v.as_ptr() as *const __m256i);
