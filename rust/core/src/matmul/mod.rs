@@ -267,15 +267,25 @@ impl Plan<'_> {
         let mut j = 0;
         while j < y.len() {
             let m0 = ms.start + j;
-            if y.len() - j >= ROWS && self.simd {
-                let rows: [usize; ROWS] = std::array::from_fn(|i| m0 + i);
-                y[j..j + ROWS].copy_from_slice(&self.dot_rows(n, wrow, rows));
-                j += ROWS;
-            } else {
-                y[j] = self.dot_rows(n, wrow, [m0])[0];
-                j += 1;
-            }
+            let left = if self.simd { y.len() - j } else { 1 };
+            let step = match left {
+                1 => {
+                    y[j] = self.dot_rows(n, wrow, [m0])[0];
+                    1
+                }
+                2 => self.dot_into::<2>(n, wrow, m0, &mut y[j..]),
+                3 => self.dot_into::<3>(n, wrow, m0, &mut y[j..]),
+                _ => self.dot_into::<ROWS>(n, wrow, m0, &mut y[j..]),
+            };
+            j += step;
         }
+    }
+
+    /// R rows from activation row `m0` into `y[..R]`; returns R.
+    fn dot_into<const R: usize>(&self, n: usize, wrow: &[u8], m0: usize, y: &mut [f32]) -> usize {
+        let rows: [usize; R] = std::array::from_fn(|i| m0 + i);
+        y[..R].copy_from_slice(&self.dot_rows(n, wrow, rows));
+        R
     }
 
     fn dot_rows<const R: usize>(&self, n: usize, wrow: &[u8], rows: [usize; R]) -> [f32; R] {
@@ -634,12 +644,22 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
     // Blocks of activation rows that fit ACT_BLOCK_BYTES, split evenly (M = 67 at most 34 a
     // block gives 34 + 33, not 34 + 33 + 0).
     let max_block = (ACT_BLOCK_BYTES / act_row_bytes.max(1)).clamp(ROWS, 64);
+    // The row kernels take ROWS rows at a time: whole multiples of ROWS a block.
+    let max_block = if tile {
+        max_block
+    } else {
+        max_block / ROWS * ROWS
+    };
     let n_blocks = m.div_ceil(max_block).max(1);
     Ok(Plan {
         w,
         m,
         k,
-        m_block: m.div_ceil(n_blocks).max(1),
+        m_block: if tile {
+            m.div_ceil(n_blocks).max(1)
+        } else {
+            m.div_ceil(n_blocks).next_multiple_of(ROWS)
+        },
         tile,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,
@@ -666,8 +686,9 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
     // Each task owns whole weight rows (rows of Wᵀ·x, N x M) and reads them from memory once.
     let threads = parallel::num_threads();
     let work = n.saturating_mul(w.cols).saturating_mul(m);
-    let per_task = if plan.tile {
-        // Weights of a task stay in L2 while its blocks of activation rows pass.
+    let per_task = if m >= 2 {
+        // Weights of a task stay in L2 while its blocks of activation rows pass (each block of
+        // activations is then read once per task, not once per weight row).
         let by_cache = (TASK_WEIGHT_BYTES / plan.row_bytes.max(1)).max(1);
         let by_balance = n.div_ceil(threads * 4).max(1);
         by_cache.min(by_balance).next_multiple_of(NR_TASK)
