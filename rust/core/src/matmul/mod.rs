@@ -543,6 +543,8 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
     let vnni = simd && use_vnni();
     // Quantizing the activations is worth the pool only for many rows.
     let par = m >= 4 && m.saturating_mul(k) >= 1 << 17;
+    // The tiles from M = 2 on (at M = 1 the row kernels are faster: measured, the transposes
+    // cost more than the horizontal sums they save when no second row shares them).
     let tile = cfg!(target_arch = "x86_64")
         && vnni
         && m >= 2
@@ -696,7 +698,12 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         // At least ~256 K multiply-adds a task (rayon's per-task cost is about a microsecond),
         // and at least 8 tasks a thread to balance.
         let by_size = ((1 << 18) / w.cols.saturating_mul(m).max(1)).max(1);
-        by_size.min(n.div_ceil(threads * 8).max(1))
+        let t = by_size.min(n.div_ceil(threads * 8).max(1));
+        if plan.tile {
+            t.next_multiple_of(NR_TASK)
+        } else {
+            t
+        }
     };
     let fill = |yt: &mut [f32]| {
         if threads == 1 || work < SERIAL_WORK {
