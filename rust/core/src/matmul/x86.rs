@@ -351,9 +351,12 @@ pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
 #[inline]
 fn scales_k4(scales: &[u8; K_SCALE_SIZE]) -> ([__m256i; 8], __m256i) {
     let (sc, m) = unpack_scales_k4(scales);
+    // scale[s] = sc[s] in every i16 lane: the 8 bytes in every 64-bit lane, one byte shuffle
+    // each (index [s, zero] per i16: zero-extended).
+    let scb = _mm256_broadcastq_epi64(_mm_set_epi64x(0, i64::from_le_bytes(sc)));
     let mut scale = [_mm256_setzero_si256(); 8];
-    for (v, &s) in scale.iter_mut().zip(&sc) {
-        *v = _mm256_set1_epi16(s as i16);
+    for (s, v) in scale.iter_mut().enumerate() {
+        *v = _mm256_shuffle_epi8(scb, _mm256_set1_epi16(s as i16 | (0x80 << 8)));
     }
     let m16 = _mm_cvtepu8_epi16(_mm_set_epi64x(0, i64::from_le_bytes(m)));
     // [m0 m0 m1 m1 ... m7 m7]: bsums 2s and 2s+1 belong to sub-block s
@@ -449,6 +452,23 @@ pub(crate) fn shift_bit_to_4(v: __m256i, s: i32) -> __m256i {
     }
 }
 
+/// Byte-shuffle indices of the q6_K scales: vector c takes byte 2c into the high byte of each
+/// i16 of the low 128 bits and byte 2c + 1 into those of the high 128 bits (0x80: zero).
+const Q6_SCALE_IDX: [[u8; 32]; 8] = {
+    let mut t = [[0x80u8; 32]; 8];
+    let mut c = 0;
+    while c < 8 {
+        let mut i = 0;
+        while i < 8 {
+            t[c][2 * i + 1] = 2 * c as u8;
+            t[c][16 + 2 * i + 1] = 2 * c as u8 + 1;
+            i += 1;
+        }
+        c += 1;
+    }
+    t
+};
+
 impl SumsK for BlockQ6K {
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
@@ -480,14 +500,16 @@ impl SumsK for BlockQ6K {
             // q[c] holds elements 32c..32c+32: its low 128 bits are group 2c, the high group
             // 2c+1 (groups of 16 share a scale).
             let sc = self.scales;
+            let scv = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
+            // scale[c] = [sc[2c] x 8 | sc[2c+1] x 8] as i16: a byte shuffle puts the scale in
+            // the high byte of every i16 lane (low byte zero), the arithmetic shift by 8 sign-
+            // extends it.
+            let both = _mm256_set_m128i(scv, scv);
             let mut scale = [_mm256_setzero_si256(); 8];
             for (c, v) in scale.iter_mut().enumerate() {
-                *v = _mm256_set_m128i(
-                    _mm_set1_epi16(sc[2 * c + 1] as i16),
-                    _mm_set1_epi16(sc[2 * c] as i16),
-                );
+                let idx = _mm256_loadu_si256(Q6_SCALE_IDX[c].as_ptr() as *const __m256i);
+                *v = _mm256_srai_epi16(_mm256_shuffle_epi8(both, idx), 8);
             }
-            let scv = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
             DecodedK {
                 q,
                 scale,
