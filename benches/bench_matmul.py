@@ -36,7 +36,7 @@ import ferroquant as fq  # noqa: E402
 from ferroquant import _native  # noqa: E402
 
 SHAPES = ((4096, 14336), (14336, 4096))  # (K, N)
-QTYPES = ("q4_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8")
+QTYPES = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8")
 SLAB_ROWS = 512
 
 

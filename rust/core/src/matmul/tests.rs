@@ -524,6 +524,7 @@ fn tiles_equal_reference_for_any_m_and_n() {
     for (qtype, halves) in &GGML_CASES[..4] {
         let info = qtype.info();
         for (n, nb, m) in [
+            (5, 9, 1),
             (1, 1, 2),
             (3, 7, 3),
             (8, 8, 5),
@@ -573,7 +574,7 @@ fn k_quant_tiles_equal_reference() {
     let mut rng = Rng(0x0dd5_0dd5_0dd5_0dd5);
     for (qtype, halves) in &GGML_CASES[4..] {
         let info = qtype.info();
-        for (n, nb, m) in [(3, 1, 2), (8, 8, 5), (13, 9, 13), (9, 17, 3)] {
+        for (n, nb, m) in [(5, 9, 1), (3, 1, 2), (8, 8, 5), (13, 9, 13), (9, 17, 3)] {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, halves);
             let x = rng.normalish(m * k, 2.0);

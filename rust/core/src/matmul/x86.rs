@@ -125,17 +125,39 @@ impl Load32 for BlockQ8_0 {
     const BIAS: i32 = 128;
 }
 
+/// Bit j of `bits` as 0xff / 0x00 in byte j (ggml's `bytes_from_bits_32`): byte j takes byte
+/// j / 8 of the word, keeps bit j % 8, and compares it with that bit.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn bytes_from_bits_32(bits: u32) -> __m256i {
+    let v = _mm256_set1_epi32(bits as i32);
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+    _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, shuf), mask), mask)
+}
+
 impl Load32 for BlockQ5_0 {
     #[inline(always)]
     unsafe fn load(&self) -> __m256i {
-        let q = r::unpack_q5_0(self);
-        // SAFETY: q is 32 bytes; AVX is available (this method's contract).
-        unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) }
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { _mm256_sub_epi8(self.load_unsigned(), _mm256_set1_epi8(16)) }
     }
     #[inline(always)]
     unsafe fn load_unsigned(&self) -> __m256i {
-        // SAFETY: AVX2 is available (this method's contract).
-        unsafe { _mm256_add_epi8(self.load(), _mm256_set1_epi8(16)) }
+        // SAFETY: AVX2 is available (this method's contract). Element j's bit 4 is bit j of qh
+        // (`reference::unpack_q5_0`), the nibbles are q4_0's.
+        unsafe {
+            let hi = bytes_from_bits_32(u32::from_le_bytes(self.qh));
+            _mm256_or_si256(
+                nibbles_ggml(&self.qs),
+                _mm256_and_si256(hi, _mm256_set1_epi8(0x10)),
+            )
+        }
     }
     const BIAS: i32 = 16;
 }
