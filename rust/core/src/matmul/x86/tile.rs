@@ -74,8 +74,13 @@ pub(crate) fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn qs16_transposed(qs: [&[u8; 16]; 8]) -> [__m256i; 4] {
-    let ld = |p: &[u8; 16]| unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) };
-    let a: [__m256i; 4] = std::array::from_fn(|l| _mm256_set_m128i(ld(qs[l + 4]), ld(qs[l])));
+    // (Loops, not closures, around intrinsics: a closure does not inherit target features.)
+    let mut a = [_mm256_setzero_si256(); 4];
+    for (l, v) in a.iter_mut().enumerate() {
+        let lo = unsafe { _mm_loadu_si128(qs[l].as_ptr() as *const __m128i) };
+        let hi = unsafe { _mm_loadu_si128(qs[l + 4].as_ptr() as *const __m128i) };
+        *v = _mm256_set_m128i(hi, lo);
+    }
     let t0 = _mm256_unpacklo_epi32(a[0], a[1]);
     let t1 = _mm256_unpackhi_epi32(a[0], a[1]);
     let t2 = _mm256_unpacklo_epi32(a[2], a[3]);
@@ -112,7 +117,13 @@ pub trait Tile32: Load32 {
     #[inline(always)]
     unsafe fn load8_t(w: &[Self]) -> [__m256i; 8] {
         // SAFETY: AVX2 is available (this method's contract); w has 8 blocks.
-        unsafe { transpose8(std::array::from_fn(|l| w[l].load_unsigned())) }
+        unsafe {
+            let mut v = [_mm256_setzero_si256(); 8];
+            for (l, r) in v.iter_mut().enumerate() {
+                *r = w[l].load_unsigned();
+            }
+            transpose8(v)
+        }
     }
 }
 
@@ -134,8 +145,11 @@ impl Tile32 for BlockIQ4NL {
         unsafe {
             let t = _mm_loadu_si128(super::KVALUES_IQ4NL_U8.as_ptr() as *const __m128i);
             let tab = _mm256_set_m128i(t, t);
-            nibbles_t(qs16_transposed(std::array::from_fn(|l| &w[l].qs)))
-                .map(|v| _mm256_shuffle_epi8(tab, v))
+            let mut v = nibbles_t(qs16_transposed(std::array::from_fn(|l| &w[l].qs)));
+            for r in v.iter_mut() {
+                *r = _mm256_shuffle_epi8(tab, *r);
+            }
+            v
         }
     }
 }
@@ -181,9 +195,10 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
         }
         for (rr, a) in acc.iter_mut().enumerate() {
             let xg = &x.xt[rr * gbytes + g * GROUP_BYTES..rr * gbytes + (g + 1) * GROUP_BYTES];
-            let xv: [__m256i; 8] = std::array::from_fn(|t| unsafe {
-                _mm256_loadu_si256(xg[32 * t..].as_ptr() as *const __m256i)
-            });
+            let mut xv = [_mm256_setzero_si256(); 8];
+            for (t, v) in xv.iter_mut().enumerate() {
+                *v = unsafe { _mm256_loadu_si256(xg[32 * t..].as_ptr() as *const __m256i) };
+            }
             let at = rr * nb + g * LANES;
             // BIAS · Σx per block (BIAS is a power of two)
             let bias = _mm256_sll_epi32(

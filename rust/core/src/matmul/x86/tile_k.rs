@@ -48,6 +48,7 @@ pub fn interleave_q8_k(blocks: &[BlockQ8K], xq: &mut [u8], xs: &mut [i32], xd: &
 }
 
 /// A group of 8 super-blocks of one weight row, decoded.
+#[derive(Clone, Copy)]
 pub struct GroupK {
     /// q[s][t]: unsigned quants, lane l = elements 32s + 4t ..+4 of super-block l.
     q: [[__m256i; 8]; 8],
@@ -57,6 +58,11 @@ pub struct GroupK {
     mn: [__m256i; 8],
     d: __m256,
     dmin: __m256,
+}
+
+impl GroupK {
+    // SAFETY: all-zero bits are a valid value of every field (plain vector registers).
+    const ZERO: GroupK = unsafe { std::mem::zeroed() };
 }
 
 /// K-quants with a group decode for the tiles.
@@ -71,7 +77,12 @@ pub trait TileK: SumsK {
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn load8(v: [&[u8; 32]; 8]) -> [__m256i; 8] {
-    v.map(|p| unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) })
+    // (Loops, not closures, around intrinsics: a closure does not inherit target features.)
+    let mut o = [_mm256_setzero_si256(); 8];
+    for (r, p) in o.iter_mut().zip(v) {
+        *r = unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) };
+    }
+    o
 }
 
 #[inline(always)]
@@ -92,18 +103,19 @@ unsafe fn scales8_k4(scales: [&[u8; K_SCALE_SIZE]; 8], d: [Half; 8], dmin: [Half
             mn[j][l] = m[j] as i32;
         }
     }
-    let ld = |v: &[i32; 8]| unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) };
-    let halves = |h: [Half; 8]| {
-        let u: [u16; 8] = h.map(u16::from_le_bytes);
-        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(u.as_ptr() as *const __m128i) })
-    };
-    GroupK {
+    let (d, dmin) = (d.map(u16::from_le_bytes), dmin.map(u16::from_le_bytes));
+    let mut g = GroupK {
         q: [[_mm256_setzero_si256(); 8]; 8],
-        sc: std::array::from_fn(|j| ld(&sc[j])),
-        mn: std::array::from_fn(|j| ld(&mn[j])),
-        d: halves(d),
-        dmin: halves(dmin),
+        sc: [_mm256_setzero_si256(); 16],
+        mn: [_mm256_setzero_si256(); 8],
+        d: _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d.as_ptr() as *const __m128i) }),
+        dmin: _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dmin.as_ptr() as *const __m128i) }),
+    };
+    for j in 0..8 {
+        g.sc[j] = unsafe { _mm256_loadu_si256(sc[j].as_ptr() as *const __m256i) };
+        g.mn[j] = unsafe { _mm256_loadu_si256(mn[j].as_ptr() as *const __m256i) };
     }
+    g
 }
 
 impl TileK for BlockQ4K {
@@ -120,8 +132,10 @@ impl TileK for BlockQ4K {
             let m4 = _mm256_set1_epi8(0x0f);
             for j in 0..4 {
                 let t = transpose8(load8(std::array::from_fn(|l| chunk32(&w[l].qs, 32 * j))));
-                g.q[2 * j] = t.map(|v| _mm256_and_si256(v, m4));
-                g.q[2 * j + 1] = t.map(|v| _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                for (k, &v) in t.iter().enumerate() {
+                    g.q[2 * j][k] = _mm256_and_si256(v, m4);
+                    g.q[2 * j + 1][k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
             }
             g
         }
@@ -169,11 +183,14 @@ impl TileK for BlockQ6K {
                     v[l] = s as i32;
                 }
             }
-            let ld = |v: &[i32; 8]| _mm256_loadu_si256(v.as_ptr() as *const __m256i);
             let dh: [u16; 8] = std::array::from_fn(|l| u16::from_le_bytes(w[l].d));
+            let mut scv = [_mm256_setzero_si256(); 16];
+            for (v, a) in scv.iter_mut().zip(&sc) {
+                *v = _mm256_loadu_si256(a.as_ptr() as *const __m256i);
+            }
             let mut g = GroupK {
                 q: [[_mm256_setzero_si256(); 8]; 8],
-                sc: std::array::from_fn(|j| ld(&sc[j])),
+                sc: scv,
                 mn: [_mm256_setzero_si256(); 8],
                 d: _mm256_cvtph_ps(_mm_loadu_si128(dh.as_ptr() as *const __m128i)),
                 dmin: _mm256_setzero_ps(),
@@ -235,20 +252,25 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
     debug_assert!(x.xq.len() >= rows * groups * GROUP_BYTES_K && x.blocks.len() >= rows * nb);
     let mut acc = vec![[_mm256_setzero_ps(); NR]; rows];
     for g in 0..groups {
-        let dec: [GroupK; NR] =
-            std::array::from_fn(|i| unsafe { W::decode8(&w[i][g * LANES..g * LANES + LANES]) });
+        let mut dec = [GroupK::ZERO; NR];
+        for (d, wi) in dec.iter_mut().zip(&w) {
+            *d = unsafe { W::decode8(&wi[g * LANES..g * LANES + LANES]) };
+        }
         for (rr, a) in acc.iter_mut().enumerate() {
             let gi = rr * groups + g;
             let xq = &x.xq[gi * GROUP_BYTES_K..(gi + 1) * GROUP_BYTES_K];
             let xs = &x.xs[gi * GROUP_SUMS_K..(gi + 1) * GROUP_SUMS_K];
-            let ldx =
-                |o: usize| unsafe { _mm256_loadu_si256(xq[o..o + 32].as_ptr() as *const __m256i) };
-            let lds = |j: usize| unsafe {
-                _mm256_loadu_si256(xs[8 * j..8 * j + 8].as_ptr() as *const __m256i)
-            };
+            let mut bsum = [_mm256_setzero_si256(); 16];
+            for (j, v) in bsum.iter_mut().enumerate() {
+                *v = unsafe { _mm256_loadu_si256(xs[8 * j..8 * j + 8].as_ptr() as *const __m256i) };
+            }
             let mut isum = [_mm256_setzero_si256(); NR];
             for s in 0..8 {
-                let xv: [__m256i; 8] = std::array::from_fn(|t| ldx(256 * s + 32 * t));
+                let mut xv = [_mm256_setzero_si256(); 8];
+                for (t, v) in xv.iter_mut().enumerate() {
+                    let o = 256 * s + 32 * t;
+                    *v = unsafe { _mm256_loadu_si256(xq[o..o + 32].as_ptr() as *const __m256i) };
+                }
                 for i in 0..NR {
                     let q = &dec[i].q[s];
                     let mut s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[0], xv[0]);
@@ -275,8 +297,8 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
                 let (isum, msum) = if W::Q6 {
                     // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum
                     let mut b = _mm256_setzero_si256();
-                    for j in 0..16 {
-                        b = _mm256_add_epi32(b, _mm256_mullo_epi32(dg.sc[j], lds(j)));
+                    for (&sc, &bs) in dg.sc.iter().zip(&bsum) {
+                        b = _mm256_add_epi32(b, _mm256_mullo_epi32(sc, bs));
                     }
                     (
                         _mm256_sub_epi32(isum[i], _mm256_slli_epi32(b, 5)),
@@ -285,7 +307,7 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
                 } else {
                     let mut m = _mm256_setzero_si256();
                     for s in 0..8 {
-                        let bs = _mm256_add_epi32(lds(2 * s), lds(2 * s + 1));
+                        let bs = _mm256_add_epi32(bsum[2 * s], bsum[2 * s + 1]);
                         m = _mm256_add_epi32(m, _mm256_mullo_epi32(dg.mn[s], bs));
                     }
                     (isum[i], m)
