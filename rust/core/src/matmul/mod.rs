@@ -4,10 +4,15 @@
 //! Each output element is one dot product computed by one fixed sequence (`reference.rs`
 //! defines it; `x86.rs` computes the same bits with AVX2, plus AVX-512 VNNI integer sums for the
 //! 32-weight formats and an AVX-512F nf4 decode where the CPU has them), so results do not
-//! depend on the thread count, on M, or on the instruction set. Work is split over output
-//! features N through the one pool of `parallel.rs`; each task reads a weight row once and uses
-//! it for all M activation rows (4 at a time in the SIMD kernels). FERROQUANT_FORCE_SCALAR=1
-//! runs the references. Other architectures (aarch64: no NEON kernels yet) run the references.
+//! depend on the thread count, on M, on where an output sits in a tile, or on the instruction
+//! set. Work is split over output features N through the one pool of `parallel.rs`: each task
+//! owns whole weight rows and reads them from memory once. For M >= 2 a task's weights stay in
+//! L2 while blocks of activation rows (sized for L2) pass; with VNNI the 32-weight formats and
+//! the K-quants run tiles of 8 weight rows x a block of rows (`x86/tile.rs`, `x86/tile_k.rs`,
+//! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
+//! weight row). Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
+//! FERROQUANT_FORCE_SCALAR=1 runs the references. Other architectures (aarch64: no NEON kernels
+//! yet) run the references.
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
@@ -15,6 +20,8 @@
 //! dequantized product within float rounding; no activation error added to the weights').
 
 pub mod bandwidth;
+#[cfg(target_arch = "x86_64")]
+mod panels;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -166,96 +173,6 @@ impl Plan<'_> {
                 i += 1;
             }
             mb = ms.end;
-        }
-    }
-
-    /// One tile panel: weight rows `n0..n0 + P` with activation rows `ms`, into `yt` (P rows of
-    /// M values).
-    #[cfg(target_arch = "x86_64")]
-    fn panel<const P: usize>(&self, n0: usize, ms: std::ops::Range<usize>, yt: &mut [f32]) {
-        match self.w.qtype {
-            QType::Q4_0 => self.panel_w::<BlockQ4_0, P>(n0, ms, yt),
-            QType::Q8_0 => self.panel_w::<BlockQ8_0, P>(n0, ms, yt),
-            QType::Q5_0 => self.panel_w::<BlockQ5_0, P>(n0, ms, yt),
-            QType::IQ4NL => self.panel_w::<BlockIQ4NL, P>(n0, ms, yt),
-            QType::Q4K => self.panel_k::<BlockQ4K, P>(n0, ms, yt),
-            QType::Q5K => self.panel_k::<BlockQ5K, P>(n0, ms, yt),
-            _ => self.panel_k::<BlockQ6K, P>(n0, ms, yt),
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn panel_k<W: x86::tile_k::TileK, const P: usize>(
-        &self,
-        n0: usize,
-        ms: std::ops::Range<usize>,
-        yt: &mut [f32],
-    ) {
-        use x86::tile_k::{GROUP_BYTES_K, GROUP_SUMS_K};
-        let Acts::Q8K { blocks, xq, xs, xd } = &self.acts else {
-            unreachable!("the K-quant tiles run only with q8_K activations")
-        };
-        let nb = self.k / QK_K;
-        let groups = nb / reference::LANES;
-        let rb = self.row_bytes;
-        let w: [&[W]; P] =
-            std::array::from_fn(|i| bytemuck::cast_slice(&self.w.data[(n0 + i) * rb..][..rb]));
-        let x = x86::tile_k::RowsQ8K {
-            xq: &xq[ms.start * groups * GROUP_BYTES_K..ms.end * groups * GROUP_BYTES_K],
-            xs: &xs[ms.start * groups * GROUP_SUMS_K..ms.end * groups * GROUP_SUMS_K],
-            xd: &xd[ms.start * groups * reference::LANES..ms.end * groups * reference::LANES],
-            blocks: &blocks[ms.start * nb..ms.end * nb],
-        };
-        let mut out = vec![[0.0f32; P]; ms.len()];
-        // SAFETY: tile is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; every
-        // weight row has nb super-blocks, x has ms.len() rows of nb blocks and nb / 8
-        // interleaved groups; out has ms.len() entries.
-        unsafe { x86::tile_k::tile_k_vnni(w, &x, &mut out) };
-        let m = self.m;
-        for (j, o) in out.iter().enumerate() {
-            for (i, &v) in o.iter().enumerate() {
-                yt[i * m + ms.start + j] = v;
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn panel_w<W: x86::tile::Tile32, const P: usize>(
-        &self,
-        n0: usize,
-        ms: std::ops::Range<usize>,
-        yt: &mut [f32],
-    ) {
-        let Acts::Q8_0 {
-            blocks,
-            d,
-            sums,
-            xt,
-        } = &self.acts
-        else {
-            unreachable!("the tile path runs only with q8_0 activations")
-        };
-        let nb = self.k / QK8_0;
-        let gb = nb / reference::LANES * x86::tile::GROUP_BYTES;
-        let rb = self.row_bytes;
-        let w: [&[W]; P] =
-            std::array::from_fn(|i| bytemuck::cast_slice(&self.w.data[(n0 + i) * rb..][..rb]));
-        let x = x86::tile::RowsQ8 {
-            xt: &xt[ms.start * gb..ms.end * gb],
-            blocks: &blocks[ms.start * nb..ms.end * nb],
-            d: &d[ms.start * nb..ms.end * nb],
-            sums: &sums[ms.start * nb..ms.end * nb],
-        };
-        let mut out = vec![[0.0f32; P]; ms.len()];
-        // SAFETY: tile is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; every
-        // weight row has nb blocks, x has ms.len() rows of nb blocks (gb interleaved bytes),
-        // out has ms.len() entries.
-        unsafe { x86::tile::tile32_vnni(w, &x, &mut out) };
-        let m = self.m;
-        for (j, o) in out.iter().enumerate() {
-            for (i, &v) in o.iter().enumerate() {
-                yt[i * m + ms.start + j] = v;
-            }
         }
     }
 
@@ -581,11 +498,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             let mut xt = Vec::new();
             #[cfg(target_arch = "x86_64")]
             if tile {
-                let gb = nb / reference::LANES * x86::tile::GROUP_BYTES;
-                xt = vec![0u8; m * gb];
-                for (o, b) in xt.chunks_mut(gb.max(1)).zip(blocks.chunks(nb)) {
-                    x86::tile::interleave_q8_0(b, o);
-                }
+                xt = panels::interleave_q8_0_rows(&blocks, nb);
             }
             let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
             (
@@ -615,21 +528,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             let (mut xq, mut xs, mut xd) = (Vec::new(), Vec::new(), Vec::new());
             #[cfg(target_arch = "x86_64")]
             if tile {
-                use x86::tile_k::{interleave_q8_k, GROUP_BYTES_K, GROUP_SUMS_K};
-                let groups = nb / reference::LANES;
-                xq = vec![0u8; m * groups * GROUP_BYTES_K];
-                xs = vec![0i32; m * groups * GROUP_SUMS_K];
-                xd = vec![0f32; m * groups * reference::LANES];
-                if groups > 0 {
-                    for (((b, q), s), d) in blocks
-                        .chunks(nb)
-                        .zip(xq.chunks_mut(groups * GROUP_BYTES_K))
-                        .zip(xs.chunks_mut(groups * GROUP_SUMS_K))
-                        .zip(xd.chunks_mut(groups * reference::LANES))
-                    {
-                        interleave_q8_k(b, q, s, d);
-                    }
-                }
+                (xq, xs, xd) = panels::interleave_q8_k_rows(&blocks, nb);
             }
             let row_bytes = if tile {
                 k + k / 2 + nb * 4
