@@ -1,0 +1,264 @@
+//! The forward pass of a Llama-family decoder, as llama.cpp's `llm_build_llama` computes it:
+//! embedding lookup; per block RMSNorm, Q/K/V projections (+ optional biases), normal (pairwise)
+//! RoPE, grouped-query attention over an f32 KV cache, output projection, residual; RMSNorm,
+//! SwiGLU feed-forward, residual; final RMSNorm and the output head (tied to token_embd when the
+//! file has no output.weight).
+//!
+//! A batch of `n` tokens at positions `n_past..n_past + n` is one call: every projection is one
+//! `qmatmul` with M = n (prefill uses the small-M GEMM, decode the GEMV). Work is split only by
+//! output rows (matmuls) and by (token, head) pairs (attention), each computed by one fixed
+//! sequence, so results do not depend on the thread count.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::matmul::qmatmul;
+use crate::parallel;
+
+use super::config::Config;
+use super::ops;
+use super::weights::{Weight, Weights};
+
+/// A loaded model and its KV cache (one sequence).
+pub struct Llama {
+    pub cfg: Config,
+    pub weights: Weights,
+    /// Positions the cache holds room for.
+    pub n_ctx: usize,
+    /// Positions already in the cache (the next token's position).
+    pub n_past: usize,
+    /// n_layer x n_ctx x kv_dim each.
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
+}
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+/// `out = x · Wᵀ` for any weight kind (M = `m` rows of x).
+pub fn matmul(w: &Weight, file: &[u8], x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+    let (n, k) = (w.rows(), w.cols());
+    if let Some(view) = w.view(file, 0, n) {
+        return qmatmul(x, m, &view, out);
+    }
+    let data = w.f32_data(file).unwrap_or(&[]);
+    if x.len() != m * k || out.len() != m * n || data.len() != n * k {
+        return Err(invalid(format!(
+            "f32 matmul shapes: x {} for {m}x{k}, out {} for {m}x{n}",
+            x.len(),
+            out.len()
+        )));
+    }
+    let per_task = parallel::rows_per_task(n, k.saturating_mul(m));
+    let mut yt = vec![0f32; n * m];
+    parallel::install(|| {
+        yt.par_chunks_mut(per_task * m)
+            .enumerate()
+            .for_each(|(t, chunk)| {
+                for (i, yr) in chunk.chunks_mut(m).enumerate() {
+                    let r = t * per_task + i;
+                    let wr = &data[r * k..(r + 1) * k];
+                    for (mi, y) in yr.iter_mut().enumerate() {
+                        *y = ops::dot(&x[mi * k..(mi + 1) * k], wr);
+                    }
+                }
+            })
+    });
+    for (r, yr) in yt.chunks_exact(m).enumerate() {
+        for (mi, &v) in yr.iter().enumerate() {
+            out[mi * n + r] = v;
+        }
+    }
+    Ok(())
+}
+
+fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
+    if let Some(b) = b {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, &bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    }
+}
+
+impl Llama {
+    /// Map `path`, read the configuration and weights, allocate a cache of `n_ctx` positions
+    /// (None: the training context, at most 4096).
+    pub fn open(path: impl AsRef<Path>, n_ctx: Option<usize>) -> Result<Llama> {
+        Self::from_file(Arc::new(GgufFile::open(path)?), n_ctx)
+    }
+
+    pub fn from_file(file: Arc<GgufFile>, n_ctx: Option<usize>) -> Result<Llama> {
+        let vocab_rows = file
+            .header()
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).copied())
+            .ok_or_else(|| Error::Format {
+                field: "tensor token_embd.weight".into(),
+                offset: 0,
+                message: "missing from the GGUF file (or not 2-D)".into(),
+            })?;
+        let cfg = Config::from_header(file.header(), vocab_rows as usize)?;
+        let weights = Weights::load(file, &cfg)?;
+        let n_ctx = n_ctx.unwrap_or(cfg.n_ctx_train.min(4096));
+        if n_ctx == 0 {
+            return Err(invalid("n_ctx must be at least 1".into()));
+        }
+        let cache = cfg
+            .n_layer
+            .checked_mul(n_ctx)
+            .and_then(|v| v.checked_mul(cfg.kv_dim()))
+            .filter(|&v| v <= (1usize << 34))
+            .ok_or_else(|| invalid(format!("a KV cache of n_ctx={n_ctx} is too large")))?;
+        Ok(Llama {
+            cfg,
+            weights,
+            n_ctx,
+            n_past: 0,
+            k_cache: vec![0f32; cache],
+            v_cache: vec![0f32; cache],
+        })
+    }
+
+    /// Forget the sequence (the cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Run `tokens` at positions `n_past..`, append them to the cache and return the logits:
+    /// of every token (n x vocab) when `all_logits`, else of the last one (vocab).
+    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        if n == 0 {
+            return Err(invalid("forward needs at least one token".into()));
+        }
+        if let Some((i, &t)) = tokens
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= self.cfg.vocab)
+        {
+            return Err(invalid(format!(
+                "token {t} at index {i} is outside the vocabulary of {}",
+                self.cfg.vocab
+            )));
+        }
+        if self.n_past + n > self.n_ctx {
+            return Err(invalid(format!(
+                "context full: {} cached + {n} new tokens > n_ctx {}",
+                self.n_past, self.n_ctx
+            )));
+        }
+        let out = parallel::install(|| self.forward_inner(tokens, all_logits))?;
+        self.n_past += n;
+        Ok(out)
+    }
+
+    fn forward_inner(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        let cfg = self.cfg.clone();
+        let (n, e, hd) = (tokens.len(), cfg.n_embd, cfg.head_dim);
+        let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
+        let file = self.weights.file.clone();
+        let bytes = file.bytes();
+        let mut x = vec![0f32; n * e];
+        for (row, &t) in x.chunks_exact_mut(e).zip(tokens) {
+            self.weights.token_embd.row_f32(bytes, t as usize, row)?;
+        }
+        let mut cs = vec![0f32; n * cfg.rope_dim];
+        for (i, c) in cs.chunks_exact_mut(cfg.rope_dim.max(1)).enumerate() {
+            let pos = self.n_past + i;
+            ops::rope_cache(pos, cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, c);
+        }
+        let mut xn = vec![0f32; n * e];
+        let (mut q, mut k, mut v) = (vec![0f32; n * qd], vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut att = vec![0f32; n * qd];
+        let mut proj = vec![0f32; n * e];
+        let (mut gate, mut up, mut h) =
+            (vec![0f32; n * ff], vec![0f32; n * ff], vec![0f32; n * ff]);
+        let layer_len = self.n_ctx * kvd;
+        for (li, l) in self.weights.layers.iter().enumerate() {
+            for (xr, yr) in x.chunks_exact(e).zip(xn.chunks_exact_mut(e)) {
+                ops::rms_norm(xr, &l.attn_norm, cfg.rms_eps, yr);
+            }
+            matmul(&l.wq, bytes, &xn, n, &mut q)?;
+            matmul(&l.wk, bytes, &xn, n, &mut k)?;
+            matmul(&l.wv, bytes, &xn, n, &mut v)?;
+            add_bias(&mut q, &l.bq);
+            add_bias(&mut k, &l.bk);
+            add_bias(&mut v, &l.bv);
+            for i in 0..n {
+                let c = &cs[i * cfg.rope_dim..(i + 1) * cfg.rope_dim];
+                ops::rope_heads(&mut q[i * qd..(i + 1) * qd], hd, c);
+                ops::rope_heads(&mut k[i * kvd..(i + 1) * kvd], hd, c);
+            }
+            let base = li * layer_len + self.n_past * kvd;
+            self.k_cache[base..base + n * kvd].copy_from_slice(&k);
+            self.v_cache[base..base + n * kvd].copy_from_slice(&v);
+            let kc = &self.k_cache[li * layer_len..(li + 1) * layer_len];
+            let vc = &self.v_cache[li * layer_len..(li + 1) * layer_len];
+            attention(&cfg, &q, kc, vc, self.n_past, &mut att);
+            matmul(&l.wo, bytes, &att, n, &mut proj)?;
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+            for (xr, yr) in x.chunks_exact(e).zip(xn.chunks_exact_mut(e)) {
+                ops::rms_norm(xr, &l.ffn_norm, cfg.rms_eps, yr);
+            }
+            matmul(&l.w_gate, bytes, &xn, n, &mut gate)?;
+            matmul(&l.w_up, bytes, &xn, n, &mut up)?;
+            ops::swiglu(&gate, &up, &mut h);
+            matmul(&l.w_down, bytes, &h, n, &mut proj)?;
+            for (a, b) in x.iter_mut().zip(&proj) {
+                *a += b;
+            }
+        }
+        let rows: Vec<usize> = if all_logits {
+            (0..n).collect()
+        } else {
+            vec![n - 1]
+        };
+        let mut xo = vec![0f32; rows.len() * e];
+        for (yr, &r) in xo.chunks_exact_mut(e).zip(&rows) {
+            ops::rms_norm(
+                &x[r * e..(r + 1) * e],
+                &self.weights.output_norm,
+                cfg.rms_eps,
+                yr,
+            );
+        }
+        let mut logits = vec![0f32; rows.len() * cfg.vocab];
+        matmul(&self.weights.output, bytes, &xo, rows.len(), &mut logits)?;
+        Ok(logits)
+    }
+}
+
+/// Causal grouped-query attention for `n` new tokens at positions `n_past..`: query head `h`
+/// reads key/value head `h / (n_head / n_head_kv)`; scores `q·k` scaled by 1/sqrt(head_dim),
+/// softmax over positions `0..=pos`, then the weighted sum of values in position order.
+pub fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize, out: &mut [f32]) {
+    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
+    let group = cfg.n_head / cfg.n_head_kv;
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (ih, o)| {
+            let (i, h) = (ih / nh, ih % nh);
+            let pos = n_past + i;
+            let qh = &q[i * nh * hd + h * hd..][..hd];
+            let off = (h / group) * hd;
+            scores.clear();
+            scores.extend((0..=pos).map(|j| ops::dot(qh, &kc[j * kvd + off..][..hd])));
+            ops::softmax_scaled(scores, scale);
+            o.fill(0.0);
+            for (j, &s) in scores.iter().enumerate() {
+                for (od, &vd) in o.iter_mut().zip(&vc[j * kvd + off..][..hd]) {
+                    *od += s * vd;
+                }
+            }
+        });
+}
