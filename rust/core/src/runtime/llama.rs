@@ -77,6 +77,19 @@ pub fn matmul(w: &Weight, file: &[u8], x: &[f32], m: usize, out: &mut [f32]) -> 
     Ok(())
 }
 
+/// Split each of the `m` rows of a stacked product (`parts`' widths side by side) into the parts.
+fn split_rows(stacked: &[f32], m: usize, parts: &mut [&mut [f32]]) {
+    let width = stacked.len() / m;
+    for (i, row) in stacked.chunks_exact(width).enumerate() {
+        let mut at = 0;
+        for p in parts.iter_mut() {
+            let w = p.len() / m;
+            p[i * w..(i + 1) * w].copy_from_slice(&row[at..at + w]);
+            at += w;
+        }
+    }
+}
+
 fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
     if let Some(b) = b {
         for row in y.chunks_exact_mut(b.len()) {
@@ -180,14 +193,24 @@ impl Llama {
         let mut proj = vec![0f32; n * e];
         let (mut gate, mut up, mut h) =
             (vec![0f32; n * ff], vec![0f32; n * ff], vec![0f32; n * ff]);
+        let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
+        let mut gate_up = vec![0f32; n * 2 * ff];
         let layer_len = self.n_ctx * kvd;
         for (li, l) in self.weights.layers.iter().enumerate() {
             for (xr, yr) in x.chunks_exact(e).zip(xn.chunks_exact_mut(e)) {
                 ops::rms_norm(xr, &l.attn_norm, cfg.rms_eps, yr);
             }
-            matmul(&l.wq, bytes, &xn, n, &mut q)?;
-            matmul(&l.wk, bytes, &xn, n, &mut k)?;
-            matmul(&l.wv, bytes, &xn, n, &mut v)?;
+            match &l.wqkv {
+                Some(w) => {
+                    matmul(w, bytes, &xn, n, &mut qkv)?;
+                    split_rows(&qkv, n, &mut [&mut q[..], &mut k[..], &mut v[..]]);
+                }
+                None => {
+                    matmul(&l.wq, bytes, &xn, n, &mut q)?;
+                    matmul(&l.wk, bytes, &xn, n, &mut k)?;
+                    matmul(&l.wv, bytes, &xn, n, &mut v)?;
+                }
+            }
             add_bias(&mut q, &l.bq);
             add_bias(&mut k, &l.bk);
             add_bias(&mut v, &l.bv);
@@ -209,8 +232,16 @@ impl Llama {
             for (xr, yr) in x.chunks_exact(e).zip(xn.chunks_exact_mut(e)) {
                 ops::rms_norm(xr, &l.ffn_norm, cfg.rms_eps, yr);
             }
-            matmul(&l.w_gate, bytes, &xn, n, &mut gate)?;
-            matmul(&l.w_up, bytes, &xn, n, &mut up)?;
+            match &l.w_gate_up {
+                Some(w) => {
+                    matmul(w, bytes, &xn, n, &mut gate_up)?;
+                    split_rows(&gate_up, n, &mut [&mut gate[..], &mut up[..]]);
+                }
+                None => {
+                    matmul(&l.w_gate, bytes, &xn, n, &mut gate)?;
+                    matmul(&l.w_up, bytes, &xn, n, &mut up)?;
+                }
+            }
             ops::swiglu(&gate, &up, &mut h);
             matmul(&l.w_down, bytes, &h, n, &mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
@@ -240,25 +271,120 @@ impl Llama {
 /// Causal grouped-query attention for `n` new tokens at positions `n_past..`: query head `h`
 /// reads key/value head `h / (n_head / n_head_kv)`; scores `q·k` scaled by 1/sqrt(head_dim),
 /// softmax over positions `0..=pos`, then the weighted sum of values in position order.
+/// One task per (token, head); the per-head arithmetic is the same with or without AVX2.
 pub fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize, out: &mut [f32]) {
     let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
     let group = cfg.n_head / cfg.n_head_kv;
     let scale = 1.0f32 / (hd as f32).sqrt();
+    let avx2 = use_avx2();
     out.par_chunks_mut(hd)
         .enumerate()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (ih, o)| {
             let (i, h) = (ih / nh, ih % nh);
-            let pos = n_past + i;
-            let qh = &q[i * nh * hd + h * hd..][..hd];
-            let off = (h / group) * hd;
-            scores.clear();
-            scores.extend((0..=pos).map(|j| ops::dot(qh, &kc[j * kvd + off..][..hd])));
-            ops::softmax_scaled(scores, scale);
-            o.fill(0.0);
-            for (j, &s) in scores.iter().enumerate() {
-                for (od, &vd) in o.iter_mut().zip(&vc[j * kvd + off..][..hd]) {
-                    *od += s * vd;
-                }
+            let head = Head {
+                q: &q[i * nh * hd + h * hd..][..hd],
+                kc,
+                vc,
+                kvd,
+                off: (h / group) * hd,
+                npos: n_past + i + 1,
+                scale,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
+                return unsafe { head_avx2(&head, scores, o) };
             }
+            let _ = avx2;
+            head.attend(scores, o)
         });
+}
+
+fn use_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::formats::simd::has_avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One query head against the cached keys/values of its key/value head.
+struct Head<'a> {
+    q: &'a [f32],
+    kc: &'a [f32],
+    vc: &'a [f32],
+    kvd: usize,
+    off: usize,
+    npos: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// Scores, softmax, weighted values: each score is `ops::dot8`; each output element sums
+    /// `s_j * v_j` in position order. Plain indexed loops, so that everything is generated inside
+    /// `head_avx2` (iterator adaptors would be instantiated outside it and lose AVX2); head
+    /// widths 64 and 128 get a copy with the width known at compile time (the same arithmetic,
+    /// with every output element in its own register lane).
+    #[inline(always)]
+    fn attend(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
+        match o.len() {
+            64 => self.attend_n::<64>(scores, o),
+            128 => self.attend_n::<128>(scores, o),
+            _ => self.attend_any(scores, o),
+        }
+    }
+
+    #[inline(always)]
+    fn scores(&self, scores: &mut Vec<f32>, hd: usize) {
+        scores.resize(self.npos, 0.0);
+        for j in 0..self.npos {
+            scores[j] = ops::dot8(self.q, &self.kc[j * self.kvd + self.off..][..hd]);
+        }
+        ops::softmax_scaled(scores, self.scale);
+    }
+
+    #[inline(always)]
+    fn attend_n<const HD: usize>(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
+        let q: &[f32; HD] = self.q.try_into().expect("HD elements");
+        scores.resize(self.npos, 0.0);
+        for j in 0..self.npos {
+            let k: &[f32; HD] = self.kc[j * self.kvd + self.off..][..HD]
+                .try_into()
+                .expect("HD elements");
+            scores[j] = ops::dot8_n(q, k);
+        }
+        ops::softmax_scaled(scores, self.scale);
+        let mut acc = [0f32; HD];
+        for (j, &s) in scores.iter().enumerate() {
+            let v: &[f32; HD] = self.vc[j * self.kvd + self.off..][..HD]
+                .try_into()
+                .expect("HD elements");
+            for d in 0..HD {
+                acc[d] += s * v[d];
+            }
+        }
+        o.copy_from_slice(&acc);
+    }
+
+    #[inline(always)]
+    fn attend_any(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
+        let hd = o.len();
+        self.scores(scores, hd);
+        o.fill(0.0);
+        for (j, &s) in scores.iter().enumerate() {
+            let v = &self.vc[j * self.kvd + self.off..][..hd];
+            for d in 0..hd {
+                o[d] += s * v[d];
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn head_avx2(h: &Head<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
+    h.attend(scores, o)
 }
