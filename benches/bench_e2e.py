@@ -65,11 +65,22 @@ def f32_gguf(src: Path, dst: Path, n_layers: int | None = None) -> None:
 
 
 def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> None:
+    """llama.cpp's quantizer (its per-tensor log silenced: it writes to file descriptor 2)."""
     llama_cpp = require("llama_cpp")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.nthread = threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            rc = llama_cpp.llama_model_quantize(
+                str(src).encode(), str(dst).encode(), ctypes.byref(params)
+            )
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({ftype}) failed")
 
@@ -225,7 +236,11 @@ def main() -> None:
                 ds = statistics.median(N_DECODE / d for _, d in res[e.name])
                 if base is None:
                     base = (ps, ds)
-                same = sum(a == b for a, b in zip(toks[e.name], toks[engines[0].name]))
+                same = 0  # length of the greedy prefix equal to llama.cpp's
+                for a, b in zip(toks[e.name], toks[engines[0].name], strict=True):
+                    if a != b:
+                        break
+                    same += 1
                 rows.append((q, t, e.name, ps, ds, ps / base[0], ds / base[1], same))
                 print(f"{q} t={t} {e.name}: prompt {ps:.1f} tok/s, decode {ds:.1f} tok/s",
                       file=sys.stderr)  # fmt: skip
@@ -235,8 +250,10 @@ def main() -> None:
     print(f"\n{datetime.date.today()} {cpu}, {os.cpu_count()} cores, load average "
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; ferroquant {fq.__version__}; "
           f"prompt {N_PROMPT} tokens, {N_DECODE} decoded, median of {args.repeats}")  # fmt: skip
-    print("| qtype | threads | engine | prompt tok/s | decode tok/s | prompt vs llama.cpp "
-          "| decode vs llama.cpp | greedy tokens equal to llama.cpp's |")
+    print(
+        "| qtype | threads | engine | prompt tok/s | decode tok/s | prompt vs llama.cpp "
+        "| decode vs llama.cpp | greedy tokens as llama.cpp's |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for q, t, name, ps, ds, rp, rd, same in rows:
         print(f"| {q} | {t} | {name} | {ps:.1f} | {ds:.1f} | {rp:.2f}x | {rd:.2f}x "

@@ -64,6 +64,8 @@ class LlamaRuntime:
         """Load a llama-architecture GGUF. `n_threads` sets ferroquant's thread pool (shared by
         the whole process; None leaves it as it is). `n_ctx`: KV cache positions (None: the
         model's training context, at most 4096)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)}")
         if n_threads is not None:
             _native.set_num_threads(int(n_threads))
         return cls(_native.LlamaModel(os.fspath(path), n_ctx), os.fspath(path))
