@@ -357,3 +357,10 @@ def test_bad_calls_raise(models):
     assert rt.n_past == 6  # a refused call changes nothing
     rt.reset()
     assert rt.n_past == 0 and rt.forward([1]).shape == (VOCAB,)
+
+
+def test_cli_generate_reports_a_missing_file(tmp_path, capsys):
+    from ferroquant import cli
+
+    assert cli.main(["generate", str(tmp_path / "nope.gguf"), "--prompt", "hi"]) == 2
+    assert "nope.gguf" in capsys.readouterr().err

@@ -128,4 +128,58 @@ class LlamaRuntime:
         )
 
 
-__all__ = ["Generation", "LlamaRuntime"]
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The GGUF's tokenizer, built by transformers from the file's metadata (as `ferroquant eval`
+    does; the conversion takes a few seconds for a large vocabulary)."""
+    from .eval_load import need, resolve_model
+
+    folder, name = resolve_model(path)
+    if name is None:
+        raise ValueError(f"expected a .gguf file, got the folder {path}")
+    transformers = need("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+
+
+def generate_text(
+    path: str | os.PathLike[str],
+    prompt: str,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    n_threads: int | None = None,
+    n_ctx: int | None = 2048,
+    chat: bool = False,
+) -> dict[str, Any]:
+    """Tokenize `prompt` (through the chat template with `chat`), generate until the tokenizer's
+    end-of-sequence token or `max_new_tokens`, and decode. Returns the text, the token ids, the
+    speeds and the load report."""
+    tok = load_tokenizer(path)
+    if chat:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    else:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    rt = LlamaRuntime.from_gguf(path, n_threads=n_threads, n_ctx=n_ctx)
+    stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    g = rt.generate(ids, max_new_tokens, temperature, top_k, seed, stop)
+    text = tok.decode(g.tokens, skip_special_tokens=True)
+    return {
+        "prompt": prompt,
+        "text": text,
+        "prompt_token_ids": [int(i) for i in ids],
+        "token_ids": g.tokens,
+        "prompt_tokens_per_second": g.prompt_tokens_per_second,
+        "decode_tokens_per_second": g.decode_tokens_per_second,
+        "threads": _native.num_threads(),
+        "load_report": rt.load_report["summary"],
+    }
+
+
+__all__ = ["Generation", "LlamaRuntime", "generate_text", "load_tokenizer"]
