@@ -289,13 +289,13 @@ pub fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize,
                 off: (h / group) * hd,
                 npos: n_past + i + 1,
                 scale,
+                avx2,
             };
             #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
                 return unsafe { head_avx2(&head, scores, o) };
             }
-            let _ = avx2;
             head.attend(scores, o)
         });
 }
@@ -320,8 +320,11 @@ struct Head<'a> {
     off: usize,
     npos: usize,
     scale: f32,
+    avx2: bool,
 }
 
+// Indexed loops on purpose: see `attend`.
+#[allow(clippy::needless_range_loop)]
 impl Head<'_> {
     /// Scores, softmax, weighted values: each score is `ops::dot8`; each output element sums
     /// `s_j * v_j` in position order. Plain indexed loops, so that everything is generated inside
@@ -346,6 +349,17 @@ impl Head<'_> {
         ops::softmax_scaled(scores, self.scale);
     }
 
+    /// `ops::dot8_n`, with AVX2 intrinsics where detected (the same float either way).
+    #[inline(always)]
+    fn dot8_n<const HD: usize>(&self, q: &[f32; HD], k: &[f32; HD]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if self.avx2 {
+            // SAFETY: avx2 is set only when AVX2 was detected; HD is 64 or 128 (multiples of 8).
+            return unsafe { ops::dot8_n_avx2(q, k) };
+        }
+        ops::dot8_n(q, k)
+    }
+
     #[inline(always)]
     fn attend_n<const HD: usize>(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
         let q: &[f32; HD] = self.q.try_into().expect("HD elements");
@@ -354,7 +368,7 @@ impl Head<'_> {
             let k: &[f32; HD] = self.kc[j * self.kvd + self.off..][..HD]
                 .try_into()
                 .expect("HD elements");
-            scores[j] = ops::dot8_n(q, k);
+            scores[j] = self.dot8_n(q, k);
         }
         ops::softmax_scaled(scores, self.scale);
         let mut acc = [0f32; HD];
@@ -387,4 +401,100 @@ impl Head<'_> {
 #[target_feature(enable = "avx2")]
 fn head_avx2(h: &Head<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
     h.attend(scores, o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(n_head: usize, n_head_kv: usize, head_dim: usize) -> Config {
+        Config {
+            n_layer: 1,
+            n_embd: n_head * head_dim,
+            n_ff: 1,
+            n_head,
+            n_head_kv,
+            head_dim,
+            rope_dim: head_dim,
+            rope_base: 10000.0,
+            rope_freq_scale: 1.0,
+            rms_eps: 1e-5,
+            n_ctx_train: 16,
+            vocab: 1,
+        }
+    }
+
+    fn vals(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 250.0 - 2.0)
+            .collect()
+    }
+
+    /// softmax(q·k / sqrt(d)) · V over positions 0..=pos in f64, per (token, head).
+    fn naive(c: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize, n: usize) -> Vec<f64> {
+        let (hd, kvd) = (c.head_dim, c.kv_dim());
+        let mut out = vec![0f64; n * c.q_dim()];
+        for i in 0..n {
+            for h in 0..c.n_head {
+                let off = (h / (c.n_head / c.n_head_kv)) * hd;
+                let qh = &q[i * c.q_dim() + h * hd..][..hd];
+                let s: Vec<f64> = (0..=n_past + i)
+                    .map(|j| {
+                        let k = &kc[j * kvd + off..][..hd];
+                        let d: f64 = qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        d / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                for (j, sj) in s.iter().enumerate() {
+                    let w = (sj - m).exp() / z;
+                    for d in 0..hd {
+                        out[i * c.q_dim() + h * hd + d] += w * vc[j * kvd + off + d] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_the_formula_for_every_head_width() {
+        for hd in [8usize, 64, 128] {
+            let c = cfg(6, 2, hd);
+            let (n_past, n) = (5, 3);
+            let q = vals(n * c.q_dim(), 1);
+            let kc = vals((n_past + n) * c.kv_dim(), 2);
+            let vc = vals((n_past + n) * c.kv_dim(), 3);
+            let mut out = vec![0f32; n * c.q_dim()];
+            attention(&c, &q, &kc, &vc, n_past, &mut out);
+            let want = naive(&c, &q, &kc, &vc, n_past, n);
+            for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (o as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                    "hd {hd} at {i}"
+                );
+            }
+            // The portable path gives the same floats as the AVX2 one.
+            let head = |avx2| Head {
+                q: &q[..hd],
+                kc: &kc,
+                vc: &vc,
+                kvd: c.kv_dim(),
+                off: 0,
+                npos: n_past + 1,
+                scale: 1.0 / (hd as f32).sqrt(),
+                avx2,
+            };
+            let (mut s, mut a, mut b) = (Vec::new(), vec![0f32; hd], vec![0f32; hd]);
+            head(false).attend(&mut s, &mut a);
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2() {
+                // SAFETY: AVX2 detected.
+                unsafe { head_avx2(&head(true), &mut s, &mut b) };
+                assert_eq!(a, b, "hd {hd}");
+            }
+            let _ = &mut b;
+        }
+    }
 }

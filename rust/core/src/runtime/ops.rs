@@ -137,6 +137,32 @@ pub fn dot8_n<const N: usize>(a: &[f32; N], b: &[f32; N]) -> f32 {
     s2[0] + s2[1]
 }
 
+/// `dot8_n` with AVX2 intrinsics: the same lanes and the same tree, so the same float.
+///
+/// # Safety
+/// The CPU must support AVX2; `N` must be a multiple of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub unsafe fn dot8_n_avx2<const N: usize>(a: &[f32; N], b: &[f32; N]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    for c in 0..N / 8 {
+        // SAFETY: c * 8 + 8 <= N, so both 8-float loads are inside the arrays (unaligned loads).
+        let (x, y) = unsafe {
+            (
+                _mm256_loadu_ps(a.as_ptr().add(c * 8)),
+                _mm256_loadu_ps(b.as_ptr().add(c * 8)),
+            )
+        };
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+    }
+    // [a0+a4, a1+a5, a2+a6, a3+a7], then [s0+s2, s1+s3], then their sum: dot8_n's tree.
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)))
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
@@ -253,6 +279,12 @@ mod tests {
         let (a64, b64): (&[f32; 64], &[f32; 64]) =
             (a[..].try_into().unwrap(), b[..].try_into().unwrap());
         assert_eq!(dot8(&a, &b).to_bits(), dot8_n(a64, b64).to_bits());
+        #[cfg(target_arch = "x86_64")]
+        if crate::formats::simd::has_avx2() {
+            // SAFETY: AVX2 detected; 64 is a multiple of 8.
+            let simd = unsafe { dot8_n_avx2(a64, b64) };
+            assert_eq!(simd.to_bits(), dot8_n(a64, b64).to_bits());
+        }
         {}
     }
 }

@@ -342,7 +342,7 @@ impl Loader<'_> {
         let t = self.info(name)?.clone();
         let ok = t.dims.len() == 2
             && t.dims[0] == cols as u64
-            && rows.map_or(true, |r| t.dims[1] == r as u64);
+            && rows.is_none_or(|r| t.dims[1] == r as u64);
         if !ok {
             let r = rows.map_or("N".to_string(), |r| r.to_string());
             return Err(shape_err(&t, &format!("[{cols}, {r}]")));
@@ -443,5 +443,85 @@ impl Weights {
     /// The mapped file's bytes (what `Weight` ranges index).
     pub fn bytes(&self) -> &[u8] {
         self.file.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::Matrix;
+    use crate::matmul::qmatmul;
+    use crate::quantize::{quantize, Options};
+
+    fn quant(rows: usize, cols: usize, qtype: QType, seed: u32) -> Weight {
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as u32 ^ seed).wrapping_mul(2654435761) % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let m = Matrix::from_f32(&x, rows, cols).unwrap();
+        let q = quantize(&m, qtype, &Options::default()).unwrap();
+        Weight::Repacked {
+            qtype,
+            rows,
+            cols,
+            data: q.data,
+        }
+    }
+
+    fn product(w: &Weight, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * w.rows()];
+        qmatmul(x, m, &w.view(&[], 0, w.rows()).unwrap(), &mut y).unwrap();
+        y
+    }
+
+    #[test]
+    fn q5_0_repacked_as_q8_0_gives_the_same_products_bit_for_bit() {
+        let (n, k) = (24, 576);
+        let w5 = quant(n, k, QType::Q5_0, 7);
+        let Weight::Repacked { data, .. } = &w5 else {
+            unreachable!()
+        };
+        let w8 = Weight::Repacked {
+            qtype: QType::Q8_0,
+            rows: n,
+            cols: k,
+            data: repack_q5_0(data),
+        };
+        for m in [1usize, 3, 8] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let (a, b) = (product(&w5, &x, m), product(&w8, &x, m));
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "m={m}"
+            );
+        }
+    }
+
+    #[test]
+    fn stacked_matrices_give_the_rows_of_each() {
+        let k = 256;
+        let parts = [
+            quant(5, k, QType::Q4K, 1),
+            quant(3, k, QType::Q4K, 2),
+            quant(4, k, QType::Q4K, 3),
+        ];
+        let s = stack(&[&parts[0], &parts[1], &parts[2]], &[]).unwrap();
+        assert_eq!((s.rows(), s.cols()), (12, k));
+        let m = 2;
+        let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let all = product(&s, &x, m);
+        let mut at = 0;
+        for p in &parts {
+            let y = product(p, &x, m);
+            for r in 0..m {
+                let got = &all[r * 12 + at..r * 12 + at + p.rows()];
+                assert_eq!(got, &y[r * p.rows()..(r + 1) * p.rows()]);
+            }
+            at += p.rows();
+        }
+        // Mixed qtypes are not stacked.
+        let other = quant(2, k, QType::Q8_0, 4);
+        assert!(stack(&[&parts[0], &other], &[]).is_none());
     }
 }
