@@ -46,6 +46,17 @@ from peers import require  # noqa: E402
 N_PROMPT, N_DECODE = 128, 64
 
 
+def clock() -> tuple[float, float]:
+    """(wall, process CPU) seconds; CPU time counts every thread of the process, spinning ones
+    included, and is what a busy machine distorts least at one thread."""
+    return time.perf_counter(), time.process_time()
+
+
+def spans(t0, t1, t2) -> tuple[float, float, float, float]:
+    """(prompt wall, decode wall, prompt CPU, decode CPU) from three clock() readings."""
+    return t1[0] - t0[0], t2[0] - t1[0], t1[1] - t0[1], t2[1] - t1[1]
+
+
 def f32_gguf(src: Path, dst: Path, n_layers: int | None = None) -> None:
     """`src` with every tensor dequantized to f32 (and only its first `n_layers` blocks)."""
     with fg.open(src) as f:
@@ -119,19 +130,19 @@ class LlamaCpp:
         ptr = self.lib.llama_get_logits_ith(self.llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.vocab,))
 
-    def run(self, prompt: list[int]) -> tuple[float, float, list[int]]:
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
         self.llm.reset()
-        t0 = time.perf_counter()
+        t0 = clock()
         self.llm.eval(prompt)
         nxt = int(np.argmax(self.logits()))
-        t1 = time.perf_counter()
+        t1 = clock()
         out = [nxt]
         for _ in range(N_DECODE):
             self.llm.eval([nxt])
             nxt = int(np.argmax(self.logits()))
             out.append(nxt)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, out
+        t2 = clock()
+        return (*spans(t0, t1, t2), out)
 
 
 class Ours:
@@ -141,27 +152,32 @@ class Ours:
         self.threads = threads
         self.rt = LlamaRuntime.from_gguf(path, n_threads=threads, n_ctx=512)
 
-    def run(self, prompt: list[int]) -> tuple[float, float, list[int]]:
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
         fq.set_num_threads(self.threads)
         self.rt.reset()
-        t0 = time.perf_counter()
+        t0 = clock()
         nxt = int(np.argmax(self.rt.forward(prompt)))
-        t1 = time.perf_counter()
+        t1 = clock()
         out = [nxt]
         for _ in range(N_DECODE):
             nxt = int(np.argmax(self.rt.forward([nxt])))
             out.append(nxt)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, out
+        t2 = clock()
+        return (*spans(t0, t1, t2), out)
 
 
 class OursGenerate(Ours):
     name = "ferroquant generate"
 
-    def run(self, prompt: list[int]) -> tuple[float, float, list[int]]:
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
         fq.set_num_threads(self.threads)
+        t0 = clock()
         g = self.rt.generate(prompt, N_DECODE + 1)
-        return g.prompt_seconds, g.decode_seconds, g.tokens
+        t2 = clock()
+        # the split of CPU time between the phases is taken from the wall split
+        cpu = t2[1] - t0[1]
+        share = g.prompt_seconds / max(g.prompt_seconds + g.decode_seconds, 1e-9)
+        return g.prompt_seconds, g.decode_seconds, cpu * share, cpu * (1 - share), g.tokens
 
 
 class HF:
@@ -176,27 +192,27 @@ class HF:
         m = transformers.AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
-        self.model = fq.quantize_model(m.eval(), recipe)
+        self.model = fq.quantize_model(m.eval(), recipe, progress=False)
         self.threads = threads
 
-    def run(self, prompt: list[int]) -> tuple[float, float, list[int]]:
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
         torch = self.torch
         torch.set_num_threads(self.threads)
         fq.set_num_threads(self.threads)
         ids = torch.tensor([prompt])
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0 = clock()
             o = self.model(input_ids=ids, use_cache=True)
             past, nxt = o.past_key_values, int(o.logits[0, -1].argmax())
-            t1 = time.perf_counter()
+            t1 = clock()
             out = [nxt]
             for _ in range(N_DECODE):
                 o = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=past,
                                use_cache=True)  # fmt: skip
                 past, nxt = o.past_key_values, int(o.logits[0, -1].argmax())
                 out.append(nxt)
-            t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, out
+            t2 = clock()
+        return (*spans(t0, t1, t2), out)
 
 
 def main() -> None:
@@ -219,7 +235,7 @@ def main() -> None:
             prompt = prompt_tokens(engines[0].llm)
             if not args.no_hf:
                 engines.append(HF(files[q], t, q))
-            res: dict[str, list[tuple[float, float]]] = {e.name: [] for e in engines}
+            res: dict[str, list[tuple[float, ...]]] = {e.name: [] for e in engines}
             toks: dict[str, list[int]] = {}
             for e in engines:
                 e.run(prompt)  # warm-up
@@ -227,13 +243,14 @@ def main() -> None:
                 for e in engines:
                     if isinstance(e, HF) and len(res[e.name]) >= args.hf_repeats:
                         continue
-                    p, d, out = e.run(prompt)
-                    res[e.name].append((p, d))
+                    *times, out = e.run(prompt)
+                    res[e.name].append(tuple(times))
                     toks[e.name] = out
             base = None
             for e in engines:
-                ps = statistics.median(N_PROMPT / p for p, _ in res[e.name])
-                ds = statistics.median(N_DECODE / d for _, d in res[e.name])
+                ps = statistics.median(N_PROMPT / r[0] for r in res[e.name])
+                ds = statistics.median(N_DECODE / r[1] for r in res[e.name])
+                dcpu = statistics.median(r[3] / N_DECODE * 1e3 for r in res[e.name])
                 if base is None:
                     base = (ps, ds)
                 same = 0  # length of the greedy prefix equal to llama.cpp's
@@ -241,7 +258,7 @@ def main() -> None:
                     if a != b:
                         break
                     same += 1
-                rows.append((q, t, e.name, ps, ds, ps / base[0], ds / base[1], same))
+                rows.append((q, t, e.name, ps, ds, ps / base[0], ds / base[1], dcpu, same))
                 print(f"{q} t={t} {e.name}: prompt {ps:.1f} tok/s, decode {ds:.1f} tok/s",
                       file=sys.stderr)  # fmt: skip
             if hasattr(engines[1], "rt"):
@@ -252,11 +269,11 @@ def main() -> None:
           f"prompt {N_PROMPT} tokens, {N_DECODE} decoded, median of {args.repeats}")  # fmt: skip
     print(
         "| qtype | threads | engine | prompt tok/s | decode tok/s | prompt vs llama.cpp "
-        "| decode vs llama.cpp | greedy tokens as llama.cpp's |"
+        "| decode vs llama.cpp | decode CPU ms/token | greedy prefix equal to llama.cpp's |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for q, t, name, ps, ds, rp, rd, same in rows:
-        print(f"| {q} | {t} | {name} | {ps:.1f} | {ds:.1f} | {rp:.2f}x | {rd:.2f}x "
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q, t, name, ps, ds, rp, rd, dcpu, same in rows:
+        print(f"| {q} | {t} | {name} | {ps:.1f} | {ds:.1f} | {rp:.2f}x | {rd:.2f}x | {dcpu:.2f} "
               f"| {same}/{N_DECODE + 1} |")  # fmt: skip
 
 
