@@ -61,9 +61,10 @@ def _smollm_gguf() -> Path:
 
 
 def write_f32_gguf(src: Path, dst: Path, n_layers: int, drop: tuple[str, ...] = (),
-                   meta: dict | None = None) -> None:  # fmt: skip
+                   meta: dict | None = None, extra: dict | None = None) -> None:  # fmt: skip
     """`src`'s first `n_layers` blocks, every tensor dequantized to f32; `drop` leaves tensors
-    out and `meta` overrides metadata values (for the error tests)."""
+    out, `meta` overrides metadata values (for the error tests), `extra` adds f32 tensors."""
+    extra = extra or {}
     with fg.open(src) as f:
         keep = [
             k for k in f.tensors
@@ -79,8 +80,12 @@ def write_f32_gguf(src: Path, dst: Path, n_layers: int, drop: tuple[str, ...] = 
             w.add_file_type(0)
             for k in keep:
                 w.add_tensor_info(k, f.tensors[k].shape, "f32")
+            for k, v in extra.items():
+                w.add_tensor_info(k, v.shape, "f32")
             for k in keep:
                 w.write_tensor_data(np.ascontiguousarray(f.tensors[k].dequantize()))
+            for v in extra.values():
+                w.write_tensor_data(np.ascontiguousarray(v, dtype=np.float32))
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +209,24 @@ def test_f32_logits_match_transformers(models):
         ref = m(input_ids=torch.tensor([toks])).logits[0].numpy()
     ours = rt.forward(toks, all_logits=True)
     assert rel_diff(ours, ref) < 1e-4
+
+
+def test_qkv_biases_match_llama_cpp(models, tmp_path):
+    """Qwen2-style q/k/v biases (llama.cpp's llama architecture loads them when present)."""
+    rng = np.random.default_rng(11)
+    extra = {}
+    for i in range(2):
+        for name, n in (("attn_q", 576), ("attn_k", 192), ("attn_v", 192)):
+            extra[f"blk.{i}.{name}.bias"] = rng.normal(0, 0.5, n).astype(np.float32)
+    path = tmp_path / "bias.gguf"
+    write_f32_gguf(_smollm_gguf(), path, 2, extra=extra)
+    toks = tokenize(models["f32"], PROMPTS[1])
+    ours = LlamaRuntime.from_gguf(path, n_ctx=64).forward(toks, all_logits=True)
+    assert rel_diff(ours, llama_logits(path, toks)) < 1e-4
+    plain = tmp_path / "plain.gguf"
+    write_f32_gguf(_smollm_gguf(), plain, 2)
+    without = LlamaRuntime.from_gguf(plain, n_ctx=64).forward(toks, all_logits=True)
+    assert rel_diff(without, ours) > 1e-2  # the biases mattered
 
 
 # -- quantized: the same activation quantization, ulp-level differences apart -----------------

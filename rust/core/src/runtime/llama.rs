@@ -263,7 +263,7 @@ impl Llama {
             );
         }
         let mut logits = vec![0f32; rows.len() * cfg.vocab];
-        matmul(&self.weights.output, bytes, &xo, rows.len(), &mut logits)?;
+        matmul(self.weights.head(), bytes, &xo, rows.len(), &mut logits)?;
         Ok(logits)
     }
 }

@@ -249,8 +249,8 @@ pub struct Weights {
     pub token_embd: Weight,
     pub layers: Vec<Layer>,
     pub output_norm: Vec<f32>,
-    /// `output.weight`, or `token_embd.weight` again when the embeddings are tied.
-    pub output: Weight,
+    /// `output.weight`; None when the embeddings are tied (the head is `token_embd`).
+    pub output: Option<Weight>,
     pub report: LoadReport,
 }
 
@@ -424,10 +424,9 @@ impl Weights {
             l.w_gate_up = stack(&[&l.w_gate, &l.w_up], bytes);
         }
         let output_norm = l.vector("output_norm.weight", e)?;
-        let output = if file.header().tensor("output.weight").is_some() {
-            l.matrix("output.weight", Some(cfg.vocab), e)?
-        } else {
-            token_embd.clone()
+        let output = match file.header().tensor("output.weight") {
+            Some(_) => Some(l.matrix("output.weight", Some(cfg.vocab), e)?),
+            None => None,
         };
         let report = l.report;
         Ok(Weights {
@@ -438,6 +437,11 @@ impl Weights {
             output,
             report,
         })
+    }
+
+    /// The output head: `output.weight`, or `token_embd.weight` when tied.
+    pub fn head(&self) -> &Weight {
+        self.output.as_ref().unwrap_or(&self.token_embd)
     }
 
     /// The mapped file's bytes (what `Weight` ranges index).
