@@ -367,6 +367,8 @@ def test_bad_files_name_what_is_wrong(tmp_path):
 
 
 def test_bad_calls_raise(models):
+    with pytest.raises(ValueError, match="n_ctx"):
+        LlamaRuntime.from_gguf(models["q8_0"], n_ctx=0)
     rt = LlamaRuntime.from_gguf(models["q8_0"], n_ctx=8)
     with pytest.raises(ValueError, match="vocabulary"):
         rt.forward([1, VOCAB])

@@ -120,8 +120,8 @@ impl Llama {
         let cfg = Config::from_header(file.header(), vocab_rows as usize)?;
         let weights = Weights::load(file, &cfg)?;
         let n_ctx = n_ctx.unwrap_or(cfg.n_ctx_train.min(4096));
-        if n_ctx == 0 {
-            return Err(invalid("n_ctx must be at least 1".into()));
+        if n_ctx == 0 || n_ctx > 1 << 20 {
+            return Err(invalid(format!("n_ctx must be 1 to 1048576, got {n_ctx}")));
         }
         let cache = cfg
             .n_layer
@@ -129,13 +129,24 @@ impl Llama {
             .and_then(|v| v.checked_mul(cfg.kv_dim()))
             .filter(|&v| v <= (1usize << 34))
             .ok_or_else(|| invalid(format!("a KV cache of n_ctx={n_ctx} is too large")))?;
+        let alloc = || -> Result<Vec<f32>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(cache).map_err(|_| {
+                invalid(format!(
+                    "cannot allocate a KV cache of n_ctx={n_ctx} ({} MiB per K or V)",
+                    (cache * 4) >> 20
+                ))
+            })?;
+            v.resize(cache, 0f32);
+            Ok(v)
+        };
         Ok(Llama {
             cfg,
             weights,
             n_ctx,
             n_past: 0,
-            k_cache: vec![0f32; cache],
-            v_cache: vec![0f32; cache],
+            k_cache: alloc()?,
+            v_cache: alloc()?,
         })
     }
 
