@@ -102,6 +102,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
 _LLAMAS: dict[Path, object] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_llamas():
+    """Free llama.cpp's contexts before interpreter shutdown (its __del__ then fails noisily)."""
+    yield
+    for llm in _LLAMAS.values():
+        llm.close()
+    _LLAMAS.clear()
+
+
 def llama(path: Path):
     """One llama-cpp-python context per file (f32 KV cache, every position's logits; one thread:
     its spinning thread pool crawls on a busy 2-core machine)."""
