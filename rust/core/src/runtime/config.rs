@@ -204,3 +204,91 @@ impl Config {
         self.n_head_kv * self.head_dim
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::Kv;
+
+    fn header(kvs: &[(&str, Value)]) -> Header {
+        Header {
+            version: 3,
+            alignment: 32,
+            data_offset: 0,
+            metadata: kvs
+                .iter()
+                .map(|(k, v)| Kv {
+                    key: k.to_string(),
+                    value: v.clone(),
+                    offset: 0,
+                })
+                .collect(),
+            tensors: Vec::new(),
+        }
+    }
+
+    fn smollm() -> Vec<(&'static str, Value)> {
+        vec![
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.block_count", Value::U32(30)),
+            ("llama.embedding_length", Value::U32(576)),
+            ("llama.feed_forward_length", Value::U32(1536)),
+            ("llama.attention.head_count", Value::U32(9)),
+            ("llama.attention.head_count_kv", Value::U32(3)),
+            ("llama.rope.freq_base", Value::F32(100000.0)),
+            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
+            ("llama.context_length", Value::U32(8192)),
+        ]
+    }
+
+    #[test]
+    fn reads_smollm2_and_defaults() {
+        let c = Config::from_header(&header(&smollm()), 49152).unwrap();
+        assert_eq!((c.n_layer, c.n_embd, c.n_ff), (30, 576, 1536));
+        assert_eq!(
+            (c.n_head, c.n_head_kv, c.head_dim, c.rope_dim),
+            (9, 3, 64, 64)
+        );
+        assert_eq!(
+            (c.q_dim(), c.kv_dim(), c.vocab, c.n_ctx_train),
+            (576, 192, 49152, 8192)
+        );
+        assert_eq!(
+            (c.rope_base, c.rope_freq_scale, c.rms_eps),
+            (100000.0, 1.0, 1e-5)
+        );
+        let mut kv = smollm();
+        kv.push(("llama.rope.scaling.type", Value::String("linear".into())));
+        kv.push(("llama.rope.scaling.factor", Value::F32(4.0)));
+        assert_eq!(
+            Config::from_header(&header(&kv), 10)
+                .unwrap()
+                .rope_freq_scale,
+            0.25
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let msg = |kv: Vec<(&str, Value)>| {
+            Config::from_header(&header(&kv), 10)
+                .unwrap_err()
+                .to_string()
+        };
+        let mut kv = smollm();
+        kv.retain(|(k, _)| *k != "llama.block_count");
+        assert!(msg(kv).contains("llama.block_count"));
+        let mut kv = smollm();
+        kv[5].1 = Value::U32(2);
+        assert!(msg(kv).contains("head_count_kv"));
+        let mut kv = smollm();
+        kv[0].1 = Value::String("gpt2".into());
+        assert!(msg(kv).contains("general.architecture"));
+        let mut kv = smollm();
+        kv[2].1 = Value::String("576".into());
+        assert!(msg(kv).contains("llama.embedding_length"));
+        let mut kv = smollm();
+        kv.push(("llama.rope.scaling.type", Value::String("yarn".into())));
+        assert!(msg(kv).contains("yarn"));
+    }
+}
