@@ -77,6 +77,56 @@ pub fn matmul(w: &Weight, file: &[u8], x: &[f32], m: usize, out: &mut [f32]) -> 
     Ok(())
 }
 
+/// Batches of at least this many tokens run the row-wise element work (norms, RoPE, SwiGLU) in
+/// parallel; a decode step's single row is not worth a fork.
+const PAR_ROWS: usize = 8;
+
+/// `ops::rms_norm` of each row of `x` (rows of `w.len()`) into `y`.
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let e = w.len();
+    if x.len() / e >= PAR_ROWS {
+        y.par_chunks_mut(e)
+            .zip(x.par_chunks(e))
+            .for_each(|(yr, xr)| ops::rms_norm(xr, w, eps, yr));
+    } else {
+        for (yr, xr) in y.chunks_exact_mut(e).zip(x.chunks_exact(e)) {
+            ops::rms_norm(xr, w, eps, yr);
+        }
+    }
+}
+
+/// `ops::swiglu` row by row (rows of `ff`).
+fn swiglu_rows(gate: &[f32], up: &[f32], ff: usize, h: &mut [f32]) {
+    if gate.len() / ff >= PAR_ROWS {
+        h.par_chunks_mut(ff)
+            .zip(gate.par_chunks(ff).zip(up.par_chunks(ff)))
+            .for_each(|(hr, (g, u))| ops::swiglu(g, u, hr));
+    } else {
+        ops::swiglu(gate, up, h);
+    }
+}
+
+/// RoPE on every head of every token's q and k (`cs`: each token's cos/sin cache).
+fn rope_rows(q: &mut [f32], k: &mut [f32], cs: &[f32], cfg: &Config, n: usize) {
+    let (qd, kvd, rd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.rope_dim, cfg.head_dim);
+    if rd == 0 {
+        return;
+    }
+    let one = |(qr, (kr, c)): (&mut [f32], (&mut [f32], &[f32]))| {
+        ops::rope_heads(qr, hd, c);
+        ops::rope_heads(kr, hd, c);
+    };
+    if n >= PAR_ROWS {
+        q.par_chunks_mut(qd)
+            .zip(k.par_chunks_mut(kvd).zip(cs.par_chunks(rd)))
+            .for_each(one);
+    } else {
+        q.chunks_mut(qd)
+            .zip(k.chunks_mut(kvd).zip(cs.chunks(rd)))
+            .for_each(one);
+    }
+}
+
 /// Split each of the `m` rows of a stacked product (`parts`' widths side by side) into the parts.
 fn split_rows(stacked: &[f32], m: usize, parts: &mut [&mut [f32]]) {
     let width = stacked.len() / m;
@@ -185,7 +235,7 @@ impl Llama {
 
     fn forward_inner(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
         let cfg = self.cfg.clone();
-        let (n, e, hd) = (tokens.len(), cfg.n_embd, cfg.head_dim);
+        let (n, e) = (tokens.len(), cfg.n_embd);
         let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let file = self.weights.file.clone();
         let bytes = file.bytes();
@@ -208,9 +258,7 @@ impl Llama {
         let mut gate_up = vec![0f32; n * 2 * ff];
         let layer_len = self.n_ctx * kvd;
         for (li, l) in self.weights.layers.iter().enumerate() {
-            for (xr, yr) in x.chunks_exact(e).zip(xn.chunks_exact_mut(e)) {
-                ops::rms_norm(xr, &l.attn_norm, cfg.rms_eps, yr);
-            }
+            norm_rows(&x, &l.attn_norm, cfg.rms_eps, &mut xn);
             match &l.wqkv {
                 Some(w) => {
                     matmul(w, bytes, &xn, n, &mut qkv)?;
@@ -225,11 +273,7 @@ impl Llama {
             add_bias(&mut q, &l.bq);
             add_bias(&mut k, &l.bk);
             add_bias(&mut v, &l.bv);
-            for i in 0..n {
-                let c = &cs[i * cfg.rope_dim..(i + 1) * cfg.rope_dim];
-                ops::rope_heads(&mut q[i * qd..(i + 1) * qd], hd, c);
-                ops::rope_heads(&mut k[i * kvd..(i + 1) * kvd], hd, c);
-            }
+            rope_rows(&mut q, &mut k, &cs, &cfg, n);
             let base = li * layer_len + self.n_past * kvd;
             self.k_cache[base..base + n * kvd].copy_from_slice(&k);
             self.v_cache[base..base + n * kvd].copy_from_slice(&v);
@@ -240,9 +284,7 @@ impl Llama {
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
-            for (xr, yr) in x.chunks_exact(e).zip(xn.chunks_exact_mut(e)) {
-                ops::rms_norm(xr, &l.ffn_norm, cfg.rms_eps, yr);
-            }
+            norm_rows(&x, &l.ffn_norm, cfg.rms_eps, &mut xn);
             match &l.w_gate_up {
                 Some(w) => {
                     matmul(w, bytes, &xn, n, &mut gate_up)?;
@@ -253,7 +295,7 @@ impl Llama {
                     matmul(&l.w_up, bytes, &xn, n, &mut up)?;
                 }
             }
-            ops::swiglu(&gate, &up, &mut h);
+            swiglu_rows(&gate, &up, ff, &mut h);
             matmul(&l.w_down, bytes, &h, n, &mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
