@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
-from .. import ops  # noqa: F401  (registers torch.ops.ferroquant.qmatmul)
+from .. import _native, ops  # ops registers torch.ops.ferroquant.qmatmul
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
 
 
@@ -37,6 +38,7 @@ class QuantLinear(nn.Module):
         self.qtype = qtype
         self.block_size = block_size
         self.scale_mode = scale_mode
+        self._np_cache: tuple | None = None  # see _eager_weights
         self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8, device=device))
         self.register_buffer("qstats", torch.empty(0, dtype=torch.float32, device=device))
         if bias:
@@ -89,7 +91,57 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.from_numpy(dequantize(self.qtensor()))
 
+    def _eager_ok(self, x: torch.Tensor) -> bool:
+        """True when forward may call the Rust kernel directly: a plain CPU tensor in eager
+        mode (no torch.compile / export / jit / fx tracing, no dispatch or function mode, no
+        functorch wrapper), nothing for autograd to record, a format with a native kernel."""
+        return (
+            type(x) is torch.Tensor
+            and x.device.type == "cpu"
+            and self.qweight.device.type == "cpu"
+            and x.shape[-1] == self.in_features
+            and x.numel() > 0
+            and self.qtype in ops._NATIVE_QTYPES
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and _get_dispatch_mode() is None
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        )
+
+    def _eager_weights(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy views of qweight / qstats, kept until a buffer is replaced or modified."""
+        w, s = self.qweight, self.qstats
+        key = (w, w._version, s, s._version)
+        c = self._np_cache
+        if c is None or c[0] is not w or c[2] is not s or c[1] != w._version or c[3] != s._version:
+            views = (w.detach().contiguous().numpy().reshape(-1),
+                     s.detach().to(torch.float32).contiguous().numpy().reshape(-1))  # fmt: skip
+            self._np_cache = c = (*key, *views)
+        return c[4], c[5]
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The custom op's CPU kernel without the dispatcher: the same Rust call, the same
+        casts, so the result is bit-identical to the op path."""
+        w, s = self._eager_weights()
+        k = self.in_features
+        x2 = x.detach().reshape(-1, k)
+        if x2.dtype != torch.float32:
+            x2 = x2.to(torch.float32)
+        xf = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
+        y = _native.qmatmul(xf, w, self.qtype, self.out_features, k, self.block_size, s,
+                            self.scale_mode or None)  # fmt: skip
+        out = torch.from_numpy(y)
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        if self.bias is not None:
+            out.add_(self.bias.detach().to(out.dtype))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._eager_ok(x):
+            return self._eager_forward(x)
         y = torch.ops.ferroquant.qmatmul(
             x,
             self.qweight,
@@ -103,6 +155,21 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # a dtype cast (model.to(torch.bfloat16)) must not round the float32 statistics: they
+        # follow the device only
+        self._np_cache = None
+        stats = self.qstats
+        out = super()._apply(fn, recurse)
+        if self.qstats.dtype != torch.float32:
+            self.qstats = stats.to(self.qstats.device)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_np_cache"] = None
+        return state
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
