@@ -136,28 +136,27 @@ def _layer_list(model: nn.Module) -> str | None:
 
 
 def units(model: nn.Module) -> list[tuple[str, str]]:
-    """(module name, kind) of the units, in execution order for the usual layouts: the siblings
-    before the layer list, the layers, the siblings after it (kind "layer" or "other")."""
+    """(module name, kind) of the units, in the model's definition order (execution order for
+    the usual layouts): the layers (kind "layer") and the siblings of the layer list and of its
+    ancestors (kind "other"); a model without a layer list: its top-level children."""
     lst = _layer_list(model)
     if lst is None:
         return [(n, "other") for n, _ in model.named_children()]
-    out: list[tuple[str, str]] = []
-    parts = lst.split(".")
-    prefix = ""
-    for depth, part in enumerate(parts):
+
+    def walk(prefix: str, parts: list[str]) -> list[tuple[str, str]]:
         parent = model.get_submodule(prefix) if prefix else model
-        for child, _ in parent.named_children():
+        out: list[tuple[str, str]] = []
+        for child, mod in parent.named_children():
             full = f"{prefix}.{child}" if prefix else child
-            if child != part:
+            if child != parts[0]:
                 out.append((full, "other"))
-            elif depth == len(parts) - 1:
-                layers = parent.get_submodule(child)
-                out.extend((f"{full}.{i}", "layer") for i in range(len(layers)))
+            elif len(parts) == 1:
+                out.extend((f"{full}.{i}", "layer") for i in range(len(mod)))
             else:
-                out.append((full, "__ancestor__"))
-        prefix = f"{prefix}.{part}" if prefix else part
-    # order: an ancestor's place is taken by its own children (already appended after it)
-    return [(n, k) for n, k in out if k != "__ancestor__"]
+                out.extend(walk(full, parts[1:]))
+        return out
+
+    return walk("", lst.split("."))
 
 
 def _owner(name: str, unit_names: list[str]) -> str | None:
