@@ -91,18 +91,32 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.from_numpy(dequantize(self.qtensor()))
 
+    def _eager_weights(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """numpy views of qweight / qstats for the direct Rust call, kept until a buffer is
+        replaced, modified in place or moved (`_apply` forgets them); None when the weight is
+        not on the CPU or the format has no native kernel."""
+        buffers = self._buffers  # (attribute access through nn.Module costs ~0.5 us each)
+        w, s = buffers["qweight"], buffers["qstats"]
+        c = self._np_cache
+        if c is not None and c[0] is w and c[2] is s and c[1] == w._version and c[3] == s._version:
+            return c[4]
+        if w.device.type != "cpu" or self.qtype not in ops._NATIVE_QTYPES:
+            return None
+        views = (w.detach().contiguous().numpy().reshape(-1),
+                 s.detach().to(torch.float32).contiguous().numpy().reshape(-1))  # fmt: skip
+        self._np_cache = (w, w._version, s, s._version, views)
+        return views
+
     def _eager_ok(self, x: torch.Tensor) -> bool:
         """True when forward may call the Rust kernel directly: a plain CPU tensor in eager
         mode (no torch.compile / export / jit / fx tracing, no dispatch or function mode, no
-        functorch wrapper), nothing for autograd to record, a format with a native kernel."""
+        functorch wrapper) and nothing for autograd to record."""
         return (
             type(x) is torch.Tensor
             and x.device.type == "cpu"
-            and self.qweight.device.type == "cpu"
             and x.shape[-1] == self.in_features
             and x.numel() > 0
-            and self.qtype in ops._NATIVE_QTYPES
-            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not (x.requires_grad and torch.is_grad_enabled())
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
             and _get_dispatch_mode() is None
@@ -110,23 +124,13 @@ class QuantLinear(nn.Module):
             and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         )
 
-    def _eager_weights(self) -> tuple[np.ndarray, np.ndarray]:
-        """numpy views of qweight / qstats, kept until a buffer is replaced or modified."""
-        w, s = self.qweight, self.qstats
-        key = (w, w._version, s, s._version)
-        c = self._np_cache
-        if c is None or c[0] is not w or c[2] is not s or c[1] != w._version or c[3] != s._version:
-            views = (w.detach().contiguous().numpy().reshape(-1),
-                     s.detach().to(torch.float32).contiguous().numpy().reshape(-1))  # fmt: skip
-            self._np_cache = c = (*key, *views)
-        return c[4], c[5]
-
-    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _eager_forward(self, x: torch.Tensor, w: np.ndarray, s: np.ndarray) -> torch.Tensor:
         """The custom op's CPU kernel without the dispatcher: the same Rust call, the same
         casts, so the result is bit-identical to the op path."""
-        w, s = self._eager_weights()
         k = self.in_features
-        x2 = x.detach().reshape(-1, k)
+        x2 = x.detach()
+        if x2.dim() != 2:
+            x2 = x2.reshape(-1, k)
         if x2.dtype != torch.float32:
             x2 = x2.to(torch.float32)
         xf = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
@@ -135,13 +139,16 @@ class QuantLinear(nn.Module):
         out = torch.from_numpy(y)
         if x.dtype != torch.float32:
             out = out.to(x.dtype)
-        if self.bias is not None:
-            out.add_(self.bias.detach().to(out.dtype))
-        return out.reshape(*x.shape[:-1], self.out_features)
+        bias = self._parameters["bias"]
+        if bias is not None:
+            out.add_(bias.detach().to(out.dtype))
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._eager_ok(x):
-            return self._eager_forward(x)
+            views = self._eager_weights()
+            if views is not None:
+                return self._eager_forward(x, *views)
         y = torch.ops.ferroquant.qmatmul(
             x,
             self.qweight,
