@@ -383,7 +383,8 @@ def offload(
         sizes = unit_bytes(model, [n for n, _ in auto])
         layers = [(n, sizes[n]) for n in layer_names]
         others = [(n, sizes[n]) for n, k in auto if k != "layer"]
-        assigned = plan_placement(layers, others, budget, gpu)
+        order = {n: i for i, (n, _) in enumerate(auto)}
+        assigned = sorted(plan_placement(layers, others, budget, gpu), key=lambda a: order[a[0]])
         if gpu is None or budget == 0:
             note = f"{why if gpu is None else 'max_gpu_memory=0'}: every module on the CPU " \
                 "(Rust kernels)"  # fmt: skip
