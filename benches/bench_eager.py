@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                    help="clock: wall, or this process's CPU time (steadier on a shared machine; use "
+                    help="wall, or this process's CPU time (steadier on a shared machine; "
                     "with --threads 1 --torch-threads 1: tokens per CPU-second)")  # fmt: skip
     ap.add_argument("--skip-generate", action="store_true")
     a = ap.parse_args()
