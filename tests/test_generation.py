@@ -90,14 +90,19 @@ def env():
     torch.set_num_threads(threads)
 
 
-def _twin(model: nn.Module) -> nn.Module:
-    """Dequantize-then-run, rounding each Linear's input as our kernel rounds it."""
+def _twin(model: nn.Module) -> tuple[nn.Module, dict[str, bool]]:
+    """Dequantize-then-run, rounding each Linear's input as our kernel rounds it while
+    switch["round"] is True (False: plain float activations)."""
     kinds = {n: m.qtype for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     twin = dequantize_model(copy.deepcopy(model))
+    switch = {"round": True}
+
+    def hook(fn):
+        return lambda m, args: (fn(args[0]),) if switch["round"] else None
+
     for name, qtype in kinds.items():
-        fn = activation_rounding(qtype)
-        twin.get_submodule(name).register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]),))
-    return twin
+        twin.get_submodule(name).register_forward_pre_hook(hook(activation_rounding(qtype)))
+    return twin, switch
 
 
 def _generate(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -108,14 +113,30 @@ def _generate(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_greedy_tokens_are_those_of_dequantize_then_run(env, recipe):
+    """Same tokens. Logits: with 8-bit activations, a value within float rounding of a rounding
+    boundary can round differently in ours and in the twin (float32 sums in another order), and
+    such flips compound through 30 layers: the logits differ by about as much as the activation
+    rounding moves them (mean |ours - twin| measured 0.18 for q8_0, 0.2 for q4_k_m, against
+    0.18 and 0.4 between ours and the twin with float activations; llama.cpp, running the same
+    scheme, differs from us as much: test_gguf_model.py). The bound: at most 2x the activation
+    rounding's own effect. A wrong scale, block or activation format moves logits by O(1-10)."""
     _, quantized, tokens = env
     model = quantized(recipe)
-    twin = _twin(model)
+    twin, switch = _twin(model)
     for prompt in PROMPTS:
         ids = tokens(prompt)
         ours, theirs = _generate(model, ids), _generate(twin, ids)
         assert torch.equal(ours, theirs), (prompt, ours, theirs)
         assert ours.shape[1] == ids.shape[1] + NEW_TOKENS
+        if recipe == "nf4":
+            continue  # float activations: test_nf4_logits_are_the_float_model_s
+        with torch.no_grad():
+            mine, same = model(ours).logits, twin(ours).logits
+            switch["round"] = False
+            flt = twin(ours).logits
+            switch["round"] = True
+        left, rounding = (mine - same).abs().mean(), (mine - flt).abs().mean()
+        assert 0 < left <= 2 * rounding, (prompt, float(left), float(rounding))
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
