@@ -205,6 +205,11 @@ def test_a_block_on_another_device_receives_its_activations_there(tiny):
     assert got == {"h": "meta", "pe": ["meta", "meta"], "out": "meta"}
     assert logits.device.type == "cpu" and logits.shape == want.shape
     assert not torch.equal(logits, want)  # layer 2 was skipped, the rest ran
+    # offloading again re-plans from scratch: the old hooks go, the new map is applied
+    plan2 = fq.offload(m, {"model.layers.1": "meta", "model.layers.2": "meta"})
+    assert not plan.handles and plan2.handles and m.ferroquant_offload is plan2
+    assert m.model.layers[1].mlp.up_proj.qweight.is_meta
+    assert m.model.layers[3].mlp.up_proj.qweight.device.type == "cpu"
 
 
 def test_to_device_moves_nested_tensors_and_passes_caches_through():

@@ -398,9 +398,9 @@ def offload(
     _check_ties(model, assigned)
     placements = [Placement(n, d, sizes[n], kinds.get(n, "other")) for n, d in assigned]
     plan = OffloadPlan(placements, budget, gpu, note)
-    for name, dev in sorted(assigned, key=lambda a: a[0].count(".")):  # outer units first
-        if dev != "cpu" or device_map is not None:
-            model.get_submodule(name).to(dev)
+    # every unit to its device (also back to the CPU after an earlier offload); outer first
+    for name, dev in sorted(assigned, key=lambda a: a[0].count(".")):
+        model.get_submodule(name).to(dev)
     if device_map is not None or any(d != "cpu" for _, d in assigned):
         _install(model, plan)
     model.ferroquant_offload = plan
