@@ -97,7 +97,7 @@ class QuantLinear(nn.Module):
         not on the CPU or the format has no native kernel."""
         buffers = self._buffers  # (attribute access through nn.Module costs ~0.5 us each)
         w, s = buffers["qweight"], buffers["qstats"]
-        c = self._np_cache
+        c = self.__dict__.get("_np_cache")  # (absent in modules pickled before it existed)
         if c is not None and c[0] is w and c[2] is s and c[1] == w._version and c[3] == s._version:
             return c[4]
         if w.device.type != "cpu" or self.qtype not in ops._NATIVE_QTYPES:
@@ -174,7 +174,7 @@ class QuantLinear(nn.Module):
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: the live module keeps its cache
         state["_np_cache"] = None
         return state
 
