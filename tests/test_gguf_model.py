@@ -8,7 +8,6 @@ GGUF config reader, llama-cpp-python (runs the files we write), and our converte
 from __future__ import annotations
 
 import copy
-import shutil
 
 import numpy as np
 import pytest
@@ -233,7 +232,6 @@ def test_save_errors(float_smollm, tmp_path, smollm):
         w.write_tensors_to_file()
     with pytest.raises(ValueError, match="'gpt2' is not in the llama family"):
         fq.load_gguf_model(bad)
-    shutil.rmtree(tmp_path)
 
 
 @pytest.mark.parametrize("qtype, cols", [("q8_0", 64), ("q4_k", 256), ("q5_0", 96)])

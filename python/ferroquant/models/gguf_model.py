@@ -329,7 +329,7 @@ def save_gguf_model(
     except ValueError:
         file_type = int(gguf.LlamaFileType.GUESSED)
     with _Writer(Path(path), arch) as w:
-        _add_hparams(w, cfg, name or cfg.get("_name_or_path") or "ferroquant", arch)
+        _add_hparams(w, cfg, name or Path(cfg.get("_name_or_path") or "ferroquant").name, arch)
         w.add_file_type(file_type)
         _add_tokenizer(w, tok, cfg, tokenizer_pre, add_vocab)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
