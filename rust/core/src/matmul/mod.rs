@@ -11,6 +11,7 @@
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
+//! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
 //! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
 //! dequantized product within float rounding; no activation error added to the weights').
 
@@ -28,9 +29,11 @@ use crate::quantize::{validate_view, QuantizedView, ScaleMode};
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.
-pub const SUPPORTED: [QType; 9] = [
+pub const SUPPORTED: [QType; 11] = [
     QType::Q4_0,
+    QType::Q4_1,
     QType::Q5_0,
+    QType::Q5_1,
     QType::Q8_0,
     QType::IQ4NL,
     QType::Q4K,
@@ -47,6 +50,13 @@ enum Acts<'a> {
         /// Each block's scale as f32, and the sum of its 32 quants.
         d: Vec<f32>,
         sums: Vec<i32>,
+    },
+    /// q8_1 (for q4_1 / q5_1): q8_0's fields plus each block's `s` as f32.
+    Q8_1 {
+        blocks: Vec<BlockQ8_0>,
+        d: Vec<f32>,
+        sums: Vec<i32>,
+        s: Vec<f32>,
     },
     Q8K(Vec<BlockQ8K>),
     F32(&'a [f32]),
@@ -140,6 +150,17 @@ impl Plan<'_> {
                     _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd, xs),
                 }
             }
+            Acts::Q8_1 { blocks, d, sums, s } => {
+                let nb = k / QK8_0;
+                let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
+                let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
+                let xsum = rows.map(|mi| &sums[mi * nb..(mi + 1) * nb]);
+                let xs = rows.map(|mi| &s[mi * nb..(mi + 1) * nb]);
+                match self.w.qtype {
+                    QType::Q4_1 => self.dot32_min::<BlockQ4_1, R>(wrow, x, xd, xsum, xs),
+                    _ => self.dot32_min::<BlockQ5_1, R>(wrow, x, xd, xsum, xs),
+                }
+            }
             Acts::Q8K(blocks) => {
                 let nb = k / QK_K;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
@@ -194,6 +215,42 @@ impl Plan<'_> {
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
         std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn dot32_min<W: x86::Load32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        xsum: [&[i32]; R],
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd && self.vnni {
+            // SAFETY: vnni is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; x,
+            // xd, xsum and xs have one entry per weight block (all built from the same K).
+            unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs) }
+        } else if self.simd {
+            // SAFETY: simd is set only when AVX2 and F16C were detected; x, xd and xs have one
+            // entry per weight block.
+            unsafe { x86::dot_block32_min(w, x, xd, xs) }
+        } else {
+            std::array::from_fn(|r| reference::dot_block32_min(w, x[r], xd[r], xs[r]))
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn dot32_min<W: reference::Block32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        _xsum: [&[i32]; R],
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        std::array::from_fn(|r| reference::dot_block32_min(w, x[r], xd[r], xs[r]))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -367,6 +424,23 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
                 .map(|b| b.qs.iter().map(|&q| q as i32).sum())
                 .collect();
             Acts::Q8_0 { blocks, d, sums }
+        }
+        QType::Q4_1 | QType::Q5_1 => {
+            let nb = k / QK8_0;
+            let mut q81 = vec![reference::BlockQ8_1::zeroed(); m * nb];
+            parallel::install(|| {
+                q81.par_chunks_mut(nb)
+                    .zip(x.par_chunks(k))
+                    .for_each(|(b, x)| reference::quantize_row_q8_1(x, b))
+            });
+            let blocks = q81.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
+            let d = q81.iter().map(|b| f16_to_f32(b.d)).collect();
+            let sums = q81
+                .iter()
+                .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+                .collect();
+            let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
+            Acts::Q8_1 { blocks, d, sums, s }
         }
         QType::Q4K | QType::Q5K | QType::Q6K => {
             let nb = k / QK_K;

@@ -3,8 +3,10 @@
 //! same integers and the same float operations in the same order (tested against these).
 //!
 //! Activations are quantized as ggml does for its `vec_dot` (ggml-quants.c):
-//! - q4_0, q8_0, iq4_nl weights: activations to q8_0 blocks (`quantize_row_q8_0_ref`, f16 scale,
-//!   `roundf`), an exact integer sum per block of 32, times `d_w * d_x`.
+//! - q4_0, q5_0, q8_0, iq4_nl weights: activations to q8_0 blocks (`quantize_row_q8_0_ref`, f16
+//!   scale, `roundf`), an exact integer sum per block of 32, times `d_w * d_x`.
+//! - q4_1, q5_1 weights (`d·q + m`): activations to q8_1 blocks (q8_0's d and quants plus
+//!   `s = f16(d·Σq)`), per block `(d_w d_x)·isum + m_w·s_x` (`reference/q8_1.rs`).
 //! - q4_k, q5_k, q6_k weights: activations to q8_K blocks (`quantize_row_q8_K_ref`: f32 scale
 //!   `1/iscale`, `nearest_int`, plus the 16-element sums `bsums`), an exact integer sum per
 //!   super-block of 256 (sub-block scales applied in integers), the minimum term from `bsums`.
@@ -26,6 +28,11 @@ use bytemuck::{Pod, Zeroable};
 
 use crate::formats::blocks::*;
 use crate::formats::legacy;
+
+mod q8_1;
+pub use q8_1::{
+    block32_min_product, dot_block32_min, quantize_row_q8_1, unpack_q4_1, unpack_q5_1, BlockQ8_1,
+};
 
 /// Number of float accumulator lanes (one AVX2 register of f32).
 pub const LANES: usize = 8;
@@ -170,10 +177,17 @@ pub fn isum32(w: &[i8; 32], x: &[i8; 32]) -> i32 {
     w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
 }
 
-/// A weight block of 32 with an f16 scale and an exact integer dot with a q8_0 block.
+/// A weight block of 32 with an f16 scale and an exact integer dot with a q8_0 block (for
+/// q4_1 / q5_1 the activation block is q8_1's, whose d and quants are q8_0's).
 pub trait Block32: Pod {
     fn d(&self) -> Half;
     fn isum(&self, x: &BlockQ8_0) -> i32;
+    /// q4_1 / q5_1: the weights are `d·q + m` with unsigned q (`dot_block32_min`).
+    const HAS_MIN: bool = false;
+    /// The block's offset `m` (zero where there is none).
+    fn m(&self) -> Half {
+        [0; 2]
+    }
 }
 
 impl Block32 for BlockQ4_0 {
