@@ -31,11 +31,14 @@ The float part:
 each block product takes at most 3 roundings and the sum of nb products in 8 lanes at most
 nb/8 + 3 more; the f32 dequantized reference weights carry one rounding each, or for q4_k/q5_k
 (w = d·sc·q - dmin·m) up to 3 roundings of terms as large as ~3·max|w| of the sub-block. We allow
-  slack = (nb + 32)·2^-23·Σ_i w̃_i·(|x_i| + e_b),  w̃_i = |w_i| (+ 4·max_sub-block|w| for q4_k/q5_k).
+  slack = (nb + 32)·2^-23·Σ_i w̃_i·(|x_i| + e_b),  w̃_i = |w_i| (+ 4·max_sub-block|w| for q4_k/q5_k;
+  + 2·|dmin·m| of the group of 16 for q2_k, read from the bytes; + 2|m| for q4_1/q5_1).
 For nf4 / int8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb.
 Against libggml: both sides sum the same integers; each side's float work is at most
-nb + 16 roundings (block products, lane / sequential sums), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
-(|x̂_i| <= |x_i| + e_b).
+nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
+sub-block products one by one, so nb = K/32 there), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
+(|x̂_i| <= |x_i| + e_b). libggml's generic vec_dots are compiled with fused multiply-adds (seen
+in the disassembly of libggml-cpu), which only removes roundings from their side.
 """
 
 from __future__ import annotations
@@ -59,11 +62,14 @@ from ferroquant import _native
 import peers
 from data import DISTRIBUTIONS, make
 
-GGML_QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k")
+GGML_QTYPES = (
+    *("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"),
+    *("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"),
+)
 QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block")
 BLOCK = {
     **dict.fromkeys(("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"), 32),
-    **dict.fromkeys(("q4_k", "q5_k", "q6_k"), 256),
+    **dict.fromkeys(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"), 256),
 }
 MIN32 = ("q4_1", "q5_1")  # w = d·q + m per block of 32, activations quantized to q8_1
 U = 2.0**-24
@@ -131,6 +137,14 @@ def block_mins(W: Weights) -> np.ndarray:
     return np.repeat(np.abs(m), 32, axis=-1)
 
 
+def q2k_offsets(W: Weights) -> np.ndarray:
+    """q2_k: |dmin·(scales[g] >> 4)| of each weight's group of 16, from the bytes, (N, K)."""
+    blocks = W.data.reshape(W.n, W.k // 256, 84)
+    dmin = np.ascontiguousarray(blocks[..., 82:84]).view(np.float16).astype(np.float64)
+    off = np.abs(dmin * (blocks[..., :16] >> 4))  # (N, nb, 16)
+    return np.repeat(off.reshape(W.n, -1), 16, axis=-1)
+
+
 def weight_magnitude(W: Weights) -> np.ndarray:
     """w̃ of the module docstring."""
     absw = np.abs(W.deq)
@@ -138,6 +152,8 @@ def weight_magnitude(W: Weights) -> np.ndarray:
         return absw + 4 * sub_block_max(absw, 32)
     if W.qtype in MIN32:
         return absw + 2 * block_mins(W)
+    if W.qtype == "q2_k":
+        return absw + 2 * q2k_offsets(W)
     return absw
 
 
@@ -229,6 +245,9 @@ VEC_DOT = {
     "q4_k": ("ggml_vec_dot_q4_K_q8_K_generic", "q8_K"),
     "q5_k": ("ggml_vec_dot_q5_K_q8_K_generic", "q8_K"),
     "q6_k": ("ggml_vec_dot_q6_K_q8_K_generic", "q8_K"),
+    "q2_k": ("ggml_vec_dot_q2_K_q8_K_generic", "q8_K"),
+    "q3_k": ("ggml_vec_dot_q3_K_q8_K_generic", "q8_K"),
+    "iq4_xs": ("ggml_vec_dot_iq4_xs_q8_K_generic", "q8_K"),
 }
 
 
@@ -279,7 +298,8 @@ def test_against_libggml_vec_dot(kind, dist):
     W = make_weights(kind, w, peer=True)
     y = W.matmul(x)
     ref = ggml_matmul(W, x)
-    nb = k // BLOCK[kind]
+    # libggml's iq4_xs sums its 8 sub-blocks of 32 in floats: K/32 sequential adds
+    nb = k // (32 if kind == "iq4_xs" else BLOCK[kind])
     xhat = np.abs(x.astype(np.float64)) + act_error(x, BLOCK[kind])
     bound = 2 * (nb + 16) * U * (xhat @ weight_magnitude(W).T)
     err = np.abs(y.astype(np.float64) - ref)
@@ -500,7 +520,7 @@ def test_empty_batch_gives_empty_result():
 
 def test_qmatmul_qtypes_lists_the_kernels():
     assert sorted(_native.qmatmul_qtypes()) == sorted(
-        ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8"]
+        [*GGML_QTYPES, "nf4", "int8"]
     )
 
 

@@ -12,7 +12,7 @@
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
 //! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
-//! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
+//! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
 //! dequantized product within float rounding; no activation error added to the weights').
 
 pub mod reference;
@@ -29,16 +29,19 @@ use crate::quantize::{validate_view, QuantizedView, ScaleMode};
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.
-pub const SUPPORTED: [QType; 11] = [
+pub const SUPPORTED: [QType; 14] = [
     QType::Q4_0,
     QType::Q4_1,
     QType::Q5_0,
     QType::Q5_1,
     QType::Q8_0,
     QType::IQ4NL,
+    QType::Q2K,
+    QType::Q3K,
     QType::Q4K,
     QType::Q5K,
     QType::Q6K,
+    QType::IQ4XS,
     QType::NF4,
     QType::Int8,
 ];
@@ -165,9 +168,12 @@ impl Plan<'_> {
                 let nb = k / QK_K;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 match self.w.qtype {
+                    QType::Q2K => self.dot_k::<BlockQ2K, R>(wrow, x),
+                    QType::Q3K => self.dot_k::<BlockQ3K, R>(wrow, x),
                     QType::Q4K => self.dot_k::<BlockQ4K, R>(wrow, x),
                     QType::Q5K => self.dot_k::<BlockQ5K, R>(wrow, x),
-                    _ => self.dot_k::<BlockQ6K, R>(wrow, x),
+                    QType::Q6K => self.dot_k::<BlockQ6K, R>(wrow, x),
+                    _ => self.dot_k::<BlockIQ4XS, R>(wrow, x),
                 }
             }
             Acts::F32(xs) => {
@@ -442,7 +448,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
             Acts::Q8_1 { blocks, d, sums, s }
         }
-        QType::Q4K | QType::Q5K | QType::Q6K => {
+        QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K | QType::IQ4XS => {
             let nb = k / QK_K;
             let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
             parallel::install(|| {

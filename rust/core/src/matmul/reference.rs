@@ -7,9 +7,10 @@
 //!   scale, `roundf`), an exact integer sum per block of 32, times `d_w * d_x`.
 //! - q4_1, q5_1 weights (`d·q + m`): activations to q8_1 blocks (q8_0's d and quants plus
 //!   `s = f16(d·Σq)`), per block `(d_w d_x)·isum + m_w·s_x` (`reference/q8_1.rs`).
-//! - q4_k, q5_k, q6_k weights: activations to q8_K blocks (`quantize_row_q8_K_ref`: f32 scale
-//!   `1/iscale`, `nearest_int`, plus the 16-element sums `bsums`), an exact integer sum per
-//!   super-block of 256 (sub-block scales applied in integers), the minimum term from `bsums`.
+//! - q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs weights: activations to q8_K blocks
+//!   (`quantize_row_q8_K_ref`: f32 scale `1/iscale`, `nearest_int`, plus the 16-element sums
+//!   `bsums`), an exact integer sum per super-block of 256 (sub-block scales applied in
+//!   integers), the minimum term from `bsums` (q2_k, q3_k, iq4_xs in `reference/k_low.rs`).
 //! - nf4 and int8: activations stay f32; the weights are decoded in registers (no activation
 //!   error at all; at 4.5 / 8 bits per weight these are memory bound at M=1, and f32 activations
 //!   keep int8's result within float rounding of the dequantized product).
@@ -29,7 +30,9 @@ use bytemuck::{Pod, Zeroable};
 use crate::formats::blocks::*;
 use crate::formats::legacy;
 
+mod k_low;
 mod q8_1;
+pub use k_low::{scales_iq4_xs, scales_q3_k, unpack_iq4_xs, unpack_q2_k, unpack_q3_k};
 pub use q8_1::{
     block32_min_product, dot_block32_min, quantize_row_q8_1, unpack_q4_1, unpack_q5_1, BlockQ8_1,
 };

@@ -589,6 +589,7 @@ pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]
     acc.map(|a| r::hsum8(&a))
 }
 
+mod k_low;
 mod min32;
 
 // ---------------------------------------------------------------- f32 activations

@@ -1,7 +1,8 @@
-//! Unit tests of the kernels added for q4_1 / q5_1 (q8_1 activations): the references within a
-//! derived bound of an f64 dot of the dequantized weights (the crate's ggml dequantizer, itself
-//! tested bit-exact against gguf-py), the SIMD paths bit for bit against the references (R = 1
-//! and R = 4 rows, every K from 1 to 24 blocks), and the q8_1 activation quantizer.
+//! Unit tests of the kernels added for q4_1 / q5_1 (q8_1 activations) and q2_K / q3_K / iq4_xs
+//! (q8_K activations): the references within a derived bound of an f64 dot of the dequantized
+//! weights (the crate's ggml dequantizer, itself tested bit-exact against gguf-py), the SIMD
+//! paths bit for bit against the references (R = 1 and R = 4 rows, many K), the q8_1 activation
+//! quantizer, and the scale decoders against ggml's own formulation of them.
 //!
 //! Bound (q4_1 / q5_1). Weights `w = d_w q + m`, activations x̂ = f16(d) q_x with d = amax/127
 //! (f32), and `s = f16(d Σ q_x)`. Per block the kernel's exact value is
@@ -198,6 +199,183 @@ fn min32_four_rows_at_once_equal_one_at_a_time_and_zero_weights() {
         let (n, nb, m) = (3, 11, 9);
         let k = nb * 32;
         let data = blocks(&mut rng, n * nb, ts, &[0, 2]);
+        let x = rng.normalish(m * k, 1.5);
+        let v = view(qtype, n, k, &data);
+        let mut all = vec![0.0f32; m * n];
+        qmatmul(&x, m, &v, &mut all).unwrap();
+        for mi in 0..m {
+            let mut one = vec![0.0f32; n];
+            qmatmul(&x[mi * k..(mi + 1) * k], 1, &v, &mut one).unwrap();
+            for (a, b) in one.iter().zip(&all[mi * n..(mi + 1) * n]) {
+                assert_eq!(a.to_bits(), b.to_bits(), "{qtype:?} row {mi}");
+            }
+        }
+        let zeros = vec![0u8; n * nb * ts];
+        qmatmul(&x, m, &view(qtype, n, k, &zeros), &mut all).unwrap();
+        assert!(all.iter().all(|&v| v == 0.0), "{qtype:?}");
+    }
+}
+
+// ---------------------------------------------------------------- q2_K, q3_K, iq4_xs (q8_K)
+
+/// The new super-block formats and the offsets of their f16 fields.
+const K_LOW: [(QType, &[usize]); 3] = [
+    (QType::Q2K, &[80, 82]),
+    (QType::Q3K, &[108]),
+    (QType::IQ4XS, &[0]),
+];
+
+/// q2_K: |dmin · (scales[g] >> 4)| of group g of 16 (the offset subtracted from its weights).
+fn q2k_offset(blk: &[u8], g: usize) -> f64 {
+    (f16_to_f32([blk[82], blk[83]]) as f64 * (blk[g] >> 4) as f64).abs()
+}
+
+/// Bound (q8_K activations): the integer sums make the kernel's exact value Σ w x̂ (x̂ = q/iscale,
+/// |x - x̂| <= d/2 (1 + 2^-20), d = amax/127 of the super-block), so the activation term is
+/// 0.501 d Σ|w|; the float part (block products, lanes) adds at most
+/// (nb + 24) 2^-23 Σ w̃ (|x| + d), w̃ = |w| (+ 2 |dmin m| of the group for q2_K, whose terms
+/// d·isum and dmin·msum can each exceed |w x|; the f32 dequantized weight rounds them too).
+#[test]
+fn k_low_references_within_derived_bound_of_f64_dot() {
+    let mut rng = Rng(0x7777_1234_abcd_9876);
+    for (qtype, halves) in K_LOW {
+        let ts = qtype.info().type_size;
+        for nb in [1usize, 2, 8, 9] {
+            let (k, n, m) = (nb * QK_K, 3, 2);
+            let data = blocks(&mut rng, n * nb, ts, halves);
+            for scale in [1.0f32, 1e-3, 1e3] {
+                let x = rng.normalish(m * k, scale);
+                let mut y = vec![0.0f32; m * n];
+                qmatmul(&x, m, &view(qtype, n, k, &data), &mut y).unwrap();
+                let mut w = vec![0.0f32; k];
+                for row in 0..n {
+                    let rb = &data[row * nb * ts..(row + 1) * nb * ts];
+                    ggml_dequantize_row(qtype, rb, &mut w);
+                    for mi in 0..m {
+                        let xr = &x[mi * k..(mi + 1) * k];
+                        let exact: f64 = w.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let (mut bound, mut wx) = (0.0f64, 0.0f64);
+                        for (b, (wb, xb)) in w.chunks(QK_K).zip(xr.chunks(QK_K)).enumerate() {
+                            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+                            let d = amax / 127.0;
+                            bound += 0.501 * d * wb.iter().map(|v| v.abs() as f64).sum::<f64>();
+                            for (i, (&a, &v)) in wb.iter().zip(xb).enumerate() {
+                                let off = if qtype == QType::Q2K {
+                                    2.0 * q2k_offset(&rb[b * ts..], i / 16)
+                                } else {
+                                    0.0
+                                };
+                                wx += (a.abs() as f64 + off) * (v.abs() as f64 + d);
+                            }
+                        }
+                        bound += (nb + 24) as f64 * 2f64.powi(-23) * wx;
+                        let got = y[mi * n + row] as f64;
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{qtype:?} nb={nb} scale={scale}: got {got} exact {exact} bound {bound}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn check_k_simd<W: x86::SumsK>(rng: &mut Rng, nb: usize, halves: &[usize]) {
+    let name = std::any::type_name::<W>();
+    let data = blocks(rng, nb, std::mem::size_of::<W>(), halves);
+    let w: &[W] = bytemuck::cast_slice(&data);
+    let rows: Vec<Vec<BlockQ8K>> = (0..4)
+        .map(|i| {
+            let mut q = vec![BlockQ8K::zeroed(); nb];
+            r::quantize_row_q8_k(&rng.normalish(nb * QK_K, 0.5 + i as f32), &mut q);
+            q
+        })
+        .collect();
+    for (wb, xb) in w.iter().zip(&rows[0]) {
+        // SAFETY: AVX2 detected by the caller.
+        let got = unsafe { wb.sums_decoded(&wb.decode(), xb) };
+        let (isum, msum) = r::BlockK::sums(wb, xb);
+        // q3_K's AVX2 sums fold its bias into isum and return 0, as the reference does.
+        assert_eq!(got, (isum, msum), "{name} nb={nb} sums");
+    }
+    let x: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &rows[i][..]);
+    let want: [u32; 4] = std::array::from_fn(|i| r::dot_block_k(w, x[i]).to_bits());
+    // SAFETY: AVX2 detected by the caller; one activation block per weight block.
+    let got = unsafe { x86::dot_block_k(w, x) }.map(f32::to_bits);
+    assert_eq!(got, want, "{name} nb={nb} R=4");
+    // SAFETY: as above.
+    let one = unsafe { x86::dot_block_k(w, [x[3]]) }[0].to_bits();
+    assert_eq!(one, want[3], "{name} nb={nb} R=1");
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn k_low_simd_paths_are_bit_identical_to_references() {
+    if !crate::formats::simd::has_avx2() {
+        return;
+    }
+    let mut rng = Rng(0xabad_1dea_5eed_0042);
+    for nb in [1usize, 2, 3, 7, 8, 9, 16, 17] {
+        check_k_simd::<BlockQ2K>(&mut rng, nb, K_LOW[0].1);
+        check_k_simd::<BlockQ3K>(&mut rng, nb, K_LOW[1].1);
+        check_k_simd::<BlockIQ4XS>(&mut rng, nb, K_LOW[2].1);
+    }
+}
+
+/// ggml's q3_K scale decode, transcribed (`kmask1`/`kmask2` over four u32), against the per-scale
+/// formula of `reference::scales_q3_k`.
+#[test]
+fn q3_k_scales_equal_ggml_kmask_decode() {
+    let mut rng = Rng(0x3333_5555_7777_9999);
+    for _ in 0..2000 {
+        let sc: [u8; 12] = rng.bytes(12).try_into().unwrap();
+        let (kmask1, kmask2) = (0x0303_0303u32, 0x0f0f_0f0fu32);
+        let u = |i: usize| u32::from_le_bytes(sc[4 * i..4 * i + 4].try_into().unwrap());
+        let (a0, a1, tmp) = (u(0), u(1), u(2));
+        let aux = [
+            (a0 & kmask2) | ((tmp & kmask1) << 4),
+            (a1 & kmask2) | (((tmp >> 2) & kmask1) << 4),
+            ((a0 >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4),
+            ((a1 >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4),
+        ];
+        let want: Vec<i8> = aux
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .map(|b| b as i8 - 32)
+            .collect();
+        assert_eq!(r::scales_q3_k(&sc).to_vec(), want, "{sc:?}");
+    }
+}
+
+/// ggml's iq4_xs scale decode, transcribed (`h >>= 4` per pair), against `scales_iq4_xs`.
+#[test]
+fn iq4_xs_scales_equal_ggml_decode() {
+    let mut rng = Rng(0x4444_6666_8888_aaaa);
+    for _ in 0..2000 {
+        let bytes = rng.bytes(136);
+        let b: &BlockIQ4XS = bytemuck::from_bytes(&bytes);
+        let mut h = u16::from_le_bytes(b.scales_h) as u32;
+        let mut want = Vec::new();
+        for ib in (0..8).step_by(2) {
+            let l = b.scales_l[ib / 2] as u32;
+            want.push(((l & 0xf) | ((h << 4) & 0x30)) as i32 - 32);
+            want.push(((l >> 4) | ((h << 2) & 0x30)) as i32 - 32);
+            h >>= 4;
+        }
+        assert_eq!(r::scales_iq4_xs(b).to_vec(), want);
+    }
+}
+
+#[test]
+fn k_low_four_rows_at_once_equal_one_at_a_time_and_zero_weights() {
+    let mut rng = Rng(0x5555_6666_7777_8888);
+    for (qtype, halves) in K_LOW {
+        let ts = qtype.info().type_size;
+        let (n, nb, m) = (3, 3, 9);
+        let k = nb * QK_K;
+        let data = blocks(&mut rng, n * nb, ts, halves);
         let x = rng.normalish(m * k, 1.5);
         let v = view(qtype, n, k, &data);
         let mut all = vec![0.0f32; m * n];
