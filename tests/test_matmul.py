@@ -519,9 +519,7 @@ def test_empty_batch_gives_empty_result():
 
 
 def test_qmatmul_qtypes_lists_the_kernels():
-    assert sorted(_native.qmatmul_qtypes()) == sorted(
-        [*GGML_QTYPES, "nf4", "int8"]
-    )
+    assert sorted(_native.qmatmul_qtypes()) == sorted([*GGML_QTYPES, "nf4", "int8"])
 
 
 def test_good_call_of_bad_call_helper_works():
