@@ -4,15 +4,16 @@ What is compared with what:
 - every qtype against the float64 product of the dequantized weights with x, within the bound
   derived below (the kernel quantizes x for the ggml types);
 - the ggml types against libggml's own `ggml_vec_dot_*_generic` on activations quantized by
-  libggml's `quantize_row_q8_0_ref` / `quantize_row_q8_K_ref` (same integers, other float order:
-  a much tighter bound, which also pins our activation quantization to ggml's);
+  libggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` / `quantize_row_q8_K_ref` (same
+  integers, other float order: a much tighter bound, which also pins our activation quantization
+  to ggml's);
 - 1 thread against 2 threads, and the SIMD build against FERROQUANT_FORCE_SCALAR=1: identical bits;
 - bad shapes and values: ferroquant.QuantizeError.
 
-Weights: fq.quantize / fq.dequantize for every format (int8 per row and per block of 32); and,
-so the kernels are also checked on bytes ferroquant did not write, the ggml types quantized by
-libggml (`peers.ggml_quantize`, dequantized by gguf-py) and nf4 by bitsandbytes (quantize_4bit /
-dequantize_4bit, plain fp32 absmax).
+Weights: fq.quantize / fq.dequantize for every format (int8 per row and per block of 32, fp8 per
+row, tensor and block of 32); and, so the kernels are also checked on bytes ferroquant did not
+write, the ggml types quantized by libggml (`peers.ggml_quantize`, dequantized by gguf-py), nf4
+by bitsandbytes (quantize_4bit / dequantize_4bit, plain fp32 absmax) and fp8 by torch's casts.
 
 Error bound (q8 activations). The kernel computes Σ_i w_i x̂_i exactly in integers per block, with
 x̂ the activation dequantized from its q8 block of scale d = amax/127:
@@ -33,7 +34,8 @@ nb/8 + 3 more; the f32 dequantized reference weights carry one rounding each, or
 (w = d·sc·q - dmin·m) up to 3 roundings of terms as large as ~3·max|w| of the sub-block. We allow
   slack = (nb + 32)·2^-23·Σ_i w̃_i·(|x_i| + e_b),  w̃_i = |w_i| (+ 4·max_sub-block|w| for q4_k/q5_k;
   + 2·|dmin·m| of the group of 16 for q2_k, read from the bytes; + 2|m| for q4_1/q5_1).
-For nf4 / int8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb.
+For nf4 / int8 / fp8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb (fp8
+bytes decode exactly, so the kernel differs from the dequantized product by float rounding only).
 Against libggml: both sides sum the same integers; each side's float work is at most
 nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
 sub-block products one by one, so nb = K/32 there), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
@@ -66,7 +68,8 @@ GGML_QTYPES = (
     *("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"),
     *("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"),
 )
-QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block")
+FP8_KINDS = ("fp8_e4m3_row", "fp8_e4m3_tensor", "fp8_e5m2_row", "fp8_e5m2_block")
+QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block", *FP8_KINDS)
 BLOCK = {
     **dict.fromkeys(("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"), 32),
     **dict.fromkeys(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"), 256),
@@ -95,7 +98,31 @@ class Weights:
 KIND = {
     "int8_row": ("int8", {"scale_mode": "row"}),
     "int8_block": ("int8", {"scale_mode": "block", "block_size": 32}),
+    "fp8_e4m3_row": ("fp8_e4m3", {"scale_mode": "row"}),
+    "fp8_e4m3_tensor": ("fp8_e4m3", {"scale_mode": "tensor"}),
+    "fp8_e5m2_row": ("fp8_e5m2", {"scale_mode": "row"}),
+    "fp8_e5m2_block": ("fp8_e5m2", {"scale_mode": "block", "block_size": 32}),
 }
+
+
+def torch_fp8_weights(kind: str, w: np.ndarray) -> Weights:
+    """fp8 bytes written by torch itself (the format's definition: scale = amax/fmax per row or
+    block, 1 where that is 0; q = (x / scale).to(float8)), dequantized by torch."""
+    torch = peers.require("torch")
+    qtype, kw = KIND[kind]
+    dt = torch.float8_e4m3fn if qtype == "fp8_e4m3" else torch.float8_e5m2
+    n, k = w.shape
+    group = kw.get("block_size", k)
+    if kw["scale_mode"] == "tensor":
+        group = n * k
+    xt = torch.from_numpy(np.ascontiguousarray(w)).reshape(-1, group)
+    scale = xt.abs().amax(dim=1, keepdim=True) / torch.finfo(dt).max
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = (xt / scale).to(dt)
+    deq = (q.to(torch.float32) * scale).reshape(n, k).numpy().astype(np.float64)
+    data = q.view(torch.uint8).numpy().reshape(-1)
+    stats = scale.numpy().reshape(-1).astype(np.float32)
+    return Weights(qtype, n, k, data, group, stats, kw["scale_mode"], deq)
 
 
 def make_weights(kind: str, w: np.ndarray, peer: bool = False) -> Weights:
@@ -108,6 +135,8 @@ def make_weights(kind: str, w: np.ndarray, peer: bool = False) -> Weights:
         gq = peers.gguf_quants()
         deq = gq.dequantize(data.reshape(n, -1), peers.gguf_qtype(kind)).astype(np.float64)
         return Weights(kind, n, k, data, BLOCK[kind], None, None, deq)
+    if peer and kind in FP8_KINDS:
+        return torch_fp8_weights(kind, w)
     if peer and kind == "nf4":
         torch = peers.require("torch")
         bnb_f = peers.require("bitsandbytes.functional")
@@ -346,11 +375,11 @@ def test_min32_one_block_exact_on_libggml_q8_1(kind, dist):
         assert np.array_equal(y[mi], want), (kind, dist, mi, y[mi], want)
 
 
-@pytest.mark.parametrize("kind", (*GGML_QTYPES, "nf4"))
+@pytest.mark.parametrize("kind", (*GGML_QTYPES, "nf4", *FP8_KINDS))
 @pytest.mark.parametrize("dist", ("normal", "outliers", "tiny"))
 def test_peer_quantized_weights(kind, dist):
-    """Bytes written by libggml / bitsandbytes, reference weights dequantized by gguf-py /
-    bitsandbytes."""
+    """Bytes written by libggml / bitsandbytes / torch (fp8 casts), reference weights dequantized
+    by gguf-py / bitsandbytes / torch."""
     w = make(dist, 21, 512, seed=11)
     x = make(dist, 5, 512, seed=12)
     check_against_dequantized(make_weights(kind, w, peer=True), x)
@@ -500,6 +529,9 @@ def bad_call(**over):
         {"qtype": "nf4", "block_size": 48, "data": np.zeros(128, np.uint8),
          "stats": np.ones(4, np.float32)},
         {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": None},
+        {"qtype": "fp8_e4m3", "data": np.zeros(256, np.uint8), "scale_mode": None},
+        {"qtype": "fp8_e5m2", "data": np.zeros(256, np.uint8), "scale_mode": "row",
+         "stats": np.ones(3, np.float32)},
         {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": "row",
          "stats": np.ones(3, np.float32)},
         {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": "sideways",
@@ -519,7 +551,9 @@ def test_empty_batch_gives_empty_result():
 
 
 def test_qmatmul_qtypes_lists_the_kernels():
-    assert sorted(_native.qmatmul_qtypes()) == sorted([*GGML_QTYPES, "nf4", "int8"])
+    assert sorted(_native.qmatmul_qtypes()) == sorted(
+        [*GGML_QTYPES, "nf4", "int8", "fp8_e4m3", "fp8_e5m2"]
+    )
 
 
 def test_good_call_of_bad_call_helper_works():

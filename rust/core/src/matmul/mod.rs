@@ -12,8 +12,10 @@
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
 //! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
-//! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
-//! dequantized product within float rounding; no activation error added to the weights').
+//! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs → activations quantized to q8_K;
+//! nf4, int8, fp8_e4m3, fp8_e5m2 → f32 activations (the one-byte formats: the dequantized
+//! product within float rounding, fp8 decoded exactly; no activation error added to the
+//! weights').
 
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
@@ -29,7 +31,7 @@ use crate::quantize::{validate_view, QuantizedView, ScaleMode};
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.
-pub const SUPPORTED: [QType; 14] = [
+pub const SUPPORTED: [QType; 16] = [
     QType::Q4_0,
     QType::Q4_1,
     QType::Q5_0,
@@ -44,6 +46,8 @@ pub const SUPPORTED: [QType; 14] = [
     QType::IQ4XS,
     QType::NF4,
     QType::Int8,
+    QType::Fp8E4M3,
+    QType::Fp8E5M2,
 ];
 
 /// The activations, prepared once per call (one row of x per `m`).
@@ -281,28 +285,28 @@ impl Plan<'_> {
     }
 
     fn dot_f32<const R: usize>(&self, wrow: &[u8], stats: &[f32], x: [&[f32]; R]) -> [f32; R] {
-        let nf4 = self.w.qtype == QType::NF4;
+        let qtype = self.w.qtype;
         let bl = self.block_len;
         #[cfg(target_arch = "x86_64")]
         if self.simd {
-            // SAFETY: AVX2 (and AVX-512F where used) detected; lengths checked by `plan` (K/2
-            // or K bytes, one stat per block, nf4 blocks a multiple of 32).
+            // SAFETY: AVX2 and F16C (and AVX-512F where used) detected; lengths checked by
+            // `plan` (K/2 or K bytes, one stat per block, nf4 blocks a multiple of 32).
             return unsafe {
-                if nf4 && self.avx512 {
-                    x86::dot_nf4_avx512(wrow, stats, bl, x)
-                } else if nf4 {
-                    x86::dot_nf4(wrow, stats, bl, x)
-                } else {
-                    x86::dot_int8(wrow, stats, bl, x)
+                match qtype {
+                    QType::NF4 if self.avx512 => x86::dot_nf4_avx512(wrow, stats, bl, x),
+                    QType::NF4 => x86::dot_nf4(wrow, stats, bl, x),
+                    QType::Fp8E4M3 => x86::dot_fp8::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
+                    QType::Fp8E5M2 => x86::dot_fp8::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
+                    _ => x86::dot_int8(wrow, stats, bl, x),
                 }
             };
         }
-        std::array::from_fn(|r| {
-            if nf4 {
-                reference::dot_nf4(wrow, stats, bl, x[r])
-            } else {
-                reference::dot_int8(wrow, stats, bl, x[r])
+        std::array::from_fn(|r| match qtype {
+            QType::NF4 => reference::dot_nf4(wrow, stats, bl, x[r]),
+            QType::Fp8E4M3 | QType::Fp8E5M2 => {
+                reference::dot_fp8(wrow, stats, bl, x[r], qtype == QType::Fp8E5M2)
             }
+            _ => reference::dot_int8(wrow, stats, bl, x[r]),
         })
     }
 }
@@ -360,14 +364,14 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             }
             stats_per_row = k / block_len;
         }
-        QType::Int8 => match w.scale_mode {
+        QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => match w.scale_mode {
             Some(ScaleMode::Tensor) => (stats_per_row, block_len) = (1, k),
             Some(ScaleMode::Row) => (stats_per_row, block_len) = (1, k),
             Some(ScaleMode::Block) => {
                 block_len = check_bnb_block(w)?;
                 stats_per_row = k / block_len;
             }
-            None => return Err(bad("int8 weights need a scale_mode".into())),
+            None => return Err(bad(format!("{} weights need a scale_mode", w.qtype.name()))),
         },
         q => {
             let bs = q.info().block_size;

@@ -392,3 +392,189 @@ fn k_low_four_rows_at_once_equal_one_at_a_time_and_zero_weights() {
         assert!(all.iter().all(|&v| v == 0.0), "{qtype:?}");
     }
 }
+
+// ---------------------------------------------------------------- fp8 (f32 activations)
+
+const FP8: [QType; 2] = [QType::Fp8E4M3, QType::Fp8E5M2];
+
+/// Random fp8 bytes with the NaN / infinity codes replaced by zero (those are checked apart).
+fn finite_fp8(rng: &mut Rng, n: usize, qtype: QType) -> Vec<u8> {
+    let t = r::fp8_table(qtype == QType::Fp8E5M2);
+    rng.bytes(n)
+        .into_iter()
+        .map(|b| if t[b as usize].is_finite() { b } else { 0 })
+        .collect()
+}
+
+fn fp8_view<'a>(
+    qtype: QType,
+    n: usize,
+    k: usize,
+    mode: ScaleMode,
+    bs: usize,
+    data: &'a [u8],
+    stats: &'a [f32],
+) -> QuantizedView<'a> {
+    QuantizedView {
+        qtype,
+        rows: n,
+        cols: k,
+        block_size: bs,
+        scale_mode: Some(mode),
+        data,
+        stats,
+        double_quant: None,
+    }
+}
+
+/// The reference against an f64 dot of the weights dequantized by `formats::fp8` (torch's
+/// decode): the float work is at most K/8 + nb + 16 roundings along any path (32 lanes of
+/// partial sums, one scale product per block, the lane folds), bound
+/// (K/8 + nb + 16) 2^-23 Σ |w x|.
+#[test]
+fn fp8_reference_within_float_bound_of_dequantized_product() {
+    let mut rng = Rng(0xf8f8_0000_1234_5678);
+    for qtype in FP8 {
+        for mode in [ScaleMode::Row, ScaleMode::Tensor, ScaleMode::Block] {
+            for k in [64usize, 320, 1024] {
+                let n = 4;
+                // the block_size the format records: the scale's group
+                let bs = match mode {
+                    ScaleMode::Tensor => n * k,
+                    ScaleMode::Row => k,
+                    ScaleMode::Block => 32,
+                };
+                let data = finite_fp8(&mut rng, n * k, qtype);
+                let n_stats = match mode {
+                    ScaleMode::Tensor => 1,
+                    ScaleMode::Row => n,
+                    ScaleMode::Block => n * k / bs,
+                };
+                let stats: Vec<f32> = (0..n_stats).map(|_| rng.unit().abs() * 0.01).collect();
+                let v = fp8_view(qtype, n, k, mode, bs, &data, &stats);
+                let x = rng.normalish(2 * k, 1.0);
+                let mut y = vec![0.0f32; 2 * n];
+                qmatmul(&x, 2, &v, &mut y).unwrap();
+                let mut w = vec![0.0f32; n * k];
+                crate::formats::fp8::dequantize(&v, &mut w).unwrap();
+                let nb = if mode == ScaleMode::Block { k / bs } else { 1 };
+                for mi in 0..2 {
+                    for row in 0..n {
+                        let (mut exact, mut wx) = (0.0f64, 0.0f64);
+                        for j in 0..k {
+                            let p = w[row * k + j] as f64 * x[mi * k + j] as f64;
+                            exact += p;
+                            wx += p.abs();
+                        }
+                        let bound = (k / 8 + nb + 16) as f64 * 2f64.powi(-23) * wx;
+                        let got = y[mi * n + row] as f64;
+                        assert!(
+                            (got - exact).abs() <= bound,
+                            "{qtype:?} {mode:?} k={k}: {got} vs {exact} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn fp8_simd_decode_of_every_byte_equals_the_table() {
+    use std::arch::x86_64::*;
+    if !crate::formats::simd::has_avx2() {
+        return;
+    }
+    fn all<D: x86::Decode8>(e5m2: bool) {
+        let t = r::fp8_table(e5m2);
+        for c in 0..32 {
+            let bytes: [u8; 8] = std::array::from_fn(|i| (8 * c + i) as u8);
+            let mut got = [0.0f32; 8];
+            // SAFETY: AVX2 and F16C detected; 8 bytes loaded, 8 f32 stored.
+            unsafe {
+                let v = D::decode8(_mm_loadl_epi64(bytes.as_ptr() as *const __m128i));
+                _mm256_storeu_ps(got.as_mut_ptr(), v);
+            }
+            for (i, &b) in bytes.iter().enumerate() {
+                let want = t[b as usize];
+                assert_eq!(
+                    got[i].to_bits(),
+                    want.to_bits(),
+                    "byte {b:#04x} e5m2={e5m2}"
+                );
+                assert_eq!(D::value(b).to_bits(), want.to_bits());
+            }
+        }
+    }
+    all::<x86::Fp8E4M3>(false);
+    all::<x86::Fp8E5M2>(true);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn fp8_simd_paths_are_bit_identical_to_references() {
+    if !crate::formats::simd::has_avx2() {
+        return;
+    }
+    let mut rng = Rng(0x0f8f_8f8f_1111_2222);
+    for qtype in FP8 {
+        let e5m2 = qtype == QType::Fp8E5M2;
+        for nb in [1usize, 2, 7, 8, 9, 16, 23] {
+            // blocks of 32, and whole rows of a length that is not a multiple of 8 (tails)
+            for (k, bl) in [(nb * 32, 32), (nb * 13 + 5, nb * 13 + 5)] {
+                let q = finite_fp8(&mut rng, k, qtype);
+                let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
+                let xs: Vec<Vec<f32>> = (0..4).map(|_| rng.normalish(k, 1.0)).collect();
+                let x: [&[f32]; 4] = std::array::from_fn(|i| &xs[i][..]);
+                let want = x.map(|x| r::dot_fp8(&q, &scales, bl, x, e5m2).to_bits());
+                // SAFETY: AVX2 and F16C detected; lengths as documented.
+                let got = unsafe {
+                    if e5m2 {
+                        x86::dot_fp8::<x86::Fp8E5M2, 4>(&q, &scales, bl, x)
+                    } else {
+                        x86::dot_fp8::<x86::Fp8E4M3, 4>(&q, &scales, bl, x)
+                    }
+                };
+                assert_eq!(got.map(f32::to_bits), want, "{qtype:?} k={k} R=4");
+                // SAFETY: as above.
+                let one = unsafe {
+                    if e5m2 {
+                        x86::dot_fp8::<x86::Fp8E5M2, 1>(&q, &scales, bl, [x[2]])
+                    } else {
+                        x86::dot_fp8::<x86::Fp8E4M3, 1>(&q, &scales, bl, [x[2]])
+                    }
+                };
+                assert_eq!(one[0].to_bits(), want[2], "{qtype:?} k={k} R=1");
+            }
+        }
+    }
+}
+
+/// NaN codes (e4m3fn 0x7f / 0xff, e5m2 exponent 31) are user bytes the quantizer never writes:
+/// no panic, a NaN output on every path (payloads may differ between paths).
+#[test]
+fn fp8_nan_codes_give_nan_not_panic() {
+    for (qtype, code) in [
+        (QType::Fp8E4M3, 0x7f),
+        (QType::Fp8E4M3, 0xff),
+        (QType::Fp8E5M2, 0x7e),
+    ] {
+        let (n, k) = (2, 96);
+        let mut data = vec![0x38u8; n * k];
+        data[k + 70] = code;
+        let stats = [0.5f32, 0.25];
+        let v = fp8_view(qtype, n, k, ScaleMode::Row, k, &data, &stats);
+        let x = vec![1.0f32; 5 * k];
+        let mut y = vec![0.0f32; 5 * n];
+        qmatmul(&x, 5, &v, &mut y).unwrap();
+        for mi in 0..5 {
+            assert!(
+                y[mi * n].is_finite() && y[mi * n + 1].is_nan(),
+                "{qtype:?} {y:?}"
+            );
+        }
+        let e5m2 = qtype == QType::Fp8E5M2;
+        assert!(r::dot_fp8(&data[k..], &stats[1..], k, &x[..k], e5m2).is_nan());
+    }
+}

@@ -1,4 +1,4 @@
-//! AVX2 / AVX-512F kernels of the f32-activation formats (nf4, int8): the reference's lane
+//! AVX2 / AVX-512F kernels of the f32-activation formats (nf4, int8, fp8): the reference's lane
 //! structure (32 lanes, see `reference.rs`) with the weights decoded in registers. Safety rules
 //! as in `x86.rs`.
 
@@ -155,15 +155,104 @@ pub unsafe fn dot_nf4_avx512<const R: usize>(
     })
 }
 
+/// Eight one-byte weights (the low 8 bytes of a register) as eight f32, exactly as the reference
+/// decodes them.
+pub trait Decode8 {
+    /// # Safety
+    /// AVX2 and F16C must be available.
+    unsafe fn decode8(wv: __m128i) -> __m256;
+    /// The reference's value of one byte (for the tails).
+    fn value(b: u8) -> f32;
+}
+
+pub struct Int8;
+pub struct Fp8E4M3;
+pub struct Fp8E5M2;
+
+impl Decode8 for Int8 {
+    #[inline(always)]
+    unsafe fn decode8(wv: __m128i) -> __m256 {
+        // SAFETY: AVX2 is available (contract); sign extension and i32 -> f32 are exact.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv)) }
+    }
+    fn value(b: u8) -> f32 {
+        (b as i8) as f32
+    }
+}
+
+impl Decode8 for Fp8E5M2 {
+    /// e5m2 is the upper byte of a float16: `cvtph(b << 8)`, exact (infinities and NaNs too).
+    #[inline(always)]
+    unsafe fn decode8(wv: __m128i) -> __m256 {
+        // SAFETY: AVX2 and F16C are available (contract).
+        unsafe { _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(wv), 8)) }
+    }
+    fn value(b: u8) -> f32 {
+        r::fp8_table(true)[b as usize]
+    }
+}
+
+impl Decode8 for Fp8E4M3 {
+    /// e4m3fn (bias 7) re-biased as a float16 (bias 15): `(b & 0x7f) << 7` with the sign in bit
+    /// 15 is the value times 2^-8 for every code (normal and subnormal e4m3 values are normal or
+    /// subnormal halves with the same digits), so `cvtph` then `* 256` is exact; the two NaN
+    /// codes (magnitude 0x7f) are blended to the reference's signed NaN.
+    #[inline(always)]
+    unsafe fn decode8(wv: __m128i) -> __m256 {
+        // SAFETY: AVX2 and F16C are available (contract).
+        unsafe {
+            let u = _mm_cvtepu8_epi16(wv);
+            let mag = _mm_and_si128(u, _mm_set1_epi16(0x7f));
+            let sign = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8);
+            let h = _mm_or_si128(_mm_slli_epi16(mag, 7), sign);
+            let v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0));
+            let is_nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f)));
+            let sign32 = _mm256_and_ps(v, _mm256_set1_ps(-0.0));
+            let nan = _mm256_or_ps(sign32, _mm256_set1_ps(f32::NAN));
+            _mm256_blendv_ps(v, nan, _mm256_castsi256_ps(is_nan))
+        }
+    }
+    fn value(b: u8) -> f32 {
+        r::fp8_table(false)[b as usize]
+    }
+}
+
 /// `reference::dot_int8` for R activation rows at once: 32 weights per step converted once
 /// (sign-extended, exactly to f32), per row `part[k] += q * x` in four registers, the block's
 /// tail on the same lanes in scalar code, then `acc += part * scale`.
 ///
 /// # Safety
-/// AVX2 must be available; `q.len() == x[r].len()`,
+/// AVX2 and F16C must be available (`simd::has_avx2` checks both); `q.len() == x[r].len()`,
 /// `scales.len() == x[r].len().div_ceil(block_len)`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 pub unsafe fn dot_int8<const R: usize>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { dot_bytes::<Int8, R>(q, scales, block_len, x) }
+}
+
+/// `reference::dot_fp8`: `dot_int8`'s loop with the fp8 decode of `D` (`Fp8E4M3`, `Fp8E5M2`).
+///
+/// # Safety
+/// AVX2 and F16C must be available; lengths as for `dot_int8`.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn dot_fp8<D: Decode8, const R: usize>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { dot_bytes::<D, R>(q, scales, block_len, x) }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn dot_bytes<D: Decode8, const R: usize>(
     q: &[u8],
     scales: &[f32],
     block_len: usize,
@@ -176,9 +265,9 @@ pub unsafe fn dot_int8<const R: usize>(
         for (c, w32) in qb[..whole].chunks_exact(WIDE).enumerate() {
             let mut wf = [_mm256_setzero_ps(); 4];
             for (k, v) in wf.iter_mut().enumerate() {
-                // SAFETY: 8 bytes inside the 32-byte chunk.
-                let wv = unsafe { _mm_loadl_epi64(w32[8 * k..].as_ptr() as *const __m128i) };
-                *v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv));
+                // SAFETY: 8 bytes inside the 32-byte chunk; the features are enabled here.
+                *v =
+                    unsafe { D::decode8(_mm_loadl_epi64(w32[8 * k..].as_ptr() as *const __m128i)) };
             }
             let at = b * block_len + WIDE * c;
             for r in 0..R {
@@ -195,7 +284,7 @@ pub unsafe fn dot_int8<const R: usize>(
             let mut p = wide_lanes(&part[r]);
             let xb = &x[r][b * block_len..b * block_len + qb.len()];
             for j in whole..qb.len() {
-                p[j % WIDE] += (qb[j] as i8) as f32 * xb[j];
+                p[j % WIDE] += D::value(qb[j]) * xb[j];
             }
             for k in 0..4 {
                 // SAFETY: 8 f32 inside p.
