@@ -207,17 +207,6 @@ fn halves8(h: [Half; LANES]) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr() as *const __m128i) })
 }
 
-/// The float part of 8 blocks: `(dw * dx) * isum`, plus `mw * sx` for the formats with a min.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn products8(dw: __m256, dx: __m256, isum: __m256i, min: Option<(__m256, __m256)>) -> __m256 {
-    let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
-    match min {
-        Some((mw, sx)) => _mm256_add_ps(p, _mm256_mul_ps(mw, sx)),
-        None => p,
-    }
-}
-
 /// The reference's lanes, then its scalar code for the blocks past the last group of 8.
 #[inline(always)]
 fn finish32<W: Block32>(
@@ -273,8 +262,15 @@ unsafe fn block32_vnni<W: Load32, const R: usize>(
                 unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
             let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xsm));
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
-            let min = xs.map(|xs| (mw, unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) }));
-            acc[r] = _mm256_add_ps(acc[r], products8(dw, dx, isum, min));
+            let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            // (no closure here: closures do not inherit the target features)
+            let p = if let Some(xs) = xs {
+                let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
+                _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
+            } else {
+                p
+            };
+            acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
     std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
@@ -343,8 +339,15 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
             }
             let isum = reduce8(&s);
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
-            let min = xs.map(|xs| (mw, unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) }));
-            acc[r] = _mm256_add_ps(acc[r], products8(dw, dx, isum, min));
+            let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            // (no closure here: closures do not inherit the target features)
+            let p = if let Some(xs) = xs {
+                let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
+                _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
+            } else {
+                p
+            };
+            acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
     std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
@@ -590,6 +593,7 @@ pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]
 }
 
 mod k_low;
+pub use k_low::scales_q3_k_kmask;
 mod min32;
 
 // ---------------------------------------------------------------- f32 activations

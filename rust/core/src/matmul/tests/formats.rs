@@ -20,6 +20,7 @@ use crate::formats::ggml_dequantize_row;
 /// The new 32-weight formats and the offsets of their f16 fields (d, m).
 const MIN32: [QType; 2] = [QType::Q4_1, QType::Q5_1];
 
+#[cfg(target_arch = "x86_64")]
 fn q8_1_row(x: &[f32]) -> (Vec<BlockQ8_0>, Vec<f32>, Vec<i32>, Vec<f32>) {
     let mut q = vec![BlockQ8_1::zeroed(); x.len() / 32];
     r::quantize_row_q8_1(x, &mut q);
@@ -346,6 +347,8 @@ fn q3_k_scales_equal_ggml_kmask_decode() {
             .map(|b| b as i8 - 32)
             .collect();
         assert_eq!(r::scales_q3_k(&sc).to_vec(), want, "{sc:?}");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(x86::scales_q3_k_kmask(&sc).to_vec(), want, "{sc:?}");
     }
 }
 

@@ -3,24 +3,57 @@
 
 use std::arch::x86_64::*;
 
-use super::{load256, nibbles_ggml, sums_k, DecodedK, SumsK};
+use super::{load256, sums_k, DecodedK, SumsK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
 
-/// `v >> n` in 16-bit lanes (a run-time count).
+/// `nibbles_ggml` of a 16-byte slice: low nibbles (elements 0..15), then high nibbles.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn nibbles16(qs: &[u8]) -> __m256i {
+    debug_assert!(qs.len() >= 16);
+    // SAFETY: 16 bytes inside `qs` (caller).
+    let q = unsafe { _mm_loadu_si128(qs.as_ptr() as *const __m128i) };
+    let m4 = _mm_set1_epi8(0x0f);
+    _mm256_set_m128i(
+        _mm_and_si128(_mm_srli_epi16(q, 4), m4),
+        _mm_and_si128(q, m4),
+    )
+}
+
+/// `v >> n` in 16-bit lanes, n in 0..8 (immediate shifts: the loops that call this unroll, so
+/// the match folds away).
 #[target_feature(enable = "avx2")]
 #[inline]
 fn srl16(v: __m256i, n: usize) -> __m256i {
-    _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32))
+    match n {
+        0 => v,
+        1 => _mm256_srli_epi16(v, 1),
+        2 => _mm256_srli_epi16(v, 2),
+        3 => _mm256_srli_epi16(v, 3),
+        4 => _mm256_srli_epi16(v, 4),
+        5 => _mm256_srli_epi16(v, 5),
+        6 => _mm256_srli_epi16(v, 6),
+        _ => _mm256_srli_epi16(v, 7),
+    }
 }
 
-/// Per 32-element chunk c: the i16 scale of group 2c in the low 128 bits, 2c+1 in the high.
+/// From 16 signed byte scales (group g of 16 in byte g): per 32-element chunk c, the i16 scale
+/// of group 2c in the low 128 bits and of 2c+1 in the high (a byte shuffle and a sign extension
+/// each). Plain loops, no closures: a closure does not inherit the target features, and
+/// intrinsics left in one are not inlined.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn group_scales(sc: [i16; 16]) -> [__m256i; 8] {
-    std::array::from_fn(|c| {
-        _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]))
-    })
+fn group_scales(sc8: __m128i) -> [__m256i; 8] {
+    let mut v = [_mm256_setzero_si256(); 8];
+    for (c, out) in v.iter_mut().enumerate() {
+        let pick = _mm_set_epi64x(
+            0x0101_0101_0101_0101 * (2 * c as i64 + 1),
+            0x0101_0101_0101_0101 * (2 * c as i64),
+        );
+        *out = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
+    }
+    v
 }
 
 impl SumsK for BlockQ2K {
@@ -38,8 +71,8 @@ impl SumsK for BlockQ2K {
                     q[4 * h + j] = _mm256_and_si256(srl16(v, 2 * j), m3);
                 }
             }
-            let scale = group_scales(std::array::from_fn(|g| (self.scales[g] & 15) as i16));
             let sc = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
+            let scale = group_scales(_mm_and_si128(sc, _mm_set1_epi8(15)));
             let mins = _mm_and_si128(_mm_srli_epi16(sc, 4), _mm_set1_epi8(15));
             DecodedK {
                 q,
@@ -53,6 +86,33 @@ impl SumsK for BlockQ2K {
         // SAFETY: AVX2 is available (contract).
         unsafe { sums_k(d, x) }
     }
+}
+
+/// q3_K's 16 six-bit scales (before the -32) as four little-endian u32, with ggml's mask
+/// operations (`scales_q3_k_kmask` / `reference::scales_q3_k` agree; tested).
+#[inline(always)]
+fn scales_q3_k_aux(sc: &[u8; 12]) -> [u32; 4] {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let u = |i: usize| u32::from_le_bytes([sc[4 * i], sc[4 * i + 1], sc[4 * i + 2], sc[4 * i + 3]]);
+    let (a0, a1, tmp) = (u(0), u(1), u(2));
+    [
+        (a0 & KMASK2) | ((tmp & KMASK1) << 4),
+        (a1 & KMASK2) | (((tmp >> 2) & KMASK1) << 4),
+        ((a0 >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4),
+        ((a1 >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4),
+    ]
+}
+
+/// q3_K's 16 scales minus 32 from `scales_q3_k_aux` (what the AVX2 decode uses, for the test).
+pub fn scales_q3_k_kmask(sc: &[u8; 12]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for (i, v) in scales_q3_k_aux(sc).iter().enumerate() {
+        for (j, b) in v.to_le_bytes().iter().enumerate() {
+            out[4 * i + j] = *b as i8 - 32;
+        }
+    }
+    out
 }
 
 impl SumsK for BlockQ3K {
@@ -72,12 +132,14 @@ impl SumsK for BlockQ3K {
                     q[4 * h + s] = _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
                 }
             }
-            let sc = r::scales_q3_k(&self.scales);
-            let scale = group_scales(sc.map(|v| v as i16));
-            let scv = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
+            let aux = scales_q3_k_aux(&self.scales);
+            let scv = _mm_sub_epi8(
+                _mm_set_epi32(aux[3] as i32, aux[2] as i32, aux[1] as i32, aux[0] as i32),
+                _mm_set1_epi8(32),
+            );
             DecodedK {
                 q,
-                scale,
+                scale: group_scales(scv),
                 bsum_mul: _mm256_cvtepi8_epi16(scv),
             }
         }
@@ -98,14 +160,17 @@ impl SumsK for BlockIQ4XS {
         unsafe {
             let t = _mm_loadu_si128(r::KVALUES_IQ4NL.as_ptr() as *const __m128i);
             let table = _mm256_set_m128i(t, t);
-            let q: [__m256i; 8] = std::array::from_fn(|b| {
-                let qs: &[u8; 16] = self.qs[16 * b..16 * b + 16].try_into().unwrap();
-                _mm256_shuffle_epi8(table, nibbles_ggml(qs))
-            });
             let sc = r::scales_iq4_xs(self);
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut scale = [_mm256_setzero_si256(); 8];
+            for (b, qs) in self.qs.chunks_exact(16).enumerate() {
+                let nib = nibbles16(qs);
+                q[b] = _mm256_shuffle_epi8(table, nib);
+                scale[b] = _mm256_set1_epi16(sc[b] as i16);
+            }
             DecodedK {
                 q,
-                scale: sc.map(|v| _mm256_set1_epi16(v as i16)),
+                scale,
                 bsum_mul: _mm256_setzero_si256(),
             }
         }
