@@ -109,14 +109,14 @@ impl Load32 for BlockQ8_0 {
 impl Load32 for BlockQ5_0 {
     #[inline(always)]
     unsafe fn load(&self) -> __m256i {
-        let q = r::unpack_q5_0(self);
-        // SAFETY: q is 32 bytes; AVX is available (this method's contract).
-        unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) }
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { _mm256_sub_epi8(self.load_unsigned(), _mm256_set1_epi8(16)) }
     }
     #[inline(always)]
     unsafe fn load_unsigned(&self) -> __m256i {
-        // SAFETY: AVX2 is available (this method's contract).
-        unsafe { _mm256_add_epi8(self.load(), _mm256_set1_epi8(16)) }
+        // SAFETY: AVX2 is available (this method's contract). The levels 0..31: the nibbles
+        // plus bit j of qh as bit 4 of element j (as q5_1's).
+        unsafe { min32::q5_levels(&self.qs, self.qh) }
     }
     const BIAS: i32 = 16;
 }

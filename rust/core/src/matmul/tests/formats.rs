@@ -146,21 +146,31 @@ fn min32_simd_paths_are_bit_identical_to_references() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn q5_1_simd_unpack_equals_reference_unpack() {
+fn q5_simd_unpack_equals_reference_unpack() {
+    use std::arch::x86_64::*;
     if !crate::formats::simd::has_avx2() {
         return;
+    }
+    fn bytes(v: __m256i) -> [i8; 32] {
+        let mut out = [0i8; 32];
+        // SAFETY: AVX2 detected by the caller; `out` has room for 32 bytes.
+        unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, v) };
+        out
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for _ in 0..500 {
         let data = rng.bytes(24);
         let b: &BlockQ5_1 = bytemuck::from_bytes(&data);
-        let mut got = [0i8; 32];
-        // SAFETY: AVX2 detected; `got` has room for 32 bytes.
+        let b0: &BlockQ5_0 = bytemuck::from_bytes(&data[2..]);
+        // SAFETY: AVX2 detected above.
         unsafe {
-            let v = x86::Load32::load(b);
-            std::arch::x86_64::_mm256_storeu_si256(got.as_mut_ptr() as *mut _, v);
+            use x86::Load32;
+            assert_eq!(bytes(b.load()), r::unpack_q5_1(b));
+            assert_eq!(bytes(b.load_unsigned()), r::unpack_q5_1(b));
+            assert_eq!(bytes(b0.load()), r::unpack_q5_0(b0));
+            let biased = r::unpack_q5_0(b0).map(|v| v + 16);
+            assert_eq!(bytes(b0.load_unsigned()), biased);
         }
-        assert_eq!(got, r::unpack_q5_1(b));
     }
 }
 

@@ -1,5 +1,6 @@
 //! `Load32` for the 32-weight formats with a min (q4_1, q5_1): the unsigned quants, already
-//! what the VNNI u8 x i8 product takes (BIAS 0). Safety rules as in `x86.rs`.
+//! what the VNNI u8 x i8 product takes (BIAS 0); and the five-bit level decode q5_0 shares.
+//! Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
 
@@ -39,15 +40,24 @@ fn bits_to_bytes(qh: [u8; 4]) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
 }
 
+/// The 32 five-bit levels (0..31) of a q5_0 / q5_1 block in element order: element j (0..31)
+/// takes bit j of qh as its bit 4 (elements 0..15 the low nibbles, 16..31 the high ones).
+///
+/// # Safety
+/// AVX2 must be available.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn q5_levels(qs: &[u8; 16], qh: [u8; 4]) -> __m256i {
+    let hi = _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10));
+    // SAFETY: AVX2 is available (contract).
+    _mm256_or_si256(unsafe { nibbles_ggml(qs) }, hi)
+}
+
 impl Load32 for BlockQ5_1 {
     #[inline(always)]
     unsafe fn load(&self) -> __m256i {
-        // SAFETY: AVX2 is available (this method's contract). Element j (0..31) takes bit j of
-        // qh as its bit 4 (elements 0..15 the low nibbles, 16..31 the high ones).
-        unsafe {
-            let hi = _mm256_and_si256(bits_to_bytes(self.qh), _mm256_set1_epi8(0x10));
-            _mm256_or_si256(nibbles_ggml(&self.qs), hi)
-        }
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { q5_levels(&self.qs, self.qh) }
     }
     #[inline(always)]
     unsafe fn load_unsigned(&self) -> __m256i {
