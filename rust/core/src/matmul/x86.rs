@@ -600,5 +600,5 @@ mod min32;
 
 mod float_acts;
 pub use float_acts::{
-    dot_fp8, dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f, Decode8, Fp8E4M3, Fp8E5M2,
+    dot_fp8, dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f, Decode32, Fp8E4M3, Fp8E5M2,
 };

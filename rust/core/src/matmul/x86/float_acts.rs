@@ -155,12 +155,12 @@ pub unsafe fn dot_nf4_avx512<const R: usize>(
     })
 }
 
-/// Eight one-byte weights (the low 8 bytes of a register) as eight f32, exactly as the reference
-/// decodes them.
-pub trait Decode8 {
+/// 32 one-byte weights as four registers of eight f32 (weights 8k..8k+8 in register k),
+/// exactly the reference's values (NaN codes: a NaN, payload aside).
+pub trait Decode32 {
     /// # Safety
-    /// AVX2 and F16C must be available.
-    unsafe fn decode8(wv: __m128i) -> __m256;
+    /// AVX2 and F16C must be available; `w` has at least 32 bytes.
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4];
     /// The reference's value of one byte (for the tails).
     fn value(b: u8) -> f32;
 }
@@ -169,47 +169,87 @@ pub struct Int8;
 pub struct Fp8E4M3;
 pub struct Fp8E5M2;
 
-impl Decode8 for Int8 {
+impl Decode32 for Int8 {
     #[inline(always)]
-    unsafe fn decode8(wv: __m128i) -> __m256 {
-        // SAFETY: AVX2 is available (contract); sign extension and i32 -> f32 are exact.
-        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv)) }
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
+        debug_assert!(w.len() >= 32);
+        let mut out = [_mm256_setzero_ps(); 4];
+        for (k, v) in out.iter_mut().enumerate() {
+            // SAFETY: AVX2 is available (contract); 8 bytes inside `w`; sign extension and
+            // i32 -> f32 are exact.
+            *v = unsafe {
+                let wv = _mm_loadl_epi64(w[8 * k..].as_ptr() as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv))
+            };
+        }
+        out
     }
     fn value(b: u8) -> f32 {
         (b as i8) as f32
     }
 }
 
-impl Decode8 for Fp8E5M2 {
+/// 16 float16 bit patterns (one per 16-bit lane) as two registers of eight f32.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn halves16(h: __m256i) -> [__m256; 2] {
+    [
+        _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)),
+    ]
+}
+
+impl Decode32 for Fp8E5M2 {
     /// e5m2 is the upper byte of a float16: `cvtph(b << 8)`, exact (infinities and NaNs too).
     #[inline(always)]
-    unsafe fn decode8(wv: __m128i) -> __m256 {
-        // SAFETY: AVX2 and F16C are available (contract).
-        unsafe { _mm256_cvtph_ps(_mm_slli_epi16(_mm_cvtepu8_epi16(wv), 8)) }
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
+        debug_assert!(w.len() >= 32);
+        // SAFETY: AVX2 and F16C are available (contract); 16-byte loads inside `w`.
+        unsafe {
+            let lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.as_ptr() as *const __m128i));
+            let hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(w[16..].as_ptr() as *const __m128i));
+            let [a, b] = halves16(_mm256_slli_epi16(lo, 8));
+            let [c, d] = halves16(_mm256_slli_epi16(hi, 8));
+            [a, b, c, d]
+        }
     }
     fn value(b: u8) -> f32 {
         r::fp8_table(true)[b as usize]
     }
 }
 
-impl Decode8 for Fp8E4M3 {
-    /// e4m3fn (bias 7) re-biased as a float16 (bias 15): `(b & 0x7f) << 7` with the sign in bit
-    /// 15 is the value times 2^-8 for every code (normal and subnormal e4m3 values are normal or
-    /// subnormal halves with the same digits), so `cvtph` then `* 256` is exact; the two NaN
-    /// codes (magnitude 0x7f) are blended to the reference's signed NaN.
+/// 16 e4m3fn bytes (one per 16-bit lane) re-biased as float16 (bias 7 -> 15): `(b & 0x7f) << 7`
+/// with the sign in bit 15 is the value times 2^-8 for every finite code (normal and subnormal
+/// e4m3 values are halves with the same digits), and the NaN codes (magnitude 0x7f) become the
+/// half NaN `sign | 0x7fff`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn e4m3_as_halves(u: __m256i) -> __m256i {
+    let mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7f));
+    let sign = _mm256_and_si256(_mm256_slli_epi16(u, 8), _mm256_set1_epi16(i16::MIN));
+    let h = _mm256_or_si256(_mm256_slli_epi16(mag, 7), sign);
+    let nan = _mm256_srli_epi16(_mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)), 1);
+    _mm256_or_si256(h, nan)
+}
+
+impl Decode32 for Fp8E4M3 {
+    /// `e4m3_as_halves`, `cvtph`, then `* 256` (exact: a power of two on normal f32 values).
     #[inline(always)]
-    unsafe fn decode8(wv: __m128i) -> __m256 {
-        // SAFETY: AVX2 and F16C are available (contract).
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
+        debug_assert!(w.len() >= 32);
+        // SAFETY: AVX2 and F16C are available (contract); 16-byte loads inside `w`.
         unsafe {
-            let u = _mm_cvtepu8_epi16(wv);
-            let mag = _mm_and_si128(u, _mm_set1_epi16(0x7f));
-            let sign = _mm_slli_epi16(_mm_and_si128(u, _mm_set1_epi16(0x80)), 8);
-            let h = _mm_or_si128(_mm_slli_epi16(mag, 7), sign);
-            let v = _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0));
-            let is_nan = _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(mag, _mm_set1_epi16(0x7f)));
-            let sign32 = _mm256_and_ps(v, _mm256_set1_ps(-0.0));
-            let nan = _mm256_or_ps(sign32, _mm256_set1_ps(f32::NAN));
-            _mm256_blendv_ps(v, nan, _mm256_castsi256_ps(is_nan))
+            let lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.as_ptr() as *const __m128i));
+            let hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(w[16..].as_ptr() as *const __m128i));
+            let [a, b] = halves16(e4m3_as_halves(lo));
+            let [c, d] = halves16(e4m3_as_halves(hi));
+            let s = _mm256_set1_ps(256.0);
+            [
+                _mm256_mul_ps(a, s),
+                _mm256_mul_ps(b, s),
+                _mm256_mul_ps(c, s),
+                _mm256_mul_ps(d, s),
+            ]
         }
     }
     fn value(b: u8) -> f32 {
@@ -240,7 +280,7 @@ pub unsafe fn dot_int8<const R: usize>(
 /// # Safety
 /// AVX2 and F16C must be available; lengths as for `dot_int8`.
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn dot_fp8<D: Decode8, const R: usize>(
+pub unsafe fn dot_fp8<D: Decode32, const R: usize>(
     q: &[u8],
     scales: &[f32],
     block_len: usize,
@@ -252,7 +292,7 @@ pub unsafe fn dot_fp8<D: Decode8, const R: usize>(
 
 #[target_feature(enable = "avx2,f16c")]
 #[inline]
-unsafe fn dot_bytes<D: Decode8, const R: usize>(
+unsafe fn dot_bytes<D: Decode32, const R: usize>(
     q: &[u8],
     scales: &[f32],
     block_len: usize,
@@ -263,12 +303,8 @@ unsafe fn dot_bytes<D: Decode8, const R: usize>(
         let mut part = [[_mm256_setzero_ps(); 4]; R];
         let whole = qb.len() / WIDE * WIDE;
         for (c, w32) in qb[..whole].chunks_exact(WIDE).enumerate() {
-            let mut wf = [_mm256_setzero_ps(); 4];
-            for (k, v) in wf.iter_mut().enumerate() {
-                // SAFETY: 8 bytes inside the 32-byte chunk; the features are enabled here.
-                *v =
-                    unsafe { D::decode8(_mm_loadl_epi64(w32[8 * k..].as_ptr() as *const __m128i)) };
-            }
+            // SAFETY: a 32-byte chunk; AVX2 and F16C are enabled here.
+            let wf = unsafe { D::decode32(w32) };
             let at = b * block_len + WIDE * c;
             for r in 0..R {
                 let x32 = &x[r][at..at + WIDE];
