@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
 use crate::qtype::QType;
 
 /// True when `FERROQUANT_FORCE_SCALAR` is set to anything but "" or "0" (read once).
