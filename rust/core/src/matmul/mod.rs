@@ -7,13 +7,16 @@
 //! depend on the thread count, on M, or on the instruction set. Work is split over output
 //! features N through the one pool of `parallel.rs`; each task reads a weight row once and uses
 //! it for all M activation rows (4 at a time in the SIMD kernels). FERROQUANT_FORCE_SCALAR=1
-//! runs the references. Other architectures (aarch64: no NEON kernels yet) run the references.
+//! runs the references. On aarch64 `neon.rs` computes the same bits with NEON (`sdot` where the
+//! CPU has `dotprod`); other architectures run the references.
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
 //! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
 //! dequantized product within float rounding; no activation error added to the weights').
 
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -75,7 +78,11 @@ fn use_simd() -> bool {
     {
         crate::formats::simd::has_avx2()
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        neon::enabled()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         false
     }
@@ -184,7 +191,27 @@ impl Plan<'_> {
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    fn dot32<W: neon::Load32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        _xs: [&[i32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd && neon::has_dotprod() {
+            // SAFETY: NEON and dotprod detected; x and xd have one entry per weight block.
+            unsafe { neon::dot_block32_sdot(w, x, xd) }
+        } else if self.simd {
+            // SAFETY: simd is set only when NEON was detected; lengths as above.
+            unsafe { neon::dot_block32_mull(w, x, xd) }
+        } else {
+            std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn dot32<W: reference::Block32, const R: usize>(
         &self,
         wrow: &[u8],
@@ -207,7 +234,25 @@ impl Plan<'_> {
         }
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    fn dot_k<W: neon::DecodeK, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8K]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd && neon::has_dotprod() {
+            // SAFETY: NEON and dotprod detected; x has one block per weight block.
+            unsafe { neon::dot_block_k_sdot(w, x) }
+        } else if self.simd {
+            // SAFETY: NEON detected; x has one block per weight block.
+            unsafe { neon::dot_block_k_mull(w, x) }
+        } else {
+            std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
+        }
+    }
+
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     fn dot_k<W: reference::BlockK, const R: usize>(
         &self,
         wrow: &[u8],
@@ -231,6 +276,18 @@ impl Plan<'_> {
                     x86::dot_nf4(wrow, stats, bl, x)
                 } else {
                     x86::dot_int8(wrow, stats, bl, x)
+                }
+            };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            // SAFETY: NEON detected; lengths checked by `plan` (K/2 or K bytes, one stat per
+            // block, nf4 blocks a multiple of 32).
+            return unsafe {
+                if nf4 {
+                    neon::dot_nf4(wrow, stats, bl, x)
+                } else {
+                    neon::dot_int8(wrow, stats, bl, x)
                 }
             };
         }

@@ -1,0 +1,509 @@
+//! NEON (aarch64) versions of the dot products in `reference.rs`, chosen at run time
+//! (`enabled`, which honours FERROQUANT_FORCE_SCALAR). The same contract as `x86.rs`: integer
+//! sums are exact, so any summation order gives the reference's integers; the float products
+//! and lane accumulations are the reference's operations in the reference's order (separate
+//! `vmulq_f32` and `vaddq_f32`, never `vfmaq_f32`: the references do not fuse, and LLVM does
+//! not contract separate intrinsics), so results are identical bit for bit. Where a row ends in
+//! fewer than 8 blocks, the tail runs the reference's scalar code on the same lanes.
+//!
+//! Integer dots of 16 signed bytes come in two kinds: `sdot` (the Armv8.2 dot product, used when
+//! `dotprod` is detected at run time) and `vmull_s8` + `vpadalq_s16` (plain Armv8.0 NEON:
+//! i8 x i8 products fit in i16, pairs are widened to i32 before they are added). Rust's
+//! `vdotq_s32` is still unstable (`stdarch_neon_dotprod`), so `sdot` is one instruction of
+//! inline assembly.
+//!
+//! Safety. NEON is part of the baseline of every aarch64 target with std (the build
+//! configuration has it; the assertion below keeps it so), so calling a NEON intrinsic anywhere
+//! in this module is sound: the `unsafe` blocks around intrinsics cite this. `sdot` needs
+//! `dotprod`: it is reached only from the `_sdot` entry points, whose callers check
+//! `has_dotprod` (and the assembler refuses `sdot` in a function compiled without `dotprod`).
+//! Loads go through `load_*`, which check the length they read.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+use std::sync::OnceLock;
+
+use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES};
+use crate::formats::blocks::*;
+
+const _: () = assert!(cfg!(target_feature = "neon"));
+
+mod float_acts;
+pub use float_acts::{dot_int8, dot_nf4};
+
+/// True when the NEON kernels may run (NEON present, FERROQUANT_FORCE_SCALAR unset).
+pub fn enabled() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        !crate::formats::simd::force_scalar() && std::arch::is_aarch64_feature_detected!("neon")
+    })
+}
+
+/// True when the integer kernels may use `sdot` (NEON allowed and `dotprod` detected).
+pub fn has_dotprod() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| enabled() && std::arch::is_aarch64_feature_detected!("dotprod"))
+}
+
+// ---------------------------------------------------------------- integer dots
+
+/// `acc + Σ a·b` by groups of four bytes (`sdot acc.4s, a.16b, b.16b`).
+///
+/// # Safety
+/// The CPU must have the `dotprod` feature; only inlined into functions compiled with it.
+#[inline(always)]
+unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: `sdot` reads three vector registers and writes the first; it touches no memory,
+    // no stack and no flags (the options say so), and the caller guarantees the CPU has it.
+    unsafe {
+        asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
+}
+
+/// An exact integer dot of 16 signed bytes added to 4 i32 lanes. Which lane gets which products
+/// differs between the kinds; the sum of the 4 lanes is the same integer.
+pub trait IDot {
+    /// # Safety
+    /// The CPU must have what the kind needs (NEON; `dotprod` for `Sdot`).
+    unsafe fn dot16(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t;
+}
+
+/// Armv8.2 `sdot`.
+pub struct Sdot;
+/// Armv8.0 `smull` / `smull2` into i16 (|a·b| <= 128·128 fits), pairwise widened into i32.
+pub struct Mull;
+
+impl IDot for Sdot {
+    #[inline(always)]
+    unsafe fn dot16(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: the caller guarantees dotprod (this method's contract).
+        unsafe { sdot(acc, a, b) }
+    }
+}
+
+impl IDot for Mull {
+    #[inline(always)]
+    unsafe fn dot16(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        // SAFETY: NEON (module comment).
+        unsafe {
+            let lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+            let hi = vmull_high_s8(a, b);
+            vpadalq_s16(vpadalq_s16(acc, lo), hi)
+        }
+    }
+}
+
+/// 16 bytes from a slice that holds at least 16.
+#[inline(always)]
+fn load_u8(p: &[u8]) -> uint8x16_t {
+    assert!(p.len() >= 16);
+    // SAFETY: NEON; 16 bytes in bounds (checked above); vld1q has no alignment requirement.
+    unsafe { vld1q_u8(p.as_ptr()) }
+}
+
+#[inline(always)]
+fn load_i8(p: &[i8]) -> int8x16_t {
+    assert!(p.len() >= 16);
+    // SAFETY: as `load_u8`.
+    unsafe { vld1q_s8(p.as_ptr()) }
+}
+
+#[inline(always)]
+fn load_f32(p: &[f32]) -> float32x4_t {
+    assert!(p.len() >= 4);
+    // SAFETY: NEON; 4 f32 in bounds (checked above).
+    unsafe { vld1q_f32(p.as_ptr()) }
+}
+
+#[inline(always)]
+fn store_f32(v: float32x4_t) -> [f32; 4] {
+    let mut a = [0.0f32; 4];
+    // SAFETY: NEON; `a` has room for 4 f32.
+    unsafe { vst1q_f32(a.as_mut_ptr(), v) };
+    a
+}
+
+/// The 8 float lanes of `[lanes 0..4, lanes 4..8]`.
+#[inline(always)]
+fn lanes_of(v: &[float32x4_t; 2]) -> [f32; LANES] {
+    let (a, b) = (store_f32(v[0]), store_f32(v[1]));
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+}
+
+// ---------------------------------------------------------------- 32-weight blocks, q8_0 x
+
+/// The low and high nibbles of 16 bytes: elements 0..15 and 16..31 of a ggml 4-bit block.
+#[inline(always)]
+fn nibbles_ggml(qs: &[u8; 16]) -> [uint8x16_t; 2] {
+    let q = load_u8(qs);
+    // SAFETY: NEON (module comment).
+    unsafe { [vandq_u8(q, vdupq_n_u8(0x0f)), vshrq_n_u8::<4>(q)] }
+}
+
+/// A weight block of 32 as 32 signed i8 in element order (elements 0..15, 16..31).
+pub trait Load32: Block32 {
+    fn load(&self) -> [int8x16_t; 2];
+}
+
+impl Load32 for BlockQ4_0 {
+    #[inline(always)]
+    fn load(&self) -> [int8x16_t; 2] {
+        // SAFETY: NEON (module comment).
+        nibbles_ggml(&self.qs).map(|n| unsafe { vsubq_s8(vreinterpretq_s8_u8(n), vdupq_n_s8(8)) })
+    }
+}
+
+impl Load32 for BlockQ8_0 {
+    #[inline(always)]
+    fn load(&self) -> [int8x16_t; 2] {
+        [load_i8(&self.qs), load_i8(&self.qs[16..])]
+    }
+}
+
+/// Byte `e / 8` of a q5_0 `qh` for element e (0..15, then 16..31), and bit `e % 8` of it.
+const QH_BYTE: [[u8; 16]; 2] = [
+    [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+    [2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3],
+];
+const QH_BIT: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+
+impl Load32 for BlockQ5_0 {
+    /// Bit e of the little-endian `qh` is bit 4 of element e (`reference::unpack_q5_0`).
+    #[inline(always)]
+    fn load(&self) -> [int8x16_t; 2] {
+        let (bit, n) = (load_u8(&QH_BIT), nibbles_ggml(&self.qs));
+        let idx = [load_u8(&QH_BYTE[0]), load_u8(&QH_BYTE[1])];
+        // SAFETY: NEON (module comment).
+        unsafe {
+            let qh = vreinterpretq_u8_u32(vdupq_n_u32(u32::from_le_bytes(self.qh)));
+            std::array::from_fn(|h| {
+                let bytes = vqtbl1q_u8(qh, idx[h]);
+                let b4 = vandq_u8(vtstq_u8(bytes, bit), vdupq_n_u8(0x10));
+                vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(n[h], b4)), vdupq_n_s8(16))
+            })
+        }
+    }
+}
+
+impl Load32 for BlockIQ4NL {
+    #[inline(always)]
+    fn load(&self) -> [int8x16_t; 2] {
+        let t = load_i8(&r::KVALUES_IQ4NL);
+        // SAFETY: NEON (module comment).
+        nibbles_ggml(&self.qs).map(|n| unsafe { vqtbl1q_s8(t, n) })
+    }
+}
+
+/// `reference::dot_block32` for R activation rows at once (weights decoded once per group of 8
+/// blocks): per row the 8 blocks' integer sums in two registers, then
+/// `acc += (dw * dx) * float(isum)` lane-wise; each row's operations are those of R = 1.
+#[inline(always)]
+unsafe fn block32<W: Load32, D: IDot, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+) -> [f32; R] {
+    let nb = w.len();
+    let groups = nb / LANES;
+    // SAFETY (all intrinsics below): NEON (module comment).
+    let zero = unsafe { vdupq_n_s32(0) };
+    let mut acc = [[unsafe { vdupq_n_f32(0.0) }; 2]; R];
+    for g in 0..groups {
+        let wg = &w[g * LANES..g * LANES + LANES];
+        let wv: [[int8x16_t; 2]; LANES] = std::array::from_fn(|j| wg[j].load());
+        let dwa: [f32; LANES] = std::array::from_fn(|j| f16_to_f32(wg[j].d()));
+        let dw = [load_f32(&dwa), load_f32(&dwa[4..])];
+        for r in 0..R {
+            let xg = &x[r][g * LANES..g * LANES + LANES];
+            // (a loop, not a closure: a closure would not inherit the caller's `dotprod`)
+            let mut s = [zero; LANES];
+            for j in 0..LANES {
+                let (x0, x1) = (load_i8(&xg[j].qs), load_i8(&xg[j].qs[16..]));
+                // SAFETY: the kind's features are present (this function's contract).
+                s[j] = unsafe { D::dot16(D::dot16(zero, wv[j][0], x0), wv[j][1], x1) };
+            }
+            let dx = &xd[r][g * LANES..g * LANES + LANES];
+            let dx = [load_f32(dx), load_f32(&dx[4..])];
+            // SAFETY: NEON (module comment).
+            unsafe {
+                // [S0 S1 S2 S3], [S4 S5 S6 S7]: block j's sum is the sum of s[j]'s lanes.
+                let isum = [
+                    vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3])),
+                    vpaddq_s32(vpaddq_s32(s[4], s[5]), vpaddq_s32(s[6], s[7])),
+                ];
+                for h in 0..2 {
+                    let p = vmulq_f32(vmulq_f32(dw[h], dx[h]), vcvtq_f32_s32(isum[h]));
+                    acc[r][h] = vaddq_f32(acc[r][h], p);
+                }
+            }
+        }
+    }
+    let mut out = [0.0f32; R];
+    for r in 0..R {
+        let mut lanes = lanes_of(&acc[r]);
+        for b in groups * LANES..nb {
+            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+        }
+        out[r] = r::hsum8(&lanes);
+    }
+    out
+}
+
+/// `reference::dot_block32` with `sdot`.
+///
+/// # Safety
+/// NEON and dotprod must be available (`has_dotprod`); every `x[r]` and `xd[r]` has at least
+/// `w.len()` entries.
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn dot_block32_sdot<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: dotprod available (contract).
+    unsafe { block32::<W, Sdot, R>(w, x, xd) }
+}
+
+/// `reference::dot_block32` with `smull` (Armv8.0).
+///
+/// # Safety
+/// NEON must be available (`enabled`); lengths as for `dot_block32_sdot`.
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_block32_mull<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: NEON available (contract).
+    unsafe { block32::<W, Mull, R>(w, x, xd) }
+}
+
+// ---------------------------------------------------------------- K-quants, q8_K x
+
+/// A K-quant super-block decoded once for several activation rows: the 256 weights as 16
+/// registers of signed bytes in element order (q6_K: already minus 32), the scale of each
+/// group of 16, and the 8 sub-block mins as i32 (zero for q6_K, which has none).
+pub struct DecodedK {
+    q: [int8x16_t; 16],
+    scale: [i32; 16],
+    mins: [int32x4_t; 2],
+}
+
+/// Integer sums of K-quant blocks in NEON (the float part is the reference's scalar code).
+pub trait DecodeK: BlockK {
+    fn decode(&self) -> DecodedK;
+}
+
+/// The 8 scales of a q4_K/q5_K block, each repeated for its two groups of 16, and the 8 mins.
+#[inline(always)]
+fn scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([i32; 16], [int32x4_t; 2]) {
+    let sm: [(i32, i32); 8] = std::array::from_fn(|s| r::scale_min_k4(s, q));
+    let m: [i32; 8] = sm.map(|(_, m)| m);
+    // SAFETY: NEON; 2 x 4 i32 in bounds of `m`.
+    let mins = unsafe { [vld1q_s32(m.as_ptr()), vld1q_s32(m[4..].as_ptr())] };
+    (std::array::from_fn(|g| sm[g / 2].0), mins)
+}
+
+/// The 4-bit quants of q4_K/q5_K in element order: chunk j of 64 takes the low nibbles of
+/// qs[32j..32j+32] (sub-block 2j), then the high nibbles (sub-block 2j+1).
+#[inline(always)]
+fn nibbles_k(qs: &[u8; QK_K / 2]) -> [uint8x16_t; 16] {
+    std::array::from_fn(|i| {
+        // register i: elements 16i..16i+16, chunk j = i / 4, high nibbles for i % 4 >= 2
+        let (j, half, high) = (i / 4, i % 2, i % 4 >= 2);
+        let v = load_u8(&qs[32 * j + 16 * half..]);
+        // SAFETY: NEON (module comment).
+        unsafe {
+            if high {
+                vshrq_n_u8::<4>(v)
+            } else {
+                vandq_u8(v, vdupq_n_u8(0x0f))
+            }
+        }
+    })
+}
+
+impl DecodeK for BlockQ4K {
+    #[inline(always)]
+    fn decode(&self) -> DecodedK {
+        let (scale, mins) = scales_k4(&self.scales);
+        DecodedK {
+            // SAFETY: NEON (module comment).
+            q: nibbles_k(&self.qs).map(|v| unsafe { vreinterpretq_s8_u8(v) }),
+            scale,
+            mins,
+        }
+    }
+}
+
+impl DecodeK for BlockQ5K {
+    /// q4_K's nibbles plus bit s of qh[l] as bit 4 of element 32s + l.
+    #[inline(always)]
+    fn decode(&self) -> DecodedK {
+        let n = nibbles_k(&self.qs);
+        let qh = [load_u8(&self.qh), load_u8(&self.qh[16..])];
+        let q = std::array::from_fn(|i| {
+            let (s, h) = (i / 2, i % 2);
+            // SAFETY: NEON (module comment).
+            unsafe {
+                let b4 = vandq_u8(vtstq_u8(qh[h], vdupq_n_u8(1 << s)), vdupq_n_u8(0x10));
+                vreinterpretq_s8_u8(vorrq_u8(n[i], b4))
+            }
+        });
+        let (scale, mins) = scales_k4(&self.scales);
+        DecodedK { q, scale, mins }
+    }
+}
+
+impl DecodeK for BlockQ6K {
+    /// `reference::unpack_q6_k` minus 32, 16 lanes of l at a time.
+    #[inline(always)]
+    fn decode(&self) -> DecodedK {
+        // SAFETY (the whole function): NEON (module comment).
+        unsafe { self.decode_q6() }
+    }
+}
+
+impl BlockQ6K {
+    /// # Safety
+    /// NEON (always, see the module comment); a separate function only to hold one `unsafe`.
+    #[inline(always)]
+    unsafe fn decode_q6(&self) -> DecodedK {
+        let (m4, m3) = (vdupq_n_u8(0x0f), vdupq_n_u8(3));
+        let mut q = [vdupq_n_s8(0); 16];
+        for h in 0..2 {
+            for half in 0..2 {
+                let at = 16 * half;
+                let ql0 = load_u8(&self.ql[64 * h + at..]);
+                let ql1 = load_u8(&self.ql[64 * h + 32 + at..]);
+                let qh = load_u8(&self.qh[32 * h + at..]);
+                let top = |k: i32| -> uint8x16_t {
+                    let t = match k {
+                        0 => qh,
+                        1 => vshrq_n_u8::<2>(qh),
+                        2 => vshrq_n_u8::<4>(qh),
+                        _ => vshrq_n_u8::<6>(qh),
+                    };
+                    vshlq_n_u8::<4>(vandq_u8(t, m3))
+                };
+                let u = [
+                    vorrq_u8(vandq_u8(ql0, m4), top(0)),
+                    vorrq_u8(vandq_u8(ql1, m4), top(1)),
+                    vorrq_u8(vshrq_n_u8::<4>(ql0), top(2)),
+                    vorrq_u8(vshrq_n_u8::<4>(ql1), top(3)),
+                ];
+                // element 128h + 32k + at + i sits in register 8h + 2k + half
+                for (k, v) in u.into_iter().enumerate() {
+                    q[8 * h + 2 * k + half] = vsubq_s8(vreinterpretq_s8_u8(v), vdupq_n_s8(32));
+                }
+            }
+        }
+        DecodedK {
+            q,
+            scale: self.scales.map(|s| s as i32),
+            mins: [vdupq_n_s32(0); 2],
+        }
+    }
+}
+
+/// (Σ_g scale_g Σ_{e in g} q_e x_e, Σ_s min_s (bsum_2s + bsum_2s+1)): exact integers (the first
+/// at most 256 · 64 · 128 · 128 < 2^31 in magnitude, the second 16 · 63 · 2^15), the reference's
+/// `BlockK::sums`.
+#[inline(always)]
+unsafe fn sums_k<D: IDot>(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+    // SAFETY: NEON (module comment), the kind's features (caller's contract); bsums holds 16
+    // i16.
+    unsafe {
+        let zero = vdupq_n_s32(0);
+        let mut acc = zero;
+        for g in 0..16 {
+            let dot = D::dot16(zero, d.q[g], load_i8(&x.qs[16 * g..]));
+            acc = vmlaq_n_s32(acc, dot, d.scale[g]);
+        }
+        let (b0, b1) = (
+            vld1q_s16(x.bsums.as_ptr()),
+            vld1q_s16(x.bsums[8..].as_ptr()),
+        );
+        // the 8 sub-block sums, widened to i32 before the pairs are added, times the mins
+        let m = vmlaq_s32(
+            vmulq_s32(vpaddlq_s16(b0), d.mins[0]),
+            vpaddlq_s16(b1),
+            d.mins[1],
+        );
+        (vaddvq_s32(acc), vaddvq_s32(m))
+    }
+}
+
+/// `reference::dot_block_k` for R activation rows at once: each super-block decoded once,
+/// integer sums in NEON, float part the reference's.
+#[inline(always)]
+unsafe fn block_k<W: DecodeK, D: IDot, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
+    let mut acc = [[0.0f32; LANES]; R];
+    for (b, wb) in w.iter().enumerate() {
+        let q = wb.decode();
+        let (d, dmin) = wb.d_dmin();
+        for r in 0..R {
+            let xb = &x[r][b];
+            // SAFETY: the kind's features are present (caller's contract).
+            let (isum, msum) = unsafe { sums_k::<D>(&q, xb) };
+            acc[r][b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
+        }
+    }
+    acc.map(|a| r::hsum8(&a))
+}
+
+/// `reference::dot_block_k` with `sdot`.
+///
+/// # Safety
+/// NEON and dotprod must be available (`has_dotprod`); every `x[r]` has at least `w.len()`
+/// blocks.
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn dot_block_k_sdot<W: DecodeK, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+) -> [f32; R] {
+    // SAFETY: dotprod available (contract).
+    unsafe { block_k::<W, Sdot, R>(w, x) }
+}
+
+/// `reference::dot_block_k` with `smull` (Armv8.0).
+///
+/// # Safety
+/// NEON must be available (`enabled`); lengths as for `dot_block_k_sdot`.
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_block_k_mull<W: DecodeK, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+) -> [f32; R] {
+    // SAFETY: NEON available (contract).
+    unsafe { block_k::<W, Mull, R>(w, x) }
+}
+
+/// The integer sums of one super-block by kind (for the tests).
+#[cfg(test)]
+pub fn sums_for_test<W: DecodeK>(w: &W, x: &BlockQ8K, dotprod: bool) -> (i32, i32) {
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn sdot_sums(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+        // SAFETY: dotprod (this function's contract).
+        unsafe { sums_k::<Sdot>(d, x) }
+    }
+    let d = w.decode();
+    if dotprod {
+        assert!(has_dotprod());
+        // SAFETY: dotprod detected (asserted above).
+        unsafe { sdot_sums(&d, x) }
+    } else {
+        // SAFETY: NEON (module comment).
+        unsafe { sums_k::<Mull>(&d, x) }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,345 @@
+//! The NEON kernels against the scalar references, bit for bit: every format, many block counts
+//! (below, at and past the 8-lane groups), one row and four rows at once, both integer kinds
+//! (`smull` always; `sdot` where the CPU has dotprod: CI runs this file under qemu with
+//! `-cpu max` and `-cpu cortex-a53`, and FERROQUANT_EXPECT_DOTPROD says which one it is).
+//! Activations are quantized by the reference quantizers, and also raw random blocks (quants
+//! of -128, bsums of any value) to show the integer paths are exact beyond what the
+//! quantizers produce.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::reference::{self as r, BlockQ8K};
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn normalish(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.unit() + self.unit() + self.unit()) * scale)
+            .collect()
+    }
+}
+
+/// Random blocks of `size` bytes with a finite f16 at each of `half_at` (the scales).
+fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
+    let mut v = rng.bytes(nb * size);
+    for b in 0..nb {
+        for &o in half_at {
+            let h = f16_from_f32(rng.unit() * 0.01);
+            v[b * size + o..b * size + o + 2].copy_from_slice(&h);
+        }
+    }
+    v
+}
+
+const NBS: [usize; 12] = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 33];
+/// Activation scales: ordinary, large, tiny (products in the subnormal range), and a zero row.
+const SCALES: [f32; 4] = [1.0, 300.0, 1e-19, 0.0];
+
+fn dotprod_kinds() -> Vec<bool> {
+    if has_dotprod() {
+        vec![false, true]
+    } else {
+        vec![false]
+    }
+}
+
+fn bits<const R: usize>(v: [f32; R]) -> [u32; R] {
+    v.map(f32::to_bits)
+}
+
+/// Four activation rows of q8_0 blocks: quantized rows at each of `SCALES`, or raw random blocks
+/// (with a finite f16 scale).
+fn q8_0_rows(rng: &mut Rng, nb: usize, raw: bool) -> [Vec<BlockQ8_0>; 4] {
+    std::array::from_fn(|i| {
+        if raw {
+            bytemuck::cast_slice(&blocks(rng, nb, 34, &[0])).to_vec()
+        } else {
+            let x = rng.normalish(nb * 32, SCALES[i]);
+            let mut q = vec![BlockQ8_0::zeroed(); nb];
+            r::quantize_row_q8_0(&x, &mut q);
+            q
+        }
+    })
+}
+
+fn check_block32<W: Load32>(data: &[u8], xs: &[Vec<BlockQ8_0>; 4], what: &str) {
+    let w: &[W] = bytemuck::cast_slice(data);
+    let xd: [Vec<f32>; 4] =
+        std::array::from_fn(|i| xs[i].iter().map(|b| f16_to_f32(b.d)).collect());
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block32(w, &xs[i], &xd[i]));
+    let x4: [&[BlockQ8_0]; 4] = std::array::from_fn(|i| &xs[i][..]);
+    let d4: [&[f32]; 4] = std::array::from_fn(|i| &xd[i][..]);
+    for dp in dotprod_kinds() {
+        // SAFETY: NEON is part of every aarch64 std target, dotprod only when detected; one
+        // activation block and scale per weight block.
+        let (four, ones) = unsafe {
+            if dp {
+                let ones: [f32; 4] =
+                    std::array::from_fn(|i| dot_block32_sdot(w, [x4[i]], [d4[i]])[0]);
+                (dot_block32_sdot(w, x4, d4), ones)
+            } else {
+                let ones: [f32; 4] =
+                    std::array::from_fn(|i| dot_block32_mull(w, [x4[i]], [d4[i]])[0]);
+                (dot_block32_mull(w, x4, d4), ones)
+            }
+        };
+        assert_eq!(bits(four), bits(want), "{what} R=4 sdot={dp}");
+        assert_eq!(bits(ones), bits(want), "{what} R=1 sdot={dp}");
+    }
+}
+
+#[test]
+fn detection_and_dispatch() {
+    assert_eq!(enabled(), !crate::formats::simd::force_scalar());
+    assert_eq!(super::super::use_simd(), enabled());
+    assert!(!has_dotprod() || enabled());
+    // CI says which CPU qemu emulates, so that each run provably takes the path it means to.
+    if let Ok(v) = std::env::var("FERROQUANT_EXPECT_DOTPROD") {
+        assert_eq!(has_dotprod(), v == "1", "FERROQUANT_EXPECT_DOTPROD={v}");
+    }
+}
+
+#[test]
+fn block32_kernels_equal_the_reference() {
+    let mut rng = Rng(0x0a0a_1234_5678_9abc);
+    for nb in NBS {
+        for raw in [false, true] {
+            let xs = q8_0_rows(&mut rng, nb, raw);
+            let tag = |q: &str| format!("{q} nb={nb} raw={raw}");
+            check_block32::<BlockQ4_0>(&blocks(&mut rng, nb, 18, &[0]), &xs, &tag("q4_0"));
+            check_block32::<BlockQ5_0>(&blocks(&mut rng, nb, 22, &[0]), &xs, &tag("q5_0"));
+            check_block32::<BlockQ8_0>(&blocks(&mut rng, nb, 34, &[0]), &xs, &tag("q8_0"));
+            check_block32::<BlockIQ4NL>(&blocks(&mut rng, nb, 18, &[0]), &xs, &tag("iq4_nl"));
+        }
+    }
+}
+
+#[test]
+fn block32_loads_equal_the_reference_unpacking() {
+    let mut rng = Rng(0x7777_0000_1111_2222);
+    let as_array = |v: [int8x16_t; 2]| {
+        let mut a = [0i8; 32];
+        // SAFETY: `a` has room for 2 x 16 bytes.
+        unsafe {
+            vst1q_s8(a.as_mut_ptr(), v[0]);
+            vst1q_s8(a[16..].as_mut_ptr(), v[1]);
+        }
+        a
+    };
+    for _ in 0..500 {
+        let b5: BlockQ5_0 = bytemuck::pod_read_unaligned(&rng.bytes(22));
+        assert_eq!(as_array(b5.load()), r::unpack_q5_0(&b5));
+        let b4: BlockQ4_0 = bytemuck::pod_read_unaligned(&rng.bytes(18));
+        assert_eq!(as_array(b4.load()), r::unpack_q4_0(&b4));
+        let bi: BlockIQ4NL = bytemuck::pod_read_unaligned(&rng.bytes(18));
+        assert_eq!(as_array(bi.load()), r::unpack_iq4_nl(&bi));
+    }
+}
+
+/// Four activation rows of q8_K blocks (quantized at each of `SCALES`, or raw random bytes).
+fn q8_k_rows(rng: &mut Rng, nb: usize, raw: bool) -> [Vec<BlockQ8K>; 4] {
+    std::array::from_fn(|i| {
+        let mut q = vec![BlockQ8K::zeroed(); nb];
+        if raw {
+            let mut bytes = rng.bytes(nb * 292);
+            for b in 0..nb {
+                bytes[b * 292..b * 292 + 4].copy_from_slice(&(rng.unit() * 0.1).to_le_bytes());
+            }
+            q = bytemuck::cast_slice(&bytes).to_vec();
+        } else {
+            r::quantize_row_q8_k(&rng.normalish(nb * QK_K, SCALES[i]), &mut q);
+        }
+        q
+    })
+}
+
+fn check_block_k<W: DecodeK>(data: &[u8], xs: &[Vec<BlockQ8K>; 4], what: &str) {
+    let w: &[W] = bytemuck::cast_slice(data);
+    for dp in dotprod_kinds() {
+        for x in xs {
+            for (wb, xb) in w.iter().zip(x) {
+                assert_eq!(
+                    sums_for_test(wb, xb, dp),
+                    wb.sums(xb),
+                    "{what} sums sdot={dp}"
+                );
+            }
+        }
+    }
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block_k(w, &xs[i]));
+    let x4: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &xs[i][..]);
+    for dp in dotprod_kinds() {
+        // SAFETY: NEON always, dotprod only when detected; one activation block per weight block.
+        let (four, ones) = unsafe {
+            if dp {
+                let ones: [f32; 4] = std::array::from_fn(|i| dot_block_k_sdot(w, [x4[i]])[0]);
+                (dot_block_k_sdot(w, x4), ones)
+            } else {
+                let ones: [f32; 4] = std::array::from_fn(|i| dot_block_k_mull(w, [x4[i]])[0]);
+                (dot_block_k_mull(w, x4), ones)
+            }
+        };
+        assert_eq!(bits(four), bits(want), "{what} R=4 sdot={dp}");
+        assert_eq!(bits(ones), bits(want), "{what} R=1 sdot={dp}");
+    }
+}
+
+#[test]
+fn k_quant_kernels_equal_the_reference() {
+    let mut rng = Rng(0x5151_abab_9e37_79b9);
+    for nb in [1usize, 2, 7, 8, 9, 17] {
+        for raw in [false, true] {
+            let xs = q8_k_rows(&mut rng, nb, raw);
+            let tag = |q: &str| format!("{q} nb={nb} raw={raw}");
+            check_block_k::<BlockQ4K>(&blocks(&mut rng, nb, 144, &[0, 2]), &xs, &tag("q4_k"));
+            check_block_k::<BlockQ5K>(&blocks(&mut rng, nb, 176, &[0, 2]), &xs, &tag("q5_k"));
+            check_block_k::<BlockQ6K>(&blocks(&mut rng, nb, 210, &[208]), &xs, &tag("q6_k"));
+        }
+    }
+}
+
+/// `neon` is called with one row and with four rows.
+fn check_f32(
+    x: &[Vec<f32>; 4],
+    reference: impl Fn(&[f32]) -> f32,
+    neon1: impl Fn(&[f32]) -> f32,
+    neon4: impl Fn([&[f32]; 4]) -> [f32; 4],
+    what: &str,
+) {
+    let want: [f32; 4] = std::array::from_fn(|i| reference(&x[i]));
+    let x4: [&[f32]; 4] = std::array::from_fn(|i| &x[i][..]);
+    let ones: [f32; 4] = std::array::from_fn(|i| neon1(x4[i]));
+    assert_eq!(bits(neon4(x4)), bits(want), "{what} R=4");
+    assert_eq!(bits(ones), bits(want), "{what} R=1");
+}
+
+#[test]
+fn nf4_and_int8_kernels_equal_the_reference() {
+    let mut rng = Rng(0x0f0f_f0f0_1357_2468);
+    for nb in [1usize, 2, 3, 5, 8] {
+        let x_for = |rng: &mut Rng, k: usize| -> [Vec<f32>; 4] {
+            std::array::from_fn(|i| rng.normalish(k, SCALES[i]))
+        };
+        for bs in [32usize, 64, 128, 256] {
+            let k = nb * bs;
+            let packed = rng.bytes(k / 2);
+            let absmax: Vec<f32> = (0..nb).map(|_| rng.unit().abs() * 0.5).collect();
+            let x = x_for(&mut rng, k);
+            check_f32(
+                &x,
+                |xr| r::dot_nf4(&packed, &absmax, bs, xr),
+                // SAFETY (both): NEON; K/2 packed bytes, one absmax per block of bs (a multiple
+                // of 32).
+                |xr| unsafe { dot_nf4(&packed, &absmax, bs, [xr])[0] },
+                |xs| unsafe { dot_nf4(&packed, &absmax, bs, xs) },
+                &format!("nf4 bs={bs} nb={nb}"),
+            );
+        }
+        // block scales; one scale for a row whose length is not a multiple of 32 (or 4); block
+        // scales with a short last block
+        for (k, bl) in [
+            (nb * 32, 32),
+            (nb * 64, 64),
+            (nb * 13 + 5, nb * 13 + 5),
+            (nb * 64 + 17, 64),
+        ] {
+            let q = rng.bytes(k);
+            let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
+            let x = x_for(&mut rng, k);
+            check_f32(
+                &x,
+                |xr| r::dot_int8(&q, &scales, bl, xr),
+                // SAFETY (both): NEON; K bytes, one scale per (possibly short) block.
+                |xr| unsafe { dot_int8(&q, &scales, bl, [xr])[0] },
+                |xs| unsafe { dot_int8(&q, &scales, bl, xs) },
+                &format!("int8 k={k} block={bl}"),
+            );
+        }
+    }
+}
+
+/// `qmatmul` itself (the dispatch in `mod.rs`) against the references called directly, for every
+/// format and M = 1..6 (groups of 4 rows, then single rows).
+#[test]
+fn qmatmul_on_aarch64_equals_the_references() {
+    use crate::qtype::QType;
+    use crate::quantize::QuantizedView;
+    let mut rng = Rng(0x2468_ace0_1357_9bdf);
+    let (n, nb) = (3usize, 9usize);
+    let cases: [(QType, &[usize]); 7] = [
+        (QType::Q4_0, &[0]),
+        (QType::Q5_0, &[0]),
+        (QType::Q8_0, &[0]),
+        (QType::IQ4NL, &[0]),
+        (QType::Q4K, &[0, 2]),
+        (QType::Q5K, &[0, 2]),
+        (QType::Q6K, &[208]),
+    ];
+    for (qtype, halves) in cases {
+        let info = qtype.info();
+        let k = nb * info.block_size;
+        let data = blocks(&mut rng, n * nb, info.type_size, halves);
+        for m in 1..=6 {
+            let x = rng.normalish(m * k, 2.0);
+            let v = QuantizedView {
+                qtype,
+                rows: n,
+                cols: k,
+                block_size: info.block_size,
+                scale_mode: None,
+                data: &data,
+                stats: &[],
+                double_quant: None,
+            };
+            let mut y = vec![0.0f32; m * n];
+            super::super::qmatmul(&x, m, &v, &mut y).unwrap();
+            for mi in 0..m {
+                let xr = &x[mi * k..(mi + 1) * k];
+                for row in 0..n {
+                    let wr = &data[row * nb * info.type_size..(row + 1) * nb * info.type_size];
+                    let want = reference_dot(qtype, wr, xr);
+                    assert_eq!(y[mi * n + row].to_bits(), want.to_bits(), "{qtype:?} m={m}");
+                }
+            }
+        }
+    }
+}
+
+fn reference_dot(qtype: crate::qtype::QType, w: &[u8], x: &[f32]) -> f32 {
+    use crate::qtype::QType;
+    fn b32<W: Pod + r::Block32>(w: &[u8], x: &[f32]) -> f32 {
+        let mut q = vec![BlockQ8_0::zeroed(); x.len() / 32];
+        r::quantize_row_q8_0(x, &mut q);
+        let d: Vec<f32> = q.iter().map(|b| f16_to_f32(b.d)).collect();
+        r::dot_block32::<W>(bytemuck::cast_slice(w), &q, &d)
+    }
+    fn bk<W: Pod + r::BlockK>(w: &[u8], x: &[f32]) -> f32 {
+        let mut q = vec![BlockQ8K::zeroed(); x.len() / QK_K];
+        r::quantize_row_q8_k(x, &mut q);
+        r::dot_block_k::<W>(bytemuck::cast_slice(w), &q)
+    }
+    match qtype {
+        QType::Q4_0 => b32::<BlockQ4_0>(w, x),
+        QType::Q5_0 => b32::<BlockQ5_0>(w, x),
+        QType::Q8_0 => b32::<BlockQ8_0>(w, x),
+        QType::IQ4NL => b32::<BlockIQ4NL>(w, x),
+        QType::Q4K => bk::<BlockQ4K>(w, x),
+        QType::Q5K => bk::<BlockQ5K>(w, x),
+        _ => bk::<BlockQ6K>(w, x),
+    }
+}
