@@ -129,6 +129,27 @@ fn block32_kernels_equal_the_reference() {
     }
 }
 
+/// Extreme quants: every weight and activation quant at -128 or 127 (the i8 products and their
+/// pairwise sums are largest there: 2 · 128 · 128 does not fit i16).
+#[test]
+fn block32_extreme_quants_equal_the_reference() {
+    for nb in [1usize, 8, 9] {
+        for (wq, xq) in [(-128i8, -128i8), (127, 127), (-128, 127), (127, -128)] {
+            let mk = |q: i8| -> Vec<BlockQ8_0> {
+                (0..nb)
+                    .map(|b| BlockQ8_0 {
+                        d: f16_from_f32(0.5 + b as f32),
+                        qs: [q; 32],
+                    })
+                    .collect()
+            };
+            let w = mk(wq);
+            let xs: [Vec<BlockQ8_0>; 4] = std::array::from_fn(|_| mk(xq));
+            check_block32::<BlockQ8_0>(bytemuck::cast_slice(&w), &xs, &format!("q8_0 {wq} {xq}"));
+        }
+    }
+}
+
 #[test]
 fn block32_loads_equal_the_reference_unpacking() {
     let mut rng = Rng(0x7777_0000_1111_2222);
