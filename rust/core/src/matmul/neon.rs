@@ -100,6 +100,27 @@ impl IDot for Mull {
     }
 }
 
+/// The 8 f16 at `h` as f32 (`fcvtl` / `fcvtl2`: Armv8.0 AdvSIMD, exact, the same values as
+/// `f16_to_f32`; Rust's `vcvt_f32_f16` is unstable, hence assembly).
+#[inline(always)]
+fn f16x8_to_f32(h: &[u16; 8]) -> [float32x4_t; 2] {
+    let (lo, hi): (float32x4_t, float32x4_t);
+    // SAFETY: NEON (module comment); 8 u16 in bounds. The instructions read one vector
+    // register and write another; no memory, stack or flags (the options say so).
+    unsafe {
+        let v = vld1q_u16(h.as_ptr());
+        asm!(
+            "fcvtl {lo:v}.4s, {v:v}.4h",
+            "fcvtl2 {hi:v}.4s, {v:v}.8h",
+            v = in(vreg) v,
+            lo = out(vreg) lo,
+            hi = out(vreg) hi,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    [lo, hi]
+}
+
 /// 16 bytes from a slice that holds at least 16.
 #[inline(always)]
 fn load_u8(p: &[u8]) -> uint8x16_t {
@@ -217,12 +238,16 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
     let mut acc = [[unsafe { vdupq_n_f32(0.0) }; 2]; R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
-        let wv: [[int8x16_t; 2]; LANES] = std::array::from_fn(|j| wg[j].load());
-        let dwa: [f32; LANES] = std::array::from_fn(|j| f16_to_f32(wg[j].d()));
-        let dw = [load_f32(&dwa), load_f32(&dwa[4..])];
+        // (loops, not closures: a closure would not inherit the caller's target features)
+        let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; LANES];
+        let mut dh = [0u16; LANES];
+        for j in 0..LANES {
+            wv[j] = wg[j].load();
+            dh[j] = u16::from_le_bytes(wg[j].d());
+        }
+        let dw = f16x8_to_f32(&dh);
         for r in 0..R {
             let xg = &x[r][g * LANES..g * LANES + LANES];
-            // (a loop, not a closure: a closure would not inherit the caller's `dotprod`)
             let mut s = [zero; LANES];
             for j in 0..LANES {
                 let (x0, x1) = (load_i8(&xg[j].qs), load_i8(&xg[j].qs[16..]));
@@ -288,11 +313,13 @@ pub unsafe fn dot_block32_mull<W: Load32, const R: usize>(
 // ---------------------------------------------------------------- K-quants, q8_K x
 
 /// A K-quant super-block decoded once for several activation rows: the 256 weights as 16
-/// registers of signed bytes in element order (q6_K: already minus 32), the scale of each
-/// group of 16, and the 8 sub-block mins as i32 (zero for q6_K, which has none).
+/// registers of signed bytes in element order (q6_K: already minus 32), the scales (`per32`:
+/// one per sub-block of 32 in `scale[..8]` (q4_K, q5_K); otherwise one per group of 16 (q6_K)),
+/// and the 8 sub-block mins as i32 (zero for q6_K, which has none).
 pub struct DecodedK {
     q: [int8x16_t; 16],
     scale: [i32; 16],
+    per32: bool,
     mins: [int32x4_t; 2],
 }
 
@@ -304,11 +331,43 @@ pub trait DecodeK: BlockK {
 /// The 8 scales of a q4_K/q5_K block, each repeated for its two groups of 16, and the 8 mins.
 #[inline(always)]
 fn scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([i32; 16], [int32x4_t; 2]) {
-    let sm: [(i32, i32); 8] = std::array::from_fn(|s| r::scale_min_k4(s, q));
-    let m: [i32; 8] = sm.map(|(_, m)| m);
-    // SAFETY: NEON; 2 x 4 i32 in bounds of `m`.
-    let mins = unsafe { [vld1q_s32(m.as_ptr()), vld1q_s32(m[4..].as_ptr())] };
-    (std::array::from_fn(|g| sm[g / 2].0), mins)
+    let (sc, m) = unpack_scales_k4(q);
+    let mut scale = [0i32; 16];
+    for s in 0..8 {
+        scale[s] = sc[s] as i32;
+    }
+    // SAFETY: NEON (module comment); 8 bytes in bounds of `m`.
+    let mins = unsafe {
+        let m16 = vmovl_u8(vld1_u8(m.as_ptr()));
+        [
+            vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(m16))),
+            vreinterpretq_s32_u32(vmovl_high_u16(m16)),
+        ]
+    };
+    (scale, mins)
+}
+
+/// The 8 scales and 8 mins of a q4_K/q5_K block with ggml's word-wide bit shuffling (the same
+/// values as `reference::scale_min_k4` for every j; tested).
+#[inline(always)]
+pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
+    let (u0, u1, u2) = (u(0), u(1), u(2));
+    let sc = [u0 & KMASK1, (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)];
+    let m = [
+        u1 & KMASK1,
+        ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
+    ];
+    let bytes = |w: [u32; 2]| {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&w[0].to_le_bytes());
+        b[4..].copy_from_slice(&w[1].to_le_bytes());
+        b
+    };
+    (bytes(sc), bytes(m))
 }
 
 /// The 4-bit quants of q4_K/q5_K in element order: chunk j of 64 takes the low nibbles of
@@ -338,6 +397,7 @@ impl DecodeK for BlockQ4K {
             // SAFETY: NEON (module comment).
             q: nibbles_k(&self.qs).map(|v| unsafe { vreinterpretq_s8_u8(v) }),
             scale,
+            per32: true,
             mins,
         }
     }
@@ -358,7 +418,12 @@ impl DecodeK for BlockQ5K {
             }
         });
         let (scale, mins) = scales_k4(&self.scales);
-        DecodedK { q, scale, mins }
+        DecodedK {
+            q,
+            scale,
+            per32: true,
+            mins,
+        }
     }
 }
 
@@ -408,6 +473,7 @@ impl BlockQ6K {
         DecodedK {
             q,
             scale: self.scales.map(|s| s as i32),
+            per32: false,
             mins: [vdupq_n_s32(0); 2],
         }
     }
@@ -423,9 +489,18 @@ unsafe fn sums_k<D: IDot>(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
     unsafe {
         let zero = vdupq_n_s32(0);
         let mut acc = zero;
-        for g in 0..16 {
-            let dot = D::dot16(zero, d.q[g], load_i8(&x.qs[16 * g..]));
-            acc = vmlaq_n_s32(acc, dot, d.scale[g]);
+        if d.per32 {
+            for s in 0..8 {
+                let x0 = load_i8(&x.qs[32 * s..]);
+                let x1 = load_i8(&x.qs[32 * s + 16..]);
+                let dot = D::dot16(D::dot16(zero, d.q[2 * s], x0), d.q[2 * s + 1], x1);
+                acc = vmlaq_n_s32(acc, dot, d.scale[s]);
+            }
+        } else {
+            for g in 0..16 {
+                let dot = D::dot16(zero, d.q[g], load_i8(&x.qs[16 * g..]));
+                acc = vmlaq_n_s32(acc, dot, d.scale[g]);
+            }
         }
         let (b0, b1) = (
             vld1q_s16(x.bsums.as_ptr()),

@@ -172,6 +172,41 @@ fn block32_loads_equal_the_reference_unpacking() {
     }
 }
 
+#[test]
+fn unpacked_k4_scales_equal_get_scale_min_k4() {
+    let mut rng = Rng(0x1357_9bdf_2468_ace0);
+    for _ in 0..2000 {
+        let q: [u8; 12] = rng.bytes(12).try_into().unwrap();
+        let (sc, m) = unpack_scales_k4(&q);
+        for j in 0..8 {
+            assert_eq!(
+                (sc[j] as i32, m[j] as i32),
+                r::scale_min_k4(j, &q),
+                "{q:?} j={j}"
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_vector_conversion_equals_f16_to_f32() {
+    // every f16 bit pattern, eight at a time, NaNs included (both quiet a signalling NaN)
+    for base in (0..=u16::MAX).step_by(8) {
+        let h: [u16; 8] = std::array::from_fn(|i| base + i as u16);
+        let [lo, hi] = f16x8_to_f32(&h);
+        let (lo, hi) = (store_f32(lo), store_f32(hi));
+        for i in 0..8 {
+            let got = if i < 4 { lo[i] } else { hi[i - 4] };
+            let want = f16_to_f32(h[i].to_le_bytes());
+            assert!(
+                got.to_bits() == want.to_bits(),
+                "{:#06x}: {got} vs {want}",
+                h[i]
+            );
+        }
+    }
+}
+
 /// Four activation rows of q8_K blocks (quantized at each of `SCALES`, or raw random bytes).
 fn q8_k_rows(rng: &mut Rng, nb: usize, raw: bool) -> [Vec<BlockQ8K>; 4] {
     std::array::from_fn(|i| {
