@@ -373,20 +373,21 @@ pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
 /// The 4-bit quants of q4_K/q5_K in element order: chunk j of 64 takes the low nibbles of
 /// qs[32j..32j+32] (sub-block 2j), then the high nibbles (sub-block 2j+1).
 #[inline(always)]
-fn nibbles_k(qs: &[u8; QK_K / 2]) -> [uint8x16_t; 16] {
-    std::array::from_fn(|i| {
-        // register i: elements 16i..16i+16, chunk j = i / 4, high nibbles for i % 4 >= 2
-        let (j, half, high) = (i / 4, i % 2, i % 4 >= 2);
-        let v = load_u8(&qs[32 * j + 16 * half..]);
-        // SAFETY: NEON (module comment).
-        unsafe {
-            if high {
-                vshrq_n_u8::<4>(v)
-            } else {
-                vandq_u8(v, vdupq_n_u8(0x0f))
+fn nibbles_k(qs: &[u8; QK_K / 2]) -> [int8x16_t; 16] {
+    // (loops rather than `array::map` / `from_fn` closures, which LLVM left out of line)
+    // SAFETY: NEON (module comment).
+    unsafe {
+        let mut q = [vdupq_n_s8(0); 16];
+        for j in 0..4 {
+            for half in 0..2 {
+                // register i holds elements 16i..16i+16
+                let v = load_u8(&qs[32 * j + 16 * half..]);
+                q[4 * j + half] = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
+                q[4 * j + 2 + half] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
             }
         }
-    })
+        q
+    }
 }
 
 impl DecodeK for BlockQ4K {
@@ -394,8 +395,7 @@ impl DecodeK for BlockQ4K {
     fn decode(&self) -> DecodedK {
         let (scale, mins) = scales_k4(&self.scales);
         DecodedK {
-            // SAFETY: NEON (module comment).
-            q: nibbles_k(&self.qs).map(|v| unsafe { vreinterpretq_s8_u8(v) }),
+            q: nibbles_k(&self.qs),
             scale,
             per32: true,
             mins,
@@ -407,16 +407,16 @@ impl DecodeK for BlockQ5K {
     /// q4_K's nibbles plus bit s of qh[l] as bit 4 of element 32s + l.
     #[inline(always)]
     fn decode(&self) -> DecodedK {
-        let n = nibbles_k(&self.qs);
+        let mut q = nibbles_k(&self.qs);
         let qh = [load_u8(&self.qh), load_u8(&self.qh[16..])];
-        let q = std::array::from_fn(|i| {
+        for (i, v) in q.iter_mut().enumerate() {
             let (s, h) = (i / 2, i % 2);
             // SAFETY: NEON (module comment).
             unsafe {
                 let b4 = vandq_u8(vtstq_u8(qh[h], vdupq_n_u8(1 << s)), vdupq_n_u8(0x10));
-                vreinterpretq_s8_u8(vorrq_u8(n[i], b4))
+                *v = vorrq_s8(*v, vreinterpretq_s8_u8(b4));
             }
-        });
+        }
         let (scale, mins) = scales_k4(&self.scales);
         DecodedK {
             q,
