@@ -16,11 +16,18 @@ pub fn force_scalar() -> bool {
     })
 }
 
-/// The best instruction set this process uses ("avx2", or "scalar").
+/// The best instruction set this process uses ("avx2"; on aarch64 "neon+dotprod" or "neon",
+/// which only the matmul kernels use, the quantizers being scalar there; or "scalar").
 pub fn level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         return "avx2";
+    }
+    #[cfg(target_arch = "aarch64")]
+    if crate::matmul::neon::has_dotprod() {
+        return "neon+dotprod";
+    } else if crate::matmul::neon::enabled() {
+        return "neon";
     }
     "scalar"
 }

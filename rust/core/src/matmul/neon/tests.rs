@@ -108,6 +108,12 @@ fn detection_and_dispatch() {
     assert_eq!(enabled(), !crate::formats::simd::force_scalar());
     assert_eq!(super::super::use_simd(), enabled());
     assert!(!has_dotprod() || enabled());
+    let want = match (enabled(), has_dotprod()) {
+        (true, true) => "neon+dotprod",
+        (true, false) => "neon",
+        _ => "scalar",
+    };
+    assert_eq!(crate::formats::simd::level(), want);
     // CI says which CPU qemu emulates, so that each run provably takes the path it means to.
     if let Ok(v) = std::env::var("FERROQUANT_EXPECT_DOTPROD") {
         assert_eq!(has_dotprod(), v == "1", "FERROQUANT_EXPECT_DOTPROD={v}");
