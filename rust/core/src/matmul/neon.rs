@@ -33,10 +33,7 @@ pub use float_acts::{dot_int8, dot_nf4};
 
 /// True when the NEON kernels may run (NEON present, FERROQUANT_FORCE_SCALAR unset).
 pub fn enabled() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        !crate::formats::simd::force_scalar() && std::arch::is_aarch64_feature_detected!("neon")
-    })
+    crate::formats::simd::has_neon()
 }
 
 /// True when the integer kernels may use `sdot` (NEON allowed and `dotprod` detected).
