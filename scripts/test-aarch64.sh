@@ -4,7 +4,8 @@
 # NEON kernel bit for bit against the scalar references), not speed.
 #   1. the whole core suite on `-cpu max` (has dotprod: the `sdot` kernels),
 #   2. the matmul tests on `-cpu cortex-a53` (Armv8.0, no dotprod: the `smull` kernels),
-#   3. the matmul tests with FERROQUANT_FORCE_SCALAR=1 (the references through the dispatch),
+#   3. the matmul and NEON-quantizer tests with FERROQUANT_FORCE_SCALAR=1 (the references
+#      through the dispatch),
 #   4. clippy for the target (cfg-gated code, dead code there).
 # FERROQUANT_EXPECT_DOTPROD makes runs 1 and 2 fail unless they took the path they are meant to.
 # Needs (Debian): gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user; installed with apt
@@ -27,8 +28,8 @@ CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_EXPECT
 echo "-- qemu -cpu cortex-a53 (no dotprod): matmul"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a53" FERROQUANT_EXPECT_DOTPROD=0 \
   "${tests[@]}" matmul
-echo "-- FERROQUANT_FORCE_SCALAR=1: matmul"
+echo "-- FERROQUANT_FORCE_SCALAR=1: matmul, legacy_neon"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_FORCE_SCALAR=1 \
-  "${tests[@]}" matmul
+  "${tests[@]}" -- matmul legacy_neon
 echo "-- clippy (aarch64)"
 cargo clippy -p ferroquant-core --all-targets --target aarch64-unknown-linux-gnu -q -- -D warnings
