@@ -51,7 +51,8 @@ pub fn has_dotprod() -> bool {
 #[inline(always)]
 unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     // SAFETY: `sdot` reads three vector registers and writes the first; it touches no memory,
-    // no stack and no flags (the options say so), and the caller guarantees the CPU has it.
+    // no stack and no flags (integer only: neither NZCV nor FPSR), and the caller guarantees
+    // the CPU has it.
     unsafe {
         asm!(
             "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
@@ -103,7 +104,9 @@ impl IDot for Mull {
 fn f16x8_to_f32(h: &[u16; 8]) -> [float32x4_t; 2] {
     let (lo, hi): (float32x4_t, float32x4_t);
     // SAFETY: NEON (module comment); 8 u16 in bounds. The instructions read one vector
-    // register and write another; no memory, stack or flags (the options say so).
+    // register and write others (`out`, not `lateout`: `lo` is written before `v` is read
+    // again); no memory or stack. Flags are not declared preserved: a signalling NaN sets
+    // FPSR's invalid-operation bit, as Rust's own float operations may.
     unsafe {
         let v = vld1q_u16(h.as_ptr());
         asm!(
@@ -112,7 +115,7 @@ fn f16x8_to_f32(h: &[u16; 8]) -> [float32x4_t; 2] {
             v = in(vreg) v,
             lo = out(vreg) lo,
             hi = out(vreg) hi,
-            options(pure, nomem, nostack, preserves_flags)
+            options(pure, nomem, nostack)
         );
     }
     [lo, hi]
@@ -222,6 +225,11 @@ impl Load32 for BlockIQ4NL {
 /// `reference::dot_block32` for R activation rows at once (weights decoded once per group of 8
 /// blocks): per row the 8 blocks' integer sums in two registers, then
 /// `acc += (dw * dx) * float(isum)` lane-wise; each row's operations are those of R = 1.
+///
+/// # Safety
+/// The CPU must have what `D` needs, and this must be inlined into a function compiled with it
+/// (the `_sdot` / `_mull` entry points). Lengths are bounds-checked (x and xd must have one
+/// entry per weight block, or this panics).
 #[inline(always)]
 unsafe fn block32<W: Load32, D: IDot, const R: usize>(
     w: &[W],
@@ -235,7 +243,8 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
     let mut acc = [[unsafe { vdupq_n_f32(0.0) }; 2]; R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
-        // (loops, not closures: a closure would not inherit the caller's target features)
+        // (loops, not closures: LLVM left closures out of line, and a closure would not inherit
+        // the entry point's `dotprod`)
         let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; LANES];
         let mut dh = [0u16; LANES];
         for j in 0..LANES {
@@ -325,7 +334,7 @@ pub trait DecodeK: BlockK {
     fn decode(&self) -> DecodedK;
 }
 
-/// The 8 scales of a q4_K/q5_K block, each repeated for its two groups of 16, and the 8 mins.
+/// The 8 scales of a q4_K/q5_K block (in `scale[..8]`) and its 8 mins as i32.
 #[inline(always)]
 fn scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([i32; 16], [int32x4_t; 2]) {
     let (sc, m) = unpack_scales_k4(q);
@@ -479,6 +488,9 @@ impl BlockQ6K {
 /// (Σ_g scale_g Σ_{e in g} q_e x_e, Σ_s min_s (bsum_2s + bsum_2s+1)): exact integers (the first
 /// at most 256 · 64 · 128 · 128 < 2^31 in magnitude, the second 16 · 63 · 2^15), the reference's
 /// `BlockK::sums`.
+///
+/// # Safety
+/// As for `block32`.
 #[inline(always)]
 unsafe fn sums_k<D: IDot>(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
     // SAFETY: NEON (module comment), the kind's features (caller's contract); bsums holds 16
@@ -515,6 +527,9 @@ unsafe fn sums_k<D: IDot>(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
 
 /// `reference::dot_block_k` for R activation rows at once: each super-block decoded once,
 /// integer sums in NEON, float part the reference's.
+///
+/// # Safety
+/// As for `block32`.
 #[inline(always)]
 unsafe fn block_k<W: DecodeK, D: IDot, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
     let mut acc = [[0.0f32; LANES]; R];
