@@ -191,27 +191,7 @@ impl Plan<'_> {
         }
     }
 
-    #[cfg(target_arch = "aarch64")]
-    fn dot32<W: neon::Load32, const R: usize>(
-        &self,
-        wrow: &[u8],
-        x: [&[BlockQ8_0]; R],
-        xd: [&[f32]; R],
-        _xs: [&[i32]; R],
-    ) -> [f32; R] {
-        let w: &[W] = bytemuck::cast_slice(wrow);
-        if self.simd && neon::has_dotprod() {
-            // SAFETY: NEON and dotprod detected; x and xd have one entry per weight block.
-            unsafe { neon::dot_block32_sdot(w, x, xd) }
-        } else if self.simd {
-            // SAFETY: simd is set only when NEON was detected; lengths as above.
-            unsafe { neon::dot_block32_mull(w, x, xd) }
-        } else {
-            std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
-        }
-    }
-
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[cfg(not(target_arch = "x86_64"))]
     fn dot32<W: reference::Block32, const R: usize>(
         &self,
         wrow: &[u8],
@@ -220,6 +200,10 @@ impl Plan<'_> {
         _xs: [&[i32]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block32(w, x, xd);
+        }
         std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
     }
 
@@ -234,37 +218,29 @@ impl Plan<'_> {
         }
     }
 
-    #[cfg(target_arch = "aarch64")]
-    fn dot_k<W: neon::DecodeK, const R: usize>(
-        &self,
-        wrow: &[u8],
-        x: [&[BlockQ8K]; R],
-    ) -> [f32; R] {
-        let w: &[W] = bytemuck::cast_slice(wrow);
-        if self.simd && neon::has_dotprod() {
-            // SAFETY: NEON and dotprod detected; x has one block per weight block.
-            unsafe { neon::dot_block_k_sdot(w, x) }
-        } else if self.simd {
-            // SAFETY: NEON detected; x has one block per weight block.
-            unsafe { neon::dot_block_k_mull(w, x) }
-        } else {
-            std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
-        }
-    }
-
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[cfg(not(target_arch = "x86_64"))]
     fn dot_k<W: reference::BlockK, const R: usize>(
         &self,
         wrow: &[u8],
         x: [&[BlockQ8K]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block_k(w, x);
+        }
         std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
     }
 
     fn dot_f32<const R: usize>(&self, wrow: &[u8], stats: &[f32], x: [&[f32]; R]) -> [f32; R] {
         let nf4 = self.w.qtype == QType::NF4;
         let bl = self.block_len;
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            if let Some(y) = neon::dot_f32(self.w.qtype, wrow, stats, bl, x) {
+                return y;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd {
             // SAFETY: AVX2 (and AVX-512F where used) detected; lengths checked by `plan` (K/2
@@ -276,18 +252,6 @@ impl Plan<'_> {
                     x86::dot_nf4(wrow, stats, bl, x)
                 } else {
                     x86::dot_int8(wrow, stats, bl, x)
-                }
-            };
-        }
-        #[cfg(target_arch = "aarch64")]
-        if self.simd {
-            // SAFETY: NEON detected; lengths checked by `plan` (K/2 or K bytes, one stat per
-            // block, nf4 blocks a multiple of 32).
-            return unsafe {
-                if nf4 {
-                    neon::dot_nf4(wrow, stats, bl, x)
-                } else {
-                    neon::dot_int8(wrow, stats, bl, x)
                 }
             };
         }

@@ -6,6 +6,10 @@
 //! not contract separate intrinsics), so results are identical bit for bit. Where a row ends in
 //! fewer than 8 blocks, the tail runs the reference's scalar code on the same lanes.
 //!
+//! `mod.rs` calls `dot_block32`, `dot_block_k` and `dot_f32`, which take the NEON kernel of the
+//! weight format when this file has one and the reference otherwise (matched by `TypeId` /
+//! qtype), so a format added to the references runs on aarch64 before it gets a NEON kernel.
+//!
 //! Integer dots of 16 signed bytes come in two kinds: `sdot` (the Armv8.2 dot product, used when
 //! `dotprod` is detected at run time) and `vmull_s8` + `vpadalq_s16` (plain Armv8.0 NEON:
 //! i8 x i8 products fit in i16, pairs are widened to i32 before they are added). Rust's
@@ -19,12 +23,14 @@
 //! `has_dotprod` (and the assembler refuses `sdot` in a function compiled without `dotprod`).
 //! Loads go through `load_*`, which check the length they read.
 
+use std::any::TypeId;
 use std::arch::aarch64::*;
 use std::arch::asm;
 use std::sync::OnceLock;
 
 use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES};
 use crate::formats::blocks::*;
+use crate::qtype::QType;
 
 const _: () = assert!(cfg!(target_feature = "neon"));
 
@@ -40,6 +46,95 @@ pub fn enabled() -> bool {
 pub fn has_dotprod() -> bool {
     static F: OnceLock<bool> = OnceLock::new();
     *F.get_or_init(|| enabled() && std::arch::is_aarch64_feature_detected!("dotprod"))
+}
+
+// ---------------------------------------------------------------- dispatch (from mod.rs)
+
+#[cfg(test)]
+thread_local! {
+    /// Calls of a NEON kernel through the dispatch on this thread (the tests check that the
+    /// dispatch takes NEON where it exists: the bits alone cannot tell).
+    pub static DISPATCHED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// `reference::dot_block32` for R activation rows: NEON (`sdot` where the CPU has it) for the
+/// formats with a `Load32` below, the reference for any other `W`. Callers check `enabled`.
+pub fn dot_block32<W: Block32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+) -> [f32; R] {
+    fn run<V: Load32, const R: usize>(w: &[V], x: [&[BlockQ8_0]; R], xd: [&[f32]; R]) -> [f32; R] {
+        #[cfg(test)]
+        DISPATCHED.with(|c| c.set(c.get() + 1));
+        // SAFETY: NEON (module comment); dotprod checked for the `sdot` kernel.
+        unsafe {
+            if has_dotprod() {
+                dot_block32_sdot(w, x, xd)
+            } else {
+                dot_block32_mull(w, x, xd)
+            }
+        }
+    }
+    macro_rules! neon_for {
+        ($($t:ty),*) => {$(
+            if TypeId::of::<W>() == TypeId::of::<$t>() {
+                // W is $t: the cast is the identity.
+                return run::<$t, R>(bytemuck::cast_slice(w), x, xd);
+            }
+        )*};
+    }
+    neon_for!(BlockQ4_0, BlockQ5_0, BlockQ8_0, BlockIQ4NL);
+    std::array::from_fn(|i| r::dot_block32(w, x[i], xd[i]))
+}
+
+/// `reference::dot_block_k` for R activation rows: NEON for the formats with a `DecodeK` below,
+/// the reference for any other `W`. Callers check `enabled`.
+pub fn dot_block_k<W: BlockK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
+    fn run<V: DecodeK, const R: usize>(w: &[V], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        #[cfg(test)]
+        DISPATCHED.with(|c| c.set(c.get() + 1));
+        // SAFETY: NEON (module comment); dotprod checked for the `sdot` kernel.
+        unsafe {
+            if has_dotprod() {
+                dot_block_k_sdot(w, x)
+            } else {
+                dot_block_k_mull(w, x)
+            }
+        }
+    }
+    macro_rules! neon_for {
+        ($($t:ty),*) => {$(
+            if TypeId::of::<W>() == TypeId::of::<$t>() {
+                // W is $t: the cast is the identity.
+                return run::<$t, R>(bytemuck::cast_slice(w), x);
+            }
+        )*};
+    }
+    neon_for!(BlockQ4K, BlockQ5K, BlockQ6K);
+    std::array::from_fn(|i| r::dot_block_k(w, x[i]))
+}
+
+/// The f32-activation formats with a NEON kernel (nf4, int8), `None` for the others. Lengths as
+/// checked by `mod.rs::plan` (K/2 or K bytes, one stat per block, nf4 blocks a multiple of 32).
+/// Callers check `enabled`.
+pub fn dot_f32<const R: usize>(
+    qtype: QType,
+    w: &[u8],
+    stats: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+) -> Option<[f32; R]> {
+    #[cfg(test)]
+    DISPATCHED.with(|c| c.set(c.get() + matches!(qtype, QType::NF4 | QType::Int8) as usize));
+    // SAFETY: NEON (module comment).
+    unsafe {
+        match qtype {
+            QType::NF4 => Some(dot_nf4(w, stats, block_len, x)),
+            QType::Int8 => Some(dot_int8(w, stats, block_len, x)),
+            _ => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------- integer dots

@@ -335,6 +335,87 @@ fn nf4_and_int8_kernels_equal_the_reference() {
     }
 }
 
+/// Formats without a NEON kernel here (as a format added to the references would be): the
+/// dispatch must run the reference for them.
+#[repr(transparent)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Plain32(BlockQ4_0);
+
+impl r::Block32 for Plain32 {
+    fn d(&self) -> Half {
+        self.0.d
+    }
+    fn isum(&self, x: &BlockQ8_0) -> i32 {
+        self.0.isum(x)
+    }
+}
+
+#[repr(transparent)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PlainK(BlockQ4K);
+
+impl r::BlockK for PlainK {
+    fn sums(&self, x: &BlockQ8K) -> (i32, i32) {
+        self.0.sums(x)
+    }
+    fn d_dmin(&self) -> (f32, f32) {
+        self.0.d_dmin()
+    }
+}
+
+#[test]
+fn dispatch_takes_neon_where_it_exists_and_the_reference_otherwise() {
+    let mut rng = Rng(0x3141_5926_5358_9793);
+    let nb = 11;
+    let xs = q8_0_rows(&mut rng, nb, false);
+    let xd: [Vec<f32>; 4] =
+        std::array::from_fn(|i| xs[i].iter().map(|b| f16_to_f32(b.d)).collect());
+    let x4: [&[BlockQ8_0]; 4] = std::array::from_fn(|i| &xs[i][..]);
+    let d4: [&[f32]; 4] = std::array::from_fn(|i| &xd[i][..]);
+    let data = blocks(&mut rng, nb, 18, &[0]);
+    let (w, plain): (&[BlockQ4_0], &[Plain32]) =
+        (bytemuck::cast_slice(&data), bytemuck::cast_slice(&data));
+    let calls = || DISPATCHED.with(|c| c.get());
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block32(w, x4[i], d4[i]));
+    let n = calls();
+    assert_eq!(bits(dot_block32(w, x4, d4)), bits(want));
+    assert_eq!(calls(), n + 1, "q4_0 must take the NEON kernel");
+    assert_eq!(bits(dot_block32(plain, x4, d4)), bits(want));
+    assert_eq!(
+        calls(),
+        n + 1,
+        "a format without a NEON loader takes the reference"
+    );
+    let xk = q8_k_rows(&mut rng, 3, false);
+    let k4: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &xk[i][..]);
+    let data = blocks(&mut rng, 3, 144, &[0, 2]);
+    let (w, plain): (&[BlockQ4K], &[PlainK]) =
+        (bytemuck::cast_slice(&data), bytemuck::cast_slice(&data));
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block_k(w, k4[i]));
+    assert_eq!(bits(dot_block_k(w, k4)), bits(want));
+    assert_eq!(calls(), n + 2, "q4_k must take the NEON kernel");
+    assert_eq!(bits(dot_block_k(plain, k4)), bits(want));
+    assert_eq!(calls(), n + 2);
+    let x = [vec![0.5f32; 64]];
+    let xr: [&[f32]; 1] = [&x[0]];
+    assert!(dot_f32(crate::qtype::QType::Q4_0, &[0; 64], &[1.0], 64, xr).is_none());
+    let y = dot_f32(crate::qtype::QType::Int8, &[2; 64], &[1.0], 64, xr).unwrap();
+    assert_eq!(y[0], 64.0);
+    assert_eq!(calls(), n + 3);
+    // every NEON format of the block-32 and K-quant families goes through its kernel
+    let x1: [&[BlockQ8_0]; 1] = [x4[0]];
+    let d1: [&[f32]; 1] = [d4[0]];
+    let b32 = blocks(&mut rng, nb, 34, &[0]);
+    dot_block32::<BlockQ5_0, 1>(bytemuck::cast_slice(&b32[..nb * 22]), x1, d1);
+    dot_block32::<BlockQ8_0, 1>(bytemuck::cast_slice(&b32), x1, d1);
+    dot_block32::<BlockIQ4NL, 1>(bytemuck::cast_slice(&b32[..nb * 18]), x1, d1);
+    let bk = blocks(&mut rng, 3, 210, &[208]);
+    let k1: [&[BlockQ8K]; 1] = [k4[0]];
+    dot_block_k::<BlockQ5K, 1>(bytemuck::cast_slice(&bk[..3 * 176]), k1);
+    dot_block_k::<BlockQ6K, 1>(bytemuck::cast_slice(&bk), k1);
+    assert_eq!(calls(), n + 8);
+}
+
 /// `qmatmul` itself (the dispatch in `mod.rs`) against the references called directly, for every
 /// format and M = 1..6 (groups of 4 rows, then single rows).
 #[test]
