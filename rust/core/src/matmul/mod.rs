@@ -15,11 +15,12 @@
 //! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
 //! dequantized product within float rounding; no activation error added to the weights').
 
-#[cfg(target_arch = "aarch64")]
-pub mod neon;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 
 use rayon::prelude::*;
 
