@@ -6,7 +6,8 @@
 #   2. the matmul tests on `-cpu cortex-a53` (Armv8.0, no dotprod: the `smull` kernels),
 #   3. the matmul and NEON-quantizer tests with FERROQUANT_FORCE_SCALAR=1 (the references
 #      through the dispatch),
-#   4. clippy for the target (cfg-gated code, dead code there).
+#   4. clippy for the target, the whole workspace (cfg-gated code, dead code there; the PyO3
+#      binding crate type-checks for aarch64 thanks to abi3, no aarch64 Python needed).
 # FERROQUANT_EXPECT_DOTPROD makes runs 1 and 2 fail unless they took the path they are meant to.
 # Needs (Debian): gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user; installed with apt
 # when missing (CI runs as root on a fresh Debian).
@@ -32,4 +33,4 @@ echo "-- FERROQUANT_FORCE_SCALAR=1: matmul, legacy_neon"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_FORCE_SCALAR=1 \
   "${tests[@]}" -- matmul legacy_neon
 echo "-- clippy (aarch64)"
-cargo clippy -p ferroquant-core --all-targets --target aarch64-unknown-linux-gnu -q -- -D warnings
+cargo clippy --workspace --all-targets --target aarch64-unknown-linux-gnu -q -- -D warnings
