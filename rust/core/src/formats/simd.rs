@@ -17,7 +17,7 @@ pub fn force_scalar() -> bool {
 }
 
 /// The best instruction set this process uses ("avx2"; on aarch64 "neon+dotprod" or "neon",
-/// which only the matmul kernels use, the quantizers being scalar there; or "scalar").
+/// used there by the matmul kernels and the q8_0 / q4_0 quantizers; or "scalar").
 pub fn level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
