@@ -22,7 +22,7 @@ def test_doctor_reports_threads_simd_and_peers():
     r = run("doctor", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["threads"] >= 1 and info["simd"] in ("avx2", "scalar")
+    assert info["threads"] >= 1 and info["simd"] in ("avx2", "neon", "neon+dotprod", "scalar")
     assert set(info["peers"]) >= {"numpy", "torch", "gguf", "bitsandbytes"}
 
 

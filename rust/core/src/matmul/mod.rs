@@ -7,7 +7,8 @@
 //! depend on the thread count, on M, or on the instruction set. Work is split over output
 //! features N through the one pool of `parallel.rs`; each task reads a weight row once and uses
 //! it for all M activation rows (4 at a time in the SIMD kernels). FERROQUANT_FORCE_SCALAR=1
-//! runs the references. Other architectures (aarch64: no NEON kernels yet) run the references.
+//! runs the references. On aarch64 `neon.rs` computes the same bits with NEON (`sdot` where the
+//! CPU has `dotprod`); other architectures run the references.
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
@@ -20,6 +21,9 @@
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 
 use rayon::prelude::*;
 
@@ -92,7 +96,11 @@ fn use_simd() -> bool {
     {
         crate::formats::simd::has_avx2()
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        neon::enabled()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         false
     }
@@ -224,6 +232,10 @@ impl Plan<'_> {
         _xs: [&[i32]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block32(w, x, xd);
+        }
         std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
     }
 
@@ -281,12 +293,22 @@ impl Plan<'_> {
         x: [&[BlockQ8K]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block_k(w, x);
+        }
         std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
     }
 
     fn dot_f32<const R: usize>(&self, wrow: &[u8], stats: &[f32], x: [&[f32]; R]) -> [f32; R] {
         let qtype = self.w.qtype;
         let bl = self.block_len;
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            if let Some(y) = neon::dot_f32(self.w.qtype, wrow, stats, bl, x) {
+                return y;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd {
             // SAFETY: AVX2 and F16C (and AVX-512F where used) detected; lengths checked by
