@@ -109,14 +109,14 @@ impl Load32 for BlockQ8_0 {
 impl Load32 for BlockQ5_0 {
     #[inline(always)]
     unsafe fn load(&self) -> __m256i {
-        let q = r::unpack_q5_0(self);
-        // SAFETY: q is 32 bytes; AVX is available (this method's contract).
-        unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) }
+        // SAFETY: AVX2 is available (this method's contract).
+        unsafe { _mm256_sub_epi8(self.load_unsigned(), _mm256_set1_epi8(16)) }
     }
     #[inline(always)]
     unsafe fn load_unsigned(&self) -> __m256i {
-        // SAFETY: AVX2 is available (this method's contract).
-        unsafe { _mm256_add_epi8(self.load(), _mm256_set1_epi8(16)) }
+        // SAFETY: AVX2 is available (this method's contract). The levels 0..31: the nibbles
+        // plus bit j of qh as bit 4 of element j (as q5_1's).
+        unsafe { min32::q5_levels(&self.qs, self.qh) }
     }
     const BIAS: i32 = 16;
 }
@@ -177,6 +177,64 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
     xd: [&[f32]; R],
     xsum: [&[i32]; R],
 ) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_vnni(w, x, xd, xsum, None) }
+}
+
+/// `reference::dot_block32_min` (q4_1 / q5_1 against q8_1) with AVX-512 VNNI: the integer sums
+/// of `dot_block32_vnni`, then `(dw * dx) * isum + mw * sx` lane-wise.
+///
+/// # Safety
+/// As `dot_block32_vnni`; every `xs[r]` also has at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn dot_block32_min_vnni<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xsum: [&[i32]; R],
+    xs: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_vnni(w, x, xd, xsum, Some(xs)) }
+}
+
+/// The 8 f16 values `h` of a group of blocks as f32.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn halves8(h: [Half; LANES]) -> __m256 {
+    let bits: [u16; LANES] = h.map(u16::from_le_bytes);
+    // SAFETY: `bits` is 16 bytes; loadu has no alignment requirement.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr() as *const __m128i) })
+}
+
+/// The reference's lanes, then its scalar code for the blocks past the last group of 8.
+#[inline(always)]
+fn finish32<W: Block32>(
+    w: &[W],
+    acc: __m256,
+    x: &[BlockQ8_0],
+    xd: &[f32],
+    xs: Option<&[f32]>,
+) -> f32 {
+    let mut lanes = lanes_of(acc);
+    for b in w.len() / LANES * LANES..w.len() {
+        lanes[b % LANES] += match xs {
+            Some(xs) => r::block32_min_product(&w[b], &x[b], xd[b], xs[b]),
+            None => r::block32_product(&w[b], &x[b], xd[b]),
+        };
+    }
+    r::hsum8(&lanes)
+}
+
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn block32_vnni<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xsum: [&[i32]; R],
+    xs: Option<[&[f32]; R]>,
+) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
     let bias = _mm256_set1_epi32(W::BIAS);
@@ -184,12 +242,15 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         let mut wv = [_mm256_setzero_si256(); 8];
-        let mut dh = [0u16; 8];
         for j in 0..LANES {
             wv[j] = unsafe { wg[j].load_unsigned() };
-            dh[j] = u16::from_le_bytes(wg[j].d());
         }
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        let dw = halves8(std::array::from_fn(|j| wg[j].d()));
+        let mw = if W::HAS_MIN {
+            halves8(std::array::from_fn(|j| wg[j].m()))
+        } else {
+            _mm256_setzero_ps()
+        };
         for r in 0..R {
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [_mm256_setzero_si256(); 8];
@@ -197,22 +258,22 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
                 let xv = unsafe { _mm256_loadu_si256(xg[j].qs.as_ptr() as *const __m256i) };
                 s[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[j], xv);
             }
-            let xs = unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
-            let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xs));
+            let xsm =
+                unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
+            let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xsm));
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
             let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            // (no closure here: closures do not inherit the target features)
+            let p = if let Some(xs) = xs {
+                let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
+                _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
+            } else {
+                p
+            };
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    let mut out = [0.0f32; R];
-    for r in 0..R {
-        let mut lanes = lanes_of(acc[r]);
-        for b in groups * LANES..nb {
-            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
-        }
-        out[r] = r::hsum8(&lanes);
-    }
-    out
+    std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
 }
 
 /// `reference::dot_block32` for R activation rows at once (the weights are decoded once per
@@ -227,18 +288,49 @@ pub unsafe fn dot_block32<W: Load32, const R: usize>(
     x: [&[BlockQ8_0]; R],
     xd: [&[f32]; R],
 ) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_avx2(w, x, xd, None) }
+}
+
+/// `reference::dot_block32_min` (q4_1 / q5_1 against q8_1) for R rows at once: the integer
+/// sums of `dot_block32`, then `acc += (dw * dx) * float(isum) + mw * sx` lane-wise.
+///
+/// # Safety
+/// As `dot_block32`; every `xs[r]` also has at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn dot_block32_min<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xs: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_avx2(w, x, xd, Some(xs)) }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn block32_avx2<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xs: Option<[&[f32]; R]>,
+) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
     let mut acc = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         let mut wv = [_mm256_setzero_si256(); 8];
-        let mut dh = [0u16; 8];
         for j in 0..LANES {
             wv[j] = unsafe { wg[j].load() };
-            dh[j] = u16::from_le_bytes(wg[j].d());
         }
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        let dw = halves8(std::array::from_fn(|j| wg[j].d()));
+        let mw = if W::HAS_MIN {
+            halves8(std::array::from_fn(|j| wg[j].m()))
+        } else {
+            _mm256_setzero_ps()
+        };
         for r in 0..R {
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [_mm256_setzero_si256(); 8];
@@ -248,18 +340,17 @@ pub unsafe fn dot_block32<W: Load32, const R: usize>(
             let isum = reduce8(&s);
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
             let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            // (no closure here: closures do not inherit the target features)
+            let p = if let Some(xs) = xs {
+                let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
+                _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
+            } else {
+                p
+            };
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    let mut out = [0.0f32; R];
-    for r in 0..R {
-        let mut lanes = lanes_of(acc[r]);
-        for b in groups * LANES..nb {
-            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
-        }
-        out[r] = r::hsum8(&lanes);
-    }
-    out
+    std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
 }
 
 // ---------------------------------------------------------------- K-quants
@@ -501,7 +592,13 @@ pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]
     acc.map(|a| r::hsum8(&a))
 }
 
+mod k_low;
+pub use k_low::scales_q3_k_kmask;
+mod min32;
+
 // ---------------------------------------------------------------- f32 activations
 
 mod float_acts;
-pub use float_acts::{dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f};
+pub use float_acts::{
+    dot_fp8, dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f, Decode32, Fp8E4M3, Fp8E5M2,
+};
