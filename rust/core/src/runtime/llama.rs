@@ -106,6 +106,18 @@ fn swiglu_rows(gate: &[f32], up: &[f32], ff: usize, h: &mut [f32]) {
     }
 }
 
+/// `ops::swiglu` of rows holding `[gate | up]` (each `ff` wide) side by side.
+fn swiglu_stacked(gate_up: &[f32], ff: usize, h: &mut [f32]) {
+    let one = |(hr, gu): (&mut [f32], &[f32])| ops::swiglu(&gu[..ff], &gu[ff..], hr);
+    if h.len() / ff >= PAR_ROWS {
+        h.par_chunks_mut(ff)
+            .zip(gate_up.par_chunks(2 * ff))
+            .for_each(one);
+    } else {
+        h.chunks_mut(ff).zip(gate_up.chunks(2 * ff)).for_each(one);
+    }
+}
+
 /// RoPE on every head of every token's q and k (`cs`: each token's cos/sin cache).
 fn rope_rows(q: &mut [f32], k: &mut [f32], cs: &[f32], cfg: &Config, n: usize) {
     let (qd, kvd, rd, hd) = (cfg.q_dim(), cfg.kv_dim(), cfg.rope_dim, cfg.head_dim);
@@ -287,15 +299,16 @@ impl Llama {
             norm_rows(&x, &l.ffn_norm, cfg.rms_eps, &mut xn);
             match &l.w_gate_up {
                 Some(w) => {
+                    // Each row holds [gate | up]: SwiGLU reads them in place.
                     matmul(w, bytes, &xn, n, &mut gate_up)?;
-                    split_rows(&gate_up, n, &mut [&mut gate[..], &mut up[..]]);
+                    swiglu_stacked(&gate_up, ff, &mut h);
                 }
                 None => {
                     matmul(&l.w_gate, bytes, &xn, n, &mut gate)?;
                     matmul(&l.w_up, bytes, &xn, n, &mut up)?;
+                    swiglu_rows(&gate, &up, ff, &mut h);
                 }
             }
-            swiglu_rows(&gate, &up, ff, &mut h);
             matmul(&l.w_down, bytes, &h, n, &mut proj)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
