@@ -3,11 +3,12 @@ F.linear and against the machine's multi-threaded memory read bandwidth, in one 
 
     python benches/bench_matmul.py                 # 4096x14336 and 14336x4096, M 1 8 64 512
     python benches/bench_matmul.py --m 1 --qtypes q4_0,q4_k
+    python benches/bench_matmul.py --m 1 --qtypes all      # every qtype with a kernel
 
 K x N = in x out features (ANCHORS.md). Every backend rotates over copies of its weights that
 together exceed --rotate-mb (default 640 MB, over twice the 300 MiB last-level cache), so each
 call reads its weights from memory, not from cache. Weights: a 512-row slab quantized by
-fq.quantize (int8: per-row scales) and tiled to N rows (the kernels have no data-dependent
+fq.quantize (int8, fp8: per-row scales) and tiled to N rows (the kernels have no data-dependent
 branches, so timing does not depend on the values).
 Effective GB/s = weight bytes (data + statistics) / time. The read bandwidth is a
 multi-threaded streaming read of a 1 GiB buffer (`_native.stream_read`: each thread sums the
@@ -43,7 +44,7 @@ SLAB_ROWS = 512
 def slab(qtype: str, k: int, rng: np.random.Generator):
     """(data per row as uint8 (rows, bytes), stats per row (rows, s) or None, block, mode)."""
     w = rng.standard_normal((SLAB_ROWS, k)).astype(np.float32)
-    kw = {"scale_mode": "row"} if qtype == "int8" else {}
+    kw = {"scale_mode": "row"} if qtype in ("int8", "fp8_e4m3", "fp8_e5m2") else {}
     qt = fq.quantize(w, qtype, **kw)
     stats = qt.stats.reshape(SLAB_ROWS, -1) if qt.stats.size else None
     return qt.data.reshape(SLAB_ROWS, -1), stats, qt.block_size, qt.scale_mode
@@ -105,7 +106,11 @@ def torch_sum_bandwidth(threads: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="1,8,64,512", help="comma-separated batch sizes M")
-    ap.add_argument("--qtypes", default=",".join(QTYPES))
+    ap.add_argument(
+        "--qtypes",
+        default=",".join(QTYPES),
+        help="comma-separated qtypes with a kernel (_native.qmatmul_qtypes()), or 'all'",
+    )
     ap.add_argument("--shapes", default="all", help="'all', '4096x14336' or '14336x4096'")
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
     ap.add_argument("--rotate-mb", type=int, default=640)
@@ -121,6 +126,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     ms = [int(v) for v in args.m.split(",")]
     qtypes = [q for q in args.qtypes.split(",") if q]
+    if qtypes == ["all"]:
+        qtypes = list(_native.qmatmul_qtypes())
     shapes = [s for s in SHAPES if args.shapes == "all" or args.shapes == f"{s[0]}x{s[1]}"]
     bw = read_bandwidth(threads)
     bw_torch = torch_sum_bandwidth(threads)

@@ -16,14 +16,18 @@ in one run on one card. Usage (wheel installed, torch with CUDA):
      e_w = u_act when W is first rounded to the activation dtype (the M > 16 path), e_red = u_act
      when cuBLAS may reduce in reduced precision (torch's default for bf16/fp16), and
      u_out = 2^-8 (bf16) or 2^-11 (fp16) the rounding of the output; plus 2^-24 for fp16's
-     subnormals. Through every available launch backend (cuda.core and cuda.bindings).
+     subnormals. Through every available launch backend (cuda.core and cuda.bindings). M <= 16
+     runs both the GEMV and the tensor-core (mma) kernel; the mma kernel rounds W to the
+     activation dtype and sums in an unspecified order, so it takes the M > 16 path's bound.
    - the op `ferroquant::qmatmul` through QuantLinear on CUDA, eager, torch.compile and a CUDA
      graph capture, gives the same bits as the direct call.
-2. Timing: ferroquant (M <= 16: fused GEMV; M > 16: dequantize + cuBLAS), bf16 F.linear (cuBLAS),
+2. Timing: ferroquant (M <= 16: fused GEMV, and for M in {2, 4, 8, 16} also the tensor-core kernel
+   as "<format> mma" rows: the default switches to it from FERROQUANT_CUDA_MMA_MIN_M tokens, unset
+   until a run shows where it wins; M > 16: dequantize + cuBLAS), bf16 F.linear (cuBLAS),
    bitsandbytes NF4 matmul_4bit (if importable), torch int4 _weight_int4pack_mm (g128) and fp8
    _scaled_mm (x pre-cast to fp8 and padded to 16 rows, as _scaled_mm needs), at K x N = 4096 x
-   4096, 4096 x 14336, 14336 x 4096 and M in {1, 8, 16, 64, 512}. Each time is the median of 15
-   replays of a CUDA graph of 64 launches rotating over enough weight copies to exceed 4x L2,
+   4096, 4096 x 14336, 14336 x 4096 and M in {1, 2, 4, 8, 16, 64, 512}. Each time is the median of
+   15 replays of a CUDA graph of 64 launches rotating over enough weight copies to exceed 4x L2,
    divided by 64. Device-to-device copy bandwidth (bytes read + written) measured in the same run.
 3. Tuning: the GEMV kernel's variants (FQ_ROWS rows per warp, FQ_UNROLL lane steps) for q4_k,
    nf4 and q8_0 at M = 1 and 16, which must agree bit for bit, timed the same way.
@@ -52,7 +56,8 @@ from ferroquant import cuda_ops
 FORMATS = ["nf4", "nf4_dq", "int8_row", "int8_tensor", "int8_block", "q4_0", "q8_0", "q4_k",
            "q5_k", "q6_k"]  # fmt: skip
 CHECK_M = [1, 2, 3, 4, 5, 8, 13, 16, 17, 64, 512]
-TIME_M = [1, 8, 16, 64, 512]
+TIME_M = [1, 2, 4, 8, 16, 64, 512]
+MMA_TIME_M = [2, 4, 8, 16]  # also timed through the tensor-core kernel ("mma" rows)
 TIME_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # K x N
 TIME_FORMATS = ["nf4", "q4_k", "q8_0", "int8_row", "q6_k", "q5_k", "q4_0"]
 # Kernel variants (qmatmul.cu tuning macros) timed side by side; outputs must be bit-identical
@@ -171,19 +176,34 @@ def run_checks(dev, dry_run: bool) -> dict:
                     x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to(act)
                     x64 = x.double().numpy()
                     ref = x64 @ w64.T
-                    tol = tolerance(x64, w64, ref, k, act, via_dequant=m > cuda_ops.MAX_GEMV_M)
                     if dry_run:
                         continue
-                    for be in [b for b in backends if b not in broken]:
+                    # every path that takes this M: gemv and mma up to 16 tokens, else dequant
+                    paths = ["gemv", "mma"] if m <= cuda_ops.MAX_GEMV_M else ["dequant"]
+                    for be, path in [(b, p) for b in backends if b not in broken for p in paths]:
+                        if be in broken:
+                            continue
                         _use_backend(be)
+                        # the mma kernel rounds W to the activation type, as dequant + cuBLAS
+                        tol = tolerance(x64, w64, ref, k, act, via_dequant=path != "gemv")
                         out = torch.full((m, n), float("nan"), dtype=act, device=dev)
                         try:
                             y = cuda_ops.qmatmul_cuda(
-                                x.to(dev), d_data, d_stats, qtype, n, k, bs, mode, out=out
+                                x.to(dev),
+                                d_data,
+                                d_stats,
+                                qtype,
+                                n,
+                                k,
+                                bs,
+                                mode,
+                                out=out,
+                                path=path,
                             )
                             torch.cuda.synchronize()
                         except Exception as e:
-                            broken[be] = f"[{be}] qmatmul {fmt} m={m}: {type(e).__name__}: {e}"
+                            broken[be] = (f"[{be}] qmatmul {fmt} m={m} {path}: "
+                                          f"{type(e).__name__}: {e}")  # fmt: skip
                             continue
                         y64 = y.double().cpu().numpy()
                         count += 1
@@ -192,7 +212,7 @@ def run_checks(dev, dry_run: bool) -> dict:
                             i = np.unravel_index(np.argmax(np.nan_to_num(err / tol, nan=1e30)),
                                                  err.shape)  # fmt: skip
                             failures.append(
-                                f"qmatmul {fmt} {str(act)[6:]} m={m} n={n} k={k} [{be}]: "
+                                f"qmatmul {fmt} {str(act)[6:]} m={m} n={n} k={k} {path} [{be}]: "
                                 f"at {i} got {y64[i]!r} want {ref[i]!r} tol {tol[i]:.3g}"
                             )
             log(f"checked {fmt} n={n} k={k}" + (" (CPU side only)" if dry_run else ""))
@@ -354,6 +374,14 @@ def run_timings(dev) -> tuple[list[dict], float]:
                     for d, s in copies
                 ]
                 add(f"ferroquant {fmt}", nbytes, fns)
+                if m in MMA_TIME_M:
+                    fns = [
+                        functools.partial(
+                            cuda_ops.qmatmul_cuda, x, d, s, qtype, n, k, bs, mode, path="mma"
+                        )  # fmt: skip
+                        for d, s in copies
+                    ]
+                    add(f"ferroquant {fmt} mma", nbytes, fns)
             log(f"timed K={k} N={n} M={m}")
         del ours, peers
         torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ def test_doctor_reports_threads_simd_and_peers():
     r = run("doctor", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["threads"] >= 1 and info["simd"] in ("avx2", "scalar")
+    assert info["threads"] >= 1 and info["simd"] in ("avx2", "neon", "neon+dotprod", "scalar")
     assert set(info["peers"]) >= {"numpy", "torch", "gguf", "bitsandbytes"}
 
 
@@ -65,9 +65,9 @@ def test_demo_on_a_given_file_and_its_errors(tmp_path):
 def test_bench_prints_quantize_and_matmul_rows():
     from ferroquant import cli
 
-    r = run("bench", "--rows", "64", "--cols", "256", "--qtypes", "q8_0,fp8_e4m3", "--json")
+    r = run("bench", "--rows", "64", "--cols", "256", "--qtypes", "q8_0,fp4", "--json")
     assert r.returncode == 0, r.stderr
     rows = {row["qtype"]: row for row in json.loads(r.stdout)["rows"]}
     assert rows["q8_0"]["quantize_mw_s"] > 0 and rows["q8_0"]["matmul_m1_ms"] > 0
-    assert "matmul_m1_ms" not in rows["fp8_e4m3"]  # no CPU kernel for fp8: no matmul column
+    assert "matmul_m1_ms" not in rows["fp4"]  # no CPU kernel for fp4: no matmul column
     assert cli.main(["bench", "--qtypes", "q9_9"]) == 2

@@ -61,6 +61,8 @@ def _entry_params(ptx: str, name: str) -> list[str]:
 
 class _RecordingProgram:
     rows = fqcuda.GEMV_ROWS
+    mma_tiles = fqcuda.MMA_NT
+    sms = 132
 
     def __init__(self):
         self.launches = []
@@ -108,6 +110,44 @@ def test_launch_arguments_match_the_kernels(qtype, monkeypatch):
             assert name == fqcuda.dequant_kernel_name(qtype, act)
             assert grid * block >= n * (k // qk if qtype in cuda_ops.GGML_SPLIT else k // 32) * spb
         assert [kinds[t] for t, _ in args] == _entry_params(ptx, name)
+    # the tensor-core path: the mma kernel, then the split-K reduction when K is sliced
+    for sms in (1, 132):
+        prog.sms = sms
+        prog.launches.clear()
+        x = torch.zeros(5, k, dtype=torch.bfloat16)
+        y = cuda_ops.qmatmul_cuda(x, data, stats, qtype, n, k, 64, "row", path="mma")
+        per, splits = cuda_ops.mma_split(n, k, qk, _spb(qtype), prog.mma_tiles, sms)
+        names = [launch[0] for launch in prog.launches]
+        want = [fqcuda.mma_kernel_name(qtype, "bf16")]
+        want += [fqcuda.reduce_kernel_name("bf16")] if splits > 1 else []
+        assert names == want, (sms, names)
+        name, grid, block, args = prog.launches[0]
+        tiles = -(-n // (8 * prog.mma_tiles))
+        assert block == 32 * fqcuda.MMA_WARPS and grid * fqcuda.MMA_WARPS >= tiles * splits
+        assert args[-2:] == [("i32", per), ("i32", splits)] and args[5:8] == [
+            ("i32", 5), ("i32", n), ("i32", k)]  # fmt: skip
+        for name, _, _, args in prog.launches:
+            assert [kinds[t] for t, _ in args] == _entry_params(ptx, name)
+    with pytest.raises(ValueError, match="at most 16"):
+        cuda_ops.qmatmul_cuda(torch.zeros(17, k, dtype=torch.bfloat16), data, stats, qtype, n, k,
+                              64, "row", path="mma")  # fmt: skip
+
+
+def _spb(qtype):
+    return (
+        cuda_ops.GGML_SPLIT[qtype][4] if qtype in cuda_ops.GGML_SPLIT else cuda_ops.FLAT[qtype][1]
+    )
+
+
+def test_mma_min_m_policy(monkeypatch):
+    monkeypatch.delenv("FERROQUANT_CUDA_MMA_MIN_M", raising=False)
+    assert [cuda_ops.choose_path(m) for m in (1, 16, 17)] == ["gemv", "gemv", "dequant"]
+    monkeypatch.setenv("FERROQUANT_CUDA_MMA_MIN_M", "4")
+    assert [cuda_ops.choose_path(m) for m in (1, 3, 4, 16, 17)] == [
+        "gemv", "gemv", "mma", "mma", "dequant"]  # fmt: skip
+    monkeypatch.setenv("FERROQUANT_CUDA_MMA_MIN_M", "four")
+    with pytest.raises(ValueError, match="FERROQUANT_CUDA_MMA_MIN_M"):
+        cuda_ops.choose_path(2)
 
 
 def test_driver_launch_marshals_arguments(monkeypatch):
@@ -341,6 +381,8 @@ EMU = r"""
 #define __constant__
 #define __launch_bounds__(x)
 struct uint4 { unsigned x, y, z, w; };
+struct uint2 { unsigned x, y; };
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 struct float2 { float x, y; };
 inline float2 make_float2(float x, float y) { return {x, y}; }
 struct Dim3 { unsigned x, y, z; };
@@ -350,6 +392,7 @@ inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
 using std::min;
 inline uint4 __ldcs(const uint4* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
 inline uint4 __ldg(const uint4* p) { uint4 v; std::memcpy(&v, p, 16); return v; }
+inline uint2 __ldg(const uint2* p) { uint2 v; std::memcpy(&v, p, 8); return v; }
 inline unsigned char __ldg(const unsigned char* p) { return *p; }
 inline signed char __ldg(const signed char* p) { return *p; }
 inline unsigned short __ldg(const unsigned short* p) {
@@ -401,7 +444,70 @@ static void gemv(const u8* qbits, const u8* meta, const bf16_t* x, float* y, int
                 if (n0 + r < N) y[i64(m) * N + n0 + r] = tot[r][m];
     }
 }
-#define FQ_HOST(FMT) extern "C" void dequant_##FMT(const u8* q, const u8* m, float* o, int n, \
+// bf16 rounding (nearest even) for the fragments' weights; the GPU uses cvt.rn.bf16x2.f32.
+static u32 bf16_rne(float f) {
+    u32 u; std::memcpy(&u, &f, 4);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+u32 fq::f32x2_to_bf16x2(float lo, float hi) { return bf16_rne(lo) | (bf16_rne(hi) << 16); }
+// One element of mma.sync.m16n8k16's A (16 x 16, row-major) or B (16 x 8, column-major) from the
+// lanes' fragments, by the PTX ISA's layout: A element (m, k) is in lane 4 (m % 8) + (k % 8) / 2,
+// register (m / 8) + 2 (k / 8), half k % 2; B element (k, n) in lane 4 n + (k % 8) / 2, register
+// k / 8, half k % 2.
+static float half_of(u32 reg, int h) { return bf16_to_f32(h ? reg >> 16 : reg & 0xffffu); }
+// qmma on the host: each warp iteration builds every lane's fragments with qmma_fragments (as on
+// the GPU), then forms the product the mma instruction computes, lane by lane.
+template <class F>
+static void mma_host(const u8* qbits, const u8* meta, const bf16_t* x, float* y, int M, int N,
+                     int K, long long group, int per) {
+    constexpr int NT = FQ_MMA_NT, J = MmaShape<F>::J;
+    typename F::Shared sh;
+    blockDim.x = 32;
+    for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
+    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    const int steps = c.nb * F::SPB;
+    for (int i = 0; i < M * N; ++i) y[i] = 0.0f;
+    static u32 a[32][J][4], b[32][NT][J][2];
+    for (int s_begin = 0; s_begin < steps; s_begin += per) {  // K slices, in order
+        const int s_end = std::min(steps, s_begin + per);
+        for (int n0 = 0; n0 < N; n0 += 8 * NT) {
+            float acc[32][NT][4] = {};
+            for (int s0 = s_begin; s0 < s_end; s0 += 4) {
+                for (int lane = 0; lane < 32; ++lane) {
+                    const int s = s0 + (lane & 3);
+                    qmma_fragments<F, bf16_t, NT>(c, sh, x, M, N, n0, s, s < s_end, lane,
+                                                  a[lane], b[lane]);
+                }
+                for (int j = 0; j < J; ++j)
+                    for (int i = 0; i < NT; ++i)
+                        for (int lane = 0; lane < 32; ++lane)
+                            for (int e = 0; e < 4; ++e) {
+                                const int m = (lane >> 2) + 8 * (e >> 1);
+                                const int n = 2 * (lane & 3) + (e & 1);
+                                float sum = 0.0f;
+                                for (int k = 0; k < 16; ++k) {
+                                    const int la = 4 * (m % 8) + (k % 8) / 2;
+                                    const int lb = 4 * n + (k % 8) / 2;
+                                    sum += half_of(a[la][j][m / 8 + 2 * (k / 8)], k % 2) *
+                                           half_of(b[lb][i][j][k / 8], k % 2);
+                                }
+                                acc[lane][i][e] += sum;
+                            }
+            }
+            for (int lane = 0; lane < 32; ++lane)
+                for (int i = 0; i < NT; ++i)
+                    for (int e = 0; e < 4; ++e) {
+                        const int m = (lane >> 2) + 8 * (e >> 1);
+                        const int n = n0 + 8 * i + 2 * (lane & 3) + (e & 1);
+                        if (m < M && n < N) y[i64(m) * N + n] += acc[lane][i][e];
+                    }
+        }
+    }
+}
+#define FQ_HOST(FMT) extern "C" void mma_##FMT(const u8* q, const u8* m, const bf16_t* x, \
+    float* y, int M, int n, int k, long long g, int per) { \
+        mma_host<Fmt_##FMT>(q, m, x, y, M, n, k, g, per); } \
+    extern "C" void dequant_##FMT(const u8* q, const u8* m, float* o, int n, \
     int k, long long g) { run<Fmt_##FMT>(q, m, o, n, k, g); } \
     extern "C" void gemv_##FMT(const u8* q, const u8* m, const bf16_t* x, float* y, \
     int M, int n, int k, long long g, int mt) { \
@@ -565,3 +671,46 @@ def test_host_gemv_lanes_sum_to_the_product(host_traits, qtype):
         tol = (k / 32 + 6) * 2.0**-24 * (np.abs(x64) @ np.abs(w).T)
         assert not np.isnan(y).any()
         assert np.all(np.abs(y - ref) <= tol), (m, np.max(np.abs(y - ref) - tol))
+
+
+@pytest.mark.parametrize("qtype", sorted(fqcuda.FORMATS))
+def test_host_mma_fragments_give_the_product(host_traits, qtype):
+    """qmma_fragments (the tensor-core kernel's per-lane loads and decode) over a warp, multiplied
+    as mma.sync.m16n8k16 lays its fragments out: x @ bf16(W).T within the fp32 bound
+    (K + 6) * 2^-24 * sum|x w|, for M up to 16, N not a multiple of the warp's rows, one and
+    several K slices."""
+    import ctypes
+
+    torch = peers_torch
+    qk = cuda_ops.GGML_SPLIT.get(qtype, (32,))[0]
+    spb = _spb(qtype)
+    n, k = 21, 6 * max(qk, 64)
+    qbits, meta, group = _random_weights(qtype, n, k, seed=13)
+    w = _host_dequant(host_traits, qtype, qbits, meta, n, k, group)
+    w16 = torch.from_numpy(w).to(torch.bfloat16).double().numpy()
+    fn = getattr(host_traits, "mma_" + fqcuda.FORMATS[qtype])
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_longlong, ctypes.c_int]
+    meta8 = np.ascontiguousarray(meta).view(np.uint8)
+    steps = (k // qk) * spb
+    for m in (2, 5, 8, 9, 16):
+        for per in sorted({steps + (-steps) % 4, 8}):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+            xb = x.view(torch.int16).numpy()
+            x64 = x.double().numpy()
+            y = np.full((m, n), np.nan, dtype=np.float32)
+            fn(qbits.ctypes.data, meta8.ctypes.data, xb.ctypes.data, y.ctypes.data, m, n, k,
+               group, per)  # fmt: skip
+            ref = x64 @ w16.T
+            tol = (k + 6) * 2.0**-24 * (np.abs(x64) @ np.abs(w16).T)
+            assert not np.isnan(y).any()
+            assert np.all(np.abs(y - ref) <= tol), (m, per, np.max(np.abs(y - ref) - tol))
+
+
+def test_mma_split_covers_k():
+    """The split-K plan: slices of whole warp steps that cover every lane step exactly once."""
+    for n, k, qk, spb in ((4096, 14336, 32, 1), (14336, 4096, 256, 8), (37, 96, 32, 2),
+                          (11008, 4096, 32, 2)):  # fmt: skip
+        per, splits = cuda_ops.mma_split(n, k, qk, spb, fqcuda.MMA_NT, sms=132)
+        steps = k // qk * spb
+        assert per % 4 == 0 and per * splits >= steps > per * (splits - 1)
+        assert splits == 1 or per >= 8

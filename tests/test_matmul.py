@@ -4,15 +4,16 @@ What is compared with what:
 - every qtype against the float64 product of the dequantized weights with x, within the bound
   derived below (the kernel quantizes x for the ggml types);
 - the ggml types against libggml's own `ggml_vec_dot_*_generic` on activations quantized by
-  libggml's `quantize_row_q8_0_ref` / `quantize_row_q8_K_ref` (same integers, other float order:
-  a much tighter bound, which also pins our activation quantization to ggml's);
+  libggml's `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref` / `quantize_row_q8_K_ref` (same
+  integers, other float order: a much tighter bound, which also pins our activation quantization
+  to ggml's);
 - 1 thread against 2 threads, and the SIMD build against FERROQUANT_FORCE_SCALAR=1: identical bits;
 - bad shapes and values: ferroquant.QuantizeError.
 
-Weights: fq.quantize / fq.dequantize for every format (int8 per row and per block of 32); and,
-so the kernels are also checked on bytes ferroquant did not write, the ggml types quantized by
-libggml (`peers.ggml_quantize`, dequantized by gguf-py) and nf4 by bitsandbytes (quantize_4bit /
-dequantize_4bit, plain fp32 absmax).
+Weights: fq.quantize / fq.dequantize for every format (int8 per row and per block of 32, fp8 per
+row, tensor and block of 32); and, so the kernels are also checked on bytes ferroquant did not
+write, the ggml types quantized by libggml (`peers.ggml_quantize`, dequantized by gguf-py), nf4
+by bitsandbytes (quantize_4bit / dequantize_4bit, plain fp32 absmax) and fp8 by torch's casts.
 
 Error bound (q8 activations). The kernel computes Σ_i w_i x̂_i exactly in integers per block, with
 x̂ the activation dequantized from its q8 block of scale d = amax/127:
@@ -20,15 +21,26 @@ x̂ the activation dequantized from its q8 block of scale d = amax/127:
         (< 0.57·d while d is a normal f16; for tiny blocks d's f16 rounding dominates and e_b is
         computed exactly);
   q8_K: x̂ = q/iscale with q = nearest_int(iscale·x), so |x - x̂| <= d/2·(1 + 2^-20) < 0.501·d =: e_b.
-Hence |Σ w_i x_i - Σ w_i x̂_i| <= Σ_b e_b·Σ_{i in b} |w_i|. The float part:
+Hence |Σ w_i x_i - Σ w_i x̂_i| <= Σ_b e_b·Σ_{i in b} |w_i|.
+  q8_1 (q4_1, q5_1: w = d_w·q + m per block): x̂ as q8_0, plus s = f16(d·Σq) (d the f32 scale)
+        standing for Σ_b x̂ = f16(d)·Σq in the term m·s. The kernel's exact value per block is
+        d_w·f16(d)·Σ q_w q + m·s = Σ_b w x̂ + m·(s - f16(d)·Σq), so the block contributes at most
+        e_b·Σ|w| + |m|·e_s, e_s = |Σq|·|d - f16(d)| + 2^-11·|d·Σq| + 2^-25 (s's f16 rounding),
+        with |Σq| <= Σ_b|x|/d + 16; in the float slack w̃ = |w| + 2|m| (the terms d_w·isum and
+        m·s can each exceed |w·x|).
+The float part:
 each block product takes at most 3 roundings and the sum of nb products in 8 lanes at most
 nb/8 + 3 more; the f32 dequantized reference weights carry one rounding each, or for q4_k/q5_k
 (w = d·sc·q - dmin·m) up to 3 roundings of terms as large as ~3·max|w| of the sub-block. We allow
-  slack = (nb + 32)·2^-23·Σ_i w̃_i·(|x_i| + e_b),  w̃_i = |w_i| (+ 4·max_sub-block|w| for q4_k/q5_k).
-For nf4 / int8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb.
+  slack = (nb + 32)·2^-23·Σ_i w̃_i·(|x_i| + e_b),  w̃_i = |w_i| (+ 4·max_sub-block|w| for q4_k/q5_k;
+  + 2·|dmin·m| of the group of 16 for q2_k, read from the bytes; + 2|m| for q4_1/q5_1).
+For nf4 / int8 / fp8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb (fp8
+bytes decode exactly, so the kernel differs from the dequantized product by float rounding only).
 Against libggml: both sides sum the same integers; each side's float work is at most
-nb + 16 roundings (block products, lane / sequential sums), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
-(|x̂_i| <= |x_i| + e_b).
+nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
+sub-block products one by one, so nb = K/32 there), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
+(|x̂_i| <= |x_i| + e_b). libggml's generic vec_dots are compiled with fused multiply-adds (seen
+in the disassembly of libggml-cpu), which only removes roundings from their side.
 """
 
 from __future__ import annotations
@@ -52,9 +64,17 @@ from ferroquant import _native
 import peers
 from data import DISTRIBUTIONS, make
 
-GGML_QTYPES = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k")
-QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block")
-BLOCK = {"q4_0": 32, "q5_0": 32, "q8_0": 32, "iq4_nl": 32, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+GGML_QTYPES = (
+    *("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"),
+    *("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"),
+)
+FP8_KINDS = ("fp8_e4m3_row", "fp8_e4m3_tensor", "fp8_e5m2_row", "fp8_e5m2_block")
+QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block", *FP8_KINDS)
+BLOCK = {
+    **dict.fromkeys(("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"), 32),
+    **dict.fromkeys(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"), 256),
+}
+MIN32 = ("q4_1", "q5_1")  # w = d·q + m per block of 32, activations quantized to q8_1
 U = 2.0**-24
 
 
@@ -78,7 +98,31 @@ class Weights:
 KIND = {
     "int8_row": ("int8", {"scale_mode": "row"}),
     "int8_block": ("int8", {"scale_mode": "block", "block_size": 32}),
+    "fp8_e4m3_row": ("fp8_e4m3", {"scale_mode": "row"}),
+    "fp8_e4m3_tensor": ("fp8_e4m3", {"scale_mode": "tensor"}),
+    "fp8_e5m2_row": ("fp8_e5m2", {"scale_mode": "row"}),
+    "fp8_e5m2_block": ("fp8_e5m2", {"scale_mode": "block", "block_size": 32}),
 }
+
+
+def torch_fp8_weights(kind: str, w: np.ndarray) -> Weights:
+    """fp8 bytes written by torch itself (the format's definition: scale = amax/fmax per row or
+    block, 1 where that is 0; q = (x / scale).to(float8)), dequantized by torch."""
+    torch = peers.require("torch")
+    qtype, kw = KIND[kind]
+    dt = torch.float8_e4m3fn if qtype == "fp8_e4m3" else torch.float8_e5m2
+    n, k = w.shape
+    group = kw.get("block_size", k)
+    if kw["scale_mode"] == "tensor":
+        group = n * k
+    xt = torch.from_numpy(np.ascontiguousarray(w)).reshape(-1, group)
+    scale = xt.abs().amax(dim=1, keepdim=True) / torch.finfo(dt).max
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = (xt / scale).to(dt)
+    deq = (q.to(torch.float32) * scale).reshape(n, k).numpy().astype(np.float64)
+    data = q.view(torch.uint8).numpy().reshape(-1)
+    stats = scale.numpy().reshape(-1).astype(np.float32)
+    return Weights(qtype, n, k, data, group, stats, kw["scale_mode"], deq)
 
 
 def make_weights(kind: str, w: np.ndarray, peer: bool = False) -> Weights:
@@ -91,6 +135,8 @@ def make_weights(kind: str, w: np.ndarray, peer: bool = False) -> Weights:
         gq = peers.gguf_quants()
         deq = gq.dequantize(data.reshape(n, -1), peers.gguf_qtype(kind)).astype(np.float64)
         return Weights(kind, n, k, data, BLOCK[kind], None, None, deq)
+    if peer and kind in FP8_KINDS:
+        return torch_fp8_weights(kind, w)
     if peer and kind == "nf4":
         torch = peers.require("torch")
         bnb_f = peers.require("bitsandbytes.functional")
@@ -112,11 +158,31 @@ def sub_block_max(absw: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(absw.reshape(n, k // size, size).max(axis=-1), size, axis=-1)
 
 
+def block_mins(W: Weights) -> np.ndarray:
+    """q4_1 / q5_1: |m| of each weight's block, read from the bytes (f16 at offset 2), (N, K)."""
+    nb = W.k // 32
+    blocks = W.data.reshape(W.n, nb, -1)
+    m = np.ascontiguousarray(blocks[:, :, 2:4]).view(np.float16)[..., 0].astype(np.float64)
+    return np.repeat(np.abs(m), 32, axis=-1)
+
+
+def q2k_offsets(W: Weights) -> np.ndarray:
+    """q2_k: |dmin·(scales[g] >> 4)| of each weight's group of 16, from the bytes, (N, K)."""
+    blocks = W.data.reshape(W.n, W.k // 256, 84)
+    dmin = np.ascontiguousarray(blocks[..., 82:84]).view(np.float16).astype(np.float64)
+    off = np.abs(dmin * (blocks[..., :16] >> 4))  # (N, nb, 16)
+    return np.repeat(off.reshape(W.n, -1), 16, axis=-1)
+
+
 def weight_magnitude(W: Weights) -> np.ndarray:
     """w̃ of the module docstring."""
     absw = np.abs(W.deq)
     if W.qtype in ("q4_k", "q5_k"):
         return absw + 4 * sub_block_max(absw, 32)
+    if W.qtype in MIN32:
+        return absw + 2 * block_mins(W)
+    if W.qtype == "q2_k":
+        return absw + 2 * q2k_offsets(W)
     return absw
 
 
@@ -139,6 +205,17 @@ def act_error(x: np.ndarray, block: int) -> np.ndarray:
     return 0.501 * d
 
 
+def min_term_error(x: np.ndarray) -> np.ndarray:
+    """q8_1: e_s per block (module docstring), repeated over the block's columns: (M, K)."""
+    m, k = x.shape
+    d = act_scales(x, 32)[:, ::32]
+    dh = d.astype(np.float16).astype(np.float64)
+    sx = np.abs(x.astype(np.float64)).reshape(m, k // 32, 32).sum(axis=-1)
+    sum_q = np.divide(sx, d, out=np.zeros_like(d), where=d > 0) + 16
+    es = sum_q * np.abs(d - dh) + 2.0**-11 * (sx + 16 * d) + 2.0**-25
+    return np.repeat(es, 32, axis=-1)
+
+
 def error_bound(W: Weights, x: np.ndarray) -> np.ndarray:
     """The bound derived in the module docstring, per output element (M, N)."""
     m, k = x.shape
@@ -150,6 +227,8 @@ def error_bound(W: Weights, x: np.ndarray) -> np.ndarray:
         nb = k // block
         # Σ_b e_b Σ_{i in b} |w_i| = e @ |w|ᵀ since e is constant over each block
         act = e @ np.abs(W.deq).T
+        if W.qtype in MIN32:
+            act = act + min_term_error(x) @ block_mins(W).T / 32
         slack = (nb + 32) * 2.0**-23 * ((ax + e) @ wt.T)
         return act + slack
     nb = k // (W.block_size if W.scale_mode != "row" else k)
@@ -180,19 +259,24 @@ def _libggml_cpu() -> ctypes.CDLL:
     libdir = pathlib.Path(llama_cpp.__file__).parent / "lib"
     lib = ctypes.CDLL(str(sorted(libdir.glob("libggml-cpu.*"))[0]))
     lib.ggml_cpu_init()  # fills the f16 -> f32 table the vec_dot functions read
-    for name in ("quantize_row_q8_0_ref", "quantize_row_q8_K_ref"):
+    for name in ("quantize_row_q8_0_ref", "quantize_row_q8_1_ref", "quantize_row_q8_K_ref"):
         getattr(base, name).argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return lib
 
 
 VEC_DOT = {
     "q4_0": ("ggml_vec_dot_q4_0_q8_0_generic", "q8_0"),
+    "q4_1": ("ggml_vec_dot_q4_1_q8_1_generic", "q8_1"),
+    "q5_1": ("ggml_vec_dot_q5_1_q8_1_generic", "q8_1"),
     "q5_0": ("ggml_vec_dot_q5_0_q8_0_generic", "q8_0"),
     "q8_0": ("ggml_vec_dot_q8_0_q8_0_generic", "q8_0"),
     "iq4_nl": ("ggml_vec_dot_iq4_nl_q8_0_generic", "q8_0"),
     "q4_k": ("ggml_vec_dot_q4_K_q8_K_generic", "q8_K"),
     "q5_k": ("ggml_vec_dot_q5_K_q8_K_generic", "q8_K"),
     "q6_k": ("ggml_vec_dot_q6_K_q8_K_generic", "q8_K"),
+    "q2_k": ("ggml_vec_dot_q2_K_q8_K_generic", "q8_K"),
+    "q3_k": ("ggml_vec_dot_q3_K_q8_K_generic", "q8_K"),
+    "iq4_xs": ("ggml_vec_dot_iq4_xs_q8_K_generic", "q8_K"),
 }
 
 
@@ -206,8 +290,8 @@ def ggml_matmul(W: Weights, x: np.ndarray) -> np.ndarray:
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
                    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]  # fmt: skip
     m, k = x.shape
-    act_bytes = k // 32 * 34 if act == "q8_0" else k // 256 * 292
-    quant = base.quantize_row_q8_0_ref if act == "q8_0" else base.quantize_row_q8_K_ref
+    act_bytes = {"q8_0": k // 32 * 34, "q8_1": k // 32 * 36, "q8_K": k // 256 * 292}[act]
+    quant = getattr(base, f"quantize_row_{act}_ref")
     row_bytes = W.data.size // W.n
     y = np.zeros((m, W.n), np.float32)
     s = np.zeros(1, np.float32)
@@ -243,7 +327,8 @@ def test_against_libggml_vec_dot(kind, dist):
     W = make_weights(kind, w, peer=True)
     y = W.matmul(x)
     ref = ggml_matmul(W, x)
-    nb = k // BLOCK[kind]
+    # libggml's iq4_xs sums its 8 sub-blocks of 32 in floats: K/32 sequential adds
+    nb = k // (32 if kind == "iq4_xs" else BLOCK[kind])
     xhat = np.abs(x.astype(np.float64)) + act_error(x, BLOCK[kind])
     bound = 2 * (nb + 16) * U * (xhat @ weight_magnitude(W).T)
     err = np.abs(y.astype(np.float64) - ref)
@@ -251,11 +336,50 @@ def test_against_libggml_vec_dot(kind, dist):
     assert (err <= bound).all(), f"max err {err.max()} at {worst}, bound there {bound[worst]}"
 
 
-@pytest.mark.parametrize("kind", (*GGML_QTYPES, "nf4"))
+def unpack_min32(W: Weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """q4_1 / q5_1 bytes -> (d, m) float32 per block and the unsigned quants (N, K) int64."""
+    blocks = W.data.reshape(W.n, W.k // 32, -1)
+    d = np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32)
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., -16:].astype(np.int64)
+    q = np.concatenate([qs & 15, qs >> 4], axis=-1)
+    if W.qtype == "q5_1":
+        qh = np.ascontiguousarray(blocks[..., 4:8]).view(np.uint32).astype(np.int64)
+        q |= ((qh >> np.arange(32)) & 1) << 4
+    return d, m, q.reshape(W.n, W.k)
+
+
+@pytest.mark.parametrize("kind", MIN32)
+@pytest.mark.parametrize("dist", DISTRIBUTIONS)
+def test_min32_one_block_exact_on_libggml_q8_1(kind, dist):
+    """K = 32 (one block, no lane sums): our output must be f32(f32(d_w·d_x)·isum) + f32(m·s)
+    exactly, computed here in numpy float32 from libggml's own q8_1 activations
+    (`quantize_row_q8_1_ref`) and libggml-quantized weights: pins our q8_1 quantization (d, s,
+    quants) and the block formula to ggml's. (libggml's generic vec_dot is compiled with a fused
+    multiply-add, fma(d_w·d_x, isum, m·s) (seen in its disassembly), so it is compared within the
+    bound in test_against_libggml_vec_dot instead.)"""
+    n = 7
+    W = make_weights(kind, make(dist, n, 32, seed=21), peer=True)
+    x = make(dist, 5, 32, seed=22)
+    y = W.matmul(x)
+    _libggml_cpu()
+    base = peers.libggml()
+    dw, mw, qw = unpack_min32(W)
+    for mi in range(x.shape[0]):
+        xq = np.zeros(36, np.uint8)
+        xr = np.ascontiguousarray(x[mi])
+        base.quantize_row_q8_1_ref(xr.ctypes.data, xq.ctypes.data, 32)
+        dx, sx = xq[0:4].view(np.float16).astype(np.float32)
+        isum = (qw @ xq[4:].view(np.int8).astype(np.int64)).astype(np.float32)
+        want = (dw[:, 0] * dx) * isum + mw[:, 0] * sx
+        assert np.array_equal(y[mi], want), (kind, dist, mi, y[mi], want)
+
+
+@pytest.mark.parametrize("kind", (*GGML_QTYPES, "nf4", *FP8_KINDS))
 @pytest.mark.parametrize("dist", ("normal", "outliers", "tiny"))
 def test_peer_quantized_weights(kind, dist):
-    """Bytes written by libggml / bitsandbytes, reference weights dequantized by gguf-py /
-    bitsandbytes."""
+    """Bytes written by libggml / bitsandbytes / torch (fp8 casts), reference weights dequantized
+    by gguf-py / bitsandbytes / torch."""
     w = make(dist, 21, 512, seed=11)
     x = make(dist, 5, 512, seed=12)
     check_against_dequantized(make_weights(kind, w, peer=True), x)
@@ -369,7 +493,7 @@ def test_simd_matches_forced_scalar_bitwise(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     scalar = np.load(path)
-    assert _native.simd_level() in ("avx2", "scalar")
+    assert _native.simd_level() in ("avx2", "neon", "neon+dotprod", "scalar")
     for kind in QTYPES:
         cases = [(13, 512, 1), (9, 2304, 5), (33, 256, 64), tiled_case(kind)]
         for i, (n, k, m) in enumerate(cases):
@@ -430,13 +554,16 @@ def bad_call(**over):
         {"data": np.zeros(10, np.uint8)},
         {"block_size": 64},
         {"block_size": 0},
-        {"qtype": "q4_1"},
+        {"qtype": "fp4"},
         {"qtype": "q9_9"},
         {"qtype": "nf4", "block_size": 64, "data": np.zeros(128, np.uint8),
          "stats": np.ones(3, np.float32)},
         {"qtype": "nf4", "block_size": 48, "data": np.zeros(128, np.uint8),
          "stats": np.ones(4, np.float32)},
         {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": None},
+        {"qtype": "fp8_e4m3", "data": np.zeros(256, np.uint8), "scale_mode": None},
+        {"qtype": "fp8_e5m2", "data": np.zeros(256, np.uint8), "scale_mode": "row",
+         "stats": np.ones(3, np.float32)},
         {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": "row",
          "stats": np.ones(3, np.float32)},
         {"qtype": "int8", "data": np.zeros(256, np.uint8), "scale_mode": "sideways",
@@ -457,7 +584,7 @@ def test_empty_batch_gives_empty_result():
 
 def test_qmatmul_qtypes_lists_the_kernels():
     assert sorted(_native.qmatmul_qtypes()) == sorted(
-        ["q4_0", "q5_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8"]
+        [*GGML_QTYPES, "nf4", "int8", "fp8_e4m3", "fp8_e5m2"]
     )
 
 

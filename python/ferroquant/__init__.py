@@ -24,6 +24,27 @@ def quantize_model(model: Any, recipe: Any = "q4_k_m", **kwargs: Any) -> Any:
     return _quantize_model(model, recipe, **kwargs)
 
 
+def offload(model: Any, max_gpu_memory: Any = 0, device: Any = None, **kwargs: Any) -> Any:
+    """Split a torch model between a GPU and the CPU (see ferroquant.offloading)."""
+    from .offloading import offload as _offload
+
+    return _offload(model, max_gpu_memory, device, **kwargs)
+
+
+def load_gguf_model(path: Any, **kwargs: Any) -> Any:
+    """A GGUF file as a transformers model with QuantLinear layers holding the file's bytes."""
+    from .models.gguf_model import load_gguf_model as _load
+
+    return _load(path, **kwargs)
+
+
+def save_gguf_model(model: Any, path: Any, **kwargs: Any) -> Any:
+    """Write a quantized transformers model to a GGUF file llama.cpp runs."""
+    from .models.gguf_model import save_gguf_model as _save
+
+    return _save(model, path, **kwargs)
+
+
 def set_num_threads(n: int) -> None:
     """Threads used by the Rust core (0 = all cores). Results never depend on it."""
     _native.set_num_threads(int(n))
@@ -40,10 +61,13 @@ __all__ = [
     "QType",
     "QuantizeError",
     "dequantize",
+    "load_gguf_model",
     "num_threads",
+    "offload",
     "qtype_info",
     "qtypes",
     "quantize",
     "quantize_model",
+    "save_gguf_model",
     "set_num_threads",
 ]

@@ -102,6 +102,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime import generate_text
+
+    r = generate_text(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
+                      top_k=args.top_k, seed=args.seed, n_threads=args.threads, n_ctx=args.ctx,
+                      chat=args.chat)  # fmt: skip
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(r["text"])
+        print(f"[{len(r['prompt_token_ids'])} prompt tokens at {r['prompt_tokens_per_second']:.1f} "
+              f"tok/s, {len(r['token_ids'])} generated at {r['decode_tokens_per_second']:.1f} "
+              f"tok/s, {r['threads']} threads; {r['load_report']}]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from . import gguf
 
@@ -206,6 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("file")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(func=_cmd_inspect)
+    g = sub.add_parser("generate", help="generate text from a llama-family GGUF (native runtime)")
+    g.add_argument("model", help="a .gguf file (llama architecture)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    g.add_argument("--ctx", type=int, default=2048, help="KV cache positions (default 2048)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--json", action="store_true", help="print JSON instead of the text")
+    g.set_defaults(func=_cmd_generate)
     e = sub.add_parser("eval", help="quality/size/speed table of every precision on a real model")
     e.add_argument("model", nargs="?", help="HF checkpoint folder or .gguf (default: SmolLM2-135M)")
     e.add_argument(

@@ -48,6 +48,9 @@ GEMV_M = (1, 2, 4, 8, 16)  # token-count instantiations of the GEMV kernel
 GEMV_WARPS = 4  # FQ_GEMV_WARPS in qmatmul.cu
 GEMV_ROWS = 2  # FQ_ROWS in qmatmul.cu
 DEQUANT_THREADS = 256
+MMA_WARPS = 4  # FQ_MMA_WARPS in qmatmul.cu
+MMA_NT = 2  # FQ_MMA_NT in qmatmul.cu: 8-row weight tiles per warp
+REDUCE_THREADS = 256
 MIN_CC = (8, 0)
 OPTIONS = ("-std=c++17", "-default-device")
 
@@ -68,11 +71,20 @@ def dequant_kernel_name(qtype: str, act: str) -> str:
     return f"fq_dequant_{FORMATS[qtype]}_{act}"
 
 
+def mma_kernel_name(qtype: str, act: str) -> str:
+    return f"fq_mma_{FORMATS[qtype]}_{act}"
+
+
+def reduce_kernel_name(act: str) -> str:
+    return f"fq_reduce_{act}"
+
+
 def kernel_names(qtype: str) -> list[str]:
     """Every kernel the program of `qtype` defines."""
     names = []
     for act in ACTS:
         names += [gemv_kernel_name(qtype, act, mt) for mt in GEMV_M]
+        names += [mma_kernel_name(qtype, act), reduce_kernel_name(act)]
         names.append(dequant_kernel_name(qtype, act))
     return names
 
@@ -299,9 +311,13 @@ class _Program:
         self.backend = _backend_name()
         self.index = index
         self.rows = GEMV_ROWS  # FQ_ROWS of this build: the GEMV grid depends on it
+        self.mma_tiles = MMA_NT  # FQ_MMA_NT: the mma grid depends on it
         for v in variant:
             if v.startswith("FQ_ROWS="):
                 self.rows = int(v.split("=", 1)[1])
+            if v.startswith("FQ_MMA_NT="):
+                self.mma_tiles = int(v.split("=", 1)[1])
+        self.sms = torch.cuda.get_device_properties(index).multi_processor_count
         arch = cc[0] * 10 + cc[1]
         code = compile_program(qtype, arch, "cubin", variant=variant)
         with torch.cuda.device(index):

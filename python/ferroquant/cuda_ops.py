@@ -1,10 +1,13 @@
 """The CUDA kernel of `ferroquant::qmatmul` (registered by ops.py; importing this module touches
 no GPU).
 
-M <= 16 tokens: the fused GEMV kernel (the weight is read once and serves every token). Larger M:
-the dequantize kernel writes W in x's dtype into a workspace from torch's caching allocator, then
-F.linear (cuBLAS). Formats without kernels, float32 activations, or shapes the kernels do not take
-(nf4/int8 with K % 32 != 0) use the reference path of ops.py.
+M <= 16 tokens: the fused GEMV kernel (the weight is read once and serves every token), or, from
+`FERROQUANT_CUDA_MMA_MIN_M` tokens on (unset: never, until a GPU run has measured where it wins),
+the tensor-core kernel (weights decoded to bf16/fp16 in registers, mma.sync, split-K into an fp32
+workspace reduced in a fixed order). Larger M: the dequantize kernel writes W in x's dtype into a
+workspace from torch's caching allocator, then F.linear (cuBLAS). Formats without kernels, float32
+activations, or shapes the kernels do not take (nf4/int8 with K % 32 != 0) use the reference path
+of ops.py.
 
 Weight layouts (see cuda_src/qmatmul.cu): nf4 and int8 are read as stored, with their float32
 statistics (a double-quantized nf4 checkpoint arrives here with its absmax already expanded to
@@ -21,6 +24,7 @@ The launch path makes no host synchronisation and allocates only through torch.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +45,8 @@ GGML_SPLIT = {
 # nf4 / int8: (QK, SPB) of the kernels' pseudo-blocks.
 FLAT = {"nf4": (32, 1), "int8": (32, 2)}
 MAX_GEMV_M = 16
+PATHS = ("gemv", "mma", "dequant")
+MMA_WARPS_PER_SM = 16  # split-K aims for this many mma warps per SM
 _ACT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -140,18 +146,52 @@ def supported(x: torch.Tensor, qtype: str, k: int, block_size: int, scale_mode: 
 def qmatmul_cuda(
     x: torch.Tensor, data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int,
     block_size: int, scale_mode: str, out: torch.Tensor | None = None,
-    variant: tuple[str, ...] = (),
+    variant: tuple[str, ...] = (), path: str | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """y[..., n] = x[..., k] @ W.T on x's CUDA device (x bf16 or fp16). `out`: an optional
     contiguous (rows of x, n) tensor of x's dtype to write into (tests poison it first).
-    `variant`: tuning macros of the kernels (benchmarks only)."""
+    `variant`: tuning macros of the kernels, `path`: "gemv" (M <= 16), "mma" (M <= 16) or
+    "dequant" instead of the default choice (benchmarks and tests)."""
+    if path is not None and path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     with torch.cuda.device(x.device):
-        return _qmatmul_cuda(x, data, stats, qtype, n, k, block_size, scale_mode, out, variant)
+        return _qmatmul_cuda(
+            x, data, stats, qtype, n, k, block_size, scale_mode, out, variant, path
+        )
+
+
+def mma_min_m() -> int:
+    """The token count from which M <= 16 calls take the tensor-core kernel
+    (FERROQUANT_CUDA_MMA_MIN_M; unset or empty: never)."""
+    raw = os.environ.get("FERROQUANT_CUDA_MMA_MIN_M", "")
+    if not raw:
+        return MAX_GEMV_M + 1
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"FERROQUANT_CUDA_MMA_MIN_M must be an integer, got {raw!r}") from None
+
+
+def choose_path(m: int) -> str:
+    if m > MAX_GEMV_M:
+        return "dequant"
+    return "mma" if m >= mma_min_m() else "gemv"
+
+
+def mma_split(n: int, k: int, qk: int, spb: int, tiles: int, sms: int) -> tuple[int, int]:
+    """(lane steps per K slice, slices) for the mma kernel: enough warps for every SM, each
+    slice a multiple of 4 lane steps (a warp's step) and at least 8 of them."""
+    steps = (k // qk) * spb
+    warps_n = math.ceil(n / (8 * tiles))
+    want = max(1, min(math.ceil(sms * MMA_WARPS_PER_SM / warps_n), steps // 8))
+    per = math.ceil(math.ceil(steps / want) / 4) * 4
+    return per, math.ceil(steps / per)
 
 
 def _qmatmul_cuda(
     x: torch.Tensor, data: torch.Tensor, stats: torch.Tensor, qtype: str, n: int, k: int,
     block_size: int, scale_mode: str, out: torch.Tensor | None, variant: tuple[str, ...],
+    path: str | None,
 ) -> torch.Tensor:  # fmt: skip
     act = _ACT[x.dtype]
     prog = _cuda.program(qtype, x.device, variant)
@@ -169,7 +209,27 @@ def _qmatmul_cuda(
     if m == 0:
         return x.new_empty((*lead, n))
     common = [("ptr", prep.qbits.data_ptr()), ("ptr", prep.meta.data_ptr())]
-    if m <= MAX_GEMV_M:
+    path = path or choose_path(m)
+    if path != "dequant" and m > MAX_GEMV_M:
+        raise ValueError(f"the {path} kernel takes at most {MAX_GEMV_M} tokens, got {m}")
+    if path == "mma":
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
+        per, splits = mma_split(n, k, prep.qk, prep.spb, prog.mma_tiles, prog.sms)
+        # one slice writes y directly; more write fp32 partials for the reduction
+        ws = torch.empty((splits, m, n) if splits > 1 else (0,), dtype=torch.float32,
+                         device=x.device)  # fmt: skip
+        warps_n = math.ceil(n / (8 * prog.mma_tiles))
+        grid = math.ceil(warps_n / _cuda.MMA_WARPS) * splits
+        args = [*common, ("ptr", x2.data_ptr()), ("ptr", y.data_ptr()), ("ptr", ws.data_ptr()),
+                ("i32", m), ("i32", n), ("i32", k), ("i64", prep.group), ("i32", per),
+                ("i32", splits)]  # fmt: skip
+        prog.launch(_cuda.mma_kernel_name(qtype, act), grid, 32 * _cuda.MMA_WARPS, args)
+        if splits > 1:
+            grid = math.ceil(m * n / _cuda.REDUCE_THREADS)
+            args = [("ptr", ws.data_ptr()), ("ptr", y.data_ptr()), ("i64", m * n),
+                    ("i32", splits)]  # fmt: skip
+            prog.launch(_cuda.reduce_kernel_name(act), grid, _cuda.REDUCE_THREADS, args)
+    elif path == "gemv":
         mt = next(t for t in _cuda.GEMV_M if t >= m)
         y = torch.empty((m, n), dtype=x.dtype, device=x.device) if out is None else out
         warps = math.ceil(n / prog.rows)

@@ -4,9 +4,12 @@
 //   qgemv     M = 1..16 tokens. A warp owns FQ_ROWS weight rows and streams each row once with
 //             128-bit loads; every decoded weight is used for all M tokens (fp32 accumulation,
 //             warp-shuffle reduction). Activations are read through the read-only cache.
+//   qmma      M = 2..16 tokens on tensor cores (mma.sync m16n8k16, weights decoded to bf16/fp16
+//             in registers), split-K with a deterministic reduction (qreduce).
 //   qdequant  W -> bf16/fp16 [N, K] (for larger M the shim then calls F.linear / cuBLAS).
 // extern "C" wrappers (bottom of the file) name every instantiation, so the shim loads kernels by
-// plain name: fq_gemv_<fmt>_<act>_m<MT>, fq_dequant_<fmt>_<act>.
+// plain name: fq_gemv_<fmt>_<act>_m<MT>, fq_mma_<fmt>_<act>, fq_reduce_<act>,
+// fq_dequant_<fmt>_<act>.
 //
 // Weight layouts the kernels read (ferroquant/cuda_ops.py builds them once per weight):
 //   nf4   bitsandbytes' packed bytes as stored ([N, K/2], element 2j in the high nibble) and the
@@ -341,6 +344,165 @@ __device__ __forceinline__ void qdequant(const u8* __restrict__ qbits,
         for (int q = 0; q < F::RUN / 8; ++q) store8(o + F::col(st, run) + 8 * q, &w[run][8 * q]);
 }
 
+// ---- tensor-core path: M = 2..16 tokens ------------------------------------------------------
+//
+// qgemv spends K * M fp32 FMAs per weight row on CUDA cores; at M = 16 that outweighs reading the
+// weights. qmma decodes each weight once into bf16/fp16 and lets mma.sync.m16n8k16 (fp32
+// accumulation) do the products: the tokens are the 16 rows of A (rows >= M are zeros), 8
+// weight rows are the 8 columns of B. The 16 "k" slots of one mma may be any 16 columns as long
+// as A and B agree: lane (g, t) = (lane / 4, lane % 4) decodes lane step s0 + t of weight row
+// n0 + 8i + g (the same steps qgemv reads), and in mma j (j = r * RUN/4 + u) its k slots
+// {2t, 2t+1} hold columns col(st, r) + 4u + {0, 1} and {2t+8, 2t+9} columns + {2, 3}; lane
+// (g, t) of A loads the same 4 columns of tokens g and g + 8. A warp covers 8 * FQ_MMA_NT rows
+// (the A fragments serve every tile) and the lane steps of one K slice (split-K: `per` steps,
+// a multiple of 4, per slice); slices write fp32 partial sums to a workspace that qreduce adds
+// in slice order (deterministic), or, with one slice, the result directly.
+//
+// Weights are rounded to the activation type before the products, as the dequantize + cuBLAS
+// path rounds them (benches/gpu_qmatmul.py's tolerance for that path applies).
+#ifndef FQ_MMA_NT
+#define FQ_MMA_NT 2  // 8-row weight tiles per warp
+#endif
+#define FQ_MMA_WARPS 4
+
+template <class T>
+struct Mma;
+
+template <>
+struct Mma<bf16_t> {
+    __device__ static __forceinline__ void run(float c[4], const u32 a[4], const u32 b[2]) {
+#ifdef __CUDA_ARCH__
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+    }
+};
+
+template <>
+struct Mma<fp16_t> {
+    __device__ static __forceinline__ void run(float c[4], const u32 a[4], const u32 b[2]) {
+#ifdef __CUDA_ARCH__
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+            "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+    }
+};
+
+template <class F>
+struct MmaShape {
+    static constexpr int J = F::NRUNS * F::RUN / 4;  // mma per lane step
+};
+
+// Four consecutive activations (8 bytes, p 8-byte aligned) as two packed pairs.
+template <class T>
+__device__ __forceinline__ uint2 load4(const T* p) {
+    return __ldg(reinterpret_cast<const uint2*>(p));
+}
+
+// Lane `lane`'s A and B fragments for lane step `s` (valid: s is inside the warp's K slice;
+// otherwise zeros, so the lane adds nothing).
+template <class F, class T, int NT>
+__device__ __forceinline__ void qmma_fragments(const Ctx& c, const typename F::Shared& sh,
+                                               const T* __restrict__ x, int M, int N, int n0,
+                                               int s, bool valid, int lane,
+                                               u32 a[MmaShape<F>::J][4],
+                                               u32 b[NT][MmaShape<F>::J][2]) {
+    constexpr int J = MmaShape<F>::J, PER_RUN = F::RUN / 4;
+    const int g = lane >> 2;
+    const int blk = s / F::SPB, st = s % F::SPB;
+#pragma unroll
+    for (int i = 0; i < NT; ++i) {
+        float w[F::NRUNS][F::RUN];
+        if (valid) {
+            // A row past the end (N not a multiple of 8 * NT) decodes row N - 1 again; its
+            // sums are never stored.
+            F::decode(c, sh, min(n0 + 8 * i + g, N - 1), blk, st, w);
+        }
+#pragma unroll
+        for (int j = 0; j < J; ++j) {
+            const int r = j / PER_RUN, u = j % PER_RUN;
+            b[i][j][0] = valid ? Act<T>::from_float2(w[r][4 * u], w[r][4 * u + 1]) : 0u;
+            b[i][j][1] = valid ? Act<T>::from_float2(w[r][4 * u + 2], w[r][4 * u + 3]) : 0u;
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int r = j / PER_RUN, u = j % PER_RUN;
+        const i64 col = static_cast<i64>(blk) * F::QK + F::col(st, r) + 4 * u;
+        const uint2 zero = make_uint2(0u, 0u);
+        const uint2 lo = valid && g < M ? load4(x + static_cast<i64>(g) * c.K + col) : zero;
+        const uint2 hi =
+            valid && g + 8 < M ? load4(x + static_cast<i64>(g + 8) * c.K + col) : zero;
+        a[j][0] = lo.x;  // token g, k slots 2t, 2t + 1
+        a[j][1] = hi.x;  // token g + 8
+        a[j][2] = lo.y;  // token g, k slots 2t + 8, 2t + 9
+        a[j][3] = hi.y;
+    }
+}
+
+// The warps of K slice `split` (0 <= split < splits) for rows n0 .. n0 + 8 * NT - 1.
+template <class F, class T>
+__device__ __forceinline__ void qmma(const u8* __restrict__ qbits, const u8* __restrict__ meta,
+                                     const T* __restrict__ x, T* __restrict__ y,
+                                     float* __restrict__ ws, int M, int N, int K, i64 group,
+                                     int per, int splits) {
+    constexpr int NT = FQ_MMA_NT, J = MmaShape<F>::J;
+    __shared__ typename F::Shared sh;
+    sh.init();
+    __syncthreads();
+    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    const int ctas_n = ((N + 8 * NT - 1) / (8 * NT) + FQ_MMA_WARPS - 1) / FQ_MMA_WARPS;
+    const int split = blockIdx.x / ctas_n;
+    const int warp = (blockIdx.x % ctas_n) * FQ_MMA_WARPS + (threadIdx.x >> 5);
+    const int n0 = warp * 8 * NT;
+    if (n0 >= N || split >= splits) return;  // whole warps only: mma.sync needs all 32 lanes
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int steps = c.nb * F::SPB;
+    const int s_begin = split * per, s_end = min(steps, s_begin + per);
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    for (int s0 = s_begin; s0 < s_end; s0 += 4) {
+        u32 a[J][4], b[NT][J][2];
+        qmma_fragments<F, T, NT>(c, sh, x, M, N, n0, s0 + t, s0 + t < s_end, lane, a, b);
+#pragma unroll
+        for (int j = 0; j < J; ++j)
+#pragma unroll
+            for (int i = 0; i < NT; ++i) Mma<T>::run(acc[i], a[j], b[i][j]);
+    }
+    // acc[i] = tokens g (0, 1) and g + 8 (2, 3) at rows n0 + 8i + 2t + (0, 1).
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int m = g + 8 * (e >> 1), n = n0 + 8 * i + 2 * t + (e & 1);
+            if (m < M && n < N) {
+                if (splits == 1) {
+                    y[static_cast<i64>(m) * N + n] = Act<T>::from_float(acc[i][e]);
+                } else {
+                    ws[(static_cast<i64>(split) * M + m) * N + n] = acc[i][e];
+                }
+            }
+        }
+}
+
+// y = the sum of the `splits` partial results in ws ([splits, M * N] fp32), in slice order.
+template <class T>
+__device__ __forceinline__ void qreduce(const float* __restrict__ ws, T* __restrict__ y, i64 mn,
+                                        int splits) {
+    const i64 gid = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (gid >= mn) return;
+    float v = 0.0f;
+    for (int s = 0; s < splits; ++s) v += ws[s * mn + gid];
+    y[gid] = Act<T>::from_float(v);
+}
+
 }  // namespace fq
 
 // ---- named instantiations (the shim's kernel names) -----------------------------------------
@@ -361,7 +523,24 @@ __device__ __forceinline__ void qdequant(const u8* __restrict__ qbits,
         fq::qdequant<fq::Fmt_##FMT, T>(qbits, meta, out, N, K, group);                        \
     }
 
+#define FQ_MMA(FMT, ACT, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(FQ_MMA_WARPS * 32)                           \
+        fq_mma_##FMT##_##ACT(const fq::u8* qbits, const fq::u8* meta, const T* x, T* y,       \
+                             float* ws, int M, int N, int K, long long group, int per,        \
+                             int splits) {                                                    \
+        fq::qmma<fq::Fmt_##FMT, T>(qbits, meta, x, y, ws, M, N, K, group, per, splits);       \
+    }
+
+#define FQ_REDUCE(ACT, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                         \
+        fq_reduce_##ACT(const float* ws, T* y, long long mn, int splits) {                    \
+        fq::qreduce<T>(ws, y, mn, splits);                                                    \
+    }
+FQ_REDUCE(bf16, fq::bf16_t)
+FQ_REDUCE(fp16, fq::fp16_t)
+
 #define FQ_ACT(FMT, ACT, T)   \
+    FQ_MMA(FMT, ACT, T)       \
     FQ_GEMV(FMT, ACT, T, 1)   \
     FQ_GEMV(FMT, ACT, T, 2)   \
     FQ_GEMV(FMT, ACT, T, 4)   \

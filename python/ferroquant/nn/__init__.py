@@ -1,5 +1,6 @@
 """torch modules holding quantized weights."""
 
+from .embedding import QuantEmbedding
 from .linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantEmbedding", "QuantLinear"]

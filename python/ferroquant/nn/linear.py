@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
-from .. import ops  # noqa: F401  (registers torch.ops.ferroquant.qmatmul)
+from .. import _native, ops  # ops registers torch.ops.ferroquant.qmatmul
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
 
 
@@ -37,6 +38,7 @@ class QuantLinear(nn.Module):
         self.qtype = qtype
         self.block_size = block_size
         self.scale_mode = scale_mode
+        self._np_cache: tuple | None = None  # see _eager_weights
         self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8, device=device))
         self.register_buffer("qstats", torch.empty(0, dtype=torch.float32, device=device))
         if bias:
@@ -89,7 +91,64 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return torch.from_numpy(dequantize(self.qtensor()))
 
+    def _eager_weights(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """numpy views of qweight / qstats for the direct Rust call, kept until a buffer is
+        replaced, modified in place or moved (`_apply` forgets them); None when the weight is
+        not on the CPU or the format has no native kernel."""
+        buffers = self._buffers  # (attribute access through nn.Module costs ~0.5 us each)
+        w, s = buffers["qweight"], buffers["qstats"]
+        c = self.__dict__.get("_np_cache")  # (absent in modules pickled before it existed)
+        if c is not None and c[0] is w and c[2] is s and c[1] == w._version and c[3] == s._version:
+            return c[4]
+        if w.device.type != "cpu" or self.qtype not in ops._NATIVE_QTYPES:
+            return None
+        views = (w.detach().contiguous().numpy().reshape(-1),
+                 s.detach().to(torch.float32).contiguous().numpy().reshape(-1))  # fmt: skip
+        self._np_cache = (w, w._version, s, s._version, views)
+        return views
+
+    def _eager_ok(self, x: torch.Tensor) -> bool:
+        """True when forward may call the Rust kernel directly: a plain CPU tensor in eager
+        mode (no torch.compile / export / jit / fx tracing, no dispatch or function mode, no
+        functorch wrapper) and nothing for autograd to record."""
+        return (
+            type(x) is torch.Tensor
+            and x.device.type == "cpu"
+            and x.shape[-1] == self.in_features
+            and x.numel() > 0
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+            and _get_dispatch_mode() is None
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        )
+
+    def _eager_forward(self, x: torch.Tensor, w: np.ndarray, s: np.ndarray) -> torch.Tensor:
+        """The custom op's CPU kernel without the dispatcher: the same Rust call, the same
+        casts, so the result is bit-identical to the op path."""
+        k = self.in_features
+        x2 = x.detach()
+        if x2.dim() != 2:
+            x2 = x2.reshape(-1, k)
+        if x2.dtype != torch.float32:
+            x2 = x2.to(torch.float32)
+        xf = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
+        y = _native.qmatmul(xf, w, self.qtype, self.out_features, k, self.block_size, s,
+                            self.scale_mode or None)  # fmt: skip
+        out = torch.from_numpy(y)
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        bias = self._parameters["bias"]
+        if bias is not None:
+            out.add_(bias.detach().to(out.dtype))
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._eager_ok(x):
+            views = self._eager_weights()
+            if views is not None:
+                return self._eager_forward(x, *views)
         y = torch.ops.ferroquant.qmatmul(
             x,
             self.qweight,
@@ -103,6 +162,21 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        # a dtype cast (model.to(torch.bfloat16)) must not round the float32 statistics: they
+        # follow the device only
+        self._np_cache = None
+        stats = self.qstats
+        out = super()._apply(fn, recurse)
+        if self.qstats.dtype != torch.float32:
+            self.qstats = stats.to(self.qstats.device)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # a copy: the live module keeps its cache
+        state["_np_cache"] = None
+        return state
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -11,6 +11,7 @@ pub mod matmul;
 pub mod parallel;
 pub mod qtype;
 pub mod quantize;
+pub mod runtime;
 
 pub use error::{Error, Result};
 pub use input::{Elems, Matrix};

@@ -5,6 +5,7 @@ use ferroquant_core as core;
 
 mod gguf;
 mod matmul;
+mod runtime;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
@@ -241,6 +242,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::stream_read, m)?)?;
     gguf::register(m)?;
+    runtime::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

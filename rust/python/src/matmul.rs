@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use crate::{not_contiguous, to_py};
 
 /// `y = x · Wᵀ`: x (M x K float32, C-contiguous), W given as its raw quantized data (N x K in
-/// `qtype`'s layout) plus statistics (nf4 absmax, int8 scales). Returns y (M x N float32).
+/// `qtype`'s layout) plus statistics (nf4 absmax, int8 / fp8 scales). Returns y (M x N float32).
 #[pyfunction]
 #[pyo3(signature = (x, data, qtype, n, k, block_size, stats=None, scale_mode=None))]
 #[allow(clippy::too_many_arguments)]

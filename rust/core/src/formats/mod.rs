@@ -13,6 +13,7 @@ pub mod k_quants;
 pub mod legacy;
 pub mod legacy_avx2;
 pub mod legacy_imatrix;
+pub mod legacy_neon;
 pub mod simd;
 
 use crate::qtype::QType;
@@ -27,6 +28,14 @@ pub fn ggml_quantize_row(qtype: QType, x: &[f32], out: &mut [u8], imatrix: Optio
         // SAFETY: legacy_avx2 returned true only after runtime detection of AVX2 and F16C,
         // the features the callee is compiled for.
         unsafe { simd::quantize_row_legacy_avx2(qtype, x, out) };
+        return;
+    }
+    #[cfg(target_arch = "aarch64")]
+    if imatrix.is_none() && simd::legacy_neon(qtype) {
+        match qtype {
+            QType::Q8_0 => legacy_neon::quantize_row_q8_0(x, out),
+            _ => legacy_neon::quantize_row_q4_0(x, out),
+        }
         return;
     }
     ggml_quantize_row_scalar(qtype, x, out, imatrix)

@@ -5,6 +5,7 @@
 
 use std::sync::OnceLock;
 
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use crate::qtype::QType;
 
 /// True when `FERROQUANT_FORCE_SCALAR` is set to anything but "" or "0" (read once).
@@ -15,11 +16,18 @@ pub fn force_scalar() -> bool {
     })
 }
 
-/// The best instruction set this process uses ("avx2", or "scalar").
+/// The best instruction set this process uses ("avx2"; on aarch64 "neon+dotprod" or "neon",
+/// used there by the matmul kernels and the q8_0 / q4_0 quantizers; or "scalar").
 pub fn level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         return "avx2";
+    }
+    #[cfg(target_arch = "aarch64")]
+    if crate::matmul::neon::has_dotprod() {
+        return "neon+dotprod";
+    } else if crate::matmul::neon::enabled() {
+        return "neon";
     }
     "scalar"
 }
@@ -32,6 +40,20 @@ pub fn has_avx2() -> bool {
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("f16c")
     })
+}
+
+/// True when NEON paths may run (aarch64: NEON detected, FERROQUANT_FORCE_SCALAR unset).
+#[cfg(target_arch = "aarch64")]
+pub fn has_neon() -> bool {
+    static NEON: OnceLock<bool> = OnceLock::new();
+    *NEON.get_or_init(|| !force_scalar() && std::arch::is_aarch64_feature_detected!("neon"))
+}
+
+/// Whether `ggml_quantize_row` takes `legacy_neon.rs` for `qtype` (q8_0 and q4_0 on aarch64).
+#[cfg(target_arch = "aarch64")]
+#[inline]
+pub fn legacy_neon(qtype: QType) -> bool {
+    matches!(qtype, QType::Q4_0 | QType::Q8_0) && has_neon()
 }
 
 /// Whether `quantize_row_legacy_avx2` may be called for `qtype`.

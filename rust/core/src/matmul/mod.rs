@@ -11,13 +11,16 @@
 //! the K-quants run tiles of 8 weight rows x a block of rows (`x86/tile.rs`, `x86/tile_k.rs`,
 //! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
 //! weight row). Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
-//! FERROQUANT_FORCE_SCALAR=1 runs the references. Other architectures (aarch64: no NEON kernels
-//! yet) run the references.
+//! FERROQUANT_FORCE_SCALAR=1 runs the references. On aarch64 `neon.rs` computes the same bits
+//! with NEON (`sdot` where the CPU has `dotprod`); other architectures run the references.
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
-//! q4_k, q5_k, q6_k → activations quantized to q8_K; nf4, int8 → f32 activations (int8: the
-//! dequantized product within float rounding; no activation error added to the weights').
+//! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
+//! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs → activations quantized to q8_K;
+//! nf4, int8, fp8_e4m3, fp8_e5m2 → f32 activations (the one-byte formats: the dequantized
+//! product within float rounding, fp8 decoded exactly; no activation error added to the
+//! weights').
 
 pub mod bandwidth;
 #[cfg(target_arch = "x86_64")]
@@ -25,6 +28,9 @@ mod panels;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 
 use rayon::prelude::*;
 
@@ -36,16 +42,23 @@ use crate::quantize::{validate_view, QuantizedView, ScaleMode};
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.
-pub const SUPPORTED: [QType; 9] = [
+pub const SUPPORTED: [QType; 16] = [
     QType::Q4_0,
+    QType::Q4_1,
     QType::Q5_0,
+    QType::Q5_1,
     QType::Q8_0,
     QType::IQ4NL,
+    QType::Q2K,
+    QType::Q3K,
     QType::Q4K,
     QType::Q5K,
     QType::Q6K,
+    QType::IQ4XS,
     QType::NF4,
     QType::Int8,
+    QType::Fp8E4M3,
+    QType::Fp8E5M2,
 ];
 
 /// The activations, prepared once per call (one row of x per `m`).
@@ -65,6 +78,13 @@ enum Acts<'a> {
         xq: Vec<u8>,
         xs: Vec<i32>,
         xd: Vec<f32>,
+    },
+    /// q8_1 (for q4_1 / q5_1): q8_0's fields plus each block's `s` as f32.
+    Q8_1 {
+        blocks: Vec<BlockQ8_0>,
+        d: Vec<f32>,
+        sums: Vec<i32>,
+        s: Vec<f32>,
     },
     F32(&'a [f32]),
     /// nf4 with AVX-512: x with the even and odd elements of every 32 apart (16 + 16).
@@ -100,7 +120,11 @@ fn use_simd() -> bool {
     {
         crate::formats::simd::has_avx2()
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        neon::enabled()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         false
     }
@@ -222,13 +246,27 @@ impl Plan<'_> {
                     _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd, xs),
                 }
             }
+            Acts::Q8_1 { blocks, d, sums, s } => {
+                let nb = k / QK8_0;
+                let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
+                let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
+                let xsum = rows.map(|mi| &sums[mi * nb..(mi + 1) * nb]);
+                let xs = rows.map(|mi| &s[mi * nb..(mi + 1) * nb]);
+                match self.w.qtype {
+                    QType::Q4_1 => self.dot32_min::<BlockQ4_1, R>(wrow, x, xd, xsum, xs),
+                    _ => self.dot32_min::<BlockQ5_1, R>(wrow, x, xd, xsum, xs),
+                }
+            }
             Acts::Q8K { blocks, .. } => {
                 let nb = k / QK_K;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 match self.w.qtype {
+                    QType::Q2K => self.dot_k::<BlockQ2K, R>(wrow, x),
+                    QType::Q3K => self.dot_k::<BlockQ3K, R>(wrow, x),
                     QType::Q4K => self.dot_k::<BlockQ4K, R>(wrow, x),
                     QType::Q5K => self.dot_k::<BlockQ5K, R>(wrow, x),
-                    _ => self.dot_k::<BlockQ6K, R>(wrow, x),
+                    QType::Q6K => self.dot_k::<BlockQ6K, R>(wrow, x),
+                    _ => self.dot_k::<BlockIQ4XS, R>(wrow, x),
                 }
             }
             Acts::F32(_) | Acts::F32Split(_) => {
@@ -280,7 +318,47 @@ impl Plan<'_> {
         _xs: [&[i32]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block32(w, x, xd);
+        }
         std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn dot32_min<W: x86::Load32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        xsum: [&[i32]; R],
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd && self.vnni {
+            // SAFETY: vnni is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; x,
+            // xd, xsum and xs have one entry per weight block (all built from the same K).
+            unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs) }
+        } else if self.simd {
+            // SAFETY: simd is set only when AVX2 and F16C were detected; x, xd and xs have one
+            // entry per weight block.
+            unsafe { x86::dot_block32_min(w, x, xd, xs) }
+        } else {
+            std::array::from_fn(|r| reference::dot_block32_min(w, x[r], xd[r], xs[r]))
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn dot32_min<W: reference::Block32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        _xsum: [&[i32]; R],
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        std::array::from_fn(|r| reference::dot_block32_min(w, x[r], xd[r], xs[r]))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -301,32 +379,42 @@ impl Plan<'_> {
         x: [&[BlockQ8K]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block_k(w, x);
+        }
         std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
     }
 
     fn dot_f32<const R: usize>(&self, wrow: &[u8], stats: &[f32], x: [&[f32]; R]) -> [f32; R] {
-        let nf4 = self.w.qtype == QType::NF4;
+        let qtype = self.w.qtype;
         let bl = self.block_len;
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            if let Some(y) = neon::dot_f32(self.w.qtype, wrow, stats, bl, x) {
+                return y;
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         if self.simd {
-            // SAFETY: AVX2 (and AVX-512F where used) detected; lengths checked by `plan` (K/2
-            // or K bytes, one stat per block, nf4 blocks a multiple of 32).
+            // SAFETY: AVX2 and F16C (and AVX-512F where used) detected; lengths checked by
+            // `plan` (K/2 or K bytes, one stat per block, nf4 blocks a multiple of 32).
             return unsafe {
-                if nf4 && self.avx512 {
-                    x86::dot_nf4_avx512(wrow, stats, bl, x)
-                } else if nf4 {
-                    x86::dot_nf4(wrow, stats, bl, x)
-                } else {
-                    x86::dot_int8(wrow, stats, bl, x)
+                match qtype {
+                    QType::NF4 if self.avx512 => x86::dot_nf4_avx512(wrow, stats, bl, x),
+                    QType::NF4 => x86::dot_nf4(wrow, stats, bl, x),
+                    QType::Fp8E4M3 => x86::dot_fp8::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
+                    QType::Fp8E5M2 => x86::dot_fp8::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
+                    _ => x86::dot_int8(wrow, stats, bl, x),
                 }
             };
         }
-        std::array::from_fn(|r| {
-            if nf4 {
-                reference::dot_nf4(wrow, stats, bl, x[r])
-            } else {
-                reference::dot_int8(wrow, stats, bl, x[r])
+        std::array::from_fn(|r| match qtype {
+            QType::NF4 => reference::dot_nf4(wrow, stats, bl, x[r]),
+            QType::Fp8E4M3 | QType::Fp8E5M2 => {
+                reference::dot_fp8(wrow, stats, bl, x[r], qtype == QType::Fp8E5M2)
             }
+            _ => reference::dot_int8(wrow, stats, bl, x[r]),
         })
     }
 }
@@ -402,14 +490,14 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             }
             stats_per_row = k / block_len;
         }
-        QType::Int8 => match w.scale_mode {
+        QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => match w.scale_mode {
             Some(ScaleMode::Tensor) => (stats_per_row, block_len) = (1, k),
             Some(ScaleMode::Row) => (stats_per_row, block_len) = (1, k),
             Some(ScaleMode::Block) => {
                 block_len = check_bnb_block(w)?;
                 stats_per_row = k / block_len;
             }
-            None => return Err(bad("int8 weights need a scale_mode".into())),
+            None => return Err(bad(format!("{} weights need a scale_mode", w.qtype.name()))),
         },
         q => {
             let bs = q.info().block_size;
@@ -511,7 +599,24 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
                 row_bytes,
             )
         }
-        QType::Q4K | QType::Q5K | QType::Q6K => {
+        QType::Q4_1 | QType::Q5_1 => {
+            let nb = k / QK8_0;
+            let mut q81 = vec![reference::BlockQ8_1::zeroed(); m * nb];
+            parallel::install(|| {
+                q81.par_chunks_mut(nb)
+                    .zip(x.par_chunks(k))
+                    .for_each(|(b, x)| reference::quantize_row_q8_1(x, b))
+            });
+            let blocks = q81.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
+            let d = q81.iter().map(|b| f16_to_f32(b.d)).collect();
+            let sums = q81
+                .iter()
+                .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+                .collect();
+            let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
+            (Acts::Q8_1 { blocks, d, sums, s }, nb * 46)
+        }
+        QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K | QType::IQ4XS => {
             let nb = k / QK_K;
             let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
             let quant = |(b, x): (&mut [BlockQ8K], &[f32])| reference::quantize_row_q8_k(x, b);

@@ -3,14 +3,18 @@
 //! same integers and the same float operations in the same order (tested against these).
 //!
 //! Activations are quantized as ggml does for its `vec_dot` (ggml-quants.c):
-//! - q4_0, q8_0, iq4_nl weights: activations to q8_0 blocks (`quantize_row_q8_0_ref`, f16 scale,
-//!   `roundf`), an exact integer sum per block of 32, times `d_w * d_x`.
-//! - q4_k, q5_k, q6_k weights: activations to q8_K blocks (`quantize_row_q8_K_ref`: f32 scale
-//!   `1/iscale`, `nearest_int`, plus the 16-element sums `bsums`), an exact integer sum per
-//!   super-block of 256 (sub-block scales applied in integers), the minimum term from `bsums`.
-//! - nf4 and int8: activations stay f32; the weights are decoded in registers (no activation
-//!   error at all; at 4.5 / 8 bits per weight these are memory bound at M=1, and f32 activations
-//!   keep int8's result within float rounding of the dequantized product).
+//! - q4_0, q5_0, q8_0, iq4_nl weights: activations to q8_0 blocks (`quantize_row_q8_0_ref`, f16
+//!   scale, `roundf`), an exact integer sum per block of 32, times `d_w * d_x`.
+//! - q4_1, q5_1 weights (`d·q + m`): activations to q8_1 blocks (q8_0's d and quants plus
+//!   `s = f16(d·Σq)`), per block `(d_w d_x)·isum + m_w·s_x` (`reference/q8_1.rs`).
+//! - q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs weights: activations to q8_K blocks
+//!   (`quantize_row_q8_K_ref`: f32 scale `1/iscale`, `nearest_int`, plus the 16-element sums
+//!   `bsums`), an exact integer sum per super-block of 256 (sub-block scales applied in
+//!   integers), the minimum term from `bsums` (q2_k, q3_k, iq4_xs in `reference/k_low.rs`).
+//! - nf4, int8, fp8_e4m3, fp8_e5m2: activations stay f32; the weights are decoded in registers
+//!   (no activation error at all; at 4.5 / 8 bits per weight these are memory bound at M=1, and
+//!   f32 activations keep the one-byte formats' result within float rounding of the dequantized
+//!   product; fp8 bytes decode exactly through a 256-entry table).
 //!
 //! **Float order (the same in every path).** Per-block float products go to one of 8 lanes,
 //! block `b` to lane `b % 8`: `acc[b % 8] += p_b`, blocks in increasing order. For the f32
@@ -25,7 +29,14 @@
 use bytemuck::{Pod, Zeroable};
 
 use crate::formats::blocks::*;
-use crate::formats::legacy;
+use crate::formats::{fp8, legacy};
+
+mod k_low;
+mod q8_1;
+pub use k_low::{scales_iq4_xs, scales_q3_k, unpack_iq4_xs, unpack_q2_k, unpack_q3_k};
+pub use q8_1::{
+    block32_min_product, dot_block32_min, quantize_row_q8_1, unpack_q4_1, unpack_q5_1, BlockQ8_1,
+};
 
 /// Number of float accumulator lanes (one AVX2 register of f32).
 pub const LANES: usize = 8;
@@ -170,10 +181,17 @@ pub fn isum32(w: &[i8; 32], x: &[i8; 32]) -> i32 {
     w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
 }
 
-/// A weight block of 32 with an f16 scale and an exact integer dot with a q8_0 block.
+/// A weight block of 32 with an f16 scale and an exact integer dot with a q8_0 block (for
+/// q4_1 / q5_1 the activation block is q8_1's, whose d and quants are q8_0's).
 pub trait Block32: Pod {
     fn d(&self) -> Half;
     fn isum(&self, x: &BlockQ8_0) -> i32;
+    /// q4_1 / q5_1: the weights are `d·q + m` with unsigned q (`dot_block32_min`).
+    const HAS_MIN: bool = false;
+    /// The block's offset `m` (zero where there is none).
+    fn m(&self) -> Half {
+        [0; 2]
+    }
 }
 
 impl Block32 for BlockQ4_0 {
@@ -412,6 +430,38 @@ pub fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f
 /// Σ_b scale_b Σ_{j in b} q_j x_j for one int8 row. `block_len` is the scale's block (the whole
 /// row for per-row and per-tensor scales); `scales` holds one scale per block.
 pub fn dot_int8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32]) -> f32 {
+    dot_bytes(q, scales, block_len, x, |w| (w as i8) as f32)
+}
+
+/// `dot_int8` for fp8 rows (fp8_e4m3 = float8_e4m3fn, fp8_e5m2): each byte decoded exactly
+/// through the format's 256-entry table (`fp8_table`), then the same lanes and order.
+pub fn dot_fp8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32], e5m2: bool) -> f32 {
+    let t = fp8_table(e5m2);
+    dot_bytes(q, scales, block_len, x, |w| t[w as usize])
+}
+
+/// The float32 value of every fp8 byte (the exact decoders of `formats::fp8`; the e4m3fn NaN
+/// codes 0x7f / 0xff and e5m2's infinities and NaNs included).
+pub fn fp8_table(e5m2: bool) -> &'static [f32; 256] {
+    use std::sync::OnceLock;
+    static E4M3: OnceLock<[f32; 256]> = OnceLock::new();
+    static E5M2: OnceLock<[f32; 256]> = OnceLock::new();
+    if e5m2 {
+        E5M2.get_or_init(|| std::array::from_fn(|b| fp8::e5m2_to_f32(b as u8)))
+    } else {
+        E4M3.get_or_init(|| std::array::from_fn(|b| fp8::e4m3fn_to_f32(b as u8)))
+    }
+}
+
+/// The one-byte formats' dot: `part[j % 32] += v(q_j) * x_j` per block, `acc += part * scale`.
+#[inline(always)]
+fn dot_bytes(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: &[f32],
+    value: impl Fn(u8) -> f32,
+) -> f32 {
     let mut acc = [0.0f32; WIDE];
     for ((&s, qb), xb) in scales
         .iter()
@@ -420,7 +470,7 @@ pub fn dot_int8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32]) -> f32 {
     {
         let mut part = [0.0f32; WIDE];
         for (j, (&w, &xv)) in qb.iter().zip(xb).enumerate() {
-            part[j % WIDE] += (w as i8) as f32 * xv;
+            part[j % WIDE] += value(w) * xv;
         }
         for l in 0..WIDE {
             acc[l] += part[l] * s;

@@ -125,22 +125,6 @@ impl Load32 for BlockQ8_0 {
     const BIAS: i32 = 128;
 }
 
-/// Bit j of `bits` as 0xff / 0x00 in byte j (ggml's `bytes_from_bits_32`): byte j takes byte
-/// j / 8 of the word, keeps bit j % 8, and compares it with that bit.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn bytes_from_bits_32(bits: u32) -> __m256i {
-    let v = _mm256_set1_epi32(bits as i32);
-    let shuf = _mm256_set_epi64x(
-        0x0303_0303_0303_0303,
-        0x0202_0202_0202_0202,
-        0x0101_0101_0101_0101,
-        0,
-    );
-    let mask = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-    _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, shuf), mask), mask)
-}
-
 impl Load32 for BlockQ5_0 {
     #[inline(always)]
     unsafe fn load(&self) -> __m256i {
@@ -149,15 +133,9 @@ impl Load32 for BlockQ5_0 {
     }
     #[inline(always)]
     unsafe fn load_unsigned(&self) -> __m256i {
-        // SAFETY: AVX2 is available (this method's contract). Element j's bit 4 is bit j of qh
-        // (`reference::unpack_q5_0`), the nibbles are q4_0's.
-        unsafe {
-            let hi = bytes_from_bits_32(u32::from_le_bytes(self.qh));
-            _mm256_or_si256(
-                nibbles_ggml(&self.qs),
-                _mm256_and_si256(hi, _mm256_set1_epi8(0x10)),
-            )
-        }
+        // SAFETY: AVX2 is available (this method's contract). The levels 0..31: the nibbles
+        // plus bit j of qh as bit 4 of element j (as q5_1's).
+        unsafe { min32::q5_levels(&self.qs, self.qh) }
     }
     const BIAS: i32 = 16;
 }
@@ -218,6 +196,64 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
     xd: [&[f32]; R],
     xsum: [&[i32]; R],
 ) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_vnni(w, x, xd, xsum, None) }
+}
+
+/// `reference::dot_block32_min` (q4_1 / q5_1 against q8_1) with AVX-512 VNNI: the integer sums
+/// of `dot_block32_vnni`, then `(dw * dx) * isum + mw * sx` lane-wise.
+///
+/// # Safety
+/// As `dot_block32_vnni`; every `xs[r]` also has at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+pub unsafe fn dot_block32_min_vnni<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xsum: [&[i32]; R],
+    xs: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_vnni(w, x, xd, xsum, Some(xs)) }
+}
+
+/// The 8 f16 values `h` of a group of blocks as f32.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn halves8(h: [Half; LANES]) -> __m256 {
+    let bits: [u16; LANES] = h.map(u16::from_le_bytes);
+    // SAFETY: `bits` is 16 bytes; loadu has no alignment requirement.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr() as *const __m128i) })
+}
+
+/// The reference's lanes, then its scalar code for the blocks past the last group of 8.
+#[inline(always)]
+fn finish32<W: Block32>(
+    w: &[W],
+    acc: __m256,
+    x: &[BlockQ8_0],
+    xd: &[f32],
+    xs: Option<&[f32]>,
+) -> f32 {
+    let mut lanes = lanes_of(acc);
+    for b in w.len() / LANES * LANES..w.len() {
+        lanes[b % LANES] += match xs {
+            Some(xs) => r::block32_min_product(&w[b], &x[b], xd[b], xs[b]),
+            None => r::block32_product(&w[b], &x[b], xd[b]),
+        };
+    }
+    r::hsum8(&lanes)
+}
+
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn block32_vnni<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xsum: [&[i32]; R],
+    xs: Option<[&[f32]; R]>,
+) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
     let bias = _mm256_set1_epi32(W::BIAS);
@@ -225,12 +261,15 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         let mut wv = [_mm256_setzero_si256(); 8];
-        let mut dh = [0u16; 8];
         for j in 0..LANES {
             wv[j] = unsafe { wg[j].load_unsigned() };
-            dh[j] = u16::from_le_bytes(wg[j].d());
         }
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        let dw = halves8(std::array::from_fn(|j| wg[j].d()));
+        let mw = if W::HAS_MIN {
+            halves8(std::array::from_fn(|j| wg[j].m()))
+        } else {
+            _mm256_setzero_ps()
+        };
         for r in 0..R {
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [_mm256_setzero_si256(); 8];
@@ -238,25 +277,22 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
                 let xv = unsafe { _mm256_loadu_si256(xg[j].qs.as_ptr() as *const __m256i) };
                 s[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[j], xv);
             }
-            let xs = unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
-            let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xs));
+            let xsm =
+                unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
+            let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xsm));
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
             let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            // (no closure here: closures do not inherit the target features)
+            let p = if let Some(xs) = xs {
+                let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
+                _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
+            } else {
+                p
+            };
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    // The blocks after the last whole group: the integer sums in SIMD (the weights decoded once
-    // for all rows), the float operations of `block32_product` on the same lanes.
-    let mut lanes = acc.map(lanes_of);
-    for b in groups * LANES..nb {
-        let wu = unsafe { w[b].load_unsigned() };
-        let dw = f16_to_f32(w[b].d());
-        for r in 0..R {
-            let isum = unsafe { isum_vnni::<W>(wu, &x[r][b], xsum[r][b]) };
-            lanes[r][b % LANES] += (dw * xd[r][b]) * isum as f32;
-        }
-    }
-    lanes.map(|l| r::hsum8(&l))
+    std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
 }
 
 /// `reference::dot_block32` for R activation rows at once (the weights are decoded once per
@@ -271,18 +307,49 @@ pub unsafe fn dot_block32<W: Load32, const R: usize>(
     x: [&[BlockQ8_0]; R],
     xd: [&[f32]; R],
 ) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_avx2(w, x, xd, None) }
+}
+
+/// `reference::dot_block32_min` (q4_1 / q5_1 against q8_1) for R rows at once: the integer
+/// sums of `dot_block32`, then `acc += (dw * dx) * float(isum) + mw * sx` lane-wise.
+///
+/// # Safety
+/// As `dot_block32`; every `xs[r]` also has at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn dot_block32_min<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xs: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block32_avx2(w, x, xd, Some(xs)) }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn block32_avx2<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xs: Option<[&[f32]; R]>,
+) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
     let mut acc = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         let mut wv = [_mm256_setzero_si256(); 8];
-        let mut dh = [0u16; 8];
         for j in 0..LANES {
             wv[j] = unsafe { wg[j].load() };
-            dh[j] = u16::from_le_bytes(wg[j].d());
         }
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+        let dw = halves8(std::array::from_fn(|j| wg[j].d()));
+        let mw = if W::HAS_MIN {
+            halves8(std::array::from_fn(|j| wg[j].m()))
+        } else {
+            _mm256_setzero_ps()
+        };
         for r in 0..R {
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [_mm256_setzero_si256(); 8];
@@ -292,19 +359,17 @@ pub unsafe fn dot_block32<W: Load32, const R: usize>(
             let isum = reduce8(&s);
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
             let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+            // (no closure here: closures do not inherit the target features)
+            let p = if let Some(xs) = xs {
+                let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
+                _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
+            } else {
+                p
+            };
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    let mut lanes = acc.map(lanes_of);
-    for b in groups * LANES..nb {
-        let wv = unsafe { w[b].load() };
-        let dw = f16_to_f32(w[b].d());
-        for r in 0..R {
-            let isum = hsum_epi32(unsafe { block_isums(wv, &x[r][b].qs) });
-            lanes[r][b % LANES] += (dw * xd[r][b]) * isum as f32;
-        }
-    }
-    lanes.map(|l| r::hsum8(&l))
+    std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
 }
 
 // ---------------------------------------------------------------- K-quants
@@ -568,9 +633,16 @@ pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]
     acc.map(|a| r::hsum8(&a))
 }
 
+mod k_low;
+pub use k_low::scales_q3_k_kmask;
+mod min32;
+
 // ---------------------------------------------------------------- f32 activations
 
 mod float_acts;
 pub mod tile;
 pub mod tile_k;
-pub use float_acts::{dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f, split_even_odd};
+pub use float_acts::{
+    dot_fp8, dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f, split_even_odd, Decode32, Fp8E4M3,
+    Fp8E5M2,
+};

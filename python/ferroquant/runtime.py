@@ -1,0 +1,185 @@
+"""The native runtime: a Llama-family GGUF model run by the Rust core, no torch needed.
+
+    from ferroquant.runtime import LlamaRuntime
+    rt = LlamaRuntime.from_gguf("model.gguf", n_threads=2, n_ctx=2048)
+    logits = rt.forward([1, 2, 3])           # float32 (vocab,): the last token's logits
+    out = rt.generate(prompt_ids, max_new_tokens=32)   # greedy unless temperature > 0
+
+Weights are used in place from the memory-mapped file when ferroquant's quantized matmul has
+a kernel for their qtype (`ferroquant._native.qmatmul_qtypes()`); others are dequantized to f32
+once at load (`rt.load_report`). The KV cache is f32 and holds one sequence: `forward` appends
+to it, `reset` empties it. Results do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _native
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    prompt_tokens: int
+    prompt_seconds: float
+    decode_steps: int
+    decode_seconds: float
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def _ids(tokens: Iterable[int] | np.ndarray) -> list[int]:
+    ids = [int(t) for t in np.asarray(tokens).reshape(-1)]
+    if any(t < 0 for t in ids):
+        raise ValueError("token ids must be non-negative")
+    return ids
+
+
+class LlamaRuntime:
+    """A loaded model plus its KV cache (one sequence)."""
+
+    def __init__(self, native: Any, path: str) -> None:
+        self._m = native
+        self.path = path
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: str | os.PathLike[str],
+        n_threads: int | None = None,
+        n_ctx: int | None = 2048,
+    ) -> LlamaRuntime:
+        """Load a llama-architecture GGUF. `n_threads` sets ferroquant's thread pool (shared by
+        the whole process; None leaves it as it is). `n_ctx`: KV cache positions (None: the
+        model's training context, at most 4096)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)}")
+        if n_threads is not None:
+            _native.set_num_threads(int(n_threads))
+        return cls(_native.LlamaModel(os.fspath(path), n_ctx), os.fspath(path))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._m.config
+
+    @property
+    def load_report(self) -> dict[str, Any]:
+        return self._m.load_report
+
+    @property
+    def n_past(self) -> int:
+        return self._m.n_past
+
+    @property
+    def n_ctx(self) -> int:
+        return self._m.n_ctx
+
+    def forward(self, tokens: Sequence[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Run `tokens` at the next positions (appending them to the cache). Returns the last
+        token's logits (vocab,) or, with `all_logits`, every token's (n, vocab), float32."""
+        return self._m.forward(_ids(tokens), all_logits)
+
+    def generate(
+        self,
+        prompt_tokens: Sequence[int] | np.ndarray,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Iterable[int] = (),
+        reset: bool = True,
+    ) -> Generation:
+        """Greedy (temperature 0) or seeded temperature/top-k sampling. The prompt runs as one
+        batch, then one token per step; stops after a token in `stop`. `reset` starts a fresh
+        sequence (else the prompt continues the cached one)."""
+        if reset:
+            self.reset()
+        d = self._m.generate(
+            _ids(prompt_tokens),
+            int(max_new_tokens),
+            float(temperature),
+            int(top_k),
+            int(seed),
+            [int(t) for t in stop],
+        )
+        return Generation(**d)
+
+    def reset(self) -> None:
+        """Forget the sequence."""
+        self._m.reset()
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"LlamaRuntime({self.path!r}, layers={c['n_layer']}, embd={c['n_embd']}, "
+            f"heads={c['n_head']}/{c['n_head_kv']}, vocab={c['vocab']}, n_ctx={self.n_ctx})"
+        )
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """The GGUF's tokenizer, built by transformers from the file's metadata (as `ferroquant eval`
+    does; the conversion takes a few seconds for a large vocabulary)."""
+    from .eval_load import need, resolve_model
+
+    folder, name = resolve_model(path)
+    if name is None:
+        raise ValueError(f"expected a .gguf file, got the folder {path}")
+    transformers = need("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+
+
+def generate_text(
+    path: str | os.PathLike[str],
+    prompt: str,
+    max_new_tokens: int = 64,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    n_threads: int | None = None,
+    n_ctx: int | None = 2048,
+    chat: bool = False,
+) -> dict[str, Any]:
+    """Tokenize `prompt` (through the chat template with `chat`), generate until the tokenizer's
+    end-of-sequence token or `max_new_tokens`, and decode. Returns the text, the token ids, the
+    speeds and the load report."""
+    tok = load_tokenizer(path)
+    if chat:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    else:
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError("the prompt is empty after tokenization")
+    rt = LlamaRuntime.from_gguf(path, n_threads=n_threads, n_ctx=n_ctx)
+    stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    g = rt.generate(ids, max_new_tokens, temperature, top_k, seed, stop)
+    text = tok.decode(g.tokens, skip_special_tokens=True)
+    return {
+        "prompt": prompt,
+        "text": text,
+        "prompt_token_ids": [int(i) for i in ids],
+        "token_ids": g.tokens,
+        "prompt_tokens_per_second": g.prompt_tokens_per_second,
+        "decode_tokens_per_second": g.decode_tokens_per_second,
+        "threads": _native.num_threads(),
+        "load_report": rt.load_report["summary"],
+    }
+
+
+__all__ = ["Generation", "LlamaRuntime", "generate_text", "load_tokenizer"]

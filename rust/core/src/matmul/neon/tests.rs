@@ -1,0 +1,488 @@
+//! The NEON kernels against the scalar references, bit for bit: every format, many block counts
+//! (below, at and past the 8-lane groups), one row and four rows at once, both integer kinds
+//! (`smull` always; `sdot` where the CPU has dotprod: CI runs this file under qemu with
+//! `-cpu max` and `-cpu cortex-a53`, and FERROQUANT_EXPECT_DOTPROD says which one it is).
+//! Activations are quantized by the reference quantizers, and also raw random blocks (quants
+//! of -128, bsums of any value) to show the integer paths are exact beyond what the
+//! quantizers produce.
+
+use bytemuck::{Pod, Zeroable};
+
+use super::super::reference::{self as r, BlockQ8K};
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn normalish(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.unit() + self.unit() + self.unit()) * scale)
+            .collect()
+    }
+}
+
+/// Random blocks of `size` bytes with a finite f16 at each of `half_at` (the scales).
+fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
+    let mut v = rng.bytes(nb * size);
+    for b in 0..nb {
+        for &o in half_at {
+            let h = f16_from_f32(rng.unit() * 0.01);
+            v[b * size + o..b * size + o + 2].copy_from_slice(&h);
+        }
+    }
+    v
+}
+
+const NBS: [usize; 12] = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 33];
+/// Activation scales: ordinary, large, tiny (products in the subnormal range), and a zero row.
+const SCALES: [f32; 4] = [1.0, 300.0, 1e-19, 0.0];
+
+fn dotprod_kinds() -> Vec<bool> {
+    if has_dotprod() {
+        vec![false, true]
+    } else {
+        vec![false]
+    }
+}
+
+fn bits<const R: usize>(v: [f32; R]) -> [u32; R] {
+    v.map(f32::to_bits)
+}
+
+/// Four activation rows of q8_0 blocks: quantized rows at each of `SCALES`, or raw random blocks
+/// (with a finite f16 scale).
+fn q8_0_rows(rng: &mut Rng, nb: usize, raw: bool) -> [Vec<BlockQ8_0>; 4] {
+    std::array::from_fn(|i| {
+        if raw {
+            bytemuck::cast_slice(&blocks(rng, nb, 34, &[0])).to_vec()
+        } else {
+            let x = rng.normalish(nb * 32, SCALES[i]);
+            let mut q = vec![BlockQ8_0::zeroed(); nb];
+            r::quantize_row_q8_0(&x, &mut q);
+            q
+        }
+    })
+}
+
+fn check_block32<W: Load32>(data: &[u8], xs: &[Vec<BlockQ8_0>; 4], what: &str) {
+    let w: &[W] = bytemuck::cast_slice(data);
+    let xd: [Vec<f32>; 4] =
+        std::array::from_fn(|i| xs[i].iter().map(|b| f16_to_f32(b.d)).collect());
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block32(w, &xs[i], &xd[i]));
+    let x4: [&[BlockQ8_0]; 4] = std::array::from_fn(|i| &xs[i][..]);
+    let d4: [&[f32]; 4] = std::array::from_fn(|i| &xd[i][..]);
+    for dp in dotprod_kinds() {
+        // SAFETY: NEON is part of every aarch64 std target, dotprod only when detected; one
+        // activation block and scale per weight block.
+        let (four, ones) = unsafe {
+            if dp {
+                let ones: [f32; 4] =
+                    std::array::from_fn(|i| dot_block32_sdot(w, [x4[i]], [d4[i]])[0]);
+                (dot_block32_sdot(w, x4, d4), ones)
+            } else {
+                let ones: [f32; 4] =
+                    std::array::from_fn(|i| dot_block32_mull(w, [x4[i]], [d4[i]])[0]);
+                (dot_block32_mull(w, x4, d4), ones)
+            }
+        };
+        assert_eq!(bits(four), bits(want), "{what} R=4 sdot={dp}");
+        assert_eq!(bits(ones), bits(want), "{what} R=1 sdot={dp}");
+    }
+}
+
+#[test]
+fn detection_and_dispatch() {
+    assert_eq!(enabled(), !crate::formats::simd::force_scalar());
+    assert_eq!(super::super::use_simd(), enabled());
+    assert!(!has_dotprod() || enabled());
+    let want = match (enabled(), has_dotprod()) {
+        (true, true) => "neon+dotprod",
+        (true, false) => "neon",
+        _ => "scalar",
+    };
+    assert_eq!(crate::formats::simd::level(), want);
+    // CI says which CPU qemu emulates, so that each run provably takes the path it means to.
+    if let Ok(v) = std::env::var("FERROQUANT_EXPECT_DOTPROD") {
+        assert_eq!(has_dotprod(), v == "1", "FERROQUANT_EXPECT_DOTPROD={v}");
+    }
+}
+
+#[test]
+fn block32_kernels_equal_the_reference() {
+    let mut rng = Rng(0x0a0a_1234_5678_9abc);
+    for nb in NBS {
+        for raw in [false, true] {
+            let xs = q8_0_rows(&mut rng, nb, raw);
+            let tag = |q: &str| format!("{q} nb={nb} raw={raw}");
+            check_block32::<BlockQ4_0>(&blocks(&mut rng, nb, 18, &[0]), &xs, &tag("q4_0"));
+            check_block32::<BlockQ5_0>(&blocks(&mut rng, nb, 22, &[0]), &xs, &tag("q5_0"));
+            check_block32::<BlockQ8_0>(&blocks(&mut rng, nb, 34, &[0]), &xs, &tag("q8_0"));
+            check_block32::<BlockIQ4NL>(&blocks(&mut rng, nb, 18, &[0]), &xs, &tag("iq4_nl"));
+        }
+    }
+}
+
+/// Extreme quants: every weight and activation quant at -128 or 127 (the i8 products and their
+/// pairwise sums are largest there: 2 · 128 · 128 does not fit i16).
+#[test]
+fn block32_extreme_quants_equal_the_reference() {
+    for nb in [1usize, 8, 9] {
+        for (wq, xq) in [(-128i8, -128i8), (127, 127), (-128, 127), (127, -128)] {
+            let mk = |q: i8| -> Vec<BlockQ8_0> {
+                (0..nb)
+                    .map(|b| BlockQ8_0 {
+                        d: f16_from_f32(0.5 + b as f32),
+                        qs: [q; 32],
+                    })
+                    .collect()
+            };
+            let w = mk(wq);
+            let xs: [Vec<BlockQ8_0>; 4] = std::array::from_fn(|_| mk(xq));
+            check_block32::<BlockQ8_0>(bytemuck::cast_slice(&w), &xs, &format!("q8_0 {wq} {xq}"));
+        }
+    }
+}
+
+#[test]
+fn block32_loads_equal_the_reference_unpacking() {
+    let mut rng = Rng(0x7777_0000_1111_2222);
+    let as_array = |v: [int8x16_t; 2]| {
+        let mut a = [0i8; 32];
+        // SAFETY: `a` has room for 2 x 16 bytes.
+        unsafe {
+            vst1q_s8(a.as_mut_ptr(), v[0]);
+            vst1q_s8(a[16..].as_mut_ptr(), v[1]);
+        }
+        a
+    };
+    for _ in 0..500 {
+        let b5: BlockQ5_0 = bytemuck::pod_read_unaligned(&rng.bytes(22));
+        assert_eq!(as_array(b5.load()), r::unpack_q5_0(&b5));
+        let b4: BlockQ4_0 = bytemuck::pod_read_unaligned(&rng.bytes(18));
+        assert_eq!(as_array(b4.load()), r::unpack_q4_0(&b4));
+        let bi: BlockIQ4NL = bytemuck::pod_read_unaligned(&rng.bytes(18));
+        assert_eq!(as_array(bi.load()), r::unpack_iq4_nl(&bi));
+    }
+}
+
+#[test]
+fn unpacked_k4_scales_equal_get_scale_min_k4() {
+    let mut rng = Rng(0x1357_9bdf_2468_ace0);
+    for _ in 0..2000 {
+        let q: [u8; 12] = rng.bytes(12).try_into().unwrap();
+        let (sc, m) = unpack_scales_k4(&q);
+        for j in 0..8 {
+            assert_eq!(
+                (sc[j] as i32, m[j] as i32),
+                r::scale_min_k4(j, &q),
+                "{q:?} j={j}"
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_vector_conversion_equals_f16_to_f32() {
+    // every f16 bit pattern, eight at a time, NaNs included (both quiet a signalling NaN)
+    for base in (0..=u16::MAX).step_by(8) {
+        let h: [u16; 8] = std::array::from_fn(|i| base + i as u16);
+        let [lo, hi] = f16x8_to_f32(&h);
+        let (lo, hi) = (store_f32(lo), store_f32(hi));
+        for i in 0..8 {
+            let got = if i < 4 { lo[i] } else { hi[i - 4] };
+            let want = f16_to_f32(h[i].to_le_bytes());
+            assert!(
+                got.to_bits() == want.to_bits(),
+                "{:#06x}: {got} vs {want}",
+                h[i]
+            );
+        }
+    }
+}
+
+/// Four activation rows of q8_K blocks (quantized at each of `SCALES`, or raw random bytes).
+fn q8_k_rows(rng: &mut Rng, nb: usize, raw: bool) -> [Vec<BlockQ8K>; 4] {
+    std::array::from_fn(|i| {
+        let mut q = vec![BlockQ8K::zeroed(); nb];
+        if raw {
+            let mut bytes = rng.bytes(nb * 292);
+            for b in 0..nb {
+                bytes[b * 292..b * 292 + 4].copy_from_slice(&(rng.unit() * 0.1).to_le_bytes());
+            }
+            q = bytemuck::cast_slice(&bytes).to_vec();
+        } else {
+            r::quantize_row_q8_k(&rng.normalish(nb * QK_K, SCALES[i]), &mut q);
+        }
+        q
+    })
+}
+
+fn check_block_k<W: DecodeK>(data: &[u8], xs: &[Vec<BlockQ8K>; 4], what: &str) {
+    let w: &[W] = bytemuck::cast_slice(data);
+    for dp in dotprod_kinds() {
+        for x in xs {
+            for (wb, xb) in w.iter().zip(x) {
+                assert_eq!(
+                    sums_for_test(wb, xb, dp),
+                    wb.sums(xb),
+                    "{what} sums sdot={dp}"
+                );
+            }
+        }
+    }
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block_k(w, &xs[i]));
+    let x4: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &xs[i][..]);
+    for dp in dotprod_kinds() {
+        // SAFETY: NEON always, dotprod only when detected; one activation block per weight block.
+        let (four, ones) = unsafe {
+            if dp {
+                let ones: [f32; 4] = std::array::from_fn(|i| dot_block_k_sdot(w, [x4[i]])[0]);
+                (dot_block_k_sdot(w, x4), ones)
+            } else {
+                let ones: [f32; 4] = std::array::from_fn(|i| dot_block_k_mull(w, [x4[i]])[0]);
+                (dot_block_k_mull(w, x4), ones)
+            }
+        };
+        assert_eq!(bits(four), bits(want), "{what} R=4 sdot={dp}");
+        assert_eq!(bits(ones), bits(want), "{what} R=1 sdot={dp}");
+    }
+}
+
+#[test]
+fn k_quant_kernels_equal_the_reference() {
+    let mut rng = Rng(0x5151_abab_9e37_79b9);
+    for nb in [1usize, 2, 7, 8, 9, 17] {
+        for raw in [false, true] {
+            let xs = q8_k_rows(&mut rng, nb, raw);
+            let tag = |q: &str| format!("{q} nb={nb} raw={raw}");
+            check_block_k::<BlockQ4K>(&blocks(&mut rng, nb, 144, &[0, 2]), &xs, &tag("q4_k"));
+            check_block_k::<BlockQ5K>(&blocks(&mut rng, nb, 176, &[0, 2]), &xs, &tag("q5_k"));
+            check_block_k::<BlockQ6K>(&blocks(&mut rng, nb, 210, &[208]), &xs, &tag("q6_k"));
+        }
+    }
+}
+
+/// `neon` is called with one row and with four rows.
+fn check_f32(
+    x: &[Vec<f32>; 4],
+    reference: impl Fn(&[f32]) -> f32,
+    neon1: impl Fn(&[f32]) -> f32,
+    neon4: impl Fn([&[f32]; 4]) -> [f32; 4],
+    what: &str,
+) {
+    let want: [f32; 4] = std::array::from_fn(|i| reference(&x[i]));
+    let x4: [&[f32]; 4] = std::array::from_fn(|i| &x[i][..]);
+    let ones: [f32; 4] = std::array::from_fn(|i| neon1(x4[i]));
+    assert_eq!(bits(neon4(x4)), bits(want), "{what} R=4");
+    assert_eq!(bits(ones), bits(want), "{what} R=1");
+}
+
+#[test]
+fn nf4_and_int8_kernels_equal_the_reference() {
+    let mut rng = Rng(0x0f0f_f0f0_1357_2468);
+    for nb in [1usize, 2, 3, 5, 8] {
+        let x_for = |rng: &mut Rng, k: usize| -> [Vec<f32>; 4] {
+            std::array::from_fn(|i| rng.normalish(k, SCALES[i]))
+        };
+        for bs in [32usize, 64, 128, 256] {
+            let k = nb * bs;
+            let packed = rng.bytes(k / 2);
+            let absmax: Vec<f32> = (0..nb).map(|_| rng.unit().abs() * 0.5).collect();
+            let x = x_for(&mut rng, k);
+            check_f32(
+                &x,
+                |xr| r::dot_nf4(&packed, &absmax, bs, xr),
+                // SAFETY (both): NEON; K/2 packed bytes, one absmax per block of bs (a multiple
+                // of 32).
+                |xr| unsafe { dot_nf4(&packed, &absmax, bs, [xr])[0] },
+                |xs| unsafe { dot_nf4(&packed, &absmax, bs, xs) },
+                &format!("nf4 bs={bs} nb={nb}"),
+            );
+        }
+        // block scales; one scale for a row whose length is not a multiple of 32 (or 4); block
+        // scales with a short last block
+        for (k, bl) in [
+            (nb * 32, 32),
+            (nb * 64, 64),
+            (nb * 13 + 5, nb * 13 + 5),
+            (nb * 64 + 17, 64),
+        ] {
+            let q = rng.bytes(k);
+            let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
+            let x = x_for(&mut rng, k);
+            check_f32(
+                &x,
+                |xr| r::dot_int8(&q, &scales, bl, xr),
+                // SAFETY (both): NEON; K bytes, one scale per (possibly short) block.
+                |xr| unsafe { dot_int8(&q, &scales, bl, [xr])[0] },
+                |xs| unsafe { dot_int8(&q, &scales, bl, xs) },
+                &format!("int8 k={k} block={bl}"),
+            );
+        }
+    }
+}
+
+/// Formats without a NEON kernel here (as a format added to the references would be): the
+/// dispatch must run the reference for them.
+#[repr(transparent)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Plain32(BlockQ4_0);
+
+impl r::Block32 for Plain32 {
+    fn d(&self) -> Half {
+        self.0.d
+    }
+    fn isum(&self, x: &BlockQ8_0) -> i32 {
+        self.0.isum(x)
+    }
+}
+
+#[repr(transparent)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PlainK(BlockQ4K);
+
+impl r::BlockK for PlainK {
+    fn sums(&self, x: &BlockQ8K) -> (i32, i32) {
+        self.0.sums(x)
+    }
+    fn d_dmin(&self) -> (f32, f32) {
+        self.0.d_dmin()
+    }
+}
+
+#[test]
+fn dispatch_takes_neon_where_it_exists_and_the_reference_otherwise() {
+    let mut rng = Rng(0x3141_5926_5358_9793);
+    let nb = 11;
+    let xs = q8_0_rows(&mut rng, nb, false);
+    let xd: [Vec<f32>; 4] =
+        std::array::from_fn(|i| xs[i].iter().map(|b| f16_to_f32(b.d)).collect());
+    let x4: [&[BlockQ8_0]; 4] = std::array::from_fn(|i| &xs[i][..]);
+    let d4: [&[f32]; 4] = std::array::from_fn(|i| &xd[i][..]);
+    let data = blocks(&mut rng, nb, 18, &[0]);
+    let (w, plain): (&[BlockQ4_0], &[Plain32]) =
+        (bytemuck::cast_slice(&data), bytemuck::cast_slice(&data));
+    let calls = || DISPATCHED.with(|c| c.get());
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block32(w, x4[i], d4[i]));
+    let n = calls();
+    assert_eq!(bits(dot_block32(w, x4, d4)), bits(want));
+    assert_eq!(calls(), n + 1, "q4_0 must take the NEON kernel");
+    assert_eq!(bits(dot_block32(plain, x4, d4)), bits(want));
+    assert_eq!(
+        calls(),
+        n + 1,
+        "a format without a NEON loader takes the reference"
+    );
+    let xk = q8_k_rows(&mut rng, 3, false);
+    let k4: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &xk[i][..]);
+    let data = blocks(&mut rng, 3, 144, &[0, 2]);
+    let (w, plain): (&[BlockQ4K], &[PlainK]) =
+        (bytemuck::cast_slice(&data), bytemuck::cast_slice(&data));
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block_k(w, k4[i]));
+    assert_eq!(bits(dot_block_k(w, k4)), bits(want));
+    assert_eq!(calls(), n + 2, "q4_k must take the NEON kernel");
+    assert_eq!(bits(dot_block_k(plain, k4)), bits(want));
+    assert_eq!(calls(), n + 2);
+    let x = [vec![0.5f32; 64]];
+    let xr: [&[f32]; 1] = [&x[0]];
+    assert!(dot_f32(crate::qtype::QType::Q4_0, &[0; 64], &[1.0], 64, xr).is_none());
+    let y = dot_f32(crate::qtype::QType::Int8, &[2; 64], &[1.0], 64, xr).unwrap();
+    assert_eq!(y[0], 64.0);
+    assert_eq!(calls(), n + 3);
+    // every NEON format of the block-32 and K-quant families goes through its kernel
+    let x1: [&[BlockQ8_0]; 1] = [x4[0]];
+    let d1: [&[f32]; 1] = [d4[0]];
+    let b32 = blocks(&mut rng, nb, 34, &[0]);
+    dot_block32::<BlockQ5_0, 1>(bytemuck::cast_slice(&b32[..nb * 22]), x1, d1);
+    dot_block32::<BlockQ8_0, 1>(bytemuck::cast_slice(&b32), x1, d1);
+    dot_block32::<BlockIQ4NL, 1>(bytemuck::cast_slice(&b32[..nb * 18]), x1, d1);
+    let bk = blocks(&mut rng, 3, 210, &[208]);
+    let k1: [&[BlockQ8K]; 1] = [k4[0]];
+    dot_block_k::<BlockQ5K, 1>(bytemuck::cast_slice(&bk[..3 * 176]), k1);
+    dot_block_k::<BlockQ6K, 1>(bytemuck::cast_slice(&bk), k1);
+    assert_eq!(calls(), n + 8);
+}
+
+/// `qmatmul` itself (the dispatch in `mod.rs`) against the references called directly, for every
+/// format and M = 1..6 (groups of 4 rows, then single rows).
+#[test]
+fn qmatmul_on_aarch64_equals_the_references() {
+    use crate::qtype::QType;
+    use crate::quantize::QuantizedView;
+    let mut rng = Rng(0x2468_ace0_1357_9bdf);
+    let (n, nb) = (3usize, 9usize);
+    let cases: [(QType, &[usize]); 7] = [
+        (QType::Q4_0, &[0]),
+        (QType::Q5_0, &[0]),
+        (QType::Q8_0, &[0]),
+        (QType::IQ4NL, &[0]),
+        (QType::Q4K, &[0, 2]),
+        (QType::Q5K, &[0, 2]),
+        (QType::Q6K, &[208]),
+    ];
+    for (qtype, halves) in cases {
+        let info = qtype.info();
+        let k = nb * info.block_size;
+        let data = blocks(&mut rng, n * nb, info.type_size, halves);
+        for m in 1..=6 {
+            let x = rng.normalish(m * k, 2.0);
+            let v = QuantizedView {
+                qtype,
+                rows: n,
+                cols: k,
+                block_size: info.block_size,
+                scale_mode: None,
+                data: &data,
+                stats: &[],
+                double_quant: None,
+            };
+            let mut y = vec![0.0f32; m * n];
+            super::super::qmatmul(&x, m, &v, &mut y).unwrap();
+            for mi in 0..m {
+                let xr = &x[mi * k..(mi + 1) * k];
+                for row in 0..n {
+                    let wr = &data[row * nb * info.type_size..(row + 1) * nb * info.type_size];
+                    let want = reference_dot(qtype, wr, xr);
+                    assert_eq!(y[mi * n + row].to_bits(), want.to_bits(), "{qtype:?} m={m}");
+                }
+            }
+        }
+    }
+}
+
+fn reference_dot(qtype: crate::qtype::QType, w: &[u8], x: &[f32]) -> f32 {
+    use crate::qtype::QType;
+    fn b32<W: Pod + r::Block32>(w: &[u8], x: &[f32]) -> f32 {
+        let mut q = vec![BlockQ8_0::zeroed(); x.len() / 32];
+        r::quantize_row_q8_0(x, &mut q);
+        let d: Vec<f32> = q.iter().map(|b| f16_to_f32(b.d)).collect();
+        r::dot_block32::<W>(bytemuck::cast_slice(w), &q, &d)
+    }
+    fn bk<W: Pod + r::BlockK>(w: &[u8], x: &[f32]) -> f32 {
+        let mut q = vec![BlockQ8K::zeroed(); x.len() / QK_K];
+        r::quantize_row_q8_k(x, &mut q);
+        r::dot_block_k::<W>(bytemuck::cast_slice(w), &q)
+    }
+    match qtype {
+        QType::Q4_0 => b32::<BlockQ4_0>(w, x),
+        QType::Q5_0 => b32::<BlockQ5_0>(w, x),
+        QType::Q8_0 => b32::<BlockQ8_0>(w, x),
+        QType::IQ4NL => b32::<BlockIQ4NL>(w, x),
+        QType::Q4K => bk::<BlockQ4K>(w, x),
+        QType::Q5K => bk::<BlockQ5K>(w, x),
+        _ => bk::<BlockQ6K>(w, x),
+    }
+}

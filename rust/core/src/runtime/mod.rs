@@ -1,0 +1,17 @@
+//! A lean native runtime for Llama-family GGUF models: weights used in place from the memory
+//! map, the forward pass on `matmul::qmatmul`, an f32 KV cache, greedy and seeded sampling.
+//!
+//! config.rs reads the hyper-parameters, weights.rs maps the tensors, ops.rs holds RMSNorm,
+//! RoPE, softmax and SwiGLU as ggml computes them, llama.rs the forward pass, generate.rs the
+//! decode loop.
+
+pub mod config;
+pub mod generate;
+pub mod llama;
+pub mod ops;
+pub mod weights;
+
+pub use config::Config;
+pub use generate::{argmax, generate, Generation, Sampling};
+pub use llama::Llama;
+pub use weights::{LoadReport, Weight, Weights};

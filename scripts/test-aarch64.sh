@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# aarch64 checks without ARM hardware: cross-compile the Rust core for aarch64-unknown-linux-gnu
+# and run its tests under qemu-user. Emulated, not real hardware: this checks correctness (every
+# NEON kernel bit for bit against the scalar references), not speed.
+#   1. the whole core suite on `-cpu max` (has dotprod: the `sdot` kernels),
+#   2. the matmul tests on `-cpu cortex-a53` (Armv8.0, no dotprod: the `smull` kernels),
+#   3. the matmul and NEON-quantizer tests with FERROQUANT_FORCE_SCALAR=1 (the references
+#      through the dispatch),
+#   4. clippy for the target, the whole workspace (cfg-gated code, dead code there; the PyO3
+#      binding crate type-checks for aarch64 thanks to abi3, no aarch64 Python needed).
+# FERROQUANT_EXPECT_DOTPROD makes runs 1 and 2 fail unless they took the path they are meant to.
+# Needs (Debian): gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user; installed with apt
+# when missing (CI runs as root on a fresh Debian).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null
+fi
+rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1 || true
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+qemu="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+tests=(cargo test -p ferroquant-core --target aarch64-unknown-linux-gnu -q)
+
+echo "-- qemu -cpu max (dotprod): whole core suite"
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_EXPECT_DOTPROD=1 \
+  "${tests[@]}"
+echo "-- qemu -cpu cortex-a53 (no dotprod): matmul"
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a53" FERROQUANT_EXPECT_DOTPROD=0 \
+  "${tests[@]}" matmul
+echo "-- FERROQUANT_FORCE_SCALAR=1: matmul, legacy_neon"
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_FORCE_SCALAR=1 \
+  "${tests[@]}" -- matmul legacy_neon
+echo "-- clippy (aarch64)"
+cargo clippy --workspace --all-targets --target aarch64-unknown-linux-gnu -q -- -D warnings
