@@ -70,13 +70,17 @@ enum Acts<'a> {
         sums: Vec<i32>,
         /// The quants interleaved for the tile kernels (`x86::tile::interleave_q8_0`), one row
         /// after the other; empty when the tile path does not run.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xt: Vec<u8>,
     },
     Q8K {
         blocks: Vec<BlockQ8K>,
         /// Interleaved for the tile kernels (`x86::tile_k::interleave_q8_k`); empty otherwise.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xq: Vec<u8>,
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xs: Vec<i32>,
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xd: Vec<f32>,
     },
     /// q8_1 (for q4_1 / q5_1): q8_0's fields plus each block's `s` as f32.
@@ -583,11 +587,14 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
                 .iter()
                 .map(|b| b.qs.iter().map(|&q| q as i32).sum())
                 .collect();
-            let mut xt = Vec::new();
             #[cfg(target_arch = "x86_64")]
-            if tile {
-                xt = panels::interleave_q8_0_rows(&blocks, nb);
-            }
+            let xt = if tile {
+                panels::interleave_q8_0_rows(&blocks, nb)
+            } else {
+                Vec::new()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let xt = Vec::new();
             let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
             (
                 Acts::Q8_0 {
@@ -630,11 +637,14 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             } else {
                 blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
             }
-            let (mut xq, mut xs, mut xd) = (Vec::new(), Vec::new(), Vec::new());
             #[cfg(target_arch = "x86_64")]
-            if tile {
-                (xq, xs, xd) = panels::interleave_q8_k_rows(&blocks, nb);
-            }
+            let (xq, xs, xd) = if tile {
+                panels::interleave_q8_k_rows(&blocks, nb)
+            } else {
+                (Vec::new(), Vec::new(), Vec::new())
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (xq, xs, xd) = (Vec::new(), Vec::new(), Vec::new());
             let row_bytes = if tile {
                 k + k / 2 + nb * 4
             } else {
