@@ -386,6 +386,8 @@ struct Head<'a> {
     off: usize,
     npos: usize,
     scale: f32,
+    /// Read on x86-64 only (no other architecture has an AVX2 path).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx2: bool,
 }
 
