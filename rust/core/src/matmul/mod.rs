@@ -117,6 +117,9 @@ struct Plan<'a> {
     /// AVX-512 VNNI for the 32-weight integer formats.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vnni: bool,
+    /// M = 1 and K above `LONG_K`: the row kernels prefetch the weights ahead in software.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    long: bool,
 }
 
 fn use_simd() -> bool {
@@ -161,6 +164,9 @@ const ROWS: usize = 4;
 /// Weight rows of one tile panel (`x86::tile`).
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 8;
+/// At M = 1, rows longer than this many columns get a software prefetch of the weights
+/// (`x86::prefetch_ahead`): from K = 8192 (fast without) to K = 14336 (half the rate without).
+const LONG_K: usize = 8192;
 /// Bytes of activations one block of rows may take (kept in the 1 MiB L2 beside the weights).
 const ACT_BLOCK_BYTES: usize = 384 << 10;
 /// Weight bytes of one task in the tiled path (re-read from L2 for every block of rows).
@@ -304,7 +310,7 @@ impl Plan<'_> {
         if self.simd && self.vnni {
             // SAFETY: vnni is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; x,
             // xd and xs have one entry per weight block (all built from the same K).
-            unsafe { x86::dot_block32_vnni(w, x, xd, xs) }
+            unsafe { x86::dot_block32_vnni(w, x, xd, xs, self.long) }
         } else if self.simd {
             // SAFETY: simd is set only when AVX2 and F16C were detected; x and xd have one
             // entry per weight block (both built from the same K).
@@ -343,7 +349,7 @@ impl Plan<'_> {
         if self.simd && self.vnni {
             // SAFETY: vnni is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; x,
             // xd, xsum and xs have one entry per weight block (all built from the same K).
-            unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs) }
+            unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs, self.long) }
         } else if self.simd {
             // SAFETY: simd is set only when AVX2 and F16C were detected; x, xd and xs have one
             // entry per weight block.
@@ -685,6 +691,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
         simd,
         avx512: use_avx512(),
         vnni,
+        long: m == 1 && k > LONG_K,
     })
 }
 

@@ -519,7 +519,8 @@ fn bad_shapes_are_errors() {
 
 /// The tiled path (M >= 2: panels of weight rows times blocks of activation rows, split over
 /// tasks) gives every output the reference's bits, for odd M, N not a multiple of the panel, K
-/// with and without a partial group of 8 blocks, and blocks of rows split unevenly.
+/// with and without a partial group of 8 blocks, blocks of rows split unevenly, and M = 1 rows
+/// long enough for the prefetching row kernels.
 #[test]
 fn tiles_equal_reference_for_any_m_and_n() {
     let mut rng = Rng(0x7113_7113_7113_7113);
@@ -533,6 +534,9 @@ fn tiles_equal_reference_for_any_m_and_n() {
             (13, 9, 13),
             (17, 17, 67),
             (9, 130, 3),
+            // M = 1 rows past `LONG_K` (the software prefetch): K = 14336, and 8 * 33 + 3 blocks
+            (3, 448, 1),
+            (5, 267, 1),
         ] {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, halves);

@@ -195,9 +195,16 @@ pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
     x: [&[BlockQ8_0]; R],
     xd: [&[f32]; R],
     xsum: [&[i32]; R],
+    long: bool,
 ) -> [f32; R] {
     // SAFETY: the caller's contract is this function's.
-    unsafe { block32_vnni(w, x, xd, xsum, None) }
+    unsafe {
+        if long {
+            block32_vnni::<W, R, true>(w, x, xd, xsum, None)
+        } else {
+            block32_vnni::<W, R, false>(w, x, xd, xsum, None)
+        }
+    }
 }
 
 /// `reference::dot_block32_min` (q4_1 / q5_1 against q8_1) with AVX-512 VNNI: the integer sums
@@ -212,9 +219,37 @@ pub unsafe fn dot_block32_min_vnni<W: Load32, const R: usize>(
     xd: [&[f32]; R],
     xsum: [&[i32]; R],
     xs: [&[f32]; R],
+    long: bool,
 ) -> [f32; R] {
     // SAFETY: the caller's contract is this function's.
-    unsafe { block32_vnni(w, x, xd, xsum, Some(xs)) }
+    unsafe {
+        if long {
+            block32_vnni::<W, R, true>(w, x, xd, xsum, Some(xs))
+        } else {
+            block32_vnni::<W, R, false>(w, x, xd, xsum, Some(xs))
+        }
+    }
+}
+
+/// Bytes ahead of the weights being read that `prefetch_ahead` asks for.
+const PREFETCH_AHEAD: usize = 2048;
+
+/// Prefetch (into L1, `_MM_HINT_T0`) the weight bytes `PREFETCH_AHEAD` past the group `wg`.
+/// For long rows at M = 1 (`mod.rs`: K above `LONG_K`): one weight row plus the activations
+/// exceed L1, the activations are re-read from L2 every row, and the hardware prefetchers alone
+/// left q8_0 at K = 14336 streaming at half the rate of K = 4096 (measured in the commit that
+/// added this; at K = 4096 the same prefetch was a little slower, so short rows go without).
+/// A prefetch is a hint: an address past the end of `w` is never dereferenced, so
+/// `wrapping_add` keeps it sound.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn prefetch_ahead<W>(wg: &[W]) {
+    let p = (wg.as_ptr() as *const i8).wrapping_add(PREFETCH_AHEAD);
+    let mut o = 0;
+    while o < std::mem::size_of_val(wg) {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o));
+        o += 64;
+    }
 }
 
 /// The 8 f16 values `h` of a group of blocks as f32.
@@ -247,7 +282,7 @@ fn finish32<W: Block32>(
 
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn block32_vnni<W: Load32, const R: usize>(
+unsafe fn block32_vnni<W: Load32, const R: usize, const PF: bool>(
     w: &[W],
     x: [&[BlockQ8_0]; R],
     xd: [&[f32]; R],
@@ -260,6 +295,9 @@ unsafe fn block32_vnni<W: Load32, const R: usize>(
     let mut acc = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
+        if PF {
+            prefetch_ahead(wg);
+        }
         let mut wv = [_mm256_setzero_si256(); 8];
         for j in 0..LANES {
             wv[j] = unsafe { wg[j].load_unsigned() };

@@ -118,10 +118,10 @@ fn check_min32_simd<W: x86::Load32>(rng: &mut Rng, nb: usize) {
     );
     if x86::has_vnni() {
         // SAFETY: AVX-512 VNNI/VL detected; lengths as above.
-        let v = unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs) }.map(f32::to_bits);
+        let v = unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs, false) }.map(f32::to_bits);
         assert_eq!(v, want, "{} nb={nb} vnni R=4", std::any::type_name::<W>());
         // SAFETY: as above.
-        let v1 = unsafe { x86::dot_block32_min_vnni(w, [x[2]], [xd[2]], [xsum[2]], [xs[2]]) };
+        let v1 = unsafe { x86::dot_block32_min_vnni(w, [x[2]], [xd[2]], [xsum[2]], [xs[2]], true) };
         assert_eq!(
             v1[0].to_bits(),
             want[2],
