@@ -377,7 +377,13 @@ impl Plan<'_> {
         let w: &[W] = bytemuck::cast_slice(wrow);
         if self.simd {
             // SAFETY: AVX2 detected; x has one block per weight block.
-            unsafe { x86::dot_block_k(w, x) }
+            unsafe {
+                if self.long {
+                    x86::dot_block_k_prefetch(w, x)
+                } else {
+                    x86::dot_block_k(w, x)
+                }
+            }
         } else {
             std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
         }

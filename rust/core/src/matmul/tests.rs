@@ -580,7 +580,15 @@ fn k_quant_tiles_equal_reference() {
     let mut rng = Rng(0x0dd5_0dd5_0dd5_0dd5);
     for (qtype, halves) in &GGML_CASES[4..] {
         let info = qtype.info();
-        for (n, nb, m) in [(5, 9, 1), (3, 1, 2), (8, 8, 5), (13, 9, 13), (9, 17, 3)] {
+        // (3, 57, 1): M = 1, K = 14592 > `LONG_K` (the prefetching row kernel)
+        for (n, nb, m) in [
+            (5, 9, 1),
+            (3, 1, 2),
+            (8, 8, 5),
+            (13, 9, 13),
+            (9, 17, 3),
+            (3, 57, 1),
+        ] {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, halves);
             let x = rng.normalish(m * k, 2.0);

@@ -658,8 +658,34 @@ impl SumsK for BlockQ6K {
 /// AVX2 must be available; every `x[r]` has at least `w.len()` blocks.
 #[target_feature(enable = "avx2")]
 pub unsafe fn dot_block_k<W: SumsK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block_k::<W, R, false>(w, x) }
+}
+
+/// `dot_block_k` prefetching the weights ahead (`prefetch_ahead`), for long rows at M = 1.
+///
+/// # Safety
+/// As `dot_block_k`.
+#[target_feature(enable = "avx2")]
+pub unsafe fn dot_block_k_prefetch<W: SumsK, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { block_k::<W, R, true>(w, x) }
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_k<W: SumsK, const R: usize, const PF: bool>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+) -> [f32; R] {
     let mut acc = [[0.0f32; LANES]; R];
     for (b, wb) in w.iter().enumerate() {
+        if PF {
+            prefetch_ahead(std::slice::from_ref(wb));
+        }
         let q = unsafe { wb.decode() };
         let (d, dmin) = wb.d_dmin();
         for r in 0..R {
