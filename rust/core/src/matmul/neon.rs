@@ -42,7 +42,7 @@ mod k_quants;
 pub use float_acts::{dot_int8, dot_nf4};
 #[cfg(test)]
 pub use k_quants::sums_for_test;
-pub use k_quants::{dot_block_k_mull, dot_block_k_sdot, unpack_scales_k4, DecodeK, DecodedK};
+pub use k_quants::{dot_block_k_mull, dot_block_k_sdot, DecodeK, DecodedK};
 
 /// True when the NEON kernels may run (NEON present, FERROQUANT_FORCE_SCALAR unset).
 pub fn enabled() -> bool {

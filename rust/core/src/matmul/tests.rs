@@ -15,23 +15,24 @@ use crate::formats::legacy;
 
 mod formats;
 
-struct Rng(u64);
+/// xorshift64: reproducible test data (also used by `neon/tests.rs`).
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
     }
     /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
+    pub(crate) fn unit(&mut self) -> f32 {
         (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
-    fn normalish(&mut self, n: usize, scale: f32) -> Vec<f32> {
+    pub(crate) fn normalish(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n)
             .map(|_| (self.unit() + self.unit() + self.unit()) * scale)
             .collect()
@@ -39,7 +40,7 @@ impl Rng {
 }
 
 /// Random blocks of `size` bytes with a sane f16 at each of `half_at` (the scales).
-fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
+pub(crate) fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
     let mut v = rng.bytes(nb * size);
     for b in 0..nb {
         for &o in half_at {
@@ -419,13 +420,13 @@ impl<W: x86::SumsK> SumsForTest for W {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
+/// The word-wide unpacking the x86 and NEON kernels share, on every architecture.
 #[test]
 fn unpacked_k4_scales_equal_get_scale_min_k4() {
     let mut rng = Rng(0x1357_9bdf_2468_ace0);
     for _ in 0..2000 {
         let q: [u8; 12] = rng.bytes(12).try_into().unwrap();
-        let (sc, m) = x86::unpack_scales_k4(&q);
+        let (sc, m) = r::unpack_scales_k4(&q);
         for j in 0..8 {
             assert_eq!(
                 (sc[j] as i32, m[j] as i32),

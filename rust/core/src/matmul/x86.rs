@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES};
+use super::reference::{self as r, unpack_scales_k4, Block32, BlockK, BlockQ8K, LANES};
 use crate::formats::blocks::*;
 
 #[inline(always)]
@@ -446,29 +446,6 @@ unsafe fn load256(p: &[u8]) -> __m256i {
 unsafe fn load256_i8(p: &[i8]) -> __m256i {
     debug_assert!(p.len() >= 32);
     _mm256_loadu_si256(p.as_ptr() as *const __m256i)
-}
-
-/// The 8 scales and 8 mins of a q4_K/q5_K block (the bit shuffling of ggml's AVX2 kernels, equal
-/// to `reference::scale_min_k4` for every j; tested).
-#[inline(always)]
-pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
-    const KMASK1: u32 = 0x3f3f_3f3f;
-    const KMASK2: u32 = 0x0f0f_0f0f;
-    const KMASK3: u32 = 0x0303_0303;
-    let u = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
-    let (u0, u1, u2) = (u(0), u(1), u(2));
-    let sc = [u0 & KMASK1, (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)];
-    let m = [
-        u1 & KMASK1,
-        ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
-    ];
-    let bytes = |w: [u32; 2]| {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&w[0].to_le_bytes());
-        b[4..].copy_from_slice(&w[1].to_le_bytes());
-        b
-    };
-    (bytes(sc), bytes(m))
 }
 
 /// Scale broadcasts and the duplicated mins of a q4_K/q5_K block.

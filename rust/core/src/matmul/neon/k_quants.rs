@@ -8,7 +8,7 @@ use std::arch::aarch64::*;
 use super::has_dotprod;
 use super::{load_i8, load_u8, IDot, Mull, Sdot};
 use crate::formats::blocks::*;
-use crate::matmul::reference::{self as r, BlockK, BlockQ8K, LANES};
+use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 
 /// A K-quant super-block decoded once for several activation rows: the 256 weights as 16
 /// registers of signed bytes in element order (q6_K: already minus 32), the scales (`per32`:
@@ -43,29 +43,6 @@ fn scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([i32; 16], [int32x4_t; 2]) {
         ]
     };
     (scale, mins)
-}
-
-/// The 8 scales and 8 mins of a q4_K/q5_K block with ggml's word-wide bit shuffling (the same
-/// values as `reference::scale_min_k4` for every j; tested).
-#[inline(always)]
-pub fn unpack_scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([u8; 8], [u8; 8]) {
-    const KMASK1: u32 = 0x3f3f_3f3f;
-    const KMASK2: u32 = 0x0f0f_0f0f;
-    const KMASK3: u32 = 0x0303_0303;
-    let u = |i: usize| u32::from_le_bytes([q[4 * i], q[4 * i + 1], q[4 * i + 2], q[4 * i + 3]]);
-    let (u0, u1, u2) = (u(0), u(1), u(2));
-    let sc = [u0 & KMASK1, (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)];
-    let m = [
-        u1 & KMASK1,
-        ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4),
-    ];
-    let bytes = |w: [u32; 2]| {
-        let mut b = [0u8; 8];
-        b[..4].copy_from_slice(&w[0].to_le_bytes());
-        b[4..].copy_from_slice(&w[1].to_le_bytes());
-        b
-    };
-    (bytes(sc), bytes(m))
 }
 
 /// The 4-bit quants of q4_K/q5_K in element order: chunk j of 64 takes the low nibbles of

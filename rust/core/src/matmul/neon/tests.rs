@@ -9,42 +9,8 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::super::reference::{self as r, BlockQ8K};
+use super::super::tests::{blocks, Rng};
 use super::*;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    /// Uniform in [-1, 1).
-    fn unit(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    fn normalish(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| (self.unit() + self.unit() + self.unit()) * scale)
-            .collect()
-    }
-}
-
-/// Random blocks of `size` bytes with a finite f16 at each of `half_at` (the scales).
-fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
-    let mut v = rng.bytes(nb * size);
-    for b in 0..nb {
-        for &o in half_at {
-            let h = f16_from_f32(rng.unit() * 0.01);
-            v[b * size + o..b * size + o + 2].copy_from_slice(&h);
-        }
-    }
-    v
-}
 
 const NBS: [usize; 12] = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 33];
 /// Activation scales: ordinary, large, tiny (products in the subnormal range), and a zero row.
@@ -175,22 +141,6 @@ fn block32_loads_equal_the_reference_unpacking() {
         assert_eq!(as_array(b4.load()), r::unpack_q4_0(&b4));
         let bi: BlockIQ4NL = bytemuck::pod_read_unaligned(&rng.bytes(18));
         assert_eq!(as_array(bi.load()), r::unpack_iq4_nl(&bi));
-    }
-}
-
-#[test]
-fn unpacked_k4_scales_equal_get_scale_min_k4() {
-    let mut rng = Rng(0x1357_9bdf_2468_ace0);
-    for _ in 0..2000 {
-        let q: [u8; 12] = rng.bytes(12).try_into().unwrap();
-        let (sc, m) = unpack_scales_k4(&q);
-        for j in 0..8 {
-            assert_eq!(
-                (sc[j] as i32, m[j] as i32),
-                r::scale_min_k4(j, &q),
-                "{q:?} j={j}"
-            );
-        }
     }
 }
 

@@ -14,8 +14,9 @@
 use std::arch::x86_64::*;
 
 use super::tile::transpose8;
-use super::{lanes_of, unpack_scales_k4, SumsK};
+use super::{lanes_of, SumsK};
 use crate::formats::blocks::*;
+use crate::matmul::reference::unpack_scales_k4;
 use crate::matmul::reference::{self as r, BlockQ8K, LANES};
 
 /// Interleaved activation bytes of one group of 8 super-blocks.
