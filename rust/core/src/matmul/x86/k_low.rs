@@ -3,7 +3,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{load256, sums_k, DecodedK, SumsK};
+use super::row_k::{load256, sums_k};
+use super::{DecodedK, SumsK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
 
