@@ -369,6 +369,10 @@ impl Plan<'_> {
         xs: [&[f32]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block32_min(w, x, xd, xs);
+        }
         std::array::from_fn(|r| reference::dot_block32_min(w, x[r], xd[r], xs[r]))
     }
 

@@ -95,6 +95,43 @@ pub fn dot_block32<W: Block32, const R: usize>(
     std::array::from_fn(|i| r::dot_block32(w, x[i], xd[i]))
 }
 
+/// `reference::dot_block32_min` (q4_1 / q5_1 weights, q8_1 activations) for R rows: NEON for
+/// q4_1 and q5_1, the reference for any other `W`. Callers check `enabled`.
+pub fn dot_block32_min<W: Block32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xs: [&[f32]; R],
+) -> [f32; R] {
+    fn run<V: Load32, const R: usize>(
+        w: &[V],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
+        #[cfg(test)]
+        DISPATCHED.with(|c| c.set(c.get() + 1));
+        // SAFETY: NEON (module comment); dotprod checked for the `sdot` kernel.
+        unsafe {
+            if has_dotprod() {
+                dot_block32_min_sdot(w, x, xd, xs)
+            } else {
+                dot_block32_min_mull(w, x, xd, xs)
+            }
+        }
+    }
+    macro_rules! neon_for {
+        ($($t:ty),*) => {$(
+            if TypeId::of::<W>() == TypeId::of::<$t>() {
+                // W is $t: the cast is the identity.
+                return run::<$t, R>(bytemuck::cast_slice(w), x, xd, xs);
+            }
+        )*};
+    }
+    neon_for!(BlockQ4_1, BlockQ5_1);
+    std::array::from_fn(|i| r::dot_block32_min(w, x[i], xd[i], xs[i]))
+}
+
 /// `reference::dot_block_k` for R activation rows: NEON for the formats with a `DecodeK` below,
 /// the reference for any other `W`. Callers check `enabled`.
 pub fn dot_block_k<W: BlockK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
@@ -301,17 +338,43 @@ impl Load32 for BlockQ5_0 {
     /// Bit e of the little-endian `qh` is bit 4 of element e (`reference::unpack_q5_0`).
     #[inline(always)]
     fn load(&self) -> [int8x16_t; 2] {
-        let (bit, n) = (load_u8(&QH_BIT), nibbles_ggml(&self.qs));
-        let idx = [load_u8(&QH_BYTE[0]), load_u8(&QH_BYTE[1])];
         // SAFETY: NEON (module comment).
-        unsafe {
-            let qh = vreinterpretq_u8_u32(vdupq_n_u32(u32::from_le_bytes(self.qh)));
-            std::array::from_fn(|h| {
-                let bytes = vqtbl1q_u8(qh, idx[h]);
-                let b4 = vandq_u8(vtstq_u8(bytes, bit), vdupq_n_u8(0x10));
-                vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(n[h], b4)), vdupq_n_s8(16))
-            })
-        }
+        levels5(&self.qs, self.qh)
+            .map(|v| unsafe { vsubq_s8(vreinterpretq_s8_u8(v), vdupq_n_s8(16)) })
+    }
+}
+
+impl Load32 for BlockQ4_1 {
+    /// The unsigned nibbles 0..15 (`reference::unpack_q4_1`): valid as signed bytes.
+    #[inline(always)]
+    fn load(&self) -> [int8x16_t; 2] {
+        // SAFETY: NEON (module comment).
+        nibbles_ggml(&self.qs).map(|n| unsafe { vreinterpretq_s8_u8(n) })
+    }
+}
+
+/// The five-bit levels 0..31 of a q5_0 / q5_1 block: the nibbles plus bit e of the
+/// little-endian `qh` as bit 4 of element e.
+#[inline(always)]
+fn levels5(qs: &[u8; 16], qh: [u8; 4]) -> [uint8x16_t; 2] {
+    let (bit, n) = (load_u8(&QH_BIT), nibbles_ggml(qs));
+    let idx = [load_u8(&QH_BYTE[0]), load_u8(&QH_BYTE[1])];
+    // SAFETY: NEON (module comment).
+    unsafe {
+        let qh = vreinterpretq_u8_u32(vdupq_n_u32(u32::from_le_bytes(qh)));
+        std::array::from_fn(|h| {
+            let bytes = vqtbl1q_u8(qh, idx[h]);
+            vorrq_u8(n[h], vandq_u8(vtstq_u8(bytes, bit), vdupq_n_u8(0x10)))
+        })
+    }
+}
+
+impl Load32 for BlockQ5_1 {
+    /// The unsigned levels 0..31 (`reference::unpack_q5_1`).
+    #[inline(always)]
+    fn load(&self) -> [int8x16_t; 2] {
+        // SAFETY: NEON (module comment).
+        levels5(&self.qs, self.qh).map(|v| unsafe { vreinterpretq_s8_u8(v) })
     }
 }
 
@@ -337,6 +400,7 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
     w: &[W],
     x: [&[BlockQ8_0]; R],
     xd: [&[f32]; R],
+    xs: Option<[&[f32]; R]>,
 ) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
@@ -349,11 +413,16 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
         // the entry point's `dotprod`)
         let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; LANES];
         let mut dh = [0u16; LANES];
+        let mut mh = [0u16; LANES];
         for j in 0..LANES {
             wv[j] = wg[j].load();
             dh[j] = u16::from_le_bytes(wg[j].d());
+            if W::HAS_MIN {
+                mh[j] = u16::from_le_bytes(wg[j].m());
+            }
         }
         let dw = f16x8_to_f32(&dh);
+        let mw = f16x8_to_f32(&mh);
         for r in 0..R {
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [zero; LANES];
@@ -372,7 +441,12 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
                     vpaddq_s32(vpaddq_s32(s[4], s[5]), vpaddq_s32(s[6], s[7])),
                 ];
                 for h in 0..2 {
-                    let p = vmulq_f32(vmulq_f32(dw[h], dx[h]), vcvtq_f32_s32(isum[h]));
+                    let mut p = vmulq_f32(vmulq_f32(dw[h], dx[h]), vcvtq_f32_s32(isum[h]));
+                    if let Some(xs) = xs {
+                        // the q8_1 min term: `block32_min_product`'s `+ m_w * s_x`
+                        let sx = load_f32(&xs[r][g * LANES + 4 * h..]);
+                        p = vaddq_f32(p, vmulq_f32(mw[h], sx));
+                    }
                     acc[r][h] = vaddq_f32(acc[r][h], p);
                 }
             }
@@ -382,7 +456,10 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
     for r in 0..R {
         let mut lanes = lanes_of(&acc[r]);
         for b in groups * LANES..nb {
-            lanes[b % LANES] += r::block32_product(&w[b], &x[r][b], xd[r][b]);
+            lanes[b % LANES] += match xs {
+                Some(xs) => r::block32_min_product(&w[b], &x[r][b], xd[r][b], xs[r][b]),
+                None => r::block32_product(&w[b], &x[r][b], xd[r][b]),
+            };
         }
         out[r] = r::hsum8(&lanes);
     }
@@ -401,7 +478,7 @@ pub unsafe fn dot_block32_sdot<W: Load32, const R: usize>(
     xd: [&[f32]; R],
 ) -> [f32; R] {
     // SAFETY: dotprod available (contract).
-    unsafe { block32::<W, Sdot, R>(w, x, xd) }
+    unsafe { block32::<W, Sdot, R>(w, x, xd, None) }
 }
 
 /// `reference::dot_block32` with `smull` (Armv8.0).
@@ -415,7 +492,38 @@ pub unsafe fn dot_block32_mull<W: Load32, const R: usize>(
     xd: [&[f32]; R],
 ) -> [f32; R] {
     // SAFETY: NEON available (contract).
-    unsafe { block32::<W, Mull, R>(w, x, xd) }
+    unsafe { block32::<W, Mull, R>(w, x, xd, None) }
+}
+
+/// `reference::dot_block32_min` (q4_1 / q5_1 against q8_1) with `sdot`: the integer sums of
+/// `dot_block32_sdot`, then `(dw * dx) * isum + mw * sx` lane-wise.
+///
+/// # Safety
+/// As `dot_block32_sdot`; every `xs[r]` also has at least `w.len()` entries.
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn dot_block32_min_sdot<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xs: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: dotprod available (contract).
+    unsafe { block32::<W, Sdot, R>(w, x, xd, Some(xs)) }
+}
+
+/// `reference::dot_block32_min` with `smull` (Armv8.0).
+///
+/// # Safety
+/// As `dot_block32_mull`; every `xs[r]` also has at least `w.len()` entries.
+#[target_feature(enable = "neon")]
+pub unsafe fn dot_block32_min_mull<W: Load32, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8_0]; R],
+    xd: [&[f32]; R],
+    xs: [&[f32]; R],
+) -> [f32; R] {
+    // SAFETY: NEON available (contract).
+    unsafe { block32::<W, Mull, R>(w, x, xd, Some(xs)) }
 }
 
 #[cfg(test)]

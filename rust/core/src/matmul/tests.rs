@@ -13,7 +13,7 @@ use super::reference::{self as r, BlockQ8K};
 use super::*;
 use crate::formats::legacy;
 
-mod formats;
+pub(crate) mod formats;
 
 /// xorshift64: reproducible test data (also used by `neon/tests.rs`).
 pub(crate) struct Rng(pub(crate) u64);

@@ -9,6 +9,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::super::reference::{self as r, BlockQ8K};
+use super::super::tests::formats::q8_1_row;
 use super::super::tests::{blocks, Rng};
 use super::*;
 
@@ -66,6 +67,50 @@ fn check_block32<W: Load32>(data: &[u8], xs: &[Vec<BlockQ8_0>; 4], what: &str) {
         };
         assert_eq!(bits(four), bits(want), "{what} R=4 sdot={dp}");
         assert_eq!(bits(ones), bits(want), "{what} R=1 sdot={dp}");
+    }
+}
+
+/// q4_1 / q5_1 against q8_1 activations (`dot_block32_min`), both integer kinds, R = 4 and 1.
+fn check_block32_min<W: Load32>(rng: &mut Rng, nb: usize) {
+    let data = blocks(rng, nb, std::mem::size_of::<W>(), &[0, 2]);
+    let w: &[W] = bytemuck::cast_slice(&data);
+    let rows: Vec<_> = (0..4)
+        .map(|i| q8_1_row(&rng.normalish(nb * 32, SCALES[i])))
+        .collect();
+    let x: [&[BlockQ8_0]; 4] = std::array::from_fn(|i| &rows[i].0[..]);
+    let xd: [&[f32]; 4] = std::array::from_fn(|i| &rows[i].1[..]);
+    let xs: [&[f32]; 4] = std::array::from_fn(|i| &rows[i].3[..]);
+    let want: [f32; 4] = std::array::from_fn(|i| r::dot_block32_min(w, x[i], xd[i], xs[i]));
+    for dp in dotprod_kinds() {
+        // SAFETY: NEON is part of every aarch64 std target, dotprod only when detected; one
+        // activation block, scale and sum per weight block.
+        let (four, ones) = unsafe {
+            let one = |i: usize| {
+                if dp {
+                    dot_block32_min_sdot(w, [x[i]], [xd[i]], [xs[i]])[0]
+                } else {
+                    dot_block32_min_mull(w, [x[i]], [xd[i]], [xs[i]])[0]
+                }
+            };
+            let ones: [f32; 4] = std::array::from_fn(one);
+            if dp {
+                (dot_block32_min_sdot(w, x, xd, xs), ones)
+            } else {
+                (dot_block32_min_mull(w, x, xd, xs), ones)
+            }
+        };
+        let what = std::any::type_name::<W>();
+        assert_eq!(bits(four), bits(want), "{what} nb={nb} R=4 sdot={dp}");
+        assert_eq!(bits(ones), bits(want), "{what} nb={nb} R=1 sdot={dp}");
+    }
+}
+
+#[test]
+fn block32_min_kernels_equal_the_reference() {
+    let mut rng = Rng(0x51de_0001_2345_6789);
+    for nb in NBS {
+        check_block32_min::<BlockQ4_1>(&mut rng, nb);
+        check_block32_min::<BlockQ5_1>(&mut rng, nb);
     }
 }
 
@@ -137,6 +182,10 @@ fn block32_loads_equal_the_reference_unpacking() {
     for _ in 0..500 {
         let b5: BlockQ5_0 = bytemuck::pod_read_unaligned(&rng.bytes(22));
         assert_eq!(as_array(b5.load()), r::unpack_q5_0(&b5));
+        let b51: BlockQ5_1 = bytemuck::pod_read_unaligned(&rng.bytes(24));
+        assert_eq!(as_array(b51.load()), r::unpack_q5_1(&b51));
+        let b41: BlockQ4_1 = bytemuck::pod_read_unaligned(&rng.bytes(20));
+        assert_eq!(as_array(b41.load()), r::unpack_q4_1(&b41));
         let b4: BlockQ4_0 = bytemuck::pod_read_unaligned(&rng.bytes(18));
         assert_eq!(as_array(b4.load()), r::unpack_q4_0(&b4));
         let bi: BlockIQ4NL = bytemuck::pod_read_unaligned(&rng.bytes(18));
@@ -364,6 +413,10 @@ fn dispatch_takes_neon_where_it_exists_and_the_reference_otherwise() {
     dot_block_k::<BlockQ5K, 1>(bytemuck::cast_slice(&bk[..3 * 176]), k1);
     dot_block_k::<BlockQ6K, 1>(bytemuck::cast_slice(&bk), k1);
     assert_eq!(calls(), n + 8);
+    let s1: [&[f32]; 1] = [d4[0]];
+    dot_block32_min::<BlockQ4_1, 1>(bytemuck::cast_slice(&b32[..nb * 20]), x1, d1, s1);
+    dot_block32_min::<BlockQ5_1, 1>(bytemuck::cast_slice(&b32[..nb * 24]), x1, d1, s1);
+    assert_eq!(calls(), n + 10, "q4_1 and q5_1 must take the NEON kernel");
 }
 
 /// `qmatmul` itself (the dispatch in `mod.rs`) against the references called directly, for every
@@ -374,8 +427,10 @@ fn qmatmul_on_aarch64_equals_the_references() {
     use crate::quantize::QuantizedView;
     let mut rng = Rng(0x2468_ace0_1357_9bdf);
     let (n, nb) = (3usize, 9usize);
-    let cases: [(QType, &[usize]); 7] = [
+    let cases: [(QType, &[usize]); 9] = [
         (QType::Q4_0, &[0]),
+        (QType::Q4_1, &[0, 2]),
+        (QType::Q5_1, &[0, 2]),
         (QType::Q5_0, &[0]),
         (QType::Q8_0, &[0]),
         (QType::IQ4NL, &[0]),
@@ -426,8 +481,14 @@ fn reference_dot(qtype: crate::qtype::QType, w: &[u8], x: &[f32]) -> f32 {
         r::quantize_row_q8_k(x, &mut q);
         r::dot_block_k::<W>(bytemuck::cast_slice(w), &q)
     }
+    fn min32<W: Pod + r::Block32>(w: &[u8], x: &[f32]) -> f32 {
+        let (q, d, _, s) = q8_1_row(x);
+        r::dot_block32_min::<W>(bytemuck::cast_slice(w), &q, &d, &s)
+    }
     match qtype {
         QType::Q4_0 => b32::<BlockQ4_0>(w, x),
+        QType::Q4_1 => min32::<BlockQ4_1>(w, x),
+        QType::Q5_1 => min32::<BlockQ5_1>(w, x),
         QType::Q5_0 => b32::<BlockQ5_0>(w, x),
         QType::Q8_0 => b32::<BlockQ8_0>(w, x),
         QType::IQ4NL => b32::<BlockIQ4NL>(w, x),

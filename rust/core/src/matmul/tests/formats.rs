@@ -20,8 +20,9 @@ use crate::formats::ggml_dequantize_row;
 /// The new 32-weight formats and the offsets of their f16 fields (d, m).
 const MIN32: [QType; 2] = [QType::Q4_1, QType::Q5_1];
 
-#[cfg(target_arch = "x86_64")]
-fn q8_1_row(x: &[f32]) -> (Vec<BlockQ8_0>, Vec<f32>, Vec<i32>, Vec<f32>) {
+/// A row quantized to q8_1, as the kernels take it: (q8_0 blocks, d, Σq, s) per block.
+#[allow(dead_code)] // used on x86-64 and by the NEON tests
+pub(crate) fn q8_1_row(x: &[f32]) -> (Vec<BlockQ8_0>, Vec<f32>, Vec<i32>, Vec<f32>) {
     let mut q = vec![BlockQ8_1::zeroed(); x.len() / 32];
     r::quantize_row_q8_1(x, &mut q);
     let b = q.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
