@@ -155,7 +155,7 @@ pub fn dot_block_k<W: BlockK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [
             }
         )*};
     }
-    neon_for!(BlockQ4K, BlockQ5K, BlockQ6K);
+    neon_for!(BlockQ4K, BlockQ5K, BlockQ6K, BlockQ2K, BlockQ3K, BlockIQ4XS);
     std::array::from_fn(|i| r::dot_block_k(w, x[i]))
 }
 

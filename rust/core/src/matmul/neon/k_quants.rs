@@ -6,19 +6,21 @@ use std::arch::aarch64::*;
 
 #[cfg(test)]
 use super::has_dotprod;
-use super::{load_i8, load_u8, IDot, Mull, Sdot};
+pub(super) use super::{load_i8, load_u8};
+use super::{IDot, Mull, Sdot};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 
 /// A K-quant super-block decoded once for several activation rows: the 256 weights as 16
 /// registers of signed bytes in element order (q6_K: already minus 32), the scales (`per32`:
-/// one per sub-block of 32 in `scale[..8]` (q4_K, q5_K); otherwise one per group of 16 (q6_K)),
-/// and the 8 sub-block mins as i32 (zero for q6_K, which has none).
+/// one per sub-block of 32 in `scale[..8]` (q4_K, q5_K, iq4_xs); otherwise one per group of 16
+/// (q6_K, q2_K, q3_K)), and the min multiplier of each of the 16 `bsums` as i32 (a sub-block
+/// min of q4_K/q5_K twice; zero for the formats without mins).
 pub struct DecodedK {
-    q: [int8x16_t; 16],
-    scale: [i32; 16],
-    per32: bool,
-    mins: [int32x4_t; 2],
+    pub(super) q: [int8x16_t; 16],
+    pub(super) scale: [i32; 16],
+    pub(super) per32: bool,
+    pub(super) mins: [int32x4_t; 4],
 }
 
 /// Integer sums of K-quant blocks in NEON (the float part is the reference's scalar code).
@@ -26,9 +28,30 @@ pub trait DecodeK: BlockK {
     fn decode(&self) -> DecodedK;
 }
 
-/// The 8 scales of a q4_K/q5_K block (in `scale[..8]`) and its 8 mins as i32.
+mod k_low;
+
+/// 16 unsigned byte multipliers (one per bsum) widened to i32.
 #[inline(always)]
-fn scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([i32; 16], [int32x4_t; 2]) {
+pub(super) fn widen_u8x16(m: uint8x16_t) -> [int32x4_t; 4] {
+    // SAFETY: NEON (module comment).
+    unsafe {
+        let (lo, hi) = (vmovl_u8(vget_low_u8(m)), vmovl_high_u8(m));
+        [lo, hi].map(|h| {
+            [
+                vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(h))),
+                vreinterpretq_s32_u32(vmovl_high_u16(h)),
+            ]
+        })
+    }
+    .as_flattened()
+    .try_into()
+    .expect("four vectors")
+}
+
+/// The 8 scales of a q4_K/q5_K block (in `scale[..8]`) and its mins per bsum (sub-block s's
+/// min for bsums 2s and 2s + 1) as i32.
+#[inline(always)]
+fn scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([i32; 16], [int32x4_t; 4]) {
     let (sc, m) = unpack_scales_k4(q);
     let mut scale = [0i32; 16];
     for s in 0..8 {
@@ -36,11 +59,8 @@ fn scales_k4(q: &[u8; K_SCALE_SIZE]) -> ([i32; 16], [int32x4_t; 2]) {
     }
     // SAFETY: NEON (module comment); 8 bytes in bounds of `m`.
     let mins = unsafe {
-        let m16 = vmovl_u8(vld1_u8(m.as_ptr()));
-        [
-            vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(m16))),
-            vreinterpretq_s32_u32(vmovl_high_u16(m16)),
-        ]
+        let m8 = vld1_u8(m.as_ptr());
+        widen_u8x16(vcombine_u8(vzip1_u8(m8, m8), vzip2_u8(m8, m8)))
     };
     (scale, mins)
 }
@@ -149,14 +169,14 @@ impl BlockQ6K {
             q,
             scale: self.scales.map(|s| s as i32),
             per32: false,
-            mins: [vdupq_n_s32(0); 2],
+            mins: [vdupq_n_s32(0); 4],
         }
     }
 }
 
-/// (Σ_g scale_g Σ_{e in g} q_e x_e, Σ_s min_s (bsum_2s + bsum_2s+1)): exact integers (the first
-/// at most 256 · 64 · 128 · 128 < 2^31 in magnitude, the second 16 · 63 · 2^15), the reference's
-/// `BlockK::sums`.
+/// (Σ_g scale_g Σ_{e in g} q_e x_e, Σ_g min_g bsum_g): exact integers (the first at most
+/// 256 · 64 · 128 · 128 < 2^31 in magnitude, the second 16 · 63 · 2^15), the reference's
+/// `BlockK::sums` before any format's correction (`DecodeK::correct`).
 ///
 /// # Safety
 /// As for `block32`.
@@ -184,12 +204,11 @@ unsafe fn sums_k<D: IDot>(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
             vld1q_s16(x.bsums.as_ptr()),
             vld1q_s16(x.bsums[8..].as_ptr()),
         );
-        // the 8 sub-block sums, widened to i32 before the pairs are added, times the mins
-        let m = vmlaq_s32(
-            vmulq_s32(vpaddlq_s16(b0), d.mins[0]),
-            vpaddlq_s16(b1),
-            d.mins[1],
-        );
+        // the 16 bsums widened to i32, times their min multipliers
+        let mut m = vmulq_s32(vmovl_s16(vget_low_s16(b0)), d.mins[0]);
+        m = vmlaq_s32(m, vmovl_high_s16(b0), d.mins[1]);
+        m = vmlaq_s32(m, vmovl_s16(vget_low_s16(b1)), d.mins[2]);
+        m = vmlaq_s32(m, vmovl_high_s16(b1), d.mins[3]);
         (vaddvq_s32(acc), vaddvq_s32(m))
     }
 }

@@ -270,6 +270,11 @@ fn k_quant_kernels_equal_the_reference() {
             check_block_k::<BlockQ4K>(&blocks(&mut rng, nb, 144, &[0, 2]), &xs, &tag("q4_k"));
             check_block_k::<BlockQ5K>(&blocks(&mut rng, nb, 176, &[0, 2]), &xs, &tag("q5_k"));
             check_block_k::<BlockQ6K>(&blocks(&mut rng, nb, 210, &[208]), &xs, &tag("q6_k"));
+            let q2 = blocks(&mut rng, nb, 84, &[80, 82]);
+            check_block_k::<BlockQ2K>(&q2, &xs, &tag("q2_k"));
+            check_block_k::<BlockQ3K>(&blocks(&mut rng, nb, 110, &[108]), &xs, &tag("q3_k"));
+            let iq = blocks(&mut rng, nb, 136, &[0]);
+            check_block_k::<BlockIQ4XS>(&iq, &xs, &tag("iq4_xs"));
         }
     }
 }
@@ -417,6 +422,15 @@ fn dispatch_takes_neon_where_it_exists_and_the_reference_otherwise() {
     dot_block32_min::<BlockQ4_1, 1>(bytemuck::cast_slice(&b32[..nb * 20]), x1, d1, s1);
     dot_block32_min::<BlockQ5_1, 1>(bytemuck::cast_slice(&b32[..nb * 24]), x1, d1, s1);
     assert_eq!(calls(), n + 10, "q4_1 and q5_1 must take the NEON kernel");
+    let bl = blocks(&mut rng, 3, 136, &[0]);
+    dot_block_k::<BlockQ2K, 1>(bytemuck::cast_slice(&bk[..3 * 84]), k1);
+    dot_block_k::<BlockQ3K, 1>(bytemuck::cast_slice(&bk[..3 * 110]), k1);
+    dot_block_k::<BlockIQ4XS, 1>(bytemuck::cast_slice(&bl), k1);
+    assert_eq!(
+        calls(),
+        n + 13,
+        "q2_k, q3_k and iq4_xs must take the NEON kernel"
+    );
 }
 
 /// `qmatmul` itself (the dispatch in `mod.rs`) against the references called directly, for every
@@ -427,7 +441,10 @@ fn qmatmul_on_aarch64_equals_the_references() {
     use crate::quantize::QuantizedView;
     let mut rng = Rng(0x2468_ace0_1357_9bdf);
     let (n, nb) = (3usize, 9usize);
-    let cases: [(QType, &[usize]); 9] = [
+    let cases: [(QType, &[usize]); 12] = [
+        (QType::Q2K, &[80, 82]),
+        (QType::Q3K, &[108]),
+        (QType::IQ4XS, &[0]),
         (QType::Q4_0, &[0]),
         (QType::Q4_1, &[0, 2]),
         (QType::Q5_1, &[0, 2]),
@@ -493,6 +510,9 @@ fn reference_dot(qtype: crate::qtype::QType, w: &[u8], x: &[f32]) -> f32 {
         QType::Q8_0 => b32::<BlockQ8_0>(w, x),
         QType::IQ4NL => b32::<BlockIQ4NL>(w, x),
         QType::Q4K => bk::<BlockQ4K>(w, x),
+        QType::Q2K => bk::<BlockQ2K>(w, x),
+        QType::Q3K => bk::<BlockQ3K>(w, x),
+        QType::IQ4XS => bk::<BlockIQ4XS>(w, x),
         QType::Q5K => bk::<BlockQ5K>(w, x),
         _ => bk::<BlockQ6K>(w, x),
     }
