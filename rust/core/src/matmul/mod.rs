@@ -91,9 +91,38 @@ enum Acts<'a> {
         s: Vec<f32>,
     },
     F32(&'a [f32]),
-    /// nf4 with AVX-512: x with the even and odd elements of every 32 apart (16 + 16).
+    /// x as the AVX-512 kernels read it, 64-byte aligned (`x86::permute_nf4_x`,
+    /// `x86::scale_e4m3_x`, `x86::align_x`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    F32Split(Vec<f32>),
+    F32Prepared(AlignedX),
+}
+
+/// Activations copied to a 64-byte aligned buffer (for the AVX-512 kernels: a 64-byte load
+/// that crosses a cache line costs Zen 4 about 1.6 load slots, which alone made the nf4 kernel
+/// 1.5x slower).
+pub struct AlignedX {
+    buf: Vec<f32>,
+    off: usize,
+    len: usize,
+}
+
+impl AlignedX {
+    /// `f(i)` for i in 0..len, 64-byte aligned.
+    pub fn from_fn(len: usize, f: impl Fn(usize) -> f32) -> Self {
+        let mut buf = vec![0.0f32; len + 16];
+        let off = buf.as_ptr().align_offset(64).min(16);
+        for (i, v) in buf[off..off + len].iter_mut().enumerate() {
+            *v = f(i);
+        }
+        Self { buf, off, len }
+    }
+}
+
+impl std::ops::Deref for AlignedX {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
 }
 
 /// Everything one dot product needs, checked once.
@@ -111,7 +140,7 @@ struct Plan<'a> {
     stats_per_row: usize,
     block_len: usize,
     simd: bool,
-    /// AVX-512F for the nf4 decode.
+    /// nf4 / int8 / fp8: the AVX-512 kernels run (`x86::has_avx512`; x prepared for them).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
     /// AVX-512 VNNI for the 32-weight integer formats.
@@ -148,13 +177,22 @@ fn use_vnni() -> bool {
     }
 }
 
-fn use_avx512() -> bool {
+/// The AVX-512 kernel of an f32-activation format runs for these activations (K >= 64 for the
+/// one-byte formats, every `256 x` finite for e4m3: `x86::e4m3_x_fits`).
+fn use_avx512(qtype: QType, simd: bool, k: usize, x: &[f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        x86::has_avx512f()
+        simd && x86::has_avx512()
+            && match qtype {
+                QType::NF4 => true,
+                QType::Int8 | QType::Fp8E5M2 => k >= reference::WIDE,
+                QType::Fp8E4M3 => k >= reference::WIDE && x86::e4m3_x_fits(x),
+                _ => false,
+            }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = (qtype, simd, k, x);
         false
     }
 }
@@ -280,10 +318,10 @@ impl Plan<'_> {
                     _ => self.dot_k::<BlockIQ4XS, R>(wrow, x),
                 }
             }
-            Acts::F32(_) | Acts::F32Split(_) => {
+            Acts::F32(_) | Acts::F32Prepared(_) => {
                 let xs: &[f32] = match &self.acts {
                     Acts::F32(xs) => xs,
-                    Acts::F32Split(xs) => xs,
+                    Acts::F32Prepared(xs) => xs,
                     _ => unreachable!(),
                 };
                 let x = rows.map(|mi| &xs[mi * k..(mi + 1) * k]);
@@ -413,12 +451,25 @@ impl Plan<'_> {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if self.simd {
-            // SAFETY: AVX2 and F16C (and AVX-512F where used) detected; lengths checked by
-            // `plan` (K/2 or K bytes, one stat per block, nf4 blocks a multiple of 32).
+        if self.avx512 {
+            // SAFETY: avx512 is set only when `x86::has_avx512` holds, K >= 64 for the one-byte
+            // formats, and x is prepared as each kernel reads it (`plan`); lengths checked by
+            // `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32).
             return unsafe {
                 match qtype {
-                    QType::NF4 if self.avx512 => x86::dot_nf4_avx512(wrow, stats, bl, x),
+                    QType::NF4 => x86::dot_nf4_avx512(wrow, stats, bl, x),
+                    QType::Fp8E4M3 => x86::dot_bytes_avx512::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
+                    QType::Fp8E5M2 => x86::dot_bytes_avx512::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
+                    _ => x86::dot_bytes_avx512::<x86::Int8, R>(wrow, stats, bl, x),
+                }
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.simd && x86::has_fma() {
+            // SAFETY: AVX2, F16C and FMA detected; lengths checked by `plan` (K/2 or K bytes,
+            // one stat per block, nf4 blocks a multiple of 32).
+            return unsafe {
+                match qtype {
                     QType::NF4 => x86::dot_nf4(wrow, stats, bl, x),
                     QType::Fp8E4M3 => x86::dot_fp8::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
                     QType::Fp8E5M2 => x86::dot_fp8::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
@@ -563,6 +614,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
     }
     let simd = use_simd();
     let vnni = simd && use_vnni();
+    let f32_avx512 = use_avx512(w.qtype, simd, k, x);
     // Quantizing the activations is worth the pool only for many rows.
     let par = m >= 4 && m.saturating_mul(k) >= 1 << 17;
     // The tiles from M = 2 on (at M = 1 the row kernels are faster: measured, the transposes
@@ -665,9 +717,12 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             };
             (Acts::Q8K { blocks, xq, xs, xd }, row_bytes)
         }
-        // Even and odd elements of every 32 apart, as `x86::dot_nf4_avx512` reads them.
         #[cfg(target_arch = "x86_64")]
-        QType::NF4 if simd && use_avx512() => (Acts::F32Split(x86::split_even_odd(x)), 4 * k),
+        QType::NF4 if f32_avx512 => (Acts::F32Prepared(x86::permute_nf4_x(x)), 4 * k),
+        #[cfg(target_arch = "x86_64")]
+        QType::Fp8E4M3 if f32_avx512 => (Acts::F32Prepared(x86::scale_e4m3_x(x)), 4 * k),
+        #[cfg(target_arch = "x86_64")]
+        QType::Int8 | QType::Fp8E5M2 if f32_avx512 => (Acts::F32Prepared(x86::align_x(x)), 4 * k),
         _ => (Acts::F32(x), 4 * k),
     };
     // Blocks of activation rows that fit ACT_BLOCK_BYTES, split evenly (M = 67 at most 34 a
@@ -695,7 +750,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
         stats_per_row,
         block_len,
         simd,
-        avx512: use_avx512(),
+        avx512: f32_avx512,
         vnni,
         long: m == 1 && k > LONG_K,
     })

@@ -328,9 +328,9 @@ fn simd_paths_are_bit_identical_to_references() {
             let simd = unsafe { x86::dot_nf4(&packed, &absmax, bs, [&x])[0] };
             let scalar = r::dot_nf4(&packed, &absmax, bs, &x);
             assert_eq!(simd.to_bits(), scalar.to_bits(), "nf4 bs={bs} nb={nb}");
-            if x86::has_avx512f() {
-                // SAFETY: AVX-512F detected; lengths as documented.
-                let xs = x86::split_even_odd(&x);
+            if x86::has_avx512() {
+                // SAFETY: AVX-512 detected; lengths as documented.
+                let xs = x86::permute_nf4_x(&x);
                 let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, [&xs])[0] };
                 assert_eq!(z.to_bits(), scalar.to_bits(), "nf4 avx512 bs={bs} nb={nb}");
             }
