@@ -199,6 +199,12 @@ fn use_avx512(qtype: QType, simd: bool, k: usize, x: &[f32]) -> bool {
 
 /// Activation rows handled together by the row kernels (weights decoded once for all of them).
 const ROWS: usize = 4;
+/// Weight rows and K positions per piece of the f32-activation formats at M >= 2 with AVX-512
+/// (`Plan::f32_pieces`): 1024 positions of 4 activation rows are 16 KiB of L1.
+#[cfg(target_arch = "x86_64")]
+const F32_PANEL: usize = 4;
+#[cfg(target_arch = "x86_64")]
+const F32_PIECE: usize = 1024;
 /// Weight rows of one tile panel (`x86::tile`).
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 8;
@@ -237,6 +243,11 @@ impl Plan<'_> {
                     i += 1;
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            if self.avx512 && m >= 2 && self.w.qtype == QType::NF4 {
+                self.f32_pieces(n0, ms.clone(), yt);
+                i = rows;
+            }
             while i < rows {
                 self.dots(
                     n0 + i,
@@ -246,6 +257,88 @@ impl Plan<'_> {
                 i += 1;
             }
             mb = ms.end;
+        }
+    }
+
+    /// nf4 with AVX-512 at M >= 2: panels of `F32_PANEL` weight rows, activation rows `ms` in
+    /// groups of `ROWS`, K in pieces of `F32_PIECE` positions, so a piece of the activations
+    /// (16 KiB for 4 rows) stays in L1 while the panel's rows pass (whole rows per call re-read
+    /// the activations from L2 for every weight row). Each output's operations and order are
+    /// those of one call over the whole row (identical bits, tested). Measured against whole
+    /// rows (K = 4096, 256 weight rows, 1 thread, alternating in one process, busy machine):
+    /// nf4 x1.45 at M = 8, x1.23 at M = 64; int8 x1.57 / x0.93 and e4m3 x0.82 / x0.68, so the
+    /// one-byte formats (whose pieces carry a block sum as well) keep the row kernels.
+    #[cfg(target_arch = "x86_64")]
+    fn f32_pieces(&self, n0: usize, ms: std::ops::Range<usize>, yt: &mut [f32]) {
+        let m = self.m;
+        let rows = yt.len() / m;
+        let mut p0 = 0;
+        while p0 < rows {
+            let np = F32_PANEL.min(rows - p0);
+            let mut j = ms.start;
+            while j < ms.end {
+                let y = &mut yt[p0 * m..];
+                j += match (ms.end - j).min(ROWS) {
+                    1 => self.f32_panel::<1>(n0 + p0, np, j, y),
+                    2 => self.f32_panel::<2>(n0 + p0, np, j, y),
+                    3 => self.f32_panel::<3>(n0 + p0, np, j, y),
+                    _ => self.f32_panel::<ROWS>(n0 + p0, np, j, y),
+                };
+            }
+            p0 += np;
+        }
+    }
+
+    /// Weight rows `n..n + np` with activation rows `m0..m0 + R` into `yt` (row `n` first, M
+    /// values per row); returns R.
+    #[cfg(target_arch = "x86_64")]
+    fn f32_panel<const R: usize>(&self, n: usize, np: usize, m0: usize, yt: &mut [f32]) -> usize {
+        let (k, m, qt) = (self.k, self.m, self.w.qtype);
+        let xs: &[f32] = match &self.acts {
+            Acts::F32Prepared(xs) => xs,
+            Acts::F32(xs) => xs,
+            _ => unreachable!("f32 formats have f32 activations"),
+        };
+        let x: [&[f32]; R] = std::array::from_fn(|i| &xs[(m0 + i) * k..(m0 + i + 1) * k]);
+        let wrow = |p: usize| &self.w.data[(n + p) * self.row_bytes..(n + p + 1) * self.row_bytes];
+        let mut lanes = [x86::Lanes::<R>::new(); F32_PANEL];
+        let mut c0 = 0;
+        while c0 < k {
+            let c1 = (c0 + F32_PIECE).min(k);
+            for (p, l) in lanes[..np].iter_mut().enumerate() {
+                // SAFETY: avx512 is set only with `x86::has_avx512`, K >= 64 for the one-byte
+                // formats and x prepared for the kernels (`plan`); lengths checked by `plan`;
+                // pieces start at multiples of 64 and end at one or at K.
+                unsafe {
+                    x86::f32_range(
+                        qt,
+                        wrow(p),
+                        self.stats_of(n + p),
+                        self.block_len,
+                        x,
+                        c0,
+                        c1,
+                        l,
+                    )
+                };
+            }
+            c0 = c1;
+        }
+        for (p, l) in lanes[..np].iter().enumerate() {
+            // SAFETY: as above.
+            let y = unsafe { x86::f32_finish(qt, wrow(p), l) };
+            yt[p * m + m0..p * m + m0 + R].copy_from_slice(&y);
+        }
+        R
+    }
+
+    /// The statistics (absmax or scales) of weight row `n` (the one scale of a per-tensor scale).
+    fn stats_of(&self, n: usize) -> &[f32] {
+        let spr = self.stats_per_row;
+        if self.w.stats.len() == 1 {
+            self.w.stats
+        } else {
+            &self.w.stats[n * spr..(n + 1) * spr]
         }
     }
 
@@ -325,13 +418,7 @@ impl Plan<'_> {
                     _ => unreachable!(),
                 };
                 let x = rows.map(|mi| &xs[mi * k..(mi + 1) * k]);
-                let spr = self.stats_per_row;
-                let stats = if self.w.stats.len() == 1 {
-                    self.w.stats
-                } else {
-                    &self.w.stats[n * spr..(n + 1) * spr]
-                };
-                self.dot_f32(wrow, stats, x)
+                self.dot_f32(wrow, self.stats_of(n), x)
             }
         }
     }

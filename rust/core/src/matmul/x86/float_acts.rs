@@ -12,8 +12,8 @@ use crate::matmul::reference::{self as r, WIDE};
 
 mod avx512;
 pub use avx512::{
-    align_x, dot_bytes_avx512, dot_nf4_avx512, e4m3_x_fits, has_avx512, permute_nf4_x,
-    scale_e4m3_x, Decode16,
+    align_x, dot_bytes_avx512, dot_nf4_avx512, e4m3_x_fits, f32_finish, f32_range, has_avx512,
+    permute_nf4_x, scale_e4m3_x, Decode16, Lanes,
 };
 
 /// True when the AVX2 kernels here may run: AVX2, F16C (`simd::has_avx2`) and FMA.

@@ -15,6 +15,7 @@ use super::{has_fma, Decode32, Fp8E4M3, Fp8E5M2, Int8};
 use crate::matmul::reference::{self as r, WIDE};
 use crate::matmul::x86::lanes_of;
 use crate::matmul::AlignedX;
+use crate::qtype::QType;
 
 /// True when the kernels here may run: `has_fma` plus AVX-512 F, BW and VL.
 pub fn has_avx512() -> bool {
@@ -111,6 +112,44 @@ unsafe fn nf4_step32<const R: usize, const H: usize>(
     }
 }
 
+/// The lanes of R dot products in progress: `acc` (and `part`, the current block's sums, for the
+/// one-byte formats), so a row can be computed in pieces of K (`qmatmul` at M >= 2 runs pieces
+/// of 1024 over a panel of weight rows, keeping the activations' piece in L1) with the same
+/// operations in the same order as in one go.
+#[derive(Clone, Copy)]
+pub struct Lanes<const R: usize> {
+    acc: [[__m512; 4]; R],
+    part: [[__m512; 4]; R],
+}
+
+impl<const R: usize> Lanes<R> {
+    pub fn new() -> Self {
+        // SAFETY: an all-zero __m512 is sixteen +0.0.
+        unsafe { std::mem::zeroed() }
+    }
+
+    /// The folded sums (`nf4`: the lanes are `dot_nf4_avx512`'s permuted ones).
+    ///
+    /// # Safety
+    /// `has_avx512`.
+    #[target_feature(enable = "avx2,avx512f")]
+    pub unsafe fn finish(&self, nf4: bool) -> [f32; R] {
+        // SAFETY: 16 i32.
+        let unperm = unsafe { _mm512_loadu_si512(NF4_UNPERM.as_ptr() as *const _) };
+        let mut y = [0.0f32; R];
+        for (y, a) in y.iter_mut().zip(&self.acc) {
+            *y = hsum64_512(a, nf4.then_some(unperm));
+        }
+        y
+    }
+}
+
+impl<const R: usize> Default for Lanes<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// `reference::dot_nf4` for R activation rows with AVX-512: per block the 16 codes times
 /// absmax in one register (the dequantized weights' table), then per 16 weights a broadcast
 /// load of 8 bytes, one variable shift, one 16-entry permute (`nf4_16`) and one FMA per row.
@@ -127,9 +166,32 @@ pub unsafe fn dot_nf4_avx512<const R: usize>(
     block_size: usize,
     x: [&[f32]; R],
 ) -> [f32; R] {
+    let mut l = Lanes::new();
+    // SAFETY: the caller's contract is nf4_range's over the whole row.
+    unsafe {
+        nf4_range(packed, absmax, block_size, x, 0, x[0].len(), &mut l);
+        l.finish(true)
+    }
+}
+
+/// Positions `i0..i1` of `dot_nf4_avx512` into `l` (i0 a multiple of 64; i1 too, or K).
+///
+/// # Safety
+/// As for `dot_nf4_avx512`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+pub unsafe fn nf4_range<const R: usize>(
+    packed: &[u8],
+    absmax: &[f32],
+    block_size: usize,
+    x: [&[f32]; R],
+    i0: usize,
+    i1: usize,
+    l: &mut Lanes<R>,
+) {
     let k = absmax.len() * block_size;
     assert!(block_size.is_multiple_of(32) && packed.len() * 2 == k);
     assert!(x.iter().all(|x| x.len() == k));
+    assert!(i0.is_multiple_of(WIDE) && i0 <= i1 && (i1.is_multiple_of(WIDE) || i1 == k) && i1 <= k);
     // SAFETY: NF4_CODE has 16 entries.
     let code = unsafe { _mm512_loadu_ps(r::NF4_CODE.as_ptr()) };
     let counts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
@@ -137,36 +199,30 @@ pub unsafe fn dot_nf4_avx512<const R: usize>(
     let w = packed.as_ptr();
     let xp = x.map(|x| x.as_ptr());
     let at = |p: [*const f32; R], i: usize| p.map(|p| p.wrapping_add(i));
-    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let mut acc_regs = l.acc;
+    let acc = &mut acc_regs;
     let nb = absmax.len();
+    let (g0, g1) = (i0 / WIDE, i1 / WIDE);
     // SAFETY (all steps): positions `i..i + 32` (bytes i/2..i/2 + 16) are inside the row, as
     // the asserts above establish for every i below.
     unsafe {
         if block_size == 32 {
-            let mut b = 0;
-            while b + 2 <= nb {
-                let i = 32 * b;
-                nf4_step32::<R, 0>(w.add(i / 2), counts, tab(b), at(xp, i), &mut acc);
-                nf4_step32::<R, 1>(
-                    w.add(i / 2 + 16),
-                    counts,
-                    tab(b + 1),
-                    at(xp, i + 32),
-                    &mut acc,
-                );
-                b += 2;
+            for g in g0..g1 {
+                let (b, i) = (2 * g, g * WIDE);
+                nf4_step32::<R, 0>(w.add(i / 2), counts, tab(b), at(xp, i), acc);
+                nf4_step32::<R, 1>(w.add(i / 2 + 16), counts, tab(b + 1), at(xp, i + 32), acc);
             }
-            if b < nb {
-                let i = 32 * b;
-                nf4_step32::<R, 0>(w.add(i / 2), counts, tab(b), at(xp, i), &mut acc);
+            if i1 == k && !k.is_multiple_of(WIDE) {
+                let i = k - 32;
+                nf4_step32::<R, 0>(w.add(i / 2), counts, tab(nb - 1), at(xp, i), acc);
             }
         } else {
             // One flat loop over groups of 64 (a block is 2^n of them): the table changes
             // at every block's first group.
             let shift = (block_size / WIDE).trailing_zeros();
             let mask = block_size / WIDE - 1;
-            let mut t = tab(0);
-            for g in 0..k / WIDE {
+            let mut t = tab(g0 >> shift);
+            for g in g0..g1 {
                 if g & mask == 0 {
                     t = tab(g >> shift);
                 }
@@ -177,14 +233,12 @@ pub unsafe fn dot_nf4_avx512<const R: usize>(
                         (w as *const i8).wrapping_add(i / 2 + NF4_PREFETCH),
                     );
                 }
-                nf4_step32::<R, 0>(w.add(i / 2), counts, t, at(xp, i), &mut acc);
-                nf4_step32::<R, 1>(w.add(i / 2 + 16), counts, t, at(xp, i + 32), &mut acc);
+                nf4_step32::<R, 0>(w.add(i / 2), counts, t, at(xp, i), acc);
+                nf4_step32::<R, 1>(w.add(i / 2 + 16), counts, t, at(xp, i + 32), acc);
             }
         }
     }
-    // SAFETY: 16 i32.
-    let unperm = unsafe { _mm512_loadu_si512(NF4_UNPERM.as_ptr() as *const _) };
-    acc.map(|a| hsum64_512(&a, Some(unperm)))
+    l.acc = acc_regs;
 }
 
 /// How far ahead (bytes) the nf4 kernel prefetches its weights, one line per 64 bytes. From
@@ -257,7 +311,7 @@ pub fn scale_e4m3_x(x: &[f32]) -> AlignedX {
 /// True when the row holds an e4m3 NaN code (0x7f, 0xff): `2b mod 256` is 0xfe exactly for
 /// those, and no byte's double is larger.
 #[target_feature(enable = "avx2,avx512f,avx512bw")]
-fn has_e4m3_nan(q: &[u8]) -> bool {
+unsafe fn has_e4m3_nan(q: &[u8]) -> bool {
     let mut m = _mm512_setzero_si512();
     let chunks = q.chunks_exact(64);
     let rest = chunks.remainder();
@@ -309,7 +363,7 @@ unsafe fn bytes_16<D: Decode16, const R: usize, const I: usize>(
 ///
 /// # Safety
 /// `has_avx512`; `q.len() == x[r].len() >= 64`, `scales.len() == x[r].len().div_ceil(block_len)`,
-/// `block_len` the whole row or a power of two from 32 on.
+/// `block_len` the whole row or a power of two from 32 on that divides it.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 pub unsafe fn dot_bytes_avx512<D: Decode16, const R: usize>(
     q: &[u8],
@@ -317,16 +371,50 @@ pub unsafe fn dot_bytes_avx512<D: Decode16, const R: usize>(
     block_len: usize,
     x: [&[f32]; R],
 ) -> [f32; R] {
+    if row_has_nan_code::<D>(q) {
+        return [f32::NAN; R];
+    }
+    let mut l = Lanes::new();
+    // SAFETY: the caller's contract is bytes_range's over the whole row.
+    unsafe {
+        bytes_range::<D, R>(q, scales, block_len, x, 0, q.len(), &mut l);
+        l.finish(false)
+    }
+}
+
+/// True when `D` is e4m3 and the row holds one of its NaN codes (`dot_bytes_avx512` and
+/// `bytes_range` compute those rows' lanes as if the code were 480: the row's result is NaN).
+pub fn row_has_nan_code<D: Decode16>(q: &[u8]) -> bool {
+    // SAFETY: has_e4m3_nan needs AVX-512 BW, which every caller has checked (`has_avx512`).
+    D::E4M3 && unsafe { has_e4m3_nan(q) }
+}
+
+/// Positions `i0..i1` of `dot_bytes_avx512` into `l` (i0 a multiple of 64; i1 too, or K),
+/// without the NaN-code check.
+///
+/// # Safety
+/// As for `dot_bytes_avx512`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+pub unsafe fn bytes_range<D: Decode16, const R: usize>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+    i0: usize,
+    i1: usize,
+    l: &mut Lanes<R>,
+) {
     let k = q.len();
     assert!(k >= WIDE && x.iter().all(|x| x.len() == k));
     assert!(scales.len() == k.div_ceil(block_len) && (block_len == k || block_len >= 32));
-    if D::E4M3 && has_e4m3_nan(q) {
-        return [f32::NAN; R];
-    }
+    assert!(i0.is_multiple_of(WIDE) && i0 <= i1 && (i1.is_multiple_of(WIDE) || i1 == k) && i1 <= k);
     let w = q.as_ptr();
     let xp = x.map(|x| x.as_ptr());
     let at = |i: usize| xp.map(|p| p.wrapping_add(i));
-    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    // `part` in registers for the loop; `acc` (touched once a block) where it is.
+    let mut part_regs = l.part;
+    let part = &mut part_regs;
+    let acc = &mut l.acc;
     let fma_acc =
         |acc: &mut [[__m512; 4]; R], part: &[[__m512; 4]; R], s: f32, regs: [usize; 2]| {
             let sv = _mm512_set1_ps(s);
@@ -336,53 +424,103 @@ pub unsafe fn dot_bytes_avx512<D: Decode16, const R: usize>(
                 }
             }
         };
+    let zero = [[_mm512_setzero_ps(); 4]; R];
     // SAFETY (all steps): the positions read are inside the row (asserts above).
     unsafe {
         if block_len == 32 {
             // Two blocks of 32 fill the four registers: parts of each, then their scales.
-            let mut b = 0;
-            while b < scales.len() {
+            for b in (2 * (i0 / WIDE)..i1.div_ceil(32)).step_by(2) {
                 let i = 32 * b;
-                let mut part = [[_mm512_setzero_ps(); 4]; R];
-                bytes_16::<D, R, 0>(w.add(i), at(i), 16, &mut part);
-                bytes_16::<D, R, 1>(w.add(i + 16), at(i + 16), 16, &mut part);
-                fma_acc(&mut acc, &part, scales[b], [0, 2]);
+                *part = zero;
+                bytes_16::<D, R, 0>(w.add(i), at(i), 16, part);
+                bytes_16::<D, R, 1>(w.add(i + 16), at(i + 16), 16, part);
+                fma_acc(acc, part, scales[b], [0, 2]);
                 if b + 1 < scales.len() {
-                    bytes_16::<D, R, 2>(w.add(i + 32), at(i + 32), 16, &mut part);
-                    bytes_16::<D, R, 3>(w.add(i + 48), at(i + 48), 16, &mut part);
-                    fma_acc(&mut acc, &part, scales[b + 1], [2, 4]);
+                    bytes_16::<D, R, 2>(w.add(i + 32), at(i + 32), 16, part);
+                    bytes_16::<D, R, 3>(w.add(i + 48), at(i + 48), 16, part);
+                    fma_acc(acc, part, scales[b + 1], [2, 4]);
                 }
-                b += 2;
             }
         } else {
-            for (b, &s) in scales.iter().enumerate() {
-                let i0 = b * block_len;
-                let len = block_len.min(k - i0);
-                let whole = i0 + len / WIDE * WIDE;
-                let mut part = [[_mm512_setzero_ps(); 4]; R];
-                for i in (i0..whole).step_by(WIDE) {
-                    bytes_16::<D, R, 0>(w.add(i), at(i), 16, &mut part);
-                    bytes_16::<D, R, 1>(w.add(i + 16), at(i + 16), 16, &mut part);
-                    bytes_16::<D, R, 2>(w.add(i + 32), at(i + 32), 16, &mut part);
-                    bytes_16::<D, R, 3>(w.add(i + 48), at(i + 48), 16, &mut part);
+            // Groups of 64; a block (the row, or 2^n groups) starts its part at its first
+            // group and adds it to acc after its last (after the row's tail for a whole row).
+            // (Block bounds are tracked, not computed: a division per group cost a third.)
+            let whole = i1 / WIDE * WIDE;
+            let mut b = i0 / block_len;
+            let mut start = b * block_len;
+            let mut end = (start + block_len).min(k);
+            for i in (i0..whole).step_by(WIDE) {
+                if i == start {
+                    *part = zero;
                 }
-                let rest = i0 + len - whole;
-                if rest > 0 {
-                    let n = |j: usize| rest.saturating_sub(16 * j).min(16);
-                    bytes_16::<D, R, 0>(w.add(whole), at(whole), n(0), &mut part);
-                    if rest > 16 {
-                        bytes_16::<D, R, 1>(w.add(whole + 16), at(whole + 16), n(1), &mut part);
-                    }
-                    if rest > 32 {
-                        bytes_16::<D, R, 2>(w.add(whole + 32), at(whole + 32), n(2), &mut part);
-                    }
-                    if rest > 48 {
-                        bytes_16::<D, R, 3>(w.add(whole + 48), at(whole + 48), n(3), &mut part);
-                    }
+                bytes_16::<D, R, 0>(w.add(i), at(i), 16, part);
+                bytes_16::<D, R, 1>(w.add(i + 16), at(i + 16), 16, part);
+                bytes_16::<D, R, 2>(w.add(i + 32), at(i + 32), 16, part);
+                bytes_16::<D, R, 3>(w.add(i + 48), at(i + 48), 16, part);
+                if i + WIDE == end {
+                    fma_acc(acc, part, scales[b], [0, 4]);
+                    b += 1;
+                    start = end;
+                    end = (end + block_len).min(k);
                 }
-                fma_acc(&mut acc, &part, s, [0, 4]);
+            }
+            let rest = i1 - whole;
+            if rest > 0 {
+                // The row's tail (a whole-row block, K > 64: its part is running).
+                let n = |j: usize| rest.saturating_sub(16 * j).min(16);
+                bytes_16::<D, R, 0>(w.add(whole), at(whole), n(0), part);
+                if rest > 16 {
+                    bytes_16::<D, R, 1>(w.add(whole + 16), at(whole + 16), n(1), part);
+                }
+                if rest > 32 {
+                    bytes_16::<D, R, 2>(w.add(whole + 32), at(whole + 32), n(2), part);
+                }
+                if rest > 48 {
+                    bytes_16::<D, R, 3>(w.add(whole + 48), at(whole + 48), n(3), part);
+                }
+                fma_acc(acc, part, scales[scales.len() - 1], [0, 4]);
             }
         }
     }
-    acc.map(|a| hsum64_512(&a, None))
+    l.part = part_regs;
+}
+
+/// Positions `i0..i1` of weight row `w` (with its `stats`) of an f32-activation format into
+/// `l`: `nf4_range` or `bytes_range` by qtype (`qmatmul`'s pieces at M >= 2).
+///
+/// # Safety
+/// As for `dot_nf4_avx512` / `dot_bytes_avx512`, x prepared as they read it.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn f32_range<const R: usize>(
+    qtype: QType,
+    w: &[u8],
+    stats: &[f32],
+    block_len: usize,
+    x: [&[f32]; R],
+    i0: usize,
+    i1: usize,
+    l: &mut Lanes<R>,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match qtype {
+            QType::NF4 => nf4_range(w, stats, block_len, x, i0, i1, l),
+            QType::Fp8E4M3 => bytes_range::<Fp8E4M3, R>(w, stats, block_len, x, i0, i1, l),
+            QType::Fp8E5M2 => bytes_range::<Fp8E5M2, R>(w, stats, block_len, x, i0, i1, l),
+            _ => bytes_range::<Int8, R>(w, stats, block_len, x, i0, i1, l),
+        }
+    }
+}
+
+/// The results of a row computed by `f32_range` pieces (NaN for an e4m3 row with a NaN code).
+///
+/// # Safety
+/// `has_avx512`.
+pub unsafe fn f32_finish<const R: usize>(qtype: QType, w: &[u8], l: &Lanes<R>) -> [f32; R] {
+    if qtype == QType::Fp8E4M3 && row_has_nan_code::<Fp8E4M3>(w) {
+        return [f32::NAN; R];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { l.finish(qtype == QType::NF4) }
 }

@@ -6,6 +6,8 @@
 use super::avx512::nf4_lane_element;
 use super::*;
 use crate::matmul::tests::Rng;
+use crate::matmul::AlignedX;
+use crate::qtype::QType;
 
 /// Activations of mixed magnitude: mostly normal-ish, some tiny (subnormal products), some
 /// large, some exact zeros.
@@ -343,8 +345,128 @@ fn bench_f32_kernels() {
                 [&xp, &xp, &xp, &xp],
             )[0]
         });
+        let xr: Vec<AlignedX> = (0..4).map(|_| align_x(&rng.normalish(k, 1.0))).collect();
+        let x4: [&[f32]; 4] = std::array::from_fn(|i| &xr[i][..]);
+        time("int8 avx512 R=4 4 distinct x (x4)", 4 * n * k, &|i| {
+            dot_bytes_avx512::<Int8, 4>(rowb(i), &sc[i..i + 1], k, x4)[0]
+        });
+        for piece in [512usize, 1024, 2048] {
+            let name = format!("int8 pieces {piece} (x4)");
+            time(&name, 4 * n * k, &|i| {
+                if i % 4 != 0 {
+                    return 0.0;
+                }
+                let mut l = [Lanes::<4>::new(); 4];
+                for c0 in (0..k).step_by(piece) {
+                    for (p, l) in l.iter_mut().enumerate() {
+                        f32_range(
+                            QType::Int8,
+                            rowb(i + p),
+                            &sc[i + p..i + p + 1],
+                            k,
+                            x4,
+                            c0,
+                            c0 + piece,
+                            l,
+                        );
+                    }
+                }
+                l.iter()
+                    .map(|l| f32_finish(QType::Int8, rowb(i), l)[0])
+                    .sum()
+            });
+        }
         time("int8 avx512 R=4 (x4)", 4 * n * k, &|i| {
             dot_bytes_avx512::<Int8, 4>(rowb(i), &sc[i..i + 1], k, [&x, &x, &x, &x])[0]
         });
+    }
+}
+
+/// `qmatmul` at M >= 2 (K in pieces over panels of weight rows with AVX-512, the row kernels
+/// otherwise) gives every output the reference's bits for its single row: panels cut short
+/// (7 weight rows), 1 to 4 activation rows per group, pieces that split blocks and rows with
+/// tails, an e4m3 row with a NaN code.
+#[test]
+fn qmatmul_many_rows_equal_the_reference_row_by_row() {
+    use crate::matmul::qmatmul;
+    use crate::qtype::QType;
+    use crate::quantize::{QuantizedView, ScaleMode};
+    let mut rng = Rng(0x9a11_e1d0_0000_0001);
+    let cases: [(QType, Option<ScaleMode>, usize, usize); 11] = [
+        (QType::NF4, None, 64, 4160),
+        (QType::NF4, None, 32, 2144),
+        (QType::NF4, None, 256, 2048),
+        (QType::Int8, Some(ScaleMode::Row), 64, 2333),
+        (QType::Int8, Some(ScaleMode::Tensor), 64, 1088),
+        (QType::Int8, Some(ScaleMode::Block), 32, 2144),
+        (QType::Int8, Some(ScaleMode::Block), 128, 3072),
+        (QType::Fp8E4M3, Some(ScaleMode::Row), 64, 2100),
+        (QType::Fp8E4M3, Some(ScaleMode::Block), 64, 1280),
+        (QType::Fp8E5M2, Some(ScaleMode::Row), 64, 1100),
+        (QType::Fp8E5M2, Some(ScaleMode::Block), 32, 1056),
+    ];
+    for (qtype, mode, bs, k) in cases {
+        let n = 7;
+        let mut data = rng.bytes(qtype.row_bytes(k, bs) * n);
+        if matches!(qtype, QType::Fp8E4M3 | QType::Fp8E5M2) {
+            let t = r::fp8_table(qtype == QType::Fp8E5M2);
+            for b in data.iter_mut() {
+                if !t[*b as usize].is_finite() {
+                    *b = 0;
+                }
+            }
+            if qtype == QType::Fp8E4M3 {
+                data[3 * k + k / 2] = 0x7f;
+            }
+        }
+        let n_stats = match mode {
+            Some(ScaleMode::Tensor) => 1,
+            Some(ScaleMode::Row) => n,
+            _ => n * k / bs,
+        };
+        let stats: Vec<f32> = (0..n_stats).map(|_| rng.unit().abs() + 0.01).collect();
+        let v = QuantizedView {
+            qtype,
+            rows: n,
+            cols: k,
+            block_size: bs,
+            scale_mode: mode,
+            data: &data,
+            stats: &stats,
+            double_quant: None,
+        };
+        let rb = qtype.row_bytes(k, bs);
+        let row_stats = |row: usize| -> &[f32] {
+            match mode {
+                Some(ScaleMode::Tensor) => &stats[..],
+                Some(ScaleMode::Row) => &stats[row..row + 1],
+                _ => &stats[row * k / bs..(row + 1) * k / bs],
+            }
+        };
+        let bl = if matches!(mode, Some(ScaleMode::Row | ScaleMode::Tensor)) {
+            k
+        } else {
+            bs
+        };
+        for m in [2usize, 3, 5, 9] {
+            let x = acts(&mut rng, m * k);
+            let mut y = vec![0.0f32; m * n];
+            qmatmul(&x, m, &v, &mut y).unwrap();
+            for mi in 0..m {
+                for row in 0..n {
+                    let (w, xr) = (&data[row * rb..(row + 1) * rb], &x[mi * k..(mi + 1) * k]);
+                    let want = match qtype {
+                        QType::NF4 => r::dot_nf4(w, row_stats(row), bs, xr),
+                        QType::Int8 => r::dot_int8(w, row_stats(row), bl, xr),
+                        _ => r::dot_fp8(w, row_stats(row), bl, xr, qtype == QType::Fp8E5M2),
+                    };
+                    same(
+                        &[y[mi * n + row]],
+                        &[want],
+                        &format!("{qtype:?} {mode:?} k={k} m={m} ({mi}, {row})"),
+                    );
+                }
+            }
+        }
     }
 }
