@@ -3,9 +3,9 @@
 //!
 //! Each output element is one dot product computed by one fixed sequence (`reference.rs`
 //! defines it; `x86.rs` computes the same bits with AVX2, plus AVX-512 VNNI integer sums for the
-//! 32-weight formats and an AVX-512F nf4 decode where the CPU has them), so results do not
-//! depend on the thread count, on M, on where an output sits in a tile, or on the instruction
-//! set. Work is split over output features N through the one pool of `parallel.rs`: each task
+//! 32-weight formats and AVX-512 kernels for nf4 / int8 / fp8 where the CPU has them), so
+//! results do not depend on the thread count, on M, on where an output sits in a tile, or on
+//! the instruction set. Work is split over output features N through the one pool of `parallel.rs`: each task
 //! owns whole weight rows and reads them from memory once. For M >= 2 a task's weights stay in
 //! L2 while blocks of activation rows (sized for L2) pass; with VNNI the 32-weight formats and
 //! the K-quants run tiles of 8 weight rows x a block of rows (`x86/tile.rs`, `x86/tile_k.rs`,

@@ -35,8 +35,11 @@
 //! row, enough to keep one FMA a cycle going. 64 lanes are folded to 16 as
 //! `(a[l] + a[l+16]) + (a[l+32] + a[l+48])`, to 8 as `s[l] + s[l+8]`, then summed as above.
 //! (Before 2026-11-27 these formats used 32 lanes and a separate multiply and add, with the
-//! nf4 scale applied per block: the fused form with the scale folded into the nf4 weight is
-//! 2-3x faster at M = 1; measured in benches/RESULTS.md.)
+//! nf4 scale applied per block. Fusing alone makes the AVX-512 kernels 1.21-1.27x faster from
+//! L2 at M = 1 and 4 (the same kernels built with multiply + add, measured side by side): on
+//! Zen 4 an FMA frees the pipe a separate add would take from the decode's shifts and
+//! permutes. With the nf4 scale in the weight, 64 lanes and the new decodes, M = 1 is
+//! 1.3-2.5x faster per core; benches/RESULTS.md, "f32-activation kernels".)
 
 use bytemuck::{Pod, Zeroable};
 
