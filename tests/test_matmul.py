@@ -36,6 +36,9 @@ nb/8 + 3 more; the f32 dequantized reference weights carry one rounding each, or
   + 2·|dmin·m| of the group of 16 for q2_k, read from the bytes; + 2|m| for q4_1/q5_1).
 For nf4 / int8 / fp8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb (fp8
 bytes decode exactly, so the kernel differs from the dequantized product by float rounding only).
+That is loose: the kernels fuse every multiply-add into 64 lanes, so a lane's chain has K/64
+roundings, plus one per block for the scale (int8 / fp8; nf4's weight is the f32 code·absmax, the
+dequantized weight itself), plus 4 for the fold.
 Against libggml: both sides sum the same integers; each side's float work is at most
 nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
 sub-block products one by one, so nb = K/32 there), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|

@@ -2,8 +2,9 @@
 //! (`enabled`, which honours FERROQUANT_FORCE_SCALAR). The same contract as `x86.rs`: integer
 //! sums are exact, so any summation order gives the reference's integers; the float products
 //! and lane accumulations are the reference's operations in the reference's order (separate
-//! `vmulq_f32` and `vaddq_f32`, never `vfmaq_f32`: the references do not fuse, and LLVM does
-//! not contract separate intrinsics), so results are identical bit for bit. Where a row ends in
+//! `vmulq_f32` and `vaddq_f32` where the references do not fuse, and LLVM does not contract
+//! separate intrinsics; `vfmaq_f32` for the f32-activation formats, whose references fuse), so
+//! results are identical bit for bit. Where a row ends in
 //! fewer than 8 blocks, the tail runs the reference's scalar code on the same lanes.
 //!
 //! Files: this one (detection, dispatch, integer dots, the 32-weight formats), `k_quants.rs`

@@ -17,14 +17,29 @@
 //!   product; fp8 bytes decode exactly through a 256-entry table).
 //!
 //! **Float order (the same in every path).** Per-block float products go to one of 8 lanes,
-//! block `b` to lane `b % 8`: `acc[b % 8] += p_b`, blocks in increasing order. For the f32
-//! formats, element `j` of a block goes to lane `j % 8` of a per-block partial sum
-//! uses 32 lanes, element `j` of a block to lane `j % 32` of a per-block partial sum
-//! (`part[j % 32] += v_j * x_j`, no fused multiply-add), then `acc[l] += part[l] * scale_b`;
-//! 32 lanes (four AVX2 registers) because a single chain of dependent adds would bound the speed
-//! by the add latency. 32 lanes are folded to 8 as `(a[l] + a[l+8]) + (a[l+16] + a[l+24])`.
-//! The 8 lanes are summed as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, which is what
-//! an AVX2 register reduction (high half + low half, then movehl, then the last pair) does.
+//! block `b` to lane `b % 8`: `acc[b % 8] += p_b`, blocks in increasing order. The 8 lanes are
+//! summed as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, which is what an AVX2
+//! register reduction (high half + low half, then movehl, then the last pair) does.
+//!
+//! **The f32-activation formats** use `WIDE` = 64 lanes, element `i` of the row (its position
+//! in the row, not in its block) in lane `i % 64`, and fused multiply-adds (`f32::mul_add`, one
+//! rounding; FMA3 / AVX-512 / NEON `fmla` in the SIMD paths):
+//! - nf4: `acc[i % 64] = fma(w_i, x_i, acc[i % 64])` with `w_i = code[q_i] * absmax_b`, the f32
+//!   weight `dequantize` gives (bitsandbytes' value): the dot of x with the dequantized row.
+//! - int8, fp8: per block of the scale, `part[i % 64] = fma(v_i, x_i, part[i % 64])` (v the
+//!   byte's exact value), then `acc[l] = fma(part[l], scale_b, acc[l])` for the lanes the block
+//!   touched (all 64 unless the block is shorter: blocks of 32, rows shorter than 64).
+//!
+//! Elements go in increasing order, so each lane's sequence is fixed. 64 lanes are four AVX-512
+//! registers (eight AVX2, sixteen NEON): four independent chains of 4-cycle FMAs per activation
+//! row, enough to keep one FMA a cycle going. 64 lanes are folded to 16 as
+//! `(a[l] + a[l+16]) + (a[l+32] + a[l+48])`, to 8 as `s[l] + s[l+8]`, then summed as above.
+//! (Before 2026-11-27 these formats used 32 lanes and a separate multiply and add, with the
+//! nf4 scale applied per block. Fusing alone makes the AVX-512 kernels 1.21-1.27x faster from
+//! L2 at M = 1 and 4 (the same kernels built with multiply + add, measured side by side): on
+//! Zen 4 an FMA frees the pipe a separate add would take from the decode's shifts and
+//! permutes. With the nf4 scale in the weight, 64 lanes and the new decodes, M = 1 is
+//! 1.3-2.5x faster per core; benches/RESULTS.md, "f32-activation kernels".)
 
 use bytemuck::{Pod, Zeroable};
 
@@ -40,8 +55,8 @@ pub use q8_1::{
 
 /// Number of float accumulator lanes (one AVX2 register of f32).
 pub const LANES: usize = 8;
-/// Lanes of the f32-activation formats (four AVX2 registers).
-pub const WIDE: usize = 32;
+/// Lanes of the f32-activation formats (four AVX-512 registers, see the module comment).
+pub const WIDE: usize = 64;
 
 /// ggml's `block_q8_K`: the activation format of the K-quant dot products.
 #[repr(C)]
@@ -88,14 +103,19 @@ pub fn hsum8(a: &[f32; LANES]) -> f32 {
     (s[0] + s[2]) + (s[1] + s[3])
 }
 
-/// The fixed reduction of 32 lanes: fold to 8 (see the module comment), then `hsum8`.
+/// The fixed reduction of the f32-activation formats' 64 lanes: fold to 16, then to 8 (see the
+/// module comment), then `hsum8`.
 #[inline(always)]
-pub fn hsum32(a: &[f32; WIDE]) -> f32 {
-    let mut s = [0.0f32; LANES];
-    for l in 0..LANES {
-        s[l] = (a[l] + a[l + 8]) + (a[l + 16] + a[l + 24]);
+pub fn hsum64(a: &[f32; WIDE]) -> f32 {
+    let mut s = [0.0f32; 16];
+    for l in 0..16 {
+        s[l] = (a[l] + a[l + 16]) + (a[l + 32] + a[l + 48]);
     }
-    hsum8(&s)
+    let mut t = [0.0f32; LANES];
+    for l in 0..LANES {
+        t[l] = s[l] + s[l + 8];
+    }
+    hsum8(&t)
 }
 
 // ---------------------------------------------------------------- activation quantization
@@ -428,21 +448,19 @@ pub fn nibble(packed: &[u8], j: usize) -> usize {
     }) as usize
 }
 
-/// Σ_b absmax_b Σ_{j in b} code[q_j] x_j for one nf4 row (`packed` = K/2 bytes, `absmax` = one
-/// per block of `block_size`, a multiple of 32).
+/// Σ_i w_i x_i for one nf4 row, `w_i = code[q_i] * absmax_b` (the dequantized weight), fused
+/// into lane `i % 64` (`packed` = K/2 bytes, `absmax` = one per block of `block_size`, a
+/// multiple of 32).
 pub fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f32 {
     let mut acc = [0.0f32; WIDE];
     for (b, (&s, xb)) in absmax.iter().zip(x.chunks_exact(block_size)).enumerate() {
         let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
-        let mut part = [0.0f32; WIDE];
         for (j, &xv) in xb.iter().enumerate() {
-            part[j % WIDE] += NF4_CODE[nibble(wb, j)] * xv;
-        }
-        for l in 0..WIDE {
-            acc[l] += part[l] * s;
+            let l = (b * block_size + j) % WIDE;
+            acc[l] = (NF4_CODE[nibble(wb, j)] * s).mul_add(xv, acc[l]);
         }
     }
-    hsum32(&acc)
+    hsum64(&acc)
 }
 
 /// Σ_b scale_b Σ_{j in b} q_j x_j for one int8 row. `block_len` is the scale's block (the whole
@@ -471,9 +489,10 @@ pub fn fp8_table(e5m2: bool) -> &'static [f32; 256] {
     }
 }
 
-/// The one-byte formats' dot: `part[j % 32] += v(q_j) * x_j` per block, `acc += part * scale`.
+/// The one-byte formats' dot: per block `part[i % 64] = fma(v(q_i), x_i, part[i % 64])`, then
+/// `acc[l] = fma(part[l], scale, acc[l])` on the lanes the block touched.
 #[inline(always)]
-fn dot_bytes(
+pub fn dot_bytes(
     q: &[u8],
     scales: &[f32],
     block_len: usize,
@@ -481,18 +500,22 @@ fn dot_bytes(
     value: impl Fn(u8) -> f32,
 ) -> f32 {
     let mut acc = [0.0f32; WIDE];
-    for ((&s, qb), xb) in scales
+    for (b, ((&s, qb), xb)) in scales
         .iter()
         .zip(q.chunks(block_len))
         .zip(x.chunks(block_len))
+        .enumerate()
     {
         let mut part = [0.0f32; WIDE];
+        let at = b * block_len;
         for (j, (&w, &xv)) in qb.iter().zip(xb).enumerate() {
-            part[j % WIDE] += value(w) * xv;
+            let l = (at + j) % WIDE;
+            part[l] = value(w).mul_add(xv, part[l]);
         }
-        for l in 0..WIDE {
-            acc[l] += part[l] * s;
+        for j in 0..qb.len().min(WIDE) {
+            let l = (at + j) % WIDE;
+            acc[l] = part[l].mul_add(s, acc[l]);
         }
     }
-    hsum32(&acc)
+    hsum64(&acc)
 }

@@ -318,19 +318,23 @@ fn simd_paths_are_bit_identical_to_references() {
             };
             assert_eq!(simd.to_bits(), scalar.to_bits(), "{qtype:?} nb={nb}");
         }
-        // nf4 (block 32 and 64) and int8 (rows whose length is not a multiple of 8)
+        // nf4 (block 32 and 64) and int8 (rows whose length is not a multiple of 8); these
+        // kernels need FMA too (x86/float_acts/tests.rs has the full set)
+        if !x86::has_fma() {
+            continue;
+        }
         for bs in [32usize, 64] {
             let k = nb * bs;
             let packed = rng.bytes(k / 2);
             let absmax: Vec<f32> = (0..nb).map(|_| rng.unit().abs()).collect();
             let x = rng.normalish(k, 1.0);
-            // SAFETY: AVX2 detected; lengths as documented.
+            // SAFETY: AVX2 and FMA detected; lengths as documented.
             let simd = unsafe { x86::dot_nf4(&packed, &absmax, bs, [&x])[0] };
             let scalar = r::dot_nf4(&packed, &absmax, bs, &x);
             assert_eq!(simd.to_bits(), scalar.to_bits(), "nf4 bs={bs} nb={nb}");
-            if x86::has_avx512f() {
-                // SAFETY: AVX-512F detected; lengths as documented.
-                let xs = x86::split_even_odd(&x);
+            if x86::has_avx512() {
+                // SAFETY: AVX-512 detected; lengths as documented.
+                let xs = x86::permute_nf4_x(&x);
                 let z = unsafe { x86::dot_nf4_avx512(&packed, &absmax, bs, [&xs])[0] };
                 assert_eq!(z.to_bits(), scalar.to_bits(), "nf4 avx512 bs={bs} nb={nb}");
             }
@@ -339,7 +343,7 @@ fn simd_paths_are_bit_identical_to_references() {
             let q = rng.bytes(k);
             let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
             let x = rng.normalish(k, 1.0);
-            // SAFETY: AVX2 detected; lengths as documented.
+            // SAFETY: AVX2 and FMA detected; lengths as documented.
             let simd = unsafe { x86::dot_int8(&q, &scales, bl, [&x])[0] };
             let scalar = r::dot_int8(&q, &scales, bl, &x);
             assert_eq!(simd.to_bits(), scalar.to_bits(), "int8 k={k} block={bl}");

@@ -423,7 +423,4 @@ mod min32;
 mod float_acts;
 pub mod tile;
 pub mod tile_k;
-pub use float_acts::{
-    dot_fp8, dot_int8, dot_nf4, dot_nf4_avx512, has_avx512f, split_even_odd, Decode32, Fp8E4M3,
-    Fp8E5M2,
-};
+pub use float_acts::*;

@@ -1,20 +1,38 @@
-//! AVX2 / AVX-512F kernels of the f32-activation formats (nf4, int8, fp8): the reference's lane
-//! structure (32 lanes, see `reference.rs`) with the weights decoded in registers. Safety rules
-//! as in `x86.rs`.
+//! x86 kernels of the f32-activation formats (nf4, int8, fp8): the reference's 64 lanes and
+//! fused multiply-adds (see `reference.rs`) with the weights decoded in registers. Two tiers:
+//! AVX2 + FMA here (eight registers of 8 lanes, activations as given), AVX-512 in `avx512.rs`
+//! (four registers of 16 lanes; nf4 reads activations permuted by `permute_nf4_x`, e4m3 reads
+//! them times 256: `scale_e4m3_x`). Without FMA the references run. Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
 
 use super::lanes_of;
 use crate::matmul::reference::{self as r, WIDE};
 
-/// Store four registers as the 32 lanes of the f32-activation formats.
-#[inline(always)]
-fn wide_lanes(v: &[__m256; 4]) -> [f32; WIDE] {
-    let mut a = [0.0f32; WIDE];
-    for (k, r) in v.iter().enumerate() {
-        a[8 * k..8 * k + 8].copy_from_slice(&lanes_of(*r));
-    }
-    a
+mod avx512;
+pub use avx512::{
+    align_x, dot_bytes_avx512, dot_nf4_avx512, e4m3_x_fits, f32_finish, f32_range, has_avx512,
+    permute_nf4_x, scale_e4m3_x, Decode16, Lanes,
+};
+
+/// True when the AVX2 kernels here may run: AVX2, F16C (`simd::has_avx2`) and FMA.
+pub fn has_fma() -> bool {
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        crate::formats::simd::has_avx2() && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// The reference's fold of 64 lanes held as eight registers (register k = lanes 8k..8k+8):
+/// `(a[l] + a[l+16]) + (a[l+32] + a[l+48])` is `(r0 + r2) + (r4 + r6)` for l < 8 and
+/// `(r1 + r3) + (r5 + r7)` for 8 <= l < 16; `s[l] + s[l+8]` adds the two; then `hsum8`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum64_avx2(a: &[__m256; 8]) -> f32 {
+    let lo = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[4], a[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(a[1], a[3]), _mm256_add_ps(a[5], a[7]));
+    r::hsum8(&lanes_of(_mm256_add_ps(lo, hi)))
 }
 
 /// The 32 nf4 indices of 16 packed bytes in element order, as four groups of 8 bytes (the low
@@ -23,6 +41,7 @@ fn wide_lanes(v: &[__m256; 4]) -> [f32; WIDE] {
 #[inline]
 unsafe fn nf4_indices(wq: &[u8]) -> [__m128i; 4] {
     debug_assert!(wq.len() >= 16);
+    // SAFETY: 16 bytes inside `wq` (caller).
     let q = unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) };
     let m4 = _mm_set1_epi8(0x0f);
     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
@@ -32,8 +51,8 @@ unsafe fn nf4_indices(wq: &[u8]) -> [__m128i; 4] {
     [e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)]
 }
 
-/// 8 nf4 codes from the 8 indices in the low bytes of `idx8`: two 8-entry permutes and a blend
-/// on bit 3 of the index.
+/// 8 table entries for the 8 indices in the low bytes of `idx8`: two 8-entry permutes and a
+/// blend on bit 3 of the index.
 #[target_feature(enable = "avx2")]
 #[inline]
 fn nf4_decode8(tab_lo: __m256, tab_hi: __m256, idx8: __m128i) -> __m256 {
@@ -43,130 +62,100 @@ fn nf4_decode8(tab_lo: __m256, tab_hi: __m256, idx8: __m128i) -> __m256 {
     _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
 }
 
-/// `reference::dot_nf4` for R activation rows at once: 32 weights per step decoded once in
-/// registers (two permutes of the code table and a blend on bit 3 of the index), then per row
-/// `part[k] += code * x` for the four registers of 32 lanes and `acc[k] += part[k] * absmax`
-/// per block.
+/// 32 weights (16 bytes at `w`) into the four registers `acc[r][4h..4h+4]` (lanes 32h..32h+32)
+/// of each row, `x[r]` pointing at the 32 activations.
 ///
 /// # Safety
-/// AVX2 must be available; `block_size` a multiple of 32, `packed.len() * 2 == x[r].len()`,
-/// `absmax.len() * block_size == x[r].len()`.
-#[target_feature(enable = "avx2")]
+/// 16 bytes at `w`, 32 f32 at each `x[r]`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn nf4_step32<const R: usize, const H: usize>(
+    tab: (__m256, __m256),
+    w: *const u8,
+    x: [*const f32; R],
+    acc: &mut [[__m256; 8]; R],
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let idx = nf4_indices(std::slice::from_raw_parts(w, 16));
+        let w: [__m256; 4] = std::array::from_fn(|k| nf4_decode8(tab.0, tab.1, idx[k]));
+        for r in 0..R {
+            for k in 0..4 {
+                let xv = _mm256_loadu_ps(x[r].add(8 * k));
+                acc[r][4 * H + k] = _mm256_fmadd_ps(w[k], xv, acc[r][4 * H + k]);
+            }
+        }
+    }
+}
+
+/// `reference::dot_nf4` for R activation rows at once: per block the 16 codes times absmax (the
+/// dequantized weights' table, two registers), 32 weights per step looked up once (two
+/// permutes and a blend), then per row `acc = fma(w, x, acc)` into lanes `i % 64`.
+///
+/// # Safety
+/// AVX2, F16C and FMA must be available (`has_fma`); `block_size` a multiple of 32,
+/// `packed.len() * 2 == x[r].len()`, `absmax.len() * block_size == x[r].len()`.
+#[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_nf4<const R: usize>(
     packed: &[u8],
     absmax: &[f32],
     block_size: usize,
     x: [&[f32]; R],
 ) -> [f32; R] {
-    debug_assert!(block_size.is_multiple_of(32));
-    let tab_lo = unsafe { _mm256_loadu_ps(r::NF4_CODE.as_ptr()) };
-    let tab_hi = unsafe { _mm256_loadu_ps(r::NF4_CODE[8..].as_ptr()) };
-    let mut acc = [[_mm256_setzero_ps(); 4]; R];
-    for (b, &s) in absmax.iter().enumerate() {
-        let mut part = [[_mm256_setzero_ps(); 4]; R];
-        let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
-        for (c, wq) in wb.chunks_exact(16).enumerate() {
-            let idx = unsafe { nf4_indices(wq) };
-            let mut code = [_mm256_setzero_ps(); 4];
-            for k in 0..4 {
-                code[k] = nf4_decode8(tab_lo, tab_hi, idx[k]);
-            }
-            let at = b * block_size + 32 * c;
-            for r in 0..R {
-                let xq = &x[r][at..at + 32];
-                for k in 0..4 {
-                    let xv = unsafe { _mm256_loadu_ps(xq[8 * k..].as_ptr()) };
-                    part[r][k] = _mm256_add_ps(part[r][k], _mm256_mul_ps(code[k], xv));
-                }
-            }
+    let k = absmax.len() * block_size;
+    assert!(block_size.is_multiple_of(32) && packed.len() * 2 == k);
+    assert!(x.iter().all(|x| x.len() == k));
+    // SAFETY: NF4_CODE has 16 entries.
+    let (code_lo, code_hi) = unsafe {
+        (
+            _mm256_loadu_ps(r::NF4_CODE.as_ptr()),
+            _mm256_loadu_ps(r::NF4_CODE[8..].as_ptr()),
+        )
+    };
+    let w = packed.as_ptr();
+    let mut xp = [std::ptr::null::<f32>(); R];
+    for r in 0..R {
+        xp[r] = x[r].as_ptr();
+    }
+    let mut acc = [[_mm256_setzero_ps(); 8]; R];
+    let scaled = |b: usize| {
+        let sv = _mm256_set1_ps(absmax[b]);
+        (_mm256_mul_ps(code_lo, sv), _mm256_mul_ps(code_hi, sv))
+    };
+    let at = |i: usize| {
+        let mut xi = xp;
+        for p in xi.iter_mut() {
+            *p = p.wrapping_add(i);
         }
-        let sv = _mm256_set1_ps(s);
-        for r in 0..R {
-            for k in 0..4 {
-                acc[r][k] = _mm256_add_ps(acc[r][k], _mm256_mul_ps(part[r][k], sv));
+        xi
+    };
+    // Groups of 64 (two steps of 32); blocks are 2^n steps of 32, so the table changes at a
+    // group's first step when (step & mask) == 0, and at its second too for blocks of 32.
+    let (shift, mask) = ((block_size / 32).trailing_zeros(), block_size / 32 - 1);
+    let mut tab = scaled(0);
+    // SAFETY (all steps): positions i..i + 32 (bytes i/2..i/2 + 16) are inside the row.
+    unsafe {
+        for g in 0..k / WIDE {
+            let (c, i) = (2 * g, WIDE * g);
+            if c & mask == 0 {
+                tab = scaled(c >> shift);
             }
+            nf4_step32::<R, 0>(tab, w.add(i / 2), at(i), &mut acc);
+            if block_size == 32 {
+                tab = scaled(c + 1);
+            }
+            nf4_step32::<R, 1>(tab, w.add(i / 2 + 16), at(i + 32), &mut acc);
+        }
+        if !k.is_multiple_of(WIDE) {
+            let i = k - 32;
+            nf4_step32::<R, 0>(scaled(absmax.len() - 1), w.add(i / 2), at(i), &mut acc);
         }
     }
-    acc.map(|a| r::hsum32(&wide_lanes(&a)))
-}
-
-/// True when the AVX-512F decode of nf4 may run (AVX2 allowed, FERROQUANT_FORCE_SCALAR unset).
-pub fn has_avx512f() -> bool {
-    use std::sync::OnceLock;
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        crate::formats::simd::has_avx2() && std::arch::is_x86_feature_detected!("avx512f")
-    })
-}
-
-/// `dot_nf4` with AVX-512F on split activations: `x` holds, for every 32 elements, the 16 even
-/// ones then the 16 odd ones. The 16 packed bytes of 32 weights widen to 16 dwords (byte i:
-/// element 2i in its high nibble, 2i+1 in its low one); one 16-entry permute of the code table
-/// by the low nibbles (`vpermps` reads only the index's low 4 bits) gives the odd elements, one
-/// by the bytes shifted right by 4 the even ones. Register `e` then holds reference lanes
-/// 0, 2, .., 30 and register `o` lanes 1, 3, .., 31, with the reference's products and sums on
-/// every lane, so the result is the same bits.
-///
-/// # Safety
-/// AVX-512F must be available (`has_avx512f`); lengths as for `dot_nf4`, `x[r]` split.
-#[target_feature(enable = "avx2,avx512f")]
-pub unsafe fn dot_nf4_avx512<const R: usize>(
-    packed: &[u8],
-    absmax: &[f32],
-    block_size: usize,
-    x: [&[f32]; R],
-) -> [f32; R] {
-    debug_assert!(block_size.is_multiple_of(32));
-    let tab = unsafe { _mm512_loadu_ps(r::NF4_CODE.as_ptr()) };
-    // [even, odd] per row
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    for (b, &s) in absmax.iter().enumerate() {
-        let mut part = [[_mm512_setzero_ps(); 2]; R];
-        let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
-        for (c, wq) in wb.chunks_exact(16).enumerate() {
-            let q = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) });
-            let code = [
-                _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), tab),
-                _mm512_permutexvar_ps(q, tab),
-            ];
-            let at = b * block_size + 32 * c;
-            for r in 0..R {
-                let xq = &x[r][at..at + 32];
-                for k in 0..2 {
-                    let xv = unsafe { _mm512_loadu_ps(xq[16 * k..].as_ptr()) };
-                    part[r][k] = _mm512_add_ps(part[r][k], _mm512_mul_ps(code[k], xv));
-                }
-            }
-        }
-        let sv = _mm512_set1_ps(s);
-        for r in 0..R {
-            for k in 0..2 {
-                acc[r][k] = _mm512_add_ps(acc[r][k], _mm512_mul_ps(part[r][k], sv));
-            }
-        }
+    let mut y = [0.0f32; R];
+    for r in 0..R {
+        y[r] = hsum64_avx2(&acc[r]);
     }
-    acc.map(|a| {
-        let mut eo = [0.0f32; WIDE];
-        // SAFETY: eo holds 32 f32.
-        unsafe {
-            _mm512_storeu_ps(eo.as_mut_ptr(), a[0]);
-            _mm512_storeu_ps(eo[16..].as_mut_ptr(), a[1]);
-        }
-        let l: [f32; WIDE] = std::array::from_fn(|j| eo[(j % 2) * 16 + j / 2]);
-        r::hsum32(&l)
-    })
-}
-
-/// Split one row of activations as `dot_nf4_avx512` reads them (tests).
-pub fn split_even_odd(x: &[f32]) -> Vec<f32> {
-    let mut xe = vec![0.0f32; x.len()];
-    for (o, c) in xe.chunks_exact_mut(32).zip(x.chunks_exact(32)) {
-        for i in 0..16 {
-            o[i] = c[2 * i];
-            o[16 + i] = c[2 * i + 1];
-        }
-    }
-    xe
+    y
 }
 
 /// 32 one-byte weights as four registers of eight f32 (weights 8k..8k+8 in register k),
@@ -272,13 +261,14 @@ impl Decode32 for Fp8E4M3 {
 }
 
 /// `reference::dot_int8` for R activation rows at once: 32 weights per step converted once
-/// (sign-extended, exactly to f32), per row `part[k] += q * x` in four registers, the block's
-/// tail on the same lanes in scalar code, then `acc += part * scale`.
+/// (sign-extended, exactly to f32), per row `part = fma(q, x, part)` into lanes `i % 64`, the
+/// block's tail on the same lanes in scalar code, then `acc = fma(part, scale, acc)`.
 ///
 /// # Safety
-/// AVX2 and F16C must be available (`simd::has_avx2` checks both); `q.len() == x[r].len()`,
-/// `scales.len() == x[r].len().div_ceil(block_len)`.
-#[target_feature(enable = "avx2,f16c")]
+/// AVX2, F16C and FMA must be available (`has_fma`); `q.len() == x[r].len()`,
+/// `scales.len() == x[r].len().div_ceil(block_len)`, `block_len` the whole row or a power of
+/// two from 32 on.
+#[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_int8<const R: usize>(
     q: &[u8],
     scales: &[f32],
@@ -292,8 +282,8 @@ pub unsafe fn dot_int8<const R: usize>(
 /// `reference::dot_fp8`: `dot_int8`'s loop with the fp8 decode of `D` (`Fp8E4M3`, `Fp8E5M2`).
 ///
 /// # Safety
-/// AVX2 and F16C must be available; lengths as for `dot_int8`.
-#[target_feature(enable = "avx2,f16c")]
+/// As for `dot_int8`.
+#[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_fp8<D: Decode32, const R: usize>(
     q: &[u8],
     scales: &[f32],
@@ -304,7 +294,30 @@ pub unsafe fn dot_fp8<D: Decode32, const R: usize>(
     unsafe { dot_bytes::<D, R>(q, scales, block_len, x) }
 }
 
-#[target_feature(enable = "avx2,f16c")]
+/// 32 weights decoded once, into `part[r][4h..4h+4]` of every row.
+///
+/// # Safety
+/// 32 bytes at `w`, 32 f32 at each `x[r]`.
+#[target_feature(enable = "avx2,f16c,fma")]
+#[inline]
+unsafe fn bytes_step32<D: Decode32, const R: usize, const H: usize>(
+    w: *const u8,
+    x: [*const f32; R],
+    part: &mut [[__m256; 8]; R],
+) {
+    // SAFETY: the caller's contract; AVX2 and F16C enabled here.
+    unsafe {
+        let wf = D::decode32(std::slice::from_raw_parts(w, 32));
+        for r in 0..R {
+            for k in 0..4 {
+                let xv = _mm256_loadu_ps(x[r].add(8 * k));
+                part[r][4 * H + k] = _mm256_fmadd_ps(wf[k], xv, part[r][4 * H + k]);
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,f16c,fma")]
 #[inline]
 unsafe fn dot_bytes<D: Decode32, const R: usize>(
     q: &[u8],
@@ -312,36 +325,73 @@ unsafe fn dot_bytes<D: Decode32, const R: usize>(
     block_len: usize,
     x: [&[f32]; R],
 ) -> [f32; R] {
-    let mut acc = [[_mm256_setzero_ps(); 4]; R];
-    for (b, (&s, qb)) in scales.iter().zip(q.chunks(block_len)).enumerate() {
-        let mut part = [[_mm256_setzero_ps(); 4]; R];
-        let whole = qb.len() / WIDE * WIDE;
-        for (c, w32) in qb[..whole].chunks_exact(WIDE).enumerate() {
-            // SAFETY: a 32-byte chunk; AVX2 and F16C are enabled here.
-            let wf = unsafe { D::decode32(w32) };
-            let at = b * block_len + WIDE * c;
-            for r in 0..R {
-                let x32 = &x[r][at..at + WIDE];
-                for k in 0..4 {
-                    // SAFETY: 8 f32 inside the 32-element chunk.
-                    let xv = unsafe { _mm256_loadu_ps(x32[8 * k..].as_ptr()) };
-                    part[r][k] = _mm256_add_ps(part[r][k], _mm256_mul_ps(wf[k], xv));
+    let k = q.len();
+    assert!(x.iter().all(|x| x.len() == k) && scales.len() == k.div_ceil(block_len));
+    let mut y = [0.0f32; R];
+    if k < WIDE {
+        for r in 0..R {
+            y[r] = r::dot_bytes(q, scales, block_len, x[r], D::value);
+        }
+        return y;
+    }
+    let w = q.as_ptr();
+    let mut xp = [std::ptr::null::<f32>(); R];
+    for r in 0..R {
+        xp[r] = x[r].as_ptr();
+    }
+    let mut acc = [[_mm256_setzero_ps(); 8]; R];
+    for (b, &s) in scales.iter().enumerate() {
+        let at0 = b * block_len;
+        let len = block_len.min(k - at0);
+        let whole = len / 32 * 32;
+        let mut part = [[_mm256_setzero_ps(); 8]; R];
+        for i in (at0..at0 + whole).step_by(32) {
+            let mut xi = xp;
+            for p in xi.iter_mut() {
+                *p = p.wrapping_add(i);
+            }
+            // SAFETY: positions i..i + 32 are inside the row (assert above).
+            unsafe {
+                if i % WIDE == 0 {
+                    bytes_step32::<D, R, 0>(w.add(i), xi, &mut part)
+                } else {
+                    bytes_step32::<D, R, 1>(w.add(i), xi, &mut part)
                 }
             }
         }
         let sv = _mm256_set1_ps(s);
         for r in 0..R {
-            let mut p = wide_lanes(&part[r]);
-            let xb = &x[r][b * block_len..b * block_len + qb.len()];
-            for j in whole..qb.len() {
-                p[j % WIDE] += D::value(qb[j]) * xb[j];
+            if whole < len {
+                let mut p = [0.0f32; WIDE];
+                for (k, v) in part[r].iter().enumerate() {
+                    p[8 * k..8 * k + 8].copy_from_slice(&lanes_of(*v));
+                }
+                for j in at0 + whole..at0 + len {
+                    p[j % WIDE] = D::value(q[j]).mul_add(x[r][j], p[j % WIDE]);
+                }
+                for (k, v) in part[r].iter_mut().enumerate() {
+                    // SAFETY: 8 f32 inside p.
+                    *v = unsafe { _mm256_loadu_ps(p[8 * k..].as_ptr()) };
+                }
             }
-            for k in 0..4 {
-                // SAFETY: 8 f32 inside p.
-                let pk = unsafe { _mm256_loadu_ps(p[8 * k..].as_ptr()) };
-                acc[r][k] = _mm256_add_ps(acc[r][k], _mm256_mul_ps(pk, sv));
+            // Blocks of 64 and more touch every lane; the others (blocks of 32) half of them.
+            let (k0, k1) = if len >= WIDE {
+                (0, 8)
+            } else if at0.is_multiple_of(WIDE) {
+                (0, 4)
+            } else {
+                (4, 8)
+            };
+            for k in k0..k1 {
+                acc[r][k] = _mm256_fmadd_ps(part[r][k], sv, acc[r][k]);
             }
         }
     }
-    acc.map(|a| r::hsum32(&wide_lanes(&a)))
+    for r in 0..R {
+        y[r] = hsum64_avx2(&acc[r]);
+    }
+    y
 }
+
+#[cfg(test)]
+mod tests;
