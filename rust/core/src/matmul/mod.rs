@@ -377,6 +377,10 @@ impl Plan<'_> {
         let w: &[W] = bytemuck::cast_slice(wrow);
         if self.simd {
             // SAFETY: AVX2 detected; x has one block per weight block.
+            if let Some(y) = unsafe { W::dot_row_z(w, x, self.long) } {
+                return y;
+            }
+            // SAFETY: as above.
             unsafe {
                 if self.long {
                     x86::dot_block_k_prefetch(w, x)

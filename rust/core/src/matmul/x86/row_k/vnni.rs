@@ -1,0 +1,383 @@
+//! The M = 1 row kernel of q4_K, q5_K and q6_K with AVX-512 (F/BW/VL/VNNI), in the weights'
+//! own super-block layout (no repacking). Per super-block, four 512-bit vectors hold the
+//! unsigned quants of the sub-block pairs (2i, 2i+1) (the two 256-bit halves of one vector are
+//! the two sub-blocks, so the activations load as they lie); `vpdpbusd` gives sums of 4
+//! products (below 2^15 in magnitude: 4·63·128), `vpackssdw` packs two of them into i16 without
+//! saturating, and `vpdpwssd` multiplies by the sub-block (or 16-group) scales and adds. The
+//! mins (q4_K / q5_K) or q6_K's -32 offset use the activations' `bsums` (one `vpmaddwd`). The
+//! integers are exact, so they equal the reference's whatever the order.
+//!
+//! Super-blocks go in groups of 8: each one's partial sums stay in 8 i32 lanes until the group
+//! ends, where one transpose-style reduction puts super-block j's integer sums in lane j, and
+//! `block_k_product`'s operations run once for the 8 lanes (`d`, `dmin` converted 8 at a time):
+//! lane j accumulates super-block 8g + j, the reference's lane `b % 8`, in the reference's
+//! order. Super-blocks past the last whole group use the AVX2 `SumsK` sums and the reference's
+//! scalar float code on the same lanes. Bit-identical to `reference::dot_block_k`.
+//!
+//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512 F/BW/VL/VNNI and GFNI
+//! (`has_row_k_vnni`).
+
+use std::arch::x86_64::*;
+
+use super::super::{lanes_of, prefetch_ahead};
+use super::SumsK;
+use crate::formats::blocks::*;
+use crate::matmul::reference::{self as r, BlockQ8K, LANES};
+
+/// True when the AVX-512 K-quant row kernel may run (`has_vnni` plus AVX-512 F/BW and GFNI).
+pub fn has_row_k_vnni() -> bool {
+    use std::sync::OnceLock;
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        super::super::has_vnni()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("f16c")
+            && std::arch::is_x86_feature_detected!("gfni")
+    })
+}
+
+/// One super-block decoded for `dot_row_k_vnni`.
+#[derive(Clone, Copy)]
+pub struct DecodedZ {
+    /// Unsigned quants: vector i = sub-block 2i (low 256 bits) and 2i + 1 (high 256 bits).
+    q: [__m512i; 4],
+    /// i16 multipliers of `packs(p0, p1)` and `packs(p2, p3)` (p_i = `dpbusd(q[i], x)`): in
+    /// 128-bit lane k of the pack, i16 0..3 come from 16-group k (of p0 / p2) and 4..7 from
+    /// 16-group 4 + k (of p1 / p3), so lane k's multipliers are those groups' scales.
+    scl: [__m512i; 2],
+    /// i16 multipliers of the 16 `bsums`: each sub-block's min twice (q4_K / q5_K), or the 16
+    /// scales (q6_K).
+    bmul: __m256i,
+}
+
+/// K-quants with the AVX-512 row kernel.
+pub trait RowK: SumsK {
+    /// q6_K: the quants are stored +32 and there is no min.
+    const Q6: bool;
+    /// # Safety
+    /// AVX2, AVX-512 F/BW/VL must be available.
+    unsafe fn decode_z(&self) -> DecodedZ;
+    /// The f16 super-block scale and min (zero for q6_K).
+    fn halves(&self) -> (Half, Half);
+}
+
+/// i16 permutation indices (`vpermw`) from the 16 per-16-group scales to `DecodedZ::scl[h]`:
+/// lane k, i16 0..3 -> group 8h + k, i16 4..7 -> group 8h + 4 + k. q4_K / q5_K give group g
+/// the scale of sub-block g / 2 (their table is [sc0..sc7, m0..m7]: index g / 2).
+const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
+    let mut t = [0i16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let (k, pos) = (i / 8, i % 8);
+        let g = 8 * h + k + if pos < 4 { 0 } else { 4 };
+        t[i] = if k4 { (g / 2) as i16 } else { g as i16 };
+        i += 1;
+    }
+    t
+}
+
+const SCL_K4: [[i16; 32]; 2] = [scl_idx(0, true), scl_idx(1, true)];
+const SCL_Q6: [[i16; 32]; 2] = [scl_idx(0, false), scl_idx(1, false)];
+/// From [sc0..sc7, m0..m7] (i16) to [m0 m0 m1 m1 .. m7 m7]: bsums 2s and 2s + 1 are
+/// sub-block s's.
+const MIN_IDX: [i16; 16] = [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15];
+
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+#[inline]
+unsafe fn load_idx32(t: &[i16; 32]) -> __m512i {
+    // SAFETY: 64 bytes.
+    unsafe { _mm512_loadu_si512(t.as_ptr() as *const __m512i) }
+}
+
+/// [sc0..sc7, m0..m7] as i16 from the 12 scale bytes of a q4_K / q5_K block, with ggml's
+/// word-wide masks (`reference::unpack_scales_k4`) on the four 32-bit lanes of one register.
+///
+/// # Safety
+/// AVX2 must be available; `p` points at the 12 scale bytes and 4 more readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scales_mins_k4(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes at p (caller).
+    let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    // [u0 & 0x3f.., u1 & 0x3f..]: sc0..3, m0..3
+    let lo = _mm_and_si128(v, _mm_set1_epi32(0x3f3f_3f3f));
+    // [u2 & 0x0f.., (u2 >> 4) & 0x0f..] | [(u0 >> 6) & 3 .., (u1 >> 6) & 3 ..] << 4
+    let u2 = _mm_shuffle_epi32(v, 0b1010);
+    let a = _mm_and_si128(
+        _mm_srlv_epi32(u2, _mm_set_epi32(0, 0, 4, 0)),
+        _mm_set1_epi32(0x0f0f_0f0f),
+    );
+    let b = _mm_and_si128(_mm_srli_epi32(v, 2), _mm_set1_epi32(0x3030_3030));
+    let hi = _mm_or_si128(a, b);
+    _mm256_cvtepu8_epi16(_mm_unpacklo_epi32(lo, hi))
+}
+
+/// GF(2) affine matrices (`vgf2p8affineqb`, byte 7 - i = the input bits of output bit i): the
+/// low nibble of each byte, and the high nibble moved down.
+const NIB_LO: i64 = 0x0102_0408_0000_0000;
+const NIB_HI: i64 = 0x1020_4080_0000_0000u64 as i64;
+
+/// q4_K / q5_K: the four nibble vectors (low nibbles of 32-byte chunk i in the low half, its
+/// high nibbles in the high half: sub-blocks 2i and 2i + 1), the scale vectors and the mins.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,gfni")]
+#[inline]
+unsafe fn decode_k4(qs: &[u8; QK_K / 2], scales: *const u8) -> DecodedZ {
+    let mat = _mm512_set_epi64(
+        NIB_HI, NIB_HI, NIB_HI, NIB_HI, NIB_LO, NIB_LO, NIB_LO, NIB_LO,
+    );
+    let mut q = [_mm512_setzero_si512(); 4];
+    for (i, v) in q.iter_mut().enumerate() {
+        // SAFETY: 32 bytes inside qs (128).
+        let c = unsafe { _mm256_loadu_si256(qs[32 * i..].as_ptr() as *const __m256i) };
+        *v = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_broadcast_i64x4(c), mat);
+    }
+    // SAFETY: 16 readable bytes at `scales` (caller).
+    let g = unsafe { scales_mins_k4(scales) };
+    let gz = _mm512_zextsi256_si512(g);
+    // SAFETY: constant tables of 32 i16 / 16 i16.
+    unsafe {
+        DecodedZ {
+            q,
+            scl: [
+                _mm512_permutexvar_epi16(load_idx32(&SCL_K4[0]), gz),
+                _mm512_permutexvar_epi16(load_idx32(&SCL_K4[1]), gz),
+            ],
+            bmul: _mm256_permutexvar_epi16(
+                _mm256_loadu_si256(MIN_IDX.as_ptr() as *const __m256i),
+                g,
+            ),
+        }
+    }
+}
+
+impl RowK for BlockQ4K {
+    const Q6: bool = false;
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 available (contract); the 12 scale bytes (offset 4) are followed by
+        // qs, so 16 bytes from there stay inside the block.
+        unsafe { decode_k4(&self.qs, (self as *const Self as *const u8).add(4)) }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, self.dmin)
+    }
+}
+
+impl RowK for BlockQ5K {
+    const Q6: bool = false;
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 available (contract); 16 bytes from `scales` stay inside the block
+        // (qh follows), 32-byte loads inside qh.
+        unsafe {
+            let mut z = decode_k4(&self.qs, (self as *const Self as *const u8).add(4));
+            let hv = _mm512_broadcast_i64x4(_mm256_loadu_si256(self.qh.as_ptr() as *const __m256i));
+            let bit4 = _mm512_set1_epi8(0x10);
+            for (i, v) in z.q.iter_mut().enumerate() {
+                // bit 2i of qh[l] (low half) and bit 2i + 1 (high half) to bit 4; the 64-bit
+                // shifts leak bits across bytes, which the mask 0x10 removes.
+                let h = match i {
+                    0 => _mm512_sllv_epi64(hv, _mm512_set_epi64(3, 3, 3, 3, 4, 4, 4, 4)),
+                    1 => _mm512_sllv_epi64(hv, _mm512_set_epi64(1, 1, 1, 1, 2, 2, 2, 2)),
+                    2 => _mm512_srlv_epi64(hv, _mm512_set_epi64(1, 1, 1, 1, 0, 0, 0, 0)),
+                    _ => _mm512_srlv_epi64(hv, _mm512_set_epi64(3, 3, 3, 3, 2, 2, 2, 2)),
+                };
+                // v | (h & 0x10)
+                *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, bit4);
+            }
+            z
+        }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, self.dmin)
+    }
+}
+
+impl RowK for BlockQ6K {
+    const Q6: bool = true;
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 available (contract); 64-byte loads inside ql (128), 32 inside qh
+        // (64), 16 bytes of scales.
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let m2 = _mm512_set1_epi8(0x30);
+            let mut q = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                // low 256 bits: ql[64h..+32] (elements 128h + l and, high nibbles, 128h + 64 + l),
+                // high 256 bits: ql[64h + 32..+32] (128h + 32 + l and 128h + 96 + l)
+                let v = _mm512_loadu_si512(self.ql[64 * h..].as_ptr() as *const __m512i);
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    self.qh[32 * h..].as_ptr() as *const __m256i
+                ));
+                // bits 2k..2k+1 of qh to bits 4..5: k = 0, 1 (<< 4, << 2), k = 2, 3 (>> 0, >> 2);
+                // the mask 0x30 drops what crossed a byte boundary.
+                let t01 = _mm512_sllv_epi64(qh, _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4));
+                let t23 = _mm512_srlv_epi64(qh, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0));
+                // (v & 0x0f) | (t & 0x30)
+                q[2 * h] = _mm512_ternarylogic_epi32::<0xf8>(_mm512_and_si512(v, m4), t01, m2);
+                q[2 * h + 1] = _mm512_ternarylogic_epi32::<0xf8>(
+                    _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+                    t23,
+                    m2,
+                );
+            }
+            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr() as *const __m128i));
+            let gz = _mm512_zextsi256_si512(sc);
+            DecodedZ {
+                q,
+                scl: [
+                    _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[0]), gz),
+                    _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[1]), gz),
+                ],
+                bmul: sc,
+            }
+        }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, [0, 0])
+    }
+}
+
+/// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn reduce8(v: &[__m256i; 8]) -> __m256i {
+    let h01 = _mm256_hadd_epi32(v[0], v[1]);
+    let h23 = _mm256_hadd_epi32(v[2], v[3]);
+    let h45 = _mm256_hadd_epi32(v[4], v[5]);
+    let h67 = _mm256_hadd_epi32(v[6], v[7]);
+    let a = _mm256_hadd_epi32(h01, h23);
+    let b = _mm256_hadd_epi32(h45, h67);
+    let lo = _mm256_permute2x128_si256(a, b, 0x20);
+    let hi = _mm256_permute2x128_si256(a, b, 0x31);
+    _mm256_add_epi32(lo, hi)
+}
+
+/// The integer sums of one super-block with one activation block, in 8 i32 lanes each:
+/// (Σ scale·q·x, Σ min·bsum) for q4_K / q5_K, (Σ sc·q·x - 32 Σ sc·bsum, -) for q6_K.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn sums_z<W: RowK>(d: &DecodedZ, x: &BlockQ8K) -> (__m256i, __m256i) {
+    let z = _mm512_setzero_si512();
+    let mut p = [z; 4];
+    for (i, v) in p.iter_mut().enumerate() {
+        // SAFETY: 64 bytes inside x.qs (256).
+        let xv = unsafe { _mm512_loadu_si512(x.qs[64 * i..].as_ptr() as *const __m512i) };
+        *v = _mm512_dpbusd_epi32(z, d.q[i], xv);
+    }
+    // |p| <= 4·63·128 < 2^15: the packs are exact
+    let s = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p[0], p[1]), d.scl[0]);
+    let s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]);
+    let f = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
+    // SAFETY: 32 bytes of bsums.
+    let bs = unsafe { _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i) };
+    let m = _mm256_madd_epi16(bs, d.bmul);
+    if W::Q6 {
+        // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum
+        (_mm256_sub_epi32(f, _mm256_slli_epi32(m, 5)), m)
+    } else {
+        (f, m)
+    }
+}
+
+/// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
+/// decoded once), `long`: prefetch the weights ahead (`prefetch_ahead`).
+///
+/// # Safety
+/// `has_row_k_vnni()` must be true; every `x[r]` has at least `w.len()` blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+    long: bool,
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe {
+        if long {
+            row_k_vnni::<W, R, true>(w, x)
+        } else {
+            row_k_vnni::<W, R, false>(w, x)
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+#[inline]
+unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+) -> [f32; R] {
+    let nb = w.len();
+    let groups = nb / LANES;
+    let mut acc = [_mm256_setzero_ps(); R];
+    for g in 0..groups {
+        let wg = &w[g * LANES..g * LANES + LANES];
+        if PF {
+            prefetch_ahead(wg);
+        }
+        let mut isum = [[_mm256_setzero_si256(); LANES]; R];
+        let mut msum = [[_mm256_setzero_si256(); LANES]; R];
+        for j in 0..LANES {
+            let dz = unsafe { wg[j].decode_z() };
+            for rr in 0..R {
+                let (i, m) = unsafe { sums_z::<W>(&dz, &x[rr][g * LANES + j]) };
+                isum[rr][j] = i;
+                msum[rr][j] = m;
+            }
+        }
+        // (Loops, not `array::from_fn` or closures: a closure does not inherit the target
+        // features and is not inlined into this function.)
+        let (mut hd, mut hm) = ([0u16; LANES], [0u16; LANES]);
+        for j in 0..LANES {
+            let (d, dmin) = wg[j].halves();
+            hd[j] = u16::from_le_bytes(d);
+            hm[j] = u16::from_le_bytes(dmin);
+        }
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hd.as_ptr() as *const __m128i) });
+        let dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hm.as_ptr() as *const __m128i) });
+        for rr in 0..R {
+            let xg = &x[rr][g * LANES..g * LANES + LANES];
+            let mut xd = [0.0f32; LANES];
+            for j in 0..LANES {
+                xd[j] = xg[j].d;
+            }
+            let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
+            let is = _mm256_cvtepi32_ps(reduce8(&isum[rr]));
+            let ms = if W::Q6 {
+                _mm256_setzero_ps()
+            } else {
+                _mm256_cvtepi32_ps(reduce8(&msum[rr]))
+            };
+            // block_k_product: (d·xd)·isum - (dmin·xd)·msum, then acc += p
+            let p = _mm256_sub_ps(
+                _mm256_mul_ps(_mm256_mul_ps(dw, xd), is),
+                _mm256_mul_ps(_mm256_mul_ps(dmin, xd), ms),
+            );
+            acc[rr] = _mm256_add_ps(acc[rr], p);
+        }
+    }
+    let mut lanes = [[0.0f32; LANES]; R];
+    for (l, &a) in lanes.iter_mut().zip(&acc) {
+        *l = lanes_of(a);
+    }
+    for b in groups * LANES..nb {
+        let wb = &w[b];
+        let q = unsafe { wb.decode() };
+        let (d, dmin) = wb.d_dmin();
+        for (rr, l) in lanes.iter_mut().enumerate() {
+            let xb = &x[rr][b];
+            let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
+            l[b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for (o, l) in out.iter_mut().zip(&lanes) {
+        *o = r::hsum8(l);
+    }
+    out
+}
