@@ -10,7 +10,8 @@ use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 
 mod vnni;
-use vnni::{dot_row_k_vnni, has_row_k_vnni};
+use vnni::dot_row_k_vnni;
+pub use vnni::{has_row_k_vnni, interleave_k4};
 #[cfg(test)]
 mod tests;
 
@@ -36,6 +37,7 @@ pub trait SumsK: BlockK {
     unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32);
     /// `reference::dot_block_k` by the AVX-512 row kernel (`vnni.rs`, `long`: with the weight
     /// prefetch) where this format has one and the CPU runs it (`has_row_k_vnni`), else None.
+    /// `xz[r]`: `x[r]`'s quants by `interleave_k4` (None if too short).
     ///
     /// # Safety
     /// AVX2 must be available; every `x[r]` has at least `w.len()` blocks.
@@ -43,6 +45,7 @@ pub trait SumsK: BlockK {
     unsafe fn dot_row_z<const R: usize>(
         _w: &[Self],
         _x: [&[BlockQ8K]; R],
+        _xz: [&[u8]; R],
         _long: bool,
     ) -> Option<[f32; R]>
     where
@@ -59,11 +62,14 @@ macro_rules! row_z {
         unsafe fn dot_row_z<const R: usize>(
             w: &[Self],
             x: [&[BlockQ8K]; R],
+            xz: [&[u8]; R],
             long: bool,
         ) -> Option<[f32; R]> {
-            if has_row_k_vnni() {
-                // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; lengths: the caller's.
-                Some(unsafe { dot_row_k_vnni(w, x, long) })
+            let xz_ok = xz.iter().all(|v| v.len() >= QK_K * w.len());
+            if xz_ok && has_row_k_vnni() {
+                // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's; xz
+                // checked above.
+                Some(unsafe { dot_row_k_vnni(w, x, xz, long) })
             } else {
                 None
             }

@@ -3,7 +3,7 @@
 //! rows, with and without the weight prefetch; saturating quants and scales; and the
 //! dispatch through `qmatmul` at M = 1 (short rows and rows above `LONG_K`).
 
-use super::vnni::{dot_row_k_vnni, has_row_k_vnni, RowK};
+use super::vnni::{dot_row_k_vnni, has_row_k_vnni, interleave_k4, RowK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
 use crate::matmul::tests::{blocks, Rng};
@@ -26,15 +26,25 @@ fn acts(rng: &mut Rng, nb: usize, scale: f32) -> Vec<BlockQ8K> {
     q
 }
 
+/// The activations by `interleave_k4` (what `qmatmul` prepares; here not 64-byte aligned).
+fn interleaved<W: RowK>(x: &[BlockQ8K]) -> Vec<u8> {
+    let mut v = vec![0u8; x.len() * QK_K];
+    interleave_k4(x, W::Q6, &mut v);
+    v
+}
+
 fn check<W: RowK>(w: &[W], rows: &[Vec<BlockQ8K>; 4], what: &str) {
     let x: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &rows[i][..]);
+    let zs: Vec<Vec<u8>> = rows.iter().map(|r| interleaved::<W>(r)).collect();
+    let xz: [&[u8]; 4] = std::array::from_fn(|i| &zs[i][..]);
     let want: [u32; 4] = std::array::from_fn(|i| r::dot_block_k(w, x[i]).to_bits());
     for long in [false, true] {
-        // SAFETY: has_row_k_vnni() checked by the callers; one activation block per weight block.
-        let got = unsafe { dot_row_k_vnni(w, x, long) }.map(f32::to_bits);
+        // SAFETY: has_row_k_vnni() checked by the callers; one activation block per weight
+        // block, 256 interleaved bytes per block.
+        let got = unsafe { dot_row_k_vnni(w, x, xz, long) }.map(f32::to_bits);
         assert_eq!(got, want, "{what} R=4 long={long}");
         // SAFETY: as above.
-        let one = unsafe { dot_row_k_vnni(w, [x[1]], long) }[0].to_bits();
+        let one = unsafe { dot_row_k_vnni(w, [x[1]], [xz[1]], long) }[0].to_bits();
         assert_eq!(one, want[1], "{what} R=1 long={long}");
     }
 }
@@ -165,6 +175,12 @@ fn bench_row_k() {
         let data = blocks(rng, n * nb, size, halves::<W>());
         let w: &[W] = bytemuck::cast_slice(&data);
         let x = acts(rng, nb, 1.0);
+        // 64-byte aligned, as `qmatmul` allocates them (BENCH_ALIGN=n: n bytes past that)
+        let mut buf = vec![0u8; nb * QK_K + 128];
+        let off = buf.as_ptr().align_offset(64)
+            + std::env::var("BENCH_ALIGN").map_or(0, |v| v.parse::<usize>().unwrap());
+        buf[off..off + nb * QK_K].copy_from_slice(&interleaved::<W>(&x));
+        let xz = &buf[off..off + nb * QK_K];
         let mut best = [f64::MAX; 2];
         let mut sink = 0.0f32;
         for _ in 0..(400 * 256 / n).max(400) {
@@ -174,7 +190,7 @@ fn bench_row_k() {
                     // SAFETY: AVX-512 VNNI detected (which implies AVX2); nb blocks each.
                     sink += unsafe {
                         if v == 0 {
-                            dot_row_k_vnni(row, [&x[..]], false)[0]
+                            dot_row_k_vnni(row, [&x[..]], [xz], false)[0]
                         } else {
                             super::super::dot_block_k(row, [&x[..]])[0]
                         }

@@ -14,8 +14,7 @@
 //! order. Super-blocks past the last whole group use the AVX2 `SumsK` sums and the reference's
 //! scalar float code on the same lanes. Bit-identical to `reference::dot_block_k`.
 //!
-//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512 F/BW/VL/VNNI and GFNI
-//! (`has_row_k_vnni`).
+//! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`has_row_k_vnni`).
 
 use std::arch::x86_64::*;
 
@@ -24,7 +23,7 @@ use super::SumsK;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K, LANES};
 
-/// True when the AVX-512 K-quant row kernel may run (`has_vnni` plus AVX-512 F/BW and GFNI).
+/// True when the AVX-512 K-quant row kernel may run (`has_vnni` plus AVX-512 F/BW).
 pub fn has_row_k_vnni() -> bool {
     use std::sync::OnceLock;
     static F: OnceLock<bool> = OnceLock::new();
@@ -33,18 +32,18 @@ pub fn has_row_k_vnni() -> bool {
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("f16c")
-            && std::arch::is_x86_feature_detected!("gfni")
     })
 }
 
 /// One super-block decoded for `dot_row_k_vnni`.
 #[derive(Clone, Copy)]
 pub struct DecodedZ {
-    /// Unsigned quants: vector i = sub-block 2i (low 256 bits) and 2i + 1 (high 256 bits).
+    /// Unsigned quants, 64 a vector: q6_K in element order (vector i = sub-blocks 2i and
+    /// 2i + 1), q4_K / q5_K in `K4_ORDER` (their activations prepared the same way).
     q: [__m512i; 4],
     /// i16 multipliers of `packs(p0, p1)` and `packs(p2, p3)` (p_i = `dpbusd(q[i], x)`): in
-    /// 128-bit lane k of the pack, i16 0..3 come from 16-group k (of p0 / p2) and 4..7 from
-    /// 16-group 4 + k (of p1 / p3), so lane k's multipliers are those groups' scales.
+    /// 128-bit lane k of a pack, i16 0..3 are sums of 4 products from lane k of p0 / p2 and
+    /// i16 4..7 from lane k of p1 / p3; their multipliers are the scales of those elements.
     scl: [__m512i; 2],
     /// i16 multipliers of the 16 `bsums`: each sub-block's min twice (q4_K / q5_K), or the 16
     /// scales (q6_K).
@@ -62,19 +61,40 @@ pub trait RowK: SumsK {
     fn halves(&self) -> (Half, Half);
 }
 
-/// i16 permutation indices (`vpermw`) from the 16 per-16-group scales to `DecodedZ::scl[h]`:
-/// lane k, i16 0..3 -> group 8h + k, i16 4..7 -> group 8h + 4 + k. q4_K / q5_K give group g
-/// the scale of sub-block g / 2 (their table is [sc0..sc7, m0..m7]: index g / 2).
+/// i16 permutation indices (`vpermw`) to `DecodedZ::scl[h]`, from the 16 per-16-group scales
+/// (q6_K: lane k, i16 0..3 -> group 8h + k, i16 4..7 -> group 8h + 4 + k) or from q4_K /
+/// q5_K's [sc0..sc7, m0..m7] (their quants in `K4_ORDER`: lane k, i16 0..3 -> sub-block
+/// 4h + 2(k / 2), i16 4..7 -> the next sub-block).
 const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
     let mut t = [0i16; 32];
     let mut i = 0;
     while i < 32 {
         let (k, pos) = (i / 8, i % 8);
-        let g = 8 * h + k + if pos < 4 { 0 } else { 4 };
-        t[i] = if k4 { (g / 2) as i16 } else { g as i16 };
+        t[i] = if k4 {
+            (4 * h + 2 * (k / 2) + if pos < 4 { 0 } else { 1 }) as i16
+        } else {
+            (8 * h + k + if pos < 4 { 0 } else { 4 }) as i16
+        };
         i += 1;
     }
     t
+}
+
+/// The sub-block order of q4_K / q5_K's quant vectors (pairs: the low and high halves of
+/// `DecodedZ::q[i]`), and of the activations `interleave_k4` prepares for them.
+pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+
+/// The activation quants of each block for `dot_row_k_vnni` (256 bytes a block): in `K4_ORDER`
+/// for q4_K / q5_K, as they are for q6_K. `qmatmul` puts them on 64-byte boundaries (each
+/// 512-bit load then reads one cache line).
+pub fn interleave_k4(blocks: &[BlockQ8K], q6: bool, out: &mut [u8]) {
+    for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+        let q: &[u8; QK_K] = bytemuck::cast_ref(&b.qs);
+        for (t, &s) in K4_ORDER.iter().enumerate() {
+            let s = if q6 { t } else { s };
+            o[32 * t..32 * t + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
+        }
+    }
 }
 
 const SCL_K4: [[i16; 32]; 2] = [scl_idx(0, true), scl_idx(1, true)];
@@ -113,24 +133,19 @@ unsafe fn scales_mins_k4(p: *const u8) -> __m256i {
     _mm256_cvtepu8_epi16(_mm_unpacklo_epi32(lo, hi))
 }
 
-/// GF(2) affine matrices (`vgf2p8affineqb`, byte 7 - i = the input bits of output bit i): the
-/// low nibble of each byte, and the high nibble moved down.
-const NIB_LO: i64 = 0x0102_0408_0000_0000;
-const NIB_HI: i64 = 0x1020_4080_0000_0000u64 as i64;
-
-/// q4_K / q5_K: the four nibble vectors (low nibbles of 32-byte chunk i in the low half, its
-/// high nibbles in the high half: sub-blocks 2i and 2i + 1), the scale vectors and the mins.
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,gfni")]
+/// q4_K / q5_K: the nibble vectors (`DecodedZ::q` in `K4_ORDER`: the low nibbles of the 64
+/// bytes qs[64h..] are sub-blocks 4h (low half) and 4h + 2 (high half), their high nibbles
+/// 4h + 1 and 4h + 3), the scale vectors and the mins.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
 #[inline]
 unsafe fn decode_k4(qs: &[u8; QK_K / 2], scales: *const u8) -> DecodedZ {
-    let mat = _mm512_set_epi64(
-        NIB_HI, NIB_HI, NIB_HI, NIB_HI, NIB_LO, NIB_LO, NIB_LO, NIB_LO,
-    );
+    let m4 = _mm512_set1_epi8(0x0f);
     let mut q = [_mm512_setzero_si512(); 4];
-    for (i, v) in q.iter_mut().enumerate() {
-        // SAFETY: 32 bytes inside qs (128).
-        let c = unsafe { _mm256_loadu_si256(qs[32 * i..].as_ptr() as *const __m256i) };
-        *v = _mm512_gf2p8affine_epi64_epi8::<0>(_mm512_broadcast_i64x4(c), mat);
+    for h in 0..2 {
+        // SAFETY: 64 bytes inside qs (128).
+        let v = unsafe { _mm512_loadu_si512(qs[64 * h..].as_ptr() as *const __m512i) };
+        q[2 * h] = _mm512_and_si512(v, m4);
+        q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
     }
     // SAFETY: 16 readable bytes at `scales` (caller).
     let g = unsafe { scales_mins_k4(scales) };
@@ -176,13 +191,14 @@ impl RowK for BlockQ5K {
             let hv = _mm512_broadcast_i64x4(_mm256_loadu_si256(self.qh.as_ptr() as *const __m256i));
             let bit4 = _mm512_set1_epi8(0x10);
             for (i, v) in z.q.iter_mut().enumerate() {
-                // bit 2i of qh[l] (low half) and bit 2i + 1 (high half) to bit 4; the 64-bit
-                // shifts leak bits across bytes, which the mask 0x10 removes.
+                // bit s of qh[l] to bit 4 for the sub-blocks s of q[i] (`K4_ORDER`: 0 | 2,
+                // 1 | 3, 4 | 6, 5 | 7); the 64-bit shifts leak bits across bytes, which the
+                // mask 0x10 removes.
                 let h = match i {
-                    0 => _mm512_sllv_epi64(hv, _mm512_set_epi64(3, 3, 3, 3, 4, 4, 4, 4)),
-                    1 => _mm512_sllv_epi64(hv, _mm512_set_epi64(1, 1, 1, 1, 2, 2, 2, 2)),
-                    2 => _mm512_srlv_epi64(hv, _mm512_set_epi64(1, 1, 1, 1, 0, 0, 0, 0)),
-                    _ => _mm512_srlv_epi64(hv, _mm512_set_epi64(3, 3, 3, 3, 2, 2, 2, 2)),
+                    0 => _mm512_sllv_epi64(hv, _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4)),
+                    1 => _mm512_sllv_epi64(hv, _mm512_set_epi64(1, 1, 1, 1, 3, 3, 3, 3)),
+                    2 => _mm512_srlv_epi64(hv, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0)),
+                    _ => _mm512_srlv_epi64(hv, _mm512_set_epi64(3, 3, 3, 3, 1, 1, 1, 1)),
                 };
                 // v | (h & 0x10)
                 *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, bit4);
@@ -243,31 +259,40 @@ impl RowK for BlockQ6K {
     }
 }
 
-/// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]`.
+/// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]` (unpacks
+/// and adds, a transpose that sums as it goes: `vphaddd` is two shuffles each here).
 #[target_feature(enable = "avx2")]
 #[inline]
 fn reduce8(v: &[__m256i; 8]) -> __m256i {
-    let h01 = _mm256_hadd_epi32(v[0], v[1]);
-    let h23 = _mm256_hadd_epi32(v[2], v[3]);
-    let h45 = _mm256_hadd_epi32(v[4], v[5]);
-    let h67 = _mm256_hadd_epi32(v[6], v[7]);
-    let a = _mm256_hadd_epi32(h01, h23);
-    let b = _mm256_hadd_epi32(h45, h67);
-    let lo = _mm256_permute2x128_si256(a, b, 0x20);
-    let hi = _mm256_permute2x128_si256(a, b, 0x31);
-    _mm256_add_epi32(lo, hi)
+    let mut s = [_mm256_setzero_si256(); 4];
+    for (i, o) in s.iter_mut().enumerate() {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        // [a0+a2 b0+b2 a1+a3 b1+b3 | a4+a6 b4+b6 a5+a7 b5+b7]
+        *o = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+    }
+    let mut t = [_mm256_setzero_si256(); 2];
+    for (i, o) in t.iter_mut().enumerate() {
+        let (a, b) = (s[2 * i], s[2 * i + 1]);
+        // [Σlo v(4i) .. Σlo v(4i+3) | Σhi v(4i) .. Σhi v(4i+3)] (lo/hi: lanes 0..3 / 4..7)
+        *o = _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+    }
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256(t[0], t[1], 0x20),
+        _mm256_permute2x128_si256(t[0], t[1], 0x31),
+    )
 }
 
 /// The integer sums of one super-block with one activation block, in 8 i32 lanes each:
 /// (Σ scale·q·x, Σ min·bsum) for q4_K / q5_K, (Σ sc·q·x - 32 Σ sc·bsum, -) for q6_K.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn sums_z<W: RowK>(d: &DecodedZ, x: &BlockQ8K) -> (__m256i, __m256i) {
+unsafe fn sums_z<W: RowK>(d: &DecodedZ, xq: &[u8], x: &BlockQ8K) -> (__m256i, __m256i) {
+    debug_assert!(xq.len() >= QK_K);
     let z = _mm512_setzero_si512();
     let mut p = [z; 4];
     for (i, v) in p.iter_mut().enumerate() {
-        // SAFETY: 64 bytes inside x.qs (256).
-        let xv = unsafe { _mm512_loadu_si512(x.qs[64 * i..].as_ptr() as *const __m512i) };
+        // SAFETY: 64 bytes inside xq (256).
+        let xv = unsafe { _mm512_loadu_si512(xq[64 * i..].as_ptr() as *const __m512i) };
         *v = _mm512_dpbusd_epi32(z, d.q[i], xv);
     }
     // |p| <= 4·63·128 < 2^15: the packs are exact
@@ -286,31 +311,35 @@ unsafe fn sums_z<W: RowK>(d: &DecodedZ, x: &BlockQ8K) -> (__m256i, __m256i) {
 }
 
 /// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
-/// decoded once), `long`: prefetch the weights ahead (`prefetch_ahead`).
+/// decoded once), `long`: prefetch the weights ahead (`prefetch_ahead`). `xz[r]` is `x[r]`'s
+/// quants by `interleave_k4` (the kernel reads `x[r]`'s `d` and `bsums`).
 ///
 /// # Safety
-/// `has_row_k_vnni()` must be true; every `x[r]` has at least `w.len()` blocks.
-#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+/// `has_row_k_vnni()` must be true; every `x[r]` has at least `w.len()` blocks and every
+/// `xz[r]` at least `256 * w.len()` bytes.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
     w: &[W],
     x: [&[BlockQ8K]; R],
+    xz: [&[u8]; R],
     long: bool,
 ) -> [f32; R] {
     // SAFETY: the caller's contract is this function's.
     unsafe {
         if long {
-            row_k_vnni::<W, R, true>(w, x)
+            row_k_vnni::<W, R, true>(w, x, xz)
         } else {
-            row_k_vnni::<W, R, false>(w, x)
+            row_k_vnni::<W, R, false>(w, x, xz)
         }
     }
 }
 
-#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
 unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
     w: &[W],
     x: [&[BlockQ8K]; R],
+    xz: [&[u8]; R],
 ) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
@@ -324,8 +353,11 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
         let mut msum = [[_mm256_setzero_si256(); LANES]; R];
         for j in 0..LANES {
             let dz = unsafe { wg[j].decode_z() };
+            let b = g * LANES + j;
             for rr in 0..R {
-                let (i, m) = unsafe { sums_z::<W>(&dz, &x[rr][g * LANES + j]) };
+                let xb = &x[rr][b];
+                let xq = &xz[rr][QK_K * b..QK_K * b + QK_K];
+                let (i, m) = unsafe { sums_z::<W>(&dz, xq, xb) };
                 isum[rr][j] = i;
                 msum[rr][j] = m;
             }
