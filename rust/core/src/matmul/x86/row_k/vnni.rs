@@ -1,18 +1,24 @@
-//! The M = 1 row kernel of q4_K, q5_K and q6_K with AVX-512 (F/BW/VL/VNNI), in the weights'
-//! own super-block layout (no repacking). Per super-block, four 512-bit vectors hold the
-//! unsigned quants of the sub-block pairs (2i, 2i+1) (the two 256-bit halves of one vector are
-//! the two sub-blocks, so the activations load as they lie); `vpdpbusd` gives sums of 4
-//! products (below 2^15 in magnitude: 4·63·128), `vpackssdw` packs two of them into i16 without
-//! saturating, and `vpdpwssd` multiplies by the sub-block (or 16-group) scales and adds. The
-//! mins (q4_K / q5_K) or q6_K's -32 offset use the activations' `bsums` (one `vpmaddwd`). The
-//! integers are exact, so they equal the reference's whatever the order.
+//! The M = 1 row kernel of q4_K, q5_K and q6_K with AVX-512 (F/BW/VL/VNNI), the weights in
+//! their own super-block layout (no repacking). Per super-block, four 512-bit vectors hold 64
+//! unsigned quants each (two sub-blocks of 32: q6_K in element order, q4_K / q5_K as one
+//! 64-byte load of qs splits into low and high nibbles, `K4_ORDER`); the activations are
+//! prepared once per call in the same order (`interleave_k4`, 64-byte aligned). `vpdpbusd`
+//! gives sums of 4 products (below 2^15 in magnitude: 4·63·128), `vpackssdw` packs two of them
+//! into i16 without saturating, and `vpdpwssd` multiplies by the sub-block (or 16-group)
+//! scales and adds. The mins (q4_K / q5_K) or q6_K's -32 offset use the activations' `bsums`
+//! (one `vpmaddwd`). The integers are exact, so they equal the reference's whatever the order.
 //!
-//! Super-blocks go in groups of 8: each one's partial sums stay in 8 i32 lanes until the group
+//! Super-blocks go in groups of 8: each one's partial sums stay in i32 lanes until the group
 //! ends, where one transpose-style reduction puts super-block j's integer sums in lane j, and
 //! `block_k_product`'s operations run once for the 8 lanes (`d`, `dmin` converted 8 at a time):
 //! lane j accumulates super-block 8g + j, the reference's lane `b % 8`, in the reference's
 //! order. Super-blocks past the last whole group use the AVX2 `SumsK` sums and the reference's
 //! scalar float code on the same lanes. Bit-identical to `reference::dot_block_k`.
+//!
+//! What made it fast here (Zen 4, measured with the loop alone): short dependency chains per
+//! super-block. The scale decode (`vpermw` at its end) runs one super-block ahead, and the 16
+//! lanes of a super-block's sums are folded to 8 only at the group's end (a `vextracti64x4` at
+//! the end of each chain cost 1.7x in the loop).
 //!
 //! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`has_row_k_vnni`).
 
@@ -282,11 +288,13 @@ fn reduce8(v: &[__m256i; 8]) -> __m256i {
     )
 }
 
-/// The integer sums of one super-block with one activation block, in 8 i32 lanes each:
-/// (Σ scale·q·x, Σ min·bsum) for q4_K / q5_K, (Σ sc·q·x - 32 Σ sc·bsum, -) for q6_K.
+/// The integer sums of one super-block with one activation block: Σ scale·q·x in 16 i32 lanes
+/// and Σ bmul·bsum (q4_K / q5_K: Σ min·bsum; q6_K: Σ sc·bsum, for its -32) in 8. No fold to
+/// 8 lanes here: `vextracti64x4` at the end of this chain made the loop 1.7x slower (the
+/// super-blocks' chains overlap less); `fold` runs once per group.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn sums_z<W: RowK>(d: &DecodedZ, xq: &[u8], x: &BlockQ8K) -> (__m256i, __m256i) {
+unsafe fn sums_z(d: &DecodedZ, xq: &[u8], x: &BlockQ8K) -> (__m512i, __m256i) {
     debug_assert!(xq.len() >= QK_K);
     let z = _mm512_setzero_si512();
     let mut p = [z; 4];
@@ -298,16 +306,16 @@ unsafe fn sums_z<W: RowK>(d: &DecodedZ, xq: &[u8], x: &BlockQ8K) -> (__m256i, __
     // |p| <= 4·63·128 < 2^15: the packs are exact
     let s = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p[0], p[1]), d.scl[0]);
     let s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]);
-    let f = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64::<1>(s));
     // SAFETY: 32 bytes of bsums.
     let bs = unsafe { _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i) };
-    let m = _mm256_madd_epi16(bs, d.bmul);
-    if W::Q6 {
-        // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum
-        (_mm256_sub_epi32(f, _mm256_slli_epi32(m, 5)), m)
-    } else {
-        (f, m)
-    }
+    (s, _mm256_madd_epi16(bs, d.bmul))
+}
+
+/// The 16 lanes of `v` added to 8.
+#[target_feature(enable = "avx2,avx512f")]
+#[inline]
+fn fold(v: __m512i) -> __m256i {
+    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
 }
 
 /// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
@@ -349,15 +357,21 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
         if PF {
             prefetch_ahead(wg);
         }
-        let mut isum = [[_mm256_setzero_si256(); LANES]; R];
+        let mut isum = [[_mm512_setzero_si512(); LANES]; R];
         let mut msum = [[_mm256_setzero_si256(); LANES]; R];
+        // Software-pipelined by one super-block: the decode of j + 1 (its scales are a long
+        // dependency chain) is issued before the sums of j.
+        let mut next = unsafe { wg[0].decode_z() };
         for j in 0..LANES {
-            let dz = unsafe { wg[j].decode_z() };
+            let dz = next;
+            if j + 1 < LANES {
+                next = unsafe { wg[j + 1].decode_z() };
+            }
             let b = g * LANES + j;
             for rr in 0..R {
                 let xb = &x[rr][b];
                 let xq = &xz[rr][QK_K * b..QK_K * b + QK_K];
-                let (i, m) = unsafe { sums_z::<W>(&dz, xq, xb) };
+                let (i, m) = unsafe { sums_z(&dz, xq, xb) };
                 isum[rr][j] = i;
                 msum[rr][j] = m;
             }
@@ -379,11 +393,19 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
                 xd[j] = xg[j].d;
             }
             let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
-            let is = _mm256_cvtepi32_ps(reduce8(&isum[rr]));
-            let ms = if W::Q6 {
-                _mm256_setzero_ps()
+            let mut f = [_mm256_setzero_si256(); LANES];
+            for (o, &v) in f.iter_mut().zip(&isum[rr]) {
+                *o = fold(v);
+            }
+            let (is, ms) = (reduce8(&f), reduce8(&msum[rr]));
+            let (is, ms) = if W::Q6 {
+                // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum; no min
+                (
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(is, _mm256_slli_epi32(ms, 5))),
+                    _mm256_setzero_ps(),
+                )
             } else {
-                _mm256_cvtepi32_ps(reduce8(&msum[rr]))
+                (_mm256_cvtepi32_ps(is), _mm256_cvtepi32_ps(ms))
             };
             // block_k_product: (d·xd)·isum - (dmin·xd)·msum, then acc += p
             let p = _mm256_sub_ps(
