@@ -82,9 +82,9 @@ enum Acts<'a> {
         xs: Vec<i32>,
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xd: Vec<f32>,
-        /// The q4_k / q5_k / q6_k row kernels with AVX-512: each block's quants as
-        /// `x86::interleave_k4` orders them (256 bytes a block, one row after the other, on
-        /// 64-byte boundaries); empty otherwise.
+        /// The q4_k / q5_k / q6_k row kernels with AVX-512: the blocks as
+        /// `x86::interleave_k4` lays them out (`x86::XZ_BLOCK` bytes a block, one row after the
+        /// other, on 64-byte boundaries); empty otherwise.
         xz: Vec<Line64>,
     },
     /// q8_1 (for q4_1 / q5_1): q8_0's fields plus each block's `s` as f32.
@@ -281,7 +281,8 @@ impl Plan<'_> {
                 let nb = k / QK_K;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 let xz: &[u8] = bytemuck::cast_slice(xz);
-                let xz = rows.map(|mi| xz.get(mi * k..(mi + 1) * k).unwrap_or_default());
+                let zr = xz.len() / self.m.max(1);
+                let xz = rows.map(|mi| xz.get(mi * zr..(mi + 1) * zr).unwrap_or_default());
                 match self.w.qtype {
                     QType::Q2K => self.dot_k::<BlockQ2K, R>(wrow, x, xz),
                     QType::Q3K => self.dot_k::<BlockQ3K, R>(wrow, x, xz),
@@ -679,14 +680,20 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             };
             #[cfg(not(target_arch = "x86_64"))]
             let (xq, xs, xd) = (Vec::new(), Vec::new(), Vec::new());
-            // The AVX-512 row kernels of q4_k / q5_k / q6_k read the quants in their order.
+            // The AVX-512 row kernels of q4_k / q5_k / q6_k read the activations in their own
+            // layout (without it they are not used). q6_k with long rows at M = 1 keeps the
+            // AVX2 kernel: from memory at K = 14336 the AVX-512 one measured slower (12.4 vs
+            // 14.2 GB/s, one thread; q4_k/q5_k faster there).
+            #[cfg(target_arch = "x86_64")]
+            let long_q6 = w.qtype == QType::Q6K && m == 1 && k > LONG_K;
             #[cfg(target_arch = "x86_64")]
             let xz = if !tile
                 && simd
+                && !long_q6
                 && matches!(w.qtype, QType::Q4K | QType::Q5K | QType::Q6K)
                 && x86::has_row_k_vnni()
             {
-                let mut v = vec![Line64([0; 64]); m * k / 64];
+                let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
                 let q6 = w.qtype == QType::Q6K;
                 x86::interleave_k4(&blocks, q6, bytemuck::cast_slice_mut(&mut v));
                 v

@@ -11,7 +11,7 @@ use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LA
 
 mod vnni;
 use vnni::dot_row_k_vnni;
-pub use vnni::{has_row_k_vnni, interleave_k4};
+pub use vnni::{has_row_k_vnni, interleave_k4, XZ_BLOCK};
 #[cfg(test)]
 mod tests;
 
@@ -65,7 +65,7 @@ macro_rules! row_z {
             xz: [&[u8]; R],
             long: bool,
         ) -> Option<[f32; R]> {
-            let xz_ok = xz.iter().all(|v| v.len() >= QK_K * w.len());
+            let xz_ok = xz.iter().all(|v| v.len() >= XZ_BLOCK * w.len());
             if xz_ok && has_row_k_vnni() {
                 // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's; xz
                 // checked above.

@@ -3,7 +3,7 @@
 //! rows, with and without the weight prefetch; saturating quants and scales; and the
 //! dispatch through `qmatmul` at M = 1 (short rows and rows above `LONG_K`).
 
-use super::vnni::{dot_row_k_vnni, has_row_k_vnni, interleave_k4, RowK};
+use super::vnni::{dot_row_k_vnni, has_row_k_vnni, interleave_k4, RowK, XZ_BLOCK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
 use crate::matmul::tests::{blocks, Rng};
@@ -28,7 +28,7 @@ fn acts(rng: &mut Rng, nb: usize, scale: f32) -> Vec<BlockQ8K> {
 
 /// The activations by `interleave_k4` (what `qmatmul` prepares; here not 64-byte aligned).
 fn interleaved<W: RowK>(x: &[BlockQ8K]) -> Vec<u8> {
-    let mut v = vec![0u8; x.len() * QK_K];
+    let mut v = vec![0u8; x.len() * XZ_BLOCK];
     interleave_k4(x, W::Q6, &mut v);
     v
 }
@@ -176,11 +176,11 @@ fn bench_row_k() {
         let w: &[W] = bytemuck::cast_slice(&data);
         let x = acts(rng, nb, 1.0);
         // 64-byte aligned, as `qmatmul` allocates them (BENCH_ALIGN=n: n bytes past that)
-        let mut buf = vec![0u8; nb * QK_K + 128];
+        let mut buf = vec![0u8; nb * XZ_BLOCK + 128];
         let off = buf.as_ptr().align_offset(64)
             + std::env::var("BENCH_ALIGN").map_or(0, |v| v.parse::<usize>().unwrap());
-        buf[off..off + nb * QK_K].copy_from_slice(&interleaved::<W>(&x));
-        let xz = &buf[off..off + nb * QK_K];
+        buf[off..off + nb * XZ_BLOCK].copy_from_slice(&interleaved::<W>(&x));
+        let xz = &buf[off..off + nb * XZ_BLOCK];
         let mut best = [f64::MAX; 2];
         let mut sink = 0.0f32;
         for _ in 0..(400 * 256 / n).max(400) {

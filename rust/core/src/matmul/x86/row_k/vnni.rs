@@ -2,10 +2,11 @@
 //! their own super-block layout (no repacking). Per super-block, four 512-bit vectors hold 64
 //! unsigned quants each (two sub-blocks of 32: q6_K in element order, q4_K / q5_K as one
 //! 64-byte load of qs splits into low and high nibbles, `K4_ORDER`); the activations are
-//! prepared once per call in the same order (`interleave_k4`, 64-byte aligned). `vpdpbusd`
-//! gives sums of 4 products (below 2^15 in magnitude: 4·63·128), `vpackssdw` packs two of them
-//! into i16 without saturating, and `vpdpwssd` multiplies by the sub-block (or 16-group)
-//! scales and adds. The mins (q4_K / q5_K) or q6_K's -32 offset use the activations' `bsums`
+//! prepared once per call in the same order (`interleave_k4`, 64-byte aligned, with their
+//! `bsums` and `d`: the kernel reads nothing else of them). `vpdpbusd` gives sums of 4
+//! products (below 2^15 in magnitude: 4·63·128), `vpackssdw` packs two of them into i16
+//! without saturating, and `vpdpwssd` multiplies by the sub-block (or 16-group) scales and
+//! adds. The mins (q4_K / q5_K) or q6_K's -32 offset use the activations' `bsums`
 //! (one `vpmaddwd`). The integers are exact, so they equal the reference's whatever the order.
 //!
 //! Super-blocks go in groups of 8: each one's partial sums stay in i32 lanes until the group
@@ -90,16 +91,28 @@ const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
 /// `DecodedZ::q[i]`), and of the activations `interleave_k4` prepares for them.
 pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
-/// The activation quants of each block for `dot_row_k_vnni` (256 bytes a block): in `K4_ORDER`
-/// for q4_K / q5_K, as they are for q6_K. `qmatmul` puts them on 64-byte boundaries (each
-/// 512-bit load then reads one cache line).
+/// Bytes of one activation block as `interleave_k4` lays it out: the 256 quants, the 16
+/// `bsums` (i16), `d` (f32), zeros to a multiple of 64.
+pub const XZ_BLOCK: usize = 320;
+const XZ_BSUMS: usize = QK_K;
+const XZ_D: usize = QK_K + 32;
+
+/// The activation blocks for `dot_row_k_vnni`, `XZ_BLOCK` bytes each: the quants in
+/// `K4_ORDER` for q4_K / q5_K (as they are for q6_K), then `bsums` and `d`. The kernel reads
+/// nothing else of the activations: at K = 14336 the q8_K blocks plus a copy of their quants
+/// (30 KB) crowded L1, and q4_k ran from memory at the old kernel's speed (12.4 GB/s; 15 with
+/// this layout). `qmatmul` puts them on 64-byte boundaries (each 512-bit load then reads one
+/// cache line).
 pub fn interleave_k4(blocks: &[BlockQ8K], q6: bool, out: &mut [u8]) {
-    for (b, o) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+    for (b, o) in blocks.iter().zip(out.chunks_exact_mut(XZ_BLOCK)) {
         let q: &[u8; QK_K] = bytemuck::cast_ref(&b.qs);
         for (t, &s) in K4_ORDER.iter().enumerate() {
             let s = if q6 { t } else { s };
             o[32 * t..32 * t + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
         }
+        o[XZ_BSUMS..XZ_D].copy_from_slice(bytemuck::cast_slice(&b.bsums));
+        o[XZ_D..XZ_D + 4].copy_from_slice(&b.d.to_le_bytes());
+        o[XZ_D + 4..].fill(0);
     }
 }
 
@@ -294,8 +307,8 @@ fn reduce8(v: &[__m256i; 8]) -> __m256i {
 /// super-blocks' chains overlap less); `fold` runs once per group.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn sums_z(d: &DecodedZ, xq: &[u8], x: &BlockQ8K) -> (__m512i, __m256i) {
-    debug_assert!(xq.len() >= QK_K);
+unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
+    debug_assert!(xq.len() >= XZ_BLOCK);
     let z = _mm512_setzero_si512();
     let mut p = [z; 4];
     for (i, v) in p.iter_mut().enumerate() {
@@ -307,7 +320,7 @@ unsafe fn sums_z(d: &DecodedZ, xq: &[u8], x: &BlockQ8K) -> (__m512i, __m256i) {
     let s = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p[0], p[1]), d.scl[0]);
     let s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]);
     // SAFETY: 32 bytes of bsums.
-    let bs = unsafe { _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i) };
+    let bs = unsafe { _mm256_loadu_si256(xq[XZ_BSUMS..].as_ptr() as *const __m256i) };
     (s, _mm256_madd_epi16(bs, d.bmul))
 }
 
@@ -320,11 +333,12 @@ fn fold(v: __m512i) -> __m256i {
 
 /// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
 /// decoded once), `long`: prefetch the weights ahead (`prefetch_ahead`). `xz[r]` is `x[r]`'s
-/// quants by `interleave_k4` (the kernel reads `x[r]`'s `d` and `bsums`).
+/// blocks by `interleave_k4` (the kernel reads `x[r]` only for the super-blocks after the
+/// last whole group of 8).
 ///
 /// # Safety
 /// `has_row_k_vnni()` must be true; every `x[r]` has at least `w.len()` blocks and every
-/// `xz[r]` at least `256 * w.len()` bytes.
+/// `xz[r]` at least `XZ_BLOCK * w.len()` bytes.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
     w: &[W],
@@ -369,9 +383,8 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
             }
             let b = g * LANES + j;
             for rr in 0..R {
-                let xb = &x[rr][b];
-                let xq = &xz[rr][QK_K * b..QK_K * b + QK_K];
-                let (i, m) = unsafe { sums_z(&dz, xq, xb) };
+                let xq = &xz[rr][XZ_BLOCK * b..XZ_BLOCK * (b + 1)];
+                let (i, m) = unsafe { sums_z(&dz, xq) };
                 isum[rr][j] = i;
                 msum[rr][j] = m;
             }
@@ -387,10 +400,10 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
         let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hd.as_ptr() as *const __m128i) });
         let dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hm.as_ptr() as *const __m128i) });
         for rr in 0..R {
-            let xg = &x[rr][g * LANES..g * LANES + LANES];
+            let xg = &xz[rr][XZ_BLOCK * g * LANES..XZ_BLOCK * (g + 1) * LANES];
             let mut xd = [0.0f32; LANES];
-            for j in 0..LANES {
-                xd[j] = xg[j].d;
+            for (v, blk) in xd.iter_mut().zip(xg.chunks_exact(XZ_BLOCK)) {
+                *v = f32::from_le_bytes([blk[XZ_D], blk[XZ_D + 1], blk[XZ_D + 2], blk[XZ_D + 3]]);
             }
             let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
             let mut f = [_mm256_setzero_si256(); LANES];
