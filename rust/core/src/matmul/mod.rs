@@ -82,6 +82,10 @@ enum Acts<'a> {
         xs: Vec<i32>,
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xd: Vec<f32>,
+        /// The q4_k / q5_k / q6_k row kernels with AVX-512: the blocks as
+        /// `x86::interleave_k4` lays them out (`x86::XZ_BLOCK` bytes a block, one row after the
+        /// other, on 64-byte boundaries); empty otherwise.
+        xz: Vec<Line64>,
     },
     /// q8_1 (for q4_1 / q5_1): q8_0's fields plus each block's `s` as f32.
     Q8_1 {
@@ -124,6 +128,11 @@ impl std::ops::Deref for AlignedX {
         &self.buf[self.off..self.off + self.len]
     }
 }
+
+/// 64 bytes on a 64-byte boundary (activations that AVX-512 kernels load a line at a time).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Line64([u8; 64]);
 
 /// Everything one dot product needs, checked once.
 struct Plan<'a> {
@@ -399,16 +408,19 @@ impl Plan<'_> {
                     _ => self.dot32_min::<BlockQ5_1, R>(wrow, x, xd, xsum, xs),
                 }
             }
-            Acts::Q8K { blocks, .. } => {
+            Acts::Q8K { blocks, xz, .. } => {
                 let nb = k / QK_K;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
+                let xz: &[u8] = bytemuck::cast_slice(xz);
+                let zr = xz.len() / self.m.max(1);
+                let xz = rows.map(|mi| xz.get(mi * zr..(mi + 1) * zr).unwrap_or_default());
                 match self.w.qtype {
-                    QType::Q2K => self.dot_k::<BlockQ2K, R>(wrow, x),
-                    QType::Q3K => self.dot_k::<BlockQ3K, R>(wrow, x),
-                    QType::Q4K => self.dot_k::<BlockQ4K, R>(wrow, x),
-                    QType::Q5K => self.dot_k::<BlockQ5K, R>(wrow, x),
-                    QType::Q6K => self.dot_k::<BlockQ6K, R>(wrow, x),
-                    _ => self.dot_k::<BlockIQ4XS, R>(wrow, x),
+                    QType::Q2K => self.dot_k::<BlockQ2K, R>(wrow, x, xz),
+                    QType::Q3K => self.dot_k::<BlockQ3K, R>(wrow, x, xz),
+                    QType::Q4K => self.dot_k::<BlockQ4K, R>(wrow, x, xz),
+                    QType::Q5K => self.dot_k::<BlockQ5K, R>(wrow, x, xz),
+                    QType::Q6K => self.dot_k::<BlockQ6K, R>(wrow, x, xz),
+                    _ => self.dot_k::<BlockIQ4XS, R>(wrow, x, xz),
                 }
             }
             Acts::F32(_) | Acts::F32Prepared(_) => {
@@ -502,10 +514,19 @@ impl Plan<'_> {
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn dot_k<W: x86::SumsK, const R: usize>(&self, wrow: &[u8], x: [&[BlockQ8K]; R]) -> [f32; R] {
+    fn dot_k<W: x86::SumsK, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8K]; R],
+        xz: [&[u8]; R],
+    ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
         if self.simd {
             // SAFETY: AVX2 detected; x has one block per weight block.
+            if let Some(y) = unsafe { W::dot_row_z(w, x, xz, self.long) } {
+                return y;
+            }
+            // SAFETY: as above.
             unsafe {
                 if self.long {
                     x86::dot_block_k_prefetch(w, x)
@@ -523,6 +544,7 @@ impl Plan<'_> {
         &self,
         wrow: &[u8],
         x: [&[BlockQ8K]; R],
+        _xz: [&[u8]; R],
     ) -> [f32; R] {
         let w: &[W] = bytemuck::cast_slice(wrow);
         #[cfg(target_arch = "aarch64")]
@@ -801,12 +823,43 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             };
             #[cfg(not(target_arch = "x86_64"))]
             let (xq, xs, xd) = (Vec::new(), Vec::new(), Vec::new());
+            // The AVX-512 row kernels of q4_k / q5_k / q6_k read the activations in their own
+            // layout (without it they are not used). q6_k with long rows at M = 1 keeps the
+            // AVX2 kernel: from memory at K = 14336 the AVX-512 one measured slower (12.4 vs
+            // 14.2 GB/s, one thread; q4_k/q5_k faster there).
+            #[cfg(target_arch = "x86_64")]
+            let long_q6 = w.qtype == QType::Q6K && m == 1 && k > LONG_K;
+            #[cfg(target_arch = "x86_64")]
+            let xz = if !tile
+                && simd
+                && !long_q6
+                && matches!(w.qtype, QType::Q4K | QType::Q5K | QType::Q6K)
+                && x86::has_row_k_vnni()
+            {
+                let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
+                let q6 = w.qtype == QType::Q6K;
+                x86::interleave_k4(&blocks, q6, bytemuck::cast_slice_mut(&mut v));
+                v
+            } else {
+                Vec::new()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let xz = Vec::new();
             let row_bytes = if tile {
                 k + k / 2 + nb * 4
             } else {
-                nb * std::mem::size_of::<BlockQ8K>()
+                nb * std::mem::size_of::<BlockQ8K>() + 64 * xz.len() / m.max(1)
             };
-            (Acts::Q8K { blocks, xq, xs, xd }, row_bytes)
+            (
+                Acts::Q8K {
+                    blocks,
+                    xq,
+                    xs,
+                    xd,
+                    xz,
+                },
+                row_bytes,
+            )
         }
         #[cfg(target_arch = "x86_64")]
         QType::NF4 if f32_avx512 => (Acts::F32Prepared(x86::permute_nf4_x(x)), 4 * k),

@@ -68,7 +68,10 @@ impl Plan<'_> {
         yt: &mut [f32],
     ) {
         use x86::tile_k::{GROUP_BYTES_K, GROUP_SUMS_K};
-        let Acts::Q8K { blocks, xq, xs, xd } = &self.acts else {
+        let Acts::Q8K {
+            blocks, xq, xs, xd, ..
+        } = &self.acts
+        else {
             unreachable!("the K-quant tiles run only with q8_K activations")
         };
         let nb = self.k / QK_K;

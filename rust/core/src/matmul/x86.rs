@@ -412,7 +412,9 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
 
 mod row_k;
 pub(crate) use row_k::shift_bit_to_4;
-pub use row_k::{dot_block_k, dot_block_k_prefetch, DecodedK, SumsK};
+pub use row_k::{
+    dot_block_k, dot_block_k_prefetch, has_row_k_vnni, interleave_k4, DecodedK, SumsK, XZ_BLOCK,
+};
 
 mod k_low;
 pub use k_low::scales_q3_k_kmask;

@@ -1,12 +1,19 @@
 //! K-quant (q4_K, q5_K, q6_K) integer sums in AVX2 for the row kernels: each super-block
 //! decoded once (`SumsK::decode`), then `sums_decoded` per activation row; the float part is
-//! the reference's scalar code. Safety rules as in `x86.rs`.
+//! the reference's scalar code. Where the CPU has AVX-512 F/BW/VL/VNNI, q4_K, q5_K and q6_K
+//! run `vnni.rs`'s row kernel instead (`SumsK::dot_row_z`). Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
 
 use super::prefetch_ahead;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
+
+mod vnni;
+use vnni::dot_row_k_vnni;
+pub use vnni::{has_row_k_vnni, interleave_k4, XZ_BLOCK};
+#[cfg(test)]
+mod tests;
 
 /// A K-quant super-block decoded once for several activation rows: the unsigned quants of the
 /// 8 sub-blocks of 32, per sub-block scale multipliers (i16 lanes), and the multipliers of the 16
@@ -28,6 +35,46 @@ pub trait SumsK: BlockK {
     /// # Safety
     /// AVX2 must be available; `d` comes from `self.decode()`.
     unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32);
+    /// `reference::dot_block_k` by the AVX-512 row kernel (`vnni.rs`, `long`: with the weight
+    /// prefetch) where this format has one and the CPU runs it (`has_row_k_vnni`), else None.
+    /// `xz[r]`: `x[r]`'s quants by `interleave_k4` (None if too short).
+    ///
+    /// # Safety
+    /// AVX2 must be available; every `x[r]` has at least `w.len()` blocks.
+    #[inline(always)]
+    unsafe fn dot_row_z<const R: usize>(
+        _w: &[Self],
+        _x: [&[BlockQ8K]; R],
+        _xz: [&[u8]; R],
+        _long: bool,
+    ) -> Option<[f32; R]>
+    where
+        Self: Sized,
+    {
+        None
+    }
+}
+
+/// `SumsK::dot_row_z` of the formats with a `RowK` decode.
+macro_rules! row_z {
+    () => {
+        #[inline(always)]
+        unsafe fn dot_row_z<const R: usize>(
+            w: &[Self],
+            x: [&[BlockQ8K]; R],
+            xz: [&[u8]; R],
+            long: bool,
+        ) -> Option<[f32; R]> {
+            let xz_ok = xz.iter().all(|v| v.len() >= XZ_BLOCK * w.len());
+            if xz_ok && has_row_k_vnni() {
+                // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's; xz
+                // checked above.
+                Some(unsafe { dot_row_k_vnni(w, x, xz, long) })
+            } else {
+                None
+            }
+        }
+    };
 }
 
 #[target_feature(enable = "avx2")]
@@ -83,6 +130,7 @@ pub(crate) unsafe fn sums_k(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
 }
 
 impl SumsK for BlockQ4K {
+    row_z!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs (128 bytes).
@@ -106,6 +154,7 @@ impl SumsK for BlockQ4K {
 }
 
 impl SumsK for BlockQ5K {
+    row_z!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs / qh.
@@ -168,6 +217,7 @@ const Q6_SCALE_IDX: [[u8; 32]; 8] = {
 };
 
 impl SumsK for BlockQ6K {
+    row_z!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside ql / qh and 16

@@ -1,0 +1,450 @@
+//! The M = 1 row kernel of q4_K, q5_K and q6_K with AVX-512 (F/BW/VL/VNNI), the weights in
+//! their own super-block layout (no repacking). Per super-block, four 512-bit vectors hold 64
+//! unsigned quants each (two sub-blocks of 32: q6_K in element order, q4_K / q5_K as one
+//! 64-byte load of qs splits into low and high nibbles, `K4_ORDER`); the activations are
+//! prepared once per call in the same order (`interleave_k4`, 64-byte aligned, with their
+//! `bsums` and `d`: the kernel reads nothing else of them). `vpdpbusd` gives sums of 4
+//! products (below 2^15 in magnitude: 4·63·128), `vpackssdw` packs two of them into i16
+//! without saturating, and `vpdpwssd` multiplies by the sub-block (or 16-group) scales and
+//! adds. The mins (q4_K / q5_K) or q6_K's -32 offset use the activations' `bsums`
+//! (one `vpmaddwd`). The integers are exact, so they equal the reference's whatever the order.
+//!
+//! Super-blocks go in groups of 8: each one's partial sums stay in i32 lanes until the group
+//! ends, where one transpose-style reduction puts super-block j's integer sums in lane j, and
+//! `block_k_product`'s operations run once for the 8 lanes (`d`, `dmin` converted 8 at a time):
+//! lane j accumulates super-block 8g + j, the reference's lane `b % 8`, in the reference's
+//! order. Super-blocks past the last whole group use the AVX2 `SumsK` sums and the reference's
+//! scalar float code on the same lanes. Bit-identical to `reference::dot_block_k`.
+//!
+//! What made it fast here (Zen 4, measured with the loop alone): short dependency chains per
+//! super-block. The scale decode (`vpermw` at its end) runs one super-block ahead, and the 16
+//! lanes of a super-block's sums are folded to 8 only at the group's end (a `vextracti64x4` at
+//! the end of each chain cost 1.7x in the loop).
+//!
+//! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`has_row_k_vnni`).
+
+use std::arch::x86_64::*;
+
+use super::super::{lanes_of, prefetch_ahead};
+use super::SumsK;
+use crate::formats::blocks::*;
+use crate::matmul::reference::{self as r, BlockQ8K, LANES};
+
+/// True when the AVX-512 K-quant row kernel may run (`has_vnni` plus AVX-512 F/BW).
+pub fn has_row_k_vnni() -> bool {
+    use std::sync::OnceLock;
+    static F: OnceLock<bool> = OnceLock::new();
+    *F.get_or_init(|| {
+        super::super::has_vnni()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// One super-block decoded for `dot_row_k_vnni`.
+#[derive(Clone, Copy)]
+pub struct DecodedZ {
+    /// Unsigned quants, 64 a vector: q6_K in element order (vector i = sub-blocks 2i and
+    /// 2i + 1), q4_K / q5_K in `K4_ORDER` (their activations prepared the same way).
+    q: [__m512i; 4],
+    /// i16 multipliers of `packs(p0, p1)` and `packs(p2, p3)` (p_i = `dpbusd(q[i], x)`): in
+    /// 128-bit lane k of a pack, i16 0..3 are sums of 4 products from lane k of p0 / p2 and
+    /// i16 4..7 from lane k of p1 / p3; their multipliers are the scales of those elements.
+    scl: [__m512i; 2],
+    /// i16 multipliers of the 16 `bsums`: each sub-block's min twice (q4_K / q5_K), or the 16
+    /// scales (q6_K).
+    bmul: __m256i,
+}
+
+/// K-quants with the AVX-512 row kernel.
+pub trait RowK: SumsK {
+    /// q6_K: the quants are stored +32 and there is no min.
+    const Q6: bool;
+    /// # Safety
+    /// AVX2, AVX-512 F/BW/VL must be available.
+    unsafe fn decode_z(&self) -> DecodedZ;
+    /// The f16 super-block scale and min (zero for q6_K).
+    fn halves(&self) -> (Half, Half);
+}
+
+/// i16 permutation indices (`vpermw`) to `DecodedZ::scl[h]`, from the 16 per-16-group scales
+/// (q6_K: lane k, i16 0..3 -> group 8h + k, i16 4..7 -> group 8h + 4 + k) or from q4_K /
+/// q5_K's [sc0..sc7, m0..m7] (their quants in `K4_ORDER`: lane k, i16 0..3 -> sub-block
+/// 4h + 2(k / 2), i16 4..7 -> the next sub-block).
+const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
+    let mut t = [0i16; 32];
+    let mut i = 0;
+    while i < 32 {
+        let (k, pos) = (i / 8, i % 8);
+        t[i] = if k4 {
+            (4 * h + 2 * (k / 2) + if pos < 4 { 0 } else { 1 }) as i16
+        } else {
+            (8 * h + k + if pos < 4 { 0 } else { 4 }) as i16
+        };
+        i += 1;
+    }
+    t
+}
+
+/// The sub-block order of q4_K / q5_K's quant vectors (pairs: the low and high halves of
+/// `DecodedZ::q[i]`), and of the activations `interleave_k4` prepares for them.
+pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
+
+/// Bytes of one activation block as `interleave_k4` lays it out: the 256 quants, the 16
+/// `bsums` (i16), `d` (f32), zeros to a multiple of 64.
+pub const XZ_BLOCK: usize = 320;
+const XZ_BSUMS: usize = QK_K;
+const XZ_D: usize = QK_K + 32;
+
+/// The activation blocks for `dot_row_k_vnni`, `XZ_BLOCK` bytes each: the quants in
+/// `K4_ORDER` for q4_K / q5_K (as they are for q6_K), then `bsums` and `d`. The kernel reads
+/// nothing else of the activations: at K = 14336 the q8_K blocks plus a copy of their quants
+/// (30 KB) crowded L1, and q4_k ran from memory at the old kernel's speed (12.4 GB/s; 15 with
+/// this layout). `qmatmul` puts them on 64-byte boundaries (each 512-bit load then reads one
+/// cache line).
+pub fn interleave_k4(blocks: &[BlockQ8K], q6: bool, out: &mut [u8]) {
+    for (b, o) in blocks.iter().zip(out.chunks_exact_mut(XZ_BLOCK)) {
+        let q: &[u8; QK_K] = bytemuck::cast_ref(&b.qs);
+        for (t, &s) in K4_ORDER.iter().enumerate() {
+            let s = if q6 { t } else { s };
+            o[32 * t..32 * t + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
+        }
+        o[XZ_BSUMS..XZ_D].copy_from_slice(bytemuck::cast_slice(&b.bsums));
+        o[XZ_D..XZ_D + 4].copy_from_slice(&b.d.to_le_bytes());
+        o[XZ_D + 4..].fill(0);
+    }
+}
+
+const SCL_K4: [[i16; 32]; 2] = [scl_idx(0, true), scl_idx(1, true)];
+const SCL_Q6: [[i16; 32]; 2] = [scl_idx(0, false), scl_idx(1, false)];
+/// From [sc0..sc7, m0..m7] (i16) to [m0 m0 m1 m1 .. m7 m7]: bsums 2s and 2s + 1 are
+/// sub-block s's.
+const MIN_IDX: [i16; 16] = [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15];
+
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+#[inline]
+unsafe fn load_idx32(t: &[i16; 32]) -> __m512i {
+    // SAFETY: 64 bytes.
+    unsafe { _mm512_loadu_si512(t.as_ptr() as *const __m512i) }
+}
+
+/// [sc0..sc7, m0..m7] as i16 from the 12 scale bytes of a q4_K / q5_K block, with ggml's
+/// word-wide masks (`reference::unpack_scales_k4`) on the four 32-bit lanes of one register.
+///
+/// # Safety
+/// AVX2 must be available; `p` points at the 12 scale bytes and 4 more readable bytes.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scales_mins_k4(p: *const u8) -> __m256i {
+    // SAFETY: 16 readable bytes at p (caller).
+    let v = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    // [u0 & 0x3f.., u1 & 0x3f..]: sc0..3, m0..3
+    let lo = _mm_and_si128(v, _mm_set1_epi32(0x3f3f_3f3f));
+    // [u2 & 0x0f.., (u2 >> 4) & 0x0f..] | [(u0 >> 6) & 3 .., (u1 >> 6) & 3 ..] << 4
+    let u2 = _mm_shuffle_epi32(v, 0b1010);
+    let a = _mm_and_si128(
+        _mm_srlv_epi32(u2, _mm_set_epi32(0, 0, 4, 0)),
+        _mm_set1_epi32(0x0f0f_0f0f),
+    );
+    let b = _mm_and_si128(_mm_srli_epi32(v, 2), _mm_set1_epi32(0x3030_3030));
+    let hi = _mm_or_si128(a, b);
+    _mm256_cvtepu8_epi16(_mm_unpacklo_epi32(lo, hi))
+}
+
+/// q4_K / q5_K: the nibble vectors (`DecodedZ::q` in `K4_ORDER`: the low nibbles of the 64
+/// bytes qs[64h..] are sub-blocks 4h (low half) and 4h + 2 (high half), their high nibbles
+/// 4h + 1 and 4h + 3), the scale vectors and the mins.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn decode_k4(qs: &[u8; QK_K / 2], scales: *const u8) -> DecodedZ {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut q = [_mm512_setzero_si512(); 4];
+    for h in 0..2 {
+        // SAFETY: 64 bytes inside qs (128).
+        let v = unsafe { _mm512_loadu_si512(qs[64 * h..].as_ptr() as *const __m512i) };
+        q[2 * h] = _mm512_and_si512(v, m4);
+        q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+    // SAFETY: 16 readable bytes at `scales` (caller).
+    let g = unsafe { scales_mins_k4(scales) };
+    let gz = _mm512_zextsi256_si512(g);
+    // SAFETY: constant tables of 32 i16 / 16 i16.
+    unsafe {
+        DecodedZ {
+            q,
+            scl: [
+                _mm512_permutexvar_epi16(load_idx32(&SCL_K4[0]), gz),
+                _mm512_permutexvar_epi16(load_idx32(&SCL_K4[1]), gz),
+            ],
+            bmul: _mm256_permutexvar_epi16(
+                _mm256_loadu_si256(MIN_IDX.as_ptr() as *const __m256i),
+                g,
+            ),
+        }
+    }
+}
+
+impl RowK for BlockQ4K {
+    const Q6: bool = false;
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 available (contract); the 12 scale bytes (offset 4) are followed by
+        // qs, so 16 bytes from there stay inside the block.
+        unsafe { decode_k4(&self.qs, (self as *const Self as *const u8).add(4)) }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, self.dmin)
+    }
+}
+
+impl RowK for BlockQ5K {
+    const Q6: bool = false;
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 available (contract); 16 bytes from `scales` stay inside the block
+        // (qh follows), 32-byte loads inside qh.
+        unsafe {
+            let mut z = decode_k4(&self.qs, (self as *const Self as *const u8).add(4));
+            let hv = _mm512_broadcast_i64x4(_mm256_loadu_si256(self.qh.as_ptr() as *const __m256i));
+            let bit4 = _mm512_set1_epi8(0x10);
+            for (i, v) in z.q.iter_mut().enumerate() {
+                // bit s of qh[l] to bit 4 for the sub-blocks s of q[i] (`K4_ORDER`: 0 | 2,
+                // 1 | 3, 4 | 6, 5 | 7); the 64-bit shifts leak bits across bytes, which the
+                // mask 0x10 removes.
+                let h = match i {
+                    0 => _mm512_sllv_epi64(hv, _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4)),
+                    1 => _mm512_sllv_epi64(hv, _mm512_set_epi64(1, 1, 1, 1, 3, 3, 3, 3)),
+                    2 => _mm512_srlv_epi64(hv, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0)),
+                    _ => _mm512_srlv_epi64(hv, _mm512_set_epi64(3, 3, 3, 3, 1, 1, 1, 1)),
+                };
+                // v | (h & 0x10)
+                *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, bit4);
+            }
+            z
+        }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, self.dmin)
+    }
+}
+
+impl RowK for BlockQ6K {
+    const Q6: bool = true;
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 available (contract); 64-byte loads inside ql (128), 32 inside qh
+        // (64), 16 bytes of scales.
+        unsafe {
+            let m4 = _mm512_set1_epi8(0x0f);
+            let m2 = _mm512_set1_epi8(0x30);
+            let mut q = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                // low 256 bits: ql[64h..+32] (elements 128h + l and, high nibbles, 128h + 64 + l),
+                // high 256 bits: ql[64h + 32..+32] (128h + 32 + l and 128h + 96 + l)
+                let v = _mm512_loadu_si512(self.ql[64 * h..].as_ptr() as *const __m512i);
+                let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    self.qh[32 * h..].as_ptr() as *const __m256i
+                ));
+                // bits 2k..2k+1 of qh to bits 4..5: k = 0, 1 (<< 4, << 2), k = 2, 3 (>> 0, >> 2);
+                // the mask 0x30 drops what crossed a byte boundary.
+                let t01 = _mm512_sllv_epi64(qh, _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4));
+                let t23 = _mm512_srlv_epi64(qh, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0));
+                // (v & 0x0f) | (t & 0x30)
+                q[2 * h] = _mm512_ternarylogic_epi32::<0xf8>(_mm512_and_si512(v, m4), t01, m2);
+                q[2 * h + 1] = _mm512_ternarylogic_epi32::<0xf8>(
+                    _mm512_and_si512(_mm512_srli_epi16(v, 4), m4),
+                    t23,
+                    m2,
+                );
+            }
+            let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(self.scales.as_ptr() as *const __m128i));
+            let gz = _mm512_zextsi256_si512(sc);
+            DecodedZ {
+                q,
+                scl: [
+                    _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[0]), gz),
+                    _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[1]), gz),
+                ],
+                bmul: sc,
+            }
+        }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, [0, 0])
+    }
+}
+
+/// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]` (unpacks
+/// and adds, a transpose that sums as it goes: `vphaddd` is two shuffles each here).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn reduce8(v: &[__m256i; 8]) -> __m256i {
+    let mut s = [_mm256_setzero_si256(); 4];
+    for (i, o) in s.iter_mut().enumerate() {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        // [a0+a2 b0+b2 a1+a3 b1+b3 | a4+a6 b4+b6 a5+a7 b5+b7]
+        *o = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+    }
+    let mut t = [_mm256_setzero_si256(); 2];
+    for (i, o) in t.iter_mut().enumerate() {
+        let (a, b) = (s[2 * i], s[2 * i + 1]);
+        // [Σlo v(4i) .. Σlo v(4i+3) | Σhi v(4i) .. Σhi v(4i+3)] (lo/hi: lanes 0..3 / 4..7)
+        *o = _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
+    }
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256(t[0], t[1], 0x20),
+        _mm256_permute2x128_si256(t[0], t[1], 0x31),
+    )
+}
+
+/// The integer sums of one super-block with one activation block: Σ scale·q·x in 16 i32 lanes
+/// and Σ bmul·bsum (q4_K / q5_K: Σ min·bsum; q6_K: Σ sc·bsum, for its -32) in 8. No fold to
+/// 8 lanes here: `vextracti64x4` at the end of this chain made the loop 1.7x slower (the
+/// super-blocks' chains overlap less); `fold` runs once per group.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
+    debug_assert!(xq.len() >= XZ_BLOCK);
+    let z = _mm512_setzero_si512();
+    let mut p = [z; 4];
+    for (i, v) in p.iter_mut().enumerate() {
+        // SAFETY: 64 bytes inside xq (256).
+        let xv = unsafe { _mm512_loadu_si512(xq[64 * i..].as_ptr() as *const __m512i) };
+        *v = _mm512_dpbusd_epi32(z, d.q[i], xv);
+    }
+    // |p| <= 4·63·128 < 2^15: the packs are exact
+    let s = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p[0], p[1]), d.scl[0]);
+    let s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]);
+    // SAFETY: 32 bytes of bsums.
+    let bs = unsafe { _mm256_loadu_si256(xq[XZ_BSUMS..].as_ptr() as *const __m256i) };
+    (s, _mm256_madd_epi16(bs, d.bmul))
+}
+
+/// The 16 lanes of `v` added to 8.
+#[target_feature(enable = "avx2,avx512f")]
+#[inline]
+fn fold(v: __m512i) -> __m256i {
+    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
+}
+
+/// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
+/// decoded once), `long`: prefetch the weights ahead (`prefetch_ahead`). `xz[r]` is `x[r]`'s
+/// blocks by `interleave_k4` (the kernel reads `x[r]` only for the super-blocks after the
+/// last whole group of 8).
+///
+/// # Safety
+/// `has_row_k_vnni()` must be true; every `x[r]` has at least `w.len()` blocks and every
+/// `xz[r]` at least `XZ_BLOCK * w.len()` bytes.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+    xz: [&[u8]; R],
+    long: bool,
+) -> [f32; R] {
+    // SAFETY: the caller's contract is this function's.
+    unsafe {
+        if long {
+            row_k_vnni::<W, R, true>(w, x, xz)
+        } else {
+            row_k_vnni::<W, R, false>(w, x, xz)
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+    xz: [&[u8]; R],
+) -> [f32; R] {
+    let nb = w.len();
+    let groups = nb / LANES;
+    let mut acc = [_mm256_setzero_ps(); R];
+    for g in 0..groups {
+        let wg = &w[g * LANES..g * LANES + LANES];
+        if PF {
+            prefetch_ahead(wg);
+        }
+        let mut isum = [[_mm512_setzero_si512(); LANES]; R];
+        let mut msum = [[_mm256_setzero_si256(); LANES]; R];
+        // Software-pipelined by one super-block: the decode of j + 1 (its scales are a long
+        // dependency chain) is issued before the sums of j.
+        let mut next = unsafe { wg[0].decode_z() };
+        for j in 0..LANES {
+            let dz = next;
+            if j + 1 < LANES {
+                next = unsafe { wg[j + 1].decode_z() };
+            }
+            let b = g * LANES + j;
+            for rr in 0..R {
+                let xq = &xz[rr][XZ_BLOCK * b..XZ_BLOCK * (b + 1)];
+                let (i, m) = unsafe { sums_z(&dz, xq) };
+                isum[rr][j] = i;
+                msum[rr][j] = m;
+            }
+        }
+        // (Loops, not `array::from_fn` or closures: a closure does not inherit the target
+        // features and is not inlined into this function.)
+        let (mut hd, mut hm) = ([0u16; LANES], [0u16; LANES]);
+        for j in 0..LANES {
+            let (d, dmin) = wg[j].halves();
+            hd[j] = u16::from_le_bytes(d);
+            hm[j] = u16::from_le_bytes(dmin);
+        }
+        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hd.as_ptr() as *const __m128i) });
+        let dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hm.as_ptr() as *const __m128i) });
+        for rr in 0..R {
+            let xg = &xz[rr][XZ_BLOCK * g * LANES..XZ_BLOCK * (g + 1) * LANES];
+            let mut xd = [0.0f32; LANES];
+            for (v, blk) in xd.iter_mut().zip(xg.chunks_exact(XZ_BLOCK)) {
+                *v = f32::from_le_bytes([blk[XZ_D], blk[XZ_D + 1], blk[XZ_D + 2], blk[XZ_D + 3]]);
+            }
+            let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
+            let mut f = [_mm256_setzero_si256(); LANES];
+            for (o, &v) in f.iter_mut().zip(&isum[rr]) {
+                *o = fold(v);
+            }
+            let (is, ms) = (reduce8(&f), reduce8(&msum[rr]));
+            let (is, ms) = if W::Q6 {
+                // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum; no min
+                (
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(is, _mm256_slli_epi32(ms, 5))),
+                    _mm256_setzero_ps(),
+                )
+            } else {
+                (_mm256_cvtepi32_ps(is), _mm256_cvtepi32_ps(ms))
+            };
+            // block_k_product: (d·xd)·isum - (dmin·xd)·msum, then acc += p
+            let p = _mm256_sub_ps(
+                _mm256_mul_ps(_mm256_mul_ps(dw, xd), is),
+                _mm256_mul_ps(_mm256_mul_ps(dmin, xd), ms),
+            );
+            acc[rr] = _mm256_add_ps(acc[rr], p);
+        }
+    }
+    let mut lanes = [[0.0f32; LANES]; R];
+    for (l, &a) in lanes.iter_mut().zip(&acc) {
+        *l = lanes_of(a);
+    }
+    for b in groups * LANES..nb {
+        let wb = &w[b];
+        let q = unsafe { wb.decode() };
+        let (d, dmin) = wb.d_dmin();
+        for (rr, l) in lanes.iter_mut().enumerate() {
+            let xb = &x[rr][b];
+            let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
+            l[b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
+        }
+    }
+    let mut out = [0.0f32; R];
+    for (o, l) in out.iter_mut().zip(&lanes) {
+        *o = r::hsum8(l);
+    }
+    out
+}
