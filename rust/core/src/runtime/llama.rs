@@ -21,6 +21,7 @@ use crate::parallel;
 
 use super::config::Config;
 use super::ops;
+use super::packed::{self, ActsQ8};
 use super::weights::{Weight, Weights};
 
 /// A loaded model and its KV cache (one sequence).
@@ -40,8 +41,20 @@ fn invalid(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
 
-/// `out = x · Wᵀ` for any weight kind (M = `m` rows of x).
-pub fn matmul(w: &Weight, file: &[u8], x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+/// `out = x · Wᵀ` for any weight kind (M = `m` rows of x); `acts` is scratch for the packed
+/// weights' quantized activations.
+pub fn matmul(
+    w: &Weight,
+    file: &[u8],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    acts: &mut ActsQ8,
+) -> Result<()> {
+    if let Weight::Packed(p) = w {
+        acts.quantize(x, m, p.cols)?;
+        return packed::matmul(p, acts, out);
+    }
     let (n, k) = (w.rows(), w.cols());
     if let Some(view) = w.view(file, 0, n) {
         return qmatmul(x, m, &view, out);
@@ -269,17 +282,18 @@ impl Llama {
         let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
         let mut gate_up = vec![0f32; n * 2 * ff];
         let layer_len = self.n_ctx * kvd;
+        let acts = &mut ActsQ8::default();
         for (li, l) in self.weights.layers.iter().enumerate() {
             norm_rows(&x, &l.attn_norm, cfg.rms_eps, &mut xn);
             match &l.wqkv {
                 Some(w) => {
-                    matmul(w, bytes, &xn, n, &mut qkv)?;
+                    matmul(w, bytes, &xn, n, &mut qkv, acts)?;
                     split_rows(&qkv, n, &mut [&mut q[..], &mut k[..], &mut v[..]]);
                 }
                 None => {
-                    matmul(&l.wq, bytes, &xn, n, &mut q)?;
-                    matmul(&l.wk, bytes, &xn, n, &mut k)?;
-                    matmul(&l.wv, bytes, &xn, n, &mut v)?;
+                    matmul(&l.wq, bytes, &xn, n, &mut q, acts)?;
+                    matmul(&l.wk, bytes, &xn, n, &mut k, acts)?;
+                    matmul(&l.wv, bytes, &xn, n, &mut v, acts)?;
                 }
             }
             add_bias(&mut q, &l.bq);
@@ -292,7 +306,7 @@ impl Llama {
             let kc = &self.k_cache[li * layer_len..(li + 1) * layer_len];
             let vc = &self.v_cache[li * layer_len..(li + 1) * layer_len];
             attention(&cfg, &q, kc, vc, self.n_past, &mut att);
-            matmul(&l.wo, bytes, &att, n, &mut proj)?;
+            matmul(&l.wo, bytes, &att, n, &mut proj, acts)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
@@ -300,16 +314,16 @@ impl Llama {
             match &l.w_gate_up {
                 Some(w) => {
                     // Each row holds [gate | up]: SwiGLU reads them in place.
-                    matmul(w, bytes, &xn, n, &mut gate_up)?;
+                    matmul(w, bytes, &xn, n, &mut gate_up, acts)?;
                     swiglu_stacked(&gate_up, ff, &mut h);
                 }
                 None => {
-                    matmul(&l.w_gate, bytes, &xn, n, &mut gate)?;
-                    matmul(&l.w_up, bytes, &xn, n, &mut up)?;
+                    matmul(&l.w_gate, bytes, &xn, n, &mut gate, acts)?;
+                    matmul(&l.w_up, bytes, &xn, n, &mut up, acts)?;
                     swiglu_rows(&gate, &up, ff, &mut h);
                 }
             }
-            matmul(&l.w_down, bytes, &h, n, &mut proj)?;
+            matmul(&l.w_down, bytes, &h, n, &mut proj, acts)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
@@ -329,7 +343,14 @@ impl Llama {
             );
         }
         let mut logits = vec![0f32; rows.len() * cfg.vocab];
-        matmul(self.weights.head(), bytes, &xo, rows.len(), &mut logits)?;
+        matmul(
+            self.weights.head(),
+            bytes,
+            &xo,
+            rows.len(),
+            &mut logits,
+            acts,
+        )?;
         Ok(logits)
     }
 }

@@ -3,12 +3,13 @@
 //!
 //! config.rs reads the hyper-parameters, weights.rs maps the tensors, ops.rs holds RMSNorm,
 //! RoPE, softmax and SwiGLU as ggml computes them, llama.rs the forward pass, generate.rs the
-//! decode loop.
+//! decode loop, packed.rs the q8_0 matrices in 8-row panels and their VNNI kernel.
 
 pub mod config;
 pub mod generate;
 pub mod llama;
 pub mod ops;
+pub mod packed;
 pub mod weights;
 
 pub use config::Config;
