@@ -20,6 +20,7 @@ use crate::matmul::qmatmul;
 use crate::parallel;
 
 use super::config::Config;
+use super::decode;
 use super::ops;
 use super::packed::{self, ActsQ8};
 use super::weights::{Weight, Weights};
@@ -33,8 +34,8 @@ pub struct Llama {
     /// Positions already in the cache (the next token's position).
     pub n_past: usize,
     /// n_layer x n_ctx x kv_dim each.
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
+    pub(super) k_cache: Vec<f32>,
+    pub(super) v_cache: Vec<f32>,
 }
 
 fn invalid(msg: String) -> Error {
@@ -165,7 +166,7 @@ fn split_rows(stacked: &[f32], m: usize, parts: &mut [&mut [f32]]) {
     }
 }
 
-fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
+pub(super) fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
     if let Some(b) = b {
         for row in y.chunks_exact_mut(b.len()) {
             for (v, &bb) in row.iter_mut().zip(b) {
@@ -259,6 +260,9 @@ impl Llama {
     }
 
     fn forward_inner(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        if tokens.len() == 1 && parallel::num_threads() > 1 && decode::enabled() {
+            return decode::forward_one(self, tokens[0]);
+        }
         let cfg = self.cfg.clone();
         let (n, e) = (tokens.len(), cfg.n_embd);
         let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
@@ -360,34 +364,50 @@ impl Llama {
 /// softmax over positions `0..=pos`, then the weighted sum of values in position order.
 /// One task per (token, head); the per-head arithmetic is the same with or without AVX2.
 pub fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize, out: &mut [f32]) {
-    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
-    let group = cfg.n_head / cfg.n_head_kv;
-    let scale = 1.0f32 / (hd as f32).sqrt();
     let avx2 = use_avx2();
-    out.par_chunks_mut(hd)
+    out.par_chunks_mut(cfg.head_dim)
         .enumerate()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (ih, o)| {
-            let (i, h) = (ih / nh, ih % nh);
-            let head = Head {
-                q: &q[i * nh * hd + h * hd..][..hd],
-                kc,
-                vc,
-                kvd,
-                off: (h / group) * hd,
-                npos: n_past + i + 1,
-                scale,
-                avx2,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
-                return unsafe { head_avx2(&head, scores, o) };
-            }
-            head.attend(scores, o)
+            attend_one(cfg, q, kc, vc, n_past, ih, avx2, scores, o)
         });
 }
 
-fn use_avx2() -> bool {
+/// Output `o` of query head `ih % n_head` of token `ih / n_head` (`attention`'s task; `scores`
+/// is scratch).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_one(
+    cfg: &Config,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    n_past: usize,
+    ih: usize,
+    avx2: bool,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
+    let group = cfg.n_head / cfg.n_head_kv;
+    let (i, h) = (ih / nh, ih % nh);
+    let head = Head {
+        q: &q[i * nh * hd + h * hd..][..hd],
+        kc,
+        vc,
+        kvd,
+        off: (h / group) * hd,
+        npos: n_past + i + 1,
+        scale: 1.0f32 / (hd as f32).sqrt(),
+        avx2,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
+        return unsafe { head_avx2(&head, scores, o) };
+    }
+    head.attend(scores, o)
+}
+
+pub(super) fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::formats::simd::has_avx2()

@@ -20,6 +20,8 @@
 //! packed. Elsewhere (no VNNI, another architecture) the runtime keeps q8_0 rows for `qmatmul`;
 //! the portable kernel here exists for the tests and as the definition of the layout.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -340,6 +342,32 @@ pub fn matmul_with(kern: Kernel, w: &Packed, a: &ActsQ8, out: &mut [f32]) -> Res
         run(0);
     } else {
         parallel::install(|| (0..tasks).into_par_iter().for_each(run));
+    }
+    Ok(())
+}
+
+/// Rows `rows` of `x · Wᵀ` for one activation row (`a.m == 1`) on the calling thread: `out` has
+/// `rows.len()` values; `rows.start` is a multiple of `P`.
+pub fn matvec_rows(w: &Packed, a: &ActsQ8, rows: Range<usize>, out: &mut [f32]) -> Result<()> {
+    let k = w.cols;
+    if a.m != 1
+        || a.k != k
+        || !rows.start.is_multiple_of(P)
+        || rows.end > w.rows
+        || out.len() != rows.len()
+    {
+        return Err(Error::InvalidArgument(format!(
+            "packed matvec: acts {}x{}, weights {}x{k}, rows {rows:?}, out {}",
+            a.m,
+            a.k,
+            w.rows,
+            out.len()
+        )));
+    }
+    let kern = Kernel::best();
+    for (j, yp) in out.chunks_mut(P).enumerate() {
+        let [v] = kern.run(w.panel(rows.start / P + j), [a.row(0)]);
+        yp.copy_from_slice(&v[..yp.len()]);
     }
     Ok(())
 }
