@@ -386,8 +386,14 @@ impl Cols {
     /// `at + v.len() <= self.1`, and no other thread touches those elements meanwhile.
     unsafe fn write(&self, at: usize, v: &[f32]) {
         debug_assert!(at + v.len() <= self.1);
-        // SAFETY: in bounds and unshared (this function's contract).
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(at), v.len()) }
+        // SAFETY: in bounds and unshared (this function's contract). A whole panel's 8 values
+        // as one fixed-size copy (no call to memcpy).
+        unsafe {
+            match <&[f32; P]>::try_from(v) {
+                Ok(v8) => (self.0.add(at) as *mut [f32; P]).write_unaligned(*v8),
+                Err(_) => std::ptr::copy_nonoverlapping(v.as_ptr(), self.0.add(at), v.len()),
+            }
+        }
     }
 }
 
