@@ -312,19 +312,19 @@ def test_results_do_not_depend_on_threads_or_batching(models, qtype):
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
 def test_packed_weights_give_the_unpacked_logits_bit_for_bit(models, qtype, monkeypatch):
-    """The q8_0-valued matrices in 8-row panels (rust/core/src/runtime/packed.rs; x86-64 with
-    AVX-512 VNNI, FERROQUANT_RUNTIME_PACK=0 turns it off) compute the reference's products bit
-    for bit, so the logits equal those of the runtime on `qmatmul`, batched and step by step."""
+    """The q8_0-valued, q4_K and q6_K matrices in 8-row panels (rust/core/src/runtime/packed.rs,
+    packed_k.rs; x86-64 with AVX-512 VNNI, FERROQUANT_RUNTIME_PACK=0 turns it off) compute the
+    reference's products bit for bit, so the logits equal those of the runtime on `qmatmul`,
+    batched and step by step."""
     tokens = [int(t) for t in np.random.default_rng(8).integers(0, VOCAB, 21)]
     monkeypatch.setenv("FERROQUANT_RUNTIME_PACK", "0")
     plain = LlamaRuntime.from_gguf(models[qtype], n_ctx=64)
     assert "8-row panels" not in plain.load_report["summary"]
     monkeypatch.setenv("FERROQUANT_RUNTIME_PACK", "1")
     packed = LlamaRuntime.from_gguf(models[qtype], n_ctx=64)
-    # 7 of q8_0's matrices (qkv, o, gate|up, down) a layer and the head; q4_k_m's ffn_down are
-    # K-quants, left to qmatmul.
-    per_layer = 4 if qtype == "q8_0" else 3
-    n_packed = f"{per_layer * N_LAYERS + 1} q8_0 matrices packed"
+    # q|k|v, o, gate|up, down a layer and the head (q4_k_m's ffn_down are q4_K / q6_K:
+    # runtime/packed_k.rs).
+    n_packed = f"{4 * N_LAYERS + 1} matrices packed"
     cpuinfo = Path("/proc/cpuinfo")
     vnni = cpuinfo.exists() and "avx512_vnni" in cpuinfo.read_text()
     if vnni and fq._native.simd_level() == "avx2":

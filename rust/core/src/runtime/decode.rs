@@ -22,6 +22,7 @@ use crate::matmul::qmatmul;
 use super::llama::{add_bias, attend_one, use_avx2, Llama};
 use super::ops;
 use super::packed::{self, ActsQ8, P};
+use super::packed_k::{self, ActsQ8K};
 use super::weights::Weight;
 
 /// Whether decode steps use the region (FERROQUANT_RUNTIME_REGION=0: fork-join per matmul).
@@ -132,6 +133,7 @@ impl Buf {
 fn chunk(w: &Weight, nt: usize) -> usize {
     match w {
         Weight::Packed(p) => P * (16384 / p.cols.max(1)).max(1),
+        Weight::PackedK(p) => P * (16384 / p.cols.max(1)).max(1),
         _ => w.rows().div_ceil(2 * nt).next_multiple_of(P),
     }
 }
@@ -160,6 +162,8 @@ struct Worker<'a> {
     bytes: &'a [u8],
     acts: ActsQ8,
     acts_step: usize,
+    acts_k: ActsQ8K,
+    acts_k_step: usize,
     xn: Vec<f32>,
     xn_step: usize,
     part: Vec<f32>,
@@ -190,6 +194,13 @@ impl Worker<'_> {
                 self.acts_step = s;
             }
             return packed::matvec_rows(p, &self.acts, rows, out);
+        }
+        if let Weight::PackedK(p) = w {
+            if self.acts_k_step != s || self.acts_k.k != p.cols {
+                self.acts_k.quantize(x, 1, p.cols)?;
+                self.acts_k_step = s;
+            }
+            return packed_k::matvec_rows(p, &self.acts_k, rows, out);
         }
         if let Some(v) = w.view(self.bytes, rows.start, rows.end) {
             return qmatmul(x, 1, &v, out);
@@ -328,6 +339,8 @@ pub(super) fn forward_one(model: &mut Llama, token: u32) -> Result<Vec<f32>> {
             bytes,
             acts: ActsQ8::default(),
             acts_step: usize::MAX,
+            acts_k: ActsQ8K::default(),
+            acts_k_step: usize::MAX,
             xn: vec![0f32; e],
             xn_step: usize::MAX,
             part: Vec::new(),

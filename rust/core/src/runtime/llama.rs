@@ -23,6 +23,7 @@ use super::config::Config;
 use super::decode;
 use super::ops;
 use super::packed::{self, ActsQ8};
+use super::packed_k::{self, ActsQ8K};
 use super::weights::{Weight, Weights};
 
 /// A loaded model and its KV cache (one sequence).
@@ -42,6 +43,13 @@ fn invalid(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
 
+/// Quantized activations of the packed weights (buffers kept between calls).
+#[derive(Default)]
+pub struct Scratch {
+    q8: ActsQ8,
+    q8k: ActsQ8K,
+}
+
 /// `out = x · Wᵀ` for any weight kind (M = `m` rows of x); `acts` is scratch for the packed
 /// weights' quantized activations.
 pub fn matmul(
@@ -50,11 +58,15 @@ pub fn matmul(
     x: &[f32],
     m: usize,
     out: &mut [f32],
-    acts: &mut ActsQ8,
+    acts: &mut Scratch,
 ) -> Result<()> {
     if let Weight::Packed(p) = w {
-        acts.quantize(x, m, p.cols)?;
-        return packed::matmul(p, acts, out);
+        acts.q8.quantize(x, m, p.cols)?;
+        return packed::matmul(p, &acts.q8, out);
+    }
+    if let Weight::PackedK(p) = w {
+        acts.q8k.quantize(x, m, p.cols)?;
+        return packed_k::matmul(p, &acts.q8k, out);
     }
     let (n, k) = (w.rows(), w.cols());
     if let Some(view) = w.view(file, 0, n) {
@@ -286,7 +298,7 @@ impl Llama {
         let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
         let mut gate_up = vec![0f32; n * 2 * ff];
         let layer_len = self.n_ctx * kvd;
-        let acts = &mut ActsQ8::default();
+        let acts = &mut Scratch::default();
         for (li, l) in self.weights.layers.iter().enumerate() {
             norm_rows(&x, &l.attn_norm, cfg.rms_eps, &mut xn);
             match &l.wqkv {

@@ -11,6 +11,7 @@ pub mod generate;
 pub mod llama;
 pub mod ops;
 pub mod packed;
+pub mod packed_k;
 pub mod weights;
 
 pub use config::Config;

@@ -374,7 +374,7 @@ pub fn matvec_rows(w: &Packed, a: &ActsQ8, rows: Range<usize>, out: &mut [f32]) 
 
 /// The output of a batched matmul, written by tasks that own disjoint columns.
 #[derive(Clone, Copy)]
-struct Cols(*mut f32, usize);
+pub(super) struct Cols(pub(super) *mut f32, pub(super) usize);
 
 // SAFETY: tasks write disjoint elements only (see `matmul_with`); the pointer outlives them
 // (the parallel loop returns before `out` is released).
@@ -384,7 +384,7 @@ unsafe impl Sync for Cols {}
 impl Cols {
     /// # Safety
     /// `at + v.len() <= self.1`, and no other thread touches those elements meanwhile.
-    unsafe fn write(&self, at: usize, v: &[f32]) {
+    pub(super) unsafe fn write(&self, at: usize, v: &[f32]) {
         debug_assert!(at + v.len() <= self.1);
         // SAFETY: in bounds and unshared (this function's contract). A whole panel's 8 values
         // as one fixed-size copy (no call to memcpy).

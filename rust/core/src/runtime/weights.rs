@@ -24,6 +24,7 @@ use crate::quantize::{dequantize, QuantizedView};
 
 use super::config::Config;
 use super::packed::{self, Packed};
+use super::packed_k::PackedK;
 
 /// One weight matrix (rows = output features N, cols = input features K).
 #[derive(Clone, Debug)]
@@ -56,6 +57,8 @@ pub enum Weight {
     },
     /// q8_0 values in panels of 8 rows for the runtime's VNNI kernel (`packed.rs`).
     Packed(Packed),
+    /// q4_K / q6_K in panels of 8 rows (`packed_k.rs`).
+    PackedK(PackedK),
 }
 
 impl Weight {
@@ -66,6 +69,7 @@ impl Weight {
             | Weight::F32Mapped { rows, .. }
             | Weight::F32Owned { rows, .. } => *rows,
             Weight::Packed(p) => p.rows,
+            Weight::PackedK(p) => p.rows,
         }
     }
 
@@ -76,6 +80,7 @@ impl Weight {
             | Weight::F32Mapped { cols, .. }
             | Weight::F32Owned { cols, .. } => *cols,
             Weight::Packed(p) => p.cols,
+            Weight::PackedK(p) => p.cols,
         }
     }
 
@@ -108,7 +113,10 @@ impl Weight {
         match self {
             Weight::F32Mapped { bytes, .. } => Some(bytemuck::cast_slice(&file[bytes.clone()])),
             Weight::F32Owned { data, .. } => Some(data),
-            Weight::Quant { .. } | Weight::Repacked { .. } | Weight::Packed(_) => None,
+            Weight::Quant { .. }
+            | Weight::Repacked { .. }
+            | Weight::Packed(_)
+            | Weight::PackedK(_) => None,
         }
     }
 
@@ -136,6 +144,7 @@ impl Weight {
             Weight::Repacked { data, .. } => data.len(),
             Weight::F32Owned { data, .. } => data.len() * 4,
             Weight::Packed(p) => p.data.len(),
+            Weight::PackedK(p) => p.data.len(),
         }
     }
 }
@@ -208,9 +217,10 @@ pub fn stack(ws: &[&Weight], file: &[u8]) -> Option<Weight> {
     })
 }
 
-/// `w` in 8-row panels when it holds q8_0 values (q8_0, or q5_0 repacked) and `packed::enabled`;
-/// else `w` as it is.
-pub fn pack(w: Weight, file: &[u8]) -> Weight {
+/// `w` in 8-row panels when `packed::enabled` and it holds q8_0 values (q8_0, or q5_0
+/// repacked) or, with `k_quants`, q4_K / q6_K (the tied embedding is read by rows too, so it
+/// is packed only as q8_0, whose rows `Packed` gives back); else `w` as it is.
+pub fn pack(w: Weight, file: &[u8], k_quants: bool) -> Weight {
     if !packed::enabled() {
         return w;
     }
@@ -220,6 +230,10 @@ pub fn pack(w: Weight, file: &[u8]) -> Weight {
             v.rows,
             v.cols,
         )),
+        Some(v) if k_quants => match PackedK::new(v.qtype, v.data, v.rows, v.cols) {
+            Some(p) => Weight::PackedK(p),
+            None => w,
+        },
         _ => w,
     }
 }
@@ -239,7 +253,7 @@ impl LoadReport {
     fn note(&mut self, name: &str, w: &Weight, stored: &str) {
         match w {
             Weight::Quant { qtype, .. } => self.count(qtype.name()),
-            Weight::Repacked { .. } | Weight::Packed(_) => {
+            Weight::Repacked { .. } | Weight::Packed(_) | Weight::PackedK(_) => {
                 self.count(&format!("{stored} (repacked as q8_0)"))
             }
             Weight::F32Mapped { .. } => self.count("f32"),
@@ -266,7 +280,7 @@ impl LoadReport {
             .collect();
         if self.packed > 0 {
             s.push(format!(
-                "{} q8_0 matrices packed in 8-row panels (AVX-512 VNNI)",
+                "{} matrices packed in 8-row panels (AVX-512 VNNI)",
                 self.packed
             ));
         }
@@ -471,41 +485,39 @@ impl Weights {
         };
         let mut report = l.report;
         // The matrices the forward pass multiplies (the stacked ones in place of their parts).
-        let mut packs = |w: &mut Weight| {
-            let taken = std::mem::replace(
-                w,
-                Weight::F32Owned {
-                    rows: 0,
-                    cols: 0,
-                    data: vec![],
-                },
-            );
-            *w = pack(taken, bytes);
-            report.packed += matches!(w, Weight::Packed(_)) as usize;
+        let mut packs_k = |w: &mut Weight, k_quants: bool| {
+            let empty = Weight::F32Owned {
+                rows: 0,
+                cols: 0,
+                data: vec![],
+            };
+            let taken = std::mem::replace(w, empty);
+            *w = pack(taken, bytes, k_quants);
+            report.packed += matches!(w, Weight::Packed(_) | Weight::PackedK(_)) as usize;
         };
         for l in layers.iter_mut() {
             match &mut l.wqkv {
-                Some(w) => packs(w),
+                Some(w) => packs_k(w, true),
                 None => {
-                    packs(&mut l.wq);
-                    packs(&mut l.wk);
-                    packs(&mut l.wv);
+                    packs_k(&mut l.wq, true);
+                    packs_k(&mut l.wk, true);
+                    packs_k(&mut l.wv, true);
                 }
             }
-            packs(&mut l.wo);
+            packs_k(&mut l.wo, true);
             match &mut l.w_gate_up {
-                Some(w) => packs(w),
+                Some(w) => packs_k(w, true),
                 None => {
-                    packs(&mut l.w_gate);
-                    packs(&mut l.w_up);
+                    packs_k(&mut l.w_gate, true);
+                    packs_k(&mut l.w_up, true);
                 }
             }
-            packs(&mut l.w_down);
+            packs_k(&mut l.w_down, true);
         }
         let mut token_embd = token_embd;
         match output {
-            Some(ref mut w) => packs(w),
-            None => packs(&mut token_embd),
+            Some(ref mut w) => packs_k(w, true),
+            None => packs_k(&mut token_embd, false),
         }
         Ok(Weights {
             file,
