@@ -70,15 +70,10 @@ impl Steps {
             if i >= n {
                 break;
             }
+            // Counted as finished even if `f` panics: the other threads then run to the end
+            // instead of waiting forever, and the broadcast passes the panic on.
+            let _finish = Finish(self, st, n);
             f(i);
-            // A sleeper counted itself before its last look at `done`: either it saw the final
-            // count, or it is (about to be) waiting under the lock and gets woken.
-            if st.done.fetch_add(1, Ordering::SeqCst) + 1 == n
-                && self.sleepers.load(Ordering::SeqCst) > 0
-            {
-                let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-                self.wake.notify_all();
-            }
         }
         for _ in 0..SPINS {
             if st.done.load(Ordering::Acquire) == n {
@@ -96,12 +91,29 @@ impl Steps {
     }
 }
 
+/// Marks one item of a step finished when dropped.
+struct Finish<'a>(&'a Steps, &'a Step, usize);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        let Finish(steps, st, n) = *self;
+        // A sleeper counted itself before its last look at `done`: either it saw the final
+        // count, or it is (about to be) waiting under the lock and gets woken.
+        if st.done.fetch_add(1, Ordering::SeqCst) + 1 == n
+            && steps.sleepers.load(Ordering::SeqCst) > 0
+        {
+            let _held = steps.lock.lock().unwrap_or_else(|p| p.into_inner());
+            steps.wake.notify_all();
+        }
+    }
+}
+
 /// A shared f32 buffer of the region.
 #[derive(Clone, Copy)]
 struct Buf(*mut f32, usize);
 
 // SAFETY: the threads of the region access a `Buf` only as the module comment says (disjoint
-// writes between barriers); the buffers outlive the region.
+// writes within a step); the buffers outlive the region.
 unsafe impl Send for Buf {}
 unsafe impl Sync for Buf {}
 
@@ -111,7 +123,7 @@ impl Buf {
     }
 
     /// # Safety
-    /// Until the next barrier no other thread reads or writes `r`.
+    /// Within the step no other thread reads or writes `r`.
     #[allow(clippy::mut_from_ref)]
     unsafe fn part(&self, r: Range<usize>) -> &mut [f32] {
         assert!(r.start <= r.end && r.end <= self.1, "{r:?} of {}", self.1);
@@ -120,7 +132,16 @@ impl Buf {
     }
 
     /// # Safety
-    /// Until the next barrier no thread writes any of it.
+    /// Within the step no thread writes `r`.
+    #[cfg(test)]
+    unsafe fn get(&self, r: Range<usize>) -> &[f32] {
+        assert!(r.start <= r.end && r.end <= self.1, "{r:?} of {}", self.1);
+        // SAFETY: in bounds (checked); no writer (the caller's contract).
+        unsafe { std::slice::from_raw_parts(self.0.add(r.start), r.len()) }
+    }
+
+    /// # Safety
+    /// Within the step no thread writes any of it.
     unsafe fn all(&self) -> &[f32] {
         // SAFETY: the whole buffer; no writer (the caller's contract).
         unsafe { std::slice::from_raw_parts(self.0, self.1) }
@@ -390,4 +411,66 @@ pub(super) fn forward_one(model: &mut Llama, token: u32) -> Result<Vec<f32>> {
         return Err(e);
     }
     Ok(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: usize) -> rayon::ThreadPool {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn every_item_runs_once_and_steps_see_the_steps_before() {
+        let (n_steps, items) = (50, 7);
+        let mut data = vec![0f32; n_steps * items];
+        let buf = Buf::of(&mut data);
+        let steps = Steps::new(n_steps);
+        let runs = AtomicUsize::new(0);
+        pool(3).broadcast(|_| {
+            for s in 0..n_steps {
+                steps.run(s, items, |i| {
+                    // SAFETY: item i of step s owns element s * items + i; the previous step's
+                    // elements are finished (the property under test) and only read now.
+                    let before: f32 = if s == 0 {
+                        0.0
+                    } else {
+                        let prev = unsafe { buf.get((s - 1) * items..s * items) };
+                        prev.iter().sum()
+                    };
+                    let cell = unsafe { buf.part(s * items + i..s * items + i + 1) };
+                    cell[0] = before + 1.0;
+                    runs.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+        });
+        assert_eq!(runs.into_inner(), n_steps * items);
+        // Step s's values: 1 + items * (step s - 1's value), if every step saw the whole one
+        // before it.
+        let mut want = 1.0f32;
+        for s in 0..n_steps.min(6) {
+            assert!(
+                data[s * items..(s + 1) * items].iter().all(|&v| v == want),
+                "step {s}"
+            );
+            want = 1.0 + items as f32 * want;
+        }
+    }
+
+    #[test]
+    fn a_panicking_item_is_passed_on_instead_of_hanging() {
+        let steps = Steps::new(3);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool(2).broadcast(|_| {
+                for s in 0..3 {
+                    steps.run(s, 4, |i| assert!(!(s == 1 && i == 2), "item 2 of step 1"));
+                }
+            })
+        }));
+        assert!(r.is_err());
+    }
 }
