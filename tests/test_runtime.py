@@ -287,10 +287,13 @@ def test_quantized_greedy_follows_llama_cpp_where_it_is_decided(models, qtype):
 # -- properties of our own engine ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("region", ["0", "1"])
 @pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_k_m"])
-def test_results_do_not_depend_on_threads_or_batching(models, qtype):
-    """One thread, two threads (decode steps then run as one parallel region,
-    rust/core/src/runtime/decode.rs), batched or step by step: the same logits bit for bit."""
+def test_results_do_not_depend_on_threads_or_batching(models, qtype, region, monkeypatch):
+    """One thread, two threads (with FERROQUANT_RUNTIME_REGION=1 decode steps run as one
+    parallel region, rust/core/src/runtime/decode.rs), batched or step by step: the same logits
+    bit for bit."""
+    monkeypatch.setenv("FERROQUANT_RUNTIME_REGION", region)
     tokens = [int(t) for t in np.random.default_rng(3).integers(0, VOCAB, 12)]
     before = fq.num_threads()
     try:

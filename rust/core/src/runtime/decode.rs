@@ -1,6 +1,6 @@
-//! One decode step (a single token) with two or more threads: every thread of the pool runs the
-//! whole forward pass in one parallel region (`rayon::broadcast`) instead of forking and joining
-//! the pool once per matmul (about 160 times a token). The pass is a sequence of steps (7 a
+//! One decode step (a single token) with two or more threads, when `enabled` (opt-in): every
+//! thread of the pool runs the whole forward pass in one parallel region (`rayon::broadcast`)
+//! instead of forking and joining the pool once per matmul (about 160 times a token). The pass is a sequence of steps (7 a
 //! layer); a step's work is cut into items (row ranges of a matrix, attention heads, SwiGLU
 //! elements) that the threads claim from an atomic counter, and a thread goes on to the next
 //! step once every item of this one is finished (spinning briefly, then sleeping). A thread that
@@ -14,7 +14,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::matmul::qmatmul;
@@ -25,10 +25,12 @@ use super::packed::{self, ActsQ8, P};
 use super::packed_k::{self, ActsQ8K};
 use super::weights::Weight;
 
-/// Whether decode steps use the region (FERROQUANT_RUNTIME_REGION=0: fork-join per matmul).
+/// Whether decode steps use the region: only with FERROQUANT_RUNTIME_REGION=1 (read at every
+/// step). Off by default: on this project's busy 2-core machine it measured no faster than one
+/// fork-join per matmul (the same CPU time per token, wall times within the noise); it waits
+/// for an A/B run on a quiet machine.
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FERROQUANT_RUNTIME_REGION").map_or(true, |v| v.trim() != "0"))
+    std::env::var("FERROQUANT_RUNTIME_REGION").is_ok_and(|v| v.trim() == "1")
 }
 
 /// Spins (about 20 µs) before a waiting thread sleeps: on a busy machine the other thread may
