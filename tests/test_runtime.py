@@ -287,8 +287,13 @@ def test_quantized_greedy_follows_llama_cpp_where_it_is_decided(models, qtype):
 # -- properties of our own engine ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", ["f32", "q4_k_m"])
-def test_results_do_not_depend_on_threads_or_batching(models, qtype):
+@pytest.mark.parametrize("region", ["0", "1"])
+@pytest.mark.parametrize("qtype", ["f32", "q8_0", "q4_k_m"])
+def test_results_do_not_depend_on_threads_or_batching(models, qtype, region, monkeypatch):
+    """One thread, two threads (with FERROQUANT_RUNTIME_REGION=1 decode steps run as one
+    parallel region, rust/core/src/runtime/decode.rs), batched or step by step: the same logits
+    bit for bit."""
+    monkeypatch.setenv("FERROQUANT_RUNTIME_REGION", region)
     tokens = [int(t) for t in np.random.default_rng(3).integers(0, VOCAB, 12)]
     before = fq.num_threads()
     try:
@@ -306,6 +311,34 @@ def test_results_do_not_depend_on_threads_or_batching(models, qtype):
     assert np.array_equal(one, two)
     assert np.array_equal(steps, one[4:])
     assert rt.n_past == len(tokens)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
+def test_packed_weights_give_the_unpacked_logits_bit_for_bit(models, qtype, monkeypatch):
+    """The q8_0-valued, q4_K and q6_K matrices in 8-row panels (rust/core/src/runtime/packed.rs,
+    packed_k.rs; x86-64 with AVX-512 VNNI, FERROQUANT_RUNTIME_PACK=0 turns it off) compute the
+    reference's products bit for bit, so the logits equal those of the runtime on `qmatmul`,
+    batched and step by step."""
+    tokens = [int(t) for t in np.random.default_rng(8).integers(0, VOCAB, 21)]
+    monkeypatch.setenv("FERROQUANT_RUNTIME_PACK", "0")
+    plain = LlamaRuntime.from_gguf(models[qtype], n_ctx=64)
+    assert "8-row panels" not in plain.load_report["summary"]
+    monkeypatch.setenv("FERROQUANT_RUNTIME_PACK", "1")
+    packed = LlamaRuntime.from_gguf(models[qtype], n_ctx=64)
+    # q|k|v, o, gate|up, down a layer and the head (q4_k_m's ffn_down are q4_K / q6_K:
+    # runtime/packed_k.rs).
+    n_packed = f"{4 * N_LAYERS + 1} matrices packed"
+    cpuinfo = Path("/proc/cpuinfo")
+    vnni = cpuinfo.exists() and "avx512_vnni" in cpuinfo.read_text()
+    if vnni and fq._native.simd_level() == "avx2":
+        assert n_packed in packed.load_report["summary"]
+    for rt in (plain, packed):
+        rt.reset()
+    batch = [rt.forward(tokens[:17], all_logits=True) for rt in (plain, packed)]
+    assert np.array_equal(batch[0], batch[1])
+    for t in tokens[17:]:
+        a, b = plain.forward([t]), packed.forward([t])
+        assert np.array_equal(a, b)
 
 
 def test_generate_sampling_is_seeded(models):

@@ -20,7 +20,10 @@ use crate::matmul::qmatmul;
 use crate::parallel;
 
 use super::config::Config;
+use super::decode;
 use super::ops;
+use super::packed::{self, ActsQ8};
+use super::packed_k::{self, ActsQ8K};
 use super::weights::{Weight, Weights};
 
 /// A loaded model and its KV cache (one sequence).
@@ -32,16 +35,39 @@ pub struct Llama {
     /// Positions already in the cache (the next token's position).
     pub n_past: usize,
     /// n_layer x n_ctx x kv_dim each.
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
+    pub(super) k_cache: Vec<f32>,
+    pub(super) v_cache: Vec<f32>,
 }
 
 fn invalid(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
 
-/// `out = x · Wᵀ` for any weight kind (M = `m` rows of x).
-pub fn matmul(w: &Weight, file: &[u8], x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+/// Quantized activations of the packed weights (buffers kept between calls).
+#[derive(Default)]
+pub struct Scratch {
+    q8: ActsQ8,
+    q8k: ActsQ8K,
+}
+
+/// `out = x · Wᵀ` for any weight kind (M = `m` rows of x); `acts` is scratch for the packed
+/// weights' quantized activations.
+pub fn matmul(
+    w: &Weight,
+    file: &[u8],
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+    acts: &mut Scratch,
+) -> Result<()> {
+    if let Weight::Packed(p) = w {
+        acts.q8.quantize(x, m, p.cols)?;
+        return packed::matmul(p, &acts.q8, out);
+    }
+    if let Weight::PackedK(p) = w {
+        acts.q8k.quantize(x, m, p.cols)?;
+        return packed_k::matmul(p, &acts.q8k, out);
+    }
     let (n, k) = (w.rows(), w.cols());
     if let Some(view) = w.view(file, 0, n) {
         return qmatmul(x, m, &view, out);
@@ -152,7 +178,7 @@ fn split_rows(stacked: &[f32], m: usize, parts: &mut [&mut [f32]]) {
     }
 }
 
-fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
+pub(super) fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
     if let Some(b) = b {
         for row in y.chunks_exact_mut(b.len()) {
             for (v, &bb) in row.iter_mut().zip(b) {
@@ -246,6 +272,9 @@ impl Llama {
     }
 
     fn forward_inner(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        if tokens.len() == 1 && parallel::num_threads() > 1 && decode::enabled() {
+            return decode::forward_one(self, tokens[0]);
+        }
         let cfg = self.cfg.clone();
         let (n, e) = (tokens.len(), cfg.n_embd);
         let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
@@ -269,17 +298,18 @@ impl Llama {
         let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
         let mut gate_up = vec![0f32; n * 2 * ff];
         let layer_len = self.n_ctx * kvd;
+        let acts = &mut Scratch::default();
         for (li, l) in self.weights.layers.iter().enumerate() {
             norm_rows(&x, &l.attn_norm, cfg.rms_eps, &mut xn);
             match &l.wqkv {
                 Some(w) => {
-                    matmul(w, bytes, &xn, n, &mut qkv)?;
+                    matmul(w, bytes, &xn, n, &mut qkv, acts)?;
                     split_rows(&qkv, n, &mut [&mut q[..], &mut k[..], &mut v[..]]);
                 }
                 None => {
-                    matmul(&l.wq, bytes, &xn, n, &mut q)?;
-                    matmul(&l.wk, bytes, &xn, n, &mut k)?;
-                    matmul(&l.wv, bytes, &xn, n, &mut v)?;
+                    matmul(&l.wq, bytes, &xn, n, &mut q, acts)?;
+                    matmul(&l.wk, bytes, &xn, n, &mut k, acts)?;
+                    matmul(&l.wv, bytes, &xn, n, &mut v, acts)?;
                 }
             }
             add_bias(&mut q, &l.bq);
@@ -292,7 +322,7 @@ impl Llama {
             let kc = &self.k_cache[li * layer_len..(li + 1) * layer_len];
             let vc = &self.v_cache[li * layer_len..(li + 1) * layer_len];
             attention(&cfg, &q, kc, vc, self.n_past, &mut att);
-            matmul(&l.wo, bytes, &att, n, &mut proj)?;
+            matmul(&l.wo, bytes, &att, n, &mut proj, acts)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
@@ -300,16 +330,16 @@ impl Llama {
             match &l.w_gate_up {
                 Some(w) => {
                     // Each row holds [gate | up]: SwiGLU reads them in place.
-                    matmul(w, bytes, &xn, n, &mut gate_up)?;
+                    matmul(w, bytes, &xn, n, &mut gate_up, acts)?;
                     swiglu_stacked(&gate_up, ff, &mut h);
                 }
                 None => {
-                    matmul(&l.w_gate, bytes, &xn, n, &mut gate)?;
-                    matmul(&l.w_up, bytes, &xn, n, &mut up)?;
+                    matmul(&l.w_gate, bytes, &xn, n, &mut gate, acts)?;
+                    matmul(&l.w_up, bytes, &xn, n, &mut up, acts)?;
                     swiglu_rows(&gate, &up, ff, &mut h);
                 }
             }
-            matmul(&l.w_down, bytes, &h, n, &mut proj)?;
+            matmul(&l.w_down, bytes, &h, n, &mut proj, acts)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
             }
@@ -329,7 +359,14 @@ impl Llama {
             );
         }
         let mut logits = vec![0f32; rows.len() * cfg.vocab];
-        matmul(self.weights.head(), bytes, &xo, rows.len(), &mut logits)?;
+        matmul(
+            self.weights.head(),
+            bytes,
+            &xo,
+            rows.len(),
+            &mut logits,
+            acts,
+        )?;
         Ok(logits)
     }
 }
@@ -339,34 +376,50 @@ impl Llama {
 /// softmax over positions `0..=pos`, then the weighted sum of values in position order.
 /// One task per (token, head); the per-head arithmetic is the same with or without AVX2.
 pub fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize, out: &mut [f32]) {
-    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
-    let group = cfg.n_head / cfg.n_head_kv;
-    let scale = 1.0f32 / (hd as f32).sqrt();
     let avx2 = use_avx2();
-    out.par_chunks_mut(hd)
+    out.par_chunks_mut(cfg.head_dim)
         .enumerate()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, (ih, o)| {
-            let (i, h) = (ih / nh, ih % nh);
-            let head = Head {
-                q: &q[i * nh * hd + h * hd..][..hd],
-                kc,
-                vc,
-                kvd,
-                off: (h / group) * hd,
-                npos: n_past + i + 1,
-                scale,
-                avx2,
-            };
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
-                return unsafe { head_avx2(&head, scores, o) };
-            }
-            head.attend(scores, o)
+            attend_one(cfg, q, kc, vc, n_past, ih, avx2, scores, o)
         });
 }
 
-fn use_avx2() -> bool {
+/// Output `o` of query head `ih % n_head` of token `ih / n_head` (`attention`'s task; `scores`
+/// is scratch).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend_one(
+    cfg: &Config,
+    q: &[f32],
+    kc: &[f32],
+    vc: &[f32],
+    n_past: usize,
+    ih: usize,
+    avx2: bool,
+    scores: &mut Vec<f32>,
+    o: &mut [f32],
+) {
+    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
+    let group = cfg.n_head / cfg.n_head_kv;
+    let (i, h) = (ih / nh, ih % nh);
+    let head = Head {
+        q: &q[i * nh * hd + h * hd..][..hd],
+        kc,
+        vc,
+        kvd,
+        off: (h / group) * hd,
+        npos: n_past + i + 1,
+        scale: 1.0f32 / (hd as f32).sqrt(),
+        avx2,
+    };
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
+        return unsafe { head_avx2(&head, scores, o) };
+    }
+    head.attend(scores, o)
+}
+
+pub(super) fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         crate::formats::simd::has_avx2()

@@ -3,12 +3,15 @@
 //!
 //! config.rs reads the hyper-parameters, weights.rs maps the tensors, ops.rs holds RMSNorm,
 //! RoPE, softmax and SwiGLU as ggml computes them, llama.rs the forward pass, generate.rs the
-//! decode loop.
+//! decode loop, packed.rs the q8_0 matrices in 8-row panels and their VNNI kernel.
 
 pub mod config;
+mod decode;
 pub mod generate;
 pub mod llama;
 pub mod ops;
+pub mod packed;
+pub mod packed_k;
 pub mod weights;
 
 pub use config::Config;

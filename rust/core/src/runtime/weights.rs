@@ -6,6 +6,10 @@
 //! other qtype (f16, bf16, q4_1, q5_1, q2_k, q3_k, iq4_xs, ... as long as ferroquant can
 //! dequantize it) is dequantized to f32 once at load and multiplied in f32; `LoadReport` lists
 //! those tensors. Norm vectors and biases are copied to f32.
+//!
+//! On x86-64 with AVX-512 VNNI the matrices of q8_0 values the forward pass multiplies (q8_0,
+//! q5_0 repacked, the stacked q|k|v and gate|up, the head) are then copied once more into the
+//! 8-row panels of `packed.rs` (`pack`), whose kernel gives the same products bit for bit.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -19,6 +23,8 @@ use crate::qtype::QType;
 use crate::quantize::{dequantize, QuantizedView};
 
 use super::config::Config;
+use super::packed::{self, Packed};
+use super::packed_k::PackedK;
 
 /// One weight matrix (rows = output features N, cols = input features K).
 #[derive(Clone, Debug)]
@@ -49,6 +55,10 @@ pub enum Weight {
         cols: usize,
         data: Vec<f32>,
     },
+    /// q8_0 values in panels of 8 rows for the runtime's VNNI kernel (`packed.rs`).
+    Packed(Packed),
+    /// q4_K / q6_K in panels of 8 rows (`packed_k.rs`).
+    PackedK(PackedK),
 }
 
 impl Weight {
@@ -58,6 +68,8 @@ impl Weight {
             | Weight::Repacked { rows, .. }
             | Weight::F32Mapped { rows, .. }
             | Weight::F32Owned { rows, .. } => *rows,
+            Weight::Packed(p) => p.rows,
+            Weight::PackedK(p) => p.rows,
         }
     }
 
@@ -67,6 +79,8 @@ impl Weight {
             | Weight::Repacked { cols, .. }
             | Weight::F32Mapped { cols, .. }
             | Weight::F32Owned { cols, .. } => *cols,
+            Weight::Packed(p) => p.cols,
+            Weight::PackedK(p) => p.cols,
         }
     }
 
@@ -99,12 +113,19 @@ impl Weight {
         match self {
             Weight::F32Mapped { bytes, .. } => Some(bytemuck::cast_slice(&file[bytes.clone()])),
             Weight::F32Owned { data, .. } => Some(data),
-            Weight::Quant { .. } | Weight::Repacked { .. } => None,
+            Weight::Quant { .. }
+            | Weight::Repacked { .. }
+            | Weight::Packed(_)
+            | Weight::PackedK(_) => None,
         }
     }
 
     /// Row `r` as f32 (the embedding lookup, ggml's get_rows).
     pub fn row_f32(&self, file: &[u8], r: usize, out: &mut [f32]) -> Result<()> {
+        if let Weight::Packed(p) = self {
+            p.row_f32(r, out);
+            return Ok(());
+        }
         match self.view(file, r, r + 1) {
             Some(v) => dequantize(&v, out),
             None => {
@@ -122,6 +143,8 @@ impl Weight {
             Weight::Quant { bytes, .. } | Weight::F32Mapped { bytes, .. } => bytes.len(),
             Weight::Repacked { data, .. } => data.len(),
             Weight::F32Owned { data, .. } => data.len() * 4,
+            Weight::Packed(p) => p.data.len(),
+            Weight::PackedK(p) => p.data.len(),
         }
     }
 }
@@ -194,6 +217,27 @@ pub fn stack(ws: &[&Weight], file: &[u8]) -> Option<Weight> {
     })
 }
 
+/// `w` in 8-row panels when `packed::enabled` and it holds q8_0 values (q8_0, or q5_0
+/// repacked) or, with `k_quants`, q4_K / q6_K (the tied embedding is read by rows too, so it
+/// is packed only as q8_0, whose rows `Packed` gives back); else `w` as it is.
+pub fn pack(w: Weight, file: &[u8], k_quants: bool) -> Weight {
+    if !packed::enabled() {
+        return w;
+    }
+    match w.view(file, 0, w.rows()) {
+        Some(v) if v.qtype == QType::Q8_0 => Weight::Packed(Packed::from_q8_0(
+            bytemuck::cast_slice(v.data),
+            v.rows,
+            v.cols,
+        )),
+        Some(v) if k_quants => match PackedK::new(v.qtype, v.data, v.rows, v.cols) {
+            Some(p) => Weight::PackedK(p),
+            None => w,
+        },
+        _ => w,
+    }
+}
+
 /// What loading did with each tensor type.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadReport {
@@ -201,13 +245,17 @@ pub struct LoadReport {
     pub native: Vec<(String, usize)>,
     /// Matrices dequantized to f32 at load (no matmul kernel for their qtype): (name, qtype).
     pub dequantized: Vec<(String, String)>,
+    /// Matrices the forward pass multiplies in 8-row panels (`packed.rs`; stacked ones count once).
+    pub packed: usize,
 }
 
 impl LoadReport {
     fn note(&mut self, name: &str, w: &Weight, stored: &str) {
         match w {
             Weight::Quant { qtype, .. } => self.count(qtype.name()),
-            Weight::Repacked { .. } => self.count(&format!("{stored} (repacked as q8_0)")),
+            Weight::Repacked { .. } | Weight::Packed(_) | Weight::PackedK(_) => {
+                self.count(&format!("{stored} (repacked as q8_0)"))
+            }
             Weight::F32Mapped { .. } => self.count("f32"),
             Weight::F32Owned { .. } if stored == "f32" => self.count("f32"),
             Weight::F32Owned { .. } => self
@@ -230,6 +278,12 @@ impl LoadReport {
             .iter()
             .map(|(q, c)| format!("{c} {q} matrices used as stored"))
             .collect();
+        if self.packed > 0 {
+            s.push(format!(
+                "{} matrices packed in 8-row panels (AVX-512 VNNI)",
+                self.packed
+            ));
+        }
         if !self.dequantized.is_empty() {
             let mut kinds: Vec<&str> = self.dequantized.iter().map(|(_, q)| q.as_str()).collect();
             kinds.sort_unstable();
@@ -425,11 +479,46 @@ impl Weights {
             l.w_gate_up = stack(&[&l.w_gate, &l.w_up], bytes);
         }
         let output_norm = l.vector("output_norm.weight", e)?;
-        let output = match file.header().tensor("output.weight") {
+        let mut output = match file.header().tensor("output.weight") {
             Some(_) => Some(l.matrix("output.weight", Some(cfg.vocab), e)?),
             None => None,
         };
-        let report = l.report;
+        let mut report = l.report;
+        // The matrices the forward pass multiplies (the stacked ones in place of their parts).
+        let mut packs_k = |w: &mut Weight, k_quants: bool| {
+            let empty = Weight::F32Owned {
+                rows: 0,
+                cols: 0,
+                data: vec![],
+            };
+            let taken = std::mem::replace(w, empty);
+            *w = pack(taken, bytes, k_quants);
+            report.packed += matches!(w, Weight::Packed(_) | Weight::PackedK(_)) as usize;
+        };
+        for l in layers.iter_mut() {
+            match &mut l.wqkv {
+                Some(w) => packs_k(w, true),
+                None => {
+                    packs_k(&mut l.wq, true);
+                    packs_k(&mut l.wk, true);
+                    packs_k(&mut l.wv, true);
+                }
+            }
+            packs_k(&mut l.wo, true);
+            match &mut l.w_gate_up {
+                Some(w) => packs_k(w, true),
+                None => {
+                    packs_k(&mut l.w_gate, true);
+                    packs_k(&mut l.w_up, true);
+                }
+            }
+            packs_k(&mut l.w_down, true);
+        }
+        let mut token_embd = token_embd;
+        match output {
+            Some(ref mut w) => packs_k(w, true),
+            None => packs_k(&mut token_embd, false),
+        }
         Ok(Weights {
             file,
             token_embd,
