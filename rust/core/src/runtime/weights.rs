@@ -217,6 +217,17 @@ pub fn stack(ws: &[&Weight], file: &[u8]) -> Option<Weight> {
     })
 }
 
+/// Drop `w`'s owned data (a part of a stacked matrix, never multiplied itself): an empty matrix.
+fn release(w: &mut Weight) {
+    if matches!(w, Weight::Repacked { .. } | Weight::F32Owned { .. }) {
+        *w = Weight::F32Owned {
+            rows: 0,
+            cols: 0,
+            data: vec![],
+        };
+    }
+}
+
 /// `w` in 8-row panels when `packed::enabled` and it holds q8_0 values (q8_0, or q5_0
 /// repacked) or, with `k_quants`, q4_K / q6_K (the tied embedding is read by rows too, so it
 /// is packed only as q8_0, whose rows `Packed` gives back); else `w` as it is.
@@ -477,6 +488,18 @@ impl Weights {
         for l in layers.iter_mut() {
             l.wqkv = stack(&[&l.wq, &l.wk, &l.wv], bytes);
             l.w_gate_up = stack(&[&l.w_gate, &l.w_up], bytes);
+            // The forward pass reads a stacked matrix instead of its parts: free the parts'
+            // owned copies (q5_0 repacked as q8_0: ~74 MB for SmolLM2 q4_k_m).
+            if l.wqkv.is_some() {
+                for w in [&mut l.wq, &mut l.wk, &mut l.wv] {
+                    release(w);
+                }
+            }
+            if l.w_gate_up.is_some() {
+                for w in [&mut l.w_gate, &mut l.w_up] {
+                    release(w);
+                }
+            }
         }
         let output_norm = l.vector("output_norm.weight", e)?;
         let mut output = match file.header().tensor("output.weight") {
