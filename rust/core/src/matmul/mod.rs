@@ -69,9 +69,13 @@ enum Acts<'a> {
         d: Vec<f32>,
         sums: Vec<i32>,
         /// The quants interleaved for the tile kernels (`x86::tile::interleave_q8_0`), one row
-        /// after the other; empty when the tile path does not run.
+        /// after the other, or for the M = 1 row kernel (`x86::row32::interleave`); empty when
+        /// neither runs.
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xt: Vec<u8>,
+        /// `-BIAS · sums` for the row kernel (`x86::row32::RowQ8::nbias`); empty otherwise.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        nbias: Vec<i32>,
     },
     Q8K {
         blocks: Vec<BlockQ8K>,
@@ -105,6 +109,9 @@ struct Plan<'a> {
     m_block: usize,
     /// The tiled kernels (`x86::tile`) run: 32-weight formats, VNNI, M >= 2.
     tile: bool,
+    /// The M = 1 row kernel `x86::row32` runs (q4_0, q5_0, q8_0, iq4_nl with AVX-512 VBMI).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    row32: bool,
     row_bytes: usize,
     acts: Acts<'a>,
     /// nf4 / int8: statistics per weight row, and the weights sharing one of them.
@@ -244,8 +251,25 @@ impl Plan<'_> {
         let k = self.k;
         match &self.acts {
             Acts::Q8_0 {
-                blocks, d, sums, ..
+                blocks,
+                d,
+                sums,
+                xt,
+                nbias,
             } => {
+                #[cfg(target_arch = "x86_64")]
+                if self.row32 {
+                    let row = x86::row32::RowQ8 { xt, d, nbias };
+                    // (M = 1: `dots` asks for one row at a time.)
+                    return [match self.w.qtype {
+                        QType::Q4_0 => self.dot_row32::<BlockQ4_0>(wrow, &row),
+                        QType::Q8_0 => self.dot_row32::<BlockQ8_0>(wrow, &row),
+                        QType::Q5_0 => self.dot_row32::<BlockQ5_0>(wrow, &row),
+                        _ => self.dot_row32::<BlockIQ4NL>(wrow, &row),
+                    }; R];
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (xt, nbias);
                 let nb = k / QK8_0;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
@@ -317,6 +341,21 @@ impl Plan<'_> {
             unsafe { x86::dot_block32(w, x, xd) }
         } else {
             std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
+        }
+    }
+
+    /// One weight row with the one activation row through `x86::row32`.
+    #[cfg(target_arch = "x86_64")]
+    fn dot_row32<W: x86::row32::Row32>(&self, wrow: &[u8], x: &x86::row32::RowQ8<'_>) -> f32 {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        // SAFETY: row32 is set only when `x86::row32::available()`; the activations were
+        // prepared by `interleave::<W>` for the same K (one block per weight block).
+        unsafe {
+            if self.long {
+                x86::row32::dot_row32::<W, true>(w, x)
+            } else {
+                x86::row32::dot_row32::<W, false>(w, x)
+            }
         }
     }
 
@@ -580,6 +619,17 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
                 | QType::Q5K
                 | QType::Q6K
         );
+    // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
+    #[cfg(target_arch = "x86_64")]
+    let row32 = vnni
+        && m == 1
+        && x86::row32::available()
+        && matches!(
+            w.qtype,
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL
+        );
+    #[cfg(not(target_arch = "x86_64"))]
+    let row32 = false;
     let (acts, act_row_bytes) = match w.qtype {
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
             let nb = k / QK8_0;
@@ -596,18 +646,26 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
                 blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
             }
             let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
-            let sums = blocks
+            let sums: Vec<i32> = blocks
                 .iter()
                 .map(|b| b.qs.iter().map(|&q| q as i32).sum())
                 .collect();
             #[cfg(target_arch = "x86_64")]
-            let xt = if tile {
-                panels::interleave_q8_0_rows(&blocks, nb)
+            let (xt, nbias) = if tile {
+                (panels::interleave_q8_0_rows(&blocks, nb), Vec::new())
+            } else if row32 {
+                use x86::row32::interleave;
+                match w.qtype {
+                    QType::Q4_0 => interleave::<BlockQ4_0>(&blocks, &sums),
+                    QType::Q8_0 => interleave::<BlockQ8_0>(&blocks, &sums),
+                    QType::Q5_0 => interleave::<BlockQ5_0>(&blocks, &sums),
+                    _ => interleave::<BlockIQ4NL>(&blocks, &sums),
+                }
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let xt = Vec::new();
+            let (xt, nbias) = (Vec::new(), Vec::new());
             let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
             (
                 Acts::Q8_0 {
@@ -615,6 +673,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
                     d,
                     sums,
                     xt,
+                    nbias,
                 },
                 row_bytes,
             )
@@ -690,6 +749,7 @@ fn plan<'a>(x: &'a [f32], m: usize, w: &'a QuantizedView<'a>, out_len: usize) ->
             m.div_ceil(n_blocks).next_multiple_of(ROWS)
         },
         tile,
+        row32,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,
         stats_per_row,

@@ -417,6 +417,7 @@ pub use row_k::{dot_block_k, dot_block_k_prefetch, DecodedK, SumsK};
 mod k_low;
 pub use k_low::scales_q3_k_kmask;
 mod min32;
+pub mod row32;
 
 // ---------------------------------------------------------------- f32 activations
 

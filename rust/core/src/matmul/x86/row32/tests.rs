@@ -1,0 +1,159 @@
+//! `dot_row32` bit for bit against `reference::dot_block32` for every format it serves: block
+//! counts 1..=40 (partial groups of every length), long rows (K = 14336 and one past a group),
+//! with and without the prefetch, random bytes (q8_0 weights include -128) and the extremes
+//! (all weights at their largest level against ±127 activations).
+
+use super::*;
+use crate::matmul::tests::{blocks, Rng};
+
+fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
+    let size = std::mem::size_of::<W>();
+    let mut data = blocks(rng, nb, size, &[0]);
+    if extreme {
+        for b in 0..nb {
+            data[b * size + 2..(b + 1) * size].fill(if b % 2 == 0 { 0xff } else { 0x00 });
+        }
+    }
+    let w: &[W] = bytemuck::cast_slice(&data);
+    let x = if extreme {
+        (0..nb * 32)
+            .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect()
+    } else {
+        rng.normalish(nb * 32, 1.5)
+    };
+    let mut xq = vec![
+        BlockQ8_0 {
+            d: [0; 2],
+            qs: [0; 32]
+        };
+        nb
+    ];
+    r::quantize_row_q8_0(&x, &mut xq);
+    let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+    let sums: Vec<i32> = xq
+        .iter()
+        .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+        .collect();
+    let (xt, nbias) = interleave::<W>(&xq, &sums);
+    let row = RowQ8 {
+        xt: &xt,
+        d: &xd,
+        nbias: &nbias,
+    };
+    let want = r::dot_block32(w, &xq, &xd).to_bits();
+    // SAFETY: available() checked by the caller; x prepared by interleave for nb blocks.
+    let (a, b) = unsafe {
+        (
+            dot_row32::<W, false>(w, &row),
+            dot_row32::<W, true>(w, &row),
+        )
+    };
+    let name = std::any::type_name::<W>();
+    assert_eq!(a.to_bits(), want, "{name} nb={nb} extreme={extreme}");
+    assert_eq!(b.to_bits(), want, "{name} nb={nb} prefetch");
+}
+
+fn all<W: Row32>(rng: &mut Rng) {
+    for nb in (1..=40).chain([448, 449]) {
+        check::<W>(rng, nb, false);
+    }
+    for nb in [1, 8, 13, 16] {
+        check::<W>(rng, nb, true);
+    }
+}
+
+#[test]
+fn row32_equals_reference_for_every_format_and_length() {
+    if !available() {
+        eprintln!("row32: AVX-512 VBMI / GFNI absent, nothing to test");
+        return;
+    }
+    let mut rng = Rng(0x0032_0032_0032_0032);
+    all::<BlockQ4_0>(&mut rng);
+    all::<BlockIQ4NL>(&mut rng);
+    all::<BlockQ5_0>(&mut rng);
+    all::<BlockQ8_0>(&mut rng);
+}
+
+/// Each activation dword lands in exactly one lane of one register per group.
+#[test]
+fn x_lanes_cover_every_quad_once() {
+    fn cover<W: Row32>() {
+        let mut seen = [[false; 8]; 8];
+        for reg in 0..4 {
+            for l in 0..16 {
+                let (b, q) = W::x_lane(reg, l);
+                assert!(
+                    !seen[b][q],
+                    "{} reg {reg} lane {l}",
+                    std::any::type_name::<W>()
+                );
+                seen[b][q] = true;
+            }
+        }
+    }
+    cover::<BlockQ4_0>();
+    cover::<BlockIQ4NL>();
+    cover::<BlockQ5_0>();
+    cover::<BlockQ8_0>();
+}
+
+/// Timing of the kernel alone (not a test): `cargo test --release row32_bench -- --ignored
+/// --nocapture`; 256 rows of K = 4096 (in L2), ns per group of 8 blocks, min of 7 runs.
+#[test]
+#[ignore]
+fn row32_bench() {
+    fn bench<W: Row32>(rng: &mut Rng) {
+        let (rows, nb) = (256, 128);
+        let size = std::mem::size_of::<W>();
+        let data = blocks(rng, rows * nb, size, &[0]);
+        let w: &[W] = bytemuck::cast_slice(&data);
+        let x = rng.normalish(nb * 32, 1.5);
+        let mut xq = vec![
+            BlockQ8_0 {
+                d: [0; 2],
+                qs: [0; 32]
+            };
+            nb
+        ];
+        r::quantize_row_q8_0(&x, &mut xq);
+        let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+        let sums: Vec<i32> = xq
+            .iter()
+            .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+            .collect();
+        let (xt, nbias) = interleave::<W>(&xq, &sums);
+        let row = RowQ8 {
+            xt: &xt,
+            d: &xd,
+            nbias: &nbias,
+        };
+        let mut best = f64::MAX;
+        let mut sink = 0.0f32;
+        for _ in 0..7 {
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                for rw in w.chunks_exact(nb) {
+                    // SAFETY: available() checked; x prepared for nb blocks.
+                    sink += unsafe { dot_row32::<W, false>(rw, &row) };
+                }
+            }
+            best = best.min(t.elapsed().as_secs_f64() / (20.0 * rows as f64 * (nb / 8) as f64));
+        }
+        let gb = (8 * size) as f64 / best / 1e9;
+        let name = std::any::type_name::<W>().rsplit("::").next().unwrap();
+        eprintln!(
+            "{name:12} {:6.2} ns/group {gb:6.1} GB/s ({sink})",
+            best * 1e9
+        );
+    }
+    if !available() {
+        return;
+    }
+    let mut rng = Rng(7);
+    bench::<BlockQ4_0>(&mut rng);
+    bench::<BlockIQ4NL>(&mut rng);
+    bench::<BlockQ5_0>(&mut rng);
+    bench::<BlockQ8_0>(&mut rng);
+}
