@@ -32,6 +32,8 @@ use crate::matmul::reference::{self as r, LANES};
 
 /// Bytes of one group of 8 rearranged activation blocks (4 registers of 64).
 pub const GROUP_BYTES: usize = 256;
+/// Entries of `RowQ8::nbias` per group (one register of i32).
+pub const NBIAS: usize = 16;
 
 /// True when the row kernel may run: `has_vnni` plus AVX-512 BW and VBMI and GFNI.
 pub fn available() -> bool {
@@ -53,7 +55,8 @@ pub struct RowQ8<'a> {
     pub xt: &'a [u8],
     /// Each block's scale as f32 (`nb` entries).
     pub d: &'a [f32],
-    /// `-BIAS · Σx` per block, `nb.div_ceil(8) * 8` entries (zero past the last block).
+    /// `-BIAS · Σx` per block: `NBIAS` entries per group, block j at `Row32::nbias_lane(j)`,
+    /// zero elsewhere (and past the last block).
     pub nbias: &'a [i32],
 }
 
@@ -73,9 +76,9 @@ pub fn interleave<W: Row32>(blocks: &[BlockQ8_0], sums: &[i32]) -> (Vec<u8>, Vec
             }
         }
     }
-    let mut nbias = vec![0i32; groups * LANES];
-    for (n, &s) in nbias.iter_mut().zip(sums) {
-        *n = -W::BIAS * s;
+    let mut nbias = vec![0i32; groups * NBIAS];
+    for (b, &s) in sums.iter().enumerate() {
+        nbias[b / LANES * NBIAS + W::nbias_lane(b % LANES)] = -W::BIAS * s;
     }
     (xt, nbias)
 }
@@ -85,6 +88,8 @@ pub trait Row32: Load32 {
     /// Register `reg` (0..4), dword lane `l` (0..16) of a group multiplies the activation quants
     /// `4q..4q + 4` of block `b` of the group: `(b, q)`.
     fn x_lane(reg: usize, l: usize) -> (usize, usize);
+    /// The lane of `RowQ8::nbias` (of `NBIAS` per group) that holds block j's bias.
+    fn nbias_lane(j: usize) -> usize;
 
     /// The 8 blocks at `p` (only the first `len` bytes are read; `len` < 8 blocks for the last
     /// partial group, whose missing blocks read as zero bytes): each block's exact
@@ -92,12 +97,12 @@ pub trait Row32: Load32 {
     ///
     /// # Safety
     /// `available()`; `p..p + len` readable, `len == 8 * size_of::<Self>()` when `FULL`; `xt`
-    /// points at the group's `GROUP_BYTES` activation bytes.
+    /// points at the group's `GROUP_BYTES` activation bytes, `nbias` at its `NBIAS` entries.
     unsafe fn group<const FULL: bool>(
         p: *const u8,
         len: usize,
         xt: *const u8,
-        nbias: __m256i,
+        nbias: *const i32,
     ) -> (__m256i, __m256);
 }
 
@@ -222,6 +227,22 @@ fn fold(v: __m512i) -> __m256i {
     _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
 }
 
+/// The four products of a group whose register lanes j and 8 + j belong to block j (q4_0,
+/// iq4_nl, q5_0): two chains of two `vpdpbusd` (the first starting from `-BIAS·Σx` in lanes
+/// 0..8), added, the halves folded.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dots4(nbias: *const i32, v: [__m512i; 4], xt: *const u8) -> __m256i {
+    // SAFETY: xt points at the group's GROUP_BYTES bytes, nbias at NBIAS i32 (caller).
+    unsafe {
+        let s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(nbias as *const _), v[0], xreg(xt, 0));
+        let s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], xreg(xt, 1));
+        let s0 = _mm512_dpbusd_epi32(s0, v[2], xreg(xt, 2));
+        let s1 = _mm512_dpbusd_epi32(s1, v[3], xreg(xt, 3));
+        fold(_mm512_add_epi32(s0, s1))
+    }
+}
+
 /// GF(2) matrix of `x >> 4` per byte (`gf2p8affineqb`: result bit i = parity(row 7 - i & x)).
 const SHR4: i64 = 0x1020_4080_0000_0000;
 
@@ -273,54 +294,92 @@ impl Nibbles for BlockIQ4NL {
     }
 }
 
-// q4_0 / iq4_nl: 18-byte blocks, d at 0, quants at 2. Windows 0..64 + 64..128 (blocks 0..3)
-// and 64..128 + 80..144 (blocks 4..7).
-static Q4_A: Idx = quad_index(18, 2, 0, 0, 64);
-static Q4_B: Idx = quad_index(18, 2, 1, 64, 80);
+/// Byte index of a `vpermt2b` over the first 128 bytes of a group: qword j (< `blocks`) =
+/// quant bytes `h..h + 8` of block j (block `size` bytes, quants at `qoff`); the others 0.
+const fn qword_index(size: usize, qoff: usize, h: usize, blocks: usize) -> Idx {
+    let mut idx = [0u8; 64];
+    let mut o = 0;
+    while o < 8 * blocks {
+        let src = size * (o / 8) + qoff + h + o % 8;
+        assert!(src < 128);
+        idx[o] = src as u8;
+        o += 1;
+    }
+    Idx(idx)
+}
+
+// q4_0 / iq4_nl: 18-byte blocks, d at 0, quants at 2. The first 128 bytes hold blocks 0..7
+// but the last; its two quant qwords come by masked broadcast loads.
+static Q4_W0: Idx = qword_index(18, 2, 0, 7);
+static Q4_W1: Idx = qword_index(18, 2, 8, 7);
 static Q4_D: Idx = word_index(field8(18, 0), 0, 64);
 
-/// q4_0 and iq4_nl: the 4-bit formats in 18-byte blocks.
+/// The products of a group in the qword layout (qword j of every register belongs to block j):
+/// two chains of two `vpdpbusd` (the first from the biases in lanes 2j), added, the two dwords
+/// of each qword summed and narrowed.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn dots4_qword(nbias: *const i32, v: [__m512i; 4], xt: *const u8) -> __m256i {
+    // SAFETY: xt points at the group's GROUP_BYTES bytes, nbias at NBIAS i32 (caller).
+    unsafe {
+        let s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(nbias as *const _), v[0], xreg(xt, 0));
+        let s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], xreg(xt, 1));
+        let s0 = _mm512_dpbusd_epi32(s0, v[2], xreg(xt, 2));
+        let s1 = _mm512_dpbusd_epi32(s1, v[3], xreg(xt, 3));
+        let s = _mm512_add_epi32(s0, s1);
+        _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)))
+    }
+}
+
+/// q4_0 and iq4_nl: the 4-bit formats in 18-byte blocks. `T01` qword j = quant bytes 0..8 of
+/// block j (low nibbles: elements 0..8, high: 16..24), `T23` bytes 8..16.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,gfni")]
 #[inline]
 unsafe fn group_q4<W: Nibbles, const FULL: bool>(
     p: *const u8,
     len: usize,
     xt: *const u8,
-    nbias: __m256i,
+    nbias: *const i32,
 ) -> (__m256i, __m256) {
-    // SAFETY: the caller's contract (`Row32::group`).
+    // SAFETY: the caller's contract (`Row32::group`); a full group has 144 bytes, so the
+    // unaligned 8-byte reads at 128 and 136 are inside it (a partial group has no block 7).
     unsafe {
         let a = ld::<FULL>(p, 0, len);
         let b = ld::<FULL>(p, 64, len);
-        let c = ld::<FULL>(p, 80, len);
-        let za = _mm512_permutex2var_epi8(a, idx(&Q4_A), b);
-        let zb = _mm512_permutex2var_epi8(b, idx(&Q4_B), c);
-        let (t01, t23) = pair_lanes(za, zb);
-        let mut s = _mm512_dpbusd_epi32(_mm512_zextsi256_si512(nbias), W::lo(t01), xreg(xt, 0));
-        s = _mm512_dpbusd_epi32(s, W::lo(t23), xreg(xt, 1));
-        s = _mm512_dpbusd_epi32(s, W::hi(t01), xreg(xt, 2));
-        s = _mm512_dpbusd_epi32(s, W::hi(t23), xreg(xt, 3));
+        let mut t01 = _mm512_permutex2var_epi8(a, idx(&Q4_W0), b);
+        let mut t23 = _mm512_permutex2var_epi8(a, idx(&Q4_W1), b);
+        if FULL {
+            t01 = _mm512_mask_set1_epi64(t01, 0x80, (p.add(128) as *const i64).read_unaligned());
+            t23 = _mm512_mask_set1_epi64(t23, 0x80, (p.add(136) as *const i64).read_unaligned());
+        }
+        let v = [W::lo(t01), W::lo(t23), W::hi(t01), W::hi(t23)];
         let d = _mm512_permutex2var_epi16(a, idx(&Q4_D), b);
-        (fold(s), _mm256_cvtph_ps(_mm512_castsi512_si128(d)))
+        (
+            dots4_qword(nbias, v, xt),
+            _mm256_cvtph_ps(_mm512_castsi512_si128(d)),
+        )
     }
 }
 
-/// Register `reg` lane `l` of the 4-bit / 5-bit formats: block `l % 8`, quad `2·reg + l / 8`
-/// (registers: low nibbles of dwords 0,1; of 2,3; high nibbles of 0,1; of 2,3).
-fn x_lane_t(reg: usize, l: usize) -> (usize, usize) {
-    (l % 8, 2 * reg + l / 8)
+/// Register `reg` lane `l` of the qword layout: block `l / 2`, quad `2·reg + l % 2`
+/// (registers: low nibbles of bytes 0..8, of 8..16; high nibbles of 0..8, of 8..16).
+fn x_lane_qword(reg: usize, l: usize) -> (usize, usize) {
+    (l / 2, 2 * reg + l % 2)
 }
 
 impl Row32 for BlockQ4_0 {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
-        x_lane_t(reg, l)
+        x_lane_qword(reg, l)
+    }
+    fn nbias_lane(j: usize) -> usize {
+        2 * j
     }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
         p: *const u8,
         len: usize,
         xt: *const u8,
-        nbias: __m256i,
+        nbias: *const i32,
     ) -> (__m256i, __m256) {
         // SAFETY: the caller's contract is this function's.
         unsafe { group_q4::<Self, FULL>(p, len, xt, nbias) }
@@ -329,14 +388,17 @@ impl Row32 for BlockQ4_0 {
 
 impl Row32 for BlockIQ4NL {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
-        x_lane_t(reg, l)
+        x_lane_qword(reg, l)
+    }
+    fn nbias_lane(j: usize) -> usize {
+        2 * j
     }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
         p: *const u8,
         len: usize,
         xt: *const u8,
-        nbias: __m256i,
+        nbias: *const i32,
     ) -> (__m256i, __m256) {
         // SAFETY: the caller's contract is this function's.
         unsafe { group_q4::<Self, FULL>(p, len, xt, nbias) }
@@ -354,7 +416,7 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[W], x: &RowQ8<'_>) -> f32
     let nb = w.len();
     let groups = nb.div_ceil(LANES);
     assert!(
-        x.xt.len() >= groups * GROUP_BYTES && x.nbias.len() >= groups * LANES && x.d.len() >= nb
+        x.xt.len() >= groups * GROUP_BYTES && x.nbias.len() >= groups * NBIAS && x.d.len() >= nb
     );
     let size = std::mem::size_of::<W>();
     let p = w.as_ptr() as *const u8;
@@ -366,12 +428,11 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[W], x: &RowQ8<'_>) -> f32
         }
         // SAFETY: group g's 8 blocks are in w; xt, nbias and d hold group g (asserted above).
         unsafe {
-            let nbias = _mm256_loadu_si256(x.nbias.as_ptr().add(g * LANES) as *const __m256i);
             let (isum, dw) = W::group::<true>(
                 p.add(g * LANES * size),
                 LANES * size,
                 x.xt.as_ptr().add(g * GROUP_BYTES),
-                nbias,
+                x.nbias.as_ptr().add(g * NBIAS),
             );
             let dx = _mm256_loadu_ps(x.d.as_ptr().add(g * LANES));
             let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
@@ -384,12 +445,11 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[W], x: &RowQ8<'_>) -> f32
         // SAFETY: `left` blocks (left * size bytes) remain in w; the masked loads read only
         // those; xt and nbias hold the padded group, d the `left` scales read under the mask.
         unsafe {
-            let nbias = _mm256_loadu_si256(x.nbias.as_ptr().add(full * LANES) as *const __m256i);
             let (isum, dw) = W::group::<false>(
                 p.add(full * LANES * size),
                 left * size,
                 x.xt.as_ptr().add(full * GROUP_BYTES),
-                nbias,
+                x.nbias.as_ptr().add(full * NBIAS),
             );
             let dx = _mm256_maskz_loadu_ps(k, x.d.as_ptr().add(full * LANES));
             let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
@@ -400,6 +460,12 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[W], x: &RowQ8<'_>) -> f32
 }
 
 // ---------------------------------------------------------------- q5_0
+
+/// Register `reg` lane `l` of the transposed layout: block `l % 8`, quad `2·reg + l / 8`
+/// (registers: low nibbles of dwords 0,1; of 2,3; high nibbles of 0,1; of 2,3).
+fn x_lane_t(reg: usize, l: usize) -> (usize, usize) {
+    (l % 8, 2 * reg + l / 8)
+}
 
 // 22-byte blocks: d at 0, qh at 2, quants at 6. Windows 0..64 + 64..128 (blocks 0..3 and the
 // scales of blocks 0..5), 64..128 + 112..176 (blocks 4..7), 112..176 (scales of blocks 6, 7).
@@ -468,12 +534,15 @@ impl Row32 for BlockQ5_0 {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
         x_lane_t(reg, l)
     }
+    fn nbias_lane(j: usize) -> usize {
+        j
+    }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
         p: *const u8,
         len: usize,
         xt: *const u8,
-        nbias: __m256i,
+        nbias: *const i32,
     ) -> (__m256i, __m256) {
         // SAFETY: the caller's contract is this function's (the 176 bytes of a full group are
         // read as 0..64, 64..128, 112..176).
@@ -494,13 +563,12 @@ impl Row32 for BlockQ5_0 {
                 q5_levels(_mm512_gf2p8affine_epi64_epi8::<0>(t01, shr4), qh, 2),
                 q5_levels(_mm512_gf2p8affine_epi64_epi8::<0>(t23, shr4), qh, 3),
             ];
-            let mut s = _mm512_dpbusd_epi32(_mm512_zextsi256_si512(nbias), v[0], xreg(xt, 0));
-            for (reg, v) in v.iter().enumerate().skip(1) {
-                s = _mm512_dpbusd_epi32(s, *v, xreg(xt, reg));
-            }
             let d = _mm512_permutex2var_epi16(a, idx(&Q5_D1), b);
             let d = _mm512_mask_permutexvar_epi16(d, Q5_D_LATE, idx(&Q5_D2), c);
-            (fold(s), _mm256_cvtph_ps(_mm512_castsi512_si128(d)))
+            (
+                dots4(nbias, v, xt),
+                _mm256_cvtph_ps(_mm512_castsi512_si128(d)),
+            )
         }
     }
 }
@@ -536,12 +604,15 @@ impl Row32 for BlockQ8_0 {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
         (l % 4 + 4 * (reg / 2), l / 4 + 4 * (reg % 2))
     }
+    fn nbias_lane(j: usize) -> usize {
+        j
+    }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
         p: *const u8,
         len: usize,
         xt: *const u8,
-        nbias: __m256i,
+        nbias: *const i32,
     ) -> (__m256i, __m256) {
         // SAFETY: the caller's contract is this function's (every window lies in the 272 bytes
         // of a full group).
@@ -555,8 +626,8 @@ impl Row32 for BlockQ8_0 {
                 // w + 128 as u8
                 v[reg] = _mm512_xor_si512(q, _mm512_set1_epi8(-128));
             }
-            let mut sa = _mm512_zextsi128_si512(_mm256_castsi256_si128(nbias));
-            let mut sb = _mm512_zextsi128_si512(_mm256_extracti128_si256::<1>(nbias));
+            let mut sa = _mm512_zextsi128_si512(_mm_loadu_si128(nbias as *const __m128i));
+            let mut sb = _mm512_zextsi128_si512(_mm_loadu_si128(nbias.add(4) as *const __m128i));
             sa = _mm512_dpbusd_epi32(sa, v[0], xreg(xt, 0));
             sb = _mm512_dpbusd_epi32(sb, v[2], xreg(xt, 2));
             sa = _mm512_dpbusd_epi32(sa, v[1], xreg(xt, 1));

@@ -100,7 +100,8 @@ fn x_lanes_cover_every_quad_once() {
 }
 
 /// Timing of the kernel alone (not a test): `cargo test --release row32_bench -- --ignored
-/// --nocapture`; 256 rows of K = 4096 (in L2), ns per group of 8 blocks, min of 7 runs.
+/// --nocapture`; 256 rows of K = 4096 (in L2), ns per group of 8 blocks, min of 7 runs, beside
+/// the AVX-512 VNNI kernel it replaces at M = 1 (`dot_block32_vnni`), alternating.
 #[test]
 #[ignore]
 fn row32_bench() {
@@ -129,8 +130,9 @@ fn row32_bench() {
             d: &xd,
             nbias: &nbias,
         };
-        let mut best = f64::MAX;
+        let (mut best, mut old) = (f64::MAX, f64::MAX);
         let mut sink = 0.0f32;
+        let per = 20.0 * rows as f64 * (nb / 8) as f64;
         for _ in 0..7 {
             let t = std::time::Instant::now();
             for _ in 0..20 {
@@ -139,13 +141,26 @@ fn row32_bench() {
                     sink += unsafe { dot_row32::<W, false>(rw, &row) };
                 }
             }
-            best = best.min(t.elapsed().as_secs_f64() / (20.0 * rows as f64 * (nb / 8) as f64));
+            best = best.min(t.elapsed().as_secs_f64() / per);
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                for rw in w.chunks_exact(nb) {
+                    // SAFETY: has_vnni (implied by available()); one activation block per block.
+                    sink += unsafe {
+                        super::super::dot_block32_vnni(rw, [&xq], [&xd], [&sums], false)[0]
+                    };
+                }
+            }
+            old = old.min(t.elapsed().as_secs_f64() / per);
         }
-        let gb = (8 * size) as f64 / best / 1e9;
+        let gb = |t: f64| (8 * size) as f64 / t / 1e9;
         let name = std::any::type_name::<W>().rsplit("::").next().unwrap();
         eprintln!(
-            "{name:12} {:6.2} ns/group {gb:6.1} GB/s ({sink})",
-            best * 1e9
+            "{name:11} row32 {:5.2} ns/group {:5.1} GB/s | block32_vnni {:5.2} ns/group {:5.1} GB/s ({sink})",
+            best * 1e9,
+            gb(best),
+            old * 1e9,
+            gb(old)
         );
     }
     if !available() {
