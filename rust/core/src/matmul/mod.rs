@@ -262,10 +262,10 @@ impl Plan<'_> {
                     let row = x86::row32::RowQ8 { xt, d, nbias };
                     // (M = 1: `dots` asks for one row at a time.)
                     return [match self.w.qtype {
-                        QType::Q4_0 => self.dot_row32::<BlockQ4_0>(wrow, &row),
-                        QType::Q8_0 => self.dot_row32::<BlockQ8_0>(wrow, &row),
-                        QType::Q5_0 => self.dot_row32::<BlockQ5_0>(wrow, &row),
-                        _ => self.dot_row32::<BlockIQ4NL>(wrow, &row),
+                        QType::Q4_0 => self.dot_row32::<BlockQ4_0>(n, &row),
+                        QType::Q8_0 => self.dot_row32::<BlockQ8_0>(n, &row),
+                        QType::Q5_0 => self.dot_row32::<BlockQ5_0>(n, &row),
+                        _ => self.dot_row32::<BlockIQ4NL>(n, &row),
                     }; R];
                 }
                 #[cfg(not(target_arch = "x86_64"))]
@@ -346,15 +346,17 @@ impl Plan<'_> {
 
     /// One weight row with the one activation row through `x86::row32`.
     #[cfg(target_arch = "x86_64")]
-    fn dot_row32<W: x86::row32::Row32>(&self, wrow: &[u8], x: &x86::row32::RowQ8<'_>) -> f32 {
-        let w: &[W] = bytemuck::cast_slice(wrow);
+    /// (`n`: the weight row; the kernel may read the rows after it.)
+    fn dot_row32<W: x86::row32::Row32>(&self, n: usize, x: &x86::row32::RowQ8<'_>) -> f32 {
+        let rest = &self.w.data[n * self.row_bytes..];
+        let nb = self.k / QK8_0;
         // SAFETY: row32 is set only when `x86::row32::available()`; the activations were
         // prepared by `interleave::<W>` for the same K (one block per weight block).
         unsafe {
             if self.long {
-                x86::row32::dot_row32::<W, true>(w, x)
+                x86::row32::dot_row32::<W, true>(rest, nb, x)
             } else {
-                x86::row32::dot_row32::<W, false>(w, x)
+                x86::row32::dot_row32::<W, false>(rest, nb, x)
             }
         }
     }

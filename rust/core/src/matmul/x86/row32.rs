@@ -26,9 +26,9 @@
 
 use std::arch::x86_64::*;
 
-use super::{lanes_of, prefetch_ahead, Load32};
+use super::{prefetch_ahead, Load32};
 use crate::formats::blocks::*;
-use crate::matmul::reference::{self as r, LANES};
+use crate::matmul::reference::LANES;
 
 /// Bytes of one group of 8 rearranged activation blocks (4 registers of 64).
 pub const GROUP_BYTES: usize = 256;
@@ -405,32 +405,46 @@ impl Row32 for BlockIQ4NL {
     }
 }
 
-/// `dot_block32_vnni` for one activation row (`reference::dot_block32`'s bits), the groups of 8
-/// blocks through `Row32::group`; `PF`: prefetch the weights ahead (`prefetch_ahead`).
+/// `reference::hsum8` of the lanes of `v`: `(a0 + a4, .., a3 + a7)`, then `(s0 + s2) + (s1 + s3)`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum8_ps(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)))
+}
+
+/// `dot_block32_vnni` for one activation row (`reference::dot_block32`'s bits): the `nb`
+/// blocks at the start of `w` in groups of 8 through `Row32::group`; `PF`: prefetch the
+/// weights ahead (`prefetch_ahead`). Bytes of `w` past the row (the next rows of the matrix)
+/// let the last partial group load whole; they meet zero activations and masked lanes.
 ///
 /// # Safety
-/// `available()`; `x` prepared by `interleave::<W>` for `w.len()` blocks (`x.d` at least
-/// `w.len()` entries).
+/// `available()`; `x` prepared by `interleave::<W>` for `nb` blocks (`x.d` at least `nb`
+/// entries).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,gfni")]
-pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[W], x: &RowQ8<'_>) -> f32 {
-    let nb = w.len();
+pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8<'_>) -> f32 {
     let groups = nb.div_ceil(LANES);
-    assert!(
-        x.xt.len() >= groups * GROUP_BYTES && x.nbias.len() >= groups * NBIAS && x.d.len() >= nb
-    );
     let size = std::mem::size_of::<W>();
-    let p = w.as_ptr() as *const u8;
+    let gsize = LANES * size;
+    assert!(
+        w.len() >= nb * size
+            && x.xt.len() >= groups * GROUP_BYTES
+            && x.nbias.len() >= groups * NBIAS
+            && x.d.len() >= nb
+    );
+    let p = w.as_ptr();
     let mut acc = _mm256_setzero_ps();
     let full = nb / LANES;
     for g in 0..full {
         if PF {
-            prefetch_ahead(&w[g * LANES..g * LANES + LANES]);
+            prefetch_ahead(&w[g * gsize..(g + 1) * gsize]);
         }
         // SAFETY: group g's 8 blocks are in w; xt, nbias and d hold group g (asserted above).
         unsafe {
             let (isum, dw) = W::group::<true>(
-                p.add(g * LANES * size),
-                LANES * size,
+                p.add(g * gsize),
+                gsize,
                 x.xt.as_ptr().add(g * GROUP_BYTES),
                 x.nbias.as_ptr().add(g * NBIAS),
             );
@@ -442,21 +456,33 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[W], x: &RowQ8<'_>) -> f32
     if full < groups {
         let left = nb - full * LANES;
         let k: __mmask8 = (1u8 << left) - 1;
-        // SAFETY: `left` blocks (left * size bytes) remain in w; the masked loads read only
-        // those; xt and nbias hold the padded group, d the `left` scales read under the mask.
+        let (at, xt, nbias) = (full * gsize, full * GROUP_BYTES, full * NBIAS);
+        // SAFETY: a whole group's bytes are read only where w has them (the row's `left`
+        // blocks and the bytes after it), else only the `left` blocks under byte masks; xt
+        // and nbias hold the zero-padded group, d the `left` scales read under the mask. The
+        // lanes past `left` (zero activations, any weights) are not added.
         unsafe {
-            let (isum, dw) = W::group::<false>(
-                p.add(full * LANES * size),
-                left * size,
-                x.xt.as_ptr().add(full * GROUP_BYTES),
-                x.nbias.as_ptr().add(full * NBIAS),
-            );
+            let (isum, dw) = if w.len() >= at + gsize {
+                W::group::<true>(
+                    p.add(at),
+                    gsize,
+                    x.xt.as_ptr().add(xt),
+                    x.nbias.as_ptr().add(nbias),
+                )
+            } else {
+                W::group::<false>(
+                    p.add(at),
+                    left * size,
+                    x.xt.as_ptr().add(xt),
+                    x.nbias.as_ptr().add(nbias),
+                )
+            };
             let dx = _mm256_maskz_loadu_ps(k, x.d.as_ptr().add(full * LANES));
             let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
             acc = _mm256_mask_add_ps(acc, k, acc, prod);
         }
     }
-    r::hsum8(&lanes_of(acc))
+    hsum8_ps(acc)
 }
 
 // ---------------------------------------------------------------- q5_0

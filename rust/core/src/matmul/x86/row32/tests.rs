@@ -4,6 +4,7 @@
 //! (all weights at their largest level against ±127 activations).
 
 use super::*;
+use crate::matmul::reference as r;
 use crate::matmul::tests::{blocks, Rng};
 
 fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
@@ -42,16 +43,20 @@ fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
         nbias: &nbias,
     };
     let want = r::dot_block32(w, &xq, &xd).to_bits();
-    // SAFETY: available() checked by the caller; x prepared by interleave for nb blocks.
-    let (a, b) = unsafe {
-        (
-            dot_row32::<W, false>(w, &row),
-            dot_row32::<W, true>(w, &row),
-        )
-    };
+    // The same row followed by more bytes (as the next rows of a matrix): all ones, so the
+    // scales the last group reads past the row are f16 NaN.
+    let mut more = data.clone();
+    more.extend(std::iter::repeat_n(0xffu8, 8 * size));
     let name = std::any::type_name::<W>();
-    assert_eq!(a.to_bits(), want, "{name} nb={nb} extreme={extreme}");
-    assert_eq!(b.to_bits(), want, "{name} nb={nb} prefetch");
+    // SAFETY: available() checked by the caller; x prepared by interleave for nb blocks.
+    unsafe {
+        let a = dot_row32::<W, false>(&data, nb, &row);
+        assert_eq!(a.to_bits(), want, "{name} nb={nb} extreme={extreme}");
+        let b = dot_row32::<W, true>(&data, nb, &row);
+        assert_eq!(b.to_bits(), want, "{name} nb={nb} prefetch");
+        let c = dot_row32::<W, false>(&more, nb, &row);
+        assert_eq!(c.to_bits(), want, "{name} nb={nb} bytes after the row");
+    }
 }
 
 fn all<W: Row32>(rng: &mut Rng) {
@@ -138,7 +143,7 @@ fn row32_bench() {
             for _ in 0..20 {
                 for rw in w.chunks_exact(nb) {
                     // SAFETY: available() checked; x prepared for nb blocks.
-                    sink += unsafe { dot_row32::<W, false>(rw, &row) };
+                    sink += unsafe { dot_row32::<W, false>(bytemuck::cast_slice(rw), nb, &row) };
                 }
             }
             best = best.min(t.elapsed().as_secs_f64() / per);
@@ -170,5 +175,88 @@ fn row32_bench() {
     bench::<BlockQ4_0>(&mut rng);
     bench::<BlockIQ4NL>(&mut rng);
     bench::<BlockQ5_0>(&mut rng);
+    bench::<BlockQ8_0>(&mut rng);
+}
+
+/// From memory (not a test): `cargo test --release row32_mem_bench -- --ignored --nocapture`.
+/// 14336 rows of K = 4096, 3 copies rotating (about 100 MB for q4_0, past the 32 MB L3), one
+/// thread: row32 without and with the software prefetch, and a plain read of the same bytes
+/// (wrapping sums of u64, as `bandwidth::stream_read` on one thread), alternating; GB/s of
+/// weight bytes, best of 5.
+#[test]
+#[ignore]
+fn row32_mem_bench() {
+    fn read(b: &[u8]) -> u64 {
+        let (_, words, _) = bytemuck::pod_align_to::<u8, u64>(b);
+        let mut acc = [0u64; 8];
+        for c in words.chunks_exact(8) {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a = a.wrapping_add(v);
+            }
+        }
+        acc.iter().fold(0, |a, &v| a.wrapping_add(v))
+    }
+    fn bench<W: Row32>(rng: &mut Rng) {
+        let (rows, nb, copies) = (14336, 128, 3);
+        let size = std::mem::size_of::<W>();
+        let datas: Vec<Vec<u8>> = (0..copies)
+            .map(|_| blocks(rng, rows * nb, size, &[0]))
+            .collect();
+        let x = rng.normalish(nb * 32, 1.5);
+        let mut xq = vec![
+            BlockQ8_0 {
+                d: [0; 2],
+                qs: [0; 32]
+            };
+            nb
+        ];
+        r::quantize_row_q8_0(&x, &mut xq);
+        let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+        let sums: Vec<i32> = xq
+            .iter()
+            .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+            .collect();
+        let (xt, nbias) = interleave::<W>(&xq, &sums);
+        let row = RowQ8 {
+            xt: &xt,
+            d: &xd,
+            nbias: &nbias,
+        };
+        let mut best = [f64::MAX; 3];
+        let mut sink = 0.0f32;
+        let bytes = (rows * nb * size) as f64;
+        for _ in 0..5 {
+            for (v, b) in best.iter_mut().enumerate() {
+                let t = std::time::Instant::now();
+                for d in &datas {
+                    let w: &[W] = bytemuck::cast_slice(d);
+                    for rw in w.chunks_exact(nb) {
+                        // SAFETY: available() checked; x prepared for nb blocks.
+                        sink += unsafe {
+                            match v {
+                                0 => dot_row32::<W, false>(bytemuck::cast_slice(rw), nb, &row),
+                                1 => dot_row32::<W, true>(bytemuck::cast_slice(rw), nb, &row),
+                                _ => read(bytemuck::cast_slice(rw)) as f32,
+                            }
+                        };
+                    }
+                }
+                *b = b.min(t.elapsed().as_secs_f64() / copies as f64);
+            }
+        }
+        let name = std::any::type_name::<W>().rsplit("::").next().unwrap();
+        let gb = |t: f64| bytes / t / 1e9;
+        eprintln!(
+            "{name:11} row32 {:5.1} GB/s, prefetch {:5.1} GB/s | read {:5.1} GB/s ({sink})",
+            gb(best[0]),
+            gb(best[1]),
+            gb(best[2])
+        );
+    }
+    if !available() {
+        return;
+    }
+    let mut rng = Rng(9);
+    bench::<BlockQ4_0>(&mut rng);
     bench::<BlockQ8_0>(&mut rng);
 }
