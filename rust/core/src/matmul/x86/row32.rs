@@ -26,14 +26,12 @@
 
 use std::arch::x86_64::*;
 
-use super::{prefetch_ahead, Load32};
+use super::Load32;
 use crate::formats::blocks::*;
 use crate::matmul::reference::LANES;
 
 /// Bytes of one group of 8 rearranged activation blocks (4 registers of 64).
 pub const GROUP_BYTES: usize = 256;
-/// Entries of `RowQ8::nbias` per group (one register of i32).
-pub const NBIAS: usize = 16;
 
 /// True when the row kernel may run: `has_vnni` plus AVX-512 BW and VBMI and GFNI.
 pub fn available() -> bool {
@@ -55,8 +53,7 @@ pub struct RowQ8<'a> {
     pub xt: &'a [u8],
     /// Each block's scale as f32 (`nb` entries).
     pub d: &'a [f32],
-    /// `-BIAS · Σx` per block: `NBIAS` entries per group, block j at `Row32::nbias_lane(j)`,
-    /// zero elsewhere (and past the last block).
+    /// `-BIAS · Σx` per block, `nb.div_ceil(8) * 8` entries (zero past the last block).
     pub nbias: &'a [i32],
 }
 
@@ -76,9 +73,9 @@ pub fn interleave<W: Row32>(blocks: &[BlockQ8_0], sums: &[i32]) -> (Vec<u8>, Vec
             }
         }
     }
-    let mut nbias = vec![0i32; groups * NBIAS];
-    for (b, &s) in sums.iter().enumerate() {
-        nbias[b / LANES * NBIAS + W::nbias_lane(b % LANES)] = -W::BIAS * s;
+    let mut nbias = vec![0i32; groups * LANES];
+    for (n, &s) in nbias.iter_mut().zip(sums) {
+        *n = -W::BIAS * s;
     }
     (xt, nbias)
 }
@@ -88,8 +85,6 @@ pub trait Row32: Load32 {
     /// Register `reg` (0..4), dword lane `l` (0..16) of a group multiplies the activation quants
     /// `4q..4q + 4` of block `b` of the group: `(b, q)`.
     fn x_lane(reg: usize, l: usize) -> (usize, usize);
-    /// The lane of `RowQ8::nbias` (of `NBIAS` per group) that holds block j's bias.
-    fn nbias_lane(j: usize) -> usize;
 
     /// The 8 blocks at `p` (only the first `len` bytes are read; `len` < 8 blocks for the last
     /// partial group, whose missing blocks read as zero bytes): each block's exact
@@ -97,7 +92,7 @@ pub trait Row32: Load32 {
     ///
     /// # Safety
     /// `available()`; `p..p + len` readable, `len == 8 * size_of::<Self>()` when `FULL`; `xt`
-    /// points at the group's `GROUP_BYTES` activation bytes, `nbias` at its `NBIAS` entries.
+    /// points at the group's `GROUP_BYTES` activation bytes, `nbias` at its 8 biases.
     unsafe fn group<const FULL: bool>(
         p: *const u8,
         len: usize,
@@ -233,9 +228,10 @@ fn fold(v: __m512i) -> __m256i {
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
 unsafe fn dots4(nbias: *const i32, v: [__m512i; 4], xt: *const u8) -> __m256i {
-    // SAFETY: xt points at the group's GROUP_BYTES bytes, nbias at NBIAS i32 (caller).
+    // SAFETY: xt points at the group's GROUP_BYTES bytes, nbias at 8 i32 (caller).
     unsafe {
-        let s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(nbias as *const _), v[0], xreg(xt, 0));
+        let init = _mm512_zextsi256_si512(_mm256_loadu_si256(nbias as *const __m256i));
+        let s0 = _mm512_dpbusd_epi32(init, v[0], xreg(xt, 0));
         let s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], xreg(xt, 1));
         let s0 = _mm512_dpbusd_epi32(s0, v[2], xreg(xt, 2));
         let s1 = _mm512_dpbusd_epi32(s1, v[3], xreg(xt, 3));
@@ -315,19 +311,20 @@ static Q4_W1: Idx = qword_index(18, 2, 8, 7);
 static Q4_D: Idx = word_index(field8(18, 0), 0, 64);
 
 /// The products of a group in the qword layout (qword j of every register belongs to block j):
-/// two chains of two `vpdpbusd` (the first from the biases in lanes 2j), added, the two dwords
-/// of each qword summed and narrowed.
+/// two chains of two `vpdpbusd`, added, the two dwords of each qword summed and narrowed, the
+/// biases added.
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
 unsafe fn dots4_qword(nbias: *const i32, v: [__m512i; 4], xt: *const u8) -> __m256i {
-    // SAFETY: xt points at the group's GROUP_BYTES bytes, nbias at NBIAS i32 (caller).
+    // SAFETY: xt points at the group's GROUP_BYTES bytes, nbias at 8 i32 (caller).
     unsafe {
-        let s0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(nbias as *const _), v[0], xreg(xt, 0));
+        let s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[0], xreg(xt, 0));
         let s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v[1], xreg(xt, 1));
         let s0 = _mm512_dpbusd_epi32(s0, v[2], xreg(xt, 2));
         let s1 = _mm512_dpbusd_epi32(s1, v[3], xreg(xt, 3));
         let s = _mm512_add_epi32(s0, s1);
-        _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)))
+        let s = _mm512_cvtepi64_epi32(_mm512_add_epi32(s, _mm512_srli_epi64::<32>(s)));
+        _mm256_add_epi32(s, _mm256_loadu_si256(nbias as *const __m256i))
     }
 }
 
@@ -371,9 +368,6 @@ impl Row32 for BlockQ4_0 {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
         x_lane_qword(reg, l)
     }
-    fn nbias_lane(j: usize) -> usize {
-        2 * j
-    }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
         p: *const u8,
@@ -390,9 +384,6 @@ impl Row32 for BlockIQ4NL {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
         x_lane_qword(reg, l)
     }
-    fn nbias_lane(j: usize) -> usize {
-        2 * j
-    }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
         p: *const u8,
@@ -402,6 +393,26 @@ impl Row32 for BlockIQ4NL {
     ) -> (__m256i, __m256) {
         // SAFETY: the caller's contract is this function's.
         unsafe { group_q4::<Self, FULL>(p, len, xt, nbias) }
+    }
+}
+
+/// Bytes ahead of the group being read that the long-row path prefetches (`prefetch_l2`).
+const PREFETCH_L2_AHEAD: usize = 4096;
+
+/// Prefetch into L2 (`_MM_HINT_T1`) the `len` bytes `PREFETCH_L2_AHEAD` past `p`: the row
+/// kernel's long-K path (`PF`, K above `mod.rs`'s `LONG_K`). This kernel reads the weights
+/// about 2.5x as fast as `block32_vnni`, for which `x86::prefetch_ahead` (2 KiB ahead, into
+/// L1) was tuned; with it, at K = 14336 (one thread, from memory, alternating in one process
+/// on a busy machine) q4_0 ran at 5.8-6.3 GB/s, without any prefetch 6.6-9.6, with this one
+/// 9.0-15.0. A prefetch is a hint: addresses past the data are never dereferenced.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn prefetch_l2(p: *const u8, len: usize) {
+    let q = p.wrapping_add(PREFETCH_L2_AHEAD) as *const i8;
+    let mut o = 0;
+    while o < len {
+        _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(o));
+        o += 64;
     }
 }
 
@@ -416,7 +427,7 @@ fn hsum8_ps(v: __m256) -> f32 {
 
 /// `dot_block32_vnni` for one activation row (`reference::dot_block32`'s bits): the `nb`
 /// blocks at the start of `w` in groups of 8 through `Row32::group`; `PF`: prefetch the
-/// weights ahead (`prefetch_ahead`). Bytes of `w` past the row (the next rows of the matrix)
+/// weights ahead (`prefetch_l2`). Bytes of `w` past the row (the next rows of the matrix)
 /// let the last partial group load whole; they meet zero activations and masked lanes.
 ///
 /// # Safety
@@ -430,7 +441,7 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8
     assert!(
         w.len() >= nb * size
             && x.xt.len() >= groups * GROUP_BYTES
-            && x.nbias.len() >= groups * NBIAS
+            && x.nbias.len() >= groups * LANES
             && x.d.len() >= nb
     );
     let p = w.as_ptr();
@@ -438,7 +449,7 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8
     let full = nb / LANES;
     for g in 0..full {
         if PF {
-            prefetch_ahead(&w[g * gsize..(g + 1) * gsize]);
+            prefetch_l2(w[g * gsize..].as_ptr(), gsize);
         }
         // SAFETY: group g's 8 blocks are in w; xt, nbias and d hold group g (asserted above).
         unsafe {
@@ -446,7 +457,7 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8
                 p.add(g * gsize),
                 gsize,
                 x.xt.as_ptr().add(g * GROUP_BYTES),
-                x.nbias.as_ptr().add(g * NBIAS),
+                x.nbias.as_ptr().add(g * LANES),
             );
             let dx = _mm256_loadu_ps(x.d.as_ptr().add(g * LANES));
             let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
@@ -456,7 +467,7 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8
     if full < groups {
         let left = nb - full * LANES;
         let k: __mmask8 = (1u8 << left) - 1;
-        let (at, xt, nbias) = (full * gsize, full * GROUP_BYTES, full * NBIAS);
+        let (at, xt, nbias) = (full * gsize, full * GROUP_BYTES, full * LANES);
         // SAFETY: a whole group's bytes are read only where w has them (the row's `left`
         // blocks and the bytes after it), else only the `left` blocks under byte masks; xt
         // and nbias hold the zero-padded group, d the `left` scales read under the mask. The
@@ -560,9 +571,6 @@ impl Row32 for BlockQ5_0 {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
         x_lane_t(reg, l)
     }
-    fn nbias_lane(j: usize) -> usize {
-        j
-    }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
         p: *const u8,
@@ -629,9 +637,6 @@ static Q8_D2: Idx = word_index([136, 170, 204, 238], Q8_WIN[2].0, Q8_WIN[2].1);
 impl Row32 for BlockQ8_0 {
     fn x_lane(reg: usize, l: usize) -> (usize, usize) {
         (l % 4 + 4 * (reg / 2), l / 4 + 4 * (reg % 2))
-    }
-    fn nbias_lane(j: usize) -> usize {
-        j
     }
     #[inline(always)]
     unsafe fn group<const FULL: bool>(
