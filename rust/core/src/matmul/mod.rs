@@ -168,6 +168,10 @@ fn use_avx512() -> bool {
 
 /// Activation rows handled together by the row kernels (weights decoded once for all of them).
 const ROWS: usize = 4;
+/// Weight rows per call of the M = 1 kernel `x86::row32` (per-row costs shared; at K = 576 a
+/// row is only 2.25 groups).
+#[cfg(target_arch = "x86_64")]
+const ROW32: usize = 4;
 /// Weight rows of one tile panel (`x86::tile`).
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 8;
@@ -204,6 +208,15 @@ impl Plan<'_> {
                 while i < rows {
                     self.panel::<1>(n0 + i, ms.clone(), &mut yt[i * m..(i + 1) * m]);
                     i += 1;
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if self.row32 {
+                // M = 1: ROW32 weight rows at a time, then one by one.
+                while i < rows {
+                    let r = if rows - i >= ROW32 { ROW32 } else { 1 };
+                    self.rows32(n0 + i, &mut yt[i..i + r]);
+                    i += r;
                 }
             }
             while i < rows {
@@ -251,25 +264,8 @@ impl Plan<'_> {
         let k = self.k;
         match &self.acts {
             Acts::Q8_0 {
-                blocks,
-                d,
-                sums,
-                xt,
-                nbias,
+                blocks, d, sums, ..
             } => {
-                #[cfg(target_arch = "x86_64")]
-                if self.row32 {
-                    let row = x86::row32::RowQ8 { xt, d, nbias };
-                    // (M = 1: `dots` asks for one row at a time.)
-                    return [match self.w.qtype {
-                        QType::Q4_0 => self.dot_row32::<BlockQ4_0>(n, &row),
-                        QType::Q8_0 => self.dot_row32::<BlockQ8_0>(n, &row),
-                        QType::Q5_0 => self.dot_row32::<BlockQ5_0>(n, &row),
-                        _ => self.dot_row32::<BlockIQ4NL>(n, &row),
-                    }; R];
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                let _ = (xt, nbias);
                 let nb = k / QK8_0;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
@@ -344,19 +340,36 @@ impl Plan<'_> {
         }
     }
 
-    /// One weight row with the one activation row through `x86::row32`.
+    /// Weight rows `n..n + y.len()` (`ROW32` or 1 of them) with the one activation row
+    /// through `x86::row32` (M = 1; the kernel may read the rows after them).
     #[cfg(target_arch = "x86_64")]
-    /// (`n`: the weight row; the kernel may read the rows after it.)
-    fn dot_row32<W: x86::row32::Row32>(&self, n: usize, x: &x86::row32::RowQ8<'_>) -> f32 {
+    fn rows32(&self, n: usize, y: &mut [f32]) {
+        let Acts::Q8_0 { d, xt, nbias, .. } = &self.acts else {
+            unreachable!("row32 runs only with q8_0 activations")
+        };
+        let x = x86::row32::RowQ8 { xt, d, nbias };
+        match self.w.qtype {
+            QType::Q4_0 => self.rows32_w::<BlockQ4_0>(n, &x, y),
+            QType::Q8_0 => self.rows32_w::<BlockQ8_0>(n, &x, y),
+            QType::Q5_0 => self.rows32_w::<BlockQ5_0>(n, &x, y),
+            _ => self.rows32_w::<BlockIQ4NL>(n, &x, y),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn rows32_w<W: x86::row32::Row32>(&self, n: usize, x: &x86::row32::RowQ8<'_>, y: &mut [f32]) {
+        use x86::row32::dot_rows32;
         let rest = &self.w.data[n * self.row_bytes..];
-        let nb = self.k / QK8_0;
+        let (nb, rb) = (self.k / QK8_0, self.row_bytes);
         // SAFETY: row32 is set only when `x86::row32::available()`; the activations were
-        // prepared by `interleave::<W>` for the same K (one block per weight block).
+        // prepared by `interleave::<W>` for the same K (one block per weight block); `rest`
+        // holds the y.len() rows (the caller's part of the N rows) and any after them.
         unsafe {
-            if self.long {
-                x86::row32::dot_row32::<W, true>(rest, nb, x)
-            } else {
-                x86::row32::dot_row32::<W, false>(rest, nb, x)
+            match (y.len() == ROW32, self.long) {
+                (true, true) => y.copy_from_slice(&dot_rows32::<W, true, ROW32>(rest, rb, nb, x)),
+                (true, false) => y.copy_from_slice(&dot_rows32::<W, false, ROW32>(rest, rb, nb, x)),
+                (false, true) => y.copy_from_slice(&dot_rows32::<W, true, 1>(rest, rb, nb, x)),
+                (false, false) => y.copy_from_slice(&dot_rows32::<W, false, 1>(rest, rb, nb, x)),
             }
         }
     }

@@ -426,74 +426,100 @@ fn hsum8_ps(v: __m256) -> f32 {
 }
 
 /// `dot_block32_vnni` for one activation row (`reference::dot_block32`'s bits): the `nb`
-/// blocks at the start of `w` in groups of 8 through `Row32::group`; `PF`: prefetch the
-/// weights ahead (`prefetch_l2`). Bytes of `w` past the row (the next rows of the matrix)
-/// let the last partial group load whole; they meet zero activations and masked lanes.
+/// blocks at the start of `w`; `dot_rows32` with one row.
+///
+/// # Safety
+/// As `dot_rows32`.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,gfni")]
+pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8<'_>) -> f32 {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { dot_rows32::<W, PF, 1>(w, 0, nb, x)[0] }
+}
+
+/// R weight rows (row r = the `nb` blocks at `r·stride` in `w`) with one activation row, each
+/// `reference::dot_block32`'s bits: groups of 8 blocks through `Row32::group`, the rows
+/// interleaved group by group (the activations of a group are loaded once for all R, and the
+/// per-row costs, small rows' main cost, are shared); `PF`: prefetch the weights ahead
+/// (`prefetch_l2`). Bytes of `w` past a row (the next rows of the matrix) let its last partial
+/// group load whole; they meet zero activations and masked lanes.
 ///
 /// # Safety
 /// `available()`; `x` prepared by `interleave::<W>` for `nb` blocks (`x.d` at least `nb`
 /// entries).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,gfni")]
-pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8<'_>) -> f32 {
+pub unsafe fn dot_rows32<W: Row32, const PF: bool, const R: usize>(
+    w: &[u8],
+    stride: usize,
+    nb: usize,
+    x: &RowQ8<'_>,
+) -> [f32; R] {
     let groups = nb.div_ceil(LANES);
     let size = std::mem::size_of::<W>();
     let gsize = LANES * size;
     assert!(
-        w.len() >= nb * size
+        R >= 1
+            && w.len() >= (R - 1) * stride + nb * size
             && x.xt.len() >= groups * GROUP_BYTES
             && x.nbias.len() >= groups * LANES
             && x.d.len() >= nb
     );
     let p = w.as_ptr();
-    let mut acc = _mm256_setzero_ps();
+    let mut acc = [_mm256_setzero_ps(); R];
     let full = nb / LANES;
     for g in 0..full {
-        if PF {
-            prefetch_l2(w[g * gsize..].as_ptr(), gsize);
-        }
-        // SAFETY: group g's 8 blocks are in w; xt, nbias and d hold group g (asserted above).
+        // SAFETY: group g's 8 blocks of every row are in w; xt, nbias and d hold group g
+        // (asserted above).
         unsafe {
-            let (isum, dw) = W::group::<true>(
-                p.add(g * gsize),
-                gsize,
-                x.xt.as_ptr().add(g * GROUP_BYTES),
-                x.nbias.as_ptr().add(g * LANES),
-            );
             let dx = _mm256_loadu_ps(x.d.as_ptr().add(g * LANES));
-            let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
-            acc = _mm256_add_ps(acc, prod);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let at = r * stride + g * gsize;
+                if PF {
+                    prefetch_l2(p.add(at), gsize);
+                }
+                let (isum, dw) = W::group::<true>(
+                    p.add(at),
+                    gsize,
+                    x.xt.as_ptr().add(g * GROUP_BYTES),
+                    x.nbias.as_ptr().add(g * LANES),
+                );
+                let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+                *acc = _mm256_add_ps(*acc, prod);
+            }
         }
     }
     if full < groups {
         let left = nb - full * LANES;
         let k: __mmask8 = (1u8 << left) - 1;
-        let (at, xt, nbias) = (full * gsize, full * GROUP_BYTES, full * LANES);
+        let (xt, nbias) = (full * GROUP_BYTES, full * LANES);
         // SAFETY: a whole group's bytes are read only where w has them (the row's `left`
         // blocks and the bytes after it), else only the `left` blocks under byte masks; xt
         // and nbias hold the zero-padded group, d the `left` scales read under the mask. The
         // lanes past `left` (zero activations, any weights) are not added.
         unsafe {
-            let (isum, dw) = if w.len() >= at + gsize {
-                W::group::<true>(
-                    p.add(at),
-                    gsize,
-                    x.xt.as_ptr().add(xt),
-                    x.nbias.as_ptr().add(nbias),
-                )
-            } else {
-                W::group::<false>(
-                    p.add(at),
-                    left * size,
-                    x.xt.as_ptr().add(xt),
-                    x.nbias.as_ptr().add(nbias),
-                )
-            };
             let dx = _mm256_maskz_loadu_ps(k, x.d.as_ptr().add(full * LANES));
-            let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
-            acc = _mm256_mask_add_ps(acc, k, acc, prod);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let at = r * stride + full * gsize;
+                let (isum, dw) = if w.len() >= at + gsize {
+                    W::group::<true>(
+                        p.add(at),
+                        gsize,
+                        x.xt.as_ptr().add(xt),
+                        x.nbias.as_ptr().add(nbias),
+                    )
+                } else {
+                    W::group::<false>(
+                        p.add(at),
+                        left * size,
+                        x.xt.as_ptr().add(xt),
+                        x.nbias.as_ptr().add(nbias),
+                    )
+                };
+                let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+                *acc = _mm256_mask_add_ps(*acc, k, *acc, prod);
+            }
         }
     }
-    hsum8_ps(acc)
+    acc.map(|a| hsum8_ps(a))
 }
 
 // ---------------------------------------------------------------- q5_0

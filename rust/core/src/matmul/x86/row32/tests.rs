@@ -59,9 +59,56 @@ fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
     }
 }
 
+/// Four rows at once (`dot_rows32`, R = 4: rows 0..3 read the bytes after them, row 3 has
+/// none) give each row's reference bits.
+fn check_rows<W: Row32>(rng: &mut Rng, nb: usize) {
+    let size = std::mem::size_of::<W>();
+    let data = blocks(rng, 4 * nb, size, &[0]);
+    let w: &[W] = bytemuck::cast_slice(&data);
+    let x = rng.normalish(nb * 32, 0.7);
+    let mut xq = vec![
+        BlockQ8_0 {
+            d: [0; 2],
+            qs: [0; 32]
+        };
+        nb
+    ];
+    r::quantize_row_q8_0(&x, &mut xq);
+    let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+    let sums: Vec<i32> = xq
+        .iter()
+        .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+        .collect();
+    let (xt, nbias) = interleave::<W>(&xq, &sums);
+    let row = RowQ8 {
+        xt: &xt,
+        d: &xd,
+        nbias: &nbias,
+    };
+    let want: Vec<u32> = w
+        .chunks_exact(nb)
+        .map(|rw| r::dot_block32(rw, &xq, &xd).to_bits())
+        .collect();
+    // SAFETY: available() checked by the caller; x prepared by interleave for nb blocks.
+    let (a, b) = unsafe {
+        (
+            dot_rows32::<W, false, 4>(&data, nb * size, nb, &row),
+            dot_rows32::<W, true, 4>(&data, nb * size, nb, &row),
+        )
+    };
+    let name = std::any::type_name::<W>();
+    assert_eq!(a.map(f32::to_bits).to_vec(), want, "{name} nb={nb} 4 rows");
+    assert_eq!(
+        b.map(f32::to_bits).to_vec(),
+        want,
+        "{name} nb={nb} 4 rows prefetch"
+    );
+}
+
 fn all<W: Row32>(rng: &mut Rng) {
     for nb in (1..=40).chain([448, 449]) {
         check::<W>(rng, nb, false);
+        check_rows::<W>(rng, nb);
     }
     for nb in [1, 8, 13, 16] {
         check::<W>(rng, nb, true);
