@@ -168,10 +168,15 @@ fn use_avx512() -> bool {
 
 /// Activation rows handled together by the row kernels (weights decoded once for all of them).
 const ROWS: usize = 4;
-/// Weight rows per call of the M = 1 kernel `x86::row32` (per-row costs shared; at K = 576 a
-/// row is only 2.25 groups).
+/// Weight rows per call of the M = 1 kernel `x86::row32` for rows of at most `ROW32_MAX_K`
+/// columns (per-row costs shared; at K = 576 a row is only 2.25 groups: 576x576 q8_0 went
+/// from 42 to 20 us per call). Longer rows go one at a time: four interleaved weight streams
+/// per thread read from memory more slowly (4096x14336, 2 threads, best of 5 on a busy
+/// machine: q4_0 1.64 ms one at a time, 3.19 ms four at a time).
 #[cfg(target_arch = "x86_64")]
 const ROW32: usize = 4;
+#[cfg(target_arch = "x86_64")]
+const ROW32_MAX_K: usize = 2048;
 /// Weight rows of one tile panel (`x86::tile`).
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 8;
@@ -212,9 +217,13 @@ impl Plan<'_> {
             }
             #[cfg(target_arch = "x86_64")]
             if self.row32 {
-                // M = 1: ROW32 weight rows at a time, then one by one.
+                // M = 1: ROW32 weight rows at a time for short rows, then one by one.
                 while i < rows {
-                    let r = if rows - i >= ROW32 { ROW32 } else { 1 };
+                    let r = if self.k <= ROW32_MAX_K && rows - i >= ROW32 {
+                        ROW32
+                    } else {
+                        1
+                    };
                     self.rows32(n0 + i, &mut yt[i..i + r]);
                     i += r;
                 }
