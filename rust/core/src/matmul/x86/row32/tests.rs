@@ -307,3 +307,57 @@ fn row32_mem_bench() {
     bench::<BlockQ4_0>(&mut rng);
     bench::<BlockQ8_0>(&mut rng);
 }
+
+/// Through `qmatmul` at M = 1 (`Plan::fill`: four rows per call up to K = 2048, then the rows
+/// left one by one; longer rows one by one; the last row without bytes after it): every output
+/// is the reference's, for N = 1..=9 and rows of 18 (SmolLM2's 576), 65 and 64 blocks.
+#[test]
+fn qmatmul_m1_rows_equal_reference() {
+    use crate::matmul::{qmatmul, QType};
+    use crate::quantize::QuantizedView;
+    fn run<W: Row32>(rng: &mut Rng, qtype: QType) {
+        let size = std::mem::size_of::<W>();
+        for nb in [18usize, 64, 65] {
+            for n in 1..=9 {
+                let data = blocks(rng, n * nb, size, &[0]);
+                let k = nb * 32;
+                let x = rng.normalish(k, 1.0);
+                let view = QuantizedView {
+                    qtype,
+                    rows: n,
+                    cols: k,
+                    block_size: 32,
+                    scale_mode: None,
+                    data: &data,
+                    stats: &[],
+                    double_quant: None,
+                };
+                let mut y = vec![0.0f32; n];
+                qmatmul(&x, 1, &view, &mut y).unwrap();
+                let mut xq = vec![
+                    BlockQ8_0 {
+                        d: [0; 2],
+                        qs: [0; 32]
+                    };
+                    nb
+                ];
+                r::quantize_row_q8_0(&x, &mut xq);
+                let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+                let w: &[W] = bytemuck::cast_slice(&data);
+                for (row, rw) in w.chunks_exact(nb).enumerate() {
+                    let want = r::dot_block32(rw, &xq, &xd);
+                    assert_eq!(
+                        y[row].to_bits(),
+                        want.to_bits(),
+                        "{qtype:?} n={n} nb={nb} row {row}"
+                    );
+                }
+            }
+        }
+    }
+    let mut rng = Rng(0x0032_4444_0032_4444);
+    run::<BlockQ4_0>(&mut rng, QType::Q4_0);
+    run::<BlockIQ4NL>(&mut rng, QType::IQ4NL);
+    run::<BlockQ5_0>(&mut rng, QType::Q5_0);
+    run::<BlockQ8_0>(&mut rng, QType::Q8_0);
+}
