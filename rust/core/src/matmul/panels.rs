@@ -109,6 +109,7 @@ impl Plan<'_> {
             d,
             sums,
             xt,
+            ..
         } = &self.acts
         else {
             unreachable!("the tile path runs only with q8_0 activations")

@@ -419,6 +419,7 @@ pub use row_k::{
 mod k_low;
 pub use k_low::scales_q3_k_kmask;
 mod min32;
+pub mod row32;
 
 // ---------------------------------------------------------------- f32 activations
 
