@@ -269,7 +269,7 @@ impl Plan<'_> {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            if self.avx512 && m >= 2 && self.w.qtype == QType::NF4 {
+            if self.avx512 && self.f32_in_pieces() {
                 self.f32_pieces(n0, ms.clone(), yt);
                 i = rows;
             }
@@ -296,6 +296,17 @@ impl Plan<'_> {
             }
             mb = ms.end;
         }
+    }
+
+    /// Whether the f32-activation kernels run in K pieces over panels (`f32_pieces`): nf4 at
+    /// M >= 2, and nf4 / int8 at M = 1 for rows longer than `LONG_K`, whose f32 activations
+    /// (4 bytes a weight) no longer fit L1 next to the weights (4096 x 14336, 2 threads, quiet
+    /// machine, 2026-11-27: int8 18.5 -> 21.6 GB/s, nf4 15.6 -> 17.4, alternating runs).
+    #[cfg(target_arch = "x86_64")]
+    fn f32_in_pieces(&self) -> bool {
+        let qt = self.w.qtype;
+        (self.m >= 2 && qt == QType::NF4)
+            || (self.m == 1 && self.k > LONG_K && matches!(qt, QType::NF4 | QType::Int8))
     }
 
     /// nf4 with AVX-512 at M >= 2: panels of `F32_PANEL` weight rows, activation rows `ms` in

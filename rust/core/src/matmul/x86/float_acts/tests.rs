@@ -382,17 +382,20 @@ fn bench_f32_kernels() {
     }
 }
 
-/// `qmatmul` at M >= 2 (K in pieces over panels of weight rows with AVX-512, the row kernels
-/// otherwise) gives every output the reference's bits for its single row: panels cut short
-/// (7 weight rows), 1 to 4 activation rows per group, pieces that split blocks and rows with
-/// tails, an e4m3 row with a NaN code.
+/// `qmatmul` at M >= 2, and at M = 1 with rows past `LONG_K` (K in pieces over panels of weight
+/// rows with AVX-512, the row kernels otherwise) gives every output the reference's bits for
+/// its single row: panels cut short (7 weight rows), 1 to 4 activation rows per group, pieces
+/// that split blocks and rows with tails, an e4m3 row with a NaN code.
 #[test]
 fn qmatmul_many_rows_equal_the_reference_row_by_row() {
     use crate::matmul::qmatmul;
     use crate::qtype::QType;
     use crate::quantize::{QuantizedView, ScaleMode};
     let mut rng = Rng(0x9a11_e1d0_0000_0001);
-    let cases: [(QType, Option<ScaleMode>, usize, usize); 11] = [
+    let cases: [(QType, Option<ScaleMode>, usize, usize); 14] = [
+        (QType::NF4, None, 64, 8256),
+        (QType::Int8, Some(ScaleMode::Row), 64, 8257),
+        (QType::Int8, Some(ScaleMode::Block), 32, 8224),
         (QType::NF4, None, 64, 4160),
         (QType::NF4, None, 32, 2144),
         (QType::NF4, None, 256, 2048),
@@ -448,7 +451,7 @@ fn qmatmul_many_rows_equal_the_reference_row_by_row() {
         } else {
             bs
         };
-        for m in [2usize, 3, 5, 9] {
+        for m in [1usize, 2, 3, 5, 9] {
             let x = acts(&mut rng, m * k);
             let mut y = vec![0.0f32; m * n];
             qmatmul(&x, m, &v, &mut y).unwrap();
