@@ -142,23 +142,30 @@ fn quantize_row(x: &[f32], out: &mut [BlockQ8_0]) {
     reference::quantize_row_q8_0(x, out);
 }
 
+/// `x` holds `m` finite rows of `k`, a non-zero multiple of `block` (what the activation
+/// quantizers of the packed kernels need); errors as `qmatmul` does.
+pub(crate) fn check_acts(x: &[f32], m: usize, k: usize, block: usize, what: &str) -> Result<()> {
+    if k == 0 || !k.is_multiple_of(block) || x.len() != m * k {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: x has {} elements for {m} rows of {k} (a multiple of {block})",
+            x.len()
+        )));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            row: i / k,
+            col: i % k,
+            value: x[i],
+        });
+    }
+    Ok(())
+}
+
 impl ActsQ8 {
     /// Quantize the `m` rows of `x` (rows of `k`, a multiple of 32) as ggml's
     /// `quantize_row_q8_0` (what `qmatmul` does). Errors on a non-finite value, as `qmatmul`.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) -> Result<()> {
-        if k == 0 || !k.is_multiple_of(QK8_0) || x.len() != m * k {
-            return Err(Error::InvalidArgument(format!(
-                "packed matmul: x has {} elements for {m} rows of {k} (a multiple of 32)",
-                x.len()
-            )));
-        }
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                row: i / k,
-                col: i % k,
-                value: x[i],
-            });
-        }
+        check_acts(x, m, k, QK8_0, "packed matmul")?;
         let nb = k / QK8_0;
         (self.m, self.k) = (m, k);
         self.blocks.resize(m * nb, BlockQ8_0::zeroed());

@@ -189,19 +189,7 @@ impl ActsQ8K {
     /// ggml's `quantize_row_q8_K` of the `m` rows of `x` (what `qmatmul` does); errors on a
     /// non-finite value.
     pub fn quantize(&mut self, x: &[f32], m: usize, k: usize) -> Result<()> {
-        if k == 0 || !k.is_multiple_of(QK_K) || x.len() != m * k {
-            return Err(Error::InvalidArgument(format!(
-                "packed K-quant matmul: x has {} elements for {m} rows of {k} (a multiple of 256)",
-                x.len()
-            )));
-        }
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                row: i / k,
-                col: i % k,
-                value: x[i],
-            });
-        }
+        super::packed::check_acts(x, m, k, QK_K, "packed K-quant matmul")?;
         let nb = k / QK_K;
         (self.m, self.k) = (m, k);
         self.blocks
