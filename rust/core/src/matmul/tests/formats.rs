@@ -16,6 +16,8 @@ use super::super::reference::{self as r, BlockQ8_1};
 use super::super::*;
 use super::{blocks, view, Rng};
 use crate::formats::ggml_dequantize_row;
+use crate::quantize::ScaleMode;
+use bytemuck::Zeroable;
 
 /// The new 32-weight formats and the offsets of their f16 fields (d, m).
 const MIN32: [QType; 2] = [QType::Q4_1, QType::Q5_1];

@@ -1,0 +1,311 @@
+//! `Plan`'s per-format dispatch: one weight row against one or more activation rows, to the
+//! SIMD kernel the CPU has (`x86`, `neon`) or the scalar reference.
+
+use super::reference::{self, BlockQ8K};
+use super::*;
+use crate::qtype::QType;
+
+impl Plan<'_> {
+    /// `y[j]` = weight row `n` with activation row `ms.start + j`, for the rows `ms`.
+    /// Rows go to the kernels in groups of `ROWS`, then one at a time; each output's arithmetic
+    /// is the same in either case.
+    pub(super) fn dots(&self, n: usize, ms: std::ops::Range<usize>, y: &mut [f32]) {
+        let wrow = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
+        let mut j = 0;
+        while j < y.len() {
+            let m0 = ms.start + j;
+            let left = if self.simd { y.len() - j } else { 1 };
+            let step = match left {
+                1 => {
+                    y[j] = self.dot_rows(n, wrow, [m0])[0];
+                    1
+                }
+                2 => self.dot_into::<2>(n, wrow, m0, &mut y[j..]),
+                3 => self.dot_into::<3>(n, wrow, m0, &mut y[j..]),
+                _ => self.dot_into::<ROWS>(n, wrow, m0, &mut y[j..]),
+            };
+            j += step;
+        }
+    }
+
+    /// R rows from activation row `m0` into `y[..R]`; returns R.
+    pub(super) fn dot_into<const R: usize>(
+        &self,
+        n: usize,
+        wrow: &[u8],
+        m0: usize,
+        y: &mut [f32],
+    ) -> usize {
+        let rows: [usize; R] = std::array::from_fn(|i| m0 + i);
+        y[..R].copy_from_slice(&self.dot_rows(n, wrow, rows));
+        R
+    }
+
+    pub(super) fn dot_rows<const R: usize>(
+        &self,
+        n: usize,
+        wrow: &[u8],
+        rows: [usize; R],
+    ) -> [f32; R] {
+        let k = self.k;
+        match &self.acts {
+            Acts::Q8_0 {
+                blocks, d, sums, ..
+            } => {
+                let nb = k / QK8_0;
+                let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
+                let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
+                let xs = rows.map(|mi| &sums[mi * nb..(mi + 1) * nb]);
+                match self.w.qtype {
+                    QType::Q4_0 => self.dot32::<BlockQ4_0, R>(wrow, x, xd, xs),
+                    QType::Q8_0 => self.dot32::<BlockQ8_0, R>(wrow, x, xd, xs),
+                    QType::Q5_0 => self.dot32::<BlockQ5_0, R>(wrow, x, xd, xs),
+                    _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd, xs),
+                }
+            }
+            Acts::Q8_1 { blocks, d, sums, s } => {
+                let nb = k / QK8_0;
+                let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
+                let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);
+                let xsum = rows.map(|mi| &sums[mi * nb..(mi + 1) * nb]);
+                let xs = rows.map(|mi| &s[mi * nb..(mi + 1) * nb]);
+                match self.w.qtype {
+                    QType::Q4_1 => self.dot32_min::<BlockQ4_1, R>(wrow, x, xd, xsum, xs),
+                    _ => self.dot32_min::<BlockQ5_1, R>(wrow, x, xd, xsum, xs),
+                }
+            }
+            Acts::Q8K { blocks, xz, .. } => {
+                let nb = k / QK_K;
+                let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
+                let xz: &[u8] = bytemuck::cast_slice(xz);
+                let zr = xz.len() / self.m.max(1);
+                let xz = rows.map(|mi| xz.get(mi * zr..(mi + 1) * zr).unwrap_or_default());
+                match self.w.qtype {
+                    QType::Q2K => self.dot_k::<BlockQ2K, R>(wrow, x, xz),
+                    QType::Q3K => self.dot_k::<BlockQ3K, R>(wrow, x, xz),
+                    QType::Q4K => self.dot_k::<BlockQ4K, R>(wrow, x, xz),
+                    QType::Q5K => self.dot_k::<BlockQ5K, R>(wrow, x, xz),
+                    QType::Q6K => self.dot_k::<BlockQ6K, R>(wrow, x, xz),
+                    _ => self.dot_k::<BlockIQ4XS, R>(wrow, x, xz),
+                }
+            }
+            Acts::F32(_) | Acts::F32Prepared(_) => {
+                let xs: &[f32] = match &self.acts {
+                    Acts::F32(xs) => xs,
+                    Acts::F32Prepared(xs) => xs,
+                    _ => unreachable!(),
+                };
+                let x = rows.map(|mi| &xs[mi * k..(mi + 1) * k]);
+                self.dot_f32(wrow, self.stats_of(n), x)
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn dot32<W: x86::Load32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        xs: [&[i32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd && self.vnni {
+            // SAFETY: vnni is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; x,
+            // xd and xs have one entry per weight block (all built from the same K).
+            unsafe { x86::dot_block32_vnni(w, x, xd, xs, self.long) }
+        } else if self.simd {
+            // SAFETY: simd is set only when AVX2 and F16C were detected; x and xd have one
+            // entry per weight block (both built from the same K).
+            unsafe { x86::dot_block32(w, x, xd) }
+        } else {
+            std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
+        }
+    }
+
+    /// Weight rows `n..n + y.len()` (`ROW32` or 1 of them) with the one activation row
+    /// through `x86::row32` (M = 1; the kernel may read the rows after them).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn rows32(&self, n: usize, y: &mut [f32]) {
+        let Acts::Q8_0 { d, xt, nbias, .. } = &self.acts else {
+            unreachable!("row32 runs only with q8_0 activations")
+        };
+        let x = x86::row32::RowQ8 { xt, d, nbias };
+        match self.w.qtype {
+            QType::Q4_0 => self.rows32_w::<BlockQ4_0>(n, &x, y),
+            QType::Q8_0 => self.rows32_w::<BlockQ8_0>(n, &x, y),
+            QType::Q5_0 => self.rows32_w::<BlockQ5_0>(n, &x, y),
+            _ => self.rows32_w::<BlockIQ4NL>(n, &x, y),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn rows32_w<W: x86::row32::Row32>(
+        &self,
+        n: usize,
+        x: &x86::row32::RowQ8<'_>,
+        y: &mut [f32],
+    ) {
+        use x86::row32::dot_rows32;
+        let rest = &self.w.data[n * self.row_bytes..];
+        let (nb, rb) = (self.k / QK8_0, self.row_bytes);
+        // SAFETY: row32 is set only when `x86::row32::available()`; the activations were
+        // prepared by `interleave::<W>` for the same K (one block per weight block); `rest`
+        // holds the y.len() rows (the caller's part of the N rows) and any after them.
+        unsafe {
+            match (y.len() == ROW32, self.long) {
+                (true, true) => y.copy_from_slice(&dot_rows32::<W, true, ROW32>(rest, rb, nb, x)),
+                (true, false) => y.copy_from_slice(&dot_rows32::<W, false, ROW32>(rest, rb, nb, x)),
+                (false, true) => y.copy_from_slice(&dot_rows32::<W, true, 1>(rest, rb, nb, x)),
+                (false, false) => y.copy_from_slice(&dot_rows32::<W, false, 1>(rest, rb, nb, x)),
+            }
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) fn dot32<W: reference::Block32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        _xs: [&[i32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block32(w, x, xd);
+        }
+        std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn dot32_min<W: x86::Load32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        xsum: [&[i32]; R],
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd && self.vnni {
+            // SAFETY: vnni is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; x,
+            // xd, xsum and xs have one entry per weight block (all built from the same K).
+            unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs, self.long) }
+        } else if self.simd {
+            // SAFETY: simd is set only when AVX2 and F16C were detected; x, xd and xs have one
+            // entry per weight block.
+            unsafe { x86::dot_block32_min(w, x, xd, xs) }
+        } else {
+            std::array::from_fn(|r| reference::dot_block32_min(w, x[r], xd[r], xs[r]))
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) fn dot32_min<W: reference::Block32, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8_0]; R],
+        xd: [&[f32]; R],
+        _xsum: [&[i32]; R],
+        xs: [&[f32]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block32_min(w, x, xd, xs);
+        }
+        std::array::from_fn(|r| reference::dot_block32_min(w, x[r], xd[r], xs[r]))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn dot_k<W: x86::SumsK, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8K]; R],
+        xz: [&[u8]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        if self.simd {
+            // SAFETY: AVX2 detected; x has one block per weight block.
+            if let Some(y) = unsafe { W::dot_row_z(w, x, xz, self.long) } {
+                return y;
+            }
+            // SAFETY: as above.
+            unsafe {
+                if self.long {
+                    x86::dot_block_k_prefetch(w, x)
+                } else {
+                    x86::dot_block_k(w, x)
+                }
+            }
+        } else {
+            std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    pub(super) fn dot_k<W: reference::BlockK, const R: usize>(
+        &self,
+        wrow: &[u8],
+        x: [&[BlockQ8K]; R],
+        _xz: [&[u8]; R],
+    ) -> [f32; R] {
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            return neon::dot_block_k(w, x);
+        }
+        std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
+    }
+
+    pub(super) fn dot_f32<const R: usize>(
+        &self,
+        wrow: &[u8],
+        stats: &[f32],
+        x: [&[f32]; R],
+    ) -> [f32; R] {
+        let qtype = self.w.qtype;
+        let bl = self.block_len;
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            if let Some(y) = neon::dot_f32(self.w.qtype, wrow, stats, bl, x) {
+                return y;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            // SAFETY: avx512 is set only when `x86::has_avx512` holds, K >= 64 for the one-byte
+            // formats, and x is prepared as each kernel reads it (`plan`); lengths checked by
+            // `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32).
+            return unsafe {
+                match qtype {
+                    QType::NF4 => x86::dot_nf4_avx512(wrow, stats, bl, x),
+                    QType::Fp8E4M3 => x86::dot_bytes_avx512::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
+                    QType::Fp8E5M2 => x86::dot_bytes_avx512::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
+                    _ => x86::dot_bytes_avx512::<x86::Int8, R>(wrow, stats, bl, x),
+                }
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.simd && x86::has_fma() {
+            // SAFETY: AVX2, F16C and FMA detected; lengths checked by `plan` (K/2 or K bytes,
+            // one stat per block, nf4 blocks a multiple of 32).
+            return unsafe {
+                match qtype {
+                    QType::NF4 => x86::dot_nf4(wrow, stats, bl, x),
+                    QType::Fp8E4M3 => x86::dot_fp8::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
+                    QType::Fp8E5M2 => x86::dot_fp8::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
+                    _ => x86::dot_int8(wrow, stats, bl, x),
+                }
+            };
+        }
+        std::array::from_fn(|r| match qtype {
+            QType::NF4 => reference::dot_nf4(wrow, stats, bl, x[r]),
+            QType::Fp8E4M3 | QType::Fp8E5M2 => {
+                reference::dot_fp8(wrow, stats, bl, x[r], qtype == QType::Fp8E5M2)
+            }
+            _ => reference::dot_int8(wrow, stats, bl, x[r]),
+        })
+    }
+}

@@ -1,0 +1,336 @@
+//! `plan`: every check of a `qmatmul` call (shapes, sizes, stats, values), the choice of kernel
+//! family for this CPU, and the activations prepared once per call (`Acts`).
+
+use super::reference::{self, BlockQ8K};
+use super::*;
+use crate::error::{Error, Result};
+use crate::qtype::QType;
+use crate::quantize::{validate_view, QuantizedView, ScaleMode};
+
+fn bad(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+fn stats_err(w: &QuantizedView<'_>, got: usize, expected: usize) -> Error {
+    Error::DataSize {
+        what: "stats",
+        qtype: w.qtype.name(),
+        rows: w.rows,
+        cols: w.cols,
+        got,
+        expected,
+    }
+}
+
+fn check_bnb_block(w: &QuantizedView<'_>) -> Result<usize> {
+    let b = w.block_size;
+    if b.is_power_of_two() && (32..=4096).contains(&b) {
+        Ok(b)
+    } else {
+        Err(Error::BlockSize {
+            qtype: w.qtype.name(),
+            got: b,
+            allowed: "a power of two from 32 to 4096",
+        })
+    }
+}
+
+/// ggml's `quantize_row_q8_0_ref` of one activation row: the AVX2 quantizer of the q8_0
+/// weights where it runs (bit-identical to the reference, tested in `formats`), else the reference.
+fn quantize_acts_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::formats::simd::legacy_avx2(QType::Q8_0) {
+        // SAFETY: legacy_avx2 checked AVX2 and F16C; out holds x.len() / 32 blocks.
+        unsafe {
+            crate::formats::simd::quantize_row_legacy_avx2(
+                QType::Q8_0,
+                x,
+                bytemuck::cast_slice_mut(out),
+            )
+        };
+        return;
+    }
+    reference::quantize_row_q8_0(x, out);
+}
+
+/// Check everything about the request and prepare the activations.
+pub(super) fn plan<'a>(
+    x: &'a [f32],
+    m: usize,
+    w: &'a QuantizedView<'a>,
+    out_len: usize,
+) -> Result<Plan<'a>> {
+    let (n, k) = (w.rows, w.cols);
+    if !SUPPORTED.contains(&w.qtype) {
+        let names: Vec<&str> = SUPPORTED.iter().map(|q| q.name()).collect();
+        return Err(bad(format!(
+            "qmatmul does not support {} weights; supported: {}",
+            w.qtype.name(),
+            names.join(" ")
+        )));
+    }
+    validate_view(w)?;
+    let (mut stats_per_row, mut block_len) = (0, 0);
+    match w.qtype {
+        QType::NF4 => {
+            block_len = check_bnb_block(w)?;
+            if w.double_quant.is_some() {
+                return Err(bad(
+                    "qmatmul takes nf4 weights with a plain fp32 absmax; expand a \
+                     double-quantized absmax first"
+                        .into(),
+                ));
+            }
+            stats_per_row = k / block_len;
+        }
+        QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => match w.scale_mode {
+            Some(ScaleMode::Tensor) => (stats_per_row, block_len) = (1, k),
+            Some(ScaleMode::Row) => (stats_per_row, block_len) = (1, k),
+            Some(ScaleMode::Block) => {
+                block_len = check_bnb_block(w)?;
+                stats_per_row = k / block_len;
+            }
+            None => return Err(bad(format!("{} weights need a scale_mode", w.qtype.name()))),
+        },
+        q => {
+            let bs = q.info().block_size;
+            if w.block_size != bs {
+                return Err(bad(format!(
+                    "{} has block size {bs}, got block_size={}",
+                    q.name(),
+                    w.block_size
+                )));
+            }
+        }
+    }
+    if stats_per_row > 0 {
+        let expected = if w.scale_mode == Some(ScaleMode::Tensor) {
+            1
+        } else {
+            n * stats_per_row
+        };
+        if w.stats.len() != expected {
+            return Err(stats_err(w, w.stats.len(), expected));
+        }
+    }
+    let x_len = m
+        .checked_mul(k)
+        .ok_or_else(|| bad(format!("shape {m}x{k} overflows")))?;
+    if x.len() != x_len {
+        return Err(bad(format!(
+            "x has {} elements but M={m} rows of K={k} need {x_len}",
+            x.len()
+        )));
+    }
+    let y_len = m
+        .checked_mul(n)
+        .ok_or_else(|| bad(format!("shape {m}x{n} overflows")))?;
+    if out_len != y_len {
+        return Err(bad(format!(
+            "output has {out_len} elements but M={m} rows of N={n} need {y_len}"
+        )));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(Error::NonFinite {
+            row: i / k,
+            col: i % k,
+            value: x[i],
+        });
+    }
+    let simd = use_simd();
+    let vnni = simd && use_vnni();
+    let f32_avx512 = use_avx512(w.qtype, simd, k, x);
+    // Quantizing the activations is worth the pool only for many rows.
+    let par = m >= 4 && m.saturating_mul(k) >= 1 << 17;
+    // The tiles from M = 2 on (at M = 1 the row kernels are faster: measured, the transposes
+    // cost more than the horizontal sums they save when no second row shares them).
+    let tile = cfg!(target_arch = "x86_64")
+        && vnni
+        && m >= 2
+        && matches!(
+            w.qtype,
+            QType::Q4_0
+                | QType::Q5_0
+                | QType::Q8_0
+                | QType::IQ4NL
+                | QType::Q4K
+                | QType::Q5K
+                | QType::Q6K
+        );
+    // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
+    #[cfg(target_arch = "x86_64")]
+    let row32 = vnni
+        && m == 1
+        && x86::row32::available()
+        && matches!(
+            w.qtype,
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL
+        );
+    #[cfg(not(target_arch = "x86_64"))]
+    let row32 = false;
+    let (acts, act_row_bytes) = match w.qtype {
+        QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
+            let nb = k / QK8_0;
+            let mut blocks = vec![BlockQ8_0::zeroed(); m * nb];
+            let quant = |(b, x): (&mut [BlockQ8_0], &[f32])| quantize_acts_q8_0(x, b);
+            if par {
+                parallel::install(|| {
+                    blocks
+                        .par_chunks_mut(nb)
+                        .zip(x.par_chunks(k))
+                        .for_each(quant)
+                });
+            } else {
+                blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
+            }
+            let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
+            let sums: Vec<i32> = blocks
+                .iter()
+                .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+                .collect();
+            #[cfg(target_arch = "x86_64")]
+            let (xt, nbias) = if tile {
+                (panels::interleave_q8_0_rows(&blocks, nb), Vec::new())
+            } else if row32 {
+                use x86::row32::interleave;
+                match w.qtype {
+                    QType::Q4_0 => interleave::<BlockQ4_0>(&blocks, &sums),
+                    QType::Q8_0 => interleave::<BlockQ8_0>(&blocks, &sums),
+                    QType::Q5_0 => interleave::<BlockQ5_0>(&blocks, &sums),
+                    _ => interleave::<BlockIQ4NL>(&blocks, &sums),
+                }
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (xt, nbias) = (Vec::new(), Vec::new());
+            let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
+            (
+                Acts::Q8_0 {
+                    blocks,
+                    d,
+                    sums,
+                    xt,
+                    nbias,
+                },
+                row_bytes,
+            )
+        }
+        QType::Q4_1 | QType::Q5_1 => {
+            let nb = k / QK8_0;
+            let mut q81 = vec![reference::BlockQ8_1::zeroed(); m * nb];
+            parallel::install(|| {
+                q81.par_chunks_mut(nb)
+                    .zip(x.par_chunks(k))
+                    .for_each(|(b, x)| reference::quantize_row_q8_1(x, b))
+            });
+            let blocks = q81.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
+            let d = q81.iter().map(|b| f16_to_f32(b.d)).collect();
+            let sums = q81
+                .iter()
+                .map(|b| b.qs.iter().map(|&q| q as i32).sum())
+                .collect();
+            let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
+            (Acts::Q8_1 { blocks, d, sums, s }, nb * 46)
+        }
+        QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K | QType::IQ4XS => {
+            let nb = k / QK_K;
+            let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
+            let quant = |(b, x): (&mut [BlockQ8K], &[f32])| reference::quantize_row_q8_k(x, b);
+            if par {
+                parallel::install(|| {
+                    blocks
+                        .par_chunks_mut(nb)
+                        .zip(x.par_chunks(k))
+                        .for_each(quant)
+                });
+            } else {
+                blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
+            }
+            #[cfg(target_arch = "x86_64")]
+            let (xq, xs, xd) = if tile {
+                panels::interleave_q8_k_rows(&blocks, nb)
+            } else {
+                (Vec::new(), Vec::new(), Vec::new())
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (xq, xs, xd) = (Vec::new(), Vec::new(), Vec::new());
+            // The AVX-512 row kernels of q4_k / q5_k / q6_k read the activations in their own
+            // layout (without it they are not used). q6_k with long rows at M = 1 keeps the
+            // AVX2 kernel: from memory at K = 14336 the AVX-512 one measured slower (12.4 vs
+            // 14.2 GB/s, one thread; q4_k/q5_k faster there).
+            #[cfg(target_arch = "x86_64")]
+            let long_q6 = w.qtype == QType::Q6K && m == 1 && k > LONG_K;
+            #[cfg(target_arch = "x86_64")]
+            let xz = if !tile
+                && simd
+                && !long_q6
+                && matches!(w.qtype, QType::Q4K | QType::Q5K | QType::Q6K)
+                && x86::has_row_k_vnni()
+            {
+                let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
+                let q6 = w.qtype == QType::Q6K;
+                x86::interleave_k4(&blocks, q6, bytemuck::cast_slice_mut(&mut v));
+                v
+            } else {
+                Vec::new()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let xz = Vec::new();
+            let row_bytes = if tile {
+                k + k / 2 + nb * 4
+            } else {
+                nb * std::mem::size_of::<BlockQ8K>() + 64 * xz.len() / m.max(1)
+            };
+            (
+                Acts::Q8K {
+                    blocks,
+                    xq,
+                    xs,
+                    xd,
+                    xz,
+                },
+                row_bytes,
+            )
+        }
+        #[cfg(target_arch = "x86_64")]
+        QType::NF4 if f32_avx512 => (Acts::F32Prepared(x86::permute_nf4_x(x)), 4 * k),
+        #[cfg(target_arch = "x86_64")]
+        QType::Fp8E4M3 if f32_avx512 => (Acts::F32Prepared(x86::scale_e4m3_x(x)), 4 * k),
+        #[cfg(target_arch = "x86_64")]
+        QType::Int8 | QType::Fp8E5M2 if f32_avx512 => (Acts::F32Prepared(x86::align_x(x)), 4 * k),
+        _ => (Acts::F32(x), 4 * k),
+    };
+    // Blocks of activation rows that fit ACT_BLOCK_BYTES, split evenly (M = 67 at most 34 a
+    // block gives 34 + 33, not 34 + 33 + 0).
+    let max_block = (ACT_BLOCK_BYTES / act_row_bytes.max(1)).clamp(ROWS, 64);
+    // The row kernels take ROWS rows at a time: whole multiples of ROWS a block.
+    let max_block = if tile {
+        max_block
+    } else {
+        max_block / ROWS * ROWS
+    };
+    let n_blocks = m.div_ceil(max_block).max(1);
+    Ok(Plan {
+        w,
+        m,
+        k,
+        m_block: if tile {
+            m.div_ceil(n_blocks).max(1)
+        } else {
+            m.div_ceil(n_blocks).next_multiple_of(ROWS)
+        },
+        tile,
+        row32,
+        row_bytes: w.qtype.row_bytes(k, w.block_size),
+        acts,
+        stats_per_row,
+        block_len,
+        simd,
+        avx512: f32_avx512,
+        vnni,
+        long: m == 1 && k > LONG_K,
+    })
+}
+
+use bytemuck::Zeroable;
