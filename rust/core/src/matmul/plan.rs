@@ -256,15 +256,13 @@ pub(super) fn plan<'a>(
             #[cfg(not(target_arch = "x86_64"))]
             let (xq, xs, xd) = (Vec::new(), Vec::new(), Vec::new());
             // The AVX-512 row kernels of q4_k / q5_k / q6_k read the activations in their own
-            // layout (without it they are not used). q6_k with long rows at M = 1 keeps the
-            // AVX2 kernel: from memory at K = 14336 the AVX-512 one measured slower (12.4 vs
-            // 14.2 GB/s, one thread; q4_k/q5_k faster there).
-            #[cfg(target_arch = "x86_64")]
-            let long_q6 = w.qtype == QType::Q6K && m == 1 && k > LONG_K;
+            // layout (without it they are not used). (q6_k with rows past LONG_K at M = 1 kept
+            // the AVX2 kernel while the long-row prefetch went to L1; with the L2 prefetch the
+            // AVX-512 one reads 14336x4096 at 31 GB/s against 26 on 2 threads, 25 vs 13.5 on
+            // one, quiet machine, 2026-11-27 13:17 UTC.)
             #[cfg(target_arch = "x86_64")]
             let xz = if !tile
                 && simd
-                && !long_q6
                 && matches!(w.qtype, QType::Q4K | QType::Q5K | QType::Q6K)
                 && x86::has_row_k_vnni()
             {
