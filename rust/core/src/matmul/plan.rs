@@ -53,6 +53,34 @@ fn quantize_acts_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     reference::quantize_row_q8_0(x, out);
 }
 
+/// Each row of `x` (rows of `k`) quantized into its share of `blocks` by `quant`, on the pool
+/// when `par` (rows are independent: the same blocks either way).
+fn quantize_rows<B: Send>(
+    x: &[f32],
+    k: usize,
+    blocks: &mut [B],
+    par: bool,
+    quant: impl Fn(&[f32], &mut [B]) + Sync + Send,
+) {
+    let nb = blocks.len() / (x.len() / k).max(1);
+    if nb == 0 {
+        return;
+    }
+    if par {
+        parallel::install(|| {
+            blocks
+                .par_chunks_mut(nb)
+                .zip(x.par_chunks(k))
+                .for_each(|(b, x)| quant(x, b))
+        });
+    } else {
+        blocks
+            .chunks_mut(nb)
+            .zip(x.chunks(k))
+            .for_each(|(b, x)| quant(x, b));
+    }
+}
+
 /// Check everything about the request and prepare the activations.
 pub(super) fn plan<'a>(
     x: &'a [f32],
@@ -172,17 +200,7 @@ pub(super) fn plan<'a>(
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
             let nb = k / QK8_0;
             let mut blocks = vec![BlockQ8_0::zeroed(); m * nb];
-            let quant = |(b, x): (&mut [BlockQ8_0], &[f32])| quantize_acts_q8_0(x, b);
-            if par {
-                parallel::install(|| {
-                    blocks
-                        .par_chunks_mut(nb)
-                        .zip(x.par_chunks(k))
-                        .for_each(quant)
-                });
-            } else {
-                blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
-            }
+            quantize_rows(x, k, &mut blocks, par, quantize_acts_q8_0);
             let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
             let sums: Vec<i32> = blocks
                 .iter()
@@ -219,11 +237,7 @@ pub(super) fn plan<'a>(
         QType::Q4_1 | QType::Q5_1 => {
             let nb = k / QK8_0;
             let mut q81 = vec![reference::BlockQ8_1::zeroed(); m * nb];
-            parallel::install(|| {
-                q81.par_chunks_mut(nb)
-                    .zip(x.par_chunks(k))
-                    .for_each(|(b, x)| reference::quantize_row_q8_1(x, b))
-            });
+            quantize_rows(x, k, &mut q81, par, reference::quantize_row_q8_1);
             let blocks = q81.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
             let d = q81.iter().map(|b| f16_to_f32(b.d)).collect();
             let sums = q81
@@ -236,17 +250,7 @@ pub(super) fn plan<'a>(
         QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K | QType::IQ4XS => {
             let nb = k / QK_K;
             let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
-            let quant = |(b, x): (&mut [BlockQ8K], &[f32])| reference::quantize_row_q8_k(x, b);
-            if par {
-                parallel::install(|| {
-                    blocks
-                        .par_chunks_mut(nb)
-                        .zip(x.par_chunks(k))
-                        .for_each(quant)
-                });
-            } else {
-                blocks.chunks_mut(nb).zip(x.chunks(k)).for_each(quant);
-            }
+            quantize_rows(x, k, &mut blocks, par, reference::quantize_row_q8_k);
             #[cfg(target_arch = "x86_64")]
             let (xq, xs, xd) = if tile {
                 panels::interleave_q8_k_rows(&blocks, nb)

@@ -247,10 +247,22 @@ const PREFETCH_AHEAD: usize = 8192;
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(crate) fn prefetch_ahead<W>(wg: &[W]) {
-    let p = (wg.as_ptr() as *const i8).wrapping_add(PREFETCH_AHEAD);
+    prefetch_l2(
+        wg.as_ptr() as *const u8,
+        std::mem::size_of_val(wg),
+        PREFETCH_AHEAD,
+    );
+}
+
+/// Prefetch into L2 (`_MM_HINT_T1`) the `len` bytes `ahead` past `p`, one line per 64 bytes.
+/// A hint: an address past the data is never dereferenced, so `wrapping_add` keeps it sound.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn prefetch_l2(p: *const u8, len: usize, ahead: usize) {
+    let q = p.wrapping_add(ahead) as *const i8;
     let mut o = 0;
-    while o < std::mem::size_of_val(wg) {
-        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o));
+    while o < len {
+        _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(o));
         o += 64;
     }
 }

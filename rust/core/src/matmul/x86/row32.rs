@@ -346,12 +346,7 @@ const PREFETCH_L2_AHEAD: usize = 4096;
 #[target_feature(enable = "avx2")]
 #[inline]
 fn prefetch_l2(p: *const u8, len: usize) {
-    let q = p.wrapping_add(PREFETCH_L2_AHEAD) as *const i8;
-    let mut o = 0;
-    while o < len {
-        _mm_prefetch::<_MM_HINT_T1>(q.wrapping_add(o));
-        o += 64;
-    }
+    super::prefetch_l2(p, len, PREFETCH_L2_AHEAD);
 }
 
 /// `reference::hsum8` of the lanes of `v`: `(a0 + a4, .., a3 + a7)`, then `(s0 + s2) + (s1 + s3)`.

@@ -25,7 +25,7 @@
 
 use std::arch::x86_64::*;
 
-use super::super::lanes_of;
+use super::super::{lanes_of, prefetch_ahead};
 use super::SumsK;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K, LANES};
@@ -332,7 +332,7 @@ fn fold(v: __m512i) -> __m256i {
 }
 
 /// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
-/// decoded once), `long`: prefetch the weights into L2 ahead (`prefetch_l2`). `xz[r]` is `x[r]`'s
+/// decoded once), `long`: prefetch the weights into L2 ahead (`prefetch_ahead`). `xz[r]` is `x[r]`'s
 /// blocks by `interleave_k4` (the kernel reads `x[r]` only for the super-blocks after the
 /// last whole group of 8).
 ///
@@ -369,7 +369,10 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         if PF {
-            prefetch_l2(wg);
+            // into L2, 8 KiB ahead: 14336x4096, 2 threads, quiet machine, 2026-11-27 13:10
+            // UTC, alternating runs: q4_k 25.5-27.9 -> 31.5-31.9 GB/s, q5_k 22.9-23.1 ->
+            // 32.5-33.2 against the L1 prefetch 2 KiB ahead it replaced.
+            prefetch_ahead(wg);
         }
         let mut isum = [[_mm512_setzero_si512(); LANES]; R];
         let mut msum = [[_mm256_setzero_si256(); LANES]; R];
@@ -447,23 +450,4 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
         *o = r::hsum8(l);
     }
     out
-}
-
-/// How far ahead (bytes) the long-row kernel prefetches its weights into L2 (`_MM_HINT_T1`).
-/// 14336x4096 at M = 1, 2 threads, quiet machine, 2026-11-27 13:10 UTC, alternating runs: q4_k
-/// 25.5-27.9 -> 31.5-31.9 GB/s, q5_k 22.9-23.1 -> 32.5-33.2 against the L1 prefetch 2 KiB ahead
-/// (`prefetch_ahead`) it replaces; 4 KiB and 16 KiB ahead measured a little slower for q5_k.
-const PREFETCH_L2_AHEAD: usize = 8192;
-
-/// Prefetch into L2 the weight bytes `PREFETCH_L2_AHEAD` past the group `wg`, one line per 64
-/// bytes. A hint: an address past the end of the weights is never dereferenced.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn prefetch_l2<W>(wg: &[W]) {
-    let p = (wg.as_ptr() as *const i8).wrapping_add(PREFETCH_L2_AHEAD);
-    let mut o = 0;
-    while o < std::mem::size_of_val(wg) {
-        _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o));
-        o += 64;
-    }
 }
