@@ -47,6 +47,7 @@ use crate::formats::blocks::*;
 use crate::formats::{fp8, legacy};
 
 mod k_low;
+pub mod q16;
 mod q8_1;
 pub use k_low::{scales_iq4_xs, scales_q3_k, unpack_iq4_xs, unpack_q2_k, unpack_q3_k};
 pub use q8_1::{

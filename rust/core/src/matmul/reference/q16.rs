@@ -25,7 +25,7 @@
 //! decode gives: 32 packed nf4 bytes zero-extended to 16-bit lanes give elements 2j (high
 //! nibble) and 2j + 1 (low nibble) in lane j; 32 int8 bytes sign-extended give elements in order.
 
-use super::{hsum8, nibble, NF4_CODE};
+use super::{hsum8, nibble};
 
 /// Activation values per q16 block (and per scale).
 pub const Q16: usize = 64;
@@ -95,13 +95,12 @@ fn dot_units(
     let mut acc = [[0.0f32; 16]; 2];
     let unit = 16 * span;
     for u in 0..k.div_ceil(unit) {
-        for l in 0..16 {
+        for (l, a) in acc[u % 2].iter_mut().enumerate() {
             let e0 = u * unit + l * span;
             if e0 >= k {
                 break;
             }
             let s = isum(e0, (e0 + span).min(k));
-            let a = &mut acc[u % 2][l];
             *a = (s as f32).mul_add(scale(e0, u), *a);
         }
     }
@@ -143,6 +142,7 @@ pub fn dot_int8_q16(q: &[u8], scales: &[f32], block_len: usize, xq: &[i16], xd: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matmul::reference::NF4_CODE;
 
     #[test]
     fn nf4_codes_are_the_rounded_f32_codes() {
