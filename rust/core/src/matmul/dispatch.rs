@@ -89,6 +89,12 @@ impl Plan<'_> {
                     _ => self.dot_k::<BlockIQ4XS, R>(wrow, x, xz),
                 }
             }
+            Acts::Q16 { q, d, row, blocks } => {
+                let q: &[i16] = bytemuck::cast_slice(q);
+                let xq = rows.map(|mi| &q[mi * row..(mi + 1) * row]);
+                let xd = rows.map(|mi| &d[mi * blocks..(mi + 1) * blocks]);
+                self.dot_q16(wrow, self.stats_of(n), xq, xd)
+            }
             Acts::F32(_) | Acts::F32Prepared(_) => {
                 let xs: &[f32] = match &self.acts {
                     Acts::F32(xs) => xs,
@@ -259,6 +265,40 @@ impl Plan<'_> {
         std::array::from_fn(|r| reference::dot_block_k(w, x[r]))
     }
 
+    /// nf4 / int8 against q16 activations (`reference::q16`).
+    pub(super) fn dot_q16<const R: usize>(
+        &self,
+        wrow: &[u8],
+        stats: &[f32],
+        xq: [&[i16]; R],
+        xd: [&[f32]; R],
+    ) -> [f32; R] {
+        let bl = self.block_len;
+        let nf4 = self.w.qtype == QType::NF4;
+        #[cfg(target_arch = "x86_64")]
+        if self.avx512 {
+            use x86::q16::{dot_int8_q16_avx512 as int8, dot_nf4_q16_avx512 as nf4_};
+            // SAFETY: avx512 is set for nf4 / int8 only with `x86::q16::available()`; lengths
+            // checked by `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32
+            // dividing K) and the activations quantized for this K (split for nf4).
+            return unsafe {
+                match (nf4, self.long) {
+                    (true, true) => nf4_::<R, true>(wrow, stats, bl, xq, xd),
+                    (true, false) => nf4_::<R, false>(wrow, stats, bl, xq, xd),
+                    (false, true) => int8::<R, true>(wrow, stats, bl, xq, xd),
+                    (false, false) => int8::<R, false>(wrow, stats, bl, xq, xd),
+                }
+            };
+        }
+        std::array::from_fn(|r| {
+            if nf4 {
+                reference::q16::dot_nf4_q16(wrow, stats, bl, xq[r], xd[r])
+            } else {
+                reference::q16::dot_int8_q16(wrow, stats, bl, xq[r], xd[r])
+            }
+        })
+    }
+
     pub(super) fn dot_f32<const R: usize>(
         &self,
         wrow: &[u8],
@@ -280,10 +320,8 @@ impl Plan<'_> {
             // `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32).
             return unsafe {
                 match qtype {
-                    QType::NF4 => x86::dot_nf4_avx512(wrow, stats, bl, x),
                     QType::Fp8E4M3 => x86::dot_bytes_avx512::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
-                    QType::Fp8E5M2 => x86::dot_bytes_avx512::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
-                    _ => x86::dot_bytes_avx512::<x86::Int8, R>(wrow, stats, bl, x),
+                    _ => x86::dot_bytes_avx512::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
                 }
             };
         }
@@ -293,19 +331,11 @@ impl Plan<'_> {
             // one stat per block, nf4 blocks a multiple of 32).
             return unsafe {
                 match qtype {
-                    QType::NF4 => x86::dot_nf4(wrow, stats, bl, x),
                     QType::Fp8E4M3 => x86::dot_fp8::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
-                    QType::Fp8E5M2 => x86::dot_fp8::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
-                    _ => x86::dot_int8(wrow, stats, bl, x),
+                    _ => x86::dot_fp8::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
                 }
             };
         }
-        std::array::from_fn(|r| match qtype {
-            QType::NF4 => reference::dot_nf4(wrow, stats, bl, x[r]),
-            QType::Fp8E4M3 | QType::Fp8E5M2 => {
-                reference::dot_fp8(wrow, stats, bl, x[r], qtype == QType::Fp8E5M2)
-            }
-            _ => reference::dot_int8(wrow, stats, bl, x[r]),
-        })
+        std::array::from_fn(|r| reference::dot_fp8(wrow, stats, bl, x[r], qtype == QType::Fp8E5M2))
     }
 }

@@ -24,9 +24,9 @@
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
 //! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
 //! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs → activations quantized to q8_K;
-//! nf4, int8, fp8_e4m3, fp8_e5m2 → f32 activations (the one-byte formats: the dequantized
-//! product within float rounding, fp8 decoded exactly; no activation error added to the
-//! weights').
+//! nf4, int8 → activations quantized to 16 bits in blocks of 64 (`reference/q16.rs`);
+//! fp8_e4m3, fp8_e5m2 → f32 activations (the dequantized product within float rounding, fp8
+//! decoded exactly; no activation error added to the weights').
 
 pub mod bandwidth;
 #[cfg(target_arch = "x86_64")]
@@ -104,6 +104,15 @@ enum Acts<'a> {
         sums: Vec<i32>,
         s: Vec<f32>,
     },
+    /// nf4, int8: each row quantized to 16 bits (`reference::q16`), `row` values a row (K
+    /// rounded up to 64, zero padded; for the AVX-512 nf4 kernel each 64 split into even and
+    /// odd elements: `x86::q16::split_nf4_x`), and `blocks` scales a row in `d`.
+    Q16 {
+        q: Vec<Line64>,
+        d: Vec<f32>,
+        row: usize,
+        blocks: usize,
+    },
     F32(&'a [f32]),
     /// x as the AVX-512 kernels read it, 64-byte aligned (`x86::permute_nf4_x`,
     /// `x86::scale_e4m3_x`, `x86::align_x`).
@@ -162,7 +171,8 @@ struct Plan<'a> {
     stats_per_row: usize,
     block_len: usize,
     simd: bool,
-    /// nf4 / int8 / fp8: the AVX-512 kernels run (`x86::has_avx512`; x prepared for them).
+    /// fp8: the AVX-512 kernels run (`x86::has_avx512`; x prepared for them); nf4 / int8: the
+    /// AVX-512 q16 kernels (`x86::q16::available`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
     /// AVX-512 VNNI for the 32-weight integer formats.
@@ -199,15 +209,15 @@ fn use_vnni() -> bool {
     }
 }
 
-/// The AVX-512 kernel of an f32-activation format runs for these activations (K >= 64 for the
-/// one-byte formats, every `256 x` finite for e4m3: `x86::e4m3_x_fits`).
+/// The AVX-512 kernel runs for these activations: nf4 / int8 (q16) wherever the CPU has it; fp8
+/// for K >= 64, and every `256 x` finite for e4m3 (`x86::e4m3_x_fits`).
 fn use_avx512(qtype: QType, simd: bool, k: usize, x: &[f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         simd && x86::has_avx512()
             && match qtype {
-                QType::NF4 => true,
-                QType::Int8 | QType::Fp8E5M2 => k >= reference::WIDE,
+                QType::NF4 | QType::Int8 => x86::q16::available(),
+                QType::Fp8E5M2 => k >= reference::WIDE,
                 QType::Fp8E4M3 => k >= reference::WIDE && x86::e4m3_x_fits(x),
                 _ => false,
             }
@@ -221,12 +231,6 @@ fn use_avx512(qtype: QType, simd: bool, k: usize, x: &[f32]) -> bool {
 
 /// Activation rows handled together by the row kernels (weights decoded once for all of them).
 const ROWS: usize = 4;
-/// Weight rows and K positions per piece of the f32-activation formats at M >= 2 with AVX-512
-/// (`Plan::f32_pieces`): 1024 positions of 4 activation rows are 16 KiB of L1.
-#[cfg(target_arch = "x86_64")]
-const F32_PANEL: usize = 4;
-#[cfg(target_arch = "x86_64")]
-const F32_PIECE: usize = 1024;
 /// Weight rows per call of the M = 1 kernel `x86::row32` for rows of at most `ROW32_MAX_K`
 /// columns (per-row costs shared; at K = 576 a row is only 2.25 groups: 576x576 q8_0 went
 /// from 42 to 20 us per call). Longer rows go one at a time: four interleaved weight streams
@@ -275,11 +279,6 @@ impl Plan<'_> {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            if self.avx512 && self.f32_in_pieces() {
-                self.f32_pieces(n0, ms.clone(), yt);
-                i = rows;
-            }
-            #[cfg(target_arch = "x86_64")]
             if self.row32 {
                 // M = 1: ROW32 weight rows at a time for short rows, then one by one.
                 while i < rows {
@@ -302,89 +301,6 @@ impl Plan<'_> {
             }
             mb = ms.end;
         }
-    }
-
-    /// Whether the f32-activation kernels run in K pieces over panels (`f32_pieces`): nf4 at
-    /// M >= 2, and nf4 / int8 at M = 1 for rows longer than `LONG_K`, whose f32 activations
-    /// (4 bytes a weight) no longer fit L1 next to the weights (4096 x 14336, 2 threads, quiet
-    /// machine, 2026-11-27: int8 18.5 -> 21.6 GB/s, nf4 15.6 -> 17.4, alternating runs).
-    #[cfg(target_arch = "x86_64")]
-    fn f32_in_pieces(&self) -> bool {
-        let qt = self.w.qtype;
-        (self.m >= 2 && qt == QType::NF4)
-            || (self.m == 1 && self.k > LONG_K && matches!(qt, QType::NF4 | QType::Int8))
-    }
-
-    /// nf4 with AVX-512 at M >= 2: panels of `F32_PANEL` weight rows, activation rows `ms` in
-    /// groups of `ROWS`, K in pieces of `F32_PIECE` positions, so a piece of the activations
-    /// (16 KiB for 4 rows) stays in L1 while the panel's rows pass (whole rows per call re-read
-    /// the activations from L2 for every weight row). Each output's operations and order are
-    /// those of one call over the whole row (identical bits, tested). Measured against whole
-    /// rows (K = 4096, 256 weight rows, 1 thread, alternating in one process, busy machine):
-    /// nf4 x1.45 at M = 8, x1.23 at M = 64; int8 x1.57 / x0.93 and e4m3 x0.82 / x0.68, so the
-    /// one-byte formats (whose pieces carry a block sum as well) keep the row kernels.
-    #[cfg(target_arch = "x86_64")]
-    fn f32_pieces(&self, n0: usize, ms: std::ops::Range<usize>, yt: &mut [f32]) {
-        let m = self.m;
-        let rows = yt.len() / m;
-        let mut p0 = 0;
-        while p0 < rows {
-            let np = F32_PANEL.min(rows - p0);
-            let mut j = ms.start;
-            while j < ms.end {
-                let y = &mut yt[p0 * m..];
-                j += match (ms.end - j).min(ROWS) {
-                    1 => self.f32_panel::<1>(n0 + p0, np, j, y),
-                    2 => self.f32_panel::<2>(n0 + p0, np, j, y),
-                    3 => self.f32_panel::<3>(n0 + p0, np, j, y),
-                    _ => self.f32_panel::<ROWS>(n0 + p0, np, j, y),
-                };
-            }
-            p0 += np;
-        }
-    }
-
-    /// Weight rows `n..n + np` with activation rows `m0..m0 + R` into `yt` (row `n` first, M
-    /// values per row); returns R.
-    #[cfg(target_arch = "x86_64")]
-    fn f32_panel<const R: usize>(&self, n: usize, np: usize, m0: usize, yt: &mut [f32]) -> usize {
-        let (k, m, qt) = (self.k, self.m, self.w.qtype);
-        let xs: &[f32] = match &self.acts {
-            Acts::F32Prepared(xs) => xs,
-            Acts::F32(xs) => xs,
-            _ => unreachable!("f32 formats have f32 activations"),
-        };
-        let x: [&[f32]; R] = std::array::from_fn(|i| &xs[(m0 + i) * k..(m0 + i + 1) * k]);
-        let wrow = |p: usize| &self.w.data[(n + p) * self.row_bytes..(n + p + 1) * self.row_bytes];
-        let mut lanes = [x86::Lanes::<R>::new(); F32_PANEL];
-        let mut c0 = 0;
-        while c0 < k {
-            let c1 = (c0 + F32_PIECE).min(k);
-            for (p, l) in lanes[..np].iter_mut().enumerate() {
-                // SAFETY: avx512 is set only with `x86::has_avx512`, K >= 64 for the one-byte
-                // formats and x prepared for the kernels (`plan`); lengths checked by `plan`;
-                // pieces start at multiples of 64 and end at one or at K.
-                unsafe {
-                    x86::f32_range(
-                        qt,
-                        wrow(p),
-                        self.stats_of(n + p),
-                        self.block_len,
-                        x,
-                        c0,
-                        c1,
-                        l,
-                    )
-                };
-            }
-            c0 = c1;
-        }
-        for (p, l) in lanes[..np].iter().enumerate() {
-            // SAFETY: as above.
-            let y = unsafe { x86::f32_finish(qt, wrow(p), l) };
-            yt[p * m + m0..p * m + m0 + R].copy_from_slice(&y);
-        }
-        R
     }
 
     /// The statistics (absmax or scales) of weight row `n` (the one scale of a per-tensor scale).

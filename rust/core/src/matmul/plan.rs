@@ -81,6 +81,44 @@ fn quantize_rows<B: Send>(
     }
 }
 
+/// nf4 / int8 activations: each row to q16 (`reference::q16`), on 64-byte boundaries; with
+/// `avx512` by `x86::q16::quantize_row_q16_avx512` (the same values), nf4's split into even
+/// and odd elements per 64 as the AVX-512 nf4 kernel reads them.
+fn quantize_q16<'a>(x: &[f32], m: usize, k: usize, nf4: bool, avx512: bool, par: bool) -> Acts<'a> {
+    use reference::q16::{q16_row_len, quantize_row_q16, NF4_ONE, Q16};
+    let (row, blocks) = (q16_row_len(k), k.div_ceil(Q16));
+    let mut q = vec![Line64([0; 64]); m * row * 2 / 64];
+    let mut d = vec![0.0f32; m * blocks];
+    let per = if nf4 { NF4_ONE } else { 1.0 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = avx512;
+    let one = |((qr, dr), xr): ((&mut [i16], &mut [f32]), &[f32])| {
+        #[cfg(target_arch = "x86_64")]
+        if avx512 {
+            // SAFETY: avx512 (for nf4 / int8) is set only with `x86::q16::available()`; qr
+            // and dr are sized for xr (q16_row_len, one scale per 64).
+            unsafe { x86::q16::quantize_row_q16_avx512(xr, per, nf4, qr, dr) };
+            return;
+        }
+        quantize_row_q16(xr, per, qr, dr);
+    };
+    let qs: &mut [i16] = bytemuck::cast_slice_mut(&mut q);
+    if row > 0 && par {
+        parallel::install(|| {
+            qs.par_chunks_mut(row)
+                .zip(d.par_chunks_mut(blocks))
+                .zip(x.par_chunks(k))
+                .for_each(one)
+        });
+    } else if row > 0 {
+        qs.chunks_mut(row)
+            .zip(d.chunks_mut(blocks))
+            .zip(x.chunks(k))
+            .for_each(one);
+    }
+    Acts::Q16 { q, d, row, blocks }
+}
+
 /// Check everything about the request and prepare the activations.
 pub(super) fn plan<'a>(
     x: &'a [f32],
@@ -295,12 +333,17 @@ pub(super) fn plan<'a>(
                 row_bytes,
             )
         }
-        #[cfg(target_arch = "x86_64")]
-        QType::NF4 if f32_avx512 => (Acts::F32Prepared(x86::permute_nf4_x(x)), 4 * k),
+        QType::NF4 | QType::Int8 => {
+            let acts = quantize_q16(x, m, k, w.qtype == QType::NF4, f32_avx512, par);
+            let Acts::Q16 { row, blocks, .. } = acts else {
+                unreachable!()
+            };
+            (acts, 2 * row + 4 * blocks)
+        }
         #[cfg(target_arch = "x86_64")]
         QType::Fp8E4M3 if f32_avx512 => (Acts::F32Prepared(x86::scale_e4m3_x(x)), 4 * k),
         #[cfg(target_arch = "x86_64")]
-        QType::Int8 | QType::Fp8E5M2 if f32_avx512 => (Acts::F32Prepared(x86::align_x(x)), 4 * k),
+        QType::Fp8E5M2 if f32_avx512 => (Acts::F32Prepared(x86::align_x(x)), 4 * k),
         _ => (Acts::F32(x), 4 * k),
     };
     // Blocks of activation rows that fit ACT_BLOCK_BYTES, split evenly (M = 67 at most 34 a

@@ -232,7 +232,7 @@ pub unsafe fn dot_block32_min_vnni<W: Load32, const R: usize>(
 }
 
 /// Bytes ahead of the weights being read that `prefetch_ahead` asks for.
-const PREFETCH_AHEAD: usize = 8192;
+pub(crate) const PREFETCH_AHEAD: usize = 8192;
 
 /// Prefetch (into L2, `_MM_HINT_T1`) the weight bytes `PREFETCH_AHEAD` past the group `wg`.
 /// For long rows at M = 1 (`mod.rs`: K above `LONG_K`): one weight row plus the activations
@@ -439,6 +439,7 @@ pub mod row32;
 // ---------------------------------------------------------------- f32 activations
 
 mod float_acts;
+pub mod q16;
 pub mod tile;
 pub mod tile_k;
 pub use float_acts::*;

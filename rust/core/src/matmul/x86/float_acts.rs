@@ -1,8 +1,9 @@
-//! x86 kernels of the f32-activation formats (nf4, int8, fp8): the reference's 64 lanes and
-//! fused multiply-adds (see `reference.rs`) with the weights decoded in registers. Two tiers:
-//! AVX2 + FMA here (eight registers of 8 lanes, activations as given), AVX-512 in `avx512.rs`
-//! (four registers of 16 lanes; nf4 reads activations permuted by `permute_nf4_x`, e4m3 reads
-//! them times 256: `scale_e4m3_x`). Without FMA the references run. Safety rules as in `x86.rs`.
+//! x86 kernels of the f32-activation formats (fp8_e4m3, fp8_e5m2; nf4 and int8 run on 16-bit
+//! activations since 2026-11-27: `q16.rs`): the reference's 64 lanes and fused multiply-adds
+//! (see `reference.rs`) with the weights decoded in registers. Two tiers: AVX2 + FMA here (eight
+//! registers of 8 lanes, activations as given), AVX-512 in `avx512.rs` (four registers of 16
+//! lanes; e4m3 reads the activations times 256: `scale_e4m3_x`). Without FMA the references
+//! run. Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -11,10 +12,7 @@ use super::lanes_of;
 use crate::matmul::reference::{self as r, WIDE};
 
 mod avx512;
-pub use avx512::{
-    align_x, dot_bytes_avx512, dot_nf4_avx512, e4m3_x_fits, f32_finish, f32_range, has_avx512,
-    permute_nf4_x, scale_e4m3_x, Decode16, Lanes,
-};
+pub use avx512::{align_x, dot_bytes_avx512, e4m3_x_fits, has_avx512, scale_e4m3_x, Decode16};
 
 /// True when the AVX2 kernels here may run: AVX2, F16C (`simd::has_avx2`) and FMA.
 pub fn has_fma() -> bool {
@@ -35,129 +33,6 @@ fn hsum64_avx2(a: &[__m256; 8]) -> f32 {
     r::hsum8(&lanes_of(_mm256_add_ps(lo, hi)))
 }
 
-/// The 32 nf4 indices of 16 packed bytes in element order, as four groups of 8 bytes (the low
-/// 8 bytes of each register): element 2j is the high nibble of byte j, 2j+1 the low nibble.
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn nf4_indices(wq: &[u8]) -> [__m128i; 4] {
-    debug_assert!(wq.len() >= 16);
-    // SAFETY: 16 bytes inside `wq` (caller).
-    let q = unsafe { _mm_loadu_si128(wq.as_ptr() as *const __m128i) };
-    let m4 = _mm_set1_epi8(0x0f);
-    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m4);
-    let lo = _mm_and_si128(q, m4);
-    let e0 = _mm_unpacklo_epi8(hi, lo);
-    let e1 = _mm_unpackhi_epi8(hi, lo);
-    [e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)]
-}
-
-/// 8 table entries for the 8 indices in the low bytes of `idx8`: two 8-entry permutes and a
-/// blend on bit 3 of the index.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn nf4_decode8(tab_lo: __m256, tab_hi: __m256, idx8: __m128i) -> __m256 {
-    let idx = _mm256_cvtepu8_epi32(idx8);
-    let lo = _mm256_permutevar8x32_ps(tab_lo, idx);
-    let hi = _mm256_permutevar8x32_ps(tab_hi, idx);
-    _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-}
-
-/// 32 weights (16 bytes at `w`) into the four registers `acc[r][4h..4h+4]` (lanes 32h..32h+32)
-/// of each row, `x[r]` pointing at the 32 activations.
-///
-/// # Safety
-/// 16 bytes at `w`, 32 f32 at each `x[r]`.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn nf4_step32<const R: usize, const H: usize>(
-    tab: (__m256, __m256),
-    w: *const u8,
-    x: [*const f32; R],
-    acc: &mut [[__m256; 8]; R],
-) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let idx = nf4_indices(std::slice::from_raw_parts(w, 16));
-        let w: [__m256; 4] = std::array::from_fn(|k| nf4_decode8(tab.0, tab.1, idx[k]));
-        for r in 0..R {
-            for k in 0..4 {
-                let xv = _mm256_loadu_ps(x[r].add(8 * k));
-                acc[r][4 * H + k] = _mm256_fmadd_ps(w[k], xv, acc[r][4 * H + k]);
-            }
-        }
-    }
-}
-
-/// `reference::dot_nf4` for R activation rows at once: per block the 16 codes times absmax (the
-/// dequantized weights' table, two registers), 32 weights per step looked up once (two
-/// permutes and a blend), then per row `acc = fma(w, x, acc)` into lanes `i % 64`.
-///
-/// # Safety
-/// AVX2, F16C and FMA must be available (`has_fma`); `block_size` a multiple of 32,
-/// `packed.len() * 2 == x[r].len()`, `absmax.len() * block_size == x[r].len()`.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn dot_nf4<const R: usize>(
-    packed: &[u8],
-    absmax: &[f32],
-    block_size: usize,
-    x: [&[f32]; R],
-) -> [f32; R] {
-    let k = absmax.len() * block_size;
-    assert!(block_size.is_multiple_of(32) && packed.len() * 2 == k);
-    assert!(x.iter().all(|x| x.len() == k));
-    // SAFETY: NF4_CODE has 16 entries.
-    let (code_lo, code_hi) = unsafe {
-        (
-            _mm256_loadu_ps(r::NF4_CODE.as_ptr()),
-            _mm256_loadu_ps(r::NF4_CODE[8..].as_ptr()),
-        )
-    };
-    let w = packed.as_ptr();
-    let mut xp = [std::ptr::null::<f32>(); R];
-    for r in 0..R {
-        xp[r] = x[r].as_ptr();
-    }
-    let mut acc = [[_mm256_setzero_ps(); 8]; R];
-    let scaled = |b: usize| {
-        let sv = _mm256_set1_ps(absmax[b]);
-        (_mm256_mul_ps(code_lo, sv), _mm256_mul_ps(code_hi, sv))
-    };
-    let at = |i: usize| {
-        let mut xi = xp;
-        for p in xi.iter_mut() {
-            *p = p.wrapping_add(i);
-        }
-        xi
-    };
-    // Groups of 64 (two steps of 32); blocks are 2^n steps of 32, so the table changes at a
-    // group's first step when (step & mask) == 0, and at its second too for blocks of 32.
-    let (shift, mask) = ((block_size / 32).trailing_zeros(), block_size / 32 - 1);
-    let mut tab = scaled(0);
-    // SAFETY (all steps): positions i..i + 32 (bytes i/2..i/2 + 16) are inside the row.
-    unsafe {
-        for g in 0..k / WIDE {
-            let (c, i) = (2 * g, WIDE * g);
-            if c & mask == 0 {
-                tab = scaled(c >> shift);
-            }
-            nf4_step32::<R, 0>(tab, w.add(i / 2), at(i), &mut acc);
-            if block_size == 32 {
-                tab = scaled(c + 1);
-            }
-            nf4_step32::<R, 1>(tab, w.add(i / 2 + 16), at(i + 32), &mut acc);
-        }
-        if !k.is_multiple_of(WIDE) {
-            let i = k - 32;
-            nf4_step32::<R, 0>(scaled(absmax.len() - 1), w.add(i / 2), at(i), &mut acc);
-        }
-    }
-    let mut y = [0.0f32; R];
-    for r in 0..R {
-        y[r] = hsum64_avx2(&acc[r]);
-    }
-    y
-}
-
 /// 32 one-byte weights as four registers of eight f32 (weights 8k..8k+8 in register k),
 /// exactly the reference's values (NaN codes: a NaN, payload aside).
 pub trait Decode32 {
@@ -168,29 +43,8 @@ pub trait Decode32 {
     fn value(b: u8) -> f32;
 }
 
-pub struct Int8;
 pub struct Fp8E4M3;
 pub struct Fp8E5M2;
-
-impl Decode32 for Int8 {
-    #[inline(always)]
-    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
-        debug_assert!(w.len() >= 32);
-        let mut out = [_mm256_setzero_ps(); 4];
-        for (k, v) in out.iter_mut().enumerate() {
-            // SAFETY: AVX2 is available (contract); 8 bytes inside `w`; sign extension and
-            // i32 -> f32 are exact.
-            *v = unsafe {
-                let wv = _mm_loadl_epi64(w[8 * k..].as_ptr() as *const __m128i);
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(wv))
-            };
-        }
-        out
-    }
-    fn value(b: u8) -> f32 {
-        (b as i8) as f32
-    }
-}
 
 /// 16 float16 bit patterns (one per 16-bit lane) as two registers of eight f32.
 #[target_feature(enable = "avx2,f16c")]
@@ -260,29 +114,14 @@ impl Decode32 for Fp8E4M3 {
     }
 }
 
-/// `reference::dot_int8` for R activation rows at once: 32 weights per step converted once
-/// (sign-extended, exactly to f32), per row `part = fma(q, x, part)` into lanes `i % 64`, the
-/// block's tail on the same lanes in scalar code, then `acc = fma(part, scale, acc)`.
+/// `reference::dot_fp8` for R activation rows at once: 32 weights per step decoded once
+/// (exactly to f32), per row `part = fma(v, x, part)` into lanes `i % 64`, the block's tail on
+/// the same lanes in scalar code, then `acc = fma(part, scale, acc)`.
 ///
 /// # Safety
 /// AVX2, F16C and FMA must be available (`has_fma`); `q.len() == x[r].len()`,
 /// `scales.len() == x[r].len().div_ceil(block_len)`, `block_len` the whole row or a power of
 /// two from 32 on.
-#[target_feature(enable = "avx2,f16c,fma")]
-pub unsafe fn dot_int8<const R: usize>(
-    q: &[u8],
-    scales: &[f32],
-    block_len: usize,
-    x: [&[f32]; R],
-) -> [f32; R] {
-    // SAFETY: the caller's contract is this function's.
-    unsafe { dot_bytes::<Int8, R>(q, scales, block_len, x) }
-}
-
-/// `reference::dot_fp8`: `dot_int8`'s loop with the fp8 decode of `D` (`Fp8E4M3`, `Fp8E5M2`).
-///
-/// # Safety
-/// As for `dot_int8`.
 #[target_feature(enable = "avx2,f16c,fma")]
 pub unsafe fn dot_fp8<D: Decode32, const R: usize>(
     q: &[u8],
