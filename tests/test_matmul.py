@@ -34,11 +34,17 @@ nb/8 + 3 more; the f32 dequantized reference weights carry one rounding each, or
 (w = d·sc·q - dmin·m) up to 3 roundings of terms as large as ~3·max|w| of the sub-block. We allow
   slack = (nb + 32)·2^-23·Σ_i w̃_i·(|x_i| + e_b),  w̃_i = |w_i| (+ 4·max_sub-block|w| for q4_k/q5_k;
   + 2·|dmin·m| of the group of 16 for q2_k, read from the bytes; + 2|m| for q4_1/q5_1).
-For nf4 / int8 / fp8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb (fp8
-bytes decode exactly, so the kernel differs from the dequantized product by float rounding only).
-That is loose: the kernels fuse every multiply-add into 64 lanes, so a lane's chain has K/64
-roundings, plus one per block for the scale (int8 / fp8; nf4's weight is the f32 code·absmax, the
-dequantized weight itself), plus 4 for the fold.
+For fp8 (f32 activations) only the slack remains, with nb replaced by K/8 + nb (fp8 bytes decode
+exactly, so the kernel differs from the dequantized product by float rounding only). That is
+loose: the kernels fuse every multiply-add into 64 lanes, so a lane's chain has K/64 roundings,
+plus one per block for the scale, plus 4 for the fold.
+nf4 / int8 (q16 activations, `reference/q16.rs`): x̂ = d·q per block of 64 with d = amax/32767
+(f32) and q = round(x/d), so |x - x̂| <= d/2·(1 + 2^-20) =: e (a block with d below 2^-126 counts
+as zero: e = amax); nf4's codes are round(code·16383)/16383, within 0.5/16383 of the f32 code, so
+its weights are off by at most c = absmax·0.5/16383. Hence |y - Σ w x| <= Σ e|w| + Σ c(|x| + e) +
+slack, slack = (K/16 + 32)·2^-23·Σ (|w| + c)(|x| + e): each lane's chain takes one fma a unit
+of 32 or 64 (K/512 roundings at most), one rounding each for the integer sum's conversion and
+the scale product, and the fold.
 Against libggml: both sides sum the same integers; each side's float work is at most
 nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
 sub-block products one by one, so nb = K/32 there), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
@@ -234,8 +240,32 @@ def error_bound(W: Weights, x: np.ndarray) -> np.ndarray:
             act = act + min_term_error(x) @ block_mins(W).T / 32
         slack = (nb + 32) * 2.0**-23 * ((ax + e) @ wt.T)
         return act + slack
+    if W.qtype in ("nf4", "int8"):
+        e = q16_act_error(x)
+        cerr = nf4_code_error(W) if W.qtype == "nf4" else np.zeros_like(wt)
+        act = e @ np.abs(W.deq).T + (ax + e) @ cerr.T
+        return act + (k // 16 + 32) * 2.0**-23 * ((ax + e) @ (wt + cerr).T)
     nb = k // (W.block_size if W.scale_mode != "row" else k)
     return (k // 8 + nb + 32) * 2.0**-23 * (ax @ wt.T)
+
+
+def q16_act_error(x: np.ndarray) -> np.ndarray:
+    """nf4 / int8: |x - x̂| per element (M, K) for q16 activations (module docstring)."""
+    m, k = x.shape
+    kp = -(-k // 64) * 64
+    ax = np.zeros((m, kp))
+    ax[:, :k] = np.abs(x.astype(np.float64))
+    amax = ax.reshape(m, kp // 64, 64).max(axis=-1)
+    d = amax / 32767
+    # a block with d below f32's smallest normal counts as zero: its error is its amax
+    e = np.where(d >= 2.0**-126, d / 2 * (1 + 2.0**-20), amax)
+    return np.repeat(e, 64, axis=-1)[:, :k]
+
+
+def nf4_code_error(W: Weights) -> np.ndarray:
+    """nf4's codes as round(code·16383): within 0.5/16383 of absmax per weight (N, K)."""
+    absmax = np.asarray(W.stats, np.float64).reshape(W.n, -1)
+    return np.repeat(absmax, W.block_size, axis=-1) * (0.5 / 16383)
 
 
 def check_against_dequantized(W: Weights, x: np.ndarray) -> np.ndarray:
