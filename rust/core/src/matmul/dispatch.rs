@@ -282,11 +282,10 @@ impl Plan<'_> {
             // checked by `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32
             // dividing K) and the activations quantized for this K (split for nf4).
             return unsafe {
-                match (nf4, self.long) {
-                    (true, true) => nf4_::<R, true>(wrow, stats, bl, xq, xd),
-                    (true, false) => nf4_::<R, false>(wrow, stats, bl, xq, xd),
-                    (false, true) => int8::<R, true>(wrow, stats, bl, xq, xd),
-                    (false, false) => int8::<R, false>(wrow, stats, bl, xq, xd),
+                if nf4 {
+                    nf4_::<R>(wrow, stats, bl, xq, xd)
+                } else {
+                    int8::<R>(wrow, stats, bl, xq, xd)
                 }
             };
         }

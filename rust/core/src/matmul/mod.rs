@@ -231,6 +231,20 @@ fn use_avx512(qtype: QType, simd: bool, k: usize, x: &[f32]) -> bool {
 
 /// Activation rows handled together by the row kernels (weights decoded once for all of them).
 const ROWS: usize = 4;
+/// nf4 / int8 with the AVX-512 q16 kernels: rows longer than `Q16_LONG_K` run in pieces of
+/// `Q16_PIECE` columns over panels of `Q16_PANEL` weight rows (`Plan::q16_pieces`), so the
+/// piece of the 16-bit activations stays in L1 while the panel's rows pass, and the weights
+/// are prefetched `x86::q16::PREFETCH_PANELS` ahead (into the next panel's rows). Whole rows
+/// slowed down with K (one thread, from L2, 2026-11-27 14:10 UTC: int8 23.5 GB/s at K = 4096,
+/// 14.5 at 8192, 11.9 at 14336; nf4 13.7 at 8192, 10.7 at 14336); with pieces 24.2, 20.6 (L2)
+/// and from memory at K = 14336 int8 12.5 -> 19.6 GB/s, nf4 10.0 -> 14.0 (one thread, busy
+/// machine; panels of 2 or 4, pieces of 2048 to 8192 within noise of each other).
+#[cfg(target_arch = "x86_64")]
+const Q16_LONG_K: usize = 4096;
+#[cfg(target_arch = "x86_64")]
+const Q16_PANEL: usize = 4;
+#[cfg(target_arch = "x86_64")]
+const Q16_PIECE: usize = 4096;
 /// Weight rows per call of the M = 1 kernel `x86::row32` for rows of at most `ROW32_MAX_K`
 /// columns (per-row costs shared; at K = 576 a row is only 2.25 groups: 576x576 q8_0 went
 /// from 42 to 20 us per call). Longer rows go one at a time: four interleaved weight streams
@@ -279,6 +293,14 @@ impl Plan<'_> {
                 }
             }
             #[cfg(target_arch = "x86_64")]
+            if self.avx512
+                && self.k > Q16_LONG_K
+                && matches!(self.w.qtype, QType::NF4 | QType::Int8)
+            {
+                self.q16_pieces(n0, ms.clone(), yt);
+                i = rows;
+            }
+            #[cfg(target_arch = "x86_64")]
             if self.row32 {
                 // M = 1: ROW32 weight rows at a time for short rows, then one by one.
                 while i < rows {
@@ -301,6 +323,72 @@ impl Plan<'_> {
             }
             mb = ms.end;
         }
+    }
+
+    /// nf4 / int8 rows past `Q16_LONG_K` with AVX-512: panels of `Q16_PANEL` weight rows,
+    /// activation rows `ms` in groups of up to `ROWS`, K in pieces of `Q16_PIECE` columns. Each
+    /// output's operations and order are those of one call over the whole row (identical bits,
+    /// tested).
+    #[cfg(target_arch = "x86_64")]
+    fn q16_pieces(&self, n0: usize, ms: std::ops::Range<usize>, yt: &mut [f32]) {
+        let m = self.m;
+        let rows = yt.len() / m;
+        let mut p0 = 0;
+        while p0 < rows {
+            let np = Q16_PANEL.min(rows - p0);
+            let mut j = ms.start;
+            while j < ms.end {
+                let y = &mut yt[p0 * m..];
+                j += match (ms.end - j).min(ROWS) {
+                    1 => self.q16_panel::<1>(n0 + p0, np, j, y),
+                    2 => self.q16_panel::<2>(n0 + p0, np, j, y),
+                    3 => self.q16_panel::<3>(n0 + p0, np, j, y),
+                    _ => self.q16_panel::<ROWS>(n0 + p0, np, j, y),
+                };
+            }
+            p0 += np;
+        }
+    }
+
+    /// Weight rows `n..n + np` with activation rows `m0..m0 + R` into `yt` (row `n` first, M
+    /// values per row); returns R.
+    #[cfg(target_arch = "x86_64")]
+    fn q16_panel<const R: usize>(&self, n: usize, np: usize, m0: usize, yt: &mut [f32]) -> usize {
+        let Acts::Q16 { q, d, row, blocks } = &self.acts else {
+            unreachable!("nf4 / int8 have q16 activations")
+        };
+        let (m, bl, nf4) = (self.m, self.block_len, self.w.qtype == QType::NF4);
+        let q: &[i16] = bytemuck::cast_slice(q);
+        let xq: [&[i16]; R] = std::array::from_fn(|i| &q[(m0 + i) * row..(m0 + i + 1) * row]);
+        let xd: [&[f32]; R] = std::array::from_fn(|i| &d[(m0 + i) * blocks..(m0 + i + 1) * blocks]);
+        let wrow = |p: usize| &self.w.data[(n + p) * self.row_bytes..(n + p + 1) * self.row_bytes];
+        let unit = if nf4 { 128 } else { 32 };
+        let (units, piece) = (self.k.div_ceil(unit), Q16_PIECE / unit);
+        let mut lanes = [x86::q16::Lanes::<R>::new(); Q16_PANEL];
+        const FAR: usize = x86::q16::PREFETCH_PANELS;
+        let mut u0 = 0;
+        while u0 < units {
+            for (p, l) in lanes[..np].iter_mut().enumerate() {
+                let (w, st) = (wrow(p), self.stats_of(n + p));
+                // SAFETY: avx512 is set for nf4 / int8 only with `x86::q16::available()`;
+                // lengths checked by `plan`, activations quantized for this K and kernel;
+                // pieces start at even units.
+                unsafe {
+                    if nf4 {
+                        x86::q16::nf4_range(w, st, bl, xq, xd, u0..u0 + piece, FAR, l)
+                    } else {
+                        x86::q16::int8_range(w, st, bl, xq, xd, u0..u0 + piece, FAR, l)
+                    }
+                }
+            }
+            u0 += piece;
+        }
+        for (p, l) in lanes[..np].iter().enumerate() {
+            // SAFETY: as above.
+            let y = unsafe { l.finish() };
+            yt[p * m + m0..p * m + m0 + R].copy_from_slice(&y);
+        }
+        R
     }
 
     /// The statistics (absmax or scales) of weight row `n` (the one scale of a per-tensor scale).

@@ -701,7 +701,7 @@ fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
                     let (w, xr) = (&data[row * rb..(row + 1) * rb], &x[mi * k..(mi + 1) * k]);
                     let per = if qtype == QType::NF4 { NF4_ONE } else { 1.0 };
                     let mut xq = vec![0i16; q16_row_len(k)];
-                    let mut xd = vec![0.0f32; k.div_ceil(Q16)];
+                    let mut xd = vec![0.0f32; q16_row_len(k) / Q16];
                     quantize_row_q16(xr, per, &mut xq, &mut xd);
                     let want = match qtype {
                         QType::NF4 => q16::dot_nf4_q16(w, row_stats(row), bs, &xq, &xd),

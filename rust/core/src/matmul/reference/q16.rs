@@ -5,14 +5,15 @@
 //! with `d = amax / 32767` and `q = round(x / d)` (`x · (1/d)`, rounded half away from zero,
 //! clamped to ±32767; a block with d below f32's smallest normal counts as zero): a relative error of at most 2^-16 of the block's largest value, against
 //! bf16's 2^-9 of each value. Stored as `xq` (K rounded up to 64 values a row) and `xd` (one
-//! f32 a block: `d` for int8, `d / 16383` for nf4, whose codes are scaled by 16383).
+//! f32 a block: `d` for int8, `d / 8191` for nf4, whose codes are scaled by 8191).
 //!
 //! **Weights as integers.** int8: the byte as i8 (exact). nf4: `NF4_CODE_I16[q]` =
-//! `round(code · 16383)` (`NF4_ONE`), within 0.5 / 16383 of `code`; `absmax` stays f32.
+//! `round(code · 8191)` (`NF4_ONE`), within 0.5 / 8191 = 6.1e-5 of `code` (bf16 holds the
+//! larger codes to 2^-9 = 2e-3); `absmax` stays f32.
 //!
-//! **Units and lanes.** A row is cut into units: 64 elements for nf4, 32 for int8. Lane `l`
-//! (0..16) of a unit holds the integer sum of its elements `l·u/16 .. (l+1)·u/16` (four for
-//! nf4, two for int8; elements past K count as zero): at most 4 · 32767 · 16383 < 2^31. Each
+//! **Units and lanes.** A row is cut into units: 128 elements for nf4, 32 for int8. Lane `l`
+//! (0..16) of a unit holds the integer sum of its elements `l·u/16 .. (l+1)·u/16` (eight for
+//! nf4, two for int8; elements past K count as zero): at most 8 · 32767 · 8191 < 2^31. Each
 //! lane then takes `acc[u % 2][l] = fma(isum as f32, s, acc[u % 2][l])` with
 //! `s = scale(weight block of the lane) · xd(activation block)`, units in increasing order, two
 //! sets of 16 accumulators alternating (independent chains for the SIMD paths). A lane with no
@@ -21,9 +22,12 @@
 //!
 //! Why 16 bits, not f32 (the reference before 2026-11-27): an f32 activation is 4 bytes of
 //! L1 traffic per weight and an f32 multiply-add per weight; 16-bit sums take 32 weights an
-//! instruction (`vpdpwssd`, `pmaddwd`, `smlal`). The layouts are those one 512-bit register
-//! decode gives: 32 packed nf4 bytes zero-extended to 16-bit lanes give elements 2j (high
-//! nibble) and 2j + 1 (low nibble) in lane j; 32 int8 bytes sign-extended give elements in order.
+//! instruction (`vpdpwssd`, `pmaddwd`, `smlal`). The layouts are those the cheapest 512-bit
+//! decodes give: 64 packed nf4 bytes as 32 words, shifted by 0, 4, 8 and 12 bits, index the
+//! codes of elements 4w + 1, 4w, 4w + 3 and 4w + 2 (`vpermw` reads 5 bits); `vpdpwssd` adds
+//! words 2i and 2i + 1 of each, so 32-bit lane i collects elements 8i .. 8i + 7. 32 int8 bytes
+//! sign-extended give elements in order, lane i elements 2i and 2i + 1. A unit's lanes share
+//! one conversion and one multiply-add, the float work that bounds these kernels.
 
 use super::{hsum8, nibble};
 
@@ -31,21 +35,22 @@ use super::{hsum8, nibble};
 pub const Q16: usize = 64;
 /// The largest activation quant.
 pub const Q16_MAX: f32 = 32767.0;
-/// nf4 codes are `round(code · NF4_ONE)`.
-pub const NF4_ONE: f32 = 16383.0;
+/// nf4 codes are `round(code · NF4_ONE)` (eight products of a lane stay below 2^31).
+pub const NF4_ONE: f32 = 8191.0;
 /// Elements per unit (see the module comment).
-pub const UNIT_NF4: usize = 64;
+pub const UNIT_NF4: usize = 128;
 pub const UNIT_INT8: usize = 32;
 
-/// `round(NF4_CODE[i] · 16383)` (checked against `NF4_CODE` in the tests).
+/// `round(NF4_CODE[i] · 8191)` (checked against `NF4_CODE` in the tests).
 pub const NF4_CODE_I16: [i16; 16] = [
-    -16383, -11406, -8602, -6470, -4660, -3027, -1492, 0, 1304, 2637, 4032, 5536, 7220, 9217,
-    11844, 16383,
+    -8191, -5703, -4301, -3235, -2330, -1513, -746, 0, 652, 1318, 2016, 2768, 3610, 4608, 5922,
+    8191,
 ];
 
-/// Values a q16 activation row takes: K rounded up to a whole block.
+/// Values a q16 activation row takes: K rounded up to a whole nf4 unit of 128 (zero padded;
+/// one scale per 64 of them).
 pub fn q16_row_len(k: usize) -> usize {
-    k.div_ceil(Q16) * Q16
+    k.div_ceil(UNIT_NF4) * UNIT_NF4
 }
 
 /// `roundf(t)` (half away from zero) as an integer clamped to ±32767, in plain integer and
@@ -84,10 +89,12 @@ pub fn inverse(scale: f32) -> f32 {
     }
 }
 
-/// One activation row to q16: `q` holds `q16_row_len(x.len())` values (the padding is written
-/// as zero), `d` one per block. `per` divides every `d` (16383 for nf4, 1 for int8).
+/// One activation row to q16: `q` holds `q16_row_len(x.len())` values, `d` one per 64 of them
+/// (the padding is written as zero). `per` divides every `d` (8191 for nf4, 1 for int8).
 pub fn quantize_row_q16(x: &[f32], per: f32, q: &mut [i16], d: &mut [f32]) {
     debug_assert_eq!(q.len(), q16_row_len(x.len()));
+    q.fill(0);
+    d.fill(0.0);
     for ((xb, qb), db) in x.chunks(Q16).zip(q.chunks_mut(Q16)).zip(d.iter_mut()) {
         let scale = amax(xb) / Q16_MAX;
         let inv = inverse(scale);
@@ -148,7 +155,7 @@ pub fn dot_nf4_q16(
                 .map(|e| NF4_CODE_I16[nibble(packed, e)] as i32 * xq[e] as i32)
                 .sum()
         },
-        |e0, u| absmax[e0 / block_size] * xd[u * UNIT_NF4 / Q16],
+        |e0, _| absmax[e0 / block_size] * xd[e0 / Q16],
     )
 }
 
@@ -233,7 +240,7 @@ mod tests {
 
     #[test]
     fn worst_nf4_lane_does_not_overflow() {
-        let worst = 4i64
+        let worst = (UNIT_NF4 as i64 / 16)
             * 32767
             * NF4_CODE_I16
                 .iter()

@@ -2,24 +2,37 @@
 //! 16-bit activations, `vpdpwssd` for the exact integer sums (32 products an instruction), one
 //! conversion and one masked fused multiply-add per unit of 16 lanes.
 //!
-//! nf4: 32 packed bytes zero-extended to 16-bit lanes hold element 2j (high nibble) and 2j + 1
-//! (low nibble) in lane j; `vpermw` looks both nibbles' 16-bit codes up, and `vpdpwssd` pairs
-//! lanes 2i and 2i + 1, so with the activations split into even and odd elements
-//! (`split_nf4_x`) 32-bit lane i sums elements 4i .. 4i + 3: the reference's lanes.
+//! nf4: 64 packed bytes (a unit of 128) as 32 words; shifted by 4, 0, 12 and 8 bits they index
+//! (`vpermw` reads the low 5 bits) the codes of elements 4w, 4w + 1, 4w + 2 and 4w + 3, and
+//! `vpdpwssd` adds words 2i and 2i + 1 of each, so with the activations in the same four runs
+//! (`split_nf4_x`) 32-bit lane i sums elements 8i .. 8i + 7: the reference's lanes.
 //! int8: 32 bytes sign-extended are elements in order, lane i sums elements 2i, 2i + 1.
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::{has_fma, has_vnni, lanes_of, prefetch_l2};
-use crate::matmul::reference::q16::{inverse, NF4_CODE_I16, Q16, Q16_MAX, UNIT_INT8, UNIT_NF4};
+use super::{has_fma, has_vnni, lanes_of};
+use crate::matmul::reference::q16::{
+    inverse, q16_row_len, NF4_CODE_I16, Q16, Q16_MAX, UNIT_INT8, UNIT_NF4,
+};
 use crate::matmul::reference::{self as r};
 
 /// How far ahead (bytes) the kernels prefetch their weights into L2 (`_MM_HINT_T1`), at every
 /// K: the hardware prefetchers alone leave a row stream well under the memory's rate (as for
-/// the f32-activation kernels these replace: int8 2x faster with it).
-const NF4_PREFETCH: usize = 8192;
-const INT8_PREFETCH: usize = 8192;
+/// the f32-activation kernels these replace: int8 2x faster with it). Whole rows take
+/// `PREFETCH_ROWS`; long rows, read in pieces over panels of 4 rows (`qmatmul`), take
+/// `PREFETCH_PANELS`, which reaches into the next panel's rows: K = 14336, one thread, from
+/// memory, 2026-11-27 14:14 UTC (busy machine): int8 8 KiB 14.1 GB/s, 16 KiB 18.0, 32 KiB 19.6;
+/// nf4 11.5, 13.8, 14.0. Whole rows of 4096: 8 KiB 26.5 / 15.4, 32 KiB 24.4 / 15.5.
+pub const PREFETCH_ROWS: usize = 8192;
+pub const PREFETCH_PANELS: usize = 32768;
+/// Prefetch into L2 the line `ahead` bytes past `p` (a hint: an address past the data is never
+/// dereferenced, so `wrapping_add` keeps it sound).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn prefetch_w(p: *const u8, ahead: usize) {
+    _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead) as *const i8);
+}
 
 /// True when the kernels here may run: AVX-512 F, BW and VNNI (with VL, AVX2 and FMA).
 pub fn available() -> bool {
@@ -32,51 +45,56 @@ pub fn available() -> bool {
     })
 }
 
-/// The activations as `dot_nf4_q16_avx512` reads them: within every 64, the even elements,
-/// then the odd ones (in place; rows are whole blocks of 64).
+/// The activations as `dot_nf4_q16_avx512` reads them, in place: within every 128, four runs
+/// of 32 (run j holds elements 4w + j, w = 0..32), matching the codes the kernel looks up.
 pub fn split_nf4_x(q: &mut [i16]) {
     for u in q.chunks_exact_mut(UNIT_NF4) {
         let v: [i16; UNIT_NF4] = std::array::from_fn(|i| u[i]);
-        for j in 0..UNIT_NF4 / 2 {
-            u[j] = v[2 * j];
-            u[UNIT_NF4 / 2 + j] = v[2 * j + 1];
+        for (i, o) in u.iter_mut().enumerate() {
+            *o = v[4 * (i % 32) + i / 32];
         }
     }
 }
 
+/// The nf4 kernel's activation scales: per unit of 128, 16 lanes, eight copies of each of its
+/// two blocks' `d` (lanes 0..8 belong to the first 64 elements).
+pub fn spread_nf4_d(d: &[f32]) -> Vec<f32> {
+    d.iter().flat_map(|&v| [v; 8]).collect()
+}
+
 /// `reference::q16::quantize_row_q16` with AVX-512 (the same operations lane by lane: an
 /// integer max of the magnitudes' bits, one multiply, truncation, the exact remainder against
-/// ±0.5, a clamp), for nf4 (`split`) with each 64 split into even and odd elements as
-/// `split_nf4_x` does.
+/// ±0.5, a clamp). For nf4 (`nf4`) the values are laid out as `split_nf4_x` does and the scales
+/// as `spread_nf4_d` does.
 ///
 /// # Safety
-/// `available()`; `q.len() == q16_row_len(x.len())`, `d.len() == x.len().div_ceil(64)`.
+/// `available()`; `q.len() == q16_row_len(x.len())`; `d.len()` is `q.len() / 64` (`q.len() / 8`
+/// for nf4).
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn quantize_row_q16_avx512(
     x: &[f32],
     per: f32,
-    split: bool,
+    nf4: bool,
     q: &mut [i16],
     d: &mut [f32],
 ) {
-    assert!(q.len() == x.len().div_ceil(Q16) * Q16 && d.len() == x.len().div_ceil(Q16));
-    let evens: [i16; 32] = std::array::from_fn(|i| 2 * i as i16);
-    let odds: [i16; 32] = std::array::from_fn(|i| 2 * i as i16 + 1);
-    // SAFETY: 64 bytes each.
-    let (ie, io) = unsafe {
-        (
-            _mm512_loadu_si512(evens.as_ptr() as *const _),
-            _mm512_loadu_si512(odds.as_ptr() as *const _),
-        )
-    };
+    assert!(q.len() == q16_row_len(x.len()));
+    assert!(d.len() == q.len() / if nf4 { 8 } else { Q16 });
+    // run j of a unit takes words 4w + j of the 64-word halves (low half: w < 16)
+    let runs: [__m512i; 4] = std::array::from_fn(|j| {
+        let idx: [i16; 32] = std::array::from_fn(|w| (4 * (w % 16) + j) as i16);
+        // SAFETY: 64 bytes.
+        unsafe { _mm512_loadu_si512(idx.as_ptr() as *const _) }
+    });
     let (lim, one) = (_mm512_set1_epi32(Q16_MAX as i32), _mm512_set1_epi32(1));
     let (half, nhalf) = (_mm512_set1_ps(0.5), _mm512_set1_ps(-0.5));
-    for (b, (db, qb)) in d.iter_mut().zip(q.chunks_exact_mut(Q16)).enumerate() {
-        let n = (x.len() - Q16 * b).min(Q16);
+    // One block of 64: its scale and its values as two registers of 32 words.
+    let block = |b: usize| -> (f32, [__m512i; 2]) {
+        let n = x.len().saturating_sub(Q16 * b).min(Q16);
         // SAFETY: the masked loads read only the block's n values.
         let v: [__m512; 4] = std::array::from_fn(|j| unsafe {
             let m = ((1u32 << n.saturating_sub(16 * j).min(16)) - 1) as u16;
-            _mm512_maskz_loadu_ps(m, x.as_ptr().add(Q16 * b + 16 * j))
+            _mm512_maskz_loadu_ps(m, x.as_ptr().wrapping_add(Q16 * b + 16 * j))
         });
         let mag =
             v.map(|v| _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fff_ffff)));
@@ -86,7 +104,6 @@ pub unsafe fn quantize_row_q16_avx512(
         );
         let scale = f32::from_bits(_mm512_reduce_max_epu32(top)) / Q16_MAX;
         let inv = _mm512_set1_ps(inverse(scale));
-        *db = scale / per;
         let qv = v.map(|v| {
             let t = _mm512_mul_ps(v, inv);
             let i = _mm512_cvttps_epi32(t);
@@ -101,142 +118,230 @@ pub unsafe fn quantize_row_q16_avx512(
         });
         let lo = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qv[0]), qv[1]);
         let hi = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qv[2]), qv[3]);
-        let (a, c) = if split {
-            (
-                _mm512_permutex2var_epi16(lo, ie, hi),
-                _mm512_permutex2var_epi16(lo, io, hi),
-            )
+        (scale / per, [lo, hi])
+    };
+    for (u, qu) in q.chunks_exact_mut(UNIT_NF4).enumerate() {
+        let (d0, v0) = block(2 * u);
+        let (d1, v1) = block(2 * u + 1);
+        let out = if nf4 {
+            runs.map(|idx| {
+                let a = _mm512_permutex2var_epi16(v0[0], idx, v0[1]);
+                let b = _mm512_permutex2var_epi16(v1[0], idx, v1[1]);
+                _mm512_mask_blend_epi16(0xffff_0000, a, b)
+            })
         } else {
-            (lo, hi)
+            [v0[0], v0[1], v1[0], v1[1]]
         };
-        // SAFETY: qb is 64 values.
-        unsafe {
-            _mm512_storeu_si512(qb.as_mut_ptr() as *mut _, a);
-            _mm512_storeu_si512(qb.as_mut_ptr().add(32) as *mut _, c);
+        for (j, o) in out.iter().enumerate() {
+            // SAFETY: qu is 128 values.
+            unsafe { _mm512_storeu_si512(qu.as_mut_ptr().add(32 * j) as *mut _, *o) };
+        }
+        if nf4 {
+            d[16 * u..16 * u + 8].fill(d0);
+            d[16 * u + 8..16 * u + 16].fill(d1);
+        } else {
+            d[2 * u] = d0;
+            d[2 * u + 1] = d1;
         }
     }
 }
 
-/// The reference's final reduction of one row's two sets of 16 lanes (`hsum_q16`).
-#[target_feature(enable = "avx2,avx512f")]
+/// `vpdpwssd` (acc + products of 16-bit pairs), kept as that one instruction: LLVM rewrites a
+/// chain of `_mm512_dpwssd_epi32` starting from zero into `vpmaddwd` + `vpaddd`, three more
+/// operations a unit on the pipes that bound the nf4 kernel.
+///
+/// # Safety
+/// AVX-512 VNNI (the callers' `available()`).
+#[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
-fn finish(acc: [__m512; 2]) -> f32 {
-    let t = _mm512_add_ps(acc[0], acc[1]);
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1));
-    r::hsum8(&lanes_of(_mm256_add_ps(_mm512_castps512_ps256(t), hi)))
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: a register-only instruction of a feature the caller guarantees.
+    unsafe {
+        std::arch::asm!(
+            "vpdpwssd {acc}, {a}, {b}",
+            acc = inout(zmm_reg) acc,
+            a = in(zmm_reg) a,
+            b = in(zmm_reg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    acc
 }
 
-/// `reference::q16::dot_nf4_q16` for R activation rows (prepared by `split_nf4_x`); `LONG`
-/// prefetches the weights into L2 (rows past `LONG_K` at M = 1).
+/// R dot products in progress: each row's two sets of 16 float lanes (a row can be computed in
+/// pieces of K with the same operations in the same order as in one go).
+#[derive(Clone, Copy)]
+pub struct Lanes<const R: usize>([[__m512; 2]; R]);
+
+impl<const R: usize> Lanes<R> {
+    pub fn new() -> Self {
+        // SAFETY: an all-zero __m512 is sixteen +0.0.
+        Self(unsafe { std::mem::zeroed() })
+    }
+
+    /// The reference's final reduction of each row's lanes (`hsum_q16`).
+    ///
+    /// # Safety
+    /// AVX-512 F (`available()`).
+    #[target_feature(enable = "avx2,avx512f")]
+    pub unsafe fn finish(&self) -> [f32; R] {
+        self.0.map(|a| {
+            let t = _mm512_add_ps(a[0], a[1]);
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1));
+            r::hsum8(&lanes_of(_mm256_add_ps(_mm512_castps512_ps256(t), hi)))
+        })
+    }
+}
+
+impl<const R: usize> Default for Lanes<R> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `reference::q16::dot_nf4_q16` for R activation rows (laid out by `split_nf4_x` and
+/// `spread_nf4_d`). Per unit of 128: one 64-byte load, three shifts, four `vpermw` (the low 5
+/// bits of each word index a table holding the 16 codes twice), four `vpdpwssd` per row, one
+/// conversion, multiply and fused multiply-add per row.
 ///
 /// # Safety
 /// `available()`; K = 2 · `packed.len()` a multiple of 32, `block_size` a power of two from 32
 /// that divides K, `absmax.len() == K / block_size`, each `xq[r]` `q16_row_len(K)` values and
-/// each `xd[r]` K.div_ceil(64).
+/// each `xd[r]` `q16_row_len(K) / 8`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_nf4_q16_avx512<const R: usize, const LONG: bool>(
+pub unsafe fn dot_nf4_q16_avx512<const R: usize>(
     packed: &[u8],
     absmax: &[f32],
     block_size: usize,
     xq: [&[i16]; R],
     xd: [&[f32]; R],
 ) -> [f32; R] {
+    let mut acc = Lanes::new();
+    // SAFETY: the caller's contract, over all the units.
+    unsafe {
+        nf4_range(
+            packed,
+            absmax,
+            block_size,
+            xq,
+            xd,
+            0..usize::MAX,
+            PREFETCH_ROWS,
+            &mut acc,
+        )
+    };
+    acc.finish()
+}
+
+/// Units `range` (clamped to the row; starting even) of `dot_nf4_q16_avx512` into `acc`, the weights
+/// prefetched `ahead` bytes ahead.
+///
+/// # Safety
+/// As for `dot_nf4_q16_avx512`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn nf4_range<const R: usize>(
+    packed: &[u8],
+    absmax: &[f32],
+    block_size: usize,
+    xq: [&[i16]; R],
+    xd: [&[f32]; R],
+    range: std::ops::Range<usize>,
+    ahead: usize,
+    acc: &mut Lanes<R>,
+) {
+    let (u0, u1) = (range.start, range.end);
     let k = 2 * packed.len();
     let units = k.div_ceil(UNIT_NF4);
     assert!(k.is_multiple_of(32) && block_size >= 32 && block_size.is_power_of_two());
     assert!(absmax.len() * block_size == k);
     assert!(xq.iter().all(|x| x.len() == units * UNIT_NF4));
-    assert!(xd.iter().all(|d| d.len() == units * UNIT_NF4 / Q16));
+    assert!(xd.iter().all(|d| d.len() == units * 16));
     let codes: [i16; 32] = std::array::from_fn(|i| NF4_CODE_I16[i % 16]);
     // SAFETY: 64 bytes.
     let table = unsafe { _mm512_loadu_si512(codes.as_ptr() as *const _) };
-    let low4 = _mm512_set1_epi16(0x0f);
+    // lane l of a unit is in block (128u + 8l) / block_size: for blocks of 32 and 64, the
+    // unit's first blocks' absmax spread over the lanes
+    let spread = if block_size == 32 {
+        _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+    } else {
+        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+    };
+    let per_unit = (UNIT_NF4 / block_size).max(1); // 4 or 2 when block_size < 128
     let shift = block_size.trailing_zeros();
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let (u1, acc) = (u1.min(units), &mut acc.0);
+    assert!(u0.is_multiple_of(2));
     let w = packed.as_ptr();
-    // The 16-bit codes of 32 packed bytes: even elements (high nibbles), odd (low nibbles).
-    let decode = |b: __m256i| {
-        let wq = _mm512_cvtepu8_epi16(b);
-        (
-            _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(wq), table),
-            _mm512_permutexvar_epi16(_mm512_and_si512(wq, low4), table),
-        )
-    };
-    // Unit u's absmax per lane (blocks of 32: lanes 0..8 in block 2u, 8..16 in block 2u + 1).
-    let scale = |u: usize| {
-        if block_size >= UNIT_NF4 {
-            _mm512_set1_ps(absmax[(UNIT_NF4 * u) >> shift])
-        } else {
-            let a1 = absmax.get(2 * u + 1).copied().unwrap_or(0.0);
-            _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(absmax[2 * u]), _mm512_set1_ps(a1))
-        }
-    };
-    let step = |u: usize, set: usize, acc: &mut [[__m512; 2]; R]| {
-        let whole = 64 * u + 64 <= k;
-        // SAFETY: unit u starts inside the row; a last half unit reads only its 16 bytes.
-        let b = unsafe {
-            if whole {
-                _mm256_loadu_si256(w.add(32 * u) as *const __m256i)
+    // Unit u (`bytes` of it, 64 but for a last partial unit) into accumulator set `set`.
+    let step = |u: usize, set: usize, bytes: usize, acc: &mut [[__m512; 2]; R]| {
+        prefetch_w(w.wrapping_add(64 * u), ahead);
+        // SAFETY: unit u starts inside the row; a last partial unit reads only its bytes.
+        let raw = unsafe {
+            if bytes == 64 {
+                _mm512_loadu_si512(w.add(64 * u) as *const _)
             } else {
-                _mm256_maskz_loadu_epi8(0xffff, w.add(32 * u) as *const i8)
+                _mm512_maskz_loadu_epi8((1u64 << bytes) - 1, w.add(64 * u) as *const i8)
             }
         };
-        let (even, odd) = decode(b);
-        let a = scale(u);
-        let lanes: __mmask16 = if whole { 0xffff } else { 0x00ff };
-        for r in 0..R {
-            // SAFETY: xq[r] holds the whole units (asserted).
-            let (xe, xo) = unsafe {
-                let p = xq[r].as_ptr().add(UNIT_NF4 * u);
-                (
-                    _mm512_loadu_si512(p as *const _),
-                    _mm512_loadu_si512(p.add(32) as *const _),
-                )
+        let c = [
+            _mm512_permutexvar_epi16(_mm512_srli_epi16::<4>(raw), table),
+            _mm512_permutexvar_epi16(raw, table),
+            _mm512_permutexvar_epi16(_mm512_srli_epi16::<12>(raw), table),
+            _mm512_permutexvar_epi16(_mm512_srli_epi16::<8>(raw), table),
+        ];
+        let a = if block_size >= UNIT_NF4 {
+            _mm512_set1_ps(absmax[(UNIT_NF4 * u) >> shift])
+        } else if bytes == 64 {
+            // SAFETY: a whole unit has `per_unit` (4 or 2) absmax values from `per_unit · u` on.
+            let v = unsafe {
+                let p = absmax.as_ptr().add(per_unit * u);
+                if per_unit == 4 {
+                    _mm_loadu_ps(p)
+                } else {
+                    _mm_castpd_ps(_mm_load_sd(p as *const f64))
+                }
             };
-            let z = _mm512_setzero_si512();
-            let s = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(z, xe, even), xo, odd);
-            let sc = _mm512_mul_ps(a, _mm512_set1_ps(xd[r][u]));
-            acc[r][set] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r][set], lanes);
+            _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(v))
+        } else {
+            let first = per_unit * u;
+            let m = ((1u32 << per_unit.min(absmax.len() - first)) - 1) as u16;
+            // SAFETY: the masked load reads only this unit's absmax values.
+            let v = unsafe { _mm512_maskz_loadu_ps(m, absmax.as_ptr().add(first)) };
+            _mm512_permutexvar_ps(spread, v)
+        };
+        for r in 0..R {
+            // SAFETY: xq[r] and xd[r] hold every unit (asserted); VNNI available.
+            let (s, dv) = unsafe {
+                let p = xq[r].as_ptr().add(UNIT_NF4 * u);
+                let x = |j: usize| _mm512_loadu_si512(p.add(32 * j) as *const _);
+                let s = dpwssd(_mm512_setzero_si512(), x(0), c[0]);
+                let s = dpwssd(dpwssd(dpwssd(s, x(1), c[1]), x(2), c[2]), x(3), c[3]);
+                (s, _mm512_loadu_ps(xd[r].as_ptr().add(16 * u)))
+            };
+            let (sc, f) = (_mm512_mul_ps(a, dv), _mm512_cvtepi32_ps(s));
+            acc[r][set] = if bytes == 64 {
+                _mm512_fmadd_ps(f, sc, acc[r][set])
+            } else {
+                let lanes = ((1u32 << (bytes / 4)) - 1) as u16;
+                _mm512_mask3_fmadd_ps(f, sc, acc[r][set], lanes)
+            };
         }
     };
-    // Whole pairs of units (64 bytes) without the tail's masks; then the rest unit by unit.
-    let pairs = k / (2 * UNIT_NF4);
-    for g in 0..pairs {
-        let u = 2 * g;
-        prefetch_l2(w.wrapping_add(32 * u), 64, NF4_PREFETCH);
-        // SAFETY: units u and u + 1 are whole: 64 bytes inside the row.
-        let (b0, b1) = unsafe {
-            let p = w.add(32 * u);
-            (
-                _mm256_loadu_si256(p as *const __m256i),
-                _mm256_loadu_si256(p.add(32) as *const __m256i),
-            )
-        };
-        let (e0, o0) = decode(b0);
-        let (e1, o1) = decode(b1);
-        let (a0, a1) = (scale(u), scale(u + 1));
-        for r in 0..R {
-            // SAFETY: xq[r] and xd[r] hold every unit (asserted).
-            unsafe {
-                let p = xq[r].as_ptr().add(UNIT_NF4 * u);
-                let z = _mm512_setzero_si512();
-                let x = |i: usize| _mm512_loadu_si512(p.add(32 * i) as *const _);
-                let s0 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(z, x(0), e0), x(1), o0);
-                let s1 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(z, x(2), e1), x(3), o1);
-                let d = xd[r].as_ptr().add(u);
-                let sc0 = _mm512_mul_ps(a0, _mm512_set1_ps(*d));
-                let sc1 = _mm512_mul_ps(a1, _mm512_set1_ps(*d.add(1)));
-                acc[r][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), sc0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), sc1, acc[r][1]);
-            }
-        }
+    let whole = (k / UNIT_NF4).min(u1);
+    let mut u = u0;
+    while u + 2 <= whole {
+        step(u, 0, 64, acc);
+        step(u + 1, 1, 64, acc);
+        u += 2;
     }
-    let mut u = 2 * pairs;
-    while u < units {
-        step(u, u % 2, &mut acc);
+    if u < whole {
+        step(u, 0, 64, acc);
         u += 1;
     }
-    acc.map(|a| finish(a))
+    if u < u1 {
+        step(u, u % 2, k / 2 - 64 * u, acc);
+    }
 }
 
 /// `reference::q16::dot_int8_q16` for R activation rows (as quantized, element order).
@@ -244,23 +349,59 @@ pub unsafe fn dot_nf4_q16_avx512<const R: usize, const LONG: bool>(
 /// # Safety
 /// `available()`; K = `q.len()` >= 1, `block_len` K or a power of two from 32 that divides K,
 /// `scales.len() == K.div_ceil(block_len)`, each `xq[r]` `q16_row_len(K)` values and each
-/// `xd[r]` K.div_ceil(64).
+/// `xd[r]` `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_int8_q16_avx512<const R: usize, const LONG: bool>(
+pub unsafe fn dot_int8_q16_avx512<const R: usize>(
     q: &[u8],
     scales: &[f32],
     block_len: usize,
     xq: [&[i16]; R],
     xd: [&[f32]; R],
 ) -> [f32; R] {
+    let mut acc = Lanes::new();
+    // SAFETY: the caller's contract, over all the units.
+    unsafe {
+        int8_range(
+            q,
+            scales,
+            block_len,
+            xq,
+            xd,
+            0..usize::MAX,
+            PREFETCH_ROWS,
+            &mut acc,
+        )
+    };
+    acc.finish()
+}
+
+/// Units `range` (clamped to the row; starting even) of `dot_int8_q16_avx512` into `acc`, the
+/// weights prefetched `ahead` bytes ahead.
+///
+/// # Safety
+/// As for `dot_int8_q16_avx512`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn int8_range<const R: usize>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    xq: [&[i16]; R],
+    xd: [&[f32]; R],
+    range: std::ops::Range<usize>,
+    ahead: usize,
+    acc: &mut Lanes<R>,
+) {
+    let (u0, u1) = (range.start, range.end);
     let k = q.len();
     let units = k.div_ceil(UNIT_INT8);
     assert!(block_len >= k || (block_len >= 32 && block_len.is_power_of_two()));
     assert!(scales.len() == k.div_ceil(block_len));
-    assert!(xq.iter().all(|x| x.len() == k.div_ceil(Q16) * Q16));
-    assert!(xd.iter().all(|d| d.len() == k.div_ceil(Q16)));
+    assert!(xq.iter().all(|x| x.len() == q16_row_len(k)));
+    assert!(xd.iter().all(|d| d.len() == q16_row_len(k) / Q16));
     let (whole_row, shift) = (block_len >= k, block_len.trailing_zeros());
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let (u1, acc) = (u1.min(units), &mut acc.0);
+    assert!(u0.is_multiple_of(2));
     let w = q.as_ptr();
     // Unit u's weight scale (a shift, not a division: one per unit cost more than the rest).
     let scale = |u: usize| {
@@ -296,10 +437,10 @@ pub unsafe fn dot_int8_q16_avx512<const R: usize, const LONG: bool>(
         }
     };
     // Whole pairs of units (64 bytes) without the tail's masks; then the rest unit by unit.
-    let pairs = k / (2 * UNIT_INT8);
-    for g in 0..pairs {
+    let pairs = (k / (2 * UNIT_INT8)).min(u1 / 2);
+    for g in u0 / 2..pairs {
         let u = 2 * g;
-        prefetch_l2(w.wrapping_add(UNIT_INT8 * u), 64, INT8_PREFETCH);
+        prefetch_w(w.wrapping_add(UNIT_INT8 * u), ahead);
         // SAFETY: units u and u + 1 are whole: 64 bytes inside the row.
         let (w0, w1) = unsafe {
             let p = w.add(UNIT_INT8 * u);
@@ -323,12 +464,11 @@ pub unsafe fn dot_int8_q16_avx512<const R: usize, const LONG: bool>(
             }
         }
     }
-    let mut u = 2 * pairs;
-    while u < units {
-        step(u, u % 2, &mut acc);
+    let mut u = (2 * pairs).max(u0);
+    while u < u1 {
+        step(u, u % 2, acc);
         u += 1;
     }
-    acc.map(|a| finish(a))
 }
 
 #[cfg(test)]
