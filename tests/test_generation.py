@@ -5,7 +5,7 @@ The twin: the same quantized weights dequantized into ordinary nn.Linear layers 
 then run"). Our kernels round the activations of q8_0 / q4_0 / q5_0 / iq4_nl weights to q8_0
 blocks and of K-quant weights to q8_K blocks before integer dot products (as ggml does; see
 rust/core/src/matmul/mod.rs); nf4 rounds them to 16 bits per block of 64 and its codes to
-round(code·16383)/16383 (rust/core/src/matmul/reference/q16.rs). So the twin rounds its Linear
+round(code·8191)/8191 (rust/core/src/matmul/reference/q16.rs). So the twin rounds its Linear
 inputs the same way (q8_0 through ferroquant's ggml-exact reference quantizer, q8_K as ggml's
 quantize_row_q8_K_ref below, q16 as round_q16 below) and takes nf4's weights with those codes,
 and then every layer computes the same real number as ours,
@@ -40,9 +40,9 @@ Q8_0_ACTS = ("q4_0", "q5_0", "q8_0", "iq4_nl")  # GGML_TYPE_Q8_0
 Q8_K_ACTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")  # GGML_TYPE_Q8_K
 Q16_ACTS = ("nf4", "int8")
 FLOAT_ACTS = ("fp8_e4m3", "fp8_e5m2")
-# nf4's codes as the kernel multiplies them: round(code·16383)/16383 (reference/q16.rs)
-NF4_CODE16 = np.array([-16383, -11406, -8602, -6470, -4660, -3027, -1492, 0,
-                       1304, 2637, 4032, 5536, 7220, 9217, 11844, 16383]) / 16383  # fmt: skip
+# nf4's codes as the kernel multiplies them: round(code·8191)/8191 (reference/q16.rs)
+NF4_CODE16 = np.array([-8191, -5703, -4301, -3235, -2330, -1513, -746, 0,
+                       652, 1318, 2016, 2768, 3610, 4608, 5922, 8191]) / 8191  # fmt: skip
 U = 2.0**-24  # float32 unit roundoff
 # q4_k_m puts q6_k in layers 0 and 29 (attn_v, ffn_down), q4_k / q5_0 in layer 5
 LAYERS_CHECKED = tuple(f"model.layers.{i}." for i in (0, 5, 29))

@@ -40,10 +40,10 @@ loose: the kernels fuse every multiply-add into 64 lanes, so a lane's chain has 
 plus one per block for the scale, plus 4 for the fold.
 nf4 / int8 (q16 activations, `reference/q16.rs`): x̂ = d·q per block of 64 with d = amax/32767
 (f32) and q = round(x/d), so |x - x̂| <= d/2·(1 + 2^-20) =: e (a block with d below 2^-126 counts
-as zero: e = amax); nf4's codes are round(code·16383)/16383, within 0.5/16383 of the f32 code, so
-its weights are off by at most c = absmax·0.5/16383. Hence |y - Σ w x| <= Σ e|w| + Σ c(|x| + e) +
+as zero: e = amax); nf4's codes are round(code·8191)/8191, within 0.5/8191 of the f32 code, so
+its weights are off by at most c = absmax·0.5/8191. Hence |y - Σ w x| <= Σ e|w| + Σ c(|x| + e) +
 slack, slack = (K/16 + 32)·2^-23·Σ (|w| + c)(|x| + e): each lane's chain takes one fma a unit
-of 32 or 64 (K/512 roundings at most), one rounding each for the integer sum's conversion and
+of 32 or 128 (K/64 roundings at most), one rounding each for the integer sum's conversion and
 the scale product, and the fold.
 Against libggml: both sides sum the same integers; each side's float work is at most
 nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
@@ -263,9 +263,9 @@ def q16_act_error(x: np.ndarray) -> np.ndarray:
 
 
 def nf4_code_error(W: Weights) -> np.ndarray:
-    """nf4's codes as round(code·16383): within 0.5/16383 of absmax per weight (N, K)."""
+    """nf4's codes as round(code·8191): within 0.5/8191 of absmax per weight (N, K)."""
     absmax = np.asarray(W.stats, np.float64).reshape(W.n, -1)
-    return np.repeat(absmax, W.block_size, axis=-1) * (0.5 / 16383)
+    return np.repeat(absmax, W.block_size, axis=-1) * (0.5 / 8191)
 
 
 def check_against_dequantized(W: Weights, x: np.ndarray) -> np.ndarray:

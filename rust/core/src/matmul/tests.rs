@@ -180,7 +180,7 @@ fn ggml_references_within_derived_bound_of_f64_dot() {
 
 /// nf4 / int8 (q16 activations) against the float64 product of the dequantized weights: the
 /// activation error (at most half a q16 step, d = amax / 32767, per element), nf4's code
-/// rounding (0.5 / 16383 of absmax per weight) and float slack.
+/// rounding (0.5 / 8191 of absmax per weight) and float slack.
 #[test]
 fn q16_references_within_bound() {
     use r::q16::{NF4_ONE, Q16, Q16_MAX};
