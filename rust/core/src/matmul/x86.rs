@@ -442,3 +442,5 @@ mod float_acts;
 pub mod tile;
 pub mod tile_k;
 pub use float_acts::*;
+mod q16_avx2;
+pub use q16_avx2::{dot_int8_q16_avx2, dot_nf4_q16_avx2};
