@@ -192,3 +192,37 @@ fn extreme_weights_equal_the_reference() {
         }
     }
 }
+
+/// Lane scales that overflow to +inf: the lanes with elements become +inf, the lanes past K
+/// must stay as they are (a `fma(0, inf, acc)` there would make them NaN): tails of every kind.
+#[test]
+fn tail_lanes_stay_untouched_under_infinite_scales() {
+    if !have() {
+        return;
+    }
+    for k in [32usize, 96, 1, 2, 17, 31, 33, 47, 63, 65, 100] {
+        let x = vec![1.0e30f32; k];
+        for per in [q16::NF4_ONE, 1.0] {
+            let mut q = vec![0i16; q16::q16_row_len(k)];
+            let mut d = vec![0.0f32; k.div_ceil(q16::Q16)];
+            q16::quantize_row_q16(&x, per, &mut q, &mut d);
+            if per == 1.0 {
+                let w = vec![1u8; k];
+                let scales = [3.0e38f32];
+                // SAFETY: checked features; lengths as the reference's.
+                let got = unsafe { dot_int8_q16_avx2(&w, &scales, k, [&q], [&d]) }[0];
+                let want = q16::dot_int8_q16(&w, &scales, k, &q, &d);
+                assert_eq!(want, f32::INFINITY);
+                assert_eq!(got.to_bits(), want.to_bits(), "int8 k={k}");
+            } else if k % 32 == 0 {
+                let w = vec![0xffu8; k / 2];
+                let absmax = vec![3.0e38f32 * 16383.0; k / 32];
+                // SAFETY: checked features; lengths as the reference's.
+                let got = unsafe { dot_nf4_q16_avx2(&w, &absmax, 32, [&q], [&d]) }[0];
+                let want = q16::dot_nf4_q16(&w, &absmax, 32, &q, &d);
+                assert_eq!(want, f32::INFINITY);
+                assert_eq!(got.to_bits(), want.to_bits(), "nf4 k={k}");
+            }
+        }
+    }
+}
