@@ -147,9 +147,9 @@ struct Nf4Row<'a, const R: usize> {
 }
 
 impl<const R: usize> Nf4Row<'_, R> {
-    /// Half H of unit `u` into set S of every row.
+    /// Half H of unit `u` into `acc` (the unit's set) of every row.
     #[inline(always)]
-    fn half<const S: usize, const H: usize>(&self, u: usize, acc: &mut [[[float32x4_t; 4]; 2]; R]) {
+    fn half<const H: usize>(&self, u: usize, acc: &mut [[float32x4_t; 4]; R]) {
         let e = u * UNIT_NF4 + 32 * H;
         let c = nf4_codes(self.tab, &self.packed[e / 2..]);
         let a = self.absmax[e >> self.shift];
@@ -157,7 +157,7 @@ impl<const R: usize> Nf4Row<'_, R> {
             let x = load4_i16(&xq[e..]);
             // SAFETY: NEON (module comment).
             let sv = unsafe { vdupq_n_f32(a * xd[u * UNIT_NF4 / Q16]) };
-            fma_half::<H>(&mut acc[S], isums(&c, &[x.0, x.1, x.2, x.3]), sv, None);
+            fma_half::<H>(acc, isums(&c, &[x.0, x.1, x.2, x.3]), sv, None);
         }
     }
 }
@@ -185,31 +185,28 @@ pub fn dot_nf4_q16<const R: usize>(
         xq,
         xd,
     };
+    // The two sets: `cur` is always the set of the next unit (swapped after each unit: moves,
+    // which keep one unit's work in flight; a loop over pairs of units with fixed sets held
+    // twice the live registers and spilled).
     // SAFETY: NEON (module comment).
-    let mut acc = [[[unsafe { vdupq_n_f32(0.0) }; 4]; 2]; R];
+    let zero = unsafe { vdupq_n_f32(0.0) };
+    let (mut cur, mut other) = ([[zero; 4]; R], [[zero; 4]; R]);
     let units = k / UNIT_NF4;
-    let mut u = 0;
-    while u + 2 <= units {
-        row.half::<0, 0>(u, &mut acc);
-        row.half::<0, 1>(u, &mut acc);
-        row.half::<1, 0>(u + 1, &mut acc);
-        row.half::<1, 1>(u + 1, &mut acc);
-        u += 2;
+    for u in 0..units {
+        row.half::<0>(u, &mut cur);
+        row.half::<1>(u, &mut cur);
+        std::mem::swap(&mut cur, &mut other);
     }
-    if u < units {
-        row.half::<0, 0>(u, &mut acc);
-        row.half::<0, 1>(u, &mut acc);
-        u += 1;
-    }
-    // K % 64 == 32: the last unit's first half only (lanes 0..8); its set is u % 2.
+    // K % 64 == 32: the last unit's first half only (lanes 0..8).
     if !k.is_multiple_of(UNIT_NF4) {
-        if u % 2 == 0 {
-            row.half::<0, 0>(u, &mut acc);
-        } else {
-            row.half::<1, 0>(u, &mut acc);
-        }
+        row.half::<0>(units, &mut cur);
     }
-    acc.map(|a| finish(&a))
+    let (s0, s1) = if units.is_multiple_of(2) {
+        (cur, other)
+    } else {
+        (other, cur)
+    };
+    std::array::from_fn(|r| finish(&[s0[r], s1[r]]))
 }
 
 // ---------------------------------------------------------------- int8
@@ -224,15 +221,16 @@ struct Int8Row<'a, const R: usize> {
 }
 
 impl<const R: usize> Int8Row<'_, R> {
-    /// Unit `u` (its 32 weights in `w`: the row's, or the tail's zeroed copy) into set S of
-    /// every row; `lanes`: the lanes with an element in the row (16 but in the tail).
+    /// Unit `u` (its 32 weights in `w`: the row's, or the tail's zeroed copy) into `acc` (the
+    /// unit's set) of every row; `lanes`: the lanes with an element in the row (16 but in the
+    /// tail).
     #[inline(always)]
-    fn unit<const S: usize, const MASK: bool>(
+    fn unit<const MASK: bool>(
         &self,
         u: usize,
         w: &[u8],
         lanes: usize,
-        acc: &mut [[[float32x4_t; 4]; 2]; R],
+        acc: &mut [[float32x4_t; 4]; R],
     ) {
         let e = u * UNIT_INT8;
         let a = self.scales[e >> self.shift];
@@ -257,8 +255,8 @@ impl<const R: usize> Int8Row<'_, R> {
             } else {
                 (None, None)
             };
-            fma_half::<0>(&mut acc[S], isums(&w0, &[x0.0, x0.1]), sv, m0);
-            fma_half::<1>(&mut acc[S], isums(&w1, &[x1.0, x1.1]), sv, m1);
+            fma_half::<0>(acc, isums(&w0, &[x0.0, x0.1]), sv, m0);
+            fma_half::<1>(acc, isums(&w1, &[x1.0, x1.1]), sv, m1);
         }
     }
 }
@@ -288,30 +286,25 @@ pub fn dot_int8_q16<const R: usize>(
         xq,
         xd,
     };
+    // The two sets as in `dot_nf4_q16`.
     // SAFETY: NEON (module comment).
-    let mut acc = [[[unsafe { vdupq_n_f32(0.0) }; 4]; 2]; R];
+    let zero = unsafe { vdupq_n_f32(0.0) };
+    let (mut cur, mut other) = ([[zero; 4]; R], [[zero; 4]; R]);
     let units = k / UNIT_INT8;
-    let at = |u: usize| &q[u * UNIT_INT8..];
-    let mut u = 0;
-    while u + 2 <= units {
-        row.unit::<0, false>(u, at(u), 16, &mut acc);
-        row.unit::<1, false>(u + 1, at(u + 1), 16, &mut acc);
-        u += 2;
+    for u in 0..units {
+        row.unit::<false>(u, &q[u * UNIT_INT8..], 16, &mut cur);
+        std::mem::swap(&mut cur, &mut other);
     }
-    if u < units {
-        row.unit::<0, false>(u, at(u), 16, &mut acc);
-        u += 1;
-    }
-    let rest = k - u * UNIT_INT8;
+    let rest = k - units * UNIT_INT8;
     if rest > 0 {
         let mut buf = [0u8; UNIT_INT8];
-        buf[..rest].copy_from_slice(at(u));
-        let lanes = rest.div_ceil(UNIT_INT8 / 16);
-        if u % 2 == 0 {
-            row.unit::<0, true>(u, &buf, lanes, &mut acc);
-        } else {
-            row.unit::<1, true>(u, &buf, lanes, &mut acc);
-        }
+        buf[..rest].copy_from_slice(&q[units * UNIT_INT8..]);
+        row.unit::<true>(units, &buf, rest.div_ceil(UNIT_INT8 / 16), &mut cur);
     }
-    acc.map(|a| finish(&a))
+    let (s0, s1) = if units.is_multiple_of(2) {
+        (cur, other)
+    } else {
+        (other, cur)
+    };
+    std::array::from_fn(|r| finish(&[s0[r], s1[r]]))
 }
