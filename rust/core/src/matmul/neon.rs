@@ -8,9 +8,9 @@
 //! fewer than 8 blocks, the tail runs the reference's scalar code on the same lanes.
 //!
 //! Files: this one (detection, dispatch, integer dots, the 32-weight formats), `k_quants.rs`
-//! (q4_K, q5_K, q6_K), `float_acts.rs` (nf4, int8), `tests.rs`.
+//! (q4_K, q5_K, q6_K), `q16.rs` (nf4, int8 with 16-bit activations), `tests.rs`.
 //!
-//! `mod.rs` calls `dot_block32`, `dot_block_k` and `dot_f32`, which take the NEON kernel of the
+//! `mod.rs` calls `dot_block32`, `dot_block_k` and `dot_q16`, which take the NEON kernel of the
 //! weight format when this file has one and the reference otherwise (matched by `TypeId` /
 //! qtype), so a format added to the references runs on aarch64 before it gets a NEON kernel.
 //!
@@ -38,12 +38,12 @@ use crate::qtype::QType;
 
 const _: () = assert!(cfg!(target_feature = "neon"));
 
-mod float_acts;
 mod k_quants;
-pub use float_acts::{dot_int8, dot_nf4};
+mod q16;
 #[cfg(test)]
 pub use k_quants::sums_for_test;
 pub use k_quants::{dot_block_k_mull, dot_block_k_sdot, DecodeK, DecodedK};
+pub use q16::{dot_int8_q16, dot_nf4_q16};
 
 /// True when the NEON kernels may run (NEON present, FERROQUANT_FORCE_SCALAR unset).
 pub fn enabled() -> bool {
@@ -160,26 +160,41 @@ pub fn dot_block_k<W: BlockK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [
     std::array::from_fn(|i| r::dot_block_k(w, x[i]))
 }
 
-/// The f32-activation formats with a NEON kernel (nf4, int8), `None` for the others. Lengths as
-/// checked by `mod.rs::plan` (K/2 or K bytes, one stat per block, nf4 blocks a multiple of 32).
-/// Callers check `enabled`.
+/// The f32-activation formats with a NEON kernel: none since nf4 and int8 moved to 16-bit
+/// activations (`dot_q16`); fp8 runs the reference. Always `None` (kept for the dispatch).
 pub fn dot_f32<const R: usize>(
+    _qtype: QType,
+    _w: &[u8],
+    _stats: &[f32],
+    _block_len: usize,
+    _x: [&[f32]; R],
+) -> Option<[f32; R]> {
+    None
+}
+
+/// `reference::q16::dot_nf4_q16` / `dot_int8_q16` for R activation rows by NEON (`q16.rs`);
+/// `None` for the other formats and when NEON is off (`enabled`). Lengths as checked by
+/// `mod.rs::plan` (K/2 or K bytes, one stat per block of `block_len`; `xq[r]` of
+/// `q16_row_len(K)` values, `xd[r]` one per 64).
+pub fn dot_q16<const R: usize>(
     qtype: QType,
     w: &[u8],
     stats: &[f32],
     block_len: usize,
-    x: [&[f32]; R],
+    xq: [&[i16]; R],
+    xd: [&[f32]; R],
 ) -> Option<[f32; R]> {
-    #[cfg(test)]
-    DISPATCHED.with(|c| c.set(c.get() + matches!(qtype, QType::NF4 | QType::Int8) as usize));
-    // SAFETY: NEON (module comment).
-    unsafe {
-        match qtype {
-            QType::NF4 => Some(dot_nf4(w, stats, block_len, x)),
-            QType::Int8 => Some(dot_int8(w, stats, block_len, x)),
-            _ => None,
-        }
+    if !enabled() {
+        return None;
     }
+    let y = match qtype {
+        QType::NF4 => dot_nf4_q16(w, stats, block_len, xq, xd),
+        QType::Int8 => dot_int8_q16(w, stats, block_len, xq, xd),
+        _ => return None,
+    };
+    #[cfg(test)]
+    DISPATCHED.with(|c| c.set(c.get() + 1));
+    Some(y)
 }
 
 // ---------------------------------------------------------------- integer dots

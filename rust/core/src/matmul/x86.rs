@@ -443,3 +443,5 @@ pub mod q16;
 pub mod tile;
 pub mod tile_k;
 pub use float_acts::*;
+mod q16_avx2;
+pub use q16_avx2::{dot_int8_q16_avx2, dot_nf4_q16_avx2};

@@ -279,62 +279,214 @@ fn k_quant_kernels_equal_the_reference() {
     }
 }
 
-/// `neon` is called with one row and with four rows.
-fn check_f32(
-    x: &[Vec<f32>; 4],
-    reference: impl Fn(&[f32]) -> f32,
-    neon1: impl Fn(&[f32]) -> f32,
-    neon4: impl Fn([&[f32]; 4]) -> [f32; 4],
+// ---------------------------------------------------------------- q16 (nf4, int8)
+
+const NF4_K: [usize; 7] = [32, 64, 96, 160, 4096, 8224, 16416];
+const INT8_K: [usize; 11] = [1, 2, 31, 33, 63, 64, 65, 100, 4096, 8193, 14336];
+
+/// Activation row `kind` (0..5) of length `k`: ordinary, zero, one huge outlier, tiny values,
+/// zero blocks of 64 and exact zeros.
+fn q16_acts(rng: &mut Rng, k: usize, kind: usize) -> Vec<f32> {
+    let mut x = rng.normalish(k, 1.0);
+    match kind {
+        1 => x.fill(0.0),
+        2 => {
+            let i = rng.next() as usize % k;
+            x[i] = 3.0e7;
+        }
+        3 => x.iter_mut().for_each(|v| *v *= 1e-39),
+        4 => {
+            for (b, c) in x.chunks_mut(64).enumerate() {
+                if b % 2 == 1 {
+                    c.fill(0.0);
+                }
+            }
+            for v in x.iter_mut().step_by(7) {
+                *v = 0.0;
+            }
+        }
+        _ => {}
+    }
+    x
+}
+
+/// Four q16 activation rows of the given kinds (`per`: 16383 for nf4, 1 for int8).
+fn q16_rows(rng: &mut Rng, k: usize, per: f32, kinds: [usize; 4]) -> [(Vec<i16>, Vec<f32>); 4] {
+    kinds.map(|kind| {
+        let x = q16_acts(rng, k, kind);
+        let mut q = vec![0i16; r::q16::q16_row_len(k)];
+        let mut d = vec![0.0f32; k.div_ceil(r::q16::Q16)];
+        r::q16::quantize_row_q16(&x, per, &mut q, &mut d);
+        (q, d)
+    })
+}
+
+/// Weight scales: mostly ordinary, some zero, huge, tiny.
+fn q16_stats(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| match i % 11 {
+            3 => 0.0,
+            5 => 1.0e20,
+            8 => 1.0e-30,
+            _ => rng.unit().abs() * 0.1 + 1e-3,
+        })
+        .collect()
+}
+
+fn same_bits(got: f32, want: f32) -> bool {
+    got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
+}
+
+/// `kernel` with the first R rows against `reference` row by row.
+fn check_q16<const R: usize>(
+    rows: &[(Vec<i16>, Vec<f32>); 4],
+    kernel: impl Fn([&[i16]; R], [&[f32]; R]) -> [f32; R],
+    reference: impl Fn(&[i16], &[f32]) -> f32,
     what: &str,
 ) {
-    let want: [f32; 4] = std::array::from_fn(|i| reference(&x[i]));
-    let x4: [&[f32]; 4] = std::array::from_fn(|i| &x[i][..]);
-    let ones: [f32; 4] = std::array::from_fn(|i| neon1(x4[i]));
-    assert_eq!(bits(neon4(x4)), bits(want), "{what} R=4");
-    assert_eq!(bits(ones), bits(want), "{what} R=1");
+    let xq: [&[i16]; R] = std::array::from_fn(|i| &rows[i].0[..]);
+    let xd: [&[f32]; R] = std::array::from_fn(|i| &rows[i].1[..]);
+    let got = kernel(xq, xd);
+    for i in 0..R {
+        let want = reference(xq[i], xd[i]);
+        assert!(
+            same_bits(got[i], want),
+            "{what} R={R} row {i}: {} != {want}",
+            got[i]
+        );
+    }
+}
+
+/// R = 1..4 through `dot_q16` (the dispatch), against the reference.
+fn check_q16_all(
+    qtype: crate::qtype::QType,
+    w: &[u8],
+    stats: &[f32],
+    bl: usize,
+    rows: &[(Vec<i16>, Vec<f32>); 4],
+    what: &str,
+) {
+    use crate::qtype::QType;
+    let reference = |xq: &[i16], xd: &[f32]| match qtype {
+        QType::NF4 => r::q16::dot_nf4_q16(w, stats, bl, xq, xd),
+        _ => r::q16::dot_int8_q16(w, stats, bl, xq, xd),
+    };
+    check_q16::<1>(
+        rows,
+        |q, d| dot_q16(qtype, w, stats, bl, q, d).unwrap(),
+        reference,
+        what,
+    );
+    check_q16::<2>(
+        rows,
+        |q, d| dot_q16(qtype, w, stats, bl, q, d).unwrap(),
+        reference,
+        what,
+    );
+    check_q16::<3>(
+        rows,
+        |q, d| dot_q16(qtype, w, stats, bl, q, d).unwrap(),
+        reference,
+        what,
+    );
+    check_q16::<4>(
+        rows,
+        |q, d| dot_q16(qtype, w, stats, bl, q, d).unwrap(),
+        reference,
+        what,
+    );
 }
 
 #[test]
-fn nf4_and_int8_kernels_equal_the_reference() {
-    let mut rng = Rng(0x0f0f_f0f0_1357_2468);
-    for nb in [1usize, 2, 3, 5, 8] {
-        let x_for = |rng: &mut Rng, k: usize| -> [Vec<f32>; 4] {
-            std::array::from_fn(|i| rng.normalish(k, SCALES[i]))
-        };
-        for bs in [32usize, 64, 128, 256] {
-            let k = nb * bs;
+fn nf4_q16_kernel_equals_the_reference() {
+    if !enabled() {
+        return;
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for k in NF4_K {
+        for bs in [32usize, 64, 128, k] {
             let packed = rng.bytes(k / 2);
-            let absmax: Vec<f32> = (0..nb).map(|_| rng.unit().abs() * 0.5).collect();
-            let x = x_for(&mut rng, k);
-            check_f32(
-                &x,
-                |xr| r::dot_nf4(&packed, &absmax, bs, xr),
-                // SAFETY (both): NEON; K/2 packed bytes, one absmax per block of bs (a multiple
-                // of 32).
-                |xr| unsafe { dot_nf4(&packed, &absmax, bs, [xr])[0] },
-                |xs| unsafe { dot_nf4(&packed, &absmax, bs, xs) },
-                &format!("nf4 bs={bs} nb={nb}"),
-            );
+            let absmax = q16_stats(&mut rng, k.div_ceil(bs));
+            for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
+                let rows = q16_rows(&mut rng, k, r::q16::NF4_ONE, kinds);
+                let what = format!("nf4 k={k} bs={bs} kinds={kinds:?}");
+                check_q16_all(crate::qtype::QType::NF4, &packed, &absmax, bs, &rows, &what);
+            }
         }
-        // block scales; one scale for a row whose length is not a multiple of 32 (or 4); block
-        // scales with a short last block
-        for (k, bl) in [
-            (nb * 32, 32),
-            (nb * 64, 64),
-            (nb * 13 + 5, nb * 13 + 5),
-            (nb * 64 + 17, 64),
-        ] {
+    }
+}
+
+#[test]
+fn int8_q16_kernel_equals_the_reference() {
+    if !enabled() {
+        return;
+    }
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    for k in INT8_K {
+        // block scales (a short last block where K is not a multiple), one scale a row, and a
+        // block length the kernel leaves to the reference
+        for bl in [32usize, 64, 128, k, 48] {
             let q = rng.bytes(k);
-            let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
-            let x = x_for(&mut rng, k);
-            check_f32(
-                &x,
-                |xr| r::dot_int8(&q, &scales, bl, xr),
-                // SAFETY (both): NEON; K bytes, one scale per (possibly short) block.
-                |xr| unsafe { dot_int8(&q, &scales, bl, [xr])[0] },
-                |xs| unsafe { dot_int8(&q, &scales, bl, xs) },
-                &format!("int8 k={k} block={bl}"),
-            );
+            let scales = q16_stats(&mut rng, k.div_ceil(bl));
+            for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
+                let rows = q16_rows(&mut rng, k, 1.0, kinds);
+                let what = format!("int8 k={k} bl={bl} kinds={kinds:?}");
+                check_q16_all(crate::qtype::QType::Int8, &q, &scales, bl, &rows, &what);
+            }
+        }
+    }
+}
+
+/// Every nf4 code and the int8 extremes (-128, 127) at the largest activations.
+#[test]
+fn q16_extreme_weights_equal_the_reference() {
+    let k = 4096 + 32;
+    let x: Vec<f32> = (0..k)
+        .map(|i| if i % 3 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    for per in [r::q16::NF4_ONE, 1.0] {
+        let mut q = vec![0i16; r::q16::q16_row_len(k)];
+        let mut d = vec![0.0f32; k.div_ceil(r::q16::Q16)];
+        r::q16::quantize_row_q16(&x, per, &mut q, &mut d);
+        let absmax = vec![1.0f32; k / 32];
+        for b in [0x00u8, 0xff, 0x0f, 0xf0, 0x80, 0x7f] {
+            let w = vec![b; k / 2];
+            let got = dot_nf4_q16(&w, &absmax, 32, [&q], [&d])[0];
+            let want = r::q16::dot_nf4_q16(&w, &absmax, 32, &q, &d);
+            assert!(same_bits(got, want), "nf4 byte {b:#x}");
+            let w = vec![b; k];
+            let got = dot_int8_q16(&w, &absmax, 32, [&q], [&d])[0];
+            let want = r::q16::dot_int8_q16(&w, &absmax, 32, &q, &d);
+            assert!(same_bits(got, want), "int8 byte {b:#x}");
+        }
+    }
+}
+
+/// Lane scales that overflow to +inf: the lanes with elements become +inf, the lanes past K
+/// must stay as they are (a `fma(0, inf, acc)` there would make them NaN): tails of every kind.
+#[test]
+fn tail_lanes_stay_untouched_under_infinite_scales() {
+    for k in [32usize, 96, 1, 2, 17, 31, 33, 47, 63, 65, 100] {
+        let x = vec![1.0e30f32; k];
+        for per in [r::q16::NF4_ONE, 1.0] {
+            let mut q = vec![0i16; r::q16::q16_row_len(k)];
+            let mut d = vec![0.0f32; k.div_ceil(r::q16::Q16)];
+            r::q16::quantize_row_q16(&x, per, &mut q, &mut d);
+            if per == 1.0 {
+                let w = vec![1u8; k];
+                let scales = [3.0e38f32];
+                let got = dot_int8_q16(&w, &scales, k, [&q], [&d])[0];
+                let want = r::q16::dot_int8_q16(&w, &scales, k, &q, &d);
+                assert_eq!(want, f32::INFINITY);
+                assert_eq!(got.to_bits(), want.to_bits(), "int8 k={k}");
+            } else if k % 32 == 0 {
+                let w = vec![0xffu8; k / 2];
+                let absmax = vec![3.0e38f32 * 16383.0; k / 32];
+                let got = dot_nf4_q16(&w, &absmax, 32, [&q], [&d])[0];
+                let want = r::q16::dot_nf4_q16(&w, &absmax, 32, &q, &d);
+                assert_eq!(want, f32::INFINITY);
+                assert_eq!(got.to_bits(), want.to_bits(), "nf4 k={k}");
+            }
         }
     }
 }
@@ -400,12 +552,6 @@ fn dispatch_takes_neon_where_it_exists_and_the_reference_otherwise() {
     assert_eq!(calls(), n + 2, "q4_k must take the NEON kernel");
     assert_eq!(bits(dot_block_k(plain, k4)), bits(want));
     assert_eq!(calls(), n + 2);
-    let x = [vec![0.5f32; 64]];
-    let xr: [&[f32]; 1] = [&x[0]];
-    assert!(dot_f32(crate::qtype::QType::Q4_0, &[0; 64], &[1.0], 64, xr).is_none());
-    let y = dot_f32(crate::qtype::QType::Int8, &[2; 64], &[1.0], 64, xr).unwrap();
-    assert_eq!(y[0], 64.0);
-    assert_eq!(calls(), n + 3);
     // every NEON format of the block-32 and K-quant families goes through its kernel
     let x1: [&[BlockQ8_0]; 1] = [x4[0]];
     let d1: [&[f32]; 1] = [d4[0]];
@@ -417,20 +563,50 @@ fn dispatch_takes_neon_where_it_exists_and_the_reference_otherwise() {
     let k1: [&[BlockQ8K]; 1] = [k4[0]];
     dot_block_k::<BlockQ5K, 1>(bytemuck::cast_slice(&bk[..3 * 176]), k1);
     dot_block_k::<BlockQ6K, 1>(bytemuck::cast_slice(&bk), k1);
-    assert_eq!(calls(), n + 8);
+    assert_eq!(calls(), n + 7);
     let s1: [&[f32]; 1] = [d4[0]];
     dot_block32_min::<BlockQ4_1, 1>(bytemuck::cast_slice(&b32[..nb * 20]), x1, d1, s1);
     dot_block32_min::<BlockQ5_1, 1>(bytemuck::cast_slice(&b32[..nb * 24]), x1, d1, s1);
-    assert_eq!(calls(), n + 10, "q4_1 and q5_1 must take the NEON kernel");
+    assert_eq!(calls(), n + 9, "q4_1 and q5_1 must take the NEON kernel");
     let bl = blocks(&mut rng, 3, 136, &[0]);
     dot_block_k::<BlockQ2K, 1>(bytemuck::cast_slice(&bk[..3 * 84]), k1);
     dot_block_k::<BlockQ3K, 1>(bytemuck::cast_slice(&bk[..3 * 110]), k1);
     dot_block_k::<BlockIQ4XS, 1>(bytemuck::cast_slice(&bl), k1);
     assert_eq!(
         calls(),
-        n + 13,
+        n + 12,
         "q2_k, q3_k and iq4_xs must take the NEON kernel"
     );
+}
+
+/// `dot_q16` takes the NEON kernels for nf4 and int8 (when NEON is on), `None` otherwise; no
+/// f32-activation format has a NEON kernel (`dot_f32`).
+#[test]
+fn q16_dispatch_takes_neon_for_nf4_and_int8() {
+    use crate::qtype::QType;
+    let calls = || DISPATCHED.with(|c| c.get());
+    let x = [vec![0.5f32; 64]];
+    let xr: [&[f32]; 1] = [&x[0]];
+    assert!(dot_f32(QType::Int8, &[0; 64], &[1.0], 64, xr).is_none());
+    let (xq, xd) = ([vec![2i16; 64]], [vec![0.25f32; 1]]);
+    let (xq, xd): ([&[i16]; 1], [&[f32]; 1]) = ([&xq[0]], [&xd[0]]);
+    assert!(dot_q16(QType::Q4_0, &[0; 64], &[1.0], 64, xq, xd).is_none());
+    let n = calls();
+    let y = dot_q16(QType::Int8, &[2; 64], &[1.0], 64, xq, xd);
+    if !enabled() {
+        assert!(y.is_none());
+        assert!(dot_q16(QType::NF4, &[0xff; 32], &[1.0], 64, xq, xd).is_none());
+        return;
+    }
+    // 16 lanes of 2 · 2 · 2, times 0.25, in each of the two units
+    assert_eq!(y.unwrap()[0], 64.0);
+    // 0xff: code 15 (16383) everywhere: 64 · 16383 · 2 · (0.25 / 16383)... as the reference
+    let y = dot_q16(QType::NF4, &[0xff; 32], &[1.0], 64, xq, xd).unwrap();
+    assert_eq!(
+        y[0].to_bits(),
+        r::q16::dot_nf4_q16(&[0xff; 32], &[1.0], 64, xq[0], xd[0]).to_bits()
+    );
+    assert_eq!(calls(), n + 2);
 }
 
 /// `qmatmul` itself (the dispatch in `mod.rs`) against the references called directly, for every
