@@ -289,6 +289,23 @@ impl Plan<'_> {
                 }
             };
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.simd && x86::has_fma() {
+            // SAFETY: AVX2, F16C and FMA detected; lengths checked by `plan` and the kernels.
+            return unsafe {
+                if nf4 {
+                    x86::dot_nf4_q16_avx2(wrow, stats, bl, xq, xd)
+                } else {
+                    x86::dot_int8_q16_avx2(wrow, stats, bl, xq, xd)
+                }
+            };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if self.simd {
+            if let Some(y) = neon::dot_q16(self.w.qtype, wrow, stats, bl, xq, xd) {
+                return y;
+            }
+        }
         std::array::from_fn(|r| {
             if nf4 {
                 reference::q16::dot_nf4_q16(wrow, stats, bl, xq[r], xd[r])
@@ -306,12 +323,6 @@ impl Plan<'_> {
     ) -> [f32; R] {
         let qtype = self.w.qtype;
         let bl = self.block_len;
-        #[cfg(target_arch = "aarch64")]
-        if self.simd {
-            if let Some(y) = neon::dot_f32(self.w.qtype, wrow, stats, bl, x) {
-                return y;
-            }
-        }
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
             // SAFETY: avx512 is set only when `x86::has_avx512` holds, K >= 64 for the one-byte

@@ -160,18 +160,6 @@ pub fn dot_block_k<W: BlockK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [
     std::array::from_fn(|i| r::dot_block_k(w, x[i]))
 }
 
-/// The f32-activation formats with a NEON kernel: none since nf4 and int8 moved to 16-bit
-/// activations (`dot_q16`); fp8 runs the reference. Always `None` (kept for the dispatch).
-pub fn dot_f32<const R: usize>(
-    _qtype: QType,
-    _w: &[u8],
-    _stats: &[f32],
-    _block_len: usize,
-    _x: [&[f32]; R],
-) -> Option<[f32; R]> {
-    None
-}
-
 /// `reference::q16::dot_nf4_q16` / `dot_int8_q16` for R activation rows by NEON (`q16.rs`);
 /// `None` for the other formats and when NEON is off (`enabled`). Lengths as checked by
 /// `mod.rs::plan` (K/2 or K bytes, one stat per block of `block_len`; `xq[r]` of

@@ -105,13 +105,15 @@ unsafe fn nf4_codes(t: Nf4Tables, w: *const u8) -> [__m256i; 2] {
     }
 }
 
-/// One nf4 half unit (16 bytes at `w`, activations at `x[r]`, lane scales `s[r]`) into the
-/// accumulators `acc[r][2 * S + H]` (set S, half H).
+/// One nf4 half unit (64 elements: 32 bytes at `w`, or only its first 16 when `PART`: 32
+/// elements, the row's tail; activations at `x[r]`, lane scales `s[r]`) into the accumulators
+/// `acc[r][2 * S + H]` (set S, half H). `pmaddwd` sums pairs, two rounds of `vphaddd` sum
+/// eights: the half's lanes (eight elements each) come out in the order `[0 2 4 6 1 3 5 7]`.
 ///
 /// # Safety
-/// 16 bytes at `w`, 32 i16 at each `x[r]`.
+/// 32 bytes (16 when `PART`) at `w`, 64 i16 at each `x[r]`.
 #[inline(always)]
-unsafe fn nf4_half<const R: usize, const S: usize, const H: usize>(
+unsafe fn nf4_half<const R: usize, const S: usize, const H: usize, const PART: bool>(
     t: Nf4Tables,
     w: *const u8,
     x: [*const i16; R],
@@ -121,13 +123,28 @@ unsafe fn nf4_half<const R: usize, const S: usize, const H: usize>(
     // SAFETY: the caller's contract.
     unsafe {
         let [c0, c1] = nf4_codes(t, w);
+        let [c2, c3] = if PART {
+            [_mm256_setzero_si256(); 2]
+        } else {
+            nf4_codes(t, w.add(16))
+        };
         for r in 0..R {
-            let p0 = _mm256_madd_epi16(c0, _mm256_loadu_si256(x[r] as *const __m256i));
-            let p1 = _mm256_madd_epi16(c1, _mm256_loadu_si256(x[r].add(16) as *const __m256i));
-            // lanes [0 1 4 5 | 2 3 6 7] of this half
-            let isum = _mm256_hadd_epi32(p0, p1);
+            let xv = |i: usize| _mm256_loadu_si256(x[r].add(16 * i) as *const __m256i);
+            let h01 = _mm256_hadd_epi32(_mm256_madd_epi16(c0, xv(0)), _mm256_madd_epi16(c1, xv(1)));
+            let h23 = if PART {
+                _mm256_setzero_si256()
+            } else {
+                _mm256_hadd_epi32(_mm256_madd_epi16(c2, xv(2)), _mm256_madd_epi16(c3, xv(3)))
+            };
+            let isum = _mm256_hadd_epi32(h01, h23);
             let a = &mut acc[r][2 * S + H];
-            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s[r], *a);
+            let f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s[r], *a);
+            // a tail half has lanes 0..4 only: positions 0, 1, 4, 5
+            *a = if PART {
+                _mm256_blend_ps::<0x33>(*a, f)
+            } else {
+                f
+            };
         }
     }
 }
@@ -144,54 +161,58 @@ struct Nf4Row<'a, const R: usize> {
 }
 
 impl<const R: usize> Nf4Row<'_, R> {
-    /// Unit `u`'s lane scales for the half starting at element `e`: `absmax · xd` (the
-    /// reference's f32 product; LLVM makes it a scalar multiply and a broadcast).
+    /// The lane scales of the half starting at element `e`: `absmax · xd` (the reference's f32
+    /// product) in the half's lane order; blocks of 32 put lanes 0..4 (positions 0, 1, 4, 5)
+    /// in block `e / 32` and the rest in the next.
     ///
     /// # Safety
     /// AVX2 (the callers').
     #[inline(always)]
-    unsafe fn scales(&self, u: usize, e: usize) -> [__m256; R] {
-        let mut s = [_mm256_setzero_ps(); R];
-        // SAFETY: AVX2 (contract); indices checked.
-        unsafe {
-            let a = _mm256_broadcast_ss(&self.absmax[e >> self.shift]);
-            for (s, xd) in s.iter_mut().zip(&self.xd) {
-                *s = _mm256_mul_ps(a, _mm256_broadcast_ss(&xd[u * UNIT_NF4 / Q16]));
-            }
-        }
-        s
+    unsafe fn scales(&self, e: usize) -> [__m256; R] {
+        let b = e >> self.shift;
+        let a = if self.shift == 5 {
+            let a1 = *self.absmax.get(b + 1).unwrap_or(&self.absmax[b]);
+            let a0 = self.absmax[b];
+            _mm256_setr_ps(a0, a0, a1, a1, a0, a0, a1, a1)
+        } else {
+            _mm256_set1_ps(self.absmax[b])
+        };
+        self.xd
+            .map(|xd| _mm256_mul_ps(a, _mm256_set1_ps(xd[e / Q16])))
     }
 
-    /// Half H of unit `u` into set S.
+    /// Half H of unit `u` into set S (`PART`: its first 32 elements only).
     ///
     /// # Safety
     /// AVX2 and FMA; the half is inside the row (weights) and the activation rows.
     #[inline(always)]
-    unsafe fn half<const S: usize, const H: usize>(&self, u: usize, acc: &mut [[__m256; 4]; R]) {
-        let e = u * UNIT_NF4 + 32 * H;
+    unsafe fn half<const S: usize, const H: usize, const PART: bool>(
+        &self,
+        u: usize,
+        acc: &mut [[__m256; 4]; R],
+    ) {
+        let e = u * UNIT_NF4 + 64 * H;
         // SAFETY: AVX2 (contract).
-        let s = unsafe { self.scales(u, e) };
+        let s = unsafe { self.scales(e) };
         // SAFETY: the caller's contract.
         unsafe {
             let mut x = self.xq;
             for p in x.iter_mut() {
                 *p = p.add(e);
             }
-            nf4_half::<R, S, H>(self.t, self.w.add(e / 2), x, s, acc)
+            nf4_half::<R, S, H, PART>(self.t, self.w.add(e / 2), x, s, acc)
         }
     }
 }
 
-/// `hsum_q16` of one row's accumulators (`acc[2 * set + half]`), lanes of each register in the
-/// order `perm` (0xd8: the nf4 order `[0 1 4 5 2 3 6 7]`, by 64-bit pairs; 0xe4: in order).
+/// `hsum_q16` of one row's accumulators (`acc[2 * set + half]`), the lanes of each register at
+/// the positions `order` gives (lane l at position `order[l]`).
 #[target_feature(enable = "avx2")]
 #[inline]
-fn finish<const PERM: i32>(acc: &[__m256; 4]) -> f32 {
+fn finish(acc: &[__m256; 4], order: __m256i) -> f32 {
     let t0 = _mm256_add_ps(acc[0], acc[2]);
     let t1 = _mm256_add_ps(acc[1], acc[3]);
-    let v = _mm256_castpd_ps(_mm256_permute4x64_pd::<PERM>(_mm256_castps_pd(
-        _mm256_add_ps(t0, t1),
-    )));
+    let v = _mm256_permutevar8x32_ps(_mm256_add_ps(t0, t1), order);
     r::hsum8(&lanes_of(v))
 }
 
@@ -251,7 +272,7 @@ pub unsafe fn dot_nf4_q16_avx2<const R: usize>(
     }
     assert!(absmax.len() >= k.div_ceil(block_size));
     assert!(xq.iter().all(|q| q.len() >= q16::q16_row_len(k)));
-    assert!(xd.iter().all(|d| d.len() >= k.div_ceil(Q16)));
+    assert!(xd.iter().all(|d| d.len() >= q16::q16_row_len(k) / Q16));
     let row = Nf4Row {
         t: nf4_tables(),
         w: packed.as_ptr(),
@@ -268,7 +289,8 @@ pub unsafe fn dot_nf4_q16_avx2<const R: usize>(
             nf4_rows::<R, false>(&row, k)
         }
     };
-    acc.map(|a| finish::<0xd8>(&a))
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    acc.map(|a| finish(&a, order))
 }
 
 /// # Safety
@@ -283,29 +305,47 @@ unsafe fn nf4_rows<const R: usize, const PF: bool>(
     let mut u = 0;
     // SAFETY (all halves): inside the row and the activations (`dot_nf4_q16_avx2`'s asserts).
     unsafe {
-        while u + 2 <= units {
+        let unit = |u: usize, set: usize, acc: &mut [[__m256; 4]; R]| {
             if PF {
-                // two units: 64 bytes, one line
+                // a unit: 64 bytes, one line
                 prefetch_l2(row.w.add(u * UNIT_NF4 / 2), 64, PREFETCH_AHEAD);
             }
-            row.half::<0, 0>(u, &mut acc);
-            row.half::<0, 1>(u, &mut acc);
-            row.half::<1, 0>(u + 1, &mut acc);
-            row.half::<1, 1>(u + 1, &mut acc);
+            if set == 0 {
+                row.half::<0, 0, false>(u, acc);
+                row.half::<0, 1, false>(u, acc);
+            } else {
+                row.half::<1, 0, false>(u, acc);
+                row.half::<1, 1, false>(u, acc);
+            }
+        };
+        while u + 2 <= units {
+            unit(u, 0, &mut acc);
+            unit(u + 1, 1, &mut acc);
             u += 2;
         }
         if u < units {
-            row.half::<0, 0>(u, &mut acc);
-            row.half::<0, 1>(u, &mut acc);
+            unit(u, 0, &mut acc);
             u += 1;
         }
-        // K % 64 == 32: the last unit's first half only (lanes 0..8); its set is u % 2.
-        if !k.is_multiple_of(UNIT_NF4) {
-            if u % 2 == 0 {
-                row.half::<0, 0>(u, &mut acc);
-            } else {
-                row.half::<1, 0>(u, &mut acc);
-            }
+        // The last unit's 32, 64 or 96 elements; its set is u % 2.
+        let rest = k % UNIT_NF4;
+        macro_rules! tail {
+            ($s:literal) => {
+                match rest {
+                    32 => row.half::<$s, 0, true>(u, &mut acc),
+                    64 => row.half::<$s, 0, false>(u, &mut acc),
+                    96 => {
+                        row.half::<$s, 0, false>(u, &mut acc);
+                        row.half::<$s, 1, true>(u, &mut acc);
+                    }
+                    _ => {}
+                }
+            };
+        }
+        if u % 2 == 0 {
+            tail!(0);
+        } else {
+            tail!(1);
         }
     }
     acc
@@ -469,7 +509,8 @@ pub unsafe fn dot_int8_q16_avx2<const R: usize>(
             int8_rows::<R, false>(&row, q)
         }
     };
-    acc.map(|a| finish::<0xe4>(&a))
+    let order = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    acc.map(|a| finish(&a, order))
 }
 
 /// # Safety

@@ -42,7 +42,7 @@ fn q16_rows(rng: &mut Rng, k: usize, per: f32, kinds: [usize; 4]) -> [(Vec<i16>,
     kinds.map(|kind| {
         let x = acts(rng, k, kind);
         let mut q = vec![0i16; q16_row_len(k)];
-        let mut d = vec![0.0f32; k.div_ceil(Q16)];
+        let mut d = vec![0.0f32; q16_row_len(k) / Q16];
         quantize_row_q16(&x, per, &mut q, &mut d);
         (q, d)
     })
@@ -175,7 +175,7 @@ fn extreme_weights_equal_the_reference() {
         .collect();
     for per in [NF4_ONE, 1.0] {
         let mut q = vec![0i16; q16_row_len(k)];
-        let mut d = vec![0.0f32; k.div_ceil(Q16)];
+        let mut d = vec![0.0f32; q16_row_len(k) / Q16];
         quantize_row_q16(&x, per, &mut q, &mut d);
         let absmax = vec![1.0f32; k / 32];
         for b in [0x00u8, 0xff, 0x0f, 0xf0, 0x80, 0x7f] {
@@ -204,7 +204,7 @@ fn tail_lanes_stay_untouched_under_infinite_scales() {
         let x = vec![1.0e30f32; k];
         for per in [q16::NF4_ONE, 1.0] {
             let mut q = vec![0i16; q16::q16_row_len(k)];
-            let mut d = vec![0.0f32; k.div_ceil(q16::Q16)];
+            let mut d = vec![0.0f32; q16::q16_row_len(k) / q16::Q16];
             q16::quantize_row_q16(&x, per, &mut q, &mut d);
             if per == 1.0 {
                 let w = vec![1u8; k];
