@@ -613,7 +613,7 @@ fn k_quant_tiles_equal_reference() {
 
 /// Activations of mixed magnitude: mostly normal-ish, some tiny (subnormal products), some
 /// large, some exact zeros.
-fn mixed_acts(rng: &mut Rng, n: usize) -> Vec<f32> {
+pub(crate) fn mixed_acts(rng: &mut Rng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| {
             let v = (rng.unit() + rng.unit()) * 2.0;

@@ -4,23 +4,7 @@
 //! activations from subnormal to 2^100, and the byte decoders on all 256 codes.
 
 use super::*;
-use crate::matmul::tests::Rng;
-
-/// Activations of mixed magnitude: mostly normal-ish, some tiny (subnormal products), some
-/// large, some exact zeros.
-fn acts(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let v = (rng.unit() + rng.unit()) * 2.0;
-            match i % 37 {
-                3 => v * f32::powi(2.0, -140),
-                11 => v * f32::powi(2.0, 60),
-                19 => 0.0,
-                _ => v,
-            }
-        })
-        .collect()
-}
+use crate::matmul::tests::{mixed_acts as acts, Rng};
 
 fn same(got: &[f32], want: &[f32], what: &str) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
