@@ -5,18 +5,18 @@
 //! value is -32768), then one `fma(float(isum), s, acc)` per lane, two sets of accumulators
 //! alternating by unit, and `hsum_q16`'s reduction at the end.
 //!
-//! nf4: a half unit is 32 elements (16 packed bytes); its 8 lanes hold 4 elements each. The
-//! bytes are spread to 16-bit words (`vpshufb`), the two nibbles of each word become the bytes
-//! `[hi, lo]` (element order), two byte tables (`vpshufb`) give the low and high bytes of the
-//! 16-bit codes and `vpunpckl/hbw` make the words: codes of elements 0..16 and 16..32 in order,
-//! against the activations as stored. `pmaddwd` sums pairs, `vphaddd` pairs of pairs; the
-//! lanes then sit in the order `[0 1 4 5 2 3 6 7]` in both halves and both sets (undone once,
-//! before the reduction).
+//! nf4: a half unit is 64 elements (32 packed bytes); its 8 lanes hold 8 elements each. Per 16
+//! bytes the bytes are spread to 16-bit words (`vpshufb`), the two nibbles of each word become
+//! the bytes `[hi, lo]` (element order), two byte tables (`vpshufb`) give the low and high bytes
+//! of the 16-bit codes and `vpunpckl/hbw` make the words: codes in element order, against the
+//! activations as stored. `pmaddwd` sums pairs, two rounds of `vphaddd` sum eights; the lanes
+//! then sit in the order `[0 2 4 6 1 3 5 7]` in both halves and both sets (undone once, before
+//! the reduction).
 //!
 //! int8: a half unit is 16 elements (16 bytes), its 8 lanes 2 elements each: the bytes
 //! sign-extended to words (`vpmovsxbw`) times the activations, `pmaddwd`: lanes in order.
 //!
-//! Tails (nf4: K % 64 == 32, one half unit; int8: K % 32 != 0) never read past the weights
+//! Tails (nf4: K % 128 in {32, 64, 96}; int8: K % 32 != 0) never read past the weights
 //! (int8 copies the last bytes to a zeroed buffer) and leave the lanes with no element alone
 //! (int8: a blend). Activations are read up to `q16_row_len(K)` (the zero padding).
 //!
@@ -248,7 +248,7 @@ fn in_pairs<const R: usize>(
 /// # Safety
 /// AVX2 and FMA present (the caller checks `crate::formats::simd::has_avx2()` and
 /// `x86::has_fma()`). Lengths are checked here (panics): one absmax per block, `xq[r]` at least
-/// `q16_row_len(K)` values, `xd[r]` at least `K.div_ceil(64)`.
+/// `q16_row_len(K)` values, `xd[r]` at least `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_nf4_q16_avx2<const R: usize>(
     packed: &[u8],
@@ -465,7 +465,7 @@ impl<const R: usize> Int8Row<'_, R> {
 /// # Safety
 /// AVX2 and FMA present (the caller checks `crate::formats::simd::has_avx2()` and
 /// `x86::has_fma()`). Lengths are checked here (panics): one scale per block, `xq[r]` at least
-/// `q16_row_len(K)` values, `xd[r]` at least `K.div_ceil(64)`.
+/// `q16_row_len(K)` values, `xd[r]` at least `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_int8_q16_avx2<const R: usize>(
     q: &[u8],
