@@ -3,9 +3,10 @@
 //!
 //! **Activations.** Each row is cut into blocks of `Q16` = 64 (the last one zero-padded), each
 //! with `d = amax / 32767` and `q = round(x / d)` (`x · (1/d)`, rounded half away from zero,
-//! clamped to ±32767; a block with d below f32's smallest normal counts as zero): a relative error of at most 2^-16 of the block's largest value, against
-//! bf16's 2^-9 of each value. Stored as `xq` (K rounded up to 64 values a row) and `xd` (one
-//! f32 a block: `d` for int8, `d / 8191` for nf4, whose codes are scaled by 8191).
+//! clamped to ±32767; a block with d below f32's smallest normal counts as zero): an error of
+//! at most 2^-16 of the block's largest value, against bf16's 2^-9 of each value. Stored as
+//! `xq` (K rounded up to 128 values a row) and `xd` (one f32 a block: `d` for int8, `d / 8191`
+//! for nf4, whose codes are scaled by 8191).
 //!
 //! **Weights as integers.** int8: the byte as i8 (exact). nf4: `NF4_CODE_I16[q]` =
 //! `round(code · 8191)` (`NF4_ONE`), within 0.5 / 8191 = 6.1e-5 of `code` (bf16 holds the
