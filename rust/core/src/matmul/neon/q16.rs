@@ -5,18 +5,22 @@
 //! `vfmaq_f32(acc, float(isum), s)` per lane (the reference's `mul_add`), two sets of
 //! accumulators alternating by unit, and `hsum_q16`'s reduction. Safety rules as in `neon.rs`.
 //!
-//! nf4 (lanes of 4 elements, a half unit = 32 elements = 16 packed bytes = lanes 0..8 of the
-//! half): the activations are loaded de-interleaved by four (`ld4`: `X_k[i] = x[4i + k]`), and
-//! the codes in the same order: element 4i is the high nibble of byte 2i, 4i + 1 its low nibble,
-//! 4i + 2 and 4i + 3 those of byte 2i + 1, so `uzp1` / `uzp2` of the high and low nibbles give
-//! the indices of k = 0, 1 and k = 2, 3; two `tbl` (low and high code bytes) and a `zip` make
-//! the 16-bit codes. Lane i is then `Σ_k C_k[i] X_k[i]`: one `smull` and three `smlal`.
+//! nf4 (units of 128 elements, lanes of 8; a quarter unit = 32 elements = 16 packed bytes =
+//! lanes 4Q..4Q + 4 = register Q, one weight block and one activation block): the activations
+//! are loaded de-interleaved by four (`ld4`: `X_k[i] = x[4i + k]`, i = 0..8), and the codes in
+//! the same order: element 4i is the high nibble of byte 2i, 4i + 1 its low nibble, 4i + 2 and
+//! 4i + 3 those of byte 2i + 1, so `uzp1` / `uzp2` of the high and low nibbles give the indices
+//! of k = 0, 1 and k = 2, 3; two `tbl` (low and high code bytes) and a `zip` make the 16-bit
+//! codes. `Σ_k C_k[i] X_k[i]` (one `smull` and three `smlal` per four i) sums elements
+//! 4i..4i + 4; `addp` of adjacent pairs makes the quarter's four lanes of 8 elements.
 //!
 //! int8 (lanes of 2 elements, a half unit = 16 elements): weights (`ld2`, sign-extended) and
 //! activations (`ld2`) de-interleaved by two, lane i = `W_0[i] X_0[i] + W_1[i] X_1[i]`.
 //!
-//! Tails: nf4 rows with K % 64 == 32 end in one half unit; int8 rows with K % 32 != 0 end in a
-//! unit read from a zeroed copy of the last bytes, whose lanes past K keep their accumulators
+//! Tails: nf4 rows with K % 128 != 0 end in the whole quarters of the last unit, then, where
+//! K % 32 != 0, a quarter read from a copy of the last bytes padded with code 7 (0); int8 rows
+//! with K % 32 != 0 end in a unit read from a zeroed copy of the last bytes. The lanes past K
+//! of these keep their accumulators
 //! (`vbslq_f32`). Activations are read up to `q16_row_len(K)` (the zero padding).
 
 use std::arch::aarch64::*;
@@ -147,25 +151,70 @@ struct Nf4Row<'a, const R: usize> {
 }
 
 impl<const R: usize> Nf4Row<'_, R> {
-    /// Half H of unit `u` into `acc` (the unit's set) of every row.
+    /// Quarter Q of unit `u` (its 32 elements: lanes 4Q..4Q + 4, register Q) into `acc` (the
+    /// unit's set) of every row. `wq`: the quarter's 16 packed bytes (the row's, or the tail's
+    /// padded copy); `mask`: the lanes to update (all when `None`).
     #[inline(always)]
-    fn half<const H: usize>(&self, u: usize, acc: &mut [[float32x4_t; 4]; R]) {
-        let e = u * UNIT_NF4 + 32 * H;
-        let c = nf4_codes(self.tab, &self.packed[e / 2..]);
+    fn quarter<const Q: usize>(
+        &self,
+        u: usize,
+        wq: &[u8],
+        acc: &mut [[float32x4_t; 4]; R],
+        mask: Option<uint32x4_t>,
+    ) {
+        let e = u * UNIT_NF4 + 32 * Q;
+        let c = nf4_codes(self.tab, wq);
         let a = self.absmax[e >> self.shift];
         for ((acc, xq), xd) in acc.iter_mut().zip(&self.xq).zip(&self.xd) {
             let x = load4_i16(&xq[e..]);
+            let [lo, hi] = isums(&c, &[x.0, x.1, x.2, x.3]);
             // SAFETY: NEON (module comment).
-            let sv = unsafe { vdupq_n_f32(a * xd[u * UNIT_NF4 / Q16]) };
-            fma_half::<H>(acc, isums(&c, &[x.0, x.1, x.2, x.3]), sv, None);
+            unsafe {
+                // sums of 4 elements (4i..4i + 4, i = 0..8) to lanes of 8: adjacent pairs
+                let s = vpaddq_s32(lo, hi);
+                let sv = vdupq_n_f32(a * xd[e / Q16]);
+                let n = vfmaq_f32(acc[Q], vcvtq_f32_s32(s), sv);
+                acc[Q] = match mask {
+                    Some(m) => vbslq_f32(m, n, acc[Q]),
+                    None => n,
+                };
+            }
         }
+    }
+
+    /// `quarter::<q>` for a quarter number known at run time (the tail).
+    #[inline(always)]
+    fn quarter_at(
+        &self,
+        q: usize,
+        u: usize,
+        wq: &[u8],
+        acc: &mut [[float32x4_t; 4]; R],
+        mask: Option<uint32x4_t>,
+    ) {
+        match q {
+            0 => self.quarter::<0>(u, wq, acc, mask),
+            1 => self.quarter::<1>(u, wq, acc, mask),
+            2 => self.quarter::<2>(u, wq, acc, mask),
+            _ => self.quarter::<3>(u, wq, acc, mask),
+        }
+    }
+
+    /// Whole unit `u` into `acc`.
+    #[inline(always)]
+    fn unit(&self, u: usize, acc: &mut [[float32x4_t; 4]; R]) {
+        let w = &self.packed[u * UNIT_NF4 / 2..];
+        self.quarter::<0>(u, w, acc, None);
+        self.quarter::<1>(u, &w[16..], acc, None);
+        self.quarter::<2>(u, &w[32..], acc, None);
+        self.quarter::<3>(u, &w[48..], acc, None);
     }
 }
 
 /// `reference::q16::dot_nf4_q16` for R activation rows at once (the codes decoded once per
-/// half unit), bit for bit. Rows or block sizes the kernel does not take (K not a multiple of
-/// 32, a block size not a power of two from 32 on) run the reference. Lengths as the
-/// reference's (checked: panics): `xq[r]` at least `q16_row_len(K)` values.
+/// quarter unit), bit for bit. A block size the kernel does not take (not a power of two from
+/// 32 on) runs the reference. Lengths as the reference's (checked: panics): `xq[r]` at least
+/// `q16_row_len(K)` values.
 pub fn dot_nf4_q16<const R: usize>(
     packed: &[u8],
     absmax: &[f32],
@@ -174,7 +223,7 @@ pub fn dot_nf4_q16<const R: usize>(
     xd: [&[f32]; R],
 ) -> [f32; R] {
     let k = 2 * packed.len();
-    if !k.is_multiple_of(32) || !block_size.is_power_of_two() || block_size < 32 {
+    if !block_size.is_power_of_two() || block_size < 32 {
         return std::array::from_fn(|r| q16::dot_nf4_q16(packed, absmax, block_size, xq[r], xd[r]));
     }
     let row = Nf4Row {
@@ -193,13 +242,30 @@ pub fn dot_nf4_q16<const R: usize>(
     let (mut cur, mut other) = ([[zero; 4]; R], [[zero; 4]; R]);
     let units = k / UNIT_NF4;
     for u in 0..units {
-        row.half::<0>(u, &mut cur);
-        row.half::<1>(u, &mut cur);
+        row.unit(u, &mut cur);
         std::mem::swap(&mut cur, &mut other);
     }
-    // K % 64 == 32: the last unit's first half only (lanes 0..8).
-    if !k.is_multiple_of(UNIT_NF4) {
-        row.half::<0>(units, &mut cur);
+    // The last unit when K % 128 != 0: its whole quarters, then a part quarter (K % 32 != 0)
+    // from a copy padded with code 7 (0), its lanes past K left alone.
+    let rest = k - units * UNIT_NF4;
+    let base = units * UNIT_NF4 / 2;
+    for q in 0..rest / 32 {
+        row.quarter_at(q, units, &packed[base + 16 * q..], &mut cur, None);
+    }
+    let part = rest % 32;
+    if part > 0 {
+        let q = rest / 32;
+        let mut buf = [0x77u8; 16];
+        buf[..part / 2].copy_from_slice(&packed[base + 16 * q..]);
+        // SAFETY: NEON (module comment).
+        let mask = unsafe {
+            let ids: [u32; 4] = [0, 1, 2, 3];
+            vcltq_u32(
+                vld1q_u32(ids.as_ptr()),
+                vdupq_n_u32(part.div_ceil(8) as u32),
+            )
+        };
+        row.quarter_at(q, units, &buf, &mut cur, Some(mask));
     }
     let (s0, s1) = if units.is_multiple_of(2) {
         (cur, other)
