@@ -408,9 +408,9 @@ fn nf4_q16_kernel_equals_the_reference() {
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for k in NF4_K {
-        // block sizes: one or more a quarter unit, longer than the row, the whole row (the
-        // reference where K is not a power of two from 32 on)
-        for bs in [32usize, 64, 128, 256, k] {
+        // block sizes: one or more a quarter unit, longer than the row, the whole row (any K),
+        // and one the kernel leaves to the reference
+        for bs in [32usize, 64, 128, 256, k, 48] {
             let packed = rng.bytes(k / 2);
             let absmax = q16_stats(&mut rng, k.div_ceil(bs));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
