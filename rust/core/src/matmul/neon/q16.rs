@@ -5,26 +5,31 @@
 //! `vfmaq_f32(acc, float(isum), s)` per lane (the reference's `mul_add`), two sets of
 //! accumulators alternating by unit, and `hsum_q16`'s reduction. Safety rules as in `neon.rs`.
 //!
-//! nf4 (lanes of 4 elements, a half unit = 32 elements = 16 packed bytes = lanes 0..8 of the
-//! half): the activations are loaded de-interleaved by four (`ld4`: `X_k[i] = x[4i + k]`), and
-//! the codes in the same order: element 4i is the high nibble of byte 2i, 4i + 1 its low nibble,
-//! 4i + 2 and 4i + 3 those of byte 2i + 1, so `uzp1` / `uzp2` of the high and low nibbles give
-//! the indices of k = 0, 1 and k = 2, 3; two `tbl` (low and high code bytes) and a `zip` make
-//! the 16-bit codes. Lane i is then `Σ_k C_k[i] X_k[i]`: one `smull` and three `smlal`.
+//! nf4 (units of 128 elements, lanes of 8), by quarter units: 32 elements = 16 packed bytes =
+//! lanes 4Q..4Q + 4 of the unit = one register, one weight block and one activation block. The
+//! activations are loaded de-interleaved by four (`ld4`: `X_k[i] = x[4i + k]`, i = 0..8), and
+//! the codes in the same order: element 4i is the high nibble of byte 2i, 4i + 1 its low
+//! nibble, 4i + 2 and 4i + 3 those of byte 2i + 1, so `uzp1` / `uzp2` of the high and low
+//! nibbles give the indices of k = 0, 1 and k = 2, 3; two `tbl` (low and high code bytes) and
+//! a `zip` make the 16-bit codes. `Σ_k C_k[i] X_k[i]` (`smull` + three `smlal` for i = 0..4,
+//! `smull2` + three `smlal2` for i = 4..8) sums elements 4i..4i + 4; `addp` of adjacent pairs
+//! makes the quarter's four lanes of 8 elements, then one `scvtf` and one `fmla`.
 //!
 //! int8 (lanes of 2 elements, a half unit = 16 elements): weights (`ld2`, sign-extended) and
 //! activations (`ld2`) de-interleaved by two, lane i = `W_0[i] X_0[i] + W_1[i] X_1[i]`.
 //!
-//! Tails: nf4 rows with K % 64 == 32 end in one half unit; int8 rows with K % 32 != 0 end in a
-//! unit read from a zeroed copy of the last bytes, whose lanes past K keep their accumulators
-//! (`vbslq_f32`). Activations are read up to `q16_row_len(K)` (the zero padding).
+//! Tails: nf4 rows with K % 128 != 0 end in the last unit's whole quarters (its other lanes
+//! have no quarter: untouched), then, where K % 32 != 0, a quarter read from a copy of the last
+//! bytes padded with code 7 (0); int8 rows with K % 32 != 0 end in a unit read from a zeroed
+//! copy of the last bytes. The lanes past K of these keep their accumulators (`vbslq_f32`).
+//! Activations are read up to `q16_row_len(K)` (the zero padding).
 
 use std::arch::aarch64::*;
 
 use super::{load_u8, store_f32};
 use crate::matmul::reference::{
     self as r,
-    q16::{self, NF4_CODE_I16, Q16, UNIT_INT8, UNIT_NF4},
+    q16::{self, NF4_CODE_I16, Q16, UNIT_INT8},
 };
 
 /// Byte `i` (0: low, 1: high) of each 16-bit nf4 code, as a 16-entry table.
@@ -135,37 +140,48 @@ fn nf4_codes(tab: (uint8x16_t, uint8x16_t), wq: &[u8]) -> [int16x8_t; 4] {
     }
 }
 
-/// The row's state for the nf4 loop.
-struct Nf4Row<'a, const R: usize> {
+/// Quarter `g` of an nf4 row (elements 32g..32g + 32: lanes 4(g % 4)..4(g % 4) + 4 of unit
+/// g / 4) into `acc[r]` (the register of those lanes in the unit's set, `g % 8` of the row's
+/// eight). Codes from `wq` (16 packed bytes: the row's, or the tail's padded copy), `a` the
+/// weight block's absmax, `x[r]` the 32 activations and `d[r]` their block's scale; `mask`:
+/// the lanes to update (all when `None`).
+#[inline(always)]
+fn nf4_quarter<const R: usize>(
     tab: (uint8x16_t, uint8x16_t),
-    packed: &'a [u8],
-    absmax: &'a [f32],
-    /// log2 of the block size.
-    shift: u32,
-    xq: [&'a [i16]; R],
-    xd: [&'a [f32]; R],
-}
-
-impl<const R: usize> Nf4Row<'_, R> {
-    /// Half H of unit `u` into `acc` (the unit's set) of every row.
-    #[inline(always)]
-    fn half<const H: usize>(&self, u: usize, acc: &mut [[float32x4_t; 4]; R]) {
-        let e = u * UNIT_NF4 + 32 * H;
-        let c = nf4_codes(self.tab, &self.packed[e / 2..]);
-        let a = self.absmax[e >> self.shift];
-        for ((acc, xq), xd) in acc.iter_mut().zip(&self.xq).zip(&self.xd) {
-            let x = load4_i16(&xq[e..]);
-            // SAFETY: NEON (module comment).
-            let sv = unsafe { vdupq_n_f32(a * xd[u * UNIT_NF4 / Q16]) };
-            fma_half::<H>(acc, isums(&c, &[x.0, x.1, x.2, x.3]), sv, None);
+    wq: &[u8],
+    a: f32,
+    x: [&[i16]; R],
+    d: [f32; R],
+    acc: [&mut float32x4_t; R],
+    mask: Option<uint32x4_t>,
+) {
+    let c = nf4_codes(tab, wq);
+    for ((acc, x), d) in acc.into_iter().zip(x).zip(d) {
+        let x = load4_i16(x);
+        let [lo, hi] = isums(&c, &[x.0, x.1, x.2, x.3]);
+        // SAFETY: NEON (module comment).
+        unsafe {
+            // sums of 4 elements (4i..4i + 4, i = 0..8) to lanes of 8: adjacent pairs
+            let s = vpaddq_s32(lo, hi);
+            let n = vfmaq_f32(*acc, vcvtq_f32_s32(s), vdupq_n_f32(a * d));
+            *acc = match mask {
+                Some(m) => vbslq_f32(m, n, *acc),
+                None => n,
+            };
         }
     }
 }
 
 /// `reference::q16::dot_nf4_q16` for R activation rows at once (the codes decoded once per
-/// half unit), bit for bit. Rows or block sizes the kernel does not take (K not a multiple of
-/// 32, a block size not a power of two from 32 on) run the reference. Lengths as the
-/// reference's (checked: panics): `xq[r]` at least `q16_row_len(K)` values.
+/// quarter unit), bit for bit. A block size the kernel does not take (shorter than the row and
+/// not a power of two from 32 on) runs the reference. Lengths as the reference's (checked:
+/// panics): `xq[r]` at least `q16_row_len(K)` values.
+///
+/// One loop over the row's quarter units (32 elements), whose accumulator is register `g % 8`
+/// of the row's two sets of four (set `(g / 4) % 2`, register `g % 4`): the order of the
+/// reference, unit by unit, lane by lane. The accumulators are indexed at run time, so they
+/// live in memory (one load and store a quarter and row, store-to-load forwarded), which keeps
+/// LLVM from hoisting four quarters' loads at once (32 live registers: it spilled ~30 a unit).
 pub fn dot_nf4_q16<const R: usize>(
     packed: &[u8],
     absmax: &[f32],
@@ -174,39 +190,49 @@ pub fn dot_nf4_q16<const R: usize>(
     xd: [&[f32]; R],
 ) -> [f32; R] {
     let k = 2 * packed.len();
-    if !k.is_multiple_of(32) || !block_size.is_power_of_two() || block_size < 32 {
+    let shift = if block_size >= k {
+        63
+    } else if block_size.is_power_of_two() && block_size >= 32 {
+        block_size.trailing_zeros()
+    } else {
         return std::array::from_fn(|r| q16::dot_nf4_q16(packed, absmax, block_size, xq[r], xd[r]));
-    }
-    let row = Nf4Row {
-        tab: (load_u8(&NF4_LO), load_u8(&NF4_HI)),
-        packed,
-        absmax,
-        shift: block_size.trailing_zeros(),
-        xq,
-        xd,
     };
-    // The two sets: `cur` is always the set of the next unit (swapped after each unit: moves,
-    // which keep one unit's work in flight; a loop over pairs of units with fixed sets held
-    // twice the live registers and spilled).
+    let tab = (load_u8(&NF4_LO), load_u8(&NF4_HI));
     // SAFETY: NEON (module comment).
     let zero = unsafe { vdupq_n_f32(0.0) };
-    let (mut cur, mut other) = ([[zero; 4]; R], [[zero; 4]; R]);
-    let units = k / UNIT_NF4;
-    for u in 0..units {
-        row.half::<0>(u, &mut cur);
-        row.half::<1>(u, &mut cur);
-        std::mem::swap(&mut cur, &mut other);
+    let mut acc = [[zero; 8]; R];
+    let quarters = k / 32;
+    for (g, wq) in packed.chunks_exact(16).enumerate() {
+        let e = 32 * g;
+        let x: [&[i16]; R] = std::array::from_fn(|r| &xq[r][e..e + 32]);
+        let d: [f32; R] = std::array::from_fn(|r| xd[r][e / Q16]);
+        let slots = acc.each_mut().map(|a| &mut a[g % 8]);
+        nf4_quarter(tab, wq, absmax[e >> shift], x, d, slots, None);
     }
-    // K % 64 == 32: the last unit's first half only (lanes 0..8).
-    if !k.is_multiple_of(UNIT_NF4) {
-        row.half::<0>(units, &mut cur);
+    // K % 32 != 0: a part quarter from a copy padded with code 7 (0), its lanes past K left
+    // alone.
+    let part = k - 32 * quarters;
+    if part > 0 {
+        let (g, e) = (quarters, 32 * quarters);
+        let mut buf = [0x77u8; 16];
+        buf[..part / 2].copy_from_slice(&packed[e / 2..]);
+        // SAFETY: NEON (module comment).
+        let mask = unsafe {
+            let ids: [u32; 4] = [0, 1, 2, 3];
+            vcltq_u32(
+                vld1q_u32(ids.as_ptr()),
+                vdupq_n_u32(part.div_ceil(8) as u32),
+            )
+        };
+        let x: [&[i16]; R] = std::array::from_fn(|r| &xq[r][e..e + 32]);
+        let d: [f32; R] = std::array::from_fn(|r| xd[r][e / Q16]);
+        let slots = acc.each_mut().map(|a| &mut a[g % 8]);
+        nf4_quarter(tab, &buf, absmax[e >> shift], x, d, slots, Some(mask));
     }
-    let (s0, s1) = if units.is_multiple_of(2) {
-        (cur, other)
-    } else {
-        (other, cur)
-    };
-    std::array::from_fn(|r| finish(&[s0[r], s1[r]]))
+    std::array::from_fn(|r| {
+        let a = &acc[r];
+        finish(&[[a[0], a[1], a[2], a[3]], [a[4], a[5], a[6], a[7]]])
+    })
 }
 
 // ---------------------------------------------------------------- int8
@@ -286,7 +312,7 @@ pub fn dot_int8_q16<const R: usize>(
         xq,
         xd,
     };
-    // The two sets as in `dot_nf4_q16`.
+    // The two sets: `cur` is always the set of the next unit (swapped after each unit).
     // SAFETY: NEON (module comment).
     let zero = unsafe { vdupq_n_f32(0.0) };
     let (mut cur, mut other) = ([[zero; 4]; R], [[zero; 4]; R]);

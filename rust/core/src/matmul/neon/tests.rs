@@ -281,7 +281,11 @@ fn k_quant_kernels_equal_the_reference() {
 
 // ---------------------------------------------------------------- q16 (nf4, int8)
 
-const NF4_K: [usize; 7] = [32, 64, 96, 160, 4096, 8224, 16416];
+/// nf4 row lengths: K % 128 of every kind of tail (0, 32, 64, 96: whole quarters of the last
+/// unit; K % 32 != 0: a part quarter, with K % 8 == 0 or not), one to three units, long rows.
+const NF4_K: [usize; 18] = [
+    2, 8, 30, 32, 34, 64, 96, 100, 128, 160, 224, 246, 256, 4096, 4160, 8224, 14432, 16416,
+];
 const INT8_K: [usize; 11] = [1, 2, 31, 33, 63, 64, 65, 100, 4096, 8193, 14336];
 
 /// Activation row `kind` (0..5) of length `k`: ordinary, zero, one huge outlier, tiny values,
@@ -310,12 +314,12 @@ fn q16_acts(rng: &mut Rng, k: usize, kind: usize) -> Vec<f32> {
     x
 }
 
-/// Four q16 activation rows of the given kinds (`per`: 16383 for nf4, 1 for int8).
+/// Four q16 activation rows of the given kinds (`per`: 8191 for nf4, 1 for int8).
 fn q16_rows(rng: &mut Rng, k: usize, per: f32, kinds: [usize; 4]) -> [(Vec<i16>, Vec<f32>); 4] {
     kinds.map(|kind| {
         let x = q16_acts(rng, k, kind);
         let mut q = vec![0i16; r::q16::q16_row_len(k)];
-        let mut d = vec![0.0f32; k.div_ceil(r::q16::Q16)];
+        let mut d = vec![0.0f32; r::q16::q16_row_len(k) / r::q16::Q16];
         r::q16::quantize_row_q16(&x, per, &mut q, &mut d);
         (q, d)
     })
@@ -404,7 +408,9 @@ fn nf4_q16_kernel_equals_the_reference() {
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     for k in NF4_K {
-        for bs in [32usize, 64, 128, k] {
+        // block sizes: one or more a quarter unit, longer than the row, the whole row (any K),
+        // and one the kernel leaves to the reference
+        for bs in [32usize, 64, 128, 256, k, 48] {
             let packed = rng.bytes(k / 2);
             let absmax = q16_stats(&mut rng, k.div_ceil(bs));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
@@ -446,7 +452,7 @@ fn q16_extreme_weights_equal_the_reference() {
         .collect();
     for per in [r::q16::NF4_ONE, 1.0] {
         let mut q = vec![0i16; r::q16::q16_row_len(k)];
-        let mut d = vec![0.0f32; k.div_ceil(r::q16::Q16)];
+        let mut d = vec![0.0f32; r::q16::q16_row_len(k) / r::q16::Q16];
         r::q16::quantize_row_q16(&x, per, &mut q, &mut d);
         let absmax = vec![1.0f32; k / 32];
         for b in [0x00u8, 0xff, 0x0f, 0xf0, 0x80, 0x7f] {
@@ -466,11 +472,13 @@ fn q16_extreme_weights_equal_the_reference() {
 /// must stay as they are (a `fma(0, inf, acc)` there would make them NaN): tails of every kind.
 #[test]
 fn tail_lanes_stay_untouched_under_infinite_scales() {
-    for k in [32usize, 96, 1, 2, 17, 31, 33, 47, 63, 65, 100] {
+    for k in [
+        32usize, 64, 96, 1, 2, 8, 10, 17, 31, 33, 34, 47, 63, 65, 100, 130, 4100,
+    ] {
         let x = vec![1.0e30f32; k];
         for per in [r::q16::NF4_ONE, 1.0] {
             let mut q = vec![0i16; r::q16::q16_row_len(k)];
-            let mut d = vec![0.0f32; k.div_ceil(r::q16::Q16)];
+            let mut d = vec![0.0f32; r::q16::q16_row_len(k) / r::q16::Q16];
             r::q16::quantize_row_q16(&x, per, &mut q, &mut d);
             if per == 1.0 {
                 let w = vec![1u8; k];
@@ -479,9 +487,9 @@ fn tail_lanes_stay_untouched_under_infinite_scales() {
                 let want = r::q16::dot_int8_q16(&w, &scales, k, &q, &d);
                 assert_eq!(want, f32::INFINITY);
                 assert_eq!(got.to_bits(), want.to_bits(), "int8 k={k}");
-            } else if k % 32 == 0 {
+            } else if k % 2 == 0 {
                 let w = vec![0xffu8; k / 2];
-                let absmax = vec![3.0e38f32 * 16383.0; k / 32];
+                let absmax = vec![3.0e38f32 * r::q16::NF4_ONE; k.div_ceil(32)];
                 let got = dot_nf4_q16(&w, &absmax, 32, [&q], [&d])[0];
                 let want = r::q16::dot_nf4_q16(&w, &absmax, 32, &q, &d);
                 assert_eq!(want, f32::INFINITY);
@@ -588,7 +596,8 @@ fn q16_dispatch_takes_neon_for_nf4_and_int8() {
     let x = [vec![0.5f32; 64]];
     let xr: [&[f32]; 1] = [&x[0]];
     assert!(dot_f32(QType::Int8, &[0; 64], &[1.0], 64, xr).is_none());
-    let (xq, xd) = ([vec![2i16; 64]], [vec![0.25f32; 1]]);
+    // K = 64: `q16_row_len(64)` = 128 activations, one scale per 64
+    let (xq, xd) = ([vec![2i16; 128]], [vec![0.25f32; 2]]);
     let (xq, xd): ([&[i16]; 1], [&[f32]; 1]) = ([&xq[0]], [&xd[0]]);
     assert!(dot_q16(QType::Q4_0, &[0; 64], &[1.0], 64, xq, xd).is_none());
     let n = calls();
@@ -600,7 +609,7 @@ fn q16_dispatch_takes_neon_for_nf4_and_int8() {
     }
     // 16 lanes of 2 · 2 · 2, times 0.25, in each of the two units
     assert_eq!(y.unwrap()[0], 64.0);
-    // 0xff: code 15 (16383) everywhere: 64 · 16383 · 2 · (0.25 / 16383)... as the reference
+    // 0xff: code 15 (8191) everywhere: 64 · 8191 · 2 · (0.25 / 8191)... as the reference
     let y = dot_q16(QType::NF4, &[0xff; 32], &[1.0], 64, xq, xd).unwrap();
     assert_eq!(
         y[0].to_bits(),
