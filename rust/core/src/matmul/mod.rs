@@ -238,7 +238,10 @@ const ROWS: usize = 4;
 /// slowed down with K (one thread, from L2, 2026-11-27 14:10 UTC: int8 23.5 GB/s at K = 4096,
 /// 14.5 at 8192, 11.9 at 14336; nf4 13.7 at 8192, 10.7 at 14336); with pieces 24.2, 20.6 (L2)
 /// and from memory at K = 14336 int8 12.5 -> 19.6 GB/s, nf4 10.0 -> 14.0 (one thread, busy
-/// machine; panels of 2 or 4, pieces of 2048 to 8192 within noise of each other).
+/// machine; panels of 2 or 4, pieces of 2048 to 8192 within noise of each other). M = 1 only:
+/// at M = 8 and 64 (14336x4096, 2 threads, 2026-11-27 14:39 UTC, two alternating runs) the row
+/// kernels with up to 4 activation rows were faster (nf4 6.3-6.4 ms against 6.8-7.2 at M = 8,
+/// 51 against 53-58 at M = 64; int8 6.9-7.3 against 7.4-7.7, 56 against 59).
 #[cfg(target_arch = "x86_64")]
 const Q16_LONG_K: usize = 4096;
 #[cfg(target_arch = "x86_64")]
@@ -294,6 +297,7 @@ impl Plan<'_> {
             }
             #[cfg(target_arch = "x86_64")]
             if self.avx512
+                && m == 1
                 && self.k > Q16_LONG_K
                 && matches!(self.w.qtype, QType::NF4 | QType::Int8)
             {
