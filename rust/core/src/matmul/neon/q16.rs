@@ -29,21 +29,11 @@ use std::arch::aarch64::*;
 use super::{load_u8, store_f32};
 use crate::matmul::reference::{
     self as r,
-    q16::{self, NF4_CODE_I16, Q16, UNIT_INT8},
+    q16::{self, Q16, UNIT_INT8},
 };
 
-/// Byte `i` (0: low, 1: high) of each 16-bit nf4 code, as a 16-entry table.
-const fn code_bytes(i: usize) -> [u8; 16] {
-    let mut t = [0u8; 16];
-    let mut j = 0;
-    while j < 16 {
-        t[j] = (NF4_CODE_I16[j] as u16).to_le_bytes()[i];
-        j += 1;
-    }
-    t
-}
-const NF4_LO: [u8; 16] = code_bytes(0);
-const NF4_HI: [u8; 16] = code_bytes(1);
+const NF4_LO: [u8; 16] = q16::NF4_CODE_BYTES[0];
+const NF4_HI: [u8; 16] = q16::NF4_CODE_BYTES[1];
 
 /// 32 i16 de-interleaved by four (`X_k[i] = p[4i + k]`).
 #[inline(always)]

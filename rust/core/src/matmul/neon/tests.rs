@@ -8,6 +8,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::super::reference::q16::test_rows as q16_test;
 use super::super::reference::{self as r, BlockQ8K};
 use super::super::tests::formats::q8_1_row;
 use super::super::tests::{blocks, Rng};
@@ -288,55 +289,6 @@ const NF4_K: [usize; 18] = [
 ];
 const INT8_K: [usize; 11] = [1, 2, 31, 33, 63, 64, 65, 100, 4096, 8193, 14336];
 
-/// Activation row `kind` (0..5) of length `k`: ordinary, zero, one huge outlier, tiny values,
-/// zero blocks of 64 and exact zeros.
-fn q16_acts(rng: &mut Rng, k: usize, kind: usize) -> Vec<f32> {
-    let mut x = rng.normalish(k, 1.0);
-    match kind {
-        1 => x.fill(0.0),
-        2 => {
-            let i = rng.next() as usize % k;
-            x[i] = 3.0e7;
-        }
-        3 => x.iter_mut().for_each(|v| *v *= 1e-39),
-        4 => {
-            for (b, c) in x.chunks_mut(64).enumerate() {
-                if b % 2 == 1 {
-                    c.fill(0.0);
-                }
-            }
-            for v in x.iter_mut().step_by(7) {
-                *v = 0.0;
-            }
-        }
-        _ => {}
-    }
-    x
-}
-
-/// Four q16 activation rows of the given kinds (`per`: 8191 for nf4, 1 for int8).
-fn q16_rows(rng: &mut Rng, k: usize, per: f32, kinds: [usize; 4]) -> [(Vec<i16>, Vec<f32>); 4] {
-    kinds.map(|kind| {
-        let x = q16_acts(rng, k, kind);
-        let mut q = vec![0i16; r::q16::q16_row_len(k)];
-        let mut d = vec![0.0f32; r::q16::q16_row_len(k) / r::q16::Q16];
-        r::q16::quantize_row_q16(&x, per, &mut q, &mut d);
-        (q, d)
-    })
-}
-
-/// Weight scales: mostly ordinary, some zero, huge, tiny.
-fn q16_stats(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| match i % 11 {
-            3 => 0.0,
-            5 => 1.0e20,
-            8 => 1.0e-30,
-            _ => rng.unit().abs() * 0.1 + 1e-3,
-        })
-        .collect()
-}
-
 fn same_bits(got: f32, want: f32) -> bool {
     got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
 }
@@ -412,9 +364,9 @@ fn nf4_q16_kernel_equals_the_reference() {
         // and one the kernel leaves to the reference
         for bs in [32usize, 64, 128, 256, k, 48] {
             let packed = rng.bytes(k / 2);
-            let absmax = q16_stats(&mut rng, k.div_ceil(bs));
+            let absmax = q16_test::stats(&mut rng, k.div_ceil(bs));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
-                let rows = q16_rows(&mut rng, k, r::q16::NF4_ONE, kinds);
+                let rows = q16_test::rows(&mut rng, k, r::q16::NF4_ONE, kinds);
                 let what = format!("nf4 k={k} bs={bs} kinds={kinds:?}");
                 check_q16_all(crate::qtype::QType::NF4, &packed, &absmax, bs, &rows, &what);
             }
@@ -433,9 +385,9 @@ fn int8_q16_kernel_equals_the_reference() {
         // block length the kernel leaves to the reference
         for bl in [32usize, 64, 128, k, 48] {
             let q = rng.bytes(k);
-            let scales = q16_stats(&mut rng, k.div_ceil(bl));
+            let scales = q16_test::stats(&mut rng, k.div_ceil(bl));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
-                let rows = q16_rows(&mut rng, k, 1.0, kinds);
+                let rows = q16_test::rows(&mut rng, k, 1.0, kinds);
                 let what = format!("int8 k={k} bl={bl} kinds={kinds:?}");
                 check_q16_all(crate::qtype::QType::Int8, &q, &scales, bl, &rows, &what);
             }

@@ -28,7 +28,7 @@ use std::arch::x86_64::*;
 use super::{lanes_of, prefetch_l2};
 use crate::matmul::reference::{
     self as r,
-    q16::{self, NF4_CODE_I16, Q16, UNIT_INT8, UNIT_NF4},
+    q16::{self, Q16, UNIT_INT8, UNIT_NF4},
 };
 
 /// Rows longer than this (at M = 1) get the L2 software prefetch of `x86::prefetch_ahead`'s
@@ -37,18 +37,8 @@ const LONG_K: usize = 8192;
 /// Bytes ahead of the weights being read that the long rows prefetch into L2.
 const PREFETCH_AHEAD: usize = 8192;
 
-/// Byte `i` (0: low, 1: high) of each 16-bit nf4 code, as a 16-entry table.
-const fn code_bytes(i: usize) -> [u8; 16] {
-    let mut t = [0u8; 16];
-    let mut j = 0;
-    while j < 16 {
-        t[j] = (NF4_CODE_I16[j] as u16).to_le_bytes()[i];
-        j += 1;
-    }
-    t
-}
-static NF4_LO: [u8; 16] = code_bytes(0);
-static NF4_HI: [u8; 16] = code_bytes(1);
+static NF4_LO: [u8; 16] = q16::NF4_CODE_BYTES[0];
+static NF4_HI: [u8; 16] = q16::NF4_CODE_BYTES[1];
 
 /// `vpshufb` control on 16 bytes in both 128-bit halves: words of the packed bytes 0..4, 8..12
 /// (low half) and 4..8, 12..16 (high half), zero-extended (0x80 gives a zero byte).

@@ -5,60 +5,12 @@
 //! values, zero blocks), weight scales ordinary, zero, huge and tiny.
 
 use super::*;
+use crate::matmul::reference::q16::test_rows::{rows, stats};
 use crate::matmul::reference::q16::{q16_row_len, quantize_row_q16, NF4_ONE};
 use crate::matmul::tests::Rng;
 
 const NF4_K: [usize; 7] = [32, 64, 96, 160, 4096, 8224, 16416];
 const INT8_K: [usize; 11] = [1, 2, 31, 33, 63, 64, 65, 100, 4096, 8193, 14336];
-
-/// Activation row `kind` (0..5) of length `k`.
-fn acts(rng: &mut Rng, k: usize, kind: usize) -> Vec<f32> {
-    let mut x = rng.normalish(k, 1.0);
-    match kind {
-        1 => x.fill(0.0),
-        2 => {
-            let i = rng.next() as usize % k;
-            x[i] = 3.0e7;
-        }
-        3 => x.iter_mut().for_each(|v| *v *= 1e-39),
-        4 => {
-            // zero blocks of 64 among ordinary ones, and some exact zeros
-            for (b, c) in x.chunks_mut(64).enumerate() {
-                if b % 2 == 1 {
-                    c.fill(0.0);
-                }
-            }
-            for v in x.iter_mut().step_by(7) {
-                *v = 0.0;
-            }
-        }
-        _ => {}
-    }
-    x
-}
-
-/// Quantized activation rows (`per`: 16383 for nf4, 1 for int8).
-fn q16_rows(rng: &mut Rng, k: usize, per: f32, kinds: [usize; 4]) -> [(Vec<i16>, Vec<f32>); 4] {
-    kinds.map(|kind| {
-        let x = acts(rng, k, kind);
-        let mut q = vec![0i16; q16_row_len(k)];
-        let mut d = vec![0.0f32; q16_row_len(k) / Q16];
-        quantize_row_q16(&x, per, &mut q, &mut d);
-        (q, d)
-    })
-}
-
-/// Weight scales: mostly ordinary, some zero, huge, tiny.
-fn stats(rng: &mut Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| match i % 11 {
-            3 => 0.0,
-            5 => 1.0e20,
-            8 => 1.0e-30,
-            _ => rng.unit().abs() * 0.1 + 1e-3,
-        })
-        .collect()
-}
 
 fn same(got: f32, want: f32) -> bool {
     got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan())
@@ -116,7 +68,7 @@ fn nf4_q16_avx2_equals_the_reference() {
             let packed = rng.bytes(k / 2);
             let absmax = stats(&mut rng, k.div_ceil(bs));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
-                let rows = q16_rows(&mut rng, k, NF4_ONE, kinds);
+                let rows = rows(&mut rng, k, NF4_ONE, kinds);
                 // SAFETY (all): AVX2 and FMA checked above; lengths as the reference's.
                 check_all(
                     &rows,
@@ -146,7 +98,7 @@ fn int8_q16_avx2_equals_the_reference() {
             let q = rng.bytes(k);
             let scales = stats(&mut rng, k.div_ceil(bl));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
-                let rows = q16_rows(&mut rng, k, 1.0, kinds);
+                let rows = rows(&mut rng, k, 1.0, kinds);
                 // SAFETY (all): AVX2 and FMA checked above; lengths as the reference's.
                 check_all(
                     &rows,
