@@ -238,7 +238,10 @@ const ROWS: usize = 4;
 /// slowed down with K (one thread, from L2, 2026-11-27 14:10 UTC: int8 23.5 GB/s at K = 4096,
 /// 14.5 at 8192, 11.9 at 14336; nf4 13.7 at 8192, 10.7 at 14336); with pieces 24.2, 20.6 (L2)
 /// and from memory at K = 14336 int8 12.5 -> 19.6 GB/s, nf4 10.0 -> 14.0 (one thread, busy
-/// machine; panels of 2 or 4, pieces of 2048 to 8192 within noise of each other). M = 1 only:
+/// machine; panels of 2 or 4, pieces of 2048 to 8192 within noise of each other). Shorter rows
+/// take the same loop with one piece a row: it skips the per-row dispatch of `dots` (nf4
+/// 576x576, one thread: 34.9 -> 17.3 us a call; 4096 x 256 rows from L2: 37.8 -> 30.6 us; from
+/// memory, K = 4096: 16.4 -> 18.4 GB/s). M = 1 only:
 /// at M = 8 and 64 (14336x4096, 2 threads, 2026-11-27 14:39 UTC, two alternating runs) the row
 /// kernels with up to 4 activation rows were faster (nf4 6.3-6.4 ms against 6.8-7.2 at M = 8,
 /// 51 against 53-58 at M = 64; int8 6.9-7.3 against 7.4-7.7, 56 against 59).
@@ -296,11 +299,7 @@ impl Plan<'_> {
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            if self.avx512
-                && m == 1
-                && self.k > Q16_LONG_K
-                && matches!(self.w.qtype, QType::NF4 | QType::Int8)
-            {
+            if self.avx512 && m == 1 && matches!(self.w.qtype, QType::NF4 | QType::Int8) {
                 self.q16_pieces(n0, ms.clone(), yt);
                 i = rows;
             }
@@ -369,7 +368,12 @@ impl Plan<'_> {
         let unit = if nf4 { 128 } else { 32 };
         let (units, piece) = (self.k.div_ceil(unit), Q16_PIECE / unit);
         let mut lanes = [x86::q16::Lanes::<R>::new(); Q16_PANEL];
-        const FAR: usize = x86::q16::PREFETCH_PANELS;
+        // Rows of one piece read the panel's rows one after the other (whole rows' distance).
+        let ahead = if self.k > Q16_LONG_K {
+            x86::q16::PREFETCH_PANELS
+        } else {
+            x86::q16::PREFETCH_ROWS
+        };
         let mut u0 = 0;
         while u0 < units {
             for (p, l) in lanes[..np].iter_mut().enumerate() {
@@ -379,9 +383,9 @@ impl Plan<'_> {
                 // pieces start at even units.
                 unsafe {
                     if nf4 {
-                        x86::q16::nf4_range(w, st, bl, xq, xd, u0..u0 + piece, FAR, l)
+                        x86::q16::nf4_range(w, st, bl, xq, xd, u0..u0 + piece, ahead, l)
                     } else {
-                        x86::q16::int8_range(w, st, bl, xq, xd, u0..u0 + piece, FAR, l)
+                        x86::q16::int8_range(w, st, bl, xq, xd, u0..u0 + piece, ahead, l)
                     }
                 }
             }
