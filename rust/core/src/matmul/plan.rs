@@ -87,8 +87,7 @@ fn quantize_rows<B: Send>(
 fn quantize_q16<'a>(x: &[f32], m: usize, k: usize, nf4: bool, avx512: bool, par: bool) -> Acts<'a> {
     use reference::q16::{q16_row_len, quantize_row_q16, NF4_ONE, Q16};
     let row = q16_row_len(k);
-    // the AVX-512 nf4 kernel reads 16 scales a unit of 128 (`x86::q16::spread_nf4_d`)
-    let blocks = if nf4 && avx512 { row / 8 } else { row / Q16 };
+    let blocks = row / Q16;
     let mut q = vec![Line64([0; 64]); m * row * 2 / 64];
     let mut d = vec![0.0f32; m * blocks];
     let per = if nf4 { NF4_ONE } else { 1.0 };
@@ -98,7 +97,7 @@ fn quantize_q16<'a>(x: &[f32], m: usize, k: usize, nf4: bool, avx512: bool, par:
         #[cfg(target_arch = "x86_64")]
         if avx512 {
             // SAFETY: avx512 (for nf4 / int8) is set only with `x86::q16::available()`; qr
-            // and dr are sized for xr (q16_row_len; row / 8 scales for nf4, else row / 64).
+            // and dr are sized for xr (q16_row_len, one scale per 64).
             unsafe { x86::q16::quantize_row_q16_avx512(xr, per, nf4, qr, dr) };
             return;
         }

@@ -56,20 +56,12 @@ pub fn split_nf4_x(q: &mut [i16]) {
     }
 }
 
-/// The nf4 kernel's activation scales: per unit of 128, 16 lanes, eight copies of each of its
-/// two blocks' `d` (lanes 0..8 belong to the first 64 elements).
-pub fn spread_nf4_d(d: &[f32]) -> Vec<f32> {
-    d.iter().flat_map(|&v| [v; 8]).collect()
-}
-
 /// `reference::q16::quantize_row_q16` with AVX-512 (the same operations lane by lane: an
 /// integer max of the magnitudes' bits, one multiply, truncation, the exact remainder against
-/// ±0.5, a clamp). For nf4 (`nf4`) the values are laid out as `split_nf4_x` does and the scales
-/// as `spread_nf4_d` does.
+/// ±0.5, a clamp). For nf4 (`nf4`) the values are laid out as `split_nf4_x` does.
 ///
 /// # Safety
-/// `available()`; `q.len() == q16_row_len(x.len())`; `d.len()` is `q.len() / 64` (`q.len() / 8`
-/// for nf4).
+/// `available()`; `q.len() == q16_row_len(x.len())`; `d.len() == q.len() / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn quantize_row_q16_avx512(
     x: &[f32],
@@ -79,7 +71,7 @@ pub unsafe fn quantize_row_q16_avx512(
     d: &mut [f32],
 ) {
     assert!(q.len() == q16_row_len(x.len()));
-    assert!(d.len() == q.len() / if nf4 { 8 } else { Q16 });
+    assert!(d.len() == q.len() / Q16);
     // run j of a unit takes words 4w + j of the 64-word halves (low half: w < 16)
     let runs: [__m512i; 4] = std::array::from_fn(|j| {
         let idx: [i16; 32] = std::array::from_fn(|w| (4 * (w % 16) + j) as i16);
@@ -136,13 +128,8 @@ pub unsafe fn quantize_row_q16_avx512(
             // SAFETY: qu is 128 values.
             unsafe { _mm512_storeu_si512(qu.as_mut_ptr().add(32 * j) as *mut _, *o) };
         }
-        if nf4 {
-            d[16 * u..16 * u + 8].fill(d0);
-            d[16 * u + 8..16 * u + 16].fill(d1);
-        } else {
-            d[2 * u] = d0;
-            d[2 * u + 1] = d1;
-        }
+        d[2 * u] = d0;
+        d[2 * u + 1] = d1;
     }
 }
 
@@ -200,15 +187,14 @@ impl<const R: usize> Default for Lanes<R> {
     }
 }
 
-/// `reference::q16::dot_nf4_q16` for R activation rows (laid out by `split_nf4_x` and
-/// `spread_nf4_d`). Per unit of 128: one 64-byte load, three shifts, four `vpermw` (the low 5
+/// `reference::q16::dot_nf4_q16` for R activation rows (laid out by `split_nf4_x`). Per unit of 128: one 64-byte load, three shifts, four `vpermw` (the low 5
 /// bits of each word index a table holding the 16 codes twice), four `vpdpwssd` per row, one
 /// conversion, multiply and fused multiply-add per row.
 ///
 /// # Safety
 /// `available()`; K = 2 · `packed.len()` a multiple of 32, `block_size` a power of two from 32
 /// that divides K, `absmax.len() == K / block_size`, each `xq[r]` `q16_row_len(K)` values and
-/// each `xd[r]` `q16_row_len(K) / 8`.
+/// each `xd[r]` `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_nf4_q16_avx512<const R: usize>(
     packed: &[u8],
@@ -257,18 +243,18 @@ pub unsafe fn nf4_range<const R: usize>(
     assert!(k.is_multiple_of(32) && block_size >= 32 && block_size.is_power_of_two());
     assert!(absmax.len() * block_size == k);
     assert!(xq.iter().all(|x| x.len() == units * UNIT_NF4));
-    assert!(xd.iter().all(|d| d.len() == units * 16));
+    assert!(xd.iter().all(|d| d.len() == units * UNIT_NF4 / Q16));
     let codes: [i16; 32] = std::array::from_fn(|i| NF4_CODE_I16[i % 16]);
     // SAFETY: 64 bytes.
     let table = unsafe { _mm512_loadu_si512(codes.as_ptr() as *const _) };
-    // lane l of a unit is in block (128u + 8l) / block_size: for blocks of 32 and 64, the
-    // unit's first blocks' absmax spread over the lanes
+    // The lanes' scales `absmax · xd`: the products of a unit's two halves (blocks of 64 and
+    // more: one absmax block and one activation block each) or four quarters (blocks of 32) in
+    // a 128-bit register, spread over the 16 lanes by one permute.
     let spread = if block_size == 32 {
         _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
     } else {
         _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
     };
-    let per_unit = (UNIT_NF4 / block_size).max(1); // 4 or 2 when block_size < 128
     let shift = block_size.trailing_zeros();
     let (u1, acc) = (u1.min(units), &mut acc.0);
     assert!(u0.is_multiple_of(2));
@@ -290,36 +276,33 @@ pub unsafe fn nf4_range<const R: usize>(
             _mm512_permutexvar_epi16(_mm512_srli_epi16::<12>(raw), table),
             _mm512_permutexvar_epi16(_mm512_srli_epi16::<8>(raw), table),
         ];
+        // the halves' (quarters') absmax: blocks of 64 two, of 32 four, larger one
         let a = if block_size >= UNIT_NF4 {
-            _mm512_set1_ps(absmax[(UNIT_NF4 * u) >> shift])
-        } else if bytes == 64 {
-            // SAFETY: a whole unit has `per_unit` (4 or 2) absmax values from `per_unit · u` on.
-            let v = unsafe {
-                let p = absmax.as_ptr().add(per_unit * u);
-                if per_unit == 4 {
-                    _mm_loadu_ps(p)
-                } else {
-                    _mm_castpd_ps(_mm_load_sd(p as *const f64))
-                }
-            };
-            _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(v))
+            _mm_set1_ps(absmax[(UNIT_NF4 * u) >> shift])
         } else {
+            let per_unit = UNIT_NF4 >> shift;
             let first = per_unit * u;
-            let m = ((1u32 << per_unit.min(absmax.len() - first)) - 1) as u16;
+            let m = ((1u32 << per_unit.min(absmax.len() - first)) - 1) as u8;
             // SAFETY: the masked load reads only this unit's absmax values.
-            let v = unsafe { _mm512_maskz_loadu_ps(m, absmax.as_ptr().add(first)) };
-            _mm512_permutexvar_ps(spread, v)
+            unsafe { _mm_maskz_loadu_ps(m, absmax.as_ptr().add(first)) }
         };
         for r in 0..R {
             // SAFETY: xq[r] and xd[r] hold every unit (asserted); VNNI available.
-            let (s, dv) = unsafe {
+            let (s, d2) = unsafe {
                 let p = xq[r].as_ptr().add(UNIT_NF4 * u);
                 let x = |j: usize| _mm512_loadu_si512(p.add(32 * j) as *const _);
                 let s = dpwssd(_mm512_setzero_si512(), x(0), c[0]);
                 let s = dpwssd(dpwssd(dpwssd(s, x(1), c[1]), x(2), c[2]), x(3), c[3]);
-                (s, _mm512_loadu_ps(xd[r].as_ptr().add(16 * u)))
+                let d2 = _mm_load_sd(xd[r].as_ptr().add(2 * u) as *const f64);
+                (s, _mm_castpd_ps(d2))
             };
-            let (sc, f) = (_mm512_mul_ps(a, dv), _mm512_cvtepi32_ps(s));
+            let d = if block_size == 32 {
+                _mm_unpacklo_ps(d2, d2)
+            } else {
+                d2
+            };
+            let sc = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(a, d)));
+            let f = _mm512_cvtepi32_ps(s);
             acc[r][set] = if bytes == 64 {
                 _mm512_fmadd_ps(f, sc, acc[r][set])
             } else {
