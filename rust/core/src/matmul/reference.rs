@@ -11,24 +11,23 @@
 //!   (`quantize_row_q8_K_ref`: f32 scale `1/iscale`, `nearest_int`, plus the 16-element sums
 //!   `bsums`), an exact integer sum per super-block of 256 (sub-block scales applied in
 //!   integers), the minimum term from `bsums` (q2_k, q3_k, iq4_xs in `reference/k_low.rs`).
-//! - nf4, int8, fp8_e4m3, fp8_e5m2: activations stay f32; the weights are decoded in registers
-//!   (no activation error at all; at 4.5 / 8 bits per weight these are memory bound at M=1, and
-//!   f32 activations keep the one-byte formats' result within float rounding of the dequantized
-//!   product; fp8 bytes decode exactly through a 256-entry table).
+//! - nf4, int8: activations to 16 bits per block of 64, exact integer sums over lanes of a few
+//!   elements, one fused multiply-add a lane (`reference/q16.rs`, which defines them).
+//! - fp8_e4m3, fp8_e5m2: activations stay f32; the weights are decoded in registers (no
+//!   activation error at all; fp8 bytes decode exactly through a 256-entry table, so the result
+//!   is within float rounding of the dequantized product).
 //!
 //! **Float order (the same in every path).** Per-block float products go to one of 8 lanes,
 //! block `b` to lane `b % 8`: `acc[b % 8] += p_b`, blocks in increasing order. The 8 lanes are
 //! summed as `((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))`, which is what an AVX2
 //! register reduction (high half + low half, then movehl, then the last pair) does.
 //!
-//! **The f32-activation formats** use `WIDE` = 64 lanes, element `i` of the row (its position
-//! in the row, not in its block) in lane `i % 64`, and fused multiply-adds (`f32::mul_add`, one
-//! rounding; FMA3 / AVX-512 / NEON `fmla` in the SIMD paths):
-//! - nf4: `acc[i % 64] = fma(w_i, x_i, acc[i % 64])` with `w_i = code[q_i] * absmax_b`, the f32
-//!   weight `dequantize` gives (bitsandbytes' value): the dot of x with the dequantized row.
-//! - int8, fp8: per block of the scale, `part[i % 64] = fma(v_i, x_i, part[i % 64])` (v the
-//!   byte's exact value), then `acc[l] = fma(part[l], scale_b, acc[l])` for the lanes the block
-//!   touched (all 64 unless the block is shorter: blocks of 32, rows shorter than 64).
+//! **The f32-activation formats** (fp8; nf4 and int8 until their move to 16-bit activations)
+//! use `WIDE` = 64 lanes, element `i` of the row (its position in the row, not in its block)
+//! in lane `i % 64`, and fused multiply-adds (`f32::mul_add`, one rounding; FMA3 / AVX-512 in
+//! the SIMD paths): per block of the scale, `part[i % 64] = fma(v_i, x_i, part[i % 64])` (v the
+//! byte's exact value), then `acc[l] = fma(part[l], scale_b, acc[l])` for the lanes the block
+//! touched (all 64 unless the block is shorter: blocks of 32, rows shorter than 64).
 //!
 //! Elements go in increasing order, so each lane's sequence is fixed. 64 lanes are four AVX-512
 //! registers (eight AVX2, sixteen NEON): four independent chains of 4-cycle FMAs per activation
@@ -449,29 +448,9 @@ pub fn nibble(packed: &[u8], j: usize) -> usize {
     }) as usize
 }
 
-/// Σ_i w_i x_i for one nf4 row, `w_i = code[q_i] * absmax_b` (the dequantized weight), fused
-/// into lane `i % 64` (`packed` = K/2 bytes, `absmax` = one per block of `block_size`, a
-/// multiple of 32).
-pub fn dot_nf4(packed: &[u8], absmax: &[f32], block_size: usize, x: &[f32]) -> f32 {
-    let mut acc = [0.0f32; WIDE];
-    for (b, (&s, xb)) in absmax.iter().zip(x.chunks_exact(block_size)).enumerate() {
-        let wb = &packed[b * block_size / 2..(b + 1) * block_size / 2];
-        for (j, &xv) in xb.iter().enumerate() {
-            let l = (b * block_size + j) % WIDE;
-            acc[l] = (NF4_CODE[nibble(wb, j)] * s).mul_add(xv, acc[l]);
-        }
-    }
-    hsum64(&acc)
-}
-
-/// Σ_b scale_b Σ_{j in b} q_j x_j for one int8 row. `block_len` is the scale's block (the whole
-/// row for per-row and per-tensor scales); `scales` holds one scale per block.
-pub fn dot_int8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32]) -> f32 {
-    dot_bytes(q, scales, block_len, x, |w| (w as i8) as f32)
-}
-
-/// `dot_int8` for fp8 rows (fp8_e4m3 = float8_e4m3fn, fp8_e5m2): each byte decoded exactly
-/// through the format's 256-entry table (`fp8_table`), then the same lanes and order.
+/// Σ_b scale_b Σ_{j in b} v_j x_j for one fp8 row (fp8_e4m3 = float8_e4m3fn, fp8_e5m2): each
+/// byte decoded exactly through the format's 256-entry table (`fp8_table`); `block_len` is the
+/// scale's block (the whole row for per-row and per-tensor scales).
 pub fn dot_fp8(q: &[u8], scales: &[f32], block_len: usize, x: &[f32], e5m2: bool) -> f32 {
     let t = fp8_table(e5m2);
     dot_bytes(q, scales, block_len, x, |w| t[w as usize])
