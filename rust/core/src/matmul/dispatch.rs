@@ -277,17 +277,10 @@ impl Plan<'_> {
         let nf4 = self.w.qtype == QType::NF4;
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
-            use x86::q16::{dot_int8_q16_avx512 as int8, dot_nf4_q16_avx512 as nf4_};
             // SAFETY: avx512 is set for nf4 / int8 only with `x86::q16::available()`; lengths
             // checked by `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32
             // dividing K) and the activations quantized for this K (split for nf4).
-            return unsafe {
-                if nf4 {
-                    nf4_::<R>(wrow, stats, bl, xq, xd)
-                } else {
-                    int8::<R>(wrow, stats, bl, xq, xd)
-                }
-            };
+            return unsafe { x86::q16::dot_q16_avx512(nf4, wrow, stats, bl, xq, xd) };
         }
         #[cfg(target_arch = "x86_64")]
         if self.simd && x86::has_fma() {

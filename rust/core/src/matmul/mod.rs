@@ -381,13 +381,7 @@ impl Plan<'_> {
                 // SAFETY: avx512 is set for nf4 / int8 only with `x86::q16::available()`;
                 // lengths checked by `plan`, activations quantized for this K and kernel;
                 // pieces start at even units.
-                unsafe {
-                    if nf4 {
-                        x86::q16::nf4_range(w, st, bl, xq, xd, u0..u0 + piece, ahead, l)
-                    } else {
-                        x86::q16::int8_range(w, st, bl, xq, xd, u0..u0 + piece, ahead, l)
-                    }
-                }
+                unsafe { x86::q16::q16_range(nf4, w, st, bl, xq, xd, u0..u0 + piece, ahead, l) };
             }
             u0 += piece;
         }

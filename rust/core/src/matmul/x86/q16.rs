@@ -45,7 +45,7 @@ pub fn available() -> bool {
     })
 }
 
-/// The activations as `dot_nf4_q16_avx512` reads them, in place: within every 128, four runs
+/// The activations as `nf4_range` reads them, in place: within every 128, four runs
 /// of 32 (run j holds elements 4w + j, w = 0..32), matching the codes the kernel looks up.
 pub fn split_nf4_x(q: &mut [i16]) {
     for u in q.chunks_exact_mut(UNIT_NF4) {
@@ -187,8 +187,10 @@ impl<const R: usize> Default for Lanes<R> {
     }
 }
 
-/// `reference::q16::dot_nf4_q16` for R activation rows (laid out by `split_nf4_x`). Per unit of 128: one 64-byte load, three shifts, four `vpermw` (the low 5
-/// bits of each word index a table holding the 16 codes twice), four `vpdpwssd` per row, one
+/// Units `range` (clamped to the row; starting even) of `reference::q16::dot_nf4_q16` for R
+/// activation rows (laid out by `split_nf4_x`) into `acc`, the weights prefetched `ahead` bytes
+/// ahead. Per unit of 128: one 64-byte load, three shifts, four `vpermw` (the low 5 bits of
+/// each word index a table holding the 16 codes twice), four `vpdpwssd` per row, one
 /// conversion, multiply and fused multiply-add per row.
 ///
 /// # Safety
@@ -196,38 +198,8 @@ impl<const R: usize> Default for Lanes<R> {
 /// that divides K, `absmax.len() == K / block_size`, each `xq[r]` `q16_row_len(K)` values and
 /// each `xd[r]` `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_nf4_q16_avx512<const R: usize>(
-    packed: &[u8],
-    absmax: &[f32],
-    block_size: usize,
-    xq: [&[i16]; R],
-    xd: [&[f32]; R],
-) -> [f32; R] {
-    let mut acc = Lanes::new();
-    // SAFETY: the caller's contract, over all the units.
-    unsafe {
-        nf4_range(
-            packed,
-            absmax,
-            block_size,
-            xq,
-            xd,
-            0..usize::MAX,
-            PREFETCH_ROWS,
-            &mut acc,
-        )
-    };
-    acc.finish()
-}
-
-/// Units `range` (clamped to the row; starting even) of `dot_nf4_q16_avx512` into `acc`, the weights
-/// prefetched `ahead` bytes ahead.
-///
-/// # Safety
-/// As for `dot_nf4_q16_avx512`.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn nf4_range<const R: usize>(
+unsafe fn nf4_range<const R: usize>(
     packed: &[u8],
     absmax: &[f32],
     block_size: usize,
@@ -327,45 +299,16 @@ pub unsafe fn nf4_range<const R: usize>(
     }
 }
 
-/// `reference::q16::dot_int8_q16` for R activation rows (as quantized, element order).
+/// Units `range` (clamped to the row; starting even) of `reference::q16::dot_int8_q16` for R
+/// activation rows into `acc`, the weights prefetched `ahead` bytes ahead (as quantized, element order).
 ///
 /// # Safety
 /// `available()`; K = `q.len()` >= 1, `block_len` K or a power of two from 32 that divides K,
 /// `scales.len() == K.div_ceil(block_len)`, each `xq[r]` `q16_row_len(K)` values and each
 /// `xd[r]` `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_int8_q16_avx512<const R: usize>(
-    q: &[u8],
-    scales: &[f32],
-    block_len: usize,
-    xq: [&[i16]; R],
-    xd: [&[f32]; R],
-) -> [f32; R] {
-    let mut acc = Lanes::new();
-    // SAFETY: the caller's contract, over all the units.
-    unsafe {
-        int8_range(
-            q,
-            scales,
-            block_len,
-            xq,
-            xd,
-            0..usize::MAX,
-            PREFETCH_ROWS,
-            &mut acc,
-        )
-    };
-    acc.finish()
-}
-
-/// Units `range` (clamped to the row; starting even) of `dot_int8_q16_avx512` into `acc`, the
-/// weights prefetched `ahead` bytes ahead.
-///
-/// # Safety
-/// As for `dot_int8_q16_avx512`.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn int8_range<const R: usize>(
+unsafe fn int8_range<const R: usize>(
     q: &[u8],
     scales: &[f32],
     block_len: usize,
@@ -452,6 +395,67 @@ pub unsafe fn int8_range<const R: usize>(
         step(u, u % 2, acc);
         u += 1;
     }
+}
+
+/// `nf4_range` (nf4) or `int8_range` (int8): units `range` of weight row `w` (its `stats`:
+/// absmax or scales, blocks of `block_len`) for R activation rows into `acc`.
+///
+/// # Safety
+/// As for `nf4_range` / `int8_range`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn q16_range<const R: usize>(
+    nf4: bool,
+    w: &[u8],
+    stats: &[f32],
+    block_len: usize,
+    xq: [&[i16]; R],
+    xd: [&[f32]; R],
+    range: std::ops::Range<usize>,
+    ahead: usize,
+    acc: &mut Lanes<R>,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if nf4 {
+            nf4_range(w, stats, block_len, xq, xd, range, ahead, acc)
+        } else {
+            int8_range(w, stats, block_len, xq, xd, range, ahead, acc)
+        }
+    }
+}
+
+/// `reference::q16::dot_nf4_q16` (nf4) or `dot_int8_q16` (int8) of one whole weight row for R
+/// activation rows.
+///
+/// # Safety
+/// As for `nf4_range` / `int8_range`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn dot_q16_avx512<const R: usize>(
+    nf4: bool,
+    w: &[u8],
+    stats: &[f32],
+    block_len: usize,
+    xq: [&[i16]; R],
+    xd: [&[f32]; R],
+) -> [f32; R] {
+    let mut acc = Lanes::new();
+    let all = 0..usize::MAX;
+    // SAFETY: the caller's contract, over all the units.
+    unsafe {
+        q16_range(
+            nf4,
+            w,
+            stats,
+            block_len,
+            xq,
+            xd,
+            all,
+            PREFETCH_ROWS,
+            &mut acc,
+        )
+    };
+    acc.finish()
 }
 
 #[cfg(test)]

@@ -35,16 +35,23 @@ fn check(got: [f32; 4], want: [f32; 4], what: &str) {
 
 /// Calls `f` for R = 1..4 over the four rows and returns the four results.
 macro_rules! rows_1_to_4 {
-    ($f:ident, $w:expr, $s:expr, $bl:expr, $xq:expr, $xd:expr) => {{
+    ($nf4:expr, $w:expr, $s:expr, $bl:expr, $xq:expr, $xd:expr) => {{
         let xq: [&[i16]; 4] = std::array::from_fn(|i| &$xq[i][..]);
         let xd: [&[f32]; 4] = std::array::from_fn(|i| &$xd[i][..]);
         // SAFETY: `available()` checked by the caller; shapes built to the contract.
         unsafe {
-            let a = $f::<1>($w, $s, $bl, [xq[0]], [xd[0]]);
-            let b = $f::<2>($w, $s, $bl, [xq[1], xq[2]], [xd[1], xd[2]]);
-            let c = $f::<1>($w, $s, $bl, [xq[3]], [xd[3]]);
-            let d = $f::<4>($w, $s, $bl, xq, xd);
-            let e = $f::<3>($w, $s, $bl, [xq[2], xq[3], xq[0]], [xd[2], xd[3], xd[0]]);
+            let a = dot_q16_avx512::<1>($nf4, $w, $s, $bl, [xq[0]], [xd[0]]);
+            let b = dot_q16_avx512::<2>($nf4, $w, $s, $bl, [xq[1], xq[2]], [xd[1], xd[2]]);
+            let c = dot_q16_avx512::<1>($nf4, $w, $s, $bl, [xq[3]], [xd[3]]);
+            let d = dot_q16_avx512::<4>($nf4, $w, $s, $bl, xq, xd);
+            let e = dot_q16_avx512::<3>(
+                $nf4,
+                $w,
+                $s,
+                $bl,
+                [xq[2], xq[3], xq[0]],
+                [xd[2], xd[3], xd[0]],
+            );
             assert_eq!(
                 d.map(f32::to_bits),
                 [a[0], b[0], b[1], c[0]].map(f32::to_bits)
@@ -89,7 +96,7 @@ fn nf4_matches_reference() {
                 .collect();
             let xd: Vec<&Vec<f32>> = xs.iter().map(|x| &x.1).collect();
             let what = format!("nf4 K={k} bs={bs}");
-            let got = rows_1_to_4!(dot_nf4_q16_avx512, &packed, &absmax, bs, split, xd);
+            let got = rows_1_to_4!(true, &packed, &absmax, bs, split, xd);
             check(got, want, &what);
         }
     }
@@ -122,7 +129,7 @@ fn int8_matches_reference() {
             let xq: Vec<&Vec<i16>> = xs.iter().map(|x| &x.0).collect();
             let xd: Vec<&Vec<f32>> = xs.iter().map(|x| &x.1).collect();
             let what = format!("int8 K={k} bl={bl}");
-            let got = rows_1_to_4!(dot_int8_q16_avx512, &q, &scales, bl, xq, xd);
+            let got = rows_1_to_4!(false, &q, &scales, bl, xq, xd);
             check(got, want, &what);
         }
     }
