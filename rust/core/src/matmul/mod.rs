@@ -365,7 +365,8 @@ impl Plan<'_> {
         let xq: [&[i16]; R] = std::array::from_fn(|i| &q[(m0 + i) * row..(m0 + i + 1) * row]);
         let xd: [&[f32]; R] = std::array::from_fn(|i| &d[(m0 + i) * blocks..(m0 + i + 1) * blocks]);
         let wrow = |p: usize| &self.w.data[(n + p) * self.row_bytes..(n + p + 1) * self.row_bytes];
-        let unit = if nf4 { 128 } else { 32 };
+        use reference::q16::{UNIT_INT8, UNIT_NF4};
+        let unit = if nf4 { UNIT_NF4 } else { UNIT_INT8 };
         let (units, piece) = (self.k.div_ceil(unit), Q16_PIECE / unit);
         let mut lanes = [x86::q16::Lanes::<R>::new(); Q16_PANEL];
         // Rows of one piece read the panel's rows one after the other (whole rows' distance).

@@ -300,7 +300,8 @@ unsafe fn nf4_range<const R: usize>(
 }
 
 /// Units `range` (clamped to the row; starting even) of `reference::q16::dot_int8_q16` for R
-/// activation rows into `acc`, the weights prefetched `ahead` bytes ahead (as quantized, element order).
+/// activation rows (as quantized, element order) into `acc`, the weights prefetched `ahead`
+/// bytes ahead.
 ///
 /// # Safety
 /// `available()`; K = `q.len()` >= 1, `block_len` K or a power of two from 32 that divides K,
