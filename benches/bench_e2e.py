@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import ferroquant as fq  # noqa: E402
 import ferroquant.gguf as fg  # noqa: E402
-from ferroquant import eval_load  # noqa: E402
+from ferroquant.eval import load as eval_load  # noqa: E402
 from ferroquant.runtime import LlamaRuntime  # noqa: E402
 
 from peers import require  # noqa: E402

@@ -20,7 +20,7 @@ import torch
 
 import ferroquant as fq
 from ferroquant import _native
-from ferroquant.eval_load import default_model_path
+from ferroquant.eval.load import default_model_path
 from ferroquant.models.gguf_model import dequantize_model
 from ferroquant.nn import QuantLinear
 

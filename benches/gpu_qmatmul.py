@@ -50,8 +50,8 @@ import time
 import numpy as np
 
 import ferroquant as fq
-from ferroquant import cuda as fqcuda
-from ferroquant import cuda_ops
+from ferroquant.cuda import nvrtc as fqcuda
+from ferroquant.cuda import qmatmul as cuda_ops
 
 FORMATS = ["nf4", "nf4_dq", "int8_row", "int8_tensor", "int8_block", "q4_0", "q8_0", "q4_k",
            "q5_k", "q6_k"]  # fmt: skip

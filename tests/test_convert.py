@@ -209,12 +209,14 @@ def test_cli_inspect_convert_quantize_and_errors(f32_gguf, tmp_path, capsys):
     with fg.open(dst) as f:
         assert f.tensors["blk.0.attn_q.weight"].qtype == "q8_0"
         assert f.tensors["blk.0.attn_norm.weight"].qtype == "f32"
-    r = subprocess.run(
-        [sys.executable, "-m", "ferroquant", "convert", str(tmp_path / "none"), str(dst)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert r.returncode != 0 and r.stderr.strip().count("\n") == 0
-    assert "no config.json" in r.stderr
+    (tmp_path / "empty").mkdir()
+    for src, says in (("none", "no such file or folder"), ("empty", "no config.json")):
+        r = subprocess.run(
+            [sys.executable, "-m", "ferroquant", "convert", str(tmp_path / src), str(dst)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert r.returncode != 0 and r.stderr.strip().count("\n") == 0, r.stderr
+        assert says in r.stderr and str(tmp_path / src) in r.stderr, r.stderr
     assert cli.main(["quantize", str(f32_gguf), str(dst), "--qtype", "q7_x"]) != 0
     assert cli.main(["inspect", str(tmp_path / "missing.gguf")]) != 0
 

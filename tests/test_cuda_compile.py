@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,12 +18,13 @@ from ferroquant import _native
 
 peers_torch = pytest.importorskip("torch")
 
-from ferroquant import cuda as fqcuda  # noqa: E402
-from ferroquant import cuda_ops  # noqa: E402
+from ferroquant.cuda import nvrtc as fqcuda  # noqa: E402
+from ferroquant.cuda import qmatmul as cuda_ops  # noqa: E402
 
 import peers  # noqa: E402
 
-HEADER = fqcuda.SRC_DIR / "ferroquant_blocks.cuh"
+CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"  # the repository's kernel sources
+HEADER = CUDA_DIR / "ferroquant_blocks.cuh"
 
 
 def _nvrtc_or_fail():
@@ -204,7 +206,7 @@ def test_header_block_sizes_equal_rust():
 def test_compile_error_carries_the_log(tmp_path, monkeypatch):
     _nvrtc_or_fail()
     src = tmp_path / "src"
-    shutil.copytree(fqcuda.SRC_DIR, src)
+    shutil.copytree(CUDA_DIR, src)
     hdr = src / "ferroquant_blocks.cuh"
     hdr.write_text(hdr.read_text().replace("sizeof(block_q8_0) == 34", "sizeof(block_q8_0) == 35"))
     monkeypatch.setattr(fqcuda, "SRC_DIR", src)
@@ -221,7 +223,7 @@ def test_cache_key_changes_with_source_and_arch(tmp_path, monkeypatch):
     assert k90 != fqcuda.cache_key("q4_k", "sm_90", "ptx")
     assert k90 != fqcuda.cache_key("q4_k", "sm_90", variant=("FQ_ROWS=4",))
     src = tmp_path / "src"
-    shutil.copytree(fqcuda.SRC_DIR, src)
+    shutil.copytree(CUDA_DIR, src)
     monkeypatch.setattr(fqcuda, "SRC_DIR", src)
     assert fqcuda.cache_key("q4_k", "sm_90") == k90
     (src / "qmatmul.cu").write_text((src / "qmatmul.cu").read_text() + "\n// edit\n")
@@ -536,7 +538,7 @@ def host_traits(tmp_path_factory):
     (d / "harness.cpp").write_text(HARNESS)
     lib = d / "libtraits.so"
     cmd = [cxx, "-std=c++17", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
-           "-include", str(d / "emu.h"), f"-I{fqcuda.SRC_DIR}", "-DFQ_NO_INSTANTIATIONS",
+           "-include", str(d / "emu.h"), f"-I{CUDA_DIR}", "-DFQ_NO_INSTANTIATIONS",
            str(d / "harness.cpp"), "-o", str(lib)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:

@@ -9,8 +9,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ferroquant as fq  # noqa: E402
-from ferroquant import ops  # noqa: E402
-from ferroquant.nn import QuantLinear  # noqa: E402
+from ferroquant.nn import QuantLinear, ops  # noqa: E402
 
 NATIVE = sorted(ops._NATIVE_QTYPES)
 

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ferroquant as fq
-from ferroquant import eval as ev
-from ferroquant import eval_report
+from ferroquant.eval import report as eval_report
+from ferroquant.eval import run as ev
 
 torch = pytest.importorskip("torch")
 from peers import require  # noqa: E402
@@ -286,7 +286,7 @@ def test_default_model_and_text_on_a_tiny_slice():
 def test_against_llamacpp_scores_llama_cpp_files_with_the_same_protocol():
     """llama.cpp's side of --against: its own Q8_0 file of the default GGUF, same windows."""
     require("llama_cpp")
-    from ferroquant.eval_llamacpp import run_llamacpp
+    from ferroquant.eval.llamacpp import run_llamacpp
 
     gguf = ev.default_model_path()
     if not gguf.exists():

@@ -25,8 +25,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ferroquant as fq  # noqa: E402
-from ferroquant.eval_load import default_model_path, read_text  # noqa: E402
-from ferroquant.eval_metrics import Scores  # noqa: E402
+from ferroquant.eval.load import default_model_path, read_text  # noqa: E402
+from ferroquant.eval.metrics import Scores  # noqa: E402
 from ferroquant.models.gguf_model import dequantize_model  # noqa: E402
 from ferroquant.nn import QuantLinear  # noqa: E402
 

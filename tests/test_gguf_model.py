@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 import ferroquant as fq  # noqa: E402
 import ferroquant.gguf as fg  # noqa: E402
 from ferroquant import cli  # noqa: E402
-from ferroquant.eval_load import default_model_path  # noqa: E402
+from ferroquant.eval.load import default_model_path  # noqa: E402
 from ferroquant.models.convert import permute  # noqa: E402
 from ferroquant.models.gguf_model import config_from_gguf, dequantize_model  # noqa: E402
 from ferroquant.nn import QuantEmbedding, QuantLinear  # noqa: E402

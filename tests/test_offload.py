@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import ferroquant as fq  # noqa: E402
-from ferroquant import offloading as off  # noqa: E402
 from ferroquant.cuda import CudaUnavailable  # noqa: E402
+from ferroquant.models import offloading as off  # noqa: E402
 from ferroquant.nn import QuantLinear  # noqa: E402
 
 from peers import require  # noqa: E402
@@ -44,7 +44,7 @@ def tiny():
 def no_gpu(monkeypatch):
     """This machine as a machine without a GPU (on a GPU machine, ferroquant.cuda is told so)."""
     if torch.cuda.is_available():
-        from ferroquant import cuda as fqcuda
+        from ferroquant.cuda import nvrtc as fqcuda
 
         def check_device(device=None):
             raise CudaUnavailable("no CUDA device (torch.cuda.is_available() is False)")

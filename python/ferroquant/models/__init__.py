@@ -1,18 +1,36 @@
-"""Model-level quantization."""
+"""Model-level quantization: recipes, quantize_model, conversion between Hugging Face folders and
+GGUF, quantized checkpoints, GGUF files as transformers models, and CPU/GPU offload.
 
-from .convert import gguf_to_hf, hf_to_gguf, quantize_gguf
-from .quantize_model import quantize_model
-from .recipes import Recipe, recipe_for
-from .serialization import load_bnb_4bit, load_quantized, save_quantized
+Names are imported on first use, so that `ferroquant.models.convert` (GGUF work, no torch
+needed for requantizing) does not pull in torch through `quantize_model`."""
 
-__all__ = [
-    "Recipe",
-    "gguf_to_hf",
-    "hf_to_gguf",
-    "load_bnb_4bit",
-    "load_quantized",
-    "quantize_gguf",
-    "quantize_model",
-    "recipe_for",
-    "save_quantized",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "Recipe": "recipes",
+    "recipe_for": "recipes",
+    "gguf_to_hf": "convert",
+    "hf_to_gguf": "convert",
+    "quantize_gguf": "convert",
+    "quantize_model": "quantize",
+    "load_bnb_4bit": "serialization",
+    "load_quantized": "serialization",
+    "save_quantized": "serialization",
+    "load_gguf_model": "gguf_model",
+    "save_gguf_model": "gguf_model",
+    "offload": "offloading",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # cached: later look-ups skip __getattr__
+    return value

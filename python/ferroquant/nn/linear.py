@@ -9,8 +9,9 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
-from .. import _native, ops  # ops registers torch.ops.ferroquant.qmatmul
+from .. import _native
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
+from . import ops  # ops registers torch.ops.ferroquant.qmatmul
 
 
 class QuantLinear(nn.Module):

@@ -3,6 +3,7 @@
 
 use ferroquant_core as core;
 
+mod cuda_sources;
 mod gguf;
 mod matmul;
 mod runtime;
@@ -238,6 +239,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_sources::cuda_sources, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::stream_read, m)?)?;

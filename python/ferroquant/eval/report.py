@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_path
+from .._atomic import atomic_path
 
 COLUMNS = (
     ("name", "precision"),

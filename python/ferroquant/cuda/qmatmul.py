@@ -24,14 +24,13 @@ The launch path makes no host synchronisation and allocates only through torch.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import cuda as _cuda
+from . import nvrtc as _cuda
 
 # ggml formats: (weights per block QK, bytes per block, offset of the quant bytes QB, QB, lane
 # steps per block SPB). The meta bytes are the rest of the block, in their original order.
@@ -163,13 +162,10 @@ def qmatmul_cuda(
 def mma_min_m() -> int:
     """The token count from which M <= 16 calls take the tensor-core kernel
     (FERROQUANT_CUDA_MMA_MIN_M; unset or empty: never)."""
-    raw = os.environ.get("FERROQUANT_CUDA_MMA_MIN_M", "")
-    if not raw:
-        return MAX_GEMV_M + 1
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"FERROQUANT_CUDA_MMA_MIN_M must be an integer, got {raw!r}") from None
+    from .. import config
+
+    value = config.cuda_mma_min_m()
+    return MAX_GEMV_M + 1 if value is None else value
 
 
 def choose_path(m: int) -> str:

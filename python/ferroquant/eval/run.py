@@ -32,21 +32,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .eval_load import (
+from .. import __version__
+from .._extras import require
+from ..defaults import (
     DEFAULT_GGUF,
     DEFAULT_MODEL_PACKAGE,
-    Loaded,
     default_model_path,
     default_text_path,
-    load_model,
-    need,
-    read_text,
     resolve_model,
-    tokenize,
 )
-from .eval_metrics import Scores, Window, make_windows
-from .models.recipes import recipe_for
+from ..models.recipes import recipe_for
+from .load import Loaded, load_model, read_text, tokenize
+from .metrics import Scores, Window, make_windows
 
 __all__ = [
     "DEFAULT_GGUF",
@@ -124,7 +121,7 @@ def stored_bytes(model: Any, double_quant: bool = False) -> tuple[int, int, dict
     offset), although QuantLinear holds them expanded. Every other parameter: as held (bf16 for the
     baseline), each tied parameter once.
     """
-    from .nn import QuantLinear
+    from ..nn import QuantLinear
 
     total = weights = 0
     counts: dict[str, int] = {}
@@ -147,8 +144,8 @@ def stored_bytes(model: Any, double_quant: bool = False) -> tuple[int, int, dict
 
 
 def _kernel(model: Any) -> str:
-    from .nn import QuantLinear
-    from .ops import native_kernel_available
+    from ..nn import QuantLinear
+    from ..nn.ops import native_kernel_available
 
     q = {m.qtype for m in model.modules() if isinstance(m, QuantLinear)}
     if not q:
@@ -225,7 +222,7 @@ class Row:
 def quantized_copy(model: Any, spec: RowSpec, progress: bool) -> Any:
     if spec.recipe is None:
         return model
-    from .models import quantize_model
+    from ..models import quantize_model
 
     q = copy.deepcopy(model)
     return quantize_model(q, spec.recipe, progress=progress, **spec.options)
@@ -266,8 +263,8 @@ def run_eval(
         if against and gguf_file is None:
             raise ValueError("--against llama.cpp needs a .gguf MODEL (llama.cpp reads GGUF)")
     txt, text_desc = read_text(text)
-    torch = need("torch")
-    from . import set_num_threads
+    torch = require("torch", "ferroquant eval", "eval")
+    from .. import set_num_threads
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -363,7 +360,7 @@ def run_eval(
     }
     out: dict[str, Any] = {"protocol": protocol, "rows": [asdict(r) for r in results]}
     if against == "llama.cpp":
-        from .eval_llamacpp import run_llamacpp
+        from .llamacpp import run_llamacpp
 
         folder, gguf_file = resolve_model(model)
         assert gguf_file is not None

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import _native, cuda_ops
-from .tensor import QTensor, dequantize
+from .. import _native
+from ..cuda import qmatmul as cuda_ops
+from ..tensor import QTensor, dequantize
 
 
 def _as_qtensor(

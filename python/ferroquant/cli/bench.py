@@ -4,14 +4,16 @@ The full side-by-side benchmarks against the peers live in the repository's benc
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from . import _native
-from .tensor import quantize
+from .. import _native
+from ..tensor import quantize
 
 DEFAULT_QTYPES = ("q8_0", "q4_0", "q4_k", "q6_k", "iq4_nl", "nf4", "int8", "fp8_e4m3")
 
@@ -74,3 +76,28 @@ def format_table(rows: list[dict[str, Any]], shape: tuple[int, int]) -> str:
         ratio = f"{r['vs_torch_bf16']:13.2f}x" if r.get("vs_torch_bf16") else f"{'-':>14}"
         lines.append(f"{r['qtype']:<10} {r['quantize_mw_s']:14.1f} {mm} {ratio}")
     return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="quick throughput of quantization and the CPU matmul",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--rows", type=int, default=1024)
+    b.add_argument("--cols", type=int, default=4096)
+    b.add_argument("--qtypes", help="comma-separated qtypes (default: a representative set)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..qtypes import qtype_info
+
+    qtypes = tuple(qtype_info(q).name for q in args.qtypes.split(",")) if args.qtypes else None
+    rows = run(args.rows, args.cols, qtypes or DEFAULT_QTYPES)
+    if args.json:
+        print(json.dumps({"shape": [args.rows, args.cols], "rows": rows}))
+    else:
+        print(format_table(rows, (args.rows, args.cols)))
+    return 0

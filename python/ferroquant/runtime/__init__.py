@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _native
+from .. import _native
 
 
 @dataclass
@@ -136,12 +136,13 @@ class LlamaRuntime:
 def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     """The GGUF's tokenizer, built by transformers from the file's metadata (as `ferroquant eval`
     does; the conversion takes a few seconds for a large vocabulary)."""
-    from .eval_load import need, resolve_model
+    from .._extras import require
+    from ..defaults import resolve_model
 
     folder, name = resolve_model(path)
     if name is None:
         raise ValueError(f"expected a .gguf file, got the folder {path}")
-    transformers = need("transformers")
+    transformers = require("transformers", "ferroquant generate (tokenizer)", "hf")
     return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
 
 

@@ -1,0 +1,49 @@
+"""`ferroquant quantize`: requantize a GGUF file, as llama-quantize does."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from pathlib import Path
+
+from .._extras import require
+from .convert import QTYPE_HELP
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="requantize a GGUF file")
+    q.add_argument("input", help="the GGUF file to read")
+    q.add_argument("out", help="the GGUF file to write (replaced atomically)")
+    q.add_argument("--qtype", required=True, help=QTYPE_HELP)
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=run)
+
+
+def summary_line(path: str | os.PathLike[str]) -> str:
+    """One line on a written GGUF file: its size, bits per weight and the qtypes used."""
+    from .. import gguf
+
+    with gguf.open(path) as f:
+        counts = Counter(t.qtype for t in f.tensors.values())
+        weights = sum(t.n_elements for t in f.tensors.values())
+        data_bytes = sum(t.nbytes for t in f.tensors.values())
+        size = f.file_size
+        n_tensors = len(f.tensors)
+    kinds = ", ".join(f"{q} x{n}" for q, n in counts.most_common())
+    bpw = 8 * data_bytes / max(weights, 1)
+    return (
+        f"wrote {path}: {size / 1e6:.1f} MB, {n_tensors} tensors, {bpw:.3f} bits/weight ({kinds})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    src = Path(args.input)
+    if not src.is_file():
+        raise FileNotFoundError(f"no such GGUF file: {src}")
+    require("gguf", "ferroquant quantize", "hf")
+    from ..models.convert import quantize_gguf
+
+    quantize_gguf(src, args.out, args.qtype, progress=not args.quiet)
+    print(summary_line(args.out))
+    return 0

@@ -1,0 +1,54 @@
+"""Every FERROQUANT_* environment switch the Python package reads, read here and nowhere else.
+
+The Rust core reads its own switches (FERROQUANT_NUM_THREADS, FERROQUANT_FORCE_SCALAR,
+FERROQUANT_RUNTIME_PACK) in one module of its own; `describe()` lists both sets for
+`ferroquant doctor`. docs/configuration.md documents each one."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+# name -> what it does, for the Rust core's switches (read there, listed here for `doctor`).
+RUST_SWITCHES = {
+    "FERROQUANT_NUM_THREADS": "threads of the Rust core's pool (default: all cores)",
+    "FERROQUANT_FORCE_SCALAR": "1: run the scalar references instead of the SIMD kernels",
+    "FERROQUANT_RUNTIME_PACK": "0: the native runtime keeps weights as stored (no VNNI panels)",
+}
+PYTHON_SWITCHES = {
+    "FERROQUANT_CACHE_DIR": "folder of compiled CUDA kernels (default ~/.cache/ferroquant/cuda)",
+    "FERROQUANT_CUDA_BACKEND": "core | bindings: force the cuda-python layer that launches kernels",
+    "FERROQUANT_CUDA_MMA_MIN_M": "token count from which M <= 16 uses the tensor-core kernel",
+}
+
+
+def _get(name: str) -> str:
+    return os.environ.get(name, "")
+
+
+def cuda_cache_dir() -> pathlib.Path:
+    """FERROQUANT_CACHE_DIR, default ~/.cache/ferroquant/cuda."""
+    raw = _get("FERROQUANT_CACHE_DIR")
+    return pathlib.Path(raw) if raw else pathlib.Path.home() / ".cache" / "ferroquant" / "cuda"
+
+
+def cuda_backend() -> str:
+    """FERROQUANT_CUDA_BACKEND: '' (choose), 'core' or 'bindings' (checked by the shim)."""
+    return _get("FERROQUANT_CUDA_BACKEND")
+
+
+def cuda_mma_min_m() -> int | None:
+    """FERROQUANT_CUDA_MMA_MIN_M as an int, None when unset or empty."""
+    raw = _get("FERROQUANT_CUDA_MMA_MIN_M")
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"FERROQUANT_CUDA_MMA_MIN_M must be an integer, got {raw!r}") from None
+
+
+def describe() -> dict[str, str]:
+    """Each switch with its current value, or '(unset)'."""
+    names = sorted({**RUST_SWITCHES, **PYTHON_SWITCHES})
+    return {name: os.environ.get(name, "(unset)") for name in names}
