@@ -590,9 +590,7 @@ def test_host_traits_equal_gguf_dequantize(host_traits, qtype, seed):
     nq = n * nb * cuda_ops.GGML_SPLIT[qtype][3]
     got = _host_dequant(host_traits, qtype, split[:nq], split[nq:], n, k)
     assert not np.isnan(got).any(), "an element was never written"
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (
-        peers.first_difference(got, want) if hasattr(peers, "first_difference") else None
-    )
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), _first_diff(got, want)
 
 
 @pytest.mark.parametrize("block_size", [32, 64, 256])
@@ -706,6 +704,21 @@ def test_host_mma_fragments_give_the_product(host_traits, qtype):
             tol = (k + 6) * 2.0**-24 * (np.abs(x64) @ np.abs(w16).T)
             assert not np.isnan(y).any()
             assert np.all(np.abs(y - ref) <= tol), (m, per, np.max(np.abs(y - ref) - tol))
+
+
+def test_kernel_formats_come_from_the_qtype_table():
+    """The shim's format list matches the kernel source's programs, and every block fact it uses
+    (weights and bytes per block, where the quant bytes sit) is the Rust core's."""
+    in_source = set(re.findall(r"FQ_ONLY_([A-Za-z0-9_]+)", (CUDA_DIR / "qmatmul.cu").read_text()))
+    assert in_source == set(fqcuda.FORMATS.values())
+    assert set(cuda_ops.GGML_SPLIT) | set(cuda_ops.FLAT) == set(fqcuda.FORMATS)
+    assert not set(cuda_ops.GGML_SPLIT) & set(cuda_ops.FLAT)
+    assert set(fqcuda.FORMATS) <= {q.name for q in fq.qtypes()}
+    spans = {name: (offset, length) for name, offset, length in _native.block_quant_spans()}
+    for qtype, (qk, bpb, off, qb, _lane_steps) in cuda_ops.GGML_SPLIT.items():
+        info = fq.qtype_info(qtype)
+        assert (qk, bpb) == (info.block_size, info.type_size)
+        assert (off, qb) == spans[qtype] and off + qb <= bpb
 
 
 def test_mma_split_covers_k():

@@ -36,16 +36,19 @@ from .._atomic import atomic_path
 SRC_DIR: pathlib.Path | None = None
 SOURCE = "qmatmul.cu"
 HEADERS = ("ferroquant_blocks.cuh",)
+# The weight formats with CUDA kernels: each is one `FQ_ONLY_<format>` program of qmatmul.cu.
+# Their block sizes and layouts come from the Rust qtype table (`ferroquant.qtype_info`,
+# `_native.block_quant_spans`); a test checks this list against the kernel source and that table.
+KERNEL_QTYPES = ("nf4", "int8", "q4_0", "q8_0", "q4_k", "q5_k", "q6_k")
+
+
+def kernel_format(qtype: str) -> str:
+    """The format's name in the kernels: ggml's spelling (K-quants keep the capital K: q4_K)."""
+    return qtype[:-2] + "_K" if qtype.endswith("_k") else qtype
+
+
 # ferroquant qtype name -> the format's name in the kernels.
-FORMATS = {
-    "nf4": "nf4",
-    "int8": "int8",
-    "q4_0": "q4_0",
-    "q8_0": "q8_0",
-    "q4_k": "q4_K",
-    "q5_k": "q5_K",
-    "q6_k": "q6_K",
-}
+FORMATS = {q: kernel_format(q) for q in KERNEL_QTYPES}
 ACTS = ("bf16", "fp16")
 GEMV_M = (1, 2, 4, 8, 16)  # token-count instantiations of the GEMV kernel
 GEMV_WARPS = 4  # FQ_GEMV_WARPS in qmatmul.cu

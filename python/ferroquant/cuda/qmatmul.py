@@ -30,17 +30,29 @@ from typing import Any
 
 import torch
 
+from .. import _native
+from ..qtypes import qtype_info
 from . import nvrtc as _cuda
 
-# ggml formats: (weights per block QK, bytes per block, offset of the quant bytes QB, QB, lane
-# steps per block SPB). The meta bytes are the rest of the block, in their original order.
-GGML_SPLIT = {
-    "q4_0": (32, 18, 2, 16, 1),
-    "q8_0": (32, 34, 2, 32, 2),
-    "q4_k": (256, 144, 16, 128, 8),
-    "q5_k": (256, 176, 16, 160, 8),
-    "q6_k": (256, 210, 0, 192, 8),
-}
+# Lane steps per block (SPB) of each ggml format's kernels: the one number that is the kernels'
+# own. Everything else about the block comes from the Rust core's table.
+_GGML_LANE_STEPS = {"q4_0": 1, "q8_0": 2, "q4_k": 8, "q5_k": 8, "q6_k": 8}
+
+
+def _ggml_split() -> dict[str, tuple[int, int, int, int, int]]:
+    """qtype -> (weights per block QK, bytes per block, offset of the quant bytes QB, QB, SPB),
+    from the Rust qtype table and block structs. The meta bytes are the rest of the block, in
+    their original order."""
+    spans = {name: (offset, length) for name, offset, length in _native.block_quant_spans()}
+    split = {}
+    for qtype, spb in _GGML_LANE_STEPS.items():
+        info = qtype_info(qtype)
+        offset, length = spans[qtype]
+        split[qtype] = (info.block_size, info.type_size, offset, length, spb)
+    return split
+
+
+GGML_SPLIT = _ggml_split()
 # nf4 / int8: (QK, SPB) of the kernels' pseudo-blocks.
 FLAT = {"nf4": (32, 1), "int8": (32, 2)}
 MAX_GEMV_M = 16

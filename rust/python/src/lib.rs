@@ -212,6 +212,12 @@ fn block_struct_sizes() -> Vec<(&'static str, usize)> {
     core::formats::blocks::BLOCK_SIZES.to_vec()
 }
 
+/// (qtype, byte offset, byte length) of each ggml block's quantized values (the rest is scales).
+#[pyfunction]
+fn block_quant_spans() -> Vec<(&'static str, usize, usize)> {
+    core::formats::blocks::QUANT_SPANS.to_vec()
+}
+
 /// The instruction set the quantizers use here ("avx2" or "scalar").
 #[pyfunction]
 fn simd_level() -> &'static str {
@@ -236,6 +242,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(block_struct_sizes, m)?)?;
+    m.add_function(wrap_pyfunction!(block_quant_spans, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;

@@ -169,3 +169,46 @@ pub fn nearest_int(fval: f32) -> i32 {
     let val = fval + 12_582_912.0;
     ((val.to_bits() & 0x007f_ffff) as i32) - 0x0040_0000
 }
+
+/// Where each ggml block keeps its quantized values: (qtype, byte offset, byte length) of the one
+/// contiguous run of quant fields (qs, and qh / hmask / ql where the format has them); the rest
+/// of the block is scales. The CUDA path stores the two apart (`ferroquant.cuda.qmatmul`'s split
+/// layout) and takes these spans from here rather than from a table of its own.
+pub const QUANT_SPANS: [(&str, usize, usize); 12] = [
+    ("q4_0", std::mem::offset_of!(BlockQ4_0, qs), QK4_0 / 2),
+    ("q4_1", std::mem::offset_of!(BlockQ4_1, qs), QK4_1 / 2),
+    ("q5_0", std::mem::offset_of!(BlockQ5_0, qh), 4 + QK5_0 / 2),
+    ("q5_1", std::mem::offset_of!(BlockQ5_1, qh), 4 + QK5_1 / 2),
+    ("q8_0", std::mem::offset_of!(BlockQ8_0, qs), QK8_0),
+    ("q2_k", std::mem::offset_of!(BlockQ2K, qs), QK_K / 4),
+    (
+        "q3_k",
+        std::mem::offset_of!(BlockQ3K, hmask),
+        QK_K / 8 + QK_K / 4,
+    ),
+    ("q4_k", std::mem::offset_of!(BlockQ4K, qs), QK_K / 2),
+    (
+        "q5_k",
+        std::mem::offset_of!(BlockQ5K, qh),
+        QK_K / 8 + QK_K / 2,
+    ),
+    (
+        "q6_k",
+        std::mem::offset_of!(BlockQ6K, ql),
+        QK_K / 2 + QK_K / 4,
+    ),
+    ("iq4_nl", std::mem::offset_of!(BlockIQ4NL, qs), QK4_NL / 2),
+    ("iq4_xs", std::mem::offset_of!(BlockIQ4XS, qs), QK_K / 2),
+];
+
+// The multi-field spans above are contiguous: each second field starts where the first ends.
+const _: () =
+    assert!(std::mem::offset_of!(BlockQ5_0, qs) == std::mem::offset_of!(BlockQ5_0, qh) + 4);
+const _: () =
+    assert!(std::mem::offset_of!(BlockQ5_1, qs) == std::mem::offset_of!(BlockQ5_1, qh) + 4);
+const _: () =
+    assert!(std::mem::offset_of!(BlockQ3K, qs) == std::mem::offset_of!(BlockQ3K, hmask) + QK_K / 8);
+const _: () =
+    assert!(std::mem::offset_of!(BlockQ5K, qs) == std::mem::offset_of!(BlockQ5K, qh) + QK_K / 8);
+const _: () =
+    assert!(std::mem::offset_of!(BlockQ6K, qh) == std::mem::offset_of!(BlockQ6K, ql) + QK_K / 2);
