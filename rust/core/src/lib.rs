@@ -3,6 +3,8 @@
 //! format and multithreading that never changes a result. No Python here: the bindings live in
 //! `rust/python`.
 
+pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod formats;
 pub mod gguf;

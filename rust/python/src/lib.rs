@@ -211,10 +211,17 @@ fn block_struct_sizes() -> Vec<(&'static str, usize)> {
     core::formats::blocks::BLOCK_SIZES.to_vec()
 }
 
-/// The instruction set the quantizers use here ("avx2" or "scalar").
+/// The instruction set the quantizers use here ("avx2", "neon+dotprod", "neon" or "scalar").
 #[pyfunction]
 fn simd_level() -> &'static str {
-    core::formats::simd::level()
+    core::cpu::level()
+}
+
+/// The widest instruction set the matmul kernels and the runtime use here ("avx512-vnni",
+/// "avx512", "avx2", "neon-dotprod", "neon" or "scalar").
+#[pyfunction]
+fn kernel_simd_level() -> &'static str {
+    core::cpu::kernel_level()
 }
 
 #[pyfunction]
@@ -237,6 +244,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block_struct_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;

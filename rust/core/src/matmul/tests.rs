@@ -259,7 +259,7 @@ fn q16_references_within_bound() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn simd_paths_are_bit_identical_to_references() {
-    if !crate::formats::simd::has_avx2() {
+    if !crate::cpu::has_avx2() {
         return;
     }
     let mut rng = Rng(0x0bad_cafe_dead_f00d);

@@ -1,4 +1,4 @@
-//! AVX2 versions of the dot products in `reference.rs`, chosen at run time (`simd::has_avx2`,
+//! AVX2 versions of the dot products in `reference.rs`, chosen at run time (`cpu::has_avx2`,
 //! which honours FERROQUANT_FORCE_SCALAR). Integer sums are exact, so any summation order gives
 //! the reference's integers; float products and lane accumulations are the reference's
 //! operations in the reference's order (separate multiply and add, no FMA), so the results are
@@ -171,23 +171,12 @@ pub(crate) const KVALUES_IQ4NL_U8: [u8; 16] = {
     t
 };
 
-/// True when the AVX-512 VNNI integer dot products may run (AVX2 allowed, not forced scalar).
-pub fn has_vnni() -> bool {
-    use std::sync::OnceLock;
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        crate::formats::simd::has_avx2()
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    })
-}
-
 /// `dot_block32` with AVX-512 VNNI: per block `dpbusd(w + BIAS, x)` (u8 x i8 products summed
 /// in i32, exact: 4 * 255 * 127 per step) minus `BIAS * Σx` (`xsum`, the activation block's
 /// quant sum) is the same integer as the reference's Σ w x; the float part is `dot_block32`'s.
 ///
 /// # Safety
-/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`has_vnni`); every `x[r]`, `xd[r]`,
+/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`cpu::has_vnni`); every `x[r]`, `xd[r]`,
 /// `xsum[r]` has at least `w.len()` entries.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
@@ -427,9 +416,7 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
 
 mod row_k;
 pub(crate) use row_k::shift_bit_to_4;
-pub use row_k::{
-    dot_block_k, dot_block_k_prefetch, has_row_k_vnni, interleave_k4, DecodedK, SumsK, XZ_BLOCK,
-};
+pub use row_k::{dot_block_k, dot_block_k_prefetch, interleave_k4, DecodedK, SumsK, XZ_BLOCK};
 
 mod k_low;
 pub use k_low::scales_q3_k_kmask;

@@ -422,7 +422,7 @@ pub(super) fn attend_one(
 pub(super) fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::formats::simd::has_avx2()
+        crate::cpu::has_avx2()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

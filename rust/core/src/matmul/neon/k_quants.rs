@@ -4,10 +4,10 @@
 
 use std::arch::aarch64::*;
 
-#[cfg(test)]
-use super::has_dotprod;
 pub(super) use super::{load_i8, load_u8};
 use super::{IDot, Mull, Sdot};
+#[cfg(test)]
+use crate::cpu::has_dotprod;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 

@@ -20,7 +20,7 @@
 //! (int8 copies the last bytes to a zeroed buffer) and leave the lanes with no element alone
 //! (int8: a blend). Activations are read up to `q16_row_len(K)` (the zero padding).
 //!
-//! Safety of every function here: as `x86.rs` (AVX2 and FMA checked by the callers: `has_fma`),
+//! Safety of every function here: as `x86.rs` (AVX2 and FMA checked by the callers: `cpu::has_fma`),
 //! lengths checked by the entry points.
 
 use std::arch::x86_64::*;
@@ -236,8 +236,8 @@ fn in_pairs<const R: usize>(
 /// 32, a block size not a power of two from 32 on) run the reference.
 ///
 /// # Safety
-/// AVX2 and FMA present (the caller checks `crate::formats::simd::has_avx2()` and
-/// `x86::has_fma()`). Lengths are checked here (panics): one absmax per block, `xq[r]` at least
+/// AVX2 and FMA present (the caller checks `crate::cpu::has_avx2()` and
+/// `crate::cpu::has_fma()`). Lengths are checked here (panics): one absmax per block, `xq[r]` at least
 /// `q16_row_len(K)` values, `xd[r]` at least `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_nf4_q16_avx2<const R: usize>(
@@ -453,8 +453,8 @@ impl<const R: usize> Int8Row<'_, R> {
 /// of two from 32 on) runs the reference.
 ///
 /// # Safety
-/// AVX2 and FMA present (the caller checks `crate::formats::simd::has_avx2()` and
-/// `x86::has_fma()`). Lengths are checked here (panics): one scale per block, `xq[r]` at least
+/// AVX2 and FMA present (the caller checks `crate::cpu::has_avx2()` and
+/// `crate::cpu::has_fma()`). Lengths are checked here (panics): one scale per block, `xq[r]` at least
 /// `q16_row_len(K)` values, `xd[r]` at least `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_int8_q16_avx2<const R: usize>(

@@ -11,7 +11,7 @@ use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LA
 
 mod vnni;
 use vnni::dot_row_k_vnni;
-pub use vnni::{has_row_k_vnni, interleave_k4, XZ_BLOCK};
+pub use vnni::{interleave_k4, XZ_BLOCK};
 #[cfg(test)]
 mod tests;
 
@@ -36,7 +36,7 @@ pub trait SumsK: BlockK {
     /// AVX2 must be available; `d` comes from `self.decode()`.
     unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32);
     /// `reference::dot_block_k` by the AVX-512 row kernel (`vnni.rs`, `long`: with the weight
-    /// prefetch) where this format has one and the CPU runs it (`has_row_k_vnni`), else None.
+    /// prefetch) where this format has one and the CPU runs it (`cpu::has_vnni_bw`), else None.
     /// `xz[r]`: `x[r]`'s quants by `interleave_k4` (None if too short).
     ///
     /// # Safety
@@ -66,7 +66,7 @@ macro_rules! row_z {
             long: bool,
         ) -> Option<[f32; R]> {
             let xz_ok = xz.iter().all(|v| v.len() >= XZ_BLOCK * w.len());
-            if xz_ok && has_row_k_vnni() {
+            if xz_ok && crate::cpu::has_vnni_bw() {
                 // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's; xz
                 // checked above.
                 Some(unsafe { dot_row_k_vnni(w, x, xz, long) })

@@ -13,7 +13,7 @@
 //! last whole group on the same lanes in scalar code, then `hsum8`: the same bits as
 //! `reference::dot_block32` for every output, wherever it sits in a tile.
 //!
-//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI at run time (`has_vnni`)
+//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI at run time (`cpu::has_vnni`)
 //! and pass slices of the lengths stated on each function.
 
 use std::arch::x86_64::*;
@@ -168,7 +168,7 @@ pub struct RowsQ8<'a> {
 /// weight row `i` with activation row `r`, bit for bit `reference::dot_block32`'s.
 ///
 /// # Safety
-/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`has_vnni`). Every `w[i]` has `nb` blocks;
+/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`cpu::has_vnni`). Every `w[i]` has `nb` blocks;
 /// `x` has `out.len()` rows of `nb` blocks (`xt`: `nb / 8 * 256` bytes per row).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(

@@ -9,7 +9,7 @@
 //! operations lane-wise; the super-blocks after the last whole group use the row kernel's
 //! decode (`SumsK`) and the same float operations. Bit-identical to `reference::dot_block_k`.
 //!
-//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI (`has_vnni`).
+//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI (`cpu::has_vnni`).
 
 use std::arch::x86_64::*;
 

@@ -9,7 +9,7 @@ use crate::matmul::reference::BlockQ8K;
 /// One panel with one activation row: `w` holds `x.len()` super-blocks of `SB_BYTES`.
 ///
 /// # Safety
-/// AVX2, F16C and AVX-512F/VL/VNNI must be available (`has_vnni`); `w.len() >= x.len() *
+/// AVX2, F16C and AVX-512F/VL/VNNI must be available (`cpu::has_vnni`); `w.len() >= x.len() *
 /// SB_BYTES`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn panel_k<const Q6: bool>(w: &[u8], x: &[BlockQ8K]) -> [f32; 8] {

@@ -53,7 +53,7 @@ fn check_all(
 }
 
 fn have() -> bool {
-    crate::formats::simd::has_avx2() && super::super::has_fma()
+    crate::cpu::has_avx2() && crate::cpu::has_fma()
 }
 
 #[test]

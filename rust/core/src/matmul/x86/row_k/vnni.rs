@@ -21,7 +21,7 @@
 //! lanes of a super-block's sums are folded to 8 only at the group's end (a `vextracti64x4` at
 //! the end of each chain cost 1.7x in the loop).
 //!
-//! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`has_row_k_vnni`).
+//! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`).
 
 use std::arch::x86_64::*;
 
@@ -29,18 +29,6 @@ use super::super::{lanes_of, prefetch_ahead};
 use super::SumsK;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K, LANES};
-
-/// True when the AVX-512 K-quant row kernel may run (`has_vnni` plus AVX-512 F/BW).
-pub fn has_row_k_vnni() -> bool {
-    use std::sync::OnceLock;
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        super::super::has_vnni()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("f16c")
-    })
-}
 
 /// One super-block decoded for `dot_row_k_vnni`.
 #[derive(Clone, Copy)]
@@ -337,7 +325,7 @@ fn fold(v: __m512i) -> __m256i {
 /// last whole group of 8).
 ///
 /// # Safety
-/// `has_row_k_vnni()` must be true; every `x[r]` has at least `w.len()` blocks and every
+/// `crate::cpu::has_vnni_bw()` must be true; every `x[r]` has at least `w.len()` blocks and every
 /// `xz[r]` at least `XZ_BLOCK * w.len()` bytes.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
