@@ -16,8 +16,7 @@ pub mod quantize;
 pub mod runtime;
 
 pub use error::{Error, Result};
+pub use formats::tensor::{DoubleQuant, Quantized, QuantizedView, ScaleMode};
 pub use input::{Elems, Matrix};
 pub use qtype::{QType, QTypeInfo, QTYPES};
-pub use quantize::{
-    dequantize, quantize, DoubleQuant, Options, Quantized, QuantizedView, ScaleMode,
-};
+pub use quantize::{dequantize, quantize, Options};

@@ -176,7 +176,7 @@ fn dequantize<'py>(
         stats: stats_s,
         double_quant: dq.as_ref(),
     };
-    core::quantize::validate_view(&view).map_err(to_py)?;
+    core::formats::tensor::validate_view(&view).map_err(to_py)?;
     let out = py.detach(|| {
         let mut out = vec![0f32; n];
         core::dequantize(&view, &mut out).map(|_| out)

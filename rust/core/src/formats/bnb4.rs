@@ -35,9 +35,9 @@
 
 use super::bnb_dynamic::{self, CODE_SIZE, DQ_BLOCK_SIZE};
 use crate::error::{Error, Result};
+use crate::formats::tensor::{DoubleQuant, Quantized, QuantizedView};
 use crate::input::{map_rows, map_rows_out, Matrix};
 use crate::qtype::QType;
-use crate::quantize::{DoubleQuant, Quantized, QuantizedView};
 
 /// bitsandbytes' NF4 code (`get_4bit_type("nf4")`), nibble order = sorted order.
 #[allow(clippy::excessive_precision)]

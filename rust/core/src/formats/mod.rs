@@ -14,6 +14,7 @@ pub mod legacy;
 pub mod legacy_avx2;
 pub mod legacy_imatrix;
 pub mod legacy_neon;
+pub mod tensor;
 
 use crate::qtype::QType;
 

@@ -42,9 +42,9 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::formats::blocks::*;
+use crate::formats::tensor::QuantizedView;
 use crate::parallel;
 use crate::qtype::QType;
-use crate::quantize::QuantizedView;
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.

@@ -4,8 +4,8 @@
 use super::reference::{self, BlockQ8K};
 use super::*;
 use crate::error::{Error, Result};
+use crate::formats::tensor::{validate_view, QuantizedView, ScaleMode};
 use crate::qtype::QType;
-use crate::quantize::{validate_view, QuantizedView, ScaleMode};
 
 fn bad(msg: String) -> Error {
     Error::InvalidArgument(msg)

@@ -13,7 +13,7 @@ use super::reference::{self as r, BlockQ8K};
 use super::*;
 use crate::error::Error;
 use crate::formats::legacy;
-use crate::quantize::ScaleMode;
+use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
 pub(crate) mod formats;

@@ -571,8 +571,8 @@ fn q16_dispatch_takes_neon_for_nf4_and_int8() {
 /// format and M = 1..6 (groups of 4 rows, then single rows).
 #[test]
 fn qmatmul_on_aarch64_equals_the_references() {
+    use crate::formats::tensor::QuantizedView;
     use crate::qtype::QType;
-    use crate::quantize::QuantizedView;
     let mut rng = Rng(0x2468_ace0_1357_9bdf);
     let (n, nb) = (3usize, 9usize);
     let cases: [(QType, &[usize]); 12] = [

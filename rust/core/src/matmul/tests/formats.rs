@@ -16,7 +16,7 @@ use super::super::reference::{self as r, BlockQ8_1};
 use super::super::*;
 use super::{blocks, view, Rng};
 use crate::formats::ggml_dequantize_row;
-use crate::quantize::ScaleMode;
+use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
 /// The new 32-weight formats and the offsets of their f16 fields (d, m).

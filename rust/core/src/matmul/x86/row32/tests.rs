@@ -313,8 +313,8 @@ fn row32_mem_bench() {
 /// is the reference's, for N = 1..=9 and rows of 18 (SmolLM2's 576), 65 and 64 blocks.
 #[test]
 fn qmatmul_m1_rows_equal_reference() {
+    use crate::formats::tensor::QuantizedView;
     use crate::matmul::{qmatmul, QType};
-    use crate::quantize::QuantizedView;
     fn run<W: Row32>(rng: &mut Rng, qtype: QType) {
         let size = std::mem::size_of::<W>();
         for nb in [18usize, 64, 65] {
