@@ -8,9 +8,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::super::reference::q16::test_rows as q16_test;
 use super::super::reference::{self as r, BlockQ8K};
 use super::super::tests::formats::q8_1_row;
+use super::super::tests::q16_rows as q16_test;
 use super::super::tests::{blocks, Rng};
 use super::*;
 use crate::cpu::has_neon;

@@ -5,8 +5,8 @@
 //! values, zero blocks), weight scales ordinary, zero, huge and tiny.
 
 use super::*;
-use crate::matmul::reference::q16::test_rows::{rows, stats};
 use crate::matmul::reference::q16::{q16_row_len, quantize_row_q16, NF4_ONE};
+use crate::matmul::tests::q16_rows::{rows, stats};
 use crate::matmul::tests::Rng;
 
 const NF4_K: [usize; 7] = [32, 64, 96, 160, 4096, 8224, 16416];
