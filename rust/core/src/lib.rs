@@ -3,6 +3,10 @@
 //! format and multithreading that never changes a result. No Python here: the bindings live in
 //! `rust/python`.
 
+// Every `unsafe` block says why it is sound (`// SAFETY: ...`), every `unsafe fn` what its
+// caller must guarantee (`# Safety`): `cargo clippy -- -D warnings` refuses a missing one.
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 pub mod config;
 pub mod cpu;
 pub mod error;

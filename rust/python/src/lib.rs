@@ -1,6 +1,10 @@
 //! ferroquant._native: thin PyO3 bindings over ferroquant-core. Only conversion, GIL release
 //! and error mapping live here; no numerics.
 
+// Every `unsafe` block says why it is sound (`// SAFETY: ...`), every `unsafe fn` what its
+// caller must guarantee (`# Safety`): `cargo clippy -- -D warnings` refuses a missing one.
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 use ferroquant_core as core;
 
 mod gguf;

@@ -44,8 +44,10 @@ pub fn legacy_avx2(qtype: QType) -> bool {
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn quantize_row_legacy_avx2(qtype: QType, x: &[f32], out: &mut [u8]) {
     match qtype {
-        // SAFETY (both): the caller guarantees AVX2 and F16C, all these functions need.
+        // SAFETY: the caller guarantees AVX2 and F16C, all the AVX2 quantizers need; they
+        // check the lengths of x and out themselves.
         QType::Q8_0 => unsafe { legacy_avx2::quantize_row_q8_0(x, out) },
+        // SAFETY: as for q8_0.
         QType::Q4_0 => unsafe { legacy_avx2::quantize_row_q4_0(x, out) },
         _ => ggml_quantize_row_scalar(qtype, x, out, None),
     }

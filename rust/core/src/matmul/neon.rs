@@ -397,13 +397,15 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
 ) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
-    // SAFETY (all intrinsics below): NEON (module comment).
+    // SAFETY: NEON is baseline on aarch64 (module comment); no memory is touched.
     let zero = unsafe { vdupq_n_s32(0) };
+    // SAFETY: as above.
     let mut acc = [[unsafe { vdupq_n_f32(0.0) }; 2]; R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         // (loops, not closures: LLVM left closures out of line, and a closure would not inherit
         // the entry point's `dotprod`)
+        // SAFETY: NEON is baseline (module comment); no memory is touched.
         let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; LANES];
         let mut dh = [0u16; LANES];
         let mut mh = [0u16; LANES];

@@ -370,6 +370,8 @@ pub(super) struct Cols(pub(super) *mut f32, pub(super) usize);
 // SAFETY: tasks write disjoint elements only (see `matmul_with`); the pointer outlives them
 // (the parallel loop returns before `out` is released).
 unsafe impl Send for Cols {}
+// SAFETY: shared between the tasks of one parallel loop, which only call `write` on disjoint
+// element ranges (its contract), so no element is accessed by two threads.
 unsafe impl Sync for Cols {}
 
 impl Cols {

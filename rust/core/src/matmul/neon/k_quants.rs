@@ -126,7 +126,7 @@ impl DecodeK for BlockQ6K {
     /// `reference::unpack_q6_k` minus 32, 16 lanes of l at a time.
     #[inline(always)]
     fn decode(&self) -> DecodedK {
-        // SAFETY (the whole function): NEON (module comment).
+        // SAFETY: decode_q6 needs only NEON, baseline on aarch64 (module comment).
         unsafe { self.decode_q6() }
     }
 }

@@ -225,7 +225,9 @@ unsafe fn bytes_range<D: Decode16, const R: usize>(
             }
         };
     let zero = [[_mm512_setzero_ps(); 4]; R];
-    // SAFETY (all steps): the positions read are inside the row (asserts above).
+    // SAFETY: every step reads positions in i0..i1 <= K of the weights and of each activation
+    // row (asserted above: K = q.len() = x[r].len(), one scale per block); AVX-512 F/BW/VL, FMA
+    // and F16C are the caller's contract (`cpu::has_avx512`).
     unsafe {
         if block_len == 32 {
             // Two blocks of 32 fill the four registers: parts of each, then their scales.

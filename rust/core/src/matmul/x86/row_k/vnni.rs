@@ -366,15 +366,18 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
         let mut msum = [[_mm256_setzero_si256(); LANES]; R];
         // Software-pipelined by one super-block: the decode of j + 1 (its scales are a long
         // dependency chain) is issued before the sums of j.
+        // SAFETY: AVX2 and AVX-512 F/BW/VL, the caller's contract (`cpu::has_vnni_bw`).
         let mut next = unsafe { wg[0].decode_z() };
         for j in 0..LANES {
             let dz = next;
             if j + 1 < LANES {
+                // SAFETY: as above; j + 1 < 8 = wg.len().
                 next = unsafe { wg[j + 1].decode_z() };
             }
             let b = g * LANES + j;
             for rr in 0..R {
                 let xq = &xz[rr][XZ_BLOCK * b..XZ_BLOCK * (b + 1)];
+                // SAFETY: AVX-512 VNNI/BW (contract); xq is one whole XZ_BLOCK (a checked slice).
                 let (i, m) = unsafe { sums_z(&dz, xq) };
                 isum[rr][j] = i;
                 msum[rr][j] = m;
@@ -388,14 +391,20 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
             hd[j] = u16::from_le_bytes(d);
             hm[j] = u16::from_le_bytes(dmin);
         }
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hd.as_ptr() as *const __m128i) });
-        let dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hm.as_ptr() as *const __m128i) });
+        // SAFETY: hd and hm are 8 u16, the 16 bytes loaded; F16C (contract).
+        let (dw, dmin) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(hd.as_ptr() as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(hm.as_ptr() as *const __m128i)),
+            )
+        };
         for rr in 0..R {
             let xg = &xz[rr][XZ_BLOCK * g * LANES..XZ_BLOCK * (g + 1) * LANES];
             let mut xd = [0.0f32; LANES];
             for (v, blk) in xd.iter_mut().zip(xg.chunks_exact(XZ_BLOCK)) {
                 *v = f32::from_le_bytes([blk[XZ_D], blk[XZ_D + 1], blk[XZ_D + 2], blk[XZ_D + 3]]);
             }
+            // SAFETY: xd is 8 f32, the 32 bytes loaded; AVX (contract).
             let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
             let mut f = [_mm256_setzero_si256(); LANES];
             for (o, &v) in f.iter_mut().zip(&isum[rr]) {
@@ -425,10 +434,12 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
     }
     for b in groups * LANES..nb {
         let wb = &w[b];
+        // SAFETY: AVX2 (implied by the contract, `cpu::has_vnni_bw`).
         let q = unsafe { wb.decode() };
         let (d, dmin) = wb.d_dmin();
         for (rr, l) in lanes.iter_mut().enumerate() {
             let xb = &x[rr][b];
+            // SAFETY: AVX2 (contract); q is wb.decode().
             let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
             l[b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
         }
