@@ -98,19 +98,14 @@ pub fn has_dotprod() -> bool {
 }
 
 /// The best instruction set the quantizers use: "avx2"; on aarch64 "neon+dotprod" or "neon";
-/// or "scalar". (`_native.simd_level()`; `kernel_level` says what the matmul kernels use.)
+/// or "scalar" (`_native.simd_level()`). The quantizers' x86 paths stop at AVX2, so this is
+/// `kernel_level` with every x86 level named "avx2".
 pub fn level() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        return "avx2";
+    match kernel_level() {
+        "avx512-vnni" | "avx512" | "avx2" => "avx2",
+        "neon-dotprod" => "neon+dotprod",
+        other => other,
     }
-    #[cfg(target_arch = "aarch64")]
-    if has_dotprod() {
-        return "neon+dotprod";
-    } else if has_neon() {
-        return "neon";
-    }
-    "scalar"
 }
 
 /// The widest instruction set the quantized matmul kernels (and the runtime on them) use:
