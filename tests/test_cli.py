@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +23,25 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_doctor_reports_threads_simd_and_peers():
     r = run("doctor", "--json")
     assert r.returncode == 0, r.stderr
+    assert r.stderr == "", "doctor must not pass on a peer's import noise"
     info = json.loads(r.stdout)
-    assert info["threads"] >= 1 and info["simd"] in ("avx2", "neon", "neon+dotprod", "scalar")
-    assert set(info["peers"]) >= {"numpy", "torch", "gguf", "bitsandbytes"}
+    assert info["threads"] >= 1
+    assert info["simd_quantizers"] in ("avx2", "neon", "neon+dotprod", "scalar")
+    levels = ("avx512-vnni", "avx512", "avx2", "neon-dotprod", "neon", "scalar")
+    assert info["simd_kernels"] in levels
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if (
+        " avx512_vnni" in flags
+        and " avx512bw" in flags
+        and "FERROQUANT_FORCE_SCALAR" not in os.environ
+    ):
+        assert info["simd_kernels"] == "avx512-vnni"  # what the runtime's VNNI panels use
+    peers = info["peers"]
+    assert set(peers) >= {"numpy", "torch", "gguf", "bitsandbytes", "transformers", "llama_cpp"}
+    for name in ("numpy", "gguf", "torch", "transformers"):  # installed by the test setup
+        assert peers[name][0].isdigit(), (name, peers[name])
+    text = run("doctor")
+    assert text.returncode == 0 and text.stdout.startswith("ferroquant "), text.stdout[:200]
 
 
 def test_demo_on_the_default_weights_covers_every_format():

@@ -67,7 +67,7 @@ def run(
 def format_table(rows: list[dict[str, Any]], shape: tuple[int, int]) -> str:
     lines = [
         f"ferroquant bench: {shape[0]}x{shape[1]} float32, {_native.num_threads()} threads, "
-        f"simd {_native.simd_level()} (weights resident in cache: see benches/ for the "
+        f"simd {_native.kernel_simd_level()} (weights resident in cache: see benches/ for the "
         "cache-busting comparisons)",
         f"{'qtype':<10} {'quantize Mw/s':>14} {'matmul M=1 ms':>14} {'vs torch bf16':>14}",
     ]

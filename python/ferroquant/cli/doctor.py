@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "threads": _native.num_threads(),
-        "simd": _native.simd_level(),
+        "simd_kernels": _native.kernel_simd_level(),  # what the matmul kernels and runtime use
+        "simd_quantizers": _native.simd_level(),
         "settings": fq_config.describe(),
         "peers": {name: peer_version(dist) for name, dist in PEERS.items()},
         "cuda": _cuda_status(),

@@ -9,11 +9,9 @@ Weights are used in place from the memory-mapped file when ferroquant's quantize
 a kernel for their qtype (`ferroquant._native.qmatmul_qtypes()`); others are dequantized to f32
 once at load (`rt.load_report`). On x86-64 with AVX-512 VNNI the q8_0-valued (q8_0, q5_0),
 q4_K and q6_K matrices are copied once at load into 8-row panels for the runtime's own kernels
-(the same products bit for bit; FERROQUANT_RUNTIME_PACK=0 keeps them as stored). With
-FERROQUANT_RUNTIME_REGION=1 and two or more threads a decode step runs as one parallel region
-instead of one fork-join per matmul (experimental, off by default). The KV cache is f32 and
-holds one sequence: `forward` appends to it, `reset` empties it. Results do not depend on the
-thread count.
+(the same products bit for bit; FERROQUANT_RUNTIME_PACK=0 keeps them as stored). The KV cache
+is f32 and holds one sequence: `forward` appends to it, `reset` empties it. Results do not
+depend on the thread count.
 """
 
 from __future__ import annotations

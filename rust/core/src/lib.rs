@@ -3,6 +3,12 @@
 //! format and multithreading that never changes a result. No Python here: the bindings live in
 //! `rust/python`.
 
+// Every `unsafe` block says why it is sound (`// SAFETY: ...`), every `unsafe fn` what its
+// caller must guarantee (`# Safety`): `cargo clippy -- -D warnings` refuses a missing one.
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod formats;
 pub mod gguf;
@@ -14,8 +20,7 @@ pub mod quantize;
 pub mod runtime;
 
 pub use error::{Error, Result};
+pub use formats::tensor::{DoubleQuant, Quantized, QuantizedView, ScaleMode};
 pub use input::{Elems, Matrix};
 pub use qtype::{QType, QTypeInfo, QTYPES};
-pub use quantize::{
-    dequantize, quantize, DoubleQuant, Options, Quantized, QuantizedView, ScaleMode,
-};
+pub use quantize::{dequantize, quantize, Options};

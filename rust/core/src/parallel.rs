@@ -17,10 +17,7 @@ fn build(threads: usize) -> Arc<ThreadPool> {
 }
 
 fn default_threads() -> usize {
-    std::env::var("FERROQUANT_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
+    crate::config::num_threads()
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 

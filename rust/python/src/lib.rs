@@ -1,6 +1,10 @@
 //! ferroquant._native: thin PyO3 bindings over ferroquant-core. Only conversion, GIL release
 //! and error mapping live here; no numerics.
 
+// Every `unsafe` block says why it is sound (`// SAFETY: ...`), every `unsafe fn` what its
+// caller must guarantee (`# Safety`): `cargo clippy -- -D warnings` refuses a missing one.
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
 use ferroquant_core as core;
 
 mod cuda_sources;
@@ -177,7 +181,7 @@ fn dequantize<'py>(
         stats: stats_s,
         double_quant: dq.as_ref(),
     };
-    core::quantize::validate_view(&view).map_err(to_py)?;
+    core::formats::tensor::validate_view(&view).map_err(to_py)?;
     let out = py.detach(|| {
         let mut out = vec![0f32; n];
         core::dequantize(&view, &mut out).map(|_| out)
@@ -218,10 +222,17 @@ fn block_quant_spans() -> Vec<(&'static str, usize, usize)> {
     core::formats::blocks::QUANT_SPANS.to_vec()
 }
 
-/// The instruction set the quantizers use here ("avx2" or "scalar").
+/// The instruction set the quantizers use here ("avx2", "neon+dotprod", "neon" or "scalar").
 #[pyfunction]
 fn simd_level() -> &'static str {
-    core::formats::simd::level()
+    core::cpu::level()
+}
+
+/// The widest instruction set the matmul kernels and the runtime use here ("avx512-vnni",
+/// "avx512", "avx2", "neon-dotprod", "neon" or "scalar").
+#[pyfunction]
+fn kernel_simd_level() -> &'static str {
+    core::cpu::kernel_level()
 }
 
 #[pyfunction]
@@ -245,6 +256,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block_quant_spans, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_sources::cuda_sources, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;

@@ -35,9 +35,9 @@
 
 use super::bnb_dynamic::{self, CODE_SIZE, DQ_BLOCK_SIZE};
 use crate::error::{Error, Result};
+use crate::formats::tensor::{DoubleQuant, Quantized, QuantizedView};
 use crate::input::{map_rows, map_rows_out, Matrix};
 use crate::qtype::QType;
-use crate::quantize::{DoubleQuant, Quantized, QuantizedView};
 
 /// bitsandbytes' NF4 code (`get_4bit_type("nf4")`), nibble order = sorted order.
 #[allow(clippy::excessive_precision)]
@@ -264,7 +264,9 @@ type BlockFn = fn(&[f32], &[f32; 15], &[u8; 16], bool, &mut [u8]) -> f32;
 fn fast_kernel() -> BlockFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") {
+        // The AVX2 block quantizer gives the portable one's bytes; it does not follow
+        // FERROQUANT_FORCE_SCALAR (never did), so it asks for the bare CPU feature.
+        if crate::cpu::avx2_detected() {
             // SAFETY: the function only needs AVX2, which the CPU was just checked to have.
             return |x, b, o, id, out| unsafe { quantize_block_avx2(x, b, o, id, out) };
         }

@@ -23,9 +23,9 @@
 
 use super::int8::{dequantize_scaled, quantize_scaled};
 use crate::error::Result;
+use crate::formats::tensor::{Quantized, QuantizedView, ScaleMode};
 use crate::input::Matrix;
 use crate::qtype::QType;
-use crate::quantize::{Quantized, QuantizedView, ScaleMode};
 
 /// Largest finite value of the format.
 pub fn fmax(qtype: QType) -> f32 {

@@ -17,9 +17,9 @@
 //! cols, or the block size), and dequantize checks it against the scale mode.
 
 use crate::error::{Error, Result};
+use crate::formats::tensor::{Quantized, QuantizedView, ScaleMode};
 use crate::input::{map_rows, map_rows_out, Matrix};
 use crate::qtype::QType;
-use crate::quantize::{Quantized, QuantizedView, ScaleMode};
 
 /// The scale of a group whose largest magnitude is `amax`.
 #[inline]

@@ -162,7 +162,7 @@ mod tests {
 
     #[test]
     fn avx2_paths_equal_the_scalar_references() {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+        if !crate::cpu::has_avx2() {
             return;
         }
         for seed in 0..50 {

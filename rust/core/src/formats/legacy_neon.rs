@@ -181,8 +181,8 @@ mod tests {
             assert_eq!(a, b, "{qtype:?}");
         }
         assert_eq!(
-            super::super::simd::legacy_neon(QType::Q8_0),
-            !super::super::simd::force_scalar()
+            super::super::legacy_neon(QType::Q8_0),
+            !crate::cpu::force_scalar()
         );
     }
 }

@@ -424,19 +424,13 @@ fn seeded_mutation_fuzz_never_panics() {
     let base = sample_file_bytes(&dir);
     std::fs::remove_dir_all(&dir).unwrap();
     let header_len = parse_header(&base).unwrap().data_offset as usize;
-    let seed: u64 = std::env::var("FERROQUANT_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x9e37_79b9_7f4a_7c15);
+    let seed = crate::config::fuzz_seed().unwrap_or(0x9e37_79b9_7f4a_7c15);
     let mut rng = Rng(seed | 1);
     let interesting: [u64; 8] = [0, 1, 0xff, 0xffff_ffff, 1 << 32, 1 << 63, u64::MAX, 13];
     let (mut ok, mut bad_count) = (0, 0);
     // FERROQUANT_FUZZ_ITERS runs it longer (e.g. a bounded-time CI job); the default keeps
     // `cargo test` fast.
-    let iters: usize = std::env::var("FERROQUANT_FUZZ_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let iters = crate::config::fuzz_iters().unwrap_or(20_000);
     for _ in 0..iters {
         let mut b = base.clone();
         for _ in 0..1 + rng.below(4) {

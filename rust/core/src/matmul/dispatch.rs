@@ -155,7 +155,7 @@ impl Plan<'_> {
         use x86::row32::dot_rows32;
         let rest = &self.w.data[n * self.row_bytes..];
         let (nb, rb) = (self.k / QK8_0, self.row_bytes);
-        // SAFETY: row32 is set only when `x86::row32::available()`; the activations were
+        // SAFETY: row32 is set only when `crate::cpu::has_vbmi_gfni()`; the activations were
         // prepared by `interleave::<W>` for the same K (one block per weight block); `rest`
         // holds the y.len() rows (the caller's part of the N rows) and any after them.
         unsafe {
@@ -277,13 +277,13 @@ impl Plan<'_> {
         let nf4 = self.w.qtype == QType::NF4;
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
-            // SAFETY: avx512 is set for nf4 / int8 only with `x86::q16::available()`; lengths
+            // SAFETY: avx512 is set for nf4 / int8 only with `crate::cpu::has_vnni_q16()`; lengths
             // checked by `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32
             // dividing K) and the activations quantized for this K (split for nf4).
             return unsafe { x86::q16::dot_q16_avx512(nf4, wrow, stats, bl, xq, xd) };
         }
         #[cfg(target_arch = "x86_64")]
-        if self.simd && x86::has_fma() {
+        if self.simd && crate::cpu::has_fma() {
             // SAFETY: AVX2, F16C and FMA detected; lengths checked by `plan` and the kernels.
             return unsafe {
                 if nf4 {
@@ -318,7 +318,7 @@ impl Plan<'_> {
         let bl = self.block_len;
         #[cfg(target_arch = "x86_64")]
         if self.avx512 {
-            // SAFETY: avx512 is set only when `x86::has_avx512` holds, K >= 64 for the one-byte
+            // SAFETY: avx512 is set only when `cpu::has_avx512` holds, K >= 64 for the one-byte
             // formats, and x is prepared as each kernel reads it (`plan`); lengths checked by
             // `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32).
             return unsafe {
@@ -329,7 +329,7 @@ impl Plan<'_> {
             };
         }
         #[cfg(target_arch = "x86_64")]
-        if self.simd && x86::has_fma() {
+        if self.simd && crate::cpu::has_fma() {
             // SAFETY: AVX2, F16C and FMA detected; lengths checked by `plan` (K/2 or K bytes,
             // one stat per block, nf4 blocks a multiple of 32).
             return unsafe {

@@ -42,9 +42,9 @@ use rayon::prelude::*;
 
 use crate::error::Result;
 use crate::formats::blocks::*;
+use crate::formats::tensor::QuantizedView;
 use crate::parallel;
 use crate::qtype::QType;
-use crate::quantize::QuantizedView;
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.
@@ -171,7 +171,7 @@ struct Plan<'a> {
     stats_per_row: usize,
     block_len: usize,
     simd: bool,
-    /// fp8: the AVX-512 kernels run (`x86::has_avx512`; x prepared for them); nf4 / int8: the
+    /// fp8: the AVX-512 kernels run (`cpu::has_avx512`; x prepared for them); nf4 / int8: the
     /// AVX-512 q16 kernels (`x86::q16::available`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
@@ -186,11 +186,11 @@ struct Plan<'a> {
 fn use_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::formats::simd::has_avx2()
+        crate::cpu::has_avx2()
     }
     #[cfg(target_arch = "aarch64")]
     {
-        neon::enabled()
+        crate::cpu::has_neon()
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
@@ -201,7 +201,7 @@ fn use_simd() -> bool {
 fn use_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        x86::has_vnni()
+        crate::cpu::has_vnni()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -214,9 +214,9 @@ fn use_vnni() -> bool {
 fn use_avx512(qtype: QType, simd: bool, k: usize, x: &[f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        simd && x86::has_avx512()
+        simd && crate::cpu::has_avx512()
             && match qtype {
-                QType::NF4 | QType::Int8 => x86::q16::available(),
+                QType::NF4 | QType::Int8 => crate::cpu::has_vnni_q16(),
                 QType::Fp8E5M2 => k >= reference::WIDE,
                 QType::Fp8E4M3 => k >= reference::WIDE && x86::e4m3_x_fits(x),
                 _ => false,
@@ -379,7 +379,7 @@ impl Plan<'_> {
         while u0 < units {
             for (p, l) in lanes[..np].iter_mut().enumerate() {
                 let (w, st) = (wrow(p), self.stats_of(n + p));
-                // SAFETY: avx512 is set for nf4 / int8 only with `x86::q16::available()`;
+                // SAFETY: avx512 is set for nf4 / int8 only with `crate::cpu::has_vnni_q16()`;
                 // lengths checked by `plan`, activations quantized for this K and kernel;
                 // pieces start at even units.
                 unsafe { x86::q16::q16_range(nf4, w, st, bl, xq, xd, u0..u0 + piece, ahead, l) };

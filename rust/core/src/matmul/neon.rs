@@ -1,5 +1,5 @@
 //! NEON (aarch64) versions of the dot products in `reference.rs`, chosen at run time
-//! (`enabled`, which honours FERROQUANT_FORCE_SCALAR). The same contract as `x86.rs`: integer
+//! (`cpu::has_neon`, which honours FERROQUANT_FORCE_SCALAR). The same contract as `x86.rs`: integer
 //! sums are exact, so any summation order gives the reference's integers; the float products
 //! and lane accumulations are the reference's operations in the reference's order (separate
 //! `vmulq_f32` and `vaddq_f32` where the references do not fuse, and LLVM does not contract
@@ -24,15 +24,15 @@
 //! configuration has it; the assertion below keeps it so), so calling a NEON intrinsic anywhere
 //! in this module is sound: the `unsafe` blocks around intrinsics cite this. `sdot` needs
 //! `dotprod`: it is reached only from the `_sdot` entry points, whose callers check
-//! `has_dotprod` (and the assembler refuses `sdot` in a function compiled without `dotprod`).
+//! `cpu::has_dotprod` (and the assembler refuses `sdot` in a function compiled without `dotprod`).
 //! Loads go through `load_*`, which check the length they read.
 
 use std::any::TypeId;
 use std::arch::aarch64::*;
 use std::arch::asm;
-use std::sync::OnceLock;
 
 use super::reference::{self as r, Block32, BlockK, BlockQ8K, LANES};
+use crate::cpu::has_dotprod;
 use crate::formats::blocks::*;
 use crate::qtype::QType;
 
@@ -45,17 +45,6 @@ pub use k_quants::sums_for_test;
 pub use k_quants::{dot_block_k_mull, dot_block_k_sdot, DecodeK, DecodedK};
 pub use q16::{dot_int8_q16, dot_nf4_q16};
 
-/// True when the NEON kernels may run (NEON present, FERROQUANT_FORCE_SCALAR unset).
-pub fn enabled() -> bool {
-    crate::formats::simd::has_neon()
-}
-
-/// True when the integer kernels may use `sdot` (NEON allowed and `dotprod` detected).
-pub fn has_dotprod() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| enabled() && std::arch::is_aarch64_feature_detected!("dotprod"))
-}
-
 // ---------------------------------------------------------------- dispatch (from mod.rs)
 
 #[cfg(test)]
@@ -66,7 +55,7 @@ thread_local! {
 }
 
 /// `reference::dot_block32` for R activation rows: NEON (`sdot` where the CPU has it) for the
-/// formats with a `Load32` below, the reference for any other `W`. Callers check `enabled`.
+/// formats with a `Load32` below, the reference for any other `W`. Callers check `cpu::has_neon`.
 pub fn dot_block32<W: Block32, const R: usize>(
     w: &[W],
     x: [&[BlockQ8_0]; R],
@@ -97,7 +86,7 @@ pub fn dot_block32<W: Block32, const R: usize>(
 }
 
 /// `reference::dot_block32_min` (q4_1 / q5_1 weights, q8_1 activations) for R rows: NEON for
-/// q4_1 and q5_1, the reference for any other `W`. Callers check `enabled`.
+/// q4_1 and q5_1, the reference for any other `W`. Callers check `cpu::has_neon`.
 pub fn dot_block32_min<W: Block32, const R: usize>(
     w: &[W],
     x: [&[BlockQ8_0]; R],
@@ -134,7 +123,7 @@ pub fn dot_block32_min<W: Block32, const R: usize>(
 }
 
 /// `reference::dot_block_k` for R activation rows: NEON for the formats with a `DecodeK` below,
-/// the reference for any other `W`. Callers check `enabled`.
+/// the reference for any other `W`. Callers check `cpu::has_neon`.
 pub fn dot_block_k<W: BlockK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [f32; R] {
     fn run<V: DecodeK, const R: usize>(w: &[V], x: [&[BlockQ8K]; R]) -> [f32; R] {
         #[cfg(test)]
@@ -172,7 +161,7 @@ pub fn dot_q16<const R: usize>(
     xq: [&[i16]; R],
     xd: [&[f32]; R],
 ) -> Option<[f32; R]> {
-    if !enabled() {
+    if !crate::cpu::has_neon() {
         return None;
     }
     let y = match qtype {
@@ -408,13 +397,15 @@ unsafe fn block32<W: Load32, D: IDot, const R: usize>(
 ) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
-    // SAFETY (all intrinsics below): NEON (module comment).
+    // SAFETY: NEON is baseline on aarch64 (module comment); no memory is touched.
     let zero = unsafe { vdupq_n_s32(0) };
+    // SAFETY: as above.
     let mut acc = [[unsafe { vdupq_n_f32(0.0) }; 2]; R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         // (loops, not closures: LLVM left closures out of line, and a closure would not inherit
         // the entry point's `dotprod`)
+        // SAFETY: NEON is baseline (module comment); no memory is touched.
         let mut wv = [[unsafe { vdupq_n_s8(0) }; 2]; LANES];
         let mut dh = [0u16; LANES];
         let mut mh = [0u16; LANES];

@@ -4,8 +4,8 @@
 use super::reference::{self, BlockQ8K};
 use super::*;
 use crate::error::{Error, Result};
+use crate::formats::tensor::{validate_view, QuantizedView, ScaleMode};
 use crate::qtype::QType;
-use crate::quantize::{validate_view, QuantizedView, ScaleMode};
 
 fn bad(msg: String) -> Error {
     Error::InvalidArgument(msg)
@@ -33,24 +33,6 @@ fn check_bnb_block(w: &QuantizedView<'_>) -> Result<usize> {
             allowed: "a power of two from 32 to 4096",
         })
     }
-}
-
-/// ggml's `quantize_row_q8_0_ref` of one activation row: the AVX2 quantizer of the q8_0
-/// weights where it runs (bit-identical to the reference, tested in `formats`), else the reference.
-fn quantize_acts_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::formats::simd::legacy_avx2(QType::Q8_0) {
-        // SAFETY: legacy_avx2 checked AVX2 and F16C; out holds x.len() / 32 blocks.
-        unsafe {
-            crate::formats::simd::quantize_row_legacy_avx2(
-                QType::Q8_0,
-                x,
-                bytemuck::cast_slice_mut(out),
-            )
-        };
-        return;
-    }
-    reference::quantize_row_q8_0(x, out);
 }
 
 /// Each row of `x` (rows of `k`) quantized into its share of `blocks` by `quant`, on the pool
@@ -96,7 +78,7 @@ fn quantize_q16<'a>(x: &[f32], m: usize, k: usize, nf4: bool, avx512: bool, par:
     let one = |((qr, dr), xr): ((&mut [i16], &mut [f32]), &[f32])| {
         #[cfg(target_arch = "x86_64")]
         if avx512 {
-            // SAFETY: avx512 (for nf4 / int8) is set only with `x86::q16::available()`; qr
+            // SAFETY: avx512 (for nf4 / int8) is set only with `crate::cpu::has_vnni_q16()`; qr
             // and dr are sized for xr (q16_row_len, one scale per 64).
             unsafe { x86::q16::quantize_row_q16_avx512(xr, per, nf4, qr, dr) };
             return;
@@ -228,7 +210,7 @@ pub(super) fn plan<'a>(
     #[cfg(target_arch = "x86_64")]
     let row32 = vnni
         && m == 1
-        && x86::row32::available()
+        && crate::cpu::has_vbmi_gfni()
         && matches!(
             w.qtype,
             QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL
@@ -239,7 +221,13 @@ pub(super) fn plan<'a>(
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
             let nb = k / QK8_0;
             let mut blocks = vec![BlockQ8_0::zeroed(); m * nb];
-            quantize_rows(x, k, &mut blocks, par, quantize_acts_q8_0);
+            quantize_rows(
+                x,
+                k,
+                &mut blocks,
+                par,
+                crate::formats::quantize_row_q8_0_blocks,
+            );
             let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
             let sums: Vec<i32> = blocks
                 .iter()
@@ -307,7 +295,7 @@ pub(super) fn plan<'a>(
             let xz = if !tile
                 && simd
                 && matches!(w.qtype, QType::Q4K | QType::Q5K | QType::Q6K)
-                && x86::has_row_k_vnni()
+                && crate::cpu::has_vnni_bw()
             {
                 let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
                 let q6 = w.qtype == QType::Q6K;

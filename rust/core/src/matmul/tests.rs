@@ -13,10 +13,11 @@ use super::reference::{self as r, BlockQ8K};
 use super::*;
 use crate::error::Error;
 use crate::formats::legacy;
-use crate::quantize::ScaleMode;
+use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
 pub(crate) mod formats;
+pub(crate) mod q16_rows;
 
 /// xorshift64: reproducible test data (also used by `neon/tests.rs`).
 pub(crate) struct Rng(pub(crate) u64);
@@ -259,7 +260,7 @@ fn q16_references_within_bound() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn simd_paths_are_bit_identical_to_references() {
-    if !crate::formats::simd::has_avx2() {
+    if !crate::cpu::has_avx2() {
         return;
     }
     let mut rng = Rng(0x0bad_cafe_dead_f00d);

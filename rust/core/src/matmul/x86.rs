@@ -1,4 +1,4 @@
-//! AVX2 versions of the dot products in `reference.rs`, chosen at run time (`simd::has_avx2`,
+//! AVX2 versions of the dot products in `reference.rs`, chosen at run time (`cpu::has_avx2`,
 //! which honours FERROQUANT_FORCE_SCALAR). Integer sums are exact, so any summation order gives
 //! the reference's integers; float products and lane accumulations are the reference's
 //! operations in the reference's order (separate multiply and add, no FMA), so the results are
@@ -48,6 +48,7 @@ pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
 #[inline]
 pub(crate) unsafe fn isum_vnni<W: Load32>(wu: __m256i, x: &BlockQ8_0, xsum: i32) -> i32 {
+    // SAFETY: the 32 bytes loaded are x.qs ([i8; 32]); AVX2 is this function's contract.
     let xv = unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) };
     hsum_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), wu, xv)) - W::BIAS * xsum
 }
@@ -171,23 +172,12 @@ pub(crate) const KVALUES_IQ4NL_U8: [u8; 16] = {
     t
 };
 
-/// True when the AVX-512 VNNI integer dot products may run (AVX2 allowed, not forced scalar).
-pub fn has_vnni() -> bool {
-    use std::sync::OnceLock;
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        crate::formats::simd::has_avx2()
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    })
-}
-
 /// `dot_block32` with AVX-512 VNNI: per block `dpbusd(w + BIAS, x)` (u8 x i8 products summed
 /// in i32, exact: 4 * 255 * 127 per step) minus `BIAS * Σx` (`xsum`, the activation block's
 /// quant sum) is the same integer as the reference's Σ w x; the float part is `dot_block32`'s.
 ///
 /// # Safety
-/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`has_vnni`); every `x[r]`, `xd[r]`,
+/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`cpu::has_vnni`); every `x[r]`, `xd[r]`,
 /// `xsum[r]` has at least `w.len()` entries.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn dot_block32_vnni<W: Load32, const R: usize>(
@@ -315,6 +305,7 @@ unsafe fn block32_vnni<W: Load32, const R: usize, const PF: bool>(
         }
         let mut wv = [_mm256_setzero_si256(); 8];
         for j in 0..LANES {
+            // SAFETY: AVX2, the caller's contract (`cpu::has_vnni`); wg[j] is one whole block.
             wv[j] = unsafe { wg[j].load_unsigned() };
         }
         let dw = halves8(std::array::from_fn(|j| wg[j].d()));
@@ -327,16 +318,22 @@ unsafe fn block32_vnni<W: Load32, const R: usize, const PF: bool>(
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [_mm256_setzero_si256(); 8];
             for j in 0..LANES {
+                // SAFETY: the 32 bytes loaded are xg[j].qs ([i8; 32]); AVX2 (contract).
                 let xv = unsafe { _mm256_loadu_si256(xg[j].qs.as_ptr() as *const __m256i) };
                 s[j] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[j], xv);
             }
+            // SAFETY: 8 i32 from g * 8: (g + 1) * 8 <= w.len() <= xsum[r].len()
+            // (groups = w.len() / 8 and the caller's contract).
             let xsm =
                 unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
             let isum = _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xsm));
+            // SAFETY: 8 f32 from g * 8: (g + 1) * 8 <= w.len() <= xd[r].len() (groups =
+            // w.len() / 8 and the caller's contract).
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
             let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
             // (no closure here: closures do not inherit the target features)
             let p = if let Some(xs) = xs {
+                // SAFETY: 8 f32 from g * 8: (g + 1) * 8 <= w.len() <= xs[r].len() (as for xd).
                 let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
                 _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
             } else {
@@ -395,6 +392,7 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
         let wg = &w[g * LANES..g * LANES + LANES];
         let mut wv = [_mm256_setzero_si256(); 8];
         for j in 0..LANES {
+            // SAFETY: AVX2, the caller's contract (`cpu::has_avx2`); wg[j] is one whole block.
             wv[j] = unsafe { wg[j].load() };
         }
         let dw = halves8(std::array::from_fn(|j| wg[j].d()));
@@ -407,13 +405,17 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [_mm256_setzero_si256(); 8];
             for j in 0..LANES {
+                // SAFETY: AVX2, the caller's contract; block_isums reads the 32 bytes of xg[j].qs.
                 s[j] = unsafe { block_isums(wv[j], &xg[j].qs) };
             }
             let isum = reduce8(&s);
+            // SAFETY: 8 f32 from g * 8: (g + 1) * 8 <= w.len() <= xd[r].len() (groups =
+            // w.len() / 8 and the caller's contract).
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
             let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
             // (no closure here: closures do not inherit the target features)
             let p = if let Some(xs) = xs {
+                // SAFETY: 8 f32 from g * 8: (g + 1) * 8 <= w.len() <= xs[r].len() (as for xd).
                 let sx = unsafe { _mm256_loadu_ps(xs[r][g * LANES..].as_ptr()) };
                 _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
             } else {
@@ -427,9 +429,7 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
 
 mod row_k;
 pub(crate) use row_k::shift_bit_to_4;
-pub use row_k::{
-    dot_block_k, dot_block_k_prefetch, has_row_k_vnni, interleave_k4, DecodedK, SumsK, XZ_BLOCK,
-};
+pub use row_k::{dot_block_k, dot_block_k_prefetch, interleave_k4, DecodedK, SumsK, XZ_BLOCK};
 
 mod k_low;
 pub use k_low::scales_q3_k_kmask;

@@ -20,7 +20,6 @@ use crate::matmul::qmatmul;
 use crate::parallel;
 
 use super::config::Config;
-use super::decode;
 use super::ops;
 use super::packed::{self, ActsQ8};
 use super::packed_k::{self, ActsQ8K};
@@ -35,8 +34,8 @@ pub struct Llama {
     /// Positions already in the cache (the next token's position).
     pub n_past: usize,
     /// n_layer x n_ctx x kv_dim each.
-    pub(super) k_cache: Vec<f32>,
-    pub(super) v_cache: Vec<f32>,
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
 }
 
 fn invalid(msg: String) -> Error {
@@ -178,7 +177,7 @@ fn split_rows(stacked: &[f32], m: usize, parts: &mut [&mut [f32]]) {
     }
 }
 
-pub(super) fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
+fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
     if let Some(b) = b {
         for row in y.chunks_exact_mut(b.len()) {
             for (v, &bb) in row.iter_mut().zip(b) {
@@ -272,9 +271,6 @@ impl Llama {
     }
 
     fn forward_inner(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        if tokens.len() == 1 && parallel::num_threads() > 1 && decode::enabled() {
-            return decode::forward_one(self, tokens[0]);
-        }
         let cfg = self.cfg.clone();
         let (n, e) = (tokens.len(), cfg.n_embd);
         let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
@@ -387,7 +383,7 @@ pub fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize,
 /// Output `o` of query head `ih % n_head` of token `ih / n_head` (`attention`'s task; `scores`
 /// is scratch).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn attend_one(
+fn attend_one(
     cfg: &Config,
     q: &[f32],
     kc: &[f32],
@@ -419,10 +415,10 @@ pub(super) fn attend_one(
     head.attend(scores, o)
 }
 
-pub(super) fn use_avx2() -> bool {
+fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::formats::simd::has_avx2()
+        crate::cpu::has_avx2()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

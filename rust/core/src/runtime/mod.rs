@@ -6,7 +6,6 @@
 //! decode loop, packed.rs the q8_0 matrices in 8-row panels and their VNNI kernel.
 
 pub mod config;
-mod decode;
 pub mod generate;
 pub mod llama;
 pub mod ops;

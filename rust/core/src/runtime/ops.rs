@@ -172,7 +172,7 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// Dot product of two equal-length f32 slices (fixed lane order; no fused multiply-add).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::formats::simd::has_avx2() {
+    if crate::cpu::has_avx2() {
         // SAFETY: AVX2 was detected at run time; dot_avx2 is safe code compiled with it enabled.
         return unsafe { dot_avx2(a, b) };
     }
@@ -280,7 +280,7 @@ mod tests {
             (a[..].try_into().unwrap(), b[..].try_into().unwrap());
         assert_eq!(dot8(&a, &b).to_bits(), dot8_n(a64, b64).to_bits());
         #[cfg(target_arch = "x86_64")]
-        if crate::formats::simd::has_avx2() {
+        if crate::cpu::has_avx2() {
             // SAFETY: AVX2 detected; 64 is a multiple of 8.
             let simd = unsafe { dot8_n_avx2(a64, b64) };
             assert_eq!(simd.to_bits(), dot8_n(a64, b64).to_bits());

@@ -50,8 +50,7 @@ pub struct Packed {
 pub fn enabled() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::env::var("FERROQUANT_RUNTIME_PACK").map_or(true, |v| v.trim() != "0")
-            && crate::matmul::x86::has_vnni()
+        crate::config::runtime_pack() && crate::cpu::has_vnni()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -126,22 +125,6 @@ pub struct ActsQ8 {
     bias: Vec<i32>,
 }
 
-fn quantize_row(x: &[f32], out: &mut [BlockQ8_0]) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::formats::simd::legacy_avx2(crate::qtype::QType::Q8_0) {
-        // SAFETY: legacy_avx2 checked AVX2 and F16C; out holds x.len() / 32 blocks.
-        unsafe {
-            crate::formats::simd::quantize_row_legacy_avx2(
-                crate::qtype::QType::Q8_0,
-                x,
-                bytemuck::cast_slice_mut(out),
-            )
-        };
-        return;
-    }
-    reference::quantize_row_q8_0(x, out);
-}
-
 /// `x` holds `m` finite rows of `k`, a non-zero multiple of `block` (what the activation
 /// quantizers of the packed kernels need); errors as `qmatmul` does.
 pub(crate) fn check_acts(x: &[f32], m: usize, k: usize, block: usize, what: &str) -> Result<()> {
@@ -169,7 +152,8 @@ impl ActsQ8 {
         let nb = k / QK8_0;
         (self.m, self.k) = (m, k);
         self.blocks.resize(m * nb, BlockQ8_0::zeroed());
-        let quant = |(b, x): (&mut [BlockQ8_0], &[f32])| quantize_row(x, b);
+        let quant =
+            |(b, x): (&mut [BlockQ8_0], &[f32])| crate::formats::quantize_row_q8_0_blocks(x, b);
         if m >= 4 && m * k >= 1 << 17 {
             self.blocks
                 .par_chunks_mut(nb)
@@ -239,7 +223,7 @@ impl Kernel {
     /// The fastest the CPU allows.
     pub fn best() -> Kernel {
         #[cfg(target_arch = "x86_64")]
-        if crate::matmul::x86::has_vnni() {
+        if crate::cpu::has_vnni() {
             return Kernel::Vnni;
         }
         Kernel::Portable
@@ -251,7 +235,7 @@ impl Kernel {
             Kernel::Portable => x.map(|x| panel_ref(w, x)),
             #[cfg(target_arch = "x86_64")]
             // SAFETY: Vnni is chosen only when AVX2, F16C and AVX-512F/VL/VNNI were detected
-            // (`has_vnni`); w holds x[r].x.len() blocks of BLOCK_BYTES, every row of x as many
+            // (`cpu::has_vnni`); w holds x[r].x.len() blocks of BLOCK_BYTES, every row of x as many
             // blocks, scales and biases (checked by `matmul_with`).
             Kernel::Vnni => unsafe {
                 if R == 1 {
@@ -386,6 +370,8 @@ pub(super) struct Cols(pub(super) *mut f32, pub(super) usize);
 // SAFETY: tasks write disjoint elements only (see `matmul_with`); the pointer outlives them
 // (the parallel loop returns before `out` is released).
 unsafe impl Send for Cols {}
+// SAFETY: shared between the tasks of one parallel loop, which only call `write` on disjoint
+// element ranges (its contract), so no element is accessed by two threads.
 unsafe impl Sync for Cols {}
 
 impl Cols {

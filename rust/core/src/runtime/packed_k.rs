@@ -132,7 +132,7 @@ impl PackedK {
     fn run(&self, p: usize, x: &[BlockQ8K]) -> [f32; P] {
         let w = self.panel(p);
         #[cfg(target_arch = "x86_64")]
-        if crate::matmul::x86::has_vnni() {
+        if crate::cpu::has_vnni() {
             // SAFETY: AVX2, F16C, AVX-512F/VL/VNNI detected; w holds x.len() super-blocks of
             // SB_BYTES (x has cols / 256 blocks, checked by the callers).
             return unsafe {

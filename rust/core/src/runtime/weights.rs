@@ -16,11 +16,12 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::formats::blocks::{BlockQ5_0, BlockQ8_0};
+use crate::formats::tensor::QuantizedView;
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::matmul;
 use crate::matmul::reference::unpack_q5_0;
 use crate::qtype::QType;
-use crate::quantize::{dequantize, QuantizedView};
+use crate::quantize::dequantize;
 
 use super::config::Config;
 use super::packed::{self, Packed};

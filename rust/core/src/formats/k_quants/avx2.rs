@@ -9,7 +9,7 @@
 //!   are, so a NaN takes the same side; `if`s become blends of values the scalar code would have
 //!   computed, and a candidate the scalar code skips (`D <= 0`) is computed but discarded.
 //!
-//! Only called after `is_x86_feature_detected!("avx2")` (see `fast.rs`).
+//! Only called after `cpu::avx2_detected()` (see `fast.rs`).
 
 use std::arch::x86_64::*;
 

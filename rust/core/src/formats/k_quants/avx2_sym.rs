@@ -7,7 +7,7 @@
 //! the scalar code computes). The rest of the block (`q6_k::finish_block`,
 //! `q3_k::finish_block_ref`) is shared with the references.
 //!
-//! Only called after `is_x86_feature_detected!("avx2")` (see `fast.rs`).
+//! Only called after `cpu::avx2_detected()` (see `fast.rs`).
 
 use std::arch::x86_64::*;
 

@@ -10,12 +10,10 @@
 //! reference, which the unit tests below and tests/test_k_quants.py check.
 //!
 //! The portable lane code is plain Rust (LLVM vectorizes it only partly: about 1.5x the scalar
-//! reference); where the CPU has AVX2 (`is_x86_feature_detected!`) the intrinsics of `avx2.rs`
+//! reference); where the CPU has AVX2 (`cpu::avx2_detected`) the intrinsics of `avx2.rs`
 //! and `avx2_sym.rs` run instead (q4_K: about 7x the reference per core), for all five types
 //! with and without an imatrix. FERROQUANT_FORCE_SCALAR=1 (read once) selects the scalar
 //! references, for tests and comparisons.
-
-use std::sync::OnceLock;
 
 use super::common::{nearest_int, AsymSearch};
 use super::q4_k::{self, pack_q4, ref_scales, requantize, Q4K_REF};
@@ -25,14 +23,6 @@ use crate::formats::blocks::{BlockQ4K, BlockQ5K, QK_K};
 
 const LANES: usize = 8;
 type F8 = [f32; LANES];
-
-/// Whether FERROQUANT_FORCE_SCALAR asks for the scalar references (read once per process).
-pub fn force_scalar() -> bool {
-    static FORCE: OnceLock<bool> = OnceLock::new();
-    *FORCE.get_or_init(|| {
-        std::env::var("FERROQUANT_FORCE_SCALAR").is_ok_and(|v| !v.is_empty() && v != "0")
-    })
-}
 
 /// `make_qkx2_quants(32, nmax, x, weights, ...)` with `use_mad = false` for the 8 sub-blocks of
 /// a super-block at once. `xt[i][j]` / `wt[i][j]` are element `i` of sub-block `j`; the levels
@@ -220,9 +210,9 @@ mod x86 {
         quantize_row_q3_k as q3_k_avx2, quantize_row_q6_k as q6_k_avx2,
     };
 
-    pub fn has_avx2() -> bool {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
+    /// The AVX2 paths need AVX2 only; an explicitly requested one runs even when forced scalar
+    /// (`default_path` honours the switch).
+    pub use crate::cpu::avx2_detected as has_avx2;
 }
 
 /// Which implementation the `quantize_row_*` functions of this module run.
@@ -238,7 +228,7 @@ pub enum Path {
 
 /// The best path this CPU supports (unless FERROQUANT_FORCE_SCALAR is set).
 pub fn default_path() -> Path {
-    if force_scalar() {
+    if crate::cpu::force_scalar() {
         return Path::Scalar;
     }
     #[cfg(target_arch = "x86_64")]

@@ -4,10 +4,10 @@
 
 use std::arch::aarch64::*;
 
-#[cfg(test)]
-use super::has_dotprod;
 pub(super) use super::{load_i8, load_u8};
 use super::{IDot, Mull, Sdot};
+#[cfg(test)]
+use crate::cpu::has_dotprod;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 
@@ -126,7 +126,7 @@ impl DecodeK for BlockQ6K {
     /// `reference::unpack_q6_k` minus 32, 16 lanes of l at a time.
     #[inline(always)]
     fn decode(&self) -> DecodedK {
-        // SAFETY (the whole function): NEON (module comment).
+        // SAFETY: decode_q6 needs only NEON, baseline on aarch64 (module comment).
         unsafe { self.decode_q6() }
     }
 }

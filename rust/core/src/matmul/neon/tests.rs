@@ -8,11 +8,12 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use super::super::reference::q16::test_rows as q16_test;
 use super::super::reference::{self as r, BlockQ8K};
 use super::super::tests::formats::q8_1_row;
+use super::super::tests::q16_rows as q16_test;
 use super::super::tests::{blocks, Rng};
 use super::*;
+use crate::cpu::has_neon;
 
 const NBS: [usize; 12] = [1, 2, 3, 7, 8, 9, 15, 16, 17, 24, 31, 33];
 /// Activation scales: ordinary, large, tiny (products in the subnormal range), and a zero row.
@@ -117,18 +118,18 @@ fn block32_min_kernels_equal_the_reference() {
 
 #[test]
 fn detection_and_dispatch() {
-    assert_eq!(enabled(), !crate::formats::simd::force_scalar());
-    assert_eq!(super::super::use_simd(), enabled());
-    assert!(!has_dotprod() || enabled());
-    let want = match (enabled(), has_dotprod()) {
+    assert_eq!(has_neon(), !crate::cpu::force_scalar());
+    assert_eq!(super::super::use_simd(), has_neon());
+    assert!(!has_dotprod() || has_neon());
+    let want = match (has_neon(), has_dotprod()) {
         (true, true) => "neon+dotprod",
         (true, false) => "neon",
         _ => "scalar",
     };
-    assert_eq!(crate::formats::simd::level(), want);
+    assert_eq!(crate::cpu::level(), want);
     // CI says which CPU qemu emulates, so that each run provably takes the path it means to.
-    if let Ok(v) = std::env::var("FERROQUANT_EXPECT_DOTPROD") {
-        assert_eq!(has_dotprod(), v == "1", "FERROQUANT_EXPECT_DOTPROD={v}");
+    if let Some(want) = crate::config::expect_dotprod() {
+        assert_eq!(has_dotprod(), want, "FERROQUANT_EXPECT_DOTPROD");
     }
 }
 
@@ -355,7 +356,7 @@ fn check_q16_all(
 
 #[test]
 fn nf4_q16_kernel_equals_the_reference() {
-    if !enabled() {
+    if !has_neon() {
         return;
     }
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -376,7 +377,7 @@ fn nf4_q16_kernel_equals_the_reference() {
 
 #[test]
 fn int8_q16_kernel_equals_the_reference() {
-    if !enabled() {
+    if !has_neon() {
         return;
     }
     let mut rng = Rng(0x2545_f491_4f6c_dd1d);
@@ -550,7 +551,7 @@ fn q16_dispatch_takes_neon_for_nf4_and_int8() {
     assert!(dot_q16(QType::Q4_0, &[0; 64], &[1.0], 64, xq, xd).is_none());
     let n = calls();
     let y = dot_q16(QType::Int8, &[2; 64], &[1.0], 64, xq, xd);
-    if !enabled() {
+    if !has_neon() {
         assert!(y.is_none());
         assert!(dot_q16(QType::NF4, &[0xff; 32], &[1.0], 64, xq, xd).is_none());
         return;
@@ -570,8 +571,8 @@ fn q16_dispatch_takes_neon_for_nf4_and_int8() {
 /// format and M = 1..6 (groups of 4 rows, then single rows).
 #[test]
 fn qmatmul_on_aarch64_equals_the_references() {
+    use crate::formats::tensor::QuantizedView;
     use crate::qtype::QType;
-    use crate::quantize::QuantizedView;
     let mut rng = Rng(0x2468_ace0_1357_9bdf);
     let (n, nb) = (3usize, 9usize);
     let cases: [(QType, &[usize]); 12] = [

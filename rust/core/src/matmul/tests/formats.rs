@@ -16,7 +16,7 @@ use super::super::reference::{self as r, BlockQ8_1};
 use super::super::*;
 use super::{blocks, view, Rng};
 use crate::formats::ggml_dequantize_row;
-use crate::quantize::ScaleMode;
+use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
 /// The new 32-weight formats and the offsets of their f16 fields (d, m).
@@ -119,7 +119,7 @@ fn check_min32_simd<W: x86::Load32>(rng: &mut Rng, nb: usize) {
         "{} nb={nb} avx2 R=1",
         std::any::type_name::<W>()
     );
-    if x86::has_vnni() {
+    if crate::cpu::has_vnni() {
         // SAFETY: AVX-512 VNNI/VL detected; lengths as above.
         let v = unsafe { x86::dot_block32_min_vnni(w, x, xd, xsum, xs, false) }.map(f32::to_bits);
         assert_eq!(v, want, "{} nb={nb} vnni R=4", std::any::type_name::<W>());
@@ -137,7 +137,7 @@ fn check_min32_simd<W: x86::Load32>(rng: &mut Rng, nb: usize) {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn min32_simd_paths_are_bit_identical_to_references() {
-    if !crate::formats::simd::has_avx2() {
+    if !crate::cpu::has_avx2() {
         return;
     }
     let mut rng = Rng(0x0ddb_a11c_afe0_1234);
@@ -151,7 +151,7 @@ fn min32_simd_paths_are_bit_identical_to_references() {
 #[test]
 fn q5_simd_unpack_equals_reference_unpack() {
     use std::arch::x86_64::*;
-    if !crate::formats::simd::has_avx2() {
+    if !crate::cpu::has_avx2() {
         return;
     }
     fn bytes(v: __m256i) -> [i8; 32] {
@@ -327,7 +327,7 @@ fn check_k_simd<W: x86::SumsK>(rng: &mut Rng, nb: usize, halves: &[usize]) {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn k_low_simd_paths_are_bit_identical_to_references() {
-    if !crate::formats::simd::has_avx2() {
+    if !crate::cpu::has_avx2() {
         return;
     }
     let mut rng = Rng(0xabad_1dea_5eed_0042);
@@ -500,7 +500,7 @@ fn fp8_reference_within_float_bound_of_dequantized_product() {
 #[test]
 fn fp8_simd_decode_of_every_byte_equals_the_table() {
     use std::arch::x86_64::*;
-    if !crate::formats::simd::has_avx2() {
+    if !crate::cpu::has_avx2() {
         return;
     }
     fn all<D: x86::Decode32>(e5m2: bool) {
@@ -537,7 +537,7 @@ fn fp8_simd_decode_of_every_byte_equals_the_table() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn fp8_simd_paths_are_bit_identical_to_references() {
-    if !crate::formats::simd::has_avx2() {
+    if !crate::cpu::has_avx2() {
         return;
     }
     let mut rng = Rng(0x0f8f_8f8f_1111_2222);

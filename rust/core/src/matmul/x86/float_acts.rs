@@ -6,21 +6,12 @@
 //! run. Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
 use super::lanes_of;
 use crate::matmul::reference::{self as r, WIDE};
 
 mod avx512;
-pub use avx512::{align_x, dot_bytes_avx512, e4m3_x_fits, has_avx512, scale_e4m3_x, Decode16};
-
-/// True when the AVX2 kernels here may run: AVX2, F16C (`simd::has_avx2`) and FMA.
-pub fn has_fma() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        crate::formats::simd::has_avx2() && std::arch::is_x86_feature_detected!("fma")
-    })
-}
+pub use avx512::{align_x, dot_bytes_avx512, e4m3_x_fits, scale_e4m3_x, Decode16};
 
 /// The reference's fold of 64 lanes held as eight registers (register k = lanes 8k..8k+8):
 /// `(a[l] + a[l+16]) + (a[l+32] + a[l+48])` is `(r0 + r2) + (r4 + r6)` for l < 8 and
@@ -119,7 +110,7 @@ impl Decode32 for Fp8E4M3 {
 /// the same lanes in scalar code, then `acc = fma(part, scale, acc)`.
 ///
 /// # Safety
-/// AVX2, F16C and FMA must be available (`has_fma`); `q.len() == x[r].len()`,
+/// AVX2, F16C and FMA must be available (`cpu::has_fma`); `q.len() == x[r].len()`,
 /// `scales.len() == x[r].len().div_ceil(block_len)`, `block_len` the whole row or a power of
 /// two from 32 on.
 #[target_feature(enable = "avx2,f16c,fma")]

@@ -9,9 +9,8 @@
 //! int8: 32 bytes sign-extended are elements in order, lane i sums elements 2i, 2i + 1.
 
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
-use super::{has_fma, has_vnni, lanes_of};
+use super::lanes_of;
 use crate::matmul::reference::q16::{
     inverse, q16_row_len, NF4_CODE_I16, Q16, Q16_MAX, UNIT_INT8, UNIT_NF4,
 };
@@ -34,17 +33,6 @@ fn prefetch_w(p: *const u8, ahead: usize) {
     _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(ahead) as *const i8);
 }
 
-/// True when the kernels here may run: AVX-512 F, BW and VNNI (with VL, AVX2 and FMA).
-pub fn available() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        has_vnni()
-            && has_fma()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-    })
-}
-
 /// The activations as `nf4_range` reads them, in place: within every 128, four runs
 /// of 32 (run j holds elements 4w + j, w = 0..32), matching the codes the kernel looks up.
 pub fn split_nf4_x(q: &mut [i16]) {
@@ -61,7 +49,7 @@ pub fn split_nf4_x(q: &mut [i16]) {
 /// ±0.5, a clamp). For nf4 (`nf4`) the values are laid out as `split_nf4_x` does.
 ///
 /// # Safety
-/// `available()`; `q.len() == q16_row_len(x.len())`; `d.len() == q.len() / 64`.
+/// `cpu::has_vnni_q16()`; `q.len() == q16_row_len(x.len())`; `d.len() == q.len() / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn quantize_row_q16_avx512(
     x: &[f32],
@@ -138,7 +126,7 @@ pub unsafe fn quantize_row_q16_avx512(
 /// operations a unit on the pipes that bound the nf4 kernel.
 ///
 /// # Safety
-/// AVX-512 VNNI (the callers' `available()`).
+/// AVX-512 VNNI (the callers' `cpu::has_vnni_q16()`).
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
 unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
@@ -170,7 +158,7 @@ impl<const R: usize> Lanes<R> {
     /// The reference's final reduction of each row's lanes (`hsum_q16`).
     ///
     /// # Safety
-    /// AVX-512 F (`available()`).
+    /// AVX-512 F (`cpu::has_vnni_q16()`).
     #[target_feature(enable = "avx2,avx512f")]
     pub unsafe fn finish(&self) -> [f32; R] {
         self.0.map(|a| {
@@ -194,7 +182,7 @@ impl<const R: usize> Default for Lanes<R> {
 /// conversion, multiply and fused multiply-add per row.
 ///
 /// # Safety
-/// `available()`; K = 2 · `packed.len()` a multiple of 32, `block_size` a power of two from 32
+/// `cpu::has_vnni_q16()`; K = 2 · `packed.len()` a multiple of 32, `block_size` a power of two from 32
 /// that divides K, `absmax.len() == K / block_size`, each `xq[r]` `q16_row_len(K)` values and
 /// each `xd[r]` `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -304,7 +292,7 @@ unsafe fn nf4_range<const R: usize>(
 /// bytes ahead.
 ///
 /// # Safety
-/// `available()`; K = `q.len()` >= 1, `block_len` K or a power of two from 32 that divides K,
+/// `cpu::has_vnni_q16()`; K = `q.len()` >= 1, `block_len` K or a power of two from 32 that divides K,
 /// `scales.len() == K.div_ceil(block_len)`, each `xq[r]` `q16_row_len(K)` values and each
 /// `xd[r]` `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]

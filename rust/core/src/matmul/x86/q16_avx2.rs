@@ -20,7 +20,7 @@
 //! (int8 copies the last bytes to a zeroed buffer) and leave the lanes with no element alone
 //! (int8: a blend). Activations are read up to `q16_row_len(K)` (the zero padding).
 //!
-//! Safety of every function here: as `x86.rs` (AVX2 and FMA checked by the callers: `has_fma`),
+//! Safety of every function here: as `x86.rs` (AVX2 and FMA checked by the callers: `cpu::has_fma`),
 //! lengths checked by the entry points.
 
 use std::arch::x86_64::*;
@@ -236,8 +236,8 @@ fn in_pairs<const R: usize>(
 /// 32, a block size not a power of two from 32 on) run the reference.
 ///
 /// # Safety
-/// AVX2 and FMA present (the caller checks `crate::formats::simd::has_avx2()` and
-/// `x86::has_fma()`). Lengths are checked here (panics): one absmax per block, `xq[r]` at least
+/// AVX2 and FMA present (the caller checks `crate::cpu::has_avx2()` and
+/// `crate::cpu::has_fma()`). Lengths are checked here (panics): one absmax per block, `xq[r]` at least
 /// `q16_row_len(K)` values, `xd[r]` at least `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_nf4_q16_avx2<const R: usize>(
@@ -248,11 +248,12 @@ pub unsafe fn dot_nf4_q16_avx2<const R: usize>(
     xd: [&[f32]; R],
 ) -> [f32; R] {
     if R > 3 {
-        // SAFETY (both): the caller's contract.
         return in_pairs(
             xq,
             xd,
+            // SAFETY: AVX2 and FMA, the caller's contract; lengths are checked by the callee.
             |q, d| unsafe { dot_nf4_q16_avx2::<2>(packed, absmax, block_size, q, d) },
+            // SAFETY: as above.
             |q, d| unsafe { dot_nf4_q16_avx2::<1>(packed, absmax, block_size, q, d) },
         );
     }
@@ -293,7 +294,8 @@ unsafe fn nf4_rows<const R: usize, const PF: bool>(
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
     let units = k / UNIT_NF4;
     let mut u = 0;
-    // SAFETY (all halves): inside the row and the activations (`dot_nf4_q16_avx2`'s asserts).
+    // SAFETY: every half read is inside the row and the activation rows (`dot_nf4_q16_avx2`
+    // asserted the lengths); AVX2 and FMA (contract).
     unsafe {
         let unit = |u: usize, set: usize, acc: &mut [[__m256; 4]; R]| {
             if PF {
@@ -453,8 +455,8 @@ impl<const R: usize> Int8Row<'_, R> {
 /// of two from 32 on) runs the reference.
 ///
 /// # Safety
-/// AVX2 and FMA present (the caller checks `crate::formats::simd::has_avx2()` and
-/// `x86::has_fma()`). Lengths are checked here (panics): one scale per block, `xq[r]` at least
+/// AVX2 and FMA present (the caller checks `crate::cpu::has_avx2()` and
+/// `crate::cpu::has_fma()`). Lengths are checked here (panics): one scale per block, `xq[r]` at least
 /// `q16_row_len(K)` values, `xd[r]` at least `q16_row_len(K) / 64`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_int8_q16_avx2<const R: usize>(
@@ -465,11 +467,12 @@ pub unsafe fn dot_int8_q16_avx2<const R: usize>(
     xd: [&[f32]; R],
 ) -> [f32; R] {
     if R > 2 {
-        // SAFETY (both): the caller's contract.
         return in_pairs(
             xq,
             xd,
+            // SAFETY: AVX2 and FMA, the caller's contract; lengths are checked by the callee.
             |x, d| unsafe { dot_int8_q16_avx2::<2>(q, scales, block_len, x, d) },
+            // SAFETY: as above.
             |x, d| unsafe { dot_int8_q16_avx2::<1>(q, scales, block_len, x, d) },
         );
     }
@@ -515,8 +518,8 @@ unsafe fn int8_rows<const R: usize, const PF: bool>(
     let units = k / UNIT_INT8;
     let w = row.w;
     let mut u = 0;
-    // SAFETY (all units): 32 bytes inside the row (or the buffer), activations inside the
-    // padded rows (`dot_int8_q16_avx2`'s asserts).
+    // SAFETY: every unit reads 32 bytes inside the row (or the buffer), activations inside
+    // the padded rows (`dot_int8_q16_avx2` asserted the lengths); AVX2 and FMA (contract).
     unsafe {
         while u + 2 <= units {
             if PF {

@@ -24,7 +24,7 @@
 //! lanes and `hsum8` give `reference::dot_block32`'s bits. `dot_rows32` runs R weight rows
 //! group by group with one load of each group's activations.
 //!
-//! Safety: callers check `available()` (AVX2, F16C, AVX-512F/VL/BW/VNNI/VBMI, GFNI) at run time
+//! Safety: callers check `cpu::has_vbmi_gfni` (AVX2, F16C, AVX-512F/VL/BW/VNNI/VBMI, GFNI) at run time
 //! and pass activations prepared by `interleave` for the same number of blocks.
 
 use std::arch::x86_64::*;
@@ -35,18 +35,6 @@ use crate::matmul::reference::LANES;
 
 /// Bytes of one group of 8 rearranged activation blocks (4 registers of 64).
 pub const GROUP_BYTES: usize = 256;
-
-/// True when the row kernel may run: `has_vnni` plus AVX-512 BW and VBMI and GFNI.
-pub fn available() -> bool {
-    use std::sync::OnceLock;
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        super::has_vnni()
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vbmi")
-            && std::arch::is_x86_feature_detected!("gfni")
-    })
-}
 
 /// One activation row prepared for `dot_row32` (`interleave`).
 pub struct RowQ8<'a> {
@@ -94,7 +82,7 @@ pub trait Row32: Load32 {
     /// `Σ (w + BIAS)·x + nbias` in lane j, and its scale `d_w` as f32.
     ///
     /// # Safety
-    /// `available()`; `p..p + len` readable, `len == 8 * size_of::<Self>()` when `FULL`; `xt`
+    /// `cpu::has_vbmi_gfni`; `p..p + len` readable, `len == 8 * size_of::<Self>()` when `FULL`; `xt`
     /// points at the group's `GROUP_BYTES` activation bytes, `nbias` at its 8 biases.
     unsafe fn group<const FULL: bool>(
         p: *const u8,
@@ -377,7 +365,7 @@ pub unsafe fn dot_row32<W: Row32, const PF: bool>(w: &[u8], nb: usize, x: &RowQ8
 /// group load whole; they meet zero activations and masked lanes.
 ///
 /// # Safety
-/// `available()`; `x` prepared by `interleave::<W>` for `nb` blocks (`x.d` at least `nb`
+/// `cpu::has_vbmi_gfni`; `x` prepared by `interleave::<W>` for `nb` blocks (`x.d` at least `nb`
 /// entries).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512bw,avx512vnni,avx512vbmi,gfni")]
 pub unsafe fn dot_rows32<W: Row32, const PF: bool, const R: usize>(

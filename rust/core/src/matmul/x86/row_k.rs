@@ -11,7 +11,7 @@ use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LA
 
 mod vnni;
 use vnni::dot_row_k_vnni;
-pub use vnni::{has_row_k_vnni, interleave_k4, XZ_BLOCK};
+pub use vnni::{interleave_k4, XZ_BLOCK};
 #[cfg(test)]
 mod tests;
 
@@ -36,7 +36,7 @@ pub trait SumsK: BlockK {
     /// AVX2 must be available; `d` comes from `self.decode()`.
     unsafe fn sums_decoded(&self, d: &DecodedK, x: &BlockQ8K) -> (i32, i32);
     /// `reference::dot_block_k` by the AVX-512 row kernel (`vnni.rs`, `long`: with the weight
-    /// prefetch) where this format has one and the CPU runs it (`has_row_k_vnni`), else None.
+    /// prefetch) where this format has one and the CPU runs it (`cpu::has_vnni_bw`), else None.
     /// `xz[r]`: `x[r]`'s quants by `interleave_k4` (None if too short).
     ///
     /// # Safety
@@ -66,7 +66,7 @@ macro_rules! row_z {
             long: bool,
         ) -> Option<[f32; R]> {
             let xz_ok = xz.iter().all(|v| v.len() >= XZ_BLOCK * w.len());
-            if xz_ok && has_row_k_vnni() {
+            if xz_ok && crate::cpu::has_vnni_bw() {
                 // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's; xz
                 // checked above.
                 Some(unsafe { dot_row_k_vnni(w, x, xz, long) })
@@ -115,11 +115,13 @@ fn scales_k4(scales: &[u8; K_SCALE_SIZE]) -> ([__m256i; 8], __m256i) {
 pub(crate) unsafe fn sums_k(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
     let mut acc = _mm256_setzero_si256();
     for s in 0..8 {
+        // SAFETY: s < 8: the 32 bytes from 32s are inside qs (256); AVX2 (this function's contract).
         let xv = unsafe { load256_i8(&x.qs[32 * s..]) };
         // q <= 63 unsigned, |x| <= 127: the maddubs pairs stay below 2 * 63 * 127.
         let p = _mm256_madd_epi16(_mm256_maddubs_epi16(d.q[s], xv), d.scale[s]);
         acc = _mm256_add_epi32(acc, p);
     }
+    // SAFETY: bsums is 16 i16 = the 32 bytes loaded; AVX2 (contract).
     let bs = unsafe { _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i) };
     let mv = _mm256_madd_epi16(bs, d.bsum_mul);
     // [a0+a1 a2+a3 m0+m1 m2+m3 | a4+a5 a6+a7 m4+m5 m6+m7] -> [A M A M | A' M' A' M']
@@ -309,10 +311,12 @@ unsafe fn block_k<W: SumsK, const R: usize, const PF: bool>(
         if PF {
             prefetch_ahead(std::slice::from_ref(wb));
         }
+        // SAFETY: AVX2, the caller's contract (`cpu::has_avx2`).
         let q = unsafe { wb.decode() };
         let (d, dmin) = wb.d_dmin();
         for r in 0..R {
             let xb = &x[r][b];
+            // SAFETY: AVX2 (contract); q is wb.decode().
             let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
             acc[r][b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
         }

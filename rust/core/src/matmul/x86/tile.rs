@@ -13,7 +13,7 @@
 //! last whole group on the same lanes in scalar code, then `hsum8`: the same bits as
 //! `reference::dot_block32` for every output, wherever it sits in a tile.
 //!
-//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI at run time (`has_vnni`)
+//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI at run time (`cpu::has_vnni`)
 //! and pass slices of the lengths stated on each function.
 
 use std::arch::x86_64::*;
@@ -77,8 +77,14 @@ unsafe fn qs16_transposed(qs: [&[u8; 16]; 8]) -> [__m256i; 4] {
     // (Loops, not closures, around intrinsics: a closure does not inherit target features.)
     let mut a = [_mm256_setzero_si256(); 4];
     for (l, v) in a.iter_mut().enumerate() {
-        let lo = unsafe { _mm_loadu_si128(qs[l].as_ptr() as *const __m128i) };
-        let hi = unsafe { _mm_loadu_si128(qs[l + 4].as_ptr() as *const __m128i) };
+        // SAFETY: each load reads the 16 bytes of one &[u8; 16] (l < 4, so l + 4 < 8 indexes
+        // qs); SSE2 is baseline.
+        let (lo, hi) = unsafe {
+            (
+                _mm_loadu_si128(qs[l].as_ptr() as *const __m128i),
+                _mm_loadu_si128(qs[l + 4].as_ptr() as *const __m128i),
+            )
+        };
         *v = _mm256_set_m128i(hi, lo);
     }
     let t0 = _mm256_unpacklo_epi32(a[0], a[1]);
@@ -168,7 +174,7 @@ pub struct RowsQ8<'a> {
 /// weight row `i` with activation row `r`, bit for bit `reference::dot_block32`'s.
 ///
 /// # Safety
-/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`has_vnni`). Every `w[i]` has `nb` blocks;
+/// AVX2, F16C, AVX-512F/VL/VNNI must be available (`cpu::has_vnni`). Every `w[i]` has `nb` blocks;
 /// `x` has `out.len()` rows of `nb` blocks (`xt`: `nb / 8 * 256` bytes per row).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
@@ -189,22 +195,26 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
         let mut dw = [_mm256_setzero_ps(); NR];
         for i in 0..NR {
             let wg = &w[i][g * LANES..g * LANES + LANES];
+            // SAFETY: AVX2, the caller's contract (`cpu::has_vnni`); wg is a checked slice of 8 blocks.
             wv[i] = unsafe { W::load8_t(wg) };
             let dh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].d()));
+            // SAFETY: dh is 8 u16, the 16 bytes loaded; F16C (contract).
             dw[i] = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
         }
         for (rr, a) in acc.iter_mut().enumerate() {
             let xg = &x.xt[rr * gbytes + g * GROUP_BYTES..rr * gbytes + (g + 1) * GROUP_BYTES];
             let mut xv = [_mm256_setzero_si256(); 8];
             for (t, v) in xv.iter_mut().enumerate() {
+                // SAFETY: t < 8: bytes 32t..32t + 32 of xg, a checked slice of GROUP_BYTES = 256.
                 *v = unsafe { _mm256_loadu_si256(xg[32 * t..].as_ptr() as *const __m256i) };
             }
             let at = rr * nb + g * LANES;
             // BIAS · Σx per block (BIAS is a power of two)
-            let bias = _mm256_sll_epi32(
-                unsafe { _mm256_loadu_si256(x.sums[at..at + LANES].as_ptr() as *const __m256i) },
-                shift,
-            );
+            // SAFETY: x.sums[at..at + 8] is a checked slice of 8 i32, the 32 bytes loaded.
+            let sums =
+                unsafe { _mm256_loadu_si256(x.sums[at..at + LANES].as_ptr() as *const __m256i) };
+            let bias = _mm256_sll_epi32(sums, shift);
+            // SAFETY: x.d[at..at + 8] is a checked slice of 8 f32, the 32 bytes loaded.
             let dx = unsafe { _mm256_loadu_ps(x.d[at..at + LANES].as_ptr()) };
             for i in 0..NR {
                 let mut s0 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wv[i][0], xv[0]);
@@ -224,10 +234,12 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
     let mut lanes: Vec<[[f32; LANES]; NR]> = acc.iter().map(|a| a.map(lanes_of)).collect();
     for b in groups * LANES..nb {
         for i in 0..NR {
+            // SAFETY: AVX2 (contract); w[i][b] is one whole block (checked index).
             let wu = unsafe { w[i][b].load_unsigned() };
             let dw = f16_to_f32(w[i][b].d());
             for (rr, l) in lanes.iter_mut().enumerate() {
                 let at = rr * nb + b;
+                // SAFETY: AVX-512 VL/VNNI (contract, `cpu::has_vnni`); the block is a checked index.
                 let isum = unsafe { isum_vnni::<W>(wu, &x.blocks[at], x.sums[at]) };
                 l[i][b % LANES] += (dw * x.d[at]) * isum as f32;
             }

@@ -9,7 +9,7 @@
 //! operations lane-wise; the super-blocks after the last whole group use the row kernel's
 //! decode (`SumsK`) and the same float operations. Bit-identical to `reference::dot_block_k`.
 //!
-//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI (`has_vnni`).
+//! Safety as in `x86.rs`: callers check AVX2, F16C, AVX-512F/VL/VNNI (`cpu::has_vnni`).
 
 use std::arch::x86_64::*;
 
@@ -81,6 +81,7 @@ unsafe fn load8(v: [&[u8; 32]; 8]) -> [__m256i; 8] {
     // (Loops, not closures, around intrinsics: a closure does not inherit target features.)
     let mut o = [_mm256_setzero_si256(); 8];
     for (r, p) in o.iter_mut().zip(v) {
+        // SAFETY: p is a &[u8; 32], the 32 bytes loaded; AVX2 (this function's contract).
         *r = unsafe { _mm256_loadu_si256(p.as_ptr() as *const __m256i) };
     }
     o
@@ -105,16 +106,29 @@ unsafe fn scales8_k4(scales: [&[u8; K_SCALE_SIZE]; 8], d: [Half; 8], dmin: [Half
         }
     }
     let (d, dmin) = (d.map(u16::from_le_bytes), dmin.map(u16::from_le_bytes));
+    // SAFETY: d and dmin are 8 u16 each, the 16 bytes each load reads; F16C (this function's
+    // target features, checked by the caller).
+    let (d, dmin) = unsafe {
+        (
+            _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr() as *const __m128i)),
+            _mm256_cvtph_ps(_mm_loadu_si128(dmin.as_ptr() as *const __m128i)),
+        )
+    };
     let mut g = GroupK {
         q: [[_mm256_setzero_si256(); 8]; 8],
         sc: [_mm256_setzero_si256(); 16],
         mn: [_mm256_setzero_si256(); 8],
-        d: _mm256_cvtph_ps(unsafe { _mm_loadu_si128(d.as_ptr() as *const __m128i) }),
-        dmin: _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dmin.as_ptr() as *const __m128i) }),
+        d,
+        dmin,
     };
     for j in 0..8 {
-        g.sc[j] = unsafe { _mm256_loadu_si256(sc[j].as_ptr() as *const __m256i) };
-        g.mn[j] = unsafe { _mm256_loadu_si256(mn[j].as_ptr() as *const __m256i) };
+        // SAFETY: sc[j] and mn[j] are [i32; 8], the 32 bytes each load reads; AVX2 (contract).
+        (g.sc[j], g.mn[j]) = unsafe {
+            (
+                _mm256_loadu_si256(sc[j].as_ptr() as *const __m256i),
+                _mm256_loadu_si256(mn[j].as_ptr() as *const __m256i),
+            )
+        };
     }
     g
 }
@@ -255,6 +269,7 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
     for g in 0..groups {
         let mut dec = [GroupK::ZERO; NR];
         for (d, wi) in dec.iter_mut().zip(&w) {
+            // SAFETY: AVX2 and F16C (the caller's contract); the checked slice has 8 super-blocks.
             *d = unsafe { W::decode8(&wi[g * LANES..g * LANES + LANES]) };
         }
         for (rr, a) in acc.iter_mut().enumerate() {
@@ -263,6 +278,7 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
             let xs = &x.xs[gi * GROUP_SUMS_K..(gi + 1) * GROUP_SUMS_K];
             let mut bsum = [_mm256_setzero_si256(); 16];
             for (j, v) in bsum.iter_mut().enumerate() {
+                // SAFETY: a checked slice of 8 i32, the 32 bytes loaded; AVX2 (contract).
                 *v = unsafe { _mm256_loadu_si256(xs[8 * j..8 * j + 8].as_ptr() as *const __m256i) };
             }
             let mut isum = [_mm256_setzero_si256(); NR];
@@ -270,6 +286,7 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
                 let mut xv = [_mm256_setzero_si256(); 8];
                 for (t, v) in xv.iter_mut().enumerate() {
                     let o = 256 * s + 32 * t;
+                    // SAFETY: a checked slice of 32 bytes, the bytes loaded; AVX2 (contract).
                     *v = unsafe { _mm256_loadu_si256(xq[o..o + 32].as_ptr() as *const __m256i) };
                 }
                 for i in 0..NR {
@@ -292,6 +309,7 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
                     isum[i] = _mm256_add_epi32(isum[i], v);
                 }
             }
+            // SAFETY: a checked slice of 8 f32, the 32 bytes loaded; AVX (contract).
             let xd = unsafe { _mm256_loadu_ps(x.xd[gi * LANES..gi * LANES + LANES].as_ptr()) };
             for i in 0..NR {
                 let dg = &dec[i];
@@ -326,10 +344,12 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
     for b in groups * LANES..nb {
         for i in 0..NR {
             let wb = &w[i][b];
+            // SAFETY: AVX2 (contract).
             let q = unsafe { wb.decode() };
             let (d, dmin) = wb.d_dmin();
             for (rr, l) in lanes.iter_mut().enumerate() {
                 let xb = &x.blocks[rr * nb + b];
+                // SAFETY: AVX2 (contract); q is wb.decode().
                 let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
                 l[i][b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
             }

@@ -2,7 +2,7 @@
 //! row of the panel). The arithmetic is the module comment's, each operation one vector
 //! operation for the 8 rows.
 //!
-//! Safety of both kernels: AVX2, F16C and AVX-512F/VL/VNNI must be available (`has_vnni`); `w`
+//! Safety of both kernels: AVX2, F16C and AVX-512F/VL/VNNI must be available (`cpu::has_vnni`); `w`
 //! holds at least `x.len()` blocks of `BLOCK_BYTES`; `xd` and `xb` have `x.len()` entries (for
 //! every row of `x`).
 

@@ -9,30 +9,36 @@ use crate::matmul::reference::BlockQ8K;
 /// One panel with one activation row: `w` holds `x.len()` super-blocks of `SB_BYTES`.
 ///
 /// # Safety
-/// AVX2, F16C and AVX-512F/VL/VNNI must be available (`has_vnni`); `w.len() >= x.len() *
+/// AVX2, F16C and AVX-512F/VL/VNNI must be available (`cpu::has_vnni`); `w.len() >= x.len() *
 /// SB_BYTES`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
 pub unsafe fn panel_k<const Q6: bool>(w: &[u8], x: &[BlockQ8K]) -> [f32; 8] {
     debug_assert!(w.len() >= x.len() * SB_BYTES);
     let mut acc = [_mm256_setzero_ps(); 8];
     for (b, xb) in x.iter().enumerate() {
-        // SAFETY (every pointer below): offsets inside super-block b of w (contract) and
-        // inside the 256 activation quants (unaligned loads).
+        // SAFETY: b < x.len() and w holds x.len() super-blocks of SB_BYTES (contract), so the
+        // offset stays inside w.
         let wb = unsafe { w.as_ptr().add(b * SB_BYTES) };
         let xq = xb.qs.as_ptr() as *const i32;
         // (Macros, not closures: a closure does not inherit the target features.)
         macro_rules! wv {
             ($t:expr) => {
+                // SAFETY: t < 64, so the 32 bytes of vector t lie in the first 64 * 32 bytes of
+                // this super-block (`SB_BYTES`); AVX2 (contract); unaligned load.
                 unsafe { _mm256_loadu_si256(wb.add(32 * ($t)) as *const __m256i) }
             };
         }
         macro_rules! xv {
             ($t:expr) => {
+                // SAFETY: t < 64: i32 t is bytes 4t..4t + 4 of the 256 activation quants;
+                // read_unaligned, as qs is only byte-aligned.
                 unsafe { _mm256_set1_epi32(xq.add($t).read_unaligned()) }
             };
         }
         macro_rules! scales {
             ($g:expr) => {
+                // SAFETY: g < 16: 8 bytes at SCALES + 8g end by SCALES + 128 = D, inside the
+                // super-block; SSE2 (baseline); unaligned load.
                 unsafe { _mm_loadl_epi64(wb.add(SCALES + 8 * ($g)) as *const __m128i) }
             };
         }
@@ -63,8 +69,14 @@ pub unsafe fn panel_k<const Q6: bool>(w: &[u8], x: &[BlockQ8K]) -> [f32; 8] {
                 msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(m, _mm256_set1_epi32(bs)));
             }
         }
-        let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wb.add(D) as *const __m128i) });
-        let dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wb.add(D + 16) as *const __m128i) });
+        // SAFETY: the 8 f16 `d` are bytes D..D + 16 of the super-block, the 8 `dmin` the next 16
+        // (D + 32 = SB_BYTES); F16C (contract).
+        let (d, dmin) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(wb.add(D) as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(wb.add(D + 16) as *const __m128i)),
+            )
+        };
         let xd = _mm256_set1_ps(xb.d);
         let p = _mm256_sub_ps(
             _mm256_mul_ps(_mm256_mul_ps(d, xd), _mm256_cvtepi32_ps(isum)),
@@ -78,7 +90,7 @@ pub unsafe fn panel_k<const Q6: bool>(w: &[u8], x: &[BlockQ8K]) -> [f32; 8] {
     let s3 = _mm256_add_ps(acc[3], acc[7]);
     let v = _mm256_add_ps(_mm256_add_ps(s0, s2), _mm256_add_ps(s1, s3));
     let mut out = [0f32; 8];
-    // SAFETY: out has room for 8 f32.
+    // SAFETY: out has room for the 8 f32 stored (unaligned store).
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), v) };
     out
 }

@@ -28,7 +28,8 @@ impl DecodeK for BlockQ2K {
     /// scale is `scales[g] & 15`, its min `scales[g] >> 4`.
     #[inline(always)]
     fn decode(&self) -> DecodedK {
-        // SAFETY (the whole body): NEON (module comment); loads of 16 bytes inside qs / scales.
+        // SAFETY: NEON is baseline (module comment); every load reads 16 bytes inside qs /
+        // scales.
         unsafe {
             let mut q = [vdupq_n_s8(0); 16];
             for h in 0..2 {
@@ -55,7 +56,8 @@ impl DecodeK for BlockQ3K {
     /// hmask[l] is set) with `reference::scales_q3_k`.
     #[inline(always)]
     fn decode(&self) -> DecodedK {
-        // SAFETY (the whole body): NEON (module comment); loads of 16 bytes inside qs / hmask.
+        // SAFETY: NEON is baseline (module comment); every load reads 16 bytes inside qs /
+        // hmask.
         unsafe {
             let mut q = [vdupq_n_s8(0); 16];
             for half in 0..2 {
@@ -86,7 +88,8 @@ impl DecodeK for BlockIQ4XS {
     /// ones, through kvalues_iq4nl) with `reference::scales_iq4_xs`, one per sub-block of 32.
     #[inline(always)]
     fn decode(&self) -> DecodedK {
-        // SAFETY (the whole body): NEON (module comment); loads of 16 bytes inside qs / table.
+        // SAFETY: NEON is baseline (module comment); every load reads 16 bytes inside qs /
+        // the table.
         unsafe {
             let t = vld1q_s8(r::KVALUES_IQ4NL.as_ptr());
             let mut q = [vdupq_n_s8(0); 16];

@@ -9,23 +9,11 @@
 //! FMA pipes, and their 32 lanes (two registers) left the adds waiting on their own latency.
 
 use std::arch::x86_64::*;
-use std::sync::OnceLock;
 
-use super::{has_fma, Decode32, Fp8E4M3, Fp8E5M2};
+use super::{Decode32, Fp8E4M3, Fp8E5M2};
 use crate::matmul::reference::{self as r, WIDE};
 use crate::matmul::x86::lanes_of;
 use crate::matmul::AlignedX;
-
-/// True when the kernels here may run: `has_fma` plus AVX-512 F, BW and VL.
-pub fn has_avx512() -> bool {
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        has_fma()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    })
-}
 
 /// The reference's fold of four registers of 16 lanes: `(r0 + r1) + (r2 + r3)` is
 /// `(a[l] + a[l+16]) + (a[l+32] + a[l+48])`, then `s[l] + s[l+8]` (low half + high half), then
@@ -174,7 +162,7 @@ unsafe fn bytes_16<D: Decode16, const R: usize, const I: usize>(
 /// reference does: NaN · x is NaN and stays NaN through every sum).
 ///
 /// # Safety
-/// `has_avx512`; `q.len() == x[r].len() >= 64`, `scales.len() == x[r].len().div_ceil(block_len)`,
+/// `cpu::has_avx512`; `q.len() == x[r].len() >= 64`, `scales.len() == x[r].len().div_ceil(block_len)`,
 /// `block_len` the whole row or a power of two from 32 on that divides it.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 pub unsafe fn dot_bytes_avx512<D: Decode16, const R: usize>(
@@ -197,7 +185,7 @@ pub unsafe fn dot_bytes_avx512<D: Decode16, const R: usize>(
 /// True when `D` is e4m3 and the row holds one of its NaN codes (`dot_bytes_avx512` and
 /// `bytes_range` compute those rows' lanes as if the code were 480: the row's result is NaN).
 pub fn row_has_nan_code<D: Decode16>(q: &[u8]) -> bool {
-    // SAFETY: has_e4m3_nan needs AVX-512 BW, which every caller has checked (`has_avx512`).
+    // SAFETY: has_e4m3_nan needs AVX-512 BW, which every caller has checked (`cpu::has_avx512`).
     D::E4M3 && unsafe { has_e4m3_nan(q) }
 }
 
@@ -237,7 +225,9 @@ unsafe fn bytes_range<D: Decode16, const R: usize>(
             }
         };
     let zero = [[_mm512_setzero_ps(); 4]; R];
-    // SAFETY (all steps): the positions read are inside the row (asserts above).
+    // SAFETY: every step reads positions in i0..i1 <= K of the weights and of each activation
+    // row (asserted above: K = q.len() = x[r].len(), one scale per block); AVX-512 F/BW/VL, FMA
+    // and F16C are the caller's contract (`cpu::has_avx512`).
     unsafe {
         if block_len == 32 {
             // Two blocks of 32 fill the four registers: parts of each, then their scales.

@@ -60,7 +60,7 @@ const BYTE_SHAPES: [(usize, usize); 14] = [
 ];
 
 fn bytes_case<D: Decode16>(e4m3: bool, e5m2: bool, with_nan: bool, seed: u64) {
-    if !has_fma() {
+    if !crate::cpu::has_fma() {
         return;
     }
     let mut rng = Rng(seed);
@@ -97,7 +97,7 @@ fn bytes_case<D: Decode16>(e4m3: bool, e5m2: bool, with_nan: bool, seed: u64) {
                 |x| dot_fp8::<D, 4>(&q, &scales, bl, x),
             );
         }
-        if has_avx512() && k >= WIDE {
+        if crate::cpu::has_avx512() && k >= WIDE {
             let xs: Vec<Vec<f32>> = if e4m3 {
                 rows.iter().map(|x| scale_e4m3_x(x).to_vec()).collect()
             } else {
@@ -136,7 +136,7 @@ fn fp8_rows_with_nan_codes_give_nan_in_every_tier() {
 
 #[test]
 fn decode16_of_every_byte_is_the_reference_value() {
-    if !has_avx512() {
+    if !crate::cpu::has_avx512() {
         return;
     }
     #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]

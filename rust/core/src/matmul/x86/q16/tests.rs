@@ -38,7 +38,7 @@ macro_rules! rows_1_to_4 {
     ($nf4:expr, $w:expr, $s:expr, $bl:expr, $xq:expr, $xd:expr) => {{
         let xq: [&[i16]; 4] = std::array::from_fn(|i| &$xq[i][..]);
         let xd: [&[f32]; 4] = std::array::from_fn(|i| &$xd[i][..]);
-        // SAFETY: `available()` checked by the caller; shapes built to the contract.
+        // SAFETY: `cpu::has_vnni_q16()` checked by the caller; shapes built to the contract.
         unsafe {
             let a = dot_q16_avx512::<1>($nf4, $w, $s, $bl, [xq[0]], [xd[0]]);
             let b = dot_q16_avx512::<2>($nf4, $w, $s, $bl, [xq[1], xq[2]], [xd[1], xd[2]]);
@@ -64,7 +64,7 @@ macro_rules! rows_1_to_4 {
 
 #[test]
 fn nf4_matches_reference() {
-    if !available() {
+    if !crate::cpu::has_vnni_q16() {
         return;
     }
     let mut rng = Rng(0x5eed_0016);
@@ -104,7 +104,7 @@ fn nf4_matches_reference() {
 
 #[test]
 fn int8_matches_reference() {
-    if !available() {
+    if !crate::cpu::has_vnni_q16() {
         return;
     }
     let mut rng = Rng(0x5eed_0008);
@@ -137,7 +137,7 @@ fn int8_matches_reference() {
 
 #[test]
 fn quantizer_matches_reference() {
-    if !available() {
+    if !crate::cpu::has_vnni_q16() {
         return;
     }
     let mut rng = Rng(0x5eed_0017);
@@ -162,7 +162,7 @@ fn quantizer_matches_reference() {
             for split in [false, true] {
                 let mut q = vec![7i16; q16_row_len(k)];
                 let mut d = vec![7.0f32; q16_row_len(k) / Q16];
-                // SAFETY: available() checked; sizes as documented.
+                // SAFETY: cpu::has_vnni_q16() checked; sizes as documented.
                 unsafe { quantize_row_q16_avx512(&x, per, split, &mut q, &mut d) };
                 let mut w = want.clone();
                 if split {

@@ -5,8 +5,8 @@
 //! values, zero blocks), weight scales ordinary, zero, huge and tiny.
 
 use super::*;
-use crate::matmul::reference::q16::test_rows::{rows, stats};
 use crate::matmul::reference::q16::{q16_row_len, quantize_row_q16, NF4_ONE};
+use crate::matmul::tests::q16_rows::{rows, stats};
 use crate::matmul::tests::Rng;
 
 const NF4_K: [usize; 7] = [32, 64, 96, 160, 4096, 8224, 16416];
@@ -53,7 +53,27 @@ fn check_all(
 }
 
 fn have() -> bool {
-    crate::formats::simd::has_avx2() && super::super::has_fma()
+    crate::cpu::has_avx2() && crate::cpu::has_fma()
+}
+
+/// `dot_nf4_q16_avx2` where `have()` (asserted); the kernel checks the lengths itself.
+fn nf4<const R: usize>(p: &[u8], a: &[f32], bs: usize, q: [&[i16]; R], d: [&[f32]; R]) -> [f32; R] {
+    assert!(have());
+    // SAFETY: AVX2 and FMA asserted just above; lengths are checked by the kernel (panics).
+    unsafe { dot_nf4_q16_avx2(p, a, bs, q, d) }
+}
+
+/// `dot_int8_q16_avx2` where `have()` (asserted); the kernel checks the lengths itself.
+fn int8<const R: usize>(
+    w: &[u8],
+    s: &[f32],
+    bl: usize,
+    x: [&[i16]; R],
+    d: [&[f32]; R],
+) -> [f32; R] {
+    assert!(have());
+    // SAFETY: AVX2 and FMA asserted just above; lengths are checked by the kernel (panics).
+    unsafe { dot_int8_q16_avx2(w, s, bl, x, d) }
 }
 
 #[test]
@@ -69,13 +89,12 @@ fn nf4_q16_avx2_equals_the_reference() {
             let absmax = stats(&mut rng, k.div_ceil(bs));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
                 let rows = rows(&mut rng, k, NF4_ONE, kinds);
-                // SAFETY (all): AVX2 and FMA checked above; lengths as the reference's.
                 check_all(
                     &rows,
-                    |q, d| unsafe { dot_nf4_q16_avx2(&packed, &absmax, bs, q, d) },
-                    |q, d| unsafe { dot_nf4_q16_avx2(&packed, &absmax, bs, q, d) },
-                    |q, d| unsafe { dot_nf4_q16_avx2(&packed, &absmax, bs, q, d) },
-                    |q, d| unsafe { dot_nf4_q16_avx2(&packed, &absmax, bs, q, d) },
+                    |q, d| nf4(&packed, &absmax, bs, q, d),
+                    |q, d| nf4(&packed, &absmax, bs, q, d),
+                    |q, d| nf4(&packed, &absmax, bs, q, d),
+                    |q, d| nf4(&packed, &absmax, bs, q, d),
                     |q, d| q16::dot_nf4_q16(&packed, &absmax, bs, q, d),
                     &format!("nf4 k={k} bs={bs} kinds={kinds:?}"),
                 );
@@ -99,13 +118,12 @@ fn int8_q16_avx2_equals_the_reference() {
             let scales = stats(&mut rng, k.div_ceil(bl));
             for kinds in [[0, 1, 2, 3], [2, 4, 0, 0], [3, 0, 4, 1]] {
                 let rows = rows(&mut rng, k, 1.0, kinds);
-                // SAFETY (all): AVX2 and FMA checked above; lengths as the reference's.
                 check_all(
                     &rows,
-                    |x, d| unsafe { dot_int8_q16_avx2(&q, &scales, bl, x, d) },
-                    |x, d| unsafe { dot_int8_q16_avx2(&q, &scales, bl, x, d) },
-                    |x, d| unsafe { dot_int8_q16_avx2(&q, &scales, bl, x, d) },
-                    |x, d| unsafe { dot_int8_q16_avx2(&q, &scales, bl, x, d) },
+                    |x, d| int8(&q, &scales, bl, x, d),
+                    |x, d| int8(&q, &scales, bl, x, d),
+                    |x, d| int8(&q, &scales, bl, x, d),
+                    |x, d| int8(&q, &scales, bl, x, d),
                     |x, d| q16::dot_int8_q16(&q, &scales, bl, x, d),
                     &format!("int8 k={k} bl={bl} kinds={kinds:?}"),
                 );
@@ -132,13 +150,11 @@ fn extreme_weights_equal_the_reference() {
         let absmax = vec![1.0f32; k / 32];
         for b in [0x00u8, 0xff, 0x0f, 0xf0, 0x80, 0x7f] {
             let w = vec![b; k / 2];
-            // SAFETY: checked features; lengths as the reference's.
-            let got = unsafe { dot_nf4_q16_avx2(&w, &absmax, 32, [&q], [&d]) }[0];
+            let got = nf4(&w, &absmax, 32, [&q], [&d])[0];
             let want = q16::dot_nf4_q16(&w, &absmax, 32, &q, &d);
             assert!(same(got, want), "nf4 byte {b:#x}");
             let w = vec![b; k];
-            // SAFETY: as above.
-            let got = unsafe { dot_int8_q16_avx2(&w, &absmax, 32, [&q], [&d]) }[0];
+            let got = int8(&w, &absmax, 32, [&q], [&d])[0];
             let want = q16::dot_int8_q16(&w, &absmax, 32, &q, &d);
             assert!(same(got, want), "int8 byte {b:#x}");
         }
@@ -161,16 +177,14 @@ fn tail_lanes_stay_untouched_under_infinite_scales() {
             if per == 1.0 {
                 let w = vec![1u8; k];
                 let scales = [3.0e38f32];
-                // SAFETY: checked features; lengths as the reference's.
-                let got = unsafe { dot_int8_q16_avx2(&w, &scales, k, [&q], [&d]) }[0];
+                let got = int8(&w, &scales, k, [&q], [&d])[0];
                 let want = q16::dot_int8_q16(&w, &scales, k, &q, &d);
                 assert_eq!(want, f32::INFINITY);
                 assert_eq!(got.to_bits(), want.to_bits(), "int8 k={k}");
             } else if k % 32 == 0 {
                 let w = vec![0xffu8; k / 2];
                 let absmax = vec![3.0e38f32 * 16383.0; k / 32];
-                // SAFETY: checked features; lengths as the reference's.
-                let got = unsafe { dot_nf4_q16_avx2(&w, &absmax, 32, [&q], [&d]) }[0];
+                let got = nf4(&w, &absmax, 32, [&q], [&d])[0];
                 let want = q16::dot_nf4_q16(&w, &absmax, 32, &q, &d);
                 assert_eq!(want, f32::INFINITY);
                 assert_eq!(got.to_bits(), want.to_bits(), "nf4 k={k}");

@@ -48,7 +48,7 @@ fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
     let mut more = data.clone();
     more.extend(std::iter::repeat_n(0xffu8, 8 * size));
     let name = std::any::type_name::<W>();
-    // SAFETY: available() checked by the caller; x prepared by interleave for nb blocks.
+    // SAFETY: cpu::has_vbmi_gfni() checked by the caller; x prepared by interleave for nb blocks.
     unsafe {
         let a = dot_row32::<W, false>(&data, nb, &row);
         assert_eq!(a.to_bits(), want, "{name} nb={nb} extreme={extreme}");
@@ -89,7 +89,7 @@ fn check_rows<W: Row32>(rng: &mut Rng, nb: usize) {
         .chunks_exact(nb)
         .map(|rw| r::dot_block32(rw, &xq, &xd).to_bits())
         .collect();
-    // SAFETY: available() checked by the caller; x prepared by interleave for nb blocks.
+    // SAFETY: cpu::has_vbmi_gfni() checked by the caller; x prepared by interleave for nb blocks.
     let (a, b) = unsafe {
         (
             dot_rows32::<W, false, 4>(&data, nb * size, nb, &row),
@@ -117,7 +117,7 @@ fn all<W: Row32>(rng: &mut Rng) {
 
 #[test]
 fn row32_equals_reference_for_every_format_and_length() {
-    if !available() {
+    if !crate::cpu::has_vbmi_gfni() {
         eprintln!("row32: AVX-512 VBMI / GFNI absent, nothing to test");
         return;
     }
@@ -189,7 +189,7 @@ fn row32_bench() {
             let t = std::time::Instant::now();
             for _ in 0..20 {
                 for rw in w.chunks_exact(nb) {
-                    // SAFETY: available() checked; x prepared for nb blocks.
+                    // SAFETY: cpu::has_vbmi_gfni() checked; x prepared for nb blocks.
                     sink += unsafe { dot_row32::<W, false>(bytemuck::cast_slice(rw), nb, &row) };
                 }
             }
@@ -197,7 +197,7 @@ fn row32_bench() {
             let t = std::time::Instant::now();
             for _ in 0..20 {
                 for rw in w.chunks_exact(nb) {
-                    // SAFETY: has_vnni (implied by available()); one activation block per block.
+                    // SAFETY: has_vnni (implied by cpu::has_vbmi_gfni()); one activation block per block.
                     sink += unsafe {
                         super::super::dot_block32_vnni(rw, [&xq], [&xd], [&sums], false)[0]
                     };
@@ -215,7 +215,7 @@ fn row32_bench() {
             gb(old)
         );
     }
-    if !available() {
+    if !crate::cpu::has_vbmi_gfni() {
         return;
     }
     let mut rng = Rng(7);
@@ -278,7 +278,7 @@ fn row32_mem_bench() {
                 for d in &datas {
                     let w: &[W] = bytemuck::cast_slice(d);
                     for rw in w.chunks_exact(nb) {
-                        // SAFETY: available() checked; x prepared for nb blocks.
+                        // SAFETY: cpu::has_vbmi_gfni() checked; x prepared for nb blocks.
                         sink += unsafe {
                             match v {
                                 0 => dot_row32::<W, false>(bytemuck::cast_slice(rw), nb, &row),
@@ -300,7 +300,7 @@ fn row32_mem_bench() {
             gb(best[2])
         );
     }
-    if !available() {
+    if !crate::cpu::has_vbmi_gfni() {
         return;
     }
     let mut rng = Rng(9);
@@ -313,8 +313,8 @@ fn row32_mem_bench() {
 /// is the reference's, for N = 1..=9 and rows of 18 (SmolLM2's 576), 65 and 64 blocks.
 #[test]
 fn qmatmul_m1_rows_equal_reference() {
+    use crate::formats::tensor::QuantizedView;
     use crate::matmul::{qmatmul, QType};
-    use crate::quantize::QuantizedView;
     fn run<W: Row32>(rng: &mut Rng, qtype: QType) {
         let size = std::mem::size_of::<W>();
         for nb in [18usize, 64, 65] {

@@ -3,7 +3,7 @@
 //! rows, with and without the weight prefetch; saturating quants and scales; and the
 //! dispatch through `qmatmul` at M = 1 (short rows and rows above `LONG_K`).
 
-use super::vnni::{dot_row_k_vnni, has_row_k_vnni, interleave_k4, RowK, XZ_BLOCK};
+use super::vnni::{dot_row_k_vnni, interleave_k4, RowK, XZ_BLOCK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
 use crate::matmul::tests::{blocks, Rng};
@@ -39,7 +39,7 @@ fn check<W: RowK>(w: &[W], rows: &[Vec<BlockQ8K>; 4], what: &str) {
     let xz: [&[u8]; 4] = std::array::from_fn(|i| &zs[i][..]);
     let want: [u32; 4] = std::array::from_fn(|i| r::dot_block_k(w, x[i]).to_bits());
     for long in [false, true] {
-        // SAFETY: has_row_k_vnni() checked by the callers; one activation block per weight
+        // SAFETY: crate::cpu::has_vnni_bw() checked by the callers; one activation block per weight
         // block, 256 interleaved bytes per block.
         let got = unsafe { dot_row_k_vnni(w, x, xz, long) }.map(f32::to_bits);
         assert_eq!(got, want, "{what} R=4 long={long}");
@@ -62,7 +62,7 @@ fn random<W: RowK>(rng: &mut Rng) {
 
 #[test]
 fn row_k_vnni_equals_reference_on_random_blocks() {
-    if !has_row_k_vnni() {
+    if !crate::cpu::has_vnni_bw() {
         return;
     }
     let mut rng = Rng(0x0dd0_b10c_5eed_7777);
@@ -106,7 +106,7 @@ fn extremes<W: RowK>(rng: &mut Rng) {
 
 #[test]
 fn row_k_vnni_equals_reference_at_extreme_values() {
-    if !has_row_k_vnni() {
+    if !crate::cpu::has_vnni_bw() {
         return;
     }
     let mut rng = Rng(0xfeed_beef_0123_4567);
@@ -162,7 +162,7 @@ fn qmatmul_m1_k_quants_equal_reference() {
 #[test]
 #[ignore]
 fn bench_row_k() {
-    if !has_row_k_vnni() {
+    if !crate::cpu::has_vnni_bw() {
         return;
     }
     fn run<W: RowK>(rng: &mut Rng) {

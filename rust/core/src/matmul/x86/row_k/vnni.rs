@@ -21,7 +21,7 @@
 //! lanes of a super-block's sums are folded to 8 only at the group's end (a `vextracti64x4` at
 //! the end of each chain cost 1.7x in the loop).
 //!
-//! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`has_row_k_vnni`).
+//! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`).
 
 use std::arch::x86_64::*;
 
@@ -29,18 +29,6 @@ use super::super::{lanes_of, prefetch_ahead};
 use super::SumsK;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K, LANES};
-
-/// True when the AVX-512 K-quant row kernel may run (`has_vnni` plus AVX-512 F/BW).
-pub fn has_row_k_vnni() -> bool {
-    use std::sync::OnceLock;
-    static F: OnceLock<bool> = OnceLock::new();
-    *F.get_or_init(|| {
-        super::super::has_vnni()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("f16c")
-    })
-}
 
 /// One super-block decoded for `dot_row_k_vnni`.
 #[derive(Clone, Copy)]
@@ -337,7 +325,7 @@ fn fold(v: __m512i) -> __m256i {
 /// last whole group of 8).
 ///
 /// # Safety
-/// `has_row_k_vnni()` must be true; every `x[r]` has at least `w.len()` blocks and every
+/// `crate::cpu::has_vnni_bw()` must be true; every `x[r]` has at least `w.len()` blocks and every
 /// `xz[r]` at least `XZ_BLOCK * w.len()` bytes.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
@@ -378,15 +366,18 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
         let mut msum = [[_mm256_setzero_si256(); LANES]; R];
         // Software-pipelined by one super-block: the decode of j + 1 (its scales are a long
         // dependency chain) is issued before the sums of j.
+        // SAFETY: AVX2 and AVX-512 F/BW/VL, the caller's contract (`cpu::has_vnni_bw`).
         let mut next = unsafe { wg[0].decode_z() };
         for j in 0..LANES {
             let dz = next;
             if j + 1 < LANES {
+                // SAFETY: as above; j + 1 < 8 = wg.len().
                 next = unsafe { wg[j + 1].decode_z() };
             }
             let b = g * LANES + j;
             for rr in 0..R {
                 let xq = &xz[rr][XZ_BLOCK * b..XZ_BLOCK * (b + 1)];
+                // SAFETY: AVX-512 VNNI/BW (contract); xq is one whole XZ_BLOCK (a checked slice).
                 let (i, m) = unsafe { sums_z(&dz, xq) };
                 isum[rr][j] = i;
                 msum[rr][j] = m;
@@ -400,14 +391,20 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
             hd[j] = u16::from_le_bytes(d);
             hm[j] = u16::from_le_bytes(dmin);
         }
-        let dw = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hd.as_ptr() as *const __m128i) });
-        let dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hm.as_ptr() as *const __m128i) });
+        // SAFETY: hd and hm are 8 u16, the 16 bytes loaded; F16C (contract).
+        let (dw, dmin) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(hd.as_ptr() as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(hm.as_ptr() as *const __m128i)),
+            )
+        };
         for rr in 0..R {
             let xg = &xz[rr][XZ_BLOCK * g * LANES..XZ_BLOCK * (g + 1) * LANES];
             let mut xd = [0.0f32; LANES];
             for (v, blk) in xd.iter_mut().zip(xg.chunks_exact(XZ_BLOCK)) {
                 *v = f32::from_le_bytes([blk[XZ_D], blk[XZ_D + 1], blk[XZ_D + 2], blk[XZ_D + 3]]);
             }
+            // SAFETY: xd is 8 f32, the 32 bytes loaded; AVX (contract).
             let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
             let mut f = [_mm256_setzero_si256(); LANES];
             for (o, &v) in f.iter_mut().zip(&isum[rr]) {
@@ -437,10 +434,12 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
     }
     for b in groups * LANES..nb {
         let wb = &w[b];
+        // SAFETY: AVX2 (implied by the contract, `cpu::has_vnni_bw`).
         let q = unsafe { wb.decode() };
         let (d, dmin) = wb.d_dmin();
         for (rr, l) in lanes.iter_mut().enumerate() {
             let xb = &x[rr][b];
+            // SAFETY: AVX2 (contract); q is wb.decode().
             let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
             l[b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
         }

@@ -1,0 +1,56 @@
+//! Every environment switch the Rust core reads, one function each; no other module calls
+//! `std::env::var` for a `FERROQUANT_*` variable.
+//!
+//! | variable | read | effect |
+//! | --- | --- | --- |
+//! | `FERROQUANT_FORCE_SCALAR` | once per process | anything but "" or "0": every kernel and quantizer runs its scalar reference (`cpu` reports no SIMD) |
+//! | `FERROQUANT_NUM_THREADS` | when the pool is first built | threads of the rayon pool (`parallel`); unset, 0 or not a number: all cores |
+//! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
+//! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
+//! | `FERROQUANT_FUZZ_SEED` | tests | seed (u64) of the GGUF mutation fuzz test |
+//! | `FERROQUANT_FUZZ_ITERS` | tests | iterations of the GGUF mutation fuzz test (default 20 000) |
+
+use std::sync::OnceLock;
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+fn parsed<T: std::str::FromStr>(name: &str) -> Option<T> {
+    var(name).and_then(|v| v.trim().parse().ok())
+}
+
+/// `FERROQUANT_FORCE_SCALAR`: true when set to anything but "" or "0" (read once).
+pub fn force_scalar() -> bool {
+    static FORCE: OnceLock<bool> = OnceLock::new();
+    *FORCE.get_or_init(|| var("FERROQUANT_FORCE_SCALAR").is_some_and(|v| !v.is_empty() && v != "0"))
+}
+
+/// `FERROQUANT_NUM_THREADS`: the requested size of the rayon pool, if a positive integer.
+pub fn num_threads() -> Option<usize> {
+    parsed::<usize>("FERROQUANT_NUM_THREADS").filter(|&n| n > 0)
+}
+
+/// `FERROQUANT_RUNTIME_PACK`: false only when set to "0" (read at every call, i.e. per load).
+pub fn runtime_pack() -> bool {
+    match var("FERROQUANT_RUNTIME_PACK") {
+        Some(v) => v.trim() != "0",
+        None => true,
+    }
+}
+
+/// `FERROQUANT_EXPECT_DOTPROD` (tests): `Some(true)` for "1", `Some(false)` for anything else
+/// set, `None` when unset.
+pub fn expect_dotprod() -> Option<bool> {
+    var("FERROQUANT_EXPECT_DOTPROD").map(|v| v == "1")
+}
+
+/// `FERROQUANT_FUZZ_SEED` (tests): the fuzz seed, if set to a u64.
+pub fn fuzz_seed() -> Option<u64> {
+    parsed("FERROQUANT_FUZZ_SEED")
+}
+
+/// `FERROQUANT_FUZZ_ITERS` (tests): the fuzz iteration count, if set to a number.
+pub fn fuzz_iters() -> Option<usize> {
+    parsed("FERROQUANT_FUZZ_ITERS")
+}
