@@ -1,11 +1,11 @@
-"""ferroquant.offload: budget parsing, the placement policy (a pure function), the hooks that move
-activations between devices, and the CPU-only behaviour.
+"""ferroquant.offload: budget parsing, the placement policy (a pure function), accelerate's size
+accounting and hooks as offload uses them on QuantLinear models, and the CPU-only behaviour.
 
-This machine has no GPU: the policy is tested with a "cuda:0" name it never touches, the hooks
-with a block placed on the "meta" device (the pre-hook must hand it meta activations: hidden
-states, the (cos, sin) position embeddings, the mask) and with explicit all-CPU device maps
-(hooks installed, results identical). The GPU itself runs ferroquant's CUDA op (cuda_ops.py,
-tested where a GPU is)."""
+This machine has no GPU: the policy is tested with a "cuda:0" name it never touches and with
+the "meta" device standing in for the GPU, the hooks with a block placed on "meta" (accelerate's
+hook must hand it meta activations: hidden states, the (cos, sin) position embeddings, the mask)
+and with explicit all-CPU device maps (hooks installed, results identical). The GPU itself runs
+ferroquant's CUDA op (ferroquant/cuda/qmatmul.py, tested where a GPU is)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from peers import require  # noqa: E402
+
+require("accelerate")
+import accelerate.hooks  # noqa: E402
+from accelerate.utils import compute_module_sizes  # noqa: E402
+
 import ferroquant as fq  # noqa: E402
 from ferroquant.cuda import CudaUnavailable  # noqa: E402
 from ferroquant.models import offloading as off  # noqa: E402
 from ferroquant.nn import QuantLinear  # noqa: E402
-
-from peers import require  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +159,14 @@ def test_hooks_with_an_all_cpu_device_map_keep_generation_identical(tiny, monkey
     want = _generate(model, ids)
     m = copy.deepcopy(model)
     seen: list[tuple[str, list[str]]] = []
-    real = off.to_device
+    real = accelerate.hooks.send_to_device
 
-    def spy(obj, device):
+    def spy(obj, device, **kwargs):
         if isinstance(obj, dict) and "position_embeddings" in obj:
             seen.append((device, sorted(obj)))
-        return real(obj, device)
+        return real(obj, device, **kwargs)
 
-    monkeypatch.setattr(off, "to_device", spy)
+    monkeypatch.setattr(accelerate.hooks, "send_to_device", spy)
     plan = fq.offload(m, {"model.layers.0": "cpu", "model.layers.2": "cpu", "": "cpu"})
     assert plan.handles and plan.note.startswith("device map")
     assert [p.name for p in plan.placements][:5] == [
@@ -174,7 +178,7 @@ def test_hooks_with_an_all_cpu_device_map_keep_generation_identical(tiny, monkey
     assert len(seen) == 4 * 6  # 4 layers, 6 forward passes (prompt + 5 decode steps)
     assert all("past_key_values" in keys and "position_embeddings" in keys for _, keys in seen)
     plan.remove()
-    assert not any(mod._forward_pre_hooks for mod in m.modules())
+    assert not any(mod._forward_pre_hooks or hasattr(mod, "_hf_hook") for mod in m.modules())
 
 
 def test_a_block_on_another_device_receives_its_activations_there(tiny):
@@ -193,13 +197,24 @@ def test_a_block_on_another_device_receives_its_activations_there(tiny):
     assert m.model.layers[2].self_attn.q_proj.qweight.is_meta
     assert plan.devices()["model.layers.2"] == "meta" and plan.devices()["model.layers.3"] == "cpu"
 
-    def record(mod, args, kwargs, out):
-        got["h"] = args[0].device.type
-        got["pe"] = [t.device.type for t in kwargs["position_embeddings"]]
+    # accelerate's hook moves the inputs inside the layer's forward: look at what its first
+    # modules receive
+    layer = m.model.layers[2]
+    layer.input_layernorm.register_forward_pre_hook(
+        lambda mod, args: got.__setitem__("h", args[0].device.type)
+    )
+    layer.self_attn.register_forward_pre_hook(
+        lambda mod, args, kwargs: got.__setitem__(
+            "pe", [t.device.type for t in kwargs["position_embeddings"]]
+        ),
+        with_kwargs=True,
+    )
+
+    def record(mod, args, out):
         got["out"] = out.device.type
         return cpu_out["h"]  # identity layer on the CPU from here on
 
-    m.model.layers[2].register_forward_hook(record, with_kwargs=True)
+    layer.register_forward_hook(record)
     with torch.no_grad():
         logits = m(ids).logits
     assert got == {"h": "meta", "pe": ["meta", "meta"], "out": "meta"}
@@ -212,21 +227,96 @@ def test_a_block_on_another_device_receives_its_activations_there(tiny):
     assert m.model.layers[3].mlp.up_proj.qweight.device.type == "cpu"
 
 
-def test_to_device_moves_nested_tensors_and_passes_caches_through():
+def test_hooks_move_nested_tensors_and_pass_caches_through():
+    """accelerate's send_to_device, as offload's hooks call it: tensors in tuples, lists, dicts
+    and ModelOutputs move, Hugging Face caches and everything else arrive unchanged, and a
+    tensor already on the unit's device is not copied."""
     require("transformers")
     from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    got: dict[str, object] = {}
+
+    class Record(nn.Module):
+        def __init__(self, key):
+            super().__init__()
+            self.key, self.lin = key, nn.Linear(2, 2)
+
+        def forward(self, obj):
+            got[self.key] = obj
+            return torch.zeros(1)
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.there, self.here = Record("there"), Record("here")
+
+        def forward(self, obj):
+            self.here(obj["list"][0])
+            return self.there(obj=obj)
 
     cache = DynamicCache()
     a, b = torch.ones(2), torch.zeros(3)
     obj = {"pe": (a, b), "list": [a, 3, "x"], "cache": cache, "none": None,
            "out": BaseModelOutputWithPast(last_hidden_state=a, past_key_values=cache)}  # fmt: skip
-    moved = off.to_device(obj, "meta")
+    toy = Toy()
+    fq.offload(toy, {"there": "meta"})
+    assert toy(obj).device.type == "cpu"  # the model's output comes back to the inputs' device
+    moved = got["there"]
     assert [t.device.type for t in moved["pe"]] == ["meta", "meta"]
     assert moved["list"][0].is_meta and moved["list"][1:] == [3, "x"]
     assert moved["cache"] is cache and moved["none"] is None
     assert moved["out"].last_hidden_state.is_meta and moved["out"].past_key_values is cache
-    assert off.to_device(a, "cpu") is a  # already there: no copy
+    assert got["here"] is a  # already there: no copy
+
+
+def test_accelerate_counts_quantlinear_at_its_stored_size():
+    """compute_module_sizes (which sizes every unit) sees the packed buffers, which are not
+    parameters: nf4 64x64 = 2048 bytes of codes + 64 float32 absmax + the float32 bias; a bf16
+    cast leaves the statistics float32 and halves the bias only."""
+    q = QuantLinear.from_linear(nn.Linear(64, 64), "nf4")
+    assert compute_module_sizes(q)[""] == 64 * 64 // 2 + 64 * 4 + 64 * 4
+    assert compute_module_sizes(q.to(torch.bfloat16))[""] == 64 * 64 // 2 + 64 * 4 + 64 * 2
+
+
+def test_the_budget_is_spent_on_quantized_bytes_not_float_ones(tiny):
+    """The automatic plan on the "meta" device (a stand-in GPU): a budget of exactly two
+    quantized layers puts two layers there, though one float32 layer alone would not fit."""
+    from ferroquant.models.gguf_model import dequantize_model
+
+    model, _ = tiny
+    m = copy.deepcopy(model)
+    layer = off.unit_bytes(m, ["model.layers.0"])["model.layers.0"]
+    floats = dequantize_model(copy.deepcopy(model))
+    float_layer = off.unit_bytes(floats, ["model.layers.0"])["model.layers.0"]
+    assert 3 * layer < float_layer  # q8_0: 34 bytes per 32 weights against 4 bytes per weight
+    plan = fq.offload(m, max_gpu_memory=2 * layer, device="meta")
+    assert [p.device for p in plan.placements if p.kind == "layer"] == ["meta"] * 2 + ["cpu"] * 2
+    assert plan.bytes_on("meta") == 2 * layer and plan.note.startswith("2 of 4 layers on meta")
+    assert m.model.layers[1].mlp.down_proj.qweight.is_meta
+    assert not m.model.embed_tokens.weight.is_meta
+    assert fq.offload(floats, 2 * layer, device="meta").bytes_on("meta") == 0
+
+
+def test_a_cache_filled_before_offloading_follows_each_layer(tiny):
+    """Entries of a layer now on another device are moved once, before that layer runs; the
+    other layers' entries stay where they are."""
+    from transformers import DynamicCache
+
+    model, ids = tiny
+    m = copy.deepcopy(model)
+    cache = DynamicCache()
+    with torch.no_grad():
+        m(ids, past_key_values=cache, use_cache=True)
+    cpu_in: dict[str, torch.Tensor] = {}
+    layer = m.model.layers[2]
+    layer.register_forward_pre_hook(lambda mod, args: cpu_in.__setitem__("h", args[0]))
+    fq.offload(m, {"model.layers.2": "meta"})
+    layer.register_forward_hook(lambda mod, args, out: cpu_in["h"])  # identity on the CPU
+    with torch.no_grad():
+        m(ids[:, -1:], past_key_values=cache, use_cache=True)
+    assert [lay.keys.device.type for lay in cache.layers] == ["cpu", "cpu", "meta", "cpu"]
+    assert [lay.keys.shape[-2] for lay in cache.layers] == [ids.shape[1] + 1] * 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -25,7 +25,8 @@ def quantize_model(model: Any, recipe: Any = "q4_k_m", **kwargs: Any) -> Any:
 
 
 def offload(model: Any, max_gpu_memory: Any = 0, device: Any = None, **kwargs: Any) -> Any:
-    """Split a torch model between a GPU and the CPU (see ferroquant.models.offloading)."""
+    """Split a torch model between a GPU and the CPU, on accelerate's hooks (the `hf` extra);
+    returns the plan (see ferroquant.models.offloading)."""
     from .models.offloading import offload as _offload
 
     return _offload(model, max_gpu_memory, device, **kwargs)

@@ -1,41 +1,23 @@
-"""CPU/GPU offload: place as many blocks of a model as fit a GPU memory budget on the GPU, the rest
-on the CPU, and move activations between them with forward hooks.
+"""CPU/GPU offload: as many decoder layers as fit a GPU memory budget on the GPU, the rest of the
+model on the CPU, activations moved between them by accelerate's hooks (docs/offload.md).
 
     plan = ferroquant.offload(model, max_gpu_memory="4GiB")   # or a device map
     print(plan)                                                # per-module device and bytes
-    model.generate(...)                                        # works across the split
     plan.remove()                                              # uninstall the hooks
 
-Blocks (in execution order): the decoder layers of a Hugging Face model (the modules named in its
-`_no_split_modules`, else the elements of its largest nn.ModuleList), each one a unit; beside them
-every sibling of the layer list and of its ancestors (embedding, rotary embedding, final norm,
-output head) is a unit of its own. A model without layers is split into its top-level children.
-
-Placement policy (automatic): decoder layers, in order, go to the GPU while their bytes (every
-parameter and buffer: QuantLinear's quantized `qweight` and `qstats`, norms, biases; a tensor
-shared by two modules counted once) fit `max_gpu_memory`; from the first layer that does not fit,
-the rest stay on the CPU, so activations cross devices once each way per forward. The embedding,
-the final norm and the output head stay on the CPU: the embedding is a row lookup, and in many
-models (SmolLM2, Llama-3.2 1B/3B) the head shares its weight with the embedding. A device map
-places them anywhere. The budget counts weights only: leave room for activations and the KV cache.
-
-With no usable CUDA device (or max_gpu_memory=0) everything stays on the CPU, runs the Rust
-kernels, no hook is installed, and the returned plan says so. An explicit CUDA device (the
-`device` argument or a device map) without a GPU is an error (`ferroquant.cuda.CudaUnavailable`).
-
-Hooks: each unit gets a forward pre-hook that moves the tensors of its args and kwargs (nested in
-tuples, lists, dicts, dataclasses and ModelOutputs: e.g. the (cos, sin) position embeddings) to its
-device. Hugging Face cache objects are passed through: each layer's cache entries are created on
-the device that layer runs on and stay there; entries of a unit's own layer found elsewhere (a
-cache filled before offloading) are moved once. A unit nested in a unit of another device moves its
-outputs back to the enclosing unit's device; the model's outputs come back on the CPU. GPU blocks
-run ferroquant's CUDA kernels on bf16/fp16 activations (cast the model to bfloat16); float32
-activations there take the reference path.
+accelerate does the size strings (`convert_file_size_to_int`), the bytes of every module
+(`compute_module_sizes`, which counts buffers: QuantLinear's weight is its packed `qweight` and
+`qstats`) and the moving of activations (`AlignDevicesHook`, `send_to_device`). Ours: the units
+(decoder layers from `_no_split_modules` or the largest ModuleList, and their siblings), the
+policy (layers in order while they fit; embedding, norm, head and the rest on the CPU, where
+they run with the Rust kernels rather than being streamed to the GPU as in accelerate's plans),
+the weights moved by `module.to` (QuantLinear's own `_apply`), each layer's KV cache on its
+layer's device, the printed plan, and the errors (`ferroquant.cuda.CudaUnavailable` for a CUDA
+device asked for without one).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,30 +25,33 @@ from typing import Any
 import torch
 from torch import nn
 
-_UNITS = {
-    "": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
-}  # fmt: skip
-_MEM = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+from .._extras import require
+
+require("accelerate", "ferroquant.offload", "hf")
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module  # noqa: E402
+from accelerate.utils import compute_module_sizes, convert_file_size_to_int  # noqa: E402
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(|b|[kmgt]i?b)")
 
 
 def parse_memory(value: int | float | str) -> int:
     """Bytes from an integer (bytes) or a string like "4GiB", "4GB", "512 MiB", "1.5GB", "0"
-    (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024)."""
-    if isinstance(value, bool):
-        raise ValueError(f"max_gpu_memory must be bytes or a size like '4GiB', got {value!r}")
-    if isinstance(value, (int, float)):
-        if value < 0 or value != value:
-            raise ValueError(f"max_gpu_memory must be >= 0 bytes, got {value!r}")
+    (KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB of 1024, in any case)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return int(value)
-    m = _MEM.match(str(value))
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
+    m = _SIZE.fullmatch(value.strip().lower()) if isinstance(value, str) else None
+    if m is None:
         raise ValueError(
             f"max_gpu_memory {value!r} does not parse: give bytes (an integer) or a number with "
             "a unit: B, KB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)"
         )
-    return int(float(m.group(1)) * _UNITS[unit])
+    number, unit = m.groups()
+    if unit in ("", "b"):
+        return int(float(number))
+    if unit[0] == "t":  # accelerate stops at GB / GiB
+        number, unit = str(float(number) * (1024 if "i" in unit else 1000)), "g" + unit[1:]
+    # accelerate reads a lower-case final "b" as bits: spell the unit its way
+    return convert_file_size_to_int(number + unit[0].upper() + unit[1:-1] + "B")
 
 
 @dataclass
@@ -87,7 +72,7 @@ class OffloadPlan:
     budget: int | None  # bytes; None with a device map
     gpu: str | None  # the GPU device used, None when everything is on the CPU
     note: str
-    handles: list[Any] = field(default_factory=list, repr=False)
+    handles: list[nn.Module] = field(default_factory=list, repr=False)  # the hooked modules
 
     def bytes_on(self, device: str) -> int:
         return sum(p.nbytes for p in self.placements if p.device == device)
@@ -96,8 +81,8 @@ class OffloadPlan:
         return {p.name: p.device for p in self.placements}
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
+        for mod in self.handles:
+            remove_hook_from_module(mod)
         self.handles.clear()
 
     def __str__(self) -> str:
@@ -117,22 +102,20 @@ def _fmt(n: int) -> str:
     return f"{n} B"
 
 
-# -- the model's units --------------------------------------------------------------------------
+# -- the model's units and their bytes ----------------------------------------------------------
 
 
 def _layer_list(model: nn.Module) -> str | None:
     """Name of the ModuleList holding the decoder layers, or None."""
     no_split = set(getattr(model, "_no_split_modules", None) or ())
-    best: tuple[int, str] | None = None
+    best: tuple[int, int, str] | None = None
     for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        named = no_split and all(type(m).__name__ in no_split for m in mod)
-        size = sum(p.numel() for p in mod.parameters()) + sum(b.numel() for b in mod.buffers())
-        score = (int(bool(named)), size)
-        if best is None or score > best[:2]:
-            best = (*score, name)  # type: ignore[assignment]
-    return best[2] if best is not None else None  # type: ignore[misc]
+        if isinstance(mod, nn.ModuleList) and len(mod):
+            named = int(bool(no_split) and all(type(m).__name__ in no_split for m in mod))
+            size = sum(t.numel() for t in (*mod.parameters(), *mod.buffers()))
+            if best is None or (named, size) > best[:2]:
+                best = (named, size, name)
+    return best[2] if best is not None else None
 
 
 def units(model: nn.Module) -> list[tuple[str, str]]:
@@ -144,9 +127,8 @@ def units(model: nn.Module) -> list[tuple[str, str]]:
         return [(n, "other") for n, _ in model.named_children()]
 
     def walk(prefix: str, parts: list[str]) -> list[tuple[str, str]]:
-        parent = model.get_submodule(prefix) if prefix else model
         out: list[tuple[str, str]] = []
-        for child, mod in parent.named_children():
+        for child, mod in (model.get_submodule(prefix) if prefix else model).named_children():
             full = f"{prefix}.{child}" if prefix else child
             if child != parts[0]:
                 out.append((full, "other"))
@@ -161,40 +143,21 @@ def units(model: nn.Module) -> list[tuple[str, str]]:
 
 def _owner(name: str, unit_names: list[str]) -> str | None:
     """The deepest unit containing the parameter or module `name`."""
-    best = None
-    for u in unit_names:
-        if (u == "" or name == u or name.startswith(u + ".")) and (
-            best is None or len(u) > len(best)
-        ):
-            best = u
-    return best
-
-
-def _owned(model: nn.Module, unit_names: list[str]) -> dict[str, dict[int, torch.Tensor]]:
-    """Each unit's tensors (parameters and buffers) not inside a deeper unit; a tensor shared
-    by several modules belongs to the first unit that holds it."""
-    out: dict[str, dict[int, torch.Tensor]] = {u: {} for u in unit_names}
-    seen: set[int] = set()
-    named = [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]
-    for u in unit_names:  # unit order decides who owns a shared tensor
-        for name, t in named:
-            if id(t) in seen or _owner(name, unit_names) != u:
-                continue
-            seen.add(id(t))
-            out[u][id(t)] = t
-    return out
+    inside = [u for u in unit_names if u == "" or name == u or name.startswith(u + ".")]
+    return max(inside, key=len) if inside else None
 
 
 def unit_bytes(model: nn.Module, names: list[str]) -> dict[str, int]:
-    """Bytes of each unit's own parameters and buffers (a tensor shared by several units is
-    counted in the first one; a nested unit's tensors are not counted in its parent)."""
-    return {
-        u: sum(t.numel() * t.element_size() for t in ts.values())
-        for u, ts in _owned(model, names).items()
-    }
+    """Bytes of each unit's parameters and buffers, by accelerate's `compute_module_sizes` (a
+    tensor shared by several modules counted once, with the first; a unit nested in another is
+    not counted in its parent)."""
+    sizes = compute_module_sizes(model)
+    own = {u: sizes.get(u, 0) for u in names}
+    for u in names:
+        parent = _owner(u, [v for v in names if v != u])
+        if parent is not None:
+            own[parent] -= sizes.get(u, 0)
+    return own
 
 
 def plan_placement(
@@ -204,19 +167,15 @@ def plan_placement(
     `gpu` while the running total fits `budget`; from the first that does not fit, the rest and
     every other unit stay on "cpu". No gpu or budget 0: everything on the CPU."""
     out: list[tuple[str, str]] = [(n, "cpu") for n, _ in others]
-    used = 0
-    full = gpu is None or budget <= 0
+    used, full = 0, gpu is None or budget <= 0
     for name, nbytes in layers:
-        if not full and used + nbytes <= budget:
-            used += nbytes
-            out.append((name, gpu))  # type: ignore[arg-type]
-        else:
-            full = True
-            out.append((name, "cpu"))
+        full = full or used + nbytes > budget
+        used += nbytes
+        out.append((name, "cpu" if full else gpu))  # type: ignore[arg-type]
     return out
 
 
-# -- devices -------------------------------------------------------------------------------------
+# -- devices --------------------------------------------------------------------------------------
 
 
 def _device_name(dev: Any) -> str:
@@ -256,84 +215,82 @@ def _resolve_device_map(
             f"are model.named_modules() names, e.g. {sample})"
         )
     devmap = {k: _device_name(v) for k, v in device_map.items()}
-
-    def device_of(name: str) -> str:
-        key = _owner(name, list(devmap))
-        return devmap[key] if key is not None else "cpu"
-
     # the root key "" only sets the default device; a key deeper than an automatic unit is a
     # unit nested in it
     names = [n for n, _ in auto if not any(n.startswith(k + ".") for k in devmap if k)]
     names += [k for k in devmap if k and k not in names]
-    return [(n, device_of(n)) for n in names]
+    return [(n, devmap.get(_owner(n, list(devmap)) or "", "cpu")) for n in names]
+
+
+def _check_ties(model: nn.Module, assigned: list[tuple[str, str]]) -> None:
+    """A tensor (parameter or buffer) used by units on different devices cannot be placed."""
+    devs = dict(assigned)
+    where: dict[int, tuple[str, str]] = {}
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        dev = devs.get(_owner(name, list(devs)) or "", "cpu")
+        prev = where.setdefault(id(t), (name, dev))
+        if prev[1] != dev:
+            raise ValueError(
+                f"{prev[0]} and {name} are one tensor (tied weights?) but would be placed on "
+                f"{prev[1]} and {dev}; place their modules on one device"
+            )
 
 
 # -- moving activations ---------------------------------------------------------------------------
 
 
-def _is_cache(obj: Any) -> bool:
-    return any(c.__name__ == "Cache" and "cache_utils" in c.__module__ for c in type(obj).__mro__)
+class _UnitHook(AlignDevicesHook):
+    """accelerate's hook moving a unit's inputs to its device, minus the weight placement
+    (`offload` moved the weights with `module.to`, QuantLinear's own way), plus the unit's
+    layer of a Hugging Face cache: entries found on another device (a cache filled before
+    offloading) are moved once; new entries are made on the device the layer runs on."""
+
+    def __init__(self, device: str | None, layer_idx: int | None, **kwargs: Any) -> None:
+        super().__init__(execution_device=device, **kwargs)
+        self.layer_idx = layer_idx
+
+    def init_hook(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        for cache in (*args, *kwargs.values()):
+            layers = getattr(cache, "layers", None)
+            if self.layer_idx is not None and isinstance(layers, list):
+                _move_cache_layer(layers, self.layer_idx, self.execution_device)
+        return super().pre_forward(module, *args, **kwargs)
 
 
-def to_device(obj: Any, device: str) -> Any:
-    """`obj` with every tensor inside (tuples, lists, dicts, dataclasses, ModelOutputs) on
-    `device`; Hugging Face cache objects and everything else unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device.type == device or str(obj.device) == device else obj.to(device)
-    if _is_cache(obj):
-        return obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(to_device(x, device) for x in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(x, device) for x in obj)
-    if isinstance(obj, dict):
-        moved = {k: to_device(v, device) for k, v in obj.items()}
-        if type(obj) is dict:
-            return moved
-        out = obj.__class__(**moved) if dataclasses.is_dataclass(obj) else type(obj)(moved)
-        return out
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: to_device(getattr(obj, f.name), device) for f in dataclasses.fields(obj)}
-        return dataclasses.replace(obj, **changes)
-    return obj
-
-
-def _layer_index(mod: nn.Module) -> int | None:
-    for sub in mod.modules():
-        idx = getattr(sub, "layer_idx", None)
-        if isinstance(idx, int):
-            return idx
-    return None
-
-
-def _move_cache_layer(cache: Any, idx: int | None, device: str) -> None:
-    layers = getattr(cache, "layers", None)
-    if idx is None or layers is None or idx >= len(layers):
+def _move_cache_layer(layers: list, idx: int, device: str) -> None:
+    layer = layers[idx] if idx < len(layers) else None
+    keys = getattr(layer, "keys", None)
+    if not isinstance(keys, torch.Tensor) or keys.device == torch.device(device):
         return
-    layer = layers[idx]
-    for attr in ("keys", "values"):
-        t = getattr(layer, attr, None)
-        if isinstance(t, torch.Tensor) and t.device != torch.device(device):
-            setattr(layer, attr, t.to(device))
-    if hasattr(layer, "device") and getattr(layer, "keys", None) is not None:
+    layer.keys, layer.values = keys.to(device), layer.values.to(device)
+    if hasattr(layer, "device"):
         layer.device = layer.keys.device
 
 
-def _pre_hook(device: str, idx: int | None) -> Any:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        for v in (*args, *kwargs.values()):
-            if _is_cache(v):
-                _move_cache_layer(v, idx, device)
-        return to_device(args, device), to_device(kwargs, device)
-
-    return hook
+def _layer_index(mod: nn.Module) -> int | None:
+    idx = (getattr(sub, "layer_idx", None) for sub in mod.modules())
+    return next((i for i in idx if isinstance(i, int)), None)
 
 
-def _post_hook(device: str) -> Any:
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-        return to_device(output, device)
-
-    return hook
+def _install(model: nn.Module, plan: OffloadPlan) -> None:
+    """A hook on every unit (a unit nested in another hands its outputs back to the enclosing
+    unit's device) and one on the model (its outputs go back to the inputs' device)."""
+    skip = getattr(model, "_skip_keys_device_placement", None)
+    names = [p.name for p in plan.placements]
+    for p in plan.placements:
+        mod = model.get_submodule(p.name)
+        nested = _owner(p.name, [n for n in names if n != p.name]) is not None
+        hook = _UnitHook(p.device, _layer_index(mod), io_same_device=nested, skip_keys=skip)
+        add_hook_to_module(mod, hook)
+        plan.handles.append(mod)
+    add_hook_to_module(model, _UnitHook(None, None, io_same_device=True, skip_keys=skip))
+    plan.handles.append(model)
 
 
 # -- the entry point ------------------------------------------------------------------------------
@@ -357,9 +314,9 @@ def offload(
         device_map, max_gpu_memory = max_gpu_memory, 0
     remove_offload(model)
     auto = units(model)
+    budget: int | None = None
     if device_map is not None:
         assigned = _resolve_device_map(model, device_map, auto)
-        budget: int | None = None
         gpus = sorted({d for _, d in assigned if d.startswith("cuda")})
         for g in gpus:
             _check_cuda(g)
@@ -368,78 +325,38 @@ def offload(
     else:
         budget = parse_memory(max_gpu_memory)
         if device is not None:
-            gpu = _device_name(device)
-            if gpu != "cpu":
+            gpu = None if _device_name(device) == "cpu" else _device_name(device)
+            if gpu is not None and gpu.startswith("cuda"):
                 _check_cuda(gpu)
-            else:
-                gpu = None
             why = "device='cpu'"
         else:
             from ..cuda import nvrtc as _cuda
 
             gpu = "cuda:0" if _cuda.available(0) else None
             why = "no usable CUDA device"
-        layer_names = [n for n, k in auto if k == "layer"]
         sizes = unit_bytes(model, [n for n, _ in auto])
-        layers = [(n, sizes[n]) for n in layer_names]
-        others = [(n, sizes[n]) for n, k in auto if k != "layer"]
-        order = {n: i for i, (n, _) in enumerate(auto)}
-        assigned = sorted(plan_placement(layers, others, budget, gpu), key=lambda a: order[a[0]])
+        layers = [(n, sizes[n]) for n, k in auto if k == "layer"]
+        chosen = dict(plan_placement(layers, [], budget, gpu))
+        assigned = [(n, chosen.get(n, "cpu")) for n, _ in auto]
         if gpu is None or budget == 0:
-            note = f"{why if gpu is None else 'max_gpu_memory=0'}: every module on the CPU " \
-                "(Rust kernels)"  # fmt: skip
-            gpu = None
+            why = why if gpu is None else "max_gpu_memory=0"
+            note, gpu = f"{why}: every module on the CPU (Rust kernels)", None
         else:
-            n_gpu = sum(1 for _, d in assigned if d == gpu)
+            n_gpu = sum(1 for d in chosen.values() if d == gpu)
             note = f"{n_gpu} of {len(layers)} layers on {gpu} (budget {_fmt(budget)})"
-    kinds = dict(auto)
-    names = [n for n, _ in assigned]
-    sizes = unit_bytes(model, names)
     _check_ties(model, assigned)
-    placements = [Placement(n, d, sizes[n], kinds.get(n, "other")) for n, d in assigned]
-    plan = OffloadPlan(placements, budget, gpu, note)
-    # every unit to its device (also back to the CPU after an earlier offload); outer first
+    kinds, sizes = dict(auto), unit_bytes(model, [n for n, _ in assigned])
+    plan = OffloadPlan(
+        [Placement(n, d, sizes[n], kinds.get(n, "other")) for n, d in assigned], budget, gpu, note
+    )
+    # every unit to its device (also back to the CPU after an earlier offload), outer first:
+    # module.to, so that QuantLinear._apply keeps its statistics float32
     for name, dev in sorted(assigned, key=lambda a: a[0].count(".")):
         model.get_submodule(name).to(dev)
     if device_map is not None or any(d != "cpu" for _, d in assigned):
         _install(model, plan)
     model.ferroquant_offload = plan
     return plan
-
-
-def _check_ties(model: nn.Module, assigned: list[tuple[str, str]]) -> None:
-    """A tensor used by modules of two units on different devices cannot be placed."""
-    devs = dict(assigned)
-    names = list(devs)
-    where: dict[int, tuple[str, str]] = {}
-    named = [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]
-    for pname, t in named:
-        u = _owner(pname, names)
-        dev = devs[u] if u is not None else "cpu"
-        prev = where.setdefault(id(t), (pname, dev))
-        if prev[1] != dev:
-            raise ValueError(
-                f"{prev[0]} and {pname} are one tensor (tied weights?) but would be placed on "
-                f"{prev[1]} and {dev}; place their modules on one device"
-            )
-
-
-def _install(model: nn.Module, plan: OffloadPlan) -> None:
-    devs = {p.name: p.device for p in plan.placements}
-    for p in plan.placements:
-        mod = model.get_submodule(p.name)
-        h = mod.register_forward_pre_hook(_pre_hook(p.device, _layer_index(mod)), with_kwargs=True)
-        plan.handles.append(h)
-        # nested in a unit of another device: hand the outputs back to it
-        parents = [n for n in devs if n != p.name and (n == "" or p.name.startswith(n + "."))]
-        if parents:
-            outer = devs[max(parents, key=len)]
-            if outer != p.device:
-                plan.handles.append(mod.register_forward_hook(_post_hook(outer)))
-    plan.handles.append(model.register_forward_hook(_post_hook("cpu")))
 
 
 def remove_offload(model: nn.Module) -> None:
