@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from .._extras import require
-
-QTYPE_HELP = "f32, f16, bf16, a llama.cpp file type (q4_k_m, q5_k_m, q8_0, ...) or a ggml qtype"
+from .quantize import QTYPE_HELP, summary_line
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +35,6 @@ def run(args: argparse.Namespace) -> int:
     for module in ("torch", "gguf", "transformers"):
         require(module, "ferroquant convert", "hf")
     from ..models.convert import gguf_to_hf, hf_to_gguf
-    from .quantize import summary_line
 
     if src.suffix.lower() == ".gguf":  # the reverse direction, for inspection
         written = gguf_to_hf(src, args.out, dtype=args.dtype)

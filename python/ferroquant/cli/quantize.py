@@ -8,7 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 from .._extras import require
-from .convert import QTYPE_HELP
+
+QTYPE_HELP = "f32, f16, bf16, a llama.cpp file type (q4_k_m, q5_k_m, q8_0, ...) or a ggml qtype"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
