@@ -126,8 +126,11 @@ def test_recipe_rules_follow_llama_cpp():
     assert r.qtype_for("lm_head", (96, 256), n) is None
     assert fit("q4_k", 384) == "q5_0" and fit("q6_k", 96) == "q8_0" and fit("q2_k", 32) == "q4_0"
     assert recipe_for("q8_0").qtype_for("model.layers.3.mlp.up_proj", (512, 256), n) == "q8_0"
-    with pytest.raises(fq.QuantizeError):
+    with pytest.raises(fq.QuantizeError) as e:
         recipe_for("q7_x")
+    # the message names what is accepted: the mixes the README recommends, and the qtypes
+    assert "q7_x" in str(e.value) and "q4_k_m" in str(e.value) and "q5_k_m" in str(e.value)
+    assert all(q.name in str(e.value) for q in fq.qtypes())
 
 
 def test_quantize_model_replaces_linears_and_keeps_outputs_close():

@@ -23,7 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from ..qtypes import qtype_info
+from .._native import QuantizeError
+from ..qtypes import qtype_info, qtypes
 
 FALLBACK = {
     # llama.cpp's tensor_type_fallback as of the libllama that llama-cpp-python 0.3.36 ships
@@ -173,5 +174,16 @@ def recipe_for(name: str, skip: tuple[str, ...] = ("lm_head",), n_gqa: int = 1) 
     key = name.lower()
     if key in FTYPE_DEFAULT:
         return Recipe(key, FTYPE_DEFAULT[key], skip, n_gqa)
-    info = qtype_info(key)  # raises QuantizeError for an unknown name
+    try:
+        info = qtype_info(key)
+    except QuantizeError:
+        raise QuantizeError(unknown_recipe_message(name)) from None
     return Recipe(info.name, info.name, skip, n_gqa)
+
+
+def unknown_recipe_message(name: str) -> str:
+    """What an unknown recipe name gets told: the mixes and the qtypes a recipe may be."""
+    return (
+        f"unknown qtype or mix {name!r}; mixes (llama.cpp file types, per-tensor rules): "
+        f"{' '.join(MIXES)}; qtypes (every weight the same): {' '.join(q.name for q in qtypes())}"
+    )
