@@ -4,6 +4,8 @@
     rt = LlamaRuntime.from_gguf("model.gguf", n_threads=2, n_ctx=2048)
     logits = rt.forward([1, 2, 3])           # float32 (vocab,): the last token's logits
     out = rt.generate(prompt_ids, max_new_tokens=32)   # greedy unless temperature > 0
+    tok = load_tokenizer("model.gguf")      # the file's own tokenizer (runtime/tokenizer.py)
+    text = generate_text("model.gguf", "Hi", chat=True)["text"]
 
 Weights are used in place from the memory-mapped file when ferroquant's quantized matmul has
 a kernel for their qtype (`ferroquant._native.qmatmul_qtypes()`); others are dequantized to f32
@@ -24,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import _native
+from .tokenizer import GGUFTokenizer
 
 
 @dataclass
@@ -131,17 +134,13 @@ class LlamaRuntime:
         )
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """The GGUF's tokenizer, built by transformers from the file's metadata (as `ferroquant eval`
-    does; the conversion takes a few seconds for a large vocabulary)."""
-    from .._extras import require
-    from ..defaults import resolve_model
-
-    folder, name = resolve_model(path)
-    if name is None:
-        raise ValueError(f"expected a .gguf file, got the folder {path}")
-    transformers = require("transformers", "ferroquant generate (tokenizer)", "hf")
-    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+def load_tokenizer(path: str | os.PathLike[str]) -> GGUFTokenizer:
+    """The GGUF's own tokenizer, built from its `tokenizer.ggml.*` metadata with the `tokenizers`
+    library (a fraction of a second; no transformers, gguf-py or torch). See
+    `ferroquant.runtime.tokenizer` for the vocabulary and pre-tokenizer types it reads."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)}")
+    return GGUFTokenizer.from_gguf(path)
 
 
 def generate_text(
@@ -156,23 +155,19 @@ def generate_text(
     n_ctx: int | None = 2048,
     chat: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize `prompt` (through the chat template with `chat`), generate until the tokenizer's
-    end-of-sequence token or `max_new_tokens`, and decode. Returns the text, the token ids, the
-    speeds and the load report."""
+    """Tokenize `prompt` (through the file's chat template with `chat`, else with BOS when the
+    file asks for it), generate until an end-of-generation token (the file's eos / eot / eom)
+    or `max_new_tokens`, and decode. Returns the text, the token ids, the speeds and the load
+    report."""
     tok = load_tokenizer(path)
     if chat:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}])
     else:
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = tok.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
     rt = LlamaRuntime.from_gguf(path, n_threads=n_threads, n_ctx=n_ctx)
-    stop = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    g = rt.generate(ids, max_new_tokens, temperature, top_k, seed, stop)
+    g = rt.generate(ids, max_new_tokens, temperature, top_k, seed, tok.stop_ids)
     text = tok.decode(g.tokens, skip_special_tokens=True)
     return {
         "prompt": prompt,
@@ -186,4 +181,4 @@ def generate_text(
     }
 
 
-__all__ = ["Generation", "LlamaRuntime", "generate_text", "load_tokenizer"]
+__all__ = ["GGUFTokenizer", "Generation", "LlamaRuntime", "generate_text", "load_tokenizer"]
