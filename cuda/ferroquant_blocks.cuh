@@ -114,7 +114,7 @@ static_assert(sizeof(block_q6_K) == 210, "block_q6_K size");
 static_assert(sizeof(block_iq4_nl) == 18, "block_iq4_nl size");
 static_assert(sizeof(block_iq4_xs) == 136, "block_iq4_xs size");
 
-// bitsandbytes' NF4 code, index 0..15 (DESIGN.md "Format facts"; bitsandbytes functional.py).
+// bitsandbytes' NF4 code, index 0..15 (bitsandbytes functional.py, get_4bit_type("nf4")).
 #define FQ_NF4_CODE                                                                          \
     {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,               \
      -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,              \

@@ -19,7 +19,7 @@ GGML_FIXED = {"q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"}
 
 def test_qtype_table_matches_design():
     table = {q.name: q for q in fq.qtypes()}
-    expected = {  # DESIGN.md "Format facts": bytes per block / weights per block, ggml ids
+    expected = {  # ggml-common.h / ggml.h: bytes per block, weights per block, ggml type id
         "q4_0": (18, 32, 2),
         "q4_1": (20, 32, 3),
         "q5_0": (22, 32, 6),

@@ -89,3 +89,59 @@ def test_bench_prints_quantize_and_matmul_rows():
     assert rows["q8_0"]["quantize_mw_s"] > 0 and rows["q8_0"]["matmul_m1_ms"] > 0
     assert "matmul_m1_ms" not in rows["fp4"]  # no CPU kernel for fp4: no matmul column
     assert cli.main(["bench", "--qtypes", "q9_9"]) == 2
+
+
+# -- a plain `pip install ferroquant`: the extras' packages cannot be imported ----------------
+
+_WITHOUT_EXTRAS = """
+import importlib.abc, sys
+BLOCKED = {"torch", "transformers", "accelerate", "gguf", "gensim", "matplotlib", "tqdm"}
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, NotInstalled())
+from ferroquant.cli import main
+code = main(sys.argv[1:])
+leaked = sorted(m for m in BLOCKED if m in sys.modules)
+assert not leaked, leaked
+sys.exit(code)
+"""
+
+
+def _run_without_extras(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_EXTRAS, *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "extra"),
+    [
+        (("convert", "{hf}", "{out}"), "hf"),
+        (("quantize", "{gguf}", "{out}", "--qtype", "q8_0"), "hf"),
+        (("eval", "--qtypes", "q8_0"), "eval"),
+    ],
+)
+def test_commands_name_the_missing_extra_in_one_line(tmp_path, args, extra):
+    from ferroquant.defaults import default_model_path
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    paths = {"hf": str(hf), "out": str(tmp_path / "out.gguf"), "gguf": str(default_model_path())}
+    r = _run_without_extras(*(a.format(**paths) for a in args))
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"pip install 'ferroquant[{extra}]'" in lines[0], lines[0]
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_inspect_needs_no_extra():
+    from ferroquant.defaults import default_model_path
+
+    r = _run_without_extras("inspect", str(default_model_path()))
+    assert r.returncode == 0, r.stderr
+    assert "blk.0.attn_q.weight" in r.stdout
