@@ -1,0 +1,40 @@
+"""Quantization methods: each writes tensors in an existing ferroquant format.
+
+`rtn` (round to nearest, the default, no data) and `gptq` (calibrated, layer by layer). Every
+method states its defaults in one dataclass config (`RTNConfig`, `GPTQConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from ..tensor import QuantizeError
+from .gptq import GPTQConfig, gptq_quantize, layer_error
+from .rtn import RTNConfig
+
+METHODS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig}
+
+__all__ = ["METHODS", "GPTQConfig", "RTNConfig", "gptq_quantize", "layer_error", "method_config"]
+
+
+def method_config(method: str, config: Any = None, **overrides: Any) -> Any:
+    """The config of `method` ("rtn", "gptq"): `config` (an instance or a dict) with
+    `overrides`; QuantizeError for an unknown method or option."""
+    key = str(method).lower()
+    if key not in METHODS:
+        raise QuantizeError(f"unknown method {method!r}; methods: {' '.join(METHODS)}")
+    cls = METHODS[key]
+    if isinstance(config, cls):
+        base = {f.name: getattr(config, f.name) for f in fields(cls)}
+    elif config is None:
+        base = {}
+    elif isinstance(config, dict):
+        base = dict(config)
+    else:
+        raise QuantizeError(f"config for {key} must be a {cls.__name__} or a dict, got {config!r}")
+    base.update(overrides)
+    known = {f.name for f in fields(cls)}
+    bad = sorted(set(base) - known)
+    if bad:
+        raise QuantizeError(f"unknown {key} option(s) {', '.join(bad)}; known: {' '.join(known)}")
+    return cls(**base)

@@ -1,0 +1,339 @@
+"""A format's own grid, column by column: what a calibrated method needs from a qtype.
+
+A method such as GPTQ fixes the parameters of a block (its scales, minimums, absmax) with the
+format's own quantizer (`ferroquant.quantize` on the block's current values), then chooses the
+code of each weight one column at a time. This module keeps those parameters as bytes, exactly
+as the format stores them, and reads the grid they define back through `ferroquant.dequantize`,
+so the value a method gets for a code is, bit for bit, what the final tensor decodes to:
+
+- "sym" formats (q4_0, q5_0, q8_0, q3_k, q6_k, int8): value = A * (level - c), one float32
+  product, with A read as the value of level c + 1;
+- "table" formats (nf4, fp4, iq4_nl, iq4_xs): value = A * T[level], A read at T's entry 1.0;
+- "affine" formats (q4_1, q5_1, q4_k, q5_k, q2_k): value = d * level -/+ m, two roundings, so
+  every level's value is read (a table of 2^bits values per weight).
+
+Rounding: the legacy formats (q4_0, q4_1, q5_0, q5_1, q8_0) round as ggml does with the block's
+unrounded scale; int8 rounds half to even by the scale; nf4/fp4 bucket as bitsandbytes does;
+the K-quants and iq4 take the nearest value of the stored grid (ggml's K-quants choose their
+final codes that way too). A column of unchanged weights therefore gets the codes the format's
+own round-to-nearest gives (iq4's scale search aside).
+
+The codes are written into the block bytes through a bit map per format (element -> byte, bit),
+so the result is an ordinary tensor of the format: nothing new for our kernels or llama.cpp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..qtypes import qtype_info
+from ..tensor import QTensor, QuantizeError, dequantize, quantize
+
+_NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], dtype=np.float32)  # fmt: skip
+_FP4 = (np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3],
+                 dtype=np.float32) / np.float32(12.0)).astype(np.float32)  # fmt: skip
+_FP4_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3])
+_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                dtype=np.float32)  # fmt: skip
+
+# the formats this module knows; the rest (fp8) have no integer grid to search
+SUPPORTED = (
+    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "nf4", "fp4", "int8",
+    "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a block keeps its codes: `byte[e, b]` / `shift[e, b]` hold bit b of element e's
+    level (level ^ xor is what is stored); the other bytes are the block's parameters."""
+
+    qtype: str
+    bits: int
+    block: int  # weights per block (columns that share parameters)
+    nbytes: int  # bytes per block
+    byte: np.ndarray
+    shift: np.ndarray
+    xor: int
+    kind: str  # sym | table | affine
+    center: int = 0  # sym: value = A * (level - center)
+    table: np.ndarray | None = None  # table: value = A * table[level]
+    unit: int = 0  # the level whose value is A
+
+    @property
+    def levels(self) -> int:
+        return 1 << self.bits
+
+
+def _nibbles(e: np.ndarray, half: int, offset: int, bits: int = 4) -> tuple[np.ndarray, ...]:
+    """ggml's q4_0-style packing: element j in the low nibble of byte j, j + half in the high."""
+    byte = offset + (e % half)
+    base = 4 * (e // half)
+    return (np.repeat(byte[:, None], bits, 1), base[:, None] + np.arange(bits)[None, :])
+
+
+def _layout(qtype: str, block: int, cols: int) -> Layout:  # noqa: PLR0911, PLR0915
+    e = np.arange(block)
+    b4 = np.arange(4)
+    if qtype in ("q4_0", "iq4_nl", "q4_1"):
+        off = 4 if qtype == "q4_1" else 2
+        by, sh = _nibbles(e, 16, off)
+        if qtype == "q4_0":
+            return Layout(qtype, 4, 32, 18, by, sh, 0, "sym", center=8, unit=9)
+        if qtype == "q4_1":
+            return Layout(qtype, 4, 32, 20, by, sh, 0, "affine")
+        return Layout(qtype, 4, 32, 18, by, sh, 0, "table", table=_IQ4, unit=8)
+    if qtype in ("q5_0", "q5_1"):
+        qh, qs = (2, 6) if qtype == "q5_0" else (4, 8)
+        by, sh = _nibbles(e, 16, qs)
+        by = np.concatenate([by, (qh + e // 8)[:, None]], 1)
+        sh = np.concatenate([sh, (e % 8)[:, None]], 1)
+        if qtype == "q5_0":
+            return Layout(qtype, 5, 32, 22, by, sh, 0, "sym", center=16, unit=17)
+        return Layout(qtype, 5, 32, 24, by, sh, 0, "affine")
+    if qtype == "q8_0":
+        by = np.repeat((2 + e)[:, None], 8, 1)
+        sh = np.repeat(np.arange(8)[None, :], 32, 0)
+        return Layout(qtype, 8, 32, 34, by, sh, 0x80, "sym", center=128, unit=129)
+    if qtype == "int8":
+        by = np.repeat(e[:, None], 8, 1)
+        sh = np.repeat(np.arange(8)[None, :], block, 0)
+        return Layout(qtype, 8, block, block, by, sh, 0x80, "sym", center=128, unit=129)
+    if qtype in ("nf4", "fp4"):
+        by = np.repeat((e // 2)[:, None], 4, 1)
+        sh = (4 * (1 - e % 2))[:, None] + b4[None, :]
+        tab, unit = (_NF4, 15) if qtype == "nf4" else (_FP4, 3)
+        return Layout(qtype, 4, block, block // 2, by, sh, 0, "table", table=tab, unit=unit)
+    if qtype == "iq4_xs":
+        ib, j = e // 32, e % 32
+        by = np.repeat((8 + 16 * ib + j % 16)[:, None], 4, 1)
+        sh = (4 * (j // 16))[:, None] + b4[None, :]
+        return Layout(qtype, 4, 256, 136, by, sh, 0, "table", table=_IQ4, unit=8)
+    if qtype in ("q4_k", "q5_k"):
+        qs = 16 if qtype == "q4_k" else 48
+        c, r = e // 64, e % 64
+        by = np.repeat((qs + 32 * c + r % 32)[:, None], 4, 1)
+        sh = (4 * (r // 32))[:, None] + b4[None, :]
+        if qtype == "q4_k":
+            return Layout(qtype, 4, 256, 144, by, sh, 0, "affine")
+        by = np.concatenate([by, (16 + r % 32)[:, None]], 1)
+        sh = np.concatenate([sh, (2 * c + r // 32)[:, None]], 1)
+        return Layout(qtype, 5, 256, 176, by, sh, 0, "affine")
+    if qtype in ("q2_k", "q3_k"):
+        qs = 16 if qtype == "q2_k" else 32
+        low = qs + (e // 128) * 32 + e % 32
+        by = np.repeat(low[:, None], 2, 1)
+        sh = (2 * ((e % 128) // 32))[:, None] + np.arange(2)[None, :]
+        if qtype == "q2_k":
+            return Layout(qtype, 2, 256, 84, by, sh, 0, "affine")
+        by = np.concatenate([by, (e % 32)[:, None]], 1)
+        sh = np.concatenate([sh, (e // 32)[:, None]], 1)
+        return Layout(qtype, 3, 256, 110, by, sh, 0, "sym", center=4, unit=5)
+    if qtype == "q6_k":
+        h, r = e // 128, e % 128
+        q, ln = r // 32, r % 32
+        lo = 64 * h + ln + 32 * (q % 2)
+        by = np.concatenate([np.repeat(lo[:, None], 4, 1),
+                             np.repeat((128 + 32 * h + ln)[:, None], 2, 1)], 1)  # fmt: skip
+        sh = np.concatenate([(4 * (q // 2))[:, None] + b4[None, :],
+                             (2 * q)[:, None] + np.arange(2)[None, :]], 1)  # fmt: skip
+        return Layout(qtype, 6, 256, 210, by, sh, 0, "sym", center=32, unit=33)
+    raise QuantizeError(
+        f"{qtype} has no integer grid a calibrated method can search; "
+        f"supported: {' '.join(SUPPORTED)}"
+    )
+
+
+def pack_levels(lay: Layout, data: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Block bytes `data` [..., nbytes] with every code replaced by `levels` [..., block]."""
+    raw = (levels.astype(np.int64) ^ lay.xor).astype(np.int64)
+    onehot = np.zeros((lay.block, lay.nbytes), np.float32)
+    code = np.zeros(lay.nbytes, np.int64)
+    out = np.zeros(data.shape, np.float32)
+    flat = raw.reshape(-1, lay.block)
+    acc = np.zeros((flat.shape[0], lay.nbytes), np.float32)
+    for b in range(lay.byte.shape[1]):
+        onehot[:] = 0
+        onehot[np.arange(lay.block), lay.byte[:, b]] = 2.0 ** lay.shift[:, b]
+        acc += ((flat >> b) & 1).astype(np.float32) @ onehot
+        np.bitwise_or.at(code, lay.byte[:, b], 1 << lay.shift[:, b])
+    out = acc.reshape(data.shape).astype(np.int64)
+    keep = data.astype(np.int64) & (~code & 0xFF)
+    return (keep | out).astype(np.uint8)
+
+
+def unpack_levels(lay: Layout, data: np.ndarray) -> np.ndarray:
+    """The levels [..., block] stored in block bytes `data` [..., nbytes]."""
+    lev = np.zeros((*data.shape[:-1], lay.block), np.int64)
+    for b in range(lay.byte.shape[1]):
+        lev |= ((data[..., lay.byte[:, b]].astype(np.int64) >> lay.shift[:, b]) & 1) << b
+    return lev ^ lay.xor
+
+
+@dataclass
+class Blocks:
+    """The parameters of some blocks: bytes [rows, n, nbytes] (codes inside are ignored), stats
+    [rows, n] (nf4/fp4 absmax, int8 scales; empty for ggml formats) and the grid they define."""
+
+    data: np.ndarray
+    stats: np.ndarray
+    scale: torch.Tensor  # [rows, n * block]: A (sym/table); unused for affine
+    grid: torch.Tensor | None  # affine: [rows, n * block, levels]
+    inv: torch.Tensor | None = None  # legacy rounding: ggml's unrounded 1/d per weight
+    low: torch.Tensor | None = None  # q4_1/q5_1: the block minimum per weight
+
+
+class FormatGrid:
+    """The grid of `qtype` for a [rows, cols] weight: `params(values, first_block)` fixes blocks'
+    parameters with the format's own quantizer, `quantize_column` chooses codes, `qtensor`
+    writes the final bytes. `options` are `ferroquant.quantize`'s (block_size, scale_mode)."""
+
+    def __init__(self, qtype: str, shape: tuple[int, int], **options: Any) -> None:
+        self.qtype = qtype_info(qtype).name
+        if options.get("double_quant"):
+            raise QuantizeError(
+                "double_quant=True re-quantizes the absmax after the method chose its codes; "
+                "calibrated methods write nf4/fp4 with float32 absmax (double_quant=False)"
+            )
+        if self.qtype == "int8" and options.get("scale_mode", "row") == "tensor":
+            raise QuantizeError("int8 scale_mode='tensor' is not supported by calibrated methods")
+        self.rows, self.cols = int(shape[0]), int(shape[1])
+        self.options = {k: v for k, v in options.items() if v is not None}
+        probe = quantize(np.zeros((1, self.cols), np.float32), self.qtype, **self.options)
+        self.block_size, self.scale_mode = probe.block_size, probe.scale_mode
+        block = self.cols if self.scale_mode == "row" else probe.block_size
+        if self.cols % block:
+            raise QuantizeError(
+                f"{self.qtype}: rows of {self.cols} are not whole blocks of {block}"
+            )
+        self.layout = _layout(self.qtype, block, self.cols)
+        self.block = block
+        self.n_blocks = self.cols // block
+        if self.qtype in ("nf4", "fp4"):
+            self._bounds, self._order = _bnb_bounds(self.layout.table, self.qtype)
+
+    # -- parameters -----------------------------------------------------------------------
+
+    def params(self, values: torch.Tensor) -> Blocks:
+        """Parameters of the blocks that `values` [rows, k * block] covers, from the format's own
+        quantizer on those values."""
+        v = values.detach().to(torch.float32).contiguous()
+        n = v.shape[1] // self.block
+        qt = quantize(v.numpy(), self.qtype, **self.options)
+        data = np.asarray(qt.data).reshape(self.rows, n, self.layout.nbytes)
+        stats = np.asarray(qt.stats, np.float32).reshape(self.rows, n if qt.stats.size else 0)
+        lay = self.layout
+
+        def values_at(level: int) -> torch.Tensor:
+            d = pack_levels(lay, data, np.full((self.rows, n, lay.block), level))
+            y = dequantize(self._qtensor(d, stats, v.shape[1]))
+            return torch.from_numpy(np.ascontiguousarray(y))
+
+        grid = None
+        scale = values_at(lay.unit)
+        if lay.kind == "affine":
+            grid = torch.stack([values_at(k) for k in range(lay.levels)], dim=-1)
+        inv = low = None
+        if self.qtype in ("q4_0", "q5_0", "q8_0", "q4_1", "q5_1"):
+            inv, low = _ggml_legacy(self.qtype, v.reshape(self.rows, n, lay.block))
+        return Blocks(data, stats, scale, grid, inv, low)
+
+    def _qtensor(self, data: np.ndarray, stats: np.ndarray, cols: int) -> QTensor:
+        return QTensor(
+            self.qtype,
+            (self.rows, cols),
+            np.ascontiguousarray(data).reshape(-1),
+            self.block_size,
+            np.ascontiguousarray(stats, np.float32).reshape(-1),
+            self.scale_mode,
+        )
+
+    # -- one column -------------------------------------------------------------------------
+
+    def quantize_column(self, p: Blocks, j: int, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(levels, values) of column `j` of the blocks `p` for the weights `w` [rows]."""
+        lay = self.layout
+        a = p.scale[:, j]
+        q = self.qtype
+        if q in ("q4_0", "q5_0"):
+            t = w * p.inv[:, j] + (8.5 if q == "q4_0" else 16.5)
+            lev = torch.clamp(torch.trunc(t), 0, lay.levels - 1)
+        elif q in ("q4_1", "q5_1"):
+            t = (w - p.low[:, j]) * p.inv[:, j] + 0.5
+            lev = torch.clamp(torch.trunc(t), 0, lay.levels - 1)
+        elif q == "q8_0":
+            t = w * p.inv[:, j]
+            r = torch.trunc(t)
+            r = r + torch.sign(t) * ((t - r).abs() >= 0.5)
+            lev = torch.clamp(r, -128, 127) + 128
+        elif q == "int8":
+            d = torch.where(a == 0, torch.ones_like(a), a)
+            lev = torch.clamp(torch.round(w / d), -127, 127) + 128
+        elif q in ("nf4", "fp4"):
+            r = 1.0 / torch.clamp(a, min=1e-38)
+            idx = torch.searchsorted(self._bounds, (w * r).contiguous(), right=False)
+            lev = self._order[idx]
+        elif lay.kind == "sym":  # q3_k, q6_k: nearest_int(x / d)
+            safe = torch.where(a == 0, torch.ones_like(a), a)
+            lev = torch.clamp(torch.round(w / safe), -lay.center, lay.levels - 1 - lay.center)
+            lev = torch.where(a == 0, torch.zeros_like(lev), lev) + lay.center
+        elif lay.kind == "table":  # iq4: the nearest entry
+            vals = a[:, None] * torch.from_numpy(lay.table)[None, :]
+            lev = (vals - w[:, None]).abs().argmin(1)
+        else:  # affine K-quants: the nearest stored value
+            lev = (p.grid[:, j, :] - w[:, None]).abs().argmin(1)
+        lev = lev.to(torch.int64)
+        return lev, self.value(p, j, lev)
+
+    def value(self, p: Blocks, j: int, lev: torch.Tensor) -> torch.Tensor:
+        """The decoded values of levels `lev` in column `j` of the blocks `p`."""
+        lay = self.layout
+        if lay.kind == "sym":
+            return p.scale[:, j] * (lev - lay.center).to(torch.float32)
+        if lay.kind == "table":
+            return torch.from_numpy(lay.table)[lev] * p.scale[:, j]
+        return p.grid[:, j, :].gather(1, lev[:, None])[:, 0]
+
+    # -- the result ---------------------------------------------------------------------------
+
+    def qtensor(self, blocks: list[Blocks], levels: np.ndarray) -> QTensor:
+        """The tensor of the format: parameters of every block (in column order) and the
+        levels [rows, cols] the method chose."""
+        data = np.concatenate([b.data for b in blocks], axis=1)
+        stats = np.concatenate([b.stats for b in blocks], axis=1)
+        lev = levels.reshape(self.rows, self.n_blocks, self.block)
+        return self._qtensor(pack_levels(self.layout, data, lev), stats, self.cols)
+
+
+def _bnb_bounds(code: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    order = _FP4_ORDER if qtype == "fp4" else np.arange(16)
+    c = code[order]
+    bounds = ((c[:-1] + c[1:]) / np.float32(2.0)).astype(np.float32)
+    return torch.from_numpy(bounds), torch.from_numpy(order.astype(np.int64))
+
+
+def _ggml_legacy(qtype: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ggml's unrounded 1/d (and min) per block of `x` [rows, n, 32], repeated per weight."""
+    if qtype in ("q4_0", "q5_0"):
+        idx = x.abs().argmax(-1, keepdim=True)  # the first of equal magnitudes, as ggml
+        mx = x.gather(-1, idx)[..., 0]
+        d = mx / (-8.0 if qtype == "q4_0" else -16.0)
+        low = None
+    elif qtype == "q8_0":
+        d = x.abs().amax(-1) / 127.0
+        low = None
+    else:
+        mn, mx = x.amin(-1), x.amax(-1)
+        d = (mx - mn) / (15.0 if qtype == "q4_1" else 31.0)
+        low = mn[..., None].expand_as(x).reshape(x.shape[0], -1)
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    return inv[..., None].expand_as(x).reshape(x.shape[0], -1), low
