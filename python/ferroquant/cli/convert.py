@@ -24,6 +24,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="tensor dtype of the HF folder written from a .gguf",
     )
+    c.add_argument(
+        "--method",
+        default="rtn",
+        help="rtn (round to nearest, no data) or gptq (calibrated, layer by layer)",
+    )
+    c.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text file for --method gptq (default: gensim's lee_background.cor)",
+    )
+    c.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
+    c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=run)
 
@@ -32,6 +44,11 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
         raise FileNotFoundError(f"no such file or folder: {src}")
+    from ..methods import method_config
+
+    cfg = method_config(args.method)  # an unknown method fails before anything is read
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise FileNotFoundError(f"no such calibration text: {args.calib}")
     for module in ("torch", "gguf", "transformers"):
         require(module, "ferroquant convert", "hf")
     from ..models.convert import gguf_to_hf, hf_to_gguf
@@ -42,6 +59,43 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not src.is_dir():
         raise ValueError(f"{src}: expected a Hugging Face checkpoint folder or a .gguf file")
-    hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet)
+    tensors = None
+    if args.method.lower() == "gptq":
+        if args.qtype.lower() in ("f32", "f16", "bf16"):
+            raise ValueError(f"--method gptq needs a quantized --qtype, got {args.qtype}")
+        tensors = _gptq_tensors(src, args, cfg)
+    hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors)
     print(summary_line(args.out))
     return 0
+
+
+def _gptq_tensors(src: Path, args: argparse.Namespace, cfg: object) -> dict[str, object]:
+    """GPTQ of the checkpoint in float32: {HF tensor name: QTensor} for hf_to_gguf to write."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..methods import method_config
+    from ..models.quantize import quantize_model
+    from ..models.recipes import recipe_for
+    from ..nn import QuantLinear
+
+    hp = json.loads((src / "config.json").read_text())
+    n_head = int(hp.get("num_attention_heads", 1))
+    n_gqa = n_head // int(hp.get("num_key_value_heads", n_head))
+    recipe = recipe_for(args.qtype, ("lm_head",), n_gqa)
+    gcfg = method_config("gptq", cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    calib = Path(args.calib) if args.calib is not None else None
+    from ..calib import calibration_ids
+
+    ids = calibration_ids(calib, tok, gcfg.n_samples, gcfg.seq_len)  # too short: before loading
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    quantize_model(model, recipe, method="gptq", calibration=ids, config=gcfg,
+                   progress=not args.quiet)  # fmt: skip
+    return {
+        f"{name}.weight": mod.qtensor()
+        for name, mod in model.named_modules()
+        if isinstance(mod, QuantLinear)
+    }

@@ -217,12 +217,15 @@ def hf_to_gguf(
     name: str | None = None,
     tokenizer_pre: str | None = None,
     progress: bool = False,
+    tensors: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Convert a Hugging Face llama-family folder (config.json, *.safetensors, tokenizer files)
     to a GGUF file; `qtype` is f32 / f16 / bf16, a llama.cpp file type (q4_k_m, q8_0, ...) or a
     ggml qtype (pure). `tokenizer_pre` names llama.cpp's BPE pre-tokenizer (tokenizer.ggml.pre)
     where convert_hf_to_gguf.py's hash table does not know the tokenizer. Returns {gguf tensor
-    name: qtype}. The write is atomic."""
+    name: qtype}. The write is atomic. `tensors` maps Hugging Face tensor names to QTensors
+    already quantized (e.g. by GPTQ) in the type the recipe gives them: they are written as given
+    (rows permuted as the floats would be) instead of being quantized here."""
     import gguf
     import torch
     from safetensors import safe_open
@@ -279,6 +282,9 @@ def hf_to_gguf(
             if hf_name is None or shard is None:
                 w.write_tensor_data(extra[gname])
                 continue
+            if tensors is not None and hf_name in tensors:
+                w.write_tensor_data(_given(tensors[hf_name], gname, t, arch, n_head, n_head_kv))
+                continue
             with safe_open(shard, framework="pt") as f:
                 x = f.get_tensor(hf_name).to(torch.float32).numpy()
             if arch in PERMUTED_ARCHES and gname.endswith(("attn_q.weight", "attn_q.bias")):
@@ -288,6 +294,25 @@ def hf_to_gguf(
             w.write_tensor_data(x if t == "f32" else quantize(np.ascontiguousarray(x), t))
             del x
     return chosen
+
+
+def _given(qt: Any, gname: str, t: str, arch: str, n_head: int, n_head_kv: int) -> Any:
+    """A precomputed QTensor for `gname`, its rows permuted as llama.cpp wants q / k."""
+    from ..tensor import QTensor
+
+    if qt.qtype != t:
+        raise ValueError(f"{gname}: the given tensor is {qt.qtype}, the recipe wants {t}")
+    if arch in PERMUTED_ARCHES and gname.endswith(("attn_q.weight", "attn_k.weight")):
+        rows = qt.shape[0]
+        data = permute(np.asarray(qt.data).reshape(rows, -1), n_head,
+                       n_head if gname.endswith("attn_q.weight") else n_head_kv)  # fmt: skip
+        stats = np.asarray(qt.stats)
+        if stats.size:
+            stats = permute(stats.reshape(rows, -1), n_head,
+                            n_head if gname.endswith("attn_q.weight") else n_head_kv)  # fmt: skip
+        qt = QTensor(qt.qtype, qt.shape, np.ascontiguousarray(data).reshape(-1), qt.block_size,
+                     np.ascontiguousarray(stats).reshape(-1), qt.scale_mode)  # fmt: skip
+    return qt
 
 
 def _quantizable(gname: str, shape: tuple[int, ...]) -> bool:

@@ -26,6 +26,10 @@ def quantize_model(
     skip: tuple[str, ...] = ("lm_head",),
     filter_fn: Callable[[str, nn.Linear], bool] | None = None,
     progress: bool = True,
+    method: str = "rtn",
+    calibration: Any = None,
+    tokenizer: Any = None,
+    config: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Quantize every nn.Linear of `model` in place and return it.
@@ -33,12 +37,38 @@ def quantize_model(
     recipe: a mix ("q4_k_m", "q4_k_s", "q5_k_m", ...) or a qtype name; `skip` lists module names
     (or name suffixes) kept unquantized; `filter_fn(name, module)` returning False also keeps a
     module. `options` go to `ferroquant.quantize` (block_size, double_quant, scale_mode).
-    Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got.
+
+    method: "rtn" (round to nearest, no data) or "gptq" (calibrated, layer by layer, for
+    transformers causal LMs whose decoder layers are an nn.ModuleList). `calibration`: token ids
+    or text (str, list of str, a Path; None: gensim's lee_background.cor) cut into
+    `config.n_samples` x `config.seq_len` windows; text needs `tokenizer`. `config`: the
+    method's dataclass (`ferroquant.methods.GPTQConfig`) or a dict of its fields.
+    Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
+    `model.ferroquant_method` states the method with its options.
     """
+    from ..methods import method_config
+
     rule = recipe if isinstance(recipe, Recipe) else recipe_for(recipe, skip)
+    cfg = method_config(method, config)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     n_layer = _count_layers([n for n, _ in linears])
     plan: dict[str, str | None] = {}
+    if method.lower() == "gptq":
+        from ..calib import calibration_ids, find_decoder_layers
+        from ..methods.layerwise import gptq_model
+
+        find_decoder_layers(model)  # a clear error before any work
+        ids = calibration_ids(calibration, tokenizer, cfg.n_samples, cfg.seq_len)
+        if progress:
+            print(f"ferroquant: {cfg.describe()} on {ids.shape[0]} x {ids.shape[1]} tokens")
+
+        def qtype_for(name: str, lin: nn.Linear) -> str | None:
+            if filter_fn is not None and not filter_fn(name, lin):
+                return None
+            return rule.qtype_for(name, tuple(lin.weight.shape), n_layer)
+
+        plan.update(gptq_model(model, qtype_for, ids, cfg, options, progress=progress))
+        linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     items = linears
     if progress:
         try:
@@ -62,4 +92,5 @@ def quantize_model(
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
     model.ferroquant_plan = plan
+    model.ferroquant_method = cfg.describe()
     return model

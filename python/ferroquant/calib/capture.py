@@ -1,0 +1,233 @@
+"""Layer-by-layer activation capture, shared by every calibrated method.
+
+Only one decoder layer's inputs are held at a time: the calibration windows run through the
+embeddings once (stopped at the first decoder layer), then for each layer in turn its Linears'
+input statistics are accumulated (hooks), the method quantizes the layer, and the layer's outputs
+are computed with the already-quantized weights and become the next layer's inputs (the
+sequential scheme of GPTQ and llm-compressor). Peak memory is one layer's inputs and outputs
+plus its statistics. The layer runs in float32 while it is calibrated (then goes back to its
+dtype). Works for any transformers causal LM whose decoder layers are an `nn.ModuleList`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+# where the common architectures keep their decoder layers
+_LAYER_PATHS = (
+    "model.layers", "model.decoder.layers", "model.language_model.layers", "transformer.h",
+    "gpt_neox.layers", "transformer.layers", "layers",
+)  # fmt: skip
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of `model`'s decoder layers; ValueError naming what was looked
+    for when there is none."""
+    for path in _LAYER_PATHS:
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList) and len(mod) and _has_linear(mod[0]):
+            return path, mod
+    n_cfg = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and all(_has_linear(m) for m in mod):
+            if n_cfg is not None and len(mod) != n_cfg:
+                continue
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__}: no decoder layers found (an nn.ModuleList of blocks holding "
+            f"nn.Linear; looked at {', '.join(_LAYER_PATHS)} and every ModuleList"
+            + (f" of num_hidden_layers={n_cfg}" if n_cfg is not None else "")
+            + "); calibrated methods need a transformers causal LM"
+        )
+    return best
+
+
+def _has_linear(m: nn.Module) -> bool:
+    return any(isinstance(x, nn.Linear) for x in m.modules())
+
+
+def _to_float(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.to(torch.float32)
+    if isinstance(x, tuple):
+        return tuple(_to_float(v) for v in x)
+    if isinstance(x, list):
+        return [_to_float(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _to_float(v) for k, v in x.items()}
+    return x
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class LayerCall:
+    """How a decoder layer is called: the arguments after the hidden states."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def first_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor
+) -> tuple[list[torch.Tensor], list[LayerCall]]:
+    """Hidden states entering layer 0 for every window of `ids` [n, L] (float32, [1, L, d] each)
+    and each layer's other arguments (recorded on the first window; every window has the same
+    length and no padding, so they are the same for all)."""
+    calls: list[LayerCall] = [LayerCall() for _ in layers]
+    hidden: list[torch.Tensor] = []
+    record_all = [True]
+
+    def hook(i: int) -> Callable[..., None]:
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            kw = dict(kwargs)
+            h = kw.pop("hidden_states") if "hidden_states" in kw else args[0]
+            rest = args[1:] if "hidden_states" not in kwargs else args
+            if i == 0:
+                hidden.append(h.detach().to(torch.float32))
+            if record_all[0]:
+                calls[i] = LayerCall(_to_float(tuple(rest)), _to_float(kw))
+            if i == len(layers) - 1 or not record_all[0]:
+                raise _Stop
+
+        return pre
+
+    handles = [
+        layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+    ]
+    try:
+        for k in range(ids.shape[0]):
+            record_all[0] = k == 0
+            try:
+                model(input_ids=ids[k : k + 1], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    return hidden, calls
+
+
+class InputStats:
+    """Second moments of the inputs of a layer's Linears, shared by Linears that receive the same
+    tensor (q/k/v, gate/up): `groups()` -> [(names, H = 2/n sum x x^T, n)]."""
+
+    def __init__(self, layer: nn.Module, where: str, names: list[str] | None = None) -> None:
+        self.where = where
+        self.linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        if names is not None:
+            self.linears = {n: m for n, m in self.linears.items() if n in names}
+        self.group_of: dict[str, int] = {}
+        self.sums: list[torch.Tensor] = []
+        self.counts: list[int] = []
+        self._seen: list[tuple[torch.Tensor, int]] = []
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()
+        ]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def pre(mod: nn.Module, args: tuple) -> None:
+            x = args[0]
+            for t, g in self._seen:
+                if t is x:
+                    self.group_of.setdefault(name, g)
+                    return
+            g = self.group_of.get(name)
+            if g is None:
+                g = self.group_of[name] = len(self.sums)
+                self.sums.append(torch.zeros((x.shape[-1],) * 2, dtype=torch.float64))
+                self.counts.append(0)
+            x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            if not bool(torch.isfinite(x2).all()):
+                raise ValueError(f"non-finite activations at the input of {self.where}.{name}")
+            self.sums[g] += (x2.T @ x2).to(torch.float64)
+            self.counts[g] += x2.shape[0]
+            self._seen.append((x, g))
+
+        return pre
+
+    def new_sample(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def groups(self) -> Iterator[tuple[list[str], torch.Tensor, int]]:
+        for g, (s, n) in enumerate(zip(self.sums, self.counts, strict=True)):
+            names = [k for k, v in self.group_of.items() if v == g]
+            yield names, s * (2.0 / max(n, 1)), n
+
+
+def run_layers(
+    model: nn.Module,
+    ids: torch.Tensor,
+    process: Callable[[int, str, nn.Module, InputStats], Callable[[], None] | None],
+    *,
+    progress: bool = True,
+    desc: str = "calibrate",
+) -> None:
+    """The sequential pipeline: for each decoder layer, collect its Linears' input statistics on
+    the calibration windows, call `process(index, layer name, layer, stats)` (which quantizes the
+    layer in place and may return a callable run once the layer's outputs are computed, e.g. to swap
+    in the quantized modules), then compute the layer's outputs (with its new weights) for the
+    next one."""
+    prefix, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        hidden, calls = first_layer_inputs(model, layers, ids)
+        bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(layers), desc=desc, unit="layer")
+            except ImportError:
+                pass
+        for i, layer in enumerate(layers):
+            where = f"{prefix}.{i}"
+            dtypes = {p.dtype for p in layer.parameters()}
+            dtype = dtypes.pop() if len(dtypes) == 1 else None
+            layer.to(torch.float32)
+            call = calls[i]
+            stats = InputStats(layer, where)
+            try:
+                for h in hidden:
+                    stats.new_sample()
+                    layer(h, *call.args, **call.kwargs)
+            finally:
+                stats.remove()
+            finish = process(i, where, layer, stats)
+            del stats
+            out = []
+            for h in hidden:
+                y = _first(layer(h, *call.args, **call.kwargs))
+                if not bool(torch.isfinite(y).all()):
+                    raise ValueError(f"non-finite activations at the output of {where}")
+                out.append(y.detach())
+            hidden = out
+            if finish is not None:
+                finish()
+            if dtype is not None:
+                layer.to(dtype)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()

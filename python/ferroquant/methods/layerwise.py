@@ -1,0 +1,103 @@
+"""A per-weight calibrated solver (GPTQ) applied to a whole model, layer by layer, on the shared
+capture (`ferroquant.calib.run_layers`). Linears sharing an input (q/k/v, gate/up) share one
+Hessian; those of them that get the same qtype are solved as one stacked matrix (GPTQ treats
+rows independently, so this is the same result, faster)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..calib import InputStats, run_layers
+from ..nn import QuantLinear
+from ..tensor import QTensor
+from .gptq import GPTQConfig, gptq_quantize
+from .grid import SUPPORTED
+
+_OPTION_QTYPES = ("nf4", "fp4", "int8", "fp8_e4m3", "fp8_e5m2")
+
+
+def format_options(qtype: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The `ferroquant.quantize` options that apply to `qtype` (block_size & co. are nf4/fp4/
+    int8/fp8's)."""
+    return options if qtype in _OPTION_QTYPES else {}
+
+
+def row_slice(qt: QTensor, r0: int, r1: int) -> QTensor:
+    """Rows r0:r1 of a 2-D tensor (every supported format stores whole rows contiguously, and
+    its statistics per row or per block of a row)."""
+    rows = qt.shape[0]
+    data = np.asarray(qt.data).reshape(rows, -1)[r0:r1]
+    stats = np.asarray(qt.stats)
+    if stats.size:
+        stats = stats.reshape(rows, -1)[r0:r1]
+    data = np.ascontiguousarray(data).reshape(-1)
+    stats = np.ascontiguousarray(stats).reshape(-1)
+    return QTensor(qt.qtype, (r1 - r0, qt.shape[1]), data, qt.block_size, stats, qt.scale_mode)
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def gptq_model(
+    model: nn.Module,
+    qtype_for: Callable[[str, nn.Linear], str | None],
+    ids: torch.Tensor,
+    config: GPTQConfig,
+    options: dict[str, Any],
+    *,
+    progress: bool = True,
+) -> dict[str, str | None]:
+    """GPTQ every Linear of `model`'s decoder layers in place (QuantLinear); `qtype_for(name,
+    linear)` gives each one's qtype (None: keep it). Returns {module name: qtype}. Formats
+    without an integer grid (f16, fp8) are rounded to nearest."""
+    plan: dict[str, str | None] = {}
+
+    def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
+        new: dict[str, nn.Module] = {}
+        seen = set()
+        for names, h, _ in stats.groups():
+            by_qtype: dict[str, list[str]] = {}
+            for nm in names:
+                seen.add(nm)
+                lin = stats.linears[nm]
+                q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)
+                if q is not None:
+                    by_qtype.setdefault(q, []).append(nm)
+            for q, group in by_qtype.items():
+                opts = format_options(q, options)
+                if q not in SUPPORTED:
+                    for nm in group:
+                        new[nm] = QuantLinear.from_linear(stats.linears[nm], q, **opts)
+                    continue
+                lins = [stats.linears[nm] for nm in group]
+                w = torch.cat([lin.weight.detach().to(torch.float32) for lin in lins])
+                qt, values = gptq_quantize(
+                    w, h, q, config, name=f"{where}.{'+'.join(group)}", **opts
+                )
+                r0 = 0
+                for nm, lin in zip(group, lins, strict=True):
+                    r1 = r0 + lin.out_features
+                    lin.weight.data = values[r0:r1].to(lin.weight.dtype)
+                    new[nm] = QuantLinear.from_qtensor(row_slice(qt, r0, r1), lin.bias)
+                    r0 = r1
+        for nm, lin in stats.linears.items():  # never called in the forward pass
+            if nm not in seen:
+                q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)
+                if q is not None:
+                    new[nm] = QuantLinear.from_linear(lin, q, **format_options(q, options))
+
+        def finish() -> None:
+            for nm, mod in new.items():
+                _set(layer, nm, mod)
+
+        return finish
+
+    run_layers(model, ids, process, progress=progress, desc="gptq")
+    return plan
