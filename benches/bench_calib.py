@@ -1,0 +1,139 @@
+"""RTN vs GPTQ on the default model (SmolLM2-135M-Instruct), one run, one table.
+
+Protocol: the baseline is the model's weights held in bf16 (as `ferroquant eval` loads the
+default GGUF); every row quantizes a fresh copy with `quantize_model(copy, recipe, method=...)`
+(embeddings / tied output head stay bf16). GPTQ calibrates on gensim's lee_background.cor
+(`--calib-samples` x `--calib-len` consecutive tokens); scoring is on the held-out lee.cor with
+eval's own windows and metrics (ctx 512, stride 512, 2048 scored tokens): perplexity, mean
+KL(baseline || row), top-1 agreement. Time = wall time of quantize_model; peak = the largest
+resident-set growth during it (sampled every 50 ms).
+
+    python benches/bench_calib.py [--calib-samples 128] [--calib-len 512] [--rows q4_0,nf4,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import threading
+import time
+
+import torch
+
+import ferroquant as fq
+from ferroquant.calib import calibration_ids
+from ferroquant.eval.load import load_model, read_text, tokenize
+from ferroquant.eval.metrics import Scores, make_windows
+from ferroquant.methods import GPTQConfig
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRSS:
+    """The largest resident-set growth while the block runs (sampled)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--rows", default="q4_0,nf4,q4_k_m,q3_k")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    args = ap.parse_args()
+
+    loaded = load_model(None)
+    base, tok = loaded.model, loaded.tokenizer
+    text, text_what = read_text(None)
+    ids = tokenize(tok, text)
+    windows = make_windows(int(ids.numel()), args.ctx, args.ctx, args.max_tokens)
+    with torch.no_grad():
+        base_logits = [base(ids[None, w.start : w.end]).logits[0] for w in windows]
+    calib = calibration_ids(None, tok, args.calib_samples, args.calib_len)
+    cfg = GPTQConfig(n_samples=args.calib_samples, seq_len=args.calib_len)
+
+    def score(model: torch.nn.Module) -> Scores:
+        s = Scores()
+        with torch.no_grad():
+            for w, bl in zip(windows, base_logits, strict=True):
+                lo = model(ids[None, w.start : w.end]).logits[0]
+                a, z = w.first - w.start - 1, w.end - w.start - 1  # as eval/run.py slices
+                s.add(lo[a:z], bl[a:z], ids[w.first : w.end])
+        return s
+
+    b = score(base)
+    rows = [("bf16", "-", b, 0.0, 0.0)]
+    for recipe in args.rows.split(","):
+        for method in ("rtn", "gptq"):
+            m = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            with PeakRSS() as peak:
+                kw = {"calibration": calib, "config": cfg} if method == "gptq" else {}
+                fq.quantize_model(m, recipe, method=method, progress=False, **kw)
+            dt = time.perf_counter() - t0
+            s = score(m)
+            rows.append((recipe, method, s, dt, peak.growth_mb))
+            print(f"{recipe:7} {method:5} ppl {s.ppl():.3f} kl {s.mean_kl():.4f} "
+                  f"top1 {s.top1_rate():.3f} {dt:.1f} s", flush=True)  # fmt: skip
+            del m
+
+    load = os.getloadavg()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    print()
+    print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}, CPU {cpu}, "
+          f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+          f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")  # fmt: skip
+    print(f"model: {loaded.source}; baseline: {loaded.baseline}")
+    print(f"eval: {text_what}; ctx {args.ctx}, stride {args.ctx}, {b.n} scored tokens")
+    print(f"calibration: gensim lee_background.cor, {calib.shape[0]} x {calib.shape[1]} tokens; "
+          f"{cfg.describe()}")  # fmt: skip
+    print()
+    print("| recipe | method | ppl | Δppl | mean KL | top-1 | quantize s | peak RSS +MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for recipe, method, s, dt, mb in rows:
+        print(f"| {recipe} | {method} | {s.ppl():.3f} | {s.ppl() - b.ppl():+.3f} | "
+              f"{s.mean_kl():.4f} | {s.top1_rate():.3f} | {dt:.1f} | {mb:.0f} |")  # fmt: skip
+    print()
+    for recipe in args.rows.split(","):
+        d = {m: s.ppl() - b.ppl() for r, m, s, _, _ in rows if r == recipe}
+        if d.get("rtn", 0) > 0:
+            cut = 1 - d["gptq"] / d["rtn"]
+            print(f"{recipe}: GPTQ removes {100 * cut:.0f} % of RTN's perplexity increase")
+
+
+if __name__ == "__main__":
+    main()
