@@ -219,6 +219,13 @@ def test_cli_convert_gptq_writes_a_gguf_with_rtn_s_types_and_refuses_bad_input(t
         assert np.array_equal(
             a.tensors["token_embd.weight"].data, b.tensors["token_embd.weight"].data
         )
+    if importlib.util.find_spec("llama_cpp") is not None:  # llama.cpp reads GPTQ's bytes
+        import llama_cpp
+
+        llm = llama_cpp.Llama(str(gptq), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+        llm.eval([1, 2, 3, 4])
+        assert np.isfinite(np.asarray(llm.scores[:4])).all()
+        del llm
     for extra, says in (
         (["--method", "awq9"], "unknown method"),
         (["--method", "gptq", "--calib-samples", "1000"], "tokens; 1000 samples"),
