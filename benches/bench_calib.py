@@ -9,6 +9,7 @@ KL(baseline || row), top-1 agreement. Time = wall time of quantize_model; peak =
 resident-set growth during it (sampled every 50 ms).
 
     python benches/bench_calib.py [--calib-samples 128] [--calib-len 512] [--rows q4_0,nf4,...]
+                                  [--no-act-order]
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--rows", default="q4_0,nf4,q4_k_m,q3_k")
+    ap.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()
@@ -79,7 +81,9 @@ def main() -> None:
     with torch.no_grad():
         base_logits = [base(ids[None, w.start : w.end]).logits[0] for w in windows]
     calib = calibration_ids(None, tok, args.calib_samples, args.calib_len)
-    cfg = GPTQConfig(n_samples=args.calib_samples, seq_len=args.calib_len)
+    cfg = GPTQConfig(
+        n_samples=args.calib_samples, seq_len=args.calib_len, act_order=not args.no_act_order
+    )
 
     def score(model: torch.nn.Module) -> Scores:
         s = Scores()
