@@ -174,7 +174,7 @@ def figure(result: dict[str, Any]) -> Any:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     rows = result["rows"]
     p = result["protocol"]
@@ -202,7 +202,7 @@ def figure(result: dict[str, Any]) -> Any:
     axes[1].set_yscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     axes[0].yaxis.set_major_formatter(plain)
-    axes[1].yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    axes[1].yaxis.set_major_locator(FixedLocator(log_ticks(*axes[1].get_ylim())))
     axes[1].yaxis.set_major_formatter(plain)
     axes[1].yaxis.set_minor_formatter(NullFormatter())
     missing = [r["name"] for r in rows if r.get("decode_tps") is None]
@@ -229,6 +229,26 @@ def plot(result: dict[str, Any], path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
         _readable(tmp)
     plt.close(fig)
+
+
+def log_ticks(lo: float, hi: float, at_least: int = 4) -> list[float]:
+    """Round numbers between `lo` and `hi` (> 0) for a log axis: the coarsest of 1-2-5-like
+    series that gives `at_least` ticks (a range under one decade still gets several)."""
+    import math
+
+    lo, hi = min(lo, hi), max(lo, hi)
+    if lo <= 0:
+        lo = hi / 1e3
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    series = ((1,), (1, 2, 5), (1, 2, 3, 5), (1, 1.5, 2, 3, 4, 5, 6, 8),
+              (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))  # fmt: skip
+    ticks: list[float] = []
+    for subs in series:
+        ticks = [float(f"{m * 10.0**e:.6g}") for e in decades for m in subs]
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= at_least:
+            break
+    return ticks
 
 
 def label_groups(
