@@ -53,6 +53,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="with --ray: continue from the tensors kept in OUT.resume by an interrupted run",
     )
+    c.add_argument(
+        "--no-side-file",
+        action="store_true",
+        help="with --ray: keep no OUT.resume (every byte written once; no --resume possible)",
+    )
     c.set_defaults(func=run)
 
 
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             transfer=args.ray_transfer,
             window_bytes=args.ray_window << 20,
             resume=args.resume,
+            side_file=not args.no_side_file,
             progress=not args.quiet,
         )
     print(summary_line(args.out))

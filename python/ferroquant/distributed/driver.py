@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +30,7 @@ from ..gguf import tensor_nbytes
 from ..models.convert import HFPlan, _Writer, load_hf_tensor, plan_hf_to_gguf, write_header
 from ..models.recipes import Recipe
 from .checkpoint import Task, check_checkpoint, describe_source, split_tasks
-from .journal import Journal, remove_stale_temps, side_path
+from .journal import Journal, NoJournal, remove_stale_temps, side_path
 from .worker import as_bytes, convert_part, to_payload
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ def convert(
     threads: int | None = None,
     max_retries: int = 3,
     resume: bool = False,
+    side_file: bool = True,
     name: str | None = None,
     tokenizer_pre: str | None = None,
     progress: bool = False,
@@ -101,9 +104,12 @@ def convert(
     copy exceeds `max_task_bytes` is cut into tasks of whole rows. Each task asks Ray for
     `num_cpus` and runs the Rust core on `threads` threads (default: `num_cpus`). Finished
     tensors are kept in a side file (OUT.resume, removed on success); `resume=True` continues
-    from it. `on_tensor(name, done, total)` is called after each tensor is written."""
+    from it; `side_file=False` writes none (each byte written once, no resume).
+    `on_tensor(name, done, total)` is called after each tensor is written."""
     if transfer not in TRANSFERS:
         raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
+    if resume and not side_file:
+        raise ValueError("resume needs the side file (side_file=True)")
     if window_bytes <= 0 or max_task_bytes <= 0:
         raise ValueError("window_bytes and max_task_bytes must be positive")
     ray = require("ray", "ferroquant convert --ray", "distributed")
@@ -123,7 +129,11 @@ def convert(
         run = _Run(ray, plan, tasks, transfer, window_bytes, num_cpus, threads, max_retries)
         with _Writer(out_path, plan.arch) as w:
             write_header(w, plan, name, tokenizer_pre)
-            journal = Journal(side_path(out_path), fingerprint, resume=resume)
+            journal = (
+                Journal(side_path(out_path), fingerprint, resume=resume)
+                if side_file
+                else NoJournal()
+            )
             if journal.done:
                 log.info(
                     "resuming: %d of %d tensors from %s",
@@ -193,12 +203,12 @@ class _Run:
             self.bytes_in_flight += self._cost(t)
             self.peak_in_flight = max(self.peak_in_flight, self.bytes_in_flight)
 
-    def _next_result(self, index: int) -> np.ndarray:
+    def _next_result(self, index: int) -> tuple[np.ndarray, int]:
         self._top_up()
         t, ref, _payload = self.inflight.popleft()
         assert t.index == index, (t.index, index)
         try:
-            data = self.ray.get(ref)
+            data, crc = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             msg = str(cause) if cause is not None else str(e).strip().splitlines()[-1]
@@ -210,7 +220,7 @@ class _Run:
                 f"(after up to {self.max_retries} retries): {type(e).__name__}: {first}"
             ) from None
         self.bytes_in_flight -= self._cost(t)
-        return data
+        return data, crc
 
     def write(
         self,
@@ -227,35 +237,62 @@ class _Run:
         total_bytes = sum(tensor_nbytes(t.shape, t.qtype) for t in plan.tensors)
         bar = _progress_bar(progress, total_bytes, f"convert {plan.recipe.name} (ray)")
         n = len(plan.tensors)
+        # a writer thread puts each tensor into the GGUF file and the side file while this one
+        # waits for the next results; at most `depth` finished tensors wait for it
+        depth = 2
+        pending: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        failed: list[BaseException] = []
+
+        def writer() -> None:
+            while (item := pending.get()) is not None:
+                if failed:
+                    continue  # drain, so that the producer never blocks
+                i, job, data, parts, fresh = item
+                try:
+                    w.write_tensor_data(data, raw_shape=job.shape, raw_dtype=job.qtype)
+                    if fresh:
+                        journal.add(job.gname, data, parts)
+                    if bar is not None:
+                        bar.update(data.nbytes)
+                        bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
+                    if on_tensor is not None:
+                        on_tensor(job.gname, i + 1, n)
+                except BaseException as e:  # handed to the producer, raised there
+                    failed.append(e)
+
+        thread = threading.Thread(target=writer, name="ferroquant-gguf-writer", daemon=True)
+        thread.start()
         try:
             for i, job in enumerate(plan.tensors):
+                if failed:
+                    break
                 fresh = job.gname not in journal.done
+                parts: list[tuple[int, int]] | None = None
                 if not fresh:
                     data = journal.read(job.gname)
                 elif job.hf_name is None:
                     data = as_bytes(plan.extra[job.gname])
                 elif len(self.tasks[i]) == 1:
-                    data = self._next_result(i)
+                    data, crc = self._next_result(i)
+                    parts = [(data.nbytes, crc)]
                 else:  # row ranges, assembled in order
                     data = np.empty(sum(t.out_bytes for t in self.tasks[i]), np.uint8)
-                    at = 0
+                    parts, at = [], 0
                     for _ in self.tasks[i]:
-                        part = self._next_result(i)
+                        part, crc = self._next_result(i)
                         data[at : at + part.nbytes] = part
                         at += part.nbytes
+                        parts.append((part.nbytes, crc))
                         del part
-                w.write_tensor_data(data, raw_shape=job.shape, raw_dtype=job.qtype)
-                if fresh:
-                    journal.add(job.gname, data)
-                if bar is not None:
-                    bar.update(data.nbytes)
-                    bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
+                pending.put((i, job, data, parts, fresh))
                 del data
-                if on_tensor is not None:
-                    on_tensor(job.gname, i + 1, n)
         finally:
+            pending.put(None)
+            thread.join()
             if bar is not None:
                 bar.close()
+        if failed:
+            raise failed[0]
 
 
 def _progress_bar(enabled: bool, total: int, desc: str) -> Any:

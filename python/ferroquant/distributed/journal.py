@@ -3,7 +3,8 @@ driver writes them, next to the output (`OUT.resume`), removed when the output i
 
 Layout: the magic line, then records of (u64 length, JSON) headers and raw bytes. The first
 record says which conversion the file belongs to (a fingerprint of the checkpoint's shards and
-the plan); each later one is a tensor: {"name", "nbytes", "crc32"} and its bytes. A driver killed
+the plan); each later one is a tensor: {"name", "nbytes", "parts": [[nbytes, crc32], ...]} and
+its bytes (the crc32 of each part is computed by the worker that made it). A driver killed
 mid-record leaves a torn tail: reading stops at the first incomplete or mismatching record and
 appending continues from there."""
 
@@ -88,11 +89,16 @@ class Journal:
                 end = f.tell()
         return end
 
-    def add(self, name: str, data: np.ndarray) -> None:
-        """Append one finished tensor (its bytes as written into the GGUF file)."""
+    def add(self, name: str, data: np.ndarray, parts: list[tuple[int, int]] | None = None) -> None:
+        """Append one finished tensor (its bytes as written into the GGUF file); `parts` are the
+        (nbytes, crc32) of its consecutive pieces, computed here when not given."""
         view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        if parts is None:
+            parts = [(view.nbytes, zlib.crc32(view))]
+        if sum(n for n, _ in parts) != view.nbytes:
+            raise ValueError(f"{name}: parts do not add up to {view.nbytes} bytes")
         offset = self._f.tell() + 8
-        meta = {"name": name, "nbytes": view.nbytes, "crc32": zlib.crc32(view)}
+        meta = {"name": name, "nbytes": view.nbytes, "parts": [list(p) for p in parts]}
         raw = json.dumps(meta, separators=(",", ":")).encode()
         self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._f.write(view)
@@ -112,8 +118,24 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
+class NoJournal(Journal):
+    """No side file (a conversion that cannot be resumed, and writes its bytes once)."""
+
+    def __init__(self) -> None:
+        self.done = {}
+
+    def add(self, name: str, data: np.ndarray, parts: list[tuple[int, int]] | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
 def _read_record(f: Any, size: int) -> tuple[dict[str, Any], int] | None:
-    """(header, data offset) of the next whole record whose bytes match its crc32, the file
+    """(header, data offset) of the next whole record whose parts match their crc32, the file
     positioned after it; None at the end or at a torn record."""
     start = f.tell()
     head = f.read(8)
@@ -130,13 +152,12 @@ def _read_record(f: Any, size: int) -> tuple[dict[str, Any], int] | None:
     offset = f.tell()
     if offset + nbytes > size:
         return None
-    if "crc32" in meta:
-        crc = 0
-        left = nbytes
+    for n_part, want in meta.get("parts", []):
+        crc, left = 0, int(n_part)
         while left:
             chunk = f.read(min(left, 1 << 24))
             crc = zlib.crc32(chunk, crc)
             left -= len(chunk)
-        if crc != meta["crc32"]:
+        if crc != want:
             return None
     return meta, offset

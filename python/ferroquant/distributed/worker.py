@@ -5,6 +5,7 @@ over by the driver through the object store. Ray is not imported here: the drive
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import numpy as np
@@ -45,12 +46,12 @@ def convert_part(
     rows: tuple[int, int] | None,
     payload: Payload | None,
     threads: int | None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, int]:
     """Rows `rows` (None: all) of plan tensor `index`, converted: the bytes they take in the
-    file. Errors name the shard and tensor."""
+    file, and their crc32 (for the driver's resume file). Errors name the shard and tensor."""
     import ferroquant
 
-    if threads:
+    if threads and ferroquant.num_threads() != threads:
         ferroquant.set_num_threads(threads)
     job = plan.tensors[index]
     assert job.shard is not None and job.hf_name is not None
@@ -59,7 +60,8 @@ def convert_part(
             x = load_hf_tensor(job.shard, job.hf_name, rows)
         else:
             x = from_payload(payload)
-        return as_bytes(convert_tensor(plan, job, x))
+        data = as_bytes(convert_tensor(plan, job, x))
+        return data, zlib.crc32(memoryview(data))
     except Exception as e:
         where = f" rows {rows[0]}:{rows[1]}" if rows else ""
         raise ValueError(f"{job.shard}: tensor {job.hf_name}{where}: {e}") from None
