@@ -53,6 +53,11 @@ def convert_part(
 
     if threads and ferroquant.num_threads() != threads:
         ferroquant.set_num_threads(threads)
+    if threads:  # torch's casts too (Ray sets OMP_NUM_THREADS to the task's CPUs)
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     job = plan.tensors[index]
     assert job.shard is not None and job.hf_name is not None
     try:
