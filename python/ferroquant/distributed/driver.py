@@ -105,7 +105,8 @@ def convert(
     `num_cpus` and runs the Rust core on `threads` threads (default: `num_cpus`). Finished
     tensors are kept in a side file (OUT.resume, removed on success); `resume=True` continues
     from it; `side_file=False` writes none (each byte written once, no resume).
-    `on_tensor(name, done, total)` is called after each tensor is written."""
+    `on_tensor(name, done, total)` is called after each tensor is written (from the driver's
+    writer thread)."""
     if transfer not in TRANSFERS:
         raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
     if resume and not side_file:
