@@ -21,6 +21,7 @@ EXTRA_FOR = {
     "cuda.bindings": "cuda",
     "cuda.core": "cuda",
     "llama_cpp": "test",
+    "ray": "distributed",
 }
 
 
