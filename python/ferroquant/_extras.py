@@ -21,6 +21,7 @@ EXTRA_FOR = {
     "cuda.bindings": "cuda",
     "cuda.core": "cuda",
     "llama_cpp": "test",
+    "ray": "distributed",
 }
 
 
@@ -29,9 +30,13 @@ class MissingExtra(ImportError):
 
     def __init__(self, module: str, purpose: str, extra: str) -> None:
         self.module, self.purpose, self.extra = module, purpose, extra
-        super().__init__(
-            f"{purpose} needs {module.split('.')[0]}, which is not installed: "
-            f"pip install 'ferroquant[{extra}]'"
+        super().__init__(f"{purpose} {self.short()}")
+
+    def short(self) -> str:
+        """The message without the purpose (the CLI already names the command)."""
+        return (
+            f"needs {self.module.split('.')[0]}, which is not installed: "
+            f"pip install 'ferroquant[{self.extra}]'"
         )
 
 

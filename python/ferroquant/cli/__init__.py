@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MissingExtra as e:
-        print(f"ferroquant {args.command}: {e}", file=sys.stderr)
+        print(f"ferroquant {args.command}: {e.short()}", file=sys.stderr)
         return 3
     except ModuleNotFoundError as e:
         line = _missing_extra_line(e)

@@ -37,6 +37,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|ADDRESS",
+        help="convert on a Ray cluster (auto: the running one; or HOST:PORT); same bytes",
+    )
+    c.add_argument(
+        "--ray-transfer",
+        default="shared-fs",
+        choices=["shared-fs", "object-store"],
+        help="with --ray: workers memory-map the shards from a filesystem every node sees "
+        "(shared-fs), or the driver reads them and ships them through Ray's object store",
+    )
+    c.add_argument(
+        "--ray-window",
+        type=int,
+        default=1024,
+        metavar="MIB",
+        help="with --ray: MiB of tensors in flight at the driver (results, and inputs with "
+        "object-store)",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --ray: continue from the tensors kept in OUT.resume by an interrupted run",
+    )
+    c.add_argument(
+        "--no-side-file",
+        action="store_true",
+        help="with --ray: keep no OUT.resume (every byte written once; no --resume possible)",
+    )
     c.set_defaults(func=run)
 
 
@@ -44,13 +77,20 @@ def run(args: argparse.Namespace) -> int:
     src = Path(args.src)
     if not src.exists():
         raise FileNotFoundError(f"no such file or folder: {src}")
+    on_ray = args.ray is not None
+    purpose, extra = (
+        ("ferroquant convert --ray", "distributed") if on_ray else ("ferroquant convert", "hf")
+    )
+    for module in ("torch", "gguf", "transformers", *(["ray"] if on_ray else [])):
+        require(module, purpose, extra)
     from ..methods import method_config
 
     cfg = method_config(args.method)  # an unknown method fails before anything is read
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"no such calibration text: {args.calib}")
-    for module in ("torch", "gguf", "transformers"):
-        require(module, "ferroquant convert", "hf")
+    gptq = args.method.lower() == "gptq"
+    if gptq and on_ray:
+        raise ValueError("--method gptq runs on this machine; drop --ray (not distributed yet)")
     from ..models.convert import gguf_to_hf, hf_to_gguf
 
     if src.suffix.lower() == ".gguf":  # the reverse direction, for inspection
@@ -59,12 +99,29 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not src.is_dir():
         raise ValueError(f"{src}: expected a Hugging Face checkpoint folder or a .gguf file")
-    tensors = None
-    if args.method.lower() == "gptq":
-        if args.qtype.lower() in ("f32", "f16", "bf16"):
-            raise ValueError(f"--method gptq needs a quantized --qtype, got {args.qtype}")
-        tensors = _gptq_tensors(src, args, cfg)
-    hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors)
+    if not on_ray:
+        if args.resume:
+            raise ValueError("--resume continues an interrupted --ray conversion; add --ray")
+        tensors = None
+        if gptq:
+            if args.qtype.lower() in ("f32", "f16", "bf16"):
+                raise ValueError(f"--method gptq needs a quantized --qtype, got {args.qtype}")
+            tensors = _gptq_tensors(src, args, cfg)
+        hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors)
+    else:
+        from ..distributed import convert
+
+        convert(
+            src,
+            args.out,
+            args.qtype,
+            address=args.ray,
+            transfer=args.ray_transfer,
+            window_bytes=args.ray_window << 20,
+            resume=args.resume,
+            side_file=not args.no_side_file,
+            progress=not args.quiet,
+        )
     print(summary_line(args.out))
     return 0
 

@@ -7,7 +7,8 @@ Protocol (every output states it):
   a fresh copy of that baseline with `quantize_model(model, recipe)`; embeddings and the output head
   (tied to the embeddings in the default model) stay bf16. Where a format cannot hold a tensor
   (a K-quant needs rows that are a multiple of 256) the recipe falls back as llama.cpp does, and
-  the row reports the qtypes actually used.
+  the row reports the qtypes actually used; a row that ends up with no tensor of the qtype it is
+  named after (SmolLM2's 576-wide rows turn the whole q2_k mix into q4_0 + q3_k) is marked.
 - The text is tokenized once without special tokens and cut into windows of `ctx` tokens that
   start every `stride` tokens; each token is scored once, in the first window that reaches it
   (Hugging Face's sliding-window perplexity; with stride = ctx every token of a window but its
@@ -16,8 +17,11 @@ Protocol (every output states it):
   log-softmax: perplexity, mean KL(baseline || row) over scored tokens, top-1 agreement.
 - Size: quantized Linear weights as stored (blocks and statistics), every other parameter as held
   (bf16), tied parameters once; bits per weight over all parameters.
-- Speed on the CPU with `threads` threads: prompt = one forward over `prompt_tokens` tokens (best
-  of two), decode = `decode_tokens` greedy steps with the KV cache after that prompt.
+- Speed on the CPU with `threads` threads, median of `speed_runs` rounds with the rows
+  interleaved (`speed.py`): prompt = one forward over `prompt_tokens` tokens, decode =
+  `decode_tokens` greedy steps with the KV cache after that prompt; in ferroquant's native
+  runtime on a temporary GGUF file of the row (rows GGUF cannot hold: none) and, as secondary
+  columns, in transformers + QuantLinear.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import datetime
 import math
 import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +39,7 @@ from typing import Any
 
 from .. import __version__
 from .._extras import require
+from .._native import QuantizeError
 from ..defaults import (
     DEFAULT_GGUF,
     DEFAULT_MODEL_PACKAGE,
@@ -42,8 +48,10 @@ from ..defaults import (
     resolve_model,
 )
 from ..models.recipes import recipe_for
+from ..qtypes import qtype_info
 from .load import Loaded, load_model, read_text, tokenize
 from .metrics import Scores, Window, make_windows
+from .speed import SpeedRow, measure, write_gguf
 
 __all__ = [
     "DEFAULT_GGUF",
@@ -91,7 +99,10 @@ def row_spec(name: str) -> RowSpec:
         return RowSpec(BASELINE, None)
     if key in _DQ_NAMES:
         return RowSpec("nf4+dq", "nf4", {"double_quant": True})
-    recipe_for(key)  # QuantizeError (a ValueError) naming the known qtypes
+    try:
+        recipe_for(key)
+    except QuantizeError as e:  # it names the mixes and qtypes; eval rows take two more names
+        raise QuantizeError(f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq") from None
     return RowSpec(key, key)
 
 
@@ -172,36 +183,6 @@ def run_windows(model: Any, ids: Any, windows: list[Window], bar: Any = None) ->
     return out
 
 
-def prompt_speed(model: Any, prompt: Any, repeats: int = 2) -> float:
-    """Tokens/s of one forward over `prompt` (1-D ids), best of `repeats`."""
-    import torch
-
-    best = math.inf
-    with torch.inference_mode():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(input_ids=prompt[None], use_cache=False)
-            best = min(best, time.perf_counter() - t0)
-    return prompt.shape[0] / best
-
-
-def decode_speed(model: Any, prompt: Any, n_decode: int) -> tuple[float, list[int]]:
-    """Tokens/s of `n_decode` greedy steps with the KV cache after `prompt` (not timed)."""
-    import torch
-
-    with torch.inference_mode():
-        out = model(input_ids=prompt[None], use_cache=True)
-        past, nxt = out.past_key_values, out.logits[0, -1].argmax()
-        tokens = []
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            out = model(input_ids=nxt.view(1, 1), past_key_values=past, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[0, -1].argmax()
-            tokens.append(int(nxt))
-        dt = time.perf_counter() - t0
-    return n_decode / dt, tokens
-
-
 @dataclass
 class Row:
     name: str
@@ -214,9 +195,10 @@ class Row:
     dppl_pct: float
     kl: float
     top1: float
-    prompt_tps: float
-    decode_tps: float
     quantize_s: float
+    named_qtype: str | None  # the qtype the row is named after (a mix: its default type)
+    named_qtype_absent: bool  # True when no tensor of the model got the named qtype
+    note: str | None  # what the row holds instead, when named_qtype_absent
 
 
 def quantized_copy(model: Any, spec: RowSpec, progress: bool) -> Any:
@@ -226,6 +208,43 @@ def quantized_copy(model: Any, spec: RowSpec, progress: bool) -> Any:
 
     q = copy.deepcopy(model)
     return quantize_model(q, spec.recipe, progress=progress, **spec.options)
+
+
+def named_qtype(spec: RowSpec) -> str | None:
+    """The qtype a row is named after: the qtype itself, or a mix's default type (q4_k_m: q4_k;
+    q2_k: q2_k); None for the baseline."""
+    return None if spec.recipe is None else recipe_for(spec.recipe).base
+
+
+def absent_note(spec: RowSpec, model: Any, counts: dict[str, int]) -> str | None:
+    """None when some quantized tensor of `model` has the row's named qtype; else one line
+    saying so, why (the row lengths that cannot hold its blocks; the mix's own rules for the
+    rest) and what the row holds instead, e.g. "q2_k: no q2_k tensor on this model (576-wide
+    rows): q4_0 x180, q3_k x30"."""
+    from ..nn import QuantLinear
+
+    named = named_qtype(spec)
+    if named is None or counts.get(named, 0) > 0:
+        return None
+    block = qtype_info(named).block_size
+    widths = set()
+    by_rule = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            if m.in_features % block:
+                widths.add(m.in_features)
+            else:
+                by_rule += 1
+    why = []
+    if widths:
+        why.append(", ".join(str(w) for w in sorted(widths)) + "-wide rows")
+    if by_rule:
+        why.append(f"{by_rule} by the {spec.name} mix's own rules")
+    held = ", ".join(
+        f"{q} x{n}" for q, n in sorted(counts.items(), key=lambda kv: -kv[1])
+        if not q.endswith("(kept)")
+    )  # fmt: skip
+    return f"{spec.name}: no {named} tensor on this model ({'; '.join(why)}): {held}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +262,7 @@ def run_eval(
     prompt_tokens: int = 128,
     decode_tokens: int = 16,
     threads: int | None = None,
+    speed_runs: int = 3,
     progress: bool = True,
     against: str | None = None,
     loaded: Loaded | None = None,
@@ -254,6 +274,8 @@ def run_eval(
     make_windows(2, ctx, stride, max_tokens)  # the checks of ctx, stride, max_tokens
     if prompt_tokens < 1 or decode_tokens < 1:
         raise ValueError("--prompt-tokens and --decode-tokens must be at least 1")
+    if speed_runs < 1:
+        raise ValueError(f"--speed-runs must be at least 1, got {speed_runs}")
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be at least 1, got {threads}")
     if against not in (None, "llama.cpp"):
@@ -272,7 +294,12 @@ def run_eval(
     n_threads = torch.get_num_threads()
     load_avg_start = _loadavg()
     t_load = time.perf_counter()
+    tok_source: Any = None
+    if loaded is None:
+        folder, gguf_file = resolve_model(model)
+        tok_source = folder / gguf_file if gguf_file else folder
     loaded = loaded or load_model(model)
+    tok_source = tok_source or loaded.tokenizer
     load_s = time.perf_counter() - t_load
     ids = tokenize(loaded.tokenizer, txt)
     windows = make_windows(int(ids.shape[0]), ctx, stride, max_tokens)
@@ -282,50 +309,60 @@ def run_eval(
     base = loaded.model
     n_scored = sum(w.n_scored for w in windows)
     results: list[Row] = []
+    timed: list[SpeedRow] = []
     base_logits: list[Any] = []
     base_scores: Scores | None = None
-    for spec in tqdm(specs, desc="eval", unit="row", disable=not progress):
-        t0 = time.perf_counter()
-        qmodel = quantized_copy(base, spec, progress)
-        quantize_s = time.perf_counter() - t0 if spec.recipe is not None else 0.0
-        with tqdm(
-            total=len(windows), desc=f"score {spec.name}", unit="win", leave=False,
-            disable=not progress,
-        ) as bar:  # fmt: skip
-            logits = run_windows(qmodel, ids, windows, bar)
-        if spec.recipe is None:
-            base_logits = logits
-        scores = Scores()
-        for w, lg, bl in zip(windows, logits, base_logits, strict=True):
-            scores.add(lg, bl, ids[w.first : w.end])
-        if spec.recipe is None:
-            base_scores = scores
-        assert base_scores is not None
-        del logits
-        ptps = prompt_speed(qmodel, prompt)
-        dtps, _ = decode_speed(qmodel, prompt, decode_tokens)
-        nbytes, nweights, counts = stored_bytes(qmodel, spec.options.get("double_quant", False))
-        ppl = scores.ppl()
-        results.append(
-            Row(
-                name=spec.name,
-                recipe=spec.recipe,
-                qtypes_used=counts,
-                kernel=_kernel(qmodel),
-                bits_per_weight=8.0 * nbytes / nweights,
-                size_mb=nbytes / 1e6,
-                ppl=ppl,
-                dppl_pct=100.0 * (ppl / base_scores.ppl() - 1.0),
-                kl=scores.mean_kl(),
-                top1=scores.top1_rate(),
-                prompt_tps=ptps,
-                decode_tps=dtps,
-                quantize_s=quantize_s,
+    with tempfile.TemporaryDirectory(prefix="ferroquant-eval-") as tmp:
+        for spec in tqdm(specs, desc="eval", unit="row", disable=not progress):
+            t0 = time.perf_counter()
+            qmodel = quantized_copy(base, spec, progress)
+            quantize_s = time.perf_counter() - t0 if spec.recipe is not None else 0.0
+            with tqdm(
+                total=len(windows), desc=f"score {spec.name}", unit="win", leave=False,
+                disable=not progress,
+            ) as bar:  # fmt: skip
+                logits = run_windows(qmodel, ids, windows, bar)
+            if spec.recipe is None:
+                base_logits = logits
+            scores = Scores()
+            for w, lg, bl in zip(windows, logits, base_logits, strict=True):
+                scores.add(lg, bl, ids[w.first : w.end])
+            if spec.recipe is None:
+                base_scores = scores
+            assert base_scores is not None
+            del logits
+            nbytes, nweights, counts = stored_bytes(qmodel, spec.options.get("double_quant", False))
+            gguf_path = Path(tmp) / f"row{len(timed)}.gguf"
+            why_not = write_gguf(qmodel, gguf_path, tok_source)
+            timed.append(SpeedRow(spec.name, qmodel, None if why_not else gguf_path, why_not))
+            note = absent_note(spec, qmodel, counts)
+            ppl = scores.ppl()
+            results.append(
+                Row(
+                    name=spec.name,
+                    recipe=spec.recipe,
+                    qtypes_used=counts,
+                    kernel=_kernel(qmodel),
+                    bits_per_weight=8.0 * nbytes / nweights,
+                    size_mb=nbytes / 1e6,
+                    ppl=ppl,
+                    dppl_pct=100.0 * (ppl / base_scores.ppl() - 1.0),
+                    kl=scores.mean_kl(),
+                    top1=scores.top1_rate(),
+                    quantize_s=quantize_s,
+                    named_qtype=named_qtype(spec),
+                    named_qtype_absent=note is not None,
+                    note=note,
+                )
             )
-        )
-        if qmodel is not base:
-            del qmodel
+        with tqdm(
+            total=len(timed) * speed_runs, desc="speed", unit="row", disable=not progress
+        ) as bar:
+            measure(timed, prompt, decode_tokens, n_threads, speed_runs, bar)
+    row_dicts = [{**asdict(r), **t.medians()} for r, t in zip(results, timed, strict=True)]
+    del timed
 
+    base_rt = row_dicts[0]["runtime_weights"] or row_dicts[0]["runtime_note"]
     protocol = {
         "model": loaded.source,
         "baseline": f"bf16: {loaded.baseline}",
@@ -348,17 +385,29 @@ def run_eval(
         "tied parameters once; MB = 10^6 bytes",
         "prompt_tokens": int(prompt.shape[0]),
         "decode_tokens": decode_tokens,
-        "speed": f"CPU, torch {torch.__version__}, activations bf16; prompt: one forward over "
-        f"{int(prompt.shape[0])} tokens (best of 2); decode: {decode_tokens} greedy steps with "
-        "the KV cache after that prompt",
+        "speed_runs": speed_runs,
+        "speed": f"CPU, median of {speed_runs} rounds, each round visiting every row once "
+        "(rows interleaved; the two engines' order alternates by round); prompt: one forward "
+        f"over {int(prompt.shape[0])} tokens; decode: {decode_tokens} greedy steps with the KV "
+        "cache after that prompt",
+        "speed_runtime": "prompt tok/s and decode tok/s: ferroquant's native runtime "
+        "(ferroquant.runtime.LlamaRuntime) on a temporary GGUF file of the row's own weights "
+        "(written by save_gguf_model, deleted after the run), loaded afresh each round, one short "
+        "warm-up generation before the timed one; the KV cache is f32. What the runtime did with "
+        "the baseline's weights: " + str(base_rt),
+        "speed_runtime_missing": _missing(row_dicts),
+        "speed_transformers": f"hf prompt / hf decode: transformers + QuantLinear, torch "
+        f"{torch.__version__}, activations bf16, the model as scored (per-token Python overhead "
+        "in decode)",
         "threads": n_threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "cpu": _cpu_name(),
         "load_average": {"start": load_avg_start, "end": _loadavg()},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "ferroquant": __version__,
         "model_load_s": round(load_s, 1),
     }
-    out: dict[str, Any] = {"protocol": protocol, "rows": [asdict(r) for r in results]}
+    out: dict[str, Any] = {"protocol": protocol, "rows": row_dicts}
     if against == "llama.cpp":
         from .llamacpp import run_llamacpp
 
@@ -377,6 +426,30 @@ def run_eval(
             )
         }
     return out
+
+
+def _missing(rows: list[dict[str, Any]]) -> str | None:
+    """Which rows have no runtime figures and why, rows with the same reason together."""
+    why: dict[str, list[str]] = {}
+    for r in rows:
+        if r["prompt_tps"] is None:
+            why.setdefault(str(r["runtime_note"]), []).append(r["name"])
+    if not why:
+        return None
+    return "no runtime figures ('–') for " + "; ".join(
+        f"{', '.join(names)} ({reason})" for reason, names in why.items()
+    )
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def _loadavg() -> list[float] | None:

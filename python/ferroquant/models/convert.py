@@ -26,13 +26,14 @@ import shutil
 import tempfile
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import gguf as fg
-from ..tensor import quantize
+from ..tensor import QTensor, quantize
 from .recipes import Recipe, recipe_for
 
 ARCHES = {  # Hugging Face architectures -> llama.cpp architecture
@@ -209,6 +210,120 @@ def _extra_tensors(cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     return {"rope_freqs.weight": torch.tensor(factors, dtype=torch.float32).numpy()}
 
 
+@dataclass
+class HFPlan:
+    """What `hf_to_gguf` will write, decided before anything is written: the config, the recipe
+    and, in file order, one `TensorJob` per GGUF tensor (generated tensors first, as in
+    convert_hf_to_gguf.py)."""
+
+    hf_dir: Path
+    cfg: dict[str, Any]
+    arch: str
+    recipe: Recipe
+    n_head: int
+    n_head_kv: int
+    tensors: list[TensorJob]
+    extra: dict[str, np.ndarray]  # generated tensors (rope_freqs), by GGUF name
+
+    @property
+    def chosen(self) -> dict[str, str]:
+        return {t.gname: t.qtype for t in self.tensors}
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One GGUF tensor: its name, where it comes from (None for a generated one), its numpy
+    shape and the type it is written in."""
+
+    gname: str
+    hf_name: str | None
+    shard: Path | None
+    shape: tuple[int, ...]
+    qtype: str
+
+
+def plan_hf_to_gguf(hf_dir: str | os.PathLike[str], qtype: str | Recipe = "f16") -> HFPlan:
+    """The tensors, names, shapes and types `hf_to_gguf` writes, from the folder's config.json
+    and the safetensors headers (no tensor data is read)."""
+    import gguf
+    from safetensors import safe_open
+
+    hf_dir = Path(hf_dir)
+    cfg = _hf_config(hf_dir)
+    arch = ARCHES[cfg["architectures"][0]]
+    n_layer = int(cfg["num_hidden_layers"])
+    n_head = int(cfg["num_attention_heads"])
+    n_head_kv = int(cfg.get("num_key_value_heads", n_head))
+    recipe = qtype if isinstance(qtype, Recipe) else recipe_for(qtype, (), n_head // n_head_kv)
+    _file_type(recipe)  # a recipe a GGUF file cannot hold fails here, before anything is read
+    tmap = gguf.get_tensor_name_map(_model_arch(arch), n_layer)
+
+    extra = _extra_tensors(cfg)
+    plan = [TensorJob(g, None, None, x.shape, "f32") for g, x in extra.items()]
+    hf_items = list(_hf_tensors(hf_dir))
+    names = {n for n, _ in hf_items}
+    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
+    for hf_name, shard in hf_items:
+        if hf_name.endswith(".rotary_emb.inv_freq"):
+            continue
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"{hf_dir}: cannot map tensor {hf_name!r} to a GGUF name")
+        with safe_open(shard, framework="pt") as f:
+            shape = tuple(int(s) for s in f.get_slice(hf_name).get_shape())
+        t = _gguf_type(recipe, gname, shape, n_layer, tied)
+        plan.append(TensorJob(gname, hf_name, shard, shape, t))
+    return HFPlan(hf_dir, cfg, arch, recipe, n_head, n_head_kv, plan, extra)
+
+
+def write_header(
+    w: _Writer, plan: HFPlan, name: str | None = None, tokenizer_pre: str | None = None
+) -> None:
+    """Metadata (hyper-parameters, file type, tokenizer) and every tensor info of `plan`."""
+    import gguf
+
+    from .hf_vocab import add_vocab
+
+    _add_hparams(w, plan.cfg, name or plan.hf_dir.resolve().name, plan.arch)
+    w.add_file_type(_file_type(plan.recipe))
+    add_vocab(w, plan.hf_dir, plan.cfg.get("vocab_size"), tokenizer_pre)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for t in plan.tensors:
+        w.add_tensor_info(t.gname, t.shape, t.qtype)
+
+
+def load_hf_tensor(shard: Path, hf_name: str, rows: tuple[int, int] | None = None) -> Any:
+    """One tensor of a safetensors shard as torch holds it (its own dtype), or its rows
+    [start, stop) only."""
+    from safetensors import safe_open
+
+    with safe_open(shard, framework="pt") as f:
+        if rows is None:
+            return f.get_tensor(hf_name)
+        return f.get_slice(hf_name)[rows[0] : rows[1]]
+
+
+def convert_tensor(plan: HFPlan, job: TensorJob, x: Any) -> np.ndarray | QTensor:
+    """One tensor as it goes into the file: `x` (a torch tensor from `load_hf_tensor`: the whole
+    tensor or a range of whole rows, for q/k a range of whole heads) in float32, q/k rows
+    permuted as llama.cpp does, quantized to the job's type (float32 stays an array)."""
+    import torch
+
+    x = x.to(torch.float32).numpy()
+    heads = None
+    if plan.arch in PERMUTED_ARCHES and job.gname.endswith(("attn_q.weight", "attn_q.bias")):
+        heads = plan.n_head
+    elif plan.arch in PERMUTED_ARCHES and job.gname.endswith(("attn_k.weight", "attn_k.bias")):
+        heads = plan.n_head_kv
+    if heads is not None:  # the heads these rows hold: all of them, or a range of whole heads
+        if x.shape[0] * heads % job.shape[0]:
+            raise ValueError(f"{job.gname}: rows {x.shape[0]} are not whole heads")
+        x = permute(x, x.shape[0] * heads // job.shape[0], None)
+    return x if job.qtype == "f32" else quantize(np.ascontiguousarray(x), job.qtype)
+
+
 def hf_to_gguf(
     hf_dir: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -226,93 +341,49 @@ def hf_to_gguf(
     name: qtype}. The write is atomic. `tensors` maps Hugging Face tensor names to QTensors
     already quantized (e.g. by GPTQ) in the type the recipe gives them: they are written as given
     (rows permuted as the floats would be) instead of being quantized here."""
-    import gguf
-    import torch
-    from safetensors import safe_open
-
-    from .hf_vocab import add_vocab
-
-    hf_dir = Path(hf_dir)
-    cfg = _hf_config(hf_dir)
-    arch = ARCHES[cfg["architectures"][0]]
-    n_layer = int(cfg["num_hidden_layers"])
-    n_head = int(cfg["num_attention_heads"])
-    n_head_kv = int(cfg.get("num_key_value_heads", n_head))
-    recipe = qtype if isinstance(qtype, Recipe) else recipe_for(qtype, (), n_head // n_head_kv)
-    file_type = _file_type(recipe)
-    tmap = gguf.get_tensor_name_map(_model_arch(arch), n_layer)
-
-    # plan: (gguf name, hf name, shard, numpy shape, type); generated tensors first, as in
-    # convert_hf_to_gguf.py
-    extra = _extra_tensors(cfg)
-    plan: list[tuple[str, str | None, Path | None, tuple[int, ...], str]] = [
-        (g, None, None, x.shape, "f32") for g, x in extra.items()
-    ]
-    hf_items = list(_hf_tensors(hf_dir))
-    names = {n for n, _ in hf_items}
-    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
-    for hf_name, shard in hf_items:
-        if hf_name.endswith(".rotary_emb.inv_freq"):
-            continue
-        if hf_name == "lm_head.weight" and tied:
-            continue
-        gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise ValueError(f"{hf_dir}: cannot map tensor {hf_name!r} to a GGUF name")
-        with safe_open(shard, framework="pt") as f:
-            shape = tuple(int(s) for s in f.get_slice(hf_name).get_shape())
-        plan.append((gname, hf_name, shard, shape, _gguf_type(recipe, gname, shape, n_layer, tied)))
-
-    out_path = Path(out_path)
-    chosen = {g: t for g, _, _, _, t in plan}
-    with _Writer(out_path, arch) as w:
-        _add_hparams(w, cfg, name or hf_dir.resolve().name, arch)
-        w.add_file_type(file_type)
-        add_vocab(w, hf_dir, cfg.get("vocab_size"), tokenizer_pre)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for gname, _, _, shape, t in plan:
-            w.add_tensor_info(gname, shape, t)
-        items = plan
+    plan = plan_hf_to_gguf(hf_dir, qtype)
+    with _Writer(Path(out_path), plan.arch) as w:
+        write_header(w, plan, name, tokenizer_pre)
+        items: Any = plan.tensors
         if progress:
             with contextlib.suppress(ImportError):
                 from tqdm.auto import tqdm
 
-                items = tqdm(plan, desc=f"convert {recipe.name}", unit="tensor")
-        for gname, hf_name, shard, _, t in items:
-            if hf_name is None or shard is None:
-                w.write_tensor_data(extra[gname])
+                items = tqdm(plan.tensors, desc=f"convert {plan.recipe.name}", unit="tensor")
+        for job in items:
+            if job.hf_name is None or job.shard is None:
+                w.write_tensor_data(plan.extra[job.gname])
                 continue
-            if tensors is not None and hf_name in tensors:
-                w.write_tensor_data(_given(tensors[hf_name], gname, t, arch, n_head, n_head_kv))
+            if tensors is not None and job.hf_name in tensors:
+                w.write_tensor_data(_given(plan, job, tensors[job.hf_name]))
                 continue
-            with safe_open(shard, framework="pt") as f:
-                x = f.get_tensor(hf_name).to(torch.float32).numpy()
-            if arch in PERMUTED_ARCHES and gname.endswith(("attn_q.weight", "attn_q.bias")):
-                x = permute(x, n_head, n_head)
-            elif arch in PERMUTED_ARCHES and gname.endswith(("attn_k.weight", "attn_k.bias")):
-                x = permute(x, n_head, n_head_kv)
-            w.write_tensor_data(x if t == "f32" else quantize(np.ascontiguousarray(x), t))
+            x = convert_tensor(plan, job, load_hf_tensor(job.shard, job.hf_name))
+            w.write_tensor_data(x)
             del x
-    return chosen
+    return plan.chosen
 
 
-def _given(qt: Any, gname: str, t: str, arch: str, n_head: int, n_head_kv: int) -> Any:
-    """A precomputed QTensor for `gname`, its rows permuted as llama.cpp wants q / k."""
-    from ..tensor import QTensor
-
-    if qt.qtype != t:
-        raise ValueError(f"{gname}: the given tensor is {qt.qtype}, the recipe wants {t}")
-    if arch in PERMUTED_ARCHES and gname.endswith(("attn_q.weight", "attn_k.weight")):
-        rows = qt.shape[0]
-        data = permute(np.asarray(qt.data).reshape(rows, -1), n_head,
-                       n_head if gname.endswith("attn_q.weight") else n_head_kv)  # fmt: skip
-        stats = np.asarray(qt.stats)
-        if stats.size:
-            stats = permute(stats.reshape(rows, -1), n_head,
-                            n_head if gname.endswith("attn_q.weight") else n_head_kv)  # fmt: skip
-        qt = QTensor(qt.qtype, qt.shape, np.ascontiguousarray(data).reshape(-1), qt.block_size,
-                     np.ascontiguousarray(stats).reshape(-1), qt.scale_mode)  # fmt: skip
-    return qt
+def _given(plan: HFPlan, job: TensorJob, qt: QTensor) -> QTensor:
+    """A precomputed QTensor for `job`, its rows permuted as llama.cpp wants q / k (rows of
+    blocks, and per-row statistics, move as the float rows would)."""
+    if qt.qtype != job.qtype:
+        raise ValueError(
+            f"{job.gname}: the given tensor is {qt.qtype}, the recipe wants {job.qtype}"
+        )
+    heads = None
+    if plan.arch in PERMUTED_ARCHES and job.gname.endswith("attn_q.weight"):
+        heads = plan.n_head
+    elif plan.arch in PERMUTED_ARCHES and job.gname.endswith("attn_k.weight"):
+        heads = plan.n_head_kv
+    if heads is None:
+        return qt
+    rows = qt.shape[0]
+    data = permute(np.asarray(qt.data).reshape(rows, -1), heads, None)
+    stats = np.asarray(qt.stats)
+    if stats.size:
+        stats = permute(stats.reshape(rows, -1), heads, None)
+    return QTensor(qt.qtype, qt.shape, np.ascontiguousarray(data).reshape(-1), qt.block_size,
+                   np.ascontiguousarray(stats).reshape(-1), qt.scale_mode)  # fmt: skip
 
 
 def _quantizable(gname: str, shape: tuple[int, ...]) -> bool:
