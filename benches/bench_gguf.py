@@ -1,9 +1,10 @@
 """GGUF reading and writing: ferroquant.gguf against gguf-py on the same file, same run.
 
-    python benches/bench_gguf.py [--mib 256] [--vocab 128000] [--repeat 5]
+    python benches/bench_gguf.py [--mib 256] [--vocab 128000] [--runs 5]
 
 Builds a llama-like file (a 128k-token vocabulary with scores and token types, q8_0 / q4_0 / f16
-tensors) in a temporary folder, then times (median of --repeat runs):
+tensors) in a temporary folder, then times (median (min-max) of --runs runs, each run doing every
+operation with both libraries in turn, benchlib.interleave):
   open   open the file and list every metadata value and tensor (name, shape, type)
   read   open and read every tensor's bytes (a reduction over each data view touches all pages)
   write  write the same file (ours: streaming writer; gguf-py: GGUFWriter)
@@ -15,11 +16,12 @@ and the data path, not the disk.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
-import statistics
 import tempfile
 import time
 
+import benchlib
 import gguf
 import numpy as np
 
@@ -109,21 +111,22 @@ def read_gguf_py(path):
                for t in r.tensors)  # fmt: skip
 
 
-def median_time(fn, *args, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
+def timed(fn, path):
+    def run() -> float:
         t0 = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn(path)
+        return time.perf_counter() - t0
+
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256, help="tensor bytes in the file")
     ap.add_argument("--vocab", type=int, default=128000)
-    ap.add_argument("--repeat", type=int, default=5)
+    benchlib.add_runs(ap, 5)
     args = ap.parse_args()
+    load_start = benchlib.load()
     metadata, tensors, total = make_model(args.mib, args.vocab)
     with tempfile.TemporaryDirectory() as d:
         ours, theirs = os.path.join(d, "ours.gguf"), os.path.join(d, "py.gguf")
@@ -131,26 +134,35 @@ def main() -> None:
         write_gguf_py(theirs, metadata, tensors)
         assert open(ours, "rb").read() == open(theirs, "rb").read(), "the two files differ"
         assert read_ours(ours) == read_gguf_py(ours)
-        rows = []
-        for what, mine, peer, path in (
+        ops = (
             ("open + list", open_ours, open_gguf_py, ours),
             ("read all tensors", read_ours, read_gguf_py, ours),
             ("write file", lambda p: write_ours(p, metadata, tensors),
              lambda p: write_gguf_py(p, metadata, tensors), os.path.join(d, "w.gguf")),
-        ):  # fmt: skip
-            t_ours = median_time(mine, path, repeat=args.repeat)
-            t_peer = median_time(peer, path, repeat=args.repeat)
-            rows.append((what, t_ours, t_peer))
+        )  # fmt: skip
+        engines = {}
+        for what, mine, peer, path in ops:
+            engines[what, "ours"] = timed(mine, path)
+            engines[what, "peer"] = timed(peer, path)
+        res = benchlib.interleave(engines, args.runs)
         size = os.path.getsize(ours)
+    rows = []
+    for what, *_ in ops:
+        t_ours, t_peer = res[what, "ours"], res[what, "peer"]
+        bw = benchlib.spread([size / t / 1e9 for t in t_ours], ".2f")
+        rows.append((what, benchlib.spread([t * 1e3 for t in t_ours], ".2f"),
+                     benchlib.spread([t * 1e3 for t in t_peer], ".2f"),
+                     benchlib.ratio(t_ours, t_peer, False),
+                     bw if what != "open + list" else "-"))  # fmt: skip
+    print(f"\nbench_gguf: {benchlib.machine()} (at the start: {load_start})")
+    print(f"ferroquant {fq.__version__}, gguf-py {importlib.metadata.version('gguf')}")
     print(
         f"file: {size / 2**20:.1f} MiB ({total / 2**20:.1f} MiB of tensors in {len(tensors)} "
-        f"tensors, vocabulary {args.vocab}); median of {args.repeat}; page cache warm"
+        f"tensors, vocabulary {args.vocab}); median (min-max) of {args.runs} runs, interleaved; "
+        "page cache warm; ratio: gguf-py time / ours"
     )
-    print(f"{'operation':<18} {'ferroquant':>12} {'gguf-py':>12} {'ratio':>8} {'ours GB/s':>10}")
-    for what, t_ours, t_peer in rows:
-        bw = f"{size / t_ours / 1e9:10.2f}" if what != "open + list" else f"{'-':>10}"
-        print(f"{what:<18} {t_ours * 1e3:10.2f}ms {t_peer * 1e3:10.2f}ms "
-              f"{t_peer / t_ours:7.2f}x {bw}")  # fmt: skip
+    head = ("operation", "ferroquant ms", "gguf-py ms", "ratio", "ours GB/s")
+    print(benchlib.table(head, rows))
 
 
 if __name__ == "__main__":

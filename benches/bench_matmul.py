@@ -5,30 +5,33 @@ F.linear and against the machine's multi-threaded memory read bandwidth, in one 
     python benches/bench_matmul.py --m 1 --qtypes q4_0,q4_k
     python benches/bench_matmul.py --m 1 --qtypes all      # every qtype with a kernel
 
-K x N = in x out features (ANCHORS.md). Every backend rotates over copies of its weights that
-together exceed --rotate-mb (default 640 MB, over twice the 300 MiB last-level cache), so each
-call reads its weights from memory, not from cache. Weights: a 512-row slab quantized by
-fq.quantize (int8, fp8: per-row scales) and tiled to N rows (the kernels have no data-dependent
-branches, so timing does not depend on the values).
+K x N = in x out features (Llama-3-8B ffn shapes). Every backend rotates over copies of its
+weights that together exceed --rotate-mb (default 640 MB, over twice the 300 MiB last-level
+cache), so each call reads its weights from memory, not from cache. Weights: a 512-row slab
+quantized by fq.quantize (int8, fp8: per-row scales) and tiled to N rows (the kernels have no
+data-dependent branches, so timing does not depend on the values).
 Effective GB/s = weight bytes (data + statistics) / time. The read bandwidth is a
 multi-threaded streaming read of a 1 GiB buffer (`_native.stream_read`: each thread sums the
-8-byte words of its contiguous part, loads only), best of 5; torch's sum over 1 GiB of float32
-(the previous reference, which under-reads) is printed beside it. Threads: ferroquant's pool and
-torch both use --threads (default: all cores).
+8-byte words of its contiguous part, loads only), best of 5 within a run; torch's sum over 1 GiB
+of float32 (the previous reference, which under-reads) is printed beside it. Threads:
+ferroquant's pool and torch both use --threads (default: all cores).
 
-The machine this runs on may be shared: numbers measured while other work runs are noisy.
+Runs: each of --runs runs measures every backend (and the read bandwidth) once, in turn
+(benchlib.interleave; a backend's weight copies are made at its turn and freed after it); a
+measurement is the median of the calls in --budget seconds. Each row prints the median (min-max)
+over the runs, and ratios of medians against torch's f32 and bf16 F.linear. The machine this
+runs on may be shared: the load average is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import platform
 import sys
 import time
 
+import benchlib
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -75,8 +78,9 @@ def time_calls(fn, copies: list, budget_s: float) -> float:
 
 def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
     """GB/s of a multi-threaded streaming read: `_native.stream_read` sums the 8-byte words of a
-    1 GiB buffer (over 30x the 32 MiB L3 here), each thread of ferroquant's pool (`threads` of
-    them) one contiguous part, loads only. Best of 5, after one pass that faults the pages in."""
+    1 GiB buffer (over 3x the 300 MiB last-level cache), each thread of ferroquant's pool
+    (`threads` of them) one contiguous part, loads only. Best of 5, after one pass that faults
+    the pages in."""
     fq.set_num_threads(threads)
     a = np.ones(nbytes, dtype=np.uint8)
     _native.stream_read(a)
@@ -115,12 +119,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="0 = all cores")
     ap.add_argument("--rotate-mb", type=int, default=640)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per measurement")
+    benchlib.add_runs(ap, 3)
     ap.add_argument("--no-torch", action="store_true")
     args = ap.parse_args()
 
     import torch
     import torch.nn.functional as F
 
+    load_start = benchlib.load()
     threads = args.threads or os.cpu_count() or 1
     fq.set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -129,63 +135,91 @@ def main() -> None:
     if qtypes == ["all"]:
         qtypes = list(_native.qmatmul_qtypes())
     shapes = [s for s in SHAPES if args.shapes == "all" or args.shapes == f"{s[0]}x{s[1]}"]
-    bw = read_bandwidth(threads)
-    bw_torch = torch_sum_bandwidth(threads)
-    print(
-        f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, "
-        f"{threads} threads, simd {_native.simd_level()}, load average "
-        f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; read bandwidth (stream_read, 1 GiB) "
-        f"{bw:.1f} GB/s (torch sum of 1 GiB f32: {bw_torch:.1f} GB/s)",
-        flush=True,
-    )
     rng = np.random.default_rng(0)
-    rows = []  # (shape, M, backend, seconds, bytes)
+    engines = {"read bw": lambda: read_bandwidth(threads)}
+    nbytes = {}  # (shape, backend) -> weight bytes
+
+    def torch_engine(w, xs):
+        def run() -> dict[int, float]:
+            copies = [w.clone() for _ in range(n_copies(w.numel() * w.element_size(),
+                                                          args.rotate_mb))]  # fmt: skip
+            out = {}
+            with torch.inference_mode():
+                for m, xt in xs.items():
+                    out[m] = time_calls(lambda c, xt=xt: F.linear(xt, c), copies, args.budget)
+            return out
+
+        return run
+
+    def fq_engine(q, k, n, data, stats, block, mode, xs):
+        def run() -> dict[int, float]:
+            size = data.nbytes + (stats.nbytes if stats is not None else 0)
+            copies = [(data.copy(), stats.copy() if stats is not None else None)
+                      for _ in range(n_copies(size, args.rotate_mb))]  # fmt: skip
+            out = {}
+            for m, x in xs.items():
+
+                def call(c, x=x):
+                    return _native.qmatmul(x, c[0], q, n, k, block, c[1], mode)
+
+                out[m] = time_calls(call, copies, args.budget)
+            return out
+
+        return run
+
     for k, n in shapes:
+        s = f"{k}x{n}"
         x_by_m = {m: rng.standard_normal((m, k)).astype(np.float32) for m in ms}
         if not args.no_torch:
             w32 = torch.from_numpy(rng.standard_normal((SLAB_ROWS, k)).astype(np.float32))
             w32 = w32.repeat(math.ceil(n / SLAB_ROWS), 1)[:n].contiguous()
             for name, dt in (("torch f32", torch.float32), ("torch bf16", torch.bfloat16)):
                 w = w32.to(dt)
-                nbytes = w.numel() * w.element_size()
-                copies = [w.clone() for _ in range(n_copies(nbytes, args.rotate_mb))]
-                for m in ms:
-                    xt = torch.from_numpy(x_by_m[m]).to(dt)
-                    with torch.inference_mode():
-                        t = time_calls(lambda c, xt=xt: F.linear(xt, c), copies, args.budget)
-                    rows.append((f"{k}x{n}", m, name, t, nbytes))
-                    print(f"{k}x{n} M={m:<4} {name:12s} {t * 1e3:9.3f} ms", flush=True)
-                del copies, w
+                nbytes[s, name] = w.numel() * w.element_size()
+                xs = {m: torch.from_numpy(x).to(dt) for m, x in x_by_m.items()}
+                engines[f"{s} {name}"] = torch_engine(w, xs)
             del w32
         for q in qtypes:
             data, stats, block, mode = slab(q, k, rng)
             data = tile_rows(data, n)
             stats = tile_rows(stats, n) if stats is not None else None
-            nbytes = data.nbytes + (stats.nbytes if stats is not None else 0)
-            copies = [
-                (data.copy(), stats.copy() if stats is not None else None)
-                for _ in range(n_copies(nbytes, args.rotate_mb))
-            ]
-            for m in ms:
-                x = x_by_m[m]
+            nbytes[s, f"fq {q}"] = data.nbytes + (stats.nbytes if stats is not None else 0)
+            engines[f"{s} fq {q}"] = fq_engine(q, k, n, data, stats, block, mode, x_by_m)
 
-                def call(c, x=x, q=q, n=n, k=k, block=block, mode=mode):
-                    return _native.qmatmul(x, c[0], q, n, k, block, c[1], mode)
+    def progress(name, fn):
+        def run():
+            r = fn()
+            shown = r if isinstance(r, float) else {m: round(t * 1e3, 3) for m, t in r.items()}
+            print(f"  {name}: {shown}", file=sys.stderr, flush=True)
+            return r
 
-                t = time_calls(call, copies, args.budget)
-                rows.append((f"{k}x{n}", m, f"fq {q}", t, nbytes))
-                print(f"{k}x{n} M={m:<4} {'fq ' + q:12s} {t * 1e3:9.3f} ms", flush=True)
-            del copies, data, stats
+        return run
 
-    bf16 = {(s, m): t for s, m, b, t, _ in rows if b == "torch bf16"}
-    print()
-    print(f"read bandwidth: {bw:.1f} GB/s ({threads} threads)")
-    hdr = f"{'K x N':11s} {'M':>4s}  {'backend':12s} {'time ms':>9s} {'GB/s':>7s} "
-    print(hdr + f"{'vs bf16':>8s} {'% read bw':>9s}")
-    for s, m, b, t, nbytes in rows:
-        gbs = nbytes / t / 1e9
-        ratio = f"{bf16[(s, m)] / t:7.2f}x" if (s, m) in bf16 else "       -"
-        print(f"{s:11s} {m:4d}  {b:12s} {t * 1e3:9.3f} {gbs:7.1f} {ratio} {100 * gbs / bw:8.0f}%")
+    res = benchlib.interleave({k: progress(k, v) for k, v in engines.items()}, args.runs)
+    bw = res.pop("read bw")
+    bw_torch = torch_sum_bandwidth(threads)
+    rows = []
+    for (s, backend), size in nbytes.items():
+        for m in ms:
+            t = [r[m] for r in res[f"{s} {backend}"]]
+            gbs = [size / v / 1e9 for v in t]
+            vs = []
+            for peer in ("torch f32", "torch bf16"):
+                key = f"{s} {peer}"
+                vs.append(benchlib.ratio(t, [r[m] for r in res[key]], False) if key in res else "-")
+            pct = f"{100 * benchlib.med(gbs) / benchlib.med(bw):.0f}%"
+            rows.append((s, m, backend, benchlib.spread([v * 1e3 for v in t], ".3f"),
+                         benchlib.spread(gbs), *vs, pct))  # fmt: skip
+    print(f"\nbench_matmul: {benchlib.machine()} (at the start: {load_start})")
+    print(f"ferroquant {fq.__version__}, kernels {benchlib.ours_isa()}; torch {torch.__version__}; "
+          f"{threads} threads; weights rotated over copies > {args.rotate_mb} MB")  # fmt: skip
+    print(f"read bandwidth (stream_read, 1 GiB, {threads} threads): {benchlib.spread(bw)} GB/s "
+          f"(torch sum of 1 GiB f32, after the runs: {bw_torch:.1f} GB/s)")  # fmt: skip
+    print(f"median (min-max) of {args.runs} runs, backends interleaved; 'vs': how many times "
+          "faster than torch's F.linear (medians);\n'% read bw': median GB/s / median read "
+          "bandwidth")  # fmt: skip
+    head = ("K x N", "M", "backend", "time ms", "GB/s", "vs f32", "vs bf16", "% read bw")
+    print(benchlib.table(head, rows))
 
 
 if __name__ == "__main__":

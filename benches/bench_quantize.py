@@ -1,24 +1,28 @@
 """Quantization throughput: ferroquant (all cores and one core) against the peer that defines each
 format, on the same matrix in the same run. Prints a table of weights/s and ratios last.
 
-    python benches/bench_quantize.py                 # 4096 x 14336 float32 (ANCHORS.md)
+    python benches/bench_quantize.py                 # 4096 x 14336 float32 (Llama-3-8B ffn)
     python benches/bench_quantize.py --rows 512      # a quicker look
+    python benches/bench_quantize.py --runs 5 --qtypes q4_k,nf4
 
-Peers: libggml's ggml_quantize_chunk (one thread, from llama-cpp-python), gguf-py's numpy
-quantizers, bitsandbytes' CPU quantize_4bit, torch casts for int8/fp8.
+Peers: libggml's ggml_quantize_chunk (one thread, from llama-cpp-python: the AVX-512 build of
+scripts/install-bench-peer.sh when installed, else the AVX2 test peer, as the output says),
+gguf-py's numpy quantizers, bitsandbytes' CPU quantize_4bit, torch casts for int8/fp8. Each row:
+median (min-max) of --runs runs, ours and the peers interleaved within each run (benchlib);
+ratios are the peer's median time over ours.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 
+import benchlib
 import numpy as np
 
+benchlib.use_bench_llama()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 import ferroquant as fq  # noqa: E402
@@ -31,13 +35,17 @@ TARGETS = {
 }
 
 
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
+def timed(fn, threads: int | None = None):
+    """A callable returning the seconds one call of `fn` takes (on `threads` of ours)."""
+
+    def run() -> float:
+        if threads is not None:
+            fq.set_num_threads(threads)
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        return time.perf_counter() - t0
+
+    return run
 
 
 def peers_for(qtype: str, x: np.ndarray):
@@ -87,7 +95,7 @@ def peers_for(qtype: str, x: np.ndarray):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--cols", type=int, default=14336)
     ap.add_argument(
@@ -95,8 +103,9 @@ def main() -> None:
         default="q4_0,q4_1,q5_0,q5_1,q8_0,q2_k,q3_k,q4_k,q5_k,q6_k,"
         "iq4_nl,iq4_xs,nf4,fp4,int8,fp8_e4m3",
     )
-    ap.add_argument("--repeat", type=int, default=3)
+    benchlib.add_runs(ap, 3)
     args = ap.parse_args()
+    load_start = benchlib.load()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.rows, args.cols), dtype=np.float32)
     n = x.size
@@ -104,35 +113,36 @@ def main() -> None:
     rows = []
     for q in args.qtypes.split(","):
         fq.set_num_threads(all_threads)
-        t_all = best_time(lambda q=q: fq.quantize(x, q), args.repeat)
-        fq.set_num_threads(1)
-        t_one = best_time(lambda q=q: fq.quantize(x, q), max(1, args.repeat - 1))
+        fq.quantize(x, q)  # warm-up
+        engines = {
+            "all": timed(lambda q=q: fq.quantize(x, q), all_threads),
+            "1t": timed(lambda q=q: fq.quantize(x, q), 1),
+        }
+        peer_fns = peers_for(q, x)
+        engines.update({name: timed(fn) for name, fn in peer_fns})
+        res = benchlib.interleave(engines, args.runs)
         fq.set_num_threads(all_threads)
-        for name, fn in peers_for(q, x) or [("-", None)]:
-            t_peer = (
-                best_time(fn, 1 if name == "libggml" and "_k" in q else args.repeat) if fn else None
-            )
-            rows.append((q, t_all, t_one, name, t_peer))
+        rate = {k: [n / t / 1e6 for t in v] for k, v in res.items()}
+        ours = (benchlib.spread(rate["all"]), benchlib.spread(rate["1t"]))
+        for name, _ in peer_fns or [("-", None)]:
+            tgt = TARGETS.get(q)
+            target = f"{tgt[1]:.0f}x" if tgt and tgt[0] == name else ""
+            if name in rate:
+                peer = (benchlib.spread(rate[name]), benchlib.ratio(rate["all"], rate[name]),
+                        benchlib.ratio(rate["1t"], rate[name]))  # fmt: skip
+            else:
+                peer = ("-", "-", "-")
+            rows.append((q, *ours, name, *peer, target))
             print(f"  measured {q} vs {name}", file=sys.stderr, flush=True)
-    cpu = platform.processor() or platform.machine()
-    print(
-        f"\nbench_quantize: {args.rows}x{args.cols} float32, {cpu}, "
-        f"{all_threads} threads, {datetime.date.today()}"
-    )
-    head = (
-        f"{'qtype':<9} {'ours all Mw/s':>13} {'ours 1t Mw/s':>12} {'peer':<13} {'peer Mw/s':>9} "
-        f"{'ratio all':>9} {'ratio 1t':>8} {'target':>7}"
-    )
-    print(head)
-    print("-" * len(head))
-    for q, t_all, t_one, name, t_peer in rows:
-        peer = f"{n / t_peer / 1e6:9.1f}" if t_peer else f"{'-':>9}"
-        r_all = f"{t_peer / t_all:8.2f}x" if t_peer else f"{'-':>9}"
-        r_one = f"{t_peer / t_one:7.2f}x" if t_peer else f"{'-':>8}"
-        tgt = TARGETS.get(q)
-        target = f"{tgt[1]:.0f}x" if tgt and tgt[0] == name else ""
-        ours = f"{n / t_all / 1e6:13.1f} {n / t_one / 1e6:12.1f}"
-        print(f"{q:<9} {ours} {name:<13} {peer} {r_all} {r_one} {target:>7}")
+    print(f"\nbench_quantize: {args.rows}x{args.cols} float32; {benchlib.machine()} "
+          f"(at the start: {load_start})")  # fmt: skip
+    print(f"ferroquant {fq.__version__}, kernels {benchlib.ours_isa()}, {all_threads} threads "
+          "('all') and 1 ('1t'); libggml one thread (ggml_quantize_chunk)")  # fmt: skip
+    print(benchlib.llama_build())
+    print(f"M weights/s, median (min-max) of {args.runs} runs, interleaved; ratios: ours / peer")
+    head = ("qtype", "ours all Mw/s", "ours 1t Mw/s", "peer", "peer Mw/s", "ratio all",
+            "ratio 1t", "target")  # fmt: skip
+    print(benchlib.table(head, rows))
 
 
 if __name__ == "__main__":
