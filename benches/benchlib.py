@@ -78,23 +78,11 @@ def _cpu() -> tuple[str, set[str]]:
 
 
 def ours_isa() -> str:
-    """The instruction sets ferroquant's CPU kernels pick at run time on this machine (the
-    detection rules of rust/core/src/matmul/x86*.rs; _native.simd_level() only names the
-    baseline)."""
+    """The widest instruction set ferroquant's CPU matmul kernels and runtime pick at run time
+    on this machine, as the Rust core reports it (rust/core/src/cpu.rs)."""
     from ferroquant import _native
 
-    _, fl = _cpu()
-    level = _native.simd_level()
-    if level != "avx2":
-        return level
-    isa = ["AVX2"]
-    if {"avx512f", "avx512bw", "avx512vl"} <= fl and "fma" in fl:
-        isa.append("AVX-512 F/BW/VL")
-    if {"avx512_vnni", "avx512vl"} <= fl:
-        isa.append("VNNI")
-    if {"avx512vbmi", "gfni"} <= fl:
-        isa.append("VBMI/GFNI")
-    return " + ".join(isa)
+    return _native.kernel_simd_level()
 
 
 def machine() -> str:
