@@ -52,3 +52,23 @@ def resolve_model(model: str | Path | None) -> tuple[Path, str | None]:
     if not path.exists():
         raise FileNotFoundError(f"no such model: {path}")
     raise ValueError(f"MODEL must be a Hugging Face checkpoint folder or a .gguf file: {path}")
+
+
+def read_text_file(path: str | Path | None, default: str, what: str) -> tuple[str, str]:
+    """(text, description) of a text file (UTF-8, else latin-1), or of gensim's `default` text
+    (latin-1) when `path` is None. `what` names the text's role in errors ("calibration")."""
+    p = Path(path) if path is not None else gensim_text_path(default)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such {what} text: {p}")
+    raw = p.read_bytes()
+    if path is None:
+        text, enc = raw.decode("latin-1"), "latin-1"
+    else:
+        try:
+            text, enc = raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, enc = raw.decode("latin-1"), "latin-1"
+    if not text.strip():
+        raise ValueError(f"the {what} text {p} is empty")
+    name = f"gensim {default} (Lee corpus, {what})" if path is None else str(p)
+    return text, f"{name}, {len(raw)} bytes, {enc}"

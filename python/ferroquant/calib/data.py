@@ -11,23 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..defaults import CALIBRATION_TEXT, gensim_text_path
+from ..defaults import CALIBRATION_TEXT, read_text_file
 
 
 def read_calibration_text(path: str | Path | None = None) -> tuple[str, str]:
     """(text, description) of a calibration file; None: gensim's lee_background.cor."""
-    p = Path(path) if path is not None else gensim_text_path(CALIBRATION_TEXT)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such calibration text: {p}")
-    raw = p.read_bytes()
-    try:
-        text, enc = raw.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        text, enc = raw.decode("latin-1"), "latin-1"
-    if not text.strip():
-        raise ValueError(f"the calibration text {p} is empty")
-    name = "gensim lee_background.cor (Lee corpus)" if path is None else str(p)
-    return text, f"{name}, {len(raw)} bytes, {enc}"
+    return read_text_file(path, CALIBRATION_TEXT, "calibration")
 
 
 def calibration_ids(

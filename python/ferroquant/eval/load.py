@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import require
-from ..defaults import default_model_path, default_text_path, resolve_model
+from ..defaults import (
+    EVAL_TEXT,
+    default_model_path,
+    default_text_path,
+    read_text_file,
+    resolve_model,
+)
 
 __all__ = [
     "Loaded",
@@ -32,19 +38,7 @@ class Loaded:
 
 def read_text(path: str | Path | None) -> tuple[str, str]:
     """(text, description). The default lee.cor is latin-1; other files UTF-8, else latin-1."""
-    p = Path(path) if path is not None else default_text_path()
-    raw = p.read_bytes()
-    if path is None:
-        text, enc = raw.decode("latin-1"), "latin-1"
-    else:
-        try:
-            text, enc = raw.decode("utf-8"), "utf-8"
-        except UnicodeDecodeError:
-            text, enc = raw.decode("latin-1"), "latin-1"
-    if not text.strip():
-        raise ValueError(f"the text file {p} is empty")
-    name = "gensim lee.cor (Lee corpus, held-out)" if path is None else str(p)
-    return text, f"{name}, {len(raw)} bytes, {enc}"
+    return read_text_file(path, EVAL_TEXT, "held-out")
 
 
 def _gguf_weight_type(name: str) -> str:
