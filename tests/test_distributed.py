@@ -220,6 +220,18 @@ def test_bad_checkpoints_are_one_error_naming_the_file_and_write_nothing(checkpo
         assert not out.exists() and not _leftovers(folder), folder
 
 
+def test_bad_checkpoints_fail_the_same_way_without_ray(checkpoint, tmp_path):
+    """The single-machine convert runs the same checks before it writes anything."""
+    from ferroquant.models.convert import hf_to_gguf
+
+    for folder, culprit, says in _bad_checkpoints(checkpoint, tmp_path):
+        out = folder / "out.gguf"
+        with pytest.raises(ValueError) as e:
+            hf_to_gguf(folder, out, "q4_k_m")
+        assert str(culprit) in str(e.value) and says in str(e.value), str(e.value)
+        assert not out.exists() and not _leftovers(folder), folder
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

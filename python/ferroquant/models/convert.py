@@ -34,6 +34,7 @@ import numpy as np
 
 from .. import gguf as fg
 from ..tensor import QTensor, quantize
+from .checkpoint import check_checkpoint
 from .recipes import Recipe, recipe_for
 
 ARCHES = {  # Hugging Face architectures -> llama.cpp architecture
@@ -250,6 +251,7 @@ def plan_hf_to_gguf(hf_dir: str | os.PathLike[str], qtype: str | Recipe = "f16")
 
     hf_dir = Path(hf_dir)
     cfg = _hf_config(hf_dir)
+    check_checkpoint(hf_dir)  # a missing, truncated or malformed shard fails here, by name
     arch = ARCHES[cfg["architectures"][0]]
     n_layer = int(cfg["num_hidden_layers"])
     n_head = int(cfg["num_attention_heads"])
