@@ -131,6 +131,22 @@ def cluster():
         c.shutdown()
 
 
+@pytest.fixture
+def driver_runs(monkeypatch) -> list:
+    """Every driver run (`driver._Run`) a test starts, kept for inspection."""
+    from ferroquant.distributed import driver
+
+    runs: list = []
+
+    class Spy(driver._Run):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            runs.append(self)
+
+    monkeypatch.setattr(driver, "_Run", Spy)
+    return runs
+
+
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") or ".resume" in p.name)
 
@@ -288,21 +304,12 @@ def test_cli_without_ray_names_the_distributed_extra(checkpoint, tmp_path):
 @pytest.mark.cluster
 @pytest.mark.parametrize("transfer", ["shared-fs", "object-store"])
 def test_same_bytes_as_single_machine_within_the_window(
-    cluster, checkpoint, reference, tmp_path, monkeypatch, transfer
+    cluster, checkpoint, reference, tmp_path, driver_runs, transfer
 ):
     """Large tensors cut into row ranges (64 KiB of float32 per task), a 192 KiB window: the
     driver never has more in flight than the window plus one task."""
     import ferroquant.distributed as fd
-    from ferroquant.distributed import driver
 
-    runs = []
-
-    class Spy(driver._Run):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            runs.append(self)
-
-    monkeypatch.setattr(driver, "_Run", Spy)
     out = tmp_path / "ray.gguf"
     window = 192 * 1024
     chosen = fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, transfer=transfer,
@@ -310,7 +317,7 @@ def test_same_bytes_as_single_machine_within_the_window(
     assert out.read_bytes() == reference
     assert chosen == plan_hf_to_gguf(checkpoint, "q4_k_m").chosen
     assert not _leftovers(tmp_path)  # the side file is gone
-    (run,) = runs
+    (run,) = driver_runs
     biggest = max(run._cost(t) for ts in run.tasks for t in ts)
     assert 0 < run.peak_in_flight <= window + biggest
 
@@ -387,7 +394,7 @@ def test_killed_driver_leaves_no_file_and_resume_finishes(
 
 
 @pytest.mark.cluster
-def test_killed_worker_node_gives_the_same_bytes(cluster, checkpoint, tmp_path, monkeypatch):
+def test_killed_worker_node_gives_the_same_bytes(cluster, checkpoint, tmp_path, driver_runs):
     """After the third tensor is written, the driver waits for the tasks in flight and kills a
     worker node (raylet, object store, workers) that holds some of their results (f32 tensors:
     results over 100 KiB live in the node's object store, not inline at the driver): Ray rebuilds
@@ -395,25 +402,16 @@ def test_killed_worker_node_gives_the_same_bytes(cluster, checkpoint, tmp_path, 
     node then takes the dead one's place."""
     ray = require("ray")
     import ferroquant.distributed as fd
-    from ferroquant.distributed import driver
 
     ref = tmp_path / "single.gguf"
     hf_to_gguf(checkpoint, ref, "f32")
-    runs = []
-
-    class Spy(driver._Run):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            runs.append(self)
-
-    monkeypatch.setattr(driver, "_Run", Spy)
     lost = []
 
     def kill(name: str, done: int, total: int) -> None:
         if done != 3:
             return
         time.sleep(1.0)  # the driver's main thread fills the writer's queue and waits on it
-        refs = [r for _, r, _ in list(runs[0].inflight)]  # (called from the writer thread)
+        refs = [r for _, r, _ in list(driver_runs[0].inflight)]  # (called from the writer thread)
         ray.wait(refs, num_returns=len(refs), timeout=30, fetch_local=False)
         where = ray.experimental.get_object_locations(refs)
         held = {n: [r for r in refs if where[r]["node_ids"] == [n.node_id]]
