@@ -29,7 +29,7 @@ from .._extras import require
 from ..gguf import tensor_nbytes
 from ..models.convert import HFPlan, _Writer, load_hf_tensor, plan_hf_to_gguf, write_header
 from ..models.recipes import Recipe
-from .checkpoint import Task, check_checkpoint, describe_source, split_tasks
+from .checkpoint import Task, describe_source, split_tasks
 from .journal import Journal, NoJournal, remove_stale_temps, side_path
 from .worker import as_bytes, convert_part, to_payload
 
@@ -118,8 +118,8 @@ def convert(
     out_path = Path(out_path)
     if not hf_dir.is_dir():
         raise ValueError(f"{hf_dir}: not a folder")
-    headers = check_checkpoint(hf_dir)  # bad shards fail here, before anything is written
-    plan = plan_hf_to_gguf(hf_dir, qtype)
+    plan = plan_hf_to_gguf(hf_dir, qtype)  # bad shards fail here, before anything is written
+    headers = plan.headers
     tasks = split_tasks(plan, headers, max_task_bytes)
     fingerprint = _fingerprint(plan, describe_source(headers), name, tokenizer_pre)
     if resume:

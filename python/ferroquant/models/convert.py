@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import gguf as fg
 from ..tensor import QTensor, quantize
-from .checkpoint import check_checkpoint
+from .checkpoint import StoredTensor, check_checkpoint
 from .recipes import Recipe, recipe_for
 
 ARCHES = {  # Hugging Face architectures -> llama.cpp architecture
@@ -225,6 +225,7 @@ class HFPlan:
     n_head_kv: int
     tensors: list[TensorJob]
     extra: dict[str, np.ndarray]  # generated tensors (rope_freqs), by GGUF name
+    headers: dict[Path, dict[str, StoredTensor]]  # every shard's checked safetensors header
 
     @property
     def chosen(self) -> dict[str, str]:
@@ -251,7 +252,7 @@ def plan_hf_to_gguf(hf_dir: str | os.PathLike[str], qtype: str | Recipe = "f16")
 
     hf_dir = Path(hf_dir)
     cfg = _hf_config(hf_dir)
-    check_checkpoint(hf_dir)  # a missing, truncated or malformed shard fails here, by name
+    headers = check_checkpoint(hf_dir)  # a missing, truncated or malformed shard fails here
     arch = ARCHES[cfg["architectures"][0]]
     n_layer = int(cfg["num_hidden_layers"])
     n_head = int(cfg["num_attention_heads"])
@@ -277,7 +278,7 @@ def plan_hf_to_gguf(hf_dir: str | os.PathLike[str], qtype: str | Recipe = "f16")
             shape = tuple(int(s) for s in f.get_slice(hf_name).get_shape())
         t = _gguf_type(recipe, gname, shape, n_layer, tied)
         plan.append(TensorJob(gname, hf_name, shard, shape, t))
-    return HFPlan(hf_dir, cfg, arch, recipe, n_head, n_head_kv, plan, extra)
+    return HFPlan(hf_dir, cfg, arch, recipe, n_head, n_head_kv, plan, extra, headers)
 
 
 def write_header(
