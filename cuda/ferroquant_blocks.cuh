@@ -208,18 +208,6 @@ __device__ __forceinline__ u8 byte_of(const uint4& v, int i) {
     return static_cast<u8>(w >> (8 * (i & 3)));
 }
 
-// ggml's get_scale_min_k4 over the 12 packed 6-bit scales/mins of q4_K / q5_K.
-// q: global memory, read through the read-only cache.
-__device__ __forceinline__ void get_scale_min_k4(int j, const u8* q, int& d, int& m) {
-    if (j < 4) {
-        d = __ldg(q + j) & 63;
-        m = __ldg(q + j + 4) & 63;
-    } else {
-        d = (__ldg(q + j + 4) & 0xF) | ((__ldg(q + j - 4) >> 6) << 4);
-        m = (__ldg(q + j + 4) >> 4) | ((__ldg(q + j) >> 6) << 4);
-    }
-}
-
 // ---- activation types ----------------------------------------------------------------------
 
 template <class T>

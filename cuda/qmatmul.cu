@@ -1,9 +1,11 @@
 // ferroquant CUDA: fused dequantize + matmul, y[M, N] = x[M, K] @ W[N, K]^T, W quantized.
 //
-// One traits struct per weight format and two kernel templates over (format, activation type):
-//   qgemv     M = 1..16 tokens. A warp owns FQ_ROWS weight rows and streams each row once with
-//             128-bit loads; every decoded weight is used for all M tokens (fp32 accumulation,
-//             warp-shuffle reduction). Activations are read through the read-only cache.
+// One traits struct per weight format and kernel templates over (format, activation type):
+//   qgemv     M = 1..16 tokens. A warp owns FQ_ROWS weight rows (a CTA's warps may split K:
+//             `ksplit` warps per row group, their sums added in a fixed order through shared
+//             memory) and streams each row once with 128-bit loads, FQ_UNROLL lane steps of
+//             every row fetched before any is used (FQ_UNROLL * FQ_ROWS independent 16-byte
+//             weight loads in flight per lane). Each decoded weight serves all M tokens.
 //   qmma      M = 2..16 tokens on tensor cores (mma.sync m16n8k16, weights decoded to bf16/fp16
 //             in registers), split-K with a deterministic reduction (qreduce).
 //   qdequant  W -> bf16/fp16 [N, K] (for larger M the shim then calls F.linear / cuBLAS).
@@ -11,24 +13,30 @@
 // plain name: fq_gemv_<fmt>_<act>_m<MT>, fq_mma_<fmt>_<act>, fq_reduce_<act>,
 // fq_dequant_<fmt>_<act>.
 //
-// Weight layouts the kernels read (ferroquant/cuda_ops.py builds them once per weight):
+// Weight layouts the kernels read (ferroquant/cuda/qmatmul.py builds them once per weight):
 //   nf4   bitsandbytes' packed bytes as stored ([N, K/2], element 2j in the high nibble) and the
 //         fp32 absmax per `group` consecutive elements of the flattened weight (a double-quantized
 //         checkpoint has its absmax expanded to fp32 once, at load). Needs K % 32 == 0.
-//   int8  one int8 per weight ([N, K]) and fp32 scales, one per `group` consecutive elements of
-//         the flattened weight (group = K: per row; N*K: per tensor; block size: per block).
+//   int8  one int8 per weight ([N, K]) and fp32 scales, one per group of elements (per row, per
+//         tensor, or per power-of-two block of a row).
 //   ggml  (q4_0, q8_0, q4_K, q5_K, q6_K) the "split" layout: the same bytes as the ggml rows,
 //         permuted so each block's quant bytes (QB) come first for the whole matrix and each
 //         block's remaining bytes (its "meta": d, dmin, scales, in their original order) after:
 //             [ qbits: N * nb * QB bytes ][ meta: N * nb * MB bytes ],  QB + MB = block size.
 //         Same size as the ggml data, reversible, and every QB is a multiple of 16, so all quant
 //         bytes are read with aligned 128-bit loads (ggml's 18/34/210-byte blocks are not).
+// The fp32 statistic of element (row, col) is stats[(row * srs + col) >> sshift] (the shim
+// derives srs, sshift from the grouping): a multiply-add and a shift, no integer division.
 //
-// Dequantized values are computed in ggml's / bitsandbytes' order with explicitly rounded
-// operations (__fmul_rn, __fsub_rn: never contracted into an FMA), so qdequant is bit-exact with
-// the Rust reference `ferroquant.dequantize` (then rounded to bf16/fp16). The dot products use
-// FMA and a different summation order than a CPU matmul: benches/gpu_qmatmul.py derives the
-// tolerance.
+// Each format decodes a lane step into NRUNS runs of RUN values v (small integers, or nf4 code
+// values: exact in fp32) with one scale a and, for the K-quants, one min m per run: the weight
+// is a * v (- m). qdequant forms exactly that with explicitly rounded operations (__fmul_rn,
+// __fsub_rn, never contracted into an FMA), in ggml's / bitsandbytes' order, so it is bit-exact
+// with the Rust reference `ferroquant.dequantize` (then rounded to bf16/fp16). qgemv factors the
+// scale out of the inner loop: per run p = sum v_i x_i (FMA chain), then acc = fma(a, p, acc)
+// and, with a min, acc = fma(-m, sum x_i, acc): one multiply per run instead of one per weight.
+// tests/test_cuda_compile.py emulates that order in numpy and checks the host build of these
+// kernels against it bit for bit.
 #include "ferroquant_blocks.cuh"
 
 namespace fq {
@@ -39,85 +47,128 @@ struct Ctx {
     const u8* meta;   // per-block metadata (ggml split layout) or fp32 statistics (nf4, int8)
     int K;            // input features (columns of W)
     int nb;           // blocks per row = K / QK
-    i64 group;        // elements per fp32 statistic (nf4, int8)
+    i64 srs;          // statistics: row stride of the flat element index ...
+    int sshift;       // ... and the shift that maps it to the statistic's index
+    __device__ __forceinline__ i64 stat(i64 row, int col) const {
+        return (row * srs + col) >> sshift;
+    }
 };
 
 struct NoShared {
     __device__ void init() {}
 };
 
+// A 16-bit load through the read-only cache (p 2-byte aligned).
+__device__ __forceinline__ u16 load_u16(const u8* p) {
+    return __ldg(reinterpret_cast<const u16*>(p));
+}
+
 // Every traits struct has: QK (weights per block), QB (quant bytes per block), MB (meta bytes per
 // block, ggml), SPB (lane steps per block), NRUNS x RUN (the weights one step decodes: NRUNS runs
-// of RUN consecutive columns, RUN a multiple of 8), col(st, r) (first column of run r of step st
-// within the block), Shared (per-CTA tables) and decode(c, sh, row, b, st, w).
+// of RUN consecutive columns, RUN a multiple of 8), HAS_MIN (weight = a * v - m rather than
+// a * v), col(st, r) (first column of run r of step st within the block), Shared (per-CTA
+// tables), Raw (a lane step's loaded bytes), fetch(c, row, b, st, raw) (the global loads only)
+// and values(raw, sh, st, v, a, m) (register work only).
 
 struct Fmt_q4_0 {
     static constexpr int QK = 32, QB = 16, MB = 2, SPB = 1, NRUNS = 2, RUN = 16;
+    static constexpr bool HAS_MIN = false;
     typedef NoShared Shared;
+    struct Raw {
+        uint4 v;
+        u16 d;
+    };
     __device__ static int col(int, int r) { return 16 * r; }
-    __device__ static void decode(const Ctx& c, const Shared&, i64 row, int b, int,
-                                  float w[NRUNS][RUN]) {
+    __device__ static void fetch(const Ctx& c, i64 row, int b, int, Raw& r) {
         const i64 blk = row * c.nb + b;
-        const uint4 v = load_weights16(c.qbits + blk * QB);
-        const float d = load_half(c.meta + blk * MB);
+        r.v = load_weights16(c.qbits + blk * QB);
+        r.d = load_u16(c.meta + blk * MB);
+    }
+    __device__ static void values(const Raw& r, const Shared&, int, float v[NRUNS][RUN],
+                                  float a[NRUNS], float m[NRUNS]) {
+        a[0] = a[1] = half_bits_to_float(r.d);
+        m[0] = m[1] = 0.0f;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            const int q = byte_of(v, i);
-            w[0][i] = __fmul_rn(int_minus<8>(q & 0xF), d);
-            w[1][i] = __fmul_rn(int_minus<8>(q >> 4), d);
+            const int q = byte_of(r.v, i);
+            v[0][i] = int_minus<8>(q & 0xF);
+            v[1][i] = int_minus<8>(q >> 4);
         }
     }
 };
 
 struct Fmt_q8_0 {
     static constexpr int QK = 32, QB = 32, MB = 2, SPB = 2, NRUNS = 1, RUN = 16;
+    static constexpr bool HAS_MIN = false;
     typedef NoShared Shared;
+    struct Raw {
+        uint4 v;
+        u16 d;
+    };
     __device__ static int col(int st, int) { return 16 * st; }
-    __device__ static void decode(const Ctx& c, const Shared&, i64 row, int b, int st,
-                                  float w[NRUNS][RUN]) {
+    __device__ static void fetch(const Ctx& c, i64 row, int b, int st, Raw& r) {
         const i64 blk = row * c.nb + b;
-        const uint4 v = load_weights16(c.qbits + blk * QB + 16 * st);
-        const float d = load_half(c.meta + blk * MB);
+        r.v = load_weights16(c.qbits + blk * QB + 16 * st);
+        r.d = load_u16(c.meta + blk * MB);
+    }
+    __device__ static void values(const Raw& r, const Shared&, int, float v[NRUNS][RUN],
+                                  float a[NRUNS], float m[NRUNS]) {
+        a[0] = half_bits_to_float(r.d);
+        m[0] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            w[0][i] = __fmul_rn(int_minus<128>(byte_of(v, i) ^ 0x80u), d);  // int8 value
-        }
+        for (int i = 0; i < 16; ++i) v[0][i] = int_minus<128>(byte_of(r.v, i) ^ 0x80u);  // int8
     }
 };
 
-// q4_K / q5_K meta: d, dmin, scales[12] (16 bytes). Read through the read-only cache: the
-// SPB lanes that decode one block share it.
-__device__ __forceinline__ void k4_scales(const u8* mb, int j, float& d1, float& m1, float& d2,
-                                          float& m2) {
-    const float d = load_half(mb);
-    const float dmin = load_half(mb + 2);
-    int sc, mn;
-    get_scale_min_k4(2 * j, mb + 4, sc, mn);
-    d1 = __fmul_rn(d, static_cast<float>(sc));
-    m1 = __fmul_rn(dmin, static_cast<float>(mn));
-    get_scale_min_k4(2 * j + 1, mb + 4, sc, mn);
-    d2 = __fmul_rn(d, static_cast<float>(sc));
-    m2 = __fmul_rn(dmin, static_cast<float>(mn));
+// ggml's get_scale_min_k4 over the 12 packed 6-bit scales/mins of q4_K / q5_K, read from the
+// block's 16 meta bytes in a register (d, dmin, then the scales at bytes 4..15).
+__device__ __forceinline__ void scale_min_k4(int j, const uint4& mb, int& d, int& m) {
+    if (j < 4) {
+        d = byte_of(mb, 4 + j) & 63;
+        m = byte_of(mb, 8 + j) & 63;
+    } else {
+        d = (byte_of(mb, 8 + j) & 0xF) | ((byte_of(mb, j) >> 6) << 4);
+        m = (byte_of(mb, 8 + j) >> 4) | ((byte_of(mb, 4 + j) >> 6) << 4);
+    }
 }
 
-// q4_K: qbits = qs[128]. Step st = 2j + h decodes qs[32j + 16h .. +16]: low nibbles are columns
+// q4_K / q5_K scales of sub-blocks 2j, 2j + 1 (ggml's order: d * sc, dmin * m).
+__device__ __forceinline__ void k4_scales(const uint4& mb, int j, float a[2], float m[2]) {
+    const float d = half_bits_to_float(static_cast<u16>(mb.x & 0xffffu));
+    const float dmin = half_bits_to_float(static_cast<u16>(mb.x >> 16));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        int sc, mn;
+        scale_min_k4(2 * j + h, mb, sc, mn);
+        a[h] = __fmul_rn(d, static_cast<float>(sc));
+        m[h] = __fmul_rn(dmin, static_cast<float>(mn));
+    }
+}
+
+// q4_K: qbits = qs[128]; meta = d, dmin, scales[12] (16 bytes, 16-byte aligned in the split
+// layout). Step st = 2j + h decodes qs[32j + 16h .. +16]: low nibbles are columns
 // 64j + 16h + i, high nibbles 64j + 32 + 16h + i (ggml dequantize_row_q4_K).
 struct Fmt_q4_K {
     static constexpr int QK = 256, QB = 128, MB = 16, SPB = 8, NRUNS = 2, RUN = 16;
+    static constexpr bool HAS_MIN = true;
     typedef NoShared Shared;
+    struct Raw {
+        uint4 v, mb;
+    };
     __device__ static int col(int st, int r) { return 64 * (st >> 1) + 32 * r + 16 * (st & 1); }
-    __device__ static void decode(const Ctx& c, const Shared&, i64 row, int b, int st,
-                                  float w[NRUNS][RUN]) {
+    __device__ static void fetch(const Ctx& c, i64 row, int b, int st, Raw& r) {
         const i64 blk = row * c.nb + b;
-        const int j = st >> 1, h = st & 1;
-        const uint4 v = load_weights16(c.qbits + blk * QB + 32 * j + 16 * h);
-        float d1, m1, d2, m2;
-        k4_scales(c.meta + blk * MB, j, d1, m1, d2, m2);
+        r.v = load_weights16(c.qbits + blk * QB + 32 * (st >> 1) + 16 * (st & 1));
+        r.mb = load_ro16(c.meta + blk * MB);  // shared by the block's SPB lanes: cached
+    }
+    __device__ static void values(const Raw& r, const Shared&, int st, float v[NRUNS][RUN],
+                                  float a[NRUNS], float m[NRUNS]) {
+        k4_scales(r.mb, st >> 1, a, m);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            const int q = byte_of(v, i);
-            w[0][i] = __fsub_rn(__fmul_rn(d1, int_minus<0>(q & 0xF)), m1);
-            w[1][i] = __fsub_rn(__fmul_rn(d2, int_minus<0>(q >> 4)), m2);
+            const int q = byte_of(r.v, i);
+            v[0][i] = int_minus<0>(q & 0xF);
+            v[1][i] = int_minus<0>(q >> 4);
         }
     }
 };
@@ -126,25 +177,31 @@ struct Fmt_q4_K {
 // 64j + l is bit 2j of qh[l], of column 64j + 32 + l bit 2j + 1 (ggml dequantize_row_q5_K).
 struct Fmt_q5_K {
     static constexpr int QK = 256, QB = 160, MB = 16, SPB = 8, NRUNS = 2, RUN = 16;
+    static constexpr bool HAS_MIN = true;
     typedef NoShared Shared;
+    struct Raw {
+        uint4 vh, v, mb;
+    };
     __device__ static int col(int st, int r) { return 64 * (st >> 1) + 32 * r + 16 * (st & 1); }
-    __device__ static void decode(const Ctx& c, const Shared&, i64 row, int b, int st,
-                                  float w[NRUNS][RUN]) {
+    __device__ static void fetch(const Ctx& c, i64 row, int b, int st, Raw& r) {
         const i64 blk = row * c.nb + b;
-        const int j = st >> 1, h = st & 1;
         const u8* qb = c.qbits + blk * QB;
-        const uint4 vh = load_weights16(qb + 16 * h);
-        const uint4 v = load_weights16(qb + 32 + 32 * j + 16 * h);
-        float d1, m1, d2, m2;
-        k4_scales(c.meta + blk * MB, j, d1, m1, d2, m2);
+        r.vh = load_weights16(qb + 16 * (st & 1));
+        r.v = load_weights16(qb + 32 + 32 * (st >> 1) + 16 * (st & 1));
+        r.mb = load_ro16(c.meta + blk * MB);
+    }
+    __device__ static void values(const Raw& r, const Shared&, int st, float v[NRUNS][RUN],
+                                  float a[NRUNS], float m[NRUNS]) {
+        const int j = st >> 1;
+        k4_scales(r.mb, j, a, m);
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            const int q = byte_of(v, i);
-            const int hb = byte_of(vh, i);
+            const int q = byte_of(r.v, i);
+            const int hb = byte_of(r.vh, i);
             const int lo = (q & 0xF) + (((hb >> (2 * j)) & 1) ? 16 : 0);
             const int hi = (q >> 4) + (((hb >> (2 * j + 1)) & 1) ? 16 : 0);
-            w[0][i] = __fsub_rn(__fmul_rn(d1, int_minus<0>(lo)), m1);
-            w[1][i] = __fsub_rn(__fmul_rn(d2, int_minus<0>(hi)), m2);
+            v[0][i] = int_minus<0>(lo);
+            v[1][i] = int_minus<0>(hi);
         }
     }
 };
@@ -156,166 +213,262 @@ struct Fmt_q5_K {
 // d * scale * (q - 32) (ggml dequantize_row_q6_K).
 struct Fmt_q6_K {
     static constexpr int QK = 256, QB = 192, MB = 18, SPB = 8, NRUNS = 2, RUN = 16;
+    static constexpr bool HAS_MIN = false;
     typedef NoShared Shared;
+    struct Raw {
+        uint4 vl, vh;
+        u16 d;
+        i8 slo, shi;
+    };
     __device__ static int col(int st, int r) {
         return 128 * (st >> 2) + 64 * r + 32 * ((st >> 1) & 1) + 16 * (st & 1);
     }
-    __device__ static void decode(const Ctx& c, const Shared&, i64 row, int b, int st,
-                                  float w[NRUNS][RUN]) {
+    __device__ static void fetch(const Ctx& c, i64 row, int b, int st, Raw& r) {
         const i64 blk = row * c.nb + b;
         const int nh = st >> 2, wq = (st >> 1) & 1, u = st & 1;
         const u8* qb = c.qbits + blk * QB;
-        const uint4 vl = load_weights16(qb + 64 * nh + 32 * wq + 16 * u);
-        const uint4 vh = load_weights16(qb + 128 + 32 * nh + 16 * u);
+        r.vl = load_weights16(qb + 64 * nh + 32 * wq + 16 * u);
+        r.vh = load_weights16(qb + 128 + 32 * nh + 16 * u);
         const u8* mb = c.meta + blk * MB;
-        const float d = load_half(mb + 16);
         const i8* sc = reinterpret_cast<const i8*>(mb);
-        const float dlo = __fmul_rn(d, static_cast<float>(__ldg(sc + 8 * nh + u + 2 * wq)));
-        const float dhi = __fmul_rn(d, static_cast<float>(__ldg(sc + 8 * nh + u + 4 + 2 * wq)));
+        r.d = load_u16(mb + 16);
+        r.slo = __ldg(sc + 8 * nh + u + 2 * wq);
+        r.shi = __ldg(sc + 8 * nh + u + 4 + 2 * wq);
+    }
+    __device__ static void values(const Raw& r, const Shared&, int st, float v[NRUNS][RUN],
+                                  float a[NRUNS], float m[NRUNS]) {
+        const int wq = (st >> 1) & 1;
+        const float d = half_bits_to_float(r.d);
+        a[0] = __fmul_rn(d, static_cast<float>(r.slo));
+        a[1] = __fmul_rn(d, static_cast<float>(r.shi));
+        m[0] = m[1] = 0.0f;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            const int ql = byte_of(vl, i);
-            const int qh = byte_of(vh, i);
-            const u32 lo = (ql & 0xF) | (((qh >> (2 * wq)) & 3) << 4);
-            const u32 hi = (ql >> 4) | (((qh >> (4 + 2 * wq)) & 3) << 4);
-            w[0][i] = __fmul_rn(dlo, int_minus<32>(lo));
-            w[1][i] = __fmul_rn(dhi, int_minus<32>(hi));
+            const int ql = byte_of(r.vl, i);
+            const int qh = byte_of(r.vh, i);
+            v[0][i] = int_minus<32>((ql & 0xF) | (((qh >> (2 * wq)) & 3) << 4));
+            v[1][i] = int_minus<32>((ql >> 4) | (((qh >> (4 + 2 * wq)) & 3) << 4));
         }
     }
 };
 
 // nf4 (bitsandbytes): a pseudo-block of 32 weights = 16 packed bytes; byte i holds element 2i in
-// the high nibble and 2i + 1 in the low one; value code[q] * absmax[element / group]. The table
-// is per byte (both nibbles' codes, one 64-bit shared-memory load per two weights).
+// the high nibble and 2i + 1 in the low one; value code[q] * absmax[element / group]. The code
+// table sits in shared memory once per bank (code[q][lane]): lane l always reads bank l, so a
+// warp's 32 lookups never conflict, whatever the nibbles.
 __constant__ float nf4_code[16] = FQ_NF4_CODE;
 
 struct Nf4Shared {
-    float2 pair[256];
+    float code[16][32];
     __device__ void init() {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-            pair[i] = make_float2(nf4_code[i >> 4], nf4_code[i & 15]);
+        for (int i = threadIdx.x; i < 16 * 32; i += blockDim.x) {
+            code[i >> 5][i & 31] = nf4_code[i >> 5];
         }
     }
 };
 
 struct Fmt_nf4 {
     static constexpr int QK = 32, QB = 16, MB = 0, SPB = 1, NRUNS = 1, RUN = 32;
+    static constexpr bool HAS_MIN = false;
     typedef Nf4Shared Shared;
+    struct Raw {
+        uint4 v;
+        float absmax;
+    };
     __device__ static int col(int, int) { return 0; }
-    __device__ static void decode(const Ctx& c, const Shared& sh, i64 row, int b, int,
-                                  float w[NRUNS][RUN]) {
+    __device__ static void fetch(const Ctx& c, i64 row, int b, int, Raw& r) {
         const i64 blk = row * c.nb + b;
-        const uint4 v = load_weights16(c.qbits + blk * QB);
-        const float* absmax = reinterpret_cast<const float*>(c.meta);
-        const float a = __ldg(absmax + (row * c.K + static_cast<i64>(b) * QK) / c.group);
+        r.v = load_weights16(c.qbits + blk * QB);
+        r.absmax = __ldg(reinterpret_cast<const float*>(c.meta) + c.stat(row, b * QK));
+    }
+    __device__ static void values(const Raw& r, const Shared& sh, int, float v[NRUNS][RUN],
+                                  float a[NRUNS], float m[NRUNS]) {
+        const int lane = threadIdx.x & 31;
+        a[0] = r.absmax;
+        m[0] = 0.0f;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-            const float2 p = sh.pair[byte_of(v, i)];
-            w[0][2 * i] = __fmul_rn(p.x, a);
-            w[0][2 * i + 1] = __fmul_rn(p.y, a);
+            const int q = byte_of(r.v, i);
+            v[0][2 * i] = sh.code[q >> 4][lane];
+            v[0][2 * i + 1] = sh.code[q & 15][lane];
         }
     }
 };
 
-// int8: one signed byte per weight, value q * scale[element / group].
+// int8: one signed byte per weight, value q * scale (a step's 16 columns share one scale).
 struct Fmt_int8 {
     static constexpr int QK = 32, QB = 32, MB = 0, SPB = 2, NRUNS = 1, RUN = 16;
+    static constexpr bool HAS_MIN = false;
     typedef NoShared Shared;
+    struct Raw {
+        uint4 v;
+        float scale;
+    };
     __device__ static int col(int st, int) { return 16 * st; }
-    __device__ static void decode(const Ctx& c, const Shared&, i64 row, int b, int st,
-                                  float w[NRUNS][RUN]) {
+    __device__ static void fetch(const Ctx& c, i64 row, int b, int st, Raw& r) {
         const i64 blk = row * c.nb + b;
-        const uint4 v = load_weights16(c.qbits + blk * QB + 16 * st);
-        const float* scales = reinterpret_cast<const float*>(c.meta);
-        const float s = __ldg(scales + (row * c.K + static_cast<i64>(b) * QK + 16 * st) / c.group);
+        r.v = load_weights16(c.qbits + blk * QB + 16 * st);
+        r.scale = __ldg(reinterpret_cast<const float*>(c.meta) + c.stat(row, b * QK + 16 * st));
+    }
+    __device__ static void values(const Raw& r, const Shared&, int, float v[NRUNS][RUN],
+                                  float a[NRUNS], float m[NRUNS]) {
+        a[0] = r.scale;
+        m[0] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 16; ++i) {
-            w[0][i] = __fmul_rn(int_minus<128>(byte_of(v, i) ^ 0x80u), s);  // int8 value
-        }
+        for (int i = 0; i < 16; ++i) v[0][i] = int_minus<128>(byte_of(r.v, i) ^ 0x80u);
     }
 };
+
+// The weights of one lane step, a * v (- m) with explicit rounding: the reference's values.
+template <class F>
+__device__ __forceinline__ void decode(const Ctx& c, const typename F::Shared& sh, i64 row, int b,
+                                       int st, float w[F::NRUNS][F::RUN]) {
+    typename F::Raw raw;
+    F::fetch(c, row, b, st, raw);
+    float v[F::NRUNS][F::RUN], a[F::NRUNS], m[F::NRUNS];
+    F::values(raw, sh, st, v, a, m);
+#pragma unroll
+    for (int r = 0; r < F::NRUNS; ++r)
+#pragma unroll
+        for (int i = 0; i < F::RUN; ++i)
+            w[r][i] = F::HAS_MIN ? __fsub_rn(__fmul_rn(a[r], v[r][i]), m[r])
+                                 : __fmul_rn(a[r], v[r][i]);
+}
 
 // ---- kernels -------------------------------------------------------------------------------
 
 // Tuning knobs (the shim passes -D for variants; benches/gpu_qmatmul.py times them):
 #define FQ_GEMV_WARPS 4  // warps per CTA
+static_assert(FQ_GEMV_WARPS == 4, "qgemv's row-group arithmetic assumes 4 warps per CTA");
 #ifndef FQ_ROWS
 #define FQ_ROWS 2  // weight rows per warp: activations loaded once serve FQ_ROWS rows
 #endif
 #ifndef FQ_UNROLL
-#define FQ_UNROLL 1  // lane steps unrolled (more loads in flight, more registers)
+#define FQ_UNROLL 2  // lane steps of every row fetched before the first is used
 #endif
 #define FQ_PRAGMA_(x) _Pragma(#x)
 #define FQ_PRAGMA(x) FQ_PRAGMA_(x)
 
-// One lane's partial sums for rows n0 .. n0 + FQ_ROWS - 1 and tokens m < M <= MT: the lane
-// takes lane steps lane, lane + 32, ... of each row (consecutive lanes read consecutive 16-byte
-// pieces of the row), decodes them once and multiplies them with every token's activations.
+// One lane's partial sums for rows n0 .. n0 + FQ_ROWS - 1 and tokens m < M <= MT: K part
+// `part` of `ksplit` takes lane steps part * 32 + lane, then every 32 * ksplit (consecutive
+// lanes read consecutive 16-byte pieces of a row). Each round first issues the loads of
+// FQ_UNROLL steps of every row, then decodes them and multiplies with every token. Per row,
+// token and run (in order): p = fma chain of v_i * x_i, acc = fma(a, p, acc), and for the
+// K-quants acc = fma(-m, sx, acc) with sx the plain sum of the run's x_i.
 template <class F, class T, int MT>
 __device__ __forceinline__ void qgemv_lane(const Ctx& c, const typename F::Shared& sh,
                                            const T* __restrict__ x, int M, int N, int n0,
-                                           int lane, float acc[FQ_ROWS][MT]) {
+                                           int lane, int part, int ksplit,
+                                           float acc[FQ_ROWS][MT]) {
 #pragma unroll
     for (int r = 0; r < FQ_ROWS; ++r)
 #pragma unroll
         for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
 
     const int steps = c.nb * F::SPB;
-    FQ_PRAGMA(unroll FQ_UNROLL)
-    for (int s = lane; s < steps; s += 32) {
-        const int b = s / F::SPB, st = s % F::SPB;
-        float w[FQ_ROWS][F::NRUNS][F::RUN];
+    const int stride = 32 * ksplit;
+    for (int s0 = part * 32 + lane; s0 < steps; s0 += stride * FQ_UNROLL) {
+        typename F::Raw raw[FQ_UNROLL][FQ_ROWS];
 #pragma unroll
-        for (int r = 0; r < FQ_ROWS; ++r) {
-            // A row past the end (N odd) decodes row N - 1 again; its sums are never stored.
-            const int n = min(n0 + r, N - 1);
-            F::decode(c, sh, n, b, st, w[r]);
+        for (int u = 0; u < FQ_UNROLL; ++u) {
+            const int s = s0 + u * stride;
+            if (s < steps) {
+#pragma unroll
+                for (int r = 0; r < FQ_ROWS; ++r)  // a row past the end (N odd): row N - 1
+                    F::fetch(c, min(n0 + r, N - 1), s / F::SPB, s % F::SPB, raw[u][r]);
+            }
         }
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-            if (m >= M) break;
-            const T* xm = x + static_cast<i64>(m) * c.K + static_cast<i64>(b) * F::QK;
+        for (int u = 0; u < FQ_UNROLL; ++u) {
+            const int s = s0 + u * stride;
+            if (s >= steps) break;
+            const int b = s / F::SPB, st = s % F::SPB;
+            float v[FQ_ROWS][F::NRUNS][F::RUN], a[FQ_ROWS][F::NRUNS], mn[FQ_ROWS][F::NRUNS];
 #pragma unroll
-            for (int run = 0; run < F::NRUNS; ++run) {
+            for (int r = 0; r < FQ_ROWS; ++r) F::values(raw[u][r], sh, st, v[r], a[r], mn[r]);
 #pragma unroll
-                for (int q = 0; q < F::RUN / 8; ++q) {
-                    float xv[8];
-                    load8(xm + F::col(st, run) + 8 * q, xv);
+            for (int m = 0; m < MT; ++m) {
+                if (m >= M) break;
+                const T* xm = x + static_cast<i64>(m) * c.K + static_cast<i64>(b) * F::QK;
 #pragma unroll
-                    for (int r = 0; r < FQ_ROWS; ++r)
+                for (int run = 0; run < F::NRUNS; ++run) {
+                    float p[FQ_ROWS], sx = 0.0f;
 #pragma unroll
-                        for (int i = 0; i < 8; ++i)
-                            acc[r][m] = fmaf(w[r][run][8 * q + i], xv[i], acc[r][m]);
+                    for (int r = 0; r < FQ_ROWS; ++r) p[r] = 0.0f;
+#pragma unroll
+                    for (int q = 0; q < F::RUN / 8; ++q) {
+                        float xv[8];
+                        load8(xm + F::col(st, run) + 8 * q, xv);
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) {
+                            if (F::HAS_MIN) sx = __fadd_rn(sx, xv[i]);
+#pragma unroll
+                            for (int r = 0; r < FQ_ROWS; ++r)
+                                p[r] = fmaf(v[r][run][8 * q + i], xv[i], p[r]);
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < FQ_ROWS; ++r) {
+                        acc[r][m] = fmaf(a[r][run], p[r], acc[r][m]);
+                        if (F::HAS_MIN) acc[r][m] = fmaf(-mn[r][run], sx, acc[r][m]);
+                    }
                 }
             }
         }
     }
 }
 
-// y[m, n] for m < M <= MT; a warp owns FQ_ROWS rows. x: [M, K], y: [M, N], both contiguous and
-// x 16-byte aligned (the shim checks).
+// y[m, n] for m < M <= MT. A CTA's FQ_GEMV_WARPS warps form FQ_GEMV_WARPS / ksplit row groups of
+// FQ_ROWS rows; the `ksplit` warps of a group (ksplit 1, 2 or 4: more warps per row when rows
+// are few) take interleaved lane steps, and part 0 adds the parts' warp sums in part order.
+// x: [M, K], y: [M, N], both contiguous and 16-byte aligned (the shim checks).
 template <class F, class T, int MT>
 __device__ __forceinline__ void qgemv(const u8* __restrict__ qbits, const u8* __restrict__ meta,
                                       const T* __restrict__ x, T* __restrict__ y, int M, int N,
-                                      int K, i64 group) {
+                                      int K, i64 srs, int sshift, int ksplit) {
     __shared__ typename F::Shared sh;
+    __shared__ float parts[FQ_GEMV_WARPS][FQ_ROWS][MT];
     sh.init();
     __syncthreads();
-    const Ctx c = {qbits, meta, K, K / F::QK, group};
-    const int lane = threadIdx.x & 31;
-    const int warp = blockIdx.x * FQ_GEMV_WARPS + (threadIdx.x >> 5);
-    const int n0 = warp * FQ_ROWS;
-    if (n0 >= N) return;  // whole warps only: the shuffles below see all 32 lanes
+    const Ctx c = {qbits, meta, K, K / F::QK, srs, sshift};
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int kshift = ksplit == 4 ? 2 : ksplit == 2 ? 1 : 0;  // ksplit is 1, 2 or 4
+    const int part = warp & (ksplit - 1);
+    const int n0 = ((blockIdx.x << (2 - kshift)) + (warp >> kshift)) * FQ_ROWS;
+    const bool active = n0 < N;  // whole warps: the shuffles below see all 32 lanes
     float acc[FQ_ROWS][MT];
-    qgemv_lane<F, T, MT>(c, sh, x, M, N, n0, lane, acc);
+    if (active) {
+        qgemv_lane<F, T, MT>(c, sh, x, M, N, n0, lane, part, ksplit, acc);
+    } else {
+#pragma unroll
+        for (int r = 0; r < FQ_ROWS; ++r)
+#pragma unroll
+            for (int m = 0; m < MT; ++m) acc[r][m] = 0.0f;
+    }
 #pragma unroll
     for (int r = 0; r < FQ_ROWS; ++r) {
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             const float v = warp_sum(acc[r][m]);
-            if (lane == 0 && m < M && n0 + r < N) {
+            if (ksplit > 1) {
+                if (lane == 0) parts[warp][r][m] = v;
+            } else if (active && lane == 0 && m < M && n0 + r < N) {
                 y[static_cast<i64>(m) * N + n0 + r] = Act<T>::from_float(v);
             }
+        }
+    }
+    if (ksplit > 1) {
+        __syncthreads();  // ksplit is the same for the whole CTA
+        if (part == 0 && active && lane == 0) {
+#pragma unroll
+            for (int r = 0; r < FQ_ROWS; ++r)
+#pragma unroll
+                for (int m = 0; m < MT; ++m) {
+                    float v = parts[warp][r][m];
+                    for (int q = 1; q < ksplit; ++q) v = __fadd_rn(v, parts[warp + q][r][m]);
+                    if (m < M && n0 + r < N)
+                        y[static_cast<i64>(m) * N + n0 + r] = Act<T>::from_float(v);
+                }
         }
     }
 }
@@ -324,19 +477,19 @@ __device__ __forceinline__ void qgemv(const u8* __restrict__ qbits, const u8* __
 template <class F, class T>
 __device__ __forceinline__ void qdequant(const u8* __restrict__ qbits,
                                          const u8* __restrict__ meta, T* __restrict__ out, int N,
-                                         int K, i64 group) {
+                                         int K, i64 srs, int sshift) {
     __shared__ typename F::Shared sh;
     sh.init();
     __syncthreads();
-    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    const Ctx c = {qbits, meta, K, K / F::QK, srs, sshift};
     const i64 per_row = static_cast<i64>(c.nb) * F::SPB;
     const i64 gid = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (gid >= per_row * N) return;
-    const i64 row = gid / per_row;
+    const i64 row = gid / per_row;  // once per thread, not in a loop
     const int s = static_cast<int>(gid - row * per_row);
     const int b = s / F::SPB, st = s % F::SPB;
     float w[F::NRUNS][F::RUN];
-    F::decode(c, sh, row, b, st, w);
+    decode<F>(c, sh, row, b, st, w);
     T* o = out + row * K + static_cast<i64>(b) * F::QK;
 #pragma unroll
     for (int run = 0; run < F::NRUNS; ++run)
@@ -422,7 +575,7 @@ __device__ __forceinline__ void qmma_fragments(const Ctx& c, const typename F::S
         if (valid) {
             // A row past the end (N not a multiple of 8 * NT) decodes row N - 1 again; its
             // sums are never stored.
-            F::decode(c, sh, min(n0 + 8 * i + g, N - 1), blk, st, w);
+            decode<F>(c, sh, min(n0 + 8 * i + g, N - 1), blk, st, w);
         }
 #pragma unroll
         for (int j = 0; j < J; ++j) {
@@ -450,13 +603,14 @@ __device__ __forceinline__ void qmma_fragments(const Ctx& c, const typename F::S
 template <class F, class T>
 __device__ __forceinline__ void qmma(const u8* __restrict__ qbits, const u8* __restrict__ meta,
                                      const T* __restrict__ x, T* __restrict__ y,
-                                     float* __restrict__ ws, int M, int N, int K, i64 group,
+                                     float* __restrict__ ws, int M, int N, int K, i64 srs,
+                                     int sshift,
                                      int per, int splits) {
     constexpr int NT = FQ_MMA_NT, J = MmaShape<F>::J;
     __shared__ typename F::Shared sh;
     sh.init();
     __syncthreads();
-    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    const Ctx c = {qbits, meta, K, K / F::QK, srs, sshift};
     const int ctas_n = ((N + 8 * NT - 1) / (8 * NT) + FQ_MMA_WARPS - 1) / FQ_MMA_WARPS;
     const int split = blockIdx.x / ctas_n;
     const int warp = (blockIdx.x % ctas_n) * FQ_MMA_WARPS + (threadIdx.x >> 5);
@@ -512,23 +666,24 @@ __device__ __forceinline__ void qreduce(const float* __restrict__ ws, T* __restr
 #define FQ_GEMV(FMT, ACT, T, MT)                                                              \
     extern "C" __global__ void __launch_bounds__(FQ_GEMV_WARPS * 32)                          \
         fq_gemv_##FMT##_##ACT##_m##MT(const fq::u8* qbits, const fq::u8* meta, const T* x,    \
-                                      T* y, int M, int N, int K, long long group) {           \
-        fq::qgemv<fq::Fmt_##FMT, T, MT>(qbits, meta, x, y, M, N, K, group);                   \
+                                      T* y, int M, int N, int K, long long srs, int sshift,   \
+                                      int ksplit) {                                           \
+        fq::qgemv<fq::Fmt_##FMT, T, MT>(qbits, meta, x, y, M, N, K, srs, sshift, ksplit);     \
     }
 
 #define FQ_DEQUANT(FMT, ACT, T)                                                               \
     extern "C" __global__ void __launch_bounds__(256)                                         \
         fq_dequant_##FMT##_##ACT(const fq::u8* qbits, const fq::u8* meta, T* out, int N, int K, \
-                                 long long group) {                                           \
-        fq::qdequant<fq::Fmt_##FMT, T>(qbits, meta, out, N, K, group);                        \
+                                 long long srs, int sshift) {                                 \
+        fq::qdequant<fq::Fmt_##FMT, T>(qbits, meta, out, N, K, srs, sshift);                  \
     }
 
 #define FQ_MMA(FMT, ACT, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(FQ_MMA_WARPS * 32)                           \
         fq_mma_##FMT##_##ACT(const fq::u8* qbits, const fq::u8* meta, const T* x, T* y,       \
-                             float* ws, int M, int N, int K, long long group, int per,        \
-                             int splits) {                                                    \
-        fq::qmma<fq::Fmt_##FMT, T>(qbits, meta, x, y, ws, M, N, K, group, per, splits);       \
+                             float* ws, int M, int N, int K, long long srs, int sshift,       \
+                             int per, int splits) {                                           \
+        fq::qmma<fq::Fmt_##FMT, T>(qbits, meta, x, y, ws, M, N, K, srs, sshift, per, splits); \
     }
 
 #define FQ_REDUCE(ACT, T)                                                                     \

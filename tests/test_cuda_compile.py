@@ -403,6 +403,7 @@ inline unsigned short __ldg(const unsigned short* p) {
 inline float __ldg(const float* p) { return *p; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 """
 
@@ -410,40 +411,90 @@ HARNESS = r"""
 #include "qmatmul.cu"
 using namespace fq;
 template <class F>
-static void run(const u8* qbits, const u8* meta, float* out, int N, int K, long long group) {
-    typename F::Shared sh;
+static void init_shared(typename F::Shared& sh) {
     blockDim.x = 32;
     for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
-    const Ctx c = {qbits, meta, K, K / F::QK, group};
+}
+// qdequant on the host: every lane step of every block of every row.
+template <class F>
+static void run(const u8* qbits, const u8* meta, float* out, int N, int K, long long srs,
+                int sshift) {
+    typename F::Shared sh;
+    init_shared<F>(sh);
+    const Ctx c = {qbits, meta, K, K / F::QK, srs, sshift};
     for (i64 row = 0; row < N; ++row)
         for (int s = 0; s < c.nb * F::SPB; ++s) {
             const int b = s / F::SPB, st = s % F::SPB;
             float w[F::NRUNS][F::RUN];
-            F::decode(c, sh, row, b, st, w);
+            decode<F>(c, sh, row, b, st, w);
             for (int r = 0; r < F::NRUNS; ++r)
                 for (int i = 0; i < F::RUN; ++i)
                     out[row * K + b * F::QK + F::col(st, r) + i] = w[r][i];
         }
 }
-// qgemv on the host: each lane's partial sums (qgemv_lane, as on the GPU), summed over the warp.
+// The traits' decoded pieces per element: value v, the run's scale a and min m (for the numpy
+// emulation of qgemv), and the traits' facts.
+template <class F>
+static void pieces(const u8* qbits, const u8* meta, float* v, float* a, float* m, int N, int K,
+                   long long srs, int sshift) {
+    typename F::Shared sh;
+    init_shared<F>(sh);
+    const Ctx c = {qbits, meta, K, K / F::QK, srs, sshift};
+    for (i64 row = 0; row < N; ++row)
+        for (int s = 0; s < c.nb * F::SPB; ++s) {
+            const int b = s / F::SPB, st = s % F::SPB;
+            typename F::Raw raw;
+            F::fetch(c, row, b, st, raw);
+            float vv[F::NRUNS][F::RUN], aa[F::NRUNS], mm[F::NRUNS];
+            F::values(raw, sh, st, vv, aa, mm);
+            for (int r = 0; r < F::NRUNS; ++r)
+                for (int i = 0; i < F::RUN; ++i) {
+                    const i64 o = row * K + b * F::QK + F::col(st, r) + i;
+                    v[o] = vv[r][i], a[o] = aa[r], m[o] = mm[r];
+                }
+        }
+}
+template <class F>
+static void facts(int* out) {  // QK, SPB, NRUNS, RUN, HAS_MIN, FQ_ROWS, FQ_UNROLL, col(st, r)...
+    int i = 0;
+    out[i++] = F::QK, out[i++] = F::SPB, out[i++] = F::NRUNS, out[i++] = F::RUN;
+    out[i++] = F::HAS_MIN, out[i++] = FQ_ROWS, out[i++] = FQ_UNROLL;
+    for (int st = 0; st < F::SPB; ++st)
+        for (int r = 0; r < F::NRUNS; ++r) out[i++] = F::col(st, r);
+}
+// qgemv on the host: each lane's partial sums (qgemv_lane, as on the GPU), the warp's butterfly
+// of warp_sum (lane l adds lane l ^ o, o = 16, 8, 4, 2, 1), then the K parts added in order.
 template <class F, int MT>
 static void gemv(const u8* qbits, const u8* meta, const bf16_t* x, float* y, int M, int N,
-                 int K, long long group) {
+                 int K, long long srs, int sshift, int ksplit) {
     typename F::Shared sh;
-    blockDim.x = 32;
-    for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
-    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    init_shared<F>(sh);
+    const Ctx c = {qbits, meta, K, K / F::QK, srs, sshift};
+    static float lanes[32][FQ_ROWS][MT];
     for (int n0 = 0; n0 < N; n0 += FQ_ROWS) {
-        float tot[FQ_ROWS][MT] = {};
-        for (int lane = 0; lane < 32; ++lane) {
-            float acc[FQ_ROWS][MT];
-            qgemv_lane<F, bf16_t, MT>(c, sh, x, M, N, n0, lane, acc);
+        float parts[4][FQ_ROWS][MT];
+        for (int part = 0; part < ksplit; ++part) {
+            for (int lane = 0; lane < 32; ++lane) {
+                threadIdx.x = lane;
+                qgemv_lane<F, bf16_t, MT>(c, sh, x, M, N, n0, lane, part, ksplit, lanes[lane]);
+            }
             for (int r = 0; r < FQ_ROWS; ++r)
-                for (int m = 0; m < MT; ++m) tot[r][m] += acc[r][m];
+                for (int m = 0; m < MT; ++m) {
+                    float v[32], t[32];
+                    for (int l = 0; l < 32; ++l) v[l] = lanes[l][r][m];
+                    for (int o = 16; o > 0; o >>= 1) {
+                        for (int l = 0; l < 32; ++l) t[l] = v[l] + v[l ^ o];
+                        for (int l = 0; l < 32; ++l) v[l] = t[l];
+                    }
+                    parts[part][r][m] = v[0];
+                }
         }
         for (int r = 0; r < FQ_ROWS; ++r)
-            for (int m = 0; m < M; ++m)
-                if (n0 + r < N) y[i64(m) * N + n0 + r] = tot[r][m];
+            for (int m = 0; m < M; ++m) {
+                float t = parts[0][r][m];
+                for (int p = 1; p < ksplit; ++p) t = t + parts[p][r][m];
+                if (n0 + r < N) y[i64(m) * N + n0 + r] = t;
+            }
     }
 }
 // bf16 rounding (nearest even) for the fragments' weights; the GPU uses cvt.rn.bf16x2.f32.
@@ -461,12 +512,11 @@ static float half_of(u32 reg, int h) { return bf16_to_f32(h ? reg >> 16 : reg & 
 // the GPU), then forms the product the mma instruction computes, lane by lane.
 template <class F>
 static void mma_host(const u8* qbits, const u8* meta, const bf16_t* x, float* y, int M, int N,
-                     int K, long long group, int per) {
+                     int K, long long srs, int sshift, int per) {
     constexpr int NT = FQ_MMA_NT, J = MmaShape<F>::J;
     typename F::Shared sh;
-    blockDim.x = 32;
-    for (unsigned t = 0; t < 32; ++t) { threadIdx.x = t; sh.init(); }
-    const Ctx c = {qbits, meta, K, K / F::QK, group};
+    init_shared<F>(sh);
+    const Ctx c = {qbits, meta, K, K / F::QK, srs, sshift};
     const int steps = c.nb * F::SPB;
     for (int i = 0; i < M * N; ++i) y[i] = 0.0f;
     static u32 a[32][J][4], b[32][NT][J][2];
@@ -507,18 +557,21 @@ static void mma_host(const u8* qbits, const u8* meta, const bf16_t* x, float* y,
     }
 }
 #define FQ_HOST(FMT) extern "C" void mma_##FMT(const u8* q, const u8* m, const bf16_t* x, \
-    float* y, int M, int n, int k, long long g, int per) { \
-        mma_host<Fmt_##FMT>(q, m, x, y, M, n, k, g, per); } \
+    float* y, int M, int n, int k, long long srs, int ssh, int per) { \
+        mma_host<Fmt_##FMT>(q, m, x, y, M, n, k, srs, ssh, per); } \
     extern "C" void dequant_##FMT(const u8* q, const u8* m, float* o, int n, \
-    int k, long long g) { run<Fmt_##FMT>(q, m, o, n, k, g); } \
+    int k, long long srs, int ssh) { run<Fmt_##FMT>(q, m, o, n, k, srs, ssh); } \
+    extern "C" void pieces_##FMT(const u8* q, const u8* m, float* v, float* a, float* mn, \
+    int n, int k, long long srs, int ssh) { pieces<Fmt_##FMT>(q, m, v, a, mn, n, k, srs, ssh); } \
+    extern "C" void facts_##FMT(int* out) { facts<Fmt_##FMT>(out); } \
     extern "C" void gemv_##FMT(const u8* q, const u8* m, const bf16_t* x, float* y, \
-    int M, int n, int k, long long g, int mt) { \
+    int M, int n, int k, long long srs, int ssh, int ks, int mt) { \
         switch (mt) { \
-        case 1: gemv<Fmt_##FMT, 1>(q, m, x, y, M, n, k, g); break; \
-        case 2: gemv<Fmt_##FMT, 2>(q, m, x, y, M, n, k, g); break; \
-        case 4: gemv<Fmt_##FMT, 4>(q, m, x, y, M, n, k, g); break; \
-        case 8: gemv<Fmt_##FMT, 8>(q, m, x, y, M, n, k, g); break; \
-        default: gemv<Fmt_##FMT, 16>(q, m, x, y, M, n, k, g); break; } }
+        case 1: gemv<Fmt_##FMT, 1>(q, m, x, y, M, n, k, srs, ssh, ks); break; \
+        case 2: gemv<Fmt_##FMT, 2>(q, m, x, y, M, n, k, srs, ssh, ks); break; \
+        case 4: gemv<Fmt_##FMT, 4>(q, m, x, y, M, n, k, srs, ssh, ks); break; \
+        case 8: gemv<Fmt_##FMT, 8>(q, m, x, y, M, n, k, srs, ssh, ks); break; \
+        default: gemv<Fmt_##FMT, 16>(q, m, x, y, M, n, k, srs, ssh, ks); break; } }
 FQ_HOST(nf4) FQ_HOST(int8) FQ_HOST(q4_0) FQ_HOST(q8_0) FQ_HOST(q4_K) FQ_HOST(q5_K) FQ_HOST(q6_K)
 """
 
@@ -551,6 +604,14 @@ def _first_diff(got, want):
     return f"element {np.unravel_index(i, got.shape)}: got {got.flat[i]!r}, want {want.flat[i]!r}"
 
 
+def _stat(qtype, n, k, group):
+    """The kernels' (srs, sshift) for statistics shared by `group` consecutive elements."""
+    if qtype == "int8":
+        mode = "row" if group == k else "tensor" if group == n * k else "block"
+        return cuda_ops.stat_index("int8", n, k, group, mode)
+    return cuda_ops.stat_index(qtype, n, k, group, "")
+
+
 def _host_dequant(lib, qtype, qbits, meta, n, k, group=0):
     import ctypes
 
@@ -558,8 +619,9 @@ def _host_dequant(lib, qtype, qbits, meta, n, k, group=0):
     qbits = np.ascontiguousarray(qbits, dtype=np.uint8)
     meta = np.ascontiguousarray(meta).view(np.uint8)
     fn = getattr(lib, "dequant_" + fqcuda.FORMATS[qtype])
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_longlong]
-    fn(qbits.ctypes.data, meta.ctypes.data, out.ctypes.data, n, k, group)
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.c_longlong,
+                                           ctypes.c_int]  # fmt: skip
+    fn(qbits.ctypes.data, meta.ctypes.data, out.ctypes.data, n, k, *_stat(qtype, n, k, group))
     return out
 
 
@@ -620,7 +682,10 @@ def test_host_traits_int8(host_traits, mode):
     got = _host_dequant(host_traits, "int8", q.view(np.uint8), scales, n, k, group)
     assert not np.isnan(got).any()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
-    assert cuda_ops._stat_group("int8", n, k, 64, mode) == group
+    # the kernels' index (row * srs + col) >> sshift is the element's group, without a division
+    srs, sshift = cuda_ops.stat_index("int8", n, k, 64, mode)
+    rows, cols = np.divmod(np.arange(n * k, dtype=np.int64), k)
+    assert np.array_equal((rows * srs + cols) >> sshift, np.arange(n * k) // group)
 
 
 def _random_weights(qtype, n, k, seed):
@@ -646,31 +711,138 @@ def _random_weights(qtype, n, k, seed):
     return qbits, meta, group
 
 
+def _fma32(a, b, c):
+    """fmaf(a, b, c) elementwise for float32 arrays: the exact a * b + c rounded once to float32.
+    a * b is exact in float64; the float64 sum's error e (TwoSum) is exact too, and only decides
+    the float32 rounding when that sum lies exactly halfway between two float32 numbers."""
+    a64, b64, c64 = (np.asarray(t, np.float32).astype(np.float64) for t in (a, b, c))
+    p = a64 * b64
+    s = p + c64
+    bb = s - p
+    e = (p - (s - bb)) + (c64 - bb)
+    r = s.astype(np.float32)
+    r64 = r.astype(np.float64)
+    other = np.where(
+        r64 < s, np.nextafter(r, np.float32(np.inf)), np.nextafter(r, np.float32(-np.inf))
+    )
+    tie = (s == (r64 + other.astype(np.float64)) / 2) & (e != 0)
+    up = np.maximum(r, other)
+    down = np.minimum(r, other)
+    return np.where(tie, np.where(e > 0, up, down), r).astype(np.float32)
+
+
+def test_fma32_emulation_rounds_once():
+    """The emulation's fmaf against exact rational arithmetic, ties included."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(2000).astype(np.float32)
+    b = rng.standard_normal(2000).astype(np.float32)
+    c = (rng.standard_normal(2000) * 4).astype(np.float32)
+    # ties: a * b = 2^-25 exactly halfway past c = 1 (and a little more or less by way of c)
+    a[:3], b[:3], c[:3] = 2.0**-13, 2.0**-12, np.float32(1.0)
+    a[3], b[3], c[3] = 3 * 2.0**-13, 2.0**-12, np.float32(1.0)
+    got = _fma32(a, b, c)
+    for i in range(len(a)):
+        exact = Fraction(float(a[i])) * Fraction(float(b[i])) + Fraction(float(c[i]))
+        lo = np.float32(float(exact))  # float() rounds to nearest double; fix below
+        cands = [lo, np.nextafter(lo, np.float32(-np.inf)), np.nextafter(lo, np.float32(np.inf))]
+        best = min(cands, key=lambda f: (abs(Fraction(float(f)) - exact),
+                                         int(np.float32(f).view(np.uint32)) & 1))  # fmt: skip
+        assert got[i] == best, (i, a[i], b[i], c[i], got[i], best)
+
+
+def _emulate_gemv(v, a, mn, x, facts, ksplit):
+    """qgemv's arithmetic, operation by operation, in numpy float32: per row, token and lane the
+    lane steps in order, per run p = fma chain of v * x, acc = fma(a, p, acc) (and with a min
+    acc = fma(-m, sx, acc), sx the float32 sum of the run's x); the warp butterfly; the K parts
+    added in order. v, a, mn: [N, K] per element; x: [M, K] float32."""
+    qk, spb, nruns, run, has_min = facts[:5]
+    cols = np.array(facts[7 : 7 + spb * nruns]).reshape(spb, nruns)
+    n, k = v.shape
+    m = x.shape[0]
+    steps = k // qk * spb
+    f32 = np.float32
+    total = None
+    for part in range(ksplit):
+        lanes = np.zeros((32, n, m), f32)
+        for lane in range(32):
+            acc = np.zeros((n, m), f32)
+            for s in range(part * 32 + lane, steps, 32 * ksplit):
+                b, st = divmod(s, spb)
+                for r in range(nruns):
+                    c0 = b * qk + cols[st, r]
+                    p = np.zeros((n, m), f32)
+                    sx = np.zeros((1, m), f32)
+                    for i in range(run):
+                        xc = x[None, :, c0 + i]
+                        if has_min:
+                            sx = (sx + xc).astype(f32)
+                        p = _fma32(v[:, c0 + i, None], xc, p)
+                    acc = _fma32(a[:, c0, None], p, acc)
+                    if has_min:
+                        acc = _fma32(-mn[:, c0, None], sx, acc)
+            lanes[lane] = acc
+        for o in (16, 8, 4, 2, 1):
+            lanes = (lanes + lanes[np.arange(32) ^ o]).astype(f32)
+        total = lanes[0] if total is None else (total + lanes[0]).astype(f32)
+    return total.T
+
+
+def _host_pieces(lib, qtype, qbits, meta, n, k, group):
+    import ctypes
+
+    fmt = fqcuda.FORMATS[qtype]
+    v, a, mn = (np.full((n, k), np.nan, dtype=np.float32) for _ in range(3))
+    fn = getattr(lib, "pieces_" + fmt)
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_longlong, ctypes.c_int]
+    meta8 = np.ascontiguousarray(meta).view(np.uint8)
+    fn(qbits.ctypes.data, meta8.ctypes.data, v.ctypes.data, a.ctypes.data, mn.ctypes.data, n, k,
+       *_stat(qtype, n, k, group))  # fmt: skip
+    facts = (ctypes.c_int * 64)()
+    getattr(lib, "facts_" + fmt)(facts)
+    return v, a, mn, list(facts)
+
+
 @pytest.mark.parametrize("qtype", sorted(fqcuda.FORMATS))
-def test_host_gemv_lanes_sum_to_the_product(host_traits, qtype):
-    """qgemv_lane (the GPU kernel's per-lane loop) over 32 lanes: x @ W.T within the fp32 bound
-    (K/32 + 6) * 2^-24 * sum|x w| (the lane sums plus the warp sum), for M up to 16, N odd."""
+def test_host_gemv_equals_its_emulation_bit_for_bit(host_traits, qtype):
+    """The GEMV kernel compiled for the host (qgemv_lane over 32 lanes, the warp butterfly, the
+    K parts of a CTA) gives exactly the bits of the numpy emulation of its arithmetic order, for
+    M up to 16, N odd and every K split; the emulation's pieces (value, scale, min of each
+    weight) give the reference dequantization bit for bit (a * v - m, rounded as ggml does); and
+    the result is x @ W.T within the float32 bound of that order."""
     import ctypes
 
     torch = peers_torch
     qk = cuda_ops.GGML_SPLIT.get(qtype, (32,))[0]
-    n, k = 5, 3 * max(qk, 64)
+    n, k = 5, 8 * max(qk, 128)
     qbits, meta, group = _random_weights(qtype, n, k, seed=11)
-    w = _host_dequant(host_traits, qtype, qbits, meta, n, k, group).astype(np.float64)
+    w = _host_dequant(host_traits, qtype, qbits, meta, n, k, group)
+    v, a, mn, facts = _host_pieces(host_traits, qtype, qbits, meta, n, k, group)
+    has_min = facts[4]
+    w_pieces = (a * v - mn) if has_min else a * v
+    assert np.array_equal(w_pieces.view(np.uint32), w.view(np.uint32)), _first_diff(w_pieces, w)
     fn = getattr(host_traits, "gemv_" + fqcuda.FORMATS[qtype])
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_longlong, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_longlong] + [
+        ctypes.c_int] * 3  # fmt: skip
     meta8 = np.ascontiguousarray(meta).view(np.uint8)
-    for m in (1, 2, 3, 8, 13, 16):
+    w64 = w.astype(np.float64)
+    for m, ksplit in ((1, 1), (1, 4), (3, 2), (16, 1), (13, 4)):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
         xb = x.view(torch.int16).numpy()
-        x64 = x.double().numpy()
+        x32 = x.float().numpy()
         mt = next(t for t in fqcuda.GEMV_M if t >= m)
         y = np.full((m, n), np.nan, dtype=np.float32)
-        fn(qbits.ctypes.data, meta8.ctypes.data, xb.ctypes.data, y.ctypes.data, m, n, k, group, mt)
-        ref = x64 @ w.T
-        tol = (k / 32 + 6) * 2.0**-24 * (np.abs(x64) @ np.abs(w).T)
-        assert not np.isnan(y).any()
-        assert np.all(np.abs(y - ref) <= tol), (m, np.max(np.abs(y - ref) - tol))
+        fn(qbits.ctypes.data, meta8.ctypes.data, xb.ctypes.data, y.ctypes.data, m, n, k,
+           *_stat(qtype, n, k, group), ksplit, mt)  # fmt: skip
+        want = _emulate_gemv(v, a, mn, x32, facts, ksplit)
+        assert np.array_equal(y.view(np.uint32), want.view(np.uint32)), (m, ksplit,
+                                                                          _first_diff(y, want))  # fmt: skip
+        x64 = x32.astype(np.float64)
+        ref = x64 @ w64.T
+        mag = np.abs(x64) @ (np.abs(a * v).astype(np.float64) + np.abs(mn)).T
+        tol = (facts[3] + k / 32 + 8) * 2.0**-24 * mag
+        assert np.all(np.abs(y - ref) <= tol), (m, ksplit, np.max(np.abs(y - ref) - tol))
 
 
 @pytest.mark.parametrize("qtype", sorted(fqcuda.FORMATS))
@@ -689,7 +861,8 @@ def test_host_mma_fragments_give_the_product(host_traits, qtype):
     w = _host_dequant(host_traits, qtype, qbits, meta, n, k, group)
     w16 = torch.from_numpy(w).to(torch.bfloat16).double().numpy()
     fn = getattr(host_traits, "mma_" + fqcuda.FORMATS[qtype])
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_longlong, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_longlong] + [
+        ctypes.c_int] * 2  # fmt: skip
     meta8 = np.ascontiguousarray(meta).view(np.uint8)
     steps = (k // qk) * spb
     for m in (2, 5, 8, 9, 16):
@@ -699,7 +872,7 @@ def test_host_mma_fragments_give_the_product(host_traits, qtype):
             x64 = x.double().numpy()
             y = np.full((m, n), np.nan, dtype=np.float32)
             fn(qbits.ctypes.data, meta8.ctypes.data, xb.ctypes.data, y.ctypes.data, m, n, k,
-               group, per)  # fmt: skip
+               *_stat(qtype, n, k, group), per)  # fmt: skip
             ref = x64 @ w16.T
             tol = (k + 6) * 2.0**-24 * (np.abs(x64) @ np.abs(w16).T)
             assert not np.isnan(y).any()

@@ -8,9 +8,14 @@ registry: `cuda-core` or `cuda-bindings`, plus `nvidia-cuda-nvrtc`), or compute 
 NVRTC is called through `cuda.bindings.nvrtc` (a dependency of cuda.core too); modules are loaded
 and kernels launched through `cuda.core` when it imports, else through the driver API of
 `cuda.bindings` (set FERROQUANT_CUDA_BACKEND=core|bindings to force one). One program is compiled
-per weight format (`-DFQ_ONLY_<fmt>`), to a cubin for the device's `sm_XY`, and cached under
-FERROQUANT_CACHE_DIR (default ~/.cache/ferroquant/cuda), keyed by sha256 of the sources and
-headers, the architecture, the NVRTC version and the compile options.
+per weight format (`-DFQ_ONLY_<fmt>`), to a cubin for the device's `sm_XY` (a device newer than
+the installed NVRTC knows gets PTX for the newest architecture it knows, which the driver
+JIT-compiles), and cached under FERROQUANT_CACHE_DIR (default ~/.cache/ferroquant/cuda), keyed by
+sha256 of the sources and headers, the architecture, the full NVRTC version (the library's
+version and the installed nvidia-cuda-nvrtc / cuda-bindings package versions) and the compile
+options. Each cache file starts with a header holding its key and the sha256 of the code; a file
+whose header, key or hash does not match (stale, foreign, truncated) is compiled again and
+replaced, never loaded.
 
 The sources are the repository's top-level `cuda/` folder, compiled into the extension
 (`ferroquant._native.cuda_sources()`), so a source checkout and an installed wheel see the same
@@ -131,15 +136,39 @@ def compile_options(qtype: str, arch: int, kind: str, variant: Sequence[str] = (
 
 
 def cache_key(qtype: str, arch: Any, kind: str = "cubin", variant: Sequence[str] = ()) -> str:
-    """sha256 of sources + headers, architecture, NVRTC version, kind and compile options."""
+    """sha256 of sources + headers, architecture, full NVRTC version, kind and compile options."""
     arch_n = normalize_arch(arch)
     h = hashlib.sha256()
     for name, data in sorted(sources().items()):
         h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
     opts = compile_options(qtype, arch_n, kind, variant)
-    fields = [f"sm_{arch_n}", kind, ".".join(map(str, nvrtc_version())), *opts]
+    fields = [f"sm_{arch_n}", kind, nvrtc_full_version(), *opts]
     h.update("\0".join(fields).encode())
     return h.hexdigest()
+
+
+CACHE_MAGIC = b"ferroquant-cuda-cache 1\n"
+
+
+def pack_cached(key: str, code: bytes) -> bytes:
+    """A cache file: magic, then one line `<key> <sha256 of code> <length>`, then the code."""
+    line = f"{key} {hashlib.sha256(code).hexdigest()} {len(code)}\n".encode()
+    return CACHE_MAGIC + line + code
+
+
+def unpack_cached(key: str, blob: bytes) -> bytes | None:
+    """The code of a cache file written by `pack_cached` for `key`, or None when the file is
+    not one (an old format, another key, a wrong length or hash: stale, foreign or torn)."""
+    if not blob.startswith(CACHE_MAGIC):
+        return None
+    rest = blob[len(CACHE_MAGIC) :]
+    head, sep, code = rest.partition(b"\n")
+    fields = head.decode(errors="replace").split(" ")
+    if not sep or len(fields) != 3 or fields[0] != key or not fields[2].isdigit():
+        return None
+    if int(fields[2]) != len(code) or hashlib.sha256(code).hexdigest() != fields[1]:
+        return None
+    return code
 
 
 def cache_dir() -> pathlib.Path:
@@ -204,6 +233,45 @@ def nvrtc_version() -> tuple[int, int]:
     return int(res[1]), int(res[2])
 
 
+def nvrtc_full_version() -> str:
+    """The NVRTC library's version and the installed packages that ship or wrap it, e.g.
+    "13.2 nvidia-cuda-nvrtc=13.2.86 cuda-bindings=13.5.0": two builds of one minor version
+    (a patched compiler) get different cache keys."""
+    import importlib.metadata as md
+
+    parts = [".".join(map(str, nvrtc_version()))]
+    found = []
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name.startswith("nvidia-cuda-nvrtc") or name == "cuda-bindings":
+            found.append(f"{name}={dist.version}")
+    return " ".join(parts + sorted(set(found)))
+
+
+def supported_archs() -> list[int]:
+    """The architectures the installed NVRTC compiles for (nvrtcGetSupportedArchs)."""
+    from cuda.bindings import nvrtc
+
+    res = nvrtc.nvrtcGetSupportedArchs()
+    if int(res[0]) != 0:
+        raise CudaUnavailable(f"NVRTC does not list its architectures: {res[0]!r}")
+    return sorted(int(a) for a in res[1])
+
+
+def compile_target(arch: int, known: Sequence[int]) -> tuple[str, int]:
+    """(kind, architecture) to build for a device of `arch`: a cubin when NVRTC knows `arch`;
+    PTX for the newest architecture it knows when the device is newer (the driver JIT-compiles
+    PTX forward); CudaUnavailable for a device older than sm_80."""
+    if arch < MIN_CC[0] * 10 + MIN_CC[1]:
+        raise CudaUnavailable(f"sm_{arch} is older than sm_80, the oldest the kernels support")
+    if arch in known:
+        return "cubin", arch
+    older = [a for a in known if a <= arch and a >= 80]
+    if not older:
+        raise CudaUnavailable(f"this NVRTC knows none of sm_80 .. sm_{arch} (it knows {known})")
+    return "ptx", max(older)
+
+
 def _nvrtc_check(res: Any, what: str) -> Any:
     err = res[0]
     if int(err) != 0:
@@ -253,13 +321,19 @@ def compile_program(
     if qtype not in FORMATS:
         raise ValueError(f"no CUDA kernels for {qtype!r}; have {sorted(FORMATS)}")
     arch_n = normalize_arch(arch)
-    path = cache_dir() / f"{qtype}-sm_{arch_n}-{cache_key(qtype, arch_n, kind, variant)}.{kind}"
-    if use_cache and path.is_file():
-        return path.read_bytes()
+    key = cache_key(qtype, arch_n, kind, variant)
+    path = cache_dir() / f"{qtype}-sm_{arch_n}-{key}.{kind}"
+    if use_cache:
+        try:
+            code = unpack_cached(key, path.read_bytes())
+        except OSError:
+            code = None  # absent or unreadable
+        if code is not None:
+            return code
     code = _compile(qtype, arch_n, kind, variant)
     if use_cache:
         try:
-            _atomic_write(path, code)
+            _atomic_write(path, pack_cached(key, code))
         except OSError:
             pass  # a read-only home: compile again next time
     return code
@@ -327,15 +401,18 @@ class _Program:
             if v.startswith("FQ_MMA_NT="):
                 self.mma_tiles = int(v.split("=", 1)[1])
         self.sms = torch.cuda.get_device_properties(index).multi_processor_count
-        arch = cc[0] * 10 + cc[1]
-        code = compile_program(qtype, arch, "cubin", variant=variant)
+        kind, arch = compile_target(cc[0] * 10 + cc[1], supported_archs())
+        code = compile_program(qtype, arch, kind, variant=variant)
+        if kind == "ptx":
+            code = code.rstrip(b"\0") + b"\0"  # the driver reads PTX as a C string
         with torch.cuda.device(index):
             torch.cuda.current_stream(index)  # makes torch's primary context current
             if self.backend == "core":
                 core = _core()
                 self.device = core.Device(index)
                 self.device.set_current()
-                self.module = core.ObjectCode.from_cubin(code)
+                load = core.ObjectCode.from_ptx if kind == "ptx" else core.ObjectCode.from_cubin
+                self.module = load(code)
                 self.kernels = {n: self.module.get_kernel(n) for n in kernel_names(qtype)}
             else:
                 from cuda.bindings import driver
@@ -357,6 +434,10 @@ class _Program:
                     for n in kernel_names(qtype)
                 }
         self._streams: dict[int, Any] = {}
+        # (kernel, grid, block, argument kinds, thread) -> the packed parameter buffer of the
+        # driver path (one ctypes holder per argument, refilled per launch) or the core path's
+        # LaunchConfig: packing happens once per kernel and shape, not per call
+        self._packed: dict[tuple, Any] = {}
 
     def launch(self, name: str, grid: int, block: int, args: Sequence[tuple[str, int]]) -> None:
         """Launch kernel `name` on torch's current stream; args are (ctype, value) with ctype in
@@ -371,15 +452,26 @@ class _Program:
             s = self._streams.get(stream.cuda_stream)
             if s is None:
                 s = self._streams[stream.cuda_stream] = (self.device.create_stream(stream), stream)
+            key = (name, grid, block)
+            config_ = self._packed.get(key)
+            if config_ is None:
+                config_ = self._packed[key] = core.LaunchConfig(grid=grid, block=block)
             conv = {"ptr": int, "i32": np.int32, "i64": np.int64}
             vals = [conv[t](v) for t, v in args]
-            core.launch(s[0], core.LaunchConfig(grid=grid, block=block), kernel, *vals)
+            core.launch(s[0], config_, kernel, *vals)
         else:
             from cuda.bindings import driver
 
-            ctypes_of = {"ptr": ctypes.c_void_p, "i32": ctypes.c_int32, "i64": ctypes.c_int64}
-            holders = [ctypes_of[t](v) for t, v in args]
-            ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+            key = (name, tuple(t for t, _ in args), threading.get_ident())
+            packed = self._packed.get(key)
+            if packed is None:
+                ctypes_of = {"ptr": ctypes.c_void_p, "i32": ctypes.c_int32, "i64": ctypes.c_int64}
+                holders = [ctypes_of[t]() for t, _ in args]
+                ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+                packed = self._packed[key] = (holders, ptrs)
+            holders, ptrs = packed
+            for h, (_, v) in zip(holders, args, strict=True):
+                h.value = v
             _drv(
                 driver.cuLaunchKernel(
                     kernel,

@@ -10,8 +10,13 @@ from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from .. import _native
+from ..cuda import qmatmul as cuda_ops
+from ..cuda.checks import SPLIT_SUFFIX
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
 from . import ops  # ops registers torch.ops.ferroquant.qmatmul
+
+# Devices whose QuantLinear keeps a ggml weight in the GPU kernels' split layout.
+KERNEL_LAYOUT_DEVICES = ("cuda",)
 
 
 class QuantLinear(nn.Module):
@@ -21,6 +26,12 @@ class QuantLinear(nn.Module):
     statistics: nf4/fp4 absmax, int8/fp8 scales; empty for ggml formats), `bias` (optional).
     The format description (qtype, block size, scale mode) travels in the state dict as extra
     state, so `load_state_dict` restores a module built with any placeholder qtype.
+
+    On a GPU a ggml weight with CUDA kernels is repacked once, when the module moves there (or
+    loads a state dict there), into the kernels' split layout (ferroquant.cuda.qmatmul), and
+    only that copy is kept: GPU memory per weight is the format's bytes. `qweight` then holds
+    the split layout (`kernel_layout` is True); the state dict, `qtensor()` and a move back to
+    the CPU give the reference layout again.
     """
 
     def __init__(
@@ -40,6 +51,7 @@ class QuantLinear(nn.Module):
         self.block_size = block_size
         self.scale_mode = scale_mode
         self._np_cache: tuple | None = None  # see _eager_weights
+        self.kernel_layout = False  # qweight in the GPU kernels' split layout (see above)
         self.register_buffer("qweight", torch.empty(0, dtype=torch.uint8, device=device))
         self.register_buffer("qstats", torch.empty(0, dtype=torch.float32, device=device))
         if bias:
@@ -79,11 +91,32 @@ class QuantLinear(nn.Module):
             )
         return mod
 
+    def _reference_qweight(self) -> torch.Tensor:
+        """qweight in the format's reference layout (undoing the GPU layout when it is in it)."""
+        w = self.qweight.detach()
+        if self.__dict__.get("kernel_layout", False):
+            w = cuda_ops.from_split(w.reshape(-1), self.qtype, self.out_features, self.in_features)
+        return w
+
+    def use_kernel_layout(self, on: bool) -> None:
+        """Repack qweight into (True) or out of (False) the GPU kernels' split layout, in
+        place of the old buffer; a no-op for formats without a split layout. `.to("cuda")` and
+        loading a state dict on a GPU call it."""
+        on = on and self.qtype in cuda_ops.GGML_SPLIT
+        if on == self.__dict__.get("kernel_layout", False):
+            return
+        n, k = self.out_features, self.in_features
+        w = self.qweight.detach().reshape(-1)
+        convert = cuda_ops.to_split if on else cuda_ops.from_split
+        self.qweight = convert(w, self.qtype, n, k).contiguous()
+        self.kernel_layout = on
+        self._np_cache = None
+
     def qtensor(self) -> QTensor:
         return QTensor(
             qtype=self.qtype,
             shape=(self.out_features, self.in_features),
-            data=self.qweight.detach().cpu().numpy(),
+            data=self._reference_qweight().cpu().numpy(),
             block_size=self.block_size,
             stats=self.qstats.detach().cpu().numpy(),
             scale_mode=self.scale_mode,
@@ -101,7 +134,11 @@ class QuantLinear(nn.Module):
         c = self.__dict__.get("_np_cache")  # (absent in modules pickled before it existed)
         if c is not None and c[0] is w and c[2] is s and c[1] == w._version and c[3] == s._version:
             return c[4]
-        if w.device.type != "cpu" or self.qtype not in ops._NATIVE_QTYPES:
+        if (
+            w.device.type != "cpu"
+            or self.qtype not in ops._NATIVE_QTYPES
+            or self.__dict__.get("kernel_layout")
+        ):
             return None
         views = (w.detach().contiguous().numpy().reshape(-1),
                  s.detach().to(torch.float32).contiguous().numpy().reshape(-1))  # fmt: skip
@@ -154,7 +191,7 @@ class QuantLinear(nn.Module):
             x,
             self.qweight,
             self.qstats,
-            self.qtype,
+            self.qtype + SPLIT_SUFFIX if self.__dict__.get("kernel_layout") else self.qtype,
             self.out_features,
             self.in_features,
             self.block_size,
@@ -172,7 +209,13 @@ class QuantLinear(nn.Module):
         out = super()._apply(fn, recurse)
         if self.qstats.dtype != torch.float32:
             self.qstats = stats.to(self.qstats.device)
+        self.use_kernel_layout(self.qweight.device.type in KERNEL_LAYOUT_DEVICES)
         return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.__dict__.get("kernel_layout", False):  # checkpoints hold the reference layout
+            destination[prefix + "qweight"] = self._reference_qweight()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # a copy: the live module keeps its cache
@@ -201,7 +244,9 @@ class QuantLinear(nn.Module):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))
+        self.kernel_layout = False  # the state dict holds the reference layout
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.use_kernel_layout(self.qweight.device.type in KERNEL_LAYOUT_DEVICES)
 
     def extra_repr(self) -> str:
         return (

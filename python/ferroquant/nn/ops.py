@@ -3,7 +3,9 @@ W, with a CPU kernel (the Rust core), a reference fallback (dequantize, then F.l
 formats the kernels do not cover yet, and a fake implementation so torch.compile can trace it.
 
 The op takes W as raw tensors (bytes in the reference layout, float32 statistics) plus the format
-description, so it round-trips through state_dicts and needs no Python objects.
+description, so it round-trips through state_dicts and needs no Python objects. A ggml weight
+that QuantLinear has repacked for its GPU kernels arrives in the split layout, named by the qtype
+"<qtype>+split" (ferroquant.cuda.qmatmul); every kernel here accepts both.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def qmatmul_reference(
     """y[..., n] = x[..., k] @ W.T with W (n x k) quantized as `qtype`."""
     if x.shape[-1] != k:
         raise ValueError(f"x has last dimension {x.shape[-1]}, the weight has {k} input features")
+    data, qtype = cuda_ops.reference_layout(data, qtype, n, k)  # "<qtype>+split"
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x.device.type == "cpu" and native_kernel_available(qtype):
@@ -95,8 +98,9 @@ def qmatmul(
     return qmatmul_reference(x, data, stats, qtype, n, k, block_size, scale_mode)
 
 
-# The CUDA kernel (ferroquant.cuda_ops; importing it touches no GPU).
-cuda_ops.register(qmatmul, qmatmul_reference)
+# The CUDA kernel (ferroquant.cuda.qmatmul; importing it touches no GPU): the kernels, else
+# dequantize on the GPU + torch matmul.
+cuda_ops.register(qmatmul)
 
 
 @qmatmul.register_fake
