@@ -5,6 +5,7 @@ split layout of the ggml formats. Correctness and speed on a GPU: benches/gpu_qm
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from ferroquant import _native
 
 peers_torch = pytest.importorskip("torch")
 
+from ferroquant.cuda import checks  # noqa: E402
 from ferroquant.cuda import nvrtc as fqcuda  # noqa: E402
 from ferroquant.cuda import qmatmul as cuda_ops  # noqa: E402
 
@@ -54,6 +56,49 @@ def test_every_kernel_compiles_to_ptx(arch):
         assert entries == set(fqcuda.kernel_names(qtype)), (qtype, entries)
 
 
+def _loops(ptx: str, name: str) -> list[list[str]]:
+    """The instructions of each loop of kernel `name` (a label up to the branch back to it)."""
+    m = re.search(r"\.entry\s+" + name + r"\s*\(.*?\n}\n", ptx, re.S)
+    assert m, name
+    lines = [ln.strip() for ln in m.group(0).split("\n")]
+    labels = {ln[:-1]: i for i, ln in enumerate(lines) if re.fullmatch(r"\$L__\w+:", ln)}
+    loops = []
+    for i, ln in enumerate(lines):
+        b = re.search(r"\bbra(?:\.uni)?\s+(\$L__\w+);", ln)
+        if b and labels.get(b.group(1), i) < i:
+            body = lines[labels[b.group(1)] : i + 1]
+            loops.append([x for x in body if x and not x.startswith(("$", "//"))])
+    return loops
+
+
+def _opcode(ins: str) -> str:
+    parts = ins.split()
+    return parts[1] if parts[0].startswith("@") else parts[0]
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_gemv_inner_loop_keeps_weight_loads_in_flight(arch):
+    """The PTX of every GEMV kernel: its main loop issues at least FQ_UNROLL x FQ_ROWS (4)
+    independent 16-byte streaming weight loads before the first FMA that consumes weights
+    (Little's law at HBM latency needs several per lane), and no loop divides (the statistics
+    index is a shift; only 32-bit constant divisions, which compile to multiplies, remain)."""
+    ptx = _ptx(arch)
+    for qtype, code in ptx.items():
+        text = code.decode()
+        for name in fqcuda.kernel_names(qtype):
+            if not name.startswith("fq_gemv_"):
+                continue
+            loops = _loops(text, name)
+            main = max(loops, key=len)
+            ops = [_opcode(i) for i in main]
+            first_fma = next(i for i, o in enumerate(ops) if o.startswith("fma.rn.f32"))
+            ahead = [o for o in ops[:first_fma] if re.match(r"ld\.global\.cs\.v4", o)]
+            assert len(ahead) >= 4, (name, arch, len(ahead))
+            for loop in loops:
+                divs = [o for o in map(_opcode, loop) if re.match(r"(div|rem)\.", o)]
+                assert not divs, (name, arch, divs)
+
+
 def _entry_params(ptx: str, name: str) -> list[str]:
     """PTX types of kernel `name`'s parameters, in order."""
     m = re.search(r"\.entry\s+" + name + r"\s*\((.*?)\)", ptx, re.S)
@@ -85,6 +130,9 @@ def test_launch_arguments_match_the_kernels(qtype, monkeypatch):
     monkeypatch.setattr(cuda_ops._cuda, "program", lambda *a, **k: prog)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    # CPU tensors stand in for CUDA ones: validate as for a CPU device
+    monkeypatch.setattr(cuda_ops, "validate", functools.partial(checks.validate, device_type="cpu"))
+    cuda_ops.clear_cache()
     qk = cuda_ops.GGML_SPLIT.get(qtype, (32,))[0]
     n, k = 37, 3 * max(qk, 64)
     qbits, meta, group = _random_weights(qtype, n, k, seed=3)
@@ -93,6 +141,7 @@ def test_launch_arguments_match_the_kernels(qtype, monkeypatch):
         stats = torch.zeros(0)
     else:
         data, stats = torch.from_numpy(qbits), torch.from_numpy(np.asarray(meta))
+    srs, sshift = _stat(qtype, n, k, group)
     kinds = {"ptr": "u64", "i32": "u32", "i64": "u64"}
     for m, dtype in ((3, torch.bfloat16), (20, torch.float16)):
         prog.launches.clear()
@@ -104,8 +153,10 @@ def test_launch_arguments_match_the_kernels(qtype, monkeypatch):
         if m <= cuda_ops.MAX_GEMV_M:
             assert name == fqcuda.gemv_kernel_name(qtype, act, 4)
             assert block == 32 * fqcuda.GEMV_WARPS and grid * fqcuda.GEMV_WARPS * prog.rows >= n
+            ks = cuda_ops.gemv_ksplit(n, k, qk, _spb(qtype), prog.rows, prog.sms)
             assert args[2:] == [("ptr", x.data_ptr()), ("ptr", y.data_ptr()), ("i32", m),
-                                ("i32", n), ("i32", k), ("i64", group or 0)]  # fmt: skip
+                                ("i32", n), ("i32", k), ("i64", srs), ("i32", sshift),
+                                ("i32", ks)]  # fmt: skip
         else:
             spb = cuda_ops.GGML_SPLIT[qtype][4] if qtype in cuda_ops.GGML_SPLIT else None
             spb = spb or cuda_ops.FLAT[qtype][1]
@@ -115,6 +166,7 @@ def test_launch_arguments_match_the_kernels(qtype, monkeypatch):
     # the tensor-core path: the mma kernel, then the split-K reduction when K is sliced
     for sms in (1, 132):
         prog.sms = sms
+        cuda_ops.clear_cache()  # launch plans are kept per program, whose SM count is fixed
         prog.launches.clear()
         x = torch.zeros(5, k, dtype=torch.bfloat16)
         y = cuda_ops.qmatmul_cuda(x, data, stats, qtype, n, k, 64, "row", path="mma")
@@ -239,14 +291,73 @@ def test_disk_cache_is_used(tmp_path, monkeypatch):
     monkeypatch.setenv("FERROQUANT_CACHE_DIR", str(tmp_path))
     first = fqcuda.compile_program("q8_0", "sm_80", "ptx")
     files = list(tmp_path.iterdir())
-    assert len(files) == 1 and files[0].read_bytes() == first
-    assert fqcuda.cache_key("q8_0", "sm_80", "ptx") in files[0].name
+    key = fqcuda.cache_key("q8_0", "sm_80", "ptx")
+    assert len(files) == 1 and key in files[0].name
+    assert fqcuda.unpack_cached(key, files[0].read_bytes()) == first
 
     def no_compile(*args):
         raise AssertionError("compiled again despite a cached result")
 
     monkeypatch.setattr(fqcuda, "_compile", no_compile)
     assert fqcuda.compile_program("q8_0", "sm_80", "ptx") == first
+
+
+def test_stale_or_foreign_cache_files_are_recompiled(tmp_path, monkeypatch):
+    """A cache file is loaded only when its header names this key and the code's sha256 and
+    length match: a file from an older ferroquant (no header), another key, a flipped byte or a
+    torn write is compiled again and replaced."""
+    _nvrtc_or_fail()
+    monkeypatch.setenv("FERROQUANT_CACHE_DIR", str(tmp_path))
+    key = fqcuda.cache_key("q8_0", "sm_80", "ptx")
+    real = fqcuda._compile
+    calls = []
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(fqcuda, "_compile", counting)
+    good = fqcuda.compile_program("q8_0", "sm_80", "ptx")
+    (path,) = tmp_path.iterdir()
+    blob = path.read_bytes()
+    flipped = bytearray(blob)
+    flipped[-10] ^= 1
+    other = fqcuda.pack_cached("0" * 64, good)
+    for bad in (good, bytes(flipped), blob[:-5], other, b"", fqcuda.CACHE_MAGIC + b"x y"):
+        path.write_bytes(bad)
+        calls.clear()
+        assert fqcuda.compile_program("q8_0", "sm_80", "ptx") == good
+        assert len(calls) == 1, "a bad cache file was loaded instead of recompiled"
+        assert fqcuda.unpack_cached(key, path.read_bytes()) == good  # and replaced
+    calls.clear()
+    assert fqcuda.compile_program("q8_0", "sm_80", "ptx") == good and not calls
+
+
+def test_cache_key_holds_the_full_nvrtc_version(monkeypatch):
+    """Two NVRTC builds of one minor version (a patch release) get different keys."""
+    _nvrtc_or_fail()
+    version = fqcuda.nvrtc_full_version()
+    assert version.startswith(".".join(map(str, fqcuda.nvrtc_version())))
+    key = fqcuda.cache_key("q4_0", "sm_90")
+    monkeypatch.setattr(fqcuda, "nvrtc_full_version", lambda: version + " nvidia-cuda-nvrtc=0")
+    assert fqcuda.cache_key("q4_0", "sm_90") != key
+
+
+def test_compile_target_for_new_and_old_devices():
+    """A device NVRTC knows gets a cubin; a newer one PTX of the newest known architecture (the
+    driver JIT-compiles it); one older than sm_80 is refused (the op then falls back)."""
+    known = [75, 80, 86, 89, 90, 100, 120]
+    assert fqcuda.compile_target(90, known) == ("cubin", 90)
+    assert fqcuda.compile_target(80, known) == ("cubin", 80)
+    assert fqcuda.compile_target(130, known) == ("ptx", 120)
+    assert fqcuda.compile_target(87, known) == ("ptx", 86)
+    for old in (70, 75):
+        with pytest.raises(fqcuda.CudaUnavailable, match="older than sm_80"):
+            fqcuda.compile_target(old, known)
+    with pytest.raises(fqcuda.CudaUnavailable, match="knows none"):
+        fqcuda.compile_target(90, [75])
+    _nvrtc_or_fail()
+    assert {80, 90} <= set(fqcuda.supported_archs())
 
 
 def test_arch_names():
@@ -836,8 +947,8 @@ def test_host_gemv_equals_its_emulation_bit_for_bit(host_traits, qtype):
         fn(qbits.ctypes.data, meta8.ctypes.data, xb.ctypes.data, y.ctypes.data, m, n, k,
            *_stat(qtype, n, k, group), ksplit, mt)  # fmt: skip
         want = _emulate_gemv(v, a, mn, x32, facts, ksplit)
-        assert np.array_equal(y.view(np.uint32), want.view(np.uint32)), (m, ksplit,
-                                                                          _first_diff(y, want))  # fmt: skip
+        same = np.array_equal(y.view(np.uint32), want.view(np.uint32))
+        assert same, (m, ksplit, _first_diff(y, want))
         x64 = x32.astype(np.float64)
         ref = x64 @ w64.T
         mag = np.abs(x64) @ (np.abs(a * v).astype(np.float64) + np.abs(mn)).T
