@@ -349,3 +349,66 @@ def test_split_module_computes_and_saves_the_reference(split_on, qtype):
     linear_mod.KERNEL_LAYOUT_DEVICES = ("cuda",)
     q2.use_kernel_layout(False)
     assert not q2.kernel_layout and torch.equal(q2.qweight, want_sd["qweight"])
+
+
+# ---- the prepared GPU script --------------------------------------------------------------------
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benches" / "gpu_qmatmul.py"
+    spec = importlib.util.spec_from_file_location("gpu_qmatmul", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_bench_imports_parses_and_reports():
+    """benches/gpu_qmatmul.py imports with the CPU-side packages, parses its options, covers
+    every kernel format, and its report pieces work on synthetic rows (markdown table with eager
+    and graph times, the suggested M = 2..16 default). --dry-run itself (every kernel compiled
+    with NVRTC) is test_every_kernel_compiles_to_ptx's work plus the CPU-side inputs."""
+    bench = _bench()
+    args = bench.build_parser().parse_args(["--dry-run", "--arch", "sm_80"])
+    assert args.dry_run and args.arch == "sm_80"
+    bases = {f.split("_")[0] if f.startswith(("int8", "nf4")) else f for f in bench.FORMATS}
+    assert bases == set(fqcuda.FORMATS)
+    rows = []
+    for m in bench.MMA_TIME_M:
+        for fmt in ("q4_k", "nf4", "q8_0"):
+            gemv = 10.0 + m
+            mma = 12.0 if m >= 8 else 30.0  # the tensor cores win from M = 8
+            rows.append(
+                {
+                    "K": 4096,
+                    "N": 4096,
+                    "M": m,
+                    "backend": f"ferroquant {fmt}",
+                    "time_us": gemv,
+                    "eager_us": 20.0,
+                    "GB_s": 1.0,
+                    "pct_copy_bw": 1.0,
+                }
+            )
+            rows.append({"K": 4096, "N": 4096, "M": m, "backend": f"ferroquant {fmt} mma",
+                         "time_us": mma, "GB_s": 1.0, "pct_copy_bw": 1.0})  # fmt: skip
+    assert bench.suggest_mma_min_m(rows) == 8
+    assert bench.suggest_mma_min_m([r for r in rows if "mma" not in r["backend"]]) is None
+    text = bench.table(rows, 3000.0)
+    assert "| 4096x4096 | 8 | ferroquant q4_k mma | 12.0 | - |" in text
+    assert "| eager us |" in text
+    report = {"ferroquant": "x", "date": "2026-12-06 04:00 UTC", "device": "NVIDIA H100"}
+    assert "card: NVIDIA H100; date: 2026-12-06" in bench.header(report)
+
+
+def test_gpu_bench_tolerance_covers_the_gemv_order():
+    """The bench's GEMV bound holds for the emulated kernel order's worst case sizes: it grows
+    with K/32 and the run length, and with the K-quants' mins."""
+    bench = _bench()
+    x = np.ones((1, 256))
+    w = np.full((2, 256), 0.5)
+    base = bench.tolerance(x, w, x @ w.T, 256, torch.bfloat16, False)
+    with_mins = bench.tolerance(x, w, x @ w.T, 256, torch.bfloat16, False, np.full((2, 256), 0.25))
+    assert np.all(with_mins > base) and np.all(base > 0)
