@@ -229,9 +229,40 @@ def test_driver_launch_marshals_arguments(monkeypatch):
     )
     prog = object.__new__(fqcuda._Program)
     prog.backend, prog.index, prog.kernels, prog._streams = "bindings", 0, {"k": "fn"}, {}
+    prog._packed = {}
     prog.launch("k", 5, 128, [("ptr", 0xDEADBEEF0), ("i32", -7), ("i64", 1 << 40)])
     assert seen == {"f": "fn", "grid": (5, 1, 1), "block": (128, 1, 1), "shmem": 0, "extra": 0,
                     "vals": [0xDEADBEEF0, -7, 1 << 40]}  # fmt: skip
+    # the packed parameter buffer is made once per kernel and argument kinds, refilled per call
+    prog.launch("k", 7, 128, [("ptr", 0x1230), ("i32", 3), ("i64", -5)])
+    assert seen["grid"] == (7, 1, 1) and seen["vals"] == [0x1230, 3, -5]
+    assert len(prog._packed) == 1
+
+
+def test_launch_plans_are_cached_per_shape(monkeypatch):
+    """A repeated call (a decode step) reuses its launch plan: the grid and split are computed
+    once per (format, M, N, K, dtype, path), not per call."""
+    import contextlib
+
+    torch = peers_torch
+    prog = _RecordingProgram()
+    monkeypatch.setattr(cuda_ops._cuda, "program", lambda *a, **k: prog)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(cuda_ops, "validate", functools.partial(checks.validate, device_type="cpu"))
+    cuda_ops.clear_cache()
+    made = []
+    real = cuda_ops.gemv_ksplit
+    monkeypatch.setattr(cuda_ops, "gemv_ksplit", lambda *a: made.append(a) or real(*a))
+    n, k = 64, 512
+    data = torch.zeros(n * k // 32 * 34, dtype=torch.uint8)
+    for _ in range(3):
+        cuda_ops.qmatmul_cuda(torch.zeros(1, k, dtype=torch.bfloat16), data, torch.zeros(0),
+                              "q8_0", n, k, 32, "")  # fmt: skip
+    assert len(made) == 1 and len(prog.launches) == 3
+    cuda_ops.qmatmul_cuda(torch.zeros(2, k, dtype=torch.bfloat16), data, torch.zeros(0), "q8_0",
+                          n, k, 32, "")  # fmt: skip
+    assert len(made) == 2
 
 
 def test_tuning_variants_compile():
