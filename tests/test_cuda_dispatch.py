@@ -412,3 +412,18 @@ def test_gpu_bench_tolerance_covers_the_gemv_order():
     base = bench.tolerance(x, w, x @ w.T, 256, torch.bfloat16, False)
     with_mins = bench.tolerance(x, w, x @ w.T, 256, torch.bfloat16, False, np.full((2, 256), 0.25))
     assert np.all(with_mins > base) and np.all(base > 0)
+
+
+@pytest.mark.parametrize("qtype", sorted(fallback.DECODED))
+def test_fallback_stays_on_the_device(qtype):
+    """The torch decoders on meta tensors: any copy through host memory (.cpu(), .numpy(), a
+    table made on the CPU per call) would fail there, so the fallback's per-call work is all
+    on the weight's device."""
+    n, k, bs = 8, 512, 64
+    mode = "row" if qtype in ("int8", "fp8_e4m3", "fp8_e5m2") else ""
+    nbytes, nstats = checks.expected_sizes(qtype, n, k, bs, mode)
+    data = torch.empty(nbytes, dtype=torch.uint8, device="meta")
+    stats = torch.empty(nstats, dtype=torch.float32, device="meta")
+    x = torch.empty(3, k, dtype=torch.bfloat16, device="meta")
+    y = fallback.qmatmul(x, data, stats, qtype, n, k, bs, mode)
+    assert y.device.type == "meta" and y.shape == (3, n) and y.dtype == torch.bfloat16

@@ -102,7 +102,8 @@ def _q6_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
     qh = b[:, 128:192].to(torch.int32).reshape(-1, 2, 1, 32)
     sc = b[:, 192:208].contiguous().view(torch.int8).float()  # [blk, 16]
     d = _half(b[:, 208:210])
-    shift = torch.tensor([0, 2, 4, 6], device=data.device, dtype=torch.int32).reshape(1, 1, 4, 1)
+    # (arange, not torch.tensor: made on the device, no host-to-device copy per call)
+    shift = torch.arange(0, 8, 2, device=data.device, dtype=torch.int32).reshape(1, 1, 4, 1)
     low = torch.cat([ql & 0xF, ql >> 4], dim=2)  # [blk, half, 4 quarters, 32]
     q = (low | (((qh >> shift) & 3) << 4)) - 32
     # quarter g of half h, element l uses scale 8h + 2g + l // 16
@@ -112,10 +113,15 @@ def _q6_k(data: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 def _bnb4(code: torch.Tensor) -> Callable[..., torch.Tensor]:
+    on_device: dict[torch.device, torch.Tensor] = {}  # the code copied to each device once
+
     def dec(data: torch.Tensor, stats: torch.Tensor, n: int, k: int, block_size: int):
         p = data.reshape(-1).to(torch.int64)
         q = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)  # element 2j: the high nibble
-        c = code.to(data.device)[q].reshape(-1, block_size)
+        table = on_device.get(data.device)
+        if table is None:
+            table = on_device[data.device] = code.to(data.device)
+        c = table[q].reshape(-1, block_size)
         return (c * stats.reshape(-1, 1).float()).reshape(n, k)
 
     return dec
