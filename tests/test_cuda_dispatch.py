@@ -265,12 +265,11 @@ def test_dispatch_kernels_or_fallback(monkeypatch):
 @pytest.mark.parametrize(
     "error",
     [fqcuda.CudaUnavailable("NVRTC not found"),
-     fqcuda.CudaUnavailable("Tesla T4 has compute capability 7.5"),
-     fqcuda.CudaCompileError("NVRTC failed")],
+     fqcuda.CudaUnavailable("Tesla T4 has compute capability 7.5")],
 )  # fmt: skip
 def test_unusable_device_falls_back_once_per_device(monkeypatch, error):
-    """No NVRTC, an old GPU or a compiler failure: forward still computes (fallback), warns
-    once, and the device is not asked again on later calls."""
+    """No NVRTC or an old GPU: forward still computes (fallback), warns once, and the device is
+    not asked again on later calls, whatever the format."""
     rec = _Recorder(monkeypatch, kernel_error=error)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -280,6 +279,19 @@ def test_unusable_device_falls_back_once_per_device(monkeypatch, error):
         rec.error = None  # another device is asked on its own
         assert _call("q4_k", bs=256, device=torch.device("cuda", 1)) == "kernel"
     assert len(seen) == 1 and str(error) in str(seen[0].message)
+
+
+def test_compile_error_falls_back_for_that_format(monkeypatch):
+    """NVRTC rejecting one format's program: that format falls back (warned once, not compiled
+    again); the other formats keep their kernels."""
+    rec = _Recorder(monkeypatch, kernel_error=fqcuda.CudaCompileError("NVRTC failed"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _call("q4_k", bs=256) == "fallback"
+        rec.error = None
+        assert _call("q4_k", bs=256) == "fallback"  # not compiled again
+        assert _call("q6_k", bs=256) == "kernel"
+    assert len(seen) == 1 and "q4_k kernels did not compile" in str(seen[0].message)
 
 
 def test_other_kernel_errors_propagate(monkeypatch):

@@ -370,8 +370,9 @@ def dequantize(
         return dequantize_cuda(prog, prep, base, _ACT[dtype], n, k, dtype, data.device, out)
 
 
-# device index -> why the kernels cannot run there (no NVRTC, an old GPU): asked once per device
-_device_refusal: dict[int, str] = {}
+# device index (no NVRTC, an old GPU) or (device index, qtype) (NVRTC rejected that format's
+# program) -> why the kernels cannot run there: asked once
+_device_refusal: dict[int | tuple[int, str], str] = {}
 
 
 def cuda_op(
@@ -384,14 +385,16 @@ def cuda_op(
     base, split = base_qtype(qtype)
     why = refusal(x, base, k, block_size, scale_mode)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    why = why or _device_refusal.get(index)
+    why = why or _device_refusal.get(index) or _device_refusal.get((index, base))
     if why is None:
         try:
             with torch.cuda.device(x.device):
                 return _qmatmul_cuda(x, data, stats, base, split, n, k, block_size, scale_mode,
                                      None, (), None, None)  # fmt: skip
-        except (_cuda.CudaUnavailable, _cuda.CudaCompileError) as e:
+        except _cuda.CudaUnavailable as e:
             why = _device_refusal[index] = f"the kernels cannot run on cuda:{index}: {e}"
+        except _cuda.CudaCompileError as e:
+            why = _device_refusal[(index, base)] = f"the {base} kernels did not compile: {e}"
     fallback.warn_once(why)
     ref, base = reference_layout(data, qtype, n, k)
     return fallback.qmatmul(x, ref, stats, base, n, k, block_size, scale_mode)
