@@ -83,7 +83,8 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 def _legacy_sym(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q4_0 (levels 16) / q5_0 (32): d = max / -(levels/2), q = min(levels-1, (i8)(x/d + l/2 + .5))."""
+    """q4_0 (levels 16) / q5_0 (32): d = max / -(levels / 2),
+    q = min(levels - 1, (int8)(x / d + levels / 2 + 0.5))."""
     half = levels // 2
     d = _signed_absmax(x) / -float(half)
     v = x * _inverse(d) + (half + 0.5)
@@ -92,8 +93,9 @@ def _legacy_sym(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tenso
     return (q - half).to(torch.float32) * _f16(d), keep
 
 
-def _legacy_min(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """q4_1 (16) / q5_1 (32): d = (max - min) / (levels-1), q = (i8)((x - min)/d + 0.5)."""
+def _legacy_min_parts(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_1 (16) / q5_1 (32) blocks as (q * d, m): d = (max - min) / (levels - 1),
+    q = (int8)((x - min) / d + 0.5), m = min, d and m stored as f16."""
     lo, hi = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
     d = (hi - lo) / float(levels - 1)
     v = (x - lo) * _inverse(d) + 0.5
@@ -102,7 +104,29 @@ def _legacy_min(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tenso
         q = torch.clamp(q, max=15)
     else:
         q = q & 31  # q5_1 keeps 5 bits without a clamp (never more than 31 for finite input)
-    return q.to(torch.float32) * _f16(d) + _f16(lo), torch.ones_like(x, dtype=torch.bool)
+    return q.to(torch.float32) * _f16(d), _f16(lo)
+
+
+def _legacy_min(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    qd, m = _legacy_min_parts(x, levels)
+    return qd + m, torch.ones_like(x, dtype=torch.bool)
+
+
+def min_format_parts(w: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_1 / q5_1 weights [n, k] apart: (q * d [n, k], the block minimums m [n, k / 32]); the
+    kernel multiplies them separately (the m term against the activations' q8_1 sums)."""
+    x = w.detach().to(torch.float32)
+    qd, m = _legacy_min_parts(_blocks(x, 32), 16 if qtype == "q4_1" else 32)
+    return qd.reshape(x.shape), m.reshape(x.shape[0], -1)
+
+
+def q8_1_sums(x: torch.Tensor) -> torch.Tensor:
+    """The q8_1 activation blocks' `s = f16(d * Σq)` [m, k / 32] (reference/q8_1.rs)."""
+    xb = x.detach().to(torch.float32).reshape(-1, 32)
+    d = xb.abs().amax(dim=1, keepdim=True) / 127.0
+    q = _c_to_i8(_round_half_away(xb * _inverse(d)))
+    s = q.sum(dim=1, keepdim=True).to(torch.float32) * d
+    return _f16(s).reshape(x.shape[0], -1)
 
 
 def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +135,9 @@ def _q8_0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.float32) * _f16(d), torch.ones_like(x, dtype=torch.bool)
 
 
-def _bnb4(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _bnb4(
+    x: torch.Tensor, qtype: str, kernel_codes: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     if qtype == "fp4":
         code = torch.tensor(_FP4_RAW, dtype=torch.float32) / 12.0
         order = torch.tensor(_FP4_ORDER)
@@ -123,7 +149,17 @@ def _bnb4(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = x.abs().amax(dim=1, keepdim=True)
     v = x * (1.0 / absmax.clamp(min=1e-38))
     bucket = torch.bucketize(v, bounds)  # the number of bounds below v
+    if kernel_codes:  # the CPU kernel's nf4 codes: round(code * 8191) / 8191 (reference/q16.rs)
+        code = torch.round(code * 8191.0) / 8191.0
     return code[order[bucket]] * absmax, torch.ones_like(x, dtype=torch.bool)
+
+
+def nf4_kernel_weights(w: torch.Tensor) -> torch.Tensor:
+    """nf4 weights as the CPU kernel multiplies them: its 16-bit codes `round(code * 8191)`
+    (within 6.1e-5 of the code) times absmax; the stored format's values are
+    `fake_quantize_weight`'s."""
+    x = w.detach().to(torch.float32)
+    return _bnb4(_blocks(x, qtype_info("nf4").block_size), "nf4", True)[0].reshape(x.shape)
 
 
 def _scaled(x: torch.Tensor, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +291,8 @@ def _act_q8_0(x: torch.Tensor) -> torch.Tensor:
 
 
 def _act_q8_k(x: torch.Tensor) -> torch.Tensor:
-    """quantize_row_q8_K_ref: iscale = -127/max, q = min(127, nearest_int(iscale x)), d = 1/iscale."""
+    """quantize_row_q8_K_ref: iscale = -127 / max, q = min(127, nearest_int(iscale x)),
+    d = 1 / iscale."""
     xb = x.reshape(-1, 256)
     m = _signed_absmax(xb)
     zero = m == 0

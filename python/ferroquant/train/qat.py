@@ -38,6 +38,9 @@ from .fake_quant import (
     clip_mask,
     fake_quantize_activation,
     fake_quantize_weight,
+    min_format_parts,
+    nf4_kernel_weights,
+    q8_1_sums,
 )
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -74,7 +77,14 @@ class _FakeQuantMatmul(torch.autograd.Function):
         else:
             wq, keep = fake_quantize_weight(w, qtype)
             xs = fake_quantize_activation(x2, qtype)
-            y = F.linear(xs, wq)
+            if qtype in ("q4_1", "q5_1"):
+                # the kernel's `d·q + m` weights: the m term meets the activations' f16 sums
+                qd, m = min_format_parts(w, qtype)
+                y = F.linear(xs, qd) + q8_1_sums(x2) @ m.t()
+            elif qtype == "nf4":
+                y = F.linear(xs, nf4_kernel_weights(w))
+            else:
+                y = F.linear(xs, wq)
         ctx.save_for_backward(xs, wq, keep)
         ctx.in_dtype, ctx.w_dtype = x.dtype, w.dtype
         return y.to(x.dtype).reshape(*x.shape[:-1], wq.shape[0])
@@ -89,6 +99,22 @@ class _FakeQuantMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = ((g2.t() @ xs) * keep).to(ctx.w_dtype)
         return gx, gw, None, None
+
+
+class _FakeQuantWeight(torch.autograd.Function):
+    """W -> its fake-quantized values, gradient passed where the format did not clip (for the
+    formats with neither a kernel nor an activation rounding: ternary)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, qtype: str) -> Any:
+        wq, keep = fake_quantize_weight(w, qtype)
+        ctx.save_for_backward(keep)
+        return wq.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> Any:
+        (keep,) = ctx.saved_tensors
+        return g * keep, None
 
 
 class FakeQuantLinear(nn.Linear):
@@ -139,6 +165,8 @@ class FakeQuantLinear(nn.Linear):
         return ok
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qtype == TERNARY:  # F.linear as the converted float Linear computes it
+            return F.linear(x, _FakeQuantWeight.apply(self.weight, TERNARY), self.bias)
         y = _FakeQuantMatmul.apply(x, self.weight, self.qtype, self.uses_kernel(x))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -168,7 +196,7 @@ def plan(
         raise QuantizeError(f"{type(model).__name__} has no nn.Linear layers to train quantized")
     out: dict[str, str | None] = {}
     if isinstance(recipe_or_qtype, str) and recipe_or_qtype.lower() == TERNARY:
-        for name, lin in linears:
+        for name, _ in linears:
             skipped = any(s == name or name.endswith("." + s) for s in skip)
             out[name] = None if skipped else TERNARY
         return out
