@@ -67,26 +67,26 @@ SPECIAL = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 0.25, 65504.0, -65504.0, 1e-30, -1e-
 
 @st.composite
 def weight_rows(draw):
-    rows = draw(st.integers(1, 3))
+    """2 rows of 256: a drawn pattern of 64 values tiled, with whole blocks of one kind
+    (constant, +-a ties, special values, mixed with arbitrary floats)."""
     kind = draw(st.sampled_from(["special", "constant", "ties", "mixed"]))
-    n = rows * 256
     if kind == "constant":
         v = draw(st.sampled_from(SPECIAL + [draw(st.floats(-1e3, 1e3, width=32))]))
-        x = np.full(n, v, np.float32)
+        x = np.full(64, v, np.float32)
     elif kind == "ties":
         a = draw(st.floats(9.999999682655225e-21, 6e4, width=32))
-        x = draw(st.lists(st.sampled_from([a, -a, 0.0, a / 2, -a / 3]), min_size=n, max_size=n))
-        x = np.asarray(x, np.float32)
+        x = draw(st.lists(st.sampled_from([a, -a, 0.0, a / 2, -a / 3]), min_size=64, max_size=64))
     else:
         elems = st.sampled_from(SPECIAL)
         if kind == "mixed":
             elems = st.one_of(elems, st.floats(-6e4, 6e4, width=32, allow_subnormal=True))
-        x = np.asarray(draw(st.lists(elems, min_size=n, max_size=n)), np.float32)
-    return torch.from_numpy(x.reshape(rows, 256))
+        x = draw(st.lists(elems, min_size=64, max_size=64))
+    row = np.tile(np.asarray(x, np.float32), 4)
+    return torch.from_numpy(np.stack([row, row[::-1].copy()]))
 
 
 @pytest.mark.parametrize("qtype", sorted(TORCH_QTYPES))
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(w=weight_rows())
 def test_fake_quant_equals_rust_reference_on_edge_cases(qtype, w):
     _assert_same_as_rust(w, qtype)
@@ -183,9 +183,9 @@ def test_q8_k_activation_rounding_matches_the_kernel_to_float_order(qtype):
 # ------------------------------------------------------------------ modules
 
 
-def _mlp(seed: int = 0) -> nn.Module:
+def _mlp(seed: int = 0, width: int = 256) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256, bias=False))
+    return nn.Sequential(nn.Linear(256, width), nn.GELU(), nn.Linear(width, 256, bias=False))
 
 
 @pytest.mark.parametrize("qtype", ALL_QTYPES + ["q4_k_m", "ternary"])
@@ -240,10 +240,10 @@ def test_input_gradient_flows_through_the_quantized_weight():
 
 def test_training_lowers_the_loss_and_scales_follow_the_weights():
     torch.manual_seed(0)
-    teacher = _mlp(1)
-    m = qat.prepare(_mlp(2), "q4_0", skip=())
+    teacher = _mlp(1, 64)
+    m = qat.prepare(_mlp(2, 64), "q4_0", skip=())
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    x = torch.randn(64, 256)
+    x = torch.randn(16, 256)
     with torch.no_grad():
         target = teacher(x)
     losses = []
