@@ -9,8 +9,9 @@ AdamW (ferroquant.train.loop.TrainConfig: lr --lr, no warm-up, grad-norm clip 1)
 norms and the tied head train too, every Linear but lm_head is quantized. Scoring: held-out
 lee.cor, its first --eval-tokens tokens in windows of 512, perplexity.
 
-Rows, each on a fresh copy of the model, the trainers stepped in turn (one step of each, then the
-next), so their step times share the machine's load:
+Rows, each on a fresh copy of the model; ferroquant's and torchao's QAT are stepped in turn (one
+step of each, then the next), so their step times share the machine's load; plain fine-tuning
+and ternary QAT run after them, alone. One thread for torch and ferroquant (--threads):
 - float: the model itself; PTQ: quantize_model(copy, "q4_0") (RTN, the kernels' q4_0).
 - fine-tune + PTQ: N plain float steps, then quantize_model(., "q4_0").
 - ferroquant QAT: qat.prepare(., "q4_0") (forward on the Rust q4_0 kernel, q8_0 activations),
@@ -21,8 +22,8 @@ next), so their step times share the machine's load:
 - ternary QAT: qat.prepare(., "ternary"), N steps; scored with the ternary weights (report only).
 recovered = (ppl_PTQ - ppl_row) / (ppl_PTQ - ppl_float).
 
-    python benches/bench_train.py [--steps 12] [--batch 4] [--seq-len 256] [--lr 2e-5]
-                                  [--eval-tokens 4096] [--json OUT.json]
+    python benches/bench_train.py [--steps 16] [--batch 2] [--seq-len 128] [--lr 1e-4]
+                                  [--eval-tokens 2048] [--threads 1] [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -103,15 +104,24 @@ def recovered(ptq: float, row: float, base: float) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--eval-tokens", type=int, default=2048)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and ferroquant threads (1: on a machine shared by several jobs, "
+        "two threads were 6x slower than one, measured 2026-12-06)",
+    )
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    print(f"# bench_train: {benchlib.machine()}", flush=True)
+    torch.set_num_threads(args.threads)
+    fq.set_num_threads(args.threads)
+    print(f"# bench_train: {benchlib.machine()}; {args.threads} thread(s)", flush=True)
     torch.manual_seed(0)
     base, tok = load_float_model()
     cfg = TrainConfig(steps=args.steps, lr=args.lr, batch=args.batch, seq_len=args.seq_len)
@@ -133,31 +143,44 @@ def main() -> int:
     res["ppl"]["ptq q4_0"] = ppl(fq.quantize_model(copy.deepcopy(base), "q4_0", progress=False))
     print(f"float {res['ppl']['float']:.3f}  ptq q4_0 {res['ppl']['ptq q4_0']:.3f}", flush=True)
 
-    engines: dict[str, nn.Module] = {
-        "fine-tune + PTQ": copy.deepcopy(base),
-        "ferroquant QAT q4_0": qat.prepare(copy.deepcopy(base), "q4_0"),
-        "ternary QAT": qat.prepare(copy.deepcopy(base), "ternary"),
-    }
+    logs: dict[str, Any] = {}
+
+    def run_phase(engines: dict[str, nn.Module]) -> None:
+        """Train the engines, one step of each in turn (so their step times share the load)."""
+        trainers = {k: Trainer(m, windows, cfg) for k, m in engines.items()}
+        for step in range(cfg.steps):
+            line = []
+            for name, t in trainers.items():
+                loss, dt = t.step()
+                line.append(f"{name} {loss:.3f} ({dt:.1f} s)")
+            print(f"step {step + 1}/{cfg.steps}: " + "; ".join(line), flush=True)
+        logs.update({k: t.log for k, t in trainers.items()})
+
+    # Phase 1: ours against the peer, interleaved. Phases 2 and 3 run alone (four models with
+    # their optimizer states at once would take about 7 GB on a machine shared by eight jobs).
+    phase1: dict[str, nn.Module] = {"ferroquant QAT q4_0": qat.prepare(copy.deepcopy(base), "q4_0")}
     if not args.no_torchao:
         res["ppl"]["torchao ptq"] = ppl(torchao_ptq(copy.deepcopy(base)))
-        engines["torchao QAT"] = torchao_prepare(copy.deepcopy(base))
-    trainers = {k: Trainer(m, windows, cfg) for k, m in engines.items()}
-    for step in range(cfg.steps):
-        line = []
-        for name, t in trainers.items():
-            loss, dt = t.step()
-            line.append(f"{name} {loss:.3f} ({dt:.1f}s)")
-        print(f"step {step + 1}/{cfg.steps}: " + "; ".join(line), flush=True)
+        phase1["torchao QAT"] = torchao_prepare(copy.deepcopy(base))
+    run_phase(phase1)
+    res["ppl"]["ferroquant QAT q4_0"] = ppl(qat.convert(phase1.pop("ferroquant QAT q4_0")))
+    if "torchao QAT" in phase1:
+        res["ppl"]["torchao QAT"] = ppl(torchao_convert(phase1.pop("torchao QAT")))
+    del phase1
 
-    m = engines["fine-tune + PTQ"]
+    phase2 = {"fine-tune + PTQ": copy.deepcopy(base)}
+    run_phase(phase2)
+    m = phase2.pop("fine-tune + PTQ")
     res["ppl"]["fine-tuned float"] = ppl(m)
     res["ppl"]["fine-tune + PTQ"] = ppl(fq.quantize_model(m, "q4_0", progress=False))
-    res["ppl"]["ferroquant QAT q4_0"] = ppl(qat.convert(engines["ferroquant QAT q4_0"]))
-    res["ppl"]["ternary QAT"] = ppl(qat.convert(engines["ternary QAT"]))
-    if "torchao QAT" in engines:
-        res["ppl"]["torchao QAT"] = ppl(torchao_convert(engines["torchao QAT"]))
-    res["losses"] = {k: t.log.losses for k, t in trainers.items()}
-    res["median_step_s"] = {k: t.log.median_step_s for k, t in trainers.items()}
+    del m
+
+    phase3 = {"ternary QAT": qat.prepare(copy.deepcopy(base), "ternary")}
+    run_phase(phase3)
+    res["ppl"]["ternary QAT"] = ppl(qat.convert(phase3.pop("ternary QAT")))
+
+    res["losses"] = {k: v.losses for k, v in logs.items()}
+    res["median_step_s"] = {k: v.median_step_s for k, v in logs.items()}
     res["qlora"] = qlora_section(base, tok, cfg, args)
     res["total_s"] = time.perf_counter() - t0
     res["load_end"] = benchlib.load()

@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", help="training text (default: gensim's lee_background.cor)")
     p.add_argument("--eval-text", help="held-out text (default: gensim's lee.cor)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens scored (0: all)")

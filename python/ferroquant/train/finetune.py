@@ -89,7 +89,7 @@ class FinetuneArgs:
     qat: str | None = None
     qtype: str | None = None
     steps: int = 20
-    lr: float = 2e-5
+    lr: float = 1e-4
     seq_len: int = 256
     batch: int = 4
     eval_text: str | None = None
