@@ -16,7 +16,6 @@ from typing import Any
 
 from .._extras import require
 from ..defaults import CALIBRATION_TEXT, EVAL_TEXT, read_text_file, resolve_model
-from ..models.recipes import recipe_for
 from ..tensor import QuantizeError
 
 OUT_SUFFIXES = (".gguf", ".safetensors")
@@ -108,6 +107,8 @@ def check(a: FinetuneArgs) -> tuple[str, LoraSpec | None]:
         raise ValueError("need --steps >= 1, --batch >= 1, --seq-len >= 2 and --lr > 0")
     if a.qat and a.qtype and a.qat.lower() != a.qtype.lower():
         raise ValueError(f"--qat {a.qat} and --qtype {a.qtype} disagree: --qat sets the qtype")
+    from ..models.recipes import recipe_for  # (models/ needs torch: imported after `require`)
+
     target = (a.qat or a.qtype or "q4_0").lower()
     if target != "ternary":
         recipe_for(target)  # an unknown name is a QuantizeError listing the valid ones
@@ -127,7 +128,8 @@ def check(a: FinetuneArgs) -> tuple[str, LoraSpec | None]:
 
 def run(a: FinetuneArgs, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train, quantize, score, write. Returns {ppl, losses, median_step_s, written}."""
-    import torch
+    torch = require("torch", "ferroquant finetune", "eval")
+    require("transformers", "ferroquant finetune", "eval")
 
     from ..models.quantize import quantize_model
     from . import qat
