@@ -1,6 +1,7 @@
 """`ferroquant finetune`: the argument checks (one clear error, nothing written, before any model
-is loaded), the --lora option's parser, and end-to-end runs on the shipped SmolLM2 model (QAT to
-GGUF, plain fine-tuning then quantization to safetensors)."""
+is loaded), the --lora option's parser, and end-to-end runs on a tiny llama GGUF with SmolLM2's
+tokenizer (QAT to GGUF that llama.cpp runs, plain fine-tuning then quantization to safetensors);
+the full-size run is benches/bench_train.py's."""
 
 from __future__ import annotations
 
@@ -57,6 +58,31 @@ def test_bad_output_and_model_paths(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A 2-layer, 64-wide llama with SmolLM2's tokenizer, as an f32 GGUF (seconds to train)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import ferroquant as fq
+
+    from peers import smollm2_gguf
+
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    fq.save_gguf_model(LlamaForCausalLM(cfg), path, tokenizer=smollm2_gguf(), float_type="f32")
+    return path
+
+
 def _tiny_run(tmp_path, *args: str) -> list[str]:
     text = tmp_path / "train.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
@@ -65,14 +91,13 @@ def _tiny_run(tmp_path, *args: str) -> list[str]:
     return ["finetune", *common, *args]
 
 
-def test_qat_run_writes_a_gguf_llama_cpp_reads(tmp_path, capsys):
+def test_qat_run_writes_a_gguf_llama_cpp_reads(tiny_gguf, tmp_path, capsys):
     import ferroquant as fq
 
-    from peers import require, smollm2_gguf
+    from peers import require
 
-    src = smollm2_gguf()
     out = tmp_path / "qat.gguf"
-    assert main(_tiny_run(tmp_path, str(src), "--qat", "q8_0", "-o", str(out))) == 0
+    assert main(_tiny_run(tmp_path, str(tiny_gguf), "--qat", "q8_0", "-o", str(out))) == 0
     log = capsys.readouterr().out
     assert "QAT q8_0" in log and "step 2/2  loss " in log and "held-out perplexity" in log
     with fq.gguf.open(out) as f:
@@ -85,11 +110,9 @@ def test_qat_run_writes_a_gguf_llama_cpp_reads(tmp_path, capsys):
     del llm
 
 
-def test_plain_run_quantizes_after_training_to_safetensors(tmp_path, capsys):
-    from peers import smollm2_gguf
-
+def test_plain_run_quantizes_after_training_to_safetensors(tiny_gguf, tmp_path, capsys):
     out = tmp_path / "plain.safetensors"
-    assert main(_tiny_run(tmp_path, str(smollm2_gguf()), "--qtype", "nf4", "-o", str(out))) == 0
+    assert main(_tiny_run(tmp_path, str(tiny_gguf), "--qtype", "nf4", "-o", str(out))) == 0
     log = capsys.readouterr().out
     assert "plain fine-tuning, then nf4" in log and out.is_file()
     from safetensors import safe_open
