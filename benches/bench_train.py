@@ -167,6 +167,7 @@ def main() -> int:
     if "torchao QAT" in phase1:
         res["ppl"]["torchao QAT"] = ppl(torchao_convert(phase1.pop("torchao QAT")))
     del phase1
+    print(f"ppl so far: {res['ppl']}", flush=True)
 
     phase2 = {"fine-tune + PTQ": copy.deepcopy(base)}
     run_phase(phase2)
@@ -174,6 +175,7 @@ def main() -> int:
     res["ppl"]["fine-tuned float"] = ppl(m)
     res["ppl"]["fine-tune + PTQ"] = ppl(fq.quantize_model(m, "q4_0", progress=False))
     del m
+    print(f"ppl so far: {res['ppl']}", flush=True)
 
     phase3 = {"ternary QAT": qat.prepare(copy.deepcopy(base), "ternary")}
     run_phase(phase3)
