@@ -252,7 +252,7 @@ def test_training_lowers_the_loss_and_scales_follow_the_weights():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0]
     w = m[0].weight
     with torch.no_grad():  # the forward quantizes the weights as they are now
