@@ -6,15 +6,16 @@ activations) exactly as ferroquant will store and multiply them; `convert(model)
 Two forwards, the same rounding:
 - "kernel" (the default on the CPU where the Rust core has a matmul kernel for the format): the
   current weights are quantized by the Rust reference and multiplied by the kernel itself, so the
-  training loss is computed on exactly the outputs the converted model (and, for ggml formats,
-  llama.cpp's dot products) produce.
-- "torch" (CUDA, torch.compile, formats without a kernel): `F.linear(fake_act(x), fake_w(W))`
-  with both roundings done in torch (`fake_quant.py`, bit-identical values); only the float
-  summation order differs from the kernel's.
+  training loss is computed on exactly the outputs the converted model produces (for ggml
+  formats: the blocks and activation rounding llama.cpp's CPU dot products use too).
+- "torch" (CUDA, torch.compile, formats without a kernel, ternary):
+  `F.linear(fake_act(x), fake_w(W))` with both roundings done in torch (`fake_quant.py`,
+  bit-identical values); only the float summation order differs from the kernel's.
 
 Backward (both): the straight-through estimator. dL/dx = dL/dy · W_q (through the activation
-rounding as if it were the identity), dL/dW = (dL/dy)ᵀ · x_q, zeroed where the format clipped
-the weight. Scales are recomputed from the current weights on every forward.
+rounding as if it were the identity), dL/dW = (dL/dy)ᵀ · x_q (kernel mode: x itself, see
+`_FakeQuantMatmul`), zeroed where the format clipped the weight. Scales are recomputed from
+the current weights on every forward.
 """
 
 from __future__ import annotations
