@@ -8,7 +8,8 @@ Two forwards, the same rounding:
   current weights are quantized by the Rust reference and multiplied by the kernel itself, so the
   training loss is computed on exactly the outputs the converted model produces (for ggml
   formats: the blocks and activation rounding llama.cpp's CPU dot products use too).
-- "torch" (CUDA, torch.compile, formats without a kernel, ternary):
+- "torch" (CUDA, formats without a kernel, ternary; also under torch.compile, which runs it but
+  may rewrite the rounding arithmetic: bit-identity is promised in eager mode only):
   `F.linear(fake_act(x), fake_w(W))` with both roundings done in torch (`fake_quant.py`,
   bit-identical values); only the float summation order differs from the kernel's.
 
