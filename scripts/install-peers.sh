@@ -17,6 +17,9 @@ say "torch, bitsandbytes, gguf-py, transformers, accelerate, gensim, ray, test t
   "transformers==5.23.0" "accelerate==1.15.0" "gensim==4.4.0" "matplotlib>=3.8" "tqdm>=4.60" \
   "cuda-bindings==13.5.0" "nvidia-cuda-nvrtc==13.2.86" "maturin>=1.7,<2" \
   "ray==2.60.0"
+# torchao: the QAT peer of benches/bench_train.py (0.18 runs on torch 2.15's CPU build; --no-deps
+# so that it never moves torch)
+"$PY" -m pip install --quiet --no-deps "torchao==0.18.0"
 if "$PY" -c "import llama_cpp" 2>/dev/null; then
   say "llama-cpp-python already installed"
 else

@@ -122,6 +122,7 @@ def _run_without_extras(*args: str) -> subprocess.CompletedProcess:
         (("convert", "{hf}", "{out}"), "hf"),
         (("quantize", "{gguf}", "{out}", "--qtype", "q8_0"), "hf"),
         (("eval", "--qtypes", "q8_0"), "eval"),
+        (("finetune", "--qat", "q4_0", "-o", "{out}"), "eval"),
     ],
 )
 def test_commands_name_the_missing_extra_in_one_line(tmp_path, args, extra):
