@@ -236,7 +236,9 @@ def tiny_llama(hf_dir, tmp_path_factory) -> tuple[Path, Path]:
     return out, f32
 
 
-@pytest.mark.parametrize("ftype", ["q2_k", "q3_k_m", "q4_k_s", "q5_k_m", "f16", "bf16"])
+@pytest.mark.parametrize(
+    "ftype", ["q2_k", "q3_k_m", "q4_k_s", "q5_k_m", "f16", "bf16", "tq1_0", "tq2_0"]
+)
 def test_mixes_pick_llama_cpp_s_types_on_a_gqa_model(tiny_llama, tmp_path, ftype):
     src, f32 = tiny_llama
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
