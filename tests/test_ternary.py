@@ -233,3 +233,58 @@ def test_matmul_bit_exact_with_libggml_vec_dot(qtype, dist, k):
         )
         assert same_bits(y[mi], want), (qtype, dist, mi, y[mi], want)
     assert same_bits(y1[0], y[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files and QuantLinear
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gguf_round_trip_with_gguf_py_and_libggml_bytes(qtype, tmp_path):
+    """Our writer's file read by gguf-py (type id 34 / 35, the bytes, its dequantization) and by
+    our reader; a file gguf-py writes from libggml's bytes read by ours."""
+    import ferroquant.gguf as fg
+
+    gguf = peers.require("gguf")
+    x = make("normal", 6, 512, seed=5)
+    qt = fq.quantize(x, qtype)
+    ours = tmp_path / "ours.gguf"
+    with fg.GGUFWriter(ours, "llama") as w:
+        w.add_tensor("t", qt)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    rt = gguf.GGUFReader(str(ours)).tensors[0]
+    assert rt.tensor_type == peers.gguf_qtype(qtype)
+    assert np.array_equal(np.asarray(rt.data).reshape(-1), qt.data.reshape(-1))
+    theirs = tmp_path / "theirs.gguf"
+    w2 = gguf.GGUFWriter(str(theirs), "llama")
+    w2.add_tensor("t", peers.ggml_quantize(x, qtype).reshape(6, -1), raw_dtype=rt.tensor_type)
+    w2.write_header_to_file()
+    w2.write_kv_data_to_file()
+    w2.write_tensors_to_file()
+    w2.close()
+    for path in (ours, theirs):
+        with fg.open(path) as f:
+            t = f.tensors["t"]
+            assert t.qtype == qtype and tuple(t.shape) == (6, 512)
+            assert np.array_equal(np.asarray(t.data).reshape(-1), qt.data.reshape(-1))
+            assert same_bits(t.dequantize(), fq.dequantize(qt))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quant_linear_runs_the_ternary_kernel(qtype):
+    """QuantLinear's forward is the CPU kernel on fq.quantize's bytes (bit for bit, no bias), and
+    a layer whose rows cannot hold blocks of 256 is one QuantizeError naming the shape."""
+    torch = peers.require("torch")
+    from ferroquant.nn import QuantLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 40, bias=False)
+    q = QuantLinear.from_linear(lin, qtype)
+    x = torch.randn(3, 512)
+    qt = fq.quantize(lin.weight.detach().numpy(), qtype)
+    want = _native.qmatmul(x.numpy(), qt.data.reshape(-1), qtype, 40, 512, 256, None, None)
+    assert same_bits(q(x).detach().numpy(), want)
+    with pytest.raises(fq.QuantizeError, match="576"):
+        QuantLinear.from_linear(torch.nn.Linear(576, 8), qtype)
