@@ -648,5 +648,40 @@ fn ternary_simd_paths_are_bit_identical_to_references() {
     for nb in [1usize, 2, 3, 7, 8, 9, 16, 17] {
         check_k_simd::<BlockTQ1_0>(&mut rng, nb, TERNARY[0].1);
         check_k_simd::<BlockTQ2_0>(&mut rng, nb, TERNARY[1].1);
+        check_ternary_row_z::<BlockTQ1_0>(&mut rng, nb, TERNARY[0].1);
+        check_ternary_row_z::<BlockTQ2_0>(&mut rng, nb, TERNARY[1].1);
+    }
+}
+
+/// The AVX-512 row kernel (`SumsK::dot_row_z`) against the reference, R = 1 and 4, with and
+/// without the prefetch; skipped (None) where the CPU lacks AVX-512 VNNI/BW.
+#[cfg(target_arch = "x86_64")]
+fn check_ternary_row_z<W: x86::SumsK>(rng: &mut Rng, nb: usize, halves: &[usize]) {
+    let name = std::any::type_name::<W>();
+    let data = blocks(rng, nb, std::mem::size_of::<W>(), halves);
+    let w: &[W] = bytemuck::cast_slice(&data);
+    let rows: Vec<Vec<BlockQ8K>> = (0..4)
+        .map(|i| {
+            let mut q = vec![BlockQ8K::zeroed(); nb];
+            r::quantize_row_q8_k(&rng.normalish(nb * QK_K, 0.5 + i as f32), &mut q);
+            q
+        })
+        .collect();
+    let x: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &rows[i][..]);
+    let want: [u32; 4] = std::array::from_fn(|i| r::dot_block_k(w, x[i]).to_bits());
+    for long in [false, true] {
+        // SAFETY: AVX2 detected by the caller; one activation block per weight block.
+        let Some(got) = (unsafe { W::dot_row_z(w, x, [&[]; 4], long) }) else {
+            assert!(!crate::cpu::has_vnni_bw(), "{name}: no AVX-512 kernel");
+            return;
+        };
+        assert_eq!(
+            got.map(f32::to_bits),
+            want,
+            "{name} nb={nb} R=4 long={long}"
+        );
+        // SAFETY: as above.
+        let one = unsafe { W::dot_row_z(w, [x[2]], [&[]], long) }.unwrap()[0];
+        assert_eq!(one.to_bits(), want[2], "{name} nb={nb} R=1 long={long}");
     }
 }

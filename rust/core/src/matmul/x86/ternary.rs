@@ -1,7 +1,8 @@
 //! `SumsK` (AVX2 integer sums) for tq1_0 and tq2_0: each super-block decoded to its 256 stored
 //! values `q + 1` (0, 1, 2) in element order, then `sums_k` with unit scales gives
 //! `(Σ (q + 1)·x, Σ bsums)`, and `Σ (q - 1)·x` is their difference (exact integers); the float
-//! part is the reference's (`dot_block_k`). Safety rules as in `x86.rs`.
+//! part is the reference's (`dot_block_k`). Where the CPU has AVX-512 F/BW/VL/VNNI the row
+//! kernel of `ternary/avx512.rs` runs instead (`SumsK::dot_row_z`). Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
 
@@ -10,6 +11,30 @@ use super::row_k::{load256, sums_k};
 use super::{DecodedK, SumsK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::BlockQ8K;
+
+mod avx512;
+use avx512::dot_row_ternary;
+
+/// `SumsK::dot_row_z` of the ternary formats: the AVX-512 row kernel (`avx512.rs`) where the
+/// CPU has it (it reads the q8_K blocks as stored, so `xz` is not needed).
+macro_rules! row_z_ternary {
+    () => {
+        #[inline(always)]
+        unsafe fn dot_row_z<const R: usize>(
+            w: &[Self],
+            x: [&[BlockQ8K]; R],
+            _xz: [&[u8]; R],
+            long: bool,
+        ) -> Option<[f32; R]> {
+            if crate::cpu::has_vnni_bw() {
+                // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's.
+                Some(unsafe { dot_row_ternary(w, x, long) })
+            } else {
+                None
+            }
+        }
+    };
+}
 
 /// tq1_0's base-3 digit of every byte of `v`: `((u8)(byte·p)·3) >> 8`, `p` the multiplier
 /// `3^n` of each byte's 16-bit lane (both bytes of a lane take the same digit), in 16-bit
@@ -51,6 +76,7 @@ fn unit(q: [__m256i; 8]) -> DecodedK {
 }
 
 impl SumsK for BlockTQ1_0 {
+    row_z_ternary!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); the 32-byte load is qs[0..32] (qs is 48), the
@@ -87,6 +113,7 @@ impl SumsK for BlockTQ1_0 {
 }
 
 impl SumsK for BlockTQ2_0 {
+    row_z_ternary!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs (64).
