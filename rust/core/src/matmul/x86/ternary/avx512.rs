@@ -154,8 +154,8 @@ pub(crate) unsafe fn dot_row_ternary<W: Decode512, const R: usize>(
             }
             // SAFETY: bsums is 16 i16 = the 32 bytes loaded.
             let bs = unsafe { _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i) };
-            let bsum = _mm512_reduce_add_epi32(_mm512_cvtepi16_epi32(bs));
-            let isum = _mm512_reduce_add_epi32(s) - bsum;
+            // Σ (q + 1)·x - Σ x in one horizontal sum (exact integers in any order)
+            let isum = _mm512_reduce_add_epi32(_mm512_sub_epi32(s, _mm512_cvtepi16_epi32(bs)));
             acc[r][b % LANES] += r::block_k_product(d, 0.0, xb.d, isum, 0);
         }
     }
