@@ -12,7 +12,8 @@
 //! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
 //! weight row). Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
-//! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it.
+//! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
+//! `x86/ternary/avx512.rs` at every M.
 //! FERROQUANT_FORCE_SCALAR=1 runs the references. On aarch64 `neon.rs` computes the same bits
 //! with NEON (`sdot` where the CPU has `dotprod`); other architectures run the references.
 //!
