@@ -132,21 +132,25 @@ pub fn quantize_row(qtype: QType, x: &[f32], out: &mut [u8]) {
 
 /// Dequantize one row of tq1_0 or tq2_0: `(q - 1)·d` (bit-exact with ggml and gguf-py).
 pub fn dequantize_row(qtype: QType, data: &[u8], y: &mut [f32]) {
-    let (unpacked, d): (Vec<[u8; QK_K]>, Vec<f32>) = match qtype {
-        QType::TQ1_0 => bytemuck::cast_slice::<u8, BlockTQ1_0>(data)
-            .iter()
-            .map(|b| (unpack_tq1_0(b), f16_to_f32(b.d)))
-            .unzip(),
-        QType::TQ2_0 => bytemuck::cast_slice::<u8, BlockTQ2_0>(data)
-            .iter()
-            .map(|b| (unpack_tq2_0(b), f16_to_f32(b.d)))
-            .unzip(),
-        _ => unreachable!("{qtype:?} is not a ternary format"),
-    };
-    for ((q, d), y) in unpacked.iter().zip(&d).zip(y.chunks_exact_mut(QK_K)) {
+    fn write(q: &[u8; QK_K], d: f32, y: &mut [f32]) {
         for (v, &q) in y.iter_mut().zip(q) {
             *v = (q as i32 - 1) as f32 * d;
         }
+    }
+    match qtype {
+        QType::TQ1_0 => {
+            let blocks: &[BlockTQ1_0] = bytemuck::cast_slice(data);
+            for (b, y) in blocks.iter().zip(y.chunks_exact_mut(QK_K)) {
+                write(&unpack_tq1_0(b), f16_to_f32(b.d), y);
+            }
+        }
+        QType::TQ2_0 => {
+            let blocks: &[BlockTQ2_0] = bytemuck::cast_slice(data);
+            for (b, y) in blocks.iter().zip(y.chunks_exact_mut(QK_K)) {
+                write(&unpack_tq2_0(b), f16_to_f32(b.d), y);
+            }
+        }
+        _ => unreachable!("{qtype:?} is not a ternary format"),
     }
 }
 
