@@ -236,7 +236,9 @@ def tiny_llama(hf_dir, tmp_path_factory) -> tuple[Path, Path]:
     return out, f32
 
 
-@pytest.mark.parametrize("ftype", ["q2_k", "q3_k_m", "q4_k_s", "q5_k_m", "f16", "bf16"])
+@pytest.mark.parametrize(
+    "ftype", ["q2_k", "q3_k_m", "q4_k_s", "q5_k_m", "f16", "bf16", "tq1_0", "tq2_0"]
+)
 def test_mixes_pick_llama_cpp_s_types_on_a_gqa_model(tiny_llama, tmp_path, ftype):
     src, f32 = tiny_llama
     ours, theirs = tmp_path / "ours.gguf", tmp_path / "theirs.gguf"
@@ -250,6 +252,30 @@ def test_mixes_pick_llama_cpp_s_types_on_a_gqa_model(tiny_llama, tmp_path, ftype
         wrong = [n for n, t in b.tensors.items() if not np.array_equal(a.tensors[n].data, t.data)]
         assert not wrong, f"bytes differ from llama.cpp's in {wrong[:3]}"
     assert len(set(types.values())) >= (2 if ftype in ("f16", "bf16") else 3)  # a real mix
+
+
+def test_cli_convert_and_quantize_to_ternary_give_llama_cpp_s_file(tiny_llama, tmp_path):
+    """`ferroquant convert HF_DIR out.gguf --qtype tq1_0` and `ferroquant quantize f32.gguf
+    out.gguf --qtype tq1_0` write the same tensors (llama.cpp's TQ1_0 file type rules, checked
+    byte for byte against llama_model_quantize above), and llama.cpp loads and runs the file."""
+    llama_cpp = require("llama_cpp")
+    src, f32 = tiny_llama
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    assert cli.main(["convert", str(src), str(a), "--qtype", "tq1_0", "--quiet"]) == 0
+    assert cli.main(["quantize", str(f32), str(b), "--qtype", "tq1_0", "--quiet"]) == 0
+    with fg.open(a) as fa, fg.open(b) as fb:
+        kinds = Counter(t.qtype for t in fa.tensors.values())
+        assert kinds["tq1_0"] == 8 * 6 and kinds["q4_0"] == 8  # ffn_down rows of 288: q4_0
+        assert fa.tensors["token_embd.weight"].qtype == "q4_k"
+        assert fa.tensors["output.weight"].qtype == "q6_k"
+        for n, t in fb.tensors.items():
+            assert fa.tensors[n].qtype == t.qtype and np.array_equal(fa.tensors[n].data, t.data)
+    llm = llama_cpp.Llama(str(a), n_ctx=32, n_threads=1, logits_all=True, verbose=False)
+    try:
+        llm.eval([1, 2, 3, 4])
+        assert np.isfinite(np.array(llm.scores[:4])).all()
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

@@ -76,12 +76,13 @@ from data import DISTRIBUTIONS, make
 GGML_QTYPES = (
     *("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"),
     *("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"),
+    *("tq1_0", "tq2_0"),
 )
 FP8_KINDS = ("fp8_e4m3_row", "fp8_e4m3_tensor", "fp8_e5m2_row", "fp8_e5m2_block")
 QTYPES = (*GGML_QTYPES, "nf4", "int8_row", "int8_block", *FP8_KINDS)
 BLOCK = {
     **dict.fromkeys(("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl"), 32),
-    **dict.fromkeys(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"), 256),
+    **dict.fromkeys(("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "tq1_0", "tq2_0"), 256),
 }
 MIN32 = ("q4_1", "q5_1")  # w = d·q + m per block of 32, activations quantized to q8_1
 U = 2.0**-24
@@ -310,6 +311,8 @@ VEC_DOT = {
     "q2_k": ("ggml_vec_dot_q2_K_q8_K_generic", "q8_K"),
     "q3_k": ("ggml_vec_dot_q3_K_q8_K_generic", "q8_K"),
     "iq4_xs": ("ggml_vec_dot_iq4_xs_q8_K_generic", "q8_K"),
+    "tq1_0": ("ggml_vec_dot_tq1_0_q8_K_generic", "q8_K"),
+    "tq2_0": ("ggml_vec_dot_tq2_0_q8_K_generic", "q8_K"),
 }
 
 

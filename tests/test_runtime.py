@@ -88,7 +88,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("runtime")
     out = {"f32": d / "f32.gguf"}
     write_f32_gguf(peers.smollm2_gguf(), out["f32"], N_LAYERS)
-    for q in ("q8_0", "q4_k_m"):
+    for q in ("q8_0", "q4_k_m", "tq2_0", "tq1_0"):
         out[q] = d / f"{q}.gguf"
         quantize_gguf(out["f32"], out[q], q)
     return out
@@ -236,7 +236,7 @@ def test_qkv_biases_match_llama_cpp(models, tmp_path):
 # -- quantized: the same activation quantization, ulp-level differences apart -----------------
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m", "tq1_0", "tq2_0"])
 def test_quantized_logits_close_to_llama_cpp(models, qtype):
     rt = LlamaRuntime.from_gguf(models[qtype], n_ctx=256)
     agree, total = 0, 0

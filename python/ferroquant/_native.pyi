@@ -42,8 +42,8 @@ def cuda_sources() -> list[tuple[str, str]]:
     ...
 
 # qmatmul's weight formats (rust/core/src/matmul; `qmatmul_qtypes()` is the authority): q4_0 q4_1
-# q5_0 q5_1 q8_0 iq4_nl (q8_0 / q8_1 activations), q2_k q3_k q4_k q5_k q6_k iq4_xs (q8_K
-# activations), nf4 int8 (16-bit activations per block of 64: reference/q16.rs), fp8_e4m3
+# q5_0 q5_1 q8_0 iq4_nl (q8_0 / q8_1 activations), q2_k q3_k q4_k q5_k q6_k iq4_xs tq1_0 tq2_0
+# (q8_K activations), nf4 int8 (16-bit activations per block of 64: reference/q16.rs), fp8_e4m3
 # fp8_e5m2 (f32 activations). ops.py dequantizes the others.
 def qmatmul(
     x: npt.NDArray[np.float32],

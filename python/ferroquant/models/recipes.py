@@ -2,18 +2,21 @@
 
 The mixes follow llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for the llama-family
 tensors: a recipe named like a llama.cpp file type (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q3_k_s,
-q3_k_m, q3_k_l, q2_k, q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs) picks the type of each
+q3_k_m, q3_k_l, q2_k, q6_k, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl, iq4_xs, tq1_0, tq2_0) picks the
+type of each
 tensor as `llama-quantize` does for that file type (no imatrix, not `--pure`):
 
 - the output head, and the token embedding when it doubles as the output head (tied
   embeddings), gets q6_k, or q8_0 where the row length is not a multiple of the file type's
   block size (q8_0 files keep q8_0);
+- tq1_0 / tq2_0 (ternary): an untied token embedding gets q4_k; every other weight the ternary
+  type;
 - attention v and ffn down get more bits in some layers (`use_more_bits`: the first and last
   eighth of the layers and every third layer between; q4_k_s: the first four v and the first
   eighth of ffn down; q3_k_m / q3_k_l / q2_k: their own rules, see `_mix_type`);
 - then, where the chosen type cannot hold a row (length not a multiple of its block size), the
   fallback of llama.cpp's `tensor_type_fallback`: q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0,
-  iq4_xs -> iq4_nl, q2_k / q3_k -> q4_0, f16 when even that does not fit.
+  iq4_xs -> iq4_nl, q2_k / q3_k / tq1_0 / tq2_0 -> q4_0, f16 when even that does not fit.
 
 Any other qtype name is "pure": every quantized weight gets that qtype (with the fallback).
 """
@@ -31,6 +34,8 @@ FALLBACK = {
     # (checked by tests/test_convert.py); older llama.cpp fell back from q2_k / q3_k to iq4_nl.
     "q2_k": "q4_0",
     "q3_k": "q4_0",
+    "tq1_0": "q4_0",
+    "tq2_0": "q4_0",
     "iq4_xs": "iq4_nl",
     "q4_k": "q5_0",
     "q5_k": "q5_1",
@@ -42,8 +47,9 @@ FTYPE_DEFAULT = {
     "q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1", "q8_0": "q8_0",
     "q2_k": "q2_k", "q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k",
     "q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_s": "q5_k", "q5_k_m": "q5_k", "q6_k": "q6_k",
-    "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs",
+    "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs", "tq1_0": "tq1_0", "tq2_0": "tq2_0",
 }  # fmt: skip
+TERNARY = ("tq1_0", "tq2_0")
 MIXES = tuple(k for k in FTYPE_DEFAULT if k.count("_") == 2 or k == "q2_k")
 
 
@@ -153,7 +159,10 @@ class Recipe:
                     q = "q8_0"
                 elif q != "q8_0":
                     q = "q6_k"
-            elif cat != "token_embd":
+            elif cat == "token_embd":
+                if self.name in TERNARY:
+                    q = "q4_k"
+            else:
                 q = _mix_type(self.name, q, cat, i_layer, max(n_layer, 1), self.n_gqa)
         return fit(q, cols)
 

@@ -20,6 +20,8 @@ pub enum QType {
     Q6K,
     IQ4NL,
     IQ4XS,
+    TQ1_0,
+    TQ2_0,
     NF4,
     FP4,
     Int8,
@@ -65,7 +67,7 @@ const fn ggml(
 }
 
 /// The table, in the order `fq.qtypes()` lists it.
-pub const QTYPES: [QTypeInfo; 20] = [
+pub const QTYPES: [QTypeInfo; 22] = [
     ggml(QType::F32, "f32", 1, 4, 0, "numpy"),
     ggml(QType::F16, "f16", 1, 2, 1, "numpy"),
     ggml(QType::BF16, "bf16", 1, 2, 30, "torch"),
@@ -81,6 +83,8 @@ pub const QTYPES: [QTypeInfo; 20] = [
     ggml(QType::Q6K, "q6_k", 256, 210, 14, "libggml"),
     ggml(QType::IQ4NL, "iq4_nl", 32, 18, 20, "libggml"),
     ggml(QType::IQ4XS, "iq4_xs", 256, 136, 23, "libggml"),
+    ggml(QType::TQ1_0, "tq1_0", 256, 54, 34, "gguf-py, libggml"),
+    ggml(QType::TQ2_0, "tq2_0", 256, 66, 35, "gguf-py, libggml"),
     // bitsandbytes 4-bit: 32 packed bytes per 64 weights plus an fp32 absmax per block.
     QTypeInfo {
         qtype: QType::NF4,

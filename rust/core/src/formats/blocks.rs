@@ -117,7 +117,28 @@ pub struct BlockIQ4XS {
     pub qs: [u8; QK_K / 2],
 }
 
+/// ggml's `block_tq1_0` (BitNet b1.58 ternary, 1.6875 bits a weight): 240 weights as base-3
+/// digits, five a byte in `qs`, the last 16 four a byte in `qh`, then the f16 scale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct BlockTQ1_0 {
+    pub qs: [u8; (QK_K - 4 * QK_K / 64) / 5],
+    pub qh: [u8; QK_K / 64],
+    pub d: Half,
+}
+
+/// ggml's `block_tq2_0` (ternary, 2.0625 bits a weight): four 2-bit values (q + 1) a byte,
+/// then the f16 scale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+pub struct BlockTQ2_0 {
+    pub qs: [u8; QK_K / 4],
+    pub d: Half,
+}
+
 const _: () = assert!(std::mem::size_of::<BlockQ4_0>() == 18);
+const _: () = assert!(std::mem::size_of::<BlockTQ1_0>() == 54);
+const _: () = assert!(std::mem::size_of::<BlockTQ2_0>() == 66);
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
 const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22);
 const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);

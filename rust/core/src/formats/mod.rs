@@ -15,6 +15,7 @@ pub mod legacy_avx2;
 pub mod legacy_imatrix;
 pub mod legacy_neon;
 pub mod tensor;
+pub mod ternary;
 
 use crate::qtype::QType;
 
@@ -108,6 +109,8 @@ pub fn ggml_quantize_row_scalar(qtype: QType, x: &[f32], out: &mut [u8], imatrix
         (Q8_0, _) => legacy::quantize_row_q8_0_ref(x, out),
         (Q2K | Q3K | Q4K | Q5K | Q6K, w) => k_quants::quantize_row(qtype, x, out, w),
         (IQ4NL | IQ4XS, w) => iq4::quantize_row(qtype, x, out, w),
+        // ggml's ternary quantizers ignore quant_weights too.
+        (TQ1_0 | TQ2_0, _) => ternary::quantize_row(qtype, x, out),
         (NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2, _) => {
             unreachable!("{qtype:?} is not a ggml row format")
         }
@@ -126,6 +129,7 @@ pub fn ggml_dequantize_row(qtype: QType, data: &[u8], y: &mut [f32]) {
         Q8_0 => legacy::dequantize_row_q8_0(data, y),
         Q2K | Q3K | Q4K | Q5K | Q6K => k_quants::dequantize_row(qtype, data, y),
         IQ4NL | IQ4XS => iq4::dequantize_row(qtype, data, y),
+        TQ1_0 | TQ2_0 => ternary::dequantize_row(qtype, data, y),
         NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2 => unreachable!("{qtype:?} is not a ggml row format"),
     }
 }

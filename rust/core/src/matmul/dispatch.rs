@@ -86,6 +86,8 @@ impl Plan<'_> {
                     QType::Q4K => self.dot_k::<BlockQ4K, R>(wrow, x, xz),
                     QType::Q5K => self.dot_k::<BlockQ5K, R>(wrow, x, xz),
                     QType::Q6K => self.dot_k::<BlockQ6K, R>(wrow, x, xz),
+                    QType::TQ1_0 => self.dot_k::<BlockTQ1_0, R>(wrow, x, xz),
+                    QType::TQ2_0 => self.dot_k::<BlockTQ2_0, R>(wrow, x, xz),
                     _ => self.dot_k::<BlockIQ4XS, R>(wrow, x, xz),
                 }
             }

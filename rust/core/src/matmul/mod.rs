@@ -12,7 +12,8 @@
 //! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
 //! weight row). Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
-//! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it.
+//! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
+//! `x86/ternary/avx512.rs` at every M.
 //! FERROQUANT_FORCE_SCALAR=1 runs the references. On aarch64 `neon.rs` computes the same bits
 //! with NEON (`sdot` where the CPU has `dotprod`); other architectures run the references.
 //!
@@ -23,7 +24,7 @@
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
 //! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
-//! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs → activations quantized to q8_K;
+//! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, tq1_0, tq2_0 → activations quantized to q8_K;
 //! nf4, int8 → activations quantized to 16 bits in blocks of 64 (`reference/q16.rs`);
 //! fp8_e4m3, fp8_e5m2 → f32 activations (the dequantized product within float rounding, fp8
 //! decoded exactly; no activation error added to the weights').
@@ -48,7 +49,7 @@ use crate::qtype::QType;
 use reference::BlockQ8K;
 
 /// The weight qtypes `qmatmul` accepts.
-pub const SUPPORTED: [QType; 16] = [
+pub const SUPPORTED: [QType; 18] = [
     QType::Q4_0,
     QType::Q4_1,
     QType::Q5_0,
@@ -61,6 +62,8 @@ pub const SUPPORTED: [QType; 16] = [
     QType::Q5K,
     QType::Q6K,
     QType::IQ4XS,
+    QType::TQ1_0,
+    QType::TQ2_0,
     QType::NF4,
     QType::Int8,
     QType::Fp8E4M3,

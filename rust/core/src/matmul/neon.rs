@@ -145,7 +145,7 @@ pub fn dot_block_k<W: BlockK, const R: usize>(w: &[W], x: [&[BlockQ8K]; R]) -> [
             }
         )*};
     }
-    neon_for!(BlockQ4K, BlockQ5K, BlockQ6K, BlockQ2K, BlockQ3K, BlockIQ4XS);
+    neon_for!(BlockQ4K, BlockQ5K, BlockQ6K, BlockQ2K, BlockQ3K, BlockIQ4XS, BlockTQ1_0, BlockTQ2_0);
     std::array::from_fn(|i| r::dot_block_k(w, x[i]))
 }
 

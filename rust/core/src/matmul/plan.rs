@@ -274,7 +274,14 @@ pub(super) fn plan<'a>(
             let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
             (Acts::Q8_1 { blocks, d, sums, s }, nb * 46)
         }
-        QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K | QType::IQ4XS => {
+        QType::Q2K
+        | QType::Q3K
+        | QType::Q4K
+        | QType::Q5K
+        | QType::Q6K
+        | QType::IQ4XS
+        | QType::TQ1_0
+        | QType::TQ2_0 => {
             let nb = k / QK_K;
             let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
             quantize_rows(x, k, &mut blocks, par, reference::quantize_row_q8_k);

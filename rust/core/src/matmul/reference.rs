@@ -11,6 +11,8 @@
 //!   (`quantize_row_q8_K_ref`: f32 scale `1/iscale`, `nearest_int`, plus the 16-element sums
 //!   `bsums`), an exact integer sum per super-block of 256 (sub-block scales applied in
 //!   integers), the minimum term from `bsums` (q2_k, q3_k, iq4_xs in `reference/k_low.rs`).
+//! - tq1_0, tq2_0 weights: activations to q8_K, the exact `Σ (q - 1)·x` per super-block times
+//!   `d_w·d_x` (`reference/ternary.rs`).
 //! - nf4, int8: activations to 16 bits per block of 64, exact integer sums over lanes of a few
 //!   elements, one fused multiply-add a lane (`reference/q16.rs`, which defines them).
 //! - fp8_e4m3, fp8_e5m2: activations stay f32; the weights are decoded in registers (no
@@ -48,6 +50,7 @@ use crate::formats::{fp8, legacy};
 mod k_low;
 pub mod q16;
 mod q8_1;
+mod ternary;
 pub use k_low::{scales_iq4_xs, scales_q3_k, unpack_iq4_xs, unpack_q2_k, unpack_q3_k};
 pub use q8_1::{
     block32_min_product, dot_block32_min, quantize_row_q8_1, unpack_q4_1, unpack_q5_1, BlockQ8_1,

@@ -432,6 +432,7 @@ pub(crate) use row_k::shift_bit_to_4;
 pub use row_k::{dot_block_k, dot_block_k_prefetch, interleave_k4, DecodedK, SumsK, XZ_BLOCK};
 
 mod k_low;
+mod ternary;
 pub use k_low::scales_q3_k_kmask;
 mod min32;
 pub mod row32;

@@ -29,6 +29,7 @@ pub trait DecodeK: BlockK {
 }
 
 mod k_low;
+mod ternary;
 
 /// 16 unsigned byte multipliers (one per bsum) widened to i32.
 #[inline(always)]

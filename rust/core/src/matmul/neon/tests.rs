@@ -277,6 +277,8 @@ fn k_quant_kernels_equal_the_reference() {
             check_block_k::<BlockQ3K>(&blocks(&mut rng, nb, 110, &[108]), &xs, &tag("q3_k"));
             let iq = blocks(&mut rng, nb, 136, &[0]);
             check_block_k::<BlockIQ4XS>(&iq, &xs, &tag("iq4_xs"));
+            check_block_k::<BlockTQ1_0>(&blocks(&mut rng, nb, 54, &[52]), &xs, &tag("tq1_0"));
+            check_block_k::<BlockTQ2_0>(&blocks(&mut rng, nb, 66, &[64]), &xs, &tag("tq2_0"));
         }
     }
 }
@@ -538,6 +540,9 @@ fn dispatch_takes_neon_where_it_exists_and_the_reference_otherwise() {
         n + 12,
         "q2_k, q3_k and iq4_xs must take the NEON kernel"
     );
+    dot_block_k::<BlockTQ1_0, 1>(bytemuck::cast_slice(&bk[..3 * 54]), k1);
+    dot_block_k::<BlockTQ2_0, 1>(bytemuck::cast_slice(&bk[..3 * 66]), k1);
+    assert_eq!(calls(), n + 14, "tq1_0 and tq2_0 must take the NEON kernel");
 }
 
 /// `dot_q16` takes the NEON kernels for nf4 and int8 (when NEON is on), `None` otherwise.
@@ -575,7 +580,9 @@ fn qmatmul_on_aarch64_equals_the_references() {
     use crate::qtype::QType;
     let mut rng = Rng(0x2468_ace0_1357_9bdf);
     let (n, nb) = (3usize, 9usize);
-    let cases: [(QType, &[usize]); 12] = [
+    let cases: [(QType, &[usize]); 14] = [
+        (QType::TQ1_0, &[52]),
+        (QType::TQ2_0, &[64]),
         (QType::Q2K, &[80, 82]),
         (QType::Q3K, &[108]),
         (QType::IQ4XS, &[0]),
@@ -648,6 +655,8 @@ fn reference_dot(qtype: crate::qtype::QType, w: &[u8], x: &[f32]) -> f32 {
         QType::Q3K => bk::<BlockQ3K>(w, x),
         QType::IQ4XS => bk::<BlockIQ4XS>(w, x),
         QType::Q5K => bk::<BlockQ5K>(w, x),
+        QType::TQ1_0 => bk::<BlockTQ1_0>(w, x),
+        QType::TQ2_0 => bk::<BlockTQ2_0>(w, x),
         _ => bk::<BlockQ6K>(w, x),
     }
 }

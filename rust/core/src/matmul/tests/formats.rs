@@ -601,3 +601,87 @@ fn fp8_nan_codes_give_nan_not_panic() {
         assert!(r::dot_fp8(&data[k..], &stats[1..], k, &x[..k], e5m2).is_nan());
     }
 }
+
+// ---------------------------------------------------------------- tq1_0, tq2_0 (q8_K)
+
+/// The ternary formats and the offsets of their f16 scale.
+const TERNARY: [(QType, &[usize]); 2] = [(QType::TQ1_0, &[52]), (QType::TQ2_0, &[64])];
+
+/// The reference's integer sum is Σ v·q_x over the dequantized digits v (scale set to 1.0, so
+/// the dequantizer, tested bit-exact against gguf-py and libggml, gives v in {-1, 0, 1}; tq2_0's
+/// unused code 3 gives 2 in both), for arbitrary bytes.
+#[test]
+fn ternary_sums_equal_the_dequantized_digits() {
+    let mut rng = Rng(0x7e57_7e57_0000_0001);
+    for (qtype, halves) in TERNARY {
+        let ts = qtype.info().type_size;
+        let mut data = blocks(&mut rng, 64, ts, halves);
+        for b in data.chunks_exact_mut(ts) {
+            b[ts - 2..].copy_from_slice(&f16_from_f32(1.0));
+        }
+        for (i, blk) in data.chunks_exact(ts).enumerate() {
+            let mut v = [0.0f32; QK_K];
+            ggml_dequantize_row(qtype, blk, &mut v);
+            let mut xq = [BlockQ8K::zeroed()];
+            r::quantize_row_q8_k(&rng.normalish(QK_K, 1.0), &mut xq);
+            let want: i32 = v
+                .iter()
+                .zip(&xq[0].qs)
+                .map(|(&a, &q)| a as i32 * q as i32)
+                .sum();
+            let got = match qtype {
+                QType::TQ1_0 => r::BlockK::sums(bytemuck::from_bytes::<BlockTQ1_0>(blk), &xq[0]),
+                _ => r::BlockK::sums(bytemuck::from_bytes::<BlockTQ2_0>(blk), &xq[0]),
+            };
+            assert_eq!(got, (want, 0), "{qtype:?} block {i}");
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn ternary_simd_paths_are_bit_identical_to_references() {
+    if !crate::cpu::has_avx2() {
+        return;
+    }
+    let mut rng = Rng(0x7e57_7e57_0000_0002);
+    for nb in [1usize, 2, 3, 7, 8, 9, 16, 17] {
+        check_k_simd::<BlockTQ1_0>(&mut rng, nb, TERNARY[0].1);
+        check_k_simd::<BlockTQ2_0>(&mut rng, nb, TERNARY[1].1);
+        check_ternary_row_z::<BlockTQ1_0>(&mut rng, nb, TERNARY[0].1);
+        check_ternary_row_z::<BlockTQ2_0>(&mut rng, nb, TERNARY[1].1);
+    }
+}
+
+/// The AVX-512 row kernel (`SumsK::dot_row_z`) against the reference, R = 1 and 4, with and
+/// without the prefetch; skipped (None) where the CPU lacks AVX-512 VNNI/BW.
+#[cfg(target_arch = "x86_64")]
+fn check_ternary_row_z<W: x86::SumsK>(rng: &mut Rng, nb: usize, halves: &[usize]) {
+    let name = std::any::type_name::<W>();
+    let data = blocks(rng, nb, std::mem::size_of::<W>(), halves);
+    let w: &[W] = bytemuck::cast_slice(&data);
+    let rows: Vec<Vec<BlockQ8K>> = (0..4)
+        .map(|i| {
+            let mut q = vec![BlockQ8K::zeroed(); nb];
+            r::quantize_row_q8_k(&rng.normalish(nb * QK_K, 0.5 + i as f32), &mut q);
+            q
+        })
+        .collect();
+    let x: [&[BlockQ8K]; 4] = std::array::from_fn(|i| &rows[i][..]);
+    let want: [u32; 4] = std::array::from_fn(|i| r::dot_block_k(w, x[i]).to_bits());
+    for long in [false, true] {
+        // SAFETY: AVX2 detected by the caller; one activation block per weight block.
+        let Some(got) = (unsafe { W::dot_row_z(w, x, [&[]; 4], long) }) else {
+            assert!(!crate::cpu::has_vnni_bw(), "{name}: no AVX-512 kernel");
+            return;
+        };
+        assert_eq!(
+            got.map(f32::to_bits),
+            want,
+            "{name} nb={nb} R=4 long={long}"
+        );
+        // SAFETY: as above.
+        let one = unsafe { W::dot_row_z(w, [x[2]], [&[]], long) }.unwrap()[0];
+        assert_eq!(one.to_bits(), want[2], "{name} nb={nb} R=1 long={long}");
+    }
+}

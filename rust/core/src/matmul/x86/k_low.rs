@@ -26,7 +26,7 @@ unsafe fn nibbles16(qs: &[u8]) -> __m256i {
 /// the match folds away).
 #[target_feature(enable = "avx2")]
 #[inline]
-fn srl16(v: __m256i, n: usize) -> __m256i {
+pub(super) fn srl16(v: __m256i, n: usize) -> __m256i {
     match n {
         0 => v,
         1 => _mm256_srli_epi16(v, 1),
