@@ -11,7 +11,15 @@ from .. import __version__
 from .._extras import EXTRA_FOR, MissingExtra
 
 _SUBCOMMANDS = (
-    "convert", "quantize", "inspect", "generate", "eval", "demo", "bench", "doctor", "kv_size"
+    "convert",
+    "quantize",
+    "inspect",
+    "generate",
+    "eval",
+    "demo",
+    "bench",
+    "doctor",
+    "kv_size",
 )
 
 

@@ -49,12 +49,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="exact KV-cache bytes per token and in total, per cache type",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    k.add_argument("model", metavar="MODEL_OR_CONFIG", help="a .gguf file, an HF folder or a config.json")
+    k.add_argument(
+        "model", metavar="MODEL_OR_CONFIG", help="a .gguf file, an HF folder or a config.json"
+    )
     k.add_argument("--tokens", default="4096", help="context length: 4096, 128K, 2M (K, M binary)")
-    k.add_argument("--kv", nargs="+", default=["all"],
-                   help="cache types (space or comma separated) or 'all'")  # fmt: skip
-    k.add_argument("--residual-bytes", type=int, default=2, choices=(2, 4),
-                   help="bytes per value of the int4/int2 full-precision residual (model dtype)")  # fmt: skip
+    k.add_argument(
+        "--kv", nargs="+", default=["all"], help="cache types (space or comma separated) or 'all'"
+    )
+    k.add_argument(
+        "--residual-bytes",
+        type=int,
+        default=2,
+        choices=(2, 4),
+        help="bytes per value of the int4/int2 full-precision residual (model dtype)",
+    )
     k.add_argument("--json", action="store_true", help="print JSON instead of a table")
     k.set_defaults(func=run)
 
@@ -78,10 +86,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"model": str(args.model), "shape": vars(shape), "rows": rows}))
         return 0
-    print(f"{args.model}: {shape.n_layer} layers x 2 (K, V) x {shape.n_head_kv} KV heads x "
-          f"head_dim {shape.head_dim}; {tokens:,} tokens (one sequence)")  # fmt: skip
+    print(
+        f"{args.model}: {shape.n_layer} layers x 2 (K, V) x {shape.n_head_kv} KV heads x "
+        f"head_dim {shape.head_dim}; {tokens:,} tokens (one sequence)"
+    )
     print(f"{'kv_type':<10} {'bytes/token':>12} {'total bytes':>18} {'total':>12}")
     for r in rows:
-        print(f"{r['kv_type']:<10} {r['bytes_per_token']:>12,} {r['total_bytes']:>18,} "
-              f"{_human(r['total_bytes']):>12}")  # fmt: skip
+        print(
+            f"{r['kv_type']:<10} {r['bytes_per_token']:>12,} {r['total_bytes']:>18,} "
+            f"{_human(r['total_bytes']):>12}"
+        )
     return 0
