@@ -103,8 +103,9 @@ class QuantizedLayer(CacheLayerMixin):
         self.workspace = workspace
         self.k_rows, self.v_rows = _Rows(), _Rows()
         self.n_quantized = 0  # tokens in the quantized rows
-        self.res_k: torch.Tensor | None = None  # KIVI residual (B, H, <32, D), model dtype
+        self.res_k: torch.Tensor | None = None  # KIVI residual (B, H, 32, D), model dtype
         self.res_v: torch.Tensor | None = None
+        self.n_res = 0
 
     def __repr__(self) -> str:
         return f"QuantizedLayer({self.kind}, {self.get_seq_length()} tokens)"
@@ -120,8 +121,11 @@ class QuantizedLayer(CacheLayerMixin):
         if value_states.shape[-1] != d:
             raise ValueError(f"keys have head_dim {d} but values {value_states.shape[-1]}")
         self.batch_size = b
-        self.res_k = key_states.new_empty(b, h, 0, d)
-        self.res_v = value_states.new_empty(b, h, 0, d)
+        # the KIVI residual: a fixed (B, H, 32, D) buffer, the first n_res tokens in use
+        room = GROUP if self.kivi else 0
+        self.res_k = key_states.new_empty(b, h, room, d)
+        self.res_v = value_states.new_empty(b, h, room, d)
+        self.n_res = 0
         self.is_initialized = True
 
     # ------------------------------------------------------------------------------ appending
@@ -131,16 +135,22 @@ class QuantizedLayer(CacheLayerMixin):
             self.v_rows.append(codecs.encode(self.kind, v, "v"))
             self.n_quantized += k.shape[2]
             return
-        if self.res_k.shape[2]:
-            k = torch.cat([self.res_k, k], dim=2)
-            v = torch.cat([self.res_v, v], dim=2)
+        r, n = self.n_res, k.shape[2]
+        if r + n < GROUP:  # the common decode step: one write into the residual buffer
+            self.res_k[:, :, r : r + n] = k
+            self.res_v[:, :, r : r + n] = v
+            self.n_res = r + n
+            return
+        if r:
+            k = torch.cat([self.res_k[:, :, :r], k], dim=2)
+            v = torch.cat([self.res_v[:, :, :r], v], dim=2)
         full = k.shape[2] // GROUP * GROUP
-        if full:
-            self.k_rows.append(codecs.encode(self.kind, k[:, :, :full], "k"))
-            self.v_rows.append(codecs.encode(self.kind, v[:, :, :full], "v"))
-            self.n_quantized += full
-        self.res_k = k[:, :, full:].clone()
-        self.res_v = v[:, :, full:].clone()
+        self.k_rows.append(codecs.encode(self.kind, k[:, :, :full], "k"))
+        self.v_rows.append(codecs.encode(self.kind, v[:, :, :full], "v"))
+        self.n_quantized += full
+        self.n_res = k.shape[2] - full
+        self.res_k[:, :, : self.n_res] = k[:, :, full:]
+        self.res_v[:, :, : self.n_res] = v[:, :, full:]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -154,7 +164,7 @@ class QuantizedLayer(CacheLayerMixin):
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, _, d = self.res_k.shape
         n = self.n_quantized
-        total = n + self.res_k.shape[2]
+        total = n + self.n_res
         out_k, out_v = self.workspace.get((b, h, total, d), self.dtype, self.device)
         if n:
             if self.dtype == torch.float32:
@@ -167,8 +177,8 @@ class QuantizedLayer(CacheLayerMixin):
                 out_k[:, :, :n].copy_(tmp_k)
                 out_v[:, :, :n].copy_(tmp_v)
         if total > n:
-            out_k[:, :, n:].copy_(self.res_k)
-            out_v[:, :, n:].copy_(self.res_v)
+            out_k[:, :, n:].copy_(self.res_k[:, :, : self.n_res])
+            out_v[:, :, n:].copy_(self.res_v[:, :, : self.n_res])
         return out_k, out_v
 
     def stored_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -179,14 +189,15 @@ class QuantizedLayer(CacheLayerMixin):
         """Bytes held: the quantized rows plus the full-precision residual."""
         res = 0
         if self.res_k is not None:
-            res = (self.res_k.numel() + self.res_v.numel()) * self.res_k.element_size()
+            per_token = self.res_k[:, :, :1].numel() * self.res_k.element_size()
+            res = 2 * self.n_res * per_token
         return self.k_rows.nbytes() + self.v_rows.nbytes() + res
 
     # ------------------------------------------------------------------ the Cache layer API
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.n_quantized + self.res_k.shape[2]
+        return self.n_quantized + self.n_res
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -198,6 +209,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.k_rows, self.v_rows = _Rows(), _Rows()
         self.n_quantized = 0
         self.res_k = self.res_v = None
+        self.n_res = 0
         self.is_initialized = False
 
     def _map_batch(self, fn: Any) -> None:
