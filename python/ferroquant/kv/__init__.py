@@ -27,6 +27,11 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if module in ("cache", "codecs"):  # a missing optional dependency names its extra
+        from .._extras import require
+
+        require("torch", f"ferroquant.kv.{name}", "torch")
+        require("transformers", f"ferroquant.kv.{name}", "hf")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # cached: later look-ups skip __getattr__
     return value
