@@ -7,12 +7,12 @@ Models: the GGUF's weights dequantized to float32 ("float"), and QuantLinear cop
 (`quantize_model(copy, "q8_0")`, `"q4_k_m"`): the weights the KV types are compared on.
 
 Perplexity: held-out lee.cor, the first window of `ctx` tokens (one window per ctx in --quick,
-else consecutive windows, stride ctx, while lee.cor lasts). Ours: one forward with the cache, so
-every token attends to the keys and values as the cache stores them (quantized once its group
-is complete; the harshest reading). The quanto peer returns its prompt unquantized in the
-forward that appends it, so it is fed in chunks of 256 tokens: each chunk attends to the earlier
-ones as quanto stores them. Reported against the f16 cache on the same weights (the issue's
-baseline) and with the f32 DynamicCache beside it.
+else consecutive windows, stride ctx, while lee.cor lasts), fed to every engine in chunks of
+--ppl-chunk (32) tokens, so that each token attends to the earlier ones as the cache holds them
+during a token-by-token stream (ours: int4 / int2 return the current chunk in full precision,
+as their residual would hold it; quanto keeps its own 128-token full-precision residual).
+Reported against our f16 cache on the same weights (the issue's baseline), with the f32
+DynamicCache beside it.
 
 Decode speed: greedy decoding of `--new-tokens` tokens after a prompt of P tokens (lee.cor),
 time of the decode steps only (model forward + cache), tokens/s; engines interleaved, medians
@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
 OURS = ["f16", "q8_0", "fp8_e4m3", "q4_0", "int4", "int2"]
+_PPL_CHUNK = 32
 TARGETS = {"q8_0": 0.1, "fp8_e4m3": 0.1, "int4": 1.0, "int2": 5.0}  # % over f16
 
 
@@ -74,7 +75,7 @@ def _cache(model: Any, engine: str) -> Any:
 @torch.no_grad()
 def _nll(model: Any, window: torch.Tensor, engine: str) -> tuple[float, int]:
     cache = _cache(model, engine)
-    chunk = 256 if engine.startswith("quanto") else window.numel()
+    chunk = _PPL_CHUNK
     logits = []
     for at in range(0, window.numel(), chunk):
         part = window[at : at + chunk].unsqueeze(0)
@@ -173,6 +174,8 @@ def speed_rows(
 
 def run(args: argparse.Namespace) -> list[dict]:
     """The benchmark's rows (dicts with kind "ppl" or "decode"); bench_kv.py may call this."""
+    global _PPL_CHUNK
+    _PPL_CHUNK = args.ppl_chunk
     torch.set_num_threads(args.threads or torch.get_num_threads())
     models, _, ids = _load(args.weights.split(","))
     ours = args.kv.split(",")
@@ -243,6 +246,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--decode-prompt", default="200,2048")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward when scoring")
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--no-quanto", dest="quanto", action="store_false")
     return ap

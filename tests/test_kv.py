@@ -213,14 +213,16 @@ def test_old_rows_never_change_and_chunking_does_not_matter(chunks: list[int], k
     for p_many, p_one in zip(layer.stored_parts(), one.stored_parts(), strict=True):
         for name in p_one:
             assert torch.equal(p_many[name], p_one[name])
-    # what update returns: the quantized groups dequantized, the residual as given
+    # what update returns: the quantized groups dequantized; the residual and (int4 / int2) the
+    # tokens of the last call as given
     n = sum(chunks)
     full = n // 32 * 32 if KV_TYPES[kind].kivi else n
+    m = min(full, n - chunks[-1]) if KV_TYPES[kind].kivi else n
     ok, ov = outs[-1]
     for got, x, role in ((ok, k, "k"), (ov, v, "v")):
         ref = _reference_states(kind, x[:, :, :full].numpy(), role)
-        assert np.array_equal(_bits(got[:, :, :full].numpy()), _bits(ref))
-        assert torch.equal(got[:, :, full:], x[:, :, full:])
+        assert np.array_equal(_bits(got[:, :, :m].numpy()), _bits(ref[:, :, :m]))
+        assert torch.equal(got[:, :, m:], x[:, :, m:])
 
 
 # ----------------------------------------------------------------- inside transformers' generate
@@ -267,23 +269,26 @@ def test_forward_fills_the_cache_with_the_formula_bytes(tiny_model, kind: str) -
     assert cache.nbytes() == kv_cache_bytes(tiny_model.config, kind, 70, residual_bytes=4)
 
 
+def _streamed_logits(model, ids: torch.Tensor, kind: str) -> torch.Tensor:
+    """Logits of `ids` fed in 32-token chunks (as a token-by-token stream attends)."""
+    cache = QuantizedCache(model.config, kind)
+    with torch.no_grad():
+        parts = [
+            model(ids[:, at : at + 32], past_key_values=cache, use_cache=True).logits
+            for at in range(0, ids.shape[1], 32)
+        ]
+    return torch.cat(parts, dim=1)
+
+
 def test_quantized_caches_stay_close_to_f32(tiny_model) -> None:
     ids = torch.arange(100).remainder(256).unsqueeze(0)
     with torch.no_grad():
-        ref = tiny_model(ids, past_key_values=QuantizedCache(tiny_model.config, "f32")).logits
-        errs = {
-            kind: (
-                tiny_model(ids, past_key_values=QuantizedCache(tiny_model.config, kind)).logits
-                - ref
-            )
-            .abs()
-            .max()
-            .item()
-            for kind in KINDS
-        }
-    assert errs["f32"] == 0.0
+        ref = tiny_model(ids).logits
+    errs = {k: (_streamed_logits(tiny_model, ids, k) - ref).abs().max().item() for k in KINDS}
+    assert errs["f32"] < 1e-4  # chunking only reorders float sums
     # finer formats err less: the order the bits give
     assert errs["f16"] < errs["q8_0"] < errs["q4_0"] and errs["int4"] < errs["int2"]
+    assert errs["f32"] < errs["f16"]
 
 
 def test_beam_search_and_quantlinear_model(tiny_model) -> None:

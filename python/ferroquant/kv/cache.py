@@ -12,9 +12,11 @@ full-precision copy is one layer's, transient, overwritten by the next layer's `
 memory saving holds. The returned tensors are views into that workspace, valid until the next
 layer's `update` (transformers' attention consumes them before that).
 
-The returned states are what the cache stores: the tokens of completed groups come back
-dequantized even within the forward pass that appended them (a prompt is attended as the cache
-will hold it, which makes perplexity over one forward measure the cache's error).
+The returned states are what the cache stores, except that for `int4` / `int2` the tokens of
+the current call come back in full precision (in a token-by-token decode they would still wait
+in the residual): feeding a text in 32-token chunks aligned to the groups then attends exactly
+as a token-by-token stream does (how benches/kv_hf.py measures perplexity). The per-token types
+return every token as stored, as the runtime's attention reads them.
 """
 
 from __future__ import annotations
@@ -158,7 +160,15 @@ class QuantizedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(key_states, value_states)
-        return self._materialize()
+        out_k, out_v = self._materialize()
+        if self.kivi:
+            # streaming semantics: the tokens of this call attend to each other (and to the
+            # earlier residual tokens) in full precision, as they would one token at a time,
+            # where a token waits in the residual until its 32-token group fills
+            n = key_states.shape[2]
+            out_k[:, :, -n:] = key_states
+            out_v[:, :, -n:] = value_states
+        return out_k, out_v
 
     # ------------------------------------------------------------------------------- reading
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
