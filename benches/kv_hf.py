@@ -1,0 +1,274 @@
+"""ferroquant.kv.QuantizedCache inside transformers, on SmolLM2-135M-Instruct (the shipped GGUF):
+quality and decode speed per cache type, against transformers' DynamicCache (the default, f32
+here) and transformers' own QuantizedCache with the optimum-quanto backend (4-bit, q_group_size
+64, residual 128: its defaults), in one run.
+
+Models: the GGUF's weights dequantized to float32 ("float"), and QuantLinear copies of that model
+(`quantize_model(copy, "q8_0")`, `"q4_k_m"`): the weights the KV types are compared on.
+
+Perplexity: held-out lee.cor, the first window of `ctx` tokens (one window per ctx in --quick,
+else consecutive windows, stride ctx, while lee.cor lasts), fed to every engine in chunks of
+--ppl-chunk (32) tokens, so that each token attends to the earlier ones as the cache holds them
+during a token-by-token stream (ours: int4 / int2 return the current chunk in full precision,
+as their residual would hold it; quanto keeps its own 128-token full-precision residual).
+Reported against our f16 cache on the same weights (the issue's baseline), with the f32
+DynamicCache beside it.
+
+Decode speed: greedy decoding of `--new-tokens` tokens after a prompt of P tokens (lee.cor),
+time of the decode steps only (model forward + cache), tokens/s; engines interleaved, medians
+(min-max) of --runs. The machine is shared: the load average is printed with each run.
+
+    python benches/kv_hf.py [--quick] [--runs 3] [--ctx 2048,4096] [--decode-prompt 200,2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
+OURS = ["f16", "q8_0", "fp8_e4m3", "q4_0", "int4", "int2"]
+_PPL_CHUNK = 32
+TARGETS = {"q8_0": 0.1, "fp8_e4m3": 0.1, "int4": 1.0, "int2": 5.0}  # % over f16
+
+
+def _load(weights: list[str]) -> tuple[dict[str, Any], Any, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    import ferroquant as fq
+    from ferroquant.defaults import default_model_path, default_text_path
+    from ferroquant.models.gguf_model import dequantize_model, load_gguf_model
+
+    path = default_model_path()
+    base = dequantize_model(load_gguf_model(path))
+    models = {}
+    for w in weights:
+        models[w] = base if w == "float" else fq.quantize_model(copy.deepcopy(base), w)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    text = default_text_path().read_text(encoding="latin-1")
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    return models, tok, ids
+
+
+def _cache(model: Any, engine: str) -> Any:
+    from transformers import DynamicCache
+    from transformers import QuantizedCache as HFQuantizedCache
+
+    from ferroquant.kv import QuantizedCache
+
+    if engine == "dynamic":
+        return DynamicCache(config=model.config)
+    if engine == "quanto-int4":
+        return HFQuantizedCache("quanto", model.config, nbits=4)
+    return QuantizedCache(model.config, engine)
+
+
+@torch.no_grad()
+def _nll(model: Any, window: torch.Tensor, engine: str) -> tuple[float, int]:
+    cache = _cache(model, engine)
+    chunk = _PPL_CHUNK
+    logits = []
+    for at in range(0, window.numel(), chunk):
+        part = window[at : at + chunk].unsqueeze(0)
+        logits.append(model(part, past_key_values=cache, use_cache=True).logits[0].float())
+    lg = torch.cat(logits)[:-1]
+    nll = torch.nn.functional.cross_entropy(lg, window[1:], reduction="sum")
+    return float(nll), window.numel() - 1
+
+
+def perplexity_rows(
+    models: dict[str, Any], ids: torch.Tensor, ctxs: list[int], engines: list[str], quick: bool
+) -> list[dict]:
+    rows = []
+    for ctx in ctxs:
+        n_win = 1 if quick else max(1, ids.numel() // ctx)
+        windows = [ids[i * ctx : (i + 1) * ctx] for i in range(n_win)]
+        if windows[0].numel() < ctx:
+            print(f"[kv_hf] lee.cor has {ids.numel()} tokens: ctx {ctx} skipped", flush=True)
+            continue
+        for w, model in models.items():
+            for engine in engines:
+                t0 = time.perf_counter()
+                tot, cnt = 0.0, 0
+                for win in windows:
+                    a, b = _nll(model, win, engine)
+                    tot, cnt = tot + a, cnt + b
+                ppl = math.exp(tot / cnt)
+                rows.append(
+                    {
+                        "kind": "ppl",
+                        "weights": w,
+                        "ctx": ctx,
+                        "engine": engine,
+                        "windows": n_win,
+                        "ppl": ppl,
+                    }
+                )
+                print(
+                    f"[kv_hf] ppl {w} ctx {ctx} {engine}: {ppl:.4f} "
+                    f"({time.perf_counter() - t0:.0f} s, load {benchlib.load()})",
+                    flush=True,
+                )
+    return rows
+
+
+@torch.no_grad()
+def _decode_tps(model: Any, prompt: torch.Tensor, engine: str, new_tokens: int) -> float:
+    cache = _cache(model, engine)
+    out = model(prompt.unsqueeze(0), past_key_values=cache, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def speed_rows(
+    models: dict[str, Any],
+    ids: torch.Tensor,
+    prompts: list[int],
+    engines: list[str],
+    new_tokens: int,
+    runs: int,
+) -> list[dict]:
+    rows = []
+    for w, model in models.items():
+        for p in prompts:
+            prompt = ids[:p]
+            fns = {
+                e: (lambda e=e, m=model, q=prompt: _decode_tps(m, q, e, new_tokens))
+                for e in engines
+            }
+            fns[engines[0]]()  # warm-up (allocator, threads)
+            res = benchlib.interleave(fns, runs)
+            for e, tps in res.items():
+                rows.append(
+                    {
+                        "kind": "decode",
+                        "weights": w,
+                        "prompt": p,
+                        "engine": e,
+                        "new_tokens": new_tokens,
+                        "tok_s": tps,
+                        "load": benchlib.load(),
+                    }
+                )
+            print(
+                f"[kv_hf] decode {w} prompt {p}: "
+                + ", ".join(f"{e} {benchlib.spread(v)}" for e, v in res.items())
+                + f" (load {benchlib.load()})",
+                flush=True,
+            )
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """The benchmark's rows (dicts with kind "ppl" or "decode"); bench_kv.py may call this."""
+    global _PPL_CHUNK
+    _PPL_CHUNK = args.ppl_chunk
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    models, _, ids = _load(args.weights.split(","))
+    ours = args.kv.split(",")
+    rows = []
+    if not args.no_ppl:
+        engines = ["dynamic", *ours] + (["quanto-int4"] if args.quanto else [])
+        rows += perplexity_rows(
+            models, ids, [int(c) for c in args.ctx.split(",")], engines, args.quick
+        )
+    speed_models = {w: m for w, m in models.items() if w in args.speed_weights.split(",")}
+    engines = ["dynamic", *[k for k in ours if k in args.speed_kv.split(",")]]
+    engines += ["quanto-int4"] if args.quanto else []
+    rows += speed_rows(
+        speed_models,
+        ids,
+        [int(p) for p in args.decode_prompt.split(",")],
+        engines,
+        args.new_tokens,
+        args.runs,
+    )
+    return rows
+
+
+def report(rows: list[dict]) -> str:
+    out = []
+    ppl = [r for r in rows if r["kind"] == "ppl"]
+    for w, ctx in dict.fromkeys((r["weights"], r["ctx"]) for r in ppl):
+        sel = {r["engine"]: r for r in ppl if r["weights"] == w and r["ctx"] == ctx}
+        f16 = sel.get("f16", {}).get("ppl")
+        body = []
+        for e, r in sel.items():
+            d = f"{100 * (r['ppl'] / f16 - 1):+.3f} %" if f16 else "-"
+            kind = e.split("-")[-1]
+            target = f"<= +{TARGETS[kind]} %" if kind in TARGETS and e in OURS else ""
+            body.append([e, f"{r['ppl']:.4f}", d, target, r["windows"]])
+        out.append(
+            f"Perplexity, weights {w}, ctx {ctx} (lee.cor):\n\n"
+            + benchlib.table(["cache", "ppl", "vs f16 cache", "target", "windows"], body)
+        )
+    dec = [r for r in rows if r["kind"] == "decode"]
+    for w, p in dict.fromkeys((r["weights"], r["prompt"]) for r in dec):
+        sel: dict[str, list[float]] = {}
+        for r in dec:
+            if r["weights"] == w and r["prompt"] == p:
+                sel.setdefault(r["engine"], []).append(r["tok_s"])
+        base = sel["dynamic"]
+        body = [[e, benchlib.spread(v), benchlib.ratio(v, base)] for e, v in sel.items()]
+        out.append(
+            f"Decode tokens/s, weights {w}, prompt {p} tokens:\n\n"
+            + benchlib.table(["cache", "tok/s median (min-max)", "vs DynamicCache"], body)
+        )
+    return "\n\n".join(out)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="one ppl window per ctx, float and q8_0 weights, speed on float only",
+    )
+    benchlib.add_runs(ap, 3)
+    ap.add_argument("--ctx", default="2048,4096")
+    ap.add_argument("--weights", default="float,q8_0,q4_k_m")
+    ap.add_argument("--kv", default=",".join(OURS), help="our cache types")
+    ap.add_argument("--speed-weights", default="float,q4_k_m")
+    ap.add_argument("--speed-kv", default="f16,q8_0,int4,int2")
+    ap.add_argument("--decode-prompt", default="200,2048")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward when scoring")
+    ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--no-quanto", dest="quanto", action="store_false")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.weights = (
+            "float,q8_0" if args.weights == parser().get_default("weights") else args.weights
+        )
+        args.speed_weights = "float"
+    print(
+        f"[kv_hf] {benchlib.machine()}; torch threads {args.threads or torch.get_num_threads()}",
+        flush=True,
+    )
+    rows = run(args)
+    print()
+    print(report(rows))
+    print(f"\n{benchlib.machine()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The KV-cache types and their exact sizes (numpy-free, torch-free: `ferroquant kv-size` runs on
+the core install).
+
+Every type stores 32-value groups. Bytes per 32 values (the format's block, scales included):
+
+| type       | group (32 values)                               | bytes / 32 values |
+|------------|-------------------------------------------------|-------------------|
+| `f32`      | 32 x f32                                        | 128               |
+| `f16`      | 32 x f16                                        | 64                |
+| `q8_0`     | ggml block: f16 d + 32 x i8, along head_dim      | 34                |
+| `fp8_e4m3` | f32 scale + 32 x e4m3, along head_dim            | 36                |
+| `q4_0`     | ggml block: f16 d + 16 bytes of nibbles          | 18                |
+| `int4`     | KIVI: f16 scale + f16 zero + 16 bytes of nibbles | 20                |
+| `int2`     | KIVI: f16 scale + f16 zero + 8 bytes of 2-bit    | 12                |
+
+so a token costs `n_layer x 2 (K and V) x n_head_kv x head_dim x bytes_per_32 / 32` bytes.
+`int4` / `int2` keep the newest tokens of an unfilled 32-token group (at most 31) in the
+model's dtype; `kv_cache_bytes` counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+GROUP = 32  # values per block / group, and tokens per KIVI key group
+
+
+@dataclass(frozen=True)
+class KVType:
+    name: str
+    bytes_per_group: int  # bytes for 32 values, scales included
+    kivi: bool  # quantized only when a 32-token group fills (residual in full precision)
+    doc: str
+
+
+KV_TYPES: dict[str, KVType] = {
+    t.name: t
+    for t in (
+        KVType("f32", 128, False, "float32, the exact reference"),
+        KVType("f16", 64, False, "IEEE half, round to nearest even"),
+        KVType("q8_0", 34, False, "ggml q8_0 blocks along head_dim"),
+        KVType("fp8_e4m3", 36, False, "e4m3fn values, one f32 scale (absmax/448) per 32"),
+        KVType("q4_0", 18, False, "ggml q4_0 blocks along head_dim"),
+        KVType("int4", 20, True, "KIVI 4-bit: keys per channel, values per token"),
+        KVType("int2", 12, True, "KIVI 2-bit: keys per channel, values per token"),
+    )
+}
+
+
+def kv_type(name: str) -> KVType:
+    """The KVType called `name` (ValueError listing the known ones otherwise)."""
+    t = KV_TYPES.get(str(name).lower())
+    if t is None:
+        raise ValueError(f"unknown kv_type {name!r}: expected one of {', '.join(KV_TYPES)}")
+    return t
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a KV cache's size depends on."""
+
+    n_layer: int
+    n_head_kv: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for field in ("n_layer", "n_head_kv", "head_dim"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"KV shape: {field} must be a positive integer, got {v!r}")
+        if self.head_dim % GROUP:
+            raise ValueError(
+                f"KV shape: head_dim {self.head_dim} is not a multiple of {GROUP} "
+                "(every cache type groups 32 values along head_dim)"
+            )
+
+
+def kv_shape(config: Any) -> KVShape:
+    """The KVShape of a transformers config, a config.json dict, or a KVShape."""
+    if isinstance(config, KVShape):
+        return config
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+        get = lambda k, d=None: getattr(config, k, d)  # noqa: E731
+    n_layer = get("num_hidden_layers")
+    n_head = get("num_attention_heads")
+    if n_layer is None or n_head is None:
+        raise ValueError("config: num_hidden_layers and num_attention_heads are required")
+    n_head_kv = get("num_key_value_heads") or n_head
+    head_dim = get("head_dim") or get("hidden_size", 0) // n_head
+    return KVShape(int(n_layer), int(n_head_kv), int(head_dim))
+
+
+def kv_bytes_per_token(config: Any, kv_type_name: str) -> int:
+    """Bytes one token's K and V take in the cache, all layers: exact, scales included
+    (`n_layer * 2 * n_head_kv * head_dim * bytes_per_group / 32`). For `int4` / `int2` this is the
+    quantized steady state; see `kv_cache_bytes` for the full-precision residual."""
+    s, t = kv_shape(config), kv_type(kv_type_name)
+    return s.n_layer * 2 * s.n_head_kv * (s.head_dim // GROUP) * t.bytes_per_group
+
+
+def kv_cache_bytes(config: Any, kv_type_name: str, tokens: int, residual_bytes: int = 2) -> int:
+    """Bytes of a cache holding `tokens` tokens of one sequence. KIVI types (`int4`, `int2`) hold
+    the last `tokens % 32` tokens in the model's dtype (`residual_bytes` per value: 2 for
+    f16/bf16, 4 for f32) until their group fills; the other types quantize every token."""
+    if not isinstance(tokens, int) or tokens < 0:
+        raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
+    s, t = kv_shape(config), kv_type(kv_type_name)
+    per_token = kv_bytes_per_token(s, t.name)
+    if not t.kivi:
+        return tokens * per_token
+    residual = tokens % GROUP
+    full_precision = s.n_layer * 2 * s.n_head_kv * s.head_dim * residual_bytes
+    return (tokens - residual) * per_token + residual * full_precision
