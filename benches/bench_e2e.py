@@ -224,6 +224,7 @@ class HF:
 
 
 def main() -> None:
+    global N_PROMPT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qtypes", default="q4_k_m,q8_0")
     ap.add_argument("--threads", default="1,2")
@@ -233,7 +234,6 @@ def main() -> None:
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                     "ferroquant-bench-e2e"))  # fmt: skip
     args = ap.parse_args()
-    global N_PROMPT
     N_PROMPT = min(max(args.prompt, 1), N_CTX - N_DECODE - 1, 512)
     qtypes = [q.strip() for q in args.qtypes.split(",") if q.strip()]
     threads = [int(t) for t in args.threads.split(",")]
