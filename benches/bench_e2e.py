@@ -10,8 +10,9 @@ dequantized to an f32 GGUF once, then llama.cpp's own quantizer (`llama_model_qu
 the q4_k_m and q8_0 files both engines load (hidden 576 is not a multiple of 256, so q4_k_m
 falls back per tensor to q5_0 / q8_0 as llama.cpp does). Files are cached in --cache.
 
-Prompt: the first 128 tokens of a fixed English text (gensim's lee.cor), tokenized by llama.cpp.
-Prompt tok/s: one forward over the 128 tokens (batch prefill) from an empty cache. Decode tok/s:
+Prompt: the first 128 tokens (--prompt, up to 512) of a fixed English text (gensim's lee.cor),
+tokenized by llama.cpp. Prompt tok/s: one forward over them (batch prefill) from an empty cache.
+Decode tok/s:
 64 greedy steps after it, each one forward of one token, the argmax taken in numpy from the
 returned logits by both engines (same Python loop). "ferroquant generate" is the same decode
 loop inside Rust (`LlamaRuntime.generate`). llama.cpp runs with its defaults (f16 KV cache, no
@@ -45,7 +46,8 @@ from ferroquant.runtime import LlamaRuntime  # noqa: E402
 
 from peers import require  # noqa: E402
 
-N_PROMPT, N_DECODE = 128, 64
+N_PROMPT, N_DECODE = 128, 64  # --prompt sets N_PROMPT
+N_CTX = 1024
 HEADERS = (
     "qtype", "threads", "engine", "prompt tok/s", "decode tok/s", "prompt vs llama.cpp",
     "decode vs llama.cpp", "decode CPU ms/token", "greedy prefix equal to llama.cpp's",
@@ -128,7 +130,7 @@ class LlamaCpp:
     def __init__(self, path: Path, threads: int) -> None:
         llama_cpp = require("llama_cpp")
         self.lib = llama_cpp
-        self.llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, n_threads=threads,
+        self.llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)  # fmt: skip
         self.vocab = self.llm.n_vocab()
 
@@ -156,7 +158,7 @@ class Ours:
 
     def __init__(self, path: Path, threads: int) -> None:
         self.threads = threads
-        self.rt = LlamaRuntime.from_gguf(path, n_threads=threads, n_ctx=512)
+        self.rt = LlamaRuntime.from_gguf(path, n_threads=threads, n_ctx=N_CTX)
 
     def run(self, prompt: list[int]) -> tuple[float, float, float, float, list[int]]:
         fq.set_num_threads(self.threads)
@@ -222,14 +224,17 @@ class HF:
 
 
 def main() -> None:
+    global N_PROMPT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--qtypes", default="q4_k_m,q8_0")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--prompt", type=int, default=N_PROMPT, help="prompt tokens (at most 512)")
     benchlib.add_runs(ap, 5)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers row")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                     "ferroquant-bench-e2e"))  # fmt: skip
     args = ap.parse_args()
+    N_PROMPT = min(max(args.prompt, 1), N_CTX - N_DECODE - 1, 512)
     qtypes = [q.strip() for q in args.qtypes.split(",") if q.strip()]
     threads = [int(t) for t in args.threads.split(",")]
     load_start = benchlib.load()

@@ -63,7 +63,9 @@ impl Plan<'_> {
                     _ => self.dot32::<BlockIQ4NL, R>(wrow, x, xd, xs),
                 }
             }
-            Acts::Q8_1 { blocks, d, sums, s } => {
+            Acts::Q8_1 {
+                blocks, d, sums, s, ..
+            } => {
                 let nb = k / QK8_0;
                 let x = rows.map(|mi| &blocks[mi * nb..(mi + 1) * nb]);
                 let xd = rows.map(|mi| &d[mi * nb..(mi + 1) * nb]);

@@ -106,6 +106,9 @@ enum Acts<'a> {
         d: Vec<f32>,
         sums: Vec<i32>,
         s: Vec<f32>,
+        /// Interleaved for the tile kernel as q8_0's `xt`; empty when it does not run.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        xt: Vec<u8>,
     },
     /// nf4, int8: each row quantized to 16 bits (`reference::q16`), `row` values a row (K
     /// rounded up to 64, zero padded; for the AVX-512 nf4 kernel each 64 split into even and
@@ -296,7 +299,9 @@ impl Plan<'_> {
                     self.panel::<NR>(n0 + i, ms.clone(), &mut yt[i * m..(i + NR) * m]);
                     i += NR;
                 }
-                while i < rows {
+                // (q4_1 / q5_1 have only the paired 512-bit tiles: their last rows take the
+                // row kernels below, with the same bits.)
+                while i < rows && !matches!(self.w.qtype, QType::Q4_1 | QType::Q5_1) {
                     self.panel::<1>(n0 + i, ms.clone(), &mut yt[i * m..(i + 1) * m]);
                     i += 1;
                 }

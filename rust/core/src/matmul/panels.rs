@@ -55,6 +55,8 @@ impl Plan<'_> {
             QType::Q8_0 => self.panel_w::<BlockQ8_0, P>(n0, ms, yt),
             QType::Q5_0 => self.panel_w::<BlockQ5_0, P>(n0, ms, yt),
             QType::IQ4NL => self.panel_w::<BlockIQ4NL, P>(n0, ms, yt),
+            QType::Q4_1 => self.panel_w::<BlockQ4_1, P>(n0, ms, yt),
+            QType::Q5_1 => self.panel_w::<BlockQ5_1, P>(n0, ms, yt),
             QType::Q4K => self.panel_k::<BlockQ4K, P>(n0, ms, yt),
             QType::Q5K => self.panel_k::<BlockQ5K, P>(n0, ms, yt),
             _ => self.panel_k::<BlockQ6K, P>(n0, ms, yt),
@@ -104,15 +106,22 @@ impl Plan<'_> {
         ms: std::ops::Range<usize>,
         yt: &mut [f32],
     ) {
-        let Acts::Q8_0 {
-            blocks,
-            d,
-            sums,
-            xt,
-            ..
-        } = &self.acts
-        else {
-            unreachable!("the tile path runs only with q8_0 activations")
+        let (blocks, d, sums, xt, s): (_, _, _, _, &[f32]) = match &self.acts {
+            Acts::Q8_0 {
+                blocks,
+                d,
+                sums,
+                xt,
+                ..
+            } => (blocks, d, sums, xt, &[]),
+            Acts::Q8_1 {
+                blocks,
+                d,
+                sums,
+                xt,
+                s,
+            } => (blocks, d, sums, xt, &s[..]),
+            _ => unreachable!("the 32-weight tiles run only with q8_0 / q8_1 activations"),
         };
         let nb = self.k / QK8_0;
         let gb = nb / reference::LANES * x86::tile::GROUP_BYTES;
@@ -124,12 +133,22 @@ impl Plan<'_> {
             blocks: &blocks[ms.start * nb..ms.end * nb],
             d: &d[ms.start * nb..ms.end * nb],
             sums: &sums[ms.start * nb..ms.end * nb],
+            s: s.get(ms.start * nb..ms.end * nb).unwrap_or_default(),
         };
         let mut out = vec![[0.0f32; P]; ms.len()];
         // SAFETY: tile is set only when AVX2, F16C and AVX-512 VNNI/VL were detected; every
         // weight row has nb blocks, x has ms.len() rows of nb blocks (gb interleaved bytes),
         // out has ms.len() entries.
-        unsafe { x86::tile::tile32_vnni(w, &x, &mut out) };
+        unsafe {
+            if P.is_multiple_of(2) && crate::cpu::has_vnni_bw() {
+                // SAFETY (also): AVX-512 F/BW were detected just now; P is even. (q4_1 / q5_1
+                // tile only with them: `plan`; their odd rows take the row kernels.)
+                x86::tile::tile32_vnni512(w, &x, &mut out)
+            } else {
+                debug_assert!(!W::HAS_MIN, "q4_1 / q5_1 have no 256-bit tile kernel");
+                x86::tile::tile32_vnni(w, &x, &mut out)
+            }
+        };
         let m = self.m;
         for (j, o) in out.iter().enumerate() {
             for (i, &v) in o.iter().enumerate() {

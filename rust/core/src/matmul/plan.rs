@@ -193,19 +193,25 @@ pub(super) fn plan<'a>(
     let par = m >= 4 && m.saturating_mul(k) >= 1 << 17;
     // The tiles from M = 2 on (at M = 1 the row kernels are faster: measured, the transposes
     // cost more than the horizontal sums they save when no second row shares them).
+    #[cfg(target_arch = "x86_64")]
+    let bw = crate::cpu::has_vnni_bw();
+    #[cfg(not(target_arch = "x86_64"))]
+    let bw = false;
     let tile = cfg!(target_arch = "x86_64")
         && vnni
         && m >= 2
-        && matches!(
-            w.qtype,
+        && match w.qtype {
             QType::Q4_0
-                | QType::Q5_0
-                | QType::Q8_0
-                | QType::IQ4NL
-                | QType::Q4K
-                | QType::Q5K
-                | QType::Q6K
-        );
+            | QType::Q5_0
+            | QType::Q8_0
+            | QType::IQ4NL
+            | QType::Q4K
+            | QType::Q5K
+            | QType::Q6K => true,
+            // only the 512-bit tile kernel has their `m·s` term
+            QType::Q4_1 | QType::Q5_1 => bw,
+            _ => false,
+        };
     // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
     #[cfg(target_arch = "x86_64")]
     let row32 = vnni
@@ -265,14 +271,33 @@ pub(super) fn plan<'a>(
             let nb = k / QK8_0;
             let mut q81 = vec![reference::BlockQ8_1::zeroed(); m * nb];
             quantize_rows(x, k, &mut q81, par, reference::quantize_row_q8_1);
-            let blocks = q81.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
+            let blocks: Vec<BlockQ8_0> =
+                q81.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
             let d = q81.iter().map(|b| f16_to_f32(b.d)).collect();
             let sums = q81
                 .iter()
                 .map(|b| b.qs.iter().map(|&q| q as i32).sum())
                 .collect();
             let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
-            (Acts::Q8_1 { blocks, d, sums, s }, nb * 46)
+            #[cfg(target_arch = "x86_64")]
+            let xt = if tile {
+                panels::interleave_q8_0_rows(&blocks, nb)
+            } else {
+                Vec::new()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let xt = Vec::new();
+            let row_bytes = if tile { k + nb * 12 } else { nb * 46 };
+            (
+                Acts::Q8_1 {
+                    blocks,
+                    d,
+                    sums,
+                    s,
+                    xt,
+                },
+                row_bytes,
+            )
         }
         QType::Q2K
         | QType::Q3K

@@ -569,6 +569,60 @@ fn tiles_equal_reference_for_any_m_and_n() {
     }
 }
 
+/// q4_1 / q5_1 (q8_1 activations, the `m·s` term) through the paired 512-bit tiles where the
+/// CPU has them: every output the reference's bits, for N with and without an odd panel (the
+/// last rows take the row kernels), K with and without a partial group, odd M, uneven blocks of
+/// rows, and any thread count.
+#[test]
+fn min32_tiles_equal_reference() {
+    let mut rng = Rng(0x5eed_4151_5eed_4151);
+    for qtype in [QType::Q4_1, QType::Q5_1] {
+        let info = qtype.info();
+        for (n, nb, m) in [
+            (8, 8, 2),
+            (13, 9, 13),
+            (17, 17, 67),
+            (16, 130, 5),
+            (3, 3, 4),
+        ] {
+            let k = nb * info.block_size;
+            let data = blocks(&mut rng, n * nb, info.type_size, &[0, 2]);
+            let x = rng.normalish(m * k, 2.0);
+            let w = view(qtype, n, k, &data);
+            let mut y = vec![0.0f32; m * n];
+            qmatmul(&x, m, &w, &mut y).unwrap();
+            let mut y1 = vec![0.0f32; m * n];
+            crate::parallel::set_num_threads(1);
+            let one = qmatmul(&x, m, &w, &mut y1);
+            crate::parallel::set_num_threads(0);
+            one.unwrap();
+            let mut xq = vec![r::BlockQ8_1::zeroed(); nb];
+            for mi in 0..m {
+                r::quantize_row_q8_1(&x[mi * k..(mi + 1) * k], &mut xq);
+                let xb: Vec<BlockQ8_0> =
+                    xq.iter().map(|b| BlockQ8_0 { d: b.d, qs: b.qs }).collect();
+                let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+                let xs: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.s)).collect();
+                for row in 0..n {
+                    let wr = &data[row * nb * info.type_size..(row + 1) * nb * info.type_size];
+                    let want = if qtype == QType::Q4_1 {
+                        r::dot_block32_min::<BlockQ4_1>(bytemuck::cast_slice(wr), &xb, &xd, &xs)
+                    } else {
+                        r::dot_block32_min::<BlockQ5_1>(bytemuck::cast_slice(wr), &xb, &xd, &xs)
+                    };
+                    for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{qtype:?} {what} n={n} nb={nb} m={m} row {row} act row {mi}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The K-quant tiles (groups of 8 super-blocks, tails in the row kernel's code) give every
 /// output the reference's bits.
 #[test]

@@ -135,6 +135,15 @@ pub trait Tile32: Load32 {
 
 impl Tile32 for BlockQ8_0 {}
 impl Tile32 for BlockQ5_0 {}
+impl Tile32 for BlockQ5_1 {}
+
+impl Tile32 for BlockQ4_1 {
+    #[inline(always)]
+    unsafe fn load8_t(w: &[Self]) -> [__m256i; 8] {
+        // SAFETY: AVX2 is available (contract); 16-byte loads of each block's qs.
+        unsafe { nibbles_t(qs16_transposed(std::array::from_fn(|l| &w[l].qs))) }
+    }
+}
 
 impl Tile32 for BlockQ4_0 {
     #[inline(always)]
@@ -168,6 +177,8 @@ pub struct RowsQ8<'a> {
     /// Each block's scale as f32 and the sum of its quants.
     pub d: &'a [f32],
     pub sums: &'a [i32],
+    /// q8_1 activations (q4_1 / q5_1 weights): each block's `s` as f32; empty for q8_0.
+    pub s: &'a [f32],
 }
 
 /// The outputs of `NR` weight rows (one panel) with every row of `x`: `out[r][i]` = the dot of
@@ -187,7 +198,7 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
     let rows = out.len();
     let gbytes = groups * GROUP_BYTES;
     debug_assert!(x.xt.len() >= rows * gbytes && x.d.len() >= rows * nb);
-    debug_assert!(W::BIAS.count_ones() == 1);
+    debug_assert!(W::BIAS.count_ones() == 1 && !W::HAS_MIN);
     let shift = _mm_cvtsi32_si128(W::BIAS.trailing_zeros() as i32);
     let mut acc = vec![[_mm256_setzero_ps(); NR]; rows];
     for g in 0..groups {
@@ -229,9 +240,25 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
             }
         }
     }
-    // The blocks after the last whole group: integer sums in SIMD, the float operations of
-    // `reference::block32_product` on the same lanes.
-    let mut lanes: Vec<[[f32; LANES]; NR]> = acc.iter().map(|a| a.map(lanes_of)).collect();
+    let lanes: Vec<[[f32; LANES]; NR]> = acc.iter().map(|a| a.map(lanes_of)).collect();
+    // SAFETY: the features of this function (the caller's contract); lengths as stated above.
+    unsafe { finish32(w, x, lanes, out) };
+}
+
+/// The blocks after the last whole group (integer sums in SIMD, the float operations of
+/// `reference::block32_product` on the same lanes), then `hsum8` of every output's lanes.
+///
+/// # Safety
+/// As `tile32_vnni`; `lanes` has `out.len()` entries.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn finish32<W: Tile32, const NR: usize>(
+    w: [&[W]; NR],
+    x: &RowsQ8<'_>,
+    mut lanes: Vec<[[f32; LANES]; NR]>,
+    out: &mut [[f32; NR]],
+) {
+    let nb = w[0].len();
+    let groups = nb / LANES;
     for b in groups * LANES..nb {
         for i in 0..NR {
             // SAFETY: AVX2 (contract); w[i][b] is one whole block (checked index).
@@ -241,7 +268,12 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
                 let at = rr * nb + b;
                 // SAFETY: AVX-512 VL/VNNI (contract, `cpu::has_vnni`); the block is a checked index.
                 let isum = unsafe { isum_vnni::<W>(wu, &x.blocks[at], x.sums[at]) };
-                l[i][b % LANES] += (dw * x.d[at]) * isum as f32;
+                l[i][b % LANES] += if W::HAS_MIN {
+                    // `reference::block32_min_product`
+                    (dw * x.d[at]) * isum as f32 + f16_to_f32(w[i][b].m()) * x.s[at]
+                } else {
+                    (dw * x.d[at]) * isum as f32
+                };
             }
         }
     }
@@ -250,4 +282,187 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
             o[i] = r::hsum8(&l[i]);
         }
     }
+}
+
+/// One group of a panel's weights decoded for `tile32_vnni512`: `q[t][i]` = vector t of weight
+/// row i (`Tile32::load8_t`), `d[i]` its 8 block scales; on 64 bytes so that rows 2p and
+/// 2p + 1 load as one 512-bit vector.
+#[repr(C, align(64))]
+struct PanelGroup<const NR: usize> {
+    q: [[__m256i; NR]; 8],
+    d: [__m256; NR],
+    /// q4_1 / q5_1: the 8 block offsets `m` (zero otherwise).
+    m: [__m256; NR],
+}
+
+/// `tile32_vnni` on 512-bit vectors: each vector holds two weight rows (2p in lanes 0..8,
+/// 2p + 1 in lanes 8..16) against one activation row broadcast to both halves, so one
+/// `vpdpbusd` does the work of two and every lane keeps the arithmetic (and the bits) of the
+/// 256-bit kernel: lane l of either half is the reference's float lane of block 8g + l.
+///
+/// # Safety
+/// As `tile32_vnni`, plus AVX-512 F/BW (`cpu::has_vnni_bw`); NR is even.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn tile32_vnni512<W: Tile32, const NR: usize>(
+    w: [&[W]; NR],
+    x: &RowsQ8<'_>,
+    out: &mut [[f32; NR]],
+) {
+    assert!(NR.is_multiple_of(2), "weight rows go in pairs");
+    let np = NR / 2;
+    let nb = w[0].len();
+    let groups = nb / LANES;
+    let rows = out.len();
+    let gbytes = groups * GROUP_BYTES;
+    debug_assert!(x.xt.len() >= rows * gbytes && x.d.len() >= rows * nb);
+    debug_assert!(W::BIAS == 0 || W::BIAS.count_ones() == 1);
+    debug_assert!(!W::HAS_MIN || x.s.len() >= rows * nb);
+    let shift = _mm_cvtsi32_si128(W::BIAS.trailing_zeros().min(32) as i32);
+    let mut acc = vec![_mm512_setzero_ps(); rows * np];
+    let mut pg = PanelGroup::<NR> {
+        q: [[_mm256_setzero_si256(); NR]; 8],
+        d: [_mm256_setzero_ps(); NR],
+        m: [_mm256_setzero_ps(); NR],
+    };
+    for g in 0..groups {
+        for i in 0..NR {
+            let wg = &w[i][g * LANES..g * LANES + LANES];
+            // SAFETY: AVX2, the caller's contract; wg is a checked slice of 8 blocks.
+            let v = unsafe { W::load8_t(wg) };
+            for (t, q) in pg.q.iter_mut().enumerate() {
+                q[i] = v[t];
+            }
+            let dh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].d()));
+            // SAFETY: dh is 8 u16, the 16 bytes loaded; F16C (contract).
+            pg.d[i] = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+            if W::HAS_MIN {
+                let mh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].m()));
+                // SAFETY: mh is 8 u16, the 16 bytes loaded; F16C (contract).
+                pg.m[i] =
+                    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(mh.as_ptr() as *const __m128i) });
+            }
+        }
+        // Activation rows in fours (weights and activations each loaded once per four
+        // `vpdpbusd`: the kernel is bound by the multiply units, not the loads).
+        let mut rr = 0;
+        while rr < rows {
+            let r = (rows - rr).min(4);
+            let a = &mut acc[rr * np..(rr + r) * np];
+            let at = (rr, g, gbytes, nb);
+            // SAFETY: the features of this function; rows rr..rr + r exist (r <= rows - rr).
+            unsafe {
+                match r {
+                    1 => group_rows::<W, NR, 1>(&pg, x, at, shift, a),
+                    2 => group_rows::<W, NR, 2>(&pg, x, at, shift, a),
+                    3 => group_rows::<W, NR, 3>(&pg, x, at, shift, a),
+                    _ => group_rows::<W, NR, 4>(&pg, x, at, shift, a),
+                }
+            }
+            rr += r;
+        }
+    }
+    let lanes: Vec<[[f32; LANES]; NR]> = acc
+        .chunks_exact(np)
+        .map(|a| {
+            let mut l = [[0.0f32; LANES]; NR];
+            for (p, v) in a.iter().enumerate() {
+                let h = lanes16(*v);
+                l[2 * p].copy_from_slice(&h[..LANES]);
+                l[2 * p + 1].copy_from_slice(&h[LANES..]);
+            }
+            l
+        })
+        .collect();
+    // SAFETY: the features of this function (the caller's contract); lengths as stated above.
+    unsafe { finish32(w, x, lanes, out) };
+}
+
+/// Group g of activation rows `rr..rr + R` (`at` = (rr, g, interleaved bytes a row, blocks a
+/// row)) against the decoded panel group: `acc` (R rows of NR / 2 vectors) += each lane's
+/// `(d_w · d_x) · isum`, the reference's operations.
+///
+/// # Safety
+/// As `tile32_vnni512`; x has rows rr..rr + R.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn group_rows<W: Tile32, const NR: usize, const R: usize>(
+    pg: &PanelGroup<NR>,
+    x: &RowsQ8<'_>,
+    (rr, g, gbytes, nb): (usize, usize, usize, usize),
+    shift: __m128i,
+    acc: &mut [__m512],
+) {
+    let np = NR / 2;
+    let mut is = [[_mm512_setzero_si512(); R]; NR];
+    let mut xg: [&[u8]; R] = [&[]; R];
+    for (j, xg) in xg.iter_mut().enumerate() {
+        let o = (rr + j) * gbytes + g * GROUP_BYTES;
+        *xg = &x.xt[o..o + GROUP_BYTES];
+    }
+    for t in 0..8 {
+        let mut xv = [_mm512_setzero_si512(); R];
+        for j in 0..R {
+            // SAFETY: bytes 32t..32t + 32 of a checked slice of GROUP_BYTES = 256 (t < 8).
+            xv[j] = _mm512_broadcast_i64x4(unsafe {
+                _mm256_loadu_si256(xg[j][32 * t..].as_ptr() as *const __m256i)
+            });
+        }
+        for (p, isp) in is[..np].iter_mut().enumerate() {
+            // SAFETY: q[t][2p..2p + 2] are 64 contiguous bytes of pg on a 64-byte boundary (pg is
+            // aligned to 64, its rows are NR (even) vectors of 32 bytes).
+            let wq = unsafe { _mm512_load_si512(pg.q[t][2 * p..].as_ptr() as *const __m512i) };
+            for (s, &xj) in isp.iter_mut().zip(&xv) {
+                *s = _mm512_dpbusd_epi32(*s, wq, xj);
+            }
+        }
+    }
+    // (The scales after the integer sums: held through them they cost registers, and spills.)
+    for j in 0..R {
+        let at = (rr + j) * nb + g * LANES;
+        // SAFETY: x.sums[at..at + 8] / x.d[at..at + 8] are checked slices of 8 i32 / f32, the
+        // 32 bytes each load reads.
+        let (sums, d) = unsafe {
+            (
+                _mm256_loadu_si256(x.sums[at..at + LANES].as_ptr() as *const __m256i),
+                _mm256_loadu_si256(x.d[at..at + LANES].as_ptr() as *const __m256i),
+            )
+        };
+        // BIAS · Σx per block (BIAS is a power of two, or 0: a shift by 32 gives 0), both halves
+        let bias = _mm512_sll_epi32(_mm512_broadcast_i64x4(sums), shift);
+        let dx = _mm512_castsi512_ps(_mm512_broadcast_i64x4(d));
+        let xs = if W::HAS_MIN {
+            // SAFETY: x.s[at..at + 8] is a checked slice of 8 f32, the 32 bytes loaded.
+            let s = unsafe { _mm256_loadu_si256(x.s[at..at + LANES].as_ptr() as *const __m256i) };
+            _mm512_castsi512_ps(_mm512_broadcast_i64x4(s))
+        } else {
+            _mm512_setzero_ps()
+        };
+        for p in 0..np {
+            // SAFETY: d[2p..2p + 2] and m[2p..2p + 2] are 64 contiguous bytes of pg on a 64-byte
+            // boundary.
+            let (dw, mw) = unsafe {
+                (
+                    _mm512_load_ps(pg.d[2 * p..].as_ptr() as *const f32),
+                    _mm512_load_ps(pg.m[2 * p..].as_ptr() as *const f32),
+                )
+            };
+            let isum = _mm512_sub_epi32(is[p][j], bias);
+            let mut prod = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(isum));
+            if W::HAS_MIN {
+                // `reference::block32_min_product`: (d_w d_x)·isum + m_w·s_x
+                prod = _mm512_add_ps(prod, _mm512_mul_ps(mw, xs));
+            }
+            acc[j * np + p] = _mm512_add_ps(acc[j * np + p], prod);
+        }
+    }
+}
+
+/// The 16 lanes of a 512-bit vector.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(crate) fn lanes16(v: __m512) -> [f32; 16] {
+    let mut a = [0.0f32; 16];
+    // SAFETY: `a` has room for 16 f32; storeu has no alignment requirement.
+    unsafe { _mm512_storeu_ps(a.as_mut_ptr(), v) };
+    a
 }
