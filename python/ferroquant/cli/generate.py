@@ -21,8 +21,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--ctx", type=int, default=2048, help="KV cache positions")
-    g.add_argument("--kv", default="f32", metavar="TYPE",
-                   help="KV cache type: f32 f16 q8_0 fp8_e4m3 q4_0 int4 int2 (docs/kv.md)")
+    g.add_argument(
+        "--kv",
+        default="f32",
+        metavar="TYPE",
+        help="KV cache type: f32 f16 q8_0 fp8_e4m3 q4_0 int4 int2 (docs/kv.md)",
+    )
     g.add_argument("--kv-budget", default="512MiB", help="KV cache pool size")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print JSON instead of the text")
@@ -41,5 +45,6 @@ def run(args: argparse.Namespace) -> int:
         print(r["text"])
         print(f"[{len(r['prompt_token_ids'])} prompt tokens at {r['prompt_tokens_per_second']:.1f} "
               f"tok/s, {len(r['token_ids'])} generated at {r['decode_tokens_per_second']:.1f} "
-              f"tok/s, {r['threads']} threads, kv {r['kv_type']}; {r['load_report']}]", file=sys.stderr)  # fmt: skip
+              f"tok/s, {r['threads']} threads, kv {r['kv_type']}; {r['load_report']}]",
+              file=sys.stderr)  # fmt: skip
     return 0

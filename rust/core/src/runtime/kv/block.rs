@@ -55,7 +55,8 @@ pub fn kivi_encode(bits: u32, x: &[f32], out: &mut [u8]) {
         min = min.min(v);
         max = max.max(v);
     }
-    let (s16, z16) = (f16_from_f32((max - min) / levels), f16_from_f32(min));
+    // `+ 0.0` makes a -0.0 minimum +0.0, whichever zero a min() picks.
+    let (s16, z16) = (f16_from_f32((max - min) / levels), f16_from_f32(min + 0.0));
     let (s, z) = (f16_to_f32(s16), f16_to_f32(z16));
     let mut q = [0u8; GROUP];
     if s != 0.0 {
