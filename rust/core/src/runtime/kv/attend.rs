@@ -178,9 +178,7 @@ pub fn score_row(
             ops::dot8(q, tmp)
         }
         KvType::F16 => {
-            for (t, b) in tmp.iter_mut().zip(row.chunks_exact(2)) {
-                *t = f16_to_f32([b[0], b[1]]);
-            }
+            f16_row(row, tmp);
             ops::dot8(q, tmp)
         }
         KvType::Q8_0 | KvType::Q4_0 => {
@@ -231,8 +229,10 @@ pub fn add_row(kv: KvType, w: f32, row: &[u8], out: &mut [f32], table: &[f32; 25
                 }
             }
             KvType::F16 => {
-                for (o, b) in o.iter_mut().zip(blk.chunks_exact(2)) {
-                    *o += w * f16_to_f32([b[0], b[1]]);
+                let mut v = [0f32; GROUP];
+                f16_row(blk, &mut v);
+                for (o, v) in o.iter_mut().zip(v) {
+                    *o += w * v;
                 }
             }
             KvType::Q8_0 => {
@@ -259,6 +259,24 @@ pub fn add_row(kv: KvType, w: f32, row: &[u8], out: &mut [f32], table: &[f32; 25
                 for (o, q) in o.iter_mut().zip(q) {
                     *o += f * q as f32 + g;
                 }
+            }
+        }
+    }
+}
+
+/// f16 bytes -> f32 (exact), with F16C where the CPU has it (half's slice conversion).
+#[inline(always)]
+fn f16_row(bytes: &[u8], out: &mut [f32]) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    // Pages are 8-byte aligned and f16 rows start at even offsets, so the cast succeeds.
+    match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+        Ok(bits) => {
+            let h: &[half::f16] = bits.reinterpret_cast();
+            h.convert_to_f32_slice(&mut out[..h.len()]);
+        }
+        Err(_) => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16_to_f32([b[0], b[1]]);
             }
         }
     }
