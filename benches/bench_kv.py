@@ -159,10 +159,17 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--budget", default="256MiB")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--llama-threads",
+        type=int,
+        help="llama.cpp's threads (default --threads; "
+        "its spinning thread pool crawls on an overloaded machine)",
+    )
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                     "ferroquant-bench-e2e"))  # fmt: skip
     args = ap.parse_args()
+    lt = args.llama_threads or args.threads
     if args.quick:
         args.weights, args.ppl_ctx, args.decode_ctx = "q8_0", "256", "128,512"
         args.seq_len, args.budget, args.decode, args.runs = 256, "16MiB", 8, 1
@@ -204,9 +211,9 @@ def main() -> None:
                 rows.append([w, ctx, "ferroquant", t, f"{p:.4f}", f"{100 * (p / base - 1):+.3f}%"])
                 print("  ", rows[-1], benchlib.load(), flush=True)
             if peers_kv:
-                lbase = ppl_llama(files[w], "f16", toks[:ctx], args.threads)
+                lbase = ppl_llama(files[w], "f16", toks[:ctx], lt)
                 for k in peers_kv:
-                    p = lbase if k == "f16" else ppl_llama(files[w], k, toks[:ctx], args.threads)
+                    p = lbase if k == "f16" else ppl_llama(files[w], k, toks[:ctx], lt)
                     rows.append([w, ctx, "llama.cpp", k, f"{p:.4f}",
                                  f"{100 * (p / lbase - 1):+.3f}%"])  # fmt: skip
                     print("  ", rows[-1], flush=True)
@@ -221,8 +228,7 @@ def main() -> None:
             eng = {f"fq {t}": partial(decode_ours, files[w], t, prompt, args.decode)
                    for t in types}  # fmt: skip
             for k in peers_kv[:3]:
-                eng[f"llama.cpp {k}"] = partial(decode_llama, files[w], k, prompt, args.decode,
-                                                args.threads)  # fmt: skip
+                eng[f"llama.cpp {k}"] = partial(decode_llama, files[w], k, prompt, args.decode, lt)
             res = benchlib.interleave(eng, args.runs)
             f16 = res["fq f16"] if "fq f16" in res else None
             for name, v in res.items():

@@ -197,3 +197,6 @@ def test_cli_generate_kv(tmp_path, capsys, model):
 
     assert cli.main(["generate", str(model), "--prompt", "hi", "--kv", "int3"]) != 0
     assert "int3" in capsys.readouterr().err
+    argv = ["generate", str(model), "--prompt", "hi", "--kv", "int4", "--ctx", "64"]
+    assert cli.main(argv + ["--max-tokens", "3", "--kv-budget", "8MiB"]) == 0
+    assert "kv int4" in capsys.readouterr().err
