@@ -165,6 +165,7 @@ def main() -> None:
         help="llama.cpp's threads (default --threads; "
         "its spinning thread pool crawls on an overloaded machine)",
     )
+    ap.add_argument("--sections", default="bytes,ppl,decode,concurrency,hf")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                     "ferroquant-bench-e2e"))  # fmt: skip
@@ -189,9 +190,10 @@ def main() -> None:
 
     rt = LlamaRuntime.from_gguf(files[weights[0]], n_ctx=256, kv_budget="64MiB")
     c = rt.config
+    sections = set(args.sections.split(","))
     print("\n## Bytes per token (all layers, K and V)\n")
     rows = []
-    for t in types:
+    for t in types if "bytes" in sections else []:
         bpt = LlamaRuntime.from_gguf(files[weights[0]], n_ctx=256, kv_type=t).kv
         rows.append([t, bpt["bytes_per_token"], f"{bpt['bytes_per_token'] / 23040:.3f}",
                      bpt["residual_bytes"]])  # fmt: skip
@@ -203,7 +205,7 @@ def main() -> None:
 
     print("\n## Perplexity (lee.cor [+ lee_background.cor], every position)\n")
     rows = []
-    for w in weights:
+    for w in weights if "ppl" in sections else []:
         for ctx in ppl_ctx:
             base = ppl_ours(files[w], "f16", toks[:ctx])
             for t in types:
@@ -222,7 +224,7 @@ def main() -> None:
     print(f"\n## Decode tokens/s after a prompt of ctx tokens ({args.decode} tokens, median of "
           f"{args.runs}, engines interleaved)\n")  # fmt: skip
     rows = []
-    for w in weights:
+    for w in weights if "decode" in sections else []:
         for ctx in dec_ctx:
             prompt = toks[: ctx + 1]
             eng = {f"fq {t}": partial(decode_ours, files[w], t, prompt, args.decode)
@@ -242,7 +244,7 @@ def main() -> None:
     rows = []
     w = weights[0]
     got = {}
-    for t in types:
+    for t in types if "concurrency" in sections else []:
         n, tps, act = concurrency(files[w], t, toks, args.seq_len, args.budget, args.decode)
         got[t] = (n, tps)
         rows.append([w, t, n, act, f"{tps:.1f}"])
@@ -254,7 +256,7 @@ def main() -> None:
     print(benchlib.table(["weights", "kv", "sequences", "decoded together", "aggregate tok/s",
                           "sequences vs f16", "tok/s vs f16"], rows))  # fmt: skip
 
-    if (Path(__file__).parent / "kv_hf.py").exists():
+    if "hf" in sections and (Path(__file__).parent / "kv_hf.py").exists():
         kv_hf = importlib.import_module("kv_hf")
         hf_rows = kv_hf.run(args)
         if hf_rows:
