@@ -13,6 +13,8 @@ context is needed. Sections:
   chunks of 256, which gives the one-batch logits bit for bit) per kv_type, and its increase
   over f16 on the same weights; llama.cpp's (flash attention on, type_k = type_v) f16 / q8_0 /
   q4_0 caches over the same tokens in the same run;
+- the attention alone of one decode step (every layer, SmolLM2's heads) over a synthetic cache
+  of `ctx` positions per type (no model prefill, so 8192 positions take seconds);
 - decode tokens/s after a prompt of `ctx` tokens (greedy, --decode tokens), engines interleaved,
   median of --runs;
 - concurrency: how many sequences of --seq-len positions a --budget pool holds, and the
@@ -35,7 +37,7 @@ import numpy as np
 benchlib.use_bench_llama()
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-from ferroquant import defaults  # noqa: E402
+from ferroquant import _native, defaults  # noqa: E402
 from ferroquant.models.convert import quantize_gguf  # noqa: E402
 from ferroquant.runtime import KV_TYPES, LlamaRuntime  # noqa: E402
 
@@ -165,7 +167,7 @@ def main() -> None:
         help="llama.cpp's threads (default --threads; "
         "its spinning thread pool crawls on an overloaded machine)",
     )
-    ap.add_argument("--sections", default="bytes,ppl,decode,concurrency,hf")
+    ap.add_argument("--sections", default="bytes,ppl,attention,decode,concurrency,hf")
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                     "ferroquant-bench-e2e"))  # fmt: skip
@@ -197,7 +199,7 @@ def main() -> None:
         bpt = LlamaRuntime.from_gguf(files[weights[0]], n_ctx=256, kv_type=t).kv
         rows.append([t, bpt["bytes_per_token"], f"{bpt['bytes_per_token'] / 23040:.3f}",
                      bpt["residual_bytes"]])  # fmt: skip
-    for k in peers_kv[1:3]:
+    for k in peers_kv[1:3] if "bytes" in sections else []:
         blk = {"q8_0": 34, "q4_0": 18}[k]
         bpt = c["n_layer"] * 2 * c["n_head_kv"] * c["head_dim"] // 32 * blk
         rows.append([f"llama.cpp {k}", bpt, f"{bpt / 23040:.3f}", 0])
@@ -238,6 +240,21 @@ def main() -> None:
                 rows.append([w, ctx, name, benchlib.spread(v), vs])
                 print("  ", rows[-1], benchlib.load(), flush=True)
     print(benchlib.table(["weights", "ctx", "engine kv", "decode tok/s", "vs fq f16"], rows))
+
+    if "attention" in sections:
+        print(f"\n## Attention alone: one decode step, every layer, over a synthetic cache "
+              f"(seconds, median of 5 inside each of {args.runs} interleaved runs)\n")  # fmt: skip
+        rows = []
+        for ctx in dec_ctx:
+            eng = {t: partial(_native.kv_decode_attention_seconds, t, c["n_layer"], c["n_head"],
+                              c["n_head_kv"], c["head_dim"], ctx, 5)
+                   for t in types}  # fmt: skip
+            res = benchlib.interleave(eng, args.runs)
+            for t, v in res.items():
+                vs = benchlib.ratio(v, res["f16"], higher_is_better=False) if "f16" in res else "-"
+                rows.append([ctx, t, benchlib.spread([1e3 * x for x in v], ".2f"), vs])
+                print("  ", rows[-1], benchlib.load(), flush=True)
+        print(benchlib.table(["ctx", "kv", "ms per step", "speed vs f16"], rows))
 
     print(f"\n## Concurrency: sequences of {args.seq_len} positions in {args.budget}, "
           f"generate_batch ({args.decode} new tokens each)\n")  # fmt: skip

@@ -256,7 +256,38 @@ fn kv_bytes_per_token(
     Ok(kv.bytes_per_token(&g))
 }
 
+/// Median seconds of one decode step's attention (every layer) over `n_pos` synthetic cached
+/// positions of `kv_type` (for benches/bench_kv.py).
+#[pyfunction]
+#[pyo3(signature = (kv_type, n_layer, n_head, n_head_kv, head_dim, n_pos, reps=5))]
+#[allow(clippy::too_many_arguments)]
+fn kv_decode_attention_seconds(
+    py: Python<'_>,
+    kv_type: &str,
+    n_layer: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    n_pos: usize,
+    reps: usize,
+) -> PyResult<f64> {
+    let kv = KvType::parse(kv_type).map_err(to_py)?;
+    if n_pos == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+        return Err(to_py(core::Error::InvalidArgument(format!(
+            "need n_pos > 0 and n_head ({n_head}) a multiple of n_head_kv ({n_head_kv})"
+        ))));
+    }
+    let g = Geometry {
+        n_layer,
+        n_head_kv,
+        head_dim,
+    };
+    py.detach(|| core::runtime::kv::synthetic::decode_attention_seconds(kv, g, n_head, n_pos, reps))
+        .map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(kv_decode_attention_seconds, m)?)?;
     m.add_class::<LlamaModel>()?;
     m.add_function(wrap_pyfunction!(kv_encode, m)?)?;
     m.add_function(wrap_pyfunction!(kv_decode, m)?)?;

@@ -1,12 +1,14 @@
 //! The quantized KV cache (docs/kv.md, "Cache types"): the type table and its byte formula
 //! (types.rs), the per-type block codecs (block.rs), the paged pool that many sequences share
 //! (pool.rs), attention reading the blocks in place (attend.rs) and one scalar reference per
-//! type that the paged path is tested against bit for bit (reference.rs).
+//! type that the paged path is tested against bit for bit (reference.rs); synthetic.rs times the
+//! attention of one decode step over a synthetic cache, for benches.
 
 pub mod attend;
 pub mod block;
 pub mod pool;
 pub mod reference;
+pub mod synthetic;
 pub mod types;
 
 pub use pool::{Pool, SeqCache};

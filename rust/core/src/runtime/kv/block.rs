@@ -82,11 +82,22 @@ pub const fn pack_len(bits: u32) -> usize {
 /// The 32 integers, the scale and the zero of a KIVI block.
 #[inline(always)]
 pub fn kivi_decode(bits: u32, blk: &[u8]) -> ([u8; GROUP], f32, f32) {
-    let packed = pack_len(bits);
-    let mask = ((1u16 << bits) - 1) as u8;
+    // Constant widths, so the unpacking compiles to shifts and masks of whole vectors.
+    if bits == 2 {
+        kivi_decode_n::<2>(blk)
+    } else {
+        kivi_decode_n::<4>(blk)
+    }
+}
+
+#[inline(always)]
+fn kivi_decode_n<const BITS: usize>(blk: &[u8]) -> ([u8; GROUP], f32, f32) {
+    let packed = GROUP * BITS / 8;
+    let mask = ((1u16 << BITS) - 1) as u8;
     let mut q = [0u8; GROUP];
+    let bytes = &blk[..packed];
     for (i, qi) in q.iter_mut().enumerate() {
-        *qi = (blk[i % packed] >> (bits as usize * (i / packed))) & mask;
+        *qi = (bytes[i % packed] >> (BITS * (i / packed))) & mask;
     }
     let s = f16_to_f32([blk[packed], blk[packed + 1]]);
     let z = f16_to_f32([blk[packed + 2], blk[packed + 3]]);
