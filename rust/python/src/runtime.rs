@@ -272,7 +272,7 @@ fn kv_decode_attention_seconds(
     reps: usize,
 ) -> PyResult<f64> {
     let kv = KvType::parse(kv_type).map_err(to_py)?;
-    if n_pos == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 {
+    if n_pos == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
         return Err(to_py(core::Error::InvalidArgument(format!(
             "need n_pos > 0 and n_head ({n_head}) a multiple of n_head_kv ({n_head_kv})"
         ))));
