@@ -97,11 +97,41 @@ class GgufWriter:
     def closed(self) -> bool: ...
 
 def ggml_types() -> list[tuple[int, str, int, int]]: ...
+def kv_encode(kv_type: str, x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]: ...
+def kv_decode(kv_type: str, data: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
+def kv_bytes_per_token(kv_type: str, n_layer: int, n_head_kv: int, head_dim: int) -> int: ...
+def kv_decode_attention_seconds(
+    kv_type: str,
+    n_layer: int,
+    n_head: int,
+    n_head_kv: int,
+    head_dim: int,
+    n_pos: int,
+    reps: int = 5,
+) -> float: ...
 
 class LlamaModel:
-    """A llama-architecture GGUF model with an f32 KV cache (one sequence)."""
+    """A llama-architecture GGUF model with a paged KV cache (docs/kv.md)."""
 
-    def __init__(self, path: str, n_ctx: int | None = None) -> None: ...
+    def __init__(
+        self,
+        path: str,
+        n_ctx: int | None = None,
+        kv_type: str = "f32",
+        kv_budget: str | None = None,
+    ) -> None: ...
+    def generate_batch(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: list[int] = ...,
+    ) -> dict[str, Any]: ...
+    @property
+    def kv(self) -> dict[str, Any]: ...
+    def kv_capacity(self, max_len: int) -> int: ...
     def forward(self, tokens: list[int], all_logits: bool = False) -> npt.NDArray[np.float32]: ...
     def generate(
         self,

@@ -21,6 +21,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     g.add_argument("--ctx", type=int, default=2048, help="KV cache positions")
+    g.add_argument(
+        "--kv",
+        default="f32",
+        metavar="TYPE",
+        help="KV cache type: f32 f16 q8_0 fp8_e4m3 q4_0 int4 int2 (docs/kv.md)",
+    )
+    g.add_argument("--kv-budget", default="512MiB", help="KV cache pool size")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print JSON instead of the text")
     g.set_defaults(func=run)
@@ -31,12 +38,13 @@ def run(args: argparse.Namespace) -> int:
 
     r = generate_text(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed, n_threads=args.threads, n_ctx=args.ctx,
-                      chat=args.chat)  # fmt: skip
+                      chat=args.chat, kv_type=args.kv, kv_budget=args.kv_budget)  # fmt: skip
     if args.json:
         print(json.dumps(r))
     else:
         print(r["text"])
         print(f"[{len(r['prompt_token_ids'])} prompt tokens at {r['prompt_tokens_per_second']:.1f} "
               f"tok/s, {len(r['token_ids'])} generated at {r['decode_tokens_per_second']:.1f} "
-              f"tok/s, {r['threads']} threads; {r['load_report']}]", file=sys.stderr)  # fmt: skip
+              f"tok/s, {r['threads']} threads, kv {r['kv_type']}; {r['load_report']}]",
+              file=sys.stderr)  # fmt: skip
     return 0

@@ -11,9 +11,14 @@ Weights are used in place from the memory-mapped file when ferroquant's quantize
 a kernel for their qtype (`ferroquant._native.qmatmul_qtypes()`); others are dequantized to f32
 once at load (`rt.load_report`). On x86-64 with AVX-512 VNNI the q8_0-valued (q8_0, q5_0),
 q4_K and q6_K matrices are copied once at load into 8-row panels for the runtime's own kernels
-(the same products bit for bit; FERROQUANT_RUNTIME_PACK=0 keeps them as stored). The KV cache
-is f32 and holds one sequence: `forward` appends to it, `reset` empties it. Results do not
-depend on the thread count.
+(the same products bit for bit; FERROQUANT_RUNTIME_PACK=0 keeps them as stored). The KV cache is
+a pool of pages of 32 positions under a byte budget, in one of the types of docs/kv.md
+(`kv_type`: f32 (default, exact), f16, q8_0, fp8_e4m3, q4_0, int4, int2): `forward` and
+`generate` continue one sequence (`reset` frees it), `generate_batch` decodes several prompts
+together, new ones waiting while the pool is full. Results do not depend on the thread count.
+
+    rt = LlamaRuntime.from_gguf("model.gguf", kv_type="int4", kv_budget="256MiB")
+    out = rt.generate_batch([ids_a, ids_b, ids_c], max_new_tokens=64)   # BatchGeneration
 """
 
 from __future__ import annotations
@@ -53,8 +58,27 @@ def _ids(tokens: Iterable[int] | np.ndarray) -> list[int]:
     return ids
 
 
+@dataclass
+class BatchGeneration:
+    tokens: list[list[int]]
+    prompt_tokens: int
+    prompt_seconds: float
+    decode_tokens: int
+    decode_steps: int
+    decode_seconds: float
+    max_active: int
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Aggregate decode speed: tokens of every sequence per second of batched steps."""
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+KV_TYPES = ("f32", "f16", "q8_0", "fp8_e4m3", "q4_0", "int4", "int2")
+
+
 class LlamaRuntime:
-    """A loaded model plus its KV cache (one sequence)."""
+    """A loaded model plus its paged KV cache."""
 
     def __init__(self, native: Any, path: str) -> None:
         self._m = native
@@ -66,15 +90,54 @@ class LlamaRuntime:
         path: str | os.PathLike[str],
         n_threads: int | None = None,
         n_ctx: int | None = 2048,
+        kv_type: str = "f32",
+        kv_budget: str | int = "512MiB",
     ) -> LlamaRuntime:
         """Load a llama-architecture GGUF. `n_threads` sets ferroquant's thread pool (shared by
-        the whole process; None leaves it as it is). `n_ctx`: KV cache positions (None: the
-        model's training context, at most 4096)."""
+        the whole process; None leaves it as it is). `n_ctx`: positions a sequence may hold
+        (None: the model's training context, at most 4096; more than the training context is an
+        error). `kv_type`: the cache type (docs/kv.md). `kv_budget`: the pool's bytes ("512MiB",
+        "1GB" or an int); it must hold at least one sequence of `n_ctx` positions."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)}")
         if n_threads is not None:
             _native.set_num_threads(int(n_threads))
-        return cls(_native.LlamaModel(os.fspath(path), n_ctx), os.fspath(path))
+        native = _native.LlamaModel(os.fspath(path), n_ctx, str(kv_type), str(kv_budget))
+        return cls(native, os.fspath(path))
+
+    @property
+    def kv(self) -> dict[str, Any]:
+        """The cache: kv_type, bytes_per_token, page_bytes, residual_bytes, budget, charged."""
+        return self._m.kv
+
+    def kv_capacity(self, max_len: int) -> int:
+        """How many sequences of `max_len` positions the pool holds at once."""
+        return self._m.kv_capacity(int(max_len))
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int] | np.ndarray],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: Iterable[int] = (),
+    ) -> BatchGeneration:
+        """Generate for several prompts together: each is admitted with room for
+        `len(prompt) + max_new_tokens` positions, prefilled, then decoded with the others in one
+        forward pass per step. Finished sequences free their pages at once; while the pool is
+        full, the next prompts wait (first come, first served). A prompt that can never fit
+        (past n_ctx, or more than the whole budget) raises before any work. Forgets the sequence
+        of `forward` / `generate`. Prompt i samples with seed `seed + i`."""
+        d = self._m.generate_batch(
+            [_ids(p) for p in prompts],
+            int(max_new_tokens),
+            float(temperature),
+            int(top_k),
+            int(seed),
+            [int(t) for t in stop],
+        )
+        return BatchGeneration(**d)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -130,7 +193,8 @@ class LlamaRuntime:
         c = self.config
         return (
             f"LlamaRuntime({self.path!r}, layers={c['n_layer']}, embd={c['n_embd']}, "
-            f"heads={c['n_head']}/{c['n_head_kv']}, vocab={c['vocab']}, n_ctx={self.n_ctx})"
+            f"heads={c['n_head']}/{c['n_head_kv']}, vocab={c['vocab']}, n_ctx={self.n_ctx}, "
+            f"kv_type={self.kv['kv_type']!r})"
         )
 
 
@@ -154,6 +218,8 @@ def generate_text(
     n_threads: int | None = None,
     n_ctx: int | None = 2048,
     chat: bool = False,
+    kv_type: str = "f32",
+    kv_budget: str | int = "512MiB",
 ) -> dict[str, Any]:
     """Tokenize `prompt` (through the file's chat template with `chat`, else with BOS when the
     file asks for it), generate until an end-of-generation token (the file's eos / eot / eom)
@@ -166,7 +232,9 @@ def generate_text(
         ids = tok.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
-    rt = LlamaRuntime.from_gguf(path, n_threads=n_threads, n_ctx=n_ctx)
+    rt = LlamaRuntime.from_gguf(
+        path, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, kv_budget=kv_budget
+    )
     g = rt.generate(ids, max_new_tokens, temperature, top_k, seed, tok.stop_ids)
     text = tok.decode(g.tokens, skip_special_tokens=True)
     return {
@@ -178,7 +246,16 @@ def generate_text(
         "decode_tokens_per_second": g.decode_tokens_per_second,
         "threads": _native.num_threads(),
         "load_report": rt.load_report["summary"],
+        "kv_type": kv_type,
     }
 
 
-__all__ = ["GGUFTokenizer", "Generation", "LlamaRuntime", "generate_text", "load_tokenizer"]
+__all__ = [
+    "KV_TYPES",
+    "BatchGeneration",
+    "GGUFTokenizer",
+    "Generation",
+    "LlamaRuntime",
+    "generate_text",
+    "load_tokenizer",
+]

@@ -6,7 +6,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::to_py;
-use core::runtime::{generate, Llama, Sampling};
+use core::runtime::kv::{block, pool::parse_size, Geometry, KvType};
+use core::runtime::{generate, generate_batch, Llama, Sampling};
+use numpy::PyReadonlyArray1;
 
 /// A Llama-family GGUF model with its KV cache (one sequence).
 #[pyclass(module = "ferroquant._native")]
@@ -16,13 +18,79 @@ pub struct LlamaModel {
 
 #[pymethods]
 impl LlamaModel {
-    /// Map `path` and load the model; `n_ctx` positions of KV cache (None: the training context,
-    /// at most 4096).
+    /// Map `path` and load the model; sequences of up to `n_ctx` positions (None: the training
+    /// context, at most 4096) in a pool of `kv_budget` (e.g. "512MiB"; None: 512 MiB) of
+    /// `kv_type` pages.
     #[new]
-    #[pyo3(signature = (path, n_ctx=None))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, n_ctx: Option<usize>) -> PyResult<Self> {
-        let model = py.detach(|| Llama::open(&path, n_ctx)).map_err(to_py)?;
+    #[pyo3(signature = (path, n_ctx=None, kv_type="f32", kv_budget=None))]
+    fn new(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        n_ctx: Option<usize>,
+        kv_type: &str,
+        kv_budget: Option<&str>,
+    ) -> PyResult<Self> {
+        let kv = KvType::parse(kv_type).map_err(to_py)?;
+        let budget = kv_budget.map(parse_size).transpose().map_err(to_py)?;
+        let model = py
+            .detach(|| Llama::open(&path, n_ctx, kv, budget))
+            .map_err(to_py)?;
         Ok(LlamaModel { model })
+    }
+
+    /// Several prompts decoded together over the KV pool (waiting for pages when it is full);
+    /// a dict with each prompt's tokens and the timings.
+    #[pyo3(signature = (prompts, max_new_tokens, temperature=0.0, top_k=0, seed=0, stop=Vec::new()))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_batch<'py>(
+        &mut self,
+        py: Python<'py>,
+        prompts: Vec<Vec<u32>>,
+        max_new_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        seed: u64,
+        stop: Vec<u32>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let s = Sampling {
+            temperature,
+            top_k,
+            seed,
+        };
+        let model = &mut self.model;
+        let g = py
+            .detach(|| generate_batch(model, &prompts, max_new_tokens, &s, &stop))
+            .map_err(to_py)?;
+        let d = PyDict::new(py);
+        d.set_item("tokens", g.tokens)?;
+        d.set_item("prompt_tokens", g.prompt_tokens)?;
+        d.set_item("prompt_seconds", g.prompt_seconds)?;
+        d.set_item("decode_tokens", g.decode_tokens)?;
+        d.set_item("decode_steps", g.decode_steps)?;
+        d.set_item("decode_seconds", g.decode_seconds)?;
+        d.set_item("max_active", g.max_active)?;
+        Ok(d)
+    }
+
+    /// The KV cache: type, bytes per token, page bytes, budget, bytes charged now and how many
+    /// sequences of `n_ctx` positions fit at once.
+    #[getter]
+    fn kv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let p = &self.model.pool;
+        let d = PyDict::new(py);
+        d.set_item("kv_type", p.kv.name())?;
+        d.set_item("bytes_per_token", p.kv.bytes_per_token(&p.geo))?;
+        d.set_item("page_tokens", 32)?;
+        d.set_item("page_bytes", p.page_bytes())?;
+        d.set_item("residual_bytes", p.residual_bytes())?;
+        d.set_item("budget", p.budget)?;
+        d.set_item("charged", p.charged())?;
+        Ok(d)
+    }
+
+    /// How many sequences of `max_len` positions the pool holds at once.
+    fn kv_capacity(&self, max_len: usize) -> usize {
+        self.model.pool.capacity(max_len)
     }
 
     /// Logits of the last token (vocab,), or of every token (n, vocab) with `all_logits`.
@@ -85,7 +153,7 @@ impl LlamaModel {
 
     #[getter]
     fn n_past(&self) -> usize {
-        self.model.n_past
+        self.model.n_past()
     }
 
     #[getter]
@@ -126,7 +194,103 @@ impl LlamaModel {
     }
 }
 
+/// The blocks `kv_type` stores for `x` (a multiple of 32 values: one token's row of one head,
+/// or one KIVI key group of 32 positions).
+#[pyfunction]
+fn kv_encode<'py>(
+    py: Python<'py>,
+    kv_type: &str,
+    x: PyReadonlyArray1<'py, f32>,
+) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
+    let kv = KvType::parse(kv_type).map_err(to_py)?;
+    let x = x.as_slice()?;
+    if x.is_empty() || x.len() % 32 != 0 {
+        return Err(to_py(core::Error::InvalidArgument(format!(
+            "kv_encode needs a multiple of 32 values, got {}",
+            x.len()
+        ))));
+    }
+    let mut out = vec![0u8; x.len() / 32 * kv.block_bytes()];
+    block::encode(kv, x, &mut out);
+    Ok(out.into_pyarray(py))
+}
+
+/// The f32 values of `kv_type` blocks (what attention's arithmetic reads).
+#[pyfunction]
+fn kv_decode<'py>(
+    py: Python<'py>,
+    kv_type: &str,
+    data: PyReadonlyArray1<'py, u8>,
+) -> PyResult<Bound<'py, numpy::PyArray1<f32>>> {
+    let kv = KvType::parse(kv_type).map_err(to_py)?;
+    let data = data.as_slice()?;
+    let bb = kv.block_bytes();
+    if data.is_empty() || data.len() % bb != 0 {
+        return Err(to_py(core::Error::InvalidArgument(format!(
+            "kv_decode needs whole {bb}-byte blocks of {kv_type}, got {} bytes",
+            data.len()
+        ))));
+    }
+    let mut out = vec![0f32; data.len() / bb * 32];
+    for (b, o) in data.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
+        block::decode(kv, b, o);
+    }
+    Ok(out.into_pyarray(py))
+}
+
+/// Bytes per token of `kv_type` for a model shape (docs/kv.md's formula).
+#[pyfunction]
+fn kv_bytes_per_token(
+    kv_type: &str,
+    n_layer: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+) -> PyResult<usize> {
+    let kv = KvType::parse(kv_type).map_err(to_py)?;
+    let g = Geometry {
+        n_layer,
+        n_head_kv,
+        head_dim,
+    };
+    g.check(kv).map_err(to_py)?;
+    Ok(kv.bytes_per_token(&g))
+}
+
+/// Median seconds of one decode step's attention (every layer) over `n_pos` synthetic cached
+/// positions of `kv_type` (for benches/bench_kv.py).
+#[pyfunction]
+#[pyo3(signature = (kv_type, n_layer, n_head, n_head_kv, head_dim, n_pos, reps=5))]
+#[allow(clippy::too_many_arguments)]
+fn kv_decode_attention_seconds(
+    py: Python<'_>,
+    kv_type: &str,
+    n_layer: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    n_pos: usize,
+    reps: usize,
+) -> PyResult<f64> {
+    let kv = KvType::parse(kv_type).map_err(to_py)?;
+    if n_pos == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
+        return Err(to_py(core::Error::InvalidArgument(format!(
+            "need n_pos > 0 and n_head ({n_head}) a multiple of n_head_kv ({n_head_kv})"
+        ))));
+    }
+    let g = Geometry {
+        n_layer,
+        n_head_kv,
+        head_dim,
+    };
+    py.detach(|| core::runtime::kv::synthetic::decode_attention_seconds(kv, g, n_head, n_pos, reps))
+        .map_err(to_py)
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(kv_decode_attention_seconds, m)?)?;
     m.add_class::<LlamaModel>()?;
+    m.add_function(wrap_pyfunction!(kv_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_bytes_per_token, m)?)?;
     Ok(())
 }

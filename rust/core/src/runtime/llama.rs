@@ -1,12 +1,14 @@
 //! The forward pass of a Llama-family decoder, as llama.cpp's `llm_build_llama` computes it:
 //! embedding lookup; per block RMSNorm, Q/K/V projections (+ optional biases), normal (pairwise)
-//! RoPE, grouped-query attention over an f32 KV cache, output projection, residual; RMSNorm,
+//! RoPE, grouped-query attention over the (quantized) KV cache of kv/, output projection,
+//! residual; RMSNorm,
 //! SwiGLU feed-forward, residual; final RMSNorm and the output head (tied to token_embd when the
 //! file has no output.weight).
 //!
-//! A batch of `n` tokens at positions `n_past..n_past + n` is one call: every projection is one
-//! `qmatmul` with M = n (prefill uses the small-M GEMM, decode the GEMV). Work is split only by
-//! output rows (matmuls) and by (token, head) pairs (attention), each computed by one fixed
+//! One call runs any number of tokens of any number of sequences (a prompt of one sequence, or
+//! one token of each of several sequences decoding together): every projection is one
+//! `qmatmul` over all the rows (prefill uses the small-M GEMM, decode the GEMV). Work is split
+//! only by output rows (matmuls) and by (row, head) pairs (attention), each computed by one fixed
 //! sequence, so results do not depend on the thread count.
 
 use std::path::Path;
@@ -20,23 +22,27 @@ use crate::matmul::qmatmul;
 use crate::parallel;
 
 use super::config::Config;
+use super::kv::attend::{self, Scratch as AttnScratch};
+use super::kv::pool::parse_size;
+use super::kv::{Geometry, KvType, Pool, SeqCache};
 use super::ops;
 use super::packed::{self, ActsQ8};
 use super::packed_k::{self, ActsQ8K};
 use super::weights::{Weight, Weights};
 
-/// A loaded model and its KV cache (one sequence).
+/// A loaded model, its pool of KV-cache pages and the one sequence `forward` continues.
 pub struct Llama {
     pub cfg: Config,
     pub weights: Weights,
-    /// Positions the cache holds room for.
+    /// Positions a sequence may hold (prompt and generated tokens).
     pub n_ctx: usize,
-    /// Positions already in the cache (the next token's position).
-    pub n_past: usize,
-    /// n_layer x n_ctx x kv_dim each.
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
+    pub pool: Pool,
+    /// The sequence of `forward` / `generate` (admitted on first use, freed by `reset`).
+    main: Option<SeqCache>,
 }
+
+/// The default `kv_budget`.
+pub const DEFAULT_KV_BUDGET: &str = "512MiB";
 
 fn invalid(msg: String) -> Error {
     Error::InvalidArgument(msg)
@@ -188,13 +194,25 @@ fn add_bias(y: &mut [f32], b: &Option<Vec<f32>>) {
 }
 
 impl Llama {
-    /// Map `path`, read the configuration and weights, allocate a cache of `n_ctx` positions
-    /// (None: the training context, at most 4096).
-    pub fn open(path: impl AsRef<Path>, n_ctx: Option<usize>) -> Result<Llama> {
-        Self::from_file(Arc::new(GgufFile::open(path)?), n_ctx)
+    /// Map `path`, read the configuration and weights; a pool of `kv_budget` bytes (None: 512
+    /// MiB) of `kv` pages, sequences of up to `n_ctx` positions (None: the training context, at
+    /// most 4096). Errors when `n_ctx` passes the model's training context or one sequence of
+    /// `n_ctx` positions does not fit the budget.
+    pub fn open(
+        path: impl AsRef<Path>,
+        n_ctx: Option<usize>,
+        kv: KvType,
+        kv_budget: Option<usize>,
+    ) -> Result<Llama> {
+        Self::from_file(Arc::new(GgufFile::open(path)?), n_ctx, kv, kv_budget)
     }
 
-    pub fn from_file(file: Arc<GgufFile>, n_ctx: Option<usize>) -> Result<Llama> {
+    pub fn from_file(
+        file: Arc<GgufFile>,
+        n_ctx: Option<usize>,
+        kv: KvType,
+        kv_budget: Option<usize>,
+    ) -> Result<Llama> {
         let vocab_rows = file
             .header()
             .tensor("token_embd.weight")
@@ -205,48 +223,49 @@ impl Llama {
                 message: "missing from the GGUF file (or not 2-D)".into(),
             })?;
         let cfg = Config::from_header(file.header(), vocab_rows as usize)?;
-        let weights = Weights::load(file, &cfg)?;
         let n_ctx = n_ctx.unwrap_or(cfg.n_ctx_train.min(4096));
-        if n_ctx == 0 || n_ctx > 1 << 20 {
-            return Err(invalid(format!("n_ctx must be 1 to 1048576, got {n_ctx}")));
+        if n_ctx == 0 || n_ctx > cfg.n_ctx_train {
+            return Err(invalid(format!(
+                "n_ctx must be 1 to the model's context length {}, got {n_ctx}",
+                cfg.n_ctx_train
+            )));
         }
-        let cache = cfg
-            .n_layer
-            .checked_mul(n_ctx)
-            .and_then(|v| v.checked_mul(cfg.kv_dim()))
-            .filter(|&v| v <= (1usize << 34))
-            .ok_or_else(|| invalid(format!("a KV cache of n_ctx={n_ctx} is too large")))?;
-        let alloc = || -> Result<Vec<f32>> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(cache).map_err(|_| {
-                invalid(format!(
-                    "cannot allocate a KV cache of n_ctx={n_ctx} ({} MiB per K or V)",
-                    (cache * 4) >> 20
-                ))
-            })?;
-            v.resize(cache, 0f32);
-            Ok(v)
+        let geo = Geometry {
+            n_layer: cfg.n_layer,
+            n_head_kv: cfg.n_head_kv,
+            head_dim: cfg.head_dim,
         };
+        let budget = match kv_budget {
+            Some(b) => b,
+            None => parse_size(DEFAULT_KV_BUDGET)?,
+        };
+        let pool = Pool::new(kv, geo, budget)?;
+        // One sequence of n_ctx positions must fit (the error says by how much it does not).
+        pool.check_fits(n_ctx)?;
+        let weights = Weights::load(file, &cfg)?;
         Ok(Llama {
             cfg,
             weights,
             n_ctx,
-            n_past: 0,
-            k_cache: alloc()?,
-            v_cache: alloc()?,
+            pool,
+            main: None,
         })
     }
 
-    /// Forget the sequence (the cache is overwritten from position 0).
-    pub fn reset(&mut self) {
-        self.n_past = 0;
+    /// Positions in the sequence `forward` continues (the next token's position).
+    pub fn n_past(&self) -> usize {
+        self.main.as_ref().map_or(0, |s| s.n)
     }
 
-    /// Run `tokens` at positions `n_past..`, append them to the cache and return the logits:
-    /// of every token (n x vocab) when `all_logits`, else of the last one (vocab).
-    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
-        let n = tokens.len();
-        if n == 0 {
+    /// Forget the sequence (its pages go back to the pool).
+    pub fn reset(&mut self) {
+        if let Some(s) = self.main.take() {
+            self.pool.release(s);
+        }
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.is_empty() {
             return Err(invalid("forward needs at least one token".into()));
         }
         if let Some((i, &t)) = tokens
@@ -259,30 +278,103 @@ impl Llama {
                 self.cfg.vocab
             )));
         }
-        if self.n_past + n > self.n_ctx {
-            return Err(invalid(format!(
-                "context full: {} cached + {n} new tokens > n_ctx {}",
-                self.n_past, self.n_ctx
-            )));
-        }
-        let out = parallel::install(|| self.forward_inner(tokens, all_logits))?;
-        self.n_past += n;
-        Ok(out)
+        Ok(())
     }
 
-    fn forward_inner(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+    /// Run `tokens` at positions `n_past..`, append them to the cache and return the logits:
+    /// of every token (n x vocab) when `all_logits`, else of the last one (vocab).
+    pub fn forward(&mut self, tokens: &[u32], all_logits: bool) -> Result<Vec<f32>> {
+        self.check_tokens(tokens)?;
+        let n = tokens.len();
+        if self.n_past() + n > self.n_ctx {
+            return Err(invalid(format!(
+                "context full: {} cached + {n} new tokens > n_ctx {}",
+                self.n_past(),
+                self.n_ctx
+            )));
+        }
+        let mut seq = match self.main.take() {
+            Some(s) => s,
+            None => self.pool.admit(self.n_ctx)?.ok_or_else(|| {
+                invalid(format!(
+                    "the KV pool ({} bytes) has no room for a sequence of n_ctx {} positions",
+                    self.pool.budget, self.n_ctx
+                ))
+            })?,
+        };
+        let out = self.forward_batch(&mut [&mut seq], &[tokens], all_logits);
+        self.main = Some(seq);
+        out
+    }
+
+    /// A new sequence of at most `max_len` positions from the pool (None while it is full).
+    pub fn admit(&mut self, max_len: usize) -> Result<Option<SeqCache>> {
+        if max_len > self.n_ctx {
+            return Err(invalid(format!(
+                "a sequence of {max_len} positions passes n_ctx {} (the model's context length is {})",
+                self.n_ctx, self.cfg.n_ctx_train
+            )));
+        }
+        self.pool.admit(max_len)
+    }
+
+    pub fn release(&mut self, seq: SeqCache) {
+        self.pool.release(seq)
+    }
+
+    /// Run `toks[i]` at the next positions of `seqs[i]`, every sequence's rows in one pass, and
+    /// append them to their caches. Logits: every row's (all_logits) or each sequence's last.
+    pub fn forward_batch(
+        &mut self,
+        seqs: &mut [&mut SeqCache],
+        toks: &[&[u32]],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
+        if seqs.len() != toks.len() || seqs.is_empty() {
+            return Err(invalid(
+                "forward_batch needs one token list per sequence".into(),
+            ));
+        }
+        for (s, t) in seqs.iter_mut().zip(toks) {
+            self.check_tokens(t)?;
+            self.pool.grow(s, t.len())?;
+        }
+        let out = parallel::install(|| self.forward_inner(seqs, toks, all_logits));
+        for (s, t) in seqs.iter_mut().zip(toks) {
+            if out.is_ok() {
+                self.pool.commit(s, t.len());
+            } else {
+                self.pool.rollback(s);
+            }
+        }
+        out
+    }
+
+    fn forward_inner(
+        &self,
+        seqs: &mut [&mut SeqCache],
+        toks: &[&[u32]],
+        all_logits: bool,
+    ) -> Result<Vec<f32>> {
         let cfg = self.cfg.clone();
+        // Row r is token `tokens[r]` of sequence `row_seq[r]` at position `row_pos[r]`.
+        let tokens: Vec<u32> = toks.iter().flat_map(|t| t.iter().copied()).collect();
+        let (row_seq, row_pos): (Vec<usize>, Vec<usize>) = toks
+            .iter()
+            .enumerate()
+            .flat_map(|(si, t)| (0..t.len()).map(move |i| (si, i)))
+            .map(|(si, i)| (si, seqs[si].n + i))
+            .unzip();
         let (n, e) = (tokens.len(), cfg.n_embd);
         let (qd, kvd, ff) = (cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
         let file = self.weights.file.clone();
         let bytes = file.bytes();
         let mut x = vec![0f32; n * e];
-        for (row, &t) in x.chunks_exact_mut(e).zip(tokens) {
+        for (row, &t) in x.chunks_exact_mut(e).zip(&tokens) {
             self.weights.token_embd.row_f32(bytes, t as usize, row)?;
         }
         let mut cs = vec![0f32; n * cfg.rope_dim];
-        for (i, c) in cs.chunks_exact_mut(cfg.rope_dim.max(1)).enumerate() {
-            let pos = self.n_past + i;
+        for (c, &pos) in cs.chunks_exact_mut(cfg.rope_dim.max(1)).zip(&row_pos) {
             ops::rope_cache(pos, cfg.rope_dim, cfg.rope_base, cfg.rope_freq_scale, c);
         }
         let mut xn = vec![0f32; n * e];
@@ -293,7 +385,6 @@ impl Llama {
             (vec![0f32; n * ff], vec![0f32; n * ff], vec![0f32; n * ff]);
         let mut qkv = vec![0f32; n * (qd + 2 * kvd)];
         let mut gate_up = vec![0f32; n * 2 * ff];
-        let layer_len = self.n_ctx * kvd;
         let acts = &mut Scratch::default();
         for (li, l) in self.weights.layers.iter().enumerate() {
             norm_rows(&x, &l.attn_norm, cfg.rms_eps, &mut xn);
@@ -312,12 +403,14 @@ impl Llama {
             add_bias(&mut k, &l.bk);
             add_bias(&mut v, &l.bv);
             rope_rows(&mut q, &mut k, &cs, &cfg, n);
-            let base = li * layer_len + self.n_past * kvd;
-            self.k_cache[base..base + n * kvd].copy_from_slice(&k);
-            self.v_cache[base..base + n * kvd].copy_from_slice(&v);
-            let kc = &self.k_cache[li * layer_len..(li + 1) * layer_len];
-            let vc = &self.v_cache[li * layer_len..(li + 1) * layer_len];
-            attention(&cfg, &q, kc, vc, self.n_past, &mut att);
+            let mut at = 0;
+            for (s, t) in seqs.iter_mut().zip(toks) {
+                let rows = at * kvd..(at + t.len()) * kvd;
+                self.pool.append(s, li, &k[rows.clone()], &v[rows]);
+                at += t.len();
+            }
+            let views: Vec<_> = seqs.iter().map(|s| s.view(li)).collect();
+            attention(&self.pool, &cfg, &q, &views, &row_seq, &row_pos, &mut att);
             matmul(&l.wo, bytes, &att, n, &mut proj, acts)?;
             for (a, b) in x.iter_mut().zip(&proj) {
                 *a += b;
@@ -343,7 +436,10 @@ impl Llama {
         let rows: Vec<usize> = if all_logits {
             (0..n).collect()
         } else {
-            vec![n - 1]
+            // each sequence's last row
+            (0..n)
+                .filter(|&r| r + 1 == n || row_seq[r + 1] != row_seq[r])
+                .collect()
         };
         let mut xo = vec![0f32; rows.len() * e];
         for (yr, &r) in xo.chunks_exact_mut(e).zip(&rows) {
@@ -367,251 +463,37 @@ impl Llama {
     }
 }
 
-/// Causal grouped-query attention for `n` new tokens at positions `n_past..`: query head `h`
-/// reads key/value head `h / (n_head / n_head_kv)`; scores `q·k` scaled by 1/sqrt(head_dim),
-/// softmax over positions `0..=pos`, then the weighted sum of values in position order.
-/// One task per (token, head); the per-head arithmetic is the same with or without AVX2.
-pub fn attention(cfg: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize, out: &mut [f32]) {
-    let avx2 = use_avx2();
-    out.par_chunks_mut(cfg.head_dim)
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (ih, o)| {
-            attend_one(cfg, q, kc, vc, n_past, ih, avx2, scores, o)
-        });
-}
-
-/// Output `o` of query head `ih % n_head` of token `ih / n_head` (`attention`'s task; `scores`
-/// is scratch).
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
+/// Causal grouped-query attention of every row (`row_seq`, `row_pos`: its sequence and
+/// position): query head `h` reads key/value head `h / (n_head / n_head_kv)` of its sequence's
+/// cache, positions `0..=pos` (kv/attend.rs). One task per (row, head).
+pub fn attention(
+    pool: &Pool,
     cfg: &Config,
     q: &[f32],
-    kc: &[f32],
-    vc: &[f32],
-    n_past: usize,
-    ih: usize,
-    avx2: bool,
-    scores: &mut Vec<f32>,
-    o: &mut [f32],
+    views: &[super::kv::pool::LayerView<'_>],
+    row_seq: &[usize],
+    row_pos: &[usize],
+    out: &mut [f32],
 ) {
-    let (hd, nh, kvd) = (cfg.head_dim, cfg.n_head, cfg.kv_dim());
+    let (hd, nh) = (cfg.head_dim, cfg.n_head);
     let group = cfg.n_head / cfg.n_head_kv;
-    let (i, h) = (ih / nh, ih % nh);
-    let head = Head {
-        q: &q[i * nh * hd + h * hd..][..hd],
-        kc,
-        vc,
-        kvd,
-        off: (h / group) * hd,
-        npos: n_past + i + 1,
-        scale: 1.0f32 / (hd as f32).sqrt(),
-        avx2,
-    };
-    #[cfg(target_arch = "x86_64")]
-    if avx2 {
-        // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
-        return unsafe { head_avx2(&head, scores, o) };
-    }
-    head.attend(scores, o)
-}
-
-fn use_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::cpu::has_avx2()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// One query head against the cached keys/values of its key/value head.
-struct Head<'a> {
-    q: &'a [f32],
-    kc: &'a [f32],
-    vc: &'a [f32],
-    kvd: usize,
-    off: usize,
-    npos: usize,
-    scale: f32,
-    /// Read on x86-64 only (no other architecture has an AVX2 path).
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    avx2: bool,
-}
-
-// Indexed loops on purpose: see `attend`.
-#[allow(clippy::needless_range_loop)]
-impl Head<'_> {
-    /// Scores, softmax, weighted values: each score is `ops::dot8`; each output element sums
-    /// `s_j * v_j` in position order. Plain indexed loops, so that everything is generated inside
-    /// `head_avx2` (iterator adaptors would be instantiated outside it and lose AVX2); head
-    /// widths 64 and 128 get a copy with the width known at compile time (the same arithmetic,
-    /// with every output element in its own register lane).
-    #[inline(always)]
-    fn attend(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
-        match o.len() {
-            64 => self.attend_n::<64>(scores, o),
-            128 => self.attend_n::<128>(scores, o),
-            _ => self.attend_any(scores, o),
-        }
-    }
-
-    #[inline(always)]
-    fn scores(&self, scores: &mut Vec<f32>, hd: usize) {
-        scores.resize(self.npos, 0.0);
-        for j in 0..self.npos {
-            scores[j] = ops::dot8(self.q, &self.kc[j * self.kvd + self.off..][..hd]);
-        }
-        ops::softmax_scaled(scores, self.scale);
-    }
-
-    /// `ops::dot8_n`, with AVX2 intrinsics where detected (the same float either way).
-    #[inline(always)]
-    fn dot8_n<const HD: usize>(&self, q: &[f32; HD], k: &[f32; HD]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        if self.avx2 {
-            // SAFETY: avx2 is set only when AVX2 was detected; HD is 64 or 128 (multiples of 8).
-            return unsafe { ops::dot8_n_avx2(q, k) };
-        }
-        ops::dot8_n(q, k)
-    }
-
-    #[inline(always)]
-    fn attend_n<const HD: usize>(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
-        let q: &[f32; HD] = self.q.try_into().expect("HD elements");
-        scores.resize(self.npos, 0.0);
-        for j in 0..self.npos {
-            let k: &[f32; HD] = self.kc[j * self.kvd + self.off..][..HD]
-                .try_into()
-                .expect("HD elements");
-            scores[j] = self.dot8_n(q, k);
-        }
-        ops::softmax_scaled(scores, self.scale);
-        let mut acc = [0f32; HD];
-        for (j, &s) in scores.iter().enumerate() {
-            let v: &[f32; HD] = self.vc[j * self.kvd + self.off..][..HD]
-                .try_into()
-                .expect("HD elements");
-            for d in 0..HD {
-                acc[d] += s * v[d];
-            }
-        }
-        o.copy_from_slice(&acc);
-    }
-
-    #[inline(always)]
-    fn attend_any(&self, scores: &mut Vec<f32>, o: &mut [f32]) {
-        let hd = o.len();
-        self.scores(scores, hd);
-        o.fill(0.0);
-        for (j, &s) in scores.iter().enumerate() {
-            let v = &self.vc[j * self.kvd + self.off..][..hd];
-            for d in 0..hd {
-                o[d] += s * v[d];
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn head_avx2(h: &Head<'_>, scores: &mut Vec<f32>, o: &mut [f32]) {
-    h.attend(scores, o)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(n_head: usize, n_head_kv: usize, head_dim: usize) -> Config {
-        Config {
-            n_layer: 1,
-            n_embd: n_head * head_dim,
-            n_ff: 1,
-            n_head,
-            n_head_kv,
-            head_dim,
-            rope_dim: head_dim,
-            rope_base: 10000.0,
-            rope_freq_scale: 1.0,
-            rms_eps: 1e-5,
-            n_ctx_train: 16,
-            vocab: 1,
-        }
-    }
-
-    fn vals(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 250.0 - 2.0)
-            .collect()
-    }
-
-    /// softmax(q·k / sqrt(d)) · V over positions 0..=pos in f64, per (token, head).
-    fn naive(c: &Config, q: &[f32], kc: &[f32], vc: &[f32], n_past: usize, n: usize) -> Vec<f64> {
-        let (hd, kvd) = (c.head_dim, c.kv_dim());
-        let mut out = vec![0f64; n * c.q_dim()];
-        for i in 0..n {
-            for h in 0..c.n_head {
-                let off = (h / (c.n_head / c.n_head_kv)) * hd;
-                let qh = &q[i * c.q_dim() + h * hd..][..hd];
-                let s: Vec<f64> = (0..=n_past + i)
-                    .map(|j| {
-                        let k = &kc[j * kvd + off..][..hd];
-                        let d: f64 = qh.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
-                        d / (hd as f64).sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
-                for (j, sj) in s.iter().enumerate() {
-                    let w = (sj - m).exp() / z;
-                    for d in 0..hd {
-                        out[i * c.q_dim() + h * hd + d] += w * vc[j * kvd + off + d] as f64;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn attention_matches_the_formula_for_every_head_width() {
-        for hd in [8usize, 64, 128] {
-            let c = cfg(6, 2, hd);
-            let (n_past, n) = (5, 3);
-            let q = vals(n * c.q_dim(), 1);
-            let kc = vals((n_past + n) * c.kv_dim(), 2);
-            let vc = vals((n_past + n) * c.kv_dim(), 3);
-            let mut out = vec![0f32; n * c.q_dim()];
-            attention(&c, &q, &kc, &vc, n_past, &mut out);
-            let want = naive(&c, &q, &kc, &vc, n_past, n);
-            for (i, (&o, &w)) in out.iter().zip(&want).enumerate() {
-                assert!(
-                    (o as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
-                    "hd {hd} at {i}"
-                );
-            }
-            // The portable path gives the same floats as the AVX2 one.
-            let head = |avx2| Head {
-                q: &q[..hd],
-                kc: &kc,
-                vc: &vc,
-                kvd: c.kv_dim(),
-                off: 0,
-                npos: n_past + 1,
-                scale: 1.0 / (hd as f32).sqrt(),
-                avx2,
-            };
-            let (mut s, mut a, mut b) = (Vec::new(), vec![0f32; hd], vec![0f32; hd]);
-            head(false).attend(&mut s, &mut a);
-            #[cfg(target_arch = "x86_64")]
-            if use_avx2() {
-                // SAFETY: AVX2 detected.
-                unsafe { head_avx2(&head(true), &mut s, &mut b) };
-                assert_eq!(a, b, "hd {hd}");
-            }
-            let _ = &mut b;
-        }
-    }
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(AttnScratch::default, |s, (ih, o)| {
+            let (r, h) = (ih / nh, ih % nh);
+            let qh = &q[r * nh * hd + h * hd..][..hd];
+            let view = &views[row_seq[r]];
+            attend::attend(
+                pool.kv,
+                &pool.geo,
+                view,
+                h / group,
+                qh,
+                row_pos[r],
+                scale,
+                s,
+                o,
+            );
+        });
 }

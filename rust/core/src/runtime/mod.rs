@@ -1,5 +1,6 @@
 //! A lean native runtime for Llama-family GGUF models: weights used in place from the memory
-//! map, the forward pass on `matmul::qmatmul`, an f32 KV cache, greedy and seeded sampling.
+//! map, the forward pass on `matmul::qmatmul`, a paged KV cache in one of seven types (kv/),
+//! greedy and seeded sampling, one sequence or several decoding together.
 //!
 //! config.rs reads the hyper-parameters, weights.rs maps the tensors, ops.rs holds RMSNorm,
 //! RoPE, softmax and SwiGLU as ggml computes them, llama.rs the forward pass, generate.rs the
@@ -7,6 +8,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod kv;
 pub mod llama;
 pub mod ops;
 pub mod packed;
@@ -14,6 +16,7 @@ pub mod packed_k;
 pub mod weights;
 
 pub use config::Config;
-pub use generate::{argmax, generate, Generation, Sampling};
+pub use generate::{argmax, generate, generate_batch, BatchGeneration, Generation, Sampling};
+pub use kv::KvType;
 pub use llama::Llama;
 pub use weights::{LoadReport, Weight, Weights};

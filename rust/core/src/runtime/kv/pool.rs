@@ -1,0 +1,327 @@
+//! The paged cache: one pool of fixed-size pages (32 token positions each, every layer's K and V)
+//! under a byte budget, shared by the sequences that decode together.
+//!
+//! A sequence is admitted with its maximum length and charged, up front, every page it can need
+//! (plus, for the KIVI types, its f32 residual of 32 positions): once admitted it can never run
+//! out of pages in the middle of a step. Pages are allocated as the sequence grows and go back to
+//! the pool when it ends.
+//!
+//! Page layout, per layer l (`kvd` = n_head_kv * head_dim, `bb` = the type's block bytes): keys at
+//! `2 l kvd bb`, values at `(2 l + 1) kvd bb`, `kvd bb` bytes each. Per-token blocks (every type's
+//! values, and the keys of the non-KIVI types): slot s (position % 32), head h at
+//! `(s * kvd + h * head_dim) / 32 * bb`. KIVI keys: head h, channel c at `(h * head_dim + c) * bb`,
+//! one block over the page's 32 positions.
+
+use crate::error::{Error, Result};
+
+use super::block;
+use super::types::{Geometry, KvType, GROUP};
+
+/// One page: 8-byte words so f32 and f16 blocks can be read in place.
+pub type Page = Box<[u64]>;
+
+pub struct Pool {
+    pub kv: KvType,
+    pub geo: Geometry,
+    pub budget: usize,
+    charged: usize,
+    free: Vec<Page>,
+}
+
+/// One sequence's cache: its pages in position order and, for KIVI, the f32 rows of the
+/// positions `resid_start..n` (per layer, `kvd` values a row).
+pub struct SeqCache {
+    pub max_len: usize,
+    pub n: usize,
+    charge: usize,
+    pages: Vec<Page>,
+    resid_start: usize,
+    resid_k: Vec<Vec<f32>>,
+    resid_v: Vec<Vec<f32>>,
+}
+
+/// One layer of one sequence, as attention reads it.
+pub struct LayerView<'a> {
+    pub pages: &'a [Page],
+    pub layer: usize,
+    /// Positions below `quantized` are in pages (per-token types: every appended position).
+    pub resid_start: usize,
+    pub resid_k: &'a [f32],
+    pub resid_v: &'a [f32],
+}
+
+fn parse_err(s: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "kv_budget {s:?} is not a size (bytes, or a number with KB/MB/GB/KiB/MiB/GiB)"
+    ))
+}
+
+/// "512MiB", "1.5GB", "1048576" -> bytes.
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..split], t[split..].trim().to_ascii_lowercase());
+    let mult: f64 = match unit.as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1048576.0,
+        "gib" => 1073741824.0,
+        _ => return Err(parse_err(s)),
+    };
+    let v: f64 = num.parse().map_err(|_| parse_err(s))?;
+    let bytes = v * mult;
+    if !(1.0..=1e15).contains(&bytes) {
+        return Err(parse_err(s));
+    }
+    Ok(bytes as usize)
+}
+
+impl Pool {
+    pub fn new(kv: KvType, geo: Geometry, budget: usize) -> Result<Pool> {
+        geo.check(kv)?;
+        Ok(Pool {
+            kv,
+            geo,
+            budget,
+            charged: 0,
+            free: Vec::new(),
+        })
+    }
+
+    pub fn page_bytes(&self) -> usize {
+        GROUP * self.kv.bytes_per_token(&self.geo)
+    }
+
+    /// Bytes of a KIVI sequence's f32 residual (32 positions of every layer's K and V); 0 else.
+    pub fn residual_bytes(&self) -> usize {
+        if self.kv.is_kivi() {
+            GROUP * self.geo.n_layer * 2 * self.geo.kv_dim() * 4
+        } else {
+            0
+        }
+    }
+
+    /// What a sequence of at most `max_len` positions is charged.
+    pub fn charge_of(&self, max_len: usize) -> usize {
+        max_len.div_ceil(GROUP) * self.page_bytes() + self.residual_bytes()
+    }
+
+    pub fn charged(&self) -> usize {
+        self.charged
+    }
+
+    /// How many sequences of `max_len` positions the budget holds at once.
+    pub fn capacity(&self, max_len: usize) -> usize {
+        self.budget / self.charge_of(max_len).max(1)
+    }
+
+    /// A new sequence of at most `max_len` positions, or None while the pool is too full for it
+    /// (an error when even an empty pool could not hold it).
+    pub fn admit(&mut self, max_len: usize) -> Result<Option<SeqCache>> {
+        let charge = self.check_fits(max_len)?;
+        if self.charged + charge > self.budget {
+            return Ok(None);
+        }
+        self.charged += charge;
+        let l = self.geo.n_layer;
+        Ok(Some(SeqCache {
+            max_len,
+            n: 0,
+            charge,
+            pages: Vec::new(),
+            resid_start: 0,
+            resid_k: vec![Vec::new(); l],
+            resid_v: vec![Vec::new(); l],
+        }))
+    }
+
+    /// The charge of a sequence of `max_len` positions, or an error when even an empty pool
+    /// could not hold it.
+    pub fn check_fits(&self, max_len: usize) -> Result<usize> {
+        let charge = self.charge_of(max_len);
+        if charge > self.budget {
+            return Err(Error::InvalidArgument(format!(
+                "kv_budget of {} bytes is too small for one sequence of {max_len} positions with \
+                 kv_type {} ({charge} bytes: {} B per token, pages of {GROUP} positions{})",
+                self.budget,
+                self.kv.name(),
+                self.kv.bytes_per_token(&self.geo),
+                if self.kv.is_kivi() {
+                    " plus the f32 residual"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(charge)
+    }
+
+    /// End a sequence: its pages go back to the pool.
+    pub fn release(&mut self, seq: SeqCache) {
+        self.charged -= seq.charge;
+        self.free.extend(seq.pages);
+    }
+
+    fn page(&mut self) -> Page {
+        self.free
+            .pop()
+            .unwrap_or_else(|| vec![0u64; self.page_bytes().div_ceil(8)].into_boxed_slice())
+    }
+
+    /// Make room for `m` more positions of `seq` (pages for them), or an error naming the limit.
+    pub fn grow(&mut self, seq: &mut SeqCache, m: usize) -> Result<()> {
+        if seq.n + m > seq.max_len {
+            return Err(Error::InvalidArgument(format!(
+                "context full: {} cached + {m} new tokens > {} positions",
+                seq.n, seq.max_len
+            )));
+        }
+        while seq.pages.len() * GROUP < seq.n + m {
+            let p = self.page();
+            seq.pages.push(p);
+        }
+        Ok(())
+    }
+
+    /// Append the rows `k`, `v` (`m` x kvd, positions `seq.n..seq.n + m`) of layer `layer`. The
+    /// per-token types quantize each row now; KIVI keeps the rows in f32 and quantizes each
+    /// 32-position group that completes (keys per channel, values per token), keeping the f32
+    /// rows until `commit` so that this call's earlier positions still read them.
+    pub fn append(&self, seq: &mut SeqCache, layer: usize, k: &[f32], v: &[f32]) {
+        let (kv, kvd) = (self.kv, self.geo.kv_dim());
+        let bb = kv.block_bytes();
+        let region = kvd * bb; // 32 rows of kvd / 32 blocks
+        let row_bytes = kvd / GROUP * bb;
+        let (k_at, v_at) = (2 * layer * region, (2 * layer + 1) * region);
+        let m = k.len() / kvd;
+        if !kv.is_kivi() {
+            for i in 0..m {
+                let pos = seq.n + i;
+                let page = bytes_mut(&mut seq.pages[pos / GROUP]);
+                let slot = (pos % GROUP) * row_bytes;
+                block::encode(
+                    kv,
+                    &k[i * kvd..][..kvd],
+                    &mut page[k_at + slot..][..row_bytes],
+                );
+                block::encode(
+                    kv,
+                    &v[i * kvd..][..kvd],
+                    &mut page[v_at + slot..][..row_bytes],
+                );
+            }
+            return;
+        }
+        seq.resid_k[layer].extend_from_slice(k);
+        seq.resid_v[layer].extend_from_slice(v);
+        let first_group = seq.n / GROUP;
+        let end_group = (seq.n + m) / GROUP;
+        let mut col = [0f32; GROUP];
+        for g in first_group..end_group {
+            let base = g * GROUP - seq.resid_start;
+            let (rk, rv) = (&seq.resid_k[layer], &seq.resid_v[layer]);
+            let page = bytes_mut(&mut seq.pages[g]);
+            for ch in 0..kvd {
+                for (t, c) in col.iter_mut().enumerate() {
+                    *c = rk[(base + t) * kvd + ch];
+                }
+                let at = k_at + ch * bb;
+                block::encode(kv, &col, &mut page[at..at + bb]);
+            }
+            for t in 0..GROUP {
+                let at = v_at + t * row_bytes;
+                block::encode(
+                    kv,
+                    &rv[(base + t) * kvd..][..kvd],
+                    &mut page[at..][..row_bytes],
+                );
+            }
+        }
+    }
+
+    /// After every layer appended `m` positions: count them, drop the f32 rows of groups now
+    /// quantized.
+    pub fn commit(&self, seq: &mut SeqCache, m: usize) {
+        seq.n += m;
+        if self.kv.is_kivi() {
+            let keep_from = seq.n / GROUP * GROUP;
+            let drop = (keep_from - seq.resid_start) * self.geo.kv_dim();
+            for r in seq.resid_k.iter_mut().chain(seq.resid_v.iter_mut()) {
+                r.drain(..drop);
+            }
+            seq.resid_start = keep_from;
+        }
+    }
+
+    /// Undo `append`s of `m` positions whose step failed (nothing was committed).
+    pub fn rollback(&self, seq: &mut SeqCache) {
+        if self.kv.is_kivi() {
+            let keep = (seq.n - seq.resid_start) * self.geo.kv_dim();
+            for r in seq.resid_k.iter_mut().chain(seq.resid_v.iter_mut()) {
+                r.truncate(keep);
+            }
+        }
+    }
+}
+
+impl SeqCache {
+    pub fn view(&self, layer: usize) -> LayerView<'_> {
+        LayerView {
+            pages: &self.pages,
+            layer,
+            resid_start: self.resid_start,
+            resid_k: &self.resid_k[layer],
+            resid_v: &self.resid_v[layer],
+        }
+    }
+}
+
+fn bytes_mut(p: &mut Page) -> &mut [u8] {
+    bytemuck::cast_slice_mut(&mut p[..])
+}
+
+/// A page's bytes.
+pub fn bytes(p: &Page) -> &[u8] {
+    bytemuck::cast_slice(&p[..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn admission_waits_and_refuses_clearly() {
+        let geo = Geometry {
+            n_layer: 2,
+            n_head_kv: 1,
+            head_dim: 32,
+        };
+        let mut p = Pool::new(KvType::Q8_0, geo, 3 * 32 * 2 * 2 * 34).unwrap();
+        assert_eq!(p.capacity(64), 1);
+        let a = p.admit(64).unwrap().unwrap();
+        assert!(p.admit(64).unwrap().is_none());
+        assert!(p
+            .check_fits(1000)
+            .unwrap_err()
+            .to_string()
+            .contains("too small"));
+        assert!(p.admit(1000).is_err());
+        p.release(a);
+        assert_eq!(p.charged(), 0);
+        assert!(p.admit(64).unwrap().is_some());
+    }
+}

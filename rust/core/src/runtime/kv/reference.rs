@@ -1,0 +1,142 @@
+//! One scalar reference per cache type: the attention output of one query head at position
+//! `pos`, from the raw f32 key and value rows, quantizing each token (or KIVI key group) with
+//! block.rs and evaluating attend.rs's formulas one position and one element at a time. The paged
+//! path must equal it bit for bit (tests below and in llama.rs).
+
+use crate::formats::blocks::f16_to_f32;
+use crate::formats::legacy::quantize_row_q8_0_ref;
+
+use super::super::ops;
+use super::attend::boundary;
+use super::block::{encode, fp8_table, kivi_decode, q4_0_values};
+use super::types::{KvType, GROUP};
+
+/// `k`, `v`: positions `0..=pos`, `hd` values each (one head); `q`: the query head.
+pub fn attend_reference(
+    kv: KvType,
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
+    q: &[f32],
+    pos: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let b = boundary(kv, pos);
+    let bb = kv.block_bytes();
+    let nb = hd / GROUP;
+    let lut = fp8_table();
+    let mut scores = vec![0f32; pos + 1];
+    let mut blocks = vec![0u8; nb * bb];
+    let mut q8 = vec![0u8; nb * 34];
+    quantize_row_q8_0_ref(q, &mut q8);
+    if let Some(bits) = kv.kivi_bits() {
+        for g in 0..b / GROUP {
+            let mut col = [0f32; GROUP];
+            let mut blk = vec![0u8; bb];
+            let (mut acc, mut cst) = ([0f32; GROUP], 0f32);
+            for c in 0..hd {
+                for (t, x) in col.iter_mut().enumerate() {
+                    *x = k[(g * GROUP + t) * hd + c];
+                }
+                encode(kv, &col, &mut blk);
+                let (kq, s, z) = kivi_decode(bits, &blk);
+                for j in 0..GROUP {
+                    acc[j] += (q[c] * s) * kq[j] as f32;
+                }
+                cst += q[c] * z;
+            }
+            for j in 0..GROUP {
+                scores[g * GROUP + j] = acc[j] + cst;
+            }
+        }
+    } else {
+        for j in 0..b {
+            encode(kv, &k[j * hd..(j + 1) * hd], &mut blocks);
+            scores[j] = key_score(kv, q, &q8, &blocks, lut);
+        }
+    }
+    for j in b..=pos {
+        scores[j] = ops::dot8(q, &k[j * hd..(j + 1) * hd]);
+    }
+    ops::softmax_scaled(&mut scores, scale);
+    let mut out = vec![0f32; hd];
+    for j in 0..=pos {
+        let (w, row) = (scores[j], &v[j * hd..(j + 1) * hd]);
+        if j >= b {
+            for d in 0..hd {
+                out[d] += w * row[d];
+            }
+            continue;
+        }
+        encode(kv, row, &mut blocks);
+        for ib in 0..nb {
+            let blk = &blocks[ib * bb..(ib + 1) * bb];
+            for i in 0..GROUP {
+                let d = ib * GROUP + i;
+                out[d] += match kv {
+                    KvType::F32 => w * row[d],
+                    KvType::F16 => w * f16_to_f32([blk[2 * i], blk[2 * i + 1]]),
+                    KvType::Q8_0 => (w * f16_to_f32([blk[0], blk[1]])) * blk[2 + i] as i8 as f32,
+                    KvType::Q4_0 => {
+                        (w * f16_to_f32([blk[0], blk[1]])) * q4_0_values(&blk[2..18])[i] as f32
+                    }
+                    KvType::Fp8E4m3 => {
+                        let s = f32::from_le_bytes([blk[32], blk[33], blk[34], blk[35]]);
+                        (w * s) * lut[blk[i] as usize]
+                    }
+                    KvType::Int4 | KvType::Int2 => {
+                        let (vq, s, z) = kivi_decode(kv.kivi_bits().unwrap_or(4), blk);
+                        (w * s) * vq[i] as f32 + w * z
+                    }
+                };
+            }
+        }
+    }
+    out
+}
+
+/// One per-token key row's score, element by element.
+fn key_score(kv: KvType, q: &[f32], q8: &[u8], blocks: &[u8], lut: &[f32; 256]) -> f32 {
+    let bb = kv.block_bytes();
+    let hd = q.len();
+    let mut kf = vec![0f32; hd];
+    match kv {
+        KvType::F32 | KvType::F16 => {
+            for (d, x) in kf.iter_mut().enumerate() {
+                *x = if kv == KvType::F32 {
+                    let b = &blocks[4 * d..4 * d + 4];
+                    f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+                } else {
+                    f16_to_f32([blocks[2 * d], blocks[2 * d + 1]])
+                };
+            }
+            ops::dot8(q, &kf)
+        }
+        KvType::Q8_0 | KvType::Q4_0 => {
+            let mut sum = 0f32;
+            for ib in 0..hd / GROUP {
+                let (blk, qb) = (&blocks[ib * bb..], &q8[ib * 34..]);
+                let kq: Vec<i32> = if kv == KvType::Q8_0 {
+                    (0..GROUP).map(|i| blk[2 + i] as i8 as i32).collect()
+                } else {
+                    q4_0_values(&blk[2..18]).iter().map(|&x| x as i32).collect()
+                };
+                let isum: i32 = (0..GROUP).map(|i| kq[i] * qb[2 + i] as i8 as i32).sum();
+                let (dk, dq) = (f16_to_f32([blk[0], blk[1]]), f16_to_f32([qb[0], qb[1]]));
+                sum += isum as f32 * (dk * dq);
+            }
+            sum
+        }
+        KvType::Fp8E4m3 => {
+            let mut sum = 0f32;
+            for ib in 0..hd / GROUP {
+                let blk = &blocks[ib * bb..(ib + 1) * bb];
+                let s = f32::from_le_bytes([blk[32], blk[33], blk[34], blk[35]]);
+                let kb: Vec<f32> = blk[..GROUP].iter().map(|&b| lut[b as usize]).collect();
+                sum += s * ops::dot8(&q[ib * GROUP..(ib + 1) * GROUP], &kb);
+            }
+            sum
+        }
+        KvType::Int4 | KvType::Int2 => unreachable!("KIVI keys are per channel"),
+    }
+}

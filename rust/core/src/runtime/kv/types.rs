@@ -1,0 +1,132 @@
+//! The cache types and the bytes each stores per token (docs/kv.md).
+
+use crate::error::{Error, Result};
+
+/// Values per block (along head_dim of one token and head; KIVI keys: along 32 tokens).
+pub const GROUP: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvType {
+    F32,
+    F16,
+    Q8_0,
+    Fp8E4m3,
+    Q4_0,
+    Int4,
+    Int2,
+}
+
+pub const ALL: [KvType; 7] = [
+    KvType::F32,
+    KvType::F16,
+    KvType::Q8_0,
+    KvType::Fp8E4m3,
+    KvType::Q4_0,
+    KvType::Int4,
+    KvType::Int2,
+];
+
+impl KvType {
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F32 => "f32",
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Fp8E4m3 => "fp8_e4m3",
+            KvType::Q4_0 => "q4_0",
+            KvType::Int4 => "int4",
+            KvType::Int2 => "int2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<KvType> {
+        ALL.iter().copied().find(|t| t.name() == s).ok_or_else(|| {
+            let known: Vec<&str> = ALL.iter().map(|t| t.name()).collect();
+            Error::InvalidArgument(format!(
+                "unknown kv_type {s:?}; known kv types: {}",
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// Bytes of one block of 32 values.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            KvType::F32 => 128,
+            KvType::F16 => 64,
+            KvType::Q8_0 => 34,
+            KvType::Fp8E4m3 => 36,
+            KvType::Q4_0 => 18,
+            KvType::Int4 => 20,
+            KvType::Int2 => 12,
+        }
+    }
+
+    /// Bits of the KIVI types (keys per channel over token groups, values per token).
+    pub fn kivi_bits(self) -> Option<u32> {
+        match self {
+            KvType::Int4 => Some(4),
+            KvType::Int2 => Some(2),
+            _ => None,
+        }
+    }
+
+    pub fn is_kivi(self) -> bool {
+        self.kivi_bits().is_some()
+    }
+
+    /// `n_layer * 2 * (kv_dim / 32) * block_bytes`: the cache's bytes per token (KIVI: without
+    /// the f32 residual of the last, incomplete group).
+    pub fn bytes_per_token(self, g: &Geometry) -> usize {
+        g.n_layer * 2 * (g.kv_dim() / GROUP) * self.block_bytes()
+    }
+}
+
+/// The cache's shape: layers, key/value heads and their width.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub n_layer: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+}
+
+impl Geometry {
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    /// Every type stores whole blocks of 32 along head_dim.
+    pub fn check(&self, t: KvType) -> Result<()> {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(GROUP) {
+            return Err(Error::InvalidArgument(format!(
+                "kv_type {} needs head_dim divisible by {GROUP}, the model has head_dim {}",
+                t.name(),
+                self.head_dim
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smollm2_bytes_per_token() {
+        let g = Geometry {
+            n_layer: 30,
+            n_head_kv: 3,
+            head_dim: 64,
+        };
+        let want = [46080, 23040, 12240, 12960, 6480, 7200, 4320];
+        for (t, w) in ALL.iter().zip(want) {
+            assert_eq!(t.bytes_per_token(&g), w, "{}", t.name());
+            assert_eq!(KvType::parse(t.name()).unwrap(), *t);
+        }
+        assert!(KvType::parse("int3")
+            .unwrap_err()
+            .to_string()
+            .contains("int3"));
+    }
+}

@@ -1,0 +1,202 @@
+"""The native runtime's quantized, paged KV cache (docs/kv.md; rust/core/src/runtime/kv/).
+
+The attention's bit-exactness against the scalar reference of every type is a Rust test
+(runtime::kv::tests); here: the cache's blocks against the formats' peers (libggml for q8_0 and
+q4_0, torch's float8_e4m3fn cast for fp8, an independent numpy transcription of the KIVI
+definition), the model-level invariants (batched = step by step, 1 thread = 2 threads, every
+type), generate_batch against one-at-a-time generate, and each bad input's one clear error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from test_runtime import write_f32_gguf
+
+import ferroquant as fq
+from ferroquant import _native
+from ferroquant.models.convert import quantize_gguf
+from ferroquant.runtime import KV_TYPES, LlamaRuntime
+
+import peers
+
+VOCAB = 49152
+BLOCK = {"f32": 128, "f16": 64, "q8_0": 34, "fp8_e4m3": 36, "q4_0": 18, "int4": 20, "int2": 12}
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
+rows32 = hnp.arrays(np.float32, st.sampled_from([32, 64, 128]), elements=finite)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """SmolLM2-135M's first 2 blocks (3 KV heads of 64) at q8_0."""
+    d = tmp_path_factory.mktemp("kv")
+    write_f32_gguf(peers.smollm2_gguf(), d / "f32.gguf", 2)
+    quantize_gguf(d / "f32.gguf", d / "q8_0.gguf", "q8_0")
+    return d / "q8_0.gguf"
+
+
+def test_bytes_per_token_formula():
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64; f16 is 30 * 2 * 3 * 64 * 2 = 23,040.
+    for t in KV_TYPES:
+        assert _native.kv_bytes_per_token(t, 30, 3, 64) == 30 * 2 * 6 * BLOCK[t]
+    assert _native.kv_bytes_per_token("f16", 30, 3, 64) == 23040
+    with pytest.raises(fq.QuantizeError, match="head_dim"):
+        _native.kv_bytes_per_token("int4", 30, 3, 48)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows32)
+def test_ggml_blocks_are_libggmls(x):
+    """q8_0 / q4_0 cache blocks are exactly what libggml writes for the row."""
+    for t in ("q8_0", "q4_0"):
+        peers.check_bytes(_native.kv_encode(t, x), peers.ggml_quantize(x[None], t), t)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows32)
+def test_fp8_blocks_are_torchs_cast(x):
+    """fp8_e4m3: per 32 values scale = amax / 448 (1 when 0), q = float8_e4m3fn(x / scale)."""
+    torch = peers.require("torch")
+    b = _native.kv_encode("fp8_e4m3", x).reshape(-1, 36)
+    xb = x.reshape(-1, 32)
+    amax = np.abs(xb).max(axis=1)
+    scale = (amax / np.float32(448)).astype(np.float32)
+    scale[scale == 0] = 1
+    q = (torch.from_numpy(xb) / torch.from_numpy(scale)[:, None]).to(torch.float8_e4m3fn)
+    assert np.array_equal(b[:, :32], q.view(torch.uint8).numpy())
+    assert np.array_equal(b[:, 32:].copy().view(np.float32)[:, 0], scale)
+
+
+def kivi_numpy(x: np.ndarray, bits: int) -> np.ndarray:
+    """docs/kv.md's KIVI block, transcribed independently in numpy."""
+    levels = (1 << bits) - 1
+    out = []
+    for g in x.reshape(-1, 32):
+        s16 = np.float16((g.max() - g.min()) / np.float32(levels))
+        z16 = np.float16(g.min() + np.float32(0))
+        s, z = np.float32(s16), np.float32(z16)
+        q = np.zeros(32, np.uint8)
+        if s != 0:
+            q = np.clip(np.rint((g - z) / s), 0, levels).astype(np.uint8)
+        per = 8 // bits
+        packed = np.zeros(32 // per, np.uint8)
+        for i in range(32):
+            packed[i % len(packed)] |= q[i] << (bits * (i // len(packed)))
+        out.append(np.concatenate([packed, np.array([s16, z16]).view(np.uint8)]))
+    return np.concatenate(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows32, st.sampled_from([4, 2]))
+def test_kivi_blocks_follow_the_definition(x, bits):
+    t = f"int{bits}"
+    enc = _native.kv_encode(t, x)
+    assert np.array_equal(enc, kivi_numpy(x, bits))
+    # Dequantized values stay within half a step (plus the f16 rounding of zero and scale).
+    back = _native.kv_decode(t, enc).reshape(-1, 32)
+    for g, b, blk in zip(x.reshape(-1, 32), back, enc.reshape(-1, BLOCK[t]), strict=True):
+        s = float(blk[-4:-2].copy().view(np.float16)[0])
+        span = float(g.max()) - float(g.min())
+        tol = 0.5 * s + 2e-3 * (abs(float(g.min())) + span) + 1e-6
+        assert np.all(np.abs(b.astype(np.float64) - g) <= tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows32, st.sampled_from(["f16", "q8_0", "q4_0", "fp8_e4m3"]))
+def test_decode_of_encode_is_stable(x, t):
+    """Decoding and re-encoding a cache block gives the same block (the codecs are exact
+    inverses on the grid), f16 round-to-nearest-even as numpy's cast."""
+    enc = _native.kv_encode(t, x)
+    if t == "f16":
+        assert np.array_equal(enc.view(np.float16), x.astype(np.float16))
+    back = _native.kv_decode(t, enc)
+    if t != "q4_0":  # q4_0's grid is asymmetric (-8..7): its re-encoding may rescale
+        assert np.array_equal(_native.kv_encode(t, back), enc)
+
+
+@pytest.mark.parametrize("kv", KV_TYPES)
+def test_batched_equals_step_by_step_and_threads_do_not_matter(model, kv):
+    """A 40-token prompt (past one 32-position KIVI group) in one call, in chunks, or token by
+    token, on 1 or 2 threads: the same logits bit for bit."""
+    tokens = [int(t) for t in np.random.default_rng(7).integers(0, VOCAB, 40)]
+    before = fq.num_threads()
+    try:
+        fq.set_num_threads(1)
+        rt = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type=kv, kv_budget="8MiB")
+        one = rt.forward(tokens, all_logits=True)
+        fq.set_num_threads(2)
+        rt.reset()
+        two = rt.forward(tokens, all_logits=True)
+        rt.reset()
+        chunks = [rt.forward(tokens[:30], all_logits=True), rt.forward(tokens[30:35], True)]
+        steps = np.concatenate(chunks + [rt.forward([t])[None] for t in tokens[35:]])
+    finally:
+        fq.set_num_threads(before)
+    assert np.array_equal(one, two)
+    assert np.array_equal(steps, one)
+
+
+def test_quantized_caches_stay_close_to_f32(model):
+    tokens = [int(t) for t in np.random.default_rng(8).integers(0, VOCAB, 48)]
+    ref = LlamaRuntime.from_gguf(model, n_ctx=64).forward(tokens, all_logits=True)
+    scale = np.abs(ref).max()
+    for kv, tol in [("f16", 0.05), ("q8_0", 0.1), ("fp8_e4m3", 0.2), ("int4", 0.3)]:
+        got = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type=kv).forward(tokens, True)
+        assert np.abs(got - ref).mean() < tol * scale * 0.1, kv
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8, kv
+
+
+@pytest.mark.parametrize("kv", ["q8_0", "int4"])
+def test_generate_batch_equals_one_at_a_time(model, kv):
+    """Sequences decoded together give each the tokens it gets alone; a pool that holds one
+    sequence at a time makes the others wait, with the same result."""
+    rng = np.random.default_rng(9)
+    prompts = [[int(t) for t in rng.integers(0, VOCAB, n)] for n in (5, 40, 17)]
+    rt = LlamaRuntime.from_gguf(model, n_ctx=96, kv_type=kv, kv_budget="16MiB")
+    alone = [rt.generate(p, 12).tokens for p in prompts]
+    g = rt.generate_batch(prompts, max_new_tokens=12)
+    assert g.tokens == alone and g.max_active == 3
+    assert rt.kv["charged"] == 0  # every page back in the pool
+    one_at_a_time = rt.kv["page_bytes"] * 2 + rt.kv["residual_bytes"]  # 12 + 40 < 64 positions
+    small = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type=kv, kv_budget=str(one_at_a_time))
+    assert small.kv_capacity(64) == 1
+    g1 = small.generate_batch(prompts, max_new_tokens=12)
+    assert g1.tokens == alone and g1.max_active == 1
+
+
+def test_bad_input_one_clear_error_each(model):
+    with pytest.raises(fq.QuantizeError, match='unknown kv_type "int3"'):
+        LlamaRuntime.from_gguf(model, kv_type="int3")
+    with pytest.raises(fq.QuantizeError, match="too small for one sequence of 2048"):
+        LlamaRuntime.from_gguf(model, n_ctx=2048, kv_type="f16", kv_budget="1MiB")
+    with pytest.raises(fq.QuantizeError, match="not a size"):
+        LlamaRuntime.from_gguf(model, kv_budget="lots")
+    with pytest.raises(fq.QuantizeError, match="context length 8192"):
+        LlamaRuntime.from_gguf(model, n_ctx=8193)
+    rt = LlamaRuntime.from_gguf(model, n_ctx=32, kv_type="int4", kv_budget="4MiB")
+    with pytest.raises(fq.QuantizeError, match="prompt 1: 30 prompt tokens \\+ 8 new tokens pass"):
+        rt.generate_batch([[1, 2], list(range(30))], max_new_tokens=8)
+    with pytest.raises(fq.QuantizeError, match="context full"):
+        rt.forward(list(range(33)))
+    with pytest.raises(fq.QuantizeError, match="prompt 0: token"):
+        rt.generate_batch([[VOCAB]], max_new_tokens=1)
+    # Still usable: nothing was charged, and both paths run.
+    assert rt.kv["charged"] == 0 and rt.n_past == 0
+    assert len(rt.generate_batch([[1, 2], [3]], max_new_tokens=4).tokens[1]) == 4
+    assert rt.forward([1, 2, 3]).shape == (VOCAB,)
+
+
+def test_cli_generate_kv(tmp_path, capsys, model):
+    from ferroquant import cli
+
+    assert cli.main(["generate", str(model), "--prompt", "hi", "--kv", "int3"]) != 0
+    assert "int3" in capsys.readouterr().err
+    argv = ["generate", str(model), "--prompt", "hi", "--kv", "int4", "--ctx", "64"]
+    assert cli.main(argv + ["--max-tokens", "3", "--kv-budget", "8MiB"]) == 0
+    assert "kv int4" in capsys.readouterr().err
