@@ -92,7 +92,7 @@ def _kivi_quantize(
     lo = xg.amin(dim, keepdim=True)
     hi = xg.amax(dim, keepdim=True)
     s16 = ((hi - lo) / float(levels)).clamp(max=F16_MAX).to(torch.float16)
-    z16 = lo.clamp(-F16_MAX, F16_MAX).to(torch.float16)
+    z16 = (lo.clamp(-F16_MAX, F16_MAX) + 0.0).to(torch.float16)  # + 0.0: -0.0 is stored as +0.0
     s, z = s16.float(), z16.float()
     q = ((xg - z) / s).round().clamp(0, levels)  # round: half to even
     q = torch.where(s != 0, q, torch.zeros_like(q)).to(torch.uint8)

@@ -112,7 +112,7 @@ def kivi_group(x: np.ndarray, bits: int) -> tuple[np.float16, np.float16, np.nda
         lo, hi = min(lo, v), max(hi, v)
     scale = f32(f32(hi - lo) / f32(levels))
     s16 = np.float16(min(scale, F16_MAX))
-    z16 = np.float16(min(max(lo, -F16_MAX), F16_MAX))
+    z16 = np.float16(min(max(lo, -F16_MAX), F16_MAX) + np.float32(0.0))  # -0.0 stored as +0.0
     s, z = f32(s16), f32(z16)
     q = np.zeros(GROUP, dtype=np.uint8)
     if s != 0:

@@ -45,9 +45,13 @@ pub fn encode(t: KvType, x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// One KIVI block: `scale16 = f16((max - min) / (2^b - 1))`, `zero16 = f16(min)`, then
+/// One KIVI block: `scale16 = f16(min((max - min) / (2^b - 1), 65504))`,
+/// `zero16 = f16(clamp(min, -65504, 65504) + 0.0)`, then
 /// `q = clamp(round_half_even((x - z) / s), 0, 2^b - 1)` in f32 with s, z the f16 values (q = 0
 /// when s == 0); packed as docs/kv.md says, then scale16 and zero16.
+/// The largest finite f16.
+const F16_MAX: f32 = 65504.0;
+
 pub fn kivi_encode(bits: u32, x: &[f32], out: &mut [u8]) {
     let levels = ((1u32 << bits) - 1) as f32;
     let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
@@ -55,8 +59,11 @@ pub fn kivi_encode(bits: u32, x: &[f32], out: &mut [u8]) {
         min = min.min(v);
         max = max.max(v);
     }
+    // Clamped to the f16 range so scale and zero stay finite (as the transformers cache does);
     // `+ 0.0` makes a -0.0 minimum +0.0, whichever zero a min() picks.
-    let (s16, z16) = (f16_from_f32((max - min) / levels), f16_from_f32(min + 0.0));
+    let scale = ((max - min) / levels).min(F16_MAX);
+    let zero = min.clamp(-F16_MAX, F16_MAX) + 0.0;
+    let (s16, z16) = (f16_from_f32(scale), f16_from_f32(zero));
     let (s, z) = (f16_to_f32(s16), f16_to_f32(z16));
     let mut q = [0u8; GROUP];
     if s != 0.0 {
