@@ -205,6 +205,23 @@ def test_convert_gives_the_fake_quant_forward_bit_for_bit(qtype):
     assert torch.equal(y, y_fake)
 
 
+@pytest.mark.parametrize("fmt", ["tq1_0", "tq2_0"])
+def test_ternary_converts_to_ggml_ternary_keeping_the_pattern(fmt):
+    """convert(ternary_as=tq*): the stored weights are the trained {-1, 0, 1} pattern times
+    f16(gamma) (256-wide rows), or q8_0 holding gamma * {-1, 0, 1} (other rows)."""
+    m = qat.prepare(nn.Sequential(nn.Linear(256, 96), nn.Linear(96, 256)), "ternary", skip=())
+    want = [ternary(lin.weight)[0] for lin in m]
+    qat.convert(m, ternary_as=fmt)
+    assert [lin.qtype for lin in m] == [fmt, "q8_0"]
+    for lin, w in zip(m, want, strict=True):
+        got = torch.from_numpy(fq.dequantize(lin.qtensor())).reshape(w.shape)
+        gamma = w.abs().max()
+        assert torch.equal(torch.sign(got), torch.sign(w))
+        assert torch.allclose(got.abs()[w != 0], gamma, rtol=2**-10, atol=0)
+    with pytest.raises(fq.QuantizeError, match="ternary_as"):
+        qat.convert(qat.prepare(_mlp(), "ternary", skip=()), ternary_as="q4_0")
+
+
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0", "nf4", "int8", "iq4_nl", "q5_1"])
 def test_torch_mode_rounds_as_the_kernel_mode(qtype):
     torch.manual_seed(3)

@@ -51,6 +51,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="r=16[,alpha=32][,dropout=0.05][,targets=q_proj,v_proj]: train LoRA "
         "adapters over the quantized base (QLoRA)",
     )
+    p.add_argument(
+        "--ternary-format",
+        choices=("tq1_0", "tq2_0"),
+        default="tq2_0",
+        help="with --qat ternary: ggml's ternary format the trained weights are stored in "
+        "(rows not a multiple of 256 go to q8_0, which holds them exactly)",
+    )
     p.set_defaults(func=run)
 
 
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             eval_text=args.eval_text,
             eval_tokens=args.eval_tokens,
             lora=args.lora,
+            ternary_format=args.ternary_format,
         ),
         say=lambda s: print(s, flush=True),
     )

@@ -94,6 +94,7 @@ class FinetuneArgs:
     eval_text: str | None = None
     eval_tokens: int = 4096
     lora: str | None = None
+    ternary_format: str = "tq2_0"
 
 
 def check(a: FinetuneArgs) -> tuple[str, LoraSpec | None]:
@@ -150,7 +151,7 @@ def run(a: FinetuneArgs, say: Callable[[str], None] = print) -> dict[str, Any]:
 
     log = train(model, windows, cfg, on_step)
     if a.qat:
-        qat.convert(model)
+        qat.convert(model, ternary_as=a.ternary_format)
     else:
         quantize_model(model, target, progress=False)
     eval_text, eval_what = read_text_file(a.eval_text, EVAL_TEXT, "held-out")

@@ -245,10 +245,23 @@ def prepare(
     return model
 
 
-def convert(model: nn.Module) -> nn.Module:
+TERNARY_FORMATS = ("tq1_0", "tq2_0")
+
+
+def convert(model: nn.Module, *, ternary_as: str | None = None) -> nn.Module:
     """Replace every FakeQuantLinear (in place) by the QuantLinear of its current weights (same
-    Rust quantizer, so the same bytes the kernel forward used). Ternary layers have no stored
-    format here: they stay float Linears holding their ternary values (gamma * {-1, 0, 1})."""
+    Rust quantizer, so the same bytes the kernel forward used).
+
+    Ternary layers: with `ternary_as=None` they stay float Linears holding their ternary values
+    (gamma * {-1, 0, 1}), the exact training forward. With `ternary_as="tq1_0"|"tq2_0"` they are
+    stored in ggml's ternary format (what llama.cpp runs): the {-1, 0, 1} pattern is kept exactly
+    and gamma becomes each 256-block's f16 scale; rows that are not a multiple of 256 (ggml's
+    block) go to q8_0, which also holds gamma * {-1, 0, 1} exactly up to the f16 rounding of
+    gamma / 127. Their forward then rounds activations as those kernels do (q8_K / q8_0)."""
+    if ternary_as is not None and ternary_as not in TERNARY_FORMATS:
+        raise QuantizeError(
+            f"ternary_as must be None or one of {TERNARY_FORMATS}, got {ternary_as!r}"
+        )
     fakes = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if not fakes:
         raise QuantizeError("the model has no FakeQuantLinear layers: call qat.prepare first")
@@ -260,6 +273,10 @@ def convert(model: nn.Module) -> nn.Module:
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
                 new: nn.Module = lin.to(m.weight.device)
+                if ternary_as is not None:
+                    store = ternary_as if m.in_features % 256 == 0 else "q8_0"
+                    lin = lin.to("cpu", torch.float32)
+                    new = QuantLinear.from_linear(lin, store).to(m.weight.device)
             else:
                 w = m.weight.detach().to("cpu", torch.float32).contiguous()
                 plain = nn.Linear(m.in_features, m.out_features, m.bias is not None)
