@@ -106,7 +106,9 @@ pub fn validate_view(q: &QuantizedView<'_>) -> Result<()> {
         got,
         expected,
     };
-    if q.block_size == 0
+    if let GInt(g) = q.qtype {
+        crate::formats::gint::check_shape(q.qtype, g, rows, cols)?;
+    } else if q.block_size == 0
         || (!matches!(q.qtype, Int8 | Fp8E4M3 | Fp8E5M2) || q.scale_mode == Some(ScaleMode::Block))
             && cols % q.block_size != 0
     {
