@@ -39,6 +39,18 @@ pub struct GInt {
     pub sym: bool,
 }
 
+impl GInt {
+    /// Row lengths must be a multiple of this: the group, or (per-channel) 8, so that a row's
+    /// codes fill whole bytes.
+    pub fn row_unit(self) -> usize {
+        if self.group == 0 {
+            8
+        } else {
+            self.group as usize
+        }
+    }
+}
+
 /// How a format is laid out and which peer defines it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct QTypeInfo {

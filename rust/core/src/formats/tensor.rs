@@ -107,7 +107,14 @@ pub fn validate_view(q: &QuantizedView<'_>) -> Result<()> {
         expected,
     };
     if let GInt(g) = q.qtype {
-        crate::formats::gint::check_shape(q.qtype, g, rows, cols)?;
+        if !cols.is_multiple_of(g.row_unit()) {
+            return Err(Error::RowLength {
+                qtype: q.qtype.name(),
+                rows,
+                cols,
+                block_size: g.row_unit(),
+            });
+        }
     } else if q.block_size == 0
         || (!matches!(q.qtype, Int8 | Fp8E4M3 | Fp8E5M2) || q.scale_mode == Some(ScaleMode::Block))
             && cols % q.block_size != 0
