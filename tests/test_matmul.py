@@ -619,8 +619,12 @@ def test_empty_batch_gives_empty_result():
 
 
 def test_qmatmul_qtypes_lists_the_kernels():
+    from ferroquant.qtypes import gint_params
+
+    gints = [q.name for q in fq.qtypes() if gint_params(q.name) is not None]
+    assert len(gints) == 28
     assert sorted(_native.qmatmul_qtypes()) == sorted(
-        [*GGML_QTYPES, "nf4", "int8", "fp8_e4m3", "fp8_e5m2"]
+        [*GGML_QTYPES, "nf4", "int8", "fp8_e4m3", "fp8_e5m2", *gints]
     )
 
 

@@ -7,6 +7,7 @@ pub mod bnb4;
 pub mod bnb_dynamic;
 pub mod float;
 pub mod fp8;
+pub mod gint;
 pub mod int8;
 pub mod iq4;
 pub mod k_quants;
@@ -111,7 +112,7 @@ pub fn ggml_quantize_row_scalar(qtype: QType, x: &[f32], out: &mut [u8], imatrix
         (IQ4NL | IQ4XS, w) => iq4::quantize_row(qtype, x, out, w),
         // ggml's ternary quantizers ignore quant_weights too.
         (TQ1_0 | TQ2_0, _) => ternary::quantize_row(qtype, x, out),
-        (NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2, _) => {
+        (NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2 | GInt(_), _) => {
             unreachable!("{qtype:?} is not a ggml row format")
         }
     }
@@ -130,6 +131,8 @@ pub fn ggml_dequantize_row(qtype: QType, data: &[u8], y: &mut [f32]) {
         Q2K | Q3K | Q4K | Q5K | Q6K => k_quants::dequantize_row(qtype, data, y),
         IQ4NL | IQ4XS => iq4::dequantize_row(qtype, data, y),
         TQ1_0 | TQ2_0 => ternary::dequantize_row(qtype, data, y),
-        NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2 => unreachable!("{qtype:?} is not a ggml row format"),
+        NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2 | GInt(_) => {
+            unreachable!("{qtype:?} is not a ggml row format")
+        }
     }
 }
