@@ -10,7 +10,17 @@ from types import ModuleType
 from .. import __version__
 from .._extras import EXTRA_FOR, MissingExtra
 
-_SUBCOMMANDS = ("convert", "quantize", "inspect", "generate", "eval", "demo", "bench", "doctor")
+_SUBCOMMANDS = (
+    "convert",
+    "quantize",
+    "imatrix",
+    "inspect",
+    "generate",
+    "eval",
+    "demo",
+    "bench",
+    "doctor",
+)
 
 
 def _modules() -> list[ModuleType]:
