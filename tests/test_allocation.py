@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny_llama import make_tiny_llama
 
+import ferroquant as fq
 import ferroquant.gguf as fg
 from ferroquant import cli
 from ferroquant.methods.allocate import Sensitivity, TensorMeasure, candidates_for, optimise
@@ -155,3 +156,32 @@ def test_bad_targets_and_foreign_plans_write_nothing(allocated, tiny, tmp_path, 
         assert cli.main([*args, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert "the smallest file is" in err and "the largest" in err and not dst.exists()
+
+
+def test_eval_rows_with_imatrix_and_allocation(tiny):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ferroquant.eval.calibrated import Calibration, calibrated_copy
+    from ferroquant.eval.run import row_spec, stored_bytes
+    from ferroquant.models import quantize_model
+    from ferroquant.nn import QuantLinear
+
+    assert row_spec("q4_k_m+imatrix").options == {"calibrated": True}
+    assert row_spec("alloc@q2_k").recipe == "q2_k"
+    with pytest.raises(ValueError, match="ggml recipe"):
+        row_spec("nf4+imatrix")
+    tok = AutoTokenizer.from_pretrained(str(tiny))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny), dtype=torch.bfloat16).eval()
+    cal = Calibration(model, tok, imatrix_chunks=2, alloc_windows=2, ctx=64)
+    plain = quantize_model(__import__("copy").deepcopy(model), "q4_k_m", progress=False)
+    weighted = calibrated_copy(model, "q4_k_m", {"calibrated": True}, cal)
+    imp = cal.imatrix()["model.layers.0.self_attn.q_proj"]
+    w = model.model.layers[0].self_attn.q_proj.weight.detach()
+    want = fq.quantize(w.contiguous(), "q4_k", imp)
+    got = weighted.model.layers[0].self_attn.q_proj.qtensor()
+    np.testing.assert_array_equal(np.asarray(got.data), np.asarray(want.data))
+    alloc = calibrated_copy(model, "q4_k_m", {"calibrated": True, "allocate": True}, cal)
+    kinds = {m.qtype for m in alloc.modules() if isinstance(m, QuantLinear)}
+    assert len(kinds) > 1
+    assert stored_bytes(alloc)[0] <= stored_bytes(plain)[0]

@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ..qtypes import qtype_info
+from ..qtypes import IMATRIX_QTYPES, qtype_info
 from ..tensor import dequantize, quantize
-from .imatrix_io import IMATRIX_QTYPES
 
 __all__ = [
     "CANDIDATES",

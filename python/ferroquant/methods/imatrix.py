@@ -97,8 +97,7 @@ def compute_imatrix(
         g = names.get(mod_name)
         if g is None or (g == "output.weight" and not process_output):
             continue
-        if g.startswith("blk.") or g == "output.weight":
-            handles.append(mod.register_forward_pre_hook(hook(g)))
+        handles.append(mod.register_forward_pre_hook(hook(g)))
     try:
         with torch.no_grad():
             for k in range(ids.shape[0]):

@@ -23,11 +23,7 @@ import numpy as np
 
 from .. import gguf as fg
 
-# the types whose ggml quantizer uses quant_weights (q8_0 and the float types ignore them)
-IMATRIX_QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
-                  "iq4_nl", "iq4_xs")  # fmt: skip
-
-__all__ = ["IMATRIX_QTYPES", "ImatrixEntry", "ImportanceMatrix", "read_imatrix", "write_imatrix"]
+__all__ = ["ImatrixEntry", "ImportanceMatrix", "read_imatrix", "write_imatrix"]
 
 
 @dataclass

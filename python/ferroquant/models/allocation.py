@@ -173,13 +173,15 @@ def allocate_hf_to_gguf(
     seq_len: int = 512,
     plan_path: str | os.PathLike[str] | None = None,
     tensors_for: Any = None,
+    exclude: tuple[str, ...] = (),
     progress: bool = False,
 ) -> AllocationPlan:
     """Measure (or load `plan_path` when it exists), choose one qtype per tensor for the target
     (bytes of the whole file, or bits per weight over the chosen tensors), save the plan to
-    `plan_path` (when given) and write the GGUF. `tensors_for(recipe)` may return precomputed
-    QTensors (e.g. GPTQ with the chosen types). Nothing is written when the target is out of
-    reach or the plan / imatrix belongs to another model."""
+    `plan_path` (when given and new) and write the GGUF. `tensors_for(recipe)` may return
+    precomputed QTensors (e.g. GPTQ with the chosen types). `exclude` drops candidate qtypes
+    from the choice (the plan keeps their measurements). Nothing is written when the target is
+    out of reach or the plan / imatrix belongs to another model."""
     hf_dir = Path(hf_dir)
     plan = plan_hf_to_gguf(hf_dir, "f16")
     jobs = _chosen_jobs(plan)
@@ -197,6 +199,13 @@ def allocate_hf_to_gguf(
         measures, calib_what = measure_model(
             hf_dir, plan, imatrix, calibration, n_samples, seq_len, progress
         )
+    if exclude:
+        measures = [
+            TensorMeasure(m.name, m.shape, {q: v for q, v in m.options.items() if q not in exclude})
+            for m in measures
+        ]
+        if any(not m.options for m in measures):
+            raise ValueError(f"excluding {', '.join(exclude)} leaves a tensor with no candidate")
     n_weights = sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
     if target_bytes is None and target_bpw is None:
         if saved is None:
@@ -230,6 +239,6 @@ def allocate_hf_to_gguf(
     tensors = tensors_for(recipe) if tensors_for is not None else None
     hf_to_gguf(hf_dir, out_path, recipe, progress=progress, imatrix=imatrix,
                metadata=_summary(result), tensors=tensors)  # fmt: skip
-    if plan_path is not None:
+    if plan_path is not None and saved is None:  # a reused plan stays as it was measured
         result.save(plan_path)
     return result

@@ -28,15 +28,18 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import gguf as fg
-from ..methods.imatrix_io import IMATRIX_QTYPES, ImportanceMatrix
+from ..qtypes import IMATRIX_QTYPES
 from ..tensor import QTensor, quantize
 from .checkpoint import StoredTensor, check_checkpoint
 from .recipes import Recipe, recipe_for
+
+if TYPE_CHECKING:
+    from ..methods.imatrix_io import ImportanceMatrix
 
 ARCHES = {  # Hugging Face architectures -> llama.cpp architecture
     "LlamaForCausalLM": "llama",
