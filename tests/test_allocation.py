@@ -185,3 +185,19 @@ def test_eval_rows_with_imatrix_and_allocation(tiny):
     kinds = {m.qtype for m in alloc.modules() if isinstance(m, QuantLinear)}
     assert len(kinds) > 1
     assert stored_bytes(alloc)[0] <= stored_bytes(plain)[0]
+
+
+def test_gptq_quantizes_to_the_planned_types(allocated, tiny):
+    d, out, plan, text = allocated
+    gptq = d / "gptq.gguf"
+    args = ["convert", str(tiny), str(gptq), "--plan", str(plan), "--method", "gptq"]
+    args += ["--calib", str(text), "--calib-samples", "2", "--calib-len", "64", "--quiet"]
+    assert cli.main(args) == 0
+    assert gptq.stat().st_size == out.stat().st_size
+    with fg.open(gptq) as g, fg.open(out) as r:
+        assert {n: t.qtype for n, t in g.tensors.items()} == {
+            n: t.qtype for n, t in r.tensors.items()
+        }
+        assert not np.array_equal(
+            g.tensors["blk.0.attn_q.weight"].data, r.tensors["blk.0.attn_q.weight"].data
+        )
