@@ -87,7 +87,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--imatrix-chunks", type=int, default=32)
     ap.add_argument("--calib-windows", type=int, default=16)
-    ap.add_argument("--keep", default=None, help="folder to keep the files in")
+    ap.add_argument("--keep", default=None, help="folder to keep (and reuse) the files in")
+    ap.add_argument("--sizes", default=",".join(LLAMA_ROWS), help="llama.cpp recipes to match")
+    ap.add_argument("--no-gains", action="store_true", help="skip the imatrix-gain rows")
     args = ap.parse_args()
     import llama_cpp
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,16 +141,19 @@ def main() -> None:
         print(f"  {name}: {row}", flush=True)
         return row
 
+    keys = [k.strip() for k in args.sizes.split(",") if k.strip()]
     sizes = {}
-    for key, (ftype, label) in LLAMA_ROWS.items():
+    for key in keys:
+        ftype, label = LLAMA_ROWS[key]
         path = tmp / f"llama-{label}.gguf"
-        _quantize(llama_cpp, src, path, ftype, 2)
+        if not path.exists():
+            _quantize(llama_cpp, src, path, ftype, 2)
         sizes[key] = score(f"llama.cpp {label}", path)["bytes"]
     plan = tmp / "plan.json"
     if plan.exists():
         plan.unlink()
     t_measure = None
-    for key in LLAMA_ROWS:
+    for key in keys:
         for excl, tag in (((), "alloc+imatrix"), (("q4_1",), "alloc+imatrix, no q4_1")):
             out = tmp / f"ours-{key}-{'noq41' if excl else 'all'}.gguf"
             t0 = time.perf_counter()
@@ -165,8 +170,8 @@ def main() -> None:
             )
             if t_measure is None:
                 t_measure = time.perf_counter() - t0
-            score(f"ours {tag} @ {key} size", out, ours_ppl=True)
-    for key in LLAMA_ROWS:
+            score(f"ours {tag} @ {key} size", out, ours_ppl=not excl)
+    for key in [] if args.no_gains else keys:
         for use in (False, True):
             out = tmp / f"ours-{key}-{'imx' if use else 'plain'}.gguf"
             hf_to_gguf(hf, out, key, imatrix=im if use else None)
@@ -196,7 +201,8 @@ def main() -> None:
         "KL / llama.cpp's",
     ]
     body = []
-    for key, (_, label) in LLAMA_ROWS.items():
+    for key in keys:
+        label = LLAMA_ROWS[key][1]
         ref = by[f"llama.cpp {label}"]
         for name in (
             f"llama.cpp {label}",
@@ -229,7 +235,7 @@ def main() -> None:
         "llama.cpp published",
     ]
     body = []
-    for key in LLAMA_ROWS:
+    for key in [] if args.no_gains else keys:
         a, b = by[f"ours {key}"], by[f"ours {key} + imatrix"]
         body.append(
             [
