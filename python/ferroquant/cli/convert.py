@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
         target = parse_size(args.target_size) if args.target_size is not None else None
         calib = Path(args.calib) if args.calib is not None else None
+        reused = args.plan is not None and Path(args.plan).is_file()
         tensors_for = (lambda recipe: _gptq_tensors(src, args, cfg, recipe)) if gptq else None
         plan = allocate_hf_to_gguf(
             src, args.out, target_bytes=target, target_bpw=args.target_bpw, imatrix=imatrix,
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"allocation: {len(plan.chosen)} tensors, {plan.total_bytes} tensor bytes, "
             f"estimated loss increase {plan.total_score:.4g} nats/token"
-            + (f"; plan saved to {args.plan}" if args.plan else "")
+            + (f"; plan {'reused from' if reused else 'saved to'} {args.plan}" if args.plan else "")
         )
     elif not on_ray:
         if args.resume:

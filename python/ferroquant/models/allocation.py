@@ -183,6 +183,9 @@ def allocate_hf_to_gguf(
     from the choice (the plan keeps their measurements). Nothing is written when the target is
     out of reach or the plan / imatrix belongs to another model."""
     hf_dir = Path(hf_dir)
+    reuse = plan_path is not None and Path(plan_path).is_file()
+    if target_bytes is None and target_bpw is None and not reuse:
+        raise ValueError("give --target-size or --target-bpw (or an existing --plan to reuse)")
     plan = plan_hf_to_gguf(hf_dir, "f16")
     jobs = _chosen_jobs(plan)
     shapes = {t.gname: tuple(t.shape) for t in jobs}
@@ -190,7 +193,8 @@ def allocate_hf_to_gguf(
         check_imatrix_for(imatrix, {t.gname: t.shape for t in plan.tensors})
     fp = model_fingerprint(shapes)
     saved = None
-    if plan_path is not None and Path(plan_path).is_file():
+    if reuse:
+        assert plan_path is not None
         saved = AllocationPlan.load(plan_path)
         saved.check_model(shapes, str(plan_path))
         measures = saved.tensors
