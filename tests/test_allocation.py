@@ -151,6 +151,8 @@ def test_bad_targets_and_foreign_plans_write_nothing(allocated, tiny, tmp_path, 
     assert cli.main(["convert", str(other), str(dst), "--plan", str(plan), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "plan for another model" in err and not dst.exists()
+    args = ["convert", str(tiny), str(dst), "--plan", str(tmp_path / "new.json"), "--quiet"]
+    assert cli.main(args) == 2 and "give --target-size or --target-bpw" in capsys.readouterr().err
     for size in ("1MB", "90MB"):
         args = ["convert", str(tiny), str(dst), "--plan", str(plan), "--target-size", size]
         assert cli.main([*args, "--quiet"]) == 2
