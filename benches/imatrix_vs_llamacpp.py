@@ -99,8 +99,10 @@ def llama_imatrix(
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = 512
         params.n_threads = params.n_threads_batch = 2
-        if kv_f32:  # llama.cpp's default KV cache is f16: it rounds K and V (see the tolerance)
+        if kv_f32:  # llama.cpp's defaults: f16 KV cache, flash attention where supported (the
+            # CPU kernel rounds Q and the softmax weights to f16): see the tolerance
             params.type_k = params.type_v = GGML_TYPE_F32
+            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.cb_eval = cb
         params.cb_eval_user_data = None
         ctx = llama_cpp.llama_init_from_model(llm.model, params)
@@ -130,7 +132,12 @@ def llama_imatrix(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=4)
-    ap.add_argument("--kv", choices=["f32", "f16"], default="f32", help="llama.cpp's KV cache")
+    ap.add_argument(
+        "--kv",
+        choices=["f32", "f16"],
+        default="f32",
+        help="llama.cpp's attention: f32 (f32 KV cache, no flash attention) or its defaults (f16)",
+    )
     ap.add_argument("--keep", default=None, help="folder with hf/ and f32.gguf (made if absent)")
     args = ap.parse_args()
     import torch
