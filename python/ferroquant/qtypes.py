@@ -69,3 +69,7 @@ def gint_name(bits: int, group: int, sym: bool) -> str:
 GGML_QTYPES = tuple(q.name for q in _TABLE.values() if q.ggml_id is not None)
 BNB_QTYPES = ("nf4", "fp4")
 SCALED_QTYPES = ("int8", "fp8_e4m3", "fp8_e5m2")
+# the types whose ggml quantizer uses an importance matrix (quant_weights); q8_0 and the float
+# types ignore it
+IMATRIX_QTYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                  "iq4_nl", "iq4_xs")  # fmt: skip

@@ -13,6 +13,7 @@ from .._extras import EXTRA_FOR, MissingExtra
 _SUBCOMMANDS = (
     "convert",
     "quantize",
+    "imatrix",
     "inspect",
     "generate",
     "eval",

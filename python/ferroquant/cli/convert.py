@@ -60,6 +60,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
+    c.add_argument(
+        "--imatrix",
+        default=None,
+        metavar="FILE",
+        help="importance matrix (llama.cpp's GGUF or legacy .dat, e.g. from `ferroquant "
+        "imatrix`) for every quantizer that takes one",
+    )
+    c.add_argument(
+        "--target-size",
+        default=None,
+        metavar="SIZE",
+        help="measured per-tensor allocation: the whole file at most SIZE (110MB, 0.1GiB, bytes)",
+    )
+    c.add_argument(
+        "--target-bpw",
+        type=float,
+        default=None,
+        metavar="B",
+        help="measured per-tensor allocation: B bits per weight over the quantized tensors",
+    )
+    c.add_argument(
+        "--plan",
+        default=None,
+        metavar="PLAN.json",
+        help="with --target-*: reuse this allocation plan when it exists (no measurement), else "
+        "save the plan there",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument(
         "--ray",
@@ -115,6 +142,18 @@ def run(args: argparse.Namespace) -> int:
     gptq = args.method.lower() == "gptq"
     if gptq and on_ray:
         raise ValueError("--method gptq runs on this machine; drop --ray (not distributed yet)")
+    allocate = args.target_size is not None or args.target_bpw is not None or args.plan
+    if on_ray and (allocate or args.imatrix):
+        raise ValueError("--imatrix / --target-* / --plan run on this machine; drop --ray")
+    if args.target_size is not None and args.target_bpw is not None:
+        raise ValueError("give --target-size or --target-bpw, not both")
+    if gptq and args.imatrix:
+        raise ValueError("--method gptq uses the full second moment of the inputs; drop --imatrix")
+    imatrix = None
+    if args.imatrix is not None:
+        from ..methods.imatrix_io import read_imatrix
+
+        imatrix = read_imatrix(args.imatrix)
     from ..models.convert import gguf_to_hf, hf_to_gguf
 
     if args.format != "gguf":
@@ -125,7 +164,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not src.is_dir():
         raise ValueError(f"{src}: expected a Hugging Face checkpoint folder or a .gguf file")
-    if not on_ray:
+    if allocate:
+        from ..models.allocation import allocate_hf_to_gguf, parse_size
+
+        target = parse_size(args.target_size) if args.target_size is not None else None
+        calib = Path(args.calib) if args.calib is not None else None
+        reused = args.plan is not None and Path(args.plan).is_file()
+        tensors_for = (lambda recipe: _gptq_tensors(src, args, cfg, recipe)) if gptq else None
+        plan = allocate_hf_to_gguf(
+            src, args.out, target_bytes=target, target_bpw=args.target_bpw, imatrix=imatrix,
+            imatrix_name=args.imatrix or "", calibration=calib,
+            n_samples=min(args.calib_samples, 16), seq_len=args.calib_len, plan_path=args.plan,
+            tensors_for=tensors_for, progress=not args.quiet,
+        )  # fmt: skip
+        print(
+            f"allocation: {len(plan.chosen)} tensors, {plan.total_bytes} tensor bytes, "
+            f"estimated loss increase {plan.total_score:.4g} nats/token"
+            + (f"; plan {'reused from' if reused else 'saved to'} {args.plan}" if args.plan else "")
+        )
+    elif not on_ray:
         if args.resume:
             raise ValueError("--resume continues an interrupted --ray conversion; add --ray")
         tensors = None
@@ -133,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
             if args.qtype.lower() in ("f32", "f16", "bf16"):
                 raise ValueError(f"--method gptq needs a quantized --qtype, got {args.qtype}")
             tensors = _gptq_tensors(src, args, cfg)
-        hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors)
+        hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors,
+                   imatrix=imatrix)  # fmt: skip
     else:
         from ..distributed import convert
 
@@ -180,8 +238,11 @@ def _to_checkpoint(src: Path, args: argparse.Namespace, cfg: object) -> int:
     return 0
 
 
-def _gptq_tensors(src: Path, args: argparse.Namespace, cfg: object) -> dict[str, object]:
-    """GPTQ of the checkpoint in float32: {HF tensor name: QTensor} for hf_to_gguf to write."""
+def _gptq_tensors(
+    src: Path, args: argparse.Namespace, cfg: object, recipe: object = None
+) -> dict[str, object]:
+    """GPTQ of the checkpoint in float32: {HF tensor name: QTensor} for hf_to_gguf to write
+    (`recipe`: the types to give, default the --qtype recipe)."""
     import json
 
     import torch
@@ -195,7 +256,8 @@ def _gptq_tensors(src: Path, args: argparse.Namespace, cfg: object) -> dict[str,
     hp = json.loads((src / "config.json").read_text())
     n_head = int(hp.get("num_attention_heads", 1))
     n_gqa = n_head // int(hp.get("num_key_value_heads", n_head))
-    recipe = recipe_for(args.qtype, ("lm_head",), n_gqa)
+    if recipe is None:
+        recipe = recipe_for(args.qtype, ("lm_head",), n_gqa)
     gcfg = method_config("gptq", cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
     tok = AutoTokenizer.from_pretrained(str(src))
     calib = Path(args.calib) if args.calib is not None else None

@@ -13,11 +13,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run)
 
 
+def allocation_lines(path: str) -> list[str]:
+    """The allocation plan a `convert --target-*` file carries: tensor, type, bits per weight and
+    the measured score of each chosen tensor (empty for other files)."""
+    from .. import gguf
+
+    with gguf.open(path) as f:
+        names = f.metadata.get("ferroquant.allocation.tensors")
+        scores = f.metadata.get("ferroquant.allocation.scores")
+        if names is None or scores is None or len(names) != len(scores):
+            return []
+        lines = [
+            f"allocation plan ({f.metadata.get('ferroquant.allocation.metric', '?')}):",
+            f"  {'tensor':<28} {'type':<8} {'bits':>6} {'score':>12}",
+        ]
+        total = 0.0
+        for name, score in zip(names, scores, strict=True):
+            t = f.tensors.get(str(name))
+            if t is None:
+                continue
+            total += float(score)
+            lines.append(f"  {t.name:<28} {t.qtype:<8} {t.bits_per_weight:>6.3f} {score:>12.4e}")
+        lines.append(f"  total estimated loss increase {total:.4e} nats/token")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import gguf
 
     if not args.json:
         print(gguf.inspect(args.file))
+        plan = allocation_lines(args.file)
+        if plan:
+            print("\n".join(plan))
         return 0
     with gguf.open(args.file) as f:
         meta = {

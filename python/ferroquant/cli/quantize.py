@@ -17,6 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("input", help="the GGUF file to read")
     q.add_argument("out", help="the GGUF file to write (replaced atomically)")
     q.add_argument("--qtype", required=True, help=QTYPE_HELP)
+    q.add_argument(
+        "--imatrix",
+        default=None,
+        metavar="FILE",
+        help="importance matrix (llama.cpp's GGUF or legacy .dat) for every quantizer that "
+        "takes one",
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=run)
 
@@ -45,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
     require("gguf", "ferroquant quantize", "hf")
     from ..models.convert import quantize_gguf
 
-    quantize_gguf(src, args.out, args.qtype, progress=not args.quiet)
+    imatrix = None
+    if args.imatrix is not None:
+        from ..methods.imatrix_io import read_imatrix
+
+        imatrix = read_imatrix(args.imatrix)
+    quantize_gguf(src, args.out, args.qtype, progress=not args.quiet, imatrix=imatrix)
     print(summary_line(args.out))
     return 0

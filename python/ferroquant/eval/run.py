@@ -48,7 +48,8 @@ from ..defaults import (
     resolve_model,
 )
 from ..models.recipes import recipe_for
-from ..qtypes import qtype_info
+from ..qtypes import IMATRIX_QTYPES, qtype_info
+from .calibrated import PREFIX, SUFFIX, Calibration, calibrated_copy
 from .load import Loaded, load_model, read_text, tokenize
 from .metrics import Scores, Window, make_windows
 from .speed import SpeedRow, measure, write_gguf
@@ -99,11 +100,22 @@ def row_spec(name: str) -> RowSpec:
         return RowSpec(BASELINE, None)
     if key in _DQ_NAMES:
         return RowSpec("nf4+dq", "nf4", {"double_quant": True})
+    options: dict[str, Any] = {}
+    recipe = key
+    if key.endswith(SUFFIX):
+        recipe, options = key.removesuffix(SUFFIX), {"calibrated": True}
+    elif key.startswith(PREFIX):
+        recipe, options = key.removeprefix(PREFIX), {"calibrated": True, "allocate": True}
     try:
-        recipe_for(key)
-    except QuantizeError as e:  # it names the mixes and qtypes; eval rows take two more names
-        raise QuantizeError(f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq") from None
-    return RowSpec(key, key)
+        info = recipe_for(recipe)
+    except QuantizeError as e:  # it names the mixes and qtypes; eval rows take more names
+        raise QuantizeError(
+            f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq, <ggml recipe>{SUFFIX}, "
+            f"{PREFIX}<ggml recipe>"
+        ) from None
+    if options and info.base not in IMATRIX_QTYPES and info.base != "q8_0":
+        raise QuantizeError(f"{key}: {SUFFIX} / {PREFIX} rows need a ggml recipe, got {recipe}")
+    return RowSpec(key, recipe, options)
 
 
 def parse_rows(names: str | list[str] | tuple[str, ...] | None) -> list[RowSpec]:
@@ -201,9 +213,15 @@ class Row:
     note: str | None  # what the row holds instead, when named_qtype_absent
 
 
-def quantized_copy(model: Any, spec: RowSpec, progress: bool) -> Any:
+def quantized_copy(
+    model: Any, spec: RowSpec, progress: bool, calibration: Calibration | None = None
+) -> Any:
     if spec.recipe is None:
         return model
+    if spec.options.get("calibrated"):
+        if calibration is None:
+            raise ValueError(f"row {spec.name} needs the model's tokenizer (calibration)")
+        return calibrated_copy(model, spec.recipe, spec.options, calibration)
     from ..models import quantize_model
 
     q = copy.deepcopy(model)
@@ -307,6 +325,7 @@ def run_eval(
     from tqdm.auto import tqdm
 
     base = loaded.model
+    calibration = Calibration(base, loaded.tokenizer)
     n_scored = sum(w.n_scored for w in windows)
     results: list[Row] = []
     timed: list[SpeedRow] = []
@@ -315,7 +334,7 @@ def run_eval(
     with tempfile.TemporaryDirectory(prefix="ferroquant-eval-") as tmp:
         for spec in tqdm(specs, desc="eval", unit="row", disable=not progress):
             t0 = time.perf_counter()
-            qmodel = quantized_copy(base, spec, progress)
+            qmodel = quantized_copy(base, spec, progress, calibration)
             quantize_s = time.perf_counter() - t0 if spec.recipe is not None else 0.0
             with tqdm(
                 total=len(windows), desc=f"score {spec.name}", unit="win", leave=False,

@@ -28,14 +28,18 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import gguf as fg
+from ..qtypes import IMATRIX_QTYPES
 from ..tensor import QTensor, quantize
 from .checkpoint import StoredTensor, check_checkpoint
 from .recipes import Recipe, recipe_for
+
+if TYPE_CHECKING:
+    from ..methods.imatrix_io import ImportanceMatrix
 
 ARCHES = {  # Hugging Face architectures -> llama.cpp architecture
     "LlamaForCausalLM": "llama",
@@ -308,10 +312,13 @@ def load_hf_tensor(shard: Path, hf_name: str, rows: tuple[int, int] | None = Non
         return f.get_slice(hf_name)[rows[0] : rows[1]]
 
 
-def convert_tensor(plan: HFPlan, job: TensorJob, x: Any) -> np.ndarray | QTensor:
+def convert_tensor(
+    plan: HFPlan, job: TensorJob, x: Any, importance: np.ndarray | None = None
+) -> np.ndarray | QTensor:
     """One tensor as it goes into the file: `x` (a torch tensor from `load_hf_tensor`: the whole
     tensor or a range of whole rows, for q/k a range of whole heads) in float32, q/k rows
-    permuted as llama.cpp does, quantized to the job's type (float32 stays an array)."""
+    permuted as llama.cpp does, quantized to the job's type (float32 stays an array) with the
+    per-column `importance` (an imatrix's values) where the type's ggml quantizer takes one."""
     import torch
 
     x = x.to(torch.float32).numpy()
@@ -324,7 +331,10 @@ def convert_tensor(plan: HFPlan, job: TensorJob, x: Any) -> np.ndarray | QTensor
         if x.shape[0] * heads % job.shape[0]:
             raise ValueError(f"{job.gname}: rows {x.shape[0]} are not whole heads")
         x = permute(x, x.shape[0] * heads // job.shape[0], None)
-    return x if job.qtype == "f32" else quantize(np.ascontiguousarray(x), job.qtype)
+    if job.qtype == "f32":
+        return x
+    w = importance if job.qtype in IMATRIX_QTYPES else None
+    return quantize(np.ascontiguousarray(x), job.qtype, w)
 
 
 def hf_to_gguf(
@@ -336,6 +346,8 @@ def hf_to_gguf(
     tokenizer_pre: str | None = None,
     progress: bool = False,
     tensors: dict[str, Any] | None = None,
+    imatrix: ImportanceMatrix | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Convert a Hugging Face llama-family folder (config.json, *.safetensors, tokenizer files)
     to a GGUF file; `qtype` is f32 / f16 / bf16, a llama.cpp file type (q4_k_m, q8_0, ...) or a
@@ -343,10 +355,17 @@ def hf_to_gguf(
     where convert_hf_to_gguf.py's hash table does not know the tokenizer. Returns {gguf tensor
     name: qtype}. The write is atomic. `tensors` maps Hugging Face tensor names to QTensors
     already quantized (e.g. by GPTQ) in the type the recipe gives them: they are written as given
-    (rows permuted as the floats would be) instead of being quantized here."""
+    (rows permuted as the floats would be) instead of being quantized here. `imatrix` (llama.cpp's
+    importance matrix, checked against the model's tensor names and columns before anything is
+    written) weights the quantizers that take one, as llama-quantize --imatrix does; `metadata`
+    adds keys, types inferred (e.g. an allocation plan's summary)."""
     plan = plan_hf_to_gguf(hf_dir, qtype)
+    if imatrix is not None:
+        check_imatrix_for(imatrix, {t.gname: t.shape for t in plan.tensors})
     with _Writer(Path(out_path), plan.arch) as w:
         write_header(w, plan, name, tokenizer_pre)
+        for key, val in (metadata or {}).items():
+            w.add_key_value(key, val, None)
         items: Any = plan.tensors
         if progress:
             with contextlib.suppress(ImportError):
@@ -360,7 +379,8 @@ def hf_to_gguf(
             if tensors is not None and job.hf_name in tensors:
                 w.write_tensor_data(_given(plan, job, tensors[job.hf_name]))
                 continue
-            x = convert_tensor(plan, job, load_hf_tensor(job.shard, job.hf_name))
+            imp = imatrix.values(job.gname) if imatrix is not None else None
+            x = convert_tensor(plan, job, load_hf_tensor(job.shard, job.hf_name), imp)
             w.write_tensor_data(x)
             del x
     return plan.chosen
@@ -387,6 +407,14 @@ def _given(plan: HFPlan, job: TensorJob, qt: QTensor) -> QTensor:
         stats = permute(stats.reshape(rows, -1), heads, None)
     return QTensor(qt.qtype, qt.shape, np.ascontiguousarray(data).reshape(-1), qt.block_size,
                    np.ascontiguousarray(stats).reshape(-1), qt.scale_mode)  # fmt: skip
+
+
+def check_imatrix_for(imatrix: ImportanceMatrix, shapes: dict[str, tuple[int, ...]]) -> None:
+    """ValueError naming the tensor when `imatrix` does not fit the model's 2-D weights."""
+    from ..methods.imatrix import check_imatrix
+
+    cols = {n: int(s[-1]) for n, s in shapes.items() if len(s) >= 2}
+    check_imatrix(imatrix, cols)
 
 
 def _quantizable(gname: str, shape: tuple[int, ...]) -> bool:
@@ -528,11 +556,12 @@ def quantize_gguf(
     qtype: str | Recipe,
     *,
     progress: bool = False,
+    imatrix: ImportanceMatrix | None = None,
 ) -> dict[str, str]:
     """Requantize a GGUF file as llama-quantize does: every tensor dequantized to float32 and
     quantized per the recipe (`hf_to_gguf`'s rules), one tensor at a time; metadata copied with
     its value types, general.file_type and general.quantization_version set. Returns {tensor
-    name: qtype}. `out_path` must differ from `in_path`."""
+    name: qtype}. `out_path` must differ from `in_path`. `imatrix` as in `hf_to_gguf`."""
     import gguf
 
     in_path, out_path = Path(in_path), Path(out_path)
@@ -551,6 +580,8 @@ def quantize_gguf(
             else t.qtype
             for n, t in f.tensors.items()
         }  # llama-quantize copies what it does not quantize
+        if imatrix is not None:
+            check_imatrix_for(imatrix, {n: t.shape for n, t in f.tensors.items()})
         alignment = f.alignment if "general.alignment" in f.metadata else None
         with _Writer(out_path, None, alignment=alignment) as w:
             for key, val in f.metadata.items():
@@ -572,5 +603,7 @@ def quantize_gguf(
                     w.write_tensor_data(t.data, raw_dtype=t.ggml_type)
                 else:
                     x = t.dequantize()
-                    w.write_tensor_data(x if plan[n] == "f32" else quantize(x, plan[n]))
+                    imp = imatrix.values(n) if imatrix is not None else None
+                    imp = imp if plan[n] in IMATRIX_QTYPES else None
+                    w.write_tensor_data(x if plan[n] == "f32" else quantize(x, plan[n], imp))
     return plan

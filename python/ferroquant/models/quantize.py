@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..nn import QuantLinear
+from ..qtypes import IMATRIX_QTYPES
 from .recipes import Recipe, recipe_for
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -30,6 +31,7 @@ def quantize_model(
     calibration: Any = None,
     tokenizer: Any = None,
     config: Any = None,
+    imatrix: dict[str, Any] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Quantize every nn.Linear of `model` in place and return it.
@@ -43,6 +45,8 @@ def quantize_model(
     or text (str, list of str, a Path; None: gensim's lee_background.cor) cut into
     `config.n_samples` x `config.seq_len` windows; text needs `tokenizer`. `config`: the
     method's dataclass (`ferroquant.methods.GPTQConfig`) or a dict of its fields.
+    imatrix: {module name: per-column importance} (llama.cpp's importance matrix values) for
+    round to nearest with the ggml quantizers that take one.
     Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
     `model.ferroquant_method` states the method with its options.
     """
@@ -87,6 +91,8 @@ def quantize_model(
         if q is None:
             continue
         opts = options if q in ("nf4", "fp4", "int8", "fp8_e4m3", "fp8_e5m2") else {}
+        if imatrix is not None and name in imatrix and q in IMATRIX_QTYPES:
+            opts = {**opts, "imatrix": imatrix[name]}
         new = QuantLinear.from_linear(lin, q, **opts).to(lin.weight.device)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
