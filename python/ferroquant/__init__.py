@@ -46,6 +46,14 @@ def save_gguf_model(model: Any, path: Any, **kwargs: Any) -> Any:
     return _save(model, path, **kwargs)
 
 
+def load_quantized(path: Any, **kwargs: Any) -> Any:
+    """A GPTQ / AWQ checkpoint folder (GPTQModel, AutoAWQ, transformers, or ours) as a
+    transformers model whose quantized Linears are QuantLinear over the checkpoint's codes."""
+    from .models.ecosystem import load_checkpoint
+
+    return load_checkpoint(path, **kwargs)
+
+
 def set_num_threads(n: int) -> None:
     """Threads used by the Rust core (0 = all cores). Results never depend on it."""
     _native.set_num_threads(int(n))
@@ -63,6 +71,7 @@ __all__ = [
     "QuantizeError",
     "dequantize",
     "load_gguf_model",
+    "load_quantized",
     "num_threads",
     "offload",
     "qtype_info",

@@ -16,7 +16,31 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c.add_argument("src", help="a Hugging Face folder, or a .gguf file for the reverse direction")
-    c.add_argument("out", help="the GGUF file to write (or the folder, from a .gguf)")
+    c.add_argument(
+        "out", help="the GGUF file to write (or the folder, from a .gguf or with --format)"
+    )
+    c.add_argument(
+        "--format",
+        default="gguf",
+        choices=["gguf", "gptq", "awq"],
+        help="gptq / awq: a checkpoint folder transformers, GPTQModel and AutoAWQ load "
+        "(grouped integers, --bits / --group-size; every other tensor float16)",
+    )
+    c.add_argument("--bits", type=int, default=4, help="with --format gptq|awq: 2, 3, 4 or 8")
+    c.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="with --format gptq|awq: 32, 64, 128, or -1 (one group per row); it must divide "
+        "the rows (SmolLM2's 576: 32 or 64)",
+    )
+    c.add_argument(
+        "--sym",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="with --format gptq: symmetric (default, as GPTQModel) or integer zero points "
+        "(--no-sym); AWQ always has zero points",
+    )
     c.add_argument("--qtype", default="f16", help=QTYPE_HELP)
     c.add_argument(
         "--dtype",
@@ -93,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--method gptq runs on this machine; drop --ray (not distributed yet)")
     from ..models.convert import gguf_to_hf, hf_to_gguf
 
+    if args.format != "gguf":
+        return _to_checkpoint(src, args, cfg)
     if src.suffix.lower() == ".gguf":  # the reverse direction, for inspection
         written = gguf_to_hf(src, args.out, dtype=args.dtype)
         print(f"wrote {', '.join(written)} to {args.out}")
@@ -123,6 +149,34 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     print(summary_line(args.out))
+    return 0
+
+
+def _to_checkpoint(src: Path, args: argparse.Namespace, cfg: object) -> int:
+    """`--format gptq|awq`: quantize (rtn or gptq) and write the checkpoint folder."""
+    from ..calib import calibration_ids
+    from ..methods import method_config
+    from ..models.ecosystem import convert_to_checkpoint
+
+    if args.ray is not None:
+        raise ValueError(f"--format {args.format} runs on this machine; drop --ray")
+    if not src.is_dir():
+        raise ValueError(f"{src}: --format {args.format} needs a Hugging Face checkpoint folder")
+    if args.method.lower() not in ("rtn", "gptq"):
+        raise ValueError(f"--format {args.format} takes --method rtn or gptq, got {args.method}")
+    calib = gcfg = None
+    if args.method.lower() == "gptq":
+        from transformers import AutoTokenizer
+
+        gcfg = method_config("gptq", cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
+        tok = AutoTokenizer.from_pretrained(str(src))
+        path = Path(args.calib) if args.calib is not None else None
+        calib = calibration_ids(path, tok, gcfg.n_samples, gcfg.seq_len)
+    out = convert_to_checkpoint(
+        src, args.out, args.format, bits=args.bits, group_size=args.group_size, sym=args.sym,
+        method=args.method, calibration=calib, config=gcfg, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"wrote a {args.format} checkpoint ({args.bits}-bit, group {args.group_size}) to {out}")
     return 0
 
 

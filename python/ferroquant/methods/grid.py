@@ -10,10 +10,14 @@ so the value a method gets for a code is, bit for bit, what the final tensor dec
   product, with A read as the value of level c + 1;
 - "table" formats (nf4, fp4, iq4_nl, iq4_xs): value = A * T[level], A read at T's entry 1.0;
 - "affine" formats (q4_1, q5_1, q4_k, q5_k, q2_k): value = d * level -/+ m, two roundings, so
-  every level's value is read (a table of 2^bits values per weight).
+  every level's value is read (a table of 2^bits values per weight);
+- "zero" formats (the grouped integers int{2,3,4,8}_g*): value = s * (level - z) with the
+  group's stored fp16 scale s and integer zero z (`formats/gint.rs`; one exact f32 product).
 
 Rounding: the legacy formats (q4_0, q4_1, q5_0, q5_1, q8_0) round as ggml does with the block's
-unrounded scale; int8 rounds half to even by the scale; nf4/fp4 bucket as bitsandbytes does;
+unrounded scale; int8 rounds half to even by the scale, the grouped integers half to even by
+the group's unrounded f32 scale, plus the zero (GPTQ's `clamp(round(w / s) + z, 0, maxq)`);
+nf4/fp4 bucket as bitsandbytes does;
 the K-quants and iq4 take the nearest value of the stored grid (ggml's K-quants choose their
 final codes that way too). A column of unchanged weights therefore gets the codes the format's
 own round-to-nearest gives (iq4's scale search aside).
@@ -30,7 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..qtypes import qtype_info
+from ..qtypes import gint_params, qtype_info
+from ..qtypes import qtypes as _all_qtypes
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
 
 _NF4 = np.array([
@@ -49,6 +54,7 @@ _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69
 SUPPORTED = (
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "nf4", "fp4", "int8",
     "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+    *(q.name for q in _all_qtypes() if gint_params(q.name) is not None),
 )  # fmt: skip
 
 
@@ -64,7 +70,7 @@ class Layout:
     byte: np.ndarray
     shift: np.ndarray
     xor: int
-    kind: str  # sym | table | affine
+    kind: str  # sym | table | affine | zero
     center: int = 0  # sym: value = A * (level - center)
     table: np.ndarray | None = None  # table: value = A * table[level]
     unit: int = 0  # the level whose value is A
@@ -84,6 +90,10 @@ def _nibbles(e: np.ndarray, half: int, offset: int, bits: int = 4) -> tuple[np.n
 def _layout(qtype: str, block: int, cols: int) -> Layout:  # noqa: PLR0911, PLR0915
     e = np.arange(block)
     b4 = np.arange(4)
+    gi = gint_params(qtype)
+    if gi is not None:  # one little-endian bit stream a row: code j in bits j*b .. (j+1)*b
+        bit = e[:, None] * gi.bits + np.arange(gi.bits)[None, :]
+        return Layout(qtype, gi.bits, block, block * gi.bits // 8, bit // 8, bit % 8, 0, "zero")
     if qtype in ("q4_0", "iq4_nl", "q4_1"):
         off = 4 if qtype == "q4_1" else 2
         by, sh = _nibbles(e, 16, off)
@@ -190,6 +200,8 @@ class Blocks:
     grid: torch.Tensor | None  # affine: [rows, n * block, levels]
     inv: torch.Tensor | None = None  # legacy rounding: ggml's unrounded 1/d per weight
     low: torch.Tensor | None = None  # q4_1/q5_1: the block minimum per weight
+    zero: torch.Tensor | None = None  # grouped integers: the group's zero per weight
+    rscale: torch.Tensor | None = None  # grouped integers: the unrounded f32 scale per weight
 
 
 class FormatGrid:
@@ -220,6 +232,9 @@ class FormatGrid:
         self.n_blocks = self.cols // block
         if self.qtype in ("nf4", "fp4"):
             self._bounds, self._order = _bnb_bounds(self.layout.table, self.qtype)
+        gi = gint_params(self.qtype)
+        if gi is not None:
+            self._center, self._maxq, self._sym = 1 << (gi.bits - 1), (1 << gi.bits) - 1, gi.sym
 
     # -- parameters -----------------------------------------------------------------------
 
@@ -230,8 +245,18 @@ class FormatGrid:
         n = v.shape[1] // self.block
         qt = quantize(v.numpy(), self.qtype, **self.options)
         data = np.asarray(qt.data).reshape(self.rows, n, self.layout.nbytes)
-        stats = np.asarray(qt.stats, np.float32).reshape(self.rows, n if qt.stats.size else 0)
         lay = self.layout
+        if lay.kind == "zero":  # per row: n scales, then (asymmetric) n zeros -> [rows, n, 1|2]
+            st = np.asarray(qt.stats, np.float32).reshape(self.rows, -1, n)
+            stats = np.ascontiguousarray(st.transpose(0, 2, 1))
+            per = lambda a: torch.from_numpy(np.repeat(a, lay.block, axis=1))  # noqa: E731
+            zero = (
+                stats[..., 1] if stats.shape[-1] == 2 else np.full_like(stats[..., 0], self._center)
+            )
+            rscale = _gint_scale(v.reshape(self.rows, n, lay.block), self._sym, self._maxq)
+            return Blocks(data, stats, per(stats[..., 0]), None, zero=per(zero),
+                          rscale=torch.repeat_interleave(rscale, lay.block, dim=1))  # fmt: skip
+        stats = np.asarray(qt.stats, np.float32).reshape(self.rows, n if qt.stats.size else 0)
 
         def values_at(level: int) -> torch.Tensor:
             d = pack_levels(lay, data, np.full((self.rows, n, lay.block), level))
@@ -248,6 +273,8 @@ class FormatGrid:
         return Blocks(data, stats, scale, grid, inv, low)
 
     def _qtensor(self, data: np.ndarray, stats: np.ndarray, cols: int) -> QTensor:
+        if self.layout.kind == "zero":  # [rows, n, 1|2] -> per row: the scales, then the zeros
+            stats = stats.transpose(0, 2, 1)
         return QTensor(
             self.qtype,
             (self.rows, cols),
@@ -275,6 +302,8 @@ class FormatGrid:
             r = torch.trunc(t)
             r = r + torch.sign(t) * ((t - r).abs() >= 0.5)
             lev = torch.clamp(r, -128, 127) + 128
+        elif lay.kind == "zero":  # rounded by the unrounded scale, as the format's quantizer
+            lev = torch.clamp(torch.round(w / p.rscale[:, j]) + p.zero[:, j], 0, self._maxq)
         elif q == "int8":
             d = torch.where(a == 0, torch.ones_like(a), a)
             lev = torch.clamp(torch.round(w / d), -127, 127) + 128
@@ -297,6 +326,8 @@ class FormatGrid:
     def value(self, p: Blocks, j: int, lev: torch.Tensor) -> torch.Tensor:
         """The decoded values of levels `lev` in column `j` of the blocks `p`."""
         lay = self.layout
+        if lay.kind == "zero":
+            return p.scale[:, j] * (lev.to(torch.float32) - p.zero[:, j])
         if lay.kind == "sym":
             return p.scale[:, j] * (lev - lay.center).to(torch.float32)
         if lay.kind == "table":
@@ -319,6 +350,24 @@ def _bnb_bounds(code: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tenso
     c = code[order]
     bounds = ((c[:-1] + c[1:]) / np.float32(2.0)).astype(np.float32)
     return torch.from_numpy(bounds), torch.from_numpy(order.astype(np.int64))
+
+
+def _gint_scale(x: torch.Tensor, sym: bool, maxq: int) -> torch.Tensor:
+    """The unrounded f32 scale of each group of `x` [rows, n, group], as `formats/gint.rs`
+    computes it (GPTQ's `find_params`)."""
+    zero = torch.zeros((), dtype=torch.float32)
+    xmin = torch.minimum(x.amin(-1), zero)
+    xmax = torch.maximum(x.amax(-1), zero)
+    if sym:
+        xmax = torch.maximum(xmax, xmin.abs())
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+        empty = xmax == 0
+    else:
+        empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, xmin - 1, xmin)
+    xmax = torch.where(empty, xmax + 1, xmax)
+    scale = (xmax - xmin) / float(maxq)
+    return torch.where(scale == 0, torch.full_like(scale, np.finfo(np.float32).tiny), scale)
 
 
 def _ggml_legacy(qtype: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,5 +1,6 @@
 """Model-level quantization: recipes, quantize_model, conversion between Hugging Face folders and
-GGUF, quantized checkpoints, GGUF files as transformers models, and CPU/GPU offload.
+GGUF, quantized checkpoints (ours, and GPTQ / AWQ folders both ways), GGUF files as transformers
+models, and CPU/GPU offload.
 
 Names are imported on first use, so that `ferroquant.models.convert` (GGUF work, no torch
 needed for requantizing) does not pull in torch through `quantize_model`."""
@@ -22,6 +23,9 @@ _WHERE = {
     "load_gguf_model": "gguf_model",
     "save_gguf_model": "gguf_model",
     "offload": "offloading",
+    "load_checkpoint": "ecosystem",
+    "save_checkpoint": "ecosystem",
+    "convert_to_checkpoint": "ecosystem",
 }
 
 __all__ = sorted(_WHERE)

@@ -25,6 +25,30 @@ pub enum QType {
     Int8,
     Fp8E4M3,
     Fp8E5M2,
+    /// The grouped integer family of GPTQ / AWQ checkpoints (`formats/gint.rs`).
+    GInt(GInt),
+}
+
+/// A grouped integer format: `bits` per weight, one fp16 scale per `group` weights of a row
+/// (`group` 0: one per row), and an integer zero point per group unless `sym` (then the zero is
+/// `2^(bits-1)`). Named `int{bits}_g{group|ch}[_sym]`: "int4_g64", "int4_g128_sym", "int8_gch_sym".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GInt {
+    pub bits: u8,
+    pub group: u16,
+    pub sym: bool,
+}
+
+impl GInt {
+    /// Row lengths must be a multiple of this: the group, or (per-channel) 8, so that a row's
+    /// codes fill whole bytes.
+    pub fn row_unit(self) -> usize {
+        if self.group == 0 {
+            8
+        } else {
+            self.group as usize
+        }
+    }
 }
 
 /// How a format is laid out and which peer defines it.
@@ -64,8 +88,25 @@ const fn ggml(
     }
 }
 
+/// A grouped integer row: `block_size` is the group (32 for per-channel, the packing unit),
+/// `type_size` the packed bytes of one block, bits per weight counting the fp16 scale and (not
+/// `sym`) a `bits`-wide zero per group (per-channel: for a row of 4096).
+const fn gint(bits: u8, group: u16, sym: bool, name: &'static str) -> QTypeInfo {
+    let per = if group == 0 { 4096 } else { group as usize };
+    let stat_bits = if sym { 16 } else { 16 + bits as usize };
+    QTypeInfo {
+        qtype: QType::GInt(GInt { bits, group, sym }),
+        name,
+        block_size: if group == 0 { 32 } else { group as usize },
+        type_size: (if group == 0 { 32 } else { group as usize }) * bits as usize / 8,
+        bits_per_weight: bits as f64 + stat_bits as f64 / per as f64,
+        ggml_id: None,
+        peer: "GPTQModel, AutoAWQ",
+    }
+}
+
 /// The table, in the order `fq.qtypes()` lists it.
-pub const QTYPES: [QTypeInfo; 20] = [
+pub const QTYPES: [QTypeInfo; 48] = [
     ggml(QType::F32, "f32", 1, 4, 0, "numpy"),
     ggml(QType::F16, "f16", 1, 2, 1, "numpy"),
     ggml(QType::BF16, "bf16", 1, 2, 30, "torch"),
@@ -129,6 +170,35 @@ pub const QTYPES: [QTypeInfo; 20] = [
         ggml_id: None,
         peer: "torch",
     },
+    // Grouped integers (GPTQ / AWQ): 8 bits only symmetric (`q - zero` must fit the int8 kernel).
+    gint(2, 32, false, "int2_g32"),
+    gint(2, 32, true, "int2_g32_sym"),
+    gint(2, 64, false, "int2_g64"),
+    gint(2, 64, true, "int2_g64_sym"),
+    gint(2, 128, false, "int2_g128"),
+    gint(2, 128, true, "int2_g128_sym"),
+    gint(2, 0, false, "int2_gch"),
+    gint(2, 0, true, "int2_gch_sym"),
+    gint(3, 32, false, "int3_g32"),
+    gint(3, 32, true, "int3_g32_sym"),
+    gint(3, 64, false, "int3_g64"),
+    gint(3, 64, true, "int3_g64_sym"),
+    gint(3, 128, false, "int3_g128"),
+    gint(3, 128, true, "int3_g128_sym"),
+    gint(3, 0, false, "int3_gch"),
+    gint(3, 0, true, "int3_gch_sym"),
+    gint(4, 32, false, "int4_g32"),
+    gint(4, 32, true, "int4_g32_sym"),
+    gint(4, 64, false, "int4_g64"),
+    gint(4, 64, true, "int4_g64_sym"),
+    gint(4, 128, false, "int4_g128"),
+    gint(4, 128, true, "int4_g128_sym"),
+    gint(4, 0, false, "int4_gch"),
+    gint(4, 0, true, "int4_gch_sym"),
+    gint(8, 32, true, "int8_g32_sym"),
+    gint(8, 64, true, "int8_g64_sym"),
+    gint(8, 128, true, "int8_g128_sym"),
+    gint(8, 0, true, "int8_gch_sym"),
 ];
 
 impl QType {
@@ -163,6 +233,14 @@ impl QType {
             .map(|i| i.qtype)
     }
 
+    /// The grouped integer parameters, for the `GInt` family.
+    pub fn gint(self) -> Option<GInt> {
+        match self {
+            QType::GInt(g) => Some(g),
+            _ => None,
+        }
+    }
+
     /// True for the formats whose `data` is ggml's block layout (no statistics beside it).
     pub fn is_ggml(self) -> bool {
         self.info().ggml_id.is_some()
@@ -173,6 +251,7 @@ impl QType {
         match self {
             QType::NF4 | QType::FP4 => cols / 2,
             QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => cols,
+            QType::GInt(g) => cols * g.bits as usize / 8,
             _ => cols / block_size * self.info().type_size,
         }
     }

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::formats::tensor::{validate_view, Quantized, QuantizedView, ScaleMode};
-use crate::formats::{self, bnb4, fp8, int8};
+use crate::formats::{self, bnb4, fp8, gint, int8};
 use crate::input::{map_rows, map_rows_out, Matrix};
 use crate::qtype::QType;
 
@@ -80,6 +80,11 @@ pub fn quantize(m: &Matrix<'_>, qtype: QType, opts: &Options<'_>) -> Result<Quan
     if let Some(w) = opts.imatrix {
         check_imatrix(w, m.cols)?;
     }
+    if let GInt(g) = qtype {
+        // The group is part of the qtype's name; the check names the qtype and the row.
+        m.check_range(F16_MAX, qtype.name())?;
+        return gint::quantize(m, qtype, g);
+    }
     let scale_mode = opts.scale_mode.unwrap_or(ScaleMode::Row);
     let block_size = match (qtype, opts.block_size) {
         (_, Some(b)) => check_block_size(qtype, b)?,
@@ -146,6 +151,7 @@ pub fn dequantize(q: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
         NF4 | FP4 => bnb4::dequantize(q, out),
         Int8 => int8::dequantize(q, out),
         Fp8E4M3 | Fp8E5M2 => fp8::dequantize(q, out),
+        GInt(g) => gint::dequantize(q, g, out),
         qtype => {
             let row_bytes = qtype.row_bytes(q.cols, q.block_size);
             map_rows_out(q.data, row_bytes, &[], 0, out, q.cols, |_, d, _, y| {

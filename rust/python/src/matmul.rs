@@ -64,7 +64,11 @@ pub fn qmatmul<'py>(
 /// Names of the weight qtypes `qmatmul` has kernels for.
 #[pyfunction]
 pub fn qmatmul_qtypes() -> Vec<&'static str> {
-    core::matmul::SUPPORTED.iter().map(|q| q.name()).collect()
+    core::qtype::QTYPES
+        .iter()
+        .filter(|i| core::matmul::supports(i.qtype))
+        .map(|i| i.name)
+        .collect()
 }
 
 /// Memory read bandwidth helper of the benchmarks: a multi-threaded streaming read of `data`

@@ -7,6 +7,7 @@ pub mod bnb4;
 pub mod bnb_dynamic;
 pub mod float;
 pub mod fp8;
+pub mod gint;
 pub mod int8;
 pub mod iq4;
 pub mod k_quants;
@@ -108,7 +109,7 @@ pub fn ggml_quantize_row_scalar(qtype: QType, x: &[f32], out: &mut [u8], imatrix
         (Q8_0, _) => legacy::quantize_row_q8_0_ref(x, out),
         (Q2K | Q3K | Q4K | Q5K | Q6K, w) => k_quants::quantize_row(qtype, x, out, w),
         (IQ4NL | IQ4XS, w) => iq4::quantize_row(qtype, x, out, w),
-        (NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2, _) => {
+        (NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2 | GInt(_), _) => {
             unreachable!("{qtype:?} is not a ggml row format")
         }
     }
@@ -126,6 +127,8 @@ pub fn ggml_dequantize_row(qtype: QType, data: &[u8], y: &mut [f32]) {
         Q8_0 => legacy::dequantize_row_q8_0(data, y),
         Q2K | Q3K | Q4K | Q5K | Q6K => k_quants::dequantize_row(qtype, data, y),
         IQ4NL | IQ4XS => iq4::dequantize_row(qtype, data, y),
-        NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2 => unreachable!("{qtype:?} is not a ggml row format"),
+        NF4 | FP4 | Int8 | Fp8E4M3 | Fp8E5M2 | GInt(_) => {
+            unreachable!("{qtype:?} is not a ggml row format")
+        }
     }
 }

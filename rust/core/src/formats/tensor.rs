@@ -106,7 +106,16 @@ pub fn validate_view(q: &QuantizedView<'_>) -> Result<()> {
         got,
         expected,
     };
-    if q.block_size == 0
+    if let GInt(g) = q.qtype {
+        if !cols.is_multiple_of(g.row_unit()) {
+            return Err(Error::RowLength {
+                qtype: q.qtype.name(),
+                rows,
+                cols,
+                block_size: g.row_unit(),
+            });
+        }
+    } else if q.block_size == 0
         || (!matches!(q.qtype, Int8 | Fp8E4M3 | Fp8E5M2) || q.scale_mode == Some(ScaleMode::Block))
             && cols % q.block_size != 0
     {

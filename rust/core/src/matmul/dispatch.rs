@@ -28,6 +28,49 @@ impl Plan<'_> {
         }
     }
 
+    /// Grouped integers: weight row `n` decoded to int8 `q - z` and its group scales
+    /// (`formats::gint::decode_row_i8`, into buffers kept per thread), then the int8 q16 kernels
+    /// (`dot_q16`) with the activation rows `ms`, up to `ROWS` at a time.
+    pub(super) fn dots_gint(&self, n: usize, ms: std::ops::Range<usize>, y: &mut [f32]) {
+        use crate::formats::gint;
+        use std::cell::RefCell;
+        thread_local! {
+            static ROW: RefCell<(Vec<u8>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        }
+        let g = self
+            .w
+            .qtype
+            .gint()
+            .expect("dots_gint is called for grouped integers");
+        let k = self.k;
+        let Acts::Q16 { q, d, row, blocks } = &self.acts else {
+            unreachable!("grouped integers have q16 activations")
+        };
+        let q: &[i16] = bytemuck::cast_slice(q);
+        ROW.with_borrow_mut(|(w8, scales)| {
+            w8.resize(k, 0);
+            scales.resize(k / self.block_len, 0.0);
+            let wrow = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
+            gint::decode_row_i8(g, wrow, self.stats_of(n), k, w8, scales);
+            let xq = |mi: usize| &q[mi * row..(mi + 1) * row];
+            let xd = |mi: usize| &d[mi * blocks..(mi + 1) * blocks];
+            let mut j = 0;
+            while j < y.len() {
+                let m0 = ms.start + j;
+                let left = if self.simd { y.len() - j } else { 1 };
+                if left >= ROWS {
+                    let r: [usize; ROWS] = std::array::from_fn(|i| m0 + i);
+                    let out = self.dot_q16(w8, scales, r.map(xq), r.map(xd));
+                    y[j..j + ROWS].copy_from_slice(&out);
+                    j += ROWS;
+                } else {
+                    y[j] = self.dot_q16(w8, scales, [xq(m0)], [xd(m0)])[0];
+                    j += 1;
+                }
+            }
+        });
+    }
+
     /// R rows from activation row `m0` into `y[..R]`; returns R.
     pub(super) fn dot_into<const R: usize>(
         &self,

@@ -25,6 +25,8 @@
 //! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
 //! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs → activations quantized to q8_K;
 //! nf4, int8 → activations quantized to 16 bits in blocks of 64 (`reference/q16.rs`);
+//! grouped integers (`formats/gint.rs`) → each weight row decoded to int8 `q - z` with its group
+//! scales (`Plan::dots_gint`), then the int8 kernels against the same q16 activations;
 //! fp8_e4m3, fp8_e5m2 → f32 activations (the dequantized product within float rounding, fp8
 //! decoded exactly; no activation error added to the weights').
 
@@ -66,6 +68,11 @@ pub const SUPPORTED: [QType; 16] = [
     QType::Fp8E4M3,
     QType::Fp8E5M2,
 ];
+
+/// True when `qmatmul` takes `qtype` weights: `SUPPORTED` and the grouped integers.
+pub fn supports(qtype: QType) -> bool {
+    SUPPORTED.contains(&qtype) || qtype.gint().is_some()
+}
 
 /// The activations, prepared once per call (one row of x per `m`).
 enum Acts<'a> {
@@ -216,7 +223,7 @@ fn use_avx512(qtype: QType, simd: bool, k: usize, x: &[f32]) -> bool {
     {
         simd && crate::cpu::has_avx512()
             && match qtype {
-                QType::NF4 | QType::Int8 => crate::cpu::has_vnni_q16(),
+                QType::NF4 | QType::Int8 | QType::GInt(_) => crate::cpu::has_vnni_q16(),
                 QType::Fp8E5M2 => k >= reference::WIDE,
                 QType::Fp8E4M3 => k >= reference::WIDE && x86::e4m3_x_fits(x),
                 _ => false,
@@ -314,6 +321,16 @@ impl Plan<'_> {
                     };
                     self.rows32(n0 + i, &mut yt[i..i + r]);
                     i += r;
+                }
+            }
+            if self.w.qtype.gint().is_some() {
+                while i < rows {
+                    self.dots_gint(
+                        n0 + i,
+                        ms.clone(),
+                        &mut yt[i * m + ms.start..i * m + ms.end],
+                    );
+                    i += 1;
                 }
             }
             while i < rows {

@@ -110,10 +110,11 @@ pub(super) fn plan<'a>(
     out_len: usize,
 ) -> Result<Plan<'a>> {
     let (n, k) = (w.rows, w.cols);
-    if !SUPPORTED.contains(&w.qtype) {
+    if !supports(w.qtype) {
         let names: Vec<&str> = SUPPORTED.iter().map(|q| q.name()).collect();
         return Err(bad(format!(
-            "qmatmul does not support {} weights; supported: {}",
+            "qmatmul does not support {} weights; supported: {} and the grouped integers \
+             (int{{2,3,4}}_g{{32,64,128,ch}}[_sym], int8_g*_sym)",
             w.qtype.name(),
             names.join(" ")
         )));
@@ -141,6 +142,11 @@ pub(super) fn plan<'a>(
             }
             None => return Err(bad(format!("{} weights need a scale_mode", w.qtype.name()))),
         },
+        QType::GInt(g) => {
+            crate::formats::gint::validate(w, g)?;
+            block_len = crate::formats::gint::group_len(g, k);
+            stats_per_row = crate::formats::gint::stats_per_row(g, k);
+        }
         q => {
             let bs = q.info().block_size;
             if w.block_size != bs {
@@ -322,7 +328,7 @@ pub(super) fn plan<'a>(
                 row_bytes,
             )
         }
-        QType::NF4 | QType::Int8 => {
+        QType::NF4 | QType::Int8 | QType::GInt(_) => {
             let acts = quantize_q16(x, m, k, w.qtype == QType::NF4, f32_avx512, par);
             let Acts::Q16 { row, blocks, .. } = acts else {
                 unreachable!()

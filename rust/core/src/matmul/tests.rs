@@ -17,6 +17,7 @@ use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
 pub(crate) mod formats;
+mod gint;
 pub(crate) mod q16_rows;
 
 /// xorshift64: reproducible test data (also used by `neon/tests.rs`).

@@ -1,0 +1,411 @@
+//! Grouped integers: the weight format of GPTQ and AWQ checkpoints (GPTQModel, AutoAWQ,
+//! llm-compressor's W4A16), `int{bits}_g{group|ch}[_sym]` in the qtype table.
+//!
+//! **Values.** Each row (output channel) is cut into groups of `group` weights (per-channel:
+//! the whole row). A group has an fp16 scale `s` and an integer zero `z` (`sym`: `z =
+//! 2^(bits-1)`); a weight is a code `q` in `0..=maxq` (`maxq = 2^bits - 1`) and stands for
+//! `(q - z) · s`, computed in f32 (exact: |q - z| < 2^8 times an 11-bit fp16 mantissa), which
+//! is also what the peers' fp16 `s · (q - z)` rounds to.
+//!
+//! **Reference quantizer** (GPTQ's / GPTQModel's `Quantizer.find_params` + `quantize`, f32):
+//! `xmin = min(min(x), 0)`, `xmax = max(max(x), 0)`; `sym`: `xmax = max(|xmin|, xmax)` and,
+//! when `xmin < 0`, `xmin = -xmax` (an all-non-negative group keeps `xmin = 0`, as the peer
+//! does); a group with `xmin = xmax = 0` takes `-1, +1`. `scale = (xmax - xmin) / maxq` (a
+//! zero scale becomes f32's smallest normal), `z = round(-xmin / scale)` (asym),
+//! `q = clamp(round(x / scale) + z, 0, maxq)`, rounding half to even (torch.round); the stored
+//! scale is `f16(scale)`.
+//!
+//! **Layout.** `data`: each row's codes as one little-endian bit stream, code `j` in bits
+//! `j·bits .. (j+1)·bits` (4 bits: element 2j in the low nibble; 3 bits: 8 codes in 3 bytes), so
+//! a row is `cols · bits / 8` bytes. `stats` (f32): per row, the `groups` scales (fp16 values)
+//! followed, unless `sym`, by the `groups` zeros.
+//!
+//! **Matmul** (`matmul`): a weight row decodes to `q - z` as int8 with one scale per group and
+//! runs the int8 kernels against q16 activations (`matmul::reference::q16`), so the grouped
+//! product is bit-for-bit the int8 product of the decoded row; 8 bits are symmetric only, so
+//! `q - z` always fits an int8.
+
+use crate::error::{Error, Result};
+use crate::formats::tensor::{Quantized, QuantizedView};
+use crate::input::{map_rows, map_rows_out, Matrix};
+use crate::qtype::{GInt, QType};
+
+/// Weights sharing one scale in a row of `cols`.
+pub fn group_len(g: GInt, cols: usize) -> usize {
+    if g.group == 0 {
+        cols
+    } else {
+        g.group as usize
+    }
+}
+
+/// Statistics per row: the scales, then (asymmetric) the zeros.
+pub fn stats_per_row(g: GInt, cols: usize) -> usize {
+    let groups = cols / group_len(g, cols);
+    if g.sym {
+        groups
+    } else {
+        2 * groups
+    }
+}
+
+/// The row length must split into whole groups (and per-channel rows into whole bytes of codes).
+pub fn check_shape(qtype: QType, g: GInt, rows: usize, cols: usize) -> Result<()> {
+    let unit = g.row_unit();
+    if cols == 0 || !cols.is_multiple_of(unit) {
+        return Err(Error::RowLength {
+            qtype: qtype.name(),
+            rows,
+            cols,
+            block_size: unit,
+        });
+    }
+    Ok(())
+}
+
+#[inline]
+fn maxq(g: GInt) -> u32 {
+    (1u32 << g.bits) - 1
+}
+
+/// Round half to even (torch.round), for |v| < 2^22.
+#[inline]
+fn round_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    if v.abs() >= 4_194_304.0 {
+        return v;
+    }
+    (v + MAGIC) - MAGIC
+}
+
+/// The f32 scale and the zero of one group (the module comment's rule).
+pub fn group_params(g: GInt, x: &[f32]) -> (f32, u32) {
+    let mq = maxq(g) as f32;
+    let mut xmin = x.iter().fold(0f32, |m, &v| m.min(v));
+    let mut xmax = x.iter().fold(0f32, |m, &v| m.max(v));
+    if g.sym {
+        xmax = xmax.max(xmin.abs());
+        if xmin < 0.0 {
+            xmin = -xmax;
+        }
+    }
+    let empty = if g.sym {
+        xmax == 0.0
+    } else {
+        xmin == 0.0 && xmax == 0.0
+    };
+    if empty {
+        xmin -= 1.0;
+        xmax += 1.0;
+    }
+    let mut scale = (xmax - xmin) / mq;
+    if scale == 0.0 {
+        scale = f32::MIN_POSITIVE;
+    }
+    let zero = if g.sym {
+        1u32 << (g.bits - 1)
+    } else {
+        round_even(-xmin / scale).clamp(0.0, mq) as u32
+    };
+    (scale, zero)
+}
+
+/// One code: `clamp(round(x / scale) + zero, 0, maxq)`.
+#[inline]
+pub fn quantize_value(x: f32, scale: f32, zero: u32, maxq: u32) -> u32 {
+    (round_even(x / scale) + zero as f32).clamp(0.0, maxq as f32) as u32
+}
+
+/// Code `j` of a packed row.
+#[inline]
+pub fn code(row: &[u8], j: usize, bits: u8) -> u32 {
+    let bit = j * bits as usize;
+    let (byte, shift) = (bit / 8, bit % 8);
+    let lo = row[byte] as u32;
+    let hi = row.get(byte + 1).copied().unwrap_or(0) as u32;
+    ((lo | hi << 8) >> shift) & ((1 << bits) - 1)
+}
+
+/// Write the codes of a row as the little-endian bit stream of the module comment.
+pub fn pack_row(codes: &[u32], bits: u8, out: &mut [u8]) {
+    out.fill(0);
+    for (j, &c) in codes.iter().enumerate() {
+        let bit = j * bits as usize;
+        let (byte, shift) = (bit / 8, bit % 8);
+        let v = c << shift;
+        out[byte] |= v as u8;
+        if shift + bits as usize > 8 {
+            out[byte + 1] |= (v >> 8) as u8;
+        }
+    }
+}
+
+/// The fp16 value of an f32 scale, as f32.
+#[inline]
+pub fn f16_round(s: f32) -> f32 {
+    half::f16::from_f32(s).to_f32()
+}
+
+pub fn quantize(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Quantized> {
+    check_shape(qtype, g, m.rows, m.cols)?;
+    let (cols, gl, mq) = (m.cols, group_len(g, m.cols), maxq(g));
+    let groups = cols / gl;
+    let row_bytes = qtype.row_bytes(cols, gl);
+    let spr = stats_per_row(g, cols);
+    let mut data = vec![0u8; m.rows * row_bytes];
+    let mut stats = vec![0f32; m.rows * spr];
+    map_rows(m, &mut data, row_bytes, &mut stats, spr, |_, x, out, st| {
+        let mut codes = vec![0u32; cols];
+        for (k, (xg, cg)) in x
+            .chunks_exact(gl)
+            .zip(codes.chunks_exact_mut(gl))
+            .enumerate()
+        {
+            let (scale, zero) = group_params(g, xg);
+            for (c, &v) in cg.iter_mut().zip(xg) {
+                *c = quantize_value(v, scale, zero, mq);
+            }
+            st[k] = f16_round(scale);
+            if !g.sym {
+                st[groups + k] = zero as f32;
+            }
+        }
+        pack_row(&codes, g.bits, out);
+    });
+    Ok(Quantized {
+        qtype,
+        rows: m.rows,
+        cols,
+        block_size: gl,
+        scale_mode: None,
+        data,
+        stats,
+        double_quant: None,
+    })
+}
+
+/// Check a grouped view's geometry and statistics (a view may come from a file or Python).
+pub fn validate(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
+    check_shape(q.qtype, g, q.rows, q.cols)?;
+    let gl = group_len(g, q.cols);
+    if q.block_size != gl {
+        return Err(Error::InvalidArgument(format!(
+            "{} of {} columns has groups of {gl}, got block_size={}",
+            q.qtype.name(),
+            q.cols,
+            q.block_size
+        )));
+    }
+    let expected = q.rows * stats_per_row(g, q.cols);
+    if q.stats.len() != expected {
+        return Err(Error::DataSize {
+            what: "stats",
+            qtype: q.qtype.name(),
+            rows: q.rows,
+            cols: q.cols,
+            got: q.stats.len(),
+            expected,
+        });
+    }
+    if !g.sym {
+        let groups = q.cols / gl;
+        let mq = maxq(g) as f32;
+        for (r, st) in q.stats.chunks_exact(2 * groups).enumerate() {
+            if let Some(z) = st[groups..]
+                .iter()
+                .find(|z| !(0.0..=mq).contains(*z) || z.fract() != 0.0)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: zero point {z} of row {r} is not an integer in 0..={mq}",
+                    q.qtype.name()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A packed row as `q - z` (int8) and its scales: the weights the int8 matmul kernels read.
+/// Whole bytes at a time (2, 4 and 8 bits: codes never straddle a byte; 3 bits: 8 codes in 3
+/// bytes), so that the loops vectorize; the same values as `code`.
+pub fn decode_row_i8(
+    g: GInt,
+    row: &[u8],
+    stats: &[f32],
+    cols: usize,
+    w: &mut [u8],
+    scales: &mut [f32],
+) {
+    let gl = group_len(g, cols);
+    let groups = cols / gl;
+    scales.copy_from_slice(&stats[..groups]);
+    let gb = gl * g.bits as usize / 8;
+    for (k, (wg, rg)) in w[..cols]
+        .chunks_exact_mut(gl)
+        .zip(row.chunks_exact(gb))
+        .enumerate()
+    {
+        let z = if g.sym {
+            1u8 << (g.bits - 1)
+        } else {
+            stats[groups + k] as u8
+        };
+        match g.bits {
+            8 => {
+                for (o, &b) in wg.iter_mut().zip(rg) {
+                    *o = b.wrapping_sub(z);
+                }
+            }
+            4 => {
+                for (o, &b) in wg.chunks_exact_mut(2).zip(rg) {
+                    o[0] = (b & 15).wrapping_sub(z);
+                    o[1] = (b >> 4).wrapping_sub(z);
+                }
+            }
+            2 => {
+                for (o, &b) in wg.chunks_exact_mut(4).zip(rg) {
+                    for (i, v) in o.iter_mut().enumerate() {
+                        *v = ((b >> (2 * i)) & 3).wrapping_sub(z);
+                    }
+                }
+            }
+            _ => {
+                for (o, t) in wg.chunks_exact_mut(8).zip(rg.chunks_exact(3)) {
+                    let v = t[0] as u32 | (t[1] as u32) << 8 | (t[2] as u32) << 16;
+                    for (i, c) in o.iter_mut().enumerate() {
+                        *c = ((v >> (3 * i)) as u8 & 7).wrapping_sub(z);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn dequantize(q: &QuantizedView<'_>, g: GInt, out: &mut [f32]) -> Result<()> {
+    validate(q, g)?;
+    let (cols, gl) = (q.cols, group_len(g, q.cols));
+    let groups = cols / gl;
+    let row_bytes = q.qtype.row_bytes(cols, gl);
+    let spr = stats_per_row(g, cols);
+    map_rows_out(q.data, row_bytes, q.stats, spr, out, cols, |_, d, st, y| {
+        for (j, v) in y.iter_mut().enumerate() {
+            let k = j / gl;
+            let z = if g.sym {
+                1i32 << (g.bits - 1)
+            } else {
+                st[groups + k] as i32
+            };
+            *v = (code(d, j, g.bits) as i32 - z) as f32 * st[k];
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::input::Matrix;
+
+    fn g(bits: u8, group: u16, sym: bool) -> GInt {
+        GInt { bits, group, sym }
+    }
+
+    #[test]
+    fn pack_and_code_round_trip_every_width() {
+        for bits in [2u8, 3, 4, 8] {
+            let codes: Vec<u32> = (0..64).map(|j| (j * 7 + 3) as u32 % (1 << bits)).collect();
+            let mut out = vec![0u8; 64 * bits as usize / 8];
+            pack_row(&codes, bits, &mut out);
+            let back: Vec<u32> = (0..64).map(|j| code(&out, j, bits)).collect();
+            assert_eq!(back, codes, "bits {bits}");
+        }
+        // 4 bits: element 2j in the low nibble.
+        let mut out = [0u8; 1];
+        pack_row(&[0x3, 0xa], 4, &mut out);
+        assert_eq!(out[0], 0xa3);
+    }
+
+    #[test]
+    fn params_follow_the_gptq_rule() {
+        // asym 4 bits: range [-1, 2] -> scale 0.2, zero round(5) = 5.
+        let (s, z) = group_params(g(4, 32, false), &[-1.0, 2.0, 0.5]);
+        assert_eq!(s, 3.0f32 / 15.0);
+        assert_eq!(z, 5);
+        // sym: zero 8, scale 2 * max|x| / 15.
+        let (s, z) = group_params(g(4, 32, true), &[-1.0, 0.5]);
+        assert_eq!((s, z), (2.0f32 / 15.0, 8));
+        // sym with no negative value keeps xmin = 0 (the peer's rule): scale = xmax / 15.
+        let (s, _) = group_params(g(4, 32, true), &[0.0, 3.0]);
+        assert_eq!(s, 3.0f32 / 15.0);
+        // An all-zero group: [-1, 1].
+        assert_eq!(group_params(g(2, 32, false), &[0.0; 4]), (2.0 / 3.0, 2));
+    }
+
+    #[test]
+    fn quantize_dequantize_and_decode_agree() {
+        let (rows, cols) = (3usize, 256usize);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 2654435761) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        for qt in crate::qtype::QTYPES
+            .iter()
+            .filter_map(|i| i.qtype.gint().map(|gi| (i.qtype, gi)))
+        {
+            let (qtype, gi) = qt;
+            let m = Matrix::from_f32(&x, rows, cols).unwrap();
+            let q = quantize(&m, qtype, gi).unwrap();
+            let mut y = vec![0f32; rows * cols];
+            dequantize(&q.view(), gi, &mut y).unwrap();
+            let gl = group_len(gi, cols);
+            let mut w = vec![0u8; cols];
+            let mut sc = vec![0f32; cols / gl];
+            let spr = stats_per_row(gi, cols);
+            let rb = qtype.row_bytes(cols, gl);
+            for r in 0..rows {
+                decode_row_i8(
+                    gi,
+                    &q.data[r * rb..(r + 1) * rb],
+                    &q.stats[r * spr..(r + 1) * spr],
+                    cols,
+                    &mut w,
+                    &mut sc,
+                );
+                for j in 0..cols {
+                    assert_eq!(
+                        y[r * cols + j],
+                        w[j] as i8 as f32 * sc[j / gl],
+                        "{}",
+                        qtype.name()
+                    );
+                }
+                // Error within half a step (plus the fp16 scale rounding) where not clipped.
+                for j in 0..cols {
+                    let s = sc[j / gl];
+                    let err = (y[r * cols + j] - x[r * cols + j]).abs();
+                    assert!(
+                        err <= 0.5 * s * 1.01 + 1e-6 || gi.sym,
+                        "{} err {err} step {s}",
+                        qtype.name()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_that_does_not_divide_the_row_is_an_error() {
+        let x = vec![0.5f32; 96];
+        let m = Matrix::from_f32(&x, 1, 96).unwrap();
+        let qt = QType::parse("int4_g64").unwrap();
+        let err = quantize(&m, qt, qt.gint().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("int4_g64"), "{err}");
+        assert!(matches!(
+            err,
+            Error::RowLength {
+                block_size: 64,
+                cols: 96,
+                ..
+            }
+        ));
+    }
+}

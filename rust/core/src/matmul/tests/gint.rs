@@ -1,0 +1,128 @@
+//! Grouped integers through `qmatmul`: every output equals the scalar reference (the row decoded
+//! to int8 `q - z` by `formats::gint::decode_row_i8`, then `reference::q16::dot_int8_q16`) bit
+//! for bit, whatever kernel the CPU runs; and the reference is within the q16 activation error
+//! of the f64 dot with the independently dequantized weights.
+
+use super::{mixed_acts, Rng};
+use crate::formats::gint;
+use crate::input::Matrix;
+use crate::matmul::qmatmul;
+use crate::matmul::reference::q16::{dot_int8_q16, q16_row_len, quantize_row_q16, Q16};
+use crate::qtype::QType;
+use crate::quantize::{dequantize, quantize, Options};
+
+#[test]
+fn grouped_integer_qmatmul_equals_the_decoded_int8_reference() {
+    let mut rng = Rng(0x6e1f_7000_0000_0013);
+    let cases = [
+        ("int4_g64", 256),
+        ("int4_g128_sym", 384),
+        ("int4_g32", 4160),
+        ("int3_g64", 192),
+        ("int3_gch", 200),
+        ("int2_g32", 96),
+        ("int2_gch_sym", 104),
+        ("int4_gch", 4104),
+        ("int8_g64_sym", 128),
+        ("int8_gch_sym", 72),
+    ];
+    for (name, k) in cases {
+        let qtype = QType::parse(name).unwrap();
+        let g = qtype.gint().unwrap();
+        let n = 11;
+        let w = rng.normalish(n * k, 0.05);
+        let q = quantize(
+            &Matrix::from_f32(&w, n, k).unwrap(),
+            qtype,
+            &Options::default(),
+        )
+        .unwrap();
+        let mut deq = vec![0f32; n * k];
+        dequantize(&q.view(), &mut deq).unwrap();
+        let (gl, spr, rb) = (
+            gint::group_len(g, k),
+            gint::stats_per_row(g, k),
+            qtype.row_bytes(k, gint::group_len(g, k)),
+        );
+        for m in [1usize, 2, 3, 5, 9] {
+            let x = if m == 5 {
+                mixed_acts(&mut rng, m * k)
+            } else {
+                rng.normalish(m * k, 1.0)
+            };
+            let mut y = vec![0f32; m * n];
+            qmatmul(&x, m, &q.view(), &mut y).unwrap();
+            for mi in 0..m {
+                let xr = &x[mi * k..(mi + 1) * k];
+                let mut xq = vec![0i16; q16_row_len(k)];
+                let mut xd = vec![0f32; q16_row_len(k) / Q16];
+                quantize_row_q16(xr, 1.0, &mut xq, &mut xd);
+                for row in 0..n {
+                    let mut w8 = vec![0u8; k];
+                    let mut sc = vec![0f32; k / gl];
+                    let st = &q.stats[row * spr..(row + 1) * spr];
+                    gint::decode_row_i8(
+                        g,
+                        &q.data[row * rb..(row + 1) * rb],
+                        st,
+                        k,
+                        &mut w8,
+                        &mut sc,
+                    );
+                    let want = dot_int8_q16(&w8, &sc, gl, &xq, &xd);
+                    let got = y[mi * n + row];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{name} k={k} m={m} ({mi}, {row}): {got} vs {want}"
+                    );
+                    if m != 5 {
+                        // Against the dequantized weights in f64: the q16 activation error is at
+                        // most 2^-16 of each 64-block's amax, well inside 1e-3 of Σ|w||x|.
+                        let wr = &deq[row * k..(row + 1) * k];
+                        let exact: f64 =
+                            wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(xr)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        assert!(
+                            (want as f64 - exact).abs() <= 1e-3 * mag + 1e-9,
+                            "{name}: {want} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_integer_views_with_bad_statistics_are_errors() {
+    let qtype = QType::parse("int4_g64").unwrap();
+    let w = vec![0.25f32; 2 * 128];
+    let q = quantize(
+        &Matrix::from_f32(&w, 2, 128).unwrap(),
+        qtype,
+        &Options::default(),
+    )
+    .unwrap();
+    let mut y = vec![0f32; 2];
+    let x = vec![1f32; 128];
+    let mut v = q.view();
+    let short = &q.stats[..3];
+    v.stats = short;
+    assert!(qmatmul(&x, 1, &v, &mut y)
+        .unwrap_err()
+        .to_string()
+        .contains("stats"));
+    let mut bad = q.stats.clone();
+    bad[2] = 16.0; // a zero point beyond 4 bits
+    let mut v = q.view();
+    v.stats = &bad;
+    assert!(qmatmul(&x, 1, &v, &mut y)
+        .unwrap_err()
+        .to_string()
+        .contains("zero point"));
+}
