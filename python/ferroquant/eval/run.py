@@ -93,16 +93,22 @@ class RowSpec:
 
 
 def row_spec(name: str) -> RowSpec:
-    """The row called `name` (bf16, nf4+dq, or any recipe/qtype name); ValueError if unknown."""
+    """The row called `name` (bf16, nf4+dq, any recipe/qtype name, or QTYPE+hqq); ValueError if
+    unknown."""
     key = name.strip().lower()
     if key == BASELINE:
         return RowSpec(BASELINE, None)
     if key in _DQ_NAMES:
         return RowSpec("nf4+dq", "nf4", {"double_quant": True})
+    if key.endswith("+hqq"):  # the same qtype with HQQ's zero points (methods/hqq.py)
+        recipe_for(key[: -len("+hqq")])
+        return RowSpec(key, key[: -len("+hqq")], {"method": "hqq"})
     try:
         recipe_for(key)
     except QuantizeError as e:  # it names the mixes and qtypes; eval rows take two more names
-        raise QuantizeError(f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq") from None
+        raise QuantizeError(
+            f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq, QTYPE+hqq"
+        ) from None
     return RowSpec(key, key)
 
 

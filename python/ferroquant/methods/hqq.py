@@ -104,19 +104,25 @@ def _sq_err(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int)
 def _refine_scale(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, cfg: HQQConfig
 ) -> torch.Tensor:
-    """The scale re-solved for a fixed integer zero by the same splitting (fp16 each step)."""
-    best_s, best_e = scale, _sq_err(w, scale, zero, maxq)
-    beta = cfg.beta
-    for _ in range(cfg.iters):
+    """The scale re-solved for a fixed integer zero by the same splitting (fp16 each step); each
+    group keeps its best scale by squared error. One rounding pass a step: the codes of the
+    current scale serve both its error and the next update."""
+    best_s = scale
+    best_e = torch.full_like(scale, float("inf"))
+    beta, total = cfg.beta, float("inf")
+    for _ in range(cfg.iters + 1):
         d = _codes(w, scale, zero, maxq) - zero
-        e = _shrink(w - d * scale, beta, cfg.lp_norm)
-        s_new = ((w - e) * d).sum(1, keepdim=True) / (d * d).sum(1, keepdim=True).clamp_min(1e-12)
-        scale = torch.where(s_new > 0, s_new, scale).half().float()
-        err = _sq_err(w, scale, zero, maxq)
+        r = w - d * scale
+        err = r.pow(2).sum(1, keepdim=True)
         better = err < best_e
         best_e, best_s = torch.where(better, err, best_e), torch.where(better, scale, best_s)
-        if cfg.early_stop and not bool(better.any()):
+        now = float(best_e.sum())
+        if cfg.early_stop and not now < total:
             break
+        total = now
+        e = _shrink(r, beta, cfg.lp_norm)
+        s_new = ((w - e) * d).sum(1, keepdim=True) / (d * d).sum(1, keepdim=True).clamp_min(1e-12)
+        scale = torch.where(s_new > 0, s_new, scale).half().float()
         beta *= cfg.kappa
     return best_s
 
