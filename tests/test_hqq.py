@@ -153,3 +153,23 @@ def test_quantize_model_method_hqq() -> None:
     x = torch.eye(64)
     got = (model[0](x) - model[0].bias).detach().numpy().T
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_convert_refuses_hqq_for_gguf(tmp_path, capsys) -> None:
+    """HQQ writes grouped integer checkpoints; a GGUF target is refused before anything is read,
+    and no output file appears."""
+    from ferroquant import cli
+
+    out = tmp_path / "out.gguf"
+    assert cli.main(["convert", str(tmp_path), str(out), "--method", "hqq"]) == 2
+    assert "--method hqq" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_row_names_hqq() -> None:
+    from ferroquant.eval.run import row_spec
+
+    spec = row_spec("int4_g64+hqq")
+    assert (spec.recipe, spec.options) == ("int4_g64", {"method": "hqq"})
+    with pytest.raises(QuantizeError):
+        row_spec("int9_g64+hqq")
