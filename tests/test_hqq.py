@@ -122,7 +122,7 @@ def test_constant_and_zero_groups() -> None:
 
 @pytest.mark.parametrize(
     ("qtype", "match"),
-    [("int4_g64_sym", "has none"), ("q4_k", "has none"), ("nope", "nope")],
+    [("int4_g64_sym", "has none"), ("q4_k", "has none"), ("q4_0", "has none"), ("nope", "nope")],
 )
 def test_refuses_formats_without_zero_points(qtype: str, match: str) -> None:
     with pytest.raises(QuantizeError, match=match):
@@ -173,3 +173,41 @@ def test_eval_row_names_hqq() -> None:
     assert (spec.recipe, spec.options) == ("int4_g64", {"method": "hqq"})
     with pytest.raises(QuantizeError):
         row_spec("int9_g64+hqq")
+
+
+def _heavy_tailed(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_t(4, (rows, cols)) * 0.02).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", ["q4_1", "q5_1"])
+def test_legacy_min_formats_store_hqq_in_their_own_fields(qtype: str) -> None:
+    """q4_1 / q5_1 keep HQQ's float zero as the block minimum (fp16): an ordinary ggml tensor
+    that gguf-py decodes to our values, with a smaller error than ggml's own rounding."""
+    import peers
+
+    w = _heavy_tailed(64, 256)
+    qt = hqq_quantize(w, qtype)
+    ours = fq.dequantize(qt).reshape(w.shape)
+    ref = peers.gguf_quants().dequantize(
+        np.asarray(qt.data, np.uint8).reshape(64, -1), peers.gguf_qtype(qtype)
+    )
+    assert np.array_equal(ours, np.asarray(ref, np.float32).reshape(w.shape))
+    rtn = fq.dequantize(fq.quantize(w, qtype)).reshape(w.shape)
+    assert _rel(w, ours) < 0.95 * _rel(w, rtn)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    qtype=st.sampled_from(["q4_1", "q5_1"]),
+    blocks=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(1e-3, 1e2),
+)
+def test_legacy_squared_error_never_above_rtn_per_block(qtype, blocks, seed, scale) -> None:
+    w = (_heavy_tailed(2, 32 * blocks, seed) * np.float32(scale)).astype(np.float32)
+    ours = fq.dequantize(hqq_quantize(w, qtype)).reshape(w.shape)
+    rtn = fq.dequantize(fq.quantize(w, qtype)).reshape(w.shape)
+    e_ours = ((ours - w).astype(np.float64) ** 2).reshape(-1, 32).sum(-1)
+    e_rtn = ((rtn - w).astype(np.float64) ** 2).reshape(-1, 32).sum(-1)
+    assert np.all(e_ours <= e_rtn)

@@ -127,18 +127,59 @@ def _refine_scale(
     return best_s
 
 
-SUPPORTED_HQQ = "the asymmetric grouped integer qtypes (int2/int3/int4 _g32/_g64/_g128/_gch)"
+SUPPORTED_HQQ = (
+    "the asymmetric grouped integer qtypes (int2/int3/int4 _g32/_g64/_g128/_gch), q4_1, q5_1"
+)
+_LEGACY_MIN = {"q4_1": 4, "q5_1": 5}  # ggml blocks of 32: fp16 d, fp16 m, codes; x = d * q + m
+
+
+def _hqq_legacy(w_np: np.ndarray, qtype: str, cfg: HQQConfig) -> QTensor:
+    """q4_1 / q5_1: HQQ's float zero is native here (the block minimum m = -z d, fp16), so the
+    solver's result is stored as it is: d = fp16(1 / s), m = fp16(-z / s), codes the nearest
+    levels of the stored grid; each block keeps HQQ's bytes or ggml's RTN bytes, whichever
+    decodes with the smaller squared error."""
+    from .grid import _layout, pack_levels
+
+    bits = _LEGACY_MIN[qtype]
+    maxq = (1 << bits) - 1
+    rtn = quantize(w_np, qtype)
+    lay = _layout(qtype, 32, w_np.shape[1])
+    w = torch.from_numpy(w_np).reshape(-1, 32)
+    inv, zf = solve_zero(w, bits, cfg)
+    d = (1.0 / inv).half()
+    m = (-zf / inv).half()
+    d32, m32 = d.float(), m.float()
+    safe = torch.where(d32 > 0, d32, torch.ones_like(d32))
+    codes = torch.round((w - m32) / safe).clamp_(0, maxq)
+    codes = torch.where(d32 > 0, codes, torch.zeros_like(codes))
+    data = np.zeros((w.shape[0], lay.nbytes), np.uint8)
+    data[:, 0:2] = d.numpy().view(np.uint8).reshape(-1, 2)
+    data[:, 2:4] = m.numpy().view(np.uint8).reshape(-1, 2)
+    data = pack_levels(lay, data, codes.to(torch.int64).numpy())
+    ours = QTensor(qtype, tuple(w_np.shape), data.reshape(-1), 32)
+    ref = np.asarray(rtn.data, np.uint8).reshape(-1, lay.nbytes)
+    flat = w_np.reshape(-1, 32).astype(np.float64)
+    e_ours = ((np.asarray(_dequant(ours)).reshape(-1, 32) - flat) ** 2).sum(1)
+    e_rtn = ((np.asarray(_dequant(rtn)).reshape(-1, 32) - flat) ** 2).sum(1)
+    data = np.where((e_ours < e_rtn)[:, None], data, ref)
+    return QTensor(qtype, tuple(w_np.shape), np.ascontiguousarray(data).reshape(-1), 32)
+
+
+def _dequant(qt: QTensor) -> np.ndarray:
+    from ..tensor import dequantize
+
+    return dequantize(qt)
 
 
 def hqq_quantize(weight: Any, qtype: str, config: HQQConfig | None = None) -> QTensor:
-    """`weight` [rows, cols] (numpy or torch) as an HQQ-optimised tensor of `qtype`, an
-    asymmetric grouped integer qtype: an ordinary tensor of the format."""
+    """`weight` [rows, cols] (numpy or torch) as an HQQ-optimised tensor of `qtype` (an
+    asymmetric grouped integer qtype, q4_1 or q5_1): an ordinary tensor of the format."""
     from ..models.packed_int import _qtensor
 
     cfg = config or HQQConfig()
     name = qtype_info(qtype).name
     gi = gint_params(name)
-    if gi is None or gi.sym:
+    if name not in _LEGACY_MIN and (gi is None or gi.sym):
         raise QuantizeError(
             f"method hqq optimises zero points: {name} has none; use {SUPPORTED_HQQ}"
         )
@@ -148,6 +189,10 @@ def hqq_quantize(weight: Any, qtype: str, config: HQQConfig | None = None) -> QT
         raise QuantizeError(f"hqq quantizes 2-D weights, got shape {w_np.shape}")
     if not np.isfinite(w_np).all():
         raise QuantizeError("hqq: the weight has non-finite values")
+    if name in _LEGACY_MIN:
+        if w_np.shape[1] % 32:
+            raise QuantizeError(f"{name}: rows of {w_np.shape[1]} are not whole blocks of 32")
+        return _hqq_legacy(w_np, name, cfg)
     rtn = quantize(w_np, name)  # the format's own parameters (and its shape checks)
     rows, cols = w_np.shape
     group = rtn.block_size
