@@ -82,8 +82,14 @@ def solve_zero(w: torch.Tensor, bits: int, cfg: HQQConfig) -> tuple[torch.Tensor
     for _ in range(cfg.iters):  # the package's arithmetic, operation for operation
         q = torch.round(w * s + z).clamp_(0.0, maxq)
         err = w - (q - z) / s
-        z = torch.mean(q - (w - _shrink(err, beta, cfg.lp_norm)) * s, dim=1, keepdim=True)
-        current = float(err.abs().mean())
+        a = err.abs()
+        current = float(a.mean())
+        # shrink_p(x) is 0 wherever |x|^(2-p) < 1/beta: when every error is below that (with a
+        # margin far above pow's rounding), skip it; w - 0 is w, so the result is bit-identical
+        if float(a.max()) < 0.999 * beta ** (-1.0 / (2.0 - cfg.lp_norm)):
+            z = torch.mean(q - w * s, dim=1, keepdim=True)
+        else:
+            z = torch.mean(q - (w - _shrink(err, beta, cfg.lp_norm)) * s, dim=1, keepdim=True)
         if current < best:
             best = current
         elif cfg.early_stop:
@@ -120,7 +126,8 @@ def _refine_scale(
         if cfg.early_stop and not now < total:
             break
         total = now
-        e = _shrink(r, beta, cfg.lp_norm)
+        small = float(r.abs().max()) < 0.999 * beta ** (-1.0 / (2.0 - cfg.lp_norm))
+        e = torch.zeros_like(r) if small else _shrink(r, beta, cfg.lp_norm)  # as in solve_zero
         s_new = ((w - e) * d).sum(1, keepdim=True) / (d * d).sum(1, keepdim=True).clamp_min(1e-12)
         scale = torch.where(s_new > 0, s_new, scale).half().float()
         beta *= cfg.kappa
