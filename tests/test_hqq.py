@@ -211,3 +211,17 @@ def test_legacy_squared_error_never_above_rtn_per_block(qtype, blocks, seed, sca
     e_ours = ((ours - w).astype(np.float64) ** 2).reshape(-1, 32).sum(-1)
     e_rtn = ((rtn - w).astype(np.float64) ** 2).reshape(-1, 32).sum(-1)
     assert np.all(e_ours <= e_rtn)
+
+
+def test_hqq_tensor_exports_as_gptq_and_awq_unchanged() -> None:
+    """Integer zeros and fp16 scales: the GPTQ (v1) and AWQ packings carry the tensor exactly."""
+    from ferroquant.models import packed_int
+
+    qt = hqq_quantize(_heavy_tailed(16, 128, 3), "int4_g64")
+    for back in (
+        packed_int.from_gptq(packed_int.to_gptq(qt), 4, 64, sym=False),
+        packed_int.from_awq(packed_int.to_awq(qt), 4, 64),
+    ):
+        assert back.qtype == qt.qtype
+        assert np.array_equal(np.asarray(back.data), np.asarray(qt.data))
+        assert np.array_equal(np.asarray(back.stats), np.asarray(qt.stats))
