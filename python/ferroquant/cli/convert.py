@@ -51,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--method",
         default="rtn",
-        help="rtn (round to nearest, no data) or gptq (calibrated, layer by layer)",
+        help="rtn (round to nearest, no data), gptq (calibrated, layer by layer) or hqq "
+        "(half-quadratic zero points, no data; --format awq or gptq with asymmetric groups)",
     )
     c.add_argument(
         "--calib",
@@ -140,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"no such calibration text: {args.calib}")
     gptq = args.method.lower() == "gptq"
+    if args.method.lower() == "hqq" and args.format == "gguf":
+        raise ValueError("--method hqq writes grouped integer checkpoints (--format awq|gptq)")
     if gptq and on_ray:
         raise ValueError("--method gptq runs on this machine; drop --ray (not distributed yet)")
     allocate = args.target_size is not None or args.target_bpw is not None or args.plan
@@ -220,8 +223,10 @@ def _to_checkpoint(src: Path, args: argparse.Namespace, cfg: object) -> int:
         raise ValueError(f"--format {args.format} runs on this machine; drop --ray")
     if not src.is_dir():
         raise ValueError(f"{src}: --format {args.format} needs a Hugging Face checkpoint folder")
-    if args.method.lower() not in ("rtn", "gptq"):
-        raise ValueError(f"--format {args.format} takes --method rtn or gptq, got {args.method}")
+    if args.method.lower() not in ("rtn", "gptq", "hqq"):
+        raise ValueError(
+            f"--format {args.format} takes --method rtn, gptq or hqq, got {args.method}"
+        )
     calib = gcfg = None
     if args.method.lower() == "gptq":
         from transformers import AutoTokenizer

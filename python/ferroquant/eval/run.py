@@ -94,12 +94,16 @@ class RowSpec:
 
 
 def row_spec(name: str) -> RowSpec:
-    """The row called `name` (bf16, nf4+dq, or any recipe/qtype name); ValueError if unknown."""
+    """The row called `name` (bf16, nf4+dq, any recipe/qtype name, or QTYPE+hqq); ValueError if
+    unknown."""
     key = name.strip().lower()
     if key == BASELINE:
         return RowSpec(BASELINE, None)
     if key in _DQ_NAMES:
         return RowSpec("nf4+dq", "nf4", {"double_quant": True})
+    if key.endswith("+hqq"):  # the same qtype with HQQ's zero points (methods/hqq.py)
+        recipe_for(key[: -len("+hqq")])
+        return RowSpec(key, key[: -len("+hqq")], {"method": "hqq"})
     options: dict[str, Any] = {}
     recipe = key
     if key.endswith(SUFFIX):
@@ -110,8 +114,8 @@ def row_spec(name: str) -> RowSpec:
         info = recipe_for(recipe)
     except QuantizeError as e:  # it names the mixes and qtypes; eval rows take more names
         raise QuantizeError(
-            f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq, <ggml recipe>{SUFFIX}, "
-            f"{PREFIX}<ggml recipe>"
+            f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq, QTYPE+hqq, "
+            f"<ggml recipe>{SUFFIX}, {PREFIX}<ggml recipe>"
         ) from None
     if options and info.base not in IMATRIX_QTYPES and info.base != "q8_0":
         raise QuantizeError(f"{key}: {SUFFIX} / {PREFIX} rows need a ggml recipe, got {recipe}")

@@ -1,7 +1,8 @@
 """Quantization methods: each writes tensors in an existing ferroquant format.
 
-`rtn` (round to nearest, the default, no data) and `gptq` (calibrated, layer by layer). Every
-method states its defaults in one dataclass config (`RTNConfig`, `GPTQConfig`)."""
+`rtn` (round to nearest, the default, no data), `gptq` (calibrated, layer by layer) and `hqq`
+(half-quadratic zero-point search, no data). Every method states its defaults in one dataclass
+config (`RTNConfig`, `GPTQConfig`, `HQQConfig`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,25 @@ from typing import Any
 
 from ..tensor import QuantizeError
 from .gptq import GPTQConfig, gptq_quantize, layer_error
+from .hqq import HQQConfig, hqq_quantize
 from .rtn import RTNConfig
 
-METHODS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig}
+METHODS: dict[str, type] = {"rtn": RTNConfig, "gptq": GPTQConfig, "hqq": HQQConfig}
 
-__all__ = ["METHODS", "GPTQConfig", "RTNConfig", "gptq_quantize", "layer_error", "method_config"]
+__all__ = [
+    "METHODS",
+    "GPTQConfig",
+    "HQQConfig",
+    "RTNConfig",
+    "gptq_quantize",
+    "hqq_quantize",
+    "layer_error",
+    "method_config",
+]
 
 
 def method_config(method: str, config: Any = None, **overrides: Any) -> Any:
-    """The config of `method` ("rtn", "gptq"): `config` (an instance or a dict) with
+    """The config of `method` ("rtn", "gptq", "hqq"): `config` (an instance or a dict) with
     `overrides`; QuantizeError for an unknown method or option."""
     key = str(method).lower()
     if key not in METHODS:

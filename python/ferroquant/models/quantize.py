@@ -40,11 +40,13 @@ def quantize_model(
     (or name suffixes) kept unquantized; `filter_fn(name, module)` returning False also keeps a
     module. `options` go to `ferroquant.quantize` (block_size, double_quant, scale_mode).
 
-    method: "rtn" (round to nearest, no data) or "gptq" (calibrated, layer by layer, for
-    transformers causal LMs whose decoder layers are an nn.ModuleList). `calibration`: token ids
-    or text (str, list of str, a Path; None: gensim's lee_background.cor) cut into
-    `config.n_samples` x `config.seq_len` windows; text needs `tokenizer`. `config`: the
-    method's dataclass (`ferroquant.methods.GPTQConfig`) or a dict of its fields.
+    method: "rtn" (round to nearest, no data), "gptq" (calibrated, layer by layer, for
+    transformers causal LMs whose decoder layers are an nn.ModuleList) or "hqq" (half-quadratic
+    zero-point search, no data; asymmetric grouped integer qtypes such as int4_g64).
+    `calibration` (gptq): token ids or text (str, list of str, a Path; None: gensim's
+    lee_background.cor) cut into `config.n_samples` x `config.seq_len` windows; text needs
+    `tokenizer`. `config`: the method's dataclass (`ferroquant.methods.GPTQConfig`,
+    `HQQConfig`) or a dict of its fields.
     imatrix: {module name: per-column importance} (llama.cpp's importance matrix values) for
     round to nearest with the ggml quantizers that take one.
     Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
@@ -90,10 +92,16 @@ def quantize_model(
         plan[name] = q
         if q is None:
             continue
-        opts = options if q in ("nf4", "fp4", "int8", "fp8_e4m3", "fp8_e5m2") else {}
-        if imatrix is not None and name in imatrix and q in IMATRIX_QTYPES:
-            opts = {**opts, "imatrix": imatrix[name]}
-        new = QuantLinear.from_linear(lin, q, **opts).to(lin.weight.device)
+        if method.lower() == "hqq":
+            from ..methods import hqq_quantize
+
+            qt = hqq_quantize(lin.weight, q, cfg)
+            new = QuantLinear.from_qtensor(qt, lin.bias).to(lin.weight.device)
+        else:
+            opts = options if q in ("nf4", "fp4", "int8", "fp8_e4m3", "fp8_e5m2") else {}
+            if imatrix is not None and name in imatrix and q in IMATRIX_QTYPES:
+                opts = {**opts, "imatrix": imatrix[name]}
+            new = QuantLinear.from_linear(lin, q, **opts).to(lin.weight.device)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)

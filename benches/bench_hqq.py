@@ -1,0 +1,120 @@
+"""HQQ: ours (methods/hqq.py) vs round-to-nearest vs the `hqq` package, on SmolLM2-135M's Linears.
+
+For each weight (the dequantized Q4_1 weights of the shipped SmolLM2-135M-Instruct GGUF: the
+Linears of the decoder blocks --blocks) and each bit width (--bits, group --group-size, axis 1 =
+groups along the input dimension, the layout of ferroquant's int*_g* and of GPTQ):
+
+- rtn: `ferroquant.quantize(w, "int{b}_g{g}")` (fp16 scale, integer zero: the stored format);
+- hqq pkg: `hqq.core.quantize.Quantizer.quantize(..., optimize=True)` (float zero, float32
+  scale: its own storage), and its own RTN (`optimize=False`);
+- ours float zero: our solver (`solve_zero`) decoded with the float zero (what a float-zero
+  format would give; not stored by int*_g*);
+- ours stored: `hqq_quantize(w, "int{b}_g{g}")` (integer zero, scale re-solved, fp16).
+
+Relative error = ||W - W_r||_F / ||W||_F, summed over all tensors (sqrt of summed squares over
+summed squares). Time: per tensor the median of --runs runs, engines interleaved, summed over
+tensors; torch on --threads threads for both.
+
+    python benches/bench_hqq.py [--blocks 0,15,29] [--bits 4,3] [--runs 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from benchlib import add_runs, interleave, machine, med, table
+
+import ferroquant as fq
+import ferroquant.gguf
+from ferroquant.defaults import default_model_path
+from ferroquant.methods.hqq import HQQConfig, hqq_quantize, solve_zero
+
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _timed(fn):
+    def run():
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", default="0,15,29", help="decoder blocks (comma-separated)")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    add_runs(ap, 3)
+    args = ap.parse_args()
+    from hqq.core.quantize import Quantizer
+
+    torch.set_num_threads(args.threads)
+    print(machine())
+    weights = {}
+    with fq.gguf.open(default_model_path()) as f:
+        for b in args.blocks.split(","):
+            for lin in LINEARS:
+                name = f"blk.{b}.{lin}.weight"
+                weights[name] = np.ascontiguousarray(f.tensors[name].dequantize())
+    g = args.group_size
+    rows = []
+    for bits in (int(b) for b in args.bits.split(",")):
+        qtype = f"int{bits}_g{g}"
+        sq = {k: 0.0 for k in ("rtn", "pkg_rtn", "pkg", "float", "ours")}
+        secs = {k: 0.0 for k in ("rtn", "pkg", "ours")}
+        norm = 0.0
+        for w in weights.values():
+            wt = torch.from_numpy(w)
+            norm += float((wt.double() ** 2).sum())
+
+            def pkg(wt=wt, bits=bits, opt=True):
+                return Quantizer.quantize(wt, nbits=bits, group_size=g, axis=1, device="cpu",
+                                          bitpack=False, optimize=opt)  # fmt: skip
+
+            res = interleave(
+                {
+                    "rtn": _timed(lambda w=w, qt=qtype: fq.quantize(w, qt)),
+                    "pkg": _timed(pkg),
+                    "ours": _timed(lambda w=w, qt=qtype: hqq_quantize(w, qt)),
+                },
+                args.runs,
+            )
+            for k in secs:
+                secs[k] += med([t for t, _ in res[k]])
+
+            def err(r: np.ndarray, w=w) -> float:
+                return float(((w.astype(np.float64) - r.reshape(w.shape)) ** 2).sum())
+
+            sq["rtn"] += err(fq.dequantize(res["rtn"][0][1]))
+            sq["ours"] += err(fq.dequantize(res["ours"][0][1]))
+            wq, meta = res["pkg"][0][1]
+            sq["pkg"] += err(((wq.float() - meta["zero"]) * meta["scale"]).numpy())
+            wq, meta = pkg(opt=False)
+            sq["pkg_rtn"] += err(((wq.float() - meta["zero"]) * meta["scale"]).numpy())
+            gw = wt.reshape(-1, g)
+            s, z = solve_zero(gw, bits, HQQConfig())
+            q = torch.round(gw * s + z).clamp(0, (1 << bits) - 1)
+            sq["float"] += err(((q - z) / s).numpy())
+        rel = {k: (v / norm) ** 0.5 for k, v in sq.items()}
+        rows.append([
+            qtype, f"{rel['rtn']:.4f}", f"{rel['ours']:.4f}", f"{rel['float']:.4f}",
+            f"{rel['pkg']:.4f}", f"{rel['pkg_rtn']:.4f}",
+            f"{secs['rtn'] * 1e3:.0f}", f"{secs['ours'] * 1e3:.0f}", f"{secs['pkg'] * 1e3:.0f}",
+            f"{secs['pkg'] / secs['ours']:.2f}x",
+        ])  # fmt: skip
+    print(f"{len(weights)} tensors (blocks {args.blocks}), group {g}, torch threads "
+          f"{args.threads}, {args.runs} runs interleaved")  # fmt: skip
+    print(table(
+        ["qtype", "rel err RTN (stored)", "HQQ ours (stored, int zero)", "HQQ ours (float zero)",
+         "hqq pkg (float zero)", "hqq pkg RTN (float zero)", "ms RTN", "ms HQQ ours",
+         "ms hqq pkg", "ours vs pkg speed"], rows))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
