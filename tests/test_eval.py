@@ -171,7 +171,7 @@ def tiny_model(tmp_path_factory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
     cfg = transformers.LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
         tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -418,3 +418,17 @@ def test_plot_labels_do_not_overlap_and_ticks_are_plain_numbers():
         assert "lower is better" in fig.axes[0].get_ylabel()
     finally:
         plt.close(fig)
+
+
+def test_runtime_refuses_head_dims_its_kv_blocks_cannot_hold():
+    """The runtime's KV cache stores 32-value blocks along head_dim: eval says so for such a
+    model (no runtime columns) instead of failing the whole run."""
+    import types
+
+    from ferroquant.eval.speed import gguf_blocker
+
+    model = torch.nn.Module()
+    model.config = types.SimpleNamespace(num_attention_heads=4, hidden_size=64, head_dim=None)
+    assert "head_dim is 16" in gguf_blocker(model)
+    model.config.num_attention_heads = 2
+    assert gguf_blocker(model) is None

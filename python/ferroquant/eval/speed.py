@@ -65,6 +65,10 @@ class SpeedRow:
         }
 
 
+# The native runtime's KV cache keeps whole 32-value blocks along head_dim, every type included.
+KV_GROUP = 32
+
+
 def gguf_blocker(model: Any) -> str | None:
     """Why `model`'s quantized layers cannot go into a GGUF file (qtypes GGUF has no type for),
     or None."""
@@ -74,6 +78,16 @@ def gguf_blocker(model: Any) -> str | None:
     bad = [t for t in q if qtype_info(t).ggml_id is None]
     if bad:
         return f"GGUF has no type for {', '.join(bad)}; the runtime loads GGUF files only"
+    cfg = getattr(model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    head_dim = getattr(cfg, "head_dim", None) or (
+        getattr(cfg, "hidden_size", 0) // heads if heads else None
+    )
+    if head_dim is not None and head_dim % KV_GROUP:
+        return (
+            f"the runtime's KV cache stores blocks of {KV_GROUP} along head_dim "
+            f"(docs/kv.md); this model's head_dim is {head_dim}"
+        )
     return None
 
 
