@@ -141,8 +141,9 @@ def test_merged_gguf_runs_in_llama_cpp_with_our_logits(tmp_path):
     out = tmp_path / "merged.gguf"
     types = fq.save_gguf_model(merged, out, tokenizer=str(src))
     assert "q8_0" in set(types.values())
+    f32 = llama_cpp.GGML_TYPE_F32
     llm = llama_cpp.Llama(str(out), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # fmt: skip
+                          type_k=f32, type_v=f32)  # fmt: skip
     ids = llm.tokenize(b"The quick brown fox jumps over the lazy dog.", add_bos=True)
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])

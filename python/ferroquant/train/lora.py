@@ -101,8 +101,11 @@ def check_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> Non
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, QuantLinear))}  # fmt: skip
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, (nn.Linear, QuantLinear))
+            }  # fmt: skip
         )
         raise ValueError(
             f"LoRA target {', '.join(repr(t) for t in missing)} matches no module of the model; "
