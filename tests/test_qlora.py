@@ -155,3 +155,26 @@ def test_merged_gguf_runs_in_llama_cpp_with_our_logits(tmp_path):
     e, d = np.abs(ours - flt), np.abs(ours - got)
     assert 0 < e.max() < 3
     assert d.max() <= 2.5 * e.max(), (d.max(), e.max())
+
+
+def test_merge_lora_with_gptq_quantizes_the_merged_float_weights():
+    from ferroquant.train.lora import apply_lora, merge_lora
+
+    pm = apply_lora(_tiny_llama("nf4"), r=4)
+    _randomize_adapters(pm)
+    layer = pm.get_base_model().model.layers[0].self_attn.q_proj
+    sc = layer.scaling["default"]
+    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    want = layer.get_base_layer().dequantized_weight() + (b @ a) * sc
+    calib = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(1))
+    model = merge_lora(pm, "q8_0", method="gptq", calibration=calib,
+                       config={"n_samples": 2, "seq_len": 16})  # fmt: skip
+    assert "gptq" in str(model.ferroquant_method)
+    got = model.model.layers[0].self_attn.q_proj
+    assert isinstance(got, QuantLinear) and got.qtype == "q8_0"
+    # q8_0's grid step is amax / 127 per block of 32: GPTQ's error feedback stays within a few
+    step = want.abs().reshape(-1, 32).amax(1, keepdim=True) / 127
+    err = (got.dequantized_weight() - want).abs().reshape(-1, 32)
+    assert (err <= 4 * step + 1e-7).all()
+    with pytest.raises(ValueError, match="needs the qtype"):
+        merge_lora(apply_lora(_tiny_llama("nf4"), r=4), method="gptq")

@@ -126,7 +126,16 @@ def apply_lora(
     return _peft.get_peft_model(model, lora_config(r, alpha, dropout, targets))
 
 
-def merge_lora(model: nn.Module, qtype: str | None = None, **options: Any) -> nn.Module:
+def merge_lora(
+    model: nn.Module,
+    qtype: str | None = None,
+    *,
+    method: str = "rtn",
+    calibration: Any = None,
+    tokenizer: Any = None,
+    config: Any = None,
+    **options: Any,
+) -> nn.Module:
     """Fold every LoRA adapter into its layer and return the plain model (peft's wrapper gone).
 
     A QuantLinear base: W' = dequantize(W) + scaling * B @ A, quantized again to `qtype` (None:
@@ -134,8 +143,21 @@ def merge_lora(model: nn.Module, qtype: str | None = None, **options: Any) -> nn
     nn.Linear base: peft's own merge. The float W' exists for one layer at a time.
     With `qtype` given, the QuantLinear layers without adapters are re-quantized to it as well,
     so the model ends in one format (a GGUF export of an nf4 base needs a ggml qtype throughout).
+
+    method="gptq" (needs `qtype`): every layer is merged to float (the whole model in float32
+    for the call), then `ferroquant.quantize_model(., qtype, method="gptq", calibration=,
+    tokenizer=, config=)` quantizes it layer by layer on the calibration data.
     """
     inner = model.get_base_model() if isinstance(model, _peft.PeftModel) else model
+    if method != "rtn":
+        if qtype is None:
+            raise ValueError(f"merge_lora(method={method!r}) needs the qtype to quantize to")
+        from ..models.quantize import quantize_model
+
+        _merge_to_float(inner)
+        return quantize_model(inner, qtype, progress=False, method=method,
+                              calibration=calibration, tokenizer=tokenizer, config=config,
+                              **options)  # fmt: skip
     for name, mod in list(inner.named_modules()):
         if not isinstance(mod, LoraLayer):
             continue
@@ -164,6 +186,27 @@ def merge_lora(model: nn.Module, qtype: str | None = None, **options: Any) -> nn
     if hasattr(inner, "peft_config"):
         del inner.peft_config
     return inner
+
+
+def _merge_to_float(inner: nn.Module) -> None:
+    """Every LoRA layer -> nn.Linear(W + delta), every QuantLinear -> nn.Linear(dequantized)."""
+    for name, mod in list(inner.named_modules()):
+        if isinstance(mod, QuantLoraLinear):
+            base = mod.get_base_layer()
+            new: nn.Module = _float_linear(
+                base.dequantized_weight() + mod.delta_weight(), base.bias
+            )
+        elif isinstance(mod, LoraLayer):
+            mod.merge()
+            new = mod.get_base_layer()
+        elif isinstance(mod, QuantLinear) and not name.rsplit(".", 1)[-1].startswith("base_layer"):
+            new = _float_linear(mod.dequantized_weight(), mod.bias)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(inner.get_submodule(parent_name) if parent_name else inner, child, new)
+    if hasattr(inner, "peft_config"):
+        del inner.peft_config
 
 
 def _float_linear(w: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
