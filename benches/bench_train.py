@@ -107,6 +107,7 @@ def qlora_section(base: nn.Module, tok: Any, cfg: TrainConfig, args: Any) -> dic
         threads=args.threads,
         eval_tokens=args.eval_tokens,
         no_merge=False,
+        merge_qtype="q8_0",
     )
     print("\n# QLoRA (benches/bench_qlora.py)", flush=True)
     return bench_qlora.report(bench_qlora.run(qa), qa)
