@@ -93,9 +93,24 @@ def torchao_convert(model: nn.Module) -> nn.Module:
 
 
 def qlora_section(base: nn.Module, tok: Any, cfg: TrainConfig, args: Any) -> dict | None:
-    """Hook for the QLoRA rows (issue 16, point 3): nf4 + LoRA against bitsandbytes + peft and
-    bf16 LoRA. Returns a dict of rows to print, or None while ferroquant has no LoRA."""
-    return None
+    """The QLoRA rows (issue 16, point 3): nf4 + LoRA against bitsandbytes + peft and bf16 LoRA,
+    each engine in its own subprocess for a clean RSS (benches/bench_qlora.py, which also runs
+    alone); same batch and sequence length as the QAT rows, rank 8 on q/v, 3 timed steps."""
+    import bench_qlora
+
+    qa = argparse.Namespace(
+        steps=3,
+        batch=cfg.batch,
+        seq_len=cfg.seq_len,
+        rank=8,
+        runs=1,
+        threads=args.threads,
+        eval_tokens=args.eval_tokens,
+        no_merge=False,
+        merge_qtype="q8_0",
+    )
+    print("\n# QLoRA (benches/bench_qlora.py)", flush=True)
+    return bench_qlora.report(bench_qlora.run(qa), qa)
 
 
 def recovered(ptq: float, row: float, base: float) -> float:

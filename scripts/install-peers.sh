@@ -20,6 +20,9 @@ say "torch, bitsandbytes, gguf-py, transformers, accelerate, gensim, ray, test t
 # torchao: the QAT peer of benches/bench_train.py (0.18 runs on torch 2.15's CPU build; --no-deps
 # so that it never moves torch)
 "$PY" -m pip install --quiet --no-deps "torchao==0.18.0"
+# peft: LoRA over QuantLinear (QLoRA); its own dependencies are all above (--no-deps: never
+# moves torch or transformers)
+"$PY" -m pip install --quiet --no-deps "peft==0.21.2"
 if "$PY" -c "import llama_cpp" 2>/dev/null; then
   say "llama-cpp-python already installed"
 else

@@ -35,7 +35,9 @@ def test_parse_lora():
     [
         (["--qat", "q9_9"], "unknown qtype or mix 'q9_9'"),
         (["--qat", "q4_0", "--qtype", "q8_0"], "disagree"),
-        (["--lora", "r=16"], "--lora is not available yet"),
+        (["--lora", "r=16"], "a .gguf output cannot hold nf4"),
+        (["--lora", "r=16", "--qat", "q4_0"], "use it without --qat"),
+        (["--merge-qtype", "q4_0"], "--merge-qtype applies to --lora only"),
         (["--lora", "r=16,bogus=1"], "unknown field 'bogus'"),
         (["--qtype", "ternary"], "use --qat ternary"),
         (["--steps", "0"], "--steps >= 1"),
@@ -119,3 +121,29 @@ def test_plain_run_quantizes_after_training_to_safetensors(tiny_gguf, tmp_path, 
 
     with safe_open(str(out), "pt") as f:
         assert any(k.endswith("q_proj.qweight") for k in f.keys())
+
+
+def test_lora_run_merges_and_writes_a_gguf_llama_cpp_reads(tiny_gguf, tmp_path, capsys):
+    from peers import require
+
+    out = tmp_path / "qlora.gguf"
+    args = _tiny_run(tmp_path, str(tiny_gguf), "--lora", "r=4", "--merge-qtype", "q8_0")
+    assert main([*args, "-o", str(out)]) == 0
+    log = capsys.readouterr().out
+    assert "QLoRA r=4 on q_proj,v_proj over a nf4 base" in log and "step 2/2  loss " in log
+    assert "re-quantized to q8_0" in log and "held-out perplexity" in log
+    llama_cpp = require("llama_cpp")
+    llm = llama_cpp.Llama(str(out), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval([1, 2, 3, 4])
+    assert np.isfinite(np.asarray(llm.scores[:4])).all()
+    del llm
+
+
+def test_lora_target_that_does_not_exist_is_named_and_nothing_written(tiny_gguf, tmp_path, capsys):
+    out = tmp_path / "qlora.safetensors"
+    args = _tiny_run(tmp_path, str(tiny_gguf), "--lora", "r=4,targets=q_proj,attn_qkv")
+    assert main([*args, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]  # (after transformers' GGUF loading progress bar)
+    assert last.startswith("ferroquant finetune: LoRA target 'attn_qkv' matches no module")
+    assert not out.exists()

@@ -49,7 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--lora",
         metavar="SPEC",
         help="r=16[,alpha=32][,dropout=0.05][,targets=q_proj,v_proj]: train LoRA "
-        "adapters over the quantized base (QLoRA)",
+        "adapters over the quantized base (QLoRA; the base is --qtype, default nf4), then "
+        "merge them and quantize again",
+    )
+    p.add_argument(
+        "--merge-qtype",
+        metavar="Q",
+        help="with --lora: the qtype of the merged weights (default: the base's; a .gguf "
+        "output of an nf4/fp4/int8/fp8 base needs a ggml qtype such as q4_0)",
     )
     p.add_argument(
         "--ternary-format",
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             eval_tokens=args.eval_tokens,
             lora=args.lora,
             ternary_format=args.ternary_format,
+            merge_qtype=args.merge_qtype,
         ),
         say=lambda s: print(s, flush=True),
     )

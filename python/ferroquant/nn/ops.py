@@ -2,6 +2,10 @@
 W, with a CPU kernel (the Rust core), a reference fallback (dequantize, then F.linear) for
 formats the kernels do not cover yet, and a fake implementation so torch.compile can trace it.
 
+Autograd (QLoRA): the gradient flows to x only (the weight is frozen: bytes, not a parameter).
+grad_x = grad_y @ W is a second op, `ferroquant::qmatmul_grad_input`, which dequantizes W for
+the call and frees it: no float copy of the weight outlives a backward.
+
 The op takes W as raw tensors (bytes in the reference layout, float32 statistics) plus the format
 description, so it round-trips through state_dicts and needs no Python objects. A ggml weight
 that QuantLinear has repacked for its GPU kernels arrives in the split layout, named by the qtype
@@ -106,3 +110,62 @@ cuda_ops.register(qmatmul)
 @qmatmul.register_fake
 def _(x, data, stats, qtype, n, k, block_size, scale_mode):
     return x.new_empty((*x.shape[:-1], n))
+
+
+def qmatmul_grad_input_reference(
+    grad_y: torch.Tensor,
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+) -> torch.Tensor:
+    """grad_x[..., k] = grad_y[..., n] @ W with W (n x k) quantized as `qtype`: the weight is
+    dequantized (the Rust reference, float32) for this call only, then dropped."""
+    if grad_y.shape[-1] != n:
+        raise ValueError(f"grad_y has last dimension {grad_y.shape[-1]}, the weight has {n} rows")
+    w = torch.from_numpy(dequantize(_as_qtensor(data, stats, qtype, n, k, block_size, scale_mode)))
+    g2 = grad_y.reshape(-1, n)
+    out = g2.to(torch.float32) @ w.to(grad_y.device)
+    del w
+    return out.to(grad_y.dtype).reshape(*grad_y.shape[:-1], k)
+
+
+@torch.library.custom_op("ferroquant::qmatmul_grad_input", mutates_args=())
+def qmatmul_grad_input(
+    grad_y: torch.Tensor,
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+) -> torch.Tensor:
+    """grad_x[..., k] = grad_y[..., n] @ W with W (n x k) quantized as `qtype`."""
+    return qmatmul_grad_input_reference(grad_y, data, stats, qtype, n, k, block_size, scale_mode)
+
+
+@qmatmul_grad_input.register_fake
+def _(grad_y, data, stats, qtype, n, k, block_size, scale_mode):
+    return grad_y.new_empty((*grad_y.shape[:-1], k))
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's autograd signature)
+    x, data, stats, qtype, n, k, block_size, scale_mode = inputs
+    ctx.save_for_backward(data, stats)  # the quantized bytes: already held by the module
+    ctx.fmt = (qtype, n, k, block_size, scale_mode)
+
+
+def _backward(ctx, grad_y):  # noqa: ANN001, ANN202
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        data, stats = ctx.saved_tensors
+        grad_x = qmatmul_grad_input(grad_y.contiguous(), data, stats, *ctx.fmt)
+    return grad_x, None, None, None, None, None, None, None
+
+
+# The weight bytes and statistics get no gradient: QuantLinear's weight is frozen.
+qmatmul.register_autograd(_backward, setup_context=_setup_context)

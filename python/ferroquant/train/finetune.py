@@ -16,9 +16,12 @@ from typing import Any
 
 from .._extras import require
 from ..defaults import CALIBRATION_TEXT, EVAL_TEXT, read_text_file, resolve_model
+from ..qtypes import qtype_info, qtypes
 from ..tensor import QuantizeError
 
 OUT_SUFFIXES = (".gguf", ".safetensors")
+# qtypes without a ggml type id: a QLoRA base in one of them re-quantizes to a ggml qtype for GGUF
+_NON_GGUF = frozenset(q.name for q in qtypes() if q.ggml_id is None)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class FinetuneArgs:
     eval_tokens: int = 4096
     lora: str | None = None
     ternary_format: str = "tq2_0"
+    merge_qtype: str | None = None
 
 
 def check(a: FinetuneArgs) -> tuple[str, LoraSpec | None]:
@@ -110,17 +114,26 @@ def check(a: FinetuneArgs) -> tuple[str, LoraSpec | None]:
         raise ValueError(f"--qat {a.qat} and --qtype {a.qtype} disagree: --qat sets the qtype")
     from ..models.recipes import recipe_for  # (models/ needs torch: imported after `require`)
 
-    target = (a.qat or a.qtype or "q4_0").lower()
+    if a.lora and a.qat:
+        raise ValueError("--lora trains adapters over a quantized base: use it without --qat")
+    if a.merge_qtype and not a.lora:
+        raise ValueError("--merge-qtype applies to --lora only")
+    default = "nf4" if a.lora else "q4_0"
+    target = (a.qat or a.qtype or default).lower()
     if target != "ternary":
         recipe_for(target)  # an unknown name is a QuantizeError listing the valid ones
     elif not a.qat:
         raise QuantizeError("ternary has no post-training form here: use --qat ternary")
     lora = parse_lora(a.lora) if a.lora else None
     if lora is not None:
-        raise ValueError(
-            "--lora is not available yet (QLoRA, issue 16 point 3, is not in this build); "
-            "use --qat or plain fine-tuning"
-        )
+        merged = (a.merge_qtype or target).lower()
+        if a.merge_qtype:
+            qtype_info(merged)  # an unknown name is a QuantizeError listing the valid ones
+        if a.out.suffix.lower() == ".gguf" and merged in _NON_GGUF:
+            raise ValueError(
+                f"a .gguf output cannot hold {merged}: pass --merge-qtype with a ggml qtype "
+                "(q4_0, q4_k, q8_0, ...) for the merged weights, or write .safetensors"
+            )
     resolve_model(a.model)
     read_text_file(a.text, CALIBRATION_TEXT, "training")
     read_text_file(a.eval_text, EVAL_TEXT, "held-out")
@@ -136,21 +149,35 @@ def run(a: FinetuneArgs, say: Callable[[str], None] = print) -> dict[str, Any]:
     from . import qat
     from .loop import TrainConfig, perplexity, train, training_windows
 
-    target, _ = check(a)
+    target, lora = check(a)
+    if lora is not None:
+        from . import lora as qlora  # needs peft: a missing extra is named before any work
     model, tok = load_float_model(a.model)
-    if a.qat:
+    if lora is not None:
+        qlora.check_targets(model, lora.targets)  # before any work: nothing written
+        quantize_model(model, target, progress=False)
+        model = qlora.apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets)
+    elif a.qat:
         qat.prepare(model, target)  # checks every layer's row length before changing any
     cfg = TrainConfig(steps=a.steps, lr=a.lr, batch=a.batch, seq_len=a.seq_len)
     text, what = read_text_file(a.text, CALIBRATION_TEXT, "training")
     windows = training_windows(tok, text, cfg)
-    mode = f"QAT {target}" if a.qat else f"plain fine-tuning, then {target}"
+    if lora is not None:
+        mode = f"QLoRA r={lora.r} on {','.join(lora.targets)} over a {target} base"
+    elif a.qat:
+        mode = f"QAT {target}"
+    else:
+        mode = f"plain fine-tuning, then {target}"
     say(f"ferroquant finetune: {mode}; {cfg.describe()}; text {what} ({windows.shape[0]} windows)")
 
     def on_step(i: int, loss: float, dt: float) -> None:
         say(f"step {i + 1}/{cfg.steps}  loss {loss:.4f}  {dt:.1f} s")
 
     log = train(model, windows, cfg, on_step)
-    if a.qat:
+    if lora is not None:
+        model = qlora.merge_lora(model, a.merge_qtype)
+        say(f"merged the adapters, re-quantized to {a.merge_qtype or target}")
+    elif a.qat:
         qat.convert(model, ternary_as=a.ternary_format)
     else:
         quantize_model(model, target, progress=False)
