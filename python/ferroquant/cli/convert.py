@@ -27,12 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--method",
         default="rtn",
-        help="rtn (round to nearest, no data) or gptq (calibrated, layer by layer)",
+        help="rtn (round to nearest, no data), or calibrated, layer by layer: gptq, awq, "
+        "awq+gptq (AWQ's scaling and clipping, then GPTQ)",
     )
     c.add_argument(
         "--calib",
         default=None,
-        help="calibration text file for --method gptq (default: gensim's lee_background.cor)",
+        help="calibration text file for the calibrated methods (default: gensim's "
+        "lee_background.cor)",
     )
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
@@ -88,9 +90,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = method_config(args.method)  # an unknown method fails before anything is read
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"no such calibration text: {args.calib}")
-    gptq = args.method.lower() == "gptq"
-    if gptq and on_ray:
-        raise ValueError("--method gptq runs on this machine; drop --ray (not distributed yet)")
+    method = args.method.lower()
+    calibrated = method != "rtn"
+    if calibrated and on_ray:
+        raise ValueError(
+            f"--method {method} runs on this machine; drop --ray (not distributed yet)"
+        )
     from ..models.convert import gguf_to_hf, hf_to_gguf
 
     if src.suffix.lower() == ".gguf":  # the reverse direction, for inspection
@@ -103,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             raise ValueError("--resume continues an interrupted --ray conversion; add --ray")
         tensors = None
-        if gptq:
+        if calibrated:
             if args.qtype.lower() in ("f32", "f16", "bf16"):
-                raise ValueError(f"--method gptq needs a quantized --qtype, got {args.qtype}")
-            tensors = _gptq_tensors(src, args, cfg)
+                raise ValueError(f"--method {method} needs a quantized --qtype, got {args.qtype}")
+            tensors = _calibrated_tensors(src, args, method, cfg)
         hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors)
     else:
         from ..distributed import convert
@@ -126,8 +131,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gptq_tensors(src: Path, args: argparse.Namespace, cfg: object) -> dict[str, object]:
-    """GPTQ of the checkpoint in float32: {HF tensor name: QTensor} for hf_to_gguf to write."""
+def _calibrated_tensors(
+    src: Path, args: argparse.Namespace, method: str, cfg: object
+) -> dict[str, object]:
+    """The calibrated method on the checkpoint in float32: {HF tensor name: QTensor} for
+    hf_to_gguf to write, plus (AWQ) the norms and biases its scales were folded into."""
     import json
 
     import torch
@@ -142,17 +150,22 @@ def _gptq_tensors(src: Path, args: argparse.Namespace, cfg: object) -> dict[str,
     n_head = int(hp.get("num_attention_heads", 1))
     n_gqa = n_head // int(hp.get("num_key_value_heads", n_head))
     recipe = recipe_for(args.qtype, ("lm_head",), n_gqa)
-    gcfg = method_config("gptq", cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
+    gcfg = method_config(method, cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
     tok = AutoTokenizer.from_pretrained(str(src))
     calib = Path(args.calib) if args.calib is not None else None
     from ..calib import calibration_ids
 
     ids = calibration_ids(calib, tok, gcfg.n_samples, gcfg.seq_len)  # too short: before loading
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    quantize_model(model, recipe, method="gptq", calibration=ids, config=gcfg,
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.dim() == 1}
+    quantize_model(model, recipe, method=method, calibration=ids, config=gcfg,
                    progress=not args.quiet)  # fmt: skip
-    return {
+    out: dict[str, object] = {
         f"{name}.weight": mod.qtensor()
         for name, mod in model.named_modules()
         if isinstance(mod, QuantLinear)
     }
+    for k, v in model.state_dict().items():  # AWQ's folds: rescaled norm weights / biases
+        if k in before and not torch.equal(v, before[k]):
+            out[k] = v.detach().to(torch.float32)
+    return out

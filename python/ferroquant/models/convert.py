@@ -343,7 +343,8 @@ def hf_to_gguf(
     where convert_hf_to_gguf.py's hash table does not know the tokenizer. Returns {gguf tensor
     name: qtype}. The write is atomic. `tensors` maps Hugging Face tensor names to QTensors
     already quantized (e.g. by GPTQ) in the type the recipe gives them: they are written as given
-    (rows permuted as the floats would be) instead of being quantized here."""
+    (rows permuted as the floats would be) instead of being quantized here; a torch tensor
+    there replaces the checkpoint's float tensor (converted as it would be)."""
     plan = plan_hf_to_gguf(hf_dir, qtype)
     with _Writer(Path(out_path), plan.arch) as w:
         write_header(w, plan, name, tokenizer_pre)
@@ -358,7 +359,11 @@ def hf_to_gguf(
                 w.write_tensor_data(plan.extra[job.gname])
                 continue
             if tensors is not None and job.hf_name in tensors:
-                w.write_tensor_data(_given(plan, job, tensors[job.hf_name]))
+                given = tensors[job.hf_name]
+                if isinstance(given, QTensor):
+                    w.write_tensor_data(_given(plan, job, given))
+                else:  # a float tensor changed by the method (AWQ's rescaled norms)
+                    w.write_tensor_data(convert_tensor(plan, job, given))
                 continue
             x = convert_tensor(plan, job, load_hf_tensor(job.shard, job.hf_name))
             w.write_tensor_data(x)
