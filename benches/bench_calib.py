@@ -1,18 +1,19 @@
-"""RTN vs GPTQ on the default model (SmolLM2-135M-Instruct), one run, one table.
+"""RTN vs GPTQ vs AWQ vs AWQ+GPTQ on the default model (SmolLM2-135M-Instruct), one run, one table.
 
 Rows: llama.cpp mixes / qtypes, and the grouped integer format of GPTQ / AWQ checkpoints at
 group 64 (`int4_g64`: SmolLM2's 576-wide rows are not whole groups of 128).
 
 Protocol: the baseline is the model's weights held in bf16 (as `ferroquant eval` loads the
 default GGUF); every row quantizes a fresh copy with `quantize_model(copy, recipe, method=...)`
-(embeddings / tied output head stay bf16). GPTQ calibrates on gensim's lee_background.cor
+(embeddings / tied output head stay bf16). GPTQ and AWQ (AWQConfig's defaults: grid 20,
+duo_scaling, clip) calibrate on gensim's lee_background.cor
 (`--calib-samples` x `--calib-len` consecutive tokens); scoring is on the held-out lee.cor with
 eval's own windows and metrics (ctx 512, stride 512, 2048 scored tokens): perplexity, mean
 KL(baseline || row), top-1 agreement. Time = wall time of quantize_model; peak = the largest
 resident-set growth during it (sampled every 50 ms).
 
     python benches/bench_calib.py [--calib-samples 128] [--calib-len 512] [--rows q4_0,nf4,...]
-                                  [--no-act-order]
+                                  [--no-act-order] [--methods rtn,gptq,awq,awq+gptq]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import ferroquant as fq
 from ferroquant.calib import calibration_ids
 from ferroquant.eval.load import load_model, read_text, tokenize
 from ferroquant.eval.metrics import Scores, make_windows
-from ferroquant.methods import GPTQConfig
+from ferroquant.methods import AWQConfig, GPTQConfig
 
 
 def _rss() -> int:
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--rows", default="q4_0,nf4,q4_k_m,q3_k,int4_g64")
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
+    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=2048)
     args = ap.parse_args()
@@ -87,6 +89,10 @@ def main() -> None:
     cfg = GPTQConfig(
         n_samples=args.calib_samples, seq_len=args.calib_len, act_order=not args.no_act_order
     )
+    acfg = AWQConfig(
+        n_samples=args.calib_samples, seq_len=args.calib_len, gptq_act_order=not args.no_act_order
+    )
+    methods = args.methods.split(",")
 
     def score(model: torch.nn.Module) -> Scores:
         s = Scores()
@@ -100,16 +106,17 @@ def main() -> None:
     b = score(base)
     rows = [("bf16", "-", b, 0.0, 0.0)]
     for recipe in args.rows.split(","):
-        for method in ("rtn", "gptq"):
+        for method in methods:
             m = copy.deepcopy(base)
             t0 = time.perf_counter()
             with PeakRSS() as peak:
-                kw = {"calibration": calib, "config": cfg} if method == "gptq" else {}
+                conf = cfg if method == "gptq" else acfg
+                kw = {"calibration": calib, "config": conf} if method != "rtn" else {}
                 fq.quantize_model(m, recipe, method=method, progress=False, **kw)
             dt = time.perf_counter() - t0
             s = score(m)
             rows.append((recipe, method, s, dt, peak.growth_mb))
-            print(f"{recipe:7} {method:5} ppl {s.ppl():.3f} kl {s.mean_kl():.4f} "
+            print(f"{recipe:7} {method:8} ppl {s.ppl():.3f} kl {s.mean_kl():.4f} "
                   f"top1 {s.top1_rate():.3f} {dt:.1f} s", flush=True)  # fmt: skip
             del m
 
@@ -127,7 +134,7 @@ def main() -> None:
     print(f"model: {loaded.source}; baseline: {loaded.baseline}")
     print(f"eval: {text_what}; ctx {args.ctx}, stride {args.ctx}, {b.n} scored tokens")
     print(f"calibration: gensim lee_background.cor, {calib.shape[0]} x {calib.shape[1]} tokens; "
-          f"{cfg.describe()}")  # fmt: skip
+          f"{cfg.describe()}; {acfg.describe()}")  # fmt: skip
     print()
     print("| recipe | method | ppl | Δppl | mean KL | top-1 | quantize s | peak RSS +MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -138,8 +145,11 @@ def main() -> None:
     for recipe in args.rows.split(","):
         d = {m: s.ppl() - b.ppl() for r, m, s, _, _ in rows if r == recipe}
         if d.get("rtn", 0) > 0:
-            cut = 1 - d["gptq"] / d["rtn"]
-            print(f"{recipe}: GPTQ removes {100 * cut:.0f} % of RTN's perplexity increase")
+            for method in methods[1:] if methods[0] == "rtn" else methods:
+                if method in d and method != "rtn":
+                    cut = 1 - d[method] / d["rtn"]
+                    print(f"{recipe}: {method} removes {100 * cut:.0f} % of RTN's perplexity "
+                          "increase")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ class InputStats:
         if names is not None:
             self.linears = {n: m for n, m in self.linears.items() if n in names}
         self.group_of: dict[str, int] = {}
+        # runs the layer over every calibration window again (set by run_layers), for methods
+        # that need more than second moments (AWQ's block outputs)
+        self.replay: Callable[[], None] | None = None
         self.sums: list[torch.Tensor] = []
         self.counts: list[int] = []
         self._seen: list[tuple[torch.Tensor, int]] = []
@@ -214,6 +217,12 @@ def run_layers(
                     layer(h, *call.args, **call.kwargs)
             finally:
                 stats.remove()
+
+            def replay(layer: nn.Module = layer, call: LayerCall = call, xs: list = hidden) -> None:
+                for h in xs:
+                    layer(h, *call.args, **call.kwargs)
+
+            stats.replay = replay
             finish = process(i, where, layer, stats)
             del stats
             out = []

@@ -51,13 +51,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--method",
         default="rtn",
-        help="rtn (round to nearest, no data), gptq (calibrated, layer by layer) or hqq "
-        "(half-quadratic zero points, no data; --format awq or gptq with asymmetric groups)",
+        help="rtn (round to nearest, no data); calibrated, layer by layer: gptq, awq, awq+gptq "
+        "(AWQ's scaling and clipping, then GPTQ); hqq (half-quadratic zero points, no data; "
+        "--format awq or gptq with asymmetric groups)",
     )
     c.add_argument(
         "--calib",
         default=None,
-        help="calibration text file for --method gptq (default: gensim's lee_background.cor)",
+        help="calibration text file for the calibrated methods (default: gensim's "
+        "lee_background.cor)",
     )
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows")
     c.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
@@ -140,18 +142,26 @@ def run(args: argparse.Namespace) -> int:
     cfg = method_config(args.method)  # an unknown method fails before anything is read
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"no such calibration text: {args.calib}")
-    gptq = args.method.lower() == "gptq"
-    if args.method.lower() == "hqq" and args.format == "gguf":
+    method = args.method.lower()
+    calibrated = method in ("gptq", "awq", "awq+gptq")
+    gptq = method == "gptq"
+    if method == "hqq" and args.format == "gguf":
         raise ValueError("--method hqq writes grouped integer checkpoints (--format awq|gptq)")
-    if gptq and on_ray:
-        raise ValueError("--method gptq runs on this machine; drop --ray (not distributed yet)")
+    if calibrated and on_ray:
+        raise ValueError(
+            f"--method {method} runs on this machine; drop --ray (not distributed yet)"
+        )
     allocate = args.target_size is not None or args.target_bpw is not None or args.plan
     if on_ray and (allocate or args.imatrix):
         raise ValueError("--imatrix / --target-* / --plan run on this machine; drop --ray")
     if args.target_size is not None and args.target_bpw is not None:
         raise ValueError("give --target-size or --target-bpw, not both")
-    if gptq and args.imatrix:
-        raise ValueError("--method gptq uses the full second moment of the inputs; drop --imatrix")
+    if allocate and calibrated and not gptq:
+        raise ValueError(f"--target-* / --plan take --method rtn or gptq, got {method}")
+    if calibrated and args.imatrix:
+        raise ValueError(
+            f"--method {method} measures the inputs from the calibration text; drop --imatrix"
+        )
     imatrix = None
     if args.imatrix is not None:
         from ..methods.imatrix_io import read_imatrix
@@ -173,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
         target = parse_size(args.target_size) if args.target_size is not None else None
         calib = Path(args.calib) if args.calib is not None else None
         reused = args.plan is not None and Path(args.plan).is_file()
-        tensors_for = (lambda recipe: _gptq_tensors(src, args, cfg, recipe)) if gptq else None
+        tensors_for = (
+            (lambda recipe: _calibrated_tensors(src, args, method, cfg, recipe)) if gptq else None
+        )
         plan = allocate_hf_to_gguf(
             src, args.out, target_bytes=target, target_bpw=args.target_bpw, imatrix=imatrix,
             imatrix_name=args.imatrix or "", calibration=calib,
@@ -189,10 +201,10 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:
             raise ValueError("--resume continues an interrupted --ray conversion; add --ray")
         tensors = None
-        if gptq:
+        if calibrated:
             if args.qtype.lower() in ("f32", "f16", "bf16"):
-                raise ValueError(f"--method gptq needs a quantized --qtype, got {args.qtype}")
-            tensors = _gptq_tensors(src, args, cfg)
+                raise ValueError(f"--method {method} needs a quantized --qtype, got {args.qtype}")
+            tensors = _calibrated_tensors(src, args, method, cfg)
         hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors,
                    imatrix=imatrix)  # fmt: skip
     else:
@@ -243,10 +255,11 @@ def _to_checkpoint(src: Path, args: argparse.Namespace, cfg: object) -> int:
     return 0
 
 
-def _gptq_tensors(
-    src: Path, args: argparse.Namespace, cfg: object, recipe: object = None
+def _calibrated_tensors(
+    src: Path, args: argparse.Namespace, method: str, cfg: object, recipe: object = None
 ) -> dict[str, object]:
-    """GPTQ of the checkpoint in float32: {HF tensor name: QTensor} for hf_to_gguf to write
+    """The calibrated method on the checkpoint in float32: {HF tensor name: QTensor} for
+    hf_to_gguf to write, plus (AWQ) the norms and biases its scales were folded into
     (`recipe`: the types to give, default the --qtype recipe)."""
     import json
 
@@ -263,17 +276,22 @@ def _gptq_tensors(
     n_gqa = n_head // int(hp.get("num_key_value_heads", n_head))
     if recipe is None:
         recipe = recipe_for(args.qtype, ("lm_head",), n_gqa)
-    gcfg = method_config("gptq", cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
+    gcfg = method_config(method, cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
     tok = AutoTokenizer.from_pretrained(str(src))
     calib = Path(args.calib) if args.calib is not None else None
     from ..calib import calibration_ids
 
     ids = calibration_ids(calib, tok, gcfg.n_samples, gcfg.seq_len)  # too short: before loading
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    quantize_model(model, recipe, method="gptq", calibration=ids, config=gcfg,
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.dim() == 1}
+    quantize_model(model, recipe, method=method, calibration=ids, config=gcfg,
                    progress=not args.quiet)  # fmt: skip
-    return {
+    out: dict[str, object] = {
         f"{name}.weight": mod.qtensor()
         for name, mod in model.named_modules()
         if isinstance(mod, QuantLinear)
     }
+    for k, v in model.state_dict().items():  # AWQ's folds: rescaled norm weights / biases
+        if k in before and not torch.equal(v, before[k]):
+            out[k] = v.detach().to(torch.float32)
+    return out

@@ -60,44 +60,58 @@ def gptq_model(
     plan: dict[str, str | None] = {}
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
-        new: dict[str, nn.Module] = {}
-        seen = set()
-        for names, h, _ in stats.groups():
-            by_qtype: dict[str, list[str]] = {}
-            for nm in names:
-                seen.add(nm)
-                lin = stats.linears[nm]
-                q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)
-                if q is not None:
-                    by_qtype.setdefault(q, []).append(nm)
-            for q, group in by_qtype.items():
-                opts = format_options(q, options)
-                if q not in SUPPORTED:
-                    for nm in group:
-                        new[nm] = QuantLinear.from_linear(stats.linears[nm], q, **opts)
-                    continue
-                lins = [stats.linears[nm] for nm in group]
-                w = torch.cat([lin.weight.detach().to(torch.float32) for lin in lins])
-                qt, values = gptq_quantize(
-                    w, h, q, config, name=f"{where}.{'+'.join(group)}", **opts
-                )
-                r0 = 0
-                for nm, lin in zip(group, lins, strict=True):
-                    r1 = r0 + lin.out_features
-                    lin.weight.data = values[r0:r1].to(lin.weight.dtype)
-                    new[nm] = QuantLinear.from_qtensor(row_slice(qt, r0, r1), lin.bias)
-                    r0 = r1
-        for nm, lin in stats.linears.items():  # never called in the forward pass
-            if nm not in seen:
-                q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)
-                if q is not None:
-                    new[nm] = QuantLinear.from_linear(lin, q, **format_options(q, options))
-
-        def finish() -> None:
-            for nm, mod in new.items():
-                _set(layer, nm, mod)
-
-        return finish
+        new = gptq_layer(where, stats, qtype_for, config, options, plan)
+        return lambda: swap_in(layer, new)
 
     run_layers(model, ids, process, progress=progress, desc="gptq")
     return plan
+
+
+def swap_in(layer: nn.Module, new: dict[str, nn.Module]) -> None:
+    """Replace the layer's modules by name (run once the layer's outputs are computed)."""
+    for nm, mod in new.items():
+        _set(layer, nm, mod)
+
+
+def gptq_layer(
+    where: str,
+    stats: InputStats,
+    qtype_for: Callable[[str, nn.Linear], str | None],
+    config: GPTQConfig,
+    options: dict[str, Any],
+    plan: dict[str, str | None],
+) -> dict[str, nn.Module]:
+    """GPTQ one decoder layer's Linears from its input statistics: each Linear's weight is set
+    to its quantized values (so the layer's outputs are the quantized layer's) and the
+    QuantLinears to swap in are returned by name; `plan` gets each Linear's qtype."""
+    new: dict[str, nn.Module] = {}
+    seen = set()
+    for names, h, _ in stats.groups():
+        by_qtype: dict[str, list[str]] = {}
+        for nm in names:
+            seen.add(nm)
+            lin = stats.linears[nm]
+            q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)
+            if q is not None:
+                by_qtype.setdefault(q, []).append(nm)
+        for q, group in by_qtype.items():
+            opts = format_options(q, options)
+            if q not in SUPPORTED:
+                for nm in group:
+                    new[nm] = QuantLinear.from_linear(stats.linears[nm], q, **opts)
+                continue
+            lins = [stats.linears[nm] for nm in group]
+            w = torch.cat([lin.weight.detach().to(torch.float32) for lin in lins])
+            qt, values = gptq_quantize(w, h, q, config, name=f"{where}.{'+'.join(group)}", **opts)
+            r0 = 0
+            for nm, lin in zip(group, lins, strict=True):
+                r1 = r0 + lin.out_features
+                lin.weight.data = values[r0:r1].to(lin.weight.dtype)
+                new[nm] = QuantLinear.from_qtensor(row_slice(qt, r0, r1), lin.bias)
+                r0 = r1
+    for nm, lin in stats.linears.items():  # never called in the forward pass
+        if nm not in seen:
+            q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)
+            if q is not None:
+                new[nm] = QuantLinear.from_linear(lin, q, **format_options(q, options))
+    return new

@@ -355,10 +355,11 @@ def hf_to_gguf(
     where convert_hf_to_gguf.py's hash table does not know the tokenizer. Returns {gguf tensor
     name: qtype}. The write is atomic. `tensors` maps Hugging Face tensor names to QTensors
     already quantized (e.g. by GPTQ) in the type the recipe gives them: they are written as given
-    (rows permuted as the floats would be) instead of being quantized here. `imatrix` (llama.cpp's
-    importance matrix, checked against the model's tensor names and columns before anything is
-    written) weights the quantizers that take one, as llama-quantize --imatrix does; `metadata`
-    adds keys, types inferred (e.g. an allocation plan's summary)."""
+    (rows permuted as the floats would be) instead of being quantized here; a torch tensor
+    there replaces the checkpoint's float tensor (converted as it would be). `imatrix`
+    (llama.cpp's importance matrix, checked against the model's tensor names and columns before
+    anything is written) weights the quantizers that take one, as llama-quantize --imatrix does;
+    `metadata` adds keys, types inferred (e.g. an allocation plan's summary)."""
     plan = plan_hf_to_gguf(hf_dir, qtype)
     if imatrix is not None:
         check_imatrix_for(imatrix, {t.gname: t.shape for t in plan.tensors})
@@ -377,7 +378,11 @@ def hf_to_gguf(
                 w.write_tensor_data(plan.extra[job.gname])
                 continue
             if tensors is not None and job.hf_name in tensors:
-                w.write_tensor_data(_given(plan, job, tensors[job.hf_name]))
+                given = tensors[job.hf_name]
+                if isinstance(given, QTensor):
+                    w.write_tensor_data(_given(plan, job, given))
+                else:  # a float tensor changed by the method (AWQ's rescaled norms)
+                    w.write_tensor_data(convert_tensor(plan, job, given))
                 continue
             imp = imatrix.values(job.gname) if imatrix is not None else None
             x = convert_tensor(plan, job, load_hf_tensor(job.shard, job.hf_name), imp)

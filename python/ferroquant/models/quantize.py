@@ -40,13 +40,14 @@ def quantize_model(
     (or name suffixes) kept unquantized; `filter_fn(name, module)` returning False also keeps a
     module. `options` go to `ferroquant.quantize` (block_size, double_quant, scale_mode).
 
-    method: "rtn" (round to nearest, no data), "gptq" (calibrated, layer by layer, for
-    transformers causal LMs whose decoder layers are an nn.ModuleList) or "hqq" (half-quadratic
-    zero-point search, no data; asymmetric grouped integer qtypes such as int4_g64).
-    `calibration` (gptq): token ids or text (str, list of str, a Path; None: gensim's
-    lee_background.cor) cut into `config.n_samples` x `config.seq_len` windows; text needs
-    `tokenizer`. `config`: the method's dataclass (`ferroquant.methods.GPTQConfig`,
-    `HQQConfig`) or a dict of its fields.
+    method: "rtn" (round to nearest, no data), "gptq", "awq" or "awq+gptq" (calibrated, layer by
+    layer, for transformers causal LMs whose decoder layers are an nn.ModuleList) or "hqq"
+    (half-quadratic zero-point search, no data; asymmetric grouped integer qtypes such as
+    int4_g64, q4_1, q5_1). `calibration` (calibrated methods): token ids or text (str, list of
+    str, a Path; None: gensim's lee_background.cor) cut into `config.n_samples` x `config.seq_len`
+    windows; text needs `tokenizer`. `config`: the method's dataclass
+    (`ferroquant.methods.GPTQConfig`, `AWQConfig`: grid, duo_scaling, clip, ...; `HQQConfig`) or
+    a dict of its fields.
     imatrix: {module name: per-column importance} (llama.cpp's importance matrix values) for
     round to nearest with the ggml quantizers that take one.
     Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
@@ -59,9 +60,8 @@ def quantize_model(
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     n_layer = _count_layers([n for n, _ in linears])
     plan: dict[str, str | None] = {}
-    if method.lower() == "gptq":
+    if method.lower() in ("gptq", "awq", "awq+gptq"):
         from ..calib import calibration_ids, find_decoder_layers
-        from ..methods.layerwise import gptq_model
 
         find_decoder_layers(model)  # a clear error before any work
         ids = calibration_ids(calibration, tokenizer, cfg.n_samples, cfg.seq_len)
@@ -73,7 +73,7 @@ def quantize_model(
                 return None
             return rule.qtype_for(name, tuple(lin.weight.shape), n_layer)
 
-        plan.update(gptq_model(model, qtype_for, ids, cfg, options, progress=progress))
+        plan.update(_calibrated(method.lower(), model, qtype_for, ids, cfg, options, progress))
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     items = linears
     if progress:
@@ -108,3 +108,17 @@ def quantize_model(
     model.ferroquant_plan = plan
     model.ferroquant_method = cfg.describe()
     return model
+
+
+def _calibrated(method: str, model: nn.Module, qtype_for: Callable, ids: Any, cfg: Any,
+                options: dict[str, Any], progress: bool) -> dict[str, str | None]:  # fmt: skip
+    if method == "gptq":
+        from ..methods.layerwise import gptq_model
+
+        return gptq_model(model, qtype_for, ids, cfg, options, progress=progress)
+    from ..methods import GPTQConfig
+    from ..methods.awq_layers import awq_model
+
+    gcfg = GPTQConfig(cfg.gptq_damp, cfg.gptq_act_order, n_samples=cfg.n_samples,
+                      seq_len=cfg.seq_len) if cfg.gptq else None  # fmt: skip
+    return awq_model(model, qtype_for, ids, cfg, options, gptq=gcfg, progress=progress)

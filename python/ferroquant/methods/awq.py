@@ -1,0 +1,249 @@
+"""AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization"), into any format.
+
+For a group of Linears fed by one input x (q/k/v after input_layernorm, gate/up after
+post_attention_layernorm, down after up, o after v when their shapes allow), a per-input-channel
+scale s is searched on a grid of `grid` ratios a = 0, 1/grid, ..., (grid-1)/grid, as AutoAWQ and
+llm-compressor compute it:
+
+    x_mean = mean over tokens of |x| per channel
+    w_mean = mean over rows of |W| / max|W| of its group (groups of the format's block, the
+             Linears' weights stacked)
+    s = clamp(x_mean^a / (w_mean^(1-a) + 1e-4), min=1e-4)     (duo_scaling; else x_mean^a)
+    s = s / sqrt(max(s) * min(s))
+
+and the loss of a candidate is the MSE of the block output: the module fed by x (the attention
+module for q/k/v, the MLP for gate/up, o_proj / down_proj alone for the others) run with each
+Linear's weight replaced by Q(W diag(s)) diag(s)^-1, Q the target format's own quantizer
+(`ferroquant.quantize` then `dequantize`), against the float block's output. s = 1 (plain RTN)
+is always a candidate, so the chosen scale's loss is never above RTN's (with duo_scaling, a = 0
+is s = 1/w_mean, not 1). The best s is folded: the Linears' columns times s, the previous op
+(the norm's weight, or the previous Linear's rows and bias) divided by s, so the float model
+computes the same function. Then the clip search (AutoAWQ's): per row and group, the weight is
+clamped to max|w| * (1 - i/clip_grid) for i < clip_grid * max_shrink, each candidate quantized
+by the format, and the shrink with the least MSE of that group's partial output on
+`clip_tokens` tokens kept (q and k are not clipped: their errors pass through the softmax, as
+AutoAWQ avoids them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..qtypes import qtype_info
+from ..tensor import QuantizeError, dequantize, quantize
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ's options (defaults: AutoAWQ's).
+
+    grid: scale ratios searched (20). duo_scaling: s = x_mean^a / w_mean^(1-a) (True) or
+      x_mean^a (False). clip: run the clip search after scaling. clip_grid, max_shrink: clip
+      candidates max|w| * (1 - i/clip_grid), i < clip_grid * max_shrink (20, 0.5).
+    clip_tokens: tokens the clip search uses (512, evenly strided over the calibration set).
+    n_samples, seq_len: calibration windows (128 x 512, AutoAWQ uses 128 x 512 of pile-val).
+    gptq: after scaling and clipping, quantize with GPTQ ("awq+gptq") instead of RTN, with
+      `gptq_damp` and `gptq_act_order` (GPTQConfig's damp and act_order).
+    """
+
+    grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_tokens: int = 512
+    n_samples: int = 128
+    seq_len: int = 512
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+
+    def describe(self) -> str:
+        name = "awq+gptq" if self.gptq else "awq"
+        items = {k: v for k, v in asdict(self).items() if self.gptq or not k.startswith("gptq")}
+        return f"{name}(" + ", ".join(f"{k}={v}" for k, v in items.items()) + ")"
+
+
+Quantizer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def format_qdq(qtype: str | None, options: dict[str, Any] | None = None) -> Quantizer:
+    """W -> dequantize(quantize(W, qtype)) as float32 (None: the identity, a kept Linear)."""
+    if qtype is None:
+        return lambda w: w
+    opts = options or {}
+
+    def qdq(w: torch.Tensor) -> torch.Tensor:
+        arr = np.ascontiguousarray(w.detach().to(torch.float32).numpy())
+        out = np.asarray(dequantize(quantize(arr, qtype, **opts)), dtype=np.float32)
+        return torch.from_numpy(out.reshape(arr.shape).copy())
+
+    return qdq
+
+
+def group_size(qtype: str | None, cols: int) -> int:
+    """The format's block when it divides a row, else the whole row."""
+    if qtype is None:
+        return cols
+    try:
+        block = qtype_info(qtype).block_size
+    except Exception:  # a format without a block table entry: per row
+        return cols
+    return block if block and cols % block == 0 else cols
+
+
+def scale_candidates(
+    x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int, duo_scaling: bool
+) -> list[tuple[float | None, torch.Tensor]]:
+    """[(ratio, s)]: s = 1 first (ratio None), then AutoAWQ's grid."""
+    out: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones_like(x_mean))]
+    for k in range(grid):
+        a = k / grid
+        if duo_scaling:
+            s = (x_mean.pow(a) / (w_mean.pow(1 - a) + 1e-4)).clamp(min=1e-4)
+        else:
+            s = x_mean.pow(a).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        s = torch.where(torch.isfinite(s), s, torch.ones_like(s))
+        out.append((a, s))
+    return out
+
+
+def weight_mean(weights: list[torch.Tensor], group: int) -> torch.Tensor:
+    """AutoAWQ's w_mean: |W| / max|W| per group, averaged over the stacked rows."""
+    w = torch.cat([x.detach().to(torch.float32) for x in weights])
+    rows, cols = w.shape
+    g = w.abs().reshape(-1, group)
+    g = g / (g.amax(dim=1, keepdim=True) + 1e-6)
+    return g.reshape(rows, cols).mean(0)
+
+
+@dataclass
+class ScaleResult:
+    """The chosen scale, its ratio (None: s = 1) and every candidate's loss (s = 1 first)."""
+
+    scale: torch.Tensor
+    ratio: float | None
+    losses: list[float]
+
+
+def search_scale(
+    x_mean: torch.Tensor,
+    linears: list[nn.Linear],
+    qdqs: list[Quantizer],
+    block: Callable[[], list[torch.Tensor]],
+    reference: list[torch.Tensor],
+    *,
+    group: int,
+    grid: int = 20,
+    duo_scaling: bool = True,
+) -> ScaleResult:
+    """The scale of `linears`' input channels with the least block-output MSE: for each
+    candidate s every Linear's weight is set to qdq(W s) / s, `block()` recomputes the block's
+    outputs, compared with `reference` (the float outputs). The weights are restored."""
+    originals = [lin.weight.data.clone() for lin in linears]
+    w_mean = weight_mean(originals, group)
+    best: tuple[float, float | None, torch.Tensor] | None = None
+    losses = []
+    try:
+        for ratio, s in scale_candidates(x_mean.to(torch.float32), w_mean, grid, duo_scaling):
+            for lin, w0, qdq in zip(linears, originals, qdqs, strict=True):
+                lin.weight.data = qdq(w0 * s) / s
+            outs = block()
+            num = sum(
+                float((o - r).pow(2).sum(dtype=torch.float64))
+                for o, r in zip(outs, reference, strict=True)
+            )
+            den = sum(r.numel() for r in reference)
+            loss = num / max(den, 1)
+            losses.append(loss)
+            if best is None or loss < best[0]:  # ties keep the earlier (s = 1 first)
+                best = (loss, ratio, s)
+    finally:
+        for lin, w0 in zip(linears, originals, strict=True):
+            lin.weight.data = w0
+    assert best is not None
+    return ScaleResult(best[2], best[1], losses)
+
+
+def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+    """Fold s into the float model without changing its function: the Linears' input columns
+    times s, the previous op's output channels divided by s (a norm's weight, or a Linear's
+    rows and bias)."""
+    s = s.detach()
+
+    def f(t: torch.Tensor) -> torch.Tensor:  # at least float32 inside (float64 stays float64)
+        return t.to(torch.promote_types(t.dtype, torch.float32))
+
+    if isinstance(prev, nn.Linear):
+        if prev.out_features != s.numel():
+            raise QuantizeError(f"awq: cannot fold {s.numel()} scales into a Linear of "
+                                f"{prev.out_features} outputs")  # fmt: skip
+        w = prev.weight.data
+        prev.weight.data = (f(w) / f(s)[:, None]).to(w.dtype)
+        if prev.bias is not None:
+            prev.bias.data = (f(prev.bias.data) / f(s)).to(prev.bias.dtype)
+    else:
+        weight = getattr(prev, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
+            raise QuantizeError(f"awq: cannot fold scales into {type(prev).__name__} "
+                                "(needs a per-channel weight)")  # fmt: skip
+        if "gemma" in type(prev).__name__.lower():  # Gemma's norm multiplies by (1 + weight)
+            weight.data = ((1 + f(weight.data)) / f(s) - 1).to(weight.dtype)
+        else:
+            weight.data = (f(weight.data) / f(s)).to(weight.dtype)
+        bias = getattr(prev, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.data = (f(bias.data) / f(s)).to(bias.dtype)
+    for lin in linears:
+        w = lin.weight.data
+        lin.weight.data = (f(w) * f(s)[None, :]).to(w.dtype)
+
+
+def search_clip(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    qdq: Quantizer,
+    group: int,
+    *,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AutoAWQ's clip search: (per row and group max|w| to clamp to [rows, groups], the
+    per-(row, group) output MSE of the chosen clip [rows, groups]). Shrink 0 (no clipping) is
+    the first candidate and ties keep it, so the error is never above RTN's (for formats whose
+    blocks are the groups)."""
+    w = w.detach().to(torch.float32)
+    rows, cols = w.shape
+    ng = cols // group
+    xg = x.detach().to(torch.float32).reshape(-1, ng, group)  # [n, g, k]
+    wg = w.reshape(rows, ng, group)
+    org_max = wg.abs().amax(dim=-1)  # [rows, g]
+    ref = torch.einsum("rgk,ngk->rng", wg, xg)
+    best_err = torch.full_like(org_max, math.inf)
+    best_max = org_max.clone()
+    for i in range(max(1, int(max_shrink * clip_grid))):
+        mx = (org_max * (1 - i / clip_grid))[..., None]
+        cur = torch.maximum(torch.minimum(wg, mx), -mx).reshape(rows, cols)
+        q = qdq(cur).reshape(rows, ng, group)
+        err = (torch.einsum("rgk,ngk->rng", q, xg) - ref).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, mx[..., 0], best_max)
+    return best_max, best_err
+
+
+def apply_clip(lin: nn.Linear, max_val: torch.Tensor) -> None:
+    w = lin.weight.data
+    rows, cols = w.shape
+    ng = max_val.shape[1]
+    mx = max_val[..., None].to(torch.float32)
+    wg = w.to(torch.float32).reshape(rows, ng, cols // ng)
+    lin.weight.data = torch.maximum(torch.minimum(wg, mx), -mx).reshape(rows, cols).to(w.dtype)
