@@ -124,7 +124,8 @@ def test_dead_columns_get_zero_and_failing_cholesky_raises_damping_with_a_warnin
 
 def test_bad_options_are_one_clear_error_each():
     w, h = _problem(4, 256)
-    with pytest.raises(fq.QuantizeError, match="unknown method 'awq2'; methods: rtn gptq hqq"):
+    methods = r"methods: rtn gptq awq awq\+gptq hqq"
+    with pytest.raises(fq.QuantizeError, match=rf"unknown method 'awq2'; {methods}"):
         method_config("awq2")
     with pytest.raises(fq.QuantizeError, match="unknown gptq option"):
         method_config("gptq", {"dampening": 0.1})
