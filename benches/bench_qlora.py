@@ -3,6 +3,11 @@ QuantLinear against LoRA over bitsandbytes' 4-bit nf4 Linear4bit (peft's own dis
 against LoRA over the bf16 model; then the merged ferroquant model exported to GGUF and its
 held-out perplexity in llama.cpp against ours.
 
+Both 4-bit engines run in each compute dtype: bfloat16 (ferroquant's default training forward,
+QuantLinear.train_dtype; bitsandbytes' compute_dtype=torch.bfloat16, the usual QLoRA setting)
+and float32; the model around them stays float32 in every 4-bit engine. Ratios are printed
+against bitsandbytes in both dtypes.
+
 Protocol: SmolLM2-135M-Instruct (the default GGUF, dequantized by transformers to float32), every
 Linear but lm_head (tied to the embedding) in the engine's format; peft LoRA r=--rank,
 alpha=2r, no dropout, on q_proj and v_proj; the same windows of gensim's lee_background.cor
@@ -43,12 +48,25 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 
-ENGINES = ("ferroquant nf4 + LoRA", "bitsandbytes nf4 + peft LoRA", "bf16 + peft LoRA")
+ENGINES = (
+    "ferroquant nf4 + LoRA, bf16 compute",
+    "bitsandbytes nf4 + peft LoRA, f32 compute",
+    "bitsandbytes nf4 + peft LoRA, bf16 compute",
+    "ferroquant nf4 + LoRA, f32 compute",
+    "bf16 + peft LoRA",
+)
+# the ratios' denominators: bitsandbytes in each compute dtype
+BNB = {"f32": ENGINES[1], "bf16": ENGINES[2]}
 
 
-def _bnb_nf4(model: nn.Module) -> None:
+def _compute_dtype(engine: str) -> torch.dtype:
+    return torch.bfloat16 if engine.endswith("bf16 compute") else torch.float32
+
+
+def _bnb_nf4(model: nn.Module, compute_dtype: torch.dtype) -> None:
     """Every nn.Linear but lm_head -> bitsandbytes Linear4bit nf4 (block 64, no double quant:
-    ferroquant's nf4 layout), compute in float32, quantized on the CPU."""
+    ferroquant's nf4 layout), compute in `compute_dtype` (Linear4bit casts the float32
+    activations to it and its output back), quantized on the CPU."""
     import bitsandbytes as bnb
 
     for name, mod in list(model.named_modules()):
@@ -60,7 +78,7 @@ def _bnb_nf4(model: nn.Module) -> None:
             bias=mod.bias is not None,
             compress_statistics=False,
             quant_type="nf4",
-            compute_dtype=torch.float32,
+            compute_dtype=compute_dtype,
         )
         q.weight = bnb.nn.Params4bit(
             mod.weight.data.clone(),
@@ -141,15 +159,19 @@ def worker(engine: str, args: Any) -> dict[str, Any]:
     model, tok = load_float_model(None)
     targets = ["q_proj", "v_proj"]
     if engine.startswith("ferroquant"):
+        from ferroquant.nn import QuantLinear
         from ferroquant.train.lora import apply_lora
 
         fq.quantize_model(model, "nf4", progress=False)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.train_dtype = _compute_dtype(engine)
         pm = apply_lora(model, r=args.rank, targets=targets)
     else:
         import peft
 
         if engine.startswith("bitsandbytes"):
-            _bnb_nf4(model)
+            _bnb_nf4(model, _compute_dtype(engine))
         else:
             model = model.to(torch.bfloat16)
         cfg = peft.LoraConfig(
@@ -192,6 +214,8 @@ def run(args: Any) -> dict[str, Any]:
     results: dict[str, list[dict]] = {e: [] for e in ENGINES}
     for r in range(args.runs):
         for i, engine in enumerate(ENGINES):
+            if i not in args.engines:
+                continue
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 cmd = [
                     sys.executable,
@@ -231,28 +255,32 @@ def run(args: Any) -> dict[str, Any]:
 
 
 def report(results: dict[str, list[dict]], args: Any) -> dict[str, Any]:
+    results = {e: rs for e, rs in results.items() if rs}
     step = {e: benchlib.med([s for r in rs for s in r["step_s"]]) for e, rs in results.items()}
     rss = {e: benchlib.med([r["train_rss_mb"] for r in rs]) for e, rs in results.items()}
     whole = {e: benchlib.med([r["peak_rss_mb"] for r in rs]) for e, rs in results.items()}
-    ours, bnb = ENGINES[0], ENGINES[1]
+    ours = ENGINES[0]
+    bnbs = {d: e for d, e in BNB.items() if e in step}
+
+    def cells(e: str, v: dict[str, float]) -> list[str]:
+        return [f"{v[e] / v[b]:.2f}x" for b in bnbs.values()]
+
     rows = [
-        [
-            e,
-            f"{step[e]:.2f}",
-            f"{step[e] / step[bnb]:.2f}x",
-            f"{rss[e]:.0f}",
-            f"{rss[e] / rss[bnb]:.2f}x",
-        ]
-        for e in ENGINES
+        [e, f"{step[e]:.2f} ({' '.join(f'{s:.2f}' for r in results[e] for s in r['step_s'])})"]
+        + cells(e, step)
+        + [f"{rss[e]:.0f}"]
+        + cells(e, rss)
+        for e in step
     ]
-    heads = ["engine", "median s/step", "vs bnb", "peak RSS training MB", "vs bnb"]
+    vs = [f"vs bnb {d}" for d in bnbs]
+    heads = ["engine", "median s/step (all steps)", *vs, "peak RSS training MB", *vs]
     print(benchlib.table(heads, rows))
     print(
         "whole-process peak RSS (model loading included) MB: "
         + ", ".join(f"{e} {v:.0f}" for e, v in whole.items())
     )
     out: dict[str, Any] = {"median_step_s": step, "train_rss_mb": rss, "peak_rss_mb": whole}
-    first = results[ours][0]
+    first = results[ours][0] if ours in results else {}
     if "ppl_ours" in first:
         po, pl = first["ppl_ours"], first["ppl_llama_cpp"]
         print(
@@ -260,10 +288,12 @@ def report(results: dict[str, list[dict]], args: Any) -> dict[str, Any]:
             f"ppl ours {po:.3f}, llama.cpp {pl:.3f}, difference {100 * (pl / po - 1):+.2f} %"
         )
         out["merged_ppl"] = {"ours": po, "llama.cpp": pl}
-    print(
-        f"targets: step time <= 0.8x bnb ({step[ours] / step[bnb]:.2f}x), peak RSS <= bnb "
-        f"({rss[ours] / rss[bnb]:.2f}x)"
-    )
+    if ours in step:
+        for d, b in bnbs.items():
+            print(
+                f"targets vs bnb {d} compute: step time <= 0.8x ({step[ours] / step[b]:.2f}x), "
+                f"peak RSS <= bnb ({rss[ours] / rss[b]:.2f}x)"
+            )
     return out
 
 
@@ -276,6 +306,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--no-merge", action="store_true")
+    ap.add_argument(
+        "--engines",
+        type=lambda v: {int(i) for i in v.split(",")},
+        default=set(range(len(ENGINES))),
+        help="indices into " + "; ".join(f"{i}: {e}" for i, e in enumerate(ENGINES)),
+    )
     ap.add_argument(
         "--merge-qtype",
         default="q8_0",

@@ -147,3 +147,17 @@ def test_lora_target_that_does_not_exist_is_named_and_nothing_written(tiny_gguf,
     last = err.splitlines()[-1]  # (after transformers' GGUF loading progress bar)
     assert last.startswith("ferroquant finetune: LoRA target 'attn_qkv' matches no module")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", [["--qat", "q4_k"], ["--lora", "r=4", "--qtype", "q4_k"]])
+def test_qtype_that_cannot_hold_the_rows_is_named_and_nothing_written(
+    tiny_gguf, tmp_path, capsys, mode
+):
+    """The tiny model's 64-wide rows hold no q4_k block (256): one error naming the layer, for
+    QAT and for a QLoRA base alike, before training; nothing written."""
+    out = tmp_path / "out.safetensors"
+    assert main([*_tiny_run(tmp_path, str(tiny_gguf), *mode), "-o", str(out)]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("ferroquant finetune: model.layers.0.self_attn.q_proj: row length 64")
+    assert "q4_k's block size 256" in last
+    assert not out.exists()

@@ -1,6 +1,7 @@
-"""QLoRA: QuantLinear's gradient with respect to its input equals grad_y @ dequantize(W) (float64
-reference, float32 rounding bound) for every qtype, and its weight stays frozen; peft's LoRA on
-QuantLinear; merge_lora; bad input."""
+"""QLoRA: QuantLinear's training path (dequantize per call, torch GEMM) equals torch's autograd
+through the dequantized weight bit for bit and stays within the derived bound of the float64
+products, for every qtype and both compute dtypes; inference stays on the kernel; its weight
+stays frozen and no float copy is saved; peft's LoRA on QuantLinear; merge_lora; bad input."""
 
 from __future__ import annotations
 
@@ -15,36 +16,128 @@ ALL_QTYPES = [q.name for q in fq.qtypes()]
 U32 = 2.0**-24  # float32 unit roundoff
 
 
-def _quant_linear(qtype: str, n: int = 40, k: int = 256, seed: int = 0) -> QuantLinear:
+def _quant_linear(
+    qtype: str, n: int = 40, k: int = 256, seed: int = 0, bias: bool = True
+) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
-    lin = torch.nn.Linear(k, n, bias=True)
+    lin = torch.nn.Linear(k, n, bias=bias)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
-        lin.bias.copy_(torch.randn(n, generator=g))
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
     return QuantLinear.from_linear(lin, qtype)
 
 
+BF16_U = 2.0**-8  # bfloat16 unit roundoff (8 significand bits)
+
+
+def _gamma(m: int) -> float:
+    """gamma_m for float32: the relative bound of m float32 roundings."""
+    return m * U32 / (1 - m * U32)
+
+
+def _bound_constant(length: int, dtype: torch.dtype) -> float:
+    """c with |computed - exact| <= c * (|a| @ |b|) for a length-`length` dot product of float32
+    inputs computed as torch's CPU GEMM in `dtype` after casting both inputs to it (derived in
+    docs/training.md): float32 accumulates in float32 (gamma_(length+1)); bfloat16 rounds each
+    input (2u + u^2), accumulates the exact products in float32, and rounds the sum once to
+    bfloat16 (u)."""
+    g = _gamma(length + 1)
+    if dtype == torch.float32:
+        return g
+    u = BF16_U
+    return 2 * u + u * u + (1 + u) ** 2 * (g + u * (1 + g))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("qtype", ALL_QTYPES)
-def test_grad_input_is_grad_y_times_dequantized_weight(qtype):
+def test_training_forward_and_input_grad_equal_torch_autograd_through_dequantized_w(qtype, dtype):
+    """With autograd recording on the CPU, QuantLinear runs `dequant_matmul`: bit for bit what
+    torch's own autograd gives through F.linear(x.to(dtype), dequantize(W).to(dtype))."""
     ql = _quant_linear(qtype)
-    n, k = ql.out_features, ql.in_features
+    ql.train_dtype = dtype
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, k, generator=g, requires_grad=True)
-    grad_y = torch.randn(2, 3, n, generator=g)
-    ql(x).backward(grad_y)
-    w = fq.dequantize(ql.qtensor()).astype(np.float64)
-    gy = grad_y.reshape(-1, n).double().numpy()
-    exact = gy @ w
-    # float32 dot products of length n, rounded once more on output: |err| <= gamma_{n+1} |g||W|
-    gamma = (n + 1) * U32 / (1 - (n + 1) * U32)
-    bound = gamma * (np.abs(gy) @ np.abs(w))
-    got = x.grad.reshape(-1, k).double().numpy()
-    err = np.abs(got - exact)
-    assert (err <= bound).all(), f"{qtype}: max error {err.max():.3g} over bound"
-    assert np.abs(exact).max() > 0  # the check is not vacuous
+    x = torch.randn(2, 3, ql.in_features, generator=g, requires_grad=True)
+    grad_y = torch.randn(2, 3, ql.out_features, generator=g)
+    y = ql(x)
+    y.backward(grad_y)
+    w = ql.dequantized_weight().to(dtype)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(x_ref.to(dtype), w).to(torch.float32) + ql.bias
+    y_ref.backward(grad_y)
+    assert torch.equal(y, y_ref) and torch.equal(x.grad, x_ref.grad)
+    assert x.grad.abs().max() > 0  # the check is not vacuous
     # the weight is frozen: bytes and statistics are buffers, the bias takes no gradient
     assert all(not p.requires_grad for p in ql.parameters())
     assert not ql.qweight.requires_grad and ql.qweight.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("qtype", ALL_QTYPES)
+def test_training_path_is_within_the_derived_bound_of_the_exact_products(qtype, dtype):
+    """y and grad_x of the training path against x @ W.T and grad_y @ W in float64 (W the
+    dequantized weight): within c * |x| @ |W|.T, c from _bound_constant (about 3 * 2^-8 for
+    bfloat16)."""
+    ql = _quant_linear(qtype, bias=False)
+    ql.train_dtype = dtype
+    n, k = ql.out_features, ql.in_features
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, k, generator=g, requires_grad=True)
+    grad_y = torch.randn(4, n, generator=g)
+    y = ql(x)
+    y.backward(grad_y)
+    w = fq.dequantize(ql.qtensor()).astype(np.float64)
+    x64, g64 = x.detach().double().numpy(), grad_y.double().numpy()
+    for got, exact, bound, what in [
+        (y.detach(), x64 @ w.T, _bound_constant(k, dtype) * (np.abs(x64) @ np.abs(w).T), "y"),
+        (x.grad, g64 @ w, _bound_constant(n, dtype) * (np.abs(g64) @ np.abs(w)), "grad_x"),
+    ]:
+        err = np.abs(got.double().numpy() - exact)
+        assert (err <= bound).all(), f"{qtype} {what}: max error {err.max():.3g} over bound"
+        assert np.abs(exact).max() > 0
+
+
+def test_the_kernel_op_backward_stays_float32():
+    """`ferroquant::qmatmul` called directly with grad (the inference kernel's op) keeps its
+    float32 backward: grad_x within gamma_(n+1) |grad_y| |W| of the float64 product."""
+    ql = _quant_linear("q4_k", k=256)
+    n, k = ql.out_features, ql.in_features
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, k, generator=g, requires_grad=True)
+    grad_y = torch.randn(3, n, generator=g)
+    fmt = (ql.qtype, n, k, ql.block_size, ql.scale_mode or "")
+    torch.ops.ferroquant.qmatmul(x, ql.qweight, ql.qstats, *fmt).backward(grad_y)
+    w = fq.dequantize(ql.qtensor()).astype(np.float64)
+    g64 = grad_y.double().numpy()
+    err = np.abs(x.grad.double().numpy() - g64 @ w)
+    assert (err <= _gamma(n + 1) * (np.abs(g64) @ np.abs(w))).all()
+
+
+def test_inference_runs_the_kernel_and_training_saves_no_float_weight():
+    """Without autograd recording, forward is the Rust kernel bit for bit (the inference path
+    is unchanged); with it, what autograd saves for backward is the quantized bytes and
+    statistics only: no float copy of W outlives the forward."""
+    from ferroquant import _native
+
+    ql = _quant_linear("nf4", bias=False)
+    n, k = ql.out_features, ql.in_features
+    x = torch.randn(5, k, requires_grad=True)
+    kernel = _native.qmatmul(x.detach().numpy(), ql.qweight.numpy(), "nf4", n, k,
+                             ql.block_size, ql.qstats.numpy(), None)  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(ql(x), torch.from_numpy(np.asarray(kernel)))
+    assert torch.equal(ql(x.detach()), torch.from_numpy(np.asarray(kernel)))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = ql(x)
+    assert not torch.equal(y, torch.from_numpy(np.asarray(kernel)))  # the training path ran
+    assert saved and all(t.dtype == torch.uint8 or t.numel() == ql.qstats.numel() for t in saved)
+    assert set(ql.state_dict()) == {"qweight", "qstats", "_extra_state"}
 
 
 def _tiny_llama(qtype: str):
@@ -110,6 +203,15 @@ def test_missing_target_is_named():
 
     with pytest.raises(ValueError, match=r"LoRA target 'qq_proj' matches no module.*q_proj"):
         apply_lora(_tiny_llama("q8_0"), r=4, targets=["q_proj", "qq_proj"])
+
+
+def test_a_model_without_linear_layers_is_one_clear_error():
+    from ferroquant.train.lora import apply_lora
+
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.ReLU())
+    with pytest.raises(fq.QuantizeError, match="Sequential has no nn.Linear or QuantLinear"):
+        apply_lora(model, r=4)
+    assert not hasattr(model, "peft_config") and len(list(model.modules())) == 3
 
 
 def test_merged_gguf_runs_in_llama_cpp_with_our_logits(tmp_path):

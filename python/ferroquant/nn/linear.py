@@ -32,7 +32,17 @@ class QuantLinear(nn.Module):
     only that copy is kept: GPU memory per weight is the format's bytes. `qweight` then holds
     the split layout (`kernel_layout` is True); the state dict, `qtensor()` and a move back to
     the CPU give the reference layout again.
+
+    Training (QLoRA): on the CPU, when autograd records the call (grad enabled and the input
+    requires grad), forward dequantizes W for that call into `train_dtype` (bfloat16 unless
+    set; torch.float32 for full precision) and runs torch's GEMM, and the backward dequantizes
+    again: no float copy of W is kept. Without grad (inference, evaluation) it runs the
+    quantized kernel. The two differ by their activation rounding (docs/training.md).
     """
+
+    # The compute dtype of the training forward and backward (see above); a class default so
+    # modules pickled before it existed have it.
+    train_dtype: torch.dtype = torch.bfloat16
 
     def __init__(
         self,
@@ -182,21 +192,29 @@ class QuantLinear(nn.Module):
             out.add_(bias.detach().to(out.dtype))
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
+    def _trains(self, x: torch.Tensor) -> bool:
+        """True when autograd records this call on the CPU: forward takes the dequantize +
+        GEMM path (several times the kernel's speed at a training batch's rows)."""
+        return (
+            x.requires_grad
+            and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and self._buffers["qweight"].device.type == "cpu"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._eager_ok(x):
             views = self._eager_weights()
             if views is not None:
                 return self._eager_forward(x, *views)
-        y = torch.ops.ferroquant.qmatmul(
-            x,
-            self.qweight,
-            self.qstats,
-            self.qtype + SPLIT_SUFFIX if self.__dict__.get("kernel_layout") else self.qtype,
-            self.out_features,
-            self.in_features,
-            self.block_size,
-            self.scale_mode or "",
-        )
+        qtype = self.qtype + SPLIT_SUFFIX if self.__dict__.get("kernel_layout") else self.qtype
+        fmt = (qtype, self.out_features, self.in_features, self.block_size, self.scale_mode or "")
+        if self._trains(x):
+            y = torch.ops.ferroquant.dequant_matmul(
+                x, self.qweight, self.qstats, *fmt, self.train_dtype
+            )
+        else:
+            y = torch.ops.ferroquant.qmatmul(x, self.qweight, self.qstats, *fmt)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

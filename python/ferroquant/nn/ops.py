@@ -6,6 +6,14 @@ Autograd (QLoRA): the gradient flows to x only (the weight is frozen: bytes, not
 grad_x = grad_y @ W is a second op, `ferroquant::qmatmul_grad_input`, which dequantizes W for
 the call and frees it: no float copy of the weight outlives a backward.
 
+Training forward, `ferroquant::dequant_matmul` (QuantLinear uses it on the CPU when autograd
+records the call): W dequantized for this call (the Rust reference, float32, then cast to a
+compute dtype, bfloat16 by default), one torch GEMM, W dropped. The inference kernel rounds the
+activations to its own blocks and is built for few rows; at the hundreds of rows of a training
+batch the float GEMM is several times faster. Its output is therefore not bit-identical to the
+kernel's (docs/training.md states the bound); its backward is `qmatmul_grad_input` in the same
+compute dtype, i.e. exactly torch's autograd through `F.linear(x.to(dt), W.to(dt))`.
+
 The op takes W as raw tensors (bytes in the reference layout, float32 statistics) plus the format
 description, so it round-trips through state_dicts and needs no Python objects. A ggml weight
 that QuantLinear has repacked for its GPU kernels arrives in the split layout, named by the qtype
@@ -112,6 +120,24 @@ def _(x, data, stats, qtype, n, k, block_size, scale_mode):
     return x.new_empty((*x.shape[:-1], n))
 
 
+def _dequantized_weight(
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """W (n x k) for one call: the Rust reference's float32 values, cast (round to nearest
+    even) to `dtype` on `device`."""
+    data, qtype = cuda_ops.reference_layout(data, qtype, n, k)  # "<qtype>+split"
+    w = torch.from_numpy(dequantize(_as_qtensor(data, stats, qtype, n, k, block_size, scale_mode)))
+    return w.to(device=device, dtype=dtype)
+
+
 def qmatmul_grad_input_reference(
     grad_y: torch.Tensor,
     data: torch.Tensor,
@@ -121,14 +147,16 @@ def qmatmul_grad_input_reference(
     k: int,
     block_size: int,
     scale_mode: str,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """grad_x[..., k] = grad_y[..., n] @ W with W (n x k) quantized as `qtype`: the weight is
-    dequantized (the Rust reference, float32) for this call only, then dropped."""
+    dequantized (the Rust reference, float32, cast to `compute_dtype` with grad_y) for this call
+    only, then dropped."""
     if grad_y.shape[-1] != n:
         raise ValueError(f"grad_y has last dimension {grad_y.shape[-1]}, the weight has {n} rows")
-    w = torch.from_numpy(dequantize(_as_qtensor(data, stats, qtype, n, k, block_size, scale_mode)))
-    g2 = grad_y.reshape(-1, n)
-    out = g2.to(torch.float32) @ w.to(grad_y.device)
+    w = _dequantized_weight(data, stats, qtype, n, k, block_size, scale_mode, compute_dtype,
+                            grad_y.device)  # fmt: skip
+    out = grad_y.reshape(-1, n).to(compute_dtype) @ w
     del w
     return out.to(grad_y.dtype).reshape(*grad_y.shape[:-1], k)
 
@@ -143,20 +171,69 @@ def qmatmul_grad_input(
     k: int,
     block_size: int,
     scale_mode: str,
+    compute_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """grad_x[..., k] = grad_y[..., n] @ W with W (n x k) quantized as `qtype`."""
-    return qmatmul_grad_input_reference(grad_y, data, stats, qtype, n, k, block_size, scale_mode)
+    """grad_x[..., k] = grad_y[..., n] @ W with W (n x k) quantized as `qtype`, computed in
+    `compute_dtype`."""
+    return qmatmul_grad_input_reference(
+        grad_y, data, stats, qtype, n, k, block_size, scale_mode, compute_dtype
+    )
 
 
 @qmatmul_grad_input.register_fake
-def _(grad_y, data, stats, qtype, n, k, block_size, scale_mode):
+def _(grad_y, data, stats, qtype, n, k, block_size, scale_mode, compute_dtype):
     return grad_y.new_empty((*grad_y.shape[:-1], k))
 
 
+def dequant_matmul_reference(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """y[..., n] = (x.to(compute_dtype) @ W.to(compute_dtype).T).to(x.dtype), W dequantized for
+    this call only."""
+    if x.shape[-1] != k:
+        raise ValueError(f"x has last dimension {x.shape[-1]}, the weight has {k} input features")
+    w = _dequantized_weight(data, stats, qtype, n, k, block_size, scale_mode, compute_dtype,
+                            x.device)  # fmt: skip
+    y = torch.nn.functional.linear(x.reshape(-1, k).to(compute_dtype), w)
+    del w
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("ferroquant::dequant_matmul", mutates_args=())
+def dequant_matmul(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    stats: torch.Tensor,
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    scale_mode: str,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """y[..., n] = x[..., k] @ W.T through a dequantized W (the training forward)."""
+    return dequant_matmul_reference(x, data, stats, qtype, n, k, block_size, scale_mode,
+                                    compute_dtype)  # fmt: skip
+
+
+@dequant_matmul.register_fake
+def _(x, data, stats, qtype, n, k, block_size, scale_mode, compute_dtype):
+    return x.new_empty((*x.shape[:-1], n))
+
+
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch's autograd signature)
-    x, data, stats, qtype, n, k, block_size, scale_mode = inputs
+    x, data, stats, qtype, n, k, block_size, scale_mode, *dtype = inputs
     ctx.save_for_backward(data, stats)  # the quantized bytes: already held by the module
-    ctx.fmt = (qtype, n, k, block_size, scale_mode)
+    # the kernel op's backward runs in float32; dequant_matmul's in its own compute dtype
+    ctx.fmt = (qtype, n, k, block_size, scale_mode, dtype[0] if dtype else torch.float32)
 
 
 def _backward(ctx, grad_y):  # noqa: ANN001, ANN202
@@ -164,8 +241,9 @@ def _backward(ctx, grad_y):  # noqa: ANN001, ANN202
     if ctx.needs_input_grad[0]:
         data, stats = ctx.saved_tensors
         grad_x = qmatmul_grad_input(grad_y.contiguous(), data, stats, *ctx.fmt)
-    return grad_x, None, None, None, None, None, None, None
+    return (grad_x,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 # The weight bytes and statistics get no gradient: QuantLinear's weight is frozen.
 qmatmul.register_autograd(_backward, setup_context=_setup_context)
+dequant_matmul.register_autograd(_backward, setup_context=_setup_context)

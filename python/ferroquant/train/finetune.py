@@ -155,6 +155,7 @@ def run(a: FinetuneArgs, say: Callable[[str], None] = print) -> dict[str, Any]:
     model, tok = load_float_model(a.model)
     if lora is not None:
         qlora.check_targets(model, lora.targets)  # before any work: nothing written
+        qat.plan(model, target)  # as for --qat: a named qtype must hold every layer's rows
         quantize_model(model, target, progress=False)
         model = qlora.apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets)
     elif a.qat:

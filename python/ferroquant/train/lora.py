@@ -4,9 +4,10 @@
 peft learns about QuantLinear through its custom-module mapping
 (`LoraConfig._register_custom_module`): `lora_config` returns a config carrying it, so a plain
 `peft.get_peft_model(model, lora_config(...))` wraps every targeted QuantLinear in
-`QuantLoraLinear`. The base's forward is QuantLinear's (the quantized kernel); its backward
-gives the input gradient through `ferroquant::qmatmul_grad_input`, so the adapters of every
-layer train while no float copy of any base weight is kept.
+`QuantLoraLinear`. The base's forward is QuantLinear's (while training: the weight dequantized
+for the call, `ferroquant::dequant_matmul`); its backward gives the input gradient through
+`ferroquant::qmatmul_grad_input`, so the adapters of every layer train while no float copy of
+any base weight is kept between calls.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from .._extras import require
 from ..nn import QuantLinear
 from ..qtypes import qtype_info
+from ..tensor import QuantizeError
 
 _peft = require("peft", "QLoRA (ferroquant.train.lora)", "eval")
 from peft.tuners.lora import LoraConfig, LoraLayer  # noqa: E402 (after the named-extra check)
@@ -96,7 +98,12 @@ def lora_config(
 
 def check_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> None:
     """A ValueError naming every target that matches no module of `model` (by name or name
-    suffix, as peft matches them) and listing the Linear-like names it has."""
+    suffix, as peft matches them) and listing the Linear-like names it has; a QuantizeError
+    (a ValueError) for a model without any Linear or QuantLinear layer."""
+    if not any(isinstance(m, (nn.Linear, QuantLinear)) for m in model.modules()):
+        raise QuantizeError(
+            f"{type(model).__name__} has no nn.Linear or QuantLinear layers for LoRA adapters"
+        )
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
