@@ -280,3 +280,16 @@ def test_merge_lora_with_gptq_quantizes_the_merged_float_weights():
     assert (err <= 4 * step + 1e-7).all()
     with pytest.raises(ValueError, match="needs the qtype"):
         merge_lora(apply_lora(_tiny_llama("nf4"), r=4), method="gptq")
+
+
+def test_the_training_path_compiles():
+    """torch.compile traces `dequant_matmul` (its fake implementation and autograd formula): the
+    compiled forward and input gradient equal eager's."""
+    ql = _quant_linear("q4_0")
+    x = torch.randn(3, ql.in_features, requires_grad=True)
+    xc = x.detach().clone().requires_grad_(True)
+    y = ql(x)
+    y.sum().backward()
+    yc = torch.compile(ql, backend="aot_eager", fullgraph=True)(xc)
+    yc.sum().backward()
+    assert torch.equal(y, yc) and torch.equal(x.grad, xc.grad)
