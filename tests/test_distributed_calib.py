@@ -121,22 +121,61 @@ def test_statistics_summed_by_shard_are_the_single_pass_bits(tiny):
     torch.testing.assert_close(whole.sums[g], (x.T @ x).to(torch.float64), rtol=1e-5, atol=1e-3)
 
 
-def test_methods_the_cluster_does_not_run_are_refused_up_front(tiny, tmp_path):
+def test_the_shard_decomposition_is_what_makes_the_sums_agree():
+    """Windows whose scales span 2^-30..2^30, so float64 sums of their float32 x^T x depend on
+    the order of the additions: one pass (shards inside) equals each shard computed alone and the
+    shards added in order, bit for bit; one running sum over all windows (what the capture did
+    before the shards) does not."""
+    from torch import nn
+
+    from ferroquant.calib.capture import SHARD_WINDOWS, InputStats
+
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Sequential(nn.Linear(16, 4))
+    xs = [torch.randn(1, 8, 16, generator=g) * 2.0 ** int(torch.randint(-30, 30, (1,), generator=g))
+          for _ in range(20)]  # fmt: skip
+
+    def stats(windows, shard=SHARD_WINDOWS):
+        st = InputStats(layer, "layer", shard_windows=shard)
+        for x in windows:
+            st.new_sample()
+            layer(x)
+        st.finish()
+        st.remove()
+        return st
+
+    with torch.no_grad():
+        whole, running = stats(xs), stats(xs, shard=len(xs))
+        merged = InputStats(layer, "layer")
+        merged.remove()
+        for k in range(0, len(xs), SHARD_WINDOWS):
+            part = stats(xs[k : k + SHARD_WINDOWS])
+            merged.add_shard(part.sums, part.counts, part.group_of)
+    assert torch.equal(whole.sums[0], merged.sums[0]) and whole.counts == merged.counts == [160]
+    assert not torch.equal(running.sums[0], merged.sums[0])
+    x = torch.cat(xs).reshape(-1, 16).to(torch.float64)
+    ref = x.T @ x  # float32 products per window: off-diagonal cancellations, hence atol
+    torch.testing.assert_close(merged.sums[0], ref, rtol=1e-5, atol=1e-6 * float(ref.max()))
+    with pytest.raises(ValueError, match="share their inputs differently"):
+        merged.add_shard(part.sums, part.counts, {"1": 0})
+
+
+def test_what_the_cluster_does_not_run_is_refused_up_front(tiny, tmp_path):
     import ferroquant.distributed as fd
 
     model = _model(tiny)
     before = copy.deepcopy(model.state_dict())
-    for method in ("awq", "awq+gptq", "rtn"):
+    for method in ("rtn", "hqq"):
         with pytest.raises(ValueError, match="runs on one machine"):
             fd.quantize_model(model, "q4_0", method=method, calibration=_ids(), address="auto")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="runs on one machine"):
-        fd.convert(tiny, tmp_path / "x.gguf", "q4_0", method="awq", address="auto")
+        fd.convert(tiny, tmp_path / "x.gguf", "q4_0", method="hqq", address="auto")
     with pytest.raises(ValueError, match="transfer: options of the rtn conversion"):
         fd.convert(tiny, tmp_path / "x.gguf", "q4_0", method="gptq", transfer="object-store")
     with pytest.raises(FileNotFoundError, match="no such calibration text"):
         fd.convert(tiny, tmp_path / "x.gguf", "q4_0", method="gptq", calibration=tmp_path / "no")
-    argv = ["convert", str(tiny), str(tmp_path / "x.gguf"), "--qtype", "q4_0", "--method", "awq",
+    argv = ["convert", str(tiny), str(tmp_path / "x.gguf"), "--qtype", "f16", "--method", "awq",
             "--ray", "127.0.0.1:1"]  # fmt: skip
     assert cli.main(argv) != 0
     assert not list(tmp_path.iterdir())
@@ -161,6 +200,28 @@ def test_gptq_on_the_cluster_gives_the_single_machine_bytes(cluster, tiny):
     for n in a:
         assert a[n] == b[n], n
     assert there.ferroquant_plan == here.ferroquant_plan
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_awq_on_the_cluster_gives_the_single_machine_bytes(cluster, tiny, method):
+    """AWQ's searches run per shard (x_mean, the candidates' losses, the clip rows) and are added
+    in window order: the same scales, clips, folded norms and bytes."""
+    import ferroquant.distributed as fd
+
+    model = _model(tiny)
+    cfg = {"n_samples": WINDOWS, "seq_len": SEQ, "grid": 10, "clip_tokens": 100}
+    here = fq.quantize_model(copy.deepcopy(model), "q4_k_m", method=method, calibration=_ids(),
+                             config=cfg, progress=False)  # fmt: skip
+    there = fd.quantize_model(copy.deepcopy(model), "q4_k_m", method=method, calibration=_ids(),
+                              config=cfg, progress=False, address=cluster.address)  # fmt: skip
+    a, b = _qbytes(here), _qbytes(there)
+    assert len(a) == 14 and a == b
+    norms = [k for k in here.state_dict() if k.endswith("layernorm.weight")]
+    assert len(norms) == 4
+    for k in norms:  # the folded scales
+        assert torch.equal(here.state_dict()[k], there.state_dict()[k]), k
+    assert any(not torch.equal(here.state_dict()[k], model.state_dict()[k]) for k in norms)
 
 
 @pytest.mark.cluster

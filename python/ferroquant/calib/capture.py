@@ -155,9 +155,9 @@ class InputStats:
         if names is not None:
             self.linears = {n: m for n, m in self.linears.items() if n in names}
         self.group_of: dict[str, int] = {}
-        # runs the layer over every calibration window again (set by run_layers), for methods
-        # that need more than second moments (AWQ's block outputs)
-        self.replay: Callable[[], None] | None = None
+        # the calibration windows as a per-window map (`LocalWindows` here, a Ray runner's on a
+        # cluster), for methods that need per-window results (AWQ's searches)
+        self.windows: Any = None
         self.sums: list[torch.Tensor] = []
         self.counts: list[int] = []
         self.shard_windows = shard_windows
@@ -231,6 +231,23 @@ class InputStats:
             yield names, s * (2.0 / max(n, 1)), n
 
 
+class LocalWindows:
+    """The layer's calibration windows, here: `map(layer, fn, *args)` runs `fn(layer, call,
+    windows, first, *args)` on them (first: the index of the first window) and returns its list
+    of per-window results. `ferroquant.distributed` runs the same `fn` per shard on a cluster
+    and concatenates the lists in shard order, so per-window results added in window order give
+    the same bits."""
+
+    def __init__(self, call: LayerCall, hidden: list[torch.Tensor]) -> None:
+        self.call, self.hidden = call, hidden
+        self.count = len(hidden)
+        self.tokens = [int(h.shape[-2]) for h in hidden]
+
+    def map(self, layer: nn.Module, fn: Callable[..., list], *args: Any) -> list:
+        with torch.no_grad():
+            return fn(layer, self.call, self.hidden, 0, *args)
+
+
 def collect_stats(
     layer: nn.Module, call: LayerCall, hidden: list[torch.Tensor], where: str
 ) -> InputStats:
@@ -290,12 +307,7 @@ def run_layers(
             layer.to(torch.float32)
             call = calls[i]
             stats = collect_stats(layer, call, hidden, where)
-
-            def replay(layer: nn.Module = layer, call: LayerCall = call, xs: list = hidden) -> None:
-                for h in xs:
-                    layer(h, *call.args, **call.kwargs)
-
-            stats.replay = replay
+            stats.windows = LocalWindows(call, hidden)
             finish = process(i, where, layer, stats)
             del stats
             hidden = layer_outputs(layer, call, hidden, where)

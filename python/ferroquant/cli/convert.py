@@ -97,8 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         const="auto",
         default=None,
         metavar="auto|ADDRESS",
-        help="convert on a Ray cluster (auto: the running one; or HOST:PORT), --method gptq "
-        "included; same bytes",
+        help="convert on a Ray cluster (auto: the running one; or HOST:PORT), the calibrated "
+        "--method included; same bytes",
     )
     c.add_argument(
         "--ray-transfer",
@@ -148,8 +148,6 @@ def run(args: argparse.Namespace) -> int:
     gptq = method == "gptq"
     if method == "hqq" and args.format == "gguf":
         raise ValueError("--method hqq writes grouped integer checkpoints (--format awq|gptq)")
-    if calibrated and on_ray and not gptq:
-        raise ValueError(f"--method {method} runs on this machine; drop --ray (the cluster: gptq)")
     allocate = args.target_size is not None or args.target_bpw is not None or args.plan
     if on_ray and (allocate or args.imatrix):
         raise ValueError("--imatrix / --target-* / --plan run on this machine; drop --ray")
@@ -206,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             tensors = _calibrated_tensors(src, args, method, cfg)
         hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors,
                    imatrix=imatrix)  # fmt: skip
-    elif calibrated:  # gptq on the cluster
+    elif calibrated:  # gptq / awq / awq+gptq on the cluster
         from ..distributed import convert
 
         if args.qtype.lower() in ("f32", "f16", "bf16"):

@@ -1,7 +1,8 @@
 """What the Ray tasks of the calibrated methods run: the single-machine functions on one shard of
-the calibration windows (a layer's input statistics, a layer's outputs, an importance matrix's
-per-chunk sums) or on one GPTQ solve. Ray is not imported here: `calibrated.py` wraps these with
-`ray.remote`. Every function runs under `torch.no_grad`, as the single-machine pipeline does."""
+the calibration windows (a layer's input statistics, a layer's outputs, AWQ's per-window search
+results, an importance matrix's per-chunk sums) or on one GPTQ solve. Ray is not imported here:
+`calibrated.py` wraps these with `ray.remote`. Every function runs under `torch.no_grad`, as the
+single-machine pipeline does."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ def layer_outputs(layer: Any, call: Any, hidden: list[Any], where: str) -> list[
 
     with torch.no_grad():
         return outputs(layer, call, hidden, where)
+
+
+def window_map(fn: Any, layer: Any, call: Any, hidden: list[Any], first: int, *args: Any) -> list:
+    """`calib.LocalWindows.map`'s `fn` on one shard of windows (`first`: its first window's
+    index): its per-window results (AWQ's sums, candidates' losses, strided inputs)."""
+    import torch
+
+    with torch.no_grad():
+        return fn(layer, call, hidden, first, *args)
 
 
 def gptq_solve(job: Any, hessian: Any) -> tuple[Any, Any]:

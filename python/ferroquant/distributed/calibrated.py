@@ -1,4 +1,5 @@
-"""Calibrated methods on a Ray cluster: GPTQ layer by layer, and importance matrices.
+"""Calibrated methods on a Ray cluster: GPTQ, AWQ and awq+gptq layer by layer, and importance
+matrices.
 
     import ferroquant.distributed as fd
     fd.quantize_model(model, "q4_k_m", method="gptq", calibration=ids, address="auto")
@@ -15,10 +16,14 @@ sums its statistics in the same shards. For each decoder layer:
 3. one task per shard computes the quantized layer's outputs, which stay in Ray's object store
    as the next layer's inputs (the driver holds references only).
 
+AWQ's searches (between 1 and 2, per pair in turn) are per-window results computed by one task
+per shard (`calib.LocalWindows.map` on one machine, `RayWindows.map` here) and added in window
+order on the driver: x_mean's float64 sums of |x|, each candidate scale's squared output error
+(the candidates' weights shipped once per pair), the clip search's strided input rows.
+
 The driver holds the model (it runs the embeddings and sets each layer's quantized weights); the
 workers receive one layer at a time. Importance matrices run the whole float model per task on
-shards of chunks and add each chunk's contributions in chunk order. AWQ's searches replay whole
-layers over every window; they run on one machine only (`ferroquant.quantize_model`).
+shards of chunks and add each chunk's contributions in chunk order.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .driver import ClusterError, connect
 from .driver import convert as convert_rtn
 
 IMATRIX_SHARD_CHUNKS = 4  # chunks per importance-matrix task (any value gives the same bits)
+METHODS = ("gptq", "awq", "awq+gptq")  # the calibrated methods the cluster runs
 
 
 class RayRunner:
@@ -45,6 +51,7 @@ class RayRunner:
         self.stats_task = ray.remote(calib_tasks.layer_stats).options(**opts)
         self.outputs_task = ray.remote(calib_tasks.layer_outputs).options(**opts)
         self.solve_task = ray.remote(calib_tasks.gptq_solve).options(**opts)
+        self.map_task = ray.remote(calib_tasks.window_map).options(**opts)
         self.max_retries = max_retries
 
     def get(self, refs: list[Any], what: str) -> list[Any]:
@@ -82,6 +89,7 @@ class RayRunner:
         prefix, layers = find_decoder_layers(model)
         with torch.no_grad():
             hidden, calls = first_inputs(model, layers, ids)
+            tokens = [int(h.shape[-2]) for h in hidden]
             step = SHARD_WINDOWS
             shards = [ray.put(hidden[k : k + step]) for k in range(0, len(hidden), step)]
             del hidden
@@ -102,6 +110,7 @@ class RayRunner:
                 for sums, counts, group_of in parts:  # in shard order
                     stats.add_shard(sums, counts, group_of)
                 del parts
+                stats.windows = RayWindows(self, shards, call, tokens, where)
                 finish = process(i, where, layer, stats)
                 del stats
                 quantized = ray.put(layer)
@@ -133,6 +142,38 @@ class RayRunner:
         return self.get(refs, ", ".join(j.name for j in jobs))
 
 
+class RayWindows:
+    """`calib.LocalWindows` on the cluster: `map(layer, fn, *args)` runs `fn` per shard as a task
+    (the layer as it is now, large arguments shipped once) and concatenates the per-window
+    results in shard order."""
+
+    def __init__(self, runner: RayRunner, shards: list[Any], call: Any, tokens: list[int],
+                 where: str) -> None:  # fmt: skip
+        self.runner, self.shards, self.call, self.where = runner, shards, call, where
+        self.tokens = tokens
+        self.count = len(tokens)
+
+    def map(self, layer: Any, fn: Callable[..., list], *args: Any) -> list:
+        from ..calib.capture import SHARD_WINDOWS
+
+        ray = self.runner.ray
+        layer_ref = ray.put(layer)
+        refs = [ray.put(a) if _large(a) else a for a in args]
+        tasks = [
+            self.runner.map_task.remote(fn, layer_ref, self.call, s, k * SHARD_WINDOWS, *refs)
+            for k, s in enumerate(self.shards)
+        ]
+        out: list = []
+        for part in self.runner.get(tasks, self.where):
+            out.extend(part)
+        return out
+
+
+def _large(a: Any) -> bool:
+    """Worth one object-store copy rather than one per task (lists of tensors: AWQ's candidates)."""
+    return isinstance(a, (list, tuple)) and any(not isinstance(x, (str, int, float)) for x in a)
+
+
 def _bar(enabled: bool, total: int, desc: str) -> Any:
     if not enabled:
         return None
@@ -159,21 +200,23 @@ def quantize_model(
     max_retries: int = 3,
     **kwargs: Any,
 ) -> Any:
-    """`ferroquant.quantize_model(model, recipe, method="gptq", ...)` with the layers' statistics,
-    solves and outputs computed on the Ray cluster at `address` (auto, HOST:PORT; connected here
-    unless this process already is). Same bytes as on one machine. `kwargs`: quantize_model's
-    (calibration, tokenizer, config, skip, filter_fn, progress, ...)."""
+    """`ferroquant.quantize_model(model, recipe, method=..., ...)` for a calibrated method (gptq,
+    awq, awq+gptq) with the layers' statistics, searches, solves and outputs computed on the Ray
+    cluster at `address` (auto, HOST:PORT; connected here unless this process already is). Same
+    bytes as on one machine. `kwargs`: quantize_model's (calibration, tokenizer, config, skip,
+    filter_fn, progress, ...)."""
     from ..models.quantize import quantize_model as quantize_here
 
-    if str(method).lower() != "gptq":
+    key = str(method).lower()
+    if key not in METHODS:
         raise ValueError(
             f"method {method!r} runs on one machine (ferroquant.quantize_model); the cluster "
-            "runs gptq"
+            f"runs {', '.join(METHODS)}"
         )
     ray, connected = _connected(address, connect_timeout)
     try:
         runner = RayRunner(ray, num_cpus, max_retries)
-        return quantize_here(model, recipe, method="gptq", runner=runner, **kwargs)
+        return quantize_here(model, recipe, method=key, runner=runner, **kwargs)
     finally:
         if connected:
             ray.shutdown()
@@ -242,17 +285,19 @@ def convert(
     **options: Any,
 ) -> dict[str, str]:
     """`ferroquant.distributed.driver.convert` (method "rtn": `options` are its own: transfer,
-    window_bytes, resume, ...), or, method "gptq", `ferroquant convert --method gptq` on the
-    cluster: GPTQ layer by layer on the Ray cluster (`calibration`: a text file, None: the
-    default text; `n_samples` x `seq_len` windows, default GPTQConfig's), then the driver writes
-    the GGUF file (atomically) as `hf_to_gguf` does. Same bytes as on one machine either way.
-    Returns {gguf tensor name: qtype}."""
+    window_bytes, resume, ...), or, method gptq / awq / awq+gptq, `ferroquant convert --method`
+    on the cluster: the method layer by layer on the Ray cluster (`calibration`: a text file,
+    None: the default text; `n_samples` x `seq_len` windows, default the method's config), then
+    the driver writes the GGUF file (atomically) as `hf_to_gguf` does. Same bytes as on one
+    machine either way. Returns {gguf tensor name: qtype}."""
     key = str(method).lower()
     if key == "rtn":
         return convert_rtn(hf_dir, out_path, qtype, address=address, progress=progress,
                            connect_timeout=connect_timeout, **options)  # fmt: skip
-    if key != "gptq":
-        raise ValueError(f"method {method!r} runs on one machine; the cluster runs rtn and gptq")
+    if key not in METHODS:
+        raise ValueError(
+            f"method {method!r} runs on one machine; the cluster runs rtn, {', '.join(METHODS)}"
+        )
     if options:
         raise ValueError(f"{', '.join(sorted(options))}: options of the rtn conversion only")
     from ..methods import method_config
@@ -260,13 +305,13 @@ def convert(
     from ..models.convert import hf_to_gguf
 
     sizes = {k: v for k, v in (("n_samples", n_samples), ("seq_len", seq_len)) if v is not None}
-    cfg = method_config("gptq", config, **sizes)
+    cfg = method_config(key, config, **sizes)
     calib = Path(calibration) if calibration is not None else None
     if calib is not None and not calib.is_file():
         raise FileNotFoundError(f"no such calibration text: {calib}")
     ray, connected = _connected(address, connect_timeout)
     try:
-        tensors = calibrated_tensors(hf_dir, qtype, "gptq", cfg, calib, progress=progress,
+        tensors = calibrated_tensors(hf_dir, qtype, key, cfg, calib, progress=progress,
                                      runner=RayRunner(ray))  # fmt: skip
     finally:
         if connected:

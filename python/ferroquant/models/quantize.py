@@ -51,8 +51,8 @@ def quantize_model(
     a dict of its fields.
     imatrix: {module name: per-column importance} (llama.cpp's importance matrix values) for
     round to nearest with the ggml quantizers that take one.
-    runner: where gptq's layers and solves run (None: here; `ferroquant.distributed.quantize_model`
-    passes its Ray runner; same bytes).
+    runner: where the calibrated methods' layers, searches and solves run (None: here;
+    `ferroquant.distributed.quantize_model` passes its Ray runner; same bytes).
     Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
     `model.ferroquant_method` states the method with its options.
     """
@@ -122,12 +122,10 @@ def _calibrated(method: str, model: nn.Module, qtype_for: Callable, ids: Any, cf
         from ..methods.layerwise import gptq_model
 
         return gptq_model(model, qtype_for, ids, cfg, options, progress=progress, runner=runner)
-    if runner is not None:
-        raise ValueError(f"method {method} runs on this machine only (its search replays whole "
-                         "layers); the runner takes gptq")  # fmt: skip
     from ..methods import GPTQConfig
     from ..methods.awq_layers import awq_model
 
     gcfg = GPTQConfig(cfg.gptq_damp, cfg.gptq_act_order, n_samples=cfg.n_samples,
                       seq_len=cfg.seq_len) if cfg.gptq else None  # fmt: skip
-    return awq_model(model, qtype_for, ids, cfg, options, gptq=gcfg, progress=progress)
+    return awq_model(model, qtype_for, ids, cfg, options, gptq=gcfg, progress=progress,
+                     runner=runner)  # fmt: skip
