@@ -9,6 +9,11 @@ self_attn.o_proj (only when v's outputs are o's inputs: not under grouped-query 
 fewer key/value heads than heads, e.g. SmolLM2-135M's 3 vs 9), post_attention_layernorm ->
 mlp.{gate,up}_proj (block: mlp), mlp.up_proj -> mlp.down_proj. A pair whose modules are
 missing is skipped (its Linears are still clipped and quantized).
+
+The searches see the calibration windows only through `stats.windows.map` (per-window results:
+float64 sums of |x| for x_mean, each candidate's squared output error, the clip search's
+strided input rows), added in window order here, so `ferroquant.distributed` can compute them
+per shard on a cluster and get the same bits.
 """
 
 from __future__ import annotations
