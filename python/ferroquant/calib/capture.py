@@ -7,6 +7,12 @@ are computed with the already-quantized weights and become the next layer's inpu
 sequential scheme of GPTQ and llm-compressor). Peak memory is one layer's inputs and outputs
 plus its statistics. The layer runs in float32 while it is calibrated (then goes back to its
 dtype). Works for any transformers causal LM whose decoder layers are an `nn.ModuleList`.
+
+The statistics are summed in a fixed decomposition: each window's x^T x (float32) is added in
+float64 to its shard's partial sum (`SHARD_WINDOWS` consecutive windows), and the shards'
+partial sums are added to the total in shard order. `ferroquant.distributed` computes the shards
+on a Ray cluster and adds them in the same order, so both give the same bits however many
+workers there are.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# calibration windows per shard of the statistics (see above); changing it changes the sums'
+# last bits, on one machine and on a cluster alike
+SHARD_WINDOWS = 8
 
 # where the common architectures keep their decoder layers
 _LAYER_PATHS = (
@@ -127,19 +137,32 @@ def first_layer_inputs(
 
 class InputStats:
     """Second moments of the inputs of a layer's Linears, shared by Linears that receive the same
-    tensor (q/k/v, gate/up): `groups()` -> [(names, H = 2/n sum x x^T, n)]."""
+    tensor (q/k/v, gate/up): `groups()` -> [(names, H = 2/n sum x x^T, n)].
 
-    def __init__(self, layer: nn.Module, where: str, names: list[str] | None = None) -> None:
+    Each window's x^T x goes into its shard's partial sum, which `new_sample` adds to `sums`
+    every `shard_windows` windows (and `finish` at the end): the decomposition described in the
+    module docstring."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        where: str,
+        names: list[str] | None = None,
+        shard_windows: int = SHARD_WINDOWS,
+    ) -> None:
         self.where = where
         self.linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
         if names is not None:
             self.linears = {n: m for n, m in self.linears.items() if n in names}
         self.group_of: dict[str, int] = {}
-        # runs the layer over every calibration window again (set by run_layers), for methods
-        # that need more than second moments (AWQ's block outputs)
-        self.replay: Callable[[], None] | None = None
+        # the calibration windows as a per-window map (`LocalWindows` here, a Ray runner's on a
+        # cluster), for methods that need per-window results (AWQ's searches)
+        self.windows: Any = None
         self.sums: list[torch.Tensor] = []
         self.counts: list[int] = []
+        self.shard_windows = shard_windows
+        self._part: list[torch.Tensor] = []  # the current shard's partial sums
+        self._in_shard = 0  # windows begun in the current shard
         self._seen: list[tuple[torch.Tensor, int]] = []
         self._handles = [
             m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()
@@ -156,18 +179,46 @@ class InputStats:
             if g is None:
                 g = self.group_of[name] = len(self.sums)
                 self.sums.append(torch.zeros((x.shape[-1],) * 2, dtype=torch.float64))
+                self._part.append(torch.zeros_like(self.sums[-1]))
                 self.counts.append(0)
             x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
             if not bool(torch.isfinite(x2).all()):
                 raise ValueError(f"non-finite activations at the input of {self.where}.{name}")
-            self.sums[g] += (x2.T @ x2).to(torch.float64)
+            self._part[g] += (x2.T @ x2).to(torch.float64)
             self.counts[g] += x2.shape[0]
             self._seen.append((x, g))
 
         return pre
 
     def new_sample(self) -> None:
+        """Called before each window: a new shard every `shard_windows` windows."""
+        if self._in_shard == self.shard_windows:
+            self.finish()
+        self._in_shard += 1
         self._seen.clear()
+
+    def finish(self) -> None:
+        """Add the current shard's partial sums to the totals (called after the last window)."""
+        for total, part in zip(self.sums, self._part, strict=True):
+            total += part
+            part.zero_()
+        self._in_shard = 0
+
+    def add_shard(
+        self, sums: list[torch.Tensor], counts: list[int], group_of: dict[str, int]
+    ) -> None:
+        """Add one shard's finished statistics (another `InputStats`' `sums`, `counts` and
+        `group_of`, computed elsewhere on the same layer), as `finish` adds its own."""
+        if not self.sums:
+            self.group_of = dict(group_of)
+            self.sums = [torch.zeros_like(s) for s in sums]
+            self._part = [torch.zeros_like(s) for s in sums]
+            self.counts = [0] * len(sums)
+        if group_of != self.group_of or len(sums) != len(self.sums):
+            raise ValueError(f"{self.where}: a shard's Linears share their inputs differently")
+        for g, (s, n) in enumerate(zip(sums, counts, strict=True)):
+            self.sums[g] += s
+            self.counts[g] += n
 
     def remove(self) -> None:
         for h in self._handles:
@@ -178,6 +229,51 @@ class InputStats:
         for g, (s, n) in enumerate(zip(self.sums, self.counts, strict=True)):
             names = [k for k, v in self.group_of.items() if v == g]
             yield names, s * (2.0 / max(n, 1)), n
+
+
+class LocalWindows:
+    """The layer's calibration windows, here: `map(layer, fn, *args)` runs `fn(layer, call,
+    windows, first, *args)` on them (first: the index of the first window) and returns its list
+    of per-window results. `ferroquant.distributed` runs the same `fn` per shard on a cluster
+    and concatenates the lists in shard order, so per-window results added in window order give
+    the same bits."""
+
+    def __init__(self, call: LayerCall, hidden: list[torch.Tensor]) -> None:
+        self.call, self.hidden = call, hidden
+        self.count = len(hidden)
+        self.tokens = [int(h.shape[-2]) for h in hidden]
+
+    def map(self, layer: nn.Module, fn: Callable[..., list], *args: Any) -> list:
+        with torch.no_grad():
+            return fn(layer, self.call, self.hidden, 0, *args)
+
+
+def collect_stats(
+    layer: nn.Module, call: LayerCall, hidden: list[torch.Tensor], where: str
+) -> InputStats:
+    """The input statistics of `layer`'s Linears over the windows `hidden` (hooks removed)."""
+    stats = InputStats(layer, where)
+    try:
+        for h in hidden:
+            stats.new_sample()
+            layer(h, *call.args, **call.kwargs)
+        stats.finish()
+    finally:
+        stats.remove()
+    return stats
+
+
+def layer_outputs(
+    layer: nn.Module, call: LayerCall, hidden: list[torch.Tensor], where: str
+) -> list[torch.Tensor]:
+    """`layer`'s outputs for the windows `hidden`: the next layer's inputs."""
+    out = []
+    for h in hidden:
+        y = _first(layer(h, *call.args, **call.kwargs))
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"non-finite activations at the output of {where}")
+        out.append(y.detach())
+    return out
 
 
 def run_layers(
@@ -210,28 +306,11 @@ def run_layers(
             dtype = dtypes.pop() if len(dtypes) == 1 else None
             layer.to(torch.float32)
             call = calls[i]
-            stats = InputStats(layer, where)
-            try:
-                for h in hidden:
-                    stats.new_sample()
-                    layer(h, *call.args, **call.kwargs)
-            finally:
-                stats.remove()
-
-            def replay(layer: nn.Module = layer, call: LayerCall = call, xs: list = hidden) -> None:
-                for h in xs:
-                    layer(h, *call.args, **call.kwargs)
-
-            stats.replay = replay
+            stats = collect_stats(layer, call, hidden, where)
+            stats.windows = LocalWindows(call, hidden)
             finish = process(i, where, layer, stats)
             del stats
-            out = []
-            for h in hidden:
-                y = _first(layer(h, *call.args, **call.kwargs))
-                if not bool(torch.isfinite(y).all()):
-                    raise ValueError(f"non-finite activations at the output of {where}")
-                out.append(y.detach())
-            hidden = out
+            hidden = layer_outputs(layer, call, hidden, where)
             if finish is not None:
                 finish()
             if dtype is not None:

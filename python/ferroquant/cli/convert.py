@@ -97,7 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         const="auto",
         default=None,
         metavar="auto|ADDRESS",
-        help="convert on a Ray cluster (auto: the running one; or HOST:PORT); same bytes",
+        help="convert on a Ray cluster (auto: the running one; or HOST:PORT), the calibrated "
+        "--method included; same bytes",
     )
     c.add_argument(
         "--ray-transfer",
@@ -147,10 +148,6 @@ def run(args: argparse.Namespace) -> int:
     gptq = method == "gptq"
     if method == "hqq" and args.format == "gguf":
         raise ValueError("--method hqq writes grouped integer checkpoints (--format awq|gptq)")
-    if calibrated and on_ray:
-        raise ValueError(
-            f"--method {method} runs on this machine; drop --ray (not distributed yet)"
-        )
     allocate = args.target_size is not None or args.target_bpw is not None or args.plan
     if on_ray and (allocate or args.imatrix):
         raise ValueError("--imatrix / --target-* / --plan run on this machine; drop --ray")
@@ -207,6 +204,16 @@ def run(args: argparse.Namespace) -> int:
             tensors = _calibrated_tensors(src, args, method, cfg)
         hf_to_gguf(src, args.out, args.qtype, progress=not args.quiet, tensors=tensors,
                    imatrix=imatrix)  # fmt: skip
+    elif calibrated:  # gptq / awq / awq+gptq on the cluster
+        from ..distributed import convert
+
+        if args.qtype.lower() in ("f32", "f16", "bf16"):
+            raise ValueError(f"--method {method} needs a quantized --qtype, got {args.qtype}")
+        if args.resume:
+            raise ValueError("--resume continues an interrupted --method rtn conversion")
+        convert(src, args.out, args.qtype, method=method, calibration=args.calib,
+                n_samples=args.calib_samples, seq_len=args.calib_len, address=args.ray,
+                progress=not args.quiet)  # fmt: skip
     else:
         from ..distributed import convert
 
@@ -261,37 +268,10 @@ def _calibrated_tensors(
     """The calibrated method on the checkpoint in float32: {HF tensor name: QTensor} for
     hf_to_gguf to write, plus (AWQ) the norms and biases its scales were folded into
     (`recipe`: the types to give, default the --qtype recipe)."""
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from ..methods import method_config
-    from ..models.quantize import quantize_model
-    from ..models.recipes import recipe_for
-    from ..nn import QuantLinear
+    from ..models.calibrated import calibrated_tensors
 
-    hp = json.loads((src / "config.json").read_text())
-    n_head = int(hp.get("num_attention_heads", 1))
-    n_gqa = n_head // int(hp.get("num_key_value_heads", n_head))
-    if recipe is None:
-        recipe = recipe_for(args.qtype, ("lm_head",), n_gqa)
     gcfg = method_config(method, cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
-    tok = AutoTokenizer.from_pretrained(str(src))
     calib = Path(args.calib) if args.calib is not None else None
-    from ..calib import calibration_ids
-
-    ids = calibration_ids(calib, tok, gcfg.n_samples, gcfg.seq_len)  # too short: before loading
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    before = {k: v.clone() for k, v in model.state_dict().items() if v.dim() == 1}
-    quantize_model(model, recipe, method=method, calibration=ids, config=gcfg,
-                   progress=not args.quiet)  # fmt: skip
-    out: dict[str, object] = {
-        f"{name}.weight": mod.qtensor()
-        for name, mod in model.named_modules()
-        if isinstance(mod, QuantLinear)
-    }
-    for k, v in model.state_dict().items():  # AWQ's folds: rescaled norm weights / biases
-        if k in before and not torch.equal(v, before[k]):
-            out[k] = v.detach().to(torch.float32)
-    return out
+    return calibrated_tensors(src, args.qtype, method, gcfg, calib, recipe=recipe,
+                              progress=not args.quiet)  # fmt: skip

@@ -32,6 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--process-output", action="store_true", help="also collect the output head's inputs"
     )
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="auto|ADDRESS",
+        help="run the chunks on a Ray cluster (auto: the running one; or HOST:PORT); same values",
+    )
     p.set_defaults(func=run)
 
 
@@ -88,8 +96,15 @@ def run(args: argparse.Namespace) -> int:
     from ..defaults import CALIBRATION_TEXT, gensim_text_path
 
     dataset = str(args.text if args.text is not None else gensim_text_path(CALIBRATION_TEXT))
-    im = compute_imatrix(model, ids, names, process_output=args.process_output,
-                         dataset=dataset, progress=progress)  # fmt: skip
+    if args.ray is not None:
+        require("ray", "ferroquant imatrix --ray", "distributed")
+        from ..distributed import compute_imatrix as compute_on_cluster
+
+        im = compute_on_cluster(model, ids, names, process_output=args.process_output,
+                                dataset=dataset, progress=progress, address=args.ray)  # fmt: skip
+    else:
+        im = compute_imatrix(model, ids, names, process_output=args.process_output,
+                             dataset=dataset, progress=progress)  # fmt: skip
     write_imatrix(im, args.output)
     print(
         f"wrote {args.output}: {len(im.entries)} tensors, {im.chunk_count} chunks of "

@@ -150,27 +150,42 @@ def search_scale(
     outputs, compared with `reference` (the float outputs). The weights are restored."""
     originals = [lin.weight.data.clone() for lin in linears]
     w_mean = weight_mean(originals, group)
-    best: tuple[float, float | None, torch.Tensor] | None = None
+    cands = scale_candidates(x_mean.to(torch.float32), w_mean, grid, duo_scaling)
     losses = []
     try:
-        for ratio, s in scale_candidates(x_mean.to(torch.float32), w_mean, grid, duo_scaling):
-            for lin, w0, qdq in zip(linears, originals, qdqs, strict=True):
-                lin.weight.data = qdq(w0 * s) / s
+        for weights in candidate_weights(cands, originals, qdqs):
+            for lin, w in zip(linears, weights, strict=True):
+                lin.weight.data = w
             outs = block()
             num = sum(
                 float((o - r).pow(2).sum(dtype=torch.float64))
                 for o, r in zip(outs, reference, strict=True)
             )
             den = sum(r.numel() for r in reference)
-            loss = num / max(den, 1)
-            losses.append(loss)
-            if best is None or loss < best[0]:  # ties keep the earlier (s = 1 first)
-                best = (loss, ratio, s)
+            losses.append(num / max(den, 1))
     finally:
         for lin, w0 in zip(linears, originals, strict=True):
             lin.weight.data = w0
+    return pick_scale(cands, losses)
+
+
+def candidate_weights(
+    cands: list[tuple[float | None, torch.Tensor]],
+    originals: list[torch.Tensor],
+    qdqs: list[Quantizer],
+) -> list[list[torch.Tensor]]:
+    """For each candidate s, each Linear's weight as the search evaluates it: qdq(W s) / s."""
+    return [[qdq(w0 * s) / s for w0, qdq in zip(originals, qdqs, strict=True)] for _, s in cands]
+
+
+def pick_scale(cands: list[tuple[float | None, torch.Tensor]], losses: list[float]) -> ScaleResult:
+    """The candidate with the least loss; ties keep the earlier (s = 1 first)."""
+    best: tuple[float, float | None, torch.Tensor] | None = None
+    for (ratio, s), loss in zip(cands, losses, strict=True):
+        if best is None or loss < best[0]:
+            best = (loss, ratio, s)
     assert best is not None
-    return ScaleResult(best[2], best[1], losses)
+    return ScaleResult(best[2], best[1], list(losses))
 
 
 def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:

@@ -9,31 +9,39 @@ self_attn.o_proj (only when v's outputs are o's inputs: not under grouped-query 
 fewer key/value heads than heads, e.g. SmolLM2-135M's 3 vs 9), post_attention_layernorm ->
 mlp.{gate,up}_proj (block: mlp), mlp.up_proj -> mlp.down_proj. A pair whose modules are
 missing is skipped (its Linears are still clipped and quantized).
+
+The searches see the calibration windows only through `stats.windows.map` (per-window results:
+float64 sums of |x| for x_mean, each candidate's squared output error, the clip search's
+strided input rows), added in window order here, so `ferroquant.distributed` can compute them
+per shard on a cluster and get the same bits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..calib import InputStats, run_layers
+from ..calib import InputStats
 from ..nn import QuantLinear
 from ..tensor import QuantizeError
 from .awq import (
     AWQConfig,
+    ScaleResult,
     apply_clip,
+    candidate_weights,
     fold_scale,
     format_qdq,
     group_size,
+    pick_scale,
+    scale_candidates,
     search_clip,
-    search_scale,
+    weight_mean,
 )
 from .gptq import GPTQConfig
-from .layerwise import format_options, gptq_layer, swap_in
+from .layerwise import LocalRunner, format_options, gptq_layer, swap_in
 
 # (previous op, Linears fed by its output, the block whose output is the loss)
 PAIRS = (
@@ -56,72 +64,137 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-@dataclass
-class BlockCapture:
-    """The block's calls on every window (args, kwargs), its float outputs, and the tokens
-    entering the paired Linears ([n_tokens, in])."""
-
-    calls: list[tuple[tuple, dict]]
-    outputs: list[torch.Tensor]
-    x: torch.Tensor
+# -- per-window pieces: run here on all windows, or per shard on a Ray cluster ------------------
 
 
-def capture_block(
-    replay: Callable[[], None], block: nn.Module, first: nn.Linear, name: str
-) -> BlockCapture:
+def window_abs_sums(
+    layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, name: str, where: str
+) -> list[tuple[torch.Tensor, int]]:
+    """Per window: the float64 sum over its tokens of |x| at the input of Linear `name`, and the
+    number of tokens (AWQ's x_mean, added in window order)."""
+    got: list[tuple[torch.Tensor, int]] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise QuantizeError(f"awq: non-finite activations at the input of {where}")
+        got.append((x.abs().sum(0, dtype=torch.float64), x.shape[0]))
+
+    h = layer.get_submodule(name).register_forward_pre_hook(pre)
+    try:
+        for x in hidden:
+            layer(x, *call.args, **call.kwargs)
+    finally:
+        h.remove()
+    return got
+
+
+def window_losses(
+    layer: nn.Module,
+    call: Any,
+    hidden: list[torch.Tensor],
+    first: int,
+    block_name: str,
+    names: list[str],
+    candidates: list[list[torch.Tensor]],
+) -> list[tuple[list[float], int]]:
+    """Per window: for each candidate (the weights of the Linears `names`), the float64 sum of
+    squared differences between the block's output with those weights and its float output;
+    and the output's element count (a candidate's loss: the sums added in window order over the
+    counts)."""
+    block = layer.get_submodule(block_name)
+    lins = [layer.get_submodule(n) for n in names]
     calls: list[tuple[tuple, dict]] = []
-    outputs: list[torch.Tensor] = []
-    xs: list[torch.Tensor] = []
+    reference: list[torch.Tensor] = []
 
     def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         calls.append((args, dict(kwargs)))
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        outputs.append(_first(out).detach())
+        reference.append(_first(out).detach())
 
-    def lin_pre(mod: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise QuantizeError(f"awq: non-finite activations at the input of {name}")
-        xs.append(x)
-
-    hs = [
-        block.register_forward_pre_hook(pre, with_kwargs=True),
-        block.register_forward_hook(post, with_kwargs=True),
-        first.register_forward_pre_hook(lin_pre),
-    ]
+    hs = [block.register_forward_pre_hook(pre, with_kwargs=True),
+          block.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
     try:
-        replay()
+        for x in hidden:
+            layer(x, *call.args, **call.kwargs)
     finally:
         for h in hs:
             h.remove()
-    return BlockCapture(calls, outputs, torch.cat(xs))
+    nums = [[0.0] * len(candidates) for _ in reference]
+    originals = [lin.weight.data for lin in lins]
+    try:
+        for c, weights in enumerate(candidates):
+            for lin, w in zip(lins, weights, strict=True):
+                lin.weight.data = w
+            for k, ((a, kw), r) in enumerate(zip(calls, reference, strict=True)):
+                o = _first(block(*a, **kw))
+                nums[k][c] = float((o - r).pow(2).sum(dtype=torch.float64))
+    finally:
+        for lin, w0 in zip(lins, originals, strict=True):
+            lin.weight.data = w0
+    return [(n, r.numel()) for n, r in zip(nums, reference, strict=True)]
 
 
-def capture_inputs(
-    replay: Callable[[], None], linears: dict[str, nn.Linear], tokens: int
-) -> dict[str, torch.Tensor]:
-    """Each Linear's input tokens, evenly strided down to about `tokens` rows."""
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+def window_strided_inputs(
+    layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, names: list[str],
+    step: int,
+) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """Per window: the input rows of each Linear `names` whose index among all windows' tokens
+    (windows of equal length, `first` the window's index) is a multiple of `step`."""
+    got: list[dict[str, torch.Tensor]] = [{} for _ in hidden]
+    at = [0]
 
     def hook(name: str) -> Callable[..., None]:
         def pre(mod: nn.Module, args: tuple) -> None:
-            got[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+            start = (first + at[0]) * x.shape[0]
+            got[at[0]][name] = x[(-start) % step :: step]
 
         return pre
 
-    hs = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        replay()
+        for k, x in enumerate(hidden):
+            at[0] = k
+            layer(x, *call.args, **call.kwargs)
     finally:
         for h in hs:
             h.remove()
-    out = {}
-    for n, xs in got.items():
-        if xs:
-            x = torch.cat(xs)
-            out[n] = x[:: max(1, x.shape[0] // tokens)]
-    return out
+    return got
+
+
+def search_pair(
+    layer: nn.Module,
+    windows: Any,
+    where: str,
+    names: tuple[str, ...],
+    block_name: str,
+    qs: list[str | None],
+    config: AWQConfig,
+    options: dict[str, Any],
+) -> ScaleResult:
+    """AWQ's scale search for one pair over the calibration `windows` (`calib.LocalWindows` or
+    a cluster's): x_mean and every candidate's loss are per-window results added in window
+    order, so they are the same bits wherever the windows ran."""
+    lins = [layer.get_submodule(n) for n in names]
+    sums = windows.map(layer, window_abs_sums, names[0], f"{where}.{names[0]}")
+    total, count = sums[0][0].clone(), 0
+    for k, (v, n) in enumerate(sums):
+        if k:
+            total += v
+        count += n
+    x_mean = (total / max(count, 1)).to(torch.float32)
+    first_q = next(q for q in qs if q is not None)
+    qdqs = [format_qdq(q, format_options(q, options) if q else None) for q in qs]
+    originals = [lin.weight.data.clone() for lin in lins]
+    w_mean = weight_mean(originals, group_size(first_q, lins[0].in_features))
+    cands = scale_candidates(x_mean, w_mean, config.grid, config.duo_scaling)
+    weights = candidate_weights(cands, originals, qdqs)
+    per_window = windows.map(layer, window_losses, block_name, list(names), weights)
+    den = sum(n for _, n in per_window)
+    losses = [sum(nums[c] for nums, _ in per_window) / max(den, 1) for c in range(len(cands))]
+    return pick_scale(cands, losses)
 
 
 def awq_layer(
@@ -136,8 +209,9 @@ def awq_layer(
     """Search, fold and clip one decoder layer in place (float weights; nothing quantized).
     `stats`' Hessians are rescaled to the scaled inputs. `report` gets {previous op's name:
     ScaleResult} for each searched pair."""
-    if stats.replay is None:
-        raise QuantizeError("awq needs the capture's replay of the layer")
+    windows = stats.windows
+    if windows is None:
+        raise QuantizeError("awq needs the capture's calibration windows")
     for prev_name, names, block_name in PAIRS:
         prev, block = _get(layer, prev_name), _get(layer, block_name)
         lins = [_get(layer, n) for n in names]
@@ -148,19 +222,7 @@ def awq_layer(
         qs = [qtype_for(f"{where}.{n}", m) for n, m in zip(names, lins, strict=True)]
         if all(q is None for q in qs):
             continue
-        cap = capture_block(stats.replay, block, lins[0], f"{where}.{names[0]}")
-        first_q = next(q for q in qs if q is not None)
-        res = search_scale(
-            cap.x.abs().mean(0),
-            lins,
-            [format_qdq(q, format_options(q, options) if q else None) for q in qs],
-            lambda cap=cap, block=block: [_first(block(*a, **k)) for a, k in cap.calls],
-            cap.outputs,
-            group=group_size(first_q, lins[0].in_features),
-            grid=config.grid,
-            duo_scaling=config.duo_scaling,
-        )
-        del cap
+        res = search_pair(layer, windows, where, names, block_name, qs, config, options)
         fold_scale(prev, lins, res.scale)
         g = stats.group_of.get(names[0])
         if g is not None:  # the Hessian of x / s
@@ -175,9 +237,12 @@ def awq_layer(
         for n, m in stats.linears.items()
         if not n.endswith(NO_CLIP) and qtype_for(f"{where}.{n}", m) is not None
     }
-    xs = capture_inputs(stats.replay, clip, config.clip_tokens)
-    for n, x in xs.items():
-        lin = clip[n]
+    if not clip:
+        return
+    step = max(1, sum(windows.tokens) // config.clip_tokens)
+    per_window = windows.map(layer, window_strided_inputs, list(clip), step)
+    for n, lin in clip.items():
+        x = torch.cat([got[n] for got in per_window if n in got])
         q = qtype_for(f"{where}.{n}", lin)
         best, _ = search_clip(
             lin.weight.data,
@@ -200,10 +265,13 @@ def awq_model(
     gptq: GPTQConfig | None = None,
     progress: bool = True,
     report: dict[str, Any] | None = None,
+    runner: Any = None,
 ) -> dict[str, str | None]:
     """AWQ every decoder layer of `model` in place, then quantize its Linears (QuantLinear):
-    round to nearest, or GPTQ with `gptq`. Returns {module name: qtype}."""
+    round to nearest, or GPTQ with `gptq`. Returns {module name: qtype}. `runner`: where the
+    layers, the searches' windows and the GPTQ solves run (default `LocalRunner()`)."""
     plan: dict[str, str | None] = {}
+    runner = runner or LocalRunner()
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
         # the search is many small forward passes: one torch thread (OpenMP's barriers made it
@@ -215,7 +283,7 @@ def awq_model(
         finally:
             torch.set_num_threads(threads)
         if gptq is not None:
-            new = gptq_layer(where, stats, qtype_for, gptq, options, plan)
+            new = gptq_layer(where, stats, qtype_for, gptq, options, plan, runner.solve)
         else:
             new = {}
             for nm, lin in stats.linears.items():
@@ -227,5 +295,5 @@ def awq_model(
                 lin.weight.data = format_qdq(q, opts)(lin.weight.data).to(lin.weight.dtype)
         return lambda: swap_in(layer, new)
 
-    run_layers(model, ids, process, progress=progress, desc="awq+gptq" if gptq else "awq")
+    runner.run_layers(model, ids, process, progress=progress, desc="awq+gptq" if gptq else "awq")
     return plan

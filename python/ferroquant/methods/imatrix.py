@@ -14,7 +14,7 @@ see benches/bench_allocation.py for how far that moves the values).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,14 @@ import numpy as np
 
 from .imatrix_io import ImatrixEntry, ImportanceMatrix
 
-__all__ = ["check_imatrix", "chunk_ids", "compute_imatrix", "gguf_linear_names"]
+__all__ = [
+    "ImatrixSums",
+    "check_imatrix",
+    "chunk_events",
+    "chunk_ids",
+    "compute_imatrix",
+    "gguf_linear_names",
+]
 
 
 def chunk_ids(tokenizer: Any, text: str, ctx: int, n_chunks: int | None, bos: int | None) -> Any:
@@ -65,21 +72,21 @@ def gguf_linear_names(model: Any, arch: str) -> dict[str, str]:
     return out
 
 
-def compute_imatrix(
-    model: Any,
-    ids: Any,
-    names: dict[str, str],
-    *,
-    process_output: bool = False,
-    dataset: str = "",
-    progress: Callable[[int, int], None] | None = None,
-) -> ImportanceMatrix:
-    """The importance matrix of `model` (a transformers causal LM) over the chunks `ids`
-    [n, ctx]; `names` maps its Linear modules to llama.cpp tensor names (`gguf_linear_names`)."""
+# one Linear call's contribution: (llama.cpp tensor name, sum over its tokens of x^2 in float64,
+# tokens)
+Event = tuple[str, Any, int]
+
+
+def chunk_events(
+    model: Any, ids: Any, names: dict[str, str], *, process_output: bool = False
+) -> Iterator[list[Event]]:
+    """For each chunk of `ids` [n, ctx] (one forward pass each), its Linears' contributions in
+    the order the forward pass made them. `compute_imatrix` adds them up here;
+    `ferroquant.distributed` computes shards of chunks on a cluster and adds them in the same
+    order (the same bits)."""
     import torch
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    events: list[Event] = []
     handles = []
 
     def hook(gname: str) -> Callable[..., None]:
@@ -88,8 +95,7 @@ def compute_imatrix(
             s = (x * x).sum(0, dtype=torch.float64)
             if not bool(torch.isfinite(s).all()):
                 raise ValueError(f"non-finite activations at the input of {gname}")
-            sums[gname] = sums[gname] + s if gname in sums else s
-            counts[gname] = counts.get(gname, 0) + x.shape[0]
+            events.append((gname, s, x.shape[0]))
 
         return pre
 
@@ -102,19 +108,56 @@ def compute_imatrix(
         with torch.no_grad():
             for k in range(ids.shape[0]):
                 model(input_ids=ids[k : k + 1], use_cache=False)
-                if progress is not None:
-                    progress(k + 1, ids.shape[0])
+                yield events
+                events = []
     finally:
         for h in handles:
             h.remove()
-    entries = {
-        g: ImatrixEntry(
-            s.to(torch.float32).numpy().reshape(1, -1), np.array([counts[g]], np.float32)
-        )
-        for g, s in sums.items()
-    }
-    return ImportanceMatrix(entries, [dataset] if dataset else [], int(ids.shape[0]),
-                            int(ids.shape[1]))  # fmt: skip
+
+
+class ImatrixSums:
+    """The running sums and token counts, added chunk by chunk in chunk order."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, events: list[Event]) -> None:
+        for g, s, n in events:
+            self.sums[g] = self.sums[g] + s if g in self.sums else s
+            self.counts[g] = self.counts.get(g, 0) + n
+
+    def result(self, ids_shape: tuple[int, ...], dataset: str = "") -> ImportanceMatrix:
+        import torch
+
+        entries = {
+            g: ImatrixEntry(
+                s.to(torch.float32).numpy().reshape(1, -1),
+                np.array([self.counts[g]], np.float32),
+            )
+            for g, s in self.sums.items()
+        }
+        return ImportanceMatrix(entries, [dataset] if dataset else [], int(ids_shape[0]),
+                                int(ids_shape[1]))  # fmt: skip
+
+
+def compute_imatrix(
+    model: Any,
+    ids: Any,
+    names: dict[str, str],
+    *,
+    process_output: bool = False,
+    dataset: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> ImportanceMatrix:
+    """The importance matrix of `model` (a transformers causal LM) over the chunks `ids`
+    [n, ctx]; `names` maps its Linear modules to llama.cpp tensor names (`gguf_linear_names`)."""
+    total = ImatrixSums()
+    for k, events in enumerate(chunk_events(model, ids, names, process_output=process_output)):
+        total.add(events)
+        if progress is not None:
+            progress(k + 1, ids.shape[0])
+    return total.result(tuple(ids.shape), dataset)
 
 
 def check_imatrix(

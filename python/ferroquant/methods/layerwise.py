@@ -1,11 +1,15 @@
 """A per-weight calibrated solver (GPTQ) applied to a whole model, layer by layer, on the shared
 capture (`ferroquant.calib.run_layers`). Linears sharing an input (q/k/v, gate/up) share one
 Hessian; those of them that get the same qtype are solved as one stacked matrix (GPTQ treats
-rows independently, so this is the same result, faster)."""
+rows independently, so this is the same result, faster).
+
+Where the layers and the solves run is a `LocalRunner` (this machine) or
+`ferroquant.distributed`'s Ray runner: the same statistics, the same solves, the same bytes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +44,41 @@ def row_slice(qt: QTensor, r0: int, r1: int) -> QTensor:
     return QTensor(qt.qtype, (r1 - r0, qt.shape[1]), data, qt.block_size, stats, qt.scale_mode)
 
 
+@dataclass
+class SolveJob:
+    """One GPTQ solve: the stacked weights of Linears sharing an input and a qtype."""
+
+    weight: torch.Tensor
+    hessian: torch.Tensor
+    qtype: str
+    config: GPTQConfig
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def run(self) -> tuple[QTensor, torch.Tensor]:
+        return gptq_quantize(
+            self.weight, self.hessian, self.qtype, self.config, name=self.name, **self.options
+        )
+
+
+class LocalRunner:
+    """The layer-by-layer pipeline and the GPTQ solves, on this machine."""
+
+    def run_layers(
+        self,
+        model: nn.Module,
+        ids: torch.Tensor,
+        process: Callable[[int, str, nn.Module, InputStats], Callable[[], None] | None],
+        *,
+        progress: bool = True,
+        desc: str = "calibrate",
+    ) -> None:
+        run_layers(model, ids, process, progress=progress, desc=desc)
+
+    def solve(self, jobs: list[SolveJob]) -> list[tuple[QTensor, torch.Tensor]]:
+        return [job.run() for job in jobs]
+
+
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
@@ -53,17 +92,20 @@ def gptq_model(
     options: dict[str, Any],
     *,
     progress: bool = True,
+    runner: Any = None,
 ) -> dict[str, str | None]:
     """GPTQ every Linear of `model`'s decoder layers in place (QuantLinear); `qtype_for(name,
     linear)` gives each one's qtype (None: keep it). Returns {module name: qtype}. Formats
-    without an integer grid (f16, fp8) are rounded to nearest."""
+    without an integer grid (f16, fp8) are rounded to nearest. `runner`: where the layers and
+    solves run (default `LocalRunner()`)."""
     plan: dict[str, str | None] = {}
+    runner = runner or LocalRunner()
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
-        new = gptq_layer(where, stats, qtype_for, config, options, plan)
+        new = gptq_layer(where, stats, qtype_for, config, options, plan, runner.solve)
         return lambda: swap_in(layer, new)
 
-    run_layers(model, ids, process, progress=progress, desc="gptq")
+    runner.run_layers(model, ids, process, progress=progress, desc="gptq")
     return plan
 
 
@@ -80,12 +122,16 @@ def gptq_layer(
     config: GPTQConfig,
     options: dict[str, Any],
     plan: dict[str, str | None],
+    solve: Callable[[list[SolveJob]], list[tuple[QTensor, torch.Tensor]]] | None = None,
 ) -> dict[str, nn.Module]:
     """GPTQ one decoder layer's Linears from its input statistics: each Linear's weight is set
     to its quantized values (so the layer's outputs are the quantized layer's) and the
-    QuantLinears to swap in are returned by name; `plan` gets each Linear's qtype."""
+    QuantLinears to swap in are returned by name; `plan` gets each Linear's qtype. The layer's
+    solves are independent: `solve` runs them all (default: one after another, here)."""
     new: dict[str, nn.Module] = {}
     seen = set()
+    jobs: list[SolveJob] = []
+    placed: list[tuple[list[str], list[nn.Linear]]] = []
     for names, h, _ in stats.groups():
         by_qtype: dict[str, list[str]] = {}
         for nm in names:
@@ -102,13 +148,16 @@ def gptq_layer(
                 continue
             lins = [stats.linears[nm] for nm in group]
             w = torch.cat([lin.weight.detach().to(torch.float32) for lin in lins])
-            qt, values = gptq_quantize(w, h, q, config, name=f"{where}.{'+'.join(group)}", **opts)
-            r0 = 0
-            for nm, lin in zip(group, lins, strict=True):
-                r1 = r0 + lin.out_features
-                lin.weight.data = values[r0:r1].to(lin.weight.dtype)
-                new[nm] = QuantLinear.from_qtensor(row_slice(qt, r0, r1), lin.bias)
-                r0 = r1
+            jobs.append(SolveJob(w, h, q, config, f"{where}.{'+'.join(group)}", opts))
+            placed.append((group, lins))
+    results = (solve or LocalRunner().solve)(jobs)
+    for (group, lins), (qt, values) in zip(placed, results, strict=True):
+        r0 = 0
+        for nm, lin in zip(group, lins, strict=True):
+            r1 = r0 + lin.out_features
+            lin.weight.data = values[r0:r1].to(lin.weight.dtype)
+            new[nm] = QuantLinear.from_qtensor(row_slice(qt, r0, r1), lin.bias)
+            r0 = r1
     for nm, lin in stats.linears.items():  # never called in the forward pass
         if nm not in seen:
             q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)

@@ -32,6 +32,7 @@ def quantize_model(
     tokenizer: Any = None,
     config: Any = None,
     imatrix: dict[str, Any] | None = None,
+    runner: Any = None,
     **options: Any,
 ) -> nn.Module:
     """Quantize every nn.Linear of `model` in place and return it.
@@ -50,6 +51,8 @@ def quantize_model(
     a dict of its fields.
     imatrix: {module name: per-column importance} (llama.cpp's importance matrix values) for
     round to nearest with the ggml quantizers that take one.
+    runner: where the calibrated methods' layers, searches and solves run (None: here;
+    `ferroquant.distributed.quantize_model` passes its Ray runner; same bytes).
     Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
     `model.ferroquant_method` states the method with its options.
     """
@@ -73,7 +76,9 @@ def quantize_model(
                 return None
             return rule.qtype_for(name, tuple(lin.weight.shape), n_layer)
 
-        plan.update(_calibrated(method.lower(), model, qtype_for, ids, cfg, options, progress))
+        plan.update(
+            _calibrated(method.lower(), model, qtype_for, ids, cfg, options, progress, runner)
+        )
         linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     items = linears
     if progress:
@@ -111,14 +116,16 @@ def quantize_model(
 
 
 def _calibrated(method: str, model: nn.Module, qtype_for: Callable, ids: Any, cfg: Any,
-                options: dict[str, Any], progress: bool) -> dict[str, str | None]:  # fmt: skip
+                options: dict[str, Any], progress: bool,
+                runner: Any = None) -> dict[str, str | None]:  # fmt: skip
     if method == "gptq":
         from ..methods.layerwise import gptq_model
 
-        return gptq_model(model, qtype_for, ids, cfg, options, progress=progress)
+        return gptq_model(model, qtype_for, ids, cfg, options, progress=progress, runner=runner)
     from ..methods import GPTQConfig
     from ..methods.awq_layers import awq_model
 
     gcfg = GPTQConfig(cfg.gptq_damp, cfg.gptq_act_order, n_samples=cfg.n_samples,
                       seq_len=cfg.seq_len) if cfg.gptq else None  # fmt: skip
-    return awq_model(model, qtype_for, ids, cfg, options, gptq=gcfg, progress=progress)
+    return awq_model(model, qtype_for, ids, cfg, options, gptq=gcfg, progress=progress,
+                     runner=runner)  # fmt: skip
