@@ -172,7 +172,7 @@ def test_tasks_cover_each_tensor_in_whole_rows_and_heads(checkpoint):
 
 
 _KILLED_WRITER = """
-import os, sys
+import os, sys, zlib
 import numpy as np
 from pathlib import Path
 from ferroquant.distributed.journal import Journal, side_path
@@ -186,7 +186,9 @@ for i, b in enumerate(blobs):
 for i, b in enumerate(blobs):
     w.write_tensor_data(b)
     w.flush()  # as the driver does: the bytes are in the file before the record
-    j.add(f"t{i}", b)
+    raw = b.view(np.uint8)  # t1 as two row ranges, each with its worker's crc32
+    parts = [(len(p), zlib.crc32(p)) for p in (raw[:1200], raw[1200:])] if i == 1 else None
+    j.add(f"t{i}", b, parts)
 os._exit(0)  # killed: no close, the temporary file stays
 """
 
@@ -207,7 +209,7 @@ def test_side_file_resumes_from_the_killed_writers_file(tmp_path):
     assert set(j.done) == {"t0", "t1"}
     data, parts = j.read("t1")
     np.testing.assert_array_equal(data.view(np.float32), np.full(1000, 2, np.float32))
-    assert parts == [(data.nbytes, zlib.crc32(data))]
+    assert parts == [(1200, zlib.crc32(data[:1200])), (2800, zlib.crc32(data[1200:]))]
     j.add("t2", np.zeros(4, np.uint8))
     j.close()
     with open(side, "r+b") as f:  # this run died while writing its t2 record
