@@ -38,14 +38,20 @@ def _temps(out: Path, pid: int) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.{pid}.*.tmp"))
 
 
-def remove_stale_temps(out_path: str | os.PathLike[str], pids: set[int]) -> list[Path]:
-    """Remove the temporary files that the writers of the (no longer running) processes `pids`
-    left next to `out_path`; their names."""
+def remove_stale_temps(
+    out_path: str | os.PathLike[str], pids: set[int] | None = None
+) -> list[Path]:
+    """Remove the temporary files that the writers of the processes `pids` (default: any)
+    left next to `out_path`, when those processes no longer run here; their names."""
+    out = Path(out_path)
+    if pids is None:
+        names = (t.name[len(out.name) + 2 :] for t in out.parent.glob(f".{out.name}.*.tmp"))
+        pids = {int(p) for p in (n.split(".")[0] for n in names) if p.isdigit()}
     removed = []
     for pid in sorted(pids):
         if _alive(pid):
             continue
-        for tmp in _temps(Path(out_path), pid):
+        for tmp in _temps(out, pid):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
