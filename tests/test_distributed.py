@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -170,30 +171,58 @@ def test_tasks_cover_each_tensor_in_whole_rows_and_heads(checkpoint):
             assert all(a % head == 0 and b % head == 0 for a, b in rows), job.gname
 
 
-def test_side_file_keeps_whole_tensors_and_drops_a_torn_tail(tmp_path):
-    from ferroquant.distributed.journal import Journal
+_KILLED_WRITER = """
+import os, sys, zlib
+import numpy as np
+from pathlib import Path
+from ferroquant.distributed.journal import Journal, side_path
+from ferroquant.gguf import GGUFWriter
+out = Path(sys.argv[1])
+blobs = [np.full(1000, i + 1, np.float32) for i in range(3)]
+j = Journal(side_path(out), "fp-1", resume=False)
+w = GGUFWriter(out, "llama")
+for i, b in enumerate(blobs):
+    w.add_tensor_info(f"t{i}", b.shape, "f32")
+for i, b in enumerate(blobs):
+    w.write_tensor_data(b)
+    w.flush()  # as the driver does: the bytes are in the file before the record
+    raw = b.view(np.uint8)  # t1 as two row ranges, each with its worker's crc32
+    parts = [(len(p), zlib.crc32(p)) for p in (raw[:1200], raw[1200:])] if i == 1 else None
+    j.add(f"t{i}", b, parts)
+os._exit(0)  # killed: no close, the temporary file stays
+"""
 
-    path = tmp_path / "out.gguf.resume"
-    j = Journal(path, "fp-1", resume=False)
-    blobs = {f"t{i}": np.arange(100 * (i + 1), dtype=np.uint8) for i in range(3)}
-    for name, b in blobs.items():
-        j.add(name, b)
-    j.close()
-    with open(path, "r+b") as f:  # the driver died while writing t2's bytes
-        f.truncate(path.stat().st_size - 50)
-    j = Journal(path, "fp-1", resume=True)
+
+def test_side_file_resumes_from_the_killed_writers_file(tmp_path):
+    """The side file lists finished tensors; their bytes are taken from the temporary file the
+    killed driver left, each checked against its crc32: a torn tensor there, or a torn record
+    in the side file, is converted again."""
+    from ferroquant.distributed.journal import Journal, side_path
+
+    out = tmp_path / "out.gguf"
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out)], check=True, timeout=60)
+    (tmp,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    side = side_path(out)
+    with open(tmp, "r+b") as f:  # t2's bytes did not all reach the file
+        f.truncate(tmp.stat().st_size - 100)
+    j = Journal(side, "fp-1", resume=True, data_bytes=1 << 20)
     assert set(j.done) == {"t0", "t1"}
-    np.testing.assert_array_equal(j.read("t1"), blobs["t1"])
-    j.add("t2", blobs["t2"])  # appended after the last whole record
+    data, parts = j.read("t1")
+    np.testing.assert_array_equal(data.view(np.float32), np.full(1000, 2, np.float32))
+    assert parts == [(1200, zlib.crc32(data[:1200])), (2800, zlib.crc32(data[1200:]))]
+    j.add("t2", np.zeros(4, np.uint8))
     j.close()
-    j = Journal(path, "fp-1", resume=True)
-    assert set(j.done) == {"t0", "t1", "t2"}
-    np.testing.assert_array_equal(j.read("t2"), blobs["t2"])
-    j.close()
+    with open(side, "r+b") as f:  # this run died while writing its t2 record
+        f.truncate(side.stat().st_size - 3)
+    j = Journal(side, "fp-1", resume=True, data_bytes=1 << 20)
+    assert set(j.done) == {"t0", "t1"}  # still from the first run's file
+    j.remove()  # complete: the side file and the killed run's file are gone
+    assert not _leftovers(tmp_path)
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(out)], check=True, timeout=60)
     with pytest.raises(ValueError, match="belongs to another conversion"):
-        Journal(path, "fp-2", resume=True)
-    Journal(path, "fp-2", resume=False).remove()  # without resume: started over
-    assert not path.exists()
+        Journal(side, "fp-2", resume=True)
+    Journal(side, "fp-2", resume=False).remove()  # without resume: started over, then done
+    assert not _leftovers(tmp_path)  # the killed run's file goes too
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -383,7 +412,7 @@ def test_killed_driver_leaves_no_file_and_resume_finishes(
         p.wait(timeout=60)
     assert not out.exists()
     side = fd.side_path(out)
-    assert side.exists()
+    assert 0 < side.stat().st_size < 64 * 1024  # names and crc32s; the bytes are in the .tmp
     assert any(n.endswith(".tmp") for n in _leftovers(tmp_path))  # what SIGKILL leaves behind
     caplog.set_level("INFO", logger="ferroquant.distributed")
     fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, resume=True)

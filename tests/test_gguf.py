@@ -298,6 +298,27 @@ def test_streaming_writer_one_tensor_at_a_time(tmp_path):
             assert np.array_equal(t.data, qt.data)
 
 
+def test_flush_puts_the_tensors_written_so_far_in_the_temporary_file(tmp_path):
+    """What `convert --ray`'s resume counts on: after flush(), the temporary file holds the
+    header and every tensor written (and its padding), up to where the next tensor starts."""
+    path = tmp_path / "f.gguf"
+    w = fg.GGUFWriter(path, "llama")
+    for i in range(3):
+        w.add_tensor_info(f"t{i}", (1, 100 + i), "f32")
+    ends = []
+    for i in range(3):
+        w.write_tensor_data(np.full((1, 100 + i), i, np.float32))
+        w.flush()
+        (tmp,) = tmp_path.glob(".f.gguf.*.tmp")
+        ends.append(tmp.stat().st_size)
+    assert not path.exists()
+    w.close()
+    with fg.open(path) as f:
+        starts = [f.tensors[f"t{i}"].data_offset for i in range(3)]
+        assert ends[:2] == starts[1:]
+        assert ends[2] == f.file_size
+
+
 def test_torch_tensors_and_bf16(tmp_path):
     torch = peers.require("torch")
     path = tmp_path / "t.gguf"

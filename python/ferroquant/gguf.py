@@ -534,6 +534,11 @@ class GGUFWriter:
                 raise ValueError(f"tensor {name!r} was declared without data; write_tensor_data it")
             w.write_tensor(self._pending.pop(name))
 
+    def flush(self) -> None:
+        """Hand the bytes written so far to the operating system (no fsync): they survive this
+        process being killed."""
+        self._begin().flush()
+
     def close(self) -> None:
         """Finish: every declared tensor must be written. fsync, then rename into place."""
         if self._closed:

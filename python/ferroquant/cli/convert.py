@@ -118,12 +118,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--resume",
         action="store_true",
-        help="with --ray: continue from the tensors kept in OUT.resume by an interrupted run",
+        help="with --ray: continue from the tensors an interrupted run listed in OUT.resume",
     )
     c.add_argument(
         "--no-side-file",
         action="store_true",
-        help="with --ray: keep no OUT.resume (every byte written once; no --resume possible)",
+        help="with --ray: keep no OUT.resume (no --resume possible)",
     )
     c.set_defaults(func=run)
 

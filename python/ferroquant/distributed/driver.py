@@ -30,7 +30,7 @@ from ..gguf import tensor_nbytes
 from ..models.convert import HFPlan, _Writer, load_hf_tensor, plan_hf_to_gguf, write_header
 from ..models.recipes import Recipe
 from .checkpoint import Task, describe_source, split_tasks
-from .journal import Journal, NoJournal, remove_stale_temps, side_path
+from .journal import Journal, NoJournal, side_path
 from .worker import as_bytes, convert_part, to_payload
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,9 @@ def convert(
     `window_bytes` of results (and, object-store, inputs) are in flight; a tensor whose float32
     copy exceeds `max_task_bytes` is cut into tasks of whole rows. Each task asks Ray for
     `num_cpus` and runs the Rust core on `threads` threads (default: `num_cpus`). Finished
-    tensors are kept in a side file (OUT.resume, removed on success); `resume=True` continues
-    from it; `side_file=False` writes none (each byte written once, no resume).
+    tensors are listed in a side file (OUT.resume, removed on success; no tensor bytes);
+    `resume=True` continues from it, copying them from the killed run's temporary file;
+    `side_file=False` writes none (no resume).
     `on_tensor(name, done, total)` is called after each tensor is written (from the driver's
     writer thread)."""
     if transfer not in TRANSFERS:
@@ -122,16 +123,14 @@ def convert(
     headers = plan.headers
     tasks = split_tasks(plan, headers, max_task_bytes)
     fingerprint = _fingerprint(plan, describe_source(headers), name, tokenizer_pre)
-    if resume:
-        for tmp in remove_stale_temps(out_path):
-            log.info("removed %s, left by a killed run", tmp)
+    data_bytes = sum(tensor_nbytes(t.shape, t.qtype) + 4096 for t in plan.tensors)
     connected = connect(address, connect_timeout)
     try:
         run = _Run(ray, plan, tasks, transfer, window_bytes, num_cpus, threads, max_retries)
         with _Writer(out_path, plan.arch) as w:
             write_header(w, plan, name, tokenizer_pre)
             journal = (
-                Journal(side_path(out_path), fingerprint, resume=resume)
+                Journal(side_path(out_path), fingerprint, resume=resume, data_bytes=data_bytes)
                 if side_file
                 else NoJournal()
             )
@@ -174,8 +173,11 @@ class _Run:
         self.remote = ray.remote(convert_part).options(
             num_cpus=num_cpus, max_retries=max_retries, retry_exceptions=False
         )
+        # the window bounds the bytes in flight; the count cap only keeps the queue of submitted
+        # tasks short. It is generous (4 per task slot) because results are taken in tensor
+        # order: while the oldest task runs, the other slots go on with later ones
         cpus = float(ray.cluster_resources().get("CPU", 1))
-        self.max_tasks = max(2, int(2 * cpus / max(num_cpus, 1e-3)))
+        self.max_tasks = max(4, int(4 * cpus / max(num_cpus, 1e-3)))
         self.queue: deque[Task] = deque()
         self.inflight: deque[tuple[Task, Any, Any]] = deque()
         self.bytes_in_flight = 0
@@ -248,11 +250,12 @@ class _Run:
             while (item := pending.get()) is not None:
                 if failed:
                     continue  # drain, so that the producer never blocks
-                i, job, data, parts, fresh = item
+                i, job, data, parts = item
                 try:
                     w.write_tensor_data(data, raw_shape=job.shape, raw_dtype=job.qtype)
-                    if fresh:
-                        journal.add(job.gname, data, parts)
+                    if journal.keeps_records:  # the bytes reach the file before their record
+                        w.flush()
+                    journal.add(job.gname, data, parts)  # resumed ones too: now in this file
                     if bar is not None:
                         bar.update(data.nbytes)
                         bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
@@ -267,10 +270,9 @@ class _Run:
             for i, job in enumerate(plan.tensors):
                 if failed:
                     break
-                fresh = job.gname not in journal.done
                 parts: list[tuple[int, int]] | None = None
-                if not fresh:
-                    data = journal.read(job.gname)
+                if job.gname in journal.done:
+                    data, parts = journal.read(job.gname)
                 elif job.hf_name is None:
                     data = as_bytes(plan.extra[job.gname])
                 elif len(self.tasks[i]) == 1:
@@ -285,7 +287,7 @@ class _Run:
                         at += part.nbytes
                         parts.append((part.nbytes, crc))
                         del part
-                pending.put((i, job, data, parts, fresh))
+                pending.put((i, job, data, parts))
                 del data
         finally:
             pending.put(None)

@@ -286,6 +286,12 @@ impl GgufWriter {
         py.detach(|| w.write_tensor(s)).map_err(err)
     }
 
+    /// Hand the buffered bytes to the operating system (no fsync).
+    fn flush(&mut self, py: Python<'_>) -> PyResult<()> {
+        let w = self.writer()?;
+        py.detach(|| w.flush()).map_err(err)
+    }
+
     /// Check all tensors were written, fsync and rename into place.
     fn finish(&mut self, py: Python<'_>) -> PyResult<()> {
         let w = self

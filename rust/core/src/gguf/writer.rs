@@ -312,6 +312,16 @@ impl Writer {
         Ok(())
     }
 
+    /// Hand the buffered bytes to the operating system (no fsync): what is written so far
+    /// survives this process being killed (the resume side file of `convert --ray` counts on it).
+    pub fn flush(&mut self) -> Result<()> {
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| invalid("the writer is already finished or aborted".into()))?;
+        file.flush().map_err(|e| io_err(&self.tmp, e))
+    }
+
     /// Check every tensor was written, flush, fsync and rename the file into place.
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.names.len() {
