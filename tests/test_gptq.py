@@ -123,14 +123,16 @@ def test_scale_search_never_rounds_a_block_worse_than_absmax(seed, qtype, steps)
 
 def test_gptq_with_the_scale_search_beats_absmax_on_the_weighted_error():
     """In natural column order (each block's scale fixed from the weights GPTQ has updated so
-    far). With act_order's static groups the search is a heuristic on the original weights and
-    need not win on every problem (measured on SmolLM2 instead: RESULTS.md)."""
+    far); with act_order's static groups the format's own parameters are kept (same bytes)."""
     w, h = _problem(32, 512, seed=6)
     w[:, 9] *= 8.0
     for qtype in ("q4_0", "nf4", "int4_g64"):
         _, a = gptq_quantize(w, h, qtype, GPTQConfig(act_order=False, scale_search=0))
         _, b = gptq_quantize(w, h, qtype, GPTQConfig(act_order=False))
         assert layer_error(w, b, h) < layer_error(w, a, h), qtype
+        sa, _ = gptq_quantize(w, h, qtype, GPTQConfig(act_order=True, scale_search=0))
+        sb, _ = gptq_quantize(w, h, qtype, GPTQConfig(act_order=True))
+        assert np.array_equal(sa.data, sb.data) and np.array_equal(sa.stats, sb.stats), qtype
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", "nf4", "q4_k", "q3_k", "q6_k", "int8"])
