@@ -285,9 +285,20 @@ def test_cli_convert_gptq_writes_a_gguf_with_rtn_s_types_and_refuses_bad_input(t
         import llama_cpp
 
         llm = llama_cpp.Llama(str(gptq), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
-        llm.eval([1, 2, 3, 4])
-        assert np.isfinite(np.asarray(llm.scores[:4])).all()
+        toks = [1, 2, 3, 4, 5, 6, 7, 8]
+        llm.eval(toks)
+        theirs = torch.tensor(np.asarray(llm.scores[:8]), dtype=torch.float64)
         del llm
+        # and it computes what our model of the same file computes (both round activations to
+        # 8 bits per block, in different orders: close, not equal; another file's logits would
+        # be off by about their own size)
+        with torch.no_grad():
+            ours = fq.load_gguf_model(gptq)(torch.tensor([toks])).logits[0].double()
+        assert np.isfinite(theirs.numpy()).all()
+        ours, theirs = ours - ours.mean(-1, keepdim=True), theirs - theirs.mean(-1, keepdim=True)
+        rel = float((ours - theirs).norm() / theirs.norm())
+        print(f"llama.cpp vs ferroquant on the GPTQ q4_k_m GGUF: relative logit error {rel:.4f}")
+        assert rel < 0.1
     for extra, says in (
         (["--method", "awq9"], "unknown method"),
         (["--method", "gptq", "--calib-samples", "1000"], "tokens; 1000 samples"),
