@@ -12,8 +12,16 @@ eval's own windows and metrics (ctx 512, stride 512, 2048 scored tokens): perple
 KL(baseline || row), top-1 agreement. Time = wall time of quantize_model; peak = the largest
 resident-set growth during it (sampled every 50 ms).
 
+Peers (`--peers gptqmodel,llmcompressor`, `calib_peers.py`): at each int4 grouped row (e.g.
+int4_g64) GPTQModel's and llm-compressor's GPTQ, W4A16 with the row's group, asymmetric, on the
+same calibration tokens, scored the same way; their time is their quantize call's, and the table
+gives the ratio of each peer's time to ours. `--llama-cpp`: our GPTQ q4_k_m model is written to
+a GGUF (`save_gguf_model`, bytes as they are) and llama.cpp (llama-cpp-python) scores that file
+on the same windows; the perplexities are printed side by side.
+
     python benches/bench_calib.py [--calib-samples 128] [--calib-len 512] [--rows q4_0,nf4,...]
                                   [--no-act-order] [--methods rtn,gptq,awq,awq+gptq]
+                                  [--peers gptqmodel,llmcompressor] [--llama-cpp]
 """
 
 from __future__ import annotations
@@ -23,16 +31,21 @@ import copy
 import datetime
 import os
 import platform
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
+from calib_peers import gptqmodel_gptq, llmcompressor_gptq, save_base
 
 import ferroquant as fq
 from ferroquant.calib import calibration_ids
+from ferroquant.defaults import default_model_path
 from ferroquant.eval.load import load_model, read_text, tokenize
 from ferroquant.eval.metrics import Scores, make_windows
 from ferroquant.methods import AWQConfig, GPTQConfig
+from ferroquant.qtypes import gint_params
 
 
 def _rss() -> int:
@@ -76,6 +89,10 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--peers", default="", help="gptqmodel,llmcompressor at int4 grouped rows")
+    ap.add_argument("--llama-cpp", action="store_true", help="score our GPTQ q4_k_m in llama.cpp")
+    ap.add_argument("--scale-search", type=int, default=GPTQConfig.scale_search,
+                    help="GPTQ's block-scale search steps (0: absmax)")  # fmt: skip
     args = ap.parse_args()
 
     loaded = load_model(None)
@@ -87,7 +104,10 @@ def main() -> None:
         base_logits = [base(ids[None, w.start : w.end]).logits[0] for w in windows]
     calib = calibration_ids(None, tok, args.calib_samples, args.calib_len)
     cfg = GPTQConfig(
-        n_samples=args.calib_samples, seq_len=args.calib_len, act_order=not args.no_act_order
+        n_samples=args.calib_samples,
+        seq_len=args.calib_len,
+        act_order=not args.no_act_order,
+        scale_search=args.scale_search,
     )
     acfg = AWQConfig(
         n_samples=args.calib_samples, seq_len=args.calib_len, gptq_act_order=not args.no_act_order
@@ -104,6 +124,17 @@ def main() -> None:
         return s
 
     b = score(base)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-calib-")
+    folder_made: list[Path] = []
+
+    def hf_folder() -> Path:
+        """The baseline as a Hugging Face folder (the peers' input), written once."""
+        if not folder_made:
+            folder_made.append(Path(tmp.name) / "base")
+            save_base(base, tok, folder_made[0])
+        return folder_made[0]
+
+    llama_line = ""
     rows = [("bf16", "-", b, 0.0, 0.0)]
     for recipe in args.rows.split(","):
         for method in methods:
@@ -117,6 +148,21 @@ def main() -> None:
             s = score(m)
             rows.append((recipe, method, s, dt, peak.growth_mb))
             print(f"{recipe:7} {method:8} ppl {s.ppl():.3f} kl {s.mean_kl():.4f} "
+                  f"top1 {s.top1_rate():.3f} {dt:.1f} s", flush=True)  # fmt: skip
+            if args.llama_cpp and recipe == "q4_k_m" and method == "gptq":
+                llama = _llama_cpp_ppl(m, ids, windows)
+                llama_line = (f"q4_k_m gptq: ppl ours {s.ppl():.3f}, llama.cpp on our GGUF "
+                              f"{llama:.3f} ({100 * (llama / s.ppl() - 1):+.2f} %)")  # fmt: skip
+                print(llama_line, flush=True)
+            del m
+        group = gint_group(recipe)
+        for peer in (p for p in args.peers.split(",") if p) if group else ():
+            folder = hf_folder()
+            with PeakRSS() as peak:
+                m, dt = PEERS[peer](base, folder, calib, group)
+            s = score(m)
+            rows.append((recipe, peer, s, dt, peak.growth_mb))
+            print(f"{recipe:7} {peer:8} ppl {s.ppl():.3f} kl {s.mean_kl():.4f} "
                   f"top1 {s.top1_rate():.3f} {dt:.1f} s", flush=True)  # fmt: skip
             del m
 
@@ -142,6 +188,13 @@ def main() -> None:
         print(f"| {recipe} | {method} | {s.ppl():.3f} | {s.ppl() - b.ppl():+.3f} | "
               f"{s.mean_kl():.4f} | {s.top1_rate():.3f} | {dt:.1f} | {mb:.0f} |")  # fmt: skip
     print()
+    if llama_line:
+        print(llama_line)
+    for recipe in args.rows.split(","):
+        t = {m: dt for r, m, _, dt, _ in rows if r == recipe}
+        for peer in PEERS:
+            if peer in t and t.get("gptq"):
+                print(f"{recipe}: {peer} takes {t[peer] / t['gptq']:.2f}x our GPTQ's time")
     for recipe in args.rows.split(","):
         d = {m: s.ppl() - b.ppl() for r, m, s, _, _ in rows if r == recipe}
         if d.get("rtn", 0) > 0:
@@ -150,6 +203,37 @@ def main() -> None:
                     cut = 1 - d[method] / d["rtn"]
                     print(f"{recipe}: {method} removes {100 * cut:.0f} % of RTN's perplexity "
                           "increase")  # fmt: skip
+
+
+def gint_group(recipe: str) -> int | None:
+    """The group of an int4 grouped-integer row with zero points (int4_g64 -> 64), else None."""
+    gi = gint_params(recipe) if recipe.startswith("int4_g") else None
+    return gi.group if gi is not None and not gi.sym and gi.group > 0 else None
+
+
+def _llama_cpp_ppl(model: torch.nn.Module, ids: torch.Tensor, windows: list) -> float:
+    """llama.cpp's perplexity of `model` written as a GGUF, on eval's windows of `ids`."""
+    import llama_cpp
+
+    from ferroquant.eval.llamacpp import _score
+    from ferroquant.models.gguf_model import save_gguf_model
+
+    gguf = default_model_path()  # the default model's GGUF: its tokenizer keys
+    ctx = max(w.end - w.start for w in windows)
+    with tempfile.TemporaryDirectory(prefix="bench-calib-gguf-") as tmp:
+        path = Path(tmp) / "gptq.q4_k_m.gguf"
+        save_gguf_model(model, path, tokenizer=gguf)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=ctx, n_batch=ctx, n_ubatch=ctx,
+                              logits_all=True, n_threads=2, verbose=False)  # fmt: skip
+        try:
+            _, scores = _score(llm, [int(i) for i in ids], windows, None)
+        finally:
+            if hasattr(llm, "close"):
+                llm.close()
+    return scores.ppl()
+
+
+PEERS = {"gptqmodel": gptqmodel_gptq, "llmcompressor": llmcompressor_gptq}
 
 
 if __name__ == "__main__":

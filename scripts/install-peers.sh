@@ -45,6 +45,15 @@ say "GPTQModel 7.7.0 + optimum 2.3.0 (--no-deps)"
 "$PY" -m pip install --quiet --no-deps --no-warn-conflicts "gptqmodel==7.7.0" "optimum==2.3.0" \
   "threadpoolctl>=3.7.0" "device-smi>=0.5.7" "pypcre>=0.6.4" "tokenicer>=0.0.14" \
   "logbar>=0.4.15" "defuser>=0.0.28" "dill>=0.4.1"
+# llm-compressor (benches/bench_calib.py --peers llmcompressor: its GPTQ W4A16 at int4/g64).
+# --no-deps: it pins torch <= 2.14 and transformers <= 5.17 (both run fine here at 2.15 / 5.23),
+# and auto-round, which its GPTQ path does not import; the small modules it and `datasets` (its
+# calibration input) import are listed explicitly.
+say "llm-compressor 0.14.0.1 + compressed-tensors 0.19.0 + datasets (--no-deps)"
+"$PY" -m pip install --quiet --no-deps --no-warn-conflicts "llmcompressor==0.14.0.1" \
+  "compressed-tensors==0.19.0" "datasets==5.2.0" "loguru>=0.7.2" "pydantic>=2" "psutil" \
+  "nvidia-ml-py>=12.560.30" "pillow>=10.4" "pyarrow>=24" "pandas" "xxhash" \
+  "multiprocess<0.70.20" "fsspec<=2026.9.0"
 # hqq (tests/test_hqq.py, benches/bench_hqq.py: the HQQ reference solver). DISABLE_CUDA=1: its
 # setup builds no CUDA extension (the CPU path is pure torch); --no-deps: its declared
 # dependencies would move transformers / accelerate; it imports only termcolor and einops more.

@@ -50,6 +50,9 @@ _FP4_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3])
 _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                 dtype=np.float32)  # fmt: skip
 
+# the formats whose own quantizer takes a block's scale from its absmax (min / max)
+_ABSMAX_FORMATS = ("q4_0", "q5_0", "q8_0", "q4_1", "q5_1", "nf4", "fp4", "int8")
+
 # the formats this module knows; the rest (fp8) have no integer grid to search
 SUPPORTED = (
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl", "iq4_xs", "nf4", "fp4", "int8",
@@ -181,6 +184,16 @@ def pack_levels(lay: Layout, data: np.ndarray, levels: np.ndarray) -> np.ndarray
     return (keep | out).astype(np.uint8)
 
 
+def fill_level(lay: Layout, data: np.ndarray, level: int) -> np.ndarray:
+    """`pack_levels(lay, data, level everywhere)`, from one block's byte pattern (the same in
+    every block): the fast path for reading a grid's values back."""
+    lev = np.full((1, lay.block), level)
+    pattern = pack_levels(lay, np.zeros((1, lay.nbytes), np.uint8), lev)[0]
+    ones = pack_levels(lay, np.full((1, lay.nbytes), 0xFF, np.uint8), lev)[0]
+    code = ~(ones ^ pattern)  # the bits pack_levels writes: equal whatever the old byte was
+    return (data & ~code) | pattern
+
+
 def unpack_levels(lay: Layout, data: np.ndarray) -> np.ndarray:
     """The levels [..., block] stored in block bytes `data` [..., nbytes]."""
     lev = np.zeros((*data.shape[:-1], lay.block), np.int64)
@@ -202,6 +215,26 @@ class Blocks:
     low: torch.Tensor | None = None  # q4_1/q5_1: the block minimum per weight
     zero: torch.Tensor | None = None  # grouped integers: the group's zero per weight
     rscale: torch.Tensor | None = None  # grouped integers: the unrounded f32 scale per weight
+
+
+def _pick(mask: torch.Tensor, block: int, a: Any, b: Any) -> Any:
+    """`b` where `mask` [rows, n] (per block) is set, else `a`; for a Blocks field of any of
+    its shapes ([rows, n, ...] numpy, [rows, n * block, ...] torch, or None)."""
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        if a.ndim < 2 or a.shape[1] != mask.shape[1]:  # no per-block stats (ggml formats)
+            return a
+        m = mask.numpy().reshape(mask.shape + (1,) * (a.ndim - 2))
+        return np.where(m, b, a)
+    m = torch.repeat_interleave(mask, block, dim=1)
+    return torch.where(m.reshape(m.shape + (1,) * (a.dim() - 2)), b, a)
+
+
+def select_blocks(mask: torch.Tensor, block: int, a: Blocks, b: Blocks) -> Blocks:
+    """Blocks taking `b`'s parameters where `mask` [rows, n] is set and `a`'s elsewhere."""
+    fields = ("data", "stats", "scale", "grid", "inv", "low", "zero", "rscale")
+    return Blocks(**{f: _pick(mask, block, getattr(a, f), getattr(b, f)) for f in fields})
 
 
 class FormatGrid:
@@ -259,7 +292,7 @@ class FormatGrid:
         stats = np.asarray(qt.stats, np.float32).reshape(self.rows, n if qt.stats.size else 0)
 
         def values_at(level: int) -> torch.Tensor:
-            d = pack_levels(lay, data, np.full((self.rows, n, lay.block), level))
+            d = fill_level(lay, data, level)
             y = dequantize(self._qtensor(d, stats, v.shape[1]))
             return torch.from_numpy(np.ascontiguousarray(y))
 
@@ -271,6 +304,44 @@ class FormatGrid:
         if self.qtype in ("q4_0", "q5_0", "q8_0", "q4_1", "q5_1"):
             inv, low = _ggml_legacy(self.qtype, v.reshape(self.rows, n, lay.block))
         return Blocks(data, stats, scale, grid, inv, low)
+
+    @property
+    def searchable(self) -> bool:
+        """Whether the format's own quantizer sets a block's parameters from its absmax or
+        min / max alone (the K-quants and iq4 search their scales already)."""
+        return self.qtype in _ABSMAX_FORMATS or self.layout.kind == "zero"
+
+    def searched_params(
+        self, values: torch.Tensor, weight: torch.Tensor, factors: tuple[float, ...]
+    ) -> Blocks:
+        """Parameters of the blocks `values` [rows, k * block] covers, each block's chosen
+        among the format's own parameters of `values * f` for f in `factors` (1.0 is always
+        a candidate) by the least `weight`-weighted squared rounding error sum_j w_j (x_j -
+        q_j)^2 (`weight` [k * block]: the Hessian's diagonal). Shrinking the range clips a
+        few large weights to round the rest more finely: GPTQ's "mse" grid search, weighted
+        as llama.cpp's importance-matrix quantizers weight theirs. The parameters are still
+        the format's own, so the bytes stay an ordinary tensor of it."""
+        v = values.detach().to(torch.float32)
+        rows, k = v.shape
+        n = k // self.block
+        wt = weight.detach().to(torch.float32).reshape(1, n, self.block)
+
+        def err(p: Blocks) -> torch.Tensor:
+            _, q = self.quantize_column(p, slice(None), v)
+            return ((v - q).reshape(rows, n, self.block) ** 2 * wt).sum(-1)
+
+        best = self.params(v)
+        best_err = err(best)
+        for f in factors:
+            if f == 1.0:
+                continue
+            cand = self.params(v * f)
+            e = err(cand)
+            better = e < best_err
+            if bool(better.any()):
+                best = select_blocks(better, self.block, best, cand)
+                best_err = torch.where(better, e, best_err)
+        return best
 
     def _qtensor(self, data: np.ndarray, stats: np.ndarray, cols: int) -> QTensor:
         if self.layout.kind == "zero":  # [rows, n, 1|2] -> per row: the scales, then the zeros
@@ -286,8 +357,11 @@ class FormatGrid:
 
     # -- one column -------------------------------------------------------------------------
 
-    def quantize_column(self, p: Blocks, j: int, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(levels, values) of column `j` of the blocks `p` for the weights `w` [rows]."""
+    def quantize_column(
+        self, p: Blocks, j: int | slice, w: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """(levels, values) of column `j` of the blocks `p` for the weights `w` [rows] (or of
+        the columns `j`, a slice, for `w` [rows, k]: the same rounding, vectorised)."""
         lay = self.layout
         a = p.scale[:, j]
         q = self.qtype
@@ -309,21 +383,27 @@ class FormatGrid:
             lev = torch.clamp(torch.round(w / d), -127, 127) + 128
         elif q in ("nf4", "fp4"):
             r = 1.0 / torch.clamp(a, min=1e-38)
-            idx = torch.searchsorted(self._bounds, (w * r).contiguous(), right=False)
+            x = (w * r).contiguous()
+            if x.dim() == 1:
+                idx = torch.searchsorted(self._bounds, x, right=False)
+            else:  # the same buckets (finite x), several times faster than searchsorted in 2-D
+                idx = torch.zeros(x.shape, dtype=torch.int64)
+                for b in self._bounds:
+                    idx += x > b
             lev = self._order[idx]
         elif lay.kind == "sym":  # q3_k, q6_k: nearest_int(x / d)
             safe = torch.where(a == 0, torch.ones_like(a), a)
             lev = torch.clamp(torch.round(w / safe), -lay.center, lay.levels - 1 - lay.center)
             lev = torch.where(a == 0, torch.zeros_like(lev), lev) + lay.center
         elif lay.kind == "table":  # iq4: the nearest entry
-            vals = a[:, None] * torch.from_numpy(lay.table)[None, :]
-            lev = (vals - w[:, None]).abs().argmin(1)
+            vals = a[..., None] * torch.from_numpy(lay.table)
+            lev = (vals - w[..., None]).abs().argmin(-1)
         else:  # affine K-quants: the nearest stored value
-            lev = (p.grid[:, j, :] - w[:, None]).abs().argmin(1)
+            lev = (p.grid[:, j, :] - w[..., None]).abs().argmin(-1)
         lev = lev.to(torch.int64)
         return lev, self.value(p, j, lev)
 
-    def value(self, p: Blocks, j: int, lev: torch.Tensor) -> torch.Tensor:
+    def value(self, p: Blocks, j: int | slice, lev: torch.Tensor) -> torch.Tensor:
         """The decoded values of levels `lev` in column `j` of the blocks `p`."""
         lay = self.layout
         if lay.kind == "zero":
@@ -332,7 +412,7 @@ class FormatGrid:
             return p.scale[:, j] * (lev - lay.center).to(torch.float32)
         if lay.kind == "table":
             return torch.from_numpy(lay.table)[lev] * p.scale[:, j]
-        return p.grid[:, j, :].gather(1, lev[:, None])[:, 0]
+        return p.grid[:, j, :].gather(-1, lev[..., None])[..., 0]
 
     # -- the result ---------------------------------------------------------------------------
 

@@ -1,0 +1,124 @@
+"""The peers of `bench_calib.py`'s int4/g64 rows: GPTQModel and llm-compressor's GPTQ, W4A16,
+groups of 64, asymmetric (an integer zero point), on the same calibration tokens as ours.
+
+Each peer quantizes its own copy of the baseline model (saved as a Hugging Face folder, bf16, the
+same weights `bench_calib.py` holds) with its defaults for the rest (GPTQModel 7.7: desc_act
+off, act_group_aware on, damp 0.05, true_sequential; llm-compressor 0.14: actorder "static",
+dampening 0.01, block 128). The quantized weights each peer produced are put into a float32 copy
+of the baseline, so that the same scoring code measures them (float32 arithmetic: if anything,
+kinder to the peers than our rows' kernels): GPTQModel's `dequantize_weight()` of its packed
+modules (its checkpoint saved and reloaded by GPTQModel); llm-compressor's s * (q - z) of the
+fake-quantized `weight` its GPTQ leaves in every Linear (checked to sit on its scale / zero
+grid). Time = wall time of the peer's quantize call (loading the folder excluded), same torch
+threads."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+
+@contextlib.contextmanager
+def _in(folder: Path) -> Iterator[None]:
+    """Run in `folder` (GPTQModel writes its logs/ into the working folder)."""
+    old = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def save_base(model: nn.Module, tokenizer: object, path: Path) -> None:
+    """The baseline model as a Hugging Face folder (the peers' input)."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def _into_float_copy(base: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    m = copy.deepcopy(base).float()
+    for name, w in weights.items():
+        lin = m.get_submodule(name)
+        if tuple(lin.weight.shape) != tuple(w.shape):
+            raise ValueError(
+                f"{name}: peer weight {tuple(w.shape)}, model {tuple(lin.weight.shape)}"
+            )
+        lin.weight = nn.Parameter(w.detach().to("cpu", torch.float32).clone(), requires_grad=False)
+    return m
+
+
+def _decoder_linears(model: nn.Module) -> list[str]:
+    return [n for n, mod in model.named_modules() if ".layers." in n and isinstance(mod, nn.Linear)]
+
+
+def gptqmodel_gptq(
+    base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
+) -> tuple[nn.Module, float]:
+    """GPTQModel's GPTQ (4-bit, group `group`, asymmetric) on `calib` [n, len]: (a float copy
+    of `base` holding its quantized weights, seconds)."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    names = _decoder_linears(base)
+    rows = [{"input_ids": r.tolist(), "attention_mask": [1] * int(r.numel())} for r in calib]
+    with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
+        qc = QuantizeConfig(bits=4, group_size=group, sym=False)
+        model = GPTQModel.load(str(folder), qc, device="cpu")
+        t0 = time.perf_counter()
+        model.quantize(rows, batch_size=1)
+        dt = time.perf_counter() - t0
+        model.save(str(Path(tmp) / "out"))  # its in-memory modules may be offloaded (meta)
+        del model
+        inner = GPTQModel.load(str(Path(tmp) / "out"), device="cpu", dtype=torch.float16).model
+        weights = {n: inner.get_submodule(n).dequantize_weight().T.detach().float() for n in names}
+    return _into_float_copy(base, weights), dt
+
+
+def llmcompressor_gptq(
+    base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
+) -> tuple[nn.Module, float]:
+    """llm-compressor's GPTQModifier (W4A16, group `group`, asymmetric) through `oneshot` on
+    `calib` [n, len]: (a float copy of `base` holding its quantized weights, seconds)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    names = _decoder_linears(base)
+    n, length = calib.shape
+    ds = Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": [[1] * length for _ in range(n)]}
+    )
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, group_size=group,
+                            strategy="group")  # fmt: skip
+    recipe = GPTQModifier(
+        config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)},
+        ignore=["lm_head"],
+    )
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
+        t0 = time.perf_counter()
+        oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=n,
+                max_seq_length=length, shuffle_calibration_samples=False)  # fmt: skip
+        dt = time.perf_counter() - t0
+    weights = {}
+    for name in names:
+        mod = model.get_submodule(name)
+        w = mod.weight.detach().float()
+        s = mod.weight_scale.detach().float().repeat_interleave(group, dim=1)
+        z = mod.weight_zero_point.detach().float().repeat_interleave(group, dim=1)
+        q = torch.round(w / s + z)  # its codes (signed: -8..7 around its zero point)
+        if not torch.allclose(s * (q - z), w, rtol=1e-3, atol=1e-7) or (q.max() - q.min()) > 15:
+            raise ValueError(f"{name}: llm-compressor's weight is not on its 4-bit grid")
+        weights[name] = s * (q - z)
+    return _into_float_copy(base, weights), dt
