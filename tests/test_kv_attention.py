@@ -66,12 +66,12 @@ def _bound(q, k64, v, scale: float, layer) -> float:
     return (v.abs().max().item() + 2 * zv) * (2.5 * ds + (2 * t + d + 8) * U)
 
 
-def _decode_step(kind: str, b: int, h: int, rep: int, n: int, seed: int, mask=None):
+def _decode_step(kind: str, b: int, h: int, rep: int, n: int, seed: int, mask=None, group=32):
     """A layer filled with n tokens (in two updates), then one decode step: (native output,
     the dequantized K/V the reference path attends, query, scale)."""
     d = 64
     k, v = _states(b, h, n + 1, d, seed)
-    layer = QuantizedLayer(kind, _Workspace(), fast_decode=lambda: True)
+    layer = QuantizedLayer(kind, _Workspace(), fast_decode=lambda: True, group=group)
     cut = n // 3
     layer.update(k[:, :, :cut], v[:, :, :cut])
     layer.update(k[:, :, cut:n], v[:, :, cut:n])
@@ -114,6 +114,16 @@ def test_padding_mask_is_honoured(kind: str) -> None:
     # and the mask matters: without it the first sequence differs
     free, *_ = _decode_step(kind, b, h, 2, n, 3, None)
     assert (free[0] - out[0]).abs().max() > 1e-3 and torch.allclose(free[1], out[1])
+
+
+@pytest.mark.parametrize("kind", ["int4", "int2"])
+def test_kivi_group_is_a_parameter(kind: str) -> None:
+    # group 64 (what the runtime may adopt): 64-token key groups, 64-channel value groups
+    out, rk, rv, q, scale, layer = _decode_step(kind, 1, 2, 3, 150, 8, group=64)
+    assert layer.stored_parts()[0]["q"].shape[2:] == (2, 64 * int(kind[3]) // 8, 64)
+    ref, _, k64 = _reference(q, rk, rv, scale)
+    err = (out.transpose(1, 2).double() - ref).abs().max().item()
+    assert err <= _bound(q, k64, rv, scale, layer)
 
 
 def test_group_completing_step_attends_its_token_in_full_precision() -> None:

@@ -134,10 +134,17 @@ class QuantizedLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(
-        self, kind: str, workspace: _Workspace, fast_decode: Callable[[], bool] = lambda: False
+        self,
+        kind: str,
+        workspace: _Workspace,
+        fast_decode: Callable[[], bool] = lambda: False,
+        group: int = GROUP,
     ) -> None:
         super().__init__()
         self.kind = kind
+        # KIVI group (tokens per key group, channels per value group); 32 everywhere the sizes
+        # are stated (types.py), a parameter so that it can follow the runtime's
+        self.group = group if KV_TYPES[kind].kivi else GROUP
         self.fast_decode = fast_decode  # is the model's attention `ferroquant_kv` now?
         self.kivi = KV_TYPES[kind].kivi
         self.workspace = workspace
@@ -153,16 +160,16 @@ class QuantizedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        if d % GROUP:
+        if d % self.group:
             raise ValueError(
-                f"kv_type {self.kind}: head_dim {d} is not a multiple of {GROUP} "
-                "(the cache groups 32 values along head_dim)"
+                f"kv_type {self.kind}: head_dim {d} is not a multiple of {self.group} "
+                f"(the cache groups {self.group} values along head_dim)"
             )
         if value_states.shape[-1] != d:
             raise ValueError(f"keys have head_dim {d} but values {value_states.shape[-1]}")
         self.batch_size = b
         # the KIVI residual: a fixed (B, H, 32, D) buffer, the first n_res tokens in use
-        room = GROUP if self.kivi else 0
+        room = self.group if self.kivi else 0
         self.res_k = key_states.new_empty(b, h, room, d)
         self.res_v = value_states.new_empty(b, h, room, d)
         self.n_res = 0
@@ -171,12 +178,12 @@ class QuantizedLayer(CacheLayerMixin):
     # ------------------------------------------------------------------------------ appending
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.kivi:
-            self.k_rows.append(codecs.encode(self.kind, k, "k"))
-            self.v_rows.append(codecs.encode(self.kind, v, "v"))
+            self.k_rows.append(codecs.encode(self.kind, k, "k", self.group))
+            self.v_rows.append(codecs.encode(self.kind, v, "v", self.group))
             self.n_quantized += k.shape[2]
             return
         r, n = self.n_res, k.shape[2]
-        if r + n < GROUP:  # the common decode step: one write into the residual buffer
+        if r + n < self.group:  # the common decode step: one write into the residual buffer
             self.res_k[:, :, r : r + n] = k
             self.res_v[:, :, r : r + n] = v
             self.n_res = r + n
@@ -184,9 +191,9 @@ class QuantizedLayer(CacheLayerMixin):
         if r:
             k = torch.cat([self.res_k[:, :, :r], k], dim=2)
             v = torch.cat([self.res_v[:, :, :r], v], dim=2)
-        full = k.shape[2] // GROUP * GROUP
-        self.k_rows.append(codecs.encode(self.kind, k[:, :, :full], "k"))
-        self.v_rows.append(codecs.encode(self.kind, v[:, :, :full], "v"))
+        full = k.shape[2] // self.group * self.group
+        self.k_rows.append(codecs.encode(self.kind, k[:, :, :full], "k", self.group))
+        self.v_rows.append(codecs.encode(self.kind, v[:, :, :full], "v", self.group))
         self.n_quantized += full
         self.n_res = k.shape[2] - full
         self.res_k[:, :, : self.n_res] = k[:, :, full:]
@@ -226,12 +233,12 @@ class QuantizedLayer(CacheLayerMixin):
         out_k, out_v = self.workspace.get((b, h, total, d), self.dtype, self.device)
         if n:
             if self.dtype == torch.float32:
-                codecs.decode(self.kind, self.k_rows.view(), out_k[:, :, :n], "k")
-                codecs.decode(self.kind, self.v_rows.view(), out_v[:, :, :n], "v")
+                codecs.decode(self.kind, self.k_rows.view(), out_k[:, :, :n], "k", self.group)
+                codecs.decode(self.kind, self.v_rows.view(), out_v[:, :, :n], "v", self.group)
             else:  # decode in float32 (the formats' arithmetic), then the model's dtype
                 tmp_k, tmp_v = self.workspace.get((b, h, n, d), torch.float32, self.device)
-                codecs.decode(self.kind, self.k_rows.view(), tmp_k, "k")
-                codecs.decode(self.kind, self.v_rows.view(), tmp_v, "v")
+                codecs.decode(self.kind, self.k_rows.view(), tmp_k, "k", self.group)
+                codecs.decode(self.kind, self.v_rows.view(), tmp_v, "v", self.group)
                 out_k[:, :, :n].copy_(tmp_k)
                 out_v[:, :, :n].copy_(tmp_v)
         if total > n:
@@ -267,7 +274,7 @@ class QuantizedLayer(CacheLayerMixin):
         out = torch.empty(b, hq, d, dtype=torch.float32)
         names = PART_NAMES[self.kind]
         geometry = [
-            GROUP,
+            self.group,
             b,
             h,
             d,
