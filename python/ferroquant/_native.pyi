@@ -1,6 +1,7 @@
 """Type stub of the Rust extension module ferroquant._native."""
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,22 @@ def ggml_types() -> list[tuple[int, str, int, int]]: ...
 def kv_encode(kv_type: str, x: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]: ...
 def kv_decode(kv_type: str, data: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
 def kv_bytes_per_token(kv_type: str, n_layer: int, n_head_kv: int, head_dim: int) -> int: ...
+def kv_attend_decode(
+    kv_type: str,
+    geometry: Sequence[int],
+    k_parts: Sequence[npt.NDArray[np.uint8]],
+    v_parts: Sequence[npt.NDArray[np.uint8]],
+    tail_k: npt.NDArray[np.float32],
+    tail_v: npt.NDArray[np.float32],
+    q: npt.NDArray[np.float32],
+    scale: float,
+    out: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.uint8] | None = None,
+) -> None:
+    """One decode step's attention over a ferroquant.kv layer cache (torch layout), into out.
+    geometry = (group, batch, n_head_kv, head_dim, n_head, n_quant, k_cap, v_cap, tail_cap,
+    n_tail)."""
+
 def kv_decode_attention_seconds(
     kv_type: str,
     n_layer: int,

@@ -6,27 +6,33 @@ append is amortized O(1); transformers' DynamicCache concatenates, O(length), ev
 residual, at most 31 tokens); when the group fills, its keys and values are quantized once and
 never touched again.
 
-Attention: `update` returns float keys and values (what transformers' sdpa / eager attention
-take), decoded into ONE workspace shared by all the layers of the cache: the only
-full-precision copy is one layer's, transient, overwritten by the next layer's `update`, so the
-memory saving holds. The returned tensors are views into that workspace, valid until the next
-layer's `update` (transformers' attention consumes them before that).
+Attention, decode steps (one new token): with the model's attention set to `ferroquant_kv`
+(`attention.py`; the cache switches an sdpa model to it unless `fast_decode=False`), `update`
+returns the step's own key/value tensors, tagged, and the attention function reads the quantized
+rows in place (one native call per layer). No float copy of the cache exists at any time.
 
-The returned states are what the cache stores, except that for `int4` / `int2` the tokens of
-the current call come back in full precision (in a token-by-token decode they would still wait
-in the residual): feeding a text in 32-token chunks aligned to the groups then attends exactly
-as a token-by-token stream does (how benches/kv_hf.py measures perplexity). The per-token types
-return every token as stored, as the runtime's attention reads them.
+Attention, everything else (prefill, chunks, or `fast_decode=False`): `update` returns float
+keys and values, decoded into ONE workspace shared by all the layers of the cache: the only
+full-precision copy is one layer's, transient, overwritten by the next layer's `update`. The
+returned tensors are views into that workspace, valid until the next layer's `update`
+(transformers' attention consumes them before that).
+
+Both paths attend to the same values: what the cache stores, except that for `int4` / `int2`
+the tokens of the current call come back in full precision (in a token-by-token decode they
+would still wait in the residual): feeding a text in 32-token chunks aligned to the groups then
+attends exactly as a token-by-token stream does (how benches/kv_hf.py measures perplexity). The
+per-token types return every token as stored, as the runtime's attention reads them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import codecs
+from . import attention, codecs
 from .types import GROUP, KV_TYPES, kv_shape, kv_type
 
 
@@ -36,6 +42,7 @@ class _Rows:
     def __init__(self) -> None:
         self.parts: dict[str, torch.Tensor] = {}
         self.n = 0  # rows used
+        self._bytes: dict[str, Any] = {}  # numpy byte views of the buffers (the native path)
 
     def append(self, new: dict[str, torch.Tensor]) -> None:
         k = next(iter(new.values())).shape[2]
@@ -46,9 +53,24 @@ class _Rows:
         elif self.n + k > next(iter(self.parts.values())).shape[2]:
             cap = max(self.n + k, 2 * next(iter(self.parts.values())).shape[2])
             self.parts = {name: _grow(t, self.n, cap) for name, t in self.parts.items()}
+            self._bytes = {}
         for name, t in new.items():
             self.parts[name][:, :, self.n : self.n + k] = t
         self.n += k
+
+    def byte_views(self, names: tuple[str, ...]) -> list[Any]:
+        """The buffers `names` (whole capacity) as flat uint8 numpy views, three entries
+        (empty arrays where a type has fewer parts); cached until the buffers change."""
+        key = names
+        have = self._bytes.get(key)
+        if have is None:
+            have = [attention.as_bytes(self.parts.get(n)) for n in names]
+            have += [attention.as_bytes(None)] * (3 - len(names))
+            self._bytes = {key: have}
+        return have
+
+    def capacity(self) -> int:
+        return next(iter(self.parts.values())).shape[2] if self.parts else 0
 
     def view(self) -> dict[str, torch.Tensor]:
         return {name: t[:, :, : self.n] for name, t in self.parts.items()}
@@ -58,6 +80,7 @@ class _Rows:
 
     def map_batch(self, fn: Any) -> None:
         self.parts = {name: fn(t) for name, t in self.parts.items()}
+        self._bytes = {}
 
 
 def _with_capacity(t: torch.Tensor, cap: int) -> torch.Tensor:
@@ -91,6 +114,18 @@ class _Workspace:
         return have[0][:, :, :n], have[1][:, :, :n]
 
 
+# the stored parts of each type in the order the native attention takes them (main, scale, zero)
+PART_NAMES = {
+    "f32": ("x",),
+    "f16": ("x",),
+    "q8_0": ("qs", "d"),
+    "q4_0": ("qs", "d"),
+    "fp8_e4m3": ("q", "scale"),
+    "int4": ("q", "scale", "zero"),
+    "int2": ("q", "scale", "zero"),
+}
+
+
 class QuantizedLayer(CacheLayerMixin):
     """One attention layer's cache in a `KV_TYPES` type (see the module docstring)."""
 
@@ -98,9 +133,19 @@ class QuantizedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, kind: str, workspace: _Workspace) -> None:
+    def __init__(
+        self,
+        kind: str,
+        workspace: _Workspace,
+        fast_decode: Callable[[], bool] = lambda: False,
+        group: int = GROUP,
+    ) -> None:
         super().__init__()
         self.kind = kind
+        # KIVI group (tokens per key group, channels per value group); 32 everywhere the sizes
+        # are stated (types.py), a parameter so that it can follow the runtime's
+        self.group = group if KV_TYPES[kind].kivi else GROUP
+        self.fast_decode = fast_decode  # is the model's attention `ferroquant_kv` now?
         self.kivi = KV_TYPES[kind].kivi
         self.workspace = workspace
         self.k_rows, self.v_rows = _Rows(), _Rows()
@@ -115,16 +160,16 @@ class QuantizedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
-        if d % GROUP:
+        if d % self.group:
             raise ValueError(
-                f"kv_type {self.kind}: head_dim {d} is not a multiple of {GROUP} "
-                "(the cache groups 32 values along head_dim)"
+                f"kv_type {self.kind}: head_dim {d} is not a multiple of {self.group} "
+                f"(the cache groups {self.group} values along head_dim)"
             )
         if value_states.shape[-1] != d:
             raise ValueError(f"keys have head_dim {d} but values {value_states.shape[-1]}")
         self.batch_size = b
         # the KIVI residual: a fixed (B, H, 32, D) buffer, the first n_res tokens in use
-        room = GROUP if self.kivi else 0
+        room = self.group if self.kivi else 0
         self.res_k = key_states.new_empty(b, h, room, d)
         self.res_v = value_states.new_empty(b, h, room, d)
         self.n_res = 0
@@ -133,12 +178,12 @@ class QuantizedLayer(CacheLayerMixin):
     # ------------------------------------------------------------------------------ appending
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.kivi:
-            self.k_rows.append(codecs.encode(self.kind, k, "k"))
-            self.v_rows.append(codecs.encode(self.kind, v, "v"))
+            self.k_rows.append(codecs.encode(self.kind, k, "k", self.group))
+            self.v_rows.append(codecs.encode(self.kind, v, "v", self.group))
             self.n_quantized += k.shape[2]
             return
         r, n = self.n_res, k.shape[2]
-        if r + n < GROUP:  # the common decode step: one write into the residual buffer
+        if r + n < self.group:  # the common decode step: one write into the residual buffer
             self.res_k[:, :, r : r + n] = k
             self.res_v[:, :, r : r + n] = v
             self.n_res = r + n
@@ -146,9 +191,9 @@ class QuantizedLayer(CacheLayerMixin):
         if r:
             k = torch.cat([self.res_k[:, :, :r], k], dim=2)
             v = torch.cat([self.res_v[:, :, :r], v], dim=2)
-        full = k.shape[2] // GROUP * GROUP
-        self.k_rows.append(codecs.encode(self.kind, k[:, :, :full], "k"))
-        self.v_rows.append(codecs.encode(self.kind, v[:, :, :full], "v"))
+        full = k.shape[2] // self.group * self.group
+        self.k_rows.append(codecs.encode(self.kind, k[:, :, :full], "k", self.group))
+        self.v_rows.append(codecs.encode(self.kind, v[:, :, :full], "v", self.group))
         self.n_quantized += full
         self.n_res = k.shape[2] - full
         self.res_k[:, :, : self.n_res] = k[:, :, full:]
@@ -160,6 +205,16 @@ class QuantizedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._append(key_states, value_states)
+        if key_states.shape[2] == 1 and key_states.device.type == "cpu" and self.fast_decode():
+            # a decode step: attention.attention reads the quantized rows (attend_decode)
+            return attention.tag(key_states, self), value_states
+        return self.states_for_attention(key_states, value_states)
+
+    def states_for_attention(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float keys and values attention reads after an update with `key_states` /
+        `value_states` (views into the shared workspace)."""
         out_k, out_v = self._materialize()
         if self.kivi:
             # streaming semantics: the tokens of this call attend to each other (and to the
@@ -178,18 +233,71 @@ class QuantizedLayer(CacheLayerMixin):
         out_k, out_v = self.workspace.get((b, h, total, d), self.dtype, self.device)
         if n:
             if self.dtype == torch.float32:
-                codecs.decode(self.kind, self.k_rows.view(), out_k[:, :, :n], "k")
-                codecs.decode(self.kind, self.v_rows.view(), out_v[:, :, :n], "v")
+                codecs.decode(self.kind, self.k_rows.view(), out_k[:, :, :n], "k", self.group)
+                codecs.decode(self.kind, self.v_rows.view(), out_v[:, :, :n], "v", self.group)
             else:  # decode in float32 (the formats' arithmetic), then the model's dtype
                 tmp_k, tmp_v = self.workspace.get((b, h, n, d), torch.float32, self.device)
-                codecs.decode(self.kind, self.k_rows.view(), tmp_k, "k")
-                codecs.decode(self.kind, self.v_rows.view(), tmp_v, "v")
+                codecs.decode(self.kind, self.k_rows.view(), tmp_k, "k", self.group)
+                codecs.decode(self.kind, self.v_rows.view(), tmp_v, "v", self.group)
                 out_k[:, :, :n].copy_(tmp_k)
                 out_v[:, :, :n].copy_(tmp_v)
         if total > n:
             out_k[:, :, n:].copy_(self.res_k[:, :, : self.n_res])
             out_v[:, :, n:].copy_(self.res_v[:, :, : self.n_res])
         return out_k, out_v
+
+    def attend_decode(
+        self,
+        query: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """One decode step's attention output (batch, 1, heads, head_dim) over the quantized
+        rows, read in place, and the full-precision tail: the KIVI residual, or, on the step
+        that completed a group, the step's own token (as `states_for_attention` returns it)."""
+        from .. import _native
+
+        b, hq, _, d = query.shape
+        h = self.res_k.shape[1]
+        n_quant = self.n_quantized
+        if not self.kivi:
+            tail_k = tail_v = self.res_k.new_empty(b, h, 0, d, dtype=torch.float32)
+        elif self.n_res:
+            tail_k, tail_v = self.res_k.float(), self.res_v.float()
+        else:  # this step filled a group: its token is attended in full precision
+            tail_k, tail_v = key_states.float(), value_states.float()
+            n_quant -= 1
+        n_tail = self.n_res if self.n_res or not self.kivi else 1
+        q = query.detach().reshape(b, hq, d).float().contiguous()
+        out = torch.empty(b, hq, d, dtype=torch.float32)
+        names = PART_NAMES[self.kind]
+        geometry = [
+            self.group,
+            b,
+            h,
+            d,
+            hq,
+            n_quant,
+            self.k_rows.capacity(),
+            self.v_rows.capacity(),
+            tail_k.shape[2],
+            n_tail,
+        ]
+        _native.kv_attend_decode(
+            self.kind,
+            geometry,
+            self.k_rows.byte_views(names),
+            self.v_rows.byte_views(names),
+            tail_k.detach().contiguous().numpy(),
+            tail_v.detach().contiguous().numpy(),
+            q.numpy(),
+            float(scale),
+            out.numpy(),
+            None if mask is None else mask.numpy(),
+        )
+        return out.view(b, 1, hq, d).to(query.dtype)
 
     def stored_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The quantized keys' and values' stored parts (views; for tests and inspection)."""
@@ -257,9 +365,13 @@ class QuantizedLayer(CacheLayerMixin):
 class QuantizedCache(Cache):
     """A transformers `Cache` storing keys and values in `kv_type` (`f32 f16 q8_0 fp8_e4m3 q4_0
     int4 int2`, see docs/kv.md), for `model.generate(..., past_key_values=cache)` or a plain
-    forward with `use_cache=True`. One cache serves one generation (call `reset()` to reuse)."""
+    forward with `use_cache=True`. One cache serves one generation (call `reset()` to reuse).
 
-    def __init__(self, config: Any, kv_type: str = "int4") -> None:
+    `fast_decode` (default): decode steps attend on the quantized rows in place; for that the
+    cache sets an sdpa `config`'s attention implementation to `ferroquant_kv` (attention.py:
+    sdpa for every call that is not such a step, so other caches see no change)."""
+
+    def __init__(self, config: Any, kv_type: str = "int4", fast_decode: bool = True) -> None:
         kind = _kv_type_name(kv_type)
         text_config = config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
@@ -271,7 +383,19 @@ class QuantizedCache(Cache):
         shape = kv_shape(text_config)
         self.kv_type = kind
         self.workspace = _Workspace()
-        layers = [QuantizedLayer(kind, self.workspace) for _ in range(shape.n_layer)]
+        if fast_decode:
+            # decode steps read the quantized rows in place (attention.py). `ferroquant_kv` is
+            # sdpa for everything that is not our decode step, so only an sdpa config (the CPU
+            # default) is switched; eager / flash configs keep their attention and this path.
+            attention.register()
+            if getattr(config, "_attn_implementation", None) == "sdpa":
+                config._attn_implementation = attention.NAME
+        layers = [
+            QuantizedLayer(
+                kind, self.workspace, lambda: config._attn_implementation == attention.NAME
+            )
+            for _ in range(shape.n_layer)
+        ]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:

@@ -6,6 +6,8 @@ tensor whose dim 2 is the row the cache appends along (a token; for KIVI keys a 
 `decode(kind, parts, out)` writes their float32 values into `out` (B, H, n, D), which may be a
 view into a larger buffer, so that decoding allocates nothing of the cache's size.
 `kind` is a name of `types.KV_TYPES`; `role` ("k" or "v") matters for `int4` / `int2` only.
+`group` (default 32) is the KIVI group: tokens per key group and channels per value group (the
+ggml types keep their 32-value blocks); the native runtime may align it (e.g. 64) at merge.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ FP8_MAX = 448.0
 F16_MAX = 65504.0
 
 
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, n, D) -> (B, H, n, D/32, 32): 32-value blocks along head_dim."""
+def _blocks(x: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """(B, H, n, D) -> (B, H, n, D/group, group): blocks along head_dim."""
     b, h, n, d = x.shape
-    return x.reshape(b, h, n, d // GROUP, GROUP)
+    return x.reshape(b, h, n, d // group, group)
 
 
 def _roundf(v: torch.Tensor) -> torch.Tensor:
@@ -116,33 +118,37 @@ def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return torch.cat([(packed >> (bits * i)) & mask for i in range(8 // bits)], dim=dim)
 
 
-def _encode_kivi(x: torch.Tensor, bits: int, role: str) -> dict[str, torch.Tensor]:
+def _encode_kivi(x: torch.Tensor, bits: int, role: str, group: int) -> dict[str, torch.Tensor]:
     b, h, n, d = x.shape
-    if role == "k":  # per channel over 32-token groups: rows are groups
-        xg = x.reshape(b, h, n // GROUP, GROUP, d)
+    if role == "k":  # per channel over token groups: rows are groups
+        xg = x.reshape(b, h, n // group, group, d)
         q, s, z = _kivi_quantize(xg, bits, dim=3)
         return {"q": _pack(q, bits, dim=3), "scale": s, "zero": z}
-    xg = _blocks(x)  # per token over 32-channel groups: rows are tokens
+    xg = _blocks(x, group)  # per token over channel groups: rows are tokens
     q, s, z = _kivi_quantize(xg, bits, dim=4)
     return {"q": _pack(q, bits, dim=4), "scale": s, "zero": z}
 
 
-def _decode_kivi(p: dict[str, torch.Tensor], out: torch.Tensor, bits: int, role: str) -> None:
+def _decode_kivi(
+    p: dict[str, torch.Tensor], out: torch.Tensor, bits: int, role: str, group: int
+) -> None:
     b, h, n, d = out.shape
     if role == "k":
         q = _unpack(p["q"], bits, dim=3)
-        view = out.view(b, h, n // GROUP, GROUP, d)
+        view = out.view(b, h, n // group, group, d)
     else:
         q = _unpack(p["q"], bits, dim=4)
-        view = _blocks(out)
+        view = _blocks(out, group)
     # q * scale, then + zero: two float32 roundings, as the reference (no fused multiply-add)
     torch.mul(q, p["scale"].float(), out=view)
     view.add_(p["zero"].float())
 
 
 # ------------------------------------------------------------------------------------ dispatch
-def encode(kind: str, x: torch.Tensor, role: str = "k") -> dict[str, torch.Tensor]:
-    """The stored parts of float32 states `x` (B, H, n, D); n % 32 == 0 for int4 / int2."""
+def encode(
+    kind: str, x: torch.Tensor, role: str = "k", group: int = GROUP
+) -> dict[str, torch.Tensor]:
+    """The stored parts of float32 states `x` (B, H, n, D); n % group == 0 for int4 / int2."""
     x = x.float()
     if kind == "f32":
         return {"x": x.clone()}
@@ -155,11 +161,17 @@ def encode(kind: str, x: torch.Tensor, role: str = "k") -> dict[str, torch.Tenso
     if kind == "fp8_e4m3":
         return _encode_fp8(x)
     if kind in ("int4", "int2"):
-        return _encode_kivi(x, int(kind[3]), role)
+        return _encode_kivi(x, int(kind[3]), role, group)
     raise ValueError(f"unknown kv_type {kind!r}")
 
 
-def decode(kind: str, parts: dict[str, torch.Tensor], out: torch.Tensor, role: str = "k") -> None:
+def decode(
+    kind: str,
+    parts: dict[str, torch.Tensor],
+    out: torch.Tensor,
+    role: str = "k",
+    group: int = GROUP,
+) -> None:
     """Write the float32 values of `parts` into `out` (float32, (B, H, n, D), may be a view)."""
     if kind in ("f32", "f16"):
         out.copy_(parts["x"])
@@ -170,11 +182,11 @@ def decode(kind: str, parts: dict[str, torch.Tensor], out: torch.Tensor, role: s
     elif kind == "fp8_e4m3":
         _decode_fp8(parts, out)
     elif kind in ("int4", "int2"):
-        _decode_kivi(parts, out, int(kind[3]), role)
+        _decode_kivi(parts, out, int(kind[3]), role, group)
     else:
         raise ValueError(f"unknown kv_type {kind!r}")
 
 
-def rows(kind: str, role: str, tokens: int) -> int:
+def rows(kind: str, role: str, tokens: int, group: int = GROUP) -> int:
     """How many rows (dim 2 of the parts) `tokens` tokens take."""
-    return tokens // GROUP if kind in ("int4", "int2") and role == "k" else tokens
+    return tokens // group if kind in ("int4", "int2") and role == "k" else tokens

@@ -9,6 +9,7 @@ use ferroquant_core as core;
 
 mod cuda_sources;
 mod gguf;
+mod kv_tensor;
 mod matmul;
 mod runtime;
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
@@ -259,6 +260,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_sources::cuda_sources, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_tensor::kv_attend_decode, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::stream_read, m)?)?;

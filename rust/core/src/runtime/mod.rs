@@ -9,6 +9,7 @@
 pub mod config;
 pub mod generate;
 pub mod kv;
+pub mod kv_tensor;
 pub mod llama;
 pub mod ops;
 pub mod packed;

@@ -1,0 +1,691 @@
+//! One decode step's attention over a cache stored in `ferroquant.kv`'s torch layout
+//! (python/ferroquant/kv/codecs.py), read in place: transformers' `QuantizedCache` calls this
+//! from its attention function instead of dequantizing the whole cache every step.
+//!
+//! Each stored part is a contiguous `(batch, n_head_kv, cap, ...)` buffer (the cache's growing
+//! buffers, `cap` rows of which the first are used). Per key/value head the rows are decoded one
+//! token at a time into a head_dim-sized scratch: per-token types with the arithmetic of
+//! `codecs.decode` (`q * d`, `f32(q) * scale`), so the values attended are bit-identical to the
+//! dequantized cache's; KIVI (`int4` / `int2`) keeps its scale and zero apart, as the runtime
+//! does: `q.k = Σ_c (q_c s_c) code_c + Σ_c q_c z_c` (scaled query and constant once per
+//! 32-token group) and `o = Σ_t (w_t s_t) code_t + Σ_t w_t z_t` per value block. The softmax
+//! uses a polynomial exp (Cephes' expf, about 1 ulp) that vectorises. Only float32 rounding
+//! differs from dequantize-then-attend; the bound is in docs/kv.md and tests/test_kv_attention.py.
+//! The last `n_tail` positions come from a float32 tail (KIVI's full-precision residual).
+//!
+//! Work is split by (batch, key/value head); each task is sequential, so results do not depend
+//! on the thread count.
+
+use rayon::prelude::*;
+
+use crate::formats::blocks::f16_to_f32;
+use crate::formats::fp8::e4m3fn_to_f32;
+use crate::parallel;
+use crate::{Error, Result};
+
+/// A stored type of `ferroquant.kv` (its torch layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    F32,
+    F16,
+    Q8_0,
+    Fp8,
+    Q4_0,
+    /// KIVI with 2 or 4 bits: keys per channel over token groups, values per token.
+    Kivi(u32),
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Result<Kind> {
+        Ok(match s {
+            "f32" => Kind::F32,
+            "f16" => Kind::F16,
+            "q8_0" => Kind::Q8_0,
+            "fp8_e4m3" => Kind::Fp8,
+            "q4_0" => Kind::Q4_0,
+            "int4" => Kind::Kivi(4),
+            "int2" => Kind::Kivi(2),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown kv_type {s:?}: expected f32, f16, q8_0, fp8_e4m3, q4_0, int4, int2"
+                )))
+            }
+        })
+    }
+}
+
+/// One role's (keys' or values') stored parts as raw little-endian bytes; `scale` / `zero` are
+/// empty where the type has none.
+pub struct Parts<'a> {
+    pub main: &'a [u8],
+    pub scale: &'a [u8],
+    pub zero: &'a [u8],
+    /// rows allocated per (batch, head): tokens, or token groups for KIVI keys
+    pub cap: usize,
+}
+
+/// One layer's cache as the decode step reads it.
+pub struct Layer<'a> {
+    pub kind: Kind,
+    /// values per scale block along head_dim, and tokens per KIVI key group
+    pub group: usize,
+    pub batch: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    /// positions read from the quantized parts (for KIVI keys a multiple of `group` plus a
+    /// partial last group is allowed)
+    pub n_quant: usize,
+    pub k: Parts<'a>,
+    pub v: Parts<'a>,
+    /// float32 `(batch, n_head_kv, tail_cap, head_dim)`: positions n_quant.. of the sequence
+    pub tail_k: &'a [f32],
+    pub tail_v: &'a [f32],
+    pub tail_cap: usize,
+    pub n_tail: usize,
+}
+
+/// Bytes per row of (main, scale, zero) for `role` ("k" rows of KIVI are token groups).
+fn row_bytes(kind: Kind, keys: bool, d: usize, g: usize) -> (usize, usize, usize) {
+    let nb = d / g;
+    match kind {
+        Kind::F32 => (4 * d, 0, 0),
+        Kind::F16 => (2 * d, 0, 0),
+        Kind::Q8_0 => (d, 2 * nb, 0),
+        Kind::Fp8 => (d, 4 * nb, 0),
+        Kind::Q4_0 => (d / 2, 2 * nb, 0),
+        Kind::Kivi(bits) if keys => (g * bits as usize / 8 * d, 2 * d, 2 * d),
+        Kind::Kivi(bits) => (nb * g * bits as usize / 8, 2 * nb, 2 * nb),
+    }
+}
+
+fn check_parts(l: &Layer<'_>, p: &Parts<'_>, keys: bool) -> Result<()> {
+    let (m, s, z) = row_bytes(l.kind, keys, l.head_dim, l.group);
+    let rows = l.batch * l.n_head_kv * p.cap;
+    let role = if keys { "keys" } else { "values" };
+    for (name, buf, per) in [
+        ("main", p.main, m),
+        ("scale", p.scale, s),
+        ("zero", p.zero, z),
+    ] {
+        if buf.len() != rows * per {
+            return Err(Error::InvalidArgument(format!(
+                "kv attention: {role} part {name} has {} bytes, expected {} ({rows} rows of {per})",
+                buf.len(),
+                rows * per
+            )));
+        }
+    }
+    let used = if keys && matches!(l.kind, Kind::Kivi(_)) {
+        l.n_quant.div_ceil(l.group)
+    } else {
+        l.n_quant
+    };
+    if used > p.cap {
+        return Err(Error::InvalidArgument(format!(
+            "kv attention: {used} {role} rows used but {} allocated",
+            p.cap
+        )));
+    }
+    Ok(())
+}
+
+fn check(l: &Layer<'_>, n_head: usize, q: &[f32], mask: Option<&[u8]>, out: &[f32]) -> Result<()> {
+    let (d, g) = (l.head_dim, l.group);
+    let bits_ok = match l.kind {
+        Kind::Kivi(b) => (b == 2 || b == 4) && (g * b as usize).is_multiple_of(8),
+        _ => true,
+    };
+    if g == 0 || d == 0 || d % g != 0 || (l.kind == Kind::Q4_0 && g % 2 != 0) || !bits_ok {
+        return Err(Error::InvalidArgument(format!(
+            "kv attention: head_dim {d} is not a multiple of group {g}"
+        )));
+    }
+    if l.n_head_kv == 0 || !n_head.is_multiple_of(l.n_head_kv) {
+        return Err(Error::InvalidArgument(format!(
+            "kv attention: {n_head} query heads are not a multiple of {} key/value heads",
+            l.n_head_kv
+        )));
+    }
+    let tail = l.batch * l.n_head_kv * l.tail_cap * d;
+    if l.tail_k.len() != tail || l.tail_v.len() != tail || l.n_tail > l.tail_cap {
+        return Err(Error::InvalidArgument(format!(
+            "kv attention: the tail holds {} / {} values, expected {tail} ({} of {} rows used)",
+            l.tail_k.len(),
+            l.tail_v.len(),
+            l.n_tail,
+            l.tail_cap
+        )));
+    }
+    let qn = l.batch * n_head * d;
+    if q.len() != qn || out.len() != qn {
+        return Err(Error::InvalidArgument(format!(
+            "kv attention: query has {} values and output {}, expected {qn}",
+            q.len(),
+            out.len()
+        )));
+    }
+    if let Some(m) = mask {
+        if m.len() != l.batch * (l.n_quant + l.n_tail) {
+            return Err(Error::InvalidArgument(format!(
+                "kv attention: mask has {} entries, expected batch x positions = {}",
+                m.len(),
+                l.batch * (l.n_quant + l.n_tail)
+            )));
+        }
+    }
+    check_parts(l, &l.k, true)?;
+    check_parts(l, &l.v, false)
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16_to_f32([b[2 * i], b[2 * i + 1]])
+}
+
+#[inline(always)]
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+fn fp8_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|b| e4m3fn_to_f32(b as u8)))
+}
+
+/// Row `row` of one (batch, head)'s per-token parts (values, or keys of a per-token type) as
+/// the f32 values `codecs.decode` writes.
+#[inline(always)]
+fn decode_row(kind: Kind, g: usize, p: &Parts<'_>, bh: usize, row: usize, out: &mut [f32]) {
+    let d = out.len();
+    let (m, s, z) = row_bytes(kind, false, d, g);
+    let r = bh * p.cap + row;
+    let main = &p.main[r * m..(r + 1) * m];
+    let scale = &p.scale[r * s..(r + 1) * s];
+    match kind {
+        Kind::F32 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f32_at(main, i)),
+        Kind::F16 => out
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f16_at(main, i)),
+        Kind::Q8_0 => {
+            for ((o, qs), blk) in out.chunks_exact_mut(g).zip(main.chunks_exact(g)).zip(0..) {
+                let dd = f16_at(scale, blk);
+                o.iter_mut()
+                    .zip(qs)
+                    .for_each(|(oj, &qj)| *oj = (qj as i8) as f32 * dd);
+            }
+        }
+        Kind::Q4_0 => {
+            let half = g / 2;
+            for ((o, qs), blk) in out
+                .chunks_exact_mut(g)
+                .zip(main.chunks_exact(half))
+                .zip(0..)
+            {
+                let dd = f16_at(scale, blk);
+                let (lo, hi) = o.split_at_mut(half);
+                for ((l, h), &b) in lo.iter_mut().zip(hi.iter_mut()).zip(qs) {
+                    *l = ((b & 15) as i8 - 8) as f32 * dd;
+                    *h = ((b >> 4) as i8 - 8) as f32 * dd;
+                }
+            }
+        }
+        Kind::Fp8 => {
+            let t = fp8_table();
+            for ((o, qs), blk) in out.chunks_exact_mut(g).zip(main.chunks_exact(g)).zip(0..) {
+                let sc = f32_at(scale, blk);
+                o.iter_mut()
+                    .zip(qs)
+                    .for_each(|(oj, &qj)| *oj = t[qj as usize] * sc);
+            }
+        }
+        Kind::Kivi(bits) => {
+            let zero = &p.zero[r * z..(r + 1) * z];
+            let pack = g * bits as usize / 8;
+            let mask = (1u8 << bits) - 1;
+            for ((o, bytes), blk) in out
+                .chunks_exact_mut(g)
+                .zip(main.chunks_exact(pack))
+                .zip(0..)
+            {
+                let (sc, ze) = (f16_at(scale, blk), f16_at(zero, blk));
+                // byte j holds elements j, j + pack, ... from the low bits up
+                for (k, ok) in o.chunks_exact_mut(pack).enumerate() {
+                    let shift = bits as usize * k;
+                    for (oj, &b) in ok.iter_mut().zip(bytes) {
+                        *oj = (((b >> shift) & mask) as f32 * sc) + ze;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The f32 scales and zeros of KIVI key group `grp` of one (batch, head), one per channel.
+fn kivi_key_group(p: &Parts<'_>, bh: usize, grp: usize, s: &mut [f32], z: &mut [f32]) {
+    let d = s.len();
+    let r = bh * p.cap + grp;
+    for c in 0..d {
+        s[c] = f16_at(p.scale, r * d + c);
+        z[c] = f16_at(p.zero, r * d + c);
+    }
+}
+
+/// The integer codes (as f32) of token `i` of a KIVI key group (`main`: the group's packed
+/// bytes, `pack` lines of head_dim).
+#[inline(always)]
+fn kivi_key_codes(bits: u32, main: &[u8], i: usize, out: &mut [f32]) {
+    let d = out.len();
+    let pack = main.len() / d;
+    let line = &main[(i % pack) * d..(i % pack + 1) * d];
+    let shift = bits as usize * (i / pack);
+    let mask = (1u8 << bits) - 1;
+    for (o, &b) in out.iter_mut().zip(line) {
+        *o = ((b >> shift) & mask) as f32;
+    }
+}
+
+/// The integer codes (as f32) of value row `row` of one (batch, head) and its blocks' f32
+/// scales and zeros.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn kivi_value_codes(
+    bits: u32,
+    g: usize,
+    p: &Parts<'_>,
+    bh: usize,
+    row: usize,
+    out: &mut [f32],
+    s: &mut [f32],
+    z: &mut [f32],
+) {
+    let d = out.len();
+    let (m, sb, zb) = row_bytes(Kind::Kivi(bits), false, d, g);
+    let r = bh * p.cap + row;
+    let main = &p.main[r * m..(r + 1) * m];
+    let (scale, zero) = (
+        &p.scale[r * sb..(r + 1) * sb],
+        &p.zero[r * zb..(r + 1) * zb],
+    );
+    let pack = g * bits as usize / 8;
+    let mask = (1u8 << bits) - 1;
+    for ((o, bytes), blk) in out
+        .chunks_exact_mut(g)
+        .zip(main.chunks_exact(pack))
+        .zip(0..)
+    {
+        s[blk] = f16_at(scale, blk);
+        z[blk] = f16_at(zero, blk);
+        for (k, ok) in o.chunks_exact_mut(pack).enumerate() {
+            let shift = bits as usize * k;
+            for (oj, &b) in ok.iter_mut().zip(bytes) {
+                *oj = ((b >> shift) & mask) as f32;
+            }
+        }
+    }
+}
+
+/// e^x for x <= 0 (a score minus the row's maximum): Cephes' expf (range reduction by ln 2 in
+/// two parts, a degree-6 polynomial, about 1 ulp), 0 below -87.3 (and for -inf, a masked
+/// position). Branch-free, so the softmax loop vectorises.
+#[inline(always)]
+fn exp_neg(x: f32) -> f32 {
+    let xc = x.max(-87.3);
+    let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
+    let y = (p * (r * r) + r) + 1.0;
+    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        y * two_n
+    }
+}
+
+/// Σ x_i in eight interleaved partial sums (fixed order).
+#[inline(always)]
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let c = x.chunks_exact(8);
+    let rest = c.remainder();
+    for v in c {
+        for l in 0..8 {
+            acc[l] += v[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for v in rest {
+        s += v;
+    }
+    s
+}
+
+/// Σ a_i b_i in eight interleaved partial sums (a fixed order: vectorisable, deterministic).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The decode-step attention output `(batch, n_head, head_dim)` of queries `q` (same shape,
+/// f32) over the layer `l`: `softmax(scale * q.k + mask) v` per query head, query head h reading
+/// key/value head `h / (n_head / n_head_kv)`. `mask`, `(batch, positions)`, 0 = not attended.
+pub fn attend_decode(
+    l: &Layer<'_>,
+    n_head: usize,
+    q: &[f32],
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check(l, n_head, q, mask, out)?;
+    let d = l.head_dim;
+    let rep = n_head / l.n_head_kv;
+    let total = l.n_quant + l.n_tail;
+    let task = |(bh, o): (usize, &mut [f32])| {
+        let b = bh / l.n_head_kv;
+        let qh = &q[bh * rep * d..(bh + 1) * rep * d];
+        let mrow = mask.map(|m| &m[b * total..(b + 1) * total]);
+        head(l, bh, rep, qh, scale, mrow, o);
+    };
+    // Small layers: the pool's wake-up costs more than the work.
+    if l.batch * l.n_head_kv > 1 && total * d * rep >= 1 << 16 && parallel::num_threads() > 1 {
+        parallel::install(|| out.par_chunks_mut(rep * d).enumerate().for_each(task));
+    } else {
+        out.chunks_mut(rep * d).enumerate().for_each(task);
+    }
+    Ok(())
+}
+
+/// One key/value head's `rep` query heads.
+fn head(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512() {
+        // SAFETY: AVX-512 F/BW was detected at run time; head_avx512 is safe code compiled
+        // with it.
+        return unsafe { head_avx512(l, bh, rep, q, scale, mask, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2() {
+        // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
+        return unsafe { head_avx2(l, bh, rep, q, scale, mask, out) };
+    }
+    head_body(l, bh, rep, q, scale, mask, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+fn head_avx512(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+) {
+    head_body(l, bh, rep, q, scale, mask, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn head_avx2(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+) {
+    head_body(l, bh, rep, q, scale, mask, out)
+}
+
+/// The arithmetic of `head`, the same sequence of float operations on every ISA (no fused
+/// multiply-add is ever formed: LLVM does not contract without fast-math).
+#[inline(always)]
+fn head_body(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+) {
+    let (d, g) = (l.head_dim, l.group);
+    let total = l.n_quant + l.n_tail;
+    let mut row = vec![0f32; d];
+    let mut scores = vec![0f32; rep * total];
+    let put = |t: usize, row: &[f32], scores: &mut [f32]| {
+        for r in 0..rep {
+            scores[r * total + t] = dot(&q[r * d..(r + 1) * d], row) * scale;
+        }
+    };
+    match l.kind {
+        Kind::Kivi(bits) => {
+            // k_tc = s_c * code_tc + z_c per channel c, so q.k_t = Σ_c (q_c s_c) code_tc + Σ_c q_c z_c:
+            // per group, the scaled query and the constant once, then one dot per token.
+            let (mut ks, mut kz) = (vec![0f32; d], vec![0f32; d]);
+            let (mut qs, mut cst) = (vec![0f32; rep * d], vec![0f32; rep]);
+            let group_bytes = g * bits as usize / 8 * d;
+            for grp in 0..l.n_quant.div_ceil(g) {
+                kivi_key_group(&l.k, bh, grp, &mut ks, &mut kz);
+                for r in 0..rep {
+                    let qr = &q[r * d..(r + 1) * d];
+                    qs[r * d..(r + 1) * d]
+                        .iter_mut()
+                        .zip(qr)
+                        .zip(&ks)
+                        .for_each(|((o, a), b)| *o = a * b);
+                    cst[r] = dot(qr, &kz);
+                }
+                let at = bh * l.k.cap + grp;
+                let main = &l.k.main[at * group_bytes..(at + 1) * group_bytes];
+                for i in 0..g.min(l.n_quant - grp * g) {
+                    kivi_key_codes(bits, main, i, &mut row);
+                    for r in 0..rep {
+                        let sc = dot(&qs[r * d..(r + 1) * d], &row) + cst[r];
+                        scores[r * total + grp * g + i] = sc * scale;
+                    }
+                }
+            }
+        }
+        kind => {
+            for t in 0..l.n_quant {
+                decode_row(kind, g, &l.k, bh, t, &mut row);
+                put(t, &row, &mut scores);
+            }
+        }
+    }
+    let tail = bh * l.tail_cap * d;
+    for i in 0..l.n_tail {
+        let t = l.n_quant + i;
+        put(t, &l.tail_k[tail + i * d..tail + (i + 1) * d], &mut scores);
+    }
+    // softmax per query head (masked positions get weight 0; a fully masked row outputs 0)
+    for r in 0..rep {
+        let s = &mut scores[r * total..(r + 1) * total];
+        if let Some(m) = mask {
+            s.iter_mut()
+                .zip(m)
+                .filter(|(_, &a)| a == 0)
+                .for_each(|(x, _)| *x = f32::NEG_INFINITY);
+        }
+        let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if mx == f32::NEG_INFINITY {
+            s.iter_mut().for_each(|x| *x = 0.0);
+            continue;
+        }
+        s.iter_mut().for_each(|x| *x = exp_neg(*x - mx));
+        let sum = sum8(s);
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|x| *x *= inv);
+    }
+    out.iter_mut().for_each(|o| *o = 0.0);
+    let add = |t: usize, row: &[f32], out: &mut [f32]| {
+        for r in 0..rep {
+            let w = scores[r * total + t];
+            if w != 0.0 {
+                out[r * d..(r + 1) * d]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(o, v)| *o += w * v);
+            }
+        }
+    };
+    if let Kind::Kivi(bits) = l.kind {
+        // v_tj = s_tb * code_tj + z_tb per block b: out += (w s) * code, and Σ_t w z per block
+        let nb = d / g;
+        let (mut vs, mut vz) = (vec![0f32; nb], vec![0f32; nb]);
+        let mut zsum = vec![0f32; rep * nb];
+        for t in 0..l.n_quant {
+            kivi_value_codes(bits, g, &l.v, bh, t, &mut row, &mut vs, &mut vz);
+            for r in 0..rep {
+                let w = scores[r * total + t];
+                if w == 0.0 {
+                    continue;
+                }
+                let o = &mut out[r * d..(r + 1) * d];
+                for (b, (ob, cb)) in o.chunks_exact_mut(g).zip(row.chunks_exact(g)).enumerate() {
+                    let ws = w * vs[b];
+                    ob.iter_mut().zip(cb).for_each(|(x, c)| *x += ws * c);
+                    zsum[r * nb + b] += w * vz[b];
+                }
+            }
+        }
+        for r in 0..rep {
+            let o = &mut out[r * d..(r + 1) * d];
+            for (b, ob) in o.chunks_exact_mut(g).enumerate() {
+                ob.iter_mut().for_each(|x| *x += zsum[r * nb + b]);
+            }
+        }
+    } else {
+        for t in 0..l.n_quant {
+            decode_row(l.kind, g, &l.v, bh, t, &mut row);
+            add(t, &row, out);
+        }
+    }
+    for i in 0..l.n_tail {
+        add(
+            l.n_quant + i,
+            &l.tail_v[tail + i * d..tail + (i + 1) * d],
+            out,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_neg_is_close_to_exp() {
+        for i in 0..20_000 {
+            let x = -(i as f32) * 0.0045;
+            let (a, b) = (exp_neg(x) as f64, (x as f64).exp());
+            if x < -87.3 {
+                // the cut-off (about f32's smallest normal): a weight that cannot matter
+                assert!(
+                    a == 0.0 && b < 2.0 * f32::MIN_POSITIVE as f64,
+                    "{x}: {a} vs {b}"
+                );
+            } else {
+                assert!(
+                    (a - b).abs() <= 4.0 * f32::EPSILON as f64 * b,
+                    "{x}: {a} vs {b}"
+                );
+            }
+        }
+        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_neg(0.0), 1.0);
+    }
+
+    #[test]
+    fn f32_cache_matches_plain_attention() {
+        // one head, 3 positions, head_dim 32: softmax(q.k) v by hand
+        let d = 32;
+        let ks: Vec<f32> = (0..3 * d)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 8.0)
+            .collect();
+        let vs: Vec<f32> = (0..3 * d)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
+            .collect();
+        let q: Vec<f32> = (0..d).map(|i| ((i % 5) as f32 - 2.0) / 3.0).collect();
+        let bytes = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let (kb, vb) = (bytes(&ks), bytes(&vs));
+        let l = Layer {
+            kind: Kind::F32,
+            group: 32,
+            batch: 1,
+            n_head_kv: 1,
+            head_dim: d,
+            n_quant: 3,
+            k: Parts {
+                main: &kb,
+                scale: &[],
+                zero: &[],
+                cap: 3,
+            },
+            v: Parts {
+                main: &vb,
+                scale: &[],
+                zero: &[],
+                cap: 3,
+            },
+            tail_k: &[],
+            tail_v: &[],
+            tail_cap: 0,
+            n_tail: 0,
+        };
+        let mut out = vec![0f32; d];
+        attend_decode(&l, 1, &q, 0.5, None, &mut out).unwrap();
+        let s: Vec<f64> = (0..3)
+            .map(|t| {
+                0.5 * (0..d)
+                    .map(|c| q[c] as f64 * ks[t * d + c] as f64)
+                    .sum::<f64>()
+            })
+            .collect();
+        let mx = s.iter().cloned().fold(f64::MIN, f64::max);
+        let w: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+        let z: f64 = w.iter().sum();
+        for c in 0..d {
+            let want: f64 = (0..3).map(|t| w[t] / z * vs[t * d + c] as f64).sum();
+            assert!(
+                (out[c] as f64 - want).abs() < 1e-5,
+                "{c}: {} vs {want}",
+                out[c]
+            );
+        }
+        // a wrong buffer size is an error, not a panic
+        let short = Layer { n_quant: 4, ..l };
+        assert!(attend_decode(&short, 1, &q, 0.5, None, &mut out).is_err());
+    }
+}
