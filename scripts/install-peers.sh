@@ -45,6 +45,14 @@ say "GPTQModel 7.7.0 + optimum 2.3.0 (--no-deps)"
 "$PY" -m pip install --quiet --no-deps --no-warn-conflicts "gptqmodel==7.7.0" "optimum==2.3.0" \
   "threadpoolctl>=3.7.0" "device-smi>=0.5.7" "pypcre>=0.6.4" "tokenicer>=0.0.14" \
   "logbar>=0.4.15" "defuser>=0.0.28" "dill>=0.4.1"
+# compressed-tensors (tests/test_compressed_tensors.py: its own packing and decompression, the
+# reference for `load_quantized` of llm-compressor's folders) and llm-compressor itself (it writes
+# the real checkpoints there). --no-deps: llm-compressor 0.14.0.1 pins torch<=2.14 and
+# transformers<=5.17 (it runs with ours), and 0.19.0 is the compressed-tensors it pins; their
+# other imports (datasets, pydantic, pyyaml, psutil) come with the peers above, loguru here.
+say "compressed-tensors 0.19.0 + llm-compressor 0.14.0.1 (--no-deps)"
+"$PY" -m pip install --quiet --no-deps --no-warn-conflicts "compressed-tensors==0.19.0" \
+  "llmcompressor==0.14.0.1" "loguru>=0.7.2"
 # hqq (tests/test_hqq.py, benches/bench_hqq.py: the HQQ reference solver). DISABLE_CUDA=1: its
 # setup builds no CUDA extension (the CPU path is pure torch); --no-deps: its declared
 # dependencies would move transformers / accelerate; it imports only termcolor and einops more.
