@@ -3,8 +3,8 @@ of tests/tiny_llama.py and, behind the model_peers marker, on SmolLM2-135M:
 
 - `from_pretrained(..., quantization_config=FerroquantConfig(...))` quantizes on load: the
   QuantLinears hold exactly the bytes `quantize_model` gives the float checkpoint (rtn: every
-  tensor equal to `fq.quantize` of its float weight; gptq: equal to `quantize_model(method=
-  "gptq")` on the same calibration tokens);
+  tensor equal to `fq.quantize` of its float weight; gptq, awq: equal to `quantize_model(method=
+  ...)` on the same calibration tokens, AWQ's folded norms included);
 - `save_pretrained` writes our packed tensors and a quantization_config naming ferroquant;
   `from_pretrained` of that folder rebuilds the same QuantLinears (same bytes) and its logits are
   bit-identical to the model that was saved;
@@ -90,27 +90,33 @@ def test_rtn_quantizes_on_load_and_round_trips(tiny, tmp_path, qtype, dtype):
 
 
 @pytest.mark.model_peers
-def test_gptq_on_load_equals_quantize_model_and_round_trips(tiny, tmp_path):
+@pytest.mark.parametrize(("qtype", "method"), [("q4_0", "gptq"), ("int4_g32", "awq")])
+def test_calibrated_on_load_equals_quantize_model_and_round_trips(tiny, tmp_path, qtype, method):
     from transformers import AutoTokenizer
 
-    opts = {"qtype": "q4_0", "method": "gptq", "n_samples": 2, "seq_len": 32}
+    opts = {"qtype": qtype, "method": method, "n_samples": 2, "seq_len": 32}
     model = AutoModelForCausalLM.from_pretrained(
         str(tiny), quantization_config=fq.FerroquantConfig(**opts)
     )
     ref = AutoModelForCausalLM.from_pretrained(str(tiny))
     fq.quantize_model(
-        ref, "q4_0", method="gptq", tokenizer=AutoTokenizer.from_pretrained(str(tiny)),
+        ref, qtype, method=method, tokenizer=AutoTokenizer.from_pretrained(str(tiny)),
         config={"n_samples": 2, "seq_len": 32}, progress=False,
     )  # fmt: skip
     ours, want = _quant(model), _quant(ref)
     assert set(ours) == set(want)
     for name, m in ours.items():
         assert torch.equal(m.qweight, want[name].qweight), name
-    # GPTQ is not RTN: at least one tensor differs from plain rounding
-    rtn = fq.quantize(_float_weight(tiny, "model.layers.1.mlp.gate_proj"), "q4_0")
+        assert torch.equal(m.qstats, want[name].qstats), name
+    # the method is not RTN: at least this tensor differs from plain rounding
+    rtn = fq.quantize(_float_weight(tiny, "model.layers.1.mlp.gate_proj"), qtype)
     assert not np.array_equal(np.asarray(ours["model.layers.1.mlp.gate_proj"].qweight), rtn.data)
     back = _round_trip(model, tmp_path / "saved")
-    assert back.config.quantization_config.method == "gptq"
+    assert back.config.quantization_config.method == method
+    if method == "awq":  # the scales folded into the norms are saved with the model
+        norm = "model.layers.0.input_layernorm.weight"
+        assert torch.equal(back.state_dict()[norm], ref.state_dict()[norm])
+        assert not torch.equal(back.state_dict()[norm], _float_weight(tiny, norm[:-7]))
 
 
 def _float_weight(folder, name):
