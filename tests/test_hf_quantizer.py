@@ -68,6 +68,12 @@ def _round_trip(model, out):
         assert torch.equal(m.qweight, saved[name].qweight), name
         assert m.qstats.dtype == torch.float32 and torch.equal(m.qstats, saved[name].qstats)
     assert torch.equal(_logits(back), want)
+    # in another dtype the statistics still load as float32, unrounded; the rest follows dtype=
+    other = torch.float32 if model.dtype != torch.float32 else torch.bfloat16
+    cast = AutoModelForCausalLM.from_pretrained(str(out), dtype=other)
+    assert cast.model.norm.weight.dtype == other
+    for name, m in _quant(cast).items():
+        assert m.qstats.dtype == torch.float32 and torch.equal(m.qstats, saved[name].qstats)
     return back
 
 

@@ -169,7 +169,8 @@ class FerroquantHfQuantizer(HfQuantizer):
                 qtype=layout["qtype"], block_size=int(layout["block_size"]),
                 scale_mode=layout.get("scale_mode"), device="meta",
             )  # fmt: skip
-            # buffers of the saved sizes, so that the loader's shape checks pass
+            # buffers of the saved sizes, so that the loader's shape checks pass; the loader
+            # keeps a skeleton's dtype (float32 statistics whatever dtype= the model loads in)
             new.qweight = torch.empty(int(layout["qweight"]), dtype=torch.uint8, device="meta")
             new.qstats = torch.empty(int(layout["qstats"]), dtype=torch.float32, device="meta")
             _set(model, name, new)
@@ -205,14 +206,6 @@ class FerroquantHfQuantizer(HfQuantizer):
             n: module_layout(m) for n, m in model.named_modules() if isinstance(m, QuantLinear)
         }
         return model
-
-    def get_new_dtype(self, converter: Any, param: Any, dtype: Any) -> Any:
-        # the statistics are float32 whatever dtype the model loads in
-        is_float32 = (param.get_dtype() == "F32") if hasattr(param, "get_dtype") else (
-            getattr(param, "dtype", None) == torch.float32)  # fmt: skip
-        if self.pre_quantized and is_float32:
-            return torch.float32
-        return super().get_new_dtype(converter, param, dtype)
 
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict[str, Any], dict]:
         # QuantLinear's format description travels in the config (modules), not as extra state
