@@ -9,6 +9,9 @@ Protocol (every output states it):
   (a K-quant needs rows that are a multiple of 256) the recipe falls back as llama.cpp does, and
   the row reports the qtypes actually used; a row that ends up with no tensor of the qtype it is
   named after (SmolLM2's 576-wide rows turn the whole q2_k mix into q4_0 + q3_k) is marked.
+- `QTYPE+gptq` / `+awq` / `+awq+gptq` rows (`--methods`) quantize a float32 copy on the
+  calibration text (never the held-out text; `calibration` in the protocol: text, windows, each
+  method's config) and cast it back to bf16; `QTYPE+hqq` needs no data.
 - The text is tokenized once without special tokens and cut into windows of `ctx` tokens that
   start every `stride` tokens; each token is scored once, in the first window that reaches it
   (Hugging Face's sliding-window perplexity; with stride = ctx every token of a window but its
