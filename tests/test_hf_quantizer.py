@@ -174,6 +174,12 @@ def test_saved_config_naming_an_unknown_qtype_is_refused(tiny, tmp_path):
     with pytest.raises(fq.QuantizeError, match="unknown qtype 'q7_z'"):
         AutoModelForCausalLM.from_pretrained(str(out))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    cfg["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"].update(
+        qtype="q8_0", qweight=100
+    )
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(fq.QuantizeError, match=r"modules\['model.layers.0.mlp.up_proj'\]: 100 "):
+        AutoModelForCausalLM.from_pretrained(str(out))
     cfg["quantization_config"]["modules"] = {}
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(fq.QuantizeError, match="names no quantized module"):

@@ -29,6 +29,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from ..cuda.checks import expected_sizes
 from ..nn import QuantLinear
 from ..tensor import QuantizeError
 
@@ -164,6 +165,15 @@ class FerroquantHfQuantizer(HfQuantizer):
                 ) from None
             if not isinstance(old, nn.Linear):
                 raise QuantizeError(f"quantization_config.modules: {name} is not an nn.Linear")
+            n, k = old.out_features, old.in_features
+            mode = layout.get("scale_mode") or ""
+            want = expected_sizes(layout["qtype"], n, k, int(layout["block_size"]), mode)
+            if want != (int(layout["qweight"]), int(layout["qstats"])):
+                raise QuantizeError(
+                    f"quantization_config.modules[{name!r}]: {layout['qweight']} bytes and "
+                    f"{layout['qstats']} statistics, but {layout['qtype']} of {n}x{k} holds "
+                    f"{want[0]} and {want[1]}"
+                )
             new = _LoadingQuantLinear(
                 old.in_features, old.out_features, bias=old.bias is not None,
                 qtype=layout["qtype"], block_size=int(layout["block_size"]),
