@@ -2,7 +2,7 @@
 importance matrix), `alloc@<recipe>` (measured per-tensor allocation at the recipe's size) and
 `<recipe>+gptq`, `+awq`, `+awq+gptq` (the calibrated methods, `eval --methods`).
 
-Both calibrate on gensim's lee_background.cor (never the held-out lee.cor) through the baseline
+All calibrate on gensim's lee_background.cor (never the held-out lee.cor) through the baseline
 model held in float32: the importance matrix over `IMATRIX_CHUNKS` x 512 tokens, the allocator's
 sensitivities over `ALLOC_WINDOWS` x 512 tokens, the methods over `METHOD_SAMPLES` x
 `METHOD_LEN` tokens (or --calib / --calib-samples / --calib-len) on a float32 copy, cast back to
