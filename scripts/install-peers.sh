@@ -45,7 +45,9 @@ say "GPTQModel 7.7.0 + optimum 2.3.0 (--no-deps)"
 "$PY" -m pip install --quiet --no-deps --no-warn-conflicts "gptqmodel==7.7.0" "optimum==2.3.0" \
   "threadpoolctl>=3.7.0" "device-smi>=0.5.7" "pypcre>=0.6.4" "tokenicer>=0.0.14" \
   "logbar>=0.4.15" "defuser>=0.0.28" "dill>=0.4.1"
-# llm-compressor (benches/bench_calib.py --peers llmcompressor: its GPTQ W4A16 at int4/g64).
+# llm-compressor (benches/bench_calib.py --peers llmcompressor: its GPTQ W4A16 at int4/g64; and
+# tests/test_compressed_tensors.py: it writes the real checkpoints that `load_quantized` reads) and
+# compressed-tensors (that test's reference packing and decompression).
 # --no-deps: it pins torch <= 2.14 and transformers <= 5.17 (both run fine here at 2.15 / 5.23),
 # and auto-round, which its GPTQ path does not import; the small modules it and `datasets` (its
 # calibration input) import are listed explicitly.

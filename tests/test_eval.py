@@ -131,6 +131,22 @@ def test_rows_parse_with_the_baseline_first():
     assert all(name in str(e.value) for name in ("q4_k_m", "q5_k_m", "nf4+dq", "q8_0"))
 
 
+def test_methods_add_one_row_per_method_and_row():
+    specs = ev.parse_rows("q4_0,nf4+dq,q4_k_m", methods="rtn, gptq,awq")
+    assert [s.name for s in specs] == [
+        "bf16", "q4_0", "q4_0+gptq", "q4_0+awq", "nf4+dq", "q4_k_m", "q4_k_m+gptq", "q4_k_m+awq",
+    ]  # fmt: skip
+    assert specs[2] == ev.RowSpec("q4_0+gptq", "q4_0", {"method": "gptq"})
+    assert ev.row_spec("q4_k_m+awq+gptq") == ev.RowSpec(
+        "q4_k_m+awq+gptq", "q4_k_m", {"method": "awq+gptq"}
+    )
+    assert [s.name for s in ev.parse_rows("nf4", methods="hqq")] == ["bf16", "nf4+hqq"]
+    with pytest.raises(ValueError, match="unknown method 'gptqq'; methods: rtn gptq awq"):
+        ev.parse_rows("q4_0", methods="rtn,gptqq")
+    with pytest.raises(ValueError, match="unknown qtype or mix 'q9_9'"):
+        ev.row_spec("q9_9+gptq")
+
+
 # ---------------------------------------------------------------------------------------------
 # stored size
 
@@ -250,6 +266,39 @@ def test_end_to_end_tiny_slice(tiny_model, tmp_path, monkeypatch):
     assert table[-6].startswith("bf16") and table[-2].startswith("q2_k †")
     assert table[-1] == "† " + by["q2_k"]["note"]
     assert not any("†" in line for line in table[-6:-2])
+
+
+def test_methods_rows_on_a_tiny_slice(tiny_model, capsys, tmp_path):
+    result = ev.run_eval(
+        tiny_model, rows="q4_0", methods="rtn,gptq,awq", text=ev.default_text_path(), ctx=32,
+        max_tokens=32, prompt_tokens=8, decode_tokens=2, threads=2, speed_runs=1,
+        progress=False, calib_samples=2, calib_len=32,
+    )  # fmt: skip
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == ["bf16", "q4_0", "q4_0+gptq", "q4_0+awq"]
+    for name in ("q4_0+gptq", "q4_0+awq"):  # the same format and size, other weights
+        assert rows[name]["qtypes_used"] == rows["q4_0"]["qtypes_used"]
+        assert rows[name]["size_mb"] == rows["q4_0"]["size_mb"]
+        assert rows[name]["kl"] != rows["q4_0"]["kl"] and math.isfinite(rows[name]["ppl"])
+    cal = result["protocol"]["calibration"]
+    assert "lee_background" in cal and "2 x 32 tokens" in cal
+    assert "gptq(damp=0.01" in cal and "awq(" in cal
+    assert f"calibration: {cal}" in eval_report.protocol_lines(result)
+    # bad methods or calibration settings fail before the model loads
+    from ferroquant import cli
+
+    capsys.readouterr()  # the run above's progress output
+    for args, msg in [
+        (("--methods", "rtn,gptq2"), "unknown method 'gptq2'"),
+        (("--methods", "gptq", "--calib", str(ev.default_text_path())), "is the held-out text"),
+        (("--methods", "gptq", "--calib-samples", "0"), "--calib-samples must be >= 1"),
+    ]:
+        out = tmp_path / "o"
+        assert (
+            cli.main(["eval", str(tiny_model), "--qtypes", "q4_0", *args, "--out", str(out)]) == 2
+        )
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1 and not out.exists(), err
 
 
 def _tiny_params(folder):

@@ -54,6 +54,16 @@ def load_quantized(path: Any, **kwargs: Any) -> Any:
     return load_checkpoint(path, **kwargs)
 
 
+def __getattr__(name: str) -> Any:
+    # FerroquantConfig needs transformers: imported (and registered with it) on first use
+    if name == "FerroquantConfig":
+        from .models.hf_quantizer import FerroquantConfig
+
+        globals()[name] = FerroquantConfig
+        return FerroquantConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def set_num_threads(n: int) -> None:
     """Threads used by the Rust core (0 = all cores). Results never depend on it."""
     _native.set_num_threads(int(n))
@@ -65,6 +75,7 @@ def num_threads() -> int:
 
 __all__ = [
     "DoubleQuantState",
+    "FerroquantConfig",
     "FormatError",
     "QTensor",
     "QType",

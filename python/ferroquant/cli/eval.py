@@ -33,6 +33,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--qtypes", help=f"comma-separated rows (default: {DEFAULT_ROWS}); bf16 is the baseline"
     )
+    e.add_argument(
+        "--methods",
+        help="comma-separated methods (rtn gptq awq awq+gptq hqq): one row per method and row, "
+        "QTYPE for rtn and QTYPE+METHOD for the others (default: rtn only)",
+    )
+    e.add_argument(
+        "--calib",
+        help="calibration text of the gptq / awq rows (default: gensim's lee_background.cor; "
+        "never the held-out text)",
+    )
+    e.add_argument(
+        "--calib-samples", type=int, default=16, help="calibration windows of the gptq / awq rows"
+    )
+    e.add_argument("--calib-len", type=int, default=512, help="tokens per calibration window")
     e.add_argument("--text", help="held-out text file (default: gensim's lee.cor)")
     e.add_argument("--ctx", type=int, default=512, help="context length")
     e.add_argument("--stride", type=int, help="window stride (default: ctx, no overlap)")
@@ -74,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
         speed_runs=args.speed_runs,
         progress=not args.no_progress,
         against=args.against,
+        methods=args.methods,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_len=args.calib_len,
     )
     result["files"] = report.save(result, args.out, png=not args.no_plot)
     print(json.dumps(result) if args.json else report.format_table(result))

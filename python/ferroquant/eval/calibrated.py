@@ -1,9 +1,12 @@
 """The calibrated rows of `ferroquant eval`: `<recipe>+imatrix` (the recipe with llama.cpp's
-importance matrix) and `alloc@<recipe>` (measured per-tensor allocation at the recipe's size).
+importance matrix), `alloc@<recipe>` (measured per-tensor allocation at the recipe's size) and
+`<recipe>+gptq`, `+awq`, `+awq+gptq` (the calibrated methods, `eval --methods`).
 
-Both calibrate on gensim's lee_background.cor (never the held-out lee.cor) through the baseline
+All calibrate on gensim's lee_background.cor (never the held-out lee.cor) through the baseline
 model held in float32: the importance matrix over `IMATRIX_CHUNKS` x 512 tokens, the allocator's
-sensitivities over `ALLOC_WINDOWS` x 512 tokens. `alloc@q4_k_m` spends exactly the bytes the
+sensitivities over `ALLOC_WINDOWS` x 512 tokens, the methods over `METHOD_SAMPLES` x
+`METHOD_LEN` tokens (or --calib / --calib-samples / --calib-len) on a float32 copy, cast back to
+the baseline's dtype after quantizing. `alloc@q4_k_m` spends exactly the bytes the
 q4_k_m row gives the quantized Linears (eval keeps embeddings and the head in bf16), one measured
 qtype per Linear, quantized with the importance matrix. Each is computed once per eval run.
 """
@@ -11,12 +14,16 @@ qtype per Linear, quantized with the importance matrix. Each is computed once pe
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 IMATRIX_CHUNKS = 32
 ALLOC_WINDOWS = 8
+METHOD_SAMPLES = 16  # the calibrated methods' windows in eval (their own default is 128 x 512)
+METHOD_LEN = 512
+CALIBRATED_METHODS = ("gptq", "awq", "awq+gptq")
 SUFFIX = "+imatrix"
 PREFIX = "alloc@"
 
@@ -31,10 +38,15 @@ class Calibration:
         imatrix_chunks: int = IMATRIX_CHUNKS,
         alloc_windows: int = ALLOC_WINDOWS,
         ctx: int = 512,
+        text: Path | None = None,
+        method_samples: int = METHOD_SAMPLES,
+        method_len: int = METHOD_LEN,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.imatrix_chunks, self.alloc_windows, self.ctx = imatrix_chunks, alloc_windows, ctx
+        self.text = text  # the methods' calibration text file (None: lee_background.cor)
+        self.method_samples, self.method_len = method_samples, method_len
         self._imatrix: dict[str, np.ndarray] | None = None
         self._measures: list[Any] | None = None
 
@@ -95,6 +107,19 @@ class Calibration:
             budget += tensor_bytes(tuple(lin.weight.shape), q) if q else 0
         del m
         return optimise(self._measures, budget)
+
+
+def method_copy(model: Any, recipe: str, method: str, cal: Calibration) -> Any:
+    """A copy of `model` quantized to `recipe` with a calibrated method (gptq, awq, awq+gptq):
+    computed on a float32 copy, returned in the baseline's dtype."""
+    from ..models import quantize_model
+
+    q = cal._float_copy()
+    quantize_model(
+        q, recipe, method=method, calibration=cal.text, tokenizer=cal.tokenizer,
+        config={"n_samples": cal.method_samples, "seq_len": cal.method_len}, progress=False,
+    )  # fmt: skip
+    return q.to(model.dtype)
 
 
 def calibrated_copy(model: Any, recipe: str, options: dict[str, Any], cal: Calibration) -> Any:

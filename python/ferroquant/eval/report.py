@@ -100,6 +100,7 @@ def protocol_lines(result: dict[str, Any]) -> list[str]:
         f"{p['tokens_scored']} tokens scored"
         + (f" (cap {p['max_tokens']})" if p["max_tokens"] else " (whole text)"),
         *formats,
+        *([f"calibration: {p['calibration']}"] if p.get("calibration") else []),
         f"metrics: {p['metrics']}",
         f"size: {p['size']}",
         f"speed: {p['speed']}; threads {p['threads']}",

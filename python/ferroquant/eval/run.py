@@ -9,6 +9,9 @@ Protocol (every output states it):
   (a K-quant needs rows that are a multiple of 256) the recipe falls back as llama.cpp does, and
   the row reports the qtypes actually used; a row that ends up with no tensor of the qtype it is
   named after (SmolLM2's 576-wide rows turn the whole q2_k mix into q4_0 + q3_k) is marked.
+- `QTYPE+gptq` / `+awq` / `+awq+gptq` rows (`--methods`) quantize a float32 copy on the
+  calibration text (never the held-out text; `calibration` in the protocol: text, windows, each
+  method's config) and cast it back to bf16; `QTYPE+hqq` needs no data.
 - The text is tokenized once without special tokens and cut into windows of `ctx` tokens that
   start every `stride` tokens; each token is scored once, in the first window that reaches it
   (Hugging Face's sliding-window perplexity; with stride = ctx every token of a window but its
@@ -49,7 +52,16 @@ from ..defaults import (
 )
 from ..models.recipes import recipe_for
 from ..qtypes import IMATRIX_QTYPES, qtype_info
-from .calibrated import PREFIX, SUFFIX, Calibration, calibrated_copy
+from .calibrated import (
+    CALIBRATED_METHODS,
+    METHOD_LEN,
+    METHOD_SAMPLES,
+    PREFIX,
+    SUFFIX,
+    Calibration,
+    calibrated_copy,
+    method_copy,
+)
 from .load import Loaded, load_model, read_text, tokenize
 from .metrics import Scores, Window, make_windows
 from .speed import SpeedRow, measure, write_gguf
@@ -81,6 +93,9 @@ DEFAULT_ROWS = (
 )  # fmt: skip
 BASELINE = "bf16"
 _DQ_NAMES = ("nf4+dq", "nf4_dq", "nf4-dq")
+# row-name suffixes naming a method (awq+gptq before gptq: the longest match wins); rtn is the
+# plain row
+ROW_METHODS = ("awq+gptq", "gptq", "awq", "hqq")
 _DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "f16", "torch.float32": "f32"}
 
 
@@ -101,9 +116,10 @@ def row_spec(name: str) -> RowSpec:
         return RowSpec(BASELINE, None)
     if key in _DQ_NAMES:
         return RowSpec("nf4+dq", "nf4", {"double_quant": True})
-    if key.endswith("+hqq"):  # the same qtype with HQQ's zero points (methods/hqq.py)
-        recipe_for(key[: -len("+hqq")])
-        return RowSpec(key, key[: -len("+hqq")], {"method": "hqq"})
+    for method in ROW_METHODS:  # QTYPE+METHOD: the same recipe quantized by that method
+        if key.endswith("+" + method):
+            recipe_for(key[: -len(method) - 1])
+            return RowSpec(key, key[: -len(method) - 1], {"method": method})
     options: dict[str, Any] = {}
     recipe = key
     if key.endswith(SUFFIX):
@@ -114,7 +130,8 @@ def row_spec(name: str) -> RowSpec:
         info = recipe_for(recipe)
     except QuantizeError as e:  # it names the mixes and qtypes; eval rows take more names
         raise QuantizeError(
-            f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq, QTYPE+hqq, "
+            f"{e}; eval rows also: {BASELINE} (the baseline), nf4+dq, "
+            f"{', '.join('QTYPE+' + m for m in ROW_METHODS)}, "
             f"<ggml recipe>{SUFFIX}, {PREFIX}<ggml recipe>"
         ) from None
     if options and info.base not in IMATRIX_QTYPES and info.base != "q8_0":
@@ -122,13 +139,38 @@ def row_spec(name: str) -> RowSpec:
     return RowSpec(key, recipe, options)
 
 
-def parse_rows(names: str | list[str] | tuple[str, ...] | None) -> list[RowSpec]:
-    """Row specs for a comma-separated string or a list; the baseline always comes first."""
+def parse_rows(
+    names: str | list[str] | tuple[str, ...] | None,
+    methods: str | list[str] | tuple[str, ...] | None = None,
+) -> list[RowSpec]:
+    """Row specs for a comma-separated string or a list; the baseline always comes first.
+    `methods` (rtn, gptq, awq, awq+gptq, hqq): every plain row becomes one row per method,
+    `QTYPE` for rtn and `QTYPE+METHOD` for the others (rows already naming a method or option
+    stay as they are); an unknown method is a QuantizeError before anything loads."""
     if names is None:
         names = list(DEFAULT_ROWS)
     elif isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     specs = [row_spec(n) for n in names]
+    if methods is not None:
+        from ..methods import method_config
+
+        if isinstance(methods, str):
+            methods = [m for m in methods.split(",") if m.strip()]
+        methods = [m.strip().lower() for m in methods]
+        if not methods:
+            raise QuantizeError("--methods names no method")
+        for m in methods:
+            method_config(m)  # QuantizeError naming the known methods
+        specs = [
+            x
+            for s in specs
+            for x in (
+                [s if m == "rtn" else row_spec(f"{s.name}+{m}") for m in methods]
+                if s.recipe is not None and not s.options
+                else [s]
+            )
+        ]
     out = [RowSpec(BASELINE, None)]
     for s in specs:
         if s.name not in {o.name for o in out}:
@@ -226,6 +268,10 @@ def quantized_copy(
         if calibration is None:
             raise ValueError(f"row {spec.name} needs the model's tokenizer (calibration)")
         return calibrated_copy(model, spec.recipe, spec.options, calibration)
+    if spec.options.get("method") in CALIBRATED_METHODS:
+        if calibration is None:
+            raise ValueError(f"row {spec.name} needs the model's tokenizer (calibration)")
+        return method_copy(model, spec.recipe, spec.options["method"], calibration)
     from ..models import quantize_model
 
     q = copy.deepcopy(model)
@@ -288,10 +334,18 @@ def run_eval(
     progress: bool = True,
     against: str | None = None,
     loaded: Loaded | None = None,
+    methods: str | list[str] | None = None,
+    calib: str | Path | None = None,
+    calib_samples: int = METHOD_SAMPLES,
+    calib_len: int = METHOD_LEN,
 ) -> dict[str, Any]:
-    """Evaluate every row; returns {"protocol": {...}, "rows": [{...}, ...]} (see module doc)."""
+    """Evaluate every row; returns {"protocol": {...}, "rows": [{...}, ...]} (see module doc).
+    `methods`: one row per method and row (parse_rows); `calib`, `calib_samples`, `calib_len`:
+    the calibrated methods' text file (None: lee_background.cor) and windows."""
     # every argument is checked before the model loads
-    specs = parse_rows(rows)
+    specs = parse_rows(rows, methods)
+    calib_rows = [s for s in specs if s.options.get("method") in CALIBRATED_METHODS]
+    calib_desc = _calibration_protocol(calib_rows, calib, text, calib_samples, calib_len)
     stride = ctx if stride is None else stride
     make_windows(2, ctx, stride, max_tokens)  # the checks of ctx, stride, max_tokens
     if prompt_tokens < 1 or decode_tokens < 1:
@@ -329,7 +383,10 @@ def run_eval(
     from tqdm.auto import tqdm
 
     base = loaded.model
-    calibration = Calibration(base, loaded.tokenizer)
+    calibration = Calibration(
+        base, loaded.tokenizer, text=None if calib is None else Path(calib),
+        method_samples=calib_samples, method_len=calib_len,
+    )  # fmt: skip
     n_scored = sum(w.n_scored for w in windows)
     results: list[Row] = []
     timed: list[SpeedRow] = []
@@ -394,6 +451,7 @@ def run_eval(
         "text": text_desc,
         "text_tokens": int(ids.shape[0]),
         "tokenization": "no special tokens (no BOS)",
+        "calibration": calib_desc,
         "formats": "ggml types as llama.cpp stores them; int8 / fp8_e4m3 with one float32 scale "
         "per row; nf4 blocks of 64 with float32 absmax; nf4+dq: bitsandbytes double quantization "
         "of the absmax (counted as stored, expanded to float32 in memory)",
@@ -449,6 +507,33 @@ def run_eval(
             )
         }
     return out
+
+
+def _calibration_protocol(
+    specs: list[RowSpec], calib: str | Path | None, text: str | Path | None, samples: int,
+    seq_len: int,
+) -> str | None:  # fmt: skip
+    """The protocol line of the calibrated-method rows (None without any); ValueError for a
+    calibration text that is the held-out text or windows that cannot be cut."""
+    if not specs:
+        return None
+    from ..calib.data import read_calibration_text
+    from ..methods import method_config
+
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"--calib-samples must be >= 1 and --calib-len >= 2, got {samples} x "
+                         f"{seq_len}")  # fmt: skip
+    held_out = Path(text) if text is not None else default_text_path()
+    if calib is not None and Path(calib).resolve() == held_out.resolve():
+        raise ValueError(f"--calib {calib} is the held-out text: calibrate on other text")
+    _, desc = read_calibration_text(None if calib is None else Path(calib))
+    cfgs = sorted({method_config(s.options["method"], n_samples=samples, seq_len=seq_len)
+                   .describe() for s in specs})  # fmt: skip
+    return (
+        f"rows +gptq / +awq / +awq+gptq: calibrated on {desc}, {samples} x {seq_len} tokens "
+        f"(the model's tokenizer, never the held-out text), on a float32 copy of the baseline "
+        f"cast back to bf16 after quantizing; {'; '.join(cfgs)}"
+    )
 
 
 def _missing(rows: list[dict[str, Any]]) -> str | None:

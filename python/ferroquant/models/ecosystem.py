@@ -7,6 +7,8 @@
 - `load_checkpoint(path)`: such a folder, written by GPTQModel, AutoAWQ or us -> the transformers
   model with QuantLinear over the checkpoint's codes, zeros and scales (repacked once into
   ferroquant's layout; no requantizing: the dequantized weights equal the checkpoint's).
+- `load_checkpoint` also reads llm-compressor's compressed-tensors folders (`pack-quantized`
+  int weights, group or channel: see `compressed`), the same way.
 - `convert_to_checkpoint(hf_dir, out_dir, ...)`: `ferroquant convert --format gptq|awq`.
 
 Every file is written atomically; a refused input (act-order g_idx, an unknown quant_method or
@@ -30,7 +32,7 @@ from .._native import FormatError
 from ..nn import QuantLinear
 from ..qtypes import gint_name, gint_params
 from ..tensor import QuantizeError
-from . import packed_int
+from . import compressed, packed_int
 
 FORMATS = ("gptq", "awq")
 # tokenizer and generation files copied beside the weights
@@ -139,7 +141,8 @@ def _scheme(qc: dict[str, Any], path: Path) -> tuple[str, int, int, bool | None,
 
 
 def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A GPTQ / AWQ checkpoint folder as a transformers model with QuantLinear layers."""
+    """A GPTQ / AWQ / compressed-tensors checkpoint folder as a transformers model with
+    QuantLinear layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -149,25 +152,23 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     qc = json.loads(cfg_file.read_text()).get("quantization_config")
     if not isinstance(qc, dict):
         raise FormatError(f"{cfg_file}: no quantization_config")
-    fmt, bits, group, sym, offset = _scheme(qc, path)
+    is_ct = str(qc.get("quant_method", "")).lower() == compressed.METHOD
+    if is_ct:
+        schemes, ignore = compressed.read_schemes(qc, path)  # refusals before any tensor read
+    else:
+        fmt, bits, group, sym, offset = _scheme(qc, path)
     tensors = _read_tensors(path)
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is a plain float model
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
-    if not prefixes:
-        raise FormatError(f"{path}: no *.qweight tensor")
-    for name in prefixes:
-        t = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")
-             if f"{name}.{k}" in tensors}  # fmt: skip
-        missing = {"qweight", "qzeros", "scales"} - set(t)
-        if missing:
-            raise FormatError(f"{path}: {name} lacks {', '.join(sorted(missing))}")
-        if fmt == "gptq" and offset == 0:  # gptq_v2 stores the zeros themselves
-            t["qzeros"] = _v2_to_v1(t["qzeros"], bits)
-        qt = (packed_int.from_gptq(t, bits, group, sym, name) if fmt == "gptq"
-              else packed_int.from_awq(t, bits, group, name))  # fmt: skip
+    if is_ct:
+        decoded = _decode_compressed(model, tensors, schemes, ignore, path)
+        info: dict[str, Any] = {"format": compressed.METHOD, "schemes": [vars(s) for s in schemes]}
+    else:
+        decoded = _decode_gptq_awq(tensors, fmt, bits, group, sym, offset, path)
+        info = {"format": fmt, "bits": bits, "group_size": group}
+    for name, qt in decoded.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
@@ -181,7 +182,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     result = model.load_state_dict(state, strict=False)
-    done = set(prefixes)  # the QuantLinears hold their own buffers already
+    done = set(decoded)  # the QuantLinears hold their own buffers already
     missing = [k for k in result.missing_keys if k.rpartition(".")[0] not in done
                and not (k == "lm_head.weight" and config.tie_word_embeddings)]  # fmt: skip
     if missing or result.unexpected_keys:
@@ -189,8 +190,55 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
                           f"{result.unexpected_keys[:5]}")  # fmt: skip
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    model.ferroquant_checkpoint = {"format": fmt, "bits": bits, "group_size": group}
+    model.ferroquant_checkpoint = info
     return model.eval()
+
+
+def _decode_gptq_awq(tensors: dict[str, torch.Tensor], fmt: str, bits: int, group: int,
+                     sym: bool | None, offset: int, path: Path) -> dict[str, Any]:  # fmt: skip
+    """{module name: gint QTensor} of a GPTQ / AWQ folder's packed modules (their tensors are
+    taken out of `tensors`)."""
+    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    if not prefixes:
+        raise FormatError(f"{path}: no *.qweight tensor")
+    out = {}
+    for name in prefixes:
+        t = {k: tensors.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")
+             if f"{name}.{k}" in tensors}  # fmt: skip
+        missing = {"qweight", "qzeros", "scales"} - set(t)
+        if missing:
+            raise FormatError(f"{path}: {name} lacks {', '.join(sorted(missing))}")
+        if fmt == "gptq" and offset == 0:  # gptq_v2 stores the zeros themselves
+            t["qzeros"] = _v2_to_v1(t["qzeros"], bits)
+        out[name] = (packed_int.from_gptq(t, bits, group, sym, name) if fmt == "gptq"
+                     else packed_int.from_awq(t, bits, group, name))  # fmt: skip
+    return out
+
+
+def _decode_compressed(model: nn.Module, tensors: dict[str, torch.Tensor], schemes: list[Any],
+                       ignore: tuple[str, ...], path: Path) -> dict[str, Any]:  # fmt: skip
+    """{module name: gint QTensor} of a compressed-tensors folder's packed Linears."""
+    packed = sorted(k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed"))
+    if not packed:
+        raise FormatError(f"{path}: no *.weight_packed tensor")
+    out = {}
+    for name in packed:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"{path}: {name} is not a module of {type(model).__name__}") from None
+        s = compressed.scheme_for(name, mod, schemes, ignore)
+        if s is None:
+            raise FormatError(f"{path}: {name} is packed but no config group targets it")
+        t = {k: tensors.pop(f"{name}.{k}") for k in compressed.SUFFIXES if f"{name}.{k}" in tensors}
+        if "weight_g_idx" in t:
+            raise FormatError(f"{path}: {name} has weight_g_idx (act-order groups); ferroquant's "
+                              "grouped integers keep groups contiguous")  # fmt: skip
+        missing = {"weight_packed", "weight_scale", "weight_shape"} - set(t)
+        if missing:
+            raise FormatError(f"{path}: {name} lacks {', '.join(sorted(missing))}")
+        out[name] = compressed.decode_module(t, s, f"{path}: {name}")
+    return out
 
 
 def _v2_to_v1(qzeros: torch.Tensor, bits: int) -> np.ndarray:
