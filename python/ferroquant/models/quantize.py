@@ -47,8 +47,8 @@ def quantize_model(
     zero point, that weight keeps round to nearest). `calibration` (calibrated methods): token
     ids or text (str, list of str, a Path; None: gensim's lee_background.cor) cut into
     `config.n_samples` x `config.seq_len` windows; text needs `tokenizer`. `config`: the
-    method's dataclass (`ferroquant.methods.GPTQConfig`, `AWQConfig`: grid, duo_scaling, clip, ...; `HQQConfig`) or
-    a dict of its fields.
+    method's dataclass (`ferroquant.methods.GPTQConfig`, `AWQConfig`: grid, duo_scaling, clip,
+    ...; `HQQConfig`) or a dict of its fields.
     imatrix: {module name: per-column importance} (llama.cpp's importance matrix values) for
     round to nearest with the ggml quantizers that take one.
     Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
