@@ -223,25 +223,31 @@ fn step_group(x: &[f32], s: f32, z: f32, c: Step) -> (f32, f32) {
     let mut acc = [0f32; LANES];
     let mut big = [0f32; LANES];
     let mut zacc = [0f32; LANES];
-    for xs in x.chunks(LANES) {
-        for l in 0..xs.len() {
-            let qv = code(xs[l], s, z, c.maxq);
-            let rv = xs[l] - (qv - z) / s;
-            let a = rv.abs();
-            acc[l] += a;
-            big[l] = if a > big[l] { a } else { big[l] };
-            zacc[l] += qv - xs[l] * s;
+    let mut lane = |l: usize, xv: f32| {
+        let qv = code(xv, s, z, c.maxq);
+        let rv = xv - (qv - z) / s;
+        let a = rv.abs();
+        acc[l] += a;
+        big[l] = if a > big[l] { a } else { big[l] };
+        zacc[l] += qv - xv * s;
+    };
+    // whole chunks of 8 (fixed trip count: one vector per chunk), then the tail
+    let mut it = x.chunks_exact(LANES);
+    for xs in it.by_ref() {
+        for (l, &xv) in xs.iter().enumerate() {
+            lane(l, xv);
         }
+    }
+    for (l, &xv) in it.remainder().iter().enumerate() {
+        lane(l, xv);
     }
     let abs_sum = lane_sum(&acc);
     if !big.iter().all(|&b| b < c.thr) {
         zacc = [0f32; LANES];
-        for xs in x.chunks(LANES) {
-            for l in 0..xs.len() {
-                let qv = code(xs[l], s, z, c.maxq);
-                let rv = xs[l] - (qv - z) / s;
-                zacc[l] += qv - (xs[l] - shrink(rv, c.inv_beta, c.p)) * s;
-            }
+        for (j, &xv) in x.iter().enumerate() {
+            let qv = code(xv, s, z, c.maxq);
+            let rv = xv - (qv - z) / s;
+            zacc[j % LANES] += qv - (xv - shrink(rv, c.inv_beta, c.p)) * s;
         }
     }
     (lane_sum(&zacc) / x.len() as f32, abs_sum)

@@ -80,34 +80,65 @@ pub fn quantize(m: &Matrix<'_>, qtype: QType, cfg: &HqqConfig) -> Result<Quantiz
     let (data, stats) = (&mut q.data, &mut q.stats);
     match qtype {
         QType::GInt(g) => map_rows(m, data, row_bytes, stats, stats_row, |r, x, out, st| {
-            run_row(|| gint_row(g, x, &sol, r * per_row, out, st))
+            gint_row_dispatch(g, x, &sol, r * per_row, out, st)
         }),
         _ => map_rows(m, data, row_bytes, &mut [], 0, |r, x, out, _| {
-            run_row(|| ggml_row(qtype, x, &sol, r * per_row, out))
+            ggml_row_dispatch(qtype, x, &sol, r * per_row, out)
         }),
     }
     Ok(q)
 }
 
-/// `f` compiled for AVX2 where the CPU has it (rounding is one instruction there instead of a
-/// libm call; the same operations, identical results).
-#[inline(always)]
-fn run_row<F: FnOnce()>(f: F) {
+/// The row functions compiled for AVX2 where the CPU has it (rounding is one instruction there
+/// instead of a libm call; the same operations, identical results).
+fn gint_row_dispatch(
+    g: GInt,
+    x: &[f32],
+    sol: &Solved,
+    first: usize,
+    out: &mut [u8],
+    st: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx2() {
         // SAFETY: has_avx2 checked the CPU at run time.
-        unsafe { run_row_avx2(f) };
+        unsafe { gint_row_avx2(g, x, sol, first, out, st) };
         return;
     }
-    f()
+    gint_row(g, x, sol, first, out, st)
 }
 
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn run_row_avx2<F: FnOnce()>(f: F) {
-    f()
+unsafe fn gint_row_avx2(
+    g: GInt,
+    x: &[f32],
+    sol: &Solved,
+    first: usize,
+    out: &mut [u8],
+    st: &mut [f32],
+) {
+    gint_row(g, x, sol, first, out, st)
+}
+
+fn ggml_row_dispatch(qtype: QType, x: &[f32], sol: &Solved, first: usize, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2() {
+        // SAFETY: has_avx2 checked the CPU at run time.
+        unsafe { ggml_row_avx2(qtype, x, sol, first, out) };
+        return;
+    }
+    ggml_row(qtype, x, sol, first, out)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn ggml_row_avx2(qtype: QType, x: &[f32], sol: &Solved, first: usize, out: &mut [u8]) {
+    ggml_row(qtype, x, sol, first, out)
 }
 
 #[inline(always)]
@@ -121,14 +152,21 @@ fn nearest(x: f32, inv: f32, z: f32, maxq: f32) -> f32 {
 fn grid_pass(x: &[f32], s: f32, z: f32, maxq: f32) -> (f32, f32, f32) {
     let inv = 1.0 / s;
     let (mut e, mut xd, mut dd) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-    for xs in x.chunks(8) {
-        for l in 0..xs.len() {
-            let d = nearest(xs[l], inv, z, maxq) - z;
-            let r = d * s - xs[l];
-            e[l] += r * r;
-            xd[l] += xs[l] * d;
-            dd[l] += d * d;
+    let mut lane = |l: usize, v: f32| {
+        let d = nearest(v, inv, z, maxq) - z;
+        let r = d * s - v;
+        e[l] += r * r;
+        xd[l] += v * d;
+        dd[l] += d * d;
+    };
+    let mut it = x.chunks_exact(8);
+    for xs in it.by_ref() {
+        for (l, &v) in xs.iter().enumerate() {
+            lane(l, v);
         }
+    }
+    for (l, &v) in it.remainder().iter().enumerate() {
+        lane(l, v);
     }
     let sum = |a: [f32; 8]| ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
     (sum(e), sum(xd), sum(dd))
@@ -246,6 +284,7 @@ fn legacy_blocks(qtype: QType, x: &[f32], sol: &Solved, first: usize, out: &mut 
 }
 
 /// K-quant super-blocks from the solver's per-sub-block parameters (module comment).
+#[inline(always)]
 fn k_blocks(qtype: QType, x: &[f32], sol: &Solved, first: usize, out: &mut [u8]) {
     let (sub, maxq) = match qtype {
         QType::Q2K => (16, 3.0),
@@ -299,6 +338,7 @@ fn first8(a: &[f32; 16]) -> [f32; 8] {
 }
 
 /// One ggml row: `out` holds the format's RTN row on entry; each block keeps the better bytes.
+#[inline(always)]
 fn ggml_row(qtype: QType, x: &[f32], sol: &Solved, first: usize, out: &mut [u8]) {
     let mut ours = vec![0u8; out.len()];
     if matches!(qtype, QType::Q4_1 | QType::Q5_1) {
