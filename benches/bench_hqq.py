@@ -7,15 +7,21 @@ groups along the input dimension, the layout of ferroquant's int*_g* and of GPTQ
 - rtn: `ferroquant.quantize(w, "int{b}_g{g}")` (fp16 scale, integer zero: the stored format);
 - hqq pkg: `hqq.core.quantize.Quantizer.quantize(..., optimize=True)` (float zero, float32
   scale: its own storage), and its own RTN (`optimize=False`);
-- ours float zero: our solver (`solve_zero`) decoded with the float zero (what a float-zero
-  format would give; not stored by int*_g*);
-- ours stored: `hqq_quantize(w, "int{b}_g{g}")` (integer zero, scale re-solved, fp16).
+- ours float zero: our solver (`solve_zero`, Rust) decoded with the float zero (what a
+  float-zero format would give; not stored by int*_g*);
+- ours stored: `hqq_quantize(w, "int{b}_g{g}")` (Rust: solver, then the joint integer-zero /
+  fp16-scale search, each group no worse than RTN).
+
+Then (--ggml) the ggml formats with a minimum, RTN (`ferroquant.quantize`, libggml's bytes) vs
+`hqq_quantize` on the same tensors (K-quants: only the weights whose rows are whole 256-blocks,
+SmolLM2's ffn_down; q4_1 is left out by default: the weights *are* Q4_1, RTN reproduces them).
 
 Relative error = ||W - W_r||_F / ||W||_F, summed over all tensors (sqrt of summed squares over
 summed squares). Time: per tensor the median of --runs runs, engines interleaved, summed over
-tensors; torch on --threads threads for both.
+tensors; torch and ferroquant's Rust pool both on --threads threads.
 
     python benches/bench_hqq.py [--blocks 0,15,29] [--bits 4,3] [--runs 3] [--threads 1]
+                                [--ggml q5_1,q2_k,q4_k,q5_k]
 """
 
 from __future__ import annotations
@@ -31,15 +37,19 @@ import ferroquant as fq
 import ferroquant.gguf
 from ferroquant.defaults import default_model_path
 from ferroquant.methods.hqq import HQQConfig, hqq_quantize, solve_zero
+from ferroquant.qtypes import qtype_info
 
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def _timed(fn):
+    """Wall time and the process's CPU time (all threads): on a shared, loaded machine the CPU
+    time is the work each engine does, the wall time also what the others' jobs took from it."""
+
     def run():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        return time.perf_counter() - t0, out
+        return (time.perf_counter() - t0, time.process_time() - c0), out
 
     return run
 
@@ -50,11 +60,13 @@ def main() -> None:
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ggml", default="q5_1,q2_k,q4_k,q5_k", help="ggml formats ('' for none)")
     add_runs(ap, 3)
     args = ap.parse_args()
     from hqq.core.quantize import Quantizer
 
     torch.set_num_threads(args.threads)
+    fq._native.set_num_threads(args.threads)
     print(machine())
     weights = {}
     with fq.gguf.open(default_model_path()) as f:
@@ -68,6 +80,7 @@ def main() -> None:
         qtype = f"int{bits}_g{g}"
         sq = {k: 0.0 for k in ("rtn", "pkg_rtn", "pkg", "float", "ours")}
         secs = {k: 0.0 for k in ("rtn", "pkg", "ours")}
+        cpu = {k: 0.0 for k in ("pkg", "ours")}
         norm = 0.0
         for w in weights.values():
             wt = torch.from_numpy(w)
@@ -86,7 +99,9 @@ def main() -> None:
                 args.runs,
             )
             for k in secs:
-                secs[k] += med([t for t, _ in res[k]])
+                secs[k] += med([t[0] for t, _ in res[k]])
+            for k in cpu:
+                cpu[k] += med([t[1] for t, _ in res[k]])
 
             def err(r: np.ndarray, w=w) -> float:
                 return float(((w.astype(np.float64) - r.reshape(w.shape)) ** 2).sum())
@@ -97,23 +112,53 @@ def main() -> None:
             sq["pkg"] += err(((wq.float() - meta["zero"]) * meta["scale"]).numpy())
             wq, meta = pkg(opt=False)
             sq["pkg_rtn"] += err(((wq.float() - meta["zero"]) * meta["scale"]).numpy())
-            gw = wt.reshape(-1, g)
+            gw = w.reshape(-1, g)
             s, z = solve_zero(gw, bits, HQQConfig())
-            q = torch.round(gw * s + z).clamp(0, (1 << bits) - 1)
-            sq["float"] += err(((q - z) / s).numpy())
+            q = np.clip(np.round(gw * s + z), 0, (1 << bits) - 1)
+            sq["float"] += err((q - z) / s)
         rel = {k: (v / norm) ** 0.5 for k, v in sq.items()}
         rows.append([
             qtype, f"{rel['rtn']:.4f}", f"{rel['ours']:.4f}", f"{rel['float']:.4f}",
             f"{rel['pkg']:.4f}", f"{rel['pkg_rtn']:.4f}",
             f"{secs['rtn'] * 1e3:.0f}", f"{secs['ours'] * 1e3:.0f}", f"{secs['pkg'] * 1e3:.0f}",
-            f"{secs['pkg'] / secs['ours']:.2f}x",
+            f"{secs['pkg'] / secs['ours']:.2f}x", f"{cpu['pkg'] / cpu['ours']:.2f}x",
         ])  # fmt: skip
     print(f"{len(weights)} tensors (blocks {args.blocks}), group {g}, torch threads "
           f"{args.threads}, {args.runs} runs interleaved")  # fmt: skip
     print(table(
         ["qtype", "rel err RTN (stored)", "HQQ ours (stored, int zero)", "HQQ ours (float zero)",
          "hqq pkg (float zero)", "hqq pkg RTN (float zero)", "ms RTN", "ms HQQ ours",
-         "ms hqq pkg", "ours vs pkg speed"], rows))  # fmt: skip
+         "ms hqq pkg", "ours vs pkg speed (wall)", "(CPU time)"], rows))  # fmt: skip
+    if args.ggml:
+        print(table(["qtype", "tensors", "rel err RTN", "rel err HQQ ours", "ms RTN",
+                     "ms HQQ ours"], _ggml_rows(weights, args)))  # fmt: skip
+
+
+def _ggml_rows(weights: dict[str, np.ndarray], args: argparse.Namespace) -> list[list[str]]:
+    rows = []
+    for qtype in args.ggml.split(","):
+        block = qtype_info(qtype).block_size
+        ws = [w for w in weights.values() if w.shape[1] % block == 0]
+        sq = {"rtn": 0.0, "ours": 0.0}
+        secs = {"rtn": 0.0, "ours": 0.0}
+        norm = 0.0
+        for w in ws:
+            norm += float((w.astype(np.float64) ** 2).sum())
+            res = interleave(
+                {
+                    "rtn": _timed(lambda w=w, qt=qtype: fq.quantize(w, qt)),
+                    "ours": _timed(lambda w=w, qt=qtype: hqq_quantize(w, qt)),
+                },
+                args.runs,
+            )
+            for k in secs:
+                secs[k] += med([t[0] for t, _ in res[k]])
+                r = fq.dequantize(res[k][0][1]).reshape(w.shape).astype(np.float64)
+                sq[k] += float(((w - r) ** 2).sum())
+        rows.append([qtype, str(len(ws)), f"{(sq['rtn'] / norm) ** 0.5:.4f}",
+                     f"{(sq['ours'] / norm) ** 0.5:.4f}", f"{secs['rtn'] * 1e3:.0f}",
+                     f"{secs['ours'] * 1e3:.0f}"])  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":

@@ -31,6 +31,30 @@ def dequantize(
     scale_mode: str | None = None,
     double_quant: dict[str, Any] | None = None,
 ) -> npt.NDArray[np.float32]: ...
+def hqq_solve(
+    w: npt.NDArray[np.float32],
+    group: int,
+    bits: int,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    early_stop: bool = True,
+    reference: bool = False,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], int]:
+    """HQQ's (inverse scales, zeros, steps) per group of `group` consecutive values."""
+
+def hqq_quantize(
+    w: npt.NDArray[np.float32],
+    qtype: str,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    early_stop: bool = True,
+) -> dict[str, Any]:
+    """An HQQ-optimised tensor of `qtype`: block_size, data, stats (as `quantize`)."""
+
 def qtypes() -> list[tuple[str, int, int, float, int | None, str]]: ...
 def block_struct_sizes() -> list[tuple[str, int]]: ...
 def set_num_threads(n: int) -> None: ...

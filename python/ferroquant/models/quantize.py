@@ -44,11 +44,12 @@ def quantize_model(
     method: "rtn" (round to nearest, no data), "gptq", "awq" or "awq+gptq" (calibrated, layer by
     layer, for transformers causal LMs whose decoder layers are an nn.ModuleList) or "hqq"
     (half-quadratic zero-point search, no data; asymmetric grouped integer qtypes such as
-    int4_g64, q4_1, q5_1). `calibration` (calibrated methods): token ids or text (str, list of
-    str, a Path; None: gensim's lee_background.cor) cut into `config.n_samples` x `config.seq_len`
-    windows; text needs `tokenizer`. `config`: the method's dataclass
-    (`ferroquant.methods.GPTQConfig`, `AWQConfig`: grid, duo_scaling, clip, ...; `HQQConfig`) or
-    a dict of its fields.
+    int4_g64, q4_1, q5_1, q2_k, q4_k, q5_k; where a recipe falls back to a format without a
+    zero point, that weight keeps round to nearest). `calibration` (calibrated methods): token
+    ids or text (str, list of str, a Path; None: gensim's lee_background.cor) cut into
+    `config.n_samples` x `config.seq_len` windows; text needs `tokenizer`. `config`: the
+    method's dataclass (`ferroquant.methods.GPTQConfig`, `AWQConfig`: grid, duo_scaling, clip,
+    ...; `HQQConfig`) or a dict of its fields.
     imatrix: {module name: per-column importance} (llama.cpp's importance matrix values) for
     round to nearest with the ggml quantizers that take one.
     runner: where the calibrated methods' layers, searches and solves run (None: here;
@@ -57,6 +58,7 @@ def quantize_model(
     `model.ferroquant_method` states the method with its options.
     """
     from ..methods import method_config
+    from ..methods.hqq import has_zero_point
 
     rule = recipe if isinstance(recipe, Recipe) else recipe_for(recipe, skip)
     cfg = method_config(method, config)
@@ -97,7 +99,9 @@ def quantize_model(
         plan[name] = q
         if q is None:
             continue
-        if method.lower() == "hqq":
+        # hqq where the format has a zero point; a recipe's fallback (q4_k -> q5_0 for rows
+        # that are not whole super-blocks) has none and keeps round-to-nearest
+        if method.lower() == "hqq" and has_zero_point(q):
             from ..methods import hqq_quantize
 
             qt = hqq_quantize(lin.weight, q, cfg)
