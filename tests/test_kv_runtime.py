@@ -247,3 +247,16 @@ def test_cli_generate_kv(tmp_path, capsys, model):
     argv = ["generate", str(model), "--prompt", "hi", "--kv", "int4", "--ctx", "64"]
     assert cli.main(argv + ["--max-tokens", "3", "--kv-budget", "8MiB"]) == 0
     assert "kv int4" in capsys.readouterr().err
+
+
+def test_decode_step_probe(model):
+    """The bench's speed probe: batched steps over synthetic caches run and give every page
+    back; a pool too small for the sequences asked for is one clear error, then still usable."""
+    rt = LlamaRuntime.from_gguf(model, n_ctx=96, kv_type="int4", kv_budget="4MiB")
+    assert rt.decode_step_seconds(2, 80, reps=2) > 0
+    assert rt.kv["charged"] == 0
+    n = rt.kv_capacity(96)
+    with pytest.raises(fq.QuantizeError, match=f"holds {n} sequences of 96 positions"):
+        rt.decode_step_seconds(n + 1, 93, reps=3)
+    assert rt.kv["charged"] == 0
+    assert rt.forward([1, 2, 3]).shape == (VOCAB,)

@@ -120,6 +120,12 @@ class LlamaRuntime:
         """How many sequences of `max_len` positions the pool holds at once."""
         return self._m.kv_capacity(int(max_len))
 
+    def decode_step_seconds(self, n_seqs: int, n_pos: int, reps: int = 5) -> float:
+        """Median seconds of one batched decode step of `n_seqs` sequences, each over `n_pos`
+        cached positions filled with pseudo-random rows (a speed probe for benches: no
+        prefill; the pool must hold `n_seqs` sequences of `n_pos + reps` positions)."""
+        return self._m.decode_step_seconds(int(n_seqs), int(n_pos), int(reps))
+
     def generate_batch(
         self,
         prompts: Sequence[Sequence[int] | np.ndarray],

@@ -93,6 +93,21 @@ impl LlamaModel {
         Ok(d)
     }
 
+    /// Median seconds of one batched decode step of `n_seqs` sequences over `n_pos` synthetic
+    /// cached positions each (benches/bench_kv.py; the contents are pseudo-random rows).
+    #[pyo3(signature = (n_seqs, n_pos, reps=5))]
+    fn decode_step_seconds(
+        &mut self,
+        py: Python<'_>,
+        n_seqs: usize,
+        n_pos: usize,
+        reps: usize,
+    ) -> PyResult<f64> {
+        let model = &mut self.model;
+        py.detach(|| core::runtime::decode_timing::decode_step_seconds(model, n_seqs, n_pos, reps))
+            .map_err(to_py)
+    }
+
     /// How many sequences of `max_len` positions the pool holds at once.
     fn kv_capacity(&self, max_len: usize) -> usize {
         self.model.pool.capacity(max_len)
