@@ -247,6 +247,8 @@ def test_cli_generate_kv(tmp_path, capsys, model):
     argv = ["generate", str(model), "--prompt", "hi", "--kv", "int4", "--ctx", "64"]
     assert cli.main(argv + ["--max-tokens", "3", "--kv-budget", "8MiB"]) == 0
     assert "kv int4" in capsys.readouterr().err
+    assert cli.main(argv + ["--max-tokens", "2", "--kv-rotation", "on"]) == 0
+    assert "kv int4" in capsys.readouterr().err
 
 
 def test_decode_step_probe(model):
