@@ -17,8 +17,17 @@ context is needed. Sections:
   of `ctx` positions per type (no model prefill, so 8192 positions take seconds);
 - decode tokens/s after a prompt of `ctx` tokens (greedy, --decode tokens), engines interleaved,
   median of --runs;
-- concurrency: how many sequences of --seq-len positions a --budget pool holds, and the
-  aggregate decode tokens/s of generate_batch with that many (prompt = seq_len - --decode).
+- whole decode steps (section "step"): the model's one-token step (matmuls, attention over the
+  quantized cache, logits) over a cache of `ctx` positions filled with synthetic rows through the
+  pool's append path (`LlamaRuntime.decode_step_seconds`: no prefill, so 8192 positions take
+  seconds), types interleaved, median of --runs;
+- concurrency: how many sequences of --seq-len positions a --budget pool holds (exact), and
+  the aggregate decode tokens/s with that many decoding together: from generate_batch
+  (section "concurrency", prompt = seq_len - --decode: a prefill of every sequence) or from
+  batched steps over synthetic caches (section "concurrency-step", no prefill).
+
+Types are `kv_type` names, optionally `:rot` / `:norot` to choose the rotation (default: the
+type's own, docs/kv.md).
 """
 
 from __future__ import annotations
@@ -84,8 +93,14 @@ def nll_sum(logits: np.ndarray, targets: list[int]) -> float:
     return float((lse - x[np.arange(len(targets)), targets]).sum())
 
 
+def spec(kv: str) -> dict:
+    """ "int4:rot" -> kv_type int4, kv_rotation True; a plain name keeps the type's default."""
+    t, _, r = kv.partition(":")
+    return {"kv_type": t, "kv_rotation": {"rot": True, "norot": False}.get(r)}
+
+
 def ppl_ours(path: Path, kv: str, toks: list[int]) -> float:
-    rt = LlamaRuntime.from_gguf(path, n_ctx=len(toks), kv_type=kv, kv_budget="4GiB")
+    rt = LlamaRuntime.from_gguf(path, n_ctx=len(toks), kv_budget="4GiB", **spec(kv))
     total = 0.0
     for i in range(0, len(toks), CHUNK):
         lg = rt.forward(toks[i : i + CHUNK], all_logits=True)
@@ -120,7 +135,7 @@ def ppl_llama(path: Path, kv: str, toks: list[int], threads: int) -> float:
 
 
 def decode_ours(path: Path, kv: str, toks: list[int], n_dec: int) -> float:
-    rt = LlamaRuntime.from_gguf(path, n_ctx=len(toks) + n_dec + 1, kv_type=kv, kv_budget="4GiB")
+    rt = LlamaRuntime.from_gguf(path, n_ctx=len(toks) + n_dec + 1, kv_budget="4GiB", **spec(kv))
     for i in range(0, len(toks) - 1, 512):
         rt.forward(toks[i : min(i + 512, len(toks) - 1)])
     g = rt.generate(toks[-1:], n_dec + 1, reset=False)
@@ -139,9 +154,20 @@ def decode_llama(path: Path, kv: str, toks: list[int], n_dec: int, threads: int)
         llm.close()
 
 
+def step_tps(path: Path, kv: str, n_seqs: int, n_pos: int, reps: int, budget: str) -> float:
+    """Aggregate tokens/s of batched decode steps over synthetic caches (no prefill)."""
+    rt = LlamaRuntime.from_gguf(path, n_ctx=n_pos + reps, kv_budget=budget, **spec(kv))
+    return n_seqs / rt.decode_step_seconds(n_seqs, n_pos, reps)
+
+
+def capacity(path: Path, kv: str, seq_len: int, budget: str) -> int:
+    rt = LlamaRuntime.from_gguf(path, n_ctx=seq_len, kv_budget=budget, **spec(kv))
+    return rt.kv_capacity(seq_len)
+
+
 def concurrency(path: Path, kv: str, toks: list[int], seq_len: int, budget: str,
                 n_dec: int) -> tuple[int, float, int]:  # fmt: skip
-    rt = LlamaRuntime.from_gguf(path, n_ctx=seq_len, kv_type=kv, kv_budget=budget)
+    rt = LlamaRuntime.from_gguf(path, n_ctx=seq_len, kv_budget=budget, **spec(kv))
     n = rt.kv_capacity(seq_len)
     plen = seq_len - n_dec
     prompts = [toks[i * 7 % 97 :][:plen] for i in range(n)]  # n different prompts
@@ -167,7 +193,9 @@ def main() -> None:
         help="llama.cpp's threads (default --threads; "
         "its spinning thread pool crawls on an overloaded machine)",
     )
-    ap.add_argument("--sections", default="bytes,ppl,attention,decode,concurrency,hf")
+    ap.add_argument(
+        "--sections", default="bytes,ppl,attention,step,decode,concurrency-step,concurrency,hf"
+    )
     ap.add_argument("--no-llama", action="store_true", help="skip llama.cpp")
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache",
                                                     "ferroquant-bench-e2e"))  # fmt: skip
@@ -196,7 +224,7 @@ def main() -> None:
     print("\n## Bytes per token (all layers, K and V)\n")
     rows = []
     for t in types if "bytes" in sections else []:
-        bpt = LlamaRuntime.from_gguf(files[weights[0]], n_ctx=256, kv_type=t).kv
+        bpt = LlamaRuntime.from_gguf(files[weights[0]], n_ctx=256, **spec(t)).kv
         rows.append([t, bpt["bytes_per_token"], f"{bpt['bytes_per_token'] / 23040:.3f}",
                      bpt["residual_bytes"]])  # fmt: skip
     for k in peers_kv[1:3] if "bytes" in sections else []:
@@ -241,13 +269,47 @@ def main() -> None:
                 print("  ", rows[-1], benchlib.load(), flush=True)
     print(benchlib.table(["weights", "ctx", "engine kv", "decode tok/s", "vs fq f16"], rows))
 
+    if "step" in sections:
+        print(f"\n## Whole decode steps over a synthetic cache of ctx positions (tokens/s, "
+              f"median of {args.runs} interleaved runs, each the median of 3 steps)\n")  # fmt: skip
+        rows = []
+        w = weights[0]
+        for ctx in dec_ctx:
+            # ctx - 3 filled positions + 3 steps: the cache ends at ctx (8192 = the model's limit)
+            eng = {t: partial(step_tps, files[w], t, 1, ctx - 3, 3, "4GiB") for t in types}
+            res = benchlib.interleave(eng, args.runs)
+            for t, v in res.items():
+                vs = benchlib.ratio(v, res["f16"]) if "f16" in res else "-"
+                rows.append([w, ctx, t, benchlib.spread(v), vs])
+                print("  ", rows[-1], benchlib.load(), flush=True)
+        print(benchlib.table(["weights", "ctx", "kv", "decode tok/s", "vs f16"], rows))
+
+    if "concurrency-step" in sections:
+        print(f"\n## Concurrency over synthetic caches: sequences of {args.seq_len} positions in "
+              f"{args.budget}, batched decode steps (aggregate tokens/s, median of {args.runs} "
+              f"interleaved runs, each the median of 3 steps)\n")  # fmt: skip
+        rows = []
+        w = weights[0]
+        n = {t: capacity(files[w], t, args.seq_len, args.budget) for t in types}
+        eng = {t: partial(step_tps, files[w], t, n[t], args.seq_len - 3, 3, args.budget)
+               for t in types if n[t]}  # fmt: skip
+        res = benchlib.interleave(eng, args.runs)
+        for t, v in res.items():
+            vs_n = f"{n[t] / n['f16']:.2f}x" if "f16" in n else "-"
+            vs = benchlib.ratio(v, res["f16"]) if "f16" in res else "-"
+            rows.append([w, t, n[t], benchlib.spread(v), vs_n, vs])
+            print("  ", rows[-1], benchlib.load(), flush=True)
+        print(benchlib.table(["weights", "kv", "sequences", "aggregate tok/s",
+                              "sequences vs f16", "tok/s vs f16"], rows))  # fmt: skip
+
     if "attention" in sections:
         print(f"\n## Attention alone: one decode step, every layer, over a synthetic cache "
               f"(seconds, median of 5 inside each of {args.runs} interleaved runs)\n")  # fmt: skip
         rows = []
         for ctx in dec_ctx:
-            eng = {t: partial(_native.kv_decode_attention_seconds, t, c["n_layer"], c["n_head"],
-                              c["n_head_kv"], c["head_dim"], ctx, 5)
+            eng = {t: partial(_native.kv_decode_attention_seconds, spec(t)["kv_type"],
+                              c["n_layer"], c["n_head"], c["n_head_kv"], c["head_dim"], ctx, 5,
+                              spec(t)["kv_rotation"])
                    for t in types}  # fmt: skip
             res = benchlib.interleave(eng, args.runs)
             for t, v in res.items():

@@ -26,10 +26,12 @@ from ferroquant.runtime import KV_TYPES, LlamaRuntime
 import peers
 
 VOCAB = 49152
-BLOCK = {"f32": 128, "f16": 64, "q8_0": 34, "fp8_e4m3": 36, "q4_0": 18, "int4": 20, "int2": 12}
+BLOCK = {"f32": 128, "f16": 64, "q8_0": 34, "fp8_e4m3": 36, "q4_0": 18, "int4": 36, "int2": 20}
+LEN = {t: 64 if t.startswith("int") else 32 for t in BLOCK}  # values per block
 
 finite = st.floats(-1e4, 1e4, allow_nan=False, width=32)
 rows32 = hnp.arrays(np.float32, st.sampled_from([32, 64, 128]), elements=finite)
+rows64 = hnp.arrays(np.float32, st.sampled_from([64, 128]), elements=finite)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +46,15 @@ def model(tmp_path_factory) -> Path:
 def test_bytes_per_token_formula():
     # SmolLM2-135M: 30 layers, 3 KV heads of 64; f16 is 30 * 2 * 3 * 64 * 2 = 23,040.
     for t in KV_TYPES:
-        assert _native.kv_bytes_per_token(t, 30, 3, 64) == 30 * 2 * 6 * BLOCK[t]
+        assert _native.kv_bytes_per_token(t, 30, 3, 64) == 30 * 2 * 3 * 64 // LEN[t] * BLOCK[t]
     assert _native.kv_bytes_per_token("f16", 30, 3, 64) == 23040
+    # int4 at 4.5 bits per value: exactly q4_0's bytes
+    assert _native.kv_bytes_per_token("int4", 30, 3, 64) == 6480
+    assert _native.kv_bytes_per_token("q4_0", 30, 3, 64) == 6480
     with pytest.raises(fq.QuantizeError, match="head_dim"):
         _native.kv_bytes_per_token("int4", 30, 3, 48)
+    with pytest.raises(fq.QuantizeError, match="divisible by 64"):
+        _native.kv_bytes_per_token("int2", 30, 3, 96)
 
 
 @settings(max_examples=40, deadline=None)
@@ -77,30 +84,30 @@ def kivi_numpy(x: np.ndarray, bits: int) -> np.ndarray:
     """docs/kv.md's KIVI block, transcribed independently in numpy."""
     levels = (1 << bits) - 1
     out = []
-    for g in x.reshape(-1, 32):
+    for g in x.reshape(-1, 64):
         s16 = np.float16(min((g.max() - g.min()) / np.float32(levels), np.float32(65504)))
         z16 = np.float16(np.clip(g.min(), -65504, 65504) + np.float32(0))
         s, z = np.float32(s16), np.float32(z16)
-        q = np.zeros(32, np.uint8)
+        q = np.zeros(64, np.uint8)
         if s != 0:
             q = np.clip(np.rint((g - z) / s), 0, levels).astype(np.uint8)
         per = 8 // bits
-        packed = np.zeros(32 // per, np.uint8)
-        for i in range(32):
+        packed = np.zeros(64 // per, np.uint8)
+        for i in range(64):
             packed[i % len(packed)] |= q[i] << (bits * (i // len(packed)))
         out.append(np.concatenate([packed, np.array([s16, z16]).view(np.uint8)]))
     return np.concatenate(out)
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows32, st.sampled_from([4, 2]))
+@given(rows64, st.sampled_from([4, 2]))
 def test_kivi_blocks_follow_the_definition(x, bits):
     t = f"int{bits}"
     enc = _native.kv_encode(t, x)
     assert np.array_equal(enc, kivi_numpy(x, bits))
     # Dequantized values stay within half a step (plus the f16 rounding of zero and scale).
-    back = _native.kv_decode(t, enc).reshape(-1, 32)
-    for g, b, blk in zip(x.reshape(-1, 32), back, enc.reshape(-1, BLOCK[t]), strict=True):
+    back = _native.kv_decode(t, enc).reshape(-1, 64)
+    for g, b, blk in zip(x.reshape(-1, 64), back, enc.reshape(-1, BLOCK[t]), strict=True):
         s = float(blk[-4:-2].copy().view(np.float16)[0])
         span = float(g.max()) - float(g.min())
         tol = 0.5 * s + 2e-3 * (abs(float(g.min())) + span) + 1e-6
@@ -113,7 +120,7 @@ wide = st.one_of(st.floats(-1e6, 1e6, allow_nan=False, width=32), st.sampled_fro
 
 @settings(max_examples=80, deadline=None)
 @given(
-    hnp.arrays(np.float32, st.sampled_from([32, 64]), elements=wide),
+    hnp.arrays(np.float32, st.sampled_from([64, 128]), elements=wide),
     st.sampled_from(["f16", "q8_0", "q4_0", "fp8_e4m3", "int4", "int2"]),
 )
 def test_runtime_and_transformers_caches_store_the_same_values(x, t):
@@ -122,7 +129,7 @@ def test_runtime_and_transformers_caches_store_the_same_values(x, t):
     from ferroquant.kv.reference import roundtrip
 
     back = _native.kv_decode(t, _native.kv_encode(t, x))
-    want = np.concatenate([roundtrip(t, g) for g in x.reshape(-1, 32)])
+    want = np.concatenate([roundtrip(t, g) for g in x.reshape(-1, LEN[t])])
     assert np.array_equal(back.view(np.uint32), want.astype(np.float32).view(np.uint32)), t
 
 
@@ -139,22 +146,24 @@ def test_decode_of_encode_is_stable(x, t):
         assert np.array_equal(_native.kv_encode(t, back), enc)
 
 
-@pytest.mark.parametrize("kv", KV_TYPES)
-def test_batched_equals_step_by_step_and_threads_do_not_matter(model, kv):
-    """A 40-token prompt (past one 32-position KIVI group) in one call, in chunks, or token by
-    token, on 1 or 2 threads: the same logits bit for bit."""
-    tokens = [int(t) for t in np.random.default_rng(7).integers(0, VOCAB, 40)]
+@pytest.mark.parametrize("kv,rotation", [(t, None) for t in KV_TYPES] + [("int4", True)])
+def test_batched_equals_step_by_step_and_threads_do_not_matter(model, kv, rotation):
+    """A 72-token prompt (past one 64-position KIVI group) in one call, in chunks, or token by
+    token, on 1 or 2 threads, rotated or not: the same logits bit for bit."""
+    tokens = [int(t) for t in np.random.default_rng(7).integers(0, VOCAB, 72)]
     before = fq.num_threads()
     try:
         fq.set_num_threads(1)
-        rt = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type=kv, kv_budget="8MiB")
+        rt = LlamaRuntime.from_gguf(
+            model, n_ctx=96, kv_type=kv, kv_budget="8MiB", kv_rotation=rotation
+        )
         one = rt.forward(tokens, all_logits=True)
         fq.set_num_threads(2)
         rt.reset()
         two = rt.forward(tokens, all_logits=True)
         rt.reset()
-        chunks = [rt.forward(tokens[:30], all_logits=True), rt.forward(tokens[30:35], True)]
-        steps = np.concatenate(chunks + [rt.forward([t])[None] for t in tokens[35:]])
+        chunks = [rt.forward(tokens[:30], all_logits=True), rt.forward(tokens[30:63], True)]
+        steps = np.concatenate(chunks + [rt.forward([t])[None] for t in tokens[63:]])
     finally:
         fq.set_num_threads(before)
     assert np.array_equal(one, two)
@@ -162,13 +171,32 @@ def test_batched_equals_step_by_step_and_threads_do_not_matter(model, kv):
 
 
 def test_quantized_caches_stay_close_to_f32(model):
-    tokens = [int(t) for t in np.random.default_rng(8).integers(0, VOCAB, 48)]
-    ref = LlamaRuntime.from_gguf(model, n_ctx=64).forward(tokens, all_logits=True)
+    tokens = [int(t) for t in np.random.default_rng(8).integers(0, VOCAB, 96)]
+    ref = LlamaRuntime.from_gguf(model, n_ctx=96).forward(tokens, all_logits=True)
     scale = np.abs(ref).max()
-    for kv, tol in [("f16", 0.05), ("q8_0", 0.1), ("fp8_e4m3", 0.2), ("int4", 0.3)]:
-        got = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type=kv).forward(tokens, True)
+    cases = [("f16", None, 0.05), ("q8_0", None, 0.1), ("fp8_e4m3", None, 0.2),
+             ("int4", None, 0.3), ("int4", True, 0.3), ("q4_0", None, 0.3)]  # fmt: skip
+    for kv, rot, tol in cases:
+        rt = LlamaRuntime.from_gguf(model, n_ctx=96, kv_type=kv, kv_rotation=rot)
+        got = rt.forward(tokens, True)
         assert np.abs(got - ref).mean() < tol * scale * 0.1, kv
         assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8, kv
+
+
+def test_rotation_defaults_and_choice(model):
+    """Rotation is on by default for q4_0 and int2 (head_dim 64 is a power of two), off for the
+    others; it can be chosen either way, and changes the logits only through the rounding."""
+    for kv in KV_TYPES:
+        rt = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type=kv)
+        assert rt.kv["rotation"] is (kv in ("q4_0", "int2")), kv
+        assert rt.kv["page_tokens"] == (64 if kv.startswith("int") else 32)
+    tokens = [int(t) for t in np.random.default_rng(3).integers(0, VOCAB, 24)]
+    exact = [LlamaRuntime.from_gguf(model, n_ctx=64, kv_rotation=r).forward(tokens, True)
+             for r in (False, True)]  # fmt: skip
+    # f32 cache: the rotation is orthogonal, so q.k and the output change only by rounding
+    assert np.abs(exact[0] - exact[1]).max() < 1e-3 * np.abs(exact[0]).max()
+    off = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type="q4_0", kv_rotation=False)
+    assert off.kv["rotation"] is False
 
 
 @pytest.mark.parametrize("kv", ["q8_0", "int4"])
@@ -219,3 +247,18 @@ def test_cli_generate_kv(tmp_path, capsys, model):
     argv = ["generate", str(model), "--prompt", "hi", "--kv", "int4", "--ctx", "64"]
     assert cli.main(argv + ["--max-tokens", "3", "--kv-budget", "8MiB"]) == 0
     assert "kv int4" in capsys.readouterr().err
+    assert cli.main(argv + ["--max-tokens", "2", "--kv-rotation", "on"]) == 0
+    assert "kv int4" in capsys.readouterr().err
+
+
+def test_decode_step_probe(model):
+    """The bench's speed probe: batched steps over synthetic caches run and give every page
+    back; a pool too small for the sequences asked for is one clear error, then still usable."""
+    rt = LlamaRuntime.from_gguf(model, n_ctx=96, kv_type="int4", kv_budget="4MiB")
+    assert rt.decode_step_seconds(2, 80, reps=2) > 0
+    assert rt.kv["charged"] == 0
+    n = rt.kv_capacity(96)
+    with pytest.raises(fq.QuantizeError, match=f"holds {n} sequences of 96 positions"):
+        rt.decode_step_seconds(n + 1, 93, reps=3)
+    assert rt.kv["charged"] == 0
+    assert rt.forward([1, 2, 3]).shape == (VOCAB,)

@@ -151,6 +151,7 @@ def kv_decode_attention_seconds(
     head_dim: int,
     n_pos: int,
     reps: int = 5,
+    kv_rotation: bool | None = None,
 ) -> float: ...
 
 class LlamaModel:
@@ -162,6 +163,7 @@ class LlamaModel:
         n_ctx: int | None = None,
         kv_type: str = "f32",
         kv_budget: str | None = None,
+        kv_rotation: bool | None = None,
     ) -> None: ...
     def generate_batch(
         self,
@@ -175,6 +177,7 @@ class LlamaModel:
     @property
     def kv(self) -> dict[str, Any]: ...
     def kv_capacity(self, max_len: int) -> int: ...
+    def decode_step_seconds(self, n_seqs: int, n_pos: int, reps: int = 5) -> float: ...
     def forward(self, tokens: list[int], all_logits: bool = False) -> npt.NDArray[np.float32]: ...
     def generate(
         self,

@@ -28,6 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="KV cache type: f32 f16 q8_0 fp8_e4m3 q4_0 int4 int2 (docs/kv.md)",
     )
     g.add_argument("--kv-budget", default="512MiB", help="KV cache pool size")
+    g.add_argument(
+        "--kv-rotation",
+        choices=["default", "on", "off"],
+        default="default",
+        help="Walsh-Hadamard rotation of K/V per head (default: on for q4_0 and int2)",
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print JSON instead of the text")
     g.set_defaults(func=run)
@@ -38,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
 
     r = generate_text(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed, n_threads=args.threads, n_ctx=args.ctx,
-                      chat=args.chat, kv_type=args.kv, kv_budget=args.kv_budget)  # fmt: skip
+                      chat=args.chat, kv_type=args.kv, kv_budget=args.kv_budget,
+                      kv_rotation={"on": True, "off": False}.get(args.kv_rotation))  # fmt: skip
     if args.json:
         print(json.dumps(r))
     else:

@@ -15,16 +15,18 @@ import math
 import numpy as np
 
 GROUP = 32
+KIVI_GROUP = 64  # the native runtime's KIVI group (docs/kv.md); the rule is the same at 32
 F16_MAX = np.float32(65504.0)
 FP8_MAX = np.float32(448.0)
 
 f32 = np.float32
 
 
-def _group(x: np.ndarray) -> np.ndarray:
+def _group(x: np.ndarray, sizes: tuple[int, ...] = (GROUP,)) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
-    if x.shape != (GROUP,):
-        raise ValueError(f"a reference group is 32 float32 values, got shape {x.shape}")
+    if x.shape not in [(n,) for n in sizes]:
+        want = " or ".join(str(n) for n in sizes)
+        raise ValueError(f"a reference group is {want} float32 values, got shape {x.shape}")
     return x
 
 
@@ -101,11 +103,12 @@ def f16_group(x: np.ndarray) -> np.ndarray:
     return _group(x).astype(np.float16)
 
 
-# KIVI int4 / int2, asymmetric. The group is 32 consecutive tokens of one key channel, or 32
-# consecutive channels of one value token. Scale and zero are stored as f16 (clamped to the f16
-# range first, so they stay finite); q is computed with the stored (f16) scale and zero.
+# KIVI int4 / int2, asymmetric. The group is 32 (this cache) or 64 (the native runtime,
+# KIVI_GROUP) consecutive tokens of one key channel, or consecutive channels of one value token.
+# Scale and zero are stored as f16 (clamped to the f16 range first, so they stay finite); q is
+# computed with the stored (f16) scale and zero.
 def kivi_group(x: np.ndarray, bits: int) -> tuple[np.float16, np.float16, np.ndarray]:
-    x = _group(x)
+    x = _group(x, (GROUP, KIVI_GROUP))
     levels = (1 << bits) - 1
     lo, hi = x[0], x[0]
     for v in x:
@@ -114,7 +117,7 @@ def kivi_group(x: np.ndarray, bits: int) -> tuple[np.float16, np.float16, np.nda
     s16 = np.float16(min(scale, F16_MAX))
     z16 = np.float16(min(max(lo, -F16_MAX), F16_MAX) + np.float32(0.0))  # -0.0 stored as +0.0
     s, z = f32(s16), f32(z16)
-    q = np.zeros(GROUP, dtype=np.uint8)
+    q = np.zeros(x.size, dtype=np.uint8)
     if s != 0:
         for i, v in enumerate(x):
             t = f32(f32(v - z) / s)
@@ -129,7 +132,7 @@ def kivi_dequant(s16: np.float16, z16: np.float16, q: np.ndarray) -> np.ndarray:
 
 def roundtrip(kv_type: str, x: np.ndarray) -> np.ndarray:
     """Dequantize(quantize(x)) of one group of 32 values (for KIVI types: one key channel's 32
-    tokens or one value token's 32 channels)."""
+    or 64 tokens or one value token's 32 or 64 channels)."""
     if kv_type == "f32":
         return _group(x).copy()
     if kv_type == "f16":

@@ -92,27 +92,39 @@ class LlamaRuntime:
         n_ctx: int | None = 2048,
         kv_type: str = "f32",
         kv_budget: str | int = "512MiB",
+        kv_rotation: bool | None = None,
     ) -> LlamaRuntime:
         """Load a llama-architecture GGUF. `n_threads` sets ferroquant's thread pool (shared by
         the whole process; None leaves it as it is). `n_ctx`: positions a sequence may hold
         (None: the model's training context, at most 4096; more than the training context is an
         error). `kv_type`: the cache type (docs/kv.md). `kv_budget`: the pool's bytes ("512MiB",
-        "1GB" or an int); it must hold at least one sequence of `n_ctx` positions."""
+        "1GB" or an int); it must hold at least one sequence of `n_ctx` positions. `kv_rotation`:
+        rotate K, V and the query per head with a Walsh-Hadamard transform (None: the type's
+        default, on for q4_0 and int2 where head_dim is a power of two; docs/kv.md)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)}")
         if n_threads is not None:
             _native.set_num_threads(int(n_threads))
-        native = _native.LlamaModel(os.fspath(path), n_ctx, str(kv_type), str(kv_budget))
+        native = _native.LlamaModel(
+            os.fspath(path), n_ctx, str(kv_type), str(kv_budget), kv_rotation
+        )
         return cls(native, os.fspath(path))
 
     @property
     def kv(self) -> dict[str, Any]:
-        """The cache: kv_type, bytes_per_token, page_bytes, residual_bytes, budget, charged."""
+        """The cache: kv_type, bytes_per_token, page_tokens, page_bytes, residual_bytes,
+        rotation, budget, charged."""
         return self._m.kv
 
     def kv_capacity(self, max_len: int) -> int:
         """How many sequences of `max_len` positions the pool holds at once."""
         return self._m.kv_capacity(int(max_len))
+
+    def decode_step_seconds(self, n_seqs: int, n_pos: int, reps: int = 5) -> float:
+        """Median seconds of one batched decode step of `n_seqs` sequences, each over `n_pos`
+        cached positions filled with pseudo-random rows (a speed probe for benches: no
+        prefill; the pool must hold `n_seqs` sequences of `n_pos + reps` positions)."""
+        return self._m.decode_step_seconds(int(n_seqs), int(n_pos), int(reps))
 
     def generate_batch(
         self,
@@ -220,6 +232,7 @@ def generate_text(
     chat: bool = False,
     kv_type: str = "f32",
     kv_budget: str | int = "512MiB",
+    kv_rotation: bool | None = None,
 ) -> dict[str, Any]:
     """Tokenize `prompt` (through the file's chat template with `chat`, else with BOS when the
     file asks for it), generate until an end-of-generation token (the file's eos / eot / eom)
@@ -232,9 +245,8 @@ def generate_text(
         ids = tok.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
-    rt = LlamaRuntime.from_gguf(
-        path, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type, kv_budget=kv_budget
-    )
+    rt = LlamaRuntime.from_gguf(path, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type,
+                                kv_budget=kv_budget, kv_rotation=kv_rotation)  # fmt: skip
     g = rt.generate(ids, max_new_tokens, temperature, top_k, seed, tok.stop_ids)
     text = tok.decode(g.tokens, skip_special_tokens=True)
     return {

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::to_py;
-use core::runtime::kv::{block, pool::parse_size, Geometry, KvType};
+use core::runtime::kv::{block, pool::parse_size, Geometry, KvSpec, KvType};
 use core::runtime::{generate, generate_batch, Llama, Sampling};
 use numpy::PyReadonlyArray1;
 
@@ -20,17 +20,21 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Map `path` and load the model; sequences of up to `n_ctx` positions (None: the training
     /// context, at most 4096) in a pool of `kv_budget` (e.g. "512MiB"; None: 512 MiB) of
-    /// `kv_type` pages.
+    /// `kv_type` pages, rotated per head when `kv_rotation` (None: the type's default).
     #[new]
-    #[pyo3(signature = (path, n_ctx=None, kv_type="f32", kv_budget=None))]
+    #[pyo3(signature = (path, n_ctx=None, kv_type="f32", kv_budget=None, kv_rotation=None))]
     fn new(
         py: Python<'_>,
         path: std::path::PathBuf,
         n_ctx: Option<usize>,
         kv_type: &str,
         kv_budget: Option<&str>,
+        kv_rotation: Option<bool>,
     ) -> PyResult<Self> {
-        let kv = KvType::parse(kv_type).map_err(to_py)?;
+        let kv = KvSpec {
+            kv: KvType::parse(kv_type).map_err(to_py)?,
+            rotate: kv_rotation,
+        };
         let budget = kv_budget.map(parse_size).transpose().map_err(to_py)?;
         let model = py
             .detach(|| Llama::open(&path, n_ctx, kv, budget))
@@ -80,12 +84,28 @@ impl LlamaModel {
         let d = PyDict::new(py);
         d.set_item("kv_type", p.kv.name())?;
         d.set_item("bytes_per_token", p.kv.bytes_per_token(&p.geo))?;
-        d.set_item("page_tokens", 32)?;
+        d.set_item("page_tokens", p.kv.page_len())?;
+        d.set_item("rotation", p.rotate)?;
         d.set_item("page_bytes", p.page_bytes())?;
         d.set_item("residual_bytes", p.residual_bytes())?;
         d.set_item("budget", p.budget)?;
         d.set_item("charged", p.charged())?;
         Ok(d)
+    }
+
+    /// Median seconds of one batched decode step of `n_seqs` sequences over `n_pos` synthetic
+    /// cached positions each (benches/bench_kv.py; the contents are pseudo-random rows).
+    #[pyo3(signature = (n_seqs, n_pos, reps=5))]
+    fn decode_step_seconds(
+        &mut self,
+        py: Python<'_>,
+        n_seqs: usize,
+        n_pos: usize,
+        reps: usize,
+    ) -> PyResult<f64> {
+        let model = &mut self.model;
+        py.detach(|| core::runtime::decode_timing::decode_step_seconds(model, n_seqs, n_pos, reps))
+            .map_err(to_py)
     }
 
     /// How many sequences of `max_len` positions the pool holds at once.
@@ -194,8 +214,8 @@ impl LlamaModel {
     }
 }
 
-/// The blocks `kv_type` stores for `x` (a multiple of 32 values: one token's row of one head,
-/// or one KIVI key group of 32 positions).
+/// The blocks `kv_type` stores for `x` (a multiple of the type's block length, 32 or KIVI's 64:
+/// one token's row of one head, or one KIVI key group of 64 positions).
 #[pyfunction]
 fn kv_encode<'py>(
     py: Python<'py>,
@@ -204,13 +224,14 @@ fn kv_encode<'py>(
 ) -> PyResult<Bound<'py, numpy::PyArray1<u8>>> {
     let kv = KvType::parse(kv_type).map_err(to_py)?;
     let x = x.as_slice()?;
-    if x.is_empty() || x.len() % 32 != 0 {
+    let n = kv.block_len();
+    if x.is_empty() || x.len() % n != 0 {
         return Err(to_py(core::Error::InvalidArgument(format!(
-            "kv_encode needs a multiple of 32 values, got {}",
+            "kv_encode of {kv_type} needs a multiple of {n} values, got {}",
             x.len()
         ))));
     }
-    let mut out = vec![0u8; x.len() / 32 * kv.block_bytes()];
+    let mut out = vec![0u8; x.len() / n * kv.block_bytes()];
     block::encode(kv, x, &mut out);
     Ok(out.into_pyarray(py))
 }
@@ -231,8 +252,9 @@ fn kv_decode<'py>(
             data.len()
         ))));
     }
-    let mut out = vec![0f32; data.len() / bb * 32];
-    for (b, o) in data.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
+    let n = kv.block_len();
+    let mut out = vec![0f32; data.len() / bb * n];
+    for (b, o) in data.chunks_exact(bb).zip(out.chunks_exact_mut(n)) {
         block::decode(kv, b, o);
     }
     Ok(out.into_pyarray(py))
@@ -259,7 +281,7 @@ fn kv_bytes_per_token(
 /// Median seconds of one decode step's attention (every layer) over `n_pos` synthetic cached
 /// positions of `kv_type` (for benches/bench_kv.py).
 #[pyfunction]
-#[pyo3(signature = (kv_type, n_layer, n_head, n_head_kv, head_dim, n_pos, reps=5))]
+#[pyo3(signature = (kv_type, n_layer, n_head, n_head_kv, head_dim, n_pos, reps=5, kv_rotation=None))]
 #[allow(clippy::too_many_arguments)]
 fn kv_decode_attention_seconds(
     py: Python<'_>,
@@ -270,6 +292,7 @@ fn kv_decode_attention_seconds(
     head_dim: usize,
     n_pos: usize,
     reps: usize,
+    kv_rotation: Option<bool>,
 ) -> PyResult<f64> {
     let kv = KvType::parse(kv_type).map_err(to_py)?;
     if n_pos == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
@@ -282,8 +305,17 @@ fn kv_decode_attention_seconds(
         n_head_kv,
         head_dim,
     };
-    py.detach(|| core::runtime::kv::synthetic::decode_attention_seconds(kv, g, n_head, n_pos, reps))
-        .map_err(to_py)
+    py.detach(|| {
+        core::runtime::kv::synthetic::decode_attention_seconds(
+            kv,
+            kv_rotation,
+            g,
+            n_head,
+            n_pos,
+            reps,
+        )
+    })
+    .map_err(to_py)
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -1,6 +1,7 @@
 //! The quantized KV cache (docs/kv.md, "Cache types"): the type table and its byte formula
-//! (types.rs), the per-type block codecs (block.rs), the paged pool that many sequences share
-//! (pool.rs), attention reading the blocks in place (attend.rs) and one scalar reference per
+//! (types.rs), the per-type block codecs (block.rs), the per-head Walsh-Hadamard rotation of the
+//! low-bit types (rotate.rs), the paged pool that many sequences share (pool.rs), attention
+//! reading the blocks in place (attend.rs) and one scalar reference per
 //! type that the paged path is tested against bit for bit (reference.rs); synthetic.rs times the
 //! attention of one decode step over a synthetic cache, for benches.
 
@@ -8,11 +9,12 @@ pub mod attend;
 pub mod block;
 pub mod pool;
 pub mod reference;
+pub mod rotate;
 pub mod synthetic;
 pub mod types;
 
 pub use pool::{Pool, SeqCache};
-pub use types::{Geometry, KvType};
+pub use types::{Geometry, KvSpec, KvType};
 
 #[cfg(test)]
 mod tests {
@@ -34,7 +36,8 @@ mod tests {
     }
 
     /// The paged path (appended in uneven chunks, every position of each chunk attending before
-    /// the chunk is committed, as in a prefill) equals the reference bit for bit, every type.
+    /// the chunk is committed, as in a prefill) equals the reference bit for bit, every type,
+    /// rotated or not.
     #[test]
     fn paged_attention_equals_the_reference() {
         let geo = Geometry {
@@ -42,17 +45,17 @@ mod tests {
             n_head_kv: 2,
             head_dim: 64,
         };
-        let (kvd, hd, n) = (geo.kv_dim(), geo.head_dim, 100);
+        let (kvd, hd, n) = (geo.kv_dim(), geo.head_dim, 170);
         let k = vals(n * kvd * 2, 1);
         let v = vals(n * kvd * 2, 2);
         let q = vals(hd, 3);
         let scale = 0.125f32;
-        for kv in ALL {
-            let mut pool = Pool::new(kv, geo, 1 << 24).unwrap();
-            let mut seq = pool.admit(128).unwrap().unwrap();
+        for (kv, rotate) in ALL.iter().flat_map(|&t| [(t, false), (t, true)]) {
+            let mut pool = Pool::new(kv, geo, 1 << 24, Some(rotate)).unwrap();
+            let mut seq = pool.admit(192).unwrap().unwrap();
             let mut s = Scratch::default();
             let mut at = 0;
-            for m in [1usize, 30, 1, 33, 35] {
+            for m in [1usize, 30, 1, 33, 35, 63, 7] {
                 pool.grow(&mut seq, m).unwrap();
                 for layer in 0..2 {
                     let lk = &k[layer * n * kvd..][..n * kvd];
@@ -76,9 +79,10 @@ mod tests {
                         for pos in at..at + m {
                             let mut out = vec![0f32; hd];
                             let view = seq.view(layer);
-                            attend(kv, &geo, &view, h, &q, pos, scale, &mut s, &mut out);
+                            attend(kv, rotate, &geo, &view, h, &q, pos, scale, &mut s, &mut out);
                             let want = attend_reference(
                                 kv,
+                                rotate,
                                 &head(&k, pos + 1),
                                 &head(&v, pos + 1),
                                 hd,
@@ -90,7 +94,11 @@ mod tests {
                                 out.iter().map(|x| x.to_bits()).collect(),
                                 want.iter().map(|x| x.to_bits()).collect(),
                             );
-                            assert_eq!(a, b, "{} layer {layer} head {h} pos {pos}", kv.name());
+                            let name = kv.name();
+                            assert_eq!(
+                                a, b,
+                                "{name} rot {rotate} layer {layer} head {h} pos {pos}"
+                            );
                         }
                     }
                 }
@@ -107,7 +115,7 @@ mod tests {
     fn f32_reference_is_plain_attention() {
         let hd = 32;
         let (k, v, q) = (vals(5 * hd, 4), vals(5 * hd, 5), vals(hd, 6));
-        let out = attend_reference(KvType::F32, &k, &v, hd, &q, 4, 0.2);
+        let out = attend_reference(KvType::F32, false, &k, &v, hd, &q, 4, 0.2);
         let s: Vec<f64> = (0..5)
             .map(|j| {
                 (0..hd)

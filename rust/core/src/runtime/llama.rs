@@ -24,7 +24,7 @@ use crate::parallel;
 use super::config::Config;
 use super::kv::attend::{self, Scratch as AttnScratch};
 use super::kv::pool::parse_size;
-use super::kv::{Geometry, KvType, Pool, SeqCache};
+use super::kv::{Geometry, KvSpec, Pool, SeqCache};
 use super::ops;
 use super::packed::{self, ActsQ8};
 use super::packed_k::{self, ActsQ8K};
@@ -197,11 +197,12 @@ impl Llama {
     /// Map `path`, read the configuration and weights; a pool of `kv_budget` bytes (None: 512
     /// MiB) of `kv` pages, sequences of up to `n_ctx` positions (None: the training context, at
     /// most 4096). Errors when `n_ctx` passes the model's training context or one sequence of
-    /// `n_ctx` positions does not fit the budget.
+    /// `n_ctx` positions does not fit the budget. `kv`: a KvType, or a KvSpec choosing the
+    /// rotation too.
     pub fn open(
         path: impl AsRef<Path>,
         n_ctx: Option<usize>,
-        kv: KvType,
+        kv: impl Into<KvSpec>,
         kv_budget: Option<usize>,
     ) -> Result<Llama> {
         Self::from_file(Arc::new(GgufFile::open(path)?), n_ctx, kv, kv_budget)
@@ -210,9 +211,10 @@ impl Llama {
     pub fn from_file(
         file: Arc<GgufFile>,
         n_ctx: Option<usize>,
-        kv: KvType,
+        kv: impl Into<KvSpec>,
         kv_budget: Option<usize>,
     ) -> Result<Llama> {
+        let KvSpec { kv, rotate } = kv.into();
         let vocab_rows = file
             .header()
             .tensor("token_embd.weight")
@@ -239,7 +241,7 @@ impl Llama {
             Some(b) => b,
             None => parse_size(DEFAULT_KV_BUDGET)?,
         };
-        let pool = Pool::new(kv, geo, budget)?;
+        let pool = Pool::new(kv, geo, budget, rotate)?;
         // One sequence of n_ctx positions must fit (the error says by how much it does not).
         pool.check_fits(n_ctx)?;
         let weights = Weights::load(file, &cfg)?;
@@ -486,6 +488,7 @@ pub fn attention(
             let view = &views[row_seq[r]];
             attend::attend(
                 pool.kv,
+                pool.rotate,
                 &pool.geo,
                 view,
                 h / group,

@@ -4,9 +4,10 @@
 //!
 //! config.rs reads the hyper-parameters, weights.rs maps the tensors, ops.rs holds RMSNorm,
 //! RoPE, softmax and SwiGLU as ggml computes them, llama.rs the forward pass, generate.rs the
-//! decode loop, packed.rs the q8_0 matrices in 8-row panels and their VNNI kernel.
+//! decode loop, decode_timing.rs whole decode steps over synthetic caches (benches), packed.rs the q8_0 matrices in 8-row panels and their VNNI kernel.
 
 pub mod config;
+pub mod decode_timing;
 pub mod generate;
 pub mod kv;
 pub mod kv_tensor;

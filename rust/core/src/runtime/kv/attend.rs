@@ -9,12 +9,15 @@
 //! - fp8_e4m3: per block `score += scale * dot8(q_b, f32(k_b))` in block order;
 //! - KIVI keys (per channel c, the page's scale s_c and zero z_c): `cst = Σ_c q_c z_c` and
 //!   `score = (Σ_c (q_c s_c) k_c) + cst`, both sums over c in order (vectorised across the
-//!   page's 32 positions);
-//! - positions still in the f32 residual: `dot8(q, k)`.
+//!   page's 64 positions);
+//! - positions still in the f16 residual: `dot8(q, f32(k))`.
 //!
 //! Then `ops::softmax_scaled` and, over positions in order, `out += w * v` with v read per block
 //! as `(w * d) * q` (q8_0, q4_0), `(w * scale) * f32(q)` (fp8), `(w * s) * q + w * z` (KIVI),
 //! `w * f32(v)` (f16, f32, residual). No whole-cache copy: one block at a time.
+//!
+//! With rotation (rotate.rs) the query is rotated first and the output rotated back at the end;
+//! the cache already holds rotated rows.
 
 use crate::formats::blocks::f16_to_f32;
 use crate::formats::legacy::quantize_row_q8_0_ref;
@@ -22,7 +25,8 @@ use crate::formats::legacy::quantize_row_q8_0_ref;
 use super::super::ops;
 use super::block::{fp8_table, kivi_decode, q4_0_values};
 use super::pool::{bytes, LayerView};
-use super::types::{Geometry, KvType, GROUP};
+use super::rotate::wht;
+use super::types::{Geometry, KvType, GROUP, KIVI_GROUP};
 
 /// Buffers one task reuses between heads.
 #[derive(Default)]
@@ -30,13 +34,13 @@ pub struct Scratch {
     pub scores: Vec<f32>,
     q8: Vec<u8>,
     tmp: Vec<f32>,
-    qs: Vec<f32>,
+    qr: Vec<f32>,
 }
 
 /// First position read from the f32 residual by a query at `pos` (all before it are in pages).
 pub fn boundary(kv: KvType, pos: usize) -> usize {
     if kv.is_kivi() {
-        (pos + 1) / GROUP * GROUP
+        (pos + 1) / kv.page_len() * kv.page_len()
     } else {
         pos + 1
     }
@@ -46,6 +50,7 @@ pub fn boundary(kv: KvType, pos: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     kv: KvType,
+    rotate: bool,
     geo: &Geometry,
     view: &LayerView<'_>,
     h: usize,
@@ -58,9 +63,9 @@ pub fn attend(
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx2() {
         // SAFETY: AVX2 was detected at run time; attend_avx2 is safe code compiled with it.
-        return unsafe { attend_avx2(kv, geo, view, h, q, pos, scale, s, out) };
+        return unsafe { attend_avx2(kv, rotate, geo, view, h, q, pos, scale, s, out) };
     }
-    attend_body(kv, geo, view, h, q, pos, scale, s, out)
+    attend_body(kv, rotate, geo, view, h, q, pos, scale, s, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -68,6 +73,7 @@ pub fn attend(
 #[allow(clippy::too_many_arguments)]
 fn attend_avx2(
     kv: KvType,
+    rotate: bool,
     geo: &Geometry,
     view: &LayerView<'_>,
     h: usize,
@@ -77,13 +83,14 @@ fn attend_avx2(
     s: &mut Scratch,
     out: &mut [f32],
 ) {
-    attend_body(kv, geo, view, h, q, pos, scale, s, out)
+    attend_body(kv, rotate, geo, view, h, q, pos, scale, s, out)
 }
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn attend_body(
     kv: KvType,
+    rotate: bool,
     geo: &Geometry,
     view: &LayerView<'_>,
     h: usize,
@@ -94,34 +101,40 @@ fn attend_body(
     out: &mut [f32],
 ) {
     let (hd, kvd, bb) = (geo.head_dim, geo.kv_dim(), kv.block_bytes());
-    let nb = hd / GROUP;
-    let region = kvd * bb; // 32 rows of kvd / 32 blocks
+    let (p, nb) = (kv.page_len(), hd / kv.block_len());
+    let region = kvd * bb; // P rows of kvd / n blocks (KIVI keys: kvd channel blocks)
     let (k_at, v_at) = (2 * view.layer * region, (2 * view.layer + 1) * region);
     let head_at = h * nb * bb;
     let b = boundary(kv, pos);
+    let mut qr = std::mem::take(&mut s.qr);
+    qr.clear();
+    qr.extend_from_slice(q);
+    if rotate {
+        wht(&mut qr);
+    }
+    let q = &qr[..];
     s.scores.clear();
     s.scores.resize(pos + 1, 0.0);
     s.tmp.resize(hd, 0.0);
     if matches!(kv, KvType::Q8_0 | KvType::Q4_0) {
-        s.q8.resize(nb * 34, 0);
+        s.q8.resize(hd / GROUP * 34, 0);
         quantize_row_q8_0_ref(q, &mut s.q8);
     }
     let row_bytes = nb * bb * geo.n_head_kv;
     let table = fp8_table();
-    for (pi, page) in view.pages.iter().enumerate().take(b.div_ceil(GROUP)) {
+    for (pi, page) in view.pages.iter().enumerate().take(b.div_ceil(p)) {
         let page = bytes(page);
-        let count = (b - pi * GROUP).min(GROUP);
-        let sc = &mut s.scores[pi * GROUP..pi * GROUP + count];
+        let count = (b - pi * p).min(p);
+        let sc = &mut s.scores[pi * p..pi * p + count];
         if let Some(bits) = kv.kivi_bits() {
-            s.qs.resize(hd, 0.0);
             let mut cst = 0f32;
-            let mut acc = [0f32; GROUP];
+            let mut acc = [0f32; KIVI_GROUP];
             let keys = &page[k_at + h * hd * bb..][..hd * bb];
             for (c, blk) in keys.chunks_exact(bb).enumerate() {
                 let (kq, ks, kz) = kivi_decode(bits, blk);
                 let qc = q[c] * ks;
                 cst += q[c] * kz;
-                for j in 0..GROUP {
+                for j in 0..KIVI_GROUP {
                     acc[j] += qc * kq[j] as f32;
                 }
             }
@@ -137,15 +150,16 @@ fn attend_body(
     }
     for t in b..=pos {
         let r = &view.resid_k[(t - view.resid_start) * kvd + h * hd..][..hd];
-        s.scores[t] = ops::dot8(q, r);
+        f16_values(r, &mut s.tmp);
+        s.scores[t] = ops::dot8(q, &s.tmp);
     }
     ops::softmax_scaled(&mut s.scores, scale);
     out.fill(0.0);
-    for (pi, page) in view.pages.iter().enumerate().take(b.div_ceil(GROUP)) {
+    for (pi, page) in view.pages.iter().enumerate().take(b.div_ceil(p)) {
         let page = bytes(page);
-        let count = (b - pi * GROUP).min(GROUP);
+        let count = (b - pi * p).min(p);
         for j in 0..count {
-            let w = s.scores[pi * GROUP + j];
+            let w = s.scores[pi * p + j];
             let row = &page[v_at + j * row_bytes + head_at..][..nb * bb];
             add_row(kv, w, row, out, table);
         }
@@ -153,10 +167,22 @@ fn attend_body(
     for t in b..=pos {
         let w = s.scores[t];
         let r = &view.resid_v[(t - view.resid_start) * kvd + h * hd..][..hd];
-        for (o, &v) in out.iter_mut().zip(r) {
+        f16_values(r, &mut s.tmp);
+        for (o, &v) in out.iter_mut().zip(&s.tmp) {
             *o += w * v;
         }
     }
+    if rotate {
+        wht(out);
+    }
+    s.qr = qr;
+}
+
+/// f16 residual values -> f32 (exact; F16C where the CPU has it).
+#[inline(always)]
+fn f16_values(r: &[half::f16], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    r.convert_to_f32_slice(&mut out[..r.len()]);
 }
 
 /// The score of one per-token key row (`nb` blocks of one head).
@@ -221,7 +247,10 @@ pub fn score_row(
 #[inline(always)]
 pub fn add_row(kv: KvType, w: f32, row: &[u8], out: &mut [f32], table: &[f32; 256]) {
     let bb = kv.block_bytes();
-    for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(GROUP)) {
+    for (blk, o) in row
+        .chunks_exact(bb)
+        .zip(out.chunks_exact_mut(kv.block_len()))
+    {
         match kv {
             KvType::F32 => {
                 for (o, b) in o.iter_mut().zip(blk.chunks_exact(4)) {

@@ -1,4 +1,5 @@
-//! The block codecs of the cache types (docs/kv.md): 32 f32 values -> one block and back. The
+//! The block codecs of the cache types (docs/kv.md): 32 f32 values (KIVI: KIVI_GROUP) -> one
+//! block and back. The
 //! ggml types call ferroquant's q8_0 / q4_0 reference quantizers and fp8_e4m3 its fp8 cast, so
 //! the bytes are those formats' bytes; KIVI's asymmetric blocks are defined here.
 
@@ -7,12 +8,13 @@ use crate::formats::fp8;
 use crate::formats::legacy::{quantize_row_q4_0_ref, quantize_row_q8_0_ref};
 use crate::qtype::QType;
 
-use super::types::{KvType, GROUP};
+use super::types::{KvType, GROUP, KIVI_GROUP};
 
-/// Encode `x` (a multiple of 32 values, one token's row or a KIVI key group) as `t`'s blocks.
+/// Encode `x` (a multiple of `t.block_len()` values, one token's row or a KIVI key group) as
+/// `t`'s blocks.
 pub fn encode(t: KvType, x: &[f32], out: &mut [u8]) {
     let bb = t.block_bytes();
-    debug_assert_eq!(out.len(), x.len() / GROUP * bb);
+    debug_assert_eq!(out.len(), x.len() / t.block_len() * bb);
     match t {
         KvType::F32 => {
             for (o, v) in out.chunks_exact_mut(4).zip(x) {
@@ -38,14 +40,14 @@ pub fn encode(t: KvType, x: &[f32], out: &mut [u8]) {
         }
         KvType::Int4 | KvType::Int2 => {
             let bits = t.kivi_bits().unwrap_or(4);
-            for (o, x) in out.chunks_exact_mut(bb).zip(x.chunks_exact(GROUP)) {
+            for (o, x) in out.chunks_exact_mut(bb).zip(x.chunks_exact(KIVI_GROUP)) {
                 kivi_encode(bits, x, o);
             }
         }
     }
 }
 
-/// One KIVI block: `scale16 = f16(min((max - min) / (2^b - 1), 65504))`,
+/// One KIVI block of KIVI_GROUP values: `scale16 = f16(min((max - min) / (2^b - 1), 65504))`,
 /// `zero16 = f16(clamp(min, -65504, 65504) + 0.0)`, then
 /// `q = clamp(round_half_even((x - z) / s), 0, 2^b - 1)` in f32 with s, z the f16 values (q = 0
 /// when s == 0); packed as docs/kv.md says, then scale16 and zero16.
@@ -65,7 +67,7 @@ pub fn kivi_encode(bits: u32, x: &[f32], out: &mut [u8]) {
     let zero = min.clamp(-F16_MAX, F16_MAX) + 0.0;
     let (s16, z16) = (f16_from_f32(scale), f16_from_f32(zero));
     let (s, z) = (f16_to_f32(s16), f16_to_f32(z16));
-    let mut q = [0u8; GROUP];
+    let mut q = [0u8; KIVI_GROUP];
     if s != 0.0 {
         for (q, &v) in q.iter_mut().zip(x) {
             // max(0) also maps NaN to 0; `as u8` of a value in 0..=levels is exact.
@@ -81,14 +83,14 @@ pub fn kivi_encode(bits: u32, x: &[f32], out: &mut [u8]) {
     out[packed + 2..packed + 4].copy_from_slice(&z16);
 }
 
-/// Packed bytes of a KIVI block (16 for 4 bits, 8 for 2).
+/// Packed bytes of a KIVI block (32 for 4 bits, 16 for 2).
 pub const fn pack_len(bits: u32) -> usize {
-    GROUP * bits as usize / 8
+    KIVI_GROUP * bits as usize / 8
 }
 
-/// The 32 integers, the scale and the zero of a KIVI block.
+/// The KIVI_GROUP integers, the scale and the zero of a KIVI block.
 #[inline(always)]
-pub fn kivi_decode(bits: u32, blk: &[u8]) -> ([u8; GROUP], f32, f32) {
+pub fn kivi_decode(bits: u32, blk: &[u8]) -> ([u8; KIVI_GROUP], f32, f32) {
     // Constant widths, so the unpacking compiles to shifts and masks of whole vectors.
     if bits == 2 {
         kivi_decode_n::<2>(blk)
@@ -98,10 +100,10 @@ pub fn kivi_decode(bits: u32, blk: &[u8]) -> ([u8; GROUP], f32, f32) {
 }
 
 #[inline(always)]
-fn kivi_decode_n<const BITS: usize>(blk: &[u8]) -> ([u8; GROUP], f32, f32) {
-    let packed = GROUP * BITS / 8;
+fn kivi_decode_n<const BITS: usize>(blk: &[u8]) -> ([u8; KIVI_GROUP], f32, f32) {
+    let packed = KIVI_GROUP * BITS / 8;
     let mask = ((1u16 << BITS) - 1) as u8;
-    let mut q = [0u8; GROUP];
+    let mut q = [0u8; KIVI_GROUP];
     let bytes = &blk[..packed];
     for (i, qi) in q.iter_mut().enumerate() {
         *qi = (bytes[i % packed] >> (BITS * (i / packed))) & mask;
@@ -128,7 +130,7 @@ pub fn fp8_table() -> &'static [f32; 256] {
     TABLE.get_or_init(|| std::array::from_fn(|b| fp8::e4m3fn_to_f32(b as u8)))
 }
 
-/// Dequantize one block of 32 values (what the attention's arithmetic reads, as plain f32; for
+/// Dequantize one block of `t.block_len()` values (what the attention's arithmetic reads, as plain f32; for
 /// tests and for looking at a cache, never used by the attention itself).
 pub fn decode(t: KvType, blk: &[u8], out: &mut [f32]) {
     match t {
@@ -176,7 +178,7 @@ mod tests {
     #[test]
     fn kivi_round_trip_is_within_half_a_step() {
         for bits in [4u32, 2] {
-            let x: Vec<f32> = (0..32)
+            let x: Vec<f32> = (0..KIVI_GROUP)
                 .map(|i| ((i * 37 % 19) as f32 - 9.0) * 0.37)
                 .collect();
             let mut b = vec![0u8; pack_len(bits) + 4];
@@ -191,9 +193,9 @@ mod tests {
             }
         }
         // A constant group stores scale 0 and every q = 0.
-        let mut b = vec![0u8; 20];
-        kivi_encode(4, &[1.5; 32], &mut b);
+        let mut b = vec![0u8; pack_len(4) + 4];
+        kivi_encode(4, &[1.5; KIVI_GROUP], &mut b);
         let (q, s, z) = kivi_decode(4, &b);
-        assert_eq!((q, s, z), ([0; 32], 0.0, 1.5));
+        assert_eq!((q, s, z), ([0; KIVI_GROUP], 0.0, 1.5));
     }
 }

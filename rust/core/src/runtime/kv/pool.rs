@@ -1,21 +1,25 @@
-//! The paged cache: one pool of fixed-size pages (32 token positions each, every layer's K and V)
-//! under a byte budget, shared by the sequences that decode together.
+//! The paged cache: one pool of fixed-size pages (P = `page_len` token positions each: 32, KIVI
+//! 64; every layer's K and V) under a byte budget, shared by the sequences that decode together.
 //!
 //! A sequence is admitted with its maximum length and charged, up front, every page it can need
-//! (plus, for the KIVI types, its f32 residual of 32 positions): once admitted it can never run
+//! (plus, for the KIVI types, its f16 residual of P positions): once admitted it can never run
 //! out of pages in the middle of a step. Pages are allocated as the sequence grows and go back to
-//! the pool when it ends.
+//! the pool when it ends. With rotation on (rotate.rs), every K and V row is rotated per head
+//! before it is stored, residual included.
 //!
-//! Page layout, per layer l (`kvd` = n_head_kv * head_dim, `bb` = the type's block bytes): keys at
-//! `2 l kvd bb`, values at `(2 l + 1) kvd bb`, `kvd bb` bytes each. Per-token blocks (every type's
-//! values, and the keys of the non-KIVI types): slot s (position % 32), head h at
-//! `(s * kvd + h * head_dim) / 32 * bb`. KIVI keys: head h, channel c at `(h * head_dim + c) * bb`,
-//! one block over the page's 32 positions.
+//! Page layout, per layer l (`kvd` = n_head_kv * head_dim, `bb` = the type's block bytes, `n` =
+//! its block length): keys at `2 l kvd bb`, values at `(2 l + 1) kvd bb`, `kvd bb` bytes each.
+//! Per-token blocks (every type's values, and the keys of the non-KIVI types): slot s (position
+//! % P), head h at `(s * kvd + h * head_dim) / n * bb`. KIVI keys: head h, channel c at
+//! `(h * head_dim + c) * bb`, one block over the page's P positions.
 
 use crate::error::{Error, Result};
 
+use half::f16;
+
 use super::block;
-use super::types::{Geometry, KvType, GROUP};
+use super::rotate::wht_heads;
+use super::types::{Geometry, KvType};
 
 /// One page: 8-byte words so f32 and f16 blocks can be read in place.
 pub type Page = Box<[u64]>;
@@ -23,21 +27,23 @@ pub type Page = Box<[u64]>;
 pub struct Pool {
     pub kv: KvType,
     pub geo: Geometry,
+    /// Rotate K, V and the query per head (rotate.rs).
+    pub rotate: bool,
     pub budget: usize,
     charged: usize,
     free: Vec<Page>,
 }
 
-/// One sequence's cache: its pages in position order and, for KIVI, the f32 rows of the
-/// positions `resid_start..n` (per layer, `kvd` values a row).
+/// One sequence's cache: its pages in position order and, for KIVI, the rows (rounded to f16) of
+/// the positions `resid_start..n` (per layer, `kvd` values a row).
 pub struct SeqCache {
     pub max_len: usize,
     pub n: usize,
     charge: usize,
     pages: Vec<Page>,
     resid_start: usize,
-    resid_k: Vec<Vec<f32>>,
-    resid_v: Vec<Vec<f32>>,
+    resid_k: Vec<Vec<f16>>,
+    resid_v: Vec<Vec<f16>>,
 }
 
 /// One layer of one sequence, as attention reads it.
@@ -46,8 +52,8 @@ pub struct LayerView<'a> {
     pub layer: usize,
     /// Positions below `quantized` are in pages (per-token types: every appended position).
     pub resid_start: usize,
-    pub resid_k: &'a [f32],
-    pub resid_v: &'a [f32],
+    pub resid_k: &'a [f16],
+    pub resid_v: &'a [f16],
 }
 
 fn parse_err(s: &str) -> Error {
@@ -82,11 +88,18 @@ pub fn parse_size(s: &str) -> Result<usize> {
 }
 
 impl Pool {
-    pub fn new(kv: KvType, geo: Geometry, budget: usize) -> Result<Pool> {
+    /// A pool of `budget` bytes; `rotate`: None = the type's default where head_dim allows it.
+    pub fn new(kv: KvType, geo: Geometry, budget: usize, rotate: Option<bool>) -> Result<Pool> {
         geo.check(kv)?;
+        let rotate = match rotate {
+            Some(true) => geo.check_rotation(kv).map(|_| true)?,
+            Some(false) => false,
+            None => kv.default_rotation() && geo.check_rotation(kv).is_ok(),
+        };
         Ok(Pool {
             kv,
             geo,
+            rotate,
             budget,
             charged: 0,
             free: Vec::new(),
@@ -94,13 +107,13 @@ impl Pool {
     }
 
     pub fn page_bytes(&self) -> usize {
-        GROUP * self.kv.bytes_per_token(&self.geo)
+        self.kv.page_len() * self.kv.bytes_per_token(&self.geo)
     }
 
-    /// Bytes of a KIVI sequence's f32 residual (32 positions of every layer's K and V); 0 else.
+    /// Bytes of a KIVI sequence's f16 residual (P positions of every layer's K and V); 0 else.
     pub fn residual_bytes(&self) -> usize {
         if self.kv.is_kivi() {
-            GROUP * self.geo.n_layer * 2 * self.geo.kv_dim() * 4
+            self.kv.page_len() * self.geo.n_layer * 2 * self.geo.kv_dim() * 2
         } else {
             0
         }
@@ -108,7 +121,7 @@ impl Pool {
 
     /// What a sequence of at most `max_len` positions is charged.
     pub fn charge_of(&self, max_len: usize) -> usize {
-        max_len.div_ceil(GROUP) * self.page_bytes() + self.residual_bytes()
+        max_len.div_ceil(self.kv.page_len()) * self.page_bytes() + self.residual_bytes()
     }
 
     pub fn charged(&self) -> usize {
@@ -147,12 +160,13 @@ impl Pool {
         if charge > self.budget {
             return Err(Error::InvalidArgument(format!(
                 "kv_budget of {} bytes is too small for one sequence of {max_len} positions with \
-                 kv_type {} ({charge} bytes: {} B per token, pages of {GROUP} positions{})",
+                 kv_type {} ({charge} bytes: {} B per token, pages of {} positions{})",
                 self.budget,
                 self.kv.name(),
                 self.kv.bytes_per_token(&self.geo),
+                self.kv.page_len(),
                 if self.kv.is_kivi() {
-                    " plus the f32 residual"
+                    " plus the f16 residual"
                 } else {
                     ""
                 }
@@ -181,29 +195,40 @@ impl Pool {
                 seq.n, seq.max_len
             )));
         }
-        while seq.pages.len() * GROUP < seq.n + m {
+        while seq.pages.len() * self.kv.page_len() < seq.n + m {
             let p = self.page();
             seq.pages.push(p);
         }
         Ok(())
     }
 
-    /// Append the rows `k`, `v` (`m` x kvd, positions `seq.n..seq.n + m`) of layer `layer`. The
-    /// per-token types quantize each row now; KIVI keeps the rows in f32 and quantizes each
-    /// 32-position group that completes (keys per channel, values per token), keeping the f32
-    /// rows until `commit` so that this call's earlier positions still read them.
+    /// Append the rows `k`, `v` (`m` x kvd, positions `seq.n..seq.n + m`) of layer `layer`
+    /// (rotated first when the pool rotates). The per-token types quantize each row now; KIVI
+    /// keeps the rows in f16 and quantizes each P-position group that completes (keys per
+    /// channel, values per token) from those f16 values, keeping the rows until `commit` so that
+    /// this call's earlier positions still read them.
     pub fn append(&self, seq: &mut SeqCache, layer: usize, k: &[f32], v: &[f32]) {
-        let (kv, kvd) = (self.kv, self.geo.kv_dim());
-        let bb = kv.block_bytes();
-        let region = kvd * bb; // 32 rows of kvd / 32 blocks
-        let row_bytes = kvd / GROUP * bb;
+        let (kv, kvd, hd) = (self.kv, self.geo.kv_dim(), self.geo.head_dim);
+        let rotated;
+        let (k, v) = if self.rotate {
+            let (mut rk, mut rv) = (k.to_vec(), v.to_vec());
+            wht_heads(&mut rk, hd);
+            wht_heads(&mut rv, hd);
+            rotated = (rk, rv);
+            (&rotated.0[..], &rotated.1[..])
+        } else {
+            (k, v)
+        };
+        let (bb, p) = (kv.block_bytes(), kv.page_len());
+        let region = kvd * bb; // P rows of kvd / n blocks (KIVI keys: kvd channel blocks)
+        let row_bytes = kvd / kv.block_len() * bb;
         let (k_at, v_at) = (2 * layer * region, (2 * layer + 1) * region);
         let m = k.len() / kvd;
         if !kv.is_kivi() {
             for i in 0..m {
                 let pos = seq.n + i;
-                let page = bytes_mut(&mut seq.pages[pos / GROUP]);
-                let slot = (pos % GROUP) * row_bytes;
+                let page = bytes_mut(&mut seq.pages[pos / p]);
+                let slot = (pos % p) * row_bytes;
                 block::encode(
                     kv,
                     &k[i * kvd..][..kvd],
@@ -217,29 +242,29 @@ impl Pool {
             }
             return;
         }
-        seq.resid_k[layer].extend_from_slice(k);
-        seq.resid_v[layer].extend_from_slice(v);
-        let first_group = seq.n / GROUP;
-        let end_group = (seq.n + m) / GROUP;
-        let mut col = [0f32; GROUP];
+        seq.resid_k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
+        seq.resid_v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
+        let first_group = seq.n / p;
+        let end_group = (seq.n + m) / p;
+        let mut col = vec![0f32; p];
+        let mut row = vec![0f32; kvd];
         for g in first_group..end_group {
-            let base = g * GROUP - seq.resid_start;
+            let base = g * p - seq.resid_start;
             let (rk, rv) = (&seq.resid_k[layer], &seq.resid_v[layer]);
             let page = bytes_mut(&mut seq.pages[g]);
             for ch in 0..kvd {
                 for (t, c) in col.iter_mut().enumerate() {
-                    *c = rk[(base + t) * kvd + ch];
+                    *c = rk[(base + t) * kvd + ch].to_f32();
                 }
                 let at = k_at + ch * bb;
                 block::encode(kv, &col, &mut page[at..at + bb]);
             }
-            for t in 0..GROUP {
+            for t in 0..p {
+                for (r, x) in row.iter_mut().zip(&rv[(base + t) * kvd..][..kvd]) {
+                    *r = x.to_f32();
+                }
                 let at = v_at + t * row_bytes;
-                block::encode(
-                    kv,
-                    &rv[(base + t) * kvd..][..kvd],
-                    &mut page[at..][..row_bytes],
-                );
+                block::encode(kv, &row, &mut page[at..][..row_bytes]);
             }
         }
     }
@@ -249,7 +274,7 @@ impl Pool {
     pub fn commit(&self, seq: &mut SeqCache, m: usize) {
         seq.n += m;
         if self.kv.is_kivi() {
-            let keep_from = seq.n / GROUP * GROUP;
+            let keep_from = seq.n / self.kv.page_len() * self.kv.page_len();
             let drop = (keep_from - seq.resid_start) * self.geo.kv_dim();
             for r in seq.resid_k.iter_mut().chain(seq.resid_v.iter_mut()) {
                 r.drain(..drop);
@@ -310,7 +335,7 @@ mod tests {
             n_head_kv: 1,
             head_dim: 32,
         };
-        let mut p = Pool::new(KvType::Q8_0, geo, 3 * 32 * 2 * 2 * 34).unwrap();
+        let mut p = Pool::new(KvType::Q8_0, geo, 3 * 32 * 2 * 2 * 34, None).unwrap();
         assert_eq!(p.capacity(64), 1);
         let a = p.admit(64).unwrap().unwrap();
         assert!(p.admit(64).unwrap().is_none());

@@ -1,7 +1,9 @@
 //! One scalar reference per cache type: the attention output of one query head at position
 //! `pos`, from the raw f32 key and value rows, quantizing each token (or KIVI key group) with
-//! block.rs and evaluating attend.rs's formulas one position and one element at a time. The paged
-//! path must equal it bit for bit (tests below and in llama.rs).
+//! block.rs and evaluating attend.rs's formulas one position and one element at a time. With
+//! rotation, the rows and the query are rotated first (rotate.rs) and the output rotated back;
+//! KIVI rounds every row to f16 (its residual) before anything else. The paged path must equal it
+//! bit for bit (tests in kv.rs and llama.rs).
 
 use crate::formats::blocks::f16_to_f32;
 use crate::formats::legacy::quantize_row_q8_0_ref;
@@ -9,10 +11,40 @@ use crate::formats::legacy::quantize_row_q8_0_ref;
 use super::super::ops;
 use super::attend::boundary;
 use super::block::{encode, fp8_table, kivi_decode, q4_0_values};
+use super::rotate::wht_heads;
 use super::types::{KvType, GROUP};
 
 /// `k`, `v`: positions `0..=pos`, `hd` values each (one head); `q`: the query head.
+#[allow(clippy::too_many_arguments)]
 pub fn attend_reference(
+    kv: KvType,
+    rotate: bool,
+    k: &[f32],
+    v: &[f32],
+    hd: usize,
+    q: &[f32],
+    pos: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let (mut k, mut v, mut q) = (k.to_vec(), v.to_vec(), q.to_vec());
+    if rotate {
+        wht_heads(&mut k, hd);
+        wht_heads(&mut v, hd);
+        wht_heads(&mut q, hd);
+    }
+    if kv.is_kivi() {
+        for x in k.iter_mut().chain(v.iter_mut()) {
+            *x = half::f16::from_f32(*x).to_f32();
+        }
+    }
+    let mut out = attend_rotated(kv, &k, &v, hd, &q, pos, scale);
+    if rotate {
+        wht_heads(&mut out, hd);
+    }
+    out
+}
+
+fn attend_rotated(
     kv: KvType,
     k: &[f32],
     v: &[f32],
@@ -23,30 +55,30 @@ pub fn attend_reference(
 ) -> Vec<f32> {
     let b = boundary(kv, pos);
     let bb = kv.block_bytes();
-    let nb = hd / GROUP;
+    let (p, nb) = (kv.page_len(), hd / kv.block_len());
     let lut = fp8_table();
     let mut scores = vec![0f32; pos + 1];
     let mut blocks = vec![0u8; nb * bb];
-    let mut q8 = vec![0u8; nb * 34];
+    let mut q8 = vec![0u8; hd / GROUP * 34];
     quantize_row_q8_0_ref(q, &mut q8);
     if let Some(bits) = kv.kivi_bits() {
-        for g in 0..b / GROUP {
-            let mut col = [0f32; GROUP];
+        for g in 0..b / p {
+            let mut col = vec![0f32; p];
             let mut blk = vec![0u8; bb];
-            let (mut acc, mut cst) = ([0f32; GROUP], 0f32);
+            let (mut acc, mut cst) = (vec![0f32; p], 0f32);
             for c in 0..hd {
                 for (t, x) in col.iter_mut().enumerate() {
-                    *x = k[(g * GROUP + t) * hd + c];
+                    *x = k[(g * p + t) * hd + c];
                 }
                 encode(kv, &col, &mut blk);
                 let (kq, s, z) = kivi_decode(bits, &blk);
-                for j in 0..GROUP {
+                for j in 0..p {
                     acc[j] += (q[c] * s) * kq[j] as f32;
                 }
                 cst += q[c] * z;
             }
-            for j in 0..GROUP {
-                scores[g * GROUP + j] = acc[j] + cst;
+            for j in 0..p {
+                scores[g * p + j] = acc[j] + cst;
             }
         }
     } else {
@@ -69,10 +101,11 @@ pub fn attend_reference(
             continue;
         }
         encode(kv, row, &mut blocks);
+        let n = kv.block_len();
         for ib in 0..nb {
             let blk = &blocks[ib * bb..(ib + 1) * bb];
-            for i in 0..GROUP {
-                let d = ib * GROUP + i;
+            for i in 0..n {
+                let d = ib * n + i;
                 out[d] += match kv {
                     KvType::F32 => w * row[d],
                     KvType::F16 => w * f16_to_f32([blk[2 * i], blk[2 * i + 1]]),

@@ -16,13 +16,14 @@ use super::types::{Geometry, KvType};
 /// `n_pos` cached positions), the cache filled with pseudo-random rows in [-2, 2).
 pub fn decode_attention_seconds(
     kv: KvType,
+    rotate: Option<bool>,
     geo: Geometry,
     n_head: usize,
     n_pos: usize,
     reps: usize,
 ) -> Result<f64> {
     let kvd = geo.kv_dim();
-    let mut pool = Pool::new(kv, geo, usize::MAX / 2)?;
+    let mut pool = Pool::new(kv, geo, usize::MAX / 2, rotate)?;
     let mut seq = pool
         .admit(n_pos + 1)?
         .expect("an empty pool of usize::MAX / 2 bytes admits any sequence");
@@ -47,6 +48,7 @@ pub fn decode_attention_seconds(
         pool.commit(&mut seq, m);
     }
     let q = rows(n_head * geo.head_dim);
+    let rot = pool.rotate;
     let group = n_head / geo.n_head_kv.max(1);
     let scale = 1.0 / (geo.head_dim as f32).sqrt();
     let mut times = Vec::with_capacity(reps);
@@ -60,7 +62,7 @@ pub fn decode_attention_seconds(
                     Scratch::default,
                     |sc, (h, o)| {
                         let qh = &q[h * geo.head_dim..(h + 1) * geo.head_dim];
-                        attend(kv, &geo, &view, h / group, qh, n_pos - 1, scale, sc, o);
+                        attend(kv, rot, &geo, &view, h / group, qh, n_pos - 1, scale, sc, o);
                     },
                 )
             });

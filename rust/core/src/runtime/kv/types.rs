@@ -2,8 +2,14 @@
 
 use crate::error::{Error, Result};
 
-/// Values per block (along head_dim of one token and head; KIVI keys: along 32 tokens).
+/// Values per block of the per-token types (along head_dim of one token and head), and the
+/// positions of their pages.
 pub const GROUP: usize = 32;
+
+/// KIVI's group: a key block holds one channel over this many tokens, a value block one token's
+/// head over this many channels; it is also the KIVI pages' positions and the residual's
+/// length R. 64 makes int4 4.5 bits per value (a f16 scale and zero per 64), q4_0's size.
+pub const KIVI_GROUP: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvType {
@@ -49,7 +55,21 @@ impl KvType {
         })
     }
 
-    /// Bytes of one block of 32 values.
+    /// Values per block: 32, or KIVI_GROUP for the KIVI types.
+    pub fn block_len(self) -> usize {
+        if self.is_kivi() {
+            KIVI_GROUP
+        } else {
+            GROUP
+        }
+    }
+
+    /// Positions per page (and, for KIVI, of the full-precision residual).
+    pub fn page_len(self) -> usize {
+        self.block_len()
+    }
+
+    /// Bytes of one block of `block_len` values.
     pub fn block_bytes(self) -> usize {
         match self {
             KvType::F32 => 128,
@@ -57,9 +77,16 @@ impl KvType {
             KvType::Q8_0 => 34,
             KvType::Fp8E4m3 => 36,
             KvType::Q4_0 => 18,
-            KvType::Int4 => 20,
-            KvType::Int2 => 12,
+            KvType::Int4 | KvType::Int2 => {
+                KIVI_GROUP * self.kivi_bits().unwrap_or(4) as usize / 8 + 4
+            }
         }
+    }
+
+    /// Whether the cache rotates K, V (and the query) per head with a Walsh-Hadamard transform
+    /// by default (docs/kv.md, "Rotation"): the low-bit types.
+    pub fn default_rotation(self) -> bool {
+        matches!(self, KvType::Q4_0 | KvType::Int2)
     }
 
     /// Bits of the KIVI types (keys per channel over token groups, values per token).
@@ -75,10 +102,23 @@ impl KvType {
         self.kivi_bits().is_some()
     }
 
-    /// `n_layer * 2 * (kv_dim / 32) * block_bytes`: the cache's bytes per token (KIVI: without
-    /// the f32 residual of the last, incomplete group).
+    /// `n_layer * 2 * (kv_dim / block_len) * block_bytes`: the cache's bytes per token (KIVI:
+    /// without the f16 residual of the last, incomplete group).
     pub fn bytes_per_token(self, g: &Geometry) -> usize {
-        g.n_layer * 2 * (g.kv_dim() / GROUP) * self.block_bytes()
+        g.n_layer * 2 * (g.kv_dim() / self.block_len()) * self.block_bytes()
+    }
+}
+
+/// A cache type and its rotation (None: the type's default where head_dim allows it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSpec {
+    pub kv: KvType,
+    pub rotate: Option<bool>,
+}
+
+impl From<KvType> for KvSpec {
+    fn from(kv: KvType) -> KvSpec {
+        KvSpec { kv, rotate: None }
     }
 }
 
@@ -95,11 +135,25 @@ impl Geometry {
         self.n_head_kv * self.head_dim
     }
 
-    /// Every type stores whole blocks of 32 along head_dim.
+    /// Every type stores whole blocks along head_dim (32 values; KIVI: KIVI_GROUP).
     pub fn check(&self, t: KvType) -> Result<()> {
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(GROUP) {
+        let n = t.block_len();
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(n) {
             return Err(Error::InvalidArgument(format!(
-                "kv_type {} needs head_dim divisible by {GROUP}, the model has head_dim {}",
+                "kv_type {} needs head_dim divisible by {n}, the model has head_dim {}",
+                t.name(),
+                self.head_dim
+            )));
+        }
+        Ok(())
+    }
+
+    /// The rotation is a Walsh-Hadamard transform of each head: head_dim a power of two.
+    pub fn check_rotation(&self, t: KvType) -> Result<()> {
+        if !self.head_dim.is_power_of_two() {
+            return Err(Error::InvalidArgument(format!(
+                "kv_rotation for kv_type {} needs head_dim a power of two, the model has \
+                 head_dim {}",
                 t.name(),
                 self.head_dim
             )));
@@ -119,7 +173,7 @@ mod tests {
             n_head_kv: 3,
             head_dim: 64,
         };
-        let want = [46080, 23040, 12240, 12960, 6480, 7200, 4320];
+        let want = [46080, 23040, 12240, 12960, 6480, 6480, 3600];
         for (t, w) in ALL.iter().zip(want) {
             assert_eq!(t.bytes_per_token(&g), w, "{}", t.name());
             assert_eq!(KvType::parse(t.name()).unwrap(), *t);
