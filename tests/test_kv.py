@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import ferroquant as fq
 from ferroquant.kv import reference as R
-from ferroquant.kv.types import KV_TYPES, kv_bytes_per_token, kv_cache_bytes
+from ferroquant.kv.types import KV_TYPES, kivi_group, kv_bytes_per_token, kv_cache_bytes
 
 import peers
 
@@ -107,19 +107,21 @@ def test_roundf_is_half_away_from_zero() -> None:
 
 
 # ------------------------------------------------------------ fast path against the reference
-def _reference_states(kind: str, x: np.ndarray, role: str) -> np.ndarray:
+def _reference_states(kind: str, x: np.ndarray, role: str, group: int = 32) -> np.ndarray:
+    """The reference's values for states x; `group` is the KIVI group (the others use 32)."""
     b, h, n, d = x.shape
     out = np.empty_like(x)
+    g = group if kind in ("int4", "int2") else 32
     for i in range(b):
         for j in range(h):
             if kind in ("int4", "int2") and role == "k":
-                for t in range(0, n, 32):
+                for t in range(0, n, g):
                     for c in range(d):
-                        out[i, j, t : t + 32, c] = R.roundtrip(kind, x[i, j, t : t + 32, c])
+                        out[i, j, t : t + g, c] = R.roundtrip(kind, x[i, j, t : t + g, c])
             else:
                 for t in range(n):
-                    for c in range(0, d, 32):
-                        out[i, j, t, c : c + 32] = R.roundtrip(kind, x[i, j, t, c : c + 32])
+                    for c in range(0, d, g):
+                        out[i, j, t, c : c + g] = R.roundtrip(kind, x[i, j, t, c : c + g])
     return out
 
 
@@ -139,7 +141,9 @@ def test_stored_bytes_per_token_match_the_formula(kind: str) -> None:
     """The formula in types.py (what `ferroquant kv-size` prints) is what the codecs store."""
     x = torch.from_numpy(_data((1, 3, 64, 64), seed=5))
     stored = sum(
-        t.numel() * t.element_size() for role in "kv" for t in codecs.encode(kind, x, role).values()
+        t.numel() * t.element_size()
+        for role in "kv"
+        for t in codecs.encode(kind, x, role, kivi_group(64)).values()
     )
     shape = {"num_hidden_layers": 1, "num_attention_heads": 3, "hidden_size": 192}
     assert stored == 64 * kv_bytes_per_token(shape, kind)
@@ -216,11 +220,12 @@ def test_old_rows_never_change_and_chunking_does_not_matter(chunks: list[int], k
     # what update returns: the quantized groups dequantized; the residual and (int4 / int2) the
     # tokens of the last call as given
     n = sum(chunks)
-    full = n // 32 * 32 if KV_TYPES[kind].kivi else n
+    g = layer.group  # head_dim 64: the KIVI group is 64, as in the runtime
+    full = n // g * g if KV_TYPES[kind].kivi else n
     m = min(full, n - chunks[-1]) if KV_TYPES[kind].kivi else n
     ok, ov = outs[-1]
     for got, x, role in ((ok, k, "k"), (ov, v, "v")):
-        ref = _reference_states(kind, x[:, :, :full].numpy(), role)
+        ref = _reference_states(kind, x[:, :, :full].numpy(), role, g)
         assert np.array_equal(_bits(got[:, :, :m].numpy()), _bits(ref[:, :, :m]))
         assert torch.equal(got[:, :, m:], x[:, :, m:])
 

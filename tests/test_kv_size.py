@@ -25,7 +25,7 @@ def test_smollm2_f16_is_23040_bytes_per_token() -> None:
     assert kv_bytes_per_token(SMOL, "f16") == 23_040
     assert kv_bytes_per_token(SMOL, "f32") == 46_080
     assert kv_bytes_per_token(SMOL, "q8_0") == 23_040 * 34 // 64
-    assert kv_bytes_per_token(SMOL, "int4") == 23_040 * 20 // 64
+    assert kv_bytes_per_token(SMOL, "int4") == 23_040 * 18 // 64 == 6480  # the runtime's
 
 
 def test_llama3_8b_f16_is_128_kib_per_token() -> None:
@@ -69,8 +69,8 @@ def test_cli_on_the_shipped_gguf(capsys) -> None:
 
 def test_cli_on_a_config_json(tmp_path, capsys) -> None:
     (tmp_path / "config.json").write_text(json.dumps(SMOL))
-    assert main(["kv-size", str(tmp_path), "--tokens", "32", "--kv", "int4", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["rows"][0]["total_bytes"] == 32 * 7_200
+    assert main(["kv-size", str(tmp_path), "--tokens", "64", "--kv", "int4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["total_bytes"] == 64 * 6_480
 
 
 @pytest.mark.parametrize(
@@ -99,3 +99,25 @@ def test_cli_bad_files(tmp_path, capsys) -> None:
     bad.write_text("not json")
     assert main(["kv-size", str(bad)]) == 2
     assert "not a GGUF file nor a JSON config" in capsys.readouterr().err
+
+
+def test_python_sizes_equal_the_runtimes() -> None:
+    """kv-size (types.py, numpy-free) and the native runtime's pool state the same bytes per token
+    for every type at SmolLM2's shape (head_dim 64: KIVI groups of 64 in both)."""
+    from ferroquant import _native
+    from ferroquant.kv.types import KV_TYPES
+
+    for name in KV_TYPES:
+        assert kv_bytes_per_token(SMOL, name) == _native.kv_bytes_per_token(name, 30, 3, 64), name
+
+
+def test_kivi_group_is_64_where_head_dim_allows() -> None:
+    from ferroquant.kv.types import kivi_group
+
+    assert kivi_group(64) == 64 and kivi_group(128) == 64 and kivi_group(96) == 32
+    # 100 tokens at group 64: 64 quantized, 36 in the residual (at group 32 it would be 96 and 4)
+    per = kv_bytes_per_token(SMOL, "int4")
+    assert kv_cache_bytes(SMOL, "int4", 100) == 64 * per + 36 * 23_040
+    head96 = {"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 96}
+    assert kv_bytes_per_token(head96, "int4") == 2 * 3 * 20  # group 32: 20 bytes per 32 values
+    assert kv_bytes_per_token(head96, "int2") == 2 * 3 * 12

@@ -2,8 +2,8 @@
 
 Storage per layer: the stored parts of `codecs.encode` in buffers that grow by doubling (an
 append is amortized O(1); transformers' DynamicCache concatenates, O(length), every step). For
-`int4` / `int2` the newest tokens of an unfilled 32-token group wait in the model's dtype (the
-residual, at most 31 tokens); when the group fills, its keys and values are quantized once and
+`int4` / `int2` the newest tokens of an unfilled KIVI group (`types.kivi_group`: 64 tokens where
+head_dim is a multiple of 64, as in the runtime, else 32) wait in the model's dtype (the residual); when the group fills, its keys and values are quantized once and
 never touched again.
 
 Attention, decode steps (one new token): with the model's attention set to `ferroquant_kv`
@@ -19,7 +19,7 @@ returned tensors are views into that workspace, valid until the next layer's `up
 
 Both paths attend to the same values: what the cache stores, except that for `int4` / `int2`
 the tokens of the current call come back in full precision (in a token-by-token decode they
-would still wait in the residual): feeding a text in 32-token chunks aligned to the groups then
+would still wait in the residual): feeding a text in 32-token chunks (aligned to the groups) then
 attends exactly as a token-by-token stream does (how benches/kv_hf.py measures perplexity). The
 per-token types return every token as stored, as the runtime's attention reads them.
 """
@@ -33,7 +33,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import attention, codecs
-from .types import GROUP, KV_TYPES, kv_shape, kv_type
+from .types import GROUP, KV_TYPES, kivi_group, kv_shape, kv_type
 
 
 class _Rows:
@@ -138,12 +138,12 @@ class QuantizedLayer(CacheLayerMixin):
         kind: str,
         workspace: _Workspace,
         fast_decode: Callable[[], bool] = lambda: False,
-        group: int = GROUP,
+        group: int | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
-        # KIVI group (tokens per key group, channels per value group); 32 everywhere the sizes
-        # are stated (types.py), a parameter so that it can follow the runtime's
+        # KIVI group (tokens per key group, channels per value group): `kivi_group(head_dim)`
+        # (64 like the runtime, 32 where head_dim is not a multiple of 64) unless given
         self.group = group if KV_TYPES[kind].kivi else GROUP
         self.fast_decode = fast_decode  # is the model's attention `ferroquant_kv` now?
         self.kivi = KV_TYPES[kind].kivi
@@ -160,6 +160,8 @@ class QuantizedLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h, _, d = key_states.shape
+        if self.group is None:
+            self.group = kivi_group(d)
         if d % self.group:
             raise ValueError(
                 f"kv_type {self.kind}: head_dim {d} is not a multiple of {self.group} "

@@ -10,12 +10,15 @@ Every type stores 32-value groups. Bytes per 32 values (the format's block, scal
 | `q8_0`     | ggml block: f16 d + 32 x i8, along head_dim      | 34                |
 | `fp8_e4m3` | f32 scale + 32 x e4m3, along head_dim            | 36                |
 | `q4_0`     | ggml block: f16 d + 16 bytes of nibbles          | 18                |
-| `int4`     | KIVI: f16 scale + f16 zero + 16 bytes of nibbles | 20                |
-| `int2`     | KIVI: f16 scale + f16 zero + 8 bytes of 2-bit    | 12                |
+| `int4`     | KIVI, group of 64: f16 scale + f16 zero + 32 B   | 18 (36 per 64)    |
+| `int2`     | KIVI, group of 64: f16 scale + f16 zero + 16 B   | 10 (20 per 64)    |
 
 so a token costs `n_layer x 2 (K and V) x n_head_kv x head_dim x bytes_per_32 / 32` bytes.
-`int4` / `int2` keep the newest tokens of an unfilled 32-token group (at most 31) in the
-model's dtype; `kv_cache_bytes` counts them.
+`int4` / `int2` (KIVI) quantize keys per channel over groups of `kivi_group(head_dim)` tokens and
+values per token over groups of that many channels: 64, the native runtime's group, where head_dim
+is a multiple of 64; 32 otherwise (the runtime refuses such a head_dim for int4 / int2; the
+transformers cache accepts it, at 20 / 12 bytes per 32 values). They keep the newest tokens of an
+unfilled group in the model's dtype; `kv_cache_bytes` counts them.
 """
 
 from __future__ import annotations
@@ -23,14 +26,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-GROUP = 32  # values per block / group, and tokens per KIVI key group
+GROUP = 32  # values per block along head_dim (every type but KIVI's 64 where head_dim allows)
+KIVI_GROUP = 64  # the native runtime's KIVI group (tokens per key group, channels per value group)
+
+
+def kivi_group(head_dim: int) -> int:
+    """The KIVI group for a head_dim: KIVI_GROUP where it divides head_dim, else 32."""
+    return KIVI_GROUP if head_dim % KIVI_GROUP == 0 else GROUP
 
 
 @dataclass(frozen=True)
 class KVType:
     name: str
-    bytes_per_group: int  # bytes for 32 values, scales included
-    kivi: bool  # quantized only when a 32-token group fills (residual in full precision)
+    bytes_per_group: int  # bytes for 32 values, scales included (KIVI: at its group of 64)
+    kivi: bool  # quantized only when a token group fills (residual in full precision)
     doc: str
 
 
@@ -42,8 +51,8 @@ KV_TYPES: dict[str, KVType] = {
         KVType("q8_0", 34, False, "ggml q8_0 blocks along head_dim"),
         KVType("fp8_e4m3", 36, False, "e4m3fn values, one f32 scale (absmax/448) per 32"),
         KVType("q4_0", 18, False, "ggml q4_0 blocks along head_dim"),
-        KVType("int4", 20, True, "KIVI 4-bit: keys per channel, values per token"),
-        KVType("int2", 12, True, "KIVI 2-bit: keys per channel, values per token"),
+        KVType("int4", 18, True, "KIVI 4-bit: keys per channel, values per token"),
+        KVType("int2", 10, True, "KIVI 2-bit: keys per channel, values per token"),
     )
 }
 
@@ -98,12 +107,15 @@ def kv_bytes_per_token(config: Any, kv_type_name: str) -> int:
     (`n_layer * 2 * n_head_kv * head_dim * bytes_per_group / 32`). For `int4` / `int2` this is the
     quantized steady state; see `kv_cache_bytes` for the full-precision residual."""
     s, t = kv_shape(config), kv_type(kv_type_name)
-    return s.n_layer * 2 * s.n_head_kv * (s.head_dim // GROUP) * t.bytes_per_group
+    per_32 = t.bytes_per_group
+    if t.kivi and kivi_group(s.head_dim) == GROUP:  # one scale and zero per 32 values, not 64
+        per_32 += 2
+    return s.n_layer * 2 * s.n_head_kv * (s.head_dim // GROUP) * per_32
 
 
 def kv_cache_bytes(config: Any, kv_type_name: str, tokens: int, residual_bytes: int = 2) -> int:
     """Bytes of a cache holding `tokens` tokens of one sequence. KIVI types (`int4`, `int2`) hold
-    the last `tokens % 32` tokens in the model's dtype (`residual_bytes` per value: 2 for
+    the last `tokens % kivi_group(head_dim)` tokens in the model's dtype (`residual_bytes` per value: 2 for
     f16/bf16, 4 for f32) until their group fills; the other types quantize every token."""
     if not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
@@ -111,6 +123,6 @@ def kv_cache_bytes(config: Any, kv_type_name: str, tokens: int, residual_bytes: 
     per_token = kv_bytes_per_token(s, t.name)
     if not t.kivi:
         return tokens * per_token
-    residual = tokens % GROUP
+    residual = tokens % kivi_group(s.head_dim)
     full_precision = s.n_layer * 2 * s.n_head_kv * s.head_dim * residual_bytes
     return (tokens - residual) * per_token + residual * full_precision
