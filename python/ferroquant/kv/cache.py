@@ -3,8 +3,8 @@
 Storage per layer: the stored parts of `codecs.encode` in buffers that grow by doubling (an
 append is amortized O(1); transformers' DynamicCache concatenates, O(length), every step). For
 `int4` / `int2` the newest tokens of an unfilled KIVI group (`types.kivi_group`: 64 tokens where
-head_dim is a multiple of 64, as in the runtime, else 32) wait in the model's dtype (the residual); when the group fills, its keys and values are quantized once and
-never touched again.
+head_dim is a multiple of 64, as in the runtime, else 32) wait in the model's dtype (the
+residual); when the group fills, its keys and values are quantized once and never touched again.
 
 Attention, decode steps (one new token): with the model's attention set to `ferroquant_kv`
 (`attention.py`; the cache switches an sdpa model to it unless `fast_decode=False`), `update`
