@@ -116,7 +116,8 @@ def kv_bytes_per_token(config: Any, kv_type_name: str) -> int:
 def kv_cache_bytes(config: Any, kv_type_name: str, tokens: int, residual_bytes: int = 2) -> int:
     """Bytes of a cache holding `tokens` tokens of one sequence. KIVI types (`int4`, `int2`) hold
     the last `tokens % kivi_group(head_dim)` tokens in the model's dtype (`residual_bytes` per
-    value: 2 for f16/bf16, 4 for f32) until their group fills; the other types quantize every token."""
+    value: 2 for f16/bf16, 4 for f32) until their group fills; the other types quantize every
+    token."""
     if not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
     s, t = kv_shape(config), kv_type(kv_type_name)
