@@ -26,8 +26,6 @@ from tiny_llama import make_tiny_llama  # noqa: E402
 import ferroquant as fq  # noqa: E402
 from ferroquant import cli  # noqa: E402
 
-from peers import require  # noqa: E402
-
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
@@ -57,23 +55,7 @@ def _ids() -> torch.Tensor:
     return torch.randint(0, 49152, (WINDOWS, SEQ), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A head (no CPUs: the driver's node) and two one-CPU worker nodes on 127.0.0.1."""
-    ray = require("ray")
-    from ray.cluster_utils import Cluster
-
-    store = 80 * 2**20
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "include_dashboard": False, "object_store_memory": store})  # fmt: skip
-    for _ in range(2):
-        c.add_node(num_cpus=1, object_store_memory=store)
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+# `cluster`: the local loopback Ray cluster fixture in tests/conftest.py
 
 
 def _qbytes(model) -> dict[str, bytes]:
