@@ -34,24 +34,9 @@ VOCAB = 256
 def tiny(tmp_path_factory):
     """A 2-layer random Llama (hidden 128, ffn 256) in float16 with a word-level tokenizer."""
     require("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_llama import write_small_word_llama
 
-    path = tmp_path_factory.mktemp("tiny")
-    vocab = {f"t{i}": i for i in range(VOCAB)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t3"
-    ).save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(path)
-    return path
+    return write_small_word_llama(tmp_path_factory.mktemp("tiny"), VOCAB)
 
 
 def _quant_linears(model):

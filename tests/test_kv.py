@@ -233,19 +233,9 @@ def test_old_rows_never_change_and_chunking_does_not_matter(chunks: list[int], k
 # ----------------------------------------------------------------- inside transformers' generate
 @pytest.fixture(scope="module")
 def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_llama import make_small_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_small_llama()
 
 
 def _generate(model, cache, n: int = 40, **kw) -> torch.Tensor:

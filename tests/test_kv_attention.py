@@ -153,19 +153,9 @@ def test_bad_buffers_are_a_clear_error() -> None:
 # ----------------------------------------------------------------- inside transformers' generate
 @pytest.fixture()
 def tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_llama import make_small_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return make_small_llama()
 
 
 def _decode_logits(model, kind: str, fast: bool, ids: torch.Tensor, steps: int, mask=None):

@@ -1,6 +1,9 @@
-"""A tiny random Llama with SmolLM2's tokenizer (from the shipped GGUF), for the imatrix and
-allocation tests: 2 layers, hidden 256 (K-quant rows), ffn 288 (ffn_down rows of 288: the
-legacy fallbacks), 4 query heads on 1 kv head, tied embeddings."""
+"""Tiny random Llamas for the tests.
+
+`make_tiny_llama`: SmolLM2's tokenizer (from the shipped GGUF), for the imatrix, allocation and
+calibration tests: 2 layers, hidden 256 (K-quant rows), ffn 288 (ffn_down rows of 288: the
+legacy fallbacks), 4 query heads on 1 kv head, tied embeddings. `make_small_llama` /
+`write_small_word_llama`: hidden 128, for the KV-cache and checkpoint tests."""
 
 from __future__ import annotations
 
@@ -26,4 +29,41 @@ def make_tiny_llama(out: Path, tied: bool = True, seed: int = 0) -> Path:
         model.get_input_embeddings().weight.mul_(8.0)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+def _small_config(**extra):
+    """2 layers, hidden 128, ffn 256, 4 query heads on 2 kv heads, vocab 256 unless given."""
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return LlamaConfig(**(kw | extra))
+
+
+def make_small_llama(seed: int = 0):
+    """The KV-cache tests' model: a small random Llama (head_dim 32), in eval mode."""
+    torch = peers.require("torch")
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(_small_config(max_position_embeddings=512)).eval()
+
+
+def write_small_word_llama(out: Path, vocab: int = 256) -> Path:
+    """The checkpoint tests' folder: the small Llama in float16 with a word-level tokenizer of
+    `vocab` words t0..t{vocab-1} (GPTQModel and llm-compressor want a tokenizer beside it)."""
+    torch = peers.require("torch")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="t0", bos_token="t1", eos_token="t2", pad_token="t3"
+    ).save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = _small_config(vocab_size=vocab, max_position_embeddings=256, tie_word_embeddings=False,
+                        bos_token_id=1, eos_token_id=2)  # fmt: skip
+    LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(out)
     return out
