@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -44,12 +45,13 @@ from ferroquant.eval.load import read_text  # noqa: E402
 from ferroquant.eval.metrics import Scores, make_windows  # noqa: E402
 from ferroquant.eval.run import run_windows  # noqa: E402
 from ferroquant.methods.imatrix import chunk_ids, compute_imatrix, gguf_linear_names  # noqa: E402
+from ferroquant.methods.imatrix_io import read_imatrix, write_imatrix  # noqa: E402
 from ferroquant.models.allocation import allocate_hf_to_gguf  # noqa: E402
 from ferroquant.models.convert import gguf_to_hf, hf_to_gguf  # noqa: E402
 
 LLAMA_ROWS = {"q2_k": (10, "Q2_K"), "q3_k_m": (12, "Q3_K_M"), "q4_k_m": (15, "Q4_K_M")}
 # llama.cpp's published imatrix effect (Llama-3-8B, wikitext, ctx 512; shared/ANCHORS.md)
-PUBLISHED = {"q4_k_m": "KL 0.031 -> 0.028 (-10 %)"}
+PUBLISHED = {"q4_k_m": "ppl +0.175 -> +0.151 over f16, KL 0.031 -> 0.028 (-10 %)"}
 
 
 def llama_score(llama_cpp, path: Path, ids: list[int], windows, base):
@@ -106,18 +108,24 @@ def main() -> None:
         hf_to_gguf(hf, src, "f32")
     tok = AutoTokenizer.from_pretrained(str(hf))
 
-    # our importance matrix on lee_background (never the held-out text)
-    text, _ = read_calibration_text(None)
-    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    # our importance matrix on lee_background (never the held-out text); with --keep it is
+    # saved, and a rerun (e.g. after a timeout on the loaded machine) picks up what exists
+    imx_path = tmp / f"imatrix-{args.imatrix_chunks}x512.gguf"
     t0 = time.perf_counter()
-    im = compute_imatrix(
-        model,
-        chunk_ids(tok, text, 512, args.imatrix_chunks, None),
-        gguf_linear_names(model, "llama"),
-        dataset="lee_background.cor",
-    )
+    if imx_path.exists():
+        im = read_imatrix(imx_path)
+    else:
+        text, _ = read_calibration_text(None)
+        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+        im = compute_imatrix(
+            model,
+            chunk_ids(tok, text, 512, args.imatrix_chunks, None),
+            gguf_linear_names(model, "llama"),
+            dataset="lee_background.cor",
+        )
+        del model
+        write_imatrix(im, imx_path)
     t_imatrix = time.perf_counter() - t0
-    del model
 
     held, _ = read_text(None)
     ids_t = torch.tensor(tok(held, add_special_tokens=False)["input_ids"], dtype=torch.int64)
@@ -125,8 +133,15 @@ def main() -> None:
     ids = ids_t.tolist()
     base_logits, base_scores = llama_score(llama_cpp, src, ids, windows, None)
     results: list[dict] = []
+    done_path = tmp / f"scores-{args.eval_tokens}.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
 
     def score(name: str, path: Path, ours_ppl: bool = False) -> dict:
+        old = done.get(name)
+        if old is not None and old["bytes"] == path.stat().st_size:
+            results.append(old)
+            print(f"  {name}: {old} (kept)", flush=True)
+            return old
         _, s = llama_score(llama_cpp, path, ids, windows, base_logits)
         row = {
             "row": name,
@@ -138,6 +153,8 @@ def main() -> None:
         if ours_ppl:
             row["ppl_ours"] = our_ppl(path, ids_t, windows, tmp)
         results.append(row)
+        done[name] = row
+        done_path.write_text(json.dumps(done, indent=1))
         print(f"  {name}: {row}", flush=True)
         return row
 
@@ -149,13 +166,18 @@ def main() -> None:
         if not path.exists():
             _quantize(llama_cpp, src, path, ftype, 2)
         sizes[key] = score(f"llama.cpp {label}", path)["bytes"]
-    plan = tmp / "plan.json"
-    if plan.exists():
+    # one measurement (saved plan), re-optimised for every size; kept with --keep only when it
+    # was measured with this imatrix and these windows
+    plan = tmp / f"plan-{args.imatrix_chunks}x512-{args.calib_windows}w.json"
+    if plan.exists() and args.keep is None:
         plan.unlink()
     t_measure = None
     for key in keys:
         for excl, tag in (((), "alloc+imatrix"), (("q4_1",), "alloc+imatrix, no q4_1")):
             out = tmp / f"ours-{key}-{'noq41' if excl else 'all'}.gguf"
+            if out.exists() and plan.exists():
+                score(f"ours {tag} @ {key} size", out, ours_ppl=not excl)
+                continue
             t0 = time.perf_counter()
             allocate_hf_to_gguf(
                 hf,
@@ -174,7 +196,8 @@ def main() -> None:
     for key in [] if args.no_gains else keys:
         for use in (False, True):
             out = tmp / f"ours-{key}-{'imx' if use else 'plain'}.gguf"
-            hf_to_gguf(hf, out, key, imatrix=im if use else None)
+            if not out.exists():
+                hf_to_gguf(hf, out, key, imatrix=im if use else None)
             score(f"ours {key}{' + imatrix' if use else ''}", out)
 
     by = {r["row"]: r for r in results}
@@ -188,7 +211,7 @@ def main() -> None:
         f"baseline (llama.cpp, f32 source) ppl {base_scores.ppl():.4f} on lee.cor, "
         f"{sum(w.n_scored for w in windows)} tokens, ctx 512; imatrix {args.imatrix_chunks} x 512 "
         f"tokens of lee_background ({t_imatrix:.0f} s); measurement {args.calib_windows} x 512 "
-        f"tokens ({t_measure:.0f} s incl. writing the first file)"
+        f"tokens ({t_measure or 0:.0f} s incl. writing the first file; 0: reused)"
     )
     head = [
         "size of",

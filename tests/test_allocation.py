@@ -160,6 +160,34 @@ def test_bad_targets_and_foreign_plans_write_nothing(allocated, tiny, tmp_path, 
         assert "the smallest file is" in err and "the largest" in err and not dst.exists()
 
 
+def test_refusals_leave_an_existing_output_as_it_was(allocated, tiny, tmp_path, capsys):
+    # --target-bpw out of reach, a plan whose tensor has another shape, an imatrix of another
+    # model: each is refused before the writer opens, so an existing file keeps its bytes
+    _, out, plan, _ = allocated
+    dst = tmp_path / "kept.gguf"
+    dst.write_bytes(b"an earlier file")
+    for bpw in ("0.5", "40"):
+        args = ["convert", str(tiny), str(dst), "--plan", str(plan), "--target-bpw", bpw]
+        assert cli.main([*args, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--target-bpw {bpw}" in err and "smallest" in err and "largest" in err
+    saved = json.loads(plan.read_text())
+    saved["tensors"][0]["shape"][0] += 1
+    moved = tmp_path / "moved.json"
+    moved.write_text(json.dumps(saved))
+    name = saved["tensors"][0]["name"]
+    assert cli.main(["convert", str(tiny), str(dst), "--plan", str(moved), "--quiet"]) == 2
+    assert f"tensor {name} is" in capsys.readouterr().err
+    from ferroquant.methods.imatrix_io import ImatrixEntry, ImportanceMatrix, write_imatrix
+
+    entry = ImatrixEntry(np.ones((1, 128), np.float32), np.ones(1, np.float32))
+    write_imatrix(ImportanceMatrix({"blk.1.ffn_down.weight": entry}), tmp_path / "bad.gguf")
+    args = ["convert", str(tiny), str(dst), "--target-size", "9MB", "--quiet"]
+    assert cli.main([*args, "--imatrix", str(tmp_path / "bad.gguf")]) == 2
+    assert "blk.1.ffn_down.weight has 128 columns, the model's has 288" in capsys.readouterr().err
+    assert dst.read_bytes() == b"an earlier file"
+
+
 def test_eval_rows_with_imatrix_and_allocation(tiny):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

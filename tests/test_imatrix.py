@@ -167,3 +167,8 @@ def test_an_imatrix_of_another_model_is_named_and_nothing_is_written(tiny, tmp_p
     assert cli.main(["convert", str(tiny), str(out), "--qtype", "q4_0", "--quiet",
                      "--imatrix", str(model_file)]) == 2  # fmt: skip
     assert "not 'imatrix'" in capsys.readouterr().err and not out.exists()
+    # llama-quantize's path (GGUF in, GGUF out) refuses it the same way
+    assert cli.main(["quantize", str(model_file), str(out), "--qtype", "q4_0", "--quiet",
+                     "--imatrix", str(tmp_path / "bad.gguf")]) == 2  # fmt: skip
+    assert "tensor blk.7.attn_q.weight is not a weight of this model" in capsys.readouterr().err
+    assert not out.exists()
