@@ -16,12 +16,18 @@ Then (--ggml) the ggml formats with a minimum, RTN (`ferroquant.quantize`, libgg
 `hqq_quantize` on the same tensors (K-quants: only the weights whose rows are whole 256-blocks,
 SmolLM2's ffn_down; q4_1 is left out by default: the weights *are* Q4_1, RTN reproduces them).
 
+--bound-groups N: on N groups drawn from each tensor (seeded), the best integer-zero grid the
+stored format can hold, by brute force (every zero 0..maxq x 141 fp16 scales from 0.6x to 1.3x
+of (max - min) / maxq, nearest codes, squared error), next to our stored groups and the
+package's on the same groups: how far the integer zero alone keeps any search from the
+package's float zero.
+
 Relative error = ||W - W_r||_F / ||W||_F, summed over all tensors (sqrt of summed squares over
 summed squares). Time: per tensor the median of --runs runs, engines interleaved, summed over
 tensors; torch and ferroquant's Rust pool both on --threads threads.
 
     python benches/bench_hqq.py [--blocks 0,15,29] [--bits 4,3] [--runs 3] [--threads 1]
-                                [--ggml q5_1,q2_k,q4_k,q5_k]
+                                [--ggml q5_1,q2_k,q4_k,q5_k] [--bound-groups 200]
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ggml", default="q5_1,q2_k,q4_k,q5_k", help="ggml formats ('' for none)")
+    ap.add_argument("--bound-groups", type=int, default=0, help="groups per tensor (0: off)")
     add_runs(ap, 3)
     args = ap.parse_args()
     from hqq.core.quantize import Quantizer
@@ -75,13 +82,14 @@ def main() -> None:
                 name = f"blk.{b}.{lin}.weight"
                 weights[name] = np.ascontiguousarray(f.tensors[name].dequantize())
     g = args.group_size
-    rows = []
+    rows, bound_rows = [], []
     for bits in (int(b) for b in args.bits.split(",")):
         qtype = f"int{bits}_g{g}"
         sq = {k: 0.0 for k in ("rtn", "pkg_rtn", "pkg", "float", "ours")}
         secs = {k: 0.0 for k in ("rtn", "pkg", "ours")}
         cpu = {k: 0.0 for k in ("pkg", "ours")}
         norm = 0.0
+        bound = {k: 0.0 for k in ("grid", "ours", "pkg", "norm")}
         for w in weights.values():
             wt = torch.from_numpy(w)
             norm += float((wt.double() ** 2).sum())
@@ -116,7 +124,21 @@ def main() -> None:
             s, z = solve_zero(gw, bits, HQQConfig())
             q = np.clip(np.round(gw * s + z), 0, (1 << bits) - 1)
             sq["float"] += err((q - z) / s)
+            if args.bound_groups:
+                pick = np.random.default_rng(0).choice(len(gw), args.bound_groups, replace=False)
+                ours = fq.dequantize(res["ours"][0][1]).reshape(-1, g)[pick]
+                wq, meta = res["pkg"][0][1]
+                theirs = ((wq.float() - meta["zero"]) * meta["scale"]).numpy().reshape(-1, g)
+                x = gw[pick].astype(np.float64)
+                bound["grid"] += _int_zero_grid_best(gw[pick], bits)
+                bound["ours"] += float(((ours - x) ** 2).sum())
+                bound["pkg"] += float(((theirs[pick] - x) ** 2).sum())
+                bound["norm"] += float((x**2).sum())
         rel = {k: (v / norm) ** 0.5 for k, v in sq.items()}
+        if args.bound_groups:
+            b = {k: (bound[k] / bound["norm"]) ** 0.5 for k in ("grid", "ours", "pkg")}
+            bound_rows.append([qtype, str(args.bound_groups * len(weights)), f"{b['grid']:.4f}",
+                               f"{b['ours']:.4f}", f"{b['pkg']:.4f}"])  # fmt: skip
         rows.append([
             qtype, f"{rel['rtn']:.4f}", f"{rel['ours']:.4f}", f"{rel['float']:.4f}",
             f"{rel['pkg']:.4f}", f"{rel['pkg_rtn']:.4f}",
@@ -129,9 +151,27 @@ def main() -> None:
         ["qtype", "rel err RTN (stored)", "HQQ ours (stored, int zero)", "HQQ ours (float zero)",
          "hqq pkg (float zero)", "hqq pkg RTN (float zero)", "ms RTN", "ms HQQ ours",
          "ms hqq pkg", "ours vs pkg speed (wall)", "(CPU time)"], rows))  # fmt: skip
+    if bound_rows:
+        print(table(["qtype", "groups", "best integer-zero grid (brute force)", "HQQ ours (stored)",
+                     "hqq pkg (float zero)"], bound_rows))  # fmt: skip
     if args.ggml:
         print(table(["qtype", "tensors", "rel err RTN", "rel err HQQ ours", "ms RTN",
                      "ms HQQ ours"], _ggml_rows(weights, args)))  # fmt: skip
+
+
+def _int_zero_grid_best(x: np.ndarray, bits: int) -> float:
+    """The smallest squared error per group over every integer zero and 141 fp16 scales (the
+    module docstring's brute force), summed over the groups `x` [n, g]."""
+    maxq = (1 << bits) - 1
+    span = (x.max(1) - x.min(1)) / maxq
+    best = np.full(len(x), np.inf)
+    for f in np.linspace(0.6, 1.3, 141):
+        s = (span * f).astype(np.float16).astype(np.float32)[:, None]
+        s[s <= 0] = 1.0
+        for z in range(maxq + 1):
+            q = np.clip(np.round(x / s) + z, 0, maxq)
+            best = np.minimum(best, (((q - z) * s - x).astype(np.float64) ** 2).sum(1))
+    return float(best.sum())
 
 
 def _ggml_rows(weights: dict[str, np.ndarray], args: argparse.Namespace) -> list[list[str]]:

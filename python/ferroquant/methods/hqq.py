@@ -9,16 +9,19 @@ by half-quadratic splitting, as the `hqq` package's default solver does (`hqq/co
     z = mean(q - (w - e) * s)              (per group)
 
 where shrink_p(x) = sign(x) * relu(|x| - |x|^(p-1) / beta), with the package's early stop (the
-whole tensor stops at the first step whose mean |error| does not improve). One fused pass per
-group and step, groups in parallel; the result does not depend on the thread count, and the
-fast path is bit-identical to the scalar reference (`_native.hqq_solve(reference=True)`).
+whole tensor stops at the first step whose mean |error| does not improve). The fast path runs
+on group-major blocks (16 groups side by side, one per vector lane: one fused pass per block and
+step, blocks in parallel); the result does not depend on the thread count, and it is
+bit-identical to the scalar reference (`_native.hqq_solve(reference=True)`).
 
 Storage (`hqq/store.rs`): grouped integers (int{2,3,4}_g*, integer zero): a joint search over
-the integer zero (HQQ's rounded, +-1) and the fp16 scale (11 factors around 1/s, each refitted
-by least squares) in squared error; q4_1 / q5_1: HQQ's float zero is the block minimum;
-q2_k / q4_k / q5_k: the solver per sub-block, the sub-block scales and mins then quantized the
-format's way. Every block keeps, of HQQ's bytes and the format's round-to-nearest bytes, the
-ones with the smaller squared error: never worse than RTN, block by block.
+the integer zero (HQQ's rounded and its neighbour on the float zero's side) and the fp16 scale
+(5 factors around 1/s, the best refitted by least squares) in squared error, group-major like
+the solver and bit-identical to its scalar reference; q4_1 / q5_1: HQQ's float zero is the
+block minimum; q2_k / q4_k / q5_k: the solver per sub-block, the sub-block scales and mins
+then quantized the format's way. Every block keeps, of HQQ's bytes and the format's
+round-to-nearest bytes, the ones with the smaller squared error: never worse than RTN, block by
+block.
 """
 
 from __future__ import annotations

@@ -26,14 +26,21 @@
 //! reproduce the reference bit for bit.
 //!
 //! `solve_reference` is the plain transcription (whole-tensor passes like the package's torch
-//! code, the shrinkage evaluated everywhere). `solve` is the fast path: one fused pass per group
-//! per step (the group stays in L1), groups in parallel (rayon, per chunk of groups), AVX2 where
-//! the CPU has it, and the shrinkage skipped for a group whose errors are all below
-//! `0.999 * beta^(-1/(2-p))`: there `|r| - |r|^(p-1)/beta < 0` with a margin of 0.13 % that
-//! f32 `powf` rounding (< 1e-6 relative) cannot cross, so `e = 0` exactly and `w - e == w`.
+//! code, the shrinkage evaluated everywhere). `solve` is the fast path: the tensor transposed
+//! once into group-major blocks (`lanes`: 16 groups side by side, one per vector lane, so each
+//! lane runs the reference's operations on its own group in the reference's order, without
+//! horizontal sums), one fused pass per block and step (16 groups of 64 are 4 KiB: they stay in
+//! L1), blocks in parallel (rayon), compiled for AVX-512 or AVX2 where the CPU has them. The
+//! shrinkage is evaluated only for errors of at least `0.999 * beta^(-1/(2-p))`: below it
+//! `|r| - |r|^(p-1)/beta < 0` with a margin of 0.13 % that f32 `powf` rounding (< 1e-6
+//! relative) cannot cross, so `e = 0` exactly and `w - e == w`.
 //! Tests compare the two bit for bit, and the reference with the package live (Python).
 
+mod int_zero;
+mod lanes;
 pub mod store;
+
+use lanes::V;
 
 use rayon::prelude::*;
 
@@ -101,13 +108,91 @@ pub fn init_group(x: &[f32], maxq: f32) -> (f32, f32) {
     let mut mn = f32::INFINITY;
     let mut mx = f32::NEG_INFINITY;
     for &v in x {
-        mn = mn.min(v);
-        mx = mx.max(v);
+        // explicit comparisons (not `min` / `max`, whose choice between -0 and +0 is left to
+        // the instruction): the lanes of `init_block` make the same choices
+        mn = if v < mn { v } else { mn };
+        mx = if v > mx { v } else { mx };
     }
+    init_from_range(mn, mx, maxq)
+}
+
+#[inline(always)]
+fn init_from_range(mn: f32, mx: f32, maxq: f32) -> (f32, f32) {
     let den = mx - mn;
     let s = if den.abs() <= 1e-4 { 1.0 } else { maxq / den };
     let s = s.min(2e4);
     (s, -mn * s)
+}
+
+/// `init_group` for the 16 groups of a transposed block.
+#[inline(always)]
+fn init_block(xb: &[f32], maxq: f32, s: &mut [f32], z: &mut [f32]) {
+    let mut mn = [f32::INFINITY; lanes::LANES];
+    let mut mx = [f32::NEG_INFINITY; lanes::LANES];
+    for x in xb.chunks_exact(lanes::LANES) {
+        for l in 0..lanes::LANES {
+            mn[l] = if x[l] < mn[l] { x[l] } else { mn[l] };
+            mx[l] = if x[l] > mx[l] { x[l] } else { mx[l] };
+        }
+    }
+    for l in 0..lanes::LANES {
+        (s[l], z[l]) = init_from_range(mn[l], mx[l], maxq);
+    }
+}
+
+/// Transpose a chunk of blocks from group `first` and compute their start (`init_block`).
+#[inline(always)]
+fn prepare_chunk(
+    w: &[f32],
+    group: usize,
+    first: usize,
+    wt: &mut [f32],
+    s: &mut [f32],
+    z: &mut [f32],
+    maxq: f32,
+) {
+    let bl = group * lanes::LANES;
+    for (b, blk) in wt.chunks_exact_mut(bl).enumerate() {
+        lanes::transpose_block(w, group, first + b * lanes::LANES, blk);
+        let span = b * lanes::LANES..(b + 1) * lanes::LANES;
+        init_block(blk, maxq, &mut s[span.clone()], &mut z[span]);
+    }
+}
+
+/// `prepare_chunk` compiled for AVX-512 (the same operations: identical results).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL (`crate::cpu::has_avx512`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+unsafe fn prepare_chunk_avx512(
+    w: &[f32],
+    group: usize,
+    first: usize,
+    wt: &mut [f32],
+    s: &mut [f32],
+    z: &mut [f32],
+    maxq: f32,
+) {
+    prepare_chunk(w, group, first, wt, s, z, maxq)
+}
+
+fn run_prepare_chunk(
+    w: &[f32],
+    group: usize,
+    first: usize,
+    wt: &mut [f32],
+    s: &mut [f32],
+    z: &mut [f32],
+    maxq: f32,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512() {
+        // SAFETY: has_avx512 checked the CPU at run time.
+        unsafe { prepare_chunk_avx512(w, group, first, wt, s, z, maxq) };
+        return;
+    }
+    prepare_chunk(w, group, first, wt, s, z, maxq)
 }
 
 /// The lp shrinkage of one error; +0 where it vanishes (so `w - e` is `w` bit for bit).
@@ -214,51 +299,115 @@ struct Step {
     thr: f32,
 }
 
-/// One step for one group, fused: returns (new zero, sum of |r|). One pass computes the codes,
-/// the errors, their sum and the zero update as if every shrinkage were 0; only a group with
-/// an error above the threshold (rare: errors are in weight units, the threshold near 0.17)
-/// runs a second pass with the shrinkage, recomputing its codes and errors the same way.
+/// The step of the reference for one group whose errors reach the threshold: the zero update
+/// with the shrinkage (`shrink` only where `|r| >= thr`: below it, it is +0 exactly).
 #[inline(always)]
-fn step_group(x: &[f32], s: f32, z: f32, c: Step) -> (f32, f32) {
-    let mut acc = [0f32; LANES];
-    let mut big = [0f32; LANES];
+fn shrunk_zero(x: &[f32], s: f32, z: f32, c: Step) -> f32 {
     let mut zacc = [0f32; LANES];
-    let mut lane = |l: usize, xv: f32| {
+    for (j, &xv) in x.iter().enumerate() {
         let qv = code(xv, s, z, c.maxq);
         let rv = xv - (qv - z) / s;
-        let a = rv.abs();
-        acc[l] += a;
-        big[l] = if a > big[l] { a } else { big[l] };
-        zacc[l] += qv - xv * s;
-    };
-    // whole chunks of 8 (fixed trip count: one vector per chunk), then the tail
-    let mut it = x.chunks_exact(LANES);
-    for xs in it.by_ref() {
-        for (l, &xv) in xs.iter().enumerate() {
-            lane(l, xv);
-        }
+        let e = if rv.abs() < c.thr {
+            0.0
+        } else {
+            shrink(rv, c.inv_beta, c.p)
+        };
+        zacc[j % LANES] += qv - (xv - e) * s;
     }
-    for (l, &xv) in it.remainder().iter().enumerate() {
-        lane(l, xv);
-    }
-    let abs_sum = lane_sum(&acc);
-    if !big.iter().all(|&b| b < c.thr) {
-        zacc = [0f32; LANES];
-        for (j, &xv) in x.iter().enumerate() {
-            let qv = code(xv, s, z, c.maxq);
-            let rv = xv - (qv - z) / s;
-            zacc[j % LANES] += qv - (xv - shrink(rv, c.inv_beta, c.p)) * s;
-        }
-    }
-    (lane_sum(&zacc) / x.len() as f32, abs_sum)
+    lane_sum(&zacc) / x.len() as f32
 }
 
-/// One step over a chunk of groups.
+/// One step for a block of 16 groups (`lanes`), fused: per lane the new zero as if every
+/// shrinkage were 0, the sum of |r|, and the largest |r| (the caller redoes a lane whose errors
+/// reach the threshold with `shrunk_zero`: rare, errors are in weight units, the threshold near
+/// 0.17). Each lane runs the reference's operations on its group in the reference's order.
+/// (Evaluating the shrinkage inside this loop instead, for the few errors that need it, costs
+/// the loop its vectorisation: measured 10x slower.)
 #[inline(always)]
-fn step_chunk(w: &[f32], group: usize, s: &[f32], z: &mut [f32], sums: &mut [f32], c: Step) {
-    for (k, x) in w.chunks_exact(group).enumerate() {
-        (z[k], sums[k]) = step_group(x, s[k], z[k], c);
+fn step_block(xb: &[f32], group: usize, s: &V, z: &V, c: Step) -> (V, V, V) {
+    let mut acc = [[0f32; lanes::LANES]; LANES];
+    let mut zacc = [[0f32; lanes::LANES]; LANES];
+    let mut big = [0f32; lanes::LANES];
+    let mut one = |u: usize, x: &[f32]| {
+        for l in 0..lanes::LANES {
+            let xv = x[l];
+            let ws = xv * s[l];
+            let qv = (ws + z[l]).round_ties_even().clamp(0.0, c.maxq);
+            let a = (xv - (qv - z[l]) / s[l]).abs();
+            acc[u][l] += a;
+            big[l] = if a > big[l] { a } else { big[l] };
+            zacc[u][l] += qv - ws;
+        }
+    };
+    // whole runs of 8 weights (lane `j % 8` of the reference), then the tail
+    let mut it = xb.chunks_exact(LANES * lanes::LANES);
+    for xs in it.by_ref() {
+        for (u, x) in xs.chunks_exact(lanes::LANES).enumerate() {
+            one(u, x);
+        }
     }
+    for (u, x) in it.remainder().chunks_exact(lanes::LANES).enumerate() {
+        one(u, x);
+    }
+    let gn = group as f32;
+    let mut zn = lanes::tree_sum(&zacc);
+    for v in zn.iter_mut() {
+        *v /= gn;
+    }
+    (zn, lanes::tree_sum(&acc), big)
+}
+
+/// One step over a chunk of blocks: `wt` transposed blocks, `s` / `z` / `sums` per group
+/// (padded to whole blocks), `w` the whole tensor and `first` the chunk's first group.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn step_chunk(
+    wt: &[f32],
+    w: &[f32],
+    group: usize,
+    first: usize,
+    s: &[f32],
+    z: &mut [f32],
+    sums: &mut [f32],
+    c: Step,
+) {
+    let n = w.len() / group;
+    for (b, xb) in wt.chunks_exact(group * lanes::LANES).enumerate() {
+        let span = b * lanes::LANES..(b + 1) * lanes::LANES;
+        let sv: &V = s[span.clone()].try_into().unwrap();
+        let zv: V = z[span.clone()].try_into().unwrap();
+        let (zn, abs, big) = step_block(xb, group, sv, &zv, c);
+        for l in 0..lanes::LANES {
+            let i = span.start + l;
+            sums[i] = abs[l];
+            z[i] = if big[l] < c.thr {
+                zn[l]
+            } else {
+                let k = (first + i).min(n - 1);
+                shrunk_zero(&w[k * group..(k + 1) * group], sv[l], zv[l], c)
+            };
+        }
+    }
+}
+
+/// `step_chunk` compiled for AVX-512 (the same operations: identical results).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL (`crate::cpu::has_avx512`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn step_chunk_avx512(
+    wt: &[f32],
+    w: &[f32],
+    group: usize,
+    first: usize,
+    s: &[f32],
+    z: &mut [f32],
+    sums: &mut [f32],
+    c: Step,
+) {
+    step_chunk(wt, w, group, first, s, z, sums, c)
 }
 
 /// `step_chunk` compiled for AVX2 (the same operations: identical results).
@@ -267,47 +416,69 @@ fn step_chunk(w: &[f32], group: usize, s: &[f32], z: &mut [f32], sums: &mut [f32
 /// The CPU must support AVX2 (`crate::cpu::has_avx2`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn step_chunk_avx2(
+    wt: &[f32],
     w: &[f32],
     group: usize,
+    first: usize,
     s: &[f32],
     z: &mut [f32],
     sums: &mut [f32],
     c: Step,
 ) {
-    step_chunk(w, group, s, z, sums, c)
+    step_chunk(wt, w, group, first, s, z, sums, c)
 }
 
-fn run_step_chunk(w: &[f32], group: usize, s: &[f32], z: &mut [f32], sums: &mut [f32], c: Step) {
+#[allow(clippy::too_many_arguments)]
+fn run_step_chunk(
+    wt: &[f32],
+    w: &[f32],
+    group: usize,
+    first: usize,
+    s: &[f32],
+    z: &mut [f32],
+    sums: &mut [f32],
+    c: Step,
+) {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::has_avx2() {
-        // SAFETY: has_avx2 checked the CPU at run time.
-        unsafe { step_chunk_avx2(w, group, s, z, sums, c) };
-        return;
+    {
+        if crate::cpu::has_avx512() {
+            // SAFETY: has_avx512 checked the CPU at run time.
+            unsafe { step_chunk_avx512(wt, w, group, first, s, z, sums, c) };
+            return;
+        }
+        if crate::cpu::has_avx2() {
+            // SAFETY: has_avx2 checked the CPU at run time.
+            unsafe { step_chunk_avx2(wt, w, group, first, s, z, sums, c) };
+            return;
+        }
     }
-    step_chunk(w, group, s, z, sums, c)
+    step_chunk(wt, w, group, first, s, z, sums, c)
 }
 
-/// The fast path: bit-identical to `solve_reference` (tested), for any thread count.
+/// The fast path: bit-identical to `solve_reference` (tested), for any thread count. The
+/// tensor is transposed once into group-major blocks (`lanes`); each step is one fused pass
+/// over them, blocks in parallel.
 pub fn solve(w: &[f32], group: usize, bits: u8, cfg: &HqqConfig) -> Result<Solved> {
     cfg.check()?;
     check(w, group, bits)?;
     let maxq = ((1u32 << bits) - 1) as f32;
     let n = w.len() / group;
-    let per_task = parallel::rows_per_task(n, group);
-    let mut s = vec![0f32; n];
-    let mut z = vec![0f32; n];
+    let nb = n.div_ceil(lanes::LANES);
+    let per_task = parallel::rows_per_task(nb, group * lanes::LANES);
+    let (gs, bs) = (per_task * lanes::LANES, per_task * lanes::LANES * group);
+    let mut wt = vec![0f32; nb * lanes::LANES * group];
+    let mut s = vec![0f32; nb * lanes::LANES];
+    let mut z = vec![0f32; nb * lanes::LANES];
     parallel::install(|| {
-        w.par_chunks(per_task * group)
-            .zip(s.par_chunks_mut(per_task))
-            .zip(z.par_chunks_mut(per_task))
-            .for_each(|((wc, sc), zc)| {
-                for ((x, sv), zv) in wc.chunks_exact(group).zip(sc).zip(zc) {
-                    (*sv, *zv) = init_group(x, maxq);
-                }
-            })
+        wt.par_chunks_mut(bs)
+            .zip(s.par_chunks_mut(gs))
+            .zip(z.par_chunks_mut(gs))
+            .enumerate()
+            .for_each(|(t, ((wc, sc), zc))| run_prepare_chunk(w, group, t * gs, wc, sc, zc, maxq))
     });
-    let mut sums = vec![0f32; n];
+    let mut sums = vec![0f32; nb * lanes::LANES];
     let (mut best, mut beta, mut steps) = (f64::INFINITY, cfg.beta, 0);
     for _ in 0..cfg.iters {
         steps += 1;
@@ -318,13 +489,16 @@ pub fn solve(w: &[f32], group: usize, bits: u8, cfg: &HqqConfig) -> Result<Solve
             thr: skip_threshold(beta, cfg.lp_norm),
         };
         parallel::install(|| {
-            w.par_chunks(per_task * group)
-                .zip(s.par_chunks(per_task))
-                .zip(z.par_chunks_mut(per_task))
-                .zip(sums.par_chunks_mut(per_task))
-                .for_each(|(((wc, sc), zc), uc)| run_step_chunk(wc, group, sc, zc, uc, c))
+            wt.par_chunks(bs)
+                .zip(s.par_chunks(gs))
+                .zip(z.par_chunks_mut(gs))
+                .zip(sums.par_chunks_mut(gs))
+                .enumerate()
+                .for_each(|(t, (((wc, sc), zc), uc))| {
+                    run_step_chunk(wc, w, group, t * gs, sc, zc, uc, c)
+                })
         });
-        let total = sums.iter().fold(0f64, |t, &v| t + v as f64);
+        let total = sums[..n].iter().fold(0f64, |t, &v| t + v as f64);
         let current = total / w.len() as f64;
         if current < best {
             best = current;
@@ -333,6 +507,8 @@ pub fn solve(w: &[f32], group: usize, bits: u8, cfg: &HqqConfig) -> Result<Solve
         }
         beta *= cfg.kappa;
     }
+    s.truncate(n);
+    z.truncate(n);
     Ok(Solved {
         inv_scale: s,
         zero: z,
