@@ -14,11 +14,13 @@ as their residual would hold it; quanto keeps its own 128-token full-precision r
 Reported against our f16 cache on the same weights (the issue's baseline), with the f32
 DynamicCache beside it.
 
-Decode speed: greedy decoding of `--new-tokens` tokens after a prompt of P tokens (lee.cor,
-then lee_background.cor where P is longer), time of the decode steps only (model forward +
-cache), tokens/s; engines interleaved, medians (min-max) of --runs. Our engines decode with the
-`ferroquant_kv` attention (quantized rows read in place); `KIND:dequant` (e.g. `int4:dequant`)
-is the same cache with `fast_decode=False` (every step dequantizes the layer: the old path).
+Decode speed: a real prefill (the model runs the whole prompt of P tokens, lee.cor, then
+lee_background.cor where P is longer, into the cache), then greedy decoding of `--new-tokens`
+tokens; the time of the decode steps only (model forward + cache), tokens/s; engines
+interleaved, medians (min-max) of --runs. Our engines decode with the `ferroquant_kv` attention
+(quantized rows read in place); `KIND:dequant` (e.g. `int4:dequant`) is the same cache with
+`fast_decode=False` (every step dequantizes the layer: the old path). `--quanto-speed int4,int2`
+times transformers' quanto caches at those widths.
 The machine is shared: the load average is printed with each run.
 
     python benches/kv_hf.py [--quick] [--runs 3] [--ctx 2048,4096] [--decode-prompt 200,2048]
@@ -77,14 +79,14 @@ def _cache(model: Any, engine: str) -> Any:
 
     from ferroquant.kv import QuantizedCache
 
-    if engine in ("dynamic", "quanto-int4"):
+    if engine in ("dynamic", "quanto-int4", "quanto-int2"):
         # transformers' own attention for its caches (ours switches the config to
         # ferroquant_kv, which would add a Python call per layer to theirs)
         if model.config._attn_implementation == "ferroquant_kv":
             model.config._attn_implementation = "sdpa"
         if engine == "dynamic":
             return DynamicCache(config=model.config)
-        return HFQuantizedCache("quanto", model.config, nbits=4)
+        return HFQuantizedCache("quanto", model.config, nbits=int(engine[-1]))
     kind, _, mode = engine.partition(":")
     if mode not in ("", "dequant"):
         raise ValueError(f"engine {engine!r}: expected KIND or KIND:dequant")
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
     speed_models = {w: m for w, m in models.items() if w in args.speed_weights.split(",")}
     engines = ["dynamic", *args.speed_kv.split(",")]
-    engines += ["quanto-int4"] if args.quanto else []
+    engines += [f"quanto-{k}" for k in args.quanto_speed.split(",") if k] if args.quanto else []
     rows += speed_rows(
         speed_models,
         long_ids,
@@ -273,6 +275,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward when scoring")
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--no-quanto", dest="quanto", action="store_false")
+    ap.add_argument(
+        "--quanto-speed", default="int4", help="transformers' quanto caches timed (int4,int2)"
+    )
     return ap
 
 
