@@ -86,6 +86,11 @@ class _Rows:
         self._bytes = {}
 
 
+def _plain_f32(t: torch.Tensor) -> bool:
+    """A float32 CPU tensor numpy can view (no autograd)."""
+    return t.dtype == torch.float32 and t.is_cpu and not t.requires_grad
+
+
 def _with_capacity(t: torch.Tensor, cap: int) -> torch.Tensor:
     shape = list(t.shape)
     shape[2] = cap
@@ -191,8 +196,14 @@ class QuantizedLayer(CacheLayerMixin):
             return
         r, n = self.n_res, k.shape[2]
         if r + n < self.group:  # the common decode step: one write into the residual buffer
-            self.res_k[:, :, r : r + n] = k
-            self.res_v[:, :, r : r + n] = v
+            if n == 1 and _plain_f32(k) and _plain_f32(v) and self.res_k.dtype == torch.float32:
+                # through the buffers' numpy views: half the cost of a torch slice assignment
+                res_k, res_v = self._residual_f32()
+                res_k[:, :, r] = k.numpy()[:, :, 0]
+                res_v[:, :, r] = v.numpy()[:, :, 0]
+            else:
+                self.res_k[:, :, r : r + n] = k
+                self.res_v[:, :, r : r + n] = v
             self.n_res = r + n
             return
         if r:
@@ -423,9 +434,7 @@ class QuantizedCache(Cache):
             if getattr(config, "_attn_implementation", None) == "sdpa":
                 config._attn_implementation = attention.NAME
         layers = [
-            QuantizedLayer(
-                kind, self.workspace, lambda: config._attn_implementation == attention.NAME
-            )
+            QuantizedLayer(kind, self.workspace, _uses_ferroquant_kv(config))
             for _ in range(shape.n_layer)
         ]
         super().__init__(layers=layers)
@@ -437,6 +446,16 @@ class QuantizedCache(Cache):
 
     def workspace_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.workspace.bufs.values() for t in p)
+
+
+def _uses_ferroquant_kv(config: Any) -> Callable[[], bool]:
+    """Is `config`'s attention `ferroquant_kv` now? Asked once per layer per step, so read from
+    the attribute transformers' `_attn_implementation` property returns (a plain dict lookup;
+    the property through PretrainedConfig's attribute hooks costs about 1.5 us)."""
+    fields = getattr(config, "__dict__", {})
+    if "_attn_implementation_internal" in fields:
+        return lambda: fields.get("_attn_implementation_internal") == attention.NAME
+    return lambda: config._attn_implementation == attention.NAME
 
 
 def _kv_type_name(name: Any) -> str:

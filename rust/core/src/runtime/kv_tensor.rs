@@ -751,7 +751,7 @@ mod tests {
             let (batch, n_head_kv) = (2, 2);
             let bh = batch * n_head_kv;
             let [km, ks, kz, vm, vs, vz] = kivi_bytes(bits, g, d, bh, n, n as u64 + 7);
-            let wave = |i: usize, f: f32| ((i as f32 * f).sin() * 2.0);
+            let wave = |i: usize, f: f32| (i as f32 * f).sin() * 2.0;
             let tail_k: Vec<f32> = (0..bh * n_tail * d).map(|i| wave(i, 0.37)).collect();
             let tail_v: Vec<f32> = (0..bh * n_tail * d).map(|i| wave(i, 0.11)).collect();
             let n_head = n_head_kv * rep;

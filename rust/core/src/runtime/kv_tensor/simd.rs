@@ -159,18 +159,15 @@ fn key_scores<const L: usize>(
 }
 
 /// The quantized values' part of `out` (written, not added: the reference starts from 0).
+#[target_feature(enable = "avx2")]
 fn values(l: &Layer<'_>, bh: usize, rep: usize, scores: &[f32], out: &mut [f32]) {
-    // R query heads per pass over the rows, each with W vectors of accumulators in registers
-    let w4 = l.head_dim.is_multiple_of(32);
-    // SAFETY (all four): the caller, head_avx2, runs with AVX2 (checked by `takes`).
-    unsafe {
-        match (rep % 4, rep % 3, rep % 2, w4) {
-            (0, _, _, true) => values_r::<4, 4>(l, bh, rep, scores, out),
-            (_, 0, _, true) => values_r::<3, 4>(l, bh, rep, scores, out),
-            (_, _, 0, true) => values_r::<2, 4>(l, bh, rep, scores, out),
-            (_, _, _, true) => values_r::<1, 4>(l, bh, rep, scores, out),
-            _ => unreachable!("takes() admits head_dim 32, 64, 128"),
-        }
+    // R query heads per pass over the rows, each with W = 4 vectors of accumulators in
+    // registers (head_dim is 32, 64 or 128: whole blocks of 32 channels)
+    match (rep % 4, rep % 3, rep % 2) {
+        (0, _, _) => values_r::<4, 4>(l, bh, rep, scores, out),
+        (_, 0, _) => values_r::<3, 4>(l, bh, rep, scores, out),
+        (_, _, 0) => values_r::<2, 4>(l, bh, rep, scores, out),
+        _ => values_r::<1, 4>(l, bh, rep, scores, out),
     }
 }
 
