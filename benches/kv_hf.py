@@ -20,7 +20,9 @@ tokens; the time of the decode steps only (model forward + cache), tokens/s; eng
 interleaved, medians (min-max) of --runs. Our engines decode with the `ferroquant_kv` attention
 (quantized rows read in place); `KIND:dequant` (e.g. `int4:dequant`) is the same cache with
 `fast_decode=False` (every step dequantizes the layer: the old path). `--quanto-speed int4,int2`
-times transformers' quanto caches at those widths.
+times transformers' quanto caches at those widths. `--clock cpu` (with `--threads 1`) times the
+decode steps in the thread's CPU time: on a machine shared by many jobs the wall time mostly
+measures the wait for a core.
 The machine is shared: the load average is printed with each run.
 
     python benches/kv_hf.py [--quick] [--runs 3] [--ctx 2048,4096] [--decode-prompt 200,2048]
@@ -143,16 +145,21 @@ def perplexity_rows(
     return rows
 
 
+# the decode timer: wall time, or with --clock cpu this thread's CPU time (every engine runs on
+# the calling thread at --threads 1), which leaves out the time a loaded machine keeps it waiting
+_CLOCK = time.perf_counter
+
+
 @torch.no_grad()
 def _decode_tps(model: Any, prompt: torch.Tensor, engine: str, new_tokens: int) -> float:
     cache = _cache(model, engine)
     out = model(prompt.unsqueeze(0), past_key_values=cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
+    t0 = _CLOCK()
     for _ in range(new_tokens):
         out = model(nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-    return new_tokens / (time.perf_counter() - t0)
+    return new_tokens / (_CLOCK() - t0)
 
 
 def speed_rows(
@@ -196,8 +203,12 @@ def speed_rows(
 
 def run(args: argparse.Namespace) -> list[dict]:
     """The benchmark's rows (dicts with kind "ppl" or "decode"); bench_kv.py may call this."""
-    global _PPL_CHUNK
+    global _PPL_CHUNK, _CLOCK
     _PPL_CHUNK = args.ppl_chunk
+    if args.clock == "cpu":
+        if args.threads != 1:
+            raise SystemExit("--clock cpu needs --threads 1 (the decode runs on one thread)")
+        _CLOCK = time.thread_time
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.threads:  # our attention kernel runs on ferroquant's pool: the same thread count
         import ferroquant as fq
@@ -274,6 +285,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward when scoring")
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="decode timer: wall time, or the thread's CPU time (--threads 1; a loaded machine)",
+    )
     ap.add_argument("--no-quanto", dest="quanto", action="store_false")
     ap.add_argument(
         "--quanto-speed", default="int4", help="transformers' quanto caches timed (int4,int2)"
