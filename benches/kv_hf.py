@@ -14,11 +14,15 @@ as their residual would hold it; quanto keeps its own 128-token full-precision r
 Reported against our f16 cache on the same weights (the issue's baseline), with the f32
 DynamicCache beside it.
 
-Decode speed: greedy decoding of `--new-tokens` tokens after a prompt of P tokens (lee.cor,
-then lee_background.cor where P is longer), time of the decode steps only (model forward +
-cache), tokens/s; engines interleaved, medians (min-max) of --runs. Our engines decode with the
-`ferroquant_kv` attention (quantized rows read in place); `KIND:dequant` (e.g. `int4:dequant`)
-is the same cache with `fast_decode=False` (every step dequantizes the layer: the old path).
+Decode speed: a real prefill (the model runs the whole prompt of P tokens, lee.cor, then
+lee_background.cor where P is longer, into the cache), then greedy decoding of `--new-tokens`
+tokens; the time of the decode steps only (model forward + cache), tokens/s; engines
+interleaved, medians (min-max) of --runs. Our engines decode with the `ferroquant_kv` attention
+(quantized rows read in place); `KIND:dequant` (e.g. `int4:dequant`) is the same cache with
+`fast_decode=False` (every step dequantizes the layer: the old path). `--quanto-speed int4,int2`
+times transformers' quanto caches at those widths. `--clock cpu` (with `--threads 1`) times the
+decode steps in the thread's CPU time: on a machine shared by many jobs the wall time mostly
+measures the wait for a core.
 The machine is shared: the load average is printed with each run.
 
     python benches/kv_hf.py [--quick] [--runs 3] [--ctx 2048,4096] [--decode-prompt 200,2048]
@@ -77,14 +81,14 @@ def _cache(model: Any, engine: str) -> Any:
 
     from ferroquant.kv import QuantizedCache
 
-    if engine in ("dynamic", "quanto-int4"):
+    if engine in ("dynamic", "quanto-int4", "quanto-int2"):
         # transformers' own attention for its caches (ours switches the config to
         # ferroquant_kv, which would add a Python call per layer to theirs)
         if model.config._attn_implementation == "ferroquant_kv":
             model.config._attn_implementation = "sdpa"
         if engine == "dynamic":
             return DynamicCache(config=model.config)
-        return HFQuantizedCache("quanto", model.config, nbits=4)
+        return HFQuantizedCache("quanto", model.config, nbits=int(engine[-1]))
     kind, _, mode = engine.partition(":")
     if mode not in ("", "dequant"):
         raise ValueError(f"engine {engine!r}: expected KIND or KIND:dequant")
@@ -141,16 +145,21 @@ def perplexity_rows(
     return rows
 
 
+# the decode timer: wall time, or with --clock cpu this thread's CPU time (every engine runs on
+# the calling thread at --threads 1), which leaves out the time a loaded machine keeps it waiting
+_CLOCK = time.perf_counter
+
+
 @torch.no_grad()
 def _decode_tps(model: Any, prompt: torch.Tensor, engine: str, new_tokens: int) -> float:
     cache = _cache(model, engine)
     out = model(prompt.unsqueeze(0), past_key_values=cache, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
-    t0 = time.perf_counter()
+    t0 = _CLOCK()
     for _ in range(new_tokens):
         out = model(nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
-    return new_tokens / (time.perf_counter() - t0)
+    return new_tokens / (_CLOCK() - t0)
 
 
 def speed_rows(
@@ -194,8 +203,12 @@ def speed_rows(
 
 def run(args: argparse.Namespace) -> list[dict]:
     """The benchmark's rows (dicts with kind "ppl" or "decode"); bench_kv.py may call this."""
-    global _PPL_CHUNK
+    global _PPL_CHUNK, _CLOCK
     _PPL_CHUNK = args.ppl_chunk
+    if args.clock == "cpu":
+        if args.threads != 1:
+            raise SystemExit("--clock cpu needs --threads 1 (the decode runs on one thread)")
+        _CLOCK = time.thread_time
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.threads:  # our attention kernel runs on ferroquant's pool: the same thread count
         import ferroquant as fq
@@ -211,7 +224,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
     speed_models = {w: m for w, m in models.items() if w in args.speed_weights.split(",")}
     engines = ["dynamic", *args.speed_kv.split(",")]
-    engines += ["quanto-int4"] if args.quanto else []
+    engines += [f"quanto-{k}" for k in args.quanto_speed.split(",") if k] if args.quanto else []
     rows += speed_rows(
         speed_models,
         long_ids,
@@ -272,7 +285,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward when scoring")
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="decode timer: wall time, or the thread's CPU time (--threads 1; a loaded machine)",
+    )
     ap.add_argument("--no-quanto", dest="quanto", action="store_false")
+    ap.add_argument(
+        "--quanto-speed", default="int4", help="transformers' quanto caches timed (int4,int2)"
+    )
     return ap
 
 

@@ -19,7 +19,7 @@ import copy
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import ferroquant as fq
@@ -100,6 +100,44 @@ def test_native_decode_attention_within_the_bound(kind, b, h, rep, n, seed) -> N
     got = out.transpose(1, 2).double()  # (B, 1, Hq, D) -> (B, Hq, 1, D)
     err = (got - ref).abs().max().item()
     assert err <= _bound(q, k64, rv, scale, layer), (kind, n, err)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["int4", "int2"]),
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(1, 300),
+    st.sampled_from([32, 64, 128]),
+    st.sampled_from([32, 64]),
+    st.booleans(),
+    st.integers(0, 1000),
+)
+def test_simd_decode_kernel_is_bit_exact_with_the_scalar_reference(
+    kind, b, h, rep, n, d, group, masked, seed
+) -> None:
+    # the blocked SIMD kernel (rust/core/src/runtime/kv_tensor/simd.rs) performs the scalar
+    # reference's float operations in the same order: identical bits, every shape it takes
+    assume(d % group == 0)
+    k, v = _states(b, h, n + 1, d, seed)
+    layer = QuantizedLayer(kind, _Workspace(), fast_decode=lambda: True, group=group)
+    layer.update(k[:, :, : n // 2], v[:, :, : n // 2])
+    layer.update(k[:, :, n // 2 : n], v[:, :, n // 2 : n])
+    kn, vn = k[:, :, n:], v[:, :, n:]
+    layer.update(kn, vn)
+    gen = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(b, h * rep, 1, d, generator=gen) * 3
+    mask = torch.randint(0, 2, (b, n + 1), generator=gen, dtype=torch.uint8) if masked else None
+    fast = layer.attend_decode(q, kn, vn, mask, d**-0.5)
+    ref = layer.attend_decode(q, kn, vn, mask, d**-0.5, reference=True)
+    assert torch.equal(fast.view(torch.int32), ref.view(torch.int32)), (kind, n, d, group)
+    # and both are the attention the bound allows
+    if not masked:
+        rk, rv = layer.states_for_attention(kn, vn)
+        want, _, k64 = _reference(q, rk, rv, d**-0.5)
+        err = (fast.transpose(1, 2).double() - want).abs().max().item()
+        assert err <= _bound(q, k64, rv, d**-0.5, layer)
 
 
 @pytest.mark.parametrize("kind", ["int4", "q8_0"])

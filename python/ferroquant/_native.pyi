@@ -138,10 +138,11 @@ def kv_attend_decode(
     scale: float,
     out: npt.NDArray[np.float32],
     mask: npt.NDArray[np.uint8] | None = None,
+    reference: bool = False,
 ) -> None:
     """One decode step's attention over a ferroquant.kv layer cache (torch layout), into out.
     geometry = (group, batch, n_head_kv, head_dim, n_head, n_quant, k_cap, v_cap, tail_cap,
-    n_tail)."""
+    n_tail). reference: the scalar reference kernel instead of the SIMD one (bit-identical)."""
 
 def kv_decode_attention_seconds(
     kv_type: str,

@@ -29,9 +29,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .. import _native
 from . import attention, codecs
 from .types import GROUP, KV_TYPES, kivi_group, kv_shape, kv_type
 
@@ -42,6 +44,7 @@ class _Rows:
     def __init__(self) -> None:
         self.parts: dict[str, torch.Tensor] = {}
         self.n = 0  # rows used
+        self.cap = 0  # rows allocated
         self._bytes: dict[str, Any] = {}  # numpy byte views of the buffers (the native path)
 
     def append(self, new: dict[str, torch.Tensor]) -> None:
@@ -50,9 +53,10 @@ class _Rows:
             return
         if not self.parts:
             self.parts = {name: _with_capacity(t, max(k, 4)) for name, t in new.items()}
-        elif self.n + k > next(iter(self.parts.values())).shape[2]:
-            cap = max(self.n + k, 2 * next(iter(self.parts.values())).shape[2])
-            self.parts = {name: _grow(t, self.n, cap) for name, t in self.parts.items()}
+            self.cap = max(k, 4)
+        elif self.n + k > self.cap:
+            self.cap = max(self.n + k, 2 * self.cap)
+            self.parts = {name: _grow(t, self.n, self.cap) for name, t in self.parts.items()}
             self._bytes = {}
         for name, t in new.items():
             self.parts[name][:, :, self.n : self.n + k] = t
@@ -61,16 +65,15 @@ class _Rows:
     def byte_views(self, names: tuple[str, ...]) -> list[Any]:
         """The buffers `names` (whole capacity) as flat uint8 numpy views, three entries
         (empty arrays where a type has fewer parts); cached until the buffers change."""
-        key = names
-        have = self._bytes.get(key)
+        have = self._bytes.get(names)
         if have is None:
             have = [attention.as_bytes(self.parts.get(n)) for n in names]
             have += [attention.as_bytes(None)] * (3 - len(names))
-            self._bytes = {key: have}
+            self._bytes = {names: have}
         return have
 
     def capacity(self) -> int:
-        return next(iter(self.parts.values())).shape[2] if self.parts else 0
+        return self.cap
 
     def view(self) -> dict[str, torch.Tensor]:
         return {name: t[:, :, : self.n] for name, t in self.parts.items()}
@@ -81,6 +84,11 @@ class _Rows:
     def map_batch(self, fn: Any) -> None:
         self.parts = {name: fn(t) for name, t in self.parts.items()}
         self._bytes = {}
+
+
+def _plain_f32(t: torch.Tensor) -> bool:
+    """A float32 CPU tensor numpy can view (no autograd)."""
+    return t.dtype == torch.float32 and t.is_cpu and not t.requires_grad
 
 
 def _with_capacity(t: torch.Tensor, cap: int) -> torch.Tensor:
@@ -153,6 +161,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.res_k: torch.Tensor | None = None  # KIVI residual (B, H, 32, D), model dtype
         self.res_v: torch.Tensor | None = None
         self.n_res = 0
+        self._res_views: tuple[Any, Any] | None = None  # numpy views for attend_decode
 
     def __repr__(self) -> str:
         return f"QuantizedLayer({self.kind}, {self.get_seq_length()} tokens)"
@@ -175,6 +184,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.res_k = key_states.new_empty(b, h, room, d)
         self.res_v = value_states.new_empty(b, h, room, d)
         self.n_res = 0
+        self._res_views = None
         self.is_initialized = True
 
     # ------------------------------------------------------------------------------ appending
@@ -186,8 +196,14 @@ class QuantizedLayer(CacheLayerMixin):
             return
         r, n = self.n_res, k.shape[2]
         if r + n < self.group:  # the common decode step: one write into the residual buffer
-            self.res_k[:, :, r : r + n] = k
-            self.res_v[:, :, r : r + n] = v
+            if n == 1 and _plain_f32(k) and _plain_f32(v) and self.res_k.dtype == torch.float32:
+                # through the buffers' numpy views: half the cost of a torch slice assignment
+                res_k, res_v = self._residual_f32()
+                res_k[:, :, r] = k.numpy()[:, :, 0]
+                res_v[:, :, r] = v.numpy()[:, :, 0]
+            else:
+                self.res_k[:, :, r : r + n] = k
+                self.res_v[:, :, r : r + n] = v
             self.n_res = r + n
             return
         if r:
@@ -255,51 +271,74 @@ class QuantizedLayer(CacheLayerMixin):
         value_states: torch.Tensor,
         mask: torch.Tensor | None,
         scale: float,
+        reference: bool = False,
     ) -> torch.Tensor:
         """One decode step's attention output (batch, 1, heads, head_dim) over the quantized
         rows, read in place, and the full-precision tail: the KIVI residual, or, on the step
-        that completed a group, the step's own token (as `states_for_attention` returns it)."""
-        from .. import _native
+        that completed a group, the step's own token (as `states_for_attention` returns it).
+        `reference`: the native scalar reference kernel (bit-identical to the SIMD one; tests).
 
+        Called once per layer per decode step, so the per-call Python work is kept small: the
+        buffers' byte views and the residual's float32 views are cached until they change."""
         b, hq, _, d = query.shape
-        h = self.res_k.shape[1]
         n_quant = self.n_quantized
         if not self.kivi:
-            tail_k = tail_v = self.res_k.new_empty(b, h, 0, d, dtype=torch.float32)
+            tail_k = tail_v = self._no_tail(b, d)
+            n_tail = 0
         elif self.n_res:
-            tail_k, tail_v = self.res_k.float(), self.res_v.float()
+            tail_k, tail_v = self._residual_f32()
+            n_tail = self.n_res
         else:  # this step filled a group: its token is attended in full precision
-            tail_k, tail_v = key_states.float(), value_states.float()
+            tail_k = key_states.float().contiguous().numpy()
+            tail_v = value_states.float().contiguous().numpy()
             n_quant -= 1
-        n_tail = self.n_res if self.n_res or not self.kivi else 1
-        q = query.detach().reshape(b, hq, d).float().contiguous()
+            n_tail = 1
+        q = query.reshape(b, hq, d)
+        if q.dtype != torch.float32:
+            q = q.float()
         out = torch.empty(b, hq, d, dtype=torch.float32)
         names = PART_NAMES[self.kind]
-        geometry = [
-            self.group,
-            b,
-            h,
-            d,
-            hq,
-            n_quant,
-            self.k_rows.capacity(),
-            self.v_rows.capacity(),
-            tail_k.shape[2],
-            n_tail,
-        ]
         _native.kv_attend_decode(
             self.kind,
-            geometry,
+            (
+                self.group,
+                b,
+                self.res_k.shape[1],
+                d,
+                hq,
+                n_quant,
+                self.k_rows.cap,
+                self.v_rows.cap,
+                tail_k.shape[2],
+                n_tail,
+            ),
             self.k_rows.byte_views(names),
             self.v_rows.byte_views(names),
-            tail_k.detach().contiguous().numpy(),
-            tail_v.detach().contiguous().numpy(),
-            q.numpy(),
+            tail_k,
+            tail_v,
+            q.contiguous().numpy(),
             float(scale),
             out.numpy(),
             None if mask is None else mask.numpy(),
+            reference,
         )
-        return out.view(b, 1, hq, d).to(query.dtype)
+        out = out.view(b, 1, hq, d)
+        return out if query.dtype == torch.float32 else out.to(query.dtype)
+
+    def _residual_f32(self) -> tuple[Any, Any]:
+        """The KIVI residual buffers as float32 numpy arrays: views of the buffers themselves
+        (cached) for a float32 model, converted copies otherwise."""
+        if self.res_k.dtype != torch.float32:
+            return self.res_k.float().numpy(), self.res_v.float().numpy()
+        if self._res_views is None:
+            self._res_views = (self.res_k.numpy(), self.res_v.numpy())
+        return self._res_views
+
+    def _no_tail(self, b: int, d: int) -> Any:
+        """An empty (b, heads, 0, d) float32 tail (per-token types have no residual)."""
+        if self._res_views is None:
+            self._res_views = (np.empty((b, self.res_k.shape[1], 0, d), dtype=np.float32),) * 2
+        return self._res_views[0]
 
     def stored_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The quantized keys' and values' stored parts (views; for tests and inspection)."""
@@ -330,6 +369,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.n_quantized = 0
         self.res_k = self.res_v = None
         self.n_res = 0
+        self._res_views = None
         self.is_initialized = False
 
     def _map_batch(self, fn: Any) -> None:
@@ -338,6 +378,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.k_rows.map_batch(fn)
         self.v_rows.map_batch(fn)
         self.res_k, self.res_v = fn(self.res_k), fn(self.res_v)
+        self._res_views = None
         self.batch_size = self.res_k.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -393,9 +434,7 @@ class QuantizedCache(Cache):
             if getattr(config, "_attn_implementation", None) == "sdpa":
                 config._attn_implementation = attention.NAME
         layers = [
-            QuantizedLayer(
-                kind, self.workspace, lambda: config._attn_implementation == attention.NAME
-            )
+            QuantizedLayer(kind, self.workspace, _uses_ferroquant_kv(config))
             for _ in range(shape.n_layer)
         ]
         super().__init__(layers=layers)
@@ -407,6 +446,16 @@ class QuantizedCache(Cache):
 
     def workspace_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.workspace.bufs.values() for t in p)
+
+
+def _uses_ferroquant_kv(config: Any) -> Callable[[], bool]:
+    """Is `config`'s attention `ferroquant_kv` now? Asked once per layer per step, so read from
+    the attribute transformers' `_attn_implementation` property returns (a plain dict lookup;
+    the property through PretrainedConfig's attribute hooks costs about 1.5 us)."""
+    fields = getattr(config, "__dict__", {})
+    if "_attn_implementation_internal" in fields:
+        return lambda: fields.get("_attn_implementation_internal") == attention.NAME
+    return lambda: config._attn_implementation == attention.NAME
 
 
 def _kv_type_name(name: Any) -> str:

@@ -12,9 +12,10 @@ use core::runtime::kv_tensor::{attend_decode, Kind, Layer, Parts};
 /// into `out` (`(batch, n_head, head_dim)` float32). `geometry` = (group, batch, n_head_kv,
 /// head_dim, n_head, n_quant, k_cap, v_cap, tail_cap, n_tail); the parts are the contiguous
 /// full-capacity buffers viewed as bytes (empty where a type has no such part); `mask`:
-/// (batch, positions) uint8, 0 = not attended.
+/// (batch, positions) uint8, 0 = not attended; `reference`: the scalar reference kernel instead
+/// of the SIMD one (bit-identical; for tests).
 #[pyfunction]
-#[pyo3(signature = (kv_type, geometry, k_parts, v_parts, tail_k, tail_v, q, scale, out, mask=None))]
+#[pyo3(signature = (kv_type, geometry, k_parts, v_parts, tail_k, tail_v, q, scale, out, mask=None, reference=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn kv_attend_decode(
     py: Python<'_>,
@@ -28,6 +29,7 @@ pub fn kv_attend_decode(
     scale: f32,
     mut out: PyReadwriteArrayDyn<'_, f32>,
     mask: Option<PyReadonlyArrayDyn<'_, u8>>,
+    reference: bool,
 ) -> PyResult<()> {
     let kind = Kind::parse(kv_type).map_err(to_py)?;
     let [group, batch, n_head_kv, head_dim, n_head, n_quant, k_cap, v_cap, tail_cap, n_tail] =
@@ -64,6 +66,6 @@ pub fn kv_attend_decode(
         None => None,
     };
     let out = out.as_slice_mut()?;
-    py.detach(|| attend_decode(&layer, n_head, q, scale, mask, out))
+    py.detach(|| attend_decode(&layer, n_head, q, scale, mask, out, reference))
         .map_err(to_py)
 }

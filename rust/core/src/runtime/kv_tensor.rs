@@ -23,6 +23,9 @@ use crate::formats::fp8::e4m3fn_to_f32;
 use crate::parallel;
 use crate::{Error, Result};
 
+#[cfg(target_arch = "x86_64")]
+mod simd;
+
 /// A stored type of `ferroquant.kv` (its torch layout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -388,6 +391,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The decode-step attention output `(batch, n_head, head_dim)` of queries `q` (same shape,
 /// f32) over the layer `l`: `softmax(scale * q.k + mask) v` per query head, query head h reading
 /// key/value head `h / (n_head / n_head_kv)`. `mask`, `(batch, positions)`, 0 = not attended.
+/// `reference`: the scalar reference instead of the SIMD kernel (bit-identical results; tests).
 pub fn attend_decode(
     l: &Layer<'_>,
     n_head: usize,
@@ -395,6 +399,7 @@ pub fn attend_decode(
     scale: f32,
     mask: Option<&[u8]>,
     out: &mut [f32],
+    reference: bool,
 ) -> Result<()> {
     check(l, n_head, q, mask, out)?;
     let d = l.head_dim;
@@ -404,7 +409,7 @@ pub fn attend_decode(
         let b = bh / l.n_head_kv;
         let qh = &q[bh * rep * d..(bh + 1) * rep * d];
         let mrow = mask.map(|m| &m[b * total..(b + 1) * total]);
-        head(l, bh, rep, qh, scale, mrow, o);
+        head(l, bh, rep, qh, scale, mrow, o, reference);
     };
     // Small layers: the pool's wake-up costs more than the work.
     if l.batch * l.n_head_kv > 1 && total * d * rep >= 1 << 16 && parallel::num_threads() > 1 {
@@ -415,7 +420,9 @@ pub fn attend_decode(
     Ok(())
 }
 
-/// One key/value head's `rep` query heads.
+/// One key/value head's `rep` query heads: the blocked SIMD kernel for KIVI types where the CPU
+/// has AVX2 (`simd.rs`, bit-exact with the reference), else the reference.
+#[allow(clippy::too_many_arguments)]
 fn head(
     l: &Layer<'_>,
     bh: usize,
@@ -424,53 +431,20 @@ fn head(
     scale: f32,
     mask: Option<&[u8]>,
     out: &mut [f32],
+    reference: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if crate::cpu::has_avx512() {
-        // SAFETY: AVX-512 F/BW was detected at run time; head_avx512 is safe code compiled
-        // with it.
-        return unsafe { head_avx512(l, bh, rep, q, scale, mask, out) };
+    if !reference && simd::takes(l) {
+        return simd::head_kivi(l, bh, rep, q, scale, mask, out);
     }
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu::has_avx2() {
-        // SAFETY: AVX2 was detected at run time; head_avx2 is safe code compiled with it.
-        return unsafe { head_avx2(l, bh, rep, q, scale, mask, out) };
-    }
-    head_body(l, bh, rep, q, scale, mask, out)
+    let _ = reference;
+    head_reference(l, bh, rep, q, scale, mask, out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2")]
-fn head_avx512(
-    l: &Layer<'_>,
-    bh: usize,
-    rep: usize,
-    q: &[f32],
-    scale: f32,
-    mask: Option<&[u8]>,
-    out: &mut [f32],
-) {
-    head_body(l, bh, rep, q, scale, mask, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn head_avx2(
-    l: &Layer<'_>,
-    bh: usize,
-    rep: usize,
-    q: &[f32],
-    scale: f32,
-    mask: Option<&[u8]>,
-    out: &mut [f32],
-) {
-    head_body(l, bh, rep, q, scale, mask, out)
-}
-
-/// The arithmetic of `head`, the same sequence of float operations on every ISA (no fused
-/// multiply-add is ever formed: LLVM does not contract without fast-math).
-#[inline(always)]
-fn head_body(
+/// The scalar reference of one key/value head's `rep` query heads: every fast path is checked
+/// bit-exact against it. Portable code, the same sequence of float operations on every ISA (no
+/// fused multiply-add is ever formed: LLVM does not contract without fast-math).
+fn head_reference(
     l: &Layer<'_>,
     bh: usize,
     rep: usize,
@@ -483,11 +457,6 @@ fn head_body(
     let total = l.n_quant + l.n_tail;
     let mut row = vec![0f32; d];
     let mut scores = vec![0f32; rep * total];
-    let put = |t: usize, row: &[f32], scores: &mut [f32]| {
-        for r in 0..rep {
-            scores[r * total + t] = dot(&q[r * d..(r + 1) * d], row) * scale;
-        }
-    };
     match l.kind {
         Kind::Kivi(bits) => {
             // k_tc = s_c * code_tc + z_c per channel c, so q.k_t = Σ_c (q_c s_c) code_tc + Σ_c q_c z_c:
@@ -497,15 +466,7 @@ fn head_body(
             let group_bytes = g * bits as usize / 8 * d;
             for grp in 0..l.n_quant.div_ceil(g) {
                 kivi_key_group(&l.k, bh, grp, &mut ks, &mut kz);
-                for r in 0..rep {
-                    let qr = &q[r * d..(r + 1) * d];
-                    qs[r * d..(r + 1) * d]
-                        .iter_mut()
-                        .zip(qr)
-                        .zip(&ks)
-                        .for_each(|((o, a), b)| *o = a * b);
-                    cst[r] = dot(qr, &kz);
-                }
+                kivi_scaled_query(q, &ks, &kz, &mut qs, &mut cst);
                 let at = bh * l.k.cap + grp;
                 let main = &l.k.main[at * group_bytes..(at + 1) * group_bytes];
                 for i in 0..g.min(l.n_quant - grp * g) {
@@ -520,46 +481,13 @@ fn head_body(
         kind => {
             for t in 0..l.n_quant {
                 decode_row(kind, g, &l.k, bh, t, &mut row);
-                put(t, &row, &mut scores);
+                put_scores(t, &row, q, scale, total, &mut scores);
             }
         }
     }
-    let tail = bh * l.tail_cap * d;
-    for i in 0..l.n_tail {
-        let t = l.n_quant + i;
-        put(t, &l.tail_k[tail + i * d..tail + (i + 1) * d], &mut scores);
-    }
-    // softmax per query head (masked positions get weight 0; a fully masked row outputs 0)
-    for r in 0..rep {
-        let s = &mut scores[r * total..(r + 1) * total];
-        if let Some(m) = mask {
-            s.iter_mut()
-                .zip(m)
-                .filter(|(_, &a)| a == 0)
-                .for_each(|(x, _)| *x = f32::NEG_INFINITY);
-        }
-        let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if mx == f32::NEG_INFINITY {
-            s.iter_mut().for_each(|x| *x = 0.0);
-            continue;
-        }
-        s.iter_mut().for_each(|x| *x = exp_neg(*x - mx));
-        let sum = sum8(s);
-        let inv = 1.0 / sum;
-        s.iter_mut().for_each(|x| *x *= inv);
-    }
+    tail_scores(l, bh, q, scale, &mut scores);
+    softmax(&mut scores, rep, total, mask);
     out.iter_mut().for_each(|o| *o = 0.0);
-    let add = |t: usize, row: &[f32], out: &mut [f32]| {
-        for r in 0..rep {
-            let w = scores[r * total + t];
-            if w != 0.0 {
-                out[r * d..(r + 1) * d]
-                    .iter_mut()
-                    .zip(row)
-                    .for_each(|(o, v)| *o += w * v);
-            }
-        }
-    };
     if let Kind::Kivi(bits) = l.kind {
         // v_tj = s_tb * code_tj + z_tb per block b: out += (w s) * code, and Σ_t w z per block
         let nb = d / g;
@@ -580,24 +508,110 @@ fn head_body(
                 }
             }
         }
-        for r in 0..rep {
-            let o = &mut out[r * d..(r + 1) * d];
-            for (b, ob) in o.chunks_exact_mut(g).enumerate() {
-                ob.iter_mut().for_each(|x| *x += zsum[r * nb + b]);
-            }
-        }
+        add_value_zeros(out, &zsum, d, g);
     } else {
         for t in 0..l.n_quant {
             decode_row(l.kind, g, &l.v, bh, t, &mut row);
-            add(t, &row, out);
+            add_weighted(t, &row, &scores, total, out);
         }
     }
+    tail_values(l, bh, &scores, out);
+}
+
+/// `qs = q_r * s` per query head r and `cst_r = q_r . z` (a KIVI key group's scales and zeros).
+#[inline(always)]
+fn kivi_scaled_query(q: &[f32], ks: &[f32], kz: &[f32], qs: &mut [f32], cst: &mut [f32]) {
+    let d = ks.len();
+    for (r, c) in cst.iter_mut().enumerate() {
+        let qr = &q[r * d..(r + 1) * d];
+        qs[r * d..(r + 1) * d]
+            .iter_mut()
+            .zip(qr)
+            .zip(ks)
+            .for_each(|((o, a), b)| *o = a * b);
+        *c = dot(qr, kz);
+    }
+}
+
+/// `scores[r, t] = scale * q_r . row` for every query head r.
+#[inline(always)]
+fn put_scores(t: usize, row: &[f32], q: &[f32], scale: f32, total: usize, scores: &mut [f32]) {
+    let d = row.len();
+    for r in 0..scores.len() / total {
+        scores[r * total + t] = dot(&q[r * d..(r + 1) * d], row) * scale;
+    }
+}
+
+/// `out_r += scores[r, t] * row` for every query head r with a non-zero weight.
+#[inline(always)]
+fn add_weighted(t: usize, row: &[f32], scores: &[f32], total: usize, out: &mut [f32]) {
+    let d = row.len();
+    for r in 0..scores.len() / total {
+        let w = scores[r * total + t];
+        if w != 0.0 {
+            out[r * d..(r + 1) * d]
+                .iter_mut()
+                .zip(row)
+                .for_each(|(o, v)| *o += w * v);
+        }
+    }
+}
+
+/// The scores of the float32 tail (positions n_quant..).
+#[inline(always)]
+fn tail_scores(l: &Layer<'_>, bh: usize, q: &[f32], scale: f32, scores: &mut [f32]) {
+    let d = l.head_dim;
+    let total = l.n_quant + l.n_tail;
+    let tail = bh * l.tail_cap * d;
     for i in 0..l.n_tail {
-        add(
-            l.n_quant + i,
-            &l.tail_v[tail + i * d..tail + (i + 1) * d],
-            out,
-        );
+        let row = &l.tail_k[tail + i * d..tail + (i + 1) * d];
+        put_scores(l.n_quant + i, row, q, scale, total, scores);
+    }
+}
+
+/// The float32 tail's values added to `out`.
+#[inline(always)]
+fn tail_values(l: &Layer<'_>, bh: usize, scores: &[f32], out: &mut [f32]) {
+    let d = l.head_dim;
+    let total = l.n_quant + l.n_tail;
+    let tail = bh * l.tail_cap * d;
+    for i in 0..l.n_tail {
+        let row = &l.tail_v[tail + i * d..tail + (i + 1) * d];
+        add_weighted(l.n_quant + i, row, scores, total, out);
+    }
+}
+
+/// KIVI values' zero terms: `out_r[block b] += Σ_t w_rt z_tb`.
+#[inline(always)]
+fn add_value_zeros(out: &mut [f32], zsum: &[f32], d: usize, g: usize) {
+    let nb = d / g;
+    for (r, o) in out.chunks_exact_mut(d).enumerate() {
+        for (b, ob) in o.chunks_exact_mut(g).enumerate() {
+            ob.iter_mut().for_each(|x| *x += zsum[r * nb + b]);
+        }
+    }
+}
+
+/// Softmax per query head in place (masked positions get weight 0; a fully masked row is 0).
+#[inline(always)]
+fn softmax(scores: &mut [f32], rep: usize, total: usize, mask: Option<&[u8]>) {
+    for r in 0..rep {
+        let s = &mut scores[r * total..(r + 1) * total];
+        if let Some(m) = mask {
+            s.iter_mut()
+                .zip(m)
+                .filter(|(_, &a)| a == 0)
+                .for_each(|(x, _)| *x = f32::NEG_INFINITY);
+        }
+        let mx = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if mx == f32::NEG_INFINITY {
+            s.iter_mut().for_each(|x| *x = 0.0);
+            continue;
+        }
+        s.iter_mut().for_each(|x| *x = exp_neg(*x - mx));
+        let sum = sum8(s);
+        let inv = 1.0 / sum;
+        s.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -665,7 +679,7 @@ mod tests {
             n_tail: 0,
         };
         let mut out = vec![0f32; d];
-        attend_decode(&l, 1, &q, 0.5, None, &mut out).unwrap();
+        attend_decode(&l, 1, &q, 0.5, None, &mut out, false).unwrap();
         let s: Vec<f64> = (0..3)
             .map(|t| {
                 0.5 * (0..d)
@@ -686,6 +700,100 @@ mod tests {
         }
         // a wrong buffer size is an error, not a panic
         let short = Layer { n_quant: 4, ..l };
-        assert!(attend_decode(&short, 1, &q, 0.5, None, &mut out).is_err());
+        assert!(attend_decode(&short, 1, &q, 0.5, None, &mut out, false).is_err());
+    }
+
+    /// A KIVI layer of arbitrary codes and f16 scales / zeros (a fixed pseudo-random stream).
+    fn kivi_bytes(bits: u32, g: usize, d: usize, bh: usize, n: usize, seed: u64) -> [Vec<u8>; 6] {
+        let mut x = seed.wrapping_mul(6_364_136_223_846_793_005) | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut f16s = |count: usize, lo: f32, hi: f32| -> Vec<u8> {
+            (0..count)
+                .flat_map(|_| {
+                    let u = (next() % 10_000) as f32 / 10_000.0;
+                    half::f16::from_f32(lo + (hi - lo) * u).to_le_bytes()
+                })
+                .collect()
+        };
+        let groups = n.div_ceil(g);
+        let (km, ks, kz) = row_bytes(Kind::Kivi(bits), true, d, g);
+        let (vm, vs, vz) = row_bytes(Kind::Kivi(bits), false, d, g);
+        let k_scale = f16s(bh * groups * ks / 2, 0.01, 0.5);
+        let k_zero = f16s(bh * groups * kz / 2, -4.0, 1.0);
+        let v_scale = f16s(bh * n * vs / 2, 0.01, 0.3);
+        let v_zero = f16s(bh * n * vz / 2, -2.0, 0.5);
+        let mut bytes = |count: usize| (0..count).map(|_| next() as u8).collect::<Vec<u8>>();
+        [
+            bytes(bh * groups * km),
+            k_scale,
+            k_zero,
+            bytes(bh * n * vm),
+            v_scale,
+            v_zero,
+        ]
+    }
+
+    #[test]
+    fn simd_kivi_kernel_is_bit_exact_with_the_reference() {
+        for (bits, g, d, rep, n, n_tail, masked) in [
+            (4, 64, 64, 3, 200, 8, false),
+            (2, 64, 64, 3, 2048, 0, false),
+            (4, 32, 128, 2, 77, 13, true),
+            (2, 32, 32, 4, 31, 1, true),
+            (4, 64, 128, 1, 130, 0, true),
+            (2, 64, 64, 5, 1, 3, false),
+        ] {
+            let (batch, n_head_kv) = (2, 2);
+            let bh = batch * n_head_kv;
+            let [km, ks, kz, vm, vs, vz] = kivi_bytes(bits, g, d, bh, n, n as u64 + 7);
+            let wave = |i: usize, f: f32| (i as f32 * f).sin() * 2.0;
+            let tail_k: Vec<f32> = (0..bh * n_tail * d).map(|i| wave(i, 0.37)).collect();
+            let tail_v: Vec<f32> = (0..bh * n_tail * d).map(|i| wave(i, 0.11)).collect();
+            let n_head = n_head_kv * rep;
+            let q: Vec<f32> = (0..batch * n_head * d).map(|i| wave(i, 0.73)).collect();
+            let total = n + n_tail;
+            let mask: Vec<u8> = (0..batch * total).map(|i| (i % 5 != 1) as u8).collect();
+            let l = Layer {
+                kind: Kind::Kivi(bits),
+                group: g,
+                batch,
+                n_head_kv,
+                head_dim: d,
+                n_quant: n,
+                k: Parts {
+                    main: &km,
+                    scale: &ks,
+                    zero: &kz,
+                    cap: n.div_ceil(g),
+                },
+                v: Parts {
+                    main: &vm,
+                    scale: &vs,
+                    zero: &vz,
+                    cap: n,
+                },
+                tail_k: &tail_k,
+                tail_v: &tail_v,
+                tail_cap: n_tail,
+                n_tail,
+            };
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(simd::takes(&l), crate::cpu::has_avx2());
+            let m = masked.then_some(&mask[..]);
+            let (mut fast, mut slow) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+            attend_decode(&l, n_head, &q, 0.125, m, &mut fast, false).unwrap();
+            attend_decode(&l, n_head, &q, 0.125, m, &mut slow, true).unwrap();
+            assert!(fast.iter().all(|x| x.is_finite()));
+            let same = fast
+                .iter()
+                .zip(&slow)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "bits {bits} g {g} d {d} rep {rep} n {n}");
+        }
     }
 }
