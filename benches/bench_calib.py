@@ -93,7 +93,11 @@ def main() -> None:
     ap.add_argument("--llama-cpp", action="store_true", help="score our GPTQ q4_k_m in llama.cpp")
     ap.add_argument("--scale-search", type=int, default=GPTQConfig.scale_search,
                     help="GPTQ's block-scale search steps (0: absmax)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for every engine (0: torch's default)")  # fmt: skip
     args = ap.parse_args()
+    if args.threads > 0:  # the same for ours and the peers (they run in this process)
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(None)
     base, tok = loaded.model, loaded.tokenizer

@@ -40,8 +40,18 @@ def _in(folder: Path) -> Iterator[None]:
 
 
 def save_base(model: nn.Module, tokenizer: object, path: Path) -> None:
-    """The baseline model as a Hugging Face folder (the peers' input)."""
-    model.save_pretrained(path)
+    """The baseline model as a Hugging Face folder (the peers' input): its weights in a fresh
+    model of its config (one loaded from a GGUF carries transformers' gguf quantizer, which
+    refuses save_pretrained)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    dtype = next(model.parameters()).dtype
+    fresh = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
