@@ -56,7 +56,10 @@ def save_base(model: nn.Module, tokenizer: object, path: Path) -> None:
 
 
 def _into_float_copy(base: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    m = copy.deepcopy(base).float()
+    m = copy.deepcopy(base)
+    for t in (*m.parameters(), *m.buffers()):  # float32 (the gguf-loaded model refuses .float())
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32)
     for name, w in weights.items():
         lin = m.get_submodule(name)
         if tuple(lin.weight.shape) != tuple(w.shape):
@@ -73,9 +76,9 @@ def _decoder_linears(model: nn.Module) -> list[str]:
 
 def gptqmodel_gptq(
     base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, tuple[float, float]]:
     """GPTQModel's GPTQ (4-bit, group `group`, asymmetric) on `calib` [n, len]: (a float copy
-    of `base` holding its quantized weights, seconds)."""
+    of `base` holding its quantized weights, (wall seconds, CPU seconds of this process))."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
     names = _decoder_linears(base)
@@ -83,9 +86,9 @@ def gptqmodel_gptq(
     with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
         qc = QuantizeConfig(bits=4, group_size=group, sym=False)
         model = GPTQModel.load(str(folder), qc, device="cpu")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.quantize(rows, batch_size=1)
-        dt = time.perf_counter() - t0
+        dt = (time.perf_counter() - t0, time.process_time() - c0)
         model.save(str(Path(tmp) / "out"))  # its in-memory modules may be offloaded (meta)
         del model
         inner = GPTQModel.load(str(Path(tmp) / "out"), device="cpu", dtype=torch.float16).model
@@ -95,9 +98,10 @@ def gptqmodel_gptq(
 
 def llmcompressor_gptq(
     base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, tuple[float, float]]:
     """llm-compressor's GPTQModifier (W4A16, group `group`, asymmetric) through `oneshot` on
-    `calib` [n, len]: (a float copy of `base` holding its quantized weights, seconds)."""
+    `calib` [n, len]: (a float copy of `base` holding its quantized weights, (wall seconds, CPU
+    seconds of this process))."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -117,10 +121,10 @@ def llmcompressor_gptq(
     )
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=n,
                 max_seq_length=length, shuffle_calibration_samples=False)  # fmt: skip
-        dt = time.perf_counter() - t0
+        dt = (time.perf_counter() - t0, time.process_time() - c0)
     weights = {}
     for name in names:
         mod = model.get_submodule(name)

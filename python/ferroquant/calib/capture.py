@@ -151,6 +151,7 @@ class InputStats:
         where: str,
         names: list[str] | None = None,
         shard_windows: int = SHARD_WINDOWS,
+        stop_when_seen: bool = False,
     ) -> None:
         self.where = where
         self.linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -166,6 +167,10 @@ class InputStats:
         self._part: list[torch.Tensor] = []  # the current shard's partial sums
         self._in_shard = 0  # windows begun in the current shard
         self._seen: list[tuple[torch.Tensor, int]] = []
+        # end the layer's forward once every Linear has had its input (collect_stats: what
+        # follows the last Linear, e.g. down_proj's own GEMM, is not needed for the statistics)
+        self._stop_when_seen = stop_when_seen
+        self._called: set[str] = set()
         self._handles = [
             m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()
         ]
@@ -173,9 +178,11 @@ class InputStats:
     def _hook(self, name: str) -> Callable[..., None]:
         def pre(mod: nn.Module, args: tuple) -> None:
             x = args[0]
+            self._called.add(name)
             for t, g in self._seen:
                 if t is x:
                     self.group_of.setdefault(name, g)
+                    self._maybe_stop()
                     return
             g = self.group_of.get(name)
             if g is None:
@@ -193,8 +200,13 @@ class InputStats:
             self._part[g] += prod.to(torch.float64)
             self.counts[g] += x2.shape[0]
             self._seen.append((x, g))
+            self._maybe_stop()
 
         return pre
+
+    def _maybe_stop(self) -> None:
+        if self._stop_when_seen and len(self._called) == len(self.linears):
+            raise _Stop
 
     def new_sample(self) -> None:
         """Called before each window: a new shard every `shard_windows` windows."""
@@ -202,6 +214,7 @@ class InputStats:
             self.finish()
         self._in_shard += 1
         self._seen.clear()
+        self._called.clear()
 
     def finish(self) -> None:
         """Add the current shard's partial sums to the totals (called after the last window)."""
@@ -258,11 +271,14 @@ def collect_stats(
     layer: nn.Module, call: LayerCall, hidden: list[torch.Tensor], where: str
 ) -> InputStats:
     """The input statistics of `layer`'s Linears over the windows `hidden` (hooks removed)."""
-    stats = InputStats(layer, where)
+    stats = InputStats(layer, where, stop_when_seen=True)
     try:
         for batch in shard_batches(hidden):
             stats.new_sample()
-            layer(batch, *call.args, **call.kwargs)
+            try:
+                layer(batch, *call.args, **call.kwargs)
+            except _Stop:
+                pass
             stats.finish()
     finally:
         stats.remove()
