@@ -9,8 +9,10 @@ default GGUF); every row quantizes a fresh copy with `quantize_model(copy, recip
 duo_scaling, clip) calibrate on gensim's lee_background.cor
 (`--calib-samples` x `--calib-len` consecutive tokens); scoring is on the held-out lee.cor with
 eval's own windows and metrics (ctx 512, stride 512, 2048 scored tokens): perplexity, mean
-KL(baseline || row), top-1 agreement. Time = wall time of quantize_model; peak = the largest
-resident-set growth during it (sampled every 50 ms).
+KL(baseline || row), top-1 agreement. Time = wall time of quantize_model, CPU = this process's
+CPU time during it (all threads: on a shared machine the fairer measure); peak = the largest
+resident-set growth during it (sampled every 50 ms). `--threads N` sets torch's threads for
+every engine (they all run in this process).
 
 Peers (`--peers gptqmodel,llmcompressor`, `calib_peers.py`): at each int4 grouped row (e.g.
 int4_g64) GPTQModel's and llm-compressor's GPTQ, W4A16 with the row's group, asymmetric, on the
@@ -93,7 +95,11 @@ def main() -> None:
     ap.add_argument("--llama-cpp", action="store_true", help="score our GPTQ q4_k_m in llama.cpp")
     ap.add_argument("--scale-search", type=int, default=GPTQConfig.scale_search,
                     help="GPTQ's block-scale search steps (0: absmax)")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for every engine (0: torch's default)")  # fmt: skip
     args = ap.parse_args()
+    if args.threads > 0:  # the same for ours and the peers (they run in this process)
+        torch.set_num_threads(args.threads)
 
     loaded = load_model(None)
     base, tok = loaded.model, loaded.tokenizer
@@ -135,20 +141,20 @@ def main() -> None:
         return folder_made[0]
 
     llama_line = ""
-    rows = [("bf16", "-", b, 0.0, 0.0)]
+    rows = [("bf16", "-", b, 0.0, 0.0, 0.0)]
     for recipe in args.rows.split(","):
         for method in methods:
             m = copy.deepcopy(base)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             with PeakRSS() as peak:
                 conf = cfg if method == "gptq" else acfg
                 kw = {"calibration": calib, "config": conf} if method != "rtn" else {}
                 fq.quantize_model(m, recipe, method=method, progress=False, **kw)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             s = score(m)
-            rows.append((recipe, method, s, dt, peak.growth_mb))
+            rows.append((recipe, method, s, dt, cpu, peak.growth_mb))
             print(f"{recipe:7} {method:8} ppl {s.ppl():.3f} kl {s.mean_kl():.4f} "
-                  f"top1 {s.top1_rate():.3f} {dt:.1f} s", flush=True)  # fmt: skip
+                  f"top1 {s.top1_rate():.3f} {dt:.1f} s, CPU {cpu:.1f} s", flush=True)  # fmt: skip
             if args.llama_cpp and recipe == "q4_k_m" and method == "gptq":
                 llama = _llama_cpp_ppl(m, ids, windows)
                 llama_line = (f"q4_k_m gptq: ppl ours {s.ppl():.3f}, llama.cpp on our GGUF "
@@ -159,11 +165,11 @@ def main() -> None:
         for peer in (p for p in args.peers.split(",") if p) if group else ():
             folder = hf_folder()
             with PeakRSS() as peak:
-                m, dt = PEERS[peer](base, folder, calib, group)
+                m, (dt, cpu) = PEERS[peer](base, folder, calib, group)
             s = score(m)
-            rows.append((recipe, peer, s, dt, peak.growth_mb))
+            rows.append((recipe, peer, s, dt, cpu, peak.growth_mb))
             print(f"{recipe:7} {peer:8} ppl {s.ppl():.3f} kl {s.mean_kl():.4f} "
-                  f"top1 {s.top1_rate():.3f} {dt:.1f} s", flush=True)  # fmt: skip
+                  f"top1 {s.top1_rate():.3f} {dt:.1f} s, CPU {cpu:.1f} s", flush=True)  # fmt: skip
             del m
 
     load = os.getloadavg()
@@ -182,21 +188,23 @@ def main() -> None:
     print(f"calibration: gensim lee_background.cor, {calib.shape[0]} x {calib.shape[1]} tokens; "
           f"{cfg.describe()}; {acfg.describe()}")  # fmt: skip
     print()
-    print("| recipe | method | ppl | Δppl | mean KL | top-1 | quantize s | peak RSS +MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for recipe, method, s, dt, mb in rows:
+    print("| recipe | method | ppl | Δppl | mean KL | top-1 | quantize s | CPU s | peak RSS +MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for recipe, method, s, dt, cpu, mb in rows:
         print(f"| {recipe} | {method} | {s.ppl():.3f} | {s.ppl() - b.ppl():+.3f} | "
-              f"{s.mean_kl():.4f} | {s.top1_rate():.3f} | {dt:.1f} | {mb:.0f} |")  # fmt: skip
+              f"{s.mean_kl():.4f} | {s.top1_rate():.3f} | {dt:.1f} | {cpu:.1f} | "
+              f"{mb:.0f} |")  # fmt: skip
     print()
     if llama_line:
         print(llama_line)
     for recipe in args.rows.split(","):
-        t = {m: dt for r, m, _, dt, _ in rows if r == recipe}
+        t = {m: (dt, cpu) for r, m, _, dt, cpu, _ in rows if r == recipe}
         for peer in PEERS:
             if peer in t and t.get("gptq"):
-                print(f"{recipe}: {peer} takes {t[peer] / t['gptq']:.2f}x our GPTQ's time")
+                print(f"{recipe}: {peer} takes {t[peer][0] / t['gptq'][0]:.2f}x our GPTQ's wall "
+                      f"time, {t[peer][1] / t['gptq'][1]:.2f}x its CPU time")  # fmt: skip
     for recipe in args.rows.split(","):
-        d = {m: s.ppl() - b.ppl() for r, m, s, _, _ in rows if r == recipe}
+        d = {m: s.ppl() - b.ppl() for r, m, s, *_ in rows if r == recipe}
         if d.get("rtn", 0) > 0:
             for method in methods[1:] if methods[0] == "rtn" else methods:
                 if method in d and method != "rtn":

@@ -40,13 +40,26 @@ def _in(folder: Path) -> Iterator[None]:
 
 
 def save_base(model: nn.Module, tokenizer: object, path: Path) -> None:
-    """The baseline model as a Hugging Face folder (the peers' input)."""
-    model.save_pretrained(path)
+    """The baseline model as a Hugging Face folder (the peers' input): its weights in a fresh
+    model of its config (one loaded from a GGUF carries transformers' gguf quantizer, which
+    refuses save_pretrained)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    dtype = next(model.parameters()).dtype
+    fresh = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
 def _into_float_copy(base: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    m = copy.deepcopy(base).float()
+    m = copy.deepcopy(base)
+    for t in (*m.parameters(), *m.buffers()):  # float32 (the gguf-loaded model refuses .float())
+        if t.is_floating_point():
+            t.data = t.data.to(torch.float32)
     for name, w in weights.items():
         lin = m.get_submodule(name)
         if tuple(lin.weight.shape) != tuple(w.shape):
@@ -63,9 +76,9 @@ def _decoder_linears(model: nn.Module) -> list[str]:
 
 def gptqmodel_gptq(
     base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, tuple[float, float]]:
     """GPTQModel's GPTQ (4-bit, group `group`, asymmetric) on `calib` [n, len]: (a float copy
-    of `base` holding its quantized weights, seconds)."""
+    of `base` holding its quantized weights, (wall seconds, CPU seconds of this process))."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
     names = _decoder_linears(base)
@@ -73,9 +86,9 @@ def gptqmodel_gptq(
     with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
         qc = QuantizeConfig(bits=4, group_size=group, sym=False)
         model = GPTQModel.load(str(folder), qc, device="cpu")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.quantize(rows, batch_size=1)
-        dt = time.perf_counter() - t0
+        dt = (time.perf_counter() - t0, time.process_time() - c0)
         model.save(str(Path(tmp) / "out"))  # its in-memory modules may be offloaded (meta)
         del model
         inner = GPTQModel.load(str(Path(tmp) / "out"), device="cpu", dtype=torch.float16).model
@@ -85,9 +98,10 @@ def gptqmodel_gptq(
 
 def llmcompressor_gptq(
     base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
-) -> tuple[nn.Module, float]:
+) -> tuple[nn.Module, tuple[float, float]]:
     """llm-compressor's GPTQModifier (W4A16, group `group`, asymmetric) through `oneshot` on
-    `calib` [n, len]: (a float copy of `base` holding its quantized weights, seconds)."""
+    `calib` [n, len]: (a float copy of `base` holding its quantized weights, (wall seconds, CPU
+    seconds of this process))."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -107,10 +121,10 @@ def llmcompressor_gptq(
     )
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=n,
                 max_seq_length=length, shuffle_calibration_samples=False)  # fmt: skip
-        dt = time.perf_counter() - t0
+        dt = (time.perf_counter() - t0, time.process_time() - c0)
     weights = {}
     for name in names:
         mod = model.get_submodule(name)

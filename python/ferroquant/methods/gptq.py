@@ -155,38 +155,49 @@ def _gptq(
         perm = torch.arange(cols)
         params = None
         lazy = math.ceil(cfg.block_size / fb) * fb
-    w = w[:, perm]
     h = h[perm][:, perm]
     hinv = _inverse_cholesky(h, cfg.damp, name)
-    levels = torch.zeros((rows, cols), dtype=torch.int64)
-    values = torch.zeros((rows, cols), dtype=torch.float32)
+    # the loop runs on W^T [cols, rows] (permuted): a column is one contiguous vector, its
+    # rank-1 update one in-place addr_ on contiguous rows, its codes one row of a buffer
+    wt = w.t()[perm].contiguous()
+    levels_t = torch.zeros((cols, rows), dtype=torch.int64)
+    values_t = torch.zeros((cols, rows), dtype=torch.float32)
     blocks: list[Blocks] = []
+    # static parameters transposed once (per lazy block where the format keeps a table of
+    # values per weight: the affine K-quants' [rows, cols, levels] is not worth a second copy)
+    per_block = static and params.grid is not None
+    cur = grid.columns(params, perm) if static and not per_block else None
     for i1 in range(0, cols, lazy):
         i2 = min(i1 + lazy, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2]  # a view: updated in place
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
-        cur: Blocks | None = None
+        diag = torch.diagonal(h1).tolist()
+        lev1 = levels_t[i1:i2]
+        val1 = values_t[i1:i2]
+        if per_block:
+            cur = grid.columns(params, perm[i1:i2])
         for i in range(i2 - i1):
-            c = int(perm[i1 + i])  # the column in the original order
-            if static:
-                p, j = params, c
-            else:
-                if i % fb == 0:
-                    cur = block_params(w1[:, i : i + fb], i1 + i)
-                    blocks.append(cur)
-                p, j = cur, i % fb
-            col = w1[:, i]
-            lev, q = grid.quantize_column(p, j, col)
-            levels[:, c] = lev
-            values[:, c] = q
+            if not static and i % fb == 0:
+                blk = block_params(w1[i : i + fb].t(), i1 + i)
+                blocks.append(blk)
+                cur = grid.columns(blk, slice(None))
+            col = w1[i]
+            lev, q = cur.quantize(i if per_block else i1 + i if static else i % fb, col)
+            lev1[i] = lev
+            val1[i] = q
             if not propagate:
                 continue
-            e = (col - q) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err1[:, i] = e
-        if propagate:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            e = err1[i]
+            torch.sub(col, q, out=e)
+            e.div_(diag[i])
+            if i + 1 < i2 - i1:
+                w1[i + 1 :].addr_(h1[i, i + 1 :], e, alpha=-1.0)
+        if propagate and i2 < cols:
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
+    inv_perm = torch.argsort(perm)
+    levels = levels_t[inv_perm].t()
+    values = values_t[inv_perm].t().contiguous()
     qt = grid.qtensor([params] if static else blocks, levels.numpy())
     return qt, values
 

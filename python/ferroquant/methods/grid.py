@@ -168,20 +168,36 @@ def _layout(qtype: str, block: int, cols: int) -> Layout:  # noqa: PLR0911, PLR0
 
 def pack_levels(lay: Layout, data: np.ndarray, levels: np.ndarray) -> np.ndarray:
     """Block bytes `data` [..., nbytes] with every code replaced by `levels` [..., block]."""
-    raw = (levels.astype(np.int64) ^ lay.xor).astype(np.int64)
-    onehot = np.zeros((lay.block, lay.nbytes), np.float32)
+    by, sh, bit, dest = _bit_plan(lay)
+    raw = (levels.astype(np.int64) ^ lay.xor).astype(np.uint8).reshape(-1, lay.block)
+    # each code bit (element e, bit b) lands at bit `sh` of byte `by`; the bits of one byte are
+    # disjoint, so adding the byte's contributions (sorted by byte: one reduceat) is their OR
+    contrib = ((raw[:, bit[0]] >> bit[1]) & 1) << sh
+    packed = np.add.reduceat(contrib, dest, axis=1, dtype=np.uint8)
+    flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, lay.nbytes).copy()
+    keep = _code_mask(lay)
+    flat[:, by] &= keep[by]
+    flat[:, by] |= packed
+    return flat.reshape(data.shape)
+
+
+def _bit_plan(lay: Layout) -> tuple[np.ndarray, ...]:
+    """(the bytes holding codes, the shifts, (element, bit) of each contribution, where each
+    byte's contributions start), the contributions sorted by byte."""
+    e = np.repeat(np.arange(lay.block), lay.byte.shape[1])
+    b = np.tile(np.arange(lay.byte.shape[1]), lay.block)
+    byte, shift = lay.byte.reshape(-1), lay.shift.reshape(-1)
+    order = np.argsort(byte, kind="stable")
+    byte, shift, e, b = byte[order], shift[order], e[order], b[order]
+    starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+    return byte[starts], shift.astype(np.uint8), (e, b.astype(np.uint8)), starts
+
+
+def _code_mask(lay: Layout) -> np.ndarray:
+    """Per byte of a block: the bits that are not code bits (kept from `data`)."""
     code = np.zeros(lay.nbytes, np.int64)
-    out = np.zeros(data.shape, np.float32)
-    flat = raw.reshape(-1, lay.block)
-    acc = np.zeros((flat.shape[0], lay.nbytes), np.float32)
-    for b in range(lay.byte.shape[1]):
-        onehot[:] = 0
-        onehot[np.arange(lay.block), lay.byte[:, b]] = 2.0 ** lay.shift[:, b]
-        acc += ((flat >> b) & 1).astype(np.float32) @ onehot
-        np.bitwise_or.at(code, lay.byte[:, b], 1 << lay.shift[:, b])
-    out = acc.reshape(data.shape).astype(np.int64)
-    keep = data.astype(np.int64) & (~code & 0xFF)
-    return (keep | out).astype(np.uint8)
+    np.bitwise_or.at(code, lay.byte.reshape(-1), 1 << lay.shift.reshape(-1))
+    return (~code & 0xFF).astype(np.uint8)
 
 
 def fill_level(lay: Layout, data: np.ndarray, level: int) -> np.ndarray:
@@ -362,27 +378,41 @@ class FormatGrid:
     ) -> tuple[torch.Tensor, ...]:
         """(levels, values) of column `j` of the blocks `p` for the weights `w` [rows] (or of
         the columns `j`, a slice, for `w` [rows, k]: the same rounding, vectorised)."""
+        return self._round(lambda f: None if (t := getattr(p, f)) is None else t[:, j], w)
+
+    def columns(self, p: Blocks, cols: torch.Tensor | slice) -> Columns:
+        """The parameters of `p` at columns `cols` (indices or a slice), transposed: one
+        contiguous [rows] vector a column (`Columns.quantize(i, w)`), for a column loop."""
+        fields = {}
+        for f in ("scale", "grid", "inv", "low", "zero", "rscale"):
+            t = getattr(p, f)
+            fields[f] = None if t is None else t[:, cols].transpose(0, 1).contiguous()
+        return Columns(self, fields)
+
+    def _round(self, at: Any, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels, values) of weights `w` whose parameters `at(field)` gives (Blocks' fields at
+        the same positions as `w`)."""
         lay = self.layout
-        a = p.scale[:, j]
         q = self.qtype
         if q in ("q4_0", "q5_0"):
-            t = w * p.inv[:, j] + (8.5 if q == "q4_0" else 16.5)
+            t = w * at("inv") + (8.5 if q == "q4_0" else 16.5)
             lev = torch.clamp(torch.trunc(t), 0, lay.levels - 1)
         elif q in ("q4_1", "q5_1"):
-            t = (w - p.low[:, j]) * p.inv[:, j] + 0.5
+            t = (w - at("low")) * at("inv") + 0.5
             lev = torch.clamp(torch.trunc(t), 0, lay.levels - 1)
         elif q == "q8_0":
-            t = w * p.inv[:, j]
+            t = w * at("inv")
             r = torch.trunc(t)
             r = r + torch.sign(t) * ((t - r).abs() >= 0.5)
             lev = torch.clamp(r, -128, 127) + 128
         elif lay.kind == "zero":  # rounded by the unrounded scale, as the format's quantizer
-            lev = torch.clamp(torch.round(w / p.rscale[:, j]) + p.zero[:, j], 0, self._maxq)
+            lev = torch.clamp(torch.round(w / at("rscale")) + at("zero"), 0, self._maxq)
         elif q == "int8":
+            a = at("scale")
             d = torch.where(a == 0, torch.ones_like(a), a)
             lev = torch.clamp(torch.round(w / d), -127, 127) + 128
         elif q in ("nf4", "fp4"):
-            r = 1.0 / torch.clamp(a, min=1e-38)
+            r = 1.0 / torch.clamp(at("scale"), min=1e-38)
             x = (w * r).contiguous()
             if x.dim() == 1:
                 idx = torch.searchsorted(self._bounds, x, right=False)
@@ -392,27 +422,38 @@ class FormatGrid:
                     idx += x > b
             lev = self._order[idx]
         elif lay.kind == "sym":  # q3_k, q6_k: nearest_int(x / d)
+            a = at("scale")
             safe = torch.where(a == 0, torch.ones_like(a), a)
             lev = torch.clamp(torch.round(w / safe), -lay.center, lay.levels - 1 - lay.center)
             lev = torch.where(a == 0, torch.zeros_like(lev), lev) + lay.center
         elif lay.kind == "table":  # iq4: the nearest entry
-            vals = a[..., None] * torch.from_numpy(lay.table)
+            vals = at("scale")[..., None] * self._table
             lev = (vals - w[..., None]).abs().argmin(-1)
         else:  # affine K-quants: the nearest stored value
-            lev = (p.grid[:, j, :] - w[..., None]).abs().argmin(-1)
+            lev = (at("grid") - w[..., None]).abs().argmin(-1)
         lev = lev.to(torch.int64)
-        return lev, self.value(p, j, lev)
+        return lev, self._value(at, lev)
+
+    @property
+    def _table(self) -> torch.Tensor:
+        tab = self.__dict__.get("_table_t")
+        if tab is None:
+            tab = self.__dict__["_table_t"] = torch.from_numpy(self.layout.table)
+        return tab
 
     def value(self, p: Blocks, j: int | slice, lev: torch.Tensor) -> torch.Tensor:
         """The decoded values of levels `lev` in column `j` of the blocks `p`."""
+        return self._value(lambda f: None if (t := getattr(p, f)) is None else t[:, j], lev)
+
+    def _value(self, at: Any, lev: torch.Tensor) -> torch.Tensor:
         lay = self.layout
         if lay.kind == "zero":
-            return p.scale[:, j] * (lev.to(torch.float32) - p.zero[:, j])
+            return at("scale") * (lev.to(torch.float32) - at("zero"))
         if lay.kind == "sym":
-            return p.scale[:, j] * (lev - lay.center).to(torch.float32)
+            return at("scale") * (lev - lay.center).to(torch.float32)
         if lay.kind == "table":
-            return torch.from_numpy(lay.table)[lev] * p.scale[:, j]
-        return p.grid[:, j, :].gather(-1, lev[..., None])[..., 0]
+            return self._table[lev] * at("scale")
+        return at("grid").gather(-1, lev[..., None])[..., 0]
 
     # -- the result ---------------------------------------------------------------------------
 
@@ -423,6 +464,19 @@ class FormatGrid:
         stats = np.concatenate([b.stats for b in blocks], axis=1)
         lev = levels.reshape(self.rows, self.n_blocks, self.block)
         return self._qtensor(pack_levels(self.layout, data, lev), stats, self.cols)
+
+
+class Columns:
+    """Blocks' parameters transposed to one contiguous [rows] vector a column (`FormatGrid.
+    columns`): `quantize(i, w)` is `quantize_column` at the i-th of those columns, bit for
+    bit, with a column loop's per-column cost (no strided gathers)."""
+
+    def __init__(self, grid: FormatGrid, fields: dict[str, torch.Tensor | None]) -> None:
+        self.grid, self.fields = grid, fields
+
+    def quantize(self, i: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.fields
+        return self.grid._round(lambda name: None if f[name] is None else f[name][i], w)
 
 
 def _bnb_bounds(code: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
