@@ -14,13 +14,18 @@ alpha=2r, no dropout, on q_proj and v_proj; the same windows of gensim's lee_bac
 (batches of --batch x --seq-len in ferroquant.train.loop's seeded order), AdamW lr 1e-4, grad-norm
 clip 1 (ferroquant.train.loop.Trainer, the same loop for every engine); the first step is a
 warm-up and is not timed. Each engine runs in its own subprocess, engines one after another,
---runs rounds interleaved; medians. Peak RSS while training (RssSampler: sampled every 5 ms
-after the model is built and loading's garbage is freed); the whole process's ru_maxrss is
+--runs rounds interleaved; medians. Peak RSS while training (RssSampler: the kernel's VmHWM,
+reset after the model is built and loading's garbage is freed); the whole process's ru_maxrss is
 printed too (transformers' GGUF loading dominates it, the same for every engine). --threads:
 torch and ferroquant threads (1 by default: the machine is shared).
 
 Step time is printed twice: wall clock (Trainer's) and the process's CPU time (time.process_time,
 all threads; torch runs one), which a loaded machine's time slicing inflates far less.
+
+--profile: after the timed steps each run profiles one more step (torch.profiler, self CPU time
+of every op, summed by part of the model: base-layer GEMMs, their dequantization and op
+overhead, LoRA, the lm_head GEMMs, the loss, attention, the optimizer, the rest); the table shows
+where the engines differ and where they run the same model code.
 
 Merge check (ferroquant's run of the first round): merge_lora(model, --merge-qtype, default
 q8_0) (nf4 cannot go in a GGUF: every layer re-quantized; nf4 re-rounded to q4_0 costs far more
@@ -98,10 +103,12 @@ def _bnb_nf4(model: nn.Module, compute_dtype: torch.dtype) -> None:
 
 
 class RssSampler:
-    """The process's peak RSS while training: /proc/self/statm every 5 ms from a thread, after a
-    gc and malloc_trim so that what loading the model freed is not counted (ru_maxrss, the
-    whole process's peak, is dominated by transformers' GGUF loading: the same for every
-    engine)."""
+    """The process's peak RSS while training, after a gc and malloc_trim so that what loading
+    the model freed is not counted (ru_maxrss, the whole process's peak, is dominated by
+    transformers' GGUF loading: the same for every engine). Exact where the kernel allows it:
+    writing 5 to /proc/self/clear_refs resets the peak (VmHWM), read back at the end; else
+    /proc/self/statm sampled every 5 ms from a thread (which a loaded machine's time slicing
+    can make miss a short peak)."""
 
     def __init__(self) -> None:
         import ctypes
@@ -112,6 +119,12 @@ class RssSampler:
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         self.page = os.sysconf("SC_PAGE_SIZE")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = True
+        except OSError:
+            self.exact = False
         self.peak, self.done = self._rss(), threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -124,10 +137,63 @@ class RssSampler:
         while not self.done.wait(0.005):
             self.peak = max(self.peak, self._rss())
 
+    def _hwm(self) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
     def stop(self) -> float:
         self.done.set()
         self.thread.join()
-        return max(self.peak, self._rss()) / 2**20
+        peak = max(self.peak, self._rss())
+        if self.exact:
+            peak = max(peak, self._hwm())
+        return peak / 2**20
+
+
+# --profile: one more step under torch.profiler, its self CPU time summed by the part of the
+# model it belongs to (read from the op name and its input shapes).
+PARTS = (
+    "base-layer GEMMs",
+    "base-layer dequantization + op overhead",
+    "LoRA adapters",
+    "lm_head GEMMs (float32, 49152 wide)",
+    "loss (log-softmax, NLL)",
+    "attention (SDPA)",
+    "optimizer (AdamW, grad clip)",
+    "elementwise, norms, RoPE, casts, other",
+)
+
+
+def _part(name: str, shapes: list, vocab: int, rank: int) -> str:
+    dims = {d for s in shapes if isinstance(s, (list, tuple)) for d in s}
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear"):
+        if vocab in dims:
+            return PARTS[3]
+        return PARTS[2] if rank in dims else PARTS[0]
+    if "scaled_dot_product" in name:
+        return PARTS[5]
+    if "log_softmax" in name or "nll_loss" in name or vocab in dims:
+        return PARTS[4]
+    if "ferroquant" in name or "dequantize_4bit" in name or "MatMul4Bit" in name:
+        return PARTS[1]
+    if "Optimizer" in name or "_foreach" in name or "clip_grad" in name:
+        return PARTS[6]
+    return PARTS[7]
+
+
+def profile_step(trainer: Any, vocab: int, rank: int) -> dict[str, float]:
+    """Self CPU seconds of one training step by part of the model (see PARTS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        trainer.step()
+    parts = dict.fromkeys(PARTS, 0.0)
+    for ev in prof.key_averages(group_by_input_shape=True):
+        parts[_part(ev.key, ev.input_shapes or [], vocab, rank)] += ev.self_cpu_time_total / 1e6
+    return parts
 
 
 def _llama_ppl(path: Path, ids: list[int], ctx: int = 512) -> float:
@@ -202,6 +268,9 @@ def worker(engine: str, args: Any) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "train_rss_mb": sampler.stop(),
     }
+    if args.profile:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        out["profile"] = profile_step(trainer, vocab, args.rank)
     if engine.startswith("ferroquant") and args.merge:
         from ferroquant.eval.load import read_text, tokenize
         from ferroquant.train.loop import perplexity
@@ -248,6 +317,8 @@ def run(args: Any) -> dict[str, Any]:
                 ]
                 if r == 0 and i == 0 and not args.no_merge:
                     cmd.append("--merge")
+                if args.profile:
+                    cmd.append("--profile")
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True)
                 res = json.loads(Path(f.name).read_text())
@@ -300,6 +371,16 @@ def report(results: dict[str, list[dict]], args: Any) -> dict[str, Any]:
         "train_rss_mb": rss,
         "peak_rss_mb": whole,
     }
+    profiled = {e: rs for e, rs in results.items() if "profile" in rs[0]}
+    if profiled:
+        prof = {e: {p: benchlib.med([r["profile"][p] for r in rs]) for p in PARTS}
+                for e, rs in profiled.items()}  # fmt: skip
+        rows = [[p] + [f"{prof[e][p]:.2f} ({100 * prof[e][p] / sum(prof[e].values()):.0f} %)"
+                       for e in prof] for p in PARTS]  # fmt: skip
+        rows.append(["total (profiled step)"] + [f"{sum(prof[e].values()):.2f}" for e in prof])
+        print("one profiled step, self CPU s by part (median over rounds):")
+        print(benchlib.table(["part", *prof], rows))
+        out["profile"] = prof
     first = results[ours][0] if ours in results else {}
     if "ppl_ours" in first:
         po, pl = first["ppl_ours"], first["ppl_llama_cpp"]
@@ -326,6 +407,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--no-merge", action="store_true")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="one more step per run under torch.profiler: self CPU time by part of the model",
+    )
     ap.add_argument(
         "--engines",
         type=lambda v: {int(i) for i in v.split(",")},

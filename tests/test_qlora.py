@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ferroquant as fq
 from ferroquant.nn import QuantLinear
@@ -111,6 +113,81 @@ def test_the_kernel_op_backward_stays_float32():
     g64 = grad_y.double().numpy()
     err = np.abs(x.grad.double().numpy() - g64 @ w)
     assert (err <= _gamma(n + 1) * (np.abs(g64) @ np.abs(w))).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    qtype=st.sampled_from(ALL_QTYPES),
+    rows=st.integers(1, 70),
+    scale=st.sampled_from([1e-30, 1e-6, 0.05, 1.0, 5e3]),
+    zero_rows=st.booleans(),
+    threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_dequantize_into_equals_torchs_cast_of_the_reference(
+    qtype, rows, scale, zero_rows, threads, seed
+):
+    """The training path's dequantization (`_native.dequantize_into`, written into a reused
+    buffer; nf4/fp4 straight to bfloat16, row by row) equals the Rust reference's float32 values,
+    and in bfloat16 torch's own cast of them (round to nearest even), for every format, on one
+    thread (in the calling thread) and on two; tiny, huge and all-zero rows included."""
+    from ferroquant import _native
+    from ferroquant.tensor import dequantize
+
+    k = 256
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=g) * scale
+    if zero_rows:
+        w[::3] = 0
+    qt = fq.quantize(w, qtype)
+    ref = torch.from_numpy(dequantize(qt)).reshape(rows, k)
+    stats = np.asarray(qt.stats, dtype=np.float32).reshape(-1)
+    before = fq.num_threads()
+    fq.set_num_threads(threads)
+    try:
+        for dtype, bits in ((torch.float32, torch.int32), (torch.bfloat16, torch.int16)):
+            out = torch.full((rows * k,), float("nan"), dtype=dtype)
+            view = out.view(torch.uint16 if dtype == torch.bfloat16 else dtype).numpy()
+            _native.dequantize_into(np.asarray(qt.data).reshape(-1), qtype, rows, k,
+                                    qt.block_size, stats, qt.scale_mode, view)  # fmt: skip
+            want = ref.to(dtype)
+            assert torch.equal(out.view(rows, k).view(bits), want.view(bits)), dtype
+    finally:
+        fq.set_num_threads(before)
+
+
+def test_dequantize_into_refuses_a_wrong_output():
+    from ferroquant import _native
+
+    ql = _quant_linear("nf4", bias=False)
+    n, k = ql.out_features, ql.in_features
+    args = (ql.qweight.numpy(), "nf4", n, k, ql.block_size, ql.qstats.numpy(), None)
+    with pytest.raises(fq.QuantizeError, match="needs"):
+        _native.dequantize_into(*args, np.zeros(n * k - 1, np.uint16))
+    with pytest.raises(fq.QuantizeError, match="float32 or uint16"):
+        _native.dequantize_into(*args, np.zeros(n * k, np.float64))
+    with pytest.raises(fq.QuantizeError, match="absmax"):
+        _native.dequantize_into(*args[:5], ql.qstats.numpy()[:-1], None, np.zeros(n * k, np.uint16))
+
+
+def test_layers_sharing_the_scratch_buffer_give_torchs_gradients():
+    """Every training call writes its W into one buffer per thread: a chain of layers of
+    different shapes (each backward rewriting it) still matches torch's autograd through the
+    dequantized weights exactly."""
+    a, b = _quant_linear("nf4", n=64, k=256, seed=1), _quant_linear("q4_k", n=256, k=64 * 4, seed=2)
+    c = _quant_linear("nf4", n=40, k=256, seed=3)
+    x = torch.randn(3, 256, requires_grad=True)
+    y = c(b(torch.nn.functional.pad(a(x), (0, 192))))
+    y.square().sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+
+    def ref(layer, t):
+        w = layer.dequantized_weight().to(torch.bfloat16)
+        return torch.nn.functional.linear(t.to(torch.bfloat16), w).to(torch.float32) + layer.bias
+
+    yr = ref(c, ref(b, torch.nn.functional.pad(ref(a, xr), (0, 192))))
+    yr.square().sum().backward()
+    assert torch.equal(y, yr) and torch.equal(x.grad, xr.grad)
 
 
 def test_inference_runs_the_kernel_and_training_saves_no_float_weight():

@@ -31,6 +31,19 @@ def dequantize(
     scale_mode: str | None = None,
     double_quant: dict[str, Any] | None = None,
 ) -> npt.NDArray[np.float32]: ...
+def dequantize_into(
+    data: npt.NDArray[np.uint8],
+    qtype: str,
+    rows: int,
+    cols: int,
+    block_size: int,
+    stats: npt.NDArray[np.float32],
+    scale_mode: str | None,
+    out: npt.NDArray[np.float32] | npt.NDArray[np.uint16],
+) -> None:
+    """Dequantize into `out` (rows * cols float32, or uint16 bfloat16 bits rounded to nearest
+    even as torch's cast does)."""
+
 def hqq_solve(
     w: npt.NDArray[np.float32],
     group: int,

@@ -5,6 +5,7 @@ use crate::formats::tensor::{validate_view, Quantized, QuantizedView, ScaleMode}
 use crate::formats::{self, bnb4, fp8, gint, int8};
 use crate::input::{map_rows, map_rows_out, Matrix};
 use crate::qtype::QType;
+use rayon::prelude::*;
 
 /// Optional knobs of `quantize`; `Default` gives every format's defaults.
 #[derive(Clone, Copy, Debug, Default)]
@@ -159,5 +160,150 @@ pub fn dequantize(q: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
             });
             Ok(())
         }
+    }
+}
+
+/// float32 -> bfloat16 bits, rounded to nearest even, NaN to 0x7fc0: c10's
+/// `round_to_nearest_even`, i.e. torch's `Tensor.to(torch.bfloat16)` for every non-NaN value.
+#[inline]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Dequantize into `out` (rows * cols bfloat16 bits): the values of `dequantize`, each rounded
+/// by `f32_to_bf16`, so the result equals torch's cast of the float32 reference bit for bit.
+/// Formats whose data and statistics split by rows (ggml types, nf4/fp4 with plain absmax) are
+/// converted row by row (nf4/fp4 straight to bfloat16) with no float32 copy of the matrix, and
+/// on a pool of one thread in the calling thread: the QLoRA training forward dequantizes every
+/// weight twice per step, and a hand-off to the pool's thread costs a wake-up each time.
+pub fn dequantize_bf16(q: &QuantizedView<'_>, out: &mut [u16]) -> Result<()> {
+    use QType::*;
+    validate_view(q)?;
+    let (rows, cols) = (q.rows, q.cols);
+    if out.len() != rows * cols {
+        return Err(Error::InvalidArgument(format!(
+            "output has {} elements, shape {rows}x{cols} needs {}",
+            out.len(),
+            rows * cols
+        )));
+    }
+    let per_task = crate::parallel::rows_per_task(rows, cols);
+    let row_bytes = q.qtype.row_bytes(cols, q.block_size);
+    match q.qtype {
+        NF4 | FP4 if q.double_quant.is_none() => {
+            bnb4::check_row_blocks(q)?;
+            let row_blocks = cols / q.block_size;
+            if q.stats.len() != rows * row_blocks {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: {} absmax values, shape {rows}x{cols} in blocks of {} needs {}",
+                    q.qtype.name(),
+                    q.stats.len(),
+                    q.block_size,
+                    rows * row_blocks
+                )));
+            }
+            let c = bnb4::code(q.qtype);
+            for_each_row_chunk(out, cols, per_task, |r0, o| {
+                for (i, y) in o.chunks_exact_mut(cols).enumerate() {
+                    let r = r0 + i;
+                    let d = &q.data[r * row_bytes..(r + 1) * row_bytes];
+                    let s = &q.stats[r * row_blocks..(r + 1) * row_blocks];
+                    bnb4::dequantize_row(&c, q.block_size, d, s, y, f32_to_bf16);
+                }
+            });
+        }
+        Int8 | Fp8E4M3 | Fp8E5M2 | GInt(_) | NF4 | FP4 => {
+            let mut f = vec![0f32; rows * cols];
+            dequantize(q, &mut f)?;
+            for_each_row_chunk(out, cols, per_task, |r0, o| {
+                let x = &f[r0 * cols..r0 * cols + o.len()];
+                o.iter_mut().zip(x).for_each(|(o, &x)| *o = f32_to_bf16(x));
+            });
+        }
+        qtype => for_each_row_chunk(out, cols, per_task, |r0, o| {
+            let mut y = vec![0f32; cols];
+            for (i, orow) in o.chunks_exact_mut(cols).enumerate() {
+                let r = r0 + i;
+                formats::ggml_dequantize_row(
+                    qtype,
+                    &q.data[r * row_bytes..(r + 1) * row_bytes],
+                    &mut y,
+                );
+                orow.iter_mut()
+                    .zip(&y)
+                    .for_each(|(o, &x)| *o = f32_to_bf16(x));
+            }
+        }),
+    }
+    Ok(())
+}
+
+/// `f(first_row, rows)` over `out` (rows of `cols`) in tasks of `per_task` rows: inline in the
+/// calling thread on a pool of one thread, else on the pool.
+fn for_each_row_chunk<T: Send>(
+    out: &mut [T],
+    cols: usize,
+    per_task: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let chunk = per_task * cols;
+    if crate::parallel::num_threads() == 1 {
+        for (t, o) in out.chunks_mut(chunk).enumerate() {
+            f(t * per_task, o);
+        }
+    } else {
+        crate::parallel::install(|| {
+            out.par_chunks_mut(chunk)
+                .enumerate()
+                .for_each(|(t, o)| f(t * per_task, o));
+        });
+    }
+}
+
+#[cfg(test)]
+mod bf16_tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        // halfway between 0x3f80 and 0x3f81: ties to the even 0x3f80; above it rounds up
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8000)), 0x3f80);
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(f32_to_bf16(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(f32_to_bf16(f32::MAX), 0x7f80); // overflows to +inf, as torch does
+        assert_eq!(f32_to_bf16(f32::NAN), 0x7fc0);
+        assert_eq!(f32_to_bf16(-0.0), 0x8000);
+    }
+
+    #[test]
+    fn bf16_equals_rounded_reference_for_split_and_whole_paths() {
+        let (rows, cols) = (37, 256);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+            .collect();
+        let m = Matrix::from_f32(&x, rows, cols).unwrap();
+        // nf4/fp4 straight to bf16, ggml row by row, int8/fp8 through a float32 copy; on a pool
+        // of one thread (inline) and of two (tasks of 3 rows)
+        let all = crate::parallel::num_threads();
+        for (threads, qtype) in [1, 2]
+            .into_iter()
+            .flat_map(|t| ["nf4", "fp4", "q4_k", "q8_0", "int8", "fp8_e4m3"].map(|q| (t, q)))
+        {
+            crate::parallel::set_num_threads(threads);
+            let qt = QType::parse(qtype).unwrap();
+            let q = quantize(&m, qt, &Options::default()).unwrap();
+            let mut f = vec![0f32; rows * cols];
+            dequantize(&q.view(), &mut f).unwrap();
+            let mut b = vec![0u16; rows * cols];
+            dequantize_bf16(&q.view(), &mut b).unwrap();
+            let want: Vec<u16> = f.iter().map(|&v| f32_to_bf16(v)).collect();
+            assert_eq!(b, want, "{qtype}, {threads} thread(s)");
+        }
+        crate::parallel::set_num_threads(all);
     }
 }

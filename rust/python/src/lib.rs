@@ -13,7 +13,10 @@ mod hqq;
 mod kv_tensor;
 mod matmul;
 mod runtime;
-use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray1,
+    PyUntypedArrayMethods,
+};
 use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -191,6 +194,52 @@ fn dequantize<'py>(
     Ok(out.map_err(to_py)?.into_pyarray(py))
 }
 
+/// Dequantize into `out`, a preallocated C-contiguous array of rows * cols elements: float32
+/// (the values of `dequantize`) or uint16 (bfloat16 bits, each value rounded to nearest even as
+/// torch's cast does). The QLoRA training forward reuses one buffer per shape and dtype.
+#[pyfunction]
+#[pyo3(signature = (data, qtype, rows, cols, block_size, stats, scale_mode, out))]
+#[allow(clippy::too_many_arguments)]
+fn dequantize_into<'py>(
+    py: Python<'py>,
+    data: PyReadonlyArray1<'py, u8>,
+    qtype: &str,
+    rows: usize,
+    cols: usize,
+    block_size: usize,
+    stats: PyReadonlyArray1<'py, f32>,
+    scale_mode: Option<&str>,
+    out: &Bound<'py, PyAny>,
+) -> PyResult<()> {
+    let qtype = core::QType::parse(qtype).map_err(to_py)?;
+    let scale_mode = scale_mode
+        .map(core::ScaleMode::parse)
+        .transpose()
+        .map_err(to_py)?;
+    let view = core::QuantizedView {
+        qtype,
+        rows,
+        cols,
+        block_size,
+        scale_mode,
+        data: data.as_slice().map_err(|_| not_contiguous("data"))?,
+        stats: stats.as_slice().map_err(|_| not_contiguous("stats"))?,
+        double_quant: None,
+    };
+    if let Ok(mut o) = out.extract::<PyReadwriteArray1<'py, f32>>() {
+        let o = o.as_slice_mut().map_err(|_| not_contiguous("out"))?;
+        py.detach(|| core::dequantize(&view, o)).map_err(to_py)
+    } else if let Ok(mut o) = out.extract::<PyReadwriteArray1<'py, u16>>() {
+        let o = o.as_slice_mut().map_err(|_| not_contiguous("out"))?;
+        py.detach(|| core::quantize::dequantize_bf16(&view, o))
+            .map_err(to_py)
+    } else {
+        Err(QuantizeError::new_err(
+            "out must be a 1-D numpy array of float32 or uint16 (bfloat16 bits)",
+        ))
+    }
+}
+
 /// One row of the qtype table: (name, block_size, type_size, bits_per_weight, ggml_id, peer).
 type QTypeRow = (&'static str, usize, usize, f64, Option<u32>, &'static str);
 
@@ -253,6 +302,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FormatError", m.py().get_type::<FormatError>())?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(dequantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(block_struct_sizes, m)?)?;
     m.add_function(wrap_pyfunction!(block_quant_spans, m)?)?;

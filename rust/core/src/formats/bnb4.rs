@@ -409,14 +409,7 @@ fn absmax_of(q: &QuantizedView<'_>, n_blocks: usize) -> Result<Vec<f32>> {
 /// `code[nibble] * absmax[block]`, as bitsandbytes' `dequantize_4bit` computes it.
 pub fn dequantize(q: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
     let bs = q.block_size;
-    if bs < 2 || !bs.is_multiple_of(2) || !q.cols.is_multiple_of(bs) {
-        return Err(Error::RowLength {
-            qtype: q.qtype.name(),
-            rows: q.rows,
-            cols: q.cols,
-            block_size: bs,
-        });
-    }
+    check_row_blocks(q)?;
     let row_blocks = q.cols / bs;
     let absmax = absmax_of(q, q.rows * row_blocks)?;
     let c = code(q.qtype);
@@ -427,16 +420,47 @@ pub fn dequantize(q: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
         row_blocks,
         out,
         q.cols,
-        |_, d, s, y| {
-            for ((db, yb), &a) in d.chunks_exact(bs / 2).zip(y.chunks_exact_mut(bs)).zip(s) {
-                for (pair, &byte) in yb.chunks_exact_mut(2).zip(db) {
-                    pair[0] = c[(byte >> 4) as usize] * a;
-                    pair[1] = c[(byte & 15) as usize] * a;
-                }
-            }
-        },
+        |_, d, s, y| dequantize_row(&c, bs, d, s, y, |v| v),
     );
     Ok(())
+}
+
+/// nf4/fp4 need whole blocks of an even size in every row.
+pub fn check_row_blocks(q: &QuantizedView<'_>) -> Result<()> {
+    let bs = q.block_size;
+    if bs < 2 || !bs.is_multiple_of(2) || !q.cols.is_multiple_of(bs) {
+        return Err(Error::RowLength {
+            qtype: q.qtype.name(),
+            rows: q.rows,
+            cols: q.cols,
+            block_size: bs,
+        });
+    }
+    Ok(())
+}
+
+/// One row (`d`: its bytes, `absmax`: its blocks' absmax) into `y`, each value
+/// `conv(code[nibble] * absmax)`: a block's 16 possible values are computed once, then looked
+/// up per nibble (the same float32 products as one multiplication per element).
+pub fn dequantize_row<T: Copy>(
+    c: &[f32; 16],
+    bs: usize,
+    d: &[u8],
+    absmax: &[f32],
+    y: &mut [T],
+    conv: impl Fn(f32) -> T,
+) {
+    for ((db, yb), &a) in d
+        .chunks_exact(bs / 2)
+        .zip(y.chunks_exact_mut(bs))
+        .zip(absmax)
+    {
+        let t: [T; 16] = std::array::from_fn(|j| conv(c[j] * a));
+        for (pair, &byte) in yb.chunks_exact_mut(2).zip(db) {
+            pair[0] = t[(byte >> 4) as usize];
+            pair[1] = t[(byte & 15) as usize];
+        }
+    }
 }
 
 #[cfg(test)]
