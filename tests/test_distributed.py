@@ -441,3 +441,36 @@ def test_killed_worker_node_gives_the_same_bytes(cluster, checkpoint, tmp_path, 
     assert lost, "no result was held on the killed node only"
     assert out.read_bytes() == ref.read_bytes()
     assert not _leftovers(tmp_path)
+
+
+def _random_imatrix(checkpoint: Path, path: Path) -> Path:
+    """An importance matrix for every 2-D weight of `checkpoint` (random positive sums)."""
+    from ferroquant.methods.imatrix_io import ImatrixEntry, ImportanceMatrix, write_imatrix
+
+    rng = np.random.default_rng(1)
+    im = ImportanceMatrix(datasets=["random"], chunk_count=3, chunk_size=64)
+    for t in plan_hf_to_gguf(checkpoint, "q4_k_m").tensors:
+        if len(t.shape) == 2 and "token_embd" not in t.gname:
+            sums = rng.gamma(0.5, 1.0, (1, t.shape[1])).astype(np.float32) * 192
+            im.entries[t.gname] = ImatrixEntry(sums, np.array([192.0], np.float32))
+    write_imatrix(im, path)
+    return path
+
+
+@pytest.mark.cluster
+def test_cli_imatrix_on_the_cluster_writes_the_same_file(cluster, checkpoint, reference, tmp_path):
+    """`convert --imatrix FILE --ray`: each task gets its tensor's importance (row ranges too),
+    and the file is the single machine's with the same imatrix, which is not the plain one."""
+    im = _random_imatrix(checkpoint, tmp_path / "im.gguf")
+    here, there = tmp_path / "here.gguf", tmp_path / "there.gguf"
+    args = ["convert", str(checkpoint), "--qtype", "q4_k_m", "--imatrix", str(im), "--quiet"]
+    assert cli.main([*args[:2], str(here), *args[2:]]) == 0
+    import ferroquant.distributed as fd
+    from ferroquant.methods.imatrix_io import read_imatrix
+
+    assert cli.main([*args[:2], str(there), *args[2:], "--ray", cluster.address]) == 0
+    assert here.read_bytes() == there.read_bytes() != reference
+    split = tmp_path / "split.gguf"  # the large tensors as row ranges
+    fd.convert(checkpoint, split, "q4_k_m", address=cluster.address, max_task_bytes=64 * 1024,
+               imatrix=read_imatrix(im))  # fmt: skip
+    assert split.read_bytes() == here.read_bytes()

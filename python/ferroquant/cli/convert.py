@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> int:
     if method == "hqq" and args.format == "gguf":
         raise ValueError("--method hqq writes grouped integer checkpoints (--format awq|gptq)")
     allocate = args.target_size is not None or args.target_bpw is not None or args.plan
-    if on_ray and (allocate or args.imatrix):
-        raise ValueError("--imatrix / --target-* / --plan run on this machine; drop --ray")
+    if on_ray and allocate:
+        raise ValueError("--target-* / --plan run on this machine; drop --ray")
     if args.target_size is not None and args.target_bpw is not None:
         raise ValueError("give --target-size or --target-bpw, not both")
     if allocate and calibrated and not gptq:
@@ -226,6 +226,7 @@ def run(args: argparse.Namespace) -> int:
             window_bytes=args.ray_window << 20,
             resume=args.resume,
             side_file=not args.no_side_file,
+            imatrix=imatrix,
             progress=not args.quiet,
         )
     print(summary_line(args.out))

@@ -21,17 +21,28 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._extras import require
 from ..gguf import tensor_nbytes
-from ..models.convert import HFPlan, _Writer, load_hf_tensor, plan_hf_to_gguf, write_header
+from ..models.convert import (
+    HFPlan,
+    _Writer,
+    check_imatrix_for,
+    load_hf_tensor,
+    plan_hf_to_gguf,
+    write_header,
+)
 from ..models.recipes import Recipe
+from ..qtypes import IMATRIX_QTYPES
 from .checkpoint import Task, describe_source, split_tasks
 from .journal import Journal, NoJournal, side_path
 from .worker import as_bytes, convert_part, to_payload
+
+if TYPE_CHECKING:
+    from ..methods.imatrix_io import ImportanceMatrix
 
 log = logging.getLogger(__name__)
 TRANSFERS = ("shared-fs", "object-store")
@@ -69,12 +80,22 @@ def connect(address: str | None = None, timeout: float = 30.0) -> bool:
     return True
 
 
-def _fingerprint(plan: HFPlan, source: list[Any], name: str | None, pre: str | None) -> str:
+def _fingerprint(
+    plan: HFPlan,
+    source: list[Any],
+    name: str | None,
+    pre: str | None,
+    importance: dict[int, np.ndarray] | None = None,
+) -> str:
     from .. import __version__
 
     tensors = [[t.gname, list(t.shape), t.qtype] for t in plan.tensors]
     blob = json.dumps([__version__, plan.recipe.name, name, pre, tensors, source])
-    return hashlib.sha256(blob.encode()).hexdigest()
+    h = hashlib.sha256(blob.encode())
+    for i, values in sorted((importance or {}).items()):  # another imatrix: another output
+        h.update(str(i).encode())
+        h.update(np.ascontiguousarray(values, np.float32).tobytes())
+    return h.hexdigest()
 
 
 def convert(
@@ -93,6 +114,7 @@ def convert(
     side_file: bool = True,
     name: str | None = None,
     tokenizer_pre: str | None = None,
+    imatrix: ImportanceMatrix | None = None,
     progress: bool = False,
     on_tensor: Callable[[str, int, int], None] | None = None,
     connect_timeout: float = 30.0,
@@ -105,7 +127,8 @@ def convert(
     `num_cpus` and runs the Rust core on `threads` threads (default: `num_cpus`). Finished
     tensors are listed in a side file (OUT.resume, removed on success; no tensor bytes);
     `resume=True` continues from it, copying them from the killed run's temporary file;
-    `side_file=False` writes none (no resume).
+    `side_file=False` writes none (no resume). `imatrix` (checked against the tensors before
+    anything is written) goes with each task whose quantizer takes one, as in `hf_to_gguf`.
     `on_tensor(name, done, total)` is called after each tensor is written (from the driver's
     writer thread)."""
     if transfer not in TRANSFERS:
@@ -120,13 +143,22 @@ def convert(
     if not hf_dir.is_dir():
         raise ValueError(f"{hf_dir}: not a folder")
     plan = plan_hf_to_gguf(hf_dir, qtype)  # bad shards fail here, before anything is written
+    importance = None
+    if imatrix is not None:
+        check_imatrix_for(imatrix, {t.gname: t.shape for t in plan.tensors})
+        importance = {
+            i: v
+            for i, t in enumerate(plan.tensors)
+            if t.qtype in IMATRIX_QTYPES and (v := imatrix.values(t.gname)) is not None
+        }
     headers = plan.headers
     tasks = split_tasks(plan, headers, max_task_bytes)
-    fingerprint = _fingerprint(plan, describe_source(headers), name, tokenizer_pre)
+    fingerprint = _fingerprint(plan, describe_source(headers), name, tokenizer_pre, importance)
     data_bytes = sum(tensor_nbytes(t.shape, t.qtype) + 4096 for t in plan.tensors)
     connected = connect(address, connect_timeout)
     try:
         run = _Run(ray, plan, tasks, transfer, window_bytes, num_cpus, threads, max_retries)
+        run.importance = importance or {}
         with _Writer(out_path, plan.arch) as w:
             write_header(w, plan, name, tokenizer_pre)
             journal = (
@@ -182,6 +214,7 @@ class _Run:
         self.inflight: deque[tuple[Task, Any, Any]] = deque()
         self.bytes_in_flight = 0
         self.peak_in_flight = 0
+        self.importance: dict[int, np.ndarray] = {}
 
     def _cost(self, t: Task) -> int:
         return t.out_bytes + (t.in_bytes if self.transfer == "object-store" else 0)
@@ -201,7 +234,8 @@ class _Run:
                 job = self.plan.tensors[t.index]
                 assert job.shard is not None and job.hf_name is not None
                 payload = self.ray.put(to_payload(load_hf_tensor(job.shard, job.hf_name, t.rows)))
-            ref = self.remote.remote(self.plan_ref, t.index, t.rows, payload, self.threads)
+            imp = self.importance.get(t.index)  # per column: the same for every row range
+            ref = self.remote.remote(self.plan_ref, t.index, t.rows, payload, self.threads, imp)
             self.inflight.append((t, ref, payload))
             self.bytes_in_flight += self._cost(t)
             self.peak_in_flight = max(self.peak_in_flight, self.bytes_in_flight)

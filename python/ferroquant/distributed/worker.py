@@ -46,9 +46,11 @@ def convert_part(
     rows: tuple[int, int] | None,
     payload: Payload | None,
     threads: int | None,
+    importance: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Rows `rows` (None: all) of plan tensor `index`, converted: the bytes they take in the
-    file, and their crc32 (for the driver's resume file). Errors name the shard and tensor."""
+    """Rows `rows` (None: all) of plan tensor `index`, converted (with the imatrix's per-column
+    `importance` where given): the bytes they take in the file, and their crc32 (for the
+    driver's resume file). Errors name the shard and tensor."""
     import ferroquant
 
     if threads and ferroquant.num_threads() != threads:
@@ -65,7 +67,7 @@ def convert_part(
             x = load_hf_tensor(job.shard, job.hf_name, rows)
         else:
             x = from_payload(payload)
-        data = as_bytes(convert_tensor(plan, job, x))
+        data = as_bytes(convert_tensor(plan, job, x, importance))
         return data, zlib.crc32(memoryview(data))
     except Exception as e:
         where = f" rows {rows[0]}:{rows[1]}" if rows else ""
