@@ -245,3 +245,51 @@ def test_a_task_s_error_names_the_layer(cluster, tiny):
     where = r"non-finite activations at the input of model\.layers\.1\.mlp"
     with pytest.raises(ValueError, match=where):
         fd.quantize_model(model, "q4_0", calibration=_ids(), config=cfg, progress=False)
+
+
+@pytest.mark.cluster
+def test_killed_worker_node_mid_gptq_gives_the_same_bytes(cluster, tiny):
+    """When layer 1's statistics tasks are handed out, the worker node holding most of layer 1's
+    input shards (layer 0's outputs, only in that node's object store) is killed: Ray rebuilds
+    the lost shards from their lineage (layer 0's output tasks run again on the other node) and
+    runs the tasks that were sent to the dead node again. Every task is a pure function of its
+    arguments, so the bytes are the single machine's. A fresh node then takes the dead one's
+    place."""
+    ray = pytest.importorskip("ray")
+    from ferroquant.distributed import calibrated
+
+    lost: list = []
+
+    class KillFirst:
+        """`stats_task` that kills the node before layer 1's first statistics task."""
+
+        def __init__(self, runner, task):
+            self.runner, self.task = runner, task
+
+        def remote(self, *args):
+            if args[-1] == "model.layers.1" and not lost:
+                refs = list(self.runner.inputs)
+                ray.wait(refs, num_returns=len(refs), timeout=60, fetch_local=False)
+                where = ray.experimental.get_object_locations(refs)
+                held = {n: [r for r in refs if where[r]["node_ids"] == [n.node_id]]
+                        for n in cluster.worker_nodes}  # fmt: skip
+                victim = max(held, key=lambda n: len(held[n]))
+                lost.extend(held[victim])
+                cluster.remove_node(victim, allow_graceful=False)
+            return self.task.remote(*args)
+
+    model = _model(tiny)
+    cfg = {"n_samples": WINDOWS, "seq_len": SEQ}
+    here = fq.quantize_model(copy.deepcopy(model), "q4_k_m", method="gptq", calibration=_ids(),
+                             config=cfg, progress=False)  # fmt: skip
+    there = copy.deepcopy(model)
+    runner = calibrated.RayRunner(ray)
+    runner.stats_task = KillFirst(runner, runner.stats_task)
+    try:
+        fq.quantize_model(there, "q4_k_m", method="gptq", calibration=_ids(), config=cfg,
+                          progress=False, runner=runner)  # fmt: skip
+    finally:
+        cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+    assert lost, "no input shard was held on the killed node only"
+    a, b = _qbytes(here), _qbytes(there)
+    assert len(a) == 14 and a == b

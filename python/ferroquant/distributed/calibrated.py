@@ -53,6 +53,7 @@ class RayRunner:
         self.solve_task = ray.remote(calib_tasks.gptq_solve).options(**opts)
         self.map_task = ray.remote(calib_tasks.window_map).options(**opts)
         self.max_retries = max_retries
+        self.inputs: list[Any] = []
 
     def get(self, refs: list[Any], what: str) -> list[Any]:
         """ray.get, a task's own error raised as the ValueError it was, Ray's as ClusterError."""
@@ -92,6 +93,7 @@ class RayRunner:
             tokens = [int(h.shape[-2]) for h in hidden]
             step = SHARD_WINDOWS
             shards = [ray.put(hidden[k : k + step]) for k in range(0, len(hidden), step)]
+            self.inputs = shards  # the current layer's input shards (for inspection)
             del hidden
             bar = _bar(progress, len(layers), f"{desc} (ray, {len(shards)} shards)")
             for i, layer in enumerate(layers):
@@ -115,6 +117,7 @@ class RayRunner:
                 del stats
                 quantized = ray.put(layer)
                 shards = [self.outputs_task.remote(quantized, call, s, where) for s in shards]
+                self.inputs = shards
                 if i == len(layers) - 1:  # nobody reads them: surface their errors here
                     self.get(shards, where)
                 del quantized
