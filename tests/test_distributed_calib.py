@@ -293,3 +293,68 @@ def test_killed_worker_node_mid_gptq_gives_the_same_bytes(cluster, tiny):
     assert lost, "no input shard was held on the killed node only"
     a, b = _qbytes(here), _qbytes(there)
     assert len(a) == 14 and a == b
+
+
+_GPTQ_DRIVER = """
+import os, sys, time
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+import ferroquant.distributed as fd
+from ferroquant.distributed import layer_journal
+save = layer_journal.LayerJournal.save
+def slow(self, index, layer, inputs):
+    save(self, index, layer, inputs)
+    print(index, flush=True)
+    time.sleep(60)  # killed here
+layer_journal.LayerJournal.save = slow
+src, out, text, address, windows, seq = sys.argv[1:7]
+fd.convert(src, out, "q4_k_m", method="gptq", calibration=text, n_samples=int(windows),
+           seq_len=int(seq), address=address)
+"""
+
+
+@pytest.mark.cluster
+def test_killed_gptq_driver_leaves_no_file_and_resume_gives_the_same_bytes(
+    cluster, tiny, text_file, tmp_path, caplog
+):
+    """A driver killed after GPTQ's first layer leaves no output file, only the side folder (the
+    finished layer and the next layer's inputs); `resume=True` continues at layer 1 and writes
+    the single machine's file; the folder is removed on success."""
+    import signal
+    import subprocess
+    import sys
+
+    import ferroquant.distributed as fd
+    from ferroquant.distributed.layer_journal import layers_path
+
+    here = tmp_path / "here.gguf"
+    argv = ["convert", str(tiny), str(here), "--qtype", "q4_k_m", "--method", "gptq", "--calib",
+            str(text_file), "--calib-samples", str(WINDOWS), "--calib-len", str(SEQ),
+            "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = tmp_path / "killed.gguf"
+    p = subprocess.Popen([sys.executable, "-c", _GPTQ_DRIVER, str(tiny), str(out), str(text_file),
+                          cluster.address, str(WINDOWS), str(SEQ)],
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "0"  # layer 0 finished and kept
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    side = layers_path(out)
+    assert not out.exists()
+    assert sorted(f.name for f in side.iterdir()) == ["inputs-00001.pt", "layer-00000.pt",
+                                                      "state.json"]  # fmt: skip
+    caplog.set_level("INFO", logger="ferroquant.distributed")
+    with pytest.raises(ValueError, match="belongs to another conversion"):  # other windows
+        fd.convert(tiny, out, "q4_k_m", method="gptq", calibration=text_file, n_samples=WINDOWS,
+                   seq_len=SEQ + 1, address=cluster.address, resume=True)  # fmt: skip
+    assert not out.exists() and side.is_dir()
+    fd.convert(tiny, out, "q4_k_m", method="gptq", calibration=text_file, n_samples=WINDOWS,
+               seq_len=SEQ, address=cluster.address, resume=True)  # fmt: skip
+    assert out.read_bytes() == here.read_bytes()
+    assert not side.exists()
+    resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
+    assert resumed == [f"resuming: 1 layers finished in {side}"], resumed

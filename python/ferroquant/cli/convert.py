@@ -118,12 +118,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--resume",
         action="store_true",
-        help="with --ray: continue from the tensors an interrupted run listed in OUT.resume",
+        help="with --ray: continue from the tensors an interrupted run listed in OUT.resume "
+        "(--method gptq/awq/awq+gptq: from the layers kept in OUT.layers.resume/)",
     )
     c.add_argument(
         "--no-side-file",
         action="store_true",
-        help="with --ray: keep no OUT.resume (no --resume possible)",
+        help="with --ray: keep no OUT.resume / OUT.layers.resume (no --resume possible)",
     )
     c.set_defaults(func=run)
 
@@ -209,10 +210,9 @@ def run(args: argparse.Namespace) -> int:
 
         if args.qtype.lower() in ("f32", "f16", "bf16"):
             raise ValueError(f"--method {method} needs a quantized --qtype, got {args.qtype}")
-        if args.resume:
-            raise ValueError("--resume continues an interrupted --method rtn conversion")
         convert(src, args.out, args.qtype, method=method, calibration=args.calib,
                 n_samples=args.calib_samples, seq_len=args.calib_len, address=args.ray,
+                resume=args.resume, side_file=not args.no_side_file,
                 progress=not args.quiet)  # fmt: skip
     else:
         from ..distributed import convert
