@@ -315,18 +315,22 @@ def test_cli_without_ray_names_the_distributed_extra(checkpoint, tmp_path):
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("transfer", ["shared-fs", "object-store"])
+@pytest.mark.parametrize(
+    ("transfer", "write"),
+    [("shared-fs", "driver"), ("object-store", "driver"), ("shared-fs", "workers")],
+)
 def test_same_bytes_as_single_machine_within_the_window(
-    cluster, checkpoint, reference, tmp_path, driver_runs, transfer
+    cluster, checkpoint, reference, tmp_path, driver_runs, transfer, write
 ):
     """Large tensors cut into row ranges (64 KiB of float32 per task), a 192 KiB window: the
-    driver never has more in flight than the window plus one task."""
+    driver never has more in flight than the window plus one task. write="workers": each task
+    writes its row range into the output's temporary file at its offset."""
     import ferroquant.distributed as fd
 
     out = tmp_path / "ray.gguf"
     window = 192 * 1024
     chosen = fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, transfer=transfer,
-                        window_bytes=window, max_task_bytes=64 * 1024)  # fmt: skip
+                        write=write, window_bytes=window, max_task_bytes=64 * 1024)  # fmt: skip
     assert out.read_bytes() == reference
     assert chosen == plan_hf_to_gguf(checkpoint, "q4_k_m").chosen
     assert not _leftovers(tmp_path)  # the side file is gone
@@ -372,19 +376,23 @@ import ferroquant.distributed as fd
 def slow(name, done, total):
     print(done, flush=True)
     time.sleep(0.3)
-fd.convert(sys.argv[1], sys.argv[2], "q4_k_m", address=sys.argv[3], on_tensor=slow)
+fd.convert(sys.argv[1], sys.argv[2], "q4_k_m", address=sys.argv[3], on_tensor=slow,
+           write=sys.argv[4])
 """
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("write", ["driver", "workers"])
 def test_killed_driver_leaves_no_file_and_resume_finishes(
-    cluster, checkpoint, reference, tmp_path, caplog
+    cluster, checkpoint, reference, tmp_path, caplog, write
 ):
+    """Killed with write="driver" or "workers", resumed the other way: the finished tensors are
+    copied from the killed run's temporary file either way."""
     import ferroquant.distributed as fd
 
     out = tmp_path / "killed.gguf"
     p = subprocess.Popen([sys.executable, "-c", _DRIVER, str(checkpoint), str(out),
-                          cluster.address], stdout=subprocess.PIPE, text=True)  # fmt: skip
+                          cluster.address, write], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert p.stdout is not None
         for line in p.stdout:
@@ -399,7 +407,8 @@ def test_killed_driver_leaves_no_file_and_resume_finishes(
     assert 0 < side.stat().st_size < 64 * 1024  # names and crc32s; the bytes are in the .tmp
     assert any(n.endswith(".tmp") for n in _leftovers(tmp_path))  # what SIGKILL leaves behind
     caplog.set_level("INFO", logger="ferroquant.distributed")
-    fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, resume=True)
+    other = "workers" if write == "driver" else "driver"
+    fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, resume=True, write=other)
     assert out.read_bytes() == reference
     assert not _leftovers(tmp_path)  # side file and the dead writer's temporary file: gone
     resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..models.convert import HFPlan, convert_tensor, load_hf_tensor
 from ..tensor import QTensor
+from .direct import write_at
 
 # the driver's payload for the object-store transfer: (raw bytes, torch dtype name, shape)
 Payload = tuple[np.ndarray, str, tuple[int, ...]]
@@ -47,10 +48,12 @@ def convert_part(
     payload: Payload | None,
     threads: int | None,
     importance: np.ndarray | None = None,
-) -> tuple[np.ndarray, int]:
+    out: tuple[str, int] | None = None,
+) -> tuple[np.ndarray | int, int]:
     """Rows `rows` (None: all) of plan tensor `index`, converted (with the imatrix's per-column
     `importance` where given): the bytes they take in the file, and their crc32 (for the
-    driver's resume file). Errors name the shard and tensor."""
+    driver's resume file). `out` = (file, offset): the bytes are written there instead and
+    their count is returned. Errors name the shard and tensor."""
     import ferroquant
 
     if threads and ferroquant.num_threads() != threads:
@@ -68,7 +71,11 @@ def convert_part(
         else:
             x = from_payload(payload)
         data = as_bytes(convert_tensor(plan, job, x, importance))
-        return data, zlib.crc32(memoryview(data))
+        crc = zlib.crc32(memoryview(data))
+        if out is not None:
+            write_at(out[0], out[1], data)
+            return data.nbytes, crc
+        return data, crc
     except Exception as e:
         where = f" rows {rows[0]}:{rows[1]}" if rows else ""
         raise ValueError(f"{job.shard}: tensor {job.hf_name}{where}: {e}") from None
