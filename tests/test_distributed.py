@@ -345,6 +345,9 @@ def test_cli_ray_on_the_cluster_prints_the_summary(cluster, checkpoint, referenc
     args = ["convert", str(checkpoint), str(out), "--qtype", "q4_k_m", "--ray", cluster.address]
     assert cli.main([*args, "--ray-transfer", "object-store", "--ray-window", "1"]) == 0
     assert out.read_bytes() == reference
+    out.unlink()
+    assert cli.main([*args, "--ray-write", "workers", "--quiet"]) == 0
+    assert out.read_bytes() == reference
     cap = capfd.readouterr()
     assert "tensors" in cap.err and "B/s" in cap.err  # the progress bar: tensors, bytes, rate
     assert str(out) in cap.out

@@ -108,6 +108,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(shared-fs), or the driver reads them and ships them through Ray's object store",
     )
     c.add_argument(
+        "--ray-write",
+        default="driver",
+        choices=["driver", "workers"],
+        help="with --ray: the results come back to the driver, which writes them (driver), or "
+        "each task writes its bytes into the output file itself, which must be on a filesystem "
+        "every node sees (workers: nothing but checksums travels back)",
+    )
+    c.add_argument(
         "--ray-window",
         type=int,
         default=1024,
@@ -223,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             args.qtype,
             address=args.ray,
             transfer=args.ray_transfer,
+            write=args.ray_write,
             window_bytes=args.ray_window << 20,
             resume=args.resume,
             side_file=not args.no_side_file,
