@@ -307,19 +307,20 @@ def slow(self, index, layer, inputs):
     print(index, flush=True)
     time.sleep(60)  # killed here
 layer_journal.LayerJournal.save = slow
-src, out, text, address, windows, seq = sys.argv[1:7]
-fd.convert(src, out, "q4_k_m", method="gptq", calibration=text, n_samples=int(windows),
+src, out, text, address, windows, seq, method = sys.argv[1:8]
+fd.convert(src, out, "q4_k_m", method=method, calibration=text, n_samples=int(windows),
            seq_len=int(seq), address=address)
 """
 
 
 @pytest.mark.cluster
-def test_killed_gptq_driver_leaves_no_file_and_resume_gives_the_same_bytes(
-    cluster, tiny, text_file, tmp_path, caplog
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_killed_calibrated_driver_leaves_no_file_and_resume_gives_the_same_bytes(
+    cluster, tiny, text_file, tmp_path, caplog, method
 ):
-    """A driver killed after GPTQ's first layer leaves no output file, only the side folder (the
-    finished layer and the next layer's inputs); `resume=True` continues at layer 1 and writes
-    the single machine's file; the folder is removed on success."""
+    """A driver killed after the first layer leaves no output file, only the side folder (the
+    finished layer, AWQ's folds included, and the next layer's inputs); `resume=True` continues
+    at layer 1 and writes the single machine's file; the folder is removed on success."""
     import signal
     import subprocess
     import sys
@@ -328,13 +329,13 @@ def test_killed_gptq_driver_leaves_no_file_and_resume_gives_the_same_bytes(
     from ferroquant.distributed.layer_journal import layers_path
 
     here = tmp_path / "here.gguf"
-    argv = ["convert", str(tiny), str(here), "--qtype", "q4_k_m", "--method", "gptq", "--calib",
+    argv = ["convert", str(tiny), str(here), "--qtype", "q4_k_m", "--method", method, "--calib",
             str(text_file), "--calib-samples", str(WINDOWS), "--calib-len", str(SEQ),
             "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
     out = tmp_path / "killed.gguf"
     p = subprocess.Popen([sys.executable, "-c", _GPTQ_DRIVER, str(tiny), str(out), str(text_file),
-                          cluster.address, str(WINDOWS), str(SEQ)],
+                          cluster.address, str(WINDOWS), str(SEQ), method],
                          stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert p.stdout is not None
@@ -349,10 +350,10 @@ def test_killed_gptq_driver_leaves_no_file_and_resume_gives_the_same_bytes(
                                                       "state.json"]  # fmt: skip
     caplog.set_level("INFO", logger="ferroquant.distributed")
     with pytest.raises(ValueError, match="belongs to another conversion"):  # other windows
-        fd.convert(tiny, out, "q4_k_m", method="gptq", calibration=text_file, n_samples=WINDOWS,
+        fd.convert(tiny, out, "q4_k_m", method=method, calibration=text_file, n_samples=WINDOWS,
                    seq_len=SEQ + 1, address=cluster.address, resume=True)  # fmt: skip
     assert not out.exists() and side.is_dir()
-    fd.convert(tiny, out, "q4_k_m", method="gptq", calibration=text_file, n_samples=WINDOWS,
+    fd.convert(tiny, out, "q4_k_m", method=method, calibration=text_file, n_samples=WINDOWS,
                seq_len=SEQ, address=cluster.address, resume=True)  # fmt: skip
     assert out.read_bytes() == here.read_bytes()
     assert not side.exists()
