@@ -267,6 +267,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_task_that_cannot_write_the_output_names_it(checkpoint, tmp_path):
+    """write="workers" on a node that does not see the output file: one error naming the file
+    and the tensor (the task runs here, without Ray)."""
+    from ferroquant.distributed.worker import convert_part
+
+    plan = plan_hf_to_gguf(checkpoint, "q4_k_m")
+    i = next(k for k, t in enumerate(plan.tensors) if t.hf_name is not None)
+    missing = tmp_path / "elsewhere" / ".out.gguf.1.x.tmp"
+    with pytest.raises(ValueError, match=f"{plan.tensors[i].hf_name}.*cannot write the output "
+                                         f"file {missing}"):  # fmt: skip
+        convert_part(plan, i, None, None, 1, None, (str(missing), 0))
+    data, crc = convert_part(plan, i, None, None, 1)
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"\0" * (data.nbytes + 8))
+    assert convert_part(plan, i, None, None, 1, None, (str(target), 8)) == (data.nbytes, crc)
+    assert target.read_bytes()[8:] == data.tobytes() and crc == zlib.crc32(data)
+
+
 def test_cli_unreachable_address_is_one_line_within_a_timeout(checkpoint, tmp_path):
     port = _free_port()  # nothing listens there once the socket is closed
     out = tmp_path / "out.gguf"

@@ -73,7 +73,13 @@ def convert_part(
         data = as_bytes(convert_tensor(plan, job, x, importance))
         crc = zlib.crc32(memoryview(data))
         if out is not None:
-            write_at(out[0], out[1], data)
+            try:
+                write_at(out[0], out[1], data)
+            except OSError as e:
+                raise OSError(
+                    f"cannot write the output file {out[0]} from this node ({e.strerror or e}); "
+                    "--ray-write workers needs it on a filesystem every node sees"
+                ) from None
             return data.nbytes, crc
         return data, crc
     except Exception as e:
