@@ -11,8 +11,12 @@ the engines interleaved over --runs runs (medians printed, with min-max):
 
   single   `hf_to_gguf` in one process (the Rust core on all cores);
   ray-1w   a local Ray cluster: a head without CPUs (the driver's node) and one worker node of
-           1 CPU whose tasks run the core on 2 threads (one worker process, both cores);
+           2 CPUs (the machine's cores), tasks on 1 thread each (two worker processes);
+  ray-1w-1cpu  the same head and one worker node of 1 CPU whose tasks run the core on 2
+           threads (one worker process, both cores: the previous sessions' ray-1w);
   ray-2w   the same head and two worker nodes of 1 CPU, tasks on 1 thread each;
+  ray-1w-direct, ray-2w-direct  ray-1w, ray-2w with write="workers": each task writes its
+           bytes into the output file itself, nothing but crc32s travels back;
   ray-2w-ns  ray-2w without the resume side file;
   ray-local  one node of 2 CPUs that is also the driver's (Ray on one machine: the results
            need no copy from a worker node's object store to the driver's).
@@ -52,7 +56,7 @@ HIDDEN, FFN, HEADS, KV_HEADS = 4096, 14336, 32, 8
 
 CHILD = r"""
 import json, os, sys, time
-mode, src, out, qtype, address, transfer, threads, window, side_file = sys.argv[1:10]
+mode, src, out, qtype, address, transfer, threads, window, side_file, write = sys.argv[1:11]
 import psutil, torch, safetensors, transformers  # imports before timing
 me = psutil.Process()
 
@@ -105,7 +109,7 @@ else:
     procs = psutil.Process(os.getppid()).children(recursive=True)
     c0, t0 = cpu(procs), time.perf_counter()
     fd.convert(src, out, qtype, address=address, transfer=transfer, threads=int(threads),
-               window_bytes=int(window), side_file=side_file == "1")
+               window_bytes=int(window), side_file=side_file == "1", write=write)
     result["seconds"] = time.perf_counter() - t0
     c1 = cpu(psutil.Process(os.getppid()).children(recursive=True))  # workers started since too
     result["cpu_seconds"] = sum(c1[p] - c0.get(p, 0.0) for p in c1)
@@ -173,10 +177,10 @@ def write_checkpoint(out: Path, layers: int) -> int:
 
 
 def child(mode: str, src: Path, out: Path, args: argparse.Namespace, address: str = "",
-          threads: int = 1, side_file: bool = True) -> dict:  # fmt: skip
+          threads: int = 1, side_file: bool = True, write: str = "driver") -> dict:  # fmt: skip
     argv = [sys.executable, "-c", CHILD, mode, str(src), str(out), args.qtype, address,
             args.transfer, str(threads), str(args.window_mib << 20),
-            str(int(side_file))]  # fmt: skip
+            str(int(side_file)), write]  # fmt: skip
     r = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
@@ -185,7 +189,7 @@ def child(mode: str, src: Path, out: Path, args: argparse.Namespace, address: st
 
 def ray_run(mode: str, workers: int, threads: int, src: Path, out: Path,
             args: argparse.Namespace, side_file: bool = True,
-            head_cpus: int = 0) -> dict:  # fmt: skip
+            head_cpus: int = 0, node_cpus: int = 1, write: str = "driver") -> dict:  # fmt: skip
     from ray.cluster_utils import Cluster
 
     store = args.store_mib << 20
@@ -193,8 +197,8 @@ def ray_run(mode: str, workers: int, threads: int, src: Path, out: Path,
     c = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(workers):
-            c.add_node(num_cpus=1, object_store_memory=store)
-        return child(mode, src, out, args, c.address, threads, side_file)
+            c.add_node(num_cpus=node_cpus, object_store_memory=store)
+        return child(mode, src, out, args, c.address, threads, side_file, write)
     finally:
         c.shutdown()
 
@@ -217,6 +221,9 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="folder for the checkpoint (default: system)")
     ap.add_argument("--checkpoint", default=None,
                     help="keep the checkpoint here (written when missing), reuse it")  # fmt: skip
+    ap.add_argument(
+        "--engines", default=None, help="comma-separated subset of the engines (single always runs)"
+    )
     add_runs(ap, 3)
     args = ap.parse_args()
 
@@ -235,7 +242,8 @@ def main() -> None:
         print(f"qtype {args.qtype}, transfer {args.transfer}, window {args.window_mib} MiB, "
               f"{args.runs} runs, engines interleaved")  # fmt: skip
         largest = FFN * HIDDEN * 4
-        names = ("single", "ray-1w", "ray-2w", "ray-2w-ns", "ray-local")
+        names = ("single", "ray-1w", "ray-1w-1cpu", "ray-2w", "ray-1w-direct", "ray-2w-direct",
+                 "ray-2w-ns", "ray-local")  # fmt: skip
         outs = {n: tmp / f"{n}.gguf" for n in names}
         ref: list[str] = []
 
@@ -244,9 +252,11 @@ def main() -> None:
             ref.append(md5(outs["single"]))
             return r
 
-        def ray(name: str, workers: int, threads: int, side_file: bool = True, head: int = 0):
+        def ray(name: str, workers: int, threads: int, side_file: bool = True, head: int = 0,
+                node_cpus: int = 1, write: str = "driver"):  # fmt: skip
             def run() -> dict:
-                r = ray_run("ray", workers, threads, src, outs[name], args, side_file, head)
+                r = ray_run("ray", workers, threads, src, outs[name], args, side_file, head,
+                            node_cpus, write)  # fmt: skip
                 r["md5"] = md5(outs[name])
                 return r
 
@@ -254,11 +264,19 @@ def main() -> None:
 
         engines = {
             "single": single,
-            "ray-1w": ray("ray-1w", 1, 2),
+            "ray-1w": ray("ray-1w", 1, 1, node_cpus=2),
+            "ray-1w-1cpu": ray("ray-1w-1cpu", 1, 2),
             "ray-2w": ray("ray-2w", 2, 1),
+            "ray-1w-direct": ray("ray-1w-direct", 1, 1, node_cpus=2, write="workers"),
+            "ray-2w-direct": ray("ray-2w-direct", 2, 1, write="workers"),
             "ray-2w-ns": ray("ray-2w-ns", 2, 1, False),
             "ray-local": ray("ray-local", 0, 1, True, 2),
         }
+        if args.engines:
+            keep = {"single", *args.engines.split(",")}
+            if keep - set(engines):
+                raise SystemExit(f"unknown engines: {', '.join(sorted(keep - set(engines)))}")
+            engines = {n: f for n, f in engines.items() if n in keep}
         rows = interleave(engines, args.runs)
         print(f"load average at the end: {load()}")
         base = med([r["seconds"] for r in rows["single"]])

@@ -267,6 +267,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_task_that_cannot_write_the_output_names_it(checkpoint, tmp_path):
+    """write="workers" on a node that does not see the output file: one error naming the file
+    and the tensor (the task runs here, without Ray)."""
+    from ferroquant.distributed.worker import convert_part
+
+    plan = plan_hf_to_gguf(checkpoint, "q4_k_m")
+    i = next(k for k, t in enumerate(plan.tensors) if t.hf_name is not None)
+    missing = tmp_path / "elsewhere" / ".out.gguf.1.x.tmp"
+    with pytest.raises(ValueError, match=f"{plan.tensors[i].hf_name}.*cannot write the output "
+                                         f"file {missing}"):  # fmt: skip
+        convert_part(plan, i, None, None, 1, None, (str(missing), 0))
+    data, crc = convert_part(plan, i, None, None, 1)
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"\0" * (data.nbytes + 8))
+    assert convert_part(plan, i, None, None, 1, None, (str(target), 8)) == (data.nbytes, crc)
+    assert target.read_bytes()[8:] == data.tobytes() and crc == zlib.crc32(data)
+
+
 def test_cli_unreachable_address_is_one_line_within_a_timeout(checkpoint, tmp_path):
     port = _free_port()  # nothing listens there once the socket is closed
     out = tmp_path / "out.gguf"
@@ -315,18 +333,22 @@ def test_cli_without_ray_names_the_distributed_extra(checkpoint, tmp_path):
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("transfer", ["shared-fs", "object-store"])
+@pytest.mark.parametrize(
+    ("transfer", "write"),
+    [("shared-fs", "driver"), ("object-store", "driver"), ("shared-fs", "workers")],
+)
 def test_same_bytes_as_single_machine_within_the_window(
-    cluster, checkpoint, reference, tmp_path, driver_runs, transfer
+    cluster, checkpoint, reference, tmp_path, driver_runs, transfer, write
 ):
     """Large tensors cut into row ranges (64 KiB of float32 per task), a 192 KiB window: the
-    driver never has more in flight than the window plus one task."""
+    driver never has more in flight than the window plus one task. write="workers": each task
+    writes its row range into the output's temporary file at its offset."""
     import ferroquant.distributed as fd
 
     out = tmp_path / "ray.gguf"
     window = 192 * 1024
     chosen = fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, transfer=transfer,
-                        window_bytes=window, max_task_bytes=64 * 1024)  # fmt: skip
+                        write=write, window_bytes=window, max_task_bytes=64 * 1024)  # fmt: skip
     assert out.read_bytes() == reference
     assert chosen == plan_hf_to_gguf(checkpoint, "q4_k_m").chosen
     assert not _leftovers(tmp_path)  # the side file is gone
@@ -340,6 +362,9 @@ def test_cli_ray_on_the_cluster_prints_the_summary(cluster, checkpoint, referenc
     out = tmp_path / "cli.gguf"
     args = ["convert", str(checkpoint), str(out), "--qtype", "q4_k_m", "--ray", cluster.address]
     assert cli.main([*args, "--ray-transfer", "object-store", "--ray-window", "1"]) == 0
+    assert out.read_bytes() == reference
+    out.unlink()
+    assert cli.main([*args, "--ray-write", "workers", "--quiet"]) == 0
     assert out.read_bytes() == reference
     cap = capfd.readouterr()
     assert "tensors" in cap.err and "B/s" in cap.err  # the progress bar: tensors, bytes, rate
@@ -372,19 +397,23 @@ import ferroquant.distributed as fd
 def slow(name, done, total):
     print(done, flush=True)
     time.sleep(0.3)
-fd.convert(sys.argv[1], sys.argv[2], "q4_k_m", address=sys.argv[3], on_tensor=slow)
+fd.convert(sys.argv[1], sys.argv[2], "q4_k_m", address=sys.argv[3], on_tensor=slow,
+           write=sys.argv[4])
 """
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("write", ["driver", "workers"])
 def test_killed_driver_leaves_no_file_and_resume_finishes(
-    cluster, checkpoint, reference, tmp_path, caplog
+    cluster, checkpoint, reference, tmp_path, caplog, write
 ):
+    """Killed with write="driver" or "workers", resumed the other way: the finished tensors are
+    copied from the killed run's temporary file either way."""
     import ferroquant.distributed as fd
 
     out = tmp_path / "killed.gguf"
     p = subprocess.Popen([sys.executable, "-c", _DRIVER, str(checkpoint), str(out),
-                          cluster.address], stdout=subprocess.PIPE, text=True)  # fmt: skip
+                          cluster.address, write], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert p.stdout is not None
         for line in p.stdout:
@@ -399,7 +428,8 @@ def test_killed_driver_leaves_no_file_and_resume_finishes(
     assert 0 < side.stat().st_size < 64 * 1024  # names and crc32s; the bytes are in the .tmp
     assert any(n.endswith(".tmp") for n in _leftovers(tmp_path))  # what SIGKILL leaves behind
     caplog.set_level("INFO", logger="ferroquant.distributed")
-    fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, resume=True)
+    other = "workers" if write == "driver" else "driver"
+    fd.convert(checkpoint, out, "q4_k_m", address=cluster.address, resume=True, write=other)
     assert out.read_bytes() == reference
     assert not _leftovers(tmp_path)  # side file and the dead writer's temporary file: gone
     resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
@@ -441,3 +471,36 @@ def test_killed_worker_node_gives_the_same_bytes(cluster, checkpoint, tmp_path, 
     assert lost, "no result was held on the killed node only"
     assert out.read_bytes() == ref.read_bytes()
     assert not _leftovers(tmp_path)
+
+
+def _random_imatrix(checkpoint: Path, path: Path) -> Path:
+    """An importance matrix for every 2-D weight of `checkpoint` (random positive sums)."""
+    from ferroquant.methods.imatrix_io import ImatrixEntry, ImportanceMatrix, write_imatrix
+
+    rng = np.random.default_rng(1)
+    im = ImportanceMatrix(datasets=["random"], chunk_count=3, chunk_size=64)
+    for t in plan_hf_to_gguf(checkpoint, "q4_k_m").tensors:
+        if len(t.shape) == 2 and "token_embd" not in t.gname:
+            sums = rng.gamma(0.5, 1.0, (1, t.shape[1])).astype(np.float32) * 192
+            im.entries[t.gname] = ImatrixEntry(sums, np.array([192.0], np.float32))
+    write_imatrix(im, path)
+    return path
+
+
+@pytest.mark.cluster
+def test_cli_imatrix_on_the_cluster_writes_the_same_file(cluster, checkpoint, reference, tmp_path):
+    """`convert --imatrix FILE --ray`: each task gets its tensor's importance (row ranges too),
+    and the file is the single machine's with the same imatrix, which is not the plain one."""
+    im = _random_imatrix(checkpoint, tmp_path / "im.gguf")
+    here, there = tmp_path / "here.gguf", tmp_path / "there.gguf"
+    args = ["convert", str(checkpoint), "--qtype", "q4_k_m", "--imatrix", str(im), "--quiet"]
+    assert cli.main([*args[:2], str(here), *args[2:]]) == 0
+    import ferroquant.distributed as fd
+    from ferroquant.methods.imatrix_io import read_imatrix
+
+    assert cli.main([*args[:2], str(there), *args[2:], "--ray", cluster.address]) == 0
+    assert here.read_bytes() == there.read_bytes() != reference
+    split = tmp_path / "split.gguf"  # the large tensors as row ranges
+    fd.convert(checkpoint, split, "q4_k_m", address=cluster.address, max_task_bytes=64 * 1024,
+               imatrix=read_imatrix(im))  # fmt: skip
+    assert split.read_bytes() == here.read_bytes()

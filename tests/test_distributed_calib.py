@@ -245,3 +245,117 @@ def test_a_task_s_error_names_the_layer(cluster, tiny):
     where = r"non-finite activations at the input of model\.layers\.1\.mlp"
     with pytest.raises(ValueError, match=where):
         fd.quantize_model(model, "q4_0", calibration=_ids(), config=cfg, progress=False)
+
+
+@pytest.mark.cluster
+def test_killed_worker_node_mid_gptq_gives_the_same_bytes(cluster, tiny):
+    """When layer 1's statistics tasks are handed out, the worker node holding most of layer 1's
+    input shards (layer 0's outputs, only in that node's object store) is killed: Ray rebuilds
+    the lost shards from their lineage (layer 0's output tasks run again on the other node) and
+    runs the tasks that were sent to the dead node again. Every task is a pure function of its
+    arguments, so the bytes are the single machine's. A fresh node then takes the dead one's
+    place."""
+    ray = pytest.importorskip("ray")
+    from ferroquant.distributed import calibrated
+
+    lost: list = []
+
+    class KillFirst:
+        """`stats_task` that kills the node before layer 1's first statistics task."""
+
+        def __init__(self, runner, task):
+            self.runner, self.task = runner, task
+
+        def remote(self, *args):
+            if args[-1] == "model.layers.1" and not lost:
+                refs = list(self.runner.inputs)
+                ray.wait(refs, num_returns=len(refs), timeout=60, fetch_local=False)
+                where = ray.experimental.get_object_locations(refs)
+                held = {n: [r for r in refs if where[r]["node_ids"] == [n.node_id]]
+                        for n in cluster.worker_nodes}  # fmt: skip
+                victim = max(held, key=lambda n: len(held[n]))
+                lost.extend(held[victim])
+                cluster.remove_node(victim, allow_graceful=False)
+            return self.task.remote(*args)
+
+    model = _model(tiny)
+    cfg = {"n_samples": WINDOWS, "seq_len": SEQ}
+    here = fq.quantize_model(copy.deepcopy(model), "q4_k_m", method="gptq", calibration=_ids(),
+                             config=cfg, progress=False)  # fmt: skip
+    there = copy.deepcopy(model)
+    runner = calibrated.RayRunner(ray)
+    runner.stats_task = KillFirst(runner, runner.stats_task)
+    try:
+        fq.quantize_model(there, "q4_k_m", method="gptq", calibration=_ids(), config=cfg,
+                          progress=False, runner=runner)  # fmt: skip
+    finally:
+        cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+    assert lost, "no input shard was held on the killed node only"
+    a, b = _qbytes(here), _qbytes(there)
+    assert len(a) == 14 and a == b
+
+
+_GPTQ_DRIVER = """
+import os, sys, time
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+import ferroquant.distributed as fd
+from ferroquant.distributed import layer_journal
+save = layer_journal.LayerJournal.save
+def slow(self, index, layer, inputs):
+    save(self, index, layer, inputs)
+    print(index, flush=True)
+    time.sleep(60)  # killed here
+layer_journal.LayerJournal.save = slow
+src, out, text, address, windows, seq, method = sys.argv[1:8]
+fd.convert(src, out, "q4_k_m", method=method, calibration=text, n_samples=int(windows),
+           seq_len=int(seq), address=address)
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_killed_calibrated_driver_leaves_no_file_and_resume_gives_the_same_bytes(
+    cluster, tiny, text_file, tmp_path, caplog, method
+):
+    """A driver killed after the first layer leaves no output file, only the side folder (the
+    finished layer, AWQ's folds included, and the next layer's inputs); `resume=True` continues
+    at layer 1 and writes the single machine's file; the folder is removed on success."""
+    import signal
+    import subprocess
+    import sys
+
+    import ferroquant.distributed as fd
+    from ferroquant.distributed.layer_journal import layers_path
+
+    here = tmp_path / "here.gguf"
+    argv = ["convert", str(tiny), str(here), "--qtype", "q4_k_m", "--method", method, "--calib",
+            str(text_file), "--calib-samples", str(WINDOWS), "--calib-len", str(SEQ),
+            "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = tmp_path / "killed.gguf"
+    p = subprocess.Popen([sys.executable, "-c", _GPTQ_DRIVER, str(tiny), str(out), str(text_file),
+                          cluster.address, str(WINDOWS), str(SEQ), method],
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == "0"  # layer 0 finished and kept
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.kill()
+        p.wait(timeout=60)
+    side = layers_path(out)
+    assert not out.exists()
+    assert sorted(f.name for f in side.iterdir()) == ["inputs-00001.pt", "layer-00000.pt",
+                                                      "state.json"]  # fmt: skip
+    caplog.set_level("INFO", logger="ferroquant.distributed")
+    with pytest.raises(ValueError, match="belongs to another conversion"):  # other windows
+        fd.convert(tiny, out, "q4_k_m", method=method, calibration=text_file, n_samples=WINDOWS,
+                   seq_len=SEQ + 1, address=cluster.address, resume=True)  # fmt: skip
+    assert not out.exists() and side.is_dir()
+    fd.convert(tiny, out, "q4_k_m", method=method, calibration=text_file, n_samples=WINDOWS,
+               seq_len=SEQ, address=cluster.address, resume=True)  # fmt: skip
+    assert out.read_bytes() == here.read_bytes()
+    assert not side.exists()
+    resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
+    assert resumed == [f"resuming: 1 layers finished in {side}"], resumed

@@ -108,6 +108,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(shared-fs), or the driver reads them and ships them through Ray's object store",
     )
     c.add_argument(
+        "--ray-write",
+        default="driver",
+        choices=["driver", "workers"],
+        help="with --ray: the results come back to the driver, which writes them (driver), or "
+        "each task writes its bytes into the output file itself, which must be on a filesystem "
+        "every node sees (workers: nothing but checksums travels back)",
+    )
+    c.add_argument(
         "--ray-window",
         type=int,
         default=1024,
@@ -118,12 +126,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--resume",
         action="store_true",
-        help="with --ray: continue from the tensors an interrupted run listed in OUT.resume",
+        help="with --ray: continue from the tensors an interrupted run listed in OUT.resume "
+        "(--method gptq/awq/awq+gptq: from the layers kept in OUT.layers.resume/)",
     )
     c.add_argument(
         "--no-side-file",
         action="store_true",
-        help="with --ray: keep no OUT.resume (no --resume possible)",
+        help="with --ray: keep no OUT.resume / OUT.layers.resume (no --resume possible)",
     )
     c.set_defaults(func=run)
 
@@ -149,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
     if method == "hqq" and args.format == "gguf":
         raise ValueError("--method hqq writes grouped integer checkpoints (--format awq|gptq)")
     allocate = args.target_size is not None or args.target_bpw is not None or args.plan
-    if on_ray and (allocate or args.imatrix):
-        raise ValueError("--imatrix / --target-* / --plan run on this machine; drop --ray")
+    if on_ray and allocate:
+        raise ValueError("--target-* / --plan run on this machine; drop --ray")
     if args.target_size is not None and args.target_bpw is not None:
         raise ValueError("give --target-size or --target-bpw, not both")
     if allocate and calibrated and not gptq:
@@ -209,10 +218,9 @@ def run(args: argparse.Namespace) -> int:
 
         if args.qtype.lower() in ("f32", "f16", "bf16"):
             raise ValueError(f"--method {method} needs a quantized --qtype, got {args.qtype}")
-        if args.resume:
-            raise ValueError("--resume continues an interrupted --method rtn conversion")
         convert(src, args.out, args.qtype, method=method, calibration=args.calib,
                 n_samples=args.calib_samples, seq_len=args.calib_len, address=args.ray,
+                resume=args.resume, side_file=not args.no_side_file,
                 progress=not args.quiet)  # fmt: skip
     else:
         from ..distributed import convert
@@ -223,9 +231,11 @@ def run(args: argparse.Namespace) -> int:
             args.qtype,
             address=args.ray,
             transfer=args.ray_transfer,
+            write=args.ray_write,
             window_bytes=args.ray_window << 20,
             resume=args.resume,
             side_file=not args.no_side_file,
+            imatrix=imatrix,
             progress=not args.quiet,
         )
     print(summary_line(args.out))

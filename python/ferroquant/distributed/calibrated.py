@@ -37,6 +37,7 @@ from .._extras import require
 from . import calib_tasks
 from .driver import ClusterError, connect
 from .driver import convert as convert_rtn
+from .layer_journal import LayerJournal, ids_fingerprint, layers_path
 
 IMATRIX_SHARD_CHUNKS = 4  # chunks per importance-matrix task (any value gives the same bits)
 METHODS = ("gptq", "awq", "awq+gptq")  # the calibrated methods the cluster runs
@@ -45,14 +46,26 @@ METHODS = ("gptq", "awq", "awq+gptq")  # the calibrated methods the cluster runs
 class RayRunner:
     """`methods.layerwise.LocalRunner`'s interface on a Ray cluster (one CPU per task)."""
 
-    def __init__(self, ray: Any, num_cpus: float = 1, max_retries: int = 3) -> None:
+    def __init__(
+        self,
+        ray: Any,
+        num_cpus: float = 1,
+        max_retries: int = 3,
+        journal: LayerJournal | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        """`journal`: the side folder that keeps each finished layer and the next inputs (and,
+        resuming, gives back those of an interrupted run); `fingerprint`: what identifies the
+        run besides the calibration tokens (checkpoint, plan, method, settings)."""
         self.ray = ray
+        self.journal, self.fingerprint = journal, fingerprint
         opts = {"num_cpus": num_cpus, "max_retries": max_retries, "retry_exceptions": False}
         self.stats_task = ray.remote(calib_tasks.layer_stats).options(**opts)
         self.outputs_task = ray.remote(calib_tasks.layer_outputs).options(**opts)
         self.solve_task = ray.remote(calib_tasks.gptq_solve).options(**opts)
         self.map_task = ray.remote(calib_tasks.window_map).options(**opts)
         self.max_retries = max_retries
+        self.inputs: list[Any] = []
 
     def get(self, refs: list[Any], what: str) -> list[Any]:
         """ray.get, a task's own error raised as the ValueError it was, Ray's as ClusterError."""
@@ -87,14 +100,27 @@ class RayRunner:
 
         ray = self.ray
         prefix, layers = find_decoder_layers(model)
+        journal = self.journal
         with torch.no_grad():
             hidden, calls = first_inputs(model, layers, ids)
+            start = 0
+            if journal is not None:
+                start = journal.open(ids_fingerprint(self.fingerprint, ids, len(layers)))
+                if start:  # the finished layers as they were left, and the next one's inputs
+                    for i in range(start):
+                        layers[i] = journal.layer(i)
+                    hidden = journal.inputs()
             tokens = [int(h.shape[-2]) for h in hidden]
             step = SHARD_WINDOWS
             shards = [ray.put(hidden[k : k + step]) for k in range(0, len(hidden), step)]
+            self.inputs = shards  # the current layer's input shards (for inspection)
             del hidden
             bar = _bar(progress, len(layers), f"{desc} (ray, {len(shards)} shards)")
+            if bar is not None and start:
+                bar.update(start)
             for i, layer in enumerate(layers):
+                if i < start:
+                    continue
                 where = f"{prefix}.{i}"
                 dtypes = {p.dtype for p in layer.parameters()}
                 dtype = dtypes.pop() if len(dtypes) == 1 else None
@@ -115,6 +141,7 @@ class RayRunner:
                 del stats
                 quantized = ray.put(layer)
                 shards = [self.outputs_task.remote(quantized, call, s, where) for s in shards]
+                self.inputs = shards
                 if i == len(layers) - 1:  # nobody reads them: surface their errors here
                     self.get(shards, where)
                 del quantized
@@ -122,6 +149,10 @@ class RayRunner:
                     finish()
                 if dtype is not None:
                     layer.to(dtype)
+                if journal is not None:  # the last layer's outputs are nobody's inputs
+                    last = i == len(layers) - 1
+                    nxt = [] if last else [h for part in self.get(shards, where) for h in part]
+                    journal.save(i, layer, nxt)
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -282,6 +313,8 @@ def convert(
     address: str | None = None,
     progress: bool = False,
     connect_timeout: float = 30.0,
+    resume: bool = False,
+    side_file: bool = True,
     **options: Any,
 ) -> dict[str, str]:
     """`ferroquant.distributed.driver.convert` (method "rtn": `options` are its own: transfer,
@@ -289,11 +322,17 @@ def convert(
     on the cluster: the method layer by layer on the Ray cluster (`calibration`: a text file,
     None: the default text; `n_samples` x `seq_len` windows, default the method's config), then
     the driver writes the GGUF file (atomically) as `hf_to_gguf` does. Same bytes as on one
-    machine either way. Returns {gguf tensor name: qtype}."""
+    machine either way. `side_file`: the rtn conversion's OUT.resume, or for a calibrated
+    method the folder OUT.layers.resume (each finished layer and the next layer's inputs;
+    `resume=True` continues after the last finished layer). Both are removed on success.
+    Returns {gguf tensor name: qtype}."""
     key = str(method).lower()
+    if resume and not side_file:
+        raise ValueError("resume needs the side file (side_file=True)")
     if key == "rtn":
         return convert_rtn(hf_dir, out_path, qtype, address=address, progress=progress,
-                           connect_timeout=connect_timeout, **options)  # fmt: skip
+                           connect_timeout=connect_timeout, resume=resume, side_file=side_file,
+                           **options)  # fmt: skip
     if key not in METHODS:
         raise ValueError(
             f"method {method!r} runs on one machine; the cluster runs rtn, {', '.join(METHODS)}"
@@ -309,11 +348,28 @@ def convert(
     calib = Path(calibration) if calibration is not None else None
     if calib is not None and not calib.is_file():
         raise FileNotFoundError(f"no such calibration text: {calib}")
+    journal = LayerJournal(layers_path(out_path), resume=resume) if side_file else None
+    fingerprint = _calibrated_fingerprint(hf_dir, qtype, key, cfg) if side_file else ""
     ray, connected = _connected(address, connect_timeout)
     try:
+        runner = RayRunner(ray, journal=journal, fingerprint=fingerprint)
         tensors = calibrated_tensors(hf_dir, qtype, key, cfg, calib, progress=progress,
-                                     runner=RayRunner(ray))  # fmt: skip
+                                     runner=runner)  # fmt: skip
     finally:
         if connected:
             ray.shutdown()
-    return hf_to_gguf(hf_dir, out_path, qtype, progress=progress, tensors=tensors)
+    chosen = hf_to_gguf(hf_dir, out_path, qtype, progress=progress, tensors=tensors)
+    if journal is not None:
+        journal.remove()
+    return chosen
+
+
+def _calibrated_fingerprint(hf_dir: Any, qtype: str, method: str, cfg: Any) -> str:
+    """What identifies a calibrated conversion besides its calibration tokens: the checkpoint's
+    shards (names, sizes, mtimes), the plan, the method and its settings, the version."""
+    from ..models.convert import plan_hf_to_gguf
+    from .checkpoint import describe_source
+    from .driver import _fingerprint
+
+    plan = plan_hf_to_gguf(Path(hf_dir).resolve(), qtype)
+    return _fingerprint(plan, describe_source(plan.headers), method, repr(cfg))

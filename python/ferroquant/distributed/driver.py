@@ -21,20 +21,33 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .._extras import require
 from ..gguf import tensor_nbytes
-from ..models.convert import HFPlan, _Writer, load_hf_tensor, plan_hf_to_gguf, write_header
+from ..models.convert import (
+    HFPlan,
+    _Writer,
+    check_imatrix_for,
+    load_hf_tensor,
+    plan_hf_to_gguf,
+    write_header,
+)
 from ..models.recipes import Recipe
+from ..qtypes import IMATRIX_QTYPES
 from .checkpoint import Task, describe_source, split_tasks
+from .direct import DirectFile, header_bytes
 from .journal import Journal, NoJournal, side_path
 from .worker import as_bytes, convert_part, to_payload
 
+if TYPE_CHECKING:
+    from ..methods.imatrix_io import ImportanceMatrix
+
 log = logging.getLogger(__name__)
 TRANSFERS = ("shared-fs", "object-store")
+WRITES = ("driver", "workers")  # who writes the results into the output file
 DEFAULT_WINDOW = 1 << 30  # bytes in flight at the driver
 DEFAULT_TASK_BYTES = 256 << 20  # a worker's float32 working copy per task
 
@@ -69,12 +82,22 @@ def connect(address: str | None = None, timeout: float = 30.0) -> bool:
     return True
 
 
-def _fingerprint(plan: HFPlan, source: list[Any], name: str | None, pre: str | None) -> str:
+def _fingerprint(
+    plan: HFPlan,
+    source: list[Any],
+    name: str | None,
+    pre: str | None,
+    importance: dict[int, np.ndarray] | None = None,
+) -> str:
     from .. import __version__
 
     tensors = [[t.gname, list(t.shape), t.qtype] for t in plan.tensors]
     blob = json.dumps([__version__, plan.recipe.name, name, pre, tensors, source])
-    return hashlib.sha256(blob.encode()).hexdigest()
+    h = hashlib.sha256(blob.encode())
+    for i, values in sorted((importance or {}).items()):  # another imatrix: another output
+        h.update(str(i).encode())
+        h.update(np.ascontiguousarray(values, np.float32).tobytes())
+    return h.hexdigest()
 
 
 def convert(
@@ -84,6 +107,7 @@ def convert(
     *,
     address: str | None = None,
     transfer: str = "shared-fs",
+    write: str = "driver",
     window_bytes: int = DEFAULT_WINDOW,
     max_task_bytes: int = DEFAULT_TASK_BYTES,
     num_cpus: float = 1,
@@ -93,23 +117,30 @@ def convert(
     side_file: bool = True,
     name: str | None = None,
     tokenizer_pre: str | None = None,
+    imatrix: ImportanceMatrix | None = None,
     progress: bool = False,
     on_tensor: Callable[[str, int, int], None] | None = None,
     connect_timeout: float = 30.0,
 ) -> dict[str, str]:
     """`hf_to_gguf` on a Ray cluster, with the same bytes. `transfer` is "shared-fs" (each worker
     memory-maps the shards: every node sees the checkpoint at the same path) or "object-store"
-    (the driver reads each tensor and ships it through Ray's object store). At most
+    (the driver reads each tensor and ships it through Ray's object store). `write` is
+    "driver" (the results travel back through the object store and the driver writes them) or
+    "workers" (each task writes its bytes into the output's temporary file itself, which must be
+    on a filesystem every node sees at the same path; only crc32s travel). At most
     `window_bytes` of results (and, object-store, inputs) are in flight; a tensor whose float32
     copy exceeds `max_task_bytes` is cut into tasks of whole rows. Each task asks Ray for
     `num_cpus` and runs the Rust core on `threads` threads (default: `num_cpus`). Finished
     tensors are listed in a side file (OUT.resume, removed on success; no tensor bytes);
     `resume=True` continues from it, copying them from the killed run's temporary file;
-    `side_file=False` writes none (no resume).
+    `side_file=False` writes none (no resume). `imatrix` (checked against the tensors before
+    anything is written) goes with each task whose quantizer takes one, as in `hf_to_gguf`.
     `on_tensor(name, done, total)` is called after each tensor is written (from the driver's
     writer thread)."""
     if transfer not in TRANSFERS:
         raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}, got {transfer!r}")
+    if write not in WRITES:
+        raise ValueError(f"write must be one of {', '.join(WRITES)}, got {write!r}")
     if resume and not side_file:
         raise ValueError("resume needs the side file (side_file=True)")
     if window_bytes <= 0 or max_task_bytes <= 0:
@@ -120,15 +151,24 @@ def convert(
     if not hf_dir.is_dir():
         raise ValueError(f"{hf_dir}: not a folder")
     plan = plan_hf_to_gguf(hf_dir, qtype)  # bad shards fail here, before anything is written
+    importance = None
+    if imatrix is not None:
+        check_imatrix_for(imatrix, {t.gname: t.shape for t in plan.tensors})
+        importance = {
+            i: v
+            for i, t in enumerate(plan.tensors)
+            if t.qtype in IMATRIX_QTYPES and (v := imatrix.values(t.gname)) is not None
+        }
     headers = plan.headers
     tasks = split_tasks(plan, headers, max_task_bytes)
-    fingerprint = _fingerprint(plan, describe_source(headers), name, tokenizer_pre)
+    fingerprint = _fingerprint(plan, describe_source(headers), name, tokenizer_pre, importance)
     data_bytes = sum(tensor_nbytes(t.shape, t.qtype) + 4096 for t in plan.tensors)
     connected = connect(address, connect_timeout)
     try:
         run = _Run(ray, plan, tasks, transfer, window_bytes, num_cpus, threads, max_retries)
-        with _Writer(out_path, plan.arch) as w:
-            write_header(w, plan, name, tokenizer_pre)
+        run.importance = importance or {}
+
+        def open_journal() -> Journal:
             journal = (
                 Journal(side_path(out_path), fingerprint, resume=resume, data_bytes=data_bytes)
                 if side_file
@@ -141,10 +181,28 @@ def convert(
                     len(plan.tensors),
                     journal.path,
                 )
+            return journal
+
+        if write == "workers":
+            direct = DirectFile(out_path, header_bytes(plan, name, tokenizer_pre), data_bytes)
             try:
-                run.write(w, journal, progress, on_tensor)
-            finally:
-                journal.close()
+                journal = open_journal()
+                try:
+                    run.write(direct, journal, progress, on_tensor)
+                finally:
+                    journal.close()
+                direct.finish()
+            except BaseException:
+                direct.abort()
+                raise
+        else:
+            with _Writer(out_path, plan.arch) as w:
+                write_header(w, plan, name, tokenizer_pre)
+                journal = open_journal()
+                try:
+                    run.write(w, journal, progress, on_tensor)
+                finally:
+                    journal.close()
         journal.remove()
     finally:
         if connected:
@@ -182,6 +240,8 @@ class _Run:
         self.inflight: deque[tuple[Task, Any, Any]] = deque()
         self.bytes_in_flight = 0
         self.peak_in_flight = 0
+        self.importance: dict[int, np.ndarray] = {}
+        self.targets: dict[int, tuple[str, int]] = {}  # write="workers": (file, offset) by task
 
     def _cost(self, t: Task) -> int:
         return t.out_bytes + (t.in_bytes if self.transfer == "object-store" else 0)
@@ -201,12 +261,15 @@ class _Run:
                 job = self.plan.tensors[t.index]
                 assert job.shard is not None and job.hf_name is not None
                 payload = self.ray.put(to_payload(load_hf_tensor(job.shard, job.hf_name, t.rows)))
-            ref = self.remote.remote(self.plan_ref, t.index, t.rows, payload, self.threads)
+            imp = self.importance.get(t.index)  # per column: the same for every row range
+            out = self.targets.get(id(t))
+            ref = self.remote.remote(self.plan_ref, t.index, t.rows, payload, self.threads, imp,
+                                     out)  # fmt: skip
             self.inflight.append((t, ref, payload))
             self.bytes_in_flight += self._cost(t)
             self.peak_in_flight = max(self.peak_in_flight, self.bytes_in_flight)
 
-    def _next_result(self, index: int) -> tuple[np.ndarray, int]:
+    def _next_result(self, index: int) -> tuple[np.ndarray | int, int]:
         self._top_up()
         t, ref, _payload = self.inflight.popleft()
         assert t.index == index, (t.index, index)
@@ -227,16 +290,24 @@ class _Run:
 
     def write(
         self,
-        w: _Writer,
+        w: _Writer | DirectFile,
         journal: Journal,
         progress: bool,
         on_tensor: Callable[[str, int, int], None] | None,
     ) -> None:
+        """The tensors in order into `w`: the GGUF writer, or (DirectFile) the file the tasks
+        write into themselves, where only the driver's own tensors are written here."""
         plan = self.plan
+        direct = w if isinstance(w, DirectFile) else None
         self.plan_ref = self.ray.put(plan)
         for i, job in enumerate(plan.tensors):
             if job.gname not in journal.done:
                 self.queue.extend(self.tasks[i])
+                at = direct.offsets[job.gname] if direct is not None else 0
+                for t in self.tasks[i]:
+                    if direct is not None:
+                        self.targets[id(t)] = (os.fspath(direct.path), at)
+                    at += t.out_bytes
         total_bytes = sum(tensor_nbytes(t.shape, t.qtype) for t in plan.tensors)
         bar = _progress_bar(progress, total_bytes, f"convert {plan.recipe.name} (ray)")
         n = len(plan.tensors)
@@ -252,12 +323,16 @@ class _Run:
                     continue  # drain, so that the producer never blocks
                 i, job, data, parts = item
                 try:
-                    w.write_tensor_data(data, raw_shape=job.shape, raw_dtype=job.qtype)
-                    if journal.keeps_records:  # the bytes reach the file before their record
-                        w.flush()
+                    if direct is not None:  # the tasks' bytes are in the file already
+                        if data is not None:
+                            direct.write(job.gname, data)
+                    else:
+                        w.write_tensor_data(data, raw_shape=job.shape, raw_dtype=job.qtype)
+                        if journal.keeps_records:  # the bytes reach the file before their record
+                            w.flush()
                     journal.add(job.gname, data, parts)  # resumed ones too: now in this file
                     if bar is not None:
-                        bar.update(data.nbytes)
+                        bar.update(sum(n for n, _ in parts) if data is None else data.nbytes)
                         bar.set_postfix_str(f"{i + 1}/{n} tensors", refresh=False)
                     if on_tensor is not None:
                         on_tensor(job.gname, i + 1, n)
@@ -275,6 +350,15 @@ class _Run:
                     data, parts = journal.read(job.gname)
                 elif job.hf_name is None:
                     data = as_bytes(plan.extra[job.gname])
+                elif direct is not None:  # written by the tasks: their sizes and crc32s
+                    parts = []
+                    for t in self.tasks[i]:
+                        nbytes, crc = self._next_result(i)
+                        if nbytes != t.out_bytes:
+                            raise ValueError(f"{job.gname}: a task wrote {nbytes} bytes, not "
+                                             f"{t.out_bytes}")  # fmt: skip
+                        parts.append((t.out_bytes, crc))
+                    data = None
                 elif len(self.tasks[i]) == 1:
                     data, crc = self._next_result(i)
                     parts = [(data.nbytes, crc)]

@@ -148,15 +148,24 @@ class Journal:
                 if _parts_match(f, parts) and sum(n for n, _ in parts) == int(meta["nbytes"]):
                     self.done[name] = (tmp, offsets[name], int(meta["nbytes"]), parts)
 
-    def add(self, name: str, data: np.ndarray, parts: list[tuple[int, int]] | None = None) -> None:
-        """Record one finished tensor (its bytes as just written into the GGUF file); `parts`
-        are the (nbytes, crc32) of its consecutive pieces, computed here when not given."""
-        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        if parts is None:
-            parts = [(view.nbytes, zlib.crc32(view))]
-        if sum(n for n, _ in parts) != view.nbytes:
-            raise ValueError(f"{name}: parts do not add up to {view.nbytes} bytes")
-        self._append({"name": name, "nbytes": view.nbytes, "parts": [list(p) for p in parts]})
+    def add(
+        self, name: str, data: np.ndarray | None, parts: list[tuple[int, int]] | None = None
+    ) -> None:
+        """Record one finished tensor (its bytes as just written into the GGUF file; None: the
+        tasks wrote them, `parts` says how many); `parts` are the (nbytes, crc32) of its
+        consecutive pieces, computed here when not given."""
+        if data is None:
+            if parts is None:
+                raise ValueError(f"{name}: neither the bytes nor their parts")
+            nbytes = sum(n for n, _ in parts)
+        else:
+            view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+            if parts is None:
+                parts = [(view.nbytes, zlib.crc32(view))]
+            nbytes = view.nbytes
+            if sum(n for n, _ in parts) != nbytes:
+                raise ValueError(f"{name}: parts do not add up to {nbytes} bytes")
+        self._append({"name": name, "nbytes": nbytes, "parts": [list(p) for p in parts]})
         self._f.flush()
 
     def read(self, name: str) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -182,7 +191,9 @@ class NoJournal(Journal):
     def __init__(self) -> None:
         self.done = {}
 
-    def add(self, name: str, data: np.ndarray, parts: list[tuple[int, int]] | None = None) -> None:
+    def add(
+        self, name: str, data: np.ndarray | None, parts: list[tuple[int, int]] | None = None
+    ) -> None:
         pass
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..models.convert import HFPlan, convert_tensor, load_hf_tensor
 from ..tensor import QTensor
+from .direct import write_at
 
 # the driver's payload for the object-store transfer: (raw bytes, torch dtype name, shape)
 Payload = tuple[np.ndarray, str, tuple[int, ...]]
@@ -46,9 +47,13 @@ def convert_part(
     rows: tuple[int, int] | None,
     payload: Payload | None,
     threads: int | None,
-) -> tuple[np.ndarray, int]:
-    """Rows `rows` (None: all) of plan tensor `index`, converted: the bytes they take in the
-    file, and their crc32 (for the driver's resume file). Errors name the shard and tensor."""
+    importance: np.ndarray | None = None,
+    out: tuple[str, int] | None = None,
+) -> tuple[np.ndarray | int, int]:
+    """Rows `rows` (None: all) of plan tensor `index`, converted (with the imatrix's per-column
+    `importance` where given): the bytes they take in the file, and their crc32 (for the
+    driver's resume file). `out` = (file, offset): the bytes are written there instead and
+    their count is returned. Errors name the shard and tensor."""
     import ferroquant
 
     if threads and ferroquant.num_threads() != threads:
@@ -65,8 +70,18 @@ def convert_part(
             x = load_hf_tensor(job.shard, job.hf_name, rows)
         else:
             x = from_payload(payload)
-        data = as_bytes(convert_tensor(plan, job, x))
-        return data, zlib.crc32(memoryview(data))
+        data = as_bytes(convert_tensor(plan, job, x, importance))
+        crc = zlib.crc32(memoryview(data))
+        if out is not None:
+            try:
+                write_at(out[0], out[1], data)
+            except OSError as e:
+                raise OSError(
+                    f"cannot write the output file {out[0]} from this node ({e.strerror or e}); "
+                    "--ray-write workers needs it on a filesystem every node sees"
+                ) from None
+            return data.nbytes, crc
+        return data, crc
     except Exception as e:
         where = f" rows {rows[0]}:{rows[1]}" if rows else ""
         raise ValueError(f"{job.shard}: tensor {job.hf_name}{where}: {e}") from None
