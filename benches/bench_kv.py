@@ -94,9 +94,10 @@ def nll_sum(logits: np.ndarray, targets: list[int]) -> float:
 
 
 def spec(kv: str) -> dict:
-    """ "int4:rot" -> kv_type int4, kv_rotation True; a plain name keeps the type's default."""
+    """ "int4:rot" -> kv_type int4, kv_rotation True (":norot" False, ":vrot" the values
+    only); a plain name keeps the type's default."""
     t, _, r = kv.partition(":")
-    return {"kv_type": t, "kv_rotation": {"rot": True, "norot": False}.get(r)}
+    return {"kv_type": t, "kv_rotation": {"rot": True, "norot": False, "vrot": "values"}.get(r)}
 
 
 def ppl_ours(path: Path, kv: str, toks: list[int]) -> float:

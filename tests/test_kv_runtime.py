@@ -146,7 +146,9 @@ def test_decode_of_encode_is_stable(x, t):
         assert np.array_equal(_native.kv_encode(t, back), enc)
 
 
-@pytest.mark.parametrize("kv,rotation", [(t, None) for t in KV_TYPES] + [("int4", True)])
+@pytest.mark.parametrize(
+    "kv,rotation", [(t, None) for t in KV_TYPES] + [("int4", True), ("int4", "values")]
+)
 def test_batched_equals_step_by_step_and_threads_do_not_matter(model, kv, rotation):
     """A 72-token prompt (past one 64-position KIVI group) in one call, in chunks, or token by
     token, on 1 or 2 threads, rotated or not: the same logits bit for bit."""
@@ -197,6 +199,13 @@ def test_rotation_defaults_and_choice(model):
     assert np.abs(exact[0] - exact[1]).max() < 1e-3 * np.abs(exact[0]).max()
     off = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type="q4_0", kv_rotation=False)
     assert off.kv["rotation"] is False
+    # The values alone: the output is rotated back, so on f32 it changes only by rounding too.
+    vrot = LlamaRuntime.from_gguf(model, n_ctx=64, kv_rotation="values")
+    assert vrot.kv["rotation"] == "values"
+    got = vrot.forward(tokens, True)
+    assert np.abs(got - exact[0]).max() < 1e-3 * np.abs(exact[0]).max()
+    with pytest.raises(fq.QuantizeError, match="kv_rotation"):
+        LlamaRuntime.from_gguf(model, n_ctx=64, kv_rotation="keys-please")
 
 
 @pytest.mark.parametrize("kv", ["q8_0", "int4"])

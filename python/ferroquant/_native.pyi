@@ -165,7 +165,7 @@ def kv_decode_attention_seconds(
     head_dim: int,
     n_pos: int,
     reps: int = 5,
-    kv_rotation: bool | None = None,
+    kv_rotation: bool | str | None = None,
 ) -> float: ...
 
 class LlamaModel:
@@ -177,7 +177,7 @@ class LlamaModel:
         n_ctx: int | None = None,
         kv_type: str = "f32",
         kv_budget: str | None = None,
-        kv_rotation: bool | None = None,
+        kv_rotation: bool | str | None = None,
     ) -> None: ...
     def generate_batch(
         self,

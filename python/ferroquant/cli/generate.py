@@ -30,9 +30,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--kv-budget", default="512MiB", help="KV cache pool size")
     g.add_argument(
         "--kv-rotation",
-        choices=["default", "on", "off"],
+        choices=["default", "on", "off", "values"],
         default="default",
-        help="Walsh-Hadamard rotation of K/V per head (default: on for q4_0 and int2)",
+        help="Walsh-Hadamard rotation per head of K and V (on), V only (values) or none "
+        "(default: the type's, docs/kv.md)",
     )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print JSON instead of the text")
@@ -42,10 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..runtime import generate_text
 
+    rotation = {"on": True, "off": False, "values": "values"}.get(args.kv_rotation)
     r = generate_text(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed, n_threads=args.threads, n_ctx=args.ctx,
                       chat=args.chat, kv_type=args.kv, kv_budget=args.kv_budget,
-                      kv_rotation={"on": True, "off": False}.get(args.kv_rotation))  # fmt: skip
+                      kv_rotation=rotation)  # fmt: skip
     if args.json:
         print(json.dumps(r))
     else:

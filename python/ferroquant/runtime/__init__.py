@@ -92,15 +92,16 @@ class LlamaRuntime:
         n_ctx: int | None = 2048,
         kv_type: str = "f32",
         kv_budget: str | int = "512MiB",
-        kv_rotation: bool | None = None,
+        kv_rotation: bool | str | None = None,
     ) -> LlamaRuntime:
         """Load a llama-architecture GGUF. `n_threads` sets ferroquant's thread pool (shared by
         the whole process; None leaves it as it is). `n_ctx`: positions a sequence may hold
         (None: the model's training context, at most 4096; more than the training context is an
         error). `kv_type`: the cache type (docs/kv.md). `kv_budget`: the pool's bytes ("512MiB",
         "1GB" or an int); it must hold at least one sequence of `n_ctx` positions. `kv_rotation`:
-        rotate K, V and the query per head with a Walsh-Hadamard transform (None: the type's
-        default, on for q4_0 and int2 where head_dim is a power of two; docs/kv.md)."""
+        rotate K, V and the query per head with a Walsh-Hadamard transform (True / "on"), the
+        values only ("values"), or nothing (False / "off"); None: the type's default where
+        head_dim is a power of two (docs/kv.md, "Rotation")."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)}")
         if n_threads is not None:
@@ -113,7 +114,7 @@ class LlamaRuntime:
     @property
     def kv(self) -> dict[str, Any]:
         """The cache: kv_type, bytes_per_token, page_tokens, page_bytes, residual_bytes,
-        rotation, budget, charged."""
+        rotation (False, True or "values"), budget, charged."""
         return self._m.kv
 
     def kv_capacity(self, max_len: int) -> int:
@@ -232,7 +233,7 @@ def generate_text(
     chat: bool = False,
     kv_type: str = "f32",
     kv_budget: str | int = "512MiB",
-    kv_rotation: bool | None = None,
+    kv_rotation: bool | str | None = None,
 ) -> dict[str, Any]:
     """Tokenize `prompt` (through the file's chat template with `chat`, else with BOS when the
     file asks for it), generate until an end-of-generation token (the file's eos / eot / eom)

@@ -6,9 +6,33 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::to_py;
-use core::runtime::kv::{block, pool::parse_size, Geometry, KvSpec, KvType};
+use core::runtime::kv::{block, pool::parse_size, Geometry, KvSpec, KvType, Rotation};
+
 use core::runtime::{generate, generate_batch, Llama, Sampling};
 use numpy::PyReadonlyArray1;
+
+/// `kv_rotation` from Python: a bool (keys and values, or none) or "values" / "on" / "off".
+#[derive(FromPyObject)]
+enum RotationArg {
+    Flag(bool),
+    Name(String),
+}
+
+impl RotationArg {
+    fn parse(self) -> core::Result<Rotation> {
+        match self {
+            RotationArg::Flag(b) => Ok(Rotation::from(b)),
+            RotationArg::Name(n) => match n.as_str() {
+                "values" => Ok(Rotation::Values),
+                "on" => Ok(Rotation::Both),
+                "off" => Ok(Rotation::Off),
+                _ => Err(core::Error::InvalidArgument(format!(
+                    "kv_rotation must be True, False, \"on\", \"off\" or \"values\", got {n:?}"
+                ))),
+            },
+        }
+    }
+}
 
 /// A Llama-family GGUF model with its KV cache (one sequence).
 #[pyclass(module = "ferroquant._native")]
@@ -29,11 +53,14 @@ impl LlamaModel {
         n_ctx: Option<usize>,
         kv_type: &str,
         kv_budget: Option<&str>,
-        kv_rotation: Option<bool>,
+        kv_rotation: Option<RotationArg>,
     ) -> PyResult<Self> {
         let kv = KvSpec {
             kv: KvType::parse(kv_type).map_err(to_py)?,
-            rotate: kv_rotation,
+            rotate: kv_rotation
+                .map(RotationArg::parse)
+                .transpose()
+                .map_err(to_py)?,
         };
         let budget = kv_budget.map(parse_size).transpose().map_err(to_py)?;
         let model = py
@@ -85,7 +112,11 @@ impl LlamaModel {
         d.set_item("kv_type", p.kv.name())?;
         d.set_item("bytes_per_token", p.kv.bytes_per_token(&p.geo))?;
         d.set_item("page_tokens", p.kv.page_len())?;
-        d.set_item("rotation", p.rotate)?;
+        // False / True (keys and values) / "values"
+        match p.rotate {
+            Rotation::Values => d.set_item("rotation", "values")?,
+            r => d.set_item("rotation", r.any())?,
+        }
         d.set_item("page_bytes", p.page_bytes())?;
         d.set_item("residual_bytes", p.residual_bytes())?;
         d.set_item("budget", p.budget)?;
@@ -292,9 +323,13 @@ fn kv_decode_attention_seconds(
     head_dim: usize,
     n_pos: usize,
     reps: usize,
-    kv_rotation: Option<bool>,
+    kv_rotation: Option<RotationArg>,
 ) -> PyResult<f64> {
     let kv = KvType::parse(kv_type).map_err(to_py)?;
+    let kv_rotation = kv_rotation
+        .map(RotationArg::parse)
+        .transpose()
+        .map_err(to_py)?;
     if n_pos == 0 || n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
         return Err(to_py(core::Error::InvalidArgument(format!(
             "need n_pos > 0 and n_head ({n_head}) a multiple of n_head_kv ({n_head_kv})"

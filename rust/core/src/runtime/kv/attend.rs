@@ -7,13 +7,13 @@
 //!   `vec_dot_q4_0_q8_0`): per block `isum = Σ qi ki` (exact), `score += isum * (dk * dq)` in
 //!   block order;
 //! - fp8_e4m3: per block `score += scale * dot8(q_b, f32(k_b))` in block order;
-//! - KIVI keys (per channel c, the page's scale s_c and zero z_c): `cst = Σ_c q_c z_c` and
-//!   `score = (Σ_c (q_c s_c) k_c) + cst`, both sums over c in order (vectorised across the
-//!   page's 64 positions);
+//! - KIVI keys: per page, the integer dot of kivi.rs (query times the channels' scales, rounded
+//!   to 16 bits, against the 4- or 2-bit codes) plus `dot8(q, zeros)`;
 //! - positions still in the f16 residual: `dot8(q, f32(k))`.
 //!
 //! Then `ops::softmax_scaled` and, over positions in order, `out += w * v` with v read per block
-//! as `(w * d) * q` (q8_0, q4_0), `(w * scale) * f32(q)` (fp8), `(w * s) * q + w * z` (KIVI),
+//! as `(w * d) * q` (q8_0, q4_0), `(w * scale) * f32(q)` (fp8), per page `f32(Σ wi v) * e + dot8(w, zeros)` with the weights times scales rounded to 16 bits
+//! (KIVI, kivi.rs),
 //! `w * f32(v)` (f16, f32, residual). No whole-cache copy: one block at a time.
 //!
 //! With rotation (rotate.rs) the query is rotated first and the output rotated back at the end;
@@ -23,10 +23,11 @@ use crate::formats::blocks::f16_to_f32;
 use crate::formats::legacy::quantize_row_q8_0_ref;
 
 use super::super::ops;
-use super::block::{fp8_table, kivi_decode, q4_0_values};
+use super::block::{fp8_table, q4_0_values};
+use super::kivi;
 use super::pool::{bytes, LayerView};
 use super::rotate::wht;
-use super::types::{Geometry, KvType, GROUP, KIVI_GROUP};
+use super::types::{Geometry, KvType, Rotation, GROUP};
 
 /// Buffers one task reuses between heads.
 #[derive(Default)]
@@ -35,6 +36,7 @@ pub struct Scratch {
     q8: Vec<u8>,
     tmp: Vec<f32>,
     qr: Vec<f32>,
+    kivi: kivi::Bufs,
 }
 
 /// First position read from the f32 residual by a query at `pos` (all before it are in pages).
@@ -50,7 +52,7 @@ pub fn boundary(kv: KvType, pos: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     kv: KvType,
-    rotate: bool,
+    rotate: Rotation,
     geo: &Geometry,
     view: &LayerView<'_>,
     h: usize,
@@ -73,7 +75,7 @@ pub fn attend(
 #[allow(clippy::too_many_arguments)]
 fn attend_avx2(
     kv: KvType,
-    rotate: bool,
+    rotate: Rotation,
     geo: &Geometry,
     view: &LayerView<'_>,
     h: usize,
@@ -90,7 +92,7 @@ fn attend_avx2(
 #[allow(clippy::too_many_arguments)]
 fn attend_body(
     kv: KvType,
-    rotate: bool,
+    rotate: Rotation,
     geo: &Geometry,
     view: &LayerView<'_>,
     h: usize,
@@ -109,7 +111,7 @@ fn attend_body(
     let mut qr = std::mem::take(&mut s.qr);
     qr.clear();
     qr.extend_from_slice(q);
-    if rotate {
+    if rotate.keys() {
         wht(&mut qr);
     }
     let q = &qr[..];
@@ -121,26 +123,15 @@ fn attend_body(
         quantize_row_q8_0_ref(q, &mut s.q8);
     }
     let row_bytes = nb * bb * geo.n_head_kv;
+    let lay = kv.kivi_bits().map(|bits| kivi::Layout::new(bits, geo));
     let table = fp8_table();
     for (pi, page) in view.pages.iter().enumerate().take(b.div_ceil(p)) {
         let page = bytes(page);
         let count = (b - pi * p).min(p);
         let sc = &mut s.scores[pi * p..pi * p + count];
-        if let Some(bits) = kv.kivi_bits() {
-            let mut cst = 0f32;
-            let mut acc = [0f32; KIVI_GROUP];
-            let keys = &page[k_at + h * hd * bb..][..hd * bb];
-            for (c, blk) in keys.chunks_exact(bb).enumerate() {
-                let (kq, ks, kz) = kivi_decode(bits, blk);
-                let qc = q[c] * ks;
-                cst += q[c] * kz;
-                for j in 0..KIVI_GROUP {
-                    acc[j] += qc * kq[j] as f32;
-                }
-            }
-            for (o, a) in sc.iter_mut().zip(acc) {
-                *o = a + cst;
-            }
+        if let Some(lay) = &lay {
+            let keys = &page[k_at..k_at + region];
+            kivi::page_scores(lay, keys, h, q, &mut s.kivi, sc);
             continue;
         }
         for (j, o) in sc.iter_mut().enumerate() {
@@ -158,6 +149,11 @@ fn attend_body(
     for (pi, page) in view.pages.iter().enumerate().take(b.div_ceil(p)) {
         let page = bytes(page);
         let count = (b - pi * p).min(p);
+        if let Some(lay) = &lay {
+            let w = &s.scores[pi * p..pi * p + p];
+            kivi::page_values(lay, &page[v_at..v_at + region], h, w, &mut s.kivi, out);
+            continue;
+        }
         for j in 0..count {
             let w = s.scores[pi * p + j];
             let row = &page[v_at + j * row_bytes + head_at..][..nb * bb];
@@ -172,7 +168,7 @@ fn attend_body(
             *o += w * v;
         }
     }
-    if rotate {
+    if rotate.values() {
         wht(out);
     }
     s.qr = qr;
@@ -282,13 +278,7 @@ pub fn add_row(kv: KvType, w: f32, row: &[u8], out: &mut [f32], table: &[f32; 25
                     *o += f * table[q as usize];
                 }
             }
-            KvType::Int4 | KvType::Int2 => {
-                let (q, s, z) = kivi_decode(kv.kivi_bits().unwrap_or(4), blk);
-                let (f, g) = (w * s, w * z);
-                for (o, q) in o.iter_mut().zip(q) {
-                    *o += f * q as f32 + g;
-                }
-            }
+            KvType::Int4 | KvType::Int2 => unreachable!("KIVI values are read per page"),
         }
     }
 }

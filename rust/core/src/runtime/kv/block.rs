@@ -55,6 +55,19 @@ pub fn encode(t: KvType, x: &[f32], out: &mut [u8]) {
 const F16_MAX: f32 = 65504.0;
 
 pub fn kivi_encode(bits: u32, x: &[f32], out: &mut [u8]) {
+    let (q, s16, z16) = kivi_quantize(bits, x);
+    let packed = pack_len(bits);
+    out[..packed].fill(0);
+    for (i, &qi) in q.iter().enumerate() {
+        out[i % packed] |= qi << (bits as usize * (i / packed));
+    }
+    out[packed..packed + 2].copy_from_slice(&s16);
+    out[packed + 2..packed + 4].copy_from_slice(&z16);
+}
+
+/// The codes, f16 scale and f16 zero of one KIVI block (kivi_encode's numbers, unpacked; the
+/// runtime's pages place them as kivi.rs's tiles).
+pub fn kivi_quantize(bits: u32, x: &[f32]) -> ([u8; KIVI_GROUP], [u8; 2], [u8; 2]) {
     let levels = ((1u32 << bits) - 1) as f32;
     let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
     for &v in x {
@@ -74,13 +87,7 @@ pub fn kivi_encode(bits: u32, x: &[f32], out: &mut [u8]) {
             *q = ((v - z) / s).round_ties_even().max(0.0).min(levels) as u8;
         }
     }
-    let packed = pack_len(bits);
-    out[..packed].fill(0);
-    for (i, &qi) in q.iter().enumerate() {
-        out[i % packed] |= qi << (bits as usize * (i / packed));
-    }
-    out[packed..packed + 2].copy_from_slice(&s16);
-    out[packed + 2..packed + 4].copy_from_slice(&z16);
+    (q, s16, z16)
 }
 
 /// Packed bytes of a KIVI block (32 for 4 bits, 16 for 2).

@@ -9,17 +9,19 @@
 //!
 //! Page layout, per layer l (`kvd` = n_head_kv * head_dim, `bb` = the type's block bytes, `n` =
 //! its block length): keys at `2 l kvd bb`, values at `(2 l + 1) kvd bb`, `kvd bb` bytes each.
-//! Per-token blocks (every type's values, and the keys of the non-KIVI types): slot s (position
-//! % P), head h at `(s * kvd + h * head_dim) / n * bb`. KIVI keys: head h, channel c at
-//! `(h * head_dim + c) * bb`, one block over the page's P positions.
+//! Per-token blocks (the non-KIVI types): slot s (position % P), head h at
+//! `(s * kvd + h * head_dim) / n * bb`. KIVI (int4 / int2): keys per channel over the page's P
+//! positions and values per token, their codes in kivi.rs's tiles (for integer dot products),
+//! then the f16 scales and zeros (kivi::Layout).
 
 use crate::error::{Error, Result};
 
 use half::f16;
 
 use super::block;
+use super::kivi::{self, Layout};
 use super::rotate::wht_heads;
-use super::types::{Geometry, KvType};
+use super::types::{Geometry, KvType, Rotation, KIVI_GROUP};
 
 /// One page: 8-byte words so f32 and f16 blocks can be read in place.
 pub type Page = Box<[u64]>;
@@ -27,8 +29,8 @@ pub type Page = Box<[u64]>;
 pub struct Pool {
     pub kv: KvType,
     pub geo: Geometry,
-    /// Rotate K, V and the query per head (rotate.rs).
-    pub rotate: bool,
+    /// Which rows are rotated per head (rotate.rs).
+    pub rotate: Rotation,
     pub budget: usize,
     charged: usize,
     free: Vec<Page>,
@@ -89,12 +91,13 @@ pub fn parse_size(s: &str) -> Result<usize> {
 
 impl Pool {
     /// A pool of `budget` bytes; `rotate`: None = the type's default where head_dim allows it.
-    pub fn new(kv: KvType, geo: Geometry, budget: usize, rotate: Option<bool>) -> Result<Pool> {
+    pub fn new(kv: KvType, geo: Geometry, budget: usize, rotate: Option<Rotation>) -> Result<Pool> {
         geo.check(kv)?;
         let rotate = match rotate {
-            Some(true) => geo.check_rotation(kv).map(|_| true)?,
-            Some(false) => false,
-            None => kv.default_rotation() && geo.check_rotation(kv).is_ok(),
+            Some(Rotation::Off) => Rotation::Off,
+            Some(r) => geo.check_rotation(kv).map(|_| r)?,
+            None if geo.check_rotation(kv).is_ok() => kv.default_rotation(),
+            None => Rotation::Off,
         };
         Ok(Pool {
             kv,
@@ -210,9 +213,11 @@ impl Pool {
     pub fn append(&self, seq: &mut SeqCache, layer: usize, k: &[f32], v: &[f32]) {
         let (kv, kvd, hd) = (self.kv, self.geo.kv_dim(), self.geo.head_dim);
         let rotated;
-        let (k, v) = if self.rotate {
+        let (k, v) = if self.rotate.any() {
             let (mut rk, mut rv) = (k.to_vec(), v.to_vec());
-            wht_heads(&mut rk, hd);
+            if self.rotate.keys() {
+                wht_heads(&mut rk, hd);
+            }
             wht_heads(&mut rv, hd);
             rotated = (rk, rv);
             (&rotated.0[..], &rotated.1[..])
@@ -246,25 +251,48 @@ impl Pool {
         seq.resid_v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
         let first_group = seq.n / p;
         let end_group = (seq.n + m) / p;
+        let bits = kv.kivi_bits().unwrap_or(4);
+        let lay = Layout::new(bits, &self.geo);
         let mut col = vec![0f32; p];
-        let mut row = vec![0f32; kvd];
+        let mut row = vec![0f32; KIVI_GROUP];
         for g in first_group..end_group {
             let base = g * p - seq.resid_start;
             let (rk, rv) = (&seq.resid_k[layer], &seq.resid_v[layer]);
             let page = bytes_mut(&mut seq.pages[g]);
+            let (keys, values) = page[k_at..k_at + 2 * region].split_at_mut(region);
+            // Pages come back from other sequences: clear before OR-ing codes in.
+            keys.fill(0);
+            values.fill(0);
             for ch in 0..kvd {
                 for (t, c) in col.iter_mut().enumerate() {
                     *c = rk[(base + t) * kvd + ch].to_f32();
                 }
-                let at = k_at + ch * bb;
-                block::encode(kv, &col, &mut page[at..at + bb]);
+                let (q, s16, z16) = block::kivi_quantize(bits, &col);
+                let (h, c) = (ch / hd, ch % hd);
+                let tile = &mut keys[lay.key_tile(h, c / kivi::RED)..][..kivi::tile_bytes(bits)];
+                for (t, &qt) in q.iter().enumerate() {
+                    kivi::put(tile, bits, c % kivi::RED, t, qt);
+                }
+                keys[lay.key_scales(h) + 2 * c..][..2].copy_from_slice(&s16);
+                keys[lay.key_zeros(h) + 2 * c..][..2].copy_from_slice(&z16);
             }
             for t in 0..p {
-                for (r, x) in row.iter_mut().zip(&rv[(base + t) * kvd..][..kvd]) {
-                    *r = x.to_f32();
+                for h in 0..self.geo.n_head_kv {
+                    for vg in 0..lay.groups() {
+                        let at = (base + t) * kvd + h * hd + vg * KIVI_GROUP;
+                        for (r, x) in row.iter_mut().zip(&rv[at..][..KIVI_GROUP]) {
+                            *r = x.to_f32();
+                        }
+                        let (q, s16, z16) = block::kivi_quantize(bits, &row);
+                        let tile = &mut values[lay.value_tile(h, vg, t / kivi::RED)..]
+                            [..kivi::tile_bytes(bits)];
+                        for (d, &qd) in q.iter().enumerate() {
+                            kivi::put(tile, bits, t % kivi::RED, d, qd);
+                        }
+                        values[lay.value_scales(h, vg) + 2 * t..][..2].copy_from_slice(&s16);
+                        values[lay.value_zeros(h, vg) + 2 * t..][..2].copy_from_slice(&z16);
+                    }
                 }
-                let at = v_at + t * row_bytes;
-                block::encode(kv, &row, &mut page[at..][..row_bytes]);
             }
         }
     }

@@ -11,14 +11,15 @@ use crate::formats::legacy::quantize_row_q8_0_ref;
 use super::super::ops;
 use super::attend::boundary;
 use super::block::{encode, fp8_table, kivi_decode, q4_0_values};
+use super::kivi::{QK, QV};
 use super::rotate::wht_heads;
-use super::types::{KvType, GROUP};
+use super::types::{KvType, Rotation, GROUP, KIVI_GROUP};
 
 /// `k`, `v`: positions `0..=pos`, `hd` values each (one head); `q`: the query head.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_reference(
     kv: KvType,
-    rotate: bool,
+    rotate: Rotation,
     k: &[f32],
     v: &[f32],
     hd: usize,
@@ -27,10 +28,12 @@ pub fn attend_reference(
     scale: f32,
 ) -> Vec<f32> {
     let (mut k, mut v, mut q) = (k.to_vec(), v.to_vec(), q.to_vec());
-    if rotate {
+    if rotate.keys() {
         wht_heads(&mut k, hd);
-        wht_heads(&mut v, hd);
         wht_heads(&mut q, hd);
+    }
+    if rotate.values() {
+        wht_heads(&mut v, hd);
     }
     if kv.is_kivi() {
         for x in k.iter_mut().chain(v.iter_mut()) {
@@ -38,7 +41,7 @@ pub fn attend_reference(
         }
     }
     let mut out = attend_rotated(kv, &k, &v, hd, &q, pos, scale);
-    if rotate {
+    if rotate.values() {
         wht_heads(&mut out, hd);
     }
     out
@@ -65,20 +68,21 @@ fn attend_rotated(
         for g in 0..b / p {
             let mut col = vec![0f32; p];
             let mut blk = vec![0u8; bb];
-            let (mut acc, mut cst) = (vec![0f32; p], 0f32);
+            let (mut codes, mut s, mut z) =
+                (vec![[0u8; KIVI_GROUP]; hd], vec![0f32; hd], vec![0f32; hd]);
             for c in 0..hd {
                 for (t, x) in col.iter_mut().enumerate() {
                     *x = k[(g * p + t) * hd + c];
                 }
                 encode(kv, &col, &mut blk);
-                let (kq, s, z) = kivi_decode(bits, &blk);
-                for j in 0..p {
-                    acc[j] += (q[c] * s) * kq[j] as f32;
-                }
-                cst += q[c] * z;
+                (codes[c], s[c], z[c]) = kivi_decode(bits, &blk);
             }
+            let qs: Vec<f32> = (0..hd).map(|c| q[c] * s[c]).collect();
+            let (qi, d) = round16(&qs, QK);
+            let cst = ops::dot8(q, &z);
             for j in 0..p {
-                scores[g * p + j] = acc[j] + cst;
+                let isum: i32 = (0..hd).map(|c| qi[c] * codes[c][j] as i32).sum();
+                scores[g * p + j] = isum as f32 * d + cst;
             }
         }
     } else {
@@ -92,7 +96,35 @@ fn attend_rotated(
     }
     ops::softmax_scaled(&mut scores, scale);
     let mut out = vec![0f32; hd];
+    if let Some(bits) = kv.kivi_bits() {
+        for g in 0..b / p {
+            let w = &scores[g * p..(g + 1) * p];
+            let mut blk = vec![0u8; bb];
+            for vg in 0..hd / KIVI_GROUP {
+                let (mut codes, mut s, mut z) =
+                    (vec![[0u8; KIVI_GROUP]; p], vec![0f32; p], vec![0f32; p]);
+                for t in 0..p {
+                    encode(
+                        kv,
+                        &v[(g * p + t) * hd + vg * KIVI_GROUP..][..KIVI_GROUP],
+                        &mut blk,
+                    );
+                    (codes[t], s[t], z[t]) = kivi_decode(bits, &blk);
+                }
+                let ws: Vec<f32> = (0..p).map(|t| w[t] * s[t]).collect();
+                let (wi, e) = round16(&ws, QV);
+                let wz = ops::dot8(w, &z);
+                for i in 0..KIVI_GROUP {
+                    let acc: i32 = (0..p).map(|t| wi[t] * codes[t][i] as i32).sum();
+                    out[vg * KIVI_GROUP + i] += acc as f32 * e + wz;
+                }
+            }
+        }
+    }
     for j in 0..=pos {
+        if kv.is_kivi() && j < b {
+            continue;
+        }
         let (w, row) = (scores[j], &v[j * hd..(j + 1) * hd]);
         if j >= b {
             for d in 0..hd {
@@ -117,15 +149,29 @@ fn attend_rotated(
                         let s = f32::from_le_bytes([blk[32], blk[33], blk[34], blk[35]]);
                         (w * s) * lut[blk[i] as usize]
                     }
-                    KvType::Int4 | KvType::Int2 => {
-                        let (vq, s, z) = kivi_decode(kv.kivi_bits().unwrap_or(4), blk);
-                        (w * s) * vq[i] as f32 + w * z
-                    }
+                    KvType::Int4 | KvType::Int2 => unreachable!("KIVI pages are read above"),
                 };
             }
         }
     }
     out
+}
+
+/// `x` rounded to integers of at most `lim` in magnitude at the step `max |x| / lim` (kivi.rs:
+/// the query times the key scales, or the weights times the value scales, of one page); a
+/// largest |x| below f32's smallest normal gives zeros and step 0.
+fn round16(x: &[f32], lim: f32) -> (Vec<i32>, f32) {
+    let a = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let normal = a.is_finite() && a >= f32::MIN_POSITIVE;
+    if !normal {
+        return (vec![0; x.len()], 0.0);
+    }
+    let id = lim / a;
+    let q = x
+        .iter()
+        .map(|&v| (v * id).round_ties_even().clamp(-lim, lim) as i32)
+        .collect();
+    (q, a / lim)
 }
 
 /// One per-token key row's score, element by element.

@@ -10,13 +10,13 @@ use crate::parallel;
 
 use super::attend::{attend, Scratch};
 use super::pool::Pool;
-use super::types::{Geometry, KvType};
+use super::types::{Geometry, KvType, Rotation};
 
 /// Median wall seconds of `reps` decode steps' attention (every layer, `n_head` query heads over
 /// `n_pos` cached positions), the cache filled with pseudo-random rows in [-2, 2).
 pub fn decode_attention_seconds(
     kv: KvType,
-    rotate: Option<bool>,
+    rotate: Option<Rotation>,
     geo: Geometry,
     n_head: usize,
     n_pos: usize,

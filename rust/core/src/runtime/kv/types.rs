@@ -85,8 +85,11 @@ impl KvType {
 
     /// Whether the cache rotates K, V (and the query) per head with a Walsh-Hadamard transform
     /// by default (docs/kv.md, "Rotation"): the low-bit types.
-    pub fn default_rotation(self) -> bool {
-        matches!(self, KvType::Q4_0 | KvType::Int2)
+    pub fn default_rotation(self) -> Rotation {
+        match self {
+            KvType::Q4_0 | KvType::Int2 => Rotation::Both,
+            _ => Rotation::Off,
+        }
     }
 
     /// Bits of the KIVI types (keys per channel over token groups, values per token).
@@ -109,11 +112,49 @@ impl KvType {
     }
 }
 
+/// Which rows the cache rotates per head (rotate.rs, docs/kv.md "Rotation"): none, the values
+/// only (the output is rotated back), or keys and values (the query is rotated too).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    Off,
+    Values,
+    Both,
+}
+
+impl Rotation {
+    pub fn keys(self) -> bool {
+        self == Rotation::Both
+    }
+    pub fn values(self) -> bool {
+        self != Rotation::Off
+    }
+    pub fn any(self) -> bool {
+        self != Rotation::Off
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Rotation::Off => "off",
+            Rotation::Values => "values",
+            Rotation::Both => "on",
+        }
+    }
+}
+
+impl From<bool> for Rotation {
+    fn from(on: bool) -> Rotation {
+        if on {
+            Rotation::Both
+        } else {
+            Rotation::Off
+        }
+    }
+}
+
 /// A cache type and its rotation (None: the type's default where head_dim allows it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvSpec {
     pub kv: KvType,
-    pub rotate: Option<bool>,
+    pub rotate: Option<Rotation>,
 }
 
 impl From<KvType> for KvSpec {
