@@ -175,6 +175,10 @@ struct Plan<'a> {
     m_block: usize,
     /// The tiled kernels (`x86::tile`) run: 32-weight formats, VNNI, M >= 2.
     tile: bool,
+    /// The GEMM path (`gemm.rs`) runs: the 32-weight formats with AVX-512 F/BW/VL/VNNI, M >=
+    /// `GEMM_MIN_M`, K a multiple of 256.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    gemm: bool,
     /// The M = 1 row kernel `x86::row32` runs (q4_0, q5_0, q8_0, iq4_nl with AVX-512 VBMI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     row32: bool,
@@ -273,6 +277,9 @@ const Q16_PIECE: usize = 4096;
 const ROW32: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const ROW32_MAX_K: usize = 2048;
+/// From this many activation rows on the 32-weight formats take the GEMM path (`gemm.rs`).
+#[cfg(target_arch = "x86_64")]
+const GEMM_MIN_M: usize = 4;
 /// Weight rows of one tile panel (`x86::tile`).
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 8;
@@ -431,6 +438,8 @@ impl Plan<'_> {
 }
 
 mod dispatch;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 mod plan;
 use plan::plan;
 
@@ -464,29 +473,81 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
             t
         }
     };
-    let fill = |yt: &mut [f32]| {
+    if m == 1 {
         if threads == 1 || work < SERIAL_WORK {
-            plan.fill(0, yt);
+            plan.fill(0, out);
+        } else {
+            parallel::install(|| {
+                out.par_chunks_mut(per_task)
+                    .enumerate()
+                    .for_each(|(t, chunk)| plan.fill(t * per_task, chunk))
+            })
+        }
+        return Ok(());
+    }
+    // M >= 2: each task writes its columns of `out` (the GEMM path directly, the others
+    // through a task-sized N x M buffer).
+    let outp = OutPtr::new(out, n);
+    let task = |t: usize| {
+        let n0 = t * per_task;
+        let rows = per_task.min(n - n0);
+        #[cfg(target_arch = "x86_64")]
+        if plan.gemm {
+            plan.fill_gemm(n0, rows, &outp);
             return;
         }
-        parallel::install(|| {
-            yt.par_chunks_mut(per_task * m)
-                .enumerate()
-                .for_each(|(t, chunk)| plan.fill(t * per_task, chunk))
-        })
+        let mut yt = vec![0.0f32; rows * m];
+        plan.fill(n0, &mut yt);
+        outp.scatter(n0, m, &yt);
     };
-    if m == 1 {
-        fill(out);
+    let tasks = n.div_ceil(per_task);
+    if threads == 1 || work < SERIAL_WORK {
+        (0..tasks).for_each(task);
     } else {
-        let mut yt = vec![0.0f32; n * m];
-        fill(&mut yt);
-        for (r, yrow) in yt.chunks_exact(m).enumerate() {
-            for (mi, &v) in yrow.iter().enumerate() {
-                out[mi * n + r] = v;
+        parallel::install(|| (0..tasks).into_par_iter().for_each(task));
+    }
+    Ok(())
+}
+
+/// `out` (M x N, row-major) shared by the tasks of `qmatmul`, each of which writes only its own
+/// columns.
+struct OutPtr {
+    p: *mut f32,
+    m: usize,
+    n: usize,
+}
+
+// SAFETY: the tasks write disjoint columns (`set` / `scatter` of their own rows of W), so no
+// element is written by two threads; `qmatmul` holds `out` mutably borrowed throughout.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn new(out: &mut [f32], n: usize) -> Self {
+        Self {
+            p: out.as_mut_ptr(),
+            m: out.len() / n.max(1),
+            n,
+        }
+    }
+
+    /// out[mi][col] = v.
+    #[inline(always)]
+    fn set(&self, mi: usize, col: usize, v: f32) {
+        assert!(mi < self.m && col < self.n);
+        // SAFETY: in bounds (asserted; out has m·n elements); only the task owning column
+        // `col` writes it (see the Sync impl).
+        unsafe { *self.p.add(mi * self.n + col) = v };
+    }
+
+    /// Columns `n0..` from `yt` (rows of M values, one per column).
+    fn scatter(&self, n0: usize, m: usize, yt: &[f32]) {
+        let rows = yt.len() / m.max(1);
+        for mi in 0..m {
+            for r in 0..rows {
+                self.set(mi, n0 + r, yt[r * m + mi]);
             }
         }
     }
-    Ok(())
 }
 
 /// Task sizes of the tiled path are whole panels.

@@ -218,6 +218,18 @@ pub(super) fn plan<'a>(
             QType::Q4_1 | QType::Q5_1 => bw,
             _ => false,
         };
+    // The GEMM path: the tile formats with 512-bit VNNI, many rows, whole groups of 8 blocks.
+    #[cfg(target_arch = "x86_64")]
+    let gemm = tile
+        && bw
+        && m >= GEMM_MIN_M
+        && k % (QK8_0 * reference::LANES) == 0
+        && matches!(
+            w.qtype,
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
+        );
+    #[cfg(not(target_arch = "x86_64"))]
+    let gemm = false;
     // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
     #[cfg(target_arch = "x86_64")]
     let row32 = vnni
@@ -393,6 +405,7 @@ pub(super) fn plan<'a>(
             m.div_ceil(n_blocks).next_multiple_of(ROWS)
         },
         tile,
+        gemm,
         row32,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,

@@ -1,0 +1,86 @@
+//! The GEMM path of the 32-weight formats (x86-64 with AVX-512 F/BW/VL/VNNI, M >= `GEMM_MIN_M`,
+//! rows of whole groups of 8 blocks): a task's weight rows go in panels of 8 through
+//! `x86::gemm32::panel` (each panel decoded chunk by chunk of K into L1, every block of
+//! activation rows passing it), and the results are written straight into `out`.
+
+use std::arch::x86_64::__m512;
+use std::cell::RefCell;
+
+use super::x86::gemm32::{self, PanelBuf, XRow, PANEL};
+use super::x86::tile::{Tile32, GROUP_BYTES};
+use super::{Acts, OutPtr, Plan};
+use crate::formats::blocks::*;
+use crate::matmul::reference::LANES;
+use crate::qtype::QType;
+
+thread_local! {
+    /// Each pool thread's decoded panel chunk and float accumulators (reused across calls).
+    static SCRATCH: RefCell<(PanelBuf, Vec<[__m512; 2]>)> = RefCell::new(Default::default());
+}
+
+impl Plan<'_> {
+    /// Weight rows `n0..n0 + rows` with every activation row, into `out`: whole panels through
+    /// the GEMM kernel, the last `rows % 8` through `fill` (the same bits either way).
+    pub(super) fn fill_gemm(&self, n0: usize, rows: usize, out: &OutPtr) {
+        let whole = rows / PANEL * PANEL;
+        match self.w.qtype {
+            QType::Q4_0 => self.gemm_rows::<BlockQ4_0>(n0, whole, out),
+            QType::Q8_0 => self.gemm_rows::<BlockQ8_0>(n0, whole, out),
+            QType::Q5_0 => self.gemm_rows::<BlockQ5_0>(n0, whole, out),
+            QType::IQ4NL => self.gemm_rows::<BlockIQ4NL>(n0, whole, out),
+            QType::Q4_1 => self.gemm_rows::<BlockQ4_1>(n0, whole, out),
+            _ => self.gemm_rows::<BlockQ5_1>(n0, whole, out),
+        }
+        if whole < rows {
+            let m = self.m;
+            let mut yt = vec![0.0f32; (rows - whole) * m];
+            self.fill(n0 + whole, &mut yt);
+            out.scatter(n0 + whole, m, &yt);
+        }
+    }
+
+    fn gemm_rows<W: Tile32>(&self, n0: usize, rows: usize, out: &OutPtr) {
+        let (blocks_d, sums, xt, s): (&[f32], &[i32], &[u8], &[f32]) = match &self.acts {
+            Acts::Q8_0 { d, sums, xt, .. } => (d, sums, xt, &[]),
+            Acts::Q8_1 { d, sums, xt, s, .. } => (d, sums, xt, s),
+            _ => unreachable!("the 32-weight GEMM runs only with q8_0 / q8_1 activations"),
+        };
+        let nb = self.k / QK8_0;
+        let groups = nb / LANES;
+        let gb = groups * GROUP_BYTES;
+        let rb = self.row_bytes;
+        let m = self.m;
+        SCRATCH.with_borrow_mut(|(buf, acc)| {
+            let mut mb = 0;
+            while mb < m {
+                let ms = mb..(mb + self.m_block).min(m);
+                let x = |j: usize, g0: usize| {
+                    let r = ms.start + j;
+                    XRow {
+                        xt: &xt[r * gb + g0 * GROUP_BYTES..(r + 1) * gb],
+                        sums: &sums[r * nb + g0 * LANES..(r + 1) * nb],
+                        d: &blocks_d[r * nb + g0 * LANES..(r + 1) * nb],
+                        s: s.get(r * nb + g0 * LANES..(r + 1) * nb).unwrap_or_default(),
+                    }
+                };
+                let mut p0 = 0;
+                while p0 < rows {
+                    let w: [&[W]; PANEL] = std::array::from_fn(|i| {
+                        bytemuck::cast_slice(&self.w.data[(n0 + p0 + i) * rb..][..rb])
+                    });
+                    let col = n0 + p0;
+                    // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`); every row has
+                    // nb = 8 · groups blocks; x(j, g0) has the row's groups from g0 on (the
+                    // activations of `plan`, interleaved for this K).
+                    unsafe {
+                        gemm32::panel(w, groups, ms.len(), x, buf, acc, |j, i, y| {
+                            out.set(ms.start + j, col + i, y)
+                        })
+                    };
+                    p0 += PANEL;
+                }
+                mb = ms.end;
+            }
+        });
+    }
+}

@@ -1,0 +1,287 @@
+//! The GEMM microkernel of the 32-weight formats (q4_0, q5_0, q8_0, iq4_nl, q4_1, q5_1) for
+//! many activation rows, AVX-512 F/BW/VL/VNNI: a panel of 8 weight rows is decoded once per
+//! chunk of K (`KC_GROUPS` groups of 8 blocks) into an L1-resident buffer (`PanelBuf`), then
+//! blocks of up to 4 activation rows run through the whole chunk with their float
+//! accumulators in registers.
+//!
+//! **Numerics.** The layout is `tile::tile32_vnni512`'s: a 512-bit vector holds two weight
+//! rows (row 2p in lanes 0..8, 2p + 1 in 8..16) of one group, lane l of either half being
+//! block 8g + l, against one activation row broadcast to both halves; eight `vpdpbusd` leave
+//! each block's exact Σ (w + BIAS)·x in its lane. The accumulator starts at `-BIAS·Σx` instead
+//! of zero (the same integer as the tile's subtraction: the sums are exact). The float part is
+//! the reference's, lane by lane in block order: `acc[l] += (d_w · d_x) · isum` (plus
+//! `m_w · s_x` for q4_1 / q5_1, `reference::block32_min_product`), then `hsum8`. A chunk
+//! boundary only pauses the lanes (kept in the caller's buffer), so every output has the bits
+//! of `reference::dot_block32` / `dot_block32_min`, wherever it sits and however the work is
+//! split (tested).
+//!
+//! Safety: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI at run time
+//! (`cpu::has_vnni_bw`) and pass slices of the lengths stated on each function.
+
+use std::arch::x86_64::*;
+
+use super::tile::{Tile32, GROUP_BYTES};
+use crate::matmul::reference::LANES;
+
+/// Weight rows of one panel.
+pub const PANEL: usize = 8;
+/// Groups of 8 blocks (256 weights) in one chunk of K: the panel's decoded chunk (8 rows x
+/// 4096 bytes, plus scales) stays in the 48 KiB L1 while the activation rows pass.
+pub const KC_GROUPS: usize = 8;
+/// 64-byte lines of one decoded group: 8 vectors t x 4 row pairs.
+const GROUP_LINES: usize = 8 * PANEL / 2;
+
+/// One 512-bit line on a 64-byte boundary.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Zmm([u8; 64]);
+
+/// A panel's decoded chunk: `q[(g * 8 + t) * 4 + p]` = vector t of group g of rows 2p (low
+/// half) and 2p + 1 (high half) (`Tile32::load8_t`: lane l = elements 4t..4t+4 of block l, plus
+/// `BIAS`); `d[g * 4 + p]` / `m[g * 4 + p]` the two rows' 8 block scales / offsets as f32.
+pub struct PanelBuf {
+    q: Vec<Zmm>,
+    d: Vec<Zmm>,
+    m: Vec<Zmm>,
+}
+
+impl Default for PanelBuf {
+    fn default() -> Self {
+        let z = Zmm([0; 64]);
+        Self {
+            q: vec![z; KC_GROUPS * GROUP_LINES],
+            d: vec![z; KC_GROUPS * PANEL / 2],
+            m: vec![z; KC_GROUPS * PANEL / 2],
+        }
+    }
+}
+
+/// Decodes groups `g0..g0 + groups` (at most `KC_GROUPS`) of the panel's 8 rows into `buf`.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); every `w[i]` has at least
+/// `(g0 + groups) * 8` blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn decode_panel<W: Tile32>(
+    w: [&[W]; PANEL],
+    g0: usize,
+    groups: usize,
+    buf: &mut PanelBuf,
+) {
+    assert!(groups <= KC_GROUPS);
+    for gi in 0..groups {
+        for (i, wi) in w.iter().enumerate() {
+            let wg = &wi[(g0 + gi) * LANES..(g0 + gi + 1) * LANES];
+            // SAFETY: AVX2 (contract); wg is a checked slice of 8 blocks.
+            let v = unsafe { W::load8_t(wg) };
+            let half = (i % 2) * 32;
+            for (t, vt) in v.iter().enumerate() {
+                let line = &mut buf.q[(gi * 8 + t) * (PANEL / 2) + i / 2].0[half..half + 32];
+                // SAFETY: 32 bytes stored into a checked 32-byte slice.
+                unsafe { _mm256_storeu_si256(line.as_mut_ptr() as *mut __m256i, *vt) };
+            }
+            let dh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].d()));
+            // SAFETY: dh is 8 u16 (16 bytes loaded); F16C (contract).
+            let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
+            let line = &mut buf.d[gi * (PANEL / 2) + i / 2].0[half..half + 32];
+            // SAFETY: 32 bytes stored into a checked 32-byte slice.
+            unsafe { _mm256_storeu_ps(line.as_mut_ptr() as *mut f32, d) };
+            if W::HAS_MIN {
+                let mh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].m()));
+                // SAFETY: as for dh.
+                let m = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(mh.as_ptr() as *const __m128i) });
+                let line = &mut buf.m[gi * (PANEL / 2) + i / 2].0[half..half + 32];
+                // SAFETY: 32 bytes stored into a checked 32-byte slice.
+                unsafe { _mm256_storeu_ps(line.as_mut_ptr() as *mut f32, m) };
+            }
+        }
+    }
+}
+
+/// One activation row of a microkernel call, from group `g0` of the chunk on: its interleaved
+/// quants (`tile::interleave_q8_0`), and per block the quant sum, the scale and (q8_1) `s`.
+#[derive(Clone, Copy)]
+pub struct XRow<'a> {
+    pub xt: &'a [u8],
+    pub sums: &'a [i32],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+}
+
+/// R activation rows against the row pairs `2h, 2h + 1` of the decoded chunk (`groups`
+/// groups): `acc[j][p]` (the 16 float lanes of rows 2(2h + p), 2(2h + p) + 1 with activation
+/// row j) += each block's product, block by block.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `buf` holds `groups` decoded groups;
+/// every `x[j]` has `groups * GROUP_BYTES` interleaved bytes and `groups * 8` sums, scales
+/// (and `s` for q4_1 / q5_1); `h < 2`.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn kernel<W: Tile32, const R: usize>(
+    buf: &PanelBuf,
+    groups: usize,
+    h: usize,
+    x: &[XRow<'_>; R],
+    acc: &mut [[__m512; 2]; R],
+) {
+    debug_assert!(W::BIAS == 0 || W::BIAS.count_ones() == 1);
+    assert!(h < 2 && groups <= KC_GROUPS);
+    for xj in x {
+        assert!(xj.xt.len() >= groups * GROUP_BYTES && xj.sums.len() >= groups * LANES);
+        assert!(xj.d.len() >= groups * LANES && (!W::HAS_MIN || xj.s.len() >= groups * LANES));
+    }
+    let shift = _mm_cvtsi32_si128(W::BIAS.trailing_zeros().min(32) as i32);
+    let mut f = *acc;
+    let q = buf.q.as_ptr() as *const __m512i;
+    let dp = buf.d.as_ptr() as *const __m512;
+    let mp = buf.m.as_ptr() as *const __m512;
+    for g in 0..groups {
+        let mut is = [[_mm512_setzero_si512(); 2]; R];
+        for (j, isj) in is.iter_mut().enumerate() {
+            // SAFETY: sums[8g..8g + 8] is in bounds (asserted above); 32 bytes.
+            let s =
+                unsafe { _mm256_loadu_si256(x[j].sums.as_ptr().add(g * LANES) as *const __m256i) };
+            // -BIAS · Σx per block (BIAS a power of two, or 0: a shift by 32 gives 0)
+            let nb = _mm512_sub_epi32(
+                _mm512_setzero_si512(),
+                _mm512_sll_epi32(_mm512_broadcast_i64x4(s), shift),
+            );
+            *isj = [nb, nb];
+        }
+        for t in 0..8 {
+            let mut xv = [_mm512_setzero_si512(); R];
+            for (j, v) in xv.iter_mut().enumerate() {
+                // SAFETY: bytes g·256 + 32t .. + 32 of xt, in bounds (asserted above).
+                *v = _mm512_broadcast_i64x4(unsafe {
+                    _mm256_loadu_si256(
+                        x[j].xt.as_ptr().add(g * GROUP_BYTES + 32 * t) as *const __m256i
+                    )
+                });
+            }
+            for p in 0..2 {
+                // SAFETY: line (g·8 + t)·4 + 2h + p < KC_GROUPS · GROUP_LINES (g < groups <=
+                // KC_GROUPS, h < 2), 64-byte aligned.
+                let wq = unsafe { _mm512_load_si512(q.add((g * 8 + t) * 4 + 2 * h + p)) };
+                for j in 0..R {
+                    is[j][p] = _mm512_dpbusd_epi32(is[j][p], wq, xv[j]);
+                }
+            }
+        }
+        for j in 0..R {
+            // SAFETY: d[8g..8g + 8] (and s) in bounds (asserted above); 32 bytes each.
+            let dx = _mm512_castsi512_ps(_mm512_broadcast_i64x4(unsafe {
+                _mm256_loadu_si256(x[j].d.as_ptr().add(g * LANES) as *const __m256i)
+            }));
+            let xs = if W::HAS_MIN {
+                // SAFETY: as above.
+                _mm512_castsi512_ps(_mm512_broadcast_i64x4(unsafe {
+                    _mm256_loadu_si256(x[j].s.as_ptr().add(g * LANES) as *const __m256i)
+                }))
+            } else {
+                _mm512_setzero_ps()
+            };
+            for p in 0..2 {
+                // SAFETY: line g·4 + 2h + p of d / m, in bounds and aligned (as above).
+                let dw = unsafe { _mm512_load_ps(dp.add(g * 4 + 2 * h + p) as *const f32) };
+                let mut prod = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(is[j][p]));
+                if W::HAS_MIN {
+                    // SAFETY: as for dw.
+                    let mw = unsafe { _mm512_load_ps(mp.add(g * 4 + 2 * h + p) as *const f32) };
+                    prod = _mm512_add_ps(prod, _mm512_mul_ps(mw, xs));
+                }
+                f[j][p] = _mm512_add_ps(f[j][p], prod);
+            }
+        }
+    }
+    *acc = f;
+}
+
+/// The lanes of one row pair's accumulator: (row 2p's 8 lanes, row 2p + 1's).
+#[target_feature(enable = "avx512f")]
+pub fn pair_lanes(v: __m512) -> ([f32; LANES], [f32; LANES]) {
+    let a = super::tile::lanes16(v);
+    let mut lo = [0.0f32; LANES];
+    let mut hi = [0.0f32; LANES];
+    lo.copy_from_slice(&a[..LANES]);
+    hi.copy_from_slice(&a[LANES..]);
+    (lo, hi)
+}
+
+/// One panel (8 weight rows, `w[i]` with `8 · groups` blocks each) against activation rows
+/// `0..rows` (`x(j, g0)`: row j from group g0 on): K in chunks of `KC_GROUPS` groups, each
+/// decoded once into `buf`, rows in fours through `kernel`. `out(j, i, y)` receives the dot of
+/// weight row i with activation row j, once each.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `x(j, g0)` for j < rows returns the
+/// row's data from group g0 to the end of the row (`groups - g0` groups).
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn panel<'a, W: Tile32>(
+    w: [&[W]; PANEL],
+    groups: usize,
+    rows: usize,
+    x: impl Fn(usize, usize) -> XRow<'a>,
+    buf: &mut PanelBuf,
+    acc: &mut Vec<[__m512; 2]>,
+    mut out: impl FnMut(usize, usize, f32),
+) {
+    acc.clear();
+    acc.resize(rows * 2, [_mm512_setzero_ps(); 2]);
+    let mut g0 = 0;
+    while g0 < groups {
+        let gc = KC_GROUPS.min(groups - g0);
+        // SAFETY: the features (contract); every w[i] has 8 · groups blocks.
+        unsafe { decode_panel(w, g0, gc, buf) };
+        let mut j = 0;
+        while j < rows {
+            let r = (rows - j).min(4);
+            for h in 0..2 {
+                // SAFETY: as above; x(j, g0) has the groups g0..g0 + gc; h < 2.
+                unsafe {
+                    match r {
+                        1 => run::<W, 1>(buf, gc, h, j, g0, &x, acc),
+                        2 => run::<W, 2>(buf, gc, h, j, g0, &x, acc),
+                        3 => run::<W, 3>(buf, gc, h, j, g0, &x, acc),
+                        _ => run::<W, 4>(buf, gc, h, j, g0, &x, acc),
+                    }
+                }
+            }
+            j += r;
+        }
+        g0 += gc;
+    }
+    for j in 0..rows {
+        for h in 0..2 {
+            for p in 0..2 {
+                let (lo, hi) = pair_lanes(acc[j * 2 + h][p]);
+                let i = 2 * (2 * h + p);
+                out(j, i, crate::matmul::reference::hsum8(&lo));
+                out(j, i + 1, crate::matmul::reference::hsum8(&hi));
+            }
+        }
+    }
+}
+
+/// `kernel` for activation rows `j0..j0 + R`, half `h`, their accumulators in `acc`.
+///
+/// # Safety
+/// As `kernel`.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+unsafe fn run<'a, W: Tile32, const R: usize>(
+    buf: &PanelBuf,
+    groups: usize,
+    h: usize,
+    j0: usize,
+    g0: usize,
+    x: &impl Fn(usize, usize) -> XRow<'a>,
+    acc: &mut [[__m512; 2]],
+) {
+    let xr: [XRow<'a>; R] = std::array::from_fn(|j| x(j0 + j, g0));
+    let mut a: [[__m512; 2]; R] = std::array::from_fn(|j| acc[(j0 + j) * 2 + h]);
+    // SAFETY: the caller's contract.
+    unsafe { kernel::<W, R>(buf, groups, h, &xr, &mut a) };
+    for (j, v) in a.iter().enumerate() {
+        acc[(j0 + j) * 2 + h] = *v;
+    }
+}
