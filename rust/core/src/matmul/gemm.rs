@@ -40,9 +40,9 @@ impl Plan<'_> {
     }
 
     fn gemm_rows<W: Tile32>(&self, n0: usize, rows: usize, out: &OutPtr) {
-        let (blocks_d, sums, xt, s): (&[f32], &[i32], &[u8], &[f32]) = match &self.acts {
-            Acts::Q8_0 { d, sums, xt, .. } => (d, sums, xt, &[]),
-            Acts::Q8_1 { d, sums, xt, s, .. } => (d, sums, xt, s),
+        let (blocks_d, nbias, xt, s): (&[f32], &[i32], &[u8], &[f32]) = match &self.acts {
+            Acts::Q8_0 { d, nbias, xt, .. } => (d, nbias, xt, &[]),
+            Acts::Q8_1 { d, xt, s, .. } => (d, &[], xt, s),
             _ => unreachable!("the 32-weight GEMM runs only with q8_0 / q8_1 activations"),
         };
         let nb = self.k / QK8_0;
@@ -50,34 +50,50 @@ impl Plan<'_> {
         let gb = groups * GROUP_BYTES;
         let rb = self.row_bytes;
         let m = self.m;
+        let panels = rows / PANEL;
+        let w = |pi: usize| -> [&[W]; PANEL] {
+            std::array::from_fn(|i| {
+                bytemuck::cast_slice(&self.w.data[(n0 + pi * PANEL + i) * rb..][..rb])
+            })
+        };
         SCRATCH.with_borrow_mut(|(buf, acc)| {
             let mut mb = 0;
             while mb < m {
                 let ms = mb..(mb + self.m_block).min(m);
+                let rows_m = ms.len();
                 let x = |j: usize, g0: usize| {
                     let r = ms.start + j;
                     XRow {
                         xt: &xt[r * gb + g0 * GROUP_BYTES..(r + 1) * gb],
-                        sums: &sums[r * nb + g0 * LANES..(r + 1) * nb],
+                        nbias: nbias.get(r * nb + g0 * LANES..(r + 1) * nb).unwrap_or_default(),
                         d: &blocks_d[r * nb + g0 * LANES..(r + 1) * nb],
                         s: s.get(r * nb + g0 * LANES..(r + 1) * nb).unwrap_or_default(),
                     }
                 };
-                let mut p0 = 0;
-                while p0 < rows {
-                    let w: [&[W]; PANEL] = std::array::from_fn(|i| {
-                        bytemuck::cast_slice(&self.w.data[(n0 + p0 + i) * rb..][..rb])
-                    });
-                    let col = n0 + p0;
-                    // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`); every row has
-                    // nb = 8 · groups blocks; x(j, g0) has the row's groups from g0 on (the
-                    // activations of `plan`, interleaved for this K).
+                // SAFETY (all three calls): gemm is set only with `cpu::has_vnni_bw` (`plan`).
+                unsafe { gemm32::zeros(acc, panels * rows_m * 2) };
+                // K chunk by chunk over every panel of the task: the chunk of the block of
+                // activation rows stays in L2 while the panels pass (and the panels' lanes wait
+                // in `acc`).
+                let mut g0 = 0;
+                while g0 < groups {
+                    let gc = gemm32::KC_GROUPS.min(groups - g0);
+                    for pi in 0..panels {
+                        let a = &mut acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
+                        // SAFETY: every weight row has nb = 8 · groups blocks; x(j, g0) has the
+                        // row's groups from g0 on (the activations of `plan`, interleaved for
+                        // this K); gc <= KC_GROUPS.
+                        unsafe { gemm32::chunk(w(pi), g0, gc, rows_m, &x, buf, a) };
+                    }
+                    g0 += gc;
+                }
+                for pi in 0..panels {
+                    let col = n0 + pi * PANEL;
+                    let a = &acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
+                    // SAFETY: as above.
                     unsafe {
-                        gemm32::panel(w, groups, ms.len(), x, buf, acc, |j, i, y| {
-                            out.set(ms.start + j, col + i, y)
-                        })
+                        gemm32::finish(a, rows_m, |j, i, y| out.set(ms.start + j, col + i, y))
                     };
-                    p0 += PANEL;
                 }
                 mb = ms.end;
             }

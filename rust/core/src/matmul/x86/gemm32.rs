@@ -99,11 +99,12 @@ pub unsafe fn decode_panel<W: Tile32>(
 }
 
 /// One activation row of a microkernel call, from group `g0` of the chunk on: its interleaved
-/// quants (`tile::interleave_q8_0`), and per block the quant sum, the scale and (q8_1) `s`.
+/// quants (`tile::interleave_q8_0`), and per block `-BIAS · Σx` (empty where BIAS is 0), the
+/// scale and (q8_1) `s`.
 #[derive(Clone, Copy)]
 pub struct XRow<'a> {
     pub xt: &'a [u8],
-    pub sums: &'a [i32],
+    pub nbias: &'a [i32],
     pub d: &'a [f32],
     pub s: &'a [f32],
 }
@@ -114,8 +115,8 @@ pub struct XRow<'a> {
 ///
 /// # Safety
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `buf` holds `groups` decoded groups;
-/// every `x[j]` has `groups * GROUP_BYTES` interleaved bytes and `groups * 8` sums, scales
-/// (and `s` for q4_1 / q5_1); `h < 2`.
+/// every `x[j]` has `groups * GROUP_BYTES` interleaved bytes and `groups * 8` scales (and
+/// `nbias` where BIAS is not 0, `s` for q4_1 / q5_1); `h < 2`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn kernel<W: Tile32, const R: usize>(
     buf: &PanelBuf,
@@ -124,29 +125,26 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
     x: &[XRow<'_>; R],
     acc: &mut [[__m512; 2]; R],
 ) {
-    debug_assert!(W::BIAS == 0 || W::BIAS.count_ones() == 1);
     assert!(h < 2 && groups <= KC_GROUPS);
     for xj in x {
-        assert!(xj.xt.len() >= groups * GROUP_BYTES && xj.sums.len() >= groups * LANES);
-        assert!(xj.d.len() >= groups * LANES && (!W::HAS_MIN || xj.s.len() >= groups * LANES));
+        assert!(xj.xt.len() >= groups * GROUP_BYTES && xj.d.len() >= groups * LANES);
+        assert!(W::BIAS == 0 || xj.nbias.len() >= groups * LANES);
+        assert!(!W::HAS_MIN || xj.s.len() >= groups * LANES);
     }
-    let shift = _mm_cvtsi32_si128(W::BIAS.trailing_zeros().min(32) as i32);
     let mut f = *acc;
     let q = buf.q.as_ptr() as *const __m512i;
     let dp = buf.d.as_ptr() as *const __m512;
     let mp = buf.m.as_ptr() as *const __m512;
     for g in 0..groups {
         let mut is = [[_mm512_setzero_si512(); 2]; R];
-        for (j, isj) in is.iter_mut().enumerate() {
-            // SAFETY: sums[8g..8g + 8] is in bounds (asserted above); 32 bytes.
-            let s =
-                unsafe { _mm256_loadu_si256(x[j].sums.as_ptr().add(g * LANES) as *const __m256i) };
-            // -BIAS · Σx per block (BIAS a power of two, or 0: a shift by 32 gives 0)
-            let nb = _mm512_sub_epi32(
-                _mm512_setzero_si512(),
-                _mm512_sll_epi32(_mm512_broadcast_i64x4(s), shift),
-            );
-            *isj = [nb, nb];
+        if W::BIAS != 0 {
+            for (j, isj) in is.iter_mut().enumerate() {
+                // SAFETY: nbias[8g..8g + 8] is in bounds (asserted above); 32 bytes.
+                let nb = _mm512_broadcast_i64x4(unsafe {
+                    _mm256_loadu_si256(x[j].nbias.as_ptr().add(g * LANES) as *const __m256i)
+                });
+                *isj = [nb, nb];
+            }
         }
         for t in 0..8 {
             let mut xv = [_mm512_setzero_si512(); R];
@@ -207,49 +205,56 @@ pub fn pair_lanes(v: __m512) -> ([f32; LANES], [f32; LANES]) {
     (lo, hi)
 }
 
-/// One panel (8 weight rows, `w[i]` with `8 · groups` blocks each) against activation rows
-/// `0..rows` (`x(j, g0)`: row j from group g0 on): K in chunks of `KC_GROUPS` groups, each
-/// decoded once into `buf`, rows in fours through `kernel`. `out(j, i, y)` receives the dot of
-/// weight row i with activation row j, once each.
+/// Groups `g0..g0 + gc` of one panel (8 weight rows, `w[i]` with at least `8 · (g0 + gc)`
+/// blocks) against activation rows `0..rows` (`x(j, g0)`: row j from group g0 on): the chunk
+/// decoded once into `buf`, the rows in fours through `kernel`, their lanes carried in `acc`
+/// (`rows · 2` entries: row j, half h at `2j + h`; zero before the first chunk).
 ///
 /// # Safety
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `x(j, g0)` for j < rows returns the
-/// row's data from group g0 to the end of the row (`groups - g0` groups).
+/// row's data from group g0 on, at least `gc` groups; `gc <= KC_GROUPS`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn panel<'a, W: Tile32>(
+pub unsafe fn chunk<'a, W: Tile32>(
     w: [&[W]; PANEL],
-    groups: usize,
+    g0: usize,
+    gc: usize,
     rows: usize,
-    x: impl Fn(usize, usize) -> XRow<'a>,
+    x: &impl Fn(usize, usize) -> XRow<'a>,
     buf: &mut PanelBuf,
-    acc: &mut Vec<[__m512; 2]>,
-    mut out: impl FnMut(usize, usize, f32),
+    acc: &mut [[__m512; 2]],
 ) {
-    acc.clear();
-    acc.resize(rows * 2, [_mm512_setzero_ps(); 2]);
-    let mut g0 = 0;
-    while g0 < groups {
-        let gc = KC_GROUPS.min(groups - g0);
-        // SAFETY: the features (contract); every w[i] has 8 · groups blocks.
-        unsafe { decode_panel(w, g0, gc, buf) };
-        let mut j = 0;
-        while j < rows {
-            let r = (rows - j).min(4);
-            for h in 0..2 {
-                // SAFETY: as above; x(j, g0) has the groups g0..g0 + gc; h < 2.
-                unsafe {
-                    match r {
-                        1 => run::<W, 1>(buf, gc, h, j, g0, &x, acc),
-                        2 => run::<W, 2>(buf, gc, h, j, g0, &x, acc),
-                        3 => run::<W, 3>(buf, gc, h, j, g0, &x, acc),
-                        _ => run::<W, 4>(buf, gc, h, j, g0, &x, acc),
-                    }
+    assert!(acc.len() >= rows * 2);
+    // SAFETY: the features (contract); every w[i] has 8 · (g0 + gc) blocks.
+    unsafe { decode_panel(w, g0, gc, buf) };
+    let mut j = 0;
+    while j < rows {
+        let r = (rows - j).min(4);
+        for h in 0..2 {
+            // SAFETY: as above; x(j, g0) has the groups g0..g0 + gc; h < 2.
+            unsafe {
+                match r {
+                    1 => run::<W, 1>(buf, gc, h, j, g0, x, acc),
+                    2 => run::<W, 2>(buf, gc, h, j, g0, x, acc),
+                    3 => run::<W, 3>(buf, gc, h, j, g0, x, acc),
+                    _ => run::<W, 4>(buf, gc, h, j, g0, x, acc),
                 }
             }
-            j += r;
         }
-        g0 += gc;
+        j += r;
     }
+}
+
+/// `len` zero accumulators of `chunk`.
+#[target_feature(enable = "avx512f")]
+pub fn zeros(acc: &mut Vec<[__m512; 2]>, len: usize) {
+    acc.clear();
+    acc.resize(len, [_mm512_setzero_ps(); 2]);
+}
+
+/// The panel's results from its accumulators (`chunk`'s, all of K done): `out(j, i, y)` the dot
+/// of weight row i with activation row j (`hsum8` of its lanes), once each.
+#[target_feature(enable = "avx512f")]
+pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, usize, f32)) {
     for j in 0..rows {
         for h in 0..2 {
             for p in 0..2 {
