@@ -92,7 +92,7 @@ impl Plan<'_> {
                     let a = &acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
                     // SAFETY: as above.
                     unsafe {
-                        gemm32::finish(a, rows_m, |j, i, y| out.set(ms.start + j, col + i, y))
+                        gemm32::finish(a, rows_m, |j, y| out.set8(ms.start + j, col, &y))
                     };
                 }
                 mb = ms.end;

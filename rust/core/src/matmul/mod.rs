@@ -554,6 +554,15 @@ impl OutPtr {
         unsafe { *self.p.add(mi * self.n + col) = v };
     }
 
+    /// out[mi][col..col + 8] = v.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    fn set8(&self, mi: usize, col: usize, v: &[f32; 8]) {
+        assert!(mi < self.m && col + 8 <= self.n);
+        // SAFETY: in bounds (asserted); only the task owning these columns writes them.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.p.add(mi * self.n + col), 8) };
+    }
+
     /// Columns `n0..` from `yt` (rows of M values, one per column).
     fn scatter(&self, n0: usize, m: usize, yt: &[f32]) {
         let rows = yt.len() / m.max(1);

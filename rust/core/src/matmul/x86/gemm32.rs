@@ -194,16 +194,6 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
     *acc = f;
 }
 
-/// The lanes of one row pair's accumulator: (row 2p's 8 lanes, row 2p + 1's).
-#[target_feature(enable = "avx512f")]
-pub fn pair_lanes(v: __m512) -> ([f32; LANES], [f32; LANES]) {
-    let a = super::tile::lanes16(v);
-    let mut lo = [0.0f32; LANES];
-    let mut hi = [0.0f32; LANES];
-    lo.copy_from_slice(&a[..LANES]);
-    hi.copy_from_slice(&a[LANES..]);
-    (lo, hi)
-}
 
 /// Groups `g0..g0 + gc` of one panel (8 weight rows, `w[i]` with at least `8 · (g0 + gc)`
 /// blocks) against activation rows `0..rows` (`x(j, g0)`: row j from group g0 on): the chunk
@@ -251,19 +241,40 @@ pub fn zeros(acc: &mut Vec<[__m512; 2]>, len: usize) {
     acc.resize(len, [_mm512_setzero_ps(); 2]);
 }
 
-/// The panel's results from its accumulators (`chunk`'s, all of K done): `out(j, i, y)` the dot
-/// of weight row i with activation row j (`hsum8` of its lanes), once each.
+/// The panel's results from its accumulators (`chunk`'s, all of K done): `out(j, y)` gets the
+/// 8 dots of activation row j with the panel's weight rows, each `hsum8` of its lanes, computed
+/// for 8 rows at once with the same additions: `s_l = a_l + a_{l+4}`, then `s0 + s2` and
+/// `s1 + s3`, then their sum.
 #[target_feature(enable = "avx512f")]
-pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, usize, f32)) {
+pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, [f32; 8])) {
+    // Output lane of weight row i after the reduction: quarter i % 4 (rows 0..4 from the first
+    // pair of vectors, 4..8 from the second), lane 0 or 2 (see below).
+    let idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     for j in 0..rows {
-        for h in 0..2 {
-            for p in 0..2 {
-                let (lo, hi) = pair_lanes(acc[j * 2 + h][p]);
-                let i = 2 * (2 * h + p);
-                out(j, i, crate::matmul::reference::hsum8(&lo));
-                out(j, i + 1, crate::matmul::reference::hsum8(&hi));
-            }
-        }
+        // z[2h + p]: rows 2(2h + p) (low half) and 2(2h + p) + 1 (high half)
+        let z = [acc[2 * j][0], acc[2 * j][1], acc[2 * j + 1][0], acc[2 * j + 1][1]];
+        let sum4 = |a: __m512, b: __m512| {
+            // quarters [a.q0, a.q2, b.q0, b.q2] + [a.q1, a.q3, b.q1, b.q3]: s_l = a_l + a_{l+4}
+            // of rows (a lo, a hi, b lo, b hi)
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+            )
+        };
+        // rows 0, 1, 2, 3 and 4, 5, 6, 7 in quarters 0..4
+        let (s0, s1) = (sum4(z[0], z[1]), sum4(z[2], z[3]));
+        // per quarter q: [s0 + s2, s1 + s3] of s0's row q, then of s1's row q
+        let t = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(s0, s1),
+            _mm512_shuffle_ps::<0b11_10_11_10>(s0, s1),
+        );
+        // lanes 0 and 2 of each quarter: (s0 + s2) + (s1 + s3)
+        let u = _mm512_add_ps(t, _mm512_shuffle_ps::<0b10_11_00_01>(t, t));
+        let y = _mm512_permutexvar_ps(idx, u);
+        let mut a = [0.0f32; 16];
+        // SAFETY: `a` has room for 16 f32; storeu has no alignment requirement.
+        unsafe { _mm512_storeu_ps(a.as_mut_ptr(), y) };
+        out(j, std::array::from_fn(|i| a[i]));
     }
 }
 
