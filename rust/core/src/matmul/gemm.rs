@@ -65,12 +65,15 @@ impl Plan<'_> {
                     let r = ms.start + j;
                     XRow {
                         xt: &xt[r * gb + g0 * GROUP_BYTES..(r + 1) * gb],
-                        nbias: nbias.get(r * nb + g0 * LANES..(r + 1) * nb).unwrap_or_default(),
+                        nbias: nbias
+                            .get(r * nb + g0 * LANES..(r + 1) * nb)
+                            .unwrap_or_default(),
                         d: &blocks_d[r * nb + g0 * LANES..(r + 1) * nb],
                         s: s.get(r * nb + g0 * LANES..(r + 1) * nb).unwrap_or_default(),
                     }
                 };
-                // SAFETY (all three calls): gemm is set only with `cpu::has_vnni_bw` (`plan`).
+                // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`), which includes
+                // AVX-512 F.
                 unsafe { gemm32::zeros(acc, panels * rows_m * 2) };
                 // K chunk by chunk over every panel of the task: the chunk of the block of
                 // activation rows stays in L2 while the panels pass (and the panels' lanes wait
@@ -91,9 +94,7 @@ impl Plan<'_> {
                     let col = n0 + pi * PANEL;
                     let a = &acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
                     // SAFETY: as above.
-                    unsafe {
-                        gemm32::finish(a, rows_m, |j, y| out.set8(ms.start + j, col, &y))
-                    };
+                    unsafe { gemm32::finish(a, rows_m, |j, y| out.set8(ms.start + j, col, &y)) };
                 }
                 mb = ms.end;
             }

@@ -160,8 +160,8 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
                 // SAFETY: line (g·8 + t)·4 + 2h + p < KC_GROUPS · GROUP_LINES (g < groups <=
                 // KC_GROUPS, h < 2), 64-byte aligned.
                 let wq = unsafe { _mm512_load_si512(q.add((g * 8 + t) * 4 + 2 * h + p)) };
-                for j in 0..R {
-                    is[j][p] = _mm512_dpbusd_epi32(is[j][p], wq, xv[j]);
+                for (isj, &xj) in is.iter_mut().zip(&xv) {
+                    isj[p] = _mm512_dpbusd_epi32(isj[p], wq, xj);
                 }
             }
         }
@@ -193,7 +193,6 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
     }
     *acc = f;
 }
-
 
 /// Groups `g0..g0 + gc` of one panel (8 weight rows, `w[i]` with at least `8 · (g0 + gc)`
 /// blocks) against activation rows `0..rows` (`x(j, g0)`: row j from group g0 on): the chunk
@@ -235,6 +234,9 @@ pub unsafe fn chunk<'a, W: Tile32>(
 }
 
 /// `len` zero accumulators of `chunk`.
+///
+/// # Safety
+/// AVX-512 F must be available.
 #[target_feature(enable = "avx512f")]
 pub fn zeros(acc: &mut Vec<[__m512; 2]>, len: usize) {
     acc.clear();
@@ -245,6 +247,9 @@ pub fn zeros(acc: &mut Vec<[__m512; 2]>, len: usize) {
 /// 8 dots of activation row j with the panel's weight rows, each `hsum8` of its lanes, computed
 /// for 8 rows at once with the same additions: `s_l = a_l + a_{l+4}`, then `s0 + s2` and
 /// `s1 + s3`, then their sum.
+///
+/// # Safety
+/// AVX-512 F must be available.
 #[target_feature(enable = "avx512f")]
 pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, [f32; 8])) {
     // Output lane of weight row i after the reduction: quarter i % 4 (rows 0..4 from the first
@@ -252,7 +257,12 @@ pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, [f32;
     let idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
     for j in 0..rows {
         // z[2h + p]: rows 2(2h + p) (low half) and 2(2h + p) + 1 (high half)
-        let z = [acc[2 * j][0], acc[2 * j][1], acc[2 * j + 1][0], acc[2 * j + 1][1]];
+        let z = [
+            acc[2 * j][0],
+            acc[2 * j][1],
+            acc[2 * j + 1][0],
+            acc[2 * j + 1][1],
+        ];
         let sum4 = |a: __m512, b: __m512| {
             // quarters [a.q0, a.q2, b.q0, b.q2] + [a.q1, a.q3, b.q1, b.q3]: s_l = a_l + a_{l+4}
             // of rows (a lo, a hi, b lo, b hi)
