@@ -1,7 +1,8 @@
 //! The GEMM path of the 32-weight formats (x86-64 with AVX-512 F/BW/VL/VNNI, M >= `GEMM_MIN_M`,
-//! rows of whole groups of 8 blocks): a task's weight rows go in panels of 8 through
-//! `x86::gemm32::panel` (each panel decoded chunk by chunk of K into L1, every block of
-//! activation rows passing it), and the results are written straight into `out`.
+//! rows of whole groups of 8 blocks): per block of activation rows, K goes chunk by chunk over
+//! every panel of 8 weight rows of the task (`x86::gemm32::chunk`: the panel's chunk decoded
+//! once into L1, the rows passing it, the float lanes kept between chunks), then
+//! `x86::gemm32::finish` writes the results straight into `out`.
 
 use std::arch::x86_64::__m512;
 use std::cell::RefCell;
