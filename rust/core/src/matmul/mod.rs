@@ -10,7 +10,9 @@
 //! L2 while blocks of activation rows (sized for L2) pass; with VNNI the 32-weight formats and
 //! the K-quants run tiles of 8 weight rows x a block of rows (`x86/tile.rs`, `x86/tile_k.rs`,
 //! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
-//! weight row). Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
+//! weight row). From `GEMM_MIN_M` rows (AVX-512 F/BW, K a multiple of 256) the 32-weight
+//! formats take the register-blocked GEMM of `gemm.rs` / `x86/gemm32.rs` instead, which writes
+//! `out` directly. Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
 //! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
 //! `x86/ternary/avx512.rs` at every M.
@@ -19,7 +21,8 @@
 //!
 //! Files: this one (the driver: `qmatmul`, `Plan::fill`, the task split), `plan.rs` (every
 //! check, the kernel choice, the activations prepared once per call), `dispatch.rs` (one weight
-//! row against activation rows, per format, to the kernel the CPU has).
+//! row against activation rows, per format, to the kernel the CPU has), `panels.rs` (the tile
+//! panels), `gemm.rs` (the GEMM path's driver).
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
