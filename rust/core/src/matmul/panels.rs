@@ -7,12 +7,22 @@ use super::{x86, Acts, Plan};
 use crate::formats::blocks::*;
 use crate::qtype::QType;
 
-/// The q8_0 activation rows (`nb` blocks each) interleaved for `x86::tile`, row after row.
-pub(super) fn interleave_q8_0_rows(blocks: &[BlockQ8_0], nb: usize) -> Vec<u8> {
+/// The q8_0 activation rows (`nb` blocks each) interleaved for `x86::tile`, row after row (over
+/// the pool when `par`).
+pub(super) fn interleave_q8_0_rows(blocks: &[BlockQ8_0], nb: usize, par: bool) -> Vec<u8> {
+    use rayon::prelude::*;
     let gb = nb / reference::LANES * x86::tile::GROUP_BYTES;
     let mut xt = vec![0u8; blocks.len() / nb.max(1) * gb];
-    for (o, b) in xt.chunks_mut(gb.max(1)).zip(blocks.chunks(nb.max(1))) {
-        x86::tile::interleave_q8_0(b, o);
+    if par && gb > 0 {
+        crate::parallel::install(|| {
+            xt.par_chunks_mut(gb)
+                .zip(blocks.par_chunks(nb))
+                .for_each(|(o, b)| x86::tile::interleave_q8_0(b, o))
+        });
+    } else {
+        for (o, b) in xt.chunks_mut(gb.max(1)).zip(blocks.chunks(nb.max(1))) {
+            x86::tile::interleave_q8_0(b, o);
+        }
     }
     xt
 }

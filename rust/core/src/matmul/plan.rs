@@ -37,6 +37,16 @@ fn check_bnb_block(w: &QuantizedView<'_>) -> Result<usize> {
 
 /// Each row of `x` (rows of `k`) quantized into its share of `blocks` by `quant`, on the pool
 /// when `par` (rows are independent: the same blocks either way).
+/// Each q8_0 block's scale as f32 and the sum of its quants (over the pool when `par`).
+fn scales_and_sums(blocks: &[BlockQ8_0], par: bool) -> (Vec<f32>, Vec<i32>) {
+    let one = |b: &BlockQ8_0| (f16_to_f32(b.d), b.qs.iter().map(|&q| q as i32).sum::<i32>());
+    if par {
+        parallel::install(|| blocks.par_iter().map(one).unzip())
+    } else {
+        blocks.iter().map(one).unzip()
+    }
+}
+
 fn quantize_rows<B: Send>(
     x: &[f32],
     k: usize,
@@ -218,6 +228,18 @@ pub(super) fn plan<'a>(
             QType::Q4_1 | QType::Q5_1 => bw,
             _ => false,
         };
+    // The GEMM path: the tile formats with 512-bit VNNI, many rows, whole groups of 8 blocks.
+    #[cfg(target_arch = "x86_64")]
+    let gemm = tile
+        && bw
+        && m >= GEMM_MIN_M
+        && k % (QK8_0 * reference::LANES) == 0
+        && matches!(
+            w.qtype,
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
+        );
+    #[cfg(not(target_arch = "x86_64"))]
+    let gemm = false;
     // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
     #[cfg(target_arch = "x86_64")]
     let row32 = vnni
@@ -240,14 +262,23 @@ pub(super) fn plan<'a>(
                 par,
                 crate::formats::quantize_row_q8_0_blocks,
             );
-            let d = blocks.iter().map(|b| f16_to_f32(b.d)).collect();
-            let sums: Vec<i32> = blocks
-                .iter()
-                .map(|b| b.qs.iter().map(|&q| q as i32).sum())
-                .collect();
+            let (d, sums) = scales_and_sums(&blocks, par);
             #[cfg(target_arch = "x86_64")]
             let (xt, nbias) = if tile {
-                (panels::interleave_q8_0_rows(&blocks, nb), Vec::new())
+                let xt = panels::interleave_q8_0_rows(&blocks, nb, par);
+                // The GEMM kernel starts its integer sums at -BIAS · Σx.
+                let bias = match w.qtype {
+                    QType::Q4_0 => <BlockQ4_0 as x86::Load32>::BIAS,
+                    QType::Q5_0 => <BlockQ5_0 as x86::Load32>::BIAS,
+                    QType::Q8_0 => <BlockQ8_0 as x86::Load32>::BIAS,
+                    _ => <BlockIQ4NL as x86::Load32>::BIAS,
+                };
+                let nbias = if gemm {
+                    sums.iter().map(|&s| -bias * s).collect()
+                } else {
+                    Vec::new()
+                };
+                (xt, nbias)
             } else if row32 {
                 use x86::row32::interleave;
                 match w.qtype {
@@ -287,7 +318,7 @@ pub(super) fn plan<'a>(
             let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
             #[cfg(target_arch = "x86_64")]
             let xt = if tile {
-                panels::interleave_q8_0_rows(&blocks, nb)
+                panels::interleave_q8_0_rows(&blocks, nb, par)
             } else {
                 Vec::new()
             };
@@ -382,6 +413,15 @@ pub(super) fn plan<'a>(
     } else {
         max_block / ROWS * ROWS
     };
+    // The GEMM path keeps one chunk of K of the block's rows in L2 (`gemm.rs`).
+    #[cfg(target_arch = "x86_64")]
+    let max_block = if gemm {
+        use x86::gemm32::KC_GROUPS;
+        let chunk_bytes = KC_GROUPS * (x86::tile::GROUP_BYTES + 12 * reference::LANES);
+        (ACT_BLOCK_BYTES / chunk_bytes).clamp(ROWS, GEMM_MAX_BLOCK)
+    } else {
+        max_block
+    };
     let n_blocks = m.div_ceil(max_block).max(1);
     Ok(Plan {
         w,
@@ -393,6 +433,7 @@ pub(super) fn plan<'a>(
             m.div_ceil(n_blocks).next_multiple_of(ROWS)
         },
         tile,
+        gemm,
         row32,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,

@@ -515,7 +515,7 @@ fn bad_shapes_are_errors() {
 }
 
 /// The tiled path (M >= 2: panels of weight rows times blocks of activation rows, split over
-/// tasks) gives every output the reference's bits, for odd M, N not a multiple of the panel, K
+/// tasks) and the GEMM path (`gemm.rs`, from `GEMM_MIN_M` rows, K in chunks) give every output the reference's bits, for odd M, N not a multiple of the panel, K
 /// with and without a partial group of 8 blocks, blocks of rows split unevenly, and M = 1 rows
 /// long enough for the prefetching row kernels.
 #[test]
@@ -531,6 +531,12 @@ fn tiles_equal_reference_for_any_m_and_n() {
             (13, 9, 13),
             (17, 17, 67),
             (9, 130, 3),
+            // the GEMM path (M >= 4, whole groups): K in one chunk, in 2 and in 3 (the last
+            // partial), N with a partial panel, M over one block of rows
+            (17, 8, 67),
+            (24, 136, 6),
+            (9, 264, 4),
+            (16, 16, 9),
             // M = 1 rows past `LONG_K` (the software prefetch): K = 14336, and 8 * 33 + 3 blocks
             (3, 448, 1),
             (5, 267, 1),
@@ -585,6 +591,10 @@ fn min32_tiles_equal_reference() {
             (17, 17, 67),
             (16, 130, 5),
             (3, 3, 4),
+            // the GEMM path (see `tiles_equal_reference_for_any_m_and_n`)
+            (16, 136, 6),
+            (9, 264, 4),
+            (24, 8, 67),
         ] {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, &[0, 2]);
