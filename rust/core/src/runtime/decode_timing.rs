@@ -47,17 +47,7 @@ fn fill_and_time(
         }
     }
     let (kvd, n_layer) = (model.pool.geo.kv_dim(), model.pool.geo.n_layer);
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let mut rows = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 22) as f32 - 2.0
-            })
-            .collect()
-    };
+    let mut rows = super::kv::synthetic::pseudo_random_rows();
     for seq in seqs.iter_mut() {
         for start in (0..n_pos).step_by(256) {
             let m = 256.min(n_pos - start);

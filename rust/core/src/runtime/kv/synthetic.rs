@@ -12,6 +12,22 @@ use super::attend::{attend, Scratch};
 use super::pool::Pool;
 use super::types::{Geometry, KvType, Rotation};
 
+/// A generator of `n` pseudo-random values in [-2, 2) per call (xorshift64, fixed seed): the
+/// synthetic K/V rows of the bench caches, the same sequence on every run.
+pub(crate) fn pseudo_random_rows() -> impl FnMut(usize) -> Vec<f32> {
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    move |n| {
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 22) as f32 - 2.0
+            })
+            .collect()
+    }
+}
+
 /// Median wall seconds of `reps` decode steps' attention (every layer, `n_head` query heads over
 /// `n_pos` cached positions), the cache filled with pseudo-random rows in [-2, 2).
 pub fn decode_attention_seconds(
@@ -27,17 +43,7 @@ pub fn decode_attention_seconds(
     let mut seq = pool
         .admit(n_pos + 1)?
         .expect("an empty pool of usize::MAX / 2 bytes admits any sequence");
-    let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let mut rows = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 22) as f32 - 2.0
-            })
-            .collect()
-    };
+    let mut rows = pseudo_random_rows();
     for start in (0..n_pos).step_by(256) {
         let m = 256.min(n_pos - start);
         pool.grow(&mut seq, m)?;
