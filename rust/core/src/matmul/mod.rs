@@ -453,6 +453,8 @@ impl Plan<'_> {
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_k;
 mod plan;
 use plan::plan;
 
