@@ -89,6 +89,60 @@ pub trait DecodeK: bytemuck::Pod {
     /// # Safety
     /// AVX-512 F/BW must be available.
     unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]);
+    /// The scales, coefficients, d and dmin of 16 rows into `buf` with vector code, the same
+    /// values as `scales` (false: not done, `decode` runs `scales` row by row).
+    ///
+    /// # Safety
+    /// AVX2, F16C, AVX-512 F/BW must be available.
+    unsafe fn scales16(_rows: &[&Self; NV], _buf: &mut SbBuf) -> bool {
+        false
+    }
+}
+
+/// The f16 values of 16 lanes' low (`HI` false) or high 16 bits as f32, into `dst`.
+#[target_feature(enable = "avx2,f16c,avx512f")]
+#[inline]
+fn halves_to(v: __m512i, hi: bool, dst: &mut Zmm) {
+    let v = if hi { _mm512_srli_epi32::<16>(v) } else { v };
+    let f = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    // SAFETY: a Zmm is 64 bytes on a 64-byte boundary.
+    unsafe { _mm512_store_ps(dst.0.as_mut_ptr() as *mut f32, f) };
+}
+
+/// q4_k / q5_k: d, dmin and the 12 scale bytes are the first 16 bytes of the block: ggml's
+/// word-wide unpacking (`reference::unpack_scales_k4`) on 16 rows at once.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw")]
+#[inline]
+unsafe fn k4_scales16<W: DecodeK>(rows: &[&W; NV], buf: &mut SbBuf) {
+    // SAFETY: bytes 0..64 of a q4_k (144) / q5_k (176) block; AVX-512 F (contract).
+    let t = unsafe { tr(rows, 0) };
+    let (u0, u1, u2) = (t[1], t[2], t[3]);
+    let k1 = _mm512_set1_epi32(0x3f3f_3f3f);
+    let k2 = _mm512_set1_epi32(0x0f0f_0f0f);
+    let k3 = _mm512_set1_epi32(0x0303_0303);
+    let hi = |a: __m512i, b: __m512i| {
+        _mm512_or_si512(
+            _mm512_and_si512(a, k2),
+            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(b), k3)),
+        )
+    };
+    let sc = [_mm512_and_si512(u0, k1), hi(u2, u0)];
+    let mn = [_mm512_and_si512(u1, k1), hi(_mm512_srli_epi32::<4>(u2), u1)];
+    let ff = _mm512_set1_epi32(0xff);
+    for s in 0..8 {
+        let byte = |v: __m512i| {
+            let sh = _mm512_set1_epi32(8 * (s as i32 % 4));
+            _mm512_and_si512(_mm512_srlv_epi32(v, sh), ff)
+        };
+        put(&mut buf.sc[s], byte(sc[s / 4]));
+        let m = byte(mn[s / 4]);
+        put(
+            &mut buf.c[s],
+            _mm512_or_si512(m, _mm512_slli_epi32::<16>(m)),
+        );
+    }
+    halves_to(t[0], false, &mut buf.d);
+    halves_to(t[0], true, &mut buf.dmin);
 }
 
 /// `out[c]` lane i = dword c of the 64 bytes at byte `off` of row i (a 16 x 16 transpose).
@@ -190,6 +244,12 @@ impl DecodeK for BlockQ4K {
         k4_scales(&self.scales, self.d, self.dmin)
     }
     #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: the features (contract).
+        unsafe { k4_scales16(rows, buf) };
+        true
+    }
+    #[inline(always)]
     unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
         // SAFETY: AVX-512 F/BW (contract); qs is bytes 16..144 of the 144-byte block.
         unsafe {
@@ -204,6 +264,12 @@ impl DecodeK for BlockQ5K {
     const MIN: bool = true;
     fn scales(&self) -> Scales {
         k4_scales(&self.scales, self.d, self.dmin)
+    }
+    #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: the features (contract).
+        unsafe { k4_scales16(rows, buf) };
+        true
     }
     #[inline(always)]
     unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
@@ -240,6 +306,43 @@ impl DecodeK for BlockQ6K {
             d: u16::from_le_bytes(self.d),
             dmin: 0,
         }
+    }
+    #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: bytes 144..208 of the 210-byte block (the scales are 192..208: dwords
+        // 12..16); the features (contract).
+        unsafe {
+            let t = tr(rows, 144);
+            let m32 = _mm512_set1_epi32(-32);
+            for i in 0..4 {
+                let v = t[12 + i];
+                // bytes 4i + b, sign-extended: (v << (24 - 8b)) >> 24
+                let b = [
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(v)),
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(v)),
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(v)),
+                    _mm512_srai_epi32::<24>(v),
+                ];
+                for (k, bk) in b.iter().enumerate() {
+                    put(&mut buf.sc[4 * i + k], *bk);
+                }
+                for h in 0..2 {
+                    // (-32·sc_{2j}, -32·sc_{2j+1}) as an i16 pair, j = 2i + h
+                    let lo = _mm512_mullo_epi32(b[2 * h], m32);
+                    let hi = _mm512_mullo_epi32(b[2 * h + 1], m32);
+                    let pair = _mm512_or_si512(
+                        _mm512_and_si512(lo, _mm512_set1_epi32(0xffff)),
+                        _mm512_slli_epi32::<16>(hi),
+                    );
+                    put(&mut buf.c[2 * i + h], pair);
+                }
+            }
+            let d: [u16; NV] = std::array::from_fn(|i| u16::from_le_bytes(rows[i].d));
+            let dv = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i));
+            _mm512_store_ps(buf.d.0.as_mut_ptr() as *mut f32, dv);
+            put(&mut buf.dmin, _mm512_setzero_si512());
+        }
+        true
     }
     #[inline(always)]
     unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
@@ -390,33 +493,33 @@ impl DecodeK for BlockIQ4XS {
 pub unsafe fn decode<W: DecodeK>(rows: &[&W; NV], buf: &mut SbBuf) {
     // SAFETY: AVX-512 F/BW (contract).
     unsafe { W::quants(rows, &mut buf.q) };
+    // SAFETY: the features (contract).
+    if unsafe { W::scales16(rows, buf) } {
+        return;
+    }
     let mut sc = [[0i32; NV]; 16];
     let mut c = [[0u32; NV]; 8];
     let mut d = [0u16; NV];
     let mut dmin = [0u16; NV];
     for (i, row) in rows.iter().enumerate() {
         let s = row.scales();
-        for g in 0..16 {
-            sc[g][i] = s.sc[g];
+        for (scg, &v) in sc.iter_mut().zip(&s.sc) {
+            scg[i] = v;
         }
-        for p in 0..8 {
-            c[p][i] = (s.c[2 * p] as u16 as u32) | ((s.c[2 * p + 1] as u16 as u32) << 16);
+        for (cp, pair) in c.iter_mut().zip(s.c.chunks_exact(2)) {
+            cp[i] = (pair[0] as u16 as u32) | ((pair[1] as u16 as u32) << 16);
         }
         d[i] = s.d;
         dmin[i] = s.dmin;
     }
     let groups = if W::SUB16 { 16 } else { 8 };
-    for g in 0..groups {
-        // SAFETY: 64 bytes of sc[g] loaded; stored into a Zmm.
-        put(&mut buf.sc[g], unsafe {
-            _mm512_loadu_si512(sc[g].as_ptr() as *const _)
-        });
+    for (dst, v) in buf.sc.iter_mut().zip(&sc).take(groups) {
+        // SAFETY: the 64 bytes of v loaded; stored into a Zmm.
+        put(dst, unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) });
     }
-    for p in 0..8 {
+    for (dst, v) in buf.c.iter_mut().zip(&c) {
         // SAFETY: as above.
-        put(&mut buf.c[p], unsafe {
-            _mm512_loadu_si512(c[p].as_ptr() as *const _)
-        });
+        put(dst, unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) });
     }
     for (dst, h) in [(&mut buf.d, d), (&mut buf.dmin, dmin)] {
         // SAFETY: 32 bytes (16 f16) loaded; F16C / AVX-512 F (contract); 64 bytes stored.
