@@ -23,6 +23,9 @@ impl Plan<'_> {
     /// Weight rows `n0..n0 + rows` with every activation row, into `out`: whole panels through
     /// the GEMM kernel, the last `rows % 8` through `fill` (the same bits either way).
     pub(super) fn fill_gemm(&self, n0: usize, rows: usize, out: &OutPtr) {
+        if self.fill_gemm_k(n0, rows, out) {
+            return;
+        }
         let whole = rows / PANEL * PANEL;
         match self.w.qtype {
             QType::Q4_0 => self.gemm_rows::<BlockQ4_0>(n0, whole, out),

@@ -12,7 +12,8 @@
 //! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
 //! weight row). From `GEMM_MIN_M` rows (AVX-512 F/BW, K a multiple of 256) the 32-weight
 //! formats take the register-blocked GEMM of `gemm.rs` / `x86/gemm32.rs` instead, which writes
-//! `out` directly. Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
+//! `out` directly; from `gemm_k::GEMM_K_MIN_M` rows the K-quants (q2_k..q6_k, iq4_xs) take
+//! `gemm_k.rs` / `x86/gemm_k.rs`. Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
 //! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
 //! `x86/ternary/avx512.rs` at every M.
@@ -453,6 +454,8 @@ impl Plan<'_> {
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_k;
 mod plan;
 use plan::plan;
 

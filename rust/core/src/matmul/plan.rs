@@ -238,6 +238,11 @@ pub(super) fn plan<'a>(
             w.qtype,
             QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
         );
+    // The K-quants' GEMM (`gemm_k.rs`): 512-bit VNNI, many rows.
+    #[cfg(target_arch = "x86_64")]
+    let gemm_k = vnni && bw && m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(w.qtype);
+    #[cfg(target_arch = "x86_64")]
+    let gemm = gemm || gemm_k;
     #[cfg(not(target_arch = "x86_64"))]
     let gemm = false;
     // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
@@ -348,7 +353,7 @@ pub(super) fn plan<'a>(
             let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
             quantize_rows(x, k, &mut blocks, par, reference::quantize_row_q8_k);
             #[cfg(target_arch = "x86_64")]
-            let (xq, xs, xd) = if tile {
+            let (xq, xs, xd) = if tile && !gemm_k {
                 panels::interleave_q8_k_rows(&blocks, nb)
             } else {
                 (Vec::new(), Vec::new(), Vec::new())
@@ -415,7 +420,9 @@ pub(super) fn plan<'a>(
     };
     // The GEMM path keeps one chunk of K of the block's rows in L2 (`gemm.rs`).
     #[cfg(target_arch = "x86_64")]
-    let max_block = if gemm {
+    let max_block = if gemm_k {
+        gemm_k::GEMM_K_MAX_BLOCK
+    } else if gemm {
         use x86::gemm32::KC_GROUPS;
         let chunk_bytes = KC_GROUPS * (x86::tile::GROUP_BYTES + 12 * reference::LANES);
         (ACT_BLOCK_BYTES / chunk_bytes).clamp(ROWS, GEMM_MAX_BLOCK)

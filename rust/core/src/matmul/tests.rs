@@ -17,6 +17,8 @@ use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
 pub(crate) mod formats;
+#[cfg(target_arch = "x86_64")]
+mod gemm_k;
 mod gint;
 pub(crate) mod q16_rows;
 

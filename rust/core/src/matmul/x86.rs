@@ -441,6 +441,7 @@ pub mod row32;
 
 mod float_acts;
 pub mod gemm32;
+pub mod gemm_k;
 pub mod q16;
 pub mod tile;
 pub mod tile_k;

@@ -1,0 +1,162 @@
+//! The GEMM path of the K-quants (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs; x86-64 with AVX-512
+//! F/BW/VL/VNNI, M >= `GEMM_K_MIN_M`): per block of activation rows, K goes chunk by chunk
+//! (`x86::gemm_k::KC` super-blocks) over every panel of 32 weight rows of the task (the
+//! panel's chunk decoded once into L1, 16 rows a vector, then the activation rows in fours
+//! through `x86::gemm_k::kernel`, the float lanes kept between chunks), then each panel's
+//! outputs go straight into `out`. A panel's missing rows (N not a multiple of 32) decode a
+//! zero block into lanes that are never written out. Every output has the bits of
+//! `reference::dot_block_k` (see `x86/gemm_k.rs`).
+
+use std::cell::RefCell;
+
+use super::x86::gemm_k::{self, Acc, DecodeK, SbBuf, KC, NV, PV};
+use super::{Acts, OutPtr, Plan};
+use crate::formats::blocks::*;
+use crate::matmul::reference::BlockQ8K;
+use crate::qtype::QType;
+
+/// From this many activation rows on the K-quants take this path (with AVX-512 VNNI/BW).
+pub(super) const GEMM_K_MIN_M: usize = 4;
+/// Activation rows of one block (each panel chunk decoded once per block; the block's
+/// accumulators, 1 KiB per activation row and panel, stay in L2).
+pub(super) const GEMM_K_MAX_BLOCK: usize = 64;
+
+/// The K-quants this path takes.
+pub(super) fn takes(qtype: QType) -> bool {
+    matches!(
+        qtype,
+        QType::Q2K | QType::Q3K | QType::Q4K | QType::Q5K | QType::Q6K | QType::IQ4XS
+    )
+}
+
+thread_local! {
+    /// Each pool thread's decoded panel chunk and float accumulators (reused across calls).
+    static SCRATCH: RefCell<(Vec<SbBuf>, Vec<Acc>)> = RefCell::new(Default::default());
+}
+
+impl Plan<'_> {
+    /// Weight rows `n0..n0 + rows` with every activation row into `out`, when the weights are
+    /// a K-quant of this path (false otherwise: nothing done).
+    pub(super) fn fill_gemm_k(&self, n0: usize, rows: usize, out: &OutPtr) -> bool {
+        match self.w.qtype {
+            QType::Q4K => self.gemm_k_rows::<BlockQ4K>(n0, rows, out),
+            QType::Q6K => self.gemm_k_rows::<BlockQ6K>(n0, rows, out),
+            QType::Q5K => self.gemm_k_rows::<BlockQ5K>(n0, rows, out),
+            QType::Q2K => self.gemm_k_rows::<BlockQ2K>(n0, rows, out),
+            QType::Q3K => self.gemm_k_rows::<BlockQ3K>(n0, rows, out),
+            QType::IQ4XS => self.gemm_k_rows::<BlockIQ4XS>(n0, rows, out),
+            _ => return false,
+        }
+        true
+    }
+
+    fn gemm_k_rows<W: DecodeK>(&self, n0: usize, rows: usize, out: &OutPtr) {
+        let Acts::Q8K { blocks, .. } = &self.acts else {
+            unreachable!("the K-quant GEMM runs only with q8_K activations")
+        };
+        let nb = self.k / QK_K;
+        let rb = self.row_bytes;
+        let m = self.m;
+        let panel = NV * PV;
+        let panels = rows.div_ceil(panel);
+        let zero = W::zeroed();
+        // Super-block b of the task's weight row i, or a zero block past its rows.
+        let blk = |i: usize, b: usize| -> &W {
+            if i < rows {
+                &bytemuck::cast_slice::<u8, W>(&self.w.data[(n0 + i) * rb..][..rb])[b]
+            } else {
+                &zero
+            }
+        };
+        SCRATCH.with_borrow_mut(|(buf, acc)| {
+            buf.resize(KC * PV, SbBuf::default());
+            let mut mb = 0;
+            while mb < m {
+                let ms = mb..(mb + self.m_block).min(m);
+                let rows_m = ms.len();
+                // acc[(pi * rows_m + j) * PV + p]
+                // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`).
+                unsafe { gemm_k::zeros(acc, panels * rows_m * PV) };
+                let mut b0 = 0;
+                while b0 < nb {
+                    let kc = KC.min(nb - b0);
+                    for pi in 0..panels {
+                        let r0 = pi * panel;
+                        let pv = (rows - r0).min(panel).div_ceil(NV);
+                        for sb in 0..kc {
+                            for p in 0..pv {
+                                let ws: [&W; NV] =
+                                    std::array::from_fn(|i| blk(r0 + p * NV + i, b0 + sb));
+                                // SAFETY: as above.
+                                unsafe { gemm_k::decode(&ws, &mut buf[sb * PV + p]) };
+                            }
+                        }
+                        let a = &mut acc[pi * rows_m * PV..(pi + 1) * rows_m * PV];
+                        let mut j = 0;
+                        while j < rows_m {
+                            let r = (rows_m - j).min(4);
+                            let x = |jj: usize| &blocks[(ms.start + j + jj) * nb + b0..][..kc];
+                            let a = &mut a[j * PV..(j + r) * PV];
+                            // SAFETY: as above; buf holds kc decoded super-blocks of pv
+                            // vectors, x(jj) kc blocks.
+                            unsafe {
+                                match (r, pv) {
+                                    (1, 1) => run::<W, 1, 1>(buf, kc, b0, x, a),
+                                    (2, 1) => run::<W, 2, 1>(buf, kc, b0, x, a),
+                                    (3, 1) => run::<W, 3, 1>(buf, kc, b0, x, a),
+                                    (_, 1) => run::<W, 4, 1>(buf, kc, b0, x, a),
+                                    (1, _) => run::<W, 1, 2>(buf, kc, b0, x, a),
+                                    (2, _) => run::<W, 2, 2>(buf, kc, b0, x, a),
+                                    (3, _) => run::<W, 3, 2>(buf, kc, b0, x, a),
+                                    _ => run::<W, 4, 2>(buf, kc, b0, x, a),
+                                }
+                            }
+                            j += r;
+                        }
+                    }
+                    b0 += kc;
+                }
+                for pi in 0..panels {
+                    for j in 0..rows_m {
+                        for p in 0..PV {
+                            let c0 = pi * panel + p * NV;
+                            if c0 >= rows {
+                                break;
+                            }
+                            // SAFETY: as above.
+                            let y = unsafe { gemm_k::finish(&acc[(pi * rows_m + j) * PV + p]) };
+                            let mi = ms.start + j;
+                            let valid = (rows - c0).min(NV);
+                            if valid == NV {
+                                out.set8(mi, n0 + c0, y[..8].try_into().expect("8"));
+                                out.set8(mi, n0 + c0 + 8, y[8..].try_into().expect("8"));
+                            } else {
+                                for (i, &v) in y[..valid].iter().enumerate() {
+                                    out.set(mi, n0 + c0 + i, v);
+                                }
+                            }
+                        }
+                    }
+                }
+                mb = ms.end;
+            }
+        });
+    }
+}
+
+/// `kernel` for R activation rows (`x(j)`) with the first P vectors of the decoded chunk, their
+/// accumulators `a[j * PV + p]`.
+///
+/// # Safety
+/// As `gemm_k::kernel`.
+unsafe fn run<'a, W: DecodeK, const R: usize, const P: usize>(
+    buf: &[SbBuf],
+    kc: usize,
+    b0: usize,
+    x: impl Fn(usize) -> &'a [BlockQ8K],
+    a: &mut [Acc],
+) {
+    let xr: [&[BlockQ8K]; R] = std::array::from_fn(&x);
+    // SAFETY: the caller's contract.
+    unsafe { gemm_k::kernel::<W, R, P>(buf, kc, b0, &xr, a) };
+}

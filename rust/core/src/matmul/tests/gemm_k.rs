@@ -1,0 +1,86 @@
+//! The K-quant GEMM path (`gemm_k.rs`, M >= `GEMM_K_MIN_M` with AVX-512 VNNI/BW) against
+//! `reference::dot_block_k`, bit for bit: every format, N not a multiple of the 16-row vector
+//! or the 32-row panel (zero-padded lanes), K of 1 to 9 super-blocks (chunks of `KC`, the last
+//! partial, lanes b % 8 wrapping), M with partial groups of 4 rows and over one block of rows,
+//! on the pool and on one thread.
+
+use super::super::gemm_k::{GEMM_K_MAX_BLOCK, GEMM_K_MIN_M};
+use super::super::reference::{self as r, BlockQ8K};
+use super::{blocks, view, Rng};
+use crate::formats::blocks::*;
+use crate::matmul::qmatmul;
+use crate::qtype::QType;
+use bytemuck::Zeroable;
+
+/// Every K-quant of the path and the offsets of its f16 fields.
+const CASES: [(QType, &[usize]); 6] = [
+    (QType::Q4K, &[0, 2]),
+    (QType::Q5K, &[0, 2]),
+    (QType::Q6K, &[208]),
+    (QType::Q2K, &[80, 82]),
+    (QType::Q3K, &[108]),
+    (QType::IQ4XS, &[0]),
+];
+
+fn reference(qtype: QType, w: &[u8], x: &[BlockQ8K]) -> f32 {
+    match qtype {
+        QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(w), x),
+        QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(w), x),
+        QType::Q6K => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(w), x),
+        QType::Q2K => r::dot_block_k::<BlockQ2K>(bytemuck::cast_slice(w), x),
+        QType::Q3K => r::dot_block_k::<BlockQ3K>(bytemuck::cast_slice(w), x),
+        _ => r::dot_block_k::<BlockIQ4XS>(bytemuck::cast_slice(w), x),
+    }
+}
+
+#[test]
+fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
+    const { assert!(GEMM_K_MIN_M <= 5 && GEMM_K_MAX_BLOCK < 67) };
+    let mut rng = Rng(0x6e33_6b00_6e33_6b00);
+    for (qtype, halves) in CASES {
+        let info = qtype.info();
+        for (n, nb, m) in [
+            (5, 1, 5),
+            (17, 3, 4),
+            (33, 2, 7),
+            (47, 9, 6),
+            (32, 5, 67),
+            (70, 4, 9),
+        ] {
+            let k = nb * info.block_size;
+            let data = blocks(&mut rng, n * nb, info.type_size, halves);
+            let x = rng.normalish(m * k, 2.0);
+            let w = view(qtype, n, k, &data);
+            let plan = super::super::plan::plan(&x, m, &w, m * n).unwrap();
+            assert_eq!(
+                plan.gemm,
+                crate::cpu::has_vnni_bw(),
+                "{qtype:?}: the GEMM path runs"
+            );
+            drop(plan);
+            let mut y = vec![0.0f32; m * n];
+            qmatmul(&x, m, &w, &mut y).unwrap();
+            let mut y1 = vec![0.0f32; m * n];
+            crate::parallel::set_num_threads(1);
+            let one = qmatmul(&x, m, &w, &mut y1);
+            crate::parallel::set_num_threads(0);
+            one.unwrap();
+            let mut xq = vec![BlockQ8K::zeroed(); nb];
+            for mi in 0..m {
+                r::quantize_row_q8_k(&x[mi * k..(mi + 1) * k], &mut xq);
+                for row in 0..n {
+                    let wr = &data[row * nb * info.type_size..(row + 1) * nb * info.type_size];
+                    let want = reference(qtype, wr, &xq);
+                    for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{qtype:?} {what} n={n} nb={nb} m={m} row {row} act row {mi}: \
+                             {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

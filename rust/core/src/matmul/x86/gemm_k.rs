@@ -1,0 +1,652 @@
+//! The GEMM microkernel of the K-quants (q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs) for many
+//! activation rows, AVX-512 F/BW/VL/VNNI. One 512-bit vector holds **16 weight rows, one per
+//! 32-bit lane**: a super-block of 16 rows is decoded once per chunk of K (`KC` super-blocks)
+//! into an L1-resident `SbBuf` (vector v = elements 4v..4v+4 of every row, unsigned), then
+//! blocks of up to 4 activation rows run through the chunk, each activation dword broadcast to
+//! all lanes (the q8_K blocks as they are: no interleaving of the activations).
+//!
+//! **Numerics.** Per super-block, lane r gets row r's exact integer sums: `vpdpbusd` over the
+//! 32 (or 16) elements of a sub-block, times the sub-block scale (`vpmulld`), summed; the term
+//! that does not depend on the quants, `Σ_g c_g · bsum_g` over the 16 groups of 16 activations,
+//! comes from 8 `vpdpwssd` with the per-group coefficients `c_g`: the min (q4_k, q5_k, q2_k:
+//! that is `msum`) or `-BIAS · scale_g` (q6_k, q3_k, iq4_xs, whose quants are stored with a
+//! bias `BIAS` to make them unsigned: added to `isum`). Both integers equal the reference's
+//! (`reference::BlockK::sums`; no i32 overflow: at most ~2.5e8). The float part is
+//! `reference::block_k_product` lane-wise, `(d·xd)·isum - (dmin·xd)·msum` (for the formats
+//! without a min the reference subtracts `(0·xd)·0 = ±0`, which changes no sum: the lane
+//! accumulators start at +0 and never become -0), added to float accumulator `b % 8` of the
+//! output, and `finish` does `hsum8` across the 8 accumulators (vertical adds, the reference's
+//! order). So every output has the bits of `reference::dot_block_k` whatever its row's lane,
+//! its panel, the chunking of K or the thread count (tested).
+//!
+//! Safety: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI at run time (`cpu::has_vnni_bw`)
+//! and pass slices of the lengths stated on each function.
+
+use std::arch::x86_64::*;
+
+use crate::formats::blocks::*;
+use crate::matmul::reference::{self as r, BlockQ8K, LANES};
+
+/// Weight rows of one vector (one per 32-bit lane).
+pub const NV: usize = 16;
+/// Vectors of one panel (the microkernel's weight side): a panel is `NV · PV` = 32 rows.
+pub const PV: usize = 2;
+/// Super-blocks of one chunk of K: a panel's decoded chunk (2 x 2 x 5.6 KiB) stays in L1 with
+/// the activation rows passing it.
+pub const KC: usize = 2;
+
+/// One 512-bit line on a 64-byte boundary.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Zmm([u8; 64]);
+
+const ZMM0: Zmm = Zmm([0; 64]);
+
+/// One super-block of 16 weight rows, decoded: `q[v]` lane r = elements 4v..4v+4 of row r
+/// (unsigned: the quant plus the format's bias), `sc[g]` the i32 scale of sub-block g (of 32
+/// elements; of 16 for `SUB16` formats), `c[i]` the i16 pair (c_2i, c_2i+1) of correction
+/// coefficients, `d` / `dmin` the f32 super-block scale and min.
+#[derive(Clone, Copy)]
+pub struct SbBuf {
+    q: [Zmm; 64],
+    sc: [Zmm; 16],
+    c: [Zmm; 8],
+    d: Zmm,
+    dmin: Zmm,
+}
+
+impl Default for SbBuf {
+    fn default() -> Self {
+        Self {
+            q: [ZMM0; 64],
+            sc: [ZMM0; 16],
+            c: [ZMM0; 8],
+            d: ZMM0,
+            dmin: ZMM0,
+        }
+    }
+}
+
+/// The scalar side of one row's super-block: 16 scales (the first 8 when not `SUB16`), 16
+/// correction coefficients, d and dmin (f16 bits).
+pub struct Scales {
+    pub sc: [i32; 16],
+    pub c: [i16; 16],
+    pub d: u16,
+    pub dmin: u16,
+}
+
+/// A K-quant the GEMM decodes.
+pub trait DecodeK: bytemuck::Pod {
+    /// Scales per 16 elements (q6_k, q2_k, q3_k) instead of per 32.
+    const SUB16: bool;
+    /// The correction is the min term (`msum`, with `dmin`) rather than a bias in `isum`.
+    const MIN: bool;
+    /// Row `self`'s scales and correction coefficients.
+    fn scales(&self) -> Scales;
+    /// The unsigned quants of 16 rows' super-blocks into `q` (see `SbBuf`).
+    ///
+    /// # Safety
+    /// AVX-512 F/BW must be available.
+    unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]);
+    /// The scales, coefficients, d and dmin of 16 rows into `buf` with vector code, the same
+    /// values as `scales` (false: not done, `decode` runs `scales` row by row).
+    ///
+    /// # Safety
+    /// AVX2, F16C, AVX-512 F/BW must be available.
+    unsafe fn scales16(_rows: &[&Self; NV], _buf: &mut SbBuf) -> bool {
+        false
+    }
+}
+
+/// The f16 values of 16 lanes' low (`HI` false) or high 16 bits as f32, into `dst`.
+#[target_feature(enable = "avx2,f16c,avx512f")]
+#[inline]
+fn halves_to(v: __m512i, hi: bool, dst: &mut Zmm) {
+    let v = if hi { _mm512_srli_epi32::<16>(v) } else { v };
+    let f = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(v));
+    // SAFETY: a Zmm is 64 bytes on a 64-byte boundary.
+    unsafe { _mm512_store_ps(dst.0.as_mut_ptr() as *mut f32, f) };
+}
+
+/// q4_k / q5_k: d, dmin and the 12 scale bytes are the first 16 bytes of the block: ggml's
+/// word-wide unpacking (`reference::unpack_scales_k4`) on 16 rows at once.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw")]
+#[inline]
+unsafe fn k4_scales16<W: DecodeK>(rows: &[&W; NV], buf: &mut SbBuf) {
+    // SAFETY: bytes 0..64 of a q4_k (144) / q5_k (176) block; AVX-512 F (contract).
+    let t = unsafe { tr(rows, 0) };
+    let (u0, u1, u2) = (t[1], t[2], t[3]);
+    let k1 = _mm512_set1_epi32(0x3f3f_3f3f);
+    let k2 = _mm512_set1_epi32(0x0f0f_0f0f);
+    let k3 = _mm512_set1_epi32(0x0303_0303);
+    let hi = |a: __m512i, b: __m512i| {
+        _mm512_or_si512(
+            _mm512_and_si512(a, k2),
+            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(b), k3)),
+        )
+    };
+    let sc = [_mm512_and_si512(u0, k1), hi(u2, u0)];
+    let mn = [_mm512_and_si512(u1, k1), hi(_mm512_srli_epi32::<4>(u2), u1)];
+    let ff = _mm512_set1_epi32(0xff);
+    for s in 0..8 {
+        let byte = |v: __m512i| {
+            let sh = _mm512_set1_epi32(8 * (s as i32 % 4));
+            _mm512_and_si512(_mm512_srlv_epi32(v, sh), ff)
+        };
+        put(&mut buf.sc[s], byte(sc[s / 4]));
+        let m = byte(mn[s / 4]);
+        put(
+            &mut buf.c[s],
+            _mm512_or_si512(m, _mm512_slli_epi32::<16>(m)),
+        );
+    }
+    halves_to(t[0], false, &mut buf.d);
+    halves_to(t[0], true, &mut buf.dmin);
+}
+
+/// `out[c]` lane i = dword c of the 64 bytes at byte `off` of row i (a 16 x 16 transpose).
+///
+/// # Safety
+/// AVX-512 F; `off + 64` is within every row's block.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn tr<W: DecodeK>(rows: &[&W; NV], off: usize) -> [__m512i; 16] {
+    assert!(off + 64 <= std::mem::size_of::<W>());
+    let mut v = [_mm512_setzero_si512(); 16];
+    for (vi, row) in v.iter_mut().zip(rows) {
+        // SAFETY: bytes off..off + 64 of the block (asserted); unaligned load.
+        *vi = unsafe { _mm512_loadu_si512((*row as *const W as *const u8).add(off) as *const _) };
+    }
+    let mut t = [_mm512_setzero_si512(); 16];
+    for k in 0..8 {
+        t[2 * k] = _mm512_unpacklo_epi32(v[2 * k], v[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(v[2 * k], v[2 * k + 1]);
+    }
+    // u[4k + j], 128-bit lane q: dword 4q + j of rows 4k..4k + 4
+    let mut u = [_mm512_setzero_si512(); 16];
+    for k in 0..4 {
+        u[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+        u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+        u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+        u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for j in 0..4 {
+        let (a, b, c, d) = (u[j], u[4 + j], u[8 + j], u[12 + j]);
+        let x0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(a, b);
+        let x1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(a, b);
+        let y0 = _mm512_shuffle_i32x4::<0b01_00_01_00>(c, d);
+        let y1 = _mm512_shuffle_i32x4::<0b11_10_11_10>(c, d);
+        out[j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(x0, y0);
+        out[4 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(x0, y0);
+        out[8 + j] = _mm512_shuffle_i32x4::<0b10_00_10_00>(x1, y1);
+        out[12 + j] = _mm512_shuffle_i32x4::<0b11_01_11_01>(x1, y1);
+    }
+    out
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn put(q: &mut Zmm, v: __m512i) {
+    // SAFETY: a Zmm is 64 bytes on a 64-byte boundary.
+    unsafe { _mm512_store_si512(q.0.as_mut_ptr() as *mut _, v) };
+}
+
+/// Bit `s` (0..8) of every byte moved to bit 4 (the 16-bit shifts stay inside the masked bit).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn bit_to_4(v: __m512i, s: u32) -> __m512i {
+    let m = _mm512_set1_epi8(0x10);
+    let x = match s {
+        0 => _mm512_slli_epi16::<4>(v),
+        1 => _mm512_slli_epi16::<3>(v),
+        2 => _mm512_slli_epi16::<2>(v),
+        3 => _mm512_slli_epi16::<1>(v),
+        4 => v,
+        5 => _mm512_srli_epi16::<1>(v),
+        6 => _mm512_srli_epi16::<2>(v),
+        _ => _mm512_srli_epi16::<3>(v),
+    };
+    _mm512_and_si512(x, m)
+}
+
+fn k4_scales(scales: &[u8; K_SCALE_SIZE], d: Half, dmin: Half) -> Scales {
+    let (sc, mn) = r::unpack_scales_k4(scales);
+    Scales {
+        sc: std::array::from_fn(|j| if j < 8 { sc[j] as i32 } else { 0 }),
+        c: std::array::from_fn(|g| mn[g / 2] as i16),
+        d: u16::from_le_bytes(d),
+        dmin: u16::from_le_bytes(dmin),
+    }
+}
+
+/// q4_k's nibbles from the transposed `qs` dwords (`qs(c)`, c in 0..32).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn k4_nibbles(qs: impl Fn(usize) -> __m512i, q: &mut [Zmm; 64]) {
+    let m4 = _mm512_set1_epi8(0x0f);
+    for c in 0..32 {
+        let v = qs(c);
+        let (j, t) = (c / 8, c % 8);
+        put(&mut q[16 * j + t], _mm512_and_si512(v, m4));
+        put(
+            &mut q[16 * j + 8 + t],
+            _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4),
+        );
+    }
+}
+
+impl DecodeK for BlockQ4K {
+    const SUB16: bool = false;
+    const MIN: bool = true;
+    fn scales(&self) -> Scales {
+        k4_scales(&self.scales, self.d, self.dmin)
+    }
+    #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: the features (contract).
+        unsafe { k4_scales16(rows, buf) };
+        true
+    }
+    #[inline(always)]
+    unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
+        // SAFETY: AVX-512 F/BW (contract); qs is bytes 16..144 of the 144-byte block.
+        unsafe {
+            let (a, b) = (tr(rows, 16), tr(rows, 80));
+            k4_nibbles(|c| if c < 16 { a[c] } else { b[c - 16] }, q);
+        }
+    }
+}
+
+impl DecodeK for BlockQ5K {
+    const SUB16: bool = false;
+    const MIN: bool = true;
+    fn scales(&self) -> Scales {
+        k4_scales(&self.scales, self.d, self.dmin)
+    }
+    #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: the features (contract).
+        unsafe { k4_scales16(rows, buf) };
+        true
+    }
+    #[inline(always)]
+    unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
+        // SAFETY: AVX-512 F/BW (contract); qh is bytes 16..48 and qs 48..176 of the block:
+        // a = qh dwords 0..8 then qs dwords 0..8, b = qs 8..24, c = qs 16..32.
+        unsafe {
+            let (a, b, c) = (tr(rows, 16), tr(rows, 80), tr(rows, 112));
+            k4_nibbles(
+                |i| match i {
+                    0..8 => a[8 + i],
+                    8..24 => b[i - 8],
+                    _ => c[i - 16],
+                },
+                q,
+            );
+            for t in 0..8 {
+                for s in 0..8 {
+                    let v = &mut q[8 * s + t];
+                    let lo = _mm512_load_si512(v.0.as_ptr() as *const _);
+                    put(v, _mm512_or_si512(lo, bit_to_4(a[t], s as u32)));
+                }
+            }
+        }
+    }
+}
+
+impl DecodeK for BlockQ6K {
+    const SUB16: bool = true;
+    const MIN: bool = false;
+    fn scales(&self) -> Scales {
+        Scales {
+            sc: self.scales.map(|s| s as i32),
+            c: self.scales.map(|s| -32 * s as i16),
+            d: u16::from_le_bytes(self.d),
+            dmin: 0,
+        }
+    }
+    #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: bytes 144..208 of the 210-byte block (the scales are 192..208: dwords
+        // 12..16); the features (contract).
+        unsafe {
+            let t = tr(rows, 144);
+            let m32 = _mm512_set1_epi32(-32);
+            for i in 0..4 {
+                let v = t[12 + i];
+                // bytes 4i + b, sign-extended: (v << (24 - 8b)) >> 24
+                let b = [
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<24>(v)),
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<16>(v)),
+                    _mm512_srai_epi32::<24>(_mm512_slli_epi32::<8>(v)),
+                    _mm512_srai_epi32::<24>(v),
+                ];
+                for (k, bk) in b.iter().enumerate() {
+                    put(&mut buf.sc[4 * i + k], *bk);
+                }
+                for h in 0..2 {
+                    // (-32·sc_{2j}, -32·sc_{2j+1}) as an i16 pair, j = 2i + h
+                    let lo = _mm512_mullo_epi32(b[2 * h], m32);
+                    let hi = _mm512_mullo_epi32(b[2 * h + 1], m32);
+                    let pair = _mm512_or_si512(
+                        _mm512_and_si512(lo, _mm512_set1_epi32(0xffff)),
+                        _mm512_slli_epi32::<16>(hi),
+                    );
+                    put(&mut buf.c[2 * i + h], pair);
+                }
+            }
+            let d: [u16; NV] = std::array::from_fn(|i| u16::from_le_bytes(rows[i].d));
+            let dv = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i));
+            _mm512_store_ps(buf.d.0.as_mut_ptr() as *mut f32, dv);
+            put(&mut buf.dmin, _mm512_setzero_si512());
+        }
+        true
+    }
+    #[inline(always)]
+    unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
+        // SAFETY: AVX-512 F/BW (contract); ql is bytes 0..128, qh 128..192 of the 210.
+        unsafe {
+            let (l0, l1, h) = (tr(rows, 0), tr(rows, 64), tr(rows, 128));
+            let ql = |c: usize| if c < 16 { l0[c] } else { l1[c - 16] };
+            let (m4, m2) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(0x30));
+            for hh in 0..2 {
+                for t in 0..8 {
+                    let qh = h[8 * hh + t];
+                    let tops = [
+                        _mm512_slli_epi16::<4>(qh),
+                        _mm512_slli_epi16::<2>(qh),
+                        qh,
+                        _mm512_srli_epi16::<2>(qh),
+                    ];
+                    for (k, top) in tops.into_iter().enumerate() {
+                        let l = ql(16 * hh + 8 * (k % 2) + t);
+                        let low = if k < 2 { l } else { _mm512_srli_epi16::<4>(l) };
+                        let v =
+                            _mm512_or_si512(_mm512_and_si512(low, m4), _mm512_and_si512(top, m2));
+                        put(&mut q[8 * (4 * hh + k) + t], v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl DecodeK for BlockQ2K {
+    const SUB16: bool = true;
+    const MIN: bool = true;
+    fn scales(&self) -> Scales {
+        Scales {
+            sc: self.scales.map(|s| (s & 15) as i32),
+            c: self.scales.map(|s| (s >> 4) as i16),
+            d: u16::from_le_bytes(self.d),
+            dmin: u16::from_le_bytes(self.dmin),
+        }
+    }
+    #[inline(always)]
+    unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
+        // SAFETY: AVX-512 F/BW (contract); qs is bytes 16..80 of the 84-byte block.
+        unsafe {
+            let a = tr(rows, 16);
+            let m3 = _mm512_set1_epi8(3);
+            for h in 0..2 {
+                for t in 0..8 {
+                    let v = a[8 * h + t];
+                    let parts = [
+                        v,
+                        _mm512_srli_epi16::<2>(v),
+                        _mm512_srli_epi16::<4>(v),
+                        _mm512_srli_epi16::<6>(v),
+                    ];
+                    for (j, p) in parts.into_iter().enumerate() {
+                        put(&mut q[8 * (4 * h + j) + t], _mm512_and_si512(p, m3));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl DecodeK for BlockQ3K {
+    const SUB16: bool = true;
+    const MIN: bool = false;
+    fn scales(&self) -> Scales {
+        let sc = r::scales_q3_k(&self.scales);
+        Scales {
+            sc: sc.map(|s| s as i32),
+            c: sc.map(|s| -4 * s as i16),
+            d: u16::from_le_bytes(self.d),
+            dmin: 0,
+        }
+    }
+    #[inline(always)]
+    unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
+        // SAFETY: AVX-512 F/BW (contract); hmask is bytes 0..32, qs 32..96 of the 110: a =
+        // hmask dwords 0..8 then qs dwords 0..8, b (from byte 44) = qs dwords 3..19.
+        unsafe {
+            let (a, b) = (tr(rows, 0), tr(rows, 44));
+            let m3 = _mm512_set1_epi8(3);
+            for h in 0..2 {
+                for t in 0..8 {
+                    let v = if h == 0 { a[8 + t] } else { b[5 + t] };
+                    let hm = a[t];
+                    let low = [
+                        v,
+                        _mm512_srli_epi16::<2>(v),
+                        _mm512_srli_epi16::<4>(v),
+                        _mm512_srli_epi16::<6>(v),
+                    ];
+                    for (s, lo) in low.into_iter().enumerate() {
+                        // bit 4h + s of hmask to bit 2: u = low + 4·high (the quant plus 4)
+                        let bit = 4 * h + s;
+                        let high = _mm512_srli_epi16::<2>(bit_to_4(hm, bit as u32));
+                        put(
+                            &mut q[8 * (4 * h + s) + t],
+                            _mm512_or_si512(_mm512_and_si512(lo, m3), high),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl DecodeK for BlockIQ4XS {
+    const SUB16: bool = false;
+    const MIN: bool = false;
+    fn scales(&self) -> Scales {
+        let sc = r::scales_iq4_xs(self);
+        Scales {
+            sc: std::array::from_fn(|j| if j < 8 { sc[j] } else { 0 }),
+            c: std::array::from_fn(|g| (-128 * sc[g / 2]) as i16),
+            d: u16::from_le_bytes(self.d),
+            dmin: 0,
+        }
+    }
+    #[inline(always)]
+    unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
+        // SAFETY: AVX-512 F/BW (contract); qs is bytes 8..136 of the 136-byte block.
+        unsafe {
+            let (a, b) = (tr(rows, 8), tr(rows, 72));
+            let tab: [u8; 16] = std::array::from_fn(|i| (r::KVALUES_IQ4NL[i] as i32 + 128) as u8);
+            let tab = _mm512_broadcast_i32x4(_mm_loadu_si128(tab.as_ptr() as *const __m128i));
+            let m4 = _mm512_set1_epi8(0x0f);
+            for c in 0..32 {
+                let v = if c < 16 { a[c] } else { b[c - 16] };
+                let (sb, t) = (c / 4, c % 4);
+                let lo = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, m4));
+                let hi = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4));
+                put(&mut q[8 * sb + t], lo);
+                put(&mut q[8 * sb + 4 + t], hi);
+            }
+        }
+    }
+}
+
+/// Decodes one super-block of 16 rows (`rows[i]`: row i's block; rows past the panel's end
+/// point at a zero block and give lanes nobody reads) into `buf`.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`).
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn decode<W: DecodeK>(rows: &[&W; NV], buf: &mut SbBuf) {
+    // SAFETY: AVX-512 F/BW (contract).
+    unsafe { W::quants(rows, &mut buf.q) };
+    // SAFETY: the features (contract).
+    if unsafe { W::scales16(rows, buf) } {
+        return;
+    }
+    let mut sc = [[0i32; NV]; 16];
+    let mut c = [[0u32; NV]; 8];
+    let mut d = [0u16; NV];
+    let mut dmin = [0u16; NV];
+    for (i, row) in rows.iter().enumerate() {
+        let s = row.scales();
+        for (scg, &v) in sc.iter_mut().zip(&s.sc) {
+            scg[i] = v;
+        }
+        for (cp, pair) in c.iter_mut().zip(s.c.chunks_exact(2)) {
+            cp[i] = (pair[0] as u16 as u32) | ((pair[1] as u16 as u32) << 16);
+        }
+        d[i] = s.d;
+        dmin[i] = s.dmin;
+    }
+    let groups = if W::SUB16 { 16 } else { 8 };
+    for (dst, v) in buf.sc.iter_mut().zip(&sc).take(groups) {
+        // SAFETY: the 64 bytes of v loaded; stored into a Zmm.
+        put(dst, unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) });
+    }
+    for (dst, v) in buf.c.iter_mut().zip(&c) {
+        // SAFETY: as above.
+        put(dst, unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) });
+    }
+    for (dst, h) in [(&mut buf.d, d), (&mut buf.dmin, dmin)] {
+        // SAFETY: 32 bytes (16 f16) loaded; F16C / AVX-512 F (contract); 64 bytes stored.
+        unsafe {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr() as *const __m256i));
+            _mm512_store_ps(dst.0.as_mut_ptr() as *mut f32, v);
+        }
+    }
+}
+
+/// Float accumulators of one activation row with one vector of 16 weight rows: lane
+/// accumulator `b % 8` for super-block b.
+pub type Acc = [__m512; LANES];
+
+/// R activation rows (`x[j]`: row j's q8_K blocks of the chunk) against the P decoded vectors
+/// of each of the chunk's super-blocks (`buf[sb * PV + p]`, `nsb` super-blocks, the first
+/// being super-block `b0` of the row): `acc[j][p][(b0 + sb) % 8] += ` each super-block's
+/// product (`acc[j][p]` is `acc[j * PV + p]`).
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `buf` holds `nsb * PV` decoded
+/// super-blocks; every `x[j]` has at least `nsb` blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn kernel<W: DecodeK, const R: usize, const P: usize>(
+    buf: &[SbBuf],
+    nsb: usize,
+    b0: usize,
+    x: &[&[BlockQ8K]; R],
+    acc: &mut [Acc],
+) {
+    assert!(P <= PV && buf.len() >= nsb * PV && acc.len() >= R * PV);
+    for xj in x {
+        assert!(xj.len() >= nsb);
+    }
+    for sb in 0..nsb {
+        let wb: [&SbBuf; P] = std::array::from_fn(|p| &buf[sb * PV + p]);
+        let xq: [*const i32; R] = std::array::from_fn(|j| x[j][sb].qs.as_ptr() as *const i32);
+        let mut isum = [[_mm512_setzero_si512(); P]; R];
+        let (parts, len) = if W::SUB16 { (16, 4) } else { (8, 8) };
+        for g in 0..parts {
+            let mut a = [[_mm512_setzero_si512(); P]; R];
+            for v in g * len..(g + 1) * len {
+                let mut xv = [_mm512_setzero_si512(); R];
+                for j in 0..R {
+                    // SAFETY: dword v < 64 of the 256-byte qs; unaligned read.
+                    xv[j] = _mm512_set1_epi32(unsafe { xq[j].add(v).read_unaligned() });
+                }
+                for p in 0..P {
+                    // SAFETY: an aligned Zmm of the decoded buffer.
+                    let w = unsafe { _mm512_load_si512(wb[p].q[v].0.as_ptr() as *const _) };
+                    for j in 0..R {
+                        a[j][p] = _mm512_dpbusd_epi32(a[j][p], w, xv[j]);
+                    }
+                }
+            }
+            for p in 0..P {
+                // SAFETY: as above.
+                let s = unsafe { _mm512_load_si512(wb[p].sc[g].0.as_ptr() as *const _) };
+                for j in 0..R {
+                    isum[j][p] = _mm512_add_epi32(isum[j][p], _mm512_mullo_epi32(a[j][p], s));
+                }
+            }
+        }
+        let mut corr = [[_mm512_setzero_si512(); P]; R];
+        for i in 0..8 {
+            let mut bs = [_mm512_setzero_si512(); R];
+            for j in 0..R {
+                // SAFETY: bsums is 16 i16; dword i is bsums[2i], bsums[2i + 1].
+                bs[j] = _mm512_set1_epi32(unsafe {
+                    (x[j][sb].bsums.as_ptr() as *const i32)
+                        .add(i)
+                        .read_unaligned()
+                });
+            }
+            for p in 0..P {
+                // SAFETY: an aligned Zmm of the decoded buffer.
+                let c = unsafe { _mm512_load_si512(wb[p].c[i].0.as_ptr() as *const _) };
+                for j in 0..R {
+                    corr[j][p] = _mm512_dpwssd_epi32(corr[j][p], c, bs[j]);
+                }
+            }
+        }
+        let lane = (b0 + sb) % LANES;
+        for j in 0..R {
+            let xd = _mm512_set1_ps(x[j][sb].d);
+            for p in 0..P {
+                // SAFETY: aligned Zmm of the decoded buffer.
+                let d = unsafe { _mm512_load_ps(wb[p].d.0.as_ptr() as *const f32) };
+                let prod = if W::MIN {
+                    // SAFETY: as above.
+                    let dmin = unsafe { _mm512_load_ps(wb[p].dmin.0.as_ptr() as *const f32) };
+                    _mm512_sub_ps(
+                        _mm512_mul_ps(_mm512_mul_ps(d, xd), _mm512_cvtepi32_ps(isum[j][p])),
+                        _mm512_mul_ps(_mm512_mul_ps(dmin, xd), _mm512_cvtepi32_ps(corr[j][p])),
+                    )
+                } else {
+                    let is = _mm512_add_epi32(isum[j][p], corr[j][p]);
+                    _mm512_mul_ps(_mm512_mul_ps(d, xd), _mm512_cvtepi32_ps(is))
+                };
+                let a = &mut acc[j * PV + p][lane];
+                *a = _mm512_add_ps(*a, prod);
+            }
+        }
+    }
+}
+
+/// Zeroed accumulators: `len` of them.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f")]
+pub fn zeros(acc: &mut Vec<Acc>, len: usize) {
+    acc.clear();
+    acc.resize(len, [_mm512_setzero_ps(); LANES]);
+}
+
+/// The 16 outputs of one accumulator set: `hsum8` of the lanes, `s_l = a_l + a_{l+4}`, then
+/// `(s0 + s2) + (s1 + s3)`, as vertical adds.
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f")]
+pub fn finish(a: &Acc) -> [f32; NV] {
+    let s: [__m512; 4] = std::array::from_fn(|l| _mm512_add_ps(a[l], a[l + 4]));
+    let y = _mm512_add_ps(_mm512_add_ps(s[0], s[2]), _mm512_add_ps(s[1], s[3]));
+    let mut o = [0.0f32; NV];
+    // SAFETY: `o` has room for 16 f32; storeu has no alignment requirement.
+    unsafe { _mm512_storeu_ps(o.as_mut_ptr(), y) };
+    o
+}
