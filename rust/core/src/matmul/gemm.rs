@@ -1,18 +1,25 @@
-//! The GEMM path of the 32-weight formats (x86-64 with AVX-512 F/BW/VL/VNNI, M >= `GEMM_MIN_M`,
-//! rows of whole groups of 8 blocks): per block of activation rows, K goes chunk by chunk over
-//! every panel of 8 weight rows of the task (`x86::gemm32::chunk`: the panel's chunk decoded
-//! once into L1, the rows passing it, the float lanes kept between chunks), then
-//! `x86::gemm32::finish` writes the results straight into `out`.
+//! The GEMM path of the 32-weight formats (x86-64 with AVX-512 F/BW/VL/VNNI, M >= `GEMM_MIN_M`):
+//! per block of activation rows, K goes chunk by chunk over every panel of 8 weight rows of the
+//! task (`x86::gemm32::chunk`: the panel's chunk decoded once into L1, the rows passing it, the
+//! float lanes kept between chunks), then `x86::gemm32::finish` writes the results straight
+//! into `out`.
+//!
+//! K not a multiple of 256 (SmolLM2's 576 is 2 groups of 8 blocks and 2 blocks): the last
+//! blocks run as one more group, weights and activations padded with zero blocks (`Tail`). A
+//! padded block's product is `(0 · 0) · 0 = +0`, and adding +0 leaves a lane's bits unchanged
+//! (a lane starts at +0 and a sum of two floats is -0 only when both are), so every output keeps
+//! the reference's bits.
 
 use std::arch::x86_64::__m512;
 use std::cell::RefCell;
 
 use super::x86::gemm32::{self, PanelBuf, XRow, PANEL};
-use super::x86::tile::{Tile32, GROUP_BYTES};
+use super::x86::tile::{interleave_q8_0, Tile32, GROUP_BYTES};
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
 use crate::matmul::reference::LANES;
 use crate::qtype::QType;
+use bytemuck::Zeroable;
 
 thread_local! {
     /// Each pool thread's decoded panel chunk and float accumulators (reused across calls).
@@ -49,8 +56,14 @@ impl Plan<'_> {
             Acts::Q8_1 { d, xt, s, .. } => (d, &[], xt, s),
             _ => unreachable!("the 32-weight GEMM runs only with q8_0 / q8_1 activations"),
         };
+        // The activation blocks themselves, for the padded last group (`Tail`).
+        let xb: &[BlockQ8_0] = match &self.acts {
+            Acts::Q8_0 { blocks, .. } | Acts::Q8_1 { blocks, .. } => blocks,
+            _ => &[],
+        };
         let nb = self.k / QK8_0;
         let groups = nb / LANES;
+        let tail = nb % LANES;
         let gb = groups * GROUP_BYTES;
         let rb = self.row_bytes;
         let m = self.m;
@@ -94,6 +107,23 @@ impl Plan<'_> {
                     }
                     g0 += gc;
                 }
+                if tail > 0 {
+                    let t = Tail::new(ms.clone(), groups * LANES, nb, xb, blocks_d, nbias, s);
+                    for pi in 0..panels {
+                        let a = &mut acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
+                        let wt: [[W; LANES]; PANEL] = std::array::from_fn(|i| {
+                            let r = n0 + pi * PANEL + i;
+                            let wr: &[W] = bytemuck::cast_slice(&self.w.data[r * rb..][..rb]);
+                            std::array::from_fn(|l| {
+                                wr.get(groups * LANES + l).copied().unwrap_or(W::zeroed())
+                            })
+                        });
+                        let wp: [&[W]; PANEL] = std::array::from_fn(|i| &wt[i][..]);
+                        // SAFETY: as above; the padded rows have one group of 8 blocks and
+                        // `t.row(j)` one group of interleaved quants, 8 scales (and biases, s).
+                        unsafe { gemm32::chunk(wp, 0, 1, rows_m, &|j, _| t.row(j), buf, a) };
+                    }
+                }
                 for pi in 0..panels {
                     let col = n0 + pi * PANEL;
                     let a = &acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
@@ -103,5 +133,65 @@ impl Plan<'_> {
                 mb = ms.end;
             }
         });
+    }
+}
+
+/// The last `nb % 8` blocks of a block of activation rows as one group padded with zero blocks
+/// (quants, scale, `-BIAS · Σx` and `s` all zero), in the layout of `XRow`.
+struct Tail {
+    xt: Vec<u8>,
+    nbias: Vec<i32>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Tail {
+    /// Rows `ms` of the activations (`nb` blocks a row), blocks `b0..nb` of each.
+    fn new(
+        ms: std::ops::Range<usize>,
+        b0: usize,
+        nb: usize,
+        blocks: &[BlockQ8_0],
+        d: &[f32],
+        nbias: &[i32],
+        s: &[f32],
+    ) -> Self {
+        let rows = ms.len();
+        let mut t = Tail {
+            xt: vec![0; rows * GROUP_BYTES],
+            nbias: vec![0; if nbias.is_empty() { 0 } else { rows * LANES }],
+            d: vec![0.0; rows * LANES],
+            s: vec![0.0; if s.is_empty() { 0 } else { rows * LANES }],
+        };
+        let n = nb - b0;
+        for (j, r) in ms.enumerate() {
+            let at = r * nb + b0..(r + 1) * nb;
+            let pad: [BlockQ8_0; LANES] = std::array::from_fn(|l| {
+                blocks
+                    .get(at.start + l)
+                    .filter(|_| l < n)
+                    .copied()
+                    .unwrap_or(BlockQ8_0::zeroed())
+            });
+            interleave_q8_0(&pad, &mut t.xt[j * GROUP_BYTES..(j + 1) * GROUP_BYTES]);
+            t.d[j * LANES..j * LANES + n].copy_from_slice(&d[at.clone()]);
+            if !nbias.is_empty() {
+                t.nbias[j * LANES..j * LANES + n].copy_from_slice(&nbias[at.clone()]);
+            }
+            if !s.is_empty() {
+                t.s[j * LANES..j * LANES + n].copy_from_slice(&s[at]);
+            }
+        }
+        t
+    }
+
+    fn row(&self, j: usize) -> XRow<'_> {
+        let l = j * LANES..(j + 1) * LANES;
+        XRow {
+            xt: &self.xt[j * GROUP_BYTES..(j + 1) * GROUP_BYTES],
+            nbias: self.nbias.get(l.clone()).unwrap_or_default(),
+            d: &self.d[l.clone()],
+            s: self.s.get(l).unwrap_or_default(),
+        }
     }
 }

@@ -459,6 +459,28 @@ mod gemm_k;
 mod plan;
 use plan::plan;
 
+/// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (`gemm.rs`) for `m` activation
+/// rows on this CPU (the native runtime asks before it leaves its own packed kernels). The same
+/// condition as `plan`'s `gemm` (tested).
+pub fn has_gemm(qtype: QType, m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use_simd()
+            && use_vnni()
+            && crate::cpu::has_vnni_bw()
+            && m >= GEMM_MIN_M
+            && matches!(
+                qtype,
+                QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
+            )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (qtype, m);
+        false
+    }
+}
+
 /// `out = x · Wᵀ`: `x` is M x K row-major f32 (M = `m`), `w` is N x K quantized, `out` is M x N
 /// row-major. Every shape, size and value is checked; errors, never panics.
 ///

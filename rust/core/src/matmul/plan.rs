@@ -228,12 +228,12 @@ pub(super) fn plan<'a>(
             QType::Q4_1 | QType::Q5_1 => bw,
             _ => false,
         };
-    // The GEMM path: the tile formats with 512-bit VNNI, many rows, whole groups of 8 blocks.
+    // The GEMM path: the tile formats with 512-bit VNNI, many rows (any K: `gemm.rs` pads the
+    // last partial group of 8 blocks).
     #[cfg(target_arch = "x86_64")]
     let gemm = tile
         && bw
         && m >= GEMM_MIN_M
-        && k % (QK8_0 * reference::LANES) == 0
         && matches!(
             w.qtype,
             QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1

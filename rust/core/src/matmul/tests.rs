@@ -539,6 +539,12 @@ fn tiles_equal_reference_for_any_m_and_n() {
             (24, 136, 6),
             (9, 264, 4),
             (16, 16, 9),
+            // K not a multiple of 256 on the GEMM path (the last group padded): SmolLM2's 576
+            // (18 blocks), under one group, one whole chunk plus 2 blocks, 9 groups plus 2
+            (16, 18, 16),
+            (9, 3, 5),
+            (8, 66, 4),
+            (17, 74, 9),
             // M = 1 rows past `LONG_K` (the software prefetch): K = 14336, and 8 * 33 + 3 blocks
             (3, 448, 1),
             (5, 267, 1),
@@ -548,6 +554,15 @@ fn tiles_equal_reference_for_any_m_and_n() {
             let x = rng.normalish(m * k, 2.0);
             let mut y = vec![0.0f32; m * n];
             qmatmul(&x, m, &view(*qtype, n, k, &data), &mut y).unwrap();
+            let mut y1 = vec![0.0f32; m * n];
+            crate::parallel::set_num_threads(1);
+            let one = qmatmul(&x, m, &view(*qtype, n, k, &data), &mut y1);
+            crate::parallel::set_num_threads(0);
+            one.unwrap();
+            assert!(
+                y.iter().zip(&y1).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{qtype:?} n={n} nb={nb} m={m}: 1 thread differs"
+            );
             let mut xq = vec![BlockQ8_0::zeroed(); nb];
             for mi in 0..m {
                 r::quantize_row_q8_0(&x[mi * k..(mi + 1) * k], &mut xq);
@@ -597,6 +612,10 @@ fn min32_tiles_equal_reference() {
             (16, 136, 6),
             (9, 264, 4),
             (24, 8, 67),
+            // K not a multiple of 256 on the GEMM path (see above)
+            (16, 18, 16),
+            (9, 3, 5),
+            (8, 74, 9),
         ] {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, &[0, 2]);
@@ -784,5 +803,30 @@ fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
                 }
             }
         }
+    }
+}
+
+/// `has_gemm` (what the native runtime asks) says what `plan` chooses, for every format with a
+/// kernel here and M around the threshold.
+#[test]
+fn has_gemm_matches_the_plan() {
+    let mut rng = Rng(0x6e33_6e33_6e33_6e33);
+    let mut cases: Vec<(QType, &[usize])> = GGML_CASES.to_vec();
+    cases.extend([(QType::Q4_1, &[0, 2][..]), (QType::Q5_1, &[0, 2][..])]);
+    for (qtype, halves) in cases {
+        let info = qtype.info();
+        let (n, k) = (8, 512);
+        let data = blocks(&mut rng, n * k / info.block_size, info.type_size, halves);
+        let w = view(qtype, n, k, &data);
+        for m in [1, 2, 3, 4, 16] {
+            let x = rng.normalish(m * k, 1.0);
+            let p = plan(&x, m, &w, m * n).unwrap();
+            assert_eq!(p.gemm, has_gemm(qtype, m), "{qtype:?} m={m}");
+        }
+    }
+    // Which formats have the path (on a CPU with AVX-512 VNNI / BW).
+    #[cfg(target_arch = "x86_64")]
+    if use_simd() && use_vnni() && crate::cpu::has_vnni_bw() {
+        assert!(has_gemm(QType::Q4_0, 4) && !has_gemm(QType::Q4_0, 3));
     }
 }

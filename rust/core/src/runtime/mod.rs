@@ -4,7 +4,10 @@
 //!
 //! config.rs reads the hyper-parameters, weights.rs maps the tensors, ops.rs holds RMSNorm,
 //! RoPE, softmax and SwiGLU as ggml computes them, llama.rs the forward pass, generate.rs the
-//! decode loop, decode_timing.rs whole decode steps over synthetic caches (benches), packed.rs the q8_0 matrices in 8-row panels and their VNNI kernel.
+//! decode loop, decode_timing.rs whole decode steps over synthetic caches (benches), packed.rs
+//! the q8_0 matrices in 8-row panels and their VNNI kernel, packed_k.rs the same for q4_K /
+//! q6_K. Many-row matmuls (prompt, batched decode) of a packed matrix used
+//! in place from the file take `qmatmul`'s GEMM path where it is faster (`llama::matmul`).
 
 pub mod config;
 pub mod decode_timing;

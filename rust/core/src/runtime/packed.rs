@@ -43,6 +43,9 @@ pub struct Packed {
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<u8>,
+    /// The same q8_0 rows as stored in the mapped file, when the weight is used in place (not
+    /// stacked or repacked): many-row matmuls may take `qmatmul`'s GEMM path on them instead.
+    pub file_rows: Option<Range<usize>>,
 }
 
 /// Whether the runtime packs its q8_0 matrices: x86-64 with AVX-512 VNNI (and not
@@ -83,7 +86,12 @@ impl Packed {
                     }
                 }
             });
-        Packed { rows, cols, data }
+        Packed {
+            rows,
+            cols,
+            data,
+            file_rows: None,
+        }
     }
 
     fn blocks(&self) -> usize {

@@ -39,6 +39,9 @@ pub struct PackedK {
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<u8>,
+    /// The rows as stored in the mapped file, when the weight is used in place (see
+    /// `Packed::file_rows`).
+    pub file_rows: Option<std::ops::Range<usize>>,
 }
 
 /// One row's super-block unpacked: quants, scales per group, mins, d, dmin.
@@ -120,7 +123,17 @@ impl PackedK {
             rows,
             cols,
             data: out,
+            file_rows: None,
         })
+    }
+
+    /// q4_K or q6_K.
+    pub fn qtype(&self) -> QType {
+        if self.q6 {
+            QType::Q6K
+        } else {
+            QType::Q4K
+        }
     }
 
     fn panel(&self, p: usize) -> &[u8] {

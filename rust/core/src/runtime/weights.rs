@@ -9,7 +9,9 @@
 //!
 //! On x86-64 with AVX-512 VNNI the matrices of q8_0 values the forward pass multiplies (q8_0,
 //! q5_0 repacked, the stacked q|k|v and gate|up, the head) are then copied once more into the
-//! 8-row panels of `packed.rs` (`pack`), whose kernel gives the same products bit for bit.
+//! 8-row panels of `packed.rs` (`pack`), whose kernel gives the same products bit for bit; a
+//! packed matrix that was used in place keeps its range of the file (`file_rows`) for the GEMM
+//! path of many-row matmuls.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -236,18 +238,47 @@ pub fn pack(w: Weight, file: &[u8], k_quants: bool) -> Weight {
     if !packed::enabled() {
         return w;
     }
+    // A weight used in place keeps its rows in the file for the GEMM path (`file_rows`).
+    let in_file = match &w {
+        Weight::Quant { bytes, .. } => Some(bytes.clone()),
+        _ => None,
+    };
     match w.view(file, 0, w.rows()) {
-        Some(v) if v.qtype == QType::Q8_0 => Weight::Packed(Packed::from_q8_0(
-            bytemuck::cast_slice(v.data),
-            v.rows,
-            v.cols,
-        )),
+        Some(v) if v.qtype == QType::Q8_0 => {
+            let mut p = Packed::from_q8_0(bytemuck::cast_slice(v.data), v.rows, v.cols);
+            p.file_rows = in_file;
+            Weight::Packed(p)
+        }
         Some(v) if k_quants => match PackedK::new(v.qtype, v.data, v.rows, v.cols) {
-            Some(p) => Weight::PackedK(p),
+            Some(mut p) => {
+                p.file_rows = in_file;
+                Weight::PackedK(p)
+            }
             None => w,
         },
         _ => w,
     }
+}
+
+/// The rows of a packed weight as stored in the file (`file_rows`), viewed for `qmatmul`.
+pub fn file_view<'a>(
+    qtype: QType,
+    rows: usize,
+    cols: usize,
+    file_rows: &Option<Range<usize>>,
+    file: &'a [u8],
+) -> Option<QuantizedView<'a>> {
+    let data = file.get(file_rows.clone()?)?;
+    Some(QuantizedView {
+        qtype,
+        rows,
+        cols,
+        block_size: qtype.info().block_size,
+        scale_mode: None,
+        data,
+        stats: &[],
+        double_quant: None,
+    })
 }
 
 /// What loading did with each tensor type.
