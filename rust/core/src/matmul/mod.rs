@@ -468,11 +468,17 @@ pub fn has_gemm(qtype: QType, m: usize) -> bool {
         use_simd()
             && use_vnni()
             && crate::cpu::has_vnni_bw()
-            && m >= GEMM_MIN_M
-            && matches!(
-                qtype,
-                QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
-            )
+            && ((m >= GEMM_MIN_M
+                && matches!(
+                    qtype,
+                    QType::Q4_0
+                        | QType::Q5_0
+                        | QType::Q8_0
+                        | QType::IQ4NL
+                        | QType::Q4_1
+                        | QType::Q5_1
+                ))
+                || (m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(qtype)))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

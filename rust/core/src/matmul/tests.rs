@@ -828,5 +828,6 @@ fn has_gemm_matches_the_plan() {
     #[cfg(target_arch = "x86_64")]
     if use_simd() && use_vnni() && crate::cpu::has_vnni_bw() {
         assert!(has_gemm(QType::Q4_0, 4) && !has_gemm(QType::Q4_0, 3));
+        assert!(has_gemm(QType::Q4K, 4) && has_gemm(QType::Q6K, 16) && !has_gemm(QType::Q4K, 3));
     }
 }
