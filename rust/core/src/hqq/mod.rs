@@ -461,6 +461,17 @@ fn run_step_chunk(
 /// tensor is transposed once into group-major blocks (`lanes`); each step is one fused pass
 /// over them, blocks in parallel.
 pub fn solve(w: &[f32], group: usize, bits: u8, cfg: &HqqConfig) -> Result<Solved> {
+    solve_blocks(w, group, bits, cfg).map(|(sol, _)| sol)
+}
+
+/// `solve`, also returning its transposed blocks (`lanes`: groups `16 b ..` at `16 b group`,
+/// padded with the last group) for the integer-zero search to reuse.
+pub(crate) fn solve_blocks(
+    w: &[f32],
+    group: usize,
+    bits: u8,
+    cfg: &HqqConfig,
+) -> Result<(Solved, Vec<f32>)> {
     cfg.check()?;
     check(w, group, bits)?;
     let maxq = ((1u32 << bits) - 1) as f32;
@@ -509,11 +520,12 @@ pub fn solve(w: &[f32], group: usize, bits: u8, cfg: &HqqConfig) -> Result<Solve
     }
     s.truncate(n);
     z.truncate(n);
-    Ok(Solved {
+    let sol = Solved {
         inv_scale: s,
         zero: z,
         steps,
-    })
+    };
+    Ok((sol, wt))
 }
 
 #[cfg(test)]
