@@ -90,6 +90,25 @@ fn code_offset(t: f32, z: f32, maxq: f32) -> f32 {
     t.round_ties_even().max(-z).min(maxq - z)
 }
 
+/// `grid_err` for two zeros with the same scales in one pass: `round(x / s)` is shared (the
+/// two zero candidates of the search meet every grid scale), each sum is `grid_err`'s.
+#[inline(always)]
+fn grid_err2(xt: &[f32], s: &V, z0: &V, z1: &V, maxq: f32) -> (V, V) {
+    let inv = inverse(s);
+    let (mut e0, mut e1) = ([[0f32; LANES]; 8], [[0f32; LANES]; 8]);
+    for_each_run(xt, |u, x| {
+        for l in 0..LANES {
+            let v = x[l];
+            let t = (v * inv[l]).round_ties_even();
+            let r0 = t.max(-z0[l]).min(maxq - z0[l]) * s[l] - v;
+            let r1 = t.max(-z1[l]).min(maxq - z1[l]) * s[l] - v;
+            e0[u][l] += r0 * r0;
+            e1[u][l] += r1 * r1;
+        }
+    });
+    (lanes::tree_sum(&e0), lanes::tree_sum(&e1))
+}
+
 /// Per lane, `1 / s`.
 #[inline(always)]
 fn inverse(s: &V) -> V {
@@ -251,43 +270,48 @@ fn block(xt: &[f32], inv: &V, zf: &V, maxq: f32) -> [Pick; LANES] {
         zr[l] = zf[l].round_ties_even().clamp(0.0, maxq);
         side[l] = if zf[l] > zr[l] { 1.0 } else { -1.0 };
     }
-    // the best (error, scale, zero) so far per lane; `has`: one was found
-    let (mut be, mut bs, mut bz) = ([0f32; LANES], [1f32; LANES], [0f32; LANES]);
-    let mut has = [false; LANES];
-    for t in 0..2 {
-        let mut zc = zr;
-        let mut zok = ok0;
-        for l in 0..LANES {
-            if t == 1 {
-                zc[l] += side[l];
-            }
-            zok[l] &= (0.0..=maxq).contains(&zc[l]);
+    // the zeros round(z) and its neighbour on z's side (t = 0, 1)
+    let (mut zc, mut zok) = ([zr; 2], [ok0; 2]);
+    for l in 0..LANES {
+        zc[1][l] += side[l];
+        for t in 0..2 {
+            zok[t][l] &= (0.0..=maxq).contains(&zc[t][l]);
         }
-        // the grid of scale factors (errors only), then one least-squares refit of its best
-        // point (its moments computed once, for that point)
-        let (mut ge, mut gs) = ([0f32; LANES], [1f32; LANES]);
-        let mut ghas = [false; LANES];
-        for f in SCALE_FACTORS {
-            let (mut s, mut ok) = ([1f32; LANES], [false; LANES]);
+    }
+    // per zero the grid of scale factors (errors only, both zeros in one pass per factor), then
+    // one least-squares refit of its best point (the moments computed for that point alone)
+    let (mut ge, mut gs) = ([[0f32; LANES]; 2], [[1f32; LANES]; 2]);
+    let mut ghas = [[false; LANES]; 2];
+    for f in SCALE_FACTORS {
+        let (mut s, mut valid) = ([1f32; LANES], [false; LANES]);
+        for l in 0..LANES {
+            let v = lanes::f16_round(s0[l] * f);
+            valid[l] = v > 0.0 && v.is_finite();
+            s[l] = if valid[l] { v } else { 1.0 };
+        }
+        let ok: [[bool; LANES]; 2] =
+            std::array::from_fn(|t| std::array::from_fn(|l| zok[t][l] && valid[l]));
+        if !ok.iter().flatten().any(|&o| o) {
+            continue;
+        }
+        let (e0, e1) = grid_err2(xt, &s, &zc[0], &zc[1], maxq);
+        for (t, e) in [e0, e1].iter().enumerate() {
             for l in 0..LANES {
-                let v = lanes::f16_round(s0[l] * f);
-                ok[l] = zok[l] && v > 0.0 && v.is_finite();
-                s[l] = if ok[l] { v } else { 1.0 };
-            }
-            if !ok.iter().any(|&o| o) {
-                continue;
-            }
-            let e = grid_err(xt, &s, &zc, maxq);
-            for l in 0..LANES {
-                if ok[l] && (!ghas[l] || e[l] < ge[l]) {
-                    (ge[l], gs[l], ghas[l]) = (e[l], s[l], true);
+                if ok[t][l] && (!ghas[t][l] || e[l] < ge[t][l]) {
+                    (ge[t][l], gs[t][l], ghas[t][l]) = (e[l], s[l], true);
                 }
             }
         }
+    }
+    // the best (error, scale, zero) per lane, zero 0 before zero 1; `has`: one was found
+    let (mut be, mut bs, mut bz) = ([0f32; LANES], [1f32; LANES], [0f32; LANES]);
+    let mut has = [false; LANES];
+    for t in 0..2 {
+        let (ge, gs, ghas, zc) = (&mut ge[t], &mut gs[t], &ghas[t], &zc[t]);
         if !ghas.iter().any(|&h| h) {
             continue;
         }
-        let (gxd, gdd) = grid_moments(xt, &gs, &zc, maxq);
+        let (gxd, gdd) = grid_moments(xt, gs, zc, maxq);
         let (mut s2, mut ok2) = ([1f32; LANES], [false; LANES]);
         for l in 0..LANES {
             if ghas[l] && gdd[l] > 0.0 {
@@ -297,7 +321,7 @@ fn block(xt: &[f32], inv: &V, zf: &V, maxq: f32) -> [Pick; LANES] {
             }
         }
         if ok2.iter().any(|&o| o) {
-            let e2 = grid_err(xt, &s2, &zc, maxq);
+            let e2 = grid_err(xt, &s2, zc, maxq);
             for l in 0..LANES {
                 if ok2[l] && e2[l] < ge[l] {
                     (ge[l], gs[l]) = (e2[l], s2[l]);

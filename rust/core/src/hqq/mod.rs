@@ -301,18 +301,33 @@ struct Step {
 
 /// The step of the reference for one group whose errors reach the threshold: the zero update
 /// with the shrinkage (`shrink` only where `|r| >= thr`: below it, it is +0 exactly).
+/// In three passes, so that only the few errors at or above the threshold take the scalar
+/// `powf`: every term `q - (w - e) s` with `e = 0` (vectorised: `w - 0` is `w`), those terms
+/// patched, then the reference's sums in its order (the same terms, the same additions).
+/// `terms` / `errs`: scratch of at least `x.len()`.
 #[inline(always)]
-fn shrunk_zero(x: &[f32], s: f32, z: f32, c: Step) -> f32 {
-    let mut zacc = [0f32; LANES];
-    for (j, &xv) in x.iter().enumerate() {
+fn shrunk_zero(x: &[f32], s: f32, z: f32, c: Step, terms: &mut [f32], errs: &mut [f32]) -> f32 {
+    let (terms, errs) = (&mut terms[..x.len()], &mut errs[..x.len()]);
+    for ((t, r), &xv) in terms.iter_mut().zip(errs.iter_mut()).zip(x) {
         let qv = code(xv, s, z, c.maxq);
-        let rv = xv - (qv - z) / s;
-        let e = if rv.abs() < c.thr {
-            0.0
-        } else {
-            shrink(rv, c.inv_beta, c.p)
-        };
-        zacc[j % LANES] += qv - (xv - e) * s;
+        *r = xv - (qv - z) / s;
+        *t = qv - xv * s;
+    }
+    for (j, &rv) in errs.iter().enumerate() {
+        if rv.abs() >= c.thr {
+            let (xv, qv) = (x[j], code(x[j], s, z, c.maxq));
+            terms[j] = qv - (xv - shrink(rv, c.inv_beta, c.p)) * s;
+        }
+    }
+    let mut zacc = [0f32; LANES];
+    let mut it = terms.chunks_exact(LANES);
+    for ts in it.by_ref() {
+        for (a, &t) in zacc.iter_mut().zip(ts) {
+            *a += t;
+        }
+    }
+    for (a, &t) in zacc.iter_mut().zip(it.remainder()) {
+        *a += t;
     }
     lane_sum(&zacc) / x.len() as f32
 }
@@ -372,6 +387,7 @@ fn step_chunk(
     c: Step,
 ) {
     let n = w.len() / group;
+    let (mut terms, mut errs) = (Vec::new(), Vec::new());
     for (b, xb) in wt.chunks_exact(group * lanes::LANES).enumerate() {
         let span = b * lanes::LANES..(b + 1) * lanes::LANES;
         let sv: &V = s[span.clone()].try_into().unwrap();
@@ -384,7 +400,11 @@ fn step_chunk(
                 zn[l]
             } else {
                 let k = (first + i).min(n - 1);
-                shrunk_zero(&w[k * group..(k + 1) * group], sv[l], zv[l], c)
+                if terms.is_empty() {
+                    (terms, errs) = (vec![0f32; group], vec![0f32; group]);
+                }
+                let x = &w[k * group..(k + 1) * group];
+                shrunk_zero(x, sv[l], zv[l], c, &mut terms, &mut errs)
             };
         }
     }
