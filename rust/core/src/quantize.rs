@@ -21,7 +21,7 @@ pub struct Options<'a> {
 }
 
 /// The largest finite float16 value.
-const F16_MAX: f32 = 65504.0;
+pub(crate) const F16_MAX: f32 = 65504.0;
 
 const ALLOWED_BLOCKS: &str = "a power of two from 32 to 4096";
 

@@ -34,6 +34,26 @@ pub fn gather(v: &[f32], first: usize) -> V {
     o
 }
 
+/// The fp16 value of `x` as f32 (`half::f16::from_f32(x).to_f32()`, round to nearest even,
+/// overflow to infinity), without a call: inlined into the lane loops it vectorises.
+#[inline(always)]
+pub fn f16_round(x: f32) -> f32 {
+    const SUB: f32 = 16_777_216.0; // 2^24: fp16 subnormals are multiples of 2^-24
+    let a = x.abs();
+    let b = x.to_bits();
+    // normal: round the mantissa to 10 bits (ties to even; a carry moves the exponent)
+    let normal = f32::from_bits(b.wrapping_add(0x0fff + ((b >> 13) & 1)) & !0x1fff);
+    // subnormal: exact scaling by powers of two around one rounding
+    let sub = (x * SUB).round_ties_even() * (1.0 / SUB);
+    let v = if a < 6.103_515_6e-5 { sub } else { normal };
+    // 65520 is the midpoint between 65504 and 2^16: ties to even go up, to infinity
+    if a >= 65520.0 {
+        f32::INFINITY.copysign(x)
+    } else {
+        v
+    }
+}
+
 /// The 8 interleaved partial sums combined in the module comment's tree, per lane.
 #[inline(always)]
 pub fn tree_sum(a: &[V; 8]) -> V {
@@ -43,4 +63,61 @@ pub fn tree_sum(a: &[V; 8]) -> V {
             + ((a[4][l] + a[5][l]) + (a[6][l] + a[7][l]));
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_round_is_halfs_rounding() {
+        let check = |x: f32| {
+            let want = half::f16::from_f32(x).to_f32();
+            assert_eq!(
+                f16_round(x).to_bits(),
+                want.to_bits(),
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        };
+        // every exponent, the mantissas around the rounding points, both signs
+        for e in 0u32..255 {
+            for m in [
+                0u32, 1, 0xfff, 0x1000, 0x1001, 0x1fff, 0x2000, 0x3000, 0x7f_e000, 0x7f_f000,
+                0x7f_ffff, 0x55_5555, 0x2a_aaaa,
+            ] {
+                for sign in [0u32, 1 << 31] {
+                    check(f32::from_bits(sign | e << 23 | m));
+                }
+            }
+        }
+        for x in [
+            65504.0f32,
+            65519.99,
+            65520.0,
+            65536.0,
+            6.1035156e-5,
+            6.1035e-5,
+            5.96e-8,
+            2.98e-8,
+            2.9802322e-8,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ] {
+            check(x);
+        }
+        // and a pseudo-random sample of all finite bit patterns
+        let mut s = 0x9E37_79B9u32;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let x = f32::from_bits(s);
+            if x.is_finite() {
+                check(x);
+            }
+        }
+    }
 }

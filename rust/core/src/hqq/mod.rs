@@ -224,7 +224,9 @@ fn check(w: &[f32], group: usize, bits: u8) -> Result<()> {
             w.len()
         )));
     }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+    // a branch-free scan first (it vectorises; `position` alone does not), the index on failure
+    let bad = w.iter().fold(0u32, |b, v| b | u32::from(!v.is_finite()));
+    if let Some(i) = (bad != 0).then(|| w.iter().position(|v| !v.is_finite()).unwrap_or(0)) {
         return Err(Error::NonFinite {
             row: i / group,
             col: i % group,
@@ -301,18 +303,33 @@ struct Step {
 
 /// The step of the reference for one group whose errors reach the threshold: the zero update
 /// with the shrinkage (`shrink` only where `|r| >= thr`: below it, it is +0 exactly).
+/// In three passes, so that only the few errors at or above the threshold take the scalar
+/// `powf`: every term `q - (w - e) s` with `e = 0` (vectorised: `w - 0` is `w`), those terms
+/// patched, then the reference's sums in its order (the same terms, the same additions).
+/// `terms` / `errs`: scratch of at least `x.len()`.
 #[inline(always)]
-fn shrunk_zero(x: &[f32], s: f32, z: f32, c: Step) -> f32 {
-    let mut zacc = [0f32; LANES];
-    for (j, &xv) in x.iter().enumerate() {
+fn shrunk_zero(x: &[f32], s: f32, z: f32, c: Step, terms: &mut [f32], errs: &mut [f32]) -> f32 {
+    let (terms, errs) = (&mut terms[..x.len()], &mut errs[..x.len()]);
+    for ((t, r), &xv) in terms.iter_mut().zip(errs.iter_mut()).zip(x) {
         let qv = code(xv, s, z, c.maxq);
-        let rv = xv - (qv - z) / s;
-        let e = if rv.abs() < c.thr {
-            0.0
-        } else {
-            shrink(rv, c.inv_beta, c.p)
-        };
-        zacc[j % LANES] += qv - (xv - e) * s;
+        *r = xv - (qv - z) / s;
+        *t = qv - xv * s;
+    }
+    for (j, &rv) in errs.iter().enumerate() {
+        if rv.abs() >= c.thr {
+            let (xv, qv) = (x[j], code(x[j], s, z, c.maxq));
+            terms[j] = qv - (xv - shrink(rv, c.inv_beta, c.p)) * s;
+        }
+    }
+    let mut zacc = [0f32; LANES];
+    let mut it = terms.chunks_exact(LANES);
+    for ts in it.by_ref() {
+        for (a, &t) in zacc.iter_mut().zip(ts) {
+            *a += t;
+        }
+    }
+    for (a, &t) in zacc.iter_mut().zip(it.remainder()) {
+        *a += t;
     }
     lane_sum(&zacc) / x.len() as f32
 }
@@ -372,6 +389,7 @@ fn step_chunk(
     c: Step,
 ) {
     let n = w.len() / group;
+    let (mut terms, mut errs) = (Vec::new(), Vec::new());
     for (b, xb) in wt.chunks_exact(group * lanes::LANES).enumerate() {
         let span = b * lanes::LANES..(b + 1) * lanes::LANES;
         let sv: &V = s[span.clone()].try_into().unwrap();
@@ -384,7 +402,11 @@ fn step_chunk(
                 zn[l]
             } else {
                 let k = (first + i).min(n - 1);
-                shrunk_zero(&w[k * group..(k + 1) * group], sv[l], zv[l], c)
+                if terms.is_empty() {
+                    (terms, errs) = (vec![0f32; group], vec![0f32; group]);
+                }
+                let x = &w[k * group..(k + 1) * group];
+                shrunk_zero(x, sv[l], zv[l], c, &mut terms, &mut errs)
             };
         }
     }
@@ -461,6 +483,17 @@ fn run_step_chunk(
 /// tensor is transposed once into group-major blocks (`lanes`); each step is one fused pass
 /// over them, blocks in parallel.
 pub fn solve(w: &[f32], group: usize, bits: u8, cfg: &HqqConfig) -> Result<Solved> {
+    solve_blocks(w, group, bits, cfg).map(|(sol, _)| sol)
+}
+
+/// `solve`, also returning its transposed blocks (`lanes`: groups `16 b ..` at `16 b group`,
+/// padded with the last group) for the integer-zero search to reuse.
+pub(crate) fn solve_blocks(
+    w: &[f32],
+    group: usize,
+    bits: u8,
+    cfg: &HqqConfig,
+) -> Result<(Solved, Vec<f32>)> {
     cfg.check()?;
     check(w, group, bits)?;
     let maxq = ((1u32 << bits) - 1) as f32;
@@ -509,11 +542,12 @@ pub fn solve(w: &[f32], group: usize, bits: u8, cfg: &HqqConfig) -> Result<Solve
     }
     s.truncate(n);
     z.truncate(n);
-    Ok(Solved {
+    let sol = Solved {
         inv_scale: s,
         zero: z,
         steps,
-    })
+    };
+    Ok((sol, wt))
 }
 
 #[cfg(test)]

@@ -19,16 +19,18 @@
 //! an HQQ tensor's squared error is never above RTN's, block by block (the lp objective alone
 //! does not bound the L2 error).
 
+use std::borrow::Cow;
+
 use crate::error::{Error, Result};
 use crate::formats::blocks::{f16_from_f32, f16_to_f32, BlockQ2K, BlockQ4K, BlockQ4_1};
 use crate::formats::blocks::{BlockQ5K, BlockQ5_1, QK_K};
 use crate::formats::k_quants::{q2_k, q4_k, q5_k};
 use crate::formats::{ggml_dequantize_row, gint, tensor::Quantized};
 use crate::hqq::int_zero::{self, SCALE_FACTORS};
-use crate::hqq::{solve, HqqConfig, Solved};
+use crate::hqq::{solve, solve_blocks, HqqConfig, Solved};
 use crate::input::{map_rows, Elems, Matrix};
 use crate::qtype::{GInt, QType};
-use crate::quantize::{quantize as quantize_rtn, Options};
+use crate::quantize::{quantize as quantize_rtn, Options, F16_MAX};
 
 /// The qtypes HQQ writes (for error messages).
 pub const SUPPORTED: &str = "the asymmetric grouped integer qtypes (int2/int3/int4 \
@@ -66,51 +68,87 @@ pub fn quantize_with(
             qtype.name()
         )));
     };
+    if let (QType::GInt(g), false) = (qtype, reference) {
+        return gint_tensor(m, qtype, g, group, cfg);
+    }
     // the format's own tensor: its shape and range checks, and the RTN candidate of every block
     let mut q = quantize_rtn(m, qtype, &Options::default())?;
-    let owned: Vec<f32>;
-    let w: &[f32] = match m.elems {
-        Elems::F32(v) => v,
-        _ => {
-            let mut buf = Vec::new();
-            owned = (0..m.rows)
-                .flat_map(|r| m.row(r, &mut buf).to_vec())
-                .collect();
-            &owned
-        }
-    };
+    let w = as_f32(m);
+    let w: &[f32] = &w;
     let sol = solve(w, group, bits, cfg)?;
     let per_row = m.cols / group;
     let row_bytes = q.data.len() / m.rows;
     let stats_row = q.stats.len() / m.rows;
     let (data, stats) = (&mut q.data, &mut q.stats);
     match qtype {
-        QType::GInt(g) if reference => {
-            map_rows(m, data, row_bytes, stats, stats_row, |r, x, out, st| {
-                gint_row_dispatch(g, x, &sol, r * per_row, out, st)
-            })
-        }
-        QType::GInt(g) => {
-            let choice = int_zero::choose(&int_zero::Job {
-                w,
-                g,
-                gl: group,
-                per_row,
-                row_bytes,
-                data,
-                stats,
-                sol: &sol,
-                maxq: ((1u32 << bits) - 1) as f32,
-            });
-            map_rows(m, data, row_bytes, stats, stats_row, |r, x, out, st| {
-                apply_row_dispatch(g, x, &choice[r * per_row..(r + 1) * per_row], out, st)
-            })
-        }
+        QType::GInt(g) => map_rows(m, data, row_bytes, stats, stats_row, |r, x, out, st| {
+            gint_row_dispatch(g, x, &sol, r * per_row, out, st)
+        }),
         _ => map_rows(m, data, row_bytes, &mut [], 0, |r, x, out, _| {
             ggml_row_dispatch(qtype, x, &sol, r * per_row, out)
         }),
     }
     Ok(q)
+}
+
+/// The weights as one f32 slice (borrowed when they are f32 already).
+fn as_f32<'a>(m: &'a Matrix<'_>) -> Cow<'a, [f32]> {
+    match m.elems {
+        Elems::F32(v) => Cow::Borrowed(v),
+        _ => {
+            let mut buf = Vec::new();
+            Cow::Owned(
+                (0..m.rows)
+                    .flat_map(|r| m.row(r, &mut buf).to_vec())
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// The fast path for grouped integers: the format's checks, the solver, then `int_zero` on the
+/// solver's transposed blocks (RTN candidate, search and codes in one pass per block; the same
+/// bytes as the reference path, which starts from `crate::quantize`'s RTN tensor: tested).
+fn gint_tensor(
+    m: &Matrix<'_>,
+    qtype: QType,
+    g: GInt,
+    group: usize,
+    cfg: &HqqConfig,
+) -> Result<Quantized> {
+    // `crate::quantize`'s checks for the format, in its order: value range, then row length
+    m.check_range(F16_MAX, qtype.name())?;
+    gint::check_shape(qtype, g, m.rows, m.cols)?;
+    let w = as_f32(m);
+    let (sol, wt) = solve_blocks(&w, group, g.bits, cfg)?;
+    let (data, picks) = int_zero::quantize(&int_zero::Job {
+        w: &w,
+        wt: &wt,
+        bits: g.bits,
+        gl: group,
+        sol: &sol,
+        maxq: ((1u32 << g.bits) - 1) as f32,
+    });
+    let per_row = m.cols / group;
+    let mut stats = vec![0f32; m.rows * 2 * per_row];
+    for (st, row) in stats
+        .chunks_exact_mut(2 * per_row)
+        .zip(picks.chunks_exact(per_row))
+    {
+        for (k, p) in row.iter().enumerate() {
+            (st[k], st[per_row + k]) = p.stored();
+        }
+    }
+    Ok(Quantized {
+        qtype,
+        rows: m.rows,
+        cols: m.cols,
+        block_size: group,
+        scale_mode: None,
+        data,
+        stats,
+        double_quant: None,
+    })
 }
 
 /// The row functions compiled for AVX2 where the CPU has it (rounding is one instruction there
@@ -272,58 +310,6 @@ fn gint_row(g: GInt, x: &[f32], sol: &Solved, first: usize, out: &mut [u8], st: 
         }
     }
     gint::pack_row(&codes, g.bits, out);
-}
-
-fn apply_row_dispatch(
-    g: GInt,
-    x: &[f32],
-    choice: &[Option<(f32, f32)>],
-    out: &mut [u8],
-    st: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu::has_avx2() {
-        // SAFETY: has_avx2 checked the CPU at run time.
-        unsafe { apply_row_avx2(g, x, choice, out, st) };
-        return;
-    }
-    apply_row(g, x, choice, out, st)
-}
-
-/// # Safety
-/// The CPU must support AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn apply_row_avx2(
-    g: GInt,
-    x: &[f32],
-    choice: &[Option<(f32, f32)>],
-    out: &mut [u8],
-    st: &mut [f32],
-) {
-    apply_row(g, x, choice, out, st)
-}
-
-/// One grouped-integer row from `int_zero`'s choices: `out` / `st` hold the format's RTN row on
-/// entry; a chosen group gets its scale, zero and nearest codes (as `gint_row` writes them).
-#[inline(always)]
-fn apply_row(g: GInt, x: &[f32], choice: &[Option<(f32, f32)>], out: &mut [u8], st: &mut [f32]) {
-    if choice.iter().all(|c| c.is_none()) {
-        return;
-    }
-    let (groups, gl) = (choice.len(), x.len() / choice.len());
-    let maxq = ((1u32 << g.bits) - 1) as f32;
-    let mut codes = vec![0u8; gl];
-    for (k, c) in choice.iter().enumerate() {
-        if let Some((s, z)) = *c {
-            let inv = 1.0 / s;
-            for (q, &v) in codes.iter_mut().zip(&x[k * gl..(k + 1) * gl]) {
-                *q = nearest(v, inv, z, maxq) as u8;
-            }
-            int_zero::pack(&codes, g.bits, k * gl, out);
-            (st[k], st[groups + k]) = (s, z);
-        }
-    }
 }
 
 /// q4_1 / q5_1 blocks from the solver's parameters (module comment).
@@ -489,6 +475,9 @@ mod tests {
         {
             let mut w = sample(rows * cols, seed, scale);
             w[..32].fill(0.125); // a constant half-group
+            w[64..128].fill(0.0); // an all-zero group: RTN's [-1, 1]
+            w[128..192].iter_mut().for_each(|v| *v *= 1e-30); // scales below fp16's range
+            w[192..196].fill(-0.0);
             let m = Matrix::from_f32(&w, rows, cols).unwrap();
             for name in ["int4_g64", "int3_g64", "int2_g32", "int4_gch", "int3_g128"] {
                 let qt = QType::parse(name).unwrap();
