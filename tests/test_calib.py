@@ -119,3 +119,36 @@ def test_non_finite_activations_name_the_layer():
         ValueError, match=r"non-finite activations at the input of model\.layers\.1\.mlp"
     ):
         run_layers(model, ids, lambda *a: None, progress=False)
+
+
+@pytest.mark.parametrize("d", [5, 128, 129, 300])
+def test_gram_is_x_transpose_x_and_exactly_symmetric(d):
+    """The statistics' triangular-block product against float64 x^T x, and mirrored exactly."""
+    from ferroquant.calib.capture import gram
+
+    x = torch.randn(257, d, generator=torch.Generator().manual_seed(d))
+    got = gram(x)
+    ref = x.double().T @ x.double()
+    assert got.dtype == torch.float32 and torch.equal(got, got.T)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_capture_statistics_are_float32_products_under_bf16_autocast():
+    """The bf16 forward never reaches the x^T x product: q's Hessian (its input is the norm,
+    float32) is the same with and without the autocast, bit for bit."""
+    import ferroquant.calib.capture as cap
+
+    model = _tiny()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        hidden, calls = first_layer_inputs(model, layers, ids)
+        sums = []
+        for dtype in (None, torch.bfloat16):
+            old, cap.FORWARD_AUTOCAST = cap.FORWARD_AUTOCAST, dtype
+            try:
+                st = cap.collect_stats(layers[0], calls[0], hidden, "l0")
+            finally:
+                cap.FORWARD_AUTOCAST = old
+            sums.append(st.sums[st.group_of["self_attn.q_proj"]])
+    assert torch.equal(sums[0], sums[1])

@@ -18,13 +18,14 @@ per shard on a cluster and get the same bits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..calib import InputStats
+from ..calib.capture import forward_autocast, shard_batches
 from ..nn import QuantLinear
 from ..tensor import QuantizeError
 from .awq import (
@@ -67,23 +68,35 @@ def _first(out: Any) -> torch.Tensor:
 # -- per-window pieces: run here on all windows, or per shard on a Ray cluster ------------------
 
 
+def _batches(hidden: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index of its first window, batch) for each of the capture's shard batches of `hidden`
+    (`calib.capture.shard_batches`: the same batches on one machine and in a Ray task's shard)."""
+    k = 0
+    for batch in shard_batches(hidden):
+        yield k, batch
+        k += batch.shape[0]
+
+
 def window_abs_sums(
     layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, name: str, where: str
 ) -> list[tuple[torch.Tensor, int]]:
     """Per window: the float64 sum over its tokens of |x| at the input of Linear `name`, and the
-    number of tokens (AWQ's x_mean, added in window order)."""
+    number of tokens (AWQ's x_mean, added in window order). The layer runs a shard batch at a
+    time, in the capture's precision (`forward_autocast`)."""
     got: list[tuple[torch.Tensor, int]] = []
 
     def pre(mod: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
+        x = args[0].detach().to(torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise QuantizeError(f"awq: non-finite activations at the input of {where}")
-        got.append((x.abs().sum(0, dtype=torch.float64), x.shape[0]))
+        for xw in x.reshape(-1, *x.shape[-2:]):  # one [L, d] per window of the batch
+            got.append((xw.abs().sum(0, dtype=torch.float64), xw.shape[0]))
 
     h = layer.get_submodule(name).register_forward_pre_hook(pre)
     try:
-        for x in hidden:
-            layer(x, *call.args, **call.kwargs)
+        for _, batch in _batches(hidden):
+            with forward_autocast(batch):
+                layer(batch, *call.args, **call.kwargs)
     finally:
         h.remove()
     return got
@@ -101,7 +114,9 @@ def window_losses(
     """Per window: for each candidate (the weights of the Linears `names`), the float64 sum of
     squared differences between the block's output with those weights and its float output;
     and the output's element count (a candidate's loss: the sums added in window order over the
-    counts)."""
+    counts). The block runs once per candidate and shard batch (not per window), in the
+    capture's precision (`forward_autocast`); the per-window sums are taken from the batch's
+    rows."""
     block = layer.get_submodule(block_name)
     lins = [layer.get_submodule(n) for n in names]
     calls: list[tuple[tuple, dict]] = []
@@ -111,29 +126,36 @@ def window_losses(
         calls.append((args, dict(kwargs)))
 
     def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        reference.append(_first(out).detach())
+        reference.append(_first(out).detach().to(torch.float32))
 
     hs = [block.register_forward_pre_hook(pre, with_kwargs=True),
           block.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
+    batches = list(_batches(hidden))
     try:
-        for x in hidden:
-            layer(x, *call.args, **call.kwargs)
+        for _, batch in batches:
+            with forward_autocast(batch):
+                layer(batch, *call.args, **call.kwargs)
     finally:
         for h in hs:
             h.remove()
-    nums = [[0.0] * len(candidates) for _ in reference]
+    nums = [[0.0] * len(candidates) for _ in hidden]
+    counts = [0] * len(hidden)
     originals = [lin.weight.data for lin in lins]
     try:
         for c, weights in enumerate(candidates):
             for lin, w in zip(lins, weights, strict=True):
                 lin.weight.data = w
-            for k, ((a, kw), r) in enumerate(zip(calls, reference, strict=True)):
-                o = _first(block(*a, **kw))
-                nums[k][c] = float((o - r).pow(2).sum(dtype=torch.float64))
+            for (k0, batch), (a, kw), r in zip(batches, calls, reference, strict=True):
+                with forward_autocast(batch):
+                    o = _first(block(*a, **kw))
+                d = (o.to(torch.float32) - r).reshape(batch.shape[0], -1)
+                for j, row in enumerate(d):  # per window, in window order
+                    nums[k0 + j][c] = float(row.pow(2).sum(dtype=torch.float64))
+                    counts[k0 + j] = row.numel()
     finally:
         for lin, w0 in zip(lins, originals, strict=True):
             lin.weight.data = w0
-    return [(n, r.numel()) for n, r in zip(nums, reference, strict=True)]
+    return [(n, m) for n, m in zip(nums, counts, strict=True)]
 
 
 def window_strided_inputs(
@@ -147,17 +169,19 @@ def window_strided_inputs(
 
     def hook(name: str) -> Callable[..., None]:
         def pre(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-            start = (first + at[0]) * x.shape[0]
-            got[at[0]][name] = x[(-start) % step :: step]
+            x = args[0].detach().to(torch.float32)
+            for j, xw in enumerate(x.reshape(-1, *x.shape[-2:])):  # one [L, d] per window
+                start = (first + at[0] + j) * xw.shape[0]
+                got[at[0] + j][name] = xw[(-start) % step :: step]
 
         return pre
 
     hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        for k, x in enumerate(hidden):
-            at[0] = k
-            layer(x, *call.args, **call.kwargs)
+        for k0, batch in _batches(hidden):
+            at[0] = k0
+            with forward_autocast(batch):
+                layer(batch, *call.args, **call.kwargs)
     finally:
         for h in hs:
             h.remove()
