@@ -201,6 +201,9 @@ struct Plan<'a> {
     /// M = 1 and K above `LONG_K`: the row kernels prefetch the weights ahead in software.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     long: bool,
+    /// The bf16 GEMM path (`gemm_bf16.rs`) runs, with these activations.
+    #[cfg(target_arch = "x86_64")]
+    bf16: Option<x86::gemm16::Acts16>,
 }
 
 fn use_simd() -> bool {
@@ -283,6 +286,11 @@ const ROW32_MAX_K: usize = 2048;
 /// From this many activation rows on the 32-weight formats take the GEMM path (`gemm.rs`).
 #[cfg(target_arch = "x86_64")]
 const GEMM_MIN_M: usize = 4;
+/// From this many activation rows on nf4, int8, fp8 and the grouped integers take the bf16
+/// GEMM (`gemm_bf16.rs`) where the CPU has AVX-512 BF16 (and with it `reference::bf16`'s
+/// numerics instead of `reference::q16`'s / the f32 ones).
+#[cfg(target_arch = "x86_64")]
+pub const GEMM16_MIN_M: usize = 8;
 /// Activation rows of one block on the GEMM path (each panel chunk decoded once per block).
 #[cfg(target_arch = "x86_64")]
 const GEMM_MAX_BLOCK: usize = 128;
@@ -453,6 +461,8 @@ impl Plan<'_> {
 mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16;
 mod plan;
 use plan::plan;
 
@@ -463,6 +473,11 @@ use plan::plan;
 pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
     let plan = plan(x, m, w, out.len())?;
     if m == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(xb) = &plan.bf16 {
+        plan.run_bf16(xb, out);
         return Ok(());
     }
     let n = w.rows;
