@@ -6,7 +6,10 @@
 //! chunks; at the end each output goes straight into `out`. Numerics: `reference/bf16.rs`
 //! (every output is that reference's chain, wherever it sits and however the jobs split).
 
-use std::arch::x86_64::{__m512, _mm512_setzero_ps, _mm512_storeu_ps};
+use std::arch::x86_64::{
+    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_storeu_ps,
+    _mm512_zextps256_ps512,
+};
 use std::cell::RefCell;
 
 use rayon::prelude::*;
@@ -18,6 +21,8 @@ use crate::qtype::QType;
 /// Activation vectors (16 rows each) of one job's block: the block's chunk of activations
 /// (16 vectors x 128 pairs x 64 bytes = 128 KiB) stays in L2 while the job's rows pass.
 const BLOCK_VECTORS: usize = 16;
+/// Chunks of K ahead that `decode_bf16` prefetches a row's bytes.
+const PREFETCH_CHUNKS: usize = 2;
 
 thread_local! {
     /// Each pool thread's decoded chunk (PANEL rows of KC bf16), int8 codes of one grouped row
@@ -37,7 +42,13 @@ impl Plan<'_> {
             let (ri, bi) = (t / blocks, t % blocks);
             let n0 = ri * PANEL;
             let v0 = bi * BLOCK_VECTORS;
-            self.job_bf16(x, n0, PANEL.min(n - n0), v0..(v0 + BLOCK_VECTORS).min(x.vectors), &outp);
+            self.job_bf16(
+                x,
+                n0,
+                PANEL.min(n - n0),
+                v0..(v0 + BLOCK_VECTORS).min(x.vectors),
+                &outp,
+            );
         };
         let threads = crate::parallel::num_threads();
         if threads == 1 || jobs == 1 {
@@ -73,10 +84,21 @@ impl Plan<'_> {
                 while v < nv {
                     let mv = (nv - v).min(MV_MAX);
                     let xv = |j: usize| &x.x[(vs.start + v + j) * x.pairs + k0 / 2..][..pairs];
+                    // The last vector with at most 8 rows of M in it: its low half only.
+                    let half = mv == 1 && self.m <= (vs.start + v) * 16 + 8;
                     match mv {
+                        1 if half => self.rows_bf16_half(wc, xv(0), pairs, rows, v, nv, acc),
                         1 => self.rows_bf16::<24, 1>(wc, [xv(0)], pairs, rows, v, nv, acc),
                         2 => self.rows_bf16::<12, 2>(wc, [xv(0), xv(1)], pairs, rows, v, nv, acc),
-                        3 => self.rows_bf16::<8, 3>(wc, [xv(0), xv(1), xv(2)], pairs, rows, v, nv, acc),
+                        3 => self.rows_bf16::<8, 3>(
+                            wc,
+                            [xv(0), xv(1), xv(2)],
+                            pairs,
+                            rows,
+                            v,
+                            nv,
+                            acc,
+                        ),
                         _ => self.rows_bf16::<6, 4>(
                             wc,
                             [xv(0), xv(1), xv(2), xv(3)],
@@ -131,6 +153,42 @@ impl Plan<'_> {
         }
     }
 
+    /// `rows_bf16` for one vector through `kernel8` (its lanes 8..16 are rows past M: left at
+    /// zero).
+    #[allow(clippy::too_many_arguments)]
+    fn rows_bf16_half(
+        &self,
+        wc: &[u16],
+        x: &[Pairs16],
+        pairs: usize,
+        rows: usize,
+        v: usize,
+        nv: usize,
+        acc: &mut [__m512],
+    ) {
+        let mut i = 0;
+        while i < rows {
+            let r = if i + 24 <= rows { 24 } else { 1 };
+            let at = |j: usize| (i + j) * nv + v;
+            // SAFETY (both): `cpu::has_avx512_bf16` (the plan's bf16 flag); wc holds the rows
+            // from i on, each with 2 · pairs decoded; x has `pairs` entries.
+            unsafe {
+                if r == 24 {
+                    let mut a: [__m256; 24] = std::array::from_fn(|j| low(acc[at(j)]));
+                    gemm16::kernel8::<24>(&wc[i * KC..], KC, x, pairs, &mut a);
+                    for (j, &aj) in a.iter().enumerate() {
+                        acc[at(j)] = widen(aj);
+                    }
+                } else {
+                    let mut a = [low(acc[at(0)])];
+                    gemm16::kernel8::<1>(&wc[i * KC..], KC, x, pairs, &mut a);
+                    acc[at(0)] = widen(a[0]);
+                }
+            }
+            i += r;
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn block_bf16<const NR: usize, const MV: usize>(
@@ -143,7 +201,8 @@ impl Plan<'_> {
         nv: usize,
         acc: &mut [__m512],
     ) {
-        let mut a: [[__m512; MV]; NR] = std::array::from_fn(|i| std::array::from_fn(|j| acc[(i0 + i) * nv + v + j]));
+        let mut a: [[__m512; MV]; NR] =
+            std::array::from_fn(|i| std::array::from_fn(|j| acc[(i0 + i) * nv + v + j]));
         // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); w holds NR rows of KC bf16 from
         // row i0 of the chunk (PANEL · KC entries), each with 2 · pairs decoded; x[j] has
         // `pairs` entries.
@@ -160,6 +219,13 @@ impl Plan<'_> {
     fn decode_bf16(&self, n: usize, k0: usize, kc: usize, w8: &mut Vec<u8>, dst: &mut [u16]) {
         let rb = self.row_bytes;
         let row = &self.w.data[n * rb..(n + 1) * rb];
+        // The job reads its rows chunk by chunk (PANEL streams a stride apart, which the
+        // hardware prefetchers do not follow): fetch this row's chunk `PREFETCH_CHUNKS` ahead.
+        let bits = self.w.qtype.row_bytes(KC, KC) * 8 / KC;
+        let ahead = (k0 + PREFETCH_CHUNKS * KC) * bits / 8;
+        if ahead < rb {
+            gemm16::prefetch(&row[ahead..rb.min(ahead + KC * bits / 8)]);
+        }
         let st = self.stats_of(n);
         let bl = self.block_len;
         // One scale per 32 columns at least (blocks of 32 or more, powers of two, or whole
@@ -179,7 +245,11 @@ impl Plan<'_> {
                 let groups = self.k / bl;
                 // The chunk as a row of its own: whole groups (group <= 128 divides KC) or a
                 // piece of the one per-channel group, with its scales and zeros.
-                let (g0, gc) = if g.group == 0 { (0, 1) } else { (k0 / bl, kc / bl) };
+                let (g0, gc) = if g.group == 0 {
+                    (0, 1)
+                } else {
+                    (k0 / bl, kc / bl)
+                };
                 let mut stats = [0.0f32; 2 * KC / 32];
                 stats[..gc].copy_from_slice(&st[g0..g0 + gc]);
                 if !g.sym {
@@ -196,6 +266,24 @@ impl Plan<'_> {
             _ => unreachable!("the bf16 GEMM runs for nf4, int8, fp8 and grouped integers"),
         }
     }
+}
+
+/// Lanes 0..8.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn low(v: __m512) -> __m256 {
+    _mm512_castps512_ps256(v)
+}
+
+/// Lanes 0..8 of `v`, lanes 8..16 zero.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn widen(v: __m256) -> __m512 {
+    _mm512_zextps256_ps512(v)
 }
 
 /// A zero vector.

@@ -12,7 +12,10 @@
 //! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
 //! weight row). From `GEMM_MIN_M` rows (AVX-512 F/BW, K a multiple of 256) the 32-weight
 //! formats take the register-blocked GEMM of `gemm.rs` / `x86/gemm32.rs` instead, which writes
-//! `out` directly. Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
+//! `out` directly. From `GEMM16_MIN_M` rows (AVX-512 BF16, K a multiple of 32) nf4, int8, fp8
+//! and the grouped integers take the bf16 GEMM of `gemm_bf16.rs` / `x86/gemm16.rs`, with its
+//! own numerics (`reference/bf16.rs`: bf16 operands, f32 sums; not the q16 / f32 ones).
+//! Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
 //! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
 //! `x86/ternary/avx512.rs` at every M.
@@ -22,7 +25,7 @@
 //! Files: this one (the driver: `qmatmul`, `Plan::fill`, the task split), `plan.rs` (every
 //! check, the kernel choice, the activations prepared once per call), `dispatch.rs` (one weight
 //! row against activation rows, per format, to the kernel the CPU has), `panels.rs` (the tile
-//! panels), `gemm.rs` (the GEMM path's driver).
+//! panels), `gemm.rs` (the GEMM path's driver), `gemm_bf16.rs` (the bf16 GEMM's driver).
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
@@ -78,6 +81,16 @@ pub const SUPPORTED: [QType; 18] = [
 /// True when `qmatmul` takes `qtype` weights: `SUPPORTED` and the grouped integers.
 pub fn supports(qtype: QType) -> bool {
     SUPPORTED.contains(&qtype) || qtype.gint().is_some()
+}
+
+/// The number of activation rows from which nf4, int8, fp8 and the grouped integers take the
+/// bf16 GEMM (`reference::bf16`'s numerics) on this CPU, or 0 where it has no such path.
+pub fn bf16_gemm_min_m() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512_bf16() && x86::gemm16::semantics_hold() {
+        return GEMM16_MIN_M;
+    }
+    0
 }
 
 /// The activations, prepared once per call (one row of x per `m`).

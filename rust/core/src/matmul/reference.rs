@@ -47,8 +47,8 @@ use bytemuck::{Pod, Zeroable};
 use crate::formats::blocks::*;
 use crate::formats::{fp8, legacy};
 
-mod k_low;
 pub mod bf16;
+mod k_low;
 pub mod q16;
 mod q8_1;
 mod ternary;

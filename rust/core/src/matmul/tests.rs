@@ -16,8 +16,8 @@ use crate::formats::legacy;
 use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
-pub(crate) mod formats;
 mod bf16;
+pub(crate) mod formats;
 mod gint;
 pub(crate) mod q16_rows;
 

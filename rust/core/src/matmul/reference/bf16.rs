@@ -84,7 +84,11 @@ pub fn dot_bf16(w: &[f32], x: &[f32]) -> f32 {
 pub fn error_bound(w: &[f32], x: &[f32]) -> f64 {
     let (ub, u) = (2f64.powi(-8), 2f64.powi(-24));
     let k = w.len() as f64;
-    let s: f64 = w.iter().zip(x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+    let s: f64 = w
+        .iter()
+        .zip(x)
+        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+        .sum();
     let mass: f64 = w.iter().chain(x).map(|&v| (v as f64).abs()).sum();
     let gamma = k * u / (1.0 - k * u);
     (2.0 * ub + ub * ub) * s + gamma * (1.0 + ub).powi(2) * s + 2f64.powi(-126) * (mass + 2.0 * k)
@@ -123,14 +127,22 @@ mod tests {
 
     #[test]
     fn dot_pads_odd_rows_and_stays_within_the_bound() {
-        let w: Vec<f32> = (0..101).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.173).collect();
-        let x: Vec<f32> = (0..101).map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.91).collect();
+        let w: Vec<f32> = (0..101)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.173)
+            .collect();
+        let x: Vec<f32> = (0..101)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) * 0.91)
+            .collect();
         let y = dot_bf16(&w, &x) as f64;
         let exact: f64 = w.iter().zip(&x).map(|(&a, &b)| a as f64 * b as f64).sum();
         let bound = error_bound(&w, &x);
         assert!((y - exact).abs() <= bound, "{y} {exact} {bound}");
         // The bound is not vacuous: well under the size of the terms.
-        let s: f64 = w.iter().zip(&x).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+        let s: f64 = w
+            .iter()
+            .zip(&x)
+            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+            .sum();
         assert!(bound < 0.01 * s);
     }
 }

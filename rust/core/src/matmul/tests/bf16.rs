@@ -50,7 +50,9 @@ fn raw_view_parts(
         Some(ScaleMode::Row) => n,
         _ => n * k / bs,
     };
-    let stats = (0..n_stats).map(|_| rng.unit().abs() * 0.1 + 0.001).collect();
+    let stats = (0..n_stats)
+        .map(|_| rng.unit().abs() * 0.1 + 0.001)
+        .collect();
     (data, stats)
 }
 
@@ -78,7 +80,11 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
             }
             for row in 0..n {
                 let wr = &deq[row * k..(row + 1) * k];
-                let want = if bf16_path() { dot_bf16(wr, xr) } else { rows[row] };
+                let want = if bf16_path() {
+                    dot_bf16(wr, xr)
+                } else {
+                    rows[row]
+                };
                 for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
                     assert!(
                         got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
@@ -137,8 +143,18 @@ fn bf16_gemm_equals_its_reference_bnb_and_fp8() {
         };
         let mut deq = vec![0f32; n * k];
         dequantize(&v, &mut deq).unwrap();
-        let ms: &[usize] = if i < 2 { &[8, 37, 70, 300] } else { &[8, 17, 64] };
-        check(&format!("{qtype:?} {mode:?} bs={bs}"), &v, &deq, ms, &mut rng);
+        let ms: &[usize] = if i < 2 {
+            &[8, 37, 70, 300]
+        } else {
+            &[8, 17, 64]
+        };
+        check(
+            &format!("{qtype:?} {mode:?} bs={bs}"),
+            &v,
+            &deq,
+            ms,
+            &mut rng,
+        );
     }
 }
 

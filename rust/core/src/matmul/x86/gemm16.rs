@@ -75,20 +75,38 @@ unsafe fn check_semantics() -> bool {
         let hi: [f32; 16] = std::array::from_fn(|_| val(rnd()));
         let xs: [f32; 32] = std::array::from_fn(|_| val(rnd()));
         // SAFETY: the features (contract); loads and stores of 64-byte arrays.
-        let (w, xv, y) = unsafe {
+        let (w, xv, y, y8) = unsafe {
             let w = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi.as_ptr()), _mm512_loadu_ps(lo.as_ptr()));
             let xv = _mm512_cvtne2ps_pbh(
                 _mm512_loadu_ps(xs.as_ptr().add(16)),
                 _mm512_loadu_ps(xs.as_ptr()),
             );
             let y = _mm512_dpbf16_ps(_mm512_loadu_ps(acc.as_ptr()), w, xv);
+            // the 256-bit form (`kernel8`) on the low halves must give the same low lanes
+            let y8 = _mm256_dpbf16_ps(
+                _mm256_loadu_ps(acc.as_ptr()),
+                std::mem::transmute::<__m256i, __m256bh>(_mm512_castsi512_si256(
+                    std::mem::transmute::<__m512bh, __m512i>(w),
+                )),
+                std::mem::transmute::<__m256i, __m256bh>(_mm512_castsi512_si256(
+                    std::mem::transmute::<__m512bh, __m512i>(xv),
+                )),
+            );
+            let mut y8b = [0f32; 8];
+            _mm256_storeu_ps(y8b.as_mut_ptr(), y8);
             let mut wb = [0u16; 32];
             let mut xb = [0u16; 32];
             let mut yb = [0f32; 16];
-            _mm512_storeu_si512(wb.as_mut_ptr() as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(w));
-            _mm512_storeu_si512(xb.as_mut_ptr() as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(xv));
+            _mm512_storeu_si512(
+                wb.as_mut_ptr() as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(w),
+            );
+            _mm512_storeu_si512(
+                xb.as_mut_ptr() as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(xv),
+            );
             _mm512_storeu_ps(yb.as_mut_ptr(), y);
-            (wb, xb, yb)
+            (wb, xb, yb, y8b)
         };
         for j in 0..16 {
             if w[j] != r::round_bf16(lo[j]) || w[16 + j] != r::round_bf16(hi[j]) {
@@ -98,7 +116,7 @@ unsafe fn check_semantics() -> bool {
                 return false;
             }
             let e = r::step(acc[j], [w[2 * j], w[2 * j + 1]], [xv[2 * j], xv[2 * j + 1]]);
-            if e.to_bits() != y[j].to_bits() {
+            if e.to_bits() != y[j].to_bits() || (j < 8 && y8[j].to_bits() != y[j].to_bits()) {
                 return false;
             }
         }
@@ -152,10 +170,24 @@ unsafe fn to_pairs(x: &[f32]) -> [u32; 16] {
     let mut o = [0u32; 16];
     // SAFETY: 32 f32 read (asserted), 64 bytes written to `o`.
     unsafe {
-        let b = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x.as_ptr().add(16)), _mm512_loadu_ps(x.as_ptr()));
-        _mm512_storeu_si512(o.as_mut_ptr() as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(b));
+        let b = _mm512_cvtne2ps_pbh(
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+            _mm512_loadu_ps(x.as_ptr()),
+        );
+        _mm512_storeu_si512(
+            o.as_mut_ptr() as *mut __m512i,
+            std::mem::transmute::<__m512bh, __m512i>(b),
+        );
     }
     o
+}
+
+/// Asks for `bytes` in L1, a 64-byte line at a time (a hint: no fault, no effect on results).
+pub fn prefetch(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        // SAFETY: SSE is part of x86-64; a prefetch of a valid address has no side effects.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+    }
 }
 
 /// Two f32 vectors (elements 0..16, 16..32) times `s`, as 32 bf16 at `dst`.
@@ -166,7 +198,12 @@ unsafe fn store32(lo: __m512, hi: __m512, s: f32, dst: &mut [u16]) {
     let sv = _mm512_set1_ps(s);
     let b = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sv), _mm512_mul_ps(lo, sv));
     // SAFETY: 64 bytes into a checked 32-element slice.
-    unsafe { _mm512_storeu_si512(dst.as_mut_ptr() as *mut __m512i, std::mem::transmute::<__m512bh, __m512i>(b)) };
+    unsafe {
+        _mm512_storeu_si512(
+            dst.as_mut_ptr() as *mut __m512i,
+            std::mem::transmute::<__m512bh, __m512i>(b),
+        )
+    };
 }
 
 /// int8 codes `q` (a multiple of 32) to bf16 `q · scale(j)` at `dst`, `scale(j)` the scale of
@@ -200,7 +237,11 @@ pub unsafe fn decode_nf4(packed: &[u8], absmax: impl Fn(usize) -> f32, dst: &mut
     let table = unsafe { _mm512_loadu_ps(NF4_CODE.as_ptr()) };
     let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    for (j, (pc, d)) in packed.chunks_exact(16).zip(dst.chunks_exact_mut(32)).enumerate() {
+    for (j, (pc, d)) in packed
+        .chunks_exact(16)
+        .zip(dst.chunks_exact_mut(32))
+        .enumerate()
+    {
         // SAFETY: 16 bytes loaded from a checked chunk.
         let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
         let ce = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table);
@@ -272,7 +313,7 @@ pub unsafe fn kernel<const NR: usize, const MV: usize>(
         // SAFETY: entry p < pairs of each x[v] (asserted), 64-byte aligned.
         let xs: [__m512bh; MV] = std::array::from_fn(|v| unsafe {
             std::mem::transmute::<__m512i, __m512bh>(_mm512_load_si512(
-                x[v].as_ptr().add(p) as *const __m512i,
+                x[v].as_ptr().add(p) as *const __m512i
             ))
         });
         for (i, ai) in a.iter_mut().enumerate() {
@@ -282,6 +323,40 @@ pub unsafe fn kernel<const NR: usize, const MV: usize>(
             for (av, &xv) in ai.iter_mut().zip(&xs) {
                 *av = _mm512_dpbf16_ps(*av, wb, xv);
             }
+        }
+    }
+    *acc = a;
+}
+
+/// `kernel` for one activation vector whose lanes 8..16 are rows past M: its lanes 0..8 only
+/// (256-bit `vdpbf16ps`, the same operation per lane), `acc` their accumulators.
+///
+/// # Safety
+/// As `kernel`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn kernel8<const NR: usize>(
+    w: &[u16],
+    stride: usize,
+    x: &[Pairs16],
+    pairs: usize,
+    acc: &mut [__m256; NR],
+) {
+    assert!(w.len() >= (NR - 1) * stride + 2 * pairs && x.len() >= pairs);
+    let mut a = *acc;
+    let wp = w.as_ptr() as *const u8;
+    for p in 0..pairs {
+        // SAFETY: entry p < pairs of x (asserted), 64-byte aligned: its first 32 bytes.
+        let xv = unsafe {
+            std::mem::transmute::<__m256i, __m256bh>(_mm256_load_si256(
+                x.as_ptr().add(p) as *const __m256i
+            ))
+        };
+        for (i, ai) in a.iter_mut().enumerate() {
+            // SAFETY: bytes 4p..4p + 4 of row i, in bounds (asserted above).
+            let pw = unsafe { (wp.add(2 * (i * stride) + 4 * p) as *const i32).read_unaligned() };
+            // SAFETY: a 256-bit vector reinterpreted as 16 bf16.
+            let wb = unsafe { std::mem::transmute::<__m256i, __m256bh>(_mm256_set1_epi32(pw)) };
+            *ai = _mm256_dpbf16_ps(*ai, wb, xv);
         }
     }
     *acc = a;
