@@ -1,5 +1,5 @@
-//! The bf16 GEMM path of nf4, int8, fp8 and the grouped integers (x86-64 with AVX-512 BF16, M
-//! >= `GEMM16_MIN_M`, K a multiple of 32): jobs of up to `PANEL` weight rows x one block of
+//! The bf16 GEMM path of nf4, int8, fp8 and the grouped integers (x86-64 with AVX-512 BF16, at
+//! least `GEMM16_MIN_M` rows, K a multiple of 32): jobs of up to `PANEL` weight rows x one block of
 //! activation rows (parallel over both), each taking K chunk by chunk: the job's weight rows
 //! decoded into an L1 buffer (`x86::gemm16::decode_*`), then `x86::gemm16::kernel` over every
 //! activation vector of the block, the outputs' f32 chains kept in a per-thread buffer between
@@ -170,8 +170,8 @@ impl Plan<'_> {
         while i < rows {
             let r = if i + 24 <= rows { 24 } else { 1 };
             let at = |j: usize| (i + j) * nv + v;
-            // SAFETY (both): `cpu::has_avx512_bf16` (the plan's bf16 flag); wc holds the rows
-            // from i on, each with 2 · pairs decoded; x has `pairs` entries.
+            // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); wc holds the rows from i on,
+            // each with 2 · pairs decoded; x has `pairs` entries.
             unsafe {
                 if r == 24 {
                     let mut a: [__m256; 24] = std::array::from_fn(|j| low(acc[at(j)]));
@@ -232,13 +232,27 @@ impl Plan<'_> {
         // rows; groups of 32, 64, 128 or whole rows), so chunk j's scale is that of its first
         // column.
         let at = |j: usize| st[(k0 + 32 * j) / bl];
-        // SAFETY (each arm): `cpu::has_avx512_bf16`; `row` is the whole weight row, `dst` has kc
-        // entries (kc a multiple of 32, checked by `plan`).
+        // Each arm: `cpu::has_avx512_bf16` (the plan's bf16 flag); `row` is the whole weight row,
+        // `dst` has kc entries (kc a multiple of 32, checked by `plan`).
         match self.w.qtype {
+            // SAFETY: see above.
             QType::NF4 => unsafe { gemm16::decode_nf4(&row[k0 / 2..(k0 + kc) / 2], at, dst) },
+            // SAFETY: see above.
             QType::Int8 => unsafe { gemm16::decode_i8(&row[k0..k0 + kc], at, dst) },
+            // SAFETY: see above.
             QType::Fp8E4M3 => unsafe { gemm16::decode_fp8(&row[k0..k0 + kc], false, at, dst) },
+            // SAFETY: see above.
             QType::Fp8E5M2 => unsafe { gemm16::decode_fp8(&row[k0..k0 + kc], true, at, dst) },
+            QType::GInt(g) if g.bits == 4 => {
+                let groups = self.k / bl;
+                let zs = |j: usize| {
+                    let gi = (k0 + 32 * j) / bl;
+                    let z = if g.sym { 8 } else { st[groups + gi] as i32 };
+                    (z, st[gi])
+                };
+                // SAFETY: see above.
+                unsafe { gemm16::decode_gint4(&row[k0 / 2..(k0 + kc) / 2], zs, dst) }
+            }
             QType::GInt(g) => {
                 use crate::formats::gint;
                 let bits = g.bits as usize;
@@ -261,6 +275,7 @@ impl Plan<'_> {
                 gint::decode_row_i8(g, bytes, &stats[..2 * gc], kc, w8, &mut scales[..gc]);
                 let gl = if g.group == 0 { kc } else { bl };
                 let sc = |j: usize| scales[32 * j / gl];
+                // SAFETY: see above; w8 holds the chunk's kc codes.
                 unsafe { gemm16::decode_i8(w8, sc, dst) }
             }
             _ => unreachable!("the bf16 GEMM runs for nf4, int8, fp8 and grouped integers"),

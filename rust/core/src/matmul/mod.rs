@@ -301,9 +301,14 @@ const ROW32_MAX_K: usize = 2048;
 const GEMM_MIN_M: usize = 4;
 /// From this many activation rows on nf4, int8, fp8 and the grouped integers take the bf16
 /// GEMM (`gemm_bf16.rs`) where the CPU has AVX-512 BF16 (and with it `reference::bf16`'s
-/// numerics instead of `reference::q16`'s / the f32 ones).
+/// numerics instead of `reference::q16`'s / the f32 ones). Measured (one thread, CPU time, both
+/// Llama-3-8B ffn shapes, 2026-12-06 12:35-12:47 UTC, load 20): at M = 8 the row kernels were
+/// faster (nf4 0.66-0.86x torch bf16 against 0.53x, int8 0.85-0.87x against 0.66x), at M = 16
+/// the GEMM (nf4 0.78-0.91x against 0.48-0.60x, int8 0.96-1.01x against 0.44-0.58x); the row
+/// kernels' time grows with M, the GEMM's does not below 16 (16 lanes), so they cross at M = 9
+/// to 10.
 #[cfg(target_arch = "x86_64")]
-pub const GEMM16_MIN_M: usize = 8;
+pub const GEMM16_MIN_M: usize = 12;
 /// Activation rows of one block on the GEMM path (each panel chunk decoded once per block).
 #[cfg(target_arch = "x86_64")]
 const GEMM_MAX_BLOCK: usize = 128;

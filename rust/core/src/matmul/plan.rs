@@ -255,10 +255,10 @@ pub(super) fn plan<'a>(
     // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says.
     #[cfg(target_arch = "x86_64")]
     let bf16 = m >= GEMM16_MIN_M
-        && k % 32 == 0
+        && k.is_multiple_of(32)
         && match w.qtype {
             QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,
-            QType::GInt(g) => g.group == 0 || x86::gemm16::KC % g.group as usize == 0,
+            QType::GInt(g) => g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize),
             _ => false,
         }
         && crate::cpu::has_avx512_bf16()

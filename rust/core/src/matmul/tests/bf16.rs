@@ -14,16 +14,10 @@ use crate::matmul::reference::fp8_table;
 use crate::qtype::QType;
 use crate::quantize::{dequantize, quantize, Options};
 
-/// The path runs here (the same conditions as `plan`, for the shapes below).
-fn bf16_path() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        crate::cpu::has_avx512_bf16() && crate::matmul::x86::gemm16::semantics_hold()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// The path runs here for `m` rows (the same conditions as `plan`, for the shapes below).
+fn bf16_path(m: usize) -> bool {
+    let t = crate::matmul::bf16_gemm_min_m();
+    t > 0 && m >= t
 }
 
 /// Random bytes and scales for a bitsandbytes-style view (fp8: finite codes, plus one e4m3
@@ -75,12 +69,12 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
         for mi in 0..m {
             let xr = &x[mi * k..(mi + 1) * k];
             let mut rows = vec![0f32; n];
-            if !bf16_path() {
+            if !bf16_path(m) {
                 qmatmul(xr, 1, v, &mut rows).unwrap();
             }
             for row in 0..n {
                 let wr = &deq[row * k..(row + 1) * k];
-                let want = if bf16_path() {
+                let want = if bf16_path(m) {
                     dot_bf16(wr, xr)
                 } else {
                     rows[row]
@@ -91,7 +85,7 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
                         "{name} {what} k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {want:e}"
                     );
                 }
-                if bf16_path() && want.is_finite() {
+                if bf16_path(m) && want.is_finite() {
                     let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let bound = error_bound(wr, xr);
                     assert!(
@@ -183,7 +177,11 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
         .unwrap();
         let mut deq = vec![0f32; n * k];
         dequantize(&q.view(), &mut deq).unwrap();
-        let ms: &[usize] = if i == 0 { &[8, 37, 70, 300] } else { &[8, 33] };
+        let ms: &[usize] = if i == 0 {
+            &[12, 37, 70, 300]
+        } else {
+            &[13, 33]
+        };
         check(name, &q.view(), &deq, ms, &mut rng);
     }
 }

@@ -253,6 +253,35 @@ pub unsafe fn decode_nf4(packed: &[u8], absmax: impl Fn(usize) -> f32, dst: &mut
     }
 }
 
+/// 4-bit grouped integers (element 2i in the low nibble of byte i), `packed` holding a multiple
+/// of 32 elements, to bf16 `(q - z(j)) · scale(j)` at `dst` (`zs(j)`: the zero and scale of
+/// elements 32j .. 32j + 32): the values of `formats::gint::dequantize`.
+///
+/// # Safety
+/// `cpu::has_avx512_bf16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn decode_gint4(packed: &[u8], zs: impl Fn(usize) -> (i32, f32), dst: &mut [u16]) {
+    assert!(packed.len().is_multiple_of(16) && dst.len() >= 2 * packed.len());
+    let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (j, (pc, d)) in packed
+        .chunks_exact(16)
+        .zip(dst.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let (z, s) = zs(j);
+        let zv = _mm512_set1_epi32(z);
+        // SAFETY: 16 bytes loaded from a checked chunk.
+        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
+        let qe = _mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), zv);
+        let qo = _mm512_sub_epi32(_mm512_srli_epi32::<4>(b), zv);
+        let lo = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_lo, qo));
+        let hi = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_hi, qo));
+        // SAFETY: the features; d has 32 elements.
+        unsafe { store32(lo, hi, s, d) };
+    }
+}
+
 /// fp8 bytes (a multiple of 32; e4m3fn or e5m2) to bf16 `value · scale(j)` at `dst`: each
 /// byte widened to the f16 with the same bits (e5m2 is f16's top byte; e4m3fn's exponent and
 /// mantissa shifted in, 2^-8 of its value, put back by an exact multiply by 256; its NaN codes
