@@ -45,6 +45,13 @@ its weights are off by at most c = absmax·0.5/8191. Hence |y - Σ w x| <= Σ e|
 slack, slack = (K/16 + 32)·2^-23·Σ (|w| + c)(|x| + e): each lane's chain takes one fma a unit
 of 32 or 128 (K/64 roundings at most), one rounding each for the integer sum's conversion and
 the scale product, and the fold.
+bf16 GEMM (nf4 / int8 / fp8 from `_native.qmatmul_bf16_min_m()` rows on, K a multiple of 32, CPUs
+with AVX-512 BF16; `reference/bf16.rs`): weights (the f32 dequantized values) and activations
+rounded to bf16 (relative u_b = 2^-8, subnormals flushed), exact products, one f32 chain of K
+fused adds per output (subnormal results flushed), so |y - Σ w x| <= (2u_b + u_b²)·S +
+γ_K·(1 + u_b)²·S + 2^-126·(Σ|x| + Σ|w| + 2K), S = Σ|w x|, γ_K = K·2^-24/(1 - K·2^-24). There the
+outputs are also compared bit for bit with `bf16_reference`, a numpy emulation of the same
+arithmetic (written from the Intel SDM's `vdpbf16ps`, independent of the Rust reference).
 Against libggml: both sides sum the same integers; each side's float work is at most
 nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
 sub-block products one by one, so nb = K/32 there), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
@@ -226,9 +233,62 @@ def min_term_error(x: np.ndarray) -> np.ndarray:
     return np.repeat(es, 32, axis=-1)
 
 
+BF16_QTYPES = ("nf4", "int8", "fp8_e4m3", "fp8_e5m2")
+
+
+def bf16_path(W: Weights, m: int) -> bool:
+    """The call takes the bf16 GEMM (module docstring) on this CPU."""
+    t = _native.qmatmul_bf16_min_m()
+    return bool(t) and m >= t and W.k % 32 == 0 and W.qtype in BF16_QTYPES
+
+
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 values rounded as `vcvtne2ps2bf16` does: subnormals to signed zero, then round to
+    nearest even on the top 16 bits (returned as float32 values)."""
+    b = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    b = np.where((b & 0x7F800000) == 0, b & 0x80000000, b).astype(np.uint64)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    return r.view(np.float32)
+
+
+def flush(a: np.ndarray) -> np.ndarray:
+    """float32 subnormals to signed zero."""
+    b = a.view(np.uint32)
+    return np.where((b & 0x7F800000) == 0, b & 0x80000000, b).astype(np.uint32).view(np.float32)
+
+
+def bf16_reference(W: Weights, x: np.ndarray) -> np.ndarray:
+    """The bf16 GEMM's outputs (M, N): per pair of columns, the odd column's product added first,
+    each add one fused rounding (the exact product plus the f32 sum, rounded once: exact in
+    float64 where it matters, see below) with subnormal results flushed. float64 holds the sum
+    of an f32 and a product of two bf16 exactly unless their exponents are over 29 apart, and
+    then the smaller one is under a quarter of an f32 ulp of the larger, so the one rounding to
+    f32 is the fused one."""
+    w = to_bf16(W.deq.astype(np.float32)).astype(np.float64)
+    xb = to_bf16(x).astype(np.float64)
+    acc = np.zeros((x.shape[0], W.n), np.float32)
+    for i in range(0, W.k, 2):
+        for e in (i + 1, i):
+            acc = flush((acc + np.outer(xb[:, e], w[:, e])).astype(np.float32))
+    return acc
+
+
+def bf16_bound(W: Weights, x: np.ndarray) -> np.ndarray:
+    """The bf16 GEMM's bound against the float64 product (module docstring), (M, N)."""
+    k = x.shape[1]
+    ub, u = 2.0**-8, 2.0**-24
+    ax, aw = np.abs(x.astype(np.float64)), np.abs(W.deq)
+    s = ax @ aw.T
+    gamma = k * u / (1 - k * u)
+    mass = ax.sum(axis=1)[:, None] + aw.sum(axis=1)[None, :] + 2 * k
+    return (2 * ub + ub * ub) * s + gamma * (1 + ub) ** 2 * s + 2.0**-126 * mass
+
+
 def error_bound(W: Weights, x: np.ndarray) -> np.ndarray:
     """The bound derived in the module docstring, per output element (M, N)."""
     m, k = x.shape
+    if bf16_path(W, m):
+        return bf16_bound(W, x)
     wt = weight_magnitude(W)
     ax = np.abs(x.astype(np.float64))
     if W.qtype in BLOCK:
@@ -463,6 +523,10 @@ def test_property_shapes_threads(kind, dist, nb, n, m, seed):
     finally:
         fq.set_num_threads(before)
     assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
+    if bf16_path(W, m):
+        # the bf16 GEMM: every output is the emulated chain's, bit for bit
+        assert np.array_equal(y1.view(np.uint32), bf16_reference(W, x).view(np.uint32))
+        return
     # every row of a batch equals the same row computed alone (one sequence per output)
     i = seed % m
     assert np.array_equal(W.matmul(x[i : i + 1]).view(np.uint32), y1[i : i + 1].view(np.uint32))
@@ -494,6 +558,10 @@ def test_tiled_batches_threads_and_rows(kind):
     finally:
         fq.set_num_threads(before)
     assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
+    if bf16_path(W, m):
+        # the bf16 GEMM (rows below its threshold take the other numerics)
+        assert np.array_equal(y1.view(np.uint32), bf16_reference(W, x).view(np.uint32))
+        return
     assert np.array_equal(y1[:3].view(np.uint32), y3.view(np.uint32))
     for i in (0, 5, 33, 34, 66):
         assert np.array_equal(W.matmul(x[i : i + 1])[0].view(np.uint32), y1[i].view(np.uint32)), i
@@ -534,8 +602,12 @@ def test_simd_matches_forced_scalar_bitwise(tmp_path):
         cases = [(13, 512, 1), (9, 2304, 5), (33, 256, 64), tiled_case(kind)]
         for i, (n, k, m) in enumerate(cases):
             W = make_weights(kind, mk("normal", n, k, seed=i))
-            y = W.matmul(mk("heavy_tailed", m, k, seed=10 + i))
-            assert np.array_equal(y.view(np.uint32), scalar[f"{kind}/{i}"].view(np.uint32)), (
+            x = mk("heavy_tailed", m, k, seed=10 + i)
+            y = W.matmul(x)
+            # forced scalar has no bf16 path: where SIMD takes it, both are checked against
+            # their own references (the scalar run ran the q16 / f32 one, as at m < threshold)
+            want = bf16_reference(W, x) if bf16_path(W, m) else scalar[f"{kind}/{i}"]
+            assert np.array_equal(y.view(np.uint32), want.view(np.uint32)), (
                 kind,
                 i,
             )

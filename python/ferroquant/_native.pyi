@@ -82,7 +82,8 @@ def cuda_sources() -> list[tuple[str, str]]:
 # qmatmul's weight formats (rust/core/src/matmul; `qmatmul_qtypes()` is the authority): q4_0 q4_1
 # q5_0 q5_1 q8_0 iq4_nl (q8_0 / q8_1 activations), q2_k q3_k q4_k q5_k q6_k iq4_xs tq1_0 tq2_0
 # (q8_K activations), nf4 int8 (16-bit activations per block of 64: reference/q16.rs), fp8_e4m3
-# fp8_e5m2 (f32 activations). ops.py dequantizes the others.
+# fp8_e5m2 (f32 activations); nf4, int8, fp8 and grouped integers from `qmatmul_bf16_min_m()` rows
+# on: bf16 (reference/bf16.rs). ops.py dequantizes the others.
 def qmatmul(
     x: npt.NDArray[np.float32],
     data: npt.NDArray[np.uint8],
@@ -94,6 +95,10 @@ def qmatmul(
     scale_mode: str | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def qmatmul_qtypes() -> list[str]: ...
+
+# From this many activation rows (K a multiple of 32) nf4, int8, fp8 and the grouped integers run
+# the bf16 GEMM and its numerics (rust/core/src/matmul/reference/bf16.rs); 0 without AVX-512 BF16.
+def qmatmul_bf16_min_m() -> int: ...
 def stream_read(data: npt.NDArray[np.uint8]) -> int: ...
 
 # GGUF (rust/python/src/gguf.rs)

@@ -12,6 +12,7 @@
 //! - `has_avx2`: AVX2 + F16C (legacy quantizers, the AVX2 matmul kernels, runtime ops),
 //! - `has_fma`: `has_avx2` + FMA (float-activation and q16 AVX2 kernels),
 //! - `has_avx512`: `has_fma` + AVX-512 F/BW/VL (fp8 / nf4 / int8 AVX-512 kernels),
+//! - `has_avx512_bf16`: `has_avx512` + AVX-512 BF16 (the bf16 GEMM, `matmul/x86/gemm16.rs`),
 //! - `has_vnni`: `has_avx2` + AVX-512 VL/VNNI (32-weight integer dots, tiles, runtime panels),
 //! - `has_vnni_bw`: `has_vnni` + AVX-512 F/BW (the K-quant row kernel, `x86/row_k/vnni.rs`),
 //! - `has_vnni_q16`: `has_vnni_bw` + `has_fma` (nf4 / int8 AVX-512, `x86/q16.rs`),
@@ -59,6 +60,12 @@ pub fn has_fma() -> bool {
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx512() -> bool {
     once!(has_fma() && x86!("avx512f", "avx512bw", "avx512vl"))
+}
+
+/// `has_avx512` and AVX-512 BF16 (the bf16 GEMM, `matmul/x86/gemm16.rs`).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512_bf16() -> bool {
+    once!(has_avx512() && x86!("avx512bf16"))
 }
 
 /// `has_avx2` and AVX-512 VNNI and VL.

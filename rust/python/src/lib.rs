@@ -314,6 +314,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kv_tensor::kv_attend_decode, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_min_m, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::stream_read, m)?)?;
     gguf::register(m)?;
     hqq::register(m)?;

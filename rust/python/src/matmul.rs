@@ -71,6 +71,13 @@ pub fn qmatmul_qtypes() -> Vec<&'static str> {
         .collect()
 }
 
+/// From this many activation rows (K a multiple of 32) nf4, int8, fp8 and the grouped integers
+/// take the bf16 GEMM and its numerics (`reference/bf16.rs`); 0 where this CPU has no such path.
+#[pyfunction]
+pub fn qmatmul_bf16_min_m() -> usize {
+    core::matmul::bf16_gemm_min_m()
+}
+
 /// Memory read bandwidth helper of the benchmarks: a multi-threaded streaming read of `data`
 /// (the pool's threads, one contiguous part each), returning a checksum; time it from Python.
 #[pyfunction]

@@ -13,7 +13,10 @@
 //! weight row). From `GEMM_MIN_M` rows (AVX-512 F/BW, K a multiple of 256) the 32-weight
 //! formats take the register-blocked GEMM of `gemm.rs` / `x86/gemm32.rs` instead, which writes
 //! `out` directly; from `gemm_k::GEMM_K_MIN_M` rows the K-quants (q2_k..q6_k, iq4_xs) take
-//! `gemm_k.rs` / `x86/gemm_k.rs`. Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
+//! `gemm_k.rs` / `x86/gemm_k.rs`. From `GEMM16_MIN_M` rows (AVX-512 BF16, K a multiple of 32) nf4,
+//! int8, fp8 and the grouped integers take the bf16 GEMM of `gemm_bf16.rs` / `x86/gemm16.rs`,
+//! with its own numerics (`reference/bf16.rs`: bf16 operands, f32 sums; not the q16 / f32 ones).
+//! Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
 //! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
 //! `x86/ternary/avx512.rs` at every M.
@@ -23,7 +26,7 @@
 //! Files: this one (the driver: `qmatmul`, `Plan::fill`, the task split), `plan.rs` (every
 //! check, the kernel choice, the activations prepared once per call), `dispatch.rs` (one weight
 //! row against activation rows, per format, to the kernel the CPU has), `panels.rs` (the tile
-//! panels), `gemm.rs` (the GEMM path's driver).
+//! panels), `gemm.rs` (the GEMM path's driver), `gemm_bf16.rs` (the bf16 GEMM's driver).
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
@@ -79,6 +82,16 @@ pub const SUPPORTED: [QType; 18] = [
 /// True when `qmatmul` takes `qtype` weights: `SUPPORTED` and the grouped integers.
 pub fn supports(qtype: QType) -> bool {
     SUPPORTED.contains(&qtype) || qtype.gint().is_some()
+}
+
+/// The number of activation rows from which nf4, int8, fp8 and the grouped integers take the
+/// bf16 GEMM (`reference::bf16`'s numerics) on this CPU, or 0 where it has no such path.
+pub fn bf16_gemm_min_m() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512_bf16() && x86::gemm16::semantics_hold() {
+        return GEMM16_MIN_M;
+    }
+    0
 }
 
 /// The activations, prepared once per call (one row of x per `m`).
@@ -202,6 +215,9 @@ struct Plan<'a> {
     /// M = 1 and K above `LONG_K`: the row kernels prefetch the weights ahead in software.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     long: bool,
+    /// The bf16 GEMM path (`gemm_bf16.rs`) runs, with these activations.
+    #[cfg(target_arch = "x86_64")]
+    bf16: Option<x86::gemm16::Acts16>,
 }
 
 fn use_simd() -> bool {
@@ -284,6 +300,16 @@ const ROW32_MAX_K: usize = 2048;
 /// From this many activation rows on the 32-weight formats take the GEMM path (`gemm.rs`).
 #[cfg(target_arch = "x86_64")]
 const GEMM_MIN_M: usize = 4;
+/// From this many activation rows on nf4, int8, fp8 and the grouped integers take the bf16
+/// GEMM (`gemm_bf16.rs`) where the CPU has AVX-512 BF16 (and with it `reference::bf16`'s
+/// numerics instead of `reference::q16`'s / the f32 ones). Measured (one thread, CPU time, both
+/// Llama-3-8B ffn shapes, 2026-12-06 12:35-12:47 UTC, load 20): at M = 8 the row kernels were
+/// faster (nf4 0.66-0.86x torch bf16 against 0.53x, int8 0.85-0.87x against 0.66x), at M = 16
+/// the GEMM (nf4 0.78-0.91x against 0.48-0.60x, int8 0.96-1.01x against 0.44-0.58x); the row
+/// kernels' time grows with M, the GEMM's does not below 16 (16 lanes), so they cross at M = 9
+/// to 10.
+#[cfg(target_arch = "x86_64")]
+pub const GEMM16_MIN_M: usize = 12;
 /// Activation rows of one block on the GEMM path (each panel chunk decoded once per block).
 #[cfg(target_arch = "x86_64")]
 const GEMM_MAX_BLOCK: usize = 128;
@@ -456,6 +482,8 @@ mod dispatch;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16;
 mod plan;
 use plan::plan;
 
@@ -494,6 +522,11 @@ pub fn has_gemm(qtype: QType, m: usize) -> bool {
 pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> Result<()> {
     let plan = plan(x, m, w, out.len())?;
     if m == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(xb) = &plan.bf16 {
+        plan.run_bf16(xb, out);
         return Ok(());
     }
     let n = w.rows;

@@ -256,6 +256,41 @@ pub(super) fn plan<'a>(
         );
     #[cfg(not(target_arch = "x86_64"))]
     let row32 = false;
+    // The bf16 GEMM: its formats, many rows, K in whole chunks of 32, groups that divide a
+    // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says.
+    #[cfg(target_arch = "x86_64")]
+    let bf16 = m >= GEMM16_MIN_M
+        && k.is_multiple_of(32)
+        && match w.qtype {
+            QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,
+            QType::GInt(g) => g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize),
+            _ => false,
+        }
+        && crate::cpu::has_avx512_bf16()
+        && x86::gemm16::semantics_hold();
+    #[cfg(target_arch = "x86_64")]
+    if bf16 {
+        // SAFETY: `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16); x is M x K, K % 32 == 0.
+        let xb = unsafe { x86::gemm16::prepare(x, m, k, par) };
+        return Ok(Plan {
+            w,
+            m,
+            k,
+            m_block: m,
+            tile: false,
+            gemm: false,
+            row32: false,
+            row_bytes: w.qtype.row_bytes(k, w.block_size),
+            acts: Acts::F32(x),
+            stats_per_row,
+            block_len,
+            simd,
+            avx512: false,
+            vnni,
+            long: false,
+            bf16: Some(xb),
+        });
+    }
     let (acts, act_row_bytes) = match w.qtype {
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
             let nb = k / QK8_0;
@@ -450,6 +485,8 @@ pub(super) fn plan<'a>(
         avx512: f32_avx512,
         vnni,
         long: m == 1 && k > LONG_K,
+        #[cfg(target_arch = "x86_64")]
+        bf16: None,
     })
 }
 

@@ -47,6 +47,7 @@ use bytemuck::{Pod, Zeroable};
 use crate::formats::blocks::*;
 use crate::formats::{fp8, legacy};
 
+pub mod bf16;
 mod k_low;
 pub mod q16;
 mod q8_1;

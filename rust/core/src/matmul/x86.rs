@@ -440,6 +440,7 @@ pub mod row32;
 // ---------------------------------------------------------------- f32 activations
 
 mod float_acts;
+pub mod gemm16;
 pub mod gemm32;
 pub mod gemm_k;
 pub mod q16;

@@ -44,7 +44,8 @@ fn grouped_integer_qmatmul_equals_the_decoded_int8_reference() {
             gint::stats_per_row(g, k),
             qtype.row_bytes(k, gint::group_len(g, k)),
         );
-        for m in [1usize, 2, 3, 5, 9] {
+        // Below `GEMM16_MIN_M`: from there on the bf16 GEMM may run (`tests/bf16.rs`).
+        for m in [1usize, 2, 3, 5, 7] {
             let x = if m == 5 {
                 mixed_acts(&mut rng, m * k)
             } else {

@@ -1,0 +1,311 @@
+//! The bf16 GEMM path of nf4, int8, fp8 and the grouped integers (x86-64 with AVX-512 BF16, at
+//! least `GEMM16_MIN_M` rows, K a multiple of 32): jobs of up to `PANEL` weight rows x one block of
+//! activation rows (parallel over both), each taking K chunk by chunk: the job's weight rows
+//! decoded into an L1 buffer (`x86::gemm16::decode_*`), then `x86::gemm16::kernel` over every
+//! activation vector of the block, the outputs' f32 chains kept in a per-thread buffer between
+//! chunks; at the end each output goes straight into `out`. Numerics: `reference/bf16.rs`
+//! (every output is that reference's chain, wherever it sits and however the jobs split).
+
+use std::arch::x86_64::{
+    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_storeu_ps,
+    _mm512_zextps256_ps512,
+};
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
+use super::{OutPtr, Plan};
+use crate::qtype::QType;
+
+/// Activation vectors (16 rows each) of one job's block: the block's chunk of activations
+/// (16 vectors x 128 pairs x 64 bytes = 128 KiB) stays in L2 while the job's rows pass.
+const BLOCK_VECTORS: usize = 16;
+/// Chunks of K ahead that `decode_bf16` prefetches a row's bytes.
+const PREFETCH_CHUNKS: usize = 2;
+
+thread_local! {
+    /// Each pool thread's decoded chunk (PANEL rows of KC bf16), int8 codes of one grouped row
+    /// chunk, and the jobs' f32 chains.
+    static SCRATCH: RefCell<(Vec<u16>, Vec<u8>, Vec<__m512>)> = RefCell::new(Default::default());
+}
+
+impl Plan<'_> {
+    /// The whole product into `out` (M x N) through the bf16 GEMM.
+    pub(super) fn run_bf16(&self, x: &Acts16, out: &mut [f32]) {
+        let n = self.w.rows;
+        let row_jobs = n.div_ceil(PANEL);
+        let blocks = x.vectors.div_ceil(BLOCK_VECTORS);
+        let jobs = row_jobs * blocks;
+        let outp = OutPtr::new(out, n);
+        let job = |t: usize| {
+            let (ri, bi) = (t / blocks, t % blocks);
+            let n0 = ri * PANEL;
+            let v0 = bi * BLOCK_VECTORS;
+            self.job_bf16(
+                x,
+                n0,
+                PANEL.min(n - n0),
+                v0..(v0 + BLOCK_VECTORS).min(x.vectors),
+                &outp,
+            );
+        };
+        let threads = crate::parallel::num_threads();
+        if threads == 1 || jobs == 1 {
+            (0..jobs).for_each(job);
+        } else {
+            crate::parallel::install(|| (0..jobs).into_par_iter().for_each(job));
+        }
+    }
+
+    fn job_bf16(
+        &self,
+        x: &Acts16,
+        n0: usize,
+        rows: usize,
+        vs: std::ops::Range<usize>,
+        out: &OutPtr,
+    ) {
+        let nv = vs.len();
+        let k = self.k;
+        SCRATCH.with_borrow_mut(|(wc, w8, acc)| {
+            wc.resize(PANEL * KC, 0);
+            acc.clear();
+            // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
+            acc.resize(rows * nv, unsafe { zero() });
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                for i in 0..rows {
+                    self.decode_bf16(n0 + i, k0, kc, w8, &mut wc[i * KC..i * KC + kc]);
+                }
+                let pairs = kc / 2;
+                let mut v = 0;
+                while v < nv {
+                    let mv = (nv - v).min(MV_MAX);
+                    let xv = |j: usize| &x.x[(vs.start + v + j) * x.pairs + k0 / 2..][..pairs];
+                    // The last vector with at most 8 rows of M in it: its low half only.
+                    let half = mv == 1 && self.m <= (vs.start + v) * 16 + 8;
+                    match mv {
+                        1 if half => self.rows_bf16_half(wc, xv(0), pairs, rows, v, nv, acc),
+                        1 => self.rows_bf16::<24, 1>(wc, [xv(0)], pairs, rows, v, nv, acc),
+                        2 => self.rows_bf16::<12, 2>(wc, [xv(0), xv(1)], pairs, rows, v, nv, acc),
+                        3 => self.rows_bf16::<8, 3>(
+                            wc,
+                            [xv(0), xv(1), xv(2)],
+                            pairs,
+                            rows,
+                            v,
+                            nv,
+                            acc,
+                        ),
+                        _ => self.rows_bf16::<6, 4>(
+                            wc,
+                            [xv(0), xv(1), xv(2), xv(3)],
+                            pairs,
+                            rows,
+                            v,
+                            nv,
+                            acc,
+                        ),
+                    }
+                    v += mv;
+                }
+                k0 += kc;
+            }
+            let m = self.m;
+            let mut lanes = [0.0f32; 16];
+            for i in 0..rows {
+                for j in 0..nv {
+                    let m0 = (vs.start + j) * 16;
+                    // SAFETY: as above; `lanes` has room for 16 f32.
+                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i * nv + j]) };
+                    for (l, &y) in lanes.iter().enumerate().take(m.saturating_sub(m0)) {
+                        out.set(m0 + l, n0 + i, y);
+                    }
+                }
+            }
+        });
+    }
+
+    /// The kernel over the job's decoded rows, NR at a time (then one at a time), for the MV
+    /// activation vectors from `v` on.
+    #[allow(clippy::too_many_arguments)]
+    fn rows_bf16<const NR: usize, const MV: usize>(
+        &self,
+        wc: &[u16],
+        x: [&[Pairs16]; MV],
+        pairs: usize,
+        rows: usize,
+        v: usize,
+        nv: usize,
+        acc: &mut [__m512],
+    ) {
+        let mut i = 0;
+        while i < rows {
+            if i + NR <= rows {
+                self.block_bf16::<NR, MV>(&wc[i * KC..], x, pairs, i, v, nv, acc);
+                i += NR;
+            } else {
+                self.block_bf16::<1, MV>(&wc[i * KC..], x, pairs, i, v, nv, acc);
+                i += 1;
+            }
+        }
+    }
+
+    /// `rows_bf16` for one vector through `kernel8` (its lanes 8..16 are rows past M: left at
+    /// zero).
+    #[allow(clippy::too_many_arguments)]
+    fn rows_bf16_half(
+        &self,
+        wc: &[u16],
+        x: &[Pairs16],
+        pairs: usize,
+        rows: usize,
+        v: usize,
+        nv: usize,
+        acc: &mut [__m512],
+    ) {
+        let mut i = 0;
+        while i < rows {
+            let r = if i + 24 <= rows { 24 } else { 1 };
+            let at = |j: usize| (i + j) * nv + v;
+            // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); wc holds the rows from i on,
+            // each with 2 · pairs decoded; x has `pairs` entries.
+            unsafe {
+                if r == 24 {
+                    let mut a: [__m256; 24] = std::array::from_fn(|j| low(acc[at(j)]));
+                    gemm16::kernel8::<24>(&wc[i * KC..], KC, x, pairs, &mut a);
+                    for (j, &aj) in a.iter().enumerate() {
+                        acc[at(j)] = widen(aj);
+                    }
+                } else {
+                    let mut a = [low(acc[at(0)])];
+                    gemm16::kernel8::<1>(&wc[i * KC..], KC, x, pairs, &mut a);
+                    acc[at(0)] = widen(a[0]);
+                }
+            }
+            i += r;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn block_bf16<const NR: usize, const MV: usize>(
+        &self,
+        w: &[u16],
+        x: [&[Pairs16]; MV],
+        pairs: usize,
+        i0: usize,
+        v: usize,
+        nv: usize,
+        acc: &mut [__m512],
+    ) {
+        let mut a: [[__m512; MV]; NR] =
+            std::array::from_fn(|i| std::array::from_fn(|j| acc[(i0 + i) * nv + v + j]));
+        // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); w holds NR rows of KC bf16 from
+        // row i0 of the chunk (PANEL · KC entries), each with 2 · pairs decoded; x[j] has
+        // `pairs` entries.
+        unsafe { gemm16::kernel::<NR, MV>(w, KC, x, pairs, &mut a) };
+        for (i, ai) in a.iter().enumerate() {
+            for (j, &aj) in ai.iter().enumerate() {
+                acc[(i0 + i) * nv + v + j] = aj;
+            }
+        }
+    }
+
+    /// Columns `k0..k0 + kc` of weight row `n` as bf16 into `dst` (the format's f32 values
+    /// rounded, `reference::bf16`).
+    fn decode_bf16(&self, n: usize, k0: usize, kc: usize, w8: &mut Vec<u8>, dst: &mut [u16]) {
+        let rb = self.row_bytes;
+        let row = &self.w.data[n * rb..(n + 1) * rb];
+        // The job reads its rows chunk by chunk (PANEL streams a stride apart, which the
+        // hardware prefetchers do not follow): fetch this row's chunk `PREFETCH_CHUNKS` ahead.
+        let bits = self.w.qtype.row_bytes(KC, KC) * 8 / KC;
+        let ahead = (k0 + PREFETCH_CHUNKS * KC) * bits / 8;
+        if ahead < rb {
+            gemm16::prefetch(&row[ahead..rb.min(ahead + KC * bits / 8)]);
+        }
+        let st = self.stats_of(n);
+        let bl = self.block_len;
+        // One scale per 32 columns at least (blocks of 32 or more, powers of two, or whole
+        // rows; groups of 32, 64, 128 or whole rows), so chunk j's scale is that of its first
+        // column.
+        let at = |j: usize| st[(k0 + 32 * j) / bl];
+        // Each arm: `cpu::has_avx512_bf16` (the plan's bf16 flag); `row` is the whole weight row,
+        // `dst` has kc entries (kc a multiple of 32, checked by `plan`).
+        match self.w.qtype {
+            // SAFETY: see above.
+            QType::NF4 => unsafe { gemm16::decode_nf4(&row[k0 / 2..(k0 + kc) / 2], at, dst) },
+            // SAFETY: see above.
+            QType::Int8 => unsafe { gemm16::decode_i8(&row[k0..k0 + kc], at, dst) },
+            // SAFETY: see above.
+            QType::Fp8E4M3 => unsafe { gemm16::decode_fp8(&row[k0..k0 + kc], false, at, dst) },
+            // SAFETY: see above.
+            QType::Fp8E5M2 => unsafe { gemm16::decode_fp8(&row[k0..k0 + kc], true, at, dst) },
+            QType::GInt(g) if g.bits == 4 => {
+                let groups = self.k / bl;
+                let zs = |j: usize| {
+                    let gi = (k0 + 32 * j) / bl;
+                    let z = if g.sym { 8 } else { st[groups + gi] as i32 };
+                    (z, st[gi])
+                };
+                // SAFETY: see above.
+                unsafe { gemm16::decode_gint4(&row[k0 / 2..(k0 + kc) / 2], zs, dst) }
+            }
+            QType::GInt(g) => {
+                use crate::formats::gint;
+                let bits = g.bits as usize;
+                let groups = self.k / bl;
+                // The chunk as a row of its own: whole groups (group <= 128 divides KC) or a
+                // piece of the one per-channel group, with its scales and zeros.
+                let (g0, gc) = if g.group == 0 {
+                    (0, 1)
+                } else {
+                    (k0 / bl, kc / bl)
+                };
+                let mut stats = [0.0f32; 2 * KC / 32];
+                stats[..gc].copy_from_slice(&st[g0..g0 + gc]);
+                if !g.sym {
+                    stats[gc..2 * gc].copy_from_slice(&st[groups + g0..groups + g0 + gc]);
+                }
+                let mut scales = [0.0f32; KC / 32];
+                w8.resize(kc, 0);
+                let bytes = &row[k0 * bits / 8..(k0 + kc) * bits / 8];
+                gint::decode_row_i8(g, bytes, &stats[..2 * gc], kc, w8, &mut scales[..gc]);
+                let gl = if g.group == 0 { kc } else { bl };
+                let sc = |j: usize| scales[32 * j / gl];
+                // SAFETY: see above; w8 holds the chunk's kc codes.
+                unsafe { gemm16::decode_i8(w8, sc, dst) }
+            }
+            _ => unreachable!("the bf16 GEMM runs for nf4, int8, fp8 and grouped integers"),
+        }
+    }
+}
+
+/// Lanes 0..8.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn low(v: __m512) -> __m256 {
+    _mm512_castps512_ps256(v)
+}
+
+/// Lanes 0..8 of `v`, lanes 8..16 zero.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn widen(v: __m256) -> __m512 {
+    _mm512_zextps256_ps512(v)
+}
+
+/// A zero vector.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn zero() -> __m512 {
+    _mm512_setzero_ps()
+}

@@ -1,0 +1,187 @@
+//! The bf16 GEMM (nf4, int8, fp8, grouped integers at M >= `GEMM16_MIN_M` with AVX-512 BF16):
+//! every output has the bits of `reference::bf16::dot_bf16` of the dequantized weight row and
+//! the activation row, with the pool and with one thread, across partial chunks of K, jobs
+//! with a partial panel, every kernel width (1 to 4 activation vectors) and several blocks of
+//! activation rows. On a CPU without the path the same calls must equal the row-by-row
+//! results (the q16 / f32 references, tested elsewhere).
+
+use super::{mixed_acts, Rng};
+use crate::formats::tensor::{QuantizedView, ScaleMode};
+use crate::input::Matrix;
+use crate::matmul::qmatmul;
+use crate::matmul::reference::bf16::{dot_bf16, error_bound};
+use crate::matmul::reference::fp8_table;
+use crate::qtype::QType;
+use crate::quantize::{dequantize, quantize, Options};
+
+/// The path runs here for `m` rows (the same conditions as `plan`, for the shapes below).
+fn bf16_path(m: usize) -> bool {
+    let t = crate::matmul::bf16_gemm_min_m();
+    t > 0 && m >= t
+}
+
+/// Random bytes and scales for a bitsandbytes-style view (fp8: finite codes, plus one e4m3
+/// NaN code).
+fn raw_view_parts(
+    rng: &mut Rng,
+    qtype: QType,
+    mode: Option<ScaleMode>,
+    bs: usize,
+    n: usize,
+    k: usize,
+) -> (Vec<u8>, Vec<f32>) {
+    let mut data = rng.bytes(qtype.row_bytes(k, bs) * n);
+    if matches!(qtype, QType::Fp8E4M3 | QType::Fp8E5M2) {
+        let t = fp8_table(qtype == QType::Fp8E5M2);
+        for b in data.iter_mut() {
+            if !t[*b as usize].is_finite() {
+                *b = 0;
+            }
+        }
+    }
+    let n_stats = match mode {
+        Some(ScaleMode::Tensor) => 1,
+        Some(ScaleMode::Row) => n,
+        _ => n * k / bs,
+    };
+    let stats = (0..n_stats)
+        .map(|_| rng.unit().abs() * 0.1 + 0.001)
+        .collect();
+    (data, stats)
+}
+
+/// qmatmul at `ms` rows (pool and one thread) against the bf16 reference of `deq` (N x K).
+fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut Rng) {
+    let (n, k) = (v.rows, v.cols);
+    for &m in ms {
+        let x = if m % 2 == 1 {
+            mixed_acts(rng, m * k)
+        } else {
+            rng.normalish(m * k, 1.0)
+        };
+        let mut y = vec![0f32; m * n];
+        qmatmul(&x, m, v, &mut y).unwrap();
+        let mut y1 = vec![0f32; m * n];
+        crate::parallel::set_num_threads(1);
+        let one = qmatmul(&x, m, v, &mut y1);
+        crate::parallel::set_num_threads(0);
+        one.unwrap();
+        for mi in 0..m {
+            let xr = &x[mi * k..(mi + 1) * k];
+            let mut rows = vec![0f32; n];
+            if !bf16_path(m) {
+                qmatmul(xr, 1, v, &mut rows).unwrap();
+            }
+            for row in 0..n {
+                let wr = &deq[row * k..(row + 1) * k];
+                let want = if bf16_path(m) {
+                    dot_bf16(wr, xr)
+                } else {
+                    rows[row]
+                };
+                for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{name} {what} k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {want:e}"
+                    );
+                }
+                if bf16_path(m) && want.is_finite() {
+                    let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let bound = error_bound(wr, xr);
+                    assert!(
+                        (want as f64 - exact).abs() <= bound,
+                        "{name} bound k={k} ({mi}, {row}): {want} vs {exact}, bound {bound}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_gemm_equals_its_reference_bnb_and_fp8() {
+    let mut rng = Rng(0xbf16_0000_6e11_0019);
+    let cases: [(QType, Option<ScaleMode>, usize, usize, usize); 11] = [
+        (QType::NF4, None, 64, 576, 53),
+        (QType::NF4, None, 32, 288, 7),
+        (QType::NF4, None, 256, 512, 49),
+        (QType::Int8, Some(ScaleMode::Row), 64, 288, 53),
+        (QType::Int8, Some(ScaleMode::Block), 32, 544, 13),
+        (QType::Int8, Some(ScaleMode::Tensor), 64, 256, 6),
+        (QType::Int8, Some(ScaleMode::Block), 128, 640, 25),
+        (QType::Fp8E4M3, Some(ScaleMode::Row), 64, 320, 53),
+        (QType::Fp8E4M3, Some(ScaleMode::Block), 64, 576, 9),
+        (QType::Fp8E5M2, Some(ScaleMode::Row), 64, 288, 11),
+        (QType::Fp8E5M2, Some(ScaleMode::Block), 32, 256, 50),
+    ];
+    for (i, (qtype, mode, bs, k, n)) in cases.into_iter().enumerate() {
+        let (mut data, stats) = raw_view_parts(&mut rng, qtype, mode, bs, n, k);
+        if qtype == QType::Fp8E4M3 && mode == Some(ScaleMode::Block) {
+            data[3 * k + 77] = 0x7f; // a NaN weight: its outputs are NaN on every path
+        }
+        // (the weights sharing a scale, as `dequantize` checks them)
+        let block_size = match mode {
+            Some(ScaleMode::Row) => k,
+            Some(ScaleMode::Tensor) => n * k,
+            _ => bs,
+        };
+        let v = QuantizedView {
+            qtype,
+            rows: n,
+            cols: k,
+            block_size,
+            scale_mode: mode,
+            data: &data,
+            stats: &stats,
+            double_quant: None,
+        };
+        let mut deq = vec![0f32; n * k];
+        dequantize(&v, &mut deq).unwrap();
+        let ms: &[usize] = if i < 2 {
+            &[8, 37, 70, 300]
+        } else {
+            &[8, 17, 64]
+        };
+        check(
+            &format!("{qtype:?} {mode:?} bs={bs}"),
+            &v,
+            &deq,
+            ms,
+            &mut rng,
+        );
+    }
+}
+
+#[test]
+fn bf16_gemm_equals_its_reference_grouped_integers() {
+    let mut rng = Rng(0xbf16_0000_6e11_0013);
+    let cases = [
+        ("int4_g64", 576, 53),
+        ("int4_g128_sym", 384, 7),
+        ("int4_g32", 544, 49),
+        ("int3_g64", 320, 9),
+        ("int3_gch", 288, 11),
+        ("int2_g32", 96, 6),
+        ("int4_gch", 4128, 5),
+        ("int8_g64_sym", 128, 50),
+        ("int8_gch_sym", 96, 3),
+    ];
+    for (i, (name, k, n)) in cases.into_iter().enumerate() {
+        let qtype = QType::parse(name).unwrap();
+        let w = rng.normalish(n * k, 0.05);
+        let q = quantize(
+            &Matrix::from_f32(&w, n, k).unwrap(),
+            qtype,
+            &Options::default(),
+        )
+        .unwrap();
+        let mut deq = vec![0f32; n * k];
+        dequantize(&q.view(), &mut deq).unwrap();
+        let ms: &[usize] = if i == 0 {
+            &[12, 37, 70, 300]
+        } else {
+            &[13, 33]
+        };
+        check(name, &q.view(), &deq, ms, &mut rng);
+    }
+}

@@ -1,0 +1,392 @@
+//! The bf16 GEMM kernels (AVX-512 F/BW/VL + AVX-512 BF16) of nf4, int8, fp8 and the grouped
+//! integers for many activation rows; the driver is `matmul/gemm_bf16.rs`, the arithmetic
+//! `reference/bf16.rs` (bit-identical: the same roundings, the same order per output).
+//!
+//! **Layout.** Lanes are activation rows. The activations are converted once per call to bf16
+//! pairs, 16 rows a vector: `Acts16::x[v · pairs + i]` holds, in lane l, elements 2i and
+//! 2i + 1 of row 16v + l (rows past M are zero). A task's weight rows are decoded chunk by
+//! chunk of K (`KC` columns) into a row-major bf16 buffer in L1 (`decode_*`: the format's f32
+//! value, one multiply by its scale, then `vcvtne2ps2bf16`), so the decode needs no transpose;
+//! the microkernel (`kernel`) broadcasts one weight pair (an embedded 32-bit broadcast) against
+//! `MV` activation vectors, for `NR` weight rows at once (NR x MV accumulators, 24 of the 32
+//! registers), and each accumulator is one output's f32 chain, paused in the caller's buffer
+//! between chunks. The results are written per output at the end (lanes to columns).
+//!
+//! Safety: callers check `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16)
+//! and pass slices of the lengths stated on each function.
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use crate::matmul::reference::bf16 as r;
+
+/// Columns of K per decoded chunk (a chunk of 48 weight rows is 24 KiB of bf16, in L1 with the
+/// activation vectors streaming past it from L2).
+pub const KC: usize = 256;
+/// Weight rows of one task (every kernel row count below divides it).
+pub const PANEL: usize = 48;
+/// Activation vectors (16 rows each) per kernel call.
+pub const MV_MAX: usize = 4;
+
+/// 16 bf16 pairs (one activation vector at one pair of columns), on a 64-byte boundary.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default)]
+pub struct Pairs16(pub [u32; 16]);
+
+/// The activations of one call as the kernel reads them (module comment).
+pub struct Acts16 {
+    pub x: Vec<Pairs16>,
+    /// Pairs of columns a row: K / 2.
+    pub pairs: usize,
+    /// Vectors of 16 rows: M rounded up.
+    pub vectors: usize,
+}
+
+/// True when `vdpbf16ps` and `vcvtne2ps2bf16` compute what `reference::bf16` says on this CPU
+/// (checked once on lanes that tell the orders and flushes apart). A CPU that differed would
+/// not run the bf16 path at all.
+pub fn semantics_hold() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    // SAFETY: called only after AVX-512 F/BW/VL and BF16 were detected (`cpu::has_avx512_bf16`).
+    *OK.get_or_init(|| unsafe { check_semantics() })
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn check_semantics() -> bool {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    // Values over the whole exponent range, tiny normals and subnormals included.
+    let val = move |r: u64| -> f32 {
+        let bits = r as u32;
+        match (r >> 40) % 6 {
+            0 => f32::from_bits(bits & 0x807f_ffff),
+            1 => f32::from_bits((bits & 0x80ff_ffff) | 0x0080_0000),
+            _ => f32::from_bits((bits & 0x807f_ffff) | ((100 + (r >> 48) as u32 % 60) << 23)),
+        }
+    };
+    for _ in 0..256 {
+        let acc: [f32; 16] = std::array::from_fn(|_| val(rnd()));
+        let lo: [f32; 16] = std::array::from_fn(|_| val(rnd()));
+        let hi: [f32; 16] = std::array::from_fn(|_| val(rnd()));
+        let xs: [f32; 32] = std::array::from_fn(|_| val(rnd()));
+        // SAFETY: the features (contract); loads and stores of 64-byte arrays.
+        let (w, xv, y, y8) = unsafe {
+            let w = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(hi.as_ptr()), _mm512_loadu_ps(lo.as_ptr()));
+            let xv = _mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(xs.as_ptr().add(16)),
+                _mm512_loadu_ps(xs.as_ptr()),
+            );
+            let y = _mm512_dpbf16_ps(_mm512_loadu_ps(acc.as_ptr()), w, xv);
+            // the 256-bit form (`kernel8`) on the low halves must give the same low lanes
+            let y8 = _mm256_dpbf16_ps(
+                _mm256_loadu_ps(acc.as_ptr()),
+                std::mem::transmute::<__m256i, __m256bh>(_mm512_castsi512_si256(
+                    std::mem::transmute::<__m512bh, __m512i>(w),
+                )),
+                std::mem::transmute::<__m256i, __m256bh>(_mm512_castsi512_si256(
+                    std::mem::transmute::<__m512bh, __m512i>(xv),
+                )),
+            );
+            let mut y8b = [0f32; 8];
+            _mm256_storeu_ps(y8b.as_mut_ptr(), y8);
+            let mut wb = [0u16; 32];
+            let mut xb = [0u16; 32];
+            let mut yb = [0f32; 16];
+            _mm512_storeu_si512(
+                wb.as_mut_ptr() as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(w),
+            );
+            _mm512_storeu_si512(
+                xb.as_mut_ptr() as *mut __m512i,
+                std::mem::transmute::<__m512bh, __m512i>(xv),
+            );
+            _mm512_storeu_ps(yb.as_mut_ptr(), y);
+            (wb, xb, yb, y8b)
+        };
+        for j in 0..16 {
+            if w[j] != r::round_bf16(lo[j]) || w[16 + j] != r::round_bf16(hi[j]) {
+                return false;
+            }
+            if xv[j] != r::round_bf16(xs[j]) || xv[16 + j] != r::round_bf16(xs[16 + j]) {
+                return false;
+            }
+            let e = r::step(acc[j], [w[2 * j], w[2 * j + 1]], [xv[2 * j], xv[2 * j + 1]]);
+            if e.to_bits() != y[j].to_bits() || (j < 8 && y8[j].to_bits() != y[j].to_bits()) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Activation rows `x` (M x K, K even) as `Acts16`; vectors in parallel when `par`.
+///
+/// # Safety
+/// `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn prepare(x: &[f32], m: usize, k: usize, par: bool) -> Acts16 {
+    assert!(k.is_multiple_of(32) && x.len() == m * k);
+    let pairs = k / 2;
+    let vectors = m.div_ceil(16);
+    let mut out = vec![Pairs16::default(); vectors * pairs];
+    let one = |(v, o): (usize, &mut [Pairs16])| {
+        for l in 0..16 {
+            let row = 16 * v + l;
+            if row >= m {
+                break;
+            }
+            let xr = &x[row * k..(row + 1) * k];
+            for (c, xc) in xr.chunks_exact(32).enumerate() {
+                // SAFETY: the features (caller's contract); xc has 32 f32.
+                let p: [u32; 16] = unsafe { to_pairs(xc) };
+                for (i, &pv) in p.iter().enumerate() {
+                    o[16 * c + i].0[l] = pv;
+                }
+            }
+        }
+    };
+    if par && vectors > 1 {
+        use rayon::prelude::*;
+        crate::parallel::install(|| out.par_chunks_mut(pairs).enumerate().for_each(one));
+    } else {
+        out.chunks_mut(pairs.max(1)).enumerate().for_each(one);
+    }
+    Acts16 {
+        x: out,
+        pairs,
+        vectors,
+    }
+}
+
+/// 32 f32 as 16 bf16 pairs (element 2i in the low half of pair i).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn to_pairs(x: &[f32]) -> [u32; 16] {
+    assert!(x.len() >= 32);
+    let mut o = [0u32; 16];
+    // SAFETY: 32 f32 read (asserted), 64 bytes written to `o`.
+    unsafe {
+        let b = _mm512_cvtne2ps_pbh(
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+            _mm512_loadu_ps(x.as_ptr()),
+        );
+        _mm512_storeu_si512(
+            o.as_mut_ptr() as *mut __m512i,
+            std::mem::transmute::<__m512bh, __m512i>(b),
+        );
+    }
+    o
+}
+
+/// Asks for `bytes` in L1, a 64-byte line at a time (a hint: no fault, no effect on results).
+pub fn prefetch(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        // SAFETY: SSE is part of x86-64; a prefetch of a valid address has no side effects.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+    }
+}
+
+/// Two f32 vectors (elements 0..16, 16..32) times `s`, as 32 bf16 at `dst`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn store32(lo: __m512, hi: __m512, s: f32, dst: &mut [u16]) {
+    assert!(dst.len() >= 32);
+    let sv = _mm512_set1_ps(s);
+    let b = _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, sv), _mm512_mul_ps(lo, sv));
+    // SAFETY: 64 bytes into a checked 32-element slice.
+    unsafe {
+        _mm512_storeu_si512(
+            dst.as_mut_ptr() as *mut __m512i,
+            std::mem::transmute::<__m512bh, __m512i>(b),
+        )
+    };
+}
+
+/// int8 codes `q` (a multiple of 32) to bf16 `q · scale(j)` at `dst`, `scale(j)` the scale of
+/// elements 32j .. 32j + 32.
+///
+/// # Safety
+/// `cpu::has_avx512_bf16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn decode_i8(q: &[u8], scale: impl Fn(usize) -> f32, dst: &mut [u16]) {
+    assert!(q.len().is_multiple_of(32) && dst.len() >= q.len());
+    for (j, (qc, d)) in q.chunks_exact(32).zip(dst.chunks_exact_mut(32)).enumerate() {
+        // SAFETY: 32 bytes loaded from a checked chunk.
+        let v = unsafe { _mm256_loadu_si256(qc.as_ptr() as *const __m256i) };
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(v)));
+        // SAFETY: the features; d has 32 elements.
+        unsafe { store32(lo, hi, scale(j), d) };
+    }
+}
+
+/// nf4 (bitsandbytes packing: element 2i in the high nibble of byte i), `packed` holding a
+/// multiple of 32 elements, to bf16 `NF4_CODE[q] · absmax(j)` at `dst`.
+///
+/// # Safety
+/// `cpu::has_avx512_bf16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn decode_nf4(packed: &[u8], absmax: impl Fn(usize) -> f32, dst: &mut [u16]) {
+    assert!(packed.len().is_multiple_of(16) && dst.len() >= 2 * packed.len());
+    use crate::matmul::reference::NF4_CODE;
+    // SAFETY: NF4_CODE has 16 f32.
+    let table = unsafe { _mm512_loadu_ps(NF4_CODE.as_ptr()) };
+    let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (j, (pc, d)) in packed
+        .chunks_exact(16)
+        .zip(dst.chunks_exact_mut(32))
+        .enumerate()
+    {
+        // SAFETY: 16 bytes loaded from a checked chunk.
+        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
+        let ce = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table);
+        let co = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), table);
+        let lo = _mm512_permutex2var_ps(ce, even_lo, co);
+        let hi = _mm512_permutex2var_ps(ce, even_hi, co);
+        // SAFETY: the features; d has 32 elements.
+        unsafe { store32(lo, hi, absmax(j), d) };
+    }
+}
+
+/// 4-bit grouped integers (element 2i in the low nibble of byte i), `packed` holding a multiple
+/// of 32 elements, to bf16 `(q - z(j)) · scale(j)` at `dst` (`zs(j)`: the zero and scale of
+/// elements 32j .. 32j + 32): the values of `formats::gint::dequantize`.
+///
+/// # Safety
+/// `cpu::has_avx512_bf16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn decode_gint4(packed: &[u8], zs: impl Fn(usize) -> (i32, f32), dst: &mut [u16]) {
+    assert!(packed.len().is_multiple_of(16) && dst.len() >= 2 * packed.len());
+    let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (j, (pc, d)) in packed
+        .chunks_exact(16)
+        .zip(dst.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let (z, s) = zs(j);
+        let zv = _mm512_set1_epi32(z);
+        // SAFETY: 16 bytes loaded from a checked chunk.
+        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
+        let qe = _mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), zv);
+        let qo = _mm512_sub_epi32(_mm512_srli_epi32::<4>(b), zv);
+        let lo = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_lo, qo));
+        let hi = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_hi, qo));
+        // SAFETY: the features; d has 32 elements.
+        unsafe { store32(lo, hi, s, d) };
+    }
+}
+
+/// fp8 bytes (a multiple of 32; e4m3fn or e5m2) to bf16 `value · scale(j)` at `dst`: each
+/// byte widened to the f16 with the same bits (e5m2 is f16's top byte; e4m3fn's exponent and
+/// mantissa shifted in, 2^-8 of its value, put back by an exact multiply by 256; its NaN codes
+/// set to NaN), then `vcvtph2ps`: the exact values of `reference::fp8_table`.
+///
+/// # Safety
+/// `cpu::has_avx512_bf16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn decode_fp8(q: &[u8], e5m2: bool, scale: impl Fn(usize) -> f32, dst: &mut [u16]) {
+    assert!(q.len().is_multiple_of(32) && dst.len() >= q.len());
+    let one16 = |p: &[u8]| -> __m512 {
+        // SAFETY: 16 bytes from a checked 32-byte chunk.
+        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) });
+        if e5m2 {
+            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_slli_epi32::<8>(b)))
+        } else {
+            let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+            let h = _mm512_or_si512(
+                _mm512_slli_epi32::<8>(_mm512_and_si512(b, _mm512_set1_epi32(0x80))),
+                _mm512_slli_epi32::<7>(mag),
+            );
+            let v = _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)),
+                _mm512_set1_ps(256.0),
+            );
+            let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+            _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(f32::NAN))
+        }
+    };
+    for (j, (qc, d)) in q.chunks_exact(32).zip(dst.chunks_exact_mut(32)).enumerate() {
+        let (lo, hi) = (one16(&qc[..16]), one16(&qc[16..]));
+        // SAFETY: the features; d has 32 elements.
+        unsafe { store32(lo, hi, scale(j), d) };
+    }
+}
+
+/// `acc[i][v] += Σ_p` weight row i's pair p times vector v's pair p, for `pairs` pairs, as
+/// `vdpbf16ps` chains (one per output, pairs in order). `w`: row i of the decoded chunk at
+/// `w[i * stride..]`; `x[v]`: vector v's pairs from this chunk on.
+///
+/// # Safety
+/// `cpu::has_avx512_bf16`; every row of `w` holds `2 · pairs` bf16 and every `x[v]` `pairs` entries.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn kernel<const NR: usize, const MV: usize>(
+    w: &[u16],
+    stride: usize,
+    x: [&[Pairs16]; MV],
+    pairs: usize,
+    acc: &mut [[__m512; MV]; NR],
+) {
+    assert!(w.len() >= (NR - 1) * stride + 2 * pairs);
+    for xv in &x {
+        assert!(xv.len() >= pairs);
+    }
+    let mut a = *acc;
+    let wp = w.as_ptr() as *const u8;
+    for p in 0..pairs {
+        // SAFETY: entry p < pairs of each x[v] (asserted), 64-byte aligned.
+        let xs: [__m512bh; MV] = std::array::from_fn(|v| unsafe {
+            std::mem::transmute::<__m512i, __m512bh>(_mm512_load_si512(
+                x[v].as_ptr().add(p) as *const __m512i
+            ))
+        });
+        for (i, ai) in a.iter_mut().enumerate() {
+            // SAFETY: bytes 4p..4p + 4 of row i, in bounds (asserted above).
+            let pw = unsafe { (wp.add(2 * (i * stride) + 4 * p) as *const i32).read_unaligned() };
+            let wb = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(pw));
+            for (av, &xv) in ai.iter_mut().zip(&xs) {
+                *av = _mm512_dpbf16_ps(*av, wb, xv);
+            }
+        }
+    }
+    *acc = a;
+}
+
+/// `kernel` for one activation vector whose lanes 8..16 are rows past M: its lanes 0..8 only
+/// (256-bit `vdpbf16ps`, the same operation per lane), `acc` their accumulators.
+///
+/// # Safety
+/// As `kernel`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn kernel8<const NR: usize>(
+    w: &[u16],
+    stride: usize,
+    x: &[Pairs16],
+    pairs: usize,
+    acc: &mut [__m256; NR],
+) {
+    assert!(w.len() >= (NR - 1) * stride + 2 * pairs && x.len() >= pairs);
+    let mut a = *acc;
+    let wp = w.as_ptr() as *const u8;
+    for p in 0..pairs {
+        // SAFETY: entry p < pairs of x (asserted), 64-byte aligned: its first 32 bytes.
+        let xv = unsafe {
+            std::mem::transmute::<__m256i, __m256bh>(_mm256_load_si256(
+                x.as_ptr().add(p) as *const __m256i
+            ))
+        };
+        for (i, ai) in a.iter_mut().enumerate() {
+            // SAFETY: bytes 4p..4p + 4 of row i, in bounds (asserted above).
+            let pw = unsafe { (wp.add(2 * (i * stride) + 4 * p) as *const i32).read_unaligned() };
+            // SAFETY: a 256-bit vector reinterpreted as 16 bf16.
+            let wb = unsafe { std::mem::transmute::<__m256i, __m256bh>(_mm256_set1_epi32(pw)) };
+            *ai = _mm256_dpbf16_ps(*ai, wb, xv);
+        }
+    }
+    *acc = a;
+}
