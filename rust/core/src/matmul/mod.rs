@@ -481,9 +481,9 @@ mod dispatch;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 #[cfg(target_arch = "x86_64")]
-mod gemm_k;
-#[cfg(target_arch = "x86_64")]
 mod gemm_bf16;
+#[cfg(target_arch = "x86_64")]
+mod gemm_k;
 mod plan;
 use plan::plan;
 
