@@ -62,13 +62,14 @@ ENGINES = (
     "bitsandbytes nf4 + peft LoRA, bf16 compute",
     "ferroquant nf4 + LoRA, f32 compute",
     "bf16 + peft LoRA",
+    "ferroquant nf4 + LoRA, bf16 compute, model's own loss",
 )
 # the ratios' denominators: bitsandbytes in each compute dtype
 BNB = {"f32": ENGINES[1], "bf16": ENGINES[2]}
 
 
 def _compute_dtype(engine: str) -> torch.dtype:
-    return torch.bfloat16 if engine.endswith("bf16 compute") else torch.float32
+    return torch.bfloat16 if "bf16 compute" in engine else torch.float32
 
 
 def _bnb_nf4(model: nn.Module, compute_dtype: torch.dtype) -> None:
@@ -159,8 +160,8 @@ PARTS = (
     "base-layer GEMMs",
     "base-layer dequantization + op overhead",
     "LoRA adapters",
-    "lm_head GEMMs (float32, 49152 wide)",
-    "loss (log-softmax, NLL)",
+    "lm_head GEMMs (49152 wide; float32, fused: bfloat16)",
+    "loss (log-softmax, NLL; fused: logsumexp, softmax gradient, W cast)",
     "attention (SDPA)",
     "optimizer (AdamW, grad clip)",
     "elementwise, norms, RoPE, casts, other",
@@ -252,7 +253,11 @@ def worker(engine: str, args: Any) -> dict[str, Any]:
             task_type="CAUSAL_LM",
         )
         pm = peft.get_peft_model(model, cfg)
-    cfg = TrainConfig(steps=args.steps + 1, lr=1e-4, batch=args.batch, seq_len=args.seq_len)
+    # ferroquant's loss: the fused lm_head + cross-entropy (what `ferroquant finetune --lora`
+    # uses), but in the engine that keeps the model's own loss for comparison
+    fused = engine.startswith("ferroquant") and not engine.endswith("own loss")
+    cfg = TrainConfig(steps=args.steps + 1, lr=1e-4, batch=args.batch, seq_len=args.seq_len,
+                      fused_loss=fused)  # fmt: skip
     text, _ = read_calibration_text(None)
     trainer = Trainer(pm, training_windows(tok, text, cfg), cfg)
     sampler = RssSampler()
