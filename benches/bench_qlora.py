@@ -19,6 +19,12 @@ reset after the model is built and loading's garbage is freed); the whole proces
 printed too (transformers' GGUF loading dominates it, the same for every engine). --threads:
 torch and ferroquant threads (1 by default: the machine is shared).
 
+The loss: bitsandbytes and bf16 engines take the model's own (transformers': the whole float32
+lm_head, then cross-entropy); the ferroquant engines take what `ferroquant finetune --lora` uses,
+ferroquant.train.fused_loss (the frozen lm_head and the cross-entropy fused and chunked, the
+head's GEMMs in the base layers' compute dtype: bfloat16 in the bf16-compute engine), except
+engine 5, which keeps the model's own loss to show what the fused loss changes.
+
 Step time is printed twice: wall clock (Trainer's) and the process's CPU time (time.process_time,
 all threads; torch runs one), which a loaded machine's time slicing inflates far less.
 
