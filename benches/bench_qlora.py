@@ -19,6 +19,12 @@ reset after the model is built and loading's garbage is freed); the whole proces
 printed too (transformers' GGUF loading dominates it, the same for every engine). --threads:
 torch and ferroquant threads (1 by default: the machine is shared).
 
+The loss: bitsandbytes and bf16 engines take the model's own (transformers': the whole float32
+lm_head, then cross-entropy); the ferroquant engines take what `ferroquant finetune --lora` uses,
+ferroquant.train.fused_loss (the frozen lm_head and the cross-entropy fused and chunked, the
+head's GEMMs in the base layers' compute dtype: bfloat16 in the bf16-compute engine), except
+engine 5, which keeps the model's own loss to show what the fused loss changes.
+
 Step time is printed twice: wall clock (Trainer's) and the process's CPU time (time.process_time,
 all threads; torch runs one), which a loaded machine's time slicing inflates far less.
 
@@ -62,13 +68,14 @@ ENGINES = (
     "bitsandbytes nf4 + peft LoRA, bf16 compute",
     "ferroquant nf4 + LoRA, f32 compute",
     "bf16 + peft LoRA",
+    "ferroquant nf4 + LoRA, bf16 compute, model's own loss",
 )
 # the ratios' denominators: bitsandbytes in each compute dtype
 BNB = {"f32": ENGINES[1], "bf16": ENGINES[2]}
 
 
 def _compute_dtype(engine: str) -> torch.dtype:
-    return torch.bfloat16 if engine.endswith("bf16 compute") else torch.float32
+    return torch.bfloat16 if "bf16 compute" in engine else torch.float32
 
 
 def _bnb_nf4(model: nn.Module, compute_dtype: torch.dtype) -> None:
@@ -159,8 +166,8 @@ PARTS = (
     "base-layer GEMMs",
     "base-layer dequantization + op overhead",
     "LoRA adapters",
-    "lm_head GEMMs (float32, 49152 wide)",
-    "loss (log-softmax, NLL)",
+    "lm_head GEMMs (49152 wide; float32, fused: bfloat16)",
+    "loss (log-softmax, NLL; fused: logsumexp, softmax gradient, W cast)",
     "attention (SDPA)",
     "optimizer (AdamW, grad clip)",
     "elementwise, norms, RoPE, casts, other",
@@ -252,7 +259,11 @@ def worker(engine: str, args: Any) -> dict[str, Any]:
             task_type="CAUSAL_LM",
         )
         pm = peft.get_peft_model(model, cfg)
-    cfg = TrainConfig(steps=args.steps + 1, lr=1e-4, batch=args.batch, seq_len=args.seq_len)
+    # ferroquant's loss: the fused lm_head + cross-entropy (what `ferroquant finetune --lora`
+    # uses), but in the engine that keeps the model's own loss for comparison
+    fused = engine.startswith("ferroquant") and not engine.endswith("own loss")
+    cfg = TrainConfig(steps=args.steps + 1, lr=1e-4, batch=args.batch, seq_len=args.seq_len,
+                      fused_loss=fused)  # fmt: skip
     text, _ = read_calibration_text(None)
     trainer = Trainer(pm, training_windows(tok, text, cfg), cfg)
     sampler = RssSampler()

@@ -160,7 +160,9 @@ def run(a: FinetuneArgs, say: Callable[[str], None] = print) -> dict[str, Any]:
         model = qlora.apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets)
     elif a.qat:
         qat.prepare(model, target)  # checks every layer's row length before changing any
-    cfg = TrainConfig(steps=a.steps, lr=a.lr, batch=a.batch, seq_len=a.seq_len)
+    # QLoRA: the frozen lm_head's GEMMs and the loss fused and chunked (train.fused_loss)
+    cfg = TrainConfig(steps=a.steps, lr=a.lr, batch=a.batch, seq_len=a.seq_len,
+                      fused_loss=lora is not None)  # fmt: skip
     text, what = read_text_file(a.text, CALIBRATION_TEXT, "training")
     windows = training_windows(tok, text, cfg)
     if lora is not None:

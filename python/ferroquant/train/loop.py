@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .fused_loss import causal_lm_loss
+
 
 @dataclass
 class TrainConfig:
@@ -31,6 +33,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    # the loss through train.fused_loss (chunked lm_head + cross-entropy, the head's GEMMs in
+    # the frozen base layers' compute dtype) where the model allows it: QLoRA's default
+    fused_loss: bool = False
 
     def describe(self) -> str:
         return (
@@ -86,15 +91,18 @@ class Trainer:
         idx = self.order[(self.pos + torch.arange(cfg.batch)) % len(self.order)]
         self.pos += cfg.batch
         batch = self.windows[idx]
-        out = self.model(input_ids=batch, labels=batch)
-        out.loss.backward()
+        if cfg.fused_loss:
+            loss = causal_lm_loss(self.model, batch)
+        else:
+            loss = self.model(input_ids=batch, labels=batch).loss
+        loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.model.eval()
         dt = time.perf_counter() - t0
-        self.log.losses.append(float(out.loss.detach()))
+        self.log.losses.append(float(loss.detach()))
         self.log.step_seconds.append(dt)
         return self.log.losses[-1], dt
 
