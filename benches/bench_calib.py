@@ -23,6 +23,7 @@ on the same windows; the perplexities are printed side by side.
 
     python benches/bench_calib.py [--calib-samples 128] [--calib-len 512] [--rows q4_0,nf4,...]
                                   [--no-act-order] [--methods rtn,gptq,awq,awq+gptq]
+                                  [--true-sequential] [--asym-alpha 0.25] [--damp 0.01]
                                   [--peers gptqmodel,llmcompressor] [--llama-cpp]
 """
 
@@ -95,6 +96,18 @@ def main() -> None:
     ap.add_argument("--llama-cpp", action="store_true", help="score our GPTQ q4_k_m in llama.cpp")
     ap.add_argument("--scale-search", type=int, default=GPTQConfig.scale_search,
                     help="GPTQ's block-scale search steps (0: absmax)")  # fmt: skip
+    ap.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="GPTQ: solve a layer's groups in forward order on recomputed inputs",
+    )
+    ap.add_argument(
+        "--asym-alpha",
+        type=float,
+        default=GPTQConfig.asym_alpha,
+        help="GPTQ: asymmetric (GPTAQ) target's alpha (0: plain GPTQ)",
+    )
+    ap.add_argument("--damp", type=float, default=GPTQConfig.damp, help="GPTQ's damping")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every engine (0: torch's default)")  # fmt: skip
     args = ap.parse_args()
@@ -114,6 +127,9 @@ def main() -> None:
         seq_len=args.calib_len,
         act_order=not args.no_act_order,
         scale_search=args.scale_search,
+        true_sequential=args.true_sequential,
+        asym_alpha=args.asym_alpha,
+        damp=args.damp,
     )
     acfg = AWQConfig(
         n_samples=args.calib_samples, seq_len=args.calib_len, gptq_act_order=not args.no_act_order

@@ -43,6 +43,14 @@ class GPTQConfig:
       option, weighted by the Hessian's diagonal). 0: absmax, as RTN. With act_order's static
       groups the parameters are always the format's own on the original weights (the search
       measured worse there on SmolLM2: the narrower range leaves the error feedback less room).
+    true_sequential: within a decoder layer, each group of Linears sharing an input (q/k/v, o,
+      gate/up, down) is solved in forward order on the Hessian of its inputs as computed by the
+      layer with the groups before it already quantized (the GPTQ paper's "true sequential").
+    asym_alpha: asymmetric calibration (GPTAQ, Li et al. 2025): the target is the float model's
+      output W x_fp where x_fp is the float model's input of the Linear, not the quantized
+      model's x. GPTQ then solves for W + asym_alpha * W D H^-1 (D = 2/n sum (x_fp - x) x^T, the
+      least-squares correction of the mismatch, shrunk by alpha as GPTAQ's alpha = 0.25).
+      0: plain GPTQ (the target is W x).
     """
 
     damp: float = 0.01
@@ -52,6 +60,8 @@ class GPTQConfig:
     seq_len: int = 512
     scale_search: int = 10
     scale_shrink: float = 0.3
+    true_sequential: bool = False
+    asym_alpha: float = 0.0
 
     def scale_factors(self) -> tuple[float, ...]:
         """The range factors the block-scale search tries: 1.0 down to 1 - scale_shrink."""
@@ -89,6 +99,34 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     raise QuantizeError(f"gptq: the Hessian of {name} is not positive definite even with damping")
 
 
+def asymmetric_target(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    cross: torch.Tensor,
+    alpha: float,
+    damp: float,
+    name: str,
+) -> torch.Tensor:
+    """W + alpha * W D (H + damping)^-1, float32: the float weights whose output on the
+    quantized model's inputs x best matches (alpha = 1: least squares) the float model's W x_fp,
+    since sum |W x_fp - Q x|^2 = sum |(W + W D H^-1 - Q) x|^2 + const. The damping is GPTQ's
+    (`damp` x mean diag H), which keeps the correction small along directions x barely spans."""
+    cols = weight.shape[1]
+    if cross.shape != (cols, cols):
+        raise QuantizeError(f"{name}: cross moment of shape {tuple(cross.shape)} for {cols} inputs")
+    h = hessian.detach().to(torch.float64).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damp * float(torch.diagonal(h).mean()))
+    lower, info = torch.linalg.cholesky_ex(h)
+    if int(info) != 0:
+        return weight
+    w = weight.detach().to(torch.float64)
+    # (H^-1 D^T)^T = D H^-1 (H symmetric)
+    corr = torch.cholesky_solve(cross.detach().to(torch.float64).t().contiguous(), lower).t()
+    return (w + alpha * (w @ corr)).to(torch.float32)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -97,6 +135,7 @@ def gptq_quantize(
     *,
     name: str = "weight",
     propagate: bool = True,
+    cross: torch.Tensor | None = None,
     **options: Any,
 ) -> tuple[QTensor, torch.Tensor]:
     """GPTQ of `weight` [rows, cols] with `hessian` [cols, cols] into `qtype`.
@@ -104,13 +143,17 @@ def gptq_quantize(
     Returns (the quantized tensor, its dequantized values as float32 [rows, cols]); the values
     equal `ferroquant.dequantize` of the tensor bit for bit. `propagate=False` skips the error
     feedback (then each column is rounded as the format rounds it). `options` are
-    `ferroquant.quantize`'s (block_size, scale_mode). The column loop runs on one torch
-    thread: its operations are small, and OpenMP's barriers cost more than they save (10x
-    slower on a busy 2-core machine)."""
+    `ferroquant.quantize`'s (block_size, scale_mode). `cross`: D = 2/n sum (x_fp - x) x^T
+    [cols, cols] for the asymmetric target (`GPTQConfig.asym_alpha`). The column loop runs on
+    one torch thread: its operations are small, and OpenMP's barriers cost more than they save
+    (10x slower on a busy 2-core machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _gptq(weight, hessian, qtype, config or GPTQConfig(), name, propagate, options)
+        cfg = config or GPTQConfig()
+        if cross is not None and cfg.asym_alpha > 0:
+            weight = asymmetric_target(weight, hessian, cross, cfg.asym_alpha, cfg.damp, name)
+        return _gptq(weight, hessian, qtype, cfg, name, propagate, options)
     finally:
         torch.set_num_threads(threads)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..calib import InputStats, run_layers
 from ..nn import QuantLinear
-from ..tensor import QTensor
+from ..tensor import QTensor, QuantizeError
 from .gptq import GPTQConfig, gptq_quantize
 from .grid import SUPPORTED
 
@@ -54,10 +54,17 @@ class SolveJob:
     config: GPTQConfig
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    cross: torch.Tensor | None = None  # the asymmetric target's D (GPTQConfig.asym_alpha)
 
     def run(self) -> tuple[QTensor, torch.Tensor]:
         return gptq_quantize(
-            self.weight, self.hessian, self.qtype, self.config, name=self.name, **self.options
+            self.weight,
+            self.hessian,
+            self.qtype,
+            self.config,
+            name=self.name,
+            cross=self.cross,
+            **self.options,
         )
 
 
@@ -101,6 +108,12 @@ def gptq_model(
     plan: dict[str, str | None] = {}
     runner = runner or LocalRunner()
 
+    if config.true_sequential or config.asym_alpha > 0:
+        raise QuantizeError(
+            "gptq: true_sequential / asym_alpha run through methods.gptq_sequential on this "
+            "machine (not on a cluster runner)"
+        )
+
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
         new = gptq_layer(where, stats, qtype_for, config, options, plan, runner.solve)
         return lambda: swap_in(layer, new)
@@ -123,16 +136,22 @@ def gptq_layer(
     options: dict[str, Any],
     plan: dict[str, str | None],
     solve: Callable[[list[SolveJob]], list[tuple[QTensor, torch.Tensor]]] | None = None,
+    *,
+    groups: list[tuple[list[str], torch.Tensor, torch.Tensor | None]] | None = None,
+    rest: bool = True,
 ) -> dict[str, nn.Module]:
     """GPTQ one decoder layer's Linears from its input statistics: each Linear's weight is set
     to its quantized values (so the layer's outputs are the quantized layer's) and the
     QuantLinears to swap in are returned by name; `plan` gets each Linear's qtype. The layer's
-    solves are independent: `solve` runs them all (default: one after another, here)."""
+    solves are independent: `solve` runs them all (default: one after another, here).
+    `groups`: [(names, Hessian, cross moment or None)] to solve instead of `stats.groups()`;
+    `rest=False`: leave the Linears outside them alone (else those never called are rounded)."""
     new: dict[str, nn.Module] = {}
     seen = set()
     jobs: list[SolveJob] = []
     placed: list[tuple[list[str], list[nn.Linear]]] = []
-    for names, h, _ in stats.groups():
+    todo = groups if groups is not None else [(n, h, None) for n, h, _ in stats.groups()]
+    for names, h, cross in todo:
         by_qtype: dict[str, list[str]] = {}
         for nm in names:
             seen.add(nm)
@@ -148,7 +167,8 @@ def gptq_layer(
                 continue
             lins = [stats.linears[nm] for nm in group]
             w = torch.cat([lin.weight.detach().to(torch.float32) for lin in lins])
-            jobs.append(SolveJob(w, h, q, config, f"{where}.{'+'.join(group)}", opts))
+            name = f"{where}.{'+'.join(group)}"
+            jobs.append(SolveJob(w, h, q, config, name, opts, cross))
             placed.append((group, lins))
     results = (solve or LocalRunner().solve)(jobs)
     for (group, lins), (qt, values) in zip(placed, results, strict=True):
@@ -158,8 +178,8 @@ def gptq_layer(
             lin.weight.data = values[r0:r1].to(lin.weight.dtype)
             new[nm] = QuantLinear.from_qtensor(row_slice(qt, r0, r1), lin.bias)
             r0 = r1
-    for nm, lin in stats.linears.items():  # never called in the forward pass
-        if nm not in seen:
+    for nm, lin in stats.linears.items() if rest else ():  # never called in the forward pass
+        if nm not in seen and nm not in stats.group_of:
             q = plan[f"{where}.{nm}"] = qtype_for(f"{where}.{nm}", lin)
             if q is not None:
                 new[nm] = QuantLinear.from_linear(lin, q, **format_options(q, options))

@@ -1,0 +1,158 @@
+"""GPTQ within a decoder layer group by group: true-sequential and asymmetric calibration.
+
+`layerwise.gptq_layer` solves all of a layer's Linears on the Hessians of the float layer's
+inputs (the capture's statistics). Here the groups of Linears sharing an input are solved in
+forward order (q/k/v, then o, gate/up, down), and before each group its statistics are computed
+again by running the layer as it is now, the groups before it already quantized
+(`GPTQConfig.true_sequential`), and/or against the float model's own inputs of the Linear
+(`GPTQConfig.asym_alpha`, GPTAQ): a float copy of each layer runs on the float model's hidden
+states (`FloatStream`, carried from layer to layer), and D = 2/n sum (x_fp - x) x^T is summed
+next to H = 2/n sum x x^T, shard by shard as the capture sums (`calib.capture.shard_batches`).
+
+These statistics need the layer's windows on this machine (`calib.LocalWindows`):
+`sequential_gptq_model` runs on the `LocalRunner` only.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calib import InputStats
+from ..calib.capture import _first, _Stop, layer_outputs, shard_batches
+from ..tensor import QuantizeError
+from .gptq import GPTQConfig
+from .layerwise import LocalRunner, SolveJob, gptq_layer, swap_in
+
+
+class FloatStream:
+    """The float model's hidden states entering the current layer (None: the same as the
+    quantized model's, as at the first layer)."""
+
+    def __init__(self) -> None:
+        self.hidden: list[torch.Tensor] | None = None
+
+
+def _inputs(layer: nn.Module, call: Any, batch: torch.Tensor, name: str) -> torch.Tensor:
+    """The input rows [tokens, d] of Linear `name` when `layer` runs on `batch` (stopped there)."""
+    got: list[torch.Tensor] = []
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        got.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+        raise _Stop
+
+    h = layer.get_submodule(name).register_forward_pre_hook(pre)
+    try:
+        _first(layer(batch, *call.args, **call.kwargs))
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return got[0]
+
+
+def group_moments(
+    layer: nn.Module,
+    call: Any,
+    hidden: list[torch.Tensor],
+    name: str,
+    fp_layer: nn.Module | None = None,
+    fp_hidden: list[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(H = 2/n sum x x^T, D = 2/n sum (x_fp - x) x^T or None) at the input of Linear `name`:
+    x from `layer` on `hidden`, x_fp from `fp_layer` on `fp_hidden`; float32 products per
+    shard, summed in float64 in shard order."""
+    h_sum: torch.Tensor | None = None
+    d_sum: torch.Tensor | None = None
+    n = 0
+    fp_batches = shard_batches(fp_hidden) if fp_layer is not None and fp_hidden else None
+    for batch in shard_batches(hidden):
+        x = _inputs(layer, call, batch, name)
+        prod = (x.T @ x).to(torch.float64)
+        h_sum = prod if h_sum is None else h_sum + prod
+        n += x.shape[0]
+        if fp_batches is not None:
+            assert fp_layer is not None
+            xf = _inputs(fp_layer, call, next(fp_batches), name)
+            dprod = ((xf - x).T @ x).to(torch.float64)
+            d_sum = dprod if d_sum is None else d_sum + dprod
+    assert h_sum is not None
+    scale = 2.0 / max(n, 1)
+    return h_sum * scale, (d_sum * scale if d_sum is not None else None)
+
+
+def sequential_gptq_layer(
+    where: str,
+    layer: nn.Module,
+    stats: InputStats,
+    qtype_for: Callable[[str, nn.Linear], str | None],
+    config: GPTQConfig,
+    options: dict[str, Any],
+    plan: dict[str, str | None],
+    solve: Callable[[list[SolveJob]], list[Any]],
+    stream: FloatStream,
+) -> dict[str, nn.Module]:
+    """`layerwise.gptq_layer` with true-sequential and/or asymmetric statistics (see the module
+    docstring); `stream` holds the float model's hidden states and is moved past this layer."""
+    windows = stats.windows
+    hidden = getattr(windows, "hidden", None)
+    if hidden is None:
+        raise QuantizeError(
+            "gptq: true_sequential / asym_alpha need the calibration windows on this machine "
+            "(not supported on a cluster runner)"
+        )
+    call = windows.call
+    asym = config.asym_alpha > 0
+    fp_layer = copy.deepcopy(layer) if asym else None
+    fp_hidden = (stream.hidden if stream.hidden is not None else hidden) if asym else None
+    groups = [names for names, _, _ in stats.groups()]
+    new: dict[str, nn.Module] = {}
+    if config.true_sequential:
+        for k, names in enumerate(groups):
+            if k == 0 and not asym:
+                h, d = next(h for nm, h, _ in stats.groups() if nm == names), None
+            else:
+                h, d = group_moments(layer, call, hidden, names[0], fp_layer, fp_hidden)
+            one = [(names, h, d)]
+            new.update(gptq_layer(where, stats, qtype_for, config, options, plan, solve,
+                                  groups=one, rest=False))  # fmt: skip
+        new.update(gptq_layer(where, stats, qtype_for, config, options, plan, solve, groups=[]))
+    else:
+        todo = []
+        for names, h, _ in stats.groups():
+            _, d = group_moments(layer, call, hidden, names[0], fp_layer, fp_hidden)
+            todo.append((names, h, d))
+        new.update(gptq_layer(where, stats, qtype_for, config, options, plan, solve, groups=todo))
+    if fp_layer is not None and fp_hidden is not None:
+        with torch.no_grad():
+            stream.hidden = layer_outputs(fp_layer, call, fp_hidden, where)
+    return new
+
+
+def sequential_gptq_model(
+    model: nn.Module,
+    qtype_for: Callable[[str, nn.Linear], str | None],
+    ids: torch.Tensor,
+    config: GPTQConfig,
+    options: dict[str, Any],
+    *,
+    progress: bool = True,
+) -> dict[str, str | None]:
+    """`layerwise.gptq_model` with `config.true_sequential` / `config.asym_alpha`, on this
+    machine. Returns {module name: qtype}."""
+    plan: dict[str, str | None] = {}
+    runner = LocalRunner()
+    stream = FloatStream()
+
+    def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
+        new = sequential_gptq_layer(
+            where, layer, stats, qtype_for, config, options, plan, runner.solve, stream
+        )
+        return lambda: swap_in(layer, new)
+
+    runner.run_layers(model, ids, process, progress=progress, desc="gptq")
+    return plan
