@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..calib import InputStats
-from ..calib.capture import _first, _Stop, layer_outputs, shard_batches
+from ..calib.capture import _first, _Stop, forward_autocast, gram, layer_outputs, shard_batches
 from ..tensor import QuantizeError
 from .gptq import GPTQConfig
 from .layerwise import LocalRunner, SolveJob, gptq_layer, swap_in
@@ -47,7 +47,8 @@ def _inputs(layer: nn.Module, call: Any, batch: torch.Tensor, name: str) -> torc
 
     h = layer.get_submodule(name).register_forward_pre_hook(pre)
     try:
-        _first(layer(batch, *call.args, **call.kwargs))
+        with forward_autocast(batch):  # the capture's precision, so untouched layers match it
+            _first(layer(batch, *call.args, **call.kwargs))
     except _Stop:
         pass
     finally:
@@ -72,13 +73,15 @@ def group_moments(
     fp_batches = shard_batches(fp_hidden) if fp_layer is not None and fp_hidden else None
     for batch in shard_batches(hidden):
         x = _inputs(layer, call, batch, name)
-        prod = (x.T @ x).to(torch.float64)
+        with torch.autocast(x.device.type, enabled=False):  # float32 products, as the capture's
+            prod = gram(x).to(torch.float64)
         h_sum = prod if h_sum is None else h_sum + prod
         n += x.shape[0]
         if fp_batches is not None:
             assert fp_layer is not None
             xf = _inputs(fp_layer, call, next(fp_batches), name)
-            dprod = ((xf - x).T @ x).to(torch.float64)
+            with torch.autocast(x.device.type, enabled=False):
+                dprod = ((xf - x).T @ x).to(torch.float64)
             d_sum = dprod if d_sum is None else d_sum + dprod
     assert h_sum is not None
     scale = 2.0 / max(n, 1)
