@@ -268,8 +268,12 @@ pub fn file_view<'a>(
     file_rows: &Option<Range<usize>>,
     file: &'a [u8],
 ) -> Option<QuantizedView<'a>> {
-    let data = file.get(file_rows.clone()?)?;
-    Some(QuantizedView {
+    Some(ggml_view(qtype, rows, cols, file.get(file_rows.clone()?)?))
+}
+
+/// A GGUF tensor's bytes as a `QuantizedView`: ggml formats carry their scales in the blocks.
+fn ggml_view(qtype: QType, rows: usize, cols: usize, data: &[u8]) -> QuantizedView<'_> {
+    QuantizedView {
         qtype,
         rows,
         cols,
@@ -278,7 +282,7 @@ pub fn file_view<'a>(
         data,
         stats: &[],
         double_quant: None,
-    })
+    }
 }
 
 /// What loading did with each tensor type.
@@ -402,16 +406,7 @@ impl Loader<'_> {
             }
             return Ok(out);
         }
-        let view = QuantizedView {
-            qtype,
-            rows,
-            cols,
-            block_size: qtype.info().block_size,
-            scale_mode: None,
-            data,
-            stats: &[],
-            double_quant: None,
-        };
+        let view = ggml_view(qtype, rows, cols, data);
         dequantize(&view, &mut out).map_err(|e| Error::Format {
             field: format!("tensor {}", t.name),
             offset: t.info_offset,
