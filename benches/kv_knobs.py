@@ -18,7 +18,9 @@ Specs (comma-separated `key=value`, one spec per argument):
 - KIVI: `bits=2` (keys and values; `vbits=` for the values apart), `G=64` (key group, tokens),
   `GV=64` (value group, channels), `R=0` (extra full-precision recent tokens),
   `rot=kv|k|v|none`, `kclip=1` / `vclip=1` (each group's range shrunk about its middle by the
-  factor among 1, 0.95, ..., 0.7 with the least squared error: same bytes, another encoder).
+  factor among 1, 0.95, ..., 0.7 with the least squared error: same bytes, another encoder),
+  `prerope=1` (KVQuant's pre-RoPE keys: a key group is quantized per channel with the RoPE of
+  its positions undone, and RoPE is applied again to the dequantized keys; takes rot=v|none).
 
 Bytes per token (SmolLM2: 30 layers x 3 key/value heads x 64, K and V): codes plus one f16
 scale and one f16 zero per group; the full-precision tail (at most R + G - 1 tokens of f16,
@@ -104,12 +106,12 @@ def asym(x: torch.Tensor, bits: int, dim: int, clip: bool) -> torch.Tensor:
 
 def parse(spec: str) -> dict[str, Any]:
     o: dict[str, Any] = {"k": None, "v": None, "bits": None, "vbits": None, "G": 64, "GV": 64}
-    o.update(R=0, rot="none", kclip=False, vclip=False)
+    o.update(R=0, rot="none", kclip=False, vclip=False, prerope=False)
     for part in filter(None, spec.split(",")):
         key, _, val = part.partition("=")
         if key in ("k", "v", "rot"):
             o[key] = val
-        elif key in ("kclip", "vclip"):
+        elif key in ("kclip", "vclip", "prerope"):
             o[key] = val == "1"
         else:
             o[key] = int(val)
@@ -129,10 +131,22 @@ class FakeQuantCache(DynamicCache):
     """DynamicCache that keeps the exact rows for its bookkeeping but returns `spec`'s
     dequantized rows (streaming semantics, see the module docstring) to attention."""
 
-    def __init__(self, o: dict[str, Any], config: Any) -> None:
+    def __init__(self, o: dict[str, Any], config: Any, rotary: Any = None) -> None:
         super().__init__(config=config)
         self.o, self.full, self.done = o, {}, {}
         self.h = hadamard(config.head_dim if hasattr(config, "head_dim") else 64)
+        self.rotary = rotary  # the model's rotary embedding (prerope)
+        if o["prerope"] and o["rot"] in ("kv", "k"):
+            raise SystemExit("prerope=1 takes rot=v or rot=none (the keys' RoPE is undone)")
+
+    def _rope(self, k: torch.Tensor, start: int, sign: int) -> torch.Tensor:
+        """RoPE at positions start.. (sign 1), or undone (sign -1): the keys' channel pairs
+        rotated by +-theta_p, as transformers' apply_rotary_pos_emb."""
+        pos = torch.arange(start, start + k.shape[2])[None]
+        cos, sin = self.rotary(k, pos)
+        half = k.shape[-1] // 2
+        rot_half = torch.cat([-k[..., half:], k[..., :half]], -1)
+        return k * cos[:, None] + sign * rot_half * sin[:, None]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, li: int, *a: Any, **kw: Any) -> Any:
         o, h = self.o, self.h
@@ -159,8 +173,13 @@ class FakeQuantCache(DynamicCache):
             while dk.shape[2] < max(before - o["R"], 0) // g * g:
                 s = dk.shape[2]
                 b, nh, _, d = fk.shape
-                kg = fk[:, :, s : s + g].reshape(b, nh, 1, g, d)
-                kq = asym(kg, o["bits"], 3, o["kclip"]).reshape(b, nh, g, d)
+                kg = fk[:, :, s : s + g]
+                if o["prerope"]:  # KVQuant: per-channel groups before RoPE mixes the pairs
+                    kg = self._rope(kg, s, -1)
+                kq = asym(kg.reshape(b, nh, 1, g, d), o["bits"], 3, o["kclip"])
+                kq = kq.reshape(b, nh, g, d)
+                if o["prerope"]:
+                    kq = self._rope(kq, s, 1)
                 vq = asym(_blocks(fv[:, :, s : s + g], o["GV"]), o["vbits"], 4, o["vclip"])
                 dk = torch.cat([dk, kq], 2)
                 dv = torch.cat([dv, vq.reshape(b, nh, g, d)], 2)
@@ -186,7 +205,8 @@ def bytes_per_token(o: dict[str, Any]) -> tuple[float, int]:
 @torch.no_grad()
 def log_probs(model: Any, window: torch.Tensor, spec: str | None) -> torch.Tensor:
     o = parse(spec) if spec else None
-    cache = FakeQuantCache(o, model.config) if o else DynamicCache(config=model.config)
+    rotary = model.model.rotary_emb
+    cache = FakeQuantCache(o, model.config, rotary) if o else DynamicCache(config=model.config)
     chunk = o["G"] if o and o["bits"] is not None else 256
     out = []
     for at in range(0, window.numel(), chunk):
