@@ -230,6 +230,26 @@ def test_old_rows_never_change_and_chunking_does_not_matter(chunks: list[int], k
         assert torch.equal(got[:, :, m:], x[:, :, m:])
 
 
+@pytest.mark.parametrize("kind", ["int4", "int2"])
+@pytest.mark.parametrize("chunks", [[1] * 130, [60, 4, 63, 1, 2]])
+def test_kivi_update_that_exactly_fills_a_group_stores_what_one_update_does(
+    kind: str, chunks: list[int]
+) -> None:
+    """The update that brings the residual to exactly one group (every 64th decode step)
+    stores the same bytes as one update of all the tokens, and the residual afterwards holds
+    the tokens that followed."""
+    k, v = _layer_states(sum(chunks), seed=7)
+    layer, _, _ = _fill(kind, k, v, chunks)
+    one, _, _ = _fill(kind, k, v, [sum(chunks)])
+    assert layer.n_quantized == one.n_quantized == 128 and layer.n_res == one.n_res
+    for p_many, p_one in zip(layer.stored_parts(), one.stored_parts(), strict=True):
+        for name in p_one:
+            assert torch.equal(p_many[name], p_one[name]), (kind, name)
+    r = layer.n_res
+    assert torch.equal(layer.res_k[:, :, :r], k[:, :, 128:])
+    assert torch.equal(layer.res_v[:, :, :r], v[:, :, 128:])
+
+
 # ----------------------------------------------------------------- inside transformers' generate
 @pytest.fixture(scope="module")
 def tiny_model():
