@@ -13,10 +13,12 @@ use bytemuck::Zeroable;
 
 /// The f16 offsets of each format's block (d, dmin).
 fn halves<W: RowK>() -> &'static [usize] {
-    if W::Q6 {
-        &[208]
-    } else {
-        &[0, 2]
+    match std::mem::size_of::<W>() {
+        210 => &[208],   // q6_K
+        84 => &[80, 82], // q2_K
+        110 => &[108],   // q3_K
+        136 => &[0],     // iq4_xs
+        _ => &[0, 2],    // q4_K, q5_K
     }
 }
 
@@ -29,7 +31,7 @@ fn acts(rng: &mut Rng, nb: usize, scale: f32) -> Vec<BlockQ8K> {
 /// The activations by `interleave_k4` (what `qmatmul` prepares; here not 64-byte aligned).
 fn interleaved<W: RowK>(x: &[BlockQ8K]) -> Vec<u8> {
     let mut v = vec![0u8; x.len() * XZ_BLOCK];
-    interleave_k4(x, W::Q6, &mut v);
+    interleave_k4(x, W::ORDER, &mut v);
     v
 }
 
@@ -69,6 +71,9 @@ fn row_k_vnni_equals_reference_on_random_blocks() {
     random::<BlockQ4K>(&mut rng);
     random::<BlockQ5K>(&mut rng);
     random::<BlockQ6K>(&mut rng);
+    random::<BlockQ2K>(&mut rng);
+    random::<BlockQ3K>(&mut rng);
+    random::<BlockIQ4XS>(&mut rng);
 }
 
 /// Every quant and scale at its largest (all bits set: q6_K scales -1, and 0x7f: 127; q4_K /
@@ -113,6 +118,9 @@ fn row_k_vnni_equals_reference_at_extreme_values() {
     extremes::<BlockQ4K>(&mut rng);
     extremes::<BlockQ5K>(&mut rng);
     extremes::<BlockQ6K>(&mut rng);
+    extremes::<BlockQ2K>(&mut rng);
+    extremes::<BlockQ3K>(&mut rng);
+    extremes::<BlockIQ4XS>(&mut rng);
 }
 
 /// `qmatmul` at M = 1 (the row kernels; rows above `LONG_K` with the prefetch) equals the
@@ -124,6 +132,9 @@ fn qmatmul_m1_k_quants_equal_reference() {
         (QType::Q4K, 144, &[0usize, 2][..]),
         (QType::Q5K, 176, &[0, 2]),
         (QType::Q6K, 210, &[208]),
+        (QType::Q2K, 84, &[80, 82]),
+        (QType::Q3K, 110, &[108]),
+        (QType::IQ4XS, 136, &[0]),
     ] {
         for nb in [3usize, 8, 16, 19, 33, 56] {
             let (n, k) = (5, nb * QK_K);
@@ -148,7 +159,10 @@ fn qmatmul_m1_k_quants_equal_reference() {
                 let want = match qtype {
                     QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(wr), &xq),
                     QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(wr), &xq),
-                    _ => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(wr), &xq),
+                    QType::Q6K => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(wr), &xq),
+                    QType::Q2K => r::dot_block_k::<BlockQ2K>(bytemuck::cast_slice(wr), &xq),
+                    QType::Q3K => r::dot_block_k::<BlockQ3K>(bytemuck::cast_slice(wr), &xq),
+                    _ => r::dot_block_k::<BlockIQ4XS>(bytemuck::cast_slice(wr), &xq),
                 };
                 assert_eq!(got.to_bits(), want.to_bits(), "{qtype:?} nb={nb} row={row}");
             }
@@ -214,4 +228,7 @@ fn bench_row_k() {
     run::<BlockQ4K>(&mut rng);
     run::<BlockQ5K>(&mut rng);
     run::<BlockQ6K>(&mut rng);
+    run::<BlockQ2K>(&mut rng);
+    run::<BlockQ3K>(&mut rng);
+    run::<BlockIQ4XS>(&mut rng);
 }
