@@ -1,7 +1,8 @@
 //! K-quant (q4_K, q5_K, q6_K) integer sums in AVX2 for the row kernels: each super-block
 //! decoded once (`SumsK::decode`), then `sums_decoded` per activation row; the float part is
-//! the reference's scalar code. Where the CPU has AVX-512 F/BW/VL/VNNI, q4_K, q5_K and q6_K
-//! run `vnni.rs`'s row kernel instead (`SumsK::dot_row_z`). Safety rules as in `x86.rs`.
+//! the reference's scalar code. Where the CPU has AVX-512 F/BW/VL/VNNI, q4_K, q5_K, q6_K and
+//! (`k_low.rs`' formats) q2_K, q3_K, iq4_xs run `vnni.rs`'s row kernel instead
+//! (`SumsK::dot_row_z`; their decodes for it in `low.rs`). Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
 

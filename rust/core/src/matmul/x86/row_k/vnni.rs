@@ -1,4 +1,5 @@
-//! The M = 1 row kernel of q4_K, q5_K and q6_K with AVX-512 (F/BW/VL/VNNI), the weights in
+//! The M = 1 row kernel of the K-quants with AVX-512 (F/BW/VL/VNNI): q4_K, q5_K and q6_K
+//! here, q2_K, q3_K and iq4_xs by their decodes in `low.rs` (`RowK`), the weights in
 //! their own super-block layout (no repacking). Per super-block, four 512-bit vectors hold 64
 //! unsigned quants each (two sub-blocks of 32: q6_K in element order, q4_K / q5_K as one
 //! 64-byte load of qs splits into low and high nibbles, `K4_ORDER`); the activations are
