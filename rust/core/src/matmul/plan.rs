@@ -480,7 +480,11 @@ pub(super) fn plan<'a>(
         simd,
         avx512: f32_avx512,
         vnni,
-        long: m == 1 && k > LONG_K,
+        // q4_k's row kernel prefetches at every K: at K = 4096 (below LONG_K), one thread, CPU
+        // time, 4096x14336, loaded machine (load 16-21), 2026-12-06 14:57-15:01 UTC,
+        // alternating: 22.6-23.5 -> 26.8-27.1 GB/s in 3 of 4 pairs (22.6 both in the fourth);
+        // q5_k, q6_k, q2_k, q3_k, iq4_xs, q4_1 and q5_1 showed no consistent change.
+        long: m == 1 && (k > LONG_K || w.qtype == QType::Q4K),
         #[cfg(target_arch = "x86_64")]
         bf16: None,
     })
