@@ -123,8 +123,9 @@ fn row_k_vnni_equals_reference_at_extreme_values() {
     extremes::<BlockIQ4XS>(&mut rng);
 }
 
-/// `qmatmul` at M = 1 (the row kernels; rows above `LONG_K` with the prefetch) equals the
-/// reference row by row.
+/// `qmatmul` at M = 1 to 3 (the row kernels, up to 3 activation rows per decoded super-block;
+/// rows above `LONG_K` and q4_k's with the prefetch) equals the reference row by row, on the
+/// pool and on one thread, for odd N.
 #[test]
 fn qmatmul_m1_k_quants_equal_reference() {
     let mut rng = Rng(0x1357_9bdf_2468_ace0);
@@ -136,12 +137,17 @@ fn qmatmul_m1_k_quants_equal_reference() {
         (QType::Q3K, 110, &[108]),
         (QType::IQ4XS, 136, &[0]),
     ] {
-        for nb in [3usize, 8, 16, 19, 33, 56] {
-            let (n, k) = (5, nb * QK_K);
+        for (nb, n, m) in [
+            (3usize, 5, 1),
+            (8, 37, 1),
+            (16, 5, 3),
+            (19, 7, 2),
+            (33, 5, 1),
+            (56, 3, 1),
+        ] {
+            let k = nb * QK_K;
             let data = blocks(&mut rng, n * nb, size, h);
-            let x = rng.normalish(k, 1.0);
-            let mut xq = vec![BlockQ8K::zeroed(); nb];
-            r::quantize_row_q8_k(&x, &mut xq);
+            let x = rng.normalish(m * k, 1.0);
             let v = QuantizedView {
                 qtype,
                 rows: n,
@@ -152,19 +158,34 @@ fn qmatmul_m1_k_quants_equal_reference() {
                 stats: &[],
                 double_quant: None,
             };
-            let mut y = vec![0.0f32; n];
-            qmatmul(&x, 1, &v, &mut y).unwrap();
-            for (row, got) in y.iter().enumerate() {
-                let wr = &data[row * nb * size..(row + 1) * nb * size];
-                let want = match qtype {
-                    QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(wr), &xq),
-                    QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(wr), &xq),
-                    QType::Q6K => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(wr), &xq),
-                    QType::Q2K => r::dot_block_k::<BlockQ2K>(bytemuck::cast_slice(wr), &xq),
-                    QType::Q3K => r::dot_block_k::<BlockQ3K>(bytemuck::cast_slice(wr), &xq),
-                    _ => r::dot_block_k::<BlockIQ4XS>(bytemuck::cast_slice(wr), &xq),
-                };
-                assert_eq!(got.to_bits(), want.to_bits(), "{qtype:?} nb={nb} row={row}");
+            let mut y = vec![0.0f32; m * n];
+            qmatmul(&x, m, &v, &mut y).unwrap();
+            let mut y1 = vec![0.0f32; m * n];
+            crate::parallel::set_num_threads(1);
+            let one = qmatmul(&x, m, &v, &mut y1);
+            crate::parallel::set_num_threads(0);
+            one.unwrap();
+            let mut xq = vec![BlockQ8K::zeroed(); nb];
+            for mi in 0..m {
+                r::quantize_row_q8_k(&x[mi * k..(mi + 1) * k], &mut xq);
+                for row in 0..n {
+                    let wr = &data[row * nb * size..(row + 1) * nb * size];
+                    let want = match qtype {
+                        QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q6K => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q2K => r::dot_block_k::<BlockQ2K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q3K => r::dot_block_k::<BlockQ3K>(bytemuck::cast_slice(wr), &xq),
+                        _ => r::dot_block_k::<BlockIQ4XS>(bytemuck::cast_slice(wr), &xq),
+                    };
+                    for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{qtype:?} {what} nb={nb} n={n} m={m} row={row} act row {mi}"
+                        );
+                    }
+                }
             }
         }
     }
