@@ -212,7 +212,8 @@ struct Plan<'a> {
     /// AVX-512 VNNI for the 32-weight integer formats.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vnni: bool,
-    /// M = 1 and K above `LONG_K`: the row kernels prefetch the weights ahead in software.
+    /// M = 1 and K above `LONG_K` (q4_k: any K): the row kernels prefetch the weights ahead in
+    /// software.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     long: bool,
     /// The bf16 GEMM path (`gemm_bf16.rs`) runs, with these activations.

@@ -401,17 +401,13 @@ pub(super) fn plan<'a>(
             // AVX-512 one reads 14336x4096 at 31 GB/s against 26 on 2 threads, 25 vs 13.5 on
             // one, quiet machine, 2026-11-27 13:17 UTC.)
             #[cfg(target_arch = "x86_64")]
-            let xz = if !tile
-                && simd
-                && matches!(w.qtype, QType::Q4K | QType::Q5K | QType::Q6K)
-                && crate::cpu::has_vnni_bw()
-            {
-                let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
-                let q6 = w.qtype == QType::Q6K;
-                x86::interleave_k4(&blocks, q6, bytemuck::cast_slice_mut(&mut v));
-                v
-            } else {
-                Vec::new()
+            let xz = match x86::xz_order(w.qtype) {
+                Some(order) if !tile && simd && crate::cpu::has_vnni_bw() => {
+                    let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
+                    x86::interleave_k4(&blocks, order, bytemuck::cast_slice_mut(&mut v));
+                    v
+                }
+                _ => Vec::new(),
             };
             #[cfg(not(target_arch = "x86_64"))]
             let xz = Vec::new();
@@ -484,7 +480,11 @@ pub(super) fn plan<'a>(
         simd,
         avx512: f32_avx512,
         vnni,
-        long: m == 1 && k > LONG_K,
+        // q4_k's row kernel prefetches at every K: at K = 4096 (below LONG_K), one thread, CPU
+        // time, 4096x14336, loaded machine (load 16-21), 2026-12-06 14:57-15:01 UTC,
+        // alternating: 22.6-23.5 -> 26.8-27.1 GB/s in 3 of 4 pairs (22.6 both in the fourth);
+        // q5_k, q6_k, q2_k, q3_k, iq4_xs, q4_1 and q5_1 showed no consistent change.
+        long: m == 1 && (k > LONG_K || w.qtype == QType::Q4K),
         #[cfg(target_arch = "x86_64")]
         bf16: None,
     })

@@ -429,7 +429,9 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
 
 mod row_k;
 pub(crate) use row_k::shift_bit_to_4;
-pub use row_k::{dot_block_k, dot_block_k_prefetch, interleave_k4, DecodedK, SumsK, XZ_BLOCK};
+pub use row_k::{
+    dot_block_k, dot_block_k_prefetch, interleave_k4, xz_order, DecodedK, SumsK, XzOrder, XZ_BLOCK,
+};
 
 mod k_low;
 mod ternary;

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::row_k::{load256, sums_k};
+use super::row_k::{load256, row_z, sums_k};
 use super::{DecodedK, SumsK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
@@ -58,6 +58,7 @@ fn group_scales(sc8: __m128i) -> [__m256i; 8] {
 }
 
 impl SumsK for BlockQ2K {
+    row_z!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs (64) and 16 inside
@@ -92,7 +93,7 @@ impl SumsK for BlockQ2K {
 /// q3_K's 16 six-bit scales (before the -32) as four little-endian u32, with ggml's mask
 /// operations (`scales_q3_k_kmask` / `reference::scales_q3_k` agree; tested).
 #[inline(always)]
-fn scales_q3_k_aux(sc: &[u8; 12]) -> [u32; 4] {
+pub(super) fn scales_q3_k_aux(sc: &[u8; 12]) -> [u32; 4] {
     const KMASK1: u32 = 0x0303_0303;
     const KMASK2: u32 = 0x0f0f_0f0f;
     let u = |i: usize| u32::from_le_bytes([sc[4 * i], sc[4 * i + 1], sc[4 * i + 2], sc[4 * i + 3]]);
@@ -117,6 +118,7 @@ pub fn scales_q3_k_kmask(sc: &[u8; 12]) -> [i8; 16] {
 }
 
 impl SumsK for BlockQ3K {
+    row_z!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); loads are 32 bytes inside qs (64) / hmask (32).
@@ -155,6 +157,7 @@ impl SumsK for BlockQ3K {
 }
 
 impl SumsK for BlockIQ4XS {
+    row_z!();
     #[inline(always)]
     unsafe fn decode(&self) -> DecodedK {
         // SAFETY: AVX2 is available (contract); 16-byte loads inside qs (128) and the table.

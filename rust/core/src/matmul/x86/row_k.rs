@@ -1,7 +1,8 @@
 //! K-quant (q4_K, q5_K, q6_K) integer sums in AVX2 for the row kernels: each super-block
 //! decoded once (`SumsK::decode`), then `sums_decoded` per activation row; the float part is
-//! the reference's scalar code. Where the CPU has AVX-512 F/BW/VL/VNNI, q4_K, q5_K and q6_K
-//! run `vnni.rs`'s row kernel instead (`SumsK::dot_row_z`). Safety rules as in `x86.rs`.
+//! the reference's scalar code. Where the CPU has AVX-512 F/BW/VL/VNNI, q4_K, q5_K, q6_K and
+//! (`k_low.rs`' formats) q2_K, q3_K, iq4_xs run `vnni.rs`'s row kernel instead
+//! (`SumsK::dot_row_z`; their decodes for it in `low.rs`). Safety rules as in `x86.rs`.
 
 use std::arch::x86_64::*;
 
@@ -9,9 +10,10 @@ use super::prefetch_ahead;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 
+mod low;
 mod vnni;
-use vnni::dot_row_k_vnni;
-pub use vnni::{interleave_k4, XZ_BLOCK};
+use vnni::{dot_row_k_vnni, RowK};
+pub use vnni::{interleave_k4, xz_order, XzOrder, XZ_BLOCK};
 #[cfg(test)]
 mod tests;
 
@@ -55,7 +57,29 @@ pub trait SumsK: BlockK {
     }
 }
 
-/// `SumsK::dot_row_z` of the formats with a `RowK` decode.
+/// `SumsK::dot_row_z` of the formats with a `RowK` decode: the AVX-512 row kernel where the
+/// CPU runs it and `xz` holds the prepared activations, else None.
+///
+/// # Safety
+/// AVX2 must be available; every `x[r]` has at least `w.len()` blocks.
+#[inline(always)]
+pub(crate) unsafe fn row_z_vnni<W: RowK, const R: usize>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+    xz: [&[u8]; R],
+    long: bool,
+) -> Option<[f32; R]> {
+    let xz_ok = xz.iter().all(|v| v.len() >= XZ_BLOCK * w.len());
+    if xz_ok && crate::cpu::has_vnni_bw() {
+        // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's; xz checked
+        // above.
+        Some(unsafe { dot_row_k_vnni(w, x, xz, long) })
+    } else {
+        None
+    }
+}
+
+/// `SumsK::dot_row_z` by `row_z_vnni`.
 macro_rules! row_z {
     () => {
         #[inline(always)]
@@ -65,17 +89,12 @@ macro_rules! row_z {
             xz: [&[u8]; R],
             long: bool,
         ) -> Option<[f32; R]> {
-            let xz_ok = xz.iter().all(|v| v.len() >= XZ_BLOCK * w.len());
-            if xz_ok && crate::cpu::has_vnni_bw() {
-                // SAFETY: AVX-512 F/BW/VL/VNNI, AVX2 and F16C detected; x: the caller's; xz
-                // checked above.
-                Some(unsafe { dot_row_k_vnni(w, x, xz, long) })
-            } else {
-                None
-            }
+            // SAFETY: the caller's contract is row_z's.
+            unsafe { $crate::matmul::x86::row_k::row_z_vnni(w, x, xz, long) }
         }
     };
 }
+pub(crate) use row_z;
 
 #[target_feature(enable = "avx2")]
 #[inline]

@@ -13,10 +13,12 @@ use bytemuck::Zeroable;
 
 /// The f16 offsets of each format's block (d, dmin).
 fn halves<W: RowK>() -> &'static [usize] {
-    if W::Q6 {
-        &[208]
-    } else {
-        &[0, 2]
+    match std::mem::size_of::<W>() {
+        210 => &[208],   // q6_K
+        84 => &[80, 82], // q2_K
+        110 => &[108],   // q3_K
+        136 => &[0],     // iq4_xs
+        _ => &[0, 2],    // q4_K, q5_K
     }
 }
 
@@ -29,7 +31,7 @@ fn acts(rng: &mut Rng, nb: usize, scale: f32) -> Vec<BlockQ8K> {
 /// The activations by `interleave_k4` (what `qmatmul` prepares; here not 64-byte aligned).
 fn interleaved<W: RowK>(x: &[BlockQ8K]) -> Vec<u8> {
     let mut v = vec![0u8; x.len() * XZ_BLOCK];
-    interleave_k4(x, W::Q6, &mut v);
+    interleave_k4(x, W::ORDER, &mut v);
     v
 }
 
@@ -69,6 +71,9 @@ fn row_k_vnni_equals_reference_on_random_blocks() {
     random::<BlockQ4K>(&mut rng);
     random::<BlockQ5K>(&mut rng);
     random::<BlockQ6K>(&mut rng);
+    random::<BlockQ2K>(&mut rng);
+    random::<BlockQ3K>(&mut rng);
+    random::<BlockIQ4XS>(&mut rng);
 }
 
 /// Every quant and scale at its largest (all bits set: q6_K scales -1, and 0x7f: 127; q4_K /
@@ -113,10 +118,14 @@ fn row_k_vnni_equals_reference_at_extreme_values() {
     extremes::<BlockQ4K>(&mut rng);
     extremes::<BlockQ5K>(&mut rng);
     extremes::<BlockQ6K>(&mut rng);
+    extremes::<BlockQ2K>(&mut rng);
+    extremes::<BlockQ3K>(&mut rng);
+    extremes::<BlockIQ4XS>(&mut rng);
 }
 
-/// `qmatmul` at M = 1 (the row kernels; rows above `LONG_K` with the prefetch) equals the
-/// reference row by row.
+/// `qmatmul` at M = 1 to 3 (the row kernels, up to 3 activation rows per decoded super-block;
+/// rows above `LONG_K` and q4_k's with the prefetch) equals the reference row by row, on the
+/// pool and on one thread, for odd N.
 #[test]
 fn qmatmul_m1_k_quants_equal_reference() {
     let mut rng = Rng(0x1357_9bdf_2468_ace0);
@@ -124,13 +133,21 @@ fn qmatmul_m1_k_quants_equal_reference() {
         (QType::Q4K, 144, &[0usize, 2][..]),
         (QType::Q5K, 176, &[0, 2]),
         (QType::Q6K, 210, &[208]),
+        (QType::Q2K, 84, &[80, 82]),
+        (QType::Q3K, 110, &[108]),
+        (QType::IQ4XS, 136, &[0]),
     ] {
-        for nb in [3usize, 8, 16, 19, 33, 56] {
-            let (n, k) = (5, nb * QK_K);
+        for (nb, n, m) in [
+            (3usize, 5, 1),
+            (8, 37, 1),
+            (16, 5, 3),
+            (19, 7, 2),
+            (33, 5, 1),
+            (56, 3, 1),
+        ] {
+            let k = nb * QK_K;
             let data = blocks(&mut rng, n * nb, size, h);
-            let x = rng.normalish(k, 1.0);
-            let mut xq = vec![BlockQ8K::zeroed(); nb];
-            r::quantize_row_q8_k(&x, &mut xq);
+            let x = rng.normalish(m * k, 1.0);
             let v = QuantizedView {
                 qtype,
                 rows: n,
@@ -141,16 +158,34 @@ fn qmatmul_m1_k_quants_equal_reference() {
                 stats: &[],
                 double_quant: None,
             };
-            let mut y = vec![0.0f32; n];
-            qmatmul(&x, 1, &v, &mut y).unwrap();
-            for (row, got) in y.iter().enumerate() {
-                let wr = &data[row * nb * size..(row + 1) * nb * size];
-                let want = match qtype {
-                    QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(wr), &xq),
-                    QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(wr), &xq),
-                    _ => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(wr), &xq),
-                };
-                assert_eq!(got.to_bits(), want.to_bits(), "{qtype:?} nb={nb} row={row}");
+            let mut y = vec![0.0f32; m * n];
+            qmatmul(&x, m, &v, &mut y).unwrap();
+            let mut y1 = vec![0.0f32; m * n];
+            crate::parallel::set_num_threads(1);
+            let one = qmatmul(&x, m, &v, &mut y1);
+            crate::parallel::set_num_threads(0);
+            one.unwrap();
+            let mut xq = vec![BlockQ8K::zeroed(); nb];
+            for mi in 0..m {
+                r::quantize_row_q8_k(&x[mi * k..(mi + 1) * k], &mut xq);
+                for row in 0..n {
+                    let wr = &data[row * nb * size..(row + 1) * nb * size];
+                    let want = match qtype {
+                        QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q6K => r::dot_block_k::<BlockQ6K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q2K => r::dot_block_k::<BlockQ2K>(bytemuck::cast_slice(wr), &xq),
+                        QType::Q3K => r::dot_block_k::<BlockQ3K>(bytemuck::cast_slice(wr), &xq),
+                        _ => r::dot_block_k::<BlockIQ4XS>(bytemuck::cast_slice(wr), &xq),
+                    };
+                    for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{qtype:?} {what} nb={nb} n={n} m={m} row={row} act row {mi}"
+                        );
+                    }
+                }
             }
         }
     }
@@ -214,4 +249,7 @@ fn bench_row_k() {
     run::<BlockQ4K>(&mut rng);
     run::<BlockQ5K>(&mut rng);
     run::<BlockQ6K>(&mut rng);
+    run::<BlockQ2K>(&mut rng);
+    run::<BlockQ3K>(&mut rng);
+    run::<BlockIQ4XS>(&mut rng);
 }

@@ -1,4 +1,5 @@
-//! The M = 1 row kernel of q4_K, q5_K and q6_K with AVX-512 (F/BW/VL/VNNI), the weights in
+//! The M = 1 row kernel of the K-quants with AVX-512 (F/BW/VL/VNNI): q4_K, q5_K and q6_K
+//! here, q2_K, q3_K and iq4_xs by their decodes in `low.rs` (`RowK`), the weights in
 //! their own super-block layout (no repacking). Per super-block, four 512-bit vectors hold 64
 //! unsigned quants each (two sub-blocks of 32: q6_K in element order, q4_K / q5_K as one
 //! 64-byte load of qs splits into low and high nibbles, `K4_ORDER`); the activations are
@@ -33,26 +34,68 @@ use crate::matmul::reference::{self as r, BlockQ8K, LANES};
 /// One super-block decoded for `dot_row_k_vnni`.
 #[derive(Clone, Copy)]
 pub struct DecodedZ {
-    /// Unsigned quants, 64 a vector: q6_K in element order (vector i = sub-blocks 2i and
-    /// 2i + 1), q4_K / q5_K in `K4_ORDER` (their activations prepared the same way).
-    q: [__m512i; 4],
+    /// Unsigned quants, 64 a vector, in the order `RowK::ORDER` gives the activations:
+    /// q6_K / q3_K / q2_K in element order (vector i = sub-blocks 2i and 2i + 1), q4_K / q5_K
+    /// in `K4_ORDER`, iq4_xs as `XzOrder::Nibbles`.
+    pub(super) q: [__m512i; 4],
     /// i16 multipliers of `packs(p0, p1)` and `packs(p2, p3)` (p_i = `dpbusd(q[i], x)`): in
     /// 128-bit lane k of a pack, i16 0..3 are sums of 4 products from lane k of p0 / p2 and
     /// i16 4..7 from lane k of p1 / p3; their multipliers are the scales of those elements.
-    scl: [__m512i; 2],
-    /// i16 multipliers of the 16 `bsums`: each sub-block's min twice (q4_K / q5_K), or the 16
-    /// scales (q6_K).
-    bmul: __m256i,
+    /// (iq4_xs: i32 multipliers of p0, p1 and of p2, p3; see `low.rs`.)
+    pub(super) scl: [__m512i; 2],
+    /// i16 multipliers of the 16 `bsums`: each sub-block's min twice (q4_K / q5_K), the 16
+    /// mins (q2_K), or the scales of the 16 groups (q6_K, q3_K, iq4_xs: for their offsets).
+    pub(super) bmul: __m256i,
+}
+
+/// How `interleave_k4` orders a format's activation quants (the order of its decoded quants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XzOrder {
+    /// Element order (q6_K, q3_K, q2_K).
+    Elements,
+    /// 32-element sub-blocks in `K4_ORDER` (q4_K, q5_K).
+    K4,
+    /// iq4_xs: vector 2h + t, 128-bit lane k holds elements 32(4h + k) + 16t .. + 16 (the low
+    /// nibbles of one 64-byte load of qs are t = 0, its high nibbles t = 1).
+    Nibbles,
+}
+
+/// The activation order of `qtype`'s AVX-512 row kernel, None where it has none.
+pub fn xz_order(qtype: crate::qtype::QType) -> Option<XzOrder> {
+    use crate::qtype::QType;
+    match qtype {
+        QType::Q4K => Some(BlockQ4K::ORDER),
+        QType::Q5K => Some(BlockQ5K::ORDER),
+        QType::Q6K => Some(BlockQ6K::ORDER),
+        QType::Q3K => Some(BlockQ3K::ORDER),
+        QType::Q2K => Some(BlockQ2K::ORDER),
+        QType::IQ4XS => Some(BlockIQ4XS::ORDER),
+        _ => None,
+    }
 }
 
 /// K-quants with the AVX-512 row kernel.
 pub trait RowK: SumsK {
-    /// q6_K: the quants are stored +32 and there is no min.
-    const Q6: bool;
+    /// The activations' order (`interleave_k4`).
+    const ORDER: XzOrder;
+    /// None: the `bsums` term is the min sum (`d·xd·isum - dmin·xd·msum`); Some(s): the
+    /// quants are stored with an offset of 2^s (q6_K 32, q3_K 4, iq4_xs 128), removed as
+    /// `isum - (msum << s)` (exact integers), and there is no min.
+    const OFFSET_SHIFT: Option<i32>;
     /// # Safety
     /// AVX2, AVX-512 F/BW/VL must be available.
     unsafe fn decode_z(&self) -> DecodedZ;
-    /// The f16 super-block scale and min (zero for q6_K).
+    /// The integer sums of one super-block with one activation block (`XZ_BLOCK` bytes):
+    /// Σ scale·q·x in 16 i32 lanes and Σ bmul·bsum in 8.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VL/VNNI must be available; `xq` holds `XZ_BLOCK` bytes.
+    #[inline(always)]
+    unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
+        // SAFETY: the caller's contract.
+        unsafe { sums_packs(d, xq) }
+    }
+    /// The f16 super-block scale and min (zero without a min).
     fn halves(&self) -> (Half, Half);
 }
 
@@ -91,12 +134,25 @@ const XZ_D: usize = QK_K + 32;
 /// (30 KB) crowded L1, and q4_k ran from memory at the old kernel's speed (12.4 GB/s; 15 with
 /// this layout). `qmatmul` puts them on 64-byte boundaries (each 512-bit load then reads one
 /// cache line).
-pub fn interleave_k4(blocks: &[BlockQ8K], q6: bool, out: &mut [u8]) {
+pub fn interleave_k4(blocks: &[BlockQ8K], order: XzOrder, out: &mut [u8]) {
     for (b, o) in blocks.iter().zip(out.chunks_exact_mut(XZ_BLOCK)) {
         let q: &[u8; QK_K] = bytemuck::cast_ref(&b.qs);
-        for (t, &s) in K4_ORDER.iter().enumerate() {
-            let s = if q6 { t } else { s };
-            o[32 * t..32 * t + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
+        match order {
+            XzOrder::Elements => o[..QK_K].copy_from_slice(q),
+            XzOrder::K4 => {
+                for (t, &s) in K4_ORDER.iter().enumerate() {
+                    o[32 * t..32 * t + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
+                }
+            }
+            XzOrder::Nibbles => {
+                // 16-byte chunk c: vector v = c / 4 = 2h + t, lane k = c % 4 -> source chunk
+                // 2(4h + k) + t
+                for c in 0..16 {
+                    let (v, k) = (c / 4, c % 4);
+                    let src = 2 * (4 * (v / 2) + k) + v % 2;
+                    o[16 * c..16 * c + 16].copy_from_slice(&q[16 * src..16 * src + 16]);
+                }
+            }
         }
         o[XZ_BSUMS..XZ_D].copy_from_slice(bytemuck::cast_slice(&b.bsums));
         o[XZ_D..XZ_D + 4].copy_from_slice(&b.d.to_le_bytes());
@@ -105,14 +161,14 @@ pub fn interleave_k4(blocks: &[BlockQ8K], q6: bool, out: &mut [u8]) {
 }
 
 const SCL_K4: [[i16; 32]; 2] = [scl_idx(0, true), scl_idx(1, true)];
-const SCL_Q6: [[i16; 32]; 2] = [scl_idx(0, false), scl_idx(1, false)];
+pub(super) const SCL_Q6: [[i16; 32]; 2] = [scl_idx(0, false), scl_idx(1, false)];
 /// From [sc0..sc7, m0..m7] (i16) to [m0 m0 m1 m1 .. m7 m7]: bsums 2s and 2s + 1 are
 /// sub-block s's.
 const MIN_IDX: [i16; 16] = [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15];
 
 #[target_feature(enable = "avx2,avx512f,avx512bw")]
 #[inline]
-unsafe fn load_idx32(t: &[i16; 32]) -> __m512i {
+pub(super) unsafe fn load_idx32(t: &[i16; 32]) -> __m512i {
     // SAFETY: 64 bytes.
     unsafe { _mm512_loadu_si512(t.as_ptr() as *const __m512i) }
 }
@@ -174,7 +230,8 @@ unsafe fn decode_k4(qs: &[u8; QK_K / 2], scales: *const u8) -> DecodedZ {
 }
 
 impl RowK for BlockQ4K {
-    const Q6: bool = false;
+    const ORDER: XzOrder = XzOrder::K4;
+    const OFFSET_SHIFT: Option<i32> = None;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); the 12 scale bytes (offset 4) are followed by
@@ -188,7 +245,8 @@ impl RowK for BlockQ4K {
 }
 
 impl RowK for BlockQ5K {
-    const Q6: bool = false;
+    const ORDER: XzOrder = XzOrder::K4;
+    const OFFSET_SHIFT: Option<i32> = None;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); 16 bytes from `scales` stay inside the block
@@ -220,7 +278,8 @@ impl RowK for BlockQ5K {
 }
 
 impl RowK for BlockQ6K {
-    const Q6: bool = true;
+    const ORDER: XzOrder = XzOrder::Elements;
+    const OFFSET_SHIFT: Option<i32> = Some(5);
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); 64-byte loads inside ql (128), 32 inside qh
@@ -295,7 +354,7 @@ fn reduce8(v: &[__m256i; 8]) -> __m256i {
 /// super-blocks' chains overlap less); `fold` runs once per group.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
+unsafe fn sums_packs(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
     debug_assert!(xq.len() >= XZ_BLOCK);
     let z = _mm512_setzero_si512();
     let mut p = [z; 4];
@@ -378,7 +437,7 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
             for rr in 0..R {
                 let xq = &xz[rr][XZ_BLOCK * b..XZ_BLOCK * (b + 1)];
                 // SAFETY: AVX-512 VNNI/BW (contract); xq is one whole XZ_BLOCK (a checked slice).
-                let (i, m) = unsafe { sums_z(&dz, xq) };
+                let (i, m) = unsafe { W::sums_z(&dz, xq) };
                 isum[rr][j] = i;
                 msum[rr][j] = m;
             }
@@ -411,14 +470,16 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
                 *o = fold(v);
             }
             let (is, ms) = (reduce8(&f), reduce8(&msum[rr]));
-            let (is, ms) = if W::Q6 {
-                // Σ sc (q - 32) x = Σ sc q x - 32 Σ sc bsum; no min
-                (
-                    _mm256_cvtepi32_ps(_mm256_sub_epi32(is, _mm256_slli_epi32(ms, 5))),
+            let (is, ms) = match W::OFFSET_SHIFT {
+                // Σ sc (q - 2^s) x = Σ sc q x - 2^s Σ sc bsum; no min
+                Some(sh) => (
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                        is,
+                        _mm256_sllv_epi32(ms, _mm256_set1_epi32(sh)),
+                    )),
                     _mm256_setzero_ps(),
-                )
-            } else {
-                (_mm256_cvtepi32_ps(is), _mm256_cvtepi32_ps(ms))
+                ),
+                None => (_mm256_cvtepi32_ps(is), _mm256_cvtepi32_ps(ms)),
             };
             // block_k_product: (d·xd)·isum - (dmin·xd)·msum, then acc += p
             let p = _mm256_sub_ps(

@@ -1,0 +1,232 @@
+//! `RowK` decodes of q2_K, q3_K and iq4_xs for the AVX-512 row kernel (`vnni.rs`). Before
+//! these, the three ran the AVX2 `SumsK` kernel at M = 1 and read 29-57 % of the machine's
+//! bandwidth (quiet, 2 threads, session 9).
+//!
+//! - q2_K and q3_K: element order, like q6_K (vector i = sub-blocks 2i and 2i + 1; the
+//!   16-group scales through `SCL_Q6`). Each 32-byte run of qs (and q3_K's hmask) is
+//!   broadcast to both 256-bit halves and shifted by a different count per half. q2_K's mins
+//!   multiply the `bsums`; q3_K's quants are stored + 4 (0..7), its offset is removed with
+//!   the `bsums` (`OFFSET_SHIFT` 2).
+//! - iq4_xs: the table values are signed (-127..113); stored + 128 (1..241, unsigned) they go
+//!   into `vpdpbusd`, and the offset comes off with the `bsums` (`OFFSET_SHIFT` 7). A sum of 4
+//!   products can reach 4·241·127 > 2^15, so the packs to i16 of the other formats would
+//!   saturate: the 4-product sums are multiplied by their sub-block scale in i32
+//!   (`vpmulld`). The activations are in `XzOrder::Nibbles` so that the low and the high
+//!   nibbles of one 64-byte load of qs are one vector each, without a permute.
+//!
+//! Integers exact, so equal to the reference's whatever the order (tested in `tests.rs`).
+//! Safety as in `x86.rs`.
+
+use std::arch::x86_64::*;
+
+use super::super::k_low::scales_q3_k_aux;
+use super::vnni::{load_idx32, DecodedZ, RowK, XzOrder, SCL_Q6};
+use crate::formats::blocks::*;
+use crate::matmul::reference::KVALUES_IQ4NL;
+
+/// `scl` of the element-order formats: the 16 i16 group scales through `SCL_Q6`.
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+#[inline]
+unsafe fn scl_groups16(sc: __m256i) -> [__m512i; 2] {
+    let gz = _mm512_zextsi256_si512(sc);
+    // SAFETY: constant tables of 32 i16.
+    unsafe {
+        [
+            _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[0]), gz),
+            _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[1]), gz),
+        ]
+    }
+}
+
+/// The low two bits of q2_K / q3_K's elements in element order: vector 2h + j holds
+/// sub-blocks 4h + 2j (bits 4j..4j+1 of qs[32h + l]) and 4h + 2j + 1 (bits 4j+2..4j+3).
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+#[inline]
+unsafe fn low2(qs: &[u8; QK_K / 4]) -> [__m512i; 4] {
+    let m3 = _mm512_set1_epi8(3);
+    let mut q = [_mm512_setzero_si512(); 4];
+    for h in 0..2 {
+        // SAFETY: 32 bytes inside qs (64).
+        let v = unsafe {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(qs[32 * h..].as_ptr() as *const __m256i))
+        };
+        // the 64-bit shifts move bits across bytes; the mask keeps each byte's own
+        q[2 * h] = _mm512_and_si512(
+            _mm512_srlv_epi64(v, _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0)),
+            m3,
+        );
+        q[2 * h + 1] = _mm512_and_si512(
+            _mm512_srlv_epi64(v, _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4)),
+            m3,
+        );
+    }
+    q
+}
+
+impl RowK for BlockQ2K {
+    const ORDER: XzOrder = XzOrder::Elements;
+    const OFFSET_SHIFT: Option<i32> = None;
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 F/BW available (contract); 16 bytes of scales.
+        unsafe {
+            let sc = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
+            let m4 = _mm_set1_epi8(15);
+            DecodedZ {
+                q: low2(&self.qs),
+                scl: scl_groups16(_mm256_cvtepu8_epi16(_mm_and_si128(sc, m4))),
+                bmul: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4)),
+            }
+        }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, self.dmin)
+    }
+}
+
+impl RowK for BlockQ3K {
+    const ORDER: XzOrder = XzOrder::Elements;
+    const OFFSET_SHIFT: Option<i32> = Some(2);
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 F/BW/VL available (contract); 32 bytes of hmask.
+        unsafe {
+            let mut q = low2(&self.qs);
+            let hm =
+                _mm512_broadcast_i64x4(_mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i));
+            let four = _mm512_set1_epi8(4);
+            for (i, v) in q.iter_mut().enumerate() {
+                // bit t of hmask[l] is bit 2 of element 32t + l's stored value; vector i holds
+                // sub-blocks t = 2i (low half) and 2i + 1 (high). A 64-bit rotate by 2 - t
+                // (mod 64) puts bit t of every byte on its bit 2; the mask drops the rest.
+                let h = match i {
+                    0 => _mm512_rolv_epi64(hm, _mm512_set_epi64(1, 1, 1, 1, 2, 2, 2, 2)),
+                    1 => _mm512_rolv_epi64(hm, _mm512_set_epi64(63, 63, 63, 63, 0, 0, 0, 0)),
+                    2 => _mm512_rolv_epi64(hm, _mm512_set_epi64(61, 61, 61, 61, 62, 62, 62, 62)),
+                    _ => _mm512_rolv_epi64(hm, _mm512_set_epi64(59, 59, 59, 59, 60, 60, 60, 60)),
+                };
+                // v | (h & 4)
+                *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, four);
+            }
+            let aux = scales_q3_k_aux(&self.scales);
+            let sc8 = _mm_sub_epi8(
+                _mm_set_epi32(aux[3] as i32, aux[2] as i32, aux[1] as i32, aux[0] as i32),
+                _mm_set1_epi8(32),
+            );
+            let sc = _mm256_cvtepi8_epi16(sc8);
+            DecodedZ {
+                q,
+                scl: scl_groups16(sc),
+                bmul: sc,
+            }
+        }
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, [0, 0])
+    }
+}
+
+/// kvalues_iq4nl + 128 (1..241): the iq4_xs values as unsigned bytes.
+const IQ4_U8: [u8; 16] = {
+    let mut t = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        t[i] = (KVALUES_IQ4NL[i] as i16 + 128) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// i32 permutation indices to `DecodedZ::scl[h]` of iq4_xs: 128-bit lane k takes the scale of
+/// sub-block 4h + k.
+const XS_SCL_IDX: [[i32; 16]; 2] = {
+    let mut t = [[0i32; 16]; 2];
+    let mut i = 0;
+    while i < 16 {
+        t[0][i] = (i / 4) as i32;
+        t[1][i] = (4 + i / 4) as i32;
+        i += 1;
+    }
+    t
+};
+
+/// i16 indices from the 8 i32 scales (i16 2b: the low half of sub-block b's) to the 16
+/// `bsums`' multipliers (bsums 2b and 2b + 1 are sub-block b's).
+const XS_BMUL_IDX: [i16; 16] = [0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14];
+
+impl RowK for BlockIQ4XS {
+    const ORDER: XzOrder = XzOrder::Nibbles;
+    const OFFSET_SHIFT: Option<i32> = Some(7);
+    #[inline(always)]
+    unsafe fn decode_z(&self) -> DecodedZ {
+        // SAFETY: AVX-512 F/BW/VL available (contract); 64-byte loads inside qs (128), the
+        // 16-byte table and index tables.
+        unsafe {
+            let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_U8.as_ptr() as *const __m128i));
+            let m4 = _mm512_set1_epi8(0x0f);
+            let mut q = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                let v = _mm512_loadu_si512(self.qs[64 * h..].as_ptr() as *const __m512i);
+                let lo = _mm512_and_si512(v, m4);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                q[2 * h] = _mm512_shuffle_epi8(table, lo);
+                q[2 * h + 1] = _mm512_shuffle_epi8(table, hi);
+            }
+            // scales: low nibbles of scales_l (byte i: sub-blocks 2i, 2i + 1), 2 bits each of
+            // scales_h on bits 4..5, minus 32 (`reference::scales_iq4_xs`)
+            let l = _mm_cvtsi32_si128(i32::from_le_bytes(self.scales_l));
+            let nib = _mm_unpacklo_epi8(
+                _mm_and_si128(l, _mm_set1_epi8(0x0f)),
+                _mm_and_si128(_mm_srli_epi16(l, 4), _mm_set1_epi8(0x0f)),
+            );
+            let h = _mm256_set1_epi32(u16::from_le_bytes(self.scales_h) as i32);
+            let hb = _mm256_and_si256(
+                _mm256_srlv_epi32(h, _mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0)),
+                _mm256_set1_epi32(3),
+            );
+            let sc = _mm256_sub_epi32(
+                _mm256_or_si256(_mm256_cvtepu8_epi32(nib), _mm256_slli_epi32(hb, 4)),
+                _mm256_set1_epi32(32),
+            );
+            let sz = _mm512_zextsi256_si512(sc);
+            let idx0 = _mm512_loadu_si512(XS_SCL_IDX[0].as_ptr() as *const __m512i);
+            let idx1 = _mm512_loadu_si512(XS_SCL_IDX[1].as_ptr() as *const __m512i);
+            DecodedZ {
+                q,
+                scl: [
+                    _mm512_permutexvar_epi32(idx0, sz),
+                    _mm512_permutexvar_epi32(idx1, sz),
+                ],
+                bmul: _mm256_permutexvar_epi16(
+                    _mm256_loadu_si256(XS_BMUL_IDX.as_ptr() as *const __m256i),
+                    sc,
+                ),
+            }
+        }
+    }
+    /// Σ sc·(q + 128)·x in i32: `vpdpbusd`, then `vpmulld` by the sub-block scales (no packs,
+    /// see the module comment).
+    #[inline(always)]
+    unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
+        debug_assert!(xq.len() >= super::vnni::XZ_BLOCK);
+        let z = _mm512_setzero_si512();
+        let mut s = z;
+        for i in 0..4 {
+            // SAFETY: 64 bytes inside xq (256); AVX-512 F/BW/VNNI (contract).
+            unsafe {
+                let xv = _mm512_loadu_si512(xq[64 * i..].as_ptr() as *const __m512i);
+                let p = _mm512_dpbusd_epi32(z, d.q[i], xv);
+                s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, d.scl[i / 2]));
+            }
+        }
+        // SAFETY: 32 bytes of bsums (offset QK_K inside the block); AVX2 (contract).
+        let bs = unsafe { _mm256_loadu_si256(xq[QK_K..].as_ptr() as *const __m256i) };
+        (s, _mm256_madd_epi16(bs, d.bmul))
+    }
+    #[inline(always)]
+    fn halves(&self) -> (Half, Half) {
+        (self.d, [0, 0])
+    }
+}
