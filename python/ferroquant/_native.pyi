@@ -68,6 +68,33 @@ def hqq_quantize(
 ) -> dict[str, Any]:
     """An HQQ-optimised tensor of `qtype`: block_size, data, stats (as `quantize`)."""
 
+def gptq_columns(
+    rule_name: str,
+    w: npt.NDArray[np.float32],
+    hinv: npt.NDArray[np.float32],
+    err: npt.NDArray[np.float32],
+    levels: npt.NDArray[np.int64],
+    values: npt.NDArray[np.float32],
+    start: int,
+    end: int,
+    propagate: bool = True,
+    scale: npt.NDArray[np.float32] | None = None,
+    inv: npt.NDArray[np.float32] | None = None,
+    low: npt.NDArray[np.float32] | None = None,
+    zero: npt.NDArray[np.float32] | None = None,
+    rscale: npt.NDArray[np.float32] | None = None,
+    grid: npt.NDArray[np.float32] | None = None,
+    grid_levels: int = 0,
+    offset: float = 0.0,
+    center: int = 0,
+    top: int = 0,
+    table: npt.NDArray[np.float32] | None = None,
+    bounds: npt.NDArray[np.float32] | None = None,
+    order: npt.NDArray[np.int64] | None = None,
+) -> None:
+    """GPTQ's columns start..end of one lazy batch, in place (`w`, `err`, `levels`, `values`:
+    [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)])."""
+
 def qtypes() -> list[tuple[str, int, int, float, int | None, str]]: ...
 def block_struct_sizes() -> list[tuple[str, int]]: ...
 def set_num_threads(n: int) -> None: ...

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..tensor import QTensor, QuantizeError
+from . import gptq_native
 from .grid import Blocks, FormatGrid
 
 
@@ -72,15 +74,20 @@ class GPTQConfig:
         return "gptq(" + ", ".join(f"{k}={v}" for k, v in asdict(self).items()) + ")"
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)^-1, float64 inside; damping x10 on failure."""
+def _inverse_cholesky(
+    h: torch.Tensor, damp: float, name: str, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)^-1, float32; damping x10 on failure. The
+    factorizations run in `dtype`: float64 (the reference) or float32 (as the GPTQ paper's code
+    and GPTQModel / llm-compressor run them: `gptq_native.CHOLESKY_DTYPE`). The damping is added
+    in float64 either way."""
     h = h.to(torch.float64)
     mean_diag = float(torch.diagonal(h).mean())
     frac = damp
     for _ in range(6):
         hd = h.clone()  # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336)
         hd.diagonal().add_(frac * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(hd)
+        lower, info = torch.linalg.cholesky_ex(hd.to(dtype))
         del hd
         if int(info) == 0:
             hinv = torch.cholesky_inverse(lower)
@@ -199,12 +206,56 @@ def _gptq(
         params = None
         lazy = math.ceil(cfg.block_size / fb) * fb
     h = h[perm][:, perm]
-    hinv = _inverse_cholesky(h, cfg.damp, name)
+    native = gptq_native.available()
+    hinv = _inverse_cholesky(
+        h, cfg.damp, name, gptq_native.CHOLESKY_DTYPE if native else torch.float64
+    )
     # the loop runs on W^T [cols, rows] (permuted): a column is one contiguous vector, its
-    # rank-1 update one in-place addr_ on contiguous rows, its codes one row of a buffer
+    # rank-1 update an in-place update of contiguous rows, its codes one row of a buffer
     wt = w.t()[perm].contiguous()
     levels_t = torch.zeros((cols, rows), dtype=torch.int64)
     values_t = torch.zeros((cols, rows), dtype=torch.float32)
+    loop = gptq_native.column_loop if native else _column_loop
+    blocks = loop(
+        grid,
+        wt,
+        hinv,
+        levels_t,
+        values_t,
+        static=static,
+        params=params,
+        perm=perm,
+        lazy=lazy,
+        block_params=block_params,
+        propagate=propagate,
+    )
+    inv_perm = torch.argsort(perm)
+    levels = levels_t[inv_perm].t()
+    values = values_t[inv_perm].t().contiguous()
+    qt = grid.qtensor([params] if static else blocks, levels.numpy())
+    return qt, values
+
+
+def _column_loop(
+    grid: FormatGrid,
+    wt: torch.Tensor,
+    hinv: torch.Tensor,
+    levels_t: torch.Tensor,
+    values_t: torch.Tensor,
+    *,
+    static: bool,
+    params: Blocks | None,
+    perm: torch.Tensor,
+    lazy: int,
+    block_params: Callable[[torch.Tensor, int], Blocks],
+    propagate: bool,
+) -> list[Blocks]:
+    """The reference column loop (Python and torch), one column at a time: fills `levels_t` /
+    `values_t` ([cols, rows], permuted order), updates `wt` in place and returns the blocks'
+    parameters fixed on the way (natural order; empty with static groups).
+    `gptq_native.column_loop` is its compiled twin."""
+    cols = wt.shape[0]
+    fb = grid.block
     blocks: list[Blocks] = []
     # static parameters transposed once (per lazy block where the format keeps a table of
     # values per weight: the affine K-quants' [rows, cols, levels] is not worth a second copy)
@@ -235,14 +286,12 @@ def _gptq(
             torch.sub(col, q, out=e)
             e.div_(diag[i])
             if i + 1 < i2 - i1:
-                w1[i + 1 :].addr_(h1[i, i + 1 :], e, alpha=-1.0)
+                # w_j - (h_ij * e): two roundings, the same on every CPU (torch's addr_ fuses
+                # them in its vector body only, so its bits depend on the vector width)
+                w1[i + 1 :].sub_(torch.outer(h1[i, i + 1 :], e))
         if propagate and i2 < cols:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
-    inv_perm = torch.argsort(perm)
-    levels = levels_t[inv_perm].t()
-    values = values_t[inv_perm].t().contiguous()
-    qt = grid.qtensor([params] if static else blocks, levels.numpy())
-    return qt, values
+    return blocks
 
 
 def layer_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod error;
 pub mod formats;
 pub mod gguf;
+pub mod gptq;
 pub mod hqq;
 pub mod input;
 pub mod matmul;

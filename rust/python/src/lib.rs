@@ -9,6 +9,7 @@ use ferroquant_core as core;
 
 mod cuda_sources;
 mod gguf;
+mod gptq;
 mod hqq;
 mod kv_tensor;
 mod matmul;
@@ -318,6 +319,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(matmul::stream_read, m)?)?;
     gguf::register(m)?;
     hqq::register(m)?;
+    gptq::register(m)?;
     runtime::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

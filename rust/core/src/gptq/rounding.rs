@@ -1,0 +1,217 @@
+//! A format's own rounding of one GPTQ column, given the column's block parameters.
+//!
+//! The transcription of `FormatGrid._round` / `_value` (python/ferroquant/methods/grid.py, the
+//! reference) in its operation order, f32 throughout with one rounding per torch operation
+//! (Rust never contracts `a * b + c` into an FMA), so that levels and values are the Python
+//! loop's bit for bit. The parameters are read, never computed, here: Python fixes them with
+//! the format's own quantizer (`FormatGrid.params`), so nothing about a format's scale choice
+//! is duplicated.
+
+use crate::error::{Error, Result};
+
+/// How a format turns a weight and its block's parameters into a level and a value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rule {
+    /// q4_0, q5_0 (ggml): `trunc(w * inv + offset)` in `0..=top`; value `scale * (l - center)`.
+    LegacySym { offset: f32, center: i64, top: i64 },
+    /// q4_1, q5_1 (ggml): `trunc((w - low) * inv + 0.5)` in `0..=top`; value `grid[l]`.
+    LegacyAffine { top: i64 },
+    /// q8_0 (ggml's `roundf(w * inv)`) in `-128..=127`, stored + 128; value `scale * (l - 128)`.
+    Q8,
+    /// Grouped integers: `round_half_even(w / rscale) + zero` in `0..=maxq`; value
+    /// `scale * (l - zero)` (the stored fp16 scale, one exact product).
+    Zero { maxq: f32 },
+    /// int8 per row / block: `round_half_even(w / scale)` in `-127..=127`, stored + 128.
+    Int8,
+    /// nf4 / fp4 (bitsandbytes' buckets): `x = w * (1 / max(scale, 1e-38))`, the number of
+    /// `bounds` below `x`, mapped through `order`; value `table[l] * scale`.
+    Bnb {
+        bounds: Vec<f32>,
+        order: Vec<i64>,
+        table: Vec<f32>,
+    },
+    /// q3_K, q6_K: `round_half_even(w / scale)` in `-center..=top - center` (0 where the scale
+    /// is 0), stored + center; value `scale * (l - center)`.
+    Sym { center: i64, top: i64 },
+    /// iq4_nl, iq4_xs: the first nearest of `scale * table[k]`; value `table[l] * scale`.
+    Table { table: Vec<f32> },
+    /// Affine K-quants (q2_K, q4_K, q5_K): the first nearest value of the stored `grid`.
+    Nearest,
+}
+
+/// One column's parameters per weight, `[columns, rows]` row-major (`grid`:
+/// `[columns, rows, levels]`); the fields a `Rule` does not read may be empty.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ColumnParams<'a> {
+    pub scale: &'a [f32],
+    pub inv: &'a [f32],
+    pub low: &'a [f32],
+    pub zero: &'a [f32],
+    pub rscale: &'a [f32],
+    pub grid: &'a [f32],
+    /// values per weight in `grid`
+    pub levels: usize,
+}
+
+impl Rule {
+    /// The fields this rule reads (for the length checks).
+    fn fields<'a>(&self, p: &ColumnParams<'a>) -> Vec<(&'static str, &'a [f32], usize)> {
+        let grid = ("grid", p.grid, p.levels.max(1));
+        match self {
+            Rule::LegacySym { .. } => vec![("inv", p.inv, 1), ("scale", p.scale, 1)],
+            Rule::LegacyAffine { .. } => vec![("inv", p.inv, 1), ("low", p.low, 1), grid],
+            Rule::Q8 => vec![("inv", p.inv, 1), ("scale", p.scale, 1)],
+            Rule::Zero { .. } => vec![
+                ("rscale", p.rscale, 1),
+                ("zero", p.zero, 1),
+                ("scale", p.scale, 1),
+            ],
+            Rule::Int8 | Rule::Bnb { .. } | Rule::Sym { .. } | Rule::Table { .. } => {
+                vec![("scale", p.scale, 1)]
+            }
+            Rule::Nearest => vec![grid],
+        }
+    }
+
+    /// Checks that `p` holds `columns` columns of `rows` weights for every field read, and that
+    /// the rule's own tables are consistent.
+    pub fn check(&self, p: &ColumnParams, columns: usize, rows: usize) -> Result<()> {
+        for (name, field, per) in self.fields(p) {
+            if field.len() != columns * rows * per {
+                return Err(Error::InvalidArgument(format!(
+                    "gptq: parameter {name} has {} values, expected {columns} columns x {rows} \
+                     rows x {per}",
+                    field.len()
+                )));
+            }
+        }
+        let bad = match self {
+            Rule::Bnb {
+                bounds,
+                order,
+                table,
+            } => {
+                order.len() != bounds.len() + 1
+                    || order.iter().any(|&o| o < 0 || o as usize >= table.len())
+            }
+            Rule::Table { table } => table.is_empty(),
+            Rule::Nearest | Rule::LegacyAffine { .. } => p.levels == 0,
+            _ => false,
+        };
+        if bad {
+            return Err(Error::InvalidArgument(format!(
+                "gptq: inconsistent tables for rule {self:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Levels and values of the weights `w` of column `c` (an index into `p`'s columns).
+    pub fn round_column(
+        &self,
+        p: &ColumnParams,
+        c: usize,
+        w: &[f32],
+        lev: &mut [i64],
+        val: &mut [f32],
+    ) {
+        let rows = w.len();
+        let at = |f: &[f32], r: usize| f[c * rows + r];
+        for r in 0..rows {
+            let x = w[r];
+            let (l, v) = match self {
+                Rule::LegacySym {
+                    offset,
+                    center,
+                    top,
+                } => {
+                    let t = x * at(p.inv, r) + offset;
+                    let l = t.trunc().clamp(0.0, *top as f32) as i64;
+                    (l, at(p.scale, r) * (l - center) as f32)
+                }
+                Rule::LegacyAffine { top } => {
+                    let t = (x - at(p.low, r)) * at(p.inv, r) + 0.5;
+                    let l = t.trunc().clamp(0.0, *top as f32) as i64;
+                    (l, p.grid[(c * rows + r) * p.levels + l as usize])
+                }
+                Rule::Q8 => {
+                    let t = x * at(p.inv, r);
+                    let mut q = t.trunc();
+                    if (t - q).abs() >= 0.5 {
+                        q += sign(t);
+                    }
+                    let l = q.clamp(-128.0, 127.0) as i64 + 128;
+                    (l, at(p.scale, r) * (l - 128) as f32)
+                }
+                Rule::Zero { maxq } => {
+                    let z = at(p.zero, r);
+                    let l = ((x / at(p.rscale, r)).round_ties_even() + z).clamp(0.0, *maxq);
+                    (l as i64, at(p.scale, r) * (l - z))
+                }
+                Rule::Int8 => {
+                    let a = at(p.scale, r);
+                    let d = if a == 0.0 { 1.0 } else { a };
+                    let l = (x / d).round_ties_even().clamp(-127.0, 127.0) as i64 + 128;
+                    (l, a * (l - 128) as f32)
+                }
+                Rule::Bnb {
+                    bounds,
+                    order,
+                    table,
+                } => {
+                    let a = at(p.scale, r);
+                    let y = x * (1.0 / a.max(1e-38));
+                    let idx = bounds.iter().filter(|&&b| y > b).count();
+                    let l = order[idx];
+                    (l, table[l as usize] * a)
+                }
+                Rule::Sym { center, top } => {
+                    let a = at(p.scale, r);
+                    let l = if a == 0.0 {
+                        *center
+                    } else {
+                        let lo = -(*center as f32);
+                        let hi = (top - center) as f32;
+                        (x / a).round_ties_even().clamp(lo, hi) as i64 + center
+                    };
+                    (l, a * (l - center) as f32)
+                }
+                Rule::Table { table } => {
+                    let a = at(p.scale, r);
+                    let l = first_nearest(table.iter().map(|&t| a * t), x);
+                    (l as i64, table[l] * a)
+                }
+                Rule::Nearest => {
+                    let g = &p.grid[(c * rows + r) * p.levels..][..p.levels];
+                    let l = first_nearest(g.iter().copied(), x);
+                    (l as i64, g[l])
+                }
+            };
+            lev[r] = l;
+            val[r] = v;
+        }
+    }
+}
+
+/// torch.sign: 0 for 0.
+fn sign(t: f32) -> f32 {
+    if t > 0.0 {
+        1.0
+    } else if t < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// The index of the first candidate nearest `x` (torch's `argmin` of `|v - x|`).
+fn first_nearest(values: impl Iterator<Item = f32>, x: f32) -> usize {
+    let mut best = (0, f32::INFINITY);
+    for (k, v) in values.enumerate() {
+        let d = (v - x).abs();
+        if d < best.1 {
+            best = (k, d);
+        }
+    }
+    best.0
+}

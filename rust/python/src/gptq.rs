@@ -1,0 +1,150 @@
+//! Binding of GPTQ's column loop (`core::gptq`): convert, release the GIL, map errors. No
+//! numerics.
+
+use ferroquant_core as core;
+use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use crate::{not_contiguous, to_py, QuantizeError};
+
+fn slice<'a>(a: &'a Option<PyReadonlyArray1<'_, f32>>, what: &str) -> PyResult<&'a [f32]> {
+    match a {
+        None => Ok(&[]),
+        Some(a) => a.as_slice().map_err(|_| not_contiguous(what)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rule(
+    name: &str,
+    offset: f32,
+    center: i64,
+    top: i64,
+    table: &[f32],
+    bounds: &[f32],
+    order: &[i64],
+) -> PyResult<core::gptq::Rule> {
+    use core::gptq::Rule;
+    Ok(match name {
+        "legacy_sym" => Rule::LegacySym {
+            offset,
+            center,
+            top,
+        },
+        "legacy_affine" => Rule::LegacyAffine { top },
+        "q8" => Rule::Q8,
+        "zero" => Rule::Zero { maxq: top as f32 },
+        "int8" => Rule::Int8,
+        "bnb" => Rule::Bnb {
+            bounds: bounds.to_vec(),
+            order: order.to_vec(),
+            table: table.to_vec(),
+        },
+        "sym" => Rule::Sym { center, top },
+        "table" => Rule::Table {
+            table: table.to_vec(),
+        },
+        "nearest" => Rule::Nearest,
+        _ => {
+            return Err(QuantizeError::new_err(format!(
+                "gptq: unknown rounding rule {name:?}"
+            )))
+        }
+    })
+}
+
+/// GPTQ's columns `start..end` of one lazy batch, in place: `w`, `err`, `values` (float32) and
+/// `levels` (int64) are `[n, rows]` (the batch transposed), `hinv` `[n, n]`; the parameter
+/// arrays are flat `[end - start, rows]` (`grid`: `[end - start, rows, levels]`).
+#[pyfunction]
+#[pyo3(signature = (rule_name, w, hinv, err, levels, values, start, end, propagate=true,
+    scale=None, inv=None, low=None, zero=None, rscale=None, grid=None, grid_levels=0,
+    offset=0.0, center=0, top=0, table=None, bounds=None, order=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_columns<'py>(
+    py: Python<'py>,
+    rule_name: &str,
+    mut w: PyReadwriteArray2<'py, f32>,
+    hinv: PyReadonlyArray2<'py, f32>,
+    mut err: PyReadwriteArray2<'py, f32>,
+    mut levels: PyReadwriteArray2<'py, i64>,
+    mut values: PyReadwriteArray2<'py, f32>,
+    start: usize,
+    end: usize,
+    propagate: bool,
+    scale: Option<PyReadonlyArray1<'py, f32>>,
+    inv: Option<PyReadonlyArray1<'py, f32>>,
+    low: Option<PyReadonlyArray1<'py, f32>>,
+    zero: Option<PyReadonlyArray1<'py, f32>>,
+    rscale: Option<PyReadonlyArray1<'py, f32>>,
+    grid: Option<PyReadonlyArray1<'py, f32>>,
+    grid_levels: usize,
+    offset: f32,
+    center: i64,
+    top: i64,
+    table: Option<PyReadonlyArray1<'py, f32>>,
+    bounds: Option<PyReadonlyArray1<'py, f32>>,
+    order: Option<PyReadonlyArray1<'py, i64>>,
+) -> PyResult<()> {
+    let rows = w.shape()[1];
+    let order = match &order {
+        None => &[][..],
+        Some(a) => a.as_slice().map_err(|_| not_contiguous("order"))?,
+    };
+    let rule = rule(
+        rule_name,
+        offset,
+        center,
+        top,
+        slice(&table, "table")?,
+        slice(&bounds, "bounds")?,
+        order,
+    )?;
+    let params = core::gptq::ColumnParams {
+        scale: slice(&scale, "scale")?,
+        inv: slice(&inv, "inv")?,
+        low: slice(&low, "low")?,
+        zero: slice(&zero, "zero")?,
+        rscale: slice(&rscale, "rscale")?,
+        grid: slice(&grid, "grid")?,
+        levels: grid_levels,
+    };
+    // as_slice also takes Fortran order; every buffer here is read as row-major
+    for (name, c) in [
+        ("w", w.is_c_contiguous()),
+        ("hinv", hinv.is_c_contiguous()),
+        ("err", err.is_c_contiguous()),
+        ("levels", levels.is_c_contiguous()),
+        ("values", values.is_c_contiguous()),
+    ] {
+        if !c {
+            return Err(not_contiguous(name));
+        }
+    }
+    let hinv = hinv.as_slice().map_err(|_| not_contiguous("hinv"))?;
+    let w = w.as_slice_mut().map_err(|_| not_contiguous("w"))?;
+    let err = err.as_slice_mut().map_err(|_| not_contiguous("err"))?;
+    let levels = levels
+        .as_slice_mut()
+        .map_err(|_| not_contiguous("levels"))?;
+    let values = values
+        .as_slice_mut()
+        .map_err(|_| not_contiguous("values"))?;
+    py.detach(|| {
+        let mut batch = core::gptq::Batch {
+            rows,
+            w,
+            hinv,
+            err,
+            levels,
+            values,
+        };
+        core::gptq::solve_columns(&mut batch, start, end, &rule, &params, propagate)
+    })
+    .map_err(to_py)
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(gptq_columns, m)?)?;
+    Ok(())
+}
