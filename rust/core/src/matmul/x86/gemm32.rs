@@ -409,9 +409,8 @@ pub fn finish(acc: &[Acc], rows: usize, mut out: impl FnMut(usize, [f32; 8])) {
     // Output lane of weight row i after the reduction: quarter i % 4 (rows 0..4 from the first
     // pair of vectors, 4..8 from the second), lane 0 or 2 (see below).
     let idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-    for j in 0..rows {
-        // z[2h + p]: rows 2(2h + p) (low half) and 2(2h + p) + 1 (high half)
-        let z = acc[j];
+    for (j, &z) in acc[..rows].iter().enumerate() {
+        // z[p]: rows 2p (low half) and 2p + 1 (high half)
         let sum4 = |a: __m512, b: __m512| {
             // quarters [a.q0, a.q2, b.q0, b.q2] + [a.q1, a.q3, b.q1, b.q3]: s_l = a_l + a_{l+4}
             // of rows (a lo, a hi, b lo, b hi)
