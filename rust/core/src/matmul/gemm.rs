@@ -10,11 +10,10 @@
 //! (a lane starts at +0 and a sum of two floats is -0 only when both are), so every output keeps
 //! the reference's bits.
 
-use std::arch::x86_64::__m512;
 use std::cell::RefCell;
 
-use super::x86::gemm32::{self, PanelBuf, XRow, PANEL};
-use super::x86::tile::{interleave_q8_0, Tile32, GROUP_BYTES};
+use super::x86::gemm32::{self, Acc, Pair32, PanelBuf, XRow, PANEL};
+use super::x86::tile::{interleave_q8_0, GROUP_BYTES};
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
 use crate::matmul::reference::LANES;
@@ -23,7 +22,7 @@ use bytemuck::Zeroable;
 
 thread_local! {
     /// Each pool thread's decoded panel chunk and float accumulators (reused across calls).
-    static SCRATCH: RefCell<(PanelBuf, Vec<[__m512; 2]>)> = RefCell::new(Default::default());
+    static SCRATCH: RefCell<(PanelBuf, Vec<Acc>)> = RefCell::new(Default::default());
 }
 
 impl Plan<'_> {
@@ -50,7 +49,7 @@ impl Plan<'_> {
         }
     }
 
-    fn gemm_rows<W: Tile32>(&self, n0: usize, rows: usize, out: &OutPtr) {
+    fn gemm_rows<W: Pair32>(&self, n0: usize, rows: usize, out: &OutPtr) {
         let (blocks_d, nbias, xt, s): (&[f32], &[i32], &[u8], &[f32]) = match &self.acts {
             Acts::Q8_0 { d, nbias, xt, .. } => (d, nbias, xt, &[]),
             Acts::Q8_1 { d, xt, s, .. } => (d, &[], xt, s),
@@ -91,7 +90,7 @@ impl Plan<'_> {
                 };
                 // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`), which includes
                 // AVX-512 F.
-                unsafe { gemm32::zeros(acc, panels * rows_m * 2) };
+                unsafe { gemm32::zeros(acc, panels * rows_m) };
                 // K chunk by chunk over every panel of the task: the chunk of the block of
                 // activation rows stays in L2 while the panels pass (and the panels' lanes wait
                 // in `acc`).
@@ -99,7 +98,17 @@ impl Plan<'_> {
                 while g0 < groups {
                     let gc = gemm32::KC_GROUPS.min(groups - g0);
                     for pi in 0..panels {
-                        let a = &mut acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
+                        // The panel chunk decoded next (the next panel's, or the first panel's
+                        // next chunk) on its way from memory while this one runs.
+                        let (pn, gn) = if pi + 1 < panels {
+                            (pi + 1, g0)
+                        } else {
+                            (0, g0 + gc)
+                        };
+                        if gn < groups {
+                            gemm32::prefetch(w(pn), gn, gemm32::KC_GROUPS.min(groups - gn));
+                        }
+                        let a = &mut acc[pi * rows_m..(pi + 1) * rows_m];
                         // SAFETY: every weight row has nb = 8 · groups blocks; x(j, g0) has the
                         // row's groups from g0 on (the activations of `plan`, interleaved for
                         // this K); gc <= KC_GROUPS.
@@ -110,7 +119,7 @@ impl Plan<'_> {
                 if tail > 0 {
                     let t = Tail::new(ms.clone(), groups * LANES, nb, xb, blocks_d, nbias, s);
                     for pi in 0..panels {
-                        let a = &mut acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
+                        let a = &mut acc[pi * rows_m..(pi + 1) * rows_m];
                         let wt: [[W; LANES]; PANEL] = std::array::from_fn(|i| {
                             let r = n0 + pi * PANEL + i;
                             let wr: &[W] = bytemuck::cast_slice(&self.w.data[r * rb..][..rb]);
@@ -126,7 +135,7 @@ impl Plan<'_> {
                 }
                 for pi in 0..panels {
                     let col = n0 + pi * PANEL;
-                    let a = &acc[pi * rows_m * 2..(pi + 1) * rows_m * 2];
+                    let a = &acc[pi * rows_m..(pi + 1) * rows_m];
                     // SAFETY: as above.
                     unsafe { gemm32::finish(a, rows_m, |j, y| out.set8(ms.start + j, col, &y)) };
                 }

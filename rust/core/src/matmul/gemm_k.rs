@@ -81,6 +81,22 @@ impl Plan<'_> {
                 while b0 < nb {
                     let kc = KC.min(nb - b0);
                     for pi in 0..panels {
+                        // The panel chunk decoded next (the next panel's, or the first panel's
+                        // next chunk) on its way from memory while this one runs: at M = 8 / 16
+                        // the decode otherwise waits on memory (as in `gemm.rs`).
+                        let (pn, bn) = if pi + 1 < panels {
+                            (pi + 1, b0)
+                        } else {
+                            (0, b0 + kc)
+                        };
+                        if bn < nb {
+                            let kn = KC.min(nb - bn);
+                            for i in pn * panel..((pn + 1) * panel).min(rows) {
+                                let row = &self.w.data[(n0 + i) * rb..][..rb];
+                                let sz = std::mem::size_of::<W>();
+                                prefetch_l2(&row[bn * sz..(bn + kn) * sz]);
+                            }
+                        }
                         let r0 = pi * panel;
                         let pv = (rows - r0).min(panel).div_ceil(NV);
                         for sb in 0..kc {
@@ -159,4 +175,14 @@ unsafe fn run<'a, W: DecodeK, const R: usize, const P: usize>(
     let xr: [&[BlockQ8K]; R] = std::array::from_fn(&x);
     // SAFETY: the caller's contract.
     unsafe { gemm_k::kernel::<W, R, P>(buf, kc, b0, &xr, a) };
+}
+
+/// Prefetches the 64-byte lines of `b` into L2.
+fn prefetch_l2(b: &[u8]) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    for off in (0..b.len()).step_by(64).chain([b.len().saturating_sub(1)]) {
+        // SAFETY: off < b.len() or b is empty (then off = 0 and the address is one past an
+        // empty slice's start); prefetching never faults and reads nothing architecturally.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(b.as_ptr().wrapping_add(off) as *const i8) };
+    }
 }

@@ -1,8 +1,8 @@
 //! The GEMM microkernel of the 32-weight formats (q4_0, q5_0, q8_0, iq4_nl, q4_1, q5_1) for
 //! many activation rows, AVX-512 F/BW/VL/VNNI: a panel of 8 weight rows is decoded once per
-//! chunk of K (`KC_GROUPS` groups of 8 blocks) into an L1-resident buffer (`PanelBuf`), then
-//! blocks of up to 4 activation rows run through the whole chunk with their float
-//! accumulators in registers.
+//! chunk of K (`KC_GROUPS` groups of 8 blocks) into an L1-resident buffer (`PanelBuf`, two rows
+//! at a time on 512-bit vectors), then pairs of activation rows run through the whole chunk
+//! against all 8 rows with their float accumulators in registers.
 //!
 //! **Numerics.** The layout is `tile::tile32_vnni512`'s: a 512-bit vector holds two weight
 //! rows (row 2p in lanes 0..8, 2p + 1 in 8..16) of one group, lane l of either half being
@@ -58,13 +58,149 @@ impl Default for PanelBuf {
     }
 }
 
-/// Decodes groups `g0..g0 + groups` (at most `KC_GROUPS`) of the panel's 8 rows into `buf`.
+/// Two weight rows' groups of 8 blocks decoded together on 512-bit vectors into the layout of
+/// `PanelBuf`: vector t = row a's `Tile32::load8_t` vector t in the low half, row b's in the
+/// high half (the same bytes as two `load8_t` calls; the 128-bit-lane shuffles of the 256-bit
+/// transposes do both rows at once).
+pub trait Pair32: Tile32 {
+    /// # Safety
+    /// AVX2, AVX-512 F/BW (`cpu::has_vnni_bw`); `a.len() >= 8`, `b.len() >= 8`.
+    #[inline(always)]
+    unsafe fn load16_t(a: &[Self], b: &[Self]) -> [__m512i; 8] {
+        // SAFETY: the features (contract); a and b have 8 blocks each.
+        unsafe {
+            let v: [__m512i; 8] = std::array::from_fn(|l| {
+                _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(a[l].load_unsigned()),
+                    b[l].load_unsigned(),
+                )
+            });
+            transpose8x2(v)
+        }
+    }
+}
+
+impl Pair32 for crate::formats::blocks::BlockQ8_0 {}
+impl Pair32 for crate::formats::blocks::BlockQ5_0 {}
+impl Pair32 for crate::formats::blocks::BlockQ5_1 {}
+
+impl Pair32 for crate::formats::blocks::BlockQ4_0 {
+    #[inline(always)]
+    unsafe fn load16_t(a: &[Self], b: &[Self]) -> [__m512i; 8] {
+        // SAFETY: the features (contract); 16-byte loads of each block's qs.
+        unsafe { nibbles16_t(qs16x2(|l| &a[l].qs, |l| &b[l].qs)) }
+    }
+}
+
+impl Pair32 for crate::formats::blocks::BlockQ4_1 {
+    #[inline(always)]
+    unsafe fn load16_t(a: &[Self], b: &[Self]) -> [__m512i; 8] {
+        // SAFETY: as for q4_0.
+        unsafe { nibbles16_t(qs16x2(|l| &a[l].qs, |l| &b[l].qs)) }
+    }
+}
+
+impl Pair32 for crate::formats::blocks::BlockIQ4NL {
+    #[inline(always)]
+    unsafe fn load16_t(a: &[Self], b: &[Self]) -> [__m512i; 8] {
+        // SAFETY: as for q4_0; the table is 16 bytes (kvalues + 128), the same lookup as
+        // `Tile32::load8_t`'s, per 128-bit lane.
+        unsafe {
+            let t = _mm_loadu_si128(super::KVALUES_IQ4NL_U8.as_ptr() as *const __m128i);
+            let tab = _mm512_broadcast_i32x4(t);
+            let mut v = nibbles16_t(qs16x2(|l| &a[l].qs, |l| &b[l].qs));
+            for r in v.iter_mut() {
+                *r = _mm512_shuffle_epi8(tab, *r);
+            }
+            v
+        }
+    }
+}
+
+/// `tile::transpose8` of two sets of 8 vectors at once: input l holds set a's vector l in its
+/// low half and set b's in its high half, output t likewise.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn transpose8x2(v: [__m512i; 8]) -> [__m512i; 8] {
+    let mut t = [_mm512_setzero_si512(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 8];
+    for h in 0..2 {
+        let (a, b, c, d) = (t[4 * h], t[4 * h + 1], t[4 * h + 2], t[4 * h + 3]);
+        u[4 * h] = _mm512_unpacklo_epi64(a, c);
+        u[4 * h + 1] = _mm512_unpackhi_epi64(a, c);
+        u[4 * h + 2] = _mm512_unpacklo_epi64(b, d);
+        u[4 * h + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    // 128-bit lanes (q0, q1 | q2, q3) = (a lo, a hi | b lo, b hi): `permute2x128` 0x20 / 0x31
+    // of each half, as qword indices into (x, y).
+    let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    let mut o = [_mm512_setzero_si512(); 8];
+    for c in 0..4 {
+        o[c] = _mm512_permutex2var_epi64(u[c], lo, u[4 + c]);
+        o[c + 4] = _mm512_permutex2var_epi64(u[c], hi, u[4 + c]);
+    }
+    o
+}
+
+/// `tile::qs16_transposed` of two rows' 8 blocks at once (row a in the low half of each
+/// output, row b in the high half).
+///
+/// # Safety
+/// AVX-512 F/BW; `qa(l)`, `qb(l)` for l < 8 are the blocks' 16 quant bytes.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn qs16x2<'q>(
+    qa: impl Fn(usize) -> &'q [u8; 16],
+    qb: impl Fn(usize) -> &'q [u8; 16],
+) -> [__m512i; 4] {
+    let mut a = [_mm512_setzero_si512(); 4];
+    for (l, v) in a.iter_mut().enumerate() {
+        // SAFETY: each load reads the 16 bytes of one &[u8; 16]; l + 4 < 8.
+        let q = |r: &[u8; 16]| unsafe { _mm_loadu_si128(r.as_ptr() as *const __m128i) };
+        let x = _mm512_castsi128_si512(q(qa(l)));
+        let x = _mm512_inserti32x4::<1>(x, q(qa(l + 4)));
+        let x = _mm512_inserti32x4::<2>(x, q(qb(l)));
+        *v = _mm512_inserti32x4::<3>(x, q(qb(l + 4)));
+    }
+    let t0 = _mm512_unpacklo_epi32(a[0], a[1]);
+    let t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+    let t2 = _mm512_unpacklo_epi32(a[2], a[3]);
+    let t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// `tile::nibbles_t` on 512-bit vectors.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn nibbles16_t(c: [__m512i; 4]) -> [__m512i; 8] {
+    let m4 = _mm512_set1_epi8(0x0f);
+    let mut o = [_mm512_setzero_si512(); 8];
+    for i in 0..4 {
+        o[i] = _mm512_and_si512(c[i], m4);
+        o[i + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(c[i]), m4);
+    }
+    o
+}
+
+/// Decodes groups `g0..g0 + groups` (at most `KC_GROUPS`) of the panel's 8 rows into `buf`, two
+/// rows at a time on 512-bit vectors (`Pair32`; the 256-bit decode of one row at a time was
+/// 5-13 % slower at M = 8 / 16, one thread, CPU time, 2026-12-06).
 ///
 /// # Safety
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); every `w[i]` has at least
 /// `(g0 + groups) * 8` blocks.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn decode_panel<W: Tile32>(
+pub unsafe fn decode_panel<W: Pair32>(
     w: [&[W]; PANEL],
     g0: usize,
     groups: usize,
@@ -72,29 +208,34 @@ pub unsafe fn decode_panel<W: Tile32>(
 ) {
     assert!(groups <= KC_GROUPS);
     for gi in 0..groups {
-        for (i, wi) in w.iter().enumerate() {
-            let wg = &wi[(g0 + gi) * LANES..(g0 + gi + 1) * LANES];
-            // SAFETY: AVX2 (contract); wg is a checked slice of 8 blocks.
-            let v = unsafe { W::load8_t(wg) };
-            let half = (i % 2) * 32;
+        for p in 0..PANEL / 2 {
+            let at = (g0 + gi) * LANES..(g0 + gi + 1) * LANES;
+            let (wa, wb) = (&w[2 * p][at.clone()], &w[2 * p + 1][at]);
+            // SAFETY: the features (contract); wa and wb are checked slices of 8 blocks.
+            let v = unsafe { W::load16_t(wa, wb) };
             for (t, vt) in v.iter().enumerate() {
-                let line = &mut buf.q[(gi * 8 + t) * (PANEL / 2) + i / 2].0[half..half + 32];
-                // SAFETY: 32 bytes stored into a checked 32-byte slice.
-                unsafe { _mm256_storeu_si256(line.as_mut_ptr() as *mut __m256i, *vt) };
+                let line = &mut buf.q[(gi * 8 + t) * (PANEL / 2) + p];
+                // SAFETY: one aligned 64-byte store into a `Zmm`.
+                unsafe { _mm512_store_si512(line.0.as_mut_ptr() as *mut __m512i, *vt) };
             }
-            let dh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].d()));
-            // SAFETY: dh is 8 u16 (16 bytes loaded); F16C (contract).
-            let d = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(dh.as_ptr() as *const __m128i) });
-            let line = &mut buf.d[gi * (PANEL / 2) + i / 2].0[half..half + 32];
-            // SAFETY: 32 bytes stored into a checked 32-byte slice.
-            unsafe { _mm256_storeu_ps(line.as_mut_ptr() as *mut f32, d) };
+            let dh: [u16; 16] = std::array::from_fn(|j| {
+                u16::from_le_bytes(if j < 8 { wa[j].d() } else { wb[j - 8].d() })
+            });
+            // SAFETY: dh is 16 u16 (32 bytes loaded); AVX-512 F (contract).
+            let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(dh.as_ptr() as *const __m256i) });
+            // SAFETY: one aligned 64-byte store into a `Zmm`.
+            unsafe { _mm512_store_ps(buf.d[gi * (PANEL / 2) + p].0.as_mut_ptr() as *mut f32, d) };
             if W::HAS_MIN {
-                let mh: [u16; 8] = std::array::from_fn(|j| u16::from_le_bytes(wg[j].m()));
+                let mh: [u16; 16] = std::array::from_fn(|j| {
+                    u16::from_le_bytes(if j < 8 { wa[j].m() } else { wb[j - 8].m() })
+                });
                 // SAFETY: as for dh.
-                let m = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(mh.as_ptr() as *const __m128i) });
-                let line = &mut buf.m[gi * (PANEL / 2) + i / 2].0[half..half + 32];
-                // SAFETY: 32 bytes stored into a checked 32-byte slice.
-                unsafe { _mm256_storeu_ps(line.as_mut_ptr() as *mut f32, m) };
+                let m =
+                    _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(mh.as_ptr() as *const __m256i) });
+                // SAFETY: as for d.
+                unsafe {
+                    _mm512_store_ps(buf.m[gi * (PANEL / 2) + p].0.as_mut_ptr() as *mut f32, m)
+                };
             }
         }
     }
@@ -111,23 +252,26 @@ pub struct XRow<'a> {
     pub s: &'a [f32],
 }
 
-/// R activation rows against the row pairs `2h, 2h + 1` of the decoded chunk (`groups`
-/// groups): `acc[j][p]` (the 16 float lanes of rows 2(2h + p), 2(2h + p) + 1 with activation
-/// row j) += each block's product, block by block.
+/// R activation rows against all 4 row pairs of the decoded chunk (`groups` groups):
+/// `acc[j][p]` (the 16 float lanes of rows 2p, 2p + 1 with activation row j) += each block's
+/// product, block by block. Two rows by 4 pairs (8 integer and 8 float accumulators, each
+/// weight vector loaded once for both rows, each activation broadcast once for all 8 weight
+/// rows) was 1.2-1.35x as fast as 4 rows by 2 pairs at M = 8..512 and 3 rows by 4 pairs (which
+/// runs out of registers) 0.9x (q4_0 / q8_0 / q5_1, one thread, CPU time, 2026-12-06).
 ///
 /// # Safety
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `buf` holds `groups` decoded groups;
 /// every `x[j]` has `groups * GROUP_BYTES` interleaved bytes and `groups * 8` scales (and
-/// `nbias` where BIAS is not 0, `s` for q4_1 / q5_1); `h < 2`.
+/// `nbias` where BIAS is not 0, `s` for q4_1 / q5_1).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn kernel<W: Tile32, const R: usize>(
     buf: &PanelBuf,
     groups: usize,
-    h: usize,
     x: &[XRow<'_>; R],
-    acc: &mut [[__m512; 2]; R],
+    acc: &mut [Acc; R],
 ) {
-    assert!(h < 2 && groups <= KC_GROUPS);
+    const P: usize = PANEL / 2;
+    assert!(groups <= KC_GROUPS);
     for xj in x {
         assert!(xj.xt.len() >= groups * GROUP_BYTES && xj.d.len() >= groups * LANES);
         assert!(W::BIAS == 0 || xj.nbias.len() >= groups * LANES);
@@ -138,14 +282,14 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
     let dp = buf.d.as_ptr() as *const __m512;
     let mp = buf.m.as_ptr() as *const __m512;
     for g in 0..groups {
-        let mut is = [[_mm512_setzero_si512(); 2]; R];
+        let mut is = [[_mm512_setzero_si512(); P]; R];
         if W::BIAS != 0 {
             for (j, isj) in is.iter_mut().enumerate() {
                 // SAFETY: nbias[8g..8g + 8] is in bounds (asserted above); 32 bytes.
                 let nb = _mm512_broadcast_i64x4(unsafe {
                     _mm256_loadu_si256(x[j].nbias.as_ptr().add(g * LANES) as *const __m256i)
                 });
-                *isj = [nb, nb];
+                *isj = [nb; P];
             }
         }
         for t in 0..8 {
@@ -158,10 +302,10 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
                     )
                 });
             }
-            for p in 0..2 {
-                // SAFETY: line (g·8 + t)·4 + 2h + p < KC_GROUPS · GROUP_LINES (g < groups <=
-                // KC_GROUPS, h < 2), 64-byte aligned.
-                let wq = unsafe { _mm512_load_si512(q.add((g * 8 + t) * 4 + 2 * h + p)) };
+            for p in 0..P {
+                // SAFETY: line (g·8 + t)·4 + p < KC_GROUPS · GROUP_LINES (g < groups <=
+                // KC_GROUPS, p < 4), 64-byte aligned.
+                let wq = unsafe { _mm512_load_si512(q.add((g * 8 + t) * P + p)) };
                 for (isj, &xj) in is.iter_mut().zip(&xv) {
                     isj[p] = _mm512_dpbusd_epi32(isj[p], wq, xj);
                 }
@@ -180,13 +324,13 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
             } else {
                 _mm512_setzero_ps()
             };
-            for p in 0..2 {
-                // SAFETY: line g·4 + 2h + p of d / m, in bounds and aligned (as above).
-                let dw = unsafe { _mm512_load_ps(dp.add(g * 4 + 2 * h + p) as *const f32) };
+            for p in 0..P {
+                // SAFETY: line g·4 + p of d / m, in bounds and aligned (as above).
+                let dw = unsafe { _mm512_load_ps(dp.add(g * P + p) as *const f32) };
                 let mut prod = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(is[j][p]));
                 if W::HAS_MIN {
                     // SAFETY: as for dw.
-                    let mw = unsafe { _mm512_load_ps(mp.add(g * 4 + 2 * h + p) as *const f32) };
+                    let mw = unsafe { _mm512_load_ps(mp.add(g * P + p) as *const f32) };
                     prod = _mm512_add_ps(prod, _mm512_mul_ps(mw, xs));
                 }
                 f[j][p] = _mm512_add_ps(f[j][p], prod);
@@ -196,42 +340,51 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
     *acc = f;
 }
 
+/// The float lanes of one activation row with one panel: pair p (rows 2p, 2p + 1) at `[p]`.
+pub type Acc = [__m512; PANEL / 2];
+
 /// Groups `g0..g0 + gc` of one panel (8 weight rows, `w[i]` with at least `8 · (g0 + gc)`
 /// blocks) against activation rows `0..rows` (`x(j, g0)`: row j from group g0 on): the chunk
-/// decoded once into `buf`, the rows in fours through `kernel`, their lanes carried in `acc`
-/// (`rows · 2` entries: row j, half h at `2j + h`; zero before the first chunk).
+/// decoded once into `buf`, the rows in twos through `kernel`, their lanes carried in `acc`
+/// (`rows` entries; zero before the first chunk).
 ///
 /// # Safety
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `x(j, g0)` for j < rows returns the
 /// row's data from group g0 on, at least `gc` groups; `gc <= KC_GROUPS`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn chunk<'a, W: Tile32>(
+pub unsafe fn chunk<'a, W: Pair32>(
     w: [&[W]; PANEL],
     g0: usize,
     gc: usize,
     rows: usize,
     x: &impl Fn(usize, usize) -> XRow<'a>,
     buf: &mut PanelBuf,
-    acc: &mut [[__m512; 2]],
+    acc: &mut [Acc],
 ) {
-    assert!(acc.len() >= rows * 2);
+    assert!(acc.len() >= rows);
     // SAFETY: the features (contract); every w[i] has 8 · (g0 + gc) blocks.
     unsafe { decode_panel(w, g0, gc, buf) };
     let mut j = 0;
-    while j < rows {
-        let r = (rows - j).min(4);
-        for h in 0..2 {
-            // SAFETY: as above; x(j, g0) has the groups g0..g0 + gc; h < 2.
-            unsafe {
-                match r {
-                    1 => run::<W, 1>(buf, gc, h, j, g0, x, acc),
-                    2 => run::<W, 2>(buf, gc, h, j, g0, x, acc),
-                    3 => run::<W, 3>(buf, gc, h, j, g0, x, acc),
-                    _ => run::<W, 4>(buf, gc, h, j, g0, x, acc),
-                }
-            }
+    while j + 2 <= rows {
+        // SAFETY: as above; x(j, g0) has the groups g0..g0 + gc.
+        unsafe { run::<W, 2>(buf, gc, j, g0, x, acc) };
+        j += 2;
+    }
+    if j < rows {
+        // SAFETY: as above.
+        unsafe { run::<W, 1>(buf, gc, j, g0, x, acc) };
+    }
+}
+
+/// Prefetches (into L2) the bytes of groups `g0..g0 + groups` of the panel's rows, the next
+/// panel chunk `chunk` will decode: at M = 8 / 16 the decode otherwise waits on memory.
+pub fn prefetch<W: Pair32>(w: [&[W]; PANEL], g0: usize, groups: usize) {
+    for wi in w {
+        let b: &[u8] = bytemuck::cast_slice(&wi[g0 * LANES..(g0 + groups) * LANES]);
+        for off in (0..b.len()).step_by(64).chain([b.len().saturating_sub(1)]) {
+            // SAFETY: off < b.len() (b is not empty: groups >= 1); prefetching never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(b.as_ptr().add(off) as *const i8) };
         }
-        j += r;
     }
 }
 
@@ -240,11 +393,10 @@ pub unsafe fn chunk<'a, W: Tile32>(
 /// # Safety
 /// AVX-512 F must be available.
 #[target_feature(enable = "avx512f")]
-pub fn zeros(acc: &mut Vec<[__m512; 2]>, len: usize) {
+pub fn zeros(acc: &mut Vec<Acc>, len: usize) {
     acc.clear();
-    acc.resize(len, [_mm512_setzero_ps(); 2]);
+    acc.resize(len, [_mm512_setzero_ps(); PANEL / 2]);
 }
-
 /// The panel's results from its accumulators (`chunk`'s, all of K done): `out(j, y)` gets the
 /// 8 dots of activation row j with the panel's weight rows, each `hsum8` of its lanes, computed
 /// for 8 rows at once with the same additions: `s_l = a_l + a_{l+4}`, then `s0 + s2` and
@@ -253,18 +405,12 @@ pub fn zeros(acc: &mut Vec<[__m512; 2]>, len: usize) {
 /// # Safety
 /// AVX-512 F must be available.
 #[target_feature(enable = "avx512f")]
-pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, [f32; 8])) {
+pub fn finish(acc: &[Acc], rows: usize, mut out: impl FnMut(usize, [f32; 8])) {
     // Output lane of weight row i after the reduction: quarter i % 4 (rows 0..4 from the first
     // pair of vectors, 4..8 from the second), lane 0 or 2 (see below).
     let idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
-    for j in 0..rows {
-        // z[2h + p]: rows 2(2h + p) (low half) and 2(2h + p) + 1 (high half)
-        let z = [
-            acc[2 * j][0],
-            acc[2 * j][1],
-            acc[2 * j + 1][0],
-            acc[2 * j + 1][1],
-        ];
+    for (j, &z) in acc[..rows].iter().enumerate() {
+        // z[p]: rows 2p (low half) and 2p + 1 (high half)
         let sum4 = |a: __m512, b: __m512| {
             // quarters [a.q0, a.q2, b.q0, b.q2] + [a.q1, a.q3, b.q1, b.q3]: s_l = a_l + a_{l+4}
             // of rows (a lo, a hi, b lo, b hi)
@@ -290,7 +436,7 @@ pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, [f32;
     }
 }
 
-/// `kernel` for activation rows `j0..j0 + R`, half `h`, their accumulators in `acc`.
+/// `kernel` for activation rows `j0..j0 + R`, their accumulators in `acc`.
 ///
 /// # Safety
 /// As `kernel`.
@@ -299,17 +445,14 @@ pub fn finish(acc: &[[__m512; 2]], rows: usize, mut out: impl FnMut(usize, [f32;
 unsafe fn run<'a, W: Tile32, const R: usize>(
     buf: &PanelBuf,
     groups: usize,
-    h: usize,
     j0: usize,
     g0: usize,
     x: &impl Fn(usize, usize) -> XRow<'a>,
-    acc: &mut [[__m512; 2]],
+    acc: &mut [Acc],
 ) {
     let xr: [XRow<'a>; R] = std::array::from_fn(|j| x(j0 + j, g0));
-    let mut a: [[__m512; 2]; R] = std::array::from_fn(|j| acc[(j0 + j) * 2 + h]);
+    let mut a: [Acc; R] = std::array::from_fn(|j| acc[j0 + j]);
     // SAFETY: the caller's contract.
-    unsafe { kernel::<W, R>(buf, groups, h, &xr, &mut a) };
-    for (j, v) in a.iter().enumerate() {
-        acc[(j0 + j) * 2 + h] = *v;
-    }
+    unsafe { kernel::<W, R>(buf, groups, &xr, &mut a) };
+    acc[j0..j0 + R].copy_from_slice(&a);
 }
