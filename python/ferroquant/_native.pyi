@@ -66,9 +66,14 @@ def hqq_quantize(
     iters: int = 20,
     early_stop: bool = True,
 ) -> dict[str, Any]:
-    """An HQQ-optimised tensor of `qtype`: block_size, data, stats (as `quantize`)."""
+    """An HQQ-optimised tensor of `qtype`: block_size, data, stats (as `quantize`). The
+    float-zero qtypes (`int{2,3,4}_g{32,64,128}_fz`) store the solver's zero as fp16; the integer
+    ones (`int*_g*`) the searched integer zero."""
 
-def qtypes() -> list[tuple[str, int, int, float, int | None, str]]: ...
+def qtypes() -> list[tuple[str, int, int, float, int | None, str]]:
+    """(name, block_size, type_size, bits_per_weight, ggml_id, peer) per format, e.g. the
+    grouped integers `int4_g64`, `int4_g64_sym` and (fp16 zero per group) `int4_g64_fz`."""
+
 def block_struct_sizes() -> list[tuple[str, int]]: ...
 def set_num_threads(n: int) -> None: ...
 def num_threads() -> int: ...
