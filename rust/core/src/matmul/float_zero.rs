@@ -6,8 +6,8 @@
 //! grouped integer product of the decoded row (`reference::q16::dot_int8_q16`), `sums` the f32
 //! activation sums of each group (`group_sums`, elements in order), the correction summed over
 //! the groups in order as `acc += (s · (zi - z)) · sum` in f32 (every operation rounded to f32
-//! as written; `zi - z` is exact for the zeros HQQ and RTN store, |z| < 2^11 and not below
-//! 2^-13). The activations are the f32 inputs, not their q16 form: the term carries no
+//! as written; `zi - z` is exact for 2^-9 <= |z| < 2^11 or z = 0, else rounded once). The
+//! activations are the f32 inputs, not their q16 form: the term carries no
 //! activation-quantization error whatever the kernel's activation format.
 
 use super::Plan;
