@@ -10,7 +10,11 @@ groups along the input dimension, the layout of ferroquant's int*_g* and of GPTQ
 - ours float zero: our solver (`solve_zero`, Rust) decoded with the float zero (what a
   float-zero format would give; not stored by int*_g*);
 - ours stored: `hqq_quantize(w, "int{b}_g{g}")` (Rust: solver, then the joint integer-zero /
-  fp16-scale search, each group no worse than RTN).
+  fp16-scale search, each group no worse than RTN);
+- ours fz: `hqq_quantize(w, "int{b}_g{g}_fz")`: the float-zero format (fp16 scale, fp16 zero,
+  like the package's `(q - z) * s`): the solver's zero as stored, decoded by `fq.dequantize`
+  (each group no worse than the format's RTN). The package's error is taken with its float32
+  scale and zero (it does not round them to fp16 on the CPU), so ours pays the fp16 rounding.
 
 Then (--ggml) the ggml formats with a minimum, RTN (`ferroquant.quantize`, libggml's bytes) vs
 `hqq_quantize` on the same tensors (K-quants: only the weights whose rows are whole 256-blocks,
@@ -82,12 +86,12 @@ def main() -> None:
                 name = f"blk.{b}.{lin}.weight"
                 weights[name] = np.ascontiguousarray(f.tensors[name].dequantize())
     g = args.group_size
-    rows, bound_rows = [], []
+    rows, bound_rows, fz_rows = [], [], []
     for bits in (int(b) for b in args.bits.split(",")):
         qtype = f"int{bits}_g{g}"
-        sq = {k: 0.0 for k in ("rtn", "pkg_rtn", "pkg", "float", "ours")}
-        secs = {k: 0.0 for k in ("rtn", "pkg", "ours")}
-        cpu = {k: 0.0 for k in ("pkg", "ours")}
+        sq = {k: 0.0 for k in ("rtn", "pkg_rtn", "pkg", "float", "ours", "fz", "fz_rtn")}
+        secs = {k: 0.0 for k in ("rtn", "pkg", "ours", "fz")}
+        cpu = {k: 0.0 for k in ("pkg", "ours", "fz")}
         norm = 0.0
         bound = {k: 0.0 for k in ("grid", "ours", "pkg", "norm")}
         for w in weights.values():
@@ -103,6 +107,7 @@ def main() -> None:
                     "rtn": _timed(lambda w=w, qt=qtype: fq.quantize(w, qt)),
                     "pkg": _timed(pkg),
                     "ours": _timed(lambda w=w, qt=qtype: hqq_quantize(w, qt)),
+                    "fz": _timed(lambda w=w, qt=qtype: hqq_quantize(w, qt + "_fz")),
                 },
                 args.runs,
             )
@@ -116,6 +121,8 @@ def main() -> None:
 
             sq["rtn"] += err(fq.dequantize(res["rtn"][0][1]))
             sq["ours"] += err(fq.dequantize(res["ours"][0][1]))
+            sq["fz"] += err(fq.dequantize(res["fz"][0][1]))
+            sq["fz_rtn"] += err(fq.dequantize(fq.quantize(w, qtype + "_fz")))
             wq, meta = res["pkg"][0][1]
             sq["pkg"] += err(((wq.float() - meta["zero"]) * meta["scale"]).numpy())
             wq, meta = pkg(opt=False)
@@ -145,12 +152,21 @@ def main() -> None:
             f"{secs['rtn'] * 1e3:.0f}", f"{secs['ours'] * 1e3:.0f}", f"{secs['pkg'] * 1e3:.0f}",
             f"{secs['pkg'] / secs['ours']:.2f}x", f"{cpu['pkg'] / cpu['ours']:.2f}x",
         ])  # fmt: skip
+        fz_rows.append([
+            qtype + "_fz", f"{rel['fz_rtn']:.4f}", f"{rel['fz']:.4f}", f"{rel['pkg']:.4f}",
+            f"{rel['fz'] / rel['pkg']:.4f}", f"{secs['fz'] * 1e3:.0f}", f"{secs['pkg'] * 1e3:.0f}",
+            f"{secs['pkg'] / secs['fz']:.2f}x", f"{cpu['pkg'] / cpu['fz']:.2f}x",
+        ])  # fmt: skip
     print(f"{len(weights)} tensors (blocks {args.blocks}), group {g}, torch threads "
           f"{args.threads}, {args.runs} runs interleaved")  # fmt: skip
     print(table(
         ["qtype", "rel err RTN (stored)", "HQQ ours (stored, int zero)", "HQQ ours (float zero)",
          "hqq pkg (float zero)", "hqq pkg RTN (float zero)", "ms RTN", "ms HQQ ours",
          "ms hqq pkg", "ours vs pkg speed (wall)", "(CPU time)"], rows))  # fmt: skip
+    print(table(
+        ["qtype", "rel err RTN (stored)", "HQQ ours (stored, fp16 zero)", "hqq pkg (f32 zero)",
+         "ours / pkg error", "ms HQQ ours", "ms hqq pkg", "ours vs pkg speed (wall)",
+         "(CPU time)"], fz_rows))  # fmt: skip
     if bound_rows:
         print(table(["qtype", "groups", "best integer-zero grid (brute force)", "HQQ ours (stored)",
                      "hqq pkg (float zero)"], bound_rows))  # fmt: skip

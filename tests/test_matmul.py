@@ -691,10 +691,11 @@ def test_empty_batch_gives_empty_result():
 
 
 def test_qmatmul_qtypes_lists_the_kernels():
-    from ferroquant.qtypes import gint_params
+    from ferroquant.qtypes import gint_params, is_float_zero
 
     gints = [q.name for q in fq.qtypes() if gint_params(q.name) is not None]
     assert len(gints) == 28
+    gints += [q.name for q in fq.qtypes() if is_float_zero(q.name)]  # int*_g*_fz
     assert sorted(_native.qmatmul_qtypes()) == sorted(
         [*GGML_QTYPES, "nf4", "int8", "fp8_e4m3", "fp8_e5m2", *gints]
     )

@@ -45,12 +45,13 @@ def _assert_same_as_rust(w: torch.Tensor, qtype: str) -> None:
 def test_every_qtype_has_a_fake_quantization():
     # the torch list plus the Rust-backed ones cover the table: a new format must be placed
     assert set(ALL_QTYPES) >= TORCH_QTYPES
-    from ferroquant.qtypes import gint_params
+    from ferroquant.qtypes import gint_params, is_float_zero
 
     searched = {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0"}
     grouped = {q for q in ALL_QTYPES if gint_params(q) is not None}
-    assert len(grouped) == 28
-    assert searched | grouped == set(ALL_QTYPES) - TORCH_QTYPES
+    float_zero = {q for q in ALL_QTYPES if is_float_zero(q)}
+    assert (len(grouped), len(float_zero)) == (28, 9)
+    assert searched | grouped | float_zero == set(ALL_QTYPES) - TORCH_QTYPES
 
 
 @pytest.mark.parametrize("qtype", ALL_QTYPES)

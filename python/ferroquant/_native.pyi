@@ -66,7 +66,13 @@ def hqq_quantize(
     iters: int = 20,
     early_stop: bool = True,
 ) -> dict[str, Any]:
-    """An HQQ-optimised tensor of `qtype`: block_size, data, stats (as `quantize`)."""
+    """An HQQ-optimised tensor of `qtype`: block_size, data, stats (as `quantize`). The
+    float-zero qtypes (`int{2,3,4}_g{32,64,128}_fz`) store the solver's zero as fp16; the integer
+    ones (`int*_g*`) the searched integer zero."""
+
+def qtypes() -> list[tuple[str, int, int, float, int | None, str]]:
+    """(name, block_size, type_size, bits_per_weight, ggml_id, peer) per format, e.g. the
+    grouped integers `int4_g64`, `int4_g64_sym` and (fp16 zero per group) `int4_g64_fz`."""
 
 def gptq_columns(
     rule_name: str,
@@ -95,7 +101,6 @@ def gptq_columns(
     """GPTQ's columns start..end of one lazy batch, in place (`w`, `err`, `levels`, `values`:
     [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)])."""
 
-def qtypes() -> list[tuple[str, int, int, float, int | None, str]]: ...
 def block_struct_sizes() -> list[tuple[str, int]]: ...
 def set_num_threads(n: int) -> None: ...
 def num_threads() -> int: ...

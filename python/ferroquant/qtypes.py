@@ -53,6 +53,22 @@ def gint_params(name: str) -> GInt | None:
     return GInt(int(m[1]), 0 if m[2] == "ch" else int(m[2]), m[3] is not None)
 
 
+def is_float_zero(name: str) -> bool:
+    """Whether `name` is a grouped integer format with an fp16 zero per group (`int*_g*_fz`,
+    rust/core/src/formats/gint.rs): not a GPTQ / AWQ format (their zeros are integers), so
+    `gint_params` returns None for it."""
+    return isinstance(name, str) and name.lower().endswith("_fz") and name.lower() in _TABLE
+
+
+def float_zero_refusal(name: str, where: str) -> str:
+    """The error message for a float-zero qtype sent where only integer zeros can go."""
+    base = name.lower().removesuffix("_fz")
+    return (
+        f"{name} stores a float (fp16) zero point per group; {where} holds integer zeros only: "
+        f"quantize to {base} instead (method='hqq' then searches the best integer zero)"
+    )
+
+
 def gint_name(bits: int, group: int, sym: bool) -> str:
     """The qtype name of a grouped integer format (group 0 or -1: per-channel); QuantizeError
     when the table has no such format."""

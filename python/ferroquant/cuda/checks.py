@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from .._native import QuantizeError
-from ..qtypes import BNB_QTYPES, SCALED_QTYPES, gint_params, qtype_info
+from ..qtypes import BNB_QTYPES, SCALED_QTYPES, gint_params, is_float_zero, qtype_info
 
 # The op's qtype may name the GPU layout of a ggml weight: "q4_k+split" (see layout in qmatmul.py).
 SPLIT_SUFFIX = "+split"
@@ -53,6 +53,12 @@ def expected_sizes(qtype: str, n: int, k: int, block_size: int, scale_mode: str)
                 )
             return n * k, n * k // block_size
         raise QuantizeError(f"{qtype}: scale_mode must be row, tensor or block, got {mode!r}")
+    if is_float_zero(qtype):  # float zeros: an fp16-valued scale and zero per group
+        if k % info.block_size:
+            raise QuantizeError(
+                f"{qtype}: row length {k} is not a multiple of its group {info.block_size}"
+            )
+        return n * k // info.block_size * info.type_size, 2 * n * (k // info.block_size)
     gint = gint_params(qtype)
     if gint is not None:  # grouped integers: f32 scale (and zero) per group of `group` columns
         group = gint.group or k

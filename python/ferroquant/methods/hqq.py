@@ -62,8 +62,8 @@ class HQQConfig:
 
 
 SUPPORTED_HQQ = (
-    "the asymmetric grouped integer qtypes (int2/int3/int4 _g32/_g64/_g128/_gch), q4_1, q5_1, "
-    "q2_k, q4_k, q5_k"
+    "the asymmetric grouped integer qtypes (int2/int3/int4 _g32/_g64/_g128/_gch), their "
+    "float-zero variants (int2/int3/int4 _g32/_g64/_g128 _fz), q4_1, q5_1, q2_k, q4_k, q5_k"
 )
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from .._atomic import atomic_path
 from .._native import FormatError
 from ..nn import QuantLinear
-from ..qtypes import gint_name, gint_params
+from ..qtypes import float_zero_refusal, gint_name, gint_params, is_float_zero
 from ..tensor import QuantizeError
 from . import compressed, packed_int
 
@@ -65,6 +65,9 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, fmt: str,
     if not quant:
         raise QuantizeError("the model has no quantized Linear to write")
     kinds = {m.qtype for m in quant.values()}
+    for kind in sorted(kinds):
+        if is_float_zero(kind):
+            raise QuantizeError(float_zero_refusal(kind, f"a {fmt} checkpoint"))
     if len(kinds) != 1 or gint_params(next(iter(kinds))) is None:
         raise QuantizeError(
             f"a {fmt} checkpoint holds one grouped integer qtype (int*_g*) for every quantized "

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..qtypes import gint_name, gint_params
+from ..qtypes import float_zero_refusal, gint_name, gint_params, is_float_zero
 from ..tensor import QTensor, QuantizeError
 
 AWQ_ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
@@ -58,6 +58,8 @@ def _stream_pack(codes: np.ndarray, bits: int, axis: int, dtype: Any) -> np.ndar
 def _parts(qt: QTensor) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
     """(params, codes [N, K], scales [N, groups] f32, zeros [N, groups] int64) of a gint tensor."""
     gi = gint_params(qt.qtype)
+    if is_float_zero(qt.qtype):
+        raise QuantizeError(float_zero_refusal(qt.qtype, "a GPTQ / AWQ tensor"))
     if gi is None:
         raise QuantizeError(f"{qt.qtype} is not a grouped integer qtype (int*_g*)")
     n, k = qt.shape

@@ -34,11 +34,14 @@ pub enum QType {
 /// A grouped integer format: `bits` per weight, one fp16 scale per `group` weights of a row
 /// (`group` 0: one per row), and an integer zero point per group unless `sym` (then the zero is
 /// `2^(bits-1)`). Named `int{bits}_g{group|ch}[_sym]`: "int4_g64", "int4_g128_sym", "int8_gch_sym".
+/// `float_zero`: the zero is an fp16 value per group instead of an integer (HQQ's `(q - z) · s`),
+/// named `int{bits}_g{group}_fz`: "int4_g64_fz".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GInt {
     pub bits: u8,
     pub group: u16,
     pub sym: bool,
+    pub float_zero: bool,
 }
 
 impl GInt {
@@ -97,7 +100,12 @@ const fn gint(bits: u8, group: u16, sym: bool, name: &'static str) -> QTypeInfo 
     let per = if group == 0 { 4096 } else { group as usize };
     let stat_bits = if sym { 16 } else { 16 + bits as usize };
     QTypeInfo {
-        qtype: QType::GInt(GInt { bits, group, sym }),
+        qtype: QType::GInt(GInt {
+            bits,
+            group,
+            sym,
+            float_zero: false,
+        }),
         name,
         block_size: if group == 0 { 32 } else { group as usize },
         type_size: (if group == 0 { 32 } else { group as usize }) * bits as usize / 8,
@@ -107,8 +115,27 @@ const fn gint(bits: u8, group: u16, sym: bool, name: &'static str) -> QTypeInfo 
     }
 }
 
+/// A grouped integer row with an fp16 zero per group (`GInt::float_zero`): the hqq package's
+/// `W = (q - z) · s` with fp16 scale and zero, 32 bits of statistics per group.
+const fn gint_fz(bits: u8, group: u16, name: &'static str) -> QTypeInfo {
+    QTypeInfo {
+        qtype: QType::GInt(GInt {
+            bits,
+            group,
+            sym: false,
+            float_zero: true,
+        }),
+        name,
+        block_size: group as usize,
+        type_size: group as usize * bits as usize / 8,
+        bits_per_weight: bits as f64 + 32.0 / group as f64,
+        ggml_id: None,
+        peer: "hqq",
+    }
+}
+
 /// The table, in the order `fq.qtypes()` lists it.
-pub const QTYPES: [QTypeInfo; 50] = [
+pub const QTYPES: [QTypeInfo; 59] = [
     ggml(QType::F32, "f32", 1, 4, 0, "numpy"),
     ggml(QType::F16, "f16", 1, 2, 1, "numpy"),
     ggml(QType::BF16, "bf16", 1, 2, 30, "torch"),
@@ -203,6 +230,16 @@ pub const QTYPES: [QTypeInfo; 50] = [
     gint(8, 64, true, "int8_g64_sym"),
     gint(8, 128, true, "int8_g128_sym"),
     gint(8, 0, true, "int8_gch_sym"),
+    // fp16 zeros (HQQ's stored form): 2-4 bits, whole groups only.
+    gint_fz(2, 32, "int2_g32_fz"),
+    gint_fz(2, 64, "int2_g64_fz"),
+    gint_fz(2, 128, "int2_g128_fz"),
+    gint_fz(3, 32, "int3_g32_fz"),
+    gint_fz(3, 64, "int3_g64_fz"),
+    gint_fz(3, 128, "int3_g128_fz"),
+    gint_fz(4, 32, "int4_g32_fz"),
+    gint_fz(4, 64, "int4_g64_fz"),
+    gint_fz(4, 128, "int4_g128_fz"),
 ];
 
 impl QType {

@@ -20,10 +20,24 @@
 //! a row is `cols · bits / 8` bytes. `stats` (f32): per row, the `groups` scales (fp16 values)
 //! followed, unless `sym`, by the `groups` zeros.
 //!
+//! **Float zeros** (`int{b}_g{group}_fz`, `GInt::float_zero`; the hqq package's stored form):
+//! the zero of each group is an fp16 value `z` (any finite one) instead of an integer, stored
+//! where the integer zeros are; a weight stands for `(q as f32 - z) · s` in f32 (two roundings).
+//! Reference quantizer (hqq's min/max start, `round_zero=False`): per group `xmin = min(x)`,
+//! `xmax = max(x)`, `s = f16((xmax - xmin) / maxq)`, `z = f16(-xmin / s)`, codes the nearest
+//! of the stored grid, `q = clamp(round(x / s + z), 0, maxq)` (half to even). A flat group
+//! (`xmin = xmax`) takes `s = 1`, `z = f16(-xmin)` (it decodes to `f16(x)`, 0 to 0); a scale
+//! below fp16's smallest normal or a zero beyond ±64 (fp16 would hold it to worse than 2^-6 of
+//! a step: a group far from 0) takes the integer rule's range instead (0 included, so `z` is in
+//! `0..=maxq`): `(min(xmin, 0), max(xmax, 0))`. Every weight is then within `0.53 s` of its
+//! decode: half a step, plus at the clipped ends the zero's fp16 rounding (at most 2^-6 steps)
+//! and the scale's (2^-11 relative, times maxq steps).
+//!
 //! **Matmul** (`matmul`): a weight row decodes to `q - z` as int8 with one scale per group and
 //! runs the int8 kernels against q16 activations (`matmul::reference::q16`), so the grouped
 //! product is bit-for-bit the int8 product of the decoded row; 8 bits are symmetric only, so
-//! `q - z` always fits an int8.
+//! `q - z` always fits an int8. Float zeros decode to `q - zi` with `zi = int_zero(z)` (`z`
+//! rounded, clamped to `0..=maxq`); `matmul::float_zero` adds the exact rest, `s (zi - z) Σx`.
 
 use crate::error::{Error, Result};
 use crate::formats::tensor::{Quantized, QuantizedView};
@@ -116,6 +130,47 @@ pub fn quantize_value(x: f32, scale: f32, zero: u32, maxq: u32) -> u32 {
     (round_even(x / scale) + zero as f32).clamp(0.0, maxq as f32) as u32
 }
 
+/// The largest |zero| the float-zero RTN rule keeps (module comment).
+pub const FZ_ZERO_MAX: f32 = 64.0;
+
+/// The fp16 scale and fp16 zero of one float-zero group (the module comment's rule).
+pub fn group_params_fz(g: GInt, x: &[f32]) -> (f32, f32) {
+    let mq = maxq(g) as f32;
+    let xmin = x.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+    let xmax = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if xmax == xmin {
+        // flat (an empty range has no step): code 0 and `z = -x`, so the group decodes to f16(x)
+        return (1.0, f16_round(-xmin));
+    }
+    let s = f16_round((xmax - xmin) / mq);
+    if s >= half::f16::MIN_POSITIVE.to_f32() {
+        let z = f16_round(-xmin / s);
+        // |z| <= 64: fp16 holds z to 2^-6 of a step (beyond, a far-off group would lose up to
+        // half a step and more to the zero's rounding)
+        if z.abs() <= FZ_ZERO_MAX {
+            return (s, z);
+        }
+    }
+    // the integer rule's range: 0 is in it, so z = -lo / s lies in 0..=maxq
+    let (lo, hi) = (xmin.min(0.0), xmax.max(0.0));
+    let s = f16_round((hi - lo) / mq).max(half::f16::MIN_POSITIVE.to_f32());
+    (s, f16_round(-lo / s))
+}
+
+/// A code against a float-zero group's stored scale and zero: `clamp(round(x / s + z), 0,
+/// maxq)`, the nearest level of `(q - z) · s`.
+#[inline]
+pub fn quantize_value_fz(x: f32, s: f32, z: f32, maxq: u32) -> u32 {
+    round_even(x / s + z).clamp(0.0, maxq as f32) as u32
+}
+
+/// The integer zero a float zero decodes with in the int8 kernels: `round(z)` (half to even)
+/// clamped to `0..=maxq`, so `q - zi` fits an int8.
+#[inline]
+pub fn int_zero(g: GInt, z: f32) -> u8 {
+    round_even(z).clamp(0.0, maxq(g) as f32) as u8
+}
+
 /// Code `j` of a packed row.
 #[inline]
 pub fn code(row: &[u8], j: usize, bits: u8) -> u32 {
@@ -128,6 +183,13 @@ pub fn code(row: &[u8], j: usize, bits: u8) -> u32 {
 
 /// Write the codes of a row as the little-endian bit stream of the module comment.
 pub fn pack_row(codes: &[u32], bits: u8, out: &mut [u8]) {
+    if bits == 4 {
+        // whole bytes, two codes each (the loop below gives the same bytes; faster)
+        for (o, c) in out.iter_mut().zip(codes.chunks_exact(2)) {
+            *o = (c[0] | c[1] << 4) as u8;
+        }
+        return;
+    }
     out.fill(0);
     for (j, &c) in codes.iter().enumerate() {
         let bit = j * bits as usize;
@@ -161,6 +223,14 @@ pub fn quantize(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Quantized> {
             .zip(codes.chunks_exact_mut(gl))
             .enumerate()
         {
+            if g.float_zero {
+                let (s, z) = group_params_fz(g, xg);
+                for (c, &v) in cg.iter_mut().zip(xg) {
+                    *c = quantize_value_fz(v, s, z, mq);
+                }
+                (st[k], st[groups + k]) = (s, z);
+                continue;
+            }
             let (scale, zero) = group_params(g, xg);
             for (c, &v) in cg.iter_mut().zip(xg) {
                 *c = quantize_value(v, scale, zero, mq);
@@ -207,7 +277,20 @@ pub fn validate(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
             expected,
         });
     }
-    if !g.sym {
+    if g.float_zero {
+        let groups = q.cols / gl;
+        for (r, st) in q.stats.chunks_exact(2 * groups).enumerate() {
+            if let Some(z) = st[groups..]
+                .iter()
+                .find(|z| !z.is_finite() || f16_round(**z) != **z)
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: zero point {z} of row {r} is not a finite fp16 value",
+                    q.qtype.name()
+                )));
+            }
+        }
+    } else if !g.sym {
         let groups = q.cols / gl;
         let mq = maxq(g) as f32;
         for (r, st) in q.stats.chunks_exact(2 * groups).enumerate() {
@@ -247,6 +330,8 @@ pub fn decode_row_i8(
     {
         let z = if g.sym {
             1u8 << (g.bits - 1)
+        } else if g.float_zero {
+            int_zero(g, stats[groups + k])
         } else {
             stats[groups + k] as u8
         };
@@ -288,6 +373,13 @@ pub fn dequantize(q: &QuantizedView<'_>, g: GInt, out: &mut [f32]) -> Result<()>
     let row_bytes = q.qtype.row_bytes(cols, gl);
     let spr = stats_per_row(g, cols);
     map_rows_out(q.data, row_bytes, q.stats, spr, out, cols, |_, d, st, y| {
+        if g.float_zero {
+            for (j, v) in y.iter_mut().enumerate() {
+                let k = j / gl;
+                *v = (code(d, j, g.bits) as f32 - st[groups + k]) * st[k];
+            }
+            return;
+        }
         for (j, v) in y.iter_mut().enumerate() {
             let k = j / gl;
             let z = if g.sym {
@@ -307,7 +399,12 @@ mod tests {
     use crate::input::Matrix;
 
     fn g(bits: u8, group: u16, sym: bool) -> GInt {
-        GInt { bits, group, sym }
+        GInt {
+            bits,
+            group,
+            sym,
+            float_zero: false,
+        }
     }
 
     #[test]
@@ -350,6 +447,7 @@ mod tests {
         for qt in crate::qtype::QTYPES
             .iter()
             .filter_map(|i| i.qtype.gint().map(|gi| (i.qtype, gi)))
+            .filter(|(_, gi)| !gi.float_zero)
         {
             let (qtype, gi) = qt;
             let m = Matrix::from_f32(&x, rows, cols).unwrap();
@@ -389,6 +487,75 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn float_zero_rows_decode_within_half_a_step_and_split_into_the_int8_part() {
+        let (rows, cols) = (4usize, 256usize);
+        let mut x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 2654435761) % 1000) as f32 / 250.0 - 1.5)
+            .collect();
+        // a flat group, an all-zero group, and a group far from 0 (its zero overflows fp16)
+        x[..64].fill(0.75);
+        x[64..128].fill(0.0);
+        for (j, v) in x[128..192].iter_mut().enumerate() {
+            *v = 3000.0 + j as f32 * 1e-3;
+        }
+        for name in ["int4_g64_fz", "int3_g32_fz", "int2_g128_fz"] {
+            let qtype = QType::parse(name).unwrap();
+            let gi = qtype.gint().unwrap();
+            let q = quantize(&Matrix::from_f32(&x, rows, cols).unwrap(), qtype, gi).unwrap();
+            let mut y = vec![0f32; rows * cols];
+            dequantize(&q.view(), gi, &mut y).unwrap();
+            let gl = group_len(gi, cols);
+            let groups = cols / gl;
+            let rb = qtype.row_bytes(cols, gl);
+            let (mut w, mut sc) = (vec![0u8; cols], vec![0f32; groups]);
+            for r in 0..rows {
+                let st = &q.stats[r * 2 * groups..(r + 1) * 2 * groups];
+                decode_row_i8(gi, &q.data[r * rb..(r + 1) * rb], st, cols, &mut w, &mut sc);
+                for (j, &wj) in w.iter().enumerate() {
+                    let (k, i) = (j / gl, r * cols + j);
+                    let (s, z) = (st[k], st[groups + k]);
+                    assert!(z.is_finite() && f16_round(z) == z && s > 0.0, "{name}");
+                    // the stored grid's nearest level: the module comment's 0.53 steps
+                    let err = (y[i] - x[i]).abs();
+                    assert!(
+                        err <= 0.53 * s + 1e-7 * x[i].abs(),
+                        "{name} {i}: {err} step {s}"
+                    );
+                    // int8 part + float rest = the reference value (f64, exact terms)
+                    let zi = int_zero(gi, z);
+                    assert_eq!(
+                        wj,
+                        (code(&q.data[r * rb..], j, gi.bits) as u8).wrapping_sub(zi)
+                    );
+                    let split = wj as i8 as f64 * s as f64 + (zi as f64 - z as f64) * s as f64;
+                    let want = (code(&q.data[r * rb..], j, gi.bits) as f64 - z as f64) * s as f64;
+                    assert!((split - want).abs() <= 1e-12 * want.abs().max(1.0));
+                }
+            }
+            // a flat group decodes exactly
+            assert!(y[..64].iter().all(|&v| v == 0.75), "{name}: {}", y[0]);
+            assert!(y[64..128].iter().all(|&v| v == 0.0), "{name}");
+        }
+    }
+
+    #[test]
+    fn float_zero_views_with_bad_zeros_are_errors() {
+        let qtype = QType::parse("int4_g64_fz").unwrap();
+        let gi = qtype.gint().unwrap();
+        let x = vec![0.5f32; 128];
+        let q = quantize(&Matrix::from_f32(&x, 1, 128).unwrap(), qtype, gi).unwrap();
+        for bad in [f32::NAN, f32::INFINITY, 0.1] {
+            let mut st = q.stats.clone();
+            st[2] = bad;
+            let mut v = q.view();
+            v.stats = &st;
+            let mut y = vec![0f32; 128];
+            let err = dequantize(&v, gi, &mut y).unwrap_err().to_string();
+            assert!(err.contains("int4_g64_fz") && err.contains("fp16"), "{err}");
         }
     }
 

@@ -7,6 +7,9 @@
 //!   `round(z)` and its neighbour on `z`'s side, each with the fp16 scales `f16(1/s) * {0.90,
 //!   0.95, 1, 1.05, 1.10}`, the best of these refitted once by least squares (`s = <w, q - z> /
 //!   <q - z, q - z>`, fp16).
+//! - **Grouped integers with float zeros** (`int{b}_g*_fz`): the solver's zero is stored as it
+//!   is: scale `f16(1/s)`, zero `f16(z)`, codes the nearest levels of that stored grid
+//!   (`gint::quantize_value_fz`).
 //! - **q4_1 / q5_1** (fp16 `d`, fp16 minimum `m`, `x = d q + m`): the float zero is native:
 //!   `d = f16(1/s)`, `m = f16(-z/s)`, codes the nearest levels of the stored grid.
 //! - **q4_K / q5_K / q2_K**: the solver runs per sub-block (32 / 32 / 16 weights); sub-block
@@ -34,7 +37,8 @@ use crate::quantize::{quantize as quantize_rtn, Options, F16_MAX};
 
 /// The qtypes HQQ writes (for error messages).
 pub const SUPPORTED: &str = "the asymmetric grouped integer qtypes (int2/int3/int4 \
-     _g32/_g64/_g128/_gch), q4_1, q5_1, q2_k, q4_k, q5_k";
+     _g32/_g64/_g128/_gch), their float-zero variants (int2/int3/int4 _g32/_g64/_g128 _fz), \
+     q4_1, q5_1, q2_k, q4_k, q5_k";
 
 /// (group, bits) of the solver for `qtype`, or None when the format has no zero point.
 pub fn geometry(qtype: QType, cols: usize) -> Option<(usize, u8)> {
@@ -69,6 +73,9 @@ pub fn quantize_with(
         )));
     };
     if let (QType::GInt(g), false) = (qtype, reference) {
+        if g.float_zero {
+            return float_zero_tensor(m, qtype, g, group, cfg);
+        }
         return gint_tensor(m, qtype, g, group, cfg);
     }
     // the format's own tensor: its shape and range checks, and the RTN candidate of every block
@@ -149,6 +156,121 @@ fn gint_tensor(
         stats,
         double_quant: None,
     })
+}
+
+/// The fast path for float zeros: the format's checks, the solver, then one pass per row that
+/// computes each group's RTN candidate (`gint::group_params_fz`) and the solver's stored one,
+/// keeps the smaller squared error and packs (the same bytes as the reference path, which
+/// starts from `crate::quantize`'s RTN tensor: tested).
+fn float_zero_tensor(
+    m: &Matrix<'_>,
+    qtype: QType,
+    g: GInt,
+    group: usize,
+    cfg: &HqqConfig,
+) -> Result<Quantized> {
+    m.check_range(F16_MAX, qtype.name())?;
+    gint::check_shape(qtype, g, m.rows, m.cols)?;
+    let w = as_f32(m);
+    let sol = solve(&w, group, g.bits, cfg)?;
+    let per_row = m.cols / group;
+    let row_bytes = qtype.row_bytes(m.cols, group);
+    let mut data = vec![0u8; m.rows * row_bytes];
+    let mut stats = vec![0f32; m.rows * 2 * per_row];
+    map_rows(
+        m,
+        &mut data,
+        row_bytes,
+        &mut stats,
+        2 * per_row,
+        |r, x, out, st| float_zero_row_dispatch(g, x, &sol, r * per_row, out, st),
+    );
+    Ok(Quantized {
+        qtype,
+        rows: m.rows,
+        cols: m.cols,
+        block_size: group,
+        scale_mode: None,
+        data,
+        stats,
+        double_quant: None,
+    })
+}
+
+/// Codes of `x` on the float-zero grid `(s, z)` into `codes`, and their squared error: f64
+/// squares of the f32 decode errors, summed in 8 interleaved lanes (vectorisable), then the
+/// lanes in order. Both paths (`float_zero_row`, `gint_row`) compare candidates with it.
+#[inline(always)]
+fn fz_codes(x: &[f32], s: f32, z: f32, maxq: u32, codes: &mut [u32]) -> f64 {
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = gint::quantize_value_fz(v, s, z, maxq);
+    }
+    let mut lanes = [0f64; 8];
+    for (cc, xc) in codes.chunks_exact(8).zip(x.chunks_exact(8)) {
+        for l in 0..8 {
+            let d = ((cc[l] as f32 - z) * s - xc[l]) as f64;
+            lanes[l] += d * d;
+        }
+    }
+    lanes.iter().sum()
+}
+
+#[inline(always)]
+fn float_zero_row(g: GInt, x: &[f32], sol: &Solved, first: usize, out: &mut [u8], st: &mut [f32]) {
+    let gl = g.group as usize;
+    let groups = x.len() / gl;
+    let maxq = (1u32 << g.bits) - 1;
+    let gb = gl * g.bits as usize / 8;
+    let (mut rtn, mut alt) = ([0u32; 128], [0u32; 128]);
+    for (k, xg) in x.chunks_exact(gl).enumerate() {
+        let (mut s, mut z) = gint::group_params_fz(g, xg);
+        let e_rtn = fz_codes(xg, s, z, maxq, &mut rtn[..gl]);
+        let mut best = &rtn;
+        let (hs, hz) = (
+            gint::f16_round(1.0 / sol.inv_scale[first + k]),
+            gint::f16_round(sol.zero[first + k]),
+        );
+        if hs >= half::f16::MIN_POSITIVE.to_f32() && hs.is_finite() && hz.is_finite() {
+            let e_hqq = fz_codes(xg, hs, hz, maxq, &mut alt[..gl]);
+            if e_hqq < e_rtn {
+                (best, s, z) = (&alt, hs, hz);
+            }
+        }
+        gint::pack_row(&best[..gl], g.bits, &mut out[k * gb..(k + 1) * gb]);
+        (st[k], st[groups + k]) = (s, z);
+    }
+}
+
+fn float_zero_row_dispatch(
+    g: GInt,
+    x: &[f32],
+    sol: &Solved,
+    first: usize,
+    out: &mut [u8],
+    st: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx2() {
+        // SAFETY: has_avx2 checked the CPU at run time.
+        unsafe { float_zero_row_avx2(g, x, sol, first, out, st) };
+        return;
+    }
+    float_zero_row(g, x, sol, first, out, st)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn float_zero_row_avx2(
+    g: GInt,
+    x: &[f32],
+    sol: &Solved,
+    first: usize,
+    out: &mut [u8],
+    st: &mut [f32],
+) {
+    float_zero_row(g, x, sol, first, out, st)
 }
 
 /// The row functions compiled for AVX2 where the CPU has it (rounding is one instruction there
@@ -296,6 +418,24 @@ fn gint_row(g: GInt, x: &[f32], sol: &Solved, first: usize, out: &mut [u8], st: 
                 .sum()
         };
         let e_rtn = sq(&mut cg.iter().map(|&c| c as f32), rs, rz);
+        if g.float_zero {
+            // the solver's zero as stored (fp16), codes the nearest levels of the stored grid
+            let (s, z) = (
+                gint::f16_round(1.0 / sol.inv_scale[first + k]),
+                gint::f16_round(sol.zero[first + k]),
+            );
+            if !(s >= half::f16::MIN_POSITIVE.to_f32() && s.is_finite() && z.is_finite()) {
+                continue;
+            }
+            let mut rtn = cg.to_vec();
+            let e_rtn = fz_codes(xg, rs, rz, maxq as u32, &mut rtn);
+            let mut alt = vec![0u32; gl];
+            if fz_codes(xg, s, z, maxq as u32, &mut alt) < e_rtn {
+                cg.copy_from_slice(&alt);
+                (st[k], st[groups + k]) = (s, z);
+            }
+            continue;
+        }
         let Some((s, z)) = search_int_zero(xg, sol.inv_scale[first + k], sol.zero[first + k], maxq)
         else {
             continue;
@@ -449,6 +589,8 @@ mod tests {
         let m = Matrix::from_f32(&w, rows, cols).unwrap();
         for name in [
             "int4_g64",
+            "int4_g64_fz",
+            "int3_g32_fz",
             "int3_g128",
             "int2_g32",
             "int4_gch",
@@ -479,7 +621,16 @@ mod tests {
             w[128..192].iter_mut().for_each(|v| *v *= 1e-30); // scales below fp16's range
             w[192..196].fill(-0.0);
             let m = Matrix::from_f32(&w, rows, cols).unwrap();
-            for name in ["int4_g64", "int3_g64", "int2_g32", "int4_gch", "int3_g128"] {
+            for name in [
+                "int4_g64",
+                "int3_g64",
+                "int2_g32",
+                "int4_gch",
+                "int3_g128",
+                "int4_g64_fz",
+                "int3_g32_fz",
+                "int2_g128_fz",
+            ] {
                 let qt = QType::parse(name).unwrap();
                 let cfg = HqqConfig::default();
                 let (Ok(a), Ok(b)) = (

@@ -69,6 +69,7 @@ impl Plan<'_> {
                 }
             }
         });
+        self.add_float_zero(n, ms, y);
     }
 
     /// R rows from activation row `m0` into `y[..R]`; returns R.

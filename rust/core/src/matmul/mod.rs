@@ -219,6 +219,8 @@ struct Plan<'a> {
     /// The bf16 GEMM path (`gemm_bf16.rs`) runs, with these activations.
     #[cfg(target_arch = "x86_64")]
     bf16: Option<x86::gemm16::Acts16>,
+    /// Float-zero grouped weights: each activation row's group sums (`float_zero`), else empty.
+    fz_sums: Vec<f32>,
 }
 
 fn use_simd() -> bool {
@@ -479,6 +481,7 @@ impl Plan<'_> {
 }
 
 mod dispatch;
+pub(crate) mod float_zero;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 #[cfg(target_arch = "x86_64")]

@@ -263,7 +263,10 @@ pub(super) fn plan<'a>(
         && k.is_multiple_of(32)
         && match w.qtype {
             QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,
-            QType::GInt(g) => g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize),
+            // (float zeros: the int8 path and its correction, `float_zero.rs`)
+            QType::GInt(g) => {
+                !g.float_zero && (g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize))
+            }
             _ => false,
         }
         && crate::cpu::has_avx512_bf16()
@@ -289,6 +292,7 @@ pub(super) fn plan<'a>(
             vnni,
             long: false,
             bf16: Some(xb),
+            fz_sums: Vec::new(),
         });
     }
     let (acts, act_row_bytes) = match w.qtype {
@@ -487,6 +491,10 @@ pub(super) fn plan<'a>(
         long: m == 1 && (k > LONG_K || w.qtype == QType::Q4K),
         #[cfg(target_arch = "x86_64")]
         bf16: None,
+        fz_sums: match w.qtype.gint() {
+            Some(g) if g.float_zero => super::float_zero::group_sums(x, k, block_len),
+            _ => Vec::new(),
+        },
     })
 }
 

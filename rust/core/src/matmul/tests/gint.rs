@@ -127,3 +127,95 @@ fn grouped_integer_views_with_bad_statistics_are_errors() {
         .to_string()
         .contains("zero point"));
 }
+
+/// Float zeros: every output is the int8 reference of the row decoded with `int_zero` plus
+/// `float_zero::correction` (its scalar reference), bit for bit, on the pool and on one thread,
+/// at M past the bf16 GEMM's threshold too (float zeros never take it); and within the q16
+/// activation error of the f64 dot with the dequantized weights.
+#[test]
+fn float_zero_qmatmul_equals_the_int8_reference_plus_its_correction() {
+    use crate::matmul::float_zero::{correction, group_sums};
+    let mut rng = Rng(0x6e1f_7000_0000_0f2e);
+    for (name, k) in [
+        ("int4_g64_fz", 320),
+        ("int3_g32_fz", 4128),
+        ("int2_g128_fz", 256),
+    ] {
+        let qtype = QType::parse(name).unwrap();
+        let g = qtype.gint().unwrap();
+        let n = 9;
+        // offset groups: zeros away from the integers and outside 0..=maxq
+        let w: Vec<f32> = rng
+            .normalish(n * k, 0.05)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + 0.03 * ((i / 64) % 5) as f32 - 0.06)
+            .collect();
+        let q = crate::hqq::store::quantize(
+            &Matrix::from_f32(&w, n, k).unwrap(),
+            qtype,
+            &crate::hqq::HqqConfig::default(),
+        )
+        .unwrap();
+        let mut deq = vec![0f32; n * k];
+        dequantize(&q.view(), &mut deq).unwrap();
+        let gl = gint::group_len(g, k);
+        let (spr, rb) = (gint::stats_per_row(g, k), qtype.row_bytes(k, gl));
+        for m in [1usize, 3, 5, 13] {
+            let x = if m == 5 {
+                mixed_acts(&mut rng, m * k)
+            } else {
+                rng.normalish(m * k, 1.0)
+            };
+            let mut y = vec![0f32; m * n];
+            qmatmul(&x, m, &q.view(), &mut y).unwrap();
+            crate::parallel::set_num_threads(1);
+            let mut y1 = vec![0f32; m * n];
+            let r1 = qmatmul(&x, m, &q.view(), &mut y1);
+            crate::parallel::set_num_threads(0);
+            r1.unwrap();
+            let sums = group_sums(&x, k, gl);
+            for mi in 0..m {
+                let xr = &x[mi * k..(mi + 1) * k];
+                let mut xq = vec![0i16; q16_row_len(k)];
+                let mut xd = vec![0f32; q16_row_len(k) / Q16];
+                quantize_row_q16(xr, 1.0, &mut xq, &mut xd);
+                let xs = &sums[mi * (k / gl)..(mi + 1) * (k / gl)];
+                for row in 0..n {
+                    let (mut w8, mut sc) = (vec![0u8; k], vec![0f32; k / gl]);
+                    let st = &q.stats[row * spr..(row + 1) * spr];
+                    gint::decode_row_i8(
+                        g,
+                        &q.data[row * rb..(row + 1) * rb],
+                        st,
+                        k,
+                        &mut w8,
+                        &mut sc,
+                    );
+                    let want = dot_int8_q16(&w8, &sc, gl, &xq, &xd) + correction(g, st, xs);
+                    for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{name} k={k} m={m} ({mi}, {row}) {what}: {got} vs {want}"
+                        );
+                    }
+                    if m != 5 {
+                        let wr = &deq[row * k..(row + 1) * k];
+                        let exact: f64 =
+                            wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let mag: f64 = wr
+                            .iter()
+                            .zip(xr)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        assert!(
+                            (want as f64 - exact).abs() <= 1e-3 * mag + 1e-9,
+                            "{name}: {want} vs {exact}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
