@@ -47,59 +47,18 @@ pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
     }
 }
 
-/// e^x for x <= 0 (a score minus the row's maximum): Cephes' expf (range reduction by ln 2 in
-/// two parts, a degree-6 polynomial, about 1 ulp), 0 below -87.3 (and for -inf, a masked
-/// position). Branch-free, so the softmax loop vectorises.
-#[inline(always)]
-pub fn exp_neg(x: f32) -> f32 {
-    let xc = x.max(-87.3);
-    let n = (xc * std::f32::consts::LOG2_E + 0.5).floor();
-    let r = (xc - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5; // Cephes: 5.0000001201e-1, which is 0.5 in f32
-    let y = (p * (r * r) + r) + 1.0;
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        y * two_n
-    }
-}
-
 /// In-place softmax of `s * scale` (ggml_soft_max_ext without a mask: the masked tail is just
-/// not passed): max, `exp_neg(x - max)` (ggml too takes e^x from its own SIMD polynomial, not
-/// libm), summed in f64 in order, then each value times 1/sum in f32. Every step is an IEEE
-/// operation, so the AVX2 build of the loop gives the same floats as the portable one.
+/// not passed): max, exp(x - max) summed in f64, then each value times 1/sum in f32.
 pub fn softmax_scaled(s: &mut [f32], scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::cpu::has_avx2() {
-        // SAFETY: AVX2 was detected at run time; softmax_avx2 is safe code compiled with it.
-        return unsafe { softmax_avx2(s, scale) };
-    }
-    softmax_body(s, scale)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn softmax_avx2(s: &mut [f32], scale: f32) {
-    softmax_body(s, scale)
-}
-
-#[inline(always)]
-fn softmax_body(s: &mut [f32], scale: f32) {
     let mut max = f32::NEG_INFINITY;
     for v in s.iter_mut() {
         *v *= scale;
         max = max.max(*v);
     }
-    for v in s.iter_mut() {
-        *v = exp_neg(*v - max);
-    }
     let mut sum = 0f64;
-    for &v in s.iter() {
-        sum += v as f64;
+    for v in s.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
     }
     let inv = (1.0 / sum) as f32;
     for v in s.iter_mut() {
@@ -289,41 +248,6 @@ mod tests {
             assert!(close(v, ((orig[i] - 3.0) as f64 * 0.7).exp() / z, 1e-6));
         }
         assert!((s.iter().map(|&v| v as f64).sum::<f64>() - 1.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn exp_neg_is_close_to_exp() {
-        for i in 0..20_000 {
-            let x = -(i as f32) * 0.0045;
-            let (a, b) = (exp_neg(x) as f64, (x as f64).exp());
-            if x < -87.3 {
-                // the cut-off (about f32's smallest normal): a weight that cannot matter
-                assert!(
-                    a == 0.0 && b < 2.0 * f32::MIN_POSITIVE as f64,
-                    "{x}: {a} vs {b}"
-                );
-            } else {
-                assert!(
-                    (a - b).abs() <= 4.0 * f32::EPSILON as f64 * b,
-                    "{x}: {a} vs {b}"
-                );
-            }
-        }
-        assert_eq!(exp_neg(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_neg(0.0), 1.0);
-    }
-
-    /// The AVX2 build of the softmax gives the portable loop's floats.
-    #[test]
-    fn softmax_dispatch_equals_the_portable_loop() {
-        for n in [1usize, 7, 8, 33, 515] {
-            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.73).sin() * 40.0).collect();
-            let (mut a, mut b) = (x.clone(), x.clone());
-            softmax_scaled(&mut a, 0.125);
-            softmax_body(&mut b, 0.125);
-            let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
-            assert!(same, "n={n}");
-        }
     }
 
     #[test]
