@@ -20,7 +20,10 @@ flash attention, n_batch 512); ferroquant's KV cache is f32. Each row: median (m
 --runs runs, the engines interleaved within each run (benchlib); ratios are medians over
 llama-cpp-python's median. llama.cpp is the AVX-512 build of scripts/install-bench-peer.sh when
 installed (the output names the build it timed, and says so when only the AVX2 test peer was
-there). The machine may be shared with other work: the load average is printed.
+there). The machine may be shared with other work: the load average is printed. The CPU
+columns are process CPU time per token (every thread, spinning ones included; "ferroquant
+generate" splits its CPU time between prompt and decode by their wall-clock shares): with one
+thread on a loaded machine they are the least distorted comparison.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ N_PROMPT, N_DECODE = 128, 64  # --prompt sets N_PROMPT
 N_CTX = 1024
 HEADERS = (
     "qtype", "threads", "engine", "prompt tok/s", "decode tok/s", "prompt vs llama.cpp",
-    "decode vs llama.cpp", "decode CPU ms/token", "greedy prefix equal to llama.cpp's",
+    "decode vs llama.cpp", "prompt CPU ms/token", "decode CPU ms/token",
+    "greedy prefix equal to llama.cpp's",
 )  # fmt: skip
 
 
@@ -255,6 +259,7 @@ def main() -> None:
             for e in engines:
                 ps = [N_PROMPT / r[0] for r in res[e.name]]
                 ds = [N_DECODE / r[1] for r in res[e.name]]
+                pcpu = [r[2] / N_PROMPT * 1e3 for r in res[e.name]]
                 dcpu = [r[3] / N_DECODE * 1e3 for r in res[e.name]]
                 same = 0  # length of the greedy prefix equal to llama.cpp's
                 for a, b in zip(res[e.name][-1][4], base[-1][4], strict=True):
@@ -263,7 +268,8 @@ def main() -> None:
                     same += 1
                 rows.append((q, t, e.name, benchlib.spread(ps), benchlib.spread(ds),
                              benchlib.ratio(ps, base_ps), benchlib.ratio(ds, base_ds),
-                             benchlib.spread(dcpu, ".2f"), f"{same}/{N_DECODE + 1}"))  # fmt: skip
+                             benchlib.spread(pcpu, ".2f"), benchlib.spread(dcpu, ".2f"),
+                             f"{same}/{N_DECODE + 1}"))  # fmt: skip
                 print(f"{q} t={t} {e.name}: prompt {rows[-1][3]} tok/s, decode {rows[-1][4]} "
                       f"tok/s", file=sys.stderr)  # fmt: skip
             if hasattr(engines[1], "rt"):

@@ -2,7 +2,8 @@
 //! (types.rs), the per-type block codecs (block.rs), the per-head Walsh-Hadamard rotation of the
 //! low-bit types (rotate.rs), the paged pool that many sequences share (pool.rs), attention
 //! reading the blocks in place (attend.rs; the KIVI pages' tiles and integer dot products in
-//! kivi.rs) and one scalar reference per
+//! kivi.rs; a prompt's rows of the f32 / f16 caches in register tiles, prefill.rs) and one
+//! scalar reference per
 //! type that the paged path is tested against bit for bit (reference.rs); synthetic.rs times the
 //! attention of one decode step over a synthetic cache, for benches.
 
@@ -10,6 +11,7 @@ pub mod attend;
 pub mod block;
 pub mod kivi;
 pub mod pool;
+pub mod prefill;
 pub mod reference;
 pub mod rotate;
 pub mod synthetic;

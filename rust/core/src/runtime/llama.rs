@@ -26,6 +26,8 @@ use crate::qtype::QType;
 use super::config::Config;
 use super::kv::attend::{self, Scratch as AttnScratch};
 use super::kv::pool::parse_size;
+#[cfg(target_arch = "x86_64")]
+use super::kv::prefill;
 use super::kv::{Geometry, KvSpec, Pool, SeqCache};
 use super::ops;
 use super::packed::{self, ActsQ8};
@@ -498,9 +500,16 @@ impl Llama {
     }
 }
 
+/// From this many rows of one sequence in a step (a prompt, a chunk of one) the f32 / f16 caches
+/// take the tiled prompt attention (kv/prefill.rs, the same floats): it reads each cached row
+/// once per block of rows instead of once per row and query head.
+pub const PREFILL_MIN_ROWS: usize = 2;
+
 /// Causal grouped-query attention of every row (`row_seq`, `row_pos`: its sequence and
 /// position): query head `h` reads key/value head `h / (n_head / n_head_kv)` of its sequence's
-/// cache, positions `0..=pos` (kv/attend.rs). One task per (row, head).
+/// cache, positions `0..=pos`. A sequence's run of at least `PREFILL_MIN_ROWS` rows takes
+/// kv/prefill.rs where it handles the cache type; every other row one task per (row, head) of
+/// kv/attend.rs. Both give the same floats.
 pub fn attention(
     pool: &Pool,
     cfg: &Config,
@@ -513,8 +522,38 @@ pub fn attention(
     let (hd, nh) = (cfg.head_dim, cfg.n_head);
     let group = cfg.n_head / cfg.n_head_kv;
     let scale = 1.0f32 / (hd as f32).sqrt();
+    // Rows the tiled path computed (none off x86_64).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut tiled = vec![false; row_seq.len()];
+    #[cfg(target_arch = "x86_64")]
+    if prefill::available(pool.kv, hd) {
+        let qd = nh * hd;
+        let mut r = 0;
+        while r < row_seq.len() {
+            let e = r + row_seq[r..]
+                .iter()
+                .take_while(|&&s| s == row_seq[r])
+                .count();
+            if e - r >= PREFILL_MIN_ROWS {
+                prefill::attend_rows(
+                    pool.kv,
+                    pool.rotate,
+                    &pool.geo,
+                    nh,
+                    &views[row_seq[r]],
+                    &q[r * qd..e * qd],
+                    row_pos[r],
+                    scale,
+                    &mut out[r * qd..e * qd],
+                );
+                tiled[r..e].fill(true);
+            }
+            r = e;
+        }
+    }
     out.par_chunks_mut(hd)
         .enumerate()
+        .filter(|(ih, _)| !tiled[ih / nh])
         .for_each_init(AttnScratch::default, |s, (ih, o)| {
             let (r, h) = (ih / nh, ih % nh);
             let qh = &q[r * nh * hd + h * hd..][..hd];
