@@ -122,10 +122,11 @@ def quantize_model(
 def _calibrated(method: str, model: nn.Module, qtype_for: Callable, ids: Any, cfg: Any,
                 options: dict[str, Any], progress: bool,
                 runner: Any = None) -> dict[str, str | None]:  # fmt: skip
-    if method == "gptq" and (cfg.true_sequential or cfg.asym_alpha > 0) and runner is None:
+    if method == "gptq" and (cfg.true_sequential or cfg.asym_alpha > 0):
         from ..methods.gptq_sequential import sequential_gptq_model
 
-        return sequential_gptq_model(model, qtype_for, ids, cfg, options, progress=progress)
+        return sequential_gptq_model(model, qtype_for, ids, cfg, options, progress=progress,
+                                     runner=runner)  # fmt: skip
     if method == "gptq":
         from ..methods.layerwise import gptq_model
 
