@@ -134,7 +134,9 @@ def _calibrated(method: str, model: nn.Module, qtype_for: Callable, ids: Any, cf
     from ..methods import GPTQConfig
     from ..methods.awq_layers import awq_model
 
+    # AWQ's GPTQ solves on the capture's statistics only (awq_model): plain GPTQ, said so
     gcfg = GPTQConfig(cfg.gptq_damp, cfg.gptq_act_order, n_samples=cfg.n_samples,
-                      seq_len=cfg.seq_len) if cfg.gptq else None  # fmt: skip
+                      seq_len=cfg.seq_len, true_sequential=False,
+                      asym_alpha=0.0) if cfg.gptq else None  # fmt: skip
     return awq_model(model, qtype_for, ids, cfg, options, gptq=gcfg, progress=progress,
                      runner=runner)  # fmt: skip
