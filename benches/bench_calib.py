@@ -23,7 +23,7 @@ on the same windows; the perplexities are printed side by side.
 
     python benches/bench_calib.py [--calib-samples 128] [--calib-len 512] [--rows q4_0,nf4,...]
                                   [--no-act-order] [--methods rtn,gptq,awq,awq+gptq]
-                                  [--true-sequential] [--asym-alpha 0.25] [--damp 0.01]
+                                  [--true-sequential] [--asym-alpha 0.25 (0: plain)] [--damp 0.01]
                                   [--peers gptqmodel,llmcompressor] [--llama-cpp]
 """
 

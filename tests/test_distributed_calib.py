@@ -185,6 +185,32 @@ def test_gptq_on_the_cluster_gives_the_single_machine_bytes(cluster, tiny):
 
 
 @pytest.mark.cluster
+@pytest.mark.parametrize("options", [{"asym_alpha": 0.25}, {"true_sequential": True},
+                                     {"true_sequential": True, "asym_alpha": 0.25}])  # fmt: skip
+def test_sequential_gptq_on_the_cluster_gives_the_single_machine_bytes(cluster, tiny, options):
+    """GPTQ's own statistics per group (true-sequential's recomputed inputs, the asymmetric
+    target's D against the float model's hidden states, which the cluster carries shard by shard
+    in the object store next to the quantized ones): one task per shard, added in shard order,
+    the same bytes as on one machine; and not plain GPTQ's bytes (the options did something)."""
+    import ferroquant.distributed as fd
+
+    model = _model(tiny)
+    cfg = {"n_samples": WINDOWS, "seq_len": SEQ, **options}
+    plain = fq.quantize_model(copy.deepcopy(model), "q4_k_m", method="gptq", calibration=_ids(),
+                              config={"n_samples": WINDOWS, "seq_len": SEQ, "asym_alpha": 0.0},
+                              progress=False)  # fmt: skip
+    here = fq.quantize_model(copy.deepcopy(model), "q4_k_m", method="gptq", calibration=_ids(),
+                             config=cfg, progress=False)  # fmt: skip
+    there = fd.quantize_model(copy.deepcopy(model), "q4_k_m", method="gptq", calibration=_ids(),
+                              config=cfg, progress=False, address=cluster.address)  # fmt: skip
+    a, b = _qbytes(here), _qbytes(there)
+    assert len(a) == 14 and a == b
+    assert a != _qbytes(plain)
+    for k, v in options.items():
+        assert f"{k}={v}" in there.ferroquant_method
+
+
+@pytest.mark.cluster
 @pytest.mark.parametrize("method", ["awq", "awq+gptq"])
 def test_awq_on_the_cluster_gives_the_single_machine_bytes(cluster, tiny, method):
     """AWQ's searches run per shard (x_mean, the candidates' losses, the clip rows) and are added
@@ -302,25 +328,28 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ferroquant.distributed as fd
 from ferroquant.distributed import layer_journal
 save = layer_journal.LayerJournal.save
-def slow(self, index, layer, inputs):
-    save(self, index, layer, inputs)
+def slow(self, index, layer, *inputs):
+    save(self, index, layer, *inputs)
     print(index, flush=True)
     time.sleep(60)  # killed here
 layer_journal.LayerJournal.save = slow
-src, out, text, address, windows, seq, method = sys.argv[1:8]
+src, out, text, address, windows, seq, method, alpha = sys.argv[1:9]
+config = {"asym_alpha": float(alpha)} if alpha != "-" else None
 fd.convert(src, out, "q4_k_m", method=method, calibration=text, n_samples=int(windows),
-           seq_len=int(seq), address=address)
+           seq_len=int(seq), address=address, config=config)
 """
 
 
 @pytest.mark.cluster
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize(("method", "alpha"), [("gptq", "-"), ("awq", "-"), ("gptq", "0")])
 def test_killed_calibrated_driver_leaves_no_file_and_resume_gives_the_same_bytes(
-    cluster, tiny, text_file, tmp_path, caplog, method
+    cluster, tiny, text_file, tmp_path, caplog, method, alpha
 ):
     """A driver killed after the first layer leaves no output file, only the side folder (the
-    finished layer, AWQ's folds included, and the next layer's inputs); `resume=True` continues
-    at layer 1 and writes the single machine's file; the folder is removed on success."""
+    finished layer, AWQ's folds included, the next layer's inputs, and with GPTQ's asymmetric
+    target (the default; `alpha` "-": the method's defaults) the float model's hidden states
+    too); `resume=True` continues at layer 1 and writes the single machine's file; the folder is
+    removed on success."""
     import signal
     import subprocess
     import sys
@@ -332,10 +361,20 @@ def test_killed_calibrated_driver_leaves_no_file_and_resume_gives_the_same_bytes
     argv = ["convert", str(tiny), str(here), "--qtype", "q4_k_m", "--method", method, "--calib",
             str(text_file), "--calib-samples", str(WINDOWS), "--calib-len", str(SEQ),
             "--quiet"]  # fmt: skip
-    assert cli.main(argv) == 0
+    config = {"asym_alpha": float(alpha)} if alpha != "-" else None
+    if config is None:
+        assert cli.main(argv) == 0
+    else:  # what `convert --method gptq` runs here, with the option the CLI does not take
+        from ferroquant.methods import method_config
+        from ferroquant.models.calibrated import calibrated_tensors
+        from ferroquant.models.convert import hf_to_gguf
+
+        cfg = method_config(method, config, n_samples=WINDOWS, seq_len=SEQ)
+        tensors = calibrated_tensors(tiny, "q4_k_m", method, cfg, text_file, progress=False)
+        hf_to_gguf(tiny, here, "q4_k_m", tensors=tensors)
     out = tmp_path / "killed.gguf"
     p = subprocess.Popen([sys.executable, "-c", _GPTQ_DRIVER, str(tiny), str(out), str(text_file),
-                          cluster.address, str(WINDOWS), str(SEQ), method],
+                          cluster.address, str(WINDOWS), str(SEQ), method, alpha],
                          stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert p.stdout is not None
@@ -346,15 +385,20 @@ def test_killed_calibrated_driver_leaves_no_file_and_resume_gives_the_same_bytes
         p.wait(timeout=60)
     side = layers_path(out)
     assert not out.exists()
-    assert sorted(f.name for f in side.iterdir()) == ["inputs-00001.pt", "layer-00000.pt",
-                                                      "state.json"]  # fmt: skip
+    from ferroquant.methods import GPTQConfig
+
+    asym = float(alpha) if alpha != "-" else GPTQConfig().asym_alpha
+    carried = ["float-inputs-00001.pt"] if method == "gptq" and asym > 0 else []
+    assert sorted(f.name for f in side.iterdir()) == [*carried, "inputs-00001.pt",
+                                                      "layer-00000.pt", "state.json"]  # fmt: skip
     caplog.set_level("INFO", logger="ferroquant.distributed")
     with pytest.raises(ValueError, match="belongs to another conversion"):  # other windows
         fd.convert(tiny, out, "q4_k_m", method=method, calibration=text_file, n_samples=WINDOWS,
-                   seq_len=SEQ + 1, address=cluster.address, resume=True)  # fmt: skip
+                   seq_len=SEQ + 1, address=cluster.address, resume=True,
+                   config=config)  # fmt: skip
     assert not out.exists() and side.is_dir()
     fd.convert(tiny, out, "q4_k_m", method=method, calibration=text_file, n_samples=WINDOWS,
-               seq_len=SEQ, address=cluster.address, resume=True)  # fmt: skip
+               seq_len=SEQ, address=cluster.address, resume=True, config=config)  # fmt: skip
     assert out.read_bytes() == here.read_bytes()
     assert not side.exists()
     resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]

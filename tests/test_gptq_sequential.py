@@ -69,7 +69,12 @@ def _tiny():
 
 def test_recomputed_moments_of_an_untouched_layer_are_the_capture_s_bits():
     pytest.importorskip("transformers")
-    from ferroquant.calib.capture import collect_stats, find_decoder_layers, first_layer_inputs
+    from ferroquant.calib.capture import (
+        LocalWindows,
+        collect_stats,
+        find_decoder_layers,
+        first_layer_inputs,
+    )
     from ferroquant.methods.gptq_sequential import group_moments
 
     model = _tiny()
@@ -80,7 +85,7 @@ def test_recomputed_moments_of_an_untouched_layer_are_the_capture_s_bits():
         stats = collect_stats(layers[0], calls[0], hidden, "l0")
         fp = copy.deepcopy(layers[0])
         for names, h, _ in stats.groups():
-            h2, d = group_moments(layers[0], calls[0], hidden, names[0], fp, hidden)
+            h2, d = group_moments(LocalWindows(calls[0], hidden), layers[0], names[0], fp, hidden)
             assert torch.equal(h, h2)
             assert d is not None and not d.any()  # same inputs: no mismatch
 
@@ -103,7 +108,10 @@ def test_quantize_model_sequential_gptq_keeps_the_plan_and_beats_rtn(options):
         assert (out(ids).logits - ref).pow(2).mean() < (rtn(ids).logits - ref).pow(2).mean()
 
 
-def test_the_cluster_path_refuses_the_sequential_options():
+def test_the_plain_layerwise_entry_point_refuses_the_sequential_options():
+    """`layerwise.gptq_model` solves on the capture's statistics only: the options that need
+    their own statistics go through `sequential_gptq_model` (as `quantize_model` routes them,
+    on any runner), never silently ignored."""
     pytest.importorskip("transformers")
     from ferroquant.methods.layerwise import gptq_model
 

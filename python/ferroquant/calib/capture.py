@@ -312,6 +312,30 @@ class LocalWindows:
         with torch.no_grad():
             return fn(layer, self.call, self.hidden, 0, *args)
 
+    @property
+    def stream(self) -> list[torch.Tensor]:
+        """The windows' hidden states in the form `map_pair` and `outputs` take a stream."""
+        return self.hidden
+
+    def map_pair(
+        self,
+        layer: nn.Module,
+        other: nn.Module | None,
+        other_stream: list[torch.Tensor] | None,
+        fn: Callable[..., list],
+        *args: Any,
+    ) -> list:
+        """`fn(layer, other, call, windows, other_windows, *args)`: two layers on two streams of
+        the same windows (a method's float copy of the layer on the float model's hidden
+        states); its per-shard results (a cluster runs `fn` a shard at a time)."""
+        with torch.no_grad():
+            return fn(layer, other, self.call, self.hidden, other_stream, *args)
+
+    def outputs(self, layer: nn.Module, stream: list[torch.Tensor], where: str) -> list:
+        """`layer`'s outputs on `stream` (another stream of these windows), as a stream."""
+        with torch.no_grad():
+            return layer_outputs(layer, self.call, stream, where)
+
 
 def collect_stats(
     layer: nn.Module, call: LayerCall, hidden: list[torch.Tensor], where: str

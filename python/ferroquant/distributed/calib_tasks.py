@@ -1,6 +1,7 @@
 """What the Ray tasks of the calibrated methods run: the single-machine functions on one shard of
 the calibration windows (a layer's input statistics, a layer's outputs, AWQ's per-window search
-results, an importance matrix's per-chunk sums) or on one GPTQ solve. Ray is not imported here:
+results, GPTQ's per-group moments against the float stream, an importance matrix's per-chunk
+sums) or on one GPTQ solve. Ray is not imported here:
 `calibrated.py` wraps these with `ray.remote`. Every function runs under `torch.no_grad`, as the
 single-machine pipeline does."""
 
@@ -40,6 +41,17 @@ def window_map(fn: Any, layer: Any, call: Any, hidden: list[Any], first: int, *a
 
     with torch.no_grad():
         return fn(layer, call, hidden, first, *args)
+
+
+def pair_map(fn: Any, layer: Any, other: Any, call: Any, hidden: list[Any],
+             other_hidden: list[Any] | None, *args: Any) -> list:  # fmt: skip
+    """`calib.LocalWindows.map_pair`'s `fn` on one shard: two layers on the quantized and the
+    float model's hidden states of the same windows (GPTQ's asymmetric / true-sequential
+    moments); its per-shard results."""
+    import torch
+
+    with torch.no_grad():
+        return fn(layer, other, call, hidden, other_hidden, *args)
 
 
 def gptq_solve(job: Any, hessian: Any) -> tuple[Any, Any]:

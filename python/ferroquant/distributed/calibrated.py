@@ -64,6 +64,7 @@ class RayRunner:
         self.outputs_task = ray.remote(calib_tasks.layer_outputs).options(**opts)
         self.solve_task = ray.remote(calib_tasks.gptq_solve).options(**opts)
         self.map_task = ray.remote(calib_tasks.window_map).options(**opts)
+        self.pair_task = ray.remote(calib_tasks.pair_map).options(**opts)
         self.max_retries = max_retries
         self.inputs: list[Any] = []
 
@@ -91,8 +92,12 @@ class RayRunner:
         *,
         progress: bool = True,
         desc: str = "calibrate",
+        carry: Any = None,
     ) -> None:
-        """`calib.run_layers` with the statistics and the outputs computed by tasks per shard."""
+        """`calib.run_layers` with the statistics and the outputs computed by tasks per shard.
+        `carry`: a second stream of the windows the method moves on itself (its `.hidden`: shard
+        references, None while it is the quantized model's, e.g. GPTQ's float stream), journaled
+        with each layer and given back on resume."""
         import torch
 
         from ..calib.capture import SHARD_WINDOWS, InputStats, find_decoder_layers
@@ -113,6 +118,9 @@ class RayRunner:
             tokens = [int(h.shape[-2]) for h in hidden]
             step = SHARD_WINDOWS
             shards = [ray.put(hidden[k : k + step]) for k in range(0, len(hidden), step)]
+            if carry is not None and journal is not None and start:
+                fl = journal.float_inputs()
+                carry.hidden = [ray.put(fl[k : k + step]) for k in range(0, len(fl), step)]
             self.inputs = shards  # the current layer's input shards (for inspection)
             del hidden
             bar = _bar(progress, len(layers), f"{desc} (ray, {len(shards)} shards)")
@@ -152,7 +160,10 @@ class RayRunner:
                 if journal is not None:  # the last layer's outputs are nobody's inputs
                     last = i == len(layers) - 1
                     nxt = [] if last else [h for part in self.get(shards, where) for h in part]
-                    journal.save(i, layer, nxt)
+                    fl = None
+                    if carry is not None and not last and carry.hidden is not None:
+                        fl = [h for part in self.get(carry.hidden, where) for h in part]
+                    journal.save(i, layer, nxt, fl)
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -198,6 +209,36 @@ class RayWindows:
         for part in self.runner.get(tasks, self.where):
             out.extend(part)
         return out
+
+    @property
+    def stream(self) -> list[Any]:
+        """The windows' hidden states as a stream: the current layer's input shards."""
+        return self.shards
+
+    def map_pair(self, layer: Any, other: Any, other_stream: list[Any] | None,
+                 fn: Callable[..., list], *args: Any) -> list:  # fmt: skip
+        """`calib.LocalWindows.map_pair` per shard: one task a shard, its shard of
+        `other_stream` next to it; the per-shard results in shard order."""
+        ray = self.runner.ray
+        layer_ref = ray.put(layer)
+        other_ref = ray.put(other) if other is not None else None
+        others = other_stream if other_stream is not None else [None] * len(self.shards)
+        if len(others) != len(self.shards):
+            raise ValueError(f"{self.where}: the two streams have different shards")
+        tasks = [
+            self.runner.pair_task.remote(fn, layer_ref, other_ref, self.call, s, o, *args)
+            for s, o in zip(self.shards, others, strict=True)
+        ]
+        out: list = []
+        for part in self.runner.get(tasks, self.where):
+            out.extend(part)
+        return out
+
+    def outputs(self, layer: Any, stream: list[Any], where: str) -> list[Any]:
+        """`layer`'s outputs on `stream` as a stream: one task a shard, the results left in the
+        object store (their errors surface where they are read)."""
+        layer_ref = self.runner.ray.put(layer)
+        return [self.runner.outputs_task.remote(layer_ref, self.call, s, where) for s in stream]
 
 
 def _large(a: Any) -> bool:

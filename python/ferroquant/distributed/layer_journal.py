@@ -7,6 +7,8 @@ next layer's inputs, so that `--resume` continues at layer granularity.
                       swapped in, AWQ's folds applied), pickled with torch.save
     inputs-00001.pt   the calibration windows' hidden states at layer k's input (float32, in
                       shard order): the outputs of layer k-1
+    float-inputs-00001.pt  where the method carries a second stream (GPTQ's asymmetric
+                      calibration: the float model's hidden states), that stream at layer k
 
 Every file is written atomically (temporary file, fsync, rename) and state.json after the files
 it names, so a driver killed at any point leaves a consistent folder: at worst the layer it was
@@ -99,12 +101,17 @@ class LayerJournal:
         except (OSError, RuntimeError, EOFError, ValueError) as e:
             raise ValueError(f"{path}: cannot be read ({e}); remove {self.path}") from None
 
-    def save(self, index: int, layer: Any, inputs: list[Any]) -> None:
-        """Layer `index` is finished; `inputs`: the next layer's hidden states (its outputs)."""
+    def save(self, index: int, layer: Any, inputs: list[Any],
+             float_inputs: list[Any] | None = None) -> None:  # fmt: skip
+        """Layer `index` is finished; `inputs`: the next layer's hidden states (its outputs);
+        `float_inputs`: the method's second stream at the next layer, if it carries one."""
         self._save(layer, f"layer-{index:05d}.pt")
         self._save(inputs, f"inputs-{index + 1:05d}.pt")
+        if float_inputs is not None:
+            self._save(float_inputs, f"float-inputs-{index + 1:05d}.pt")
         self._state(index + 1)
         (self.path / f"inputs-{index:05d}.pt").unlink(missing_ok=True)
+        (self.path / f"float-inputs-{index:05d}.pt").unlink(missing_ok=True)
 
     def layer(self, index: int) -> Any:
         return self._load(f"layer-{index:05d}.pt")
@@ -112,6 +119,10 @@ class LayerJournal:
     def inputs(self) -> list[Any]:
         """The hidden states at the input of the first layer not finished."""
         return self._load(f"inputs-{self.done:05d}.pt")
+
+    def float_inputs(self) -> list[Any]:
+        """The method's second stream at the first layer not finished (see `save`)."""
+        return self._load(f"float-inputs-{self.done:05d}.pt")
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)

@@ -9,8 +9,11 @@ again by running the layer as it is now, the groups before it already quantized
 states (`FloatStream`, carried from layer to layer), and D = 2/n sum (x_fp - x) x^T is summed
 next to H = 2/n sum x x^T, shard by shard as the capture sums (`calib.capture.shard_batches`).
 
-These statistics need the layer's windows on this machine (`calib.LocalWindows`):
-`sequential_gptq_model` runs on the `LocalRunner` only.
+The statistics are per-shard results (`shard_moments`, one entry per shard batch) added in shard
+order, through the windows' `map_pair` (`calib.LocalWindows` here, the Ray runner's `RayWindows`
+on a cluster: one task per shard, the float stream's shard next to the quantized one), and the
+float stream moves on through the windows' `outputs` (on a cluster its shards stay in the object
+store, and a resumable conversion journals them with the layer): the same bits either way.
 """
 
 from __future__ import annotations
@@ -23,18 +26,18 @@ import torch
 from torch import nn
 
 from ..calib import InputStats
-from ..calib.capture import _first, _Stop, forward_autocast, gram, layer_outputs, shard_batches
-from ..tensor import QuantizeError
+from ..calib.capture import _first, _Stop, forward_autocast, gram, shard_batches
 from .gptq import GPTQConfig
 from .layerwise import LocalRunner, SolveJob, gptq_layer, swap_in
 
 
 class FloatStream:
-    """The float model's hidden states entering the current layer (None: the same as the
-    quantized model's, as at the first layer)."""
+    """The float model's hidden states entering the current layer, in the windows' own form
+    (`windows.stream`: a list of [1, L, d] tensors here, of shard references on a cluster; None:
+    the same as the quantized model's, as at the first layer)."""
 
     def __init__(self) -> None:
-        self.hidden: list[torch.Tensor] | None = None
+        self.hidden: Any = None
 
 
 def _inputs(layer: nn.Module, call: Any, batch: torch.Tensor, name: str) -> torch.Tensor:
@@ -56,33 +59,54 @@ def _inputs(layer: nn.Module, call: Any, batch: torch.Tensor, name: str) -> torc
     return got[0]
 
 
-def group_moments(
+Moments = tuple[torch.Tensor, torch.Tensor | None, int]
+
+
+def shard_moments(
     layer: nn.Module,
+    fp_layer: nn.Module | None,
     call: Any,
     hidden: list[torch.Tensor],
+    fp_hidden: list[torch.Tensor] | None,
     name: str,
-    fp_layer: nn.Module | None = None,
-    fp_hidden: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(H = 2/n sum x x^T, D = 2/n sum (x_fp - x) x^T or None) at the input of Linear `name`:
-    x from `layer` on `hidden`, x_fp from `fp_layer` on `fp_hidden`; float32 products per
-    shard, summed in float64 in shard order."""
-    h_sum: torch.Tensor | None = None
-    d_sum: torch.Tensor | None = None
-    n = 0
+) -> list[Moments]:
+    """Per shard batch of the windows `hidden` (`shard_batches`): (float64 sum x^T x, float64
+    sum (x_fp - x)^T x or None, tokens) at the input of Linear `name`, x from `layer` on
+    `hidden`, x_fp from `fp_layer` on the same windows' `fp_hidden`; float32 products. A Ray
+    task gets one shard, hence one entry: the entries in shard order are the same either way."""
+    out: list[Moments] = []
     fp_batches = shard_batches(fp_hidden) if fp_layer is not None and fp_hidden else None
     for batch in shard_batches(hidden):
         x = _inputs(layer, call, batch, name)
         with torch.autocast(x.device.type, enabled=False):  # float32 products, as the capture's
             prod = gram(x).to(torch.float64)
-        h_sum = prod if h_sum is None else h_sum + prod
-        n += x.shape[0]
+        cross = None
         if fp_batches is not None:
             assert fp_layer is not None
             xf = _inputs(fp_layer, call, next(fp_batches), name)
             with torch.autocast(x.device.type, enabled=False):
-                dprod = ((xf - x).T @ x).to(torch.float64)
-            d_sum = dprod if d_sum is None else d_sum + dprod
+                cross = ((xf - x).T @ x).to(torch.float64)
+        out.append((prod, cross, int(x.shape[0])))
+    return out
+
+
+def group_moments(
+    windows: Any,
+    layer: nn.Module,
+    name: str,
+    fp_layer: nn.Module | None = None,
+    fp_hidden: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(H = 2/n sum x x^T, D = 2/n sum (x_fp - x) x^T or None) at the input of Linear `name`
+    over the calibration `windows` (`shard_moments` per shard, summed in shard order)."""
+    h_sum: torch.Tensor | None = None
+    d_sum: torch.Tensor | None = None
+    n = 0
+    for prod, cross, tokens in windows.map_pair(layer, fp_layer, fp_hidden, shard_moments, name):
+        h_sum = prod if h_sum is None else h_sum + prod
+        n += tokens
+        if cross is not None:
+            d_sum = cross if d_sum is None else d_sum + cross
     assert h_sum is not None
     scale = 2.0 / max(n, 1)
     return h_sum * scale, (d_sum * scale if d_sum is not None else None)
@@ -102,16 +126,9 @@ def sequential_gptq_layer(
     """`layerwise.gptq_layer` with true-sequential and/or asymmetric statistics (see the module
     docstring); `stream` holds the float model's hidden states and is moved past this layer."""
     windows = stats.windows
-    hidden = getattr(windows, "hidden", None)
-    if hidden is None:
-        raise QuantizeError(
-            "gptq: true_sequential / asym_alpha need the calibration windows on this machine "
-            "(not supported on a cluster runner)"
-        )
-    call = windows.call
     asym = config.asym_alpha > 0
     fp_layer = copy.deepcopy(layer) if asym else None
-    fp_hidden = (stream.hidden if stream.hidden is not None else hidden) if asym else None
+    fp_hidden = (stream.hidden if stream.hidden is not None else windows.stream) if asym else None
     groups = [names for names, _, _ in stats.groups()]
     new: dict[str, nn.Module] = {}
     if config.true_sequential:
@@ -119,7 +136,7 @@ def sequential_gptq_layer(
             if k == 0 and not asym:
                 h, d = next(h for nm, h, _ in stats.groups() if nm == names), None
             else:
-                h, d = group_moments(layer, call, hidden, names[0], fp_layer, fp_hidden)
+                h, d = group_moments(windows, layer, names[0], fp_layer, fp_hidden)
             one = [(names, h, d)]
             new.update(gptq_layer(where, stats, qtype_for, config, options, plan, solve,
                                   groups=one, rest=False))  # fmt: skip
@@ -127,12 +144,11 @@ def sequential_gptq_layer(
     else:
         todo = []
         for names, h, _ in stats.groups():
-            _, d = group_moments(layer, call, hidden, names[0], fp_layer, fp_hidden)
+            _, d = group_moments(windows, layer, names[0], fp_layer, fp_hidden)
             todo.append((names, h, d))
         new.update(gptq_layer(where, stats, qtype_for, config, options, plan, solve, groups=todo))
     if fp_layer is not None and fp_hidden is not None:
-        with torch.no_grad():
-            stream.hidden = layer_outputs(fp_layer, call, fp_hidden, where)
+        stream.hidden = windows.outputs(fp_layer, fp_hidden, where)
     return new
 
 
@@ -144,11 +160,13 @@ def sequential_gptq_model(
     options: dict[str, Any],
     *,
     progress: bool = True,
+    runner: Any = None,
 ) -> dict[str, str | None]:
-    """`layerwise.gptq_model` with `config.true_sequential` / `config.asym_alpha`, on this
-    machine. Returns {module name: qtype}."""
+    """`layerwise.gptq_model` with `config.true_sequential` / `config.asym_alpha`. Returns
+    {module name: qtype}. `runner`: where the layers and solves run (default `LocalRunner()`;
+    the float stream is its `carry`, which a cluster runner journals with each layer)."""
     plan: dict[str, str | None] = {}
-    runner = LocalRunner()
+    runner = runner or LocalRunner()
     stream = FloatStream()
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
@@ -157,5 +175,6 @@ def sequential_gptq_model(
         )
         return lambda: swap_in(layer, new)
 
-    runner.run_layers(model, ids, process, progress=progress, desc="gptq")
+    carry = stream if config.asym_alpha > 0 else None
+    runner.run_layers(model, ids, process, progress=progress, desc="gptq", carry=carry)
     return plan

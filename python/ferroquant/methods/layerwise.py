@@ -79,7 +79,10 @@ class LocalRunner:
         *,
         progress: bool = True,
         desc: str = "calibrate",
+        carry: Any = None,
     ) -> None:
+        """`calib.run_layers`; `carry` (a method's own second stream, which a cluster runner
+        journals) needs nothing here: the method holds it."""
         run_layers(model, ids, process, progress=progress, desc=desc)
 
     def solve(self, jobs: list[SolveJob]) -> list[tuple[QTensor, torch.Tensor]]:
@@ -110,8 +113,8 @@ def gptq_model(
 
     if config.true_sequential or config.asym_alpha > 0:
         raise QuantizeError(
-            "gptq: true_sequential / asym_alpha run through methods.gptq_sequential on this "
-            "machine (not on a cluster runner)"
+            "gptq: true_sequential / asym_alpha run through "
+            "methods.gptq_sequential.sequential_gptq_model (any runner)"
         )
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:

@@ -122,10 +122,11 @@ def quantize_model(
 def _calibrated(method: str, model: nn.Module, qtype_for: Callable, ids: Any, cfg: Any,
                 options: dict[str, Any], progress: bool,
                 runner: Any = None) -> dict[str, str | None]:  # fmt: skip
-    if method == "gptq" and (cfg.true_sequential or cfg.asym_alpha > 0) and runner is None:
+    if method == "gptq" and (cfg.true_sequential or cfg.asym_alpha > 0):
         from ..methods.gptq_sequential import sequential_gptq_model
 
-        return sequential_gptq_model(model, qtype_for, ids, cfg, options, progress=progress)
+        return sequential_gptq_model(model, qtype_for, ids, cfg, options, progress=progress,
+                                     runner=runner)  # fmt: skip
     if method == "gptq":
         from ..methods.layerwise import gptq_model
 
@@ -133,7 +134,9 @@ def _calibrated(method: str, model: nn.Module, qtype_for: Callable, ids: Any, cf
     from ..methods import GPTQConfig
     from ..methods.awq_layers import awq_model
 
+    # AWQ's GPTQ solves on the capture's statistics only (awq_model): plain GPTQ, said so
     gcfg = GPTQConfig(cfg.gptq_damp, cfg.gptq_act_order, n_samples=cfg.n_samples,
-                      seq_len=cfg.seq_len) if cfg.gptq else None  # fmt: skip
+                      seq_len=cfg.seq_len, true_sequential=False,
+                      asym_alpha=0.0) if cfg.gptq else None  # fmt: skip
     return awq_model(model, qtype_for, ids, cfg, options, gptq=gcfg, progress=progress,
                      runner=runner)  # fmt: skip
