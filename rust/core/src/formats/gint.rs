@@ -20,10 +20,12 @@
 //! a row is `cols · bits / 8` bytes. `stats` (f32): per row, the `groups` scales (fp16 values)
 //! followed, unless `sym`, by the `groups` zeros.
 //!
-//! **Matmul** (`matmul`): a weight row decodes to `q - z` as int8 with one scale per group and
-//! runs the int8 kernels against q16 activations (`matmul::reference::q16`), so the grouped
-//! product is bit-for-bit the int8 product of the decoded row; 8 bits are symmetric only, so
-//! `q - z` always fits an int8.
+//! **Matmul** (`matmul`), against q16 activations (`matmul::reference::q16`): at 4 and 8 bits on
+//! CPUs with AVX-512 VNNI the codes are read in place (`matmul::reference::gint` defines the
+//! arithmetic: integer sums of codes times activations, the fp16 scale, and the zero as an f32
+//! term per group); elsewhere a weight row decodes to `q - z` as int8 with one scale per group
+//! and runs the int8 kernels, bit-for-bit the int8 product of the decoded row. 8 bits are
+//! symmetric only, so `q - z` always fits an int8.
 
 use crate::error::{Error, Result};
 use crate::formats::tensor::{Quantized, QuantizedView};
