@@ -119,6 +119,50 @@ def test_quantlinear_runs_the_native_kernel_close_to_the_dequantized_product(nam
         assert torch.equal(q(x[:m]), y[:m])
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(
+        ["int4_g64", "int4_g32", "int4_g128_sym", "int4_gch", "int8_g64_sym", "int3_g64"]
+    ),  # fmt: skip
+    units=st.integers(1, 9),
+    n=st.integers(1, 5),
+    m=st.integers(1, 11),
+    seed=st.integers(0, 2**32 - 1),
+    wide=st.booleans(),
+)
+def test_native_grouped_matmul_within_its_derived_bound(name, units, n, m, seed, wide):
+    """`qmatmul` below the bf16 threshold (the fused 4 / 8-bit kernel where the CPU has AVX-512
+    VNNI, else the int8 decode) against the float64 product of the dequantized weights: half a
+    q16 step per activation (2^-16 of its 64-block's amax) times |w|, plus c·2^-24 of the
+    magnitudes the float sums add (codes times scales, the zero term s·z per group), c the
+    longest rounding chain (reference/gint.rs, reference/q16.rs)."""
+    from ferroquant import _native
+
+    gi = gint_params(name)
+    k = 128 * units if gi.group in (0, 128) else 64 * units
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    if wide:  # blocks of very different magnitudes
+        x *= np.float32(10.0) ** rng.integers(-3, 4, size=(m, k // 8)).repeat(8, axis=1)
+    qt = fq.quantize(w, name)
+    codes, scales, zeros = _codes(qt)
+    gl = qt.block_size
+    deq = fq.dequantize(qt).astype(np.float64)
+    y = _native.qmatmul(x, qt.data, name, n, k, gl, qt.stats).reshape(m, n)
+    exact = x.astype(np.float64) @ deq.T
+    amax = np.abs(x.reshape(m, -1, 64)).max(axis=2).astype(np.float64)  # [m, blocks]
+    step = np.repeat(amax / 32767.0, 64, axis=1)[:, :k]  # q16 step per element
+    act = (step * 0.5 * (1 + 1e-6)) @ np.abs(deq).T
+    s = np.repeat(scales.astype(np.float64), gl, axis=1)
+    z = np.repeat(zeros.astype(np.float64), gl, axis=1)
+    mags = np.abs(x.astype(np.float64)) + step
+    terms = mags @ (s * (codes + 2 * z)).T
+    chain = k // 32 + k // gl // 16 + gl // 64 + 12
+    bound = act + chain * 2.0**-24 * terms * 1.01 + 1e-30
+    assert np.all(np.abs(y - exact) <= bound), float(np.max(np.abs(y - exact) / bound))
+
+
 def test_quantize_model_with_gptq_into_int4_g64():
     from ferroquant.methods import GPTQConfig, gptq_quantize, layer_error
     from ferroquant.nn import QuantLinear

@@ -33,11 +33,14 @@
 //! decode: half a step, plus at the clipped ends the zero's fp16 rounding (at most 2^-6 steps)
 //! and the scale's (2^-11 relative, times maxq steps).
 //!
-//! **Matmul** (`matmul`): a weight row decodes to `q - z` as int8 with one scale per group and
-//! runs the int8 kernels against q16 activations (`matmul::reference::q16`), so the grouped
-//! product is bit-for-bit the int8 product of the decoded row; 8 bits are symmetric only, so
-//! `q - z` always fits an int8. Float zeros decode to `q - zi` with `zi = int_zero(z)` (`z`
-//! rounded, clamped to `0..=maxq`); `matmul::float_zero` adds the exact rest, `s (zi - z) Σx`.
+//! **Matmul** (`matmul`), against q16 activations (`matmul::reference::q16`): at 4 and 8 bits on
+//! CPUs with AVX-512 VNNI the codes are read in place (`matmul::reference::gint` defines the
+//! arithmetic: integer sums of codes times activations, the fp16 scale, and the zero as an f32
+//! term per group); elsewhere a weight row decodes to `q - z` as int8 with one scale per group
+//! and runs the int8 kernels, bit-for-bit the int8 product of the decoded row. 8 bits are
+//! symmetric only, so `q - z` always fits an int8. Float zeros always take the decode path: the
+//! row decodes to `q - zi` with `zi = int_zero(z)` (`z` rounded, clamped to `0..=maxq`) and
+//! `matmul::float_zero` adds the exact rest, `s (zi - z) Σx`.
 
 use crate::error::{Error, Result};
 use crate::formats::tensor::{Quantized, QuantizedView};

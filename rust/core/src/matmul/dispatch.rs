@@ -5,6 +5,34 @@ use super::reference::{self, BlockQ8K};
 use super::*;
 use crate::qtype::QType;
 
+/// Grouped integers take the fused kernel (`x86::gint`, arithmetic `reference::gint`) at 4 and
+/// 8 bits where the AVX-512 q16 kernels run (`avx512`: `cpu::has_vnni_q16`); otherwise each
+/// row is decoded to int8 for the q16 int8 kernels (`Plan::dots_gint`). Float zeros
+/// (`int*_fz`) always take the decoded path, whose exact rest `float_zero` adds.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn gint_fused(g: crate::qtype::GInt, avx512: bool) -> bool {
+    avx512 && reference::gint::fused_bits(g)
+}
+
+/// The fused kernel's activations from the q16 rows `q` (element order, split in place).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn prepare_gint(
+    g: crate::qtype::GInt,
+    k: usize,
+    m: usize,
+    q: &mut [Line64],
+    d: &[f32],
+    row: usize,
+) -> x86::gint::GintActs {
+    let q: &mut [i16] = bytemuck::cast_slice_mut(q);
+    let acts = x86::gint::prepare(g, k, m, q, d, row);
+    if row > 0 {
+        q.chunks_exact_mut(row)
+            .for_each(|r| x86::gint::split_x(r, g.bits));
+    }
+    acts
+}
+
 impl Plan<'_> {
     /// `y[j]` = weight row `n` with activation row `ms.start + j`, for the rows `ms`.
     /// Rows go to the kernels in groups of `ROWS`, then one at a time; each output's arithmetic
@@ -47,6 +75,63 @@ impl Plan<'_> {
             unreachable!("grouped integers have q16 activations")
         };
         let q: &[i16] = bytemuck::cast_slice(q);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(ga) = &self.gint {
+            let wrow = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
+            let stats = self.stats_of(n);
+            let xrow = |mi: usize| x86::gint::Row {
+                xq: &q[mi * row..(mi + 1) * row],
+                xd: &d[mi * blocks..(mi + 1) * blocks],
+                xdl: ga
+                    .xdl
+                    .get(mi * ga.lanes..(mi + 1) * ga.lanes)
+                    .unwrap_or_default(),
+                xg: ga
+                    .xg
+                    .get(mi * ga.groups..(mi + 1) * ga.groups)
+                    .unwrap_or_default(),
+            };
+            let mut j = 0;
+            while j < y.len() {
+                let m0 = ms.start + j;
+                let rows = |r: usize| -> usize { m0 + r };
+                // SAFETY: `gint` is set only by `gint_fused` (`cpu::has_vnni_q16`, 4 or 8
+                // bits); `plan` validated the row (K codes, whole groups, its statistics) and
+                // quantized and split every activation row for this K.
+                let step = unsafe {
+                    match y.len() - j {
+                        1 => {
+                            y[j] = x86::gint::dot_gint(g, wrow, stats, k, [xrow(m0)])[0];
+                            1
+                        }
+                        2 | 3 => {
+                            let out = x86::gint::dot_gint::<2>(
+                                g,
+                                wrow,
+                                stats,
+                                k,
+                                std::array::from_fn(|r| xrow(rows(r))),
+                            );
+                            y[j..j + 2].copy_from_slice(&out);
+                            2
+                        }
+                        _ => {
+                            let out = x86::gint::dot_gint::<4>(
+                                g,
+                                wrow,
+                                stats,
+                                k,
+                                std::array::from_fn(|r| xrow(rows(r))),
+                            );
+                            y[j..j + 4].copy_from_slice(&out);
+                            4
+                        }
+                    }
+                };
+                j += step;
+            }
+            return;
+        }
         ROW.with_borrow_mut(|(w8, scales)| {
             w8.resize(k, 0);
             scales.resize(k / self.block_len, 0.0);

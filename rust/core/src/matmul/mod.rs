@@ -33,8 +33,10 @@
 //! q4_1, q5_1 → activations quantized to q8_1 (q8_0 plus `s = d·Σq`, for the `m·Σx` term);
 //! q2_k, q3_k, q4_k, q5_k, q6_k, iq4_xs, tq1_0, tq2_0 → activations quantized to q8_K;
 //! nf4, int8 → activations quantized to 16 bits in blocks of 64 (`reference/q16.rs`);
-//! grouped integers (`formats/gint.rs`) → each weight row decoded to int8 `q - z` with its group
-//! scales (`Plan::dots_gint`), then the int8 kernels against the same q16 activations;
+//! grouped integers (`formats/gint.rs`) → the same q16 activations: at 4 and 8 bits with AVX-512
+//! VNNI the codes read in place by `x86/gint.rs` (arithmetic: `reference/gint.rs`, a float zero
+//! term per group); otherwise each weight row decoded to int8 `q - z` with its group scales
+//! (`Plan::dots_gint`), then the int8 kernels;
 //! fp8_e4m3, fp8_e5m2 → f32 activations (the dequantized product within float rounding, fp8
 //! decoded exactly; no activation error added to the weights').
 
@@ -221,6 +223,10 @@ struct Plan<'a> {
     bf16: Option<x86::gemm16::Acts16>,
     /// Float-zero grouped weights: each activation row's group sums (`float_zero`), else empty.
     fz_sums: Vec<f32>,
+    /// Grouped integers read in place (`x86::gint`, `dispatch::gint_fused`): the q16 rows are
+    /// split into its planes, and these are its other activations.
+    #[cfg(target_arch = "x86_64")]
+    gint: Option<x86::gint::GintActs>,
 }
 
 fn use_simd() -> bool {

@@ -293,8 +293,11 @@ pub(super) fn plan<'a>(
             long: false,
             bf16: Some(xb),
             fz_sums: Vec::new(),
+            gint: None,
         });
     }
+    #[cfg(target_arch = "x86_64")]
+    let mut gint = None;
     let (acts, act_row_bytes) = match w.qtype {
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL => {
             let nb = k / QK8_0;
@@ -432,7 +435,14 @@ pub(super) fn plan<'a>(
             )
         }
         QType::NF4 | QType::Int8 | QType::GInt(_) => {
-            let acts = quantize_q16(x, m, k, w.qtype == QType::NF4, f32_avx512, par);
+            #[allow(unused_mut)]
+            let mut acts = quantize_q16(x, m, k, w.qtype == QType::NF4, f32_avx512, par);
+            #[cfg(target_arch = "x86_64")]
+            if let (QType::GInt(g), Acts::Q16 { q, d, row, .. }) = (w.qtype, &mut acts) {
+                if super::dispatch::gint_fused(g, f32_avx512) {
+                    gint = Some(super::dispatch::prepare_gint(g, k, m, q, d, *row));
+                }
+            }
             let Acts::Q16 { row, blocks, .. } = acts else {
                 unreachable!()
             };
@@ -495,6 +505,8 @@ pub(super) fn plan<'a>(
             Some(g) if g.float_zero => super::float_zero::group_sums(x, k, block_len),
             _ => Vec::new(),
         },
+        #[cfg(target_arch = "x86_64")]
+        gint,
     })
 }
 

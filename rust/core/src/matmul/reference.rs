@@ -48,6 +48,7 @@ use crate::formats::blocks::*;
 use crate::formats::{fp8, legacy};
 
 pub mod bf16;
+pub mod gint;
 mod k_low;
 pub mod q16;
 mod q8_1;

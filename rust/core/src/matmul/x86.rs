@@ -445,6 +445,7 @@ mod float_acts;
 pub mod gemm16;
 pub mod gemm32;
 pub mod gemm_k;
+pub mod gint;
 pub mod q16;
 pub mod tile;
 pub mod tile_k;

@@ -129,7 +129,7 @@ pub unsafe fn quantize_row_q16_avx512(
 /// AVX-512 VNNI (the callers' `cpu::has_vnni_q16()`).
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
-unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+pub(super) unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     let mut acc = acc;
     // SAFETY: a register-only instruction of a feature the caller guarantees.
     unsafe {
