@@ -70,10 +70,15 @@ fn block_scale(x: &[f32]) -> (f32, f32) {
     (amax, if amax != 0.0 { 1.0 / amax } else { 0.0 })
 }
 
-/// `lroundf(x·id) + 1`: 0, 1 or 2 for finite x (|x·id| <= 1 up to rounding).
+/// ggml's `int xi = lroundf(x·id) + 1`: 0, 1 or 2 for finite x (|x·id| <= 1 up to rounding).
+/// When the block's max is below about 2.9e-39 (a subnormal), `1/d` overflows to inf and x·id is
+/// inf or NaN; x86-64's `lroundf` then returns LONG_MIN, whose low 32 bits are 0, so ggml (and
+/// gguf-py's int8 cast) store the digit 1. Matched here rather than left to Rust's saturating cast.
 #[inline(always)]
 fn digit(x: f32, id: f32) -> u8 {
-    ((x * id).round() as i32 + 1) as u8
+    let v = x * id;
+    let rounded = if v.is_finite() { v.round() as i32 } else { 0 };
+    (rounded + 1) as u8
 }
 
 /// Base-3 digits, most significant first, to ggml's fixed-point byte `ceil(v·256/243)` (as u8
