@@ -223,14 +223,34 @@ fn grouped_integer_views_with_bad_statistics_are_errors() {
         .unwrap_err()
         .to_string()
         .contains("stats"));
-    let mut bad = q.stats.clone();
-    bad[2] = 16.0; // a zero point beyond 4 bits
+    // beyond 4 bits, negative, not an integer, NaN, infinite, and the row named (row 1)
+    for (i, z) in [
+        (2, 16.0),
+        (2, -1.0),
+        (3, 7.5),
+        (2, 1e-6),
+        (2, f32::NAN),
+        (3, f32::INFINITY),
+        (6, 15.0 + 1e-6),
+    ] {
+        let mut bad = q.stats.clone();
+        bad[i] = z;
+        let mut v = q.view();
+        v.stats = &bad;
+        let e = qmatmul(&x, 1, &v, &mut y).unwrap_err().to_string();
+        assert!(
+            e.contains("zero point") && e.contains(&format!("row {}", i / 4)),
+            "{z}: {e}"
+        );
+    }
+    // every integer zero in range passes
+    let mut edge = q.stats.clone();
+    for (i, z) in [(2, 0.0), (3, 15.0), (6, 0.0), (7, 15.0)] {
+        edge[i] = z;
+    }
     let mut v = q.view();
-    v.stats = &bad;
-    assert!(qmatmul(&x, 1, &v, &mut y)
-        .unwrap_err()
-        .to_string()
-        .contains("zero point"));
+    v.stats = &edge;
+    assert!(qmatmul(&x, 1, &v, &mut y).is_ok());
 }
 
 /// Float zeros: every output is the int8 reference of the row decoded with `int_zero` plus
