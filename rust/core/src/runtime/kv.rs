@@ -21,13 +21,14 @@ pub use pool::{Pool, SeqCache};
 pub use types::{Geometry, KvSpec, KvType, Rotation};
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::attend::{attend, Scratch};
     use super::reference::attend_reference;
     use super::types::ALL;
     use super::*;
 
-    fn vals(n: usize, seed: u64) -> Vec<f32> {
+    /// Deterministic test values in [-3, 3) (xorshift), shared with the prefill tests.
+    pub(in crate::runtime) fn vals(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {

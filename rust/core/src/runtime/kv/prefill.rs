@@ -306,21 +306,10 @@ mod x86 {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::super::attend::{attend, Scratch};
+    use super::super::tests::vals;
     use super::super::types::{Geometry, KvType, Rotation};
     use super::super::Pool;
     use super::*;
-
-    fn vals(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
-            })
-            .collect()
-    }
 
     /// Every row of every chunk of a prompt (uneven chunks, blocks cut mid-chunk, grouped query
     /// heads) gets the floats of `attend`, query head by query head, bit for bit: f32 and f16
