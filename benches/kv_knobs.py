@@ -20,13 +20,24 @@ Specs (comma-separated `key=value`, one spec per argument):
   `rot=kv|k|v|none`, `kclip=1` / `vclip=1` (each group's range shrunk about its middle by the
   factor among 1, 0.95, ..., 0.7 with the least squared error: same bytes, another encoder),
   `prerope=1` (KVQuant's pre-RoPE keys: a key group is quantized per channel with the RoPE of
-  its positions undone, and RoPE is applied again to the dequantized keys; takes rot=v|none).
+  its positions undone, and RoPE is applied again to the dequantized keys; takes rot=v|none),
+  `S=4` (attention sinks: the first S tokens kept in f16, left out of their group's range),
+  `ok=20` / `ov=1` (dense-and-sparse: that many outliers per key group of one head (G x 64
+  entries) / per value vector of one head (64 entries) kept in f16 with their index, chosen
+  greedily to shrink their groups' ranges most, which then exclude them), `knuq=1` / `vnuq=1`
+  (KVQuant's non-uniform quantization: a 2^bits-level codebook per layer on the group's range
+  mapped to [-1, 1], fitted by k-means weighted by the group's half-range squared (the squared
+  error in the cache's units) on --calib-tokens of lee_background.cor's end, past every
+  evaluation window; `=2`: the end levels pinned at -1 and 1), `exact=0-4+29` (a diagnostic:
+  those layers' caches kept exact).
 
 Bytes per token (SmolLM2: 30 layers x 3 key/value heads x 64, K and V): codes plus one f16
 scale and one f16 zero per group; the full-precision tail (at most R + G - 1 tokens of f16,
-23,040 B each) is printed apart and amortized over --ctx.
+23,040 B each, plus S sink tokens) is printed apart and amortized over --ctx. Outliers add
+their f16 value and index (4 B a key, 3 B a value) to the rows.
 
     python benches/kv_knobs.py --ctx 2048 "k=fp8,v=f16" "bits=2,rot=kv,R=128"
+    python benches/kv_knobs.py --ctx 4096 "bits=2,prerope=1,rot=v,vclip=1,G=32,GV=32,R=156,S=4"
 """
 
 from __future__ import annotations
@@ -84,17 +95,50 @@ def q8_0(x: torch.Tensor) -> torch.Tensor:
     return (q * d).reshape(x.shape)
 
 
-def asym(x: torch.Tensor, bits: int, dim: int, clip: bool) -> torch.Tensor:
-    """KIVI's asymmetric groups along `dim` (f16 scale and zero), optionally range-clipped."""
+def asym(
+    x: torch.Tensor,
+    bits: int,
+    dim: int,
+    clip: bool,
+    keep: torch.Tensor | None = None,
+    book: torch.Tensor | None = None,
+    collect: list | None = None,
+) -> torch.Tensor:
+    """KIVI's asymmetric groups along `dim` (f16 scale and zero), optionally range-clipped.
+    `keep` (bool, x's shape): entries stored apart in f16 (outliers, sink tokens), left out of
+    the group's range. `book`: a non-uniform codebook of 2^bits levels in [-1, 1] (the group's
+    range mapped to [-1, 1]) instead of the uniform grid. `collect`: receives the normalized
+    entries and their weights (half-range squared: the squared error in x's units) for a
+    codebook fit."""
     levels = 2**bits - 1
-    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    if keep is None:
+        lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    else:
+        inf = torch.tensor(float("inf"))
+        lo = torch.where(keep, inf, x).amin(dim, keepdim=True)
+        hi = torch.where(keep, -inf, x).amax(dim, keepdim=True)
+        empty = ~torch.isfinite(lo)  # a group made only of kept entries
+        lo, hi = torch.where(empty, 0, lo), torch.where(empty, 0, hi)
     best = err = None
     for a in CLIPS if clip else [1.0]:
         mid, half = (lo + hi) / 2, (hi - lo) / 2 * a
-        s = (2 * half / levels).half().float()
-        z = (mid - half).half().float()
-        q = ((x - z) / torch.where(s > 0, s, 1)).round().clamp(0, levels)
-        d = torch.where(s > 0, q * s + z, z)
+        if book is None:
+            s = (2 * half / levels).half().float()
+            z = (mid - half).half().float()
+            q = ((x - z) / torch.where(s > 0, s, 1)).round().clamp(0, levels)
+            d = torch.where(s > 0, q * s + z, z)
+        else:  # f16 mid and half-range; each entry to the nearest level
+            m16, h16 = mid.half().float(), half.half().float()
+            u = (x - m16) / torch.where(h16 > 0, h16, 1)
+            c = book[(u.unsqueeze(-1) - book).abs().argmin(-1)]
+            d = torch.where(h16 > 0, m16 + h16 * c, m16)
+            if collect is not None and a == 1.0:
+                w = (h16**2).expand_as(x)
+                sel = ~keep if keep is not None else torch.ones_like(x, dtype=torch.bool)
+                sel = sel & (h16 > 0).expand_as(x)
+                collect.append((u[sel].flatten(), w[sel].flatten()))
+        if keep is not None:
+            d = torch.where(keep, x.half().float(), d)
         e = ((d - x) ** 2).sum(dim, keepdim=True)
         if best is None:
             best, err = d, e
@@ -104,12 +148,54 @@ def asym(x: torch.Tensor, bits: int, dim: int, clip: bool) -> torch.Tensor:
     return best
 
 
+def outliers(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Dense-and-sparse: the n entries per block of x [blocks, groups, entries] whose removal
+    shrinks the groups' ranges most (greedy: each step drops one group's current minimum or
+    maximum, whichever lowers that group's squared range most). Returns the bool mask."""
+    nb, ng, m = x.shape
+    srt, order = x.sort(-1)
+    lo = torch.zeros(nb, ng, dtype=torch.int64)
+    hi = torch.full((nb, ng), m - 1, dtype=torch.int64)
+    at = torch.arange(nb)
+    for _ in range(n):
+        g = lambda i: srt.gather(-1, i.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        r2 = (g(hi) - g(lo)) ** 2
+        ok = hi - lo > 1
+        gain_hi = torch.where(ok, r2 - (g((hi - 1).clamp(min=0)) - g(lo)) ** 2, -1.0)
+        gain_lo = torch.where(ok, r2 - (g(hi) - g((lo + 1).clamp(max=m - 1))) ** 2, -1.0)
+        both = torch.cat([gain_hi, gain_lo], 1)
+        pick = both.argmax(1)
+        grp, is_lo = pick % ng, pick >= ng
+        hi[at, grp] -= (~is_lo).long()
+        lo[at, grp] += is_lo.long()
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(m).expand(nb, ng, m).contiguous())
+    return (rank < lo.unsqueeze(-1)) | (rank > hi.unsqueeze(-1))
+
+
+def fit_book(samples: list, levels: int, pinned: bool, iters: int = 40) -> torch.Tensor:
+    """Weighted 1-D k-means (Lloyd) of normalized entries: the codebook, sorted, in [-1, 1];
+    `pinned`: the end levels stay at -1 and 1 (each group's minimum and maximum stay exact)."""
+    u = torch.cat([a for a, _ in samples])
+    w = torch.cat([b for _, b in samples])
+    book = torch.linspace(-1, 1, levels)
+    for _ in range(iters):
+        idx = (u.unsqueeze(-1) - book).abs().argmin(-1)
+        num = torch.zeros(levels).index_add_(0, idx, u * w)
+        den = torch.zeros(levels).index_add_(0, idx, w)
+        book = torch.where(den > 0, num / den.clamp(min=1e-30), book)
+        if pinned:
+            book[0], book[-1] = -1.0, 1.0
+    return book.sort().values
+
+
 def parse(spec: str) -> dict[str, Any]:
     o: dict[str, Any] = {"k": None, "v": None, "bits": None, "vbits": None, "G": 64, "GV": 64}
     o.update(R=0, rot="none", kclip=False, vclip=False, prerope=False)
+    o.update(S=0, ok=0, ov=0, knuq=0, vnuq=0, exact="")
     for part in filter(None, spec.split(",")):
         key, _, val = part.partition("=")
-        if key in ("k", "v", "rot"):
+        if key in ("k", "v", "rot", "exact"):
             o[key] = val
         elif key in ("kclip", "vclip", "prerope"):
             o[key] = val == "1"
@@ -136,6 +222,12 @@ class FakeQuantCache(DynamicCache):
         self.o, self.full, self.done = o, {}, {}
         self.h = hadamard(config.head_dim if hasattr(config, "head_dim") else 64)
         self.rotary = rotary  # the model's rotary embedding (prerope)
+        self.exact: set[int] = set()
+        for part in filter(None, o["exact"].split("+")):  # layers kept exact: "0-4+29"
+            a, _, b = part.partition("-")
+            self.exact.update(range(int(a), int(b or a) + 1))
+        self.books: dict[tuple[str, int], torch.Tensor] = {}  # (k|v, layer) -> codebook
+        self.collect: dict[tuple[str, int], list] | None = None  # set for a calibration run
         if o["prerope"] and o["rot"] in ("kv", "k"):
             raise SystemExit("prerope=1 takes rot=v or rot=none (the keys' RoPE is undone)")
 
@@ -148,9 +240,52 @@ class FakeQuantCache(DynamicCache):
         rot_half = torch.cat([-k[..., half:], k[..., :half]], -1)
         return k * cos[:, None] + sign * rot_half * sin[:, None]
 
+    def _quant(self, kind: str, x: torch.Tensor, dim: int, keep: Any, li: int) -> torch.Tensor:
+        o = self.o
+        nuq = o["knuq"] if kind == "k" else o["vnuq"]
+        book = self.books.get((kind, li)) if nuq else None
+        col = None
+        if nuq and self.collect is not None:
+            col = self.collect.setdefault((kind, li), [])
+            book = torch.linspace(-1, 1, 2 ** o["bits" if kind == "k" else "vbits"])
+        bits = o["bits"] if kind == "k" else o["vbits"]
+        clip = o["kclip"] if kind == "k" else o["vclip"]
+        return asym(x, bits, dim, clip, keep, book, col)
+
+    def _keys(self, kg: torch.Tensor, s: int, li: int) -> torch.Tensor:
+        """One key group [b, heads, G, d] (tokens s..): per channel over the G tokens; sink
+        tokens and `ok` outliers per head and group kept apart."""
+        o = self.o
+        b, nh, g, d = kg.shape
+        x = kg.permute(0, 1, 3, 2).reshape(b * nh, d, g)  # groups = channels, entries = tokens
+        keep = torch.zeros_like(x, dtype=torch.bool)
+        if o["S"] > s:
+            keep[:, :, : o["S"] - s] = True
+        if o["ok"]:  # sink entries stand in as a plain token's, never picked for their range
+            plain = x[..., max(o["S"] - s, 0) :][..., :1]
+            keep |= outliers(torch.where(keep, plain, x), o["ok"]) & ~keep
+        q = self._quant("k", x, 2, keep if keep.any() else None, li)
+        return q.reshape(b, nh, d, g).permute(0, 1, 3, 2)
+
+    def _values(self, vg: torch.Tensor, s: int, li: int) -> torch.Tensor:
+        """The values of G tokens [b, heads, G, d]: per token over GV channels; sink tokens and
+        `ov` outliers per token and head kept apart."""
+        o = self.o
+        b, nh, g, d = vg.shape
+        x = vg.reshape(b * nh * g, d // o["GV"], o["GV"])
+        keep = torch.zeros_like(x, dtype=torch.bool)
+        if o["S"] > s:
+            keep.view(b, nh, g, -1)[:, :, : o["S"] - s] = True
+        if o["ov"]:
+            keep |= outliers(x, o["ov"])
+        q = self._quant("v", x, 2, keep if keep.any() else None, li)
+        return q.reshape(b, nh, g, d)
+
     def update(self, k: torch.Tensor, v: torch.Tensor, li: int, *a: Any, **kw: Any) -> Any:
         o, h = self.o, self.h
-        super().update(k, v, li, *a, **kw)
+        exact_k, exact_v = super().update(k, v, li, *a, **kw)
+        if li in self.exact:  # a diagnostic: this layer's cache kept exact
+            return exact_k, exact_v
         k, v = k.float(), v.float()
         rk, rv = o["rot"] in ("kv", "k"), o["rot"] in ("kv", "v")
         if rk:
@@ -176,13 +311,12 @@ class FakeQuantCache(DynamicCache):
                 kg = fk[:, :, s : s + g]
                 if o["prerope"]:  # KVQuant: per-channel groups before RoPE mixes the pairs
                     kg = self._rope(kg, s, -1)
-                kq = asym(kg.reshape(b, nh, 1, g, d), o["bits"], 3, o["kclip"])
-                kq = kq.reshape(b, nh, g, d)
+                kq = self._keys(kg, s, li).reshape(b, nh, g, d)
                 if o["prerope"]:
                     kq = self._rope(kq, s, 1)
-                vq = asym(_blocks(fv[:, :, s : s + g], o["GV"]), o["vbits"], 4, o["vclip"])
+                vq = self._values(fv[:, :, s : s + g], s, li)
                 dk = torch.cat([dk, kq], 2)
-                dv = torch.cat([dv, vq.reshape(b, nh, g, d)], 2)
+                dv = torch.cat([dv, vq], 2)
             self.done[li] = (dk, dv)
             n = dk.shape[2]
             keys, vals = torch.cat([dk, fk[:, :, n:]], 2), torch.cat([dv, fv[:, :, n:]], 2)
@@ -194,31 +328,58 @@ class FakeQuantCache(DynamicCache):
 
 
 def bytes_per_token(o: dict[str, Any]) -> tuple[float, int]:
-    """(bytes per token of the quantized rows, most full-precision tokens held)."""
+    """(bytes per token of the quantized rows, most full-precision tokens held). Outliers cost
+    their f16 value plus an index: 2 bytes for a key (one of G x 64 entries of a head's group),
+    1 byte for a value (one of a head's 64 channels); sink tokens are held in f16 like the
+    tail; a codebook (4 f16 levels per layer, K and V) is 480 bytes per model, not counted."""
     if o["bits"] is None:
         per = sum(PER_TOKEN_BYTES[o[r] or "f16"] for r in ("k", "v")) / 32
         return VALUES_PER_TOKEN * per, 0
     bits = o["bits"] + 32 / o["G"] + o["vbits"] + 32 / o["GV"]
-    return VALUES_PER_TOKEN * bits / 8, o["R"] + o["G"] - 1
+    heads = VALUES_PER_TOKEN // 64  # layers x key/value heads
+    sparse = heads * (o["ok"] * 4 / o["G"] + o["ov"] * 3)
+    return VALUES_PER_TOKEN * bits / 8 + sparse, o["R"] + o["G"] - 1 + o["S"]
 
 
 @torch.no_grad()
-def log_probs(model: Any, window: torch.Tensor, spec: str | None) -> torch.Tensor:
+def log_probs(
+    model: Any, window: torch.Tensor, spec: str | None, calib: torch.Tensor | None = None
+) -> torch.Tensor:
     o = parse(spec) if spec else None
     rotary = model.model.rotary_emb
-    cache = FakeQuantCache(o, model.config, rotary) if o else DynamicCache(config=model.config)
     chunk = o["G"] if o and o["bits"] is not None else 256
-    out = []
-    for at in range(0, window.numel(), chunk):
-        part = window[at : at + chunk].unsqueeze(0)
-        out.append(model(part, past_key_values=cache, use_cache=True).logits[0].float())
-    return torch.log_softmax(torch.cat(out)[:-1], -1)
+
+    def run(text: torch.Tensor, cache: Any) -> torch.Tensor:
+        out = []
+        for at in range(0, text.numel(), chunk):
+            part = text[at : at + chunk].unsqueeze(0)
+            out.append(model(part, past_key_values=cache, use_cache=True).logits[0].float())
+        return torch.log_softmax(torch.cat(out)[:-1], -1)
+
+    if o is None:
+        return run(window, DynamicCache(config=model.config))
+    books = {}
+    if o["knuq"] or o["vnuq"]:  # fit the codebooks on the calibration text first
+        cal = FakeQuantCache(o, model.config, rotary)
+        cal.collect = {}
+        run(calib, cal)
+        levels = {"k": 2 ** o["bits"], "v": 2 ** o["vbits"]}
+        pin = {"k": o["knuq"] == 2, "v": o["vnuq"] == 2}
+        books = {key: fit_book(s, levels[key[0]], pin[key[0]]) for key, s in cal.collect.items()}
+        for kind in ("k", "v"):
+            if o[kind + "nuq"]:
+                mean = torch.stack([b for key, b in books.items() if key[0] == kind]).mean(0)
+                print(f"  {kind} codebooks, mean over layers: {[round(float(c), 3) for c in mean]}")
+    cache = FakeQuantCache(o, model.config, rotary)
+    cache.books = books
+    return run(window, cache)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--calib-tokens", type=int, default=2048, help="codebook fit (knuq/vnuq)")
     ap.add_argument("specs", nargs="+")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -226,12 +387,14 @@ def main() -> None:
     model = models["float"]
     model.config._attn_implementation = "sdpa"
     window = ids[: args.ctx]
+    calib = ids[-args.calib_tokens :]  # lee_background.cor's end: past every evaluation window
+    assert ids.numel() - args.calib_tokens >= max(args.ctx, 4096), "calibration overlaps"
     base = log_probs(model, window, None)
     nll = -base.gather(1, window[1:, None]).mean()
     print(f"ctx {args.ctx} float32 cache: ppl {math.exp(nll):.4f} (load {kv_hf.benchlib.load()})")
     for spec in args.specs:
         t = time.time()
-        lp = log_probs(model, window, spec)
+        lp = log_probs(model, window, spec, calib)
         ppl = math.exp(-lp.gather(1, window[1:, None]).mean())
         kl = float((base.exp() * (base - lp)).sum(-1).mean())
         bpt, tail = bytes_per_token(parse(spec))
