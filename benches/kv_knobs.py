@@ -1,7 +1,8 @@
 """Where a KV cache type's error comes from, and what the KIVI knobs buy: fake-quantized caches
 in transformers on SmolLM2-135M-Instruct (the shipped GGUF's weights dequantized to float32),
 perplexity and KL against the float32 cache over the first --ctx tokens of lee.cor +
-lee_background.cor (kv_hf.py's text).
+lee_background.cor (kv_hf.py's text); `--weights q8_0` (or another format) runs the same on
+QuantLinear copies of those weights.
 
 A diagnostic, not the shipped cache: keys and values are quantized and dequantized in torch
 (the runtime's block rules, docs/kv.md) and handed to sdpa. Streaming semantics are kept: the
@@ -379,12 +380,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", default="float", help="float, or a format: q8_0, q4_k_m")
     ap.add_argument("--calib-tokens", type=int, default=2048, help="codebook fit (knuq/vnuq)")
     ap.add_argument("specs", nargs="+")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    models, ids, _ = kv_hf._load(["float"])
-    model = models["float"]
+    models, ids, _ = kv_hf._load([args.weights])
+    model = models[args.weights]
     model.config._attn_implementation = "sdpa"
     window = ids[: args.ctx]
     calib = ids[-args.calib_tokens :]  # lee_background.cor's end: past every evaluation window
