@@ -255,8 +255,9 @@ pub(super) fn plan<'a>(
     #[cfg(target_arch = "x86_64")]
     let gemm2 = {
         use super::gemm_avx2::{takes, Int8Dot, GEMM2_MIN_M};
-        let on =
-            takes(w.qtype) && m >= 2 && (forced2.is_some()
+        let on = takes(w.qtype)
+            && m >= 2
+            && (forced2.is_some()
                 || (simd && !tile && m >= GEMM2_MIN_M && crate::config::avx2_gemm()));
         on.then(|| forced2.unwrap_or_else(Int8Dot::detect))
     };
