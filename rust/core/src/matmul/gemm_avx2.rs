@@ -16,8 +16,11 @@ use crate::matmul::reference::{self as r, LANES};
 use crate::qtype::QType;
 
 /// From this many activation rows on the 32-weight formats take this path where the CPU has
-/// no AVX-512 VNNI.
-pub(super) const GEMM2_MIN_M: usize = 4;
+/// no AVX-512 VNNI. At M = 4 the row kernels (4 activation rows per decoded weight row) were
+/// faster (`FERROQUANT_MAX_ISA=avx2`, one thread, CPU time, 4096x4096, load 15, 2026-12-06
+/// 18:43 UTC: q4_0 0.85x, q8_0 0.64x), at M = 5 (rows: 4 + 1) the GEMM (q4_0 1.21x, q8_0
+/// 0.99x; 4096x14336: 1.06x, 1.15x), at 6 and 7 by 1.2-1.4x.
+pub(super) const GEMM2_MIN_M: usize = 5;
 /// Activation rows of one block (each panel chunk decoded once per block; the block's chunk of
 /// activations, 64 x 2 KiB, and its lanes stay in L2).
 const GEMM2_BLOCK: usize = 64;
