@@ -33,6 +33,7 @@ runs on may be shared: the load average is printed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -117,6 +118,22 @@ def torch_sum_bandwidth(threads: int) -> float:
     return a.numel() * 4 / best / 1e9
 
 
+@contextlib.contextmanager
+def benchlib_env(env: dict[str, str]):
+    """The environment variables `env` set for the duration (the Rust core reads
+    FERROQUANT_AVX2_GEMM at every call)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="1,8,64,512", help="comma-separated batch sizes M")
@@ -133,6 +150,12 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument(
         "--cpu-time", action="store_true", help="time calls by thread CPU time (--threads 1)"
+    )
+    ap.add_argument(
+        "--avx2-rows",
+        action="store_true",
+        help="also time each format with FERROQUANT_AVX2_GEMM=0 (the row kernels instead of "
+        "the AVX2 GEMM; run with FERROQUANT_MAX_ISA=avx2 or avxvnni)",
     )
     args = ap.parse_args()
     if args.cpu_time:
@@ -169,8 +192,12 @@ def main() -> None:
 
         return run
 
-    def fq_engine(q, k, n, data, stats, block, mode, xs):
+    def fq_engine(q, k, n, data, stats, block, mode, xs, env=None):
         def run() -> dict[int, float]:
+            with benchlib_env(env or {}):
+                return measure()
+
+        def measure() -> dict[int, float]:
             size = data.nbytes + (stats.nbytes if stats is not None else 0)
             copies = [(data.copy(), stats.copy() if stats is not None else None)
                       for _ in range(n_copies(size, args.rotate_mb))]  # fmt: skip
@@ -203,6 +230,11 @@ def main() -> None:
             stats = tile_rows(stats, n) if stats is not None else None
             nbytes[s, f"fq {q}"] = data.nbytes + (stats.nbytes if stats is not None else 0)
             engines[f"{s} fq {q}"] = fq_engine(q, k, n, data, stats, block, mode, x_by_m)
+            if args.avx2_rows:
+                nbytes[s, f"fq {q} rows"] = nbytes[s, f"fq {q}"]
+                engines[f"{s} fq {q} rows"] = fq_engine(
+                    q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_AVX2_GEMM": "0"}
+                )
 
     def progress(name, fn):
         def run():

@@ -5,6 +5,8 @@
 //! | --- | --- | --- |
 //! | `FERROQUANT_FORCE_SCALAR` | once per process | anything but "" or "0": every kernel and quantizer runs its scalar reference (`cpu` reports no SIMD) |
 //! | `FERROQUANT_NUM_THREADS` | when the pool is first built | threads of the rayon pool (`parallel`); unset, 0 or not a number: all cores |
+//! | `FERROQUANT_MAX_ISA` | once per process | x86-64: "avx2" (AVX2 / FMA / F16C only: no AVX-512, no AVX-VNNI) or "avxvnni" (no AVX-512) caps the kernels below what the CPU has, to run and measure the paths of older CPUs; unset or anything else: no cap |
+//! | `FERROQUANT_AVX2_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of CPUs without AVX-512 (`matmul/gemm_avx2.rs`) is off and the row kernels run (for benchmarks: `bench_matmul.py --avx2-rows`) |
 //! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
 //! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
 //! | `FERROQUANT_FUZZ_SEED` | tests | seed (u64) of the GGUF mutation fuzz test |
@@ -24,6 +26,24 @@ fn parsed<T: std::str::FromStr>(name: &str) -> Option<T> {
 pub fn force_scalar() -> bool {
     static FORCE: OnceLock<bool> = OnceLock::new();
     *FORCE.get_or_init(|| var("FERROQUANT_FORCE_SCALAR").is_some_and(|v| !v.is_empty() && v != "0"))
+}
+
+/// `FERROQUANT_MAX_ISA`: `Some("avx2")` or `Some("avxvnni")` when set to one of them (read
+/// once; `cpu` applies it).
+pub fn max_isa() -> Option<&'static str> {
+    static CAP: OnceLock<Option<&'static str>> = OnceLock::new();
+    *CAP.get_or_init(
+        || match var("FERROQUANT_MAX_ISA").as_deref().map(str::trim) {
+            Some("avx2") => Some("avx2"),
+            Some("avxvnni") => Some("avxvnni"),
+            _ => None,
+        },
+    )
+}
+
+/// `FERROQUANT_AVX2_GEMM`: false only when set to "0" (read at every call that asks).
+pub fn avx2_gemm() -> bool {
+    var("FERROQUANT_AVX2_GEMM").is_none_or(|v| v.trim() != "0")
 }
 
 /// `FERROQUANT_NUM_THREADS`: the requested size of the rayon pool, if a positive integer.

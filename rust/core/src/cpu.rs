@@ -16,7 +16,12 @@
 //! - `has_vnni`: `has_avx2` + AVX-512 VL/VNNI (32-weight integer dots, tiles, runtime panels),
 //! - `has_vnni_bw`: `has_vnni` + AVX-512 F/BW (the K-quant row kernel, `x86/row_k/vnni.rs`),
 //! - `has_vnni_q16`: `has_vnni_bw` + `has_fma` (nf4 / int8 AVX-512, `x86/q16.rs`),
-//! - `has_vbmi_gfni`: `has_vnni` + AVX-512 BW/VBMI + GFNI (32-weight row kernel, `x86/row32.rs`).
+//! - `has_vbmi_gfni`: `has_vnni` + AVX-512 BW/VBMI + GFNI (32-weight row kernel, `x86/row32.rs`),
+//! - `has_avx_vnni`: `has_avx2` + AVX-VNNI (256-bit `vpdpbusd`, the GEMM of CPUs without
+//!   AVX-512: `matmul/x86/gemm32_avx2.rs`).
+//!
+//! `FERROQUANT_MAX_ISA` (`config::max_isa`) caps them: "avx2" makes `has_avx512`, `has_vnni`
+//! and `has_avx_vnni` (and every level built on them) false, "avxvnni" the AVX-512 ones.
 //!
 //! aarch64: `has_neon` (NEON, the baseline; false only when forced scalar) and `has_dotprod`
 //! (`has_neon` + the Armv8.2 dot product, `sdot`).
@@ -59,7 +64,7 @@ pub fn has_fma() -> bool {
 /// `has_fma` and AVX-512 F, BW and VL.
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx512() -> bool {
-    once!(has_fma() && x86!("avx512f", "avx512bw", "avx512vl"))
+    once!(has_fma() && avx512_allowed() && x86!("avx512f", "avx512bw", "avx512vl"))
 }
 
 /// `has_avx512` and AVX-512 BF16 (the bf16 GEMM, `matmul/x86/gemm16.rs`).
@@ -71,7 +76,7 @@ pub fn has_avx512_bf16() -> bool {
 /// `has_avx2` and AVX-512 VNNI and VL.
 #[cfg(target_arch = "x86_64")]
 pub fn has_vnni() -> bool {
-    once!(has_avx2() && x86!("avx512vnni", "avx512vl"))
+    once!(has_avx2() && avx512_allowed() && x86!("avx512vnni", "avx512vl"))
 }
 
 /// `has_vnni` and AVX-512 F and BW.
@@ -90,6 +95,18 @@ pub fn has_vnni_q16() -> bool {
 #[cfg(target_arch = "x86_64")]
 pub fn has_vbmi_gfni() -> bool {
     once!(has_vnni() && x86!("avx512bw", "avx512vbmi", "gfni"))
+}
+
+/// No `FERROQUANT_MAX_ISA` cap below AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn avx512_allowed() -> bool {
+    crate::config::max_isa().is_none()
+}
+
+/// `has_avx2` and AVX-VNNI (unless `FERROQUANT_MAX_ISA=avx2`).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx_vnni() -> bool {
+    once!(has_avx2() && crate::config::max_isa() != Some("avx2") && x86!("avxvnni"))
 }
 
 /// NEON, not forced scalar.

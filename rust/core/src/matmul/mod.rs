@@ -13,7 +13,9 @@
 //! weight row). From `GEMM_MIN_M` rows (AVX-512 F/BW, K a multiple of 256) the 32-weight
 //! formats take the register-blocked GEMM of `gemm.rs` / `x86/gemm32.rs` instead, which writes
 //! `out` directly; from `gemm_k::GEMM_K_MIN_M` rows the K-quants (q2_k..q6_k, iq4_xs) take
-//! `gemm_k.rs` / `x86/gemm_k.rs`. From `GEMM16_MIN_M` rows (AVX-512 BF16, K a multiple of 32) nf4,
+//! `gemm_k.rs` / `x86/gemm_k.rs`. Without AVX-512 VNNI the 32-weight formats take the AVX2 GEMM
+//! of `gemm_avx2.rs` / `x86/gemm32_avx2.rs` (AVX-VNNI where present) from
+//! `gemm_avx2::GEMM2_MIN_M` rows. From `GEMM16_MIN_M` rows (AVX-512 BF16, K a multiple of 32) nf4,
 //! int8, fp8 and the grouped integers take the bf16 GEMM of `gemm_bf16.rs` / `x86/gemm16.rs`,
 //! with its own numerics (`reference/bf16.rs`: bf16 operands, f32 sums; not the q16 / f32 ones).
 //! Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
@@ -198,6 +200,9 @@ struct Plan<'a> {
     /// `GEMM_MIN_M`, K a multiple of 256.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     gemm: bool,
+    /// The GEMM path without AVX-512 (`gemm_avx2.rs`) runs, with this integer product.
+    #[cfg(target_arch = "x86_64")]
+    gemm2: Option<gemm_avx2::Int8Dot>,
     /// The M = 1 row kernel `x86::row32` runs (q4_0, q5_0, q8_0, iq4_nl with AVX-512 VBMI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     row32: bool,
@@ -491,6 +496,8 @@ pub(crate) mod float_zero;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 #[cfg(target_arch = "x86_64")]
+mod gemm_avx2;
+#[cfg(target_arch = "x86_64")]
 mod gemm_bf16;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
@@ -548,7 +555,11 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         // activations is then read once per task, not once per weight row).
         let by_cache = (TASK_WEIGHT_BYTES / plan.row_bytes.max(1)).max(1);
         #[cfg(target_arch = "x86_64")]
-        let by_cache = if plan.gemm { GEMM_TASK_ROWS } else { by_cache };
+        let by_cache = if plan.gemm || plan.gemm2.is_some() {
+            GEMM_TASK_ROWS
+        } else {
+            by_cache
+        };
         let by_balance = n.div_ceil(threads * 4).max(1);
         by_cache.min(by_balance).next_multiple_of(NR_TASK)
     } else {
@@ -583,6 +594,11 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         #[cfg(target_arch = "x86_64")]
         if plan.gemm {
             plan.fill_gemm(n0, rows, &outp);
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(dot) = plan.gemm2 {
+            plan.fill_gemm2(dot, n0, rows, &outp);
             return;
         }
         let mut yt = vec![0.0f32; rows * m];

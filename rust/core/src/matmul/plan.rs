@@ -213,9 +213,15 @@ pub(super) fn plan<'a>(
     let bw = crate::cpu::has_vnni_bw();
     #[cfg(not(target_arch = "x86_64"))]
     let bw = false;
+    // (tests force the AVX2 GEMM on AVX-512 machines: `gemm_avx2::forced`)
+    #[cfg(target_arch = "x86_64")]
+    let forced2 = super::gemm_avx2::forced();
+    #[cfg(not(target_arch = "x86_64"))]
+    let forced2: Option<()> = None;
     let tile = cfg!(target_arch = "x86_64")
         && vnni
         && m >= 2
+        && forced2.is_none()
         && match w.qtype {
             QType::Q4_0
             | QType::Q5_0
@@ -245,6 +251,16 @@ pub(super) fn plan<'a>(
     let gemm = gemm || gemm_k;
     #[cfg(not(target_arch = "x86_64"))]
     let gemm = false;
+    // The 32-weight formats' GEMM without AVX-512 VNNI (`gemm_avx2.rs`): AVX2, many rows.
+    #[cfg(target_arch = "x86_64")]
+    let gemm2 = {
+        use super::gemm_avx2::{takes, Int8Dot, GEMM2_MIN_M};
+        let on = takes(w.qtype)
+            && m >= 2
+            && (forced2.is_some()
+                || (simd && !tile && m >= GEMM2_MIN_M && crate::config::avx2_gemm()));
+        on.then(|| forced2.unwrap_or_else(Int8Dot::detect))
+    };
     // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
     #[cfg(target_arch = "x86_64")]
     let row32 = vnni
@@ -282,6 +298,7 @@ pub(super) fn plan<'a>(
             m_block: m,
             tile: false,
             gemm: false,
+            gemm2: None,
             row32: false,
             row_bytes: w.qtype.row_bytes(k, w.block_size),
             acts: Acts::F32(x),
@@ -334,6 +351,8 @@ pub(super) fn plan<'a>(
                     QType::Q5_0 => interleave::<BlockQ5_0>(&blocks, &sums),
                     _ => interleave::<BlockIQ4NL>(&blocks, &sums),
                 }
+            } else if gemm2.is_some() {
+                (panels::interleave_q8_0_rows(&blocks, nb, par), Vec::new())
             } else {
                 (Vec::new(), Vec::new())
             };
@@ -364,7 +383,7 @@ pub(super) fn plan<'a>(
                 .collect();
             let s = q81.iter().map(|b| f16_to_f32(b.s)).collect();
             #[cfg(target_arch = "x86_64")]
-            let xt = if tile {
+            let xt = if tile || gemm2.is_some() {
                 panels::interleave_q8_0_rows(&blocks, nb, par)
             } else {
                 Vec::new()
@@ -486,6 +505,8 @@ pub(super) fn plan<'a>(
         },
         tile,
         gemm,
+        #[cfg(target_arch = "x86_64")]
+        gemm2,
         row32,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,

@@ -19,6 +19,8 @@ use bytemuck::Zeroable;
 mod bf16;
 pub(crate) mod formats;
 #[cfg(target_arch = "x86_64")]
+mod gemm_avx2;
+#[cfg(target_arch = "x86_64")]
 mod gemm_k;
 mod gint;
 pub(crate) mod q16_rows;

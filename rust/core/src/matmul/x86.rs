@@ -444,6 +444,7 @@ pub mod row32;
 mod float_acts;
 pub mod gemm16;
 pub mod gemm32;
+pub mod gemm32_avx2;
 pub mod gemm_k;
 pub mod gint;
 pub mod q16;
