@@ -468,6 +468,38 @@ fn q8_k_activation_quantization() {
     assert!(z[0].qs.iter().all(|&q| q == 0));
 }
 
+/// `plan`'s chunked check finds the same first infinite or NaN value as a plain search: every
+/// kind of non-finite value (NaNs with payloads and either sign, both infinities), alone or
+/// followed by a second one, at chunk edges and inside, in lengths around the chunk size; the
+/// largest finite values, subnormals and -0 pass.
+#[test]
+fn first_non_finite_matches_a_plain_search() {
+    let bad = [
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7f80_0001),
+        f32::from_bits(0xffc0_1234),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    let fine = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, 1e-45, -0.0, 0.0, 1.5];
+    for len in [0usize, 1, 7, 255, 256, 257, 511, 512, 513, 128 * 576] {
+        let x: Vec<f32> = (0..len).map(|i| fine[i % fine.len()]).collect();
+        assert_eq!(plan::first_non_finite(&x), None, "len {len}");
+        let spots = [0, 1, 255, 256, 257, len / 2, len.saturating_sub(1)];
+        for (t, &b) in bad.iter().enumerate() {
+            for &at in spots.iter().filter(|&&at| at < len) {
+                let mut y = x.clone();
+                y[at] = b;
+                let later = (at + 1 + t * 97).min(len - 1);
+                y[later] = bad[(t + 1) % bad.len()];
+                let want = y.iter().position(|v| !v.is_finite());
+                assert_eq!(plan::first_non_finite(&y), want, "len {len}, at {at}, {b}");
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_shapes_are_errors() {
     let data = vec![0u8; 18 * 2];
