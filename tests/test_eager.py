@@ -51,6 +51,27 @@ def test_eager_path_is_the_op_bit_for_bit(qtype, dtype, monkeypatch):
     assert len(calls) == 5  # each call above took the eager path
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_casts_in_pieces_are_the_op_bit_for_bit(dtype, monkeypatch):
+    """Inputs and outputs longer than `_SERIAL_PIECE` are cast (and the bias added) in pieces on
+    the calling thread: the same bits as the op's whole-tensor casts."""
+    from ferroquant.nn import linear
+
+    torch.manual_seed(2)
+    q = QuantLinear.from_linear(nn.Linear(256, 520, bias=True), "q8_0")
+    calls = _spy(monkeypatch)
+    for shape in ((70, 256), (3, 30, 256)):
+        x = torch.randn(*shape).to(dtype)
+        assert x.numel() > linear._SERIAL_PIECE and 70 * 520 > 2 * linear._SERIAL_PIECE
+        with torch.no_grad():
+            y = q(x)
+        assert y.dtype == dtype and torch.equal(y, _op(q, x)), shape
+    xt = torch.randn(256, 90).T.to(dtype)  # not contiguous
+    with torch.no_grad():
+        assert torch.equal(q(xt), _op(q, xt))
+    assert len(calls) == 3
+
+
 def test_the_op_path_runs_where_the_eager_path_must_not(monkeypatch):
     q = QuantLinear.from_linear(nn.Linear(64, 8), "q8_0")
     calls = _spy(monkeypatch)

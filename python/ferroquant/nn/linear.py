@@ -18,6 +18,26 @@ from . import ops  # ops registers torch.ops.ferroquant.qmatmul
 # Devices whose QuantLinear keeps a ggml weight in the GPU kernels' split layout.
 KERNEL_LAYOUT_DEVICES = ("cuda",)
 
+# Elements per piece of the eager path's casts. torch runs an elementwise op of at least
+# at::internal::GRAIN_SIZE (32768) elements on its OpenMP pool, whose threads then spin-wait on
+# the cores the Rust kernel's own pool is about to use: a two-thread QuantLinear call on bf16
+# input took 15 ms of CPU for the kernel's 4 ms at M = 4 (int4_g64_sym 4096x14336,
+# 2026-12-06), while M = 1 (casts below the grain) did not. Pieces below it run on the
+# calling thread.
+_SERIAL_PIECE = 16384
+
+
+def _serial_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` (contiguous) in pieces small enough for torch to run on this thread."""
+    if t.numel() <= _SERIAL_PIECE:
+        return t.to(dtype).contiguous()
+    src = t.contiguous().view(-1)
+    out = torch.empty(t.shape, dtype=dtype)
+    dst = out.view(-1)
+    for i in range(0, src.numel(), _SERIAL_PIECE):
+        dst[i : i + _SERIAL_PIECE].copy_(src[i : i + _SERIAL_PIECE])
+    return out
+
 
 class QuantLinear(nn.Module):
     """y = x @ W.T + b with W quantized.
@@ -180,16 +200,19 @@ class QuantLinear(nn.Module):
         if x2.dim() != 2:
             x2 = x2.reshape(-1, k)
         if x2.dtype != torch.float32:
-            x2 = x2.to(torch.float32)
+            x2 = _serial_cast(x2, torch.float32)
         xf = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
         y = _native.qmatmul(xf, w, self.qtype, self.out_features, k, self.block_size, s,
                             self.scale_mode or None)  # fmt: skip
         out = torch.from_numpy(y)
         if x.dtype != torch.float32:
-            out = out.to(x.dtype)
+            out = _serial_cast(out, x.dtype)
         bias = self._parameters["bias"]
         if bias is not None:
-            out.add_(bias.detach().to(out.dtype))
+            b = bias.detach().to(out.dtype)
+            rows = max(1, _SERIAL_PIECE // max(1, out.shape[1]))
+            for i in range(0, out.shape[0], rows):  # pieces, as the casts above
+                out[i : i + rows].add_(b)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _trains(self, x: torch.Tensor) -> bool:

@@ -5,6 +5,13 @@ use super::reference::{self, BlockQ8K};
 use super::*;
 use crate::qtype::QType;
 
+/// Weight rows of one panel of the fused grouped-integer kernel (`Plan::gint_panels`), and the
+/// elements of one piece of K over it.
+#[cfg(target_arch = "x86_64")]
+const GINT_PANEL: usize = 8;
+#[cfg(target_arch = "x86_64")]
+const GINT_PIECE: usize = 4096;
+
 /// Grouped integers take the fused kernel (`x86::gint`, arithmetic `reference::gint`) at 4 and
 /// 8 bits where the AVX-512 q16 kernels run (`avx512`: `cpu::has_vnni_q16`); otherwise each
 /// row is decoded to int8 for the q16 int8 kernels (`Plan::dots_gint`). Float zeros
@@ -34,6 +41,154 @@ pub(super) fn prepare_gint(
 }
 
 impl Plan<'_> {
+    /// Grouped integers on the fused kernel (`self.gint` set): weight rows `n0..n0 + rows` with
+    /// the activation rows `ms` into `yt` (M values per weight row). Activation rows go in
+    /// groups of up to 4; for each group, panels of `GINT_PANEL` weight rows, K in pieces of
+    /// `GINT_PIECE` elements over the panel (the group's piece of activations stays in L1
+    /// while the panel's rows pass), and within a piece `x86::gint::gint_units` with P rows
+    /// of the panel at a time (each activation load serves P weight rows, each unpacked unit
+    /// the group's rows). Each output's operations and order are those of one pass over its
+    /// row (`reference::gint`, tested bit for bit).
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn gint_panels(
+        &self,
+        n0: usize,
+        rows: usize,
+        ms: std::ops::Range<usize>,
+        yt: &mut [f32],
+    ) {
+        let mut j = ms.start;
+        while j < ms.end {
+            j += match ms.end - j {
+                1 => self.gint_group::<1, 1>(n0, rows, j, yt),
+                2 | 3 => self.gint_group::<2, 2>(n0, rows, j, yt),
+                _ => self.gint_group::<2, 4>(n0, rows, j, yt),
+            };
+        }
+    }
+
+    /// `gint_panels` for the R activation rows from `m0`, P weight rows a kernel call; returns R.
+    #[cfg(target_arch = "x86_64")]
+    fn gint_group<const P: usize, const R: usize>(
+        &self,
+        n0: usize,
+        rows: usize,
+        m0: usize,
+        yt: &mut [f32],
+    ) -> usize {
+        use x86::gint::{gint_finish, gint_units, new_acc, Acc, Row};
+        let g = self
+            .w
+            .qtype
+            .gint()
+            .expect("gint_panels is called for grouped integers");
+        let ga = self.gint.as_ref().expect("the fused kernel's activations");
+        let Acts::Q16 { q, d, row, blocks } = &self.acts else {
+            unreachable!("grouped integers have q16 activations")
+        };
+        let (k, m, rb) = (self.k, self.m, self.row_bytes);
+        let q: &[i16] = bytemuck::cast_slice(q);
+        let x: [Row<'_>; R] = std::array::from_fn(|r| {
+            let mi = m0 + r;
+            Row {
+                xq: &q[mi * row..(mi + 1) * row],
+                xd: &d[mi * blocks..(mi + 1) * blocks],
+                xdl: ga
+                    .xdl
+                    .get(mi * ga.lanes..(mi + 1) * ga.lanes)
+                    .unwrap_or_default(),
+                xg: ga
+                    .xg
+                    .get(mi * ga.groups..(mi + 1) * ga.groups)
+                    .unwrap_or_default(),
+            }
+        });
+        let wrow = |n: usize| &self.w.data[n * rb..(n + 1) * rb];
+        let units = x86::gint::units(g, k);
+        let unit = if g.bits == 4 {
+            reference::gint::UNIT4
+        } else {
+            reference::gint::UNIT8
+        };
+        // One activation row stays in L1 whole, and one weight stream at a time reads fastest
+        // from memory (pieces over a panel interleave its rows' streams).
+        let piece = if R == 1 {
+            units
+        } else {
+            (GINT_PIECE / unit).max(1)
+        };
+        // Each unit prefetches the same place in the next panel.
+        let ahead = GINT_PANEL * rb;
+        let mut p0 = 0;
+        while p0 < rows {
+            let np = GINT_PANEL.min(rows - p0);
+            let (subs, rest) = (np / P, np % P);
+            let mut acc: [Acc<P, R>; GINT_PANEL] = [new_acc(); GINT_PANEL];
+            let mut acc1: [Acc<1, R>; GINT_PANEL] = [new_acc(); GINT_PANEL];
+            let first = n0 + p0;
+            let mut u0 = 0;
+            while u0 < units {
+                let us = u0..(u0 + piece).min(units);
+                for (s, a) in acc[..subs].iter_mut().enumerate() {
+                    let n = first + s * P;
+                    // SAFETY: `gint` is set only by `gint_fused` (`cpu::has_vnni_q16`, 4 or 8
+                    // bits); `plan` validated the rows (K codes, whole groups, their
+                    // statistics) and quantized, split and summed every activation row for K.
+                    unsafe {
+                        gint_units::<P, R>(
+                            g,
+                            std::array::from_fn(|i| wrow(n + i)),
+                            std::array::from_fn(|i| self.stats_of(n + i)),
+                            k,
+                            x,
+                            us.clone(),
+                            ahead,
+                            a,
+                        )
+                    };
+                }
+                for (s, a) in acc1[..rest].iter_mut().enumerate() {
+                    let n = first + subs * P + s;
+                    // SAFETY: as above.
+                    unsafe {
+                        gint_units::<1, R>(
+                            g,
+                            [wrow(n)],
+                            [self.stats_of(n)],
+                            k,
+                            x,
+                            us.clone(),
+                            ahead,
+                            a,
+                        )
+                    };
+                }
+                u0 = us.end;
+            }
+            let mut put = |i: usize, y: [f32; R]| {
+                yt[(p0 + i) * m + m0..(p0 + i) * m + m0 + R].copy_from_slice(&y);
+            };
+            for (s, a) in acc[..subs].iter().enumerate() {
+                let n = first + s * P;
+                // SAFETY: as above.
+                let out = unsafe {
+                    gint_finish::<P, R>(g, std::array::from_fn(|i| self.stats_of(n + i)), k, x, a)
+                };
+                for (i, y) in out.into_iter().enumerate() {
+                    put(s * P + i, y);
+                }
+            }
+            for (s, a) in acc1[..rest].iter().enumerate() {
+                let n = first + subs * P + s;
+                // SAFETY: as above.
+                let [y] = unsafe { gint_finish::<1, R>(g, [self.stats_of(n)], k, x, a) };
+                put(subs * P + s, y);
+            }
+            p0 += np;
+        }
+        R
+    }
+
     /// `y[j]` = weight row `n` with activation row `ms.start + j`, for the rows `ms`.
     /// Rows go to the kernels in groups of `ROWS`, then one at a time; each output's arithmetic
     /// is the same in either case.
@@ -75,63 +230,6 @@ impl Plan<'_> {
             unreachable!("grouped integers have q16 activations")
         };
         let q: &[i16] = bytemuck::cast_slice(q);
-        #[cfg(target_arch = "x86_64")]
-        if let Some(ga) = &self.gint {
-            let wrow = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
-            let stats = self.stats_of(n);
-            let xrow = |mi: usize| x86::gint::Row {
-                xq: &q[mi * row..(mi + 1) * row],
-                xd: &d[mi * blocks..(mi + 1) * blocks],
-                xdl: ga
-                    .xdl
-                    .get(mi * ga.lanes..(mi + 1) * ga.lanes)
-                    .unwrap_or_default(),
-                xg: ga
-                    .xg
-                    .get(mi * ga.groups..(mi + 1) * ga.groups)
-                    .unwrap_or_default(),
-            };
-            let mut j = 0;
-            while j < y.len() {
-                let m0 = ms.start + j;
-                let rows = |r: usize| -> usize { m0 + r };
-                // SAFETY: `gint` is set only by `gint_fused` (`cpu::has_vnni_q16`, 4 or 8
-                // bits); `plan` validated the row (K codes, whole groups, its statistics) and
-                // quantized and split every activation row for this K.
-                let step = unsafe {
-                    match y.len() - j {
-                        1 => {
-                            y[j] = x86::gint::dot_gint(g, wrow, stats, k, [xrow(m0)])[0];
-                            1
-                        }
-                        2 | 3 => {
-                            let out = x86::gint::dot_gint::<2>(
-                                g,
-                                wrow,
-                                stats,
-                                k,
-                                std::array::from_fn(|r| xrow(rows(r))),
-                            );
-                            y[j..j + 2].copy_from_slice(&out);
-                            2
-                        }
-                        _ => {
-                            let out = x86::gint::dot_gint::<4>(
-                                g,
-                                wrow,
-                                stats,
-                                k,
-                                std::array::from_fn(|r| xrow(rows(r))),
-                            );
-                            y[j..j + 4].copy_from_slice(&out);
-                            4
-                        }
-                    }
-                };
-                j += step;
-            }
-            return;
-        }
         ROW.with_borrow_mut(|(w8, scales)| {
             w8.resize(k, 0);
             scales.resize(k / self.block_len, 0.0);

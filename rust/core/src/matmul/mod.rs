@@ -392,6 +392,11 @@ impl Plan<'_> {
                     i += r;
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            if self.gint.is_some() {
+                self.gint_panels(n0 + i, rows - i, ms.clone(), &mut yt[i * m..]);
+                i = rows;
+            }
             if self.w.qtype.gint().is_some() {
                 while i < rows {
                     self.dots_gint(

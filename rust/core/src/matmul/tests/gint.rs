@@ -123,11 +123,15 @@ fn grouped_integer_qmatmul_equals_its_reference() {
         ("int8_g32_sym", 160),
         ("int8_g128_sym", 384),
         ("int8_gch_sym", 72),
+        // two pieces of K over a panel (`GINT_PIECE`), the second ending in a partial unit
+        ("int8_g32_sym", 4160),
+        ("int4_g128_sym", 8320),
     ];
     for (name, k) in cases {
         let qtype = QType::parse(name).unwrap();
         let g = qtype.gint().unwrap();
         let fused = fused_runs(g);
+        // a panel of 8 weight rows, then 3: pairs and a single row (`Plan::gint_panels`)
         let n = 11;
         let w = rng.normalish(n * k, 0.05);
         let q = quantize(

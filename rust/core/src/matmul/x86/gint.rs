@@ -1,6 +1,8 @@
 //! The fused AVX-512 kernel of the grouped integers at 4 and 8 bits (`reference/gint.rs`
 //! defines its arithmetic): the packed codes are read straight from the weight row (no decode
-//! buffer), unpacked in registers, and each unpacked unit serves up to 4 activation rows.
+//! buffer), unpacked in registers; each unpacked unit serves up to 4 activation rows, and each
+//! activation load P weight rows (`gint_units`, over a range of units so that `Plan::gint_panels`
+//! can run K in pieces over a panel of rows with the accumulators carried between pieces).
 //!
 //! 4 bits: 64 bytes (a unit of 128) as 32 words; masked at bits 0, 4, 8 and 12 they are the
 //! codes of elements 4w, 4w + 1, 4w + 2 and 4w + 3 (four planes), and `vpdpwssd` adds words 2i
@@ -13,7 +15,7 @@
 
 use std::arch::x86_64::*;
 
-use super::q16::{dpwssd, PREFETCH_ROWS};
+use super::q16::dpwssd;
 use crate::matmul::reference::gint::{hsum16, UNIT4, UNIT8};
 use crate::matmul::reference::q16::Q16;
 use crate::qtype::GInt;
@@ -94,51 +96,80 @@ pub struct Row<'a> {
     pub xg: &'a [f32],
 }
 
-/// `reference::gint::dot_gint_q16` for R activation rows.
+/// The lane accumulators of P weight rows with R activation rows (`reference::gint`'s `acc`),
+/// carried from one range of units to the next.
+pub type Acc<const P: usize, const R: usize> = [[__m512; R]; P];
+
+/// Accumulators before the first unit.
+pub fn new_acc<const P: usize, const R: usize>() -> Acc<P, R> {
+    // SAFETY: an all-zero __m512 is 16 zeros (plain data).
+    unsafe { std::mem::zeroed() }
+}
+
+/// `reference::gint::dot_gint_q16`'s lane loop over the units `units` of P weight rows (`rows`,
+/// `stats`) with R activation rows, into `acc`: each unpacked unit serves the R rows and each
+/// activation load the P weight rows. Ranges taken in increasing order over `0..units(K)` leave
+/// `acc` as one pass over the whole row would (the lanes' operations and order are the same).
+/// `ahead`: how far past each unit its weights are prefetched into L2.
 ///
 /// # Safety
-/// `cpu::has_vnni_q16()`; `g` is 4 bits or 8 bits symmetric, `row` holds K codes
-/// (`K·bits/8` bytes), K a multiple of 8 and of the group, `stats` one row's statistics, each
-/// `x[r].xq` `q16_row_len(K)` values and `x[r].xd` one per 64 of them; at 4 bits each
+/// `cpu::has_vnni_q16()`; `g` is 4 bits or 8 bits symmetric, each row holds K codes
+/// (`K·bits/8` bytes), K a multiple of 8 and of the group, each `stats` one row's statistics,
+/// each `x[r].xq` `q16_row_len(K)` values and `x[r].xd` one per 64 of them; at 4 bits each
 /// `x[r].xdl` 16 per unit and `x[r].xg` one per group.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_gint<const R: usize>(
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gint_units<const P: usize, const R: usize>(
     g: GInt,
-    row: &[u8],
-    stats: &[f32],
+    rows: [&[u8]; P],
+    stats: [&[f32]; P],
     k: usize,
     x: [Row<'_>; R],
-) -> [f32; R] {
+    units: std::ops::Range<usize>,
+    ahead: usize,
+    acc: &mut Acc<P, R>,
+) {
     // SAFETY: the caller's guarantees, passed on.
     unsafe {
         if g.bits == 4 {
-            dot_gint_w::<true, R>(g, row, stats, k, x)
+            units_w::<true, P, R>(g, rows, stats, k, x, units, ahead, acc)
         } else {
-            dot_gint_w::<false, R>(g, row, stats, k, x)
+            units_w::<false, P, R>(g, rows, stats, k, x, units, ahead, acc)
         }
     }
 }
 
-/// `dot_gint` for one width (`FOUR`: 4 bits, else 8), so that its unit loop has no branch.
+/// Units in a row of K elements (`gint_units`' ranges lie within `0..units(g, k)`).
+pub fn units(g: GInt, k: usize) -> usize {
+    k.div_ceil(if g.bits == 4 { UNIT4 } else { UNIT8 })
+}
+
+/// `gint_units` for one width (`FOUR`: 4 bits, else 8), so that its unit loop has no branch.
 ///
 /// # Safety
-/// As `dot_gint`.
+/// As `gint_units`.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn dot_gint_w<const FOUR: bool, const R: usize>(
+#[allow(clippy::too_many_arguments)]
+unsafe fn units_w<const FOUR: bool, const P: usize, const R: usize>(
     g: GInt,
-    row: &[u8],
-    stats: &[f32],
+    rows: [&[u8]; P],
+    stats: [&[f32]; P],
     k: usize,
     x: [Row<'_>; R],
-) -> [f32; R] {
+    range: std::ops::Range<usize>,
+    ahead: usize,
+    acc: &mut Acc<P, R>,
+) {
     let gl = crate::formats::gint::group_len(g, k);
     let groups = k / gl;
     let unit = if FOUR { UNIT4 } else { UNIT8 };
     let span = unit / 16;
     let units = k.div_ceil(unit);
+    let row_len = k * g.bits as usize / 8;
     assert!(FOUR == (g.bits == 4) && (FOUR || g.bits == 8));
-    assert!(row.len() == k * g.bits as usize / 8 && k.is_multiple_of(8));
-    assert!(stats.len() >= groups && (gl >= 32 || gl == k));
+    assert!(k.is_multiple_of(8) && range.end <= units);
+    assert!(rows.iter().all(|r| r.len() == row_len));
+    assert!(stats.iter().all(|s| s.len() >= groups) && (gl >= 32 || gl == k));
     for r in &x {
         assert!(r.xq.len() >= units * unit && r.xd.len() * Q16 >= units * unit);
         assert!(!FOUR || (r.xdl.len() >= 16 * units && r.xg.len() >= groups));
@@ -155,89 +186,124 @@ unsafe fn dot_gint_w<const FOUR: bool, const R: usize>(
     } else {
         (unit / gl, 0)
     };
-    let lanes_per_group = 16 / per;
-    let spread = _mm512_loadu_si512(
-        std::array::from_fn::<i32, 16, _>(|l| (l / lanes_per_group) as i32).as_ptr() as *const _,
+    // lane l reads scale l / (16 / per): a shift, as a division per lane cost a whole unit's
+    // time on every call (K = 4096 rows at M = 1 are 32 units).
+    let spread = _mm512_srl_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm_cvtsi32_si128((16 / per).trailing_zeros() as i32),
     );
     let (nib, flip) = (_mm512_set1_epi16(0x0f), _mm512_set1_epi8(-128));
-    let w = row.as_ptr();
+    let w = rows.map(|r| r.as_ptr());
+    let sp = stats.map(|s| s.as_ptr());
     let xq = x.map(|r| r.xq.as_ptr());
     let xs = if FOUR {
         x.map(|r| r.xdl.as_ptr())
     } else {
         x.map(|r| r.xd.as_ptr())
     };
-    let mut acc = [_mm512_setzero_ps(); R];
     let full = k / unit;
-    for u in 0..units {
+    for u in range {
         // 64 bytes but for a last partial unit, and the lanes that hold an element of the row.
         let (bytes, live) = if u < full {
             (64, 0xffff)
         } else {
             let left = k - u * unit;
-            (
-                row.len() - 64 * u,
-                ((1u32 << left.div_ceil(span)) - 1) as u16,
-            )
-        };
-        prefetch_w(w.wrapping_add(64 * u), PREFETCH_ROWS);
-        // SAFETY: unit u starts inside the row; a last partial unit reads only its bytes.
-        let raw = unsafe {
-            if bytes == 64 {
-                _mm512_loadu_si512(w.add(64 * u) as *const _)
-            } else {
-                _mm512_maskz_loadu_epi8((1u64 << bytes) - 1, w.add(64 * u) as *const i8)
-            }
-        };
-        let planes: [__m512i; 4] = if FOUR {
-            [
-                _mm512_and_si512(raw, nib),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nib),
-                _mm512_and_si512(_mm512_srli_epi16::<8>(raw), nib),
-                _mm512_srli_epi16::<12>(raw),
-            ]
-        } else {
-            let v = _mm512_xor_si512(raw, flip);
-            let lo = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
-            [lo, _mm512_srai_epi16::<8>(v), lo, lo]
+            (row_len - 64 * u, ((1u32 << left.div_ceil(span)) - 1) as u16)
         };
         let first = (u * per) >> shift;
         let m = ((1u32 << per.min(groups - first)) - 1) as u16;
-        // SAFETY: the masked load reads only this unit's scales.
-        let ws = unsafe { _mm512_maskz_loadu_ps(m, stats.as_ptr().add(first)) };
-        let ws = _mm512_permutexvar_ps(spread, ws);
+        let mut planes = [[_mm512_setzero_si512(); 4]; P];
+        let mut ws = [_mm512_setzero_ps(); P];
+        for p in 0..P {
+            prefetch_w(w[p].wrapping_add(64 * u), ahead);
+            // SAFETY: unit u starts inside the row; a last partial unit reads only its bytes;
+            // the masked load reads only this unit's scales.
+            let raw = unsafe {
+                if bytes == 64 {
+                    _mm512_loadu_si512(w[p].add(64 * u) as *const _)
+                } else {
+                    _mm512_maskz_loadu_epi8((1u64 << bytes) - 1, w[p].add(64 * u) as *const i8)
+                }
+            };
+            planes[p] = if FOUR {
+                [
+                    _mm512_and_si512(raw, nib),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(raw), nib),
+                    _mm512_and_si512(_mm512_srli_epi16::<8>(raw), nib),
+                    _mm512_srli_epi16::<12>(raw),
+                ]
+            } else {
+                let v = _mm512_xor_si512(raw, flip);
+                let lo = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
+                [lo, _mm512_srai_epi16::<8>(v), lo, lo]
+            };
+            // SAFETY: as above.
+            ws[p] = _mm512_permutexvar_ps(spread, unsafe {
+                _mm512_maskz_loadu_ps(m, sp[p].add(first))
+            });
+        }
         for r in 0..R {
             // SAFETY: xq, xd and xdl hold every unit (asserted); VNNI available.
             unsafe {
-                let p = xq[r].add(unit * u);
-                let xv = |j: usize| _mm512_loadu_si512(p.add(32 * j) as *const _);
-                let mut s = dpwssd(_mm512_setzero_si512(), xv(0), planes[0]);
-                s = dpwssd(s, xv(1), planes[1]);
+                let xp = xq[r].add(unit * u);
+                let xv: [__m512i; 4] = std::array::from_fn(|j| {
+                    if FOUR || j < 2 {
+                        _mm512_loadu_si512(xp.add(32 * j) as *const _)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
                 let xd = if FOUR {
                     _mm512_loadu_ps(xs[r].add(16 * u))
                 } else {
                     _mm512_set1_ps(*xs[r].add(u))
                 };
-                if FOUR {
-                    s = dpwssd(dpwssd(s, xv(2), planes[2]), xv(3), planes[3]);
+                for p in 0..P {
+                    let pl = &planes[p];
+                    // Two chains of `vpdpwssd` at 4 bits (exact integer sums: any order gives
+                    // the same lane sums), so that a unit waits two latencies, not four.
+                    let mut s = dpwssd(_mm512_setzero_si512(), xv[0], pl[0]);
+                    s = dpwssd(s, xv[1], pl[1]);
+                    if FOUR {
+                        let t = dpwssd(_mm512_setzero_si512(), xv[2], pl[2]);
+                        s = _mm512_add_epi32(s, dpwssd(t, xv[3], pl[3]));
+                    }
+                    let sc = _mm512_mul_ps(ws[p], xd);
+                    acc[p][r] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[p][r], live);
                 }
-                let sc = _mm512_mul_ps(ws, xd);
-                acc[r] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[r], live);
             }
         }
     }
-    let main = acc.map(|a| {
-        let mut l = [0.0f32; 16];
-        // SAFETY: 16 f32 of room.
-        unsafe { _mm512_storeu_ps(l.as_mut_ptr(), a) };
-        hsum16(&l)
-    });
-    if !FOUR {
-        return main;
-    }
-    // SAFETY: AVX-512 F; stats and xg as asserted.
-    let z = unsafe { zero_term(g, stats, groups, x.map(|r| r.xg)) };
-    std::array::from_fn(|r| main[r] - z[r])
+}
+
+/// The results of P weight rows with R activation rows from their accumulators after every
+/// unit: `main` minus the zero term at 4 bits (`reference::gint::dot_gint_q16`).
+///
+/// # Safety
+/// As `gint_units` (AVX-512 F).
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+pub unsafe fn gint_finish<const P: usize, const R: usize>(
+    g: GInt,
+    stats: [&[f32]; P],
+    k: usize,
+    x: [Row<'_>; R],
+    acc: &Acc<P, R>,
+) -> [[f32; R]; P] {
+    let groups = k / crate::formats::gint::group_len(g, k);
+    std::array::from_fn(|p| {
+        let main = acc[p].map(|a| {
+            let mut l = [0.0f32; 16];
+            // SAFETY: 16 f32 of room.
+            unsafe { _mm512_storeu_ps(l.as_mut_ptr(), a) };
+            hsum16(&l)
+        });
+        if g.bits != 4 {
+            return main;
+        }
+        // SAFETY: AVX-512 F; stats and xg as the caller guarantees.
+        let z = unsafe { zero_term(g, stats[p], groups, x.map(|r| r.xg)) };
+        std::array::from_fn(|r| main[r] - z[r])
+    })
 }
 
 /// The 4-bit zero term of R rows: `Σ_g (s_g · z_g) · X_g`, group g in lane g % 16
