@@ -122,9 +122,13 @@ def test_non_finite_activations_name_the_layer():
 
 
 @pytest.mark.parametrize("d", [5, 128, 129, 300])
-def test_gram_is_x_transpose_x_and_exactly_symmetric(d):
-    """The statistics' triangular-block product against float64 x^T x, and mirrored exactly."""
+def test_gram_is_x_transpose_x_and_exactly_symmetric(d, monkeypatch):
+    """The statistics' float32 triangular-block product (forwards in float32, or no bf16 kernel)
+    against float64 x^T x, and mirrored exactly (the bf16 kernel: tests/test_gram_bf16.py)."""
+    import ferroquant.calib.capture as cap
     from ferroquant.calib.capture import gram
+
+    monkeypatch.setattr(cap, "GRAM_BF16", False)
 
     x = torch.randn(257, d, generator=torch.Generator().manual_seed(d))
     got = gram(x)
@@ -133,22 +137,39 @@ def test_gram_is_x_transpose_x_and_exactly_symmetric(d):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
 
 
-def test_capture_statistics_are_float32_products_under_bf16_autocast():
-    """The bf16 forward never reaches the x^T x product: q's Hessian (its input is the norm,
-    float32) is the same with and without the autocast, bit for bit."""
+def test_capture_statistics_are_x_transpose_x_of_the_linear_inputs_as_read():
+    """q's Hessian (its input is the norm's output, float32 in both precisions): under bf16
+    autocast, x^T x of that input rounded to bf16 as the Linear's bf16 GEMM reads it (the Rust
+    kernel, where this CPU has one); in float32, of the input itself."""
     import ferroquant.calib.capture as cap
+    from ferroquant import _native
 
     model = _tiny()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     _, layers = find_decoder_layers(model)
+    seen: list[torch.Tensor] = []
+    q = layers[0].self_attn.q_proj
     with torch.no_grad():
         hidden, calls = first_layer_inputs(model, layers, ids)
-        sums = []
+        hook = q.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, 64).clone()))
+        sums = {}
         for dtype in (None, torch.bfloat16):
             old, cap.FORWARD_AUTOCAST = cap.FORWARD_AUTOCAST, dtype
             try:
                 st = cap.collect_stats(layers[0], calls[0], hidden, "l0")
+                bf16 = cap.forward_dtype(seen[-1]) == torch.bfloat16
             finally:
                 cap.FORWARD_AUTOCAST = old
-            sums.append(st.sums[st.group_of["self_attn.q_proj"]])
-    assert torch.equal(sums[0], sums[1])
+            sums[dtype] = st.sums[st.group_of["self_attn.q_proj"]]
+    hook.remove()
+    x = seen[0]
+    assert x.dtype == torch.float32 and torch.equal(seen[0], seen[1])
+    assert torch.equal(sums[None], cap.gram(x).double())
+    ref = (x.double().T @ x.double()).float().double()
+    torch.testing.assert_close(sums[None], ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(sums[torch.bfloat16], cap.gram(x, bf16).double())
+    if bf16 and cap.bf16_kernel():
+        bits = x.to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
+        assert torch.equal(sums[torch.bfloat16], torch.from_numpy(_native.gram_bf16(bits)).double())
+    xb = x.to(torch.bfloat16).double() if bf16 else x.double()
+    torch.testing.assert_close(sums[torch.bfloat16], xb.T @ xb, rtol=1e-5, atol=1e-4)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..calib import InputStats
-from ..calib.capture import _first, _Stop, forward_autocast, gram, shard_batches
+from ..calib.capture import _first, _Stop, forward_autocast, forward_dtype, gram, shard_batches
 from .gptq import GPTQConfig
 from .layerwise import LocalRunner, SolveJob, gptq_layer, swap_in
 
@@ -78,8 +78,9 @@ def shard_moments(
     fp_batches = shard_batches(fp_hidden) if fp_layer is not None and fp_hidden else None
     for batch in shard_batches(hidden):
         x = _inputs(layer, call, batch, name)
-        with torch.autocast(x.device.type, enabled=False):  # float32 products, as the capture's
-            prod = gram(x).to(torch.float64)
+        bf16 = forward_dtype(batch) == torch.bfloat16  # as the Linear read x (the capture's)
+        with torch.autocast(x.device.type, enabled=False):  # float32 sums, as the capture's
+            prod = gram(x, bf16).to(torch.float64)
         cross = None
         if fp_batches is not None:
             assert fp_layer is not None
