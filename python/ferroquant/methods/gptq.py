@@ -240,7 +240,7 @@ def _gptq(
         perm = torch.arange(cols)
         params = None
         lazy = math.ceil(cfg.block_size / fb) * fb
-    h = h[perm][:, perm]
+    h = h.index_select(0, perm).index_select(1, perm)  # h[perm][:, perm], 2x faster
     native = gptq_native.available()
     hinv = _inverse_cholesky(
         h, cfg.damp, name, gptq_native.CHOLESKY_DTYPE if native else torch.float64
@@ -265,8 +265,8 @@ def _gptq(
         propagate=propagate,
     )
     inv_perm = torch.argsort(perm)
-    levels = levels_t[inv_perm].t()
-    values = values_t[inv_perm].t().contiguous()
+    levels = levels_t.index_select(0, inv_perm).t()
+    values = values_t.index_select(0, inv_perm).t().contiguous()
     qt = grid.qtensor([params] if static else blocks, levels.numpy())
     return qt, values
 
