@@ -82,7 +82,6 @@ def test_statistics_summed_by_shard_are_the_single_pass_bits(tiny):
         collect_stats,
         find_decoder_layers,
         first_layer_inputs,
-        forward_dtype,
     )
 
     model = _model(tiny)
@@ -101,10 +100,7 @@ def test_statistics_summed_by_shard_are_the_single_pass_bits(tiny):
         assert torch.equal(a, b)
     g = whole.group_of["self_attn.q_proj"]  # q's input: the input norm of the hidden states
     x = torch.cat([layers[0].input_layernorm(h).reshape(-1, h.shape[-1]) for h in hidden])
-    if forward_dtype(x) == torch.bfloat16:  # the input as the bf16 Linear reads it
-        x = x.to(torch.bfloat16)
-    x = x.double()
-    torch.testing.assert_close(whole.sums[g], x.T @ x, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(whole.sums[g], (x.T @ x).to(torch.float64), rtol=1e-5, atol=1e-3)
 
 
 def test_the_shard_decomposition_is_what_makes_the_sums_agree():
