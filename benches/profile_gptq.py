@@ -49,7 +49,7 @@ def main() -> None:
     print(f"total CPU s {time.process_time() - c0:.2f} (cProfile's overhead included)")
     parts = {
         "gptq_quantize": "GPTQ solves (all below)",
-        "_inverse_cholesky": "  Cholesky, inverse, Cholesky",
+        "_inverse_cholesky": "  inverse-Hessian factor (one Cholesky, a triangular inverse)",
         "gptq_columns": "  compiled column loop",
         "addmm_": "  later-batch updates (GEMM)",
         "columns": "  block parameters transposed per column",
