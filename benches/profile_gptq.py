@@ -30,11 +30,15 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--asym-alpha", type=float, default=GPTQConfig.asym_alpha,
+                    help="GPTAQ's alpha (0: plain GPTQ, the peers' scheme)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(None)
     calib = calibration_ids(None, loaded.tokenizer, args.calib_samples, args.calib_len)
-    cfg = GPTQConfig(n_samples=args.calib_samples, seq_len=args.calib_len)
+    cfg = GPTQConfig(
+        n_samples=args.calib_samples, seq_len=args.calib_len, asym_alpha=args.asym_alpha
+    )
     model = copy.deepcopy(loaded.model)
     prof = cProfile.Profile(time.process_time)
     c0 = time.process_time()
@@ -45,12 +49,13 @@ def main() -> None:
     print(f"total CPU s {time.process_time() - c0:.2f} (cProfile's overhead included)")
     parts = {
         "gptq_quantize": "GPTQ solves (all below)",
-        "_inverse_cholesky": "  Cholesky, inverse, Cholesky",
+        "_inverse_cholesky": "  inverse-Hessian factor (one Cholesky, a triangular inverse)",
         "gptq_columns": "  compiled column loop",
         "addmm_": "  later-batch updates (GEMM)",
         "columns": "  block parameters transposed per column",
         "qtensor": "  codes packed into the format's bytes",
         "params": "  block parameters (the format's quantizer)",
+        "first_layer_inputs": "capture: the windows up to layer 0 (and each layer's arguments)",
         "gram": "capture: x^T x",
         "linear": "capture: the layers' Linears",
         "scaled_dot_product_attention": "capture: attention",

@@ -122,9 +122,13 @@ def test_non_finite_activations_name_the_layer():
 
 
 @pytest.mark.parametrize("d", [5, 128, 129, 300])
-def test_gram_is_x_transpose_x_and_exactly_symmetric(d):
-    """The statistics' triangular-block product against float64 x^T x, and mirrored exactly."""
+def test_gram_is_x_transpose_x_and_exactly_symmetric(d, monkeypatch):
+    """The statistics' float32 triangular-block product (forwards in float32, or no bf16 kernel)
+    against float64 x^T x, and mirrored exactly (the bf16 kernel: tests/test_gram_bf16.py)."""
+    import ferroquant.calib.capture as cap
     from ferroquant.calib.capture import gram
+
+    monkeypatch.setattr(cap, "GRAM_BF16", False)
 
     x = torch.randn(257, d, generator=torch.Generator().manual_seed(d))
     got = gram(x)
@@ -133,22 +137,48 @@ def test_gram_is_x_transpose_x_and_exactly_symmetric(d):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
 
 
-def test_capture_statistics_are_float32_products_under_bf16_autocast():
-    """The bf16 forward never reaches the x^T x product: q's Hessian (its input is the norm,
-    float32) is the same with and without the autocast, bit for bit."""
+def test_capture_statistics_are_x_transpose_x_of_the_linear_inputs_as_they_reach_it():
+    """q's Hessian (its input is the norm's output, float32 in both precisions) is the same with
+    and without the bf16 autocast, bit for bit: the float32 product. o_proj's input is bf16
+    under the autocast: its Hessian is the Rust kernel's x^T x of those bf16 values (where this
+    CPU has the kernel), within float32 summation of the float64 one."""
     import ferroquant.calib.capture as cap
+    from ferroquant import _native
 
     model = _tiny()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     _, layers = find_decoder_layers(model)
+    seen: dict[str, list[torch.Tensor]] = {"q_proj": [], "o_proj": []}
+    attn = layers[0].self_attn
     with torch.no_grad():
         hidden, calls = first_layer_inputs(model, layers, ids)
-        sums = []
+        hooks = [
+            getattr(attn, nm).register_forward_pre_hook(
+                lambda m, a, nm=nm: seen[nm].append(a[0].reshape(-1, 64).clone())
+            )
+            for nm in seen
+        ]
+        sums = {}
         for dtype in (None, torch.bfloat16):
             old, cap.FORWARD_AUTOCAST = cap.FORWARD_AUTOCAST, dtype
             try:
                 st = cap.collect_stats(layers[0], calls[0], hidden, "l0")
+                bf16 = cap.forward_dtype(hidden[0]) == torch.bfloat16
             finally:
                 cap.FORWARD_AUTOCAST = old
-            sums.append(st.sums[st.group_of["self_attn.q_proj"]])
-    assert torch.equal(sums[0], sums[1])
+            sums[dtype] = {nm: st.sums[st.group_of[f"self_attn.{nm}"]] for nm in seen}
+    for h in hooks:
+        h.remove()
+    q, o = seen["q_proj"], seen["o_proj"]
+    assert q[0].dtype == q[1].dtype == torch.float32 and torch.equal(q[0], q[1])
+    assert torch.equal(sums[None]["q_proj"], sums[torch.bfloat16]["q_proj"])
+    ref = q[0].double().T @ q[0].double()
+    torch.testing.assert_close(sums[None]["q_proj"], ref, rtol=1e-5, atol=1e-4)
+    x = o[1]
+    assert x.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    if bf16 and cap.bf16_kernel():
+        bits = x.view(torch.int16).numpy().view("uint16")
+        want = torch.from_numpy(_native.gram_bf16(bits)).double()
+        assert torch.equal(sums[torch.bfloat16]["o_proj"], want)
+    xd = x.double()
+    torch.testing.assert_close(sums[torch.bfloat16]["o_proj"], xd.T @ xd, rtol=1e-5, atol=1e-4)

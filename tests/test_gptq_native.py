@@ -131,6 +131,26 @@ def test_float32_cholesky_keeps_the_reference_error(cols, samples, seed, act_ord
     assert e_fast >= 0.99 * e_ref
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), samples=st.sampled_from([0.5, 3.0]), seed=st.integers(0, 2**16))
+def test_float32_inverse_factor_is_the_reference_factor(n, samples, seed):
+    """The float32 path's U (one Cholesky of the flipped H, a triangular inverse by halves):
+    upper triangular, U^T U = H^-1, and the float64 reference's factor to float32 accuracy."""
+    from ferroquant.methods.gptq import _upper_inverse_factor
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(max(1, int(samples * n)), n, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()) + 1e-6)
+    ref = _upper_inverse_factor(h)
+    got = _upper_inverse_factor(h.float())
+    assert ref is not None and got is not None and got.dtype == torch.float32
+    assert torch.equal(got, torch.triu(got)) and bool((got.diagonal() > 0).all())
+    cond = float(torch.linalg.cond(h))
+    tol = 1e-5 * cond**0.5 * float(ref.abs().max())
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=tol)
+
+
 def test_bad_buffers_are_named_errors():
     rows, n = 4, 3
     w = np.zeros((n, rows), np.float32)

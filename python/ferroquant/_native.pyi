@@ -101,6 +101,13 @@ def gptq_columns(
     """GPTQ's columns start..end of one lazy batch, in place (`w`, `err`, `levels`, `values`:
     [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)])."""
 
+def gram_bf16(x: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
+    """x^T x ([d, d] float32) of bf16 bits x [n, d] (row-major): one fixed f32 chain per output
+    on vdpbf16ps where the CPU has AVX-512 BF16, else its scalar reference (the same bits)."""
+
+def gram_bf16_fast() -> bool:
+    """Whether gram_bf16 runs its AVX-512 BF16 kernel on this CPU."""
+
 def block_struct_sizes() -> list[tuple[str, int]]: ...
 def set_num_threads(n: int) -> None: ...
 def num_threads() -> int: ...

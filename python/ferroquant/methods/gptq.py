@@ -89,14 +89,10 @@ def _inverse_cholesky(
     for _ in range(6):
         hd = h.clone()  # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336)
         hd.diagonal().add_(frac * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(hd.to(dtype))
+        upper = _upper_inverse_factor(hd.to(dtype))
         del hd
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(lower)
-            del lower  # one n x n float64 less at the peak (1.6 GB for a 14336-wide input)
-            upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info2) == 0:
-                return upper.to(torch.float32)
+        if upper is not None:
+            return upper.to(torch.float32)
         new = frac * 10 if frac > 0 else 1e-6
         warnings.warn(
             f"gptq: Cholesky failed for {name} with damping {frac:g} x mean diag; "
@@ -106,6 +102,43 @@ def _inverse_cholesky(
         )
         frac = new
     raise QuantizeError(f"gptq: the Hessian of {name} is not positive definite even with damping")
+
+
+def _upper_inverse_factor(hd: torch.Tensor) -> torch.Tensor | None:
+    """Upper U with U^T U = hd^-1 (None when a factorization fails). float64 (the reference):
+    Cholesky, its inverse, Cholesky of that. float32: one Cholesky of the flipped matrix, J hd J
+    = L L^T (J reverses the order), and U = J L^-1 J (then U^T U = J L^-T L^-1 J = hd^-1, and U
+    is upper with a positive diagonal: the same factor), L^-1 by `_lower_inverse`'s GEMMs: 1.6x
+    faster at 1536 than the three factorizations on one core, within the tested tolerance."""
+    if hd.dtype == torch.float64:
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) != 0:
+            return None
+        hinv = torch.cholesky_inverse(lower)
+        del lower  # one n x n float64 less at the peak (1.6 GB for a 14336-wide input)
+        upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+        return upper if int(info2) == 0 else None
+    lower, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
+    if int(info) != 0:
+        return None
+    return _lower_inverse(lower).flip(0, 1)
+
+
+def _lower_inverse(lower: torch.Tensor, base: int = 128) -> torch.Tensor:
+    """The inverse of a lower-triangular matrix with a nonzero diagonal, by halves:
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]] (the off-diagonal block two GEMMs),
+    triangular solves against the identity below `base` rows."""
+    n = lower.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    k = n // 2
+    a = _lower_inverse(lower[:k, :k], base)
+    c = _lower_inverse(lower[k:, k:], base)
+    out = torch.zeros_like(lower)
+    out[:k, :k] = a
+    out[k:, k:] = c
+    out[k:, :k] = -(c @ (lower[k:, :k] @ a))
+    return out
 
 
 def asymmetric_target(
@@ -207,7 +240,7 @@ def _gptq(
         perm = torch.arange(cols)
         params = None
         lazy = math.ceil(cfg.block_size / fb) * fb
-    h = h[perm][:, perm]
+    h = h.index_select(0, perm).index_select(1, perm)  # h[perm][:, perm], 2x faster
     native = gptq_native.available()
     hinv = _inverse_cholesky(
         h, cfg.damp, name, gptq_native.CHOLESKY_DTYPE if native else torch.float64
@@ -232,8 +265,8 @@ def _gptq(
         propagate=propagate,
     )
     inv_perm = torch.argsort(perm)
-    levels = levels_t[inv_perm].t()
-    values = values_t[inv_perm].t().contiguous()
+    levels = levels_t.index_select(0, inv_perm).t()
+    values = values_t.index_select(0, inv_perm).t().contiguous()
     qt = grid.qtensor([params] if static else blocks, levels.numpy())
     return qt, values
 

@@ -9,13 +9,16 @@ knows has a rule (`rule_of` mirrors `FormatGrid._round` branch for branch), and 
 bytes equal the Python loop's (tests/test_gptq_native.py, every format, both column orders).
 `ENABLED = False`, or an extension built without `gptq_columns`, runs the Python loop.
 
-One numerical difference is allowed on this path, and only one: the inverse Hessian's Cholesky
-factorizations run in float32 (`CHOLESKY_DTYPE`), 2x faster than float64 (SmolLM2's 1536-wide
-Hessian: 0.10 against 0.20 s on one core). The codes then differ from the reference's where a
-weight sits near a rounding boundary; the calibration-weighted error tr((W - Q) H (W - Q)^T)
-they reach is tested to stay within 1 % of the reference's (hypothesis, tests/test_gptq_native.py;
-measured: within 0.1 % on 120 random problems, 5 formats, both column orders, rank-deficient
-Hessians included).
+One numerical difference is allowed on this path, and only one: the inverse Hessian's upper
+Cholesky factor is computed in float32 (`CHOLESKY_DTYPE`), as one Cholesky of the flipped
+Hessian and a triangular inverse by GEMMs (`gptq._upper_inverse_factor`) instead of the
+reference's three float64 factorizations: 3x faster (SmolLM2's 1536-wide Hessian: 0.063
+against 0.20 s on one core; three float32 factorizations took 0.10). The codes then differ
+from the reference's where a weight sits near a rounding boundary; the calibration-weighted
+error tr((W - Q) H (W - Q)^T) they reach is tested to stay within 1 % of the reference's
+(hypothesis, tests/test_gptq_native.py; session 10's three float32 factorizations measured:
+within 0.1 % on 120 random problems, 5 formats, both column orders, rank-deficient Hessians
+included).
 """
 
 from __future__ import annotations

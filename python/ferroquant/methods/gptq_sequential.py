@@ -41,11 +41,13 @@ class FloatStream:
 
 
 def _inputs(layer: nn.Module, call: Any, batch: torch.Tensor, name: str) -> torch.Tensor:
-    """The input rows [tokens, d] of Linear `name` when `layer` runs on `batch` (stopped there)."""
+    """The input rows [tokens, d] of Linear `name` when `layer` runs on `batch` (stopped there),
+    in the dtype they reach it (bf16 where the bf16 forward made them so: `calib.gram` takes
+    them as the capture does)."""
     got: list[torch.Tensor] = []
 
     def pre(mod: nn.Module, args: tuple) -> None:
-        got.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+        got.append(args[0].detach().reshape(-1, args[0].shape[-1]))  # float32 or bf16
         raise _Stop
 
     h = layer.get_submodule(name).register_forward_pre_hook(pre)
@@ -78,12 +80,13 @@ def shard_moments(
     fp_batches = shard_batches(fp_hidden) if fp_layer is not None and fp_hidden else None
     for batch in shard_batches(hidden):
         x = _inputs(layer, call, batch, name)
-        with torch.autocast(x.device.type, enabled=False):  # float32 products, as the capture's
-            prod = gram(x).to(torch.float64)
+        with torch.autocast(x.device.type, enabled=False):  # float32 sums, as the capture's
+            prod = gram(x).to(torch.float64)  # by x's dtype, as the capture's
+        x = x.to(torch.float32)
         cross = None
         if fp_batches is not None:
             assert fp_layer is not None
-            xf = _inputs(fp_layer, call, next(fp_batches), name)
+            xf = _inputs(fp_layer, call, next(fp_batches), name).to(torch.float32)
             with torch.autocast(x.device.type, enabled=False):
                 cross = ((xf - x).T @ x).to(torch.float64)
         out.append((prod, cross, int(x.shape[0])))

@@ -13,6 +13,7 @@ pub mod error;
 pub mod formats;
 pub mod gguf;
 pub mod gptq;
+pub mod gram;
 pub mod hqq;
 pub mod input;
 pub mod matmul;

@@ -1,8 +1,11 @@
-//! Binding of GPTQ's column loop (`core::gptq`): convert, release the GIL, map errors. No
-//! numerics.
+//! Binding of GPTQ's column loop (`core::gptq`) and the bf16 x^T x of its Hessians
+//! (`core::gram`): convert, release the GIL, map errors. No numerics.
 
 use ferroquant_core as core;
-use numpy::{PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyReadwriteArray2,
+    PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
 
 use crate::{not_contiguous, to_py, QuantizeError};
@@ -144,7 +147,32 @@ pub fn gptq_columns<'py>(
     .map_err(to_py)
 }
 
+/// x^T x (`[d, d]` float32) of `x` `[n, d]`: bf16 bits as uint16, row-major.
+#[pyfunction]
+pub fn gram_bf16<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, u16>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (n, d) = (x.shape()[0], x.shape()[1]);
+    if !x.is_c_contiguous() {
+        return Err(not_contiguous("x"));
+    }
+    let bits = x.as_slice().map_err(|_| not_contiguous("x"))?;
+    let out = py
+        .detach(|| core::gram::gram_bf16(bits, n, d))
+        .map_err(to_py)?;
+    out.into_pyarray(py).reshape([d, d])
+}
+
+/// Whether `gram_bf16` runs its AVX-512 BF16 kernel on this CPU.
+#[pyfunction]
+pub fn gram_bf16_fast() -> bool {
+    core::gram::fast()
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gptq_columns, m)?)?;
+    m.add_function(wrap_pyfunction!(gram_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(gram_bf16_fast, m)?)?;
     Ok(())
 }
