@@ -239,8 +239,34 @@ pub unsafe fn decode_i8(q: &[u8], scale: impl Fn(usize) -> f32, dst: &mut [u16])
     }
 }
 
+/// 16 bytes of nibble codes as 32 `vpermw` indices: word e holds element e's nibble in its low
+/// 4 bits (element 2i in byte i's high nibble when `high_first`, bitsandbytes' order, else in
+/// its low one); bit 4 may hold garbage, so the tables looked up have their 16 entries twice.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn nibble_words(p: &[u8], high_first: bool) -> __m512i {
+    assert!(p.len() >= 16);
+    // SAFETY: 16 bytes loaded (asserted).
+    let d = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) });
+    let hi = _mm512_srli_epi32::<4>(d);
+    if high_first {
+        _mm512_or_si512(hi, _mm512_slli_epi32::<16>(d))
+    } else {
+        _mm512_or_si512(d, _mm512_slli_epi32::<16>(hi))
+    }
+}
+
+/// The 16 values of a nibble code (one scale's worth) as bf16, twice over (`nibble_words`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn bf16_table(values: __m512) -> __m512i {
+    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(values, values))
+}
+
 /// nf4 (bitsandbytes packing: element 2i in the high nibble of byte i), `packed` holding a
-/// multiple of 32 elements, to bf16 `NF4_CODE[q] · absmax(j)` at `dst`.
+/// multiple of 32 elements, to bf16 `NF4_CODE[q] · absmax(j)` at `dst`: per 32 elements the 16
+/// products of the code book and the scale (the same f32 multiplies as per element) rounded
+/// once to bf16, then one 16-bit table look-up (`vpermw`) of the 32 codes.
 ///
 /// # Safety
 /// `cpu::has_avx512_bf16`.
@@ -249,51 +275,41 @@ pub unsafe fn decode_nf4(packed: &[u8], absmax: impl Fn(usize) -> f32, dst: &mut
     assert!(packed.len().is_multiple_of(16) && dst.len() >= 2 * packed.len());
     use crate::matmul::reference::NF4_CODE;
     // SAFETY: NF4_CODE has 16 f32.
-    let table = unsafe { _mm512_loadu_ps(NF4_CODE.as_ptr()) };
-    let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let code = unsafe { _mm512_loadu_ps(NF4_CODE.as_ptr()) };
     for (j, (pc, d)) in packed
         .chunks_exact(16)
         .zip(dst.chunks_exact_mut(32))
         .enumerate()
     {
-        // SAFETY: 16 bytes loaded from a checked chunk.
-        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
-        let ce = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table);
-        let co = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), table);
-        let lo = _mm512_permutex2var_ps(ce, even_lo, co);
-        let hi = _mm512_permutex2var_ps(ce, even_hi, co);
-        // SAFETY: the features; d has 32 elements.
-        unsafe { store32(lo, hi, absmax(j), d) };
+        let t = bf16_table(_mm512_mul_ps(code, _mm512_set1_ps(absmax(j))));
+        let w = _mm512_permutexvar_epi16(nibble_words(pc, true), t);
+        // SAFETY: 64 bytes into a 32-element chunk.
+        unsafe { _mm512_storeu_si512(d.as_mut_ptr() as *mut __m512i, w) };
     }
 }
 
 /// 4-bit grouped integers (element 2i in the low nibble of byte i), `packed` holding a multiple
 /// of 32 elements, to bf16 `(q - z(j)) · scale(j)` at `dst` (`zs(j)`: the zero and scale of
-/// elements 32j .. 32j + 32): the values of `formats::gint::dequantize`.
+/// elements 32j .. 32j + 32): the values of `formats::gint::dequantize`, by a table of the 16
+/// codes' values per 32 elements as in `decode_nf4`.
 ///
 /// # Safety
 /// `cpu::has_avx512_bf16`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn decode_gint4(packed: &[u8], zs: impl Fn(usize) -> (i32, f32), dst: &mut [u16]) {
     assert!(packed.len().is_multiple_of(16) && dst.len() >= 2 * packed.len());
-    let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (j, (pc, d)) in packed
         .chunks_exact(16)
         .zip(dst.chunks_exact_mut(32))
         .enumerate()
     {
         let (z, s) = zs(j);
-        let zv = _mm512_set1_epi32(z);
-        // SAFETY: 16 bytes loaded from a checked chunk.
-        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
-        let qe = _mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), zv);
-        let qo = _mm512_sub_epi32(_mm512_srli_epi32::<4>(b), zv);
-        let lo = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_lo, qo));
-        let hi = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_hi, qo));
-        // SAFETY: the features; d has 32 elements.
-        unsafe { store32(lo, hi, s, d) };
+        let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z)));
+        let t = bf16_table(_mm512_mul_ps(q, _mm512_set1_ps(s)));
+        let w = _mm512_permutexvar_epi16(nibble_words(pc, false), t);
+        // SAFETY: 64 bytes into a 32-element chunk.
+        unsafe { _mm512_storeu_si512(d.as_mut_ptr() as *mut __m512i, w) };
     }
 }
 
