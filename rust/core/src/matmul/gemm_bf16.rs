@@ -1,14 +1,15 @@
 //! The bf16 GEMM path of nf4, int8, fp8 and the grouped integers (x86-64 with AVX-512 BF16, at
 //! least `GEMM16_MIN_M` rows, K a multiple of 32): jobs of up to `PANEL` weight rows x one block of
 //! activation rows (parallel over both), each taking K chunk by chunk: the job's weight rows
-//! decoded into an L1 buffer (`x86::gemm16::decode_*`), then `x86::gemm16::kernel` over every
-//! activation vector of the block, the outputs' f32 chains kept in a per-thread buffer between
-//! chunks; at the end each output goes straight into `out`. Numerics: `reference/bf16.rs`
-//! (every output is that reference's chain, wherever it sits and however the jobs split).
+//! decoded into an L2-resident buffer (`x86::gemm16::decode_*`), then `x86::gemm16::kernel` over
+//! every group of activation vectors of the block (the group's chunk in L1, reused by all the
+//! job's rows; the next group's lines prefetched a share per block of rows), the outputs' f32
+//! chains kept in a per-thread buffer between chunks; at the end the outputs go to `out` in
+//! 16 x 16 tiles, a row of 16 columns at a time. Numerics: `reference/bf16.rs` (every output is
+//! that reference's chain, wherever it sits and however the jobs split).
 
 use std::arch::x86_64::{
-    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_storeu_ps,
-    _mm512_zextps256_ps512,
+    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_zextps256_ps512,
 };
 use std::cell::RefCell;
 
@@ -18,9 +19,10 @@ use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
 use super::{OutPtr, Plan};
 use crate::qtype::QType;
 
-/// Activation vectors (16 rows each) of one job's block: the block's chunk of activations
-/// (16 vectors x 128 pairs x 64 bytes = 128 KiB) stays in L2 while the job's rows pass.
-const BLOCK_VECTORS: usize = 16;
+/// Activation vectors (16 rows each) of one job's block: M = 512 is one block, so each weight
+/// is decoded once (the f32 chains of a job, PANEL x 32 vectors x 64 bytes = 288 KiB, and its
+/// decoded chunk, 72 KiB, stay in the 1 MiB L2).
+const BLOCK_VECTORS: usize = 32;
 /// Chunks of K ahead that `decode_bf16` prefetches a row's bytes.
 const PREFETCH_CHUNKS: usize = 2;
 
@@ -84,28 +86,29 @@ impl Plan<'_> {
                 while v < nv {
                     let mv = (nv - v).min(MV_MAX);
                     let xv = |j: usize| &x.x[(vs.start + v + j) * x.pairs + k0 / 2..][..pairs];
+                    // The next group: the following vectors of this chunk, else the first of
+                    // the next chunk (none after the last).
+                    let ahead = if v + mv < nv {
+                        Ahead::new(x, vs.start + v + mv, (nv - v - mv).min(MV_MAX), k0, pairs)
+                    } else if k0 + kc < k {
+                        let pn = KC.min(k - k0 - kc) / 2;
+                        Ahead::new(x, vs.start, nv.min(MV_MAX), k0 + kc, pn)
+                    } else {
+                        Ahead::default()
+                    };
                     // The last vector with at most 8 rows of M in it: its low half only.
                     let half = mv == 1 && self.m <= (vs.start + v) * 16 + 8;
+                    let at = Block { pairs, rows, v, nv };
                     match mv {
-                        1 if half => self.rows_bf16_half(wc, xv(0), pairs, rows, v, nv, acc),
-                        1 => self.rows_bf16::<24, 1>(wc, [xv(0)], pairs, rows, v, nv, acc),
-                        2 => self.rows_bf16::<12, 2>(wc, [xv(0), xv(1)], pairs, rows, v, nv, acc),
-                        3 => self.rows_bf16::<8, 3>(
-                            wc,
-                            [xv(0), xv(1), xv(2)],
-                            pairs,
-                            rows,
-                            v,
-                            nv,
-                            acc,
-                        ),
+                        1 if half => self.rows_bf16_half(wc, xv(0), at, &ahead, acc),
+                        1 => self.rows_bf16::<24, 1>(wc, [xv(0)], at, &ahead, acc),
+                        2 => self.rows_bf16::<12, 2>(wc, [xv(0), xv(1)], at, &ahead, acc),
+                        3 => self.rows_bf16::<8, 3>(wc, [xv(0), xv(1), xv(2)], at, &ahead, acc),
                         _ => self.rows_bf16::<6, 4>(
                             wc,
                             [xv(0), xv(1), xv(2), xv(3)],
-                            pairs,
-                            rows,
-                            v,
-                            nv,
+                            at,
+                            &ahead,
                             acc,
                         ),
                     }
@@ -113,62 +116,49 @@ impl Plan<'_> {
                 }
                 k0 += kc;
             }
-            let m = self.m;
-            let mut lanes = [0.0f32; 16];
-            for i in 0..rows {
-                for j in 0..nv {
-                    let m0 = (vs.start + j) * 16;
-                    // SAFETY: as above; `lanes` has room for 16 f32.
-                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[i * nv + j]) };
-                    for (l, &y) in lanes.iter().enumerate().take(m.saturating_sub(m0)) {
-                        out.set(m0 + l, n0 + i, y);
-                    }
-                }
-            }
+            write_out(acc, rows, nv, vs.start, self.m, n0, out);
         });
     }
 
     /// The kernel over the job's decoded rows, NR at a time (then one at a time), for the MV
-    /// activation vectors from `v` on.
-    #[allow(clippy::too_many_arguments)]
+    /// activation vectors from `at.v` on.
     fn rows_bf16<const NR: usize, const MV: usize>(
         &self,
         wc: &[u16],
         x: [&[Pairs16]; MV],
-        pairs: usize,
-        rows: usize,
-        v: usize,
-        nv: usize,
+        at: Block,
+        ahead: &Ahead,
         acc: &mut [__m512],
     ) {
+        let Block { pairs, rows, v, nv } = at;
         let mut i = 0;
         while i < rows {
-            if i + NR <= rows {
+            let r = if i + NR <= rows { NR } else { 1 };
+            ahead.fetch(i, r, rows);
+            if r == NR {
                 self.block_bf16::<NR, MV>(&wc[i * KC..], x, pairs, i, v, nv, acc);
-                i += NR;
             } else {
                 self.block_bf16::<1, MV>(&wc[i * KC..], x, pairs, i, v, nv, acc);
-                i += 1;
             }
+            i += r;
         }
     }
 
     /// `rows_bf16` for one vector through `kernel8` (its lanes 8..16 are rows past M: left at
     /// zero).
-    #[allow(clippy::too_many_arguments)]
     fn rows_bf16_half(
         &self,
         wc: &[u16],
         x: &[Pairs16],
-        pairs: usize,
-        rows: usize,
-        v: usize,
-        nv: usize,
+        at: Block,
+        ahead: &Ahead,
         acc: &mut [__m512],
     ) {
+        let Block { pairs, rows, v, nv } = at;
         let mut i = 0;
         while i < rows {
             let r = if i + 24 <= rows { 24 } else { 1 };
+            ahead.fetch(i, r, rows);
             let at = |j: usize| (i + j) * nv + v;
             // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); wc holds the rows from i on,
             // each with 2 · pairs decoded; x has `pairs` entries.
@@ -201,17 +191,10 @@ impl Plan<'_> {
         nv: usize,
         acc: &mut [__m512],
     ) {
-        let mut a: [[__m512; MV]; NR] =
-            std::array::from_fn(|i| std::array::from_fn(|j| acc[(i0 + i) * nv + v + j]));
         // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); w holds NR rows of KC bf16 from
         // row i0 of the chunk (PANEL · KC entries), each with 2 · pairs decoded; x[j] has
-        // `pairs` entries.
-        unsafe { gemm16::kernel::<NR, MV>(w, KC, x, pairs, &mut a) };
-        for (i, ai) in a.iter().enumerate() {
-            for (j, &aj) in ai.iter().enumerate() {
-                acc[(i0 + i) * nv + v + j] = aj;
-            }
-        }
+        // `pairs` entries; the accumulators of rows i0.. sit nv apart from i0 · nv + v.
+        unsafe { gemm16::kernel::<NR, MV>(w, KC, x, pairs, acc, i0 * nv + v, nv) };
     }
 
     /// Columns `k0..k0 + kc` of weight row `n` as bf16 into `dst` (the format's f32 values
@@ -281,6 +264,88 @@ impl Plan<'_> {
             _ => unreachable!("the bf16 GEMM runs for nf4, int8, fp8 and grouped integers"),
         }
     }
+}
+
+/// Where one kernel group sits: `pairs` pairs of this chunk, the job's `rows` decoded rows,
+/// vectors `v..` of the job's `nv`.
+#[derive(Clone, Copy)]
+struct Block {
+    pairs: usize,
+    rows: usize,
+    v: usize,
+    nv: usize,
+}
+
+/// The activation lines (one `Pairs16` each) of the next kernel group: `count` vectors from
+/// `start`, `len` pairs each from column pair `p0`; fetched a share per block of weight rows so
+/// that the group's first block finds them in cache (a hint: no effect on results).
+#[derive(Default)]
+struct Ahead<'a> {
+    x: &'a [Pairs16],
+    starts: [usize; MV_MAX],
+    count: usize,
+    len: usize,
+}
+
+impl<'a> Ahead<'a> {
+    fn new(x: &'a Acts16, v0: usize, count: usize, k0: usize, len: usize) -> Self {
+        Self {
+            x: &x.x,
+            starts: std::array::from_fn(|j| (v0 + j) * x.pairs + k0 / 2),
+            count,
+            len,
+        }
+    }
+
+    /// The share of rows `i..i + r` of `rows`.
+    #[inline(always)]
+    fn fetch(&self, i: usize, r: usize, rows: usize) {
+        let total = self.count * self.len;
+        let (t0, t1) = (total * i / rows, total * (i + r) / rows);
+        let mut t = t0;
+        while t < t1 {
+            let (j, l) = (t / self.len, t % self.len);
+            let e = t1.min((j + 1) * self.len);
+            gemm16::prefetch_pairs(&self.x[self.starts[j] + l..self.starts[j] + e - j * self.len]);
+            t = e;
+        }
+    }
+}
+
+/// The job's outputs (`acc[i * nv + j]`: weight row `n0 + i`, activation rows 16 (v0 + j) ..)
+/// into `out`, 16 x 16 at a time: transposed in a small tile, then written a row of 16 columns
+/// (one 64-byte line) at a time instead of one column of a 16-row vector at a time.
+fn write_out(acc: &[__m512], rows: usize, nv: usize, v0: usize, m: usize, n0: usize, out: &OutPtr) {
+    // tile[l][c]: activation row m0 + l, column n0 + c0 + c.
+    let mut tile = [[0.0f32; 16]; 16];
+    for j in 0..nv {
+        let m0 = (v0 + j) * 16;
+        let lanes = m.saturating_sub(m0).min(16);
+        for c0 in (0..rows).step_by(16) {
+            let cols = (rows - c0).min(16);
+            for c in 0..cols {
+                for (t, y) in tile.iter_mut().zip(lanes_of(acc[(c0 + c) * nv + j])) {
+                    t[c] = y;
+                }
+            }
+            for (l, row) in tile.iter().enumerate().take(lanes) {
+                if cols == 16 {
+                    out.set8(m0 + l, n0 + c0, row[..8].try_into().unwrap());
+                    out.set8(m0 + l, n0 + c0 + 8, row[8..].try_into().unwrap());
+                } else {
+                    for (c, &y) in row.iter().enumerate().take(cols) {
+                        out.set(m0 + l, n0 + c0 + c, y);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The 16 lanes of a vector.
+fn lanes_of(v: __m512) -> [f32; 16] {
+    // SAFETY: __m512 is 16 f32 (64 bytes, no invalid bit patterns).
+    unsafe { std::mem::transmute::<__m512, [f32; 16]>(v) }
 }
 
 /// Lanes 0..8.

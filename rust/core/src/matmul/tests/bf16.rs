@@ -185,3 +185,26 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
         check(name, &q.view(), &deq, ms, &mut rng);
     }
 }
+
+/// Two panels of weight rows (the second partial: 160 = 144 + 16, so the output tiles of 16
+/// columns are whole and partial) and two blocks of activation rows (530 = 512 + 18: the second
+/// block ends in a vector of 2 rows, the half-width kernel), K two chunks and a piece.
+#[test]
+fn bf16_gemm_equals_its_reference_across_panels_and_blocks() {
+    let mut rng = Rng(0xbf16_0000_6e11_0530);
+    let (n, k) = (160, 576);
+    let (data, stats) = raw_view_parts(&mut rng, QType::NF4, None, 64, n, k);
+    let v = QuantizedView {
+        qtype: QType::NF4,
+        rows: n,
+        cols: k,
+        block_size: 64,
+        scale_mode: None,
+        data: &data,
+        stats: &stats,
+        double_quant: None,
+    };
+    let mut deq = vec![0f32; n * k];
+    dequantize(&v, &mut deq).unwrap();
+    check("nf4 panels", &v, &deq, &[530], &mut rng);
+}

@@ -5,7 +5,7 @@
 //! **Layout.** Lanes are activation rows. The activations are converted once per call to bf16
 //! pairs, 16 rows a vector: `Acts16::x[v · pairs + i]` holds, in lane l, elements 2i and
 //! 2i + 1 of row 16v + l (rows past M are zero). A task's weight rows are decoded chunk by
-//! chunk of K (`KC` columns) into a row-major bf16 buffer in L1 (`decode_*`: the format's f32
+//! chunk of K (`KC` columns) into a row-major bf16 buffer in L2 (`decode_*`: the format's f32
 //! value, one multiply by its scale, then `vcvtne2ps2bf16`), so the decode needs no transpose;
 //! the microkernel (`kernel`) broadcasts one weight pair (an embedded 32-bit broadcast) against
 //! `MV` activation vectors, for `NR` weight rows at once (NR x MV accumulators, 24 of the 32
@@ -20,11 +20,16 @@ use std::sync::OnceLock;
 
 use crate::matmul::reference::bf16 as r;
 
-/// Columns of K per decoded chunk (a chunk of 48 weight rows is 24 KiB of bf16, in L1 with the
-/// activation vectors streaming past it from L2).
+/// Columns of K per decoded chunk: one group of activation vectors' chunk (4 x 128 pairs x 64
+/// bytes = 32 KiB) stays in L1 while the job's decoded rows pass it from L2.
 pub const KC: usize = 256;
-/// Weight rows of one task (every kernel row count below divides it).
-pub const PANEL: usize = 48;
+/// Weight rows of one task (every kernel row count below divides it). Each group of activation
+/// vectors is read from L3 or memory once per task and used by all its rows: at 48 rows (24
+/// KiB of decoded chunk, in L1) that re-reading cost 10-25 % at M = 512, K = 14336 (a
+/// stand-alone copy of the loop, one core, CPU time: 300 GFLOP/s at 48 rows, 374-383 at 192 to
+/// 384, 490 with the activations in L2); 144 rows (a 72 KiB chunk, in L2) keep 28 tasks at
+/// N = 4096 for two threads.
+pub const PANEL: usize = 144;
 /// Activation vectors (16 rows each) per kernel call.
 pub const MV_MAX: usize = 4;
 
@@ -182,6 +187,16 @@ unsafe fn to_pairs(x: &[f32]) -> [u32; 16] {
     o
 }
 
+/// Asks for activation lines in L1, one `Pairs16` (one 64-byte line) each (a hint: no fault, no
+/// effect on results).
+#[inline(always)]
+pub fn prefetch_pairs(lines: &[Pairs16]) {
+    for line in lines {
+        // SAFETY: SSE is part of x86-64; a prefetch of a valid address has no side effects.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const Pairs16 as *const i8) };
+    }
+}
+
 /// Asks for `bytes` in L1, a 64-byte line at a time (a hint: no fault, no effect on results).
 pub fn prefetch(bytes: &[u8]) {
     for line in bytes.chunks(64) {
@@ -224,8 +239,34 @@ pub unsafe fn decode_i8(q: &[u8], scale: impl Fn(usize) -> f32, dst: &mut [u16])
     }
 }
 
+/// 16 bytes of nibble codes as 32 `vpermw` indices: word e holds element e's nibble in its low
+/// 4 bits (element 2i in byte i's high nibble when `high_first`, bitsandbytes' order, else in
+/// its low one); bit 4 may hold garbage, so the tables looked up have their 16 entries twice.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn nibble_words(p: &[u8], high_first: bool) -> __m512i {
+    assert!(p.len() >= 16);
+    // SAFETY: 16 bytes loaded (asserted).
+    let d = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) });
+    let hi = _mm512_srli_epi32::<4>(d);
+    if high_first {
+        _mm512_or_si512(hi, _mm512_slli_epi32::<16>(d))
+    } else {
+        _mm512_or_si512(d, _mm512_slli_epi32::<16>(hi))
+    }
+}
+
+/// The 16 values of a nibble code (one scale's worth) as bf16, twice over (`nibble_words`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn bf16_table(values: __m512) -> __m512i {
+    std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(values, values))
+}
+
 /// nf4 (bitsandbytes packing: element 2i in the high nibble of byte i), `packed` holding a
-/// multiple of 32 elements, to bf16 `NF4_CODE[q] · absmax(j)` at `dst`.
+/// multiple of 32 elements, to bf16 `NF4_CODE[q] · absmax(j)` at `dst`: per 32 elements the 16
+/// products of the code book and the scale (the same f32 multiplies as per element) rounded
+/// once to bf16, then one 16-bit table look-up (`vpermw`) of the 32 codes.
 ///
 /// # Safety
 /// `cpu::has_avx512_bf16`.
@@ -234,51 +275,41 @@ pub unsafe fn decode_nf4(packed: &[u8], absmax: impl Fn(usize) -> f32, dst: &mut
     assert!(packed.len().is_multiple_of(16) && dst.len() >= 2 * packed.len());
     use crate::matmul::reference::NF4_CODE;
     // SAFETY: NF4_CODE has 16 f32.
-    let table = unsafe { _mm512_loadu_ps(NF4_CODE.as_ptr()) };
-    let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let code = unsafe { _mm512_loadu_ps(NF4_CODE.as_ptr()) };
     for (j, (pc, d)) in packed
         .chunks_exact(16)
         .zip(dst.chunks_exact_mut(32))
         .enumerate()
     {
-        // SAFETY: 16 bytes loaded from a checked chunk.
-        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
-        let ce = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b), table);
-        let co = _mm512_permutexvar_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)), table);
-        let lo = _mm512_permutex2var_ps(ce, even_lo, co);
-        let hi = _mm512_permutex2var_ps(ce, even_hi, co);
-        // SAFETY: the features; d has 32 elements.
-        unsafe { store32(lo, hi, absmax(j), d) };
+        let t = bf16_table(_mm512_mul_ps(code, _mm512_set1_ps(absmax(j))));
+        let w = _mm512_permutexvar_epi16(nibble_words(pc, true), t);
+        // SAFETY: 64 bytes into a 32-element chunk.
+        unsafe { _mm512_storeu_si512(d.as_mut_ptr() as *mut __m512i, w) };
     }
 }
 
 /// 4-bit grouped integers (element 2i in the low nibble of byte i), `packed` holding a multiple
 /// of 32 elements, to bf16 `(q - z(j)) · scale(j)` at `dst` (`zs(j)`: the zero and scale of
-/// elements 32j .. 32j + 32): the values of `formats::gint::dequantize`.
+/// elements 32j .. 32j + 32): the values of `formats::gint::dequantize`, by a table of the 16
+/// codes' values per 32 elements as in `decode_nf4`.
 ///
 /// # Safety
 /// `cpu::has_avx512_bf16`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn decode_gint4(packed: &[u8], zs: impl Fn(usize) -> (i32, f32), dst: &mut [u16]) {
     assert!(packed.len().is_multiple_of(16) && dst.len() >= 2 * packed.len());
-    let even_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    let even_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (j, (pc, d)) in packed
         .chunks_exact(16)
         .zip(dst.chunks_exact_mut(32))
         .enumerate()
     {
         let (z, s) = zs(j);
-        let zv = _mm512_set1_epi32(z);
-        // SAFETY: 16 bytes loaded from a checked chunk.
-        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(pc.as_ptr() as *const __m128i) });
-        let qe = _mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), zv);
-        let qo = _mm512_sub_epi32(_mm512_srli_epi32::<4>(b), zv);
-        let lo = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_lo, qo));
-        let hi = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(qe, even_hi, qo));
-        // SAFETY: the features; d has 32 elements.
-        unsafe { store32(lo, hi, s, d) };
+        let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(iota, _mm512_set1_epi32(z)));
+        let t = bf16_table(_mm512_mul_ps(q, _mm512_set1_ps(s)));
+        let w = _mm512_permutexvar_epi16(nibble_words(pc, false), t);
+        // SAFETY: 64 bytes into a 32-element chunk.
+        unsafe { _mm512_storeu_si512(d.as_mut_ptr() as *mut __m512i, w) };
     }
 }
 
@@ -318,25 +349,33 @@ pub unsafe fn decode_fp8(q: &[u8], e5m2: bool, scale: impl Fn(usize) -> f32, dst
     }
 }
 
-/// `acc[i][v] += Σ_p` weight row i's pair p times vector v's pair p, for `pairs` pairs, as
-/// `vdpbf16ps` chains (one per output, pairs in order). `w`: row i of the decoded chunk at
-/// `w[i * stride..]`; `x[v]`: vector v's pairs from this chunk on.
+/// `acc[at + i · step + v] += Σ_p` weight row i's pair p times vector v's pair p, for `pairs`
+/// pairs, as `vdpbf16ps` chains (one per output, pairs in order), the NR x MV accumulators in
+/// registers for the whole call. `w`: row i of the decoded chunk at `w[i * stride..]`; `x[v]`:
+/// vector v's pairs from this chunk on.
 ///
 /// # Safety
 /// `cpu::has_avx512_bf16`; every row of `w` holds `2 · pairs` bf16 and every `x[v]` `pairs` entries.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn kernel<const NR: usize, const MV: usize>(
     w: &[u16],
     stride: usize,
     x: [&[Pairs16]; MV],
     pairs: usize,
-    acc: &mut [[__m512; MV]; NR],
+    acc: &mut [__m512],
+    at: usize,
+    step: usize,
 ) {
     assert!(w.len() >= (NR - 1) * stride + 2 * pairs);
+    assert!(at + (NR - 1) * step + MV <= acc.len());
     for xv in &x {
         assert!(xv.len() >= pairs);
     }
-    let mut a = *acc;
+    let ap = acc.as_mut_ptr();
+    // SAFETY: every index at + i · step + v < acc.len() (asserted).
+    let mut a: [[__m512; MV]; NR] =
+        std::array::from_fn(|i| std::array::from_fn(|v| unsafe { *ap.add(at + i * step + v) }));
     let wp = w.as_ptr() as *const u8;
     for p in 0..pairs {
         // SAFETY: entry p < pairs of each x[v] (asserted), 64-byte aligned.
@@ -354,7 +393,12 @@ pub unsafe fn kernel<const NR: usize, const MV: usize>(
             }
         }
     }
-    *acc = a;
+    for (i, ai) in a.iter().enumerate() {
+        for (v, &av) in ai.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { *ap.add(at + i * step + v) = av };
+        }
+    }
 }
 
 /// `kernel` for one activation vector whose lanes 8..16 are rows past M: its lanes 0..8 only
