@@ -2,7 +2,9 @@
 //! per block of activation rows, K goes chunk by chunk over every panel of 8 weight rows of the
 //! task (`x86::gemm32::chunk`: the panel's chunk decoded once into L1, the rows passing it, the
 //! float lanes kept between chunks), then `x86::gemm32::finish` writes the results straight
-//! into `out`.
+//! into `out`. Blocks of at most `PANEL_MAJOR_MAX_M` rows go panel by panel instead, each
+//! panel through all of K (`steps`); either order adds a panel's chunks in K order, so the bits
+//! are the same.
 //!
 //! K not a multiple of 256 (SmolLM2's 576 is 2 groups of 8 blocks and 2 blocks): the last
 //! blocks run as one more group, weights and activations padded with zero blocks (`Tail`). A
@@ -91,30 +93,27 @@ impl Plan<'_> {
                 // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`), which includes
                 // AVX-512 F.
                 unsafe { gemm32::zeros(acc, panels * rows_m) };
-                // K chunk by chunk over every panel of the task: the chunk of the block of
-                // activation rows stays in L2 while the panels pass (and the panels' lanes wait
-                // in `acc`).
-                let mut g0 = 0;
-                while g0 < groups {
-                    let gc = gemm32::KC_GROUPS.min(groups - g0);
-                    for pi in 0..panels {
-                        // The panel chunk decoded next (the next panel's, or the first panel's
-                        // next chunk) on its way from memory while this one runs.
-                        let (pn, gn) = if pi + 1 < panels {
-                            (pi + 1, g0)
-                        } else {
-                            (0, g0 + gc)
-                        };
-                        if gn < groups {
-                            gemm32::prefetch(w(pn), gn, gemm32::KC_GROUPS.min(groups - gn));
-                        }
-                        let a = &mut acc[pi * rows_m..(pi + 1) * rows_m];
-                        // SAFETY: every weight row has nb = 8 · groups blocks; x(j, g0) has the
-                        // row's groups from g0 on (the activations of `plan`, interleaved for
-                        // this K); gc <= KC_GROUPS.
-                        unsafe { gemm32::chunk(w(pi), g0, gc, rows_m, &x, buf, a) };
+                // K chunk by chunk over every panel of the task (the chunk of the block of
+                // activation rows stays in L2 while the panels pass, their lanes waiting in
+                // `acc`), or for few rows panel by panel (`PANEL_MAJOR_MAX_M`).
+                let chunks = groups.div_ceil(gemm32::KC_GROUPS);
+                let chunk = |c: usize| {
+                    let g0 = c * gemm32::KC_GROUPS;
+                    (g0, gemm32::KC_GROUPS.min(groups - g0))
+                };
+                let mut it = steps(panels, chunks, rows_m <= PANEL_MAJOR_MAX_M).peekable();
+                while let Some((pi, c)) = it.next() {
+                    // The panel chunk decoded next on its way from memory while this one runs.
+                    if let Some(&(pn, cn)) = it.peek() {
+                        let (gn, gcn) = chunk(cn);
+                        gemm32::prefetch(w(pn), gn, gcn);
                     }
-                    g0 += gc;
+                    let (g0, gc) = chunk(c);
+                    let a = &mut acc[pi * rows_m..(pi + 1) * rows_m];
+                    // SAFETY: every weight row has nb = 8 · groups blocks; x(j, g0) has the
+                    // row's groups from g0 on (the activations of `plan`, interleaved for this
+                    // K); gc <= KC_GROUPS.
+                    unsafe { gemm32::chunk(w(pi), g0, gc, rows_m, &x, buf, a) };
                 }
                 if tail > 0 {
                     let t = Tail::new(ms.clone(), groups * LANES, nb, xb, blocks_d, nbias, s);
@@ -143,6 +142,31 @@ impl Plan<'_> {
             }
         });
     }
+}
+
+/// Up to this many activation rows in a block, the GEMM paths (this one and `gemm_k.rs`) run
+/// panel by panel, each panel's rows read straight through K, instead of chunk by chunk of K
+/// over all the task's panels (whose many short runs of bytes per row the hardware prefetcher
+/// follows poorly). One thread, CPU time, 14336x4096 / 4096x14336, 2026-12-06 (load 13-15):
+/// q8_0 and q5_1 6-10 % faster at M = 8, 16 and 32, q6_k 8-15 % and q5_k 5-9 % at M = 8 / 16,
+/// q4_k and q6_k 3 % at M = 32, q3_k within 3 % either way; q4_0 7 % slower at M = 64 (the
+/// chunk of 64 activation rows then no longer stays in cache beside the panel).
+pub(super) const PANEL_MAJOR_MAX_M: usize = 32;
+
+/// (panel, chunk of K) steps of one block of activation rows: chunk-major (every panel's chunk
+/// 0, then every panel's chunk 1, ...) or panel-major.
+pub(super) fn steps(
+    panels: usize,
+    chunks: usize,
+    panel_major: bool,
+) -> impl Iterator<Item = (usize, usize)> {
+    (0..panels * chunks).map(move |i| {
+        if panel_major {
+            (i / chunks, i % chunks)
+        } else {
+            (i % panels, i / panels)
+        }
+    })
 }
 
 /// The last `nb % 8` blocks of a block of activation rows as one group padded with zero blocks

@@ -3,12 +3,13 @@
 //! (`x86::gemm_k::KC` super-blocks) over every panel of 32 weight rows of the task (the
 //! panel's chunk decoded once into L1, 16 rows a vector, then the activation rows in fours
 //! through `x86::gemm_k::kernel`, the float lanes kept between chunks), then each panel's
-//! outputs go straight into `out`. A panel's missing rows (N not a multiple of 32) decode a
+//! outputs go straight into `out` (few rows: panel by panel, as in `gemm.rs`). A panel's missing rows (N not a multiple of 32) decode a
 //! zero block into lanes that are never written out. Every output has the bits of
 //! `reference::dot_block_k` (see `x86/gemm_k.rs`).
 
 use std::cell::RefCell;
 
+use super::gemm::{steps, PANEL_MAJOR_MAX_M};
 use super::x86::gemm_k::{self, Acc, DecodeK, SbBuf, KC, NV, PV};
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
@@ -77,60 +78,55 @@ impl Plan<'_> {
                 // acc[(pi * rows_m + j) * PV + p]
                 // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`).
                 unsafe { gemm_k::zeros(acc, panels * rows_m * PV) };
-                let mut b0 = 0;
-                while b0 < nb {
-                    let kc = KC.min(nb - b0);
-                    for pi in 0..panels {
-                        // The panel chunk decoded next (the next panel's, or the first panel's
-                        // next chunk) on its way from memory while this one runs: at M = 8 / 16
-                        // the decode otherwise waits on memory (as in `gemm.rs`).
-                        let (pn, bn) = if pi + 1 < panels {
-                            (pi + 1, b0)
-                        } else {
-                            (0, b0 + kc)
-                        };
-                        if bn < nb {
-                            let kn = KC.min(nb - bn);
-                            for i in pn * panel..((pn + 1) * panel).min(rows) {
-                                let row = &self.w.data[(n0 + i) * rb..][..rb];
-                                let sz = std::mem::size_of::<W>();
-                                prefetch_l2(&row[bn * sz..(bn + kn) * sz]);
-                            }
-                        }
-                        let r0 = pi * panel;
-                        let pv = (rows - r0).min(panel).div_ceil(NV);
-                        for sb in 0..kc {
-                            for p in 0..pv {
-                                let ws: [&W; NV] =
-                                    std::array::from_fn(|i| blk(r0 + p * NV + i, b0 + sb));
-                                // SAFETY: as above.
-                                unsafe { gemm_k::decode(&ws, &mut buf[sb * PV + p]) };
-                            }
-                        }
-                        let a = &mut acc[pi * rows_m * PV..(pi + 1) * rows_m * PV];
-                        let mut j = 0;
-                        while j < rows_m {
-                            let r = (rows_m - j).min(4);
-                            let x = |jj: usize| &blocks[(ms.start + j + jj) * nb + b0..][..kc];
-                            let a = &mut a[j * PV..(j + r) * PV];
-                            // SAFETY: as above; buf holds kc decoded super-blocks of pv
-                            // vectors, x(jj) kc blocks.
-                            unsafe {
-                                match (r, pv) {
-                                    (1, 1) => run::<W, 1, 1>(buf, kc, b0, x, a),
-                                    (2, 1) => run::<W, 2, 1>(buf, kc, b0, x, a),
-                                    (3, 1) => run::<W, 3, 1>(buf, kc, b0, x, a),
-                                    (_, 1) => run::<W, 4, 1>(buf, kc, b0, x, a),
-                                    (1, _) => run::<W, 1, 2>(buf, kc, b0, x, a),
-                                    (2, _) => run::<W, 2, 2>(buf, kc, b0, x, a),
-                                    (3, _) => run::<W, 3, 2>(buf, kc, b0, x, a),
-                                    _ => run::<W, 4, 2>(buf, kc, b0, x, a),
-                                }
-                            }
-                            j += r;
+                // K chunk by chunk over every panel of the task, or for few rows panel by panel
+                // (`gemm::PANEL_MAJOR_MAX_M`).
+                let chunks = nb.div_ceil(KC);
+                let chunk = |c: usize| (c * KC, KC.min(nb - c * KC));
+                let mut it = steps(panels, chunks, rows_m <= PANEL_MAJOR_MAX_M).peekable();
+                while let Some((pi, c)) = it.next() {
+                    // The panel chunk decoded next on its way from memory while this one runs:
+                    // at M = 8 / 16 the decode otherwise waits on memory (as in `gemm.rs`).
+                    if let Some(&(pn, cn)) = it.peek() {
+                        let (bn, kn) = chunk(cn);
+                        for i in pn * panel..((pn + 1) * panel).min(rows) {
+                            let row = &self.w.data[(n0 + i) * rb..][..rb];
+                            let sz = std::mem::size_of::<W>();
+                            prefetch_l2(&row[bn * sz..(bn + kn) * sz]);
                         }
                     }
-                    b0 += kc;
+                    let (b0, kc) = chunk(c);
+                    let r0 = pi * panel;
+                    let pv = (rows - r0).min(panel).div_ceil(NV);
+                    for sb in 0..kc {
+                        for p in 0..pv {
+                            let ws: [&W; NV] =
+                                std::array::from_fn(|i| blk(r0 + p * NV + i, b0 + sb));
+                            // SAFETY: as above.
+                            unsafe { gemm_k::decode(&ws, &mut buf[sb * PV + p]) };
+                        }
+                    }
+                    let a = &mut acc[pi * rows_m * PV..(pi + 1) * rows_m * PV];
+                    let mut j = 0;
+                    while j < rows_m {
+                        let r = (rows_m - j).min(4);
+                        let x = |jj: usize| &blocks[(ms.start + j + jj) * nb + b0..][..kc];
+                        let a = &mut a[j * PV..(j + r) * PV];
+                        // SAFETY: as above; buf holds kc decoded super-blocks of pv vectors,
+                        // x(jj) kc blocks.
+                        unsafe {
+                            match (r, pv) {
+                                (1, 1) => run::<W, 1, 1>(buf, kc, b0, x, a),
+                                (2, 1) => run::<W, 2, 1>(buf, kc, b0, x, a),
+                                (3, 1) => run::<W, 3, 1>(buf, kc, b0, x, a),
+                                (_, 1) => run::<W, 4, 1>(buf, kc, b0, x, a),
+                                (1, _) => run::<W, 1, 2>(buf, kc, b0, x, a),
+                                (2, _) => run::<W, 2, 2>(buf, kc, b0, x, a),
+                                (3, _) => run::<W, 3, 2>(buf, kc, b0, x, a),
+                                _ => run::<W, 4, 2>(buf, kc, b0, x, a),
+                            }
+                        }
+                        j += r;
+                    }
                 }
                 for pi in 0..panels {
                     for j in 0..rows_m {

@@ -574,6 +574,8 @@ fn tiles_equal_reference_for_any_m_and_n() {
             (24, 136, 6),
             (9, 264, 4),
             (16, 16, 9),
+            // blocks of rows above `gemm::PANEL_MAJOR_MAX_M`: chunk by chunk over the panels
+            (16, 136, 40),
             // K not a multiple of 256 on the GEMM path (the last group padded): SmolLM2's 576
             // (18 blocks), under one group, one whole chunk plus 2 blocks, 9 groups plus 2
             (16, 18, 16),
@@ -645,6 +647,7 @@ fn min32_tiles_equal_reference() {
             (3, 3, 4),
             // the GEMM path (see `tiles_equal_reference_for_any_m_and_n`)
             (16, 136, 6),
+            (16, 136, 40),
             (9, 264, 4),
             (24, 8, 67),
             // K not a multiple of 256 on the GEMM path (see above)

@@ -685,3 +685,40 @@ fn check_ternary_row_z<W: x86::SumsK>(rng: &mut Rng, nb: usize, halves: &[usize]
         assert_eq!(one.to_bits(), want[2], "{name} nb={nb} R=1 long={long}");
     }
 }
+
+/// `plan`'s q8_1 activations (the fast q8_0 quantizer plus `s`) are `reference::quantize_row_q8_1`'s
+/// bits, block for block, on the pool and off it: random rows, all-zero blocks, ties at .5,
+/// blocks whose max is subnormal (`1/d` overflows to inf: ggml's C cast rules) or at the limits
+/// of f16.
+#[test]
+fn plan_q8_1_equals_reference() {
+    let mut rng = Rng(0x0981_0981_0981_0981);
+    let (m, k) = (6, 32 * 40);
+    let mut x = rng.normalish(m * k, 3.0);
+    x[32..64].iter_mut().for_each(|v| *v = 0.0);
+    for (j, v) in x[64..96].iter_mut().enumerate() {
+        *v = (j as f32 - 16.0) * 0.5; // amax 8, id 127 / 8: products at and near .5
+    }
+    x[96..128].iter_mut().for_each(|v| *v = 1e-40); // subnormal max: 1/d is inf
+    x[128] = -2.0e-39;
+    x[160..192]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(j, v)| *v = if j % 2 == 0 { 65504.0 * 127.0 } else { -1.0 });
+    x[192..224].iter_mut().for_each(|v| *v = 6.0e-8);
+    for par in [false, true] {
+        let (blocks, s) = super::super::plan::quantize_q8_1(&x, m, k, par);
+        let (want_b, _, _, want_s) = q8_1_row(&x);
+        assert_eq!(blocks.len(), want_b.len());
+        for (i, ((b, w), (s, ws))) in blocks
+            .iter()
+            .zip(&want_b)
+            .zip(s.iter().zip(&want_s))
+            .enumerate()
+        {
+            assert_eq!(b.d, w.d, "block {i} d (par {par})");
+            assert_eq!(b.qs, w.qs, "block {i} quants (par {par})");
+            assert_eq!(s.to_bits(), ws.to_bits(), "block {i} s (par {par})");
+        }
+    }
+}

@@ -259,11 +259,16 @@ pub struct XRow<'a> {
 /// rows) was 1.2-1.35x as fast as 4 rows by 2 pairs at M = 8..512 and 3 rows by 4 pairs (which
 /// runs out of registers) 0.9x (q4_0 / q8_0 / q5_1, one thread, CPU time, 2026-12-06).
 ///
+/// Always inlined into `chunk` (compiled with the features below): as a call of its own,
+/// q4_1 / q5_1's larger body was not inlined, and passing the accumulators through memory
+/// cost about 10 % at M = 512 (perf, one thread).
+///
 /// # Safety
-/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `buf` holds `groups` decoded groups;
-/// every `x[j]` has `groups * GROUP_BYTES` interleaved bytes and `groups * 8` scales (and
-/// `nbias` where BIAS is not 0, `s` for q4_1 / q5_1).
-#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`), and called only from functions
+/// compiled with them; `buf` holds `groups` decoded groups; every `x[j]` has
+/// `groups * GROUP_BYTES` interleaved bytes and `groups * 8` scales (and `nbias` where BIAS is
+/// not 0, `s` for q4_1 / q5_1).
+#[inline(always)]
 pub unsafe fn kernel<W: Tile32, const R: usize>(
     buf: &PanelBuf,
     groups: usize,
