@@ -14,10 +14,11 @@ CPU time during it (all threads: on a shared machine the fairer measure); peak =
 resident-set growth during it (sampled every 50 ms). `--threads N` sets torch's threads for
 every engine (they all run in this process).
 
-Peers (`--peers gptqmodel,llmcompressor`, `calib_peers.py`): at each int4 grouped row (e.g.
-int4_g64) GPTQModel's and llm-compressor's GPTQ, W4A16 with the row's group, asymmetric, on the
-same calibration tokens, scored the same way; their time is their quantize call's, and the table
-gives the ratio of each peer's time to ours. `--llama-cpp`: our GPTQ q4_k_m model is written to
+Peers (`--peers gptqmodel,llmcompressor,gptqmodel-awq,llmcompressor-awq`, `calib_peers.py`): at
+each int4 grouped row (e.g. int4_g64) GPTQModel's and llm-compressor's GPTQ (and, `-awq`, their
+AWQ), W4A16 with the row's group, asymmetric, on the same calibration tokens, scored the same way;
+their time is their quantize call's, and the table gives the ratio of each peer's time to our
+same method's. `--llama-cpp`: our GPTQ q4_k_m model is written to
 a GGUF (`save_gguf_model`, bytes as they are) and llama.cpp (llama-cpp-python) scores that file
 on the same windows; the perplexities are printed side by side.
 
@@ -40,7 +41,13 @@ import time
 from pathlib import Path
 
 import torch
-from calib_peers import gptqmodel_gptq, llmcompressor_gptq, save_base
+from calib_peers import (
+    gptqmodel_awq,
+    gptqmodel_gptq,
+    llmcompressor_awq,
+    llmcompressor_gptq,
+    save_base,
+)
 
 import ferroquant as fq
 from ferroquant.calib import calibration_ids
@@ -92,7 +99,7 @@ def main() -> None:
     ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=2048)
-    ap.add_argument("--peers", default="", help="gptqmodel,llmcompressor at int4 grouped rows")
+    ap.add_argument("--peers", default="", help="at int4 grouped rows: " + ",".join(PEERS))
     ap.add_argument("--llama-cpp", action="store_true", help="score our GPTQ q4_k_m in llama.cpp")
     ap.add_argument("--scale-search", type=int, default=GPTQConfig.scale_search,
                     help="GPTQ's block-scale search steps (0: absmax)")  # fmt: skip
@@ -215,10 +222,10 @@ def main() -> None:
         print(llama_line)
     for recipe in args.rows.split(","):
         t = {m: (dt, cpu) for r, m, _, dt, cpu, _ in rows if r == recipe}
-        for peer in PEERS:
-            if peer in t and t.get("gptq"):
-                print(f"{recipe}: {peer} takes {t[peer][0] / t['gptq'][0]:.2f}x our GPTQ's wall "
-                      f"time, {t[peer][1] / t['gptq'][1]:.2f}x its CPU time")  # fmt: skip
+        for peer, ours in PEER_METHOD.items():
+            if peer in t and t.get(ours):
+                print(f"{recipe}: {peer} takes {t[peer][0] / t[ours][0]:.2f}x our {ours}'s wall "
+                      f"time, {t[peer][1] / t[ours][1]:.2f}x its CPU time")  # fmt: skip
     for recipe in args.rows.split(","):
         d = {m: s.ppl() - b.ppl() for r, m, s, *_ in rows if r == recipe}
         if d.get("rtn", 0) > 0:
@@ -257,7 +264,13 @@ def _llama_cpp_ppl(model: torch.nn.Module, ids: torch.Tensor, windows: list) -> 
     return scores.ppl()
 
 
-PEERS = {"gptqmodel": gptqmodel_gptq, "llmcompressor": llmcompressor_gptq}
+PEERS = {
+    "gptqmodel": gptqmodel_gptq,
+    "llmcompressor": llmcompressor_gptq,
+    "gptqmodel-awq": gptqmodel_awq,
+    "llmcompressor-awq": llmcompressor_awq,
+}
+PEER_METHOD = {peer: "awq" if peer.endswith("-awq") else "gptq" for peer in PEERS}  # ours to match
 
 
 if __name__ == "__main__":
