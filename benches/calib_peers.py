@@ -102,6 +102,23 @@ def _decoder_linears(model: nn.Module) -> list[str]:
     return [n for n, mod in model.named_modules() if ".layers." in n and isinstance(mod, nn.Linear)]
 
 
+def _gptqmodel_quantize(
+    folder: Path, qc: object, calib: torch.Tensor, out: Path
+) -> tuple[float, float]:
+    """Load `folder` into GPTQModel with config `qc`, quantize on `calib` [n, len], save the result
+    to `out` (its in-memory modules may be offloaded to meta, so callers read the saved copy);
+    returns (wall seconds, CPU seconds of this process) of the quantize call alone."""
+    from gptqmodel import GPTQModel
+
+    rows = [{"input_ids": r.tolist(), "attention_mask": [1] * int(r.numel())} for r in calib]
+    model = GPTQModel.load(str(folder), qc, device="cpu")
+    t0, c0 = time.perf_counter(), time.process_time()
+    model.quantize(rows, batch_size=1)
+    dt = (time.perf_counter() - t0, time.process_time() - c0)
+    model.save(str(out))
+    return dt
+
+
 def gptqmodel_gptq(
     base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
 ) -> tuple[nn.Module, tuple[float, float]]:
@@ -110,15 +127,9 @@ def gptqmodel_gptq(
     from gptqmodel import GPTQModel, QuantizeConfig
 
     names = _decoder_linears(base)
-    rows = [{"input_ids": r.tolist(), "attention_mask": [1] * int(r.numel())} for r in calib]
     with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
         qc = QuantizeConfig(bits=4, group_size=group, sym=False)
-        model = GPTQModel.load(str(folder), qc, device="cpu")
-        t0, c0 = time.perf_counter(), time.process_time()
-        model.quantize(rows, batch_size=1)
-        dt = (time.perf_counter() - t0, time.process_time() - c0)
-        model.save(str(Path(tmp) / "out"))  # its in-memory modules may be offloaded (meta)
-        del model
+        dt = _gptqmodel_quantize(folder, qc, calib, Path(tmp) / "out")
         inner = GPTQModel.load(str(Path(tmp) / "out"), device="cpu", dtype=torch.float16).model
         weights = {n: inner.get_submodule(n).dequantize_weight().T.detach().float() for n in names}
     return _into_float_copy(base, weights), dt
@@ -177,20 +188,14 @@ def gptqmodel_awq(
 ) -> tuple[nn.Module, tuple[float, float]]:
     """GPTQModel's AWQ (4-bit, group `group`, asymmetric, GEMM format) on `calib` [n, len]: (a
     float copy of `base` holding its result, (wall seconds, CPU seconds of this process))."""
-    from gptqmodel import AWQConfig, GPTQModel
+    from gptqmodel import AWQConfig
 
     from ferroquant.models.ecosystem import load_checkpoint
     from ferroquant.models.gguf_model import dequantize_model
 
-    rows = [{"input_ids": r.tolist(), "attention_mask": [1] * int(r.numel())} for r in calib]
     with tempfile.TemporaryDirectory() as tmp, _in(Path(tmp)):
         qc = AWQConfig(bits=4, group_size=group, sym=False)
-        model = GPTQModel.load(str(folder), qc, device="cpu")
-        t0, c0 = time.perf_counter(), time.process_time()
-        model.quantize(rows, batch_size=1)
-        dt = (time.perf_counter() - t0, time.process_time() - c0)
-        model.save(str(Path(tmp) / "out"))
-        del model
+        dt = _gptqmodel_quantize(folder, qc, calib, Path(tmp) / "out")
         got = dequantize_model(load_checkpoint(Path(tmp) / "out"))
         state = dict(got.state_dict())
     return _state_into_float_copy(base, state), dt
