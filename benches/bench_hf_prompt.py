@@ -5,18 +5,22 @@ shape of the model.
 
     python benches/bench_hf_prompt.py [--rows bf16,q8_0,q4_0,q4_k_m,nf4,int8] [--threads 2]
                                       [--prompt 128] [--runs 5] [--clock wall|cpu] [--shapes]
+                                      [--pool-rows]
 
 The rows are built as the eval builds them (the default model's bf16 baseline, `quantize_model`
 with the row's recipe); every run times each row's forward once, rows interleaved in an order
 rotated by one each run (benchlib), after one untimed warm-up forward per row. `--clock cpu`
 times process CPU time instead of wall time (a loaded machine: use it with --threads 1).
 `--shapes` adds, per row, the time of one QuantLinear call at each Linear shape of the model
-with M = prompt rows, against torch's bf16 F.linear at the same shape.
+with M = prompt rows, against torch's bf16 F.linear at the same shape. `--pool-rows` adds, per
+quantized row, "<row> pool": the same model with FERROQUANT_OPENMP=off (the Rust pool instead of
+torch's OpenMP team), interleaved with the others: the A/B of the team dispatch in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import benchlib
@@ -37,6 +41,19 @@ def forward_s(model, prompt: torch.Tensor, now) -> float:
         t0 = now()
         model(input_ids=prompt[None], use_cache=False)
         return now() - t0
+
+
+def forward_on_pool_s(model, prompt: torch.Tensor, now) -> float:
+    """forward_s with FERROQUANT_OPENMP=off: QuantLinear's calls on the Rust pool."""
+    old = os.environ.get("FERROQUANT_OPENMP")
+    os.environ["FERROQUANT_OPENMP"] = "off"
+    try:
+        return forward_s(model, prompt, now)
+    finally:
+        if old is None:
+            del os.environ["FERROQUANT_OPENMP"]
+        else:
+            os.environ["FERROQUANT_OPENMP"] = old
 
 
 def shapes_of(model) -> dict[tuple[int, int], QuantLinear]:
@@ -65,6 +82,8 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--shapes", action="store_true", help="per-shape QuantLinear call times")
     ap.add_argument("--reps", type=int, default=10, help="calls per --shapes timing")
+    ap.add_argument("--pool-rows", action="store_true",
+                    help="each quantized row also with FERROQUANT_OPENMP=off")  # fmt: skip
     benchlib.add_runs(ap, 5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -84,9 +103,12 @@ def main() -> None:
         print(f"built {s.name} in {time.perf_counter() - t0:.1f} s", flush=True)
     for m in models.values():
         forward_s(m, prompt, now)  # warm-up: first-touch of buffers, oneDNN primitive caches
-    times = benchlib.interleave(
-        {n: (lambda m=m: forward_s(m, prompt, now)) for n, m in models.items()}, a.runs
-    )
+    engines = {n: (lambda m=m: forward_s(m, prompt, now)) for n, m in models.items()}
+    if a.pool_rows:
+        for n, m in list(models.items())[1:]:
+            forward_on_pool_s(m, prompt, now)  # warm-up on the pool's threads
+            engines[f"{n} pool"] = lambda m=m: forward_on_pool_s(m, prompt, now)
+    times = benchlib.interleave(engines, a.runs)
     base = specs[0].name
     tps = {n: [a.prompt / t for t in ts] for n, ts in times.items()}
     rows = [

@@ -132,8 +132,16 @@ def qmatmul(
     block_size: int,
     stats: npt.NDArray[np.float32] | None = None,
     scale_mode: str | None = None,
+    openmp: bool = False,
 ) -> npt.NDArray[np.float32]: ...
 def qmatmul_qtypes() -> list[str]: ...
+
+# qmatmul(openmp=True)'s team: the OpenMP runtime an already-loaded library uses (torch's _C
+# extension -> torch's libgomp); attach returns False when there is none and never loads one.
+def openmp_attach(path: str) -> bool: ...
+def openmp_detach() -> None: ...
+def openmp_attached() -> bool: ...
+def openmp_regions() -> int: ...  # regions run on the attached team so far
 
 # From this many activation rows (K a multiple of 32) nf4, int8, fp8 and the grouped integers run
 # the bf16 GEMM and its numerics (rust/core/src/matmul/reference/bf16.rs); 0 without AVX-512 BF16.

@@ -21,6 +21,7 @@ PYTHON_SWITCHES = {
     "FERROQUANT_CACHE_DIR": "folder of compiled CUDA kernels (default ~/.cache/ferroquant/cuda)",
     "FERROQUANT_CUDA_BACKEND": "core | bindings: force the cuda-python layer that launches kernels",
     "FERROQUANT_CUDA_MMA_MIN_M": "token count from which M <= 16 uses the tensor-core kernel",
+    "FERROQUANT_OPENMP": "off: QuantLinear's CPU calls keep the Rust pool, not torch's OpenMP team",
 }
 
 
@@ -48,6 +49,17 @@ def cuda_mma_min_m() -> int | None:
         return int(raw)
     except ValueError:
         raise ValueError(f"FERROQUANT_CUDA_MMA_MIN_M must be an integer, got {raw!r}") from None
+
+
+def openmp() -> bool:
+    """FERROQUANT_OPENMP: False for 'off' / '0'; True (the default) for unset, '', 'auto', 'on'
+    or '1': QuantLinear's CPU calls run on torch's OpenMP team when torch has one."""
+    raw = _get("FERROQUANT_OPENMP").strip().lower()
+    if raw in ("", "auto", "on", "1"):
+        return True
+    if raw in ("off", "0"):
+        return False
+    raise ValueError(f"FERROQUANT_OPENMP must be auto, on, off, 1 or 0, got {raw!r}")
 
 
 def describe() -> dict[str, str]:

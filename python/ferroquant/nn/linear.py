@@ -14,6 +14,7 @@ from ..cuda import qmatmul as cuda_ops
 from ..cuda.checks import SPLIT_SUFFIX
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
 from . import ops  # ops registers torch.ops.ferroquant.qmatmul
+from .openmp import torch_team
 
 # Devices whose QuantLinear keeps a ggml weight in the GPU kernels' split layout.
 KERNEL_LAYOUT_DEVICES = ("cuda",)
@@ -203,7 +204,7 @@ class QuantLinear(nn.Module):
             x2 = _serial_cast(x2, torch.float32)
         xf = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
         y = _native.qmatmul(xf, w, self.qtype, self.out_features, k, self.block_size, s,
-                            self.scale_mode or None)  # fmt: skip
+                            self.scale_mode or None, openmp=torch_team())  # fmt: skip
         out = torch.from_numpy(y)
         if x.dtype != torch.float32:
             out = _serial_cast(out, x.dtype)

@@ -30,6 +30,7 @@ import torch
 from .. import _native
 from ..cuda import qmatmul as cuda_ops
 from ..tensor import QTensor, dequantize
+from .openmp import torch_team
 
 
 def _as_qtensor(
@@ -87,6 +88,7 @@ def qmatmul_reference(
             block_size,
             stats.detach().contiguous().numpy().reshape(-1),
             scale_mode or None,
+            openmp=torch_team(),
         )
         out = torch.from_numpy(np.asarray(y)).to(x.dtype)
     else:

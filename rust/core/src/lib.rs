@@ -17,6 +17,7 @@ pub mod gram;
 pub mod hqq;
 pub mod input;
 pub mod matmul;
+pub mod openmp;
 pub mod parallel;
 pub mod qtype;
 pub mod quantize;

@@ -1,9 +1,15 @@
 //! The one rayon pool of ferroquant. Its size comes from FERROQUANT_NUM_THREADS (default: all
 //! cores) and can be changed at run time; results never depend on it, because work is split by
 //! rows and every row is computed by the same scalar sequence.
+//!
+//! Inside `on_openmp` the task helpers (`for_each_index`, `for_each_chunk_mut`) run on the
+//! attached OpenMP team instead (`openmp`: torch's, for calls from torch), with the same split
+//! into tasks; anything else, and any thread not inside `on_openmp`, keeps the pool.
 
+use std::cell::Cell;
 use std::sync::{Arc, OnceLock, RwLock};
 
+use rayon::prelude::*;
 use rayon::ThreadPool;
 
 fn build(threads: usize) -> Arc<ThreadPool> {
@@ -57,4 +63,129 @@ pub fn rows_per_task(rows: usize, cols: usize) -> usize {
     let by_size = (TARGET_ELEMS / cols.max(1)).max(1);
     let by_balance = rows.div_ceil(num_threads() * 8).max(1);
     by_size.min(by_balance)
+}
+
+thread_local! {
+    /// True while this thread is inside `on_openmp`.
+    static OPENMP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f` with this thread's task helpers on the attached OpenMP team (`openmp::attach`), when
+/// there is one; without one, or on other threads (the team's own included), they keep the
+/// rayon pool.
+pub fn on_openmp<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OPENMP.set(self.0);
+        }
+    }
+    let _restore = Restore(OPENMP.replace(true));
+    f()
+}
+
+/// `task(t)` for every t in 0..tasks, on the OpenMP team inside `on_openmp` (when it can run
+/// there), else on the pool.
+pub fn for_each_index(tasks: usize, task: impl Fn(usize) + Sync + Send) {
+    if OPENMP.get() && crate::openmp::run(num_threads(), tasks, &task) {
+        return;
+    }
+    install(|| (0..tasks).into_par_iter().for_each(task));
+}
+
+/// A pointer that the tasks of `for_each_chunk_mut` share; each derives only its own chunk.
+struct Shared<T>(*mut T);
+// SAFETY: only used by `for_each_chunk_mut`, whose tasks touch disjoint chunks of a `&mut [T]`
+// with `T: Send`.
+unsafe impl<T: Send> Sync for Shared<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Send for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer (a method, so that closures capture the whole `Shared`, not its field).
+    fn get(&self) -> *mut T {
+        self.0
+    }
+}
+
+/// `f(i, chunk)` for every `chunk_len`-element chunk of `data` (the last may be shorter), as
+/// `data.par_chunks_mut(chunk_len).enumerate()` on the pool, or on the OpenMP team inside
+/// `on_openmp`.
+pub fn for_each_chunk_mut<T: Send>(
+    data: &mut [T],
+    chunk_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    assert!(chunk_len > 0, "chunk length 0");
+    let len = data.len();
+    let chunks = len.div_ceil(chunk_len);
+    if OPENMP.get() {
+        let base = Shared(data.as_mut_ptr());
+        let one = |i: usize| {
+            let start = i * chunk_len;
+            let n = chunk_len.min(len - start);
+            // SAFETY: i < chunks, so start..start + n lies in `data`; every i is run exactly
+            // once and the chunks are disjoint, so no two tasks alias; `data` is borrowed
+            // mutably for the whole call.
+            let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
+            f(i, chunk);
+        };
+        if crate::openmp::run(num_threads(), chunks, &one) {
+            return;
+        }
+    }
+    install(|| {
+        data.par_chunks_mut(chunk_len)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn every_index_and_every_element_exactly_once() {
+        for (len, chunk) in [(0, 3), (1, 1), (10, 3), (64, 64), (65, 8), (1000, 7)] {
+            for openmp in [false, true] {
+                // Without an attached runtime `on_openmp` keeps the pool: same coverage.
+                let run = || {
+                    let seen: Vec<AtomicUsize> = (0..len).map(|_| AtomicUsize::new(0)).collect();
+                    for_each_index(len, |i| {
+                        seen[i].fetch_add(1, Ordering::Relaxed);
+                    });
+                    assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
+                    let mut data = vec![0usize; len];
+                    for_each_chunk_mut(&mut data, chunk, |i, c| {
+                        assert!(c.len() == chunk || (i + 1) * chunk >= len);
+                        for (j, v) in c.iter_mut().enumerate() {
+                            *v += i * chunk + j + 1;
+                        }
+                    });
+                    assert!(data.iter().enumerate().all(|(k, &v)| v == k + 1));
+                };
+                if openmp {
+                    on_openmp(run);
+                } else {
+                    run();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn on_openmp_is_scoped_to_its_call() {
+        assert!(!OPENMP.get());
+        on_openmp(|| {
+            assert!(OPENMP.get());
+            on_openmp(|| assert!(OPENMP.get()));
+            assert!(OPENMP.get());
+        });
+        assert!(!OPENMP.get());
+        let r = std::panic::catch_unwind(|| on_openmp(|| panic!("task")));
+        assert!(r.is_err());
+        assert!(!OPENMP.get());
+    }
 }

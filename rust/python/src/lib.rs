@@ -317,6 +317,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_min_m, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::stream_read, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::openmp_attach, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::openmp_detach, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::openmp_attached, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::openmp_regions, m)?)?;
     gguf::register(m)?;
     hqq::register(m)?;
     gptq::register(m)?;

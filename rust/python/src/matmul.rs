@@ -11,8 +11,10 @@ use crate::{not_contiguous, to_py};
 
 /// `y = x · Wᵀ`: x (M x K float32, C-contiguous), W given as its raw quantized data (N x K in
 /// `qtype`'s layout) plus statistics (nf4 absmax, int8 / fp8 scales). Returns y (M x N float32).
+/// With `openmp`, the parallel work runs on the attached OpenMP team (`openmp_attach`: torch's,
+/// for QuantLinear) when there is one, with the same result.
 #[pyfunction]
-#[pyo3(signature = (x, data, qtype, n, k, block_size, stats=None, scale_mode=None))]
+#[pyo3(signature = (x, data, qtype, n, k, block_size, stats=None, scale_mode=None, openmp=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn qmatmul<'py>(
     py: Python<'py>,
@@ -24,6 +26,7 @@ pub fn qmatmul<'py>(
     block_size: usize,
     stats: Option<PyReadonlyArray1<'py, f32>>,
     scale_mode: Option<&str>,
+    openmp: bool,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let qtype = core::QType::parse(qtype).map_err(to_py)?;
     let scale_mode = scale_mode
@@ -51,14 +54,46 @@ pub fn qmatmul<'py>(
         stats: stats_s,
         double_quant: None,
     };
-    let y = py.detach(|| {
+    let run = || {
         let len = m.checked_mul(n).ok_or_else(|| {
             core::Error::InvalidArgument(format!("output shape {m}x{n} overflows"))
         })?;
         let mut y = vec![0f32; len];
         core::matmul::qmatmul(xs, m, &view, &mut y).map(|_| y)
+    };
+    let y = py.detach(|| {
+        if openmp {
+            core::parallel::on_openmp(run)
+        } else {
+            run()
+        }
     });
     y.map_err(to_py)?.into_pyarray(py).reshape([m, n])
+}
+
+/// Run `qmatmul(..., openmp=True)` on the OpenMP runtime that the already-loaded library `path`
+/// uses (torch's `_C` extension: torch's libgomp). False when there is none; never loads one.
+#[pyfunction]
+pub fn openmp_attach(path: &str) -> bool {
+    core::openmp::attach(path)
+}
+
+/// Forget the attached OpenMP runtime: `openmp=True` calls use the rayon pool again.
+#[pyfunction]
+pub fn openmp_detach() {
+    core::openmp::detach()
+}
+
+/// True when an OpenMP runtime is attached.
+#[pyfunction]
+pub fn openmp_attached() -> bool {
+    core::openmp::attached()
+}
+
+/// How many parallel regions have run on the attached OpenMP team in this process.
+#[pyfunction]
+pub fn openmp_regions() -> u64 {
+    core::openmp::regions_run()
 }
 
 /// Names of the weight qtypes `qmatmul` has kernels for.

@@ -13,8 +13,6 @@ use std::arch::x86_64::{
 };
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
 use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
 use super::{OutPtr, Plan};
 use crate::qtype::QType;
@@ -56,7 +54,7 @@ impl Plan<'_> {
         if threads == 1 || jobs == 1 {
             (0..jobs).for_each(job);
         } else {
-            crate::parallel::install(|| (0..jobs).into_par_iter().for_each(job));
+            crate::parallel::for_each_index(jobs, job);
         }
     }
 

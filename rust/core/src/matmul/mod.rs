@@ -582,11 +582,7 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         if threads == 1 || work < SERIAL_WORK {
             plan.fill(0, out);
         } else {
-            parallel::install(|| {
-                out.par_chunks_mut(per_task)
-                    .enumerate()
-                    .for_each(|(t, chunk)| plan.fill(t * per_task, chunk))
-            })
+            parallel::for_each_chunk_mut(out, per_task, |t, chunk| plan.fill(t * per_task, chunk))
         }
         return Ok(());
     }
@@ -614,7 +610,7 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
     if threads == 1 || work < SERIAL_WORK {
         (0..tasks).for_each(task);
     } else {
-        parallel::install(|| (0..tasks).into_par_iter().for_each(task));
+        parallel::for_each_index(tasks, task);
     }
     Ok(())
 }
