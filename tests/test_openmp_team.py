@@ -41,16 +41,16 @@ def _two_threads():
     fq.set_num_threads(before)
 
 
-def _weights(qtype: str, seed: int = 0):
+def _weights(qtype: str, seed: int = 0, n: int = N, k: int = K):
     rng = np.random.default_rng(seed)
-    q = fq.quantize(rng.standard_normal((N, K)).astype(np.float32), qtype)
+    q = fq.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)
     stats = None if q.stats is None else np.ascontiguousarray(q.stats).reshape(-1)
-    return (np.ascontiguousarray(q.data).reshape(-1), q.qtype, N, K, q.block_size, stats,
+    return (np.ascontiguousarray(q.data).reshape(-1), q.qtype, n, k, q.block_size, stats,
             q.scale_mode)  # fmt: skip
 
 
-def _x(m: int, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((m, K)).astype(np.float32)
+def _x(m: int, seed: int = 1, k: int = K) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((m, k)).astype(np.float32)
 
 
 def _call(x: np.ndarray, w: tuple, openmp: bool) -> np.ndarray:
@@ -72,6 +72,22 @@ def test_team_matches_the_pool_bit_for_bit(qtype, m):
         assert team.tobytes() == pool.tobytes(), (qtype, m, threads)
         # one thread runs serially; more run (at least the GEMM) on the team
         assert (_native.openmp_regions() > before) == (threads > 1)
+
+
+# M x K >= 2^17 (and M >= 4): the activations are quantized in parallel too (plan.rs: q8_0
+# blocks with their scales and sums, q8_1, q8_K, q16 rows; panels.rs: the tile interleave).
+@pytest.mark.parametrize(
+    ("qtype", "m", "k"),
+    [("q8_0", 80, 2048), ("q4_1", 80, 2048), ("q5_0", 6, 32768), ("q4_k", 80, 2048),
+     ("q6_k", 6, 32768), ("int8", 4, 32768), ("nf4", 4, 32768)],
+)  # fmt: skip
+def test_team_quantizes_activations_as_the_pool(qtype, m, k):
+    w = _weights(qtype, n=96, k=k)
+    x = _x(m, k=k)
+    pool = _call(x, w, openmp=False)
+    before = _native.openmp_regions()
+    assert _call(x, w, openmp=True).tobytes() == pool.tobytes()
+    assert _native.openmp_regions() > before
 
 
 @settings(max_examples=15, deadline=None)

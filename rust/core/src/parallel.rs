@@ -141,6 +141,45 @@ pub fn for_each_chunk_mut<T: Send>(
     });
 }
 
+/// `f(i, a_chunk, b_chunk)` for the i-th `a_len`-element chunk of `a` and `b_len`-element chunk
+/// of `b`, as `a.par_chunks_mut(a_len).zip(b.par_chunks_mut(b_len)).enumerate()` (as many as
+/// the shorter has) on the pool, or on the OpenMP team inside `on_openmp`.
+pub fn for_each_chunk2_mut<A: Send, B: Send>(
+    a: &mut [A],
+    a_len: usize,
+    b: &mut [B],
+    b_len: usize,
+    f: impl Fn(usize, &mut [A], &mut [B]) + Sync + Send,
+) {
+    assert!(a_len > 0 && b_len > 0, "chunk length 0");
+    let (la, lb) = (a.len(), b.len());
+    let chunks = la.div_ceil(a_len).min(lb.div_ceil(b_len));
+    if OPENMP.get() {
+        let (pa, pb) = (Shared(a.as_mut_ptr()), Shared(b.as_mut_ptr()));
+        let one = |i: usize| {
+            let (sa, sb) = (i * a_len, i * b_len);
+            // SAFETY: i < chunks, so both ranges lie in their slices; every i runs exactly once
+            // and the chunks of each slice are disjoint; both are borrowed mutably for the call.
+            let (ca, cb) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(pa.get().add(sa), a_len.min(la - sa)),
+                    std::slice::from_raw_parts_mut(pb.get().add(sb), b_len.min(lb - sb)),
+                )
+            };
+            f(i, ca, cb);
+        };
+        if crate::openmp::run(num_threads(), chunks, &one) {
+            return;
+        }
+    }
+    install(|| {
+        a.par_chunks_mut(a_len)
+            .zip(b.par_chunks_mut(b_len))
+            .enumerate()
+            .for_each(|(i, (ca, cb))| f(i, ca, cb))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +204,20 @@ mod tests {
                         }
                     });
                     assert!(data.iter().enumerate().all(|(k, &v)| v == k + 1));
+                    // a second slice of 2 per chunk, one chunk longer: zip stops at `data`'s
+                    let mut other = vec![0usize; 2 * (len.div_ceil(chunk) + 1)];
+                    let mut data = vec![0usize; len];
+                    for_each_chunk2_mut(&mut data, chunk, &mut other, 2, |i, c, o| {
+                        c.iter_mut().for_each(|v| *v += 1);
+                        o.iter_mut().for_each(|v| *v += i + 1);
+                    });
+                    assert!(data.iter().all(|&v| v == 1));
+                    let used = 2 * len.div_ceil(chunk);
+                    assert!(other[..used]
+                        .iter()
+                        .enumerate()
+                        .all(|(j, &v)| v == j / 2 + 1));
+                    assert!(other[used..].iter().all(|&v| v == 0));
                 };
                 if openmp {
                     on_openmp(run);

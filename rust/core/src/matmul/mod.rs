@@ -52,8 +52,6 @@ pub mod x86;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 
-use rayon::prelude::*;
-
 use crate::error::Result;
 use crate::formats::blocks::*;
 use crate::formats::tensor::QuantizedView;

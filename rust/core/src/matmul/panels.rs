@@ -10,14 +10,11 @@ use crate::qtype::QType;
 /// The q8_0 activation rows (`nb` blocks each) interleaved for `x86::tile`, row after row (over
 /// the pool when `par`).
 pub(super) fn interleave_q8_0_rows(blocks: &[BlockQ8_0], nb: usize, par: bool) -> Vec<u8> {
-    use rayon::prelude::*;
     let gb = nb / reference::LANES * x86::tile::GROUP_BYTES;
     let mut xt = vec![0u8; blocks.len() / nb.max(1) * gb];
     if par && gb > 0 {
-        crate::parallel::install(|| {
-            xt.par_chunks_mut(gb)
-                .zip(blocks.par_chunks(nb))
-                .for_each(|(o, b)| x86::tile::interleave_q8_0(b, o))
+        crate::parallel::for_each_chunk_mut(&mut xt, gb, |r, o| {
+            x86::tile::interleave_q8_0(&blocks[r * nb..(r + 1) * nb], o)
         });
     } else {
         for (o, b) in xt.chunks_mut(gb.max(1)).zip(blocks.chunks(nb.max(1))) {

@@ -41,7 +41,16 @@ fn check_bnb_block(w: &QuantizedView<'_>) -> Result<usize> {
 fn scales_and_sums(blocks: &[BlockQ8_0], par: bool) -> (Vec<f32>, Vec<i32>) {
     let one = |b: &BlockQ8_0| (f16_to_f32(b.d), b.qs.iter().map(|&q| q as i32).sum::<i32>());
     if par {
-        parallel::install(|| blocks.par_iter().map(one).unzip())
+        const PER_TASK: usize = 256;
+        let mut d = vec![0.0f32; blocks.len()];
+        let mut sums = vec![0i32; blocks.len()];
+        parallel::for_each_chunk2_mut(&mut d, PER_TASK, &mut sums, PER_TASK, |t, d, sums| {
+            let b = &blocks[t * PER_TASK..];
+            for ((d, s), b) in d.iter_mut().zip(sums.iter_mut()).zip(b) {
+                (*d, *s) = one(b);
+            }
+        });
+        (d, sums)
     } else {
         blocks.iter().map(one).unzip()
     }
@@ -59,12 +68,7 @@ fn quantize_rows<B: Send>(
         return;
     }
     if par {
-        parallel::install(|| {
-            blocks
-                .par_chunks_mut(nb)
-                .zip(x.par_chunks(k))
-                .for_each(|(b, x)| quant(x, b))
-        });
+        parallel::for_each_chunk_mut(blocks, nb, |r, b| quant(&x[r * k..(r + 1) * k], b));
     } else {
         blocks
             .chunks_mut(nb)
@@ -103,12 +107,8 @@ pub(super) fn quantize_q8_1(
         }
     };
     if nb > 0 && par {
-        parallel::install(|| {
-            blocks
-                .par_chunks_mut(nb)
-                .zip(s.par_chunks_mut(nb))
-                .zip(x.par_chunks(k))
-                .for_each(one)
+        parallel::for_each_chunk2_mut(&mut blocks, nb, &mut s, nb, |r, b, s| {
+            one(((b, s), &x[r * k..(r + 1) * k]))
         });
     } else if nb > 0 {
         blocks
@@ -144,11 +144,8 @@ fn quantize_q16<'a>(x: &[f32], m: usize, k: usize, nf4: bool, avx512: bool, par:
     };
     let qs: &mut [i16] = bytemuck::cast_slice_mut(&mut q);
     if row > 0 && par {
-        parallel::install(|| {
-            qs.par_chunks_mut(row)
-                .zip(d.par_chunks_mut(blocks))
-                .zip(x.par_chunks(k))
-                .for_each(one)
+        parallel::for_each_chunk2_mut(qs, row, &mut d, blocks, |r, q, d| {
+            one(((q, d), &x[r * k..(r + 1) * k]))
         });
     } else if row > 0 {
         qs.chunks_mut(row)
