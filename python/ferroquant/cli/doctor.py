@@ -54,6 +54,17 @@ def _cuda_status() -> str:
     return nvrtc.diagnose()
 
 
+def _torch_team() -> str:
+    """Whether QuantLinear's CPU calls run on torch's OpenMP team (nn/openmp.py)."""
+    try:
+        from ..nn.openmp import torch_team
+    except ImportError as e:
+        return f"no (torch does not import: {e})"
+    if torch_team():
+        return "yes"
+    return "no (FERROQUANT_OPENMP=off, or torch's ATen backend is not OpenMP)"
+
+
 def run(args: argparse.Namespace) -> int:
     info = {
         "ferroquant": __version__,
@@ -63,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": _native.num_threads(),
         "simd_kernels": _native.kernel_simd_level(),  # what the matmul kernels and runtime use
         "simd_quantizers": _native.simd_level(),
+        "torch_openmp_team": _torch_team(),
         "settings": fq_config.describe(),
         "peers": {name: peer_version(dist) for name, dist in PEERS.items()},
         "cuda": _cuda_status(),
