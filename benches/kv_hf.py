@@ -228,7 +228,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     ours = args.kv.split(",")
     rows = []
     if not args.no_ppl:
-        engines = ["dynamic", *ours] + (["quanto-int4"] if args.quanto else [])
+        engines = (["dynamic"] if args.ppl_dynamic else []) + ours
+        engines += ["quanto-int4"] if args.quanto else []
         rows += perplexity_rows(
             models, ids, [int(c) for c in args.ctx.split(",")], engines, args.quick
         )
@@ -298,6 +299,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward when scoring")
     ap.add_argument("--no-ppl", action="store_true")
     ap.add_argument("--no-speed", action="store_true", help="perplexity rows only")
+    ap.add_argument(
+        "--no-ppl-dynamic",
+        dest="ppl_dynamic",
+        action="store_false",
+        help="perplexity: leave out DynamicCache (f32; the baseline is our f16 cache)",
+    )
     ap.add_argument(
         "--clock",
         choices=["wall", "cpu"],

@@ -174,8 +174,9 @@ class QuantizedLayer(CacheLayerMixin):
         self.fp_v: torch.Tensor | None = None
         self.n_res = 0
         self._res_views: tuple[Any, Any] | None = None  # numpy views for attend_decode
-        self._rot_matrix: torch.Tensor | None = None
+        self._rot_matrix: np.ndarray | None = None
         self._butterfly: rotate.Butterfly | None = None
+        self._mask_buf: np.ndarray | None = None
         self._visible = 0  # quantized tokens the last call's attention sees
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
@@ -217,6 +218,36 @@ class QuantizedLayer(CacheLayerMixin):
             return torch.from_numpy(rotate.wht_numpy(x.numpy()))
         return rotate.wht(x).to(self.dtype)
 
+    def _decode_write(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """The common KIVI decode step of a float32 model (one token, past the sinks, no group
+        to quantize): the token (rotated) written straight into the full-precision buffers'
+        numpy views, no tensors built. False when the step is not that case."""
+        if not (self.kivi and k.shape[2] == 1 and self.n_tokens >= self.sinks):
+            return False
+        if self._quantized_after(self.n_tokens + 1) != self.n_quantized:
+            return False
+        if not (_plain_f32(k) and _plain_f32(v) and self.fp_k.dtype == torch.float32):
+            return False
+        fk, fv = self._residual_f32()
+        at = self.sinks + self.n_res
+        kn, vn = k.numpy()[:, :, 0], v.numpy()[:, :, 0]
+        if self.rotation:
+            both = self._butterfly_for(2 * kn.shape[0] * kn.shape[1], kn.shape[2])(kn, vn)
+            half = both.shape[0] // 2
+            fk[:, :, at] = both[:half].reshape(kn.shape)
+            fv[:, :, at] = both[half:].reshape(vn.shape)
+        else:
+            fk[:, :, at] = kn
+            fv[:, :, at] = vn
+        self.n_res += 1
+        self.n_tokens += 1
+        return True
+
+    def _butterfly_for(self, rows: int, n: int) -> rotate.Butterfly:
+        if self._butterfly is None or self._butterfly.shape != (rows, n):
+            self._butterfly = rotate.Butterfly(rows, n)
+        return self._butterfly
+
     def _rotated_pair(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`_rotated` of a call's keys and values; a float32 decode step's through the layer's
         `rotate.Butterfly` (same bits, a third of the per-call overhead)."""
@@ -224,9 +255,7 @@ class QuantizedLayer(CacheLayerMixin):
             return k, v
         if k.shape[2] == 1 and _plain_f32(k) and _plain_f32(v):
             rows = 2 * k.shape[0] * k.shape[1]
-            if self._butterfly is None or self._butterfly.shape[0] != rows:
-                self._butterfly = rotate.Butterfly(rows, k.shape[3])
-            both = self._butterfly(k.numpy(), v.numpy())
+            both = self._butterfly_for(rows, k.shape[3])(k.numpy(), v.numpy())
             half = rows // 2
             return (
                 torch.from_numpy(both[:half]).view(k.shape),
@@ -246,6 +275,8 @@ class QuantizedLayer(CacheLayerMixin):
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self._pending = None
+        if self._decode_write(k, v):
+            return
         k, v = self._rotated_pair(k, v)
         if not self.kivi:
             self.k_rows.append(codecs.encode(self.kind, k, "k", self.group))
@@ -266,15 +297,9 @@ class QuantizedLayer(CacheLayerMixin):
             return
         quantized = self._quantized_after(total)
         at = s + r  # the residual's next free slot
-        if quantized == self.n_quantized:  # the common decode step: one write, no quantization
-            if n == 1 and _plain_f32(k) and _plain_f32(v) and self.fp_k.dtype == torch.float32:
-                # through the buffers' numpy views: half the cost of a torch slice assignment
-                fk, fv = self._residual_f32()
-                fk[:, :, at] = k.numpy()[:, :, 0]
-                fv[:, :, at] = v.numpy()[:, :, 0]
-            else:
-                self.fp_k[:, :, at : at + n] = k
-                self.fp_v[:, :, at : at + n] = v
+        if quantized == self.n_quantized:  # no group to quantize: one write
+            self.fp_k[:, :, at : at + n] = k
+            self.fp_v[:, :, at : at + n] = v
             self.n_res = r + n
             return
         # tokens first .. total-1, first = max(S, n_quantized): the residual, then this call's
@@ -404,17 +429,18 @@ class QuantizedLayer(CacheLayerMixin):
         kernel_mask = None if mask is None else mask.numpy()
         if self.kivi and s and n_quant:  # positions: rows 0..n_quant-1, sinks, the rest
             if kernel_mask is None:
-                kernel_mask = np.ones((b, n_quant + n_tail), dtype=np.uint8)
+                kernel_mask = self._sink_mask(b, n_quant + n_tail, s)
             else:
                 m = kernel_mask
                 kernel_mask = np.concatenate([m[:, :n_quant], m[:, :s], m[:, n_quant:]], axis=1)
-            kernel_mask[:, :s] = 0
+                kernel_mask[:, :s] = 0
         q = query.reshape(b, hq, d)
         if q.dtype != torch.float32:
             q = q.float()
+        q = q.contiguous().numpy()
         if self.rotation:
             q = q @ self._rotation_matrix(d)
-        out = torch.empty(b, hq, d, dtype=torch.float32)
+        out = np.empty((b, hq, d), dtype=np.float32)
         names = PART_NAMES[self.kind]
         _native.kv_attend_decode(
             self.kind,
@@ -434,21 +460,36 @@ class QuantizedLayer(CacheLayerMixin):
             self.v_rows.byte_views(names),
             tail_k,
             tail_v,
-            q.contiguous().numpy(),
+            q,
             float(scale),
-            out.numpy(),
+            out,
             kernel_mask,
             reference,
         )
         if self.rotation:
             out = out @ self._rotation_matrix(d)
-        out = out.view(b, 1, hq, d)
+        out = torch.from_numpy(out).view(b, 1, hq, d)
         return out if query.dtype == torch.float32 else out.to(query.dtype)
 
-    def _rotation_matrix(self, d: int) -> torch.Tensor:
+    def _rotation_matrix(self, d: int) -> np.ndarray:
         if self._rot_matrix is None:
-            self._rot_matrix = rotate.matrix(d)
+            self._rot_matrix = rotate.matrix(d).numpy()
         return self._rot_matrix
+
+    def _sink_mask(self, b: int, positions: int, s: int) -> np.ndarray:
+        """The kernel mask without padding: the rows' s sink slots 0, everything else 1 (for
+        batch 1 a slice of a cached buffer: one decode step, one slice)."""
+        if b != 1:
+            m = np.ones((b, positions), dtype=np.uint8)
+            m[:, :s] = 0
+            return m
+        have = self._mask_buf
+        if have is None or have.shape[1] < positions:
+            cap = max(positions, 2 * (0 if have is None else have.shape[1]))
+            have = np.ones((1, cap), np.uint8)
+            have[:, :s] = 0
+            self._mask_buf = have
+        return have[:, :positions]
 
     def _residual_f32(self) -> tuple[Any, Any]:
         """The full-precision buffers (sinks, residual) as float32 numpy arrays: views of the
