@@ -258,8 +258,8 @@ class QuantizedLayer(CacheLayerMixin):
             both = self._butterfly_for(rows, k.shape[3])(k.numpy(), v.numpy())
             half = rows // 2
             return (
-                torch.from_numpy(both[:half]).view(k.shape),
-                torch.from_numpy(both[half:]).view(v.shape),
+                torch.from_numpy(np.ascontiguousarray(both[:half])).view(k.shape),
+                torch.from_numpy(np.ascontiguousarray(both[half:])).view(v.shape),
             )
         return self._rotated(k), self._rotated(v)
 

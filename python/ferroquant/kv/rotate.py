@@ -51,33 +51,34 @@ def matrix(n: int) -> torch.Tensor:
 class Butterfly:
     """`wht_numpy` for a fixed number of rows, with its buffers and per-level views built once:
     the decode step rotates one token's keys and values per layer, where numpy's per-call
-    overhead (reshapes, fresh arrays), not the arithmetic, is the cost. Same operations in the
-    same order as `wht_numpy`, so the same bits."""
+    overhead (reshapes, fresh arrays, short inner loops), not the arithmetic, is the cost. The
+    buffers hold the rows as columns (n x rows), so each level's inner loop runs over h x rows
+    contiguous values. Same operations in the same order as `wht_numpy`, so the same bits."""
 
     def __init__(self, rows: int, n: int) -> None:
         if n & (n - 1):
             raise ValueError(f"kv rotation: head_dim {n} is not a power of two")
         self.shape = (rows, n)
-        self.bufs = (np.empty((rows, n), np.float32), np.empty((rows, n), np.float32))
+        self.bufs = (np.empty((n, rows), np.float32), np.empty((n, rows), np.float32))
         self.levels = []
         a, b, h = self.bufs[0], self.bufs[1], 1
         while h < n:
-            src, dst = a.reshape(rows, n // (2 * h), 2, h), b.reshape(rows, n // (2 * h), 2, h)
-            self.levels.append((src[:, :, 0], src[:, :, 1], dst[:, :, 0], dst[:, :, 1]))
+            src, dst = a.reshape(n // (2 * h), 2, h * rows), b.reshape(n // (2 * h), 2, h * rows)
+            self.levels.append((src[:, 0], src[:, 1], dst[:, 0], dst[:, 1]))
             a, b, h = b, a, 2 * h
         self.result = a
         self.norm = np.float32(1) / np.sqrt(np.float32(n))
 
     def __call__(self, *xs: np.ndarray) -> np.ndarray:
-        """The rotation of the rows of `xs` (together rows x n values), stacked in order: a
-        view of a buffer that the next call overwrites."""
+        """The rotation of the rows of `xs` (together rows x n values), stacked in order
+        (rows x n): a view of a buffer that the next call overwrites."""
         at = 0
         for x in xs:
             m = x.size // self.shape[1]
-            np.copyto(self.bufs[0][at : at + m], x.reshape(m, self.shape[1]))
+            np.copyto(self.bufs[0][:, at : at + m], x.reshape(m, self.shape[1]).T)
             at += m
         for s0, s1, d0, d1 in self.levels:
             np.add(s0, s1, out=d0)
             np.subtract(s0, s1, out=d1)
         self.result *= self.norm
-        return self.result
+        return self.result.T
