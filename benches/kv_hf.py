@@ -228,12 +228,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     ours = args.kv.split(",")
     rows = []
     if not args.no_ppl:
-        engines = (["dynamic"] if args.ppl_dynamic else []) + ours
+        engines = (["dynamic"] if getattr(args, "ppl_dynamic", True) else []) + ours
         engines += ["quanto-int4"] if args.quanto else []
         rows += perplexity_rows(
             models, ids, [int(c) for c in args.ctx.split(",")], engines, args.quick
         )
-    if args.no_speed:
+    if getattr(args, "no_speed", False):
         return rows
     speed_models = {w: m for w, m in models.items() if w in args.speed_weights.split(",")}
     engines = ["dynamic", *args.speed_kv.split(",")]
