@@ -8,9 +8,13 @@ Models: the GGUF's weights dequantized to float32 ("float"), and QuantLinear cop
 
 Perplexity: held-out lee.cor, the first window of `ctx` tokens (one window per ctx in --quick,
 else consecutive windows, stride ctx, while lee.cor lasts), fed to every engine in chunks of
---ppl-chunk (32) tokens, so that each token attends to the earlier ones as the cache holds them
-during a token-by-token stream (ours: int4 / int2 return the current chunk in full precision,
-as their residual would hold it; quanto keeps its own 128-token full-precision residual).
+--ppl-chunk (32) tokens (the first 31, so that every chunk starts on the token whose append
+quantizes a group), so that each token attends to the earlier ones exactly as the cache holds
+them during a token-by-token stream (ours: int4 / int2 return the current chunk in full
+precision, as their residual would hold it, and the groups quantized when the chunk's first
+token was appended; quanto keeps its own 128-token full-precision residual). `int2` is the
+shipped int2 (4 sinks, a 128-token window, rotated); `int2:plain` the same format without
+them (the int2 of sessions 8-11).
 Reported against our f16 cache on the same weights (the issue's baseline), with the f32
 DynamicCache beside it.
 
@@ -90,10 +94,12 @@ def _cache(model: Any, engine: str) -> Any:
             return DynamicCache(config=model.config)
         return HFQuantizedCache("quanto", model.config, nbits=int(engine[-1]))
     kind, _, mode = engine.partition(":")
-    if mode not in ("", "dequant"):
-        raise ValueError(f"engine {engine!r}: expected KIND or KIND:dequant")
-    # KIND:dequant: every step dequantizes the layer (the pre-ferroquant_kv path)
-    return QuantizedCache(model.config, kind, fast_decode=mode != "dequant")
+    if mode not in ("", "dequant", "plain"):
+        raise ValueError(f"engine {engine!r}: expected KIND, KIND:dequant or KIND:plain")
+    # KIND:dequant: every step dequantizes the layer (the pre-ferroquant_kv path);
+    # KIND:plain: no sinks, no full-precision window, no rotation (int2 before session 12)
+    plain = {"kv_sinks": 0, "kv_residual": 0, "kv_rotation": False} if mode == "plain" else {}
+    return QuantizedCache(model.config, kind, fast_decode=mode != "dequant", **plain)
 
 
 @torch.no_grad()
@@ -101,8 +107,12 @@ def _nll(model: Any, window: torch.Tensor, engine: str) -> tuple[float, int]:
     cache = _cache(model, engine)
     chunk = _PPL_CHUNK
     logits = []
-    for at in range(0, window.numel(), chunk):
-        part = window[at : at + chunk].unsqueeze(0)
+    # chunks start at 0, chunk - 1, 2 chunk - 1, ...: a KIVI group is quantized when a token
+    # at a multiple of 32 minus one is appended (groups of 64, windows of 0 / 128 tokens), so
+    # each chunk starts on such a token and no quantization happens inside a chunk
+    starts = [0, *range(chunk - 1, window.numel(), chunk)]
+    for at, end in zip(starts, [*starts[1:], window.numel()], strict=True):
+        part = window[at:end].unsqueeze(0)
         logits.append(model(part, past_key_values=cache, use_cache=True).logits[0].float())
     lg = torch.cat(logits)[:-1]
     nll = torch.nn.functional.cross_entropy(lg, window[1:], reduction="sum")
@@ -218,10 +228,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     ours = args.kv.split(",")
     rows = []
     if not args.no_ppl:
-        engines = ["dynamic", *ours] + (["quanto-int4"] if args.quanto else [])
+        engines = (["dynamic"] if getattr(args, "ppl_dynamic", True) else []) + ours
+        engines += ["quanto-int4"] if args.quanto else []
         rows += perplexity_rows(
             models, ids, [int(c) for c in args.ctx.split(",")], engines, args.quick
         )
+    if getattr(args, "no_speed", False):
+        return rows
     speed_models = {w: m for w, m in models.items() if w in args.speed_weights.split(",")}
     engines = ["dynamic", *args.speed_kv.split(",")]
     engines += [f"quanto-{k}" for k in args.quanto_speed.split(",") if k] if args.quanto else []
@@ -285,6 +298,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--ppl-chunk", type=int, default=32, help="tokens per forward when scoring")
     ap.add_argument("--no-ppl", action="store_true")
+    ap.add_argument("--no-speed", action="store_true", help="perplexity rows only")
+    ap.add_argument(
+        "--no-ppl-dynamic",
+        dest="ppl_dynamic",
+        action="store_false",
+        help="perplexity: leave out DynamicCache (f32; the baseline is our f16 cache)",
+    )
     ap.add_argument(
         "--clock",
         choices=["wall", "cpu"],

@@ -12,7 +12,10 @@ Each run: a cache holding P random tokens, then --steps decode steps (64: a whol
 one group is quantized inside every run), timed in the thread's CPU time (one torch thread,
 one ferroquant thread); engines interleaved, median (min-max) of --runs.
 
-    python benches/kv_layer.py [--prompt 200,2048] [--kv int4,int2] [--runs 15] [--step-ms 41.7]
+    python benches/kv_layer.py [--prompt 200,2048] [--kv int4,int2,int2:plain] [--runs 15]
+        [--step-ms 41.7]
+
+(`int2`: 4 sinks, a 128-token window, rotated; `int2:plain`: without them.)
 """
 
 from __future__ import annotations
@@ -66,8 +69,10 @@ def layer_us(engine: str, prompt: int, steps: int, seed: int) -> float:
     cfg = _config()
     if engine == "dynamic":
         cache, attend = DynamicCache(config=cfg), sdpa_attention_forward
-    else:
-        cache, attend = QuantizedCache(cfg, engine), kv_attention.attention
+    else:  # KIND:plain: int2 without sinks, window and rotation (sessions 8-11)
+        kind, _, mode = engine.partition(":")
+        plain = {"kv_sinks": 0, "kv_residual": 0, "kv_rotation": False} if mode == "plain" else {}
+        cache, attend = QuantizedCache(cfg, kind, **plain), kv_attention.attention
     g = torch.Generator().manual_seed(seed)
     shape = (1, N_KV, prompt, HEAD_DIM)
     cache.update(torch.randn(shape, generator=g), torch.randn(shape, generator=g), 0)

@@ -34,6 +34,7 @@ from ferroquant.kv.types import KV_TYPES  # noqa: E402
 
 KINDS = list(KV_TYPES)
 U = 2.0**-24
+PLAIN = {"sinks": 0, "residual": 0, "rotation": False}  # the KIVI rules without sinks / window
 
 
 def _states(b: int, h: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,12 +67,15 @@ def _bound(q, k64, v, scale: float, layer) -> float:
     return (v.abs().max().item() + 2 * zv) * (2.5 * ds + (2 * t + d + 8) * U)
 
 
-def _decode_step(kind: str, b: int, h: int, rep: int, n: int, seed: int, mask=None, group=32):
+def _decode_step(
+    kind: str, b: int, h: int, rep: int, n: int, seed: int, mask=None, group=32, **opts
+):
     """A layer filled with n tokens (in two updates), then one decode step: (native output,
-    the dequantized K/V the reference path attends, query, scale)."""
+    the dequantized K/V the reference path attends, query, scale). `opts`: QuantizedLayer's
+    sinks / residual / rotation (default: the type's)."""
     d = 64
     k, v = _states(b, h, n + 1, d, seed)
-    layer = QuantizedLayer(kind, _Workspace(), fast_decode=lambda: True, group=group)
+    layer = QuantizedLayer(kind, _Workspace(), fast_decode=lambda: True, group=group, **opts)
     cut = n // 3
     layer.update(k[:, :, :cut], v[:, :, :cut])
     layer.update(k[:, :, cut:n], v[:, :, cut:n])
@@ -157,7 +161,7 @@ def test_padding_mask_is_honoured(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["int4", "int2"])
 def test_kivi_group_is_a_parameter(kind: str) -> None:
     # group 64 (what the runtime may adopt): 64-token key groups, 64-channel value groups
-    out, rk, rv, q, scale, layer = _decode_step(kind, 1, 2, 3, 150, 8, group=64)
+    out, rk, rv, q, scale, layer = _decode_step(kind, 1, 2, 3, 150, 8, group=64, **PLAIN)
     assert layer.stored_parts()[0]["q"].shape[2:] == (2, 64 * int(kind[3]) // 8, 64)
     ref, _, k64 = _reference(q, rk, rv, scale)
     err = (out.transpose(1, 2).double() - ref).abs().max().item()
@@ -166,7 +170,7 @@ def test_kivi_group_is_a_parameter(kind: str) -> None:
 
 def test_group_completing_step_attends_its_token_in_full_precision() -> None:
     # 31 tokens, then the 32nd fills the group: the reference path returns it unquantized
-    out, rk, rv, q, scale, layer = _decode_step("int2", 1, 2, 2, 31, 5)
+    out, rk, rv, q, scale, layer = _decode_step("int2", 1, 2, 2, 31, 5, **PLAIN)
     ref, _, k64 = _reference(q, rk, rv, scale)
     err = (out.transpose(1, 2).double() - ref).abs().max().item()
     assert err <= _bound(q, k64, rv, scale, layer)

@@ -121,3 +121,25 @@ def test_kivi_group_is_64_where_head_dim_allows() -> None:
     head96 = {"num_hidden_layers": 1, "num_attention_heads": 1, "hidden_size": 96}
     assert kv_bytes_per_token(head96, "int4") == 2 * 3 * 20  # group 32: 20 bytes per 32 values
     assert kv_bytes_per_token(head96, "int2") == 2 * 3 * 12
+
+
+def test_cli_states_the_int2_per_sequence_constant(capsys) -> None:
+    """int2's 4 sinks and 128-token window: a per-sequence constant in f16, beside the
+    quantized bytes per token (2M tokens: 132 full-precision tokens, 23,040 B each)."""
+    from ferroquant.kv import kv_full_precision_tokens
+
+    path = peers.smollm2_gguf()
+    assert main(["kv-size", str(path), "--tokens", "2M", "--kv", "int2,int4", "--json"]) == 0
+    rows = {r["kv_type"]: r for r in json.loads(capsys.readouterr().out)["rows"]}
+    n = 2 * 1024**2
+    assert rows["int2"]["full_precision_tokens"] == 132 == kv_full_precision_tokens(SMOL, "int2", n)
+    assert rows["int2"]["full_precision_bytes"] == 132 * 23_040
+    assert rows["int2"]["total_bytes"] == (n - 128) * 3600 + 132 * 23_040
+    assert rows["int4"]["total_bytes"] == n * 6480 and rows["int4"]["full_precision_tokens"] == 0
+    # the window options: none gives int2's plain rules (every whole group quantized)
+    args = ["kv-size", str(path), "--tokens", "2M", "--kv", "int2", "--json"]
+    assert main([*args, "--kv-sinks", "0", "--kv-residual", "0"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["total_bytes"] == n * 3600 and row["full_precision_tokens"] == 0
+    assert main([*args, "--kv-sinks", "64"]) == 2
+    assert "kv_sinks 64 must be smaller than the KIVI group" in capsys.readouterr().err

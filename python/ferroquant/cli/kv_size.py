@@ -61,7 +61,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         choices=(2, 4),
-        help="bytes per value of the int4/int2 full-precision residual (model dtype)",
+        help="bytes per value of the int4/int2 full-precision tokens (model dtype)",
+    )
+    k.add_argument(
+        "--kv-sinks",
+        type=int,
+        default=None,
+        help="int4/int2: first tokens kept in full precision (default: int2 4, int4 0)",
+    )
+    k.add_argument(
+        "--kv-residual",
+        type=int,
+        default=None,
+        help="int4/int2: newer tokens a group waits for in full precision (int2 128, int4 0)",
     )
     k.add_argument("--json", action="store_true", help="print JSON instead of a table")
     k.set_defaults(func=run)
@@ -69,20 +81,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..kv.sources import kv_shape_from_path
-    from ..kv.types import kv_bytes_per_token, kv_cache_bytes
+    from ..kv.types import KV_TYPES, kv_bytes_per_token, kv_cache_bytes, kv_full_precision_tokens
 
     tokens = parse_tokens(args.tokens)
     kinds = parse_kv_types(args.kv)
     shape = kv_shape_from_path(args.model)
-    rows = [
-        {
-            "kv_type": kind,
-            "bytes_per_token": kv_bytes_per_token(shape, kind),
-            "tokens": tokens,
-            "total_bytes": kv_cache_bytes(shape, kind, tokens, args.residual_bytes),
-        }
-        for kind in kinds
-    ]
+    fp_token = shape.n_layer * 2 * shape.n_head_kv * shape.head_dim * args.residual_bytes
+    rows = []
+    for kind in kinds:
+        # the window options belong to the KIVI types; the others ignore them
+        kivi = KV_TYPES[kind].kivi
+        win = {"sinks": args.kv_sinks, "residual": args.kv_residual} if kivi else {}
+        full = kv_full_precision_tokens(shape, kind, tokens, **win)
+        rows.append(
+            {
+                "kv_type": kind,
+                "bytes_per_token": kv_bytes_per_token(shape, kind),
+                "tokens": tokens,
+                "full_precision_tokens": full,
+                "full_precision_bytes": full * fp_token,
+                "total_bytes": kv_cache_bytes(shape, kind, tokens, args.residual_bytes, **win),
+            }
+        )
     if args.json:
         print(json.dumps({"model": str(args.model), "shape": vars(shape), "rows": rows}))
         return 0
@@ -90,10 +110,19 @@ def run(args: argparse.Namespace) -> int:
         f"{args.model}: {shape.n_layer} layers x 2 (K, V) x {shape.n_head_kv} KV heads x "
         f"head_dim {shape.head_dim}; {tokens:,} tokens (one sequence)"
     )
-    print(f"{'kv_type':<10} {'bytes/token':>12} {'total bytes':>18} {'total':>12}")
+    print(
+        f"{'kv_type':<10} {'bytes/token':>12} {'fp tokens':>10} {'fp bytes/seq':>14} "
+        f"{'total bytes':>18} {'total':>12}"
+    )
     for r in rows:
         print(
-            f"{r['kv_type']:<10} {r['bytes_per_token']:>12,} {r['total_bytes']:>18,} "
+            f"{r['kv_type']:<10} {r['bytes_per_token']:>12,} {r['full_precision_tokens']:>10,} "
+            f"{r['full_precision_bytes']:>14,} {r['total_bytes']:>18,} "
             f"{_human(r['total_bytes']):>12}"
         )
+    print(
+        "bytes/token: quantized steady state. int4 / int2 also hold 'fp tokens' per sequence "
+        f"in the model's dtype ({fp_token:,} B each): the sinks and the tokens not yet in a "
+        "quantized group (at most sinks + window + group - 1), a per-sequence constant."
+    )
     return 0

@@ -14,6 +14,8 @@ _WHERE = {
     "KVShape": "types",
     "kv_bytes_per_token": "types",
     "kv_cache_bytes": "types",
+    "kv_full_precision_tokens": "types",
+    "kv_window": "types",
     "kv_shape": "types",
     "kv_type": "types",
     "QuantizedCache": "cache",

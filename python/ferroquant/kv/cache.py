@@ -34,8 +34,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import _native
-from . import attention, codecs
-from .types import GROUP, KV_TYPES, kivi_group, kv_shape, kv_type
+from . import attention, codecs, rotate
+from .types import GROUP, KV_TYPES, kivi_group, kv_shape, kv_type, kv_window
 
 
 class _Rows:
@@ -54,6 +54,7 @@ class _Rows:
         if not self.parts:
             self.parts = {name: _with_capacity(t, max(k, 4)) for name, t in new.items()}
             self.cap = max(k, 4)
+            self._bytes = {}  # views cached while empty (decode steps before the first group)
         elif self.n + k > self.cap:
             self.cap = max(self.n + k, 2 * self.cap)
             self.parts = {name: _grow(t, self.n, self.cap) for name, t in self.parts.items()}
@@ -135,7 +136,12 @@ PART_NAMES = {
 
 
 class QuantizedLayer(CacheLayerMixin):
-    """One attention layer's cache in a `KV_TYPES` type (see the module docstring)."""
+    """One attention layer's cache in a `KV_TYPES` type (see the module docstring).
+
+    KIVI types keep a full-precision buffer `fp_k` / `fp_v` (B, H, S + R + G, D) in the model's
+    dtype: slots 0 .. S-1 the sinks (tokens 0 .. S-1, for good), slots S .. S+n_res-1 the
+    residual (tokens max(S, n_quantized) .. N-1). With rotation every stored row (quantized or
+    not) is in the rotated domain; what `update` returns is rotated back."""
 
     is_sliding = False
     is_compileable = False
@@ -147,6 +153,9 @@ class QuantizedLayer(CacheLayerMixin):
         workspace: _Workspace,
         fast_decode: Callable[[], bool] = lambda: False,
         group: int | None = None,
+        sinks: int | None = None,
+        residual: int | None = None,
+        rotation: bool | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -155,13 +164,21 @@ class QuantizedLayer(CacheLayerMixin):
         self.group = group if KV_TYPES[kind].kivi else GROUP
         self.fast_decode = fast_decode  # is the model's attention `ferroquant_kv` now?
         self.kivi = KV_TYPES[kind].kivi
+        self.sinks, self.residual = kv_window(kind, sinks, residual)
+        self.rotation = KV_TYPES[kind].rotation if rotation is None else bool(rotation)
         self.workspace = workspace
         self.k_rows, self.v_rows = _Rows(), _Rows()
-        self.n_quantized = 0  # tokens in the quantized rows
-        self.res_k: torch.Tensor | None = None  # KIVI residual (B, H, 32, D), model dtype
-        self.res_v: torch.Tensor | None = None
+        self.n_tokens = 0  # tokens appended
+        self.n_quantized = 0  # tokens in the quantized rows (KIVI: whole groups)
+        self.fp_k: torch.Tensor | None = None  # KIVI sinks + residual, model dtype
+        self.fp_v: torch.Tensor | None = None
         self.n_res = 0
         self._res_views: tuple[Any, Any] | None = None  # numpy views for attend_decode
+        self._rot_matrix: np.ndarray | None = None
+        self._butterfly: rotate.Butterfly | None = None
+        self._mask_buf: np.ndarray | None = None
+        self._visible = 0  # quantized tokens the last call's attention sees
+        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return f"QuantizedLayer({self.kind}, {self.get_seq_length()} tokens)"
@@ -178,50 +195,140 @@ class QuantizedLayer(CacheLayerMixin):
             )
         if value_states.shape[-1] != d:
             raise ValueError(f"keys have head_dim {d} but values {value_states.shape[-1]}")
+        if self.kivi and self.sinks >= self.group:
+            raise ValueError(
+                f"kv_sinks {self.sinks} must be smaller than the KIVI group ({self.group} tokens)"
+            )
+        if self.rotation and d & (d - 1):
+            raise ValueError(f"kv_rotation needs a power-of-two head_dim, got {d}")
         self.batch_size = b
-        # the KIVI residual: a fixed (B, H, 32, D) buffer, the first n_res tokens in use
-        room = self.group if self.kivi else 0
-        self.res_k = key_states.new_empty(b, h, room, d)
-        self.res_v = value_states.new_empty(b, h, room, d)
+        room = self.sinks + self.residual + self.group if self.kivi else 0
+        self.fp_k = key_states.new_empty(b, h, room, d)
+        self.fp_v = value_states.new_empty(b, h, room, d)
         self.n_res = 0
         self._res_views = None
         self.is_initialized = True
 
     # ------------------------------------------------------------------------------ appending
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """x in the stored domain: rotated (float32 butterfly) when rotating, model dtype."""
+        if not self.rotation:
+            return x
+        if _plain_f32(x):
+            return torch.from_numpy(rotate.wht_numpy(x.numpy()))
+        return rotate.wht(x).to(self.dtype)
+
+    def _decode_write(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """The common KIVI decode step of a float32 model (one token, past the sinks, no group
+        to quantize): the token (rotated) written straight into the full-precision buffers'
+        numpy views, no tensors built. False when the step is not that case."""
+        if not (self.kivi and k.shape[2] == 1 and self.n_tokens >= self.sinks):
+            return False
+        if self._quantized_after(self.n_tokens + 1) != self.n_quantized:
+            return False
+        if not (_plain_f32(k) and _plain_f32(v) and self.fp_k.dtype == torch.float32):
+            return False
+        fk, fv = self._residual_f32()
+        at = self.sinks + self.n_res
+        kn, vn = k.numpy()[:, :, 0], v.numpy()[:, :, 0]
+        if self.rotation:
+            both = self._butterfly_for(2 * kn.shape[0] * kn.shape[1], kn.shape[2])(kn, vn)
+            half = both.shape[0] // 2
+            fk[:, :, at] = both[:half].reshape(kn.shape)
+            fv[:, :, at] = both[half:].reshape(vn.shape)
+        else:
+            fk[:, :, at] = kn
+            fv[:, :, at] = vn
+        self.n_res += 1
+        self.n_tokens += 1
+        return True
+
+    def _butterfly_for(self, rows: int, n: int) -> rotate.Butterfly:
+        if self._butterfly is None or self._butterfly.shape != (rows, n):
+            self._butterfly = rotate.Butterfly(rows, n)
+        return self._butterfly
+
+    def _rotated_pair(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_rotated` of a call's keys and values; a float32 decode step's through the layer's
+        `rotate.Butterfly` (same bits, a third of the per-call overhead)."""
+        if not self.rotation:
+            return k, v
+        if k.shape[2] == 1 and _plain_f32(k) and _plain_f32(v):
+            rows = 2 * k.shape[0] * k.shape[1]
+            both = self._butterfly_for(rows, k.shape[3])(k.numpy(), v.numpy())
+            half = rows // 2
+            return (
+                torch.from_numpy(np.ascontiguousarray(both[:half])).view(k.shape),
+                torch.from_numpy(np.ascontiguousarray(both[half:])).view(v.shape),
+            )
+        return self._rotated(k), self._rotated(v)
+
+    def _back(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored rows rotated back (float32 arithmetic), in the model's dtype."""
+        return rotate.wht(x).to(self.dtype) if self.rotation else x
+
+    def _quantized_after(self, count: int) -> int:
+        """Tokens in the quantized rows once `count` tokens exist (KIVI: whole groups with
+        `residual` newer tokens after them)."""
+        g = self.group
+        return g * max(0, (count - self.residual) // g)
+
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._pending = None
+        if self._decode_write(k, v):
+            return
+        k, v = self._rotated_pair(k, v)
         if not self.kivi:
             self.k_rows.append(codecs.encode(self.kind, k, "k", self.group))
             self.v_rows.append(codecs.encode(self.kind, v, "v", self.group))
             self.n_quantized += k.shape[2]
+            self.n_tokens += k.shape[2]
             return
-        r, n = self.n_res, k.shape[2]
-        if r + n < self.group:  # the common decode step: one write into the residual buffer
-            if n == 1 and _plain_f32(k) and _plain_f32(v) and self.res_k.dtype == torch.float32:
-                # through the buffers' numpy views: half the cost of a torch slice assignment
-                res_k, res_v = self._residual_f32()
-                res_k[:, :, r] = k.numpy()[:, :, 0]
-                res_v[:, :, r] = v.numpy()[:, :, 0]
-            else:
-                self.res_k[:, :, r : r + n] = k
-                self.res_v[:, :, r : r + n] = v
+        s, n0 = self.sinks, self.n_tokens
+        total = n0 + k.shape[2]
+        if n0 < s:  # sinks: kept in full precision for good
+            m = min(s - n0, k.shape[2])
+            self.fp_k[:, :, n0 : n0 + m] = k[:, :, :m]
+            self.fp_v[:, :, n0 : n0 + m] = v[:, :, :m]
+            k, v = k[:, :, m:], v[:, :, m:]
+        self.n_tokens = total
+        n, r = k.shape[2], self.n_res
+        if n == 0:
+            return
+        quantized = self._quantized_after(total)
+        at = s + r  # the residual's next free slot
+        if quantized == self.n_quantized:  # no group to quantize: one write
+            self.fp_k[:, :, at : at + n] = k
+            self.fp_v[:, :, at : at + n] = v
             self.n_res = r + n
             return
+        # tokens first .. total-1, first = max(S, n_quantized): the residual, then this call's
+        first = max(s, self.n_quantized)
         if r:
-            k = torch.cat([self.res_k[:, :, :r], k], dim=2)
-            v = torch.cat([self.res_v[:, :, :r], v], dim=2)
-        full = k.shape[2] // self.group * self.group
-        self.k_rows.append(codecs.encode(self.kind, k[:, :, :full], "k", self.group))
-        self.v_rows.append(codecs.encode(self.kind, v[:, :, :full], "v", self.group))
-        self.n_quantized += full
-        self.n_res = k.shape[2] - full
-        self.res_k[:, :, : self.n_res] = k[:, :, full:]
-        self.res_v[:, :, : self.n_res] = v[:, :, full:]
+            k = torch.cat([self.fp_k[:, :, s:at], k], dim=2)
+            v = torch.cat([self.fp_v[:, :, s:at], v], dim=2)
+        lo = self.n_quantized
+        bk, bv = k[:, :, lo - first : quantized - first], v[:, :, lo - first : quantized - first]
+        if lo < s:  # group 0: the sink slots take token S's values, outside the range
+            bk = torch.cat([k[:, :, :1].expand(-1, -1, s, -1), k[:, :, : quantized - s]], dim=2)
+            bv = torch.cat([v[:, :, :1].expand(-1, -1, s, -1), v[:, :, : quantized - s]], dim=2)
+        self.k_rows.append(codecs.encode(self.kind, bk, "k", self.group))
+        self.v_rows.append(codecs.encode(self.kind, bv, "v", self.group))
+        if self._visible < quantized:  # the call's attention still reads these in full
+            self._pending = (first, k, v)
+        self.n_quantized = quantized
+        self.n_res = total - quantized
+        self.fp_k[:, :, s : s + self.n_res] = k[:, :, quantized - first :]
+        self.fp_v[:, :, s : s + self.n_res] = v[:, :, quantized - first :]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        # streaming semantics: the call's attention sees the groups quantized once its first
+        # token was appended (a one-token decode step: after it)
+        self._visible = self._quantized_after(self.n_tokens + 1) if self.kivi else 0
         self._append(key_states, value_states)
         if key_states.shape[2] == 1 and key_states.device.type == "cpu" and self.fast_decode():
             # a decode step: attention.attention reads the quantized rows (attend_decode)
@@ -234,10 +341,10 @@ class QuantizedLayer(CacheLayerMixin):
         """The float keys and values attention reads after an update with `key_states` /
         `value_states` (views into the shared workspace)."""
         out_k, out_v = self._materialize()
+        self._pending = None
         if self.kivi:
-            # streaming semantics: the tokens of this call attend to each other (and to the
-            # earlier residual tokens) in full precision, as they would one token at a time,
-            # where a token waits in the residual until its 32-token group fills
+            # streaming semantics: the tokens of this call attend to each other in full
+            # precision, as they would one token at a time (each waits in the residual)
             n = key_states.shape[2]
             out_k[:, :, -n:] = key_states
             out_v[:, :, -n:] = value_states
@@ -245,23 +352,41 @@ class QuantizedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------------------- reading
     def _materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, _, d = self.res_k.shape
-        n = self.n_quantized
-        total = n + self.n_res
+        b, h, _, d = self.fp_k.shape
+        total = self.n_tokens
+        nq = self._visible if self.kivi else self.n_quantized
         out_k, out_v = self.workspace.get((b, h, total, d), self.dtype, self.device)
-        if n:
-            if self.dtype == torch.float32:
-                codecs.decode(self.kind, self.k_rows.view(), out_k[:, :, :n], "k", self.group)
-                codecs.decode(self.kind, self.v_rows.view(), out_v[:, :, :n], "v", self.group)
-            else:  # decode in float32 (the formats' arithmetic), then the model's dtype
-                tmp_k, tmp_v = self.workspace.get((b, h, n, d), torch.float32, self.device)
-                codecs.decode(self.kind, self.k_rows.view(), tmp_k, "k", self.group)
-                codecs.decode(self.kind, self.v_rows.view(), tmp_v, "v", self.group)
-                out_k[:, :, :n].copy_(tmp_k)
-                out_v[:, :, :n].copy_(tmp_v)
-        if total > n:
-            out_k[:, :, n:].copy_(self.res_k[:, :, : self.n_res])
-            out_v[:, :, n:].copy_(self.res_v[:, :, : self.n_res])
+        if nq:
+            kp, vp = self.k_rows.view(), self.v_rows.view()
+            if self.kivi:  # a prefix of the rows: keys are rows of whole groups
+                kp = {name: t[:, :, : nq // self.group] for name, t in kp.items()}
+                vp = {name: t[:, :, :nq] for name, t in vp.items()}
+            if self.dtype == torch.float32 and not self.rotation:
+                codecs.decode(self.kind, kp, out_k[:, :, :nq], "k", self.group)
+                codecs.decode(self.kind, vp, out_v[:, :, :nq], "v", self.group)
+            else:  # decode in float32 (the formats' arithmetic), rotate back, model dtype
+                tmp_k, tmp_v = self.workspace.get((b, h, nq, d), torch.float32, self.device)
+                codecs.decode(self.kind, kp, tmp_k, "k", self.group)
+                codecs.decode(self.kind, vp, tmp_v, "v", self.group)
+                out_k[:, :, :nq].copy_(self._back(tmp_k))
+                out_v[:, :, :nq].copy_(self._back(tmp_v))
+        if not self.kivi:
+            return out_k, out_v
+        s = min(self.sinks, total)
+        if s:
+            out_k[:, :, :s].copy_(self._back(self.fp_k[:, :, :s]))
+            out_v[:, :, :s].copy_(self._back(self.fp_v[:, :, :s]))
+        lo = max(self.sinks, nq)  # tokens lo .. total-1 in full precision
+        if lo < total:
+            if self._pending is not None:  # some of them were quantized by this call
+                first, pk, pv = self._pending
+                src_k, src_v = pk[:, :, lo - first :], pv[:, :, lo - first :]
+            else:
+                at = self.sinks + lo - max(self.sinks, self.n_quantized)
+                src_k = self.fp_k[:, :, at : self.sinks + self.n_res]
+                src_v = self.fp_v[:, :, at : self.sinks + self.n_res]
+            out_k[:, :, lo:].copy_(self._back(src_k))
+            out_v[:, :, lo:].copy_(self._back(src_v))
         return out_k, out_v
 
     def attend_decode(
@@ -274,36 +399,55 @@ class QuantizedLayer(CacheLayerMixin):
         reference: bool = False,
     ) -> torch.Tensor:
         """One decode step's attention output (batch, 1, heads, head_dim) over the quantized
-        rows, read in place, and the full-precision tail: the KIVI residual, or, on the step
-        that completed a group, the step's own token (as `states_for_attention` returns it).
+        rows, read in place, and the full-precision tail: the KIVI sinks and residual, or, on
+        the step that completed a group with no residual window, the step's own token (as
+        `states_for_attention` returns it). Kernel positions: the quantized rows, then the
+        tail; the sink slots of the rows are masked out (their codes are token S's).
+        With rotation the query goes in rotated and the output comes out rotated back.
         `reference`: the native scalar reference kernel (bit-identical to the SIMD one; tests).
 
         Called once per layer per decode step, so the per-call Python work is kept small: the
         buffers' byte views and the residual's float32 views are cached until they change."""
+        self._pending = None
         b, hq, _, d = query.shape
         n_quant = self.n_quantized
+        s = min(self.sinks, self.n_tokens)
         if not self.kivi:
             tail_k = tail_v = self._no_tail(b, d)
             n_tail = 0
-        elif self.n_res:
+        elif self.n_res or not n_quant:
             tail_k, tail_v = self._residual_f32()
-            n_tail = self.n_res
-        else:  # this step filled a group: its token is attended in full precision
-            tail_k = key_states.float().contiguous().numpy()
-            tail_v = value_states.float().contiguous().numpy()
+            n_tail = s + self.n_res
+        else:  # this step filled a group (no window): its token is attended in full precision
+            now_k = self._rotated(key_states).float().numpy()
+            now_v = self._rotated(value_states).float().numpy()
+            fk, fv = self._residual_f32()
+            tail_k = np.ascontiguousarray(np.concatenate([fk[:, :, :s], now_k], axis=2))
+            tail_v = np.ascontiguousarray(np.concatenate([fv[:, :, :s], now_v], axis=2))
             n_quant -= 1
-            n_tail = 1
+            n_tail = s + 1
+        kernel_mask = None if mask is None else mask.numpy()
+        if self.kivi and s and n_quant:  # positions: rows 0..n_quant-1, sinks, the rest
+            if kernel_mask is None:
+                kernel_mask = self._sink_mask(b, n_quant + n_tail, s)
+            else:
+                m = kernel_mask
+                kernel_mask = np.concatenate([m[:, :n_quant], m[:, :s], m[:, n_quant:]], axis=1)
+                kernel_mask[:, :s] = 0
         q = query.reshape(b, hq, d)
         if q.dtype != torch.float32:
             q = q.float()
-        out = torch.empty(b, hq, d, dtype=torch.float32)
+        q = q.contiguous().numpy()
+        if self.rotation:
+            q = q @ self._rotation_matrix(d)
+        out = np.empty((b, hq, d), dtype=np.float32)
         names = PART_NAMES[self.kind]
         _native.kv_attend_decode(
             self.kind,
             (
                 self.group,
                 b,
-                self.res_k.shape[1],
+                self.fp_k.shape[1],
                 d,
                 hq,
                 n_quant,
@@ -316,28 +460,50 @@ class QuantizedLayer(CacheLayerMixin):
             self.v_rows.byte_views(names),
             tail_k,
             tail_v,
-            q.contiguous().numpy(),
+            q,
             float(scale),
-            out.numpy(),
-            None if mask is None else mask.numpy(),
+            out,
+            kernel_mask,
             reference,
         )
-        out = out.view(b, 1, hq, d)
+        if self.rotation:
+            out = out @ self._rotation_matrix(d)
+        out = torch.from_numpy(out).view(b, 1, hq, d)
         return out if query.dtype == torch.float32 else out.to(query.dtype)
 
+    def _rotation_matrix(self, d: int) -> np.ndarray:
+        if self._rot_matrix is None:
+            self._rot_matrix = rotate.matrix(d).numpy()
+        return self._rot_matrix
+
+    def _sink_mask(self, b: int, positions: int, s: int) -> np.ndarray:
+        """The kernel mask without padding: the rows' s sink slots 0, everything else 1 (for
+        batch 1 a slice of a cached buffer: one decode step, one slice)."""
+        if b != 1:
+            m = np.ones((b, positions), dtype=np.uint8)
+            m[:, :s] = 0
+            return m
+        have = self._mask_buf
+        if have is None or have.shape[1] < positions:
+            cap = max(positions, 2 * (0 if have is None else have.shape[1]))
+            have = np.ones((1, cap), np.uint8)
+            have[:, :s] = 0
+            self._mask_buf = have
+        return have[:, :positions]
+
     def _residual_f32(self) -> tuple[Any, Any]:
-        """The KIVI residual buffers as float32 numpy arrays: views of the buffers themselves
-        (cached) for a float32 model, converted copies otherwise."""
-        if self.res_k.dtype != torch.float32:
-            return self.res_k.float().numpy(), self.res_v.float().numpy()
+        """The full-precision buffers (sinks, residual) as float32 numpy arrays: views of the
+        buffers themselves (cached) for a float32 model, converted copies otherwise."""
+        if self.fp_k.dtype != torch.float32:
+            return self.fp_k.float().numpy(), self.fp_v.float().numpy()
         if self._res_views is None:
-            self._res_views = (self.res_k.numpy(), self.res_v.numpy())
+            self._res_views = (self.fp_k.numpy(), self.fp_v.numpy())
         return self._res_views
 
     def _no_tail(self, b: int, d: int) -> Any:
         """An empty (b, heads, 0, d) float32 tail (per-token types have no residual)."""
         if self._res_views is None:
-            self._res_views = (np.empty((b, self.res_k.shape[1], 0, d), dtype=np.float32),) * 2
+            self._res_views = (np.empty((b, self.fp_k.shape[1], 0, d), dtype=np.float32),) * 2
         return self._res_views[0]
 
     def stored_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -345,18 +511,18 @@ class QuantizedLayer(CacheLayerMixin):
         return self.k_rows.view(), self.v_rows.view()
 
     def nbytes(self) -> int:
-        """Bytes held: the quantized rows plus the full-precision residual."""
+        """Bytes held: the quantized rows plus the full-precision sinks and residual."""
         res = 0
-        if self.res_k is not None:
-            per_token = self.res_k[:, :, :1].numel() * self.res_k.element_size()
-            res = 2 * self.n_res * per_token
+        if self.fp_k is not None and self.kivi:
+            per_token = self.fp_k[:, :, :1].numel() * self.fp_k.element_size()
+            res = 2 * (min(self.sinks, self.n_tokens) + self.n_res) * per_token
         return self.k_rows.nbytes() + self.v_rows.nbytes() + res
 
     # ------------------------------------------------------------------ the Cache layer API
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.n_quantized + self.n_res
+        return self.n_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -366,10 +532,11 @@ class QuantizedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.k_rows, self.v_rows = _Rows(), _Rows()
-        self.n_quantized = 0
-        self.res_k = self.res_v = None
+        self.n_tokens = self.n_quantized = 0
+        self.fp_k = self.fp_v = None
         self.n_res = 0
         self._res_views = None
+        self._visible, self._pending = 0, None
         self.is_initialized = False
 
     def _map_batch(self, fn: Any) -> None:
@@ -377,9 +544,10 @@ class QuantizedLayer(CacheLayerMixin):
             return
         self.k_rows.map_batch(fn)
         self.v_rows.map_batch(fn)
-        self.res_k, self.res_v = fn(self.res_k), fn(self.res_v)
+        self.fp_k, self.fp_v = fn(self.fp_k), fn(self.fp_v)
         self._res_views = None
-        self.batch_size = self.res_k.shape[0]
+        self._pending = None
+        self.batch_size = self.fp_k.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: every stored row belongs to one sequence, so the quantized parts are
@@ -410,12 +578,29 @@ class QuantizedCache(Cache):
     int4 int2`, see docs/kv.md), for `model.generate(..., past_key_values=cache)` or a plain
     forward with `use_cache=True`. One cache serves one generation (call `reset()` to reuse).
 
+    `kv_sinks` / `kv_residual` (KIVI types; default: `int2` 4 / 128, `int4` 0 / 0): the first
+    `kv_sinks` tokens stay in full precision and out of their group's range, and a key group is
+    quantized only once `kv_residual` newer tokens exist. `kv_rotation` (default: on for `int2`,
+    off for the others): rows are stored Walsh-Hadamard rotated per head (head_dim a power of
+    two). The sinks are the first positions of the cache: with left padding, pad positions.
+
     `fast_decode` (default): decode steps attend on the quantized rows in place; for that the
     cache sets an sdpa `config`'s attention implementation to `ferroquant_kv` (attention.py:
     sdpa for every call that is not such a step, so other caches see no change)."""
 
-    def __init__(self, config: Any, kv_type: str = "int4", fast_decode: bool = True) -> None:
+    def __init__(
+        self,
+        config: Any,
+        kv_type: str = "int4",
+        fast_decode: bool = True,
+        kv_sinks: int | None = None,
+        kv_residual: int | None = None,
+        kv_rotation: bool | None = None,
+    ) -> None:
         kind = _kv_type_name(kv_type)
+        sinks, residual = kv_window(kind, kv_sinks, kv_residual)
+        if kv_rotation is not None and not isinstance(kv_rotation, bool):
+            raise ValueError(f"kv_rotation must be True, False or None, got {kv_rotation!r}")
         text_config = config.get_text_config(decoder=True)
         layer_types = getattr(text_config, "layer_types", None) or []
         other = sorted(set(layer_types) - {"full_attention"})
@@ -425,6 +610,7 @@ class QuantizedCache(Cache):
             )
         shape = kv_shape(text_config)
         self.kv_type = kind
+        self.kv_sinks, self.kv_residual = sinks, residual
         self.workspace = _Workspace()
         if fast_decode:
             # decode steps read the quantized rows in place (attention.py). `ferroquant_kv` is
@@ -434,9 +620,17 @@ class QuantizedCache(Cache):
             if getattr(config, "_attn_implementation", None) == "sdpa":
                 config._attn_implementation = attention.NAME
         layers = [
-            QuantizedLayer(kind, self.workspace, _uses_ferroquant_kv(config))
+            QuantizedLayer(
+                kind,
+                self.workspace,
+                _uses_ferroquant_kv(config),
+                sinks=sinks,
+                residual=residual,
+                rotation=kv_rotation,
+            )
             for _ in range(shape.n_layer)
         ]
+        self.kv_rotation = layers[0].rotation if layers else bool(kv_rotation)
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:

@@ -146,3 +146,69 @@ def roundtrip(kv_type: str, x: np.ndarray) -> np.ndarray:
     if kv_type in ("int4", "int2"):
         return kivi_dequant(*kivi_group(x, int(kv_type[3])))
     raise ValueError(f"unknown kv_type {kv_type!r}")
+
+
+# The rotation (rotate.py, the runtime's kv/rotate.rs): the normalized Walsh-Hadamard transform
+# of one head's head_dim values, butterfly level h = 1, 2, 4, ...: (a, b) -> (a + b, a - b) for
+# the pairs (i, i + h) of each block of 2h values, then every value times f32(1 / sqrt(n)).
+def wht(x: np.ndarray) -> np.ndarray:
+    v = [f32(a) for a in np.asarray(x, dtype=np.float32)]
+    n = len(v)
+    if n == 0 or n & (n - 1):
+        raise ValueError(f"a rotation needs a power-of-two length, got {n}")
+    h = 1
+    while h < n:
+        for start in range(0, n, 2 * h):
+            for i in range(start, start + h):
+                a, b = v[i], v[i + h]
+                v[i], v[i + h] = f32(a + b), f32(a - b)
+        h *= 2
+    norm = f32(f32(1) / np.sqrt(f32(n)))
+    return np.array([f32(a * norm) for a in v], dtype=np.float32)
+
+
+# The KIVI cache's rules over a whole stream (cache.py; docs/kv.md, "Sinks and window"), for one
+# (batch, head) of float32 states x (n_tokens, head_dim):
+# - a token is stored rotated (`wht` per token) when `rotate`, in the model's dtype (float32 here);
+# - the first `sinks` tokens stay in full precision for good;
+# - key group g (tokens gG .. gG+G-1) is quantized once N >= G (g + 1) + `residual` tokens
+#   exist, per channel, its sink tokens replaced by token `sinks`'s values (so they are left out
+#   of the range); values per token over groups of G channels (sink rows: token `sinks`'s);
+# - attention after a call of the tokens start .. N-1 sees the groups quantized when the call's
+#   first token was appended (N = start + 1; a one-token decode step: after it), dequantized and
+#   rotated back, the sinks and all later tokens in full precision (rotated there and back), and
+#   the call's own tokens exactly as given.
+def kivi_stream_states(
+    kv_type: str,
+    x: np.ndarray,
+    role: str,
+    start: int,
+    sinks: int,
+    residual: int,
+    group: int,
+    rotate: bool,
+) -> np.ndarray:
+    """The states attention reads after the call that appended tokens start .. len(x) - 1."""
+    x = np.asarray(x, dtype=np.float32)
+    n, d = x.shape
+    stored = np.array([wht(row) for row in x]) if rotate else x.copy()
+    back = (lambda r: wht(r)) if rotate else (lambda r: r.copy())
+    out = np.array([back(row) for row in stored], dtype=np.float32).reshape(n, d)
+    visible = group * max(0, (start + 1 - residual) // group)
+    for g0 in range(0, visible, group):
+        block = stored[g0 : g0 + group].copy()
+        if g0 == 0 and sinks:
+            block[:sinks] = block[sinks]
+        deq = np.empty_like(block)
+        if role == "k":
+            for c in range(d):
+                deq[:, c] = roundtrip(kv_type, block[:, c])
+        else:
+            for t in range(group):
+                for c in range(0, d, group):
+                    deq[t, c : c + group] = roundtrip(kv_type, block[t, c : c + group])
+        for t in range(group):
+            if g0 + t >= sinks:
+                out[g0 + t] = back(deq[t])
+    out[start:] = x[start:]
+    return out

@@ -17,8 +17,9 @@ so a token costs `n_layer x 2 (K and V) x n_head_kv x head_dim x bytes_per_32 / 
 `int4` / `int2` (KIVI) quantize keys per channel over groups of `kivi_group(head_dim)` tokens and
 values per token over groups of that many channels: 64, the native runtime's group, where head_dim
 is a multiple of 64; 32 otherwise (the runtime refuses such a head_dim for int4 / int2; the
-transformers cache accepts it, at 20 / 12 bytes per 32 values). They keep the newest tokens of an
-unfilled group in the model's dtype; `kv_cache_bytes` counts them.
+transformers cache accepts it, at 20 / 12 bytes per 32 values). They keep some tokens in the
+model's dtype (`kv_full_precision_tokens`: the sinks, and the newest tokens until their group is
+complete and `residual` newer tokens exist); `kv_cache_bytes` counts them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ class KVType:
     bytes_per_group: int  # bytes for 32 values, scales included (KIVI: at its group of 64)
     kivi: bool  # quantized only when a token group fills (residual in full precision)
     doc: str
+    # KIVI defaults (transformers cache; `kv_sinks` / `kv_residual` / `kv_rotation` override):
+    # the first `sinks` tokens kept in full precision and left out of their group's range; a key
+    # group quantized only once `residual` newer tokens exist; Walsh-Hadamard rotation per head
+    sinks: int = 0
+    residual: int = 0
+    rotation: bool = False
 
 
 KV_TYPES: dict[str, KVType] = {
@@ -52,7 +59,7 @@ KV_TYPES: dict[str, KVType] = {
         KVType("fp8_e4m3", 36, False, "e4m3fn values, one f32 scale (absmax/448) per 32"),
         KVType("q4_0", 18, False, "ggml q4_0 blocks along head_dim"),
         KVType("int4", 18, True, "KIVI 4-bit: keys per channel, values per token"),
-        KVType("int2", 10, True, "KIVI 2-bit: keys per channel, values per token"),
+        KVType("int2", 10, True, "KIVI 2-bit: keys per channel, values per token", 4, 128, True),
     )
 }
 
@@ -113,17 +120,62 @@ def kv_bytes_per_token(config: Any, kv_type_name: str) -> int:
     return s.n_layer * 2 * s.n_head_kv * (s.head_dim // GROUP) * per_32
 
 
-def kv_cache_bytes(config: Any, kv_type_name: str, tokens: int, residual_bytes: int = 2) -> int:
-    """Bytes of a cache holding `tokens` tokens of one sequence. KIVI types (`int4`, `int2`) hold
-    the last `tokens % kivi_group(head_dim)` tokens in the model's dtype (`residual_bytes` per
-    value: 2 for f16/bf16, 4 for f32) until their group fills; the other types quantize every
-    token."""
+def kv_window(kv_type_name: str, sinks: int | None = None, residual: int | None = None) -> tuple:
+    """(sinks, residual) of a type: the given values, else the type's defaults (int2: 4, 128;
+    the others 0, 0). Non-KIVI types take none (ValueError)."""
+    t = kv_type(kv_type_name)
+    s = t.sinks if sinks is None else sinks
+    r = t.residual if residual is None else residual
+    for name, v in (("kv_sinks", s), ("kv_residual", r)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        if v and not t.kivi:
+            raise ValueError(f"{name} applies to the KIVI types int4 / int2 only, not {t.name}")
+    return s, r
+
+
+def kv_full_precision_tokens(
+    config: Any,
+    kv_type_name: str,
+    tokens: int,
+    sinks: int | None = None,
+    residual: int | None = None,
+) -> int:
+    """Tokens a sequence of `tokens` keeps in the model's dtype: for `int4` / `int2` the sinks
+    (the first S) and the tokens after the last quantized key group (a group of G is quantized
+    once R newer tokens exist), i.e. at most S + R + G - 1; 0 for the other types."""
     if not isinstance(tokens, int) or tokens < 0:
         raise ValueError(f"tokens must be a non-negative integer, got {tokens!r}")
+    t = kv_type(kv_type_name)
+    s, r = kv_window(t.name, sinks, residual)
+    if not t.kivi:
+        return 0
+    g = kivi_group(kv_shape(config).head_dim)
+    if s >= g:
+        raise ValueError(f"kv_sinks {s} must be smaller than the KIVI group ({g} tokens)")
+    quantized = g * max(0, (tokens - r) // g)
+    return min(s, tokens) + max(0, tokens - max(s, quantized))
+
+
+def kv_cache_bytes(
+    config: Any,
+    kv_type_name: str,
+    tokens: int,
+    residual_bytes: int = 2,
+    sinks: int | None = None,
+    residual: int | None = None,
+) -> int:
+    """Bytes of a cache holding `tokens` tokens of one sequence. KIVI types (`int4`, `int2`)
+    hold the full-precision tokens of `kv_full_precision_tokens` in the model's dtype
+    (`residual_bytes` per value: 2 for f16/bf16, 4 for f32) and the quantized groups (their sink
+    slots included) at `kv_bytes_per_token`; the other types quantize every token."""
     s, t = kv_shape(config), kv_type(kv_type_name)
     per_token = kv_bytes_per_token(s, t.name)
+    full = kv_full_precision_tokens(s, t.name, tokens, sinks, residual)
     if not t.kivi:
         return tokens * per_token
-    residual = tokens % kivi_group(s.head_dim)
+    _, r = kv_window(t.name, sinks, residual)
+    g = kivi_group(s.head_dim)
+    quantized = g * max(0, (tokens - r) // g)  # rows of whole groups, sink slots included
     full_precision = s.n_layer * 2 * s.n_head_kv * s.head_dim * residual_bytes
-    return (tokens - residual) * per_token + residual * full_precision
+    return quantized * per_token + full * full_precision
