@@ -7,20 +7,18 @@
 //! are the same.
 //!
 //! K not a multiple of 256 (SmolLM2's 576 is 2 groups of 8 blocks and 2 blocks): the last
-//! blocks run as one more group, weights and activations padded with zero blocks (`Tail`). A
-//! padded block's product is `(0 · 0) · 0 = +0`, and adding +0 leaves a lane's bits unchanged
-//! (a lane starts at +0 and a sum of two floats is -0 only when both are), so every output keeps
-//! the reference's bits.
+//! blocks run with the last chunk in the narrow layout of `x86::gemm32::decode_tail` (2 blocks
+//! cost a quarter of a group, not a whole padded one), their activations interleaved once per
+//! call (`Acts::*::xtail`, `plan`).
 
 use std::cell::RefCell;
 
 use super::x86::gemm32::{self, Acc, Pair32, PanelBuf, XRow, PANEL};
-use super::x86::tile::{interleave_q8_0, GROUP_BYTES};
+use super::x86::tile::GROUP_BYTES;
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
 use crate::matmul::reference::LANES;
 use crate::qtype::QType;
-use bytemuck::Zeroable;
 
 thread_local! {
     /// Each pool thread's decoded panel chunk and float accumulators (reused across calls).
@@ -57,14 +55,19 @@ impl Plan<'_> {
             Acts::Q8_1 { d, xt, s, .. } => (d, &[], xt, s),
             _ => unreachable!("the 32-weight GEMM runs only with q8_0 / q8_1 activations"),
         };
-        // The activation blocks themselves, for the padded last group (`Tail`).
-        let xb: &[BlockQ8_0] = match &self.acts {
-            Acts::Q8_0 { blocks, .. } | Acts::Q8_1 { blocks, .. } => blocks,
+        // The partial last group's activations, in `gemm32::interleave_tail`'s layout.
+        let xtail: &[u8] = match &self.acts {
+            Acts::Q8_0 { xtail, .. } | Acts::Q8_1 { xtail, .. } => xtail,
             _ => &[],
         };
         let nb = self.k / QK8_0;
         let groups = nb / LANES;
         let tail = nb % LANES;
+        let tb = if tail > 0 {
+            gemm32::tail_bytes(tail)
+        } else {
+            0
+        };
         let gb = groups * GROUP_BYTES;
         let rb = self.row_bytes;
         let m = self.m;
@@ -79,10 +82,11 @@ impl Plan<'_> {
             while mb < m {
                 let ms = mb..(mb + self.m_block).min(m);
                 let rows_m = ms.len();
-                let x = |j: usize, g0: usize| {
+                let row = |j: usize, g0: usize| {
                     let r = ms.start + j;
                     XRow {
                         xt: &xt[r * gb + g0 * GROUP_BYTES..(r + 1) * gb],
+                        xtail: xtail.get(r * tb..(r + 1) * tb).unwrap_or_default(),
                         nbias: nbias
                             .get(r * nb + g0 * LANES..(r + 1) * nb)
                             .unwrap_or_default(),
@@ -90,47 +94,43 @@ impl Plan<'_> {
                         s: s.get(r * nb + g0 * LANES..(r + 1) * nb).unwrap_or_default(),
                     }
                 };
+                // Every row's slices from every chunk's first group, made once per block of
+                // rows instead of once per panel (7 % of a 576x192 q4_0 call at M = 512, perf).
+                let per_chunk = groups.div_ceil(gemm32::KC_GROUPS).max(1);
+                let rows_x: Vec<XRow> = (0..per_chunk)
+                    .flat_map(|c| (0..rows_m).map(move |j| (j, c * gemm32::KC_GROUPS)))
+                    .map(|(j, g0)| row(j, g0))
+                    .collect();
+                let x = |j: usize, g0: usize| rows_x[g0 / gemm32::KC_GROUPS * rows_m + j];
                 // SAFETY: gemm is set only with `cpu::has_vnni_bw` (`plan`), which includes
                 // AVX-512 F.
-                unsafe { gemm32::zeros(acc, panels * rows_m) };
+                unsafe { gemm32::room(acc, panels * rows_m) };
                 // K chunk by chunk over every panel of the task (the chunk of the block of
                 // activation rows stays in L2 while the panels pass, their lanes waiting in
                 // `acc`), or for few rows panel by panel (`PANEL_MAJOR_MAX_M`).
-                let chunks = groups.div_ceil(gemm32::KC_GROUPS);
+                // (K < 256: one chunk of no whole groups, only the tail.)
+                let chunks = groups.div_ceil(gemm32::KC_GROUPS).max(1);
+                // The last chunk takes the partial group too.
                 let chunk = |c: usize| {
                     let g0 = c * gemm32::KC_GROUPS;
-                    (g0, gemm32::KC_GROUPS.min(groups - g0))
+                    let gc = gemm32::KC_GROUPS.min(groups - g0);
+                    (g0, gc, if c + 1 == chunks { tail } else { 0 })
                 };
                 let mut it = steps(panels, chunks, rows_m <= PANEL_MAJOR_MAX_M).peekable();
                 while let Some((pi, c)) = it.next() {
                     // The panel chunk decoded next on its way from memory while this one runs.
                     if let Some(&(pn, cn)) = it.peek() {
-                        let (gn, gcn) = chunk(cn);
-                        gemm32::prefetch(w(pn), gn, gcn);
+                        let (gn, gcn, _) = chunk(cn);
+                        if gcn > 0 {
+                            gemm32::prefetch(w(pn), gn, gcn);
+                        }
                     }
-                    let (g0, gc) = chunk(c);
+                    let (g0, gc, tc) = chunk(c);
                     let a = &mut acc[pi * rows_m..(pi + 1) * rows_m];
-                    // SAFETY: every weight row has nb = 8 · groups blocks; x(j, g0) has the
-                    // row's groups from g0 on (the activations of `plan`, interleaved for this
-                    // K); gc <= KC_GROUPS.
-                    unsafe { gemm32::chunk(w(pi), g0, gc, rows_m, &x, buf, a) };
-                }
-                if tail > 0 {
-                    let t = Tail::new(ms.clone(), groups * LANES, nb, xb, blocks_d, nbias, s);
-                    for pi in 0..panels {
-                        let a = &mut acc[pi * rows_m..(pi + 1) * rows_m];
-                        let wt: [[W; LANES]; PANEL] = std::array::from_fn(|i| {
-                            let r = n0 + pi * PANEL + i;
-                            let wr: &[W] = bytemuck::cast_slice(&self.w.data[r * rb..][..rb]);
-                            std::array::from_fn(|l| {
-                                wr.get(groups * LANES + l).copied().unwrap_or(W::zeroed())
-                            })
-                        });
-                        let wp: [&[W]; PANEL] = std::array::from_fn(|i| &wt[i][..]);
-                        // SAFETY: as above; the padded rows have one group of 8 blocks and
-                        // `t.row(j)` one group of interleaved quants, 8 scales (and biases, s).
-                        unsafe { gemm32::chunk(wp, 0, 1, rows_m, &|j, _| t.row(j), buf, a) };
-                    }
+                    // SAFETY: every weight row has nb = 8 · groups + tail blocks; x(j, g0) has
+                    // the row's groups from g0 on and its tail (the activations of `plan`,
+                    // interleaved for this K); gc <= KC_GROUPS.
+                    unsafe { gemm32::chunk(w(pi), g0, gc, tc, c == 0, rows_m, &x, buf, a) };
                 }
                 for pi in 0..panels {
                     let col = n0 + pi * PANEL;
@@ -167,64 +167,4 @@ pub(super) fn steps(
             (i % panels, i / panels)
         }
     })
-}
-
-/// The last `nb % 8` blocks of a block of activation rows as one group padded with zero blocks
-/// (quants, scale, `-BIAS · Σx` and `s` all zero), in the layout of `XRow`.
-struct Tail {
-    xt: Vec<u8>,
-    nbias: Vec<i32>,
-    d: Vec<f32>,
-    s: Vec<f32>,
-}
-
-impl Tail {
-    /// Rows `ms` of the activations (`nb` blocks a row), blocks `b0..nb` of each.
-    fn new(
-        ms: std::ops::Range<usize>,
-        b0: usize,
-        nb: usize,
-        blocks: &[BlockQ8_0],
-        d: &[f32],
-        nbias: &[i32],
-        s: &[f32],
-    ) -> Self {
-        let rows = ms.len();
-        let mut t = Tail {
-            xt: vec![0; rows * GROUP_BYTES],
-            nbias: vec![0; if nbias.is_empty() { 0 } else { rows * LANES }],
-            d: vec![0.0; rows * LANES],
-            s: vec![0.0; if s.is_empty() { 0 } else { rows * LANES }],
-        };
-        let n = nb - b0;
-        for (j, r) in ms.enumerate() {
-            let at = r * nb + b0..(r + 1) * nb;
-            let pad: [BlockQ8_0; LANES] = std::array::from_fn(|l| {
-                blocks
-                    .get(at.start + l)
-                    .filter(|_| l < n)
-                    .copied()
-                    .unwrap_or(BlockQ8_0::zeroed())
-            });
-            interleave_q8_0(&pad, &mut t.xt[j * GROUP_BYTES..(j + 1) * GROUP_BYTES]);
-            t.d[j * LANES..j * LANES + n].copy_from_slice(&d[at.clone()]);
-            if !nbias.is_empty() {
-                t.nbias[j * LANES..j * LANES + n].copy_from_slice(&nbias[at.clone()]);
-            }
-            if !s.is_empty() {
-                t.s[j * LANES..j * LANES + n].copy_from_slice(&s[at]);
-            }
-        }
-        t
-    }
-
-    fn row(&self, j: usize) -> XRow<'_> {
-        let l = j * LANES..(j + 1) * LANES;
-        XRow {
-            xt: &self.xt[j * GROUP_BYTES..(j + 1) * GROUP_BYTES],
-            nbias: self.nbias.get(l.clone()).unwrap_or_default(),
-            d: &self.d[l.clone()],
-            s: self.s.get(l).unwrap_or_default(),
-        }
-    }
 }

@@ -95,6 +95,7 @@ impl Plan<'_> {
                 sums,
                 s,
                 xt,
+                ..
             } => (&blocks[..], &d[..], &sums[..], &xt[..], &s[..]),
             _ => unreachable!("the 32-weight GEMM runs only with q8_0 / q8_1 activations"),
         };

@@ -10,7 +10,7 @@
 //! L2 while blocks of activation rows (sized for L2) pass; with VNNI the 32-weight formats and
 //! the K-quants run tiles of 8 weight rows x a block of rows (`x86/tile.rs`, `x86/tile_k.rs`,
 //! driven from `panels.rs`), the others the row kernels (up to 4 activation rows per decoded
-//! weight row). From `GEMM_MIN_M` rows (AVX-512 F/BW, K a multiple of 256) the 32-weight
+//! weight row). From `GEMM_MIN_M` rows (AVX-512 F/BW, any K) the 32-weight
 //! formats take the register-blocked GEMM of `gemm.rs` / `x86/gemm32.rs` instead, which writes
 //! `out` directly; from `gemm_k::GEMM_K_MIN_M` rows the K-quants (q2_k..q6_k, iq4_xs) take
 //! `gemm_k.rs` / `x86/gemm_k.rs`. Without AVX-512 VNNI the 32-weight formats take the AVX2 GEMM
@@ -111,6 +111,11 @@ enum Acts<'a> {
         /// `-BIAS · sums` for the row kernel (`x86::row32::RowQ8::nbias`); empty otherwise.
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         nbias: Vec<i32>,
+        /// The GEMM path with K not a multiple of 256: each row's last `nb % 8` blocks in the
+        /// narrow layout of `x86::gemm32::interleave_tail`, one row after the other; empty
+        /// otherwise.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        xtail: Vec<u8>,
     },
     Q8K {
         blocks: Vec<BlockQ8K>,
@@ -135,6 +140,9 @@ enum Acts<'a> {
         /// Interleaved for the tile kernel as q8_0's `xt`; empty when it does not run.
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xt: Vec<u8>,
+        /// As q8_0's `xtail`.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        xtail: Vec<u8>,
     },
     /// nf4, int8: each row quantized to 16 bits (`reference::q16`), `row` values a row (K
     /// rounded up to 64, zero padded; for the AVX-512 nf4 kernel each 64 split into even and

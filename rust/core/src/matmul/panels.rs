@@ -127,6 +127,7 @@ impl Plan<'_> {
                 sums,
                 xt,
                 s,
+                ..
             } => (blocks, d, sums, xt, &s[..]),
             _ => unreachable!("the 32-weight tiles run only with q8_0 / q8_1 activations"),
         };

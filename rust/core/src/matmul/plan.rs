@@ -170,6 +170,24 @@ pub(super) fn first_non_finite(x: &[f32]) -> Option<usize> {
     })
 }
 
+/// The last `nb % 8` blocks of every activation row (`nb` blocks each) in the narrow layout of
+/// the GEMM's partial group (`x86::gemm32::interleave_tail`), row after row; empty when `nb`
+/// is a multiple of 8. Once per call, for every task.
+#[cfg(target_arch = "x86_64")]
+fn gemm_tail(blocks: &[BlockQ8_0], nb: usize) -> Vec<u8> {
+    use x86::gemm32::{interleave_tail, tail_bytes};
+    let tail = nb % reference::LANES;
+    if tail == 0 {
+        return Vec::new();
+    }
+    let tb = tail_bytes(tail);
+    let mut out = vec![0u8; blocks.len() / nb * tb];
+    for (row, o) in blocks.chunks_exact(nb).zip(out.chunks_exact_mut(tb)) {
+        interleave_tail(&row[nb - tail..], o);
+    }
+    out
+}
+
 /// Check everything about the request and prepare the activations.
 pub(super) fn plan<'a>(
     x: &'a [f32],
@@ -292,8 +310,8 @@ pub(super) fn plan<'a>(
             QType::Q4_1 | QType::Q5_1 => bw,
             _ => false,
         };
-    // The GEMM path: the tile formats with 512-bit VNNI, many rows (any K: `gemm.rs` pads the
-    // last partial group of 8 blocks).
+    // The GEMM path: the tile formats with 512-bit VNNI, many rows (any K: `gemm.rs` runs the
+    // last partial group of 8 blocks narrower, `x86::gemm32::decode_tail`).
     #[cfg(target_arch = "x86_64")]
     let gemm = tile
         && bw
@@ -416,6 +434,14 @@ pub(super) fn plan<'a>(
             };
             #[cfg(not(target_arch = "x86_64"))]
             let (xt, nbias) = (Vec::new(), Vec::new());
+            #[cfg(target_arch = "x86_64")]
+            let xtail = if gemm {
+                gemm_tail(&blocks, nb)
+            } else {
+                Vec::new()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let xtail = Vec::new();
             let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
             (
                 Acts::Q8_0 {
@@ -424,6 +450,7 @@ pub(super) fn plan<'a>(
                     sums,
                     xt,
                     nbias,
+                    xtail,
                 },
                 row_bytes,
             )
@@ -440,6 +467,14 @@ pub(super) fn plan<'a>(
             };
             #[cfg(not(target_arch = "x86_64"))]
             let xt = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            let xtail = if gemm {
+                gemm_tail(&blocks, nb)
+            } else {
+                Vec::new()
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let xtail = Vec::new();
             let row_bytes = if tile { k + nb * 12 } else { nb * 46 };
             (
                 Acts::Q8_1 {
@@ -448,6 +483,7 @@ pub(super) fn plan<'a>(
                     sums,
                     s,
                     xt,
+                    xtail,
                 },
                 row_bytes,
             )

@@ -576,12 +576,22 @@ fn tiles_equal_reference_for_any_m_and_n() {
             (16, 16, 9),
             // blocks of rows above `gemm::PANEL_MAJOR_MAX_M`: chunk by chunk over the panels
             (16, 136, 40),
-            // K not a multiple of 256 on the GEMM path (the last group padded): SmolLM2's 576
-            // (18 blocks), under one group, one whole chunk plus 2 blocks, 9 groups plus 2
+            // K not a multiple of 256 on the GEMM path (the partial last group in the narrow
+            // layout, `x86::gemm32::decode_tail`): SmolLM2's 576 (18 blocks), under one group,
+            // one whole chunk plus 2 blocks, 9 groups plus 2; every tail length 1..7 (narrow
+            // widths 2, 4 and 8), panel- and chunk-major blocks of rows; SmolLM2's k / v
+            // projection (576x192) at M = 130 (blocks of rows split unevenly)
             (16, 18, 16),
             (9, 3, 5),
             (8, 66, 4),
             (17, 74, 9),
+            (8, 1, 4),
+            (16, 33, 7),
+            (9, 12, 5),
+            (16, 13, 6),
+            (8, 22, 33),
+            (17, 23, 40),
+            (192, 18, 130),
             // M = 1 rows past `LONG_K` (the software prefetch): K = 14336, and 8 * 33 + 3 blocks
             (3, 448, 1),
             (5, 267, 1),
@@ -650,10 +660,16 @@ fn min32_tiles_equal_reference() {
             (16, 136, 40),
             (9, 264, 4),
             (24, 8, 67),
-            // K not a multiple of 256 on the GEMM path (see above)
+            // K not a multiple of 256 on the GEMM path (see above): every tail length
             (16, 18, 16),
             (9, 3, 5),
             (8, 74, 9),
+            (8, 1, 4),
+            (16, 12, 5),
+            (16, 13, 6),
+            (8, 22, 33),
+            (17, 23, 40),
+            (192, 18, 130),
         ] {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, &[0, 2]);

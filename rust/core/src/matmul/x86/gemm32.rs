@@ -15,6 +15,15 @@
 //! of `reference::dot_block32` / `dot_block32_min`, wherever it sits and however the work is
 //! split (tested).
 //!
+//! **A partial last group** (K not a multiple of 256: SmolLM2's 576 is 2 groups and 2 blocks)
+//! runs narrower instead of padded to a whole group: its `n` blocks (`tail_width(n)` = 2, 4 or
+//! 8 of them a row) of all 8 weight rows share `TB / 2` vectors (`decode_tail`), lane
+//! `(row % (16 / TB)) · TB + b` holding block b of the row, so 2 tail blocks cost 8 `vpdpbusd`
+//! a row instead of the 32 of a padded group. Each lane's product is the reference's
+//! `(d_w · d_x) · isum` (+ `m_w · s_x`) and is permuted into its row's lane b of the float
+//! accumulator, added with a mask that leaves every other lane untouched: lane b < n gets block
+//! `8 · groups + b`, as `reference::dot_block32` adds it.
+//!
 //! Safety: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI at run time
 //! (`cpu::has_vnni_bw`) and pass slices of the lengths stated on each function.
 
@@ -41,10 +50,15 @@ pub struct Zmm([u8; 64]);
 /// A panel's decoded chunk: `q[(g * 8 + t) * 4 + p]` = vector t of group g of rows 2p (low
 /// half) and 2p + 1 (high half) (`Tile32::load8_t`: lane l = elements 4t..4t+4 of block l, plus
 /// `BIAS`); `d[g * 4 + p]` / `m[g * 4 + p]` the two rows' 8 block scales / offsets as f32.
+/// `tq[t * 4 + v]`, `td[v]`, `tm[v]`: the partial last group in the narrow layout of
+/// `decode_tail` (v < TB / 2).
 pub struct PanelBuf {
     q: Vec<Zmm>,
     d: Vec<Zmm>,
     m: Vec<Zmm>,
+    tq: Vec<Zmm>,
+    td: Vec<Zmm>,
+    tm: Vec<Zmm>,
 }
 
 impl Default for PanelBuf {
@@ -54,6 +68,40 @@ impl Default for PanelBuf {
             q: vec![z; KC_GROUPS * GROUP_LINES],
             d: vec![z; KC_GROUPS * PANEL / 2],
             m: vec![z; KC_GROUPS * PANEL / 2],
+            tq: vec![z; GROUP_LINES],
+            td: vec![z; PANEL / 2],
+            tm: vec![z; PANEL / 2],
+        }
+    }
+}
+
+/// Blocks a row of the narrow layout of a partial group of `n` blocks (1..8) takes: 2, 4 or 8.
+pub fn tail_width(n: usize) -> usize {
+    debug_assert!((1..LANES).contains(&n));
+    if n <= 2 {
+        2
+    } else if n <= 4 {
+        4
+    } else {
+        8
+    }
+}
+
+/// Bytes of one activation row's partial group in the narrow layout (`interleave_tail`).
+pub fn tail_bytes(n: usize) -> usize {
+    32 * tail_width(n)
+}
+
+/// One activation row's last `blocks.len()` (1..8) blocks in the narrow layout of the tail
+/// kernel: bytes `4 · TB · t + 4b .. + 4` are bytes `4t .. 4t + 4` of block b's quants (zero
+/// for b >= n); `out` holds `tail_bytes(n)` bytes.
+pub fn interleave_tail(blocks: &[crate::formats::blocks::BlockQ8_0], out: &mut [u8]) {
+    let tb = tail_width(blocks.len());
+    out.fill(0);
+    for (b, blk) in blocks.iter().enumerate() {
+        let q: &[u8; 32] = bytemuck::cast_ref(&blk.qs);
+        for t in 0..8 {
+            out[4 * tb * t + 4 * b..][..4].copy_from_slice(&q[4 * t..4 * t + 4]);
         }
     }
 }
@@ -67,16 +115,21 @@ pub trait Pair32: Tile32 {
     /// AVX2, AVX-512 F/BW (`cpu::has_vnni_bw`); `a.len() >= 8`, `b.len() >= 8`.
     #[inline(always)]
     unsafe fn load16_t(a: &[Self], b: &[Self]) -> [__m512i; 8] {
-        // SAFETY: the features (contract); a and b have 8 blocks each.
-        unsafe {
-            let v: [__m512i; 8] = std::array::from_fn(|l| {
+        // A loop, not `array::from_fn`: the closure would not inherit the caller's target
+        // features, and its intrinsics ran as calls (about 10 % of a 576x576 q8_0 call at
+        // M = 128, perf).
+        let mut v = [_mm512_setzero_si512(); 8];
+        for (l, vl) in v.iter_mut().enumerate() {
+            // SAFETY: the features (contract); a and b have 8 blocks each.
+            *vl = unsafe {
                 _mm512_inserti64x4::<1>(
                     _mm512_castsi256_si512(a[l].load_unsigned()),
                     b[l].load_unsigned(),
                 )
-            });
-            transpose8x2(v)
+            };
         }
+        // SAFETY: the features (contract).
+        unsafe { transpose8x2(v) }
     }
 }
 
@@ -241,12 +294,91 @@ pub unsafe fn decode_panel<W: Pair32>(
     }
 }
 
+/// Decodes blocks `b0..b0 + n` (1 <= n < 8) of the panel's 8 rows into the narrow layout of
+/// `buf.tq` / `td` / `tm`: with TB = `tail_width(n)`, vector v holds rows `v · 16 / TB ..` of
+/// 16 / TB rows each, lane `(row % (16 / TB)) · TB + b` being block b (of the `load8_t` vector
+/// t in `tq[t * 4 + v]`; blocks b >= n decode a zero block, and their lanes are never added).
+/// Once per panel and block of activation rows, so the rows are padded to 8 blocks first and
+/// go through `Pair32::load16_t` like a whole group.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); every `w[i]` has `b0 + n` blocks.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn decode_tail<W: Pair32>(w: [&[W]; PANEL], b0: usize, n: usize, buf: &mut PanelBuf) {
+    let tb = tail_width(n);
+    let pad: [[W; LANES]; PANEL] = std::array::from_fn(|i| {
+        std::array::from_fn(|b| if b < n { w[i][b0 + b] } else { W::zeroed() })
+    });
+    let mut pairs = [[_mm512_setzero_si512(); 8]; PANEL / 2];
+    for (p, pv) in pairs.iter_mut().enumerate() {
+        // SAFETY: the features (contract); each pad row has 8 blocks.
+        *pv = unsafe { W::load16_t(&pad[2 * p], &pad[2 * p + 1]) };
+    }
+    // Lane indices into (pair a, pair b): rows a lo, a hi, b lo, b hi, TB = 4 (16 lanes) or
+    // TB = 2 (the first 8 lanes).
+    let i4 = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+    let i2 = _mm512_setr_epi32(0, 1, 8, 9, 16, 17, 24, 25, 0, 0, 0, 0, 0, 0, 0, 0);
+    #[allow(clippy::needless_range_loop)] // t indexes the inner arrays of `pairs`
+    for t in 0..8 {
+        let v: [__m512i; 4] = match tb {
+            2 => {
+                let a = _mm512_permutex2var_epi32(pairs[0][t], i2, pairs[1][t]);
+                let b = _mm512_permutex2var_epi32(pairs[2][t], i2, pairs[3][t]);
+                let z = _mm512_setzero_si512();
+                [_mm512_shuffle_i64x2::<0b01_00_01_00>(a, b), z, z, z]
+            }
+            4 => {
+                let a = _mm512_permutex2var_epi32(pairs[0][t], i4, pairs[1][t]);
+                let b = _mm512_permutex2var_epi32(pairs[2][t], i4, pairs[3][t]);
+                let z = _mm512_setzero_si512();
+                [a, b, z, z]
+            }
+            _ => std::array::from_fn(|p| pairs[p][t]),
+        };
+        for (vi, &vv) in v.iter().enumerate().take(tb / 2) {
+            // SAFETY: one aligned 64-byte store into a `Zmm` (t * 4 + vi < GROUP_LINES).
+            unsafe { _mm512_store_si512(buf.tq[t * 4 + vi].0.as_mut_ptr() as *mut __m512i, vv) };
+        }
+    }
+    let rv = 16 / tb;
+    for vi in 0..tb / 2 {
+        let lane = |l: usize| (vi * rv + l / tb, l % tb);
+        let half = |f: &dyn Fn(&W) -> [u8; 2]| -> [u16; 16] {
+            std::array::from_fn(|l| {
+                let (r, b) = lane(l);
+                if b < n {
+                    u16::from_le_bytes(f(&w[r][b0 + b]))
+                } else {
+                    0
+                }
+            })
+        };
+        let dh = half(&|x: &W| x.d());
+        // SAFETY: dh is 16 u16 (32 bytes loaded); AVX-512 F (contract); one aligned store.
+        unsafe {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(dh.as_ptr() as *const __m256i));
+            _mm512_store_ps(buf.td[vi].0.as_mut_ptr() as *mut f32, d);
+        }
+        if W::HAS_MIN {
+            let mh = half(&|x: &W| x.m());
+            // SAFETY: as for dh.
+            unsafe {
+                let m = _mm512_cvtph_ps(_mm256_loadu_si256(mh.as_ptr() as *const __m256i));
+                _mm512_store_ps(buf.tm[vi].0.as_mut_ptr() as *mut f32, m);
+            }
+        }
+    }
+}
+
 /// One activation row of a microkernel call, from group `g0` of the chunk on: its interleaved
 /// quants (`tile::interleave_q8_0`), and per block `-BIAS · Σx` (empty where BIAS is 0), the
-/// scale and (q8_1) `s`.
+/// scale and (q8_1) `s` (those of the partial last group, if any, after the whole groups'),
+/// and the partial last group's quants in the narrow layout (`interleave_tail`; empty without
+/// one).
 #[derive(Clone, Copy)]
 pub struct XRow<'a> {
     pub xt: &'a [u8],
+    pub xtail: &'a [u8],
     pub nbias: &'a [i32],
     pub d: &'a [f32],
     pub s: &'a [f32],
@@ -263,24 +395,29 @@ pub struct XRow<'a> {
 /// q4_1 / q5_1's larger body was not inlined, and passing the accumulators through memory
 /// cost about 10 % at M = 512 (perf, one thread).
 ///
+/// `tail` (0..8): blocks of a partial group after the `groups` whole ones (`decode_tail`).
+///
 /// # Safety
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`), and called only from functions
-/// compiled with them; `buf` holds `groups` decoded groups; every `x[j]` has
-/// `groups * GROUP_BYTES` interleaved bytes and `groups * 8` scales (and `nbias` where BIAS is
-/// not 0, `s` for q4_1 / q5_1).
+/// compiled with them; `buf` holds `groups` decoded groups (and the tail); every `x[j]` has
+/// `groups * GROUP_BYTES` interleaved bytes and `groups * 8 + tail` scales (and `nbias` where
+/// BIAS is not 0, `s` for q4_1 / q5_1), and `tail_bytes(tail)` of `xtail` with a tail.
 #[inline(always)]
 pub unsafe fn kernel<W: Tile32, const R: usize>(
     buf: &PanelBuf,
     groups: usize,
+    tail: usize,
     x: &[XRow<'_>; R],
     acc: &mut [Acc; R],
 ) {
     const P: usize = PANEL / 2;
-    assert!(groups <= KC_GROUPS);
+    assert!(groups <= KC_GROUPS && tail < LANES);
+    let nblocks = groups * LANES + tail;
     for xj in x {
-        assert!(xj.xt.len() >= groups * GROUP_BYTES && xj.d.len() >= groups * LANES);
-        assert!(W::BIAS == 0 || xj.nbias.len() >= groups * LANES);
-        assert!(!W::HAS_MIN || xj.s.len() >= groups * LANES);
+        assert!(xj.xt.len() >= groups * GROUP_BYTES && xj.d.len() >= nblocks);
+        assert!(W::BIAS == 0 || xj.nbias.len() >= nblocks);
+        assert!(!W::HAS_MIN || xj.s.len() >= nblocks);
+        assert!(tail == 0 || xj.xtail.len() >= tail_bytes(tail));
     }
     let mut f = *acc;
     let q = buf.q.as_ptr() as *const __m512i;
@@ -342,42 +479,173 @@ pub unsafe fn kernel<W: Tile32, const R: usize>(
             }
         }
     }
+    if tail > 0 {
+        // SAFETY: the caller's contract (the tail's scales from block 8 · groups on).
+        unsafe {
+            match tail_width(tail) {
+                2 => tail_step::<W, R, 2>(buf, groups * LANES, tail, x, &mut f),
+                4 => tail_step::<W, R, 4>(buf, groups * LANES, tail, x, &mut f),
+                _ => tail_step::<W, R, 8>(buf, groups * LANES, tail, x, &mut f),
+            }
+        }
+    }
     *acc = f;
+}
+
+/// The partial last group of `kernel` (`n` blocks from block `b0` of each `x[j]`, TB =
+/// `tail_width(n)`): TB / 2 vectors of integer sums per activation row, their float products
+/// permuted into the rows' accumulators and added to lanes 0..n of each half only.
+///
+/// # Safety
+/// As `kernel`, with `buf`'s tail decoded for these n blocks.
+#[inline(always)]
+unsafe fn tail_step<W: Tile32, const R: usize, const TB: usize>(
+    buf: &PanelBuf,
+    b0: usize,
+    n: usize,
+    x: &[XRow<'_>; R],
+    f: &mut [Acc; R],
+) {
+    const P: usize = PANEL / 2;
+    let v_count = TB / 2;
+    let rv = 16 / TB;
+    let lanes: __mmask8 = (1u8 << n).wrapping_sub(1);
+    let tq = buf.tq.as_ptr() as *const __m512i;
+    let mut is = [[_mm512_setzero_si512(); P]; R];
+    if W::BIAS != 0 {
+        for (j, isj) in is.iter_mut().enumerate() {
+            // SAFETY: nbias[b0..b0 + n] is in bounds (the caller's contract).
+            *isj = [unsafe { bcast_tail::<TB>(x[j].nbias[b0..].as_ptr(), lanes) }; P];
+        }
+    }
+    for t in 0..8 {
+        let mut xv = [_mm512_setzero_si512(); R];
+        for (j, v) in xv.iter_mut().enumerate() {
+            let q = x[j].xtail[4 * TB * t..][..4 * TB].as_ptr();
+            // SAFETY: 4 · TB bytes of xtail (sliced just now); the features (contract).
+            *v = unsafe {
+                match TB {
+                    2 => _mm512_set1_epi64((q as *const i64).read_unaligned()),
+                    4 => _mm512_broadcast_i32x4(_mm_loadu_si128(q as *const __m128i)),
+                    _ => _mm512_broadcast_i64x4(_mm256_loadu_si256(q as *const __m256i)),
+                }
+            };
+        }
+        for v in 0..v_count {
+            // SAFETY: line t · 4 + v < GROUP_LINES, 64-byte aligned.
+            let wq = unsafe { _mm512_load_si512(tq.add(t * 4 + v)) };
+            for (isj, &xj) in is.iter_mut().zip(&xv) {
+                isj[v] = _mm512_dpbusd_epi32(isj[v], wq, xj);
+            }
+        }
+    }
+    // Pair p (rows 2p, 2p + 1): lane h · 8 + b takes lane ((2p + h) % rv) · TB + b of vector
+    // (2p) / rv; only lanes b < n of each half are added.
+    let mut perm = [_mm512_setzero_si512(); P];
+    for (p, v) in perm.iter_mut().enumerate() {
+        let idx: [i32; 16] =
+            std::array::from_fn(|l| (((2 * p + l / 8) % rv) * TB + (l % 8) % TB) as i32);
+        // SAFETY: 16 i32 (64 bytes).
+        *v = unsafe { _mm512_loadu_si512(idx.as_ptr() as *const __m512i) };
+    }
+    let mask: __mmask16 = lanes as u16 | (lanes as u16) << 8;
+    for j in 0..R {
+        // SAFETY: d[b0..b0 + n] (and s) are in bounds (the caller's contract).
+        let dx = _mm512_castsi512_ps(unsafe {
+            bcast_tail::<TB>(x[j].d[b0..].as_ptr() as *const i32, lanes)
+        });
+        let xs = if W::HAS_MIN {
+            // SAFETY: as for dx.
+            _mm512_castsi512_ps(unsafe {
+                bcast_tail::<TB>(x[j].s[b0..].as_ptr() as *const i32, lanes)
+            })
+        } else {
+            _mm512_setzero_ps()
+        };
+        let mut prod = [_mm512_setzero_ps(); P];
+        for (v, pv) in prod.iter_mut().enumerate().take(v_count) {
+            // SAFETY: lines v of td / tm, in bounds and aligned.
+            let dw = unsafe { _mm512_load_ps(buf.td[v].0.as_ptr() as *const f32) };
+            *pv = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(is[j][v]));
+            if W::HAS_MIN {
+                // SAFETY: as for dw.
+                let mw = unsafe { _mm512_load_ps(buf.tm[v].0.as_ptr() as *const f32) };
+                *pv = _mm512_add_ps(*pv, _mm512_mul_ps(mw, xs));
+            }
+        }
+        for p in 0..P {
+            let src = prod[2 * p / rv];
+            let y = if TB == 8 {
+                src
+            } else {
+                _mm512_permutexvar_ps(perm[p], src)
+            };
+            f[j][p] = _mm512_mask_add_ps(f[j][p], mask, f[j][p], y);
+        }
+    }
+}
+
+/// TB 32-bit values from `p` (the first n of them, `lanes`; the rest zero), repeated over the
+/// 16 lanes.
+///
+/// # Safety
+/// AVX-512 F/VL, and called only from functions compiled with them; `p..p + n` readable (the
+/// masked loads never touch the lanes left out).
+#[inline(always)]
+unsafe fn bcast_tail<const TB: usize>(p: *const i32, lanes: __mmask8) -> __m512i {
+    // SAFETY: the contract.
+    unsafe {
+        match TB {
+            2 => _mm512_broadcastq_epi64(_mm_maskz_loadu_epi32(lanes, p)),
+            4 => _mm512_broadcast_i32x4(_mm_maskz_loadu_epi32(lanes, p)),
+            _ => _mm512_broadcast_i64x4(_mm256_maskz_loadu_epi32(lanes, p)),
+        }
+    }
 }
 
 /// The float lanes of one activation row with one panel: pair p (rows 2p, 2p + 1) at `[p]`.
 pub type Acc = [__m512; PANEL / 2];
 
 /// Groups `g0..g0 + gc` of one panel (8 weight rows, `w[i]` with at least `8 · (g0 + gc)`
-/// blocks) against activation rows `0..rows` (`x(j, g0)`: row j from group g0 on): the chunk
-/// decoded once into `buf`, the rows in twos through `kernel`, their lanes carried in `acc`
-/// (`rows` entries; zero before the first chunk).
+/// blocks), then `tail` (0..8) blocks of a partial group after them, against activation rows
+/// `0..rows` (`x(j, g0)`: row j from group g0 on): the chunk decoded once into `buf`, the rows
+/// in twos through `kernel`, their lanes carried in `acc` (`rows` entries; read only when not
+/// `first`, the panel's first chunk starting from zero lanes).
 ///
 /// # Safety
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`); `x(j, g0)` for j < rows returns the
-/// row's data from group g0 on, at least `gc` groups; `gc <= KC_GROUPS`.
+/// row's data from group g0 on, at least `gc` groups (and the tail, `kernel`); `gc <=
+/// KC_GROUPS`; with a tail every `w[i]` has `8 · (g0 + gc) + tail` blocks.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn chunk<'a, W: Pair32>(
     w: [&[W]; PANEL],
     g0: usize,
     gc: usize,
+    tail: usize,
+    first: bool,
     rows: usize,
     x: &impl Fn(usize, usize) -> XRow<'a>,
     buf: &mut PanelBuf,
     acc: &mut [Acc],
 ) {
     assert!(acc.len() >= rows);
-    // SAFETY: the features (contract); every w[i] has 8 · (g0 + gc) blocks.
-    unsafe { decode_panel(w, g0, gc, buf) };
+    // SAFETY: the features (contract); every w[i] has 8 · (g0 + gc) blocks (+ tail).
+    unsafe {
+        decode_panel(w, g0, gc, buf);
+        if tail > 0 {
+            decode_tail(w, (g0 + gc) * LANES, tail, buf);
+        }
+    }
     let mut j = 0;
     while j + 2 <= rows {
-        // SAFETY: as above; x(j, g0) has the groups g0..g0 + gc.
-        unsafe { run::<W, 2>(buf, gc, j, g0, x, acc) };
+        // SAFETY: as above; x(j, g0) has the groups g0..g0 + gc (and the tail).
+        unsafe { run::<W, 2>(buf, gc, tail, first, j, g0, x, acc) };
         j += 2;
     }
     if j < rows {
         // SAFETY: as above.
-        unsafe { run::<W, 1>(buf, gc, j, g0, x, acc) };
+        unsafe { run::<W, 1>(buf, gc, tail, first, j, g0, x, acc) };
     }
 }
 
@@ -393,14 +661,16 @@ pub fn prefetch<W: Pair32>(w: [&[W]; PANEL], g0: usize, groups: usize) {
     }
 }
 
-/// `len` zero accumulators of `chunk`.
+/// Room for `len` accumulators of `chunk` (their values are written by each panel's first
+/// chunk: zeroing them every block of rows cost 4 % of a 576x576 q8_0 call at M = 128, perf).
 ///
 /// # Safety
 /// AVX-512 F must be available.
 #[target_feature(enable = "avx512f")]
-pub fn zeros(acc: &mut Vec<Acc>, len: usize) {
-    acc.clear();
-    acc.resize(len, [_mm512_setzero_ps(); PANEL / 2]);
+pub fn room(acc: &mut Vec<Acc>, len: usize) {
+    if acc.len() < len {
+        acc.resize(len, [_mm512_setzero_ps(); PANEL / 2]);
+    }
 }
 /// The panel's results from its accumulators (`chunk`'s, all of K done): `out(j, y)` gets the
 /// 8 dots of activation row j with the panel's weight rows, each `hsum8` of its lanes, computed
@@ -447,17 +717,24 @@ pub fn finish(acc: &[Acc], rows: usize, mut out: impl FnMut(usize, [f32; 8])) {
 /// As `kernel`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn run<'a, W: Tile32, const R: usize>(
     buf: &PanelBuf,
     groups: usize,
+    tail: usize,
+    first: bool,
     j0: usize,
     g0: usize,
     x: &impl Fn(usize, usize) -> XRow<'a>,
     acc: &mut [Acc],
 ) {
     let xr: [XRow<'a>; R] = std::array::from_fn(|j| x(j0 + j, g0));
-    let mut a: [Acc; R] = std::array::from_fn(|j| acc[j0 + j]);
+    let mut a: [Acc; R] = if first {
+        [[_mm512_setzero_ps(); PANEL / 2]; R]
+    } else {
+        std::array::from_fn(|j| acc[j0 + j])
+    };
     // SAFETY: the caller's contract.
-    unsafe { kernel::<W, R>(buf, groups, &xr, &mut a) };
+    unsafe { kernel::<W, R>(buf, groups, tail, &xr, &mut a) };
     acc[j0..j0 + R].copy_from_slice(&a);
 }
