@@ -202,6 +202,9 @@ unsafe fn units_w<const FOUR: bool, const P: usize, const R: usize>(
         x.map(|r| r.xd.as_ptr())
     };
     let full = k / unit;
+    // The same rows' statistics `ahead` is for their codes (rows of `row_len` bytes, statistics
+    // one row after another).
+    let stats_ahead = ahead / row_len * 4 * crate::formats::gint::stats_per_row(g, k);
     for u in range {
         // 64 bytes but for a last partial unit, and the lanes that hold an element of the row.
         let (bytes, live) = if u < full {
@@ -237,10 +240,24 @@ unsafe fn units_w<const FOUR: bool, const P: usize, const R: usize>(
                 let lo = _mm512_srai_epi16::<8>(_mm512_slli_epi16::<8>(v));
                 [lo, _mm512_srai_epi16::<8>(v), lo, lo]
             };
-            // SAFETY: as above.
-            ws[p] = _mm512_permutexvar_ps(spread, unsafe {
-                _mm512_maskz_loadu_ps(m, sp[p].add(first))
-            });
+            // (the scales, and the zeros that `zero_term` reads after the row)
+            prefetch_w(sp[p].wrapping_add(first) as *const u8, stats_ahead);
+            if !g.sym {
+                prefetch_w(sp[p].wrapping_add(groups + first) as *const u8, stats_ahead);
+            }
+            // SAFETY: the loads read only this unit's scales (`m`'s groups).
+            ws[p] = unsafe {
+                match (per, m) {
+                    // One or two groups a unit (g >= 64): broadcasts, no shuffle.
+                    (1, _) => _mm512_set1_ps(*sp[p].add(first)),
+                    (2, 0b11) => _mm512_mask_mov_ps(
+                        _mm512_set1_ps(*sp[p].add(first)),
+                        0xff00,
+                        _mm512_set1_ps(*sp[p].add(first + 1)),
+                    ),
+                    _ => _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(m, sp[p].add(first))),
+                }
+            };
         }
         for r in 0..R {
             // SAFETY: xq, xd and xdl hold every unit (asserted); VNNI available.
