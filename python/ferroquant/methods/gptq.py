@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..tensor import QTensor, QuantizeError
@@ -87,9 +88,11 @@ def _inverse_cholesky(
     mean_diag = float(torch.diagonal(h).mean())
     frac = damp
     for _ in range(6):
-        hd = h.clone()  # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336)
-        hd.diagonal().add_(frac * mean_diag)
-        upper = _upper_inverse_factor(hd.to(dtype))
+        # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336), added in
+        # float64 and rounded with the rest: a float32 copy takes the damped diagonal's values
+        hd = h.clone() if dtype == torch.float64 else h.to(dtype)
+        hd.diagonal().copy_(torch.diagonal(h) + frac * mean_diag)
+        upper = _upper_inverse_factor(hd)
         del hd
         if upper is not None:
             return upper.to(torch.float32)
@@ -240,7 +243,7 @@ def _gptq(
         perm = torch.arange(cols)
         params = None
         lazy = math.ceil(cfg.block_size / fb) * fb
-    h = h.index_select(0, perm).index_select(1, perm)  # h[perm][:, perm], 2x faster
+    h = _permuted(h, perm)
     native = gptq_native.available()
     hinv = _inverse_cholesky(
         h, cfg.damp, name, gptq_native.CHOLESKY_DTYPE if native else torch.float64
@@ -265,10 +268,20 @@ def _gptq(
         propagate=propagate,
     )
     inv_perm = torch.argsort(perm)
-    levels = levels_t.index_select(0, inv_perm).t()
+    # codes fit int16 (at most 256 levels): the transposing copies move a quarter of the bytes
+    levels = levels_t.to(torch.int16).index_select(0, inv_perm).t().contiguous()
     values = values_t.index_select(0, inv_perm).t().contiguous()
     qt = grid.qtensor([params] if static else blocks, levels.numpy())
     return qt, values
+
+
+def _permuted(h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """h[perm][:, perm] (a copy): numpy's take along each axis, 2-4x faster than torch's
+    index_select along the columns of a 1536-wide float64 matrix."""
+    if h.device.type != "cpu":
+        return h.index_select(0, perm).index_select(1, perm)
+    idx = perm.numpy()
+    return torch.from_numpy(np.take(np.take(h.numpy(), idx, axis=0), idx, axis=1))
 
 
 def _column_loop(
