@@ -48,7 +48,9 @@ class GPTQConfig:
       measured worse there on SmolLM2: the narrower range leaves the error feedback less room).
     true_sequential: within a decoder layer, each group of Linears sharing an input (q/k/v, o,
       gate/up, down) is solved in forward order on the Hessian of its inputs as computed by the
-      layer with the groups before it already quantized (the GPTQ paper's "true sequential").
+      layer with the groups before it already quantized (the GPTQ paper's "true sequential";
+      GPTQModel's default). At most 8 windows on this machine: all inside the layer's one
+      forward pass (`gptq_onepass`), the cheapest scheme; plain GPTQ needs two.
     asym_alpha: asymmetric calibration (GPTAQ, Li et al. 2025): the target is the float model's
       output W x_fp where x_fp is the float model's input of the Linear, not the quantized
       model's x. GPTQ then solves for W + asym_alpha * W D H^-1 (D = 2/n sum (x_fp - x) x^T, the
