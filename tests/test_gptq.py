@@ -97,8 +97,8 @@ def test_a_slice_of_columns_rounds_as_each_column_does(qtype):
 
 @pytest.mark.parametrize("qtype", SUPPORTED)
 def test_columns_at_permuted_indices_are_the_parameters_gathered_and_transposed(qtype):
-    """`FormatGrid.columns` with an index tensor (numpy's take on the swapped axes) holds, bit
-    for bit, each field's columns gathered by torch and transposed."""
+    """`FormatGrid.columns` with an index tensor holds, bit for bit, each field's columns
+    gathered and transposed, contiguous (one [rows] vector a column)."""
     w, _ = _problem(6, 512, seed=7)
     grid = FormatGrid(qtype, w.shape)
     p = grid.params(w)

