@@ -5,6 +5,7 @@ up the solve (Cholesky, the compiled column loop, parameter and packing work) an
 (x^T x, the layer's Linears, attention).
 
     python benches/profile_gptq.py [--qtype int4_g64] [--calib-samples 8] [--calib-len 512]
+        [--asym-alpha 0] [--true-sequential]
 """
 
 from __future__ import annotations
@@ -32,12 +33,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--asym-alpha", type=float, default=GPTQConfig.asym_alpha,
                     help="GPTAQ's alpha (0: plain GPTQ, the peers' scheme)")  # fmt: skip
+    ap.add_argument("--true-sequential", action="store_true",
+                    help="true-sequential groups (<= 8 windows: one pass a layer)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(None)
     calib = calibration_ids(None, loaded.tokenizer, args.calib_samples, args.calib_len)
     cfg = GPTQConfig(
-        n_samples=args.calib_samples, seq_len=args.calib_len, asym_alpha=args.asym_alpha
+        n_samples=args.calib_samples,
+        seq_len=args.calib_len,
+        asym_alpha=args.asym_alpha,
+        true_sequential=args.true_sequential,
     )
     model = copy.deepcopy(loaded.model)
     prof = cProfile.Profile(time.process_time)

@@ -95,6 +95,24 @@ def test_a_slice_of_columns_rounds_as_each_column_does(qtype):
         assert torch.equal(lev[:, j], lj) and torch.equal(val[:, j], vj), j
 
 
+@pytest.mark.parametrize("qtype", SUPPORTED)
+def test_columns_at_permuted_indices_are_the_parameters_gathered_and_transposed(qtype):
+    """`FormatGrid.columns` with an index tensor holds, bit for bit, each field's columns
+    gathered and transposed, contiguous (one [rows] vector a column)."""
+    w, _ = _problem(6, 512, seed=7)
+    grid = FormatGrid(qtype, w.shape)
+    p = grid.params(w)
+    perm = torch.randperm(512, generator=torch.Generator().manual_seed(1))
+    cols = grid.columns(p, perm[100:300])
+    for name, t in cols.fields.items():
+        ref = getattr(p, name)
+        if ref is None:
+            assert t is None
+            continue
+        assert t.is_contiguous(), name
+        assert torch.equal(t, ref[:, perm[100:300]].transpose(0, 1)), name
+
+
 SEARCHED = [q for q in SUPPORTED if FormatGrid(q, (1, 512)).searchable]
 
 

@@ -416,6 +416,33 @@ def layer_outputs(
     return out
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Any:
+    """A per-layer progress bar (tqdm's, a context manager too; a silent stand-in when disabled
+    or tqdm is missing)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, desc=desc, unit="layer")
+        except ImportError:
+            pass
+    return _NoBar()
+
+
 def run_layers(
     model: nn.Module,
     ids: torch.Tensor,
@@ -432,14 +459,7 @@ def run_layers(
     prefix, layers = find_decoder_layers(model)
     with torch.no_grad():
         hidden, calls = first_layer_inputs(model, layers, ids)
-        bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(layers), desc=desc, unit="layer")
-            except ImportError:
-                pass
+        bar = progress_bar(len(layers), desc, progress)
         for i, layer in enumerate(layers):
             where = f"{prefix}.{i}"
             dtypes = {p.dtype for p in layer.parameters()}
@@ -455,7 +475,5 @@ def run_layers(
                 finish()
             if dtype is not None:
                 layer.to(dtype)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+        bar.close()

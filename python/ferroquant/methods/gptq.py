@@ -47,7 +47,9 @@ class GPTQConfig:
       measured worse there on SmolLM2: the narrower range leaves the error feedback less room).
     true_sequential: within a decoder layer, each group of Linears sharing an input (q/k/v, o,
       gate/up, down) is solved in forward order on the Hessian of its inputs as computed by the
-      layer with the groups before it already quantized (the GPTQ paper's "true sequential").
+      layer with the groups before it already quantized (the GPTQ paper's "true sequential";
+      GPTQModel's default). At most 8 windows on this machine: all inside the layer's one
+      forward pass (`gptq_onepass`), the cheapest scheme; plain GPTQ needs two.
     asym_alpha: asymmetric calibration (GPTAQ, Li et al. 2025): the target is the float model's
       output W x_fp where x_fp is the float model's input of the Linear, not the quantized
       model's x. GPTQ then solves for W + asym_alpha * W D H^-1 (D = 2/n sum (x_fp - x) x^T, the
@@ -87,9 +89,11 @@ def _inverse_cholesky(
     mean_diag = float(torch.diagonal(h).mean())
     frac = damp
     for _ in range(6):
-        hd = h.clone()  # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336)
-        hd.diagonal().add_(frac * mean_diag)
-        upper = _upper_inverse_factor(hd.to(dtype))
+        # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336), added in
+        # float64 and rounded with the rest: a float32 copy takes the damped diagonal's values
+        hd = h.clone() if dtype == torch.float64 else h.to(dtype)
+        hd.diagonal().copy_(torch.diagonal(h) + frac * mean_diag)
+        upper = _upper_inverse_factor(hd)
         del hd
         if upper is not None:
             return upper.to(torch.float32)
@@ -265,7 +269,8 @@ def _gptq(
         propagate=propagate,
     )
     inv_perm = torch.argsort(perm)
-    levels = levels_t.index_select(0, inv_perm).t()
+    # codes fit int16 (at most 256 levels): the transposing copies move a quarter of the bytes
+    levels = levels_t.to(torch.int16).index_select(0, inv_perm).t().contiguous()
     values = values_t.index_select(0, inv_perm).t().contiguous()
     qt = grid.qtensor([params] if static else blocks, levels.numpy())
     return qt, values

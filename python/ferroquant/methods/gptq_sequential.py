@@ -26,7 +26,17 @@ import torch
 from torch import nn
 
 from ..calib import InputStats
-from ..calib.capture import _first, _Stop, forward_autocast, gram, shard_batches
+from ..calib.capture import (
+    LocalWindows,
+    _first,
+    _Stop,
+    collect_stats,
+    forward_autocast,
+    gram,
+    layer_outputs,
+    shard_batches,
+)
+from . import gptq_onepass
 from .gptq import GPTQConfig
 from .layerwise import LocalRunner, SolveJob, gptq_layer, swap_in
 
@@ -155,6 +165,30 @@ def sequential_gptq_layer(
     return new
 
 
+def multi_pass_layer(
+    where: str,
+    layer: nn.Module,
+    call: Any,
+    batch: torch.Tensor,
+    fp_batch: torch.Tensor | None,
+    qtype_for: Callable[[str, nn.Linear], str | None],
+    config: GPTQConfig,
+    options: dict[str, Any],
+    plan: dict[str, str | None],
+) -> gptq_onepass.LayerResult:
+    """`sequential_gptq_layer` and the layer's outputs on one shard's windows `batch` [n, L,
+    d]: `gptq_onepass`'s fallback, in its form (QuantLinears by name, outputs, float outputs)."""
+    hidden = list(batch.split(1))
+    stats = collect_stats(layer, call, hidden, where)
+    stats.windows = LocalWindows(call, hidden)
+    stream = FloatStream()
+    stream.hidden = list(fp_batch.split(1)) if fp_batch is not None else None
+    new = sequential_gptq_layer(where, layer, stats, qtype_for, config, options, plan,
+                                LocalRunner().solve, stream)  # fmt: skip
+    out = torch.cat(layer_outputs(layer, call, hidden, where))
+    return new, out, (torch.cat(stream.hidden) if fp_batch is not None else None)
+
+
 def sequential_gptq_model(
     model: nn.Module,
     qtype_for: Callable[[str, nn.Linear], str | None],
@@ -167,7 +201,13 @@ def sequential_gptq_model(
 ) -> dict[str, str | None]:
     """`layerwise.gptq_model` with `config.true_sequential` / `config.asym_alpha`. Returns
     {module name: qtype}. `runner`: where the layers and solves run (default `LocalRunner()`;
-    the float stream is its `carry`, which a cluster runner journals with each layer)."""
+    the float stream is its `carry`, which a cluster runner journals with each layer).
+    True-sequential windows of one shard here take one forward pass a layer instead
+    (`gptq_onepass`: the same bytes)."""
+    if config.true_sequential and gptq_onepass.applies(ids, runner):
+        return gptq_onepass.one_pass_gptq_model(
+            model, qtype_for, ids, config, options, multi_pass_layer, progress=progress
+        )
     plan: dict[str, str | None] = {}
     runner = runner or LocalRunner()
     stream = FloatStream()
