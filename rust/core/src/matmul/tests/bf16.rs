@@ -165,6 +165,8 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
         ("int4_gch", 4128, 5),
         ("int8_g64_sym", 128, 50),
         ("int8_gch_sym", 96, 3),
+        ("int8_g32_sym", 320, 13),
+        ("int8_g128_sym", 384, 9),
     ];
     for (i, (name, k, n)) in cases.into_iter().enumerate() {
         let qtype = QType::parse(name).unwrap();
