@@ -234,6 +234,16 @@ impl Plan<'_> {
                 // SAFETY: see above.
                 unsafe { gemm16::decode_gint4(&row[k0 / 2..(k0 + kc) / 2], zs, dst) }
             }
+            QType::GInt(g) if g.bits == 8 => {
+                let groups = self.k / bl;
+                let zs = |j: usize| {
+                    let gi = (k0 + 32 * j) / bl;
+                    let z = if g.sym { 128 } else { st[groups + gi] as u8 };
+                    (z, st[gi])
+                };
+                // SAFETY: see above.
+                unsafe { gemm16::decode_gint8(&row[k0..k0 + kc], zs, dst) }
+            }
             QType::GInt(g) => {
                 use crate::formats::gint;
                 let bits = g.bits as usize;

@@ -140,7 +140,7 @@ fn bf16_gemm_equals_its_reference_bnb_and_fp8() {
         let ms: &[usize] = if i < 2 {
             &[8, 37, 70, 300]
         } else {
-            &[8, 17, 64]
+            &[8, 16, 17, 64]
         };
         check(
             &format!("{qtype:?} {mode:?} bs={bs}"),
@@ -165,6 +165,8 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
         ("int4_gch", 4128, 5),
         ("int8_g64_sym", 128, 50),
         ("int8_gch_sym", 96, 3),
+        ("int8_g32_sym", 320, 13),
+        ("int8_g128_sym", 384, 9),
     ];
     for (i, (name, k, n)) in cases.into_iter().enumerate() {
         let qtype = QType::parse(name).unwrap();
@@ -188,7 +190,8 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
 
 /// Two panels of weight rows (the second partial: 160 = 144 + 16, so the output tiles of 16
 /// columns are whole and partial) and two blocks of activation rows (530 = 512 + 18: the second
-/// block ends in a vector of 2 rows, the half-width kernel), K two chunks and a piece.
+/// block ends in a vector of 2 rows, the half-width kernel), K two chunks and a piece; and 14
+/// rows (one vector of 9-16 rows: the 24-row kernel and, on the partial panel, the 1-row one).
 #[test]
 fn bf16_gemm_equals_its_reference_across_panels_and_blocks() {
     let mut rng = Rng(0xbf16_0000_6e11_0530);
@@ -206,5 +209,5 @@ fn bf16_gemm_equals_its_reference_across_panels_and_blocks() {
     };
     let mut deq = vec![0f32; n * k];
     dequantize(&v, &mut deq).unwrap();
-    check("nf4 panels", &v, &deq, &[530], &mut rng);
+    check("nf4 panels", &v, &deq, &[530, 14], &mut rng);
 }

@@ -239,6 +239,28 @@ pub unsafe fn decode_i8(q: &[u8], scale: impl Fn(usize) -> f32, dst: &mut [u16])
     }
 }
 
+/// 8-bit grouped integers (one byte a code) to bf16 `(q - z(j)) · scale(j)` at `dst` (`zs(j)`:
+/// the zero and scale of elements 32j .. 32j + 32), the code minus its zero taken as an i8 with
+/// wrap-around as `formats::gint::decode_row_i8` does (so `decode_i8` of its codes, without
+/// that scalar pass through a buffer).
+///
+/// # Safety
+/// `cpu::has_avx512_bf16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn decode_gint8(q: &[u8], zs: impl Fn(usize) -> (u8, f32), dst: &mut [u16]) {
+    assert!(q.len().is_multiple_of(32) && dst.len() >= q.len());
+    for (j, (qc, d)) in q.chunks_exact(32).zip(dst.chunks_exact_mut(32)).enumerate() {
+        let (z, s) = zs(j);
+        // SAFETY: 32 bytes loaded from a checked chunk.
+        let b = unsafe { _mm256_loadu_si256(qc.as_ptr() as *const __m256i) };
+        let v = _mm256_sub_epi8(b, _mm256_set1_epi8(z as i8));
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(v)));
+        // SAFETY: the features; d has 32 elements.
+        unsafe { store32(lo, hi, s, d) };
+    }
+}
+
 /// 16 bytes of nibble codes as 32 `vpermw` indices: word e holds element e's nibble in its low
 /// 4 bits (element 2i in byte i's high nibble when `high_first`, bitsandbytes' order, else in
 /// its low one); bit 4 may hold garbage, so the tables looked up have their 16 entries twice.
