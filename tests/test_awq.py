@@ -21,11 +21,14 @@ from ferroquant.methods import AWQConfig, method_config
 from ferroquant.methods.awq import (
     fold_scale,
     format_qdq,
+    group_grams,
+    group_output_mse,
     scale_candidates,
     search_clip,
     search_scale,
     weight_mean,
 )
+from ferroquant.methods.awq_layers import linear_output_mse
 from ferroquant.nn import QuantLinear
 
 torch = pytest.importorskip("torch")
@@ -207,6 +210,26 @@ def test_clip_never_loses_to_no_clip(seed, qtype):
     assert (err <= no_clip * (1 + 1e-5) + 1e-12).all()
     assert (best <= wg.abs().amax(-1) + 1e-7).all()
     assert (best >= 0.5 * wg.abs().amax(-1) - 1e-7).all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), group=st.sampled_from([8, 16, 32]), n=st.integers(1, 40))
+def test_gram_errors_equal_the_per_token_output_errors(seed, group, n):
+    """The clip search's and the single-Linear scale search's losses, taken from x^T x, equal
+    the errors of the outputs computed token by token (AutoAWQ's einsum, the forward's MSE)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = 6, 64
+    d = torch.randn(rows, cols, generator=g, dtype=torch.float64) * 1e-2
+    x = torch.randn(n, cols, generator=g, dtype=torch.float64) * 3
+    dg, xg = d.reshape(rows, -1, group), x.reshape(n, -1, group)
+    per_group = torch.einsum("rgk,ngk->rng", dg, xg).pow(2).mean(1)
+    # float32 rounding is relative to the products' magnitudes, not to their (cancelling) sum
+    size = torch.einsum("rgk,ngk->rng", dg.abs(), xg.abs()).pow(2).mean(1)
+    got = group_output_mse(dg.float(), group_grams(x.float(), group))
+    assert ((got.double() - per_group).abs() <= 1e-5 * size).all()
+    whole = float((x @ d.T).pow(2).mean())
+    size = float((x.abs() @ d.abs().T).pow(2).mean())
+    assert abs(linear_output_mse(d.float(), (x.T @ x / n).float()) - whole) <= 1e-5 * size
 
 
 # -- the model ------------------------------------------------------------------------------------

@@ -78,27 +78,36 @@ def _batches(hidden: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
 
 
 def window_abs_sums(
-    layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, name: str, where: str
-) -> list[tuple[torch.Tensor, int]]:
-    """Per window: the float64 sum over its tokens of |x| at the input of Linear `name`, and the
-    number of tokens (AWQ's x_mean, added in window order). The layer runs a shard batch at a
-    time, in the capture's precision (`forward_autocast`)."""
-    got: list[tuple[torch.Tensor, int]] = []
+    layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, names: list[str],
+    where: str,
+) -> list[dict[str, tuple[torch.Tensor, int]]]:  # fmt: skip
+    """Per window: for each Linear of `names`, the float64 sum over the window's tokens of |x|
+    at its input, and the number of tokens (AWQ's x_mean, added in window order). One pass of
+    the layer (a shard batch at a time, in the capture's precision, `forward_autocast`) serves
+    every pair of the layer, as AutoAWQ captures a layer's inputs once before any scaling: a
+    fold keeps the float function, so the later pairs' inputs do not change."""
+    got: list[dict[str, tuple[torch.Tensor, int]]] = [{} for _ in hidden]
+    at = [0]
 
-    def pre(mod: nn.Module, args: tuple) -> None:
-        x = args[0].detach().to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
-            raise QuantizeError(f"awq: non-finite activations at the input of {where}")
-        for xw in x.reshape(-1, *x.shape[-2:]):  # one [L, d] per window of the batch
-            got.append((xw.abs().sum(0, dtype=torch.float64), xw.shape[0]))
+    def hook(name: str) -> Callable[..., None]:
+        def pre(mod: nn.Module, args: tuple) -> None:
+            x = args[0].detach().to(torch.float32)
+            if not bool(torch.isfinite(x).all()):
+                raise QuantizeError(f"awq: non-finite activations at the input of {where}.{name}")
+            for j, xw in enumerate(x.reshape(-1, *x.shape[-2:])):  # one [L, d] per window
+                got[at[0] + j][name] = (xw.abs().sum(0, dtype=torch.float64), xw.shape[0])
 
-    h = layer.get_submodule(name).register_forward_pre_hook(pre)
+        return pre
+
+    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     try:
-        for _, batch in _batches(hidden):
+        for k0, batch in _batches(hidden):
+            at[0] = k0
             with forward_autocast(batch):
                 layer(batch, *call.args, **call.kwargs)
     finally:
-        h.remove()
+        for h in hs:
+            h.remove()
     return got
 
 
@@ -188,6 +197,25 @@ def window_strided_inputs(
     return got
 
 
+def mean_abs_inputs(
+    layer: nn.Module, windows: Any, names: list[str], where: str
+) -> dict[str, torch.Tensor]:
+    """{Linear name: mean over the calibration tokens of |x| at its input} (float32), from the
+    per-window float64 sums of `window_abs_sums` added in window order."""
+    if not names:
+        return {}
+    per_window = windows.map(layer, window_abs_sums, names, where)
+    out = {}
+    for name in names:
+        total = per_window[0][name][0].clone()
+        count = per_window[0][name][1]
+        for got in per_window[1:]:
+            total += got[name][0]
+            count += got[name][1]
+        out[name] = (total / max(count, 1)).to(torch.float32)
+    return out
+
+
 def search_pair(
     layer: nn.Module,
     windows: Any,
@@ -197,28 +225,38 @@ def search_pair(
     qs: list[str | None],
     config: AWQConfig,
     options: dict[str, Any],
+    x_mean: torch.Tensor,
+    gram: torch.Tensor | None = None,
 ) -> ScaleResult:
     """AWQ's scale search for one pair over the calibration `windows` (`calib.LocalWindows` or
-    a cluster's): x_mean and every candidate's loss are per-window results added in window
-    order, so they are the same bits wherever the windows ran."""
+    a cluster's): every candidate's loss (and `x_mean`, `mean_abs_inputs`) are per-window
+    results added in window order, so they are the same bits wherever the windows ran. A block
+    that is the pair's one Linear (o_proj, down_proj) with its inputs' mean x x^T `gram` given
+    (the capture's Hessian sums, also added in window order) has each candidate's loss from
+    the gram (`linear_output_mse`) instead of a forward pass per candidate."""
     lins = [layer.get_submodule(n) for n in names]
-    sums = windows.map(layer, window_abs_sums, names[0], f"{where}.{names[0]}")
-    total, count = sums[0][0].clone(), 0
-    for k, (v, n) in enumerate(sums):
-        if k:
-            total += v
-        count += n
-    x_mean = (total / max(count, 1)).to(torch.float32)
     first_q = next(q for q in qs if q is not None)
     qdqs = [format_qdq(q, format_options(q, options) if q else None) for q in qs]
     originals = [lin.weight.data.clone() for lin in lins]
     w_mean = weight_mean(originals, group_size(first_q, lins[0].in_features))
     cands = scale_candidates(x_mean, w_mean, config.grid, config.duo_scaling)
     weights = candidate_weights(cands, originals, qdqs)
+    if gram is not None and names == (block_name,):
+        losses = [linear_output_mse(w[0] - originals[0], gram) for w in weights]
+        return pick_scale(cands, losses)
     per_window = windows.map(layer, window_losses, block_name, list(names), weights)
     den = sum(n for _, n in per_window)
     losses = [sum(nums[c] for nums, _ in per_window) / max(den, 1) for c in range(len(cands))]
     return pick_scale(cands, losses)
+
+
+def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
+    """The mean over tokens and outputs of (d x)^2 for a weight error d [rows, cols], from the
+    inputs' mean x x^T `gram` [cols, cols] (float32): tr(d G d^T) / rows, the loss the block
+    forward would measure for a block that is this one Linear, in float32 instead of through
+    the forward's bf16 rounding, and rows x cols^2 instead of rows x cols x tokens of work."""
+    d = d.to(torch.float32)
+    return float((d @ gram * d).sum(dtype=torch.float64)) / max(d.shape[0], 1)
 
 
 def awq_layer(
@@ -236,6 +274,7 @@ def awq_layer(
     windows = stats.windows
     if windows is None:
         raise QuantizeError("awq needs the capture's calibration windows")
+    todo = []
     for prev_name, names, block_name in PAIRS:
         prev, block = _get(layer, prev_name), _get(layer, block_name)
         lins = [_get(layer, n) for n in names]
@@ -246,9 +285,17 @@ def awq_layer(
         qs = [qtype_for(f"{where}.{n}", m) for n, m in zip(names, lins, strict=True)]
         if all(q is None for q in qs):
             continue
-        res = search_pair(layer, windows, where, names, block_name, qs, config, options)
-        fold_scale(prev, lins, res.scale)
+        todo.append((prev_name, prev, names, block_name, lins, qs))
+    x_means = mean_abs_inputs(layer, windows, [t[2][0] for t in todo], where)
+    for prev_name, prev, names, block_name, lins, qs in todo:
         g = stats.group_of.get(names[0])
+        gram = None
+        if g is not None and stats.counts[g]:
+            gram = (stats.sums[g] / stats.counts[g]).to(torch.float32)
+        res = search_pair(
+            layer, windows, where, names, block_name, qs, config, options, x_means[names[0]], gram
+        )
+        fold_scale(prev, lins, res.scale)
         if g is not None:  # the Hessian of x / s
             inv = (1.0 / res.scale).to(torch.float64)
             stats.sums[g] *= inv[:, None] * inv[None, :]
