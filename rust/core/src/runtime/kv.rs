@@ -24,7 +24,7 @@ pub use types::{Geometry, KvSpec, KvType, Rotation, Window};
 pub(super) mod tests {
     use super::attend::{attend, Scratch};
     use super::reference::attend_reference;
-    use super::types::ALL;
+    use super::types::{ALL, KIVI_GROUP};
     use super::*;
 
     /// Deterministic test values in [-3, 3) (xorshift), shared with the prefill tests.
@@ -40,15 +40,21 @@ pub(super) mod tests {
             .collect()
     }
 
-    /// The windows the KIVI types are tested with: the type's default, none, odd sinks with a
-    /// residual that is not a page multiple, and the most sinks with a one-position residual.
-    fn windows(kv: KvType) -> Vec<Window> {
+    /// The rotations and windows a type is tested with: every rotation with the type's
+    /// window; for KIVI also no window, odd sinks with a residual that is not a page multiple,
+    /// and the most sinks with a one-position residual (one rotation each, to keep it short).
+    fn cases(kv: KvType) -> Vec<(Rotation, Window)> {
         let w = |sinks, residual| Window { sinks, residual };
+        let rots = [Rotation::Off, Rotation::Values, Rotation::Both];
+        let mut c: Vec<_> = rots.map(|r| (r, Window::default_for(kv))).to_vec();
         if kv.is_kivi() {
-            vec![Window::default_for(kv), w(0, 0), w(5, 70), w(63, 1)]
-        } else {
-            vec![Window::default()]
+            c.extend([
+                (Rotation::Off, w(0, 0)),
+                (Rotation::Values, w(5, 70)),
+                (Rotation::Both, w(63, 1)),
+            ]);
         }
+        c
     }
 
     /// The paged path (appended in uneven chunks, every position of each chunk attending before
@@ -66,12 +72,10 @@ pub(super) mod tests {
         let v = vals(n * kvd * 2, 2);
         let q = vals(hd, 3);
         let scale = 0.125f32;
-        let rots = [Rotation::Off, Rotation::Values, Rotation::Both];
-        let cases = ALL.iter().flat_map(|&t| {
-            rots.into_iter()
-                .flat_map(move |r| windows(t).into_iter().map(move |w| (t, r, w)))
-        });
-        for (kv, rotate, window) in cases {
+        let all = ALL
+            .iter()
+            .flat_map(|&t| cases(t).into_iter().map(move |(r, w)| (t, r, w)));
+        for (kv, rotate, window) in all {
             let mut pool = Pool::new(kv, geo, 1 << 24, Some(rotate))
                 .unwrap()
                 .with_window(window);
@@ -99,7 +103,12 @@ pub(super) mod tests {
                                 })
                                 .collect()
                         };
-                        for pos in at..at + m {
+                        // Every position of the first pages and each chunk's first and last;
+                        // past that every fifth (the reference re-encodes the whole cache).
+                        let check = |pos: usize| {
+                            pos < 2 * KIVI_GROUP || pos % 5 == 0 || pos == at || pos + 1 == at + m
+                        };
+                        for pos in (at..at + m).filter(|&p| check(p)) {
                             let mut out = vec![0f32; hd];
                             let view = seq.view(layer);
                             attend(kv, rotate, &geo, &view, h, &q, pos, scale, &mut s, &mut out);
