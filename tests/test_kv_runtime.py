@@ -236,8 +236,9 @@ def test_kivi_sinks_and_residual(model):
     """int2 keeps 4 sinks and 128 recent positions in f16 by default, int4 neither; the pool
     charges a sequence its quantized pages plus those f16 rows (docs/kv.md); the options are
     checked, and refused for the per-token types."""
-    f16_row = 30 * 2 * 3 * 64 * 2  # SmolLM2-135M: one position's K and V in f16
-    page = {t: 64 * 30 * 2 * 3 * BLOCK[t] for t in ("int4", "int2")}
+    f16_row = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type="f16").kv["bytes_per_token"]
+    # a 64-position page: (f16_row / 2) values a position, BLOCK / 64 bytes a value
+    page = {t: f16_row // 2 * BLOCK[t] for t in ("int4", "int2")}
     rt = LlamaRuntime.from_gguf(model, n_ctx=2048, kv_type="int2", kv_budget="256MiB")
     assert (rt.kv["kv_sinks"], rt.kv["kv_residual"]) == (4, 128)
     assert rt.kv["residual_bytes"] == (128 + 64 + 4) * f16_row

@@ -134,17 +134,12 @@ impl Pool {
 
     /// Bytes of a KIVI sequence's f16 rows (`residual + P` recent positions and `sinks` first
     /// ones, every layer's K and V); 0 else.
+    /// (Charged whatever the sequence's length, as the residual of P positions always was.)
     pub fn residual_bytes(&self) -> usize {
-        self.residual_bytes_of(usize::MAX)
-    }
-
-    /// The f16 rows a sequence of at most `max_len` positions can hold at once.
-    fn residual_bytes_of(&self, max_len: usize) -> usize {
         if !self.kv.is_kivi() {
             return 0;
         }
-        let w = self.window;
-        let slots = max_len.min(w.residual + self.kv.page_len()) + max_len.min(w.sinks);
+        let slots = self.window.residual + self.kv.page_len() + self.window.sinks;
         slots * self.geo.n_layer * 2 * self.geo.kv_dim() * 2
     }
 
@@ -159,7 +154,7 @@ impl Pool {
 
     /// What a sequence of at most `max_len` positions is charged.
     pub fn charge_of(&self, max_len: usize) -> usize {
-        self.pages_for(max_len) * self.page_bytes() + self.residual_bytes_of(max_len)
+        self.pages_for(max_len) * self.page_bytes() + self.residual_bytes()
     }
 
     pub fn charged(&self) -> usize {
@@ -456,8 +451,8 @@ mod tests {
         let charge = (2048 - 128) / 64 * int2_page + (128 + 64 + 4) * f16_row;
         assert_eq!(p.charge_of(2048), charge);
         assert_eq!(p.capacity(2048), (256 << 20) / charge);
-        // A sequence shorter than the residual holds only f16 rows (the sinks twice).
-        assert_eq!(p.charge_of(100), (100 + 4) * f16_row);
+        // A sequence shorter than the residual holds only f16 rows.
+        assert_eq!(p.charge_of(100), (128 + 64 + 4) * f16_row);
         let p4 = Pool::new(KvType::Int4, geo, 256 << 20, None).unwrap();
         assert_eq!(p4.window, Window::default());
         let int4_page = 64 * KvType::Int4.bytes_per_token(&geo);
