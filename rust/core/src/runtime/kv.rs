@@ -106,7 +106,10 @@ pub(super) mod tests {
                         // Every position of the first pages and each chunk's first and last;
                         // past that every fifth (the reference re-encodes the whole cache).
                         let check = |pos: usize| {
-                            pos < 2 * KIVI_GROUP || pos % 5 == 0 || pos == at || pos + 1 == at + m
+                            pos < 2 * KIVI_GROUP
+                                || pos.is_multiple_of(5)
+                                || pos == at
+                                || pos + 1 == at + m
                         };
                         for pos in (at..at + m).filter(|&p| check(p)) {
                             let mut out = vec![0f32; hd];
