@@ -95,9 +95,13 @@ def nll_sum(logits: np.ndarray, targets: list[int]) -> float:
 
 def spec(kv: str) -> dict:
     """ "int4:rot" -> kv_type int4, kv_rotation True (":norot" False, ":vrot" the values
-    only); a plain name keeps the type's default."""
+    only; "int2@4/128": kv_sinks 4, kv_residual 128); a plain name keeps the type's default."""
+    kv, _, window = kv.partition("@")
     t, _, r = kv.partition(":")
-    return {"kv_type": t, "kv_rotation": {"rot": True, "norot": False, "vrot": "values"}.get(r)}
+    d = {"kv_type": t, "kv_rotation": {"rot": True, "norot": False, "vrot": "values"}.get(r)}
+    if window:  # "int2@S/R": KIVI sinks and residual (default: the type's)
+        d["kv_sinks"], d["kv_residual"] = (int(x) for x in window.split("/"))
+    return d
 
 
 def ppl_ours(path: Path, kv: str, toks: list[int]) -> float:

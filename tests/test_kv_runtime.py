@@ -147,18 +147,24 @@ def test_decode_of_encode_is_stable(x, t):
 
 
 @pytest.mark.parametrize(
-    "kv,rotation", [(t, None) for t in KV_TYPES] + [("int4", True), ("int4", "values")]
+    "kv,rotation,window",
+    [(t, None, None) for t in KV_TYPES]
+    + [("int4", True, None), ("int4", "values", None)]
+    + [("int2", None, (4, 0)), ("int2", None, (5, 3))],
 )
-def test_batched_equals_step_by_step_and_threads_do_not_matter(model, kv, rotation):
+def test_batched_equals_step_by_step_and_threads_do_not_matter(model, kv, rotation, window):
     """A 72-token prompt (past one 64-position KIVI group) in one call, in chunks, or token by
-    token, on 1 or 2 threads, rotated or not: the same logits bit for bit."""
+    token, on 1 or 2 threads, rotated or not, with KIVI sinks and a short residual (so that
+    page 0 is quantized inside the prompt): the same logits bit for bit."""
+    sinks, residual = window or (None, None)
     tokens = [int(t) for t in np.random.default_rng(7).integers(0, VOCAB, 72)]
     before = fq.num_threads()
     try:
         fq.set_num_threads(1)
         rt = LlamaRuntime.from_gguf(
-            model, n_ctx=96, kv_type=kv, kv_budget="8MiB", kv_rotation=rotation
-        )
+            model, n_ctx=96, kv_type=kv, kv_budget="8MiB", kv_rotation=rotation,
+            kv_sinks=sinks, kv_residual=residual,
+        )  # fmt: skip
         one = rt.forward(tokens, all_logits=True)
         fq.set_num_threads(2)
         rt.reset()
@@ -226,6 +232,29 @@ def test_generate_batch_equals_one_at_a_time(model, kv):
     assert g1.tokens == alone and g1.max_active == 1
 
 
+def test_kivi_sinks_and_residual(model):
+    """int2 keeps 4 sinks and 128 recent positions in f16 by default, int4 neither; the pool
+    charges a sequence its quantized pages plus those f16 rows (docs/kv.md); the options are
+    checked, and refused for the per-token types."""
+    f16_row = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type="f16").kv["bytes_per_token"]
+    # a 64-position page: (f16_row / 2) values a position, BLOCK / 64 bytes a value
+    page = {t: f16_row // 2 * BLOCK[t] for t in ("int4", "int2")}
+    rt = LlamaRuntime.from_gguf(model, n_ctx=2048, kv_type="int2", kv_budget="256MiB")
+    assert (rt.kv["kv_sinks"], rt.kv["kv_residual"]) == (4, 128)
+    assert rt.kv["residual_bytes"] == (128 + 64 + 4) * f16_row
+    charge = (2048 - 128) // 64 * page["int2"] + (128 + 64 + 4) * f16_row
+    assert rt.kv_capacity(2048) == (256 << 20) // charge
+    r4 = LlamaRuntime.from_gguf(model, n_ctx=2048, kv_type="int4", kv_budget="256MiB")
+    assert (r4.kv["kv_sinks"], r4.kv["kv_residual"]) == (0, 0)
+    assert r4.kv_capacity(2048) == (256 << 20) // (32 * page["int4"] + 64 * f16_row)
+    own = LlamaRuntime.from_gguf(model, n_ctx=64, kv_type="int4", kv_sinks=2, kv_residual=64)
+    assert (own.kv["kv_sinks"], own.kv["kv_residual"]) == (2, 64)
+    with pytest.raises(fq.QuantizeError, match="kv_sinks must be 0 to 63"):
+        LlamaRuntime.from_gguf(model, n_ctx=64, kv_type="int2", kv_sinks=64)
+    with pytest.raises(fq.QuantizeError, match="not kv_type f16"):
+        LlamaRuntime.from_gguf(model, n_ctx=64, kv_type="f16", kv_residual=16)
+
+
 def test_bad_input_one_clear_error_each(model):
     with pytest.raises(fq.QuantizeError, match='unknown kv_type "int3"'):
         LlamaRuntime.from_gguf(model, kv_type="int3")
@@ -258,6 +287,11 @@ def test_cli_generate_kv(tmp_path, capsys, model):
     assert "kv int4" in capsys.readouterr().err
     assert cli.main(argv + ["--max-tokens", "2", "--kv-rotation", "on"]) == 0
     assert "kv int4" in capsys.readouterr().err
+    argv2 = ["generate", str(model), "--prompt", "hi", "--kv", "int2", "--ctx", "64"]
+    assert cli.main(argv2 + ["--max-tokens", "2", "--kv-sinks", "2", "--kv-residual", "0"]) == 0
+    assert "kv int2" in capsys.readouterr().err
+    assert cli.main(argv2 + ["--kv-sinks", "99"]) != 0
+    assert "kv_sinks" in capsys.readouterr().err
 
 
 def test_decode_step_probe(model):

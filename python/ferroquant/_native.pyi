@@ -230,6 +230,8 @@ class LlamaModel:
         kv_type: str = "f32",
         kv_budget: str | None = None,
         kv_rotation: bool | str | None = None,
+        kv_sinks: int | None = None,
+        kv_residual: int | None = None,
     ) -> None: ...
     def generate_batch(
         self,

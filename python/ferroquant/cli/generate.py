@@ -35,6 +35,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="Walsh-Hadamard rotation per head of K and V (on), V only (values) or none "
         "(default: the type's, docs/kv.md)",
     )
+    g.add_argument(
+        "--kv-sinks",
+        type=int,
+        help="int4 / int2: first positions kept in f16 (default: the type's, int2 4, int4 0)",
+    )
+    g.add_argument(
+        "--kv-residual",
+        type=int,
+        help="int4 / int2: recent positions kept in f16 before a page is quantized "
+        "(default: the type's, int2 128, int4 0)",
+    )
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     g.add_argument("--json", action="store_true", help="print JSON instead of the text")
     g.set_defaults(func=run)
@@ -47,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     r = generate_text(args.model, args.prompt, args.max_tokens, temperature=args.temperature,
                       top_k=args.top_k, seed=args.seed, n_threads=args.threads, n_ctx=args.ctx,
                       chat=args.chat, kv_type=args.kv, kv_budget=args.kv_budget,
-                      kv_rotation=rotation)  # fmt: skip
+                      kv_rotation=rotation, kv_sinks=args.kv_sinks,
+                      kv_residual=args.kv_residual)  # fmt: skip
     if args.json:
         print(json.dumps(r))
     else:

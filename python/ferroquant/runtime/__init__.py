@@ -93,6 +93,8 @@ class LlamaRuntime:
         kv_type: str = "f32",
         kv_budget: str | int = "512MiB",
         kv_rotation: bool | str | None = None,
+        kv_sinks: int | None = None,
+        kv_residual: int | None = None,
     ) -> LlamaRuntime:
         """Load a llama-architecture GGUF. `n_threads` sets ferroquant's thread pool (shared by
         the whole process; None leaves it as it is). `n_ctx`: positions a sequence may hold
@@ -101,20 +103,24 @@ class LlamaRuntime:
         "1GB" or an int); it must hold at least one sequence of `n_ctx` positions. `kv_rotation`:
         rotate K, V and the query per head with a Walsh-Hadamard transform (True / "on"), the
         values only ("values"), or nothing (False / "off"); None: the type's default where
-        head_dim is a power of two (docs/kv.md, "Rotation")."""
+        head_dim is a power of two (docs/kv.md, "Rotation"). `kv_sinks` / `kv_residual` (KIVI
+        types only): the first positions kept in f16 for good, and the recent positions kept in
+        f16 before a page is quantized; None: the type's default (int2: 4 and 128, int4: 0 and
+        0; docs/kv.md, "KIVI sinks and residual")."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such GGUF file: {os.fspath(path)}")
         if n_threads is not None:
             _native.set_num_threads(int(n_threads))
         native = _native.LlamaModel(
-            os.fspath(path), n_ctx, str(kv_type), str(kv_budget), kv_rotation
+            os.fspath(path), n_ctx, str(kv_type), str(kv_budget), kv_rotation, kv_sinks, kv_residual
         )
         return cls(native, os.fspath(path))
 
     @property
     def kv(self) -> dict[str, Any]:
-        """The cache: kv_type, bytes_per_token, page_tokens, page_bytes, residual_bytes,
-        rotation (False, True or "values"), budget, charged."""
+        """The cache: kv_type, bytes_per_token (of the pages), page_tokens, page_bytes,
+        residual_bytes (a sequence's f16 rows at most), kv_sinks, kv_residual, rotation (False,
+        True or "values"), budget, charged."""
         return self._m.kv
 
     def kv_capacity(self, max_len: int) -> int:
@@ -234,6 +240,8 @@ def generate_text(
     kv_type: str = "f32",
     kv_budget: str | int = "512MiB",
     kv_rotation: bool | str | None = None,
+    kv_sinks: int | None = None,
+    kv_residual: int | None = None,
 ) -> dict[str, Any]:
     """Tokenize `prompt` (through the file's chat template with `chat`, else with BOS when the
     file asks for it), generate until an end-of-generation token (the file's eos / eot / eom)
@@ -247,7 +255,8 @@ def generate_text(
     if not ids:
         raise ValueError("the prompt is empty after tokenization")
     rt = LlamaRuntime.from_gguf(path, n_threads=n_threads, n_ctx=n_ctx, kv_type=kv_type,
-                                kv_budget=kv_budget, kv_rotation=kv_rotation)  # fmt: skip
+                                kv_budget=kv_budget, kv_rotation=kv_rotation, kv_sinks=kv_sinks,
+                                kv_residual=kv_residual)  # fmt: skip
     g = rt.generate(ids, max_new_tokens, temperature, top_k, seed, tok.stop_ids)
     text = tok.decode(g.tokens, skip_special_tokens=True)
     return {

@@ -44,9 +44,13 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Map `path` and load the model; sequences of up to `n_ctx` positions (None: the training
     /// context, at most 4096) in a pool of `kv_budget` (e.g. "512MiB"; None: 512 MiB) of
-    /// `kv_type` pages, rotated per head when `kv_rotation` (None: the type's default).
+    /// `kv_type` pages, rotated per head when `kv_rotation` (None: the type's default); the KIVI
+    /// types keep `kv_sinks` first and at least `kv_residual` recent positions in f16 (None:
+    /// the type's default: int2 4 and 128, int4 0 and 0).
     #[new]
-    #[pyo3(signature = (path, n_ctx=None, kv_type="f32", kv_budget=None, kv_rotation=None))]
+    #[pyo3(signature = (path, n_ctx=None, kv_type="f32", kv_budget=None, kv_rotation=None,
+                        kv_sinks=None, kv_residual=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: std::path::PathBuf,
@@ -54,6 +58,8 @@ impl LlamaModel {
         kv_type: &str,
         kv_budget: Option<&str>,
         kv_rotation: Option<RotationArg>,
+        kv_sinks: Option<usize>,
+        kv_residual: Option<usize>,
     ) -> PyResult<Self> {
         let kv = KvSpec {
             kv: KvType::parse(kv_type).map_err(to_py)?,
@@ -61,6 +67,8 @@ impl LlamaModel {
                 .map(RotationArg::parse)
                 .transpose()
                 .map_err(to_py)?,
+            sinks: kv_sinks,
+            residual: kv_residual,
         };
         let budget = kv_budget.map(parse_size).transpose().map_err(to_py)?;
         let model = py
@@ -103,8 +111,8 @@ impl LlamaModel {
         Ok(d)
     }
 
-    /// The KV cache: type, bytes per token, page bytes, budget, bytes charged now and how many
-    /// sequences of `n_ctx` positions fit at once.
+    /// The KV cache: type, bytes per token (pages), page bytes, the f16 rows' bytes per
+    /// sequence (KIVI's residual and sinks) and their sizes, budget, bytes charged now.
     #[getter]
     fn kv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = &self.model.pool;
@@ -119,6 +127,8 @@ impl LlamaModel {
         }
         d.set_item("page_bytes", p.page_bytes())?;
         d.set_item("residual_bytes", p.residual_bytes())?;
+        d.set_item("kv_sinks", p.window.sinks)?;
+        d.set_item("kv_residual", p.window.residual)?;
         d.set_item("budget", p.budget)?;
         d.set_item("charged", p.charged())?;
         Ok(d)

@@ -18,13 +18,13 @@ pub mod synthetic;
 pub mod types;
 
 pub use pool::{Pool, SeqCache};
-pub use types::{Geometry, KvSpec, KvType, Rotation};
+pub use types::{Geometry, KvSpec, KvType, Rotation, Window};
 
 #[cfg(test)]
 pub(super) mod tests {
     use super::attend::{attend, Scratch};
     use super::reference::attend_reference;
-    use super::types::ALL;
+    use super::types::{ALL, KIVI_GROUP};
     use super::*;
 
     /// Deterministic test values in [-3, 3) (xorshift), shared with the prefill tests.
@@ -40,9 +40,26 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// The rotations and windows a type is tested with: every rotation with the type's
+    /// window; for KIVI also no window, odd sinks with a residual that is not a page multiple,
+    /// and the most sinks with a one-position residual (one rotation each, to keep it short).
+    fn cases(kv: KvType) -> Vec<(Rotation, Window)> {
+        let w = |sinks, residual| Window { sinks, residual };
+        let rots = [Rotation::Off, Rotation::Values, Rotation::Both];
+        let mut c: Vec<_> = rots.map(|r| (r, Window::default_for(kv))).to_vec();
+        if kv.is_kivi() {
+            c.extend([
+                (Rotation::Off, w(0, 0)),
+                (Rotation::Values, w(5, 70)),
+                (Rotation::Both, w(63, 1)),
+            ]);
+        }
+        c
+    }
+
     /// The paged path (appended in uneven chunks, every position of each chunk attending before
     /// the chunk is committed, as in a prefill) equals the reference bit for bit, every type,
-    /// rotated or not.
+    /// rotated or not, and for KIVI with sinks and residuals (windows()).
     #[test]
     fn paged_attention_equals_the_reference() {
         let geo = Geometry {
@@ -50,18 +67,22 @@ pub(super) mod tests {
             n_head_kv: 2,
             head_dim: 64,
         };
-        let (kvd, hd, n) = (geo.kv_dim(), geo.head_dim, 170);
+        let (kvd, hd, n) = (geo.kv_dim(), geo.head_dim, 300);
         let k = vals(n * kvd * 2, 1);
         let v = vals(n * kvd * 2, 2);
         let q = vals(hd, 3);
         let scale = 0.125f32;
-        let rots = [Rotation::Off, Rotation::Values, Rotation::Both];
-        for (kv, rotate) in ALL.iter().flat_map(|&t| rots.map(|r| (t, r))) {
-            let mut pool = Pool::new(kv, geo, 1 << 24, Some(rotate)).unwrap();
-            let mut seq = pool.admit(192).unwrap().unwrap();
+        let all = ALL
+            .iter()
+            .flat_map(|&t| cases(t).into_iter().map(move |(r, w)| (t, r, w)));
+        for (kv, rotate, window) in all {
+            let mut pool = Pool::new(kv, geo, 1 << 24, Some(rotate))
+                .unwrap()
+                .with_window(window);
+            let mut seq = pool.admit(n).unwrap().unwrap();
             let mut s = Scratch::default();
             let mut at = 0;
-            for m in [1usize, 30, 1, 33, 35, 63, 7] {
+            for m in [1usize, 30, 1, 33, 35, 63, 7, 64, 66] {
                 pool.grow(&mut seq, m).unwrap();
                 for layer in 0..2 {
                     let lk = &k[layer * n * kvd..][..n * kvd];
@@ -82,13 +103,22 @@ pub(super) mod tests {
                                 })
                                 .collect()
                         };
-                        for pos in at..at + m {
+                        // Every position of the first pages and each chunk's first and last;
+                        // past that every fifth (the reference re-encodes the whole cache).
+                        let check = |pos: usize| {
+                            pos < 2 * KIVI_GROUP
+                                || pos.is_multiple_of(5)
+                                || pos == at
+                                || pos + 1 == at + m
+                        };
+                        for pos in (at..at + m).filter(|&p| check(p)) {
                             let mut out = vec![0f32; hd];
                             let view = seq.view(layer);
                             attend(kv, rotate, &geo, &view, h, &q, pos, scale, &mut s, &mut out);
                             let want = attend_reference(
                                 kv,
                                 rotate,
+                                window,
                                 &head(&k, pos + 1),
                                 &head(&v, pos + 1),
                                 hd,
@@ -103,7 +133,7 @@ pub(super) mod tests {
                             let name = kv.name();
                             assert_eq!(
                                 a, b,
-                                "{name} rot {rotate:?} layer {layer} head {h} pos {pos}"
+                                "{name} rot {rotate:?} {window:?} layer {layer} head {h} pos {pos}"
                             );
                         }
                     }
@@ -146,7 +176,10 @@ pub(super) mod tests {
                 k[t * hd + 3] *= 8.0; // an outlier channel, as real keys have
             }
             let q = vals(hd, seed + 200);
-            let mut pool = Pool::new(kv, geo, 1 << 24, Some(Rotation::Off)).unwrap();
+            // No sinks, no residual: every complete page is quantized (the bound's setting).
+            let mut pool = Pool::new(kv, geo, 1 << 24, Some(Rotation::Off))
+                .unwrap()
+                .with_window(Window::default());
             let mut seq = pool.admit(n).unwrap().unwrap();
             pool.grow(&mut seq, n).unwrap();
             pool.append(&mut seq, 0, &k, &v);
@@ -265,7 +298,17 @@ pub(super) mod tests {
     fn f32_reference_is_plain_attention() {
         let hd = 32;
         let (k, v, q) = (vals(5 * hd, 4), vals(5 * hd, 5), vals(hd, 6));
-        let out = attend_reference(KvType::F32, Rotation::Off, &k, &v, hd, &q, 4, 0.2);
+        let out = attend_reference(
+            KvType::F32,
+            Rotation::Off,
+            Window::default(),
+            &k,
+            &v,
+            hd,
+            &q,
+            4,
+            0.2,
+        );
         let s: Vec<f64> = (0..5)
             .map(|j| {
                 (0..hd)

@@ -28,7 +28,7 @@ use super::kv::attend::{self, Scratch as AttnScratch};
 use super::kv::pool::parse_size;
 #[cfg(target_arch = "x86_64")]
 use super::kv::prefill;
-use super::kv::{Geometry, KvSpec, Pool, SeqCache};
+use super::kv::{Geometry, KvSpec, Pool, SeqCache, Window};
 use super::ops;
 use super::packed::{self, ActsQ8};
 use super::packed_k::{self, ActsQ8K};
@@ -233,7 +233,7 @@ impl Llama {
     /// MiB) of `kv` pages, sequences of up to `n_ctx` positions (None: the training context, at
     /// most 4096). Errors when `n_ctx` passes the model's training context or one sequence of
     /// `n_ctx` positions does not fit the budget. `kv`: a KvType, or a KvSpec choosing the
-    /// rotation too.
+    /// rotation and the KIVI sinks and residual too.
     pub fn open(
         path: impl AsRef<Path>,
         n_ctx: Option<usize>,
@@ -249,7 +249,13 @@ impl Llama {
         kv: impl Into<KvSpec>,
         kv_budget: Option<usize>,
     ) -> Result<Llama> {
-        let KvSpec { kv, rotate } = kv.into();
+        let KvSpec {
+            kv,
+            rotate,
+            sinks,
+            residual,
+        } = kv.into();
+        let window = Window::resolve(kv, sinks, residual)?;
         let vocab_rows = file
             .header()
             .tensor("token_embd.weight")
@@ -276,7 +282,7 @@ impl Llama {
             Some(b) => b,
             None => parse_size(DEFAULT_KV_BUDGET)?,
         };
-        let pool = Pool::new(kv, geo, budget, rotate)?;
+        let pool = Pool::new(kv, geo, budget, rotate)?.with_window(window);
         // One sequence of n_ctx positions must fit (the error says by how much it does not).
         pool.check_fits(n_ctx)?;
         let weights = Weights::load(file, &cfg)?;

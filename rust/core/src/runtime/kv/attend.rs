@@ -9,12 +9,15 @@
 //! - fp8_e4m3: per block `score += scale * dot8(q_b, f32(k_b))` in block order;
 //! - KIVI keys: per page, the integer dot of kivi.rs (query times the channels' scales, rounded
 //!   to 16 bits, against the 4- or 2-bit codes) plus `dot8(q, zeros)`;
-//! - positions still in the f16 residual: `dot8(q, f32(k))`.
+//! - positions still in the f16 residual, and KIVI's sinks once page 0 is quantized (their
+//!   f16 rows replace the page's first `window.sinks` scores): `dot8(q, f32(k))`.
 //!
 //! Then `ops::softmax_scaled` and, over positions in order, `out += w * v` with v read per block
 //! as `(w * d) * q` (q8_0, q4_0), `(w * scale) * f32(q)` (fp8), per page `f32(Σ wi v) * e + dot8(w, zeros)` with the weights times scales rounded to 16 bits
 //! (KIVI, kivi.rs),
-//! `w * f32(v)` (f16, f32, residual). No whole-cache copy: one block at a time.
+//! `w * f32(v)` (f16, f32, residual). KIVI's sinks are added first, as `w * f32(v)`, and page
+//! 0's first `window.sinks` weights are set to 0 in its integer sum. No whole-cache copy: one
+//! block at a time.
 //!
 //! With rotation (rotate.rs) the query is rotated first and the output rotated back at the end;
 //! the cache already holds rotated rows.
@@ -27,7 +30,7 @@ use super::block::{fp8_table, q4_0_values};
 use super::kivi;
 use super::pool::{bytes, LayerView};
 use super::rotate::wht;
-use super::types::{Geometry, KvType, Rotation, GROUP};
+use super::types::{Geometry, KvType, Rotation, Window, GROUP, KIVI_GROUP};
 
 /// Buffers one task reuses between heads.
 #[derive(Default)]
@@ -39,10 +42,11 @@ pub struct Scratch {
     kivi: kivi::Bufs,
 }
 
-/// First position read from the f32 residual by a query at `pos` (all before it are in pages).
-pub fn boundary(kv: KvType, pos: usize) -> usize {
+/// First position read from the f16 residual by a query at `pos` (all before it are in pages):
+/// KIVI's quantized positions at length `pos + 1` (types.rs's Window).
+pub fn boundary(kv: KvType, window: Window, pos: usize) -> usize {
     if kv.is_kivi() {
-        (pos + 1) / kv.page_len() * kv.page_len()
+        window.quantized(pos + 1)
     } else {
         pos + 1
     }
@@ -107,7 +111,13 @@ fn attend_body(
     let region = kvd * bb; // P rows of kvd / n blocks (KIVI keys: kvd channel blocks)
     let (k_at, v_at) = (2 * view.layer * region, (2 * view.layer + 1) * region);
     let head_at = h * nb * bb;
-    let b = boundary(kv, pos);
+    let b = boundary(kv, view.window, pos);
+    // KIVI sinks read from their own rows (while page 0 is unquantized the residual has them).
+    let ns = if kv.is_kivi() && b > 0 {
+        view.window.sinks
+    } else {
+        0
+    };
     let mut qr = std::mem::take(&mut s.qr);
     qr.clear();
     qr.extend_from_slice(q);
@@ -139,6 +149,10 @@ fn attend_body(
             *o = score_row(kv, q, &s.q8, row, &mut s.tmp, table);
         }
     }
+    for t in 0..ns {
+        f16_values(&view.sink_k[t * kvd + h * hd..][..hd], &mut s.tmp);
+        s.scores[t] = ops::dot8(q, &s.tmp);
+    }
     for t in b..=pos {
         let r = &view.resid_k[(t - view.resid_start) * kvd + h * hd..][..hd];
         f16_values(r, &mut s.tmp);
@@ -146,11 +160,26 @@ fn attend_body(
     }
     ops::softmax_scaled(&mut s.scores, scale);
     out.fill(0.0);
+    for t in 0..ns {
+        let w = s.scores[t];
+        f16_values(&view.sink_v[t * kvd + h * hd..][..hd], &mut s.tmp);
+        for (o, &v) in out.iter_mut().zip(&s.tmp) {
+            *o += w * v;
+        }
+    }
     for (pi, page) in view.pages.iter().enumerate().take(b.div_ceil(p)) {
         let page = bytes(page);
         let count = (b - pi * p).min(p);
         if let Some(lay) = &lay {
             let w = &s.scores[pi * p..pi * p + p];
+            let mut w0 = [0f32; KIVI_GROUP];
+            let w = if pi == 0 && ns > 0 {
+                w0.copy_from_slice(w);
+                w0[..ns].fill(0.0);
+                &w0[..]
+            } else {
+                w
+            };
             kivi::page_values(lay, &page[v_at..v_at + region], h, w, &mut s.kivi, out);
             continue;
         }

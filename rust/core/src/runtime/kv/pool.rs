@@ -2,8 +2,9 @@
 //! 64; every layer's K and V) under a byte budget, shared by the sequences that decode together.
 //!
 //! A sequence is admitted with its maximum length and charged, up front, every page it can need
-//! (plus, for the KIVI types, its f16 residual of P positions): once admitted it can never run
-//! out of pages in the middle of a step. Pages are allocated as the sequence grows and go back to
+//! (plus, for the KIVI types, its f16 rows: up to `residual + P` recent positions and the
+//! `sinks` first ones, types.rs's Window): once admitted it can never run out of pages in the
+//! middle of a step. Pages are allocated as the sequence grows and go back to
 //! the pool when it ends. With rotation on (rotate.rs), every K and V row is rotated per head
 //! before it is stored, residual included.
 //!
@@ -21,7 +22,7 @@ use half::f16;
 use super::block;
 use super::kivi::{self, Layout};
 use super::rotate::wht_heads;
-use super::types::{Geometry, KvType, Rotation, KIVI_GROUP};
+use super::types::{Geometry, KvType, Rotation, Window, KIVI_GROUP};
 
 /// One page: 8-byte words so f32 and f16 blocks can be read in place.
 pub type Page = Box<[u64]>;
@@ -31,13 +32,16 @@ pub struct Pool {
     pub geo: Geometry,
     /// Which rows are rotated per head (rotate.rs).
     pub rotate: Rotation,
+    /// KIVI's sinks and residual (zero for the per-token types).
+    pub window: Window,
     pub budget: usize,
     charged: usize,
     free: Vec<Page>,
 }
 
 /// One sequence's cache: its pages in position order and, for KIVI, the rows (rounded to f16) of
-/// the positions `resid_start..n` (per layer, `kvd` values a row).
+/// the positions `resid_start..n` and of the sink positions `0..min(n, sinks)` (per layer, `kvd`
+/// values a row).
 pub struct SeqCache {
     pub max_len: usize,
     pub n: usize,
@@ -46,6 +50,10 @@ pub struct SeqCache {
     resid_start: usize,
     resid_k: Vec<Vec<f16>>,
     resid_v: Vec<Vec<f16>>,
+    sink_k: Vec<Vec<f16>>,
+    sink_v: Vec<Vec<f16>>,
+    /// The pool's window when the sequence was admitted.
+    window: Window,
 }
 
 /// One layer of one sequence, as attention reads it.
@@ -56,6 +64,10 @@ pub struct LayerView<'a> {
     pub resid_start: usize,
     pub resid_k: &'a [f16],
     pub resid_v: &'a [f16],
+    /// KIVI: the sink positions' rows (read in place of page 0's first `window.sinks` slots).
+    pub sink_k: &'a [f16],
+    pub sink_v: &'a [f16],
+    pub window: Window,
 }
 
 fn parse_err(s: &str) -> Error {
@@ -103,28 +115,46 @@ impl Pool {
             kv,
             geo,
             rotate,
+            window: Window::default_for(kv),
             budget,
             charged: 0,
             free: Vec::new(),
         })
     }
 
+    /// The same pool with KIVI sinks and residual `window` (types.rs's Window::resolve checks it).
+    pub fn with_window(mut self, window: Window) -> Pool {
+        self.window = window;
+        self
+    }
+
     pub fn page_bytes(&self) -> usize {
         self.kv.page_len() * self.kv.bytes_per_token(&self.geo)
     }
 
-    /// Bytes of a KIVI sequence's f16 residual (P positions of every layer's K and V); 0 else.
+    /// Bytes of a KIVI sequence's f16 rows (`residual + P` recent positions and `sinks` first
+    /// ones, every layer's K and V); 0 else.
+    /// (Charged whatever the sequence's length, as the residual of P positions always was.)
     pub fn residual_bytes(&self) -> usize {
+        if !self.kv.is_kivi() {
+            return 0;
+        }
+        let slots = self.window.residual + self.kv.page_len() + self.window.sinks;
+        slots * self.geo.n_layer * 2 * self.geo.kv_dim() * 2
+    }
+
+    /// Pages a sequence of `n` positions holds: every position's (KIVI: the quantized ones').
+    fn pages_for(&self, n: usize) -> usize {
         if self.kv.is_kivi() {
-            self.kv.page_len() * self.geo.n_layer * 2 * self.geo.kv_dim() * 2
+            self.window.quantized(n) / self.kv.page_len()
         } else {
-            0
+            n.div_ceil(self.kv.page_len())
         }
     }
 
     /// What a sequence of at most `max_len` positions is charged.
     pub fn charge_of(&self, max_len: usize) -> usize {
-        max_len.div_ceil(self.kv.page_len()) * self.page_bytes() + self.residual_bytes()
+        self.pages_for(max_len) * self.page_bytes() + self.residual_bytes()
     }
 
     pub fn charged(&self) -> usize {
@@ -153,6 +183,9 @@ impl Pool {
             resid_start: 0,
             resid_k: vec![Vec::new(); l],
             resid_v: vec![Vec::new(); l],
+            sink_k: vec![Vec::new(); l],
+            sink_v: vec![Vec::new(); l],
+            window: self.window,
         }))
     }
 
@@ -169,7 +202,7 @@ impl Pool {
                 self.kv.bytes_per_token(&self.geo),
                 self.kv.page_len(),
                 if self.kv.is_kivi() {
-                    " plus the f16 residual"
+                    " plus the f16 residual and sinks"
                 } else {
                     ""
                 }
@@ -198,7 +231,7 @@ impl Pool {
                 seq.n, seq.max_len
             )));
         }
-        while seq.pages.len() * self.kv.page_len() < seq.n + m {
+        while seq.pages.len() < self.pages_for(seq.n + m) {
             let p = self.page();
             seq.pages.push(p);
         }
@@ -207,9 +240,11 @@ impl Pool {
 
     /// Append the rows `k`, `v` (`m` x kvd, positions `seq.n..seq.n + m`) of layer `layer`
     /// (rotated first when the pool rotates). The per-token types quantize each row now; KIVI
-    /// keeps the rows in f16 and quantizes each P-position group that completes (keys per
-    /// channel, values per token) from those f16 values, keeping the rows until `commit` so that
-    /// this call's earlier positions still read them.
+    /// keeps the rows in f16 (the sink positions' also apart, for good) and quantizes each
+    /// P-position group that now has `window.residual` newer positions (keys per channel, values
+    /// per token) from those f16 values, keeping the rows until `commit` so that this call's
+    /// earlier positions still read them. Page 0's key ranges leave the sinks out: their slots
+    /// take position `sinks`'s value (a don't-care code; attention reads the sinks' f16 rows).
     pub fn append(&self, seq: &mut SeqCache, layer: usize, k: &[f32], v: &[f32]) {
         let (kv, kvd, hd) = (self.kv, self.geo.kv_dim(), self.geo.head_dim);
         let rotated;
@@ -249,8 +284,12 @@ impl Pool {
         }
         seq.resid_k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
         seq.resid_v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
-        let first_group = seq.n / p;
-        let end_group = (seq.n + m) / p;
+        let sinks = self.window.sinks;
+        let new_sinks = sinks.min(seq.n + m).saturating_sub(seq.n) * kvd;
+        seq.sink_k[layer].extend(k[..new_sinks].iter().map(|&x| f16::from_f32(x)));
+        seq.sink_v[layer].extend(v[..new_sinks].iter().map(|&x| f16::from_f32(x)));
+        let first_group = self.window.quantized(seq.n) / p;
+        let end_group = self.window.quantized(seq.n + m) / p;
         let bits = kv.kivi_bits().unwrap_or(4);
         let lay = Layout::new(bits, &self.geo);
         let mut col = vec![0f32; p];
@@ -266,6 +305,10 @@ impl Pool {
             for ch in 0..kvd {
                 for (t, c) in col.iter_mut().enumerate() {
                     *c = rk[(base + t) * kvd + ch].to_f32();
+                }
+                if g == 0 {
+                    let stand_in = col[sinks];
+                    col[..sinks].fill(stand_in);
                 }
                 let (q, s16, z16) = block::kivi_quantize(bits, &col);
                 let (h, c) = (ch / hd, ch % hd);
@@ -302,7 +345,7 @@ impl Pool {
     pub fn commit(&self, seq: &mut SeqCache, m: usize) {
         seq.n += m;
         if self.kv.is_kivi() {
-            let keep_from = seq.n / self.kv.page_len() * self.kv.page_len();
+            let keep_from = self.window.quantized(seq.n);
             let drop = (keep_from - seq.resid_start) * self.geo.kv_dim();
             for r in seq.resid_k.iter_mut().chain(seq.resid_v.iter_mut()) {
                 r.drain(..drop);
@@ -318,6 +361,10 @@ impl Pool {
             for r in seq.resid_k.iter_mut().chain(seq.resid_v.iter_mut()) {
                 r.truncate(keep);
             }
+            let sinks = seq.n.min(self.window.sinks) * self.geo.kv_dim();
+            for r in seq.sink_k.iter_mut().chain(seq.sink_v.iter_mut()) {
+                r.truncate(sinks);
+            }
         }
     }
 }
@@ -325,6 +372,9 @@ impl Pool {
 impl SeqCache {
     pub fn view(&self, layer: usize) -> LayerView<'_> {
         LayerView {
+            sink_k: &self.sink_k[layer],
+            sink_v: &self.sink_v[layer],
+            window: self.window,
             pages: &self.pages,
             layer,
             resid_start: self.resid_start,
@@ -376,5 +426,77 @@ mod tests {
         p.release(a);
         assert_eq!(p.charged(), 0);
         assert!(p.admit(64).unwrap().is_some());
+    }
+
+    /// SmolLM2's shape (30 layers, 3 KV heads of 64; f16 rows 23,040 B a position): int2 charges
+    /// the pages of its quantized positions and its f16 rows (residual + a page + the sinks);
+    /// int4's defaults keep the former rule (every page, one page of f16 rows).
+    #[test]
+    fn kivi_charges_its_quantized_pages_and_f16_rows() {
+        let geo = Geometry {
+            n_layer: 30,
+            n_head_kv: 3,
+            head_dim: 64,
+        };
+        let f16_row = 30 * 2 * 3 * 64 * 2;
+        let p = Pool::new(KvType::Int2, geo, 256 << 20, None).unwrap();
+        assert_eq!(
+            p.window,
+            Window {
+                sinks: 4,
+                residual: 128
+            }
+        );
+        let int2_page = 64 * KvType::Int2.bytes_per_token(&geo);
+        let charge = (2048 - 128) / 64 * int2_page + (128 + 64 + 4) * f16_row;
+        assert_eq!(p.charge_of(2048), charge);
+        assert_eq!(p.capacity(2048), (256 << 20) / charge);
+        // A sequence shorter than the residual holds only f16 rows.
+        assert_eq!(p.charge_of(100), (128 + 64 + 4) * f16_row);
+        let p4 = Pool::new(KvType::Int4, geo, 256 << 20, None).unwrap();
+        assert_eq!(p4.window, Window::default());
+        let int4_page = 64 * KvType::Int4.bytes_per_token(&geo);
+        assert_eq!(p4.charge_of(2048), 32 * int4_page + 64 * f16_row);
+    }
+
+    /// Over uneven chunks and several windows: the pages are those of the quantized positions,
+    /// the f16 residual holds `residual` to `residual + 63` positions once that many exist, the
+    /// sink rows the first `min(n, sinks)`; a rolled-back step leaves them as they were.
+    #[test]
+    fn kivi_window_bounds_the_f16_rows() {
+        let geo = Geometry {
+            n_layer: 1,
+            n_head_kv: 1,
+            head_dim: 64,
+        };
+        let kvd = geo.kv_dim();
+        for (sinks, residual) in [(4, 128), (0, 0), (5, 70), (63, 1)] {
+            let window = Window { sinks, residual };
+            let mut pool = Pool::new(KvType::Int2, geo, 1 << 26, None)
+                .unwrap()
+                .with_window(window);
+            let mut seq = pool.admit(700).unwrap().unwrap();
+            for m in [3usize, 1, 64, 100, 7, 200, 63, 1, 130] {
+                pool.grow(&mut seq, m).unwrap();
+                let rows = vec![0.5f32; m * kvd];
+                pool.append(&mut seq, 0, &rows, &rows);
+                if m == 7 {
+                    pool.rollback(&mut seq);
+                } else {
+                    pool.commit(&mut seq, m);
+                }
+                let n = seq.n;
+                let q = window.quantized(n);
+                assert_eq!(q % 64, 0);
+                assert!(n - q >= residual.min(n) && n - q < residual + 64, "{n} {q}");
+                assert_eq!(seq.pages.len(), q / 64, "pages at {n}");
+                assert_eq!(seq.resid_start, q);
+                assert_eq!(seq.resid_k[0].len(), (n - q) * kvd);
+                assert_eq!(seq.sink_k[0].len(), n.min(sinks) * kvd);
+                assert_eq!(seq.sink_v[0].len(), n.min(sinks) * kvd);
+            }
+            pool.release(seq);
+            assert_eq!(pool.charged(), 0);
+        }
     }
 }

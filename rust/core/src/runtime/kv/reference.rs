@@ -2,8 +2,11 @@
 //! `pos`, from the raw f32 key and value rows, quantizing each token (or KIVI key group) with
 //! block.rs and evaluating attend.rs's formulas one position and one element at a time. With
 //! rotation, the rows and the query are rotated first (rotate.rs) and the output rotated back;
-//! KIVI rounds every row to f16 (its residual) before anything else. The paged path must equal it
-//! bit for bit (tests in kv.rs and llama.rs).
+//! KIVI rounds every row to f16 (its residual) before anything else, quantizes a key group only
+//! once `window.residual` newer positions exist, and, once page 0 is quantized, reads its first
+//! `window.sinks` positions from the f16 rows (page 0's key ranges leave them out: their codes
+//! are those of position `sinks`'s value, and their value weights are 0 in the integer sum). The
+//! paged path must equal it bit for bit (tests in kv.rs and llama.rs).
 
 use crate::formats::blocks::f16_to_f32;
 use crate::formats::legacy::quantize_row_q8_0_ref;
@@ -13,13 +16,15 @@ use super::attend::boundary;
 use super::block::{encode, fp8_table, kivi_decode, q4_0_values};
 use super::kivi::{QK, QV};
 use super::rotate::wht_heads;
-use super::types::{KvType, Rotation, GROUP, KIVI_GROUP};
+use super::types::{KvType, Rotation, Window, GROUP, KIVI_GROUP};
 
-/// `k`, `v`: positions `0..=pos`, `hd` values each (one head); `q`: the query head.
+/// `k`, `v`: positions `0..=pos`, `hd` values each (one head); `q`: the query head; `window`:
+/// KIVI's sinks and residual (ignored by the per-token types).
 #[allow(clippy::too_many_arguments)]
 pub fn attend_reference(
     kv: KvType,
     rotate: Rotation,
+    window: Window,
     k: &[f32],
     v: &[f32],
     hd: usize,
@@ -40,15 +45,17 @@ pub fn attend_reference(
             *x = half::f16::from_f32(*x).to_f32();
         }
     }
-    let mut out = attend_rotated(kv, &k, &v, hd, &q, pos, scale);
+    let mut out = attend_rotated(kv, window, &k, &v, hd, &q, pos, scale);
     if rotate.values() {
         wht_heads(&mut out, hd);
     }
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 fn attend_rotated(
     kv: KvType,
+    window: Window,
     k: &[f32],
     v: &[f32],
     hd: usize,
@@ -56,7 +63,12 @@ fn attend_rotated(
     pos: usize,
     scale: f32,
 ) -> Vec<f32> {
-    let b = boundary(kv, pos);
+    let b = boundary(kv, window, pos);
+    let ns = if kv.is_kivi() && b > 0 {
+        window.sinks
+    } else {
+        0
+    };
     let bb = kv.block_bytes();
     let (p, nb) = (kv.page_len(), hd / kv.block_len());
     let lut = fp8_table();
@@ -72,7 +84,8 @@ fn attend_rotated(
                 (vec![[0u8; KIVI_GROUP]; hd], vec![0f32; hd], vec![0f32; hd]);
             for c in 0..hd {
                 for (t, x) in col.iter_mut().enumerate() {
-                    *x = k[(g * p + t) * hd + c];
+                    // Page 0's sinks stand in as position `ns`'s value (out of the range).
+                    *x = k[(g * p + t.max(if g == 0 { ns } else { 0 })) * hd + c];
                 }
                 encode(kv, &col, &mut blk);
                 (codes[c], s[c], z[c]) = kivi_decode(bits, &blk);
@@ -91,14 +104,22 @@ fn attend_rotated(
             scores[j] = key_score(kv, q, &q8, &blocks, lut);
         }
     }
-    for j in b..=pos {
+    for j in (0..ns).chain(b..=pos) {
         scores[j] = ops::dot8(q, &k[j * hd..(j + 1) * hd]);
     }
     ops::softmax_scaled(&mut scores, scale);
     let mut out = vec![0f32; hd];
+    for j in 0..ns {
+        for d in 0..hd {
+            out[d] += scores[j] * v[j * hd + d];
+        }
+    }
     if let Some(bits) = kv.kivi_bits() {
         for g in 0..b / p {
-            let w = &scores[g * p..(g + 1) * p];
+            let mut w = scores[g * p..(g + 1) * p].to_vec();
+            if g == 0 {
+                w[..ns].fill(0.0);
+            }
             let mut blk = vec![0u8; bb];
             for vg in 0..hd / KIVI_GROUP {
                 let (mut codes, mut s, mut z) =
@@ -113,7 +134,7 @@ fn attend_rotated(
                 }
                 let ws: Vec<f32> = (0..p).map(|t| w[t] * s[t]).collect();
                 let (wi, e) = round16(&ws, QV);
-                let wz = ops::dot8(w, &z);
+                let wz = ops::dot8(&w, &z);
                 for i in 0..KIVI_GROUP {
                     let acc: i32 = (0..p).map(|t| wi[t] * codes[t][i] as i32).sum();
                     out[vg * KIVI_GROUP + i] += acc as f32 * e + wz;
