@@ -39,7 +39,9 @@ def _safe_inverse(d: torch.Tensor) -> torch.Tensor:
 def _encode_q8_0(x: torch.Tensor) -> dict[str, torch.Tensor]:
     xb = _blocks(x)
     d = xb.abs().amax(-1, keepdim=True) / 127.0
-    qs = _roundf(xb * _safe_inverse(d)).to(torch.int8)
+    # a subnormal block's 1/d is inf: C's (int8_t) of inf / NaN is 0 on x86-64 (reference.c_to_i8)
+    v = _roundf(xb * _safe_inverse(d))
+    qs = torch.where(v.isfinite(), v, 0.0).to(torch.int8)
     return {"qs": qs.flatten(-2), "d": d.squeeze(-1).to(torch.float16)}
 
 
@@ -53,7 +55,8 @@ def _encode_q4_0(x: torch.Tensor) -> dict[str, torch.Tensor]:
     # ggml keeps the first value of largest magnitude, sign included (argmax returns the first)
     idx = xb.abs().argmax(-1, keepdim=True)
     d = xb.gather(-1, idx) / -8.0
-    q = (xb * _safe_inverse(d) + 8.5).trunc().clamp(max=15).to(torch.uint8)
+    v = (xb * _safe_inverse(d) + 8.5).trunc()
+    q = torch.where(v.isfinite(), v, 0.0).clamp(max=15).to(torch.uint8)  # as in _encode_q8_0
     packed = q[..., :16] | (q[..., 16:] << 4)
     return {"qs": packed.flatten(-2), "d": d.squeeze(-1).to(torch.float16)}
 

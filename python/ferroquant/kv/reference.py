@@ -30,8 +30,19 @@ def _group(x: np.ndarray, sizes: tuple[int, ...] = (GROUP,)) -> np.ndarray:
     return x
 
 
-def roundf(v: np.float32) -> int:
-    """C's roundf: half away from zero (what ggml's q8_0 uses)."""
+def c_to_i8(v: float) -> int:
+    """C's `(int8_t)f` as gcc compiles it on x86-64 (cvttss2si, then the low byte): NaN and
+    values outside int32 give INT32_MIN, whose low byte is 0. Reached only when 1/d overflowed
+    (a block whose largest value is subnormal); the Rust core does the same (legacy.rs)."""
+    i = -(2**31) if math.isnan(v) or not -(2.0**31) <= v < 2.0**31 else math.trunc(v)
+    b = i & 0xFF
+    return b - 256 if b >= 128 else b
+
+
+def roundf(v: np.float32) -> int | float:
+    """C's roundf: half away from zero (what ggml's q8_0 uses); infinities and NaN pass."""
+    if not math.isfinite(float(v)):
+        return float(v)
     r = math.trunc(float(v))
     if abs(float(v) - r) >= 0.5:
         r += 1 if v > 0 else -1
@@ -45,8 +56,9 @@ def q8_0_group(x: np.ndarray) -> tuple[np.float16, np.ndarray]:
     for v in x:
         amax = max(amax, abs(v))
     d = f32(amax / f32(127))
-    inv = f32(f32(1) / d) if d != 0 else f32(0)
-    qs = np.array([roundf(f32(v * inv)) for v in x], dtype=np.int8)
+    with np.errstate(over="ignore", invalid="ignore"):  # 1/d overflows on subnormal blocks
+        inv = f32(f32(1) / d) if d != 0 else f32(0)
+        qs = np.array([c_to_i8(roundf(f32(v * inv))) for v in x], dtype=np.int8)
     return np.float16(d), qs
 
 
@@ -63,9 +75,10 @@ def q4_0_group(x: np.ndarray) -> tuple[np.float16, np.ndarray]:
         if amax < abs(v):  # the first value of largest magnitude, with its sign
             amax, vmax = abs(v), v
     d = f32(vmax / f32(-8))
-    inv = f32(f32(1) / d) if d != 0 else f32(0)
-    q = [min(15, math.trunc(float(f32(f32(v * inv) + f32(8.5))))) for v in x]
-    packed = np.array([q[j] | (q[j + 16] << 4) for j in range(16)], dtype=np.uint8)
+    with np.errstate(over="ignore", invalid="ignore"):  # 1/d overflows on subnormal blocks
+        inv = f32(f32(1) / d) if d != 0 else f32(0)
+        q = [min(15, c_to_i8(float(f32(f32(v * inv) + f32(8.5))))) & 0xFF for v in x]
+    packed = np.array([(q[j] | (q[j + 16] << 4)) & 0xFF for j in range(16)], dtype=np.uint8)
     return np.float16(d), packed
 
 
