@@ -14,13 +14,13 @@ import copy
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 # before Ray starts anything: loopback only, nothing sent out
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
+import tiny_llama  # noqa: E402
 from tiny_llama import make_tiny_llama  # noqa: E402
 
 import ferroquant as fq  # noqa: E402
@@ -58,15 +58,7 @@ def _ids() -> torch.Tensor:
 # `cluster`: the local loopback Ray cluster fixture in tests/conftest.py
 
 
-def _qbytes(model) -> dict[str, bytes]:
-    from ferroquant.nn import QuantLinear
-
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            qt = mod.qtensor()
-            out[name] = (qt.qtype, np.asarray(qt.data).tobytes(), np.asarray(qt.stats).tobytes())
-    return out
+_qbytes = tiny_llama.quantized_bytes
 
 
 # -- no cluster: the decomposition the cluster uses, computed here ------------------------------

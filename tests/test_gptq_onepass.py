@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
+import tiny_llama
 
 import ferroquant as fq
 from ferroquant.methods import gptq_onepass
@@ -31,15 +31,7 @@ def _tiny(layers: int = 2):
     return LlamaForCausalLM(cfg).eval()
 
 
-def _qbytes(model) -> dict[str, tuple]:
-    from ferroquant.nn import QuantLinear
-
-    out = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
-            qt = mod.qtensor()
-            out[name] = (qt.qtype, np.asarray(qt.data).tobytes(), np.asarray(qt.stats).tobytes())
-    return out
+_qbytes = tiny_llama.quantized_bytes
 
 
 def _run(model, ids, cfg, one_pass: bool, monkeypatch, qtype="q4_k_m"):

@@ -19,6 +19,7 @@ import copy
 
 import numpy as np
 import pytest
+import tiny_llama
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -202,17 +203,7 @@ def tiny_model():
 
 def _decode_logits(model, kind: str, fast: bool, ids: torch.Tensor, steps: int, mask=None):
     cache = QuantizedCache(model.config, kind, fast_decode=fast)
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        past_key_values=cache,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences, torch.stack(out.logits, 1)
+    return tiny_llama.greedy_logits(model, cache, ids, steps, mask)
 
 
 @pytest.mark.parametrize("kind", ["f32", "q8_0", "int4"])

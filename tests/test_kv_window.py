@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+import tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -230,18 +231,7 @@ def tiny_model():
     return make_small_llama()
 
 
-def _logits(model, cache, ids, steps, mask=None):
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=steps,
-        min_new_tokens=steps,
-        do_sample=False,
-        past_key_values=cache,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    return out.sequences, torch.stack(out.logits, 1)
+_logits = tiny_llama.greedy_logits
 
 
 def test_generate_int2_float_and_quantlinear_batch_with_padding(tiny_model) -> None:

@@ -67,3 +67,33 @@ def write_small_word_llama(out: Path, vocab: int = 256) -> Path:
                         bos_token_id=1, eos_token_id=2)  # fmt: skip
     LlamaForCausalLM(cfg).to(torch.float16).save_pretrained(out)
     return out
+
+
+def quantized_bytes(model) -> dict[str, tuple]:
+    """Each QuantLinear's qtype and stored bytes (codes, block statistics), by module name."""
+    import numpy as np
+
+    from ferroquant.nn import QuantLinear
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            qt = mod.qtensor()
+            out[name] = (qt.qtype, np.asarray(qt.data).tobytes(), np.asarray(qt.stats).tobytes())
+    return out
+
+
+def greedy_logits(model, cache, ids, steps: int, mask=None):
+    """`steps` greedy tokens through `generate` with `cache`: (sequences, logits per step)."""
+    torch = peers.require("torch")
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+        do_sample=False,
+        past_key_values=cache,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.logits, 1)

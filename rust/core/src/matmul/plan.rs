@@ -172,12 +172,12 @@ pub(super) fn first_non_finite(x: &[f32]) -> Option<usize> {
 
 /// The last `nb % 8` blocks of every activation row (`nb` blocks each) in the narrow layout of
 /// the GEMM's partial group (`x86::gemm32::interleave_tail`), row after row; empty when `nb`
-/// is a multiple of 8. Once per call, for every task.
+/// is a multiple of 8 or the GEMM is not used. Once per call, for every task.
 #[cfg(target_arch = "x86_64")]
-fn gemm_tail(blocks: &[BlockQ8_0], nb: usize) -> Vec<u8> {
+fn gemm_tail(gemm: bool, blocks: &[BlockQ8_0], nb: usize) -> Vec<u8> {
     use x86::gemm32::{interleave_tail, tail_bytes};
     let tail = nb % reference::LANES;
-    if tail == 0 {
+    if !gemm || tail == 0 {
         return Vec::new();
     }
     let tb = tail_bytes(tail);
@@ -435,11 +435,7 @@ pub(super) fn plan<'a>(
             #[cfg(not(target_arch = "x86_64"))]
             let (xt, nbias) = (Vec::new(), Vec::new());
             #[cfg(target_arch = "x86_64")]
-            let xtail = if gemm {
-                gemm_tail(&blocks, nb)
-            } else {
-                Vec::new()
-            };
+            let xtail = gemm_tail(gemm, &blocks, nb);
             #[cfg(not(target_arch = "x86_64"))]
             let xtail = Vec::new();
             let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
@@ -468,11 +464,7 @@ pub(super) fn plan<'a>(
             #[cfg(not(target_arch = "x86_64"))]
             let xt = Vec::new();
             #[cfg(target_arch = "x86_64")]
-            let xtail = if gemm {
-                gemm_tail(&blocks, nb)
-            } else {
-                Vec::new()
-            };
+            let xtail = gemm_tail(gemm, &blocks, nb);
             #[cfg(not(target_arch = "x86_64"))]
             let xtail = Vec::new();
             let row_bytes = if tile { k + nb * 12 } else { nb * 46 };
