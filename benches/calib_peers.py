@@ -135,25 +135,35 @@ def gptqmodel_gptq(
     return _into_float_copy(base, weights), dt
 
 
-def llmcompressor_gptq(
-    base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
-) -> tuple[nn.Module, tuple[float, float]]:
-    """llm-compressor's GPTQModifier (W4A16, group `group`, asymmetric) through `oneshot` on
-    `calib` [n, len]: (a float copy of `base` holding its quantized weights, (wall seconds, CPU
-    seconds of this process))."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def _llmcompressor_inputs(calib, group: int):
+    """llm-compressor's calibration dataset (every window unmasked) and its asymmetric int4
+    group scheme: the same for its GPTQ and its AWQ."""
+    from compressed_tensors.quantization import QuantizationArgs
     from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
-    from transformers import AutoModelForCausalLM
 
-    names = _decoder_linears(base)
     n, length = calib.shape
     ds = Dataset.from_dict(
         {"input_ids": calib.tolist(), "attention_mask": [[1] * length for _ in range(n)]}
     )
     args = QuantizationArgs(num_bits=4, type="int", symmetric=False, group_size=group,
                             strategy="group")  # fmt: skip
+    return ds, args
+
+
+def llmcompressor_gptq(
+    base: nn.Module, folder: Path, calib: torch.Tensor, group: int = 64
+) -> tuple[nn.Module, tuple[float, float]]:
+    """llm-compressor's GPTQModifier (W4A16, group `group`, asymmetric) through `oneshot` on
+    `calib` [n, len]: (a float copy of `base` holding its quantized weights, (wall seconds, CPU
+    seconds of this process))."""
+    from compressed_tensors.quantization import QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    names = _decoder_linears(base)
+    n, length = calib.shape
+    ds, args = _llmcompressor_inputs(calib, group)
     recipe = GPTQModifier(
         config_groups={"g": QuantizationScheme(targets=["Linear"], weights=args)},
         ignore=["lm_head"],
@@ -207,9 +217,8 @@ def llmcompressor_awq(
     """llm-compressor's AWQModifier + QuantizationModifier (W4A16, group `group`, asymmetric)
     through `oneshot` on `calib` [n, len]: (a float copy of `base` holding its result, (wall
     seconds, CPU seconds of this process))."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationScheme
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-    from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -218,11 +227,7 @@ def llmcompressor_awq(
 
     names = _decoder_linears(base)
     n, length = calib.shape
-    ds = Dataset.from_dict(
-        {"input_ids": calib.tolist(), "attention_mask": [[1] * length for _ in range(n)]}
-    )
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, group_size=group,
-                            strategy="group")  # fmt: skip
+    ds, args = _llmcompressor_inputs(calib, group)
     recipe = [
         AWQModifier(),
         QuantizationModifier(
