@@ -77,15 +77,13 @@ fn allowed() -> bool {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 fn probe() -> AmxSupport {
     use std::arch::x86_64::__cpuid_count;
-    // SAFETY: CPUID exists on every x86-64 CPU; leaf 0 says how many leaves there are.
-    let max_leaf = unsafe { __cpuid_count(0, 0) }.eax;
+    // CPUID exists on every x86-64 CPU (safe to call); leaf 0 says how many leaves there are.
+    let max_leaf = __cpuid_count(0, 0).eax;
     if max_leaf < 7 {
         return AmxSupport::default();
     }
-    // SAFETY: leaf 7 exists (checked above).
-    let l7 = unsafe { __cpuid_count(7, 0) };
-    // SAFETY: leaf 1 exists on every x86-64 CPU.
-    let l1 = unsafe { __cpuid_count(1, 0) };
+    let l7 = __cpuid_count(7, 0);
+    let l1 = __cpuid_count(1, 0);
     let tile = l7.edx >> 24 & 1 == 1;
     let cpu_int8 = tile && l7.edx >> 25 & 1 == 1;
     let cpu_bf16 = tile && l7.edx >> 22 & 1 == 1;
@@ -169,7 +167,14 @@ impl TileConfig {
 
     /// Tile `i` (0..8) holds `rows` rows (1..=16) of `colsb` bytes (1..=64, a multiple of 4).
     pub const fn tile(mut self, i: usize, rows: u8, colsb: u16) -> Self {
-        assert!(i < 8 && rows >= 1 && rows <= 16 && colsb >= 4 && colsb <= 64 && colsb % 4 == 0);
+        assert!(
+            i < 8
+                && rows >= 1
+                && rows <= 16
+                && colsb >= 4
+                && colsb <= 64
+                && colsb.is_multiple_of(4)
+        );
         self.rows[i] = rows;
         self.colsb[i] = colsb;
         self
