@@ -59,7 +59,7 @@ from ferroquant import _native
 rng = np.random.default_rng(7)
 out = {"level": np.array(_native.kernel_simd_level())}
 for q in sys.argv[1].split(","):
-    for m, n, k in ((16, 13, 576), (5, 8, 4096)):
+    for m, n, k in ((16, 13, 576), (5, 8, 4096), (17, 37, 576)):
         qt = fq.quantize(rng.standard_normal((n, k)).astype(np.float32), q)
         x = rng.standard_normal((m, k)).astype(np.float32)
         y = _native.qmatmul(x, qt.data.reshape(-1), q, n, k, qt.block_size, None, None)
@@ -73,7 +73,7 @@ def test_avx2_gemm_under_isa_cap_matches_references(tmp_path):
     AVX2 GEMM (M >= 4, K with and without a partial group) gives the bits of the scalar
     references and of the uncapped kernels."""
     level = fq._native.kernel_simd_level()
-    if level not in ("avx2", "avx512", "avx512-vnni"):
+    if level not in ("avx2", "avx512", "avx512-vnni", "amx-int8"):
         import pytest
 
         pytest.skip(f"x86-64 with AVX2 only (kernels here: {level})")
@@ -83,6 +83,7 @@ def test_avx2_gemm_under_isa_cap_matches_references(tmp_path):
         ("scalar", {"FERROQUANT_FORCE_SCALAR": "1"}),
         ("avx2", {"FERROQUANT_MAX_ISA": "avx2"}),
         ("avxvnni", {"FERROQUANT_MAX_ISA": "avxvnni"}),
+        ("avx512", {"FERROQUANT_MAX_ISA": "avx512"}),  # no AMX
         ("native", {}),
     ):
         path = tmp_path / f"{name}.npz"
@@ -98,8 +99,9 @@ def test_avx2_gemm_under_isa_cap_matches_references(tmp_path):
     assert str(runs["scalar"].pop("level")) == "scalar"
     assert str(runs["avx2"].pop("level")) == "avx2"
     assert str(runs["avxvnni"].pop("level")) == "avx2"
+    assert str(runs["avx512"].pop("level")) != "amx-int8"
     runs["native"].pop("level")
-    for name in ("avx2", "avxvnni", "native"):
+    for name in ("avx2", "avxvnni", "avx512", "native"):
         for key, want in runs["scalar"].items():
             got = runs[name][key]
             assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist(), (name, key)

@@ -64,7 +64,8 @@ pub fn amx_bf16_usable() -> bool {
     s.cpu_bf16 && s.os_enabled && s.permitted && allowed()
 }
 
-/// Not forced scalar, no ISA cap, and the AVX-512 level the tile kernels' epilogues use.
+/// Not forced scalar, no ISA cap (`FERROQUANT_MAX_ISA=avx512` turns only AMX off), and the
+/// AVX-512 level the tile kernels' epilogues use.
 fn allowed() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

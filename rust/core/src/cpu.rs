@@ -21,7 +21,8 @@
 //!   AVX-512: `matmul/x86/gemm32_avx2.rs`).
 //!
 //! `FERROQUANT_MAX_ISA` (`config::max_isa`) caps them: "avx2" makes `has_avx512`, `has_vnni`
-//! and `has_avx_vnni` (and every level built on them) false, "avxvnni" the AVX-512 ones.
+//! and `has_avx_vnni` (and every level built on them) false, "avxvnni" the AVX-512 ones,
+//! "avx512" only AMX (`amx::amx_int8_usable`, `amx::amx_bf16_usable`).
 //!
 //! aarch64: `has_neon` (NEON, the baseline; false only when forced scalar) and `has_dotprod`
 //! (`has_neon` + the Armv8.2 dot product, `sdot`).
@@ -97,10 +98,10 @@ pub fn has_vbmi_gfni() -> bool {
     once!(has_vnni() && x86!("avx512bw", "avx512vbmi", "gfni"))
 }
 
-/// No `FERROQUANT_MAX_ISA` cap below AVX-512.
+/// No `FERROQUANT_MAX_ISA` cap below AVX-512 ("avx512" caps only AMX).
 #[cfg(target_arch = "x86_64")]
 fn avx512_allowed() -> bool {
-    crate::config::max_isa().is_none()
+    matches!(crate::config::max_isa(), None | Some("avx512"))
 }
 
 /// `has_avx2` and AVX-VNNI (unless `FERROQUANT_MAX_ISA=avx2`).
@@ -126,20 +127,24 @@ pub fn has_dotprod() -> bool {
 /// `kernel_level` with every x86 level named "avx2".
 pub fn level() -> &'static str {
     match kernel_level() {
-        "avx512-vnni" | "avx512" | "avx2" => "avx2",
+        "amx-int8" | "avx512-vnni" | "avx512" | "avx2" => "avx2",
         "neon-dotprod" => "neon+dotprod",
         other => other,
     }
 }
 
 /// The widest instruction set the quantized matmul kernels (and the runtime on them) use:
-/// "avx512-vnni" (integer dots, tiles and runtime panels in AVX-512 VNNI), "avx512" (the
+/// "amx-int8" (the 32-weight formats' GEMM on AMX int8 tiles, `amx::amx_int8_usable`; the
+/// rest as "avx512-vnni"), "avx512-vnni" (integer dots, tiles and runtime panels in AVX-512
+/// VNNI), "avx512" (the
 /// AVX-512 float kernels, integer dots in AVX2), "avx2", "neon-dotprod" (`sdot`), "neon"
 /// (Armv8.0 `smull`) or "scalar" (the references). `_native.kernel_simd_level()`.
 pub fn kernel_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if has_vnni() {
+        if has_vnni() && crate::amx::amx_int8_usable() {
+            return "amx-int8";
+        } else if has_vnni() {
             return "avx512-vnni";
         } else if has_avx512() {
             return "avx512";
@@ -170,7 +175,14 @@ mod tests {
         {
             assert!(!has_vnni_q16() || (has_vnni_bw() && has_fma() && has_avx512()));
             assert!(!has_vbmi_gfni() || has_vnni());
-            assert_eq!(kernel_level() == "avx512-vnni", has_vnni());
+            assert_eq!(
+                matches!(kernel_level(), "avx512-vnni" | "amx-int8"),
+                has_vnni()
+            );
+            assert_eq!(
+                kernel_level() == "amx-int8",
+                has_vnni() && crate::amx::amx_int8_usable()
+            );
         }
     }
 }

@@ -32,6 +32,12 @@ impl Plan<'_> {
         if self.fill_gemm_k(n0, rows, out) {
             return;
         }
+        // Whole panels of 16 on AMX tiles where they run (`gemm_amx.rs`), the rest below.
+        let done = self.fill_amx(n0, rows, out);
+        let (n0, rows) = (n0 + done, rows - done);
+        if rows == 0 {
+            return;
+        }
         let whole = rows / PANEL * PANEL;
         match self.w.qtype {
             QType::Q4_0 => self.gemm_rows::<BlockQ4_0>(n0, whole, out),

@@ -206,6 +206,10 @@ struct Plan<'a> {
     /// `GEMM_MIN_M`, K a multiple of 256.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     gemm: bool,
+    /// The GEMM path's whole panels of 16 weight rows run on AMX int8 tiles (`gemm_amx.rs`),
+    /// with these activations.
+    #[cfg(target_arch = "x86_64")]
+    amx: Option<x86::amx32::AmxX>,
     /// The GEMM path without AVX-512 (`gemm_avx2.rs`) runs, with this integer product.
     #[cfg(target_arch = "x86_64")]
     gemm2: Option<gemm_avx2::Int8Dot>,
@@ -506,6 +510,8 @@ mod dispatch;
 pub(crate) mod float_zero;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_amx;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx2;
 #[cfg(target_arch = "x86_64")]

@@ -374,6 +374,8 @@ pub(super) fn plan<'a>(
             m_block: m,
             tile: false,
             gemm: false,
+            #[cfg(target_arch = "x86_64")]
+            amx: None,
             gemm2: None,
             row32: false,
             row_bytes: w.qtype.row_bytes(k, w.block_size),
@@ -572,6 +574,12 @@ pub(super) fn plan<'a>(
         max_block
     };
     let n_blocks = m.div_ceil(max_block).max(1);
+    // The 32-weight GEMM's whole panels of 16 on AMX int8 tiles (not the K-quants'), their
+    // activations packed once for every task.
+    #[cfg(target_arch = "x86_64")]
+    let amx = (gemm && !gemm_k && super::gemm_amx::takes(w.qtype, m))
+        .then(|| super::gemm_amx::pack(&acts, m, k))
+        .flatten();
     Ok(Plan {
         w,
         m,
@@ -583,6 +591,8 @@ pub(super) fn plan<'a>(
         },
         tile,
         gemm,
+        #[cfg(target_arch = "x86_64")]
+        amx,
         #[cfg(target_arch = "x86_64")]
         gemm2,
         row32,

@@ -16,6 +16,7 @@ use crate::formats::legacy;
 use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
+mod amx;
 mod bf16;
 pub(crate) mod formats;
 #[cfg(target_arch = "x86_64")]
