@@ -29,6 +29,9 @@ def test_doctor_reports_threads_simd_and_peers():
     assert info["simd_quantizers"] in ("avx2", "neon", "neon+dotprod", "scalar")
     levels = ("amx-int8", "avx512-vnni", "avx512", "avx2", "neon-dotprod", "neon", "scalar")
     assert info["simd_kernels"] in levels
+    # AMX: used, or why not; the kernel level says amx-int8 exactly where int8 tiles run
+    assert info["amx"].startswith(("yes (", "no (")), info["amx"]
+    assert (info["simd_kernels"] == "amx-int8") == ("int8" in info["amx"]), info
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     if (
         " avx512_vnni" in flags

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": _native.num_threads(),
         "simd_kernels": _native.kernel_simd_level(),  # what the matmul kernels and runtime use
         "simd_quantizers": _native.simd_level(),
+        "amx": _native.amx_status(),  # Intel AMX tiles: used, or why not (CPU, OS, permission)
         "torch_openmp_team": _torch_team(),
         "settings": fq_config.describe(),
         "peers": {name: peer_version(dist) for name, dist in PEERS.items()},

@@ -64,6 +64,33 @@ pub fn amx_bf16_usable() -> bool {
     s.cpu_bf16 && s.os_enabled && s.permitted && allowed()
 }
 
+/// Whether AMX runs here and, if not, why (`ferroquant doctor`, `_native.amx_status()`):
+/// "yes (int8 tiles, bf16 tiles)" (those usable) or "no (reason)".
+pub fn status() -> String {
+    let s = support();
+    if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
+        return "no (AMX is used on x86-64 Linux only)".into();
+    }
+    let usable: Vec<&str> = [
+        (amx_int8_usable(), "int8 tiles"),
+        (amx_bf16_usable(), "bf16 tiles"),
+    ]
+    .iter()
+    .filter_map(|&(on, name)| on.then_some(name))
+    .collect();
+    if !usable.is_empty() {
+        format!("yes ({})", usable.join(", "))
+    } else if !s.cpu_int8 && !s.cpu_bf16 {
+        "no (the CPU has no AMX)".into()
+    } else if !s.os_enabled {
+        "no (the CPU has AMX, the OS does not enable its tile state in XCR0)".into()
+    } else if !s.permitted {
+        "no (Linux refused the tile-data permission: arch_prctl(ARCH_REQ_XCOMP_PERM))".into()
+    } else {
+        "no (turned off: FERROQUANT_MAX_ISA or FERROQUANT_FORCE_SCALAR)".into()
+    }
+}
+
 /// Not forced scalar, no ISA cap (`FERROQUANT_MAX_ISA=avx512` turns only AMX off), and the
 /// AVX-512 level the tile kernels' epilogues use.
 fn allowed() -> bool {
@@ -234,6 +261,11 @@ mod tests {
         }
         // The permission is only asked for where the OS saves the tile state.
         assert!(!s.permitted || s.os_enabled);
+        assert_eq!(
+            status().starts_with("yes"),
+            amx_int8_usable() || amx_bf16_usable()
+        );
+        assert_eq!(status().contains("int8"), amx_int8_usable());
     }
 
     /// One 16 x 16 int8 tile product checked against scalar sums, wherever AMX is usable.

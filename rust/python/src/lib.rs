@@ -287,6 +287,12 @@ fn kernel_simd_level() -> &'static str {
     core::cpu::kernel_level()
 }
 
+/// Whether the AMX tile kernels run here, and if not why ("yes (int8 tiles, ...)" / "no (...)").
+#[pyfunction]
+fn amx_status() -> String {
+    core::amx::status()
+}
+
 #[pyfunction]
 fn set_num_threads(n: usize) {
     core::parallel::set_num_threads(n)
@@ -310,6 +316,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(amx_status, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_sources::cuda_sources, m)?)?;
     m.add_function(wrap_pyfunction!(kv_tensor::kv_attend_decode, m)?)?;
