@@ -23,7 +23,8 @@ Dispatch: ferroquant's kernel runs as QuantLinear runs it: on torch's OpenMP tea
 off there too), so torch's spin-waiting OpenMP workers take our tasks instead of competing with a
 second pool. --pool times it on ferroquant's rayon pool instead (the way a caller without torch
 runs it), --no-torch imports no torch at all (rayon pool, no torch peers). The header line says
-which.
+which. --pool-rows adds, per format, "fq <qtype> pool": the same calls on the rayon pool,
+interleaved with the team's in the same run (the A/B of the two dispatches).
 
 --cpu-time (with --threads 1): every call is timed by the calling thread's CPU time
 (`time.thread_time`) instead of the wall clock. With one thread ferroquant computes on the
@@ -178,6 +179,9 @@ def main() -> None:
         "--pool", action="store_true", help="our kernel on the rayon pool, not torch's OpenMP team"
     )
     ap.add_argument(
+        "--pool-rows", action="store_true", help="each format also on the rayon pool ('pool')"
+    )
+    ap.add_argument(
         "--cpu-time", action="store_true", help="time calls by thread CPU time (--threads 1)"
     )
     ap.add_argument(
@@ -211,6 +215,8 @@ def main() -> None:
         + (" (--pool)" if args.pool else "; torch not loaded" if args.no_torch
            else "; torch's team could not be attached")
     )  # fmt: skip
+    if args.pool_rows and team:
+        dispatch += "; 'pool' rows: the same calls on the rayon pool"
     ms = [int(v) for v in args.m.split(",")]
     qtypes = [q for q in args.qtypes.split(",") if q]
     if qtypes == ["all"]:
@@ -232,7 +238,9 @@ def main() -> None:
 
         return run
 
-    def fq_engine(q, k, n, data, stats, block, mode, xs, env=None):
+    def fq_engine(q, k, n, data, stats, block, mode, xs, env=None, openmp=None):
+        on_team = team if openmp is None else openmp
+
         def run() -> dict[int, float]:
             with benchlib_env(env or {}):
                 return measure()
@@ -245,7 +253,7 @@ def main() -> None:
             for m, x in xs.items():
 
                 def call(c, x=x):
-                    return _native.qmatmul(x, c[0], q, n, k, block, c[1], mode, openmp=team)
+                    return _native.qmatmul(x, c[0], q, n, k, block, c[1], mode, openmp=on_team)
 
                 out[m] = time_calls(call, copies, args.budget)
             return out
@@ -274,6 +282,11 @@ def main() -> None:
             stats = tile_rows(stats, n) if stats is not None else None
             nbytes[s, f"fq {q}"] = data.nbytes + (stats.nbytes if stats is not None else 0)
             engines[f"{s} fq {q}"] = fq_engine(q, k, n, data, stats, block, mode, x_by_m)
+            if args.pool_rows and team:
+                nbytes[s, f"fq {q} pool"] = nbytes[s, f"fq {q}"]
+                engines[f"{s} fq {q} pool"] = fq_engine(
+                    q, k, n, data, stats, block, mode, x_by_m, openmp=False
+                )
             if args.avx2_rows:
                 nbytes[s, f"fq {q} rows"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} rows"] = fq_engine(
