@@ -8,12 +8,12 @@ shape of the model.
                                       [--pool-rows]
 
 The rows are built as the eval builds them (the default model's bf16 baseline, `quantize_model`
-with the row's recipe); every run times each row once with the eval's own function
+with the row's recipe); every run times each row once as the eval does
 (`speed.torch_prompt`: an untimed forward, then the timed one), rows interleaved in an order
 rotated by one each run (benchlib). The eval and this script differ only in what runs between
-two rows (the eval: the native runtime and the decode steps), which the untimed forward
-absorbs. `--clock cpu`
-times process CPU time instead of wall time (a loaded machine: use it with --threads 1).
+two rows (the eval: the native runtime and the decode steps), which the untimed forward is
+there to absorb. `--clock cpu` times process CPU time instead of wall time (a loaded machine:
+use it with --threads 1).
 `--shapes` adds, per row, the time of one QuantLinear call at each Linear shape of the model
 with M = prompt rows, against torch's bf16 F.linear at the same shape. `--pool-rows` adds, per
 quantized row, "<row> pool": the same model with FERROQUANT_OPENMP=off (the Rust pool instead of
@@ -32,7 +32,6 @@ import torch
 from ferroquant import set_num_threads
 from ferroquant.eval.load import load_model, read_text, tokenize
 from ferroquant.eval.run import parse_rows, quantized_copy
-from ferroquant.eval.speed import torch_prompt
 from ferroquant.nn import QuantLinear
 
 
@@ -41,8 +40,14 @@ def clock(kind: str):
 
 
 def forward_s(model, prompt: torch.Tensor, now) -> float:
-    """Seconds of the eval's timed prompt forward (after its untimed one)."""
-    return prompt.shape[0] / torch_prompt(model, prompt, now)
+    """Seconds of the timed forward of eval/speed.py's `torch_prompt` protocol: an untimed
+    forward over the prompt, then the timed one. Written out here (not imported) so that the
+    script also runs on an older library (the A/B: PYTHONPATH=/work/main/python)."""
+    with torch.inference_mode():
+        model(input_ids=prompt[None], use_cache=False)
+        t0 = now()
+        model(input_ids=prompt[None], use_cache=False)
+        return now() - t0
 
 
 def forward_on_pool_s(model, prompt: torch.Tensor, now) -> float:

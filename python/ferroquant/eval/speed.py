@@ -139,8 +139,8 @@ def torch_prompt(model: Any, prompt: Any, clock: Any = time.perf_counter) -> flo
     workers asleep, caches and allocator state of another engine, oneDNN's primitives for a
     new prompt length): session 12's eval read its bf16 row at 1151 tok/s where
     bench_hf_prompt's forwards read 1578 on the same machine. Timing the second of two
-    forwards of the same row is a user's steady state, and bench_hf_prompt times this same
-    function."""
+    forwards of the same row is a user's steady state; bench_hf_prompt times the same two
+    forwards."""
     import torch
 
     with torch.inference_mode():
