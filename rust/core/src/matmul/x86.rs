@@ -443,6 +443,7 @@ pub mod row32;
 
 mod float_acts;
 pub mod gemm16;
+pub mod gemm16_fma;
 pub mod gemm32;
 pub mod gemm32_avx2;
 pub mod gemm_k;
