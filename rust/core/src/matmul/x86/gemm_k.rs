@@ -47,8 +47,9 @@ const ZMM0: Zmm = Zmm([0; 64]);
 
 /// One super-block of 16 weight rows, decoded: `q[v]` lane r = elements 4v..4v+4 of row r
 /// (unsigned: the quant plus the format's bias), `sc[g]` the i32 scale of sub-block g (of 32
-/// elements; of 16 for `SUB16` formats), `c[i]` the i16 pair (c_2i, c_2i+1) of correction
-/// coefficients, `d` / `dmin` the f32 super-block scale and min.
+/// elements; of 16 for `SUB16` formats; for `PAIR16` formats `sc[i]`, i < 8, the i16 pair
+/// (sc_2i, sc_2i+1)), `c[i]` the i16 pair (c_2i, c_2i+1) of the min's coefficients (read only
+/// with `MIN`), `d` / `dmin` the f32 super-block scale and min.
 #[derive(Clone, Copy)]
 pub struct SbBuf {
     q: [Zmm; 64],
