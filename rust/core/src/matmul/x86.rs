@@ -449,6 +449,7 @@ pub mod gemm32_avx2;
 pub mod gemm_k;
 pub mod gint;
 pub mod q16;
+pub mod q8k;
 pub mod tile;
 pub mod tile_k;
 pub use float_acts::*;
