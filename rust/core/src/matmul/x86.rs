@@ -437,6 +437,7 @@ mod k_low;
 mod ternary;
 pub use k_low::scales_q3_k_kmask;
 mod min32;
+pub mod q8k;
 pub mod row32;
 
 // ---------------------------------------------------------------- f32 activations
