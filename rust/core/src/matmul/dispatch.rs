@@ -364,15 +364,32 @@ impl Plan<'_> {
     /// through `x86::row32` (M = 1; the kernel may read the rows after them).
     #[cfg(target_arch = "x86_64")]
     pub(super) fn rows32(&self, n: usize, y: &mut [f32]) {
-        let Acts::Q8_0 { d, xt, nbias, .. } = &self.acts else {
-            unreachable!("row32 runs only with q8_0 activations")
-        };
-        let x = x86::row32::RowQ8 { xt, d, nbias };
-        match self.w.qtype {
-            QType::Q4_0 => self.rows32_w::<BlockQ4_0>(n, &x, y),
-            QType::Q8_0 => self.rows32_w::<BlockQ8_0>(n, &x, y),
-            QType::Q5_0 => self.rows32_w::<BlockQ5_0>(n, &x, y),
-            _ => self.rows32_w::<BlockIQ4NL>(n, &x, y),
+        use x86::row32::RowQ8;
+        match &self.acts {
+            Acts::Q8_0 { d, xt, nbias, .. } => {
+                let x = RowQ8 {
+                    xt,
+                    d,
+                    nbias,
+                    s: &[],
+                };
+                match self.w.qtype {
+                    QType::Q4_0 => self.rows32_w::<BlockQ4_0>(n, &x, y),
+                    QType::Q8_0 => self.rows32_w::<BlockQ8_0>(n, &x, y),
+                    QType::Q5_0 => self.rows32_w::<BlockQ5_0>(n, &x, y),
+                    _ => self.rows32_w::<BlockIQ4NL>(n, &x, y),
+                }
+            }
+            Acts::Q8_1 {
+                d, xt, nbias, s, ..
+            } => {
+                let x = RowQ8 { xt, d, nbias, s };
+                match self.w.qtype {
+                    QType::Q4_1 => self.rows32_w::<BlockQ4_1>(n, &x, y),
+                    _ => self.rows32_w::<BlockQ5_1>(n, &x, y),
+                }
+            }
+            _ => unreachable!("row32 runs only with q8_0 / q8_1 activations"),
         }
     }
 
