@@ -204,10 +204,16 @@ def kv_attend_decode(
     out: npt.NDArray[np.float32],
     mask: npt.NDArray[np.uint8] | None = None,
     reference: bool = False,
+    rotate: bool = False,
 ) -> None:
     """One decode step's attention over a ferroquant.kv layer cache (torch layout), into out.
     geometry = (group, batch, n_head_kv, head_dim, n_head, n_quant, k_cap, v_cap, tail_cap,
-    n_tail). reference: the scalar reference kernel instead of the SIMD one (bit-identical)."""
+    n_tail). reference: the scalar reference kernel instead of the SIMD one (bit-identical).
+    rotate: the cache is stored Walsh-Hadamard rotated (q rotated in a copy, out rotated back)."""
+
+def kv_wht(*xs: npt.NDArray[np.float32]) -> None:
+    """The cache's rotation in place (H x / sqrt(n) per row of the last axis, a contiguous power
+    of two; other axes may be strided), bit-exact with kv/reference.py's wht; GIL released."""
 
 def kv_decode_attention_seconds(
     kv_type: str,
