@@ -94,8 +94,7 @@ impl Plan<'_> {
     /// serve fastest); returns 1.
     #[cfg(target_arch = "x86_64")]
     fn gint_rows1(&self, n0: usize, rows: usize, m0: usize, yt: &mut [f32]) -> usize {
-        use x86::gint::gint_finish;
-        use x86::gint_row::{gint_row, layout};
+        use x86::gint_row::{gint_row, gint_row_finish, layout};
         let g = self
             .w
             .qtype
@@ -103,7 +102,7 @@ impl Plan<'_> {
             .expect("gint_panels is called for grouped integers");
         let (k, m, rb) = (self.k, self.m, self.row_bytes);
         let x = self.gint_x(m0);
-        let (per, shift) = layout(g, k);
+        let lay = layout(g, k);
         // Each row prefetches its codes and its statistics `GINT_PANEL` rows on.
         let ahead = GINT_PANEL * rb;
         let stats_ahead = GINT_PANEL * 4 * self.stats_per_row;
@@ -121,17 +120,17 @@ impl Plan<'_> {
             }
             // SAFETY: `gint` is set only by `gint_fused` (`cpu::has_vnni_q16`, 4 bits, or 8
             // bits symmetric); `plan` validated the rows (K codes, whole groups, their
-            // statistics) and quantized, split and summed every activation row for K; `per`
-            // and `shift` are `layout(g, k)`.
-            let [[y]] = unsafe {
-                let acc = match (g.bits == 4, per) {
-                    (true, 1) => gint_row::<true, 1>(g, w, st, k, x, shift, ahead),
-                    (true, 2) => gint_row::<true, 2>(g, w, st, k, x, shift, ahead),
-                    (true, _) => gint_row::<true, 4>(g, w, st, k, x, shift, ahead),
-                    (false, 1) => gint_row::<false, 1>(g, w, st, k, x, shift, ahead),
-                    (false, _) => gint_row::<false, 2>(g, w, st, k, x, shift, ahead),
+            // statistics) and quantized, split and summed every activation row for K; `lay`
+            // is `layout(g, k)`.
+            let y = unsafe {
+                let acc = match (g.bits == 4, lay.per) {
+                    (true, 1) => gint_row::<true, 1>(g, w, st, k, x, lay, ahead),
+                    (true, 2) => gint_row::<true, 2>(g, w, st, k, x, lay, ahead),
+                    (true, _) => gint_row::<true, 4>(g, w, st, k, x, lay, ahead),
+                    (false, 1) => gint_row::<false, 1>(g, w, st, k, x, lay, ahead),
+                    (false, _) => gint_row::<false, 2>(g, w, st, k, x, lay, ahead),
                 };
-                gint_finish::<1, 1>(g, [st], k, [x], &[[acc]])
+                gint_row_finish(g, st, x, lay, acc)
             };
             yt[i * m + m0] = y;
         }

@@ -11,7 +11,7 @@
 
 use std::arch::x86_64::*;
 
-use super::gint::{gint_units, Row};
+use super::gint::{gint_units, zero_term, Row};
 use crate::matmul::reference::gint::{UNIT4, UNIT8};
 use crate::qtype::GInt;
 
@@ -49,28 +49,46 @@ pub fn hsum16_v(a: __m512) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)))
 }
 
-/// How a row's groups meet its units: the `PER` of `gint_row` (groups a unit) and, at one
-/// group a unit, the shift from a unit to its group (`u >> shift`).
-pub fn layout(g: GInt, k: usize) -> (usize, u32) {
+/// How a row of K meets its units, computed once per call (the divisions stay out of the
+/// rows): `per` groups a unit (the `PER` of `gint_row`), at one group a unit the shift from a
+/// unit to its group (`u >> shift`), the groups, the whole units and all units of a row.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Layout {
+    pub per: usize,
+    pub shift: u32,
+    pub groups: usize,
+    pub full: usize,
+    pub units: usize,
+}
+
+/// `Layout` of the rows of K codes of `g` (4 bits, or 8 bits symmetric).
+pub fn layout(g: GInt, k: usize) -> Layout {
     let unit = if g.bits == 4 { UNIT4 } else { UNIT8 };
     let gl = crate::formats::gint::group_len(g, k);
-    if gl == k {
+    let (per, shift) = if gl == k {
         (1, usize::BITS - 1)
     } else if gl >= unit {
         (1, (gl / unit).trailing_zeros())
     } else {
         (unit / gl, 0)
+    };
+    Layout {
+        per,
+        shift,
+        groups: k / gl,
+        full: k / unit,
+        units: k.div_ceil(unit),
     }
 }
 
 /// `reference::gint::dot_gint_q16`'s lane accumulators of one weight row (`row`, `stats`) with
-/// one activation row `x` after every unit (`gint_finish` gives the result). `PER` and `shift`:
-/// `layout(g, k)`; `FOUR`: 4 bits (else 8, symmetric). `ahead`: how far past each unit its
-/// codes are prefetched into L2.
+/// one activation row `x` after every unit (`gint_finish` gives the result). `lay`:
+/// `layout(g, k)`, whose `per` is `PER` (1, 2, or 4 at 4 bits); `FOUR`: 4 bits (else 8,
+/// symmetric). `ahead`: how far past each unit its codes are prefetched into L2.
 ///
 /// # Safety
-/// As `gint_units` (which checks the slices' lengths with asserts), and `(PER, shift) ==
-/// layout(g, k)` with PER 1, 2 or 4 (4 only at 4 bits).
+/// As `gint_units` (which checks the slices' lengths with asserts), and `lay == layout(g, k)`
+/// (debug-asserted: a division per row cost a tenth of a K = 4096 row).
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn gint_row<const FOUR: bool, const PER: usize>(
     g: GInt,
@@ -78,17 +96,30 @@ pub unsafe fn gint_row<const FOUR: bool, const PER: usize>(
     stats: &[f32],
     k: usize,
     x: Row<'_>,
-    shift: u32,
+    lay: Layout,
     ahead: usize,
 ) -> __m512 {
     let unit = if FOUR { UNIT4 } else { UNIT8 };
-    let full = k / unit;
-    let groups = k / crate::formats::gint::group_len(g, k);
+    let Layout {
+        shift,
+        groups,
+        full,
+        units,
+        ..
+    } = lay;
+    debug_assert_eq!(lay, layout(g, k));
     assert!(FOUR == (g.bits == 4) && (FOUR || (g.bits == 8 && g.sym)));
     assert!(row.len() == k * g.bits as usize / 8 && stats.len() >= groups);
     assert!(x.xq.len() >= full * unit && (!FOUR || x.xdl.len() >= 16 * full));
     assert!(FOUR || x.xd.len() >= full);
-    assert!((PER, shift) == layout(g, k) && (PER == 1 || PER == 2 || (FOUR && PER == 4)));
+    assert!(PER == lay.per && (PER == 1 || PER == 2 || (FOUR && PER == 4)));
+    assert!(full * unit <= k && units * unit >= k);
+    // every whole unit's scales lie within the row's groups
+    assert!(if PER == 1 {
+        full == 0 || (full - 1) >> shift < groups
+    } else {
+        full * PER <= groups
+    });
     let nib = _mm512_set1_epi16(0x0f);
     let flip = _mm512_set1_epi8(-128);
     // lane l of a unit takes the unit's scale l / (16 / PER)
@@ -143,7 +174,6 @@ pub unsafe fn gint_row<const FOUR: bool, const PER: usize>(
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(ws, xd), acc);
         }
     }
-    let units = crate::matmul::x86::gint::units(g, k);
     if full < units {
         let mut a = [[acc]];
         // SAFETY: the caller's guarantees are `gint_units`' own.
@@ -151,4 +181,20 @@ pub unsafe fn gint_row<const FOUR: bool, const PER: usize>(
         acc = a[0][0];
     }
     acc
+}
+
+/// `reference::gint::dot_gint_q16`'s result from `gint_row`'s accumulators: `main`, minus the
+/// zero term at 4 bits (`x86::gint::gint_finish` for one row, without its division).
+///
+/// # Safety
+/// As `gint_row`.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+pub unsafe fn gint_row_finish(g: GInt, stats: &[f32], x: Row<'_>, lay: Layout, acc: __m512) -> f32 {
+    let main = hsum16_v(acc);
+    if g.bits != 4 {
+        return main;
+    }
+    // SAFETY: the caller's guarantees (`zero_term` asserts the lengths).
+    let [z] = unsafe { zero_term(g, stats, lay.groups, [x.xg]) };
+    main - z
 }
