@@ -39,6 +39,9 @@ unsafe fn dpwssd_m(acc: __m512i, a: __m512i, b: *const i16) -> __m512i {
 
 /// The 16 lanes reduced in `reference::gint::hsum16`'s order: `a[l] + a[l + 8]`, then
 /// `t[l] + t[l + 4]`, then `(s0 + s2) + (s1 + s3)`: the same additions, in registers.
+///
+/// # Safety
+/// AVX-512 F (a safe function with target features: callable only where they hold).
 #[target_feature(enable = "avx2,fma,avx512f")]
 #[inline]
 pub fn hsum16_v(a: __m512) -> f32 {
