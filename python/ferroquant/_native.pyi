@@ -21,6 +21,10 @@ def quantize(
     double_quant: bool = False,
     scale_mode: str | None = None,
 ) -> dict[str, Any]: ...
+def gint_qdq(x: npt.NDArray[np.float32], qtype: str) -> npt.NDArray[np.float32]:
+    """dequantize(quantize(x, qtype)) for a grouped integer qtype with integer zeros, fused."""
+    ...
+
 def dequantize(
     data: npt.NDArray[np.uint8],
     qtype: str,
