@@ -39,7 +39,7 @@ pub fn pack_codes(
 ) -> Result<()> {
     let cols = perm.len();
     let bad = |what: String| Err(Error::InvalidArgument(format!("gptq pack: {what}")));
-    if plan.block == 0 || cols % plan.block != 0 {
+    if plan.block == 0 || !cols.is_multiple_of(plan.block) {
         return bad(format!(
             "{cols} columns are not whole blocks of {}",
             plan.block
