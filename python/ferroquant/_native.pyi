@@ -101,9 +101,27 @@ def gptq_columns(
     table: npt.NDArray[np.float32] | None = None,
     bounds: npt.NDArray[np.float32] | None = None,
     order: npt.NDArray[np.int64] | None = None,
+    map: npt.NDArray[np.int64] | None = None,
 ) -> None:
     """GPTQ's columns start..end of one lazy batch, in place (`w`, `err`, `levels`, `values`:
-    [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)])."""
+    [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)], or with
+    `map` ([end - start]) flat [k, rows(, grid_levels)] and column start + c reading parameter
+    column map[c])."""
+
+def gptq_pack(
+    data: npt.NDArray[np.uint8],
+    levels: npt.NDArray[np.int64],
+    perm: npt.NDArray[np.int64],
+    block: int,
+    nbytes: int,
+    bits: int,
+    byte: npt.NDArray[np.int64],
+    shift: npt.NDArray[np.int64],
+    xor: int,
+) -> None:
+    """GPTQ's codes `levels` ([cols, rows], solve order: row p is natural column perm[p]) into
+    the block bytes `data` ([rows, cols / block * nbytes], in place) by the format's bit map
+    (`byte` / `shift`: [block * bits]; stored code level ^ xor); other bits are kept."""
 
 def gram_bf16(x: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
     """x^T x ([d, d] float32) of bf16 bits x [n, d] (row-major): one fixed f32 chain per output
