@@ -1,7 +1,7 @@
 //! The GEMM path of the 32-weight formats on AMX int8 tiles (`x86::amx32`), for M >=
 //! `min_m(qtype)` where `amx::amx_int8_usable()`: each panel of 16 weight rows of the task is
-//! decoded once into the B-tile layout, then every block of 16 activation rows passes it (the
-//! rows packed once per call by `pack`, in `plan`). Weight rows past the last whole panel of 16 go through the
+//! decoded once into the B-tile layout, then the blocks of 16 activation rows (packed once per
+//! call by `pack`, in `plan`) pass the panels two blocks of rows by two panels at a time. Weight rows past the last whole panel of 16 go through the
 //! AVX-512 GEMM (`gemm.rs`): the same bits either way (both are the reference's).
 
 use std::cell::RefCell;
@@ -13,19 +13,18 @@ use crate::formats::blocks::*;
 use crate::qtype::QType;
 
 /// From how many activation rows `qtype` takes the AMX path (where usable; None: never).
-/// Measured one thread, CPU time, 4096x4096, AMX against `FERROQUANT_MAX_ISA=avx512` in
-/// alternating processes, 2026-12-07 01:44-01:47 UTC, load 6-7 (ms, AMX / AVX-512): q8_0
-/// M = 16 1.95 / 1.87, 32 2.95 / 3.00, 64 5.09 / 5.41, 256 18.3 / 21.9; q4_0 M = 128
-/// 9.93 / 9.59, 256 18.6 / 20.8; q5_0 and iq4_nl M = 128 0.89-0.95x the time, M = 512
-/// 0.81-0.86x; q4_1 / q5_1 (the `m·s` term in the float part) M = 128 1.09-1.14x, M = 512
-/// 0.92-0.99x. The panel decode (once per call) weighs at small M, the per-block float part
-/// and the tile loads and stores at large M (`x86::amx32`).
+/// Measured one thread, CPU time, 4096x4096, AMX (with every format from M = 32) against
+/// `FERROQUANT_MAX_ISA=avx512` in alternating processes, 2026-12-07 02:09 UTC, load 4-5 (ms,
+/// AMX / AVX-512): q8_0 M = 32 2.83 / 3.00, 64 4.60 / 5.22; q4_0 64 5.13 / 4.95, 128
+/// 8.43 / 9.40; q5_0 64 5.75 / 5.39, 128 8.50 / 9.88; iq4_nl 32 3.13 / 2.74, 64 4.91 / 5.06;
+/// q4_1 64 6.05 / 5.50, 128 10.03 / 10.26; q5_1 64 5.96 / 6.04, 128 10.13 / 11.02. The panel
+/// decode (once per call) weighs at small M, the per-block tile stores and float part at
+/// large M (`x86::amx32`).
 pub(super) fn min_m(qtype: QType) -> Option<usize> {
     match qtype {
-        QType::Q8_0 => Some(64),
-        QType::Q5_0 | QType::IQ4NL => Some(128),
-        QType::Q4_0 => Some(256),
-        QType::Q4_1 | QType::Q5_1 => Some(512),
+        QType::Q8_0 => Some(32),
+        QType::IQ4NL => Some(64),
+        QType::Q4_0 | QType::Q5_0 | QType::Q4_1 | QType::Q5_1 => Some(128),
         _ => None,
     }
 }
@@ -97,26 +96,61 @@ impl Plan<'_> {
             // Block of rows by block of rows over the task's panels (all decoded above): the
             // block's packed rows and the panels stay in L2 (panel by panel, every block of
             // rows came from L3 again for each panel: 25 % slower at M = 512, perf).
-            for mb in 0..m.div_ceil(MT) {
-                let mr = MT.min(m - mb * MT);
-                for (pi, panel) in panels[..np].iter().enumerate() {
-                    let col = n0 + pi * NT;
-                    let put = |i: usize, y: &[f32; NT]| {
-                        let (lo, hi) = y.split_at(8);
-                        out.set8(mb * MT + i, col, lo.try_into().unwrap());
-                        out.set8(mb * MT + i, col + 8, hi.try_into().unwrap());
-                    };
-                    // SAFETY: AMX int8 usable (as above), the tiles configured on this thread
-                    // (`_tiles`); the panel has nb blocks; x was packed for this plan (m rows
-                    // of nb blocks, q8_1's s with q4_1 / q5_1).
-                    unsafe {
-                        if W::HAS_MIN {
-                            amx32::rows_x_panel::<true>(panel, nb, x, mb, mr, put);
-                        } else {
-                            amx32::rows_x_panel::<false>(panel, nb, x, mb, mr, put);
+            let mbs = m.div_ceil(MT);
+            let rows_of = |mb: usize| MT.min(m - mb * MT);
+            let put = |mb: usize, pi: usize, i: usize, y: &[f32; NT]| {
+                let (lo, hi) = y.split_at(8);
+                let col = n0 + pi * NT;
+                out.set8(mb * MT + i, col, lo.try_into().unwrap());
+                out.set8(mb * MT + i, col + 8, hi.try_into().unwrap());
+            };
+            // Two blocks of rows x two panels at a time (`rows_x_panels_2x2`), the odd ones
+            // out one by one (`rows_x_panel`): the same bits.
+            let mut mb = 0;
+            while mb < mbs {
+                let pair = mb + 1 < mbs;
+                let mut pi = 0;
+                while pi < np {
+                    if pair && pi + 1 < np {
+                        // SAFETY: AMX int8 usable, the tiles configured on this thread
+                        // (`_tiles`); both panels have nb blocks; x was packed for this plan
+                        // (blocks of rows mb and mb + 1 exist, q8_1's s with q4_1 / q5_1).
+                        unsafe {
+                            let pp = [&panels[pi], &panels[pi + 1]];
+                            let rs = [rows_of(mb), rows_of(mb + 1)];
+                            let o = |mi: usize, pj: usize, i: usize, y: &[f32; NT]| {
+                                put(mb + mi, pi + pj, i, y)
+                            };
+                            if W::HAS_MIN {
+                                amx32::rows_x_panels_2x2::<true>(pp, nb, x, mb, rs, o);
+                            } else {
+                                amx32::rows_x_panels_2x2::<false>(pp, nb, x, mb, rs, o);
+                            }
+                        }
+                        pi += 2;
+                        continue;
+                    }
+                    for mj in mb..mb + 1 + pair as usize {
+                        let o = |i: usize, y: &[f32; NT]| put(mj, pi, i, y);
+                        // SAFETY: as above, one block of rows with one panel.
+                        unsafe {
+                            if W::HAS_MIN {
+                                amx32::rows_x_panel::<true>(&panels[pi], nb, x, mj, rows_of(mj), o);
+                            } else {
+                                amx32::rows_x_panel::<false>(
+                                    &panels[pi],
+                                    nb,
+                                    x,
+                                    mj,
+                                    rows_of(mj),
+                                    o,
+                                );
+                            }
                         }
                     }
+                    pi += 1;
                 }
+                mb += 1 + pair as usize;
             }
         });
     }

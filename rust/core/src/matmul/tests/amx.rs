@@ -55,8 +55,9 @@ fn amx_gemm_equals_reference() {
             (17, 66, 40),
             (48, 130, 67),
             (64, 16, 130),
-            // from every format's `gemm_amx::min_m` on (q4_1 / q5_1: 512), the last block of
-            // rows partial, N with a partial panel, K with a step of 4 blocks and a rest
+            // above every format's `gemm_amx::min_m`, the last block of rows partial and an
+            // odd number of blocks of rows and of panels (the 2 x 2 kernel and the single
+            // one), N with a partial panel, K with a step of 4 blocks and a rest
             (32, 9, 520),
             (33, 18, 512),
             (16, 1, 529),

@@ -3,9 +3,11 @@
 //! (per block of 32 weights, 8 rows of 64 bytes: row k of block b holds weights `4k..4k + 4`
 //! of each of the 16 weight rows, 4 bytes each: two 8 x 8 dword transposes of the rows'
 //! `Load32::load`), then blocks of 16 activation rows (`AmxX`: packed once per call, the
-//! last block padded with zero rows) pass it 4 blocks at a time: one `tdpbssd` per block into
-//! its own C tile (tmm0..tmm3, so the 4 products overlap) gives the 16 x 16 exact integer sums
-//! of that block, stored to L1, and AVX-512 does the float part.
+//! last block padded with zero rows) pass it: two blocks of rows by two panels a block of K at
+//! a time (`rows_x_panels_2x2`: each A and B tile feeds two `tdpbssd`, 4 C tiles), or one by
+//! one 4 blocks of K at a time (`rows_x_panel`, for an odd block of rows or panel out), each
+//! C tile the 16 x 16 exact integer sums of one block, stored to L1 while the float part
+//! (AVX-512) of the previous step runs.
 //!
 //! **Numerics (bit-identical to `reference::dot_block32` / `dot_block32_min`).** Each C
 //! element is `Σ w·x` over one block's 32 products of signed bytes (weights as the reference's
@@ -292,5 +294,131 @@ unsafe fn issue(xq: *const Zmm, bq: *const Zmm, b: usize, n: usize, cp: *mut Zmm
                 s32 = in(reg) 32usize, s64 = in(reg) 64usize, options(nostack),
             );
         }
+    }
+}
+
+/// Blocks of activation rows `mb` and `mb + 1` of `x` (`rows[0]` / `rows[1]` of them real)
+/// with the 16 weight rows of each of `p[0]`, `p[1]`, one block at a time: each A tile and
+/// each B tile feeds two `tdpbssd` (2 x 2 C tiles), half the tile loads of `rows_x_panel` per
+/// output. `out(mi, pi, i, y)`: row i of block of rows `mb + mi` with panel `pi`. The float
+/// part and its order per output are `rows_x_panel`'s (the same bits).
+///
+/// # Safety
+/// As `rows_x_panel`, for both panels and both blocks of rows.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::needless_range_loop)] // q, i index several arrays at once
+pub unsafe fn rows_x_panels_2x2<const MIN: bool>(
+    p: [&AmxPanel; 2],
+    nb: usize,
+    x: &AmxX,
+    mb: usize,
+    rows: [usize; 2],
+    mut out: impl FnMut(usize, usize, usize, &[f32; NT]),
+) {
+    for pp in p {
+        assert!(pp.b.len() >= nb * 8 && pp.d.len() >= nb && (!MIN || pp.m.len() >= nb));
+    }
+    assert!(rows.iter().all(|r| (1..=MT).contains(r)));
+    let t0 = mb * nb;
+    assert!(x.q.len() >= (t0 + 2 * nb) * 8 && x.d.len() >= (t0 + 2 * nb) * MT);
+    assert!(!MIN || x.s.len() >= (t0 + 2 * nb) * MT);
+    let mut c = [[ZERO; 4 * MT]; 2];
+    // f[q]: quadrant q = 2 · mi + pi.
+    let mut f = [[[_mm512_setzero_ps(); MT]; LANES]; 4];
+    let (xa0, xa1) = (x.q[t0 * 8..].as_ptr(), x.q[(t0 + nb) * 8..].as_ptr());
+    let (w0, w1) = (p[0].b.as_ptr(), p[1].b.as_ptr());
+    // SAFETY: `Tiles` configured (contract); block 0 of both blocks of rows and panels exists.
+    unsafe { issue2x2(xa0, xa1, w0, w1, 0, c[0].as_mut_ptr()) };
+    for b in 0..nb {
+        let cur = b % 2;
+        if b + 1 < nb {
+            // SAFETY: as above, block b + 1 < nb.
+            unsafe { issue2x2(xa0, xa1, w0, w1, b + 1, c[cur ^ 1].as_mut_ptr()) };
+        }
+        let cb = &c[cur];
+        for q in 0..4 {
+            let (mi, pi) = (q / 2, q % 2);
+            // SAFETY: line b of the panel's d (and m), 64-byte aligned (asserted above).
+            let dw = unsafe { _mm512_load_ps(p[pi].d[b].0.as_ptr() as *const f32) };
+            let mw = if MIN {
+                // SAFETY: as above.
+                unsafe { _mm512_load_ps(p[pi].m[b].0.as_ptr() as *const f32) }
+            } else {
+                _mm512_setzero_ps()
+            };
+            let t = t0 + mi * nb + b;
+            let xd = &x.d[t * MT..][..MT];
+            let fl = &mut f[q][b % LANES];
+            for i in 0..rows[mi] {
+                // SAFETY: a 64-byte aligned line of `c`.
+                let ci = unsafe { _mm512_load_si512(cb[q * MT + i].0.as_ptr() as _) };
+                let dx = _mm512_set1_ps(xd[i]);
+                let mut prod = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(ci));
+                if MIN {
+                    let xs = _mm512_set1_ps(x.s[t * MT + i]);
+                    prod = _mm512_add_ps(prod, _mm512_mul_ps(mw, xs));
+                }
+                fl[i] = _mm512_add_ps(fl[i], prod);
+            }
+        }
+    }
+    for q in 0..4 {
+        let (mi, pi) = (q / 2, q % 2);
+        let fq = &f[q];
+        for i in 0..rows[mi] {
+            // hsum8, as `rows_x_panel`.
+            let s0 = _mm512_add_ps(fq[0][i], fq[4][i]);
+            let s1 = _mm512_add_ps(fq[1][i], fq[5][i]);
+            let s2 = _mm512_add_ps(fq[2][i], fq[6][i]);
+            let s3 = _mm512_add_ps(fq[3][i], fq[7][i]);
+            let y = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
+            let mut v = [0.0f32; NT];
+            // SAFETY: 16 f32 of room.
+            unsafe { _mm512_storeu_ps(v.as_mut_ptr(), y) };
+            out(mi, pi, i, &v);
+        }
+    }
+}
+
+/// The 2 x 2 integer sums of block `b`: A tiles of the two blocks of rows (`xa0`, `xa1`), B
+/// tiles of the two panels (`w0`, `w1`), C tiles (m0, p0), (m0, p1), (m1, p0), (m1, p1)
+/// stored to `cp` (1 KiB each).
+///
+/// # Safety
+/// A live `Tiles` on this thread; the four operands hold block b (8 lines each); `cp` has
+/// room for 4 KiB.
+#[inline(always)]
+unsafe fn issue2x2(
+    xa0: *const Zmm,
+    xa1: *const Zmm,
+    w0: *const Zmm,
+    w1: *const Zmm,
+    b: usize,
+    cp: *mut Zmm,
+) {
+    // SAFETY: the contract: A tiles (tmm4, tmm6) read 512 contiguous bytes (stride 32), B
+    // tiles (tmm5, tmm7) 512 bytes (stride 64), C tiles write 1 KiB each at `cp`.
+    unsafe {
+        std::arch::asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            "tileloadd tmm4, [{a0} + {s32}*1]",
+            "tileloadd tmm5, [{w0} + {s64}*1]",
+            "tdpbssd tmm0, tmm4, tmm5",
+            "tileloadd tmm7, [{w1} + {s64}*1]",
+            "tdpbssd tmm1, tmm4, tmm7",
+            "tileloadd tmm6, [{a1} + {s32}*1]",
+            "tdpbssd tmm2, tmm6, tmm5",
+            "tdpbssd tmm3, tmm6, tmm7",
+            "tilestored [{c} + {s64}*1], tmm0",
+            "tilestored [{c} + {s64}*1 + 1024], tmm1",
+            "tilestored [{c} + {s64}*1 + 2048], tmm2",
+            "tilestored [{c} + {s64}*1 + 3072], tmm3",
+            a0 = in(reg) xa0.add(b * 8), a1 = in(reg) xa1.add(b * 8),
+            w0 = in(reg) w0.add(b * 8), w1 = in(reg) w1.add(b * 8), c = in(reg) cp,
+            s32 = in(reg) 32usize, s64 = in(reg) 64usize, options(nostack),
+        );
     }
 }
