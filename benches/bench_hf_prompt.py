@@ -8,9 +8,12 @@ shape of the model.
                                       [--pool-rows]
 
 The rows are built as the eval builds them (the default model's bf16 baseline, `quantize_model`
-with the row's recipe); every run times each row's forward once, rows interleaved in an order
-rotated by one each run (benchlib), after one untimed warm-up forward per row. `--clock cpu`
-times process CPU time instead of wall time (a loaded machine: use it with --threads 1).
+with the row's recipe); every run times each row once as the eval does
+(`speed.torch_prompt`: an untimed forward, then the timed one), rows interleaved in an order
+rotated by one each run (benchlib). The eval and this script differ only in what runs between
+two rows (the eval: the native runtime and the decode steps), which the untimed forward is
+there to absorb. `--clock cpu` times process CPU time instead of wall time (a loaded machine:
+use it with --threads 1).
 `--shapes` adds, per row, the time of one QuantLinear call at each Linear shape of the model
 with M = prompt rows, against torch's bf16 F.linear at the same shape. `--pool-rows` adds, per
 quantized row, "<row> pool": the same model with FERROQUANT_OPENMP=off (the Rust pool instead of
@@ -37,7 +40,11 @@ def clock(kind: str):
 
 
 def forward_s(model, prompt: torch.Tensor, now) -> float:
+    """Seconds of the timed forward of eval/speed.py's `torch_prompt` protocol: an untimed
+    forward over the prompt, then the timed one. Written out here (not imported) so that the
+    script also runs on an older library (the A/B: PYTHONPATH=/work/main/python)."""
     with torch.inference_mode():
+        model(input_ids=prompt[None], use_cache=False)
         t0 = now()
         model(input_ids=prompt[None], use_cache=False)
         return now() - t0
@@ -101,12 +108,9 @@ def main() -> None:
         t0 = time.perf_counter()
         models[s.name] = quantized_copy(loaded.model, s, progress=False)
         print(f"built {s.name} in {time.perf_counter() - t0:.1f} s", flush=True)
-    for m in models.values():
-        forward_s(m, prompt, now)  # warm-up: first-touch of buffers, oneDNN primitive caches
     engines = {n: (lambda m=m: forward_s(m, prompt, now)) for n, m in models.items()}
     if a.pool_rows:
         for n, m in list(models.items())[1:]:
-            forward_on_pool_s(m, prompt, now)  # warm-up on the pool's threads
             engines[f"{n} pool"] = lambda m=m: forward_on_pool_s(m, prompt, now)
     times = benchlib.interleave(engines, a.runs)
     base = specs[0].name

@@ -18,6 +18,14 @@ multi-threaded streaming read of a 1 GiB buffer (`_native.stream_read`: each thr
 of float32 (the previous reference, which under-reads) is printed beside it. Threads:
 ferroquant's pool and torch both use --threads (default: all cores).
 
+Dispatch: ferroquant's kernel runs as QuantLinear runs it: on torch's OpenMP team
+(`qmatmul(..., openmp=True)`, ferroquant.nn.openmp.torch_team(); FERROQUANT_OPENMP=off turns it
+off there too), so torch's spin-waiting OpenMP workers take our tasks instead of competing with a
+second pool. --pool times it on ferroquant's rayon pool instead (the way a caller without torch
+runs it), --no-torch imports no torch at all (rayon pool, no torch peers). The header line says
+which. --pool-rows adds, per format, "fq <qtype> pool": the same calls on the rayon pool,
+interleaved with the team's in the same run (the A/B of the two dispatches).
+
 --cpu-time (with --threads 1): every call is timed by the calling thread's CPU time
 (`time.thread_time`) instead of the wall clock. With one thread ferroquant computes on the
 calling thread and torch runs its kernel inline, so on a machine shared with other jobs this
@@ -164,7 +172,15 @@ def main() -> None:
     ap.add_argument("--rotate-mb", type=int, default=640)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per measurement")
     benchlib.add_runs(ap, 3)
-    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument(
+        "--no-torch", action="store_true", help="no torch peers, torch not imported (rayon pool)"
+    )
+    ap.add_argument(
+        "--pool", action="store_true", help="our kernel on the rayon pool, not torch's OpenMP team"
+    )
+    ap.add_argument(
+        "--pool-rows", action="store_true", help="each format also on the rayon pool ('pool')"
+    )
     ap.add_argument(
         "--cpu-time", action="store_true", help="time calls by thread CPU time (--threads 1)"
     )
@@ -181,13 +197,26 @@ def main() -> None:
         global CLOCK
         CLOCK = time.thread_time
 
-    import torch
-    import torch.nn.functional as F
-
     load_start = benchlib.load()
     threads = args.threads or os.cpu_count() or 1
     fq.set_num_threads(threads)
-    torch.set_num_threads(threads)
+    team = False  # qmatmul(openmp=team)
+    if not args.no_torch:
+        import torch
+        import torch.nn.functional as F
+
+        from ferroquant.nn.openmp import torch_team
+
+        torch.set_num_threads(threads)
+        team = not args.pool and torch_team()
+    dispatch = (
+        "our kernel on torch's OpenMP team (as QuantLinear runs it)" if team
+        else "our kernel on ferroquant's rayon pool"
+        + (" (--pool)" if args.pool else "; torch not loaded" if args.no_torch
+           else "; torch's team could not be attached")
+    )  # fmt: skip
+    if args.pool_rows and team:
+        dispatch += "; 'pool' rows: the same calls on the rayon pool"
     ms = [int(v) for v in args.m.split(",")]
     qtypes = [q for q in args.qtypes.split(",") if q]
     if qtypes == ["all"]:
@@ -209,7 +238,9 @@ def main() -> None:
 
         return run
 
-    def fq_engine(q, k, n, data, stats, block, mode, xs, env=None):
+    def fq_engine(q, k, n, data, stats, block, mode, xs, env=None, openmp=None):
+        on_team = team if openmp is None else openmp
+
         def run() -> dict[int, float]:
             with benchlib_env(env or {}):
                 return measure()
@@ -222,7 +253,7 @@ def main() -> None:
             for m, x in xs.items():
 
                 def call(c, x=x):
-                    return _native.qmatmul(x, c[0], q, n, k, block, c[1], mode)
+                    return _native.qmatmul(x, c[0], q, n, k, block, c[1], mode, openmp=on_team)
 
                 out[m] = time_calls(call, copies, args.budget)
             return out
@@ -251,6 +282,11 @@ def main() -> None:
             stats = tile_rows(stats, n) if stats is not None else None
             nbytes[s, f"fq {q}"] = data.nbytes + (stats.nbytes if stats is not None else 0)
             engines[f"{s} fq {q}"] = fq_engine(q, k, n, data, stats, block, mode, x_by_m)
+            if args.pool_rows and team:
+                nbytes[s, f"fq {q} pool"] = nbytes[s, f"fq {q}"]
+                engines[f"{s} fq {q} pool"] = fq_engine(
+                    q, k, n, data, stats, block, mode, x_by_m, openmp=False
+                )
             if args.avx2_rows:
                 nbytes[s, f"fq {q} rows"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} rows"] = fq_engine(
@@ -268,7 +304,7 @@ def main() -> None:
 
     res = benchlib.interleave({k: progress(k, v) for k, v in engines.items()}, args.runs)
     bw = res.pop("read bw")
-    bw_torch = torch_sum_bandwidth(threads)
+    bw_torch = None if args.no_torch else torch_sum_bandwidth(threads)
     rows = []
     for (s, backend), size in nbytes.items():
         for m in ms:
@@ -282,11 +318,13 @@ def main() -> None:
             rows.append((s, m, backend, benchlib.spread([v * 1e3 for v in t], ".3f"),
                          benchlib.spread(gbs), *vs, pct))  # fmt: skip
     print(f"\nbench_matmul: {benchlib.machine()} (at the start: {load_start})")
-    print(f"ferroquant {fq.__version__}, kernels {benchlib.ours_isa()}; torch {torch.__version__}; "
-          f"{threads} threads; weights rotated over copies > {args.rotate_mb} MB"
+    torch_v = "no torch" if args.no_torch else f"torch {torch.__version__}"
+    print(f"ferroquant {fq.__version__}, kernels {benchlib.ours_isa()}; {torch_v}; "
+          f"{threads} threads; {dispatch}; weights rotated over copies > {args.rotate_mb} MB"
           + ("; times: the calling thread's CPU time" if args.cpu_time else ""))  # fmt: skip
-    print(f"read bandwidth (stream_read, 1 GiB, {threads} threads): {benchlib.spread(bw)} GB/s "
-          f"(torch sum of 1 GiB f32, after the runs: {bw_torch:.1f} GB/s)")  # fmt: skip
+    print(f"read bandwidth (stream_read, 1 GiB, {threads} threads): {benchlib.spread(bw)} GB/s"
+          + ("" if bw_torch is None else
+             f" (torch sum of 1 GiB f32, after the runs: {bw_torch:.1f} GB/s)"))  # fmt: skip
     print(f"median (min-max) of {args.runs} runs, backends interleaved; 'vs': how many times "
           "faster than torch's F.linear (medians);\n'% read bw': median GB/s / median read "
           "bandwidth")  # fmt: skip

@@ -51,12 +51,17 @@ def test_eager_path_is_the_op_bit_for_bit(qtype, dtype, monkeypatch):
     assert len(calls) == 5  # each call above took the eager path
 
 
+@pytest.mark.parametrize("openmp", ["off", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_casts_in_pieces_are_the_op_bit_for_bit(dtype, monkeypatch):
+def test_casts_in_pieces_are_the_op_bit_for_bit(dtype, openmp, monkeypatch):
     """Inputs and outputs longer than `_SERIAL_PIECE` are cast (and the bias added) in pieces on
-    the calling thread: the same bits as the op's whole-tensor casts."""
+    the calling thread when the kernel runs on the Rust pool (FERROQUANT_OPENMP=off), in one
+    torch op each on torch's team: the same bits as the op's whole-tensor casts either way."""
     from ferroquant.nn import linear
+    from ferroquant.nn.openmp import torch_team
 
+    monkeypatch.setenv("FERROQUANT_OPENMP", openmp)
+    pieces = _piece_copies(monkeypatch)
     torch.manual_seed(2)
     q = QuantLinear.from_linear(nn.Linear(256, 520, bias=True), "q8_0")
     calls = _spy(monkeypatch)
@@ -70,6 +75,25 @@ def test_casts_in_pieces_are_the_op_bit_for_bit(dtype, monkeypatch):
     with torch.no_grad():
         assert torch.equal(q(xt), _op(q, xt))
     assert len(calls) == 3
+    # which way the casts went: pieces exactly when the kernel is off torch's team
+    assert (sum(pieces) > 0) == (not torch_team()), (openmp, pieces)
+    if openmp == "off":
+        assert sum(pieces) > 0
+
+
+def _piece_copies(monkeypatch) -> list[int]:
+    """Counts `_serial_cast` calls that cut their tensor into pieces."""
+    from ferroquant.nn import linear
+
+    calls: list[int] = []
+    real = linear._serial_cast
+
+    def spy(t, dtype):
+        calls.append(int(t.numel() > linear._SERIAL_PIECE))
+        return real(t, dtype)
+
+    monkeypatch.setattr(linear, "_serial_cast", spy)
+    return calls
 
 
 def test_the_op_path_runs_where_the_eager_path_must_not(monkeypatch):

@@ -151,6 +151,23 @@ def test_methods_add_one_row_per_method_and_row():
 # stored size
 
 
+def test_hf_prompt_times_the_second_of_two_forwards():
+    """speed.torch_prompt (the eval's hf prompt column, and bench_hf_prompt's timing) runs the
+    model twice over the same prompt and times only the second forward."""
+    from ferroquant.eval.speed import torch_prompt
+
+    now = [0.0]
+    calls = []
+
+    def model(input_ids, use_cache):
+        assert not use_cache and input_ids.shape == (1, 8)
+        calls.append(input_ids)
+        now[0] += 7.0 if len(calls) == 1 else 0.5  # a slow first forward, then the real one
+
+    assert torch_prompt(model, torch.arange(8), clock=lambda: now[0]) == 8 / 0.5
+    assert len(calls) == 2 and torch.equal(calls[0], calls[1])
+
+
 def test_stored_bytes_follow_the_formats_definitions():
     from ferroquant.nn import QuantLinear
 

@@ -21,7 +21,8 @@ Protocol (every output states it):
 - Size: quantized Linear weights as stored (blocks and statistics), every other parameter as held
   (bf16), tied parameters once; bits per weight over all parameters.
 - Speed on the CPU with `threads` threads, median of `speed_runs` rounds with the rows
-  interleaved (`speed.py`): prompt = one forward over `prompt_tokens` tokens, decode =
+  interleaved (`speed.py`): prompt = one forward over `prompt_tokens` tokens (in transformers
+  right after an untimed one of the same row: `speed.torch_prompt`), decode =
   `decode_tokens` greedy steps with the KV cache after that prompt; in ferroquant's native
   runtime on a temporary GGUF file of the row (rows GGUF cannot hold: none) and, as secondary
   columns, in transformers + QuantLinear.
@@ -478,8 +479,9 @@ def run_eval(
         "the baseline's weights: " + str(base_rt),
         "speed_runtime_missing": _missing(row_dicts),
         "speed_transformers": f"hf prompt / hf decode: transformers + QuantLinear, torch "
-        f"{torch.__version__}, activations bf16, the model as scored (per-token Python overhead "
-        "in decode)",
+        f"{torch.__version__}, activations bf16, the model as scored; hf prompt: the second of "
+        "two forwards over the prompt (the first untimed); hf decode: per-token Python overhead "
+        "included",
         "threads": n_threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "cpu": _cpu_name(),

@@ -19,13 +19,22 @@ from .openmp import torch_team
 # Devices whose QuantLinear keeps a ggml weight in the GPU kernels' split layout.
 KERNEL_LAYOUT_DEVICES = ("cuda",)
 
-# Elements per piece of the eager path's casts. torch runs an elementwise op of at least
-# at::internal::GRAIN_SIZE (32768) elements on its OpenMP pool, whose threads then spin-wait on
-# the cores the Rust kernel's own pool is about to use: a two-thread QuantLinear call on bf16
-# input took 15 ms of CPU for the kernel's 4 ms at M = 4 (int4_g64_sym 4096x14336,
+# Elements per piece of the eager path's casts when the kernel runs on the Rust pool
+# (FERROQUANT_OPENMP=off, or torch without an OpenMP team). torch runs an elementwise op of at
+# least at::internal::GRAIN_SIZE (32768) elements on its OpenMP pool, whose threads then
+# spin-wait on the cores the Rust kernel's own pool is about to use: a two-thread QuantLinear
+# call on bf16 input took 15 ms of CPU for the kernel's 4 ms at M = 4 (int4_g64_sym 4096x14336,
 # 2026-12-06), while M = 1 (casts below the grain) did not. Pieces below it run on the
-# calling thread.
+# calling thread. When the kernel runs on torch's own team (nn/openmp.py) that fight is gone:
+# the casts are one torch op each, on the team whose spinning workers then take the kernel's
+# tasks (a 128-token SmolLM2 prompt made 13 pieces per call, ~2,700 extra torch ops a forward).
 _SERIAL_PIECE = 16384
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, team: bool) -> torch.Tensor:
+    """`t.to(dtype)`, contiguous: one torch op when the kernel runs on torch's team, else
+    `_serial_cast`. The same bits either way (an elementwise cast)."""
+    return t.to(dtype).contiguous() if team else _serial_cast(t, dtype)
 
 
 def _serial_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -200,19 +209,20 @@ class QuantLinear(nn.Module):
         x2 = x.detach()
         if x2.dim() != 2:
             x2 = x2.reshape(-1, k)
+        team = torch_team()
         if x2.dtype != torch.float32:
-            x2 = _serial_cast(x2, torch.float32)
+            x2 = _cast(x2, torch.float32, team)
         xf = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
         y = _native.qmatmul(xf, w, self.qtype, self.out_features, k, self.block_size, s,
-                            self.scale_mode or None, openmp=torch_team())  # fmt: skip
+                            self.scale_mode or None, openmp=team)  # fmt: skip
         out = torch.from_numpy(y)
         if x.dtype != torch.float32:
-            out = _serial_cast(out, x.dtype)
+            out = _cast(out, x.dtype, team)
         bias = self._parameters["bias"]
         if bias is not None:
             b = bias.detach().to(out.dtype)
-            rows = max(1, _SERIAL_PIECE // max(1, out.shape[1]))
-            for i in range(0, out.shape[0], rows):  # pieces, as the casts above
+            rows = out.shape[0] if team else max(1, _SERIAL_PIECE // max(1, out.shape[1]))
+            for i in range(0, out.shape[0], rows):  # pieces off the team, as the casts above
                 out[i : i + rows].add_(b)
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 

@@ -3,7 +3,8 @@
 //! activation rows (parallel over both), each taking K chunk by chunk: the job's weight rows
 //! decoded into an L2-resident buffer (`x86::gemm16::decode_*`), then `x86::gemm16::kernel` over
 //! every group of activation vectors of the block (the group's chunk in L1, reused by all the
-//! job's rows; the next group's lines prefetched a share per block of rows), the outputs' f32
+//! job's rows; the next group's lines prefetched a share per block of rows; on CPUs where
+//! `vdpbf16ps` is slow the blocks of NR rows on `x86::gemm16_fma`), the outputs' f32
 //! chains kept in a per-thread buffer between chunks; at the end the outputs go to `out` in
 //! 16 x 16 tiles, a row of 16 columns at a time. Numerics: `reference/bf16.rs` (every output is
 //! that reference's chain, wherever it sits and however the jobs split).
@@ -14,6 +15,7 @@ use std::arch::x86_64::{
 use std::cell::RefCell;
 
 use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
+use super::x86::gemm16_fma;
 use super::{OutPtr, Plan};
 use crate::qtype::QType;
 
@@ -24,10 +26,17 @@ const BLOCK_VECTORS: usize = 32;
 /// Chunks of K ahead that `decode_bf16` prefetches a row's bytes.
 const PREFETCH_CHUNKS: usize = 2;
 
+/// A thread's decoded chunk (bf16), int8 codes, f32 chains and the chunk as f32.
+type Scratch = (Vec<u16>, Vec<u8>, Vec<__m512>, Vec<f32>);
+
+/// The FMA kernels' inputs: the decoded chunk as f32, the activations from the group's first
+/// vector on, and the distance between vectors (entries).
+type FmaIn<'a> = Option<(&'a [f32], &'a [Pairs16], usize)>;
+
 thread_local! {
     /// Each pool thread's decoded chunk (PANEL rows of KC bf16), int8 codes of one grouped row
-    /// chunk, and the jobs' f32 chains.
-    static SCRATCH: RefCell<(Vec<u16>, Vec<u8>, Vec<__m512>)> = RefCell::new(Default::default());
+    /// chunk, the jobs' f32 chains, and the chunk widened to f32 for `gemm16_fma`.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Default::default());
 }
 
 impl Plan<'_> {
@@ -38,6 +47,9 @@ impl Plan<'_> {
         let blocks = x.vectors.div_ceil(BLOCK_VECTORS);
         let jobs = row_jobs * blocks;
         let outp = OutPtr::new(out, n);
+        // The FMA kernels (where `vdpbf16ps` is slow) for the blocks of NR rows, on the chunk
+        // widened to f32; single rows and a last half vector keep `gemm16` (the same bits).
+        let fma = gemm16_fma::use_fma();
         let job = |t: usize| {
             let (ri, bi) = (t / blocks, t % blocks);
             let n0 = ri * PANEL;
@@ -47,6 +59,7 @@ impl Plan<'_> {
                 n0,
                 PANEL.min(n - n0),
                 v0..(v0 + BLOCK_VECTORS).min(x.vectors),
+                fma,
                 &outp,
             );
         };
@@ -64,12 +77,16 @@ impl Plan<'_> {
         n0: usize,
         rows: usize,
         vs: std::ops::Range<usize>,
+        fma: bool,
         out: &OutPtr,
     ) {
         let nv = vs.len();
         let k = self.k;
-        SCRATCH.with_borrow_mut(|(wc, w8, acc)| {
+        SCRATCH.with_borrow_mut(|(wc, w8, acc, w32)| {
             wc.resize(PANEL * KC, 0);
+            if fma {
+                w32.resize(PANEL * KC, 0.0);
+            }
             acc.clear();
             // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
             acc.resize(rows * nv, unsafe { zero() });
@@ -78,7 +95,14 @@ impl Plan<'_> {
                 let kc = KC.min(k - k0);
                 for i in 0..rows {
                     self.decode_bf16(n0 + i, k0, kc, w8, &mut wc[i * KC..i * KC + kc]);
+                    if fma {
+                        let at = i * KC..i * KC + kc;
+                        // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); kc is a
+                        // multiple of 32.
+                        unsafe { gemm16_fma::widen(&wc[at.clone()], &mut w32[at]) };
+                    }
                 }
+                let w32 = if fma { Some(&w32[..]) } else { None };
                 let pairs = kc / 2;
                 let mut v = 0;
                 while v < nv {
@@ -97,18 +121,20 @@ impl Plan<'_> {
                     // The last vector with at most 8 rows of M in it: its low half only.
                     let half = mv == 1 && self.m <= (vs.start + v) * 16 + 8;
                     let at = Block { pairs, rows, v, nv };
+                    // FMA kernels: the vectors from `v` on, `x.pairs` entries apart.
+                    let f = w32.map(|w| (w, &x.x[(vs.start + v) * x.pairs + k0 / 2..], x.pairs));
                     match mv {
                         1 if half => self.rows_bf16_half(wc, xv(0), at, &ahead, acc),
-                        1 => self.rows_bf16::<24, 1>(wc, [xv(0)], at, &ahead, acc),
-                        2 => self.rows_bf16::<12, 2>(wc, [xv(0), xv(1)], at, &ahead, acc),
-                        3 => self.rows_bf16::<8, 3>(wc, [xv(0), xv(1), xv(2)], at, &ahead, acc),
-                        _ => self.rows_bf16::<6, 4>(
-                            wc,
-                            [xv(0), xv(1), xv(2), xv(3)],
-                            at,
-                            &ahead,
-                            acc,
-                        ),
+                        1 => self.rows_bf16::<24, 1>(wc, [xv(0)], f, at, &ahead, acc),
+                        2 => self.rows_bf16::<12, 2>(wc, [xv(0), xv(1)], f, at, &ahead, acc),
+                        3 => {
+                            let x3 = [xv(0), xv(1), xv(2)];
+                            self.rows_bf16::<8, 3>(wc, x3, f, at, &ahead, acc)
+                        }
+                        _ => {
+                            let x4 = [xv(0), xv(1), xv(2), xv(3)];
+                            self.rows_bf16::<6, 4>(wc, x4, f, at, &ahead, acc)
+                        }
                     }
                     v += mv;
                 }
@@ -119,11 +145,13 @@ impl Plan<'_> {
     }
 
     /// The kernel over the job's decoded rows, NR at a time (then one at a time), for the MV
-    /// activation vectors from `at.v` on.
+    /// activation vectors from `at.v` on; the NR-row blocks on `gemm16_fma` when `fma` holds the
+    /// chunk as f32, the vectors and their distance.
     fn rows_bf16<const NR: usize, const MV: usize>(
         &self,
         wc: &[u16],
         x: [&[Pairs16]; MV],
+        fma: FmaIn<'_>,
         at: Block,
         ahead: &Ahead,
         acc: &mut [__m512],
@@ -133,7 +161,13 @@ impl Plan<'_> {
         while i < rows {
             let r = if i + NR <= rows { NR } else { 1 };
             ahead.fetch(i, r, rows);
-            if r == NR {
+            if let (true, Some((w32, xf, xs))) = (r == NR, fma) {
+                let w = &w32[i * KC..];
+                // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); w holds NR rows of KC
+                // f32 from row i (each with 2 · pairs set), xf the MV vectors xs apart (each
+                // with `pairs` entries), the accumulators of rows i.. sit nv apart from i · nv + v.
+                unsafe { gemm16_fma::kernel::<NR, MV>(w, xf, xs, pairs, acc, i * nv + v, nv) };
+            } else if r == NR {
                 self.block_bf16::<NR, MV>(&wc[i * KC..], x, pairs, i, v, nv, acc);
             } else {
                 self.block_bf16::<1, MV>(&wc[i * KC..], x, pairs, i, v, nv, acc);

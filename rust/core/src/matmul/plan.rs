@@ -490,6 +490,9 @@ pub(super) fn plan<'a>(
         | QType::TQ2_0 => {
             let nb = k / QK_K;
             let mut blocks = vec![BlockQ8K::zeroed(); m * nb];
+            #[cfg(target_arch = "x86_64")]
+            quantize_rows(x, k, &mut blocks, par, x86::q8k::quantize_row_q8_k);
+            #[cfg(not(target_arch = "x86_64"))]
             quantize_rows(x, k, &mut blocks, par, reference::quantize_row_q8_k);
             #[cfg(target_arch = "x86_64")]
             let (xq, xs, xd) = if tile && !gemm_k {

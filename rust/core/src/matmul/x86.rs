@@ -443,11 +443,13 @@ pub mod row32;
 
 mod float_acts;
 pub mod gemm16;
+pub mod gemm16_fma;
 pub mod gemm32;
 pub mod gemm32_avx2;
 pub mod gemm_k;
 pub mod gint;
 pub mod q16;
+pub mod q8k;
 pub mod tile;
 pub mod tile_k;
 pub use float_acts::*;

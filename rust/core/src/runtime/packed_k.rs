@@ -207,6 +207,11 @@ impl ActsQ8K {
         (self.m, self.k) = (m, k);
         self.blocks
             .resize(m * nb, <BlockQ8K as bytemuck::Zeroable>::zeroed());
+        // The AVX-512 quantizer where it runs (bit for bit the reference's).
+        #[cfg(target_arch = "x86_64")]
+        let quant =
+            |(b, x): (&mut [BlockQ8K], &[f32])| crate::matmul::x86::q8k::quantize_row_q8_k(x, b);
+        #[cfg(not(target_arch = "x86_64"))]
         let quant = |(b, x): (&mut [BlockQ8K], &[f32])| reference::quantize_row_q8_k(x, b);
         if m >= 4 && m * k >= 1 << 17 {
             self.blocks

@@ -14,7 +14,9 @@
 //! subnormal inputs read as zero and a subnormal result flushed to zero (`step`): the
 //! semantics of `vdpbf16ps` in Intel's SDM, checked on this machine (AMD Zen 5, 3.2 M random
 //! lanes, subnormals included) and again at run time before the kernel is used
-//! (`x86::gemm16::semantics_hold`). A row of odd length is padded with a zero.
+//! (`x86::gemm16::semantics_hold`; the f32 FMA kernels that replace `vdpbf16ps` where it is
+//! slow compute the same steps, `x86::gemm16_fma::semantics_hold`). A row of odd length is
+//! padded with a zero.
 //!
 //! **Error against the float64 product of the dequantized weights.** With `u_b = 2^-8` (bf16
 //! keeps 8 significant bits), `u = 2^-24` and `S = Σ|w_i x_i|`: each rounded factor is within

@@ -211,3 +211,50 @@ fn bf16_gemm_equals_its_reference_across_panels_and_blocks() {
     dequantize(&v, &mut deq).unwrap();
     check("nf4 panels", &v, &deq, &[530, 14], &mut rng);
 }
+
+/// Both kernel families forced in turn: `x86::gemm16_fma` (f32 FMAs, chosen where `vdpbf16ps`
+/// is slow, for the blocks of 24 x 1, 12 x 2, 8 x 3 and 6 x 4) and `gemm16::kernel`
+/// (`vdpbf16ps`), each against the reference: M = 16, 32, 47, 64 (one to four vectors), 65
+/// and 530 (blocks of 4 vectors, then 1 or 2; the 1-row blocks of a partial panel; a last
+/// vector of 1 or 2 rows), K two chunks and a piece, activations with subnormals and tiny
+/// values (`mixed_acts` at odd M).
+/// The FMA kernels' run-time check (`semantics_hold`, their bits against `reference::bf16::step`
+/// on subnormal and underflowing lanes) must pass wherever the `vdpbf16ps` one does: a kernel
+/// that broke it would silently fall back at run time, so it fails here.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_gemm_fma_and_dpbf16_kernels_equal_the_reference() {
+    use crate::matmul::x86::{gemm16, gemm16_fma};
+    if crate::cpu::has_avx512_bf16() && gemm16::semantics_hold() {
+        assert!(
+            gemm16_fma::semantics_hold(),
+            "FMA kernels differ from reference::bf16"
+        );
+    }
+    let mut rng = Rng(0xbf16_0000_f3a0_0019);
+    let (n, k) = (160, 576);
+    let (data, stats) = raw_view_parts(&mut rng, QType::NF4, None, 64, n, k);
+    let v = QuantizedView {
+        qtype: QType::NF4,
+        rows: n,
+        cols: k,
+        block_size: 64,
+        scale_mode: None,
+        data: &data,
+        stats: &stats,
+        double_quant: None,
+    };
+    let mut deq = vec![0f32; n * k];
+    dequantize(&v, &mut deq).unwrap();
+    for fma in [true, false] {
+        gemm16_fma::force(Some(fma));
+        check(
+            &format!("nf4 fma={fma}"),
+            &v,
+            &deq,
+            &[16, 32, 47, 64, 65, 530],
+            &mut rng,
+        );
+    }
+    gemm16_fma::force(None);
+}

@@ -84,3 +84,54 @@ fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
         }
     }
 }
+
+/// The largest integer sums the kernel packs or multiplies: every quant at its largest or
+/// smallest value (all-0xff or all-zero blocks: q3_k's -4 and 3, q2_k's 3, q6_k's -32), every
+/// scale at an end of its range, and activations that all quantize to -128 or alternate
+/// between -128 and 127; the i16 pairs of q3_k / q2_k (`PAIR16`) and the `-BIAS·Σx` starts of
+/// the group sums must give the reference's bits there too.
+#[test]
+fn k_quant_gemm_equals_reference_at_extreme_sums() {
+    let one = f16_from_f32(1.0);
+    let (n, nb, m) = (33, 2, 5);
+    for (qtype, halves) in CASES {
+        let info = qtype.info();
+        let k = nb * info.block_size;
+        for fill in [0x00u8, 0xff, 0x0f, 0xf0] {
+            let mut data = vec![fill; n * nb * info.type_size];
+            for b in 0..n * nb {
+                for &o in halves {
+                    data[b * info.type_size + o..][..2].copy_from_slice(&one);
+                }
+            }
+            let xs = [
+                vec![-1.0f32; m * k],
+                (0..m * k)
+                    .map(|i| if i % 2 == 0 { -1.0 } else { 0.99 })
+                    .collect(),
+            ];
+            for x in xs {
+                let w = view(qtype, n, k, &data);
+                let mut y = vec![0.0f32; m * n];
+                qmatmul(&x, m, &w, &mut y).unwrap();
+                let mut xq = vec![BlockQ8K::zeroed(); nb];
+                for mi in 0..m {
+                    r::quantize_row_q8_k(&x[mi * k..(mi + 1) * k], &mut xq);
+                    assert!(xq
+                        .iter()
+                        .all(|b| b.qs.iter().all(|q| q.unsigned_abs() >= 126)));
+                    for row in 0..n {
+                        let wr = &data[row * nb * info.type_size..][..nb * info.type_size];
+                        let want = reference(qtype, wr, &xq);
+                        let got = y[mi * n + row];
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{qtype:?} fill {fill:#x} row {row} act row {mi}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -6,11 +6,14 @@
 //! all lanes (the q8_K blocks as they are: no interleaving of the activations).
 //!
 //! **Numerics.** Per super-block, lane r gets row r's exact integer sums: `vpdpbusd` over the
-//! 32 (or 16) elements of a sub-block, times the sub-block scale (`vpmulld`), summed; the term
-//! that does not depend on the quants, `Σ_g c_g · bsum_g` over the 16 groups of 16 activations,
-//! comes from 8 `vpdpwssd` with the per-group coefficients `c_g`: the min (q4_k, q5_k, q2_k:
-//! that is `msum`) or `-BIAS · scale_g` (q6_k, q3_k, iq4_xs, whose quants are stored with a
-//! bias `BIAS` to make them unsigned: added to `isum`). Both integers equal the reference's
+//! 32 (or 16) elements of a sub-block, times the sub-block scale, summed. For the formats
+//! whose quants are stored with a bias `BIAS` to make them unsigned (q6_k, q3_k, iq4_xs) each
+//! sub-block's sum starts at `-BIAS · Σx` (its q8_K `bsums`), so it is the signed quants' sum
+//! and `isum` is the reference's directly; the min of q4_k, q5_k, q2_k is `msum = Σ_g m_g ·
+//! bsum_g`, from 8 `vpdpwssd` with the per-group (m_2i, m_2i+1) pairs. The scale multiply is
+//! `vpmulld`, or for q3_k / q2_k (`PAIR16`: a sub-block's sum fits in i16) one `vpdpwssd` per
+//! two sub-blocks, their sums packed as an i16 pair by one masked `vpshufb`. Both integers
+//! equal the reference's
 //! (`reference::BlockK::sums`; no i32 overflow: at most ~2.5e8). The float part is
 //! `reference::block_k_product` lane-wise, `(d·xd)·isum - (dmin·xd)·msum` (for the formats
 //! without a min the reference subtracts `(0·xd)·0 = ±0`, which changes no sum: the lane
@@ -44,8 +47,9 @@ const ZMM0: Zmm = Zmm([0; 64]);
 
 /// One super-block of 16 weight rows, decoded: `q[v]` lane r = elements 4v..4v+4 of row r
 /// (unsigned: the quant plus the format's bias), `sc[g]` the i32 scale of sub-block g (of 32
-/// elements; of 16 for `SUB16` formats), `c[i]` the i16 pair (c_2i, c_2i+1) of correction
-/// coefficients, `d` / `dmin` the f32 super-block scale and min.
+/// elements; of 16 for `SUB16` formats; for `PAIR16` formats `sc[i]`, i < 8, the i16 pair
+/// (sc_2i, sc_2i+1)), `c[i]` the i16 pair (c_2i, c_2i+1) of the min's coefficients (read only
+/// with `MIN`), `d` / `dmin` the f32 super-block scale and min.
 #[derive(Clone, Copy)]
 pub struct SbBuf {
     q: [Zmm; 64],
@@ -82,6 +86,14 @@ pub trait DecodeK: bytemuck::Pod {
     const SUB16: bool;
     /// The correction is the min term (`msum`, with `dmin`) rather than a bias in `isum`.
     const MIN: bool;
+    /// The bias of the unsigned quants (q6_k 32, q3_k 4, iq4_xs 128; 0 with `MIN`): each
+    /// group's integer sum starts at `-BIAS · Σx` of its activations (the q8_K `bsums`), so it
+    /// is the signed quants' sum and no correction term is left.
+    const BIAS: i32;
+    /// A group's sum fits in i16 (q3_k: |Σ q x| <= 16·4·128, q2_k: 16·3·128), so two groups
+    /// take their scales in one `vpdpwssd` instead of two `vpmulld` (two µops each on Intel)
+    /// and two adds: `sc[i]` holds the i16 pair (sc_2i, sc_2i+1), i < 8.
+    const PAIR16: bool;
     /// Row `self`'s scales and correction coefficients.
     fn scales(&self) -> Scales;
     /// The unsigned quants of 16 rows' super-blocks into `q` (see `SbBuf`).
@@ -96,6 +108,47 @@ pub trait DecodeK: bytemuck::Pod {
     /// AVX2, F16C, AVX-512 F/BW must be available.
     unsafe fn scales16(_rows: &[&Self; NV], _buf: &mut SbBuf) -> bool {
         false
+    }
+    /// `quants` and `scales16` in one, for a format whose scales come out of the quants'
+    /// transposes (false: not done, `decode` runs the two).
+    ///
+    /// # Safety
+    /// AVX2, F16C, AVX-512 F/BW must be available.
+    unsafe fn quants_scales(_rows: &[&Self; NV], _buf: &mut SbBuf) -> bool {
+        false
+    }
+}
+
+/// The pairs `(v[2i] & 0xffff) | (v[2i + 1] << 16)`, i < 8, of 16 lane vectors into `dst`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn put_pairs(dst: &mut [Zmm], v: &[__m512i; 16]) {
+    let lo = _mm512_set1_epi32(0xffff);
+    for (i, d) in dst.iter_mut().take(8).enumerate() {
+        let p = _mm512_or_si512(
+            _mm512_and_si512(v[2 * i], lo),
+            _mm512_slli_epi32::<16>(v[2 * i + 1]),
+        );
+        put(d, p);
+    }
+}
+
+/// The f16 field at byte `off` of 16 rows' blocks as f32, into `dst`.
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 F; `off + 2` is within the block.
+#[target_feature(enable = "avx2,f16c,avx512f")]
+#[inline]
+unsafe fn f16_field<W: DecodeK>(rows: &[&W; NV], off: usize, dst: &mut Zmm) {
+    assert!(off + 2 <= std::mem::size_of::<W>());
+    let h: [u16; NV] = std::array::from_fn(|i| {
+        let b = bytemuck::bytes_of(rows[i]);
+        u16::from_le_bytes([b[off], b[off + 1]])
+    });
+    // SAFETY: 32 bytes (16 f16) loaded; the features (contract); 64 bytes stored into a Zmm.
+    unsafe {
+        let v = _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr() as *const __m256i));
+        _mm512_store_ps(dst.0.as_mut_ptr() as *mut f32, v);
     }
 }
 
@@ -240,6 +293,8 @@ fn k4_nibbles(qs: impl Fn(usize) -> __m512i, q: &mut [Zmm; 64]) {
 impl DecodeK for BlockQ4K {
     const SUB16: bool = false;
     const MIN: bool = true;
+    const BIAS: i32 = 0;
+    const PAIR16: bool = false;
     fn scales(&self) -> Scales {
         k4_scales(&self.scales, self.d, self.dmin)
     }
@@ -262,6 +317,8 @@ impl DecodeK for BlockQ4K {
 impl DecodeK for BlockQ5K {
     const SUB16: bool = false;
     const MIN: bool = true;
+    const BIAS: i32 = 0;
+    const PAIR16: bool = false;
     fn scales(&self) -> Scales {
         k4_scales(&self.scales, self.d, self.dmin)
     }
@@ -299,6 +356,8 @@ impl DecodeK for BlockQ5K {
 impl DecodeK for BlockQ6K {
     const SUB16: bool = true;
     const MIN: bool = false;
+    const BIAS: i32 = 32;
+    const PAIR16: bool = false;
     fn scales(&self) -> Scales {
         Scales {
             sc: self.scales.map(|s| s as i32),
@@ -313,7 +372,6 @@ impl DecodeK for BlockQ6K {
         // 12..16); the features (contract).
         unsafe {
             let t = tr(rows, 144);
-            let m32 = _mm512_set1_epi32(-32);
             for i in 0..4 {
                 let v = t[12 + i];
                 // bytes 4i + b, sign-extended: (v << (24 - 8b)) >> 24
@@ -326,20 +384,9 @@ impl DecodeK for BlockQ6K {
                 for (k, bk) in b.iter().enumerate() {
                     put(&mut buf.sc[4 * i + k], *bk);
                 }
-                for h in 0..2 {
-                    // (-32·sc_{2j}, -32·sc_{2j+1}) as an i16 pair, j = 2i + h
-                    let lo = _mm512_mullo_epi32(b[2 * h], m32);
-                    let hi = _mm512_mullo_epi32(b[2 * h + 1], m32);
-                    let pair = _mm512_or_si512(
-                        _mm512_and_si512(lo, _mm512_set1_epi32(0xffff)),
-                        _mm512_slli_epi32::<16>(hi),
-                    );
-                    put(&mut buf.c[2 * i + h], pair);
-                }
             }
-            let d: [u16; NV] = std::array::from_fn(|i| u16::from_le_bytes(rows[i].d));
-            let dv = _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i));
-            _mm512_store_ps(buf.d.0.as_mut_ptr() as *mut f32, dv);
+            // (`c`: not read without a min, `BIAS`.)
+            f16_field(rows, 208, &mut buf.d);
             put(&mut buf.dmin, _mm512_setzero_si512());
         }
         true
@@ -376,6 +423,8 @@ impl DecodeK for BlockQ6K {
 impl DecodeK for BlockQ2K {
     const SUB16: bool = true;
     const MIN: bool = true;
+    const BIAS: i32 = 0;
+    const PAIR16: bool = true;
     fn scales(&self) -> Scales {
         Scales {
             sc: self.scales.map(|s| (s & 15) as i32),
@@ -383,6 +432,33 @@ impl DecodeK for BlockQ2K {
             d: u16::from_le_bytes(self.d),
             dmin: u16::from_le_bytes(self.dmin),
         }
+    }
+    #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: bytes 0..64 of the 84-byte block (the scales are dwords 0..4), d and dmin
+        // at 80 and 82; the features (contract).
+        unsafe {
+            let t = tr(rows, 0);
+            let (m4, ff) = (_mm512_set1_epi32(15), _mm512_set1_epi32(0xff));
+            // byte g of every row: scale = low nibble, min = high nibble
+            let byte = |g: usize| {
+                let sh = _mm512_set1_epi32(8 * (g as i32 % 4));
+                _mm512_and_si512(_mm512_srlv_epi32(t[g / 4], sh), ff)
+            };
+            // Plain loops: `[T; N]::map` / `from_fn` left the closures, intrinsics and all, as
+            // calls without the target features (a third of a q2_k GEMM at M = 16, perf).
+            let (mut sc, mut mn) = ([_mm512_setzero_si512(); 16], [_mm512_setzero_si512(); 16]);
+            for g in 0..16 {
+                let b = byte(g);
+                sc[g] = _mm512_and_si512(b, m4);
+                mn[g] = _mm512_srli_epi32::<4>(b);
+            }
+            put_pairs(&mut buf.sc, &sc);
+            put_pairs(&mut buf.c, &mn);
+            f16_field(rows, 80, &mut buf.d);
+            f16_field(rows, 82, &mut buf.dmin);
+        }
+        true
     }
     #[inline(always)]
     unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
@@ -411,6 +487,8 @@ impl DecodeK for BlockQ2K {
 impl DecodeK for BlockQ3K {
     const SUB16: bool = true;
     const MIN: bool = false;
+    const BIAS: i32 = 4;
+    const PAIR16: bool = true;
     // A plain loop, always inlined: with `[T; N]::map` the compiler left `try_map` as a call
     // of its own (12 % of a q3_k GEMM at M = 16, perf) once the driver loop changed.
     #[inline(always)]
@@ -430,39 +508,88 @@ impl DecodeK for BlockQ3K {
     }
     #[inline(always)]
     unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
-        // SAFETY: AVX-512 F/BW (contract); hmask is bytes 0..32, qs 32..96 of the 110: a =
-        // hmask dwords 0..8 then qs dwords 0..8, b (from byte 44) = qs dwords 3..19.
+        // SAFETY: the contract.
+        unsafe { q3_k_quants(rows, q) };
+    }
+    #[inline(always)]
+    unsafe fn quants_scales(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: the contract; d is bytes 108..110 of the 110-byte block.
         unsafe {
-            let (a, b) = (tr(rows, 0), tr(rows, 44));
-            let m3 = _mm512_set1_epi8(3);
-            for h in 0..2 {
-                for t in 0..8 {
-                    let v = if h == 0 { a[8 + t] } else { b[5 + t] };
-                    let hm = a[t];
-                    let low = [
-                        v,
-                        _mm512_srli_epi16::<2>(v),
-                        _mm512_srli_epi16::<4>(v),
-                        _mm512_srli_epi16::<6>(v),
-                    ];
-                    for (s, lo) in low.into_iter().enumerate() {
-                        // bit 4h + s of hmask to bit 2: u = low + 4·high (the quant plus 4)
-                        let bit = 4 * h + s;
-                        let high = _mm512_srli_epi16::<2>(bit_to_4(hm, bit as u32));
-                        put(
-                            &mut q[8 * (4 * h + s) + t],
-                            _mm512_or_si512(_mm512_and_si512(lo, m3), high),
-                        );
-                    }
-                }
+            let s = q3_k_quants(rows, &mut buf.q);
+            q3_k_scales(&s, buf);
+            f16_field(rows, 108, &mut buf.d);
+            put(&mut buf.dmin, _mm512_setzero_si512());
+        }
+        true
+    }
+}
+
+/// q3_k's unsigned quants (the quant plus 4) of 16 rows into `q`; returns the transposed
+/// scale dwords (bytes 96..108 of the block, lane r = row r).
+///
+/// # Safety
+/// AVX-512 F/BW must be available.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn q3_k_quants(rows: &[&BlockQ3K; NV], q: &mut [Zmm; 64]) -> [__m512i; 3] {
+    // SAFETY: AVX-512 F/BW (contract); hmask is bytes 0..32, qs 32..96 of the 110: a =
+    // hmask dwords 0..8 then qs dwords 0..8, b (from byte 44) = qs dwords 3..19 then the
+    // scales' 3 dwords.
+    let (a, b) = unsafe { (tr(rows, 0), tr(rows, 44)) };
+    let m3 = _mm512_set1_epi8(3);
+    for h in 0..2 {
+        for t in 0..8 {
+            let v = if h == 0 { a[8 + t] } else { b[5 + t] };
+            let hm = a[t];
+            let low = [
+                v,
+                _mm512_srli_epi16::<2>(v),
+                _mm512_srli_epi16::<4>(v),
+                _mm512_srli_epi16::<6>(v),
+            ];
+            for (s, lo) in low.into_iter().enumerate() {
+                // bit 4h + s of hmask to bit 2: u = low + 4·high (the quant plus 4)
+                let bit = 4 * h + s;
+                let high = _mm512_srli_epi16::<2>(bit_to_4(hm, bit as u32));
+                put(
+                    &mut q[8 * (4 * h + s) + t],
+                    _mm512_or_si512(_mm512_and_si512(lo, m3), high),
+                );
             }
         }
     }
+    [b[13], b[14], b[15]]
+}
+
+/// `reference::scales_q3_k` on 16 rows (`s`: the scale dwords, lane r = row r) as i16 pairs
+/// into `buf.sc` (`PAIR16`).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn q3_k_scales(s: &[__m512i; 3], buf: &mut SbBuf) {
+    let bits = |v: __m512i, sh: usize, mask: i32| {
+        _mm512_and_si512(
+            _mm512_srlv_epi32(v, _mm512_set1_epi32(sh as i32)),
+            _mm512_set1_epi32(mask),
+        )
+    };
+    let mut sc = [_mm512_setzero_si512(); 16];
+    for (j, v) in sc.iter_mut().enumerate() {
+        // low = (sc[j % 8] >> 4 (j / 8)) & 15, high = (sc[8 + j % 4] >> 2 (j / 4)) & 3
+        let low = bits(s[(j % 8) / 4], 8 * (j % 4) + 4 * (j / 8), 15);
+        let high = bits(s[2], 8 * (j % 4) + 2 * (j / 4), 3);
+        *v = _mm512_sub_epi32(
+            _mm512_or_si512(low, _mm512_slli_epi32::<4>(high)),
+            _mm512_set1_epi32(32),
+        );
+    }
+    put_pairs(&mut buf.sc, &sc);
 }
 
 impl DecodeK for BlockIQ4XS {
     const SUB16: bool = false;
     const MIN: bool = false;
+    const BIAS: i32 = 128;
+    const PAIR16: bool = false;
     fn scales(&self) -> Scales {
         let sc = r::scales_iq4_xs(self);
         Scales {
@@ -471,6 +598,27 @@ impl DecodeK for BlockIQ4XS {
             d: u16::from_le_bytes(self.d),
             dmin: 0,
         }
+    }
+    #[inline(always)]
+    unsafe fn scales16(rows: &[&Self; NV], buf: &mut SbBuf) -> bool {
+        // SAFETY: bytes 0..64 of the 136-byte block: dword 0 = d | scales_h << 16, dword 1 =
+        // scales_l; the features (contract).
+        unsafe {
+            let t = tr(rows, 0);
+            let h = _mm512_srli_epi32::<16>(t[0]);
+            for b in 0..8 {
+                // reference::scales_iq4_xs: low = (scales_l >> 4b) & 15, high = (h >> 2b) & 3
+                let sh = |n: usize| _mm512_set1_epi32(n as i32);
+                let low = _mm512_and_si512(_mm512_srlv_epi32(t[1], sh(4 * b)), sh(15));
+                let high = _mm512_and_si512(_mm512_srlv_epi32(h, sh(2 * b)), sh(3));
+                let v =
+                    _mm512_sub_epi32(_mm512_or_si512(low, _mm512_slli_epi32::<4>(high)), sh(32));
+                put(&mut buf.sc[b], v);
+            }
+            halves_to(t[0], false, &mut buf.d);
+            put(&mut buf.dmin, _mm512_setzero_si512());
+        }
+        true
     }
     #[inline(always)]
     unsafe fn quants(rows: &[&Self; NV], q: &mut [Zmm; 64]) {
@@ -499,6 +647,10 @@ impl DecodeK for BlockIQ4XS {
 /// AVX2, F16C, AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn decode<W: DecodeK>(rows: &[&W; NV], buf: &mut SbBuf) {
+    // SAFETY: the features (contract).
+    if unsafe { W::quants_scales(rows, buf) } {
+        return;
+    }
     // SAFETY: AVX-512 F/BW (contract).
     unsafe { W::quants(rows, &mut buf.q) };
     // SAFETY: the features (contract).
@@ -520,10 +672,18 @@ pub unsafe fn decode<W: DecodeK>(rows: &[&W; NV], buf: &mut SbBuf) {
         d[i] = s.d;
         dmin[i] = s.dmin;
     }
-    let groups = if W::SUB16 { 16 } else { 8 };
-    for (dst, v) in buf.sc.iter_mut().zip(&sc).take(groups) {
-        // SAFETY: the 64 bytes of v loaded; stored into a Zmm.
-        put(dst, unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) });
+    let mut scv = [_mm512_setzero_si512(); 16];
+    for (d, v) in scv.iter_mut().zip(&sc) {
+        // SAFETY: the 64 bytes of v loaded.
+        *d = unsafe { _mm512_loadu_si512(v.as_ptr() as *const _) };
+    }
+    if W::PAIR16 {
+        put_pairs(&mut buf.sc, &scv);
+    } else {
+        let groups = if W::SUB16 { 16 } else { 8 };
+        for (dst, v) in buf.sc.iter_mut().zip(scv).take(groups) {
+            put(dst, v);
+        }
     }
     for (dst, v) in buf.c.iter_mut().zip(&c) {
         // SAFETY: as above.
@@ -562,13 +722,36 @@ pub unsafe fn kernel<W: DecodeK, const R: usize, const P: usize>(
     for xj in x {
         assert!(xj.len() >= nsb);
     }
+    let (groups, len) = if W::SUB16 { (16, 4) } else { (8, 8) };
+    // Bytes 2, 3 of each dword from bytes 0, 1 of the same dword (`PAIR16`'s packing).
+    let to_high = _mm512_set4_epi32(0x0d0c_0000, 0x0908_0000, 0x0504_0000, 0x0100_0000);
+    const HIGH_WORDS: u64 = 0xcccc_cccc_cccc_cccc;
     for sb in 0..nsb {
         let wb: [&SbBuf; P] = std::array::from_fn(|p| &buf[sb * PV + p]);
         let xq: [*const i32; R] = std::array::from_fn(|j| x[j][sb].qs.as_ptr() as *const i32);
-        let mut isum = [[_mm512_setzero_si512(); P]; R];
-        let (parts, len) = if W::SUB16 { (16, 4) } else { (8, 8) };
-        for g in 0..parts {
+        // -BIAS · Σx of each group of each activation row: where its integer sum starts.
+        let mut init = [[0i32; 16]; R];
+        if W::BIAS != 0 {
+            for (j, ij) in init.iter_mut().enumerate() {
+                // SAFETY: bsums is 16 i16 (32 bytes); unaligned read.
+                let b = unsafe { _mm256_loadu_si256(x[j][sb].bsums.as_ptr() as *const __m256i) };
+                let v = if W::SUB16 {
+                    _mm512_mullo_epi32(_mm512_cvtepi16_epi32(b), _mm512_set1_epi32(-W::BIAS))
+                } else {
+                    // groups of 32 elements: -BIAS · (bsums[2g] + bsums[2g + 1]), exact
+                    let m = _mm256_set1_epi16(-W::BIAS as i16);
+                    _mm512_zextsi256_si512(_mm256_madd_epi16(b, m))
+                };
+                // SAFETY: 64 bytes stored into the 16 i32.
+                unsafe { _mm512_storeu_si512(ij.as_mut_ptr() as *mut _, v) };
+            }
+        }
+        // The R x P integer sums of group g.
+        let group = |g: usize| {
             let mut a = [[_mm512_setzero_si512(); P]; R];
+            for (aj, ij) in a.iter_mut().zip(&init) {
+                *aj = [_mm512_set1_epi32(ij[g]); P];
+            }
             for v in g * len..(g + 1) * len {
                 let mut xv = [_mm512_setzero_si512(); R];
                 for j in 0..R {
@@ -583,16 +766,38 @@ pub unsafe fn kernel<W: DecodeK, const R: usize, const P: usize>(
                     }
                 }
             }
-            for p in 0..P {
-                // SAFETY: as above.
-                let s = unsafe { _mm512_load_si512(wb[p].sc[g].0.as_ptr() as *const _) };
-                for j in 0..R {
-                    isum[j][p] = _mm512_add_epi32(isum[j][p], _mm512_mullo_epi32(a[j][p], s));
+            a
+        };
+        let mut isum = [[_mm512_setzero_si512(); P]; R];
+        if W::PAIR16 {
+            for i in 0..groups / 2 {
+                let (lo, hi) = (group(2 * i), group(2 * i + 1));
+                for p in 0..P {
+                    // SAFETY: as above.
+                    let s = unsafe { _mm512_load_si512(wb[p].sc[i].0.as_ptr() as *const _) };
+                    for j in 0..R {
+                        // (low word of group 2i's sum, low word of group 2i + 1's): both fit
+                        let pair =
+                            _mm512_mask_shuffle_epi8(lo[j][p], HIGH_WORDS, hi[j][p], to_high);
+                        isum[j][p] = _mm512_dpwssd_epi32(isum[j][p], pair, s);
+                    }
+                }
+            }
+        } else {
+            for g in 0..groups {
+                let a = group(g);
+                for p in 0..P {
+                    // SAFETY: as above.
+                    let s = unsafe { _mm512_load_si512(wb[p].sc[g].0.as_ptr() as *const _) };
+                    for j in 0..R {
+                        isum[j][p] = _mm512_add_epi32(isum[j][p], _mm512_mullo_epi32(a[j][p], s));
+                    }
                 }
             }
         }
+        // The min term `msum` (the formats with a bias have none left).
         let mut corr = [[_mm512_setzero_si512(); P]; R];
-        for i in 0..8 {
+        for i in 0..if W::MIN { 8 } else { 0 } {
             let mut bs = [_mm512_setzero_si512(); R];
             for j in 0..R {
                 // SAFETY: bsums is 16 i16; dword i is bsums[2i], bsums[2i + 1].
@@ -624,8 +829,7 @@ pub unsafe fn kernel<W: DecodeK, const R: usize, const P: usize>(
                         _mm512_mul_ps(_mm512_mul_ps(dmin, xd), _mm512_cvtepi32_ps(corr[j][p])),
                     )
                 } else {
-                    let is = _mm512_add_epi32(isum[j][p], corr[j][p]);
-                    _mm512_mul_ps(_mm512_mul_ps(d, xd), _mm512_cvtepi32_ps(is))
+                    _mm512_mul_ps(_mm512_mul_ps(d, xd), _mm512_cvtepi32_ps(isum[j][p]))
                 };
                 let a = &mut acc[j * PV + p][lane];
                 *a = _mm512_add_ps(*a, prod);
