@@ -306,7 +306,7 @@ fn bf16_gemm_fma_and_dpbf16_kernels_equal_the_reference() {
 }
 
 /// The AMX tile path (where the process may use it: elsewhere these are the calls above again)
-/// at M = 16 (one B tile), 47 (2 x 2 blocks and a half-empty vector), 530 (blocks of 32
+/// at M = 12 (one B tile, 4 lanes empty), 47 (2 x 2 blocks and a half-empty vector), 530 (blocks of 32
 /// vectors, the last one of 2 rows) on two panels (144 rows: 2 x 2 and 1 x 2 blocks; 16 rows:
 /// 1 x n), K two chunks and a piece; and the grouped int4 / int8 formats. Every output within
 /// `amx_bf16::error_bound` of the float64 product, the same bits for 1 and 2 threads.
