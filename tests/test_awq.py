@@ -197,6 +197,56 @@ def test_scale_candidates_follow_autoawq():
     assert torch.allclose(weight_mean([w], 2), torch.tensor([0.5, 1.0, 0.125, 1.0]), atol=1e-5)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    qtype=st.sampled_from(
+        [
+            "int4_g64",
+            "int4_g32_sym",
+            "int2_g32",
+            "int3_g64",
+            "int8_g32_sym",
+            "int4_gch",
+            "INT4_G128",
+        ]
+    ),  # fmt: skip
+    rows=st.integers(1, 9),
+    special=st.sampled_from(["none", "zeros", "flat", "positive", "tiny"]),
+)
+def test_fused_gint_qdq_is_the_round_trip_bit_for_bit(seed, qtype, rows, special):
+    """The searches' quantizer for the grouped integers (`_native.gint_qdq`, fused) returns
+    the bits of the format's own quantize then dequantize, including all-zero, flat,
+    all-positive and subnormal groups."""
+    g = np.random.default_rng(seed)
+    w = (g.standard_normal((rows, 256)) * g.uniform(1e-3, 10)).astype(np.float32)
+    part = w[:, :64]
+    if special == "zeros":
+        part[:] = 0
+    elif special == "flat":
+        part[:] = np.float32(0.37)
+    elif special == "positive":
+        part[:] = np.abs(part) + 1
+    elif special == "tiny":
+        part *= np.float32(1e-40)
+    want = np.asarray(fq.dequantize(fq.quantize(w, qtype))).reshape(w.shape)
+    got = format_qdq(qtype)(torch.from_numpy(w)).numpy()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_fused_gint_qdq_refuses_bad_input():
+    w = torch.zeros(2, 64)
+    w[1, 3] = float("nan")
+    with pytest.raises(fq.QuantizeError, match="non-finite value NaN at row 1, column 3"):
+        format_qdq("int4_g64")(w)
+    with pytest.raises(fq.QuantizeError, match="int4_g64"):
+        format_qdq("int4_g64")(torch.zeros(2, 48))
+    from ferroquant import _native
+
+    with pytest.raises(fq.QuantizeError, match="q4_0 is not a grouped integer format"):
+        _native.gint_qdq(np.zeros((1, 32), np.float32), "q4_0")
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**16), qtype=st.sampled_from(["q4_0", "nf4", "q4_1"]))
 def test_clip_never_loses_to_no_clip(seed, qtype):

@@ -151,6 +151,59 @@ def test_float32_inverse_factor_is_the_reference_factor(n, samples, seed):
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("qtype", SUPPORTED)
+def test_parameters_are_constant_over_a_parameter_block(qtype):
+    # the compiled loop reads one parameter column per `param_block` columns (a map, no copy
+    # per column): every per-weight field must repeat over those runs
+    from ferroquant.methods.grid import FormatGrid
+
+    w, _ = _problem(6, 512, seed=11)
+    grid = FormatGrid(qtype, (6, 512))
+    pb = grid.param_block
+    p = grid.params(w * 3.0)
+    for name in ("scale", "grid", "inv", "low", "zero", "rscale"):
+        t = getattr(p, name)
+        if t is not None:
+            assert torch.equal(t, t[:, ::pb].repeat_interleave(pb, dim=1)), name
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 70), seed=st.integers(0, 2**16), qtype=st.sampled_from(SUPPORTED))
+def test_compiled_packing_equals_pack_levels(rows, seed, qtype):
+    # _native.gptq_pack (codes in the solve's order, un-permuted while packed) against
+    # grid.pack_levels on the un-permuted codes, on random block bytes and codes
+    from ferroquant.methods.grid import FormatGrid
+
+    cols = 512
+    grid = FormatGrid(qtype, (rows, cols))
+    rng = np.random.default_rng(seed)
+    p = grid.params(torch.from_numpy(rng.standard_normal((rows, cols)).astype(np.float32)))
+    p.data = rng.integers(0, 256, p.data.shape, dtype=np.uint8)  # every parameter bit kept
+    perm = rng.permutation(cols)
+    levels = rng.integers(0, grid.layout.levels, (rows, cols))
+    ref = grid.qtensor([p], levels)
+    got = grid.qtensor_solved([p], np.ascontiguousarray(levels[:, perm].T), perm)
+    assert np.array_equal(np.asarray(got.data), np.asarray(ref.data))
+    assert np.array_equal(np.asarray(got.stats), np.asarray(ref.stats))
+
+
+def test_bad_pack_arguments_are_named_errors():
+    data = np.zeros((2, 18), np.uint8)
+    levels = np.zeros((32, 2), np.int64)
+    byte = np.repeat(np.arange(2, 18), 8)[:128].astype(np.int64)
+    shift = np.tile(np.arange(4), 32).astype(np.int64)
+    perm = np.arange(32, dtype=np.int64)
+    _native.gptq_pack(data, levels, perm, 32, 18, 4, byte, shift, 0)
+    with pytest.raises(fq.QuantizeError, match="permutation"):
+        _native.gptq_pack(data, levels, np.zeros(32, np.int64), 32, 18, 4, byte, shift, 0)
+    with pytest.raises(fq.QuantizeError, match="bit map"):
+        _native.gptq_pack(data, levels, perm, 32, 18, 4, byte[:-1], shift, 0)
+    with pytest.raises(fq.QuantizeError, match="bytes"):
+        _native.gptq_pack(data[:1], levels, perm, 32, 18, 4, byte, shift, 0)
+    with pytest.raises(fq.QuantizeError, match="negative"):
+        _native.gptq_pack(data, levels, -perm - 1, 32, 18, 4, byte, shift, 0)
+
+
 def test_bad_buffers_are_named_errors():
     rows, n = 4, 3
     w = np.zeros((n, rows), np.float32)
@@ -170,3 +223,9 @@ def test_bad_buffers_are_named_errors():
                              scale=scale)  # fmt: skip
     with pytest.raises(fq.QuantizeError, match="C-contiguous"):
         _native.gptq_columns("int8", w, hinv.T, err, levels, values, 0, n, scale=scale)
+    with pytest.raises(fq.QuantizeError, match="parameter map"):
+        _native.gptq_columns("int8", w, hinv, err, levels, values, 0, n, scale=scale,
+                             map=np.zeros(n - 1, np.int64))  # fmt: skip
+    with pytest.raises(fq.QuantizeError, match="scale"):
+        _native.gptq_columns("int8", w, hinv, err, levels, values, 0, n, scale=scale,
+                             map=np.full(n, n, np.int64))  # fmt: skip

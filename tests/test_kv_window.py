@@ -36,21 +36,82 @@ def _bits(a) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- rotation
-@settings(max_examples=30, deadline=None)
-@given(st.sampled_from([32, 64, 128]), st.data())
-def test_rotation_is_bit_exact_with_its_reference_and_is_scipys_hadamard(n: int, data) -> None:
+def _same_floats(a, b) -> bool:
+    """Bit-identical, except that any NaN equals any NaN (x86 picks a NaN operand's payload by
+    operand order, which the compiler may swap in a commutative addition)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    nan = np.isnan(a)
+    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(_bits(a[~nan]), _bits(b[~nan])))
+
+
+# every float32 class: zeros of both signs, subnormals, normals up to the overflowing sums, inf
+special = st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 1.17e-38, 3.4e38, -3.4e38, np.inf, -np.inf])
+any_f32 = st.one_of(finite, special, st.floats(width=32, allow_nan=True, allow_subnormal=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([1, 2, 4, 8, 32, 64, 128]),
+    st.lists(st.integers(1, 3), max_size=3),
+    st.booleans(),
+    st.data(),
+)
+def test_native_rotation_is_bit_exact_with_its_reference(n: int, lead, strided: bool, data) -> None:
+    """`rotate.wht_` (the runtime's butterfly, in place) against the scalar reference, row by row,
+    on contiguous arrays and on strided views (one token's slot of a cache buffer), the rows
+    outside the view untouched; `rotate.wht` (a new tensor) gives the same bits."""
+    shape = (*lead, 2 * n if strided else n)
+    size = int(np.prod(shape))
+    x = np.asarray(data.draw(st.lists(any_f32, min_size=size, max_size=size)), np.float32)
+    x = x.reshape(shape)
+    y = x.copy()
+    view = y.reshape(-1, 2, n)[:, 1] if strided else y
+    rotate.wht_(view)
+    want = x.reshape(-1, 2, n)[:, 1] if strided else x.reshape(-1, n)
+    got = view.reshape(-1, n)
+    with np.errstate(all="ignore"):  # inf - inf in the reference is the point here
+        ref = [R.wht(orig) for orig in want]
+    for row, r in zip(got, ref, strict=True):
+        assert _same_floats(row, r)
+    if strided:  # the other half of each pair of rows is kept
+        assert np.array_equal(_bits(y.reshape(-1, 2, n)[:, 0]), _bits(x.reshape(-1, 2, n)[:, 0]))
+    else:
+        assert _same_floats(rotate.wht(torch.from_numpy(x)).numpy(), y)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from([16, 32, 64, 128]), st.data())
+def test_rotation_is_scipys_hadamard(n: int, data) -> None:
+    """The peer that defines the transform: scipy's Hadamard matrix / sqrt(n), within the
+    butterfly's float32 rounding (log2 n levels of sums)."""
     from scipy.linalg import hadamard
 
     x = np.asarray(data.draw(st.lists(finite, min_size=n, max_size=n)), np.float32)
-    ref = R.wht(x)
-    assert np.array_equal(_bits(rotate.wht_numpy(x[None])[0]), _bits(ref))
-    both = rotate.Butterfly(2, n)(x, x[::-1].copy())
-    assert np.array_equal(_bits(both[0]), _bits(ref))
-    assert np.array_equal(_bits(both[1]), _bits(R.wht(x[::-1])))
+    got = rotate.wht(torch.from_numpy(x)).double().numpy()
     peer = hadamard(n) @ x.astype(np.float64) / math.sqrt(n)
-    assert np.allclose(ref, peer, rtol=0, atol=8 * n * U * np.abs(x).sum() + 1e-30)
-    m = rotate.matrix(n).double().numpy()
-    assert np.allclose(m, hadamard(n) / math.sqrt(n), rtol=0, atol=1e-7)
+    assert np.allclose(got, peer, rtol=0, atol=8 * n * U * np.abs(x).sum() + 1e-30)
+
+
+def test_rotation_bad_input_is_a_clear_error() -> None:
+    ro = np.zeros((2, 8), np.float32)
+    ro.flags.writeable = False
+    buf = np.zeros((2, 8), np.float32)
+    for bad, msg in [
+        (np.zeros((3, 48), np.float32), "head_dim 48 is not a power of two"),
+        (np.zeros((3, 0), np.float32), "head_dim 0 is not a power of two"),
+        (np.zeros((2, 8)), "expected a writable float32 numpy array, got a float64 array"),
+        (np.zeros((2, 8), np.float16), "got a float16 array"),
+        (np.zeros((4, 8), np.float32)[:, ::2], "last axis .4 values. is not contiguous"),
+        (np.zeros((8, 4), np.float32).T, "last axis .8 values. is not contiguous"),
+        (np.array(1, np.float32), "0-d array"),
+        ("x", "got <class 'str'>"),
+        (ro, "read-only or overlaps"),
+    ]:
+        with pytest.raises(fq.QuantizeError, match=msg):
+            rotate.wht_(bad)
+    with pytest.raises(fq.QuantizeError, match="read-only or overlaps"):
+        rotate.wht_(buf[0], buf[0])
+    rotate.wht_(np.zeros((0, 8), np.float32))  # no rows: nothing to do
 
 
 # ------------------------------------------------------------------------- the stream's rules
@@ -157,9 +218,9 @@ def _reference(q, k, v, scale, mask=None):
 
 def _bound(q, rk, rv, scale, layer) -> float:
     """test_kv_attention's bound, with the rotation's terms: the query rotated and the output
-    rotated back by a float32 matmul (D terms) against the reference path's butterfly
-    (log2 D levels): a score moves by at most scale |q|_1 max|k|_2 (gamma_D + gamma_L), the
-    output by (gamma_D + gamma_L) sqrt(D) max|v|_2."""
+    rotated back (the native butterfly, log2 D levels; the bound keeps the D terms of the
+    float32 matmul that did this before, an upper bound for both): a score moves by at most
+    scale |q|_1 max|k|_2 (gamma_D + gamma_L), the output by (gamma_D + gamma_L) sqrt(D) max|v|_2."""
     d, t = q.shape[-1], rk.shape[2]
     zk = zv = 0.0
     if layer.n_quantized:

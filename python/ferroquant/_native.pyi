@@ -21,6 +21,10 @@ def quantize(
     double_quant: bool = False,
     scale_mode: str | None = None,
 ) -> dict[str, Any]: ...
+def gint_qdq(x: npt.NDArray[np.float32], qtype: str) -> npt.NDArray[np.float32]:
+    """dequantize(quantize(x, qtype)) for a grouped integer qtype with integer zeros, fused."""
+    ...
+
 def dequantize(
     data: npt.NDArray[np.uint8],
     qtype: str,
@@ -97,9 +101,27 @@ def gptq_columns(
     table: npt.NDArray[np.float32] | None = None,
     bounds: npt.NDArray[np.float32] | None = None,
     order: npt.NDArray[np.int64] | None = None,
+    map: npt.NDArray[np.int64] | None = None,
 ) -> None:
     """GPTQ's columns start..end of one lazy batch, in place (`w`, `err`, `levels`, `values`:
-    [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)])."""
+    [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)], or with
+    `map` ([end - start]) flat [k, rows(, grid_levels)] and column start + c reading parameter
+    column map[c])."""
+
+def gptq_pack(
+    data: npt.NDArray[np.uint8],
+    levels: npt.NDArray[np.int64],
+    perm: npt.NDArray[np.int64],
+    block: int,
+    nbytes: int,
+    bits: int,
+    byte: npt.NDArray[np.int64],
+    shift: npt.NDArray[np.int64],
+    xor: int,
+) -> None:
+    """GPTQ's codes `levels` ([cols, rows], solve order: row p is natural column perm[p]) into
+    the block bytes `data` ([rows, cols / block * nbytes], in place) by the format's bit map
+    (`byte` / `shift`: [block * bits]; stored code level ^ xor); other bits are kept."""
 
 def gram_bf16(x: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
     """x^T x ([d, d] float32) of bf16 bits x [n, d] (row-major): one fixed f32 chain per output
@@ -209,10 +231,16 @@ def kv_attend_decode(
     out: npt.NDArray[np.float32],
     mask: npt.NDArray[np.uint8] | None = None,
     reference: bool = False,
+    rotate: bool = False,
 ) -> None:
     """One decode step's attention over a ferroquant.kv layer cache (torch layout), into out.
     geometry = (group, batch, n_head_kv, head_dim, n_head, n_quant, k_cap, v_cap, tail_cap,
-    n_tail). reference: the scalar reference kernel instead of the SIMD one (bit-identical)."""
+    n_tail). reference: the scalar reference kernel instead of the SIMD one (bit-identical).
+    rotate: the cache is stored Walsh-Hadamard rotated (q rotated in a copy, out rotated back)."""
+
+def kv_wht(*xs: npt.NDArray[np.float32]) -> None:
+    """The cache's rotation in place (H x / sqrt(n) per row of the last axis, a contiguous power
+    of two; other axes may be strided), bit-exact with kv/reference.py's wht; GIL released."""
 
 def kv_decode_attention_seconds(
     kv_type: str,

@@ -174,8 +174,6 @@ class QuantizedLayer(CacheLayerMixin):
         self.fp_v: torch.Tensor | None = None
         self.n_res = 0
         self._res_views: tuple[Any, Any] | None = None  # numpy views for attend_decode
-        self._rot_matrix: np.ndarray | None = None
-        self._butterfly: rotate.Butterfly | None = None
         self._mask_buf: np.ndarray | None = None
         self._visible = 0  # quantized tokens the last call's attention sees
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -214,8 +212,6 @@ class QuantizedLayer(CacheLayerMixin):
         """x in the stored domain: rotated (float32 butterfly) when rotating, model dtype."""
         if not self.rotation:
             return x
-        if _plain_f32(x):
-            return torch.from_numpy(rotate.wht_numpy(x.numpy()))
         return rotate.wht(x).to(self.dtype)
 
     def _decode_write(self, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -230,38 +226,14 @@ class QuantizedLayer(CacheLayerMixin):
             return False
         fk, fv = self._residual_f32()
         at = self.sinks + self.n_res
-        kn, vn = k.numpy()[:, :, 0], v.numpy()[:, :, 0]
-        if self.rotation:
-            both = self._butterfly_for(2 * kn.shape[0] * kn.shape[1], kn.shape[2])(kn, vn)
-            half = both.shape[0] // 2
-            fk[:, :, at] = both[:half].reshape(kn.shape)
-            fv[:, :, at] = both[half:].reshape(vn.shape)
-        else:
-            fk[:, :, at] = kn
-            fv[:, :, at] = vn
+        slot_k, slot_v = fk[:, :, at], fv[:, :, at]
+        slot_k[...] = k.numpy()[:, :, 0]
+        slot_v[...] = v.numpy()[:, :, 0]
+        if self.rotation:  # in place in the buffers: one native call for keys and values
+            rotate.wht_(slot_k, slot_v)
         self.n_res += 1
         self.n_tokens += 1
         return True
-
-    def _butterfly_for(self, rows: int, n: int) -> rotate.Butterfly:
-        if self._butterfly is None or self._butterfly.shape != (rows, n):
-            self._butterfly = rotate.Butterfly(rows, n)
-        return self._butterfly
-
-    def _rotated_pair(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_rotated` of a call's keys and values; a float32 decode step's through the layer's
-        `rotate.Butterfly` (same bits, a third of the per-call overhead)."""
-        if not self.rotation:
-            return k, v
-        if k.shape[2] == 1 and _plain_f32(k) and _plain_f32(v):
-            rows = 2 * k.shape[0] * k.shape[1]
-            both = self._butterfly_for(rows, k.shape[3])(k.numpy(), v.numpy())
-            half = rows // 2
-            return (
-                torch.from_numpy(np.ascontiguousarray(both[:half])).view(k.shape),
-                torch.from_numpy(np.ascontiguousarray(both[half:])).view(v.shape),
-            )
-        return self._rotated(k), self._rotated(v)
 
     def _back(self, x: torch.Tensor) -> torch.Tensor:
         """Stored rows rotated back (float32 arithmetic), in the model's dtype."""
@@ -277,7 +249,7 @@ class QuantizedLayer(CacheLayerMixin):
         self._pending = None
         if self._decode_write(k, v):
             return
-        k, v = self._rotated_pair(k, v)
+        k, v = self._rotated(k), self._rotated(v)
         if not self.kivi:
             self.k_rows.append(codecs.encode(self.kind, k, "k", self.group))
             self.v_rows.append(codecs.encode(self.kind, v, "v", self.group))
@@ -438,8 +410,6 @@ class QuantizedLayer(CacheLayerMixin):
         if q.dtype != torch.float32:
             q = q.float()
         q = q.contiguous().numpy()
-        if self.rotation:
-            q = q @ self._rotation_matrix(d)
         out = np.empty((b, hq, d), dtype=np.float32)
         names = PART_NAMES[self.kind]
         _native.kv_attend_decode(
@@ -465,16 +435,10 @@ class QuantizedLayer(CacheLayerMixin):
             out,
             kernel_mask,
             reference,
+            self.rotation,  # the query rotated and the output rotated back in the call
         )
-        if self.rotation:
-            out = out @ self._rotation_matrix(d)
         out = torch.from_numpy(out).view(b, 1, hq, d)
         return out if query.dtype == torch.float32 else out.to(query.dtype)
-
-    def _rotation_matrix(self, d: int) -> np.ndarray:
-        if self._rot_matrix is None:
-            self._rot_matrix = rotate.matrix(d).numpy()
-        return self._rot_matrix
 
     def _sink_mask(self, b: int, positions: int, s: int) -> np.ndarray:
         """The kernel mask without padding: the rows' s sink slots 0, everything else 1 (for

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..qtypes import qtype_info
+from .. import _native
+from ..qtypes import gint_params, qtype_info
 from ..tensor import QuantizeError, dequantize, quantize
 
 
@@ -75,10 +76,20 @@ Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def format_qdq(qtype: str | None, options: dict[str, Any] | None = None) -> Quantizer:
-    """W -> dequantize(quantize(W, qtype)) as float32 (None: the identity, a kept Linear)."""
+    """W -> dequantize(quantize(W, qtype)) as float32 (None: the identity, a kept Linear). The
+    grouped integers with integer zeros (int4_g64, ...) take the Rust core's fused
+    `_native.gint_qdq`: the same values without the bytes between, a fifth of the work (the
+    searches quantize every candidate)."""
     if qtype is None:
         return lambda w: w
     opts = options or {}
+    if gint_params(qtype) is not None and not any(v is not None for v in opts.values()):
+
+        def fused(w: torch.Tensor) -> torch.Tensor:
+            arr = np.ascontiguousarray(w.detach().to(torch.float32).numpy())
+            return torch.from_numpy(_native.gint_qdq(arr, qtype))
+
+        return fused
 
     def qdq(w: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(w.detach().to(torch.float32).numpy())

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..calib import InputStats
-from ..calib.capture import forward_autocast, shard_batches
+from ..calib.capture import forward_autocast, forward_dtype, shard_batches
 from ..nn import QuantLinear
 from ..tensor import QuantizeError
 from .awq import (
@@ -77,17 +77,22 @@ def _batches(hidden: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
         k += batch.shape[0]
 
 
-def window_abs_sums(
+def window_inputs(
     layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, names: list[str],
-    where: str,
-) -> list[dict[str, tuple[torch.Tensor, int]]]:  # fmt: skip
-    """Per window: for each Linear of `names`, the float64 sum over the window's tokens of |x|
-    at its input, and the number of tokens (AWQ's x_mean, added in window order). One pass of
-    the layer (a shard batch at a time, in the capture's precision, `forward_autocast`) serves
-    every pair of the layer, as AutoAWQ captures a layer's inputs once before any scaling: a
-    fold keeps the float function, so the later pairs' inputs do not change."""
-    got: list[dict[str, tuple[torch.Tensor, int]]] = [{} for _ in hidden]
+    strided: list[str], step: int, where: str,
+) -> list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]]:  # fmt: skip
+    """Per window: for each Linear of `names` (AWQ's scaled inputs) and `strided` (the clip
+    search's), (the float64 sum over the window's tokens of |x| at its input, the number of
+    tokens, the input rows whose index among all windows' tokens (windows of equal length,
+    `first` the window's index) is a multiple of `step`, or None when the Linear is not in
+    `strided`). One pass of the layer (a shard batch at a time, in the capture's precision,
+    `forward_autocast`) before any fold serves every pair and the clip search, as AutoAWQ
+    captures a layer's inputs once: a fold keeps the float function, so the later pairs' inputs
+    are these (the clip search divides the scaled Linears' rows by their scale, as AutoAWQ's
+    `apply_scale` does)."""
+    got: list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]] = [{} for _ in hidden]
     at = [0]
+    clip = set(strided)
 
     def hook(name: str) -> Callable[..., None]:
         def pre(mod: nn.Module, args: tuple) -> None:
@@ -95,11 +100,16 @@ def window_abs_sums(
             if not bool(torch.isfinite(x).all()):
                 raise QuantizeError(f"awq: non-finite activations at the input of {where}.{name}")
             for j, xw in enumerate(x.reshape(-1, *x.shape[-2:])):  # one [L, d] per window
-                got[at[0] + j][name] = (xw.abs().sum(0, dtype=torch.float64), xw.shape[0])
+                rows = None
+                if name in clip:
+                    start = (first + at[0] + j) * xw.shape[0]
+                    rows = xw[(-start) % step :: step]
+                got[at[0] + j][name] = (xw.abs().sum(0, dtype=torch.float64), xw.shape[0], rows)
 
         return pre
 
-    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n))
+          for n in dict.fromkeys([*names, *strided])]  # fmt: skip
     try:
         for k0, batch in _batches(hidden):
             at[0] = k0
@@ -111,34 +121,49 @@ def window_abs_sums(
     return got
 
 
+def _search_dtype(x: Any, dtype: torch.dtype | None) -> Any:
+    """A block's floating arguments in the forward's autocast dtype (None: unchanged): its input
+    (which the block's Linears read in that dtype under autocast anyway) and e.g. the rotary
+    position embeddings, so that the search's block calls compute the rotary products in bf16
+    as the bf16 model does (float32 cos / sin promote q and k to float32 for that one step:
+    a tenth of the search's time)."""
+    if dtype is None:
+        return x
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.to(dtype)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_search_dtype(v, dtype) for v in x)
+    if isinstance(x, dict):
+        return {k: _search_dtype(v, dtype) for k, v in x.items()}
+    return x
+
+
 def window_losses(
     layer: nn.Module,
     call: Any,
     hidden: list[torch.Tensor],
     first: int,
-    block_name: str,
-    names: list[str],
-    candidates: list[list[torch.Tensor]],
-) -> list[tuple[list[float], int]]:
-    """Per window: for each candidate (the weights of the Linears `names`), the float64 sum of
-    squared differences between the block's output with those weights and its float output;
-    and the output's element count (a candidate's loss: the sums added in window order over the
-    counts). The block runs once per candidate and shard batch (not per window), in the
-    capture's precision (`forward_autocast`); the per-window sums are taken from the batch's
-    rows."""
-    block = layer.get_submodule(block_name)
-    lins = [layer.get_submodule(n) for n in names]
-    calls: list[tuple[tuple, dict]] = []
-    reference: list[torch.Tensor] = []
+    searches: list[tuple[str, list[str], list[list[torch.Tensor]]]],
+) -> list[tuple[list[list[float]], list[int]]]:
+    """Per window: for each search (block name, the Linears `names`, the candidates: each a
+    list of those Linears' weights), for each candidate the float64 sum of squared differences
+    between the block's output with those weights and its float output; and each block
+    output's element count (a candidate's loss: the sums added in window order over the
+    counts). One pass of the layer captures every block's inputs and output (before any fold:
+    the searches are independent, as AutoAWQ searches a layer's pairs before applying any
+    scale); each block then runs once per candidate and shard batch (not per window), in the
+    capture's precision (`forward_autocast`, the blocks' other floating arguments in its dtype,
+    `_search_dtype`); the per-window sums are taken from the batch's rows."""
+    blocks = [layer.get_submodule(b) for b, _, _ in searches]
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in searches]
 
-    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.append((args, dict(kwargs)))
+    def hook(i: int) -> Callable[..., None]:
+        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[i].append((args, dict(kwargs)))
 
-    def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-        reference.append(_first(out).detach().to(torch.float32))
+        return pre
 
-    hs = [block.register_forward_pre_hook(pre, with_kwargs=True),
-          block.register_forward_hook(post, with_kwargs=True)]  # fmt: skip
+    hs = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     batches = list(_batches(hidden))
     try:
         for _, batch in batches:
@@ -147,64 +172,45 @@ def window_losses(
     finally:
         for h in hs:
             h.remove()
-    nums = [[0.0] * len(candidates) for _ in hidden]
-    counts = [0] * len(hidden)
-    originals = [lin.weight.data for lin in lins]
-    try:
-        for c, weights in enumerate(candidates):
-            for lin, w in zip(lins, weights, strict=True):
-                lin.weight.data = w
-            for (k0, batch), (a, kw), r in zip(batches, calls, reference, strict=True):
-                with forward_autocast(batch):
-                    o = _first(block(*a, **kw))
-                d = (o.to(torch.float32) - r).reshape(batch.shape[0], -1)
-                for j, row in enumerate(d):  # per window, in window order
-                    nums[k0 + j][c] = float(row.pow(2).sum(dtype=torch.float64))
-                    counts[k0 + j] = row.numel()
-    finally:
-        for lin, w0 in zip(lins, originals, strict=True):
-            lin.weight.data = w0
+
+    # the blocks' arguments in the search's dtype, converted once (not per candidate)
+    calls = [[_search_dtype(c, forward_dtype(b)) for c, (_, b) in zip(cs, batches, strict=True)]
+             for cs in calls]  # fmt: skip
+
+    def run(i: int, k: int) -> torch.Tensor:  # block i on shard batch k, as the search runs it
+        a, kw = calls[i][k]
+        with forward_autocast(batches[k][1]):
+            out = _first(blocks[i](*a, **kw))
+        return out.to(torch.float32)
+
+    # the float output the candidates are compared with, computed by the same call
+    reference = [[run(i, k) for k in range(len(batches))] for i in range(len(searches))]
+    nums = [[[0.0] * len(c) for _, _, c in searches] for _ in hidden]
+    counts = [[0] * len(searches) for _ in hidden]
+    for i, (_, names, candidates) in enumerate(searches):
+        lins = [layer.get_submodule(n) for n in names]
+        originals = [lin.weight.data for lin in lins]
+        try:
+            for c, weights in enumerate(candidates):
+                for lin, w in zip(lins, weights, strict=True):
+                    lin.weight.data = w
+                for k, ((k0, batch), r) in enumerate(zip(batches, reference[i], strict=True)):
+                    d = (run(i, k) - r).reshape(batch.shape[0], -1)
+                    sums = d.pow(2).sum(1, dtype=torch.float64).tolist()
+                    for j, v in enumerate(sums):  # per window, in window order
+                        nums[k0 + j][i][c] = v
+                        counts[k0 + j][i] = d.shape[1]
+        finally:
+            for lin, w0 in zip(lins, originals, strict=True):
+                lin.weight.data = w0
     return [(n, m) for n, m in zip(nums, counts, strict=True)]
 
 
-def window_strided_inputs(
-    layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, names: list[str],
-    step: int,
-) -> list[dict[str, torch.Tensor]]:  # fmt: skip
-    """Per window: the input rows of each Linear `names` whose index among all windows' tokens
-    (windows of equal length, `first` the window's index) is a multiple of `step`."""
-    got: list[dict[str, torch.Tensor]] = [{} for _ in hidden]
-    at = [0]
-
-    def hook(name: str) -> Callable[..., None]:
-        def pre(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().to(torch.float32)
-            for j, xw in enumerate(x.reshape(-1, *x.shape[-2:])):  # one [L, d] per window
-                start = (first + at[0] + j) * xw.shape[0]
-                got[at[0] + j][name] = xw[(-start) % step :: step]
-
-        return pre
-
-    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for k0, batch in _batches(hidden):
-            at[0] = k0
-            with forward_autocast(batch):
-                layer(batch, *call.args, **call.kwargs)
-    finally:
-        for h in hs:
-            h.remove()
-    return got
-
-
 def mean_abs_inputs(
-    layer: nn.Module, windows: Any, names: list[str], where: str
+    per_window: list[dict[str, tuple[torch.Tensor, int, Any]]], names: list[str]
 ) -> dict[str, torch.Tensor]:
     """{Linear name: mean over the calibration tokens of |x| at its input} (float32), from the
-    per-window float64 sums of `window_abs_sums` added in window order."""
-    if not names:
-        return {}
-    per_window = windows.map(layer, window_abs_sums, names, where)
+    per-window float64 sums of `window_inputs` added in window order."""
     out = {}
     for name in names:
         total = per_window[0][name][0].clone()
@@ -216,38 +222,61 @@ def mean_abs_inputs(
     return out
 
 
-def search_pair(
+def pair_candidates(
     layer: nn.Module,
-    windows: Any,
-    where: str,
     names: tuple[str, ...],
-    block_name: str,
     qs: list[str | None],
     config: AWQConfig,
     options: dict[str, Any],
     x_mean: torch.Tensor,
-    gram: torch.Tensor | None = None,
-) -> ScaleResult:
-    """AWQ's scale search for one pair over the calibration `windows` (`calib.LocalWindows` or
-    a cluster's): every candidate's loss (and `x_mean`, `mean_abs_inputs`) are per-window
-    results added in window order, so they are the same bits wherever the windows ran. A block
-    that is the pair's one Linear (o_proj, down_proj) with its inputs' mean x x^T `gram` given
-    (the capture's Hessian sums, also added in window order) has each candidate's loss from
-    the gram (`linear_output_mse`) instead of a forward pass per candidate."""
+) -> tuple[list[tuple[float | None, torch.Tensor]], list[torch.Tensor], list[list[torch.Tensor]]]:
+    """(the scale candidates, the Linears' float weights, each candidate's weights
+    qdq(W s) / s) of one pair, from its unfolded weights and inputs' `x_mean`."""
     lins = [layer.get_submodule(n) for n in names]
     first_q = next(q for q in qs if q is not None)
     qdqs = [format_qdq(q, format_options(q, options) if q else None) for q in qs]
     originals = [lin.weight.data.clone() for lin in lins]
     w_mean = weight_mean(originals, group_size(first_q, lins[0].in_features))
     cands = scale_candidates(x_mean, w_mean, config.grid, config.duo_scaling)
-    weights = candidate_weights(cands, originals, qdqs)
-    if gram is not None and names == (block_name,):
-        losses = [linear_output_mse(w[0] - originals[0], gram) for w in weights]
-        return pick_scale(cands, losses)
-    per_window = windows.map(layer, window_losses, block_name, list(names), weights)
-    den = sum(n for _, n in per_window)
-    losses = [sum(nums[c] for nums, _ in per_window) / max(den, 1) for c in range(len(cands))]
-    return pick_scale(cands, losses)
+    return cands, originals, candidate_weights(cands, originals, qdqs)
+
+
+def search_pairs(
+    layer: nn.Module,
+    windows: Any,
+    pairs: list[tuple[tuple[str, ...], str, list[str | None], torch.Tensor | None]],
+    config: AWQConfig,
+    options: dict[str, Any],
+    x_means: dict[str, torch.Tensor],
+) -> list[ScaleResult]:
+    """AWQ's scale search for a layer's pairs (Linear names, block name, their qtypes, their
+    inputs' mean x x^T or None) over the calibration `windows` (`calib.LocalWindows` or a
+    cluster's), every pair on the unfolded layer (AutoAWQ searches them all before applying
+    any scale): every candidate's loss (and `x_means`, from `window_inputs`) are per-window
+    results added in window order, so they are the same bits wherever the windows ran. A
+    block that is the pair's one Linear (o_proj, down_proj) with its inputs' `gram` given (the
+    capture's Hessian sums, also added in window order) has each candidate's loss from the gram
+    (`linear_output_mse`) instead of a forward pass per candidate; the others' candidates run
+    in one `window_losses` pass."""
+    built = [pair_candidates(layer, n, qs, config, options, x_means[n[0]]) for n, _, qs, _ in pairs]
+    losses: list[list[float] | None] = [None] * len(pairs)
+    searches, where = [], []
+    for i, ((names, block_name, _, gram), (_, originals, weights)) in enumerate(
+        zip(pairs, built, strict=True)
+    ):
+        if gram is not None and names == (block_name,):
+            losses[i] = [linear_output_mse(w[0] - originals[0], gram) for w in weights]
+        else:
+            searches.append((block_name, list(names), weights))
+            where.append(i)
+    if searches:
+        per_window = windows.map(layer, window_losses, searches)
+        for j, i in enumerate(where):
+            den = sum(m[j] for _, m in per_window)
+            n_c = len(searches[j][2])
+            losses[i] = [sum(nums[j][c] for nums, _ in per_window) / max(den, 1)
+                         for c in range(n_c)]  # fmt: skip
+    return [pick_scale(cands, lo) for (cands, _, _), lo in zip(built, losses, strict=True)]  # type: ignore[arg-type]
 
 
 def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
@@ -286,34 +315,41 @@ def awq_layer(
         if all(q is None for q in qs):
             continue
         todo.append((prev_name, prev, names, block_name, lins, qs))
-    x_means = mean_abs_inputs(layer, windows, [t[2][0] for t in todo], where)
-    for prev_name, prev, names, block_name, lins, qs in todo:
+    clip = {}
+    if config.clip:
+        clip = {
+            n: m
+            for n, m in stats.linears.items()
+            if not n.endswith(NO_CLIP) and qtype_for(f"{where}.{n}", m) is not None
+        }
+    step = max(1, sum(windows.tokens) // config.clip_tokens)
+    firsts = [t[2][0] for t in todo]
+    per_window = windows.map(layer, window_inputs, firsts, list(clip), step, where) if (
+        firsts or clip) else []  # fmt: skip
+    x_means = mean_abs_inputs(per_window, firsts)
+    pairs = []
+    for _prev_name, _prev, names, block_name, _lins, qs in todo:
         g = stats.group_of.get(names[0])
         gram = None
         if g is not None and stats.counts[g]:
             gram = (stats.sums[g] / stats.counts[g]).to(torch.float32)
-        res = search_pair(
-            layer, windows, where, names, block_name, qs, config, options, x_means[names[0]], gram
-        )
+        pairs.append((names, block_name, qs, gram))
+    results = search_pairs(layer, windows, pairs, config, options, x_means) if pairs else []
+    scale_of: dict[str, torch.Tensor] = {}
+    for (prev_name, prev, names, _block_name, lins, _qs), res in zip(todo, results, strict=True):
         fold_scale(prev, lins, res.scale)
+        for n in names:
+            scale_of[n] = res.scale
+        g = stats.group_of.get(names[0])
         if g is not None:  # the Hessian of x / s
             inv = (1.0 / res.scale).to(torch.float64)
             stats.sums[g] *= inv[:, None] * inv[None, :]
         if report is not None:
             report[f"{where}.{prev_name}"] = res
-    if not config.clip:
-        return
-    clip = {
-        n: m
-        for n, m in stats.linears.items()
-        if not n.endswith(NO_CLIP) and qtype_for(f"{where}.{n}", m) is not None
-    }
-    if not clip:
-        return
-    step = max(1, sum(windows.tokens) // config.clip_tokens)
-    per_window = windows.map(layer, window_strided_inputs, list(clip), step)
     for n, lin in clip.items():
-        x = torch.cat([got[n] for got in per_window if n in got])
+        x = torch.cat([got[n][2] for got in per_window if n in got])
+        if n in scale_of:  # the folded Linear's input is x / s
+            x = x / scale_of[n]
         q = qtype_for(f"{where}.{n}", lin)
         best, _ = search_clip(
             lin.weight.data,

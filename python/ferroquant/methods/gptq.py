@@ -269,11 +269,13 @@ def _gptq(
         propagate=propagate,
     )
     inv_perm = torch.argsort(perm)
+    values = values_t.index_select(0, inv_perm).t().contiguous()
+    done = [params] if static else blocks
+    if native and gptq_native.packs():  # packed from the solve's order, in one pass
+        return grid.qtensor_solved(done, levels_t.numpy(), perm.numpy()), values
     # codes fit int16 (at most 256 levels): the transposing copies move a quarter of the bytes
     levels = levels_t.to(torch.int16).index_select(0, inv_perm).t().contiguous()
-    values = values_t.index_select(0, inv_perm).t().contiguous()
-    qt = grid.qtensor([params] if static else blocks, levels.numpy())
-    return qt, values
+    return grid.qtensor(done, levels.numpy()), values
 
 
 def _column_loop(

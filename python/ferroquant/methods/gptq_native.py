@@ -46,6 +46,11 @@ def available() -> bool:
     return ENABLED and hasattr(_native, "gptq_columns")
 
 
+def packs() -> bool:
+    """Whether the codes are packed by the Rust core (`_native.gptq_pack`) on this path."""
+    return available() and hasattr(_native, "gptq_pack")
+
+
 def rule_of(grid: FormatGrid) -> dict[str, Any]:
     """The Rust rounding rule (and its constants) of `grid`'s format: the branch of
     `FormatGrid._round` / `_value` that format takes, in the same order."""
@@ -80,21 +85,23 @@ def _solve(
     rule: dict[str, Any],
     buffers: tuple[np.ndarray, ...],
     cols: Columns,
-    base: int,
+    cmap: np.ndarray,
     start: int,
     end: int,
     propagate: bool,
 ) -> None:
-    """Columns start..end of a batch; their parameters are `cols`' columns base.. ."""
+    """Columns start..end of a batch; column start + c reads `cols`' parameter column
+    cmap[c] (`FormatGrid.param_columns`)."""
     args: dict[str, Any] = {}
     for name in _FIELDS:
         t = cols.fields.get(name)
         if t is not None:
-            args[name] = t[base : base + end - start].contiguous().numpy().reshape(-1)
+            args[name] = t.numpy().reshape(-1)
     if cols.fields.get("grid") is not None:
         args["grid_levels"] = int(cols.fields["grid"].shape[-1])
     consts = {k: v for k, v in rule.items() if k != "rule_name"}
-    _native.gptq_columns(rule["rule_name"], *buffers, start, end, propagate, **consts, **args)
+    _native.gptq_columns(rule["rule_name"], *buffers, start, end, propagate, **consts, **args,
+                         map=np.ascontiguousarray(cmap, dtype=np.int64))  # fmt: skip
 
 
 def column_loop(
@@ -113,13 +120,18 @@ def column_loop(
 ) -> list[Blocks]:
     """gptq.py's loop over lazy batches with the compiled column loop: fills `levels_t` /
     `values_t` ([cols, rows], permuted order), updates `wt` in place and returns the blocks'
-    parameters fixed on the way (natural order; empty with static groups)."""
+    parameters fixed on the way (natural order; empty with static groups). The parameters go
+    over once per parameter block (`FormatGrid.param_columns`), each column reading its own
+    through a map, not transposed per column."""
     rule = rule_of(grid)
     cols = wt.shape[0]
     fb = grid.block
+    pb = grid.param_block
     blocks: list[Blocks] = []
-    per_block = static and params is not None and params.grid is not None
-    cur = grid.columns(params, perm) if static and not per_block else None
+    if static:
+        assert params is not None
+        cur = grid.param_columns(params)
+        cmap = perm.numpy() // pb
     for i1 in range(0, cols, lazy):
         i2 = min(i1 + lazy, cols)
         n = i2 - i1
@@ -133,15 +145,14 @@ def column_loop(
             levels_t[i1:i2].numpy(),
             values_t[i1:i2].numpy(),
         )
-        if per_block:
-            _solve(rule, buffers, grid.columns(params, perm[i1:i2]), 0, 0, n, propagate)
-        elif static:
-            _solve(rule, buffers, cur, i1, 0, n, propagate)
+        if static:
+            _solve(rule, buffers, cur, cmap[i1:i2], 0, n, propagate)
         else:
+            local = np.arange(fb) // pb
             for s in range(0, n, fb):
                 blk = block_params(w1[s : s + fb].t(), i1 + s)
                 blocks.append(blk)
-                _solve(rule, buffers, grid.columns(blk, slice(None)), 0, s, s + fb, propagate)
+                _solve(rule, buffers, grid.param_columns(blk), local, s, s + fb, propagate)
         if propagate and i2 < cols:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
     return blocks

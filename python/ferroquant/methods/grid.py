@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _native
 from ..qtypes import gint_params, qtype_info
 from ..qtypes import qtypes as _all_qtypes
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
@@ -380,6 +381,29 @@ class FormatGrid:
         the columns `j`, a slice, for `w` [rows, k]: the same rounding, vectorised)."""
         return self._round(lambda f: None if (t := getattr(p, f)) is None else t[:, j], w)
 
+    @property
+    def param_block(self) -> int:
+        """Consecutive columns that share every parameter (a block, or a K-quant / iq4_xs
+        sub-block): a Blocks field is constant over each run of them in a row."""
+        if self.qtype in ("q2_k", "q3_k", "q6_k"):
+            return 16
+        if self.qtype in ("q4_k", "q5_k", "iq4_xs"):
+            return 32
+        return self.block
+
+    def param_columns(self, p: Blocks) -> Columns:
+        """The parameters of `p`, one column per `param_block` columns, transposed (one
+        contiguous [rows] vector, [rows, levels] for the affine grids, each): what a compiled
+        column loop reads through a column -> parameter column map (`param_block` apart)
+        instead of one copy per column."""
+        fields = {}
+        for f in ("scale", "grid", "inv", "low", "zero", "rscale"):
+            t = getattr(p, f)
+            if t is not None:
+                t = t[:, :: self.param_block].transpose(0, 1).contiguous()
+            fields[f] = t
+        return Columns(self, fields)
+
     def columns(self, p: Blocks, cols: torch.Tensor | slice) -> Columns:
         """The parameters of `p` at columns `cols` (indices or a slice), transposed: one
         contiguous [rows] vector a column (`Columns.quantize(i, w)`), for a column loop."""
@@ -467,6 +491,24 @@ class FormatGrid:
         stats = np.concatenate([b.stats for b in blocks], axis=1)
         lev = levels.reshape(self.rows, self.n_blocks, self.block)
         return self._qtensor(pack_levels(self.layout, data, lev), stats, self.cols)
+
+    def qtensor_solved(
+        self, blocks: list[Blocks], levels_t: np.ndarray, perm: np.ndarray
+    ) -> QTensor:
+        """`qtensor` of the levels as a column loop leaves them: `levels_t` [cols, rows] int64,
+        row p holding natural column perm[p]; packed by the Rust core (`_native.gptq_pack`,
+        the same bytes as `pack_levels`: tests/test_gptq_native.py) without un-permuting or
+        transposing them first."""
+        data = np.concatenate([b.data for b in blocks], axis=1)
+        stats = np.concatenate([b.stats for b in blocks], axis=1)
+        flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(self.rows, -1)
+        lay = self.layout
+        byte = np.ascontiguousarray(lay.byte.reshape(-1), dtype=np.int64)
+        shift = np.ascontiguousarray(lay.shift.reshape(-1), dtype=np.int64)
+        _native.gptq_pack(flat, np.ascontiguousarray(levels_t, dtype=np.int64),
+                          np.ascontiguousarray(perm, dtype=np.int64), lay.block, lay.nbytes,
+                          lay.bits, byte, shift, lay.xor)  # fmt: skip
+        return self._qtensor(flat.reshape(data.shape), stats, self.cols)
 
 
 class Columns:

@@ -58,11 +58,13 @@ fn rule(
 
 /// GPTQ's columns `start..end` of one lazy batch, in place: `w`, `err`, `values` (float32) and
 /// `levels` (int64) are `[n, rows]` (the batch transposed), `hinv` `[n, n]`; the parameter
-/// arrays are flat `[end - start, rows]` (`grid`: `[end - start, rows, levels]`).
+/// arrays are flat `[end - start, rows]` (`grid`: `[end - start, rows, levels]`), or with `map`
+/// (`[end - start]` int64) flat `[k, rows]` and column `start + c` reads parameter column
+/// `map[c]`.
 #[pyfunction]
 #[pyo3(signature = (rule_name, w, hinv, err, levels, values, start, end, propagate=true,
     scale=None, inv=None, low=None, zero=None, rscale=None, grid=None, grid_levels=0,
-    offset=0.0, center=0, top=0, table=None, bounds=None, order=None))]
+    offset=0.0, center=0, top=0, table=None, bounds=None, order=None, map=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_columns<'py>(
     py: Python<'py>,
@@ -88,7 +90,18 @@ pub fn gptq_columns<'py>(
     table: Option<PyReadonlyArray1<'py, f32>>,
     bounds: Option<PyReadonlyArray1<'py, f32>>,
     order: Option<PyReadonlyArray1<'py, i64>>,
+    map: Option<PyReadonlyArray1<'py, i64>>,
 ) -> PyResult<()> {
+    let map: Vec<usize> = match &map {
+        None => Vec::new(),
+        Some(a) => a
+            .as_slice()
+            .map_err(|_| not_contiguous("map"))?
+            .iter()
+            .map(|&m| usize::try_from(m))
+            .collect::<Result<_, _>>()
+            .map_err(|_| QuantizeError::new_err("gptq: a negative parameter column in map"))?,
+    };
     let rows = w.shape()[1];
     let order = match &order {
         None => &[][..],
@@ -104,6 +117,7 @@ pub fn gptq_columns<'py>(
         order,
     )?;
     let params = core::gptq::ColumnParams {
+        map: &map,
         scale: slice(&scale, "scale")?,
         inv: slice(&inv, "inv")?,
         low: slice(&low, "low")?,
@@ -147,6 +161,59 @@ pub fn gptq_columns<'py>(
     .map_err(to_py)
 }
 
+/// GPTQ's codes `levels` (`[cols, rows]` int64, solve order: row `p` is natural column
+/// `perm[p]`) into the block bytes `data` (`[rows, cols / block * nbytes]` uint8, in place) by
+/// the format's bit map (`byte` / `shift`: `[block * bits]`, stored code `level ^ xor`).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn gptq_pack<'py>(
+    py: Python<'py>,
+    mut data: PyReadwriteArray2<'py, u8>,
+    levels: PyReadonlyArray2<'py, i64>,
+    perm: PyReadonlyArray1<'py, i64>,
+    block: usize,
+    nbytes: usize,
+    bits: usize,
+    byte: PyReadonlyArray1<'py, i64>,
+    shift: PyReadonlyArray1<'py, i64>,
+    xor: u8,
+) -> PyResult<()> {
+    let rows = levels.shape()[1];
+    if !levels.is_c_contiguous() || !data.is_c_contiguous() {
+        return Err(not_contiguous(if data.is_c_contiguous() {
+            "levels"
+        } else {
+            "data"
+        }));
+    }
+    let index = |a: &PyReadonlyArray1<'py, i64>, what: &str| -> PyResult<Vec<usize>> {
+        a.as_slice()
+            .map_err(|_| not_contiguous(what))?
+            .iter()
+            .map(|&v| usize::try_from(v))
+            .collect::<Result<_, _>>()
+            .map_err(|_| QuantizeError::new_err(format!("gptq pack: a negative entry in {what}")))
+    };
+    let perm = index(&perm, "perm")?;
+    let byte = index(&byte, "byte")?;
+    let shift: Vec<u8> = index(&shift, "shift")?
+        .into_iter()
+        .map(|s| s.min(255) as u8)
+        .collect();
+    let levels = levels.as_slice().map_err(|_| not_contiguous("levels"))?;
+    let data = data.as_slice_mut().map_err(|_| not_contiguous("data"))?;
+    let plan = core::gptq::BitPlan {
+        block,
+        nbytes,
+        bits,
+        byte: &byte,
+        shift: &shift,
+        xor,
+    };
+    py.detach(|| core::gptq::pack_codes(data, levels, rows, &perm, &plan))
+        .map_err(to_py)
+}
+
 /// x^T x (`[d, d]` float32) of `x` `[n, d]`: bf16 bits as uint16, row-major.
 #[pyfunction]
 pub fn gram_bf16<'py>(
@@ -172,6 +239,7 @@ pub fn gram_bf16_fast() -> bool {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gptq_columns, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq_pack, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16_fast, m)?)?;
     Ok(())

@@ -2,20 +2,26 @@
 //! transformers cache): borrow the numpy views of the torch buffers, release the GIL.
 
 use ferroquant_core as core;
-use numpy::{PyReadonlyArrayDyn, PyReadwriteArrayDyn};
+use numpy::ndarray::Axis;
+use numpy::{
+    PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
-use crate::to_py;
-use core::runtime::kv_tensor::{attend_decode, Kind, Layer, Parts};
+use crate::{to_py, QuantizeError};
+use core::runtime::kv::rotate::wht_heads_checked;
+use core::runtime::kv_tensor::{attend_decode, attend_decode_rotated, Kind, Layer, Parts};
 
 /// Attention of one decode step over one layer's cache in ferroquant.kv's torch layout, written
 /// into `out` (`(batch, n_head, head_dim)` float32). `geometry` = (group, batch, n_head_kv,
 /// head_dim, n_head, n_quant, k_cap, v_cap, tail_cap, n_tail); the parts are the contiguous
 /// full-capacity buffers viewed as bytes (empty where a type has no such part); `mask`:
 /// (batch, positions) uint8, 0 = not attended; `reference`: the scalar reference kernel instead
-/// of the SIMD one (bit-identical; for tests).
+/// of the SIMD one (bit-identical; for tests); `rotate`: the cache is stored Walsh-Hadamard
+/// rotated, so `q` is rotated (a copy) before and `out` rotated back after.
 #[pyfunction]
-#[pyo3(signature = (kv_type, geometry, k_parts, v_parts, tail_k, tail_v, q, scale, out, mask=None, reference=false))]
+#[pyo3(signature = (kv_type, geometry, k_parts, v_parts, tail_k, tail_v, q, scale, out, mask=None, reference=false, rotate=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn kv_attend_decode(
     py: Python<'_>,
@@ -30,6 +36,7 @@ pub fn kv_attend_decode(
     mut out: PyReadwriteArrayDyn<'_, f32>,
     mask: Option<PyReadonlyArrayDyn<'_, u8>>,
     reference: bool,
+    rotate: bool,
 ) -> PyResult<()> {
     let kind = Kind::parse(kv_type).map_err(to_py)?;
     let [group, batch, n_head_kv, head_dim, n_head, n_quant, k_cap, v_cap, tail_cap, n_tail] =
@@ -66,6 +73,61 @@ pub fn kv_attend_decode(
         None => None,
     };
     let out = out.as_slice_mut()?;
-    py.detach(|| attend_decode(&layer, n_head, q, scale, mask, out, reference))
-        .map_err(to_py)
+    py.detach(|| {
+        if rotate {
+            attend_decode_rotated(&layer, n_head, q, scale, mask, out, reference)
+        } else {
+            attend_decode(&layer, n_head, q, scale, mask, out, reference)
+        }
+    })
+    .map_err(to_py)
+}
+
+/// The cache's rotation in place (`runtime::kv::rotate`, bit-exact with `kv/reference.py`'s
+/// `wht`): every row of each writable float32 array's last axis (a power of two, contiguous;
+/// the other axes may be strided, e.g. one token's slot of a cache buffer) becomes
+/// H x / sqrt(n). Several arrays in one call (a step's keys and values).
+#[pyfunction]
+#[pyo3(signature = (*xs))]
+pub fn kv_wht(py: Python<'_>, xs: &Bound<'_, PyTuple>) -> PyResult<()> {
+    let mut arrays = Vec::with_capacity(xs.len());
+    for x in xs.iter() {
+        let a = x.extract::<PyReadwriteArrayDyn<'_, f32>>().map_err(|_| {
+            let msg = if x.cast::<PyArrayDyn<f32>>().is_ok() {
+                "a float32 array that is read-only or overlaps another array of the call".into()
+            } else {
+                let what = match x.cast::<PyUntypedArray>() {
+                    Ok(a) => format!("a {} array", a.dtype()),
+                    Err(_) => format!("{}", x.get_type()),
+                };
+                format!("expected a writable float32 numpy array, got {what}")
+            };
+            QuantizeError::new_err(format!("kv rotation: {msg}"))
+        })?;
+        if a.ndim() == 0 {
+            return Err(QuantizeError::new_err(
+                "kv rotation: expected an array with a last axis, got a 0-d array",
+            ));
+        }
+        arrays.push(a);
+    }
+    let mut views: Vec<_> = arrays.iter_mut().map(|a| a.as_array_mut()).collect();
+    py.detach(|| {
+        views.iter_mut().try_for_each(|v| {
+            let n = *v.shape().last().expect("ndim checked above");
+            if let Some(all) = v.as_slice_mut() {
+                return wht_heads_checked(all, n);
+            }
+            let last = Axis(v.ndim() - 1);
+            v.lanes_mut(last)
+                .into_iter()
+                .try_for_each(|mut lane| match lane.as_slice_mut() {
+                    Some(row) => wht_heads_checked(row, n),
+                    None => Err(core::Error::InvalidArgument(format!(
+                        "kv rotation: the last axis ({n} values) is not contiguous"
+                    ))),
+                })
+        })
+    })
+    .map_err(to_py)
 }

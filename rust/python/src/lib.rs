@@ -146,6 +146,28 @@ fn extract_double_quant(d: &Bound<'_, PyDict>) -> PyResult<core::DoubleQuant> {
 }
 
 /// Dequantize raw data (+ statistics) to a float32 array of shape (rows, cols).
+/// `quantize` then `dequantize` of a float32 2-D C-contiguous array in a grouped integer
+/// format with integer zeros (`int{b}_g*`), value for value, without the bytes between.
+#[pyfunction]
+fn gint_qdq<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, f32>,
+    qtype: &str,
+) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
+    let qt = core::QType::parse(qtype).map_err(to_py)?;
+    let g = qt.gint().ok_or_else(|| {
+        QuantizeError::new_err(format!("gint_qdq: {qtype} is not a grouped integer format"))
+    })?;
+    let (rows, cols) = (x.shape()[0], x.shape()[1]);
+    let s = x.as_slice().map_err(|_| not_contiguous("input"))?;
+    let out = py
+        .detach(|| {
+            core::Matrix::from_f32(s, rows, cols).and_then(|m| core::formats::gint::qdq(&m, qt, g))
+        })
+        .map_err(to_py)?;
+    numpy::PyArrayMethods::reshape(&out.into_pyarray(py), [rows, cols])
+}
+
 #[pyfunction]
 #[pyo3(signature = (data, qtype, rows, cols, block_size, stats=None, scale_mode=None, double_quant=None))]
 #[allow(clippy::too_many_arguments)]
@@ -303,6 +325,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FormatError", m.py().get_type::<FormatError>())?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(gint_qdq, m)?)?;
     m.add_function(wrap_pyfunction!(dequantize_into, m)?)?;
     m.add_function(wrap_pyfunction!(qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(block_struct_sizes, m)?)?;
@@ -313,6 +336,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_sources::cuda_sources, m)?)?;
     m.add_function(wrap_pyfunction!(kv_tensor::kv_attend_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_tensor::kv_wht, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_min_m, m)?)?;

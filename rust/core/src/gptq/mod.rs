@@ -15,8 +15,10 @@
 //! result is the reference's bit for bit, whatever the vector width; tests in Python compare
 //! the stored bytes of both loops on every format.
 
+pub mod pack;
 pub mod rounding;
 
+pub use pack::{pack_codes, BitPlan};
 pub use rounding::{ColumnParams, Rule};
 
 use crate::error::{Error, Result};
@@ -60,7 +62,9 @@ impl Batch<'_> {
 }
 
 /// Quantizes columns `start..end` of the batch with `rule` (column `i` reads `params` column
-/// `i - start`) and, if `propagate`, pushes each column's error onto the batch's later columns.
+/// `i - start`, or `params.map[i - start]`) and, if `propagate`, pushes each column's error
+/// onto the batch's later columns. Runs the AVX-512 build of the loop where the CPU has it
+/// (`cpu::has_avx512`), else the portable build: the same source, the same bits.
 pub fn solve_columns(
     batch: &mut Batch,
     start: usize,
@@ -69,36 +73,161 @@ pub fn solve_columns(
     params: &ColumnParams,
     propagate: bool,
 ) -> Result<()> {
+    let n = check(batch, start, end, rule, params)?;
+    #[cfg(target_arch = "x86_64")]
+    if crate::cpu::has_avx512() {
+        // SAFETY: AVX-512 F/BW/VL were detected (`has_avx512`); the shapes were checked.
+        unsafe { solve_avx512(batch, n, start, end, rule, params, propagate) };
+        return Ok(());
+    }
+    solve(batch, n, start, end, rule, params, propagate);
+    Ok(())
+}
+
+/// `solve_columns` on the portable build whatever the CPU (the vector build's tests compare
+/// against it).
+pub fn solve_columns_portable(
+    batch: &mut Batch,
+    start: usize,
+    end: usize,
+    rule: &Rule,
+    params: &ColumnParams,
+    propagate: bool,
+) -> Result<()> {
+    let n = check(batch, start, end, rule, params)?;
+    solve(batch, n, start, end, rule, params, propagate);
+    Ok(())
+}
+
+fn check(
+    batch: &Batch,
+    start: usize,
+    end: usize,
+    rule: &Rule,
+    params: &ColumnParams,
+) -> Result<usize> {
     let n = batch.columns()?;
-    let rows = batch.rows;
     if start > end || end > n {
         return Err(Error::InvalidArgument(format!(
             "gptq: columns {start}..{end} outside a batch of {n}"
         )));
     }
-    rule.check(params, end - start, rows)?;
-    for i in start..end {
-        let (done, rest) = batch.w.split_at_mut((i + 1) * rows);
-        let col = &done[i * rows..];
-        let lev = &mut batch.levels[i * rows..][..rows];
-        let val = &mut batch.values[i * rows..][..rows];
-        rule.round_column(params, i - start, col, lev, val);
-        if !propagate {
-            continue;
+    rule.check(params, end - start, batch.rows)?;
+    Ok(n)
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL; the batch's shapes checked (`check`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn solve_avx512(
+    batch: &mut Batch,
+    n: usize,
+    start: usize,
+    end: usize,
+    rule: &Rule,
+    params: &ColumnParams,
+    propagate: bool,
+) {
+    solve(batch, n, start, end, rule, params, propagate)
+}
+
+/// Columns per sub-block: a sub-block's columns update each other one by one; the batch's
+/// later columns take the sub-block's `SUB` errors in one pass over their weights, each weight
+/// still getting `w - h * e` for one column after the other, in column order (the reference's
+/// order: the same bits), from a register instead of a round trip through the cache per column.
+const SUB: usize = 16;
+/// Rows per tile of that pass (its `SUB` error rows stay in L1: 16 KiB).
+const TILE: usize = 256;
+
+/// The loop, in the reference's order per weight (inlined into each build).
+#[inline(always)]
+fn solve(
+    batch: &mut Batch,
+    n: usize,
+    start: usize,
+    end: usize,
+    rule: &Rule,
+    params: &ColumnParams,
+    propagate: bool,
+) {
+    let rows = batch.rows;
+    let mut b0 = start;
+    while b0 < end {
+        let b1 = (b0 + SUB).min(end);
+        for i in b0..b1 {
+            let (done, rest) = batch.w.split_at_mut((i + 1) * rows);
+            let col = &done[i * rows..];
+            let lev = &mut batch.levels[i * rows..][..rows];
+            let val = &mut batch.values[i * rows..][..rows];
+            rule.round_column(params, i - start, col, lev, val);
+            if !propagate {
+                continue;
+            }
+            let d = batch.hinv[i * n + i];
+            let e = &mut batch.err[i * rows..][..rows];
+            for ((e, &x), &q) in e.iter_mut().zip(col).zip(val.iter()) {
+                *e = (x - q) / d;
+            }
+            // the sub-block's later columns, now (the next one is rounded next)
+            let h = &batch.hinv[i * n + i + 1..i * n + b1];
+            for (wj, &hij) in rest.chunks_exact_mut(rows).zip(h) {
+                for (x, &ej) in wj.iter_mut().zip(e.iter()) {
+                    *x -= hij * ej;
+                }
+            }
         }
-        let d = batch.hinv[i * n + i];
-        let e = &mut batch.err[i * rows..][..rows];
-        for ((e, &x), &q) in e.iter_mut().zip(col).zip(val.iter()) {
-            *e = (x - q) / d;
+        if propagate && b1 < n {
+            let err = &batch.err[b0 * rows..b1 * rows];
+            update_later(&mut batch.w[b1 * rows..], err, batch.hinv, n, b0, b1, rows);
         }
-        let h = &batch.hinv[i * n + i + 1..(i + 1) * n];
-        for (wj, &hij) in rest.chunks_exact_mut(rows).zip(h) {
-            for (x, &ej) in wj.iter_mut().zip(e.iter()) {
-                *x -= hij * ej;
+        b0 = b1;
+    }
+}
+
+/// Columns `b1..n` (`w`, `[n - b1, rows]`) take the errors of columns `b0..b1` (`err`,
+/// `[b1 - b0, rows]`): `w_j = w_j - hinv[i, j] * e_i` for i = b0, b0 + 1, ... in turn.
+#[inline(always)]
+fn update_later(
+    w: &mut [f32],
+    err: &[f32],
+    hinv: &[f32],
+    n: usize,
+    b0: usize,
+    b1: usize,
+    rows: usize,
+) {
+    let k = b1 - b0;
+    let mut h = [0.0f32; SUB];
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        for (jj, wj) in w.chunks_exact_mut(rows).enumerate() {
+            let j = b1 + jj;
+            for (kk, hk) in h[..k].iter_mut().enumerate() {
+                *hk = hinv[(b0 + kk) * n + j];
+            }
+            let seg = &mut wj[r0..r1];
+            let mut chunks = seg.chunks_exact_mut(16);
+            let mut r = r0;
+            for c in &mut chunks {
+                let mut acc = [0.0f32; 16];
+                acc.copy_from_slice(c);
+                for (kk, &hk) in h[..k].iter().enumerate() {
+                    let e = &err[kk * rows + r..][..16];
+                    for (a, &x) in acc.iter_mut().zip(e) {
+                        *a -= hk * x;
+                    }
+                }
+                c.copy_from_slice(&acc);
+                r += 16;
+            }
+            for (t, x) in chunks.into_remainder().iter_mut().enumerate() {
+                for (kk, &hk) in h[..k].iter().enumerate() {
+                    *x -= hk * err[kk * rows + r + t];
+                }
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -121,3 +121,164 @@ fn bad_shapes_are_named_errors() {
     let e = solve_columns(&mut b, 0, 2, &Rule::Int8, &p, true).unwrap_err();
     assert!(e.to_string().contains("scale"));
 }
+
+/// A small deterministic generator (no dependency): uniform in [-1, 1).
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+#[test]
+fn vector_build_equals_the_portable_build_bit_for_bit() {
+    // every rule, row counts around the 16-lane chunks and the 256-row tiles, batches that are
+    // not whole sub-blocks, a parameter map, several calls per batch
+    let table = vec![-1.0, -0.5, 0.0, 0.25, 0.5, 1.0];
+    let rules = [
+        Rule::LegacySym {
+            offset: 8.5,
+            center: 8,
+            top: 15,
+        },
+        Rule::LegacyAffine { top: 15 },
+        Rule::Q8,
+        Rule::Zero { maxq: 15.0 },
+        Rule::Int8,
+        Rule::Bnb {
+            bounds: vec![-0.75, -0.25, 0.1, 0.4, 0.75],
+            order: vec![0, 1, 2, 3, 4, 5],
+            table: table.clone(),
+        },
+        Rule::Sym { center: 4, top: 7 },
+        Rule::Table {
+            table: table.clone(),
+        },
+        Rule::Nearest,
+    ];
+    let mut seed = 7u64;
+    for rows in [1, 15, 16, 17, 300] {
+        for n in [1, 5, 16, 37] {
+            for rule in &rules {
+                let pcols = 3;
+                let levels = 16;
+                let mut field = |scale: f32| -> Vec<f32> {
+                    (0..pcols * rows)
+                        .map(|_| (lcg(&mut seed).abs() + 0.05) * scale)
+                        .collect()
+                };
+                let (scale, inv, low, zero) = (field(0.3), field(4.0), field(-0.5), field(0.0));
+                let zero: Vec<f32> = zero.iter().map(|_| 7.0).collect();
+                let grid: Vec<f32> = (0..pcols * rows * levels)
+                    .map(|i| (i % levels) as f32 * 0.2 - 0.5)
+                    .collect();
+                let map: Vec<usize> = (0..n).map(|c| (c * 7) % pcols).collect();
+                let p = ColumnParams {
+                    map: &map,
+                    scale: &scale,
+                    inv: &inv,
+                    low: &low,
+                    zero: &zero,
+                    rscale: &scale,
+                    grid: &grid,
+                    levels,
+                };
+                let w0: Vec<f32> = (0..n * rows).map(|_| lcg(&mut seed)).collect();
+                let mut hinv = vec![0.0f32; n * n];
+                for i in 0..n {
+                    hinv[i * n + i] = 0.5 + lcg(&mut seed).abs();
+                    for j in i + 1..n {
+                        hinv[i * n + j] = 0.3 * lcg(&mut seed);
+                    }
+                }
+                let run = |portable: bool| {
+                    let mut w = w0.clone();
+                    let mut err = vec![0.0; n * rows];
+                    let mut lev = vec![0; n * rows];
+                    let mut val = vec![0.0; n * rows];
+                    let mut b = Batch {
+                        rows,
+                        w: &mut w,
+                        hinv: &hinv,
+                        err: &mut err,
+                        levels: &mut lev,
+                        values: &mut val,
+                    };
+                    // two calls: columns 0..n/2, then the rest (params from column 0 again)
+                    for (s, e) in [(0, n / 2), (n / 2, n)] {
+                        let q = ColumnParams {
+                            map: &map[..e - s],
+                            ..p
+                        };
+                        if portable {
+                            solve_columns_portable(&mut b, s, e, rule, &q, true).unwrap();
+                        } else {
+                            solve_columns(&mut b, s, e, rule, &q, true).unwrap();
+                        }
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    (bits(&w), bits(&err), lev, bits(&val))
+                };
+                assert_eq!(run(false), run(true), "{rule:?}, {rows} rows, {n} columns");
+            }
+        }
+    }
+}
+
+#[test]
+fn parameter_map_reads_the_mapped_column() {
+    // int8, two parameter columns (scales 1 and 0.5), three columns mapped 1, 0, 1, no feedback
+    let rows = 2;
+    let mut w = vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0];
+    let hinv = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0];
+    let scale = vec![1.0, 1.0, 0.5, 0.5];
+    let map = [1, 0, 1];
+    let p = ColumnParams {
+        map: &map,
+        scale: &scale,
+        ..Default::default()
+    };
+    let (lev, _, _) = batch_solve(&mut w, &hinv, rows, &Rule::Int8, &p);
+    assert_eq!(lev, vec![130, 132, 129, 130, 130, 132]);
+    let bad = [2, 0, 1];
+    let p = ColumnParams { map: &bad, ..p };
+    let mut w = vec![0.0; 6];
+    let mut err = vec![0.0; 6];
+    let mut levels = vec![0; 6];
+    let mut values = vec![0.0; 6];
+    let mut b = Batch {
+        rows,
+        w: &mut w,
+        hinv: &hinv,
+        err: &mut err,
+        levels: &mut levels,
+        values: &mut values,
+    };
+    let e = solve_columns(&mut b, 0, 3, &Rule::Int8, &p, true).unwrap_err();
+    assert!(e.to_string().contains("scale"), "{e}");
+}
+
+#[test]
+fn pack_writes_each_code_bit_and_keeps_the_rest() {
+    // q4_0-like nibbles on a 4-weight block of 3 bytes (byte 0: a parameter), two rows, the
+    // columns solved in the order 2, 0, 3, 1
+    let byte = [1, 1, 1, 1, 2, 2, 2, 2, 1, 1, 1, 1, 2, 2, 2, 2];
+    let shift = [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7];
+    let plan = BitPlan {
+        block: 4,
+        nbytes: 3,
+        bits: 4,
+        byte: &byte,
+        shift: &shift,
+        xor: 0,
+    };
+    let perm = [2, 0, 3, 1];
+    // natural codes row 0: 1 2 3 4, row 1: 15 0 5 10; levels[p] = column perm[p]
+    let nat = [[1i64, 2, 3, 4], [15, 0, 5, 10]];
+    let levels: Vec<i64> = perm.iter().flat_map(|&c| [nat[0][c], nat[1][c]]).collect();
+    let mut data = vec![0xAB, 0xFF, 0xFF, 0xCD, 0x00, 0x00];
+    pack_codes(&mut data, &levels, 2, &perm, &plan).unwrap();
+    assert_eq!(data, vec![0xAB, 0x31, 0x42, 0xCD, 0x5F, 0xA0]);
+    let e = pack_codes(&mut data, &levels, 2, &[0, 0, 1, 2], &plan).unwrap_err();
+    assert!(e.to_string().contains("permutation"), "{e}");
+}

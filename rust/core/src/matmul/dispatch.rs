@@ -60,11 +60,81 @@ impl Plan<'_> {
         let mut j = ms.start;
         while j < ms.end {
             j += match ms.end - j {
-                1 => self.gint_group::<1, 1>(n0, rows, j, yt),
+                1 => self.gint_rows1(n0, rows, j, yt),
                 2 | 3 => self.gint_group::<2, 2>(n0, rows, j, yt),
                 _ => self.gint_group::<2, 4>(n0, rows, j, yt),
             };
         }
+    }
+
+    /// Activation row `mi` as the fused kernel reads it.
+    #[cfg(target_arch = "x86_64")]
+    fn gint_x(&self, mi: usize) -> x86::gint::Row<'_> {
+        let ga = self.gint.as_ref().expect("the fused kernel's activations");
+        let Acts::Q16 { q, d, row, blocks } = &self.acts else {
+            unreachable!("grouped integers have q16 activations")
+        };
+        let q: &[i16] = bytemuck::cast_slice(q);
+        x86::gint::Row {
+            xq: &q[mi * row..(mi + 1) * row],
+            xd: &d[mi * blocks..(mi + 1) * blocks],
+            xdl: ga
+                .xdl
+                .get(mi * ga.lanes..(mi + 1) * ga.lanes)
+                .unwrap_or_default(),
+            xg: ga
+                .xg
+                .get(mi * ga.groups..(mi + 1) * ga.groups)
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `gint_panels` for the one activation row `m0`: each weight row whole through
+    /// `x86::gint_row` (one weight stream read in order, which the last-level cache and memory
+    /// serve fastest); returns 1.
+    #[cfg(target_arch = "x86_64")]
+    fn gint_rows1(&self, n0: usize, rows: usize, m0: usize, yt: &mut [f32]) -> usize {
+        use x86::gint_row::{gint_row, gint_row_finish, layout};
+        let g = self
+            .w
+            .qtype
+            .gint()
+            .expect("gint_panels is called for grouped integers");
+        let (k, m, rb) = (self.k, self.m, self.row_bytes);
+        let x = self.gint_x(m0);
+        let lay = layout(g, k);
+        // Each row prefetches its codes and its statistics `GINT_PANEL` rows on.
+        let ahead = GINT_PANEL * rb;
+        let stats_ahead = GINT_PANEL * 4 * self.stats_per_row;
+        for i in 0..rows {
+            let n = n0 + i;
+            let (w, st) = (&self.w.data[n * rb..(n + 1) * rb], self.stats_of(n));
+            for off in (0..4 * st.len()).step_by(64) {
+                let p = (st.as_ptr() as *const u8).wrapping_add(stats_ahead + off);
+                // SAFETY: a prefetch is a hint and never faults; SSE is baseline on x86-64.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                        p as *const i8,
+                    )
+                };
+            }
+            // SAFETY: `gint` is set only by `gint_fused` (`cpu::has_vnni_q16`, 4 bits, or 8
+            // bits symmetric); `plan` validated the rows (K codes, whole groups, their
+            // statistics) and quantized, split and summed every activation row for K; `lay`
+            // is `layout(g, k)`.
+            let y = unsafe {
+                let acc = match (g.bits == 4, lay.per) {
+                    (true, 1) => gint_row::<true, 1>(g, w, st, k, x, lay, ahead),
+                    (true, 2) => gint_row::<true, 2>(g, w, st, k, x, lay, ahead),
+                    (true, _) => gint_row::<true, 4>(g, w, st, k, x, lay, ahead),
+                    (false, 1) => gint_row::<false, 1>(g, w, st, k, x, lay, ahead),
+                    (false, _) => gint_row::<false, 2>(g, w, st, k, x, lay, ahead),
+                };
+                gint_row_finish(g, st, x, lay, acc)
+            };
+            yt[i * m + m0] = y;
+        }
+        1
     }
 
     /// `gint_panels` for the R activation rows from `m0`, P weight rows a kernel call; returns R.
@@ -82,27 +152,8 @@ impl Plan<'_> {
             .qtype
             .gint()
             .expect("gint_panels is called for grouped integers");
-        let ga = self.gint.as_ref().expect("the fused kernel's activations");
-        let Acts::Q16 { q, d, row, blocks } = &self.acts else {
-            unreachable!("grouped integers have q16 activations")
-        };
         let (k, m, rb) = (self.k, self.m, self.row_bytes);
-        let q: &[i16] = bytemuck::cast_slice(q);
-        let x: [Row<'_>; R] = std::array::from_fn(|r| {
-            let mi = m0 + r;
-            Row {
-                xq: &q[mi * row..(mi + 1) * row],
-                xd: &d[mi * blocks..(mi + 1) * blocks],
-                xdl: ga
-                    .xdl
-                    .get(mi * ga.lanes..(mi + 1) * ga.lanes)
-                    .unwrap_or_default(),
-                xg: ga
-                    .xg
-                    .get(mi * ga.groups..(mi + 1) * ga.groups)
-                    .unwrap_or_default(),
-            }
-        });
+        let x: [Row<'_>; R] = std::array::from_fn(|r| self.gint_x(m0 + r));
         let wrow = |n: usize| &self.w.data[n * rb..(n + 1) * rb];
         let units = x86::gint::units(g, k);
         let unit = if g.bits == 4 {
@@ -364,15 +415,32 @@ impl Plan<'_> {
     /// through `x86::row32` (M = 1; the kernel may read the rows after them).
     #[cfg(target_arch = "x86_64")]
     pub(super) fn rows32(&self, n: usize, y: &mut [f32]) {
-        let Acts::Q8_0 { d, xt, nbias, .. } = &self.acts else {
-            unreachable!("row32 runs only with q8_0 activations")
-        };
-        let x = x86::row32::RowQ8 { xt, d, nbias };
-        match self.w.qtype {
-            QType::Q4_0 => self.rows32_w::<BlockQ4_0>(n, &x, y),
-            QType::Q8_0 => self.rows32_w::<BlockQ8_0>(n, &x, y),
-            QType::Q5_0 => self.rows32_w::<BlockQ5_0>(n, &x, y),
-            _ => self.rows32_w::<BlockIQ4NL>(n, &x, y),
+        use x86::row32::RowQ8;
+        match &self.acts {
+            Acts::Q8_0 { d, xt, nbias, .. } => {
+                let x = RowQ8 {
+                    xt,
+                    d,
+                    nbias,
+                    s: &[],
+                };
+                match self.w.qtype {
+                    QType::Q4_0 => self.rows32_w::<BlockQ4_0>(n, &x, y),
+                    QType::Q8_0 => self.rows32_w::<BlockQ8_0>(n, &x, y),
+                    QType::Q5_0 => self.rows32_w::<BlockQ5_0>(n, &x, y),
+                    _ => self.rows32_w::<BlockIQ4NL>(n, &x, y),
+                }
+            }
+            Acts::Q8_1 {
+                d, xt, nbias, s, ..
+            } => {
+                let x = RowQ8 { xt, d, nbias, s };
+                match self.w.qtype {
+                    QType::Q4_1 => self.rows32_w::<BlockQ4_1>(n, &x, y),
+                    _ => self.rows32_w::<BlockQ5_1>(n, &x, y),
+                }
+            }
+            _ => unreachable!("row32 runs only with q8_0 / q8_1 activations"),
         }
     }
 

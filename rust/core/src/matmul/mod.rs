@@ -148,9 +148,13 @@ enum Acts<'a> {
         d: Vec<f32>,
         sums: Vec<i32>,
         s: Vec<f32>,
-        /// Interleaved for the tile kernel as q8_0's `xt`; empty when it does not run.
+        /// Interleaved for the tile kernel as q8_0's `xt`, or for the M = 1 row kernel
+        /// (`x86::row32::interleave`); empty when neither runs.
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xt: Vec<u8>,
+        /// The row kernel's `-BIAS · sums` (zeros: BIAS is 0 for q4_1 / q5_1); empty otherwise.
+        #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+        nbias: Vec<i32>,
         /// As q8_0's `xtail`.
         #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
         xtail: Vec<u8>,
@@ -220,7 +224,8 @@ struct Plan<'a> {
     /// The GEMM path without AVX-512 (`gemm_avx2.rs`) runs, with this integer product.
     #[cfg(target_arch = "x86_64")]
     gemm2: Option<gemm_avx2::Int8Dot>,
-    /// The M = 1 row kernel `x86::row32` runs (q4_0, q5_0, q8_0, iq4_nl with AVX-512 VBMI).
+    /// The M = 1 row kernel `x86::row32` runs (q4_0, q5_0, q8_0, iq4_nl, q4_1, q5_1 with
+    /// AVX-512 VBMI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     row32: bool,
     row_bytes: usize,
@@ -355,8 +360,11 @@ const GEMM_TASK_ROWS: usize = 64;
 #[cfg(target_arch = "x86_64")]
 const NR: usize = 8;
 /// At M = 1, rows longer than this many columns get a software prefetch of the weights
-/// (`x86::prefetch_ahead`): from K = 8192 (fast without) to K = 14336 (half the rate without).
-const LONG_K: usize = 8192;
+/// (`x86::prefetch_ahead`, `row32`'s `prefetch_l2`). Set at 8192 on the AMD (Zen) machines
+/// (fast without up to K = 8192, half the rate without at 14336); on the Intel Xeon (Emerald
+/// Rapids, 2 cores) of session 13 the rows of K = 4096 read from memory at 9.0 GB/s without it
+/// (q4_0, one thread, CPU time) against 15.3 at K = 14336 with it, so K = 4096 takes it too.
+const LONG_K: usize = 2048;
 /// Bytes of activations one block of rows may take (kept in the 1 MiB L2 beside the weights).
 const ACT_BLOCK_BYTES: usize = 384 << 10;
 /// Weight bytes of one task in the tiled path (re-read from L2 for every block of rows).

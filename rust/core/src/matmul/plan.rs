@@ -344,7 +344,7 @@ pub(super) fn plan<'a>(
         && crate::cpu::has_vbmi_gfni()
         && matches!(
             w.qtype,
-            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
         );
     #[cfg(not(target_arch = "x86_64"))]
     let row32 = false;
@@ -456,13 +456,19 @@ pub(super) fn plan<'a>(
             let (blocks, s) = quantize_q8_1(x, m, k, par);
             let (d, sums) = scales_and_sums(&blocks, par);
             #[cfg(target_arch = "x86_64")]
-            let xt = if tile || gemm2.is_some() {
-                panels::interleave_q8_0_rows(&blocks, nb, par)
+            let (xt, nbias) = if tile || gemm2.is_some() {
+                (panels::interleave_q8_0_rows(&blocks, nb, par), Vec::new())
+            } else if row32 {
+                use x86::row32::interleave;
+                match w.qtype {
+                    QType::Q4_1 => interleave::<BlockQ4_1>(&blocks, &sums),
+                    _ => interleave::<BlockQ5_1>(&blocks, &sums),
+                }
             } else {
-                Vec::new()
+                (Vec::new(), Vec::new())
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let xt = Vec::new();
+            let (xt, nbias) = (Vec::new(), Vec::new());
             #[cfg(target_arch = "x86_64")]
             let xtail = gemm_tail(gemm, &blocks, nb);
             #[cfg(not(target_arch = "x86_64"))]
@@ -475,6 +481,7 @@ pub(super) fn plan<'a>(
                     sums,
                     s,
                     xt,
+                    nbias,
                     xtail,
                 },
                 row_bytes,
@@ -596,7 +603,7 @@ pub(super) fn plan<'a>(
         simd,
         avx512: f32_avx512,
         vnni,
-        // q4_k's row kernel prefetches at every K: at K = 4096 (below LONG_K), one thread, CPU
+        // q4_k's row kernel prefetches at every K: at K = 4096 (below the LONG_K of then), one thread, CPU
         // time, 4096x14336, loaded machine (load 16-21), 2026-12-06 14:57-15:01 UTC,
         // alternating: 22.6-23.5 -> 26.8-27.1 GB/s in 3 of 4 pairs (22.6 both in the fourth);
         // q5_k, q6_k, q2_k, q3_k, iq4_xs, q4_1 and q5_1 showed no consistent change.

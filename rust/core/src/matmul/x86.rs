@@ -449,6 +449,7 @@ pub mod gemm32;
 pub mod gemm32_avx2;
 pub mod gemm_k;
 pub mod gint;
+pub mod gint_row;
 pub mod q16;
 pub mod q8k;
 pub mod tile;

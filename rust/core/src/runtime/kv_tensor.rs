@@ -23,8 +23,11 @@ use crate::formats::fp8::e4m3fn_to_f32;
 use crate::parallel;
 use crate::{Error, Result};
 
+mod rotated;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+
+pub use rotated::attend_decode_rotated;
 
 /// A stored type of `ferroquant.kv` (its torch layout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -747,13 +750,18 @@ mod tests {
             (2, 32, 32, 4, 31, 1, true),
             (4, 64, 128, 1, 130, 0, true),
             (2, 64, 64, 5, 1, 3, false),
+            // KIVI's sinks and residual window: a long float32 tail (four rows at a time + rest)
+            (2, 64, 64, 3, 64, 141, true),
+            (2, 64, 128, 2, 128, 130, false),
+            (4, 32, 32, 3, 0, 67, true),
         ] {
             let (batch, n_head_kv) = (2, 2);
             let bh = batch * n_head_kv;
             let [km, ks, kz, vm, vs, vz] = kivi_bytes(bits, g, d, bh, n, n as u64 + 7);
             let wave = |i: usize, f: f32| (i as f32 * f).sin() * 2.0;
-            let tail_k: Vec<f32> = (0..bh * n_tail * d).map(|i| wave(i, 0.37)).collect();
-            let tail_v: Vec<f32> = (0..bh * n_tail * d).map(|i| wave(i, 0.11)).collect();
+            let tail_cap = n_tail + 5; // the cache's buffers have room past the used rows
+            let tail_k: Vec<f32> = (0..bh * tail_cap * d).map(|i| wave(i, 0.37)).collect();
+            let tail_v: Vec<f32> = (0..bh * tail_cap * d).map(|i| wave(i, 0.11)).collect();
             let n_head = n_head_kv * rep;
             let q: Vec<f32> = (0..batch * n_head * d).map(|i| wave(i, 0.73)).collect();
             let total = n + n_tail;
@@ -779,7 +787,7 @@ mod tests {
                 },
                 tail_k: &tail_k,
                 tail_v: &tail_v,
-                tail_cap: n_tail,
+                tail_cap,
                 n_tail,
             };
             #[cfg(target_arch = "x86_64")]

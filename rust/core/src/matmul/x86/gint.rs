@@ -15,8 +15,9 @@
 
 use std::arch::x86_64::*;
 
+use super::gint_row::hsum16_v;
 use super::q16::dpwssd;
-use crate::matmul::reference::gint::{hsum16, UNIT4, UNIT8};
+use crate::matmul::reference::gint::{UNIT4, UNIT8};
 use crate::matmul::reference::q16::Q16;
 use crate::qtype::GInt;
 
@@ -308,12 +309,7 @@ pub unsafe fn gint_finish<const P: usize, const R: usize>(
 ) -> [[f32; R]; P] {
     let groups = k / crate::formats::gint::group_len(g, k);
     std::array::from_fn(|p| {
-        let main = acc[p].map(|a| {
-            let mut l = [0.0f32; 16];
-            // SAFETY: 16 f32 of room.
-            unsafe { _mm512_storeu_ps(l.as_mut_ptr(), a) };
-            hsum16(&l)
-        });
+        let main = acc[p].map(|a| hsum16_v(a));
         if g.bits != 4 {
             return main;
         }
@@ -327,7 +323,7 @@ pub unsafe fn gint_finish<const P: usize, const R: usize>(
 /// (`reference::gint::dot_gint_q16`). The zeros come from `reference::gint::zero`'s rule, 16
 /// at a time: the one place a float-zero format changes.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-unsafe fn zero_term<const R: usize>(
+pub(super) unsafe fn zero_term<const R: usize>(
     g: GInt,
     stats: &[f32],
     groups: usize,
@@ -356,10 +352,5 @@ unsafe fn zero_term<const R: usize>(
         }
         g0 += 16;
     }
-    zacc.map(|a| {
-        let mut l = [0.0f32; 16];
-        // SAFETY: 16 f32 of room.
-        unsafe { _mm512_storeu_ps(l.as_mut_ptr(), a) };
-        hsum16(&l)
-    })
+    zacc.map(|a| hsum16_v(a))
 }

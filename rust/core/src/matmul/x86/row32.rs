@@ -46,6 +46,8 @@ pub struct RowQ8<'a> {
     pub d: &'a [f32],
     /// `-BIAS · Σx` per block, `nb.div_ceil(8) * 8` entries (zero past the last block).
     pub nbias: &'a [i32],
+    /// q4_1 / q5_1: each block's q8_1 `s` as f32 (`nb` entries); empty for the others.
+    pub s: &'a [f32],
 }
 
 /// The activation blocks of one row rearranged for `W` (`RowQ8::xt`) and `-W::BIAS · sums`.
@@ -79,7 +81,8 @@ pub trait Row32: Load32 {
 
     /// The 8 blocks at `p` (only the first `len` bytes are read; `len` < 8 blocks for the last
     /// partial group, whose missing blocks read as zero bytes): each block's exact
-    /// `Σ (w + BIAS)·x + nbias` in lane j, and its scale `d_w` as f32.
+    /// `Σ (w + BIAS)·x + nbias` in lane j, its scale `d_w` and its min `m_w` as f32 (the min
+    /// only where `Block32::HAS_MIN`; zero otherwise).
     ///
     /// # Safety
     /// `cpu::has_vbmi_gfni`; `p..p + len` readable, `len == 8 * size_of::<Self>()` when `FULL`; `xt`
@@ -89,7 +92,7 @@ pub trait Row32: Load32 {
         len: usize,
         xt: *const u8,
         nbias: *const i32,
-    ) -> (__m256i, __m256);
+    ) -> (__m256i, __m256, __m256);
 }
 
 /// Bytes `off..off + 64` of the group at `p`, zero at and past `len` unless `FULL`.
@@ -263,7 +266,7 @@ unsafe fn group_q4<W: Nibbles, const FULL: bool>(
     len: usize,
     xt: *const u8,
     nbias: *const i32,
-) -> (__m256i, __m256) {
+) -> (__m256i, __m256, __m256) {
     // SAFETY: the caller's contract (`Row32::group`); a full group has 144 bytes, so the
     // unaligned 8-byte reads at 128 and 136 are inside it (a partial group has no block 7).
     unsafe {
@@ -280,6 +283,7 @@ unsafe fn group_q4<W: Nibbles, const FULL: bool>(
         (
             dots4_qword(nbias, v, xt),
             _mm256_cvtph_ps(_mm512_castsi512_si128(d)),
+            _mm256_setzero_ps(),
         )
     }
 }
@@ -300,7 +304,7 @@ impl Row32 for BlockQ4_0 {
         len: usize,
         xt: *const u8,
         nbias: *const i32,
-    ) -> (__m256i, __m256) {
+    ) -> (__m256i, __m256, __m256) {
         // SAFETY: the caller's contract is this function's.
         unsafe { group_q4::<Self, FULL>(p, len, xt, nbias) }
     }
@@ -316,7 +320,7 @@ impl Row32 for BlockIQ4NL {
         len: usize,
         xt: *const u8,
         nbias: *const i32,
-    ) -> (__m256i, __m256) {
+    ) -> (__m256i, __m256, __m256) {
         // SAFETY: the caller's contract is this function's.
         unsafe { group_q4::<Self, FULL>(p, len, xt, nbias) }
     }
@@ -344,6 +348,20 @@ fn hsum8_ps(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let t = _mm_add_ps(s, _mm_movehl_ps(s, s));
     _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)))
+}
+
+/// Each lane's block product as the reference computes it: `(d_w · d_x) · isum`
+/// (`reference::block32_product`), plus `m_w · s_x` where the format has a min
+/// (`reference::q8_1::block32_min_product`); separate roundings, no FMA.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn product<W: Row32>(isum: __m256i, dw: __m256, dx: __m256, mw: __m256, sx: __m256) -> __m256 {
+    let p = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+    if W::HAS_MIN {
+        _mm256_add_ps(p, _mm256_mul_ps(mw, sx))
+    } else {
+        p
+    }
 }
 
 /// `dot_block32_vnni` for one activation row (`reference::dot_block32`'s bits): the `nb`
@@ -383,6 +401,7 @@ pub unsafe fn dot_rows32<W: Row32, const PF: bool, const R: usize>(
             && x.xt.len() >= groups * GROUP_BYTES
             && x.nbias.len() >= groups * LANES
             && x.d.len() >= nb
+            && (!W::HAS_MIN || x.s.len() >= nb)
     );
     let p = w.as_ptr();
     let mut acc = [_mm256_setzero_ps(); R];
@@ -392,19 +411,23 @@ pub unsafe fn dot_rows32<W: Row32, const PF: bool, const R: usize>(
         // (asserted above).
         unsafe {
             let dx = _mm256_loadu_ps(x.d.as_ptr().add(g * LANES));
+            let sx = if W::HAS_MIN {
+                _mm256_loadu_ps(x.s.as_ptr().add(g * LANES))
+            } else {
+                _mm256_setzero_ps()
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let at = r * stride + g * gsize;
                 if PF {
                     prefetch_l2(p.add(at), gsize);
                 }
-                let (isum, dw) = W::group::<true>(
+                let (isum, dw, mw) = W::group::<true>(
                     p.add(at),
                     gsize,
                     x.xt.as_ptr().add(g * GROUP_BYTES),
                     x.nbias.as_ptr().add(g * LANES),
                 );
-                let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
-                *acc = _mm256_add_ps(*acc, prod);
+                *acc = _mm256_add_ps(*acc, product::<W>(isum, dw, dx, mw, sx));
             }
         }
     }
@@ -418,9 +441,14 @@ pub unsafe fn dot_rows32<W: Row32, const PF: bool, const R: usize>(
         // lanes past `left` (zero activations, any weights) are not added.
         unsafe {
             let dx = _mm256_maskz_loadu_ps(k, x.d.as_ptr().add(full * LANES));
+            let sx = if W::HAS_MIN {
+                _mm256_maskz_loadu_ps(k, x.s.as_ptr().add(full * LANES))
+            } else {
+                _mm256_setzero_ps()
+            };
             for (r, acc) in acc.iter_mut().enumerate() {
                 let at = r * stride + full * gsize;
-                let (isum, dw) = if w.len() >= at + gsize {
+                let (isum, dw, mw) = if w.len() >= at + gsize {
                     W::group::<true>(
                         p.add(at),
                         gsize,
@@ -435,7 +463,7 @@ pub unsafe fn dot_rows32<W: Row32, const PF: bool, const R: usize>(
                         x.nbias.as_ptr().add(nbias),
                     )
                 };
-                let prod = _mm256_mul_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum));
+                let prod = product::<W>(isum, dw, dx, mw, sx);
                 *acc = _mm256_mask_add_ps(*acc, k, *acc, prod);
             }
         }
@@ -443,6 +471,7 @@ pub unsafe fn dot_rows32<W: Row32, const PF: bool, const R: usize>(
     acc.map(|a| hsum8_ps(a))
 }
 
+mod min;
 mod wide;
 
 #[cfg(test)]

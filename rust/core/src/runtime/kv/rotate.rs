@@ -5,6 +5,8 @@
 //! block's scale fits all its values (llama.cpp rotates before a quantized cache for the same
 //! reason). One fixed butterfly order, so the result never depends on the thread count.
 
+use crate::{Error, Result};
+
 /// `x` (a power-of-two length) <- H x / sqrt(len), in place.
 pub fn wht(x: &mut [f32]) {
     let n = x.len();
@@ -34,6 +36,24 @@ pub fn wht_heads(rows: &mut [f32], head_dim: usize) {
     }
 }
 
+/// `wht_heads` for callers outside the runtime (ferroquant.kv's transformers cache): an error,
+/// not a debug assertion, when `head_dim` is not a power of two or does not divide the rows.
+pub fn wht_heads_checked(rows: &mut [f32], head_dim: usize) -> Result<()> {
+    if !head_dim.is_power_of_two() {
+        return Err(Error::InvalidArgument(format!(
+            "kv rotation: head_dim {head_dim} is not a power of two"
+        )));
+    }
+    if !rows.len().is_multiple_of(head_dim) {
+        return Err(Error::InvalidArgument(format!(
+            "kv rotation: {} values are not whole heads of {head_dim}",
+            rows.len()
+        )));
+    }
+    wht_heads(rows, head_dim);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +75,13 @@ mod tests {
         e[5] = 8.0;
         wht(&mut e);
         assert!(e.iter().all(|v| v.abs() == 1.0));
+    }
+
+    #[test]
+    fn checked_rejects_bad_head_dims() {
+        let mut x = vec![1f32; 96];
+        assert!(wht_heads_checked(&mut x, 48).is_err());
+        assert!(wht_heads_checked(&mut x[..40], 32).is_err());
+        assert!(wht_heads_checked(&mut x, 32).is_ok());
     }
 }

@@ -8,13 +8,15 @@
 //! per query head and 64 channels, the accumulators stay in registers across all tokens; each
 //! token adds `(w s) * code` in the reference's order, the zero terms summed apart as there.
 //! The reference decodes a row into memory and reads it back per head; here nothing of the
-//! cache is written to memory.
+//! cache is written to memory. The float32 tail (KIVI's sinks and residual, up to a few hundred
+//! tokens) the same way: each query head's vectors loaded once and dotted against four rows at
+//! a time (four independent sums instead of one dependency chain), and the output's channels
+//! accumulated in registers across the tail's rows.
 
 use std::arch::x86_64::*;
 
 use super::{
-    add_value_zeros, f16_at, kivi_key_group, kivi_scaled_query, row_bytes, softmax, tail_scores,
-    tail_values, Kind, Layer,
+    add_value_zeros, f16_at, kivi_key_group, kivi_scaled_query, row_bytes, softmax, Kind, Layer,
 };
 
 /// Whether this kernel takes the layer: a KIVI type, head_dim 32, 64 or 128 (register-resident
@@ -94,15 +96,104 @@ fn head_avx2(
     let total = l.n_quant + l.n_tail;
     let mut scores = vec![0f32; rep * total];
     match l.head_dim {
-        32 => key_scores::<4>(l, bh, rep, q, scale, &mut scores),
-        64 => key_scores::<8>(l, bh, rep, q, scale, &mut scores),
-        128 => key_scores::<16>(l, bh, rep, q, scale, &mut scores),
+        32 => {
+            key_scores::<4>(l, bh, rep, q, scale, &mut scores);
+            tail_scores::<4>(l, bh, rep, q, scale, &mut scores);
+        }
+        64 => {
+            key_scores::<8>(l, bh, rep, q, scale, &mut scores);
+            tail_scores::<8>(l, bh, rep, q, scale, &mut scores);
+        }
+        128 => {
+            key_scores::<16>(l, bh, rep, q, scale, &mut scores);
+            tail_scores::<16>(l, bh, rep, q, scale, &mut scores);
+        }
         _ => unreachable!("takes() admits head_dim 32, 64, 128"),
     }
-    tail_scores(l, bh, q, scale, &mut scores);
     softmax(&mut scores, rep, total, mask);
     values(l, bh, rep, &scores, out);
-    tail_values(l, bh, &scores, out);
+    tail_values(l, bh, rep, &scores, out);
+}
+
+/// `super::tail_scores`, head_dim = 8 L: per query head its L vectors stay in registers and
+/// four tail rows are dotted at once, each with the reference's lane sums and reduction.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn tail_scores<const L: usize>(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let d = l.head_dim;
+    let total = l.n_quant + l.n_tail;
+    let base = bh * l.tail_cap * d;
+    let rows = &l.tail_k[base..base + l.n_tail * d];
+    for r in 0..rep {
+        let mut qv = [_mm256_setzero_ps(); L];
+        for (k, v) in qv.iter_mut().enumerate() {
+            *v = load8(&q[r * d + 8 * k..]);
+        }
+        let s = &mut scores[r * total + l.n_quant..(r + 1) * total];
+        let blocks = rows.chunks_exact(4 * d);
+        let rest = blocks.remainder();
+        let mut i = 0;
+        for four in blocks {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (k, qk) in qv.iter().enumerate() {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(*qk, load8(&four[j * d + 8 * k..])));
+                }
+            }
+            for (j, a) in acc.iter().enumerate() {
+                s[i + j] = reduce8(*a) * scale;
+            }
+            i += 4;
+        }
+        for row in rest.chunks_exact(d) {
+            let mut acc = _mm256_setzero_ps();
+            for (k, qk) in qv.iter().enumerate() {
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(*qk, load8(&row[8 * k..])));
+            }
+            s[i] = reduce8(acc) * scale;
+            i += 1;
+        }
+    }
+}
+
+/// `super::tail_values`: per query head and 32 channels the output stays in registers across
+/// the tail's rows; each row with a non-zero weight adds `w * row` in token order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn tail_values(l: &Layer<'_>, bh: usize, rep: usize, scores: &[f32], out: &mut [f32]) {
+    let d = l.head_dim;
+    let total = l.n_quant + l.n_tail;
+    let base = bh * l.tail_cap * d;
+    let rows = &l.tail_v[base..base + l.n_tail * d];
+    for r in 0..rep {
+        let w_r = &scores[r * total + l.n_quant..(r + 1) * total];
+        for c0 in (0..d).step_by(32) {
+            let o = &mut out[r * d + c0..r * d + c0 + 32];
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = load8(&o[8 * k..]);
+            }
+            for (row, &w) in rows.chunks_exact(d).zip(w_r) {
+                if w == 0.0 {
+                    continue;
+                }
+                let ws = _mm256_set1_ps(w);
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(ws, load8(&row[c0 + 8 * k..])));
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                store8(&mut o[8 * k..], *a);
+            }
+        }
+    }
 }
 
 /// The quantized keys' scores, head_dim = 8 L: a group's codes are `pack` lines of head_dim

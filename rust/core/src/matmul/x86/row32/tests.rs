@@ -1,18 +1,42 @@
-//! `dot_row32` bit for bit against `reference::dot_block32` for every format it serves: block
-//! counts 1..=40 (partial groups of every length), long rows (K = 14336 and one past a group),
-//! with and without the prefetch, random bytes (q8_0 weights include -128) and the extremes
-//! (all weights at their largest level against ±127 activations).
+//! `dot_row32` bit for bit against `reference::dot_block32` (q4_1 / q5_1:
+//! `reference::dot_block32_min`) for every format it serves: block counts 1..=40
+//! (partial groups of every length), long rows (K = 14336 and one past a group), with and
+//! without the prefetch, random bytes (q8_0 weights include -128) and the extremes (all weights
+//! at their largest level against ±127 activations).
 
 use super::*;
 use crate::matmul::reference as r;
 use crate::matmul::tests::{blocks, Rng};
 
+/// The f16 fields of a block (scale, and min where the format has one); the quants follow.
+fn halves<W: Row32>() -> &'static [usize] {
+    if W::HAS_MIN {
+        &[0, 2]
+    } else {
+        &[0]
+    }
+}
+
+/// The reference's bits of one weight row (`w`) against the activation row.
+fn want<W: Row32>(w: &[W], xq: &[BlockQ8_0], xd: &[f32], xs: &[f32]) -> u32 {
+    if W::HAS_MIN {
+        r::dot_block32_min(w, xq, xd, xs).to_bits()
+    } else {
+        r::dot_block32(w, xq, xd).to_bits()
+    }
+}
+
 fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
     let size = std::mem::size_of::<W>();
-    let mut data = blocks(rng, nb, size, &[0]);
+    let hs = halves::<W>();
+    let mut data = blocks(rng, nb, size, hs);
     if extreme {
         for b in 0..nb {
-            data[b * size + 2..(b + 1) * size].fill(if b % 2 == 0 { 0xff } else { 0x00 });
+            data[b * size + 2 * hs.len()..(b + 1) * size].fill(if b % 2 == 0 {
+                0xff
+            } else {
+                0x00
+            });
         }
     }
     let w: &[W] = bytemuck::cast_slice(&data);
@@ -37,12 +61,15 @@ fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
         .map(|b| b.qs.iter().map(|&q| q as i32).sum())
         .collect();
     let (xt, nbias) = interleave::<W>(&xq, &sums);
+    // q8_1's s (any finite values: the kernel only multiplies them)
+    let xs = rng.normalish(nb, 20.0);
     let row = RowQ8 {
         xt: &xt,
         d: &xd,
         nbias: &nbias,
+        s: if W::HAS_MIN { &xs } else { &[] },
     };
-    let want = r::dot_block32(w, &xq, &xd).to_bits();
+    let want = want(w, &xq, &xd, &xs);
     // The same row followed by more bytes (as the next rows of a matrix): all ones, so the
     // scales the last group reads past the row are f16 NaN.
     let mut more = data.clone();
@@ -63,7 +90,7 @@ fn check<W: Row32>(rng: &mut Rng, nb: usize, extreme: bool) {
 /// none) give each row's reference bits.
 fn check_rows<W: Row32>(rng: &mut Rng, nb: usize) {
     let size = std::mem::size_of::<W>();
-    let data = blocks(rng, 4 * nb, size, &[0]);
+    let data = blocks(rng, 4 * nb, size, halves::<W>());
     let w: &[W] = bytemuck::cast_slice(&data);
     let x = rng.normalish(nb * 32, 0.7);
     let mut xq = vec![
@@ -80,14 +107,16 @@ fn check_rows<W: Row32>(rng: &mut Rng, nb: usize) {
         .map(|b| b.qs.iter().map(|&q| q as i32).sum())
         .collect();
     let (xt, nbias) = interleave::<W>(&xq, &sums);
+    let xs = rng.normalish(nb, 20.0);
     let row = RowQ8 {
         xt: &xt,
         d: &xd,
         nbias: &nbias,
+        s: if W::HAS_MIN { &xs } else { &[] },
     };
     let want: Vec<u32> = w
         .chunks_exact(nb)
-        .map(|rw| r::dot_block32(rw, &xq, &xd).to_bits())
+        .map(|rw| want(rw, &xq, &xd, &xs))
         .collect();
     // SAFETY: cpu::has_vbmi_gfni() checked by the caller; x prepared by interleave for nb blocks.
     let (a, b) = unsafe {
@@ -126,6 +155,8 @@ fn row32_equals_reference_for_every_format_and_length() {
     all::<BlockIQ4NL>(&mut rng);
     all::<BlockQ5_0>(&mut rng);
     all::<BlockQ8_0>(&mut rng);
+    all::<BlockQ4_1>(&mut rng);
+    all::<BlockQ5_1>(&mut rng);
 }
 
 /// Each activation dword lands in exactly one lane of one register per group.
@@ -149,6 +180,8 @@ fn x_lanes_cover_every_quad_once() {
     cover::<BlockIQ4NL>();
     cover::<BlockQ5_0>();
     cover::<BlockQ8_0>();
+    cover::<BlockQ4_1>();
+    cover::<BlockQ5_1>();
 }
 
 /// Timing of the kernel alone (not a test): `cargo test --release row32_bench -- --ignored
@@ -181,6 +214,7 @@ fn row32_bench() {
             xt: &xt,
             d: &xd,
             nbias: &nbias,
+            s: &[],
         };
         let (mut best, mut old) = (f64::MAX, f64::MAX);
         let mut sink = 0.0f32;
@@ -268,6 +302,7 @@ fn row32_mem_bench() {
             xt: &xt,
             d: &xd,
             nbias: &nbias,
+            s: &[],
         };
         let mut best = [f64::MAX; 3];
         let mut sink = 0.0f32;
@@ -315,11 +350,12 @@ fn row32_mem_bench() {
 fn qmatmul_m1_rows_equal_reference() {
     use crate::formats::tensor::QuantizedView;
     use crate::matmul::{qmatmul, QType};
+    use bytemuck::Zeroable;
     fn run<W: Row32>(rng: &mut Rng, qtype: QType) {
         let size = std::mem::size_of::<W>();
         for nb in [18usize, 64, 65] {
             for n in 1..=9 {
-                let data = blocks(rng, n * nb, size, &[0]);
+                let data = blocks(rng, n * nb, size, halves::<W>());
                 let k = nb * 32;
                 let x = rng.normalish(k, 1.0);
                 let view = QuantizedView {
@@ -334,21 +370,24 @@ fn qmatmul_m1_rows_equal_reference() {
                 };
                 let mut y = vec![0.0f32; n];
                 qmatmul(&x, 1, &view, &mut y).unwrap();
-                let mut xq = vec![
-                    BlockQ8_0 {
-                        d: [0; 2],
-                        qs: [0; 32]
-                    };
-                    nb
-                ];
-                r::quantize_row_q8_0(&x, &mut xq);
+                // q4_1 / q5_1: ggml's q8_1 blocks (their d and quants are q8_0's, plus s)
+                let (xq, xs): (Vec<BlockQ8_0>, Vec<f32>) = if W::HAS_MIN {
+                    let mut x1 = vec![r::BlockQ8_1::zeroed(); nb];
+                    r::quantize_row_q8_1(&x, &mut x1);
+                    x1.iter()
+                        .map(|b| (BlockQ8_0 { d: b.d, qs: b.qs }, f16_to_f32(b.s)))
+                        .unzip()
+                } else {
+                    let mut xq = vec![BlockQ8_0::zeroed(); nb];
+                    r::quantize_row_q8_0(&x, &mut xq);
+                    (xq, Vec::new())
+                };
                 let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
                 let w: &[W] = bytemuck::cast_slice(&data);
                 for (row, rw) in w.chunks_exact(nb).enumerate() {
-                    let want = r::dot_block32(rw, &xq, &xd);
                     assert_eq!(
                         y[row].to_bits(),
-                        want.to_bits(),
+                        want(rw, &xq, &xd, &xs),
                         "{qtype:?} n={n} nb={nb} row {row}"
                     );
                 }
@@ -360,4 +399,6 @@ fn qmatmul_m1_rows_equal_reference() {
     run::<BlockIQ4NL>(&mut rng, QType::IQ4NL);
     run::<BlockQ5_0>(&mut rng, QType::Q5_0);
     run::<BlockQ8_0>(&mut rng, QType::Q8_0);
+    run::<BlockQ4_1>(&mut rng, QType::Q4_1);
+    run::<BlockQ5_1>(&mut rng, QType::Q5_1);
 }

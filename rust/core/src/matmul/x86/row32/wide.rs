@@ -10,7 +10,7 @@ use super::*;
 /// Byte index of a `vpermt2b` over the windows `t1..t1 + 64` and `t2..t2 + 64` of a group:
 /// output byte `16s + 4j + b` = quant byte `4s + b` of block `4·half + j` (block `size` bytes,
 /// quants at `qoff`).
-const fn quad_index(size: usize, qoff: usize, half: usize, t1: usize, t2: usize) -> Idx {
+pub(super) const fn quad_index(size: usize, qoff: usize, half: usize, t1: usize, t2: usize) -> Idx {
     let mut idx = [0u8; 64];
     let mut o = 0;
     while o < 64 {
@@ -35,7 +35,7 @@ const Q_HI: [i64; 8] = [4, 5, 12, 13, 6, 7, 14, 15];
 /// `[a.l0, b.l0, a.l1, b.l1]` and `[a.l2, b.l2, a.l3, b.l3]`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn pair_lanes(a: __m512i, b: __m512i) -> (__m512i, __m512i) {
+pub(super) fn pair_lanes(a: __m512i, b: __m512i) -> (__m512i, __m512i) {
     // SAFETY: 8 i64 each.
     let (il, ih) = unsafe {
         (
@@ -60,7 +60,7 @@ fn fold(v: __m512i) -> __m256i {
 /// 0..8), added, the halves folded.
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
-unsafe fn dots4(nbias: *const i32, v: [__m512i; 4], xt: *const u8) -> __m256i {
+pub(super) unsafe fn dots4(nbias: *const i32, v: [__m512i; 4], xt: *const u8) -> __m256i {
     // SAFETY: xt points at the group's GROUP_BYTES bytes, nbias at 8 i32 (caller).
     unsafe {
         let init = _mm512_zextsi256_si512(_mm256_loadu_si256(nbias as *const __m256i));
@@ -76,7 +76,7 @@ unsafe fn dots4(nbias: *const i32, v: [__m512i; 4], xt: *const u8) -> __m256i {
 
 /// Register `reg` lane `l` of the transposed layout: block `l % 8`, quad `2·reg + l / 8`
 /// (registers: low nibbles of dwords 0,1; of 2,3; high nibbles of 0,1; of 2,3).
-fn x_lane_t(reg: usize, l: usize) -> (usize, usize) {
+pub(super) fn x_lane_t(reg: usize, l: usize) -> (usize, usize) {
     (l % 8, 2 * reg + l / 8)
 }
 
@@ -96,8 +96,9 @@ const fn split8(size: usize, off: usize, late: bool) -> [usize; 8] {
     }
     a
 }
-/// Word 2L + h (dword lane L of 16) = word h of block L % 8's qh.
-const fn qh16(late: bool) -> [usize; 32] {
+/// Word 2L + h (dword lane L of 16) = word h of block L % 8's qh (blocks of `size` bytes, qh
+/// at `off`); blocks 0..5 unless `late`, 6 and 7 if `late`.
+pub(super) const fn qh16(size: usize, off: usize, late: bool) -> [usize; 32] {
     let mut a = [0usize; 32];
     let mut w = 0;
     while w < 32 {
@@ -105,7 +106,7 @@ const fn qh16(late: bool) -> [usize; 32] {
         a[w] = if (j >= 6) != late {
             SKIP
         } else {
-            22 * j + 2 + 2 * (w % 2)
+            size * j + off + 2 * (w % 2)
         };
         w += 1;
     }
@@ -113,11 +114,11 @@ const fn qh16(late: bool) -> [usize; 32] {
 }
 static Q5_D1: Idx = word_index(split8(22, 0, false), 0, 64);
 static Q5_D2: Idx = word_index(split8(22, 0, true), 112, 112);
-static Q5_QH1: Idx = word_index(qh16(false), 0, 64);
-static Q5_QH2: Idx = word_index(qh16(true), 112, 112);
+static Q5_QH1: Idx = word_index(qh16(22, 2, false), 0, 64);
+static Q5_QH2: Idx = word_index(qh16(22, 2, true), 112, 112);
 /// The words that `Q5_D2` / `Q5_QH2` replace.
 const Q5_D_LATE: __mmask32 = 0xc0;
-const Q5_QH_LATE: __mmask32 = 0xf000_f000;
+pub(super) const Q5_QH_LATE: __mmask32 = 0xf000_f000;
 
 /// `vpmultishiftqb` controls: register `reg`'s byte `4L + b` takes the qh bit of its element
 /// (`4·(2·reg + L / 8) + b`, in the 32-bit half `L % 2` of its qword) to bit 4.
@@ -137,7 +138,7 @@ static Q5_SHIFT: [Idx; 4] = [q5_shift(0), q5_shift(1), q5_shift(2), q5_shift(3)]
 /// `nib | (qh bits of `reg` & 0x10)`: the five-bit levels (0..31) of register `reg`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 #[inline]
-fn q5_levels(nib: __m512i, qh: __m512i, reg: usize) -> __m512i {
+pub(super) fn q5_levels(nib: __m512i, qh: __m512i, reg: usize) -> __m512i {
     let h = _mm512_multishift_epi64_epi8(idx(&Q5_SHIFT[reg]), qh);
     // a | (b & c)
     _mm512_ternarylogic_epi32::<0xf8>(nib, h, _mm512_set1_epi8(0x10))
@@ -153,7 +154,7 @@ impl Row32 for BlockQ5_0 {
         len: usize,
         xt: *const u8,
         nbias: *const i32,
-    ) -> (__m256i, __m256) {
+    ) -> (__m256i, __m256, __m256) {
         // SAFETY: the caller's contract is this function's (the 176 bytes of a full group are
         // read as 0..64, 64..128, 112..176).
         unsafe {
@@ -178,6 +179,7 @@ impl Row32 for BlockQ5_0 {
             (
                 dots4(nbias, v, xt),
                 _mm256_cvtph_ps(_mm512_castsi512_si128(d)),
+                _mm256_setzero_ps(),
             )
         }
     }
@@ -220,7 +222,7 @@ impl Row32 for BlockQ8_0 {
         len: usize,
         xt: *const u8,
         nbias: *const i32,
-    ) -> (__m256i, __m256) {
+    ) -> (__m256i, __m256, __m256) {
         // SAFETY: the caller's contract is this function's (every window lies in the 272 bytes
         // of a full group).
         unsafe {
@@ -245,7 +247,7 @@ impl Row32 for BlockQ8_0 {
             let d1 = _mm512_permutex2var_epi16(win[0][0], idx(&Q8_D1), win[0][1]);
             let d2 = _mm512_permutex2var_epi16(win[2][0], idx(&Q8_D2), win[2][1]);
             let d = _mm_unpacklo_epi64(_mm512_castsi512_si128(d1), _mm512_castsi512_si128(d2));
-            (isum, _mm256_cvtph_ps(d))
+            (isum, _mm256_cvtph_ps(d), _mm256_setzero_ps())
         }
     }
 }
