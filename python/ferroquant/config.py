@@ -14,7 +14,7 @@ RUST_SWITCHES = {
     "FERROQUANT_NUM_THREADS": "threads of the Rust core's pool (default: all cores)",
     "FERROQUANT_FORCE_SCALAR": "1: run the scalar references instead of the SIMD kernels",
     "FERROQUANT_RUNTIME_PACK": "0: the native runtime keeps weights as stored (no VNNI panels)",
-    "FERROQUANT_MAX_ISA": "avx2 / avxvnni: cap the x86-64 kernels below AVX-512",
+    "FERROQUANT_MAX_ISA": "avx2 / avxvnni: cap the x86-64 kernels below AVX-512; avx512: no AMX",
     "FERROQUANT_AVX2_GEMM": "0: no AVX2 GEMM for the 32-weight formats (the row kernels run)",
 }
 PYTHON_SWITCHES = {

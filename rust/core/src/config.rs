@@ -5,7 +5,7 @@
 //! | --- | --- | --- |
 //! | `FERROQUANT_FORCE_SCALAR` | once per process | anything but "" or "0": every kernel and quantizer runs its scalar reference (`cpu` reports no SIMD) |
 //! | `FERROQUANT_NUM_THREADS` | when the pool is first built | threads of the rayon pool (`parallel`); unset, 0 or not a number: all cores |
-//! | `FERROQUANT_MAX_ISA` | once per process | x86-64: "avx2" (AVX2 / FMA / F16C only: no AVX-512, no AVX-VNNI) or "avxvnni" (no AVX-512) caps the kernels below what the CPU has, to run and measure the paths of older CPUs; unset or anything else: no cap |
+//! | `FERROQUANT_MAX_ISA` | once per process | x86-64: "avx2" (AVX2 / FMA / F16C only: no AVX-512, no AVX-VNNI), "avxvnni" (no AVX-512) or "avx512" (no AMX) caps the kernels below what the CPU has, to run and measure the paths of older CPUs; unset or anything else: no cap |
 //! | `FERROQUANT_AVX2_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of CPUs without AVX-512 (`matmul/gemm_avx2.rs`) is off and the row kernels run (for benchmarks: `bench_matmul.py --avx2-rows`) |
 //! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
 //! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
@@ -28,7 +28,7 @@ pub fn force_scalar() -> bool {
     *FORCE.get_or_init(|| var("FERROQUANT_FORCE_SCALAR").is_some_and(|v| !v.is_empty() && v != "0"))
 }
 
-/// `FERROQUANT_MAX_ISA`: `Some("avx2")` or `Some("avxvnni")` when set to one of them (read
+/// `FERROQUANT_MAX_ISA`: `Some("avx2")`, `Some("avxvnni")` or `Some("avx512")` when set to one of them (read
 /// once; `cpu` applies it).
 pub fn max_isa() -> Option<&'static str> {
     static CAP: OnceLock<Option<&'static str>> = OnceLock::new();
@@ -36,6 +36,7 @@ pub fn max_isa() -> Option<&'static str> {
         || match var("FERROQUANT_MAX_ISA").as_deref().map(str::trim) {
             Some("avx2") => Some("avx2"),
             Some("avxvnni") => Some("avxvnni"),
+            Some("avx512") => Some("avx512"),
             _ => None,
         },
     )

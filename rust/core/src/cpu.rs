@@ -97,10 +97,10 @@ pub fn has_vbmi_gfni() -> bool {
     once!(has_vnni() && x86!("avx512bw", "avx512vbmi", "gfni"))
 }
 
-/// No `FERROQUANT_MAX_ISA` cap below AVX-512.
+/// No `FERROQUANT_MAX_ISA` cap below AVX-512 ("avx512" only turns AMX off, `amx.rs`).
 #[cfg(target_arch = "x86_64")]
 fn avx512_allowed() -> bool {
-    crate::config::max_isa().is_none()
+    matches!(crate::config::max_isa(), None | Some("avx512"))
 }
 
 /// `has_avx2` and AVX-VNNI (unless `FERROQUANT_MAX_ISA=avx2`).

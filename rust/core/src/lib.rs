@@ -7,6 +7,7 @@
 // caller must guarantee (`# Safety`): `cargo clippy -- -D warnings` refuses a missing one.
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
+pub mod amx;
 pub mod config;
 pub mod cpu;
 pub mod error;
