@@ -242,6 +242,22 @@ def bf16_path(W: Weights, m: int) -> bool:
     return bool(t) and m >= t and W.k % 32 == 0 and W.qtype in BF16_QTYPES
 
 
+def amx_path(W: Weights, m: int) -> bool:
+    """The bf16 GEMM runs on AMX tiles (`x86/amx_bf16.rs`): the same roundings, the tiles' own
+    summation order, so within `bf16_bound(..., amx=True)` instead of `bf16_reference`'s bits."""
+    t = _native.qmatmul_bf16_amx_min_m()
+    return bf16_path(W, m) and bool(t) and m >= t
+
+
+def check_bf16(W: Weights, x: np.ndarray, y: np.ndarray) -> None:
+    """y is the bf16 GEMM's: `bf16_reference`'s bits, or on AMX tiles within their bound."""
+    if amx_path(W, x.shape[0]):
+        exact = x.astype(np.float64) @ W.deq.T
+        assert np.all(np.abs(y - exact) <= bf16_bound(W, x, amx=True))
+    else:
+        assert np.array_equal(y.view(np.uint32), bf16_reference(W, x).view(np.uint32))
+
+
 def to_bf16(a: np.ndarray) -> np.ndarray:
     """float32 values rounded as `vcvtne2ps2bf16` does: subnormals to signed zero, then round to
     nearest even on the top 16 bits (returned as float32 values)."""
@@ -273,10 +289,11 @@ def bf16_reference(W: Weights, x: np.ndarray) -> np.ndarray:
     return acc
 
 
-def bf16_bound(W: Weights, x: np.ndarray) -> np.ndarray:
-    """The bf16 GEMM's bound against the float64 product (module docstring), (M, N)."""
+def bf16_bound(W: Weights, x: np.ndarray, amx: bool = False) -> np.ndarray:
+    """The bf16 GEMM's bound against the float64 product (module docstring), (M, N); `amx`: the
+    tiles' (any summation order, each of the K additions rounded faithfully: u = 2^-23)."""
     k = x.shape[1]
-    ub, u = 2.0**-8, 2.0**-24
+    ub, u = 2.0**-8, (2.0**-23 if amx else 2.0**-24)
     ax, aw = np.abs(x.astype(np.float64)), np.abs(W.deq)
     s = ax @ aw.T
     gamma = k * u / (1 - k * u)
@@ -288,7 +305,7 @@ def error_bound(W: Weights, x: np.ndarray) -> np.ndarray:
     """The bound derived in the module docstring, per output element (M, N)."""
     m, k = x.shape
     if bf16_path(W, m):
-        return bf16_bound(W, x)
+        return bf16_bound(W, x, amx=amx_path(W, m))
     wt = weight_magnitude(W)
     ax = np.abs(x.astype(np.float64))
     if W.qtype in BLOCK:
@@ -524,8 +541,8 @@ def test_property_shapes_threads(kind, dist, nb, n, m, seed):
         fq.set_num_threads(before)
     assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
     if bf16_path(W, m):
-        # the bf16 GEMM: every output is the emulated chain's, bit for bit
-        assert np.array_equal(y1.view(np.uint32), bf16_reference(W, x).view(np.uint32))
+        # the bf16 GEMM: every output is the emulated chain's, bit for bit (AMX: its bound)
+        check_bf16(W, x, y1)
         return
     # every row of a batch equals the same row computed alone (one sequence per output)
     i = seed % m
@@ -560,7 +577,7 @@ def test_tiled_batches_threads_and_rows(kind):
     assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
     if bf16_path(W, m):
         # the bf16 GEMM (rows below its threshold take the other numerics)
-        assert np.array_equal(y1.view(np.uint32), bf16_reference(W, x).view(np.uint32))
+        check_bf16(W, x, y1)
         return
     assert np.array_equal(y1[:3].view(np.uint32), y3.view(np.uint32))
     for i in (0, 5, 33, 34, 66):
@@ -606,7 +623,10 @@ def test_simd_matches_forced_scalar_bitwise(tmp_path):
             y = W.matmul(x)
             # forced scalar has no bf16 path: where SIMD takes it, both are checked against
             # their own references (the scalar run ran the q16 / f32 one, as at m < threshold)
-            want = bf16_reference(W, x) if bf16_path(W, m) else scalar[f"{kind}/{i}"]
+            if bf16_path(W, m):
+                check_bf16(W, x, y)
+                continue
+            want = scalar[f"{kind}/{i}"]
             assert np.array_equal(y.view(np.uint32), want.view(np.uint32)), (
                 kind,
                 i,

@@ -169,6 +169,11 @@ def openmp_regions() -> int: ...  # regions run on the attached team so far
 # From this many activation rows (K a multiple of 32) nf4, int8, fp8 and the grouped integers run
 # the bf16 GEMM and its numerics (rust/core/src/matmul/reference/bf16.rs); 0 without AVX-512 BF16.
 def qmatmul_bf16_min_m() -> int: ...
+
+# From this many rows that bf16 GEMM runs on AMX tiles (Intel, where the process may use them;
+# FERROQUANT_MAX_ISA=avx512 turns them off): the same roundings, the tiles' own summation order,
+# within a float64 bound (rust/core/src/matmul/x86/amx_bf16.rs) instead of bit-exact; 0: never.
+def qmatmul_bf16_amx_min_m() -> int: ...
 def stream_read(data: npt.NDArray[np.uint8]) -> int: ...
 
 # GGUF (rust/python/src/gguf.rs)

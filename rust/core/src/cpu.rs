@@ -98,7 +98,7 @@ pub fn has_vbmi_gfni() -> bool {
     once!(has_vnni() && x86!("avx512bw", "avx512vbmi", "gfni"))
 }
 
-/// No `FERROQUANT_MAX_ISA` cap below AVX-512 ("avx512" caps only AMX).
+/// No `FERROQUANT_MAX_ISA` cap below AVX-512 ("avx512" only turns AMX off, `amx.rs`).
 #[cfg(target_arch = "x86_64")]
 fn avx512_allowed() -> bool {
     matches!(crate::config::max_isa(), None | Some("avx512"))

@@ -113,6 +113,13 @@ pub fn qmatmul_bf16_min_m() -> usize {
     core::matmul::bf16_gemm_min_m()
 }
 
+/// From this many rows the bf16 GEMM runs on AMX tiles (its own summation order, within
+/// `x86::amx_bf16::error_bound` instead of `reference/bf16.rs`'s bits); 0 where it does not.
+#[pyfunction]
+pub fn qmatmul_bf16_amx_min_m() -> usize {
+    core::matmul::bf16_amx_min_m()
+}
+
 /// Memory read bandwidth helper of the benchmarks: a multi-threaded streaming read of `data`
 /// (the pool's threads, one contiguous part each), returning a checksum; time it from Python.
 #[pyfunction]

@@ -15,7 +15,7 @@ use std::arch::x86_64::{
 use std::cell::RefCell;
 
 use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
-use super::x86::gemm16_fma;
+use super::x86::{amx_bf16, gemm16_fma};
 use super::{OutPtr, Plan};
 use crate::qtype::QType;
 
@@ -50,18 +50,18 @@ impl Plan<'_> {
         // The FMA kernels (where `vdpbf16ps` is slow) for the blocks of NR rows, on the chunk
         // widened to f32; single rows and a last half vector keep `gemm16` (the same bits).
         let fma = gemm16_fma::use_fma();
+        // AMX tiles (`x86::amx_bf16`) from `AMX_BF16_MIN_M` rows where the process may use them.
+        let amx = amx_bf16::use_amx(self.m);
         let job = |t: usize| {
             let (ri, bi) = (t / blocks, t % blocks);
             let n0 = ri * PANEL;
             let v0 = bi * BLOCK_VECTORS;
-            self.job_bf16(
-                x,
-                n0,
-                PANEL.min(n - n0),
-                v0..(v0 + BLOCK_VECTORS).min(x.vectors),
-                fma,
-                &outp,
-            );
+            let (rows, vs) = (PANEL.min(n - n0), v0..(v0 + BLOCK_VECTORS).min(x.vectors));
+            if amx {
+                self.job_amx(x, n0, rows, vs, &outp);
+            } else {
+                self.job_bf16(x, n0, rows, vs, fma, &outp);
+            }
         };
         let threads = crate::parallel::num_threads();
         if threads == 1 || jobs == 1 {
@@ -140,6 +140,53 @@ impl Plan<'_> {
                 }
                 k0 += kc;
             }
+            write_out(acc, rows, nv, vs.start, self.m, n0, out);
+        });
+    }
+
+    /// `job_bf16` on AMX tiles: the same chunks and chains (rounded up to whole tiles of 16
+    /// weight rows), every block of the chunk through `amx_bf16::chunk`; the tiles are
+    /// configured for the job on the thread running it and released at its end.
+    fn job_amx(
+        &self,
+        x: &Acts16,
+        n0: usize,
+        rows: usize,
+        vs: std::ops::Range<usize>,
+        out: &OutPtr,
+    ) {
+        let nv = vs.len();
+        let k = self.k;
+        let rows16 = rows.next_multiple_of(16);
+        SCRATCH.with_borrow_mut(|(wc, w8, acc, _)| {
+            // (PANEL is a multiple of 16: the rounded rows fit; rows past `rows` hold whatever
+            // the buffer held, their chains are never written out)
+            wc.resize(PANEL * KC, 0);
+            acc.clear();
+            // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
+            acc.resize(rows16 * nv, unsafe { zero() });
+            // SAFETY: `use_amx` checked `amx_bf16_usable`; released below on this thread.
+            unsafe { crate::amx::tile_config(&amx_bf16::CONFIG) };
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                for i in 0..rows {
+                    self.decode_bf16(n0 + i, k0, kc, w8, &mut wc[i * KC..i * KC + kc]);
+                }
+                let c = amx_bf16::Chunk {
+                    w: wc,
+                    x: &x.x[vs.start * x.pairs + k0 / 2..],
+                    x_stride: x.pairs,
+                    pairs: kc / 2,
+                };
+                // SAFETY: tiles configured above; wc holds PANEL >= rows16 rows of KC, the
+                // job's vectors have kc / 2 pairs (a multiple of 16: K is a multiple of 32)
+                // from k0 / 2, acc has rows16 · nv chains.
+                unsafe { amx_bf16::chunk(&c, rows16, nv, acc) };
+                k0 += kc;
+            }
+            // SAFETY: configured above on this thread.
+            unsafe { crate::amx::tile_release() };
             write_out(acc, rows, nv, vs.start, self.m, n0, out);
         });
     }

@@ -96,6 +96,17 @@ pub fn bf16_gemm_min_m() -> usize {
     0
 }
 
+/// The number of activation rows from which that bf16 GEMM runs on AMX tiles instead
+/// (`x86/amx_bf16.rs`: the same roundings, the tiles' own summation order, a float64 bound
+/// instead of `reference::bf16`'s bits), or 0 where it does not.
+pub fn bf16_amx_min_m() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if bf16_gemm_min_m() > 0 && x86::amx_bf16::use_amx(usize::MAX) {
+        return x86::amx_bf16::AMX_BF16_MIN_M;
+    }
+    0
+}
+
 /// The activations, prepared once per call (one row of x per `m`).
 enum Acts<'a> {
     Q8_0 {

@@ -442,6 +442,7 @@ pub mod row32;
 // ---------------------------------------------------------------- f32 activations
 
 pub mod amx32;
+pub mod amx_bf16;
 mod float_acts;
 pub mod gemm16;
 pub mod gemm16_fma;

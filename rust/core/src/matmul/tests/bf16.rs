@@ -20,6 +20,34 @@ fn bf16_path(m: usize) -> bool {
     t > 0 && m >= t
 }
 
+/// The AMX tile path may run here for `m` rows (then outputs are checked against
+/// `amx_bf16::error_bound` where they differ from `reference::bf16`; elsewhere they must not).
+fn amx_path(m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        bf16_path(m)
+            && m >= crate::matmul::x86::amx_bf16::AMX_BF16_MIN_M
+            && crate::amx::amx_bf16_usable()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = m;
+        false
+    }
+}
+
+fn amx_bound(w: &[f32], x: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::matmul::x86::amx_bf16::error_bound(w, x)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (w, x);
+        0.0
+    }
+}
+
 /// Random bytes and scales for a bitsandbytes-style view (fp8: finite codes, plus one e4m3
 /// NaN code).
 fn raw_view_parts(
@@ -79,10 +107,25 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
                 } else {
                     rows[row]
                 };
-                for (got, what) in [(y[mi * n + row], "pool"), (y1[mi * n + row], "1 thread")] {
+                let (got, got1) = (y[mi * n + row], y1[mi * n + row]);
+                // Jobs split the same way for any thread count: the same bits.
+                assert!(
+                    got.to_bits() == got1.to_bits(),
+                    "{name} threads k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {got1:e}"
+                );
+                let same = got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
+                if !same && amx_path(m) && want.is_finite() {
+                    // The tile path (its own arithmetic): within its float64 bound.
+                    let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let bound = amx_bound(wr, xr);
                     assert!(
-                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                        "{name} {what} k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {want:e}"
+                        (got as f64 - exact).abs() <= bound,
+                        "{name} amx bound k={k} ({mi}, {row}): {got} vs {exact}, bound {bound}"
+                    );
+                } else {
+                    assert!(
+                        same,
+                        "{name} k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {want:e}"
                     );
                 }
                 if bf16_path(m) && want.is_finite() {
@@ -246,6 +289,8 @@ fn bf16_gemm_fma_and_dpbf16_kernels_equal_the_reference() {
     };
     let mut deq = vec![0f32; n * k];
     dequantize(&v, &mut deq).unwrap();
+    // (the AVX-512 kernels at every M: the tile path off meanwhile)
+    crate::matmul::x86::amx_bf16::force(Some(false));
     for fma in [true, false] {
         gemm16_fma::force(Some(fma));
         check(
@@ -257,4 +302,55 @@ fn bf16_gemm_fma_and_dpbf16_kernels_equal_the_reference() {
         );
     }
     gemm16_fma::force(None);
+    crate::matmul::x86::amx_bf16::force(None);
+}
+
+/// The AMX tile path (where the process may use it: elsewhere these are the calls above again)
+/// at M = 12 (one B tile, 4 lanes empty), 47 (2 x 2 blocks and a half-empty vector), 530 (blocks of 32
+/// vectors, the last one of 2 rows) on two panels (144 rows: 2 x 2 and 1 x 2 blocks; 16 rows:
+/// 1 x n), K two chunks and a piece; and the grouped int4 / int8 formats. Every output within
+/// `amx_bf16::error_bound` of the float64 product, the same bits for 1 and 2 threads.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_gemm_amx_tiles_within_their_bound() {
+    crate::matmul::x86::amx_bf16::force(Some(true));
+    let mut rng = Rng(0xbf16_0000_a3c0_0019);
+    let (n, k) = (160, 576);
+    for qtype in [QType::NF4, QType::Int8] {
+        let mode = (qtype == QType::Int8).then_some(ScaleMode::Block);
+        let (data, stats) = raw_view_parts(&mut rng, qtype, mode, 64, n, k);
+        let v = QuantizedView {
+            qtype,
+            rows: n,
+            cols: k,
+            block_size: 64,
+            scale_mode: mode,
+            data: &data,
+            stats: &stats,
+            double_quant: None,
+        };
+        let mut deq = vec![0f32; n * k];
+        dequantize(&v, &mut deq).unwrap();
+        check(
+            &format!("{qtype:?} amx"),
+            &v,
+            &deq,
+            &[16, 47, 530],
+            &mut rng,
+        );
+    }
+    for name in ["int4_g64", "int8_g64_sym"] {
+        let qtype = QType::parse(name).unwrap();
+        let w = rng.normalish(40 * 320, 0.05);
+        let q = quantize(
+            &Matrix::from_f32(&w, 40, 320).unwrap(),
+            qtype,
+            &Options::default(),
+        )
+        .unwrap();
+        let mut deq = vec![0f32; 40 * 320];
+        dequantize(&q.view(), &mut deq).unwrap();
+        check(name, &q.view(), &deq, &[33], &mut rng);
+    }
+    crate::matmul::x86::amx_bf16::force(None);
 }

@@ -15,7 +15,6 @@
 
 use std::arch::x86_64::*;
 
-use super::gint_row::hsum16_v;
 use super::q16::dpwssd;
 use crate::matmul::reference::gint::{UNIT4, UNIT8};
 use crate::matmul::reference::q16::Q16;
@@ -353,4 +352,19 @@ pub(super) unsafe fn zero_term<const R: usize>(
         g0 += 16;
     }
     zacc.map(|a| hsum16_v(a))
+}
+
+/// The 16 lanes reduced in `reference::gint::hsum16`'s order: `a[l] + a[l + 8]`, then
+/// `t[l] + t[l + 4]`, then `(s0 + s2) + (s1 + s3)`: the same additions, in registers.
+///
+/// # Safety
+/// AVX-512 F (a safe function with target features: callable only where they hold).
+#[target_feature(enable = "avx2,fma,avx512f")]
+#[inline]
+pub fn hsum16_v(a: __m512) -> f32 {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+    let t = _mm256_add_ps(_mm512_castps512_ps256(a), hi);
+    let s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+    let u = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(u, _mm_movehdup_ps(u)))
 }
