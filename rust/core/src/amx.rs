@@ -92,11 +92,21 @@ pub fn status() -> String {
 }
 
 /// Not forced scalar, no ISA cap (`FERROQUANT_MAX_ISA=avx512` turns only AMX off), and the
-/// AVX-512 level the tile kernels' epilogues use.
+/// AVX-512 level the tile kernels' epilogues use (`cpu::has_vnni_q16`'s features, asked here
+/// directly: `cpu` reports AMX through this module, so this module does not call `cpu`).
 fn allowed() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::config::max_isa().is_none() && crate::cpu::has_vnni_q16()
+        use std::arch::is_x86_feature_detected as has;
+        !crate::config::force_scalar()
+            && crate::config::max_isa().is_none()
+            && has!("avx2")
+            && has!("f16c")
+            && has!("fma")
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vl")
+            && has!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
