@@ -84,7 +84,13 @@ pub fn dot_bf16(w: &[f32], x: &[f32]) -> f32 {
 
 /// `(2 u_b + u_b²) S + γ_K (1 + u_b)² S + 2^-126 (Σ|x| + Σ|w| + 2K)`, in f64 (module comment).
 pub fn error_bound(w: &[f32], x: &[f32]) -> f64 {
-    let (ub, u) = (2f64.powi(-8), 2f64.powi(-24));
+    error_bound_with_unit(w, x, 2f64.powi(-24))
+}
+
+/// `error_bound` with the additions' unit roundoff `u` as a parameter (`γ_K = K u / (1 - K u)`):
+/// 2^-24 for round-to-nearest f32 additions, 2^-23 for faithful ones (the AMX tiles').
+pub fn error_bound_with_unit(w: &[f32], x: &[f32], u: f64) -> f64 {
+    let ub = 2f64.powi(-8);
     let k = w.len() as f64;
     let s: f64 = w
         .iter()

@@ -214,16 +214,7 @@ pub unsafe fn chunk(
 ///
 /// `(2 u_b + u_b²) S + γ'_K (1 + u_b)² S + 2^-126 (Σ|x| + Σ|w| + 2K)`, `γ'_K = 2Ku / (1 - 2Ku)`.
 pub fn error_bound(w: &[f32], x: &[f32]) -> f64 {
-    let (ub, u2) = (2f64.powi(-8), 2f64.powi(-23));
-    let k = w.len() as f64;
-    let s: f64 = w
-        .iter()
-        .zip(x)
-        .map(|(&a, &b)| (a as f64 * b as f64).abs())
-        .sum();
-    let mass: f64 = w.iter().chain(x).map(|&v| (v as f64).abs()).sum();
-    let gamma = k * u2 / (1.0 - k * u2);
-    (2.0 * ub + ub * ub) * s + gamma * (1.0 + ub).powi(2) * s + 2f64.powi(-126) * (mass + 2.0 * k)
+    crate::matmul::reference::bf16::error_bound_with_unit(w, x, 2f64.powi(-23))
 }
 
 #[cfg(test)]
