@@ -268,7 +268,11 @@ mod tests {
             }
         }
         for (wt, what) in [(&w, "random"), (&wc, "cancelling")] {
-            let mut acc = vec![[0f32; 16]; rows * nv];
+            // 64-byte aligned lanes: the kernel reads and writes them as __m512.
+            #[repr(C, align(64))]
+            #[derive(Clone, Copy)]
+            struct Lanes([f32; 16]);
+            let mut acc = vec![Lanes([0f32; 16]); rows * nv];
             let c = Chunk {
                 w: wt,
                 x: &x,
@@ -276,8 +280,8 @@ mod tests {
                 pairs,
             };
             // SAFETY: AMX bf16 usable (checked); `CONFIG` loaded here and released below; wt
-            // has rows x KC, x nv vectors of `pairs`, acc rows · nv vectors of 16 f32 (the
-            // layout of __m512).
+            // has rows x KC, x nv vectors of `pairs`, acc rows · nv vectors of 16 f32, 64-byte
+            // aligned (the size and alignment of __m512).
             unsafe {
                 crate::amx::tile_config(&CONFIG);
                 let a = std::slice::from_raw_parts_mut(acc.as_mut_ptr() as *mut __m512, rows * nv);
@@ -287,7 +291,7 @@ mod tests {
             }
             for r in 0..rows {
                 for j in 0..nv {
-                    for (l, &got) in acc[r * nv + j].iter().enumerate() {
+                    for (l, &got) in acc[r * nv + j].0.iter().enumerate() {
                         let wf: Vec<f32> =
                             (0..2 * pairs).map(|e| bf16_value(wt[r * KC + e])).collect();
                         let xf: Vec<f32> = (0..2 * pairs)
