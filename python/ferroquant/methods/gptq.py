@@ -79,20 +79,28 @@ class GPTQConfig:
 
 
 def _inverse_cholesky(
-    h: torch.Tensor, damp: float, name: str, dtype: torch.dtype = torch.float64
+    h: torch.Tensor,
+    damp: float,
+    name: str,
+    dtype: torch.dtype = torch.float64,
+    diag: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Upper Cholesky factor of (H + damping)^-1, float32; damping x10 on failure. The
     factorizations run in `dtype`: float64 (the reference) or float32 (as the GPTQ paper's code
     and GPTQModel / llm-compressor run them: `gptq_native.CHOLESKY_DTYPE`). The damping is added
-    in float64 either way."""
-    h = h.to(torch.float64)
-    mean_diag = float(torch.diagonal(h).mean())
+    in float64 either way: to `diag` (H's float64 diagonal) where given, so that `h` may come
+    already rounded to `dtype` (the same values: only the diagonal is not rounded first)."""
+    if diag is None:
+        h = h.to(torch.float64)
+        diag = torch.diagonal(h)
+    diag = diag.to(torch.float64)
+    mean_diag = float(diag.mean())
     frac = damp
     for _ in range(6):
         # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336), added in
         # float64 and rounded with the rest: a float32 copy takes the damped diagonal's values
-        hd = h.clone() if dtype == torch.float64 else h.to(dtype)
-        hd.diagonal().copy_(torch.diagonal(h) + frac * mean_diag)
+        hd = h.clone() if dtype == torch.float64 or h.dtype == dtype else h.to(dtype)
+        hd.diagonal().copy_(diag + frac * mean_diag)
         upper = _upper_inverse_factor(hd)
         del hd
         if upper is not None:
@@ -218,13 +226,17 @@ def _gptq(
     if hessian.shape != (cols, cols):
         raise QuantizeError(f"{name}: Hessian of shape {tuple(hessian.shape)} for {cols} inputs")
     grid = FormatGrid(qtype, (rows, cols), **options)
-    h = hessian.detach().to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    native = gptq_native.available()
+    chol_dtype = gptq_native.CHOLESKY_DTYPE if native else torch.float64
+    # H's float64 diagonal with the dead inputs' set to 1; the off-diagonal part is only read
+    # (permuted once, in the factorization's dtype: the values the float64 copy would round to)
+    hdiag64 = torch.diagonal(hessian.detach()).to(torch.float64).clone()
+    dead = hdiag64 == 0
+    hdiag64[dead] = 1.0
     w[:, dead] = 0.0
     fb = grid.block
     factors = cfg.scale_factors() if grid.searchable else ()
-    hdiag = torch.diagonal(h).to(torch.float32)
+    hdiag = hdiag64.to(torch.float32)
 
     def block_params(values: torch.Tensor, c0: int) -> Blocks:
         if not factors:
@@ -233,7 +245,7 @@ def _gptq(
 
     static = cfg.act_order or fb > max(cfg.block_size, 256)
     if static:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(hdiag64, descending=True, stable=True)
         if not cfg.act_order:
             perm = torch.arange(cols)
         # every block's parameters from the original weights, by the format's own quantizer: a
@@ -244,11 +256,10 @@ def _gptq(
         perm = torch.arange(cols)
         params = None
         lazy = math.ceil(cfg.block_size / fb) * fb
-    h = h.index_select(0, perm).index_select(1, perm)  # h[perm][:, perm], 2x faster
-    native = gptq_native.available()
-    hinv = _inverse_cholesky(
-        h, cfg.damp, name, gptq_native.CHOLESKY_DTYPE if native else torch.float64
-    )
+    h = hessian.detach().to(chol_dtype)  # only read: the factorization damps a copy
+    if not torch.equal(perm, torch.arange(cols)):
+        h = h.index_select(0, perm).index_select(1, perm)  # h[perm][:, perm], 2x faster
+    hinv = _inverse_cholesky(h, cfg.damp, name, chol_dtype, diag=hdiag64[perm])
     # the loop runs on W^T [cols, rows] (permuted): a column is one contiguous vector, its
     # rank-1 update an in-place update of contiguous rows, its codes one row of a buffer
     wt = w.t()[perm].contiguous()
