@@ -123,12 +123,17 @@ def gptq_pack(
     the block bytes `data` ([rows, cols / block * nbytes], in place) by the format's bit map
     (`byte` / `shift`: [block * bits]; stored code level ^ xor); other bits are kept."""
 
-def gram_bf16(x: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
-    """x^T x ([d, d] float32) of bf16 bits x [n, d] (row-major): one fixed f32 chain per output
-    on vdpbf16ps where the CPU has AVX-512 BF16, else its scalar reference (the same bits)."""
+def gram_bf16(x: npt.NDArray[np.uint16], path: str | None = None) -> npt.NDArray[np.float32]:
+    """x^T x ([d, d] float32) of bf16 bits x [n, d] (row-major). path (None: the first of
+    gram_bf16_paths()): "amx" (AMX tiles: the tile unit's sums, within the faithful-rounding
+    bound, unit 2^-23), "avx512bf16" (one fixed f32 chain per output on vdpbf16ps) or "scalar"
+    (that chain's reference: the same bits); ValueError for a path that does not run here."""
 
 def gram_bf16_fast() -> bool:
-    """Whether gram_bf16 runs its AVX-512 BF16 kernel on this CPU."""
+    """Whether gram_bf16 runs a fast kernel (AMX or AVX-512 BF16) on this CPU."""
+
+def gram_bf16_paths() -> list[str]:
+    """The paths gram_bf16 runs on this CPU, fastest (its default) first."""
 
 def block_struct_sizes() -> list[tuple[str, int]]: ...
 def set_num_threads(n: int) -> None: ...
