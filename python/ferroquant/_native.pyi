@@ -162,6 +162,20 @@ def qmatmul(
     scale_mode: str | None = None,
     openmp: bool = False,
 ) -> npt.NDArray[np.float32]: ...
+
+# qmatmul on bf16 bits (x: M x K uint16, returns M x N uint16): the f32 product of the widened x,
+# each output rounded to nearest even as torch's .to(torch.bfloat16) (QuantLinear's bf16 calls).
+def qmatmul_bf16(
+    x: npt.NDArray[np.uint16],
+    data: npt.NDArray[np.uint8],
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    stats: npt.NDArray[np.float32] | None = None,
+    scale_mode: str | None = None,
+    openmp: bool = False,
+) -> npt.NDArray[np.uint16]: ...
 def qmatmul_qtypes() -> list[str]: ...
 
 # qmatmul(openmp=True)'s team: the OpenMP runtime an already-loaded library uses (torch's _C
