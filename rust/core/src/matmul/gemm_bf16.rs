@@ -10,7 +10,8 @@
 //! that reference's chain, wherever it sits and however the jobs split).
 
 use std::arch::x86_64::{
-    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_zextps256_ps512,
+    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_shuffle_f32x4,
+    _mm512_shuffle_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps, _mm512_zextps256_ps512,
 };
 use std::cell::RefCell;
 
@@ -107,7 +108,7 @@ impl Plan<'_> {
                 let mut v = 0;
                 while v < nv {
                     let mv = (nv - v).min(MV_MAX);
-                    let xv = |j: usize| &x.x[(vs.start + v + j) * x.pairs + k0 / 2..][..pairs];
+                    let xv = |j: usize| &x.x[(vs.start + v + j) * x.stride + k0 / 2..][..pairs];
                     // The next group: the following vectors of this chunk, else the first of
                     // the next chunk (none after the last).
                     let ahead = if v + mv < nv {
@@ -121,8 +122,8 @@ impl Plan<'_> {
                     // The last vector with at most 8 rows of M in it: its low half only.
                     let half = mv == 1 && self.m <= (vs.start + v) * 16 + 8;
                     let at = Block { pairs, rows, v, nv };
-                    // FMA kernels: the vectors from `v` on, `x.pairs` entries apart.
-                    let f = w32.map(|w| (w, &x.x[(vs.start + v) * x.pairs + k0 / 2..], x.pairs));
+                    // FMA kernels: the vectors from `v` on, `x.stride` entries apart.
+                    let f = w32.map(|w| (w, &x.x[(vs.start + v) * x.stride + k0 / 2..], x.stride));
                     match mv {
                         1 if half => self.rows_bf16_half(wc, xv(0), at, &ahead, acc),
                         1 => self.rows_bf16::<24, 1>(wc, [xv(0)], f, at, &ahead, acc),
@@ -140,13 +141,14 @@ impl Plan<'_> {
                 }
                 k0 += kc;
             }
-            write_out(acc, rows, nv, vs.start, self.m, n0, out);
+            write_out(acc, rows, nv, vs.start, self.m, n0, out, |i, j| i * nv + j);
         });
     }
 
-    /// `job_bf16` on AMX tiles: the same chunks and chains (rounded up to whole tiles of 16
-    /// weight rows), every block of the chunk through `amx_bf16::chunk`; the tiles are
-    /// configured for the job on the thread running it and released at its end.
+    /// `job_bf16` on AMX tiles: chunks of `amx_bf16::KCA` columns (each row decoded `KC` at a
+    /// time into rows `W_STRIDE` apart), the chains in whole C tiles (`amx_bf16::acc_index`),
+    /// every block of the chunk through `amx_bf16::chunk`; the tiles are configured for the job
+    /// on the thread running it and released at its end.
     fn job_amx(
         &self,
         x: &Acts16,
@@ -155,13 +157,14 @@ impl Plan<'_> {
         vs: std::ops::Range<usize>,
         out: &OutPtr,
     ) {
+        use amx_bf16::{KCA, W_STRIDE};
         let nv = vs.len();
         let k = self.k;
         let rows16 = rows.next_multiple_of(16);
         SCRATCH.with_borrow_mut(|(wc, w8, acc, _)| {
             // (PANEL is a multiple of 16: the rounded rows fit; rows past `rows` hold whatever
             // the buffer held, their chains are never written out)
-            wc.resize(PANEL * KC, 0);
+            wc.resize(PANEL * W_STRIDE, 0);
             acc.clear();
             // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
             acc.resize(rows16 * nv, unsafe { zero() });
@@ -169,25 +172,33 @@ impl Plan<'_> {
             unsafe { crate::amx::tile_config(&amx_bf16::CONFIG) };
             let mut k0 = 0;
             while k0 < k {
-                let kc = KC.min(k - k0);
+                let kc = KCA.min(k - k0);
                 for i in 0..rows {
-                    self.decode_bf16(n0 + i, k0, kc, w8, &mut wc[i * KC..i * KC + kc]);
+                    let mut s = 0;
+                    while s < kc {
+                        let sc = KC.min(kc - s);
+                        let at = i * W_STRIDE + s;
+                        self.decode_bf16(n0 + i, k0 + s, sc, w8, &mut wc[at..at + sc]);
+                        s += sc;
+                    }
                 }
                 let c = amx_bf16::Chunk {
                     w: wc,
-                    x: &x.x[vs.start * x.pairs + k0 / 2..],
-                    x_stride: x.pairs,
+                    x: &x.x[vs.start * x.stride + k0 / 2..],
+                    x_stride: x.stride,
                     pairs: kc / 2,
                 };
-                // SAFETY: tiles configured above; wc holds PANEL >= rows16 rows of KC, the
-                // job's vectors have kc / 2 pairs (a multiple of 16: K is a multiple of 32)
-                // from k0 / 2, acc has rows16 · nv chains.
+                // SAFETY: tiles configured above; wc holds PANEL >= rows16 rows W_STRIDE apart
+                // (kc <= KCA entries each), the job's vectors have kc / 2 pairs (a multiple of
+                // 16: K is a multiple of 32) from k0 / 2, acc has the tiles of rows16 x nv.
                 unsafe { amx_bf16::chunk(&c, rows16, nv, acc) };
                 k0 += kc;
             }
             // SAFETY: configured above on this thread.
             unsafe { crate::amx::tile_release() };
-            write_out(acc, rows, nv, vs.start, self.m, n0, out);
+            write_out(acc, rows, nv, vs.start, self.m, n0, out, |i, j| {
+                amx_bf16::acc_index(i, j, nv)
+            });
         });
     }
 
@@ -380,7 +391,7 @@ impl<'a> Ahead<'a> {
     fn new(x: &'a Acts16, v0: usize, count: usize, k0: usize, len: usize) -> Self {
         Self {
             x: &x.x,
-            starts: std::array::from_fn(|j| (v0 + j) * x.pairs + k0 / 2),
+            starts: std::array::from_fn(|j| (v0 + j) * x.stride + k0 / 2),
             count,
             len,
         }
@@ -401,33 +412,77 @@ impl<'a> Ahead<'a> {
     }
 }
 
-/// The job's outputs (`acc[i * nv + j]`: weight row `n0 + i`, activation rows 16 (v0 + j) ..)
-/// into `out`, 16 x 16 at a time: transposed in a small tile, then written a row of 16 columns
-/// (one 64-byte line) at a time instead of one column of a 16-row vector at a time.
-fn write_out(acc: &[__m512], rows: usize, nv: usize, v0: usize, m: usize, n0: usize, out: &OutPtr) {
-    // tile[l][c]: activation row m0 + l, column n0 + c0 + c.
-    let mut tile = [[0.0f32; 16]; 16];
+/// The job's outputs (`acc[at(i, j)]`: weight row `n0 + i`, activation rows 16 (v0 + j) ..)
+/// into `out`, 16 x 16 at a time: transposed in registers (`transpose16`), then written a row
+/// of 16 columns (one 64-byte line) at a time; a last partial block of columns lane by lane.
+#[allow(clippy::too_many_arguments)]
+fn write_out(
+    acc: &[__m512],
+    rows: usize,
+    nv: usize,
+    v0: usize,
+    m: usize,
+    n0: usize,
+    out: &OutPtr,
+    at: impl Fn(usize, usize) -> usize,
+) {
     for j in 0..nv {
         let m0 = (v0 + j) * 16;
         let lanes = m.saturating_sub(m0).min(16);
         for c0 in (0..rows).step_by(16) {
             let cols = (rows - c0).min(16);
-            for c in 0..cols {
-                for (t, y) in tile.iter_mut().zip(lanes_of(acc[(c0 + c) * nv + j])) {
-                    t[c] = y;
-                }
-            }
-            for (l, row) in tile.iter().enumerate().take(lanes) {
-                if cols == 16 {
+            if cols == 16 {
+                let mut t: [__m512; 16] = std::array::from_fn(|c| acc[at(c0 + c, j)]);
+                // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
+                unsafe { transpose16(&mut t) };
+                for (l, row) in t.iter().enumerate().take(lanes) {
+                    let row = lanes_of(*row);
                     out.set8(m0 + l, n0 + c0, row[..8].try_into().unwrap());
                     out.set8(m0 + l, n0 + c0 + 8, row[8..].try_into().unwrap());
-                } else {
-                    for (c, &y) in row.iter().enumerate().take(cols) {
+                }
+            } else {
+                for c in 0..cols {
+                    for (l, y) in lanes_of(acc[at(c0 + c, j)])
+                        .into_iter()
+                        .enumerate()
+                        .take(lanes)
+                    {
                         out.set(m0 + l, n0 + c0 + c, y);
                     }
                 }
             }
         }
+    }
+}
+
+/// `t[r]` lane `c` to `t[c]` lane `r` (a 16 x 16 f32 transpose: 32-bit interleaves, 64-bit
+/// pair shuffles, then two rounds of 128-bit lane shuffles).
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(t: &mut [__m512; 16]) {
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        u[2 * i] = _mm512_unpacklo_ps(t[2 * i], t[2 * i + 1]);
+        u[2 * i + 1] = _mm512_unpackhi_ps(t[2 * i], t[2 * i + 1]);
+    }
+    for q in 0..4 {
+        let b = 4 * q;
+        t[b] = _mm512_shuffle_ps::<0x44>(u[b], u[b + 2]);
+        t[b + 1] = _mm512_shuffle_ps::<0xEE>(u[b], u[b + 2]);
+        t[b + 2] = _mm512_shuffle_ps::<0x44>(u[b + 1], u[b + 3]);
+        t[b + 3] = _mm512_shuffle_ps::<0xEE>(u[b + 1], u[b + 3]);
+    }
+    for h in [0, 8] {
+        for i in 0..4 {
+            u[h + i] = _mm512_shuffle_f32x4::<0x88>(t[h + i], t[h + i + 4]);
+            u[h + i + 4] = _mm512_shuffle_f32x4::<0xDD>(t[h + i], t[h + i + 4]);
+        }
+    }
+    for i in 0..8 {
+        t[i] = _mm512_shuffle_f32x4::<0x88>(u[i], u[i + 8]);
+        t[i + 8] = _mm512_shuffle_f32x4::<0xDD>(u[i], u[i + 8]);
     }
 }
 
@@ -462,4 +517,29 @@ unsafe fn widen(v: __m256) -> __m512 {
 #[target_feature(enable = "avx512f")]
 unsafe fn zero() -> __m512 {
     _mm512_setzero_ps()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `transpose16` against the element-by-element transpose (where AVX-512 F runs).
+    #[test]
+    fn transpose16_is_the_transpose() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return; // not callable here (the bf16 path needs AVX-512)
+        }
+        let v: Vec<[f32; 16]> = (0..16)
+            .map(|r| std::array::from_fn(|c| (r * 16 + c) as f32))
+            .collect();
+        // SAFETY: [f32; 16] and __m512 have the same size, any bits valid; AVX-512 F detected.
+        let mut t: [__m512; 16] = std::array::from_fn(|r| unsafe { std::mem::transmute(v[r]) });
+        // SAFETY: AVX-512 F detected.
+        unsafe { transpose16(&mut t) };
+        for (c, row) in t.iter().enumerate() {
+            for (r, y) in lanes_of(*row).into_iter().enumerate() {
+                assert_eq!(y, v[r][c], "lane {r} of row {c}");
+            }
+        }
+    }
 }

@@ -308,14 +308,15 @@ fn bf16_gemm_fma_and_dpbf16_kernels_equal_the_reference() {
 /// The AMX tile path (where the process may use it: elsewhere these are the calls above again)
 /// at M = 12 (one B tile, 4 lanes empty), 47 (2 x 2 blocks and a half-empty vector), 530 (blocks of 32
 /// vectors, the last one of 2 rows) on two panels (144 rows: 2 x 2 and 1 x 2 blocks; 16 rows:
-/// 1 x n), K two chunks and a piece; and the grouped int4 / int8 formats. Every output within
+/// 1 x n), K two tile chunks and a piece; and the grouped int4 / int8 formats. Every output within
 /// `amx_bf16::error_bound` of the float64 product, the same bits for 1 and 2 threads.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn bf16_gemm_amx_tiles_within_their_bound() {
     crate::matmul::x86::amx_bf16::force(Some(true));
     let mut rng = Rng(0xbf16_0000_a3c0_0019);
-    let (n, k) = (160, 576);
+    // K: two tile chunks (`amx_bf16::KCA` = 512) and a piece of 64.
+    let (n, k) = (160, 1088);
     for qtype in [QType::NF4, QType::Int8] {
         let mode = (qtype == QType::Int8).then_some(ScaleMode::Block);
         let (data, stats) = raw_view_parts(&mut rng, qtype, mode, 64, n, k);

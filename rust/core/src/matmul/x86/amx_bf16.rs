@@ -5,11 +5,15 @@
 //! **Layout.** `tdpbf16ps C, A, B` adds `Σ_k A[m][2k + j] · B[k][2n + j]` (k < 16, j < 2) to
 //! the f32 tile C (16 x 16). The activations are already in B's pair layout: 16 consecutive
 //! `Pairs16` of one vector (1 KiB) are a B tile, row k holding pair k of the 16 activation rows
-//! (the columns n). The decoded chunk (weight rows of `KC` bf16, 512 bytes apart) gives A tiles
-//! of 16 weight rows x 16 pairs, and a C tile's row m (16 f32) is the f32 accumulator vector of
-//! weight row m and one activation vector: the driver's per-thread chains, loaded into C at
-//! the start of a chunk and stored back at its end. Blocks of 2 x 2 C tiles (2 A and 2 B tiles
-//! per step of 16 pairs, tiles 0-7), with 2 x 1, 1 x 2 and 1 x 1 at the edges of a job.
+//! (the columns n). The decoded chunk (weight rows of `KCA` bf16, `W_STRIDE` apart: the
+//! `gemm16::decode_*` output, `KC` columns a call) gives A tiles of 16 weight rows x 16 pairs,
+//! and a C tile's row m (16 f32) is the f32 accumulator vector of weight row m and one
+//! activation vector: the driver's per-thread chains, kept as whole tiles (`acc_index`: 1 KiB
+//! each, loaded and stored with a 64-byte stride), loaded into C at the start of a chunk and
+//! stored back at its end. Blocks of 2 x 2 C tiles (2 A and 2 B tiles per step of 16 pairs,
+//! tiles 0-7), with 2 x 1, 1 x 2 and 1 x 1 at the edges of a job; 32 rows at a time, every
+//! vector pair inside. Storing and reloading C is exact, so the chunking does not change a
+//! bit: each output is the tile's steps of 16 pairs in K order.
 //!
 //! **Numerics.** The tile's own arithmetic, not `reference::bf16`'s: on this machine (Intel
 //! Xeon, Emerald Rapids) one pair per lane equals "both products summed exactly, rounded to
@@ -43,8 +47,17 @@ pub const CONFIG: TileConfig = TileConfig::new()
     .tile(6, 16, 64)
     .tile(7, 16, 64);
 
-/// Bytes between the decoded chunk's rows (A's stride).
-const A_STRIDE: usize = KC * 2;
+/// Columns of K per chunk of the tile path (`matmul/gemm_bf16.rs`'s `job_amx`): 2 x `KC`, so
+/// a C tile is loaded and stored once per 16 `tdpbf16ps` steps; the 2 A tiles' rows of a chunk
+/// (32 x 1 KiB) stay in L1 while the vectors' B tiles pass from L2. Chunks of 256, 512 and 1024
+/// columns, rows outer or vectors outer: 512 and 256 rows outer were fastest (nf4 M = 512,
+/// 4096x14336 and 14336x4096, one thread, CPU time: 62-66 ms against 63-84 ms; 2026-12-07,
+/// Intel Xeon with AMX, load 20-27, so only the order of the ranking is worth much).
+pub const KCA: usize = 2 * KC;
+/// Entries between the decoded chunk's rows: `KCA` and one 64-byte line more, so that the 16
+/// rows of an A tile (a `tileloadd` of 16 lines) fall in 16 different L1 sets (at a power of
+/// two apart they would share a few).
+pub const W_STRIDE: usize = KCA + 32;
 
 /// 0: on where usable; 1: off; 2: on where usable (tests and A/B timings).
 static FORCE: AtomicU8 = AtomicU8::new(0);
@@ -69,14 +82,22 @@ pub fn use_amx(m: usize) -> bool {
 
 /// Where one chunk's block of tiles sits.
 pub struct Chunk<'a> {
-    /// The decoded chunk: rows of `KC` bf16 (PANEL rows).
+    /// The decoded chunk: weight rows of bf16, `W_STRIDE` entries apart.
     pub w: &'a [u16],
     /// The activations of the job's first vector at this chunk's first pair; vector j starts
     /// `j · x_stride` entries later.
     pub x: &'a [Pairs16],
     pub x_stride: usize,
-    /// Pairs in this chunk (a multiple of 16).
+    /// Pairs in this chunk (a multiple of 16, at most `KCA / 2`).
     pub pairs: usize,
+}
+
+/// Where the chain of weight row `i` and activation vector `j` of a job with `nv` vectors sits
+/// in the job's accumulators: whole C tiles, each 16 consecutive vectors (rows `16 t..16 t + 16`
+/// of one vector j: tile `t · nv + j`), so a tile loads and stores with a 64-byte stride.
+#[inline(always)]
+pub fn acc_index(i: usize, j: usize, nv: usize) -> usize {
+    ((i / 16) * nv + j) * 16 + i % 16
 }
 
 macro_rules! tile_load {
@@ -102,14 +123,15 @@ macro_rules! tdp {
     };
 }
 
-/// One chunk for weight rows `i..i + 16 RA` and activation vectors `v..v + RB` of the job:
-/// `acc[r · nv + j]` is the chain of row r and vector j (`acc` holds whole tiles: its rows
-/// rounded up to 16).
+/// One chunk for weight rows `i..i + 16 RA` and activation vectors `v..v + RB` of the job
+/// (chains at `acc_index`): the C tiles loaded once, every step of 16 pairs of the chunk, stored
+/// once.
 ///
 /// # Safety
-/// AMX bf16 usable and `CONFIG` loaded on this thread; `c.w` holds rows `i..i + 16 RA` of `KC`
-/// entries, `c.x` vectors `v..v + RB` at `x_stride` apart, each with `c.pairs` entries from
-/// its start; `acc` has `(i + 16 RA) · nv` entries.
+/// AMX bf16 usable and `CONFIG` loaded on this thread; i a multiple of 16; `c.w` holds rows
+/// `i..i + 16 RA` (`W_STRIDE` apart) with `2 · c.pairs` entries each, `c.x` vectors
+/// `v..v + RB` at `x_stride` apart, each with `c.pairs` entries from its start; `acc` has the
+/// tiles of rows `..i + 16 RA` for `nv` vectors.
 #[inline(always)]
 pub unsafe fn block<const RA: usize, const RB: usize>(
     c: &Chunk<'_>,
@@ -118,27 +140,35 @@ pub unsafe fn block<const RA: usize, const RB: usize>(
     nv: usize,
     acc: &mut [core::arch::x86_64::__m512],
 ) {
-    debug_assert!(c.pairs.is_multiple_of(16) && c.w.len() >= (i + 16 * RA) * KC);
-    debug_assert!(acc.len() >= (i + 16 * RA) * nv && v + RB <= nv);
-    let cs = nv * 64;
-    let c0 = acc[i * nv + v..].as_mut_ptr();
-    // SAFETY: the caller's contract: the C tiles are rows i.. (and i + 16..) of acc, nv vectors
-    // (64 bytes) apart, from vector v (and v + 1); the A tiles 16 rows of 64 bytes KC · 2 bytes
-    // apart inside c.w; the B tiles 16 consecutive Pairs16 of vector v (v + 1) inside c.x.
+    debug_assert!(c.pairs.is_multiple_of(16) && c.pairs <= KCA / 2 && i.is_multiple_of(16));
+    debug_assert!(c.w.len() >= (i + 16 * RA - 1) * W_STRIDE + 2 * c.pairs);
+    debug_assert!(acc.len() > acc_index(i + 16 * RA - 1, nv - 1, nv) && v + RB <= nv);
+    const CS: usize = 64;
+    const A_STRIDE: usize = W_STRIDE * 2;
+    let base = acc.as_mut_ptr();
+    // SAFETY: the caller's contract: the C tiles are 16 consecutive vectors of acc (tiles
+    // (i / 16) · nv + v.. and one row of tiles later); the A tiles 16 rows of 64 bytes
+    // W_STRIDE · 2 bytes apart inside c.w; the B tiles 16 consecutive Pairs16 of vector v
+    // (v + 1) inside c.x.
     unsafe {
-        let c2 = c0.add(16 * nv);
-        tile_load!(0, c0, cs);
+        let c0 = base.add(acc_index(i, v, nv));
+        let c2 = if RA == 2 {
+            base.add(acc_index(i + 16, v, nv))
+        } else {
+            c0
+        };
+        tile_load!(0, c0, CS);
         if RB == 2 {
-            tile_load!(1, c0.add(1), cs);
+            tile_load!(1, c0.add(16), CS);
         }
         if RA == 2 {
-            tile_load!(2, c2, cs);
+            tile_load!(2, c2, CS);
             if RB == 2 {
-                tile_load!(3, c2.add(1), cs);
+                tile_load!(3, c2.add(16), CS);
             }
         }
-        let a0 = c.w[i * KC..].as_ptr();
-        let b0 = c.x[v * c.x_stride..].as_ptr();
+        let a0 = c.w.as_ptr().add(i * W_STRIDE);
+        let b0 = c.x.as_ptr().add(v * c.x_stride);
         let b1 = b0.add(c.x_stride);
         let mut p = 0;
         while p < c.pairs {
@@ -153,7 +183,7 @@ pub unsafe fn block<const RA: usize, const RB: usize>(
                 tdp!(1, 4, 7);
             }
             if RA == 2 {
-                tile_load!(5, a.add(16 * KC), A_STRIDE);
+                tile_load!(5, a.add(16 * W_STRIDE), A_STRIDE);
                 tdp!(2, 5, 6);
                 if RB == 2 {
                     tdp!(3, 5, 7);
@@ -161,20 +191,22 @@ pub unsafe fn block<const RA: usize, const RB: usize>(
             }
             p += 16;
         }
-        tile_store!(0, c0, cs);
+        tile_store!(0, c0, CS);
         if RB == 2 {
-            tile_store!(1, c0.add(1), cs);
+            tile_store!(1, c0.add(16), CS);
         }
         if RA == 2 {
-            tile_store!(2, c2, cs);
+            tile_store!(2, c2, CS);
             if RB == 2 {
-                tile_store!(3, c2.add(1), cs);
+                tile_store!(3, c2.add(16), CS);
             }
         }
     }
 }
 
-/// The whole chunk: weight rows `0..rows16` (a multiple of 16) x activation vectors `0..nv`.
+/// The whole chunk: weight rows `0..rows16` (a multiple of 16) x activation vectors `0..nv`,
+/// 32 rows at a time (their 2 A tiles' lines, 64 KiB at `KCA`, reused from L1 / L2 by every
+/// pair of vectors), the vectors in pairs inside.
 ///
 /// # Safety
 /// As `block`, for every row and vector.
@@ -184,12 +216,12 @@ pub unsafe fn chunk(
     nv: usize,
     acc: &mut [core::arch::x86_64::__m512],
 ) {
-    let mut v = 0;
-    while v < nv {
-        let two_v = v + 2 <= nv;
-        let mut i = 0;
-        while i < rows16 {
-            let two_r = i + 32 <= rows16;
+    let mut i = 0;
+    while i < rows16 {
+        let two_r = i + 32 <= rows16;
+        let mut v = 0;
+        while v < nv {
+            let two_v = v + 2 <= nv;
             // SAFETY: the caller's contract, for rows i.. and vectors v.. inside the chunk.
             unsafe {
                 match (two_r, two_v) {
@@ -199,9 +231,9 @@ pub unsafe fn chunk(
                     (false, false) => block::<1, 1>(c, i, v, nv, acc),
                 }
             }
-            i += if two_r { 32 } else { 16 };
+            v += if two_v { 2 } else { 1 };
         }
-        v += if two_v { 2 } else { 1 };
+        i += if two_r { 32 } else { 16 };
     }
 }
 
@@ -232,7 +264,7 @@ mod tests {
         if !crate::amx::amx_bf16_usable() {
             return; // no tiles here (the GEMM tests check the AVX-512 path instead)
         }
-        let (rows, nv, pairs) = (48usize, 3usize, 128usize);
+        let (rows, nv, pairs) = (48usize, 3usize, KCA / 2);
         let mut s = 0x2545_f491_4f6c_dd1du64;
         let mut rnd = move || {
             s ^= s << 13;
@@ -251,7 +283,7 @@ mod tests {
             };
             sign * m * 2f32.powi(e)
         };
-        let w: Vec<u16> = (0..rows * KC).map(|i| round_bf16(val(i))).collect();
+        let w: Vec<u16> = (0..rows * W_STRIDE).map(|i| round_bf16(val(i))).collect();
         // Activations: vector 1 cancels (x[2i + 1] = -x[2i] against equal weights on row 0..).
         let mut x = vec![Pairs16::default(); nv * pairs];
         for (j, p) in x.iter_mut().enumerate() {
@@ -264,7 +296,7 @@ mod tests {
         let mut wc = w.clone();
         for r in 0..rows {
             for p in 0..pairs {
-                wc[r * KC + 2 * p + 1] = wc[r * KC + 2 * p] ^ (r as u16 & 1) << 15;
+                wc[r * W_STRIDE + 2 * p + 1] = wc[r * W_STRIDE + 2 * p] ^ (r as u16 & 1) << 15;
             }
         }
         for (wt, what) in [(&w, "random"), (&wc, "cancelling")] {
@@ -280,7 +312,7 @@ mod tests {
                 pairs,
             };
             // SAFETY: AMX bf16 usable (checked); `CONFIG` loaded here and released below; wt
-            // has rows x KC, x nv vectors of `pairs`, acc rows · nv vectors of 16 f32, 64-byte
+            // has rows x W_STRIDE, x nv vectors of `pairs`, acc rows · nv vectors of 16 f32, 64-byte
             // aligned (the size and alignment of __m512).
             unsafe {
                 crate::amx::tile_config(&CONFIG);
@@ -291,9 +323,10 @@ mod tests {
             }
             for r in 0..rows {
                 for j in 0..nv {
-                    for (l, &got) in acc[r * nv + j].0.iter().enumerate() {
-                        let wf: Vec<f32> =
-                            (0..2 * pairs).map(|e| bf16_value(wt[r * KC + e])).collect();
+                    for (l, &got) in acc[acc_index(r, j, nv)].0.iter().enumerate() {
+                        let wf: Vec<f32> = (0..2 * pairs)
+                            .map(|e| bf16_value(wt[r * W_STRIDE + e]))
+                            .collect();
                         let xf: Vec<f32> = (0..2 * pairs)
                             .map(|e| {
                                 bf16_value((x[j * pairs + e / 2].0[l] >> (16 * (e % 2))) as u16)
@@ -313,5 +346,62 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The chunking of K does not change a bit: one chunk of `KCA / 2` pairs and the same pairs
+    /// in two chunks of half as many (C stored and reloaded between them) give the same outputs.
+    #[test]
+    fn chunking_does_not_change_the_bits() {
+        if !crate::amx::amx_bf16_usable() {
+            return; // no tiles here
+        }
+        let (rows, nv, pairs) = (48usize, 3usize, KCA / 2);
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut val = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            round_bf16(((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2f32.powi((s % 9) as i32))
+        };
+        let w: Vec<u16> = (0..rows * W_STRIDE).map(|_| val()).collect();
+        let mut x = vec![Pairs16::default(); nv * pairs];
+        for p in x.iter_mut() {
+            for e in p.0.iter_mut() {
+                *e = val() as u32 | (val() as u32) << 16;
+            }
+        }
+        #[repr(C, align(64))]
+        #[derive(Clone, Copy)]
+        struct Lanes([f32; 16]);
+        let run = |parts: usize| {
+            let mut acc = vec![Lanes([0f32; 16]); rows * nv];
+            let (wi, xi) = (pairs / parts * 2, pairs / parts);
+            // SAFETY: AMX bf16 usable (checked); `CONFIG` loaded here and released below; each
+            // part's chunk starts inside w and x with `pairs / parts` pairs left in every row
+            // and vector; acc holds rows · nv vectors of 16 f32, 64-byte aligned.
+            unsafe {
+                crate::amx::tile_config(&CONFIG);
+                let a = std::slice::from_raw_parts_mut(acc.as_mut_ptr() as *mut __m512, rows * nv);
+                for p in 0..parts {
+                    let c = Chunk {
+                        w: &w[p * wi..],
+                        x: &x[p * xi..],
+                        x_stride: pairs,
+                        pairs: pairs / parts,
+                    };
+                    chunk(&c, rows, nv, a);
+                }
+                crate::amx::tile_release();
+            }
+            acc.iter()
+                .flat_map(|l| l.0.map(f32::to_bits))
+                .collect::<Vec<u32>>()
+        };
+        let (one, two) = (run(1), run(2));
+        assert!(
+            one.iter().any(|&b| b != 0),
+            "all outputs zero: the test cannot fail"
+        );
+        assert_eq!(one, two);
     }
 }

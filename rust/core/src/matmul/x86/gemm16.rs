@@ -43,6 +43,10 @@ pub struct Acts16 {
     pub x: Vec<Pairs16>,
     /// Pairs of columns a row: K / 2.
     pub pairs: usize,
+    /// Entries between vectors: `pairs` and 16 more (zero), so that the vectors' lines are not
+    /// a power of two apart (at K = 4096 they would be 128 KiB apart: one L2 set for the same
+    /// column of 32 vectors, more than its 16 ways).
+    pub stride: usize,
     /// Vectors of 16 rows: M rounded up.
     pub vectors: usize,
 }
@@ -137,8 +141,9 @@ unsafe fn check_semantics() -> bool {
 pub unsafe fn prepare(x: &[f32], m: usize, k: usize, par: bool) -> Acts16 {
     assert!(k.is_multiple_of(32) && x.len() == m * k);
     let pairs = k / 2;
+    let stride = pairs + 16;
     let vectors = m.div_ceil(16);
-    let mut out = vec![Pairs16::default(); vectors * pairs];
+    let mut out = vec![Pairs16::default(); vectors * stride];
     let one = |(v, o): (usize, &mut [Pairs16])| {
         for l in 0..16 {
             let row = 16 * v + l;
@@ -157,13 +162,14 @@ pub unsafe fn prepare(x: &[f32], m: usize, k: usize, par: bool) -> Acts16 {
     };
     if par && vectors > 1 {
         use rayon::prelude::*;
-        crate::parallel::install(|| out.par_chunks_mut(pairs).enumerate().for_each(one));
+        crate::parallel::install(|| out.par_chunks_mut(stride).enumerate().for_each(one));
     } else {
-        out.chunks_mut(pairs.max(1)).enumerate().for_each(one);
+        out.chunks_mut(stride).enumerate().for_each(one);
     }
     Acts16 {
         x: out,
         pairs,
+        stride,
         vectors,
     }
 }
