@@ -25,7 +25,7 @@
 //! permission) and configure the tiles with `CONFIG` on the running thread first.
 
 use std::arch::asm;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::cell::Cell;
 
 use super::gemm16::{Pairs16, KC};
 use crate::amx::TileConfig;
@@ -59,25 +59,29 @@ pub const KCA: usize = 2 * KC;
 /// two apart they would share a few).
 pub const W_STRIDE: usize = KCA + 32;
 
-/// 0: on where usable; 1: off; 2: on where usable (tests and A/B timings).
-static FORCE: AtomicU8 = AtomicU8::new(0);
+thread_local! {
+    /// 0: on where usable; 1: off; 2: on where usable (tests and A/B timings). Per calling
+    /// thread: `run_bf16` takes the decision on the thread that calls `qmatmul`, before any job
+    /// is handed to the pool, so a test that forces the path cannot switch the path under a
+    /// test running beside it (a global switch made the pool-vs-one-thread comparisons flaky).
+    static FORCE: Cell<u8> = const { Cell::new(0) };
+}
 
 /// Turns the tile kernels off (`Some(false)`) or gives the choice back (`None` / `Some(true)`:
-/// on wherever `amx_bf16_usable`). For tests and A/B timings.
+/// on wherever `amx_bf16_usable`) for the calls made on this thread. For tests and A/B timings.
 pub fn force(on: Option<bool>) {
-    FORCE.store(
-        match on {
+    FORCE.with(|f| {
+        f.set(match on {
             None => 0,
             Some(false) => 1,
             Some(true) => 2,
-        },
-        Ordering::Relaxed,
-    );
+        })
+    });
 }
 
 /// True when a bf16 GEMM of `m` activation rows should run on tiles.
 pub fn use_amx(m: usize) -> bool {
-    FORCE.load(Ordering::Relaxed) != 1 && m >= AMX_BF16_MIN_M && crate::amx::amx_bf16_usable()
+    FORCE.with(Cell::get) != 1 && m >= AMX_BF16_MIN_M && crate::amx::amx_bf16_usable()
 }
 
 /// Where one chunk's block of tiles sits.
