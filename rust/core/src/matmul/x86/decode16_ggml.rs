@@ -49,8 +49,8 @@ pub unsafe fn decode(qtype: QType, bytes: &[u8], dst: &mut [u16]) {
     let info = qtype.info();
     assert!(bytes.len().is_multiple_of(info.type_size));
     assert!(dst.len() >= bytes.len() / info.type_size * info.block_size);
-    // SAFETY (every arm): the features (contract); blocks cast from whole block sizes, dst
-    // holds their elements (asserted).
+    // SAFETY: every arm needs the features (the contract) and gets blocks cast from whole block
+    // sizes and a dst that holds their elements (asserted).
     unsafe {
         match qtype {
             QType::Q4_0 => q4_0(bytemuck::cast_slice(bytes), dst),
