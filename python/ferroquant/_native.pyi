@@ -181,7 +181,13 @@ def qmatmul_bf16_amx_min_m() -> int: ...
 # tiles' float64 bound instead of the q8 activations' numerics; 0: never (no AMX bf16, another
 # format, FERROQUANT_GGML_BF16=0).
 def qmatmul_bf16_ggml_min_m(qtype: str) -> int: ...
-def stream_read(data: npt.NDArray[np.uint8]) -> int: ...
+
+# The benchmarks' read-bandwidth probe (rust/core/src/matmul/bandwidth.rs): sums data's 8-byte
+# words, each pool thread over its own part, `streams` (1, 2, 4, 8) sub-parts in lock step,
+# prefetched `ahead` bytes in front; 512-bit loads with AVX-512 unless vector=False.
+def stream_read(
+    data: npt.NDArray[np.uint8], streams: int = 2, ahead: int = 0, vector: bool = True
+) -> int: ...
 
 # GGUF (rust/python/src/gguf.rs)
 class GgufFile:
