@@ -15,7 +15,8 @@ use crate::qtype::QType;
 use crate::quantize::{dequantize, quantize, Options};
 
 /// Serializes the tests that turn the tile kernels on or off (`amx_bf16::force`, one switch for
-/// the process) with those whose expectations depend on it.
+/// the process) with those whose expectations depend on it (every `check` compares a call on
+/// the pool with one on one thread: a switch between them would change the path).
 static FORCE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn force_lock() -> std::sync::MutexGuard<'static, ()> {
@@ -169,6 +170,8 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
 
 #[test]
 fn bf16_gemm_equals_its_reference_bnb_and_fp8() {
+    // (the tiles must not be switched between the pool's call and the one thread's)
+    let _lock = force_lock();
     let mut rng = Rng(0xbf16_0000_6e11_0019);
     let cases: [(QType, Option<ScaleMode>, usize, usize, usize); 11] = [
         (QType::NF4, None, 64, 576, 53),
@@ -223,6 +226,8 @@ fn bf16_gemm_equals_its_reference_bnb_and_fp8() {
 
 #[test]
 fn bf16_gemm_equals_its_reference_grouped_integers() {
+    // (the tiles must not be switched between the pool's call and the one thread's)
+    let _lock = force_lock();
     let mut rng = Rng(0xbf16_0000_6e11_0013);
     let cases = [
         ("int4_g64", 576, 53),
@@ -263,6 +268,8 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
 /// rows (one vector of 9-16 rows: the 24-row kernel and, on the partial panel, the 1-row one).
 #[test]
 fn bf16_gemm_equals_its_reference_across_panels_and_blocks() {
+    // (the tiles must not be switched between the pool's call and the one thread's)
+    let _lock = force_lock();
     let mut rng = Rng(0xbf16_0000_6e11_0530);
     let (n, k) = (160, 576);
     let (data, stats) = raw_view_parts(&mut rng, QType::NF4, None, 64, n, k);
