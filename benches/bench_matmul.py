@@ -35,6 +35,12 @@ counts each engine's own compute and not the time it waited for a core (caches a
 still shared). Ratios of such runs compare the kernels on one core; they are no measure of
 the two-thread wall time.
 
+--ggml-int8: each ggml format that takes the bf16 GEMM on AMX tiles at large M
+(`_native.qmatmul_bf16_ggml_min_m`) is also timed as "fq <qtype> int8" with
+FERROQUANT_GGML_BF16=0 (its int8 paths at every M), interleaved in the same run: the A/B of the
+two paths and where they cross (with FERROQUANT_GGML_BF16=12 set for the run, the tiles from 12
+rows on).
+
 Runs: each of --runs runs measures every backend (and the read bandwidth) once, in turn
 (benchlib.interleave; a backend's weight copies are made at its turn and freed after it); a
 measurement is the median of the calls in --budget seconds. Each row prints the median (min-max)
@@ -159,7 +165,7 @@ def torch_sum_bandwidth(threads: int) -> float:
 @contextlib.contextmanager
 def benchlib_env(env: dict[str, str]):
     """The environment variables `env` set for the duration (the Rust core reads
-    FERROQUANT_AVX2_GEMM at every call)."""
+    FERROQUANT_AVX2_GEMM and FERROQUANT_GGML_BF16 at every call)."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -206,6 +212,13 @@ def main() -> None:
         action="store_true",
         help="also time each format with FERROQUANT_AVX2_GEMM=0 (the row kernels instead of "
         "the AVX2 GEMM; run with FERROQUANT_MAX_ISA=avx2 or avxvnni)",
+    )
+    ap.add_argument(
+        "--ggml-int8",
+        action="store_true",
+        help="also time each ggml format with FERROQUANT_GGML_BF16=0 ('int8': its int8 paths "
+        "instead of the bf16 GEMM on AMX tiles, which it takes from "
+        "_native.qmatmul_bf16_ggml_min_m(qtype) rows)",
     )
     args = ap.parse_args()
     if args.cpu_time:
@@ -303,6 +316,11 @@ def main() -> None:
                 nbytes[s, f"fq {q} pool"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} pool"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, openmp=False
+                )
+            if args.ggml_int8 and _native.qmatmul_bf16_ggml_min_m(q):
+                nbytes[s, f"fq {q} int8"] = nbytes[s, f"fq {q}"]
+                engines[f"{s} fq {q} int8"] = fq_engine(
+                    q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_GGML_BF16": "0"}
                 )
             if args.avx2_rows:
                 nbytes[s, f"fq {q} rows"] = nbytes[s, f"fq {q}"]

@@ -52,6 +52,10 @@ fused adds per output (subnormal results flushed), so |y - Σ w x| <= (2u_b + u_
 γ_K·(1 + u_b)²·S + 2^-126·(Σ|x| + Σ|w| + 2K), S = Σ|w x|, γ_K = K·2^-24/(1 - K·2^-24). There the
 outputs are also compared bit for bit with `bf16_reference`, a numpy emulation of the same
 arithmetic (written from the Intel SDM's `vdpbf16ps`, independent of the Rust reference).
+On AMX bf16 tiles (from `_native.qmatmul_bf16_amx_min_m()` rows) the sums run in the tiles'
+own order: the same bound with 2^-23 for 2^-24; the ggml formats (not tq*) take those tiles
+from `_native.qmatmul_bf16_ggml_min_m(qtype)` rows, their weights gguf-py's dequantized values
+rounded to bf16, so they are checked against that bound there instead of the q8 one below.
 Against libggml: both sides sum the same integers; each side's float work is at most
 nb + 16 roundings (block products, lane / sequential sums; for iq4_xs libggml adds its K/32
 sub-block products one by one, so nb = K/32 there), bound 2·(nb + 16)·2^-24·Σ w̃_i |x̂_i|
@@ -237,7 +241,12 @@ BF16_QTYPES = ("nf4", "int8", "fp8_e4m3", "fp8_e5m2")
 
 
 def bf16_path(W: Weights, m: int) -> bool:
-    """The call takes the bf16 GEMM (module docstring) on this CPU."""
+    """The call takes the bf16 GEMM (module docstring) on this CPU: the ggml formats from
+    `qmatmul_bf16_ggml_min_m` rows (AMX bf16 tiles only), the bf16 family from
+    `qmatmul_bf16_min_m`."""
+    if W.qtype in GGML_QTYPES:
+        g = _native.qmatmul_bf16_ggml_min_m(W.qtype)
+        return bool(g) and m >= g
     t = _native.qmatmul_bf16_min_m()
     return bool(t) and m >= t and W.k % 32 == 0 and W.qtype in BF16_QTYPES
 
@@ -245,6 +254,8 @@ def bf16_path(W: Weights, m: int) -> bool:
 def amx_path(W: Weights, m: int) -> bool:
     """The bf16 GEMM runs on AMX tiles (`x86/amx_bf16.rs`): the same roundings, the tiles' own
     summation order, so within `bf16_bound(..., amx=True)` instead of `bf16_reference`'s bits."""
+    if W.qtype in GGML_QTYPES:  # (only ever on the tiles)
+        return bf16_path(W, m)
     t = _native.qmatmul_bf16_amx_min_m()
     return bf16_path(W, m) and bool(t) and m >= t
 
@@ -582,6 +593,34 @@ def test_tiled_batches_threads_and_rows(kind):
     assert np.array_equal(y1[:3].view(np.uint32), y3.view(np.uint32))
     for i in (0, 5, 33, 34, 66):
         assert np.array_equal(W.matmul(x[i : i + 1])[0].view(np.uint32), y1[i].view(np.uint32)), i
+
+
+@pytest.mark.parametrize("kind", [q for q in GGML_QTYPES if not q.startswith("tq")])
+def test_ggml_formats_on_bf16_tiles_from_their_threshold(kind):
+    """From `qmatmul_bf16_ggml_min_m(kind)` rows (only where AMX bf16 runs) a ggml format takes
+    the bf16 tiles: within their bound of the float64 product of gguf-py's dequantized weights,
+    the same bits on 1 and 2 threads; one row below, its int8 paths (every row equals the same
+    row computed alone). Elsewhere (no AMX) the int8 paths at every M."""
+    t = _native.qmatmul_bf16_ggml_min_m(kind)
+    n, k = 37, 512
+    W = make_weights(kind, make("normal", n, k, seed=5))
+    before = fq.num_threads()
+    for m in [t - 1, t, 130] if t else [100]:
+        x = make("outliers", m, k, seed=m)
+        try:
+            fq.set_num_threads(1)
+            y1 = check_against_dequantized(W, x)
+            fq.set_num_threads(2)
+            y2 = W.matmul(x)
+        finally:
+            fq.set_num_threads(before)
+        assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))
+        assert bf16_path(W, m) == (t > 0 and m >= t)
+        if bf16_path(W, m):
+            check_bf16(W, x, y1)
+            continue
+        for i in (0, m // 2, m - 1):
+            assert np.array_equal(W.matmul(x[i : i + 1])[0].view(np.uint32), y1[i].view(np.uint32))
 
 
 SCALAR_SCRIPT = r"""

@@ -349,6 +349,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_min_m, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_amx_min_m, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_ggml_min_m, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::stream_read, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::openmp_attach, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::openmp_detach, m)?)?;

@@ -187,6 +187,16 @@ pub fn qmatmul_bf16_amx_min_m() -> usize {
     core::matmul::bf16_amx_min_m()
 }
 
+/// From this many rows the ggml format `qtype` (q4_0 .. q8_0, iq4_nl, q2_k .. q6_k, iq4_xs)
+/// takes the bf16 GEMM on AMX tiles (weights dequantized and rounded to bf16, activations
+/// rounded to bf16: within `x86::amx_bf16::error_bound`, not the q8 activations' bits); 0
+/// where it does not (no AMX bf16, another format, `FERROQUANT_GGML_BF16=0`).
+#[pyfunction]
+pub fn qmatmul_bf16_ggml_min_m(qtype: &str) -> PyResult<usize> {
+    let qtype = core::QType::parse(qtype).map_err(to_py)?;
+    Ok(core::matmul::ggml_bf16_min_m(qtype))
+}
+
 /// Memory read bandwidth helper of the benchmarks: a streaming read of `data` (the pool's
 /// threads, one contiguous part each; `streams` sub-parts a thread in lock step, 1, 2, 4 or 8,
 /// each software-prefetched `ahead` bytes in front, with 512-bit loads where the CPU has

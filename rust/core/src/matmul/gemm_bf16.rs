@@ -1,5 +1,6 @@
 //! The bf16 GEMM path of nf4, int8, fp8 and the grouped integers (x86-64 with AVX-512 BF16, at
-//! least `GEMM16_MIN_M` rows, K a multiple of 32): jobs of up to `PANEL` weight rows x one block of
+//! least `GEMM16_MIN_M` rows, K a multiple of 32), and of the ggml formats on AMX tiles from
+//! `ggml_bf16_min_m` rows (their chunks decoded by `x86::decode16_ggml`): jobs of up to `PANEL` weight rows x one block of
 //! activation rows (parallel over both), each taking K chunk by chunk: the job's weight rows
 //! decoded into an L2-resident buffer (`x86::gemm16::decode_*`), then `x86::gemm16::kernel` over
 //! every group of activation vectors of the block (the group's chunk in L1, reused by all the
@@ -16,7 +17,7 @@ use std::arch::x86_64::{
 use std::cell::RefCell;
 
 use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
-use super::x86::{amx_bf16, gemm16_fma};
+use super::x86::{self, amx_bf16, gemm16_fma};
 use super::{OutPtr, Plan};
 use crate::qtype::QType;
 
@@ -294,10 +295,22 @@ impl Plan<'_> {
         let row = &self.w.data[n * rb..(n + 1) * rb];
         // The job reads its rows chunk by chunk (PANEL streams a stride apart, which the
         // hardware prefetchers do not follow): fetch this row's chunk `PREFETCH_CHUNKS` ahead.
-        let bits = self.w.qtype.row_bytes(KC, KC) * 8 / KC;
-        let ahead = (k0 + PREFETCH_CHUNKS * KC) * bits / 8;
+        // (bytes of whole columns: the ggml formats' blocks are 32 or 256 columns, which KC
+        // is a multiple of; a whole-bit rate would drift from the chunk for 4.5 or 8.5 bits)
+        let bytes = |c: usize| self.w.qtype.row_bytes(c, self.w.block_size.clamp(1, KC));
+        let ahead = bytes(k0 + PREFETCH_CHUNKS * KC);
         if ahead < rb {
-            gemm16::prefetch(&row[ahead..rb.min(ahead + KC * bits / 8)]);
+            gemm16::prefetch(&row[ahead..rb.min(ahead + bytes(KC))]);
+        }
+        if x86::decode16_ggml::takes(self.w.qtype) {
+            // Whole blocks: K-quants' chunks are one block (KC = QK_K), the 32-weight formats'
+            // kc / 32 blocks.
+            let info = self.w.qtype.info();
+            let (b0, b1) = (k0 / info.block_size, (k0 + kc) / info.block_size);
+            let bytes = &row[b0 * info.type_size..b1 * info.type_size];
+            // SAFETY: `cpu::has_avx512_bf16` (the plan's bf16 flag); dst has kc entries.
+            unsafe { x86::decode16_ggml::decode(self.w.qtype, bytes, dst) };
+            return;
         }
         let st = self.stats_of(n);
         let bl = self.block_len;
@@ -361,7 +374,7 @@ impl Plan<'_> {
                 // SAFETY: see above; w8 holds the chunk's kc codes.
                 unsafe { gemm16::decode_i8(w8, sc, dst) }
             }
-            _ => unreachable!("the bf16 GEMM runs for nf4, int8, fp8 and grouped integers"),
+            _ => unreachable!("the bf16 GEMM runs for nf4, int8, fp8, grouped integers and ggml"),
         }
     }
 }

@@ -18,6 +18,9 @@
 //! `gemm_avx2::GEMM2_MIN_M` rows. From `GEMM16_MIN_M` rows (AVX-512 BF16, K a multiple of 32) nf4,
 //! int8, fp8 and the grouped integers take the bf16 GEMM of `gemm_bf16.rs` / `x86/gemm16.rs`,
 //! with its own numerics (`reference/bf16.rs`: bf16 operands, f32 sums; not the q16 / f32 ones).
+//! Where AMX bf16 is usable the ggml formats (not tq*) take it too from `ggml_bf16_min_m` rows
+//! (80 or 96), their blocks decoded by `x86/decode16_ggml.rs`: from there within the tiles' bound
+//! of the dequantized product, no longer the q8 activations' bits.
 //! Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
 //! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
@@ -532,6 +535,10 @@ impl Plan<'_> {
 }
 
 mod dispatch;
+mod ggml_bf16;
+pub use ggml_bf16::ggml_bf16_min_m;
+#[cfg(test)]
+pub(crate) use ggml_bf16::GgmlInt8;
 pub(crate) mod float_zero;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
@@ -546,26 +553,27 @@ mod gemm_k;
 mod plan;
 use plan::plan;
 
-/// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (`gemm.rs`) for `m` activation
-/// rows on this CPU (the native runtime asks before it leaves its own packed kernels). The same
+/// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (`gemm.rs`, or the bf16 GEMM
+/// of `ggml_bf16_min_m`) for `m` activation rows on this CPU (the native runtime asks before it leaves its own packed kernels). The same
 /// condition as `plan`'s `gemm` (tested).
 pub fn has_gemm(qtype: QType, m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use_simd()
-            && use_vnni()
-            && crate::cpu::has_vnni_bw()
-            && ((m >= GEMM_MIN_M
-                && matches!(
-                    qtype,
-                    QType::Q4_0
-                        | QType::Q5_0
-                        | QType::Q8_0
-                        | QType::IQ4NL
-                        | QType::Q4_1
-                        | QType::Q5_1
-                ))
-                || (m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(qtype)))
+        (ggml_bf16_min_m(qtype) > 0 && m >= ggml_bf16_min_m(qtype))
+            || (use_simd()
+                && use_vnni()
+                && crate::cpu::has_vnni_bw()
+                && ((m >= GEMM_MIN_M
+                    && matches!(
+                        qtype,
+                        QType::Q4_0
+                            | QType::Q5_0
+                            | QType::Q8_0
+                            | QType::IQ4NL
+                            | QType::Q4_1
+                            | QType::Q5_1
+                    ))
+                    || (m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(qtype))))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

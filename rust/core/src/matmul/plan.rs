@@ -351,7 +351,8 @@ pub(super) fn plan<'a>(
     #[cfg(not(target_arch = "x86_64"))]
     let row32 = false;
     // The bf16 GEMM: its formats, many rows, K in whole chunks of 32, groups that divide a
-    // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says.
+    // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says; the ggml
+    // formats where AMX bf16 runs, from `ggml_bf16_min_m` rows.
     #[cfg(target_arch = "x86_64")]
     let bf16 = m >= GEMM16_MIN_M
         && k.is_multiple_of(32)
@@ -361,7 +362,8 @@ pub(super) fn plan<'a>(
             QType::GInt(g) => {
                 !g.float_zero && (g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize))
             }
-            _ => false,
+            // the ggml formats on AMX tiles only, from their measured row counts
+            q => ggml_bf16_min_m(q) > 0 && m >= ggml_bf16_min_m(q),
         }
         && crate::cpu::has_avx512_bf16()
         && x86::gemm16::semantics_hold();

@@ -597,6 +597,9 @@ mod tests {
     /// the same with one thread; a stacked (owned) weight keeps the packed kernels.
     #[test]
     fn packed_weights_in_the_file_give_the_products_of_their_rows_at_every_m() {
+        // (qmatmul's int8 paths, which the packed kernels match: on AMX the ggml formats take
+        // the bf16 tiles from `matmul::ggml_bf16_min_m` rows, with other numerics)
+        let _int8 = crate::matmul::GgmlInt8::new();
         for (qtype, n, k) in [
             (QType::Q8_0, 20, 512),
             (QType::Q8_0, 16, 576),

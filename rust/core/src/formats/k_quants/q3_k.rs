@@ -18,7 +18,7 @@ fn put_scale(scales: &mut [u8; 12], j: usize, l: u8) {
 
 /// The signed scale of sub-block `j` (`sc - 32`).
 #[inline]
-fn get_scale(scales: &[u8; 12], j: usize) -> i32 {
+pub fn get_scale(scales: &[u8; 12], j: usize) -> i32 {
     let low = if j < 8 {
         scales[j] & 0xf
     } else {

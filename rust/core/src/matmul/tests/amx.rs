@@ -44,6 +44,8 @@ fn reference_dot(qtype: QType, wr: &[u8], x: &[f32], nb: usize) -> f32 {
 
 #[test]
 fn amx_gemm_equals_reference() {
+    // (the int8 paths: on AMX the ggml formats take the bf16 tiles from `ggml_bf16_min_m`)
+    let _int8 = crate::matmul::GgmlInt8::new();
     let mut rng = Rng(0xa4c5_0019_a4c5_0019);
     for (qtype, halves) in CASES {
         let info = qtype.info();

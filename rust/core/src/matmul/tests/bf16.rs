@@ -14,24 +14,51 @@ use crate::matmul::reference::fp8_table;
 use crate::qtype::QType;
 use crate::quantize::{dequantize, quantize, Options};
 
-/// The path runs here for `m` rows (the same conditions as `plan`, for the shapes below).
-fn bf16_path(m: usize) -> bool {
+/// Serializes the tests that turn the tile kernels on or off (`amx_bf16::force`, one switch for
+/// the process) with those whose expectations depend on it (every `check` compares a call on
+/// the pool with one on one thread: a switch between them would change the path).
+static FORCE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn force_lock() -> std::sync::MutexGuard<'static, ()> {
+    FORCE_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The path runs here for `qtype` at `m` rows (the same conditions as `plan`, for the shapes
+/// below): the ggml formats from `ggml_bf16_min_m`, the others from `bf16_gemm_min_m`.
+fn bf16_path(qtype: QType, m: usize) -> bool {
+    let ggml = crate::matmul::ggml_bf16_min_m(qtype);
+    if ggml > 0 {
+        return m >= ggml;
+    }
     let t = crate::matmul::bf16_gemm_min_m();
-    t > 0 && m >= t
+    t > 0 && m >= t && !is_ggml(qtype)
+}
+
+/// The ggml formats that can take the path (on AMX tiles only).
+fn is_ggml(qtype: QType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::matmul::x86::decode16_ggml::takes(qtype)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = qtype;
+        false
+    }
 }
 
 /// The AMX tile path may run here for `m` rows (then outputs are checked against
 /// `amx_bf16::error_bound` where they differ from `reference::bf16`; elsewhere they must not).
-fn amx_path(m: usize) -> bool {
+fn amx_path(qtype: QType, m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        bf16_path(m)
+        bf16_path(qtype, m)
             && m >= crate::matmul::x86::amx_bf16::AMX_BF16_MIN_M
             && crate::amx::amx_bf16_usable()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = m;
+        let _ = (qtype, m);
         false
     }
 }
@@ -97,12 +124,12 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
         for mi in 0..m {
             let xr = &x[mi * k..(mi + 1) * k];
             let mut rows = vec![0f32; n];
-            if !bf16_path(m) {
+            if !bf16_path(v.qtype, m) {
                 qmatmul(xr, 1, v, &mut rows).unwrap();
             }
             for row in 0..n {
                 let wr = &deq[row * k..(row + 1) * k];
-                let want = if bf16_path(m) {
+                let want = if bf16_path(v.qtype, m) {
                     dot_bf16(wr, xr)
                 } else {
                     rows[row]
@@ -114,7 +141,7 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
                     "{name} threads k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {got1:e}"
                 );
                 let same = got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
-                if !same && amx_path(m) && want.is_finite() {
+                if !same && amx_path(v.qtype, m) && want.is_finite() {
                     // The tile path (its own arithmetic): within its float64 bound.
                     let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let bound = amx_bound(wr, xr);
@@ -128,7 +155,7 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
                         "{name} k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {want:e}"
                     );
                 }
-                if bf16_path(m) && want.is_finite() {
+                if bf16_path(v.qtype, m) && want.is_finite() {
                     let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let bound = error_bound(wr, xr);
                     assert!(
@@ -143,6 +170,8 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
 
 #[test]
 fn bf16_gemm_equals_its_reference_bnb_and_fp8() {
+    // (the tiles must not be switched between the pool's call and the one thread's)
+    let _lock = force_lock();
     let mut rng = Rng(0xbf16_0000_6e11_0019);
     let cases: [(QType, Option<ScaleMode>, usize, usize, usize); 11] = [
         (QType::NF4, None, 64, 576, 53),
@@ -197,6 +226,8 @@ fn bf16_gemm_equals_its_reference_bnb_and_fp8() {
 
 #[test]
 fn bf16_gemm_equals_its_reference_grouped_integers() {
+    // (the tiles must not be switched between the pool's call and the one thread's)
+    let _lock = force_lock();
     let mut rng = Rng(0xbf16_0000_6e11_0013);
     let cases = [
         ("int4_g64", 576, 53),
@@ -237,6 +268,8 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
 /// rows (one vector of 9-16 rows: the 24-row kernel and, on the partial panel, the 1-row one).
 #[test]
 fn bf16_gemm_equals_its_reference_across_panels_and_blocks() {
+    // (the tiles must not be switched between the pool's call and the one thread's)
+    let _lock = force_lock();
     let mut rng = Rng(0xbf16_0000_6e11_0530);
     let (n, k) = (160, 576);
     let (data, stats) = raw_view_parts(&mut rng, QType::NF4, None, 64, n, k);
@@ -290,6 +323,7 @@ fn bf16_gemm_fma_and_dpbf16_kernels_equal_the_reference() {
     let mut deq = vec![0f32; n * k];
     dequantize(&v, &mut deq).unwrap();
     // (the AVX-512 kernels at every M: the tile path off meanwhile)
+    let _lock = force_lock();
     crate::matmul::x86::amx_bf16::force(Some(false));
     for fma in [true, false] {
         gemm16_fma::force(Some(fma));
@@ -313,6 +347,7 @@ fn bf16_gemm_fma_and_dpbf16_kernels_equal_the_reference() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn bf16_gemm_amx_tiles_within_their_bound() {
+    let _lock = force_lock();
     crate::matmul::x86::amx_bf16::force(Some(true));
     let mut rng = Rng(0xbf16_0000_a3c0_0019);
     // K: two tile chunks (`amx_bf16::KCA` = 512) and a piece of 64.
@@ -354,4 +389,51 @@ fn bf16_gemm_amx_tiles_within_their_bound() {
         check(name, &q.view(), &deq, &[33], &mut rng);
     }
     crate::matmul::x86::amx_bf16::force(None);
+}
+
+/// The ggml formats (`x86/decode16_ggml.rs`) on the AMX bf16 tiles, where they take them: every
+/// output within `amx_bf16::error_bound` of the float64 product of the dequantized weights, the
+/// same bits for 1 and 2 threads, at and past the format's threshold (M = t, 47, 530: partial
+/// and whole blocks of activation rows), on two panels (160 rows: 144 + 16) and K with two
+/// whole chunks and, for the 32-weight formats, a partial one (576 = 2 · 256 + 64); below the
+/// threshold (t - 1) and with the tiles turned off (as on a CPU without AMX) each output must
+/// be the old paths' (the same row computed alone, M = 1, bit for bit).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_gemm_ggml_formats_within_the_tile_bound() {
+    use crate::matmul::x86::decode16_ggml::tests::FORMATS;
+    let _lock = force_lock();
+    let mut rng = Rng(0xbf16_0000_9919_0019);
+    let n = 160;
+    for qtype in FORMATS {
+        let k = if qtype.info().block_size == 32 {
+            576
+        } else {
+            512
+        };
+        let w = rng.normalish(n * k, 0.05);
+        let q = quantize(
+            &Matrix::from_f32(&w, n, k).unwrap(),
+            qtype,
+            &Options::default(),
+        )
+        .unwrap();
+        let v = q.view();
+        let mut deq = vec![0f32; n * k];
+        dequantize(&v, &mut deq).unwrap();
+        let t = crate::matmul::ggml_bf16_min_m(qtype);
+        let ms: Vec<usize> = if t > 0 {
+            vec![t - 1, t, 47, 530]
+        } else {
+            vec![47]
+        };
+        check(&format!("{qtype:?}"), &v, &deq, &ms, &mut rng);
+        // The tiles off: the int8 paths at every M (`bf16_path` says so, `check` compares
+        // with single rows).
+        crate::matmul::x86::amx_bf16::force(Some(false));
+        assert_eq!(crate::matmul::ggml_bf16_min_m(qtype), 0);
+        assert!(!bf16_path(qtype, 530));
+        check(&format!("{qtype:?} no amx"), &v, &deq, &[64], &mut rng);
+        crate::matmul::x86::amx_bf16::force(None);
+    }
 }

@@ -58,6 +58,8 @@ fn products() -> Vec<Int8Dot> {
 
 #[test]
 fn avx2_gemm_equals_reference() {
+    // (the int8 paths: on AMX the ggml formats take the bf16 tiles from `ggml_bf16_min_m`)
+    let _int8 = crate::matmul::GgmlInt8::new();
     let mut rng = Rng(0xa2a2_6e33_a2a2_6e33);
     let dots = products();
     for qtype in [

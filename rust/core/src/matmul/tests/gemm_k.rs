@@ -35,6 +35,8 @@ fn reference(qtype: QType, w: &[u8], x: &[BlockQ8K]) -> f32 {
 
 #[test]
 fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
+    // (the int8 paths: on AMX the ggml formats take the bf16 tiles from `ggml_bf16_min_m`)
+    let _int8 = crate::matmul::GgmlInt8::new();
     const { assert!(GEMM_K_MIN_M <= 5 && GEMM_K_MAX_BLOCK < 67) };
     let mut rng = Rng(0x6e33_6b00_6e33_6b00);
     for (qtype, halves) in CASES {

@@ -1,0 +1,74 @@
+//! Where the ggml formats leave their int8 paths for the bf16 GEMM on AMX tiles
+//! (`gemm_bf16.rs` with `x86/decode16_ggml.rs`): the measured row counts, the
+//! `FERROQUANT_GGML_BF16` switch, and (tests) a per-thread switch back to the int8 paths.
+
+use super::*;
+use crate::qtype::QType;
+
+/// The number of activation rows from which `qtype` (one of the ggml formats: q4_0, q4_1, q5_0,
+/// q5_1, q8_0, iq4_nl, q2_k..q6_k, iq4_xs) takes the bf16 GEMM on AMX tiles instead of its int8
+/// paths (`x86/decode16_ggml.rs`: the format's dequantized values rounded to bf16, activations
+/// rounded to bf16, the tiles' f32 sums: within `x86::amx_bf16::error_bound` of the float64
+/// product, no longer the q8 activations' bits), or 0 where it does not (no AMX bf16, another
+/// format, or `FERROQUANT_GGML_BF16=0`).
+pub fn ggml_bf16_min_m(qtype: QType) -> usize {
+    #[cfg(test)]
+    if GGML_INT8.with(|c| c.get()) {
+        return 0;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::decode16_ggml::takes(qtype)
+        && super::bf16_gemm_min_m() > 0
+        && x86::amx_bf16::use_amx(usize::MAX)
+    {
+        return match crate::config::ggml_bf16() {
+            Some(0) => 0,
+            Some(n) => n.max(x86::amx_bf16::AMX_BF16_MIN_M),
+            None => ggml_bf16_default_min_m(qtype),
+        };
+    }
+    let _ = qtype;
+    0
+}
+
+#[cfg(test)]
+thread_local! {
+    /// (tests) The ggml formats keep their int8 paths on this thread (`GgmlInt8`).
+    static GGML_INT8: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// (tests) While it lives, `qmatmul` calls made on this thread keep the ggml formats on their
+/// int8 paths at every M (as `FERROQUANT_GGML_BF16=0` and CPUs without AMX do), so the tests
+/// of those paths' bits still reach them on a CPU with AMX.
+#[cfg(test)]
+pub(crate) struct GgmlInt8(());
+
+#[cfg(test)]
+impl GgmlInt8 {
+    pub(crate) fn new() -> Self {
+        GGML_INT8.with(|c| c.set(true));
+        Self(())
+    }
+}
+
+#[cfg(test)]
+impl Drop for GgmlInt8 {
+    fn drop(&mut self) {
+        GGML_INT8.with(|c| c.set(false));
+    }
+}
+
+/// Each ggml format's row count for `ggml_bf16_min_m`, measured against its int8 paths (AMX int8
+/// tiles or the AVX-512 GEMM for the 32-weight formats, the AVX-512 VNNI GEMM for the K-quants):
+/// one thread, CPU time, 4096x14336 and 14336x4096, 2026-12-07 03:29-03:58 UTC, load 20-30
+/// (`bench_matmul.py --threads 1 --cpu-time --ggml-int8`). The decode of a job's chunks is
+/// paid once per 512 rows, so the tiles win only with enough rows: bf16 / int8 time 1.45-2.4x
+/// at M = 16, 0.94-1.35x at 64 (q4_0, q4_1, q5_1 even), 0.82-0.96x at 80 (q8_0 and iq4_nl
+/// 1.0-1.03x), 0.86-1.02x at 96 for those two, 0.44-0.71x at 512.
+#[cfg(target_arch = "x86_64")]
+fn ggml_bf16_default_min_m(qtype: QType) -> usize {
+    match qtype {
+        QType::Q8_0 | QType::IQ4NL => 96,
+        _ => 80,
+    }
+}
