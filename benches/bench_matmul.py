@@ -14,8 +14,10 @@ quantized by fq.quantize (int8, fp8: per-row scales) and tiled to N rows (the ke
 data-dependent branches, so timing does not depend on the values).
 Effective GB/s = weight bytes (data + statistics) / time. The read bandwidth is a
 multi-threaded streaming read of a 1 GiB buffer (`_native.stream_read`: each thread sums the
-8-byte words of its contiguous part, loads only), best of 5 within a run; torch's sum over 1 GiB
-of float32 (the previous reference, which under-reads) is printed beside it. Threads:
+8-byte words of its contiguous part with AVX-512 loads, loads only), the best over several
+probes (1-8 streams a thread, with and without software prefetch; PROBES) within a run, timed
+like the kernels (CPU time with --cpu-time); the old probe (8-byte loads, sessions up to 13)
+and torch's sum over 1 GiB of float32 (both under-read) are printed beside it. Threads:
 ferroquant's pool and torch both use --threads (default: all cores).
 
 Dispatch: ferroquant's kernel runs as QuantLinear runs it: on torch's OpenMP team
@@ -108,20 +110,35 @@ def time_calls(fn, copies: list, budget_s: float) -> float:
     return float(np.median(times))
 
 
-def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
-    """GB/s of a multi-threaded streaming read: `_native.stream_read` sums the 8-byte words of a
-    1 GiB buffer (over 3x the 300 MiB last-level cache), each thread of ferroquant's pool
-    (`threads` of them) one contiguous part, loads only. Best of 5, after one pass that faults
-    the pages in."""
+# The probes read_bandwidth takes the best of: (512-bit loads, streams a thread, prefetch bytes
+# ahead); see rust/core/src/matmul/bandwidth.rs and docs/cpu-gemm.md.
+PROBES = ((True, 1, 0), (True, 2, 0), (True, 2, 1024), (True, 4, 1024), (True, 4, 4096),
+          (True, 8, 0))  # fmt: skip
+
+
+def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> tuple[float, float]:
+    """GB/s of a streaming read of a 1 GiB buffer (over 3x the 300 MiB last-level cache):
+    `_native.stream_read`, each thread of ferroquant's pool (`threads` of them) one contiguous
+    part, loads only; the best over PROBES (AVX-512 loads, 1-8 streams a thread, with and
+    without software prefetch) of each one's best of 3, after one pass that faults the pages
+    in. Timed by CLOCK (with --cpu-time the probe runs on the calling thread). Also returns
+    the old probe's figure (8-byte loads, one stream; sessions up to 13), for comparison."""
     fq.set_num_threads(threads)
     a = np.ones(nbytes, dtype=np.uint8)
     _native.stream_read(a)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        _native.stream_read(a)
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+
+    def best(vector: bool, streams: int, ahead: int) -> float:
+        t = float("inf")
+        for _ in range(3):
+            t0 = CLOCK()
+            try:
+                _native.stream_read(a, streams=streams, ahead=ahead, vector=vector)
+            except TypeError:  # a build before the probes (an A/B against an older library)
+                _native.stream_read(a)
+            t = min(t, CLOCK() - t0)
+        return nbytes / t / 1e9
+
+    return max(best(*p) for p in PROBES), best(False, 1, 0)
 
 
 def torch_sum_bandwidth(threads: int) -> float:
@@ -296,14 +313,15 @@ def main() -> None:
     def progress(name, fn):
         def run():
             r = fn()
-            shown = r if isinstance(r, float) else {m: round(t * 1e3, 3) for m, t in r.items()}
+            shown = r if isinstance(r, tuple) else {m: round(t * 1e3, 3) for m, t in r.items()}
             print(f"  {name}: {shown}", file=sys.stderr, flush=True)
             return r
 
         return run
 
     res = benchlib.interleave({k: progress(k, v) for k, v in engines.items()}, args.runs)
-    bw = res.pop("read bw")
+    bw = [r[0] for r in res["read bw"]]
+    bw_old = [r[1] for r in res.pop("read bw")]
     bw_torch = None if args.no_torch else torch_sum_bandwidth(threads)
     rows = []
     for (s, backend), size in nbytes.items():
@@ -322,7 +340,8 @@ def main() -> None:
     print(f"ferroquant {fq.__version__}, kernels {benchlib.ours_isa()}; {torch_v}; "
           f"{threads} threads; {dispatch}; weights rotated over copies > {args.rotate_mb} MB"
           + ("; times: the calling thread's CPU time" if args.cpu_time else ""))  # fmt: skip
-    print(f"read bandwidth (stream_read, 1 GiB, {threads} threads): {benchlib.spread(bw)} GB/s"
+    print(f"read bandwidth (stream_read, 1 GiB, {threads} threads, best probe): "
+          f"{benchlib.spread(bw)} GB/s; the old 8-byte probe {benchlib.spread(bw_old)} GB/s"
           + ("" if bw_torch is None else
              f" (torch sum of 1 GiB f32, after the runs: {bw_torch:.1f} GB/s)"))  # fmt: skip
     print(f"median (min-max) of {args.runs} runs, backends interleaved; 'vs': how many times "

@@ -725,3 +725,29 @@ def test_good_call_of_bad_call_helper_works():
     """The helper above is valid without overrides, so each failure is due to its override."""
     y = bad_call()
     assert y.shape == (2, 4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**64 - 1), max_size=700),
+    st.sampled_from((1, 2, 4, 8)),
+    st.sampled_from((0, 256, 4096)),
+    st.booleans(),
+)
+def test_stream_read_probes_sum_every_word_once(words, streams, ahead, vector):
+    """The benchmarks' bandwidth probe (bench_matmul.py's PROBES): every probe returns the
+    wrapping sum of the buffer's 8-byte words, on the pool and on one thread."""
+    a = np.array(words, dtype=np.uint64)
+    want = sum(words) % 2**64
+    for threads in (0, 1):
+        fq.set_num_threads(threads)
+        try:
+            got = _native.stream_read(a.view(np.uint8), streams=streams, ahead=ahead, vector=vector)
+        finally:
+            fq.set_num_threads(0)
+        assert got == want
+
+
+def test_stream_read_rejects_a_bad_stream_count():
+    with pytest.raises(fq.QuantizeError, match="streams must be 1, 2, 4 or 8, not 3"):
+        _native.stream_read(np.zeros(64, dtype=np.uint8), streams=3)

@@ -174,7 +174,12 @@ def qmatmul_bf16_min_m() -> int: ...
 # FERROQUANT_MAX_ISA=avx512 turns them off): the same roundings, the tiles' own summation order,
 # within a float64 bound (rust/core/src/matmul/x86/amx_bf16.rs) instead of bit-exact; 0: never.
 def qmatmul_bf16_amx_min_m() -> int: ...
-def stream_read(data: npt.NDArray[np.uint8]) -> int: ...
+# The benchmarks' read-bandwidth probe (rust/core/src/matmul/bandwidth.rs): sums data's 8-byte
+# words, each pool thread over its own part, `streams` (1, 2, 4, 8) sub-parts in lock step,
+# prefetched `ahead` bytes in front; 512-bit loads with AVX-512 unless vector=False.
+def stream_read(
+    data: npt.NDArray[np.uint8], streams: int = 2, ahead: int = 0, vector: bool = True
+) -> int: ...
 
 # GGUF (rust/python/src/gguf.rs)
 class GgufFile:

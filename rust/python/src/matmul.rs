@@ -120,10 +120,29 @@ pub fn qmatmul_bf16_amx_min_m() -> usize {
     core::matmul::bf16_amx_min_m()
 }
 
-/// Memory read bandwidth helper of the benchmarks: a multi-threaded streaming read of `data`
-/// (the pool's threads, one contiguous part each), returning a checksum; time it from Python.
+/// Memory read bandwidth helper of the benchmarks: a streaming read of `data` (the pool's
+/// threads, one contiguous part each; `streams` sub-parts a thread in lock step, 1, 2, 4 or 8,
+/// each software-prefetched `ahead` bytes in front, with 512-bit loads where the CPU has
+/// AVX-512 and `vector`), returning a checksum; time it from Python.
 #[pyfunction]
-pub fn stream_read(py: Python<'_>, data: PyReadonlyArray1<'_, u8>) -> PyResult<u64> {
+#[pyo3(signature = (data, streams=2, ahead=0, vector=true))]
+pub fn stream_read(
+    py: Python<'_>,
+    data: PyReadonlyArray1<'_, u8>,
+    streams: usize,
+    ahead: usize,
+    vector: bool,
+) -> PyResult<u64> {
     let d = data.as_slice().map_err(|_| not_contiguous("data"))?;
-    Ok(py.detach(|| core::matmul::bandwidth::stream_read(d)))
+    if !matches!(streams, 1 | 2 | 4 | 8) {
+        return Err(crate::QuantizeError::new_err(format!(
+            "stream_read: streams must be 1, 2, 4 or 8, not {streams}"
+        )));
+    }
+    let probe = core::matmul::bandwidth::Probe {
+        vector,
+        streams,
+        ahead,
+    };
+    Ok(py.detach(|| core::matmul::bandwidth::stream_read_with(d, probe)))
 }

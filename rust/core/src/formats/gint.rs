@@ -300,6 +300,12 @@ pub fn qdq(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Vec<f32>> {
 
 /// Check a grouped view's geometry and statistics (a view may come from a file or Python).
 pub fn validate(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
+    validate_shape(q, g)?;
+    validate_zeros(q, g)
+}
+
+/// `validate`'s geometry part: the shape, the group length and the statistics' length.
+pub fn validate_shape(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
     check_shape(q.qtype, g, q.rows, q.cols)?;
     let gl = group_len(g, q.cols);
     if q.block_size != gl {
@@ -321,6 +327,13 @@ pub fn validate(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
             expected,
         });
     }
+    Ok(())
+}
+
+/// `validate`'s check of the zeros (the view's shape checked by `validate_shape`): fp16 zeros
+/// of the float-zero formats, integers in `0..=maxq` for the other asymmetric ones.
+pub fn validate_zeros(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
+    let gl = group_len(g, q.cols);
     if g.float_zero {
         let groups = q.cols / gl;
         for (r, st) in q.stats.chunks_exact(2 * groups).enumerate() {
@@ -337,8 +350,8 @@ pub fn validate(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
     } else if !g.sym {
         let groups = q.cols / gl;
         let mq = maxq(g) as f32;
-        // Every qmatmul call checks every zero (M = 1 reads them all once more): a branch-free
-        // pass first, the search for the message only when it fails.
+        // A branch-free pass first, the search for the message only when it fails (qmatmul at
+        // M = 1 on the fused kernel checks each row as it reads it instead: `row_zeros_ok`).
         if q.stats
             .chunks_exact(2 * groups)
             .all(|st| integer_zeros(&st[groups..], mq))
@@ -358,6 +371,14 @@ pub fn validate(q: &QuantizedView<'_>, g: GInt) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether one row's statistics (`stats`: its `groups` scales, then its zeros) pass
+/// `validate_zeros` for an asymmetric integer-zero `g` (the M = 1 fused kernel checks each row
+/// it reads this way instead of a pass over every zero before the call).
+pub fn row_zeros_ok(g: GInt, stats: &[f32], groups: usize) -> bool {
+    debug_assert!(!g.sym && !g.float_zero);
+    integer_zeros(&stats[groups..2 * groups], maxq(g) as f32)
 }
 
 /// Whether every zero is an integer in `0..=mq` (NaN fails): `(z + 2^23) - 2^23` rounds a

@@ -133,6 +133,10 @@ impl Plan<'_> {
                 gint_row_finish(g, st, x, lay, acc)
             };
             yt[i * m + m0] = y;
+            if self.zeros_deferred && !crate::formats::gint::row_zeros_ok(g, st, lay.groups) {
+                self.bad_zeros
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         1
     }

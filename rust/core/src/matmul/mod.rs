@@ -258,6 +258,11 @@ struct Plan<'a> {
     /// split into its planes, and these are its other activations.
     #[cfg(target_arch = "x86_64")]
     gint: Option<x86::gint::GintActs>,
+    /// Asymmetric integer zeros left to the M = 1 fused kernel (`gint_rows1`), which checks
+    /// each row's (`formats::gint::row_zeros_ok`) and sets `bad_zeros` on a failure;
+    /// `qmatmul` then returns `formats::gint::validate_zeros`' error.
+    zeros_deferred: bool,
+    bad_zeros: std::sync::atomic::AtomicBool,
 }
 
 fn use_simd() -> bool {
@@ -614,6 +619,16 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
             plan.fill(0, out);
         } else {
             parallel::for_each_chunk_mut(out, per_task, |t, chunk| plan.fill(t * per_task, chunk))
+        }
+        if plan.bad_zeros.load(std::sync::atomic::Ordering::Relaxed) {
+            if let QType::GInt(g) = w.qtype {
+                crate::formats::gint::validate_zeros(w, g)?;
+            }
+            // (not reached: both checks are `integer_zeros`)
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "{}: a zero point is not an integer in range",
+                w.qtype.name()
+            )));
         }
         return Ok(());
     }

@@ -6,6 +6,7 @@ use super::*;
 use crate::error::{Error, Result};
 use crate::formats::tensor::{validate_view, QuantizedView, ScaleMode};
 use crate::qtype::QType;
+use std::sync::atomic::AtomicBool;
 
 fn bad(msg: String) -> Error {
     Error::InvalidArgument(msg)
@@ -229,7 +230,8 @@ pub(super) fn plan<'a>(
             None => return Err(bad(format!("{} weights need a scale_mode", w.qtype.name()))),
         },
         QType::GInt(g) => {
-            crate::formats::gint::validate(w, g)?;
+            // the zeros: below, once the path is known
+            crate::formats::gint::validate_shape(w, g)?;
             block_len = crate::formats::gint::group_len(g, k);
             stats_per_row = crate::formats::gint::stats_per_row(g, k);
         }
@@ -389,6 +391,8 @@ pub(super) fn plan<'a>(
             bf16: Some(xb),
             fz_sums: Vec::new(),
             gint: None,
+            zeros_deferred: false,
+            bad_zeros: AtomicBool::new(false),
         });
     }
     #[cfg(target_arch = "x86_64")]
@@ -590,6 +594,21 @@ pub(super) fn plan<'a>(
     let amx = (gemm && !gemm_k && super::gemm_amx::takes(w.qtype, m))
         .then(|| super::gemm_amx::pack(&acts, m, k))
         .flatten();
+    // Asymmetric integer zeros: at M = 1 the fused kernel checks each row's zeros as it reads
+    // them (`Plan::zeros_deferred`; a pass over every zero before the call was a quarter of
+    // int4_g64's M = 1 time from memory); every other path checks them all here.
+    #[cfg(target_arch = "x86_64")]
+    let fused_m1 = m == 1 && gint.is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fused_m1 = false;
+    let zeros_deferred = match w.qtype {
+        QType::GInt(g) if !g.sym && !g.float_zero && fused_m1 => true,
+        QType::GInt(g) => {
+            crate::formats::gint::validate_zeros(w, g)?;
+            false
+        }
+        _ => false,
+    };
     Ok(Plan {
         w,
         m,
@@ -626,6 +645,8 @@ pub(super) fn plan<'a>(
         },
         #[cfg(target_arch = "x86_64")]
         gint,
+        zeros_deferred,
+        bad_zeros: AtomicBool::new(false),
     })
 }
 

@@ -261,6 +261,69 @@ fn grouped_integer_views_with_bad_statistics_are_errors() {
     assert!(qmatmul(&x, 1, &v, &mut y).is_ok());
 }
 
+/// M = 1 on the fused kernel checks each row's zeros as it reads it (`Plan::zeros_deferred`),
+/// not before the call: a bad zero in any row, on the pool (rows spread over tasks) or on one
+/// thread, still gives `validate_zeros`' error naming the first bad row, as M = 2 (checked
+/// before) does; and the check is on the same zeros `gint::validate` sees.
+#[test]
+fn deferred_zero_checks_name_the_first_bad_row() {
+    let (n, k) = (96, 4096);
+    for name in ["int4_g64", "int4_g128", "int4_gch"] {
+        let qtype = QType::parse(name).unwrap();
+        let g = qtype.gint().unwrap();
+        let mut rng = Rng(11);
+        let w = rng.normalish(n * k, 1.0);
+        let q = quantize(
+            &Matrix::from_f32(&w, n, k).unwrap(),
+            qtype,
+            &Options::default(),
+        )
+        .unwrap();
+        let spr = gint::stats_per_row(g, k);
+        let groups = spr / 2;
+        let x = rng.normalish(2 * k, 1.0);
+        for (row, z) in [(95usize, 16.0f32), (50, 2.5), (0, f32::NAN), (70, -1.0)] {
+            let mut bad = q.stats.clone();
+            bad[row * spr + groups + groups / 2] = z;
+            if row == 50 {
+                bad[90 * spr + groups] = 17.0; // a later bad row: the first is named
+            }
+            let mut v = q.view();
+            v.stats = &bad;
+            let want = gint::validate(&v, g).unwrap_err().to_string();
+            assert!(want.contains(&format!("row {row}")), "{want}");
+            for threads in [0, 1] {
+                crate::parallel::set_num_threads(threads);
+                let mut y = vec![0f32; 2 * n];
+                let e1 = qmatmul(&x[..k], 1, &v, &mut y[..n]);
+                let e2 = qmatmul(&x, 2, &v, &mut y);
+                crate::parallel::set_num_threads(0);
+                assert_eq!(
+                    e1.unwrap_err().to_string(),
+                    want,
+                    "{name} m=1 threads={threads}"
+                );
+                assert_eq!(
+                    e2.unwrap_err().to_string(),
+                    want,
+                    "{name} m=2 threads={threads}"
+                );
+            }
+        }
+        // the untouched zeros pass at M = 1 (and the result is M = 2's first row, bit for bit)
+        let mut y1 = vec![0f32; n];
+        let mut y2 = vec![0f32; 2 * n];
+        qmatmul(&x[..k], 1, &q.view(), &mut y1).unwrap();
+        qmatmul(&x, 2, &q.view(), &mut y2).unwrap();
+        assert!(
+            y1.iter()
+                .zip(&y2[..n])
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+                || !fused_runs(g)
+        );
+    }
+}
+
 /// Float zeros: every output is the int8 reference of the row decoded with `int_zero` plus
 /// `float_zero::correction` (its scalar reference), bit for bit, on the pool and on one thread,
 /// at M past the bf16 GEMM's threshold too (float zeros never take it); and within the q16

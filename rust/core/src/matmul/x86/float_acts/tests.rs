@@ -150,6 +150,26 @@ fn decode16_of_every_byte_is_the_reference_value() {
                 _mm512_storeu_ps(out[16 * c..].as_mut_ptr(), v);
             }
         }
+        // decode32_512 gives decode16's bits for both halves
+        for c in 0..8 {
+            let bytes: [u8; 32] = std::array::from_fn(|i| (32 * c + i) as u8);
+            let mut two = [0.0f32; 32];
+            // SAFETY: AVX-512 enabled here; 32 bytes, 32 f32.
+            unsafe {
+                let [lo, hi] =
+                    D::decode32_512(_mm256_loadu_si256(bytes.as_ptr() as *const __m256i));
+                _mm512_storeu_ps(two.as_mut_ptr(), lo);
+                _mm512_storeu_ps(two[16..].as_mut_ptr(), hi);
+            }
+            for (i, v) in two.iter().enumerate() {
+                let want = out[32 * c + i];
+                assert!(
+                    v.to_bits() == want.to_bits(),
+                    "decode32_512 {:#x}",
+                    32 * c + i
+                );
+            }
+        }
         out.iter().map(|v| v * scale).collect()
     }
     // SAFETY: has_avx512 checked.
