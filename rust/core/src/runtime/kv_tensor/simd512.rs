@@ -52,8 +52,9 @@ fn store16(x: &mut [f32], v: __m512) {
 #[target_feature(enable = "avx512f")]
 fn pair8(a: &[f32], b: &[f32]) -> __m512 {
     let (a, b) = (&a[..8], &b[..8]);
-    // SAFETY: `a` and `b` hold 8 f32 each (sliced above); unaligned loads.
+    // SAFETY: `a` holds 8 f32 (sliced above); unaligned load.
     let lo = _mm512_castps256_ps512(unsafe { _mm256_loadu_ps(a.as_ptr()) });
+    // SAFETY: `b` holds 8 f32 (sliced above); unaligned load.
     let hi = _mm512_castps256_ps512(unsafe { _mm256_loadu_ps(b.as_ptr()) });
     _mm512_shuffle_f32x4(lo, hi, 0b01_00_01_00)
 }
