@@ -26,6 +26,7 @@ on the same windows; the perplexities are printed side by side.
                                   [--no-act-order] [--methods rtn,gptq,awq,awq+gptq]
                                   [--true-sequential] [--asym-alpha 0.25 (0: plain)] [--damp 0.01]
                                   [--peers gptqmodel,llmcompressor] [--llama-cpp]
+                                  [--layers N (timing only)] [--awq-screen-stride 4]
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def main() -> None:
         help="GPTQ: asymmetric (GPTAQ) target's alpha (0: plain GPTQ)",
     )
     ap.add_argument("--damp", type=float, default=GPTQConfig.damp, help="GPTQ's damping")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="keep the first N decoder layers only (timing runs: the scores are "
+                    "then not the model's)")  # fmt: skip
+    ap.add_argument("--awq-screen-stride", type=int, default=AWQConfig.screen_stride,
+                    help="AWQ's window screen (1: every candidate on every window)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every engine (0: torch's default)")  # fmt: skip
     args = ap.parse_args()
@@ -123,6 +129,9 @@ def main() -> None:
 
     loaded = load_model(None)
     base, tok = loaded.model, loaded.tokenizer
+    if args.layers > 0:
+        base.model.layers = base.model.layers[: args.layers]
+        base.config.num_hidden_layers = args.layers
     text, text_what = read_text(None)
     ids = tokenize(tok, text)
     windows = make_windows(int(ids.numel()), args.ctx, args.ctx, args.max_tokens)
@@ -139,7 +148,10 @@ def main() -> None:
         damp=args.damp,
     )
     acfg = AWQConfig(
-        n_samples=args.calib_samples, seq_len=args.calib_len, gptq_act_order=not args.no_act_order
+        n_samples=args.calib_samples,
+        seq_len=args.calib_len,
+        gptq_act_order=not args.no_act_order,
+        screen_stride=args.awq_screen_stride,
     )
     methods = args.methods.split(",")
 

@@ -405,3 +405,89 @@ def test_cli_convert_awq_writes_the_rescaled_norms_and_refuses_bad_input(tmp_pat
     )  # fmt: skip
     assert r.returncode != 0 and "unknown method 'awq9'; methods: rtn gptq awq" in r.stderr
     assert not out.exists()
+
+
+# -- the search's cheaper losses ------------------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5000))
+def test_squared_errors_are_the_float64_sums_within_the_cascade_bound(seed, n):
+    """Per window, the float32 sum of squares (torch's cascade sum) of out - ref is within
+    (log2(terms) + 2) float32 units of the float64 sum of the same differences (non-negative
+    terms: the bound is relative)."""
+    from ferroquant.methods.awq_layers import squared_errors
+
+    g = torch.Generator().manual_seed(seed)
+    out = (torch.randn(3, n, 7, generator=g) * 4).to(torch.bfloat16)
+    ref = out.float() + torch.randn(3, n, 7, generator=g) * 1e-2
+    want = (out.double() - ref.double()).reshape(3, -1).pow(2).sum(1)
+    got = torch.tensor(squared_errors(out, ref), dtype=torch.float64)
+    bound = (np.log2(7 * n) + 2) * 2.0**-24
+    assert ((got - want).abs() <= bound * want).all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), n_c=st.integers(1, 12))
+def test_linear_output_mses_rescore_the_near_best_in_float32(seed, n_c):
+    """The bf16 screen of the Hessian-form losses: the least returned loss is a float32
+    `linear_output_mse`, every returned value within the margin of the bf16 scores' least is
+    float32's exactly, and the pick equals the all-float32 pick (random errors: the bf16 scores
+    are within a small fraction of a percent here)."""
+    from ferroquant.methods.awq_layers import SCREEN_MARGIN, linear_output_mses
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(200, 64, generator=g).to(torch.bfloat16).float()
+    gram = x.T @ x / 200
+    ds = [torch.randn(16, 64, generator=g) * (1 + 0.2 * k) * 1e-2 for k in range(n_c)]
+    exact = [linear_output_mse(d, gram) for d in ds]
+    got = linear_output_mses(ds, gram)
+    k = min(range(n_c), key=got.__getitem__)
+    assert got[k] == exact[k]
+    assert k == min(range(n_c), key=exact.__getitem__)
+    for gv, ev in zip(got, exact, strict=True):
+        assert gv == ev or gv > got[k] * (1 + SCREEN_MARGIN) - 1e-12
+        assert abs(gv - ev) <= 1e-2 * ev
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_block_loss_screen_scores_the_finalists_in_full(keep):
+    """`block_losses` with the window screen: s = 1 and the screen's `keep` best are scored on
+    every window (their losses those of the full search, to the bf16 forward's batch-shape
+    rounding), the others are inf, and the pick is never above s = 1's."""
+    pytest.importorskip("transformers")
+    from ferroquant.calib.capture import LocalWindows, find_decoder_layers, first_layer_inputs
+    from ferroquant.methods.awq_layers import (
+        block_losses,
+        mean_abs_inputs,
+        pair_candidates,
+        window_inputs,
+    )
+
+    model = tiny_llama(2)
+    ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(2))
+    _, layers = find_decoder_layers(model)
+    with torch.no_grad():
+        hidden, calls = first_layer_inputs(model, layers, ids)
+    layer = layers[0]
+    windows = LocalWindows(calls[0], hidden)
+    names = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj",
+             "mlp.up_proj")]  # fmt: skip
+    firsts = [n[0] for n in names]
+    per_window = windows.map(layer, window_inputs, firsts, [], 1, "l0")
+    x_means = mean_abs_inputs(per_window, firsts)
+    cfg = AWQConfig(grid=10)
+    searches = []
+    for n, block in zip(names, ["self_attn", "mlp"], strict=True):
+        _, _, weights = pair_candidates(layer, n, ["q4_0"] * len(n), cfg, {}, x_means[n[0]])
+        searches.append((block, list(n), weights))
+    full = block_losses(layer, windows, searches, AWQConfig(grid=10, screen_stride=1))
+    screened = block_losses(layer, windows, searches,
+                            AWQConfig(grid=10, screen_stride=4, screen_keep=keep))  # fmt: skip
+    for f, s in zip(full, screened, strict=True):
+        assert all(v < float("inf") for v in f)
+        scored = [k for k, v in enumerate(s) if v < float("inf")]
+        assert 0 in scored and keep <= len(scored) <= keep + 1
+        for k in scored:
+            assert s[k] == pytest.approx(f[k], rel=1e-3)
+        assert min(s) <= s[0]

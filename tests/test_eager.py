@@ -56,7 +56,8 @@ def test_eager_path_is_the_op_bit_for_bit(qtype, dtype, monkeypatch):
 def test_casts_in_pieces_are_the_op_bit_for_bit(dtype, openmp, monkeypatch):
     """Inputs and outputs longer than `_SERIAL_PIECE` are cast (and the bias added) in pieces on
     the calling thread when the kernel runs on the Rust pool (FERROQUANT_OPENMP=off), in one
-    torch op each on torch's team: the same bits as the op's whole-tensor casts either way."""
+    torch op each on torch's team: the same bits as the op's whole-tensor casts either way
+    (bf16: cast inside the Rust call, the bias still in pieces)."""
     from ferroquant.nn import linear
     from ferroquant.nn.openmp import torch_team
 
@@ -75,6 +76,10 @@ def test_casts_in_pieces_are_the_op_bit_for_bit(dtype, openmp, monkeypatch):
     with torch.no_grad():
         assert torch.equal(q(xt), _op(q, xt))
     assert len(calls) == 3
+    if dtype == torch.bfloat16:
+        # bf16 is cast inside the Rust call (`_native.qmatmul_bf16`): no torch cast at all
+        assert pieces == [], (openmp, pieces)
+        return
     # which way the casts went: pieces exactly when the kernel is off torch's team
     assert (sum(pieces) > 0) == (not torch_team()), (openmp, pieces)
     if openmp == "off":
@@ -154,3 +159,26 @@ def test_thread_count_does_not_change_the_eager_result():
     one = q(x)
     fq.set_num_threads(2)
     assert torch.equal(q(x), one)
+
+
+@pytest.mark.parametrize("qtype", NATIVE)
+def test_bf16_activations_in_the_rust_call_are_the_op_bit_for_bit(qtype, monkeypatch):
+    """bf16 input takes `_native.qmatmul_bf16` (the casts inside the Rust call): the op's bits
+    (f32 product, torch's rounding to bf16) at every path's M (row kernels, tiles, GEMMs, the
+    bf16 GEMM from 12 rows, AMX from 32 / 128), with N off whole panels of 16, and the same as
+    the f32 call between two torch casts (`linear._BF16_IO` off)."""
+    from ferroquant.nn import linear
+
+    assert linear._BF16_IO
+    torch.manual_seed(3)
+    q = QuantLinear.from_linear(nn.Linear(512, 40, bias=False), qtype)
+    for m in (5, 12, 16, 33, 128, 130):
+        x = (torch.randn(m, 512) * 3).to(torch.bfloat16)
+        with torch.no_grad():
+            y = q(x)
+            monkeypatch.setattr(linear, "_BF16_IO", False)
+            y_f32 = q(x)
+            monkeypatch.setattr(linear, "_BF16_IO", True)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 40)
+        assert torch.equal(y.view(torch.int16), _op(q, x).view(torch.int16)), m
+        assert torch.equal(y.view(torch.int16), y_f32.view(torch.int16)), m

@@ -123,12 +123,17 @@ def gptq_pack(
     the block bytes `data` ([rows, cols / block * nbytes], in place) by the format's bit map
     (`byte` / `shift`: [block * bits]; stored code level ^ xor); other bits are kept."""
 
-def gram_bf16(x: npt.NDArray[np.uint16]) -> npt.NDArray[np.float32]:
-    """x^T x ([d, d] float32) of bf16 bits x [n, d] (row-major): one fixed f32 chain per output
-    on vdpbf16ps where the CPU has AVX-512 BF16, else its scalar reference (the same bits)."""
+def gram_bf16(x: npt.NDArray[np.uint16], path: str | None = None) -> npt.NDArray[np.float32]:
+    """x^T x ([d, d] float32) of bf16 bits x [n, d] (row-major). path (None: the first of
+    gram_bf16_paths()): "amx" (AMX tiles: the tile unit's sums, within the faithful-rounding
+    bound, unit 2^-23), "avx512bf16" (one fixed f32 chain per output on vdpbf16ps) or "scalar"
+    (that chain's reference: the same bits); ValueError for a path that does not run here."""
 
 def gram_bf16_fast() -> bool:
-    """Whether gram_bf16 runs its AVX-512 BF16 kernel on this CPU."""
+    """Whether gram_bf16 runs a fast kernel (AMX or AVX-512 BF16) on this CPU."""
+
+def gram_bf16_paths() -> list[str]:
+    """The paths gram_bf16 runs on this CPU, fastest (its default) first."""
 
 def block_struct_sizes() -> list[tuple[str, int]]: ...
 def set_num_threads(n: int) -> None: ...
@@ -157,6 +162,20 @@ def qmatmul(
     scale_mode: str | None = None,
     openmp: bool = False,
 ) -> npt.NDArray[np.float32]: ...
+
+# qmatmul on bf16 bits (x: M x K uint16, returns M x N uint16): the f32 product of the widened x,
+# each output rounded to nearest even as torch's .to(torch.bfloat16) (QuantLinear's bf16 calls).
+def qmatmul_bf16(
+    x: npt.NDArray[np.uint16],
+    data: npt.NDArray[np.uint8],
+    qtype: str,
+    n: int,
+    k: int,
+    block_size: int,
+    stats: npt.NDArray[np.float32] | None = None,
+    scale_mode: str | None = None,
+    openmp: bool = False,
+) -> npt.NDArray[np.uint16]: ...
 def qmatmul_qtypes() -> list[str]: ...
 
 # qmatmul(openmp=True)'s team: the OpenMP runtime an already-loaded library uses (torch's _C
@@ -174,6 +193,7 @@ def qmatmul_bf16_min_m() -> int: ...
 # FERROQUANT_MAX_ISA=avx512 turns them off): the same roundings, the tiles' own summation order,
 # within a float64 bound (rust/core/src/matmul/x86/amx_bf16.rs) instead of bit-exact; 0: never.
 def qmatmul_bf16_amx_min_m() -> int: ...
+
 # The benchmarks' read-bandwidth probe (rust/core/src/matmul/bandwidth.rs): sums data's 8-byte
 # words, each pool thread over its own part, `streams` (1, 2, 4, 8) sub-parts in lock step,
 # prefetched `ahead` bytes in front; 512-bit loads with AVX-512 unless vector=False.

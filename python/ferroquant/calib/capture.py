@@ -24,11 +24,13 @@ are x^T x of the Linears' inputs as they reach the Linear: float32 where they ar
 outputs: q/k/v, gate/up), a float32 GEMM of the upper triangle's blocks (`gram`: about 0.65x a
 full GEMM's work); bf16 where the bf16 forward made them so (attention's output at o_proj, the
 MLP's product at down_proj), exact products of those bf16 values summed in float32 by the Rust
-core's kernel on bf16 dot products (`_native.gram_bf16`, rust/core/src/gram.rs: one fixed
-float32 chain per output, the same bits on every call and thread count; 3-4x torch's float32
-product of the same triangle). Each shard's product is widened to float64. (Rounding the
-float32 inputs to bf16 as well, as the Linear's GEMM reads them, measured +1.2 % perplexity on
-SmolLM2 int4_g64 plain GPTQ, 38.22 against 37.77: they stay float32.)
+core (`_native.gram_bf16`, rust/core/src/gram.rs): on AMX bf16 tiles where the CPU has them
+(the tile unit's summation, within a float64 bound; about 3.5x torch's float32 product), else
+on bf16 dot products (one fixed float32 chain per output; 3-4x torch's float32 product), the
+same bits on every call and thread count either way. Each shard's product is widened to
+float64. (Rounding the float32 inputs to bf16 as well, as the Linear's GEMM reads them,
+measured +1.2 % perplexity on SmolLM2 int4_g64 plain GPTQ, 38.22 against 37.77: they stay
+float32.)
 """
 
 from __future__ import annotations

@@ -50,6 +50,9 @@ class AWQConfig:
       candidates max|w| * (1 - i/clip_grid), i < clip_grid * max_shrink (20, 0.5).
     clip_tokens: tokens the clip search uses (512, evenly strided over the calibration set).
     n_samples, seq_len: calibration windows (128 x 512, AutoAWQ uses 128 x 512 of pile-val).
+    screen_stride, screen_keep: the block-forward searches screen every candidate on every
+      screen_stride-th window, then score the screen_keep best and s = 1 on all windows
+      (`awq_layers.block_losses`; screen_stride 1: every candidate on every window, AutoAWQ's).
     gptq: after scaling and clipping, quantize with GPTQ ("awq+gptq") instead of RTN, with
       `gptq_damp` and `gptq_act_order` (GPTQConfig's damp and act_order).
     """
@@ -62,6 +65,8 @@ class AWQConfig:
     clip_tokens: int = 512
     n_samples: int = 128
     seq_len: int = 512
+    screen_stride: int = 4
+    screen_keep: int = 4
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = True

@@ -18,6 +18,7 @@ per shard on a cluster and get the same bits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,14 +98,19 @@ def window_inputs(
     def hook(name: str) -> Callable[..., None]:
         def pre(mod: nn.Module, args: tuple) -> None:
             x = args[0].detach().to(torch.float32)
-            if not bool(torch.isfinite(x).all()):
-                raise QuantizeError(f"awq: non-finite activations at the input of {where}.{name}")
             for j, xw in enumerate(x.reshape(-1, *x.shape[-2:])):  # one [L, d] per window
                 rows = None
                 if name in clip:
                     start = (first + at[0] + j) * xw.shape[0]
                     rows = xw[(-start) % step :: step]
-                got[at[0] + j][name] = (xw.abs().sum(0, dtype=torch.float64), xw.shape[0], rows)
+                total = xw.abs().sum(0, dtype=torch.float64)
+                # finite iff the window's inputs are (a float64 sum of float32 magnitudes
+                # cannot overflow): d values to check instead of every activation
+                if not bool(torch.isfinite(total).all()):
+                    raise QuantizeError(
+                        f"awq: non-finite activations at the input of {where}.{name}"
+                    )
+                got[at[0] + j][name] = (total, xw.shape[0], rows)
 
         return pre
 
@@ -144,16 +150,21 @@ def window_losses(
     hidden: list[torch.Tensor],
     first: int,
     searches: list[tuple[str, list[str], list[list[torch.Tensor]]]],
+    select: tuple[int, bool] | None = None,
 ) -> list[tuple[list[list[float]], list[int]]]:
     """Per window: for each search (block name, the Linears `names`, the candidates: each a
-    list of those Linears' weights), for each candidate the float64 sum of squared differences
-    between the block's output with those weights and its float output; and each block
-    output's element count (a candidate's loss: the sums added in window order over the
-    counts). One pass of the layer captures every block's inputs and output (before any fold:
-    the searches are independent, as AutoAWQ searches a layer's pairs before applying any
-    scale); each block then runs once per candidate and shard batch (not per window), in the
-    capture's precision (`forward_autocast`, the blocks' other floating arguments in its dtype,
-    `_search_dtype`); the per-window sums are taken from the batch's rows."""
+    list of those Linears' weights), for each candidate the sum of squared differences
+    between the block's output with those weights and its float output (`squared_errors`); and
+    each block output's element count (a candidate's loss: the sums added in window order over
+    the counts). `select` = (stride, multiples): only the windows whose index among all windows
+    is (multiples) or is not a multiple of stride run; the others get zero sums and counts
+    (`search_pairs`' screen). The selected windows of a shard batch run as one batch, so a
+    cluster's shards batch them the same way. One pass of the layer captures every block's
+    inputs and output (before any fold: the searches are independent, as AutoAWQ searches a
+    layer's pairs before applying any scale); each block then runs once per candidate and
+    shard batch (not per window), in the capture's precision (`forward_autocast`, the blocks'
+    other floating arguments in its dtype, `_search_dtype`); the per-window sums are taken
+    from the batch's rows."""
     blocks = [layer.get_submodule(b) for b, _, _ in searches]
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in searches]
 
@@ -164,7 +175,13 @@ def window_losses(
         return pre
 
     hs = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    batches = list(_batches(hidden))
+    batches = []  # (the batch's window indices in `hidden`, the batch)
+    for k0, batch in _batches(hidden):
+        rows = [j for j in range(batch.shape[0]) if _selected(first + k0 + j, select)]
+        if len(rows) == batch.shape[0]:
+            batches.append(([k0 + j for j in rows], batch))
+        elif rows:
+            batches.append(([k0 + j for j in rows], batch[rows]))
     try:
         for _, batch in batches:
             with forward_autocast(batch):
@@ -180,30 +197,47 @@ def window_losses(
     def run(i: int, k: int) -> torch.Tensor:  # block i on shard batch k, as the search runs it
         a, kw = calls[i][k]
         with forward_autocast(batches[k][1]):
-            out = _first(blocks[i](*a, **kw))
-        return out.to(torch.float32)
+            return _first(blocks[i](*a, **kw))
 
     # the float output the candidates are compared with, computed by the same call
-    reference = [[run(i, k) for k in range(len(batches))] for i in range(len(searches))]
+    reference = [[run(i, k).to(torch.float32) for k in range(len(batches))]
+                 for i in range(len(searches))]  # fmt: skip
     nums = [[[0.0] * len(c) for _, _, c in searches] for _ in hidden]
     counts = [[0] * len(searches) for _ in hidden]
+    # the candidates' weights in the dtype the autocast forward reads them in, converted once
+    # (autocast's own cast of a float32 weight rounds the same way, once per call)
+    wdtype = forward_dtype(batches[0][1]) if batches else None
     for i, (_, names, candidates) in enumerate(searches):
         lins = [layer.get_submodule(n) for n in names]
         originals = [lin.weight.data for lin in lins]
         try:
             for c, weights in enumerate(candidates):
                 for lin, w in zip(lins, weights, strict=True):
-                    lin.weight.data = w
-                for k, ((k0, batch), r) in enumerate(zip(batches, reference[i], strict=True)):
-                    d = (run(i, k) - r).reshape(batch.shape[0], -1)
-                    sums = d.pow(2).sum(1, dtype=torch.float64).tolist()
-                    for j, v in enumerate(sums):  # per window, in window order
-                        nums[k0 + j][i][c] = v
-                        counts[k0 + j][i] = d.shape[1]
+                    lin.weight.data = w if wdtype is None else w.to(wdtype)
+                for k, ((idx, _), r) in enumerate(zip(batches, reference[i], strict=True)):
+                    for w, v in zip(idx, squared_errors(run(i, k), r), strict=True):
+                        nums[w][i][c] = v
+                        counts[w][i] = r[0].numel()
         finally:
             for lin, w0 in zip(lins, originals, strict=True):
                 lin.weight.data = w0
     return [(n, m) for n, m in zip(nums, counts, strict=True)]
+
+
+def _selected(window: int, select: tuple[int, bool] | None) -> bool:
+    if select is None:
+        return True
+    stride, multiples = select
+    return (window % stride == 0) == multiples
+
+
+def squared_errors(out: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """Per window (the first dimension), the sum of (out - ref)^2 (float32 `ref`): one float32
+    pass for the difference and its square, summed in float32 by torch's cascade sum (a sum of
+    non-negative terms: relative error about log2(n) float32 units, 1e-6 at 300k terms, where
+    the float64 sum it replaces took twice the time)."""
+    d = torch.sub(out, ref).reshape(ref.shape[0], -1)
+    return d.mul_(d).sum(1).tolist()
 
 
 def mean_abs_inputs(
@@ -265,18 +299,63 @@ def search_pairs(
         zip(pairs, built, strict=True)
     ):
         if gram is not None and names == (block_name,):
-            losses[i] = [linear_output_mse(w[0] - originals[0], gram) for w in weights]
+            losses[i] = linear_output_mses([w[0] - originals[0] for w in weights], gram)
         else:
             searches.append((block_name, list(names), weights))
             where.append(i)
     if searches:
-        per_window = windows.map(layer, window_losses, searches)
-        for j, i in enumerate(where):
-            den = sum(m[j] for _, m in per_window)
-            n_c = len(searches[j][2])
-            losses[i] = [sum(nums[j][c] for nums, _ in per_window) / max(den, 1)
-                         for c in range(n_c)]  # fmt: skip
+        for j, lo in enumerate(block_losses(layer, windows, searches, config)):
+            losses[where[j]] = lo
     return [pick_scale(cands, lo) for (cands, _, _), lo in zip(built, losses, strict=True)]  # type: ignore[arg-type]
+
+
+def _totals(per_window: list, j: int, n_c: int) -> list[float]:
+    """Search j's loss of each of its n_c candidates: the per-window sums added in window order
+    over the element counts."""
+    den = sum(m[j] for _, m in per_window)
+    return [sum(nums[j][c] for nums, _ in per_window) / max(den, 1) for c in range(n_c)]
+
+
+def block_losses(
+    layer: nn.Module,
+    windows: Any,
+    searches: list[tuple[str, list[str], list[list[torch.Tensor]]]],
+    config: AWQConfig,
+) -> list[list[float]]:
+    """Each search's candidates' block-output losses (`window_losses`) over every calibration
+    window. With `config.screen_stride` = k > 1 (and more candidates than `screen_keep` + 1),
+    every candidate first runs on every k-th window only (the screen); the `screen_keep` least
+    of those losses and s = 1 (the first candidate) then run on the other windows as well, and
+    their losses are over all windows (the same sums as without the screen); the others' are
+    inf (not scored in full). So the pick is the least full loss among the finalists, never
+    above s = 1's: the full search's pick whenever that is among the screen's best
+    `screen_keep`, at about (1/k + (keep + 1)/n) of its block forwards for n candidates."""
+    stride, keep = config.screen_stride, config.screen_keep
+    n_cs = [len(c) for _, _, c in searches]
+    if stride <= 1 or all(n <= keep + 1 for n in n_cs):
+        per_window = windows.map(layer, window_losses, searches, None)
+        return [_totals(per_window, j, n) for j, n in enumerate(n_cs)]
+    first = windows.map(layer, window_losses, searches, (stride, True))
+    screen = [_totals(first, j, n) for j, n in enumerate(n_cs)]
+    finalists = [sorted({0, *sorted(range(n), key=lo.__getitem__)[:keep]})
+                 for n, lo in zip(n_cs, screen, strict=True)]  # fmt: skip
+    rest = [(b, names, [c[k] for k in fin])
+            for (b, names, c), fin in zip(searches, finalists, strict=True)]  # fmt: skip
+    second = windows.map(layer, window_losses, rest, (stride, False))
+    out = []
+    for j, (n, fin) in enumerate(zip(n_cs, finalists, strict=True)):
+        merged = []  # per window, in window order: the finalists' sums from the pass that ran it
+        for w, ((nums1, m1), (nums2, m2)) in enumerate(zip(first, second, strict=True)):
+            if w % stride == 0:
+                merged.append(([[nums1[j][k] for k in fin]], [m1[j]]))
+            else:
+                merged.append(([nums2[j]], [m2[j]]))
+        full = _totals(merged, 0, len(fin))
+        lo = [math.inf] * n
+        for k, v in zip(fin, full, strict=True):
+            lo[k] = v
+        out.append(lo)
+    return out
 
 
 def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
@@ -286,6 +365,32 @@ def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
     the forward's bf16 rounding, and rows x cols^2 instead of rows x cols x tokens of work."""
     d = d.to(torch.float32)
     return float((d @ gram * d).sum(dtype=torch.float64)) / max(d.shape[0], 1)
+
+
+# the bf16 screen of `linear_output_mses`: candidates whose bf16 loss is within this fraction of
+# the least are rescored in float32 (on SmolLM2 int4_g64's 30 down pairs x 21 candidates the bf16
+# scores were within 9e-3 of float32's, within 3e-4 but for two, and every pick was float32's)
+SCREEN_MARGIN = 2.0**-5
+
+
+def linear_output_mses(ds: list[torch.Tensor], gram: torch.Tensor) -> list[float]:
+    """`linear_output_mse` of each weight error in `ds` on one `gram`, the search's candidates:
+    where the CPU has native bf16 products (`forward_dtype`), every candidate is first scored
+    on bf16 operands (one bf16 GEMM, d @ G, a quarter of the float32 one's time on AMX) and the
+    ones within `SCREEN_MARGIN` of the least are rescored in float32, so the least loss (the
+    pick) is float32's unless a bf16 score is off by more than about half the margin. The
+    others keep their bf16 scores."""
+    if len(ds) < 2 or forward_dtype(gram) is None:
+        return [linear_output_mse(d, gram) for d in ds]
+    gb = gram.to(torch.bfloat16)
+    approx = []
+    for d in ds:
+        d = d.to(torch.float32)
+        t = torch.mm(d.to(torch.bfloat16), gb)
+        approx.append(float(torch.mul(t, d).sum()) / max(d.shape[0], 1))
+    best = min(approx)
+    cut = best + SCREEN_MARGIN * abs(best)
+    return [linear_output_mse(d, gram) if a <= cut else a for d, a in zip(ds, approx, strict=True)]
 
 
 def awq_layer(

@@ -79,21 +79,33 @@ class GPTQConfig:
 
 
 def _inverse_cholesky(
-    h: torch.Tensor, damp: float, name: str, dtype: torch.dtype = torch.float64
+    h: torch.Tensor,
+    damp: float,
+    name: str,
+    dtype: torch.dtype = torch.float64,
+    diag: torch.Tensor | None = None,
+    flipped: bool = False,
 ) -> torch.Tensor:
     """Upper Cholesky factor of (H + damping)^-1, float32; damping x10 on failure. The
     factorizations run in `dtype`: float64 (the reference) or float32 (as the GPTQ paper's code
     and GPTQModel / llm-compressor run them: `gptq_native.CHOLESKY_DTYPE`). The damping is added
-    in float64 either way."""
-    h = h.to(torch.float64)
-    mean_diag = float(torch.diagonal(h).mean())
+    in float64 either way: to `diag` (H's float64 diagonal) where given, so that `h` may come
+    already rounded to `dtype` (the same values: only the diagonal is not rounded first).
+    `flipped` (float32 only): `h` and `diag` come in reversed order, J H J, the form the float32
+    factorization starts from (`_upper_inverse_factor`), so that no flipped copy is made."""
+    if diag is None:
+        h = h.to(torch.float64)
+        diag = torch.diagonal(h)
+    diag = diag.to(torch.float64)
+    # the mean in H's order (a reversed sum may differ in its last bit)
+    mean_diag = float((diag.flip(0) if flipped else diag).mean())
     frac = damp
     for _ in range(6):
         # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336), added in
         # float64 and rounded with the rest: a float32 copy takes the damped diagonal's values
-        hd = h.clone() if dtype == torch.float64 else h.to(dtype)
-        hd.diagonal().copy_(torch.diagonal(h) + frac * mean_diag)
-        upper = _upper_inverse_factor(hd)
+        hd = h.clone() if dtype == torch.float64 or h.dtype == dtype else h.to(dtype)
+        hd.diagonal().copy_(diag + frac * mean_diag)
+        upper = _upper_inverse_factor(hd, flipped)
         del hd
         if upper is not None:
             return upper.to(torch.float32)
@@ -108,12 +120,13 @@ def _inverse_cholesky(
     raise QuantizeError(f"gptq: the Hessian of {name} is not positive definite even with damping")
 
 
-def _upper_inverse_factor(hd: torch.Tensor) -> torch.Tensor | None:
+def _upper_inverse_factor(hd: torch.Tensor, flipped: bool = False) -> torch.Tensor | None:
     """Upper U with U^T U = hd^-1 (None when a factorization fails). float64 (the reference):
     Cholesky, its inverse, Cholesky of that. float32: one Cholesky of the flipped matrix, J hd J
     = L L^T (J reverses the order), and U = J L^-1 J (then U^T U = J L^-T L^-1 J = hd^-1, and U
     is upper with a positive diagonal: the same factor), L^-1 by `_lower_inverse`'s GEMMs: 1.6x
-    faster at 1536 than the three factorizations on one core, within the tested tolerance."""
+    faster at 1536 than the three factorizations on one core, within the tested tolerance.
+    `flipped`: `hd` is given as J hd J already (float32 only)."""
     if hd.dtype == torch.float64:
         lower, info = torch.linalg.cholesky_ex(hd)
         if int(info) != 0:
@@ -122,7 +135,7 @@ def _upper_inverse_factor(hd: torch.Tensor) -> torch.Tensor | None:
         del lower  # one n x n float64 less at the peak (1.6 GB for a 14336-wide input)
         upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
         return upper if int(info2) == 0 else None
-    lower, info = torch.linalg.cholesky_ex(hd.flip(0, 1))
+    lower, info = torch.linalg.cholesky_ex(hd if flipped else hd.flip(0, 1))
     if int(info) != 0:
         return None
     return _lower_inverse(lower).flip(0, 1)
@@ -218,13 +231,17 @@ def _gptq(
     if hessian.shape != (cols, cols):
         raise QuantizeError(f"{name}: Hessian of shape {tuple(hessian.shape)} for {cols} inputs")
     grid = FormatGrid(qtype, (rows, cols), **options)
-    h = hessian.detach().to(torch.float64).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
+    native = gptq_native.available()
+    chol_dtype = gptq_native.CHOLESKY_DTYPE if native else torch.float64
+    # H's float64 diagonal with the dead inputs' set to 1; the off-diagonal part is only read
+    # (permuted once, in the factorization's dtype: the values the float64 copy would round to)
+    hdiag64 = torch.diagonal(hessian.detach()).to(torch.float64).clone()
+    dead = hdiag64 == 0
+    hdiag64[dead] = 1.0
     w[:, dead] = 0.0
     fb = grid.block
     factors = cfg.scale_factors() if grid.searchable else ()
-    hdiag = torch.diagonal(h).to(torch.float32)
+    hdiag = hdiag64.to(torch.float32)
 
     def block_params(values: torch.Tensor, c0: int) -> Blocks:
         if not factors:
@@ -233,7 +250,7 @@ def _gptq(
 
     static = cfg.act_order or fb > max(cfg.block_size, 256)
     if static:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        perm = torch.argsort(hdiag64, descending=True, stable=True)
         if not cfg.act_order:
             perm = torch.arange(cols)
         # every block's parameters from the original weights, by the format's own quantizer: a
@@ -244,11 +261,14 @@ def _gptq(
         perm = torch.arange(cols)
         params = None
         lazy = math.ceil(cfg.block_size / fb) * fb
-    h = h.index_select(0, perm).index_select(1, perm)  # h[perm][:, perm], 2x faster
-    native = gptq_native.available()
-    hinv = _inverse_cholesky(
-        h, cfg.damp, name, gptq_native.CHOLESKY_DTYPE if native else torch.float64
-    )
+    # H[perm][:, perm] in the factorization's dtype (index_select twice: 2x faster); the float32
+    # factorization starts from the reversed order J H J, so that is the order taken there
+    flipped = chol_dtype == torch.float32
+    order = perm.flip(0) if flipped else perm
+    h = hessian.detach().to(chol_dtype)  # only read: the factorization damps a copy
+    if not torch.equal(order, torch.arange(cols)):
+        h = h.index_select(0, order).index_select(1, order)
+    hinv = _inverse_cholesky(h, cfg.damp, name, chol_dtype, diag=hdiag64[order], flipped=flipped)
     # the loop runs on W^T [cols, rows] (permuted): a column is one contiguous vector, its
     # rank-1 update an in-place update of contiguous rows, its codes one row of a buffer
     wt = w.t()[perm].contiguous()

@@ -30,6 +30,12 @@ KERNEL_LAYOUT_DEVICES = ("cuda",)
 # tasks (a 128-token SmolLM2 prompt made 13 pieces per call, ~2,700 extra torch ops a forward).
 _SERIAL_PIECE = 16384
 
+# bf16 activations take `_native.qmatmul_bf16`: the casts inside the Rust call, on the calling
+# thread, instead of two torch ops (each an allocation and, on torch's team, a parallel region:
+# 1.0-1.16x less CPU time a call at M = 128 on SmolLM2's shapes, one thread). False (tests)
+# takes the f32 call between two torch casts: the same bits (tests/test_eager.py).
+_BF16_IO = True
+
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, team: bool) -> torch.Tensor:
     """`t.to(dtype)`, contiguous: one torch op when the kernel runs on torch's team, else
@@ -210,6 +216,35 @@ class QuantLinear(nn.Module):
         if x2.dim() != 2:
             x2 = x2.reshape(-1, k)
         team = torch_team()
+        if x2.dtype == torch.bfloat16 and _BF16_IO:
+            out = self._bf16_call(x2, w, s, team)
+        else:
+            out = self._f32_call(x, x2, w, s, team)
+        bias = self._parameters["bias"]
+        if bias is not None:
+            b = bias.detach().to(out.dtype)
+            rows = out.shape[0] if team else max(1, _SERIAL_PIECE // max(1, out.shape[1]))
+            for i in range(0, out.shape[0], rows):  # pieces off the team, as the casts above
+                out[i : i + rows].add_(b)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+
+    def _bf16_call(
+        self, x2: torch.Tensor, w: np.ndarray, s: np.ndarray, team: bool
+    ) -> torch.Tensor:
+        """bf16 in, bf16 out, the casts inside the Rust call (`_native.qmatmul_bf16`): the
+        bits of `_f32_call`'s two casts around the f32 product (tests/test_eager.py)."""
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        xb = x2.view(torch.int16).numpy().view(np.uint16)
+        n, k, mode = self.out_features, self.in_features, self.scale_mode or None
+        y = _native.qmatmul_bf16(xb, w, self.qtype, n, k, self.block_size, s, mode, openmp=team)
+        return torch.from_numpy(y.view(np.int16)).view(torch.bfloat16)
+
+    def _f32_call(
+        self, x: torch.Tensor, x2: torch.Tensor, w: np.ndarray, s: np.ndarray, team: bool
+    ) -> torch.Tensor:
+        """The f32 product, x cast to float32 and the result back to x's dtype."""
+        k = self.in_features
         if x2.dtype != torch.float32:
             x2 = _cast(x2, torch.float32, team)
         xf = x2.numpy() if x2.is_contiguous() else x2.contiguous().numpy()
@@ -218,13 +253,7 @@ class QuantLinear(nn.Module):
         out = torch.from_numpy(y)
         if x.dtype != torch.float32:
             out = _cast(out, x.dtype, team)
-        bias = self._parameters["bias"]
-        if bias is not None:
-            b = bias.detach().to(out.dtype)
-            rows = out.shape[0] if team else max(1, _SERIAL_PIECE // max(1, out.shape[1]))
-            for i in range(0, out.shape[0], rows):  # pieces off the team, as the casts above
-                out[i : i + rows].add_(b)
-        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
+        return out
 
     def _trains(self, x: torch.Tensor) -> bool:
         """True when autograd records this call on the CPU: forward takes the dequantize +

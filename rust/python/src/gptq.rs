@@ -214,27 +214,52 @@ pub fn gptq_pack<'py>(
         .map_err(to_py)
 }
 
-/// x^T x (`[d, d]` float32) of `x` `[n, d]`: bf16 bits as uint16, row-major.
+/// x^T x (`[d, d]` float32) of `x` `[n, d]`: bf16 bits as uint16, row-major; `path` one of
+/// "amx", "avx512bf16", "scalar" (None: the fastest here).
 #[pyfunction]
+#[pyo3(signature = (x, path=None))]
 pub fn gram_bf16<'py>(
     py: Python<'py>,
     x: PyReadonlyArray2<'py, u16>,
+    path: Option<&str>,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let (n, d) = (x.shape()[0], x.shape()[1]);
     if !x.is_c_contiguous() {
         return Err(not_contiguous("x"));
     }
+    let path = match path {
+        None => core::gram::Path::best(),
+        Some("amx") => core::gram::Path::Amx,
+        Some("avx512bf16") => core::gram::Path::Avx512Bf16,
+        Some("scalar") => core::gram::Path::Scalar,
+        Some(other) => {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "gram_bf16: path {other:?} is not one of \"amx\", \"avx512bf16\", \"scalar\""
+            )))
+        }
+    };
     let bits = x.as_slice().map_err(|_| not_contiguous("x"))?;
     let out = py
-        .detach(|| core::gram::gram_bf16(bits, n, d))
+        .detach(|| core::gram::gram_bf16_on(bits, n, d, path))
         .map_err(to_py)?;
     out.into_pyarray(py).reshape([d, d])
 }
 
-/// Whether `gram_bf16` runs its AVX-512 BF16 kernel on this CPU.
+/// Whether `gram_bf16` runs a fast kernel (AMX or AVX-512 BF16) on this CPU.
 #[pyfunction]
 pub fn gram_bf16_fast() -> bool {
     core::gram::fast()
+}
+
+/// The paths `gram_bf16` can run here, fastest (its default) first.
+#[pyfunction]
+pub fn gram_bf16_paths() -> Vec<&'static str> {
+    use core::gram::Path;
+    [Path::Amx, Path::Avx512Bf16, Path::Scalar]
+        .into_iter()
+        .filter(|p| p.usable())
+        .map(|p| p.name())
+        .collect()
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -242,5 +267,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gptq_pack, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16_fast, m)?)?;
+    m.add_function(wrap_pyfunction!(gram_bf16_paths, m)?)?;
     Ok(())
 }

@@ -71,6 +71,73 @@ pub fn qmatmul<'py>(
     y.map_err(to_py)?.into_pyarray(py).reshape([m, n])
 }
 
+/// `qmatmul` on bfloat16: x (M x K uint16 holding bf16 bits, C-contiguous), returns y (M x N
+/// uint16, bf16 bits): the f32 product of the widened x, each output rounded to nearest even
+/// as torch's `.to(torch.bfloat16)` (QuantLinear in a bf16 model, without the two casts).
+#[pyfunction]
+#[pyo3(signature = (x, data, qtype, n, k, block_size, stats=None, scale_mode=None, openmp=false))]
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_bf16<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, u16>,
+    data: PyReadonlyArray1<'py, u8>,
+    qtype: &str,
+    n: usize,
+    k: usize,
+    block_size: usize,
+    stats: Option<PyReadonlyArray1<'py, f32>>,
+    scale_mode: Option<&str>,
+    openmp: bool,
+) -> PyResult<Bound<'py, PyArray2<u16>>> {
+    let qtype = core::QType::parse(qtype).map_err(to_py)?;
+    let scale_mode = scale_mode
+        .map(core::ScaleMode::parse)
+        .transpose()
+        .map_err(to_py)?;
+    let m = x.shape()[0];
+    if !x.is_c_contiguous() {
+        return Err(not_contiguous("x"));
+    }
+    let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
+    let data_s = data.as_slice().map_err(|_| not_contiguous("data"))?;
+    let stats_s: &[f32] = match &stats {
+        Some(s) => s.as_slice().map_err(|_| not_contiguous("stats"))?,
+        None => &[],
+    };
+    let view = core::QuantizedView {
+        qtype,
+        rows: n,
+        cols: k,
+        block_size,
+        scale_mode,
+        data: data_s,
+        stats: stats_s,
+        double_quant: None,
+    };
+    m.checked_mul(n).ok_or_else(|| {
+        to_py(core::Error::InvalidArgument(format!(
+            "output shape {m}x{n} overflows"
+        )))
+    })?;
+    // SAFETY: a new C-ordered array, not yet shared; `qmatmul_bf16` writes every element before
+    // it is returned, and it is dropped unread when the call fails.
+    let out = unsafe { PyArray2::<u16>::new(py, [m, n], false) };
+    {
+        let mut rw = out.readwrite();
+        let ys = rw.as_slice_mut().map_err(|_| not_contiguous("output"))?;
+        let mut run = || core::matmul::bf16_io::qmatmul_bf16(xs, m, &view, ys);
+        py.detach(|| {
+            if openmp {
+                core::parallel::on_openmp(run)
+            } else {
+                run()
+            }
+        })
+        .map_err(to_py)?;
+    }
+    Ok(out)
+}
+
 /// Run `qmatmul(..., openmp=True)` on the OpenMP runtime that the already-loaded library `path`
 /// uses (torch's `_C` extension: torch's libgomp). False when there is none; never loads one.
 #[pyfunction]

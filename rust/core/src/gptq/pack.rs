@@ -83,14 +83,41 @@ pub fn pack_codes(
     for (i, x) in data.iter_mut().enumerate() {
         *x &= keep[i % plan.nbytes];
     }
+    // an element whose bits sit in one byte, in order from `shift` up (every format's plain
+    // codes): one shifted or per code instead of one per bit
+    let field: Vec<Option<(usize, u8)>> = (0..plan.block)
+        .map(|e| {
+            let byte = &plan.byte[e * plan.bits..][..plan.bits];
+            let shift = &plan.shift[e * plan.bits..][..plan.bits];
+            let one = byte.iter().all(|&b| b == byte[0])
+                && shift
+                    .iter()
+                    .enumerate()
+                    .all(|(b, &s)| s as usize == shift[0] as usize + b);
+            (plan.bits > 0 && one).then(|| (byte[0], shift[0]))
+        })
+        .collect();
+    let mask = if plan.bits >= 8 {
+        0xFF
+    } else {
+        (1u8 << plan.bits) - 1
+    };
     for r0 in (0..rows).step_by(TILE) {
         let r1 = (r0 + TILE).min(rows);
         for (p, &c) in perm.iter().enumerate() {
             let (blk, e) = (c / plan.block, c % plan.block);
             let base = blk * plan.nbytes;
+            let codes = &levels[p * rows..][r0..r1];
+            if let Some((at, sh)) = field[e] {
+                let at = base + at;
+                for (r, &l) in (r0..r1).zip(codes) {
+                    let code = ((l as u8) ^ plan.xor) & mask;
+                    data[r * row_bytes + at] |= code << sh;
+                }
+                continue;
+            }
             let byte = &plan.byte[e * plan.bits..][..plan.bits];
             let shift = &plan.shift[e * plan.bits..][..plan.bits];
-            let codes = &levels[p * rows..][r0..r1];
             for (r, &l) in (r0..r1).zip(codes) {
                 let code = (l as u8) ^ plan.xor;
                 let row = &mut data[r * row_bytes + base..][..plan.nbytes];

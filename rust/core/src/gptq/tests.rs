@@ -282,3 +282,29 @@ fn pack_writes_each_code_bit_and_keeps_the_rest() {
     let e = pack_codes(&mut data, &levels, 2, &[0, 0, 1, 2], &plan).unwrap_err();
     assert!(e.to_string().contains("permutation"), "{e}");
 }
+
+#[test]
+fn pack_split_and_contiguous_fields_in_one_block() {
+    // 3-bit codes, 2 per block of 2 bytes: element 0 split (bits 0-1 in byte 0, bit 2 in byte
+    // 1: the per-bit path), element 1 one field of byte 0 from bit 2 (the shifted-or path);
+    // codes 5 (101) and 6 (110) over bytes whose other bits are all set
+    let byte = [0, 0, 1, 0, 0, 0];
+    let shift = [0, 1, 0, 2, 3, 4];
+    let plan = BitPlan {
+        block: 2,
+        nbytes: 2,
+        bits: 3,
+        byte: &byte,
+        shift: &shift,
+        xor: 0,
+    };
+    let mut data = vec![0xFF, 0xFE];
+    pack_codes(&mut data, &[5, 6], 1, &[0, 1], &plan).unwrap();
+    // byte 0: 0xE0 kept | bit 0 (5's bit 0) | 6 << 2; byte 1: 0xFE kept | 5's bit 2
+    assert_eq!(data, vec![0xE0 | 0x01 | 0x18, 0xFF]);
+    // xor 7 stores 2 (010) and 1 (001)
+    let plan = BitPlan { xor: 7, ..plan };
+    let mut data = vec![0x00, 0x00];
+    pack_codes(&mut data, &[5, 6], 1, &[0, 1], &plan).unwrap();
+    assert_eq!(data, vec![0x02 | 0x04, 0x00]);
+}

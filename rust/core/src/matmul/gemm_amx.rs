@@ -1,6 +1,6 @@
 //! The GEMM path of the 32-weight formats on AMX int8 tiles (`x86::amx32`), for M >=
 //! `min_m(qtype)` where `amx::amx_int8_usable()`: each panel of 16 weight rows of the task is
-//! decoded once into the B-tile layout, then the blocks of 16 activation rows (packed once per
+//! decoded once into the A-tile layout, then the blocks of 16 activation rows (packed once per
 //! call by `pack`, in `plan`) pass the panels two blocks of rows by two panels at a time. Weight rows past the last whole panel of 16 go through the
 //! AVX-512 GEMM (`gemm.rs`): the same bits either way (both are the reference's).
 
@@ -13,18 +13,20 @@ use crate::formats::blocks::*;
 use crate::qtype::QType;
 
 /// From how many activation rows `qtype` takes the AMX path (where usable; None: never).
-/// Measured one thread, CPU time, 4096x4096, AMX (with every format from M = 32) against
-/// `FERROQUANT_MAX_ISA=avx512` in alternating processes, 2026-12-07 02:09 UTC, load 4-5 (ms,
-/// AMX / AVX-512): q8_0 M = 32 2.83 / 3.00, 64 4.60 / 5.22; q4_0 64 5.13 / 4.95, 128
-/// 8.43 / 9.40; q5_0 64 5.75 / 5.39, 128 8.50 / 9.88; iq4_nl 32 3.13 / 2.74, 64 4.91 / 5.06;
-/// q4_1 64 6.05 / 5.50, 128 10.03 / 10.26; q5_1 64 5.96 / 6.04, 128 10.13 / 11.02. The panel
-/// decode (once per call) weighs at small M, the per-block tile stores and float part at
-/// large M (`x86::amx32`).
+/// Measured one thread, CPU time, 4096x4096, the weights in the A tiles (`x86::amx32`) with
+/// every format from M = 16, against `FERROQUANT_MAX_ISA=avx512` in alternating processes,
+/// 2026-12-07 03:55 UTC, load 25-27 (ms, AMX / AVX-512, two runs): q8_0 M = 16 1.86 / 2.04-2.35;
+/// q5_1 16 2.45-2.48 / 2.61-2.66; q5_0 16 2.12-2.27 / 2.17, 32 3.13-3.18 / 3.23-3.42; q4_0 32
+/// 2.70-2.99 / 2.72-2.86, 64 4.83-5.04 / 5.24-5.32; iq4_nl 32 3.15-3.52 / 2.76-3.16, 64
+/// 4.93-5.55 / 5.24-5.86; q4_1 64 6.08-6.12 / 5.95-6.16, 128 10.7-11.1 / 11.6-11.8. The panel
+/// decode (once per call, `Load32::load` per row and block) weighs at small M: the cheaper the
+/// format's AVX-512 decode (q4_0, iq4_nl, q4_1), the later the tiles win.
 pub(super) fn min_m(qtype: QType) -> Option<usize> {
     match qtype {
-        QType::Q8_0 => Some(32),
-        QType::IQ4NL => Some(64),
-        QType::Q4_0 | QType::Q5_0 | QType::Q4_1 | QType::Q5_1 => Some(128),
+        QType::Q8_0 | QType::Q5_1 => Some(16),
+        QType::Q5_0 => Some(32),
+        QType::Q4_0 | QType::IQ4NL => Some(64),
+        QType::Q4_1 => Some(128),
         _ => None,
     }
 }

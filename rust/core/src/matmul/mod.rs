@@ -43,6 +43,7 @@
 //! decoded exactly; no activation error added to the weights').
 
 pub mod bandwidth;
+pub mod bf16_io;
 #[cfg(target_arch = "x86_64")]
 mod panels;
 pub mod reference;
@@ -573,6 +574,20 @@ pub fn has_gemm(qtype: QType, m: usize) -> bool {
     }
 }
 
+/// Whether `qmatmul` runs `qtype` weights on AMX int8 tiles for `m` activation rows on this
+/// CPU (`gemm_amx::takes`; any K, in blocks of 32), where it also takes the GEMM path.
+pub fn amx_int8_takes(qtype: QType, m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_gemm(qtype, m) && gemm_amx::takes(qtype, m)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (qtype, m);
+        false
+    }
+}
+
 /// `out = x · Wᵀ`: `x` is M x K row-major f32 (M = `m`), `w` is N x K quantized, `out` is M x N
 /// row-major. Every shape, size and value is checked; errors, never panics.
 ///
@@ -613,6 +628,12 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         } else {
             t
         }
+    };
+    #[cfg(target_arch = "x86_64")]
+    let per_task = if plan.amx.is_some() {
+        amx_task_rows(threads, m, w.cols)
+    } else {
+        per_task
     };
     if m == 1 {
         if threads == 1 || work < SERIAL_WORK {
@@ -708,6 +729,24 @@ impl OutPtr {
                 self.set(mi, n0 + r, yt[r * m + mi]);
             }
         }
+    }
+}
+
+/// Weight rows of one task where the AMX int8 tiles run (`gemm_amx.rs`): whole panels of 16
+/// (a task of 72 rows, `GEMM_TASK_ROWS`-style balancing at N = 576 on two threads, left 8 rows
+/// of each task to the AVX-512 GEMM), in pairs for the 2 x 2 tile blocks. Tasks take their
+/// rows with every activation row, so on several threads with small activations (SmolLM2's
+/// prompt: 128 x 576 bytes) pairs of panels spread N = 192 or 576 evenly over the team (its
+/// threads take tasks one by one); larger activations, re-read from L3 by every task, keep
+/// `GEMM_TASK_ROWS`.
+#[cfg(target_arch = "x86_64")]
+fn amx_task_rows(threads: usize, m: usize, k: usize) -> usize {
+    use x86::amx32::NT;
+    const SMALL_ACTS: usize = 256 << 10;
+    if threads > 1 && m.saturating_mul(k) <= SMALL_ACTS {
+        2 * NT
+    } else {
+        GEMM_TASK_ROWS.next_multiple_of(NT)
     }
 }
 

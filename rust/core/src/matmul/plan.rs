@@ -395,6 +395,12 @@ pub(super) fn plan<'a>(
             bad_zeros: AtomicBool::new(false),
         });
     }
+    // Every weight row on AMX int8 tiles (whole panels of 16; tasks of whole panels,
+    // `amx_task_rows`): the AVX-512 GEMM's activation layouts (`xt`, `nbias`, `xtail`) would go
+    // unread, so they are not built (at 576x576, M = 128: 4 % of a call).
+    #[cfg(target_arch = "x86_64")]
+    let amx_all =
+        gemm && !gemm_k && n.is_multiple_of(x86::amx32::NT) && super::gemm_amx::takes(w.qtype, m);
     #[cfg(target_arch = "x86_64")]
     let mut gint = None;
     let (acts, act_row_bytes) = match w.qtype {
@@ -410,7 +416,9 @@ pub(super) fn plan<'a>(
             );
             let (d, sums) = scales_and_sums(&blocks, par);
             #[cfg(target_arch = "x86_64")]
-            let (xt, nbias) = if tile {
+            let (xt, nbias) = if amx_all {
+                (Vec::new(), Vec::new())
+            } else if tile {
                 let xt = panels::interleave_q8_0_rows(&blocks, nb, par);
                 // The GEMM kernel starts its integer sums at -BIAS · Σx.
                 let bias = match w.qtype {
@@ -441,7 +449,7 @@ pub(super) fn plan<'a>(
             #[cfg(not(target_arch = "x86_64"))]
             let (xt, nbias) = (Vec::new(), Vec::new());
             #[cfg(target_arch = "x86_64")]
-            let xtail = gemm_tail(gemm, &blocks, nb);
+            let xtail = gemm_tail(gemm && !amx_all, &blocks, nb);
             #[cfg(not(target_arch = "x86_64"))]
             let xtail = Vec::new();
             let row_bytes = if tile { k + nb * 8 } else { nb * 42 };
@@ -462,7 +470,9 @@ pub(super) fn plan<'a>(
             let (blocks, s) = quantize_q8_1(x, m, k, par);
             let (d, sums) = scales_and_sums(&blocks, par);
             #[cfg(target_arch = "x86_64")]
-            let (xt, nbias) = if tile || gemm2.is_some() {
+            let (xt, nbias) = if amx_all {
+                (Vec::new(), Vec::new())
+            } else if tile || gemm2.is_some() {
                 (panels::interleave_q8_0_rows(&blocks, nb, par), Vec::new())
             } else if row32 {
                 use x86::row32::interleave;
@@ -476,7 +486,7 @@ pub(super) fn plan<'a>(
             #[cfg(not(target_arch = "x86_64"))]
             let (xt, nbias) = (Vec::new(), Vec::new());
             #[cfg(target_arch = "x86_64")]
-            let xtail = gemm_tail(gemm, &blocks, nb);
+            let xtail = gemm_tail(gemm && !amx_all, &blocks, nb);
             #[cfg(not(target_arch = "x86_64"))]
             let xtail = Vec::new();
             let row_bytes = if tile { k + nb * 12 } else { nb * 46 };

@@ -18,6 +18,7 @@ use bytemuck::Zeroable;
 
 mod amx;
 mod bf16;
+mod bf16_io;
 pub(crate) mod formats;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx2;

@@ -124,7 +124,9 @@ pub fn matmul(
 /// the packed kernel's speed at M = 4, 0.96-1.12x at M = 8, 1.2-1.4x at M = 16 and 32, 1.5x at
 /// M = 512. At K = 576 (2 groups of 8 blocks and 2 blocks,
 /// which the GEMM pads to a third group) the packed kernel stays faster at every M (GEMM
-/// 0.67-0.8x), so the rule asks for whole groups.
+/// 0.67-0.8x), so the rule asks for whole groups, or M where the AMX int8 tiles take the
+/// format (`matmul::amx_int8_takes`: q8_0 from 32 rows), which run any K in blocks of 32
+/// (a 512-token prompt on the Intel Xeon with AMX: see benches/RESULTS.md, session 14).
 pub const GEMM_OVER_PACKED_M: usize = 16;
 
 /// The file rows of a packed weight when `m` rows should take the GEMM path instead.
@@ -136,7 +138,9 @@ fn gemm_view<'a>(
     m: usize,
     file: &'a [u8],
 ) -> Option<QuantizedView<'a>> {
-    let gemm = m >= GEMM_OVER_PACKED_M && cols.is_multiple_of(256) && matmul::has_gemm(qtype, m);
+    let gemm = m >= GEMM_OVER_PACKED_M
+        && (cols.is_multiple_of(256) || matmul::amx_int8_takes(qtype, m))
+        && matmul::has_gemm(qtype, m);
     if !gemm {
         return None;
     }

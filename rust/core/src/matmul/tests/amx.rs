@@ -55,6 +55,10 @@ fn amx_gemm_equals_reference() {
             (17, 66, 40),
             (48, 130, 67),
             (64, 16, 130),
+            // issue 19's M = 16 and 64 (q8_0 / q5_1 on the tiles from 16, q4_0 / iq4_nl from
+            // 64): whole blocks of rows, pairs of panels and an odd one out
+            (48, 20, 64),
+            (32, 130, 16),
             // above every format's `gemm_amx::min_m`, the last block of rows partial and an
             // odd number of blocks of rows and of panels (the 2 x 2 kernel and the single
             // one), N with a partial panel, K with a step of 4 blocks and a rest

@@ -1,13 +1,16 @@
 //! The AMX int8 GEMM microkernel of the 32-weight formats (q4_0, q5_0, q8_0, iq4_nl, q4_1,
-//! q5_1): a panel of 16 weight rows is decoded once into the B-tile layout of `tdpbssd`
-//! (per block of 32 weights, 8 rows of 64 bytes: row k of block b holds weights `4k..4k + 4`
-//! of each of the 16 weight rows, 4 bytes each: two 8 x 8 dword transposes of the rows'
-//! `Load32::load`), then blocks of 16 activation rows (`AmxX`: packed once per call, the
-//! last block padded with zero rows) pass it: two blocks of rows by two panels a block of K at
-//! a time (`rows_x_panels_2x2`: each A and B tile feeds two `tdpbssd`, 4 C tiles), or one by
-//! one 4 blocks of K at a time (`rows_x_panel`, for an odd block of rows or panel out), each
-//! C tile the 16 x 16 exact integer sums of one block, stored to L1 while the float part
-//! (AVX-512) of the previous step runs.
+//! q5_1), the weights in the A tiles and the activations in the B tiles: a panel of 16 weight
+//! rows is decoded once into A-tile rows (per block of 32 weights, 16 rows of 32 bytes: row n
+//! holds weight row n's `Load32::load`, no transpose), the activations are packed once per
+//! call into the B-tile layout of `tdpbssd` (`AmxX`: per block of 16 activation rows and block
+//! of K, 8 rows of 64 bytes, row k holding quants `4k..4k + 4` of each activation row, the last
+//! block of rows padded with zero rows). Then two panels by two blocks of activation rows a
+//! block of K at a time (`rows_x_panels_2x2`: each A and B tile feeds two `tdpbssd`, 4 C
+//! tiles), or one by one 4 blocks of K at a time (`rows_x_panel`, for an odd block of rows or
+//! panel out), each C tile the 16 x 16 exact integer sums of one block (row n: weight row n,
+//! lane i: activation row i), stored to L1 while the float part (AVX-512) of the previous step
+//! runs. (With the weights in the B tiles, as in session 13, every panel block took two 8 x 8
+//! dword transposes to decode: a quarter of a q8_0 call at M = 64 and most of it at M = 16.)
 //!
 //! **Numerics (bit-identical to `reference::dot_block32` / `dot_block32_min`).** Each C
 //! element is `Σ w·x` over one block's 32 products of signed bytes (weights as the reference's
@@ -23,7 +26,6 @@
 
 use std::arch::x86_64::*;
 
-use super::tile::transpose8;
 use super::Load32;
 use crate::amx::{tile_config, tile_release, TileConfig};
 use crate::formats::blocks::*;
@@ -44,9 +46,10 @@ const ZERO: Zmm = Zmm([0; 64]);
 /// Blocks a step of the kernel multiplies (one C tile each).
 const STEP: usize = 4;
 
-/// The activations of a call packed for the A tiles: per block of 16 rows (the last padded
-/// with zero rows) and block b, 16 rows of the block's 32 quants (512 bytes, 8 lines) at
-/// `q[(mb · nb + b) · 8..]`, their scales at `d[(mb · nb + b) · 16..]` (and `s`, q8_1's).
+/// The activations of a call packed for the B tiles: per block of 16 rows (the last padded
+/// with zero rows) and block b, 8 lines at `q[(mb · nb + b) · 8..]`, line k holding quants
+/// `4k..4k + 4` of row i at bytes `4i..4i + 4`; the rows' scales at `d[(mb · nb + b) · 16..]`
+/// (and `s`, q8_1's).
 #[derive(Default)]
 pub struct AmxX {
     q: Vec<Zmm>,
@@ -73,8 +76,9 @@ impl AmxX {
             for b in 0..nb {
                 let t = mb * nb + b;
                 let q: &[u8; 32] = bytemuck::cast_ref(&blocks[r * nb + b].qs);
-                let line = &mut x.q[t * 8 + i / 2].0;
-                line[32 * (i % 2)..][..32].copy_from_slice(q);
+                for k in 0..8 {
+                    x.q[t * 8 + k].0[4 * i..4 * i + 4].copy_from_slice(&q[4 * k..4 * k + 4]);
+                }
                 x.d[t * MT + i] = d[r * nb + b];
                 if !s.is_empty() {
                     x.s[t * MT + i] = s[r * nb + b];
@@ -85,8 +89,9 @@ impl AmxX {
     }
 }
 
-/// One decoded panel: `b` the B tiles of every block (`nb · 8` lines), `d` / `m` each block's
-/// 16 weight scales / offsets as f32 (`nb` lines).
+/// One decoded panel: `b` the A tiles of every block (`nb · 8` lines: weight row n's 32
+/// bytes at byte `32n` of the block's 512), `d` / `m` each block's 16 weight scales /
+/// offsets as f32 (`nb` lines, lane n: weight row n).
 #[derive(Default)]
 pub struct AmxPanel {
     b: Vec<Zmm>,
@@ -98,34 +103,34 @@ impl AmxPanel {
     /// Decode 16 weight rows of `nb` blocks each.
     ///
     /// # Safety
-    /// AVX2 and F16C (`amx::amx_int8_usable` implies them); every `w[n]` has `nb` blocks.
-    #[target_feature(enable = "avx2,f16c")]
-    #[allow(clippy::needless_range_loop)] // b indexes the 16 rows at once
+    /// AVX2, F16C and AVX-512 F (`amx::amx_int8_usable` implies them); every `w[n]` has `nb`
+    /// blocks.
+    #[target_feature(enable = "avx2,f16c,avx512f")]
     pub unsafe fn decode<W: Load32>(&mut self, w: [&[W]; NT], nb: usize) {
         self.b.resize(nb * 8, ZERO);
         self.d.resize(nb, ZERO);
         self.m.resize(nb, ZERO);
         for b in 0..nb {
-            for h in 0..2 {
-                let mut v = [_mm256_setzero_si256(); 8];
-                for (n, vn) in v.iter_mut().enumerate() {
-                    // SAFETY: AVX2 (contract); block b of each row exists (contract).
-                    *vn = unsafe { w[8 * h + n][b].load() };
-                }
-                // Output k, lane n: row 8h + n's dword k (weights 4k..4k + 4): B row k.
-                let t = transpose8(v);
-                for (k, tk) in t.iter().enumerate() {
-                    let line = self.b[b * 8 + k].0[32 * h..].as_mut_ptr() as *mut __m256i;
-                    // SAFETY: 32 bytes inside line b · 8 + k (resized above).
-                    unsafe { _mm256_storeu_si256(line, *tk) };
-                }
-            }
             for (n, wn) in w.iter().enumerate() {
-                let blk = &wn[b];
-                self.d[b].0[4 * n..4 * n + 4].copy_from_slice(&f16_to_f32(blk.d()).to_ne_bytes());
-                if W::HAS_MIN {
-                    let m = f16_to_f32(blk.m()).to_ne_bytes();
-                    self.m[b].0[4 * n..4 * n + 4].copy_from_slice(&m);
+                // SAFETY: AVX2 (contract); block b of each row exists (contract).
+                let v = unsafe { wn[b].load() };
+                let line = self.b[b * 8 + n / 2].0[32 * (n % 2)..].as_mut_ptr() as *mut __m256i;
+                // SAFETY: 32 bytes inside line b · 8 + n / 2 (resized above).
+                unsafe { _mm256_storeu_si256(line, v) };
+            }
+            let dh: [u16; NT] = std::array::from_fn(|n| u16::from_le_bytes(w[n][b].d()));
+            // SAFETY: dh is 16 u16 (32 bytes loaded); F16C / AVX-512 F (contract); an aligned
+            // 64-byte store into a `Zmm`.
+            unsafe {
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(dh.as_ptr() as *const __m256i));
+                _mm512_store_ps(self.d[b].0.as_mut_ptr() as *mut f32, d);
+            }
+            if W::HAS_MIN {
+                let mh: [u16; NT] = std::array::from_fn(|n| u16::from_le_bytes(w[n][b].m()));
+                // SAFETY: as for dh.
+                unsafe {
+                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(mh.as_ptr() as *const __m256i));
+                    _mm512_store_ps(self.m[b].0.as_mut_ptr() as *mut f32, m);
                 }
             }
         }
@@ -133,8 +138,8 @@ impl AmxPanel {
 }
 
 /// The tile unit configured for the kernel: tmm0..tmm3 C tiles (16 x 16 i32), tmm4 / tmm6 A
-/// tiles (16 rows x 32 bytes: one block of 16 activation rows), tmm5 / tmm7 B tiles (8 x 64
-/// bytes). Released on drop (on this thread), so no tile state outlives the kernel.
+/// tiles (16 rows x 32 bytes: one block of a panel's 16 weight rows), tmm5 / tmm7 B tiles
+/// (8 x 64 bytes: one block of 16 activation rows). Released on drop (on this thread), so no tile state outlives the kernel.
 pub struct Tiles(());
 
 impl Tiles {
@@ -171,14 +176,13 @@ impl Drop for Tiles {
 /// `x` packed with `nb` blocks a row and at least `mb + 1` blocks of rows (with `s` for a
 /// minimum).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::needless_range_loop)] // i indexes the 8 lanes' accumulators at once
 pub unsafe fn rows_x_panel<const MIN: bool>(
     p: &AmxPanel,
     nb: usize,
     x: &AmxX,
     mb: usize,
     rows: usize,
-    mut out: impl FnMut(usize, &[f32; NT]),
+    out: impl FnMut(usize, &[f32; NT]),
 ) {
     assert!((1..=MT).contains(&rows) && p.b.len() >= nb * 8 && p.d.len() >= nb);
     let t0 = mb * nb;
@@ -186,78 +190,155 @@ pub unsafe fn rows_x_panel<const MIN: bool>(
     assert!(!MIN || (x.s.len() >= (t0 + nb) * MT && p.m.len() >= nb));
     // Two buffers of STEP C tiles: the tiles of the next step are multiplied and stored
     // while the float part of this one runs (it reads the other buffer).
-    let mut c = [[ZERO; STEP * MT]; 2];
-    let mut f = [[_mm512_setzero_ps(); MT]; LANES];
+    let mut c = [[ZERO; STEP * NT]; 2];
+    let mut f = [[_mm512_setzero_ps(); NT]; LANES];
     let xq = x.q[t0 * 8..].as_ptr();
     let bq = p.b.as_ptr();
     let width = |b: usize| if b + STEP <= nb { STEP } else { 1 };
     let mut b = 0;
     let mut n = width(0);
     // SAFETY: `Tiles` configured (contract); blocks 0..n exist (n <= nb).
-    unsafe { issue(xq, bq, 0, n, c[0].as_mut_ptr()) };
+    unsafe { issue(bq, xq, 0, n, c[0].as_mut_ptr()) };
     let mut cur = 0;
     while b < nb {
         let next = b + n;
         let nn = if next < nb { width(next) } else { 0 };
         if nn > 0 {
             // SAFETY: as above, blocks next..next + nn <= nb.
-            unsafe { issue(xq, bq, next, nn, c[cur ^ 1].as_mut_ptr()) };
+            unsafe { issue(bq, xq, next, nn, c[cur ^ 1].as_mut_ptr()) };
         }
-        let cb = &c[cur];
         for j in 0..n {
             let bj = b + j;
-            // SAFETY: line bj of d (and m), 64-byte aligned (asserted in bounds above).
-            let dw = unsafe { _mm512_load_ps(p.d[bj].0.as_ptr() as *const f32) };
-            let mw = if MIN {
-                // SAFETY: as above.
-                unsafe { _mm512_load_ps(p.m[bj].0.as_ptr() as *const f32) }
-            } else {
-                _mm512_setzero_ps()
-            };
-            let xd = &x.d[(t0 + bj) * MT..][..MT];
-            let fl = &mut f[bj % LANES];
-            for i in 0..rows {
-                // SAFETY: a 64-byte aligned line of `c`.
-                let ci = unsafe { _mm512_load_si512(cb[j * MT + i].0.as_ptr() as _) };
-                let dx = _mm512_set1_ps(xd[i]);
-                let mut prod = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(ci));
-                if MIN {
-                    let xs = _mm512_set1_ps(x.s[(t0 + bj) * MT + i]);
-                    prod = _mm512_add_ps(prod, _mm512_mul_ps(mw, xs));
-                }
-                fl[i] = _mm512_add_ps(fl[i], prod);
+            // SAFETY: lines of `c`, `p` and `x` in bounds (asserted above).
+            unsafe {
+                let (dx, xs) = act_scales::<MIN>(x, t0 + bj);
+                let c = &c[cur][j * NT..][..NT];
+                tile_float::<MIN>(c, p, bj, dx, xs, &mut f[bj % LANES]);
             }
         }
         b = next;
         n = nn;
         cur ^= 1;
     }
+    // SAFETY: the features (this function's).
+    unsafe { finish(&f, rows, out) };
+}
+
+/// Blocks ahead whose tiles `rows_x_panels_2x2` prefetches into L1: the panels and packed
+/// rows of a task sit in L2, and a `tileloadd` waiting on L2 held up the tile unit (the
+/// hottest instructions of a q8_0 call at M = 64, perf).
+const PREFETCH: usize = 2;
+
+/// The 8 lines of one block's tile (`tileloadd` reads them next).
+///
+/// # Safety
+/// `p` points into an allocation (prefetching itself never faults).
+#[inline(always)]
+unsafe fn prefetch_block(p: *const Zmm) {
+    for l in 0..8 {
+        // SAFETY: prefetches never fault (the contract keeps the address arithmetic valid).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(l) as *const i8) };
+    }
+}
+
+/// Activation rows' scales (and q8_1 sums) of packed block `t`, lane i: row i.
+///
+/// # Safety
+/// AVX-512 F, and called only from functions compiled with it; block t of `x` exists (and
+/// its `s` with MIN).
+#[inline(always)]
+unsafe fn act_scales<const MIN: bool>(x: &AmxX, t: usize) -> (__m512, __m512) {
+    let d = &x.d[t * MT..][..MT];
+    // SAFETY: 16 f32 of d (sliced just now); the features (contract).
+    let dx = unsafe { _mm512_loadu_ps(d.as_ptr()) };
+    let xs = if MIN {
+        let s = &x.s[t * MT..][..MT];
+        // SAFETY: as for d.
+        unsafe { _mm512_loadu_ps(s.as_ptr()) }
+    } else {
+        // SAFETY: the features (contract).
+        unsafe { _mm512_setzero_ps() }
+    };
+    (dx, xs)
+}
+
+/// The float part of block `bj`'s C tile `c` (line n: weight row n's 16 integer sums, lane i
+/// with activation row i) into `fl` (`fl[n]`: lane `bj % 8` of weight row n's outputs with
+/// the 16 activation rows): the reference's `(d_w · d_x) · isum` (`+ m_w · s_x`), then added.
+///
+/// # Safety
+/// AVX-512 F, and called only from functions compiled with it; `c` has 16 lines; block `bj`
+/// of `p` exists (with `m` for MIN).
+#[inline(always)]
+unsafe fn tile_float<const MIN: bool>(
+    c: &[Zmm],
+    p: &AmxPanel,
+    bj: usize,
+    dx: __m512,
+    xs: __m512,
+    fl: &mut [__m512; NT],
+) {
+    let dw: &[f32; NT] = bytemuck::cast_ref(&p.d[bj].0);
+    let mw: &[f32; NT] = if MIN {
+        bytemuck::cast_ref(&p.m[bj].0)
+    } else {
+        dw
+    };
+    for (n, fln) in fl.iter_mut().enumerate() {
+        // SAFETY: a 64-byte aligned line of `c`; the features (contract).
+        unsafe {
+            let ci = _mm512_load_si512(c[n].0.as_ptr() as _);
+            let w = _mm512_set1_ps(dw[n]);
+            let mut prod = _mm512_mul_ps(_mm512_mul_ps(w, dx), _mm512_cvtepi32_ps(ci));
+            if MIN {
+                prod = _mm512_add_ps(prod, _mm512_mul_ps(_mm512_set1_ps(mw[n]), xs));
+            }
+            *fln = _mm512_add_ps(*fln, prod);
+        }
+    }
+}
+
+/// The outputs from the lanes `f` (`f[l][n]`: lane l of weight row n with the 16 activation
+/// rows): `hsum8`'s additions (`s_l = a_l + a_{l+4}`, then `(s0 + s2) + (s1 + s3)`) for 16
+/// activation rows at once, then `out(i, y)` with activation row i's 16 dots, i < rows.
+///
+/// # Safety
+/// AVX-512 F, and called only from functions compiled with it.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // i indexes the inner arrays of `t` (a transpose)
+unsafe fn finish(f: &[[__m512; NT]; LANES], rows: usize, mut out: impl FnMut(usize, &[f32; NT])) {
+    let mut t = [[0.0f32; MT]; NT];
+    for (n, tn) in t.iter_mut().enumerate() {
+        // SAFETY: the features (contract); 16 f32 of room.
+        unsafe {
+            let s0 = _mm512_add_ps(f[0][n], f[4][n]);
+            let s1 = _mm512_add_ps(f[1][n], f[5][n]);
+            let s2 = _mm512_add_ps(f[2][n], f[6][n]);
+            let s3 = _mm512_add_ps(f[3][n], f[7][n]);
+            let y = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
+            _mm512_storeu_ps(tn.as_mut_ptr(), y);
+        }
+    }
     for i in 0..rows {
-        // hsum8: s_l = a_l + a_{l+4}, then (s0 + s2) + (s1 + s3), 16 outputs at once.
-        let s0 = _mm512_add_ps(f[0][i], f[4][i]);
-        let s1 = _mm512_add_ps(f[1][i], f[5][i]);
-        let s2 = _mm512_add_ps(f[2][i], f[6][i]);
-        let s3 = _mm512_add_ps(f[3][i], f[7][i]);
-        let y = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
-        let mut v = [0.0f32; NT];
-        // SAFETY: 16 f32 of room.
-        unsafe { _mm512_storeu_ps(v.as_mut_ptr(), y) };
+        let v: [f32; NT] = std::array::from_fn(|n| t[n][i]);
         out(i, &v);
     }
 }
 
-/// The integer sums of blocks `b..b + n` (n = STEP or 1) of the packed activation rows at `xq`
-/// with the panel's B tiles at `bq`, one C tile each, stored to `cp` (1 KiB a block).
+/// The integer sums of blocks `b..b + n` (n = STEP or 1) of the panel's A tiles at `aq` with
+/// the packed activation rows' B tiles at `bq`, one C tile each, stored to `cp` (1 KiB a
+/// block).
 ///
 /// # Safety
-/// A live `Tiles` on this thread; `xq` / `bq` hold blocks `b..b + n` (8 lines each); `cp` has
+/// A live `Tiles` on this thread; `aq` / `bq` hold blocks `b..b + n` (8 lines each); `cp` has
 /// room for `n` KiB.
 #[inline(always)]
-unsafe fn issue(xq: *const Zmm, bq: *const Zmm, b: usize, n: usize, cp: *mut Zmm) {
+unsafe fn issue(aq: *const Zmm, bq: *const Zmm, b: usize, n: usize, cp: *mut Zmm) {
     // SAFETY: the contract: A tiles read 512 contiguous bytes (stride 32) of each block's 16
-    // packed rows, B tiles its 512 bytes (stride 64), C tiles write 1 KiB each at `cp`.
+    // weight rows, B tiles its 512 packed activation bytes (stride 64), C tiles write 1 KiB
+    // each at `cp`.
     unsafe {
-        let (a, w) = (xq.add(b * 8), bq.add(b * 8));
+        let (a, w) = (aq.add(b * 8), bq.add(b * 8));
         if n == STEP {
             std::arch::asm!(
                 "tilezero tmm0",
@@ -306,7 +387,6 @@ unsafe fn issue(xq: *const Zmm, bq: *const Zmm, b: usize, n: usize, cp: *mut Zmm
 /// # Safety
 /// As `rows_x_panel`, for both panels and both blocks of rows.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
-#[allow(clippy::needless_range_loop)] // q, i index several arrays at once
 pub unsafe fn rows_x_panels_2x2<const MIN: bool>(
     p: [&AmxPanel; 2],
     nb: usize,
@@ -322,77 +402,63 @@ pub unsafe fn rows_x_panels_2x2<const MIN: bool>(
     let t0 = mb * nb;
     assert!(x.q.len() >= (t0 + 2 * nb) * 8 && x.d.len() >= (t0 + 2 * nb) * MT);
     assert!(!MIN || x.s.len() >= (t0 + 2 * nb) * MT);
-    let mut c = [[ZERO; 4 * MT]; 2];
-    // f[q]: quadrant q = 2 · mi + pi.
-    let mut f = [[[_mm512_setzero_ps(); MT]; LANES]; 4];
+    let mut c = [[ZERO; 4 * NT]; 2];
+    // f[q]: quadrant q = 2 · pi + mi (the order of `issue2x2`'s C tiles).
+    let mut f = [[[_mm512_setzero_ps(); NT]; LANES]; 4];
     let (xa0, xa1) = (x.q[t0 * 8..].as_ptr(), x.q[(t0 + nb) * 8..].as_ptr());
     let (w0, w1) = (p[0].b.as_ptr(), p[1].b.as_ptr());
     // SAFETY: `Tiles` configured (contract); block 0 of both blocks of rows and panels exists.
-    unsafe { issue2x2(xa0, xa1, w0, w1, 0, c[0].as_mut_ptr()) };
+    unsafe { issue2x2(w0, w1, xa0, xa1, 0, c[0].as_mut_ptr()) };
     for b in 0..nb {
         let cur = b % 2;
         if b + 1 < nb {
             // SAFETY: as above, block b + 1 < nb.
-            unsafe { issue2x2(xa0, xa1, w0, w1, b + 1, c[cur ^ 1].as_mut_ptr()) };
+            unsafe { issue2x2(w0, w1, xa0, xa1, b + 1, c[cur ^ 1].as_mut_ptr()) };
         }
-        let cb = &c[cur];
+        if b + PREFETCH < nb {
+            for o in [w0, w1, xa0, xa1] {
+                // SAFETY: block b + PREFETCH < nb of each operand exists; prefetches never
+                // fault.
+                unsafe { prefetch_block(o.add((b + PREFETCH) * 8)) };
+            }
+        }
+        // SAFETY: blocks of rows mb, mb + 1 (and their s) exist (asserted above).
+        let sc = unsafe {
+            [
+                act_scales::<MIN>(x, t0 + b),
+                act_scales::<MIN>(x, t0 + nb + b),
+            ]
+        };
         for q in 0..4 {
-            let (mi, pi) = (q / 2, q % 2);
-            // SAFETY: line b of the panel's d (and m), 64-byte aligned (asserted above).
-            let dw = unsafe { _mm512_load_ps(p[pi].d[b].0.as_ptr() as *const f32) };
-            let mw = if MIN {
-                // SAFETY: as above.
-                unsafe { _mm512_load_ps(p[pi].m[b].0.as_ptr() as *const f32) }
-            } else {
-                _mm512_setzero_ps()
-            };
-            let t = t0 + mi * nb + b;
-            let xd = &x.d[t * MT..][..MT];
-            let fl = &mut f[q][b % LANES];
-            for i in 0..rows[mi] {
-                // SAFETY: a 64-byte aligned line of `c`.
-                let ci = unsafe { _mm512_load_si512(cb[q * MT + i].0.as_ptr() as _) };
-                let dx = _mm512_set1_ps(xd[i]);
-                let mut prod = _mm512_mul_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(ci));
-                if MIN {
-                    let xs = _mm512_set1_ps(x.s[t * MT + i]);
-                    prod = _mm512_add_ps(prod, _mm512_mul_ps(mw, xs));
-                }
-                fl[i] = _mm512_add_ps(fl[i], prod);
+            let (pi, mi) = (q / 2, q % 2);
+            let (dx, xs) = sc[mi];
+            // SAFETY: lines of `c` and of the panel in bounds (asserted above).
+            unsafe {
+                let cq = &c[cur][q * NT..][..NT];
+                tile_float::<MIN>(cq, p[pi], b, dx, xs, &mut f[q][b % LANES]);
             }
         }
     }
-    for q in 0..4 {
-        let (mi, pi) = (q / 2, q % 2);
-        let fq = &f[q];
-        for i in 0..rows[mi] {
-            // hsum8, as `rows_x_panel`.
-            let s0 = _mm512_add_ps(fq[0][i], fq[4][i]);
-            let s1 = _mm512_add_ps(fq[1][i], fq[5][i]);
-            let s2 = _mm512_add_ps(fq[2][i], fq[6][i]);
-            let s3 = _mm512_add_ps(fq[3][i], fq[7][i]);
-            let y = _mm512_add_ps(_mm512_add_ps(s0, s2), _mm512_add_ps(s1, s3));
-            let mut v = [0.0f32; NT];
-            // SAFETY: 16 f32 of room.
-            unsafe { _mm512_storeu_ps(v.as_mut_ptr(), y) };
-            out(mi, pi, i, &v);
-        }
+    for (q, fq) in f.iter().enumerate() {
+        let (pi, mi) = (q / 2, q % 2);
+        // SAFETY: the features (this function's).
+        unsafe { finish(fq, rows[mi], |i, y| out(mi, pi, i, y)) };
     }
 }
 
-/// The 2 x 2 integer sums of block `b`: A tiles of the two blocks of rows (`xa0`, `xa1`), B
-/// tiles of the two panels (`w0`, `w1`), C tiles (m0, p0), (m0, p1), (m1, p0), (m1, p1)
-/// stored to `cp` (1 KiB each).
+/// The 2 x 2 integer sums of block `b`: A tiles of the two panels (`a0`, `a1`), B tiles of
+/// the two blocks of activation rows (`x0`, `x1`), C tiles (p0, m0), (p0, m1), (p1, m0),
+/// (p1, m1) stored to `cp` (1 KiB each).
 ///
 /// # Safety
 /// A live `Tiles` on this thread; the four operands hold block b (8 lines each); `cp` has
 /// room for 4 KiB.
 #[inline(always)]
 unsafe fn issue2x2(
-    xa0: *const Zmm,
-    xa1: *const Zmm,
-    w0: *const Zmm,
-    w1: *const Zmm,
+    a0: *const Zmm,
+    a1: *const Zmm,
+    x0: *const Zmm,
+    x1: *const Zmm,
     b: usize,
     cp: *mut Zmm,
 ) {
@@ -405,9 +471,9 @@ unsafe fn issue2x2(
             "tilezero tmm2",
             "tilezero tmm3",
             "tileloadd tmm4, [{a0} + {s32}*1]",
-            "tileloadd tmm5, [{w0} + {s64}*1]",
+            "tileloadd tmm5, [{x0} + {s64}*1]",
             "tdpbssd tmm0, tmm4, tmm5",
-            "tileloadd tmm7, [{w1} + {s64}*1]",
+            "tileloadd tmm7, [{x1} + {s64}*1]",
             "tdpbssd tmm1, tmm4, tmm7",
             "tileloadd tmm6, [{a1} + {s32}*1]",
             "tdpbssd tmm2, tmm6, tmm5",
@@ -416,8 +482,8 @@ unsafe fn issue2x2(
             "tilestored [{c} + {s64}*1 + 1024], tmm1",
             "tilestored [{c} + {s64}*1 + 2048], tmm2",
             "tilestored [{c} + {s64}*1 + 3072], tmm3",
-            a0 = in(reg) xa0.add(b * 8), a1 = in(reg) xa1.add(b * 8),
-            w0 = in(reg) w0.add(b * 8), w1 = in(reg) w1.add(b * 8), c = in(reg) cp,
+            a0 = in(reg) a0.add(b * 8), a1 = in(reg) a1.add(b * 8),
+            x0 = in(reg) x0.add(b * 8), x1 = in(reg) x1.add(b * 8), c = in(reg) cp,
             s32 = in(reg) 32usize, s64 = in(reg) 64usize, options(nostack),
         );
     }

@@ -1,0 +1,144 @@
+//! `bf16_io.rs`: the rounding against `half`'s (an independent implementation), `qmatmul`
+//! writing every output whatever `out` held (what lets `qmatmul_bf16` reuse its scratch), and
+//! `qmatmul_bf16` equal to the f32 call on the widened inputs, rounded.
+
+use super::super::bf16_io::{bf16_to_f32, f32_to_bf16, qmatmul_bf16};
+use super::*;
+use crate::input::Matrix;
+use crate::quantize::{quantize, Options};
+
+#[test]
+fn rounding_is_nearest_even_as_half_rounds() {
+    let mut rng = Rng(0xb16b_16b1_6b16_b16b);
+    let edges = [
+        0.0f32,
+        -0.0,
+        1.0,
+        f32::MAX,
+        f32::MIN,
+        f32::MIN_POSITIVE,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::from_bits(1),
+        f32::from_bits(0x8000_8000), // a tie on a negative subnormal
+        f32::from_bits(0x3f80_8000), // 1 + 2^-8: a tie, rounds to even (down)
+        f32::from_bits(0x3f81_8000), // a tie that rounds up
+        f32::from_bits(0x7f7f_ffff), // rounds up to infinity
+    ];
+    let random = (0..1 << 20).map(|_| f32::from_bits(rng.next() as u32));
+    for v in edges.into_iter().chain(random) {
+        let want = if v.is_nan() {
+            0x7fc0
+        } else {
+            half::bf16::from_f32(v).to_bits()
+        };
+        assert_eq!(f32_to_bf16(v), want, "{v:e} ({:#010x})", v.to_bits());
+    }
+    // Widening is exact (a NaN keeps its payload, as torch's conversion: `half` sets the
+    // quiet bit).
+    for b in 0..=u16::MAX {
+        let (got, want) = (bf16_to_f32(b), half::bf16::from_bits(b).to_f32());
+        if want.is_nan() {
+            assert!(got.is_nan() && got.to_bits() >> 16 == b as u32, "{b:#06x}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{b:#06x}");
+        }
+    }
+}
+
+/// A weight of `qtype` (n x k) quantized from random values.
+fn weight(rng: &mut Rng, qtype: QType, n: usize, k: usize) -> crate::formats::tensor::Quantized {
+    let w = rng.normalish(n * k, 0.5);
+    quantize(
+        &Matrix::from_f32(&w, n, k).unwrap(),
+        qtype,
+        &Options::default(),
+    )
+    .unwrap()
+}
+
+const QTYPES: [QType; 9] = [
+    QType::Q4_0,
+    QType::Q8_0,
+    QType::Q4_1,
+    QType::Q5_0,
+    QType::Q4K,
+    QType::Q6K,
+    QType::NF4,
+    QType::Int8,
+    QType::Fp8E4M3,
+];
+
+/// Every path of `qmatmul` assigns each output (none accumulates into `out`): NaN-filled and
+/// zero-filled outputs end equal, for M on each side of the paths' thresholds (row kernels,
+/// tiles, GEMMs, bf16 GEMM and AMX from 12 / 32 / 128 rows), N with partial panels.
+#[test]
+fn qmatmul_writes_every_output() {
+    let mut rng = Rng(0x0b1f_0b1f_0b1f_0b1f);
+    for qtype in QTYPES {
+        for (n, k) in [(40, 256), (33, 512)] {
+            let q = weight(&mut rng, qtype, n, k);
+            for m in [1, 2, 5, 12, 16, 33, 128, 131] {
+                let x = rng.normalish(m * k, 1.0);
+                let mut zero = vec![0f32; m * n];
+                let mut nan = vec![f32::NAN; m * n];
+                qmatmul(&x, m, &q.view(), &mut zero).unwrap();
+                qmatmul(&x, m, &q.view(), &mut nan).unwrap();
+                assert!(
+                    zero.iter()
+                        .zip(&nan)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{qtype:?} {n}x{k} m={m}"
+                );
+            }
+        }
+    }
+}
+
+/// `qmatmul_bf16` = the f32 call on the widened x, each output rounded; twice in a row (the
+/// second reuses the first's scratch, with other shapes in between), one thread and the pool.
+#[test]
+fn qmatmul_bf16_is_the_f32_call_rounded() {
+    let mut rng = Rng(0x1b16_1b16_1b16_1b16);
+    for qtype in QTYPES {
+        let (n, k) = (48, 512);
+        let q = weight(&mut rng, qtype, n, k);
+        for m in [1, 7, 16, 128, 130] {
+            let xb: Vec<u16> = rng
+                .normalish(m * k, 1.0)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            let xf: Vec<f32> = xb
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32())
+                .collect();
+            let mut yf = vec![0f32; m * n];
+            qmatmul(&xf, m, &q.view(), &mut yf).unwrap();
+            let want: Vec<u16> = yf
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            for threads in [1, 0] {
+                crate::parallel::set_num_threads(threads);
+                for _ in 0..2 {
+                    let mut got = vec![0u16; m * n];
+                    let r = qmatmul_bf16(&xb, m, &q.view(), &mut got);
+                    let m2 = m.min(3);
+                    let mut other = vec![0u16; m2 * n];
+                    let r2 = qmatmul_bf16(&xb[..m2 * k], m2, &q.view(), &mut other);
+                    crate::parallel::set_num_threads(0);
+                    r.unwrap();
+                    r2.unwrap();
+                    assert_eq!(got, want, "{qtype:?} m={m} threads={threads}");
+                    crate::parallel::set_num_threads(threads);
+                }
+            }
+            crate::parallel::set_num_threads(0);
+        }
+    }
+    // Bad input: the f32 call's errors.
+    let q = weight(&mut rng, QType::Q8_0, 16, 64);
+    let mut out = vec![0u16; 16];
+    assert!(qmatmul_bf16(&[0u16; 63], 1, &q.view(), &mut out).is_err());
+}
