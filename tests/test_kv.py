@@ -136,6 +136,58 @@ def test_codecs_bit_exact_with_reference(kind: str, role: str) -> None:
     assert np.array_equal(_bits(out.numpy()), _bits(_reference_states(kind, x, role)))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(["int4", "int2"]),
+    role=st.sampled_from(["k", "v"]),
+    group=st.sampled_from([32, 64]),
+    groups=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    special=st.sampled_from(["none", "constant", "signed_zero", "huge", "tiny"]),
+)
+def test_native_kivi_encoder_is_bit_exact_with_torch_and_the_reference(
+    kind: str, role: str, group: int, groups: int, heads: int, seed: int, special: str
+) -> None:
+    """The native group encoder (the CPU path of codecs.encode) against the torch ops (the
+    other devices' path) byte for byte, and its values against the scalar reference."""
+    bits = int(kind[3])
+    n, d = (group * groups, 64) if role == "k" else (5, group * groups)
+    x = _data((1, heads, n, d), seed=seed)
+    if special == "constant":
+        x[0, 0, :group, :group] = -2.5
+    elif special == "signed_zero":
+        x[0, -1, :group, :group] = -0.0
+    elif special == "huge":
+        x[0, 0, 1, :] *= 3e4  # ranges past f16's: the clamped scale
+    elif special == "tiny":
+        x[0, -1] *= 1e-7  # f16 subnormal scales
+    xt = torch.from_numpy(x)
+    fast = codecs._encode_kivi_native(xt, bits, role, group)
+    slow = codecs._encode_kivi_torch(xt, bits, role, group)
+    for name in ("q", "scale", "zero"):
+        assert fast[name].shape == slow[name].shape, name
+        assert torch.equal(fast[name].view(torch.uint8), slow[name].view(torch.uint8)), name
+    out = torch.empty(x.shape)
+    codecs.decode(kind, fast, out, role, group)
+    assert np.array_equal(_bits(out.numpy()), _bits(_reference_states(kind, x, role, group)))
+
+
+def test_native_kivi_encoder_rejects_bad_buffers() -> None:
+    from ferroquant import _native
+
+    x = np.zeros((1, 1, 64, 64), np.float32)
+    q, s = np.zeros(64 * 32, np.uint8), np.zeros(128, np.uint8)
+    with pytest.raises(fq.QuantizeError, match="code bytes"):
+        _native.kv_kivi_encode("int4", 64, "k", x, q[:-1], s, s.copy())
+    with pytest.raises(fq.QuantizeError, match="not a KIVI type"):
+        _native.kv_kivi_encode("q4_0", 64, "k", x, q, s, s.copy())
+    with pytest.raises(fq.QuantizeError, match="role"):
+        _native.kv_kivi_encode("int4", 64, "x", x, q, s, s.copy())
+    with pytest.raises(fq.QuantizeError, match="multiple of the group"):
+        _native.kv_kivi_encode("int4", 64, "k", x[:, :, :32], q, s, s.copy())
+
+
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
 @pytest.mark.parametrize("amax", [1.3e-40, 1e-39, 1.1e-38, 1.2e-38])
 def test_subnormal_blocks_match_the_reference_and_the_runtime(kind: str, amax: float) -> None:

@@ -271,6 +271,20 @@ def kv_attend_decode(
     n_tail). reference: the scalar reference kernel instead of the SIMD one (bit-identical).
     rotate: the cache is stored Walsh-Hadamard rotated (q rotated in a copy, out rotated back)."""
 
+def kv_kivi_encode(
+    kv_type: str,
+    group: int,
+    role: str,
+    x: npt.NDArray[np.float32],
+    q: npt.NDArray[np.uint8],
+    scale: npt.NDArray[np.uint8],
+    zero: npt.NDArray[np.uint8],
+) -> None:
+    """KIVI's group encoder (int4 / int2) in ferroquant.kv's torch layout: float32 states x
+    (batch, heads, tokens, head_dim), contiguous, per channel over `group` tokens (role "k") or
+    per token over `group` channels ("v"), into contiguous byte buffers (codes, f16 scale, f16
+    zero) laid out as codecs.encode's parts; bit-exact with kv/reference.py's kivi_group."""
+
 def kv_wht(*xs: npt.NDArray[np.float32]) -> None:
     """The cache's rotation in place (H x / sqrt(n) per row of the last axis, a contiguous power
     of two; other axes may be strided), bit-exact with kv/reference.py's wht; GIL released."""

@@ -302,7 +302,7 @@ class QuantizedLayer(CacheLayerMixin):
         # token was appended (a one-token decode step: after it)
         self._visible = self._quantized_after(self.n_tokens + 1) if self.kivi else 0
         self._append(key_states, value_states)
-        if key_states.shape[2] == 1 and key_states.device.type == "cpu" and self.fast_decode():
+        if key_states.shape[2] == 1 and key_states.is_cpu and self.fast_decode():
             # a decode step: attention.attention reads the quantized rows (attend_decode)
             return attention.tag(key_states, self), value_states
         return self.states_for_attention(key_states, value_states)

@@ -123,6 +123,41 @@ def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 def _encode_kivi(x: torch.Tensor, bits: int, role: str, group: int) -> dict[str, torch.Tensor]:
     b, h, n, d = x.shape
+    if x.is_cpu and group * bits % 8 == 0 and (n if role == "k" else d) % group == 0:
+        return _encode_kivi_native(x, bits, role, group)
+    return _encode_kivi_torch(x, bits, role, group)
+
+
+def _encode_kivi_native(
+    x: torch.Tensor, bits: int, role: str, group: int
+) -> dict[str, torch.Tensor]:
+    """`_encode_kivi_torch`'s parts from one native call (`_native.kv_kivi_encode`; bit-exact
+    with it and with the reference, tests/test_kv.py)."""
+    from .. import _native
+
+    b, h, n, d = x.shape
+    pack = group * bits // 8
+    if role == "k":
+        shapes = (b, h, n // group, pack, d), (b, h, n // group, 1, d)
+    else:
+        shapes = (b, h, n, d // group, pack), (b, h, n, d // group, 1)
+    q = torch.empty(shapes[0], dtype=torch.uint8)
+    s, z = (torch.empty(shapes[1], dtype=torch.float16) for _ in range(2))
+    xs = x.detach().contiguous().numpy()
+    _native.kv_kivi_encode(f"int{bits}", group, role, xs, _u8(q), _u8(s), _u8(z))
+    return {"q": q, "scale": s, "zero": z}
+
+
+def _u8(t: torch.Tensor) -> object:
+    """A contiguous CPU tensor's bytes as a flat numpy uint8 view."""
+    return t.view(-1).view(torch.uint8).numpy()
+
+
+def _encode_kivi_torch(
+    x: torch.Tensor, bits: int, role: str, group: int
+) -> dict[str, torch.Tensor]:
+    """The torch ops of KIVI's encoder (any device)."""
+    b, h, n, d = x.shape
     if role == "k":  # per channel over token groups: rows are groups
         xg = x.reshape(b, h, n // group, group, d)
         q, s, z = _kivi_quantize(xg, bits, dim=3)

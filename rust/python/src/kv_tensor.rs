@@ -11,6 +11,7 @@ use pyo3::types::PyTuple;
 
 use crate::{to_py, QuantizeError};
 use core::runtime::kv::rotate::wht_heads_checked;
+use core::runtime::kv_tensor::encode::{kivi_encode, States};
 use core::runtime::kv_tensor::{attend_decode, attend_decode_rotated, Kind, Layer, Parts};
 
 /// Attention of one decode step over one layer's cache in ferroquant.kv's torch layout, written
@@ -130,4 +131,55 @@ pub fn kv_wht(py: Python<'_>, xs: &Bound<'_, PyTuple>) -> PyResult<()> {
         })
     })
     .map_err(to_py)
+}
+
+/// KIVI's group encoder in ferroquant.kv's torch layout (`core::runtime::kv_tensor::encode`):
+/// float32 states `x` (batch, heads, tokens, head_dim), contiguous, quantized per channel over
+/// `group` tokens (`role` "k") or per token over `group` channels ("v") into the contiguous
+/// byte buffers `q`, `scale`, `zero` (f16 little endian), as codecs.encode lays them out.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+pub fn kv_kivi_encode(
+    py: Python<'_>,
+    kv_type: &str,
+    group: usize,
+    role: &str,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    mut q: PyReadwriteArrayDyn<'_, u8>,
+    mut scale: PyReadwriteArrayDyn<'_, u8>,
+    mut zero: PyReadwriteArrayDyn<'_, u8>,
+) -> PyResult<()> {
+    let bits = match kv_type {
+        "int4" => 4,
+        "int2" => 2,
+        _ => {
+            return Err(QuantizeError::new_err(format!(
+                "kv KIVI encode: kv_type {kv_type:?} is not a KIVI type (int4, int2)"
+            )))
+        }
+    };
+    let keys = match role {
+        "k" => true,
+        "v" => false,
+        _ => {
+            return Err(QuantizeError::new_err(format!(
+                "kv KIVI encode: role {role:?} (expected \"k\" or \"v\")"
+            )))
+        }
+    };
+    let &[b, h, n, d] = x.shape() else {
+        return Err(QuantizeError::new_err(format!(
+            "kv KIVI encode: states of shape {:?}, expected (batch, heads, tokens, head_dim)",
+            x.shape()
+        )));
+    };
+    let shape = States { bh: b * h, n, d };
+    let x = x.as_slice()?;
+    let (q, scale, zero) = (
+        q.as_slice_mut()?,
+        scale.as_slice_mut()?,
+        zero.as_slice_mut()?,
+    );
+    py.detach(|| kivi_encode(bits, group, keys, shape, x, q, scale, zero))
+        .map_err(to_py)
 }

@@ -344,6 +344,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_sources::cuda_sources, m)?)?;
     m.add_function(wrap_pyfunction!(kv_tensor::kv_attend_decode, m)?)?;
     m.add_function(wrap_pyfunction!(kv_tensor::kv_wht, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_tensor::kv_kivi_encode, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;

@@ -23,9 +23,12 @@ use crate::formats::fp8::e4m3fn_to_f32;
 use crate::parallel;
 use crate::{Error, Result};
 
+pub mod encode;
 mod rotated;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod simd512;
 
 pub use rotated::attend_decode_rotated;
 
@@ -754,6 +757,13 @@ mod tests {
             (2, 64, 64, 3, 64, 141, true),
             (2, 64, 128, 2, 128, 130, false),
             (4, 32, 32, 3, 0, 67, true),
+            // the AVX-512 loops: token pairs cut by n, 4+ query heads, 128 channels, tails
+            // of 1-3 rows past the fours
+            (4, 64, 128, 4, 131, 7, true),
+            (2, 64, 64, 6, 65, 2, false),
+            (2, 32, 64, 3, 33, 5, true),
+            (4, 32, 64, 1, 95, 1, false),
+            (4, 128, 128, 3, 300, 4, true),
         ] {
             let (batch, n_head_kv) = (2, 2);
             let bh = batch * n_head_kv;
@@ -797,11 +807,25 @@ mod tests {
             attend_decode(&l, n_head, &q, 0.125, m, &mut fast, false).unwrap();
             attend_decode(&l, n_head, &q, 0.125, m, &mut slow, true).unwrap();
             assert!(fast.iter().all(|x| x.is_finite()));
-            let same = fast
-                .iter()
-                .zip(&slow)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "bits {bits} g {g} d {d} rep {rep} n {n}");
+            let same = |x: &[f32]| x.iter().zip(&slow).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same(&fast), "bits {bits} g {g} d {d} rep {rep} n {n}");
+            // both SIMD variants, whichever the dispatch picks (AVX-512 where the CPU has it)
+            #[cfg(target_arch = "x86_64")]
+            if simd::takes(&l) {
+                for wide in [false, true] {
+                    let mut o = vec![0f32; q.len()];
+                    for (bh, oh) in o.chunks_mut(rep * d).enumerate() {
+                        let qh = &q[bh * rep * d..(bh + 1) * rep * d];
+                        let b = bh / n_head_kv;
+                        let mrow = m.map(|m| &m[b * total..(b + 1) * total]);
+                        simd::head_kivi_with(&l, bh, rep, qh, 0.125, mrow, oh, wide);
+                    }
+                    assert!(
+                        same(&o),
+                        "wide {wide} bits {bits} g {g} d {d} rep {rep} n {n}"
+                    );
+                }
+            }
         }
     }
 }

@@ -15,6 +15,7 @@
 
 use std::arch::x86_64::*;
 
+use super::simd512;
 use super::{
     add_value_zeros, f16_at, kivi_key_group, kivi_scaled_query, row_bytes, softmax, Kind, Layer,
 };
@@ -32,7 +33,7 @@ pub(super) fn takes(l: &Layer<'_>) -> bool {
         && crate::cpu::has_avx2()
 }
 
-/// `super::head` for a layer `takes` accepted.
+/// `super::head` for a layer `takes` accepted: the AVX-512 loops where the CPU has them.
 pub(super) fn head_kivi(
     l: &Layer<'_>,
     bh: usize,
@@ -42,9 +43,64 @@ pub(super) fn head_kivi(
     mask: Option<&[u8]>,
     out: &mut [f32],
 ) {
-    debug_assert!(takes(l));
-    // SAFETY: `takes` checked that the CPU has AVX2.
-    unsafe { head_avx2(l, bh, rep, q, scale, mask, out) }
+    head_kivi_with(l, bh, rep, q, scale, mask, out, crate::cpu::has_avx512())
+}
+
+/// `head_kivi` with the AVX-512 loops on (`wide`, where the CPU has AVX-512) or off (the AVX2
+/// ones; for tests, which check both against the reference).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn head_kivi_with(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+    wide: bool,
+) {
+    assert!(takes(l), "the AVX2 KIVI kernel does not take this layer");
+    let wide = wide && crate::cpu::has_avx512();
+    if wide {
+        // SAFETY: `takes` checked AVX2 and F16C, `has_avx512` AVX-512 F/BW/VL.
+        unsafe { head_avx512(l, bh, rep, q, scale, mask, out) }
+    } else {
+        // SAFETY: `takes` checked that the CPU has AVX2.
+        unsafe { head_avx2(l, bh, rep, q, scale, mask, out, false) }
+    }
+}
+
+/// `head_avx2` compiled with AVX-512 enabled, so its AVX-512 loops inline.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
+fn head_avx512(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    mask: Option<&[u8]>,
+    out: &mut [f32],
+) {
+    head_avx2(l, bh, rep, q, scale, mask, out, true)
+}
+
+/// Little-endian f16 `src` (2 bytes each) as f32 in `out` (the conversion is exact: the same
+/// values as `f16_at`), eight at a time with F16C.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn f16s(src: &[u8], out: &mut [f32]) {
+    let src = &src[..2 * out.len()];
+    let done = out.len() / 8 * 8;
+    let mut chunks = out.chunks_exact_mut(8);
+    for (o, b) in (&mut chunks).zip(src.chunks_exact(16)) {
+        let b = &b[..16];
+        // SAFETY: `b` holds 16 bytes (sliced above); unaligned load.
+        let h = unsafe { _mm_loadu_si128(b.as_ptr().cast()) };
+        store8(o, _mm256_cvtph_ps(h));
+    }
+    for (i, o) in chunks.into_remainder().iter_mut().enumerate() {
+        *o = f16_at(src, done + i);
+    }
 }
 
 /// 8 codes (`(byte >> shift) & mask` of 8 consecutive bytes) as f32.
@@ -83,7 +139,10 @@ fn reduce8(acc: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehl_ps(s2, s2)))
 }
 
-#[target_feature(enable = "avx2")]
+/// The kernel; `wide`: the AVX-512 loops (the caller checked the CPU has them).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
 fn head_avx2(
     l: &Layer<'_>,
     bh: usize,
@@ -92,27 +151,46 @@ fn head_avx2(
     scale: f32,
     mask: Option<&[u8]>,
     out: &mut [f32],
+    wide: bool,
 ) {
     let total = l.n_quant + l.n_tail;
     let mut scores = vec![0f32; rep * total];
     match l.head_dim {
-        32 => {
-            key_scores::<4>(l, bh, rep, q, scale, &mut scores);
-            tail_scores::<4>(l, bh, rep, q, scale, &mut scores);
-        }
-        64 => {
-            key_scores::<8>(l, bh, rep, q, scale, &mut scores);
-            tail_scores::<8>(l, bh, rep, q, scale, &mut scores);
-        }
-        128 => {
-            key_scores::<16>(l, bh, rep, q, scale, &mut scores);
-            tail_scores::<16>(l, bh, rep, q, scale, &mut scores);
-        }
+        32 => scores_l::<4>(l, bh, rep, q, scale, &mut scores, wide),
+        64 => scores_l::<8>(l, bh, rep, q, scale, &mut scores, wide),
+        128 => scores_l::<16>(l, bh, rep, q, scale, &mut scores, wide),
         _ => unreachable!("takes() admits head_dim 32, 64, 128"),
     }
     softmax(&mut scores, rep, total, mask);
-    values(l, bh, rep, &scores, out);
-    tail_values(l, bh, rep, &scores, out);
+    values(l, bh, rep, &scores, out, wide);
+    if wide {
+        // SAFETY: `wide` only where the CPU has AVX-512 F/BW/VL (head_kivi_with).
+        unsafe { simd512::tail_values(l, bh, rep, &scores, out) }
+    } else {
+        tail_values(l, bh, rep, &scores, out);
+    }
+}
+
+/// The keys' and the tail's scores, head_dim = 8 L.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn scores_l<const L: usize>(
+    l: &Layer<'_>,
+    bh: usize,
+    rep: usize,
+    q: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    wide: bool,
+) {
+    key_scores::<L>(l, bh, rep, q, scale, scores, wide);
+    if wide {
+        // SAFETY: `wide` only where the CPU has AVX-512 F/BW/VL (head_kivi_with).
+        unsafe { simd512::tail_scores::<L>(l, bh, rep, q, scale, scores) }
+    } else {
+        tail_scores::<L>(l, bh, rep, q, scale, scores);
+    }
 }
 
 /// `super::tail_scores`, head_dim = 8 L: per query head its L vectors stay in registers and
@@ -207,6 +285,7 @@ fn key_scores<const L: usize>(
     q: &[f32],
     scale: f32,
     scores: &mut [f32],
+    wide: bool,
 ) {
     let Kind::Kivi(bits) = l.kind else {
         unreachable!("takes() admits KIVI only")
@@ -224,6 +303,12 @@ fn key_scores<const L: usize>(
         let at = bh * l.k.cap + grp;
         let main = &l.k.main[at * group_bytes..(at + 1) * group_bytes];
         let n = g.min(l.n_quant - grp * g);
+        if wide {
+            let s = &mut scores[grp * g..];
+            // SAFETY: `wide` only where the CPU has AVX-512 F/BW/VL (head_kivi_with).
+            unsafe { simd512::key_group::<L>(bits, main, n, rep, &qs, &cst, scale, total, s) };
+            continue;
+        }
         for (j, line) in main.chunks_exact(d).enumerate() {
             for field in 0..8 / bits as usize {
                 let i = field * pack + j;
@@ -250,28 +335,32 @@ fn key_scores<const L: usize>(
 }
 
 /// The quantized values' part of `out` (written, not added: the reference starts from 0).
-#[target_feature(enable = "avx2")]
-fn values(l: &Layer<'_>, bh: usize, rep: usize, scores: &[f32], out: &mut [f32]) {
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn values(l: &Layer<'_>, bh: usize, rep: usize, scores: &[f32], out: &mut [f32], wide: bool) {
     // R query heads per pass over the rows, each with W = 4 vectors of accumulators in
     // registers (head_dim is 32, 64 or 128: whole blocks of 32 channels)
+    let wide = wide && simd512::takes_values(l);
     match (rep % 4, rep % 3, rep % 2) {
-        (0, _, _) => values_r::<4, 4>(l, bh, rep, scores, out),
-        (_, 0, _) => values_r::<3, 4>(l, bh, rep, scores, out),
-        (_, _, 0) => values_r::<2, 4>(l, bh, rep, scores, out),
-        _ => values_r::<1, 4>(l, bh, rep, scores, out),
+        (0, _, _) => values_r::<4, 4>(l, bh, rep, scores, out, wide),
+        (_, 0, _) => values_r::<3, 4>(l, bh, rep, scores, out, wide),
+        (_, _, 0) => values_r::<2, 4>(l, bh, rep, scores, out, wide),
+        _ => values_r::<1, 4>(l, bh, rep, scores, out, wide),
     }
 }
 
 /// `values` with R query heads per pass and W vectors of 8 channels per register block: row t
 /// holds head_dim / g blocks of `pack` bytes; channel j of a block is byte j % pack, bit field
 /// j / pack. Per token the codes are widened once and added to the R heads' accumulators.
-#[target_feature(enable = "avx2")]
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
 fn values_r<const R: usize, const W: usize>(
     l: &Layer<'_>,
     bh: usize,
     rep: usize,
     scores: &[f32],
     out: &mut [f32],
+    wide: bool,
 ) {
     let Kind::Kivi(bits) = l.kind else {
         unreachable!("takes() admits KIVI only")
@@ -282,16 +371,19 @@ fn values_r<const R: usize, const W: usize>(
     let pack = g * bits as usize / 8;
     let nb = d / g;
     let (m, sb, zb) = row_bytes(l.kind, false, d, g);
+    // the rows' scales and zeros: one contiguous run of f16 per (batch, head)
+    let (first, last) = (bh * l.v.cap * sb, (bh * l.v.cap + l.n_quant) * sb);
     let (mut vs, mut vz) = (vec![0f32; l.n_quant * nb], vec![0f32; l.n_quant * nb]);
-    for t in 0..l.n_quant {
-        let row = bh * l.v.cap + t;
-        for b in 0..nb {
-            vs[t * nb + b] = f16_at(&l.v.scale[row * sb..(row + 1) * sb], b);
-            vz[t * nb + b] = f16_at(&l.v.zero[row * zb..(row + 1) * zb], b);
-        }
-    }
+    f16s(&l.v.scale[first..last], &mut vs);
+    f16s(&l.v.zero[first..last], &mut vz);
+    debug_assert_eq!(sb, zb);
     let rows = &l.v.main[bh * l.v.cap * m..(bh * l.v.cap + l.n_quant) * m];
     let mut zsum = vec![0f32; rep * nb];
+    if wide {
+        // SAFETY: `wide` only where the CPU has AVX-512 F/BW/VL (head_kivi_with).
+        unsafe { simd512::values::<R>(l, bh, rep, scores, &vs, &vz, &mut zsum, out) };
+        return add_value_zeros(out, &zsum, d, g);
+    }
     for r in 0..rep {
         let w_r = &scores[r * total..r * total + l.n_quant];
         for b in 0..nb {
