@@ -21,10 +21,14 @@ pub fn ggml_bf16_min_m(qtype: QType) -> usize {
         && super::bf16_gemm_min_m() > 0
         && x86::amx_bf16::use_amx(usize::MAX)
     {
+        // Opt-in (`FERROQUANT_GGML_BF16=1`: the measured thresholds; n >= 2: from n rows): on
+        // by default, transformers' generate with an int2 cache and a q8_0 QuantLinear model gave
+        // different logits run to run (tests/test_kv_window.py, session 14) — something on this
+        // route reads memory it did not write; until that is found it stays off unless asked.
         return match crate::config::ggml_bf16() {
-            Some(0) => 0,
+            Some(0) | None => 0,
+            Some(1) => ggml_bf16_default_min_m(qtype),
             Some(n) => n.max(x86::amx_bf16::AMX_BF16_MIN_M),
-            None => ggml_bf16_default_min_m(qtype),
         };
     }
     let _ = qtype;
