@@ -145,6 +145,7 @@ fn within_the_summation_bound_of_the_exact_products() {
 /// values over many exponents with zeros and subnormals and on cancelling sums, at token and
 /// feature counts below, at and across the 32-wide blocks and 32-token steps; and the same
 /// bits in pools of 1, 2 and 3 threads.
+#[cfg(target_arch = "x86_64")]
 #[test]
 fn amx_within_the_faithful_bound_for_every_thread_count() {
     if !Path::Amx.usable() {

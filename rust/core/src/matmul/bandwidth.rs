@@ -73,6 +73,8 @@ pub fn stream_read_with(data: &[u8], probe: Probe) -> u64 {
 }
 
 fn read_part(w: &[u64], probe: Probe) -> u64 {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = probe; // (the vector probes are x86-64 only)
     #[cfg(target_arch = "x86_64")]
     if probe.vector && crate::cpu::has_avx512() {
         // SAFETY: AVX-512 F checked just above.

@@ -2,6 +2,7 @@
 //! (`gemm_bf16.rs` with `x86/decode16_ggml.rs`): the measured row counts, the
 //! `FERROQUANT_GGML_BF16` switch, and (tests) a per-thread switch back to the int8 paths.
 
+#[cfg(target_arch = "x86_64")]
 use super::*;
 use crate::qtype::QType;
 

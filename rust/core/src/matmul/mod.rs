@@ -265,6 +265,7 @@ struct Plan<'a> {
     /// Asymmetric integer zeros left to the M = 1 fused kernel (`gint_rows1`), which checks
     /// each row's (`formats::gint::row_zeros_ok`) and sets `bad_zeros` on a failure;
     /// `qmatmul` then returns `formats::gint::validate_zeros`' error.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     zeros_deferred: bool,
     bad_zeros: std::sync::atomic::AtomicBool,
 }
