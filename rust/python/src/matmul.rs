@@ -9,6 +9,38 @@ use pyo3::prelude::*;
 
 use crate::{not_contiguous, to_py};
 
+/// The quantized weight of a `qmatmul*` call as a core view (N x K in `qtype`'s layout).
+fn weight_view<'a>(
+    data: &'a PyReadonlyArray1<'_, u8>,
+    qtype: &str,
+    n: usize,
+    k: usize,
+    block_size: usize,
+    stats: &'a Option<PyReadonlyArray1<'_, f32>>,
+    scale_mode: Option<&str>,
+) -> PyResult<core::QuantizedView<'a>> {
+    let qtype = core::QType::parse(qtype).map_err(to_py)?;
+    let scale_mode = scale_mode
+        .map(core::ScaleMode::parse)
+        .transpose()
+        .map_err(to_py)?;
+    let data_s = data.as_slice().map_err(|_| not_contiguous("data"))?;
+    let stats_s: &[f32] = match stats {
+        Some(s) => s.as_slice().map_err(|_| not_contiguous("stats"))?,
+        None => &[],
+    };
+    Ok(core::QuantizedView {
+        qtype,
+        rows: n,
+        cols: k,
+        block_size,
+        scale_mode,
+        data: data_s,
+        stats: stats_s,
+        double_quant: None,
+    })
+}
+
 /// `y = x · Wᵀ`: x (M x K float32, C-contiguous), W given as its raw quantized data (N x K in
 /// `qtype`'s layout) plus statistics (nf4 absmax, int8 / fp8 scales). Returns y (M x N float32).
 /// With `openmp`, the parallel work runs on the attached OpenMP team (`openmp_attach`: torch's,
@@ -28,32 +60,13 @@ pub fn qmatmul<'py>(
     scale_mode: Option<&str>,
     openmp: bool,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
-    let qtype = core::QType::parse(qtype).map_err(to_py)?;
-    let scale_mode = scale_mode
-        .map(core::ScaleMode::parse)
-        .transpose()
-        .map_err(to_py)?;
     let m = x.shape()[0];
     // as_slice also accepts Fortran order (a transposed array), which would be read wrongly.
     if !x.is_c_contiguous() {
         return Err(not_contiguous("x"));
     }
     let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
-    let data_s = data.as_slice().map_err(|_| not_contiguous("data"))?;
-    let stats_s: &[f32] = match &stats {
-        Some(s) => s.as_slice().map_err(|_| not_contiguous("stats"))?,
-        None => &[],
-    };
-    let view = core::QuantizedView {
-        qtype,
-        rows: n,
-        cols: k,
-        block_size,
-        scale_mode,
-        data: data_s,
-        stats: stats_s,
-        double_quant: None,
-    };
+    let view = weight_view(&data, qtype, n, k, block_size, &stats, scale_mode)?;
     let run = || {
         let len = m.checked_mul(n).ok_or_else(|| {
             core::Error::InvalidArgument(format!("output shape {m}x{n} overflows"))
@@ -89,31 +102,13 @@ pub fn qmatmul_bf16<'py>(
     scale_mode: Option<&str>,
     openmp: bool,
 ) -> PyResult<Bound<'py, PyArray2<u16>>> {
-    let qtype = core::QType::parse(qtype).map_err(to_py)?;
-    let scale_mode = scale_mode
-        .map(core::ScaleMode::parse)
-        .transpose()
-        .map_err(to_py)?;
     let m = x.shape()[0];
+    // as_slice also accepts Fortran order (a transposed array), which would be read wrongly.
     if !x.is_c_contiguous() {
         return Err(not_contiguous("x"));
     }
     let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
-    let data_s = data.as_slice().map_err(|_| not_contiguous("data"))?;
-    let stats_s: &[f32] = match &stats {
-        Some(s) => s.as_slice().map_err(|_| not_contiguous("stats"))?,
-        None => &[],
-    };
-    let view = core::QuantizedView {
-        qtype,
-        rows: n,
-        cols: k,
-        block_size,
-        scale_mode,
-        data: data_s,
-        stats: stats_s,
-        double_quant: None,
-    };
+    let view = weight_view(&data, qtype, n, k, block_size, &stats, scale_mode)?;
     m.checked_mul(n).ok_or_else(|| {
         to_py(core::Error::InvalidArgument(format!(
             "output shape {m}x{n} overflows"
