@@ -24,6 +24,8 @@ from ferroquant.kv.types import kv_cache_bytes, kv_full_precision_tokens
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_kv_attention import _reference as attention_reference  # noqa: E402
+
 from ferroquant.kv import QuantizedCache, attention, rotate  # noqa: E402
 from ferroquant.kv.cache import QuantizedLayer, _Workspace  # noqa: E402
 
@@ -210,9 +212,9 @@ def test_size_formula_per_sequence_constant() -> None:
 
 # ------------------------------------------------------------------- the decode step's attention
 def _reference(q, k, v, scale, mask=None):
-    """test_kv_attention's float64 attention (its output only)."""
-    from test_kv_attention import _reference as attention_reference
-
+    """test_kv_attention's float64 attention (its output only; imported at the top: imported
+    here, inside a hypothesis test, its module's own @given tests failed hypothesis's
+    nested-given health check whenever this file ran without test_kv_attention.py)."""
     return attention_reference(q, k, v, scale, mask)[0]
 
 
