@@ -391,6 +391,53 @@ fn bf16_gemm_amx_tiles_within_their_bound() {
     crate::matmul::x86::amx_bf16::force(None);
 }
 
+/// The tile path on the shapes where its chunking has edges: K of one chunk of 32 columns, a
+/// whole chunk and a last one of 32 (16 pairs: one tile step), two whole chunks and 288 (a
+/// decode call of 256 and one of 32 per row); N = 150 (a panel of 144 and one of 6 rows: a
+/// partial 16-row tile whose rows past N are never decoded); M = 17 (one vector and one row)
+/// and 100 (7 vectors, the last of 4 rows). Every output within the tile bound, the same bits
+/// for 1 and 2 threads, and an exact zero where a weight row is zero (a chunk decoded into the
+/// wrong row or read at the wrong columns would show there).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_gemm_amx_tiles_on_edge_shapes() {
+    let _lock = force_lock();
+    crate::matmul::x86::amx_bf16::force(Some(true));
+    let mut rng = Rng(0xbf16_0000_0e1a_0019);
+    let n = 150;
+    for k in [32, 544, 1312] {
+        let (mut data, stats) = raw_view_parts(&mut rng, QType::NF4, None, 32, n, k);
+        // Rows 3 and 149 (the second panel) all zero weights: nf4 code 7 is 0.0 (bytes 0x77).
+        let rb = QType::NF4.row_bytes(k, 32);
+        for r in [3, 149] {
+            data[r * rb..(r + 1) * rb].fill(0x77);
+        }
+        let v = QuantizedView {
+            qtype: QType::NF4,
+            rows: n,
+            cols: k,
+            block_size: 32,
+            scale_mode: None,
+            data: &data,
+            stats: &stats,
+            double_quant: None,
+        };
+        let mut deq = vec![0f32; n * k];
+        dequantize(&v, &mut deq).unwrap();
+        assert!(deq[3 * k..4 * k].iter().all(|&w| w == 0.0));
+        check(&format!("edges k={k}"), &v, &deq, &[17, 100], &mut rng);
+        let x = rng.normalish(100 * k, 1.0);
+        let mut y = vec![1f32; 100 * n];
+        qmatmul(&x, 100, &v, &mut y).unwrap();
+        for mi in 0..100 {
+            for r in [3, 149] {
+                assert_eq!(y[mi * n + r], 0.0, "k={k} row {r} m {mi}");
+            }
+        }
+    }
+    crate::matmul::x86::amx_bf16::force(None);
+}
+
 /// The ggml formats (`x86/decode16_ggml.rs`) on the AMX bf16 tiles, where they take them: every
 /// output within `amx_bf16::error_bound` of the float64 product of the dequantized weights, the
 /// same bits for 1 and 2 threads, at and past the format's threshold (M = t, 47, 530: partial
