@@ -316,3 +316,6 @@ def test_layout_changes_equal_torch_indexing(rows, cols, seed):
     assert torch.equal(gptq_native.natural_order(wt, inv), w)
     with pytest.raises(Exception, match="outside"):
         _native.gptq_gather_t(w.numpy(), np.array([cols], dtype=np.int64))
+    if cols > 1:
+        with pytest.raises(Exception, match="permutation"):
+            _native.gptq_gather_t(w.numpy(), np.zeros(cols, dtype=np.int64))

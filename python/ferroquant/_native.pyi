@@ -114,8 +114,8 @@ def gptq_gather_t(
     src: npt.NDArray[np.float32], idx: npt.NDArray[np.int64], rows: bool = False
 ) -> npt.NDArray[np.float32]:
     """`src` [r, c] transposed with `idx` gathering its columns (out[a, b] = src[b, idx[a]],
-    [len(idx), r]) or with `rows` its rows (out[a, b] = src[idx[b], a], [c, len(idx)]), in one
-    cache-blocked pass (a copy: the same values)."""
+    [c, r], `idx` a permutation of 0..c) or with `rows` its rows (out[a, b] = src[idx[b], a],
+    [c, len(idx)]), in one cache-blocked pass (a copy: the same values)."""
 
 def gptq_pack(
     data: npt.NDArray[np.uint8],

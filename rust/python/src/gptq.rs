@@ -219,7 +219,7 @@ pub fn gptq_pack<'py>(
 }
 
 /// `src` (`[r, c]` float32) transposed with `idx` gathering its columns (`rows=False`:
-/// `out[a, b] = src[b, idx[a]]`, `[len(idx), r]`) or its rows (`rows=True`:
+/// `out[a, b] = src[b, idx[a]]`, `[c, r]`, `idx` a permutation of `0..c`) or its rows (`rows=True`:
 /// `out[a, b] = src[idx[b], a]`, `[c, len(idx)]`), in one cache-blocked pass.
 #[pyfunction]
 #[pyo3(signature = (src, idx, rows=false))]

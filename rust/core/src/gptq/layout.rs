@@ -11,8 +11,9 @@ const TILE: usize = 32;
 /// Which index `idx` gathers (see `gather_transpose`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gather {
-    /// `out[a, b] = src[b, idx[a]]`: `out` is `[idx.len(), r]` (the weights into the loop's
-    /// order: `idx` = perm)
+    /// `out[a, b] = src[b, idx[a]]`: `out` is `[c, r]`, `idx` a permutation of `0..c` (the
+    /// weights into the loop's order: `idx` = perm); written by source tiles through the
+    /// inverse permutation, so both sides of a tile are runs of consecutive floats
     Columns,
     /// `out[a, b] = src[idx[b], a]`: `out` is `[c, idx.len()]` (the loop's values back:
     /// `idx` = the inverse permutation)
@@ -20,7 +21,8 @@ pub enum Gather {
 }
 
 /// `src` (`[r, c]`, row-major) transposed with `idx` gathering its columns or rows into
-/// `out` (`Gather`); every entry of `idx` must be below `c` (`Columns`) or `r` (`Rows`).
+/// `out` (`Gather`); `idx` must be a permutation of `0..c` (`Columns`), or every entry below
+/// `r` (`Rows`).
 pub fn gather_transpose(
     src: &[f32],
     r: usize,
@@ -45,6 +47,31 @@ pub fn gather_transpose(
         return Err(Error::InvalidArgument(format!(
             "gather_transpose: index {bad} outside 0..{bound}"
         )));
+    }
+    if how == Gather::Columns {
+        // out[inv[j], b] = src[b, j]: a tile of consecutive source columns and rows
+        let mut inv = vec![usize::MAX; c];
+        for (a, &j) in idx.iter().enumerate() {
+            inv[j] = a;
+        }
+        if idx.len() != c || inv.contains(&usize::MAX) {
+            return Err(Error::InvalidArgument(format!(
+                "gather_transpose: the column index is not a permutation of 0..{c}"
+            )));
+        }
+        for j0 in (0..c).step_by(TILE) {
+            let j1 = (j0 + TILE).min(c);
+            for b0 in (0..r).step_by(TILE) {
+                let b1 = (b0 + TILE).min(r);
+                for (j, &a) in inv.iter().enumerate().take(j1).skip(j0) {
+                    let row = &mut out[a * r + b0..a * r + b1];
+                    for (o, x) in row.iter_mut().zip(src[b0 * c + j..].iter().step_by(c)) {
+                        *o = *x;
+                    }
+                }
+            }
+        }
+        return Ok(());
     }
     for a0 in (0..a_len).step_by(TILE) {
         let a1 = (a0 + TILE).min(a_len);
@@ -88,8 +115,14 @@ mod tests {
                     seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
                     perm.swap(i, (seed >> 33) as usize % (i + 1));
                 }
+                // a repeating index (rows only: columns take a permutation)
                 let rep: Vec<usize> = (0..n + 3).map(|i| (i * 5) % n).collect();
-                for idx in [perm, rep] {
+                let idxs = if how == Gather::Rows {
+                    vec![perm, rep]
+                } else {
+                    vec![perm]
+                };
+                for idx in idxs {
                     let (al, bl) = match how {
                         Gather::Columns => (idx.len(), r),
                         Gather::Rows => (c, idx.len()),
@@ -115,6 +148,7 @@ mod tests {
         let src = [0.0f32; 6];
         let mut out = [0.0f32; 6];
         assert!(gather_transpose(&src, 2, 3, &[0, 1, 3], Gather::Columns, &mut out).is_err());
+        assert!(gather_transpose(&src, 2, 3, &[0, 1, 1], Gather::Columns, &mut out).is_err());
         assert!(gather_transpose(&src, 2, 3, &[0, 2], Gather::Rows, &mut out).is_err());
         assert!(gather_transpose(&src, 2, 4, &[0, 1, 2], Gather::Columns, &mut out).is_err());
         assert!(gather_transpose(&src, 2, 3, &[0, 1], Gather::Columns, &mut out[..5]).is_err());
