@@ -229,3 +229,93 @@ def test_bad_buffers_are_named_errors():
     with pytest.raises(fq.QuantizeError, match="scale"):
         _native.gptq_columns("int8", w, hinv, err, levels, values, 0, n, scale=scale,
                              map=np.full(n, n, np.int64))  # fmt: skip
+
+
+def _both_ldl(w, h, qtype, cfg, **kw):
+    # the float32 factor in the LDL form on both loops: the reference Python loop put in the
+    # compiled loop's place (the same factor, the same packing), then the compiled loop
+    from ferroquant.methods import gptq as gptq_mod
+
+    assert gptq_native.LDL_FORM and gptq_native.has_ldl()
+    assert gptq_native.CHOLESKY_DTYPE == torch.float32
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(gptq_native, "column_loop", gptq_mod._column_loop)
+        ref = gptq_quantize(w, h, qtype, cfg, **kw)
+    finally:
+        mp.undo()
+    return ref, gptq_quantize(w, h, qtype, cfg, **kw)
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q5_1", "q8_0", "int4_g64", "int3_g32_sym", "nf4",
+                                   "fp4", "iq4_nl", "q4_k", "q6_k", "int8"])  # fmt: skip
+def test_ldl_form_native_loop_stores_the_reference_loops_bytes(qtype):
+    # static groups (act_order): the LDL form's path (natural order keeps the inverse factor)
+    w, h = _problem(8, 512, seed=13)
+    h[9, :] = 0.0  # a dead column
+    h[:, 9] = 0.0
+    cfg = GPTQConfig(act_order=True, block_size=96, scale_search=3)
+    _same(*_both_ldl(w, h, qtype, cfg))
+    _same(*_both_ldl(w, h, qtype, cfg, propagate=False))
+
+
+def _toy_gptq_inverse(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    # the textbook loop (float64, integer grid): e_i = (w_i - q_i) / U_ii, w_j -= U_ij e_i
+    w, q = w.clone(), torch.empty_like(w)
+    for i in range(w.shape[1]):
+        q[:, i] = torch.round(w[:, i])
+        e = (w[:, i] - q[:, i]) / u[i, i]
+        w[:, i + 1 :] -= e[:, None] * u[i, i + 1 :]
+    return q
+
+
+def _toy_gptq_ldl(w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    # the LDL form: the error against the original weights, w_j -= M_ij (w_orig_i - q_i)
+    w0, w, q = w, w.clone(), torch.empty_like(w)
+    for i in range(w.shape[1]):
+        q[:, i] = torch.round(w[:, i])
+        w[:, i + 1 :] -= (w0[:, i] - q[:, i])[:, None] * m[i, i + 1 :]
+    return q
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 120), samples=st.sampled_from([0.5, 3.0]), seed=st.integers(0, 2**16))
+def test_ldl_update_is_the_inverse_factors_algorithm(n, samples, seed):
+    """In float64, `_ldl_update`'s M and the reference's U = chol(H^-1) (three float64
+    factorizations) describe the same loop: M^-1 = -U / diag(U) (rows), and the textbook loop
+    on U and the LDL-form loop on M choose the same codes."""
+    from ferroquant.methods.gptq import _ldl_update, _upper_inverse_factor
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(max(1, int(samples * n)), n, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    h.diagonal().add_(0.01 * float(h.diagonal().mean()) + 1e-6)
+    u = _upper_inverse_factor(h)
+    m = _ldl_update(h)
+    assert u is not None and m is not None
+    assert torch.equal(m, torch.triu(m)) and bool((m.diagonal() == -1).all())
+    cond = float(torch.linalg.cond(h))
+    want = -u / u.diagonal()[:, None]
+    tol = 1e-12 * cond * float(want.abs().max())
+    torch.testing.assert_close(torch.linalg.inv(m), want, rtol=0, atol=tol)
+    w = torch.randn(6, n, generator=g, dtype=torch.float64) * 3.0
+    assert torch.equal(_toy_gptq_ldl(w, m), _toy_gptq_inverse(w, u))
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 80), cols=st.integers(1, 80), seed=st.integers(0, 2**16))
+def test_layout_changes_equal_torch_indexing(rows, cols, seed):
+    # the Rust gather-transposes are copies: the same values as torch's indexing, bit for bit
+    assert hasattr(_native, "gptq_gather_t")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    perm = torch.randperm(cols, generator=g)
+    wt = gptq_native.solve_order(w, perm)
+    assert torch.equal(wt, w.t()[perm].contiguous())
+    inv = torch.argsort(perm)
+    assert torch.equal(gptq_native.natural_order(wt, inv), w)
+    with pytest.raises(Exception, match="outside"):
+        _native.gptq_gather_t(w.numpy(), np.array([cols], dtype=np.int64))
+    if cols > 1:
+        with pytest.raises(Exception, match="permutation"):
+            _native.gptq_gather_t(w.numpy(), np.zeros(cols, dtype=np.int64))

@@ -102,11 +102,20 @@ def gptq_columns(
     bounds: npt.NDArray[np.float32] | None = None,
     order: npt.NDArray[np.int64] | None = None,
     map: npt.NDArray[np.int64] | None = None,
+    from_original: bool = False,
 ) -> None:
     """GPTQ's columns start..end of one lazy batch, in place (`w`, `err`, `levels`, `values`:
     [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)], or with
     `map` ([end - start]) flat [k, rows(, grid_levels)] and column start + c reading parameter
-    column map[c])."""
+    column map[c]). `from_original`: the LDL form (`err` holds the original weights on entry,
+    each column's error is w_orig - q, `hinv` is -V diag(V)^-1 with V V^T = H)."""
+
+def gptq_gather_t(
+    src: npt.NDArray[np.float32], idx: npt.NDArray[np.int64], rows: bool = False
+) -> npt.NDArray[np.float32]:
+    """`src` [r, c] transposed with `idx` gathering its columns (out[a, b] = src[b, idx[a]],
+    [c, r], `idx` a permutation of 0..c) or with `rows` its rows (out[a, b] = src[idx[b], a],
+    [c, len(idx)]), in one cache-blocked pass (a copy: the same values)."""
 
 def gptq_pack(
     data: npt.NDArray[np.uint8],

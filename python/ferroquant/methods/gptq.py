@@ -85,8 +85,13 @@ def _inverse_cholesky(
     dtype: torch.dtype = torch.float64,
     diag: torch.Tensor | None = None,
     flipped: bool = False,
+    ldl: bool = False,
+    owned: bool = False,
 ) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damping)^-1, float32; damping x10 on failure. The
+    """Upper Cholesky factor of (H + damping)^-1, float32; damping x10 on failure. `ldl`
+    (float32 only): the LDL form's update matrix instead (`_ldl_update`), no inverse. `owned`:
+    `h` is the caller's scratch copy in `dtype`, damped in place (no copy: the factorizations
+    never write their input, and each try sets the whole diagonal). The
     factorizations run in `dtype`: float64 (the reference) or float32 (as the GPTQ paper's code
     and GPTQModel / llm-compressor run them: `gptq_native.CHOLESKY_DTYPE`). The damping is added
     in float64 either way: to `diag` (H's float64 diagonal) where given, so that `h` may come
@@ -103,9 +108,12 @@ def _inverse_cholesky(
     for _ in range(6):
         # the damping on the diagonal only (no n x n identity: 1.6 GB at 14336), added in
         # float64 and rounded with the rest: a float32 copy takes the damped diagonal's values
-        hd = h.clone() if dtype == torch.float64 or h.dtype == dtype else h.to(dtype)
+        if owned and h.dtype == dtype:
+            hd = h
+        else:
+            hd = h.clone() if dtype == torch.float64 or h.dtype == dtype else h.to(dtype)
         hd.diagonal().copy_(diag + frac * mean_diag)
-        upper = _upper_inverse_factor(hd, flipped)
+        upper = _ldl_update(hd, flipped) if ldl else _upper_inverse_factor(hd, flipped)
         del hd
         if upper is not None:
             return upper.to(torch.float32)
@@ -139,6 +147,21 @@ def _upper_inverse_factor(hd: torch.Tensor, flipped: bool = False) -> torch.Tens
     if int(info) != 0:
         return None
     return _lower_inverse(lower).flip(0, 1)
+
+
+def _ldl_update(hd: torch.Tensor, flipped: bool = False) -> torch.Tensor | None:
+    """-V diag(V)^-1 for the upper V with V V^T = hd (float32; None when the factorization
+    fails): one Cholesky of the flipped matrix, J hd J = L L^T, V = J L J. GPTQ's column loop
+    in the LDL form (QuIP's LDLQ; `gptq_native`, the loops' `ldl`) pushes each column's error
+    against its *original* weights, w_orig_i - q_i, onto column j with this matrix's (i, j):
+    the same algorithm as the inverse factor's U = V^-1 (W - Q = E U, E = (W - Q) V), without
+    the triangular inverse (half the factor's work, and none of the inverse's rounding: the
+    factor carries one Cholesky's backward error). `flipped`: `hd` is J hd J already."""
+    lower, info = torch.linalg.cholesky_ex(hd if flipped else hd.flip(0, 1))
+    if int(info) != 0:
+        return None
+    vdiag = lower.diagonal().flip(0).neg()  # V_jj = L[n-1-j, n-1-j], negated
+    return lower.flip(0, 1).div_(vdiag)  # column j of V over -V_jj
 
 
 def _lower_inverse(lower: torch.Tensor, base: int = 128) -> torch.Tensor:
@@ -265,15 +288,24 @@ def _gptq(
     # factorization starts from the reversed order J H J, so that is the order taken there
     flipped = chol_dtype == torch.float32
     order = perm.flip(0) if flipped else perm
-    h = hessian.detach().to(chol_dtype)  # only read: the factorization damps a copy
+    h = hessian.detach().to(chol_dtype)
+    owned = h.dtype != hessian.dtype  # a converted copy: damped in place, else a copy is
     if not torch.equal(order, torch.arange(cols)):
         h = h.index_select(0, order).index_select(1, order)
-    hinv = _inverse_cholesky(h, cfg.damp, name, chol_dtype, diag=hdiag64[order], flipped=flipped)
+        owned = True
+    # the float32 factor in the LDL form where this build's loop has it (no triangular
+    # inverse), with static groups only: the two forms agree on each column's weights when it
+    # is rounded, not on the later columns' partial updates, and parameters fixed as GPTQ
+    # reaches a block read those (the inverse factor's are the textbook GPTQ's)
+    ldl = static and flipped and gptq_native.LDL_FORM and gptq_native.has_ldl()
+    hinv = _inverse_cholesky(h, cfg.damp, name, chol_dtype, diag=hdiag64[order], flipped=flipped,
+                             ldl=ldl, owned=owned)  # fmt: skip
     # the loop runs on W^T [cols, rows] (permuted): a column is one contiguous vector, its
     # rank-1 update an in-place update of contiguous rows, its codes one row of a buffer
-    wt = w.t()[perm].contiguous()
-    levels_t = torch.zeros((cols, rows), dtype=torch.int64)
-    values_t = torch.zeros((cols, rows), dtype=torch.float32)
+    wt = gptq_native.solve_order(w, perm) if native else w.t()[perm].contiguous()
+    # every row is written by the loop (every column is rounded): no zero fill
+    levels_t = torch.empty((cols, rows), dtype=torch.int64)
+    values_t = torch.empty((cols, rows), dtype=torch.float32)
     loop = gptq_native.column_loop if native else _column_loop
     blocks = loop(
         grid,
@@ -287,9 +319,13 @@ def _gptq(
         lazy=lazy,
         block_params=block_params,
         propagate=propagate,
+        ldl=ldl,
     )
     inv_perm = torch.argsort(perm)
-    values = values_t.index_select(0, inv_perm).t().contiguous()
+    if native:
+        values = gptq_native.natural_order(values_t, inv_perm)
+    else:
+        values = values_t.index_select(0, inv_perm).t().contiguous()
     done = [params] if static else blocks
     if native and gptq_native.packs():  # packed from the solve's order, in one pass
         return grid.qtensor_solved(done, levels_t.numpy(), perm.numpy()), values
@@ -311,12 +347,16 @@ def _column_loop(
     lazy: int,
     block_params: Callable[[torch.Tensor, int], Blocks],
     propagate: bool,
+    ldl: bool = False,
 ) -> list[Blocks]:
     """The reference column loop (Python and torch), one column at a time: fills `levels_t` /
     `values_t` ([cols, rows], permuted order), updates `wt` in place and returns the blocks'
     parameters fixed on the way (natural order; empty with static groups).
-    `gptq_native.column_loop` is its compiled twin."""
+    `gptq_native.column_loop` is its compiled twin. `ldl`: `hinv` is `_ldl_update`'s matrix and
+    each column's error is its original weights' (a copy of `wt` on entry) minus its values,
+    not divided by the diagonal."""
     cols = wt.shape[0]
+    orig = wt.clone() if ldl else None
     fb = grid.block
     blocks: list[Blocks] = []
     # static parameters transposed once (per lazy block where the format keeps a table of
@@ -326,7 +366,7 @@ def _column_loop(
     for i1 in range(0, cols, lazy):
         i2 = min(i1 + lazy, cols)
         w1 = wt[i1:i2]  # a view: updated in place
-        err1 = torch.zeros_like(w1)
+        err1 = orig[i1:i2] if orig is not None else torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         diag = torch.diagonal(h1).tolist()
         lev1 = levels_t[i1:i2]
@@ -345,8 +385,11 @@ def _column_loop(
             if not propagate:
                 continue
             e = err1[i]
-            torch.sub(col, q, out=e)
-            e.div_(diag[i])
+            if ldl:
+                e.sub_(q)
+            else:
+                torch.sub(col, q, out=e)
+                e.div_(diag[i])
             if i + 1 < i2 - i1:
                 # w_j - (h_ij * e): two roundings, the same on every CPU (torch's addr_ fuses
                 # them in its vector body only, so its bits depend on the vector width)

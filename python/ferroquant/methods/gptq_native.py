@@ -9,11 +9,12 @@ knows has a rule (`rule_of` mirrors `FormatGrid._round` branch for branch), and 
 bytes equal the Python loop's (tests/test_gptq_native.py, every format, both column orders).
 `ENABLED = False`, or an extension built without `gptq_columns`, runs the Python loop.
 
-One numerical difference is allowed on this path, and only one: the inverse Hessian's upper
-Cholesky factor is computed in float32 (`CHOLESKY_DTYPE`), as one Cholesky of the flipped
-Hessian and a triangular inverse by GEMMs (`gptq._upper_inverse_factor`) instead of the
-reference's three float64 factorizations: 3x faster (SmolLM2's 1536-wide Hessian: 0.063
-against 0.20 s on one core; three float32 factorizations took 0.10). The codes then differ
+One numerical difference is allowed on this path, and only one: the factor is computed in
+float32 (`CHOLESKY_DTYPE`), in the LDL form (`LDL_FORM`, `gptq._ldl_update`: one Cholesky of
+the flipped Hessian, no inverse; the loop pushes each column's error against its original
+weights, the same algorithm as the inverse factor's) instead of the reference's three float64
+factorizations of U = chol(H^-1) (session 14: one float32 Cholesky and a triangular inverse by
+GEMMs, `gptq._upper_inverse_factor`, kept behind `LDL_FORM = False`). The codes then differ
 from the reference's where a weight sits near a rounding boundary; the calibration-weighted
 error tr((W - Q) H (W - Q)^T) they reach is tested to stay within 1 % of the reference's
 (hypothesis, tests/test_gptq_native.py; session 10's three float32 factorizations measured:
@@ -37,6 +38,9 @@ ENABLED = True  # False: gptq.py's Python column loop (the reference) for every 
 # paper's code and both peers (GPTQModel, llm-compressor) factor it; the reference loop keeps
 # float64. torch.float64 here gives the reference's bytes exactly (tests/test_gptq_native.py).
 CHOLESKY_DTYPE = torch.float32
+# the float32 factor in the LDL form (`gptq._ldl_update`: one Cholesky, no triangular inverse)
+# on both loops; False: the inverse factor U (one Cholesky and a triangular inverse by GEMMs)
+LDL_FORM = True
 
 _FIELDS = ("scale", "inv", "low", "zero", "rscale", "grid")
 
@@ -44,6 +48,29 @@ _FIELDS = ("scale", "inv", "low", "zero", "rscale", "grid")
 def available() -> bool:
     """Whether the compiled column loop is used (enabled and present in the extension)."""
     return ENABLED and hasattr(_native, "gptq_columns")
+
+
+def has_ldl() -> bool:
+    """Whether this extension's `gptq_columns` runs the LDL form (`from_original`)."""
+    sig = getattr(_native.gptq_columns, "__text_signature__", None) or ""
+    return "from_original" in sig
+
+
+def solve_order(w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """W^T with its rows permuted, [cols, rows] (row p: natural column perm[p]), contiguous:
+    one cache-blocked pass in Rust (`_native.gptq_gather_t`) where present, else torch's."""
+    if not hasattr(_native, "gptq_gather_t"):
+        return w.t()[perm].contiguous()
+    src = w.detach().to(torch.float32).contiguous().numpy()
+    return torch.from_numpy(_native.gptq_gather_t(src, perm.numpy()))
+
+
+def natural_order(values_t: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
+    """The loop's values [cols, rows] (solve order) back to [rows, cols], natural order
+    (`solve_order`'s inverse with `inv_perm`), contiguous."""
+    if not hasattr(_native, "gptq_gather_t"):
+        return values_t.index_select(0, inv_perm).t().contiguous()
+    return torch.from_numpy(_native.gptq_gather_t(values_t.numpy(), inv_perm.numpy(), rows=True))
 
 
 def packs() -> bool:
@@ -89,6 +116,7 @@ def _solve(
     start: int,
     end: int,
     propagate: bool,
+    ldl: bool,
 ) -> None:
     """Columns start..end of a batch; column start + c reads `cols`' parameter column
     cmap[c] (`FormatGrid.param_columns`)."""
@@ -101,7 +129,8 @@ def _solve(
         args["grid_levels"] = int(cols.fields["grid"].shape[-1])
     consts = {k: v for k, v in rule.items() if k != "rule_name"}
     _native.gptq_columns(rule["rule_name"], *buffers, start, end, propagate, **consts, **args,
-                         map=np.ascontiguousarray(cmap, dtype=np.int64))  # fmt: skip
+                         map=np.ascontiguousarray(cmap, dtype=np.int64),
+                         **({"from_original": True} if ldl else {}))  # fmt: skip
 
 
 def column_loop(
@@ -117,12 +146,15 @@ def column_loop(
     lazy: int,
     block_params: Callable[[torch.Tensor, int], Blocks],
     propagate: bool,
+    ldl: bool = False,
 ) -> list[Blocks]:
     """gptq.py's loop over lazy batches with the compiled column loop: fills `levels_t` /
     `values_t` ([cols, rows], permuted order), updates `wt` in place and returns the blocks'
     parameters fixed on the way (natural order; empty with static groups). The parameters go
     over once per parameter block (`FormatGrid.param_columns`), each column reading its own
-    through a map, not transposed per column."""
+    through a map, not transposed per column. `ldl`: the LDL form (`gptq._ldl_update`): the
+    error buffer of a batch is the batch's slice of a copy of the original weights, which the
+    loop turns into w_orig - q in place."""
     rule = rule_of(grid)
     cols = wt.shape[0]
     fb = grid.block
@@ -132,11 +164,13 @@ def column_loop(
         assert params is not None
         cur = grid.param_columns(params)
         cmap = perm.numpy() // pb
+    orig = wt.clone() if ldl and propagate else None
     for i1 in range(0, cols, lazy):
         i2 = min(i1 + lazy, cols)
         n = i2 - i1
         w1 = wt[i1:i2]  # a view: updated in place through numpy
-        err1 = torch.zeros_like(w1)
+        # every row is written before it is read (only read with propagate): no zero fill
+        err1 = orig[i1:i2] if orig is not None else torch.empty_like(w1)
         h1 = hinv[i1:i2, i1:i2].contiguous()
         buffers = (
             w1.numpy(),
@@ -146,13 +180,13 @@ def column_loop(
             values_t[i1:i2].numpy(),
         )
         if static:
-            _solve(rule, buffers, cur, cmap[i1:i2], 0, n, propagate)
+            _solve(rule, buffers, cur, cmap[i1:i2], 0, n, propagate, ldl)
         else:
             local = np.arange(fb) // pb
             for s in range(0, n, fb):
                 blk = block_params(w1[s : s + fb].t(), i1 + s)
                 blocks.append(blk)
-                _solve(rule, buffers, grid.param_columns(blk), local, s, s + fb, propagate)
+                _solve(rule, buffers, grid.param_columns(blk), local, s, s + fb, propagate, ldl)
         if propagate and i2 < cols:
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
     return blocks

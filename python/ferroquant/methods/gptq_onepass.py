@@ -38,6 +38,7 @@ from ..calib.capture import (
     LayerCall,
     _first,
     _Stop,
+    all_finite,
     find_decoder_layers,
     first_layer_inputs,
     forward_autocast,
@@ -112,7 +113,7 @@ def _float_inputs(
     finally:
         for h in handles:
             h.remove()
-    if not bool(torch.isfinite(y).all()):
+    if not all_finite(y):
         raise ValueError(f"non-finite activations at the output of {where}")
     return got, y
 
@@ -195,7 +196,7 @@ def one_pass_layer(
             hd.remove()
     if len(seen) != len(groups):  # a group never reached: it would stay unsolved
         raise Mismatch(f"{where}: {sorted(set(g[0] for g in groups) - set(seen))} not called")
-    if not bool(torch.isfinite(y).all()):
+    if not all_finite(y):
         raise ValueError(f"non-finite activations at the output of {where}")
     # Linears the pass never called are rounded, as gptq_layer does after the capture's pass
     new.update(gptq_layer(where, stats, qtype_for, config, options, plan, groups=[]))

@@ -60,11 +60,13 @@ fn rule(
 /// `levels` (int64) are `[n, rows]` (the batch transposed), `hinv` `[n, n]`; the parameter
 /// arrays are flat `[end - start, rows]` (`grid`: `[end - start, rows, levels]`), or with `map`
 /// (`[end - start]` int64) flat `[k, rows]` and column `start + c` reads parameter column
-/// `map[c]`.
+/// `map[c]`. `from_original`: the LDL form (`core::gptq`): `err` holds the original weights
+/// on entry and `hinv` is -V diag(V)^-1.
 #[pyfunction]
 #[pyo3(signature = (rule_name, w, hinv, err, levels, values, start, end, propagate=true,
     scale=None, inv=None, low=None, zero=None, rscale=None, grid=None, grid_levels=0,
-    offset=0.0, center=0, top=0, table=None, bounds=None, order=None, map=None))]
+    offset=0.0, center=0, top=0, table=None, bounds=None, order=None, map=None,
+    from_original=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn gptq_columns<'py>(
     py: Python<'py>,
@@ -91,6 +93,7 @@ pub fn gptq_columns<'py>(
     bounds: Option<PyReadonlyArray1<'py, f32>>,
     order: Option<PyReadonlyArray1<'py, i64>>,
     map: Option<PyReadonlyArray1<'py, i64>>,
+    from_original: bool,
 ) -> PyResult<()> {
     let map: Vec<usize> = match &map {
         None => Vec::new(),
@@ -155,6 +158,7 @@ pub fn gptq_columns<'py>(
             err,
             levels,
             values,
+            from_original,
         };
         core::gptq::solve_columns(&mut batch, start, end, &rule, &params, propagate)
     })
@@ -214,6 +218,43 @@ pub fn gptq_pack<'py>(
         .map_err(to_py)
 }
 
+/// `src` (`[r, c]` float32) transposed with `idx` gathering its columns (`rows=False`:
+/// `out[a, b] = src[b, idx[a]]`, `[c, r]`, `idx` a permutation of `0..c`) or its rows (`rows=True`:
+/// `out[a, b] = src[idx[b], a]`, `[c, len(idx)]`), in one cache-blocked pass.
+#[pyfunction]
+#[pyo3(signature = (src, idx, rows=false))]
+pub fn gptq_gather_t<'py>(
+    py: Python<'py>,
+    src: PyReadonlyArray2<'py, f32>,
+    idx: PyReadonlyArray1<'py, i64>,
+    rows: bool,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let (r, c) = (src.shape()[0], src.shape()[1]);
+    if !src.is_c_contiguous() {
+        return Err(not_contiguous("src"));
+    }
+    let idx: Vec<usize> = idx
+        .as_slice()
+        .map_err(|_| not_contiguous("idx"))?
+        .iter()
+        .map(|&v| usize::try_from(v))
+        .collect::<Result<_, _>>()
+        .map_err(|_| QuantizeError::new_err("gptq_gather_t: a negative index"))?;
+    let (how, shape) = if rows {
+        (core::gptq::Gather::Rows, [c, idx.len()])
+    } else {
+        (core::gptq::Gather::Columns, [idx.len(), r])
+    };
+    let src = src.as_slice().map_err(|_| not_contiguous("src"))?;
+    let out = py
+        .detach(|| {
+            let mut out = vec![0.0f32; shape[0] * shape[1]];
+            core::gptq::gather_transpose(src, r, c, &idx, how, &mut out).map(|_| out)
+        })
+        .map_err(to_py)?;
+    out.into_pyarray(py).reshape(shape)
+}
+
 /// x^T x (`[d, d]` float32) of `x` `[n, d]`: bf16 bits as uint16, row-major; `path` one of
 /// "amx", "avx512bf16", "scalar" (None: the fastest here).
 #[pyfunction]
@@ -265,6 +306,7 @@ pub fn gram_bf16_paths() -> Vec<&'static str> {
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gptq_columns, m)?)?;
     m.add_function(wrap_pyfunction!(gptq_pack, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq_gather_t, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16_fast, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16_paths, m)?)?;

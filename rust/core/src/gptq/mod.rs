@@ -9,15 +9,24 @@
 //! the inverse Hessian). The update of the columns after the batch (one GEMM) and the choice of
 //! block parameters stay in Python: they are where the format's quantizer and the BLAS live.
 //!
+//! **The LDL form** (`Batch::from_original`, QuIP's LDLQ, the same algorithm): with
+//! `hinv` = -V diag(V)^-1 for V upper with V V^T = H (V = J L J, J H J = L L^T: no inverse),
+//! `err` holding the columns' *original* weights on entry, `e = w_orig - q` and the same
+//! `w_j -= hinv[i, j] * e`: W - Q = E U with U = V^-1 gives w_j's update
+//! sum_k (w_orig_k - q_k) V_kj / V_jj. The float32 factor then carries one Cholesky's rounding
+//! and no triangular inverse's.
+//!
 //! **Numerics.** f32, in the reference's operation order: `e = (w - q) / d` (torch's `sub` then
 //! `div_`), and `w_j = w_j - (h_ij * e)` (the reference's `outer` then `sub_`: a product, then a
 //! difference, two roundings; no FMA: Rust never contracts). Each weight's update is independent of the others, so the
 //! result is the reference's bit for bit, whatever the vector width; tests in Python compare
 //! the stored bytes of both loops on every format.
 
+pub mod layout;
 pub mod pack;
 pub mod rounding;
 
+pub use layout::{gather_transpose, Gather};
 pub use pack::{pack_codes, BitPlan};
 pub use rounding::{ColumnParams, Rule};
 
@@ -30,10 +39,13 @@ pub struct Batch<'a> {
     pub w: &'a mut [f32],
     /// the batch's block of the inverse Hessian's upper Cholesky factor
     pub hinv: &'a [f32],
-    /// each column's scaled error (for the update of the later batches)
+    /// each column's scaled error (for the update of the later batches); in the LDL form
+    /// (`from_original`) the columns' original weights on entry, each replaced by `w_orig - q`
     pub err: &'a mut [f32],
     pub levels: &'a mut [i64],
     pub values: &'a mut [f32],
+    /// the LDL form (module comment): `e = err - q` (err: the original weights), no division
+    pub from_original: bool,
 }
 
 impl Batch<'_> {
@@ -164,10 +176,16 @@ fn solve(
             if !propagate {
                 continue;
             }
-            let d = batch.hinv[i * n + i];
             let e = &mut batch.err[i * rows..][..rows];
-            for ((e, &x), &q) in e.iter_mut().zip(col).zip(val.iter()) {
-                *e = (x - q) / d;
+            if batch.from_original {
+                for (e, &q) in e.iter_mut().zip(val.iter()) {
+                    *e -= q;
+                }
+            } else {
+                let d = batch.hinv[i * n + i];
+                for ((e, &x), &q) in e.iter_mut().zip(col).zip(val.iter()) {
+                    *e = (x - q) / d;
+                }
             }
             // the sub-block's later columns, now (the next one is rounded next)
             let h = &batch.hinv[i * n + i + 1..i * n + b1];

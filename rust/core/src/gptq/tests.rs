@@ -21,6 +21,7 @@ fn batch_solve(
         err: &mut err,
         levels: &mut levels,
         values: &mut values,
+        from_original: false,
     };
     solve_columns(&mut b, 0, n, rule, p, true).unwrap();
     (levels, values, err)
@@ -103,6 +104,7 @@ fn bad_shapes_are_named_errors() {
         err: &mut err,
         levels: &mut levels,
         values: &mut values,
+        from_original: false,
     };
     let scale = vec![1.0; 6];
     let p = ColumnParams {
@@ -191,9 +193,10 @@ fn vector_build_equals_the_portable_build_bit_for_bit() {
                         hinv[i * n + j] = 0.3 * lcg(&mut seed);
                     }
                 }
-                let run = |portable: bool| {
+                let run = |portable: bool, ldl: bool| {
                     let mut w = w0.clone();
-                    let mut err = vec![0.0; n * rows];
+                    // the LDL form reads the original weights from err
+                    let mut err = if ldl { w0.clone() } else { vec![0.0; n * rows] };
                     let mut lev = vec![0; n * rows];
                     let mut val = vec![0.0; n * rows];
                     let mut b = Batch {
@@ -203,6 +206,7 @@ fn vector_build_equals_the_portable_build_bit_for_bit() {
                         err: &mut err,
                         levels: &mut lev,
                         values: &mut val,
+                        from_original: ldl,
                     };
                     // two calls: columns 0..n/2, then the rest (params from column 0 again)
                     for (s, e) in [(0, n / 2), (n / 2, n)] {
@@ -219,10 +223,46 @@ fn vector_build_equals_the_portable_build_bit_for_bit() {
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     (bits(&w), bits(&err), lev, bits(&val))
                 };
-                assert_eq!(run(false), run(true), "{rule:?}, {rows} rows, {n} columns");
+                for ldl in [false, true] {
+                    assert_eq!(
+                        run(false, ldl),
+                        run(true, ldl),
+                        "{rule:?}, {rows} rows, {n} columns, LDL form {ldl}"
+                    );
+                }
             }
         }
     }
+}
+
+#[test]
+fn ldl_form_feeds_back_the_original_weights_error() {
+    // one row, two columns: column 0 rounds 0.3 -> 0 (int8, scale 1), e0 = w_orig0 - q0 (err
+    // holds the original weights, here 0.7 for column 0: not w's 0.3), no division by the
+    // diagonal, and w1 -= h01 * e0
+    let mut w = vec![0.3f32, 0.0];
+    let mut err = vec![0.7f32, 0.25];
+    let hinv = [-1.0f32, -0.5, 0.0, -1.0];
+    let (mut levels, mut values) = (vec![0; 2], vec![0.0; 2]);
+    let scale = vec![1.0; 2];
+    let p = ColumnParams {
+        scale: &scale,
+        ..Default::default()
+    };
+    let mut b = Batch {
+        rows: 1,
+        w: &mut w,
+        hinv: &hinv,
+        err: &mut err,
+        levels: &mut levels,
+        values: &mut values,
+        from_original: true,
+    };
+    solve_columns(&mut b, 0, 2, &Rule::Int8, &p, true).unwrap();
+    assert_eq!(err[0], 0.7);
+    assert_eq!(w[1], 0.0 - (-0.5 * 0.7f32));
+    assert_eq!(levels, vec![128, 128]);
+    assert_eq!(err[1], 0.25);
 }
 
 #[test]
@@ -253,6 +293,7 @@ fn parameter_map_reads_the_mapped_column() {
         err: &mut err,
         levels: &mut levels,
         values: &mut values,
+        from_original: false,
     };
     let e = solve_columns(&mut b, 0, 3, &Rule::Int8, &p, true).unwrap_err();
     assert!(e.to_string().contains("scale"), "{e}");
