@@ -292,6 +292,9 @@ class KvLayerState:
     def push(self, k: object, v: object, n_quant: int, slot: int) -> bool:
         """The step's keys / values (torch, (batch, n_head_kv, 1, head_dim) float32) into tail
         row `slot` (rotated when the cache rotates); False (nothing written) for other tensors."""
+    def ready(self, n_quant: int, n_tail: int) -> bool:
+        """Let `attend` read n_quant quantized and n_tail tail positions without a push (the
+        step's token already written); False when the tail has fewer rows."""
     def attend(self, query: object, scale: float) -> object | None:
         """The attention output of the step `push` wrote (the `out` tensor), or None when no
         push preceded or the query is not a contiguous float32 (batch, n_head, 1, head_dim)."""

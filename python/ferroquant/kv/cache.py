@@ -236,18 +236,19 @@ class QuantizedLayer(CacheLayerMixin):
         # token was appended (a one-token decode step: after it)
         self._visible = self._quantized_after(self.n_tokens + 1) if self.kivi else 0
         self._append(key_states, value_states)
-        self._refresh_state()
+        if self._refresh_state() and key_states.shape[2] == 1 and self.fast_decode():
+            self._fast_state = self._state if self._state_step(key_states, value_states) else None
         if key_states.shape[2] == 1 and key_states.is_cpu and self.fast_decode():
             # a decode step: attention.attention reads the quantized rows (attend_decode)
             return attention.tag(key_states, self), value_states
         return self.states_for_attention(key_states, value_states)
 
     # ----------------------------------------------------------------- the native decode step
-    def _refresh_state(self) -> None:
+    def _refresh_state(self) -> bool:
         """After an update on the general path: (re)build the native state where the next
         one-token updates can take it (a KIVI type of a float32 CPU model, past the sinks) and
         set how long they can (until a key group is due: the next token count that quantizes
-        one)."""
+        one). True when the state is usable."""
         self._fast_until = -1
         fp = self.fp_k
         if not (
@@ -259,12 +260,22 @@ class QuantizedLayer(CacheLayerMixin):
             and self.n_head % fp.shape[1] == 0
             and self.n_tokens >= self.sinks
         ):
-            return
+            return False
         gen = (self.k_rows.gen, self.v_rows.gen)
         if self._state is None or self._state_gen != gen:
             self._state = self._build_state()
             self._state_gen = gen
         self._fast_until = self.n_quantized + self.group + self.residual - 1
+        return True
+
+    def _state_step(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """A one-token step the Python path appended (it quantized a group): let the state's
+        `attend` read it as `attend_decode` would. Without a residual window the step's own token
+        (the last of the group just quantized) is attended in full precision: `push` writes it
+        into the free residual slot after the sinks."""
+        if self.n_res or not self.n_quantized:
+            return self._state.ready(self.n_quantized, self.sinks + self.n_res)
+        return self._state.push(k, v, self.n_quantized - 1, self.sinks)
 
     def _build_state(self) -> Any:
         b, h, cap, d = self.fp_k.shape

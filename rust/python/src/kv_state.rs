@@ -255,7 +255,15 @@ impl KvLayerState {
         Ok(true)
     }
 
-    /// The attention output of the step `push` wrote, for `query` (torch, (batch, n_head, 1,
+    /// Make `attend` read `n_quant` quantized and `n_tail` tail positions without a `push`: the
+    /// step's token is already in the buffers (the cache's Python path wrote it, e.g. the step
+    /// that quantized a group). False when the tail has fewer rows.
+    fn ready(&mut self, n_quant: usize, n_tail: usize) -> bool {
+        self.ready = (n_tail <= self.tail_cap).then_some((n_quant, n_tail));
+        self.ready.is_some()
+    }
+
+    /// The attention output of the step `push` (or `ready`) prepared, for `query` (torch, (batch, n_head, 1,
     /// head_dim) float32, no gradient): the output tensor (batch, 1, n_head, head_dim), or None
     /// when the query is not of that kind or no push preceded (the caller's path takes it).
     /// With sinks and quantized rows the rows' sink slots are masked out (their codes are token
