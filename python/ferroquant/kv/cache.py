@@ -607,7 +607,7 @@ class QuantizedCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`Cache.update` without its per-call checks for layers to create and offloading
         (this cache has all its layers and does not offload): called per layer and step."""
-        if self.offloading:
+        if getattr(self, "offloading", False):
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
