@@ -12,10 +12,11 @@ query sees exactly what a token-by-token stream would. Per-token types (fp8, q8_
 depend on the chunking.
 
 Specs (comma-separated `key=value`, one spec per argument):
-- per-token types: `k=fp8|fp8search|q8_0|f16,v=...` (fp8: e4m3fn with one f32 scale amax/448
-  per 32 values, the runtime's fp8_e4m3; fp8search: the same bytes, the block's scale chosen
-  among amax/448 * 2^(-j/16), j < 16, for the least squared error), `rot=1` (Walsh-Hadamard per
-  head before quantizing, as `kv_rotation`);
+- per-token types: `k=fp8|fp8search|fp8head|fp8chan|q8_0|f16,v=...` (fp8: e4m3fn with one f32
+  scale amax/448 per 32 values, the runtime's fp8_e4m3; fp8search: the same bytes, the block's
+  scale chosen among amax/448 * 2^(-j/16), j < 16, for the least squared error; fp8head: one
+  scale per token and head; fp8chan: one scale per channel and 32-token page, see fp8_scaled),
+  `rot=1` (Walsh-Hadamard per head before quantizing, as `kv_rotation`);
 - KIVI: `bits=2` (keys and values; `vbits=` for the values apart), `G=64` (key group, tokens),
   `GV=64` (value group, channels), `R=0` (extra full-precision recent tokens),
   `rot=kv|k|v|none`, `kclip=1` / `vclip=1` (each group's range shrunk about its middle by the
@@ -87,6 +88,25 @@ def fp8(x: torch.Tensor, search: bool = False) -> torch.Tensor:
             m = e < err
             best, err = torch.where(m, d, best), torch.where(m, e, err)
     return best.reshape(x.shape)
+
+
+def fp8_scaled(x: torch.Tensor, scale_over: str) -> torch.Tensor:
+    """e4m3fn with the scale (amax / 448, f32) taken over another set of values than fp8's 32 of
+    one token: `head` (the head_dim values of one token and head), `channel` (one channel over
+    a page of 32 tokens: the page's scale, as vLLM's / TensorRT's fp8 caches pick a scale per
+    tensor; an oracle where a chunk's page is not yet complete in a stream)."""
+    b, h, n, d = x.shape
+    x = x.float()
+    if scale_over == "head":
+        amax = x.abs().amax(-1, keepdim=True)
+        s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+        return (x / s).to(torch.float8_e4m3fn).float() * s
+    pad = -n % 32  # zeros leave a channel's amax unchanged
+    xp = torch.cat([x, x.new_zeros(b, h, pad, d)], 2).reshape(b, h, -1, 32, d)
+    amax = xp.abs().amax(3, keepdim=True)
+    s = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    q = (xp / s).to(torch.float8_e4m3fn).float() * s
+    return q.reshape(b, h, -1, d)[:, :, :n]
 
 
 def q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -211,7 +231,10 @@ def parse(spec: str) -> dict[str, Any]:
 
 PER_TOKEN = {"f16": lambda x: x.half().float(), "fp8": fp8, "q8_0": q8_0}
 PER_TOKEN["fp8search"] = lambda x: fp8(x, search=True)
-PER_TOKEN_BYTES = {"f16": 64, "fp8": 36, "fp8search": 36, "q8_0": 34}  # per 32 values
+PER_TOKEN["fp8head"] = lambda x: fp8_scaled(x, "head")
+PER_TOKEN["fp8chan"] = lambda x: fp8_scaled(x, "channel")
+# per 32 values (fp8head: one f32 scale per 64-value head, fp8chan: per channel and 32 tokens)
+PER_TOKEN_BYTES = {"f16": 64, "fp8": 36, "fp8search": 36, "fp8head": 34, "fp8chan": 36, "q8_0": 34}
 
 
 class FakeQuantCache(DynamicCache):

@@ -213,16 +213,42 @@ def test_generate_fast_decode_matches_the_dequantizing_path(tiny_model, kind, mo
     monkeypatch.setattr(
         QuantizedLayer, "attend_decode", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
+    native = _count_native_steps(monkeypatch)
     ids = torch.arange(3, 3 + 45).remainder(256).unsqueeze(0)
     slow_seq, slow = _decode_logits(tiny_model, kind, False, ids, 20)
     assert not calls
     fast_seq, fast = _decode_logits(tiny_model, kind, True, ids, 20)
     assert tiny_model.config._attn_implementation == attention.NAME
-    assert len(calls) == 19 * 2  # every decode step of both layers, none of the prefill
+    # every decode step of both layers, none of the prefill: KIVI steps through the layer's
+    # native state (KvLayerState), the others through attend_decode
+    assert len(calls) + len(native) == 19 * 2
+    assert len(native) == (38 if kind == "int4" else 0)
     # the prefix up to the first different token (float-order ties may differ later)
     same = int((fast_seq == slow_seq).all(0).long().cumprod(0).sum()) - 45
     assert same >= 8
     assert torch.allclose(fast[:, :same], slow[:, :same], atol=2e-4, rtol=0)
+
+
+def _count_native_steps(monkeypatch) -> list:
+    """Make the layers' native states count the decode steps they attend (the list returned)."""
+    calls: list = []
+    real = _native.KvLayerState
+
+    class Counting:
+        def __init__(self, *args) -> None:
+            self.st = real(*args)
+
+        def push(self, *args):
+            return self.st.push(*args)
+
+        def attend(self, *args):
+            out = self.st.attend(*args)
+            if out is not None:
+                calls.append(1)
+            return out
+
+    monkeypatch.setattr(_native, "KvLayerState", Counting)
+    return calls
 
 
 def test_fast_decode_false_keeps_the_dequantizing_path_after_a_fast_cache(
@@ -236,13 +262,16 @@ def test_fast_decode_false_keeps_the_dequantizing_path_after_a_fast_cache(
     monkeypatch.setattr(
         QuantizedLayer, "attend_decode", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
+    native = _count_native_steps(monkeypatch)
     QuantizedCache(tiny_model.config, "int2")  # switches the config to ferroquant_kv
     assert tiny_model.config._attn_implementation == attention.NAME
     ids = torch.arange(5, 5 + 40).remainder(256).unsqueeze(0)
     _decode_logits(tiny_model, "int2", False, ids, 6)
-    assert not calls
+    assert not calls and not native
     _decode_logits(tiny_model, "int2", True, ids, 6)
-    assert len(calls) == 5 * 2  # the fast cache still takes it: every decode step, both layers
+    # the fast cache still takes it: every decode step, both layers (through the layers'
+    # native state, KvLayerState)
+    assert len(calls) + len(native) == 5 * 2 and len(native) == 5 * 2
 
 
 def test_other_caches_see_no_change(tiny_model) -> None:

@@ -280,6 +280,34 @@ def kv_attend_decode(
     n_tail). reference: the scalar reference kernel instead of the SIMD one (bit-identical).
     rotate: the cache is stored Walsh-Hadamard rotated (q rotated in a copy, out rotated back)."""
 
+class KvLayerState:
+    """One layer of ferroquant.kv's transformers cache for its decode steps (kv/cache.py):
+    geometry = (group, batch, n_head_kv, head_dim, n_head, k_cap, v_cap, tail_cap, sinks); the
+    parts as in kv_attend_decode; the tails the writable float32 sinks + residual buffers; out
+    the contiguous float32 (batch, 1, n_head, head_dim) torch tensor `attend` writes."""
+
+    def __init__(
+        self,
+        kv_type: str,
+        geometry: Sequence[int],
+        k_parts: Sequence[npt.NDArray[np.uint8]],
+        v_parts: Sequence[npt.NDArray[np.uint8]],
+        tail_k: npt.NDArray[np.float32],
+        tail_v: npt.NDArray[np.float32],
+        rotate: bool,
+        float32: object,
+        out: object,
+    ) -> None: ...
+    def push(self, k: object, v: object, n_quant: int, slot: int) -> bool:
+        """The step's keys / values (torch, (batch, n_head_kv, 1, head_dim) float32) into tail
+        row `slot` (rotated when the cache rotates); False (nothing written) for other tensors."""
+    def ready(self, n_quant: int, n_tail: int) -> bool:
+        """Let `attend` read n_quant quantized and n_tail tail positions without a push (the
+        step's token already written); False when the tail has fewer rows."""
+    def attend(self, query: object, scale: float) -> object | None:
+        """The attention output of the step `push` wrote (the `out` tensor), or None when no
+        push preceded or the query is not a contiguous float32 (batch, n_head, 1, head_dim)."""
+
 def kv_kivi_encode(
     kv_type: str,
     group: int,

@@ -52,27 +52,41 @@ def attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     layer = getattr(key, _TAG, None)
     if layer is not None:
-        mask = _padding_mask(attention_mask, layer.get_seq_length())
-        native = (
-            mask is not False
-            and query.shape[2] == 1
-            and dropout == 0.0
-            and not query.requires_grad
+        plain = (
+            dropout == 0.0
             and kwargs.get("softcap") is None
             and kwargs.get("s_aux") is None
             and kwargs.get("position_bias") is None
         )
-        if native:
-            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        st = layer._fast_state  # the update wrote the token natively (cache.py, KvLayerState)
+        if st is not None and attention_mask is None and plain:
+            out = st.attend(query, scale)  # None: a query the state does not take
+            if out is not None:
+                return out, None
+        mask = _padding_mask(attention_mask, layer.get_seq_length())
+        if plain and mask is not False and query.shape[2] == 1 and not query.requires_grad:
             return layer.attend_decode(query, key, value, mask, scale), None
         key, value = layer.states_for_attention(key, value)
-    return sdpa_attention_forward(
+    return _sdpa()(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
+
+
+def _sdpa() -> Any:
+    """transformers' sdpa attention (imported once: an import statement in the per-layer call
+    costs about a microsecond)."""
+    global _SDPA
+    if _SDPA is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        _SDPA = sdpa_attention_forward
+    return _SDPA
+
+
+_SDPA: Any = None
 
 
 def _padding_mask(mask: torch.Tensor | None, positions: int) -> torch.Tensor | None | bool:

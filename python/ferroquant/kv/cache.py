@@ -9,7 +9,11 @@ residual); when the group fills, its keys and values are quantized once and neve
 Attention, decode steps (one new token): with the model's attention set to `ferroquant_kv`
 (`attention.py`; the cache switches an sdpa model to it unless `fast_decode=False`), `update`
 returns the step's own key/value tensors, tagged, and the attention function reads the quantized
-rows in place (one native call per layer). No float copy of the cache exists at any time.
+rows in place (one native call per layer). No float copy of the cache exists at any time. For
+the KIVI types of a float32 model the common step (no group to quantize) is two short native
+calls on the layer's `_native.KvLayerState`: `push` (from `update`) writes the token into the
+residual, `attend` (from the attention function) returns the output in the layer's own output
+tensor, valid until the layer's next step; no per-step Python bookkeeping or tensor creation.
 
 Attention, everything else (prefill, chunks, or `fast_decode=False`): `update` returns float
 keys and values, decoded into ONE workspace shared by all the layers of the cache: the only
@@ -35,104 +39,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .. import _native
 from . import attention, codecs, rotate
+from .buffers import PART_NAMES, _plain_f32, _Rows, _Workspace
 from .types import GROUP, KV_TYPES, kivi_group, kv_shape, kv_type, kv_window
-
-
-class _Rows:
-    """The stored parts of one role (keys or values) of one layer, appended along dim 2."""
-
-    def __init__(self) -> None:
-        self.parts: dict[str, torch.Tensor] = {}
-        self.n = 0  # rows used
-        self.cap = 0  # rows allocated
-        self._bytes: dict[str, Any] = {}  # numpy byte views of the buffers (the native path)
-
-    def append(self, new: dict[str, torch.Tensor]) -> None:
-        k = next(iter(new.values())).shape[2]
-        if k == 0:
-            return
-        if not self.parts:
-            self.parts = {name: _with_capacity(t, max(k, 4)) for name, t in new.items()}
-            self.cap = max(k, 4)
-            self._bytes = {}  # views cached while empty (decode steps before the first group)
-        elif self.n + k > self.cap:
-            self.cap = max(self.n + k, 2 * self.cap)
-            self.parts = {name: _grow(t, self.n, self.cap) for name, t in self.parts.items()}
-            self._bytes = {}
-        for name, t in new.items():
-            self.parts[name][:, :, self.n : self.n + k] = t
-        self.n += k
-
-    def byte_views(self, names: tuple[str, ...]) -> list[Any]:
-        """The buffers `names` (whole capacity) as flat uint8 numpy views, three entries
-        (empty arrays where a type has fewer parts); cached until the buffers change."""
-        have = self._bytes.get(names)
-        if have is None:
-            have = [attention.as_bytes(self.parts.get(n)) for n in names]
-            have += [attention.as_bytes(None)] * (3 - len(names))
-            self._bytes = {names: have}
-        return have
-
-    def capacity(self) -> int:
-        return self.cap
-
-    def view(self) -> dict[str, torch.Tensor]:
-        return {name: t[:, :, : self.n] for name, t in self.parts.items()}
-
-    def nbytes(self) -> int:
-        return sum(t[:, :, : self.n].numel() * t.element_size() for t in self.parts.values())
-
-    def map_batch(self, fn: Any) -> None:
-        self.parts = {name: fn(t) for name, t in self.parts.items()}
-        self._bytes = {}
-
-
-def _plain_f32(t: torch.Tensor) -> bool:
-    """A float32 CPU tensor numpy can view (no autograd)."""
-    return t.dtype == torch.float32 and t.is_cpu and not t.requires_grad
-
-
-def _with_capacity(t: torch.Tensor, cap: int) -> torch.Tensor:
-    shape = list(t.shape)
-    shape[2] = cap
-    return torch.empty(shape, dtype=t.dtype, device=t.device)
-
-
-def _grow(t: torch.Tensor, used: int, cap: int) -> torch.Tensor:
-    out = _with_capacity(t, cap)
-    out[:, :, :used] = t[:, :, :used]
-    return out
-
-
-class _Workspace:
-    """The one full-precision (keys, values) buffer pair a cache's layers decode into."""
-
-    def __init__(self) -> None:
-        self.bufs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(
-        self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, h, n, d = shape
-        key = (b, h, d, dtype, device)
-        have = self.bufs.get(key)
-        if have is None or have[0].shape[2] < n:
-            cap = max(n, 2 * have[0].shape[2] if have is not None else 64)
-            have = tuple(torch.empty(b, h, cap, d, dtype=dtype, device=device) for _ in range(2))
-            self.bufs[key] = have
-        return have[0][:, :, :n], have[1][:, :, :n]
-
-
-# the stored parts of each type in the order the native attention takes them (main, scale, zero)
-PART_NAMES = {
-    "f32": ("x",),
-    "f16": ("x",),
-    "q8_0": ("qs", "d"),
-    "q4_0": ("qs", "d"),
-    "fp8_e4m3": ("q", "scale"),
-    "int4": ("q", "scale", "zero"),
-    "int2": ("q", "scale", "zero"),
-}
 
 
 class QuantizedLayer(CacheLayerMixin):
@@ -156,6 +64,7 @@ class QuantizedLayer(CacheLayerMixin):
         sinks: int | None = None,
         residual: int | None = None,
         rotation: bool | None = None,
+        n_head: int | None = None,
     ) -> None:
         super().__init__()
         self.kind = kind
@@ -177,6 +86,14 @@ class QuantizedLayer(CacheLayerMixin):
         self._mask_buf: np.ndarray | None = None
         self._visible = 0  # quantized tokens the last call's attention sees
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        # the native decode step (`_native.KvLayerState`, KIVI types of a float32 model): one
+        # call writes the step's token (`update`), one attends (`attention.attention`)
+        self.n_head = n_head  # query heads (the state's output shape); None: no native state
+        self._state: Any = None
+        self._state_gen: tuple[int, int] = (-1, -1)
+        self._fast_until = -1  # 1-token updates take the native step while n_tokens < this
+        self._fast_state: Any = None  # the state when the last update took the native step
+        self._out: torch.Tensor | None = None  # the state's attention output
 
     def __repr__(self) -> str:
         return f"QuantizedLayer({self.kind}, {self.get_seq_length()} tokens)"
@@ -205,6 +122,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.fp_v = value_states.new_empty(b, h, room, d)
         self.n_res = 0
         self._res_views = None
+        self._drop_state()
         self.is_initialized = True
 
     # ------------------------------------------------------------------------------ appending
@@ -296,16 +214,93 @@ class QuantizedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        st = self._state
+        if self.n_tokens < self._fast_until and st.push(
+            key_states, value_states, self.n_quantized, self.sinks + self.n_res
+        ):
+            # the common KIVI decode step: the token went into the residual natively (no group
+            # to quantize, past the sinks); the attention call reads the state (`attend`)
+            self.n_res += 1
+            self.n_tokens += 1
+            self._visible = self.n_quantized
+            self._pending = None
+            if self.fast_decode():
+                self._fast_state = st
+                return attention.tag(key_states, self), value_states
+            self._fast_state = None
+            return self.states_for_attention(key_states, value_states)
+        self._fast_state = None
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # streaming semantics: the call's attention sees the groups quantized once its first
         # token was appended (a one-token decode step: after it)
         self._visible = self._quantized_after(self.n_tokens + 1) if self.kivi else 0
         self._append(key_states, value_states)
+        if self._refresh_state() and key_states.shape[2] == 1 and self.fast_decode():
+            self._fast_state = self._state if self._state_step(key_states, value_states) else None
         if key_states.shape[2] == 1 and key_states.is_cpu and self.fast_decode():
             # a decode step: attention.attention reads the quantized rows (attend_decode)
             return attention.tag(key_states, self), value_states
         return self.states_for_attention(key_states, value_states)
+
+    # ----------------------------------------------------------------- the native decode step
+    def _refresh_state(self) -> bool:
+        """After an update on the general path: (re)build the native state where the next
+        one-token updates can take it (a KIVI type of a float32 CPU model, past the sinks) and
+        set how long they can (until a key group is due: the next token count that quantizes
+        one). True when the state is usable."""
+        self._fast_until = -1
+        fp = self.fp_k
+        if not (
+            self.kivi
+            and self.n_head
+            and fp is not None
+            and fp.dtype == torch.float32
+            and fp.is_cpu
+            and self.n_head % fp.shape[1] == 0
+            and self.n_tokens >= self.sinks
+        ):
+            return False
+        gen = (self.k_rows.gen, self.v_rows.gen)
+        if self._state is None or self._state_gen != gen:
+            self._state = self._build_state()
+            self._state_gen = gen
+        self._fast_until = self.n_quantized + self.group + self.residual - 1
+        return True
+
+    def _state_step(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """A one-token step the Python path appended (it quantized a group): let the state's
+        `attend` read it as `attend_decode` would. Without a residual window the step's own token
+        (the last of the group just quantized) is attended in full precision: `push` writes it
+        into the free residual slot after the sinks."""
+        if self.n_res or not self.n_quantized:
+            return self._state.ready(self.n_quantized, self.sinks + self.n_res)
+        return self._state.push(k, v, self.n_quantized - 1, self.sinks)
+
+    def _build_state(self) -> Any:
+        b, h, cap, d = self.fp_k.shape
+        out = self._out
+        if out is None or tuple(out.shape) != (b, 1, self.n_head, d):
+            out = self._out = torch.empty(b, 1, self.n_head, d, dtype=torch.float32)
+        names = PART_NAMES[self.kind]
+        fk, fv = self._residual_f32()
+        geometry = (self.group, b, h, d, self.n_head, self.k_rows.cap, self.v_rows.cap, cap)
+        return _native.KvLayerState(
+            self.kind,
+            (*geometry, self.sinks),
+            self.k_rows.byte_views(names),
+            self.v_rows.byte_views(names),
+            fk,
+            fv,
+            self.rotation,
+            torch.float32,
+            out,
+        )
+
+    def _drop_state(self) -> None:
+        self._state, self._fast_state, self._out = None, None, None
+        self._state_gen = (-1, -1)
+        self._fast_until = -1
 
     def states_for_attention(
         self, key_states: torch.Tensor, value_states: torch.Tensor
@@ -501,6 +496,7 @@ class QuantizedLayer(CacheLayerMixin):
         self.n_res = 0
         self._res_views = None
         self._visible, self._pending = 0, None
+        self._drop_state()
         self.is_initialized = False
 
     def _map_batch(self, fn: Any) -> None:
@@ -511,6 +507,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.fp_k, self.fp_v = fn(self.fp_k), fn(self.fp_v)
         self._res_views = None
         self._pending = None
+        self._drop_state()
+        self._refresh_state()
         self.batch_size = self.fp_k.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -573,6 +571,7 @@ class QuantizedCache(Cache):
                 f"QuantizedCache supports full-attention layers only; the config has {other}"
             )
         shape = kv_shape(text_config)
+        n_head = getattr(text_config, "num_attention_heads", None)
         self.kv_type = kind
         self.kv_sinks, self.kv_residual = sinks, residual
         self.workspace = _Workspace()
@@ -594,11 +593,26 @@ class QuantizedCache(Cache):
                 sinks=sinks,
                 residual=residual,
                 rotation=kv_rotation,
+                n_head=n_head if isinstance(n_head, int) else None,
             )
             for _ in range(shape.n_layer)
         ]
         self.kv_rotation = layers[0].rotation if layers else bool(kv_rotation)
         super().__init__(layers=layers)
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`Cache.update` without its per-call checks for layers to create and offloading
+        (this cache has all its layers and does not offload): called per layer and step."""
+        if getattr(self, "offloading", False):
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def nbytes(self) -> int:
         """Bytes the cache holds now (quantized rows and residuals; the transient workspace

@@ -11,6 +11,7 @@ mod cuda_sources;
 mod gguf;
 mod gptq;
 mod hqq;
+mod kv_state;
 mod kv_tensor;
 mod matmul;
 mod runtime;
@@ -345,6 +346,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kv_tensor::kv_attend_decode, m)?)?;
     m.add_function(wrap_pyfunction!(kv_tensor::kv_wht, m)?)?;
     m.add_function(wrap_pyfunction!(kv_tensor::kv_kivi_encode, m)?)?;
+    m.add_class::<kv_state::KvLayerState>()?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;

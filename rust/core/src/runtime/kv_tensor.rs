@@ -138,7 +138,10 @@ fn check_parts(l: &Layer<'_>, p: &Parts<'_>, keys: bool) -> Result<()> {
     Ok(())
 }
 
-fn check(l: &Layer<'_>, n_head: usize, q: &[f32], mask: Option<&[u8]>, out: &[f32]) -> Result<()> {
+/// The layer's own consistency: group and head_dim, the tail's and the parts' sizes against
+/// the geometry, the rows used within the rows allocated (what `attend_decode` checks besides
+/// the query, output and mask; `KvLayerState` checks it once when built).
+pub fn check_layer(l: &Layer<'_>) -> Result<()> {
     let (d, g) = (l.head_dim, l.group);
     let bits_ok = match l.kind {
         Kind::Kivi(b) => (b == 2 || b == 4) && (g * b as usize).is_multiple_of(8),
@@ -149,11 +152,10 @@ fn check(l: &Layer<'_>, n_head: usize, q: &[f32], mask: Option<&[u8]>, out: &[f3
             "kv attention: head_dim {d} is not a multiple of group {g}"
         )));
     }
-    if l.n_head_kv == 0 || !n_head.is_multiple_of(l.n_head_kv) {
-        return Err(Error::InvalidArgument(format!(
-            "kv attention: {n_head} query heads are not a multiple of {} key/value heads",
-            l.n_head_kv
-        )));
+    if l.n_head_kv == 0 {
+        return Err(Error::InvalidArgument(
+            "kv attention: 0 key/value heads".into(),
+        ));
     }
     let tail = l.batch * l.n_head_kv * l.tail_cap * d;
     if l.tail_k.len() != tail || l.tail_v.len() != tail || l.n_tail > l.tail_cap {
@@ -163,6 +165,19 @@ fn check(l: &Layer<'_>, n_head: usize, q: &[f32], mask: Option<&[u8]>, out: &[f3
             l.tail_v.len(),
             l.n_tail,
             l.tail_cap
+        )));
+    }
+    check_parts(l, &l.k, true)?;
+    check_parts(l, &l.v, false)
+}
+
+fn check(l: &Layer<'_>, n_head: usize, q: &[f32], mask: Option<&[u8]>, out: &[f32]) -> Result<()> {
+    check_layer(l)?;
+    let d = l.head_dim;
+    if !n_head.is_multiple_of(l.n_head_kv) {
+        return Err(Error::InvalidArgument(format!(
+            "kv attention: {n_head} query heads are not a multiple of {} key/value heads",
+            l.n_head_kv
         )));
     }
     let qn = l.batch * n_head * d;
@@ -182,8 +197,7 @@ fn check(l: &Layer<'_>, n_head: usize, q: &[f32], mask: Option<&[u8]>, out: &[f3
             )));
         }
     }
-    check_parts(l, &l.k, true)?;
-    check_parts(l, &l.v, false)
+    Ok(())
 }
 
 #[inline(always)]
