@@ -121,6 +121,8 @@ def main() -> None:
                     "then not the model's)")  # fmt: skip
     ap.add_argument("--awq-screen-stride", type=int, default=AWQConfig.screen_stride,
                     help="AWQ's window screen (1: every candidate on every window)")  # fmt: skip
+    ap.add_argument("--awq-float-inputs", action="store_true",
+                    help="AWQ: next layer inputs from the float layer")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every engine (0: torch's default)")  # fmt: skip
     args = ap.parse_args()
@@ -152,6 +154,7 @@ def main() -> None:
         seq_len=args.calib_len,
         gptq_act_order=not args.no_act_order,
         screen_stride=args.awq_screen_stride,
+        float_inputs=args.awq_float_inputs,
     )
     methods = args.methods.split(",")
 
