@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--rows", default="q4_0,nf4,q4_k_m,q3_k,int4_g64")
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
-    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
+    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq", help="ours ('': peers only)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--peers", default="", help="at int4 grouped rows: " + ",".join(PEERS))
@@ -156,7 +156,7 @@ def main() -> None:
         screen_stride=args.awq_screen_stride,
         float_inputs=args.awq_float_inputs,
     )
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]  # "": the peers only
 
     def score(model: torch.nn.Module) -> Scores:
         s = Scores()
