@@ -331,7 +331,7 @@ fn qdq_row(g: GInt, gl: usize, x: &[f32], out: &mut [f32], wide: bool) {
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
 unsafe fn qdq_row_avx512(g: GInt, gl: usize, x: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
-    if gl % 16 != 0 {
+    if !gl.is_multiple_of(16) {
         return qdq_row_scalar(g, gl, x, out);
     }
     let mq = maxq(g) as f32;
