@@ -97,7 +97,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--rows", default="q4_0,nf4,q4_k_m,q3_k,int4_g64")
     ap.add_argument("--no-act-order", action="store_true", help="GPTQ in natural column order")
-    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq")
+    ap.add_argument("--methods", default="rtn,gptq,awq,awq+gptq", help="ours ('': peers only)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--peers", default="", help="at int4 grouped rows: " + ",".join(PEERS))
@@ -121,6 +121,8 @@ def main() -> None:
                     "then not the model's)")  # fmt: skip
     ap.add_argument("--awq-screen-stride", type=int, default=AWQConfig.screen_stride,
                     help="AWQ's window screen (1: every candidate on every window)")  # fmt: skip
+    ap.add_argument("--awq-float-inputs", action="store_true",
+                    help="AWQ: next layer inputs from the float layer")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every engine (0: torch's default)")  # fmt: skip
     args = ap.parse_args()
@@ -152,8 +154,9 @@ def main() -> None:
         seq_len=args.calib_len,
         gptq_act_order=not args.no_act_order,
         screen_stride=args.awq_screen_stride,
+        float_inputs=args.awq_float_inputs,
     )
-    methods = args.methods.split(",")
+    methods = [m for m in args.methods.split(",") if m]  # "": the peers only
 
     def score(model: torch.nn.Module) -> Scores:
         s = Scores()

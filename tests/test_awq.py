@@ -491,3 +491,46 @@ def test_block_loss_screen_scores_the_finalists_in_full(keep):
         for k in scored:
             assert s[k] == pytest.approx(f[k], rel=1e-3)
         assert min(s) <= s[0]
+
+
+def _layer1_inputs(model, ids, qtype_for, config):
+    """awq_model on `model` (in place), with every input the decoder layer 1 is called with."""
+    from ferroquant.methods.awq_layers import awq_model
+
+    seen: list = []
+    hook = model.model.layers[1].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0].detach().clone()) if args else
+        seen.append(kwargs["hidden_states"].detach().clone()), with_kwargs=True,
+    )  # fmt: skip
+    try:
+        awq_model(model, qtype_for, ids, config, {}, progress=False)
+    finally:
+        hook.remove()
+    return seen
+
+
+def test_awq_float_inputs_feed_the_next_layer_the_float_layer_s_outputs():
+    """With float_inputs, layer 1 is searched on the float layer 0's outputs: the same
+    tensors as when layer 0 is kept in float (the reference: no AWQ, no quantization there),
+    and other than the quantized layer 0's (the default); layer 0 itself is quantized the same
+    either way (its inputs are the embeddings in both)."""
+    pytest.importorskip("transformers")
+    base = tiny_llama()
+    ids = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    all_q = lambda n, lin: "int4_g64"  # noqa: E731
+    keep0 = lambda n, lin: None if ".layers.0." in n else "int4_g64"  # noqa: E731
+    ref = _layer1_inputs(copy.deepcopy(base), ids, keep0, AWQConfig())
+    fl_model, seq_model = copy.deepcopy(base), copy.deepcopy(base)
+    fl = _layer1_inputs(fl_model, ids, all_q, AWQConfig(float_inputs=True))
+    seq = _layer1_inputs(seq_model, ids, all_q, AWQConfig())
+    assert len(fl) == len(ref) == len(seq) > 0
+    for a, b in zip(fl, ref, strict=True):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(seq, ref, strict=True))
+    s0, f0 = seq_model.model.layers[0], fl_model.model.layers[0]
+    for (n, a), (_, b) in zip(s0.named_parameters(), f0.named_parameters(), strict=True):
+        assert torch.equal(a, b), n  # the folded norms
+    qs = [(n, m) for n, m in f0.named_modules() if isinstance(m, QuantLinear)]
+    assert len(qs) == 7
+    for n, m in qs:
+        assert torch.equal(m.dequantized_weight(), s0.get_submodule(n).dequantized_weight()), n

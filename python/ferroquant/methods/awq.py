@@ -53,6 +53,12 @@ class AWQConfig:
     screen_stride, screen_keep: the block-forward searches screen every candidate on every
       screen_stride-th window, then score the screen_keep best and s = 1 on all windows
       (`awq_layers.block_losses`; screen_stride 1: every candidate on every window, AutoAWQ's).
+      On SmolLM2 int4_g64's 60 block searches the full search's best was the screen's best
+      or second (stride 4): keep 3 picks what the full search picks there, with a rank to spare.
+    float_inputs: the next decoder layer's inputs are this layer's FLOAT outputs (computed
+      with its weights before scaling, clipping and quantization: AutoAWQ's pipeline, in which
+      every layer sees the float model's activations) instead of the quantized layer's (False:
+      the issue's sequential capture, GPTQ's).
     gptq: after scaling and clipping, quantize with GPTQ ("awq+gptq") instead of RTN, with
       `gptq_damp` and `gptq_act_order` (GPTQConfig's damp and act_order).
     """
@@ -66,7 +72,8 @@ class AWQConfig:
     n_samples: int = 128
     seq_len: int = 512
     screen_stride: int = 4
-    screen_keep: int = 4
+    screen_keep: int = 3
+    float_inputs: bool = False
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = True

@@ -1,7 +1,8 @@
 """AWQ applied to a whole model, layer by layer, on the shared capture (`calib.run_layers`):
 for each decoder layer, the scale search and fold on each standard pair, then the clip search,
 then the layer's Linears are quantized (round to nearest, or GPTQ for "awq+gptq" on the
-Hessians of the scaled inputs); the next layer's inputs come from this quantized layer.
+Hessians of the scaled inputs); the next layer's inputs come from this quantized layer (or,
+with `AWQConfig.float_inputs`, from this layer's float weights, AutoAWQ's pipeline).
 
 The pairs use the Llama family's module names (Llama, Mistral, Qwen2, Gemma, SmolLM):
 input_layernorm -> self_attn.{q,k,v}_proj (block: self_attn), self_attn.v_proj ->
@@ -368,9 +369,11 @@ def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
 
 
 # the bf16 screen of `linear_output_mses`: candidates whose bf16 loss is within this fraction of
-# the least are rescored in float32 (on SmolLM2 int4_g64's 30 down pairs x 21 candidates the bf16
-# scores were within 9e-3 of float32's, within 3e-4 but for two, and every pick was float32's)
-SCREEN_MARGIN = 2.0**-5
+# the least are rescored in float32 (on SmolLM2 int4_g64's 30 down pairs x 21 candidates, full
+# model: the bf16 scores' relative error was 4.8e-5 median, 2.4e-3 at the 99th percentile, 9e-3
+# at most, and every margin down to 2^-9 kept float32's pick in 30 of 30; 2^-6 rescores 149 of
+# the 630 candidates, 2^-5 221)
+SCREEN_MARGIN = 2.0**-6
 
 
 def linear_output_mses(ds: list[torch.Tensor], gram: torch.Tensor) -> list[float]:
@@ -486,6 +489,10 @@ def awq_model(
     runner = runner or LocalRunner()
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
+        # float_inputs: the layer's float parameters, put back while the runner computes its
+        # outputs (the next layer's inputs), then the scaled and quantized ones again
+        floats = {n: p.data.clone() for n, p in layer.named_parameters()} if (
+            config.float_inputs) else None  # fmt: skip
         # the search is many small forward passes: one torch thread (OpenMP's barriers made it
         # 20x slower on a busy 2-core machine, as they did GPTQ's column loop)
         threads = torch.get_num_threads()
@@ -505,7 +512,19 @@ def awq_model(
                 opts = format_options(q, options)
                 new[nm] = QuantLinear.from_linear(lin, q, **opts)
                 lin.weight.data = format_qdq(q, opts)(lin.weight.data).to(lin.weight.dtype)
-        return lambda: swap_in(layer, new)
+        if floats is None:
+            return lambda: swap_in(layer, new)
+        params = dict(layer.named_parameters())
+        done = {n: p.data for n, p in params.items()}
+        for n, p in params.items():
+            p.data = floats[n]
+
+        def finish() -> None:
+            for n, p in params.items():
+                p.data = done[n]
+            swap_in(layer, new)
+
+        return finish
 
     runner.run_layers(model, ids, process, progress=progress, desc="awq+gptq" if gptq else "awq")
     return plan

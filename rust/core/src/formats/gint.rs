@@ -99,9 +99,15 @@ fn round_even(v: f32) -> f32 {
 
 /// The f32 scale and the zero of one group (the module comment's rule).
 pub fn group_params(g: GInt, x: &[f32]) -> (f32, u32) {
+    let xmin = x.iter().fold(0f32, |m, &v| m.min(v));
+    let xmax = x.iter().fold(0f32, |m, &v| m.max(v));
+    range_params(g, xmin, xmax)
+}
+
+/// `group_params` from the group's `min(min(x), 0)` and `max(max(x), 0)`.
+#[inline(always)]
+fn range_params(g: GInt, mut xmin: f32, mut xmax: f32) -> (f32, u32) {
     let mq = maxq(g) as f32;
-    let mut xmin = x.iter().fold(0f32, |m, &v| m.min(v));
-    let mut xmax = x.iter().fold(0f32, |m, &v| m.max(v));
     if g.sym {
         xmax = xmax.max(xmin.abs());
         if xmin < 0.0 {
@@ -308,9 +314,10 @@ pub fn qdq(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Vec<f32>> {
         )));
     }
     m.check_finite()?;
-    let (cols, gl, mq) = (m.cols, group_len(g, m.cols), maxq(g));
+    let (cols, gl) = (m.cols, group_len(g, m.cols));
     let mut out = vec![0f32; m.rows * cols];
     let per_task = parallel::rows_per_task(m.rows, cols);
+    let wide = qdq_wide_usable();
     parallel::install(|| {
         out.par_chunks_mut(per_task * cols)
             .enumerate()
@@ -318,19 +325,107 @@ pub fn qdq(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Vec<f32>> {
                 let mut buf = Vec::new();
                 for (k, orow) in o.chunks_mut(cols).enumerate() {
                     let x = m.row(t * per_task + k, &mut buf);
-                    for (xg, yg) in x.chunks_exact(gl).zip(orow.chunks_exact_mut(gl)) {
-                        let (scale, zero) = group_params(g, xg);
-                        let (s16, z) = (f16_round(scale), zero as f32);
-                        for (y, &v) in yg.iter_mut().zip(xg) {
-                            // quantize_value's code (exact in f32), then dequantize's product
-                            let c = (round_even(v / scale) + z).clamp(0.0, mq as f32);
-                            *y = (c - z) * s16;
-                        }
-                    }
+                    qdq_row(g, gl, x, orow, wide);
                 }
             });
     });
     Ok(out)
+}
+
+/// Whether `qdq_row` may take its AVX-512 build (`qdq_row_avx512`).
+fn qdq_wide_usable() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::cpu::has_avx512()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// One row of `qdq`: `qdq_row_scalar`'s code compiled for AVX-512 when `wide` (16-lane
+/// vectors: the same IEEE operations per element, so the same bits; Rust never contracts a
+/// product and a sum into an FMA), else as it is.
+fn qdq_row(g: GInt, gl: usize, x: &[f32], out: &mut [f32], wide: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: `wide` is `qdq_wide_usable()`, which checked the CPU for AVX-512 F/BW/VL
+        // (and FMA) at run time.
+        unsafe { qdq_row_avx512(g, gl, x, out) };
+        return;
+    }
+    let _ = wide;
+    qdq_row_scalar(g, gl, x, out);
+}
+
+/// `qdq_row_scalar` with each group's min and max on 16-lane vectors and one reduction (min
+/// and max of finite values are exact in any order; a zero's sign cannot change the group's
+/// scale or zero), the rest the same code compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn qdq_row_avx512(g: GInt, gl: usize, x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    if !gl.is_multiple_of(16) {
+        return qdq_row_scalar(g, gl, x, out);
+    }
+    let mq = maxq(g) as f32;
+    for (xg, yg) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)) {
+        let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for c in xg.chunks_exact(16) {
+            // SAFETY: `c` is 16 f32s (chunks_exact); loadu takes any alignment.
+            let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+            lo = _mm512_min_ps(lo, v);
+            hi = _mm512_max_ps(hi, v);
+        }
+        let (scale, zero) = range_params(g, _mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi));
+        let (s16, z) = (f16_round(scale), zero as f32);
+        for (y, &v) in yg.iter_mut().zip(xg) {
+            let c = (round_even(v / scale) + z).clamp(0.0, mq);
+            *y = (c - z) * s16;
+        }
+    }
+}
+
+/// Quantize and dequantize one row group by group: `group_params` (its min / max on 16
+/// running lanes, which the compiler vectorizes: the same values, min and max being exact),
+/// `quantize_value`'s code (exact in f32), then `dequantize`'s product.
+#[inline(always)]
+fn qdq_row_scalar(g: GInt, gl: usize, x: &[f32], out: &mut [f32]) {
+    let mq = maxq(g) as f32;
+    for (xg, yg) in x.chunks_exact(gl).zip(out.chunks_exact_mut(gl)) {
+        let (xmin, xmax) = min_max_with_zero(xg);
+        let (scale, zero) = range_params(g, xmin, xmax);
+        let (s16, z) = (f16_round(scale), zero as f32);
+        for (y, &v) in yg.iter_mut().zip(xg) {
+            let c = (round_even(v / scale) + z).clamp(0.0, mq);
+            *y = (c - z) * s16;
+        }
+    }
+}
+
+/// `(min(min(x), 0), max(max(x), 0))` of finite values, on 16 independent lanes.
+#[inline(always)]
+fn min_max_with_zero(x: &[f32]) -> (f32, f32) {
+    const L: usize = 16;
+    let (mut lo, mut hi) = ([0f32; L], [0f32; L]);
+    let mut chunks = x.chunks_exact(L);
+    for c in &mut chunks {
+        for l in 0..L {
+            lo[l] = lo[l].min(c[l]);
+            hi[l] = hi[l].max(c[l]);
+        }
+    }
+    let (mut a, mut b) = (0f32, 0f32);
+    for &v in chunks.remainder() {
+        a = a.min(v);
+        b = b.max(v);
+    }
+    for l in 0..L {
+        a = a.min(lo[l]);
+        b = b.max(hi[l]);
+    }
+    (a, b)
 }
 
 /// Check a grouped view's geometry and statistics (a view may come from a file or Python).
@@ -538,6 +633,53 @@ mod tests {
         let mut out = [0u8; 1];
         pack_row(&[0x3, 0xa], 4, &mut out);
         assert_eq!(out[0], 0xa3);
+    }
+
+    #[test]
+    fn qdq_rows_avx512_and_scalar_agree_bit_for_bit() {
+        // the AVX-512 build against the scalar one, on random groups with zeros, -0.0, huge
+        // and tiny values, flat and one-signed groups, every width and a ragged row
+        let mut seed = 777u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        if !qdq_wide_usable() {
+            return; // nothing to compare on this CPU (the scalar build is the reference)
+        }
+        for (bits, group, sym) in [
+            (4, 64, false),
+            (4, 32, true),
+            (3, 32, false),
+            (8, 64, true),
+            (2, 32, false),
+            (4, 0, false),
+        ] {
+            let gi = g(bits, group, sym);
+            for cols in [64usize, 192, 576] {
+                let gl = group_len(gi, cols);
+                let mut x: Vec<f32> = (0..cols).map(|_| rnd() * 4.0).collect();
+                x[0] = -0.0;
+                x[1] = 1e30 * rnd();
+                x[2] = 1e-38 * rnd();
+                x[3] = 4_194_304.5;
+                if cols >= 128 {
+                    x[64..96].fill(0.7);
+                    x[96..128].iter_mut().for_each(|v| *v = -v.abs());
+                }
+                let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+                qdq_row_scalar(gi, gl, &x, &mut a);
+                // SAFETY: qdq_wide_usable() checked AVX-512 above.
+                unsafe { qdq_row_avx512(gi, gl, &x, &mut b) };
+                let (a, b): (Vec<u32>, Vec<u32>) = (
+                    a.iter().map(|v| v.to_bits()).collect(),
+                    b.iter().map(|v| v.to_bits()).collect(),
+                );
+                assert_eq!(a, b, "bits {bits} group {group} sym {sym} cols {cols}");
+            }
+        }
     }
 
     #[test]
