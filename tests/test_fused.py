@@ -91,9 +91,25 @@ def test_waiting_outputs_belong_to_their_input() -> None:
         assert torch.equal(model.k_proj(x), want_x[1])
         assert torch.equal(model.k_proj(x), want_x[1])
         # the input changed in place between the siblings (a tensor with a version counter)
+        model.q_proj.__dict__["_fused"][0].dropped = 0  # (the calls above dropped some)
         model.q_proj(x)
         x.mul_(2)
         assert torch.equal(model.k_proj(x), alone(model, x)[1])
+
+
+def test_members_reading_different_inputs_stop_fusing() -> None:
+    from ferroquant.nn.fused import MAX_DROPPED
+
+    model = quantized("q8_0")
+    group = model.q_proj.__dict__["_fused"][0]
+    with torch.no_grad():
+        for _ in range(3):  # a cross-attention: q on one input, k / v on another
+            x, y = (torch.randn(4, 128).to(torch.bfloat16) for _ in range(2))
+            want = alone(model, x)[0], alone(model, y)[1], alone(model, y)[2]
+            got = model.q_proj(x), model.k_proj(y), model.v_proj(y)
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert group.dropped >= MAX_DROPPED
+    assert group.call(0, x) is None  # no longer fused
 
 
 def test_other_dtypes_and_autograd_run_alone() -> None:

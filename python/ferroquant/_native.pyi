@@ -177,6 +177,7 @@ def qmatmul_bf16(
     scale_mode: str | None = None,
     openmp: bool = False,
 ) -> npt.NDArray[np.uint16]: ...
+
 # qmatmul_bf16 of weights stacked row-wise (parts[i] rows each, data and statistics concatenated:
 # QuantLinear's fused q/k/v, gate/up): one M x parts[i] uint16 array per part, each the bits of
 # that weight's own qmatmul_bf16 call.

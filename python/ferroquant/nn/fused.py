@@ -12,8 +12,10 @@ member's output (`_native.qmatmul_bf16_split`: each output the bits of that memb
 and keeps the others' for their own call with the same input tensor (same object, and same
 version where the tensor has one: an inference-mode tensor has none, so an input modified in
 place between the siblings' calls is not detected); any other call runs the member alone.
-A member whose buffers were replaced (a load_state_dict, a move to another device) no longer
-matches its group: every member then runs alone.
+A group whose waiting outputs go unused (`MAX_DROPPED` times: the members read different
+inputs, as in a cross-attention) stops fusing. A member whose buffers were replaced (a
+load_state_dict, a move to another device) no longer matches its group: every member then runs
+alone.
 Scope: bf16 activations on the CPU in eager mode (QuantLinear's direct path); other dtypes,
 autograd, compile and tracing take each member's own call.
 """
@@ -38,6 +40,11 @@ GROUPS: tuple[tuple[str, ...], ...] = (
     ("gate_proj", "up_proj"),
     ("query", "key", "value"),
 )
+
+
+# A group whose waiting outputs were dropped this many times stops fusing: its members do not
+# read one input (a cross-attention's k/v read the encoder's states, q the decoder's).
+MAX_DROPPED = 2
 
 
 class FusedGroup:
@@ -65,6 +72,7 @@ class FusedGroup:
                 wo, so = wo + nw, so + ns
         self.w, self.s = w.numpy(), s.numpy()
         self._local = threading.local()  # each thread's waiting outputs
+        self.dropped = 0  # fused calls whose waiting outputs nobody took (see `call`)
 
     def intact(self) -> bool:
         """True while every member still holds the views made here."""
@@ -85,8 +93,10 @@ class FusedGroup:
             if all(o is None for o in st[2]):
                 self._local.waiting = None
             return y
-        if x.dtype != torch.bfloat16 or not self.intact():
+        if st is not None:  # outputs computed for nothing: the siblings read other inputs
             self._local.waiting = None
+            self.dropped += 1
+        if x.dtype != torch.bfloat16 or self.dropped >= MAX_DROPPED or not self.intact():
             return None
         ys = self._forward(x)
         y = ys[i]
