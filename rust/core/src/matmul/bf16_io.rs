@@ -50,8 +50,8 @@ pub fn qmatmul_bf16(x: &[u16], m: usize, w: &QuantizedView<'_>, out: &mut [u16])
         };
         // Every element of both is written before it is read: x below, the outputs by
         // `qmatmul` (every path writes each of its outputs; `matmul/tests/bf16_io.rs`).
-        xf.resize(x.len(), 0.0);
-        yf.resize(out.len(), 0.0);
+        let xf = room(xf, x.len());
+        let yf = room(yf, out.len());
         widen(x, xf);
         qmatmul(xf, m, w, yf)?;
         narrow(yf, out);
@@ -94,8 +94,8 @@ pub fn qmatmul_bf16_split(
             (&mut own.0, &mut own.1)
         };
         // As `qmatmul_bf16`: every element is written before it is read.
-        xf.resize(x.len(), 0.0);
-        yf.resize(len, 0.0);
+        let xf = room(xf, x.len());
+        let yf = room(yf, len);
         widen(x, xf);
         qmatmul(xf, m, w, yf)?;
         let mut c0 = 0;
@@ -107,6 +107,16 @@ pub fn qmatmul_bf16_split(
         }
         Ok(())
     })
+}
+
+/// The first `len` values of `buf`, grown (never shrunk) to hold them: a scratch cut to each
+/// call's size was zero-filled again by every larger call after a smaller one (a SmolLM2 layer's
+/// calls alternate 576 / 1536 / 3072 columns: up to 1.5 MB of memset a layer).
+fn room(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 fn widen(x: &[u16], xf: &mut [f32]) {
