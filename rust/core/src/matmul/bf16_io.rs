@@ -74,7 +74,7 @@ pub fn qmatmul_bf16_split(
     let n = w.rows;
     let cols: Vec<usize> = outs
         .iter()
-        .map(|o| if m == 0 { 0 } else { o.len() / m })
+        .map(|o| o.len().checked_div(m).unwrap_or(0))
         .collect();
     let fits = outs.iter().zip(&cols).all(|(o, &c)| o.len() == c * m);
     if m == 0 || !fits || cols.iter().sum::<usize>() != n {
