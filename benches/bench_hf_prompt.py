@@ -5,7 +5,7 @@ shape of the model.
 
     python benches/bench_hf_prompt.py [--rows bf16,q8_0,q4_0,q4_k_m,nf4,int8] [--threads 2]
                                       [--prompt 128] [--runs 5] [--clock wall|cpu] [--shapes]
-                                      [--pool-rows]
+                                      [--pool-rows] [--unfused-rows]
 
 The rows are built as the eval builds them (the default model's bf16 baseline, `quantize_model`
 with the row's recipe); every run times each row once as the eval does
@@ -18,6 +18,8 @@ use it with --threads 1).
 with M = prompt rows, against torch's bf16 F.linear at the same shape. `--pool-rows` adds, per
 quantized row, "<row> pool": the same model with FERROQUANT_OPENMP=off (the Rust pool instead of
 torch's OpenMP team), interleaved with the others: the A/B of the team dispatch in one process.
+`--unfused-rows` adds "<row> unfused": the same model with its fused q/k/v and gate/up calls
+(nn/fused.py) run member by member, interleaved: the A/B of the fusion in one process.
 """
 
 from __future__ import annotations
@@ -63,6 +65,32 @@ def forward_on_pool_s(model, prompt: torch.Tensor, now) -> float:
             os.environ["FERROQUANT_OPENMP"] = old
 
 
+def forward_unfused_s(model, prompt: torch.Tensor, now) -> float:
+    """forward_s with each fused QuantLinear called alone (nn/linear.py's `_FUSED` off)."""
+    import ferroquant.nn.linear as linear_mod
+
+    linear_mod._FUSED = False
+    try:
+        return forward_s(model, prompt, now)
+    finally:
+        linear_mod._FUSED = True
+
+
+def unfused(lin: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """lin(x) without its fused group (an older library has none)."""
+    import ferroquant.nn.linear as linear_mod
+
+    old = getattr(linear_mod, "_FUSED", None)
+    linear_mod._FUSED = False
+    try:
+        return lin(x)
+    finally:
+        if old is None:
+            del linear_mod._FUSED
+        else:
+            linear_mod._FUSED = old
+
+
 def shapes_of(model) -> dict[tuple[int, int], QuantLinear]:
     """One QuantLinear per (in, out) shape of `model`."""
     out: dict[tuple[int, int], QuantLinear] = {}
@@ -91,6 +119,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=10, help="calls per --shapes timing")
     ap.add_argument("--pool-rows", action="store_true",
                     help="each quantized row also with FERROQUANT_OPENMP=off")  # fmt: skip
+    ap.add_argument("--unfused-rows", action="store_true",
+                    help="each quantized row also with its fused calls run alone")  # fmt: skip
     benchlib.add_runs(ap, 5)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -112,6 +142,9 @@ def main() -> None:
     if a.pool_rows:
         for n, m in list(models.items())[1:]:
             engines[f"{n} pool"] = lambda m=m: forward_on_pool_s(m, prompt, now)
+    if a.unfused_rows:
+        for n, m in list(models.items())[1:]:
+            engines[f"{n} unfused"] = lambda m=m: forward_unfused_s(m, prompt, now)
     times = benchlib.interleave(engines, a.runs)
     base = specs[0].name
     tps = {n: [a.prompt / t for t in ts] for n, ts in times.items()}
@@ -130,7 +163,8 @@ def main() -> None:
             for (k, n), lin in sorted(shapes_of(m).items()):
                 x = torch.randn(x_rows, k, dtype=torch.bfloat16)
                 w = torch.randn(n, k, dtype=torch.bfloat16)
-                ours = call_s(lambda lin=lin, x=x: lin(x), a.reps, now)
+                # one member's own call (a fused member would run its whole group)
+                ours = call_s(lambda lin=lin, x=x: unfused(lin, x), a.reps, now)
                 ref = call_s(lambda x=x, w=w: torch.nn.functional.linear(x, w), a.reps, now)
                 out.append([name, f"{k}x{n}", f"{ours * 1e3:.3f}", f"{ref * 1e3:.3f}",
                             f"{ref / ours:.2f}x"])  # fmt: skip

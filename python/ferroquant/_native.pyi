@@ -186,6 +186,21 @@ def qmatmul_bf16(
     scale_mode: str | None = None,
     openmp: bool = False,
 ) -> npt.NDArray[np.uint16]: ...
+
+# qmatmul_bf16 of weights stacked row-wise (parts[i] rows each, data and statistics concatenated:
+# QuantLinear's fused q/k/v, gate/up): one M x parts[i] uint16 array per part, each the bits of
+# that weight's own qmatmul_bf16 call.
+def qmatmul_bf16_split(
+    x: npt.NDArray[np.uint16],
+    data: npt.NDArray[np.uint8],
+    qtype: str,
+    parts: list[int],
+    k: int,
+    block_size: int,
+    stats: npt.NDArray[np.float32] | None = None,
+    scale_mode: str | None = None,
+    openmp: bool = False,
+) -> list[npt.NDArray[np.uint16]]: ...
 def qmatmul_qtypes() -> list[str]: ...
 
 # qmatmul(openmp=True)'s team: the OpenMP runtime an already-loaded library uses (torch's _C

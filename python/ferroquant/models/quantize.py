@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from ..nn import QuantLinear
+from ..nn import QuantLinear, fuse_linears
 from ..qtypes import IMATRIX_QTYPES
 from .recipes import Recipe, recipe_for
 
@@ -33,6 +33,7 @@ def quantize_model(
     config: Any = None,
     imatrix: dict[str, Any] | None = None,
     runner: Any = None,
+    fuse: bool = True,
     **options: Any,
 ) -> nn.Module:
     """Quantize every nn.Linear of `model` in place and return it.
@@ -54,6 +55,8 @@ def quantize_model(
     round to nearest with the ggml quantizers that take one.
     runner: where the calibrated methods' layers, searches and solves run (None: here;
     `ferroquant.distributed.quantize_model` passes its Ray runner; same bytes).
+    fuse: sibling QuantLinears that read one input (q/k/v, gate/up) share one stacked weight
+    and run as one native call on the CPU (`ferroquant.nn.fuse_linears`; the same outputs).
     Returns the model; `model.ferroquant_plan` maps each module name to the qtype it got and
     `model.ferroquant_method` states the method with its options.
     """
@@ -114,6 +117,8 @@ def quantize_model(
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, new)
+    if fuse:  # q/k/v and gate/up as one call each (nn/fused.py; the same bits)
+        fuse_linears(model)
     model.ferroquant_plan = plan
     model.ferroquant_method = cfg.describe()
     return model

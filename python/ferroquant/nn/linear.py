@@ -36,6 +36,9 @@ _SERIAL_PIECE = 16384
 # takes the f32 call between two torch casts: the same bits (tests/test_eager.py).
 _BF16_IO = True
 
+# Fused siblings (nn/fused.py) take their group's one call; False (tests) runs each alone.
+_FUSED = True
+
 
 def _cast(t: torch.Tensor, dtype: torch.dtype, team: bool) -> torch.Tensor:
     """`t.to(dtype)`, contiguous: one torch op when the kernel runs on torch's team, else
@@ -220,6 +223,10 @@ class QuantLinear(nn.Module):
             out = self._bf16_call(x2, w, s, team)
         else:
             out = self._f32_call(x, x2, w, s, team)
+        return self._finish(x, out, team)
+
+    def _finish(self, x: torch.Tensor, out: torch.Tensor, team: bool) -> torch.Tensor:
+        """The bias added to the product `out` (rows x out_features), shaped as x."""
         bias = self._parameters["bias"]
         if bias is not None:
             b = bias.detach().to(out.dtype)
@@ -267,6 +274,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._eager_ok(x):
+            fused = self.__dict__.get("_fused")  # nn/fused.py
+            if fused is not None and _FUSED:
+                y = fused[0].call(fused[1], x)
+                if y is not None:
+                    return y
             views = self._eager_weights()
             if views is not None:
                 return self._eager_forward(x, *views)
@@ -291,16 +303,24 @@ class QuantLinear(nn.Module):
         if self.qstats.dtype != torch.float32:
             self.qstats = stats.to(self.qstats.device)
         self.use_kernel_layout(self.qweight.device.type in KERNEL_LAYOUT_DEVICES)
+        fused = self.__dict__.get("_fused")
+        if fused is not None and not fused[0].intact():  # moved: the stacked copy is stale
+            self._fused = None
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.__dict__.get("kernel_layout", False):  # checkpoints hold the reference layout
             destination[prefix + "qweight"] = self._reference_qweight()
+        for name in ("qweight", "qstats"):  # a fused member's views (nn/fused.py): its own
+            t = destination.get(prefix + name)
+            if t is not None and t._base is not None:
+                destination[prefix + name] = t.clone()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # a copy: the live module keeps its cache
         state["_np_cache"] = None
+        state["_fused"] = None  # a copy runs unfused
         return state
 
     def get_extra_state(self) -> dict[str, Any]:

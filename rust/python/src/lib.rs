@@ -349,6 +349,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<kv_state::KvLayerState>()?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16, m)?)?;
+    m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_split, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_qtypes, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_min_m, m)?)?;
     m.add_function(wrap_pyfunction!(matmul::qmatmul_bf16_amx_min_m, m)?)?;

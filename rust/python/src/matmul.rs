@@ -133,6 +133,64 @@ pub fn qmatmul_bf16<'py>(
     Ok(out)
 }
 
+/// `qmatmul_bf16` of weights stacked row-wise (`parts[i]` rows each, their data and statistics
+/// concatenated: QuantLinear's fused q/k/v or gate/up), one output per part: a list of
+/// (M x parts[i]) uint16 arrays of bf16 bits, each the bits of that weight's own call.
+#[pyfunction]
+#[pyo3(signature = (x, data, qtype, parts, k, block_size, stats=None, scale_mode=None, openmp=false))]
+#[allow(clippy::too_many_arguments)]
+pub fn qmatmul_bf16_split<'py>(
+    py: Python<'py>,
+    x: PyReadonlyArray2<'py, u16>,
+    data: PyReadonlyArray1<'py, u8>,
+    qtype: &str,
+    parts: Vec<usize>,
+    k: usize,
+    block_size: usize,
+    stats: Option<PyReadonlyArray1<'py, f32>>,
+    scale_mode: Option<&str>,
+    openmp: bool,
+) -> PyResult<Vec<Bound<'py, PyArray2<u16>>>> {
+    let m = x.shape()[0];
+    if !x.is_c_contiguous() {
+        return Err(not_contiguous("x"));
+    }
+    let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
+    let n = parts.iter().try_fold(0usize, |a, &p| a.checked_add(p));
+    let n = n.ok_or_else(|| to_py(core::Error::InvalidArgument("parts overflow".into())))?;
+    let view = weight_view(&data, qtype, n, k, block_size, &stats, scale_mode)?;
+    for &p in &parts {
+        m.checked_mul(p).ok_or_else(|| {
+            to_py(core::Error::InvalidArgument(format!(
+                "output shape {m}x{p} overflows"
+            )))
+        })?;
+    }
+    // SAFETY: new C-ordered arrays, not yet shared; `qmatmul_bf16_split` writes every element
+    // of each before they are returned, and they are dropped unread when the call fails.
+    let outs: Vec<_> = parts
+        .iter()
+        .map(|&p| unsafe { PyArray2::<u16>::new(py, [m, p], false) })
+        .collect();
+    {
+        let mut rws: Vec<_> = outs.iter().map(|o| o.readwrite()).collect();
+        let mut ys = rws
+            .iter_mut()
+            .map(|rw| rw.as_slice_mut().map_err(|_| not_contiguous("output")))
+            .collect::<PyResult<Vec<&mut [u16]>>>()?;
+        let mut run = || core::matmul::bf16_io::qmatmul_bf16_split(xs, m, &view, &mut ys);
+        py.detach(|| {
+            if openmp {
+                core::parallel::on_openmp(run)
+            } else {
+                run()
+            }
+        })
+        .map_err(to_py)?;
+    }
+    Ok(outs)
+}
+
 /// Run `qmatmul(..., openmp=True)` on the OpenMP runtime that the already-loaded library `path`
 /// uses (torch's `_C` extension: torch's libgomp). False when there is none; never loads one.
 #[pyfunction]

@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 
 use super::qmatmul;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::tensor::QuantizedView;
 
 /// Scratch up to this many f32 values (activations or outputs) is kept per thread between
@@ -50,13 +50,73 @@ pub fn qmatmul_bf16(x: &[u16], m: usize, w: &QuantizedView<'_>, out: &mut [u16])
         };
         // Every element of both is written before it is read: x below, the outputs by
         // `qmatmul` (every path writes each of its outputs; `matmul/tests/bf16_io.rs`).
-        xf.resize(x.len(), 0.0);
-        yf.resize(out.len(), 0.0);
+        let xf = room(xf, x.len());
+        let yf = room(yf, out.len());
         widen(x, xf);
         qmatmul(xf, m, w, yf)?;
         narrow(yf, out);
         Ok(())
     })
+}
+
+/// `qmatmul_bf16` of a weight that stacks several (QuantLinear's q/k/v or gate/up, fused: one
+/// call, one activation preparation): `outs[i]` (M x `outs[i].len() / M`) gets the next
+/// `outs[i].len() / M` columns of `bf16(x · Wᵀ)`, in order. Each output's bits are those of its
+/// column in the stacked product (every output is computed on its own: the same bits as a call
+/// on that weight alone, `matmul/tests/bf16_io.rs`). Errors: as `qmatmul`'s, and when the
+/// outputs are not M rows of columns adding up to W's rows.
+pub fn qmatmul_bf16_split(
+    x: &[u16],
+    m: usize,
+    w: &QuantizedView<'_>,
+    outs: &mut [&mut [u16]],
+) -> Result<()> {
+    let n = w.rows;
+    let cols: Vec<usize> = outs
+        .iter()
+        .map(|o| o.len().checked_div(m).unwrap_or(0))
+        .collect();
+    let fits = outs.iter().zip(&cols).all(|(o, &c)| o.len() == c * m);
+    if m == 0 || !fits || cols.iter().sum::<usize>() != n {
+        return Err(Error::InvalidArgument(format!(
+            "qmatmul_bf16_split: outputs of {:?} values for {m} rows do not split {n} columns",
+            outs.iter().map(|o| o.len()).collect::<Vec<_>>()
+        )));
+    }
+    let len = m
+        .checked_mul(n)
+        .ok_or_else(|| Error::InvalidArgument(format!("output shape {m}x{n} overflows")))?;
+    SCRATCH.with_borrow_mut(|(xs, ys)| {
+        let mut own = (Vec::new(), Vec::new());
+        let (xf, yf) = if x.len() <= KEEP && len <= KEEP {
+            (xs, ys)
+        } else {
+            (&mut own.0, &mut own.1)
+        };
+        // As `qmatmul_bf16`: every element is written before it is read.
+        let xf = room(xf, x.len());
+        let yf = room(yf, len);
+        widen(x, xf);
+        qmatmul(xf, m, w, yf)?;
+        let mut c0 = 0;
+        for (o, &c) in outs.iter_mut().zip(&cols) {
+            for (r, orow) in o.chunks_exact_mut(c).enumerate() {
+                narrow(&yf[r * n + c0..r * n + c0 + c], orow);
+            }
+            c0 += c;
+        }
+        Ok(())
+    })
+}
+
+/// The first `len` values of `buf`, grown (never shrunk) to hold them: a scratch cut to each
+/// call's size was zero-filled again by every larger call after a smaller one (a SmolLM2 layer's
+/// calls alternate 576 / 1536 / 3072 columns: up to 1.5 MB of memset a layer).
+fn room(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
 
 fn widen(x: &[u16], xf: &mut [f32]) {

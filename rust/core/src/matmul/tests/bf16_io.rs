@@ -142,3 +142,60 @@ fn qmatmul_bf16_is_the_f32_call_rounded() {
     let mut out = vec![0u16; 16];
     assert!(qmatmul_bf16(&[0u16; 63], 1, &q.view(), &mut out).is_err());
 }
+
+/// `qmatmul_bf16_split` of weights stacked row-wise (their data and statistics concatenated,
+/// as QuantLinear fuses q/k/v or gate/up) = `qmatmul_bf16` on each weight alone, for M on each
+/// side of the paths' thresholds and parts that are not whole panels; one thread and the pool.
+#[test]
+fn split_call_of_stacked_weights_is_each_weight_alone() {
+    use super::super::bf16_io::qmatmul_bf16_split;
+    let mut rng = Rng(0x5b11_75b1_175b_1175);
+    let gint = QType::parse("int4_g64").unwrap();
+    for qtype in QTYPES.into_iter().chain([gint]) {
+        let k = 512;
+        let parts: Vec<_> = [48, 16, 24]
+            .iter()
+            .map(|&n| weight(&mut rng, qtype, n, k))
+            .collect();
+        let mut stacked = parts[0].clone();
+        stacked.rows = parts.iter().map(|p| p.rows).sum();
+        stacked.data = parts.iter().flat_map(|p| p.data.clone()).collect();
+        stacked.stats = parts.iter().flat_map(|p| p.stats.clone()).collect();
+        for m in [1, 7, 16, 128, 130] {
+            let xb: Vec<u16> = rng
+                .normalish(m * k, 1.0)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            for threads in [1, 0] {
+                crate::parallel::set_num_threads(threads);
+                let want: Vec<Vec<u16>> = parts
+                    .iter()
+                    .map(|p| {
+                        let mut y = vec![0u16; m * p.rows];
+                        qmatmul_bf16(&xb, m, &p.view(), &mut y).unwrap();
+                        y
+                    })
+                    .collect();
+                let mut got: Vec<Vec<u16>> = parts.iter().map(|p| vec![1u16; m * p.rows]).collect();
+                let mut outs: Vec<&mut [u16]> = got.iter_mut().map(|g| g.as_mut_slice()).collect();
+                let r = qmatmul_bf16_split(&xb, m, &stacked.view(), &mut outs);
+                crate::parallel::set_num_threads(0);
+                r.unwrap();
+                assert_eq!(got, want, "{qtype:?} m={m} threads={threads}");
+            }
+        }
+    }
+    // Bad input: outputs that do not split the weight's rows, or not whole rows of M.
+    let q = weight(&mut rng, QType::Q8_0, 16, 64);
+    let x = vec![0u16; 2 * 64];
+    for sizes in [[2 * 8, 2 * 7], [2 * 8, 2 * 9], [2 * 8, 2 * 8 - 1]] {
+        let mut a = vec![0u16; sizes[0]];
+        let mut b = vec![0u16; sizes[1]];
+        let mut outs: Vec<&mut [u16]> = vec![&mut a, &mut b];
+        assert!(
+            qmatmul_bf16_split(&x, 2, &q.view(), &mut outs).is_err(),
+            "{sizes:?}"
+        );
+    }
+}
