@@ -80,23 +80,40 @@ pub trait RowK: SumsK {
     const ORDER: XzOrder;
     /// None: the `bsums` term is the min sum (`d·xd·isum - dmin·xd·msum`); Some(s): the
     /// quants are stored with an offset of 2^s (q6_K 32, q3_K 4, iq4_xs 128), removed as
-    /// `isum - (msum << s)` (exact integers), and there is no min.
+    /// `isum - (msum << s)` (exact integers; `bmul` holds the scales times 2^s and the
+    /// activations' `bsums` are negated), and there is no min.
     const OFFSET_SHIFT: Option<i32>;
+    /// Byte offset of the 4 bytes holding `d` (f16) and, for the formats with a min, `dmin`
+    /// after it; `D_HIGH`: `d` is the high half (formats without a min whose `d` ends the
+    /// block: the 4 bytes stay inside it).
+    const HALF_OFF: usize;
+    const D_HIGH: bool = false;
+    /// `decode_gf` differs from `decode_z` (used where the CPU has GFNI).
+    const GF_DECODE: bool = false;
     /// # Safety
     /// AVX2, AVX-512 F/BW/VL must be available.
     unsafe fn decode_z(&self) -> DecodedZ;
+    /// `decode_z` with GFNI (q2_K / q3_K's low bits by `vgf2p8affineqb`; the others: the
+    /// same code).
+    ///
+    /// # Safety
+    /// As `decode_z`, and GFNI must be available.
+    #[inline(always)]
+    unsafe fn decode_gf(&self) -> DecodedZ {
+        // SAFETY: the caller's contract.
+        unsafe { self.decode_z() }
+    }
     /// The integer sums of one super-block with one activation block (`XZ_BLOCK` bytes):
-    /// Σ scale·q·x in 16 i32 lanes and Σ bmul·bsum in 8.
+    /// Σ scale·q·x in 16 i32 lanes and -Σ bmul·bsum in 8 (formats with a min), or
+    /// Σ scale·q·x - Σ bmul·bsum in the 16 lanes (`OFFSET_SHIFT` formats; the 8 unused).
     ///
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI must be available; `xq` holds `XZ_BLOCK` bytes.
     #[inline(always)]
     unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
         // SAFETY: the caller's contract.
-        unsafe { sums_packs(d, xq) }
+        unsafe { sums_packs(d, xq, Self::OFFSET_SHIFT.is_some()) }
     }
-    /// The f16 super-block scale and min (zero without a min).
-    fn halves(&self) -> (Half, Half);
 }
 
 /// i16 permutation indices (`vpermw`) to `DecodedZ::scl[h]`, from the 16 per-16-group scales
@@ -123,19 +140,26 @@ const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
 pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
 /// Bytes of one activation block as `interleave_k4` lays it out: the 256 quants, the 16
-/// `bsums` (i16), `d` (f32), zeros to a multiple of 64.
+/// `bsums` (i16, negated), `d` (f32), zeros to a multiple of 64; the first block of each whole
+/// group of 8 holds the group's 8 `d` there instead (its own first).
 pub const XZ_BLOCK: usize = 320;
 const XZ_BSUMS: usize = QK_K;
 const XZ_D: usize = QK_K + 32;
 
-/// The activation blocks for `dot_row_k_vnni`, `XZ_BLOCK` bytes each: the quants in
-/// `K4_ORDER` for q4_K / q5_K (as they are for q6_K), then `bsums` and `d`. The kernel reads
-/// nothing else of the activations: at K = 14336 the q8_K blocks plus a copy of their quants
-/// (30 KB) crowded L1, and q4_k ran from memory at the old kernel's speed (12.4 GB/s; 15 with
-/// this layout). `qmatmul` puts them on 64-byte boundaries (each 512-bit load then reads one
-/// cache line).
-pub fn interleave_k4(blocks: &[BlockQ8K], order: XzOrder, out: &mut [u8]) {
-    for (b, o) in blocks.iter().zip(out.chunks_exact_mut(XZ_BLOCK)) {
+/// The activation blocks for `dot_row_k_vnni`, `XZ_BLOCK` bytes each, rows of `nb` blocks one
+/// after the other: the quants in `K4_ORDER` for q4_K / q5_K (as they are for q6_K), then the
+/// `bsums` negated (so that `vpdpwssd` subtracts the quant offsets of q6_K / q3_K / iq4_xs in
+/// the sums' own register) and `d`; block 8g of a row (g < nb / 8) holds the `d` of blocks
+/// 8g..8g + 8 (one load per group in the kernel). The kernel reads nothing else of the
+/// activations: at K = 14336 the q8_K blocks plus a copy of their quants (30 KB) crowded L1,
+/// and q4_k ran from memory at the old kernel's speed (12.4 GB/s; 15 with this layout).
+/// `qmatmul` puts them on 64-byte boundaries (each 512-bit load then reads one cache line).
+pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [u8]) {
+    for (i, (b, o)) in blocks
+        .iter()
+        .zip(out.chunks_exact_mut(XZ_BLOCK))
+        .enumerate()
+    {
         let q: &[u8; QK_K] = bytemuck::cast_ref(&b.qs);
         match order {
             XzOrder::Elements => o[..QK_K].copy_from_slice(q),
@@ -154,9 +178,17 @@ pub fn interleave_k4(blocks: &[BlockQ8K], order: XzOrder, out: &mut [u8]) {
                 }
             }
         }
-        o[XZ_BSUMS..XZ_D].copy_from_slice(bytemuck::cast_slice(&b.bsums));
-        o[XZ_D..XZ_D + 4].copy_from_slice(&b.d.to_le_bytes());
-        o[XZ_D + 4..].fill(0);
+        for (d, &s) in o[XZ_BSUMS..XZ_D].chunks_exact_mut(2).zip(&b.bsums) {
+            // |bsum| <= 16 * 128: the negation fits
+            d.copy_from_slice(&(-s).to_le_bytes());
+        }
+        o[XZ_D..].fill(0);
+        let at = i % nb.max(1);
+        let group_start = at % LANES == 0 && at + LANES <= nb;
+        let ds = if group_start { LANES } else { 1 };
+        for (t, d) in o[XZ_D..XZ_D + 4 * ds].chunks_exact_mut(4).enumerate() {
+            d.copy_from_slice(&blocks[i + t].d.to_le_bytes());
+        }
     }
 }
 
@@ -232,21 +264,19 @@ unsafe fn decode_k4(qs: &[u8; QK_K / 2], scales: *const u8) -> DecodedZ {
 impl RowK for BlockQ4K {
     const ORDER: XzOrder = XzOrder::K4;
     const OFFSET_SHIFT: Option<i32> = None;
+    const HALF_OFF: usize = 0;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); the 12 scale bytes (offset 4) are followed by
         // qs, so 16 bytes from there stay inside the block.
         unsafe { decode_k4(&self.qs, (self as *const Self as *const u8).add(4)) }
     }
-    #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, self.dmin)
-    }
 }
 
 impl RowK for BlockQ5K {
     const ORDER: XzOrder = XzOrder::K4;
     const OFFSET_SHIFT: Option<i32> = None;
+    const HALF_OFF: usize = 0;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); 16 bytes from `scales` stay inside the block
@@ -271,15 +301,14 @@ impl RowK for BlockQ5K {
             z
         }
     }
-    #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, self.dmin)
-    }
 }
 
 impl RowK for BlockQ6K {
     const ORDER: XzOrder = XzOrder::Elements;
     const OFFSET_SHIFT: Option<i32> = Some(5);
+    // d: the last 2 of 210 bytes
+    const HALF_OFF: usize = 206;
+    const D_HIGH: bool = true;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); 64-byte loads inside ql (128), 32 inside qh
@@ -315,46 +344,79 @@ impl RowK for BlockQ6K {
                     _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[0]), gz),
                     _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[1]), gz),
                 ],
-                bmul: sc,
+                // the scales times 32 (|sc| <= 128: fits i16)
+                bmul: _mm256_slli_epi16(sc, 5),
             }
         }
     }
-    #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, [0, 0])
-    }
 }
 
-/// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]` (unpacks
-/// and adds, a transpose that sums as it goes: `vphaddd` is two shuffles each here).
+/// The first step of the group's reduction (a transpose that adds as it goes): in each
+/// 128-bit lane, [a0+a2, b0+b2, a1+a3, b1+b3].
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn t32(a: __m512i, b: __m512i) -> __m512i {
+    _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b))
+}
+
+/// The second step: from `t32(v0, v1)` and `t32(v2, v3)`, in each 128-bit lane k the sums of
+/// lane k of v0, v1, v2, v3.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn t64(a: __m512i, b: __m512i) -> __m512i {
+    _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+}
+
+/// From `t64` of super-blocks 0..4 and of 4..8: lane j = the sum of super-block j's 16 lanes.
+#[target_feature(enable = "avx2,avx512f")]
+#[inline]
+fn lanes8(lo: __m512i, hi: __m512i) -> __m256i {
+    // [lo.L0 + lo.L2, lo.L1 + lo.L3, hi.L0 + hi.L2, hi.L1 + hi.L3]
+    let u = _mm512_add_epi32(
+        _mm512_shuffle_i32x4::<0x44>(lo, hi),
+        _mm512_shuffle_i32x4::<0xee>(lo, hi),
+    );
+    // [u.L0 + u.L1, u.L2 + u.L3]
+    let v = _mm512_add_epi32(
+        _mm512_shuffle_i32x4::<0x08>(u, u),
+        _mm512_shuffle_i32x4::<0x0d>(u, u),
+    );
+    _mm512_castsi512_si256(v)
+}
+
+/// `t32` on 256 bits (the min sums).
 #[target_feature(enable = "avx2")]
 #[inline]
-fn reduce8(v: &[__m256i; 8]) -> __m256i {
-    let mut s = [_mm256_setzero_si256(); 4];
-    for (i, o) in s.iter_mut().enumerate() {
-        let (a, b) = (v[2 * i], v[2 * i + 1]);
-        // [a0+a2 b0+b2 a1+a3 b1+b3 | a4+a6 b4+b6 a5+a7 b5+b7]
-        *o = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
-    }
-    let mut t = [_mm256_setzero_si256(); 2];
-    for (i, o) in t.iter_mut().enumerate() {
-        let (a, b) = (s[2 * i], s[2 * i + 1]);
-        // [Σlo v(4i) .. Σlo v(4i+3) | Σhi v(4i) .. Σhi v(4i+3)] (lo/hi: lanes 0..3 / 4..7)
-        *o = _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
-    }
+fn t32y(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+}
+
+/// `t64` on 256 bits.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn t64y(a: __m256i, b: __m256i) -> __m256i {
+    _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
+}
+
+/// `lanes8` on 256 bits.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lanes8y(lo: __m256i, hi: __m256i) -> __m256i {
     _mm256_add_epi32(
-        _mm256_permute2x128_si256(t[0], t[1], 0x20),
-        _mm256_permute2x128_si256(t[0], t[1], 0x31),
+        _mm256_permute2x128_si256(lo, hi, 0x20),
+        _mm256_permute2x128_si256(lo, hi, 0x31),
     )
 }
 
-/// The integer sums of one super-block with one activation block: Σ scale·q·x in 16 i32 lanes
-/// and Σ bmul·bsum (q4_K / q5_K: Σ min·bsum; q6_K: Σ sc·bsum, for its -32) in 8. No fold to
-/// 8 lanes here: `vextracti64x4` at the end of this chain made the loop 1.7x slower (the
-/// super-blocks' chains overlap less); `fold` runs once per group.
+/// The integer sums of one super-block with one activation block (`RowK::sums_z`): Σ scale·q·x
+/// in 16 i32 lanes and -Σ bmul·bsum in 8 (q4_K / q5_K / q2_K: their min sums, negated), or
+/// with `offset` (q6_K / q3_K) Σ scale·q·x - Σ bmul·bsum in the 16 (one more `vpdpwssd`;
+/// `bmul` is scaled by the offset, the `bsums` negated). The 16 lanes are not folded to 8
+/// here: `vextracti64x4` at the end of this chain made the loop 1.7x slower (the super-blocks'
+/// chains overlap less); the group's reduction (`t32`, `t64`, `lanes8`) adds them.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn sums_packs(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
+unsafe fn sums_packs(d: &DecodedZ, xq: &[u8], offset: bool) -> (__m512i, __m256i) {
     debug_assert!(xq.len() >= XZ_BLOCK);
     let z = _mm512_setzero_si512();
     let mut p = [z; 4];
@@ -368,14 +430,16 @@ unsafe fn sums_packs(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
     let s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]);
     // SAFETY: 32 bytes of bsums.
     let bs = unsafe { _mm256_loadu_si256(xq[XZ_BSUMS..].as_ptr() as *const __m256i) };
-    (s, _mm256_madd_epi16(bs, d.bmul))
-}
-
-/// The 16 lanes of `v` added to 8.
-#[target_feature(enable = "avx2,avx512f")]
-#[inline]
-fn fold(v: __m512i) -> __m256i {
-    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
+    if offset {
+        let s = _mm512_dpwssd_epi32(
+            s,
+            _mm512_zextsi256_si512(bs),
+            _mm512_zextsi256_si512(d.bmul),
+        );
+        (s, _mm256_setzero_si256())
+    } else {
+        (s, _mm256_madd_epi16(bs, d.bmul))
+    }
 }
 
 /// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
@@ -395,17 +459,183 @@ pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
 ) -> [f32; R] {
     // SAFETY: the caller's contract is this function's.
     unsafe {
-        if long {
-            row_k_vnni::<W, R, true>(w, x, xz)
-        } else {
-            row_k_vnni::<W, R, false>(w, x, xz)
+        // GFNI only helps q2_K / q3_K (one instantiation less for the others)
+        let gf = W::GF_DECODE && crate::cpu::has_vbmi_gfni();
+        match (long, gf) {
+            (true, true) => row_k_vnni_gf::<W, R, true>(w, x, xz),
+            (false, true) => row_k_vnni_gf::<W, R, false>(w, x, xz),
+            (true, false) => row_k_vnni::<W, R, true>(w, x, xz),
+            (false, false) => row_k_vnni::<W, R, false>(w, x, xz),
         }
     }
 }
 
+/// The sums of super-blocks j and j + 1 of a group (`RowK::sums_z`) for the R rows, through
+/// `t32` / `t32y`; `next` holds super-block j decoded and is left holding j + 2 (when in the
+/// group): the decode runs one super-block ahead of the sums.
+///
+/// # Safety
+/// As `row_k_vnni`; `j + 1 < LANES`, `wg` is one whole group, `b` its first super-block.
+#[inline(always)]
+unsafe fn pair<W: RowK, const R: usize, const GF: bool>(
+    wg: &[W],
+    j: usize,
+    next: &mut DecodedZ,
+    xz: &[&[u8]; R],
+    b: usize,
+) -> ([__m512i; R], [__m256i; R]) {
+    let mut s = [[_mm512_setzero_si512(); 2]; R];
+    let mut m = [[_mm256_setzero_si256(); 2]; R];
+    for t in 0..2 {
+        let dz = *next;
+        if j + t + 1 < LANES {
+            let nw = &wg[j + t + 1];
+            // SAFETY: AVX2 and AVX-512 F/BW/VL, GFNI if GF (contract); j + t + 1 < 8.
+            *next = unsafe {
+                if GF {
+                    nw.decode_gf()
+                } else {
+                    nw.decode_z()
+                }
+            };
+        }
+        let bb = b + j + t;
+        for rr in 0..R {
+            let xq = &xz[rr][XZ_BLOCK * bb..XZ_BLOCK * (bb + 1)];
+            // SAFETY: AVX-512 VNNI/BW (contract); xq is one whole XZ_BLOCK (a checked slice).
+            let (i, mm) = unsafe { W::sums_z(&dz, xq) };
+            s[rr][t] = i;
+            m[rr][t] = mm;
+        }
+    }
+    let mut out = ([_mm512_setzero_si512(); R], [_mm256_setzero_si256(); R]);
+    for rr in 0..R {
+        // SAFETY: AVX-512 F, AVX2 (contract).
+        unsafe {
+            out.0[rr] = t32(s[rr][0], s[rr][1]);
+            out.1[rr] = t32y(m[rr][0], m[rr][1]);
+        }
+    }
+    out
+}
+
+/// Four super-blocks of a group from j (`pair` twice, then `t64` / `t64y`).
+///
+/// # Safety
+/// As `pair`; `j + 3 < LANES`.
+#[inline(always)]
+unsafe fn quad<W: RowK, const R: usize, const GF: bool>(
+    wg: &[W],
+    j: usize,
+    next: &mut DecodedZ,
+    xz: &[&[u8]; R],
+    b: usize,
+) -> ([__m512i; R], [__m256i; R]) {
+    // SAFETY: the caller's contract.
+    let (a0, m0) = unsafe { pair::<W, R, GF>(wg, j, next, xz, b) };
+    // SAFETY: as above.
+    let (a1, m1) = unsafe { pair::<W, R, GF>(wg, j + 2, next, xz, b) };
+    let mut out = ([_mm512_setzero_si512(); R], [_mm256_setzero_si256(); R]);
+    for rr in 0..R {
+        // SAFETY: AVX-512 F, AVX2 (contract).
+        unsafe {
+            out.0[rr] = t64(a0[rr], a1[rr]);
+            out.1[rr] = t64y(m0[rr], m1[rr]);
+        }
+    }
+    out
+}
+
+/// The f16 `d` (and `dmin`) of a group's 8 super-blocks as f32 (`RowK::HALF_OFF`): eight
+/// 4-byte loads and one `vpermw` (the word-by-word gather it replaced was a tenth of q2_K's
+/// kernel by perf).
+///
+/// # Safety
+/// AVX2, F16C, AVX-512 BW/VL must be available; `wg` holds 8 blocks.
+#[inline(always)]
+unsafe fn group_halves<W: RowK>(wg: &[W]) -> (__m256, __m256) {
+    debug_assert!(wg.len() >= LANES && W::HALF_OFF + 4 <= std::mem::size_of::<W>());
+    let word = |j: usize| {
+        // SAFETY: HALF_OFF + 4 <= size_of::<W>() (its doc), j < 8 <= wg.len().
+        unsafe {
+            let p = (wg.as_ptr().add(j) as *const u8).add(W::HALF_OFF);
+            std::ptr::read_unaligned(p as *const i32)
+        }
+    };
+    // [d0 dmin0 d1 dmin1 ..] as u16 (or [x d0 x d1 ..] where D_HIGH)
+    let v = _mm256_setr_epi32(
+        word(0),
+        word(1),
+        word(2),
+        word(3),
+        word(4),
+        word(5),
+        word(6),
+        word(7),
+    );
+    let (i0, i1) = if W::D_HIGH { (1, 0) } else { (0, 1) };
+    let idx = _mm256_setr_epi16(
+        i0,
+        i0 + 2,
+        i0 + 4,
+        i0 + 6,
+        i0 + 8,
+        i0 + 10,
+        i0 + 12,
+        i0 + 14,
+        i1,
+        i1 + 2,
+        i1 + 4,
+        i1 + 6,
+        i1 + 8,
+        i1 + 10,
+        i1 + 12,
+        i1 + 14,
+    );
+    let h = _mm256_permutexvar_epi16(idx, v);
+    let d = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    if W::OFFSET_SHIFT.is_some() {
+        (d, _mm256_setzero_ps())
+    } else {
+        (d, _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)))
+    }
+}
+
+/// `row_k_vnni` with GFNI (`RowK::decode_gf`).
+///
+/// # Safety
+/// As `row_k_vnni`, and GFNI must be available.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+unsafe fn row_k_vnni_gf<W: RowK, const R: usize, const PF: bool>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+    xz: [&[u8]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract.
+    unsafe { row_k::<W, R, PF, true>(w, x, xz) }
+}
+
+/// The kernel without GFNI.
+///
+/// # Safety
+/// As `dot_row_k_vnni`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
+pub(super) unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
+    w: &[W],
+    x: [&[BlockQ8K]; R],
+    xz: [&[u8]; R],
+) -> [f32; R] {
+    // SAFETY: the caller's contract.
+    unsafe { row_k::<W, R, PF, false>(w, x, xz) }
+}
+
+/// The body of `row_k_vnni` / `row_k_vnni_gf` (inlined into each with its features; the
+/// intrinsics need them).
+///
+/// # Safety
+/// As `dot_row_k_vnni`, and GFNI if GF.
+#[inline(always)]
+unsafe fn row_k<W: RowK, const R: usize, const PF: bool, const GF: bool>(
     w: &[W],
     x: [&[BlockQ8K]; R],
     xz: [&[u8]; R],
@@ -421,65 +651,42 @@ unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
             // 32.5-33.2 against the L1 prefetch 2 KiB ahead it replaced.
             prefetch_ahead(wg);
         }
-        let mut isum = [[_mm512_setzero_si512(); LANES]; R];
-        let mut msum = [[_mm256_setzero_si256(); LANES]; R];
+        let b = g * LANES;
         // Software-pipelined by one super-block: the decode of j + 1 (its scales are a long
-        // dependency chain) is issued before the sums of j.
-        // SAFETY: AVX2 and AVX-512 F/BW/VL, the caller's contract (`cpu::has_vnni_bw`).
-        let mut next = unsafe { wg[0].decode_z() };
-        for j in 0..LANES {
-            let dz = next;
-            if j + 1 < LANES {
-                // SAFETY: as above; j + 1 < 8 = wg.len().
-                next = unsafe { wg[j + 1].decode_z() };
+        // dependency chain) is issued before the sums of j; the reduction of the group's
+        // sums (`t32`, `t64`, `lanes8`) runs as they come, in registers.
+        // SAFETY: AVX2 and AVX-512 F/BW/VL, GFNI if GF: the caller's contract.
+        let mut next = unsafe {
+            if GF {
+                wg[0].decode_gf()
+            } else {
+                wg[0].decode_z()
             }
-            let b = g * LANES + j;
-            for rr in 0..R {
-                let xq = &xz[rr][XZ_BLOCK * b..XZ_BLOCK * (b + 1)];
-                // SAFETY: AVX-512 VNNI/BW (contract); xq is one whole XZ_BLOCK (a checked slice).
-                let (i, m) = unsafe { W::sums_z(&dz, xq) };
-                isum[rr][j] = i;
-                msum[rr][j] = m;
-            }
-        }
-        // (Loops, not `array::from_fn` or closures: a closure does not inherit the target
-        // features and is not inlined into this function.)
-        let (mut hd, mut hm) = ([0u16; LANES], [0u16; LANES]);
-        for j in 0..LANES {
-            let (d, dmin) = wg[j].halves();
-            hd[j] = u16::from_le_bytes(d);
-            hm[j] = u16::from_le_bytes(dmin);
-        }
-        // SAFETY: hd and hm are 8 u16, the 16 bytes loaded; F16C (contract).
-        let (dw, dmin) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(hd.as_ptr() as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(hm.as_ptr() as *const __m128i)),
-            )
         };
+        // SAFETY: as above; 0 + 3 and 4 + 3 < 8.
+        let (lo, mlo) = unsafe { quad::<W, R, GF>(wg, 0, &mut next, &xz, b) };
+        // SAFETY: as above.
+        let (hi, mhi) = unsafe { quad::<W, R, GF>(wg, 4, &mut next, &xz, b) };
+        // SAFETY: AVX2, F16C, AVX-512 BW/VL (contract); wg is 8 blocks.
+        let (dw, dmin) = unsafe { group_halves(wg) };
         for rr in 0..R {
-            let xg = &xz[rr][XZ_BLOCK * g * LANES..XZ_BLOCK * (g + 1) * LANES];
-            let mut xd = [0.0f32; LANES];
-            for (v, blk) in xd.iter_mut().zip(xg.chunks_exact(XZ_BLOCK)) {
-                *v = f32::from_le_bytes([blk[XZ_D], blk[XZ_D + 1], blk[XZ_D + 2], blk[XZ_D + 3]]);
-            }
-            // SAFETY: xd is 8 f32, the 32 bytes loaded; AVX (contract).
-            let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
-            let mut f = [_mm256_setzero_si256(); LANES];
-            for (o, &v) in f.iter_mut().zip(&isum[rr]) {
-                *o = fold(v);
-            }
-            let (is, ms) = (reduce8(&f), reduce8(&msum[rr]));
+            // the group's 8 activation scales, in its first block (`interleave_k4`)
+            let at = XZ_BLOCK * b + XZ_D;
+            let xd = &xz[rr][at..at + 32];
+            // SAFETY: 32 bytes (a checked slice); AVX (contract).
+            let xd = unsafe { _mm256_loadu_ps(xd.as_ptr() as *const f32) };
+            let is = lanes8(lo[rr], hi[rr]);
             let (is, ms) = match W::OFFSET_SHIFT {
-                // Σ sc (q - 2^s) x = Σ sc q x - 2^s Σ sc bsum; no min
-                Some(sh) => (
+                // Σ sc (q - 2^s) x = Σ sc q x - 2^s Σ sc bsum, already in `is`; no min
+                Some(_) => (_mm256_cvtepi32_ps(is), _mm256_setzero_ps()),
+                // the min sums come negated (the `bsums` are)
+                None => (
+                    _mm256_cvtepi32_ps(is),
                     _mm256_cvtepi32_ps(_mm256_sub_epi32(
-                        is,
-                        _mm256_sllv_epi32(ms, _mm256_set1_epi32(sh)),
+                        _mm256_setzero_si256(),
+                        lanes8y(mlo[rr], mhi[rr]),
                     )),
-                    _mm256_setzero_ps(),
                 ),
-                None => (_mm256_cvtepi32_ps(is), _mm256_cvtepi32_ps(ms)),
             };
             // block_k_product: (d·xd)·isum - (dmin·xd)·msum, then acc += p
             let p = _mm256_sub_ps(
