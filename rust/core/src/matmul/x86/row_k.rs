@@ -12,8 +12,8 @@ use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LA
 
 mod low;
 mod vnni;
-use vnni::{dot_row_k_vnni, RowK};
-pub use vnni::{interleave_k4, xz_order, XzOrder, XZ_BLOCK};
+use vnni::dot_row_k_vnni;
+pub use vnni::{dot_rows_k_vnni, interleave_k4, xz_order, RowK, XzOrder, XZ_BLOCK};
 #[cfg(test)]
 mod tests;
 

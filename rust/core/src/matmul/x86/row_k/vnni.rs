@@ -601,6 +601,76 @@ unsafe fn group_halves<W: RowK>(wg: &[W]) -> (__m256, __m256) {
     }
 }
 
+/// `dot_row_k_vnni` with one activation row for consecutive weight rows of `nb` super-blocks
+/// each: `out[i]` = row i's (the same operations). At M = 1 the per-row way through the plan's
+/// dispatch (`Plan::dots`) cost about a sixth of a q2_K row of K = 4096 by perf.
+///
+/// # Safety
+/// `crate::cpu::has_vnni_bw()` must be true.
+pub unsafe fn dot_rows_k_vnni<W: RowK>(
+    w: &[W],
+    nb: usize,
+    x: &[BlockQ8K],
+    xz: &[u8],
+    long: bool,
+    out: &mut [f32],
+) {
+    assert!(
+        nb > 0 && w.len() >= nb * out.len() && x.len() >= nb && xz.len() >= XZ_BLOCK * nb,
+        "dot_rows_k_vnni: {} weight blocks, {} activation blocks, {} prepared bytes for {} rows of {nb}",
+        w.len(),
+        x.len(),
+        xz.len(),
+        out.len()
+    );
+    let gf = W::GF_DECODE && crate::cpu::has_vbmi_gfni();
+    // SAFETY: the caller's contract; the lengths checked above; GFNI where gf.
+    unsafe {
+        match (long, gf) {
+            (true, true) => rows_k_gf::<W, true>(w, nb, x, xz, out),
+            (false, true) => rows_k_gf::<W, false>(w, nb, x, xz, out),
+            (true, false) => rows_k_plain::<W, true>(w, nb, x, xz, out),
+            (false, false) => rows_k_plain::<W, false>(w, nb, x, xz, out),
+        }
+    }
+}
+
+/// `dot_rows_k_vnni` with GFNI.
+///
+/// # Safety
+/// As `dot_rows_k_vnni` with the lengths checked, and GFNI must be available.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni,gfni")]
+unsafe fn rows_k_gf<W: RowK, const PF: bool>(
+    w: &[W],
+    nb: usize,
+    x: &[BlockQ8K],
+    xz: &[u8],
+    out: &mut [f32],
+) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb)) {
+        // SAFETY: the caller's contract; one activation block (and XZ_BLOCK bytes) per block.
+        *o = unsafe { row_k::<W, 1, PF, true>(row, [x], [xz]) }[0];
+    }
+}
+
+/// `dot_rows_k_vnni` without GFNI.
+///
+/// # Safety
+/// As `dot_rows_k_vnni` with the lengths checked.
+#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn rows_k_plain<W: RowK, const PF: bool>(
+    w: &[W],
+    nb: usize,
+    x: &[BlockQ8K],
+    xz: &[u8],
+    out: &mut [f32],
+) {
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(nb)) {
+        // SAFETY: the caller's contract; one activation block (and XZ_BLOCK bytes) per block.
+        *o = unsafe { row_k::<W, 1, PF, false>(row, [x], [xz]) }[0];
+    }
+}
+
 /// `row_k_vnni` with GFNI (`RowK::decode_gf`).
 ///
 /// # Safety
