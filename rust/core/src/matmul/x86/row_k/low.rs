@@ -19,7 +19,6 @@
 
 use std::arch::x86_64::*;
 
-use super::super::k_low::scales_q3_k_aux;
 use super::vnni::{load_idx32, DecodedZ, RowK, XzOrder, SCL_Q6};
 use crate::formats::blocks::*;
 use crate::matmul::reference::KVALUES_IQ4NL;
@@ -122,6 +121,24 @@ impl RowK for BlockQ2K {
     }
 }
 
+/// `k_low::scales_q3_k_aux` (`scales_q3_k_kmask` before the -32) in one register (ggml's masks on its four dwords; the scalar
+/// version and its four inserts were most of q3_K's decode outside the quants): dword i is
+/// `(A_i & 0x0f..) | (((tmp >> 2i) & 0x03..) << 4)`, A = a0, a1, a0 >> 4, a1 >> 4.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scales_q3_vec(w: &BlockQ3K) -> __m128i {
+    // SAFETY: the 16 bytes from offset 92 (the last 4 of qs, then the 12 scale bytes; `d`
+    // follows) are inside the block: dwords [qs tail, a0, a1, tmp].
+    let v =
+        unsafe { _mm_loadu_si128((w as *const BlockQ3K as *const u8).add(92) as *const __m128i) };
+    let a = _mm_srlv_epi32(_mm_shuffle_epi32::<0x99>(v), _mm_setr_epi32(0, 0, 4, 4));
+    let t = _mm_srlv_epi32(_mm_shuffle_epi32::<0xff>(v), _mm_setr_epi32(0, 2, 4, 6));
+    _mm_or_si128(
+        _mm_and_si128(a, _mm_set1_epi32(0x0f0f_0f0f)),
+        _mm_slli_epi32(_mm_and_si128(t, _mm_set1_epi32(0x0303_0303)), 4),
+    )
+}
+
 /// q3_K's `DecodedZ` around its low bits `q` (`low2` or `low2_gf`): hmask's bits on bit 2,
 /// the scales.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
@@ -144,11 +161,7 @@ unsafe fn decode_q3(w: &BlockQ3K, mut q: [__m512i; 4]) -> DecodedZ {
         // v | (h & 4)
         *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, four);
     }
-    let aux = scales_q3_k_aux(&w.scales);
-    let sc8 = _mm_sub_epi8(
-        _mm_set_epi32(aux[3] as i32, aux[2] as i32, aux[1] as i32, aux[0] as i32),
-        _mm_set1_epi8(32),
-    );
+    let sc8 = _mm_sub_epi8(scales_q3_vec(w), _mm_set1_epi8(32));
     let sc = _mm256_cvtepi8_epi16(sc8);
     DecodedZ {
         q,

@@ -3,7 +3,8 @@
 //! rows, with and without the weight prefetch; saturating quants and scales; and the
 //! dispatch through `qmatmul` at M = 1 (short rows and rows above `LONG_K`).
 
-use super::vnni::{dot_row_k_vnni, interleave_k4, row_k_vnni, RowK, XZ_BLOCK};
+use super::group::{dot_row_k_vnni, row_k_vnni};
+use super::vnni::{interleave_k4, RowK, XZ_BLOCK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
 use crate::matmul::tests::{blocks, Rng};
