@@ -188,7 +188,7 @@ pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [
         }
         o[XZ_D..].fill(0);
         let at = i % nb.max(1);
-        let group_start = at % LANES == 0 && at + LANES <= nb;
+        let group_start = at.is_multiple_of(LANES) && at + LANES <= nb;
         let ds = if group_start { LANES } else { 1 };
         for (t, d) in o[XZ_D..XZ_D + 4 * ds].chunks_exact_mut(4).enumerate() {
             d.copy_from_slice(&blocks[i + t].d.to_le_bytes());
