@@ -225,6 +225,26 @@ def test_generate_fast_decode_matches_the_dequantizing_path(tiny_model, kind, mo
     assert torch.allclose(fast[:, :same], slow[:, :same], atol=2e-4, rtol=0)
 
 
+def test_fast_decode_false_keeps_the_dequantizing_path_after_a_fast_cache(
+    tiny_model, monkeypatch
+) -> None:
+    """`fast_decode=False` is the dequantizing path even when an earlier fast cache already
+    switched the config to `ferroquant_kv` (it did not: the layers asked only the config, so a
+    second "slow" run took the native decode; issue 19's "two runs of the same path differ")."""
+    calls = []
+    real = QuantizedLayer.attend_decode
+    monkeypatch.setattr(
+        QuantizedLayer, "attend_decode", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    QuantizedCache(tiny_model.config, "int2")  # switches the config to ferroquant_kv
+    assert tiny_model.config._attn_implementation == attention.NAME
+    ids = torch.arange(5, 5 + 40).remainder(256).unsqueeze(0)
+    _decode_logits(tiny_model, "int2", False, ids, 6)
+    assert not calls
+    _decode_logits(tiny_model, "int2", True, ids, 6)
+    assert len(calls) == 5 * 2  # the fast cache still takes it: every decode step, both layers
+
+
 def test_other_caches_see_no_change(tiny_model) -> None:
     from transformers import DynamicCache
 

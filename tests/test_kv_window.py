@@ -24,6 +24,8 @@ from ferroquant.kv.types import kv_cache_bytes, kv_full_precision_tokens
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from test_kv_attention import _reference as attention_reference  # noqa: E402
+
 from ferroquant.kv import QuantizedCache, attention, rotate  # noqa: E402
 from ferroquant.kv.cache import QuantizedLayer, _Workspace  # noqa: E402
 
@@ -210,9 +212,9 @@ def test_size_formula_per_sequence_constant() -> None:
 
 # ------------------------------------------------------------------- the decode step's attention
 def _reference(q, k, v, scale, mask=None):
-    """test_kv_attention's float64 attention (its output only)."""
-    from test_kv_attention import _reference as attention_reference
-
+    """test_kv_attention's float64 attention (its output only; imported at the top: imported
+    here, inside a hypothesis test, its module's own @given tests failed hypothesis's
+    nested-given health check whenever this file ran without test_kv_attention.py)."""
     return attention_reference(q, k, v, scale, mask)[0]
 
 
@@ -292,14 +294,32 @@ def tiny_model():
 _logits = tiny_llama.greedy_logits
 
 
-def test_generate_int2_float_and_quantlinear_batch_with_padding(tiny_model) -> None:
+def test_generate_int2_float_and_quantlinear_batch_with_padding(tiny_model, monkeypatch) -> None:
     """int2 with its defaults (group 32 here: head_dim 32; window 128): a 150-token prompt and
-    60 decode steps cross group quantizations in prefill and decode; the fast decode path gives
-    the dequantizing path's logits, on a float and a QuantLinear model, batch 2 left-padded."""
+    60 decode steps cross group quantizations in prefill and decode, batch 2 left-padded. The
+    float model: the fast decode path gives the dequantizing path's logits. The q8_0 QuantLinear
+    model (its prefill, M = 300, on the bf16 tiles where AMX runs them): every decode step's
+    native attention within the float64 bound of the attention on the dequantized states, and
+    the same prefill logits bit for bit. Not its logits within 2e-4: its decode Linears (M = 2)
+    quantize their activations to q8_0, so the two attentions' float-rounding difference (~1e-7)
+    can flip one activation's rounding and move a step's logits by ~2e-3 (issue 19: seen on this
+    prompt with the bf16 route on, on others with it off)."""
     ids = torch.arange(150).remainder(256).repeat(2, 1)
     mask = torch.ones_like(ids)
     mask[0, :11] = 0
-    for model in (tiny_model, fq.quantize_model(copy.deepcopy(tiny_model), "q8_0")):
+    qmodel = fq.quantize_model(copy.deepcopy(tiny_model), "q8_0")
+    errors: list[tuple[float, float]] = []
+    real = QuantizedLayer.attend_decode
+
+    def checked(layer, query, key_states, value_states, kmask, scale, reference=False):
+        out = real(layer, query, key_states, value_states, kmask, scale, reference)
+        rk, rv = layer.states_for_attention(key_states, value_states)
+        want = _reference(query, rk, rv, scale, None if kmask is None else kmask.bool())
+        err = (out.transpose(1, 2).double() - want).abs().max().item()
+        errors.append((err, _bound(query, rk, rv, scale, layer)))
+        return out
+
+    for model in (tiny_model, qmodel):
         slow_cache = QuantizedCache(model.config, "int2", fast_decode=False)
         slow_seq, slow = _logits(model, slow_cache, ids, 60, mask)
         fast_cache = QuantizedCache(model.config, "int2")
@@ -308,9 +328,16 @@ def test_generate_int2_float_and_quantlinear_batch_with_padding(tiny_model) -> N
             128,
             True,
         )
+        if model is qmodel:
+            monkeypatch.setattr(QuantizedLayer, "attend_decode", checked)
         fast_seq, fast = _logits(model, fast_cache, ids, 60, mask)
         assert fast_cache.layers[0].n_quantized == 32 * ((210 - 1 - 128) // 32)
         same = int((fast_seq == slow_seq).all(0).long().cumprod(0).sum()) - 150
         assert same >= 8
-        assert torch.allclose(fast[:, :same], slow[:, :same], atol=2e-4, rtol=0)
+        if model is tiny_model:
+            assert torch.allclose(fast[:, :same], slow[:, :same], atol=2e-4, rtol=0)
+        else:
+            assert torch.equal(fast[:, 0], slow[:, 0])  # the prefill: the same path
+            assert len(errors) == 59 * 2  # every decode step, both layers
+            assert all(err <= bound for err, bound in errors), max(errors)
         assert torch.isfinite(fast).all()

@@ -171,7 +171,9 @@ def test_without_a_runtime_the_pool_runs():
 
 
 def test_quantlinear_switch(monkeypatch):
-    lin = QuantLinear.from_linear(nn.Linear(K, 96), "q4_0")
+    # N = 320: several tasks on every path (with FERROQUANT_GGML_BF16=12 the 48 rows take the
+    # bf16 tiles, whose jobs are 144 weight rows: at N = 96 one job, no region)
+    lin = QuantLinear.from_linear(nn.Linear(K, 320), "q4_0")
     x = torch.randn(48, K, dtype=torch.bfloat16)
     monkeypatch.setenv("FERROQUANT_OPENMP", "off")
     assert not nn_openmp.torch_team()

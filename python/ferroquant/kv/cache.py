@@ -583,11 +583,14 @@ class QuantizedCache(Cache):
             attention.register()
             if getattr(config, "_attn_implementation", None) == "sdpa":
                 config._attn_implementation = attention.NAME
+        # `fast_decode=False` must not follow the config: an earlier fast cache may already have
+        # switched it to `ferroquant_kv` (then a "slow" cache took the native decode too)
+        uses_fast = _uses_ferroquant_kv(config) if fast_decode else _never
         layers = [
             QuantizedLayer(
                 kind,
                 self.workspace,
-                _uses_ferroquant_kv(config),
+                uses_fast,
                 sinks=sinks,
                 residual=residual,
                 rotation=kv_rotation,
@@ -604,6 +607,11 @@ class QuantizedCache(Cache):
 
     def workspace_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for p in self.workspace.bufs.values() for t in p)
+
+
+def _never() -> bool:
+    """A `fast_decode=False` cache's layers: never the native decode."""
+    return False
 
 
 def _uses_ferroquant_kv(config: Any) -> Callable[[], bool]:

@@ -7,7 +7,7 @@
 //! | `FERROQUANT_NUM_THREADS` | when the pool is first built | threads of the rayon pool (`parallel`); unset, 0 or not a number: all cores |
 //! | `FERROQUANT_MAX_ISA` | once per process | x86-64: "avx2" (AVX2 / FMA / F16C only: no AVX-512, no AVX-VNNI), "avxvnni" (no AVX-512) or "avx512" (no AMX) caps the kernels below what the CPU has, to run and measure the paths of older CPUs; unset or anything else: no cap |
 //! | `FERROQUANT_AVX2_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of CPUs without AVX-512 (`matmul/gemm_avx2.rs`) is off and the row kernels run (for benchmarks: `bench_matmul.py --avx2-rows`) |
-//! | `FERROQUANT_GGML_BF16` | at every qmatmul call that would take it | "1": the ggml formats take the bf16 GEMM on AMX tiles (`matmul::ggml_bf16_min_m`, where AMX bf16 is usable) from each format's measured threshold (80 rows; q8_0 / iq4_nl 96); a number n >= 2: from n rows; unset, "0" or anything else: never (their int8 paths at every M; opt-in since a run-to-run difference on this route is not yet explained) |
+//! | `FERROQUANT_GGML_BF16` | at every qmatmul call that would take it | unset, "1" or not a number: the ggml formats take the bf16 GEMM on AMX tiles (`matmul::ggml_bf16_min_m`, where AMX bf16 is usable) from each format's measured threshold (80 rows; q8_0 / iq4_nl 96); a number n >= 2: from n rows (at least `AMX_BF16_MIN_M`); "0": never (their int8 paths at every M, as on CPUs without AMX bf16) |
 //! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
 //! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
 //! | `FERROQUANT_FUZZ_SEED` | tests | seed (u64) of the GGUF mutation fuzz test |
@@ -49,7 +49,7 @@ pub fn avx2_gemm() -> bool {
 }
 
 /// `FERROQUANT_GGML_BF16`: `Some(0)` for "0" (off), `Some(n)` for a number n, `None` when
-/// unset or not a number (read at every call that asks).
+/// unset or not a number (the default: on; read at every call that asks).
 pub fn ggml_bf16() -> Option<usize> {
     parsed("FERROQUANT_GGML_BF16")
 }

@@ -11,7 +11,7 @@ use crate::qtype::QType;
 /// paths (`x86/decode16_ggml.rs`: the format's dequantized values rounded to bf16, activations
 /// rounded to bf16, the tiles' f32 sums: within `x86::amx_bf16::error_bound` of the float64
 /// product, no longer the q8 activations' bits), or 0 where it does not (no AMX bf16, another
-/// format, or `FERROQUANT_GGML_BF16=0`).
+/// format, or `FERROQUANT_GGML_BF16=0`). On by default where AMX bf16 is usable.
 pub fn ggml_bf16_min_m(qtype: QType) -> usize {
     #[cfg(test)]
     if GGML_INT8.with(|c| c.get()) {
@@ -22,13 +22,13 @@ pub fn ggml_bf16_min_m(qtype: QType) -> usize {
         && super::bf16_gemm_min_m() > 0
         && x86::amx_bf16::use_amx(usize::MAX)
     {
-        // Opt-in (`FERROQUANT_GGML_BF16=1`: the measured thresholds; n >= 2: from n rows): on
-        // by default, transformers' generate with an int2 cache and a q8_0 QuantLinear model gave
-        // different logits run to run (tests/test_kv_window.py, session 14) — something on this
-        // route reads memory it did not write; until that is found it stays off unless asked.
+        // On by default (unset, "1" or anything not a number: the measured thresholds);
+        // "0" off; a number n >= 2: from n rows. (Session 14 kept it opt-in over a "run-to-run
+        // difference" that was two different attention paths, not this route: issue 19,
+        // tests/test_kv_attention.py::test_fast_decode_false_keeps_the_dequantizing_path_*.)
         return match crate::config::ggml_bf16() {
-            Some(0) | None => 0,
-            Some(1) => ggml_bf16_default_min_m(qtype),
+            Some(0) => 0,
+            None | Some(1) => ggml_bf16_default_min_m(qtype),
             Some(n) => n.max(x86::amx_bf16::AMX_BF16_MIN_M),
         };
     }

@@ -144,7 +144,7 @@ pub unsafe fn prepare(x: &[f32], m: usize, k: usize, par: bool) -> Acts16 {
     let stride = pairs + 16;
     let vectors = m.div_ceil(16);
     let mut out = vec![Pairs16::default(); vectors * stride];
-    let one = |(v, o): (usize, &mut [Pairs16])| {
+    let one = |v: usize, o: &mut [Pairs16]| {
         for l in 0..16 {
             let row = 16 * v + l;
             if row >= m {
@@ -161,10 +161,13 @@ pub unsafe fn prepare(x: &[f32], m: usize, k: usize, par: bool) -> Acts16 {
         }
     };
     if par && vectors > 1 {
-        use rayon::prelude::*;
-        crate::parallel::install(|| out.par_chunks_mut(stride).enumerate().for_each(one));
+        // (the pool, or torch's OpenMP team inside `parallel::on_openmp`, as the other paths'
+        // activations: one team for the whole call)
+        crate::parallel::for_each_chunk_mut(&mut out, stride, one);
     } else {
-        out.chunks_mut(stride).enumerate().for_each(one);
+        out.chunks_mut(stride)
+            .enumerate()
+            .for_each(|(v, o)| one(v, o));
     }
     Acts16 {
         x: out,
