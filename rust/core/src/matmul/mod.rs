@@ -446,6 +446,10 @@ impl Plan<'_> {
                     i += 1;
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && i < rows {
+                i += self.rows_k(n0 + i, &mut yt[i..rows]);
+            }
             while i < rows {
                 self.dots(
                     n0 + i,
@@ -552,6 +556,8 @@ mod gemm_bf16;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
 mod plan;
+#[cfg(target_arch = "x86_64")]
+mod rows_k;
 use plan::plan;
 
 /// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (`gemm.rs`, or the bf16 GEMM

@@ -536,7 +536,7 @@ pub(super) fn plan<'a>(
             let xz = match x86::xz_order(w.qtype) {
                 Some(order) if !tile && simd && crate::cpu::has_vnni_bw() => {
                     let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
-                    x86::interleave_k4(&blocks, order, bytemuck::cast_slice_mut(&mut v));
+                    x86::interleave_k4(&blocks, nb, order, bytemuck::cast_slice_mut(&mut v));
                     v
                 }
                 _ => Vec::new(),

@@ -10,10 +10,12 @@ use super::prefetch_ahead;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 
+mod group;
 mod low;
 mod vnni;
-use vnni::{dot_row_k_vnni, RowK};
-pub use vnni::{interleave_k4, xz_order, XzOrder, XZ_BLOCK};
+use group::dot_row_k_vnni;
+pub use group::dot_rows_k_vnni;
+pub use vnni::{interleave_k4, xz_order, RowK, XzOrder, XZ_BLOCK};
 #[cfg(test)]
 mod tests;
 

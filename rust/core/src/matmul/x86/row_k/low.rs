@@ -19,7 +19,6 @@
 
 use std::arch::x86_64::*;
 
-use super::super::k_low::scales_q3_k_aux;
 use super::vnni::{load_idx32, DecodedZ, RowK, XzOrder, SCL_Q6};
 use crate::formats::blocks::*;
 use crate::matmul::reference::KVALUES_IQ4NL;
@@ -63,68 +62,132 @@ unsafe fn low2(qs: &[u8; QK_K / 4]) -> [__m512i; 4] {
     q
 }
 
+/// A `vgf2p8affineqb` matrix that moves bits b and b + 1 of each byte to bits 0 and 1 and
+/// clears the rest (row i of the matrix, byte 7 - i, selects the input bits of output bit i).
+const fn gf_bits2(b: u32) -> i64 {
+    (((1u64 << b) << 56) | ((1u64 << (b + 1)) << 48)) as i64
+}
+
+/// `low2` by GFNI: one `vgf2p8affineqb` a vector instead of a shift and a mask (the
+/// matrices differ per 64-bit lane: bits 4j..4j+1 in the low half, 4j+2..4j+3 in the high).
+#[target_feature(enable = "avx2,avx512f,avx512bw,gfni")]
+#[inline]
+unsafe fn low2_gf(qs: &[u8; QK_K / 4]) -> [__m512i; 4] {
+    let mut q = [_mm512_setzero_si512(); 4];
+    for h in 0..2 {
+        // SAFETY: 32 bytes inside qs (64).
+        let v = unsafe {
+            _mm512_broadcast_i64x4(_mm256_loadu_si256(qs[32 * h..].as_ptr() as *const __m256i))
+        };
+        for j in 0..2 {
+            let (lo, hi) = (gf_bits2(4 * j), gf_bits2(4 * j + 2));
+            let m = _mm512_set_epi64(hi, hi, hi, hi, lo, lo, lo, lo);
+            q[2 * h + j as usize] = _mm512_gf2p8affine_epi64_epi8::<0>(v, m);
+        }
+    }
+    q
+}
+
+/// q2_K's `DecodedZ` around its low bits `q` (`low2` or `low2_gf`).
+#[target_feature(enable = "avx2,avx512f,avx512bw")]
+#[inline]
+unsafe fn decode_q2(w: &BlockQ2K, q: [__m512i; 4]) -> DecodedZ {
+    // SAFETY: 16 bytes of scales.
+    let sc = unsafe { _mm_loadu_si128(w.scales.as_ptr() as *const __m128i) };
+    let m4 = _mm_set1_epi8(15);
+    DecodedZ {
+        q,
+        // SAFETY: AVX-512 F/BW (this function's features).
+        scl: unsafe { scl_groups16(_mm256_cvtepu8_epi16(_mm_and_si128(sc, m4))) },
+        bmul: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4)),
+    }
+}
+
 impl RowK for BlockQ2K {
     const ORDER: XzOrder = XzOrder::Elements;
     const OFFSET_SHIFT: Option<i32> = None;
+    // d, dmin: the last 4 of 84 bytes
+    const HALF_OFF: usize = 80;
+    const GF_DECODE: bool = true;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
-        // SAFETY: AVX-512 F/BW available (contract); 16 bytes of scales.
-        unsafe {
-            let sc = _mm_loadu_si128(self.scales.as_ptr() as *const __m128i);
-            let m4 = _mm_set1_epi8(15);
-            DecodedZ {
-                q: low2(&self.qs),
-                scl: scl_groups16(_mm256_cvtepu8_epi16(_mm_and_si128(sc, m4))),
-                bmul: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4)),
-            }
-        }
+        // SAFETY: AVX-512 F/BW available (contract).
+        unsafe { decode_q2(self, low2(&self.qs)) }
     }
     #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, self.dmin)
+    unsafe fn decode_gf(&self) -> DecodedZ {
+        // SAFETY: AVX-512 F/BW and GFNI available (contract).
+        unsafe { decode_q2(self, low2_gf(&self.qs)) }
+    }
+}
+
+/// `k_low::scales_q3_k_aux` (`scales_q3_k_kmask` before the -32) in one register (ggml's masks on its four dwords; the scalar
+/// version and its four inserts were most of q3_K's decode outside the quants): dword i is
+/// `(A_i & 0x0f..) | (((tmp >> 2i) & 0x03..) << 4)`, A = a0, a1, a0 >> 4, a1 >> 4.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn scales_q3_vec(w: &BlockQ3K) -> __m128i {
+    // SAFETY: the 16 bytes from offset 92 (the last 4 of qs, then the 12 scale bytes; `d`
+    // follows) are inside the block: dwords [qs tail, a0, a1, tmp].
+    let v =
+        unsafe { _mm_loadu_si128((w as *const BlockQ3K as *const u8).add(92) as *const __m128i) };
+    let a = _mm_srlv_epi32(_mm_shuffle_epi32::<0x99>(v), _mm_setr_epi32(0, 0, 4, 4));
+    let t = _mm_srlv_epi32(_mm_shuffle_epi32::<0xff>(v), _mm_setr_epi32(0, 2, 4, 6));
+    _mm_or_si128(
+        _mm_and_si128(a, _mm_set1_epi32(0x0f0f_0f0f)),
+        _mm_slli_epi32(_mm_and_si128(t, _mm_set1_epi32(0x0303_0303)), 4),
+    )
+}
+
+/// q3_K's `DecodedZ` around its low bits `q` (`low2` or `low2_gf`): hmask's bits on bit 2,
+/// the scales.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn decode_q3(w: &BlockQ3K, mut q: [__m512i; 4]) -> DecodedZ {
+    // SAFETY: 32 bytes of hmask.
+    let hm = unsafe { _mm256_loadu_si256(w.hmask.as_ptr() as *const __m256i) };
+    let hm = _mm512_broadcast_i64x4(hm);
+    let four = _mm512_set1_epi8(4);
+    for (i, v) in q.iter_mut().enumerate() {
+        // bit t of hmask[l] is bit 2 of element 32t + l's stored value; vector i holds
+        // sub-blocks t = 2i (low half) and 2i + 1 (high). A 64-bit rotate by 2 - t
+        // (mod 64) puts bit t of every byte on its bit 2; the mask drops the rest.
+        let h = match i {
+            0 => _mm512_rolv_epi64(hm, _mm512_set_epi64(1, 1, 1, 1, 2, 2, 2, 2)),
+            1 => _mm512_rolv_epi64(hm, _mm512_set_epi64(63, 63, 63, 63, 0, 0, 0, 0)),
+            2 => _mm512_rolv_epi64(hm, _mm512_set_epi64(61, 61, 61, 61, 62, 62, 62, 62)),
+            _ => _mm512_rolv_epi64(hm, _mm512_set_epi64(59, 59, 59, 59, 60, 60, 60, 60)),
+        };
+        // v | (h & 4)
+        *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, four);
+    }
+    let sc8 = _mm_sub_epi8(scales_q3_vec(w), _mm_set1_epi8(32));
+    let sc = _mm256_cvtepi8_epi16(sc8);
+    DecodedZ {
+        q,
+        // SAFETY: AVX-512 F/BW (this function's features).
+        scl: unsafe { scl_groups16(sc) },
+        // the scales times 4 (the offset; |sc| <= 32)
+        bmul: _mm256_slli_epi16(sc, 2),
     }
 }
 
 impl RowK for BlockQ3K {
     const ORDER: XzOrder = XzOrder::Elements;
     const OFFSET_SHIFT: Option<i32> = Some(2);
+    // d: the last 2 of 110 bytes
+    const HALF_OFF: usize = 106;
+    const D_HIGH: bool = true;
+    const GF_DECODE: bool = true;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
-        // SAFETY: AVX-512 F/BW/VL available (contract); 32 bytes of hmask.
-        unsafe {
-            let mut q = low2(&self.qs);
-            let hm =
-                _mm512_broadcast_i64x4(_mm256_loadu_si256(self.hmask.as_ptr() as *const __m256i));
-            let four = _mm512_set1_epi8(4);
-            for (i, v) in q.iter_mut().enumerate() {
-                // bit t of hmask[l] is bit 2 of element 32t + l's stored value; vector i holds
-                // sub-blocks t = 2i (low half) and 2i + 1 (high). A 64-bit rotate by 2 - t
-                // (mod 64) puts bit t of every byte on its bit 2; the mask drops the rest.
-                let h = match i {
-                    0 => _mm512_rolv_epi64(hm, _mm512_set_epi64(1, 1, 1, 1, 2, 2, 2, 2)),
-                    1 => _mm512_rolv_epi64(hm, _mm512_set_epi64(63, 63, 63, 63, 0, 0, 0, 0)),
-                    2 => _mm512_rolv_epi64(hm, _mm512_set_epi64(61, 61, 61, 61, 62, 62, 62, 62)),
-                    _ => _mm512_rolv_epi64(hm, _mm512_set_epi64(59, 59, 59, 59, 60, 60, 60, 60)),
-                };
-                // v | (h & 4)
-                *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, four);
-            }
-            let aux = scales_q3_k_aux(&self.scales);
-            let sc8 = _mm_sub_epi8(
-                _mm_set_epi32(aux[3] as i32, aux[2] as i32, aux[1] as i32, aux[0] as i32),
-                _mm_set1_epi8(32),
-            );
-            let sc = _mm256_cvtepi8_epi16(sc8);
-            DecodedZ {
-                q,
-                scl: scl_groups16(sc),
-                bmul: sc,
-            }
-        }
+        // SAFETY: AVX-512 F/BW/VL available (contract).
+        unsafe { decode_q3(self, low2(&self.qs)) }
     }
     #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, [0, 0])
+    unsafe fn decode_gf(&self) -> DecodedZ {
+        // SAFETY: AVX-512 F/BW/VL and GFNI available (contract).
+        unsafe { decode_q3(self, low2_gf(&self.qs)) }
     }
 }
 
@@ -159,6 +222,8 @@ const XS_BMUL_IDX: [i16; 16] = [0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14
 impl RowK for BlockIQ4XS {
     const ORDER: XzOrder = XzOrder::Nibbles;
     const OFFSET_SHIFT: Option<i32> = Some(7);
+    // d, scales_h
+    const HALF_OFF: usize = 0;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 F/BW/VL available (contract); 64-byte loads inside qs (128), the
@@ -199,34 +264,40 @@ impl RowK for BlockIQ4XS {
                     _mm512_permutexvar_epi32(idx0, sz),
                     _mm512_permutexvar_epi32(idx1, sz),
                 ],
+                // the scales times 128 (the offset; |sc| <= 32: fits i16)
                 bmul: _mm256_permutexvar_epi16(
                     _mm256_loadu_si256(XS_BMUL_IDX.as_ptr() as *const __m256i),
-                    sc,
+                    _mm256_slli_epi32(sc, 7),
                 ),
             }
         }
     }
-    /// Σ sc·(q + 128)·x in i32: `vpdpbusd`, then `vpmulld` by the sub-block scales (no packs,
-    /// see the module comment).
+    /// Σ sc·(q + 128)·x - 128·Σ sc·bsum in i32: `vpdpbusd` twice into one register (vectors
+    /// 0, 1 and 2, 3 have the same sub-blocks' scales in each lane: below 8·241·128 < 2^18),
+    /// then one `vpmulld` by the scales per pair (no packs, see the module comment), and the
+    /// offset by `vpdpwssd` with the negated `bsums` (`interleave_k4`).
     #[inline(always)]
     unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
         debug_assert!(xq.len() >= super::vnni::XZ_BLOCK);
         let z = _mm512_setzero_si512();
         let mut s = z;
-        for i in 0..4 {
-            // SAFETY: 64 bytes inside xq (256); AVX-512 F/BW/VNNI (contract).
+        for h in 0..2 {
+            // SAFETY: 64-byte loads inside xq (256); AVX-512 F/BW/VNNI (contract).
             unsafe {
-                let xv = _mm512_loadu_si512(xq[64 * i..].as_ptr() as *const __m512i);
-                let p = _mm512_dpbusd_epi32(z, d.q[i], xv);
-                s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, d.scl[i / 2]));
+                let x0 = _mm512_loadu_si512(xq[128 * h..].as_ptr() as *const __m512i);
+                let x1 = _mm512_loadu_si512(xq[128 * h + 64..].as_ptr() as *const __m512i);
+                let p = _mm512_dpbusd_epi32(z, d.q[2 * h], x0);
+                let p = _mm512_dpbusd_epi32(p, d.q[2 * h + 1], x1);
+                s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, d.scl[h]));
             }
         }
-        // SAFETY: 32 bytes of bsums (offset QK_K inside the block); AVX2 (contract).
+        // SAFETY: 32 bytes of bsums (offset QK_K inside the block); AVX2, AVX-512 (contract).
         let bs = unsafe { _mm256_loadu_si256(xq[QK_K..].as_ptr() as *const __m256i) };
-        (s, _mm256_madd_epi16(bs, d.bmul))
-    }
-    #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, [0, 0])
+        let s = _mm512_dpwssd_epi32(
+            s,
+            _mm512_zextsi256_si512(bs),
+            _mm512_zextsi256_si512(d.bmul),
+        );
+        (s, _mm256_setzero_si256())
     }
 }

@@ -3,7 +3,8 @@
 //! rows, with and without the weight prefetch; saturating quants and scales; and the
 //! dispatch through `qmatmul` at M = 1 (short rows and rows above `LONG_K`).
 
-use super::vnni::{dot_row_k_vnni, interleave_k4, RowK, XZ_BLOCK};
+use super::group::{dot_row_k_vnni, row_k_vnni};
+use super::vnni::{interleave_k4, RowK, XZ_BLOCK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
 use crate::matmul::tests::{blocks, Rng};
@@ -31,7 +32,7 @@ fn acts(rng: &mut Rng, nb: usize, scale: f32) -> Vec<BlockQ8K> {
 /// The activations by `interleave_k4` (what `qmatmul` prepares; here not 64-byte aligned).
 fn interleaved<W: RowK>(x: &[BlockQ8K]) -> Vec<u8> {
     let mut v = vec![0u8; x.len() * XZ_BLOCK];
-    interleave_k4(x, W::ORDER, &mut v);
+    interleave_k4(x, x.len(), W::ORDER, &mut v);
     v
 }
 
@@ -49,6 +50,11 @@ fn check<W: RowK>(w: &[W], rows: &[Vec<BlockQ8K>; 4], what: &str) {
         let one = unsafe { dot_row_k_vnni(w, [x[1]], [xz[1]], long) }[0].to_bits();
         assert_eq!(one, want[1], "{what} R=1 long={long}");
     }
+    // the kernel without GFNI too (`dot_row_k_vnni` takes q2_K / q3_K's GFNI decode where
+    // the CPU has it)
+    // SAFETY: as above.
+    let plain = unsafe { row_k_vnni::<W, 4, false>(w, x, xz) }.map(f32::to_bits);
+    assert_eq!(plain, want, "{what} R=4 without GFNI");
 }
 
 fn random<W: RowK>(rng: &mut Rng) {

@@ -1,35 +1,39 @@
-//! The M = 1 row kernel of the K-quants with AVX-512 (F/BW/VL/VNNI): q4_K, q5_K and q6_K
-//! here, q2_K, q3_K and iq4_xs by their decodes in `low.rs` (`RowK`), the weights in
-//! their own super-block layout (no repacking). Per super-block, four 512-bit vectors hold 64
-//! unsigned quants each (two sub-blocks of 32: q6_K in element order, q4_K / q5_K as one
-//! 64-byte load of qs splits into low and high nibbles, `K4_ORDER`); the activations are
-//! prepared once per call in the same order (`interleave_k4`, 64-byte aligned, with their
-//! `bsums` and `d`: the kernel reads nothing else of them). `vpdpbusd` gives sums of 4
-//! products (below 2^15 in magnitude: 4·63·128), `vpackssdw` packs two of them into i16
-//! without saturating, and `vpdpwssd` multiplies by the sub-block (or 16-group) scales and
-//! adds. The mins (q4_K / q5_K) or q6_K's -32 offset use the activations' `bsums`
-//! (one `vpmaddwd`). The integers are exact, so they equal the reference's whatever the order.
+//! The M = 1 row kernel of the K-quants with AVX-512 (F/BW/VL/VNNI): q4_K, q5_K and q6_K here,
+//! q2_K, q3_K and iq4_xs by their decodes in `low.rs` (`RowK`), the weights in their own
+//! super-block layout (no repacking). Per super-block, four 512-bit vectors hold 64 unsigned quants
+//! each (two sub-blocks of 32: q6_K in element order, q4_K / q5_K as one 64-byte load of qs splits
+//! into low and high nibbles, `K4_ORDER`); the activations are prepared once per call in the same
+//! order (`interleave_k4`, 64-byte aligned, with their `bsums` and `d`: the kernel reads nothing
+//! else of them). `vpdpbusd` gives sums of 4 products (below 2^15 in magnitude: 4·63·128),
+//! `vpackssdw` packs two of them into i16 without saturating, and `vpdpwssd` multiplies by the
+//! sub-block (or 16-group) scales and adds. The mins (q4_K / q5_K / q2_K) and the offsets (q6_K
+//! -32, q3_K -4, iq4_xs -128) use the activations' `bsums` (one `vpmaddwd` or `vpdpwssd`). The
+//! integers are exact, so they equal the reference's whatever the order.
 //!
-//! Super-blocks go in groups of 8: each one's partial sums stay in i32 lanes until the group
-//! ends, where one transpose-style reduction puts super-block j's integer sums in lane j, and
-//! `block_k_product`'s operations run once for the 8 lanes (`d`, `dmin` converted 8 at a time):
-//! lane j accumulates super-block 8g + j, the reference's lane `b % 8`, in the reference's
-//! order. Super-blocks past the last whole group use the AVX2 `SumsK` sums and the reference's
-//! scalar float code on the same lanes. Bit-identical to `reference::dot_block_k`.
+//! Super-blocks go in groups of 8 (`group.rs`): each one's partial sums stay in 16 i32 lanes and
+//! are reduced as they come, two at a time (`t32`, `t64`, `lanes8`: a transpose that adds as it
+//! goes, in registers) until super-block j's integer sums are in lane j at the group's end, and
+//! `block_k_product`'s operations run once for the 8 lanes (`d`, `dmin` converted 8 at a time from
+//! eight 4-byte loads, the activation scales one load): lane j accumulates super-block 8g + j, the
+//! reference's lane `b % 8`, in the reference's order. The quant offsets (q6_K, q3_K, iq4_xs) are
+//! subtracted inside the 16 lanes (`vpdpwssd` with the negated `bsums`), so only the min formats
+//! (q4_K, q5_K, q2_K) reduce a second set of sums. Super-blocks past the last whole group use the
+//! AVX2 `SumsK` sums and the reference's scalar float code on the same lanes. Bit-identical to
+//! `reference::dot_block_k`. (Session 15, Intel Xeon: the old group end, its 16 sums spilled to the
+//! stack, `d` gathered a word at a time, was about half of q2_K's kernel by perf at K = 4096.)
 //!
 //! What made it fast here (Zen 4, measured with the loop alone): short dependency chains per
 //! super-block. The scale decode (`vpermw` at its end) runs one super-block ahead, and the 16
-//! lanes of a super-block's sums are folded to 8 only at the group's end (a `vextracti64x4` at
-//! the end of each chain cost 1.7x in the loop).
+//! lanes of a super-block's sums are not folded to 8 at the end of its chain (a
+//! `vextracti64x4` there cost 1.7x in the loop).
 //!
 //! Safety as in `x86.rs`: callers check AVX2, F16C and AVX-512 F/BW/VL/VNNI (`cpu::has_vnni_bw`).
 
 use std::arch::x86_64::*;
 
-use super::super::{lanes_of, prefetch_ahead};
 use super::SumsK;
 use crate::formats::blocks::*;
-use crate::matmul::reference::{self as r, BlockQ8K, LANES};
+use crate::matmul::reference::{BlockQ8K, LANES};
 
 /// One super-block decoded for `dot_row_k_vnni`.
 #[derive(Clone, Copy)]
@@ -80,23 +84,40 @@ pub trait RowK: SumsK {
     const ORDER: XzOrder;
     /// None: the `bsums` term is the min sum (`d·xd·isum - dmin·xd·msum`); Some(s): the
     /// quants are stored with an offset of 2^s (q6_K 32, q3_K 4, iq4_xs 128), removed as
-    /// `isum - (msum << s)` (exact integers), and there is no min.
+    /// `isum - (msum << s)` (exact integers; `bmul` holds the scales times 2^s and the
+    /// activations' `bsums` are negated), and there is no min.
     const OFFSET_SHIFT: Option<i32>;
+    /// Byte offset of the 4 bytes holding `d` (f16) and, for the formats with a min, `dmin`
+    /// after it; `D_HIGH`: `d` is the high half (formats without a min whose `d` ends the
+    /// block: the 4 bytes stay inside it).
+    const HALF_OFF: usize;
+    const D_HIGH: bool = false;
+    /// `decode_gf` differs from `decode_z` (used where the CPU has GFNI).
+    const GF_DECODE: bool = false;
     /// # Safety
     /// AVX2, AVX-512 F/BW/VL must be available.
     unsafe fn decode_z(&self) -> DecodedZ;
+    /// `decode_z` with GFNI (q2_K / q3_K's low bits by `vgf2p8affineqb`; the others: the
+    /// same code).
+    ///
+    /// # Safety
+    /// As `decode_z`, and GFNI must be available.
+    #[inline(always)]
+    unsafe fn decode_gf(&self) -> DecodedZ {
+        // SAFETY: the caller's contract.
+        unsafe { self.decode_z() }
+    }
     /// The integer sums of one super-block with one activation block (`XZ_BLOCK` bytes):
-    /// Σ scale·q·x in 16 i32 lanes and Σ bmul·bsum in 8.
+    /// Σ scale·q·x in 16 i32 lanes and -Σ bmul·bsum in 8 (formats with a min), or
+    /// Σ scale·q·x - Σ bmul·bsum in the 16 lanes (`OFFSET_SHIFT` formats; the 8 unused).
     ///
     /// # Safety
     /// AVX-512 F/BW/VL/VNNI must be available; `xq` holds `XZ_BLOCK` bytes.
     #[inline(always)]
     unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
         // SAFETY: the caller's contract.
-        unsafe { sums_packs(d, xq) }
+        unsafe { sums_packs(d, xq, Self::OFFSET_SHIFT.is_some()) }
     }
-    /// The f16 super-block scale and min (zero without a min).
-    fn halves(&self) -> (Half, Half);
 }
 
 /// i16 permutation indices (`vpermw`) to `DecodedZ::scl[h]`, from the 16 per-16-group scales
@@ -123,19 +144,26 @@ const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
 pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
 /// Bytes of one activation block as `interleave_k4` lays it out: the 256 quants, the 16
-/// `bsums` (i16), `d` (f32), zeros to a multiple of 64.
+/// `bsums` (i16, negated), `d` (f32), zeros to a multiple of 64; the first block of each whole
+/// group of 8 holds the group's 8 `d` there instead (its own first).
 pub const XZ_BLOCK: usize = 320;
 const XZ_BSUMS: usize = QK_K;
-const XZ_D: usize = QK_K + 32;
+pub(super) const XZ_D: usize = QK_K + 32;
 
-/// The activation blocks for `dot_row_k_vnni`, `XZ_BLOCK` bytes each: the quants in
-/// `K4_ORDER` for q4_K / q5_K (as they are for q6_K), then `bsums` and `d`. The kernel reads
-/// nothing else of the activations: at K = 14336 the q8_K blocks plus a copy of their quants
-/// (30 KB) crowded L1, and q4_k ran from memory at the old kernel's speed (12.4 GB/s; 15 with
-/// this layout). `qmatmul` puts them on 64-byte boundaries (each 512-bit load then reads one
-/// cache line).
-pub fn interleave_k4(blocks: &[BlockQ8K], order: XzOrder, out: &mut [u8]) {
-    for (b, o) in blocks.iter().zip(out.chunks_exact_mut(XZ_BLOCK)) {
+/// The activation blocks for `dot_row_k_vnni`, `XZ_BLOCK` bytes each, rows of `nb` blocks one
+/// after the other: the quants in `K4_ORDER` for q4_K / q5_K (as they are for q6_K), then the
+/// `bsums` negated (so that `vpdpwssd` subtracts the quant offsets of q6_K / q3_K / iq4_xs in
+/// the sums' own register) and `d`; block 8g of a row (g < nb / 8) holds the `d` of blocks
+/// 8g..8g + 8 (one load per group in the kernel). The kernel reads nothing else of the
+/// activations: at K = 14336 the q8_K blocks plus a copy of their quants (30 KB) crowded L1,
+/// and q4_k ran from memory at the old kernel's speed (12.4 GB/s; 15 with this layout).
+/// `qmatmul` puts them on 64-byte boundaries (each 512-bit load then reads one cache line).
+pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [u8]) {
+    for (i, (b, o)) in blocks
+        .iter()
+        .zip(out.chunks_exact_mut(XZ_BLOCK))
+        .enumerate()
+    {
         let q: &[u8; QK_K] = bytemuck::cast_ref(&b.qs);
         match order {
             XzOrder::Elements => o[..QK_K].copy_from_slice(q),
@@ -154,9 +182,17 @@ pub fn interleave_k4(blocks: &[BlockQ8K], order: XzOrder, out: &mut [u8]) {
                 }
             }
         }
-        o[XZ_BSUMS..XZ_D].copy_from_slice(bytemuck::cast_slice(&b.bsums));
-        o[XZ_D..XZ_D + 4].copy_from_slice(&b.d.to_le_bytes());
-        o[XZ_D + 4..].fill(0);
+        for (d, &s) in o[XZ_BSUMS..XZ_D].chunks_exact_mut(2).zip(&b.bsums) {
+            // |bsum| <= 16 * 128: the negation fits
+            d.copy_from_slice(&(-s).to_le_bytes());
+        }
+        o[XZ_D..].fill(0);
+        let at = i % nb.max(1);
+        let group_start = at.is_multiple_of(LANES) && at + LANES <= nb;
+        let ds = if group_start { LANES } else { 1 };
+        for (t, d) in o[XZ_D..XZ_D + 4 * ds].chunks_exact_mut(4).enumerate() {
+            d.copy_from_slice(&blocks[i + t].d.to_le_bytes());
+        }
     }
 }
 
@@ -232,21 +268,19 @@ unsafe fn decode_k4(qs: &[u8; QK_K / 2], scales: *const u8) -> DecodedZ {
 impl RowK for BlockQ4K {
     const ORDER: XzOrder = XzOrder::K4;
     const OFFSET_SHIFT: Option<i32> = None;
+    const HALF_OFF: usize = 0;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); the 12 scale bytes (offset 4) are followed by
         // qs, so 16 bytes from there stay inside the block.
         unsafe { decode_k4(&self.qs, (self as *const Self as *const u8).add(4)) }
     }
-    #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, self.dmin)
-    }
 }
 
 impl RowK for BlockQ5K {
     const ORDER: XzOrder = XzOrder::K4;
     const OFFSET_SHIFT: Option<i32> = None;
+    const HALF_OFF: usize = 0;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); 16 bytes from `scales` stay inside the block
@@ -271,15 +305,14 @@ impl RowK for BlockQ5K {
             z
         }
     }
-    #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, self.dmin)
-    }
 }
 
 impl RowK for BlockQ6K {
     const ORDER: XzOrder = XzOrder::Elements;
     const OFFSET_SHIFT: Option<i32> = Some(5);
+    // d: the last 2 of 210 bytes
+    const HALF_OFF: usize = 206;
+    const D_HIGH: bool = true;
     #[inline(always)]
     unsafe fn decode_z(&self) -> DecodedZ {
         // SAFETY: AVX-512 available (contract); 64-byte loads inside ql (128), 32 inside qh
@@ -315,46 +348,22 @@ impl RowK for BlockQ6K {
                     _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[0]), gz),
                     _mm512_permutexvar_epi16(load_idx32(&SCL_Q6[1]), gz),
                 ],
-                bmul: sc,
+                // the scales times 32 (|sc| <= 128: fits i16)
+                bmul: _mm256_slli_epi16(sc, 5),
             }
         }
     }
-    #[inline(always)]
-    fn halves(&self) -> (Half, Half) {
-        (self.d, [0, 0])
-    }
 }
 
-/// Horizontal sums of 8 vectors of 8 i32: lane j of the result is the sum of `v[j]` (unpacks
-/// and adds, a transpose that sums as it goes: `vphaddd` is two shuffles each here).
-#[target_feature(enable = "avx2")]
-#[inline]
-fn reduce8(v: &[__m256i; 8]) -> __m256i {
-    let mut s = [_mm256_setzero_si256(); 4];
-    for (i, o) in s.iter_mut().enumerate() {
-        let (a, b) = (v[2 * i], v[2 * i + 1]);
-        // [a0+a2 b0+b2 a1+a3 b1+b3 | a4+a6 b4+b6 a5+a7 b5+b7]
-        *o = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
-    }
-    let mut t = [_mm256_setzero_si256(); 2];
-    for (i, o) in t.iter_mut().enumerate() {
-        let (a, b) = (s[2 * i], s[2 * i + 1]);
-        // [Σlo v(4i) .. Σlo v(4i+3) | Σhi v(4i) .. Σhi v(4i+3)] (lo/hi: lanes 0..3 / 4..7)
-        *o = _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
-    }
-    _mm256_add_epi32(
-        _mm256_permute2x128_si256(t[0], t[1], 0x20),
-        _mm256_permute2x128_si256(t[0], t[1], 0x31),
-    )
-}
-
-/// The integer sums of one super-block with one activation block: Σ scale·q·x in 16 i32 lanes
-/// and Σ bmul·bsum (q4_K / q5_K: Σ min·bsum; q6_K: Σ sc·bsum, for its -32) in 8. No fold to
-/// 8 lanes here: `vextracti64x4` at the end of this chain made the loop 1.7x slower (the
-/// super-blocks' chains overlap less); `fold` runs once per group.
+/// The integer sums of one super-block with one activation block (`RowK::sums_z`): Σ scale·q·x
+/// in 16 i32 lanes and -Σ bmul·bsum in 8 (q4_K / q5_K / q2_K: their min sums, negated), or
+/// with `offset` (q6_K / q3_K) Σ scale·q·x - Σ bmul·bsum in the 16 (one more `vpdpwssd`;
+/// `bmul` is scaled by the offset, the `bsums` negated). The 16 lanes are not folded to 8
+/// here: `vextracti64x4` at the end of this chain made the loop 1.7x slower (the super-blocks'
+/// chains overlap less); the group's reduction (`t32`, `t64`, `lanes8`) adds them.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[inline]
-unsafe fn sums_packs(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
+unsafe fn sums_packs(d: &DecodedZ, xq: &[u8], offset: bool) -> (__m512i, __m256i) {
     debug_assert!(xq.len() >= XZ_BLOCK);
     let z = _mm512_setzero_si512();
     let mut p = [z; 4];
@@ -368,146 +377,14 @@ unsafe fn sums_packs(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
     let s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]);
     // SAFETY: 32 bytes of bsums.
     let bs = unsafe { _mm256_loadu_si256(xq[XZ_BSUMS..].as_ptr() as *const __m256i) };
-    (s, _mm256_madd_epi16(bs, d.bmul))
-}
-
-/// The 16 lanes of `v` added to 8.
-#[target_feature(enable = "avx2,avx512f")]
-#[inline]
-fn fold(v: __m512i) -> __m256i {
-    _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
-}
-
-/// `reference::dot_block_k` of q4_K / q5_K / q6_K for R activation rows (each super-block
-/// decoded once), `long`: prefetch the weights into L2 ahead (`prefetch_ahead`). `xz[r]` is `x[r]`'s
-/// blocks by `interleave_k4` (the kernel reads `x[r]` only for the super-blocks after the
-/// last whole group of 8).
-///
-/// # Safety
-/// `crate::cpu::has_vnni_bw()` must be true; every `x[r]` has at least `w.len()` blocks and every
-/// `xz[r]` at least `XZ_BLOCK * w.len()` bytes.
-#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-pub unsafe fn dot_row_k_vnni<W: RowK, const R: usize>(
-    w: &[W],
-    x: [&[BlockQ8K]; R],
-    xz: [&[u8]; R],
-    long: bool,
-) -> [f32; R] {
-    // SAFETY: the caller's contract is this function's.
-    unsafe {
-        if long {
-            row_k_vnni::<W, R, true>(w, x, xz)
-        } else {
-            row_k_vnni::<W, R, false>(w, x, xz)
-        }
+    if offset {
+        let s = _mm512_dpwssd_epi32(
+            s,
+            _mm512_zextsi256_si512(bs),
+            _mm512_zextsi256_si512(d.bmul),
+        );
+        (s, _mm256_setzero_si256())
+    } else {
+        (s, _mm256_madd_epi16(bs, d.bmul))
     }
-}
-
-#[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[inline]
-unsafe fn row_k_vnni<W: RowK, const R: usize, const PF: bool>(
-    w: &[W],
-    x: [&[BlockQ8K]; R],
-    xz: [&[u8]; R],
-) -> [f32; R] {
-    let nb = w.len();
-    let groups = nb / LANES;
-    let mut acc = [_mm256_setzero_ps(); R];
-    for g in 0..groups {
-        let wg = &w[g * LANES..g * LANES + LANES];
-        if PF {
-            // into L2, 8 KiB ahead: 14336x4096, 2 threads, quiet machine, 2026-11-27 13:10
-            // UTC, alternating runs: q4_k 25.5-27.9 -> 31.5-31.9 GB/s, q5_k 22.9-23.1 ->
-            // 32.5-33.2 against the L1 prefetch 2 KiB ahead it replaced.
-            prefetch_ahead(wg);
-        }
-        let mut isum = [[_mm512_setzero_si512(); LANES]; R];
-        let mut msum = [[_mm256_setzero_si256(); LANES]; R];
-        // Software-pipelined by one super-block: the decode of j + 1 (its scales are a long
-        // dependency chain) is issued before the sums of j.
-        // SAFETY: AVX2 and AVX-512 F/BW/VL, the caller's contract (`cpu::has_vnni_bw`).
-        let mut next = unsafe { wg[0].decode_z() };
-        for j in 0..LANES {
-            let dz = next;
-            if j + 1 < LANES {
-                // SAFETY: as above; j + 1 < 8 = wg.len().
-                next = unsafe { wg[j + 1].decode_z() };
-            }
-            let b = g * LANES + j;
-            for rr in 0..R {
-                let xq = &xz[rr][XZ_BLOCK * b..XZ_BLOCK * (b + 1)];
-                // SAFETY: AVX-512 VNNI/BW (contract); xq is one whole XZ_BLOCK (a checked slice).
-                let (i, m) = unsafe { W::sums_z(&dz, xq) };
-                isum[rr][j] = i;
-                msum[rr][j] = m;
-            }
-        }
-        // (Loops, not `array::from_fn` or closures: a closure does not inherit the target
-        // features and is not inlined into this function.)
-        let (mut hd, mut hm) = ([0u16; LANES], [0u16; LANES]);
-        for j in 0..LANES {
-            let (d, dmin) = wg[j].halves();
-            hd[j] = u16::from_le_bytes(d);
-            hm[j] = u16::from_le_bytes(dmin);
-        }
-        // SAFETY: hd and hm are 8 u16, the 16 bytes loaded; F16C (contract).
-        let (dw, dmin) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(hd.as_ptr() as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(hm.as_ptr() as *const __m128i)),
-            )
-        };
-        for rr in 0..R {
-            let xg = &xz[rr][XZ_BLOCK * g * LANES..XZ_BLOCK * (g + 1) * LANES];
-            let mut xd = [0.0f32; LANES];
-            for (v, blk) in xd.iter_mut().zip(xg.chunks_exact(XZ_BLOCK)) {
-                *v = f32::from_le_bytes([blk[XZ_D], blk[XZ_D + 1], blk[XZ_D + 2], blk[XZ_D + 3]]);
-            }
-            // SAFETY: xd is 8 f32, the 32 bytes loaded; AVX (contract).
-            let xd = unsafe { _mm256_loadu_ps(xd.as_ptr()) };
-            let mut f = [_mm256_setzero_si256(); LANES];
-            for (o, &v) in f.iter_mut().zip(&isum[rr]) {
-                *o = fold(v);
-            }
-            let (is, ms) = (reduce8(&f), reduce8(&msum[rr]));
-            let (is, ms) = match W::OFFSET_SHIFT {
-                // Σ sc (q - 2^s) x = Σ sc q x - 2^s Σ sc bsum; no min
-                Some(sh) => (
-                    _mm256_cvtepi32_ps(_mm256_sub_epi32(
-                        is,
-                        _mm256_sllv_epi32(ms, _mm256_set1_epi32(sh)),
-                    )),
-                    _mm256_setzero_ps(),
-                ),
-                None => (_mm256_cvtepi32_ps(is), _mm256_cvtepi32_ps(ms)),
-            };
-            // block_k_product: (d·xd)·isum - (dmin·xd)·msum, then acc += p
-            let p = _mm256_sub_ps(
-                _mm256_mul_ps(_mm256_mul_ps(dw, xd), is),
-                _mm256_mul_ps(_mm256_mul_ps(dmin, xd), ms),
-            );
-            acc[rr] = _mm256_add_ps(acc[rr], p);
-        }
-    }
-    let mut lanes = [[0.0f32; LANES]; R];
-    for (l, &a) in lanes.iter_mut().zip(&acc) {
-        *l = lanes_of(a);
-    }
-    for b in groups * LANES..nb {
-        let wb = &w[b];
-        // SAFETY: AVX2 (implied by the contract, `cpu::has_vnni_bw`).
-        let q = unsafe { wb.decode() };
-        let (d, dmin) = wb.d_dmin();
-        for (rr, l) in lanes.iter_mut().enumerate() {
-            let xb = &x[rr][b];
-            // SAFETY: AVX2 (contract); q is wb.decode().
-            let (isum, msum) = unsafe { wb.sums_decoded(&q, xb) };
-            l[b % LANES] += r::block_k_product(d, dmin, xb.d, isum, msum);
-        }
-    }
-    let mut out = [0.0f32; R];
-    for (o, l) in out.iter_mut().zip(&lanes) {
-        *o = r::hsum8(l);
-    }
-    out
 }
