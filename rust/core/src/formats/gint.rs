@@ -636,6 +636,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
     fn qdq_rows_avx512_and_scalar_agree_bit_for_bit() {
         // the AVX-512 build against the scalar one, on random groups with zeros, -0.0, huge
         // and tiny values, flat and one-signed groups, every width and a ragged row
