@@ -41,6 +41,37 @@ fn weight_view<'a>(
     })
 }
 
+/// x's elements in row order. `as_slice` also accepts Fortran order (a transposed array), which
+/// would be read wrongly, so C order is checked first.
+fn rows_of<'a, T: numpy::Element>(x: &'a PyReadonlyArray2<'_, T>) -> PyResult<&'a [T]> {
+    if !x.is_c_contiguous() {
+        return Err(not_contiguous("x"));
+    }
+    x.as_slice().map_err(|_| not_contiguous("x"))
+}
+
+/// An `m x n` output's element count, or the error naming the shape that overflows.
+fn output_len(m: usize, n: usize) -> core::Result<usize> {
+    m.checked_mul(n)
+        .ok_or_else(|| core::Error::InvalidArgument(format!("output shape {m}x{n} overflows")))
+}
+
+/// `run` with the GIL released, on the attached OpenMP team when `openmp` (else the pool).
+fn detached<T: Send>(
+    py: Python<'_>,
+    openmp: bool,
+    run: impl FnOnce() -> core::Result<T> + Send,
+) -> PyResult<T> {
+    py.detach(|| {
+        if openmp {
+            core::parallel::on_openmp(run)
+        } else {
+            run()
+        }
+    })
+    .map_err(to_py)
+}
+
 /// `y = x · Wᵀ`: x (M x K float32, C-contiguous), W given as its raw quantized data (N x K in
 /// `qtype`'s layout) plus statistics (nf4 absmax, int8 / fp8 scales). Returns y (M x N float32).
 /// With `openmp`, the parallel work runs on the attached OpenMP team (`openmp_attach`: torch's,
@@ -61,27 +92,13 @@ pub fn qmatmul<'py>(
     openmp: bool,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let m = x.shape()[0];
-    // as_slice also accepts Fortran order (a transposed array), which would be read wrongly.
-    if !x.is_c_contiguous() {
-        return Err(not_contiguous("x"));
-    }
-    let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
+    let xs = rows_of(&x)?;
     let view = weight_view(&data, qtype, n, k, block_size, &stats, scale_mode)?;
-    let run = || {
-        let len = m.checked_mul(n).ok_or_else(|| {
-            core::Error::InvalidArgument(format!("output shape {m}x{n} overflows"))
-        })?;
-        let mut y = vec![0f32; len];
+    let y = detached(py, openmp, || {
+        let mut y = vec![0f32; output_len(m, n)?];
         core::matmul::qmatmul(xs, m, &view, &mut y).map(|_| y)
-    };
-    let y = py.detach(|| {
-        if openmp {
-            core::parallel::on_openmp(run)
-        } else {
-            run()
-        }
-    });
-    y.map_err(to_py)?.into_pyarray(py).reshape([m, n])
+    })?;
+    y.into_pyarray(py).reshape([m, n])
 }
 
 /// `qmatmul` on bfloat16: x (M x K uint16 holding bf16 bits, C-contiguous), returns y (M x N
@@ -103,32 +120,18 @@ pub fn qmatmul_bf16<'py>(
     openmp: bool,
 ) -> PyResult<Bound<'py, PyArray2<u16>>> {
     let m = x.shape()[0];
-    // as_slice also accepts Fortran order (a transposed array), which would be read wrongly.
-    if !x.is_c_contiguous() {
-        return Err(not_contiguous("x"));
-    }
-    let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
+    let xs = rows_of(&x)?;
     let view = weight_view(&data, qtype, n, k, block_size, &stats, scale_mode)?;
-    m.checked_mul(n).ok_or_else(|| {
-        to_py(core::Error::InvalidArgument(format!(
-            "output shape {m}x{n} overflows"
-        )))
-    })?;
+    output_len(m, n).map_err(to_py)?;
     // SAFETY: a new C-ordered array, not yet shared; `qmatmul_bf16` writes every element before
     // it is returned, and it is dropped unread when the call fails.
     let out = unsafe { PyArray2::<u16>::new(py, [m, n], false) };
     {
         let mut rw = out.readwrite();
         let ys = rw.as_slice_mut().map_err(|_| not_contiguous("output"))?;
-        let mut run = || core::matmul::bf16_io::qmatmul_bf16(xs, m, &view, ys);
-        py.detach(|| {
-            if openmp {
-                core::parallel::on_openmp(run)
-            } else {
-                run()
-            }
-        })
-        .map_err(to_py)?;
+        detached(py, openmp, || {
+            core::matmul::bf16_io::qmatmul_bf16(xs, m, &view, ys)
+        })?;
     }
     Ok(out)
 }
@@ -152,19 +155,12 @@ pub fn qmatmul_bf16_split<'py>(
     openmp: bool,
 ) -> PyResult<Vec<Bound<'py, PyArray2<u16>>>> {
     let m = x.shape()[0];
-    if !x.is_c_contiguous() {
-        return Err(not_contiguous("x"));
-    }
-    let xs = x.as_slice().map_err(|_| not_contiguous("x"))?;
+    let xs = rows_of(&x)?;
     let n = parts.iter().try_fold(0usize, |a, &p| a.checked_add(p));
     let n = n.ok_or_else(|| to_py(core::Error::InvalidArgument("parts overflow".into())))?;
     let view = weight_view(&data, qtype, n, k, block_size, &stats, scale_mode)?;
     for &p in &parts {
-        m.checked_mul(p).ok_or_else(|| {
-            to_py(core::Error::InvalidArgument(format!(
-                "output shape {m}x{p} overflows"
-            )))
-        })?;
+        output_len(m, p).map_err(to_py)?;
     }
     // SAFETY: new C-ordered arrays, not yet shared; `qmatmul_bf16_split` writes every element
     // of each before they are returned, and they are dropped unread when the call fails.
@@ -178,15 +174,9 @@ pub fn qmatmul_bf16_split<'py>(
             .iter_mut()
             .map(|rw| rw.as_slice_mut().map_err(|_| not_contiguous("output")))
             .collect::<PyResult<Vec<&mut [u16]>>>()?;
-        let mut run = || core::matmul::bf16_io::qmatmul_bf16_split(xs, m, &view, &mut ys);
-        py.detach(|| {
-            if openmp {
-                core::parallel::on_openmp(run)
-            } else {
-                run()
-            }
-        })
-        .map_err(to_py)?;
+        detached(py, openmp, || {
+            core::matmul::bf16_io::qmatmul_bf16_split(xs, m, &view, &mut ys)
+        })?;
     }
     Ok(outs)
 }
