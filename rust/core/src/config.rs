@@ -5,11 +5,12 @@
 //! | --- | --- | --- |
 //! | `FERROQUANT_FORCE_SCALAR` | once per process | anything but "" or "0": every kernel and quantizer runs its scalar reference (`cpu` reports no SIMD) |
 //! | `FERROQUANT_NUM_THREADS` | when the pool is first built | threads of the rayon pool (`parallel`); unset, 0 or not a number: all cores |
-//! | `FERROQUANT_MAX_ISA` | once per process | x86-64: "avx2" (AVX2 / FMA / F16C only: no AVX-512, no AVX-VNNI), "avxvnni" (no AVX-512) or "avx512" (no AMX) caps the kernels below what the CPU has, to run and measure the paths of older CPUs; unset or anything else: no cap |
+//! | `FERROQUANT_MAX_ISA` | once per process | x86-64: "avx2" (AVX2 / FMA / F16C only: no AVX-512, no AVX-VNNI), "avxvnni" (no AVX-512) or "avx512" (no AMX) caps the kernels below what the CPU has, to run and measure the paths of older CPUs; aarch64: "neon" (no `sdot`, no `smmla`) or "dotprod" (no `smmla`); unset or anything else: no cap |
 //! | `FERROQUANT_AVX2_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of CPUs without AVX-512 (`matmul/gemm_avx2.rs`) is off and the row kernels run (for benchmarks: `bench_matmul.py --avx2-rows`) |
 //! | `FERROQUANT_GGML_BF16` | at every qmatmul call that would take it | unset, "1" or not a number: the ggml formats take the bf16 GEMM on AMX tiles (`matmul::ggml_bf16_min_m`, where AMX bf16 is usable) from each format's measured threshold (80 rows; q8_0 / iq4_nl 96); a number n >= 2: from n rows (at least `AMX_BF16_MIN_M`); "0": never (their int8 paths at every M, as on CPUs without AMX bf16) |
 //! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
 //! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
+//! | `FERROQUANT_EXPECT_I8MM` | tests (aarch64) | "1" / "0": the same for `i8mm` (the GEMM's `smmla`) |
 //! | `FERROQUANT_FUZZ_SEED` | tests | seed (u64) of the GGUF mutation fuzz test |
 //! | `FERROQUANT_FUZZ_ITERS` | tests | iterations of the GGUF mutation fuzz test (default 20 000) |
 
@@ -29,15 +30,18 @@ pub fn force_scalar() -> bool {
     *FORCE.get_or_init(|| var("FERROQUANT_FORCE_SCALAR").is_some_and(|v| !v.is_empty() && v != "0"))
 }
 
-/// `FERROQUANT_MAX_ISA`: `Some("avx2")`, `Some("avxvnni")` or `Some("avx512")` when set to one
-/// of them (read once; `cpu` and `amx` apply it).
+/// `FERROQUANT_MAX_ISA`: `Some("avx2")`, `Some("avxvnni")` or `Some("avx512")` (x86-64),
+/// `Some("neon")` or `Some("dotprod")` (aarch64) when set to one of them (read once; `cpu` and
+/// `amx` apply it).
 pub fn max_isa() -> Option<&'static str> {
     static CAP: OnceLock<Option<&'static str>> = OnceLock::new();
     *CAP.get_or_init(
         || match var("FERROQUANT_MAX_ISA").as_deref().map(str::trim) {
-            Some("avx2") => Some("avx2"),
-            Some("avxvnni") => Some("avxvnni"),
-            Some("avx512") => Some("avx512"),
+            Some("avx2") if cfg!(target_arch = "x86_64") => Some("avx2"),
+            Some("avxvnni") if cfg!(target_arch = "x86_64") => Some("avxvnni"),
+            Some("avx512") if cfg!(target_arch = "x86_64") => Some("avx512"),
+            Some("neon") if cfg!(target_arch = "aarch64") => Some("neon"),
+            Some("dotprod") if cfg!(target_arch = "aarch64") => Some("dotprod"),
             _ => None,
         },
     )
@@ -71,6 +75,11 @@ pub fn runtime_pack() -> bool {
 /// set, `None` when unset.
 pub fn expect_dotprod() -> Option<bool> {
     var("FERROQUANT_EXPECT_DOTPROD").map(|v| v == "1")
+}
+
+/// `FERROQUANT_EXPECT_I8MM` (tests): as `expect_dotprod`, for `i8mm` (`cpu::has_i8mm`).
+pub fn expect_i8mm() -> Option<bool> {
+    var("FERROQUANT_EXPECT_I8MM").map(|v| v == "1")
 }
 
 /// `FERROQUANT_FUZZ_SEED` (tests): the fuzz seed, if set to a u64.

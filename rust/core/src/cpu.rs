@@ -24,8 +24,9 @@
 //! and `has_avx_vnni` (and every level built on them) false, "avxvnni" the AVX-512 ones,
 //! "avx512" only AMX (`amx::amx_int8_usable`, `amx::amx_bf16_usable`).
 //!
-//! aarch64: `has_neon` (NEON, the baseline; false only when forced scalar) and `has_dotprod`
-//! (`has_neon` + the Armv8.2 dot product, `sdot`).
+//! aarch64: `has_neon` (NEON, the baseline; false only when forced scalar), `has_dotprod`
+//! (`has_neon` + the Armv8.2 dot product, `sdot`) and `has_i8mm` (`has_dotprod` + the int8
+//! matrix multiply, `smmla`); `FERROQUANT_MAX_ISA=neon` turns off both, "dotprod" only i8mm.
 
 use std::sync::OnceLock;
 
@@ -116,10 +117,25 @@ pub fn has_neon() -> bool {
     once!(!force_scalar() && std::arch::is_aarch64_feature_detected!("neon"))
 }
 
-/// `has_neon` and `dotprod` (`sdot`).
+/// `has_neon` and `dotprod` (`sdot`), unless `FERROQUANT_MAX_ISA=neon`.
 #[cfg(target_arch = "aarch64")]
 pub fn has_dotprod() -> bool {
-    once!(has_neon() && std::arch::is_aarch64_feature_detected!("dotprod"))
+    once!(
+        has_neon()
+            && crate::config::max_isa() != Some("neon")
+            && std::arch::is_aarch64_feature_detected!("dotprod")
+    )
+}
+
+/// `has_dotprod` and the Armv8.6 int8 matrix multiply (`i8mm`: `smmla`), unless
+/// `FERROQUANT_MAX_ISA` is "neon" or "dotprod".
+#[cfg(target_arch = "aarch64")]
+pub fn has_i8mm() -> bool {
+    once!(
+        has_dotprod()
+            && crate::config::max_isa() != Some("dotprod")
+            && std::arch::is_aarch64_feature_detected!("i8mm")
+    )
 }
 
 /// The best instruction set the quantizers use: "avx2"; on aarch64 "neon+dotprod" or "neon";
@@ -128,7 +144,7 @@ pub fn has_dotprod() -> bool {
 pub fn level() -> &'static str {
     match kernel_level() {
         "amx-int8" | "avx512-vnni" | "avx512" | "avx2" => "avx2",
-        "neon-dotprod" => "neon+dotprod",
+        "neon-i8mm" | "neon-dotprod" => "neon+dotprod",
         other => other,
     }
 }
@@ -137,7 +153,8 @@ pub fn level() -> &'static str {
 /// "amx-int8" (the 32-weight formats' GEMM on AMX int8 tiles, `amx::amx_int8_usable`; the
 /// rest as "avx512-vnni"), "avx512-vnni" (integer dots, tiles and runtime panels in AVX-512
 /// VNNI), "avx512" (the
-/// AVX-512 float kernels, integer dots in AVX2), "avx2", "neon-dotprod" (`sdot`), "neon"
+/// AVX-512 float kernels, integer dots in AVX2), "avx2", "neon-i8mm" (the 32-weight formats'
+/// GEMM in `smmla`, the rest as "neon-dotprod"), "neon-dotprod" (`sdot`), "neon"
 /// (Armv8.0 `smull`) or "scalar" (the references). `_native.kernel_simd_level()`.
 pub fn kernel_level() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -153,7 +170,9 @@ pub fn kernel_level() -> &'static str {
         }
     }
     #[cfg(target_arch = "aarch64")]
-    if has_dotprod() {
+    if has_i8mm() {
+        return "neon-i8mm";
+    } else if has_dotprod() {
         return "neon-dotprod";
     } else if has_neon() {
         return "neon";

@@ -304,7 +304,7 @@ fn simd_level() -> &'static str {
 }
 
 /// The widest instruction set the matmul kernels and the runtime use here ("amx-int8",
-/// "avx512-vnni", "avx512", "avx2", "neon-dotprod", "neon" or "scalar").
+/// "avx512-vnni", "avx512", "avx2", "neon-i8mm", "neon-dotprod", "neon" or "scalar").
 #[pyfunction]
 fn kernel_simd_level() -> &'static str {
     core::cpu::kernel_level()

@@ -232,6 +232,9 @@ struct Plan<'a> {
     /// The GEMM path without AVX-512 (`gemm_avx2.rs`) runs, with this integer product.
     #[cfg(target_arch = "x86_64")]
     gemm2: Option<gemm_avx2::Int8Dot>,
+    /// The aarch64 GEMM path (`gemm_neon.rs`) runs, with this integer product.
+    #[cfg(target_arch = "aarch64")]
+    gemm_neon: Option<neon::gemm::NeonDot>,
     /// The M = 1 row kernel `x86::row32` runs (q4_0, q5_0, q8_0, iq4_nl, q4_1, q5_1 with
     /// AVX-512 VBMI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -555,6 +558,8 @@ mod gemm_avx2;
 mod gemm_bf16;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
+#[cfg(target_arch = "aarch64")]
+mod gemm_neon;
 mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_k;
@@ -632,7 +637,15 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
             by_cache
         };
         let by_balance = n.div_ceil(threads * 4).max(1);
-        by_cache.min(by_balance).next_multiple_of(NR_TASK)
+        let rows = by_cache.min(by_balance).next_multiple_of(NR_TASK);
+        // (the NEON GEMM's tasks: whole panels but the last)
+        #[cfg(target_arch = "aarch64")]
+        let rows = if plan.gemm_neon.is_some() {
+            rows.next_multiple_of(neon::gemm::PANEL)
+        } else {
+            rows
+        };
+        rows
     } else {
         // At least ~256 K multiply-adds a task (rayon's per-task cost is about a microsecond),
         // and at least 8 tasks a thread to balance.
@@ -682,6 +695,11 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         #[cfg(target_arch = "x86_64")]
         if let Some(dot) = plan.gemm2 {
             plan.fill_gemm2(dot, n0, rows, &outp);
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(dot) = plan.gemm_neon {
+            plan.fill_gemm_neon(dot, n0, rows, &outp);
             return;
         }
         let mut yt = vec![0.0f32; rows * m];

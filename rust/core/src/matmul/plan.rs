@@ -339,6 +339,13 @@ pub(super) fn plan<'a>(
                 || (simd && !tile && m >= GEMM2_MIN_M && crate::config::avx2_gemm()));
         on.then(|| forced2.unwrap_or_else(Int8Dot::detect))
     };
+    // The 32-weight formats' GEMM on aarch64 (`gemm_neon.rs`): dotprod / i8mm, M >= 2.
+    #[cfg(target_arch = "aarch64")]
+    let gemm_neon = if simd {
+        super::gemm_neon::choose(w.qtype, m)
+    } else {
+        None
+    };
     // M = 1: the row kernel without horizontal sums where the CPU has AVX-512 VBMI and GFNI.
     #[cfg(target_arch = "x86_64")]
     let row32 = vnni
@@ -636,6 +643,8 @@ pub(super) fn plan<'a>(
         amx,
         #[cfg(target_arch = "x86_64")]
         gemm2,
+        #[cfg(target_arch = "aarch64")]
+        gemm_neon,
         row32,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,

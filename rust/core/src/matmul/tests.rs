@@ -20,10 +20,13 @@ mod amx;
 mod bf16;
 mod bf16_io;
 pub(crate) mod formats;
+mod gemm32_cases;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx2;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
+#[cfg(target_arch = "aarch64")]
+mod gemm_neon;
 mod gint;
 pub(crate) mod q16_rows;
 

@@ -131,6 +131,10 @@ fn detection_and_dispatch() {
     if let Some(want) = crate::config::expect_dotprod() {
         assert_eq!(has_dotprod(), want, "FERROQUANT_EXPECT_DOTPROD");
     }
+    if let Some(want) = crate::config::expect_i8mm() {
+        assert_eq!(crate::cpu::has_i8mm(), want, "FERROQUANT_EXPECT_I8MM");
+    }
+    assert!(!crate::cpu::has_i8mm() || has_dotprod());
 }
 
 #[test]

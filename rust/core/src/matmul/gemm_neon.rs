@@ -1,0 +1,180 @@
+//! The GEMM path of the 32-weight formats on aarch64 (`dotprod`, `i8mm` where present), from
+//! `GEMM_NEON_MIN_M` activation rows: per block of activation rows, each panel of `PANEL`
+//! weight rows of the task goes chunk by chunk of K (`KC` blocks) through
+//! `neon::gemm::decode` (into an L1 buffer, once for the block's rows) and every tile of
+//! `TILE` rows (`chunk_sdot` / `chunk_i8mm`), the tile's float lanes kept between chunks; then
+//! `hsum8` per output, straight into `out`. A task's last partial panel decodes its missing
+//! rows as zeros and writes only its own. Every output has the reference's bits (the
+//! kernels' module comment), so neither the panel, the tile nor the task split changes them.
+
+use std::cell::RefCell;
+
+use super::neon::gemm::{self as g, NeonDot, PanelBuf, TileAcc, XTile, KC, PANEL, TILE};
+use super::neon::Load32;
+use super::{Acts, OutPtr, Plan};
+use crate::formats::blocks::*;
+use crate::matmul::reference::{hsum8, LANES};
+use crate::qtype::QType;
+
+/// From this many activation rows the 32-weight formats take this path where the CPU has
+/// `dotprod`. Not measured (no ARM hardware): at M = 2 the row kernels decode each weight block
+/// once for 2 rows, the GEMM once per panel chunk for the block's rows, and its tile keeps 8
+/// weight rows' sums in registers; executed instructions under qemu (`docs/cpu-gemm.md`, NEON)
+/// favour the GEMM from M = 2.
+pub(super) const GEMM_NEON_MIN_M: usize = 2;
+/// Activation rows of one block (each panel chunk decoded once per block; the block's chunk of
+/// activations, 64 x 32 blocks x 34 bytes = 68 KiB, stays in L2).
+const GEMM_NEON_BLOCK: usize = 64;
+
+/// Whether the path takes `qtype` weights.
+pub(super) fn takes(qtype: QType) -> bool {
+    matches!(
+        qtype,
+        QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
+    )
+}
+
+/// The product `plan` runs for `qtype` weights and `m` activation rows: the tests' forcing
+/// (`FORCE`), else the CPU's best from `GEMM_NEON_MIN_M` rows; `None`: the row kernels.
+pub(super) fn choose(qtype: QType, m: usize) -> Option<NeonDot> {
+    if !takes(qtype) || m < 2 {
+        return None;
+    }
+    match forced() {
+        Some(f) => f,
+        None if m >= GEMM_NEON_MIN_M => NeonDot::detect(),
+        None => None,
+    }
+}
+
+thread_local! {
+    /// Each pool thread's decoded panel chunk and tile lanes (reused across calls).
+    static SCRATCH: RefCell<(PanelBuf, Vec<TileAcc>)> = RefCell::new(Default::default());
+}
+
+impl Plan<'_> {
+    /// Weight rows `n0..n0 + rows` with every activation row, into `out`.
+    pub(super) fn fill_gemm_neon(&self, dot: NeonDot, n0: usize, rows: usize, out: &OutPtr) {
+        match self.w.qtype {
+            QType::Q4_0 => self.gemm_neon_rows::<BlockQ4_0>(dot, n0, rows, out),
+            QType::Q8_0 => self.gemm_neon_rows::<BlockQ8_0>(dot, n0, rows, out),
+            QType::Q5_0 => self.gemm_neon_rows::<BlockQ5_0>(dot, n0, rows, out),
+            QType::IQ4NL => self.gemm_neon_rows::<BlockIQ4NL>(dot, n0, rows, out),
+            QType::Q4_1 => self.gemm_neon_rows::<BlockQ4_1>(dot, n0, rows, out),
+            _ => self.gemm_neon_rows::<BlockQ5_1>(dot, n0, rows, out),
+        }
+    }
+
+    fn gemm_neon_rows<W: Load32>(&self, dot: NeonDot, n0: usize, rows: usize, out: &OutPtr) {
+        let none: &[f32] = &[];
+        let (xb, xd, xs) = match &self.acts {
+            Acts::Q8_0 { blocks, d, .. } => (&blocks[..], &d[..], none),
+            Acts::Q8_1 { blocks, d, s, .. } => (&blocks[..], &d[..], &s[..]),
+            _ => unreachable!("the 32-weight GEMM runs only with q8_0 / q8_1 activations"),
+        };
+        let nb = self.k / QK8_0;
+        let rb = self.row_bytes;
+        let m = self.m;
+        SCRATCH.with_borrow_mut(|(buf, acc)| {
+            let mut mb = 0;
+            while mb < m {
+                let ms = mb..(mb + GEMM_NEON_BLOCK).min(m);
+                let tiles = ms.len().div_ceil(TILE);
+                let mut p0 = 0;
+                while p0 < rows {
+                    let np = PANEL.min(rows - p0);
+                    let w: [&[W]; PANEL] = std::array::from_fn(|i| {
+                        if i < np {
+                            bytemuck::cast_slice(&self.w.data[(n0 + p0 + i) * rb..][..rb])
+                        } else {
+                            &[]
+                        }
+                    });
+                    acc.clear();
+                    acc.resize(tiles, [[[0.0; 4]; 8]; LANES]);
+                    let mut c0 = 0;
+                    while c0 < nb {
+                        let cb = KC.min(nb - c0);
+                        g::decode(dot, &w, np, c0, cb, buf);
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            let j0 = ms.start + t * TILE;
+                            let r = TILE.min(ms.end - j0);
+                            // the tile's rows from block c0 on (past r: its last row again)
+                            let row = |j: usize| (j0 + j.min(r - 1)) * nb + c0;
+                            let x = XTile {
+                                q: std::array::from_fn(|j| &xb[row(j)..row(j) + cb]),
+                                d: std::array::from_fn(|j| &xd[row(j)..row(j) + cb]),
+                                s: std::array::from_fn(|j| {
+                                    xs.get(row(j)..row(j) + cb).unwrap_or_default()
+                                }),
+                            };
+                            // SAFETY: `choose` gives Sdot only with `cpu::has_dotprod` and I8mm
+                            // only with `cpu::has_i8mm` (or tests force them where the CPU has
+                            // them); the kernels check the lengths.
+                            unsafe { run(dot, W::HAS_MIN, r, buf, cb, &x, a) };
+                        }
+                        c0 += cb;
+                    }
+                    for (t, a) in acc.iter().enumerate() {
+                        let j0 = ms.start + t * TILE;
+                        for j in 0..TILE.min(ms.end - j0) {
+                            for i in 0..np {
+                                out.set(j0 + j, n0 + p0 + i, hsum8(&g::lanes(dot, a, i, j)));
+                            }
+                        }
+                    }
+                    p0 += np;
+                }
+                mb = ms.end;
+            }
+        });
+    }
+}
+
+/// The kernel for a tile of `r` rows (1..=TILE; `smmla` in pairs, the odd row with its copy).
+///
+/// # Safety
+/// The CPU must have what `dot` needs.
+unsafe fn run(
+    dot: NeonDot,
+    min: bool,
+    r: usize,
+    buf: &PanelBuf,
+    cb: usize,
+    x: &XTile<'_>,
+    a: &mut TileAcc,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        match (dot, min, r) {
+            (NeonDot::Sdot, false, 1) => g::chunk_sdot::<1, false>(buf, cb, x, a),
+            (NeonDot::Sdot, false, 2) => g::chunk_sdot::<2, false>(buf, cb, x, a),
+            (NeonDot::Sdot, false, 3) => g::chunk_sdot::<3, false>(buf, cb, x, a),
+            (NeonDot::Sdot, false, _) => g::chunk_sdot::<4, false>(buf, cb, x, a),
+            (NeonDot::Sdot, true, 1) => g::chunk_sdot::<1, true>(buf, cb, x, a),
+            (NeonDot::Sdot, true, 2) => g::chunk_sdot::<2, true>(buf, cb, x, a),
+            (NeonDot::Sdot, true, 3) => g::chunk_sdot::<3, true>(buf, cb, x, a),
+            (NeonDot::Sdot, true, _) => g::chunk_sdot::<4, true>(buf, cb, x, a),
+            (NeonDot::I8mm, false, 1 | 2) => g::chunk_i8mm::<1, false>(buf, cb, x, a),
+            (NeonDot::I8mm, false, _) => g::chunk_i8mm::<2, false>(buf, cb, x, a),
+            (NeonDot::I8mm, true, 1 | 2) => g::chunk_i8mm::<1, true>(buf, cb, x, a),
+            (NeonDot::I8mm, true, _) => g::chunk_i8mm::<2, true>(buf, cb, x, a),
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: `plan` on this thread takes this path with this product (`Some(Some(dot))`) or
+    /// the row kernels (`Some(None)`) for the formats it takes, at M >= 2, whatever the
+    /// threshold says.
+    pub(super) static FORCE: std::cell::Cell<Option<Option<NeonDot>>> = const { std::cell::Cell::new(None) };
+}
+
+/// The choice tests force on this thread (`FORCE`); always `None` outside tests.
+fn forced() -> Option<Option<NeonDot>> {
+    #[cfg(test)]
+    return FORCE.get();
+    #[cfg(not(test))]
+    None
+}
