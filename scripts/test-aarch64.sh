@@ -2,13 +2,16 @@
 # aarch64 checks without ARM hardware: cross-compile the Rust core for aarch64-unknown-linux-gnu
 # and run its tests under qemu-user. Emulated, not real hardware: this checks correctness (every
 # NEON kernel bit for bit against the scalar references), not speed.
-#   1. the whole core suite on `-cpu max` (has dotprod: the `sdot` kernels),
+#   1. the whole core suite on `-cpu max` (has dotprod and i8mm: the `sdot` kernels, the GEMM
+#      in `smmla` and, forced by its tests, in `sdot`),
 #   2. the matmul tests on `-cpu cortex-a53` (Armv8.0, no dotprod: the `smull` kernels),
+#   2b. the GEMM's tests and the detection on `-cpu cortex-a76` (dotprod, no i8mm: the GEMM in
+#      `sdot` by detection) and on `-cpu max` with FERROQUANT_MAX_ISA=dotprod (the cap),
 #   3. the matmul and NEON-quantizer tests with FERROQUANT_FORCE_SCALAR=1 (the references
 #      through the dispatch),
 #   4. clippy for the target, the whole workspace (cfg-gated code, dead code there; the PyO3
 #      binding crate type-checks for aarch64 thanks to abi3, no aarch64 Python needed).
-# FERROQUANT_EXPECT_DOTPROD makes runs 1 and 2 fail unless they took the path they are meant to.
+# FERROQUANT_EXPECT_DOTPROD / _I8MM make the runs fail unless they took the path they are meant to.
 # Needs (Debian): gcc-aarch64-linux-gnu, libc6-dev-arm64-cross, qemu-user; installed with apt
 # when missing (CI runs as root on a fresh Debian).
 set -euo pipefail
@@ -25,10 +28,15 @@ tests=(cargo test -p ferroquant-core --target aarch64-unknown-linux-gnu -q)
 
 echo "-- qemu -cpu max (dotprod): whole core suite"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_EXPECT_DOTPROD=1 \
-  "${tests[@]}"
+  FERROQUANT_EXPECT_I8MM=1 "${tests[@]}"
 echo "-- qemu -cpu cortex-a53 (no dotprod): matmul"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a53" FERROQUANT_EXPECT_DOTPROD=0 \
   "${tests[@]}" matmul
+echo "-- qemu -cpu cortex-a76 (dotprod, no i8mm), and -cpu max capped at dotprod: the NEON GEMM"
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a76" FERROQUANT_EXPECT_DOTPROD=1 \
+  FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_MAX_ISA=dotprod \
+  FERROQUANT_EXPECT_DOTPROD=1 FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch
 echo "-- FERROQUANT_FORCE_SCALAR=1: matmul, legacy_neon"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_FORCE_SCALAR=1 \
   "${tests[@]}" -- matmul legacy_neon

@@ -31,11 +31,6 @@ for kern in q4_0 q5_0 q8_0 iq4_nl q4_k q5_k q6_k; do
     "$(per_weight $kern mull 1)" "$(per_weight $kern sdot 1)" \
     "$(per_weight $kern mull 4)" "$(per_weight $kern sdot 4)"
 done
-printf '%-14s %6s %6s %6s %6s %6s\n' kernel ref neon1 - neon4 -
-for kern in nf4 int8; do
-  printf '%-14s %6s %6s %6s %6s %6s\n' "$kern" "$(per_weight $kern ref 1)" \
-    "$(per_weight $kern neon 1)" - "$(per_weight $kern neon 4)" -
-done
 for kern in quantize_q8_0 quantize_q4_0; do
   printf '%-14s %6s %6s\n' "$kern" "$(per_weight $kern ref 1)" "$(per_weight $kern neon 1)"
 done

@@ -1,7 +1,8 @@
 """Every FERROQUANT_* environment switch the Python package reads, read here and nowhere else.
 
 The Rust core reads its own switches (FERROQUANT_NUM_THREADS, FERROQUANT_FORCE_SCALAR,
-FERROQUANT_RUNTIME_PACK, FERROQUANT_MAX_ISA, FERROQUANT_AVX2_GEMM) in one module of its own;
+FERROQUANT_RUNTIME_PACK, FERROQUANT_MAX_ISA, FERROQUANT_AVX2_GEMM, FERROQUANT_NEON_GEMM) in one
+module of its own;
 `describe()` lists both sets for `ferroquant doctor`. docs/configuration.md documents each one."""
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ RUST_SWITCHES = {
     "FERROQUANT_NUM_THREADS": "threads of the Rust core's pool (default: all cores)",
     "FERROQUANT_FORCE_SCALAR": "1: run the scalar references instead of the SIMD kernels",
     "FERROQUANT_RUNTIME_PACK": "0: the native runtime keeps weights as stored (no VNNI panels)",
-    "FERROQUANT_MAX_ISA": "avx2 / avxvnni: cap the x86-64 kernels below AVX-512; avx512: no AMX",
+    "FERROQUANT_MAX_ISA": (
+        "avx2 / avxvnni: cap the x86-64 kernels below AVX-512; avx512: no AMX; "
+        "aarch64: neon (no sdot / smmla) or dotprod (no smmla)"
+    ),
     "FERROQUANT_AVX2_GEMM": "0: no AVX2 GEMM for the 32-weight formats (the row kernels run)",
+    "FERROQUANT_NEON_GEMM": "0: no aarch64 GEMM for the 32-weight formats (the row kernels run)",
 }
 PYTHON_SWITCHES = {
     "FERROQUANT_CACHE_DIR": "folder of compiled CUDA kernels (default ~/.cache/ferroquant/cuda)",

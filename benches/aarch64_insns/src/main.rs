@@ -1,7 +1,10 @@
 //! Instruction-count probe of the aarch64 kernels (run by `run.sh` under `qemu -singlestep`):
 //! `aarch64-insns KERNEL VARIANT K ROWS REPS` runs one kernel REPS times over one weight row of
 //! K weights and ROWS activation rows. VARIANT: `ref` (the scalar reference, once per row),
-//! `mull` / `sdot` (the NEON integer kinds), `neon` (nf4, int8, quantizers).
+//! `mull` / `sdot` (the NEON integer kinds), `neon` (quantizers).
+//! `aarch64-insns qmatmul FORMAT K M N REPS` runs `qmatmul` REPS times with N weight rows of
+//! FORMAT (q4_0, q5_0, q8_0, iq4_nl, q4_1, q5_1) and M activation rows, whatever path the
+//! CPU, FERROQUANT_MAX_ISA and FERROQUANT_NEON_GEMM choose (activation quantization included).
 #[cfg(target_arch = "aarch64")]
 fn main() {
     use ferroquant_core::formats::{blocks::*, ggml_quantize_row, legacy};
@@ -10,6 +13,9 @@ fn main() {
     use std::hint::black_box;
 
     let a: Vec<String> = std::env::args().collect();
+    if a.len() == 7 && a[1] == "qmatmul" {
+        return qmatmul_probe(&a[2], &a[3], &a[4], &a[5], &a[6]);
+    }
     let usage = "usage: aarch64-insns KERNEL VARIANT K ROWS(1|4) REPS";
     assert!(a.len() == 6, "{usage}");
     let (kern, var) = (a[1].as_str(), a[2].as_str());
@@ -18,7 +24,7 @@ fn main() {
     let reps: usize = a[5].parse().expect(usage);
     assert!(rows == 1 || rows == 4, "{usage}");
     if var == "sdot" {
-        assert!(neon::has_dotprod(), "this CPU has no dotprod");
+        assert!(ferroquant_core::cpu::has_dotprod(), "this CPU has no dotprod");
     }
     let mut seed = 0x1234_5678u64;
     let mut bytes = |n: usize| -> Vec<u8> {
@@ -105,7 +111,6 @@ fn main() {
             }
         }};
     }
-    let x4: [&[f32]; 4] = std::array::from_fn(|i| &x[i][..]);
     match kern {
         "q4_0" => block32!(BlockQ4_0, 18),
         "q5_0" => block32!(BlockQ5_0, 22),
@@ -114,34 +119,6 @@ fn main() {
         "q4_k" => block_k!(BlockQ4K, 144, &[0, 2]),
         "q5_k" => block_k!(BlockQ5K, 176, &[0, 2]),
         "q6_k" => block_k!(BlockQ6K, 210, &[208]),
-        "nf4" => {
-            let (p, am) = (bytes(k / 2), vec![0.5f32; k / 64]);
-            for _ in 0..reps {
-                // SAFETY: NEON; K/2 packed bytes, one absmax per block of 64.
-                acc += unsafe {
-                    match (var, rows) {
-                        ("ref", _) => (0..rows).map(|i| r::dot_nf4(&p, &am, 64, x4[i])).sum(),
-                        (_, 1) => neon::dot_nf4(&p, &am, 64, [x4[0]])[0],
-                        _ => neon::dot_nf4(&p, &am, 64, x4).iter().sum(),
-                    }
-                };
-                black_box(&acc);
-            }
-        }
-        "int8" => {
-            let (q, sc) = (bytes(k), [0.5f32]);
-            for _ in 0..reps {
-                // SAFETY: NEON; K bytes, one scale for the row.
-                acc += unsafe {
-                    match (var, rows) {
-                        ("ref", _) => (0..rows).map(|i| r::dot_int8(&q, &sc, k, x4[i])).sum(),
-                        (_, 1) => neon::dot_int8(&q, &sc, k, [x4[0]])[0],
-                        _ => neon::dot_int8(&q, &sc, k, x4).iter().sum(),
-                    }
-                };
-                black_box(&acc);
-            }
-        }
         "quantize_q8_0" | "quantize_q4_0" => {
             let (qt, size) = if kern == "quantize_q8_0" {
                 (QType::Q8_0, 34)
@@ -163,6 +140,56 @@ fn main() {
         _ => panic!("unknown kernel {kern}"),
     }
     println!("{acc}");
+}
+
+/// `qmatmul` of N rows of `fmt` weights (random quants, scales 0.01) with M random rows.
+#[cfg(target_arch = "aarch64")]
+fn qmatmul_probe(fmt: &str, k: &str, m: &str, n: &str, reps: &str) {
+    use ferroquant_core::formats::{blocks::f16_from_f32, tensor::QuantizedView};
+    use ferroquant_core::matmul::qmatmul;
+    use ferroquant_core::qtype::QType;
+    let usage = "usage: aarch64-insns qmatmul FORMAT K M N REPS";
+    let [k, m, n, reps]: [usize; 4] = [k, m, n, reps].map(|v| v.parse().expect(usage));
+    let (qtype, halves): (QType, &[usize]) = match fmt {
+        "q4_0" => (QType::Q4_0, &[0]),
+        "q5_0" => (QType::Q5_0, &[0]),
+        "q8_0" => (QType::Q8_0, &[0]),
+        "iq4_nl" => (QType::IQ4NL, &[0]),
+        "q4_1" => (QType::Q4_1, &[0, 2]),
+        "q5_1" => (QType::Q5_1, &[0, 2]),
+        _ => panic!("{usage}"),
+    };
+    let size = qtype.info().type_size;
+    let mut seed = 0x9e37_79b9u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed as u8
+    };
+    let mut data: Vec<u8> = (0..n * k / 32 * size).map(|_| next()).collect();
+    for blk in data.chunks_exact_mut(size) {
+        for &o in halves {
+            blk[o..o + 2].copy_from_slice(&f16_from_f32(0.01));
+        }
+    }
+    let x: Vec<f32> = (0..m * k).map(|_| next() as f32 / 128.0 - 1.0).collect();
+    let w = QuantizedView {
+        qtype,
+        rows: n,
+        cols: k,
+        block_size: 32,
+        scale_mode: None,
+        data: &data,
+        stats: &[],
+        double_quant: None,
+    };
+    let mut y = vec![0.0f32; m * n];
+    for _ in 0..reps {
+        qmatmul(std::hint::black_box(&x), m, &w, &mut y).expect("qmatmul");
+        std::hint::black_box(&y);
+    }
+    println!("{}", y.iter().sum::<f32>());
 }
 
 #[cfg(not(target_arch = "aarch64"))]

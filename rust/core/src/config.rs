@@ -7,6 +7,7 @@
 //! | `FERROQUANT_NUM_THREADS` | when the pool is first built | threads of the rayon pool (`parallel`); unset, 0 or not a number: all cores |
 //! | `FERROQUANT_MAX_ISA` | once per process | x86-64: "avx2" (AVX2 / FMA / F16C only: no AVX-512, no AVX-VNNI), "avxvnni" (no AVX-512) or "avx512" (no AMX) caps the kernels below what the CPU has, to run and measure the paths of older CPUs; aarch64: "neon" (no `sdot`, no `smmla`) or "dotprod" (no `smmla`); unset or anything else: no cap |
 //! | `FERROQUANT_AVX2_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of CPUs without AVX-512 (`matmul/gemm_avx2.rs`) is off and the row kernels run (for benchmarks: `bench_matmul.py --avx2-rows`) |
+//! | `FERROQUANT_NEON_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of aarch64 (`matmul/gemm_neon.rs`) is off and the row kernels run (to compare them: `benches/aarch64_insns`) |
 //! | `FERROQUANT_GGML_BF16` | at every qmatmul call that would take it | unset, "1" or not a number: the ggml formats take the bf16 GEMM on AMX tiles (`matmul::ggml_bf16_min_m`, where AMX bf16 is usable) from each format's measured threshold (80 rows; q8_0 / iq4_nl 96); a number n >= 2: from n rows (at least `AMX_BF16_MIN_M`); "0": never (their int8 paths at every M, as on CPUs without AMX bf16) |
 //! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
 //! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
@@ -50,6 +51,11 @@ pub fn max_isa() -> Option<&'static str> {
 /// `FERROQUANT_AVX2_GEMM`: false only when set to "0" (read at every call that asks).
 pub fn avx2_gemm() -> bool {
     var("FERROQUANT_AVX2_GEMM").is_none_or(|v| v.trim() != "0")
+}
+
+/// `FERROQUANT_NEON_GEMM`: false only when set to "0" (read at every call that asks).
+pub fn neon_gemm() -> bool {
+    var("FERROQUANT_NEON_GEMM").is_none_or(|v| v.trim() != "0")
 }
 
 /// `FERROQUANT_GGML_BF16`: `Some(0)` for "0" (off), `Some(n)` for a number n, `None` when

@@ -35,14 +35,15 @@ pub(super) fn takes(qtype: QType) -> bool {
 }
 
 /// The product `plan` runs for `qtype` weights and `m` activation rows: the tests' forcing
-/// (`FORCE`), else the CPU's best from `GEMM_NEON_MIN_M` rows; `None`: the row kernels.
+/// (`FORCE`), else the CPU's best from `GEMM_NEON_MIN_M` rows unless FERROQUANT_NEON_GEMM=0;
+/// `None`: the row kernels.
 pub(super) fn choose(qtype: QType, m: usize) -> Option<NeonDot> {
     if !takes(qtype) || m < 2 {
         return None;
     }
     match forced() {
         Some(f) => f,
-        None if m >= GEMM_NEON_MIN_M => NeonDot::detect(),
+        None if m >= GEMM_NEON_MIN_M && crate::config::neon_gemm() => NeonDot::detect(),
         None => None,
     }
 }

@@ -110,85 +110,112 @@ pub fn decode<W: Load32>(
     buf.q.resize(KC * BLOCK_BYTES, 0);
     buf.d.resize(KC * BLOCK_SCALES, 0.0);
     buf.m.resize(KC * BLOCK_SCALES, 0.0);
-    // SAFETY: NEON is baseline on aarch64 (`neon.rs`); no memory is touched.
-    let zero = unsafe { vdupq_n_s8(0) };
-    for b in 0..cb {
-        let mut rows = [[zero; 2]; PANEL];
-        let (mut dh, mut mh) = ([0u16; PANEL], [0u16; PANEL]);
-        for i in 0..np {
-            let blk = &w[i][c0 + b];
-            rows[i] = blk.load();
-            dh[i] = u16::from_le_bytes(blk.d());
-            mh[i] = u16::from_le_bytes(blk.m());
-        }
-        let q = &mut buf.q[b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES];
-        // SAFETY: NEON (baseline); every store writes 16 bytes inside `q` (BLOCK_BYTES = 256:
-        // offsets below are at most 240).
-        unsafe {
-            let st = |q: &mut [i8], off: usize, v: int8x16_t| {
-                assert!(off + 16 <= q.len());
-                vst1q_s8(q.as_mut_ptr().add(off), v)
-            };
-            match dot {
-                NeonDot::Sdot => {
-                    // Step s (4 elements) of half h: [rows 0..3: 4 bytes each], [rows 4..7].
-                    for g in 0..2 {
-                        for h in 0..2 {
-                            let r: [int32x4_t; 4] =
-                                std::array::from_fn(|i| vreinterpretq_s32_s8(rows[4 * g + i][h]));
-                            let t0 = vreinterpretq_s64_s32(vzip1q_s32(r[0], r[1]));
-                            let t1 = vreinterpretq_s64_s32(vzip2q_s32(r[0], r[1]));
-                            let t2 = vreinterpretq_s64_s32(vzip1q_s32(r[2], r[3]));
-                            let t3 = vreinterpretq_s64_s32(vzip2q_s32(r[2], r[3]));
-                            let o = [
-                                vzip1q_s64(t0, t2),
-                                vzip2q_s64(t0, t2),
-                                vzip1q_s64(t1, t3),
-                                vzip2q_s64(t1, t3),
-                            ];
-                            for (s, v) in o.into_iter().enumerate() {
-                                st(q, (4 * h + s) * 32 + 16 * g, vreinterpretq_s8_s64(v));
-                            }
-                        }
+    // (the bounds checked once here, not per block and row)
+    let rows: [&[W]; PANEL] =
+        std::array::from_fn(|i| if i < np { &w[i][c0..c0 + cb] } else { &[] });
+    match (dot, np == PANEL) {
+        (NeonDot::Sdot, true) => decode_rows::<W, false, true>(&rows, np, cb, buf),
+        (NeonDot::Sdot, false) => decode_rows::<W, false, false>(&rows, np, cb, buf),
+        (NeonDot::I8mm, true) => decode_rows::<W, true, true>(&rows, np, cb, buf),
+        (NeonDot::I8mm, false) => decode_rows::<W, true, false>(&rows, np, cb, buf),
+    }
+}
+
+/// `decode` for `smmla`'s layout (`MM`) or `sdot`'s, a full panel (`FULL`, np = PANEL: the
+/// row loop unrolled, the rows in registers) or not. `rows[i]` has `cb` blocks for i < np.
+// (index loops over parallel arrays, unrolled)
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn decode_rows<W: Load32, const MM: bool, const FULL: bool>(
+    rows: &[&[W]; PANEL],
+    np: usize,
+    cb: usize,
+    buf: &mut PanelBuf,
+) {
+    assert!(cb <= KC && buf.q.len() >= KC * BLOCK_BYTES);
+    assert!(buf.d.len() >= KC * BLOCK_SCALES && buf.m.len() >= KC * BLOCK_SCALES);
+    assert!((0..np).all(|i| rows[i].len() >= cb));
+    let np = if FULL { PANEL } else { np };
+    let q = buf.q.as_mut_ptr();
+    // SAFETY: NEON is baseline on aarch64 (`neon.rs`); `rows[i][b]` for i < np, b < cb is in
+    // bounds (asserted above); every store writes 16 bytes at an offset of at most 240 into
+    // block b's 256 (b < cb <= KC blocks of the buffer, asserted).
+    unsafe {
+        let zero = vdupq_n_s8(0);
+        for b in 0..cb {
+            let mut v = [[zero; 2]; PANEL];
+            let (mut dh, mut mh) = ([0u16; PANEL], [0u16; PANEL]);
+            for i in 0..np {
+                let blk = rows.get_unchecked(i).get_unchecked(b);
+                v[i] = blk.load();
+                dh[i] = u16::from_le_bytes(blk.d());
+                if W::HAS_MIN {
+                    mh[i] = u16::from_le_bytes(blk.m());
+                }
+            }
+            let o = q.add(b * BLOCK_BYTES);
+            if MM {
+                // Step s (8 elements) of half h, pair p: [row 2p: 8 bytes, row 2p + 1].
+                for p in 0..PANEL / 2 {
+                    for h in 0..2 {
+                        let a = vreinterpretq_s64_s8(v[2 * p][h]);
+                        let c = vreinterpretq_s64_s8(v[2 * p + 1][h]);
+                        vst1q_s8(
+                            o.add((8 * h + p) * 16),
+                            vreinterpretq_s8_s64(vzip1q_s64(a, c)),
+                        );
+                        vst1q_s8(
+                            o.add((8 * h + 4 + p) * 16),
+                            vreinterpretq_s8_s64(vzip2q_s64(a, c)),
+                        );
                     }
                 }
-                NeonDot::I8mm => {
-                    // Step s (8 elements) of half h, pair p: [row 2p: 8 bytes, row 2p + 1].
-                    for p in 0..PANEL / 2 {
-                        for h in 0..2 {
-                            let a = vreinterpretq_s64_s8(rows[2 * p][h]);
-                            let c = vreinterpretq_s64_s8(rows[2 * p + 1][h]);
-                            st(
-                                q,
-                                ((2 * h) * 4 + p) * 16,
-                                vreinterpretq_s8_s64(vzip1q_s64(a, c)),
-                            );
-                            st(
-                                q,
-                                ((2 * h + 1) * 4 + p) * 16,
-                                vreinterpretq_s8_s64(vzip2q_s64(a, c)),
-                            );
+            } else {
+                // Step s (4 elements) of half h: [rows 0..3: 4 bytes each], [rows 4..7]: a
+                // 4 x 4 transpose of 32-bit words.
+                for g in 0..2 {
+                    for h in 0..2 {
+                        let r = [
+                            vreinterpretq_s32_s8(v[4 * g][h]),
+                            vreinterpretq_s32_s8(v[4 * g + 1][h]),
+                            vreinterpretq_s32_s8(v[4 * g + 2][h]),
+                            vreinterpretq_s32_s8(v[4 * g + 3][h]),
+                        ];
+                        let t0 = vreinterpretq_s64_s32(vzip1q_s32(r[0], r[1]));
+                        let t1 = vreinterpretq_s64_s32(vzip2q_s32(r[0], r[1]));
+                        let t2 = vreinterpretq_s64_s32(vzip1q_s32(r[2], r[3]));
+                        let t3 = vreinterpretq_s64_s32(vzip2q_s32(r[2], r[3]));
+                        let t = [
+                            vzip1q_s64(t0, t2),
+                            vzip2q_s64(t0, t2),
+                            vzip1q_s64(t1, t3),
+                            vzip2q_s64(t1, t3),
+                        ];
+                        for (s, t) in t.into_iter().enumerate() {
+                            vst1q_s8(o.add((4 * h + s) * 32 + 16 * g), vreinterpretq_s8_s64(t));
                         }
                     }
                 }
             }
-        }
-        scales(
-            dot,
-            &dh,
-            &mut buf.d[b * BLOCK_SCALES..(b + 1) * BLOCK_SCALES],
-        );
-        if W::HAS_MIN {
+            let dot = if MM { NeonDot::I8mm } else { NeonDot::Sdot };
             scales(
                 dot,
-                &mh,
-                &mut buf.m[b * BLOCK_SCALES..(b + 1) * BLOCK_SCALES],
+                &dh,
+                &mut buf.d[b * BLOCK_SCALES..(b + 1) * BLOCK_SCALES],
             );
+            if W::HAS_MIN {
+                scales(
+                    dot,
+                    &mh,
+                    &mut buf.m[b * BLOCK_SCALES..(b + 1) * BLOCK_SCALES],
+                );
+            }
         }
     }
 }
 
 /// The 8 rows' f16 scales (or mins) of one block as f32 in `dot`'s layout.
+#[inline(always)]
 fn scales(dot: NeonDot, h: &[u16; PANEL], o: &mut [f32]) {
     let v = f16x8_to_f32(h);
     let mut st = |off: usize, v: float32x4_t| {
@@ -270,6 +297,8 @@ fn check(buf: &PanelBuf, cb: usize, x: &XTile<'_>, rows: usize, min: bool) {
 ///
 /// # Safety
 /// The CPU must have `dotprod` (`cpu::has_dotprod`). Lengths are checked (panics).
+// (index loops over parallel arrays: loops, not closures, stay inline with the target features)
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "neon,dotprod")]
 pub unsafe fn chunk_sdot<const R: usize, const MIN: bool>(
     buf: &PanelBuf,
@@ -279,9 +308,9 @@ pub unsafe fn chunk_sdot<const R: usize, const MIN: bool>(
 ) {
     check(buf, cb, x, R, MIN);
     let (wq, wd, wm) = (buf.q.as_ptr(), buf.d.as_ptr(), buf.m.as_ptr());
-    // SAFETY (every block below): NEON is baseline and dotprod is this function's contract; the
-    // buffer reads stay inside the decoded KC blocks (`check`: b < cb <= KC) and the activation
-    // reads inside the first cb blocks of each row (`check`).
+    // SAFETY: NEON is baseline and dotprod is this function's contract; the buffer reads stay
+    // inside the decoded KC blocks (`check`: b < cb <= KC) and the activation reads inside the
+    // first cb blocks of each row (`check`).
     unsafe {
         let zero = vdupq_n_s32(0);
         for (l, a) in acc.iter_mut().enumerate().take(cb.min(LANES)) {
@@ -354,6 +383,8 @@ pub unsafe fn chunk_sdot<const R: usize, const MIN: bool>(
 ///
 /// # Safety
 /// The CPU must have `i8mm` (`cpu::has_i8mm`). Lengths are checked (panics).
+// (index loops over parallel arrays: loops, not closures, stay inline with the target features)
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "neon,dotprod,i8mm")]
 pub unsafe fn chunk_i8mm<const P: usize, const MIN: bool>(
     buf: &PanelBuf,
@@ -363,7 +394,7 @@ pub unsafe fn chunk_i8mm<const P: usize, const MIN: bool>(
 ) {
     check(buf, cb, x, 2 * P, MIN);
     let (wq, wd, wm) = (buf.q.as_ptr(), buf.d.as_ptr(), buf.m.as_ptr());
-    // SAFETY (every block below): as in `chunk_sdot`, with i8mm this function's contract.
+    // SAFETY: as in `chunk_sdot`, with i8mm this function's contract.
     unsafe {
         let zero = vdupq_n_s32(0);
         for (l, a) in acc.iter_mut().enumerate().take(cb.min(LANES)) {
