@@ -17,10 +17,10 @@ use crate::matmul::reference::{hsum8, LANES};
 use crate::qtype::QType;
 
 /// From this many activation rows the 32-weight formats take this path where the CPU has
-/// `dotprod`. Not measured (no ARM hardware): at M = 2 the row kernels decode each weight block
-/// once for 2 rows, the GEMM once per panel chunk for the block's rows, and its tile keeps 8
-/// weight rows' sums in registers; executed instructions under qemu (`docs/cpu-gemm.md`, NEON)
-/// favour the GEMM from M = 2.
+/// `dotprod`. Not timed (no ARM hardware): executed instructions of whole `qmatmul` calls
+/// under qemu (`benches/aarch64_insns/gemm.sh`, 512 x 1024, one thread, 2026-12-07) favour it
+/// already at M = 2: q4_0 0.51 (`sdot`) / 0.48 (`smmla`) a weight per activation row against
+/// 0.60 for the `sdot` row kernels.
 pub(super) const GEMM_NEON_MIN_M: usize = 2;
 /// Activation rows of one block (each panel chunk decoded once per block; the block's chunk of
 /// activations, 64 x 32 blocks x 34 bytes = 68 KiB, stays in L2).
