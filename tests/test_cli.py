@@ -27,7 +27,16 @@ def test_doctor_reports_threads_simd_and_peers():
     info = json.loads(r.stdout)
     assert info["threads"] >= 1
     assert info["simd_quantizers"] in ("avx2", "neon", "neon+dotprod", "scalar")
-    levels = ("amx-int8", "avx512-vnni", "avx512", "avx2", "neon-i8mm", "neon-dotprod", "neon", "scalar")
+    levels = (
+        "amx-int8",
+        "avx512-vnni",
+        "avx512",
+        "avx2",
+        "neon-i8mm",
+        "neon-dotprod",
+        "neon",
+        "scalar",
+    )
     assert info["simd_kernels"] in levels
     # AMX: used, or why not; the kernel level says amx-int8 exactly where int8 tiles run
     assert info["amx"].startswith(("yes (", "no (")), info["amx"]
