@@ -521,10 +521,13 @@ impl Plan<'_> {
         let wrow = |p: usize| &self.w.data[(n + p) * self.row_bytes..(n + p + 1) * self.row_bytes];
         use reference::q16::{UNIT_INT8, UNIT_NF4};
         let unit = if nf4 { UNIT_NF4 } else { UNIT_INT8 };
-        let (units, piece) = (self.k.div_ceil(unit), Q16_PIECE / unit);
+        let long = self.k > q16_long_k();
+        // Rows up to `q16_long_k` in one piece.
+        let units = self.k.div_ceil(unit);
+        let piece = if long { Q16_PIECE / unit } else { units };
         let mut lanes = [x86::q16::Lanes::<R>::new(); Q16_PANEL];
         // Rows of one piece read the panel's rows one after the other (whole rows' distance).
-        let ahead = if self.k > q16_long_k() {
+        let ahead = if long {
             x86::q16::PREFETCH_PANELS
         } else {
             x86::q16::PREFETCH_ROWS
