@@ -56,9 +56,18 @@ impl<const R: usize> Lanes<R> {
     }
 
     /// The folded sums.
+    ///
+    /// # Safety
+    /// AVX-512 F (`cpu::has_avx512`).
     #[target_feature(enable = "avx2,avx512f")]
     pub fn finish(&self) -> [f32; R] {
         self.acc.map(|a| hsum64_512(&a))
+    }
+}
+
+impl<const R: usize> Default for Lanes<R> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

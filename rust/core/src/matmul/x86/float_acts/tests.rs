@@ -161,10 +161,10 @@ fn check_bytes<D: Decode16>(
                 nan |= unsafe { dot_bytes_piece::<D>(q, scales, bl, &x, i0, i1, 4096, &mut l) };
                 i0 = i1;
             }
-            // SAFETY: has_avx512 checked.
             let got = if nan {
                 f32::NAN
             } else {
+                // SAFETY: has_avx512 checked.
                 (unsafe { l.finish() })[0]
             };
             same(
