@@ -26,7 +26,9 @@
 //! and `x86/float_acts/avx512.rs` take AVX-512 where the CPU has it; tq1_0 / tq2_0 take
 //! `x86/ternary/avx512.rs` at every M.
 //! FERROQUANT_FORCE_SCALAR=1 runs the references. On aarch64 `neon.rs` computes the same bits
-//! with NEON (`sdot` where the CPU has `dotprod`); other architectures run the references.
+//! with NEON (`sdot` where the CPU has `dotprod`), and from `gemm_neon::GEMM_NEON_MIN_M` rows
+//! the 32-weight formats take the NEON GEMM of `gemm_neon.rs` / `neon/gemm.rs` (`sdot` by
+//! element, `smmla` with `i8mm`); other architectures run the references.
 //!
 //! Files: this one (the driver: `qmatmul`, `Plan::fill`, the task split), `plan.rs` (every
 //! check, the kernel choice, the activations prepared once per call), `dispatch.rs` (one weight
