@@ -91,7 +91,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.n_head = n_head  # query heads (the state's output shape); None: no native state
         self._state: Any = None
         self._state_gen: tuple[int, int] = (-1, -1)
-        self._fast_until = -1  # 1-token updates take the native step while n_tokens < this
+        # 1-token updates take the native step while n_tokens < this, the group step at it
+        self._fast_until = -1
         self._fast_state: Any = None  # the state when the last update took the native step
         self._out: torch.Tensor | None = None  # the state's attention output
 
@@ -214,18 +215,20 @@ class QuantizedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        st = self._state
-        if self.n_tokens < self._fast_until and st.push(
-            key_states, value_states, self.n_quantized, self.sinks + self.n_res
-        ):
-            # the common KIVI decode step: the token went into the residual natively (no group
-            # to quantize, past the sinks); the attention call reads the state (`attend`)
+        n, st = self.n_tokens, self._state
+        if (
+            n < self._fast_until
+            and st.push(key_states, value_states, self.n_quantized, self.sinks + self.n_res)
+        ) or (n == self._fast_until and self._group_step(key_states, value_states)):
+            # the common KIVI decode step: the token went into the residual natively (and, on
+            # the step that completes a group, the group into the quantized rows); the
+            # attention call reads the state (`attend`)
             self.n_res += 1
             self.n_tokens += 1
             self._visible = self.n_quantized
             self._pending = None
             if self.fast_decode():
-                self._fast_state = st
+                self._fast_state = self._state  # st, or the one a group step rebuilt
                 return attention.tag(key_states, self), value_states
             self._fast_state = None
             return self.states_for_attention(key_states, value_states)
@@ -266,6 +269,26 @@ class QuantizedLayer(CacheLayerMixin):
             self._state = self._build_state()
             self._state_gen = gen
         self._fast_until = self.n_quantized + self.group + self.residual - 1
+        return True
+
+    def _group_step(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """The one-token step that completes a key group, natively (`KvLayerState.push_group`:
+        the same stored bytes as `_append`): the buffers grown first where the group does not
+        fit (the state rebuilt on them); the rows' and the residual's counts follow (the caller
+        counts the token). False where the state declines (no quantized rows yet, group 0 under
+        sinks, other tensors): `_append` quantizes the group."""
+        g, kr, vr = self.group, self.k_rows, self.v_rows
+        if kr.parts and (kr.n + 1 > kr.cap or vr.n + g > vr.cap):
+            kr.reserve(1)
+            vr.reserve(g)
+            self._state, self._state_gen = self._build_state(), (kr.gen, vr.gen)
+        if not self._state.push_group(k, v, self.n_quantized, self.n_res):
+            return False
+        self.k_rows.n += 1
+        self.v_rows.n += g
+        self.n_quantized += g
+        self.n_res -= g
+        self._fast_until += g
         return True
 
     def _state_step(self, k: torch.Tensor, v: torch.Tensor) -> bool:
