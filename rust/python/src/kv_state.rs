@@ -64,15 +64,6 @@ fn err(msg: String) -> PyErr {
 
 /// A read-only numpy array's contiguous data (checked when the state was built; read again here
 /// from the array object, whose data pointer and size never change).
-/// A buffer's contiguous data, writable.
-///
-/// # Safety
-/// No other slice of the same array may be alive while the returned one is used.
-unsafe fn bytes_mut<'a>(a: &'a Bound<'_, PyArrayDyn<u8>>) -> PyResult<&'a mut [u8]> {
-    // SAFETY: the caller guarantees exclusive use (see above).
-    unsafe { a.as_slice_mut() }.map_err(|_| err("a buffer is not contiguous".into()))
-}
-
 fn bytes<'a>(a: &'a Bound<'_, PyArrayDyn<u8>>) -> PyResult<&'a [u8]> {
     // SAFETY: the slice lives while `a` is borrowed; the array views a cache buffer that only the
     // cache's own Python code writes, never during a call of this object (one thread per cache).
@@ -324,26 +315,23 @@ impl KvLayerState {
         let [km, ks, kz] = self.k_parts.each_ref().map(|a| a.bind(py));
         let [vm, vs, vz] = self.v_parts.each_ref().map(|a| a.bind(py));
         let (tk, tv) = (self.tail_k.bind(py), self.tail_v.bind(py));
+        let nc = |_| err("a buffer is not contiguous".into());
         // SAFETY: the buffers are contiguous arrays (checked when built) viewing the cache's own
         // torch tensors (writable numpy views): the KIVI types have all three parts, so with
         // rows allocated (`fits`) these are six distinct allocations, plus the two tails; no
         // other reference reads or writes them during this call (one thread per cache).
         let (km, ks, kz, vm, vs, vz, tail_k, tail_v) = unsafe {
             (
-                bytes_mut(km)?,
-                bytes_mut(ks)?,
-                bytes_mut(kz)?,
-                bytes_mut(vm)?,
-                bytes_mut(vs)?,
-                bytes_mut(vz)?,
-                tk.as_slice_mut(),
-                tv.as_slice_mut(),
+                km.as_slice_mut().map_err(nc)?,
+                ks.as_slice_mut().map_err(nc)?,
+                kz.as_slice_mut().map_err(nc)?,
+                vm.as_slice_mut().map_err(nc)?,
+                vs.as_slice_mut().map_err(nc)?,
+                vz.as_slice_mut().map_err(nc)?,
+                tk.as_slice_mut().map_err(nc)?,
+                tv.as_slice_mut().map_err(nc)?,
             )
         };
-        let (tail_k, tail_v) = (
-            tail_k.map_err(|_| err("a tail buffer is not contiguous".into()))?,
-            tail_v.map_err(|_| err("a tail buffer is not contiguous".into()))?,
-        );
         let kp = PartsMut {
             main: km,
             scale: ks,
