@@ -90,6 +90,25 @@ def test_native_step_is_bit_identical_to_the_python_path(kind, opts, b, h, rep) 
     assert fast.k_rows.n == fast.n_quantized // 64 and fast.v_rows.n == fast.n_quantized
 
 
+@pytest.mark.parametrize("kind,opts", [("int4", {}), ("int2", {})])
+def test_dequantizing_reads_after_native_group_steps(kind, opts) -> None:
+    """Attention that is not `ferroquant_kv` (sdpa on `update`'s float states) after the native
+    steps, group steps included: the same states as the Python path's, step for step."""
+    g = torch.Generator().manual_seed(7)
+    fast = QuantizedLayer(kind, _Workspace(), lambda: False, n_head=4, **opts)
+    slow = QuantizedLayer(kind, _Workspace(), lambda: False, **opts)
+    prompt = torch.randn(2, 2, 200, D, generator=g), torch.randn(2, 2, 200, D, generator=g)
+    for layer in (fast, slow):
+        layer.update(*prompt)
+    groups = fast.n_quantized
+    for _ in range(140):
+        k, v = torch.randn(2, 2, 1, D, generator=g), torch.randn(2, 2, 1, D, generator=g)
+        got = [t.clone() for t in fast.update(k, v)]
+        want = slow.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert fast.n_quantized >= groups + 128  # two groups or more quantized on the way
+
+
 def test_cases_the_state_does_not_take_fall_back() -> None:
     g = torch.Generator().manual_seed(5)
     fast, slow = _pair("int2", 4)
