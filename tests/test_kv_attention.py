@@ -241,6 +241,12 @@ def _count_native_steps(monkeypatch) -> list:
         def push(self, *args):
             return self.st.push(*args)
 
+        def push_group(self, *args):
+            return self.st.push_group(*args)
+
+        def ready(self, *args):
+            return self.st.ready(*args)
+
         def attend(self, *args):
             out = self.st.attend(*args)
             if out is not None:

@@ -53,9 +53,15 @@ def _step(layer: QuantizedLayer, k, v, q, mask=None) -> torch.Tensor:
 def test_native_step_is_bit_identical_to_the_python_path(kind, opts, b, h, rep) -> None:
     g = torch.Generator().manual_seed(b * 10 + rep)
     fast, slow = _pair(kind, h * rep, **opts)
-    prompt = torch.randn(b, h, 70, D, generator=g), torch.randn(b, h, 70, D, generator=g)
+    # batch 2: a prompt past the residual window, so that its first decode group is native too
+    n0 = 70 + (fast.residual if b == 2 else 0)
+    prompt = torch.randn(b, h, n0, D, generator=g), torch.randn(b, h, n0, D, generator=g)
     for layer in (fast, slow):
         layer.update(*prompt)
+    python_groups = []  # decode steps the fast layer's Python path appended
+    append = fast._append
+    fast._append = lambda k, v: (python_groups.append(fast.n_tokens), append(k, v))[1]
+    before = fast.n_quantized
     native = 0
     for _ in range(150):  # past two or three group boundaries
         k, v = torch.randn(b, h, 1, D, generator=g), torch.randn(b, h, 1, D, generator=g)
@@ -73,11 +79,34 @@ def test_native_step_is_bit_identical_to_the_python_path(kind, opts, b, h, rep) 
     assert torch.equal(fast.fp_v[:, :, :used], slow.fp_v[:, :, :used])
     # KIVI groups of 64 tokens, quantized once `residual` newer tokens exist
     r = fast.residual
-    quantized = [64 * max(0, (n - r) // 64) for n in (70, 220)]
+    quantized = [64 * max(0, (n - r) // 64) for n in (n0, n0 + 150)]
     assert (fast.n_tokens, fast.n_quantized) == (slow.n_tokens, slow.n_quantized)
-    assert (fast.n_tokens, fast.n_quantized) == (220, quantized[1])
+    assert (fast.n_tokens, fast.n_quantized) == (n0 + 150, quantized[1])
     assert quantized[1] > quantized[0]  # groups were quantized on the way
     assert native == 150  # every step, those that quantize a group included
+    # the group steps are native (push_group; the buffers grown first where full) but the
+    # first group of a layer (no quantized rows yet, group 0 under sinks): the Python path
+    assert python_groups == ([python_groups[0]] if before == 0 else [])
+    assert fast.k_rows.n == fast.n_quantized // 64 and fast.v_rows.n == fast.n_quantized
+
+
+@pytest.mark.parametrize("kind,opts", [("int4", {}), ("int2", {})])
+def test_dequantizing_reads_after_native_group_steps(kind, opts) -> None:
+    """Attention that is not `ferroquant_kv` (sdpa on `update`'s float states) after the native
+    steps, group steps included: the same states as the Python path's, step for step."""
+    g = torch.Generator().manual_seed(7)
+    fast = QuantizedLayer(kind, _Workspace(), lambda: False, n_head=4, **opts)
+    slow = QuantizedLayer(kind, _Workspace(), lambda: False, **opts)
+    prompt = torch.randn(2, 2, 200, D, generator=g), torch.randn(2, 2, 200, D, generator=g)
+    for layer in (fast, slow):
+        layer.update(*prompt)
+    groups = fast.n_quantized
+    for _ in range(140):
+        k, v = torch.randn(2, 2, 1, D, generator=g), torch.randn(2, 2, 1, D, generator=g)
+        got = [t.clone() for t in fast.update(k, v)]
+        want = slow.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert fast.n_quantized >= groups + 128  # two groups or more quantized on the way
 
 
 def test_cases_the_state_does_not_take_fall_back() -> None:
@@ -152,3 +181,7 @@ def test_bad_state_input_is_a_clear_error() -> None:
     assert not st.push(k, k, 0, 4)  # past the tail
     assert st.push(k, k, 0, 3)
     assert st.attend(torch.zeros(1, 2, 1, 32), 1.0) is out
+    # a group step with no rows allocated for it, an incomplete group: declined, nothing ready
+    assert not st.push_group(k, k, 0, 3)
+    assert not st.push_group(k, k, 0, 1)
+    assert st.attend(torch.zeros(1, 2, 1, 32), 1.0) is None

@@ -316,6 +316,12 @@ class KvLayerState:
     def push(self, k: object, v: object, n_quant: int, slot: int) -> bool:
         """The step's keys / values (torch, (batch, n_head_kv, 1, head_dim) float32) into tail
         row `slot` (rotated when the cache rotates); False (nothing written) for other tensors."""
+    def push_group(self, k: object, v: object, n_quant: int, n_res: int) -> bool:
+        """The step that completes a KIVI group: the token written after the n_res residual rows,
+        the group (tokens n_quant.., the residual's first group rows) quantized into the next
+        free rows of the buffers (the bytes of codecs.encode), the newer rows moved down; False
+        (nothing written) where the step is not that case (no rows allocated for the group,
+        group 0 under sinks, other tensors)."""
     def ready(self, n_quant: int, n_tail: int) -> bool:
         """Let `attend` read n_quant quantized and n_tail tail positions without a push (the
         step's token already written); False when the tail has fewer rows."""

@@ -29,14 +29,21 @@ class _Rows:
             self.cap = max(k, 4)
             self._bytes = {}  # views cached while empty (decode steps before the first group)
             self.gen += 1
-        elif self.n + k > self.cap:
+        else:
+            self.reserve(k)
+        for name, t in new.items():
+            self.parts[name][:, :, self.n : self.n + k] = t
+        self.n += k
+
+    def reserve(self, k: int) -> None:
+        """Room for `k` more rows (the capacity at least doubled when it grows), so that a
+        native writer (`KvLayerState.push_group`) can fill them in place; the caller then counts
+        them in `n`. Nothing to do before the first append (no buffers yet)."""
+        if self.parts and self.n + k > self.cap:
             self.cap = max(self.n + k, 2 * self.cap)
             self.parts = {name: _grow(t, self.n, self.cap) for name, t in self.parts.items()}
             self._bytes = {}
             self.gen += 1
-        for name, t in new.items():
-            self.parts[name][:, :, self.n : self.n + k] = t
-        self.n += k
 
     def byte_views(self, names: tuple[str, ...]) -> list[Any]:
         """The buffers `names` (whole capacity) as flat uint8 numpy views, three entries

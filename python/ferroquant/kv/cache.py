@@ -40,10 +40,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .. import _native
 from . import attention, codecs, rotate
 from .buffers import PART_NAMES, _plain_f32, _Rows, _Workspace
+from .native_step import NativeStep
 from .types import GROUP, KV_TYPES, kivi_group, kv_shape, kv_type, kv_window
 
 
-class QuantizedLayer(CacheLayerMixin):
+class QuantizedLayer(NativeStep, CacheLayerMixin):
     """One attention layer's cache in a `KV_TYPES` type (see the module docstring).
 
     KIVI types keep a full-precision buffer `fp_k` / `fp_v` (B, H, S + R + G, D) in the model's
@@ -91,7 +92,8 @@ class QuantizedLayer(CacheLayerMixin):
         self.n_head = n_head  # query heads (the state's output shape); None: no native state
         self._state: Any = None
         self._state_gen: tuple[int, int] = (-1, -1)
-        self._fast_until = -1  # 1-token updates take the native step while n_tokens < this
+        # 1-token updates take the native step while n_tokens < this, the group step at it
+        self._fast_until = -1
         self._fast_state: Any = None  # the state when the last update took the native step
         self._out: torch.Tensor | None = None  # the state's attention output
 
@@ -214,18 +216,20 @@ class QuantizedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        st = self._state
-        if self.n_tokens < self._fast_until and st.push(
-            key_states, value_states, self.n_quantized, self.sinks + self.n_res
-        ):
-            # the common KIVI decode step: the token went into the residual natively (no group
-            # to quantize, past the sinks); the attention call reads the state (`attend`)
+        n, st = self.n_tokens, self._state
+        if (
+            n < self._fast_until
+            and st.push(key_states, value_states, self.n_quantized, self.sinks + self.n_res)
+        ) or (n == self._fast_until and self._group_step(key_states, value_states)):
+            # the common KIVI decode step: the token went into the residual natively (and, on
+            # the step that completes a group, the group into the quantized rows); the
+            # attention call reads the state (`attend`)
             self.n_res += 1
             self.n_tokens += 1
             self._visible = self.n_quantized
             self._pending = None
             if self.fast_decode():
-                self._fast_state = st
+                self._fast_state = self._state  # st, or the one a group step rebuilt
                 return attention.tag(key_states, self), value_states
             self._fast_state = None
             return self.states_for_attention(key_states, value_states)
@@ -242,65 +246,6 @@ class QuantizedLayer(CacheLayerMixin):
             # a decode step: attention.attention reads the quantized rows (attend_decode)
             return attention.tag(key_states, self), value_states
         return self.states_for_attention(key_states, value_states)
-
-    # ----------------------------------------------------------------- the native decode step
-    def _refresh_state(self) -> bool:
-        """After an update on the general path: (re)build the native state where the next
-        one-token updates can take it (a KIVI type of a float32 CPU model, past the sinks) and
-        set how long they can (until a key group is due: the next token count that quantizes
-        one). True when the state is usable."""
-        self._fast_until = -1
-        fp = self.fp_k
-        if not (
-            self.kivi
-            and self.n_head
-            and fp is not None
-            and fp.dtype == torch.float32
-            and fp.is_cpu
-            and self.n_head % fp.shape[1] == 0
-            and self.n_tokens >= self.sinks
-        ):
-            return False
-        gen = (self.k_rows.gen, self.v_rows.gen)
-        if self._state is None or self._state_gen != gen:
-            self._state = self._build_state()
-            self._state_gen = gen
-        self._fast_until = self.n_quantized + self.group + self.residual - 1
-        return True
-
-    def _state_step(self, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """A one-token step the Python path appended (it quantized a group): let the state's
-        `attend` read it as `attend_decode` would. Without a residual window the step's own token
-        (the last of the group just quantized) is attended in full precision: `push` writes it
-        into the free residual slot after the sinks."""
-        if self.n_res or not self.n_quantized:
-            return self._state.ready(self.n_quantized, self.sinks + self.n_res)
-        return self._state.push(k, v, self.n_quantized - 1, self.sinks)
-
-    def _build_state(self) -> Any:
-        b, h, cap, d = self.fp_k.shape
-        out = self._out
-        if out is None or tuple(out.shape) != (b, 1, self.n_head, d):
-            out = self._out = torch.empty(b, 1, self.n_head, d, dtype=torch.float32)
-        names = PART_NAMES[self.kind]
-        fk, fv = self._residual_f32()
-        geometry = (self.group, b, h, d, self.n_head, self.k_rows.cap, self.v_rows.cap, cap)
-        return _native.KvLayerState(
-            self.kind,
-            (*geometry, self.sinks),
-            self.k_rows.byte_views(names),
-            self.v_rows.byte_views(names),
-            fk,
-            fv,
-            self.rotation,
-            torch.float32,
-            out,
-        )
-
-    def _drop_state(self) -> None:
-        self._state, self._fast_state, self._out = None, None, None
-        self._state_gen = (-1, -1)
-        self._fast_until = -1
 
     def states_for_attention(
         self, key_states: torch.Tensor, value_states: torch.Tensor

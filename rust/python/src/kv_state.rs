@@ -19,6 +19,7 @@ use pyo3::types::PyTuple;
 
 use crate::{to_py, QuantizeError};
 use core::runtime::kv::rotate::wht_heads_checked;
+use core::runtime::kv_tensor::group::{quantize_group, GroupStep, PartsMut, Scratch};
 use core::runtime::kv_tensor::{
     attend_decode, attend_decode_rotated, check_layer, Kind, Layer, Parts,
 };
@@ -54,6 +55,7 @@ pub struct KvLayerState {
     ready: Option<(usize, usize)>,
     mask: Vec<u8>,
     scratch: Vec<f32>,
+    group_scratch: Scratch,
 }
 
 fn err(msg: String) -> PyErr {
@@ -86,6 +88,49 @@ impl KvLayerState {
             return Ok(None);
         }
         Ok(Some(t.call_method0(intern!(py, "data_ptr"))?.extract()?))
+    }
+
+    /// The step's keys and values (torch tensors `push` takes) into tail row `slot`, rotated
+    /// when the cache rotates; false (nothing written) for other tensors.
+    fn write_token(
+        &mut self,
+        py: Python<'_>,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+        slot: usize,
+    ) -> PyResult<bool> {
+        let (Some(kp), Some(vp)) = (
+            self.tensor_ptr(py, k, &self.step_shape)?,
+            self.tensor_ptr(py, v, &self.step_shape)?,
+        ) else {
+            return Ok(false);
+        };
+        let (d, cap) = (self.head_dim, self.tail_cap);
+        let bh = self.batch * self.n_head_kv;
+        for (ptr, tail) in [(kp, &self.tail_k), (vp, &self.tail_v)] {
+            let step = &mut self.scratch[..bh * d];
+            // SAFETY: `ptr` is the data of a live (bound by the caller) contiguous CPU float32
+            // tensor of bh * d values (checked by tensor_ptr); `step` is this object's own buffer,
+            // so the two do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(ptr as *const f32, step.as_mut_ptr(), bh * d) };
+            let tail = tail.bind(py);
+            // SAFETY: the tail is a writable contiguous float32 array (checked when built) that
+            // no other reference reads or writes during this call.
+            let buf = unsafe { tail.as_slice_mut() }
+                .map_err(|_| err("a tail buffer is not contiguous".into()))?;
+            if buf.len() != bh * cap * d {
+                return Err(err("a tail buffer changed size".into()));
+            }
+            for (i, row) in step.chunks_exact(d).enumerate() {
+                let at = (i * cap + slot) * d;
+                let dst = &mut buf[at..at + d];
+                dst.copy_from_slice(row);
+                if self.rotate {
+                    wht_heads_checked(dst, d).map_err(to_py)?;
+                }
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -201,6 +246,7 @@ impl KvLayerState {
             ready: None,
             mask: Vec::new(),
             scratch: vec![0f32; n.max(batch * n_head_kv * head_dim)],
+            group_scratch: Scratch::default(),
         })
     }
 
@@ -217,41 +263,95 @@ impl KvLayerState {
         slot: usize,
     ) -> PyResult<bool> {
         self.ready = None;
-        if slot >= self.tail_cap || slot < self.sinks {
+        if slot >= self.tail_cap || slot < self.sinks || !self.write_token(py, k, v, slot)? {
             return Ok(false);
-        }
-        let (Some(kp), Some(vp)) = (
-            self.tensor_ptr(py, k, &self.step_shape)?,
-            self.tensor_ptr(py, v, &self.step_shape)?,
-        ) else {
-            return Ok(false);
-        };
-        let (d, cap) = (self.head_dim, self.tail_cap);
-        let bh = self.batch * self.n_head_kv;
-        for (ptr, tail) in [(kp, &self.tail_k), (vp, &self.tail_v)] {
-            let step = &mut self.scratch[..bh * d];
-            // SAFETY: `ptr` is the data of a live (bound by the caller) contiguous CPU float32
-            // tensor of bh * d values (checked by tensor_ptr); `step` is this object's own buffer,
-            // so the two do not overlap.
-            unsafe { std::ptr::copy_nonoverlapping(ptr as *const f32, step.as_mut_ptr(), bh * d) };
-            let tail = tail.bind(py);
-            // SAFETY: the tail is a writable contiguous float32 array (checked when built) that
-            // no other reference reads or writes during this call.
-            let buf = unsafe { tail.as_slice_mut() }
-                .map_err(|_| err("a tail buffer is not contiguous".into()))?;
-            if buf.len() != bh * cap * d {
-                return Err(err("a tail buffer changed size".into()));
-            }
-            for (i, row) in step.chunks_exact(d).enumerate() {
-                let at = (i * cap + slot) * d;
-                let dst = &mut buf[at..at + d];
-                dst.copy_from_slice(row);
-                if self.rotate {
-                    wht_heads_checked(dst, d).map_err(to_py)?;
-                }
-            }
         }
         self.ready = Some((n_quant, slot + 1));
+        Ok(true)
+    }
+
+    /// The decode step that completes a KIVI group (docs/kv.md, "the group step"): the token
+    /// written after the `n_res` residual rows as `push` does, then the group (the residual's
+    /// first `group` rows, tokens `n_quant ..`) quantized into the next free rows of the key and
+    /// value buffers (`kv_tensor::group`: the encoder of `codecs.encode`, the same bytes as the
+    /// Python path) and the newer rows moved down; `attend` then reads `n_quant + group`
+    /// quantized positions and the residual (without a residual window: `n_quant + group - 1`
+    /// and the step's own token in full precision). False (nothing written) when the step is
+    /// not that case: another type, group 0 under sinks, no allocated rows left for the group,
+    /// or tensors `push` does not take; the caller's path then quantizes the group.
+    fn push_group(
+        &mut self,
+        py: Python<'_>,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+        n_quant: usize,
+        n_res: usize,
+    ) -> PyResult<bool> {
+        self.ready = None;
+        let (g, sinks) = (self.group, self.sinks);
+        let Kind::Kivi(bits) = self.kind else {
+            return Ok(false);
+        };
+        let (rows, slot) = (n_res + 1, sinks + n_res);
+        let fits = g > 0
+            && n_quant.is_multiple_of(g)
+            && n_quant >= sinks
+            && rows >= g
+            && slot < self.tail_cap
+            && n_quant / g < self.k_cap
+            && n_quant + g <= self.v_cap;
+        if !fits || !self.write_token(py, k, v, slot)? {
+            return Ok(false);
+        }
+        let step = GroupStep {
+            bits,
+            group: g,
+            bh: self.batch * self.n_head_kv,
+            head_dim: self.head_dim,
+            sinks,
+            rows,
+            n_quant,
+        };
+        let [km, ks, kz] = self.k_parts.each_ref().map(|a| a.bind(py));
+        let [vm, vs, vz] = self.v_parts.each_ref().map(|a| a.bind(py));
+        let (tk, tv) = (self.tail_k.bind(py), self.tail_v.bind(py));
+        let nc = |_| err("a buffer is not contiguous".into());
+        // SAFETY: the buffers are contiguous arrays (checked when built) viewing the cache's own
+        // torch tensors (writable numpy views): the KIVI types have all three parts, so with
+        // rows allocated (`fits`) these are six distinct allocations, plus the two tails; no
+        // other reference reads or writes them during this call (one thread per cache).
+        let (km, ks, kz, vm, vs, vz, tail_k, tail_v) = unsafe {
+            (
+                km.as_slice_mut().map_err(nc)?,
+                ks.as_slice_mut().map_err(nc)?,
+                kz.as_slice_mut().map_err(nc)?,
+                vm.as_slice_mut().map_err(nc)?,
+                vs.as_slice_mut().map_err(nc)?,
+                vz.as_slice_mut().map_err(nc)?,
+                tk.as_slice_mut().map_err(nc)?,
+                tv.as_slice_mut().map_err(nc)?,
+            )
+        };
+        let kp = PartsMut {
+            main: km,
+            scale: ks,
+            zero: kz,
+            cap: self.k_cap,
+        };
+        let vp = PartsMut {
+            main: vm,
+            scale: vs,
+            zero: vz,
+            cap: self.v_cap,
+        };
+        let (cap, scratch) = (self.tail_cap, &mut self.group_scratch);
+        quantize_group(&step, tail_k, tail_v, cap, kp, vp, scratch).map_err(to_py)?;
+        let r = rows - g;
+        self.ready = Some(if r > 0 {
+            (n_quant + g, sinks + r)
+        } else {
+            (n_quant + g - 1, sinks + 1)
+        });
         Ok(true)
     }
 

@@ -24,6 +24,7 @@ use crate::parallel;
 use crate::{Error, Result};
 
 pub mod encode;
+pub mod group;
 mod rotated;
 #[cfg(target_arch = "x86_64")]
 mod simd;
