@@ -48,7 +48,15 @@ class AWQConfig:
     grid: scale ratios searched (20). duo_scaling: s = x_mean^a / w_mean^(1-a) (True) or
       x_mean^a (False). clip: run the clip search after scaling. clip_grid, max_shrink: clip
       candidates max|w| * (1 - i/clip_grid), i < clip_grid * max_shrink (20, 0.5).
-    clip_tokens: tokens the clip search uses (512, evenly strided over the calibration set).
+    clip_tokens: tokens the clip search uses (512, evenly strided over the calibration set,
+      AutoAWQ's); 0: every calibration token, through the capture's x^T x of the Linear's
+      inputs (its diagonal blocks are the clip search's per-group grams: no rows to collect).
+    identity: s = 1 (plain RTN) is a candidate besides the grid (True; AutoAWQ, GPTQModel and
+      llm-compressor search the grid only: False).
+    gqa_vo: search v_proj -> o_proj under grouped-query attention too (False: skipped there,
+      as AutoAWQ, GPTQModel and llm-compressor skip it): o's input channels of the heads that
+      share a key/value head take that head's v channel's scale (`HeadTie`), the statistics
+      averaged over those heads.
     n_samples, seq_len: calibration windows (128 x 512, AutoAWQ uses 128 x 512 of pile-val).
     screen_stride, screen_keep: the block-forward searches screen every candidate on every
       screen_stride-th window, then score the screen_keep best and s = 1 on all windows
@@ -69,6 +77,8 @@ class AWQConfig:
     clip_grid: int = 20
     max_shrink: float = 0.5
     clip_tokens: int = 512
+    identity: bool = True
+    gqa_vo: bool = False
     n_samples: int = 128
     seq_len: int = 512
     screen_stride: int = 4
@@ -123,10 +133,17 @@ def group_size(qtype: str | None, cols: int) -> int:
 
 
 def scale_candidates(
-    x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int, duo_scaling: bool
+    x_mean: torch.Tensor,
+    w_mean: torch.Tensor,
+    grid: int,
+    duo_scaling: bool,
+    identity: bool = True,
 ) -> list[tuple[float | None, torch.Tensor]]:
-    """[(ratio, s)]: s = 1 first (ratio None), then AutoAWQ's grid."""
-    out: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones_like(x_mean))]
+    """[(ratio, s)]: s = 1 first (ratio None; not with `identity=False`), then AutoAWQ's
+    grid."""
+    out: list[tuple[float | None, torch.Tensor]] = []
+    if identity:
+        out.append((None, torch.ones_like(x_mean)))
     for k in range(grid):
         a = k / grid
         if duo_scaling:
@@ -211,35 +228,66 @@ def pick_scale(cands: list[tuple[float | None, torch.Tensor]], losses: list[floa
     return ScaleResult(best[2], best[1], list(losses))
 
 
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+@dataclass(frozen=True)
+class HeadTie:
+    """v_proj -> o_proj under grouped-query attention: o's input channel (head h, dim d) reads
+    v's output channel (h // rep, d) (transformers' `repeat_kv`), so a v channel's scale is
+    that of its `rep` o channels. Vectors over o's inputs are [kv_heads * rep * head_dim]."""
+
+    kv_heads: int
+    rep: int
+    head_dim: int
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        """An o-side statistic averaged over the heads sharing a key/value head: v's side."""
+        return v.reshape(self.kv_heads, self.rep, self.head_dim).mean(1).reshape(-1)
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """v's scales [kv_heads * head_dim] as o's input scales."""
+        h = s.reshape(self.kv_heads, 1, self.head_dim)
+        return h.expand(self.kv_heads, self.rep, self.head_dim).reshape(-1)
+
+    def first(self, s: torch.Tensor) -> torch.Tensor:
+        """The v-side scales of expanded o-side scales (their first head's copy)."""
+        return s.reshape(self.kv_heads, self.rep, self.head_dim)[:, 0].reshape(-1)
+
+
+def fold_scale(
+    prev: nn.Module,
+    linears: list[nn.Linear],
+    s: torch.Tensor,
+    prev_scale: torch.Tensor | None = None,
+) -> None:
     """Fold s into the float model without changing its function: the Linears' input columns
     times s, the previous op's output channels divided by s (a norm's weight, or a Linear's
-    rows and bias)."""
+    rows and bias), or by `prev_scale` where they differ (`HeadTie`: v's rows by the scales
+    whose expansion is s)."""
     s = s.detach()
+    sp = s if prev_scale is None else prev_scale.detach()
 
     def f(t: torch.Tensor) -> torch.Tensor:  # at least float32 inside (float64 stays float64)
         return t.to(torch.promote_types(t.dtype, torch.float32))
 
     if isinstance(prev, nn.Linear):
-        if prev.out_features != s.numel():
-            raise QuantizeError(f"awq: cannot fold {s.numel()} scales into a Linear of "
+        if prev.out_features != sp.numel():
+            raise QuantizeError(f"awq: cannot fold {sp.numel()} scales into a Linear of "
                                 f"{prev.out_features} outputs")  # fmt: skip
         w = prev.weight.data
-        prev.weight.data = (f(w) / f(s)[:, None]).to(w.dtype)
+        prev.weight.data = (f(w) / f(sp)[:, None]).to(w.dtype)
         if prev.bias is not None:
-            prev.bias.data = (f(prev.bias.data) / f(s)).to(prev.bias.dtype)
+            prev.bias.data = (f(prev.bias.data) / f(sp)).to(prev.bias.dtype)
     else:
         weight = getattr(prev, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
+        if not isinstance(weight, torch.Tensor) or weight.shape != sp.shape:
             raise QuantizeError(f"awq: cannot fold scales into {type(prev).__name__} "
                                 "(needs a per-channel weight)")  # fmt: skip
         if "gemma" in type(prev).__name__.lower():  # Gemma's norm multiplies by (1 + weight)
-            weight.data = ((1 + f(weight.data)) / f(s) - 1).to(weight.dtype)
+            weight.data = ((1 + f(weight.data)) / f(sp) - 1).to(weight.dtype)
         else:
-            weight.data = (f(weight.data) / f(s)).to(weight.dtype)
+            weight.data = (f(weight.data) / f(sp)).to(weight.dtype)
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
-            bias.data = (f(bias.data) / f(s)).to(bias.dtype)
+            bias.data = (f(bias.data) / f(sp)).to(bias.dtype)
     for lin in linears:
         w = lin.weight.data
         lin.weight.data = (f(w) * f(s)[None, :]).to(w.dtype)
@@ -252,6 +300,16 @@ def group_grams(x: torch.Tensor, group: int) -> torch.Tensor:
     return torch.bmm(xg.transpose(1, 2), xg) / max(x.shape[0], 1)
 
 
+def hessian_grams(sums: torch.Tensor, count: int, group: int) -> torch.Tensor:
+    """The diagonal blocks of the inputs' mean x^T x (`sums` the [cols, cols] sum over `count`
+    tokens): `group_grams` of every token at once, [groups, group, group] float32."""
+    cols = sums.shape[0]
+    ng = cols // group
+    idx = torch.arange(ng)
+    blocks = sums.reshape(ng, group, ng, group)[idx, :, idx, :]  # [g, k, k]
+    return (blocks / max(count, 1)).to(torch.float32)
+
+
 def group_output_mse(d: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
     """mean over the tokens of (d_rg . x_g)^2 for a weight error d [rows, groups, group]: the
     quadratic form d_rg G_g d_rg^T on `group_grams` (rows x group^2 per group instead of rows x
@@ -262,12 +320,13 @@ def group_output_mse(d: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
 
 def search_clip(
     w: torch.Tensor,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     qdq: Quantizer,
     group: int,
     *,
     clip_grid: int = 20,
     max_shrink: float = 0.5,
+    grams: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAWQ's clip search: (per row and group max|w| to clamp to [rows, groups], the
     per-(row, group) output MSE of the chosen clip [rows, groups]). A candidate's error is the
@@ -275,11 +334,15 @@ def search_clip(
     quadratic form of the weight error on the group's x^T x / n (`group_output_mse`: the same
     number as AutoAWQ's per-token products, group / tokens of their work: an eighth at 512
     tokens and group 64). Shrink 0 (no clipping) is the first candidate and ties keep it, so
-    the error is never above RTN's (for formats whose blocks are the groups)."""
+    the error is never above RTN's (for formats whose blocks are the groups). `grams` [groups,
+    group, group] instead of `x`: the inputs' per-group mean x^T x, given (`hessian_grams`)."""
     w = w.detach().to(torch.float32)
     rows, cols = w.shape
     ng = cols // group
-    grams = group_grams(x, group)
+    if grams is None:
+        if x is None:
+            raise QuantizeError("awq: the clip search needs its inputs x or their grams")
+        grams = group_grams(x, group)
     wg = w.reshape(rows, ng, group)
     org_max = wg.abs().amax(dim=-1)  # [rows, g]
     best_err = torch.full_like(org_max, math.inf)

@@ -27,17 +27,19 @@ import torch
 from torch import nn
 
 from ..calib import InputStats
-from ..calib.capture import forward_autocast, forward_dtype, shard_batches
+from ..calib.capture import _Stop, forward_autocast, forward_dtype, shard_batches
 from ..nn import QuantLinear
 from ..tensor import QuantizeError
 from .awq import (
     AWQConfig,
+    HeadTie,
     ScaleResult,
     apply_clip,
     candidate_weights,
     fold_scale,
     format_qdq,
     group_size,
+    hessian_grams,
     pick_scale,
     scale_candidates,
     search_clip,
@@ -95,9 +97,12 @@ def window_inputs(
     got: list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]] = [{} for _ in hidden]
     at = [0]
     clip = set(strided)
+    hooked = list(dict.fromkeys([*names, *strided]))
+    fired: set[str] = set()  # the hooked Linears that had their input in this batch's pass
 
     def hook(name: str) -> Callable[..., None]:
         def pre(mod: nn.Module, args: tuple) -> None:
+            fired.add(name)
             x = args[0].detach().to(torch.float32)
             for j, xw in enumerate(x.reshape(-1, *x.shape[-2:])):  # one [L, d] per window
                 rows = None
@@ -112,16 +117,21 @@ def window_inputs(
                         f"awq: non-finite activations at the input of {where}.{name}"
                     )
                 got[at[0] + j][name] = (total, xw.shape[0], rows)
+            if len(fired) == len(hooked):  # nothing after this input is read
+                raise _Stop
 
         return pre
 
-    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n))
-          for n in dict.fromkeys([*names, *strided])]  # fmt: skip
+    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in hooked]
     try:
         for k0, batch in _batches(hidden):
             at[0] = k0
+            fired.clear()
             with forward_autocast(batch):
-                layer(batch, *call.args, **call.kwargs)
+                try:
+                    layer(batch, *call.args, **call.kwargs)
+                except _Stop:
+                    pass
     finally:
         for h in hs:
             h.remove()
@@ -168,10 +178,15 @@ def window_losses(
     from the batch's rows."""
     blocks = [layer.get_submodule(b) for b, _, _ in searches]
     calls: list[list[tuple[tuple, dict]]] = [[] for _ in searches]
+    done = [0]  # shard batches whose layer pass has ended
 
     def hook(i: int) -> Callable[..., None]:
         def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             calls[i].append((args, dict(kwargs)))
+            # every block has its inputs: the rest of the layer (e.g. the MLP after the
+            # attention block) would compute nothing the search reads
+            if all(len(c) > done[0] for c in calls):
+                raise _Stop
 
         return pre
 
@@ -186,7 +201,11 @@ def window_losses(
     try:
         for _, batch in batches:
             with forward_autocast(batch):
-                layer(batch, *call.args, **call.kwargs)
+                try:
+                    layer(batch, *call.args, **call.kwargs)
+                except _Stop:
+                    pass
+            done[0] += 1
     finally:
         for h in hs:
             h.remove()
@@ -264,15 +283,21 @@ def pair_candidates(
     config: AWQConfig,
     options: dict[str, Any],
     x_mean: torch.Tensor,
+    tie: HeadTie | None = None,
 ) -> tuple[list[tuple[float | None, torch.Tensor]], list[torch.Tensor], list[list[torch.Tensor]]]:
     """(the scale candidates, the Linears' float weights, each candidate's weights
-    qdq(W s) / s) of one pair, from its unfolded weights and inputs' `x_mean`."""
+    qdq(W s) / s) of one pair, from its unfolded weights and inputs' `x_mean`. `tie`: the
+    candidates are computed on the tied channels' averaged statistics and expanded."""
     lins = [layer.get_submodule(n) for n in names]
     first_q = next(q for q in qs if q is not None)
     qdqs = [format_qdq(q, format_options(q, options) if q else None) for q in qs]
     originals = [lin.weight.data.clone() for lin in lins]
     w_mean = weight_mean(originals, group_size(first_q, lins[0].in_features))
-    cands = scale_candidates(x_mean, w_mean, config.grid, config.duo_scaling)
+    if tie is not None:
+        x_mean, w_mean = tie.reduce(x_mean), tie.reduce(w_mean)
+    cands = scale_candidates(x_mean, w_mean, config.grid, config.duo_scaling, config.identity)
+    if tie is not None:
+        cands = [(r, tie.expand(s)) for r, s in cands]
     return cands, originals, candidate_weights(cands, originals, qdqs)
 
 
@@ -283,6 +308,7 @@ def search_pairs(
     config: AWQConfig,
     options: dict[str, Any],
     x_means: dict[str, torch.Tensor],
+    ties: dict[str, HeadTie] | None = None,
 ) -> list[ScaleResult]:
     """AWQ's scale search for a layer's pairs (Linear names, block name, their qtypes, their
     inputs' mean x x^T or None) over the calibration `windows` (`calib.LocalWindows` or a
@@ -293,7 +319,9 @@ def search_pairs(
     capture's Hessian sums, also added in window order) has each candidate's loss from the gram
     (`linear_output_mse`) instead of a forward pass per candidate; the others' candidates run
     in one `window_losses` pass."""
-    built = [pair_candidates(layer, n, qs, config, options, x_means[n[0]]) for n, _, qs, _ in pairs]
+    ties = ties or {}
+    built = [pair_candidates(layer, n, qs, config, options, x_means[n[0]], ties.get(n[0]))
+             for n, _, qs, _ in pairs]  # fmt: skip
     losses: list[list[float] | None] = [None] * len(pairs)
     searches, where = [], []
     for i, ((names, block_name, _, gram), (_, originals, weights)) in enumerate(
@@ -412,17 +440,23 @@ def awq_layer(
     if windows is None:
         raise QuantizeError("awq needs the capture's calibration windows")
     todo = []
+    ties: dict[str, HeadTie] = {}
     for prev_name, names, block_name in PAIRS:
         prev, block = _get(layer, prev_name), _get(layer, block_name)
         lins = [_get(layer, n) for n in names]
         if prev is None or block is None or not all(isinstance(m, nn.Linear) for m in lins):
             continue
+        tie = None
         if isinstance(prev, nn.Linear) and prev.out_features != lins[0].in_features:
-            continue  # v -> o under grouped-query attention
+            tie = _head_tie(layer, prev, lins[0]) if config.gqa_vo else None
+            if tie is None:
+                continue  # v -> o under grouped-query attention
         qs = [qtype_for(f"{where}.{n}", m) for n, m in zip(names, lins, strict=True)]
         if all(q is None for q in qs):
             continue
         todo.append((prev_name, prev, names, block_name, lins, qs))
+        if tie is not None:
+            ties[names[0]] = tie
     clip = {}
     if config.clip:
         clip = {
@@ -430,11 +464,18 @@ def awq_layer(
             for n, m in stats.linears.items()
             if not n.endswith(NO_CLIP) and qtype_for(f"{where}.{n}", m) is not None
         }
-    step = max(1, sum(windows.tokens) // config.clip_tokens)
+    # clip_tokens 0: the clip search's grams from the capture's x^T x (no rows to collect)
+    rows = [] if config.clip_tokens <= 0 else [n for n in clip if n in stats.group_of]
+    step = max(1, sum(windows.tokens) // max(config.clip_tokens, 1))
     firsts = [t[2][0] for t in todo]
-    per_window = windows.map(layer, window_inputs, firsts, list(clip), step, where) if (
-        firsts or clip) else []  # fmt: skip
-    x_means = mean_abs_inputs(per_window, firsts)
+    # x_mean from the capture's |x| sums where it has them (the same sums per shard: no pass
+    # of the layer here), else from `window_inputs`' per-window sums
+    known = {n: stats.mean_abs(n) for n in firsts}
+    need = [n for n, m in known.items() if m is None]
+    per_window = windows.map(layer, window_inputs, need, rows, step, where) if (
+        need or rows) else []  # fmt: skip
+    x_means = mean_abs_inputs(per_window, need)
+    x_means.update({n: m for n, m in known.items() if m is not None})
     pairs = []
     for _prev_name, _prev, names, block_name, _lins, qs in todo:
         g = stats.group_of.get(names[0])
@@ -442,10 +483,12 @@ def awq_layer(
         if g is not None and stats.counts[g]:
             gram = (stats.sums[g] / stats.counts[g]).to(torch.float32)
         pairs.append((names, block_name, qs, gram))
-    results = search_pairs(layer, windows, pairs, config, options, x_means) if pairs else []
+    results = search_pairs(layer, windows, pairs, config, options, x_means, ties) if (
+        pairs) else []  # fmt: skip
     scale_of: dict[str, torch.Tensor] = {}
     for (prev_name, prev, names, _block_name, lins, _qs), res in zip(todo, results, strict=True):
-        fold_scale(prev, lins, res.scale)
+        tie = ties.get(names[0])
+        fold_scale(prev, lins, res.scale, None if tie is None else tie.first(res.scale))
         for n in names:
             scale_of[n] = res.scale
         g = stats.group_of.get(names[0])
@@ -455,19 +498,36 @@ def awq_layer(
         if report is not None:
             report[f"{where}.{prev_name}"] = res
     for n, lin in clip.items():
-        x = torch.cat([got[n][2] for got in per_window if n in got])
-        if n in scale_of:  # the folded Linear's input is x / s
-            x = x / scale_of[n]
         q = qtype_for(f"{where}.{n}", lin)
+        group = group_size(q, lin.in_features)
+        x, grams = None, None
+        if n not in stats.group_of:  # never called in the forward pass: nothing to clip for
+            continue
+        if rows:
+            x = torch.cat([got[n][2] for got in per_window if n in got])
+            if n in scale_of:  # the folded Linear's input is x / s
+                x = x / scale_of[n]
+        else:  # the Hessian sums are already those of x / s (rescaled above)
+            g = stats.group_of[n]
+            grams = hessian_grams(stats.sums[g], stats.counts[g], group)
         best, _ = search_clip(
             lin.weight.data,
             x,
             format_qdq(q, format_options(q, options)),
-            group_size(q, lin.in_features),
+            group,
             clip_grid=config.clip_grid,
             max_shrink=config.max_shrink,
+            grams=grams,
         )
         apply_clip(lin, best)
+
+
+def _head_tie(layer: nn.Module, v: nn.Linear, o: nn.Linear) -> HeadTie | None:
+    """The v -> o channel tie of grouped-query attention (None: not that shape)."""
+    hd = getattr(_get(layer, "self_attn"), "head_dim", None)
+    if not isinstance(hd, int) or hd <= 0 or v.out_features % hd or o.in_features % v.out_features:
+        return None
+    return HeadTie(v.out_features // hd, o.in_features // v.out_features, hd)
 
 
 def awq_model(
