@@ -56,7 +56,7 @@ def test_capture_mean_abs_is_the_linears_inputs_mean_abs():
     the inputs the Linears receive in the same pass, and `window_inputs`' per-window sums; the
     shards' `abs_sums` added in shard order (the cluster's driver) are the one-pass bits."""
     from ferroquant.calib.capture import SHARD_WINDOWS, InputStats, LocalWindows, collect_stats
-    from ferroquant.methods.awq_layers import mean_abs_inputs, window_inputs
+    from ferroquant.methods.awq_windows import mean_abs_inputs, window_inputs
 
     layer, call, hidden = _layer0()
     names = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
@@ -208,3 +208,29 @@ def test_gqa_vo_searches_v_to_o_under_grouped_query_attention():
     awq_model(tiny_llama(kv_heads=2, layers=1), lambda n, lin: "int4_g32", ids, AWQConfig(), {},
               progress=False, report=report)  # fmt: skip
     assert "model.layers.0.self_attn.v_proj" not in report
+
+
+def test_block_search_passes_take_the_clip_rows_of_every_window():
+    """The screen's two passes (every 4th window, then the others) give each window's strided
+    clip rows once, and they are `window_inputs`' rows (a pass of the whole layer; the
+    attention's output, o's input, through bf16 GEMMs of other batch shapes: 1e-2)."""
+    from ferroquant.calib.capture import LocalWindows
+    from ferroquant.methods.awq_layers import pair_candidates
+    from ferroquant.methods.awq_windows import window_inputs, window_losses
+
+    layer, call, hidden = _layer0(8)
+    names = ("mlp.gate_proj", "mlp.up_proj")
+    _, _, weights = pair_candidates(layer, names, ["q4_0"] * 2, AWQConfig(grid=4), {},
+                                    torch.ones(128))  # fmt: skip
+    rows = ["self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"]
+    windows = LocalWindows(call, hidden)
+    search = [("mlp", list(names), weights)]
+    a = windows.map(layer, window_losses, search, (4, True), (rows, 8))
+    b = windows.map(layer, window_losses, search, (4, False), (rows, 8))
+    ref = windows.map(layer, window_inputs, [], rows, 8, "l0")
+    for w in range(len(hidden)):
+        got, other = (a[w][2], b[w][2]) if w % 4 == 0 else (b[w][2], a[w][2])
+        assert other == {} and set(got) == set(rows)
+        for n in rows:
+            assert got[n].shape == (4, 128 if n != "mlp.down_proj" else 256)
+            torch.testing.assert_close(got[n], ref[w][n][2], rtol=1e-2, atol=1e-2)

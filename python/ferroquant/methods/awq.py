@@ -43,14 +43,16 @@ from ..tensor import QuantizeError, dequantize, quantize
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """AWQ's options (defaults: AutoAWQ's).
+    """AWQ's options (defaults: AutoAWQ's, but clip_tokens: all tokens).
 
     grid: scale ratios searched (20). duo_scaling: s = x_mean^a / w_mean^(1-a) (True) or
       x_mean^a (False). clip: run the clip search after scaling. clip_grid, max_shrink: clip
       candidates max|w| * (1 - i/clip_grid), i < clip_grid * max_shrink (20, 0.5).
-    clip_tokens: tokens the clip search uses (512, evenly strided over the calibration set,
-      AutoAWQ's); 0: every calibration token, through the capture's x^T x of the Linear's
-      inputs (its diagonal blocks are the clip search's per-group grams: no rows to collect).
+    clip_tokens: tokens the clip search uses, evenly strided over the calibration set (512:
+      AutoAWQ's); 0 (the default): every calibration token, through the capture's x^T x of
+      the Linear's inputs (its diagonal blocks are the clip search's per-group grams: no rows
+      to collect). With float_inputs, SmolLM2 int4_g64 (8 x 512): ppl 36.436 / KL 0.1446
+      against 36.831 / 0.1486 with 512 tokens and the sequential inputs (docs/methods.md).
     identity: s = 1 (plain RTN) is a candidate besides the grid (True; AutoAWQ, GPTQModel and
       llm-compressor search the grid only: False).
     gqa_vo: search v_proj -> o_proj under grouped-query attention too (False: skipped there,
@@ -65,8 +67,8 @@ class AWQConfig:
       or second (stride 4): keep 3 picks what the full search picks there, with a rank to spare.
     float_inputs: the next decoder layer's inputs are this layer's FLOAT outputs (computed
       with its weights before scaling, clipping and quantization: AutoAWQ's pipeline, in which
-      every layer sees the float model's activations) instead of the quantized layer's (False:
-      the issue's sequential capture, GPTQ's).
+      every layer sees the float model's activations; the default) instead of the quantized
+      layer's (False: the sequential capture, GPTQ's and GPTQModel's AWQ's).
     gptq: after scaling and clipping, quantize with GPTQ ("awq+gptq") instead of RTN, with
       `gptq_damp` and `gptq_act_order` (GPTQConfig's damp and act_order).
     """
@@ -76,14 +78,14 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
-    clip_tokens: int = 512
+    clip_tokens: int = 0
     identity: bool = True
     gqa_vo: bool = False
     n_samples: int = 128
     seq_len: int = 512
     screen_stride: int = 4
     screen_keep: int = 3
-    float_inputs: bool = False
+    float_inputs: bool = True
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
