@@ -234,3 +234,19 @@ def test_block_search_passes_take_the_clip_rows_of_every_window():
         for n in rows:
             assert got[n].shape == (4, 128 if n != "mlp.down_proj" else 256)
             torch.testing.assert_close(got[n], ref[w][n][2], rtol=1e-2, atol=1e-2)
+
+
+def test_float_inputs_and_clip_tokens_default_per_method():
+    """None resolves per method (each measured the better pair for its method): awq gets the
+    float inputs and every clip token, awq+gptq the sequential inputs and 512 tokens, also when
+    an awq config is reused for awq+gptq; explicit values stay."""
+    from ferroquant.methods import method_config
+
+    awq = method_config("awq", AWQConfig())
+    both = method_config("awq+gptq", AWQConfig())
+    assert (awq.resolved().float_inputs, awq.resolved().clip_tokens) == (True, 0)
+    assert (both.resolved().float_inputs, both.resolved().clip_tokens) == (False, 512)
+    assert "float_inputs=True" in awq.describe() and "clip_tokens=0," in awq.describe()
+    assert "float_inputs=False" in both.describe() and "clip_tokens=512," in both.describe()
+    mine = method_config("awq+gptq", AWQConfig(float_inputs=True, clip_tokens=64)).resolved()
+    assert (mine.float_inputs, mine.clip_tokens) == (True, 64)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,16 +43,18 @@ from ..tensor import QuantizeError, dequantize, quantize
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """AWQ's options (defaults: AutoAWQ's, but clip_tokens: all tokens).
+    """AWQ's options (defaults: AutoAWQ's, but float_inputs and clip_tokens: per method).
 
     grid: scale ratios searched (20). duo_scaling: s = x_mean^a / w_mean^(1-a) (True) or
       x_mean^a (False). clip: run the clip search after scaling. clip_grid, max_shrink: clip
       candidates max|w| * (1 - i/clip_grid), i < clip_grid * max_shrink (20, 0.5).
     clip_tokens: tokens the clip search uses, evenly strided over the calibration set (512:
-      AutoAWQ's); 0 (the default): every calibration token, through the capture's x^T x of
-      the Linear's inputs (its diagonal blocks are the clip search's per-group grams: no rows
-      to collect). With float_inputs, SmolLM2 int4_g64 (8 x 512): ppl 36.436 / KL 0.1446
-      against 36.831 / 0.1486 with 512 tokens and the sequential inputs (docs/methods.md).
+      AutoAWQ's); 0: every calibration token, through the capture's x^T x of the Linear's
+      inputs (its diagonal blocks are the clip search's per-group grams: no rows to collect).
+      None (the default): 0 for "awq", 512 for "awq+gptq" (`resolved`).
+      On SmolLM2 int4_g64 (8 x 512), awq with float inputs and every token: ppl 36.436 / KL
+      0.1446 against 36.831 / 0.1486 with 512 tokens and the sequential inputs; awq+gptq
+      the other way round, 36.426 / 0.1372 against 36.742 / 0.1391 (docs/methods.md).
     identity: s = 1 (plain RTN) is a candidate besides the grid (True; AutoAWQ, GPTQModel and
       llm-compressor search the grid only: False).
     gqa_vo: search v_proj -> o_proj under grouped-query attention too (False: skipped there,
@@ -67,8 +69,9 @@ class AWQConfig:
       or second (stride 4): keep 3 picks what the full search picks there, with a rank to spare.
     float_inputs: the next decoder layer's inputs are this layer's FLOAT outputs (computed
       with its weights before scaling, clipping and quantization: AutoAWQ's pipeline, in which
-      every layer sees the float model's activations; the default) instead of the quantized
-      layer's (False: the sequential capture, GPTQ's and GPTQModel's AWQ's).
+      every layer sees the float model's activations) instead of the quantized layer's
+      (False: the sequential capture, GPTQ's and GPTQModel's AWQ's). None (the default): True
+      for "awq", False for "awq+gptq" (`resolved`).
     gptq: after scaling and clipping, quantize with GPTQ ("awq+gptq") instead of RTN, with
       `gptq_damp` and `gptq_act_order` (GPTQConfig's damp and act_order).
     """
@@ -78,21 +81,32 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
-    clip_tokens: int = 0
+    clip_tokens: int | None = None
     identity: bool = True
     gqa_vo: bool = False
     n_samples: int = 128
     seq_len: int = 512
     screen_stride: int = 4
     screen_keep: int = 3
-    float_inputs: bool = True
+    float_inputs: bool | None = None
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
 
+    def resolved(self) -> AWQConfig:
+        """This config with its method-dependent defaults (None) filled in: float_inputs and
+        every clip token for "awq", the sequential inputs and 512 clip tokens for "awq+gptq"
+        (each measured the better pair for its method, `clip_tokens`)."""
+        return replace(
+            self,
+            float_inputs=(not self.gptq) if self.float_inputs is None else self.float_inputs,
+            clip_tokens=(512 if self.gptq else 0) if self.clip_tokens is None else self.clip_tokens,
+        )
+
     def describe(self) -> str:
         name = "awq+gptq" if self.gptq else "awq"
-        items = {k: v for k, v in asdict(self).items() if self.gptq or not k.startswith("gptq")}
+        done = self.resolved()
+        items = {k: v for k, v in asdict(done).items() if self.gptq or not k.startswith("gptq")}
         return f"{name}(" + ", ".join(f"{k}={v}" for k, v in items.items()) + ")"
 
 

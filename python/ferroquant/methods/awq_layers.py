@@ -236,6 +236,7 @@ def awq_layer(
     """Search, fold and clip one decoder layer in place (float weights; nothing quantized).
     `stats`' Hessians are rescaled to the scaled inputs. `report` gets {previous op's name:
     ScaleResult} for each searched pair."""
+    config = config.resolved()
     windows = stats.windows
     if windows is None:
         raise QuantizeError("awq needs the capture's calibration windows")
@@ -357,6 +358,7 @@ def awq_model(
     layers, the searches' windows and the GPTQ solves run (default `LocalRunner()`)."""
     plan: dict[str, str | None] = {}
     runner = runner or LocalRunner()
+    config = config.resolved()
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
         # float_inputs: the layer's float parameters, put back while the runner computes its
