@@ -1,20 +1,23 @@
 """AWQ applied to a whole model, layer by layer, on the shared capture (`calib.run_layers`):
 for each decoder layer, the scale search and fold on each standard pair, then the clip search,
 then the layer's Linears are quantized (round to nearest, or GPTQ for "awq+gptq" on the
-Hessians of the scaled inputs); the next layer's inputs come from this quantized layer (or,
-with `AWQConfig.float_inputs`, from this layer's float weights, AutoAWQ's pipeline).
+Hessians of the scaled inputs); the next layer's inputs come from this layer's float weights
+(`AWQConfig.float_inputs`, AutoAWQ's pipeline: "awq"'s default) or from the quantized layer
+("awq+gptq"'s default).
 
 The pairs use the Llama family's module names (Llama, Mistral, Qwen2, Gemma, SmolLM):
 input_layernorm -> self_attn.{q,k,v}_proj (block: self_attn), self_attn.v_proj ->
 self_attn.o_proj (only when v's outputs are o's inputs: not under grouped-query attention with
-fewer key/value heads than heads, e.g. SmolLM2-135M's 3 vs 9), post_attention_layernorm ->
+fewer key/value heads than heads, e.g. SmolLM2-135M's 3 vs 9, unless `AWQConfig.gqa_vo`),
+post_attention_layernorm ->
 mlp.{gate,up}_proj (block: mlp), mlp.up_proj -> mlp.down_proj. A pair whose modules are
 missing is skipped (its Linears are still clipped and quantized).
 
-The searches see the calibration windows only through `stats.windows.map` (per-window results:
-float64 sums of |x| for x_mean, each candidate's squared output error, the clip search's
-strided input rows), added in window order here, so `ferroquant.distributed` can compute them
-per shard on a cluster and get the same bits.
+x_mean comes from the capture's per-shard |x| sums (`InputStats.mean_abs`), the clip search's
+grams from its Hessian sums (`clip_tokens=0`) or from strided input rows. The searches see the
+calibration windows only through `stats.windows.map` (`awq_windows`: per-window results, each
+candidate's squared output error and the strided rows), added in window order here, so
+`ferroquant.distributed` can compute them per shard on a cluster and get the same bits.
 """
 
 from __future__ import annotations

@@ -40,7 +40,9 @@ def window_inputs(
     `forward_autocast`) before any fold serves every pair and the clip search, as AutoAWQ
     captures a layer's inputs once: a fold keeps the float function, so the later pairs' inputs
     are these (the clip search divides the scaled Linears' rows by their scale, as AutoAWQ's
-    `apply_scale` does)."""
+    `apply_scale` does). The pass ends at the last hooked Linear's input. (The fallback where
+    the capture has no |x| sums: `awq_layer` takes x_mean from them and the rows from the
+    block searches' passes.)"""
     got: list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]] = [{} for _ in hidden]
     at = [0]
     clip = set(strided)
