@@ -121,8 +121,10 @@ def main() -> None:
                     "then not the model's)")  # fmt: skip
     ap.add_argument("--awq-screen-stride", type=int, default=AWQConfig.screen_stride,
                     help="AWQ's window screen (1: every candidate on every window)")  # fmt: skip
-    ap.add_argument("--awq-float-inputs", action="store_true",
+    ap.add_argument("--awq-float-inputs", action=argparse.BooleanOptionalAction, default=None,
                     help="AWQ: next layer inputs from the float layer")  # fmt: skip
+    ap.add_argument("--awq-clip-tokens", type=int, default=None,
+                    help="AWQ: clip search tokens (0: all; default: AWQConfig's)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads for every engine (0: torch's default)")  # fmt: skip
     args = ap.parse_args()
@@ -149,12 +151,13 @@ def main() -> None:
         asym_alpha=args.asym_alpha,
         damp=args.damp,
     )
+    awq_set = {"float_inputs": args.awq_float_inputs, "clip_tokens": args.awq_clip_tokens}
     acfg = AWQConfig(
         n_samples=args.calib_samples,
         seq_len=args.calib_len,
         gptq_act_order=not args.no_act_order,
         screen_stride=args.awq_screen_stride,
-        float_inputs=args.awq_float_inputs,
+        **{k: v for k, v in awq_set.items() if v is not None},  # unset: the library's default
     )
     methods = [m for m in args.methods.split(",") if m]  # "": the peers only
 

@@ -416,7 +416,7 @@ def test_squared_errors_are_the_float64_sums_within_the_cascade_bound(seed, n):
     """Per window, the float32 sum of squares (torch's cascade sum) of out - ref is within
     (log2(terms) + 2) float32 units of the float64 sum of the same differences (non-negative
     terms: the bound is relative)."""
-    from ferroquant.methods.awq_layers import squared_errors
+    from ferroquant.methods.awq_windows import squared_errors
 
     g = torch.Generator().manual_seed(seed)
     out = (torch.randn(3, n, 7, generator=g) * 4).to(torch.bfloat16)
@@ -481,9 +481,9 @@ def test_block_loss_screen_scores_the_finalists_in_full(keep):
     for n, block in zip(names, ["self_attn", "mlp"], strict=True):
         _, _, weights = pair_candidates(layer, n, ["q4_0"] * len(n), cfg, {}, x_means[n[0]])
         searches.append((block, list(n), weights))
-    full = block_losses(layer, windows, searches, AWQConfig(grid=10, screen_stride=1))
-    screened = block_losses(layer, windows, searches,
-                            AWQConfig(grid=10, screen_stride=4, screen_keep=keep))  # fmt: skip
+    full, _ = block_losses(layer, windows, searches, AWQConfig(grid=10, screen_stride=1))
+    screened, _ = block_losses(layer, windows, searches,
+                               AWQConfig(grid=10, screen_stride=4, screen_keep=keep))  # fmt: skip
     for f, s in zip(full, screened, strict=True):
         assert all(v < float("inf") for v in f)
         scored = [k for k, v in enumerate(s) if v < float("inf")]
@@ -512,7 +512,7 @@ def _layer1_inputs(model, ids, qtype_for, config):
 def test_awq_float_inputs_feed_the_next_layer_the_float_layer_s_outputs():
     """With float_inputs, layer 1 is searched on the float layer 0's outputs: the same
     tensors as when layer 0 is kept in float (the reference: no AWQ, no quantization there),
-    and other than the quantized layer 0's (the default); layer 0 itself is quantized the same
+    and other than the quantized layer 0's (float_inputs=False); layer 0 is quantized the same
     either way (its inputs are the embeddings in both)."""
     pytest.importorskip("transformers")
     base = tiny_llama()
@@ -522,7 +522,7 @@ def test_awq_float_inputs_feed_the_next_layer_the_float_layer_s_outputs():
     ref = _layer1_inputs(copy.deepcopy(base), ids, keep0, AWQConfig())
     fl_model, seq_model = copy.deepcopy(base), copy.deepcopy(base)
     fl = _layer1_inputs(fl_model, ids, all_q, AWQConfig(float_inputs=True))
-    seq = _layer1_inputs(seq_model, ids, all_q, AWQConfig())
+    seq = _layer1_inputs(seq_model, ids, all_q, AWQConfig(float_inputs=False))
     assert len(fl) == len(ref) == len(seq) > 0
     for a, b in zip(fl, ref, strict=True):
         assert torch.equal(a, b)

@@ -228,11 +228,13 @@ def first_layer_inputs(
 
 class InputStats:
     """Second moments of the inputs of a layer's Linears, shared by Linears that receive the same
-    tensor (q/k/v, gate/up): `groups()` -> [(names, H = 2/n sum x x^T, n)].
+    tensor (q/k/v, gate/up): `groups()` -> [(names, H = 2/n sum x x^T, n)]; and the float64 sums
+    of |x| per input channel, `abs_sums` (AWQ's activation statistic: `mean_abs`).
 
     Each window's x^T x goes into its shard's partial sum, which `new_sample` adds to `sums`
     every `shard_windows` windows (and `finish` at the end): the decomposition described in the
-    module docstring."""
+    module docstring. `abs_sums` follow the same decomposition (None: not known, e.g. shards
+    added without them)."""
 
     def __init__(
         self,
@@ -252,8 +254,10 @@ class InputStats:
         self.windows: Any = None
         self.sums: list[torch.Tensor] = []
         self.counts: list[int] = []
+        self.abs_sums: list[torch.Tensor] | None = []
         self.shard_windows = shard_windows
         self._part: list[torch.Tensor] = []  # the current shard's partial sums
+        self._abs_part: list[torch.Tensor] = []
         self._in_shard = 0  # windows begun in the current shard
         self._seen: list[tuple[torch.Tensor, int]] = []
         # end the layer's forward once every Linear has had its input (collect_stats: what
@@ -278,6 +282,9 @@ class InputStats:
                 g = self.group_of[name] = len(self.sums)
                 self.sums.append(torch.zeros((x.shape[-1],) * 2, dtype=torch.float64))
                 self._part.append(torch.zeros_like(self.sums[-1]))
+                self._abs_part.append(torch.zeros(x.shape[-1], dtype=torch.float64))
+                if self.abs_sums is not None:
+                    self.abs_sums.append(torch.zeros_like(self._abs_part[-1]))
                 self.counts.append(0)
             x2 = x.detach().reshape(-1, x.shape[-1])
             with torch.autocast(x2.device.type, enabled=False):  # float32 sums, always
@@ -288,6 +295,7 @@ class InputStats:
             if not bool(torch.isfinite(torch.diagonal(prod)).all()):
                 raise ValueError(f"non-finite activations at the input of {self.where}.{name}")
             self._part[g] += prod.to(torch.float64)
+            self._abs_part[g] += x2.abs().sum(0, dtype=torch.float64)
             self.counts[g] += x2.shape[0]
             self._seen.append((x, g))
             self._maybe_stop()
@@ -311,23 +319,44 @@ class InputStats:
         for total, part in zip(self.sums, self._part, strict=True):
             total += part
             part.zero_()
+        for total, part in zip(self.abs_sums or [], self._abs_part, strict=False):
+            total += part
+            part.zero_()
         self._in_shard = 0
 
     def add_shard(
-        self, sums: list[torch.Tensor], counts: list[int], group_of: dict[str, int]
+        self,
+        sums: list[torch.Tensor],
+        counts: list[int],
+        group_of: dict[str, int],
+        abs_sums: list[torch.Tensor] | None = None,
     ) -> None:
-        """Add one shard's finished statistics (another `InputStats`' `sums`, `counts` and
-        `group_of`, computed elsewhere on the same layer), as `finish` adds its own."""
+        """Add one shard's finished statistics (another `InputStats`' `sums`, `counts`,
+        `group_of` and `abs_sums`, computed elsewhere on the same layer), as `finish` adds its
+        own. A shard without `abs_sums` leaves them unknown (None)."""
         if not self.sums:
             self.group_of = dict(group_of)
             self.sums = [torch.zeros_like(s) for s in sums]
             self._part = [torch.zeros_like(s) for s in sums]
             self.counts = [0] * len(sums)
+            self.abs_sums = [torch.zeros(s.shape[0], dtype=torch.float64) for s in sums]
         if group_of != self.group_of or len(sums) != len(self.sums):
             raise ValueError(f"{self.where}: a shard's Linears share their inputs differently")
+        if abs_sums is None or len(abs_sums) != len(sums):
+            self.abs_sums = None
         for g, (s, n) in enumerate(zip(sums, counts, strict=True)):
             self.sums[g] += s
             self.counts[g] += n
+            if self.abs_sums is not None and abs_sums is not None:
+                self.abs_sums[g] += abs_sums[g]
+
+    def mean_abs(self, name: str) -> torch.Tensor | None:
+        """Mean over the tokens of |x| per input channel of Linear `name`'s inputs (float32),
+        from `abs_sums`; None when they are not known or the Linear was never called."""
+        g = self.group_of.get(name)
+        if self.abs_sums is None or g is None or g >= len(self.abs_sums):
+            return None
+        return (self.abs_sums[g] / max(self.counts[g], 1)).to(torch.float32)
 
     def remove(self) -> None:
         for h in self._handles:

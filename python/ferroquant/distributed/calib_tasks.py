@@ -12,16 +12,16 @@ from typing import Any
 
 def layer_stats(
     layer: Any, call: Any, hidden: list[Any], where: str
-) -> tuple[list[Any], list[int], dict[str, int]]:
+) -> tuple[list[Any], list[int], dict[str, int], list[Any] | None]:
     """One shard's statistics of `layer`'s Linears: (float64 sums of x^T x per input group,
-    token counts, {Linear name: group})."""
+    token counts, {Linear name: group}, float64 sums of |x| per input group)."""
     import torch
 
     from ..calib.capture import collect_stats
 
     with torch.no_grad():
         stats = collect_stats(layer, call, hidden, where)
-    return stats.sums, stats.counts, stats.group_of
+    return stats.sums, stats.counts, stats.group_of, stats.abs_sums
 
 
 def layer_outputs(layer: Any, call: Any, hidden: list[Any], where: str) -> list[Any]:

@@ -141,8 +141,8 @@ class RayRunner:
                 del floats
                 stats = InputStats(layer, where)
                 stats.remove()
-                for sums, counts, group_of in parts:  # in shard order
-                    stats.add_shard(sums, counts, group_of)
+                for sums, counts, group_of, abs_sums in parts:  # in shard order
+                    stats.add_shard(sums, counts, group_of, abs_sums)
                 del parts
                 stats.windows = RayWindows(self, shards, call, tokens, where)
                 finish = process(i, where, layer, stats)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,12 +43,24 @@ from ..tensor import QuantizeError, dequantize, quantize
 
 @dataclass(frozen=True)
 class AWQConfig:
-    """AWQ's options (defaults: AutoAWQ's).
+    """AWQ's options (defaults: AutoAWQ's, but float_inputs and clip_tokens: per method).
 
     grid: scale ratios searched (20). duo_scaling: s = x_mean^a / w_mean^(1-a) (True) or
       x_mean^a (False). clip: run the clip search after scaling. clip_grid, max_shrink: clip
       candidates max|w| * (1 - i/clip_grid), i < clip_grid * max_shrink (20, 0.5).
-    clip_tokens: tokens the clip search uses (512, evenly strided over the calibration set).
+    clip_tokens: tokens the clip search uses, evenly strided over the calibration set (512:
+      AutoAWQ's); 0: every calibration token, through the capture's x^T x of the Linear's
+      inputs (its diagonal blocks are the clip search's per-group grams: no rows to collect).
+      None (the default): 0 for "awq", 512 for "awq+gptq" (`resolved`).
+      On SmolLM2 int4_g64 (8 x 512), awq with float inputs and every token: ppl 36.436 / KL
+      0.1446 against 36.831 / 0.1486 with 512 tokens and the sequential inputs; awq+gptq
+      the other way round, 36.426 / 0.1372 against 36.742 / 0.1391 (docs/methods.md).
+    identity: s = 1 (plain RTN) is a candidate besides the grid (True; AutoAWQ, GPTQModel and
+      llm-compressor search the grid only: False).
+    gqa_vo: search v_proj -> o_proj under grouped-query attention too (False: skipped there,
+      as AutoAWQ, GPTQModel and llm-compressor skip it): o's input channels of the heads that
+      share a key/value head take that head's v channel's scale (`HeadTie`), the statistics
+      averaged over those heads.
     n_samples, seq_len: calibration windows (128 x 512, AutoAWQ uses 128 x 512 of pile-val).
     screen_stride, screen_keep: the block-forward searches screen every candidate on every
       screen_stride-th window, then score the screen_keep best and s = 1 on all windows
@@ -57,8 +69,9 @@ class AWQConfig:
       or second (stride 4): keep 3 picks what the full search picks there, with a rank to spare.
     float_inputs: the next decoder layer's inputs are this layer's FLOAT outputs (computed
       with its weights before scaling, clipping and quantization: AutoAWQ's pipeline, in which
-      every layer sees the float model's activations) instead of the quantized layer's (False:
-      the issue's sequential capture, GPTQ's).
+      every layer sees the float model's activations) instead of the quantized layer's
+      (False: the sequential capture, GPTQ's and GPTQModel's AWQ's). None (the default): True
+      for "awq", False for "awq+gptq" (`resolved`).
     gptq: after scaling and clipping, quantize with GPTQ ("awq+gptq") instead of RTN, with
       `gptq_damp` and `gptq_act_order` (GPTQConfig's damp and act_order).
     """
@@ -68,19 +81,32 @@ class AWQConfig:
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
-    clip_tokens: int = 512
+    clip_tokens: int | None = None
+    identity: bool = True
+    gqa_vo: bool = False
     n_samples: int = 128
     seq_len: int = 512
     screen_stride: int = 4
     screen_keep: int = 3
-    float_inputs: bool = False
+    float_inputs: bool | None = None
     gptq: bool = False
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
 
+    def resolved(self) -> AWQConfig:
+        """This config with its method-dependent defaults (None) filled in: float_inputs and
+        every clip token for "awq", the sequential inputs and 512 clip tokens for "awq+gptq"
+        (each measured the better pair for its method, `clip_tokens`)."""
+        return replace(
+            self,
+            float_inputs=(not self.gptq) if self.float_inputs is None else self.float_inputs,
+            clip_tokens=(512 if self.gptq else 0) if self.clip_tokens is None else self.clip_tokens,
+        )
+
     def describe(self) -> str:
         name = "awq+gptq" if self.gptq else "awq"
-        items = {k: v for k, v in asdict(self).items() if self.gptq or not k.startswith("gptq")}
+        done = self.resolved()
+        items = {k: v for k, v in asdict(done).items() if self.gptq or not k.startswith("gptq")}
         return f"{name}(" + ", ".join(f"{k}={v}" for k, v in items.items()) + ")"
 
 
@@ -123,10 +149,17 @@ def group_size(qtype: str | None, cols: int) -> int:
 
 
 def scale_candidates(
-    x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int, duo_scaling: bool
+    x_mean: torch.Tensor,
+    w_mean: torch.Tensor,
+    grid: int,
+    duo_scaling: bool,
+    identity: bool = True,
 ) -> list[tuple[float | None, torch.Tensor]]:
-    """[(ratio, s)]: s = 1 first (ratio None), then AutoAWQ's grid."""
-    out: list[tuple[float | None, torch.Tensor]] = [(None, torch.ones_like(x_mean))]
+    """[(ratio, s)]: s = 1 first (ratio None; not with `identity=False`), then AutoAWQ's
+    grid."""
+    out: list[tuple[float | None, torch.Tensor]] = []
+    if identity:
+        out.append((None, torch.ones_like(x_mean)))
     for k in range(grid):
         a = k / grid
         if duo_scaling:
@@ -211,35 +244,66 @@ def pick_scale(cands: list[tuple[float | None, torch.Tensor]], losses: list[floa
     return ScaleResult(best[2], best[1], list(losses))
 
 
-def fold_scale(prev: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
+@dataclass(frozen=True)
+class HeadTie:
+    """v_proj -> o_proj under grouped-query attention: o's input channel (head h, dim d) reads
+    v's output channel (h // rep, d) (transformers' `repeat_kv`), so a v channel's scale is
+    that of its `rep` o channels. Vectors over o's inputs are [kv_heads * rep * head_dim]."""
+
+    kv_heads: int
+    rep: int
+    head_dim: int
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        """An o-side statistic averaged over the heads sharing a key/value head: v's side."""
+        return v.reshape(self.kv_heads, self.rep, self.head_dim).mean(1).reshape(-1)
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """v's scales [kv_heads * head_dim] as o's input scales."""
+        h = s.reshape(self.kv_heads, 1, self.head_dim)
+        return h.expand(self.kv_heads, self.rep, self.head_dim).reshape(-1)
+
+    def first(self, s: torch.Tensor) -> torch.Tensor:
+        """The v-side scales of expanded o-side scales (their first head's copy)."""
+        return s.reshape(self.kv_heads, self.rep, self.head_dim)[:, 0].reshape(-1)
+
+
+def fold_scale(
+    prev: nn.Module,
+    linears: list[nn.Linear],
+    s: torch.Tensor,
+    prev_scale: torch.Tensor | None = None,
+) -> None:
     """Fold s into the float model without changing its function: the Linears' input columns
     times s, the previous op's output channels divided by s (a norm's weight, or a Linear's
-    rows and bias)."""
+    rows and bias), or by `prev_scale` where they differ (`HeadTie`: v's rows by the scales
+    whose expansion is s)."""
     s = s.detach()
+    sp = s if prev_scale is None else prev_scale.detach()
 
     def f(t: torch.Tensor) -> torch.Tensor:  # at least float32 inside (float64 stays float64)
         return t.to(torch.promote_types(t.dtype, torch.float32))
 
     if isinstance(prev, nn.Linear):
-        if prev.out_features != s.numel():
-            raise QuantizeError(f"awq: cannot fold {s.numel()} scales into a Linear of "
+        if prev.out_features != sp.numel():
+            raise QuantizeError(f"awq: cannot fold {sp.numel()} scales into a Linear of "
                                 f"{prev.out_features} outputs")  # fmt: skip
         w = prev.weight.data
-        prev.weight.data = (f(w) / f(s)[:, None]).to(w.dtype)
+        prev.weight.data = (f(w) / f(sp)[:, None]).to(w.dtype)
         if prev.bias is not None:
-            prev.bias.data = (f(prev.bias.data) / f(s)).to(prev.bias.dtype)
+            prev.bias.data = (f(prev.bias.data) / f(sp)).to(prev.bias.dtype)
     else:
         weight = getattr(prev, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.shape != s.shape:
+        if not isinstance(weight, torch.Tensor) or weight.shape != sp.shape:
             raise QuantizeError(f"awq: cannot fold scales into {type(prev).__name__} "
                                 "(needs a per-channel weight)")  # fmt: skip
         if "gemma" in type(prev).__name__.lower():  # Gemma's norm multiplies by (1 + weight)
-            weight.data = ((1 + f(weight.data)) / f(s) - 1).to(weight.dtype)
+            weight.data = ((1 + f(weight.data)) / f(sp) - 1).to(weight.dtype)
         else:
-            weight.data = (f(weight.data) / f(s)).to(weight.dtype)
+            weight.data = (f(weight.data) / f(sp)).to(weight.dtype)
         bias = getattr(prev, "bias", None)
         if isinstance(bias, torch.Tensor):
-            bias.data = (f(bias.data) / f(s)).to(bias.dtype)
+            bias.data = (f(bias.data) / f(sp)).to(bias.dtype)
     for lin in linears:
         w = lin.weight.data
         lin.weight.data = (f(w) * f(s)[None, :]).to(w.dtype)
@@ -252,6 +316,16 @@ def group_grams(x: torch.Tensor, group: int) -> torch.Tensor:
     return torch.bmm(xg.transpose(1, 2), xg) / max(x.shape[0], 1)
 
 
+def hessian_grams(sums: torch.Tensor, count: int, group: int) -> torch.Tensor:
+    """The diagonal blocks of the inputs' mean x^T x (`sums` the [cols, cols] sum over `count`
+    tokens): `group_grams` of every token at once, [groups, group, group] float32."""
+    cols = sums.shape[0]
+    ng = cols // group
+    idx = torch.arange(ng)
+    blocks = sums.reshape(ng, group, ng, group)[idx, :, idx, :]  # [g, k, k]
+    return (blocks / max(count, 1)).to(torch.float32)
+
+
 def group_output_mse(d: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
     """mean over the tokens of (d_rg . x_g)^2 for a weight error d [rows, groups, group]: the
     quadratic form d_rg G_g d_rg^T on `group_grams` (rows x group^2 per group instead of rows x
@@ -262,12 +336,13 @@ def group_output_mse(d: torch.Tensor, grams: torch.Tensor) -> torch.Tensor:
 
 def search_clip(
     w: torch.Tensor,
-    x: torch.Tensor,
+    x: torch.Tensor | None,
     qdq: Quantizer,
     group: int,
     *,
     clip_grid: int = 20,
     max_shrink: float = 0.5,
+    grams: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AutoAWQ's clip search: (per row and group max|w| to clamp to [rows, groups], the
     per-(row, group) output MSE of the chosen clip [rows, groups]). A candidate's error is the
@@ -275,11 +350,15 @@ def search_clip(
     quadratic form of the weight error on the group's x^T x / n (`group_output_mse`: the same
     number as AutoAWQ's per-token products, group / tokens of their work: an eighth at 512
     tokens and group 64). Shrink 0 (no clipping) is the first candidate and ties keep it, so
-    the error is never above RTN's (for formats whose blocks are the groups)."""
+    the error is never above RTN's (for formats whose blocks are the groups). `grams` [groups,
+    group, group] instead of `x`: the inputs' per-group mean x^T x, given (`hessian_grams`)."""
     w = w.detach().to(torch.float32)
     rows, cols = w.shape
     ng = cols // group
-    grams = group_grams(x, group)
+    if grams is None:
+        if x is None:
+            raise QuantizeError("awq: the clip search needs its inputs x or their grams")
+        grams = group_grams(x, group)
     wg = w.reshape(rows, ng, group)
     org_max = wg.abs().amax(dim=-1)  # [rows, g]
     best_err = torch.full_like(org_max, math.inf)

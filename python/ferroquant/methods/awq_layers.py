@@ -1,48 +1,54 @@
 """AWQ applied to a whole model, layer by layer, on the shared capture (`calib.run_layers`):
 for each decoder layer, the scale search and fold on each standard pair, then the clip search,
 then the layer's Linears are quantized (round to nearest, or GPTQ for "awq+gptq" on the
-Hessians of the scaled inputs); the next layer's inputs come from this quantized layer (or,
-with `AWQConfig.float_inputs`, from this layer's float weights, AutoAWQ's pipeline).
+Hessians of the scaled inputs); the next layer's inputs come from this layer's float weights
+(`AWQConfig.float_inputs`, AutoAWQ's pipeline: "awq"'s default) or from the quantized layer
+("awq+gptq"'s default).
 
 The pairs use the Llama family's module names (Llama, Mistral, Qwen2, Gemma, SmolLM):
 input_layernorm -> self_attn.{q,k,v}_proj (block: self_attn), self_attn.v_proj ->
 self_attn.o_proj (only when v's outputs are o's inputs: not under grouped-query attention with
-fewer key/value heads than heads, e.g. SmolLM2-135M's 3 vs 9), post_attention_layernorm ->
+fewer key/value heads than heads, e.g. SmolLM2-135M's 3 vs 9, unless `AWQConfig.gqa_vo`),
+post_attention_layernorm ->
 mlp.{gate,up}_proj (block: mlp), mlp.up_proj -> mlp.down_proj. A pair whose modules are
 missing is skipped (its Linears are still clipped and quantized).
 
-The searches see the calibration windows only through `stats.windows.map` (per-window results:
-float64 sums of |x| for x_mean, each candidate's squared output error, the clip search's
-strided input rows), added in window order here, so `ferroquant.distributed` can compute them
-per shard on a cluster and get the same bits.
+x_mean comes from the capture's per-shard |x| sums (`InputStats.mean_abs`), the clip search's
+grams from its Hessian sums (`clip_tokens=0`) or from strided input rows. The searches see the
+calibration windows only through `stats.windows.map` (`awq_windows`: per-window results, each
+candidate's squared output error and the strided rows), added in window order here, so
+`ferroquant.distributed` can compute them per shard on a cluster and get the same bits.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..calib import InputStats
-from ..calib.capture import forward_autocast, forward_dtype, shard_batches
+from ..calib.capture import forward_dtype
 from ..nn import QuantLinear
 from ..tensor import QuantizeError
 from .awq import (
     AWQConfig,
+    HeadTie,
     ScaleResult,
     apply_clip,
     candidate_weights,
     fold_scale,
     format_qdq,
     group_size,
+    hessian_grams,
     pick_scale,
     scale_candidates,
     search_clip,
     weight_mean,
 )
+from .awq_windows import mean_abs_inputs, window_inputs, window_losses
 from .gptq import GPTQConfig
 from .layerwise import LocalRunner, format_options, gptq_layer, swap_in
 
@@ -63,200 +69,6 @@ def _get(layer: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-# -- per-window pieces: run here on all windows, or per shard on a Ray cluster ------------------
-
-
-def _batches(hidden: list[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
-    """(index of its first window, batch) for each of the capture's shard batches of `hidden`
-    (`calib.capture.shard_batches`: the same batches on one machine and in a Ray task's shard)."""
-    k = 0
-    for batch in shard_batches(hidden):
-        yield k, batch
-        k += batch.shape[0]
-
-
-def window_inputs(
-    layer: nn.Module, call: Any, hidden: list[torch.Tensor], first: int, names: list[str],
-    strided: list[str], step: int, where: str,
-) -> list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]]:  # fmt: skip
-    """Per window: for each Linear of `names` (AWQ's scaled inputs) and `strided` (the clip
-    search's), (the float64 sum over the window's tokens of |x| at its input, the number of
-    tokens, the input rows whose index among all windows' tokens (windows of equal length,
-    `first` the window's index) is a multiple of `step`, or None when the Linear is not in
-    `strided`). One pass of the layer (a shard batch at a time, in the capture's precision,
-    `forward_autocast`) before any fold serves every pair and the clip search, as AutoAWQ
-    captures a layer's inputs once: a fold keeps the float function, so the later pairs' inputs
-    are these (the clip search divides the scaled Linears' rows by their scale, as AutoAWQ's
-    `apply_scale` does)."""
-    got: list[dict[str, tuple[torch.Tensor, int, torch.Tensor | None]]] = [{} for _ in hidden]
-    at = [0]
-    clip = set(strided)
-
-    def hook(name: str) -> Callable[..., None]:
-        def pre(mod: nn.Module, args: tuple) -> None:
-            x = args[0].detach().to(torch.float32)
-            for j, xw in enumerate(x.reshape(-1, *x.shape[-2:])):  # one [L, d] per window
-                rows = None
-                if name in clip:
-                    start = (first + at[0] + j) * xw.shape[0]
-                    rows = xw[(-start) % step :: step]
-                total = xw.abs().sum(0, dtype=torch.float64)
-                # finite iff the window's inputs are (a float64 sum of float32 magnitudes
-                # cannot overflow): d values to check instead of every activation
-                if not bool(torch.isfinite(total).all()):
-                    raise QuantizeError(
-                        f"awq: non-finite activations at the input of {where}.{name}"
-                    )
-                got[at[0] + j][name] = (total, xw.shape[0], rows)
-
-        return pre
-
-    hs = [layer.get_submodule(n).register_forward_pre_hook(hook(n))
-          for n in dict.fromkeys([*names, *strided])]  # fmt: skip
-    try:
-        for k0, batch in _batches(hidden):
-            at[0] = k0
-            with forward_autocast(batch):
-                layer(batch, *call.args, **call.kwargs)
-    finally:
-        for h in hs:
-            h.remove()
-    return got
-
-
-def _search_dtype(x: Any, dtype: torch.dtype | None) -> Any:
-    """A block's floating arguments in the forward's autocast dtype (None: unchanged): its input
-    (which the block's Linears read in that dtype under autocast anyway) and e.g. the rotary
-    position embeddings, so that the search's block calls compute the rotary products in bf16
-    as the bf16 model does (float32 cos / sin promote q and k to float32 for that one step:
-    a tenth of the search's time)."""
-    if dtype is None:
-        return x
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.to(dtype)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_search_dtype(v, dtype) for v in x)
-    if isinstance(x, dict):
-        return {k: _search_dtype(v, dtype) for k, v in x.items()}
-    return x
-
-
-def window_losses(
-    layer: nn.Module,
-    call: Any,
-    hidden: list[torch.Tensor],
-    first: int,
-    searches: list[tuple[str, list[str], list[list[torch.Tensor]]]],
-    select: tuple[int, bool] | None = None,
-) -> list[tuple[list[list[float]], list[int]]]:
-    """Per window: for each search (block name, the Linears `names`, the candidates: each a
-    list of those Linears' weights), for each candidate the sum of squared differences
-    between the block's output with those weights and its float output (`squared_errors`); and
-    each block output's element count (a candidate's loss: the sums added in window order over
-    the counts). `select` = (stride, multiples): only the windows whose index among all windows
-    is (multiples) or is not a multiple of stride run; the others get zero sums and counts
-    (`search_pairs`' screen). The selected windows of a shard batch run as one batch, so a
-    cluster's shards batch them the same way. One pass of the layer captures every block's
-    inputs and output (before any fold: the searches are independent, as AutoAWQ searches a
-    layer's pairs before applying any scale); each block then runs once per candidate and
-    shard batch (not per window), in the capture's precision (`forward_autocast`, the blocks'
-    other floating arguments in its dtype, `_search_dtype`); the per-window sums are taken
-    from the batch's rows."""
-    blocks = [layer.get_submodule(b) for b, _, _ in searches]
-    calls: list[list[tuple[tuple, dict]]] = [[] for _ in searches]
-
-    def hook(i: int) -> Callable[..., None]:
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[i].append((args, dict(kwargs)))
-
-        return pre
-
-    hs = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    batches = []  # (the batch's window indices in `hidden`, the batch)
-    for k0, batch in _batches(hidden):
-        rows = [j for j in range(batch.shape[0]) if _selected(first + k0 + j, select)]
-        if len(rows) == batch.shape[0]:
-            batches.append(([k0 + j for j in rows], batch))
-        elif rows:
-            batches.append(([k0 + j for j in rows], batch[rows]))
-    try:
-        for _, batch in batches:
-            with forward_autocast(batch):
-                layer(batch, *call.args, **call.kwargs)
-    finally:
-        for h in hs:
-            h.remove()
-
-    # the blocks' arguments in the search's dtype, converted once (not per candidate)
-    calls = [[_search_dtype(c, forward_dtype(b)) for c, (_, b) in zip(cs, batches, strict=True)]
-             for cs in calls]  # fmt: skip
-
-    def run(i: int, k: int) -> torch.Tensor:  # block i on shard batch k, as the search runs it
-        a, kw = calls[i][k]
-        with forward_autocast(batches[k][1]):
-            return _first(blocks[i](*a, **kw))
-
-    # the float output the candidates are compared with, computed by the same call
-    reference = [[run(i, k).to(torch.float32) for k in range(len(batches))]
-                 for i in range(len(searches))]  # fmt: skip
-    nums = [[[0.0] * len(c) for _, _, c in searches] for _ in hidden]
-    counts = [[0] * len(searches) for _ in hidden]
-    # the candidates' weights in the dtype the autocast forward reads them in, converted once
-    # (autocast's own cast of a float32 weight rounds the same way, once per call)
-    wdtype = forward_dtype(batches[0][1]) if batches else None
-    for i, (_, names, candidates) in enumerate(searches):
-        lins = [layer.get_submodule(n) for n in names]
-        originals = [lin.weight.data for lin in lins]
-        try:
-            for c, weights in enumerate(candidates):
-                for lin, w in zip(lins, weights, strict=True):
-                    lin.weight.data = w if wdtype is None else w.to(wdtype)
-                for k, ((idx, _), r) in enumerate(zip(batches, reference[i], strict=True)):
-                    for w, v in zip(idx, squared_errors(run(i, k), r), strict=True):
-                        nums[w][i][c] = v
-                        counts[w][i] = r[0].numel()
-        finally:
-            for lin, w0 in zip(lins, originals, strict=True):
-                lin.weight.data = w0
-    return [(n, m) for n, m in zip(nums, counts, strict=True)]
-
-
-def _selected(window: int, select: tuple[int, bool] | None) -> bool:
-    if select is None:
-        return True
-    stride, multiples = select
-    return (window % stride == 0) == multiples
-
-
-def squared_errors(out: torch.Tensor, ref: torch.Tensor) -> list[float]:
-    """Per window (the first dimension), the sum of (out - ref)^2 (float32 `ref`): one float32
-    pass for the difference and its square, summed in float32 by torch's cascade sum (a sum of
-    non-negative terms: relative error about log2(n) float32 units, 1e-6 at 300k terms, where
-    the float64 sum it replaces took twice the time)."""
-    d = torch.sub(out, ref).reshape(ref.shape[0], -1)
-    return d.mul_(d).sum(1).tolist()
-
-
-def mean_abs_inputs(
-    per_window: list[dict[str, tuple[torch.Tensor, int, Any]]], names: list[str]
-) -> dict[str, torch.Tensor]:
-    """{Linear name: mean over the calibration tokens of |x| at its input} (float32), from the
-    per-window float64 sums of `window_inputs` added in window order."""
-    out = {}
-    for name in names:
-        total = per_window[0][name][0].clone()
-        count = per_window[0][name][1]
-        for got in per_window[1:]:
-            total += got[name][0]
-            count += got[name][1]
-        out[name] = (total / max(count, 1)).to(torch.float32)
-    return out
-
-
 def pair_candidates(
     layer: nn.Module,
     names: tuple[str, ...],
@@ -264,15 +76,21 @@ def pair_candidates(
     config: AWQConfig,
     options: dict[str, Any],
     x_mean: torch.Tensor,
+    tie: HeadTie | None = None,
 ) -> tuple[list[tuple[float | None, torch.Tensor]], list[torch.Tensor], list[list[torch.Tensor]]]:
     """(the scale candidates, the Linears' float weights, each candidate's weights
-    qdq(W s) / s) of one pair, from its unfolded weights and inputs' `x_mean`."""
+    qdq(W s) / s) of one pair, from its unfolded weights and inputs' `x_mean`. `tie`: the
+    candidates are computed on the tied channels' averaged statistics and expanded."""
     lins = [layer.get_submodule(n) for n in names]
     first_q = next(q for q in qs if q is not None)
     qdqs = [format_qdq(q, format_options(q, options) if q else None) for q in qs]
     originals = [lin.weight.data.clone() for lin in lins]
     w_mean = weight_mean(originals, group_size(first_q, lins[0].in_features))
-    cands = scale_candidates(x_mean, w_mean, config.grid, config.duo_scaling)
+    if tie is not None:
+        x_mean, w_mean = tie.reduce(x_mean), tie.reduce(w_mean)
+    cands = scale_candidates(x_mean, w_mean, config.grid, config.duo_scaling, config.identity)
+    if tie is not None:
+        cands = [(r, tie.expand(s)) for r, s in cands]
     return cands, originals, candidate_weights(cands, originals, qdqs)
 
 
@@ -283,7 +101,9 @@ def search_pairs(
     config: AWQConfig,
     options: dict[str, Any],
     x_means: dict[str, torch.Tensor],
-) -> list[ScaleResult]:
+    ties: dict[str, HeadTie] | None = None,
+    rows: tuple[list[str], int] | None = None,
+) -> tuple[list[ScaleResult], list[dict[str, torch.Tensor]] | None]:
     """AWQ's scale search for a layer's pairs (Linear names, block name, their qtypes, their
     inputs' mean x x^T or None) over the calibration `windows` (`calib.LocalWindows` or a
     cluster's), every pair on the unfolded layer (AutoAWQ searches them all before applying
@@ -292,8 +112,11 @@ def search_pairs(
     block that is the pair's one Linear (o_proj, down_proj) with its inputs' `gram` given (the
     capture's Hessian sums, also added in window order) has each candidate's loss from the gram
     (`linear_output_mse`) instead of a forward pass per candidate; the others' candidates run
-    in one `window_losses` pass."""
-    built = [pair_candidates(layer, n, qs, config, options, x_means[n[0]]) for n, _, qs, _ in pairs]
+    in one `window_losses` pass, which also takes the strided input `rows` (returned per
+    window; None when no pair needed a forward pass)."""
+    ties = ties or {}
+    built = [pair_candidates(layer, n, qs, config, options, x_means[n[0]], ties.get(n[0]))
+             for n, _, qs, _ in pairs]  # fmt: skip
     losses: list[list[float] | None] = [None] * len(pairs)
     searches, where = [], []
     for i, ((names, block_name, _, gram), (_, originals, weights)) in enumerate(
@@ -304,17 +127,20 @@ def search_pairs(
         else:
             searches.append((block_name, list(names), weights))
             where.append(i)
+    got = None
     if searches:
-        for j, lo in enumerate(block_losses(layer, windows, searches, config)):
+        found, got = block_losses(layer, windows, searches, config, rows)
+        for j, lo in enumerate(found):
             losses[where[j]] = lo
-    return [pick_scale(cands, lo) for (cands, _, _), lo in zip(built, losses, strict=True)]  # type: ignore[arg-type]
+    picks = [pick_scale(cands, lo) for (cands, _, _), lo in zip(built, losses, strict=True)]  # type: ignore[arg-type]
+    return picks, got
 
 
 def _totals(per_window: list, j: int, n_c: int) -> list[float]:
     """Search j's loss of each of its n_c candidates: the per-window sums added in window order
     over the element counts."""
-    den = sum(m[j] for _, m in per_window)
-    return [sum(nums[j][c] for nums, _ in per_window) / max(den, 1) for c in range(n_c)]
+    den = sum(p[1][j] for p in per_window)
+    return [sum(p[0][j][c] for p in per_window) / max(den, 1) for c in range(n_c)]
 
 
 def block_losses(
@@ -322,11 +148,14 @@ def block_losses(
     windows: Any,
     searches: list[tuple[str, list[str], list[list[torch.Tensor]]]],
     config: AWQConfig,
-) -> list[list[float]]:
+    rows: tuple[list[str], int] | None = None,
+) -> tuple[list[list[float]], list[dict[str, torch.Tensor]]]:
     """Each search's candidates' block-output losses (`window_losses`) over every calibration
-    window. With `config.screen_stride` = k > 1 (and more candidates than `screen_keep` + 1),
-    every candidate first runs on every k-th window only (the screen); the `screen_keep` least
-    of those losses and s = 1 (the first candidate) then run on the other windows as well, and
+    window, and per window the strided input `rows` of `window_losses` (every window runs in
+    exactly one of the passes: its rows come from that one). With `config.screen_stride` = k
+    > 1 (and more candidates than `screen_keep` + 1), every candidate first runs on every k-th
+    window only (the screen); the `screen_keep` least of those losses and s = 1 (the first
+    candidate) then run on the other windows as well, and
     their losses are over all windows (the same sums as without the screen); the others' are
     inf (not scored in full). So the pick is the least full loss among the finalists, never
     above s = 1's: the full search's pick whenever that is among the screen's best
@@ -334,19 +163,19 @@ def block_losses(
     stride, keep = config.screen_stride, config.screen_keep
     n_cs = [len(c) for _, _, c in searches]
     if stride <= 1 or all(n <= keep + 1 for n in n_cs):
-        per_window = windows.map(layer, window_losses, searches, None)
-        return [_totals(per_window, j, n) for j, n in enumerate(n_cs)]
-    first = windows.map(layer, window_losses, searches, (stride, True))
+        per_window = windows.map(layer, window_losses, searches, None, rows)
+        return [_totals(per_window, j, n) for j, n in enumerate(n_cs)], [p[2] for p in per_window]
+    first = windows.map(layer, window_losses, searches, (stride, True), rows)
     screen = [_totals(first, j, n) for j, n in enumerate(n_cs)]
     finalists = [sorted({0, *sorted(range(n), key=lo.__getitem__)[:keep]})
                  for n, lo in zip(n_cs, screen, strict=True)]  # fmt: skip
     rest = [(b, names, [c[k] for k in fin])
             for (b, names, c), fin in zip(searches, finalists, strict=True)]  # fmt: skip
-    second = windows.map(layer, window_losses, rest, (stride, False))
+    second = windows.map(layer, window_losses, rest, (stride, False), rows)
     out = []
     for j, (n, fin) in enumerate(zip(n_cs, finalists, strict=True)):
         merged = []  # per window, in window order: the finalists' sums from the pass that ran it
-        for w, ((nums1, m1), (nums2, m2)) in enumerate(zip(first, second, strict=True)):
+        for w, ((nums1, m1, _), (nums2, m2, _)) in enumerate(zip(first, second, strict=True)):
             if w % stride == 0:
                 merged.append(([[nums1[j][k] for k in fin]], [m1[j]]))
             else:
@@ -356,7 +185,9 @@ def block_losses(
         for k, v in zip(fin, full, strict=True):
             lo[k] = v
         out.append(lo)
-    return out
+    got = [(a if w % stride == 0 else b)[2]
+           for w, (a, b) in enumerate(zip(first, second, strict=True))]  # fmt: skip
+    return out, got
 
 
 def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
@@ -408,21 +239,28 @@ def awq_layer(
     """Search, fold and clip one decoder layer in place (float weights; nothing quantized).
     `stats`' Hessians are rescaled to the scaled inputs. `report` gets {previous op's name:
     ScaleResult} for each searched pair."""
+    config = config.resolved()
     windows = stats.windows
     if windows is None:
         raise QuantizeError("awq needs the capture's calibration windows")
     todo = []
+    ties: dict[str, HeadTie] = {}
     for prev_name, names, block_name in PAIRS:
         prev, block = _get(layer, prev_name), _get(layer, block_name)
         lins = [_get(layer, n) for n in names]
         if prev is None or block is None or not all(isinstance(m, nn.Linear) for m in lins):
             continue
+        tie = None
         if isinstance(prev, nn.Linear) and prev.out_features != lins[0].in_features:
-            continue  # v -> o under grouped-query attention
+            tie = _head_tie(layer, prev, lins[0]) if config.gqa_vo else None
+            if tie is None:
+                continue  # v -> o under grouped-query attention
         qs = [qtype_for(f"{where}.{n}", m) for n, m in zip(names, lins, strict=True)]
         if all(q is None for q in qs):
             continue
         todo.append((prev_name, prev, names, block_name, lins, qs))
+        if tie is not None:
+            ties[names[0]] = tie
     clip = {}
     if config.clip:
         clip = {
@@ -430,11 +268,21 @@ def awq_layer(
             for n, m in stats.linears.items()
             if not n.endswith(NO_CLIP) and qtype_for(f"{where}.{n}", m) is not None
         }
-    step = max(1, sum(windows.tokens) // config.clip_tokens)
+    # clip_tokens 0: the clip search's grams from the capture's x^T x (no rows to collect)
+    rows = [] if config.clip_tokens <= 0 else [n for n in clip if n in stats.group_of]
+    step = max(1, sum(windows.tokens) // max(config.clip_tokens, 1))
     firsts = [t[2][0] for t in todo]
-    per_window = windows.map(layer, window_inputs, firsts, list(clip), step, where) if (
-        firsts or clip) else []  # fmt: skip
-    x_means = mean_abs_inputs(per_window, firsts)
+    # x_mean from the capture's |x| sums where it has them (the same sums per shard: no pass
+    # of the layer here), else from `window_inputs`' per-window sums (with the clip rows)
+    known = {n: stats.mean_abs(n) for n in firsts}
+    need = [n for n, m in known.items() if m is None]
+    x_means: dict[str, torch.Tensor] = {}
+    row_of = None  # per window, {Linear: its strided input rows}
+    if need:
+        per_window = windows.map(layer, window_inputs, need, rows, step, where)
+        x_means = mean_abs_inputs(per_window, need)
+        row_of = [{n: v[2] for n, v in got.items() if v[2] is not None} for got in per_window]
+    x_means.update({n: m for n, m in known.items() if m is not None})
     pairs = []
     for _prev_name, _prev, names, block_name, _lins, qs in todo:
         g = stats.group_of.get(names[0])
@@ -442,10 +290,19 @@ def awq_layer(
         if g is not None and stats.counts[g]:
             gram = (stats.sums[g] / stats.counts[g]).to(torch.float32)
         pairs.append((names, block_name, qs, gram))
-    results = search_pairs(layer, windows, pairs, config, options, x_means) if pairs else []
+    # the block searches' passes take the clip rows too (no pass of the layer of their own)
+    want = (rows, step) if rows and row_of is None else None
+    results, got_rows = search_pairs(layer, windows, pairs, config, options, x_means, ties,
+                                     want) if pairs else ([], None)  # fmt: skip
+    if want is not None:
+        row_of = got_rows
+        if row_of is None:  # no pair ran a forward pass: one pass for the rows
+            per_window = windows.map(layer, window_inputs, [], rows, step, where)
+            row_of = [{n: v[2] for n, v in got.items()} for got in per_window]
     scale_of: dict[str, torch.Tensor] = {}
     for (prev_name, prev, names, _block_name, lins, _qs), res in zip(todo, results, strict=True):
-        fold_scale(prev, lins, res.scale)
+        tie = ties.get(names[0])
+        fold_scale(prev, lins, res.scale, None if tie is None else tie.first(res.scale))
         for n in names:
             scale_of[n] = res.scale
         g = stats.group_of.get(names[0])
@@ -455,19 +312,36 @@ def awq_layer(
         if report is not None:
             report[f"{where}.{prev_name}"] = res
     for n, lin in clip.items():
-        x = torch.cat([got[n][2] for got in per_window if n in got])
-        if n in scale_of:  # the folded Linear's input is x / s
-            x = x / scale_of[n]
         q = qtype_for(f"{where}.{n}", lin)
+        group = group_size(q, lin.in_features)
+        x, grams = None, None
+        if n not in stats.group_of:  # never called in the forward pass: nothing to clip for
+            continue
+        if rows:
+            x = torch.cat([got[n] for got in row_of or [] if n in got])
+            if n in scale_of:  # the folded Linear's input is x / s
+                x = x / scale_of[n]
+        else:  # the Hessian sums are already those of x / s (rescaled above)
+            g = stats.group_of[n]
+            grams = hessian_grams(stats.sums[g], stats.counts[g], group)
         best, _ = search_clip(
             lin.weight.data,
             x,
             format_qdq(q, format_options(q, options)),
-            group_size(q, lin.in_features),
+            group,
             clip_grid=config.clip_grid,
             max_shrink=config.max_shrink,
+            grams=grams,
         )
         apply_clip(lin, best)
+
+
+def _head_tie(layer: nn.Module, v: nn.Linear, o: nn.Linear) -> HeadTie | None:
+    """The v -> o channel tie of grouped-query attention (None: not that shape)."""
+    hd = getattr(_get(layer, "self_attn"), "head_dim", None)
+    if not isinstance(hd, int) or hd <= 0 or v.out_features % hd or o.in_features % v.out_features:
+        return None
+    return HeadTie(v.out_features // hd, o.in_features // v.out_features, hd)
 
 
 def awq_model(
@@ -487,6 +361,7 @@ def awq_model(
     layers, the searches' windows and the GPTQ solves run (default `LocalRunner()`)."""
     plan: dict[str, str | None] = {}
     runner = runner or LocalRunner()
+    config = config.resolved()
 
     def process(i: int, where: str, layer: nn.Module, stats: InputStats) -> Callable[[], None]:
         # float_inputs: the layer's float parameters, put back while the runner computes its
