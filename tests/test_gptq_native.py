@@ -189,7 +189,7 @@ def test_compiled_packing_equals_pack_levels(rows, seed, qtype):
 
 def test_bad_pack_arguments_are_named_errors():
     data = np.zeros((2, 18), np.uint8)
-    levels = np.zeros((32, 2), np.int64)
+    levels = np.zeros((32, 2), np.uint8)
     byte = np.repeat(np.arange(2, 18), 8)[:128].astype(np.int64)
     shift = np.tile(np.arange(4), 32).astype(np.int64)
     perm = np.arange(32, dtype=np.int64)
@@ -209,7 +209,7 @@ def test_bad_buffers_are_named_errors():
     w = np.zeros((n, rows), np.float32)
     err = np.zeros_like(w)
     values = np.zeros_like(w)
-    levels = np.zeros((n, rows), np.int64)
+    levels = np.zeros((n, rows), np.uint8)
     hinv = np.eye(n, dtype=np.float32)
     scale = np.ones(n * rows, np.float32)
     with pytest.raises(fq.QuantizeError, match="rounding rule"):
@@ -319,3 +319,26 @@ def test_layout_changes_equal_torch_indexing(rows, cols, seed):
     if cols > 1:
         with pytest.raises(Exception, match="permutation"):
             _native.gptq_gather_t(w.numpy(), np.zeros(cols, dtype=np.int64))
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_permuted_hessian_equals_torch_conversion_and_indexing(n, seed):
+    # one Rust pass against torch's float32 conversion and index_select, bit for bit (values
+    # whose rounding to float32 is not exact, subnormal and beyond float32's range included)
+    assert hasattr(_native, "gptq_permute_f32")
+    g = torch.Generator().manual_seed(seed)
+    h = (
+        torch.randn(n, n, generator=g, dtype=torch.float64)
+        * 10.0 ** torch.randint(-45, 45, (n, n), generator=g).double()
+    )
+    order = torch.randperm(n, generator=g)
+    ref = h.to(torch.float32).index_select(0, order).index_select(1, order)
+    got = gptq_native.permuted_f32(h, order)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+    bad = np.zeros(n, np.int64) if n > 1 else np.ones(1, np.int64)  # a repeat / out of range
+    with pytest.raises(Exception, match="permutation"):
+        _native.gptq_permute_f32(h.numpy(), bad)
+    with pytest.raises(Exception, match="square"):
+        _native.gptq_permute_f32(np.zeros((n, n + 1)), order.numpy())

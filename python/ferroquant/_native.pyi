@@ -83,7 +83,7 @@ def gptq_columns(
     w: npt.NDArray[np.float32],
     hinv: npt.NDArray[np.float32],
     err: npt.NDArray[np.float32],
-    levels: npt.NDArray[np.int64],
+    levels: npt.NDArray[np.uint8],
     values: npt.NDArray[np.float32],
     start: int,
     end: int,
@@ -108,7 +108,8 @@ def gptq_columns(
     [n, rows]; `hinv`: [n, n]; parameters flat [end - start, rows(, grid_levels)], or with
     `map` ([end - start]) flat [k, rows(, grid_levels)] and column start + c reading parameter
     column map[c]). `from_original`: the LDL form (`err` holds the original weights on entry,
-    each column's error is w_orig - q, `hinv` is -V diag(V)^-1 with V V^T = H)."""
+    each column's error is w_orig - q, `hinv` is -V diag(V)^-1 with V V^T = H). `levels` are
+    bytes: a rule whose levels could reach 256 is refused."""
 
 def gptq_gather_t(
     src: npt.NDArray[np.float32], idx: npt.NDArray[np.int64], rows: bool = False
@@ -117,9 +118,15 @@ def gptq_gather_t(
     [c, r], `idx` a permutation of 0..c) or with `rows` its rows (out[a, b] = src[idx[b], a],
     [c, len(idx)]), in one cache-blocked pass (a copy: the same values)."""
 
+def gptq_permute_f32(
+    src: npt.NDArray[np.float64], idx: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float32]:
+    """`src` [n, n] with rows and columns gathered by `idx` (a permutation of 0..n), rounded to
+    float32 (out[a, b] = f32(src[idx[a], idx[b]])), in one pass."""
+
 def gptq_pack(
     data: npt.NDArray[np.uint8],
-    levels: npt.NDArray[np.int64],
+    levels: npt.NDArray[np.uint8],
     perm: npt.NDArray[np.int64],
     block: int,
     nbytes: int,

@@ -249,7 +249,7 @@ def _gptq(
     propagate: bool,
     options: dict[str, Any],
 ) -> tuple[QTensor, torch.Tensor]:
-    w = weight.detach().to(torch.float32).clone()
+    w = weight.detach().to(torch.float32)  # only read below, but for dead columns (a copy)
     rows, cols = w.shape
     if hessian.shape != (cols, cols):
         raise QuantizeError(f"{name}: Hessian of shape {tuple(hessian.shape)} for {cols} inputs")
@@ -260,8 +260,10 @@ def _gptq(
     # (permuted once, in the factorization's dtype: the values the float64 copy would round to)
     hdiag64 = torch.diagonal(hessian.detach()).to(torch.float64).clone()
     dead = hdiag64 == 0
-    hdiag64[dead] = 1.0
-    w[:, dead] = 0.0
+    if bool(dead.any()):
+        hdiag64[dead] = 1.0
+        w = w.clone()
+        w[:, dead] = 0.0
     fb = grid.block
     factors = cfg.scale_factors() if grid.searchable else ()
     hdiag = hdiag64.to(torch.float32)
@@ -288,11 +290,16 @@ def _gptq(
     # factorization starts from the reversed order J H J, so that is the order taken there
     flipped = chol_dtype == torch.float32
     order = perm.flip(0) if flipped else perm
-    h = hessian.detach().to(chol_dtype)
-    owned = h.dtype != hessian.dtype  # a converted copy: damped in place, else a copy is
+    h = hessian.detach()
     if not torch.equal(order, torch.arange(cols)):
-        h = h.index_select(0, order).index_select(1, order)
+        if native and chol_dtype == torch.float32:  # converted while permuted: one pass
+            h = gptq_native.permuted_f32(h, order)
+        else:
+            h = h.to(chol_dtype).index_select(0, order).index_select(1, order)
         owned = True
+    else:
+        h = h.to(chol_dtype)
+        owned = h.dtype != hessian.dtype  # a converted copy: damped in place, else a copy is
     # the float32 factor in the LDL form where this build's loop has it (no triangular
     # inverse), with static groups only: the two forms agree on each column's weights when it
     # is rounded, not on the later columns' partial updates, and parameters fixed as GPTQ
@@ -304,7 +311,9 @@ def _gptq(
     # rank-1 update an in-place update of contiguous rows, its codes one row of a buffer
     wt = gptq_native.solve_order(w, perm) if native else w.t()[perm].contiguous()
     # every row is written by the loop (every column is rounded): no zero fill
-    levels_t = torch.empty((cols, rows), dtype=torch.int64)
+    # every format's levels fit a byte (at most 256): a quarter of int64's memory traffic in
+    # the loop and in the packing
+    levels_t = torch.empty((cols, rows), dtype=torch.uint8)
     values_t = torch.empty((cols, rows), dtype=torch.float32)
     loop = gptq_native.column_loop if native else _column_loop
     blocks = loop(
@@ -329,8 +338,7 @@ def _gptq(
     done = [params] if static else blocks
     if native and gptq_native.packs():  # packed from the solve's order, in one pass
         return grid.qtensor_solved(done, levels_t.numpy(), perm.numpy()), values
-    # codes fit int16 (at most 256 levels): the transposing copies move a quarter of the bytes
-    levels = levels_t.to(torch.int16).index_select(0, inv_perm).t().contiguous()
+    levels = levels_t.index_select(0, inv_perm).t().contiguous()
     return grid.qtensor(done, levels.numpy()), values
 
 

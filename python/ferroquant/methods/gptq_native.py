@@ -65,6 +65,16 @@ def solve_order(w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_native.gptq_gather_t(src, perm.numpy()))
 
 
+def permuted_f32(h: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """H[order][:, order] in float32 (each value rounded once, as `.to(float32)` rounds it),
+    from H float64 [n, n]: one pass in Rust (`_native.gptq_permute_f32`) where present, else
+    torch's conversion and two `index_select`s (the same values)."""
+    if h.dtype != torch.float64 or not hasattr(_native, "gptq_permute_f32"):
+        return h.to(torch.float32).index_select(0, order).index_select(1, order)
+    src = h.detach().contiguous().numpy()
+    return torch.from_numpy(_native.gptq_permute_f32(src, order.numpy()))
+
+
 def natural_order(values_t: torch.Tensor, inv_perm: torch.Tensor) -> torch.Tensor:
     """The loop's values [cols, rows] (solve order) back to [rows, cols], natural order
     (`solve_order`'s inverse with `inv_perm`), contiguous."""

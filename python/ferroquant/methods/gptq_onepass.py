@@ -29,6 +29,7 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -175,7 +176,9 @@ def one_pass_layer(
                 if not bool(torch.isfinite(torch.diagonal(prod)).all()):
                     raise ValueError(f"non-finite activations at the input of {where}.{name}")
                 scale = 2.0 / max(int(x2.shape[0]), 1)
-                h = prod.to(torch.float64).mul_(scale)  # one pass less, the same values
+                # float64(prod) * scale in one pass (numpy casts as it multiplies): the values
+                # of prod.to(float64).mul_(scale), without the float64 copy between
+                h = torch.from_numpy(np.multiply(prod.numpy(), scale, dtype=np.float64))
                 d = None
                 if name in fp_inputs:
                     xq = x2.to(torch.float32)

@@ -38,6 +38,7 @@ from .. import _native
 from ..qtypes import gint_params, qtype_info
 from ..qtypes import qtypes as _all_qtypes
 from ..tensor import QTensor, QuantizeError, dequantize, quantize
+from .blocks import Blocks, GroupBlocks, group_params, select_blocks
 
 _NF4 = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -50,6 +51,9 @@ _FP4 = (np.array([0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2,
 _FP4_ORDER = np.array([11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3])
 _IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
                 dtype=np.float32)  # fmt: skip
+
+# a Blocks' per-weight torch fields, in the order the column loops read them
+_FIELDS = ("scale", "grid", "inv", "low", "zero", "rscale")
 
 # the formats whose own quantizer takes a block's scale from its absmax (min / max)
 _ABSMAX_FORMATS = ("q4_0", "q5_0", "q8_0", "q4_1", "q5_1", "nf4", "fp4", "int8")
@@ -219,41 +223,6 @@ def unpack_levels(lay: Layout, data: np.ndarray) -> np.ndarray:
     return lev ^ lay.xor
 
 
-@dataclass
-class Blocks:
-    """The parameters of some blocks: bytes [rows, n, nbytes] (codes inside are ignored), stats
-    [rows, n] (nf4/fp4 absmax, int8 scales; empty for ggml formats) and the grid they define."""
-
-    data: np.ndarray
-    stats: np.ndarray
-    scale: torch.Tensor  # [rows, n * block]: A (sym/table); unused for affine
-    grid: torch.Tensor | None  # affine: [rows, n * block, levels]
-    inv: torch.Tensor | None = None  # legacy rounding: ggml's unrounded 1/d per weight
-    low: torch.Tensor | None = None  # q4_1/q5_1: the block minimum per weight
-    zero: torch.Tensor | None = None  # grouped integers: the group's zero per weight
-    rscale: torch.Tensor | None = None  # grouped integers: the unrounded f32 scale per weight
-
-
-def _pick(mask: torch.Tensor, block: int, a: Any, b: Any) -> Any:
-    """`b` where `mask` [rows, n] (per block) is set, else `a`; for a Blocks field of any of
-    its shapes ([rows, n, ...] numpy, [rows, n * block, ...] torch, or None)."""
-    if a is None:
-        return None
-    if isinstance(a, np.ndarray):
-        if a.ndim < 2 or a.shape[1] != mask.shape[1]:  # no per-block stats (ggml formats)
-            return a
-        m = mask.numpy().reshape(mask.shape + (1,) * (a.ndim - 2))
-        return np.where(m, b, a)
-    m = torch.repeat_interleave(mask, block, dim=1)
-    return torch.where(m.reshape(m.shape + (1,) * (a.dim() - 2)), b, a)
-
-
-def select_blocks(mask: torch.Tensor, block: int, a: Blocks, b: Blocks) -> Blocks:
-    """Blocks taking `b`'s parameters where `mask` [rows, n] is set and `a`'s elsewhere."""
-    fields = ("data", "stats", "scale", "grid", "inv", "low", "zero", "rscale")
-    return Blocks(**{f: _pick(mask, block, getattr(a, f), getattr(b, f)) for f in fields})
-
-
 class FormatGrid:
     """The grid of `qtype` for a [rows, cols] weight: `params(values, first_block)` fixes blocks'
     parameters with the format's own quantizer, `quantize_column` chooses codes, `qtensor`
@@ -293,19 +262,16 @@ class FormatGrid:
         quantizer on those values."""
         v = values.detach().to(torch.float32).contiguous()
         n = v.shape[1] // self.block
+        lay = self.layout
+        if lay.kind == "zero":  # per group, without the codes (`blocks.group_params`)
+            x = v.reshape(self.rows, n, lay.block)
+            got = group_params(x, self._sym, self._maxq, self._center, lay.nbytes)
+            if got is None:  # a weight out of range: the format's quantizer names it
+                quantize(v.numpy(), self.qtype, **self.options)
+                raise QuantizeError(f"{self.qtype}: weights out of range")
+            return got
         qt = quantize(v.numpy(), self.qtype, **self.options)
         data = np.asarray(qt.data).reshape(self.rows, n, self.layout.nbytes)
-        lay = self.layout
-        if lay.kind == "zero":  # per row: n scales, then (asymmetric) n zeros -> [rows, n, 1|2]
-            st = np.asarray(qt.stats, np.float32).reshape(self.rows, -1, n)
-            stats = np.ascontiguousarray(st.transpose(0, 2, 1))
-            per = lambda a: torch.from_numpy(np.repeat(a, lay.block, axis=1))  # noqa: E731
-            zero = (
-                stats[..., 1] if stats.shape[-1] == 2 else np.full_like(stats[..., 0], self._center)
-            )
-            rscale = _gint_scale(v.reshape(self.rows, n, lay.block), self._sym, self._maxq)
-            return Blocks(data, stats, per(stats[..., 0]), None, zero=per(zero),
-                          rscale=torch.repeat_interleave(rscale, lay.block, dim=1))  # fmt: skip
         stats = np.asarray(qt.stats, np.float32).reshape(self.rows, n if qt.stats.size else 0)
 
         def values_at(level: int) -> torch.Tensor:
@@ -396,8 +362,12 @@ class FormatGrid:
         contiguous [rows] vector, [rows, levels] for the affine grids, each): what a compiled
         column loop reads through a column -> parameter column map (`param_block` apart)
         instead of one copy per column."""
+        if isinstance(p, GroupBlocks) and p.group == self.param_block:  # kept per group
+            g = p.groups
+            fields = {f: g[f].transpose(0, 1).contiguous() if f in g else None for f in _FIELDS}
+            return Columns(self, fields)
         fields = {}
-        for f in ("scale", "grid", "inv", "low", "zero", "rscale"):
+        for f in _FIELDS:
             t = getattr(p, f)
             if t is not None:
                 t = t[:, :: self.param_block].transpose(0, 1).contiguous()
@@ -495,7 +465,7 @@ class FormatGrid:
     def qtensor_solved(
         self, blocks: list[Blocks], levels_t: np.ndarray, perm: np.ndarray
     ) -> QTensor:
-        """`qtensor` of the levels as a column loop leaves them: `levels_t` [cols, rows] int64,
+        """`qtensor` of the levels as a column loop leaves them: `levels_t` [cols, rows] uint8,
         row p holding natural column perm[p]; packed by the Rust core (`_native.gptq_pack`,
         the same bytes as `pack_levels`: tests/test_gptq_native.py) without un-permuting or
         transposing them first."""
@@ -505,7 +475,7 @@ class FormatGrid:
         lay = self.layout
         byte = np.ascontiguousarray(lay.byte.reshape(-1), dtype=np.int64)
         shift = np.ascontiguousarray(lay.shift.reshape(-1), dtype=np.int64)
-        _native.gptq_pack(flat, np.ascontiguousarray(levels_t, dtype=np.int64),
+        _native.gptq_pack(flat, np.ascontiguousarray(levels_t, dtype=np.uint8),
                           np.ascontiguousarray(perm, dtype=np.int64), lay.block, lay.nbytes,
                           lay.bits, byte, shift, lay.xor)  # fmt: skip
         return self._qtensor(flat.reshape(data.shape), stats, self.cols)
@@ -529,24 +499,6 @@ def _bnb_bounds(code: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tenso
     c = code[order]
     bounds = ((c[:-1] + c[1:]) / np.float32(2.0)).astype(np.float32)
     return torch.from_numpy(bounds), torch.from_numpy(order.astype(np.int64))
-
-
-def _gint_scale(x: torch.Tensor, sym: bool, maxq: int) -> torch.Tensor:
-    """The unrounded f32 scale of each group of `x` [rows, n, group], as `formats/gint.rs`
-    computes it (GPTQ's `find_params`)."""
-    zero = torch.zeros((), dtype=torch.float32)
-    xmin = torch.minimum(x.amin(-1), zero)
-    xmax = torch.maximum(x.amax(-1), zero)
-    if sym:
-        xmax = torch.maximum(xmax, xmin.abs())
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-        empty = xmax == 0
-    else:
-        empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, xmin - 1, xmin)
-    xmax = torch.where(empty, xmax + 1, xmax)
-    scale = (xmax - xmin) / float(maxq)
-    return torch.where(scale == 0, torch.full_like(scale, np.finfo(np.float32).tiny), scale)
 
 
 def _ggml_legacy(qtype: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -57,7 +57,7 @@ fn rule(
 }
 
 /// GPTQ's columns `start..end` of one lazy batch, in place: `w`, `err`, `values` (float32) and
-/// `levels` (int64) are `[n, rows]` (the batch transposed), `hinv` `[n, n]`; the parameter
+/// `levels` (uint8) are `[n, rows]` (the batch transposed), `hinv` `[n, n]`; the parameter
 /// arrays are flat `[end - start, rows]` (`grid`: `[end - start, rows, levels]`), or with `map`
 /// (`[end - start]` int64) flat `[k, rows]` and column `start + c` reads parameter column
 /// `map[c]`. `from_original`: the LDL form (`core::gptq`): `err` holds the original weights
@@ -74,7 +74,7 @@ pub fn gptq_columns<'py>(
     mut w: PyReadwriteArray2<'py, f32>,
     hinv: PyReadonlyArray2<'py, f32>,
     mut err: PyReadwriteArray2<'py, f32>,
-    mut levels: PyReadwriteArray2<'py, i64>,
+    mut levels: PyReadwriteArray2<'py, u8>,
     mut values: PyReadwriteArray2<'py, f32>,
     start: usize,
     end: usize,
@@ -165,7 +165,7 @@ pub fn gptq_columns<'py>(
     .map_err(to_py)
 }
 
-/// GPTQ's codes `levels` (`[cols, rows]` int64, solve order: row `p` is natural column
+/// GPTQ's codes `levels` (`[cols, rows]` uint8, solve order: row `p` is natural column
 /// `perm[p]`) into the block bytes `data` (`[rows, cols / block * nbytes]` uint8, in place) by
 /// the format's bit map (`byte` / `shift`: `[block * bits]`, stored code `level ^ xor`).
 #[pyfunction]
@@ -173,7 +173,7 @@ pub fn gptq_columns<'py>(
 pub fn gptq_pack<'py>(
     py: Python<'py>,
     mut data: PyReadwriteArray2<'py, u8>,
-    levels: PyReadonlyArray2<'py, i64>,
+    levels: PyReadonlyArray2<'py, u8>,
     perm: PyReadonlyArray1<'py, i64>,
     block: usize,
     nbytes: usize,
@@ -255,6 +255,41 @@ pub fn gptq_gather_t<'py>(
     out.into_pyarray(py).reshape(shape)
 }
 
+/// `src` (`[n, n]` float64) with rows and columns gathered by `idx` (a permutation of
+/// `0..n`), rounded to float32: `out[a, b] = f32(src[idx[a], idx[b]])`, in one pass.
+#[pyfunction]
+pub fn gptq_permute_f32<'py>(
+    py: Python<'py>,
+    src: PyReadonlyArray2<'py, f64>,
+    idx: PyReadonlyArray1<'py, i64>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let n = src.shape()[0];
+    if src.shape()[1] != n {
+        return Err(QuantizeError::new_err(format!(
+            "gptq_permute_f32: a [{n}, {}] matrix is not square",
+            src.shape()[1]
+        )));
+    }
+    if !src.is_c_contiguous() {
+        return Err(not_contiguous("src"));
+    }
+    let idx: Vec<usize> = idx
+        .as_slice()
+        .map_err(|_| not_contiguous("idx"))?
+        .iter()
+        .map(|&v| usize::try_from(v))
+        .collect::<Result<_, _>>()
+        .map_err(|_| QuantizeError::new_err("gptq_permute_f32: a negative index"))?;
+    let src = src.as_slice().map_err(|_| not_contiguous("src"))?;
+    let out = py
+        .detach(|| {
+            let mut out = vec![0.0f32; n * n];
+            core::gptq::permute_to_f32(src, n, &idx, &mut out).map(|_| out)
+        })
+        .map_err(to_py)?;
+    out.into_pyarray(py).reshape([n, n])
+}
+
 /// x^T x (`[d, d]` float32) of `x` `[n, d]`: bf16 bits as uint16, row-major; `path` one of
 /// "amx", "avx512bf16", "scalar" (None: the fastest here).
 #[pyfunction]
@@ -307,6 +342,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gptq_columns, m)?)?;
     m.add_function(wrap_pyfunction!(gptq_pack, m)?)?;
     m.add_function(wrap_pyfunction!(gptq_gather_t, m)?)?;
+    m.add_function(wrap_pyfunction!(gptq_permute_f32, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16_fast, m)?)?;
     m.add_function(wrap_pyfunction!(gram_bf16_paths, m)?)?;

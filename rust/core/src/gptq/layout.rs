@@ -98,9 +98,61 @@ pub fn gather_transpose(
     Ok(())
 }
 
+/// `out[a, b] = src[idx[a], idx[b]]` rounded to f32 (to nearest, ties to even: torch's
+/// `.to(float32)`), for `src` `[n, n]` f64 row-major and `idx` a permutation of `0..n`: the
+/// solve's Hessian in the factorization's order and precision in one pass (a source row stays
+/// in L1 while its gathered row is written), where the conversion and two `index_select`s
+/// took three.
+pub fn permute_to_f32(src: &[f64], n: usize, idx: &[usize], out: &mut [f32]) -> Result<()> {
+    if src.len() != n * n || out.len() != n * n || idx.len() != n {
+        return Err(Error::InvalidArgument(format!(
+            "permute_to_f32: {} values, {} outputs and {} indices for [{n}, {n}]",
+            src.len(),
+            out.len(),
+            idx.len()
+        )));
+    }
+    let mut seen = vec![false; n];
+    for &i in idx {
+        if i >= n || std::mem::replace(&mut seen[i], true) {
+            return Err(Error::InvalidArgument(format!(
+                "permute_to_f32: the index is not a permutation of 0..{n}"
+            )));
+        }
+    }
+    for (row, &i) in out.chunks_exact_mut(n.max(1)).zip(idx) {
+        let s = &src[i * n..][..n];
+        for (o, &j) in row.iter_mut().zip(idx) {
+            *o = s[j] as f32;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn permutes_and_rounds_as_indexing_and_a_cast_do() {
+        let n = 37;
+        let src: Vec<f64> = (0..n * n)
+            .map(|i| (i as f64 * 0.37).sin() * 1e3 + 1e-9)
+            .collect();
+        let idx: Vec<usize> = (0..n).map(|a| (a * 10 + 3) % n).collect();
+        let mut out = vec![0.0f32; n * n];
+        permute_to_f32(&src, n, &idx, &mut out).unwrap();
+        for a in 0..n {
+            for b in 0..n {
+                assert_eq!(out[a * n + b], src[idx[a] * n + idx[b]] as f32);
+            }
+        }
+        let mut bad = idx.clone();
+        bad[1] = bad[0];
+        assert!(permute_to_f32(&src, n, &bad, &mut out).is_err());
+        assert!(permute_to_f32(&src[1..], n, &idx, &mut out).is_err());
+        permute_to_f32(&[], 0, &[], &mut []).unwrap();
+    }
 
     #[test]
     fn gathers_and_transposes_as_indexing_does() {

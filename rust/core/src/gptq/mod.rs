@@ -26,7 +26,7 @@ pub mod layout;
 pub mod pack;
 pub mod rounding;
 
-pub use layout::{gather_transpose, Gather};
+pub use layout::{gather_transpose, permute_to_f32, Gather};
 pub use pack::{pack_codes, BitPlan};
 pub use rounding::{ColumnParams, Rule};
 
@@ -42,7 +42,8 @@ pub struct Batch<'a> {
     /// each column's scaled error (for the update of the later batches); in the LDL form
     /// (`from_original`) the columns' original weights on entry, each replaced by `w_orig - q`
     pub err: &'a mut [f32],
-    pub levels: &'a mut [i64],
+    /// each weight's level (every format's fit a byte: `rounding::BYTE_LEVELS`)
+    pub levels: &'a mut [u8],
     pub values: &'a mut [f32],
     /// the LDL form (module comment): `e = err - q` (err: the original weights), no division
     pub from_original: bool,

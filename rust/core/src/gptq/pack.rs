@@ -27,12 +27,12 @@ pub struct BitPlan<'a> {
 /// Rows per tile: a tile's bytes stay in cache while the codes are scattered into them.
 const TILE: usize = 64;
 
-/// Writes `levels` (`[cols, rows]`, solve order) into `data` (`[rows, cols / block, nbytes]`,
+/// Writes `levels` (`[cols, rows]` bytes, solve order) into `data` (`[rows, cols / block, nbytes]`,
 /// the blocks' bytes with their parameters) by `plan`; `perm[p]` is the natural column of the
 /// solve's column `p` (a permutation of `0..cols`).
 pub fn pack_codes(
     data: &mut [u8],
-    levels: &[i64],
+    levels: &[u8],
     rows: usize,
     perm: &[usize],
     plan: &BitPlan,
@@ -111,7 +111,7 @@ pub fn pack_codes(
             if let Some((at, sh)) = field[e] {
                 let at = base + at;
                 for (r, &l) in (r0..r1).zip(codes) {
-                    let code = ((l as u8) ^ plan.xor) & mask;
+                    let code = (l ^ plan.xor) & mask;
                     data[r * row_bytes + at] |= code << sh;
                 }
                 continue;
@@ -119,7 +119,7 @@ pub fn pack_codes(
             let byte = &plan.byte[e * plan.bits..][..plan.bits];
             let shift = &plan.shift[e * plan.bits..][..plan.bits];
             for (r, &l) in (r0..r1).zip(codes) {
-                let code = (l as u8) ^ plan.xor;
+                let code = l ^ plan.xor;
                 let row = &mut data[r * row_bytes + base..][..plan.nbytes];
                 for (b, (&at, &sh)) in byte.iter().zip(shift).enumerate() {
                     row[at] |= ((code >> b) & 1) << sh;

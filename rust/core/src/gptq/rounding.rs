@@ -9,6 +9,10 @@
 
 use crate::error::{Error, Result};
 
+/// Levels a rule may produce: every format's codes fit a byte, and the loop stores them so
+/// (a quarter of the memory traffic of int64 codes, in the loop and in the packing after it).
+pub const BYTE_LEVELS: usize = 256;
+
 /// How a format turns a weight and its block's parameters into a level and a value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Rule {
@@ -78,7 +82,7 @@ impl Rule {
     }
 
     /// Checks that `p` holds `columns` columns of `rows` weights for every field read, and that
-    /// the rule's own tables are consistent.
+    /// the rule's own tables are consistent, its levels in `0..BYTE_LEVELS`.
     pub fn check(&self, p: &ColumnParams, columns: usize, rows: usize) -> Result<()> {
         if !p.map.is_empty() && p.map.len() != columns {
             return Err(Error::InvalidArgument(format!(
@@ -110,13 +114,20 @@ impl Rule {
                 table,
             } => {
                 order.len() != bounds.len() + 1
+                    || table.len() > BYTE_LEVELS
                     || order.iter().any(|&o| o < 0 || o as usize >= table.len())
             }
-            Rule::Table { table } => table.is_empty(),
-            Rule::Nearest => p.levels == 0,
+            Rule::Table { table } => table.is_empty() || table.len() > BYTE_LEVELS,
+            Rule::Nearest => p.levels == 0 || p.levels > BYTE_LEVELS,
             // its levels index the grid: 0..=top of them
-            Rule::LegacyAffine { top } => *top < 0 || *top as usize >= p.levels,
-            _ => false,
+            Rule::LegacyAffine { top } => {
+                *top < 0 || *top as usize >= p.levels || *top as usize >= BYTE_LEVELS
+            }
+            Rule::LegacySym { center, top, .. } | Rule::Sym { center, top } => {
+                *top < 0 || *top as usize >= BYTE_LEVELS || *center < 0 || center > top
+            }
+            Rule::Zero { maxq } => !(0.0..BYTE_LEVELS as f32).contains(maxq),
+            Rule::Q8 | Rule::Int8 => false,
         };
         if bad {
             return Err(Error::InvalidArgument(format!(
@@ -134,7 +145,7 @@ impl Rule {
         p: &ColumnParams<'a>,
         c: usize,
         w: &[f32],
-        lev: &mut [i64],
+        lev: &mut [u8],
         val: &mut [f32],
     ) {
         let rows = w.len();
@@ -153,7 +164,7 @@ impl Rule {
                 for r in 0..rows {
                     let t = w[r] * inv[r] + offset;
                     let l = t.trunc().clamp(0.0, top) as i64;
-                    lev[r] = l;
+                    lev[r] = l as u8;
                     val[r] = scale[r] * (l - center) as f32;
                 }
             }
@@ -163,7 +174,7 @@ impl Rule {
                 for r in 0..rows {
                     let t = (w[r] - low[r]) * inv[r] + 0.5;
                     let l = t.trunc().clamp(0.0, *top as f32) as i64;
-                    lev[r] = l;
+                    lev[r] = l as u8;
                     val[r] = grid[r * p.levels + l as usize];
                 }
             }
@@ -176,7 +187,7 @@ impl Rule {
                         q += sign(t);
                     }
                     let l = q.clamp(-128.0, 127.0) as i64 + 128;
-                    lev[r] = l;
+                    lev[r] = l as u8;
                     val[r] = scale[r] * (l - 128) as f32;
                 }
             }
@@ -185,7 +196,7 @@ impl Rule {
                 for r in 0..rows {
                     let z = zero[r];
                     let l = ((w[r] / rscale[r]).round_ties_even() + z).clamp(0.0, *maxq);
-                    lev[r] = l as i64;
+                    lev[r] = l as u8;
                     val[r] = scale[r] * (l - z);
                 }
             }
@@ -195,7 +206,7 @@ impl Rule {
                     let a = scale[r];
                     let d = if a == 0.0 { 1.0 } else { a };
                     let l = (w[r] / d).round_ties_even().clamp(-127.0, 127.0) as i64 + 128;
-                    lev[r] = l;
+                    lev[r] = l as u8;
                     val[r] = a * (l - 128) as f32;
                 }
             }
@@ -210,7 +221,7 @@ impl Rule {
                     let y = w[r] * (1.0 / a.max(1e-38));
                     let idx = bounds.iter().filter(|&&b| y > b).count();
                     let l = order[idx];
-                    lev[r] = l;
+                    lev[r] = l as u8;
                     val[r] = table[l as usize] * a;
                 }
             }
@@ -225,7 +236,7 @@ impl Rule {
                     } else {
                         (w[r] / a).round_ties_even().clamp(lo, hi) as i64 + center
                     };
-                    lev[r] = l;
+                    lev[r] = l as u8;
                     val[r] = a * (l - center) as f32;
                 }
             }
@@ -234,7 +245,7 @@ impl Rule {
                 for r in 0..rows {
                     let a = scale[r];
                     let l = first_nearest(table.iter().map(|&t| a * t), w[r]);
-                    lev[r] = l as i64;
+                    lev[r] = l as u8;
                     val[r] = table[l] * a;
                 }
             }
@@ -243,7 +254,7 @@ impl Rule {
                 for r in 0..rows {
                     let g = &grid[r * p.levels..][..p.levels];
                     let l = first_nearest(g.iter().copied(), w[r]);
-                    lev[r] = l as i64;
+                    lev[r] = l as u8;
                     val[r] = g[l];
                 }
             }

@@ -9,7 +9,7 @@ fn batch_solve(
     rows: usize,
     rule: &Rule,
     p: &ColumnParams,
-) -> (Vec<i64>, Vec<f32>, Vec<f32>) {
+) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
     let mut err = vec![0.0; w.len()];
     let mut levels = vec![0; w.len()];
     let mut values = vec![0.0; w.len()];
@@ -315,8 +315,8 @@ fn pack_writes_each_code_bit_and_keeps_the_rest() {
     };
     let perm = [2, 0, 3, 1];
     // natural codes row 0: 1 2 3 4, row 1: 15 0 5 10; levels[p] = column perm[p]
-    let nat = [[1i64, 2, 3, 4], [15, 0, 5, 10]];
-    let levels: Vec<i64> = perm.iter().flat_map(|&c| [nat[0][c], nat[1][c]]).collect();
+    let nat = [[1u8, 2, 3, 4], [15, 0, 5, 10]];
+    let levels: Vec<u8> = perm.iter().flat_map(|&c| [nat[0][c], nat[1][c]]).collect();
     let mut data = vec![0xAB, 0xFF, 0xFF, 0xCD, 0x00, 0x00];
     pack_codes(&mut data, &levels, 2, &perm, &plan).unwrap();
     assert_eq!(data, vec![0xAB, 0x31, 0x42, 0xCD, 0x5F, 0xA0]);
@@ -348,4 +348,65 @@ fn pack_split_and_contiguous_fields_in_one_block() {
     let mut data = vec![0x00, 0x00];
     pack_codes(&mut data, &[5, 6], 1, &[0, 1], &plan).unwrap();
     assert_eq!(data, vec![0x02 | 0x04, 0x00]);
+}
+
+#[test]
+fn rules_whose_levels_would_not_fit_a_byte_are_refused() {
+    // the loop stores levels as bytes: a rule that could produce 256 or more is an error, not
+    // a wrapped code
+    let scale = vec![1.0f32; 4];
+    let p = ColumnParams {
+        scale: &scale,
+        zero: &scale,
+        rscale: &scale,
+        ..Default::default()
+    };
+    for (rule, ok) in [
+        (
+            Rule::Sym {
+                center: 32,
+                top: 63,
+            },
+            true,
+        ),
+        (
+            Rule::Sym {
+                center: 128,
+                top: 255,
+            },
+            true,
+        ),
+        (
+            Rule::Sym {
+                center: 128,
+                top: 256,
+            },
+            false,
+        ),
+        (
+            Rule::Sym {
+                center: -1,
+                top: 15,
+            },
+            false,
+        ),
+        (Rule::Zero { maxq: 255.0 }, true),
+        (Rule::Zero { maxq: 256.0 }, false),
+        (Rule::Zero { maxq: f32::NAN }, false),
+        (
+            Rule::Table {
+                table: vec![0.0; 257],
+            },
+            false,
+        ),
+    ] {
+        assert_eq!(rule.check(&p, 2, 2).is_ok(), ok, "{rule:?}");
+    }
+    let grid = vec![0.0f32; 2 * 2 * 300];
+    let p = ColumnParams {
+        grid: &grid,
+        levels: 300,
+        ..Default::default()
+    };
+    assert!(Rule::Nearest.check(&p, 2, 2).is_err());
 }
