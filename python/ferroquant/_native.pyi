@@ -219,6 +219,7 @@ def openmp_regions() -> int: ...  # regions run on the attached team so far
 
 # From this many activation rows (K a multiple of 32) nf4, int8, fp8 and the grouped integers run
 # the bf16 GEMM and its numerics (rust/core/src/matmul/reference/bf16.rs); 0 without AVX-512 BF16.
+# 12, or 8 where AMX bf16 runs (the small-M tiles, rust/core/src/matmul/x86/amx_bf16_small.rs).
 def qmatmul_bf16_min_m() -> int: ...
 
 # From this many rows that bf16 GEMM runs on AMX tiles (Intel, where the process may use them;

@@ -17,7 +17,7 @@ use std::arch::x86_64::{
 use std::cell::RefCell;
 
 use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
-use super::x86::{self, amx_bf16, gemm16_fma};
+use super::x86::{self, amx_bf16, amx_bf16_small, gemm16_fma};
 use super::{OutPtr, Plan};
 use crate::qtype::QType;
 
@@ -54,6 +54,9 @@ impl Plan<'_> {
         let fma = gemm16_fma::use_fma();
         // AMX tiles (`x86::amx_bf16`) from `AMX_BF16_MIN_M` rows where the process may use them.
         let amx = amx_bf16::use_amx(self.m);
+        if amx_bf16_small::use_small(self.m) {
+            return self.run_bf16_small(x, out);
+        }
         let job = |t: usize| {
             let (ri, bi) = (t / blocks, t % blocks);
             let n0 = ri * PANEL;
@@ -302,6 +305,20 @@ impl Plan<'_> {
         if ahead < rb {
             gemm16::prefetch(&row[ahead..rb.min(ahead + bytes(KC))]);
         }
+        self.decode_chunk(n, k0, kc, w8, dst);
+    }
+
+    /// `decode_bf16` without the prefetch.
+    pub(super) fn decode_chunk(
+        &self,
+        n: usize,
+        k0: usize,
+        kc: usize,
+        w8: &mut Vec<u8>,
+        dst: &mut [u16],
+    ) {
+        let rb = self.row_bytes;
+        let row = &self.w.data[n * rb..(n + 1) * rb];
         if x86::decode16_ggml::takes(self.w.qtype) {
             // Whole blocks: K-quants' chunks are one block (KC = QK_K), the 32-weight formats'
             // kc / 32 blocks.
@@ -314,13 +331,26 @@ impl Plan<'_> {
         }
         let st = self.stats_of(n);
         let bl = self.block_len;
+        // The block of column c: a shift for the powers of two (a division per 32 columns was
+        // a visible share of the decode at M = 8 / 16).
+        let (pow2, sh) = (bl.is_power_of_two(), bl.trailing_zeros());
+        let blk = move |c: usize| if pow2 { c >> sh } else { c / bl };
         // One scale per 32 columns at least (blocks of 32 or more, powers of two, or whole
         // rows; groups of 32, 64, 128 or whole rows), so chunk j's scale is that of its first
         // column.
-        let at = |j: usize| st[(k0 + 32 * j) / bl];
+        let at = |j: usize| st[blk(k0 + 32 * j)];
         // Each arm: `cpu::has_avx512_bf16` (the plan's bf16 flag); `row` is the whole weight row,
         // `dst` has kc entries (kc a multiple of 32, checked by `plan`).
         match self.w.qtype {
+            // SAFETY: see above.
+            QType::NF4 if crate::cpu::has_vbmi_gfni() => unsafe {
+                use crate::matmul::reference::NF4_CODE;
+                let code = std::arch::x86_64::_mm512_loadu_ps(NF4_CODE.as_ptr());
+                let p = &row[k0 / 2..(k0 + kc) / 2];
+                // (k0 is a multiple of KC: with blocks of 64 or more, steps 2i and 2i + 1 share
+                // their scale)
+                x86::decode16_vbmi::decode_nibbles(p, true, bl >= 64, code, |j| (0.0, at(j)), dst)
+            },
             // SAFETY: see above.
             QType::NF4 => unsafe { gemm16::decode_nf4(&row[k0 / 2..(k0 + kc) / 2], at, dst) },
             // SAFETY: see above.
@@ -332,17 +362,34 @@ impl Plan<'_> {
             QType::GInt(g) if g.bits == 4 => {
                 let groups = self.k / bl;
                 let zs = |j: usize| {
-                    let gi = (k0 + 32 * j) / bl;
+                    let gi = blk(k0 + 32 * j);
                     let z = if g.sym { 8 } else { st[groups + gi] as i32 };
                     (z, st[gi])
                 };
-                // SAFETY: see above.
-                unsafe { gemm16::decode_gint4(&row[k0 / 2..(k0 + kc) / 2], zs, dst) }
+                let p = &row[k0 / 2..(k0 + kc) / 2];
+                if crate::cpu::has_vbmi_gfni() {
+                    use std::arch::x86_64::_mm512_setr_ps;
+                    let zf = |j: usize| {
+                        let (z, s) = zs(j);
+                        (z as f32, s)
+                    };
+                    // SAFETY: see above; VBMI checked. Groups of 64 or more (or whole rows):
+                    // steps 2i and 2i + 1 share their scale and zero.
+                    unsafe {
+                        let iota = _mm512_setr_ps(
+                            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+                        );
+                        x86::decode16_vbmi::decode_nibbles(p, false, bl >= 64, iota, zf, dst)
+                    }
+                } else {
+                    // SAFETY: see above.
+                    unsafe { gemm16::decode_gint4(p, zs, dst) }
+                }
             }
             QType::GInt(g) if g.bits == 8 => {
                 let groups = self.k / bl;
                 let zs = |j: usize| {
-                    let gi = (k0 + 32 * j) / bl;
+                    let gi = blk(k0 + 32 * j);
                     let z = if g.sym { 128 } else { st[groups + gi] as u8 };
                     (z, st[gi])
                 };
@@ -429,7 +476,7 @@ impl<'a> Ahead<'a> {
 /// into `out`, 16 x 16 at a time: transposed in registers (`transpose16`), then written a row
 /// of 16 columns (one 64-byte line) at a time; a last partial block of columns lane by lane.
 #[allow(clippy::too_many_arguments)]
-fn write_out(
+pub(super) fn write_out(
     acc: &[__m512],
     rows: usize,
     nv: usize,

@@ -97,6 +97,10 @@ pub fn supports(qtype: QType) -> bool {
 pub fn bf16_gemm_min_m() -> usize {
     #[cfg(target_arch = "x86_64")]
     if crate::cpu::has_avx512_bf16() && x86::gemm16::semantics_hold() {
+        // (from fewer rows where the small-M tiles run: `x86::amx_bf16_small`)
+        if x86::amx_bf16_small::use_small(x86::amx_bf16_small::MIN_M) {
+            return x86::amx_bf16_small::MIN_M.min(GEMM16_MIN_M);
+        }
         return GEMM16_MIN_M;
     }
     0
@@ -108,7 +112,7 @@ pub fn bf16_gemm_min_m() -> usize {
 pub fn bf16_amx_min_m() -> usize {
     #[cfg(target_arch = "x86_64")]
     if bf16_gemm_min_m() > 0 && x86::amx_bf16::use_amx(usize::MAX) {
-        return x86::amx_bf16::AMX_BF16_MIN_M;
+        return x86::amx_bf16_small::MIN_M.min(x86::amx_bf16::AMX_BF16_MIN_M);
     }
     0
 }
@@ -581,6 +585,8 @@ mod gemm_amx;
 mod gemm_avx2;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16;
+#[cfg(target_arch = "x86_64")]
+mod gemm_bf16_small;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
 #[cfg(target_arch = "aarch64")]

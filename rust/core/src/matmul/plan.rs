@@ -361,7 +361,7 @@ pub(super) fn plan<'a>(
     // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says; the ggml
     // formats where AMX bf16 runs, from `ggml_bf16_min_m` rows.
     #[cfg(target_arch = "x86_64")]
-    let bf16 = m >= GEMM16_MIN_M
+    let bf16 = (m >= GEMM16_MIN_M || x86::amx_bf16_small::use_small(m))
         && k.is_multiple_of(32)
         && match w.qtype {
             QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,

@@ -849,7 +849,8 @@ fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
         } else {
             bs
         };
-        // Below `GEMM16_MIN_M`: from there on the bf16 GEMM may run (`tests/bf16.rs`).
+        // Below `GEMM16_MIN_M` and the small-M tiles' 8 rows (`x86::amx_bf16_small::MIN_M`):
+        // from there on the bf16 GEMM may run (`tests/bf16.rs`).
         for m in [1usize, 2, 3, 5, 7] {
             let x = mixed_acts(&mut rng, m * k);
             let mut y = vec![0.0f32; m * n];

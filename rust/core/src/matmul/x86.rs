@@ -444,7 +444,9 @@ pub mod row32;
 
 pub mod amx32;
 pub mod amx_bf16;
+pub mod amx_bf16_small;
 pub mod decode16_ggml;
+pub mod decode16_vbmi;
 mod float_acts;
 pub mod gemm16;
 pub mod gemm16_fma;

@@ -53,8 +53,8 @@ fn amx_path(qtype: QType, m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         bf16_path(qtype, m)
-            && m >= crate::matmul::x86::amx_bf16::AMX_BF16_MIN_M
-            && crate::amx::amx_bf16_usable()
+            && crate::matmul::bf16_amx_min_m() > 0
+            && m >= crate::matmul::bf16_amx_min_m()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
