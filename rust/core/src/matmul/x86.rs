@@ -444,6 +444,7 @@ pub mod row32;
 
 pub mod amx32;
 pub mod amx_bf16;
+pub mod amx_k;
 pub mod decode16_ggml;
 mod float_acts;
 pub mod gemm16;
