@@ -58,14 +58,21 @@ impl Drop for Force {
     }
 }
 
-/// Whether the AMX path runs for `qtype` weights and `m` activation rows (`min_m`,
-/// `amx::amx_int8_usable`), where the K-quant GEMM runs.
-pub(super) fn takes(qtype: QType, m: usize) -> bool {
+/// The largest K the AMX path takes: a task decodes its panels' whole K (two i8 planes, 8 KiB
+/// per super-block of 16 rows), which at K = 14336 (4 panels, 1.8 MB) no longer stays in L2
+/// with the activations: `bench_matmul.py` 14336x4096, M = 64, one thread, CPU time,
+/// 2026-12-07 11:17-11:21 UTC, load 12: 29-36 ms against the VNNI GEMM's 17-21 (4096x14336:
+/// q6_k 15.8-19.8 against 21.0, q2_k 16.5-16.6 against 20.4-20.6).
+pub(super) const AMX_K_MAX_K: usize = 4096;
+
+/// Whether the AMX path runs for `qtype` weights, `m` activation rows and K = `k` (`min_m`,
+/// `AMX_K_MAX_K`, `amx::amx_int8_usable`), where the K-quant GEMM runs.
+pub(super) fn takes(qtype: QType, m: usize, k: usize) -> bool {
     #[cfg(test)]
     if let Some(on) = FORCE.with(|c| c.get()) {
         return on && super::gemm_k::takes(qtype) && crate::amx::amx_int8_usable();
     }
-    min_m(qtype).is_some_and(|t| m >= t) && crate::amx::amx_int8_usable()
+    min_m(qtype).is_some_and(|t| m >= t) && k <= AMX_K_MAX_K && crate::amx::amx_int8_usable()
 }
 
 /// The q8_K activations packed for the A tiles, or None for other activations.

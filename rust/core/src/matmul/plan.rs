@@ -610,7 +610,7 @@ pub(super) fn plan<'a>(
         .flatten();
     // The K-quants' GEMM on AMX int8 tiles, the q8_K activations packed once for every task.
     #[cfg(target_arch = "x86_64")]
-    let amx_k = (gemm_k && super::gemm_amx_k::takes(w.qtype, m))
+    let amx_k = (gemm_k && super::gemm_amx_k::takes(w.qtype, m, k))
         .then(|| super::gemm_amx_k::pack(&acts, m, k))
         .flatten();
     // Asymmetric integer zeros: at M = 1 the fused kernel checks each row's zeros as it reads

@@ -5,7 +5,7 @@
 //! the tiles at every M (`Force`) where AMX int8 is usable; elsewhere the same cases run on the
 //! VNNI or scalar paths and must give the same bits.
 
-use super::super::gemm_amx_k::{min_m, takes, Force};
+use super::super::gemm_amx_k::{min_m, takes, Force, AMX_K_MAX_K};
 use super::super::reference::{self as r, BlockQ8K};
 use super::gemm_k::{reference, CASES};
 use super::{blocks, view, Rng};
@@ -81,8 +81,14 @@ fn amx_k_gemm_runs_from_min_m() {
     let _int8 = crate::matmul::GgmlInt8::new();
     for (qtype, _) in CASES {
         let t = min_m(qtype).expect("every K-quant has a threshold");
-        assert_eq!(takes(qtype, t), crate::amx::amx_int8_usable(), "{qtype:?}");
-        assert!(!takes(qtype, t - 1), "{qtype:?}");
+        let k = AMX_K_MAX_K;
+        assert_eq!(
+            takes(qtype, t, k),
+            crate::amx::amx_int8_usable(),
+            "{qtype:?}"
+        );
+        assert!(!takes(qtype, t - 1, k), "{qtype:?}");
+        assert!(!takes(qtype, 512, k + 256), "{qtype:?}");
     }
 }
 
