@@ -39,6 +39,10 @@ impl Plan<'_> {
     /// Weight rows `n0..n0 + rows` with every activation row into `out`, when the weights are
     /// a K-quant of this path (false otherwise: nothing done).
     pub(super) fn fill_gemm_k(&self, n0: usize, rows: usize, out: &OutPtr) -> bool {
+        // On AMX int8 tiles where they run (`gemm_amx_k.rs`).
+        if self.fill_amx_k(n0, rows, out) {
+            return true;
+        }
         match self.w.qtype {
             QType::Q4K => self.gemm_k_rows::<BlockQ4K>(n0, rows, out),
             QType::Q6K => self.gemm_k_rows::<BlockQ6K>(n0, rows, out),

@@ -235,6 +235,9 @@ struct Plan<'a> {
     /// with these activations.
     #[cfg(target_arch = "x86_64")]
     amx: Option<x86::amx32::AmxX>,
+    /// The K-quants' GEMM runs on AMX int8 tiles (`gemm_amx_k.rs`), with these activations.
+    #[cfg(target_arch = "x86_64")]
+    amx_k: Option<x86::amx_k::AmxXK>,
     /// The GEMM path without AVX-512 (`gemm_avx2.rs`) runs, with this integer product.
     #[cfg(target_arch = "x86_64")]
     gemm2: Option<gemm_avx2::Int8Dot>,
@@ -581,6 +584,8 @@ pub(crate) mod float_zero;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_amx;
+#[cfg(target_arch = "x86_64")]
+mod gemm_amx_k;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx2;
 #[cfg(target_arch = "x86_64")]

@@ -387,6 +387,8 @@ pub(super) fn plan<'a>(
             gemm: false,
             #[cfg(target_arch = "x86_64")]
             amx: None,
+            #[cfg(target_arch = "x86_64")]
+            amx_k: None,
             gemm2: None,
             row32: false,
             row_bytes: w.qtype.row_bytes(k, w.block_size),
@@ -613,6 +615,11 @@ pub(super) fn plan<'a>(
     let amx = (gemm && !gemm_k && super::gemm_amx::takes(w.qtype, m))
         .then(|| super::gemm_amx::pack(&acts, m, k))
         .flatten();
+    // The K-quants' GEMM on AMX int8 tiles, the q8_K activations packed once for every task.
+    #[cfg(target_arch = "x86_64")]
+    let amx_k = (gemm_k && super::gemm_amx_k::takes(w.qtype, m, k))
+        .then(|| super::gemm_amx_k::pack(&acts, m, k))
+        .flatten();
     // Asymmetric integer zeros: at M = 1 the fused kernel checks each row's zeros as it reads
     // them (`Plan::zeros_deferred`; a pass over every zero before the call was a quarter of
     // int4_g64's M = 1 time from memory); every other path checks them all here.
@@ -641,6 +648,8 @@ pub(super) fn plan<'a>(
         gemm,
         #[cfg(target_arch = "x86_64")]
         amx,
+        #[cfg(target_arch = "x86_64")]
+        amx_k,
         #[cfg(target_arch = "x86_64")]
         gemm2,
         #[cfg(target_arch = "aarch64")]

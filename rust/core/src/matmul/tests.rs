@@ -17,6 +17,8 @@ use crate::formats::tensor::ScaleMode;
 use bytemuck::Zeroable;
 
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod amx_k;
 mod bf16;
 mod bf16_io;
 pub(crate) mod formats;

@@ -445,6 +445,7 @@ pub mod row32;
 pub mod amx32;
 pub mod amx_bf16;
 pub mod amx_bf16_small;
+pub mod amx_k;
 pub mod decode16_ggml;
 pub mod decode16_vbmi;
 mod float_acts;

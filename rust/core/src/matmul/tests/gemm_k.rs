@@ -13,7 +13,7 @@ use crate::qtype::QType;
 use bytemuck::Zeroable;
 
 /// Every K-quant of the path and the offsets of its f16 fields.
-const CASES: [(QType, &[usize]); 6] = [
+pub(super) const CASES: [(QType, &[usize]); 6] = [
     (QType::Q4K, &[0, 2]),
     (QType::Q5K, &[0, 2]),
     (QType::Q6K, &[208]),
@@ -22,7 +22,7 @@ const CASES: [(QType, &[usize]); 6] = [
     (QType::IQ4XS, &[0]),
 ];
 
-fn reference(qtype: QType, w: &[u8], x: &[BlockQ8K]) -> f32 {
+pub(super) fn reference(qtype: QType, w: &[u8], x: &[BlockQ8K]) -> f32 {
     match qtype {
         QType::Q4K => r::dot_block_k::<BlockQ4K>(bytemuck::cast_slice(w), x),
         QType::Q5K => r::dot_block_k::<BlockQ5K>(bytemuck::cast_slice(w), x),
@@ -37,6 +37,9 @@ fn reference(qtype: QType, w: &[u8], x: &[BlockQ8K]) -> f32 {
 fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
     // (the int8 paths: on AMX the ggml formats take the bf16 tiles from `ggml_bf16_min_m`)
     let _int8 = crate::matmul::GgmlInt8::new();
+    // (the VNNI kernel: the AMX tiles have `tests/amx_k.rs`)
+    #[cfg(target_arch = "x86_64")]
+    let _vnni = crate::matmul::gemm_amx_k::Force::new(false);
     const { assert!(GEMM_K_MIN_M <= 5 && GEMM_K_MAX_BLOCK < 67) };
     let mut rng = Rng(0x6e33_6b00_6e33_6b00);
     for (qtype, halves) in CASES {
@@ -94,6 +97,8 @@ fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
 /// the group sums must give the reference's bits there too.
 #[test]
 fn k_quant_gemm_equals_reference_at_extreme_sums() {
+    #[cfg(target_arch = "x86_64")]
+    let _vnni = crate::matmul::gemm_amx_k::Force::new(false);
     let one = f16_from_f32(1.0);
     let (n, nb, m) = (33, 2, 5);
     for (qtype, halves) in CASES {

@@ -41,7 +41,7 @@ pub const KC: usize = 2;
 /// One 512-bit line on a 64-byte boundary.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-pub struct Zmm([u8; 64]);
+pub struct Zmm(pub [u8; 64]);
 
 const ZMM0: Zmm = Zmm([0; 64]);
 
@@ -52,11 +52,11 @@ const ZMM0: Zmm = Zmm([0; 64]);
 /// with `MIN`), `d` / `dmin` the f32 super-block scale and min.
 #[derive(Clone, Copy)]
 pub struct SbBuf {
-    q: [Zmm; 64],
-    sc: [Zmm; 16],
-    c: [Zmm; 8],
-    d: Zmm,
-    dmin: Zmm,
+    pub q: [Zmm; 64],
+    pub sc: [Zmm; 16],
+    pub c: [Zmm; 8],
+    pub d: Zmm,
+    pub dmin: Zmm,
 }
 
 impl Default for SbBuf {
