@@ -92,6 +92,16 @@ pub fn has_vnni_q16() -> bool {
     once!(has_vnni_bw() && has_fma())
 }
 
+/// The CPU's vendor string is "GenuineIntel" (memory-side tuning that differs between
+/// Intel and AMD parts, e.g. `matmul`'s M = 1 row lengths, keys on it).
+#[cfg(target_arch = "x86_64")]
+pub fn is_intel() -> bool {
+    once!({
+        let r = std::arch::x86_64::__cpuid(0);
+        (r.ebx, r.edx, r.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
+    })
+}
+
 /// `has_vnni` and AVX-512 BW and VBMI and GFNI.
 #[cfg(target_arch = "x86_64")]
 pub fn has_vbmi_gfni() -> bool {

@@ -332,8 +332,24 @@ const ROWS: usize = 4;
 /// at M = 8 and 64 (14336x4096, 2 threads, 2026-11-27 14:39 UTC, two alternating runs) the row
 /// kernels with up to 4 activation rows were faster (nf4 6.3-6.4 ms against 6.8-7.2 at M = 8,
 /// 51 against 53-58 at M = 64; int8 6.9-7.3 against 7.4-7.7, 56 against 59).
+/// That was the AMD Zen 5; on the Intel Xeon (Emerald Rapids) whole rows are faster up to
+/// `Q16_LONG_K_INTEL` (the 16-bit activations of a row of 16384 are 32 KiB, inside its 48 KiB
+/// L1 with the row's weights): K = 14336 from memory, one thread, CPU time, load 17-19,
+/// 2026-12-07 10:20 UTC, alternating runs: nf4 2.36-2.39 -> 2.10-2.21 ms, int8 3.79-3.81 ->
+/// 3.46-3.50 ms (pieces of 8192: nf4 2.24-2.56).
 #[cfg(target_arch = "x86_64")]
 const Q16_LONG_K: usize = 4096;
+#[cfg(target_arch = "x86_64")]
+const Q16_LONG_K_INTEL: usize = 16384;
+/// Rows longer than this take `Plan::q16_pieces`' pieces (`Q16_LONG_K`).
+#[cfg(target_arch = "x86_64")]
+fn q16_long_k() -> usize {
+    if crate::cpu::is_intel() {
+        Q16_LONG_K_INTEL
+    } else {
+        Q16_LONG_K
+    }
+}
 #[cfg(target_arch = "x86_64")]
 const Q16_PANEL: usize = 4;
 #[cfg(target_arch = "x86_64")]
@@ -450,6 +466,10 @@ impl Plan<'_> {
             if m == 1 && i < rows {
                 i += self.rows_k(n0 + i, &mut yt[i..rows]);
             }
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && i < rows {
+                i += self.rows_bytes(n0 + i, &mut yt[i..rows]);
+            }
             while i < rows {
                 self.dots(
                     n0 + i,
@@ -501,10 +521,13 @@ impl Plan<'_> {
         let wrow = |p: usize| &self.w.data[(n + p) * self.row_bytes..(n + p + 1) * self.row_bytes];
         use reference::q16::{UNIT_INT8, UNIT_NF4};
         let unit = if nf4 { UNIT_NF4 } else { UNIT_INT8 };
-        let (units, piece) = (self.k.div_ceil(unit), Q16_PIECE / unit);
+        let long = self.k > q16_long_k();
+        // Rows up to `q16_long_k` in one piece.
+        let units = self.k.div_ceil(unit);
+        let piece = if long { Q16_PIECE / unit } else { units };
         let mut lanes = [x86::q16::Lanes::<R>::new(); Q16_PANEL];
         // Rows of one piece read the panel's rows one after the other (whole rows' distance).
-        let ahead = if self.k > Q16_LONG_K {
+        let ahead = if long {
             x86::q16::PREFETCH_PANELS
         } else {
             x86::q16::PREFETCH_ROWS
@@ -556,6 +579,8 @@ mod gemm_bf16;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
 mod plan;
+#[cfg(target_arch = "x86_64")]
+mod rows_bytes;
 #[cfg(target_arch = "x86_64")]
 mod rows_k;
 use plan::plan;

@@ -780,7 +780,10 @@ pub(crate) fn mixed_acts(rng: &mut Rng, n: usize) -> Vec<f32> {
 fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
     use crate::matmul::reference::q16::{self, q16_row_len, quantize_row_q16, NF4_ONE, Q16};
     let mut rng = Rng(0x9a11_e1d0_0000_0001);
-    let cases: [(QType, Option<ScaleMode>, usize, usize); 17] = [
+    let cases: [(QType, Option<ScaleMode>, usize, usize); 19] = [
+        // past `Q16_LONG_K_INTEL`: pieces over panels on every CPU
+        (QType::NF4, None, 64, 16512),
+        (QType::Int8, Some(ScaleMode::Block), 32, 16416),
         (QType::NF4, None, 64, 8256),
         (QType::Int8, Some(ScaleMode::Row), 64, 8257),
         (QType::Int8, Some(ScaleMode::Block), 32, 8224),
@@ -795,7 +798,7 @@ fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
         (QType::Fp8E4M3, Some(ScaleMode::Block), 64, 1280),
         (QType::Fp8E5M2, Some(ScaleMode::Row), 64, 1100),
         (QType::Fp8E5M2, Some(ScaleMode::Block), 32, 1056),
-        // long rows (whole-row lanes and the prefetch over more than L1 of activations)
+        // long rows (M = 1: pieces of 4096 over panels of 4, `rows_bytes.rs`, and a tail)
         (QType::Fp8E4M3, Some(ScaleMode::Row), 64, 9000),
         (QType::Fp8E4M3, Some(ScaleMode::Block), 32, 4160),
         (QType::Fp8E5M2, Some(ScaleMode::Block), 64, 8256),

@@ -11,7 +11,10 @@ use super::lanes_of;
 use crate::matmul::reference::{self as r, WIDE};
 
 mod avx512;
-pub use avx512::{align_x, dot_bytes_avx512, e4m3_x_fits, scale_e4m3_x, Decode16};
+pub use avx512::{
+    align_x, dot_bytes_avx512, dot_bytes_piece, e4m3_x_fits, scale_e4m3_x, Decode16,
+    Lanes as ByteLanes, BYTES_PREFETCH_L2,
+};
 
 /// The reference's fold of 64 lanes held as eight registers (register k = lanes 8k..8k+8):
 /// `(a[l] + a[l+16]) + (a[l+32] + a[l+48])` is `(r0 + r2) + (r4 + r6)` for l < 8 and

@@ -40,25 +40,34 @@ pub fn align_x(x: &[f32]) -> AlignedX {
 /// thread, CPU time, load 24, 2026-12-07 03:29 UTC, two alternating sweeps: 14336x4096
 /// 9.4 / 8.8 -> 11.0 / 10.6 GB/s, 4096x14336 11.8 / 11.4 -> 12.1 / 12.1 (32 and 64 KiB:
 /// 10.6-10.7 at 14336x4096).
-const BYTES_PREFETCH_L2: usize = 16384;
+pub const BYTES_PREFETCH_L2: usize = 16384;
 
 /// The lanes of R dot products in progress: `acc`, and `part`, the current block's sums.
 #[derive(Clone, Copy)]
-struct Lanes<const R: usize> {
+pub struct Lanes<const R: usize> {
     acc: [[__m512; 4]; R],
     part: [[__m512; 4]; R],
 }
 
 impl<const R: usize> Lanes<R> {
-    fn new() -> Self {
+    pub fn new() -> Self {
         // SAFETY: an all-zero __m512 is sixteen +0.0.
         unsafe { std::mem::zeroed() }
     }
 
     /// The folded sums.
+    ///
+    /// # Safety
+    /// AVX-512 F (`cpu::has_avx512`).
     #[target_feature(enable = "avx2,avx512f")]
-    fn finish(&self) -> [f32; R] {
+    pub fn finish(&self) -> [f32; R] {
         self.acc.map(|a| hsum64_512(&a))
+    }
+}
+
+impl<const R: usize> Default for Lanes<R> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -109,7 +118,7 @@ impl Decode16 for Fp8E4M3 {
     /// float16 `sign | (b & 0x7f) << 7`, which is the e4m3 value times 2^-8 for every finite
     /// code, subnormals included (both formats have 3 / 10 mantissa bits and the biases differ
     /// by 8). The NaN codes (magnitude 0x7f) come out as 480 / 256: rows holding one are
-    /// found before (`has_e4m3_nan`).
+    /// found as the row is read (`bytes_range`).
     #[inline(always)]
     unsafe fn decode16(v: __m128i) -> __m512 {
         let h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(v), 7);
@@ -135,22 +144,6 @@ pub fn e4m3_x_fits(x: &[f32]) -> bool {
 /// The activations as `dot_bytes_avx512::<Fp8E4M3, _>` reads them (`E4M3_X_SCALE`), aligned.
 pub fn scale_e4m3_x(x: &[f32]) -> AlignedX {
     AlignedX::from_fn(x.len(), |i| x[i] * E4M3_X_SCALE)
-}
-
-/// True when the row holds an e4m3 NaN code (0x7f, 0xff): `2b mod 256` is 0xfe exactly for
-/// those, and no byte's double is larger.
-#[target_feature(enable = "avx2,avx512f,avx512bw")]
-unsafe fn has_e4m3_nan(q: &[u8]) -> bool {
-    let mut m = _mm512_setzero_si512();
-    let chunks = q.chunks_exact(64);
-    let rest = chunks.remainder();
-    for c in chunks {
-        // SAFETY: 64 bytes.
-        let v = unsafe { _mm512_loadu_si512(c.as_ptr() as *const _) };
-        m = _mm512_max_epu8(m, _mm512_add_epi8(v, v));
-    }
-    _mm512_cmpeq_epi8_mask(m, _mm512_set1_epi8(0xfeu8 as i8)) != 0
-        || rest.iter().any(|&b| b & 0x7f == 0x7f)
 }
 
 /// 16 weights at `w` into register I of every row (`part[r][I] = fma(w, x, part[r][I])`);
@@ -222,30 +215,60 @@ pub unsafe fn dot_bytes_avx512<D: Decode16, const R: usize>(
     block_len: usize,
     x: [&[f32]; R],
 ) -> [f32; R] {
-    if row_has_nan_code::<D>(q) {
-        return [f32::NAN; R];
-    }
     let mut l = Lanes::new();
     // SAFETY: the caller's contract is bytes_range's over the whole row.
-    unsafe {
-        bytes_range::<D, R>(q, scales, block_len, x, 0, q.len(), &mut l);
-        l.finish()
+    let nan = unsafe {
+        bytes_range::<D, R>(
+            q,
+            scales,
+            block_len,
+            x,
+            0,
+            q.len(),
+            BYTES_PREFETCH_L2,
+            &mut l,
+        )
+    };
+    if nan {
+        return [f32::NAN; R];
     }
+    l.finish()
 }
 
-/// True when `D` is e4m3 and the row holds one of its NaN codes (`dot_bytes_avx512` and
-/// `bytes_range` compute those rows' lanes as if the code were 480: the row's result is NaN).
-pub fn row_has_nan_code<D: Decode16>(q: &[u8]) -> bool {
-    // SAFETY: has_e4m3_nan needs AVX-512 BW, which every caller has checked (`cpu::has_avx512`).
-    D::E4M3 && unsafe { has_e4m3_nan(q) }
-}
-
-/// Positions `i0..i1` of `dot_bytes_avx512` into `l` (i0 a multiple of 64; i1 too, or K),
-/// without the NaN-code check.
+/// Positions `i0..i1` of one weight row (`q`, its `scales`) with one activation row into
+/// `l`, as `dot_bytes_avx512` computes them (i0 a multiple of 64; i1 too, or K): the M = 1
+/// path runs a row in pieces of K over a panel of rows (`Plan::bytes_pieces`), with the same
+/// operations per lane in the same order as one pass. `pf`: how far ahead (bytes) the weights
+/// are prefetched into L2. Returns true when e4m3 codes in the range hold a NaN code (the
+/// row's result is then NaN).
 ///
 /// # Safety
 /// As for `dot_bytes_avx512`.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn dot_bytes_piece<D: Decode16>(
+    q: &[u8],
+    scales: &[f32],
+    block_len: usize,
+    x: &[f32],
+    i0: usize,
+    i1: usize,
+    pf: usize,
+    l: &mut Lanes<1>,
+) -> bool {
+    // SAFETY: the caller's contract.
+    unsafe { bytes_range::<D, 1>(q, scales, block_len, [x], i0, i1, pf, l) }
+}
+
+/// Positions `i0..i1` of `dot_bytes_avx512` into `l` (i0 a multiple of 64; i1 too, or K),
+/// weights prefetched `pf` bytes ahead; for e4m3 true when the range holds a NaN code: each
+/// 64 bytes' `max(m, 2b mod 256)` as they pass (0xfe exactly for the codes 0x7f / 0xff, and no
+/// byte's double is larger), which a separate pass over the row cost a tenth more time.
+///
+/// # Safety
+/// As for `dot_bytes_avx512`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn bytes_range<D: Decode16, const R: usize>(
     q: &[u8],
     scales: &[f32],
@@ -253,9 +276,11 @@ unsafe fn bytes_range<D: Decode16, const R: usize>(
     x: [&[f32]; R],
     i0: usize,
     i1: usize,
+    pf: usize,
     l: &mut Lanes<R>,
-) {
+) -> bool {
     let k = q.len();
+    let mut nanm = _mm512_setzero_si512();
     assert!(k >= WIDE && x.iter().all(|x| x.len() == k));
     assert!(scales.len() == k.div_ceil(block_len) && (block_len == k || block_len >= 32));
     assert!(i0.is_multiple_of(WIDE) && i0 <= i1 && (i1.is_multiple_of(WIDE) || i1 == k) && i1 <= k);
@@ -284,6 +309,16 @@ unsafe fn bytes_range<D: Decode16, const R: usize>(
             // Two blocks of 32 fill the four registers: parts of each, then their scales.
             for b in (2 * (i0 / WIDE)..i1.div_ceil(32)).step_by(2) {
                 let i = 32 * b;
+                if D::E4M3 {
+                    // 64 bytes, or the row's last 32
+                    let m = if b + 1 < scales.len() {
+                        u64::MAX
+                    } else {
+                        u32::MAX as u64
+                    };
+                    let v = _mm512_maskz_loadu_epi8(m, w.add(i) as *const i8);
+                    nanm = _mm512_max_epu8(nanm, _mm512_add_epi8(v, v));
+                }
                 *part = zero;
                 bytes_32::<D, R, 0>(w.add(i), at(i), part);
                 fma_acc(acc, part, scales[b], [0, 2]);
@@ -306,7 +341,11 @@ unsafe fn bytes_range<D: Decode16, const R: usize>(
                 }
                 // A hint into L2 (see `BYTES_PREFETCH_L2`): an address past the row is never
                 // dereferenced.
-                _mm_prefetch::<_MM_HINT_T1>((w as *const i8).wrapping_add(i + BYTES_PREFETCH_L2));
+                _mm_prefetch::<_MM_HINT_T1>((w as *const i8).wrapping_add(i + pf));
+                if D::E4M3 {
+                    let v = _mm512_loadu_si512(w.add(i) as *const _);
+                    nanm = _mm512_max_epu8(nanm, _mm512_add_epi8(v, v));
+                }
                 bytes_32::<D, R, 0>(w.add(i), at(i), part);
                 bytes_32::<D, R, 2>(w.add(i + 32), at(i + 32), part);
                 if i + WIDE == end {
@@ -318,6 +357,10 @@ unsafe fn bytes_range<D: Decode16, const R: usize>(
             }
             let rest = i1 - whole;
             if rest > 0 {
+                if D::E4M3 {
+                    let v = _mm512_maskz_loadu_epi8((1u64 << rest) - 1, w.add(whole) as *const i8);
+                    nanm = _mm512_max_epu8(nanm, _mm512_add_epi8(v, v));
+                }
                 // The row's tail (a whole-row block, K > 64: its part is running).
                 let n = |j: usize| rest.saturating_sub(16 * j).min(16);
                 bytes_16::<D, R, 0>(w.add(whole), at(whole), n(0), part);
@@ -335,4 +378,5 @@ unsafe fn bytes_range<D: Decode16, const R: usize>(
         }
     }
     l.part = part_regs;
+    D::E4M3 && _mm512_cmpeq_epi8_mask(nanm, _mm512_set1_epi8(0xfeu8 as i8)) != 0
 }

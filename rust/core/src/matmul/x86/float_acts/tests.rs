@@ -42,7 +42,7 @@ fn rows_1_to_4(
 
 /// (K, block length) pairs: whole rows with tails of 1..63 (and none), blocks of 32 with odd
 /// and even counts, larger blocks, long rows.
-const BYTE_SHAPES: [(usize, usize); 14] = [
+const BYTE_SHAPES: [(usize, usize); 16] = [
     (64, 64),
     (65, 65),
     (77, 77),
@@ -57,6 +57,8 @@ const BYTE_SHAPES: [(usize, usize); 14] = [
     (1024, 256),
     (14336, 14336),
     (40, 40),
+    (8256, 64),
+    (4192, 32),
 ];
 
 fn bytes_case<D: Decode16>(e4m3: bool, e5m2: bool, with_nan: bool, seed: u64) {
@@ -68,58 +70,111 @@ fn bytes_case<D: Decode16>(e4m3: bool, e5m2: bool, with_nan: bool, seed: u64) {
     let is_fp8 = e4m3 || e5m2;
     for (k, bl) in BYTE_SHAPES {
         let mut q = rng.bytes(k);
-        if is_fp8 && !with_nan {
+        if is_fp8 {
             for b in q.iter_mut() {
                 if !table[*b as usize].is_finite() {
                     *b = 0;
                 }
             }
         }
-        if with_nan {
-            q[k / 3] = if e4m3 { 0xff } else { 0x7e };
-        }
         let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
         let rows: Vec<Vec<f32>> = (0..4).map(|_| acts(&mut rng, k)).collect();
-        let want: Vec<f32> = rows
-            .iter()
-            .map(|x| r::dot_bytes(&q, &scales, bl, x, D::value))
-            .collect();
-        let what = format!("{} k={k} block={bl}", std::any::type_name::<D>());
-        // SAFETY: has_fma checked; lengths as documented.
-        unsafe {
-            rows_1_to_4(
-                &rows,
-                &want,
-                &format!("avx2 {what}"),
-                |x| dot_fp8::<D, 1>(&q, &scales, bl, x),
-                |x| dot_fp8::<D, 2>(&q, &scales, bl, x),
-                |x| dot_fp8::<D, 3>(&q, &scales, bl, x),
-                |x| dot_fp8::<D, 4>(&q, &scales, bl, x),
+        if !with_nan {
+            let _ = check_bytes::<D>(&q, &scales, bl, &rows, e4m3);
+            continue;
+        }
+        // A NaN code first, a third in, in the last whole 64 (or the last 32 of a block-32
+        // row), and in the row's tail: the kernels find it wherever it sits.
+        let last = k - 1;
+        for at in [0, k / 3, (k / 64 * 64).saturating_sub(1), last] {
+            let mut q = q.clone();
+            q[at] = if e4m3 { 0xff } else { 0x7e };
+            let want = check_bytes::<D>(&q, &scales, bl, &rows, e4m3);
+            assert!(
+                want.iter().all(|v| v.is_nan()),
+                "k={k} block={bl} NaN code at {at}"
             );
         }
-        if crate::cpu::has_avx512() && k >= WIDE {
-            let xs: Vec<Vec<f32>> = if e4m3 {
-                rows.iter().map(|x| scale_e4m3_x(x).to_vec()).collect()
-            } else {
-                rows.clone()
-            };
-            // SAFETY: has_avx512 checked; lengths as documented.
-            unsafe {
-                rows_1_to_4(
-                    &xs,
-                    &want,
-                    &format!("avx512 {what}"),
-                    |x| dot_bytes_avx512::<D, 1>(&q, &scales, bl, x),
-                    |x| dot_bytes_avx512::<D, 2>(&q, &scales, bl, x),
-                    |x| dot_bytes_avx512::<D, 3>(&q, &scales, bl, x),
-                    |x| dot_bytes_avx512::<D, 4>(&q, &scales, bl, x),
-                );
-            }
-        }
-        if with_nan {
-            assert!(want.iter().all(|v| v.is_nan()), "{what}");
+    }
+}
+
+/// Every tier, 1 to 4 activation rows, and the M = 1 pieces (`dot_bytes_piece`) against the
+/// reference for one weight row.
+fn check_bytes<D: Decode16>(
+    q: &[u8],
+    scales: &[f32],
+    bl: usize,
+    rows: &[Vec<f32>],
+    e4m3: bool,
+) -> Vec<f32> {
+    let k = q.len();
+    let want: Vec<f32> = rows
+        .iter()
+        .map(|x| r::dot_bytes(q, scales, bl, x, D::value))
+        .collect();
+    let what = format!("{} k={k} block={bl}", std::any::type_name::<D>());
+    // SAFETY: has_fma checked (`bytes_case`); lengths as documented.
+    unsafe {
+        rows_1_to_4(
+            rows,
+            &want,
+            &format!("avx2 {what}"),
+            |x| dot_fp8::<D, 1>(q, scales, bl, x),
+            |x| dot_fp8::<D, 2>(q, scales, bl, x),
+            |x| dot_fp8::<D, 3>(q, scales, bl, x),
+            |x| dot_fp8::<D, 4>(q, scales, bl, x),
+        );
+    }
+    if crate::cpu::has_avx512() && k >= WIDE {
+        let xs: Vec<Vec<f32>> = if e4m3 {
+            rows.iter().map(|x| scale_e4m3_x(x).to_vec()).collect()
+        } else {
+            rows.to_vec()
+        };
+        // SAFETY: has_avx512 checked; lengths as documented.
+        unsafe {
+            rows_1_to_4(
+                &xs,
+                &want,
+                &format!("avx512 {what}"),
+                |x| dot_bytes_avx512::<D, 1>(q, scales, bl, x),
+                |x| dot_bytes_avx512::<D, 2>(q, scales, bl, x),
+                |x| dot_bytes_avx512::<D, 3>(q, scales, bl, x),
+                |x| dot_bytes_avx512::<D, 4>(q, scales, bl, x),
+            );
         }
     }
+    if crate::cpu::has_avx512() && k >= WIDE {
+        let x = if e4m3 {
+            scale_e4m3_x(&rows[0]).to_vec()
+        } else {
+            rows[0].clone()
+        };
+        // pieces of one and three groups of 64, and `rows_bytes`' 4096
+        for piece in [64, 192, 4096] {
+            let mut l = ByteLanes::<1>::new();
+            let mut nan = false;
+            let mut i0 = 0;
+            while i0 < k {
+                let i1 = (i0 + piece).min(k);
+                // SAFETY: has_avx512 checked; lengths as documented, i0 a multiple of 64.
+                nan |= unsafe { dot_bytes_piece::<D>(q, scales, bl, &x, i0, i1, 4096, &mut l) };
+                i0 = i1;
+            }
+            let got = if nan {
+                f32::NAN
+            } else {
+                // SAFETY: has_avx512 checked.
+                (unsafe { l.finish() })[0]
+            };
+            same(
+                &[got],
+                &want[..1],
+                &format!("avx512 pieces of {piece} {what}"),
+            );
+        }
+    }
+    want
 }
 
 #[test]
