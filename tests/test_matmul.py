@@ -624,14 +624,14 @@ def test_ggml_formats_on_bf16_tiles_from_their_threshold(kind):
 
 
 def test_ggml_bf16_route_on_by_default_and_its_opt_out(monkeypatch):
-    """Where AMX bf16 runs the ggml formats take the tiles by default (unset, "1": 80 rows,
-    96 for q8_0 / iq4_nl; n >= 2: from n rows, at least the tiles' own minimum);
+    """Where AMX bf16 runs the ggml formats take the tiles by default (unset, "1": 48 rows,
+    64 for q2_k, 80 for q3_k; n >= 2: from n rows, at least the tiles' own minimum);
     FERROQUANT_GGML_BF16=0 keeps their int8 paths at every M. Without AMX bf16: never."""
     amx = _native.qmatmul_bf16_amx_min_m()
     # (the ggml formats' least is the tile loop's 12 rows: the small-M tiles from 8,
     # `qmatmul_bf16_amx_min_m`, take only the bf16 family)
     least = max(amx, 12)
-    for raw, q4, q8 in [(None, 80, 96), ("1", 80, 96), ("0", 0, 0), ("40", 40, 40),
+    for raw, q4, q8 in [(None, 48, 48), ("1", 48, 48), ("0", 0, 0), ("40", 40, 40),
                         ("2", least, least)]:  # fmt: skip
         if raw is None:
             monkeypatch.delenv("FERROQUANT_GGML_BF16", raising=False)
@@ -639,6 +639,9 @@ def test_ggml_bf16_route_on_by_default_and_its_opt_out(monkeypatch):
             monkeypatch.setenv("FERROQUANT_GGML_BF16", raw)
         got = (_native.qmatmul_bf16_ggml_min_m("q4_k"), _native.qmatmul_bf16_ggml_min_m("q8_0"))
         assert got == ((q4, q8) if amx else (0, 0)), raw
+        if amx and raw in (None, "1"):
+            assert _native.qmatmul_bf16_ggml_min_m("q2_k") == 64
+            assert _native.qmatmul_bf16_ggml_min_m("q3_k") == 80
         assert _native.qmatmul_bf16_ggml_min_m("tq2_0") == 0
 
 

@@ -64,16 +64,18 @@ impl Drop for GgmlInt8 {
 }
 
 /// Each ggml format's row count for `ggml_bf16_min_m`, measured against its int8 paths (AMX int8
-/// tiles or the AVX-512 GEMM for the 32-weight formats, the AVX-512 VNNI GEMM for the K-quants):
-/// one thread, CPU time, 4096x14336 and 14336x4096, 2026-12-07 03:29-03:58 UTC, load 20-30
-/// (`bench_matmul.py --threads 1 --cpu-time --ggml-int8`). The decode of a job's chunks is
-/// paid once per 512 rows, so the tiles win only with enough rows: bf16 / int8 time 1.45-2.4x
-/// at M = 16, 0.94-1.35x at 64 (q4_0, q4_1, q5_1 even), 0.82-0.96x at 80 (q8_0 and iq4_nl
-/// 1.0-1.03x), 0.86-1.02x at 96 for those two, 0.44-0.71x at 512.
+/// tiles or the AVX-512 GEMM for the 32-weight formats, the AVX-512 VNNI GEMM for the K-quants).
+/// Session 16 (the decode's per-chunk `QType::info` searches gone: the route 25-35 % faster at
+/// M = 32-64), one thread, CPU time, 2026-12-07 10:57-11:01 UTC, load 23-27, in-process A/B
+/// against main's library (`/work/notes/s16/results-gdec.md`), bf16 / int8 time (medians),
+/// 4096x14336 / 14336x4096: at M = 32 0.98-1.39x (4096x14336); at 48 0.79-0.99x / 0.74-0.99x
+/// except q2_k 1.09x / 1.10x and q3_k 1.00x / 1.22x; at 64 0.70-0.88x / 0.75-0.92x except
+/// q3_k 0.83x / 1.06x. Session 15 had 80 (96 for q8_0 and iq4_nl) with the searches.
 #[cfg(target_arch = "x86_64")]
 fn ggml_bf16_default_min_m(qtype: QType) -> usize {
     match qtype {
-        QType::Q8_0 | QType::IQ4NL => 96,
-        _ => 80,
+        QType::Q3K => 80,
+        QType::Q2K => 64,
+        _ => 48,
     }
 }

@@ -484,3 +484,46 @@ fn bf16_gemm_ggml_formats_within_the_tile_bound() {
         crate::matmul::x86::amx_bf16::force(None);
     }
 }
+
+/// `gemm16::decode_fp8` element by element: every code of both formats (the e4m3 NaN codes of
+/// both signs, e5m2's infinities and NaNs included) times scales from the flushed subnormals to
+/// the overflowing (2.5e36 and f32::MAX: 256 · scale is infinite, the decoder's fallback), one
+/// per 32 codes, equals `round_bf16(fp8_table[code] · scale)` bit for bit
+/// (where AVX-512 BF16 runs).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn decode_fp8_equals_the_rounded_table_on_every_code() {
+    use crate::matmul::reference::bf16::round_bf16;
+    if !crate::cpu::has_avx512_bf16() {
+        return;
+    }
+    let scales = [
+        1.0f32,
+        0.37,
+        -2.5,
+        1e-30,
+        3e-39,
+        1e30,
+        2.5e36,
+        f32::MAX,
+        f32::INFINITY,
+    ];
+    for e5m2 in [false, true] {
+        let t = fp8_table(e5m2);
+        // Every code in every 32-code chunk position, under every scale.
+        let codes: Vec<u8> = (0..scales.len() * 256)
+            .map(|i| (i * 33 + i / 256) as u8)
+            .collect();
+        let mut got = vec![0u16; codes.len()];
+        let scale = |j: usize| scales[j % scales.len()];
+        // SAFETY: AVX-512 BF16 checked above; 9 · 256 codes (a multiple of 32), room for all.
+        unsafe { crate::matmul::x86::gemm16::decode_fp8(&codes, e5m2, scale, &mut got) };
+        let mut seen = [0u32; 256];
+        for (i, (&c, &g)) in codes.iter().zip(&got).enumerate() {
+            seen[c as usize] += 1;
+            let want = round_bf16(t[c as usize] * scale(i / 32));
+            assert_eq!(g, want, "e5m2={e5m2} code {c:#04x} scale {}", scale(i / 32));
+        }
+        assert!(seen.iter().all(|&n| n > 0), "a code never decoded");
+    }
+}

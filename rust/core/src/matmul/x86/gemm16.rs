@@ -344,39 +344,54 @@ pub unsafe fn decode_gint4(packed: &[u8], zs: impl Fn(usize) -> (i32, f32), dst:
     }
 }
 
-/// fp8 bytes (a multiple of 32; e4m3fn or e5m2) to bf16 `value · scale(j)` at `dst`: each
-/// byte widened to the f16 with the same bits (e5m2 is f16's top byte; e4m3fn's exponent and
-/// mantissa shifted in, 2^-8 of its value, put back by an exact multiply by 256; its NaN codes
-/// set to NaN), then `vcvtph2ps`: the exact values of `reference::fp8_table`.
+/// fp8 bytes (a multiple of 32; e4m3fn or e5m2) to bf16 `value · scale(j)` at `dst`: 32 bytes
+/// at a time widened to the f16s with the same bits (e5m2 is f16's top byte; e4m3fn's
+/// exponent and mantissa shifted in from the sign-extended byte, 2^-8 of its value, the 256
+/// folded into the scale; its NaN codes set to the f16 NaN of their sign), then `vcvtph2ps`
+/// per 16: the exact values of `reference::fp8_table`, NaN signs included, times the scale.
 ///
 /// # Safety
 /// `cpu::has_avx512_bf16`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub unsafe fn decode_fp8(q: &[u8], e5m2: bool, scale: impl Fn(usize) -> f32, dst: &mut [u16]) {
     assert!(q.len().is_multiple_of(32) && dst.len() >= q.len());
-    let one16 = |p: &[u8]| -> __m512 {
-        // SAFETY: 16 bytes from a checked 32-byte chunk.
-        let b = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(p.as_ptr() as *const __m128i) });
-        if e5m2 {
-            _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_slli_epi32::<8>(b)))
-        } else {
-            let mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
-            let h = _mm512_or_si512(
-                _mm512_slli_epi32::<8>(_mm512_and_si512(b, _mm512_set1_epi32(0x80))),
-                _mm512_slli_epi32::<7>(mag),
-            );
-            let v = _mm512_mul_ps(
-                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h)),
-                _mm512_set1_ps(256.0),
-            );
-            let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
-            _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(f32::NAN))
-        }
-    };
+    let w16 = |v: u16| _mm512_set1_epi16(v as i16);
     for (j, (qc, d)) in q.chunks_exact(32).zip(dst.chunks_exact_mut(32)).enumerate() {
-        let (lo, hi) = (one16(&qc[..16]), one16(&qc[16..]));
+        // SAFETY: 32 bytes of a checked 32-byte chunk.
+        let b = unsafe { _mm256_loadu_si256(qc.as_ptr() as *const __m256i) };
+        let half = |h: __m512i| {
+            (
+                _mm512_cvtph_ps(_mm512_castsi512_si256(h)),
+                _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(h)),
+            )
+        };
+        let s = scale(j);
+        let (lo, hi, s) = if e5m2 {
+            let (lo, hi) = half(_mm512_slli_epi16::<8>(_mm512_cvtepu8_epi16(b)));
+            (lo, hi, s)
+        } else {
+            // Sign-extended and shifted: the sign at bits 15 and 14, exponent and mantissa at
+            // 13..7; bit 14 cleared makes the f16.
+            let sx = _mm512_slli_epi16::<7>(_mm512_cvtepi8_epi16(b));
+            let h = _mm512_and_si512(sx, w16(0xbfff));
+            // Magnitude 0x7f: `(sx & 0x8000) | 0x7e00`, the f16 NaN of the code's sign.
+            let nan = _mm256_cmpeq_epi8_mask(
+                _mm256_and_si256(b, _mm256_set1_epi8(0x7f)),
+                _mm256_set1_epi8(0x7f),
+            );
+            let nanv = _mm512_ternarylogic_epi32::<0xea>(sx, w16(0x8000), w16(0x7e00));
+            let (lo, hi) = half(_mm512_mask_mov_epi16(h, nan, nanv));
+            // (v / 256) · (256 s) is v · s rounded once, the same bits, where 256 s is finite
+            // (a power of two times a finite f32: exact); else the exact v first.
+            if (s * 256.0).is_finite() {
+                (lo, hi, s * 256.0)
+            } else {
+                let k = _mm512_set1_ps(256.0);
+                (_mm512_mul_ps(lo, k), _mm512_mul_ps(hi, k), s)
+            }
+        };
         // SAFETY: the features; d has 32 elements.
-        unsafe { store32(lo, hi, scale(j), d) };
+        unsafe { store32(lo, hi, s, d) };
     }
 }
 

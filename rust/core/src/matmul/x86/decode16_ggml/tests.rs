@@ -131,3 +131,17 @@ fn decode_covers_every_code() {
         }
     }
 }
+
+/// `block_geometry` is the format table's block size and byte size.
+#[test]
+fn block_geometry_is_the_format_table() {
+    for qtype in FORMATS {
+        let info = qtype.info();
+        assert_eq!(
+            block_geometry(qtype),
+            (info.block_size, info.type_size),
+            "{qtype:?}"
+        );
+        assert!(info.block_size.is_power_of_two());
+    }
+}
