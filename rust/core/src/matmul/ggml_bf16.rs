@@ -67,7 +67,7 @@ impl Drop for GgmlInt8 {
 /// tiles or the AVX-512 GEMM for the 32-weight formats, the AVX-512 VNNI GEMM for the K-quants).
 /// Session 16 (the decode's per-chunk `QType::info` searches gone: the route 25-35 % faster at
 /// M = 32-64), one thread, CPU time, 2026-12-07 10:57-11:01 UTC, load 23-27, in-process A/B
-/// against main's library (`/work/notes/s16/results-gdec.md`), bf16 / int8 time (medians),
+/// against main's library (`benches/RESULTS.md`, session 16: the ggml bf16 route), bf16 / int8 time (medians),
 /// 4096x14336 / 14336x4096: at M = 32 0.98-1.39x (4096x14336); at 48 0.79-0.99x / 0.74-0.99x
 /// except q2_k 1.09x / 1.10x and q3_k 1.00x / 1.22x; at 64 0.70-0.88x / 0.75-0.92x except
 /// q3_k 0.83x / 1.06x. Session 15 had 80 (96 for q8_0 and iq4_nl) with the searches.
