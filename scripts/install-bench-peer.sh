@@ -6,6 +6,10 @@
 # `--amx` builds a second peer with ggml's AMX backend (GGML_AMX_TILE/INT8/BF16) into
 # /opt/ferroquant-bench/llama-amx, for machines whose AMX the process may use (`ferroquant doctor`
 # says so); point the benchmarks at it with FERROQUANT_BENCH_LLAMA=/opt/ferroquant-bench/llama-amx.
+# With 0.3.36 (ggml 0.25.3) it loads (tensors repacked into the AMX buffer, AMX_INT8 = 1) but
+# dies with SIGILL at its first `tileloadd` on an OpenMP worker on the Emerald Rapids of session 16
+# (gdb: ggml_backend_amx_mul_mat; the pattern of ggml-org/llama.cpp#26954, a tile configuration
+# the compiler drops). Kept for a fixed release.
 #
 # The test peer installed by install-peers.sh stays on the AVX2 baseline; this build goes into
 # its own folder and only the benchmark scripts put it on sys.path (benches/peers.py).
