@@ -253,6 +253,31 @@ pub unsafe fn tile_release() {
     }
 }
 
+/// The tile unit configured with a kernel's layout while the value lives, released
+/// (`tilerelease`) when it drops: no tile state outlives the kernel. Not `Send`, so it drops on
+/// the thread that configured it.
+#[cfg(target_arch = "x86_64")]
+pub struct ConfiguredTiles(std::marker::PhantomData<*const ()>);
+
+#[cfg(target_arch = "x86_64")]
+impl ConfiguredTiles {
+    /// # Safety
+    /// As `tile_config`: AMX is usable in this process.
+    pub unsafe fn new(cfg: &TileConfig) -> Self {
+        // SAFETY: the caller's contract.
+        unsafe { tile_config(cfg) };
+        ConfiguredTiles(std::marker::PhantomData)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for ConfiguredTiles {
+    fn drop(&mut self) {
+        // SAFETY: a `ConfiguredTiles` exists only after `tile_config` ran with AMX usable.
+        unsafe { tile_release() };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

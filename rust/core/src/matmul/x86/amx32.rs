@@ -27,7 +27,7 @@
 use std::arch::x86_64::*;
 
 use super::Load32;
-use crate::amx::{tile_config, tile_release, TileConfig};
+use crate::amx::TileConfig;
 use crate::formats::blocks::*;
 use crate::matmul::reference::LANES;
 
@@ -140,7 +140,7 @@ impl AmxPanel {
 /// The tile unit configured for the kernel: tmm0..tmm3 C tiles (16 x 16 i32), tmm4 / tmm6 A
 /// tiles (16 rows x 32 bytes: one block of a panel's 16 weight rows), tmm5 / tmm7 B tiles
 /// (8 x 64 bytes: one block of 16 activation rows). Released on drop (on this thread), so no tile state outlives the kernel.
-pub struct Tiles(());
+pub struct Tiles(#[allow(dead_code)] crate::amx::ConfiguredTiles);
 
 impl Tiles {
     /// # Safety
@@ -156,15 +156,7 @@ impl Tiles {
             .tile(6, 16, 32)
             .tile(7, 8, 64);
         // SAFETY: the caller's contract (AMX usable); the shapes are valid (`tile` checks).
-        unsafe { tile_config(&cfg) };
-        Tiles(())
-    }
-}
-
-impl Drop for Tiles {
-    fn drop(&mut self) {
-        // SAFETY: a `Tiles` exists only after `tile_config` succeeded under `amx_int8_usable`.
-        unsafe { tile_release() };
+        Tiles(unsafe { crate::amx::ConfiguredTiles::new(&cfg) })
     }
 }
 

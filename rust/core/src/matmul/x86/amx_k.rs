@@ -25,7 +25,7 @@
 use std::arch::x86_64::*;
 
 use super::gemm_k::{self, Acc, DecodeK, SbBuf, Zmm, NV};
-use crate::amx::{tile_config, tile_release, TileConfig};
+use crate::amx::TileConfig;
 use crate::formats::blocks::QK_K;
 use crate::matmul::reference::{BlockQ8K, LANES};
 
@@ -223,7 +223,7 @@ pub unsafe fn expand<W: DecodeK>(b: &SbBuf, out: &mut KSb) {
 /// 16 i32), tmm4 / tmm5 A tiles (16 activation rows x 64 elements), tmm6 / tmm7 (and tmm5 with
 /// one block of rows) B tiles (64 elements of 16 weight rows of one plane). Released on drop
 /// (on this thread).
-pub struct Tiles(());
+pub struct Tiles(#[allow(dead_code)] crate::amx::ConfiguredTiles);
 
 impl Tiles {
     /// # Safety
@@ -239,15 +239,7 @@ impl Tiles {
             .tile(6, 16, 64)
             .tile(7, 16, 64);
         // SAFETY: the caller's contract (AMX usable); the shapes are valid (`tile` checks).
-        unsafe { tile_config(&cfg) };
-        Tiles(())
-    }
-}
-
-impl Drop for Tiles {
-    fn drop(&mut self) {
-        // SAFETY: a `Tiles` exists only after `tile_config` succeeded under `amx_int8_usable`.
-        unsafe { tile_release() };
+        Tiles(unsafe { crate::amx::ConfiguredTiles::new(&cfg) })
     }
 }
 
