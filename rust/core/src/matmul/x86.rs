@@ -443,6 +443,8 @@ pub mod row32;
 // ---------------------------------------------------------------- f32 activations
 
 pub mod amx32;
+// (#[macro_use]: its tile macros serve amx_bf16_small too)
+#[macro_use]
 pub mod amx_bf16;
 pub mod amx_bf16_small;
 pub mod amx_k;

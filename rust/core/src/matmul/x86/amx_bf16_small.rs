@@ -57,21 +57,7 @@ pub fn use_small(m: usize) -> bool {
 #[repr(C, align(64))]
 pub struct Tiles(pub [__m512; 64]);
 
-macro_rules! tile_load {
-    ($t:literal, $p:expr, $s:expr) => {
-        asm!(concat!("tileloadd tmm", $t, ", [{p} + {s}*1]"), p = in(reg) $p, s = in(reg) $s,
-            options(nostack, readonly))
-    };
-}
-
-macro_rules! tdp {
-    ($c:literal, $a:literal, $b:literal) => {
-        asm!(
-            concat!("tdpbf16ps tmm", $c, ", tmm", $a, ", tmm", $b),
-            options(nomem, nostack)
-        )
-    };
-}
+// (`tile_load!`, `tdp!`: amx_bf16's macros)
 
 /// C tiles 0-3 to zero (the chains' +0 start).
 ///
