@@ -26,12 +26,12 @@ pub(super) const GEMM_NEON_MIN_M: usize = 2;
 /// activations, 64 x 32 blocks x 34 bytes = 68 KiB, stays in L2).
 const GEMM_NEON_BLOCK: usize = 64;
 
-/// Whether the path takes `qtype` weights.
+/// Whether the path takes `qtype` weights (the K-quants: `gemm_neon_k.rs`).
 pub(super) fn takes(qtype: QType) -> bool {
     matches!(
         qtype,
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
-    )
+    ) || super::gemm_neon_k::takes(qtype)
 }
 
 /// The product `plan` runs for `qtype` weights and `m` activation rows: the tests' forcing
@@ -56,6 +56,9 @@ thread_local! {
 impl Plan<'_> {
     /// Weight rows `n0..n0 + rows` with every activation row, into `out`.
     pub(super) fn fill_gemm_neon(&self, dot: NeonDot, n0: usize, rows: usize, out: &OutPtr) {
+        if super::gemm_neon_k::takes(self.w.qtype) {
+            return self.fill_gemm_neon_k(dot, n0, rows, out);
+        }
         match self.w.qtype {
             QType::Q4_0 => self.gemm_neon_rows::<BlockQ4_0>(dot, n0, rows, out),
             QType::Q8_0 => self.gemm_neon_rows::<BlockQ8_0>(dot, n0, rows, out),

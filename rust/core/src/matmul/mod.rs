@@ -596,6 +596,8 @@ mod gemm_bf16_small;
 mod gemm_k;
 #[cfg(target_arch = "aarch64")]
 mod gemm_neon;
+#[cfg(target_arch = "aarch64")]
+mod gemm_neon_k;
 mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_bytes;

@@ -40,6 +40,7 @@ use crate::qtype::QType;
 const _: () = assert!(cfg!(target_feature = "neon"));
 
 pub mod gemm;
+pub mod gemm_k;
 mod k_quants;
 mod q16;
 #[cfg(test)]
