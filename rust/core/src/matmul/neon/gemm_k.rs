@@ -88,14 +88,6 @@ impl SbPanel {
     };
 }
 
-/// The weight row of lane `i` of a scale vector in `dot`'s layout (`SbPanel`).
-fn row_of(dot: NeonDot, i: usize) -> usize {
-    match dot {
-        NeonDot::Sdot => i % PANEL,
-        NeonDot::I8mm => 2 * (i / 4) + (i % 4) / 2,
-    }
-}
-
 /// `cb` super-blocks from super-block `c0` of each weight row of the panel (`np` rows; the rest
 /// decode as zeros) into `buf`, in `dot`'s layout.
 // (index loops over parallel arrays)
@@ -113,10 +105,11 @@ pub fn decode<W: GemmK>(
     let groups = if W::PER32 { 8 } else { 16 };
     for (b, p) in buf.iter_mut().enumerate().take(cb) {
         let mut sc = [[0i32; 16]; PANEL];
-        let mut mins = [[0i32; 16]; PANEL];
+        // SAFETY: NEON (baseline); registers only.
+        let mut mins = [[unsafe { vdupq_n_s32(0) }; 4]; PANEL];
         let (mut d, mut dmin) = ([0.0f32; PANEL], [0.0f32; PANEL]);
         // SAFETY: NEON is baseline on aarch64 (`neon.rs`); the stores write 16 bytes at
-        // offsets of at most SB_BYTES - 16 of `p.q`, 4 i32 inside a row of `mins`.
+        // offsets of at most SB_BYTES - 16 of `p.q`.
         unsafe {
             let mut v = [[vdupq_n_s8(0); 16]; PANEL];
             for i in 0..np {
@@ -125,9 +118,7 @@ pub fn decode<W: GemmK>(
                 assert_eq!(k.per32, W::PER32);
                 v[i] = k.q;
                 sc[i] = k.scale;
-                for (h, m) in k.mins.iter().enumerate() {
-                    vst1q_s32(mins[i][4 * h..].as_mut_ptr(), *m);
-                }
+                mins[i] = k.mins;
                 (d[i], dmin[i]) = blk.d_dmin();
             }
             let o = p.q.as_mut_ptr();
@@ -174,19 +165,71 @@ pub fn decode<W: GemmK>(
                 }
             }
         }
-        for g in 0..groups {
-            for i in 0..16 {
-                p.sc[g][i] = sc[row_of(dot, i)][g];
-            }
-            for i in 0..PANEL {
-                // (q4_k / q5_k: the min of sub-block g is that of bsums 2g and 2g + 1)
-                p.mins[g][i] = mins[i][if W::PER32 { 2 * g } else { g }];
+        // the scales, mins, d and dmin of the 8 rows turned into vectors of 4 rows (4 x 4
+        // transposes), in the kind's lanes
+        // SAFETY: NEON (baseline); the loads read 4 i32 / f32 inside `sc[r]`, `d`, `dmin`,
+        // the stores write 4 inside a row of `p.sc`, `p.mins`, `p.d`, `p.dmin`.
+        unsafe {
+            let put = |o: &mut [i32; 16], h: usize, t: int32x4_t| match dot {
+                NeonDot::Sdot => vst1q_s32(o[4 * h..].as_mut_ptr(), t),
+                NeonDot::I8mm => {
+                    vst1q_s32(o[8 * h..].as_mut_ptr(), vzip1q_s32(t, t));
+                    vst1q_s32(o[8 * h + 4..].as_mut_ptr(), vzip2q_s32(t, t));
+                }
+            };
+            for h in 0..2 {
+                for q in 0..groups / 4 {
+                    let a: [int32x4_t; 4] =
+                        std::array::from_fn(|r| vld1q_s32(sc[4 * h + r][4 * q..].as_ptr()));
+                    for (c, t) in tr4(a).into_iter().enumerate() {
+                        put(&mut p.sc[4 * q + c], h, t);
+                    }
+                }
+                if W::MIN {
+                    for q in 0..4 {
+                        let a: [int32x4_t; 4] = std::array::from_fn(|r| mins[4 * h + r][q]);
+                        for (c, t) in tr4(a).into_iter().enumerate() {
+                            // (q4_k / q5_k: the min of sub-block g is that of bsums 2g and
+                            // 2g + 1)
+                            let e = 4 * q + c;
+                            if !W::PER32 {
+                                vst1q_s32(p.mins[e][4 * h..].as_mut_ptr(), t);
+                            } else if e % 2 == 0 {
+                                vst1q_s32(p.mins[e / 2][4 * h..].as_mut_ptr(), t);
+                            }
+                        }
+                    }
+                }
+                for (src, dst) in [(&d, &mut p.d), (&dmin, &mut p.dmin)] {
+                    let t = vld1q_f32(src[4 * h..].as_ptr());
+                    match dot {
+                        NeonDot::Sdot => vst1q_f32(dst[4 * h..].as_mut_ptr(), t),
+                        NeonDot::I8mm => {
+                            vst1q_f32(dst[8 * h..].as_mut_ptr(), vzip1q_f32(t, t));
+                            vst1q_f32(dst[8 * h + 4..].as_mut_ptr(), vzip2q_f32(t, t));
+                        }
+                    }
+                }
             }
         }
-        for i in 0..16 {
-            p.d[i] = d[row_of(dot, i)];
-            p.dmin[i] = dmin[row_of(dot, i)];
-        }
+    }
+}
+
+/// The 4 x 4 transpose of 32-bit lanes: `out[c]` lane r = `a[r]` lane c.
+#[inline(always)]
+fn tr4(a: [int32x4_t; 4]) -> [int32x4_t; 4] {
+    // SAFETY: NEON (baseline); registers only.
+    unsafe {
+        let t0 = vreinterpretq_s64_s32(vzip1q_s32(a[0], a[1]));
+        let t1 = vreinterpretq_s64_s32(vzip2q_s32(a[0], a[1]));
+        let t2 = vreinterpretq_s64_s32(vzip1q_s32(a[2], a[3]));
+        let t3 = vreinterpretq_s64_s32(vzip2q_s32(a[2], a[3]));
+        [
+            vreinterpretq_s32_s64(vzip1q_s64(t0, t2)),
+            vreinterpretq_s32_s64(vzip2q_s64(t0, t2)),
+            vreinterpretq_s32_s64(vzip1q_s64(t1, t3)),
+            vreinterpretq_s32_s64(vzip2q_s64(t1, t3)),
+        ]
     }
 }
 
@@ -199,7 +242,8 @@ fn check(buf: &[SbPanel], cb: usize, x: &[&[BlockQ8K]; TILE], rows: usize) {
 }
 
 /// `msum` of super-block `b` for activation rows `x[..R]` with the panel's rows, in `sdot`'s
-/// layout (row j: rows 0..3, rows 4..7).
+/// layout (row j: rows 0..3, rows 4..7): the bsums widened to i32 (for `PER32`, each pair
+/// summed: the sum of a sub-block of 32), each times its group's mins by lane.
 ///
 /// # Safety
 /// NEON (baseline); `x[j]` has block `b` for j < R (the callers' `check`).
@@ -209,20 +253,52 @@ unsafe fn msums<const R: usize, const PER32: bool>(
     x: &[&[BlockQ8K]; TILE],
     b: usize,
 ) -> [[int32x4_t; 2]; R] {
-    // SAFETY: NEON (baseline); the loads read 4 i32 inside `p.mins[g]`.
+    /// `m + a · bs[l]` (`mla` by element; `l` a constant after unrolling).
+    #[inline(always)]
+    fn mla_lane(m: int32x4_t, a: int32x4_t, bs: int32x4_t, l: usize) -> int32x4_t {
+        // SAFETY: NEON (baseline); registers only.
+        unsafe {
+            match l {
+                0 => vmlaq_laneq_s32::<0>(m, a, bs),
+                1 => vmlaq_laneq_s32::<1>(m, a, bs),
+                2 => vmlaq_laneq_s32::<2>(m, a, bs),
+                _ => vmlaq_laneq_s32::<3>(m, a, bs),
+            }
+        }
+    }
+    // SAFETY: NEON (baseline); the loads read 8 i16 inside `bsums` and 4 i32 inside
+    // `p.mins[g]`.
     unsafe {
         let mut m = [[vdupq_n_s32(0); 2]; R];
-        let groups = if PER32 { 8 } else { 16 };
+        let mut bs = [[vdupq_n_s32(0); 4]; R];
         for j in 0..R {
-            let bs = &x[j][b].bsums;
-            for g in 0..groups {
-                let s = if PER32 {
-                    bs[2 * g] as i32 + bs[2 * g + 1] as i32
-                } else {
-                    bs[g] as i32
-                };
-                for (v, mv) in m[j].iter_mut().enumerate() {
-                    *mv = vmlaq_n_s32(*mv, vld1q_s32(p.mins[g][4 * v..].as_ptr()), s);
+            let v = &x[j][b].bsums;
+            let (b0, b1) = (vld1q_s16(v.as_ptr()), vld1q_s16(v[8..].as_ptr()));
+            bs[j] = if PER32 {
+                [
+                    vpaddlq_s16(b0),
+                    vpaddlq_s16(b1),
+                    vdupq_n_s32(0),
+                    vdupq_n_s32(0),
+                ]
+            } else {
+                [
+                    vmovl_s16(vget_low_s16(b0)),
+                    vmovl_high_s16(b0),
+                    vmovl_s16(vget_low_s16(b1)),
+                    vmovl_high_s16(b1),
+                ]
+            };
+        }
+        let groups = if PER32 { 8 } else { 16 };
+        for g in 0..groups {
+            let mn = [
+                vld1q_s32(p.mins[g].as_ptr()),
+                vld1q_s32(p.mins[g][4..].as_ptr()),
+            ];
+            for j in 0..R {
+                for v in 0..2 {
+                    m[j][v] = mla_lane(m[j][v], mn[v], bs[j][g / 4], g % 4);
                 }
             }
         }

@@ -5,7 +5,8 @@
 //! (two blocks of activation rows), N with a partial panel, K of 1, 3 and 9 super-blocks (a
 //! partial chunk of `KC`, lanes b % 8 wrapping), weight rows of extreme bytes and activation
 //! rows of large, tiny and constant values, on the pool and on one thread; and the same bits
-//! as the row kernels.
+//! as the row kernels. Unforced, `plan`'s own choice (the row kernels without dotprod, as on
+//! `-cpu cortex-a53` or with FERROQUANT_MAX_ISA=neon) has the same bits.
 
 use super::super::gemm_neon::FORCE;
 use super::super::neon::gemm::NeonDot;
@@ -128,9 +129,17 @@ fn neon_k_gemm_equals_reference() {
                         want[mi * n + row] = reference(qtype, wr, &xq);
                     }
                 }
-                for &dot in &dots {
-                    let [y, y1] = run_forced(Some(dot), &w, &x, m);
-                    for (what, y) in [("pool", &y), ("1 thread", &y1)] {
+                // each product forced, then what `plan` chooses on this CPU (the best
+                // product, or the row kernels without dotprod or with FERROQUANT_MAX_ISA=neon)
+                let mut runs: Vec<(Option<NeonDot>, [Vec<f32>; 2])> = dots
+                    .iter()
+                    .map(|&dot| (Some(dot), run_forced(Some(dot), &w, &x, m)))
+                    .collect();
+                let mut y = vec![0.0f32; m * n];
+                qmatmul(&x, m, &w, &mut y).unwrap();
+                runs.push((None, [y.clone(), y]));
+                for (dot, ys) in &runs {
+                    for (what, y) in [("pool", &ys[0]), ("1 thread", &ys[1])] {
                         for (i, (&a, &b)) in want.iter().zip(y).enumerate() {
                             assert_eq!(
                                 a.to_bits(),
