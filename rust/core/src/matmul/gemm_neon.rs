@@ -1,4 +1,5 @@
-//! The GEMM path of the 32-weight formats on aarch64 (`dotprod`, `i8mm` where present), from
+//! The GEMM path of the 32-weight formats on aarch64 (`dotprod`, `i8mm` where present; the
+//! K-quants' is `gemm_neon_k.rs`, chosen here with the same threshold), from
 //! `GEMM_NEON_MIN_M` activation rows: per block of activation rows, each panel of `PANEL`
 //! weight rows of the task goes chunk by chunk of K (`KC` blocks) through
 //! `neon::gemm::decode` (into an L1 buffer, once for the block's rows) and every tile of

@@ -19,7 +19,7 @@
 use std::arch::aarch64::*;
 
 use super::gemm::{sdot_lane, smmla, NeonDot, TileAcc, PANEL, TILE};
-use super::{load_i8, DecodeK};
+use super::{f16x8_to_f32, load_i8, DecodeK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{BlockQ8K, LANES};
 
@@ -36,36 +36,58 @@ pub trait GemmK: DecodeK {
     const PER32: bool;
     /// A min term `msum` (q4_k, q5_k, q2_k).
     const MIN: bool;
+    /// The f16 bits of d and dmin (0, +0.0, for the formats without a min: the value
+    /// `BlockK::d_dmin` gives).
+    fn d_bits(&self) -> [u16; 2];
 }
 
 impl GemmK for BlockQ4K {
     const PER32: bool = true;
     const MIN: bool = true;
+    fn d_bits(&self) -> [u16; 2] {
+        [u16::from_le_bytes(self.d), u16::from_le_bytes(self.dmin)]
+    }
 }
 impl GemmK for BlockQ5K {
     const PER32: bool = true;
     const MIN: bool = true;
+    fn d_bits(&self) -> [u16; 2] {
+        [u16::from_le_bytes(self.d), u16::from_le_bytes(self.dmin)]
+    }
 }
 impl GemmK for BlockQ6K {
     const PER32: bool = false;
     const MIN: bool = false;
+    fn d_bits(&self) -> [u16; 2] {
+        [u16::from_le_bytes(self.d), 0]
+    }
 }
 impl GemmK for BlockQ2K {
     const PER32: bool = false;
     const MIN: bool = true;
+    fn d_bits(&self) -> [u16; 2] {
+        [u16::from_le_bytes(self.d), u16::from_le_bytes(self.dmin)]
+    }
 }
 impl GemmK for BlockQ3K {
     const PER32: bool = false;
     const MIN: bool = false;
+    fn d_bits(&self) -> [u16; 2] {
+        [u16::from_le_bytes(self.d), 0]
+    }
 }
 impl GemmK for BlockIQ4XS {
     const PER32: bool = true;
     const MIN: bool = false;
+    fn d_bits(&self) -> [u16; 2] {
+        [u16::from_le_bytes(self.d), 0]
+    }
 }
 
-/// One super-block of the panel, decoded. `q`: `sdot`'s layout, step s (elements 4s..4s + 4)
-/// at 32s: [rows 0..3: 4 bytes each], [rows 4..7]; `smmla`'s, step t (elements 8t..8t + 8) at
-/// 64t + 16p: [row 2p: 8 bytes], [row 2p + 1]. `sc[g]`, `d`, `dmin`: the rows' values in the
+/// One super-block of the panel, decoded. `q`, per 16 elements c (at 128c): `sdot`'s layout,
+/// step s (elements 16c + 4s..+4) of rows 0..3 at 16s, of rows 4..7 at 64 + 16s, each row's
+/// 4 bytes in turn; `smmla`'s, step t (elements 16c + 8t..+8) of pair p at 32p + 16t: [row 2p:
+/// 8 bytes], [row 2p + 1]. `sc[g]`, `d`, `dmin`: the rows' values in the
 /// kind's lanes (`sdot`: row i at i; `smmla`: rows 2p, 2p, 2p + 1, 2p + 1 at 4p..4p + 4).
 /// `mins[g]`: row i's min of group g at i (both kinds).
 #[derive(Clone, Copy)]
@@ -107,9 +129,9 @@ pub fn decode<W: GemmK>(
         let mut sc = [[0i32; 16]; PANEL];
         // SAFETY: NEON (baseline); registers only.
         let mut mins = [[unsafe { vdupq_n_s32(0) }; 4]; PANEL];
-        let (mut d, mut dmin) = ([0.0f32; PANEL], [0.0f32; PANEL]);
-        // SAFETY: NEON is baseline on aarch64 (`neon.rs`); the stores write 16 bytes at
-        // offsets of at most SB_BYTES - 16 of `p.q`.
+        let (mut dh, mut mh) = ([0u16; PANEL], [0u16; PANEL]);
+        // SAFETY: NEON is baseline on aarch64 (`neon.rs`); `st4` writes 64 bytes at 128r + 64g
+        // (r < 16, g < 2), `st2` 32 at 128r + 32p (p < 4): inside the SB_BYTES of `p.q`.
         unsafe {
             let mut v = [[vdupq_n_s8(0); 16]; PANEL];
             for i in 0..np {
@@ -119,47 +141,32 @@ pub fn decode<W: GemmK>(
                 v[i] = k.q;
                 sc[i] = k.scale;
                 mins[i] = k.mins;
-                (d[i], dmin[i]) = blk.d_dmin();
+                [dh[i], mh[i]] = blk.d_bits();
             }
             let o = p.q.as_mut_ptr();
             match dot {
                 NeonDot::Sdot => {
-                    // register r = steps 4r..4r + 4: a 4 x 4 transpose of 32-bit words per
-                    // group of 4 rows
+                    // register r = steps 4r..4r + 4: `st4` of 4 rows' registers writes the
+                    // 4 x 4 transpose of their 32-bit words (step 4r + s of rows 4g..4g + 4
+                    // at 128r + 64g + 16s)
                     for r in 0..16 {
                         for g in 0..2 {
-                            let w4: [int32x4_t; 4] =
-                                std::array::from_fn(|i| vreinterpretq_s32_s8(v[4 * g + i][r]));
-                            let t0 = vreinterpretq_s64_s32(vzip1q_s32(w4[0], w4[1]));
-                            let t1 = vreinterpretq_s64_s32(vzip2q_s32(w4[0], w4[1]));
-                            let t2 = vreinterpretq_s64_s32(vzip1q_s32(w4[2], w4[3]));
-                            let t3 = vreinterpretq_s64_s32(vzip2q_s32(w4[2], w4[3]));
-                            let t = [
-                                vzip1q_s64(t0, t2),
-                                vzip2q_s64(t0, t2),
-                                vzip1q_s64(t1, t3),
-                                vzip2q_s64(t1, t3),
-                            ];
-                            for (s, t) in t.into_iter().enumerate() {
-                                vst1q_s8(o.add((4 * r + s) * 32 + 16 * g), vreinterpretq_s8_s64(t));
-                            }
+                            let w = |i: usize| vreinterpretq_s32_s8(v[4 * g + i][r]);
+                            vst4q_s32(
+                                o.add(128 * r + 64 * g) as *mut i32,
+                                int32x4x4_t(w(0), w(1), w(2), w(3)),
+                            );
                         }
                     }
                 }
                 NeonDot::I8mm => {
-                    // register r = steps 2r, 2r + 1: the pairs' 8-byte halves side by side
+                    // register r = steps 2r, 2r + 1: `st2` of a pair's registers puts their
+                    // 8-byte halves side by side (step 2r + t of pair p at 128r + 32p + 16t)
                     for r in 0..16 {
                         for pr in 0..PANEL / 2 {
                             let a = vreinterpretq_s64_s8(v[2 * pr][r]);
                             let c = vreinterpretq_s64_s8(v[2 * pr + 1][r]);
-                            vst1q_s8(
-                                o.add(2 * r * 64 + 16 * pr),
-                                vreinterpretq_s8_s64(vzip1q_s64(a, c)),
-                            );
-                            vst1q_s8(
-                                o.add((2 * r + 1) * 64 + 16 * pr),
-                                vreinterpretq_s8_s64(vzip2q_s64(a, c)),
-                            );
+                            vst2q_s64(o.add(128 * r + 32 * pr) as *mut i64, int64x2x2_t(a, c));
                         }
                     }
                 }
@@ -170,6 +177,7 @@ pub fn decode<W: GemmK>(
         // SAFETY: NEON (baseline); the loads read 4 i32 / f32 inside `sc[r]`, `d`, `dmin`,
         // the stores write 4 inside a row of `p.sc`, `p.mins`, `p.d`, `p.dmin`.
         unsafe {
+            let (d, dmin) = (f16x8_to_f32(&dh), f16x8_to_f32(&mh));
             let put = |o: &mut [i32; 16], h: usize, t: int32x4_t| match dot {
                 NeonDot::Sdot => vst1q_s32(o[4 * h..].as_mut_ptr(), t),
                 NeonDot::I8mm => {
@@ -201,7 +209,7 @@ pub fn decode<W: GemmK>(
                     }
                 }
                 for (src, dst) in [(&d, &mut p.d), (&dmin, &mut p.dmin)] {
-                    let t = vld1q_f32(src[4 * h..].as_ptr());
+                    let t = src[h];
                     match dot {
                         NeonDot::Sdot => vst1q_f32(dst[4 * h..].as_mut_ptr(), t),
                         NeonDot::I8mm => {
@@ -324,7 +332,7 @@ pub unsafe fn chunk_sdot<const R: usize, const PER32: bool, const MIN: bool>(
 ) {
     check(buf, cb, x, R);
     // SAFETY: NEON is baseline and dotprod is this function's contract; the buffer reads stay
-    // inside `p.q` (steps < 64, 32 bytes each) and the scale rows, the activation reads inside
+    // inside `p.q` (16 bytes at 128c + 64 + 48 at most, c < 16) and the scale rows, the activation reads inside
     // the first cb blocks of each row (`check`).
     unsafe {
         let zero = vdupq_n_s32(0);
@@ -339,8 +347,8 @@ pub unsafe fn chunk_sdot<const R: usize, const PER32: bool, const MIN: bool>(
                 }
                 macro_rules! step {
                     ($i:literal) => {{
-                        let w0 = vld1q_s8(wq.add((4 * c + $i) * 32));
-                        let w1 = vld1q_s8(wq.add((4 * c + $i) * 32 + 16));
+                        let w0 = vld1q_s8(wq.add(128 * c + 16 * $i));
+                        let w1 = vld1q_s8(wq.add(128 * c + 64 + 16 * $i));
                         for j in 0..R {
                             s[j][0] = sdot_lane::<$i>(s[j][0], w0, xv[j]);
                             s[j][1] = sdot_lane::<$i>(s[j][1], w1, xv[j]);
@@ -406,8 +414,8 @@ pub unsafe fn chunk_i8mm<const P: usize, const PER32: bool, const MIN: bool>(
     acc: &mut TileAcc,
 ) {
     check(buf, cb, x, 2 * P);
-    // SAFETY: as in `chunk_sdot` (steps < 32, 64 bytes each), with i8mm this function's
-    // contract.
+    // SAFETY: as in `chunk_sdot` (16 bytes at 128c + 96 + 16 at most), with i8mm this
+    // function's contract.
     unsafe {
         let zero = vdupq_n_s32(0);
         for (b, p) in buf.iter().enumerate().take(cb) {
@@ -426,7 +434,7 @@ pub unsafe fn chunk_i8mm<const P: usize, const PER32: bool, const MIN: bool>(
                 }
                 for t in 0..2 {
                     for pr in 0..4 {
-                        let wv = vld1q_s8(wq.add((2 * c + t) * 64 + 16 * pr));
+                        let wv = vld1q_s8(wq.add(128 * c + 32 * pr + 16 * t));
                         for q in 0..P {
                             s[pr][q] = smmla(s[pr][q], wv, xz[q][t]);
                         }
