@@ -17,11 +17,12 @@ use crate::formats::blocks::*;
 use crate::matmul::reference::{hsum8, LANES};
 use crate::qtype::QType;
 
-/// From this many activation rows the 32-weight formats take this path where the CPU has
-/// `dotprod`. Not timed (no ARM hardware): executed instructions of whole `qmatmul` calls
-/// under qemu (`benches/aarch64_insns/gemm.sh`, 512 x 1024, one thread, 2026-12-07) favour it
-/// already at M = 2: q4_0 0.51 (`sdot`) / 0.48 (`smmla`) a weight per activation row against
-/// 0.60 for the `sdot` row kernels.
+/// From this many activation rows the 32-weight formats and the K-quants take this path where
+/// the CPU has `dotprod`. Not timed (no ARM hardware): executed instructions of whole
+/// `qmatmul` calls under qemu (`benches/aarch64_insns/gemm.sh`, 512 x 1024, one thread,
+/// 2026-12-07) favour it already at M = 2: q4_0 0.51 (`sdot`) / 0.48 (`smmla`) a weight per activation row against
+/// 0.60 for the `sdot` row kernels; for the K-quants (`gemm_neon_k.rs`) q4_k 0.57 / 0.59
+/// against 0.73, q6_k 0.60 / 0.62 against 0.76.
 pub(super) const GEMM_NEON_MIN_M: usize = 2;
 /// Activation rows of one block (each panel chunk decoded once per block; the block's chunk of
 /// activations, 64 x 32 blocks x 34 bytes = 68 KiB, stays in L2).
