@@ -87,9 +87,10 @@ impl GemmK for BlockIQ4XS {
 /// One super-block of the panel, decoded. `q`, per 16 elements c (at 128c): `sdot`'s layout,
 /// step s (elements 16c + 4s..+4) of rows 0..3 at 16s, of rows 4..7 at 64 + 16s, each row's
 /// 4 bytes in turn; `smmla`'s, step t (elements 16c + 8t..+8) of pair p at 32p + 16t: [row 2p:
-/// 8 bytes], [row 2p + 1]. `sc[g]`, `d`, `dmin`: the rows' values in the
-/// kind's lanes (`sdot`: row i at i; `smmla`: rows 2p, 2p, 2p + 1, 2p + 1 at 4p..4p + 4).
-/// `mins[g]`: row i's min of group g at i (both kinds).
+/// 8 bytes], [row 2p + 1]. `sc[g]`, `d`, `dmin`: the rows' values in the kind's lanes
+/// (`sdot`: row i at i; `smmla`: rows 2p, 2p, 2p + 1, 2p + 1 at 4p..4p + 4). `mins[g]`: row
+/// i's min of group g at i (both kinds; only with `MIN`). Groups past the format's (8 with
+/// `PER32`) are neither written nor read.
 #[derive(Clone, Copy)]
 #[repr(C, align(16))]
 pub struct SbPanel {
