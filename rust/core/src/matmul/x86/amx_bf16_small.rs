@@ -302,10 +302,10 @@ mod tests {
             .map(|_| (0..32 * WS).map(|_| val()).collect())
             .collect();
         let run = |panels: usize| {
-            let mut t = Tiles([unsafe { core::arch::x86_64::_mm512_setzero_ps() }; 64]);
-            // SAFETY: AMX bf16 usable (checked); configured and released here; w holds 32 rows
-            // WS apart, x 2 · pairs pairs.
-            unsafe {
+            // SAFETY: AMX bf16 usable (checked), so AVX-512 F; configured and released here;
+            // w holds 32 rows WS apart, x 2 · pairs pairs.
+            let t = unsafe {
+                let mut t = Tiles([core::arch::x86_64::_mm512_setzero_ps(); 64]);
                 crate::amx::tile_config(&CONFIG);
                 zero();
                 for (c, wc) in w.iter().enumerate() {
@@ -313,7 +313,8 @@ mod tests {
                 }
                 store(panels, &mut t);
                 crate::amx::tile_release();
-            }
+                t
+            };
             t.0[..16]
                 .iter()
                 .flat_map(|v| bits(*v))
