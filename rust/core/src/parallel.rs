@@ -5,6 +5,7 @@
 //! Inside `on_openmp` the task helpers (`for_each_index`, `for_each_chunk_mut`) run on the
 //! attached OpenMP team instead (`openmp`: torch's, for calls from torch), with the same split
 //! into tasks; anything else, and any thread not inside `on_openmp`, keeps the pool.
+//! `for_each_chunk_mut_in_runs` hands each thread a contiguous run of the tasks (`runs.rs`).
 
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock, RwLock};
