@@ -146,8 +146,8 @@ pub fn for_each_chunk_mut<T: Send>(
 
 /// `for_each_chunk_mut` with the chunks claimed in contiguous runs, one run a thread, in
 /// order (`runs.rs`: a thread's reads then stream on from chunk to chunk, as at M = 1 where a
-/// chunk's rows come from memory once), a thread done with its run taking the others' last
-/// chunks. Same chunks and calls as `for_each_chunk_mut`; only which thread runs which differs.
+/// chunk's rows come from memory once), a thread done with its run taking half of what another
+/// has left. Same chunks and calls as `for_each_chunk_mut`; only which thread runs which differs.
 pub fn for_each_chunk_mut_in_runs<T: Send>(
     data: &mut [T],
     chunk_len: usize,

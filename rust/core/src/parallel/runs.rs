@@ -6,13 +6,13 @@
 //! every task's end a thread's prefetches run into the other thread's next task, and its own
 //! next task starts cold. Here thread i takes the tasks of run i (1 / threads of them, in
 //! order, so its stream and its prefetches run on as the read probe's do), and a thread whose
-//! run is done takes the last unclaimed task of the run with the most left, so the tail stays
-//! one task. Results do not change: every task is run exactly once, whichever thread runs it.
+//! run is done takes the upper half of what is left of the run with the most left (again in
+//! order), down to single tasks, so the tail stays one task. Results do not change: every task is run exactly once, whichever thread runs it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// The runs of tasks still unclaimed: run r holds tasks `front..back`, packed as
-/// `front | back << 32` so that the owner (from the front) and a thief (from the back) claim
+/// `front | back << 32` so that the owner (from the front) and a thief (the upper half) claim
 /// with one compare-and-swap each.
 pub(super) struct Runs {
     runs: Vec<AtomicU64>,
@@ -69,49 +69,56 @@ impl Runs {
         }
     }
 
-    /// The last unclaimed task of the run with the most left, if any task is left.
-    fn steal(&self) -> Option<usize> {
+    /// Moves the upper half (at least one task) of the unclaimed tasks of the run with the most
+    /// left into run `r`, whose member is done with its own; false when no task is left. The
+    /// thief then reads its share in order too (a descheduled or late thread's rows are taken
+    /// over a half at a time, each half a stream).
+    fn steal_into(&self, r: usize) -> bool {
         loop {
             let (mut best, mut left) = (0, 0);
-            for (r, slot) in self.runs.iter().enumerate() {
+            for (i, slot) in self.runs.iter().enumerate() {
                 let (front, back) = unpack(slot.load(Ordering::Relaxed));
                 if back.saturating_sub(front) > left {
-                    (best, left) = (r, back - front);
+                    (best, left) = (i, back - front);
                 }
             }
             if left == 0 {
-                return None;
+                return false;
             }
             let slot = &self.runs[best];
             let v = slot.load(Ordering::Relaxed);
             let (front, back) = unpack(v);
-            if front < back
-                && slot
-                    .compare_exchange(
-                        v,
-                        pack(front, back - 1),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    )
+            if front < back {
+                let mid = back - (back - front).div_ceil(2);
+                if slot
+                    .compare_exchange(v, pack(front, mid), Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
-            {
-                return Some(back - 1);
+                {
+                    // Run r is empty and only its member stores into it; a thief's CAS on it
+                    // needs front < back, so none can race with this store.
+                    self.runs[r].store(pack(mid, back), Ordering::Relaxed);
+                    return true;
+                }
             }
             // (lost a race: look again)
         }
     }
 
-    /// One thread's share: the next run not yet taken, in order, then any task left. Every
-    /// task is run by exactly one call of `task` over all members.
+    /// One thread's share: the next run not yet taken, in order, then halves taken from the
+    /// others. Every task is run by exactly one call of `task` over all members. (There is one
+    /// member call per run; a call beyond that finds no run and leaves the tasks to the others.)
     pub(super) fn member(&self, task: &(dyn Fn(usize) + Sync)) {
         let r = self.joined.fetch_add(1, Ordering::Relaxed);
-        if r < self.runs.len() {
+        if r >= self.runs.len() {
+            return;
+        }
+        loop {
             while let Some(t) = self.own(r) {
                 task(t);
             }
-        }
-        while let Some(t) = self.steal() {
-            task(t);
+            if !self.steal_into(r) {
+                return;
+            }
         }
     }
 
@@ -145,13 +152,13 @@ mod tests {
         }
     }
 
-    /// One member alone runs its run in order, then steals the others' from their backs.
+    /// One member alone runs its run in order, then the other's in upper halves, each in order.
     #[test]
     fn a_lone_member_runs_everything_once() {
         let r = Runs::new(10, 2);
         let order = Mutex::new(vec![]);
         r.member(&|t| order.lock().unwrap().push(t));
-        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4, 9, 8, 7, 6, 5]);
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4, 7, 8, 9, 6, 5]);
         // a late member finds nothing left
         r.member(&|_| panic!("no task is left"));
     }
