@@ -26,7 +26,9 @@ off there too), so torch's spin-waiting OpenMP workers take our tasks instead of
 second pool. --pool times it on ferroquant's rayon pool instead (the way a caller without torch
 runs it), --no-torch imports no torch at all (rayon pool, no torch peers). The header line says
 which. --pool-rows adds, per format, "fq <qtype> pool": the same calls on the rayon pool,
-interleaved with the team's in the same run (the A/B of the two dispatches).
+interleaved with the team's in the same run (the A/B of the two dispatches). --one-by-one adds
+"fq <qtype> 1by1": M = 1 with the threads' tasks claimed one by one (FERROQUANT_M1_RUNS=0)
+instead of a contiguous run of rows a thread (the A/B of the two splits in one run).
 
 --cpu-time (with --threads 1): every call is timed by the calling thread's CPU time
 (`time.thread_time`) instead of the wall clock. With one thread ferroquant computes on the
@@ -214,6 +216,13 @@ def main() -> None:
         "the AVX2 GEMM; run with FERROQUANT_MAX_ISA=avx2 or avxvnni)",
     )
     ap.add_argument(
+        "--one-by-one",
+        action="store_true",
+        help="also time each format with FERROQUANT_M1_RUNS=0 ('1by1': at M = 1 the threads "
+        "claim tasks one by one from a shared counter, the split before session 17, instead "
+        "of a contiguous run of rows each)",
+    )
+    ap.add_argument(
         "--ggml-int8",
         action="store_true",
         help="also time each ggml format with FERROQUANT_GGML_BF16=0 ('int8': its int8 paths "
@@ -321,6 +330,11 @@ def main() -> None:
                 nbytes[s, f"fq {q} int8"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} int8"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_GGML_BF16": "0"}
+                )
+            if args.one_by_one:
+                nbytes[s, f"fq {q} 1by1"] = nbytes[s, f"fq {q}"]
+                engines[f"{s} fq {q} 1by1"] = fq_engine(
+                    q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_M1_RUNS": "0"}
                 )
             if args.avx2_rows:
                 nbytes[s, f"fq {q} rows"] = nbytes[s, f"fq {q}"]

@@ -74,6 +74,25 @@ def test_team_matches_the_pool_bit_for_bit(qtype, m):
         assert (_native.openmp_regions() > before) == (threads > 1)
 
 
+# M = 1 on 2+ threads: a contiguous run of tasks a thread (the default, parallel/runs.rs) or
+# tasks claimed one by one (FERROQUANT_M1_RUNS=0): one thread's bits either way, on the team
+# and on the pool, with more tasks than threads and runs of unequal length (N = 1000).
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k", "nf4", "int8", "fp8_e4m3", "int4_g64"])
+def test_m1_splits_give_one_threads_bits(qtype, monkeypatch):
+    w = _weights(qtype, n=1000, k=2048)
+    x = _x(1, k=2048)
+    fq.set_num_threads(1)
+    want = _call(x, w, openmp=False)
+    for runs in ("1", "0"):
+        monkeypatch.setenv("FERROQUANT_M1_RUNS", runs)
+        for threads in (2, 3, 5):
+            fq.set_num_threads(threads)
+            assert _call(x, w, openmp=False).tobytes() == want.tobytes(), (runs, threads)
+            before = _native.openmp_regions()
+            assert _call(x, w, openmp=True).tobytes() == want.tobytes(), (runs, threads)
+            assert _native.openmp_regions() > before
+
+
 # M x K >= 2^17 (and M >= 4): the activations are quantized in parallel too (plan.rs: q8_0
 # blocks with their scales and sums, q8_1, q8_K, q16 rows; panels.rs: the tile interleave).
 @pytest.mark.parametrize(

@@ -5,12 +5,15 @@
 //! Inside `on_openmp` the task helpers (`for_each_index`, `for_each_chunk_mut`) run on the
 //! attached OpenMP team instead (`openmp`: torch's, for calls from torch), with the same split
 //! into tasks; anything else, and any thread not inside `on_openmp`, keeps the pool.
+//! `for_each_chunk_mut_in_runs` hands each thread a contiguous run of the tasks (`runs.rs`).
 
 use std::cell::Cell;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
+
+mod runs;
 
 fn build(threads: usize) -> Arc<ThreadPool> {
     Arc::new(
@@ -141,6 +144,37 @@ pub fn for_each_chunk_mut<T: Send>(
     });
 }
 
+/// `for_each_chunk_mut` with the chunks claimed in contiguous runs, one run a thread, in
+/// order (`runs.rs`: a thread's reads then stream on from chunk to chunk, as at M = 1 where a
+/// chunk's rows come from memory once), a thread done with its run taking half of what another
+/// has left. Same chunks and calls as `for_each_chunk_mut`; only which thread runs which differs.
+pub fn for_each_chunk_mut_in_runs<T: Send>(
+    data: &mut [T],
+    chunk_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    assert!(chunk_len > 0, "chunk length 0");
+    let len = data.len();
+    let chunks = len.div_ceil(chunk_len);
+    let threads = num_threads();
+    let base = Shared(data.as_mut_ptr());
+    let one = |i: usize| {
+        let start = i * chunk_len;
+        let n = chunk_len.min(len - start);
+        // SAFETY: i < chunks, so start..start + n lies in `data`; `Runs` hands out every i
+        // exactly once and the chunks are disjoint, so no two tasks alias; `data` is borrowed
+        // mutably for the whole call.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
+        f(i, chunk);
+    };
+    let runs = runs::Runs::new(chunks, threads);
+    let member = |_: usize| runs.member(&one);
+    if OPENMP.get() && crate::openmp::run(threads, runs.len(), &member) {
+        return;
+    }
+    install(|| (0..runs.len()).into_par_iter().for_each(member));
+}
+
 /// `f(i, a_chunk, b_chunk)` for the i-th `a_len`-element chunk of `a` and `b_len`-element chunk
 /// of `b`, as `a.par_chunks_mut(a_len).zip(b.par_chunks_mut(b_len)).enumerate()` (as many as
 /// the shorter has) on the pool, or on the OpenMP team inside `on_openmp`.
@@ -198,6 +232,14 @@ mod tests {
                     assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
                     let mut data = vec![0usize; len];
                     for_each_chunk_mut(&mut data, chunk, |i, c| {
+                        assert!(c.len() == chunk || (i + 1) * chunk >= len);
+                        for (j, v) in c.iter_mut().enumerate() {
+                            *v += i * chunk + j + 1;
+                        }
+                    });
+                    assert!(data.iter().enumerate().all(|(k, &v)| v == k + 1));
+                    let mut data = vec![0usize; len];
+                    for_each_chunk_mut_in_runs(&mut data, chunk, |i, c| {
                         assert!(c.len() == chunk || (i + 1) * chunk >= len);
                         for (j, v) in c.iter_mut().enumerate() {
                             *v += i * chunk + j + 1;

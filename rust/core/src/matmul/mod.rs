@@ -708,7 +708,14 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         if threads == 1 || work < SERIAL_WORK {
             plan.fill(0, out);
         } else {
-            parallel::for_each_chunk_mut(out, per_task, |t, chunk| plan.fill(t * per_task, chunk))
+            let fill = |t: usize, chunk: &mut [f32]| plan.fill(t * per_task, chunk);
+            if crate::config::m1_runs() {
+                // A contiguous run of tasks a thread, so that its stream of rows (and its
+                // software prefetch ahead of them) runs on from task to task.
+                parallel::for_each_chunk_mut_in_runs(out, per_task, fill)
+            } else {
+                parallel::for_each_chunk_mut(out, per_task, fill)
+            }
         }
         if plan.bad_zeros.load(std::sync::atomic::Ordering::Relaxed) {
             if let QType::GInt(g) = w.qtype {

@@ -327,7 +327,12 @@ impl Row32 for BlockIQ4NL {
 }
 
 /// Bytes ahead of the group being read that the long-row path prefetches (`prefetch_l2`).
-const PREFETCH_L2_AHEAD: usize = 4096;
+/// 8 KiB since session 17 (was 4): one thread, CPU time, from memory (640 MB rotation), load
+/// 28-31, two alternating sweeps in a throw-away build: q4_0 2.18-2.20 / 2.15-2.16 ms
+/// (4096x14336 / 14336x4096) at 4 KiB, 2.14-2.15 / 2.10-2.13 at 8 KiB, 2.13 / 2.11-2.13 at
+/// 16 KiB, 2.64-2.66 at 2 KiB; q8_0 3.80-3.81 / 3.81-3.82 -> 3.77-3.79 / 3.74 (8 KiB).
+/// Into L1 (`_MM_HINT_T0`) was 4-9 % slower, `_MM_HINT_T2` the same as T1.
+const PREFETCH_L2_AHEAD: usize = 8192;
 
 /// Prefetch into L2 (`_MM_HINT_T1`) the `len` bytes `PREFETCH_L2_AHEAD` past `p`: the row
 /// kernel's long-K path (`PF`, K above `mod.rs`'s `LONG_K`). This kernel reads the weights
