@@ -36,7 +36,7 @@ still shared). Ratios of such runs compare the kernels on one core; they are no 
 the two-thread wall time.
 
 --ggml-int8: each ggml format that takes the bf16 GEMM on AMX tiles at large M
-(`_native.qmatmul_bf16_ggml_min_m`) is also timed as "fq <qtype> int8" with
+(`_native.qmatmul_bf16_ggml_min_m(qtype, k)`) is also timed as "fq <qtype> int8" with
 FERROQUANT_GGML_BF16=0 (its int8 paths at every M), interleaved in the same run: the A/B of the
 two paths and where they cross (with FERROQUANT_GGML_BF16=12 set for the run, the tiles from 12
 rows on).
@@ -218,7 +218,7 @@ def main() -> None:
         action="store_true",
         help="also time each ggml format with FERROQUANT_GGML_BF16=0 ('int8': its int8 paths "
         "instead of the bf16 GEMM on AMX tiles, which it takes from "
-        "_native.qmatmul_bf16_ggml_min_m(qtype) rows)",
+        "_native.qmatmul_bf16_ggml_min_m(qtype, k) rows)",
     )
     args = ap.parse_args()
     if args.cpu_time:
@@ -317,7 +317,7 @@ def main() -> None:
                 engines[f"{s} fq {q} pool"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, openmp=False
                 )
-            if args.ggml_int8 and _native.qmatmul_bf16_ggml_min_m(q):
+            if args.ggml_int8 and _native.qmatmul_bf16_ggml_min_m(q, k):
                 nbytes[s, f"fq {q} int8"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} int8"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_GGML_BF16": "0"}
