@@ -79,6 +79,15 @@ def slab(qtype: str, k: int, rng: np.random.Generator):
     return qt.data.reshape(SLAB_ROWS, -1), stats, qt.block_size, qt.scale_mode
 
 
+def ggml_bf16_min_m(qtype: str, k: int) -> int:
+    """`_native.qmatmul_bf16_ggml_min_m(qtype, k)`; a library from before session 17 (one
+    threshold for every K) takes the qtype alone, so A/B runs against main's build work."""
+    try:
+        return _native.qmatmul_bf16_ggml_min_m(qtype, k)
+    except TypeError:
+        return _native.qmatmul_bf16_ggml_min_m(qtype)  # type: ignore[call-arg]
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
     """'576x576,576x192' -> [(576, 576), (576, 192)] (K x N)."""
     out = []
@@ -317,7 +326,7 @@ def main() -> None:
                 engines[f"{s} fq {q} pool"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, openmp=False
                 )
-            if args.ggml_int8 and _native.qmatmul_bf16_ggml_min_m(q, k):
+            if args.ggml_int8 and ggml_bf16_min_m(q, k):
                 nbytes[s, f"fq {q} int8"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} int8"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_GGML_BF16": "0"}
