@@ -74,16 +74,16 @@ impl Drop for GgmlInt8 {
 /// thread, CPU time, load 25, 4096x14336 / 14336x4096): its AMX int8 tiles (`gemm_amx.rs`)
 /// 16.6 / 15.4 ms at M = 48 against the route's 17.8 / 16.9 (main's build: 16.8 / 16.9
 /// against 19.7 / 19.6); at 64 20.1 / 18.8 against 18.7 / 21.3 (main's: 20.8 / 20.7
-/// against 19.6 / 21.0); at 128 35.0 / 34.1 against 24.4 / 24.3. So from 64 rows, and at
-/// K > `k_route::SHORT_K` from 80 (interpolated between 64 and 128).
+/// against 19.6 / 21.0; the A/B run of 14:06-14:11 UTC: 20.4 / 18.8 against main's route
+/// 18.5 / 18.1); at 128 35.0 / 34.1 against 24.4 / 24.3. So from 64 rows at every K (at
+/// 14336x4096, M = 64 the two are within the runs' noise).
 #[cfg(target_arch = "x86_64")]
 fn ggml_bf16_default_min_m(qtype: QType, k: usize) -> usize {
     if let Some(r) = super::k_route::k_route(qtype, k) {
         return r.bf16;
     }
     match qtype {
-        QType::Q5_1 if k <= super::k_route::SHORT_K => 64,
-        QType::Q5_1 => 80,
+        QType::Q5_1 => 64,
         _ => 48,
     }
 }
