@@ -26,10 +26,10 @@ generate" splits its CPU time between prompt and decode by their wall-clock shar
 thread on a loaded machine they are the least distorted comparison.
 The last column is the greedy prefix equal to llama.cpp's: a numerics indicator, not a pass /
 fail check. Where AMX bf16 runs, the runtime's prompt matmuls of the ggml formats take the bf16
-tiles from 48 prompt tokens (q2_k 64, q3_k 80; `qmatmul_bf16_ggml_min_m`): bf16 weights and
-activations, within the tiles' float64 bound, not llama.cpp's q8 activations, so the text may
-leave llama.cpp's after a few tokens on a prompt with near-ties (session 14, q4_k_m at 512
-tokens: 2 of 65; with FERROQUANT_GGML_BF16=0, 65 of 65).
+tiles from 48 to 128 prompt tokens (by format and K: `qmatmul_bf16_ggml_min_m(qtype, k)`): bf16
+weights and activations, within the tiles' float64 bound, not llama.cpp's q8 activations, so the
+text may leave llama.cpp's after a few tokens on a prompt with near-ties (session 14, q4_k_m at
+512 tokens: 2 of 65; with FERROQUANT_GGML_BF16=0, 65 of 65).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ still shared). Ratios of such runs compare the kernels on one core; they are no 
 the two-thread wall time.
 
 --ggml-int8: each ggml format that takes the bf16 GEMM on AMX tiles at large M
-(`_native.qmatmul_bf16_ggml_min_m`) is also timed as "fq <qtype> int8" with
+(`_native.qmatmul_bf16_ggml_min_m(qtype, k)`) is also timed as "fq <qtype> int8" with
 FERROQUANT_GGML_BF16=0 (its int8 paths at every M), interleaved in the same run: the A/B of the
 two paths and where they cross (with FERROQUANT_GGML_BF16=12 set for the run, the tiles from 12
 rows on).
@@ -79,6 +79,15 @@ def slab(qtype: str, k: int, rng: np.random.Generator):
     qt = fq.quantize(w, qtype, **kw)
     stats = qt.stats.reshape(SLAB_ROWS, -1) if qt.stats.size else None
     return qt.data.reshape(SLAB_ROWS, -1), stats, qt.block_size, qt.scale_mode
+
+
+def ggml_bf16_min_m(qtype: str, k: int) -> int:
+    """`_native.qmatmul_bf16_ggml_min_m(qtype, k)`; a library from before session 17 (one
+    threshold for every K) takes the qtype alone, so A/B runs against main's build work."""
+    try:
+        return _native.qmatmul_bf16_ggml_min_m(qtype, k)
+    except TypeError:
+        return _native.qmatmul_bf16_ggml_min_m(qtype)  # type: ignore[call-arg]
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -227,7 +236,7 @@ def main() -> None:
         action="store_true",
         help="also time each ggml format with FERROQUANT_GGML_BF16=0 ('int8': its int8 paths "
         "instead of the bf16 GEMM on AMX tiles, which it takes from "
-        "_native.qmatmul_bf16_ggml_min_m(qtype) rows)",
+        "_native.qmatmul_bf16_ggml_min_m(qtype, k) rows)",
     )
     args = ap.parse_args()
     if args.cpu_time:
@@ -326,7 +335,7 @@ def main() -> None:
                 engines[f"{s} fq {q} pool"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, openmp=False
                 )
-            if args.ggml_int8 and _native.qmatmul_bf16_ggml_min_m(q):
+            if args.ggml_int8 and ggml_bf16_min_m(q, k):
                 nbytes[s, f"fq {q} int8"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} int8"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_GGML_BF16": "0"}

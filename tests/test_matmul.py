@@ -245,7 +245,7 @@ def bf16_path(W: Weights, m: int) -> bool:
     `qmatmul_bf16_ggml_min_m` rows (AMX bf16 tiles only), the bf16 family from
     `qmatmul_bf16_min_m`."""
     if W.qtype in GGML_QTYPES:
-        g = _native.qmatmul_bf16_ggml_min_m(W.qtype)
+        g = _native.qmatmul_bf16_ggml_min_m(W.qtype, W.k)
         return bool(g) and m >= g
     t = _native.qmatmul_bf16_min_m()
     return bool(t) and m >= t and W.k % 32 == 0 and W.qtype in BF16_QTYPES
@@ -597,12 +597,12 @@ def test_tiled_batches_threads_and_rows(kind):
 
 @pytest.mark.parametrize("kind", [q for q in GGML_QTYPES if not q.startswith("tq")])
 def test_ggml_formats_on_bf16_tiles_from_their_threshold(kind):
-    """From `qmatmul_bf16_ggml_min_m(kind)` rows (only where AMX bf16 runs) a ggml format takes
+    """From `qmatmul_bf16_ggml_min_m(kind, k)` rows (only where AMX bf16 runs) a ggml format takes
     the bf16 tiles: within their bound of the float64 product of gguf-py's dequantized weights,
     the same bits on 1 and 2 threads; one row below, its int8 paths (every row equals the same
     row computed alone). Elsewhere (no AMX) the int8 paths at every M."""
-    t = _native.qmatmul_bf16_ggml_min_m(kind)
     n, k = 37, 512
+    t = _native.qmatmul_bf16_ggml_min_m(kind, k)
     W = make_weights(kind, make("normal", n, k, seed=5))
     before = fq.num_threads()
     for m in [t - 1, t, 130] if t else [100]:
@@ -625,7 +625,9 @@ def test_ggml_formats_on_bf16_tiles_from_their_threshold(kind):
 
 def test_ggml_bf16_route_on_by_default_and_its_opt_out(monkeypatch):
     """Where AMX bf16 runs the ggml formats take the tiles by default (unset, "1": 48 rows,
-    64 for q2_k, 80 for q3_k; n >= 2: from n rows, at least the tiles' own minimum);
+    q5_1 64, the K-quants by K (matmul/k_route.rs: e.g. q3_k 80 at K = 4096,
+    128 at 14336; q2_k and q6_k 128);
+    n >= 2: from n rows, at least the tiles' own minimum);
     FERROQUANT_GGML_BF16=0 keeps their int8 paths at every M. Without AMX bf16: never."""
     amx = _native.qmatmul_bf16_amx_min_m()
     # (the ggml formats' least is the tile loop's 12 rows: the small-M tiles from 8,
@@ -637,12 +639,17 @@ def test_ggml_bf16_route_on_by_default_and_its_opt_out(monkeypatch):
             monkeypatch.delenv("FERROQUANT_GGML_BF16", raising=False)
         else:
             monkeypatch.setenv("FERROQUANT_GGML_BF16", raw)
-        got = (_native.qmatmul_bf16_ggml_min_m("q4_k"), _native.qmatmul_bf16_ggml_min_m("q8_0"))
+        got = (
+            _native.qmatmul_bf16_ggml_min_m("q4_k", 4096),
+            _native.qmatmul_bf16_ggml_min_m("q8_0", 4096),
+        )
         assert got == ((q4, q8) if amx else (0, 0)), raw
         if amx and raw in (None, "1"):
-            assert _native.qmatmul_bf16_ggml_min_m("q2_k") == 64
-            assert _native.qmatmul_bf16_ggml_min_m("q3_k") == 80
-        assert _native.qmatmul_bf16_ggml_min_m("tq2_0") == 0
+            for k, q3_k in [(4096, 80), (14336, 128)]:
+                assert _native.qmatmul_bf16_ggml_min_m("q5_1", k) == 64
+                assert _native.qmatmul_bf16_ggml_min_m("q3_k", k) == q3_k
+                assert _native.qmatmul_bf16_ggml_min_m("q6_k", k) == 128
+        assert _native.qmatmul_bf16_ggml_min_m("tq2_0", 4096) == 0
 
 
 SCALAR_SCRIPT = r"""

@@ -167,7 +167,7 @@ def cuda_sources() -> list[tuple[str, str]]:
 # (q8_K activations), nf4 int8 (16-bit activations per block of 64: reference/q16.rs), fp8_e4m3
 # fp8_e5m2 (f32 activations); nf4, int8, fp8 and grouped integers from `qmatmul_bf16_min_m()` rows
 # on: bf16 (reference/bf16.rs); the 12 ggml formats above (not tq*) from
-# `qmatmul_bf16_ggml_min_m(qtype)` rows where AMX bf16 runs. ops.py dequantizes the others.
+# `qmatmul_bf16_ggml_min_m(qtype, k)` rows where AMX bf16 runs. ops.py dequantizes the others.
 def qmatmul(
     x: npt.NDArray[np.float32],
     data: npt.NDArray[np.uint8],
@@ -228,10 +228,11 @@ def qmatmul_bf16_min_m() -> int: ...
 def qmatmul_bf16_amx_min_m() -> int: ...
 
 # From this many rows the ggml format `qtype` (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl, q2_k..q6_k,
-# iq4_xs) takes that bf16 GEMM on AMX tiles (weights dequantized then rounded to bf16): within the
-# tiles' float64 bound instead of the q8 activations' numerics; 0: never (no AMX bf16, another
-# format, FERROQUANT_GGML_BF16=0).
-def qmatmul_bf16_ggml_min_m(qtype: str) -> int: ...
+# iq4_xs) with rows of `k` weights takes that bf16 GEMM on AMX tiles (weights dequantized then
+# rounded to bf16): within the tiles' float64 bound instead of the q8 activations' numerics; 0:
+# never (no AMX bf16, another format, FERROQUANT_GGML_BF16=0). The K-quants' thresholds depend
+# on K (rust/core/src/matmul/k_route.rs).
+def qmatmul_bf16_ggml_min_m(qtype: str, k: int) -> int: ...
 
 # The benchmarks' read-bandwidth probe (rust/core/src/matmul/bandwidth.rs): sums data's 8-byte
 # words, each pool thread over its own part, `streams` (1, 2, 4, 8) sub-parts in lock step,

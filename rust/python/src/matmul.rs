@@ -231,13 +231,14 @@ pub fn qmatmul_bf16_amx_min_m() -> usize {
 }
 
 /// From this many rows the ggml format `qtype` (q4_0 .. q8_0, iq4_nl, q2_k .. q6_k, iq4_xs)
-/// takes the bf16 GEMM on AMX tiles (weights dequantized and rounded to bf16, activations
-/// rounded to bf16: within `x86::amx_bf16::error_bound`, not the q8 activations' bits); 0
-/// where it does not (no AMX bf16, another format, `FERROQUANT_GGML_BF16=0`).
+/// with rows of `k` weights takes the bf16 GEMM on AMX tiles (weights dequantized and rounded
+/// to bf16, activations rounded to bf16: within `x86::amx_bf16::error_bound`, not the q8
+/// activations' bits); 0 where it does not (no AMX bf16, another format,
+/// `FERROQUANT_GGML_BF16=0`). The K-quants' thresholds depend on K (`matmul::k_route`).
 #[pyfunction]
-pub fn qmatmul_bf16_ggml_min_m(qtype: &str) -> PyResult<usize> {
+pub fn qmatmul_bf16_ggml_min_m(qtype: &str, k: usize) -> PyResult<usize> {
     let qtype = core::QType::parse(qtype).map_err(to_py)?;
-    Ok(core::matmul::ggml_bf16_min_m(qtype))
+    Ok(core::matmul::ggml_bf16_min_m(qtype, k))
 }
 
 /// Memory read bandwidth helper of the benchmarks: a streaming read of `data` (the pool's

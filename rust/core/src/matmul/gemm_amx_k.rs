@@ -8,27 +8,17 @@
 use std::cell::RefCell;
 
 use super::x86::amx_k::{self, AmxXK, KSb, Tiles, MT, NT};
-use super::x86::gemm_k::{self, DecodeK, SbBuf};
+use super::x86::gemm_k::{self, Acc, DecodeK, SbBuf};
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
 use crate::qtype::QType;
 
-/// From how many activation rows `qtype` takes the AMX path (where usable; None: never).
-/// Measured one thread, CPU time, 4096x4096, against the VNNI K-quant GEMM (main's build,
-/// `FERROQUANT_GGML_BF16=0`) in alternating processes, 2026-12-07 10:50-11:00 UTC, load 18-30
-/// (ms, AMX / VNNI): q6_k M = 16 2.24 / 2.31, 32 3.07-3.27 / 3.64-3.75, 64 4.06-4.41 /
-/// 6.10-6.38; q2_k 32 2.95 / 3.29, 64 4.55 / 5.79; iq4_xs 32 2.84 / 3.00, 64 4.24 / 5.63;
-/// q3_k 32 3.04-3.07 / 3.00-3.01, 64 4.31-4.39 / 5.17-5.24; q4_k 32 3.59 / 3.16, 64 5.00 /
-/// 5.55; q5_k 32 3.69 / 3.42, 64 5.49 / 5.69. The panels' decode and `expand` are paid once
-/// per task, so the tiles win only with enough rows. From 80 rows the bf16 route
-/// (`ggml_bf16_min_m`) still takes every K-quant by default: at M = 512 it took 20-24 ms
-/// against the tiles' 28-31 (q6_k, q2_k, q3_k, iq4_xs) and 36-39 (q4_k, q5_k; VNNI 47-53).
-pub(super) fn min_m(qtype: QType) -> Option<usize> {
-    match qtype {
-        QType::Q6K | QType::Q2K | QType::IQ4XS => Some(32),
-        QType::Q3K | QType::Q4K | QType::Q5K => Some(64),
-        _ => None,
-    }
+/// From how many activation rows `qtype` takes the AMX path at K = `k` (where usable; None:
+/// never): `k_route`'s table, where the measurements are. (Session 16, 4096x4096 against the
+/// VNNI GEMM: q6_k / q2_k / iq4_xs win from 32 rows, q3_k / q4_k / q5_k from 64; the panels'
+/// decode and `expand` are paid once per task, so the tiles win only with enough rows.)
+pub(super) fn min_m(qtype: QType, k: usize) -> Option<usize> {
+    super::k_route::k_route(qtype, k).and_then(|r| r.tiles)
 }
 
 #[cfg(test)]
@@ -58,21 +48,14 @@ impl Drop for Force {
     }
 }
 
-/// The largest K the AMX path takes: a task decodes its panels' whole K (two i8 planes, 8 KiB
-/// per super-block of 16 rows), which at K = 14336 (4 panels, 1.8 MB) no longer stays in L2
-/// with the activations: `bench_matmul.py` 14336x4096, M = 64, one thread, CPU time,
-/// 2026-12-07 11:17-11:21 UTC, load 12: 29-36 ms against the VNNI GEMM's 17-21 (4096x14336:
-/// q6_k 15.8-19.8 against 21.0, q2_k 16.5-16.6 against 20.4-20.6).
-pub(super) const AMX_K_MAX_K: usize = 4096;
-
 /// Whether the AMX path runs for `qtype` weights, `m` activation rows and K = `k` (`min_m`,
-/// `AMX_K_MAX_K`, `amx::amx_int8_usable`), where the K-quant GEMM runs.
+/// `amx::amx_int8_usable`), where the K-quant GEMM runs.
 pub(super) fn takes(qtype: QType, m: usize, k: usize) -> bool {
     #[cfg(test)]
     if let Some(on) = FORCE.with(|c| c.get()) {
         return on && super::gemm_k::takes(qtype) && crate::amx::amx_int8_usable();
     }
-    min_m(qtype).is_some_and(|t| m >= t) && k <= AMX_K_MAX_K && crate::amx::amx_int8_usable()
+    min_m(qtype, k).is_some_and(|t| m >= t) && crate::amx::amx_int8_usable()
 }
 
 /// The q8_K activations packed for the A tiles, or None for other activations.
@@ -83,9 +66,16 @@ pub(super) fn pack(acts: &Acts<'_>, m: usize, k: usize) -> Option<AmxXK> {
     }
 }
 
+/// Super-blocks of K a task decodes (every panel) before its blocks of rows pass them: the
+/// planes of 4 panels (8 KiB a super-block, q2_k's min plane aside) and 64 rows' packed chunk
+/// (4 KiB a super-block per 16 rows) stay in L2. K = 4096 is one chunk of 16; K = 14336 four
+/// of 14 (evenly split). Unchunked, K = 14336 decoded 1.8 MB of planes per task that left L2
+/// beside the activations: 1.5-1.7x slower than the VNNI GEMM (session 16).
+pub(super) const KC_SB: usize = 16;
+
 thread_local! {
-    /// Each pool thread's decoded panels of its task (reused across calls).
-    static PANELS: RefCell<(SbBuf, Vec<KSb>)> = RefCell::new(Default::default());
+    /// Each pool thread's decoded panel chunks and float accumulators (reused across calls).
+    static PANELS: RefCell<(SbBuf, Vec<KSb>, Vec<[Acc; MT]>)> = RefCell::new(Default::default());
 }
 
 impl Plan<'_> {
@@ -112,6 +102,10 @@ impl Plan<'_> {
         let rb = self.row_bytes;
         let m = self.m;
         let np = rows.div_ceil(NT);
+        let mbs = m.div_ceil(MT);
+        let rows_of = |mb: usize| MT.min(m - mb * MT);
+        let chunks = nb.div_ceil(KC_SB).max(1);
+        let kc = nb.div_ceil(chunks);
         let zero = W::zeroed();
         // Super-block b of the task's weight row i, or a zero block past its rows.
         let blk = |i: usize, b: usize| -> &W {
@@ -121,36 +115,63 @@ impl Plan<'_> {
                 &zero
             }
         };
-        PANELS.with_borrow_mut(|(buf, panels)| {
-            if panels.len() < np * nb {
-                panels.resize(np * nb, KSb::default());
+        PANELS.with_borrow_mut(|(buf, panels, acc)| {
+            if panels.len() < np * kc {
+                panels.resize(np * kc, KSb::default());
             }
-            for pi in 0..np {
-                for b in 0..nb {
-                    let ws: [&W; NT] = std::array::from_fn(|i| blk(pi * NT + i, b));
-                    // SAFETY: `self.amx_k` is set only with `amx::amx_int8_usable()`, which
-                    // implies AVX2, F16C and AVX-512 F/BW/VL/VNNI.
-                    unsafe {
-                        gemm_k::decode(&ws, buf);
-                        amx_k::expand::<W>(buf, &mut panels[pi * nb + b]);
-                    }
-                }
-            }
+            // acc[pi * mbs + mb][i]: panel pi, activation row mb * 16 + i
+            // SAFETY: `self.amx_k` is set only with `amx::amx_int8_usable()`, which implies
+            // AVX2, F16C and AVX-512 F/BW/VL/VNNI.
+            unsafe { amx_k::zero_accs(acc, np * mbs) };
             // SAFETY: AMX int8 usable (above); `_tiles` drops on this thread at the end of this
             // task, so no tile state outlives it.
             let _tiles = unsafe { Tiles::new() };
-            // Blocks of rows (one or two at a time, `amx_k::blocks_of_rows`) over the task's
-            // panels (all decoded above): the blocks' packed rows and the panels stay in L2.
-            let mbs = m.div_ceil(MT);
-            let rows_of = |mb: usize| MT.min(m - mb * MT);
-            let mut mb = 0;
-            while mb < mbs {
-                let two = amx_k::blocks_of_rows::<W>() == 2 && mb + 1 < mbs;
+            for c in 0..chunks {
+                let b0 = c * kc;
+                let kn = kc.min(nb - b0);
                 for pi in 0..np {
-                    let c0 = n0 + pi * NT;
-                    let valid = (rows - pi * NT).min(NT);
-                    let put = |r: usize, i: usize, y: &[f32; NT]| {
-                        let mi = (mb + r) * MT + i;
+                    for j in 0..kn {
+                        let ws: [&W; NT] = std::array::from_fn(|i| blk(pi * NT + i, b0 + j));
+                        // SAFETY: AMX int8 usable (above).
+                        unsafe {
+                            gemm_k::decode(&ws, buf);
+                            amx_k::expand::<W>(buf, &mut panels[pi * kc + j]);
+                        }
+                    }
+                }
+                // Blocks of rows (one or two at a time, `amx_k::blocks_of_rows`) over the
+                // chunk of the task's panels: the blocks' packed chunk and the panels stay in L2.
+                let mut mb = 0;
+                while mb < mbs {
+                    let two = amx_k::blocks_of_rows::<W>() == 2 && mb + 1 < mbs;
+                    for pi in 0..np {
+                        let p = &panels[pi * kc..][..kn];
+                        let a = &mut acc[pi * mbs + mb..];
+                        // SAFETY: AMX int8 usable with the tiles configured on this thread
+                        // (`_tiles`); b0 + kn <= nb; x was packed for this plan (nb
+                        // super-blocks a row, blocks of rows mb (and mb + 1) exist); two
+                        // blocks of rows only where the planes allow (`blocks_of_rows`).
+                        unsafe {
+                            if two {
+                                let a: &mut [_; 2] = (&mut a[..2]).try_into().expect("2");
+                                amx_k::rows_x_panel::<W, 2>(p, b0, nb, x, mb, a);
+                            } else {
+                                let a: &mut [_; 1] = (&mut a[..1]).try_into().expect("1");
+                                amx_k::rows_x_panel::<W, 1>(p, b0, nb, x, mb, a);
+                            }
+                        }
+                    }
+                    mb += 1 + two as usize;
+                }
+            }
+            for pi in 0..np {
+                let c0 = n0 + pi * NT;
+                let valid = (rows - pi * NT).min(NT);
+                for mb in 0..mbs {
+                    for (i, a) in acc[pi * mbs + mb].iter().enumerate().take(rows_of(mb)) {
+                        // SAFETY: AVX-512 F (above).
+                        let y = unsafe { amx_k::finish(a) };
+                        let mi = mb * MT + i;
                         if valid == NT {
                             out.set8(mi, c0, y[..8].try_into().expect("8"));
                             out.set8(mi, c0 + 8, y[8..].try_into().expect("8"));
@@ -159,22 +180,8 @@ impl Plan<'_> {
                                 out.set(mi, c0 + j, v);
                             }
                         }
-                    };
-                    let p = &panels[pi * nb..][..nb];
-                    // SAFETY: AMX int8 usable with the tiles configured on this thread
-                    // (`_tiles`); the panel has nb decoded super-blocks; x was packed for this
-                    // plan (nb super-blocks a row, blocks of rows mb (and mb + 1) exist);
-                    // two blocks of rows only where the planes allow (`blocks_of_rows`).
-                    unsafe {
-                        if two {
-                            let rs = [rows_of(mb), rows_of(mb + 1)];
-                            amx_k::rows_x_panel::<W, 2>(p, nb, x, mb, rs, put);
-                        } else {
-                            amx_k::rows_x_panel::<W, 1>(p, nb, x, mb, [rows_of(mb)], put);
-                        }
                     }
                 }
-                mb += 1 + two as usize;
             }
         });
     }

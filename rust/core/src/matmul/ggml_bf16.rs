@@ -12,7 +12,7 @@ use crate::qtype::QType;
 /// rounded to bf16, the tiles' f32 sums: within `x86::amx_bf16::error_bound` of the float64
 /// product, no longer the q8 activations' bits), or 0 where it does not (no AMX bf16, another
 /// format, or `FERROQUANT_GGML_BF16=0`). On by default where AMX bf16 is usable.
-pub fn ggml_bf16_min_m(qtype: QType) -> usize {
+pub fn ggml_bf16_min_m(qtype: QType, k: usize) -> usize {
     #[cfg(test)]
     if GGML_INT8.with(|c| c.get()) {
         return 0;
@@ -28,11 +28,11 @@ pub fn ggml_bf16_min_m(qtype: QType) -> usize {
         // tests/test_kv_attention.py::test_fast_decode_false_keeps_the_dequantizing_path_*.)
         return match crate::config::ggml_bf16() {
             Some(0) => 0,
-            None | Some(1) => ggml_bf16_default_min_m(qtype),
+            None | Some(1) => ggml_bf16_default_min_m(qtype, k),
             Some(n) => n.max(x86::amx_bf16::AMX_BF16_MIN_M),
         };
     }
-    let _ = qtype;
+    let _ = (qtype, k);
     0
 }
 
@@ -63,19 +63,27 @@ impl Drop for GgmlInt8 {
     }
 }
 
-/// Each ggml format's row count for `ggml_bf16_min_m`, measured against its int8 paths (AMX int8
-/// tiles or the AVX-512 GEMM for the 32-weight formats, the AVX-512 VNNI GEMM for the K-quants).
+/// Each ggml format's row count for `ggml_bf16_min_m` at K = `k`, measured against its int8
+/// paths (AMX int8 tiles or the AVX-512 GEMM for the 32-weight formats; the K-quants:
+/// `k_route`'s table, against their AMX int8 tiles and the VNNI GEMM).
 /// Session 16 (the decode's per-chunk `QType::info` searches gone: the route 25-35 % faster at
 /// M = 32-64), one thread, CPU time, 2026-12-07 10:57-11:01 UTC, load 23-27, in-process A/B
-/// against main's library (`benches/RESULTS.md`, session 16: the ggml bf16 route), bf16 / int8 time (medians),
-/// 4096x14336 / 14336x4096: at M = 32 0.98-1.39x (4096x14336); at 48 0.79-0.99x / 0.74-0.99x
-/// except q2_k 1.09x / 1.10x and q3_k 1.00x / 1.22x; at 64 0.70-0.88x / 0.75-0.92x except
-/// q3_k 0.83x / 1.06x. Session 15 had 80 (96 for q8_0 and iq4_nl) with the searches.
+/// against main's library (`benches/RESULTS.md`, session 16: the ggml bf16 route), bf16 / int8
+/// time (medians), 4096x14336 / 14336x4096: at M = 32 0.98-1.39x (4096x14336); at 48
+/// 0.79-0.99x / 0.74-0.99x. q5_1 (session 17, `benches/bench_matmul.py ... --ggml-int8`, one
+/// thread, CPU time, load 25, 4096x14336 / 14336x4096): its AMX int8 tiles (`gemm_amx.rs`)
+/// 16.6 / 15.4 ms at M = 48 against the route's 17.8 / 16.9 (main's build: 16.8 / 16.9
+/// against 19.7 / 19.6); at 64 20.1 / 18.8 against 18.7 / 21.3 (main's: 20.8 / 20.7
+/// against 19.6 / 21.0; the A/B run of 14:06-14:11 UTC: 20.4 / 18.8 against main's route
+/// 18.5 / 18.1); at 128 35.0 / 34.1 against 24.4 / 24.3. So from 64 rows at every K (at
+/// 14336x4096, M = 64 the two are within the runs' noise).
 #[cfg(target_arch = "x86_64")]
-fn ggml_bf16_default_min_m(qtype: QType) -> usize {
+fn ggml_bf16_default_min_m(qtype: QType, k: usize) -> usize {
+    if let Some(r) = super::k_route::k_route(qtype, k) {
+        return r.bf16;
+    }
     match qtype {
-        QType::Q3K => 80,
-        QType::Q2K => 64,
+        QType::Q5_1 => 64,
         _ => 48,
     }
 }

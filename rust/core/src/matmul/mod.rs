@@ -19,7 +19,7 @@
 //! int8, fp8 and the grouped integers take the bf16 GEMM of `gemm_bf16.rs` / `x86/gemm16.rs`,
 //! with its own numerics (`reference/bf16.rs`: bf16 operands, f32 sums; not the q16 / f32 ones).
 //! Where AMX bf16 is usable the ggml formats (not tq*) take it too from `ggml_bf16_min_m` rows
-//! (48; q2_k 64, q3_k 80), their blocks decoded by `x86/decode16_ggml.rs`: from there within the tiles' bound
+//! (48; q5_1 64; the K-quants by `k_route`'s table: q4_k / q5_k 48, q3_k / iq4_xs 80, q2_k / q6_k 128), their blocks decoded by `x86/decode16_ggml.rs`: from there within the tiles' bound
 //! of the dequantized product, no longer the q8 activations' bits.
 //! Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)
@@ -577,6 +577,8 @@ impl Plan<'_> {
 
 mod dispatch;
 mod ggml_bf16;
+#[cfg(target_arch = "x86_64")]
+mod k_route;
 pub use ggml_bf16::ggml_bf16_min_m;
 #[cfg(test)]
 pub(crate) use ggml_bf16::GgmlInt8;
@@ -609,10 +611,10 @@ use plan::plan;
 /// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (`gemm.rs`, or the bf16 GEMM
 /// of `ggml_bf16_min_m`) for `m` activation rows on this CPU (the native runtime asks before it leaves its own packed kernels). The same
 /// condition as `plan`'s `gemm` (tested).
-pub fn has_gemm(qtype: QType, m: usize) -> bool {
+pub fn has_gemm(qtype: QType, m: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        (ggml_bf16_min_m(qtype) > 0 && m >= ggml_bf16_min_m(qtype))
+        (ggml_bf16_min_m(qtype, k) > 0 && m >= ggml_bf16_min_m(qtype, k))
             || (use_simd()
                 && use_vnni()
                 && crate::cpu::has_vnni_bw()
@@ -630,21 +632,21 @@ pub fn has_gemm(qtype: QType, m: usize) -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (qtype, m);
+        let _ = (qtype, m, k);
         false
     }
 }
 
 /// Whether `qmatmul` runs `qtype` weights on AMX int8 tiles for `m` activation rows on this
 /// CPU (`gemm_amx::takes`; any K, in blocks of 32), where it also takes the GEMM path.
-pub fn amx_int8_takes(qtype: QType, m: usize) -> bool {
+pub fn amx_int8_takes(qtype: QType, m: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        has_gemm(qtype, m) && gemm_amx::takes(qtype, m)
+        has_gemm(qtype, m, k) && gemm_amx::takes(qtype, m)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (qtype, m);
+        let _ = (qtype, m, k);
         false
     }
 }

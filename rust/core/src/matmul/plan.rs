@@ -370,7 +370,7 @@ pub(super) fn plan<'a>(
                 !g.float_zero && (g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize))
             }
             // the ggml formats on AMX tiles only, from their measured row counts
-            q => ggml_bf16_min_m(q) > 0 && m >= ggml_bf16_min_m(q),
+            q => ggml_bf16_min_m(q, k) > 0 && m >= ggml_bf16_min_m(q, k),
         }
         && crate::cpu::has_avx512_bf16()
         && x86::gemm16::semantics_hold();

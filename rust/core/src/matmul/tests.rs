@@ -902,13 +902,17 @@ fn has_gemm_matches_the_plan() {
             let on = p.gemm || p.bf16.is_some();
             #[cfg(not(target_arch = "x86_64"))]
             let on = p.gemm;
-            assert_eq!(on, has_gemm(qtype, m), "{qtype:?} m={m}");
+            assert_eq!(on, has_gemm(qtype, m, k), "{qtype:?} m={m}");
         }
     }
     // Which formats have the path (on a CPU with AVX-512 VNNI / BW).
     #[cfg(target_arch = "x86_64")]
     if use_simd() && use_vnni() && crate::cpu::has_vnni_bw() {
-        assert!(has_gemm(QType::Q4_0, 4) && !has_gemm(QType::Q4_0, 3));
-        assert!(has_gemm(QType::Q4K, 4) && has_gemm(QType::Q6K, 16) && !has_gemm(QType::Q4K, 3));
+        assert!(has_gemm(QType::Q4_0, 4, 512) && !has_gemm(QType::Q4_0, 3, 512));
+        assert!(
+            has_gemm(QType::Q4K, 4, 512)
+                && has_gemm(QType::Q6K, 16, 512)
+                && !has_gemm(QType::Q4K, 3, 512)
+        );
     }
 }

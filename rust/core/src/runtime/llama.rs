@@ -139,8 +139,8 @@ fn gemm_view<'a>(
     file: &'a [u8],
 ) -> Option<QuantizedView<'a>> {
     let gemm = m >= GEMM_OVER_PACKED_M
-        && (cols.is_multiple_of(256) || matmul::amx_int8_takes(qtype, m))
-        && matmul::has_gemm(qtype, m);
+        && (cols.is_multiple_of(256) || matmul::amx_int8_takes(qtype, m, cols))
+        && matmul::has_gemm(qtype, m, cols);
     if !gemm {
         return None;
     }

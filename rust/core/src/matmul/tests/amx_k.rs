@@ -5,7 +5,7 @@
 //! the tiles at every M (`Force`) where AMX int8 is usable; elsewhere the same cases run on the
 //! VNNI or scalar paths and must give the same bits.
 
-use super::super::gemm_amx_k::{min_m, takes, Force, AMX_K_MAX_K};
+use super::super::gemm_amx_k::{min_m, takes, Force, KC_SB};
 use super::super::reference::{self as r, BlockQ8K};
 use super::gemm_k::{reference, CASES};
 use super::{blocks, view, Rng};
@@ -66,6 +66,8 @@ fn amx_k_gemm_equals_reference_on_any_shape_and_thread_count() {
             (70, 4, 9),
             (31, 5, 67),
             (17, 56, 18),
+            (18, 17, 33),
+            (16, 33, 40),
         ] {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, halves);
@@ -75,20 +77,57 @@ fn amx_k_gemm_equals_reference_on_any_shape_and_thread_count() {
     }
 }
 
-/// The plan takes the tiles from `min_m` rows exactly where AMX int8 is usable.
+/// The plan takes the tiles from `min_m` rows exactly where AMX int8 is usable, at K of one
+/// chunk (`KC_SB` super-blocks) and of several.
 #[test]
 fn amx_k_gemm_runs_from_min_m() {
     let _int8 = crate::matmul::GgmlInt8::new();
     for (qtype, _) in CASES {
-        let t = min_m(qtype).expect("every K-quant has a threshold");
-        let k = AMX_K_MAX_K;
-        assert_eq!(
-            takes(qtype, t, k),
-            crate::amx::amx_int8_usable(),
-            "{qtype:?}"
-        );
-        assert!(!takes(qtype, t - 1, k), "{qtype:?}");
-        assert!(!takes(qtype, 512, k + 256), "{qtype:?}");
+        for k in [KC_SB * QK_K, 14336] {
+            let t = min_m(qtype, k).expect("every K-quant has a threshold");
+            assert_eq!(
+                takes(qtype, t, k),
+                crate::amx::amx_int8_usable(),
+                "{qtype:?} k={k}"
+            );
+            assert!(!takes(qtype, t - 1, k), "{qtype:?} k={k}");
+        }
+    }
+}
+
+/// `k_route`'s table: every K-quant has its row, and the plan follows it where AMX runs: the
+/// VNNI GEMM below the tiles, the tiles up to the bf16 route, the route from there (K of one
+/// chunk and of four). (q4_k / q5_k take the route before their tiles' start: the tiles run
+/// there only with the route off.)
+#[test]
+fn plans_follow_the_k_route_table() {
+    use super::super::k_route::k_route;
+    let mut rng = Rng(0x4b52_4f55_5445_0001);
+    let default = std::env::var_os("FERROQUANT_GGML_BF16").is_none();
+    for (qtype, halves) in CASES {
+        let info = qtype.info();
+        for k in [KC_SB * QK_K, 14336] {
+            let r = k_route(qtype, k).expect("a K-quant's row");
+            let tiles = r.tiles.expect("tiles");
+            let t = crate::matmul::ggml_bf16_min_m(qtype, k);
+            if t > 0 && default {
+                assert_eq!(
+                    t, r.bf16,
+                    "{qtype:?} k={k}: the route's threshold is the table's"
+                );
+            }
+            let n = 16;
+            let data = blocks(&mut rng, n * (k / info.block_size), info.type_size, halves);
+            let w = view(qtype, n, k, &data);
+            for m in [tiles - 1, tiles, r.bf16 - 1, r.bf16] {
+                let x = vec![0.5f32; m * k];
+                let p = super::super::plan::plan(&x, m, &w, m * n).unwrap();
+                let route = t > 0 && m >= t;
+                assert_eq!(p.bf16.is_some(), route, "{qtype:?} k={k} m={m}: the route");
+                let amx = !route && m >= tiles && crate::amx::amx_int8_usable();
+                assert_eq!(p.amx_k.is_some(), amx, "{qtype:?} k={k} m={m}: the tiles");
+            }
+        }
     }
 }
 

@@ -24,9 +24,9 @@ fn force_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// The path runs here for `qtype` at `m` rows (the same conditions as `plan`, for the shapes
-/// below): the ggml formats from `ggml_bf16_min_m`, the others from `bf16_gemm_min_m`.
-fn bf16_path(qtype: QType, m: usize) -> bool {
-    let ggml = crate::matmul::ggml_bf16_min_m(qtype);
+/// below, K = `k`): the ggml formats from `ggml_bf16_min_m`, the others from `bf16_gemm_min_m`.
+fn bf16_path(qtype: QType, m: usize, k: usize) -> bool {
+    let ggml = crate::matmul::ggml_bf16_min_m(qtype, k);
     if ggml > 0 {
         return m >= ggml;
     }
@@ -49,16 +49,16 @@ fn is_ggml(qtype: QType) -> bool {
 
 /// The AMX tile path may run here for `m` rows (then outputs are checked against
 /// `amx_bf16::error_bound` where they differ from `reference::bf16`; elsewhere they must not).
-fn amx_path(qtype: QType, m: usize) -> bool {
+fn amx_path(qtype: QType, m: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        bf16_path(qtype, m)
+        bf16_path(qtype, m, k)
             && crate::matmul::bf16_amx_min_m() > 0
             && m >= crate::matmul::bf16_amx_min_m()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (qtype, m);
+        let _ = (qtype, m, k);
         false
     }
 }
@@ -124,12 +124,12 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
         for mi in 0..m {
             let xr = &x[mi * k..(mi + 1) * k];
             let mut rows = vec![0f32; n];
-            if !bf16_path(v.qtype, m) {
+            if !bf16_path(v.qtype, m, k) {
                 qmatmul(xr, 1, v, &mut rows).unwrap();
             }
             for row in 0..n {
                 let wr = &deq[row * k..(row + 1) * k];
-                let want = if bf16_path(v.qtype, m) {
+                let want = if bf16_path(v.qtype, m, k) {
                     dot_bf16(wr, xr)
                 } else {
                     rows[row]
@@ -141,7 +141,7 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
                     "{name} threads k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {got1:e}"
                 );
                 let same = got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
-                if !same && amx_path(v.qtype, m) && want.is_finite() {
+                if !same && amx_path(v.qtype, m, k) && want.is_finite() {
                     // The tile path (its own arithmetic): within its float64 bound.
                     let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let bound = amx_bound(wr, xr);
@@ -155,7 +155,7 @@ fn check(name: &str, v: &QuantizedView<'_>, deq: &[f32], ms: &[usize], rng: &mut
                         "{name} k={k} n={n} m={m} ({mi}, {row}): {got:e} vs {want:e}"
                     );
                 }
-                if bf16_path(v.qtype, m) && want.is_finite() {
+                if bf16_path(v.qtype, m, k) && want.is_finite() {
                     let exact: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let bound = error_bound(wr, xr);
                     assert!(
@@ -468,7 +468,7 @@ fn bf16_gemm_ggml_formats_within_the_tile_bound() {
         let v = q.view();
         let mut deq = vec![0f32; n * k];
         dequantize(&v, &mut deq).unwrap();
-        let t = crate::matmul::ggml_bf16_min_m(qtype);
+        let t = crate::matmul::ggml_bf16_min_m(qtype, k);
         let ms: Vec<usize> = if t > 0 {
             vec![t - 1, t, 47, 530]
         } else {
@@ -478,8 +478,8 @@ fn bf16_gemm_ggml_formats_within_the_tile_bound() {
         // The tiles off: the int8 paths at every M (`bf16_path` says so, `check` compares
         // with single rows).
         crate::matmul::x86::amx_bf16::force(Some(false));
-        assert_eq!(crate::matmul::ggml_bf16_min_m(qtype), 0);
-        assert!(!bf16_path(qtype, 530));
+        assert_eq!(crate::matmul::ggml_bf16_min_m(qtype, k), 0);
+        assert!(!bf16_path(qtype, 530, k));
         check(&format!("{qtype:?} no amx"), &v, &deq, &[64], &mut rng);
         crate::matmul::x86::amx_bf16::force(None);
     }

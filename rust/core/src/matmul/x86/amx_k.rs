@@ -262,34 +262,58 @@ pub const fn blocks_of_rows<W: DecodeK>() -> usize {
     }
 }
 
-/// R blocks of activation rows `mb..mb + R` of `x` (`rows[r]` of block r real) with one panel
-/// of 16 weight rows (`p[b]`: super-block b, `expand`ed) over `nb` super-blocks: `out(r, i,
-/// y)` gets activation row i of block r's 16 dots.
+/// Zeroed float accumulators for `len` panel x block-of-rows pairs (16 rows of `Acc` each).
 ///
 /// # Safety
-/// `amx::amx_int8_usable()` and a live `Tiles` on this thread; `p` has `nb` super-blocks; `x`
-/// was packed with `nb` super-blocks a row and at least `mb + R` blocks of rows; `planes · R
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f")]
+pub fn zero_accs(acc: &mut Vec<[Acc; MT]>, len: usize) {
+    acc.clear();
+    acc.resize(len, [[_mm512_setzero_ps(); LANES]; MT]);
+}
+
+/// The 16 outputs of activation row `i`'s accumulators (`gemm_k::finish`).
+///
+/// # Safety
+/// AVX-512 F must be available.
+#[target_feature(enable = "avx512f")]
+pub fn finish(a: &Acc) -> [f32; NT] {
+    gemm_k::finish(a)
+}
+
+/// R blocks of activation rows `mb..mb + R` of `x` with super-blocks `b0..b0 + p.len()` of
+/// one panel of 16 weight rows (`p[j]`: super-block b0 + j, `expand`ed), added to `acc[r][i]`
+/// (block r's activation row i; `finish` gives its 16 dots once every super-block of K has
+/// passed). The float lanes are those of the super-blocks' global index (`b % LANES`), so a
+/// pass over K in chunks adds in the order of a pass over all of it: the same bits.
+///
+/// # Safety
+/// `amx::amx_int8_usable()` and a live `Tiles` on this thread; `x` was packed with `nb`
+/// super-blocks a row and at least `mb + R` blocks of rows; `b0 + p.len() <= nb`; `planes · R
 /// <= 4`.
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub unsafe fn rows_x_panel<W: DecodeK, const R: usize>(
     p: &[KSb],
+    b0: usize,
     nb: usize,
     x: &AmxXK,
     mb: usize,
-    rows: [usize; R],
-    mut out: impl FnMut(usize, usize, &[f32; NT]),
+    acc: &mut [[Acc; MT]; R],
 ) {
     let np = planes::<W>();
-    assert!(np * R <= 4 && p.len() >= nb);
-    assert!(rows.iter().all(|r| (1..=MT).contains(r)));
+    let kn = p.len();
+    assert!(np * R <= 4 && b0 + kn <= nb);
     let t0 = mb * nb;
     assert!(x.q.len() >= (t0 + R * nb) * XLINES && x.d.len() >= (t0 + R * nb) * MT);
     assert!(x.bs.len() >= (t0 + R * nb) * MT);
+    if kn == 0 {
+        return;
+    }
     // Two buffers of the C tiles: super-block b + 1's tiles are multiplied and stored while
     // b's float part runs (it reads the other buffer).
     let mut c = [[ZERO; 4 * MT]; 2];
-    let mut acc: [[Acc; MT]; R] = [[[_mm512_setzero_ps(); LANES]; MT]; R];
-    let xq: [*const Zmm; R] = std::array::from_fn(|r| x.q[(t0 + r * nb) * XLINES..].as_ptr());
+    // (row r's super-block b0 of the packed activations)
+    let xq: [*const Zmm; R] = std::array::from_fn(|r| x.q[(t0 + r * nb + b0) * XLINES..].as_ptr());
     let prefetch = |b: usize| {
         let planes = [
             Some(&p[b].lo),
@@ -297,7 +321,7 @@ pub unsafe fn rows_x_panel<W: DecodeK, const R: usize>(
             min_plane::<W>().then_some(&p[b].mn),
         ];
         // SAFETY: prefetches never fault; the addresses stay inside `p[b]` and the packed
-        // super-block b of `x` (asserted above).
+        // super-block b0 + b of `x` (asserted above).
         unsafe {
             for pl in planes.into_iter().flatten() {
                 for l in pl.iter() {
@@ -311,11 +335,11 @@ pub unsafe fn rows_x_panel<W: DecodeK, const R: usize>(
             }
         }
     };
-    for b in 0..PREFETCH.min(nb) {
+    for b in 0..PREFETCH.min(kn) {
         prefetch(b);
     }
     let issue = |b: usize, cp: *mut Zmm| {
-        // SAFETY: `Tiles` configured (contract); super-block b < nb of `p` and of `x`'s R
+        // SAFETY: `Tiles` configured (contract); super-block b0 + b < nb of `p` and of `x`'s R
         // blocks of rows (asserted above); `c` has room for 4 KiB.
         unsafe {
             let xa: [*const Zmm; R] = std::array::from_fn(|r| xq[r].add(b * XLINES));
@@ -325,33 +349,28 @@ pub unsafe fn rows_x_panel<W: DecodeK, const R: usize>(
     issue(0, c[0].as_mut_ptr());
     let mut cur = 0;
     #[allow(clippy::needless_range_loop)] // b also names the super-blocks ahead
-    for b in 0..nb {
-        if b + PREFETCH < nb {
+    for b in 0..kn {
+        if b + PREFETCH < kn {
             prefetch(b + PREFETCH);
         }
-        if b + 1 < nb {
+        if b + 1 < kn {
             issue(b + 1, c[cur ^ 1].as_mut_ptr());
         }
         for (r, ar) in acc.iter_mut().enumerate() {
             let cl = |pl: usize| &c[cur][(pl * R + r) * MT..][..MT];
-            // SAFETY: super-block b of `p` and of block of rows r of `x` (asserted above).
+            // SAFETY: super-block b0 + b of `p` and of block of rows r of `x` (asserted above).
             unsafe {
                 super_block::<W>(
                     [cl(0), cl(1), cl(np - 1)],
                     &p[b],
                     x,
-                    t0 + r * nb + b,
-                    b % LANES,
+                    t0 + r * nb + b0 + b,
+                    (b0 + b) % LANES,
                     ar,
                 )
             };
         }
         cur ^= 1;
-    }
-    for (r, ar) in acc.iter().enumerate() {
-        for (i, a) in ar.iter().enumerate().take(rows[r]) {
-            out(r, i, &gemm_k::finish(a));
-        }
     }
 }
 
