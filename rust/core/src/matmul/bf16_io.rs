@@ -182,6 +182,7 @@ unsafe fn narrow_avx512(y: &[f32], out: &mut [u16]) {
 
 /// The index of the first non-finite value of bf16 bits `x` (exponent bits all set), as
 /// `plan::first_non_finite` on their f32 values.
+#[cfg(target_arch = "x86_64")]
 pub(super) fn first_non_finite_bf16(x: &[u16]) -> Option<usize> {
     const CHUNK: usize = 256;
     const EXP: u16 = 0x7f80;

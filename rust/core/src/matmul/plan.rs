@@ -392,7 +392,9 @@ fn route<'a>(
     stats_per_row: usize,
     block_len: usize,
 ) -> Result<Plan<'a>> {
-    let (n, k) = (w.rows, w.cols);
+    let k = w.cols;
+    #[cfg(target_arch = "x86_64")]
+    let n = w.rows;
     let simd = use_simd();
     let vnni = simd && use_vnni();
     let f32_avx512 = use_avx512(w.qtype, simd, k, x);
