@@ -50,13 +50,32 @@ pub fn qmatmul_bf16(x: &[u16], m: usize, w: &QuantizedView<'_>, out: &mut [u16])
         };
         // Every element of both is written before it is read: x below, the outputs by
         // `qmatmul` (every path writes each of its outputs; `matmul/tests/bf16_io.rs`).
-        let xf = room(xf, x.len());
         let yf = room(yf, out.len());
-        widen(x, xf);
-        qmatmul(xf, m, w, yf)?;
+        if !direct(x, m, w, yf)? {
+            let xf = room(xf, x.len());
+            widen(x, xf);
+            qmatmul(xf, m, w, yf)?;
+        }
         narrow(yf, out);
         Ok(())
     })
+}
+
+/// `qmatmul` of the f32 values of x into `y` when the bf16 GEMM takes the call, its activations
+/// made from x's bits (`acts16`; no f32 copy of x); false (nothing written) when another path
+/// does. Errors: `qmatmul`'s.
+fn direct(x: &[u16], m: usize, w: &QuantizedView<'_>, y: &mut [f32]) -> Result<bool> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(plan) = super::plan::plan_bf16(x, m, w, y.len())? {
+        let xb = plan
+            .bf16
+            .as_ref()
+            .expect("plan_bf16 sets the bf16 activations");
+        plan.run_bf16(xb, y);
+        return Ok(true);
+    }
+    let _ = (x, m, w, y);
+    Ok(false)
 }
 
 /// `qmatmul_bf16` of a weight that stacks several (QuantLinear's q/k/v or gate/up, fused: one
@@ -94,10 +113,12 @@ pub fn qmatmul_bf16_split(
             (&mut own.0, &mut own.1)
         };
         // As `qmatmul_bf16`: every element is written before it is read.
-        let xf = room(xf, x.len());
         let yf = room(yf, len);
-        widen(x, xf);
-        qmatmul(xf, m, w, yf)?;
+        if !direct(x, m, w, yf)? {
+            let xf = room(xf, x.len());
+            widen(x, xf);
+            qmatmul(xf, m, w, yf)?;
+        }
         let mut c0 = 0;
         for (o, &c) in outs.iter_mut().zip(&cols) {
             for (r, orow) in o.chunks_exact_mut(c).enumerate() {
@@ -156,5 +177,106 @@ unsafe fn widen_avx512(x: &[u16], xf: &mut [f32]) {
 unsafe fn narrow_avx512(y: &[f32], out: &mut [u16]) {
     for (d, &s) in out.iter_mut().zip(y) {
         *d = f32_to_bf16(s);
+    }
+}
+
+/// The index of the first non-finite value of bf16 bits `x` (exponent bits all set), as
+/// `plan::first_non_finite` on their f32 values.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn first_non_finite_bf16(x: &[u16]) -> Option<usize> {
+    const CHUNK: usize = 256;
+    const EXP: u16 = 0x7f80;
+    x.chunks(CHUNK).enumerate().find_map(|(c, xs)| {
+        let any = xs.iter().fold(false, |a, &v| a | (v & EXP == EXP));
+        any.then(|| c * CHUNK + xs.iter().position(|&v| v & EXP == EXP).unwrap_or(0))
+    })
+}
+
+/// The bf16 GEMM's activations (`x86::gemm16::prepare`'s layout) from bf16 bits `x` (M x K, K a
+/// multiple of 32): the bits `prepare` makes from their f32 values, which `vcvtne2ps2bf16`
+/// rounds back exactly except subnormals, read as signed zeros (`reference::bf16::round_bf16`):
+/// flushed here the same way. Each 16 rows x 16 pairs of columns go through one 16 x 16
+/// transpose of dwords instead of `prepare`'s 256 scattered stores.
+///
+/// # Safety
+/// AVX-512 F/BW (the bf16 GEMM's callers hold `cpu::has_avx512_bf16`).
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn acts16(x: &[u16], m: usize, k: usize) -> super::x86::gemm16::Acts16 {
+    use super::x86::gemm16::{Acts16, Pairs16};
+    assert!(k.is_multiple_of(32) && x.len() == m * k);
+    let pairs = k / 2;
+    let stride = pairs + 16;
+    let vectors = m.div_ceil(16);
+    let mut out = vec![Pairs16::default(); vectors * stride];
+    for (v, o) in out.chunks_exact_mut(stride).enumerate() {
+        let rows = (m - 16 * v).min(16);
+        // SAFETY: AVX-512 F/BW (caller's contract); the block holds `rows` rows of k, `o`
+        // k / 2 + 16 entries.
+        unsafe { acts16_avx512(&x[16 * v * k..(16 * v + rows) * k], rows, k, o) };
+    }
+    Acts16 {
+        x: out,
+        pairs,
+        stride,
+        vectors,
+    }
+}
+
+/// `acts16` of one vector (`rows` <= 16 rows of `x`, the others zero): per 32 columns the 16
+/// rows' 64 bytes, flushed, transposed as 16 x 16 dwords into 16 entries of `o`.
+///
+/// # Safety
+/// AVX-512 F/BW; `x` holds `rows` rows of `k` (a multiple of 32), `o` at least `k / 2` entries.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn acts16_avx512(x: &[u16], rows: usize, k: usize, o: &mut [super::x86::gemm16::Pairs16]) {
+    use std::arch::x86_64::*;
+    debug_assert!(rows <= 16 && x.len() == rows * k && o.len() >= k / 2);
+    let exp = _mm512_set1_epi16(0x7f80);
+    let sign = _mm512_set1_epi16(-0x8000);
+    for c in 0..k / 32 {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for (l, tl) in t.iter_mut().enumerate().take(rows) {
+            // SAFETY: row l's columns 32c..32c + 32 are inside x (caller's contract).
+            let v = unsafe { _mm512_loadu_si512(x.as_ptr().add(l * k + 32 * c) as *const _) };
+            // (subnormals and zeros: exponent bits all clear -> the sign alone)
+            let sub = _mm512_testn_epi16_mask(v, exp);
+            *tl = _mm512_mask_mov_epi16(v, sub, _mm512_and_si512(v, sign));
+        }
+        transpose16x32(&mut t);
+        for (i, ti) in t.iter().enumerate() {
+            // SAFETY: entry 16c + i < k / 2 (caller's contract); a 64-byte store.
+            unsafe { _mm512_storeu_si512(o.as_mut_ptr().add(16 * c + i) as *mut _, *ti) };
+        }
+    }
+}
+
+/// `t[r]` dword `c` to `t[c]` dword `r` (16 x 16 dwords: 32-bit and 64-bit interleaves, then
+/// two rounds of 128-bit lane shuffles).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16x32(t: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
+        u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
+    }
+    for q in 0..4 {
+        let b = 4 * q;
+        t[b] = _mm512_unpacklo_epi64(u[b], u[b + 2]);
+        t[b + 1] = _mm512_unpackhi_epi64(u[b], u[b + 2]);
+        t[b + 2] = _mm512_unpacklo_epi64(u[b + 1], u[b + 3]);
+        t[b + 3] = _mm512_unpackhi_epi64(u[b + 1], u[b + 3]);
+    }
+    for h in [0, 8] {
+        for i in 0..4 {
+            u[h + i] = _mm512_shuffle_i32x4::<0x88>(t[h + i], t[h + i + 4]);
+            u[h + i + 4] = _mm512_shuffle_i32x4::<0xDD>(t[h + i], t[h + i + 4]);
+        }
+    }
+    for i in 0..8 {
+        t[i] = _mm512_shuffle_i32x4::<0x88>(u[i], u[i + 8]);
+        t[i + 8] = _mm512_shuffle_i32x4::<0xDD>(u[i], u[i + 8]);
     }
 }

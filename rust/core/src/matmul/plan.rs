@@ -196,6 +196,56 @@ pub(super) fn plan<'a>(
     w: &'a QuantizedView<'a>,
     out_len: usize,
 ) -> Result<Plan<'a>> {
+    let k = w.cols;
+    let (stats_per_row, block_len) = check(m, w, x.len(), out_len)?;
+    if let Some(i) = first_non_finite(x) {
+        return Err(Error::NonFinite {
+            row: i / k,
+            col: i % k,
+            value: x[i],
+        });
+    }
+    route(x, m, w, stats_per_row, block_len)
+}
+
+/// `plan` for bf16 activations (`x`: M x K bf16 bits) when the bf16 GEMM takes the call: its
+/// activations made straight from the bits (`bf16_io::acts16`: the same `Acts16` as `plan`'s
+/// from their f32 values, without the widening and the rounding back), else None (the caller
+/// widens x and calls `qmatmul`). Errors: `plan`'s, in the same order.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn plan_bf16<'a>(
+    x: &[u16],
+    m: usize,
+    w: &'a QuantizedView<'a>,
+    out_len: usize,
+) -> Result<Option<Plan<'a>>> {
+    let k = w.cols;
+    let (stats_per_row, block_len) = check(m, w, x.len(), out_len)?;
+    if let Some(i) = super::bf16_io::first_non_finite_bf16(x) {
+        return Err(Error::NonFinite {
+            row: i / k,
+            col: i % k,
+            value: super::bf16_io::bf16_to_f32(x[i]),
+        });
+    }
+    if !bf16_route(w, m) {
+        return Ok(None);
+    }
+    // SAFETY: `bf16_route` holds `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16).
+    let xb = unsafe { super::bf16_io::acts16(x, m, k) };
+    Ok(Some(bf16_plan(&[], m, w, stats_per_row, block_len, xb)))
+}
+
+/// Every check of `plan` but the activations' values: the format is supported, the view, the
+/// block size and statistics fit, x (`x_len` values) and the output (`out_len`) have M rows.
+/// Returns the statistics per weight row and the weights sharing one (nf4 / int8 / fp8 /
+/// grouped integers; 0 otherwise).
+fn check(
+    m: usize,
+    w: &QuantizedView<'_>,
+    x_len_got: usize,
+    out_len: usize,
+) -> Result<(usize, usize)> {
     let (n, k) = (w.rows, w.cols);
     if !supports(w.qtype) {
         let names: Vec<&str> = SUPPORTED.iter().map(|q| q.name()).collect();
@@ -259,10 +309,9 @@ pub(super) fn plan<'a>(
     let x_len = m
         .checked_mul(k)
         .ok_or_else(|| bad(format!("shape {m}x{k} overflows")))?;
-    if x.len() != x_len {
+    if x_len_got != x_len {
         return Err(bad(format!(
-            "x has {} elements but M={m} rows of K={k} need {x_len}",
-            x.len()
+            "x has {x_len_got} elements but M={m} rows of K={k} need {x_len}"
         )));
     }
     let y_len = m
@@ -273,13 +322,79 @@ pub(super) fn plan<'a>(
             "output has {out_len} elements but M={m} rows of N={n} need {y_len}"
         )));
     }
-    if let Some(i) = first_non_finite(x) {
-        return Err(Error::NonFinite {
-            row: i / k,
-            col: i % k,
-            value: x[i],
-        });
+    Ok((stats_per_row, block_len))
+}
+
+/// The bf16 GEMM takes the call: its formats, many rows, K in whole chunks of 32, groups that
+/// divide a chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says; the
+/// ggml formats where AMX bf16 runs, from `ggml_bf16_min_m` rows.
+#[cfg(target_arch = "x86_64")]
+fn bf16_route(w: &QuantizedView<'_>, m: usize) -> bool {
+    (m >= GEMM16_MIN_M || x86::amx_bf16_small::use_small(m))
+        && w.cols.is_multiple_of(32)
+        && match w.qtype {
+            QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,
+            // (float zeros: the int8 path and its correction, `float_zero.rs`)
+            QType::GInt(g) => {
+                !g.float_zero && (g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize))
+            }
+            // the ggml formats on AMX tiles only, from their measured row counts
+            q => ggml_bf16_min_m(q, w.cols) > 0 && m >= ggml_bf16_min_m(q, w.cols),
+        }
+        && crate::cpu::has_avx512_bf16()
+        && x86::gemm16::semantics_hold()
+}
+
+/// The plan of a call on the bf16 GEMM with activations `xb` (`x`: the f32 ones, or empty
+/// where the call had bf16 activations: the bf16 GEMM reads `xb` only).
+#[cfg(target_arch = "x86_64")]
+fn bf16_plan<'a>(
+    x: &'a [f32],
+    m: usize,
+    w: &'a QuantizedView<'a>,
+    stats_per_row: usize,
+    block_len: usize,
+    xb: x86::gemm16::Acts16,
+) -> Plan<'a> {
+    let simd = use_simd();
+    Plan {
+        w,
+        m,
+        k: w.cols,
+        m_block: m,
+        tile: false,
+        gemm: false,
+        amx: None,
+        amx_k: None,
+        gemm2: None,
+        row32: false,
+        row_bytes: w.qtype.row_bytes(w.cols, w.block_size),
+        acts: Acts::F32(x),
+        stats_per_row,
+        block_len,
+        simd,
+        avx512: false,
+        vnni: simd && use_vnni(),
+        long: false,
+        bf16: Some(xb),
+        fz_sums: Vec::new(),
+        gint: None,
+        zeros_deferred: false,
+        bad_zeros: AtomicBool::new(false),
     }
+}
+
+/// `plan` past its checks: the kernel family and the activations it reads.
+fn route<'a>(
+    x: &'a [f32],
+    m: usize,
+    w: &'a QuantizedView<'a>,
+    stats_per_row: usize,
+    block_len: usize,
+) -> Result<Plan<'a>> {
+    let k = w.cols;
+    #[cfg(target_arch = "x86_64")]
+    let n = w.rows;
     let simd = use_simd();
     let vnni = simd && use_vnni();
     let f32_avx512 = use_avx512(w.qtype, simd, k, x);
@@ -357,54 +472,11 @@ pub(super) fn plan<'a>(
         );
     #[cfg(not(target_arch = "x86_64"))]
     let row32 = false;
-    // The bf16 GEMM: its formats, many rows, K in whole chunks of 32, groups that divide a
-    // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says; the ggml
-    // formats where AMX bf16 runs, from `ggml_bf16_min_m` rows.
     #[cfg(target_arch = "x86_64")]
-    let bf16 = (m >= GEMM16_MIN_M || x86::amx_bf16_small::use_small(m))
-        && k.is_multiple_of(32)
-        && match w.qtype {
-            QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,
-            // (float zeros: the int8 path and its correction, `float_zero.rs`)
-            QType::GInt(g) => {
-                !g.float_zero && (g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize))
-            }
-            // the ggml formats on AMX tiles only, from their measured row counts
-            q => ggml_bf16_min_m(q, k) > 0 && m >= ggml_bf16_min_m(q, k),
-        }
-        && crate::cpu::has_avx512_bf16()
-        && x86::gemm16::semantics_hold();
-    #[cfg(target_arch = "x86_64")]
-    if bf16 {
+    if bf16_route(w, m) {
         // SAFETY: `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16); x is M x K, K % 32 == 0.
         let xb = unsafe { x86::gemm16::prepare(x, m, k, par) };
-        return Ok(Plan {
-            w,
-            m,
-            k,
-            m_block: m,
-            tile: false,
-            gemm: false,
-            #[cfg(target_arch = "x86_64")]
-            amx: None,
-            #[cfg(target_arch = "x86_64")]
-            amx_k: None,
-            gemm2: None,
-            row32: false,
-            row_bytes: w.qtype.row_bytes(k, w.block_size),
-            acts: Acts::F32(x),
-            stats_per_row,
-            block_len,
-            simd,
-            avx512: false,
-            vnni,
-            long: false,
-            bf16: Some(xb),
-            fz_sums: Vec::new(),
-            gint: None,
-            zeros_deferred: false,
-            bad_zeros: AtomicBool::new(false),
-        });
+        return Ok(bf16_plan(x, m, w, stats_per_row, block_len, xb));
     }
     // Every weight row on AMX int8 tiles (whole panels of 16; tasks of whole panels,
     // `amx_task_rows`): the AVX-512 GEMM's activation layouts (`xt`, `nbias`, `xtail`) would go

@@ -199,3 +199,88 @@ fn split_call_of_stacked_weights_is_each_weight_alone() {
         );
     }
 }
+
+/// bf16 bits that are finite, a third of them subnormals or zeros (either sign).
+#[cfg(target_arch = "x86_64")]
+fn finite_bits(rng: &mut Rng, len: usize) -> Vec<u16> {
+    (0..len)
+        .map(|_| {
+            let r = rng.next();
+            let b = r as u16;
+            match (r >> 32) % 3 {
+                0 => b & 0x807f,                         // a subnormal or a zero
+                _ if b & 0x7f80 == 0x7f80 => b & 0xbfff, // no infinity or NaN
+                _ => b,
+            }
+        })
+        .collect()
+}
+
+/// `acts16` (the bf16 GEMM's activations straight from bf16 bits) = `gemm16::prepare` of their
+/// f32 values, subnormals and signed zeros included, for M with partial vectors of 16 rows.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn acts16_is_prepare_of_the_widened_bits() {
+    if !crate::cpu::has_avx512_bf16() {
+        return; // neither runs without AVX-512 BF16 (`plan::bf16_route`)
+    }
+    let mut rng = Rng(0xac75_16ac_7516_ac75);
+    for k in [32, 96, 576] {
+        for m in [1, 15, 16, 17, 40, 128] {
+            let xb = finite_bits(&mut rng, m * k);
+            let xf: Vec<f32> = xb.iter().map(|&b| bf16_to_f32(b)).collect();
+            // SAFETY: AVX-512 F/BW/VL and BF16 (checked above); x is m x k, k % 32 == 0.
+            let (got, want) = unsafe {
+                (
+                    super::super::bf16_io::acts16(&xb, m, k),
+                    crate::matmul::x86::gemm16::prepare(&xf, m, k, false),
+                )
+            };
+            let bits = |a: &crate::matmul::x86::gemm16::Acts16| -> Vec<[u32; 16]> {
+                a.x.iter().map(|p| p.0).collect()
+            };
+            assert_eq!(
+                (got.pairs, got.stride, got.vectors),
+                (want.pairs, want.stride, want.vectors)
+            );
+            assert_eq!(bits(&got), bits(&want), "m={m} k={k}");
+        }
+    }
+}
+
+/// `qmatmul_bf16` on activations with subnormals and zeros (the bf16 GEMM's direct activations,
+/// `plan::plan_bf16`) = the f32 call on the widened bits, rounded; a non-finite activation is
+/// the f32 call's error (same row, column and value).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn qmatmul_bf16_direct_activations_with_subnormals() {
+    let mut rng = Rng(0xd1ec_7d1e_c7d1_ec7d);
+    for qtype in QTYPES {
+        let (n, k) = (40, 256);
+        let q = weight(&mut rng, qtype, n, k);
+        for m in [12, 16, 33, 128] {
+            let mut xb = finite_bits(&mut rng, m * k);
+            let xf: Vec<f32> = xb.iter().map(|&b| bf16_to_f32(b)).collect();
+            let mut yf = vec![0f32; m * n];
+            qmatmul(&xf, m, &q.view(), &mut yf).unwrap();
+            let want: Vec<u16> = yf.iter().map(|&v| f32_to_bf16(v)).collect();
+            let mut got = vec![0u16; m * n];
+            qmatmul_bf16(&xb, m, &q.view(), &mut got).unwrap();
+            assert_eq!(got, want, "{qtype:?} m={m}");
+            for bad in [0x7f80u16, 0xff80, 0x7fc1] {
+                let at = (m / 2) * k + 37;
+                xb[at] = bad;
+                let mut xf2 = xf.clone();
+                xf2[at] = bf16_to_f32(bad);
+                let e1 = qmatmul(&xf2, m, &q.view(), &mut yf)
+                    .unwrap_err()
+                    .to_string();
+                let e2 = qmatmul_bf16(&xb, m, &q.view(), &mut got)
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(e1, e2, "{qtype:?} m={m} {bad:#06x}");
+                xb[at] = 0;
+            }
+        }
+    }
+}
