@@ -275,6 +275,37 @@ def _smollm_tokenizer_dir(tmp: Path) -> Path:
     return tmp
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "gptq"])
+def test_cli_convert_names_the_layer_of_non_finite_activations_and_writes_nothing(
+    tmp_path, capsys, fmt
+):
+    """Issue 13's bad input through `ferroquant convert --method gptq`: one line naming the
+    layer whose inputs are not finite, exit code 2, and no output (file or folder) left."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+    from tiny_llama import write_small_word_llama
+
+    from ferroquant import cli
+
+    src = write_small_word_llama(tmp_path / "nan")
+    w = load_file(str(src / "model.safetensors"))
+    # layer 1's MLP norm makes NaN: the inputs of its gate/up projections are not finite
+    w["model.layers.1.post_attention_layernorm.weight"][0] = float("nan")
+    save_file(w, str(src / "model.safetensors"), metadata={"format": "pt"})
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"t{4 + i % 250}" for i in range(400)))
+    out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
+    target = ["--qtype", "q4_0"] if fmt == "gguf" else ["--format", "gptq", "--group-size", "32"]
+    argv = ["convert", str(src), str(out), *target, "--method", "gptq", "--calib", str(text),
+            "--calib-samples", "2", "--calib-len", "32", "--quiet"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "non-finite activations at the input of model.layers.1.mlp." in err, err
+    assert err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "nan"]
+
+
 def test_cli_convert_gptq_writes_a_gguf_with_rtn_s_types_and_refuses_bad_input(tmp_path):
     pytest.importorskip("transformers")
     import ferroquant.gguf as fg

@@ -147,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for module in ("torch", "gguf", "transformers", *(["ray"] if on_ray else [])):
         require(module, purpose, extra)
+    if args.quiet:  # transformers' own bars too (its "Loading weights" when it reads the model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from ..methods import method_config
 
     cfg = method_config(args.method)  # an unknown method fails before anything is read
