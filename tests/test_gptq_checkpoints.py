@@ -118,6 +118,32 @@ def test_transformers_loads_what_convert_writes(tiny, tmp_path, monkeypatch, fmt
     assert np.array_equal(np.asarray(q.qweight), want.data)
 
 
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_convert_writes_awq_s_result_as_an_awq_checkpoint(tiny, tmp_path, monkeypatch, method):
+    """`convert --format awq --method awq`: AWQ's scales are folded into the norms (float16 tensors
+    of the folder) and the Linears quantized after them; transformers reads the folder to the same
+    weights and logits as `load_quantized`."""
+    require("gptqmodel")
+    require("optimum")
+    monkeypatch.chdir(tmp_path)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"t{4 + (7 * i) % 250}" for i in range(2000)))
+    out = tmp_path / "awq"
+    cmd = [sys.executable, "-m", "ferroquant", "convert", str(tiny), str(out), "--format", "awq",
+           "--bits", "4", "--group-size", "64", "--method", method, "--calib", str(text),
+           "--calib-samples", "4", "--calib-len", "64", "--quiet"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    src, got = load_file(str(tiny / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    norms = [k for k in src if k.endswith("layernorm.weight")]
+    assert len(norms) == 4 and any(not torch.equal(src[k], got[k]) for k in norms)
+    peer = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float16, device_map="cpu")
+    _same_weights_and_logits(fq.load_quantized(out), peer)
+
+
 def test_convert_format_refuses_bad_input_without_writing(tiny, tmp_path):
     def run(*extra, src=tiny):
         out = tmp_path / "x"
