@@ -275,6 +275,67 @@ def _smollm_tokenizer_dir(tmp: Path) -> Path:
     return tmp
 
 
+@pytest.mark.parametrize("fmt", ["gguf", "gptq"])
+def test_cli_convert_names_the_layer_of_non_finite_activations_and_writes_nothing(
+    tmp_path, capsys, fmt
+):
+    """Issue 13's bad input through `ferroquant convert --method gptq`: one line naming the
+    layer whose inputs are not finite, exit code 2, and no output (file or folder) left."""
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+    from tiny_llama import write_small_word_llama
+
+    from ferroquant import cli
+
+    src = write_small_word_llama(tmp_path / "nan")
+    w = load_file(str(src / "model.safetensors"))
+    # layer 1's MLP norm makes NaN: the inputs of its gate/up projections are not finite
+    w["model.layers.1.post_attention_layernorm.weight"][0] = float("nan")
+    save_file(w, str(src / "model.safetensors"), metadata={"format": "pt"})
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"t{4 + i % 250}" for i in range(400)))
+    out = tmp_path / ("out.gguf" if fmt == "gguf" else "out")
+    target = ["--qtype", "q4_0"] if fmt == "gguf" else ["--format", "gptq", "--group-size", "32"]
+    argv = ["convert", str(src), str(out), *target, "--method", "gptq", "--calib", str(text),
+            "--calib-samples", "2", "--calib-len", "32", "--quiet"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "non-finite activations at the input of model.layers.1.mlp." in err, err
+    assert err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "nan"]
+
+
+def test_cli_convert_of_a_model_without_decoder_layers_names_it_and_writes_nothing(
+    tmp_path, capsys
+):
+    """GPT-2's blocks hold Conv1D, not nn.Linear: `convert --format gptq --method gptq` says that
+    no decoder layers were found, in one line, and leaves no folder."""
+    pytest.importorskip("transformers")
+    from tiny_llama import write_small_word_llama
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ferroquant import cli
+
+    src = write_small_word_llama(tmp_path / "gpt2")  # its tokenizer; the model is replaced
+    for f in ("config.json", "model.safetensors", "generation_config.json"):
+        (src / f).unlink(missing_ok=True)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
+                               n_positions=128)).save_pretrained(src)  # fmt: skip
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"t{4 + i % 250}" for i in range(400)))
+    out = tmp_path / "out"
+    argv = ["convert", str(src), str(out), "--format", "gptq", "--group-size", "32", "--method",
+            "gptq", "--calib", str(text), "--calib-samples", "2", "--calib-len", "32",
+            "--quiet"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "GPT2LMHeadModel: no decoder layers found" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "gpt2"]
+
+
 def test_cli_convert_gptq_writes_a_gguf_with_rtn_s_types_and_refuses_bad_input(tmp_path):
     pytest.importorskip("transformers")
     import ferroquant.gguf as fg

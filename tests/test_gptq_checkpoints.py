@@ -4,7 +4,8 @@
   `ferroquant.load_quantized` loads the folder: every Linear's dequantized weight equals
   GPTQModel's own `dequantize_weight()` bit for bit (fp16 model), and the logits agree.
 - `ferroquant convert --format gptq|awq` writes a folder; transformers loads it (through
-  optimum + GPTQModel, which pick their CPU kernels): the same exact weights and close logits.
+  optimum + GPTQModel, which pick their CPU kernels), and so does `GPTQModel.load` on the CPU:
+  the same exact weights and close logits.
 
 The logits tolerance: ours run in float32 with q16 activations, the peer in float16 (rounding of
 about 2^-11 relative per operation over two layers): 5e-3 on logits of magnitude about 1."""
@@ -45,10 +46,10 @@ def _quant_linears(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def _same_weights_and_logits(ours, peer) -> int:
+def _same_weights_and_logits(ours, peer, weights: bool = True) -> int:
     mods = _quant_linears(ours)
     assert len(mods) == 14  # 7 Linears a layer, lm_head kept in float
-    for name, mod in mods.items():
+    for name, mod in mods.items() if weights else ():
         theirs = peer.get_submodule(name).dequantize_weight().T.float()
         mine = mod.dequantized_weight()
         # the peer computes s * (q - z) in fp16: our exact f32 product rounds to the same value
@@ -86,9 +87,11 @@ def test_gptqmodel_checkpoint_loads_into_quantlinear_exactly(tiny, tmp_path, mon
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq"])
-def test_transformers_loads_what_convert_writes(tiny, tmp_path, fmt):
+def test_transformers_loads_what_convert_writes(tiny, tmp_path, monkeypatch, fmt):
     require("gptqmodel")
     require("optimum")
+    monkeypatch.chdir(tmp_path)  # GPTQModel writes its logs/ into the working folder
+    from gptqmodel import GPTQModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / fmt
@@ -102,6 +105,10 @@ def test_transformers_loads_what_convert_writes(tiny, tmp_path, fmt):
     peer = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float16, device_map="cpu")
     ours = fq.load_quantized(out)
     _same_weights_and_logits(ours, peer)
+    # GPTQModel itself loads it on the CPU too (its own loader and kernel choice; its AWQ CPU
+    # kernel, TorchAtenAwqLinear, has no dequantize_weight(): the logits only there)
+    direct = GPTQModel.load(str(out), device="cpu", dtype=torch.float16).model
+    _same_weights_and_logits(ours, direct, weights=fmt == "gptq")
     # and the checkpoint holds exactly what our RTN quantizer gives the float weights
     from safetensors.torch import load_file
 
@@ -109,6 +116,32 @@ def test_transformers_loads_what_convert_writes(tiny, tmp_path, fmt):
     q = _quant_linears(ours)["model.layers.1.mlp.down_proj"]
     want = fq.quantize(src["model.layers.1.mlp.down_proj.weight"], q.qtype)
     assert np.array_equal(np.asarray(q.qweight), want.data)
+
+
+@pytest.mark.parametrize("method", ["awq", "awq+gptq"])
+def test_convert_writes_awq_s_result_as_an_awq_checkpoint(tiny, tmp_path, monkeypatch, method):
+    """`convert --format awq --method awq`: AWQ's scales are folded into the norms (float16 tensors
+    of the folder) and the Linears quantized after them; transformers reads the folder to the same
+    weights and logits as `load_quantized`."""
+    require("gptqmodel")
+    require("optimum")
+    monkeypatch.chdir(tmp_path)
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"t{4 + (7 * i) % 250}" for i in range(2000)))
+    out = tmp_path / "awq"
+    cmd = [sys.executable, "-m", "ferroquant", "convert", str(tiny), str(out), "--format", "awq",
+           "--bits", "4", "--group-size", "64", "--method", method, "--calib", str(text),
+           "--calib-samples", "4", "--calib-len", "64", "--quiet"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    src, got = load_file(str(tiny / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    norms = [k for k in src if k.endswith("layernorm.weight")]
+    assert len(norms) == 4 and any(not torch.equal(src[k], got[k]) for k in norms)
+    peer = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float16, device_map="cpu")
+    _same_weights_and_logits(fq.load_quantized(out), peer)
 
 
 def test_convert_format_refuses_bad_input_without_writing(tiny, tmp_path):

@@ -147,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     )
     for module in ("torch", "gguf", "transformers", *(["ray"] if on_ray else [])):
         require(module, purpose, extra)
+    if args.quiet:  # transformers' own bars too (its "Loading weights" when it reads the model)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     from ..methods import method_config
 
     cfg = method_config(args.method)  # an unknown method fails before anything is read
@@ -243,7 +247,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _to_checkpoint(src: Path, args: argparse.Namespace, cfg: object) -> int:
-    """`--format gptq|awq`: quantize (rtn or gptq) and write the checkpoint folder."""
+    """`--format gptq|awq`: quantize (rtn, a calibrated method or hqq) and write the checkpoint
+    folder (AWQ's scales folded into the norms are float tensors of the folder like any other)."""
     from ..calib import calibration_ids
     from ..methods import method_config
     from ..models.ecosystem import convert_to_checkpoint
@@ -252,15 +257,17 @@ def _to_checkpoint(src: Path, args: argparse.Namespace, cfg: object) -> int:
         raise ValueError(f"--format {args.format} runs on this machine; drop --ray")
     if not src.is_dir():
         raise ValueError(f"{src}: --format {args.format} needs a Hugging Face checkpoint folder")
-    if args.method.lower() not in ("rtn", "gptq", "hqq"):
+    method = args.method.lower()
+    if method not in ("rtn", "gptq", "awq", "awq+gptq", "hqq"):
         raise ValueError(
-            f"--format {args.format} takes --method rtn, gptq or hqq, got {args.method}"
+            f"--format {args.format} takes --method rtn, gptq, awq, awq+gptq or hqq, "
+            f"got {args.method}"
         )
     calib = gcfg = None
-    if args.method.lower() == "gptq":
+    if method in ("gptq", "awq", "awq+gptq"):
         from transformers import AutoTokenizer
 
-        gcfg = method_config("gptq", cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
+        gcfg = method_config(method, cfg, n_samples=args.calib_samples, seq_len=args.calib_len)
         tok = AutoTokenizer.from_pretrained(str(src))
         path = Path(args.calib) if args.calib is not None else None
         calib = calibration_ids(path, tok, gcfg.n_samples, gcfg.seq_len)
