@@ -122,12 +122,7 @@ def format_qdq(qtype: str | None, options: dict[str, Any] | None = None) -> Quan
         return lambda w: w
     opts = options or {}
     if gint_params(qtype) is not None and not any(v is not None for v in opts.values()):
-
-        def fused(w: torch.Tensor) -> torch.Tensor:
-            arr = np.ascontiguousarray(w.detach().to(torch.float32).numpy())
-            return torch.from_numpy(_native.gint_qdq(arr, qtype))
-
-        return fused
+        return GIntQdq(qtype)
 
     def qdq(w: torch.Tensor) -> torch.Tensor:
         arr = np.ascontiguousarray(w.detach().to(torch.float32).numpy())
@@ -135,6 +130,33 @@ def format_qdq(qtype: str | None, options: dict[str, Any] | None = None) -> Quan
         return torch.from_numpy(out.reshape(arr.shape).copy())
 
     return qdq
+
+
+def _f32_array(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().to(torch.float32).numpy())
+
+
+class GIntQdq:
+    """`format_qdq` of a grouped integer format with integer zeros: the Rust core's fused
+    `_native.gint_qdq` (the round trip's values without the bytes between)."""
+
+    def __init__(self, qtype: str) -> None:
+        self.qtype = qtype
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(_native.gint_qdq(_f32_array(w), self.qtype))
+
+    def scaled(self, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """qdq(w * s) / s (s per column, finite and positive), the same bits as those two
+        float32 products around the call, in one native call (AWQ's candidate weights)."""
+        return torch.from_numpy(_native.gint_qdq(_f32_array(w), self.qtype, _f32_array(s)))
+
+
+def scaled_qdq(qdq: Quantizer, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """qdq(w * s) / s in float32 (s per input column): fused where `qdq` is a `GIntQdq`."""
+    if isinstance(qdq, GIntQdq):
+        return qdq.scaled(w, s)
+    return qdq(w * s) / s
 
 
 def group_size(qtype: str | None, cols: int) -> int:
@@ -231,7 +253,8 @@ def candidate_weights(
     qdqs: list[Quantizer],
 ) -> list[list[torch.Tensor]]:
     """For each candidate s, each Linear's weight as the search evaluates it: qdq(W s) / s."""
-    return [[qdq(w0 * s) / s for w0, qdq in zip(originals, qdqs, strict=True)] for _, s in cands]
+    return [[scaled_qdq(qdq, w0, s) for w0, qdq in zip(originals, qdqs, strict=True)]
+            for _, s in cands]  # fmt: skip
 
 
 def pick_scale(cands: list[tuple[float | None, torch.Tensor]], losses: list[float]) -> ScaleResult:

@@ -123,7 +123,8 @@ def search_pairs(
         zip(pairs, built, strict=True)
     ):
         if gram is not None and names == (block_name,):
-            losses[i] = linear_output_mses([w[0] - originals[0] for w in weights], gram)
+            # the errors in place of the candidates' weights (only their losses are used)
+            losses[i] = linear_output_mses([w[0].sub_(originals[0]) for w in weights], gram)
         else:
             searches.append((block_name, list(names), weights))
             where.append(i)
@@ -220,8 +221,9 @@ def linear_output_mses(ds: list[torch.Tensor], gram: torch.Tensor) -> list[float
     approx = []
     for d in ds:
         d = d.to(torch.float32)
-        t = torch.mm(d.to(torch.bfloat16), gb)
-        approx.append(float(torch.mul(t, d).sum()) / max(d.shape[0], 1))
+        # t widened first: torch.mul(t, d)'s float32 products, without its mixed-dtype loop
+        t = torch.mm(d.to(torch.bfloat16), gb).to(torch.float32)
+        approx.append(float(t.mul_(d).sum()) / max(d.shape[0], 1))
     best = min(approx)
     cut = best + SCREEN_MARGIN * abs(best)
     return [linear_output_mse(d, gram) if a <= cut else a for d, a in zip(ds, approx, strict=True)]
