@@ -202,10 +202,12 @@ def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
 
 # the bf16 screen of `linear_output_mses`: candidates whose bf16 loss is within this fraction of
 # the least are rescored in float32 (on SmolLM2 int4_g64's 30 down pairs x 21 candidates, full
-# model: the bf16 scores' relative error was 4.8e-5 median, 2.4e-3 at the 99th percentile, 9e-3
-# at most, and every margin down to 2^-9 kept float32's pick in 30 of 30; 2^-6 rescores 149 of
-# the 630 candidates, 2^-5 221)
-SCREEN_MARGIN = 2.0**-6
+# model, awq's defaults (float inputs): the bf16 scores' relative error was 5.6e-5 median,
+# 2.7e-3 at the 99th percentile, 7.3e-3 at most; float32's pick was bf16's least in 30 of 30
+# (float32's best and second best 2.4e-4 apart at the least), so every margin from 2^-3 to
+# 2^-13 kept it; 2^-9 rescores 47 of the 630 candidates, 2^-6 151; session 15's sequential
+# inputs: 30 of 30 down to 2^-9 as well)
+SCREEN_MARGIN = 2.0**-9
 
 
 def linear_output_mses(ds: list[torch.Tensor], gram: torch.Tensor) -> list[float]:
