@@ -524,7 +524,8 @@ def test_block_loss_screen_scores_the_finalists_in_full(keep):
         searches.append((block, list(n), weights))
     full, _ = block_losses(layer, windows, searches, AWQConfig(grid=10, screen_stride=1))
     screened, _ = block_losses(layer, windows, searches,
-                               AWQConfig(grid=10, screen_stride=4, screen_keep=keep))  # fmt: skip
+                               AWQConfig(grid=10, screen_stride=4, screen_keep=keep,
+                                         screen_keep_attention=keep))  # fmt: skip
     for f, s in zip(full, screened, strict=True):
         assert all(v < float("inf") for v in f)
         scored = [k for k, v in enumerate(s) if v < float("inf")]

@@ -160,16 +160,21 @@ def block_losses(
     their losses are over all windows (the same sums as without the screen); the others' are
     inf (not scored in full). So the pick is the least full loss among the finalists, never
     above s = 1's: the full search's pick whenever that is among the screen's best
-    `screen_keep`, at about (1/k + (keep + 1)/n) of its block forwards for n candidates."""
-    stride, keep = config.screen_stride, config.screen_keep
+    `screen_keep`, at about (1/k + (keep + 1)/n) of its block forwards for n candidates.
+    An attention block's search keeps `screen_keep_attention`."""
+    config = config.resolved()
+    stride = config.screen_stride
+    assert stride is not None and config.screen_keep_attention is not None  # resolved
+    keeps = [config.screen_keep_attention if b.endswith("self_attn") else config.screen_keep
+             for b, _, _ in searches]  # fmt: skip
     n_cs = [len(c) for _, _, c in searches]
-    if stride <= 1 or all(n <= keep + 1 for n in n_cs):
+    if stride <= 1 or all(n <= k + 1 for n, k in zip(n_cs, keeps, strict=True)):
         per_window = windows.map(layer, window_losses, searches, None, rows)
         return [_totals(per_window, j, n) for j, n in enumerate(n_cs)], [p[2] for p in per_window]
     first = windows.map(layer, window_losses, searches, (stride, True), rows)
     screen = [_totals(first, j, n) for j, n in enumerate(n_cs)]
     finalists = [sorted({0, *sorted(range(n), key=lo.__getitem__)[:keep]})
-                 for n, lo in zip(n_cs, screen, strict=True)]  # fmt: skip
+                 for n, lo, keep in zip(n_cs, screen, keeps, strict=True)]  # fmt: skip
     rest = [(b, names, [c[k] for k in fin])
             for (b, names, c), fin in zip(searches, finalists, strict=True)]  # fmt: skip
     second = windows.map(layer, window_losses, rest, (stride, False), rows)
