@@ -73,7 +73,7 @@ class AWQConfig:
       for "awq", screen_keep for "awq+gptq". On SmolLM2 int4_g64 (8 x 512, awq's float inputs,
       every candidate's per-window losses, `AWQConfig`'s picks simulated): stride 8 with keep
       3 for the MLP and 5 for the attention picks what stride 4 keep 3 picks in 60 of 60
-      searches (keep 3 for both: 59, one attention pick worse), at 0.83x the block forwards.
+      searches (keep 3 for both: 59, one attention pick worse), at 0.86x the block forwards.
     float_inputs: the next decoder layer's inputs are this layer's FLOAT outputs (computed
       with its weights before scaling, clipping and quantization: AutoAWQ's pipeline, in which
       every layer sees the float model's activations) instead of the quantized layer's
