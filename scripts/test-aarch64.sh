@@ -5,8 +5,10 @@
 #   1. the whole core suite on `-cpu max` (has dotprod and i8mm: the `sdot` kernels, the GEMM
 #      in `smmla` and, forced by its tests, in `sdot`),
 #   2. the matmul tests on `-cpu cortex-a53` (Armv8.0, no dotprod: the `smull` kernels),
-#   2b. the GEMM's tests and the detection on `-cpu cortex-a76` (dotprod, no i8mm: the GEMM in
-#      `sdot` by detection) and on `-cpu max` with FERROQUANT_MAX_ISA=dotprod (the cap),
+#   2b. the GEMM's tests (the 32-weight formats' and the K-quants') and the detection on
+#      `-cpu cortex-a76` (dotprod, no i8mm: the GEMM in `sdot` by detection), on `-cpu max`
+#      with FERROQUANT_MAX_ISA=dotprod (the cap), and the K-quants' and the detection with
+#      FERROQUANT_MAX_ISA=neon (no GEMM: the `smull` row kernels by detection),
 #   3. the matmul and NEON-quantizer tests with FERROQUANT_FORCE_SCALAR=1 (the references
 #      through the dispatch),
 #   4. clippy for the target, the whole workspace (cfg-gated code, dead code there; the PyO3
@@ -32,11 +34,14 @@ CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_EXPECT
 echo "-- qemu -cpu cortex-a53 (no dotprod): matmul"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a53" FERROQUANT_EXPECT_DOTPROD=0 \
   "${tests[@]}" matmul
-echo "-- qemu -cpu cortex-a76 (dotprod, no i8mm), and -cpu max capped at dotprod: the NEON GEMM"
+echo "-- qemu -cpu cortex-a76 (dotprod, no i8mm), and -cpu max capped at dotprod / neon: the NEON GEMM"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a76" FERROQUANT_EXPECT_DOTPROD=1 \
   FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_MAX_ISA=dotprod \
   FERROQUANT_EXPECT_DOTPROD=1 FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_MAX_ISA=neon \
+  FERROQUANT_EXPECT_DOTPROD=0 FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon_k \
+  neon_gemm_chosen_by_detection detection_and_dispatch
 echo "-- FERROQUANT_FORCE_SCALAR=1: matmul, legacy_neon"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_FORCE_SCALAR=1 \
   "${tests[@]}" -- matmul legacy_neon

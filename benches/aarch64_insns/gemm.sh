@@ -4,6 +4,7 @@
 # GEMM with `smmla` (-cpu max), with `sdot` (FERROQUANT_MAX_ISA=dotprod), and the `sdot` row
 # kernels it replaces (FERROQUANT_NEON_GEMM=0). Emulated: a proxy, not time on hardware.
 # Usage: [FORMATS="q4_0 q8_0"] benches/aarch64_insns/gemm.sh [K] [M...]
+# (FORMATS also takes the K-quants q2_k q3_k q4_k q5_k q6_k iq4_xs; K then a multiple of 256.)
 set -euo pipefail
 cd "$(dirname "$0")"
 K=${1:-4096}

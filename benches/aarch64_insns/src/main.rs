@@ -157,9 +157,15 @@ fn qmatmul_probe(fmt: &str, k: &str, m: &str, n: &str, reps: &str) {
         "iq4_nl" => (QType::IQ4NL, &[0]),
         "q4_1" => (QType::Q4_1, &[0, 2]),
         "q5_1" => (QType::Q5_1, &[0, 2]),
+        "q4_k" => (QType::Q4K, &[0, 2]),
+        "q5_k" => (QType::Q5K, &[0, 2]),
+        "q6_k" => (QType::Q6K, &[208]),
+        "q2_k" => (QType::Q2K, &[80, 82]),
+        "q3_k" => (QType::Q3K, &[108]),
+        "iq4_xs" => (QType::IQ4XS, &[0]),
         _ => panic!("{usage}"),
     };
-    let size = qtype.info().type_size;
+    let (size, block) = (qtype.info().type_size, qtype.info().block_size);
     let mut seed = 0x9e37_79b9u64;
     let mut next = || {
         seed ^= seed << 13;
@@ -167,7 +173,7 @@ fn qmatmul_probe(fmt: &str, k: &str, m: &str, n: &str, reps: &str) {
         seed ^= seed << 17;
         seed as u8
     };
-    let mut data: Vec<u8> = (0..n * k / 32 * size).map(|_| next()).collect();
+    let mut data: Vec<u8> = (0..n * k / block * size).map(|_| next()).collect();
     for blk in data.chunks_exact_mut(size) {
         for &o in halves {
             blk[o..o + 2].copy_from_slice(&f16_from_f32(0.01));
@@ -178,7 +184,7 @@ fn qmatmul_probe(fmt: &str, k: &str, m: &str, n: &str, reps: &str) {
         qtype,
         rows: n,
         cols: k,
-        block_size: 32,
+        block_size: block,
         scale_mode: None,
         data: &data,
         stats: &[],

@@ -1,4 +1,5 @@
-//! The GEMM path of the 32-weight formats on aarch64 (`dotprod`, `i8mm` where present), from
+//! The GEMM path of the 32-weight formats on aarch64 (`dotprod`, `i8mm` where present; the
+//! K-quants' is `gemm_neon_k.rs`, chosen here with the same threshold), from
 //! `GEMM_NEON_MIN_M` activation rows: per block of activation rows, each panel of `PANEL`
 //! weight rows of the task goes chunk by chunk of K (`KC` blocks) through
 //! `neon::gemm::decode` (into an L1 buffer, once for the block's rows) and every tile of
@@ -16,22 +17,23 @@ use crate::formats::blocks::*;
 use crate::matmul::reference::{hsum8, LANES};
 use crate::qtype::QType;
 
-/// From this many activation rows the 32-weight formats take this path where the CPU has
-/// `dotprod`. Not timed (no ARM hardware): executed instructions of whole `qmatmul` calls
-/// under qemu (`benches/aarch64_insns/gemm.sh`, 512 x 1024, one thread, 2026-12-07) favour it
-/// already at M = 2: q4_0 0.51 (`sdot`) / 0.48 (`smmla`) a weight per activation row against
-/// 0.60 for the `sdot` row kernels.
+/// From this many activation rows the 32-weight formats and the K-quants take this path where
+/// the CPU has `dotprod`. Not timed (no ARM hardware): executed instructions of whole
+/// `qmatmul` calls under qemu (`benches/aarch64_insns/gemm.sh`, 512 x 1024, one thread,
+/// 2026-12-07) favour it already at M = 2: q4_0 0.51 (`sdot`) / 0.48 (`smmla`) a weight per activation row against
+/// 0.60 for the `sdot` row kernels; for the K-quants (`gemm_neon_k.rs`) q4_k 0.57 / 0.59
+/// against 0.73, q6_k 0.60 / 0.62 against 0.76.
 pub(super) const GEMM_NEON_MIN_M: usize = 2;
 /// Activation rows of one block (each panel chunk decoded once per block; the block's chunk of
 /// activations, 64 x 32 blocks x 34 bytes = 68 KiB, stays in L2).
 const GEMM_NEON_BLOCK: usize = 64;
 
-/// Whether the path takes `qtype` weights.
+/// Whether the path takes `qtype` weights (the K-quants: `gemm_neon_k.rs`).
 pub(super) fn takes(qtype: QType) -> bool {
     matches!(
         qtype,
         QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
-    )
+    ) || super::gemm_neon_k::takes(qtype)
 }
 
 /// The product `plan` runs for `qtype` weights and `m` activation rows: the tests' forcing
@@ -56,6 +58,9 @@ thread_local! {
 impl Plan<'_> {
     /// Weight rows `n0..n0 + rows` with every activation row, into `out`.
     pub(super) fn fill_gemm_neon(&self, dot: NeonDot, n0: usize, rows: usize, out: &OutPtr) {
+        if super::gemm_neon_k::takes(self.w.qtype) {
+            return self.fill_gemm_neon_k(dot, n0, rows, out);
+        }
         match self.w.qtype {
             QType::Q4_0 => self.gemm_neon_rows::<BlockQ4_0>(dot, n0, rows, out),
             QType::Q8_0 => self.gemm_neon_rows::<BlockQ8_0>(dot, n0, rows, out),

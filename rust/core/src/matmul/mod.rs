@@ -28,7 +28,8 @@
 //! FERROQUANT_FORCE_SCALAR=1 runs the references. On aarch64 `neon.rs` computes the same bits
 //! with NEON (`sdot` where the CPU has `dotprod`), and from `gemm_neon::GEMM_NEON_MIN_M` rows
 //! the 32-weight formats take the NEON GEMM of `gemm_neon.rs` / `neon/gemm.rs` (`sdot` by
-//! element, `smmla` with `i8mm`); other architectures run the references.
+//! element, `smmla` with `i8mm`), the K-quants that of `gemm_neon_k.rs` / `neon/gemm_k.rs`;
+//! other architectures run the references.
 //!
 //! Files: this one (the driver: `qmatmul`, `Plan::fill`, the task split), `plan.rs` (every
 //! check, the kernel choice, the activations prepared once per call), `dispatch.rs` (one weight
@@ -596,6 +597,8 @@ mod gemm_bf16_small;
 mod gemm_k;
 #[cfg(target_arch = "aarch64")]
 mod gemm_neon;
+#[cfg(target_arch = "aarch64")]
+mod gemm_neon_k;
 mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_bytes;

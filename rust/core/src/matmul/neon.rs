@@ -9,7 +9,8 @@
 //!
 //! Files: this one (detection, dispatch, integer dots, the 32-weight formats), `k_quants.rs`
 //! (q4_K, q5_K, q6_K), `q16.rs` (nf4, int8 with 16-bit activations), `gemm.rs` (the 32-weight
-//! formats' GEMM kernels for M >= 2, `sdot` by element or `smmla`), `tests.rs`.
+//! formats' GEMM kernels for M >= 2, `sdot` by element or `smmla`), `gemm_k.rs` (the same for
+//! the K-quants), `tests.rs`.
 //!
 //! `mod.rs` calls `dot_block32`, `dot_block_k` and `dot_q16`, which take the NEON kernel of the
 //! weight format when this file has one and the reference otherwise (matched by `TypeId` /
@@ -40,6 +41,7 @@ use crate::qtype::QType;
 const _: () = assert!(cfg!(target_feature = "neon"));
 
 pub mod gemm;
+pub mod gemm_k;
 mod k_quants;
 mod q16;
 #[cfg(test)]

@@ -29,6 +29,8 @@ mod gemm_avx2;
 mod gemm_k;
 #[cfg(target_arch = "aarch64")]
 mod gemm_neon;
+#[cfg(target_arch = "aarch64")]
+mod gemm_neon_k;
 mod gint;
 pub(crate) mod q16_rows;
 

@@ -246,7 +246,11 @@ fn scales(dot: NeonDot, h: &[u16; PANEL], o: &mut [f32]) {
 /// # Safety
 /// The CPU must have `dotprod`; only inlined into functions compiled with it.
 #[inline(always)]
-unsafe fn sdot_lane<const I: usize>(mut acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn sdot_lane<const I: usize>(
+    mut acc: int32x4_t,
+    w: int8x16_t,
+    x: int8x16_t,
+) -> int32x4_t {
     // SAFETY: `sdot` reads three vector registers and writes the first; no memory, stack or
     // flags; the caller guarantees dotprod.
     unsafe {
@@ -268,7 +272,7 @@ unsafe fn sdot_lane<const I: usize>(mut acc: int32x4_t, w: int8x16_t, x: int8x16
 /// # Safety
 /// The CPU must have `i8mm`; only inlined into functions compiled with it.
 #[inline(always)]
-unsafe fn smmla(mut acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn smmla(mut acc: int32x4_t, w: int8x16_t, x: int8x16_t) -> int32x4_t {
     // SAFETY: as `sdot_lane`; the caller guarantees i8mm.
     unsafe {
         asm!(

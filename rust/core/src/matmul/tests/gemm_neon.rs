@@ -116,7 +116,8 @@ fn neon_gemm_chosen_by_detection() {
             assert_eq!(p.gemm_neon, want, "{qtype:?} m={m}");
         }
     }
-    assert_eq!(choose(QType::Q4K, 16), None);
+    assert_eq!(choose(QType::Q4K, 16), best);
+    assert_eq!(choose(QType::TQ2_0, 16), None);
     assert_eq!(choose(QType::NF4, 16), None);
 }
 
