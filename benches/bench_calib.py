@@ -119,8 +119,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0,
                     help="keep the first N decoder layers only (timing runs: the scores are "
                     "then not the model's)")  # fmt: skip
-    ap.add_argument("--awq-screen-stride", type=int, default=AWQConfig.screen_stride,
-                    help="AWQ's window screen (1: every candidate on every window)")  # fmt: skip
+    ap.add_argument("--awq-screen-stride", type=int, default=None,
+                    help="AWQ's window screen (1: every candidate on every window; default: "
+                    "AWQConfig's)")  # fmt: skip
     ap.add_argument("--awq-float-inputs", action=argparse.BooleanOptionalAction, default=None,
                     help="AWQ: next layer inputs from the float layer")  # fmt: skip
     ap.add_argument("--awq-clip-tokens", type=int, default=None,
@@ -151,12 +152,12 @@ def main() -> None:
         asym_alpha=args.asym_alpha,
         damp=args.damp,
     )
-    awq_set = {"float_inputs": args.awq_float_inputs, "clip_tokens": args.awq_clip_tokens}
+    awq_set = {"float_inputs": args.awq_float_inputs, "clip_tokens": args.awq_clip_tokens,
+               "screen_stride": args.awq_screen_stride}  # fmt: skip
     acfg = AWQConfig(
         n_samples=args.calib_samples,
         seq_len=args.calib_len,
         gptq_act_order=not args.no_act_order,
-        screen_stride=args.awq_screen_stride,
         **{k: v for k, v in awq_set.items() if v is not None},  # unset: the library's default
     )
     methods = [m for m in args.methods.split(",") if m]  # "": the peers only

@@ -24,6 +24,7 @@ from ferroquant.methods.awq import (
     group_grams,
     group_output_mse,
     scale_candidates,
+    scaled_qdq,
     search_clip,
     search_scale,
     weight_mean,
@@ -232,6 +233,46 @@ def test_fused_gint_qdq_is_the_round_trip_bit_for_bit(seed, qtype, rows, special
     want = np.asarray(fq.dequantize(fq.quantize(w, qtype))).reshape(w.shape)
     got = format_qdq(qtype)(torch.from_numpy(w)).numpy()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    qtype=st.sampled_from(["int4_g64", "int4_g32_sym", "int3_g64", "int8_g32_sym", "int4_gch"]),
+    rows=st.integers(1, 9),
+    spread=st.floats(0.0, 9.0),
+)
+def test_fused_scaled_qdq_is_qdq_of_w_times_s_over_s_bit_for_bit(seed, qtype, rows, spread):
+    """AWQ's candidate weights (`scaled_qdq`: one native call for the grouped integers) are
+    the bits of torch's qdq(W * s) / s, over per-column scales from e^-spread to e^spread."""
+    g = np.random.default_rng(seed)
+    w = torch.from_numpy((g.standard_normal((rows, 256)) * 0.05).astype(np.float32))
+    s = torch.from_numpy(np.exp(g.uniform(-spread, spread, 256)).astype(np.float32))
+    qdq = format_qdq(qtype)
+    want = torch.from_numpy(np.asarray(fq.dequantize(fq.quantize((w * s).numpy(), qtype))))
+    want = want.reshape(w.shape) / s
+    got = scaled_qdq(qdq, w, s)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(scaled_qdq(format_qdq("q4_0"), w[:, :64], s[:64]),
+                       format_qdq("q4_0")(w[:, :64] * s[:64]) / s[:64])  # fmt: skip
+
+
+def test_fused_scaled_qdq_refuses_bad_scales():
+    from ferroquant import _native
+
+    w = np.ones((2, 64), np.float32)
+    with pytest.raises(fq.QuantizeError, match="63 scales for 64 columns"):
+        _native.gint_qdq(w, "int4_g64", np.ones(63, np.float32))
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        s = np.ones(64, np.float32)
+        s[7] = bad
+        with pytest.raises(fq.QuantizeError, match="at column 7"):
+            _native.gint_qdq(w, "int4_g64", s)
+    s = np.ones(64, np.float32)
+    s[3] = np.float32(3e38)
+    w[1, 3] = 4.0
+    with pytest.raises(fq.QuantizeError, match="row 1, column 3"):
+        _native.gint_qdq(w, "int4_g64", s)
 
 
 def test_fused_gint_qdq_refuses_bad_input():
@@ -483,7 +524,8 @@ def test_block_loss_screen_scores_the_finalists_in_full(keep):
         searches.append((block, list(n), weights))
     full, _ = block_losses(layer, windows, searches, AWQConfig(grid=10, screen_stride=1))
     screened, _ = block_losses(layer, windows, searches,
-                               AWQConfig(grid=10, screen_stride=4, screen_keep=keep))  # fmt: skip
+                               AWQConfig(grid=10, screen_stride=4, screen_keep=keep,
+                                         screen_keep_attention=keep))  # fmt: skip
     for f, s in zip(full, screened, strict=True):
         assert all(v < float("inf") for v in f)
         scored = [k for k, v in enumerate(s) if v < float("inf")]

@@ -250,3 +250,9 @@ def test_float_inputs_and_clip_tokens_default_per_method():
     assert "float_inputs=False" in both.describe() and "clip_tokens=512," in both.describe()
     mine = method_config("awq+gptq", AWQConfig(float_inputs=True, clip_tokens=64)).resolved()
     assert (mine.float_inputs, mine.clip_tokens) == (True, 64)
+    # the screen: awq every 8th window, 5 attention finalists; awq+gptq every 4th, 3 and 3
+    a, b = awq.resolved(), both.resolved()
+    assert (a.screen_stride, a.screen_keep, a.screen_keep_attention) == (8, 3, 5)
+    assert (b.screen_stride, b.screen_keep, b.screen_keep_attention) == (4, 3, 3)
+    mine = method_config("awq", AWQConfig(screen_stride=2, screen_keep=1)).resolved()
+    assert (mine.screen_stride, mine.screen_keep, mine.screen_keep_attention) == (2, 1, 3)

@@ -21,8 +21,11 @@ def quantize(
     double_quant: bool = False,
     scale_mode: str | None = None,
 ) -> dict[str, Any]: ...
-def gint_qdq(x: npt.NDArray[np.float32], qtype: str) -> npt.NDArray[np.float32]:
-    """dequantize(quantize(x, qtype)) for a grouped integer qtype with integer zeros, fused."""
+def gint_qdq(
+    x: npt.NDArray[np.float32], qtype: str, scale: npt.NDArray[np.float32] | None = None
+) -> npt.NDArray[np.float32]:
+    """dequantize(quantize(x, qtype)) for a grouped integer qtype with integer zeros, fused;
+    with `scale` (one finite positive value per column): that of x * scale, divided by scale."""
     ...
 
 def dequantize(

@@ -123,7 +123,8 @@ def search_pairs(
         zip(pairs, built, strict=True)
     ):
         if gram is not None and names == (block_name,):
-            losses[i] = linear_output_mses([w[0] - originals[0] for w in weights], gram)
+            # the errors in place of the candidates' weights (only their losses are used)
+            losses[i] = linear_output_mses([w[0].sub_(originals[0]) for w in weights], gram)
         else:
             searches.append((block_name, list(names), weights))
             where.append(i)
@@ -159,16 +160,21 @@ def block_losses(
     their losses are over all windows (the same sums as without the screen); the others' are
     inf (not scored in full). So the pick is the least full loss among the finalists, never
     above s = 1's: the full search's pick whenever that is among the screen's best
-    `screen_keep`, at about (1/k + (keep + 1)/n) of its block forwards for n candidates."""
-    stride, keep = config.screen_stride, config.screen_keep
+    `screen_keep`, at about (1/k + (keep + 1)/n) of its block forwards for n candidates.
+    An attention block's search keeps `screen_keep_attention`."""
+    config = config.resolved()
+    stride = config.screen_stride
+    assert stride is not None and config.screen_keep_attention is not None  # resolved
+    keeps = [config.screen_keep_attention if b.endswith("self_attn") else config.screen_keep
+             for b, _, _ in searches]  # fmt: skip
     n_cs = [len(c) for _, _, c in searches]
-    if stride <= 1 or all(n <= keep + 1 for n in n_cs):
+    if stride <= 1 or all(n <= k + 1 for n, k in zip(n_cs, keeps, strict=True)):
         per_window = windows.map(layer, window_losses, searches, None, rows)
         return [_totals(per_window, j, n) for j, n in enumerate(n_cs)], [p[2] for p in per_window]
     first = windows.map(layer, window_losses, searches, (stride, True), rows)
     screen = [_totals(first, j, n) for j, n in enumerate(n_cs)]
     finalists = [sorted({0, *sorted(range(n), key=lo.__getitem__)[:keep]})
-                 for n, lo in zip(n_cs, screen, strict=True)]  # fmt: skip
+                 for n, lo, keep in zip(n_cs, screen, keeps, strict=True)]  # fmt: skip
     rest = [(b, names, [c[k] for k in fin])
             for (b, names, c), fin in zip(searches, finalists, strict=True)]  # fmt: skip
     second = windows.map(layer, window_losses, rest, (stride, False), rows)
@@ -201,10 +207,12 @@ def linear_output_mse(d: torch.Tensor, gram: torch.Tensor) -> float:
 
 # the bf16 screen of `linear_output_mses`: candidates whose bf16 loss is within this fraction of
 # the least are rescored in float32 (on SmolLM2 int4_g64's 30 down pairs x 21 candidates, full
-# model: the bf16 scores' relative error was 4.8e-5 median, 2.4e-3 at the 99th percentile, 9e-3
-# at most, and every margin down to 2^-9 kept float32's pick in 30 of 30; 2^-6 rescores 149 of
-# the 630 candidates, 2^-5 221)
-SCREEN_MARGIN = 2.0**-6
+# model, awq's defaults (float inputs): the bf16 scores' relative error was 5.6e-5 median,
+# 2.7e-3 at the 99th percentile, 7.3e-3 at most; float32's pick was bf16's least in 30 of 30
+# (float32's best and second best 2.4e-4 apart at the least), so every margin from 2^-3 to
+# 2^-13 kept it; 2^-9 rescores 47 of the 630 candidates, 2^-6 151; session 15's sequential
+# inputs: 30 of 30 down to 2^-9 as well)
+SCREEN_MARGIN = 2.0**-9
 
 
 def linear_output_mses(ds: list[torch.Tensor], gram: torch.Tensor) -> list[float]:
@@ -220,8 +228,9 @@ def linear_output_mses(ds: list[torch.Tensor], gram: torch.Tensor) -> list[float
     approx = []
     for d in ds:
         d = d.to(torch.float32)
-        t = torch.mm(d.to(torch.bfloat16), gb)
-        approx.append(float(torch.mul(t, d).sum()) / max(d.shape[0], 1))
+        # t widened first: torch.mul(t, d)'s float32 products, without its mixed-dtype loop
+        t = torch.mm(d.to(torch.bfloat16), gb).to(torch.float32)
+        approx.append(float(t.mul_(d).sum()) / max(d.shape[0], 1))
     best = min(approx)
     cut = best + SCREEN_MARGIN * abs(best)
     return [linear_output_mse(d, gram) if a <= cut else a for d, a in zip(ds, approx, strict=True)]

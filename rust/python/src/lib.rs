@@ -149,11 +149,15 @@ fn extract_double_quant(d: &Bound<'_, PyDict>) -> PyResult<core::DoubleQuant> {
 /// Dequantize raw data (+ statistics) to a float32 array of shape (rows, cols).
 /// `quantize` then `dequantize` of a float32 2-D C-contiguous array in a grouped integer
 /// format with integer zeros (`int{b}_g*`), value for value, without the bytes between.
+/// With `scale` (one finite positive f32 per column): `qdq(x · scale) / scale`, the scaled
+/// columns' round trip scaled back (AWQ's candidate weights).
 #[pyfunction]
+#[pyo3(signature = (x, qtype, scale=None))]
 fn gint_qdq<'py>(
     py: Python<'py>,
     x: PyReadonlyArray2<'py, f32>,
     qtype: &str,
+    scale: Option<PyReadonlyArray1<'py, f32>>,
 ) -> PyResult<Bound<'py, numpy::PyArray2<f32>>> {
     let qt = core::QType::parse(qtype).map_err(to_py)?;
     let g = qt.gint().ok_or_else(|| {
@@ -161,9 +165,16 @@ fn gint_qdq<'py>(
     })?;
     let (rows, cols) = (x.shape()[0], x.shape()[1]);
     let s = x.as_slice().map_err(|_| not_contiguous("input"))?;
+    let sc = match &scale {
+        Some(a) => Some(a.as_slice().map_err(|_| not_contiguous("scale"))?),
+        None => None,
+    };
     let out = py
         .detach(|| {
-            core::Matrix::from_f32(s, rows, cols).and_then(|m| core::formats::gint::qdq(&m, qt, g))
+            core::Matrix::from_f32(s, rows, cols).and_then(|m| match sc {
+                Some(sc) => core::formats::gint::qdq_scaled(&m, qt, g, sc),
+                None => core::formats::gint::qdq(&m, qt, g),
+            })
         })
         .map_err(to_py)?;
     numpy::PyArrayMethods::reshape(&out.into_pyarray(py), [rows, cols])

@@ -306,14 +306,7 @@ pub fn quantize(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Quantized> {
 /// searches) needs only these values; the round trip packs, unpacks and allocates the bytes
 /// between (about 3x this one's work).
 pub fn qdq(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Vec<f32>> {
-    check_shape(qtype, g, m.rows, m.cols)?;
-    if g.float_zero {
-        return Err(Error::InvalidArgument(format!(
-            "{}: qdq takes integer zeros only (quantize and dequantize a float-zero format)",
-            qtype.name()
-        )));
-    }
-    m.check_finite()?;
+    qdq_checks(m, qtype, g)?;
     let (cols, gl) = (m.cols, group_len(g, m.cols));
     let mut out = vec![0f32; m.rows * cols];
     let per_task = parallel::rows_per_task(m.rows, cols);
@@ -330,6 +323,128 @@ pub fn qdq(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<Vec<f32>> {
             });
     });
     Ok(out)
+}
+
+/// `qdq` of `m` with its columns scaled, scaled back: `qdq(x · s) / s` per column, each an
+/// f32 product and quotient (torch's `qdq(w * s) / s` bit for bit): AWQ's candidate weights,
+/// one call instead of two elementwise passes and their buffers. `scale` has one finite,
+/// positive value per column; a scaled value that overflows is refused as `qdq` refuses
+/// non-finite input.
+pub fn qdq_scaled(m: &Matrix<'_>, qtype: QType, g: GInt, scale: &[f32]) -> Result<Vec<f32>> {
+    if scale.len() != m.cols {
+        return Err(Error::InvalidArgument(format!(
+            "{}: {} scales for {} columns",
+            qtype.name(),
+            scale.len(),
+            m.cols
+        )));
+    }
+    if let Some((j, s)) = scale
+        .iter()
+        .enumerate()
+        .find(|(_, s)| !(s.is_finite() && **s > 0.0))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "{}: scale {s} at column {j} (scales must be finite and positive)",
+            qtype.name()
+        )));
+    }
+    qdq_checks(m, qtype, g)?;
+    let (cols, gl) = (m.cols, group_len(g, m.cols));
+    let mut out = vec![0f32; m.rows * cols];
+    let per_task = parallel::rows_per_task(m.rows, cols);
+    let wide = qdq_wide_usable();
+    // a row at a time through one scratch row (no scaled copy of the matrix); each task
+    // reports its first overflowing product, the least (row, column) of them is the error
+    let bad = parallel::install(|| {
+        out.par_chunks_mut(per_task * cols)
+            .enumerate()
+            .filter_map(|(t, o)| {
+                let (mut buf, mut xs) = (Vec::new(), vec![0f32; cols]);
+                for (k, orow) in o.chunks_mut(cols).enumerate() {
+                    let r = t * per_task + k;
+                    let x = m.row(r, &mut buf);
+                    if scale_row(x, scale, &mut xs, wide) > f32::MAX.to_bits() {
+                        let c = xs.iter().position(|v| !v.is_finite()).unwrap_or(0);
+                        return Some((r, c, xs[c]));
+                    }
+                    qdq_row(g, gl, &xs, orow, wide);
+                    unscale_row(orow, scale, wide);
+                }
+                None
+            })
+            .min_by_key(|&(r, c, _)| (r, c))
+    });
+    if let Some((row, col, value)) = bad {
+        return Err(Error::NonFinite { row, col, value });
+    }
+    Ok(out)
+}
+
+/// `out = x · s` per element; returns the largest magnitude's bits (above `f32::MAX`'s: an
+/// overflow). `wide`: the same IEEE products compiled for AVX-512 (the portable build is SSE2).
+fn scale_row(x: &[f32], s: &[f32], out: &mut [f32], wide: bool) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: `wide` is `qdq_wide_usable()`, which checked the CPU for AVX-512 at run time.
+        return unsafe { scale_row_avx512(x, s, out) };
+    }
+    let _ = wide;
+    scale_row_body(x, s, out)
+}
+
+/// `out /= s` per element (`scale_row`'s inverse step, IEEE quotients either build).
+fn unscale_row(out: &mut [f32], s: &[f32], wide: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        // SAFETY: `wide` is `qdq_wide_usable()`, which checked the CPU for AVX-512 at run time.
+        unsafe { unscale_row_avx512(out, s) };
+        return;
+    }
+    let _ = wide;
+    unscale_row_body(out, s);
+}
+
+#[inline(always)]
+fn scale_row_body(x: &[f32], s: &[f32], out: &mut [f32]) -> u32 {
+    let mut worst = 0u32;
+    for ((y, &v), &k) in out.iter_mut().zip(x).zip(s) {
+        let p = v * k;
+        *y = p;
+        worst = worst.max(p.to_bits() & 0x7fff_ffff);
+    }
+    worst
+}
+
+#[inline(always)]
+fn unscale_row_body(out: &mut [f32], s: &[f32]) {
+    for (y, &k) in out.iter_mut().zip(s) {
+        *y /= k;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn scale_row_avx512(x: &[f32], s: &[f32], out: &mut [f32]) -> u32 {
+    scale_row_body(x, s, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+unsafe fn unscale_row_avx512(out: &mut [f32], s: &[f32]) {
+    unscale_row_body(out, s);
+}
+
+/// `qdq`'s checks of its input: the shape, integer zeros, finite values.
+fn qdq_checks(m: &Matrix<'_>, qtype: QType, g: GInt) -> Result<()> {
+    check_shape(qtype, g, m.rows, m.cols)?;
+    if g.float_zero {
+        return Err(Error::InvalidArgument(format!(
+            "{}: qdq takes integer zeros only (quantize and dequantize a float-zero format)",
+            qtype.name()
+        )));
+    }
+    m.check_finite()
 }
 
 /// Whether `qdq_row` may take its AVX-512 build (`qdq_row_avx512`).
@@ -727,6 +842,54 @@ mod tests {
         let m = Matrix::from_f32(&bad, 1, 64).unwrap();
         let qt = QType::parse("int4_g64").unwrap();
         assert!(qdq(&m, qt, qt.gint().unwrap()).is_err());
+    }
+
+    #[test]
+    fn qdq_scaled_is_qdq_of_the_scaled_columns_scaled_back() {
+        let mut seed = 777u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        };
+        for name in ["int4_g64", "int4_g32_sym", "int3_g32", "int8_gch_sym"] {
+            let qt = QType::parse(name).unwrap();
+            let gi = qt.gint().unwrap();
+            let (rows, cols) = (7, 128);
+            let x: Vec<f32> = (0..rows * cols).map(|_| rnd() * 2.0).collect();
+            let s: Vec<f32> = (0..cols).map(|_| (rnd() * 6.0).exp()).collect();
+            let xs: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * s[i % cols]).collect();
+            let want = qdq(&Matrix::from_f32(&xs, rows, cols).unwrap(), qt, gi).unwrap();
+            let want: Vec<f32> = want
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v / s[i % cols])
+                .collect();
+            let m = Matrix::from_f32(&x, rows, cols).unwrap();
+            let got = qdq_scaled(&m, qt, gi, &s).unwrap();
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name}");
+        }
+        let qt = QType::parse("int4_g64").unwrap();
+        let gi = qt.gint().unwrap();
+        let x = [1f32; 64];
+        let m = Matrix::from_f32(&x, 1, 64).unwrap();
+        assert!(qdq_scaled(&m, qt, gi, &[1.0; 63]).is_err());
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+            let mut s = [1f32; 64];
+            s[5] = bad;
+            assert!(qdq_scaled(&m, qt, gi, &s).is_err(), "{bad}");
+        }
+        let mut s = [1f32; 64];
+        s[3] = f32::MAX;
+        let mut x2 = [1f32; 64];
+        x2[3] = 4.0;
+        let m2 = Matrix::from_f32(&x2, 1, 64).unwrap();
+        assert!(qdq_scaled(&m2, qt, gi, &s).is_err());
     }
 
     #[test]
