@@ -273,16 +273,40 @@ pub(super) fn plan<'a>(
             "output has {out_len} elements but M={m} rows of N={n} need {y_len}"
         )));
     }
-    if let Some(i) = first_non_finite(x) {
-        return Err(Error::NonFinite {
-            row: i / k,
-            col: i % k,
-            value: x[i],
-        });
+    // The bf16 GEMM: its formats, many rows, K in whole chunks of 32, groups that divide a
+    // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says; the ggml
+    // formats where AMX bf16 runs, from `ggml_bf16_min_m` rows.
+    #[cfg(target_arch = "x86_64")]
+    let bf16 = (m >= GEMM16_MIN_M || x86::amx_bf16_small::use_small(m))
+        && k.is_multiple_of(32)
+        && match w.qtype {
+            QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,
+            // (float zeros: the int8 path and its correction, `float_zero.rs`)
+            QType::GInt(g) => {
+                !g.float_zero && (g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize))
+            }
+            // the ggml formats on AMX tiles only, from their measured row counts
+            q => ggml_bf16_min_m(q) > 0 && m >= ggml_bf16_min_m(q),
+        }
+        && crate::cpu::has_avx512_bf16()
+        && x86::gemm16::semantics_hold();
+    let non_finite = |i: usize| Error::NonFinite {
+        row: i / k,
+        col: i % k,
+        value: x[i],
+    };
+    // (the bf16 path checks x while it converts it: one pass over x instead of two)
+    #[cfg(target_arch = "x86_64")]
+    let checked = bf16;
+    #[cfg(not(target_arch = "x86_64"))]
+    let checked = false;
+    if !checked {
+        if let Some(i) = first_non_finite(x) {
+            return Err(non_finite(i));
+        }
     }
     let simd = use_simd();
     let vnni = simd && use_vnni();
-    let f32_avx512 = use_avx512(w.qtype, simd, k, x);
     // Quantizing the activations is worth the pool only for many rows.
     let par = m >= 4 && m.saturating_mul(k) >= 1 << 17;
     // The tiles from M = 2 on (at M = 1 the row kernels are faster: measured, the transposes
@@ -357,27 +381,13 @@ pub(super) fn plan<'a>(
         );
     #[cfg(not(target_arch = "x86_64"))]
     let row32 = false;
-    // The bf16 GEMM: its formats, many rows, K in whole chunks of 32, groups that divide a
-    // chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says; the ggml
-    // formats where AMX bf16 runs, from `ggml_bf16_min_m` rows.
-    #[cfg(target_arch = "x86_64")]
-    let bf16 = (m >= GEMM16_MIN_M || x86::amx_bf16_small::use_small(m))
-        && k.is_multiple_of(32)
-        && match w.qtype {
-            QType::NF4 | QType::Int8 | QType::Fp8E4M3 | QType::Fp8E5M2 => true,
-            // (float zeros: the int8 path and its correction, `float_zero.rs`)
-            QType::GInt(g) => {
-                !g.float_zero && (g.group == 0 || x86::gemm16::KC.is_multiple_of(g.group as usize))
-            }
-            // the ggml formats on AMX tiles only, from their measured row counts
-            q => ggml_bf16_min_m(q) > 0 && m >= ggml_bf16_min_m(q),
-        }
-        && crate::cpu::has_avx512_bf16()
-        && x86::gemm16::semantics_hold();
     #[cfg(target_arch = "x86_64")]
     if bf16 {
         // SAFETY: `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16); x is M x K, K % 32 == 0.
-        let xb = unsafe { x86::gemm16::prepare(x, m, k, par) };
+        let Some(xb) = (unsafe { x86::acts16::prepare(x, m, k, par) }) else {
+            let i = first_non_finite(x).expect("prepare found a non-finite value");
+            return Err(non_finite(i));
+        };
         return Ok(Plan {
             w,
             m,
@@ -406,6 +416,8 @@ pub(super) fn plan<'a>(
             bad_zeros: AtomicBool::new(false),
         });
     }
+    // (after the bf16 return: fp8 e4m3's check reads all of x)
+    let f32_avx512 = use_avx512(w.qtype, simd, k, x);
     // Every weight row on AMX int8 tiles (whole panels of 16; tasks of whole panels,
     // `amx_task_rows`): the AVX-512 GEMM's activation layouts (`xt`, `nbias`, `xtail`) would go
     // unread, so they are not built (at 576x576, M = 128: 4 % of a call).
