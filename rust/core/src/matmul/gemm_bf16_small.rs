@@ -5,7 +5,7 @@
 //! chunk's tile steps (`amx_bf16_small::chunk`) into C tiles that stay in the tile registers
 //! for the whole job; at the end the outputs go to `out` as on the other bf16 jobs.
 
-use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
 use std::cell::RefCell;
 
 use super::gemm_bf16::write_out;
@@ -27,26 +27,50 @@ impl Plan<'_> {
         let n = self.w.rows;
         let jobs = n.div_ceil(ROWS);
         let outp = OutPtr::new(out, n);
-        let job = |t: usize| self.job_small(x, t * ROWS, ROWS.min(n - t * ROWS), &outp);
-        if crate::parallel::num_threads() == 1 || jobs == 1 {
+        let threads = crate::parallel::num_threads();
+        let job = |t: usize| {
+            let rows = ROWS.min(n - t * ROWS);
+            self.job_small(x, t * ROWS, rows, (t + threads) * ROWS, &outp)
+        };
+        if threads == 1 || jobs == 1 {
             (0..jobs).for_each(job);
         } else {
             crate::parallel::for_each_index(jobs, job);
         }
     }
 
-    /// Weight rows `n0..n0 + rows` against the activation vector, K chunk by chunk.
-    fn job_small(&self, x: &Acts16, n0: usize, rows: usize, out: &OutPtr) {
+    /// Weight rows `n0..n0 + rows` against the activation vector, K chunk by chunk, while the
+    /// weight rows and scales of the job from row `next` (the one this thread likely takes
+    /// next: the team claims jobs in order) come into L2.
+    fn job_small(&self, x: &Acts16, n0: usize, rows: usize, next: usize, out: &OutPtr) {
         let k = self.k;
-        let panels = rows.div_ceil(16);
         let rb = self.row_bytes;
-        // Bytes of a chunk (the formats here have a whole number of bytes per KC columns).
-        let bpc = self.w.qtype.row_bytes(KC, self.w.block_size.clamp(1, KC)) * (KCS / KC);
         // The decoders take any multiple of 32 columns but the ggml formats' and the 2- and
         // 3-bit grouped integers' (scratch for one KC): those go KC columns a call.
         let whole = !super::x86::decode16_ggml::takes(self.w.qtype)
             && !matches!(self.w.qtype, QType::GInt(g) if g.bits != 4 && g.bits != 8);
-        let bl = self.block_len.max(1);
+        // The next job's bytes in storage order (its rows are contiguous) and its rows' scales,
+        // a share at each (chunk, row) step of this job: one sequential stream at an even
+        // pace. The 16 rows of this job read chunk by chunk are 16 streams a row apart, which
+        // the hardware prefetchers followed poorly: fetching each row's next chunk instead
+        // (session 16) left nf4 at M = 16, 4096x14336 at 7.4-8.4 ms against 5.5-5.9 (one
+        // thread, CPU time, 2026-12-07, load 23; int8 9.6-10.8 against 7.4-8.0).
+        let nn = self.w.rows;
+        let (ahead, sahead): (&[u8], &[f32]) = if next < nn {
+            let end = (next + ROWS).min(nn);
+            let st = if self.w.stats.len() > 1 {
+                let spr = self.stats_per_row;
+                &self.w.stats[next * spr..end * spr]
+            } else {
+                &[][..]
+            };
+            (&self.w.data[next * rb..end * rb], st)
+        } else {
+            (&[], &[])
+        };
+        let steps = k.div_ceil(KCS) * rows;
+        let piece = ahead.len().div_ceil(steps).next_multiple_of(64);
+        let spiece = (4 * sahead.len()).div_ceil(steps).next_multiple_of(64);
         SCRATCH.with_borrow_mut(|(wc, w8)| {
             // (rows of the last panel past `rows` hold whatever the buffer held: their C rows
             // are never written out, and no sum crosses rows)
@@ -56,54 +80,54 @@ impl Plan<'_> {
                 crate::amx::tile_config(&small::CONFIG);
                 small::zero();
             }
+            let mut step = 0;
             let mut k0 = 0;
             while k0 < k {
                 let kc = KCS.min(k - k0);
-                let ahead = (k0 / KCS + 1) * bpc;
                 for i in 0..rows {
-                    let n = n0 + i;
-                    // The next chunk of this row into L2 (into L1 it pushed the decoded chunk
-                    // out) and the line of its first scale into L1: 16 rows a stride apart
-                    // are more streams than the hardware prefetchers follow. Hints only.
-                    if ahead < rb {
-                        let row = &self.w.data[n * rb..(n + 1) * rb];
-                        for l in row[ahead..rb.min(ahead + bpc)].chunks(64) {
-                            // SAFETY: a prefetch of a valid address has no side effects.
-                            unsafe { _mm_prefetch::<_MM_HINT_T1>(l.as_ptr() as *const i8) };
-                        }
-                        let st = self.stats_of(n);
-                        let si = (k0 + KCS) / bl;
-                        for j in [si, k / bl + si] {
-                            if j < st.len() {
-                                let p = &st[j] as *const f32 as *const i8;
-                                // SAFETY: a prefetch of a valid address has no side effects.
-                                unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
-                            }
-                        }
+                    prefetch_l2(ahead, step * piece, piece);
+                    let sp = sahead.as_ptr() as *const i8;
+                    for b in
+                        (step * spiece..(4 * sahead.len()).min((step + 1) * spiece)).step_by(64)
+                    {
+                        // SAFETY: b < 4 · sahead.len(): inside the scales; a prefetch of a
+                        // valid address has no side effects.
+                        unsafe { _mm_prefetch::<_MM_HINT_T1>(sp.add(b)) };
                     }
+                    step += 1;
                     let mut s = 0;
                     while s < kc {
                         let sc = if whole { kc - s } else { KC.min(kc - s) };
                         let at = i * W_STRIDE + s;
-                        self.decode_chunk(n, k0 + s, sc, w8, &mut wc[at..at + sc]);
+                        self.decode_chunk(n0 + i, k0 + s, sc, w8, &mut wc[at..at + sc]);
                         s += sc;
                     }
                 }
-                // SAFETY: tiles configured above; wc holds ROWS >= 16 · panels rows W_STRIDE
-                // apart; the vector has K / 2 pairs, kc / 2 of them (a multiple of 16) from
-                // k0 / 2.
-                unsafe { small::chunk(wc, W_STRIDE, &x.x[k0 / 2..], kc / 2, panels) };
+                // SAFETY: tiles configured above; wc holds ROWS rows (whole panels) W_STRIDE apart; the
+                // vector has K / 2 pairs, kc / 2 of them (a multiple of 16) from k0 / 2.
+                unsafe { small::chunk(wc, W_STRIDE, &x.x[k0 / 2..], kc / 2, ROWS / 16) };
                 k0 += kc;
             }
             // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
             let mut c = Tiles([unsafe { zero() }; 64]);
             // SAFETY: configured above on this thread.
             unsafe {
-                small::store(panels, &mut c);
+                small::store(ROWS / 16, &mut c);
                 crate::amx::tile_release();
             }
             write_out(&c.0, rows, 1, 0, self.m, n0, out, |i, _| i);
         });
+    }
+}
+
+/// Asks for the lines of `bytes[from..from + len]` (clamped) in L2 (a hint: no fault, no
+/// effect on results).
+#[inline(always)]
+fn prefetch_l2(bytes: &[u8], from: usize, len: usize) {
+    let end = bytes.len().min(from + len);
+    for l in bytes[from.min(end)..end].chunks(64) {
+        // SAFETY: a prefetch of a valid address has no side effects.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(l.as_ptr() as *const i8) };
     }
 }
 
