@@ -192,7 +192,7 @@ pub(super) fn first_non_finite_bf16(x: &[u16]) -> Option<usize> {
     })
 }
 
-/// The bf16 GEMM's activations (`x86::gemm16::prepare`'s layout) from bf16 bits `x` (M x K, K a
+/// The bf16 GEMM's activations (`x86::acts16::prepare`'s layout) from bf16 bits `x` (M x K, K a
 /// multiple of 32): the bits `prepare` makes from their f32 values, which `vcvtne2ps2bf16`
 /// rounds back exactly except subnormals, read as signed zeros (`reference::bf16::round_bf16`):
 /// flushed here the same way. Each 16 rows x 16 pairs of columns go through one 16 x 16

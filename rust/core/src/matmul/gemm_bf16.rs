@@ -11,8 +11,7 @@
 //! that reference's chain, wherever it sits and however the jobs split).
 
 use std::arch::x86_64::{
-    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_shuffle_f32x4,
-    _mm512_shuffle_ps, _mm512_unpackhi_ps, _mm512_unpacklo_ps, _mm512_zextps256_ps512,
+    __m256, __m512, _mm512_castps512_ps256, _mm512_setzero_ps, _mm512_zextps256_ps512,
 };
 use std::cell::RefCell;
 
@@ -366,10 +365,19 @@ impl Plan<'_> {
             QType::NF4 => unsafe { gemm16::decode_nf4(&row[k0 / 2..(k0 + kc) / 2], at, dst) },
             // SAFETY: see above.
             QType::Int8 => unsafe { gemm16::decode_i8(&row[k0..k0 + kc], at, dst) },
-            // SAFETY: see above.
-            QType::Fp8E4M3 => unsafe { gemm16::decode_fp8(&row[k0..k0 + kc], false, at, dst) },
-            // SAFETY: see above.
-            QType::Fp8E5M2 => unsafe { gemm16::decode_fp8(&row[k0..k0 + kc], true, at, dst) },
+            QType::Fp8E4M3 | QType::Fp8E5M2 => {
+                let e5m2 = self.w.qtype == QType::Fp8E5M2;
+                let q = &row[k0..k0 + kc];
+                if blk(k0) == blk(k0 + kc - 1) {
+                    // One scale for the chunk (per-row or per-tensor scales, large blocks): its
+                    // table, kept per row across the job's chunks.
+                    // SAFETY: see above.
+                    unsafe { x86::decode16_fp8::decode(n, q, e5m2, at(0), dst) }
+                } else {
+                    // SAFETY: see above.
+                    unsafe { gemm16::decode_fp8(q, e5m2, at, dst) }
+                }
+            }
             QType::GInt(g) if g.bits == 4 => {
                 let groups = self.k / bl;
                 let zs = |j: usize| {
@@ -484,7 +492,7 @@ impl<'a> Ahead<'a> {
 }
 
 /// The job's outputs (`acc[at(i, j)]`: weight row `n0 + i`, activation rows 16 (v0 + j) ..)
-/// into `out`, 16 x 16 at a time: transposed in registers (`transpose16`), then written a row
+/// into `out`, 16 x 16 at a time: transposed in registers (`acts16::transpose16`), then written a row
 /// of 16 columns (one 64-byte line) at a time; a last partial block of columns lane by lane.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn write_out(
@@ -505,7 +513,7 @@ pub(super) fn write_out(
             if cols == 16 {
                 let mut t: [__m512; 16] = std::array::from_fn(|c| acc[at(c0 + c, j)]);
                 // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
-                unsafe { transpose16(&mut t) };
+                unsafe { x86::acts16::transpose16(&mut t) };
                 for (l, row) in t.iter().enumerate().take(lanes) {
                     let row = lanes_of(*row);
                     out.set8(m0 + l, n0 + c0, row[..8].try_into().unwrap());
@@ -523,37 +531,6 @@ pub(super) fn write_out(
                 }
             }
         }
-    }
-}
-
-/// `t[r]` lane `c` to `t[c]` lane `r` (a 16 x 16 f32 transpose: 32-bit interleaves, 64-bit
-/// pair shuffles, then two rounds of 128-bit lane shuffles).
-///
-/// # Safety
-/// AVX-512 F.
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(t: &mut [__m512; 16]) {
-    let mut u = [_mm512_setzero_ps(); 16];
-    for i in 0..8 {
-        u[2 * i] = _mm512_unpacklo_ps(t[2 * i], t[2 * i + 1]);
-        u[2 * i + 1] = _mm512_unpackhi_ps(t[2 * i], t[2 * i + 1]);
-    }
-    for q in 0..4 {
-        let b = 4 * q;
-        t[b] = _mm512_shuffle_ps::<0x44>(u[b], u[b + 2]);
-        t[b + 1] = _mm512_shuffle_ps::<0xEE>(u[b], u[b + 2]);
-        t[b + 2] = _mm512_shuffle_ps::<0x44>(u[b + 1], u[b + 3]);
-        t[b + 3] = _mm512_shuffle_ps::<0xEE>(u[b + 1], u[b + 3]);
-    }
-    for h in [0, 8] {
-        for i in 0..4 {
-            u[h + i] = _mm512_shuffle_f32x4::<0x88>(t[h + i], t[h + i + 4]);
-            u[h + i + 4] = _mm512_shuffle_f32x4::<0xDD>(t[h + i], t[h + i + 4]);
-        }
-    }
-    for i in 0..8 {
-        t[i] = _mm512_shuffle_f32x4::<0x88>(u[i], u[i + 8]);
-        t[i + 8] = _mm512_shuffle_f32x4::<0xDD>(u[i], u[i + 8]);
     }
 }
 
@@ -588,29 +565,4 @@ unsafe fn widen(v: __m256) -> __m512 {
 #[target_feature(enable = "avx512f")]
 unsafe fn zero() -> __m512 {
     _mm512_setzero_ps()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `transpose16` against the element-by-element transpose (where AVX-512 F runs).
-    #[test]
-    fn transpose16_is_the_transpose() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            return; // not callable here (the bf16 path needs AVX-512)
-        }
-        let v: Vec<[f32; 16]> = (0..16)
-            .map(|r| std::array::from_fn(|c| (r * 16 + c) as f32))
-            .collect();
-        // SAFETY: [f32; 16] and __m512 have the same size, any bits valid; AVX-512 F detected.
-        let mut t: [__m512; 16] = std::array::from_fn(|r| unsafe { std::mem::transmute(v[r]) });
-        // SAFETY: AVX-512 F detected.
-        unsafe { transpose16(&mut t) };
-        for (c, row) in t.iter().enumerate() {
-            for (r, y) in lanes_of(*row).into_iter().enumerate() {
-                assert_eq!(y, v[r][c], "lane {r} of row {c}");
-            }
-        }
-    }
 }

@@ -198,14 +198,26 @@ pub(super) fn plan<'a>(
 ) -> Result<Plan<'a>> {
     let k = w.cols;
     let (stats_per_row, block_len) = check(m, w, x.len(), out_len)?;
-    if let Some(i) = first_non_finite(x) {
-        return Err(Error::NonFinite {
-            row: i / k,
-            col: i % k,
-            value: x[i],
-        });
+    // (the bf16 path checks x while it converts it: one pass over x instead of two)
+    #[cfg(target_arch = "x86_64")]
+    let checked = bf16_route(w, m);
+    #[cfg(not(target_arch = "x86_64"))]
+    let checked = false;
+    if !checked {
+        if let Some(i) = first_non_finite(x) {
+            return Err(non_finite(x, k, i));
+        }
     }
     route(x, m, w, stats_per_row, block_len)
+}
+
+/// The error for the non-finite `x[i]` (x: M x K).
+fn non_finite(x: &[f32], k: usize, i: usize) -> Error {
+    Error::NonFinite {
+        row: i / k,
+        col: i % k,
+        value: x[i],
+    }
 }
 
 /// `plan` for bf16 activations (`x`: M x K bf16 bits) when the bf16 GEMM takes the call: its
@@ -397,7 +409,6 @@ fn route<'a>(
     let n = w.rows;
     let simd = use_simd();
     let vnni = simd && use_vnni();
-    let f32_avx512 = use_avx512(w.qtype, simd, k, x);
     // Quantizing the activations is worth the pool only for many rows.
     let par = m >= 4 && m.saturating_mul(k) >= 1 << 17;
     // The tiles from M = 2 on (at M = 1 the row kernels are faster: measured, the transposes
@@ -475,9 +486,14 @@ fn route<'a>(
     #[cfg(target_arch = "x86_64")]
     if bf16_route(w, m) {
         // SAFETY: `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16); x is M x K, K % 32 == 0.
-        let xb = unsafe { x86::gemm16::prepare(x, m, k, par) };
+        let Some(xb) = (unsafe { x86::acts16::prepare(x, m, k, par) }) else {
+            let i = first_non_finite(x).expect("prepare found a non-finite value");
+            return Err(non_finite(x, k, i));
+        };
         return Ok(bf16_plan(x, m, w, stats_per_row, block_len, xb));
     }
+    // (after the bf16 return: fp8 e4m3's check reads all of x)
+    let f32_avx512 = use_avx512(w.qtype, simd, k, x);
     // Every weight row on AMX int8 tiles (whole panels of 16; tasks of whole panels,
     // `amx_task_rows`): the AVX-512 GEMM's activation layouts (`xt`, `nbias`, `xtail`) would go
     // unread, so they are not built (at 576x576, M = 128: 4 % of a call).

@@ -560,6 +560,44 @@ fn bad_shapes_are_errors() {
     assert_eq!(y[0], 0.5 * 0.5 * 64.0);
 }
 
+/// Many rows of the bf16 GEMM's formats (where it runs, `x86::acts16::prepare` checks x while
+/// it converts it; elsewhere the plan's own pass): an infinity or a NaN anywhere is a
+/// `NonFinite` error naming its row and column (the first one), never a result.
+#[test]
+fn non_finite_rows_of_many_are_errors_on_every_path() {
+    let (m, k) = (37usize, 96usize);
+    let data = vec![0x37u8; k]; // nf4: K / 2 bytes a row, 2 rows; fp8: K bytes, 1 row
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 11) as f32 - 5.0).collect();
+    let nf4 = QuantizedView {
+        block_size: 32,
+        stats: &[0.5; 6],
+        ..view(QType::NF4, 2, k, &data)
+    };
+    let fp8 = QuantizedView {
+        scale_mode: Some(ScaleMode::Row),
+        stats: &[0.25],
+        ..view(QType::Fp8E4M3, 1, k, &data)
+    };
+    for w in [&nf4, &fp8] {
+        let mut y = vec![0.0f32; m * w.rows];
+        assert!(qmatmul(&x, m, w, &mut y).is_ok(), "{:?}", w.qtype);
+        for (row, col) in [(0usize, 0usize), (0, 95), (16, 33), (36, 95)] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut xb = x.clone();
+                xb[row * k + col] = bad;
+                // a second one later: the first is named
+                xb[m * k - 1] = f32::NAN;
+                let got = qmatmul(&xb, m, w, &mut y);
+                assert!(
+                    matches!(got, Err(Error::NonFinite { row: r, col: c, .. }) if (r, c) == (row, col)),
+                    "{:?} {bad} at ({row}, {col}): {got:?}",
+                    w.qtype
+                );
+            }
+        }
+    }
+}
+
 /// The tiled path (M >= 2: panels of weight rows times blocks of activation rows, split over
 /// tasks) and the GEMM path (`gemm.rs`, from `GEMM_MIN_M` rows, K in chunks) give every output the reference's bits, for odd M, N not a multiple of the panel, K
 /// with and without a partial group of 8 blocks, blocks of rows split unevenly, and M = 1 rows

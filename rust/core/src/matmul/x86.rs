@@ -442,12 +442,14 @@ pub mod row32;
 
 // ---------------------------------------------------------------- f32 activations
 
+pub mod acts16;
 pub mod amx32;
 // (#[macro_use]: its tile macros serve amx_bf16_small too)
 #[macro_use]
 pub mod amx_bf16;
 pub mod amx_bf16_small;
 pub mod amx_k;
+pub mod decode16_fp8;
 pub mod decode16_ggml;
 pub mod decode16_vbmi;
 mod float_acts;

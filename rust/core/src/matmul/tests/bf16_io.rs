@@ -216,7 +216,7 @@ fn finite_bits(rng: &mut Rng, len: usize) -> Vec<u16> {
         .collect()
 }
 
-/// `acts16` (the bf16 GEMM's activations straight from bf16 bits) = `gemm16::prepare` of their
+/// `acts16` (the bf16 GEMM's activations straight from bf16 bits) = `acts16::prepare` of their
 /// f32 values, subnormals and signed zeros included, for M with partial vectors of 16 rows.
 #[cfg(target_arch = "x86_64")]
 #[test]
@@ -233,7 +233,7 @@ fn acts16_is_prepare_of_the_widened_bits() {
             let (got, want) = unsafe {
                 (
                     super::super::bf16_io::acts16(&xb, m, k),
-                    crate::matmul::x86::gemm16::prepare(&xf, m, k, false),
+                    crate::matmul::x86::acts16::prepare(&xf, m, k, false).expect("finite"),
                 )
             };
             let bits = |a: &crate::matmul::x86::gemm16::Acts16| -> Vec<[u32; 16]> {

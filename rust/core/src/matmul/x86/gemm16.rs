@@ -51,6 +51,13 @@ pub struct Acts16 {
     pub vectors: usize,
 }
 
+impl Drop for Acts16 {
+    /// The buffer is kept for the next call (`acts16::give_back`: its pages stay mapped).
+    fn drop(&mut self) {
+        super::acts16::give_back(std::mem::take(&mut self.x));
+    }
+}
+
 /// True when `vdpbf16ps` and `vcvtne2ps2bf16` compute what `reference::bf16` says on this CPU
 /// (checked once on lanes that tell the orders and flushes apart). A CPU that differed would
 /// not run the bf16 path at all.
@@ -131,69 +138,6 @@ unsafe fn check_semantics() -> bool {
         }
     }
     true
-}
-
-/// Activation rows `x` (M x K, K even) as `Acts16`; vectors in parallel when `par`.
-///
-/// # Safety
-/// `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub unsafe fn prepare(x: &[f32], m: usize, k: usize, par: bool) -> Acts16 {
-    assert!(k.is_multiple_of(32) && x.len() == m * k);
-    let pairs = k / 2;
-    let stride = pairs + 16;
-    let vectors = m.div_ceil(16);
-    let mut out = vec![Pairs16::default(); vectors * stride];
-    let one = |v: usize, o: &mut [Pairs16]| {
-        for l in 0..16 {
-            let row = 16 * v + l;
-            if row >= m {
-                break;
-            }
-            let xr = &x[row * k..(row + 1) * k];
-            for (c, xc) in xr.chunks_exact(32).enumerate() {
-                // SAFETY: the features (caller's contract); xc has 32 f32.
-                let p: [u32; 16] = unsafe { to_pairs(xc) };
-                for (i, &pv) in p.iter().enumerate() {
-                    o[16 * c + i].0[l] = pv;
-                }
-            }
-        }
-    };
-    if par && vectors > 1 {
-        // (the pool, or torch's OpenMP team inside `parallel::on_openmp`, as the other paths'
-        // activations: one team for the whole call)
-        crate::parallel::for_each_chunk_mut(&mut out, stride, one);
-    } else {
-        out.chunks_mut(stride)
-            .enumerate()
-            .for_each(|(v, o)| one(v, o));
-    }
-    Acts16 {
-        x: out,
-        pairs,
-        stride,
-        vectors,
-    }
-}
-
-/// 32 f32 as 16 bf16 pairs (element 2i in the low half of pair i).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn to_pairs(x: &[f32]) -> [u32; 16] {
-    assert!(x.len() >= 32);
-    let mut o = [0u32; 16];
-    // SAFETY: 32 f32 read (asserted), 64 bytes written to `o`.
-    unsafe {
-        let b = _mm512_cvtne2ps_pbh(
-            _mm512_loadu_ps(x.as_ptr().add(16)),
-            _mm512_loadu_ps(x.as_ptr()),
-        );
-        _mm512_storeu_si512(
-            o.as_mut_ptr() as *mut __m512i,
-            std::mem::transmute::<__m512bh, __m512i>(b),
-        );
-    }
-    o
 }
 
 /// Asks for activation lines in L1, one `Pairs16` (one 64-byte line) each (a hint: no fault, no
