@@ -109,6 +109,20 @@ impl<T> Shared<T> {
     fn get(&self) -> *mut T {
         self.0
     }
+
+    /// Chunk `i` (`chunk_len` values, fewer for the last) of the `len` values at the pointer.
+    ///
+    /// # Safety
+    /// The pointer is a `&mut [T]` of `len` values borrowed for the whole call, `i` is below
+    /// `len.div_ceil(chunk_len)`, and no chunk is handed out twice at a time (the chunks are
+    /// disjoint, so distinct i never alias).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn chunk<'a>(&self, i: usize, chunk_len: usize, len: usize) -> &'a mut [T] {
+        let start = i * chunk_len;
+        let n = chunk_len.min(len - start);
+        // SAFETY: start..start + n lies in the slice (i < chunks); exclusive by the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.get().add(start), n) }
+    }
 }
 
 /// `f(i, chunk)` for every `chunk_len`-element chunk of `data` (the last may be shorter), as
@@ -124,15 +138,8 @@ pub fn for_each_chunk_mut<T: Send>(
     let chunks = len.div_ceil(chunk_len);
     if OPENMP.get() {
         let base = Shared(data.as_mut_ptr());
-        let one = |i: usize| {
-            let start = i * chunk_len;
-            let n = chunk_len.min(len - start);
-            // SAFETY: i < chunks, so start..start + n lies in `data`; every i is run exactly
-            // once and the chunks are disjoint, so no two tasks alias; `data` is borrowed
-            // mutably for the whole call.
-            let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
-            f(i, chunk);
-        };
+        // SAFETY: `openmp::run` runs every i < chunks exactly once (`chunk`'s contract).
+        let one = |i: usize| f(i, unsafe { base.chunk(i, chunk_len, len) });
         if crate::openmp::run(num_threads(), chunks, &one) {
             return;
         }
@@ -158,15 +165,8 @@ pub fn for_each_chunk_mut_in_runs<T: Send>(
     let chunks = len.div_ceil(chunk_len);
     let threads = num_threads();
     let base = Shared(data.as_mut_ptr());
-    let one = |i: usize| {
-        let start = i * chunk_len;
-        let n = chunk_len.min(len - start);
-        // SAFETY: i < chunks, so start..start + n lies in `data`; `Runs` hands out every i
-        // exactly once and the chunks are disjoint, so no two tasks alias; `data` is borrowed
-        // mutably for the whole call.
-        let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), n) };
-        f(i, chunk);
-    };
+    // SAFETY: `Runs` hands out every i < chunks exactly once (`chunk`'s contract).
+    let one = |i: usize| f(i, unsafe { base.chunk(i, chunk_len, len) });
     let runs = runs::Runs::new(chunks, threads);
     let member = |_: usize| runs.member(&one);
     if OPENMP.get() && crate::openmp::run(threads, runs.len(), &member) {

@@ -755,13 +755,7 @@ mod tests {
     fn qdq_rows_avx512_and_scalar_agree_bit_for_bit() {
         // the AVX-512 build against the scalar one, on random groups with zeros, -0.0, huge
         // and tiny values, flat and one-signed groups, every width and a ragged row
-        let mut seed = 777u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(777u64);
         if !qdq_wide_usable() {
             return; // nothing to compare on this CPU (the scalar build is the reference)
         }
@@ -798,17 +792,21 @@ mod tests {
         }
     }
 
-    #[test]
-    fn qdq_equals_quantize_then_dequantize() {
-        // every width and symmetry, per-group and per-channel, with flat, all-positive and
-        // all-negative groups and a zero group beside random ones
-        let mut seed = 12345u64;
-        let mut rnd = || {
+    /// Uniform values in [-1, 1) from a 64-bit LCG seeded with `seed`.
+    fn uniform(mut seed: u64) -> impl FnMut() -> f32 {
+        move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
+        }
+    }
+
+    #[test]
+    fn qdq_equals_quantize_then_dequantize() {
+        // every width and symmetry, per-group and per-channel, with flat, all-positive and
+        // all-negative groups and a zero group beside random ones
+        let mut rnd = uniform(12345u64);
         let cases = [
             ("int4_g64", 4, 64, false),
             ("int4_g32_sym", 4, 32, true),
@@ -846,13 +844,7 @@ mod tests {
 
     #[test]
     fn qdq_scaled_is_qdq_of_the_scaled_columns_scaled_back() {
-        let mut seed = 777u64;
-        let mut rnd = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
-        };
+        let mut rnd = uniform(777u64);
         for name in ["int4_g64", "int4_g32_sym", "int3_g32", "int8_gch_sym"] {
             let qt = QType::parse(name).unwrap();
             let gi = qt.gint().unwrap();
