@@ -3,6 +3,8 @@
 - GPTQModel 7.7.0 quantizes (GPTQ, 4-bit g64, symmetric and with zero points) and saves;
   `ferroquant.load_quantized` loads the folder: every Linear's dequantized weight equals
   GPTQModel's own `dequantize_weight()` bit for bit (fp16 model), and the logits agree.
+- GPTQModel's AWQ (GEMM format) folder loads the same way (logits: its AWQ kernel has no
+  `dequantize_weight`).
 - `ferroquant convert --format gptq|awq` writes a folder; transformers loads it (through
   optimum + GPTQModel, which pick their CPU kernels), and so does `GPTQModel.load` on the CPU:
   the same exact weights and close logits.
@@ -84,6 +86,30 @@ def test_gptqmodel_checkpoint_loads_into_quantlinear_exactly(tiny, tmp_path, mon
     }
     peer = GPTQModel.load(str(out), device="cpu", dtype=torch.float16).model
     _same_weights_and_logits(ours, peer)
+
+
+def test_gptqmodel_awq_checkpoint_loads_into_quantlinear(tiny, tmp_path, monkeypatch):
+    """GPTQModel's AWQ (4-bit g64 with zero points, GEMM format: int32 packed along the output
+    in the [0,2,4,6,1,3,5,7] order) into `load_quantized`: the logits of GPTQModel's own model
+    of the folder (its AWQ CPU kernel has no `dequantize_weight`, so logits only)."""
+    require("gptqmodel")
+    monkeypatch.chdir(tmp_path)
+    from gptqmodel import AWQConfig, GPTQModel
+
+    g = torch.Generator().manual_seed(3)
+    calib = [{"input_ids": torch.randint(0, VOCAB, (64,), generator=g).tolist(),
+              "attention_mask": [1] * 64} for _ in range(8)]  # fmt: skip
+    model = GPTQModel.load(str(tiny), AWQConfig(bits=4, group_size=64, sym=False), device="cpu")
+    model.quantize(calib, batch_size=1)
+    out = tmp_path / "gptqmodel-awq"
+    model.save(str(out))
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "awq"
+
+    ours = fq.load_quantized(out)
+    assert {m.qtype for m in _quant_linears(ours).values()} == {"int4_g64"}
+    peer = GPTQModel.load(str(out), device="cpu", dtype=torch.float16).model
+    _same_weights_and_logits(ours, peer, weights=False)
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "awq"])
