@@ -66,7 +66,7 @@ pub fn qmatmul_bf16(x: &[u16], m: usize, w: &QuantizedView<'_>, out: &mut [u16])
 /// does. Errors: `qmatmul`'s.
 fn direct(x: &[u16], m: usize, w: &QuantizedView<'_>, y: &mut [f32]) -> Result<bool> {
     #[cfg(target_arch = "x86_64")]
-    if let Some(plan) = super::plan::plan_bf16(x, m, w, y.len())? {
+    if let Some(plan) = plan_bf16(x, m, w, y.len())? {
         let xb = plan
             .bf16
             .as_ref()
@@ -279,4 +279,39 @@ fn transpose16x32(t: &mut [std::arch::x86_64::__m512i; 16]) {
         t[i] = _mm512_shuffle_i32x4::<0x88>(u[i], u[i + 8]);
         t[i + 8] = _mm512_shuffle_i32x4::<0xDD>(u[i], u[i + 8]);
     }
+}
+
+/// `plan` for bf16 activations (`x`: M x K bf16 bits) when the bf16 GEMM takes the call: its
+/// activations made straight from the bits (`acts16`: the same `Acts16` as `plan`'s
+/// from their f32 values, without the widening and the rounding back), else None (the caller
+/// widens x and calls `qmatmul`). Errors: `plan`'s, in the same order.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn plan_bf16<'a>(
+    x: &[u16],
+    m: usize,
+    w: &'a QuantizedView<'a>,
+    out_len: usize,
+) -> Result<Option<super::Plan<'a>>> {
+    let k = w.cols;
+    let (stats_per_row, block_len) = super::plan::check(m, w, x.len(), out_len)?;
+    if let Some(i) = first_non_finite_bf16(x) {
+        return Err(Error::NonFinite {
+            row: i / k,
+            col: i % k,
+            value: bf16_to_f32(x[i]),
+        });
+    }
+    if !super::plan::bf16_route(w, m) {
+        return Ok(None);
+    }
+    // SAFETY: `bf16_route` holds `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16).
+    let xb = unsafe { acts16(x, m, k) };
+    Ok(Some(super::plan::bf16_plan(
+        &[],
+        m,
+        w,
+        stats_per_row,
+        block_len,
+        xb,
+    )))
 }

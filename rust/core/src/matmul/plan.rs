@@ -220,39 +220,11 @@ fn non_finite(x: &[f32], k: usize, i: usize) -> Error {
     }
 }
 
-/// `plan` for bf16 activations (`x`: M x K bf16 bits) when the bf16 GEMM takes the call: its
-/// activations made straight from the bits (`bf16_io::acts16`: the same `Acts16` as `plan`'s
-/// from their f32 values, without the widening and the rounding back), else None (the caller
-/// widens x and calls `qmatmul`). Errors: `plan`'s, in the same order.
-#[cfg(target_arch = "x86_64")]
-pub(super) fn plan_bf16<'a>(
-    x: &[u16],
-    m: usize,
-    w: &'a QuantizedView<'a>,
-    out_len: usize,
-) -> Result<Option<Plan<'a>>> {
-    let k = w.cols;
-    let (stats_per_row, block_len) = check(m, w, x.len(), out_len)?;
-    if let Some(i) = super::bf16_io::first_non_finite_bf16(x) {
-        return Err(Error::NonFinite {
-            row: i / k,
-            col: i % k,
-            value: super::bf16_io::bf16_to_f32(x[i]),
-        });
-    }
-    if !bf16_route(w, m) {
-        return Ok(None);
-    }
-    // SAFETY: `bf16_route` holds `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16).
-    let xb = unsafe { super::bf16_io::acts16(x, m, k) };
-    Ok(Some(bf16_plan(&[], m, w, stats_per_row, block_len, xb)))
-}
-
 /// Every check of `plan` but the activations' values: the format is supported, the view, the
 /// block size and statistics fit, x (`x_len` values) and the output (`out_len`) have M rows.
 /// Returns the statistics per weight row and the weights sharing one (nf4 / int8 / fp8 /
 /// grouped integers; 0 otherwise).
-fn check(
+pub(super) fn check(
     m: usize,
     w: &QuantizedView<'_>,
     x_len_got: usize,
@@ -341,7 +313,7 @@ fn check(
 /// divide a chunk of K, and a CPU whose bf16 instructions do what `reference::bf16` says; the
 /// ggml formats where AMX bf16 runs, from `ggml_bf16_min_m` rows.
 #[cfg(target_arch = "x86_64")]
-fn bf16_route(w: &QuantizedView<'_>, m: usize) -> bool {
+pub(super) fn bf16_route(w: &QuantizedView<'_>, m: usize) -> bool {
     (m >= GEMM16_MIN_M || x86::amx_bf16_small::use_small(m))
         && w.cols.is_multiple_of(32)
         && match w.qtype {
@@ -360,7 +332,7 @@ fn bf16_route(w: &QuantizedView<'_>, m: usize) -> bool {
 /// The plan of a call on the bf16 GEMM with activations `xb` (`x`: the f32 ones, or empty
 /// where the call had bf16 activations: the bf16 GEMM reads `xb` only).
 #[cfg(target_arch = "x86_64")]
-fn bf16_plan<'a>(
+pub(super) fn bf16_plan<'a>(
     x: &'a [f32],
     m: usize,
     w: &'a QuantizedView<'a>,

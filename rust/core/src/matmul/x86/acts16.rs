@@ -1,4 +1,4 @@
-//! The bf16 GEMM's activations (`gemm16::Acts16`, 16 rows a vector of bf16 pairs) built from
+//! The bf16 GEMM's activations (`Acts16`, 16 rows a vector of bf16 pairs) built from
 //! the f32 rows in one pass that also checks them for infinities and NaNs, and the 16 x 16
 //! dword transpose it shares with the output side (`matmul/gemm_bf16.rs`'s `write_out`).
 //!
@@ -15,7 +15,30 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
-use super::gemm16::{Acts16, Pairs16};
+/// 16 bf16 pairs (one activation vector at one pair of columns), on a 64-byte boundary.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Default)]
+pub struct Pairs16(pub [u32; 16]);
+
+/// The activations of one call as the kernel reads them (`gemm16`'s module comment).
+pub struct Acts16 {
+    pub x: Vec<Pairs16>,
+    /// Pairs of columns a row: K / 2.
+    pub pairs: usize,
+    /// Entries between vectors: `pairs` and 16 more (zero), so that the vectors' lines are not
+    /// a power of two apart (at K = 4096 they would be 128 KiB apart: one L2 set for the same
+    /// column of 32 vectors, more than its 16 ways).
+    pub stride: usize,
+    /// Vectors of 16 rows: M rounded up.
+    pub vectors: usize,
+}
+
+impl Drop for Acts16 {
+    /// The buffer is kept for the next call (`give_back`: its pages stay mapped).
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.x));
+    }
+}
 
 /// Activation rows `x` (M x K, K a multiple of 32) as `Acts16` (vectors in parallel when
 /// `par`), or None when x holds an infinity or a NaN (the caller finds and names it). Every

@@ -33,30 +33,7 @@ pub const PANEL: usize = 144;
 /// Activation vectors (16 rows each) per kernel call.
 pub const MV_MAX: usize = 4;
 
-/// 16 bf16 pairs (one activation vector at one pair of columns), on a 64-byte boundary.
-#[repr(C, align(64))]
-#[derive(Clone, Copy, Default)]
-pub struct Pairs16(pub [u32; 16]);
-
-/// The activations of one call as the kernel reads them (module comment).
-pub struct Acts16 {
-    pub x: Vec<Pairs16>,
-    /// Pairs of columns a row: K / 2.
-    pub pairs: usize,
-    /// Entries between vectors: `pairs` and 16 more (zero), so that the vectors' lines are not
-    /// a power of two apart (at K = 4096 they would be 128 KiB apart: one L2 set for the same
-    /// column of 32 vectors, more than its 16 ways).
-    pub stride: usize,
-    /// Vectors of 16 rows: M rounded up.
-    pub vectors: usize,
-}
-
-impl Drop for Acts16 {
-    /// The buffer is kept for the next call (`acts16::give_back`: its pages stay mapped).
-    fn drop(&mut self) {
-        super::acts16::give_back(std::mem::take(&mut self.x));
-    }
-}
+pub use super::acts16::{Acts16, Pairs16};
 
 /// True when `vdpbf16ps` and `vcvtne2ps2bf16` compute what `reference::bf16` says on this CPU
 /// (checked once on lanes that tell the orders and flushes apart). A CPU that differed would
