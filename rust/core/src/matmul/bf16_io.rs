@@ -243,41 +243,14 @@ unsafe fn acts16_avx512(x: &[u16], rows: usize, k: usize, o: &mut [super::x86::g
             let sub = _mm512_testn_epi16_mask(v, exp);
             *tl = _mm512_mask_mov_epi16(v, sub, _mm512_and_si512(v, sign));
         }
-        transpose16x32(&mut t);
-        for (i, ti) in t.iter().enumerate() {
+        // (moves only: the dwords pass through the float transpose as bits)
+        let mut tf = t.map(|v| _mm512_castsi512_ps(v));
+        // SAFETY: AVX-512 F (caller's contract).
+        unsafe { super::x86::acts16::transpose16(&mut tf) };
+        for (i, ti) in tf.iter().enumerate() {
             // SAFETY: entry 16c + i < k / 2 (caller's contract); a 64-byte store.
-            unsafe { _mm512_storeu_si512(o.as_mut_ptr().add(16 * c + i) as *mut _, *ti) };
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c + i) as *mut f32, *ti) };
         }
-    }
-}
-
-/// `t[r]` dword `c` to `t[c]` dword `r` (16 x 16 dwords: 32-bit and 64-bit interleaves, then
-/// two rounds of 128-bit lane shuffles).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn transpose16x32(t: &mut [std::arch::x86_64::__m512i; 16]) {
-    use std::arch::x86_64::*;
-    let mut u = [_mm512_setzero_si512(); 16];
-    for i in 0..8 {
-        u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
-        u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
-    }
-    for q in 0..4 {
-        let b = 4 * q;
-        t[b] = _mm512_unpacklo_epi64(u[b], u[b + 2]);
-        t[b + 1] = _mm512_unpackhi_epi64(u[b], u[b + 2]);
-        t[b + 2] = _mm512_unpacklo_epi64(u[b + 1], u[b + 3]);
-        t[b + 3] = _mm512_unpackhi_epi64(u[b + 1], u[b + 3]);
-    }
-    for h in [0, 8] {
-        for i in 0..4 {
-            u[h + i] = _mm512_shuffle_i32x4::<0x88>(t[h + i], t[h + i + 4]);
-            u[h + i + 4] = _mm512_shuffle_i32x4::<0xDD>(t[h + i], t[h + i + 4]);
-        }
-    }
-    for i in 0..8 {
-        t[i] = _mm512_shuffle_i32x4::<0x88>(u[i], u[i + 8]);
-        t[i + 8] = _mm512_shuffle_i32x4::<0xDD>(u[i], u[i + 8]);
     }
 }
 
