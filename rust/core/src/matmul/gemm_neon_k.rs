@@ -8,9 +8,9 @@
 
 use std::cell::RefCell;
 
-use super::gemm_neon::Walk;
 use super::neon::gemm::{NeonDot, TileAcc, TILE};
 use super::neon::gemm_k::{self as g, GemmK, SbPanel, KC};
+use super::neon_walk::Walk;
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
 use crate::matmul::reference::BlockQ8K;
