@@ -40,8 +40,8 @@ the two-thread wall time.
 --ggml-int8: each ggml format that takes the bf16 GEMM on AMX tiles at large M
 (`_native.qmatmul_bf16_ggml_min_m(qtype, k)`) is also timed as "fq <qtype> int8" with
 FERROQUANT_GGML_BF16=0 (its int8 paths at every M), interleaved in the same run: the A/B of the
-two paths and where they cross (with FERROQUANT_GGML_BF16=12 set for the run, the tiles from 12
-rows on).
+two paths and where they cross (with FERROQUANT_GGML_BF16=8 set for the run, the tiles from 8
+rows on: the small-M tiles to 16 rows, then the big tile loop).
 
 Runs: each of --runs runs measures every backend (and the read bandwidth) once, in turn
 (benchlib.interleave; a backend's weight copies are made at its turn and freed after it); a

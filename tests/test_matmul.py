@@ -630,9 +630,9 @@ def test_ggml_bf16_route_on_by_default_and_its_opt_out(monkeypatch):
     n >= 2: from n rows, at least the tiles' own minimum);
     FERROQUANT_GGML_BF16=0 keeps their int8 paths at every M. Without AMX bf16: never."""
     amx = _native.qmatmul_bf16_amx_min_m()
-    # (the ggml formats' least is the tile loop's 12 rows: the small-M tiles from 8,
-    # `qmatmul_bf16_amx_min_m`, take only the bf16 family)
-    least = max(amx, 12)
+    # (the ggml formats' least is the small-M tiles' 8 rows, `qmatmul_bf16_amx_min_m`:
+    # session 18 let FERROQUANT_GGML_BF16 reach them)
+    least = amx
     for raw, q4, q8 in [(None, 48, 48), ("1", 48, 48), ("0", 0, 0), ("40", 40, 40),
                         ("2", least, least)]:  # fmt: skip
         if raw is None:

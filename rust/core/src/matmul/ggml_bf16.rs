@@ -26,10 +26,14 @@ pub fn ggml_bf16_min_m(qtype: QType, k: usize) -> usize {
         // "0" off; a number n >= 2: from n rows. (Session 14 kept it opt-in over a "run-to-run
         // difference" that was two different attention paths, not this route: issue 19,
         // tests/test_kv_attention.py::test_fast_decode_false_keeps_the_dequantizing_path_*.)
+        #[cfg(test)]
+        if let Some(n) = GGML_FROM.with(|c| c.get()) {
+            return n.max(x86::amx_bf16_small::MIN_M);
+        }
         return match crate::config::ggml_bf16() {
             Some(0) => 0,
             None | Some(1) => ggml_bf16_default_min_m(qtype, k),
-            Some(n) => n.max(x86::amx_bf16::AMX_BF16_MIN_M),
+            Some(n) => n.max(x86::amx_bf16_small::MIN_M),
         };
     }
     let _ = (qtype, k);
@@ -40,6 +44,34 @@ pub fn ggml_bf16_min_m(qtype: QType, k: usize) -> usize {
 thread_local! {
     /// (tests) The ggml formats keep their int8 paths on this thread (`GgmlInt8`).
     static GGML_INT8: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+thread_local! {
+    /// (tests) The ggml formats take the bf16 GEMM from this many rows on this thread
+    /// (`GgmlBf16From`).
+    static GGML_FROM: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// (tests) While it lives, `qmatmul` calls made on this thread send the ggml formats to the
+/// bf16 GEMM from `n` rows (at least `amx_bf16_small::MIN_M`; where AMX bf16 runs), as
+/// `FERROQUANT_GGML_BF16=n` does, so the small-M tiles' tests reach them.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) struct GgmlBf16From(());
+
+#[cfg(all(test, target_arch = "x86_64"))]
+impl GgmlBf16From {
+    pub(crate) fn new(n: usize) -> Self {
+        GGML_FROM.with(|c| c.set(Some(n)));
+        Self(())
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+impl Drop for GgmlBf16From {
+    fn drop(&mut self) {
+        GGML_FROM.with(|c| c.set(None));
+    }
 }
 
 /// (tests) While it lives, `qmatmul` calls made on this thread keep the ggml formats on their

@@ -404,6 +404,8 @@ mod ggml_bf16;
 #[cfg(target_arch = "x86_64")]
 mod k_route;
 pub use ggml_bf16::ggml_bf16_min_m;
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) use ggml_bf16::GgmlBf16From;
 #[cfg(test)]
 pub(crate) use ggml_bf16::GgmlInt8;
 pub(crate) mod float_zero;

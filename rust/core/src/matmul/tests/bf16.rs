@@ -485,6 +485,52 @@ fn bf16_gemm_ggml_formats_within_the_tile_bound() {
     }
 }
 
+/// The ggml formats on the small-M AMX bf16 tiles (`gemm_bf16_small.rs`, 8 to 16 rows) and the
+/// big tile loop above them, sent there from 8 rows (`GgmlBf16From`, as
+/// `FERROQUANT_GGML_BF16=8` does): every output within `amx_bf16::error_bound` of the float64
+/// product of the dequantized weights and the same bits for 1 and 2 threads at M = 8, 12, 16
+/// (small tiles), 31 and 47 (the big loop), on two jobs and a partial one (N = 40: 16 + 16 + 8)
+/// and K of several 1024-column chunks and a partial one (2336 = 2 · 1024 + 288 for the
+/// 32-weight formats, 2304 = 2 · 1024 + 256 for the K-quants).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_gemm_ggml_formats_on_the_small_tiles_within_the_bound() {
+    use crate::matmul::x86::decode16_ggml::tests::FORMATS;
+    let _lock = force_lock();
+    if !crate::matmul::x86::amx_bf16_small::use_small(8) {
+        return; // no AMX bf16 here: the int8 paths' tests cover these formats
+    }
+    let _from = crate::matmul::GgmlBf16From::new(8);
+    let mut rng = Rng(0xbf16_0000_5318_0008);
+    let n = 40;
+    for qtype in FORMATS {
+        let k = if qtype.info().block_size == 32 {
+            2336
+        } else {
+            2304
+        };
+        assert_eq!(crate::matmul::ggml_bf16_min_m(qtype, k), 8);
+        let w = rng.normalish(n * k, 0.05);
+        let q = quantize(
+            &Matrix::from_f32(&w, n, k).unwrap(),
+            qtype,
+            &Options::default(),
+        )
+        .unwrap();
+        let v = q.view();
+        let mut deq = vec![0f32; n * k];
+        dequantize(&v, &mut deq).unwrap();
+        assert!(amx_path(qtype, 8, k));
+        check(
+            &format!("{qtype:?} from 8"),
+            &v,
+            &deq,
+            &[8, 12, 16, 31, 47],
+            &mut rng,
+        );
+    }
+}
+
 /// `gemm16::decode_fp8` element by element: every code of both formats (the e4m3 NaN codes of
 /// both signs, e5m2's infinities and NaNs included) times scales from the flushed subnormals to
 /// the overflowing (2.5e36 and f32::MAX: 256 · scale is infinite, the decoder's fallback), one
