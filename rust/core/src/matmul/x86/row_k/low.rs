@@ -94,12 +94,15 @@ unsafe fn low2_gf(qs: &[u8; QK_K / 4]) -> [__m512i; 4] {
 unsafe fn decode_q2(w: &BlockQ2K, q: [__m512i; 4]) -> DecodedZ {
     // SAFETY: 16 bytes of scales.
     let sc = unsafe { _mm_loadu_si128(w.scales.as_ptr() as *const __m128i) };
-    let m4 = _mm_set1_epi8(15);
+    // the 16 bytes zero-extended once: the scales are the low nibbles (& 15), the mins the
+    // high ones (>> 4 of the i16: nothing above the byte); 5 vector uops where masking and
+    // extending each half took 7
+    let sc = _mm256_cvtepu8_epi16(sc);
     DecodedZ {
         q,
         // SAFETY: AVX-512 F/BW (this function's features).
-        scl: unsafe { scl_groups16(_mm256_cvtepu8_epi16(_mm_and_si128(sc, m4))) },
-        bmul: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4)),
+        scl: unsafe { scl_groups16(_mm256_and_si256(sc, _mm256_set1_epi16(15))) },
+        bmul: _mm256_srli_epi16(sc, 4),
     }
 }
 

@@ -31,6 +31,7 @@
 
 use std::arch::x86_64::*;
 
+use super::super::q16::dpwssd;
 use super::SumsK;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{BlockQ8K, LANES};
@@ -373,16 +374,22 @@ unsafe fn sums_packs(d: &DecodedZ, xq: &[u8], offset: bool) -> (__m512i, __m256i
         *v = _mm512_dpbusd_epi32(z, d.q[i], xv);
     }
     // |p| <= 4·63·128 < 2^15: the packs are exact
-    let s = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(p[0], p[1]), d.scl[0]);
-    let s = _mm512_dpwssd_epi32(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]);
+    let s = _mm512_madd_epi16(_mm512_packs_epi32(p[0], p[1]), d.scl[0]);
+    // `q16::dpwssd`: the intrinsic's chain became vpmaddwd + vpdpwssd + vpaddd (one vector
+    // uop more per super-block on p0 / p5, the ports that bound this kernel)
+    // SAFETY: AVX-512 F / VNNI (this function's features).
+    let s = unsafe { dpwssd(s, _mm512_packs_epi32(p[2], p[3]), d.scl[1]) };
     // SAFETY: 32 bytes of bsums.
     let bs = unsafe { _mm256_loadu_si256(xq[XZ_BSUMS..].as_ptr() as *const __m256i) };
     if offset {
-        let s = _mm512_dpwssd_epi32(
-            s,
-            _mm512_zextsi256_si512(bs),
-            _mm512_zextsi256_si512(d.bmul),
-        );
+        // SAFETY: as above.
+        let s = unsafe {
+            dpwssd(
+                s,
+                _mm512_zextsi256_si512(bs),
+                _mm512_zextsi256_si512(d.bmul),
+            )
+        };
         (s, _mm256_setzero_si256())
     } else {
         (s, _mm256_madd_epi16(bs, d.bmul))
