@@ -40,8 +40,8 @@ use crate::matmul::reference::{BlockQ8K, LANES};
 #[derive(Clone, Copy)]
 pub struct DecodedZ {
     /// Unsigned quants, 64 a vector, in the order `RowK::ORDER` gives the activations:
-    /// q6_K / q3_K / q2_K in element order (vector i = sub-blocks 2i and 2i + 1), q4_K / q5_K
-    /// in `K4_ORDER`, iq4_xs as `XzOrder::Nibbles`.
+    /// q6_K / q2_K in element order (vector i = sub-blocks 2i and 2i + 1), q4_K / q5_K
+    /// in `K4_ORDER`, q3_K in `q3::Q3_ORDER`, iq4_xs as `XzOrder::Nibbles`.
     pub(super) q: [__m512i; 4],
     /// i16 multipliers of `packs(p0, p1)` and `packs(p2, p3)` (p_i = `dpbusd(q[i], x)`): in
     /// 128-bit lane k of a pack, i16 0..3 are sums of 4 products from lane k of p0 / p2 and
@@ -56,8 +56,10 @@ pub struct DecodedZ {
 /// How `interleave_k4` orders a format's activation quants (the order of its decoded quants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XzOrder {
-    /// Element order (q6_K, q3_K, q2_K).
+    /// Element order (q6_K, q2_K).
     Elements,
+    /// 32-element sub-blocks in `q3::Q3_ORDER` (q3_K).
+    Q3,
     /// 32-element sub-blocks in `K4_ORDER` (q4_K, q5_K).
     K4,
     /// iq4_xs: vector 2h + t, 128-bit lane k holds elements 32(4h + k) + 16t .. + 16 (the low
@@ -86,7 +88,8 @@ pub trait RowK: SumsK {
     /// None: the `bsums` term is the min sum (`d·xd·isum - dmin·xd·msum`); Some(s): the
     /// quants are stored with an offset of 2^s (q6_K 32, q3_K 4, iq4_xs 128), removed as
     /// `isum - (msum << s)` (exact integers; `bmul` holds the scales times 2^s and the
-    /// activations' `bsums` are negated), and there is no min.
+    /// activations' `bsums` are negated; iq4_xs instead starts its sums from the activations'
+    /// sub-block sums, `low.rs`), and there is no min.
     const OFFSET_SHIFT: Option<i32>;
     /// Byte offset of the 4 bytes holding `d` (f16) and, for the formats with a min, `dmin`
     /// after it; `D_HIGH`: `d` is the high half (formats without a min whose `d` ends the
@@ -145,8 +148,9 @@ const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
 pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
 /// Bytes of one activation block as `interleave_k4` lays it out: the 256 quants, the 16
-/// `bsums` (i16, negated), `d` (f32), zeros to a multiple of 64; the first block of each whole
-/// group of 8 holds the group's 8 `d` there instead (its own first).
+/// `bsums` (i16, negated; iq4_xs: 8 i32, -32 times each sub-block's sum), `d` (f32), zeros to
+/// a multiple of 64; the first block of each whole group of 8 holds the group's 8 `d` there
+/// instead (its own first).
 pub const XZ_BLOCK: usize = 320;
 const XZ_BSUMS: usize = QK_K;
 pub(super) const XZ_D: usize = QK_K + 32;
@@ -168,8 +172,13 @@ pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [
         let q: &[u8; QK_K] = bytemuck::cast_ref(&b.qs);
         match order {
             XzOrder::Elements => o[..QK_K].copy_from_slice(q),
-            XzOrder::K4 => {
-                for (t, &s) in K4_ORDER.iter().enumerate() {
+            XzOrder::K4 | XzOrder::Q3 => {
+                let ord = if order == XzOrder::K4 {
+                    K4_ORDER
+                } else {
+                    super::q3::Q3_ORDER
+                };
+                for (t, &s) in ord.iter().enumerate() {
                     o[32 * t..32 * t + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
                 }
             }
@@ -183,9 +192,20 @@ pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [
                 }
             }
         }
-        for (d, &s) in o[XZ_BSUMS..XZ_D].chunks_exact_mut(2).zip(&b.bsums) {
-            // |bsum| <= 16 * 128: the negation fits
-            d.copy_from_slice(&(-s).to_le_bytes());
+        if order == XzOrder::Nibbles {
+            // iq4_xs: per sub-block of 32, -32 (its two bsums' sum) as i32 (|.| <= 32·32·128):
+            // the kernel starts each 4-dword lane's `vpdpbusd` from it, so the lane's 4 dwords
+            // carry the sub-block's -128·Σx (the offset of its +128 quants) into the scale
+            // multiply, with no multiply of its own (`low.rs`, `RowK for BlockIQ4XS`)
+            for (d, s) in o[XZ_BSUMS..XZ_D].chunks_exact_mut(4).zip(b.bsums.chunks_exact(2)) {
+                let v = -32 * (i32::from(s[0]) + i32::from(s[1]));
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        } else {
+            for (d, &s) in o[XZ_BSUMS..XZ_D].chunks_exact_mut(2).zip(&b.bsums) {
+                // |bsum| <= 16 * 128: the negation fits
+                d.copy_from_slice(&(-s).to_le_bytes());
+            }
         }
         o[XZ_D..].fill(0);
         let at = i % nb.max(1);
