@@ -4,7 +4,7 @@
 //! hmask[l], for element 128h + 32f + l (sub-block 4h + f).
 //!
 //! The 64 quants of a vector take two fields of one 32-byte run h of qs, broadcast to both
-//! 256-bit halves: `Q3_FIELDS` (so the activations are in `Q3_ORDER`, `XzOrder::Q3`). With
+//! 256-bit halves: `Q3_FIELDS` (so the activations are in `vnni::Q3_ORDER`, `XzOrder::Q3`). With
 //! GFNI, one `vpternlogd` puts each byte's hmask bit next to its qs field (the bits of the
 //! field from qs, all others from hmask, `Q3_MASK`) and one `vgf2p8affineqb` gathers the three
 //! bits to 0..2 and clears the rest: 2 vector uops a vector. For that, hmask bit t must not sit
@@ -21,7 +21,7 @@
 use std::arch::x86_64::*;
 
 use super::low::gf_bits2;
-use super::vnni::{load_idx32, DecodedZ, RowK, XzOrder};
+use super::vnni::{load_idx32, DecodedZ, RowK, XzOrder, Q3_ORDER};
 use crate::formats::blocks::*;
 
 /// The qs fields (low half, high half) of vector v; vectors 2h, 2h + 1 read run h.
@@ -29,17 +29,16 @@ const Q3_FIELDS: [[u32; 2]; 4] = [[0, 2], [1, 3], [0, 3], [1, 2]];
 /// Whether vector v reads hmask rotated (+2 in the low half, -2 in the high).
 const Q3_ROT: [bool; 4] = [true, false, true, false];
 
-/// The sub-block order of q3_K's activation chunks of 32 (`interleave_k4`): vector v's low
-/// half is sub-block 4(v / 2) + `Q3_FIELDS[v][0]`, its high half the other.
-pub const Q3_ORDER: [usize; 8] = {
-    let mut o = [0usize; 8];
+// `vnni::Q3_ORDER` (the activations' order; it lives there, with `K4_ORDER`, so that
+// `interleave_k4` needs nothing from here) is the sub-blocks of `Q3_FIELDS`: vector v's low
+// half is sub-block 4(v / 2) + `Q3_FIELDS[v][0]`, its high half the other.
+const _: () = {
     let mut v = 0;
     while v < 4 {
-        o[2 * v] = 4 * (v / 2) + Q3_FIELDS[v][0] as usize;
-        o[2 * v + 1] = 4 * (v / 2) + Q3_FIELDS[v][1] as usize;
+        assert!(Q3_ORDER[2 * v] == 4 * (v / 2) + Q3_FIELDS[v][0] as usize);
+        assert!(Q3_ORDER[2 * v + 1] == 4 * (v / 2) + Q3_FIELDS[v][1] as usize);
         v += 1;
     }
-    o
 };
 
 /// Where hmask bit t sits in the copy vector v reads, for its half `hi`.
@@ -167,7 +166,8 @@ unsafe fn quants_gf(w: &BlockQ3K) -> [__m512i; 4] {
         // m ? qs : hmask (0xe4: bit a·4 + b·2 + c of the table is c ? a : b)
         let c = _mm512_ternarylogic_epi32::<0xe4>(qs[v / 2], src, m);
         let [gl, gh] = Q3_GF[v];
-        *o = _mm512_gf2p8affine_epi64_epi8::<0>(c, _mm512_set_epi64(gh, gh, gh, gh, gl, gl, gl, gl));
+        *o =
+            _mm512_gf2p8affine_epi64_epi8::<0>(c, _mm512_set_epi64(gh, gh, gh, gh, gl, gl, gl, gl));
     }
     q
 }

@@ -41,7 +41,7 @@ use crate::matmul::reference::{BlockQ8K, LANES};
 pub struct DecodedZ {
     /// Unsigned quants, 64 a vector, in the order `RowK::ORDER` gives the activations:
     /// q6_K / q2_K in element order (vector i = sub-blocks 2i and 2i + 1), q4_K / q5_K
-    /// in `K4_ORDER`, q3_K in `q3::Q3_ORDER`, iq4_xs as `XzOrder::Nibbles`.
+    /// in `K4_ORDER`, q3_K in `Q3_ORDER`, iq4_xs as `XzOrder::Nibbles`.
     pub(super) q: [__m512i; 4],
     /// i16 multipliers of `packs(p0, p1)` and `packs(p2, p3)` (p_i = `dpbusd(q[i], x)`): in
     /// 128-bit lane k of a pack, i16 0..3 are sums of 4 products from lane k of p0 / p2 and
@@ -58,7 +58,7 @@ pub struct DecodedZ {
 pub enum XzOrder {
     /// Element order (q6_K, q2_K).
     Elements,
-    /// 32-element sub-blocks in `q3::Q3_ORDER` (q3_K).
+    /// 32-element sub-blocks in `Q3_ORDER` (q3_K).
     Q3,
     /// 32-element sub-blocks in `K4_ORDER` (q4_K, q5_K).
     K4,
@@ -147,6 +147,11 @@ const fn scl_idx(h: usize, k4: bool) -> [i16; 32] {
 /// `DecodedZ::q[i]`), and of the activations `interleave_k4` prepares for them.
 pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
+/// The sub-block order of q3_K's quant vectors and activations (`XzOrder::Q3`): vector v holds
+/// sub-blocks `Q3_ORDER[2v]` (low half) and `Q3_ORDER[2v + 1]` (`q3.rs`, which checks it
+/// against its field pairing at compile time).
+pub const Q3_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 7, 5, 6];
+
 /// Bytes of one activation block as `interleave_k4` lays it out: the 256 quants, the 16
 /// `bsums` (i16, negated; iq4_xs: 8 i32, -32 times each sub-block's sum), `d` (f32), zeros to
 /// a multiple of 64; the first block of each whole group of 8 holds the group's 8 `d` there
@@ -176,7 +181,7 @@ pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [
                 let ord = if order == XzOrder::K4 {
                     K4_ORDER
                 } else {
-                    super::q3::Q3_ORDER
+                    Q3_ORDER
                 };
                 for (t, &s) in ord.iter().enumerate() {
                     o[32 * t..32 * t + 32].copy_from_slice(&q[32 * s..32 * s + 32]);
@@ -197,7 +202,10 @@ pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [
             // the kernel starts each 4-dword lane's `vpdpbusd` from it, so the lane's 4 dwords
             // carry the sub-block's -128·Σx (the offset of its +128 quants) into the scale
             // multiply, with no multiply of its own (`low.rs`, `RowK for BlockIQ4XS`)
-            for (d, s) in o[XZ_BSUMS..XZ_D].chunks_exact_mut(4).zip(b.bsums.chunks_exact(2)) {
+            for (d, s) in o[XZ_BSUMS..XZ_D]
+                .chunks_exact_mut(4)
+                .zip(b.bsums.chunks_exact(2))
+            {
                 let v = -32 * (i32::from(s[0]) + i32::from(s[1]));
                 d.copy_from_slice(&v.to_le_bytes());
             }
