@@ -134,8 +134,9 @@ unsafe fn decode_q3(w: &BlockQ3K, q: [__m512i; 4]) -> DecodedZ {
                 _mm512_permutexvar_epi16(load_idx32(&SCL_Q3[1]), gz),
             ]
         },
-        // the scales times 4 (the offset; |sc| <= 32), in group order (the `bsums`')
-        bmul: _mm256_slli_epi16(sc, 2),
+        // the scales, in group order (the `bsums`', which `interleave_k4` stores times -4,
+        // the offset)
+        bmul: sc,
     }
 }
 

@@ -88,8 +88,9 @@ pub trait RowK: SumsK {
     /// None: the `bsums` term is the min sum (`d·xd·isum - dmin·xd·msum`); Some(s): the
     /// quants are stored with an offset of 2^s (q6_K 32, q3_K 4, iq4_xs 128), removed as
     /// `isum - (msum << s)` (exact integers; `bmul` holds the scales times 2^s and the
-    /// activations' `bsums` are negated; iq4_xs instead starts its sums from the activations'
-    /// sub-block sums, `low.rs`), and there is no min.
+    /// activations' `bsums` are negated; q3_K's `bsums` carry the 4 instead, its `bmul` is the
+    /// scales; iq4_xs starts its sums from the activations' sub-block sums, `low.rs`), and
+    /// there is no min.
     const OFFSET_SHIFT: Option<i32>;
     /// Byte offset of the 4 bytes holding `d` (f16) and, for the formats with a min, `dmin`
     /// after it; `D_HIGH`: `d` is the high half (formats without a min whose `d` ends the
@@ -153,7 +154,7 @@ pub const K4_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 pub const Q3_ORDER: [usize; 8] = [0, 2, 1, 3, 4, 7, 5, 6];
 
 /// Bytes of one activation block as `interleave_k4` lays it out: the 256 quants, the 16
-/// `bsums` (i16, negated; iq4_xs: 8 i32, -32 times each sub-block's sum), `d` (f32), zeros to
+/// `bsums` (i16, negated; q3_K: times -4; iq4_xs: 8 i32, -32 times each sub-block's sum), `d` (f32), zeros to
 /// a multiple of 64; the first block of each whole group of 8 holds the group's 8 `d` there
 /// instead (its own first).
 pub const XZ_BLOCK: usize = 320;
@@ -210,9 +211,12 @@ pub fn interleave_k4(blocks: &[BlockQ8K], nb: usize, order: XzOrder, out: &mut [
                 d.copy_from_slice(&v.to_le_bytes());
             }
         } else {
+            // q3_K: times its offset 4 here, not its scales in the kernel (one `vpsllw` a
+            // super-block less; |4·bsum| <= 4·16·128 still fits i16)
+            let mul = if order == XzOrder::Q3 { 4 } else { 1 };
             for (d, &s) in o[XZ_BSUMS..XZ_D].chunks_exact_mut(2).zip(&b.bsums) {
                 // |bsum| <= 16 * 128: the negation fits
-                d.copy_from_slice(&(-s).to_le_bytes());
+                d.copy_from_slice(&(-s * mul).to_le_bytes());
             }
         }
         o[XZ_D..].fill(0);
