@@ -12,6 +12,7 @@ use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LA
 
 mod group;
 mod low;
+mod q3;
 mod vnni;
 use group::dot_row_k_vnni;
 pub use group::dot_rows_k_vnni;

@@ -1,14 +1,14 @@
-//! `RowK` decodes of q2_K, q3_K and iq4_xs for the AVX-512 row kernel (`vnni.rs`). Before
+//! `RowK` decodes of q2_K and iq4_xs for the AVX-512 row kernel (`vnni.rs`; q3_K: `q3.rs`). Before
 //! these, the three ran the AVX2 `SumsK` kernel at M = 1 and read 29-57 % of the machine's
 //! bandwidth (quiet, 2 threads, session 9).
 //!
-//! - q2_K and q3_K: element order, like q6_K (vector i = sub-blocks 2i and 2i + 1; the
-//!   16-group scales through `SCL_Q6`). Each 32-byte run of qs (and q3_K's hmask) is
-//!   broadcast to both 256-bit halves and shifted by a different count per half. q2_K's mins
-//!   multiply the `bsums`; q3_K's quants are stored + 4 (0..7), its offset is removed with
-//!   the `bsums` (`OFFSET_SHIFT` 2).
+//! - q2_K: element order, like q6_K (vector i = sub-blocks 2i and 2i + 1; the 16-group
+//!   scales through `SCL_Q6`). Each 32-byte run of qs is broadcast to both 256-bit halves and
+//!   shifted by a different count per half (or one `vpgf2p8affineqb`). Its mins multiply the
+//!   `bsums`. (q3_K: `q3.rs`.)
 //! - iq4_xs: the table values are signed (-127..113); stored + 128 (1..241, unsigned) they go
-//!   into `vpdpbusd`, and the offset comes off with the `bsums` (`OFFSET_SHIFT` 7). A sum of 4
+//!   into `vpdpbusd`, and the offset comes off with the activations' sub-block sums, which
+//!   `interleave_k4` stores (times -32, i32) for the `vpdpbusd` to start from. A sum of 4
 //!   products can reach 4·241·127 > 2^15, so the packs to i16 of the other formats would
 //!   saturate: the 4-product sums are multiplied by their sub-block scale in i32
 //!   (`vpmulld`). The activations are in `XzOrder::Nibbles` so that the low and the high
@@ -37,7 +37,7 @@ unsafe fn scl_groups16(sc: __m256i) -> [__m512i; 2] {
     }
 }
 
-/// The low two bits of q2_K / q3_K's elements in element order: vector 2h + j holds
+/// The low two bits of q2_K's elements in element order: vector 2h + j holds
 /// sub-blocks 4h + 2j (bits 4j..4j+1 of qs[32h + l]) and 4h + 2j + 1 (bits 4j+2..4j+3).
 #[target_feature(enable = "avx2,avx512f,avx512bw")]
 #[inline]
@@ -64,7 +64,7 @@ unsafe fn low2(qs: &[u8; QK_K / 4]) -> [__m512i; 4] {
 
 /// A `vgf2p8affineqb` matrix that moves bits b and b + 1 of each byte to bits 0 and 1 and
 /// clears the rest (row i of the matrix, byte 7 - i, selects the input bits of output bit i).
-const fn gf_bits2(b: u32) -> i64 {
+pub(super) const fn gf_bits2(b: u32) -> i64 {
     (((1u64 << b) << 56) | ((1u64 << (b + 1)) << 48)) as i64
 }
 
@@ -94,12 +94,15 @@ unsafe fn low2_gf(qs: &[u8; QK_K / 4]) -> [__m512i; 4] {
 unsafe fn decode_q2(w: &BlockQ2K, q: [__m512i; 4]) -> DecodedZ {
     // SAFETY: 16 bytes of scales.
     let sc = unsafe { _mm_loadu_si128(w.scales.as_ptr() as *const __m128i) };
-    let m4 = _mm_set1_epi8(15);
+    // the 16 bytes zero-extended once: the scales are the low nibbles (& 15), the mins the
+    // high ones (>> 4 of the i16: nothing above the byte); 5 vector uops where masking and
+    // extending each half took 7
+    let sc = _mm256_cvtepu8_epi16(sc);
     DecodedZ {
         q,
         // SAFETY: AVX-512 F/BW (this function's features).
-        scl: unsafe { scl_groups16(_mm256_cvtepu8_epi16(_mm_and_si128(sc, m4))) },
-        bmul: _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(sc, 4), m4)),
+        scl: unsafe { scl_groups16(_mm256_and_si256(sc, _mm256_set1_epi16(15))) },
+        bmul: _mm256_srli_epi16(sc, 4),
     }
 }
 
@@ -118,76 +121,6 @@ impl RowK for BlockQ2K {
     unsafe fn decode_gf(&self) -> DecodedZ {
         // SAFETY: AVX-512 F/BW and GFNI available (contract).
         unsafe { decode_q2(self, low2_gf(&self.qs)) }
-    }
-}
-
-/// `k_low::scales_q3_k_aux` (`scales_q3_k_kmask` before the -32) in one register (ggml's masks on its four dwords; the scalar
-/// version and its four inserts were most of q3_K's decode outside the quants): dword i is
-/// `(A_i & 0x0f..) | (((tmp >> 2i) & 0x03..) << 4)`, A = a0, a1, a0 >> 4, a1 >> 4.
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn scales_q3_vec(w: &BlockQ3K) -> __m128i {
-    // SAFETY: the 16 bytes from offset 92 (the last 4 of qs, then the 12 scale bytes; `d`
-    // follows) are inside the block: dwords [qs tail, a0, a1, tmp].
-    let v =
-        unsafe { _mm_loadu_si128((w as *const BlockQ3K as *const u8).add(92) as *const __m128i) };
-    let a = _mm_srlv_epi32(_mm_shuffle_epi32::<0x99>(v), _mm_setr_epi32(0, 0, 4, 4));
-    let t = _mm_srlv_epi32(_mm_shuffle_epi32::<0xff>(v), _mm_setr_epi32(0, 2, 4, 6));
-    _mm_or_si128(
-        _mm_and_si128(a, _mm_set1_epi32(0x0f0f_0f0f)),
-        _mm_slli_epi32(_mm_and_si128(t, _mm_set1_epi32(0x0303_0303)), 4),
-    )
-}
-
-/// q3_K's `DecodedZ` around its low bits `q` (`low2` or `low2_gf`): hmask's bits on bit 2,
-/// the scales.
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-#[inline]
-unsafe fn decode_q3(w: &BlockQ3K, mut q: [__m512i; 4]) -> DecodedZ {
-    // SAFETY: 32 bytes of hmask.
-    let hm = unsafe { _mm256_loadu_si256(w.hmask.as_ptr() as *const __m256i) };
-    let hm = _mm512_broadcast_i64x4(hm);
-    let four = _mm512_set1_epi8(4);
-    for (i, v) in q.iter_mut().enumerate() {
-        // bit t of hmask[l] is bit 2 of element 32t + l's stored value; vector i holds
-        // sub-blocks t = 2i (low half) and 2i + 1 (high). A 64-bit rotate by 2 - t
-        // (mod 64) puts bit t of every byte on its bit 2; the mask drops the rest.
-        let h = match i {
-            0 => _mm512_rolv_epi64(hm, _mm512_set_epi64(1, 1, 1, 1, 2, 2, 2, 2)),
-            1 => _mm512_rolv_epi64(hm, _mm512_set_epi64(63, 63, 63, 63, 0, 0, 0, 0)),
-            2 => _mm512_rolv_epi64(hm, _mm512_set_epi64(61, 61, 61, 61, 62, 62, 62, 62)),
-            _ => _mm512_rolv_epi64(hm, _mm512_set_epi64(59, 59, 59, 59, 60, 60, 60, 60)),
-        };
-        // v | (h & 4)
-        *v = _mm512_ternarylogic_epi32::<0xf8>(*v, h, four);
-    }
-    let sc8 = _mm_sub_epi8(scales_q3_vec(w), _mm_set1_epi8(32));
-    let sc = _mm256_cvtepi8_epi16(sc8);
-    DecodedZ {
-        q,
-        // SAFETY: AVX-512 F/BW (this function's features).
-        scl: unsafe { scl_groups16(sc) },
-        // the scales times 4 (the offset; |sc| <= 32)
-        bmul: _mm256_slli_epi16(sc, 2),
-    }
-}
-
-impl RowK for BlockQ3K {
-    const ORDER: XzOrder = XzOrder::Elements;
-    const OFFSET_SHIFT: Option<i32> = Some(2);
-    // d: the last 2 of 110 bytes
-    const HALF_OFF: usize = 106;
-    const D_HIGH: bool = true;
-    const GF_DECODE: bool = true;
-    #[inline(always)]
-    unsafe fn decode_z(&self) -> DecodedZ {
-        // SAFETY: AVX-512 F/BW/VL available (contract).
-        unsafe { decode_q3(self, low2(&self.qs)) }
-    }
-    #[inline(always)]
-    unsafe fn decode_gf(&self) -> DecodedZ {
-        // SAFETY: AVX-512 F/BW/VL and GFNI available (contract).
-        unsafe { decode_q3(self, low2_gf(&self.qs)) }
     }
 }
 
@@ -214,10 +147,6 @@ const XS_SCL_IDX: [[i32; 16]; 2] = {
     }
     t
 };
-
-/// i16 indices from the 8 i32 scales (i16 2b: the low half of sub-block b's) to the 16
-/// `bsums`' multipliers (bsums 2b and 2b + 1 are sub-block b's).
-const XS_BMUL_IDX: [i16; 16] = [0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14];
 
 impl RowK for BlockIQ4XS {
     const ORDER: XzOrder = XzOrder::Nibbles;
@@ -264,40 +193,41 @@ impl RowK for BlockIQ4XS {
                     _mm512_permutexvar_epi32(idx0, sz),
                     _mm512_permutexvar_epi32(idx1, sz),
                 ],
-                // the scales times 128 (the offset; |sc| <= 32: fits i16)
-                bmul: _mm256_permutexvar_epi16(
-                    _mm256_loadu_si256(XS_BMUL_IDX.as_ptr() as *const __m256i),
-                    _mm256_slli_epi32(sc, 7),
-                ),
+                // unused: the offset comes with the activations (`sums_z`)
+                bmul: _mm256_setzero_si256(),
             }
         }
     }
-    /// Σ sc·(q + 128)·x - 128·Σ sc·bsum in i32: `vpdpbusd` twice into one register (vectors
-    /// 0, 1 and 2, 3 have the same sub-blocks' scales in each lane: below 8·241·128 < 2^18),
-    /// then one `vpmulld` by the scales per pair (no packs, see the module comment), and the
-    /// offset by `vpdpwssd` with the negated `bsums` (`interleave_k4`).
+    /// Σ sc·((q + 128)·x - 128·x) in i32: `vpdpbusd` twice into one register (vectors 0, 1
+    /// and 2, 3 have the same sub-blocks' scales in each lane), starting from the offset:
+    /// lane k of pair h holds sub-block 4h + k, and each of its 4 dwords starts at -32 times
+    /// the sub-block's Σx (`interleave_k4`'s i32 in the `bsums` place, spread by the scales'
+    /// own `vpermd`), so the 4 add up to -128·Σx (below 8·241·128 + 2^17 < 2^19 a dword);
+    /// then one `vpmulld` by the scales per pair (no packs, see the module comment). The
+    /// `vpdpwssd` of the negated `bsums` by the scales times 128 it replaces, with that
+    /// product's three shuffles and LLVM's extra `vpaddd`, was five vector uops of about 36 a
+    /// super-block.
     #[inline(always)]
     unsafe fn sums_z(d: &DecodedZ, xq: &[u8]) -> (__m512i, __m256i) {
         debug_assert!(xq.len() >= super::vnni::XZ_BLOCK);
-        let z = _mm512_setzero_si512();
-        let mut s = z;
+        // SAFETY: 32 bytes of the offsets (offset QK_K inside the block); AVX2, AVX-512
+        // (contract).
+        let off = unsafe {
+            _mm512_zextsi256_si512(_mm256_loadu_si256(xq[QK_K..].as_ptr() as *const __m256i))
+        };
+        let mut s = _mm512_setzero_si512();
         for h in 0..2 {
-            // SAFETY: 64-byte loads inside xq (256); AVX-512 F/BW/VNNI (contract).
+            // SAFETY: 64-byte loads inside xq (256), the 64-byte index table; AVX-512
+            // F/BW/VNNI (contract).
             unsafe {
+                let idx = _mm512_loadu_si512(XS_SCL_IDX[h].as_ptr() as *const __m512i);
                 let x0 = _mm512_loadu_si512(xq[128 * h..].as_ptr() as *const __m512i);
                 let x1 = _mm512_loadu_si512(xq[128 * h + 64..].as_ptr() as *const __m512i);
-                let p = _mm512_dpbusd_epi32(z, d.q[2 * h], x0);
+                let p = _mm512_dpbusd_epi32(_mm512_permutexvar_epi32(idx, off), d.q[2 * h], x0);
                 let p = _mm512_dpbusd_epi32(p, d.q[2 * h + 1], x1);
                 s = _mm512_add_epi32(s, _mm512_mullo_epi32(p, d.scl[h]));
             }
         }
-        // SAFETY: 32 bytes of bsums (offset QK_K inside the block); AVX2, AVX-512 (contract).
-        let bs = unsafe { _mm256_loadu_si256(xq[QK_K..].as_ptr() as *const __m256i) };
-        let s = _mm512_dpwssd_epi32(
-            s,
-            _mm512_zextsi256_si512(bs),
-            _mm512_zextsi256_si512(d.bmul),
-        );
         (s, _mm256_setzero_si256())
     }
 }
