@@ -1,6 +1,7 @@
 //! The bf16 GEMM path of nf4, int8, fp8 and the grouped integers (x86-64 with AVX-512 BF16, at
 //! least `GEMM16_MIN_M` rows, K a multiple of 32), and of the ggml formats on AMX tiles from
-//! `ggml_bf16_min_m` rows (their chunks decoded by `x86::decode16_ggml`): jobs of up to `PANEL` weight rows x one block of
+//! `ggml_bf16_min_m` rows (their chunks decoded by `x86::decode16_ggml`): jobs of up to `PANEL` weight
+//! rows (fewer where that balances few jobs over the threads: `panel_rows`) x one block of
 //! activation rows (parallel over both), each taking K chunk by chunk: the job's weight rows
 //! decoded into an L2-resident buffer (`x86::gemm16::decode_*`), then `x86::gemm16::kernel` over
 //! every group of activation vectors of the block (the group's chunk in L1, reused by all the
@@ -44,8 +45,10 @@ impl Plan<'_> {
     /// The whole product into `out` (M x N) through the bf16 GEMM.
     pub(super) fn run_bf16(&self, x: &Acts16, out: &mut [f32]) {
         let n = self.w.rows;
-        let row_jobs = n.div_ceil(PANEL);
         let blocks = x.vectors.div_ceil(BLOCK_VECTORS);
+        let threads = crate::parallel::num_threads();
+        let panel = panel_rows(n, blocks, threads);
+        let row_jobs = n.div_ceil(panel);
         let jobs = row_jobs * blocks;
         let outp = OutPtr::new(out, n);
         // The FMA kernels (where `vdpbf16ps` is slow) for the blocks of NR rows, on the chunk
@@ -58,16 +61,15 @@ impl Plan<'_> {
         }
         let job = |t: usize| {
             let (ri, bi) = (t / blocks, t % blocks);
-            let n0 = ri * PANEL;
+            let n0 = ri * panel;
             let v0 = bi * BLOCK_VECTORS;
-            let (rows, vs) = (PANEL.min(n - n0), v0..(v0 + BLOCK_VECTORS).min(x.vectors));
+            let (rows, vs) = (panel.min(n - n0), v0..(v0 + BLOCK_VECTORS).min(x.vectors));
             if amx {
                 self.job_amx(x, n0, rows, vs, &outp);
             } else {
                 self.job_bf16(x, n0, rows, vs, fma, &outp);
             }
         };
-        let threads = crate::parallel::num_threads();
         if threads == 1 || jobs == 1 {
             (0..jobs).for_each(job);
         } else {
@@ -453,6 +455,20 @@ impl Plan<'_> {
             _ => unreachable!("the bf16 GEMM runs for nf4, int8, fp8, grouped integers and ggml"),
         }
     }
+}
+
+/// Weight rows per job: `PANEL`, or fewer (a multiple of 16) where there are few jobs per thread
+/// and they would not split evenly over the threads: N = 192 at M <= 512 was 144 + 48 rows, one
+/// thread doing three times the other's work; now 96 + 96 (N = 1536: 12 jobs of 128 rows instead
+/// of 11). No effect on results: every output is its own chain, whichever job holds its row.
+fn panel_rows(n: usize, blocks: usize, threads: usize) -> usize {
+    let mut per = n.div_ceil(PANEL);
+    if threads > 1 && per * blocks < 8 * threads {
+        while !(per * blocks).is_multiple_of(threads) {
+            per += 1;
+        }
+    }
+    n.div_ceil(per).next_multiple_of(16).min(PANEL)
 }
 
 /// Where one kernel group sits: `pairs` pairs of this chunk, the job's `rows` decoded rows,
