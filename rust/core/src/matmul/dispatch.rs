@@ -388,6 +388,9 @@ impl Plan<'_> {
             // `plan` (K/2 or K bytes, one stat per block, blocks the row or 2^n >= 32).
             return unsafe {
                 match qtype {
+                    QType::Fp8E4M3 if self.e4m3_f32 => {
+                        x86::dot_bytes_avx512::<x86::Fp8E4M3F32, R>(wrow, stats, bl, x)
+                    }
                     QType::Fp8E4M3 => x86::dot_bytes_avx512::<x86::Fp8E4M3, R>(wrow, stats, bl, x),
                     _ => x86::dot_bytes_avx512::<x86::Fp8E5M2, R>(wrow, stats, bl, x),
                 }

@@ -230,6 +230,9 @@ struct Plan<'a> {
     /// AVX-512 q16 kernels (`x86::q16::available`).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     avx512: bool,
+    /// fp8_e4m3 with `avx512`: x is prepared for `x86::Fp8E4M3F32` (else for `Fp8E4M3`).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    e4m3_f32: bool,
     /// AVX-512 VNNI for the 32-weight integer formats.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vnni: bool,

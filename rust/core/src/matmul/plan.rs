@@ -224,6 +224,7 @@ pub(super) fn bf16_plan<'a>(
         block_len,
         simd,
         avx512: false,
+        e4m3_f32: false,
         vnni: simd && use_vnni(),
         long: false,
         bf16: Some(xb),
@@ -332,6 +333,11 @@ fn route<'a>(
     }
     // (after the bf16 return: fp8 e4m3's check reads all of x)
     let f32_avx512 = use_avx512(w.qtype, simd, k, x);
+    // e4m3 decoded straight to f32 where every |x| < 2^8 (`x86::Fp8E4M3F32`)
+    #[cfg(target_arch = "x86_64")]
+    let e4m3_f32 = f32_avx512 && w.qtype == QType::Fp8E4M3 && x86::e4m3_f32_x_fits(x);
+    #[cfg(not(target_arch = "x86_64"))]
+    let e4m3_f32 = false;
     // Every weight row on AMX int8 tiles (whole panels of 16; tasks of whole panels,
     // `amx_task_rows`): the AVX-512 GEMM's activation layouts (`xt`, `nbias`, `xtail`) would go
     // unread, so they are not built (at 576x576, M = 128: 4 % of a call).
@@ -509,6 +515,8 @@ fn route<'a>(
             (acts, 2 * row + 4 * blocks)
         }
         #[cfg(target_arch = "x86_64")]
+        QType::Fp8E4M3 if e4m3_f32 => (Acts::F32Prepared(x86::scale_e4m3_f32_x(x)), 4 * k),
+        #[cfg(target_arch = "x86_64")]
         QType::Fp8E4M3 if f32_avx512 => (Acts::F32Prepared(x86::scale_e4m3_x(x)), 4 * k),
         #[cfg(target_arch = "x86_64")]
         QType::Fp8E5M2 if f32_avx512 => (Acts::F32Prepared(x86::align_x(x)), 4 * k),
@@ -587,6 +595,7 @@ fn route<'a>(
         block_len,
         simd,
         avx512: f32_avx512,
+        e4m3_f32,
         vnni,
         // q4_k's row kernel prefetches at every K: at K = 4096 (below the LONG_K of then), one thread, CPU
         // time, 4096x14336, loaded machine (load 16-21), 2026-12-06 14:57-15:01 UTC,

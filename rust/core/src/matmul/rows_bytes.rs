@@ -27,6 +27,7 @@ impl Plan<'_> {
             return 0;
         }
         match self.w.qtype {
+            QType::Fp8E4M3 if self.e4m3_f32 => self.rows_bytes_w::<x86::Fp8E4M3F32>(n, x, y),
             QType::Fp8E4M3 => self.rows_bytes_w::<x86::Fp8E4M3>(n, x, y),
             QType::Fp8E5M2 => self.rows_bytes_w::<x86::Fp8E5M2>(n, x, y),
             _ => return 0,

@@ -893,8 +893,28 @@ fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
         };
         // Below `GEMM16_MIN_M` and the small-M tiles' 8 rows (`x86::amx_bf16_small::MIN_M`):
         // from there on the bf16 GEMM may run (`tests/bf16.rs`).
-        for m in [1usize, 2, 3, 5, 7] {
-            let x = mixed_acts(&mut rng, m * k);
+        // e4m3 also with every |x| < 2^8: decoded straight to f32 (`x86::Fp8E4M3F32`)
+        let smalls: &[bool] = if qtype == QType::Fp8E4M3 {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for (m, &small) in [1usize, 2, 3, 5, 7]
+            .into_iter()
+            .flat_map(|m| smalls.iter().map(move |s| (m, s)))
+        {
+            let mut x = mixed_acts(&mut rng, m * k);
+            if small {
+                let edge = f32::from_bits(256.0f32.to_bits() - 1);
+                for v in x.iter_mut().filter(|v| v.abs() >= 256.0) {
+                    *v = edge.copysign(*v);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                let p = plan(&x, m, &v, m * n).unwrap();
+                assert_eq!(p.e4m3_f32, small && p.avx512, "{qtype:?} k={k} m={m}");
+            }
             let mut y = vec![0.0f32; m * n];
             qmatmul(&x, m, &v, &mut y).unwrap();
             for mi in 0..m {

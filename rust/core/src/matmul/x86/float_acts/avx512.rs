@@ -76,8 +76,11 @@ impl<const R: usize> Default for Lanes<R> {
 /// 16 one-byte weights (a register's 16 bytes) as 16 f32: exactly the reference's values for
 /// int8 and e5m2, the value times 2^-8 for e4m3 (`E4M3_X_SCALE`; NaN codes excepted).
 pub trait Decode16: Decode32 {
-    /// e4m3: the caller multiplies the activations by 256 and checks the row for NaN codes.
+    /// e4m3: the caller checks the row for NaN codes.
     const E4M3: bool = false;
+    /// The factor by which the kernels read the activations (`decode16` gives the values
+    /// divided by it).
+    const X_SCALE: f32 = 1.0;
     /// # Safety
     /// AVX-512 F, BW, VL and F16C must be available.
     unsafe fn decode16(v: __m128i) -> __m512;
@@ -113,6 +116,7 @@ fn halves_to_f32(h: __m512i) -> [__m512; 2] {
 
 impl Decode16 for Fp8E4M3 {
     const E4M3: bool = true;
+    const X_SCALE: f32 = E4M3_X_SCALE;
     /// The byte sign-extended to 16 bits and shifted left by 7 has the sign in bit 15 and the
     /// magnitude in bits 7..14, with a copy of the sign in bit 14 that `& 0xbf80` clears: the
     /// float16 `sign | (b & 0x7f) << 7`, which is the e4m3 value times 2^-8 for every finite
@@ -131,6 +135,63 @@ impl Decode16 for Fp8E4M3 {
     }
 }
 
+/// e4m3 decoded straight to f32 bits: the byte sign-extended to 32 bits, shifted left by 20
+/// and `& 0x87f0_0000` keeps the sign in bit 31 and the magnitude's 4 exponent / 3 mantissa
+/// bits at the bottom of f32's exponent / the top of its mantissa: the e4m3 value times
+/// 2^-120 for every finite code (the subnormal codes as f32 subnormals with the same digits,
+/// the zeros as signed zeros; NaN codes come out as 480 · 2^-120 and are found as `Fp8E4M3`'s
+/// are). Three vector operations per 16 weights (one of them on the shuffle port) where
+/// `Fp8E4M3`'s float16 conversion costs four (two on it): the M = 1 kernel is bound by those
+/// ports, not by the FMAs. The activations are read times 2^120 (`E4M3_F32_X_SCALE`), which
+/// is finite only for |x| < 2^8 (`e4m3_f32_x_fits`); `plan` chooses `Fp8E4M3` otherwise.
+/// The scalar value (`Decode32`) is `Fp8E4M3`'s.
+pub struct Fp8E4M3F32;
+
+impl Decode32 for Fp8E4M3F32 {
+    #[inline(always)]
+    unsafe fn decode32(w: &[u8]) -> [__m256; 4] {
+        // SAFETY: the caller's contract is `Fp8E4M3::decode32`'s.
+        unsafe { Fp8E4M3::decode32(w) }
+    }
+    fn value(b: u8) -> f32 {
+        Fp8E4M3::value(b)
+    }
+}
+
+impl Decode16 for Fp8E4M3F32 {
+    const E4M3: bool = true;
+    const X_SCALE: f32 = E4M3_F32_X_SCALE;
+    #[inline(always)]
+    unsafe fn decode16(v: __m128i) -> __m512 {
+        let d = _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(v));
+        _mm512_castsi512_ps(_mm512_and_si512(
+            d,
+            _mm512_set1_epi32(0x87f0_0000u32 as i32),
+        ))
+    }
+    #[inline(always)]
+    unsafe fn decode32_512(v: __m256i) -> [__m512; 2] {
+        [
+            Self::decode16(_mm256_castsi256_si128(v)),
+            Self::decode16(_mm256_extracti128_si256::<1>(v)),
+        ]
+    }
+}
+
+/// The factor by which `Fp8E4M3F32` reads the activations: `(v 2^-120) · (x 2^120)` is the real
+/// number `v · x`, so each FMA rounds as the reference's does.
+pub const E4M3_F32_X_SCALE: f32 = f32::from_bits((127 + 120) << 23);
+
+/// True when every `x 2^120` is finite (|x| < 2^8), so `scale_e4m3_f32_x` is exact.
+pub fn e4m3_f32_x_fits(x: &[f32]) -> bool {
+    top_magnitude_bits(x) < 256.0f32.to_bits()
+}
+
+/// The activations as `Fp8E4M3F32` reads them (`E4M3_F32_X_SCALE`), aligned.
+pub fn scale_e4m3_f32_x(x: &[f32]) -> AlignedX {
+    AlignedX::from_fn(x.len(), |i| x[i] * E4M3_F32_X_SCALE)
+}
+
 /// The factor by which e4m3 activations are scaled for `dot_bytes_avx512`: `h · (256 x)` is
 /// the real number `v · x` (v = 256 h), so the FMA rounds it exactly as the reference does as
 /// long as `256 x` is finite (`e4m3_x_fits`).
@@ -138,7 +199,13 @@ pub const E4M3_X_SCALE: f32 = 256.0;
 
 /// True when every `256 x` is finite (|x| < 2^120), so `scale_e4m3_x` is exact.
 pub fn e4m3_x_fits(x: &[f32]) -> bool {
-    x.iter().all(|v| v.abs() < f32::powi(2.0, 120))
+    top_magnitude_bits(x) < E4M3_F32_X_SCALE.to_bits()
+}
+
+/// The largest `|x|`'s bits (NaN's above infinity's): one pass that vectorises, where
+/// `all(|v| v.abs() < c)` stops early but runs a scalar loop.
+fn top_magnitude_bits(x: &[f32]) -> u32 {
+    x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff))
 }
 
 /// The activations as `dot_bytes_avx512::<Fp8E4M3, _>` reads them (`E4M3_X_SCALE`), aligned.

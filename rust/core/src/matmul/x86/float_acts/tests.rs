@@ -78,9 +78,19 @@ fn bytes_case<D: Decode16>(e4m3: bool, e5m2: bool, with_nan: bool, seed: u64) {
             }
         }
         let scales: Vec<f32> = (0..k.div_ceil(bl)).map(|_| rng.unit()).collect();
-        let rows: Vec<Vec<f32>> = (0..4).map(|_| acts(&mut rng, k)).collect();
+        let mut rows: Vec<Vec<f32>> = (0..4).map(|_| acts(&mut rng, k)).collect();
+        if D::X_SCALE > 256.0 {
+            // `Fp8E4M3F32` runs for |x| < 2^8: the large activations at the largest such
+            // float (x 2^120 just below 2^128), the subnormal and small ones as they are
+            let edge = f32::from_bits(256.0f32.to_bits() - 1);
+            for v in rows.iter_mut().flatten() {
+                if v.abs() >= 256.0 {
+                    *v = edge.copysign(*v);
+                }
+            }
+        }
         if !with_nan {
-            let _ = check_bytes::<D>(&q, &scales, bl, &rows, e4m3);
+            let _ = check_bytes::<D>(&q, &scales, bl, &rows);
             continue;
         }
         // A NaN code first, a third in, in the last whole 64 (or the last 32 of a block-32
@@ -89,7 +99,7 @@ fn bytes_case<D: Decode16>(e4m3: bool, e5m2: bool, with_nan: bool, seed: u64) {
         for at in [0, k / 3, (k / 64 * 64).saturating_sub(1), last] {
             let mut q = q.clone();
             q[at] = if e4m3 { 0xff } else { 0x7e };
-            let want = check_bytes::<D>(&q, &scales, bl, &rows, e4m3);
+            let want = check_bytes::<D>(&q, &scales, bl, &rows);
             assert!(
                 want.iter().all(|v| v.is_nan()),
                 "k={k} block={bl} NaN code at {at}"
@@ -98,15 +108,21 @@ fn bytes_case<D: Decode16>(e4m3: bool, e5m2: bool, with_nan: bool, seed: u64) {
     }
 }
 
+/// The activations as the AVX-512 kernels read them with `D` (what `plan` prepares).
+fn prepared<D: Decode16>(x: &[f32]) -> Vec<f32> {
+    if D::X_SCALE == avx512::E4M3_X_SCALE {
+        scale_e4m3_x(x).to_vec()
+    } else if D::X_SCALE == avx512::E4M3_F32_X_SCALE {
+        assert!(e4m3_f32_x_fits(x), "Fp8E4M3F32 runs for |x| < 2^8");
+        scale_e4m3_f32_x(x).to_vec()
+    } else {
+        x.to_vec()
+    }
+}
+
 /// Every tier, 1 to 4 activation rows, and the M = 1 pieces (`dot_bytes_piece`) against the
 /// reference for one weight row.
-fn check_bytes<D: Decode16>(
-    q: &[u8],
-    scales: &[f32],
-    bl: usize,
-    rows: &[Vec<f32>],
-    e4m3: bool,
-) -> Vec<f32> {
+fn check_bytes<D: Decode16>(q: &[u8], scales: &[f32], bl: usize, rows: &[Vec<f32>]) -> Vec<f32> {
     let k = q.len();
     let want: Vec<f32> = rows
         .iter()
@@ -126,11 +142,7 @@ fn check_bytes<D: Decode16>(
         );
     }
     if crate::cpu::has_avx512() && k >= WIDE {
-        let xs: Vec<Vec<f32>> = if e4m3 {
-            rows.iter().map(|x| scale_e4m3_x(x).to_vec()).collect()
-        } else {
-            rows.to_vec()
-        };
+        let xs: Vec<Vec<f32>> = rows.iter().map(|x| prepared::<D>(x)).collect();
         // SAFETY: has_avx512 checked; lengths as documented.
         unsafe {
             rows_1_to_4(
@@ -145,11 +157,7 @@ fn check_bytes<D: Decode16>(
         }
     }
     if crate::cpu::has_avx512() && k >= WIDE {
-        let x = if e4m3 {
-            scale_e4m3_x(&rows[0]).to_vec()
-        } else {
-            rows[0].clone()
-        };
+        let x = prepared::<D>(&rows[0]);
         // pieces of one and three groups of 64, and `rows_bytes`' 4096
         for piece in [64, 192, 4096] {
             let mut l = ByteLanes::<1>::new();
@@ -180,12 +188,14 @@ fn check_bytes<D: Decode16>(
 #[test]
 fn fp8_kernels_are_bit_identical_to_the_reference() {
     bytes_case::<Fp8E4M3>(true, false, false, 0xe4_0001);
+    bytes_case::<Fp8E4M3F32>(true, false, false, 0xe4_0003);
     bytes_case::<Fp8E5M2>(false, true, false, 0xe5_0001);
 }
 
 #[test]
 fn fp8_rows_with_nan_codes_give_nan_in_every_tier() {
     bytes_case::<Fp8E4M3>(true, false, true, 0xe4_0002);
+    bytes_case::<Fp8E4M3F32>(true, false, true, 0xe4_0004);
     bytes_case::<Fp8E5M2>(false, true, true, 0xe5_0002);
 }
 
@@ -228,7 +238,13 @@ fn decode16_of_every_byte_is_the_reference_value() {
         out.iter().map(|v| v * scale).collect()
     }
     // SAFETY: has_avx512 checked.
-    let (e5, e4) = unsafe { (all::<Fp8E5M2>(1.0), all::<Fp8E4M3>(256.0)) };
+    let (e5, e4, e4f) = unsafe {
+        (
+            all::<Fp8E5M2>(1.0),
+            all::<Fp8E4M3>(256.0),
+            all::<Fp8E4M3F32>(avx512::E4M3_F32_X_SCALE),
+        )
+    };
     let (t5, t4) = (r::fp8_table(true), r::fp8_table(false));
     for b in 0..256 {
         assert!(
@@ -237,6 +253,7 @@ fn decode16_of_every_byte_is_the_reference_value() {
         );
         if b & 0x7f != 0x7f {
             assert_eq!(e4[b].to_bits(), t4[b].to_bits(), "e4m3 {b:#x}");
+            assert_eq!(e4f[b].to_bits(), t4[b].to_bits(), "e4m3 as f32 {b:#x}");
         }
     }
 }
