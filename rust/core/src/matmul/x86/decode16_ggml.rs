@@ -10,8 +10,7 @@
 //! values of those 32 elements computed once as f32 and rounded, then one `vpermw` of the 32
 //! code indices; 8-bit (q8_0) and 6-bit (q6_k) codes are converted and scaled per element.
 //! The 32-weight formats (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl) are in `decode16_ggml/w32.rs`
-//! (their scales converted 16 blocks at a time, `q · d + m` fused where that gives the same
-//! bits, indices by one shuffle).
+//! (`q · d + m` fused where that gives the same bits, indices by one shuffle).
 //!
 //! Safety: callers check `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16).
 

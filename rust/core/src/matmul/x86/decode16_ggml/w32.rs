@@ -3,15 +3,11 @@
 //! 5 execute vector work, and the decode of the AMX bf16 route (about half of its time at M = 64)
 //! is bound by them, not by its loads.
 //!
-//! - **Scales** of up to 16 blocks at a time: their f16 bits gathered by scalar loads, one
-//!   `vcvtph2ps` (the exact conversion of `f16_to_f32`, NaN payloads quieted the same way),
-//!   then each block's scale broadcast from memory (a load, no vector uop) instead of a
-//!   `vpbroadcastw` and a `vcvtph2ps` per scale and block.
 //! - **Tables**: `q · d + m` (q4_1, q5_1) as one `vfmadd`: the product of a 5-bit integer and
 //!   an f16 (11 significant bits) is exact in f32, so the fused sum rounds once, as the
 //!   reference's add does after its exact product. (The one difference: where m is a NaN and
 //!   so is the product, d a NaN or 0 · inf, the add returns the product's NaN and the fused
-//!   op m's; a batch with a NaN m takes the multiply and the add.)
+//!   op m's; a block with a NaN m takes the multiply and the add.)
 //! - **Code indices**: the 16 code bytes broadcast to the four 128-bit lanes by the load, one
 //!   `vpshufb` (word e < 16: byte e, word 16 + e: byte e, high bytes zero) and a masked
 //!   `vpsrlw` of the upper 16 words by 4. `vpermw` reads bits 0..4 of each word only: the
@@ -26,33 +22,18 @@ use std::arch::x86_64::*;
 use super::{iota, iq4_values, store, table};
 use crate::formats::blocks::*;
 
-/// Blocks per batch of scales (one `vcvtph2ps` of 16 f16).
-const GROUP: usize = 16;
-
-/// `half(b)` of up to `GROUP` blocks as f32 (entries past `blocks.len()` are 0).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[inline]
-fn scales<B>(blocks: &[B], half: impl Fn(&B) -> Half) -> [f32; GROUP] {
-    let mut h = [0u16; GROUP];
-    for (h, b) in h.iter_mut().zip(blocks) {
-        *h = u16::from_le_bytes(half(b));
-    }
-    let mut out = [0f32; GROUP];
-    // SAFETY: 32 bytes read from `h`, 64 written to `out`.
-    unsafe {
-        let v = _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr() as *const __m256i));
-        _mm512_storeu_ps(out.as_mut_ptr(), v);
-    }
-    out
-}
-
-/// Whether any of `v` is a NaN.
+/// A block's f16 scale as f32 in every lane (`vcvtph2ps`: the exact conversion of
+/// `f16_to_f32`, NaN payloads quieted the same way).
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn any_nan(v: &[f32; GROUP]) -> bool {
-    // SAFETY: 64 bytes read from `v`.
-    let v = unsafe { _mm512_loadu_ps(v.as_ptr()) };
-    _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v) != 0
+fn splat_half(h: Half) -> __m512 {
+    _mm512_cvtph_ps(_mm256_set1_epi16(u16::from_le_bytes(h) as i16))
+}
+
+/// Whether an f16 is a NaN.
+#[inline]
+fn is_nan(h: Half) -> bool {
+    u16::from_le_bytes(h) & 0x7fff > 0x7c00
 }
 
 /// `q · s + m` as the reference rounds it (`fused`: no m is a NaN, see the module's note).
@@ -64,14 +45,6 @@ fn scale_add(q: __m512, s: __m512, m: __m512, fused: bool) -> __m512 {
     } else {
         _mm512_add_ps(_mm512_mul_ps(q, s), m)
     }
-}
-
-/// `s` in every lane, broadcast from memory.
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn splat(s: &f32) -> __m512 {
-    // SAFETY: one f32 read from a reference (a `vbroadcastss` from memory).
-    unsafe { _mm512_set1_ps(std::ptr::read(s)) }
 }
 
 /// The 32 word indices of a block's 16 code bytes: word e < 16 byte e (all 8 bits), word
@@ -128,25 +101,19 @@ fn look_up(idx: __m512i, t: __m512i, d: &mut [u16]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) fn q4_0(blocks: &[BlockQ4_0], dst: &mut [u16]) {
     let q = _mm512_sub_ps(iota(), _mm512_set1_ps(8.0));
-    for (g, y) in blocks.chunks(GROUP).zip(dst.chunks_mut(32 * GROUP)) {
-        let sd = scales(g, |b| b.d);
-        for ((b, d), s) in g.iter().zip(y.chunks_exact_mut(32)).zip(&sd) {
-            let lo = _mm512_mul_ps(q, splat(s));
-            look_up(codes(&b.qs), table(lo, lo), d);
-        }
+    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
+        let lo = _mm512_mul_ps(q, splat_half(b.d));
+        look_up(codes(&b.qs), table(lo, lo), d);
     }
 }
 
 /// `q · d + m` (the product exact: one rounding, as the reference's add).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) fn q4_1(blocks: &[BlockQ4_1], dst: &mut [u16]) {
-    for (g, y) in blocks.chunks(GROUP).zip(dst.chunks_mut(32 * GROUP)) {
-        let (sd, sm) = (scales(g, |b| b.d), scales(g, |b| b.m));
-        let fused = !any_nan(&sm);
-        for (((b, d), s), m) in g.iter().zip(y.chunks_exact_mut(32)).zip(&sd).zip(&sm) {
-            let lo = scale_add(iota(), splat(s), splat(m), fused);
-            look_up(codes(&b.qs), table(lo, lo), d);
-        }
+    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
+        let fused = !is_nan(b.m);
+        let lo = scale_add(iota(), splat_half(b.d), splat_half(b.m), fused);
+        look_up(codes(&b.qs), table(lo, lo), d);
     }
 }
 
@@ -154,13 +121,10 @@ pub(super) fn q4_1(blocks: &[BlockQ4_1], dst: &mut [u16]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) fn q5_0(blocks: &[BlockQ5_0], dst: &mut [u16]) {
     let q = _mm512_sub_ps(iota(), _mm512_set1_ps(16.0));
-    for (g, y) in blocks.chunks(GROUP).zip(dst.chunks_mut(32 * GROUP)) {
-        let sd = scales(g, |b| b.d);
-        for ((b, d), s) in g.iter().zip(y.chunks_exact_mut(32)).zip(&sd) {
-            let s = splat(s);
-            let t = table(_mm512_mul_ps(q, s), _mm512_mul_ps(iota(), s));
-            look_up(codes5(&b.qs, b.qh), t, d);
-        }
+    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
+        let s = splat_half(b.d);
+        let t = table(_mm512_mul_ps(q, s), _mm512_mul_ps(iota(), s));
+        look_up(codes5(&b.qs, b.qh), t, d);
     }
 }
 
@@ -168,36 +132,30 @@ pub(super) fn q5_0(blocks: &[BlockQ5_0], dst: &mut [u16]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) fn q5_1(blocks: &[BlockQ5_1], dst: &mut [u16]) {
     let q_hi = _mm512_add_ps(iota(), _mm512_set1_ps(16.0));
-    for (g, y) in blocks.chunks(GROUP).zip(dst.chunks_mut(32 * GROUP)) {
-        let (sd, sm) = (scales(g, |b| b.d), scales(g, |b| b.m));
-        let fused = !any_nan(&sm);
-        for (((b, d), s), m) in g.iter().zip(y.chunks_exact_mut(32)).zip(&sd).zip(&sm) {
-            let (s, m) = (splat(s), splat(m));
-            let t = table(scale_add(iota(), s, m, fused), scale_add(q_hi, s, m, fused));
-            look_up(codes5(&b.qs, b.qh), t, d);
-        }
+    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
+        let fused = !is_nan(b.m);
+        let (s, m) = (splat_half(b.d), splat_half(b.m));
+        let t = table(scale_add(iota(), s, m, fused), scale_add(q_hi, s, m, fused));
+        look_up(codes5(&b.qs, b.qh), t, d);
     }
 }
 
 /// `q as f32 · d`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) fn q8_0(blocks: &[BlockQ8_0], dst: &mut [u16]) {
-    for (g, y) in blocks.chunks(GROUP).zip(dst.chunks_mut(32 * GROUP)) {
-        let sd = scales(g, |b| b.d);
-        for ((b, d), s) in g.iter().zip(y.chunks_exact_mut(32)).zip(&sd) {
-            let s = splat(s);
-            // SAFETY: 16 + 16 bytes of the block's 32 quants.
-            let (lo, hi) = unsafe {
-                (
-                    _mm_loadu_si128(b.qs.as_ptr() as *const __m128i),
-                    _mm_loadu_si128(b.qs.as_ptr().add(16) as *const __m128i),
-                )
-            };
-            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo));
-            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
-            // SAFETY: the features; d has 32 elements.
-            unsafe { store(_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s), d) };
-        }
+    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
+        let s = splat_half(b.d);
+        // SAFETY: 16 + 16 bytes of the block's 32 quants.
+        let (lo, hi) = unsafe {
+            (
+                _mm_loadu_si128(b.qs.as_ptr() as *const __m128i),
+                _mm_loadu_si128(b.qs.as_ptr().add(16) as *const __m128i),
+            )
+        };
+        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo));
+        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi));
+        // SAFETY: the features; d has 32 elements.
+        unsafe { store(_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s), d) };
     }
 }
 
@@ -205,12 +163,9 @@ pub(super) fn q8_0(blocks: &[BlockQ8_0], dst: &mut [u16]) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) fn iq4_nl(blocks: &[BlockIQ4NL], dst: &mut [u16]) {
     let vals = iq4_values();
-    for (g, y) in blocks.chunks(GROUP).zip(dst.chunks_mut(32 * GROUP)) {
-        let sd = scales(g, |b| b.d);
-        for ((b, d), s) in g.iter().zip(y.chunks_exact_mut(32)).zip(&sd) {
-            let lo = _mm512_mul_ps(splat(s), vals);
-            look_up(codes(&b.qs), table(lo, lo), d);
-        }
+    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
+        let lo = _mm512_mul_ps(splat_half(b.d), vals);
+        look_up(codes(&b.qs), table(lo, lo), d);
     }
 }
 
@@ -221,7 +176,7 @@ mod tests {
     use crate::matmul::reference::bf16::round_bf16;
     use crate::qtype::QType;
 
-    /// f16 scales where a fused `q · d + m` or the batched conversion could part from the
+    /// f16 scales where a fused `q · d + m` or the scale conversion could part from the
     /// reference: ±max, ±inf, quiet and signalling NaNs with payloads of either sign, the
     /// subnormals' ends, the smallest normal, ±0 and two plain values.
     const SPECIAL: [u16; 16] = [
@@ -230,7 +185,7 @@ mod tests {
     ];
 
     /// Every pair of `SPECIAL` scales (d, and m where the format has one), one block each, in
-    /// runs of every length 1..=40 (batches of scales cut anywhere): the rounded reference's
+    /// runs of every length 1..=40 (the GEMM's partial chunks): the rounded reference's
     /// bits, NaN payloads included.
     #[test]
     fn special_scale_pairs_equal_the_rounded_reference() {
