@@ -9,6 +9,8 @@
 //! (32 values, with up to two scales per 32 elements) go through a table: the 32 possible
 //! values of those 32 elements computed once as f32 and rounded, then one `vpermw` of the 32
 //! code indices; 8-bit (q8_0) and 6-bit (q6_k) codes are converted and scaled per element.
+//! The 32-weight formats (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl) are in `decode16_ggml/w32.rs`
+//! (`q · d + m` fused where that gives the same bits, indices by one shuffle).
 //!
 //! Safety: callers check `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16).
 
@@ -76,12 +78,12 @@ pub unsafe fn decode(qtype: QType, bytes: &[u8], dst: &mut [u16]) {
     // sizes and a dst that holds their elements (asserted).
     unsafe {
         match qtype {
-            QType::Q4_0 => q4_0(bytemuck::cast_slice(bytes), dst),
-            QType::Q4_1 => q4_1(bytemuck::cast_slice(bytes), dst),
-            QType::Q5_0 => q5_0(bytemuck::cast_slice(bytes), dst),
-            QType::Q5_1 => q5_1(bytemuck::cast_slice(bytes), dst),
-            QType::Q8_0 => q8_0(bytemuck::cast_slice(bytes), dst),
-            QType::IQ4NL => iq4_nl(bytemuck::cast_slice(bytes), dst),
+            QType::Q4_0 => w32::q4_0(bytemuck::cast_slice(bytes), dst),
+            QType::Q4_1 => w32::q4_1(bytemuck::cast_slice(bytes), dst),
+            QType::Q5_0 => w32::q5_0(bytemuck::cast_slice(bytes), dst),
+            QType::Q5_1 => w32::q5_1(bytemuck::cast_slice(bytes), dst),
+            QType::Q8_0 => w32::q8_0(bytemuck::cast_slice(bytes), dst),
+            QType::IQ4NL => w32::iq4_nl(bytemuck::cast_slice(bytes), dst),
             QType::Q2K => q2_k(bytemuck::cast_slice(bytes), dst),
             QType::Q3K => q3_k(bytemuck::cast_slice(bytes), dst),
             QType::Q4K => q4_k(bytemuck::cast_slice(bytes), dst),
@@ -102,15 +104,6 @@ fn iota() -> __m512 {
     _mm512_setr_ps(
         0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
     )
-}
-
-/// A block's f16 scale as f32 in every lane: `vcvtph2ps` (AVX-512 F; the exact conversion of
-/// `f16_to_f32`, NaN payloads quieted the same way), without the per-call F16C check and
-/// scalar fallback of the `half` crate in the 32-weight formats' per-block loops.
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn splat_half(h: Half) -> __m512 {
-    _mm512_cvtph_ps(_mm256_set1_epi16(u16::from_le_bytes(h) as i16))
 }
 
 /// The table of 32 bf16 values: entries 0..16 from `lo`, 16..32 from `hi`.
@@ -188,73 +181,6 @@ unsafe fn test32(p: &[u8], bit: u8) -> __mmask32 {
 
 // ------------------------------------------------------------------ the 32-weight formats
 
-/// `((q - 8) as f32) · d`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn q4_0(blocks: &[BlockQ4_0], dst: &mut [u16]) {
-    let q = _mm512_sub_ps(iota(), _mm512_set1_ps(8.0));
-    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
-        let lo = _mm512_mul_ps(q, splat_half(b.d));
-        // SAFETY: the features; d has 32 elements.
-        unsafe { look_up(nibbles16(&b.qs), table(lo, lo), d) };
-    }
-}
-
-/// `q · d + m` (two roundings).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn q4_1(blocks: &[BlockQ4_1], dst: &mut [u16]) {
-    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
-        let (s, m) = (splat_half(b.d), splat_half(b.m));
-        let lo = _mm512_add_ps(_mm512_mul_ps(iota(), s), m);
-        // SAFETY: the features; d has 32 elements.
-        unsafe { look_up(nibbles16(&b.qs), table(lo, lo), d) };
-    }
-}
-
-/// `((q - 16) as f32) · d`, q's fifth bit (element e: bit e of `qh`).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn q5_0(blocks: &[BlockQ5_0], dst: &mut [u16]) {
-    let q = _mm512_sub_ps(iota(), _mm512_set1_ps(16.0));
-    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
-        let s = splat_half(b.d);
-        let t = table(_mm512_mul_ps(q, s), _mm512_mul_ps(iota(), s));
-        // SAFETY: the features.
-        let idx = add_where(unsafe { nibbles16(&b.qs) }, u32::from_le_bytes(b.qh), 16);
-        // SAFETY: the features; d has 32 elements.
-        unsafe { look_up(idx, t, d) };
-    }
-}
-
-/// `q · d + m`, q of 5 bits.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn q5_1(blocks: &[BlockQ5_1], dst: &mut [u16]) {
-    let q_hi = _mm512_add_ps(iota(), _mm512_set1_ps(16.0));
-    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
-        let (s, m) = (splat_half(b.d), splat_half(b.m));
-        let t = table(
-            _mm512_add_ps(_mm512_mul_ps(iota(), s), m),
-            _mm512_add_ps(_mm512_mul_ps(q_hi, s), m),
-        );
-        // SAFETY: the features.
-        let idx = add_where(unsafe { nibbles16(&b.qs) }, u32::from_le_bytes(b.qh), 16);
-        // SAFETY: the features; d has 32 elements.
-        unsafe { look_up(idx, t, d) };
-    }
-}
-
-/// `q as f32 · d`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn q8_0(blocks: &[BlockQ8_0], dst: &mut [u16]) {
-    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
-        let s = splat_half(b.d);
-        // SAFETY: 32 bytes of the block's quants.
-        let v = unsafe { _mm256_loadu_si256(b.qs.as_ptr() as *const __m256i) };
-        let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-        let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(v)));
-        // SAFETY: the features; d has 32 elements.
-        unsafe { store(_mm512_mul_ps(lo, s), _mm512_mul_ps(hi, s), d) };
-    }
-}
-
 /// The 16 iq4 values as f32.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -262,17 +188,6 @@ fn iq4_values() -> __m512 {
     // SAFETY: 16 bytes of the table.
     let v = unsafe { _mm_loadu_si128(KVALUES_IQ4NL.as_ptr() as *const __m128i) };
     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))
-}
-
-/// `d · value[q]`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn iq4_nl(blocks: &[BlockIQ4NL], dst: &mut [u16]) {
-    let vals = iq4_values();
-    for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
-        let lo = _mm512_mul_ps(splat_half(b.d), vals);
-        // SAFETY: the features; d has 32 elements.
-        unsafe { look_up(nibbles16(&b.qs), table(lo, lo), d) };
-    }
 }
 
 // ---------------------------------------------------------------------------- K-quants
@@ -424,3 +339,4 @@ unsafe fn iq4_xs(blocks: &[BlockIQ4XS], dst: &mut [u16]) {
 
 #[cfg(test)]
 pub(crate) mod tests;
+mod w32;
