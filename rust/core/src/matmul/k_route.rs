@@ -33,6 +33,27 @@
 //! q4_k 17.0 against 17.9.) So: the tiles up to the crossover, 80 (iq4_xs, q3_k at K = 4096)
 //! to 128 rows (q6_k, q2_k; q3_k at K = 14336, where its tiles still led at 128); at long K
 //! the VNNI GEMM keeps q4_k / q5_k below 64 rows.
+//!
+//! Session 18 (`/work/notes/s18/results-dk.md`): the K-quants' decode (`x86/decode16_ggml/
+//! kquants.rs`) and the near prefetch made the route 15-25 % cheaper at M = 64, so the
+//! crossovers moved down. `FERROQUANT_GGML_BF16=32 python benches/bench_matmul.py --m 48,64,96
+//! --qtypes q2_k,q3_k,q6_k,iq4_xs --runs 3 --threads 1 --cpu-time --budget 0.3 --rotate-mb 200
+//! --ggml-int8 --no-torch`, 2026-12-07 17:26-17:29 UTC, load 15-16, ms, route / int8 paths:
+//!
+//! | format | K | M = 48 | 64 | 96 |
+//! |---|---|---|---|---|
+//! | q6_k | 4096 | 12.5 / 12.7 | 15.7 / 15.2 | 15.8 / 21.0 |
+//! | q6_k | 14336 | 13.5 / 12.1 | 15.6 / 14.4 | 16.8 / 20.5 |
+//! | q2_k | 4096 | 9.4 / 12.4 | 11.8 / 14.6 | 12.5 / 19.4 |
+//! | q2_k | 14336 | 9.6 / 11.5 | 12.5 / 13.5 | 13.2 / 19.3 |
+//! | iq4_xs | 4096 | 10.6 / 12.3 | 13.4 / 14.5 | 14.1 / 19.3 |
+//! | iq4_xs | 14336 | 11.2 / 11.4 | 13.2 / 13.6 | 14.6 / 19.5 |
+//! | q3_k | 4096 | 10.2 / 14.0 | 12.8 / 15.1 | 13.7 / 19.5 |
+//! | q3_k | 14336 | 11.8 / 13.2 | 14.6 / 13.7 | 15.6 / 19.7 |
+//!
+//! (q5_k at M = 64 in the same window: route 15.9 / 16.3, int8 18.3 / 18.8.) So: q2_k and
+//! iq4_xs from 48 rows, q3_k from 48 at short K and 80 at long K (its tiles led at 64 there),
+//! q6_k from 80 (its tiles lead at 64 at both K); M = 80 itself is not measured.
 
 use crate::qtype::QType;
 
@@ -51,10 +72,10 @@ pub(super) struct KRoute {
 pub(super) fn k_route(qtype: QType, k: usize) -> Option<KRoute> {
     let short = k <= SHORT_K;
     let (tiles, bf16) = match (qtype, short) {
-        (QType::Q6K | QType::Q2K, _) => (Some(32), 128),
-        (QType::IQ4XS, _) => (Some(32), 80),
-        (QType::Q3K, true) => (Some(64), 80),
-        (QType::Q3K, false) => (Some(64), 128),
+        (QType::Q6K, _) => (Some(32), 80),
+        (QType::Q2K | QType::IQ4XS, _) => (Some(32), 48),
+        (QType::Q3K, true) => (Some(64), 48),
+        (QType::Q3K, false) => (Some(64), 80),
         (QType::Q4K | QType::Q5K, true) => (Some(64), 48),
         (QType::Q4K | QType::Q5K, false) => (Some(64), 64),
         _ => return None,

@@ -19,16 +19,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{iota, iq4_values, store, table};
+use super::{iota, iq4_values, splat_half, store, table};
 use crate::formats::blocks::*;
-
-/// A block's f16 scale as f32 in every lane (`vcvtph2ps`: the exact conversion of
-/// `f16_to_f32`, NaN payloads quieted the same way).
-#[target_feature(enable = "avx512f")]
-#[inline]
-fn splat_half(h: Half) -> __m512 {
-    _mm512_cvtph_ps(_mm256_set1_epi16(u16::from_le_bytes(h) as i16))
-}
 
 /// Whether an f16 is a NaN.
 #[inline]
