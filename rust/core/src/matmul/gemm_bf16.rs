@@ -15,6 +15,7 @@ use std::arch::x86_64::{
 };
 use std::cell::RefCell;
 
+use super::out16::Sink;
 use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
 use super::x86::{self, amx_bf16, amx_bf16_small, gemm16_fma};
 use super::{OutPtr, Plan};
@@ -43,28 +44,33 @@ thread_local! {
 impl Plan<'_> {
     /// The whole product into `out` (M x N) through the bf16 GEMM.
     pub(super) fn run_bf16(&self, x: &Acts16, out: &mut [f32]) {
+        if amx_bf16_small::use_small(self.m) {
+            return self.run_bf16_small(x, out);
+        }
+        self.run_bf16_to(x, &OutPtr::new(out, self.w.rows));
+    }
+
+    /// `run_bf16` into a sink (f32 or bf16 outputs), for M where `amx_bf16_small::use_small`
+    /// does not hold.
+    pub(super) fn run_bf16_to(&self, x: &Acts16, outp: &impl Sink) {
         let n = self.w.rows;
         let row_jobs = n.div_ceil(PANEL);
         let blocks = x.vectors.div_ceil(BLOCK_VECTORS);
         let jobs = row_jobs * blocks;
-        let outp = OutPtr::new(out, n);
         // The FMA kernels (where `vdpbf16ps` is slow) for the blocks of NR rows, on the chunk
         // widened to f32; single rows and a last half vector keep `gemm16` (the same bits).
         let fma = gemm16_fma::use_fma();
         // AMX tiles (`x86::amx_bf16`) from `AMX_BF16_MIN_M` rows where the process may use them.
         let amx = amx_bf16::use_amx(self.m);
-        if amx_bf16_small::use_small(self.m) {
-            return self.run_bf16_small(x, out);
-        }
         let job = |t: usize| {
             let (ri, bi) = (t / blocks, t % blocks);
             let n0 = ri * PANEL;
             let v0 = bi * BLOCK_VECTORS;
             let (rows, vs) = (PANEL.min(n - n0), v0..(v0 + BLOCK_VECTORS).min(x.vectors));
             if amx {
-                self.job_amx(x, n0, rows, vs, &outp);
+                self.job_amx(x, n0, rows, vs, outp);
             } else {
-                self.job_bf16(x, n0, rows, vs, fma, &outp);
+                self.job_bf16(x, n0, rows, vs, fma, outp);
             }
         };
         let threads = crate::parallel::num_threads();
@@ -82,7 +88,7 @@ impl Plan<'_> {
         rows: usize,
         vs: std::ops::Range<usize>,
         fma: bool,
-        out: &OutPtr,
+        out: &impl Sink,
     ) {
         let nv = vs.len();
         let k = self.k;
@@ -144,7 +150,7 @@ impl Plan<'_> {
                 }
                 k0 += kc;
             }
-            write_out(acc, rows, nv, vs.start, self.m, n0, out, |i, j| i * nv + j);
+            out.tiles(acc, rows, nv, vs.start, self.m, n0, |i, j| i * nv + j);
         });
     }
 
@@ -158,7 +164,7 @@ impl Plan<'_> {
         n0: usize,
         rows: usize,
         vs: std::ops::Range<usize>,
-        out: &OutPtr,
+        out: &impl Sink,
     ) {
         use amx_bf16::{KCA, W_STRIDE};
         let nv = vs.len();
@@ -199,7 +205,7 @@ impl Plan<'_> {
             }
             // SAFETY: configured above on this thread.
             unsafe { crate::amx::tile_release() };
-            write_out(acc, rows, nv, vs.start, self.m, n0, out, |i, j| {
+            out.tiles(acc, rows, nv, vs.start, self.m, n0, |i, j| {
                 amx_bf16::acc_index(i, j, nv)
             });
         });

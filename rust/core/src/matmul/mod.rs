@@ -601,6 +601,8 @@ mod gemm_k;
 mod gemm_neon;
 #[cfg(target_arch = "aarch64")]
 mod gemm_neon_k;
+#[cfg(target_arch = "x86_64")]
+mod out16;
 mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_bytes;
