@@ -10,11 +10,11 @@
 
 use std::cell::RefCell;
 
-use super::neon::gemm::{self as g, NeonDot, PanelBuf, TileAcc, XTile, KC, PANEL, TILE};
+use super::neon::gemm::{self as g, NeonDot, PanelBuf, TileAcc, XTile, KC};
 use super::neon::Load32;
+use super::neon_walk::Walk;
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
-use crate::matmul::reference::{hsum8, LANES};
 use crate::qtype::QType;
 
 /// From this many activation rows the 32-weight formats and the K-quants take this path where
@@ -79,60 +79,35 @@ impl Plan<'_> {
             _ => unreachable!("the 32-weight GEMM runs only with q8_0 / q8_1 activations"),
         };
         let nb = self.k / QK8_0;
-        let rb = self.row_bytes;
-        let m = self.m;
         SCRATCH.with_borrow_mut(|(buf, acc)| {
-            let mut mb = 0;
-            while mb < m {
-                let ms = mb..(mb + GEMM_NEON_BLOCK).min(m);
-                let tiles = ms.len().div_ceil(TILE);
-                let mut p0 = 0;
-                while p0 < rows {
-                    let np = PANEL.min(rows - p0);
-                    let w: [&[W]; PANEL] = std::array::from_fn(|i| {
-                        if i < np {
-                            bytemuck::cast_slice(&self.w.data[(n0 + p0 + i) * rb..][..rb])
-                        } else {
-                            &[]
-                        }
-                    });
-                    acc.clear();
-                    acc.resize(tiles, [[[0.0; 4]; 8]; LANES]);
-                    let mut c0 = 0;
-                    while c0 < nb {
-                        let cb = KC.min(nb - c0);
-                        g::decode(dot, &w, np, c0, cb, buf);
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let j0 = ms.start + t * TILE;
-                            let r = TILE.min(ms.end - j0);
-                            // the tile's rows from block c0 on (past r: its last row again)
-                            let row = |j: usize| (j0 + j.min(r - 1)) * nb + c0;
-                            let x = XTile {
-                                q: std::array::from_fn(|j| &xb[row(j)..row(j) + cb]),
-                                d: std::array::from_fn(|j| &xd[row(j)..row(j) + cb]),
-                                s: std::array::from_fn(|j| {
-                                    xs.get(row(j)..row(j) + cb).unwrap_or_default()
-                                }),
-                            };
-                            // SAFETY: `choose` gives Sdot only with `cpu::has_dotprod` and I8mm
-                            // only with `cpu::has_i8mm` (or tests force them where the CPU has
-                            // them); the kernels check the lengths.
-                            unsafe { run(dot, W::HAS_MIN, r, buf, cb, &x, a) };
-                        }
-                        c0 += cb;
-                    }
-                    for (t, a) in acc.iter().enumerate() {
-                        let j0 = ms.start + t * TILE;
-                        for j in 0..TILE.min(ms.end - j0) {
-                            for i in 0..np {
-                                out.set(j0 + j, n0 + p0 + i, hsum8(&g::lanes(dot, a, i, j)));
-                            }
-                        }
-                    }
-                    p0 += np;
-                }
-                mb = ms.end;
-            }
+            let walk = Walk {
+                n0,
+                rows,
+                nb,
+                block: GEMM_NEON_BLOCK,
+                kc: KC,
+            };
+            self.walk_neon_gemm::<W, _>(
+                dot,
+                walk,
+                out,
+                buf,
+                acc,
+                |buf, w, np, c0, cb| g::decode(dot, w, np, c0, cb, buf),
+                |buf, j0, r, c0, cb, a| {
+                    // the tile's rows from block c0 on (past r: its last row again)
+                    let row = |j: usize| (j0 + j.min(r - 1)) * nb + c0;
+                    let x = XTile {
+                        q: std::array::from_fn(|j| &xb[row(j)..row(j) + cb]),
+                        d: std::array::from_fn(|j| &xd[row(j)..row(j) + cb]),
+                        s: std::array::from_fn(|j| xs.get(row(j)..row(j) + cb).unwrap_or_default()),
+                    };
+                    // SAFETY: `choose` gives Sdot only with `cpu::has_dotprod` and I8mm only
+                    // with `cpu::has_i8mm` (or tests force them where the CPU has them); the
+                    // kernels check the lengths.
+                    unsafe { run(dot, W::HAS_MIN, r, buf, cb, &x, a) };
+                },
+            );
         });
     }
 }

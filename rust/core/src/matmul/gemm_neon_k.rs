@@ -8,11 +8,12 @@
 
 use std::cell::RefCell;
 
-use super::neon::gemm::{lanes, NeonDot, TileAcc, PANEL, TILE};
+use super::neon::gemm::{NeonDot, TileAcc, TILE};
 use super::neon::gemm_k::{self as g, GemmK, SbPanel, KC};
+use super::neon_walk::Walk;
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
-use crate::matmul::reference::{hsum8, BlockQ8K, LANES};
+use crate::matmul::reference::BlockQ8K;
 use crate::qtype::QType;
 
 /// Activation rows of one block (each panel chunk decoded once per block; the block's chunk of
@@ -51,56 +52,33 @@ impl Plan<'_> {
             unreachable!("the K-quant GEMM runs only with q8_K activations")
         };
         let nb = self.k / QK_K;
-        let rb = self.row_bytes;
-        let m = self.m;
         SCRATCH.with_borrow_mut(|(buf, acc)| {
-            let mut mb = 0;
-            while mb < m {
-                let ms = mb..(mb + GEMM_NEON_K_BLOCK).min(m);
-                let tiles = ms.len().div_ceil(TILE);
-                let mut p0 = 0;
-                while p0 < rows {
-                    let np = PANEL.min(rows - p0);
-                    let w: [&[W]; PANEL] = std::array::from_fn(|i| {
-                        if i < np {
-                            bytemuck::cast_slice(&self.w.data[(n0 + p0 + i) * rb..][..rb])
-                        } else {
-                            &[]
-                        }
+            let walk = Walk {
+                n0,
+                rows,
+                nb,
+                block: GEMM_NEON_K_BLOCK,
+                kc: KC,
+            };
+            self.walk_neon_gemm::<W, _>(
+                dot,
+                walk,
+                out,
+                buf,
+                acc,
+                |buf, w, np, c0, cb| g::decode(dot, w, np, c0, cb, buf),
+                |buf, j0, r, c0, cb, a| {
+                    // the tile's rows from super-block c0 on (past r: its last row)
+                    let x: [&[BlockQ8K]; TILE] = std::array::from_fn(|j| {
+                        let row = (j0 + j.min(r - 1)) * nb + c0;
+                        &blocks[row..row + cb]
                     });
-                    acc.clear();
-                    acc.resize(tiles, [[[0.0; 4]; 8]; LANES]);
-                    let mut c0 = 0;
-                    while c0 < nb {
-                        let cb = KC.min(nb - c0);
-                        g::decode(dot, &w, np, c0, cb, buf);
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let j0 = ms.start + t * TILE;
-                            let r = TILE.min(ms.end - j0);
-                            // the tile's rows from super-block c0 on (past r: its last row)
-                            let x: [&[BlockQ8K]; TILE] = std::array::from_fn(|j| {
-                                let row = (j0 + j.min(r - 1)) * nb + c0;
-                                &blocks[row..row + cb]
-                            });
-                            // SAFETY: `gemm_neon::choose` gives Sdot only with
-                            // `cpu::has_dotprod` and I8mm only with `cpu::has_i8mm` (or tests
-                            // force them where the CPU has them); the kernels check the lengths.
-                            unsafe { run::<W>(dot, r, buf, cb, c0, &x, a) };
-                        }
-                        c0 += cb;
-                    }
-                    for (t, a) in acc.iter().enumerate() {
-                        let j0 = ms.start + t * TILE;
-                        for j in 0..TILE.min(ms.end - j0) {
-                            for i in 0..np {
-                                out.set(j0 + j, n0 + p0 + i, hsum8(&lanes(dot, a, i, j)));
-                            }
-                        }
-                    }
-                    p0 += np;
-                }
-                mb = ms.end;
-            }
+                    // SAFETY: `gemm_neon::choose` gives Sdot only with `cpu::has_dotprod` and
+                    // I8mm only with `cpu::has_i8mm` (or tests force them where the CPU has
+                    // them); the kernels check the lengths.
+                    unsafe { run::<W>(dot, r, buf, cb, c0, &x, a) };
+                },
+            );
         });
     }
 }

@@ -31,10 +31,14 @@
 //! element, `smmla` with `i8mm`), the K-quants that of `gemm_neon_k.rs` / `neon/gemm_k.rs`;
 //! other architectures run the references.
 //!
-//! Files: this one (the driver: `qmatmul`, `Plan::fill`, the task split), `plan.rs` (every
-//! check, the kernel choice, the activations prepared once per call), `dispatch.rs` (one weight
-//! row against activation rows, per format, to the kernel the CPU has), `panels.rs` (the tile
-//! panels), `gemm.rs` (the GEMM path's driver), `gemm_bf16.rs` (the bf16 GEMM's driver).
+//! Files: this one (the driver: `qmatmul`, the task split), `fill.rs` (`Plan::fill`: one task
+//! of the row kernels / tiles), `plan.rs` (every check, the kernel choice), `acts_quant.rs` (the
+//! activations quantized once per call), `dispatch.rs` (one weight row against activation rows,
+//! per format, to the kernel the CPU has), `gint_fused.rs` (the fused grouped-integer kernel's
+//! driver), `panels.rs` (the tile panels), `gemm.rs` (the GEMM path's driver), `gemm_bf16.rs`
+//! (the bf16 GEMM's driver), `gemm_takes.rs` (which path the native runtime can count on),
+//! `neon_walk.rs` (the NEON GEMMs' shared walk), `out_ptr.rs` (the shared output),
+//! `aligned.rs` (aligned activation buffers).
 //!
 //! Supported weight formats and the activation each uses:
 //! q4_0, q5_0, q8_0, iq4_nl → activations quantized to q8_0 (ggml's `vec_dot_type`);
@@ -186,39 +190,6 @@ enum Acts<'a> {
     F32Prepared(AlignedX),
 }
 
-/// Activations copied to a 64-byte aligned buffer (for the AVX-512 kernels: a 64-byte load
-/// that crosses a cache line costs Zen 4 about 1.6 load slots, which alone made the nf4 kernel
-/// 1.5x slower).
-pub struct AlignedX {
-    buf: Vec<f32>,
-    off: usize,
-    len: usize,
-}
-
-impl AlignedX {
-    /// `f(i)` for i in 0..len, 64-byte aligned.
-    pub fn from_fn(len: usize, f: impl Fn(usize) -> f32) -> Self {
-        let mut buf = vec![0.0f32; len + 16];
-        let off = buf.as_ptr().align_offset(64).min(16);
-        for (i, v) in buf[off..off + len].iter_mut().enumerate() {
-            *v = f(i);
-        }
-        Self { buf, off, len }
-    }
-}
-
-impl std::ops::Deref for AlignedX {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        &self.buf[self.off..self.off + self.len]
-    }
-}
-
-/// 64 bytes on a 64-byte boundary (activations that AVX-512 kernels load a line at a time).
-#[repr(C, align(64))]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct Line64([u8; 64]);
-
 /// Everything one dot product needs, checked once.
 struct Plan<'a> {
     w: &'a QuantizedView<'a>,
@@ -271,7 +242,7 @@ struct Plan<'a> {
     bf16: Option<x86::gemm16::Acts16>,
     /// Float-zero grouped weights: each activation row's group sums (`float_zero`), else empty.
     fz_sums: Vec<f32>,
-    /// Grouped integers read in place (`x86::gint`, `dispatch::gint_fused`): the q16 rows are
+    /// Grouped integers read in place (`x86::gint`, `gint_fused::gint_fused`): the q16 rows are
     /// split into its planes, and these are its other activations.
     #[cfg(target_arch = "x86_64")]
     gint: Option<x86::gint::GintActs>,
@@ -417,165 +388,18 @@ const TASK_WEIGHT_BYTES: usize = 256 << 10;
 /// parallel: at 1 << 21 the native runtime's two-thread decode fell from 94 to 67 tokens/s.
 const SERIAL_WORK: usize = if cfg!(test) { 1 << 12 } else { 1 << 16 };
 
-impl Plan<'_> {
-    /// The rows of the N x M result (`yt`, M values per weight row) from weight row `n0` on.
-    /// Activation rows go in blocks of `m_block` (kept in cache while the task's weight rows
-    /// pass), weight rows in panels of `NR` (tile path) or one by one; each output's
-    /// arithmetic is the same wherever it sits.
-    fn fill(&self, n0: usize, yt: &mut [f32]) {
-        let m = self.m;
-        let rows = yt.len() / m;
-        let mut mb = 0;
-        while mb < m {
-            let ms = mb..(mb + self.m_block).min(m);
-            let mut i = 0;
-            #[cfg(target_arch = "x86_64")]
-            if self.tile {
-                while i + NR <= rows {
-                    self.panel::<NR>(n0 + i, ms.clone(), &mut yt[i * m..(i + NR) * m]);
-                    i += NR;
-                }
-                // (q4_1 / q5_1 have only the paired 512-bit tiles: their last rows take the
-                // row kernels below, with the same bits.)
-                while i < rows && !matches!(self.w.qtype, QType::Q4_1 | QType::Q5_1) {
-                    self.panel::<1>(n0 + i, ms.clone(), &mut yt[i * m..(i + 1) * m]);
-                    i += 1;
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            if self.avx512 && m == 1 && matches!(self.w.qtype, QType::NF4 | QType::Int8) {
-                self.q16_pieces(n0, ms.clone(), yt);
-                i = rows;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if self.row32 {
-                // M = 1: ROW32 weight rows at a time for short rows, then one by one.
-                while i < rows {
-                    let r = if self.k <= ROW32_MAX_K && rows - i >= ROW32 {
-                        ROW32
-                    } else {
-                        1
-                    };
-                    self.rows32(n0 + i, &mut yt[i..i + r]);
-                    i += r;
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            if self.gint.is_some() {
-                self.gint_panels(n0 + i, rows - i, ms.clone(), &mut yt[i * m..]);
-                i = rows;
-            }
-            if self.w.qtype.gint().is_some() {
-                while i < rows {
-                    self.dots_gint(
-                        n0 + i,
-                        ms.clone(),
-                        &mut yt[i * m + ms.start..i * m + ms.end],
-                    );
-                    i += 1;
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            if m == 1 && i < rows {
-                i += self.rows_k(n0 + i, &mut yt[i..rows]);
-            }
-            #[cfg(target_arch = "x86_64")]
-            if m == 1 && i < rows {
-                i += self.rows_bytes(n0 + i, &mut yt[i..rows]);
-            }
-            while i < rows {
-                self.dots(
-                    n0 + i,
-                    ms.clone(),
-                    &mut yt[i * m + ms.start..i * m + ms.end],
-                );
-                i += 1;
-            }
-            mb = ms.end;
-        }
-    }
-
-    /// nf4 / int8 rows past `Q16_LONG_K` with AVX-512: panels of `Q16_PANEL` weight rows,
-    /// activation rows `ms` in groups of up to `ROWS`, K in pieces of `Q16_PIECE` columns. Each
-    /// output's operations and order are those of one call over the whole row (identical bits,
-    /// tested).
-    #[cfg(target_arch = "x86_64")]
-    fn q16_pieces(&self, n0: usize, ms: std::ops::Range<usize>, yt: &mut [f32]) {
-        let m = self.m;
-        let rows = yt.len() / m;
-        let mut p0 = 0;
-        while p0 < rows {
-            let np = Q16_PANEL.min(rows - p0);
-            let mut j = ms.start;
-            while j < ms.end {
-                let y = &mut yt[p0 * m..];
-                j += match (ms.end - j).min(ROWS) {
-                    1 => self.q16_panel::<1>(n0 + p0, np, j, y),
-                    2 => self.q16_panel::<2>(n0 + p0, np, j, y),
-                    3 => self.q16_panel::<3>(n0 + p0, np, j, y),
-                    _ => self.q16_panel::<ROWS>(n0 + p0, np, j, y),
-                };
-            }
-            p0 += np;
-        }
-    }
-
-    /// Weight rows `n..n + np` with activation rows `m0..m0 + R` into `yt` (row `n` first, M
-    /// values per row); returns R.
-    #[cfg(target_arch = "x86_64")]
-    fn q16_panel<const R: usize>(&self, n: usize, np: usize, m0: usize, yt: &mut [f32]) -> usize {
-        let Acts::Q16 { q, d, row, blocks } = &self.acts else {
-            unreachable!("nf4 / int8 have q16 activations")
-        };
-        let (m, bl, nf4) = (self.m, self.block_len, self.w.qtype == QType::NF4);
-        let q: &[i16] = bytemuck::cast_slice(q);
-        let xq: [&[i16]; R] = std::array::from_fn(|i| &q[(m0 + i) * row..(m0 + i + 1) * row]);
-        let xd: [&[f32]; R] = std::array::from_fn(|i| &d[(m0 + i) * blocks..(m0 + i + 1) * blocks]);
-        let wrow = |p: usize| &self.w.data[(n + p) * self.row_bytes..(n + p + 1) * self.row_bytes];
-        use reference::q16::{UNIT_INT8, UNIT_NF4};
-        let unit = if nf4 { UNIT_NF4 } else { UNIT_INT8 };
-        let long = self.k > q16_long_k();
-        // Rows up to `q16_long_k` in one piece.
-        let units = self.k.div_ceil(unit);
-        let piece = if long { Q16_PIECE / unit } else { units };
-        let mut lanes = [x86::q16::Lanes::<R>::new(); Q16_PANEL];
-        // Rows of one piece read the panel's rows one after the other (whole rows' distance).
-        let ahead = if long {
-            x86::q16::PREFETCH_PANELS
-        } else {
-            x86::q16::PREFETCH_ROWS
-        };
-        let mut u0 = 0;
-        while u0 < units {
-            for (p, l) in lanes[..np].iter_mut().enumerate() {
-                let (w, st) = (wrow(p), self.stats_of(n + p));
-                // SAFETY: avx512 is set for nf4 / int8 only with `crate::cpu::has_vnni_q16()`;
-                // lengths checked by `plan`, activations quantized for this K and kernel;
-                // pieces start at even units.
-                unsafe { x86::q16::q16_range(nf4, w, st, bl, xq, xd, u0..u0 + piece, ahead, l) };
-            }
-            u0 += piece;
-        }
-        for (p, l) in lanes[..np].iter().enumerate() {
-            // SAFETY: as above.
-            let y = unsafe { l.finish() };
-            yt[p * m + m0..p * m + m0 + R].copy_from_slice(&y);
-        }
-        R
-    }
-
-    /// The statistics (absmax or scales) of weight row `n` (the one scale of a per-tensor scale).
-    fn stats_of(&self, n: usize) -> &[f32] {
-        let spr = self.stats_per_row;
-        if self.w.stats.len() == 1 {
-            self.w.stats
-        } else {
-            &self.w.stats[n * spr..(n + 1) * spr]
-        }
-    }
-}
-
+mod acts_quant;
+mod aligned;
 mod dispatch;
+mod fill;
+mod gemm_takes;
+#[cfg(target_arch = "x86_64")]
+mod gint_fused;
+mod out_ptr;
+pub use aligned::AlignedX;
+use aligned::Line64;
+pub use gemm_takes::{amx_int8_takes, has_gemm};
+use out_ptr::OutPtr;
 mod ggml_bf16;
 #[cfg(target_arch = "x86_64")]
 mod k_route;
@@ -601,6 +425,8 @@ mod gemm_k;
 mod gemm_neon;
 #[cfg(target_arch = "aarch64")]
 mod gemm_neon_k;
+#[cfg(target_arch = "aarch64")]
+mod neon_walk;
 #[cfg(target_arch = "x86_64")]
 mod out16;
 mod plan;
@@ -609,49 +435,6 @@ mod rows_bytes;
 #[cfg(target_arch = "x86_64")]
 mod rows_k;
 use plan::plan;
-
-/// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (`gemm.rs`, or the bf16 GEMM
-/// of `ggml_bf16_min_m`) for `m` activation rows on this CPU (the native runtime asks before it leaves its own packed kernels). The same
-/// condition as `plan`'s `gemm` (tested).
-pub fn has_gemm(qtype: QType, m: usize, k: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        (ggml_bf16_min_m(qtype, k) > 0 && m >= ggml_bf16_min_m(qtype, k))
-            || (use_simd()
-                && use_vnni()
-                && crate::cpu::has_vnni_bw()
-                && ((m >= GEMM_MIN_M
-                    && matches!(
-                        qtype,
-                        QType::Q4_0
-                            | QType::Q5_0
-                            | QType::Q8_0
-                            | QType::IQ4NL
-                            | QType::Q4_1
-                            | QType::Q5_1
-                    ))
-                    || (m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(qtype))))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (qtype, m, k);
-        false
-    }
-}
-
-/// Whether `qmatmul` runs `qtype` weights on AMX int8 tiles for `m` activation rows on this
-/// CPU (`gemm_amx::takes`; any K, in blocks of 32), where it also takes the GEMM path.
-pub fn amx_int8_takes(qtype: QType, m: usize, k: usize) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        has_gemm(qtype, m, k) && gemm_amx::takes(qtype, m)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (qtype, m, k);
-        false
-    }
-}
 
 /// `out = x · Wᵀ`: `x` is M x K row-major f32 (M = `m`), `w` is N x K quantized, `out` is M x N
 /// row-major. Every shape, size and value is checked; errors, never panics.
@@ -765,56 +548,6 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
         parallel::for_each_index(tasks, task);
     }
     Ok(())
-}
-
-/// `out` (M x N, row-major) shared by the tasks of `qmatmul`, each of which writes only its own
-/// columns.
-struct OutPtr {
-    p: *mut f32,
-    m: usize,
-    n: usize,
-}
-
-// SAFETY: the tasks write disjoint columns (`set` / `scatter` of their own rows of W), so no
-// element is written by two threads; `qmatmul` holds `out` mutably borrowed throughout.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn new(out: &mut [f32], n: usize) -> Self {
-        Self {
-            p: out.as_mut_ptr(),
-            m: out.len() / n.max(1),
-            n,
-        }
-    }
-
-    /// out[mi][col] = v.
-    #[inline(always)]
-    fn set(&self, mi: usize, col: usize, v: f32) {
-        assert!(mi < self.m && col < self.n);
-        // SAFETY: in bounds (asserted; out has m·n elements); only the task owning column
-        // `col` writes it (see the Sync impl).
-        unsafe { *self.p.add(mi * self.n + col) = v };
-    }
-
-    /// out[mi][col..col + 8] = v.
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    fn set8(&self, mi: usize, col: usize, v: &[f32; 8]) {
-        assert!(mi < self.m && col + 8 <= self.n);
-        // SAFETY: in bounds (asserted); only the task owning these columns writes them.
-        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.p.add(mi * self.n + col), 8) };
-    }
-
-    /// Columns `n0..` from `yt` (rows of M values, one per column).
-    fn scatter(&self, n0: usize, m: usize, yt: &[f32]) {
-        let rows = yt.len() / m.max(1);
-        for mi in 0..m {
-            for r in 0..rows {
-                self.set(mi, n0 + r, yt[r * m + mi]);
-            }
-        }
-    }
 }
 
 /// Weight rows of one task where the AMX int8 tiles run (`gemm_amx.rs`): whole panels of 16

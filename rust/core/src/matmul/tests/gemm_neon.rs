@@ -20,7 +20,8 @@ const FORMATS: [QType; 6] = [
     QType::Q5_1,
 ];
 
-fn products() -> Vec<NeonDot> {
+/// The products this CPU has (both NEON GEMMs' tests run each).
+pub(super) fn products() -> Vec<NeonDot> {
     let mut v = Vec::new();
     if crate::cpu::has_dotprod() {
         v.push(NeonDot::Sdot);
@@ -33,9 +34,8 @@ fn products() -> Vec<NeonDot> {
 
 /// `qmatmul` with the path forced to `dot` (`None`: the row kernels), on the pool and on one
 /// thread; checks that `plan` took it.
-fn run_forced(
+pub(super) fn run_forced(
     dot: Option<NeonDot>,
-    qtype: QType,
     w: &QuantizedView<'_>,
     x: &[f32],
     m: usize,
@@ -50,7 +50,7 @@ fn run_forced(
     let one = qmatmul(x, m, w, &mut y1);
     crate::parallel::set_num_threads(0);
     FORCE.set(None);
-    assert_eq!(p.unwrap(), dot, "{qtype:?}: the path did not run");
+    assert_eq!(p.unwrap(), dot, "{:?}: the path did not run", w.qtype);
     pool.unwrap();
     one.unwrap();
     [y, y1]
@@ -74,15 +74,10 @@ fn neon_gemm_equals_reference() {
                 let want = cases::reference_outputs(qtype, &data, n, &x, m);
                 let w = view(qtype, n, k, &data);
                 for &dot in &dots {
-                    let [y, y1] = run_forced(Some(dot), qtype, &w, &x, m);
+                    let [y, y1] = run_forced(Some(dot), &w, &x, m);
                     for (what, y) in [("pool", &y), ("1 thread", &y1)] {
-                        for (i, (&a, &b)) in want.iter().zip(y).enumerate() {
-                            assert_eq!(
-                                a.to_bits(),
-                                b.to_bits(),
-                                "{qtype:?} {dot:?} {what} n={n} k={k} m={m} out {i}: {b} vs {a}"
-                            );
-                        }
+                        let case = format!("{qtype:?} {dot:?} {what} n={n} k={k} m={m}");
+                        assert_same_bits(&want, y, &case);
                     }
                 }
             }
@@ -132,16 +127,20 @@ fn neon_gemm_equals_row_kernels() {
         let (n, nb, m) = (19, 18, 6);
         let (data, x) = cases::data(&mut rng, qtype, n, nb, m);
         let w = view(qtype, n, nb * info.block_size, &data);
-        let rows = run_forced(None, qtype, &w, &x, m);
+        let rows = run_forced(None, &w, &x, m);
         for &dot in &dots {
-            let gemm = run_forced(Some(dot), qtype, &w, &x, m);
+            let gemm = run_forced(Some(dot), &w, &x, m);
             for (a, b) in rows.iter().zip(&gemm) {
-                let (a, b): (Vec<u32>, Vec<u32>) = (
-                    a.iter().map(|v| v.to_bits()).collect(),
-                    b.iter().map(|v| v.to_bits()).collect(),
-                );
-                assert_eq!(a, b, "{qtype:?} {dot:?}");
+                assert_same_bits(a, b, &format!("{qtype:?} {dot:?}"));
             }
         }
+    }
+}
+
+/// Every output of `got` has the bits of `want`'s (the first that differs named, with `case`).
+pub(super) fn assert_same_bits(want: &[f32], got: &[f32], case: &str) {
+    assert_eq!(want.len(), got.len(), "{case}: lengths");
+    for (i, (&a, &b)) in want.iter().zip(got).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{case} out {i}: {b} vs {a}");
     }
 }

@@ -8,9 +8,9 @@
 //! as the row kernels. Unforced, `plan`'s own choice (the row kernels without dotprod, as on
 //! `-cpu cortex-a53` or with FERROQUANT_MAX_ISA=neon) has the same bits.
 
-use super::super::gemm_neon::FORCE;
 use super::super::neon::gemm::NeonDot;
 use super::super::reference::{self as r, BlockQ8K};
+use super::gemm_neon::{assert_same_bits, products, run_forced};
 use super::*;
 use bytemuck::Zeroable;
 
@@ -33,17 +33,6 @@ fn reference(qtype: QType, w: &[u8], x: &[BlockQ8K]) -> f32 {
         QType::Q3K => r::dot_block_k::<BlockQ3K>(bytemuck::cast_slice(w), x),
         _ => r::dot_block_k::<BlockIQ4XS>(bytemuck::cast_slice(w), x),
     }
-}
-
-fn products() -> Vec<NeonDot> {
-    let mut v = Vec::new();
-    if crate::cpu::has_dotprod() {
-        v.push(NeonDot::Sdot);
-    }
-    if crate::cpu::has_i8mm() {
-        v.push(NeonDot::I8mm);
-    }
-    v
 }
 
 /// N weight rows of `nb` super-blocks (random, rows 1..3 of bytes 0xff, 0x00, 0x80 around
@@ -86,25 +75,6 @@ fn data(
     (w, x)
 }
 
-/// `qmatmul` with the path forced to `dot` (`None`: the row kernels), on the pool and on one
-/// thread; checks that `plan` took it.
-fn run_forced(dot: Option<NeonDot>, w: &QuantizedView<'_>, x: &[f32], m: usize) -> [Vec<f32>; 2] {
-    let n = w.rows;
-    FORCE.set(Some(dot));
-    let p = plan(x, m, w, m * n).map(|p| p.gemm_neon);
-    let mut y = vec![0.0f32; m * n];
-    let pool = qmatmul(x, m, w, &mut y);
-    let mut y1 = vec![0.0f32; m * n];
-    crate::parallel::set_num_threads(1);
-    let one = qmatmul(x, m, w, &mut y1);
-    crate::parallel::set_num_threads(0);
-    FORCE.set(None);
-    assert_eq!(p.unwrap(), dot, "{:?}: the path did not run", w.qtype);
-    pool.unwrap();
-    one.unwrap();
-    [y, y1]
-}
-
 #[test]
 fn neon_k_gemm_equals_reference() {
     let mut rng = Rng(0x6e33_6b61_6172_6368);
@@ -140,13 +110,8 @@ fn neon_k_gemm_equals_reference() {
                 runs.push((None, [y.clone(), y]));
                 for (dot, ys) in &runs {
                     for (what, y) in [("pool", &ys[0]), ("1 thread", &ys[1])] {
-                        for (i, (&a, &b)) in want.iter().zip(y).enumerate() {
-                            assert_eq!(
-                                a.to_bits(),
-                                b.to_bits(),
-                                "{qtype:?} {dot:?} {what} n={n} k={k} m={m} out {i}: {b} vs {a}"
-                            );
-                        }
+                        let case = format!("{qtype:?} {dot:?} {what} n={n} k={k} m={m}");
+                        assert_same_bits(&want, y, &case);
                     }
                 }
             }
@@ -168,11 +133,7 @@ fn neon_k_gemm_equals_row_kernels() {
         for &dot in &dots {
             let gemm = run_forced(Some(dot), &w, &x, m);
             for (a, b) in rows.iter().zip(&gemm) {
-                let (a, b): (Vec<u32>, Vec<u32>) = (
-                    a.iter().map(|v| v.to_bits()).collect(),
-                    b.iter().map(|v| v.to_bits()).collect(),
-                );
-                assert_eq!(a, b, "{qtype:?} {dot:?}");
+                assert_same_bits(a, b, &format!("{qtype:?} {dot:?}"));
             }
         }
     }
