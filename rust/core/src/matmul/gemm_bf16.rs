@@ -504,6 +504,21 @@ impl<'a> Ahead<'a> {
     }
 }
 
+impl Sink for OutPtr {
+    fn tiles(
+        &self,
+        acc: &[__m512],
+        rows: usize,
+        nv: usize,
+        v0: usize,
+        m: usize,
+        n0: usize,
+        at: impl Fn(usize, usize) -> usize,
+    ) {
+        write_out(acc, rows, nv, v0, m, n0, self, at)
+    }
+}
+
 /// The job's outputs (`acc[at(i, j)]`: weight row `n0 + i`, activation rows 16 (v0 + j) ..)
 /// into `out`, 16 x 16 at a time: transposed in registers (`acts16::transpose16`), then written a row
 /// of 16 columns (one 64-byte line) at a time; a last partial block of columns lane by lane.

@@ -1,14 +1,11 @@
 //! Where the bf16 GEMM's jobs put their outputs (`Sink`): f32 `out` (`OutPtr`, through
-//! `gemm_bf16::write_out`), or bf16 bits straight into the caller's arrays (`Bf16Out`:
+//! `gemm_bf16::write_out`, its impl there), or bf16 bits straight into the caller's arrays (`Bf16Out`:
 //! `qmatmul_bf16` / `qmatmul_bf16_split`, whose f32 `out` and second `narrow` pass cost 5 % and
 //! more of a SmolLM2 call at M = 128). Numerics of `Bf16Out`: each output is
 //! `bf16_io::f32_to_bf16` of the job's f32 chain (nearest, ties to even, subnormals kept,
 //! NaN -> 0x7fc0: the rounding of `narrow`, done in integer lanes, so the same bits).
 
 use std::arch::x86_64::*;
-
-use super::bf16_io::f32_to_bf16;
-use super::OutPtr;
 
 /// Where a job's f32 chains go at its end: `acc[at(i, j)]` holds weight row `n0 + i` (of the
 /// job's `rows`) against activation rows `16 (v0 + j) ..` (lane l: row 16 (v0 + j) + l, of M
@@ -26,21 +23,6 @@ pub(super) trait Sink: Sync {
         n0: usize,
         at: impl Fn(usize, usize) -> usize,
     );
-}
-
-impl Sink for OutPtr {
-    fn tiles(
-        &self,
-        acc: &[__m512],
-        rows: usize,
-        nv: usize,
-        v0: usize,
-        m: usize,
-        n0: usize,
-        at: impl Fn(usize, usize) -> usize,
-    ) {
-        super::gemm_bf16::write_out(acc, rows, nv, v0, m, n0, self, at)
-    }
 }
 
 /// One output array of `Bf16Out`: M rows of `cols` bf16 values, the product's columns
@@ -183,10 +165,11 @@ unsafe fn tiles_avx512(
                     // A block of 16 columns across parts, or the job's last < 16 columns.
                     let w = (rows - c).min(16);
                     for ci in c..c + w {
-                        // SAFETY: __m512 is 16 f32 (any bits).
-                        let v = unsafe { std::mem::transmute::<__m512, [f32; 16]>(col(ci)) };
-                        for (l, &y) in v.iter().enumerate().take(lanes) {
-                            out.set(m0 + l, n0 + ci, f32_to_bf16(y));
+                        // SAFETY: AVX-512 F (this function's features); __m512i is 16 u32.
+                        let r =
+                            unsafe { std::mem::transmute::<__m512i, [u32; 16]>(round(col(ci))) };
+                        for (l, &y) in r.iter().enumerate().take(lanes) {
+                            out.set(m0 + l, n0 + ci, (y >> 16) as u16);
                         }
                     }
                     c += w;
@@ -224,89 +207,4 @@ unsafe fn round(v: __m512) -> __m512i {
     let r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
     _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0_0000))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `Bf16Out`'s tiles = `f32_to_bf16` of `OutPtr`'s f32 tiles (`write_out`), value for value:
-    /// values that round up, down, to even on ties, into the exponent, to infinity, subnormals,
-    /// signed zeros, infinities and NaNs; jobs of 8-144 rows from column 0 or 40, parts that
-    /// split 16- or 32-column blocks or not, M with a partial vector.
-    #[test]
-    fn bf16_tiles_are_the_f32_tiles_rounded() {
-        if !crate::cpu::has_avx512_bf16() {
-            return; // the bf16 GEMM (the only caller) does not run without it
-        }
-        let special = [
-            0x3f80_8000u32, // a tie, even below: down
-            0x3f81_8000,    // a tie, odd below: up
-            0x3f80_7fff,
-            0x3f80_8001,
-            0x7f7f_ffff, // rounds to infinity
-            0x3fff_ffff, // carries into the exponent
-            0x0000_0001, // subnormals
-            0x807f_ffff,
-            0x0000_0000,
-            0x8000_0000,
-            0x7f80_0000,
-            0xff80_0000,
-            0x7fc0_0000,
-            0xffff_ffff,
-            0x7f80_0001,
-        ];
-        let mut s = 0x0b16_0007u64;
-        let mut next = move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 32) as u32
-        };
-        for (m, nv, v0) in [(128usize, 8usize, 0usize), (40, 3, 0), (37, 1, 2)] {
-            for (rows, n0, parts) in [
-                (144usize, 0usize, vec![144usize]),
-                (144, 0, vec![48, 16, 80]),
-                (144, 40, vec![40, 56, 8, 7, 73]),
-                (8, 0, vec![8]),
-                (48, 8, vec![56]),
-            ] {
-                let n: usize = parts.iter().sum();
-                let rows16 = rows.next_multiple_of(16);
-                let acc: Vec<__m512> = (0..rows16 * nv)
-                    .map(|_| {
-                        let v: [u32; 16] = std::array::from_fn(|_| {
-                            let r = next();
-                            if r % 4 == 0 {
-                                special[(r as usize >> 8) % special.len()]
-                            } else {
-                                r
-                            }
-                        });
-                        // SAFETY: 16 dwords, any bits.
-                        unsafe { std::mem::transmute::<[u32; 16], __m512>(v) }
-                    })
-                    .collect();
-                let at = |i: usize, j: usize| i * nv + j;
-                let mut f = vec![0f32; m * n];
-                OutPtr::new(&mut f, n).tiles(&acc, rows, nv, v0, m, n0, at);
-                let mut got: Vec<Vec<u16>> = parts.iter().map(|&c| vec![0x5555; m * c]).collect();
-                let mut outs: Vec<&mut [u16]> = got.iter_mut().map(|g| g.as_mut_slice()).collect();
-                Bf16Out::new(&mut outs, m).tiles(&acc, rows, nv, v0, m, n0, at);
-                let mut c0 = 0;
-                for (p, &c) in got.iter().zip(&parts) {
-                    for mi in 0..m {
-                        for ci in 0..c {
-                            let (col, fv) = (c0 + ci, f[mi * n + c0 + ci]);
-                            let written = (n0..n0 + rows).contains(&col)
-                                && (16 * v0..16 * (v0 + nv)).contains(&mi);
-                            let want = if written { f32_to_bf16(fv) } else { 0x5555 };
-                            assert_eq!(p[mi * c + ci], want, "m={m} {parts:?} row {mi} col {col}");
-                        }
-                    }
-                    c0 += c;
-                }
-            }
-        }
-    }
 }
