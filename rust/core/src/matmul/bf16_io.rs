@@ -41,41 +41,8 @@ pub fn f32_to_bf16(v: f32) -> u16 {
 /// `out = bf16(x · Wᵀ)`: `x` (M x K) and `out` (M x N) hold bf16 bits, row-major; the product
 /// is `qmatmul`'s on the f32 values of x. Errors as `qmatmul`'s (the same checks).
 pub fn qmatmul_bf16(x: &[u16], m: usize, w: &QuantizedView<'_>, out: &mut [u16]) -> Result<()> {
-    SCRATCH.with_borrow_mut(|(xs, ys)| {
-        let mut own = (Vec::new(), Vec::new());
-        let (xf, yf) = if x.len() <= KEEP && out.len() <= KEEP {
-            (xs, ys)
-        } else {
-            (&mut own.0, &mut own.1)
-        };
-        // Every element of both is written before it is read: x below, the outputs by
-        // `qmatmul` (every path writes each of its outputs; `matmul/tests/bf16_io.rs`).
-        let yf = room(yf, out.len());
-        if !direct(x, m, w, yf)? {
-            let xf = room(xf, x.len());
-            widen(x, xf);
-            qmatmul(xf, m, w, yf)?;
-        }
-        narrow(yf, out);
-        Ok(())
-    })
-}
-
-/// `qmatmul` of the f32 values of x into `y` when the bf16 GEMM takes the call, its activations
-/// made from x's bits (`acts16`; no f32 copy of x); false (nothing written) when another path
-/// does. Errors: `qmatmul`'s.
-fn direct(x: &[u16], m: usize, w: &QuantizedView<'_>, y: &mut [f32]) -> Result<bool> {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(plan) = plan_bf16(x, m, w, y.len())? {
-        let xb = plan
-            .bf16
-            .as_ref()
-            .expect("plan_bf16 sets the bf16 activations");
-        plan.run_bf16(xb, y);
-        return Ok(true);
-    }
-    let _ = (x, m, w, y);
-    Ok(false)
+    let len = out.len();
+    run(x, m, w, &mut [out], len)
 }
 
 /// `qmatmul_bf16` of a weight that stacks several (QuantLinear's q/k/v or gate/up, fused: one
@@ -105,6 +72,34 @@ pub fn qmatmul_bf16_split(
     let len = m
         .checked_mul(n)
         .ok_or_else(|| Error::InvalidArgument(format!("output shape {m}x{n} overflows")))?;
+    run(x, m, w, outs, len)
+}
+
+/// `qmatmul_bf16_split` after its checks (`outs`: M rows each, `len` values in all; one output:
+/// `qmatmul`'s checks of `len`). Where the bf16 GEMM's jobs take the call they write the bf16
+/// outputs themselves (`out16::Bf16Out`); otherwise the f32 product goes to a scratch and is
+/// narrowed.
+fn run(
+    x: &[u16],
+    m: usize,
+    w: &QuantizedView<'_>,
+    outs: &mut [&mut [u16]],
+    len: usize,
+) -> Result<()> {
+    #[cfg(target_arch = "x86_64")]
+    let plan = plan_bf16(x, m, w, len)?;
+    #[cfg(target_arch = "x86_64")]
+    if let Some(plan) = &plan {
+        if !super::x86::amx_bf16_small::use_small(m) {
+            let xb = plan
+                .bf16
+                .as_ref()
+                .expect("plan_bf16 sets the bf16 activations");
+            plan.run_bf16_to(xb, &super::out16::Bf16Out::new(outs, m));
+            return Ok(());
+        }
+    }
+    let n = w.rows;
     SCRATCH.with_borrow_mut(|(xs, ys)| {
         let mut own = (Vec::new(), Vec::new());
         let (xf, yf) = if x.len() <= KEEP && len <= KEEP {
@@ -112,16 +107,32 @@ pub fn qmatmul_bf16_split(
         } else {
             (&mut own.0, &mut own.1)
         };
-        // As `qmatmul_bf16`: every element is written before it is read.
+        // Every element of both is written before it is read: x below, the outputs by
+        // `qmatmul` (every path writes each of its outputs; `matmul/tests/bf16_io.rs`).
         let yf = room(yf, len);
-        if !direct(x, m, w, yf)? {
+        #[cfg(target_arch = "x86_64")]
+        let direct = plan.map(|plan| {
+            let xb = plan
+                .bf16
+                .as_ref()
+                .expect("plan_bf16 sets the bf16 activations");
+            plan.run_bf16(xb, yf)
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        let direct: Option<()> = None;
+        if direct.is_none() {
             let xf = room(xf, x.len());
             widen(x, xf);
             qmatmul(xf, m, w, yf)?;
         }
+        if let [out] = outs {
+            narrow(yf, out);
+            return Ok(());
+        }
         let mut c0 = 0;
-        for (o, &c) in outs.iter_mut().zip(&cols) {
-            for (r, orow) in o.chunks_exact_mut(c).enumerate() {
+        for o in outs.iter_mut() {
+            let c = o.len() / m.max(1);
+            for (r, orow) in o.chunks_exact_mut(c.max(1)).enumerate() {
                 narrow(&yf[r * n + c0..r * n + c0 + c], orow);
             }
             c0 += c;
@@ -207,13 +218,24 @@ pub(super) unsafe fn acts16(x: &[u16], m: usize, k: usize) -> super::x86::gemm16
     let pairs = k / 2;
     let stride = pairs + 16;
     let vectors = m.div_ceil(16);
-    let mut out = vec![Pairs16::default(); vectors * stride];
+    let len = vectors * stride;
+    // The last call's buffer when it has the room (`acts16::spare`: no allocation, no fresh
+    // pages), not zero-filled: `acts16_avx512` writes every entry.
+    let mut out = super::x86::acts16::spare(len);
+    // SAFETY: MaybeUninit needs no initialization; the capacity is at least len.
+    unsafe { out.set_len(len) };
     for (v, o) in out.chunks_exact_mut(stride).enumerate() {
         let rows = (m - 16 * v).min(16);
         // SAFETY: AVX-512 F/BW (caller's contract); the block holds `rows` rows of k, `o`
         // k / 2 + 16 entries.
         unsafe { acts16_avx512(&x[16 * v * k..(16 * v + rows) * k], rows, k, o) };
     }
+    // SAFETY: every entry was written (`acts16_avx512` writes a vector's `stride` entries), and
+    // MaybeUninit<T> has T's size and alignment, so the allocation is a Vec<Pairs16> of len.
+    let out = unsafe {
+        let mut out = std::mem::ManuallyDrop::new(out);
+        Vec::from_raw_parts(out.as_mut_ptr() as *mut Pairs16, len, out.capacity())
+    };
     Acts16 {
         x: out,
         pairs,
@@ -223,15 +245,21 @@ pub(super) unsafe fn acts16(x: &[u16], m: usize, k: usize) -> super::x86::gemm16
 }
 
 /// `acts16` of one vector (`rows` <= 16 rows of `x`, the others zero): per 32 columns the 16
-/// rows' 64 bytes, flushed, transposed as 16 x 16 dwords into 16 entries of `o`.
+/// rows' 64 bytes, flushed, transposed as 16 x 16 dwords into 16 entries of `o`; the 16 entries
+/// after the `k / 2` zero.
 ///
 /// # Safety
-/// AVX-512 F/BW; `x` holds `rows` rows of `k` (a multiple of 32), `o` at least `k / 2` entries.
+/// AVX-512 F/BW; `x` holds `rows` rows of `k` (a multiple of 32), `o` `k / 2 + 16` entries.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn acts16_avx512(x: &[u16], rows: usize, k: usize, o: &mut [super::x86::gemm16::Pairs16]) {
+unsafe fn acts16_avx512(
+    x: &[u16],
+    rows: usize,
+    k: usize,
+    o: &mut [std::mem::MaybeUninit<super::x86::gemm16::Pairs16>],
+) {
     use std::arch::x86_64::*;
-    debug_assert!(rows <= 16 && x.len() == rows * k && o.len() >= k / 2);
+    assert!(rows <= 16 && x.len() == rows * k && o.len() == k / 2 + 16);
     let exp = _mm512_set1_epi16(0x7f80);
     let sign = _mm512_set1_epi16(-0x8000);
     for c in 0..k / 32 {
@@ -251,6 +279,15 @@ unsafe fn acts16_avx512(x: &[u16], rows: usize, k: usize, o: &mut [super::x86::g
             // SAFETY: entry 16c + i < k / 2 (caller's contract); a 64-byte store.
             unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(16 * c + i) as *mut f32, *ti) };
         }
+    }
+    for i in 0..16 {
+        // SAFETY: entry k / 2 + i < o.len() (asserted); a 64-byte store.
+        unsafe {
+            _mm512_storeu_ps(
+                o.as_mut_ptr().add(k / 2 + i) as *mut f32,
+                _mm512_setzero_ps(),
+            )
+        };
     }
 }
 

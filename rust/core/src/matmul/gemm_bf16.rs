@@ -16,6 +16,7 @@ use std::arch::x86_64::{
 };
 use std::cell::RefCell;
 
+use super::out16::Sink;
 use super::x86::gemm16::{self, Acts16, Pairs16, KC, MV_MAX, PANEL};
 use super::x86::{self, amx_bf16, amx_bf16_small, gemm16_fma};
 use super::{OutPtr, Plan};
@@ -47,30 +48,35 @@ thread_local! {
 impl Plan<'_> {
     /// The whole product into `out` (M x N) through the bf16 GEMM.
     pub(super) fn run_bf16(&self, x: &Acts16, out: &mut [f32]) {
+        if amx_bf16_small::use_small(self.m) {
+            return self.run_bf16_small(x, out);
+        }
+        self.run_bf16_to(x, &OutPtr::new(out, self.w.rows));
+    }
+
+    /// `run_bf16` into a sink (f32 or bf16 outputs), for M where `amx_bf16_small::use_small`
+    /// does not hold.
+    pub(super) fn run_bf16_to(&self, x: &Acts16, outp: &impl Sink) {
         let n = self.w.rows;
         let blocks = x.vectors.div_ceil(BLOCK_VECTORS);
         let threads = crate::parallel::num_threads();
         let panel = panel_rows(n, blocks, threads);
         let row_jobs = n.div_ceil(panel);
         let jobs = row_jobs * blocks;
-        let outp = OutPtr::new(out, n);
         // The FMA kernels (where `vdpbf16ps` is slow) for the blocks of NR rows, on the chunk
         // widened to f32; single rows and a last half vector keep `gemm16` (the same bits).
         let fma = gemm16_fma::use_fma();
         // AMX tiles (`x86::amx_bf16`) from `AMX_BF16_MIN_M` rows where the process may use them.
         let amx = amx_bf16::use_amx(self.m);
-        if amx_bf16_small::use_small(self.m) {
-            return self.run_bf16_small(x, out);
-        }
         let job = |t: usize| {
             let (ri, bi) = (t / blocks, t % blocks);
             let n0 = ri * panel;
             let v0 = bi * BLOCK_VECTORS;
             let (rows, vs) = (panel.min(n - n0), v0..(v0 + BLOCK_VECTORS).min(x.vectors));
             if amx {
-                self.job_amx(x, n0, rows, vs, &outp);
+                self.job_amx(x, n0, rows, vs, outp);
             } else {
-                self.job_bf16(x, n0, rows, vs, fma, &outp);
+                self.job_bf16(x, n0, rows, vs, fma, outp);
             }
         };
         if threads == 1 || jobs == 1 {
@@ -87,7 +93,7 @@ impl Plan<'_> {
         rows: usize,
         vs: std::ops::Range<usize>,
         fma: bool,
-        out: &OutPtr,
+        out: &impl Sink,
     ) {
         let nv = vs.len();
         let k = self.k;
@@ -149,7 +155,7 @@ impl Plan<'_> {
                 }
                 k0 += kc;
             }
-            write_out(acc, rows, nv, vs.start, self.m, n0, out, |i, j| i * nv + j);
+            out.tiles(acc, rows, nv, vs.start, self.m, n0, |i, j| i * nv + j);
         });
     }
 
@@ -163,7 +169,7 @@ impl Plan<'_> {
         n0: usize,
         rows: usize,
         vs: std::ops::Range<usize>,
-        out: &OutPtr,
+        out: &impl Sink,
     ) {
         use amx_bf16::{KCA, W_STRIDE};
         let nv = vs.len();
@@ -173,9 +179,16 @@ impl Plan<'_> {
             // (PANEL is a multiple of 16: the rounded rows fit; rows past `rows` hold whatever
             // the buffer held, their chains are never written out)
             wc.resize(PANEL * W_STRIDE, 0);
-            acc.clear();
-            // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
-            acc.resize(rows16 * nv, unsafe { zero() });
+            // (zeroed by memset's wide stores: `resize` here stored 16 bytes at a time, 3-4 %
+            // of a SmolLM2 call at M = 128; grown only, never cut)
+            let len = rows16 * nv;
+            if acc.len() < len {
+                // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
+                acc.resize(len, unsafe { zero() });
+            }
+            let acc = &mut acc[..len];
+            // SAFETY: acc has len vectors; all-zero bytes are 16 lanes of +0.0.
+            unsafe { std::ptr::write_bytes(acc.as_mut_ptr(), 0, len) };
             // SAFETY: `use_amx` checked `amx_bf16_usable`; released below on this thread.
             unsafe { crate::amx::tile_config(&amx_bf16::CONFIG) };
             let mut k0 = 0;
@@ -204,7 +217,7 @@ impl Plan<'_> {
             }
             // SAFETY: configured above on this thread.
             unsafe { crate::amx::tile_release() };
-            write_out(acc, rows, nv, vs.start, self.m, n0, out, |i, j| {
+            out.tiles(acc, rows, nv, vs.start, self.m, n0, |i, j| {
                 amx_bf16::acc_index(i, j, nv)
             });
         });
@@ -524,6 +537,21 @@ impl<'a> Ahead<'a> {
             gemm16::prefetch_pairs(&self.x[self.starts[j] + l..self.starts[j] + e - j * self.len]);
             t = e;
         }
+    }
+}
+
+impl Sink for OutPtr {
+    fn tiles(
+        &self,
+        acc: &[__m512],
+        rows: usize,
+        nv: usize,
+        v0: usize,
+        m: usize,
+        n0: usize,
+        at: impl Fn(usize, usize) -> usize,
+    ) {
+        write_out(acc, rows, nv, v0, m, n0, self, at)
     }
 }
 

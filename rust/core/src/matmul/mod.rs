@@ -432,6 +432,8 @@ mod gemm_neon;
 mod gemm_neon_k;
 #[cfg(target_arch = "aarch64")]
 mod neon_walk;
+#[cfg(target_arch = "x86_64")]
+mod out16;
 mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_bytes;

@@ -284,3 +284,87 @@ fn qmatmul_bf16_direct_activations_with_subnormals() {
         }
     }
 }
+
+/// `Bf16Out`'s tiles = `f32_to_bf16` of `OutPtr`'s f32 tiles (`write_out`), value for value:
+/// values that round up, down, to even on ties, into the exponent, to infinity, subnormals,
+/// signed zeros, infinities and NaNs; jobs of 8-144 rows from column 0 or 40, parts that
+/// split 16- or 32-column blocks or not, M with a partial vector.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn bf16_tiles_are_the_f32_tiles_rounded() {
+    use super::super::out16::{Bf16Out, Sink};
+    use crate::matmul::OutPtr;
+    use std::arch::x86_64::__m512;
+    if !crate::cpu::has_avx512_bf16() {
+        return; // the bf16 GEMM (the only caller) does not run without it
+    }
+    let special = [
+        0x3f80_8000u32, // a tie, even below: down
+        0x3f81_8000,    // a tie, odd below: up
+        0x3f80_7fff,
+        0x3f80_8001,
+        0x7f7f_ffff, // rounds to infinity
+        0x3fff_ffff, // carries into the exponent
+        0x0000_0001, // subnormals
+        0x807f_ffff,
+        0x0000_0000,
+        0x8000_0000,
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fc0_0000,
+        0xffff_ffff,
+        0x7f80_0001,
+    ];
+    let mut s = 0x0b16_0007u64;
+    let mut next = move || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 32) as u32
+    };
+    for (m, nv, v0) in [(128usize, 8usize, 0usize), (40, 3, 0), (37, 1, 2)] {
+        for (rows, n0, parts) in [
+            (144usize, 0usize, vec![144usize]),
+            (144, 0, vec![48, 16, 80]),
+            (144, 40, vec![40, 56, 8, 7, 73]),
+            (8, 0, vec![8]),
+            (48, 8, vec![56]),
+        ] {
+            let n: usize = parts.iter().sum();
+            let rows16 = rows.next_multiple_of(16);
+            let acc: Vec<__m512> = (0..rows16 * nv)
+                .map(|_| {
+                    let v: [u32; 16] = std::array::from_fn(|_| {
+                        let r = next();
+                        if r % 4 == 0 {
+                            special[(r as usize >> 8) % special.len()]
+                        } else {
+                            r
+                        }
+                    });
+                    // SAFETY: 16 dwords, any bits.
+                    unsafe { std::mem::transmute::<[u32; 16], __m512>(v) }
+                })
+                .collect();
+            let at = |i: usize, j: usize| i * nv + j;
+            let mut f = vec![0f32; m * n];
+            OutPtr::new(&mut f, n).tiles(&acc, rows, nv, v0, m, n0, at);
+            let mut got: Vec<Vec<u16>> = parts.iter().map(|&c| vec![0x5555; m * c]).collect();
+            let mut outs: Vec<&mut [u16]> = got.iter_mut().map(|g| g.as_mut_slice()).collect();
+            Bf16Out::new(&mut outs, m).tiles(&acc, rows, nv, v0, m, n0, at);
+            let mut c0 = 0;
+            for (p, &c) in got.iter().zip(&parts) {
+                for mi in 0..m {
+                    for ci in 0..c {
+                        let (col, fv) = (c0 + ci, f[mi * n + c0 + ci]);
+                        let written = (n0..n0 + rows).contains(&col)
+                            && (16 * v0..16 * (v0 + nv)).contains(&mi);
+                        let want = if written { f32_to_bf16(fv) } else { 0x5555 };
+                        assert_eq!(p[mi * c + ci], want, "m={m} {parts:?} row {mi} col {col}");
+                    }
+                }
+                c0 += c;
+            }
+        }
+    }
+}

@@ -100,7 +100,7 @@ const SPARE_MAX_BYTES: usize = 32 << 20;
 static SPARE: Mutex<Vec<Pairs16>> = Mutex::new(Vec::new());
 
 /// An empty buffer with room for `len` entries: the kept one when it has the room.
-fn spare(len: usize) -> Vec<MaybeUninit<Pairs16>> {
+pub(crate) fn spare(len: usize) -> Vec<MaybeUninit<Pairs16>> {
     let kept = SPARE
         .try_lock()
         .map(|mut s| std::mem::take(&mut *s))
