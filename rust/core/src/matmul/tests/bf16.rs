@@ -14,6 +14,26 @@ use crate::matmul::reference::fp8_table;
 use crate::qtype::QType;
 use crate::quantize::{dequantize, quantize, Options};
 
+/// `n` x `k` random weights (normal-ish, 0.05) quantized to `qtype`, and their dequantized values.
+#[cfg(target_arch = "x86_64")]
+fn quantized(
+    rng: &mut Rng,
+    qtype: QType,
+    n: usize,
+    k: usize,
+) -> (crate::formats::tensor::Quantized, Vec<f32>) {
+    let w = rng.normalish(n * k, 0.05);
+    let q = quantize(
+        &Matrix::from_f32(&w, n, k).unwrap(),
+        qtype,
+        &Options::default(),
+    )
+    .unwrap();
+    let mut deq = vec![0f32; n * k];
+    dequantize(&q.view(), &mut deq).unwrap();
+    (q, deq)
+}
+
 /// Serializes the tests that turn the tile kernels on or off (`amx_bf16::force`, one switch for
 /// the process) with those whose expectations depend on it (every `check` compares a call on
 /// the pool with one on one thread: a switch between them would change the path).
@@ -458,16 +478,8 @@ fn bf16_gemm_ggml_formats_within_the_tile_bound() {
         } else {
             512
         };
-        let w = rng.normalish(n * k, 0.05);
-        let q = quantize(
-            &Matrix::from_f32(&w, n, k).unwrap(),
-            qtype,
-            &Options::default(),
-        )
-        .unwrap();
+        let (q, deq) = quantized(&mut rng, qtype, n, k);
         let v = q.view();
-        let mut deq = vec![0f32; n * k];
-        dequantize(&v, &mut deq).unwrap();
         let t = crate::matmul::ggml_bf16_min_m(qtype, k);
         let ms: Vec<usize> = if t > 0 {
             vec![t - 1, t, 47, 530]
@@ -510,16 +522,8 @@ fn bf16_gemm_ggml_formats_on_the_small_tiles_within_the_bound() {
             2304
         };
         assert_eq!(crate::matmul::ggml_bf16_min_m(qtype, k), 8);
-        let w = rng.normalish(n * k, 0.05);
-        let q = quantize(
-            &Matrix::from_f32(&w, n, k).unwrap(),
-            qtype,
-            &Options::default(),
-        )
-        .unwrap();
+        let (q, deq) = quantized(&mut rng, qtype, n, k);
         let v = q.view();
-        let mut deq = vec![0f32; n * k];
-        dequantize(&v, &mut deq).unwrap();
         assert!(amx_path(qtype, 8, k));
         check(
             &format!("{qtype:?} from 8"),

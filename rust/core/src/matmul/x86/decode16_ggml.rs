@@ -121,7 +121,7 @@ fn table(lo: __m512, hi: __m512) -> __m512i {
     unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) }
 }
 
-/// `t[idx[e]]` for the 32 word indices (0..32) into `d[..32]`.
+/// `t[idx[e]]` for the 32 word indices into `d[..32]` (`vpermw` reads bits 0..4 of each).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
 unsafe fn look_up(idx: __m512i, t: __m512i, d: &mut [u16]) {

@@ -19,7 +19,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{iota, iq4_values, splat_half, store, table};
+use super::{iota, iq4_values, look_up, splat_half, store, table};
 use crate::formats::blocks::*;
 
 /// Whether an f16 is a NaN.
@@ -75,27 +75,14 @@ fn codes5(qs: &[u8; 16], qh: [u8; 4]) -> __m512i {
     _mm512_ternarylogic_epi32::<0xe4>(codes(qs), fifth, _mm512_set1_epi16(0xf))
 }
 
-/// `t[idx[e]]` (idx's bits 0..4) for the 32 elements at `d`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[inline]
-fn look_up(idx: __m512i, t: __m512i, d: &mut [u16]) {
-    assert!(d.len() >= 32);
-    // SAFETY: 64 bytes into a checked 32-element slice.
-    unsafe {
-        _mm512_storeu_si512(
-            d.as_mut_ptr() as *mut __m512i,
-            _mm512_permutexvar_epi16(idx, t),
-        )
-    };
-}
-
 /// `((q - 8) as f32) · d`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(super) fn q4_0(blocks: &[BlockQ4_0], dst: &mut [u16]) {
     let q = _mm512_sub_ps(iota(), _mm512_set1_ps(8.0));
     for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
         let lo = _mm512_mul_ps(q, splat_half(b.d));
-        look_up(codes(&b.qs), table(lo, lo), d);
+        // SAFETY: this function's features; d has 32 elements.
+        unsafe { look_up(codes(&b.qs), table(lo, lo), d) };
     }
 }
 
@@ -105,7 +92,8 @@ pub(super) fn q4_1(blocks: &[BlockQ4_1], dst: &mut [u16]) {
     for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
         let fused = !is_nan(b.m);
         let lo = scale_add(iota(), splat_half(b.d), splat_half(b.m), fused);
-        look_up(codes(&b.qs), table(lo, lo), d);
+        // SAFETY: this function's features; d has 32 elements.
+        unsafe { look_up(codes(&b.qs), table(lo, lo), d) };
     }
 }
 
@@ -116,7 +104,8 @@ pub(super) fn q5_0(blocks: &[BlockQ5_0], dst: &mut [u16]) {
     for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
         let s = splat_half(b.d);
         let t = table(_mm512_mul_ps(q, s), _mm512_mul_ps(iota(), s));
-        look_up(codes5(&b.qs, b.qh), t, d);
+        // SAFETY: this function's features; d has 32 elements.
+        unsafe { look_up(codes5(&b.qs, b.qh), t, d) };
     }
 }
 
@@ -128,7 +117,8 @@ pub(super) fn q5_1(blocks: &[BlockQ5_1], dst: &mut [u16]) {
         let fused = !is_nan(b.m);
         let (s, m) = (splat_half(b.d), splat_half(b.m));
         let t = table(scale_add(iota(), s, m, fused), scale_add(q_hi, s, m, fused));
-        look_up(codes5(&b.qs, b.qh), t, d);
+        // SAFETY: this function's features; d has 32 elements.
+        unsafe { look_up(codes5(&b.qs, b.qh), t, d) };
     }
 }
 
@@ -157,7 +147,8 @@ pub(super) fn iq4_nl(blocks: &[BlockIQ4NL], dst: &mut [u16]) {
     let vals = iq4_values();
     for (b, d) in blocks.iter().zip(dst.chunks_exact_mut(32)) {
         let lo = _mm512_mul_ps(splat_half(b.d), vals);
-        look_up(codes(&b.qs), table(lo, lo), d);
+        // SAFETY: this function's features; d has 32 elements.
+        unsafe { look_up(codes(&b.qs), table(lo, lo), d) };
     }
 }
 
