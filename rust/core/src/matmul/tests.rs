@@ -58,6 +58,25 @@ impl Rng {
     }
 }
 
+/// `n` x `k` random weights (normal-ish, 0.05) quantized to `qtype`, and their dequantized values.
+pub(crate) fn quantized(
+    rng: &mut Rng,
+    qtype: QType,
+    n: usize,
+    k: usize,
+) -> (crate::formats::tensor::Quantized, Vec<f32>) {
+    let w = rng.normalish(n * k, 0.05);
+    let q = crate::quantize::quantize(
+        &crate::input::Matrix::from_f32(&w, n, k).unwrap(),
+        qtype,
+        &crate::quantize::Options::default(),
+    )
+    .unwrap();
+    let mut deq = vec![0f32; n * k];
+    crate::quantize::dequantize(&q.view(), &mut deq).unwrap();
+    (q, deq)
+}
+
 /// Random blocks of `size` bytes with a sane f16 at each of `half_at` (the scales).
 pub(crate) fn blocks(rng: &mut Rng, nb: usize, size: usize, half_at: &[usize]) -> Vec<u8> {
     let mut v = rng.bytes(nb * size);

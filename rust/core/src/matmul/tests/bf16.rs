@@ -5,34 +5,13 @@
 //! activation rows. On a CPU without the path the same calls must equal the row-by-row
 //! results (the q16 / f32 references, tested elsewhere).
 
-use super::{mixed_acts, Rng};
+use super::{mixed_acts, quantized, Rng};
 use crate::formats::tensor::{QuantizedView, ScaleMode};
-use crate::input::Matrix;
 use crate::matmul::qmatmul;
 use crate::matmul::reference::bf16::{dot_bf16, error_bound};
 use crate::matmul::reference::fp8_table;
 use crate::qtype::QType;
-use crate::quantize::{dequantize, quantize, Options};
-
-/// `n` x `k` random weights (normal-ish, 0.05) quantized to `qtype`, and their dequantized values.
-#[cfg(target_arch = "x86_64")]
-fn quantized(
-    rng: &mut Rng,
-    qtype: QType,
-    n: usize,
-    k: usize,
-) -> (crate::formats::tensor::Quantized, Vec<f32>) {
-    let w = rng.normalish(n * k, 0.05);
-    let q = quantize(
-        &Matrix::from_f32(&w, n, k).unwrap(),
-        qtype,
-        &Options::default(),
-    )
-    .unwrap();
-    let mut deq = vec![0f32; n * k];
-    dequantize(&q.view(), &mut deq).unwrap();
-    (q, deq)
-}
+use crate::quantize::dequantize;
 
 /// Serializes the tests that turn the tile kernels on or off (`amx_bf16::force`, one switch for
 /// the process) with those whose expectations depend on it (every `check` compares a call on
@@ -264,15 +243,7 @@ fn bf16_gemm_equals_its_reference_grouped_integers() {
     ];
     for (i, (name, k, n)) in cases.into_iter().enumerate() {
         let qtype = QType::parse(name).unwrap();
-        let w = rng.normalish(n * k, 0.05);
-        let q = quantize(
-            &Matrix::from_f32(&w, n, k).unwrap(),
-            qtype,
-            &Options::default(),
-        )
-        .unwrap();
-        let mut deq = vec![0f32; n * k];
-        dequantize(&q.view(), &mut deq).unwrap();
+        let (q, deq) = quantized(&mut rng, qtype, n, k);
         let ms: &[usize] = if i == 0 {
             &[12, 37, 70, 300]
         } else {
@@ -397,15 +368,7 @@ fn bf16_gemm_amx_tiles_within_their_bound() {
     }
     for name in ["int4_g64", "int8_g64_sym"] {
         let qtype = QType::parse(name).unwrap();
-        let w = rng.normalish(40 * 320, 0.05);
-        let q = quantize(
-            &Matrix::from_f32(&w, 40, 320).unwrap(),
-            qtype,
-            &Options::default(),
-        )
-        .unwrap();
-        let mut deq = vec![0f32; 40 * 320];
-        dequantize(&q.view(), &mut deq).unwrap();
+        let (q, deq) = quantized(&mut rng, qtype, 40, 320);
         check(name, &q.view(), &deq, &[33], &mut rng);
     }
     crate::matmul::x86::amx_bf16::force(None);

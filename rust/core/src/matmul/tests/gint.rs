@@ -4,7 +4,7 @@
 //! `q - z` by `formats::gint::decode_row_i8` and `reference::q16::dot_int8_q16`. Both references
 //! are within a derived bound of the f64 dot with the independently dequantized weights.
 
-use super::{mixed_acts, Rng};
+use super::{mixed_acts, quantized, Rng};
 use crate::formats::gint;
 use crate::input::Matrix;
 use crate::matmul::qmatmul;
@@ -133,15 +133,7 @@ fn grouped_integer_qmatmul_equals_its_reference() {
         let fused = fused_runs(g);
         // a panel of 8 weight rows, then 3: pairs and a single row (`Plan::gint_panels`)
         let n = 11;
-        let w = rng.normalish(n * k, 0.05);
-        let q = quantize(
-            &Matrix::from_f32(&w, n, k).unwrap(),
-            qtype,
-            &Options::default(),
-        )
-        .unwrap();
-        let mut deq = vec![0f32; n * k];
-        dequantize(&q.view(), &mut deq).unwrap();
+        let (q, deq) = quantized(&mut rng, qtype, n, k);
         let (gl, spr) = (gint::group_len(g, k), gint::stats_per_row(g, k));
         let rb = qtype.row_bytes(k, gl);
         // Outputs where the two references differ: the fused one must be what ran.
