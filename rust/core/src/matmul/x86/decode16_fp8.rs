@@ -116,8 +116,16 @@ unsafe fn build(e5m2: bool, s: f32, vbmi: bool, t: &mut Table) {
 unsafe fn lookup_planes(t: &Table, q: &[u8], dst: &mut [u16]) {
     assert!(q.len().is_multiple_of(32) && dst.len() >= q.len());
     let p = t.0.as_ptr() as *const __m512i;
-    // SAFETY: 4 aligned vectors inside the table.
-    let tv: [__m512i; 4] = std::array::from_fn(|i| unsafe { _mm512_load_si512(p.add(i)) });
+    // SAFETY: 4 aligned vectors inside the table. (No closure: one over vectors is compiled
+    // without this function's features and, left out of line, passes them through memory.)
+    let tv: [__m512i; 4] = unsafe {
+        [
+            _mm512_load_si512(p),
+            _mm512_load_si512(p.add(1)),
+            _mm512_load_si512(p.add(2)),
+            _mm512_load_si512(p.add(3)),
+        ]
+    };
     // `vpunpcklbw` / `vpunpckhbw` interleave bytes 0..8 / 8..16 of each 128-bit lane: qword
     // 2 L must hold codes 8 L.. (the first 32 codes), qword 2 L + 1 codes 32 + 8 L.. (the next 32).
     let order = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);
@@ -160,8 +168,16 @@ unsafe fn lookup_planes(t: &Table, q: &[u8], dst: &mut [u16]) {
 unsafe fn lookup_words(t: &Table, q: &[u8], dst: &mut [u16]) {
     assert!(q.len().is_multiple_of(32) && dst.len() >= q.len());
     let p = t.0.as_ptr() as *const __m512i;
-    // SAFETY: 4 aligned vectors inside the table.
-    let tv: [__m512i; 4] = std::array::from_fn(|i| unsafe { _mm512_load_si512(p.add(i)) });
+    // SAFETY: 4 aligned vectors inside the table. (No closure: one over vectors is compiled
+    // without this function's features and, left out of line, passes them through memory.)
+    let tv: [__m512i; 4] = unsafe {
+        [
+            _mm512_load_si512(p),
+            _mm512_load_si512(p.add(1)),
+            _mm512_load_si512(p.add(2)),
+            _mm512_load_si512(p.add(3)),
+        ]
+    };
     let bit6 = _mm512_set1_epi16(0x40);
     let sign = _mm512_set1_epi16(0x8000u16 as i16);
     for (qc, d) in q.chunks_exact(32).zip(dst.chunks_exact_mut(32)) {
