@@ -141,7 +141,9 @@ pub fn prefetch(bytes: &[u8]) {
         // SAFETY: SSE is part of x86-64; a prefetch never faults and has no side effects (the
         // address, line `line` of the span's lines, is formed with wrapping arithmetic, never
         // dereferenced).
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_sub(head).wrapping_add(line) as *const i8) };
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_sub(head).wrapping_add(line) as *const i8)
+        };
     }
 }
 
