@@ -9,6 +9,7 @@
 //! | `FERROQUANT_AVX2_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of CPUs without AVX-512 (`matmul/gemm_avx2.rs`) is off and the row kernels run (for benchmarks: `bench_matmul.py --avx2-rows`) |
 //! | `FERROQUANT_NEON_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of aarch64 (`matmul/gemm_neon.rs`) is off and the row kernels run (to compare them: `benches/aarch64_insns`) |
 //! | `FERROQUANT_GGML_BF16` | at every qmatmul call that would take it | unset, "1" or not a number: the ggml formats take the bf16 GEMM on AMX tiles (`matmul::ggml_bf16_min_m`, where AMX bf16 is usable) from each format's measured threshold (48 rows; q5_1 64, the K-quants 48-80 by format and K: `matmul/k_route.rs`); a number n >= 2: from n rows (at least 8, `amx_bf16_small::MIN_M`: 8 to 16 rows on the small-M tiles); "0": never (their int8 paths at every M, as on CPUs without AMX bf16) |
+//! | `FERROQUANT_K_TILES` | at every qmatmul call that would take them | a number n: the K-quants (q2_k..q6_k, iq4_xs) take the AMX int8 tiles (`matmul/gemm_amx_k.rs`, where AMX int8 is usable) from n rows (at least 4, the VNNI GEMM's start) instead of `matmul/k_route.rs`'s measured `tiles`; "0": never (the VNNI GEMM below the bf16 route); unset or not a number: the table (for benchmarks) |
 //! | `FERROQUANT_M1_RUNS` | at every multi-threaded M = 1 qmatmul call | "0": the threads claim the weight rows' tasks one by one from a shared counter (the split before session 17) instead of a contiguous run of tasks each (`parallel::for_each_chunk_mut_in_runs`); same bits (for `benches/bench_matmul.py --one-by-one`) |
 //! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
 //! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
@@ -63,6 +64,12 @@ pub fn neon_gemm() -> bool {
 /// unset or not a number (the default: on; read at every call that asks).
 pub fn ggml_bf16() -> Option<usize> {
     parsed("FERROQUANT_GGML_BF16")
+}
+
+/// `FERROQUANT_K_TILES`: `Some(n)` for a number n (0: never), `None` when unset or not a
+/// number (the measured table; read at every call that asks).
+pub fn k_tiles() -> Option<usize> {
+    parsed("FERROQUANT_K_TILES")
 }
 
 /// `FERROQUANT_M1_RUNS`: false only when set to "0" (read at every call that asks).

@@ -55,7 +55,13 @@ pub(super) fn takes(qtype: QType, m: usize, k: usize) -> bool {
     if let Some(on) = FORCE.with(|c| c.get()) {
         return on && super::gemm_k::takes(qtype) && crate::amx::amx_int8_usable();
     }
-    min_m(qtype, k).is_some_and(|t| m >= t) && crate::amx::amx_int8_usable()
+    // FERROQUANT_K_TILES=n (benchmarks): from n rows instead of the table's; 0: never.
+    let from = match crate::config::k_tiles() {
+        Some(0) => None,
+        Some(n) if super::gemm_k::takes(qtype) => Some(n.max(super::gemm_k::GEMM_K_MIN_M)),
+        _ => min_m(qtype, k),
+    };
+    from.is_some_and(|t| m >= t) && crate::amx::amx_int8_usable()
 }
 
 /// The q8_K activations packed for the A tiles, or None for other activations.

@@ -90,14 +90,27 @@ impl Plan<'_> {
                 while let Some((pi, c)) = it.next() {
                     // The panel chunk decoded next on its way from memory while this one runs:
                     // at M = 8 / 16 the decode otherwise waits on memory (as in `gemm.rs`).
-                    if let Some(&(pn, cn)) = it.peek() {
+                    // Its rows go in `parts` slices, one before the decode and one before each
+                    // block of 4 activation rows: all ~180 lines at once filled the line fill
+                    // buffers and stalled the core on the `prefetcht1`s (8 % of the time at
+                    // M = 16, perf).
+                    let next = it.peek().map(|&(pn, cn)| {
                         let (bn, kn) = chunk(cn);
-                        for i in pn * panel..((pn + 1) * panel).min(rows) {
-                            let row = &self.w.data[(n0 + i) * rb..][..rb];
+                        (pn * panel..((pn + 1) * panel).min(rows), bn, kn)
+                    });
+                    let parts = 1 + rows_m.div_ceil(4);
+                    let prefetch = |part: usize| {
+                        if let Some((ref rs, bn, kn)) = next {
+                            let len = rs.len();
                             let sz = std::mem::size_of::<W>();
-                            prefetch_l2(&row[bn * sz..(bn + kn) * sz]);
+                            let from = rs.start + part * len / parts;
+                            for i in from..rs.start + (part + 1) * len / parts {
+                                let row = &self.w.data[(n0 + i) * rb..][..rb];
+                                prefetch_l2(&row[bn * sz..(bn + kn) * sz]);
+                            }
                         }
-                    }
+                    };
+                    prefetch(0);
                     let (b0, kc) = chunk(c);
                     let r0 = pi * panel;
                     let pv = (rows - r0).min(panel).div_ceil(NV);
@@ -112,6 +125,7 @@ impl Plan<'_> {
                     let a = &mut acc[pi * rows_m * PV..(pi + 1) * rows_m * PV];
                     let mut j = 0;
                     while j < rows_m {
+                        prefetch(1 + j / 4);
                         let r = (rows_m - j).min(4);
                         let x = |jj: usize| &blocks[(ms.start + j + jj) * nb + b0..][..kc];
                         let a = &mut a[j * PV..(j + r) * PV];

@@ -75,6 +75,33 @@
 //!
 //! So: every K-quant takes the route from 48 rows at both K but q6_k, from 64 (at 48 the two
 //! are within the runs' noise; at 64 the route leads by 12 % at K = 4096 and ties at 14336).
+//!
+//! Session 19 (`/work/notes/s19/results-k16.md`): the tiles at 16 and 32 rows, against the
+//! VNNI GEMM and the route. `FERROQUANT_K_TILES=4` (the tiles from 4 rows) and `=0` (never)
+//! each with `FERROQUANT_GGML_BF16=8 python benches/bench_matmul.py --m 16,32 --qtypes
+//! q4_k,q5_k,q6_k,q3_k,q2_k,iq4_xs --runs 3 --threads 1 --cpu-time --budget 0.3 --rotate-mb
+//! 200 --ggml-int8 --no-torch`, 2026-12-07 19:40-19:48 UTC, load 13-16, ms, tiles / VNNI /
+//! route (the route: the two processes' median):
+//!
+//! | format | K | M = 16 | 32 |
+//! |---|---|---|---|
+//! | q4_k | 4096 | 9.3 / 7.8 / 7.9 | 12.9 / 11.8 / 12.8 |
+//! | q4_k | 14336 | 9.3 / 6.7 / 7.9 | 12.6 / 11.4 / 11.8 |
+//! | q5_k | 4096 | 10.6 / 8.8 / 9.8 | 13.3 / 13.7 / 14.2 |
+//! | q5_k | 14336 | 9.8 / 7.4 / 9.4 | 12.4 / 12.1 / 13.5 |
+//! | q6_k | 4096 | 9.0 / 9.5 / 8.7 | 10.9 / 14.4 / 14.0 |
+//! | q6_k | 14336 | 8.2 / 7.9 / 8.7 | 10.1 / 12.5 / 13.1 |
+//! | q3_k | 4096 | 8.3 / 7.2 / 6.6 | 10.6 / 11.2 / 10.7 |
+//! | q3_k | 14336 | 7.8 / 6.9 / 6.6 | 10.2 / 10.6 / 11.6 |
+//! | q2_k | 4096 | 8.3 / 7.5 / 5.8 | 10.9 / 11.9 / 10.0 |
+//! | q2_k | 14336 | 7.4 / 7.2 / 5.7 | 10.1 / 12.2 / 10.5 |
+//! | iq4_xs | 4096 | 8.2 / 6.9 / 7.5 | 10.6 / 10.8 / 11.8 |
+//! | iq4_xs | 14336 | 7.6 / 6.6 / 7.2 | 9.6 / 10.7 / 11.2 |
+//!
+//! So the tiles stay off at 16 (the VNNI GEMM leads but for q6_k at K = 4096, by 5 %), keep
+//! 32 for q6_k / q2_k / iq4_xs, and take q3_k from 32 too (4 % ahead of the VNNI GEMM at both
+//! K); q4_k / q5_k stay at 64. The route led q2_k / q3_k at 16 by 10-25 % (its column left as it
+//! is: the route trades the q8 activations' bits for the float64 bound; not measured at 17-47).
 
 use crate::qtype::QType;
 
@@ -95,8 +122,7 @@ pub(super) fn k_route(qtype: QType, k: usize) -> Option<KRoute> {
     let (tiles, bf16) = match (qtype, short) {
         (QType::Q6K, _) => (Some(32), 64),
         (QType::Q2K | QType::IQ4XS, _) => (Some(32), 48),
-        (QType::Q3K, true) => (Some(64), 48),
-        (QType::Q3K, false) => (Some(64), 48),
+        (QType::Q3K, _) => (Some(32), 48),
         (QType::Q4K | QType::Q5K, true) => (Some(64), 48),
         (QType::Q4K | QType::Q5K, false) => (Some(64), 48),
         _ => return None,

@@ -452,6 +452,7 @@ pub mod amx_k;
 pub mod decode16_fp8;
 pub mod decode16_ggml;
 pub mod decode16_vbmi;
+mod decode_k;
 mod float_acts;
 pub mod gemm16;
 pub mod gemm16_fma;
