@@ -387,8 +387,8 @@ pub unsafe fn dot_bytes_piece_rows<D: Decode16, const P: usize>(
         if i1 == k {
             // the row's one block ends: `bytes_range`'s `fma_acc`
             let sv = _mm512_set1_ps(scales[p]);
-            for j in 0..4 {
-                l[p].acc[0][j] = _mm512_fmadd_ps(part[p][j], sv, l[p].acc[0][j]);
+            for (a, &v) in l[p].acc[0].iter_mut().zip(&part[p]) {
+                *a = _mm512_fmadd_ps(v, sv, *a);
             }
         }
         l[p].part[0] = part[p];

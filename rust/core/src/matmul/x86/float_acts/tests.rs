@@ -308,12 +308,12 @@ fn piece_rows_case<D: Decode16>(e5m2: bool, seed: u64) {
                 }
                 i0 = i1;
             }
-            // SAFETY: has_avx512 checked.
             let got: Vec<f32> = (0..P)
                 .map(|p| {
                     if nan[p] {
                         f32::NAN
                     } else {
+                        // SAFETY: has_avx512 checked.
                         (unsafe { l[p].finish() })[0]
                     }
                 })
