@@ -844,7 +844,7 @@ pub(crate) fn mixed_acts(rng: &mut Rng, n: usize) -> Vec<f32> {
 fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
     use crate::matmul::reference::q16::{self, q16_row_len, quantize_row_q16, NF4_ONE, Q16};
     let mut rng = Rng(0x9a11_e1d0_0000_0001);
-    let cases: [(QType, Option<ScaleMode>, usize, usize); 19] = [
+    let cases: [(QType, Option<ScaleMode>, usize, usize); 22] = [
         // past `Q16_LONG_K_INTEL`: pieces over panels on every CPU
         (QType::NF4, None, 64, 16512),
         (QType::Int8, Some(ScaleMode::Block), 32, 16416),
@@ -866,6 +866,11 @@ fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
         (QType::Fp8E4M3, Some(ScaleMode::Row), 64, 9000),
         (QType::Fp8E4M3, Some(ScaleMode::Block), 32, 4160),
         (QType::Fp8E5M2, Some(ScaleMode::Block), 64, 8256),
+        // one scale a row and K a multiple of 64: a panel's rows in one pass
+        // (`dot_bytes_piece_rows`), in pieces and whole
+        (QType::Fp8E4M3, Some(ScaleMode::Row), 64, 8256),
+        (QType::Fp8E4M3, Some(ScaleMode::Tensor), 64, 2112),
+        (QType::Fp8E5M2, Some(ScaleMode::Row), 64, 4160),
     ];
     for (qtype, mode, bs, k) in cases {
         let n = 7;

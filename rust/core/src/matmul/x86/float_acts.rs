@@ -12,8 +12,8 @@ use crate::matmul::reference::{self as r, WIDE};
 
 mod avx512;
 pub use avx512::{
-    align_x, dot_bytes_avx512, dot_bytes_piece, e4m3_f32_x_fits, e4m3_x_fits, scale_e4m3_f32_x,
-    scale_e4m3_x, Decode16, Fp8E4M3F32, Lanes as ByteLanes, BYTES_PREFETCH_L2,
+    align_x, dot_bytes_avx512, dot_bytes_piece, dot_bytes_piece_rows, e4m3_f32_x_fits, e4m3_x_fits,
+    scale_e4m3_f32_x, scale_e4m3_x, Decode16, Fp8E4M3F32, Lanes as ByteLanes, BYTES_PREFETCH_L2,
 };
 
 /// The reference's fold of 64 lanes held as eight registers (register k = lanes 8k..8k+8):

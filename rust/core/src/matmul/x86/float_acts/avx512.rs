@@ -327,6 +327,76 @@ pub unsafe fn dot_bytes_piece<D: Decode16>(
     unsafe { bytes_range::<D, 1>(q, scales, block_len, [x], i0, i1, pf, l) }
 }
 
+/// `dot_bytes_piece` for P weight rows at once, each with the one scale of its row
+/// (`block_len == K`), K and `i0..i1` multiples of 64: the rows interleaved per 64 positions,
+/// each group of activations loaded once for the P rows, and P independent chains of FMAs
+/// where one row's four wait on their own latency. Each row's lanes get `bytes_range`'s
+/// operations in its order (the same bits; `rows_bytes` runs it for the M = 1 panels).
+/// Returns, per row, whether the range holds a NaN code (e4m3).
+///
+/// # Safety
+/// `cpu::has_avx512`; `q[p].len() == x.len()`, a multiple of 64 that is at least 64;
+/// `i0 <= i1 <= K`, both multiples of 64; `l[p]` holds positions `0..i0` of row p.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
+pub unsafe fn dot_bytes_piece_rows<D: Decode16, const P: usize>(
+    q: [&[u8]; P],
+    scales: [f32; P],
+    x: &[f32],
+    i0: usize,
+    i1: usize,
+    pf: usize,
+    l: &mut [Lanes<1>; P],
+) -> [bool; P] {
+    let k = x.len();
+    assert!(k >= WIDE && k.is_multiple_of(WIDE) && q.iter().all(|q| q.len() == k));
+    assert!(i0.is_multiple_of(WIDE) && i1.is_multiple_of(WIDE) && i0 <= i1 && i1 <= k);
+    let mut part = [[_mm512_setzero_ps(); 4]; P];
+    let mut nanm = [_mm512_setzero_si512(); P];
+    for p in 0..P {
+        part[p] = l[p].part[0];
+    }
+    let xp = x.as_ptr();
+    let mut i = i0;
+    // SAFETY: positions i..i + 64 < i1 <= K of every row and of x (asserted); AVX-512 F/BW/VL,
+    // FMA and F16C are the caller's contract. Prefetches are hints (never dereferenced).
+    unsafe {
+        while i < i1 {
+            let x0 = _mm512_loadu_ps(xp.add(i));
+            let x1 = _mm512_loadu_ps(xp.add(i + 16));
+            let x2 = _mm512_loadu_ps(xp.add(i + 32));
+            let x3 = _mm512_loadu_ps(xp.add(i + 48));
+            for p in 0..P {
+                let w = q[p].as_ptr().add(i);
+                _mm_prefetch::<_MM_HINT_T1>((w as *const i8).wrapping_add(pf));
+                if D::E4M3 {
+                    let v = _mm512_loadu_si512(w as *const _);
+                    nanm[p] = _mm512_max_epu8(nanm[p], _mm512_add_epi8(v, v));
+                }
+                let [a, b] = D::decode32_512(_mm256_loadu_si256(w as *const __m256i));
+                let [c, d] = D::decode32_512(_mm256_loadu_si256(w.add(32) as *const __m256i));
+                part[p][0] = _mm512_fmadd_ps(a, x0, part[p][0]);
+                part[p][1] = _mm512_fmadd_ps(b, x1, part[p][1]);
+                part[p][2] = _mm512_fmadd_ps(c, x2, part[p][2]);
+                part[p][3] = _mm512_fmadd_ps(d, x3, part[p][3]);
+            }
+            i += WIDE;
+        }
+    }
+    let mut nan = [false; P];
+    for p in 0..P {
+        if i1 == k {
+            // the row's one block ends: `bytes_range`'s `fma_acc`
+            let sv = _mm512_set1_ps(scales[p]);
+            for (a, &v) in l[p].acc[0].iter_mut().zip(&part[p]) {
+                *a = _mm512_fmadd_ps(v, sv, *a);
+            }
+        }
+        l[p].part[0] = part[p];
+        nan[p] = D::E4M3 && _mm512_cmpeq_epi8_mask(nanm[p], _mm512_set1_epi8(0xfeu8 as i8)) != 0;
+    }
+    nan
+}
+
 /// Positions `i0..i1` of `dot_bytes_avx512` into `l` (i0 a multiple of 64; i1 too, or K),
 /// weights prefetched `pf` bytes ahead; for e4m3 true when the range holds a NaN code: each
 /// 64 bytes' `max(m, 2b mod 256)` as they pass (0xfe exactly for the codes 0x7f / 0xff, and no

@@ -257,3 +257,82 @@ fn decode16_of_every_byte_is_the_reference_value() {
         }
     }
 }
+
+/// `dot_bytes_piece_rows` (a panel of rows with one scale each, interleaved) against the
+/// reference row by row, in pieces of one and three groups of 64 and of 4096, with a NaN code
+/// in one row (e4m3): each row's bits and its NaN alone.
+fn piece_rows_case<D: Decode16>(e5m2: bool, seed: u64) {
+    if !crate::cpu::has_avx512() {
+        return;
+    }
+    const P: usize = 4;
+    let mut rng = Rng(seed);
+    let table = r::fp8_table(e5m2);
+    for k in [64, 320, 4160, 14336] {
+        let mut q: Vec<Vec<u8>> = (0..P).map(|_| rng.bytes(k)).collect();
+        for b in q.iter_mut().flatten() {
+            if !table[*b as usize].is_finite() {
+                *b = 0;
+            }
+        }
+        if D::E4M3 {
+            q[2][k / 3] = 0xff;
+        }
+        let scales: [f32; P] = std::array::from_fn(|_| rng.unit());
+        let mut x = acts(&mut rng, k);
+        if D::X_SCALE > 256.0 {
+            let edge = f32::from_bits(256.0f32.to_bits() - 1);
+            for v in x.iter_mut() {
+                if v.abs() >= 256.0 {
+                    *v = edge.copysign(*v);
+                }
+            }
+        }
+        let want: Vec<f32> = (0..P)
+            .map(|p| r::dot_bytes(&q[p], &scales[p..p + 1], k, &x, D::value))
+            .collect();
+        let xs = prepared::<D>(&x);
+        for piece in [64, 192, 4096] {
+            let mut l = [ByteLanes::<1>::new(); P];
+            let mut nan = [false; P];
+            let mut i0 = 0;
+            while i0 < k {
+                let i1 = (i0 + piece).min(k);
+                let rows: [&[u8]; P] = std::array::from_fn(|p| &q[p][..]);
+                // SAFETY: has_avx512 checked; K a multiple of 64, i0 and i1 too.
+                let found = unsafe {
+                    dot_bytes_piece_rows::<D, P>(rows, scales, &xs, i0, i1, 4096, &mut l)
+                };
+                for p in 0..P {
+                    nan[p] |= found[p];
+                }
+                i0 = i1;
+            }
+            let got: Vec<f32> = (0..P)
+                .map(|p| {
+                    if nan[p] {
+                        f32::NAN
+                    } else {
+                        // SAFETY: has_avx512 checked.
+                        (unsafe { l[p].finish() })[0]
+                    }
+                })
+                .collect();
+            let what = format!("{} k={k} pieces of {piece}", std::any::type_name::<D>());
+            same(&got, &want, &what);
+            if D::E4M3 {
+                assert!(
+                    got[2].is_nan() && !got[0].is_nan(),
+                    "{what}: NaN in row 2 only"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn fp8_panel_rows_are_bit_identical_to_the_reference() {
+    piece_rows_case::<Fp8E4M3>(false, 0xe4_0011);
+    piece_rows_case::<Fp8E4M3F32>(false, 0xe4_0012);
+    piece_rows_case::<Fp8E5M2>(true, 0xe5_0011);
+}
