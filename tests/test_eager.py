@@ -101,6 +101,27 @@ def _piece_copies(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_call_shapes_and_grad_flags_are_the_op(bias, monkeypatch):
+    """The bf16 call's own handling of x (a uint16 view reshaped by numpy, detached where it
+    requires grad under no_grad, made contiguous) and of the output (reshaped before torch
+    sees it where there is no bias): the op's bits and shapes."""
+    torch.manual_seed(3)
+    q = QuantLinear.from_linear(nn.Linear(256, 40, bias=bias), "q4_0")
+    calls = _spy(monkeypatch)
+    xs = [
+        torch.randn(*s).to(torch.bfloat16) for s in ((5, 256), (2, 3, 256), (256,), (1, 1, 2, 256))
+    ]
+    xs.append(torch.randn(256, 6).T.to(torch.bfloat16))  # not contiguous
+    xs.append(torch.randn(4, 256, dtype=torch.bfloat16, requires_grad=True))
+    with torch.no_grad():
+        for x in xs:
+            y = q(x)
+            assert y.dtype == torch.bfloat16 and y.shape == (*x.shape[:-1], 40)
+            assert y.is_contiguous() and torch.equal(y, _op(q, x)), x.shape
+    assert len(calls) == len(xs)
+
+
 def test_the_op_path_runs_where_the_eager_path_must_not(monkeypatch):
     q = QuantLinear.from_linear(nn.Linear(64, 8), "q8_0")
     calls = _spy(monkeypatch)

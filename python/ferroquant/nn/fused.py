@@ -25,12 +25,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from .. import _native
 from . import ops
+from .linear import bf16_rows
 from .openmp import torch_team
 
 # Sibling names whose modules read the same input in the transformers models (Llama, Mistral,
@@ -105,20 +105,11 @@ class FusedGroup:
         return y
 
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor | None]:
-        x2 = x.detach()
-        if x2.dim() != 2:
-            x2 = x2.reshape(-1, self.k)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        xb = x2.view(torch.int16).numpy().view(np.uint16)
         team = torch_team()
-        ys = _native.qmatmul_bf16_split(xb, self.w, self.qtype, self.parts, self.k,
-                                        self.block_size, self.s, self.scale_mode,
+        ys = _native.qmatmul_bf16_split(bf16_rows(x, self.k), self.w, self.qtype, self.parts,
+                                        self.k, self.block_size, self.s, self.scale_mode,
                                         openmp=team)  # fmt: skip
-        return [
-            m._finish(x, torch.from_numpy(y.view(np.int16)).view(torch.bfloat16), team)
-            for m, y in zip(self.members, ys, strict=True)
-        ]
+        return [m.bf16_out(x, y, team) for m, y in zip(self.members, ys, strict=True)]
 
 
 def fusable(members: list[Any]) -> bool:

@@ -179,16 +179,14 @@ impl Plan<'_> {
             // (PANEL is a multiple of 16: the rounded rows fit; rows past `rows` hold whatever
             // the buffer held, their chains are never written out)
             wc.resize(PANEL * W_STRIDE, 0);
-            // (zeroed by memset's wide stores: `resize` here stored 16 bytes at a time, 3-4 %
-            // of a SmolLM2 call at M = 128; grown only, never cut)
+            // (grown only, never cut; not zeroed: the first chunk starts its tiles at +0.0,
+            // `amx_bf16::chunk_from_zero`, and stores every one of them)
             let len = rows16 * nv;
             if acc.len() < len {
                 // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
                 acc.resize(len, unsafe { zero() });
             }
             let acc = &mut acc[..len];
-            // SAFETY: acc has len vectors; all-zero bytes are 16 lanes of +0.0.
-            unsafe { std::ptr::write_bytes(acc.as_mut_ptr(), 0, len) };
             // SAFETY: `use_amx` checked `amx_bf16_usable`; released below on this thread.
             unsafe { crate::amx::tile_config(&amx_bf16::CONFIG) };
             let mut k0 = 0;
@@ -212,7 +210,13 @@ impl Plan<'_> {
                 // SAFETY: tiles configured above; wc holds PANEL >= rows16 rows W_STRIDE apart
                 // (kc <= KCA entries each), the job's vectors have kc / 2 pairs (a multiple of
                 // 16: K is a multiple of 32) from k0 / 2, acc has the tiles of rows16 x nv.
-                unsafe { amx_bf16::chunk(&c, rows16, nv, acc) };
+                unsafe {
+                    if k0 == 0 {
+                        amx_bf16::chunk_from_zero(&c, rows16, nv, acc);
+                    } else {
+                        amx_bf16::chunk(&c, rows16, nv, acc);
+                    }
+                }
                 k0 += kc;
             }
             // SAFETY: configured above on this thread.
