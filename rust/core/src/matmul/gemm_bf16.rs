@@ -379,12 +379,10 @@ impl Plan<'_> {
         match self.w.qtype {
             // SAFETY: see above.
             QType::NF4 if crate::cpu::has_vbmi_gfni() => unsafe {
-                use crate::matmul::reference::NF4_CODE;
-                let code = std::arch::x86_64::_mm512_loadu_ps(NF4_CODE.as_ptr());
                 let p = &row[k0 / 2..(k0 + kc) / 2];
                 // (k0 is a multiple of KC: with blocks of 64 or more, steps 2i and 2i + 1 share
                 // their scale)
-                x86::decode16_vbmi::decode_nibbles(p, true, bl >= 64, code, |j| (0.0, at(j)), dst)
+                x86::decode16_vbmi::decode_nf4(p, bl >= 64, at, dst)
             },
             // SAFETY: see above.
             QType::NF4 => unsafe { gemm16::decode_nf4(&row[k0 / 2..(k0 + kc) / 2], at, dst) },
@@ -422,19 +420,13 @@ impl Plan<'_> {
                 };
                 let p = &row[k0 / 2..(k0 + kc) / 2];
                 if crate::cpu::has_vbmi_gfni() {
-                    use std::arch::x86_64::_mm512_setr_ps;
                     let zf = |j: usize| {
                         let (z, s) = zs(j);
                         (z as f32, s)
                     };
                     // SAFETY: see above; VBMI checked. Groups of 64 or more (or whole rows):
                     // steps 2i and 2i + 1 share their scale and zero.
-                    unsafe {
-                        let iota = _mm512_setr_ps(
-                            0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
-                        );
-                        x86::decode16_vbmi::decode_nibbles(p, false, bl >= 64, iota, zf, dst)
-                    }
+                    unsafe { x86::decode16_vbmi::decode_int4(p, bl >= 64, zf, dst) }
                 } else {
                     // SAFETY: see above.
                     unsafe { gemm16::decode_gint4(p, zs, dst) }

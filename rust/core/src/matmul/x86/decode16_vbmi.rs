@@ -67,6 +67,39 @@ pub unsafe fn decode_nibbles(
     }
 }
 
+/// nf4 nibbles (bitsandbytes' order) to bf16: `decode_nibbles` over the 16 codes' values,
+/// element e of step j `bf16(code[q] · scale(j))`. The table is loaded here, under the
+/// features: an intrinsic in the (featureless) caller is an out-of-line call per chunk.
+///
+/// # Safety
+/// As `decode_nibbles`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
+pub unsafe fn decode_nf4(packed: &[u8], pair: bool, scale: impl Fn(usize) -> f32, dst: &mut [u16]) {
+    let code = _mm512_loadu_ps(crate::matmul::reference::NF4_CODE.as_ptr());
+    // SAFETY: the caller's contract.
+    unsafe { decode_nibbles(packed, true, pair, code, |j| (0.0, scale(j)), dst) }
+}
+
+/// 4-bit grouped integers (element 2i in the low nibble) to bf16: element e of step j
+/// `bf16((q - zero(j)) · scale(j))`, `zs(j) = (zero, scale)`. As `decode_nf4`, the iota
+/// table is made under the features.
+///
+/// # Safety
+/// As `decode_nibbles`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi")]
+pub unsafe fn decode_int4(
+    packed: &[u8],
+    pair: bool,
+    zs: impl Fn(usize) -> (f32, f32),
+    dst: &mut [u16],
+) {
+    let iota = _mm512_setr_ps(
+        0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.,
+    );
+    // SAFETY: the caller's contract.
+    unsafe { decode_nibbles(packed, false, pair, iota, zs, dst) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

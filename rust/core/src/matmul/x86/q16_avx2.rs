@@ -119,12 +119,18 @@ unsafe fn nf4_half<const R: usize, const S: usize, const H: usize, const PART: b
             nf4_codes(t, w.add(16))
         };
         for r in 0..R {
-            let xv = |i: usize| _mm256_loadu_si256(x[r].add(16 * i) as *const __m256i);
-            let h01 = _mm256_hadd_epi32(_mm256_madd_epi16(c0, xv(0)), _mm256_madd_epi16(c1, xv(1)));
+            // (a macro: a closure here may fall out of line without AVX2, as `unit` did)
+            macro_rules! xv {
+                ($i:literal) => {
+                    _mm256_loadu_si256(x[r].add(16 * $i) as *const __m256i)
+                };
+            }
+            let h01 =
+                _mm256_hadd_epi32(_mm256_madd_epi16(c0, xv!(0)), _mm256_madd_epi16(c1, xv!(1)));
             let h23 = if PART {
                 _mm256_setzero_si256()
             } else {
-                _mm256_hadd_epi32(_mm256_madd_epi16(c2, xv(2)), _mm256_madd_epi16(c3, xv(3)))
+                _mm256_hadd_epi32(_mm256_madd_epi16(c2, xv!(2)), _mm256_madd_epi16(c3, xv!(3)))
             };
             let isum = _mm256_hadd_epi32(h01, h23);
             let a = &mut acc[r][2 * S + H];
@@ -167,8 +173,13 @@ impl<const R: usize> Nf4Row<'_, R> {
         } else {
             _mm256_set1_ps(self.absmax[b])
         };
-        self.xd
-            .map(|xd| _mm256_mul_ps(a, _mm256_set1_ps(xd[e / Q16])))
+        // A plain loop, not `array::map`: a closure over `__m256` values falls out of line,
+        // compiled without AVX2 (each intrinsic a call).
+        let mut s = [a; R];
+        for (s, xd) in s.iter_mut().zip(&self.xd) {
+            *s = _mm256_mul_ps(a, _mm256_set1_ps(xd[e / Q16]));
+        }
+        s
     }
 
     /// Half H of unit `u` into set S (`PART`: its first 32 elements only).
@@ -297,26 +308,26 @@ unsafe fn nf4_rows<const R: usize, const PF: bool>(
     // SAFETY: every half read is inside the row and the activation rows (`dot_nf4_q16_avx2`
     // asserted the lengths); AVX2 and FMA (contract).
     unsafe {
-        let unit = |u: usize, set: usize, acc: &mut [[__m256; 4]; R]| {
-            if PF {
-                // a unit: 64 bytes, one line
-                prefetch_l2(row.w.add(u * UNIT_NF4 / 2), 64, PREFETCH_AHEAD);
-            }
-            if set == 0 {
-                row.half::<0, 0, false>(u, acc);
-                row.half::<0, 1, false>(u, acc);
-            } else {
-                row.half::<1, 0, false>(u, acc);
-                row.half::<1, 1, false>(u, acc);
-            }
-        };
+        // A macro, not a closure: a closure over `__m256` values falls out of line, compiled
+        // without AVX2 (each intrinsic a call; session 19 found it in the disassembly).
+        macro_rules! unit {
+            ($u:expr, $s:literal) => {{
+                let u = $u;
+                if PF {
+                    // a unit: 64 bytes, one line
+                    prefetch_l2(row.w.add(u * UNIT_NF4 / 2), 64, PREFETCH_AHEAD);
+                }
+                row.half::<$s, 0, false>(u, &mut acc);
+                row.half::<$s, 1, false>(u, &mut acc);
+            }};
+        }
         while u + 2 <= units {
-            unit(u, 0, &mut acc);
-            unit(u + 1, 1, &mut acc);
+            unit!(u, 0);
+            unit!(u + 1, 1);
             u += 2;
         }
         if u < units {
-            unit(u, 0, &mut acc);
+            unit!(u, 0);
             u += 1;
         }
         // The last unit's 32, 64 or 96 elements; its set is u % 2.

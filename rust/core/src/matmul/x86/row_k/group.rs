@@ -344,8 +344,9 @@ unsafe fn row_k<W: RowK, const R: usize, const PF: bool, const GF: bool>(
         if PF {
             // into L2, 8 KiB ahead: 14336x4096, 2 threads, quiet machine, 2026-11-27 13:10
             // UTC, alternating runs: q4_k 25.5-27.9 -> 31.5-31.9 GB/s, q5_k 22.9-23.1 ->
-            // 32.5-33.2 against the L1 prefetch 2 KiB ahead it replaced.
-            prefetch_ahead(wg);
+            // 32.5-33.2 against the L1 prefetch 2 KiB ahead it replaced. Half the group's
+            // bytes here, half before its second quad (spread over the group's work).
+            prefetch_ahead(&wg[..LANES / 2]);
         }
         let b = g * LANES;
         // Software-pipelined by one super-block: the decode of j + 1 (its scales are a long
@@ -361,6 +362,9 @@ unsafe fn row_k<W: RowK, const R: usize, const PF: bool, const GF: bool>(
         };
         // SAFETY: as above; 0 + 3 and 4 + 3 < 8.
         let (lo, mlo) = unsafe { quad::<W, R, GF>(wg, 0, &mut next, &xz, b) };
+        if PF {
+            prefetch_ahead(&wg[LANES / 2..]);
+        }
         // SAFETY: as above.
         let (hi, mhi) = unsafe { quad::<W, R, GF>(wg, 4, &mut next, &xz, b) };
         // SAFETY: AVX2, F16C, AVX-512 BW/VL (contract); wg is 8 blocks.
