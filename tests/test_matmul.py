@@ -625,8 +625,7 @@ def test_ggml_formats_on_bf16_tiles_from_their_threshold(kind):
 
 def test_ggml_bf16_route_on_by_default_and_its_opt_out(monkeypatch):
     """Where AMX bf16 runs the ggml formats take the tiles by default (unset, "1": 48 rows,
-    q5_1 64, the K-quants by K (matmul/k_route.rs: e.g. q3_k 48 at K = 4096,
-    80 at 14336; q6_k 80);
+    the K-quants by matmul/k_route.rs: 48, q6_k 64);
     n >= 2: from n rows, at least the tiles' own minimum);
     FERROQUANT_GGML_BF16=0 keeps their int8 paths at every M. Without AMX bf16: never."""
     amx = _native.qmatmul_bf16_amx_min_m()
@@ -645,10 +644,10 @@ def test_ggml_bf16_route_on_by_default_and_its_opt_out(monkeypatch):
         )
         assert got == ((q4, q8) if amx else (0, 0)), raw
         if amx and raw in (None, "1"):
-            for k, q3_k in [(4096, 48), (14336, 80)]:
-                assert _native.qmatmul_bf16_ggml_min_m("q5_1", k) == 64
-                assert _native.qmatmul_bf16_ggml_min_m("q3_k", k) == q3_k
-                assert _native.qmatmul_bf16_ggml_min_m("q6_k", k) == 80
+            for k in (4096, 14336):
+                assert _native.qmatmul_bf16_ggml_min_m("q5_1", k) == 48
+                assert _native.qmatmul_bf16_ggml_min_m("q3_k", k) == 48
+                assert _native.qmatmul_bf16_ggml_min_m("q6_k", k) == 64
         assert _native.qmatmul_bf16_ggml_min_m("tq2_0", 4096) == 0
 
 

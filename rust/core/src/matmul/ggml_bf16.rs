@@ -108,14 +108,16 @@ impl Drop for GgmlInt8 {
 /// against 19.7 / 19.6); at 64 20.1 / 18.8 against 18.7 / 21.3 (main's: 20.8 / 20.7
 /// against 19.6 / 21.0; the A/B run of 14:06-14:11 UTC: 20.4 / 18.8 against main's route
 /// 18.5 / 18.1); at 128 35.0 / 34.1 against 24.4 / 24.3. So from 64 rows at every K (at
-/// 14336x4096, M = 64 the two are within the runs' noise).
+/// 14336x4096, M = 64 the two are within the runs' noise). Session 19 (after session 18's
+/// 32-weight decode, `x86/decode16_ggml/w32.rs`; `FERROQUANT_GGML_BF16=32 python
+/// benches/bench_matmul.py --m 32,48 --qtypes q5_1 --runs 3 --threads 1 --cpu-time --budget 0.3
+/// --rotate-mb 200 --ggml-int8 --no-torch`, 2026-12-07 20:13-20:15 UTC, load 21): at M = 48
+/// the route 15.5 / 15.5 ms against the tiles' 18.9 / 18.8 (at 64, 17.0 / 17.2 against 23.7 /
+/// 21.8; at 32 14.0 / 14.9 against 14.2 / 13.0). So q5_1 from 48 too.
 #[cfg(target_arch = "x86_64")]
 fn ggml_bf16_default_min_m(qtype: QType, k: usize) -> usize {
-    if let Some(r) = super::k_route::k_route(qtype, k) {
-        return r.bf16;
-    }
-    match qtype {
-        QType::Q5_1 => 64,
-        _ => 48,
+    match super::k_route::k_route(qtype, k) {
+        Some(r) => r.bf16,
+        None => 48,
     }
 }

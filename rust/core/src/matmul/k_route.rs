@@ -54,6 +54,27 @@
 //! (q5_k at M = 64 in the same window: route 15.9 / 16.3, int8 18.3 / 18.8.) So: q2_k and
 //! iq4_xs from 48 rows, q3_k from 48 at short K and 80 at long K (its tiles led at 64 there),
 //! q6_k from 80 (its tiles lead at 64 at both K); M = 80 itself is not measured.
+//!
+//! Session 19 (`/work/notes/s19/results-mid.md`): the K-quants' scales computed a block ahead
+//! in the decode (q4_k / q5_k / q6_k: 7-9 % off the route at M = 64) and the prefetch's last
+//! line of a block (`gemm16::prefetch`). `FERROQUANT_GGML_BF16=32 python benches/bench_matmul.py
+//! --m 48,64 --qtypes q6_k,q5_k,q4_k,q3_k --runs 3 --threads 1 --cpu-time --budget 0.3
+//! --rotate-mb 200 --ggml-int8 --no-torch`, 2026-12-07 19:54-19:57 UTC, load 17-19, ms, route /
+//! int8 paths (the tiles from their start, the VNNI GEMM below):
+//!
+//! | format | K | M = 48 | 64 |
+//! |---|---|---|---|
+//! | q6_k | 4096 | 13.4 / 13.8 | 14.5 / 16.4 |
+//! | q6_k | 14336 | 14.1 / 13.7 | 15.6 / 15.7 |
+//! | q5_k | 4096 | 13.7 / 19.7 | 15.5 / 20.7 |
+//! | q5_k | 14336 | 14.4 / 17.4 | 15.3 / 20.2 |
+//! | q4_k | 4096 | 12.2 / 19.0 | 13.7 / 19.9 |
+//! | q4_k | 14336 | 12.2 / 16.1 | 13.2 / 18.5 |
+//! | q3_k | 4096 | 12.1 / 16.9 | 13.1 / 16.7 |
+//! | q3_k | 14336 | 11.6 / 15.4 | 12.8 / 14.9 |
+//!
+//! So: every K-quant takes the route from 48 rows at both K but q6_k, from 64 (at 48 the two
+//! are within the runs' noise; at 64 the route leads by 12 % at K = 4096 and ties at 14336).
 
 use crate::qtype::QType;
 
@@ -72,12 +93,12 @@ pub(super) struct KRoute {
 pub(super) fn k_route(qtype: QType, k: usize) -> Option<KRoute> {
     let short = k <= SHORT_K;
     let (tiles, bf16) = match (qtype, short) {
-        (QType::Q6K, _) => (Some(32), 80),
+        (QType::Q6K, _) => (Some(32), 64),
         (QType::Q2K | QType::IQ4XS, _) => (Some(32), 48),
         (QType::Q3K, true) => (Some(64), 48),
-        (QType::Q3K, false) => (Some(64), 80),
+        (QType::Q3K, false) => (Some(64), 48),
         (QType::Q4K | QType::Q5K, true) => (Some(64), 48),
-        (QType::Q4K | QType::Q5K, false) => (Some(64), 64),
+        (QType::Q4K | QType::Q5K, false) => (Some(64), 48),
         _ => return None,
     };
     Some(KRoute { tiles, bf16 })

@@ -19,7 +19,7 @@
 //! int8, fp8 and the grouped integers take the bf16 GEMM of `gemm_bf16.rs` / `x86/gemm16.rs`,
 //! with its own numerics (`reference/bf16.rs`: bf16 operands, f32 sums; not the q16 / f32 ones).
 //! Where AMX bf16 is usable the ggml formats (not tq*) take it too from `ggml_bf16_min_m` rows
-//! (48; q5_1 64; the K-quants by `k_route`'s table, 48 to 80 by format and K), their blocks decoded by `x86/decode16_ggml.rs`: from there within the tiles' bound
+//! (48; the K-quants by `k_route`'s table: 48, q6_k 64), their blocks decoded by `x86/decode16_ggml.rs`: from there within the tiles' bound
 //! of the dequantized product, no longer the q8 activations' bits.
 //! Calls under `SERIAL_WORK` multiply-adds run on the calling thread.
 //! At M = 1 the row kernels `x86/row32.rs` (32-weight formats), `x86/row_k/vnni.rs` (K-quants)

@@ -127,11 +127,23 @@ pub fn prefetch_pairs(lines: &[Pairs16]) {
     }
 }
 
-/// Asks for `bytes` in L1, a 64-byte line at a time (a hint: no fault, no effect on results).
+/// Asks for `bytes` in L1: every 64-byte line the span touches (a hint: no fault, no effect on
+/// results). The lines are counted from the first one's start, not from `bytes`' own start:
+/// steps of 64 from an unaligned start miss the last line whenever the span ends past the last
+/// step's line (a q6_k block of 210 bytes: its scales and `d`, read first by the decode).
 pub fn prefetch(bytes: &[u8]) {
-    for line in bytes.chunks(64) {
-        // SAFETY: SSE is part of x86-64; a prefetch of a valid address has no side effects.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr() as *const i8) };
+    let Some(last) = bytes.len().checked_sub(1) else {
+        return;
+    };
+    let p = bytes.as_ptr();
+    let head = p as usize & 63;
+    for line in (0..head + last + 1).step_by(64) {
+        // SAFETY: SSE is part of x86-64; a prefetch never faults and has no side effects (the
+        // address, line `line` of the span's lines, is formed with wrapping arithmetic, never
+        // dereferenced).
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_sub(head).wrapping_add(line) as *const i8)
+        };
     }
 }
 
