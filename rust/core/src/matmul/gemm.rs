@@ -124,19 +124,18 @@ impl Plan<'_> {
                 };
                 let mut it = steps(panels, chunks, rows_m <= PANEL_MAJOR_MAX_M).peekable();
                 while let Some((pi, c)) = it.next() {
-                    // The panel chunk decoded next on its way from memory while this one runs.
-                    if let Some(&(pn, cn)) = it.peek() {
+                    // The panel chunk decoded next, on its way from memory while this one
+                    // runs (`gemm32::chunk`).
+                    let next = it.peek().and_then(|&(pn, cn)| {
                         let (gn, gcn, _) = chunk(cn);
-                        if gcn > 0 {
-                            gemm32::prefetch(w(pn), gn, gcn);
-                        }
-                    }
+                        (gcn > 0).then(|| (w(pn), gn, gcn))
+                    });
                     let (g0, gc, tc) = chunk(c);
                     let a = &mut acc[pi * rows_m..(pi + 1) * rows_m];
                     // SAFETY: every weight row has nb = 8 · groups + tail blocks; x(j, g0) has
                     // the row's groups from g0 on and its tail (the activations of `plan`,
                     // interleaved for this K); gc <= KC_GROUPS.
-                    unsafe { gemm32::chunk(w(pi), g0, gc, tc, c == 0, rows_m, &x, buf, a) };
+                    unsafe { gemm32::chunk(w(pi), g0, gc, tc, c == 0, rows_m, &x, buf, a, next) };
                 }
                 for pi in 0..panels {
                     let col = n0 + pi * PANEL;

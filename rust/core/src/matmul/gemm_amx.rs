@@ -20,11 +20,14 @@ use crate::qtype::QType;
 /// 2.70-2.99 / 2.72-2.86, 64 4.83-5.04 / 5.24-5.32; iq4_nl 32 3.15-3.52 / 2.76-3.16, 64
 /// 4.93-5.55 / 5.24-5.86; q4_1 64 6.08-6.12 / 5.95-6.16, 128 10.7-11.1 / 11.6-11.8. The panel
 /// decode (once per call, `Load32::load` per row and block) weighs at small M: the cheaper the
-/// format's AVX-512 decode (q4_0, iq4_nl, q4_1), the later the tiles win.
+/// format's AVX-512 decode (q4_0, iq4_nl, q4_1), the later the tiles win. Session 19 (the
+/// q5 decode of `x86::pair32`, 4096x14336, one thread, CPU time, load 18-21, ms AVX-512 GEMM /
+/// AMX): q5_1 M = 16 8.7-9.3 / 9.9-10.1, 32 14.0-14.5 / 14.0-14.6, so q5_1 from 32; q5_0 M = 16
+/// 7.6-8.8 / 8.5-9.6, 32 stays.
 pub(super) fn min_m(qtype: QType) -> Option<usize> {
     match qtype {
-        QType::Q8_0 | QType::Q5_1 => Some(16),
-        QType::Q5_0 => Some(32),
+        QType::Q8_0 => Some(16),
+        QType::Q5_0 | QType::Q5_1 => Some(32),
         QType::Q4_0 | QType::IQ4NL => Some(64),
         QType::Q4_1 => Some(128),
         _ => None,

@@ -461,6 +461,7 @@ pub mod gemm32_avx2;
 pub mod gemm_k;
 pub mod gint;
 pub mod gint_row;
+pub mod pair32;
 pub mod q16;
 pub mod q8k;
 pub mod tile;

@@ -110,6 +110,19 @@ impl AmxPanel {
         self.b.resize(nb * 8, ZERO);
         self.d.resize(nb, ZERO);
         self.m.resize(nb, ZERO);
+        // Each row's distance from row 0 in bytes, where all 16 fit an i32 (rows of one
+        // weight buffer): then a block's 16 scales (and offsets) are one gather.
+        let base = w[0].as_ptr() as isize;
+        let mut offs = [0i32; NT];
+        let mut gather = true;
+        for (o, wn) in offs.iter_mut().zip(&w) {
+            match i32::try_from(wn.as_ptr() as isize - base) {
+                Ok(v) => *o = v,
+                Err(_) => gather = false,
+            }
+        }
+        // SAFETY: 16 i32 (64 bytes).
+        let idx = unsafe { _mm512_loadu_si512(offs.as_ptr() as *const __m512i) };
         for b in 0..nb {
             for (n, wn) in w.iter().enumerate() {
                 // SAFETY: AVX2 (contract); block b of each row exists (contract).
@@ -117,6 +130,22 @@ impl AmxPanel {
                 let line = self.b[b * 8 + n / 2].0[32 * (n % 2)..].as_mut_ptr() as *mut __m256i;
                 // SAFETY: 32 bytes inside line b · 8 + n / 2 (resized above).
                 unsafe { _mm256_storeu_si256(line, v) };
+            }
+            if gather {
+                // SAFETY: lane n reads the first 4 bytes of block b of row n (base + offs[n]
+                // is row n's start; every block holds at least 4 bytes, d first and m after
+                // it, `x86::pair32`); F16C / AVX-512 F (contract); aligned 64-byte stores.
+                unsafe {
+                    let p = w[0].as_ptr().add(b) as *const u8;
+                    let h = _mm512_i32gather_epi32::<1>(idx, p as _);
+                    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+                    _mm512_store_ps(self.d[b].0.as_mut_ptr() as *mut f32, d);
+                    if W::HAS_MIN {
+                        let m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(h)));
+                        _mm512_store_ps(self.m[b].0.as_mut_ptr() as *mut f32, m);
+                    }
+                }
+                continue;
             }
             let dh: [u16; NT] = std::array::from_fn(|n| u16::from_le_bytes(w[n][b].d()));
             // SAFETY: dh is 16 u16 (32 bytes loaded); F16C / AVX-512 F (contract); an aligned
