@@ -536,6 +536,9 @@ impl<'a> Ahead<'a> {
     }
 }
 
+/// f32 outputs: the job's outputs (`acc[at(i, j)]`: weight row `n0 + i`, activation rows 16 (v0 + j) ..)
+/// into `out`, 16 x 16 at a time: transposed in registers (`acts16::transpose16`), then written a row
+/// of 16 columns (one 64-byte line) at a time; a last partial block of columns lane by lane.
 impl Sink for OutPtr {
     fn tiles(
         &self,
@@ -547,46 +550,30 @@ impl Sink for OutPtr {
         n0: usize,
         at: impl Fn(usize, usize) -> usize,
     ) {
-        write_out(acc, rows, nv, v0, m, n0, self, at)
-    }
-}
-
-/// The job's outputs (`acc[at(i, j)]`: weight row `n0 + i`, activation rows 16 (v0 + j) ..)
-/// into `out`, 16 x 16 at a time: transposed in registers (`acts16::transpose16`), then written a row
-/// of 16 columns (one 64-byte line) at a time; a last partial block of columns lane by lane.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn write_out(
-    acc: &[__m512],
-    rows: usize,
-    nv: usize,
-    v0: usize,
-    m: usize,
-    n0: usize,
-    out: &OutPtr,
-    at: impl Fn(usize, usize) -> usize,
-) {
-    for j in 0..nv {
-        let m0 = (v0 + j) * 16;
-        let lanes = m.saturating_sub(m0).min(16);
-        for c0 in (0..rows).step_by(16) {
-            let cols = (rows - c0).min(16);
-            if cols == 16 {
-                let mut t: [__m512; 16] = std::array::from_fn(|c| acc[at(c0 + c, j)]);
-                // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
-                unsafe { x86::acts16::transpose16(&mut t) };
-                for (l, row) in t.iter().enumerate().take(lanes) {
-                    let row = lanes_of(*row);
-                    out.set8(m0 + l, n0 + c0, row[..8].try_into().unwrap());
-                    out.set8(m0 + l, n0 + c0 + 8, row[8..].try_into().unwrap());
-                }
-            } else {
-                for c in 0..cols {
-                    for (l, y) in lanes_of(acc[at(c0 + c, j)])
-                        .into_iter()
-                        .enumerate()
-                        .take(lanes)
-                    {
-                        out.set(m0 + l, n0 + c0 + c, y);
+        let out = self;
+        for j in 0..nv {
+            let m0 = (v0 + j) * 16;
+            let lanes = m.saturating_sub(m0).min(16);
+            for c0 in (0..rows).step_by(16) {
+                let cols = (rows - c0).min(16);
+                if cols == 16 {
+                    let mut t: [__m512; 16] = std::array::from_fn(|c| acc[at(c0 + c, j)]);
+                    // SAFETY: bf16 is set only with `cpu::has_avx512_bf16` (AVX-512 F included).
+                    unsafe { x86::acts16::transpose16(&mut t) };
+                    for (l, row) in t.iter().enumerate().take(lanes) {
+                        let row = lanes_of(*row);
+                        out.set8(m0 + l, n0 + c0, row[..8].try_into().unwrap());
+                        out.set8(m0 + l, n0 + c0 + 8, row[8..].try_into().unwrap());
+                    }
+                } else {
+                    for c in 0..cols {
+                        for (l, y) in lanes_of(acc[at(c0 + c, j)])
+                            .into_iter()
+                            .enumerate()
+                            .take(lanes)
+                        {
+                            out.set(m0 + l, n0 + c0 + c, y);
+                        }
                     }
                 }
             }

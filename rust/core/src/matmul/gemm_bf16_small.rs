@@ -8,7 +8,7 @@
 use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
 use std::cell::RefCell;
 
-use super::gemm_bf16::write_out;
+use super::out16::Sink;
 use super::x86::amx_bf16_small::{self as small, Tiles, KCS, ROWS, W_STRIDE};
 use super::x86::gemm16::{Acts16, KC};
 use super::{OutPtr, Plan};
@@ -117,7 +117,7 @@ impl Plan<'_> {
                 small::store(ROWS / 16, &mut c);
                 crate::amx::tile_release();
             }
-            write_out(&c.0, rows, 1, 0, self.m, n0, out, |i, _| i);
+            out.tiles(&c.0, rows, 1, 0, self.m, n0, |i, _| i);
         });
     }
 }

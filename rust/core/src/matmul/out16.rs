@@ -1,5 +1,5 @@
 //! Where the bf16 GEMM's jobs put their outputs (`Sink`): f32 `out` (`OutPtr`, through
-//! `gemm_bf16::write_out`, its impl there), or bf16 bits straight into the caller's arrays (`Bf16Out`:
+//! its impl in `gemm_bf16.rs`), or bf16 bits straight into the caller's arrays (`Bf16Out`:
 //! `qmatmul_bf16` / `qmatmul_bf16_split`, whose f32 `out` and second `narrow` pass cost 5 % and
 //! more of a SmolLM2 call at M = 128). Numerics of `Bf16Out`: each output is
 //! `bf16_io::f32_to_bf16` of the job's f32 chain (nearest, ties to even, subnormals kept,

@@ -285,7 +285,7 @@ fn qmatmul_bf16_direct_activations_with_subnormals() {
     }
 }
 
-/// `Bf16Out`'s tiles = `f32_to_bf16` of `OutPtr`'s f32 tiles (`write_out`), value for value:
+/// `Bf16Out`'s tiles = `f32_to_bf16` of `OutPtr`'s f32 tiles, value for value:
 /// values that round up, down, to even on ties, into the exponent, to infinity, subnormals,
 /// signed zeros, infinities and NaNs; jobs of 8-144 rows from column 0 or 40, parts that
 /// split 16- or 32-column blocks or not, M with a partial vector.

@@ -1,6 +1,6 @@
 //! The bf16 GEMM's activations (`Acts16`, 16 rows a vector of bf16 pairs) built from
 //! the f32 rows in one pass that also checks them for infinities and NaNs, and the 16 x 16
-//! dword transpose it shares with the output side (`matmul/gemm_bf16.rs`'s `write_out`).
+//! dword transpose it shares with the output side (`matmul/gemm_bf16.rs`'s `Sink` for `OutPtr`).
 //!
 //! Per vector of 16 rows and block of 32 columns, each row's 32 values are rounded by one
 //! `vcvtne2ps2bf16` (16 pairs), then the 16 rows' pairs are transposed in registers so that
