@@ -76,8 +76,9 @@ def rows(cells: dict[tuple, dict]) -> list[tuple]:
     return out
 
 
-HEAD = ("K x N", "M", "backend", "library", "ours ms", "torch bf16 ms", "x torch bf16 (rounds)",
-        "per process", "rounds", "vs first library")  # fmt: skip
+def head(peer: str = "torch bf16") -> tuple[str, ...]:
+    return ("K x N", "M", "backend", "library", "ours ms", f"{peer} ms", f"x {peer} (rounds)",
+            "per process", "rounds", "vs first library")  # fmt: skip
 
 
 def strip_option(argv: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -118,10 +119,11 @@ def run_processes(script: str, argv: Sequence[str], processes: int, libs: Sequen
     print(f"\nbench_matmul --ab-rounds: {benchlib.machine()} (at the start: {load_start})")
     for i, proc in enumerate(results):
         print(f"process {i + 1}: {proc['header']}")
-    print(f"{processes} processes in turn; per cell every round's ratio torch bf16 time / ours "
+    peer = results[0].get("peer", "torch bf16")
+    print(f"{processes} processes in turn; per cell every round's ratio {peer} time / ours "
           "(back to back, order swapped each round), median (min-max) over all rounds; "
           "'per process': the range of the processes' median ratios")  # fmt: skip
-    print(benchlib.table(HEAD, rows(merge(results))))
+    print(benchlib.table(head(results[0].get("peer", "torch bf16")), rows(merge(results))))
 
 
 def report_one(proc: dict, json_path: str | None) -> None:
@@ -132,6 +134,6 @@ def report_one(proc: dict, json_path: str | None) -> None:
         return
     print(f"\nbench_matmul --ab-rounds: {benchlib.machine()}")
     print(proc["header"])
-    print("per cell every round's ratio torch bf16 time / ours (back to back, order swapped each "
-          "round), median (min-max) over the rounds")  # fmt: skip
-    print(benchlib.table(HEAD, rows(merge([proc]))))
+    print(f"per cell every round's ratio {proc.get('peer', 'torch bf16')} time / ours (back to "
+          "back, order swapped each round), median (min-max) over the rounds")  # fmt: skip
+    print(benchlib.table(head(proc.get("peer", "torch bf16")), rows(merge([proc]))))

@@ -46,7 +46,8 @@ rows on: the small-M tiles to 16 rows, then the big tile loop).
 --ab-rounds R (the sturdier ratio to torch bf16; `benches/ab_rounds.py`): each cell (shape, M,
 format) is timed in R rounds, each round our call and torch bf16's F.linear back to back (order
 swapped every round; each a measurement of --budget seconds), and the cell prints the median of
-the per-round ratios torch time / ours with their range (no f32 peer, no read probe). With
+the per-round ratios torch time / ours with their range (no read probe; --ab-peer f32 takes torch's
+float32 F.linear as the peer instead, for CPUs without native bf16, where torch bf16 is slow). With
 --processes P the whole run is repeated in P fresh processes in turn and their rounds pooled
 (plus the range of the per-process medians); --libs A,B alternates the processes' PYTHONPATH over
 those libraries (e.g. a branch's python/ and main's) and adds each cell's median ratio over the
@@ -219,19 +220,21 @@ def ab_round_times(ours, copies, peer, peer_copies, rounds: int, budget: float):
 
 
 def ab_cells(args, shapes, qtypes, ms, team) -> list[dict]:
-    """--ab-rounds: per cell `args.ab_rounds` rounds of our call and torch bf16's back to back
-    (the order swapped every round), weights rotated as in the default mode; the cells' times."""
+    """--ab-rounds: per cell `args.ab_rounds` rounds of our call and torch's (`--ab-peer`) back
+    to back (the order swapped every round), weights rotated as in the default mode; the cells'
+    times."""
     import torch
     import torch.nn.functional as F
 
+    dt = torch.bfloat16 if args.ab_peer == "bf16" else torch.float32
     rng = np.random.default_rng(0)  # the default mode's draws, in its order
     cells = []
     for k, n in shapes:
         s = f"{k}x{n}"
         x_by_m = {m: rng.standard_normal((m, k)).astype(np.float32) for m in ms}
         w = torch.from_numpy(rng.standard_normal((SLAB_ROWS, k)).astype(np.float32))
-        w = w.repeat(math.ceil(n / SLAB_ROWS), 1)[:n].to(torch.bfloat16).contiguous()
-        tcopies = [w.clone() for _ in range(n_copies(w.numel() * 2, args.rotate_mb))]
+        w = w.repeat(math.ceil(n / SLAB_ROWS), 1)[:n].to(dt).contiguous()
+        tcopies = [w.clone() for _ in range(n_copies(w.numel() * w.element_size(), args.rotate_mb))]
         del w
         for q in qtypes:
             try:
@@ -245,7 +248,7 @@ def ab_cells(args, shapes, qtypes, ms, team) -> list[dict]:
             copies = [(data.copy(), stats.copy() if stats is not None else None)
                       for _ in range(n_copies(size, args.rotate_mb))]  # fmt: skip
             for m, x in x_by_m.items():
-                xt = torch.from_numpy(x).to(torch.bfloat16)
+                xt = torch.from_numpy(x).to(dt)
 
                 def call(data, stats, x=x, q=q, n=n, k=k, block=block, mode=mode):
                     return _native.qmatmul(x, data, q, n, k, block, stats, mode, openmp=team)
@@ -254,7 +257,7 @@ def ab_cells(args, shapes, qtypes, ms, team) -> list[dict]:
                                       args.ab_rounds, args.budget)  # fmt: skip
                 cells.append({"shape": s, "m": m, "backend": f"fq {q}", "ours": a, "peer": b})
                 med = ab_rounds.summary(ab_rounds.round_ratios(a, b))
-                print(f"  {s} M={m} fq {q}: {benchlib.med(a) * 1e3:.2f} ms, torch bf16 "
+                print(f"  {s} M={m} fq {q}: {benchlib.med(a) * 1e3:.2f} ms, torch {args.ab_peer} "
                       f"{benchlib.med(b) * 1e3:.2f} ms, x torch {med[0]:.3f} "
                       f"({med[1]:.3f}-{med[2]:.3f})", file=sys.stderr, flush=True)  # fmt: skip
             del copies
@@ -323,6 +326,9 @@ def main() -> None:
     ap.add_argument(
         "--libs", default="", help="with --processes: PYTHONPATHs the processes alternate over"
     )
+    ap.add_argument(
+        "--ab-peer", choices=("bf16", "f32"), default="bf16", help="--ab-rounds: torch's dtype"
+    )
     ap.add_argument("--ab-json", default="", help=argparse.SUPPRESS)  # a child's rounds
     args = ap.parse_args()
     if (args.processes or args.libs) and not args.ab_rounds:
@@ -370,7 +376,8 @@ def main() -> None:
                   f"{benchlib.ours_isa()}; torch {torch.__version__}; {threads} threads; "
                   f"{dispatch}; {rounds}")  # fmt: skip
         cells = ab_cells(args, shapes, qtypes, ms, team)
-        return ab_rounds.report_one({"header": header, "cells": cells}, args.ab_json)
+        proc = {"header": header, "peer": f"torch {args.ab_peer}", "cells": cells}
+        return ab_rounds.report_one(proc, args.ab_json)
     rng = np.random.default_rng(0)
     engines = {"read bw": lambda: read_bandwidth(threads)}
     nbytes = {}  # (shape, backend) -> weight bytes
