@@ -43,6 +43,18 @@ FERROQUANT_GGML_BF16=0 (its int8 paths at every M), interleaved in the same run:
 two paths and where they cross (with FERROQUANT_GGML_BF16=8 set for the run, the tiles from 8
 rows on: the small-M tiles to 16 rows, then the big tile loop).
 
+--ab-rounds R (the sturdier ratio to torch bf16; `benches/ab_rounds.py`): each cell (shape, M,
+format) is timed in R rounds, each round our call and torch bf16's F.linear back to back (order
+swapped every round; each a measurement of --budget seconds), and the cell prints the median of
+the per-round ratios torch time / ours with their range (no read probe; --ab-peer f32 takes torch's
+float32 F.linear as the peer instead, for CPUs without native bf16, where torch bf16 is slow). With
+--processes P the whole run is repeated in P fresh processes in turn and their rounds pooled
+(plus the range of the per-process medians); --libs A,B alternates the processes' PYTHONPATH over
+those libraries (e.g. a branch's python/ and main's) and adds each cell's median ratio over the
+first library's: an A/B of two builds with torch as every round's yardstick. E.g.
+    python benches/bench_matmul.py --m 512 --qtypes q4_0,nf4 --threads 1 --cpu-time \
+        --ab-rounds 5 --budget 0.3 --processes 4 --libs /work/wt/python,/work/main/python
+
 Runs: each of --runs runs measures every backend (and the read bandwidth) once, in turn
 (benchlib.interleave; a backend's weight copies are made at its turn and freed after it); a
 measurement is the median of the calls in --budget seconds. Each row prints the median (min-max)
@@ -54,11 +66,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
 import time
 
+import ab_rounds
 import benchlib
 import numpy as np
 
@@ -189,6 +203,68 @@ def benchlib_env(env: dict[str, str]):
                 os.environ[k] = v
 
 
+def ab_round_times(ours, copies, peer, peer_copies, rounds: int, budget: float):
+    """`rounds` rounds of `ours(data, stats)` on `copies` and `peer(w)` on `peer_copies`, back
+    to back (ours first in even rounds); their times per round."""
+    import torch
+
+    a, b = [], []
+    for r in range(rounds):
+        for who in (0, 1) if r % 2 == 0 else (1, 0):
+            if who == 0:
+                a.append(time_calls(lambda c: ours(*c), copies, budget))
+            else:
+                with torch.inference_mode():
+                    b.append(time_calls(peer, peer_copies, budget))
+    return a, b
+
+
+def ab_cells(args, shapes, qtypes, ms, team) -> list[dict]:
+    """--ab-rounds: per cell `args.ab_rounds` rounds of our call and torch's (`--ab-peer`) back
+    to back (the order swapped every round), weights rotated as in the default mode; the cells'
+    times."""
+    import torch
+    import torch.nn.functional as F
+
+    dt = torch.bfloat16 if args.ab_peer == "bf16" else torch.float32
+    rng = np.random.default_rng(0)  # the default mode's draws, in its order
+    cells = []
+    for k, n in shapes:
+        s = f"{k}x{n}"
+        x_by_m = {m: rng.standard_normal((m, k)).astype(np.float32) for m in ms}
+        w = torch.from_numpy(rng.standard_normal((SLAB_ROWS, k)).astype(np.float32))
+        w = w.repeat(math.ceil(n / SLAB_ROWS), 1)[:n].to(dt).contiguous()
+        tcopies = [w.clone() for _ in range(n_copies(w.numel() * w.element_size(), args.rotate_mb))]
+        del w
+        for q in qtypes:
+            try:
+                data, stats, block, mode = slab(q, k, rng)
+            except ValueError as e:
+                print(f"  {s} {q}: skipped ({e})", file=sys.stderr)
+                continue
+            data = tile_rows(data, n)
+            stats = tile_rows(stats, n) if stats is not None else None
+            size = data.nbytes + (stats.nbytes if stats is not None else 0)
+            copies = [(data.copy(), stats.copy() if stats is not None else None)
+                      for _ in range(n_copies(size, args.rotate_mb))]  # fmt: skip
+            for m, x in x_by_m.items():
+                xt = torch.from_numpy(x).to(dt)
+
+                def call(data, stats, x=x, q=q, n=n, k=k, block=block, mode=mode):
+                    return _native.qmatmul(x, data, q, n, k, block, stats, mode, openmp=team)
+
+                a, b = ab_round_times(call, copies, functools.partial(F.linear, xt), tcopies,
+                                      args.ab_rounds, args.budget)  # fmt: skip
+                cells.append({"shape": s, "m": m, "backend": f"fq {q}", "ours": a, "peer": b})
+                med = ab_rounds.summary(ab_rounds.round_ratios(a, b))
+                print(f"  {s} M={m} fq {q}: {benchlib.med(a) * 1e3:.2f} ms, torch {args.ab_peer} "
+                      f"{benchlib.med(b) * 1e3:.2f} ms, x torch {med[0]:.3f} "
+                      f"({med[1]:.3f}-{med[2]:.3f})", file=sys.stderr, flush=True)  # fmt: skip
+            del copies
+        del tcopies
+    return cells
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="1,8,64,512", help="comma-separated batch sizes M")
@@ -238,7 +314,28 @@ def main() -> None:
         "instead of the bf16 GEMM on AMX tiles, which it takes from "
         "_native.qmatmul_bf16_ggml_min_m(qtype, k) rows)",
     )
+    ap.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=0,
+        help="per cell R rounds of ours and torch bf16 back to back; the median per-round ratio",
+    )
+    ap.add_argument(
+        "--processes", type=int, default=0, help="with --ab-rounds: P fresh processes, pooled"
+    )
+    ap.add_argument(
+        "--libs", default="", help="with --processes: PYTHONPATHs the processes alternate over"
+    )
+    ap.add_argument(
+        "--ab-peer", choices=("bf16", "f32"), default="bf16", help="--ab-rounds: torch's dtype"
+    )
+    ap.add_argument("--ab-json", default="", help=argparse.SUPPRESS)  # a child's rounds
     args = ap.parse_args()
+    if (args.processes or args.libs) and not args.ab_rounds:
+        ap.error("--processes / --libs need --ab-rounds")
+    if args.processes:
+        libs = [v for v in args.libs.split(",") if v]
+        return ab_rounds.run_processes(__file__, sys.argv[1:], args.processes, libs)
     if args.cpu_time:
         if args.threads != 1:
             ap.error("--cpu-time needs --threads 1 (the calling thread does all the work)")
@@ -270,6 +367,17 @@ def main() -> None:
     if qtypes == ["all"]:
         qtypes = list(_native.qmatmul_qtypes())
     shapes = SHAPES if args.shapes == "all" else parse_shapes(args.shapes)
+    if args.ab_rounds:
+        if args.no_torch:
+            ap.error("--ab-rounds times torch bf16")
+        clock = "; times: the calling thread's CPU time" if args.cpu_time else ""
+        rounds = f"{args.ab_rounds} rounds of {args.budget} s a measurement{clock}"
+        header = (f"ferroquant {fq.__version__} from {os.path.dirname(fq.__file__)}, kernels "
+                  f"{benchlib.ours_isa()}; torch {torch.__version__}; {threads} threads; "
+                  f"{dispatch}; {rounds}")  # fmt: skip
+        cells = ab_cells(args, shapes, qtypes, ms, team)
+        proc = {"header": header, "peer": f"torch {args.ab_peer}", "cells": cells}
+        return ab_rounds.report_one(proc, args.ab_json)
     rng = np.random.default_rng(0)
     engines = {"read bw": lambda: read_bandwidth(threads)}
     nbytes = {}  # (shape, backend) -> weight bytes
