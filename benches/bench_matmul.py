@@ -37,6 +37,11 @@ counts each engine's own compute and not the time it waited for a core (caches a
 still shared). Ratios of such runs compare the kernels on one core; they are no measure of
 the two-thread wall time.
 
+--k-paths: each K-quant (K_QUANTS) is also timed on each of its three paths, "fq <qtype> vnni"
+(the AVX-512 VNNI GEMM), "tiles" (the AMX int8 tiles) and "route" (the ggml bf16 route), each
+forced from 8 rows (K_PATHS), interleaved in the same run: the data of `k_route.rs`'s table in
+one process. Where AVX-512 VNNI or AMX is missing the three rows run the same kernels.
+
 --ggml-int8: each ggml format that takes the bf16 GEMM on AMX tiles at large M
 (`_native.qmatmul_bf16_ggml_min_m(qtype, k)`) is also timed as "fq <qtype> int8" with
 FERROQUANT_GGML_BF16=0 (its int8 paths at every M), interleaved in the same run: the A/B of the
@@ -84,6 +89,16 @@ from ferroquant import _native  # noqa: E402
 SHAPES = ((4096, 14336), (14336, 4096))  # (K, N)
 QTYPES = ("q4_0", "q5_0", "q8_0", "iq4_nl", "q4_k", "q5_k", "q6_k", "nf4", "int8")
 SLAB_ROWS = 512
+K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs")
+# --k-paths: each K-quant forced onto one path at every M from 8 rows (docs/configuration.md;
+# rust/core/src/matmul/k_route.rs has the measured table these rows feed). The three differ
+# only where AVX-512 VNNI (vnni), AMX int8 (tiles) and AMX bf16 (route) run: elsewhere all
+# three are the same AVX2 / row kernels, and the header's "kernels" and "amx" say so.
+K_PATHS = {
+    "vnni": {"FERROQUANT_K_TILES": "0", "FERROQUANT_GGML_BF16": "0"},
+    "tiles": {"FERROQUANT_K_TILES": "4", "FERROQUANT_GGML_BF16": "0"},
+    "route": {"FERROQUANT_K_TILES": "0", "FERROQUANT_GGML_BF16": "8"},
+}
 
 
 def slab(qtype: str, k: int, rng: np.random.Generator):
@@ -330,6 +345,12 @@ def main() -> None:
         "--ab-peer", choices=("bf16", "f32"), default="bf16", help="--ab-rounds: torch's dtype"
     )
     ap.add_argument("--ab-json", default="", help=argparse.SUPPRESS)  # a child's rounds
+    ap.add_argument(
+        "--k-paths",
+        action="store_true",
+        help="also time each K-quant on each of its three GEMM paths ('vnni': the AVX-512 VNNI "
+        "GEMM, 'tiles': the AMX int8 tiles, 'route': the ggml bf16 route; K_PATHS)",
+    )
     args = ap.parse_args()
     if (args.processes or args.libs) and not args.ab_rounds:
         ap.error("--processes / --libs need --ab-rounds")
@@ -453,6 +474,12 @@ def main() -> None:
                 engines[f"{s} fq {q} 1by1"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_M1_RUNS": "0"}
                 )
+            if args.k_paths and q in K_QUANTS:
+                for name, env in K_PATHS.items():
+                    nbytes[s, f"fq {q} {name}"] = nbytes[s, f"fq {q}"]
+                    engines[f"{s} fq {q} {name}"] = fq_engine(
+                        q, k, n, data, stats, block, mode, x_by_m, env
+                    )
             if args.avx2_rows:
                 nbytes[s, f"fq {q} rows"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} rows"] = fq_engine(
@@ -488,7 +515,8 @@ def main() -> None:
     torch_v = "no torch" if args.no_torch else f"torch {torch.__version__}"
     print(f"ferroquant {fq.__version__}, kernels {benchlib.ours_isa()}; {torch_v}; "
           f"{threads} threads; {dispatch}; weights rotated over copies > {args.rotate_mb} MB"
-          + ("; times: the calling thread's CPU time" if args.cpu_time else ""))  # fmt: skip
+          + ("; times: the calling thread's CPU time" if args.cpu_time else "")
+          + (f"; amx: {_native.amx_status()}" if args.k_paths else ""))  # fmt: skip
     print(f"read bandwidth (stream_read, 1 GiB, {threads} threads, best probe): "
           f"{benchlib.spread(bw)} GB/s; the old 8-byte probe {benchlib.spread(bw_old)} GB/s"
           + ("" if bw_torch is None else
