@@ -438,26 +438,13 @@ impl Plan<'_> {
             }
             QType::GInt(g) if g.bits == 8 => {
                 let groups = self.k / bl;
-                let q = &row[k0..k0 + kc];
-                if g.sym && crate::cpu::has_vbmi_gfni() {
-                    use x86::decode16_vbmi::{decode_int8_sym, int8_sym_scale_ok};
-                    // (the chunk's scales, checked here: the stats are not validated as fp16)
-                    if st[blk(k0)..=blk(k0 + kc - 1)]
-                        .iter()
-                        .all(|&s| int8_sym_scale_ok(s))
-                    {
-                        // SAFETY: see above; VBMI checked; every scale of the chunk passes.
-                        // Groups of 64 or more (or whole rows): steps 2i, 2i + 1 share a scale.
-                        return unsafe { decode_int8_sym(q, bl >= 64, at, dst) };
-                    }
-                }
                 let zs = |j: usize| {
                     let gi = blk(k0 + 32 * j);
                     let z = if g.sym { 128 } else { st[groups + gi] as u8 };
                     (z, st[gi])
                 };
                 // SAFETY: see above.
-                unsafe { gemm16::decode_gint8(q, zs, dst) }
+                unsafe { gemm16::decode_gint8(&row[k0..k0 + kc], zs, dst) }
             }
             QType::GInt(g) => {
                 use crate::formats::gint;
