@@ -29,6 +29,10 @@ which. --pool-rows adds, per format, "fq <qtype> pool": the same calls on the ra
 interleaved with the team's in the same run (the A/B of the two dispatches). --one-by-one adds
 "fq <qtype> 1by1": M = 1 with the threads' tasks claimed one by one (FERROQUANT_M1_RUNS=0)
 instead of a contiguous run of rows a thread (the A/B of the two splits in one run).
+--tiles32 adds, per 32-weight format, "fq <qtype> gemm" (FERROQUANT_TILES32=0: the AVX-512 GEMM at
+every M) and "fq <qtype> tiles" (FERROQUANT_TILES32=4: the AMX int8 tiles from 4 rows), interleaved
+in the same run: where they cross is `gemm_amx::min_m` (add FERROQUANT_GGML_BF16=0 to the run's
+environment for M >= 48, where the bf16 route takes over by default).
 
 --cpu-time (with --threads 1): every call is timed by the calling thread's CPU time
 (`time.thread_time`) instead of the wall clock. With one thread ferroquant computes on the
@@ -99,6 +103,8 @@ K_PATHS = {
     "tiles": {"FERROQUANT_K_TILES": "4", "FERROQUANT_GGML_BF16": "0"},
     "route": {"FERROQUANT_K_TILES": "0", "FERROQUANT_GGML_BF16": "8"},
 }
+# The formats of the AVX-512 GEMM that take the AMX int8 tiles from gemm_amx::min_m (--tiles32).
+TILES32 = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "iq4_nl")
 
 
 def slab(qtype: str, k: int, rng: np.random.Generator):
@@ -205,7 +211,8 @@ def torch_sum_bandwidth(threads: int) -> float:
 @contextlib.contextmanager
 def benchlib_env(env: dict[str, str]):
     """The environment variables `env` set for the duration (the Rust core reads
-    FERROQUANT_AVX2_GEMM and FERROQUANT_GGML_BF16 at every call)."""
+    FERROQUANT_AVX2_GEMM, FERROQUANT_GGML_BF16, FERROQUANT_TILES32 and FERROQUANT_M1_RUNS at
+    every call)."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -351,6 +358,13 @@ def main() -> None:
         help="also time each K-quant on each of its three GEMM paths ('vnni': the AVX-512 VNNI "
         "GEMM, 'tiles': the AMX int8 tiles, 'route': the ggml bf16 route; K_PATHS)",
     )
+    ap.add_argument(
+        "--tiles32",
+        action="store_true",
+        help="also time each 32-weight format (q4_0 q4_1 q5_0 q5_1 q8_0 iq4_nl) with "
+        "FERROQUANT_TILES32=0 ('gemm': the AVX-512 GEMM at every M) and =4 ('tiles': the AMX "
+        "int8 tiles from 4 rows), to place gemm_amx::min_m (where AMX int8 is usable)",
+    )
     args = ap.parse_args()
     if (args.processes or args.libs) and not args.ab_rounds:
         ap.error("--processes / --libs need --ab-rounds")
@@ -469,6 +483,12 @@ def main() -> None:
                 engines[f"{s} fq {q} int8"] = fq_engine(
                     q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_GGML_BF16": "0"}
                 )
+            if args.tiles32 and q in TILES32:
+                for label, v in (("gemm", "0"), ("tiles", "4")):
+                    nbytes[s, f"fq {q} {label}"] = nbytes[s, f"fq {q}"]
+                    engines[f"{s} fq {q} {label}"] = fq_engine(
+                        q, k, n, data, stats, block, mode, x_by_m, {"FERROQUANT_TILES32": v}
+                    )
             if args.one_by_one:
                 nbytes[s, f"fq {q} 1by1"] = nbytes[s, f"fq {q}"]
                 engines[f"{s} fq {q} 1by1"] = fq_engine(

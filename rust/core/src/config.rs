@@ -10,6 +10,7 @@
 //! | `FERROQUANT_NEON_GEMM` | at every qmatmul call that would take it | "0": the 32-weight formats' GEMM of aarch64 (`matmul/gemm_neon.rs`) is off and the row kernels run (to compare them: `benches/aarch64_insns`) |
 //! | `FERROQUANT_GGML_BF16` | at every qmatmul call that would take it | unset, "1" or not a number: the ggml formats take the bf16 GEMM on AMX tiles (`matmul::ggml_bf16_min_m`, where AMX bf16 is usable) from each format's measured threshold (48 rows; q6_k 64: `matmul/k_route.rs`); a number n >= 2: from n rows (at least 8, `amx_bf16_small::MIN_M`: 8 to 16 rows on the small-M tiles); "0": never (their int8 paths at every M, as on CPUs without AMX bf16) |
 //! | `FERROQUANT_K_TILES` | at every qmatmul call that would take them | a number n: the K-quants (q2_k..q6_k, iq4_xs) take the AMX int8 tiles (`matmul/gemm_amx_k.rs`, where AMX int8 is usable) from n rows (at least 4, the VNNI GEMM's start) instead of `matmul/k_route.rs`'s measured `tiles`; "0": never (the VNNI GEMM below the bf16 route); unset or not a number: the table (for benchmarks) |
+//! | `FERROQUANT_TILES32` | at every qmatmul call that would take them | a number n: the 32-weight formats (q4_0, q4_1, q5_0, q5_1, q8_0, iq4_nl) take the AMX int8 tiles (`matmul/gemm_amx.rs`, where AMX int8 is usable) from n rows (at least 4, the AVX-512 GEMM's start) instead of `gemm_amx::min_m`'s table; "0": never (the AVX-512 GEMM); unset or not a number: the table (for benchmarks) |
 //! | `FERROQUANT_M1_RUNS` | at every multi-threaded M = 1 qmatmul call | "0": the threads claim the weight rows' tasks one by one from a shared counter (the split before session 17) instead of a contiguous run of tasks each (`parallel::for_each_chunk_mut_in_runs`); same bits (for `benches/bench_matmul.py --one-by-one`) |
 //! | `FERROQUANT_RUNTIME_PACK` | at every model load | "0": the runtime keeps its q8_0 / q4_K / q6_K matrices as stored instead of 8-row panels (only x86-64 with AVX-512 VNNI packs) |
 //! | `FERROQUANT_EXPECT_DOTPROD` | tests (aarch64) | "1" / "0": the NEON tests fail unless `dotprod` is / is not in use (qemu CPU check) |
@@ -70,6 +71,12 @@ pub fn ggml_bf16() -> Option<usize> {
 /// number (the measured table; read at every call that asks).
 pub fn k_tiles() -> Option<usize> {
     parsed("FERROQUANT_K_TILES")
+}
+
+/// `FERROQUANT_TILES32`: `Some(n)` for a number n (0: never), `None` when unset or not a
+/// number (`gemm_amx::min_m`'s table; read at every call that asks).
+pub fn tiles32() -> Option<usize> {
+    parsed("FERROQUANT_TILES32")
 }
 
 /// `FERROQUANT_M1_RUNS`: false only when set to "0" (read at every call that asks).

@@ -40,9 +40,21 @@ thread_local! {
 }
 
 /// Whether the AMX path runs for `qtype` weights and `m` activation rows (`min_m`,
-/// `amx::amx_int8_usable`).
+/// `amx::amx_int8_usable`; `FERROQUANT_TILES32` moves the threshold).
 pub(super) fn takes(qtype: QType, m: usize) -> bool {
-    min_m(qtype).is_some_and(|t| m >= t) && crate::amx::amx_int8_usable()
+    from_rows(qtype, crate::config::tiles32()).is_some_and(|t| m >= t)
+        && crate::amx::amx_int8_usable()
+}
+
+/// From how many rows the tiles run for `qtype` with `FERROQUANT_TILES32` = `switch`
+/// (benchmarks, to find the thresholds: `Some(n)` from n rows, at least the AVX-512 GEMM's
+/// `GEMM_MIN_M`; `Some(0)` never; `None` the table, `min_m`).
+pub(super) fn from_rows(qtype: QType, switch: Option<usize>) -> Option<usize> {
+    match switch {
+        Some(0) => None,
+        Some(n) => min_m(qtype).map(|_| n.max(super::GEMM_MIN_M)),
+        None => min_m(qtype),
+    }
 }
 
 /// The activations packed for the A tiles (`x86::amx32::AmxX`), or None for activations

@@ -341,9 +341,11 @@ fn route<'a>(
     // Every weight row on AMX int8 tiles (whole panels of 16; tasks of whole panels,
     // `amx_task_rows`): the AVX-512 GEMM's activation layouts (`xt`, `nbias`, `xtail`) would go
     // unread, so they are not built (at 576x576, M = 128: 4 % of a call).
+    // (asked once: `FERROQUANT_TILES32` is read at every ask, and `amx` below must agree)
     #[cfg(target_arch = "x86_64")]
-    let amx_all =
-        gemm && !gemm_k && n.is_multiple_of(x86::amx32::NT) && super::gemm_amx::takes(w.qtype, m);
+    let amx32 = gemm && !gemm_k && super::gemm_amx::takes(w.qtype, m);
+    #[cfg(target_arch = "x86_64")]
+    let amx_all = amx32 && n.is_multiple_of(x86::amx32::NT);
     #[cfg(target_arch = "x86_64")]
     let mut gint = None;
     let (acts, act_row_bytes) = match w.qtype {
@@ -546,9 +548,7 @@ fn route<'a>(
     // The 32-weight GEMM's whole panels of 16 on AMX int8 tiles (not the K-quants'), their
     // activations packed once for every task.
     #[cfg(target_arch = "x86_64")]
-    let amx = (gemm && !gemm_k && super::gemm_amx::takes(w.qtype, m))
-        .then(|| super::gemm_amx::pack(&acts, m, k))
-        .flatten();
+    let amx = amx32.then(|| super::gemm_amx::pack(&acts, m, k)).flatten();
     // The K-quants' GEMM on AMX int8 tiles, the q8_K activations packed once for every task.
     #[cfg(target_arch = "x86_64")]
     let amx_k = (gemm_k && super::gemm_amx_k::takes(w.qtype, m, k))

@@ -107,3 +107,21 @@ fn amx_gemm_equals_reference() {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn tiles32_switch_moves_the_threshold() {
+    use crate::matmul::gemm_amx::{from_rows, min_m};
+    for (qtype, _) in CASES {
+        let table = min_m(qtype);
+        assert!(table.is_some(), "{qtype:?}");
+        assert_eq!(from_rows(qtype, None), table, "{qtype:?}");
+        assert_eq!(from_rows(qtype, Some(0)), None, "{qtype:?}");
+        assert_eq!(from_rows(qtype, Some(24)), Some(24), "{qtype:?}");
+        // never below the AVX-512 GEMM's start (the tiles run inside its tasks)
+        assert_eq!(from_rows(qtype, Some(1)), Some(4), "{qtype:?}");
+    }
+    // formats without the tiles stay without them
+    assert_eq!(from_rows(QType::Q4K, Some(16)), None);
+    assert_eq!(from_rows(QType::NF4, None), None);
+}
