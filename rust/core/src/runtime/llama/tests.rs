@@ -120,7 +120,7 @@ fn reference(qtype: QType, data: &[u8], n: usize, x: &[f32], m: usize) -> Vec<f3
             q81.iter().map(|b| f16_to_f32(b.s)).collect(),
         );
         let mut qk = vec![BlockQ8K::zeroed(); k / 256];
-        if k % 256 == 0 {
+        if k.is_multiple_of(256) {
             r::quantize_row_q8_k(xr, &mut qk);
         }
         for (row, yv) in yr.iter_mut().enumerate() {
