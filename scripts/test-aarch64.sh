@@ -5,7 +5,8 @@
 #   1. the whole core suite on `-cpu max` (has dotprod and i8mm: the `sdot` kernels, the GEMM
 #      in `smmla` and, forced by its tests, in `sdot`),
 #   2. the matmul tests on `-cpu cortex-a53` (Armv8.0, no dotprod: the `smull` kernels),
-#   2b. the GEMM's tests (the 32-weight formats' and the K-quants') and the detection on
+#   2b. the GEMM's tests (the 32-weight formats' and the K-quants'), the detection, has_gemm
+#      and the runtime's matmuls and prompt (llama::tests) on
 #      `-cpu cortex-a76` (dotprod, no i8mm: the GEMM in `sdot` by detection), on `-cpu max`
 #      with FERROQUANT_MAX_ISA=dotprod (the cap), and the K-quants' and the detection with
 #      FERROQUANT_MAX_ISA=neon (no GEMM: the `smull` row kernels by detection),
@@ -36,12 +37,13 @@ CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a53" FERROQUANT
   "${tests[@]}" matmul
 echo "-- qemu -cpu cortex-a76 (dotprod, no i8mm), and -cpu max capped at dotprod / neon: the NEON GEMM"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu cortex-a76" FERROQUANT_EXPECT_DOTPROD=1 \
-  FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch
+  FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch has_gemm llama::tests
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_MAX_ISA=dotprod \
-  FERROQUANT_EXPECT_DOTPROD=1 FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch
+  FERROQUANT_EXPECT_DOTPROD=1 FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon detection_and_dispatch \
+  has_gemm llama::tests
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_MAX_ISA=neon \
   FERROQUANT_EXPECT_DOTPROD=0 FERROQUANT_EXPECT_I8MM=0 "${tests[@]}" -- gemm_neon_k \
-  neon_gemm_chosen_by_detection detection_and_dispatch
+  neon_gemm_chosen_by_detection detection_and_dispatch has_gemm llama::tests
 echo "-- FERROQUANT_FORCE_SCALAR=1: matmul, legacy_neon"
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="$qemu -cpu max" FERROQUANT_FORCE_SCALAR=1 \
   "${tests[@]}" -- matmul legacy_neon

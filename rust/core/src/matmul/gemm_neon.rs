@@ -152,6 +152,11 @@ thread_local! {
     pub(super) static FORCE: std::cell::Cell<Option<Option<NeonDot>>> = const { std::cell::Cell::new(None) };
 }
 
+/// Tests: the weights' address (`w.data`) of every `qmatmul` call that ran this path, on any
+/// thread (`super::neon_gemm_runs`; the runtime's forward pass runs on the pool's threads).
+#[cfg(test)]
+pub(super) static RAN: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
 /// The choice tests force on this thread (`FORCE`); always `None` outside tests.
 fn forced() -> Option<Option<NeonDot>> {
     #[cfg(test)]

@@ -3,9 +3,10 @@
 
 use super::*;
 
-/// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (`gemm.rs`, or the bf16 GEMM
-/// of `ggml_bf16_min_m`) for `m` activation rows on this CPU (the native runtime asks before it leaves its own packed kernels). The same
-/// condition as `plan`'s `gemm` (tested).
+/// Whether `qmatmul` multiplies `qtype` weights on the GEMM path (x86-64: `gemm.rs`, or the
+/// bf16 GEMM of `ggml_bf16_min_m`; aarch64: the NEON GEMM) for `m` activation rows on this CPU
+/// (the native runtime asks before it leaves its own packed kernels). The same condition as
+/// `plan`'s `gemm` / `gemm_neon` (tested).
 pub fn has_gemm(qtype: QType, m: usize, k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -25,7 +26,13 @@ pub fn has_gemm(qtype: QType, m: usize, k: usize) -> bool {
                     ))
                     || (m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(qtype))))
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    // The NEON GEMM (`gemm_neon.rs`: the 32-weight formats and the K-quants, dotprod).
+    #[cfg(target_arch = "aarch64")]
+    {
+        let _ = k;
+        use_simd() && gemm_neon::choose(qtype, m).is_some()
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = (qtype, m, k);
         false

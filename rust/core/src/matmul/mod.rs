@@ -523,6 +523,11 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
     }
     // M >= 2: each task writes its columns of `out` (the GEMM path directly, the others
     // through a task-sized N x M buffer).
+    #[cfg(all(test, target_arch = "aarch64"))]
+    if plan.gemm_neon.is_some() {
+        let mut ran = gemm_neon::RAN.lock().unwrap_or_else(|e| e.into_inner());
+        ran.push(w.data.as_ptr() as usize);
+    }
     let outp = OutPtr::new(out, n);
     let task = |t: usize| {
         let n0 = t * per_task;
@@ -578,6 +583,26 @@ fn amx_task_rows(threads: usize, m: usize, k: usize) -> usize {
 const NR_TASK: usize = NR;
 #[cfg(not(target_arch = "x86_64"))]
 const NR_TASK: usize = 1;
+
+/// (tests) `qmatmul` calls so far, on any thread, that ran the NEON GEMM on weights starting
+/// inside `bytes` (0 off aarch64): the runtime's tests check that its many-row matmuls take
+/// it (the bits alone cannot tell). Count before and after while `bytes` is alive.
+#[cfg(test)]
+pub(crate) fn neon_gemm_runs(bytes: &[u8]) -> usize {
+    #[cfg(target_arch = "aarch64")]
+    {
+        let r = bytes.as_ptr_range();
+        let ran = gemm_neon::RAN.lock().unwrap_or_else(|e| e.into_inner());
+        ran.iter()
+            .filter(|&&a| (r.start as usize..r.end as usize).contains(&a))
+            .count()
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = bytes;
+        0
+    }
+}
 
 #[cfg(test)]
 mod tests;

@@ -970,8 +970,14 @@ fn qmatmul_many_rows_equal_the_f32_and_q16_references_row_by_row() {
 fn has_gemm_matches_the_plan() {
     let mut rng = Rng(0x6e33_6e33_6e33_6e33);
     let mut cases: Vec<(QType, &[usize])> = GGML_CASES.to_vec();
-    cases.extend([(QType::Q4_1, &[0, 2][..]), (QType::Q5_1, &[0, 2][..])]);
-    for (qtype, halves) in cases {
+    cases.extend([
+        (QType::Q4_1, &[0, 2][..]),
+        (QType::Q5_1, &[0, 2][..]),
+        (QType::Q2K, &[80, 82][..]),
+        (QType::Q3K, &[108][..]),
+        (QType::IQ4XS, &[0][..]),
+    ]);
+    for &(qtype, halves) in &cases {
         let info = qtype.info();
         let (n, k) = (8, 512);
         let data = blocks(&mut rng, n * k / info.block_size, info.type_size, halves);
@@ -982,7 +988,9 @@ fn has_gemm_matches_the_plan() {
             // (the GEMM of `gemm.rs` / `gemm_k.rs`, or from `ggml_bf16_min_m` the bf16 one)
             #[cfg(target_arch = "x86_64")]
             let on = p.gemm || p.bf16.is_some();
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            let on = p.gemm_neon.is_some();
+            #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
             let on = p.gemm;
             assert_eq!(on, has_gemm(qtype, m, k), "{qtype:?} m={m}");
         }
@@ -996,5 +1004,16 @@ fn has_gemm_matches_the_plan() {
                 && has_gemm(QType::Q6K, 16, 512)
                 && !has_gemm(QType::Q4K, 3, 512)
         );
+    }
+    // aarch64: every format of the NEON GEMM from 2 rows where the CPU has dotprod (qemu
+    // `-cpu max` / `cortex-a76`), none without (`cortex-a53`, FERROQUANT_MAX_ISA=neon).
+    #[cfg(target_arch = "aarch64")]
+    {
+        let on = use_simd() && crate::cpu::has_dotprod() && crate::config::neon_gemm();
+        for (qtype, _) in cases {
+            assert_eq!(has_gemm(qtype, 2, 512), on, "{qtype:?}");
+            assert!(!has_gemm(qtype, 1, 512), "{qtype:?}");
+        }
+        assert!(!has_gemm(QType::NF4, 16, 512) && !has_gemm(QType::TQ2_0, 16, 512));
     }
 }
