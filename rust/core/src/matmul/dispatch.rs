@@ -169,9 +169,9 @@ impl Plan<'_> {
             // xd and xs have one entry per weight block (all built from the same K).
             unsafe { x86::dot_block32_vnni(w, x, xd, xs, self.long) }
         } else if self.simd {
-            // SAFETY: simd is set only when AVX2 and F16C were detected; x and xd have one
-            // entry per weight block (both built from the same K).
-            unsafe { x86::dot_block32(w, x, xd) }
+            // SAFETY: simd is set only when AVX2 and F16C were detected; x, xd and xs have one
+            // entry per weight block (all built from the same K).
+            unsafe { x86::dot_block32(w, x, xd, xs) }
         } else {
             std::array::from_fn(|r| reference::dot_block32(w, x[r], xd[r]))
         }

@@ -33,6 +33,10 @@ mod gemm_neon;
 mod gemm_neon_k;
 mod gint;
 pub(crate) mod q16_rows;
+#[cfg(target_arch = "x86_64")]
+mod row32_avx2;
+#[cfg(target_arch = "x86_64")]
+use row32_avx2::block_sums;
 
 /// xorshift64: reproducible test data (also used by `neon/tests.rs`).
 pub(crate) struct Rng(pub(crate) u64);
@@ -308,34 +312,35 @@ fn simd_paths_are_bit_identical_to_references() {
                 let mut xq = vec![BlockQ8_0::zeroed(); nb];
                 r::quantize_row_q8_0(&x, &mut xq);
                 let xd: Vec<f32> = xq.iter().map(|b| f16_to_f32(b.d)).collect();
+                let xs = block_sums(&xq);
                 // SAFETY: AVX2 and F16C detected above; one activation block per weight block.
                 unsafe {
                     match qtype {
                         QType::Q4_0 => {
                             let w: &[BlockQ4_0] = bytemuck::cast_slice(&data);
                             (
-                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                x86::dot_block32(w, [&xq], [&xd], [&xs])[0],
                                 r::dot_block32(w, &xq, &xd),
                             )
                         }
                         QType::Q8_0 => {
                             let w: &[BlockQ8_0] = bytemuck::cast_slice(&data);
                             (
-                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                x86::dot_block32(w, [&xq], [&xd], [&xs])[0],
                                 r::dot_block32(w, &xq, &xd),
                             )
                         }
                         QType::Q5_0 => {
                             let w: &[BlockQ5_0] = bytemuck::cast_slice(&data);
                             (
-                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                x86::dot_block32(w, [&xq], [&xd], [&xs])[0],
                                 r::dot_block32(w, &xq, &xd),
                             )
                         }
                         _ => {
                             let w: &[BlockIQ4NL] = bytemuck::cast_slice(&data);
                             (
-                                x86::dot_block32(w, [&xq], [&xd])[0],
+                                x86::dot_block32(w, [&xq], [&xd], [&xs])[0],
                                 r::dot_block32(w, &xq, &xd),
                             )
                         }

@@ -33,6 +33,21 @@ unsafe fn block_isums(w: __m256i, x: &[i8; 32]) -> __m256i {
     _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
 }
 
+/// 8 x i32 partial sums of one block: the unsigned levels `wu` (`Load32::load_unsigned`, at
+/// most 31: `UNSIGNED_MAX_BIAS`) times the 32 i8 at `x`, with no sign fix-up: a maddubs pair is
+/// at most 2 * 31 * 128 < 32767, so nothing saturates.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_isums_unsigned(wu: __m256i, x: &[i8; 32]) -> __m256i {
+    let xv = _mm256_loadu_si256(x.as_ptr() as *const __m256i);
+    _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), _mm256_set1_epi16(1))
+}
+
+/// Formats whose `BIAS` is at most this have unsigned levels of at most 31 (q4_0, q5_0, q4_1,
+/// q5_1): `block32_avx2` multiplies those and subtracts `BIAS · Σx` (as the VNNI kernels do),
+/// two sign operations a block fewer than `block_isums`. q8_0 and iq4_nl (BIAS 128) keep them.
+const UNSIGNED_MAX_BIAS: i32 = 16;
+
 /// The sum of the 8 i32 lanes of `v` (exact in wrapping i32, as the reference's integer sums).
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -350,15 +365,17 @@ unsafe fn block32_vnni<W: Load32, const R: usize, const PF: bool>(
 /// `acc += (dw * dx) * float(isum)` lane-wise; each row's operations are those of R = 1.
 ///
 /// # Safety
-/// AVX2 and F16C must be available; every `x[r]` and `xd[r]` has at least `w.len()` entries.
+/// AVX2 and F16C must be available; every `x[r]`, `xd[r]` and `xsum[r]` (the activation
+/// blocks' quant sums) has at least `w.len()` entries.
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn dot_block32<W: Load32, const R: usize>(
     w: &[W],
     x: [&[BlockQ8_0]; R],
     xd: [&[f32]; R],
+    xsum: [&[i32]; R],
 ) -> [f32; R] {
     // SAFETY: the caller's contract is this function's.
-    unsafe { block32_avx2(w, x, xd, None) }
+    unsafe { block32_avx2(w, x, xd, xsum, None) }
 }
 
 /// `reference::dot_block32_min` (q4_1 / q5_1 against q8_1) for R rows at once: the integer
@@ -373,8 +390,9 @@ pub unsafe fn dot_block32_min<W: Load32, const R: usize>(
     xd: [&[f32]; R],
     xs: [&[f32]; R],
 ) -> [f32; R] {
-    // SAFETY: the caller's contract is this function's.
-    unsafe { block32_avx2(w, x, xd, Some(xs)) }
+    // SAFETY: the caller's contract is this function's (q4_1 / q5_1 have BIAS 0: no sums
+    // are read).
+    unsafe { block32_avx2(w, x, xd, [&[]; R], Some(xs)) }
 }
 
 #[target_feature(enable = "avx2,f16c")]
@@ -383,17 +401,28 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
     w: &[W],
     x: [&[BlockQ8_0]; R],
     xd: [&[f32]; R],
+    xsum: [&[i32]; R],
     xs: Option<[&[f32]; R]>,
 ) -> [f32; R] {
     let nb = w.len();
     let groups = nb / LANES;
+    let unsigned = W::BIAS <= UNSIGNED_MAX_BIAS;
+    let biased = unsigned && W::BIAS != 0;
+    assert!(!biased || xsum.iter().all(|s| s.len() >= groups * LANES));
+    let bias = _mm256_set1_epi32(W::BIAS);
     let mut acc = [_mm256_setzero_ps(); R];
     for g in 0..groups {
         let wg = &w[g * LANES..g * LANES + LANES];
         let mut wv = [_mm256_setzero_si256(); 8];
         for j in 0..LANES {
             // SAFETY: AVX2, the caller's contract (`cpu::has_avx2`); wg[j] is one whole block.
-            wv[j] = unsafe { wg[j].load() };
+            wv[j] = unsafe {
+                if unsigned {
+                    wg[j].load_unsigned()
+                } else {
+                    wg[j].load()
+                }
+            };
         }
         let dw = halves8(std::array::from_fn(|j| wg[j].d()));
         let mw = if W::HAS_MIN {
@@ -405,10 +434,24 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
             let xg = &x[r][g * LANES..g * LANES + LANES];
             let mut s = [_mm256_setzero_si256(); 8];
             for j in 0..LANES {
-                // SAFETY: AVX2, the caller's contract; block_isums reads the 32 bytes of xg[j].qs.
-                s[j] = unsafe { block_isums(wv[j], &xg[j].qs) };
+                // SAFETY: AVX2, the caller's contract; both read the 32 bytes of xg[j].qs.
+                s[j] = unsafe {
+                    if unsigned {
+                        block_isums_unsigned(wv[j], &xg[j].qs)
+                    } else {
+                        block_isums(wv[j], &xg[j].qs)
+                    }
+                };
             }
-            let isum = reduce8(&s);
+            // Σ (w + BIAS)·x - BIAS·Σx: the reference's exact integer (wrapping i32 as hers).
+            let isum = if biased {
+                // SAFETY: 8 i32 from g * 8 < groups * 8 <= xsum[r].len() (asserted above).
+                let xsm =
+                    unsafe { _mm256_loadu_si256(xsum[r][g * LANES..].as_ptr() as *const __m256i) };
+                _mm256_sub_epi32(reduce8(&s), _mm256_mullo_epi32(bias, xsm))
+            } else {
+                reduce8(&s)
+            };
             // SAFETY: 8 f32 from g * 8: (g + 1) * 8 <= w.len() <= xd[r].len() (groups =
             // w.len() / 8 and the caller's contract).
             let dx = unsafe { _mm256_loadu_ps(xd[r][g * LANES..].as_ptr()) };
