@@ -11,6 +11,8 @@ use super::lanes_of;
 use crate::matmul::reference::{self as r, WIDE};
 
 mod avx512;
+mod pieces;
+pub use pieces::{e4m3_nan_codes, fp8_range, Fp8Pieces, Lanes64};
 pub use avx512::{
     align_x, dot_bytes_avx512, dot_bytes_piece, dot_bytes_piece_rows, e4m3_f32_x_fits, e4m3_x_fits,
     scale_e4m3_f32_x, scale_e4m3_x, Decode16, Fp8E4M3F32, Lanes as ByteLanes, BYTES_PREFETCH_L2,
