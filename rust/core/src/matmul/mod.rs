@@ -438,9 +438,9 @@ mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_bytes;
 #[cfg(target_arch = "x86_64")]
-mod rows_k;
-#[cfg(target_arch = "x86_64")]
 mod rows_fp8;
+#[cfg(target_arch = "x86_64")]
+mod rows_k;
 use plan::plan;
 
 /// `out = x · Wᵀ`: `x` is M x K row-major f32 (M = `m`), `w` is N x K quantized, `out` is M x N

@@ -42,7 +42,13 @@ impl Plan<'_> {
 
     /// Weight rows `n..n + rows` with the activation rows `ms` into `yt` (row `n` first, M
     /// values a row); returns the rows done (0 where `fp8_pieces` does not hold).
-    pub(super) fn rows_fp8(&self, n: usize, rows: usize, ms: Range<usize>, yt: &mut [f32]) -> usize {
+    pub(super) fn rows_fp8(
+        &self,
+        n: usize,
+        rows: usize,
+        ms: Range<usize>,
+        yt: &mut [f32],
+    ) -> usize {
         if !self.fp8_pieces() {
             return 0;
         }

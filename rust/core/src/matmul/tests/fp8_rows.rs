@@ -69,7 +69,10 @@ fn fp8_rows_in_pieces_equal_the_reference_bit_for_bit() {
             #[cfg(target_arch = "x86_64")]
             {
                 if avx2_only && p.simd {
-                    assert!(p.fp8_pieces(), "{qtype:?} k={k} m={m}: the pieces should run");
+                    assert!(
+                        p.fp8_pieces(),
+                        "{qtype:?} k={k} m={m}: the pieces should run"
+                    );
                 }
                 ran |= p.fp8_pieces();
                 if p.bf16.is_some() {
