@@ -1,7 +1,8 @@
 //! fp8 at M >= 2 (`rows_fp8.rs` with AVX2 where there is no AVX-512; elsewhere whatever `plan`
 //! chooses): every output bit for bit `reference::dot_fp8` of its rows, for M = 2..17 (groups
 //! of 1 to 4 activation rows), N not a multiple of the panel, K with partial pieces and tails,
-//! per-row, per-tensor and block scales, on the pool and on one thread.
+//! per-row, per-tensor and block scales, a NaN code, e4m3 with and without the bit map (|x| <
+//! 2^8 or not), on the pool and on one thread.
 
 use super::*;
 use crate::matmul::reference::WIDE;
@@ -63,16 +64,26 @@ fn fp8_rows_in_pieces_equal_the_reference_bit_for_bit() {
                 _ => &stats[row * spr..(row + 1) * spr],
             }
         };
-        for m in 2..=17 {
-            let x = mixed_acts(&mut rng, m * k);
+        // e4m3 also with every |x| < 2^8: decoded by the bit map (`x86::Fp8E4M3F32`)
+        let smalls: &[bool] = if qtype == QType::Fp8E4M3 {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for (m, &small) in (2..=17).flat_map(|m| smalls.iter().map(move |s| (m, s))) {
+            let mut x = mixed_acts(&mut rng, m * k);
+            if small {
+                let edge = f32::from_bits(256.0f32.to_bits() - 1);
+                for v in x.iter_mut().filter(|v| v.abs() >= 256.0) {
+                    *v = edge.copysign(*v);
+                }
+            }
             let p = plan(&x, m, &v, m * n).unwrap();
             #[cfg(target_arch = "x86_64")]
             {
                 if avx2_only && p.simd {
-                    assert!(
-                        p.fp8_pieces(),
-                        "{qtype:?} k={k} m={m}: the pieces should run"
-                    );
+                    assert_eq!(p.e4m3_f32, small, "{qtype:?} k={k} m={m}");
+                    assert_eq!(p.fp8_pieces(), m >= 4 || small, "{qtype:?} k={k} m={m}");
                 }
                 ran |= p.fp8_pieces();
                 if p.bf16.is_some() {
