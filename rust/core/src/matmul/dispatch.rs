@@ -398,6 +398,8 @@ impl Plan<'_> {
         }
         #[cfg(target_arch = "x86_64")]
         if self.simd && crate::cpu::has_fma() {
+            // (x is read as given: `rows_fp8` takes the calls with `e4m3_f32` x)
+            debug_assert!(!self.e4m3_f32);
             // SAFETY: AVX2, F16C and FMA detected; lengths checked by `plan` (K/2 or K bytes,
             // one stat per block, nf4 blocks a multiple of 32).
             return unsafe {

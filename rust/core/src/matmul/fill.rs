@@ -69,6 +69,10 @@ impl Plan<'_> {
             if m == 1 && i < rows {
                 i += self.rows_bytes(n0 + i, &mut yt[i..rows]);
             }
+            #[cfg(target_arch = "x86_64")]
+            if i < rows {
+                i += self.rows_fp8(n0 + i, rows - i, ms.clone(), &mut yt[i * m..]);
+            }
             while i < rows {
                 self.dots(
                     n0 + i,

@@ -438,6 +438,8 @@ mod plan;
 #[cfg(target_arch = "x86_64")]
 mod rows_bytes;
 #[cfg(target_arch = "x86_64")]
+mod rows_fp8;
+#[cfg(target_arch = "x86_64")]
 mod rows_k;
 use plan::plan;
 

@@ -335,7 +335,9 @@ fn route<'a>(
     let f32_avx512 = use_avx512(w.qtype, simd, k, x);
     // e4m3 decoded straight to f32 where every |x| < 2^8 (`x86::Fp8E4M3F32`)
     #[cfg(target_arch = "x86_64")]
-    let e4m3_f32 = f32_avx512 && w.qtype == QType::Fp8E4M3 && x86::e4m3_f32_x_fits(x);
+    let e4m3_f32 = w.qtype == QType::Fp8E4M3
+        && (f32_avx512 || super::rows_fp8::takes(w.qtype, m, k, simd, f32_avx512))
+        && x86::e4m3_f32_x_fits(x);
     #[cfg(not(target_arch = "x86_64"))]
     let e4m3_f32 = false;
     // Every weight row on AMX int8 tiles (whole panels of 16; tasks of whole panels,

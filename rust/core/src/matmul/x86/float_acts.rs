@@ -11,10 +11,12 @@ use super::lanes_of;
 use crate::matmul::reference::{self as r, WIDE};
 
 mod avx512;
+mod pieces;
 pub use avx512::{
     align_x, dot_bytes_avx512, dot_bytes_piece, dot_bytes_piece_rows, e4m3_f32_x_fits, e4m3_x_fits,
     scale_e4m3_f32_x, scale_e4m3_x, Decode16, Fp8E4M3F32, Lanes as ByteLanes, BYTES_PREFETCH_L2,
 };
+pub use pieces::{e4m3_nan_codes, fp8_range, Fp8Pieces, Lanes64};
 
 /// The reference's fold of 64 lanes held as eight registers (register k = lanes 8k..8k+8):
 /// `(a[l] + a[l+16]) + (a[l+32] + a[l+48])` is `(r0 + r2) + (r4 + r6)` for l < 8 and
