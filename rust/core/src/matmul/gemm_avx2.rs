@@ -2,8 +2,9 @@
 //! CPU has it), from `GEMM2_MIN_M` activation rows: per block of activation rows, K goes chunk
 //! by chunk over every panel of `PANEL` weight rows of the task (`x86::gemm32_avx2`: the
 //! panel's chunk decoded once into L1, the rows passing it in pairs, the float lanes kept
-//! between chunks), then the blocks after the last whole group of 8 (K not a multiple of 256)
-//! and `hsum8` in the reference's scalar code, straight into `out`. The last `rows % PANEL`
+//! between chunks), then the blocks after the last whole group of 8 (K not a multiple of 256:
+//! `k2::Tail`, the reference's float operations on vector integer sums) and `hsum8`, straight
+//! into `out`. The last `rows % PANEL`
 //! rows of a task take the row kernels (`Plan::fill`). Every output has the reference's bits.
 
 use std::cell::RefCell;
@@ -160,24 +161,36 @@ impl Plan<'_> {
                     }
                     g0 += gc;
                 }
-                // The blocks past the last whole group on the same lanes, then `hsum8`: the
-                // reference's scalar code.
+                // The blocks past the last whole group on the same lanes (`k2::Tail`: the
+                // panel's tail decoded once, the reference's float operations on exact integer
+                // sums; before, the reference's scalar code per output: at K = 576, 2 blocks of
+                // 18, it took longer than the 16 others, q5_0 twice q4_0's call), then `hsum8`.
+                let b0 = groups * LANES;
                 for pi in 0..panels {
+                    let tail = if b0 < nb {
+                        // SAFETY: gemm2 is set only with `cpu::has_avx2` (AVX2 and F16C); every
+                        // weight row has nb < b0 + 8 blocks.
+                        Some(unsafe { k2::Tail::decode(w(pi), b0) })
+                    } else {
+                        None
+                    };
                     for (j, mi) in ms.clone().enumerate() {
-                        let xr = mi * nb..(mi + 1) * nb;
-                        let (xb, xd) = (&xb[xr.clone()], &xd[xr.clone()]);
-                        let xs = xs.get(xr).unwrap_or_default();
-                        for p in 0..PANEL {
-                            let wr = wrow(pi * PANEL + p);
-                            let mut lanes = acc[pi * rows_m + j].0[p];
-                            for b in groups * LANES..nb {
-                                lanes[b % LANES] += if W::HAS_MIN {
-                                    r::block32_min_product(&wr[b], &xb[b], xd[b], xs[b])
+                        let lanes = &acc[pi * rows_m + j].0;
+                        let ys = match &tail {
+                            Some(t) => {
+                                let xr = mi * nb + b0..(mi + 1) * nb;
+                                let xs = if W::HAS_MIN {
+                                    Some(&xs[xr.clone()])
                                 } else {
-                                    r::block32_product(&wr[b], &xb[b], xd[b])
+                                    None
                                 };
+                                // SAFETY: as above; the activation row's blocks from b0 on.
+                                unsafe { t.finish(lanes, &xb[xr.clone()], &xd[xr], xs) }
                             }
-                            out.set(mi, n0 + pi * PANEL + p, r::hsum8(&lanes));
+                            None => lanes.map(|l| r::hsum8(&l)),
+                        };
+                        for (p, y) in ys.into_iter().enumerate() {
+                            out.set(mi, n0 + pi * PANEL + p, y);
                         }
                     }
                 }

@@ -2,8 +2,9 @@
 //! which honours FERROQUANT_FORCE_SCALAR). Integer sums are exact, so any summation order gives
 //! the reference's integers; float products and lane accumulations are the reference's
 //! operations in the reference's order (separate multiply and add, no FMA), so the results are
-//! identical bit for bit. Where a row ends in fewer than 8 blocks (or 8 elements), the tail runs
-//! the reference's scalar code on the same lanes.
+//! identical bit for bit. Where a row of the 32-weight formats ends in fewer than 8 blocks, the
+//! tail's integer sums are vector ones too (`tail_products`), its float operations the
+//! reference's on the same lanes; other tails (8 elements) run the reference's scalar code.
 //!
 //! Safety of every function here: callers must have checked AVX2 and F16C at run time, and pass
 //! slices of matching lengths (checked by the callers in `mod.rs`); all loads are unaligned
@@ -281,9 +282,14 @@ fn halves8(h: [Half; LANES]) -> __m256 {
     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr() as *const __m128i) })
 }
 
-/// The reference's lanes, then its scalar code for the blocks past the last group of 8.
-#[inline(always)]
-fn finish32<W: Block32>(
+/// The lanes `acc`, plus the blocks past the last group of 8 (`tail_products`), then the
+/// reference's `hsum8`.
+///
+/// # Safety
+/// AVX2 and F16C; `x`, `xd` (and `xs`) have at least `w.len()` entries.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+unsafe fn finish32<W: Load32>(
     w: &[W],
     acc: __m256,
     x: &[BlockQ8_0],
@@ -291,13 +297,67 @@ fn finish32<W: Block32>(
     xs: Option<&[f32]>,
 ) -> f32 {
     let mut lanes = lanes_of(acc);
-    for b in w.len() / LANES * LANES..w.len() {
-        lanes[b % LANES] += match xs {
-            Some(xs) => r::block32_min_product(&w[b], &x[b], xd[b], xs[b]),
-            None => r::block32_product(&w[b], &x[b], xd[b]),
-        };
+    let b0 = w.len() / LANES * LANES;
+    if b0 < w.len() {
+        let tail = &w[b0..];
+        let mut q = [_mm256_setzero_si256(); LANES];
+        let (mut d, mut m) = ([[0u8; 2]; LANES], [[0u8; 2]; LANES]);
+        for (i, b) in tail.iter().enumerate() {
+            // SAFETY: AVX2 (contract); b is one whole block.
+            q[i] = unsafe { b.load() };
+            d[i] = b.d();
+            m[i] = b.m();
+        }
+        let xs = xs.map(|s| &s[b0..]);
+        // SAFETY: AVX2, F16C (contract); x, xd (and xs) hold the tail's blocks from b0.
+        let p = unsafe { tail_products(&q, tail.len(), d, m, &x[b0..], &xd[b0..], xs) };
+        for (l, pl) in lanes.iter_mut().zip(p).take(tail.len()) {
+            *l += pl;
+        }
     }
     r::hsum8(&lanes)
+}
+
+/// The products of `len` (< 8) blocks past a row's last whole group, block i in lane i (lane
+/// `b % 8` of block b): `(d_w · d_x) · isum` (q4_1 / q5_1 with `xs`: `+ m_w · s_x`), the
+/// reference's float operations (`block32_product`, `block32_min_product`) lane by lane on the
+/// integer sums of `block_isums` (exact: the reference's integers); lanes from `len` on hold
+/// zero products. `q[i]` is block i's 32 signed weights (`Load32::load`), `d` / `m` its f16
+/// scale and offset; `x`, `xd`, `xs` the activation blocks from the same block on.
+///
+/// # Safety
+/// AVX2 and F16C; `len < 8`; `x`, `xd` (and `xs`) have at least `len` entries.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+pub(crate) unsafe fn tail_products(
+    q: &[__m256i; LANES],
+    len: usize,
+    d: [Half; LANES],
+    m: [Half; LANES],
+    x: &[BlockQ8_0],
+    xd: &[f32],
+    xs: Option<&[f32]>,
+) -> [f32; LANES] {
+    let mut s = [_mm256_setzero_si256(); LANES];
+    let (mut dx, mut sx) = ([0f32; LANES], [0f32; LANES]);
+    for i in 0..len {
+        // SAFETY: AVX2 (contract); x[i].qs is 32 bytes.
+        s[i] = unsafe { block_isums(q[i], &x[i].qs) };
+        dx[i] = xd[i];
+        if let Some(xs) = xs {
+            sx[i] = xs[i];
+        }
+    }
+    let isum = _mm256_cvtepi32_ps(reduce8(&s));
+    // SAFETY: 8 f32 from arrays of 8.
+    let (dxv, sxv) = unsafe { (_mm256_loadu_ps(dx.as_ptr()), _mm256_loadu_ps(sx.as_ptr())) };
+    let p = _mm256_mul_ps(_mm256_mul_ps(halves8(d), dxv), isum);
+    let p = if xs.is_some() {
+        _mm256_add_ps(p, _mm256_mul_ps(halves8(m), sxv))
+    } else {
+        p
+    };
+    lanes_of(p)
 }
 
 #[target_feature(enable = "avx2,f16c,avx512f,avx512vl,avx512vnni")]
@@ -357,7 +417,12 @@ unsafe fn block32_vnni<W: Load32, const R: usize, const PF: bool>(
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
+    let mut out = [0f32; R];
+    for r in 0..R {
+        // SAFETY: AVX2, F16C (contract); x[r], xd[r] (and xs[r]) have w.len() entries.
+        out[r] = unsafe { finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])) };
+    }
+    out
 }
 
 /// `reference::dot_block32` for R activation rows at once (the weights are decoded once per
@@ -467,7 +532,12 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
             acc[r] = _mm256_add_ps(acc[r], p);
         }
     }
-    std::array::from_fn(|r| finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])))
+    let mut out = [0f32; R];
+    for r in 0..R {
+        // SAFETY: AVX2, F16C (contract); x[r], xd[r] (and xs[r]) have w.len() entries.
+        out[r] = unsafe { finish32(w, acc[r], x[r], xd[r], xs.map(|xs| xs[r])) };
+    }
+    out
 }
 
 mod row_k;

@@ -23,8 +23,9 @@
 //!
 //! **Float part** (the reference's, lane by lane in block order, as `gemm32.rs`): `acc[l] +=
 //! (d_w · d_x) · isum` (plus `m_w · s_x` for q4_1 / q5_1), the lanes carried between chunks in
-//! the caller's `Acc2`; the blocks after the last whole group and `hsum8` are the reference's
-//! scalar code (`gemm_avx2.rs`). Every output has the bits of `reference::dot_block32` /
+//! the caller's `Acc2`; the blocks after the last whole group (`Tail`: the same float
+//! operations, lane `b % 8`, on `vpmaddubsw` sums) and `hsum8` the reference's
+//! (`gemm_avx2.rs`). Every output has the bits of `reference::dot_block32` /
 //! `dot_block32_min` (tested).
 //!
 //! Safety: callers check AVX2 and F16C (`cpu::has_avx2`; `kernel_vnni` also AVX-VNNI,
@@ -152,6 +153,77 @@ pub unsafe fn decode_panel<W: Gemm2>(
                 unsafe { _mm256_store_ps(buf.m[gi * PANEL + p].0.as_mut_ptr() as *mut f32, m) };
             }
         }
+    }
+}
+
+/// A panel's blocks past the last whole group (K not a multiple of 256: fewer than 8), decoded
+/// once per panel and block of activation rows: each row's signed quants (`Load32::load`), f16
+/// scales and offsets.
+pub struct Tail {
+    q: [[Ymm; LANES]; PANEL],
+    d: [[Half; LANES]; PANEL],
+    m: [[Half; LANES]; PANEL],
+    len: usize,
+}
+
+impl Tail {
+    /// Blocks `b0..` (fewer than 8) of the panel's rows.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; every `w[p]` has the same length, under `b0 + 8` blocks.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn decode<W: Gemm2>(w: [&[W]; PANEL], b0: usize) -> Self {
+        let len = w[0].len() - b0;
+        assert!(len < LANES && w.iter().all(|r| r.len() == b0 + len));
+        let mut t = Tail {
+            q: [[Ymm([0; 32]); LANES]; PANEL],
+            d: [[[0; 2]; LANES]; PANEL],
+            m: [[[0; 2]; LANES]; PANEL],
+            len,
+        };
+        for (p, wp) in w.iter().enumerate() {
+            for (i, b) in wp[b0..].iter().enumerate() {
+                // SAFETY: AVX2 (contract); an aligned 32-byte store into a `Ymm`.
+                unsafe { _mm256_store_si256(t.q[p][i].0.as_mut_ptr() as *mut __m256i, b.load()) };
+                t.d[p][i] = b.d();
+                t.m[p][i] = b.m();
+            }
+        }
+        t
+    }
+
+    /// One activation row against the panel: each weight row's 8 float lanes (`lanes[p]`,
+    /// the whole groups' products) plus the tail's products (`x86::tail_products`: the
+    /// reference's operations, block b into lane `b % 8`), then `hsum8`: the row's outputs.
+    /// `x`, `xd` (and `xs`, q8_1 activations) are the activation row's blocks from `b0` on.
+    ///
+    /// # Safety
+    /// AVX2 and F16C; `x`, `xd` (and `xs`) have at least the tail's blocks.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn finish(
+        &self,
+        lanes: &[[f32; LANES]; PANEL],
+        x: &[BlockQ8_0],
+        xd: &[f32],
+        xs: Option<&[f32]>,
+    ) -> [f32; PANEL] {
+        let mut out = [0f32; PANEL];
+        for p in 0..PANEL {
+            let mut q = [_mm256_setzero_si256(); LANES];
+            for (i, v) in q.iter_mut().enumerate().take(self.len) {
+                // SAFETY: an aligned 32-byte load from a `Ymm`.
+                *v = unsafe { _mm256_load_si256(self.q[p][i].0.as_ptr() as *const __m256i) };
+            }
+            let (d, m) = (self.d[p], self.m[p]);
+            // SAFETY: AVX2, F16C (contract); len < 8; x, xd (and xs) hold len blocks.
+            let pr = unsafe { super::tail_products(&q, self.len, d, m, x, xd, xs) };
+            let mut l = lanes[p];
+            for (a, b) in l.iter_mut().zip(pr).take(self.len) {
+                *a += b;
+            }
+            out[p] = crate::matmul::reference::hsum8(&l);
+        }
+        out
     }
 }
 
