@@ -313,9 +313,9 @@ pub unsafe fn kernel<W: DecodeK, const R: usize, const P: usize>(
                 // SAFETY: an aligned Zmm of the decoded buffer.
                 let c = unsafe { _mm512_load_si512(wb[p].c[i].0.as_ptr() as *const _) };
                 for j in 0..R {
-                    // `q16::dpwssd`: the intrinsic's chain from zero became 7 `vpmaddwd` +
-                    // `vpaddd` pairs and one `vpdpwssd` (56 more vector uops a super-block at
-                    // R = 4, P = 2); the same integer.
+                    // `q16::dpwssd`: the intrinsic's chain from zero became `vpmaddwd` +
+                    // `vpaddd` pairs (56-64 more vector uops a super-block at R = 4, P = 2);
+                    // the same integer.
                     // SAFETY: AVX-512 VNNI (the contract).
                     corr[j][p] = unsafe { dpwssd(corr[j][p], c, bs[j]) };
                 }
