@@ -28,7 +28,6 @@
 
 use std::arch::x86_64::*;
 
-use super::q16::dpwssd;
 use crate::matmul::reference::{BlockQ8K, LANES};
 
 /// Weight rows of one vector (one per 32-bit lane).
@@ -313,11 +312,7 @@ pub unsafe fn kernel<W: DecodeK, const R: usize, const P: usize>(
                 // SAFETY: an aligned Zmm of the decoded buffer.
                 let c = unsafe { _mm512_load_si512(wb[p].c[i].0.as_ptr() as *const _) };
                 for j in 0..R {
-                    // `q16::dpwssd`: the intrinsic's chain from zero became `vpmaddwd` +
-                    // `vpaddd` pairs (56-64 more vector uops a super-block at R = 4, P = 2);
-                    // the same integer.
-                    // SAFETY: AVX-512 VNNI (the contract).
-                    corr[j][p] = unsafe { dpwssd(corr[j][p], c, bs[j]) };
+                    corr[j][p] = _mm512_dpwssd_epi32(corr[j][p], c, bs[j]);
                 }
             }
         }
