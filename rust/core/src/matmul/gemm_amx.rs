@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use super::x86::amx32::{self, ASrc, AmxPanel, AmxX, Tiles, MT, NT};
+use super::x86::amx32::{self, AmxPanel, AmxX, Tiles, MT, NT};
 use super::x86::Load32;
 use super::{Acts, OutPtr, Plan};
 use crate::formats::blocks::*;
@@ -80,20 +80,17 @@ impl Plan<'_> {
             return 0;
         }
         match self.w.qtype {
-            QType::Q4_0 => self.amx_rows::<BlockQ4_0>(x, n0, whole, out, false),
-            // q8_0's quants are the A tiles' bytes: loaded from the rows, not copied
-            QType::Q8_0 => self.amx_rows::<BlockQ8_0>(x, n0, whole, out, true),
-            QType::Q5_0 => self.amx_rows::<BlockQ5_0>(x, n0, whole, out, false),
-            QType::IQ4NL => self.amx_rows::<BlockIQ4NL>(x, n0, whole, out, false),
-            QType::Q4_1 => self.amx_rows::<BlockQ4_1>(x, n0, whole, out, false),
-            _ => self.amx_rows::<BlockQ5_1>(x, n0, whole, out, false),
+            QType::Q4_0 => self.amx_rows::<BlockQ4_0>(x, n0, whole, out),
+            QType::Q8_0 => self.amx_rows::<BlockQ8_0>(x, n0, whole, out),
+            QType::Q5_0 => self.amx_rows::<BlockQ5_0>(x, n0, whole, out),
+            QType::IQ4NL => self.amx_rows::<BlockIQ4NL>(x, n0, whole, out),
+            QType::Q4_1 => self.amx_rows::<BlockQ4_1>(x, n0, whole, out),
+            _ => self.amx_rows::<BlockQ5_1>(x, n0, whole, out),
         }
         whole
     }
 
-    /// `direct`: the A tiles straight from the weight rows (q8_0 only: its quants are the
-    /// tiles' signed bytes), the panels holding only the scales.
-    fn amx_rows<W: Load32>(&self, x: &AmxX, n0: usize, rows: usize, out: &OutPtr, direct: bool) {
+    fn amx_rows<W: Load32>(&self, x: &AmxX, n0: usize, rows: usize, out: &OutPtr) {
         let nb = self.k / QK8_0;
         let rb = self.row_bytes;
         let m = self.m;
@@ -108,21 +105,8 @@ impl Plan<'_> {
                     bytemuck::cast_slice(&self.w.data[(col + i) * rb..][..rb])
                 });
                 // SAFETY: AMX int8 usable implies AVX2 / F16C; each row has nb blocks.
-                unsafe { panel.decode(w, nb, !direct) };
+                unsafe { panel.decode(w, nb) };
             }
-            // Panel pi's A tiles: q8_0 block b's quants sit 2 bytes (its d) into the block,
-            // row n of the panel rb bytes after row n - 1.
-            let a_src = |pi: usize| -> ASrc {
-                if direct {
-                    let first = self.w.data[(n0 + pi * NT) * rb + 2..].as_ptr();
-                    // SAFETY: the panel's 16 rows lie in `self.w.data` (`whole` rows from n0),
-                    // each with nb blocks of size_of::<W>() bytes, block b's quants at b ·
-                    // size + 2 .. + 34 of its row; `data` outlives this task.
-                    unsafe { ASrc::rows(first, rb, std::mem::size_of::<W>(), nb) }
-                } else {
-                    panels[pi].a_src()
-                }
-            };
             // SAFETY: `self.amx` is set only with `amx::amx_int8_usable()` (`plan`); `_tiles`
             // drops on this thread at the end of this task, so no tile state outlives it.
             let _tiles = unsafe { Tiles::new() };
@@ -150,15 +134,14 @@ impl Plan<'_> {
                         // (blocks of rows mb and mb + 1 exist, q8_1's s with q4_1 / q5_1).
                         unsafe {
                             let pp = [&panels[pi], &panels[pi + 1]];
-                            let aa = [a_src(pi), a_src(pi + 1)];
                             let rs = [rows_of(mb), rows_of(mb + 1)];
                             let o = |mi: usize, pj: usize, i: usize, y: &[f32; NT]| {
                                 put(mb + mi, pi + pj, i, y)
                             };
                             if W::HAS_MIN {
-                                amx32::rows_x_panels_2x2::<true>(pp, aa, nb, x, mb, rs, o);
+                                amx32::rows_x_panels_2x2::<true>(pp, nb, x, mb, rs, o);
                             } else {
-                                amx32::rows_x_panels_2x2::<false>(pp, aa, nb, x, mb, rs, o);
+                                amx32::rows_x_panels_2x2::<false>(pp, nb, x, mb, rs, o);
                             }
                         }
                         pi += 2;
@@ -169,19 +152,10 @@ impl Plan<'_> {
                         // SAFETY: as above, one block of rows with one panel.
                         unsafe {
                             if W::HAS_MIN {
-                                amx32::rows_x_panel::<true>(
-                                    &panels[pi],
-                                    a_src(pi),
-                                    nb,
-                                    x,
-                                    mj,
-                                    rows_of(mj),
-                                    o,
-                                );
+                                amx32::rows_x_panel::<true>(&panels[pi], nb, x, mj, rows_of(mj), o);
                             } else {
                                 amx32::rows_x_panel::<false>(
                                     &panels[pi],
-                                    a_src(pi),
                                     nb,
                                     x,
                                     mj,

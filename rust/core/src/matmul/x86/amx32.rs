@@ -89,42 +89,6 @@ impl AmxX {
     }
 }
 
-/// Where a panel's A tiles come from: block b's tile is the 16 rows of 32 bytes at
-/// `base + b · step + n · stride` (n < 16). A decoded panel (`AmxPanel::a_src`: stride 32, step
-/// 512), or q8_0's weight rows in place (`ASrc::rows`: its quants are already the signed bytes
-/// `Load32::load` gives, so the tile loads them from the rows and the panel holds only scales).
-#[derive(Clone, Copy)]
-pub struct ASrc {
-    base: *const u8,
-    stride: usize,
-    step: usize,
-    /// Blocks it holds (the kernels assert theirs).
-    blocks: usize,
-}
-
-impl ASrc {
-    /// The A tiles straight from 16 weight rows `stride` bytes apart, block b's quants at
-    /// `first + b · step` of row 0.
-    ///
-    /// # Safety
-    /// For every block b < `blocks` and n < 16, the 32 bytes at `first + b · step + n ·
-    /// stride` are readable for as long as the value is used.
-    pub unsafe fn rows(first: *const u8, stride: usize, step: usize, blocks: usize) -> Self {
-        ASrc {
-            base: first,
-            stride,
-            step,
-            blocks,
-        }
-    }
-
-    /// Block b's tile (its first row).
-    #[inline(always)]
-    fn at(&self, b: usize) -> *const u8 {
-        self.base.wrapping_add(b * self.step)
-    }
-}
-
 /// One decoded panel: `b` the A tiles of every block (`nb · 8` lines: weight row n's 32
 /// bytes at byte `32n` of the block's 512), `d` / `m` each block's 16 weight scales /
 /// offsets as f32 (`nb` lines, lane n: weight row n).
@@ -136,27 +100,14 @@ pub struct AmxPanel {
 }
 
 impl AmxPanel {
-    /// The decoded A tiles (`decode` with `quants`).
-    pub fn a_src(&self) -> ASrc {
-        ASrc {
-            base: self.b.as_ptr() as *const u8,
-            stride: 32,
-            step: 512,
-            blocks: self.b.len() / 8,
-        }
-    }
-
-    /// Decode 16 weight rows of `nb` blocks each (without `quants` only the scales: the A
-    /// tiles then come from the rows, `ASrc::rows`).
+    /// Decode 16 weight rows of `nb` blocks each.
     ///
     /// # Safety
     /// AVX2, F16C and AVX-512 F (`amx::amx_int8_usable` implies them); every `w[n]` has `nb`
     /// blocks.
     #[target_feature(enable = "avx2,f16c,avx512f")]
-    pub unsafe fn decode<W: Load32>(&mut self, w: [&[W]; NT], nb: usize, quants: bool) {
-        if quants {
-            self.b.resize(nb * 8, ZERO);
-        }
+    pub unsafe fn decode<W: Load32>(&mut self, w: [&[W]; NT], nb: usize) {
+        self.b.resize(nb * 8, ZERO);
         self.d.resize(nb, ZERO);
         self.m.resize(nb, ZERO);
         // Each row's distance from row 0 in bytes, where all 16 fit an i32 (rows of one
@@ -174,9 +125,6 @@ impl AmxPanel {
         let idx = unsafe { _mm512_loadu_si512(offs.as_ptr() as *const __m512i) };
         for b in 0..nb {
             for (n, wn) in w.iter().enumerate() {
-                if !quants {
-                    break;
-                }
                 // SAFETY: AVX2 (contract); block b of each row exists (contract).
                 let v = unsafe { wn[b].load() };
                 let line = self.b[b * 8 + n / 2].0[32 * (n % 2)..].as_mut_ptr() as *mut __m256i;
@@ -245,21 +193,19 @@ impl Tiles {
 /// weight rows over `nb` blocks: `out(i, y)` gets row i's 16 dots.
 ///
 /// # Safety
-/// `amx::amx_int8_usable()`, and a live `Tiles` on this thread; `p`'s scales decoded for `nb`
-/// blocks, `a` its A tiles (`ASrc`: at least `nb` blocks, asserted);
+/// `amx::amx_int8_usable()`, and a live `Tiles` on this thread; `p` decoded for `nb` blocks;
 /// `x` packed with `nb` blocks a row and at least `mb + 1` blocks of rows (with `s` for a
 /// minimum).
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
 pub unsafe fn rows_x_panel<const MIN: bool>(
     p: &AmxPanel,
-    a: ASrc,
     nb: usize,
     x: &AmxX,
     mb: usize,
     rows: usize,
     out: impl FnMut(usize, &[f32; NT]),
 ) {
-    assert!((1..=MT).contains(&rows) && a.blocks >= nb && p.d.len() >= nb);
+    assert!((1..=MT).contains(&rows) && p.b.len() >= nb * 8 && p.d.len() >= nb);
     let t0 = mb * nb;
     assert!(x.q.len() >= (t0 + nb) * 8 && x.d.len() >= (t0 + nb) * MT);
     assert!(!MIN || (x.s.len() >= (t0 + nb) * MT && p.m.len() >= nb));
@@ -268,18 +214,19 @@ pub unsafe fn rows_x_panel<const MIN: bool>(
     let mut c = [[ZERO; STEP * NT]; 2];
     let mut f = [[_mm512_setzero_ps(); NT]; LANES];
     let xq = x.q[t0 * 8..].as_ptr();
+    let bq = p.b.as_ptr();
     let width = |b: usize| if b + STEP <= nb { STEP } else { 1 };
     let mut b = 0;
     let mut n = width(0);
     // SAFETY: `Tiles` configured (contract); blocks 0..n exist (n <= nb).
-    unsafe { issue(a, xq, 0, n, c[0].as_mut_ptr()) };
+    unsafe { issue(bq, xq, 0, n, c[0].as_mut_ptr()) };
     let mut cur = 0;
     while b < nb {
         let next = b + n;
         let nn = if next < nb { width(next) } else { 0 };
         if nn > 0 {
             // SAFETY: as above, blocks next..next + nn <= nb.
-            unsafe { issue(a, xq, next, nn, c[cur ^ 1].as_mut_ptr()) };
+            unsafe { issue(bq, xq, next, nn, c[cur ^ 1].as_mut_ptr()) };
         }
         for j in 0..n {
             let bj = b + j;
@@ -312,22 +259,6 @@ unsafe fn prefetch_block(p: *const Zmm) {
     for l in 0..8 {
         // SAFETY: prefetches never fault (the contract keeps the address arithmetic valid).
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.add(l) as *const i8) };
-    }
-}
-
-/// Block b's A tile: a decoded one's 8 lines, or the line of each of 16 rows where the
-/// block starts (a block of 34 bytes that crosses a line ends in the line where the next
-/// block starts, which the next call fetches).
-#[inline(always)]
-fn prefetch_a(a: &ASrc, b: usize) {
-    if a.stride == 32 {
-        // SAFETY: prefetches never fault.
-        unsafe { prefetch_block(a.at(b) as *const Zmm) };
-        return;
-    }
-    for n in 0..NT {
-        // SAFETY: prefetches never fault.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(a.at(b).wrapping_add(n * a.stride) as *const i8) };
     }
 }
 
@@ -415,56 +346,54 @@ unsafe fn finish(f: &[[__m512; NT]; LANES], rows: usize, mut out: impl FnMut(usi
     }
 }
 
-/// The integer sums of blocks `b..b + n` (n = STEP or 1) of the panel's A tiles `a` with
+/// The integer sums of blocks `b..b + n` (n = STEP or 1) of the panel's A tiles at `aq` with
 /// the packed activation rows' B tiles at `bq`, one C tile each, stored to `cp` (1 KiB a
 /// block).
 ///
 /// # Safety
-/// A live `Tiles` on this thread; `a` / `bq` hold blocks `b..b + n` (`bq` 8 lines each); `cp` has
+/// A live `Tiles` on this thread; `aq` / `bq` hold blocks `b..b + n` (8 lines each); `cp` has
 /// room for `n` KiB.
 #[inline(always)]
-unsafe fn issue(a: ASrc, bq: *const Zmm, b: usize, n: usize, cp: *mut Zmm) {
-    // SAFETY: the contract: A tiles read 16 rows of 32 bytes (`ASrc`) of each block's 16
+unsafe fn issue(aq: *const Zmm, bq: *const Zmm, b: usize, n: usize, cp: *mut Zmm) {
+    // SAFETY: the contract: A tiles read 512 contiguous bytes (stride 32) of each block's 16
     // weight rows, B tiles its 512 packed activation bytes (stride 64), C tiles write 1 KiB
     // each at `cp`.
     unsafe {
-        let w = bq.add(b * 8);
-        let (a0, sa) = (a.at(b), a.stride);
+        let (a, w) = (aq.add(b * 8), bq.add(b * 8));
         if n == STEP {
             std::arch::asm!(
                 "tilezero tmm0",
                 "tilezero tmm1",
                 "tilezero tmm2",
                 "tilezero tmm3",
-                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm4, [{a} + {s32}*1]",
                 "tileloadd tmm5, [{w} + {s64}*1]",
                 "tdpbssd tmm0, tmm4, tmm5",
-                "tileloadd tmm6, [{a1} + {sa}*1]",
+                "tileloadd tmm6, [{a} + {s32}*1 + 512]",
                 "tileloadd tmm7, [{w} + {s64}*1 + 512]",
                 "tdpbssd tmm1, tmm6, tmm7",
-                "tileloadd tmm4, [{a2} + {sa}*1]",
+                "tileloadd tmm4, [{a} + {s32}*1 + 1024]",
                 "tileloadd tmm5, [{w} + {s64}*1 + 1024]",
                 "tdpbssd tmm2, tmm4, tmm5",
-                "tileloadd tmm6, [{a3} + {sa}*1]",
+                "tileloadd tmm6, [{a} + {s32}*1 + 1536]",
                 "tileloadd tmm7, [{w} + {s64}*1 + 1536]",
                 "tdpbssd tmm3, tmm6, tmm7",
                 "tilestored [{c} + {s64}*1], tmm0",
                 "tilestored [{c} + {s64}*1 + 1024], tmm1",
                 "tilestored [{c} + {s64}*1 + 2048], tmm2",
                 "tilestored [{c} + {s64}*1 + 3072], tmm3",
-                a0 = in(reg) a0, a1 = in(reg) a.at(b + 1), a2 = in(reg) a.at(b + 2),
-                a3 = in(reg) a.at(b + 3), sa = in(reg) sa, w = in(reg) w, c = in(reg) cp,
-                s64 = in(reg) 64usize, options(nostack),
+                a = in(reg) a, w = in(reg) w, c = in(reg) cp,
+                s32 = in(reg) 32usize, s64 = in(reg) 64usize, options(nostack),
             );
         } else {
             std::arch::asm!(
                 "tilezero tmm0",
-                "tileloadd tmm4, [{a0} + {sa}*1]",
+                "tileloadd tmm4, [{a} + {s32}*1]",
                 "tileloadd tmm5, [{w} + {s64}*1]",
                 "tdpbssd tmm0, tmm4, tmm5",
                 "tilestored [{c} + {s64}*1], tmm0",
-                a0 = in(reg) a0, sa = in(reg) sa, w = in(reg) w, c = in(reg) cp,
-                s64 = in(reg) 64usize, options(nostack),
+                a = in(reg) a, w = in(reg) w, c = in(reg) cp,
+                s32 = in(reg) 32usize, s64 = in(reg) 64usize, options(nostack),
             );
         }
     }
@@ -481,7 +410,6 @@ unsafe fn issue(a: ASrc, bq: *const Zmm, b: usize, n: usize, cp: *mut Zmm) {
 #[target_feature(enable = "avx2,f16c,avx512f,avx512bw,avx512vl")]
 pub unsafe fn rows_x_panels_2x2<const MIN: bool>(
     p: [&AmxPanel; 2],
-    a: [ASrc; 2],
     nb: usize,
     x: &AmxX,
     mb: usize,
@@ -489,9 +417,8 @@ pub unsafe fn rows_x_panels_2x2<const MIN: bool>(
     mut out: impl FnMut(usize, usize, usize, &[f32; NT]),
 ) {
     for pp in p {
-        assert!(pp.d.len() >= nb && (!MIN || pp.m.len() >= nb));
+        assert!(pp.b.len() >= nb * 8 && pp.d.len() >= nb && (!MIN || pp.m.len() >= nb));
     }
-    assert!(a.iter().all(|a| a.blocks >= nb));
     assert!(rows.iter().all(|r| (1..=MT).contains(r)));
     let t0 = mb * nb;
     assert!(x.q.len() >= (t0 + 2 * nb) * 8 && x.d.len() >= (t0 + 2 * nb) * MT);
@@ -500,18 +427,17 @@ pub unsafe fn rows_x_panels_2x2<const MIN: bool>(
     // f[q]: quadrant q = 2 · pi + mi (the order of `issue2x2`'s C tiles).
     let mut f = [[[_mm512_setzero_ps(); NT]; LANES]; 4];
     let (xa0, xa1) = (x.q[t0 * 8..].as_ptr(), x.q[(t0 + nb) * 8..].as_ptr());
+    let (w0, w1) = (p[0].b.as_ptr(), p[1].b.as_ptr());
     // SAFETY: `Tiles` configured (contract); block 0 of both blocks of rows and panels exists.
-    unsafe { issue2x2(a[0], a[1], xa0, xa1, 0, c[0].as_mut_ptr()) };
+    unsafe { issue2x2(w0, w1, xa0, xa1, 0, c[0].as_mut_ptr()) };
     for b in 0..nb {
         let cur = b % 2;
         if b + 1 < nb {
             // SAFETY: as above, block b + 1 < nb.
-            unsafe { issue2x2(a[0], a[1], xa0, xa1, b + 1, c[cur ^ 1].as_mut_ptr()) };
+            unsafe { issue2x2(w0, w1, xa0, xa1, b + 1, c[cur ^ 1].as_mut_ptr()) };
         }
         if b + PREFETCH < nb {
-            prefetch_a(&a[0], b + PREFETCH);
-            prefetch_a(&a[1], b + PREFETCH);
-            for o in [xa0, xa1] {
+            for o in [w0, w1, xa0, xa1] {
                 // SAFETY: block b + PREFETCH < nb of each operand exists; prefetches never
                 // fault.
                 unsafe { prefetch_block(o.add((b + PREFETCH) * 8)) };
@@ -546,11 +472,18 @@ pub unsafe fn rows_x_panels_2x2<const MIN: bool>(
 /// (p1, m1) stored to `cp` (1 KiB each).
 ///
 /// # Safety
-/// A live `Tiles` on this thread; the four operands hold block b (`x0` / `x1` 8 lines each);
-/// `cp` has room for 4 KiB.
+/// A live `Tiles` on this thread; the four operands hold block b (8 lines each); `cp` has
+/// room for 4 KiB.
 #[inline(always)]
-unsafe fn issue2x2(a0: ASrc, a1: ASrc, x0: *const Zmm, x1: *const Zmm, b: usize, cp: *mut Zmm) {
-    // SAFETY: the contract: A tiles (tmm4, tmm6) read 16 rows of 32 bytes (`ASrc`), B
+unsafe fn issue2x2(
+    a0: *const Zmm,
+    a1: *const Zmm,
+    x0: *const Zmm,
+    x1: *const Zmm,
+    b: usize,
+    cp: *mut Zmm,
+) {
+    // SAFETY: the contract: A tiles (tmm4, tmm6) read 512 contiguous bytes (stride 32), B
     // tiles (tmm5, tmm7) 512 bytes (stride 64), C tiles write 1 KiB each at `cp`.
     unsafe {
         std::arch::asm!(
@@ -558,21 +491,21 @@ unsafe fn issue2x2(a0: ASrc, a1: ASrc, x0: *const Zmm, x1: *const Zmm, b: usize,
             "tilezero tmm1",
             "tilezero tmm2",
             "tilezero tmm3",
-            "tileloadd tmm4, [{a0} + {sa0}*1]",
+            "tileloadd tmm4, [{a0} + {s32}*1]",
             "tileloadd tmm5, [{x0} + {s64}*1]",
             "tdpbssd tmm0, tmm4, tmm5",
             "tileloadd tmm7, [{x1} + {s64}*1]",
             "tdpbssd tmm1, tmm4, tmm7",
-            "tileloadd tmm6, [{a1} + {sa1}*1]",
+            "tileloadd tmm6, [{a1} + {s32}*1]",
             "tdpbssd tmm2, tmm6, tmm5",
             "tdpbssd tmm3, tmm6, tmm7",
             "tilestored [{c} + {s64}*1], tmm0",
             "tilestored [{c} + {s64}*1 + 1024], tmm1",
             "tilestored [{c} + {s64}*1 + 2048], tmm2",
             "tilestored [{c} + {s64}*1 + 3072], tmm3",
-            a0 = in(reg) a0.at(b), a1 = in(reg) a1.at(b), sa0 = in(reg) a0.stride,
-            sa1 = in(reg) a1.stride, x0 = in(reg) x0.add(b * 8), x1 = in(reg) x1.add(b * 8),
-            c = in(reg) cp, s64 = in(reg) 64usize, options(nostack),
+            a0 = in(reg) a0.add(b * 8), a1 = in(reg) a1.add(b * 8),
+            x0 = in(reg) x0.add(b * 8), x1 = in(reg) x1.add(b * 8), c = in(reg) cp,
+            s32 = in(reg) 32usize, s64 = in(reg) 64usize, options(nostack),
         );
     }
 }
