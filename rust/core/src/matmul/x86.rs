@@ -44,6 +44,21 @@ unsafe fn block_isums_unsigned(wu: __m256i, x: &[i8; 32]) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xv), _mm256_set1_epi16(1))
 }
 
+/// 8 x i32 partial sums of one block, `w` (32 signed i8) times the 32 i8 at `x`, for any values
+/// (x = -128 too, where `block_isums`' sign trick is wrong): both widened to i16, `vpmaddwd`.
+/// Four more operations than `block_isums`; for the tails (`tail_products`), whose activations
+/// the tests take to the i8 limits.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn block_isums_wide(w: __m256i, x: &[i8; 32]) -> __m256i {
+    let xv = _mm256_loadu_si256(x.as_ptr() as *const __m256i);
+    let wl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+    let wh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(w));
+    let xl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(xv));
+    let xh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(xv));
+    _mm256_add_epi32(_mm256_madd_epi16(wl, xl), _mm256_madd_epi16(wh, xh))
+}
+
 /// Formats whose `BIAS` is at most this have unsigned levels of at most 31 (q4_0, q5_0, q4_1,
 /// q5_1): `block32_avx2` multiplies those and subtracts `BIAS · Σx` (as the VNNI kernels do),
 /// two sign operations a block fewer than `block_isums`. q8_0 and iq4_nl (BIAS 128) keep them.
@@ -321,8 +336,8 @@ unsafe fn finish32<W: Load32>(
 /// The products of `len` (< 8) blocks past a row's last whole group, block i in lane i (lane
 /// `b % 8` of block b): `(d_w · d_x) · isum` (q4_1 / q5_1 with `xs`: `+ m_w · s_x`), the
 /// reference's float operations (`block32_product`, `block32_min_product`) lane by lane on the
-/// integer sums of `block_isums` (exact: the reference's integers); lanes from `len` on hold
-/// zero products. `q[i]` is block i's 32 signed weights (`Load32::load`), `d` / `m` its f16
+/// integer sums of `block_isums_wide` (exact for any i8: the reference's integers); lanes from
+/// `len` on hold zero products. `q[i]` is block i's 32 signed weights (`Load32::load`), `d` / `m` its f16
 /// scale and offset; `x`, `xd`, `xs` the activation blocks from the same block on.
 ///
 /// # Safety
@@ -342,7 +357,7 @@ pub(crate) unsafe fn tail_products(
     let (mut dx, mut sx) = ([0f32; LANES], [0f32; LANES]);
     for i in 0..len {
         // SAFETY: AVX2 (contract); x[i].qs is 32 bytes.
-        s[i] = unsafe { block_isums(q[i], &x[i].qs) };
+        s[i] = unsafe { block_isums_wide(q[i], &x[i].qs) };
         dx[i] = xd[i];
         if let Some(xs) = xs {
             sx[i] = xs[i];
