@@ -52,7 +52,14 @@ def _same_weights_and_logits(ours, peer, weights: bool = True) -> int:
     mods = _quant_linears(ours)
     assert len(mods) == 14  # 7 Linears a layer, lm_head kept in float
     for name, mod in mods.items() if weights else ():
-        theirs = peer.get_submodule(name).dequantize_weight().T.float()
+        pm = peer.get_submodule(name)
+        if not hasattr(pm, "dequantize_weight"):
+            # transformers' AWQ loader takes GPTQModel's CPU kernel by what the CPU has: without
+            # AVX-512 (session 20's Zen 3) TorchAtenAwqLinear, which has no dequantize_weight():
+            # the logits below are the check there
+            assert type(pm).__name__ == "TorchAtenAwqLinear", type(pm)
+            continue
+        theirs = pm.dequantize_weight().T.float()
         mine = mod.dequantized_weight()
         # the peer computes s * (q - z) in fp16: our exact f32 product rounds to the same value
         assert torch.equal(mine.half().float(), theirs), name
