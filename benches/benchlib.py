@@ -126,6 +126,9 @@ def llama_build() -> str:
     where = os.path.dirname(os.path.dirname(llama_cpp.__file__))
     line = f"llama-cpp-python {llama_cpp.__version__} from {where}: {info}"
     if _llama_from is None:
+        if ours_isa() == "avx2":
+            # No AVX-512 here: ours runs AVX2 too, so the baseline build is the like-for-like peer.
+            return f"{line}\n  the AVX2 baseline build (the test peer); ferroquant runs AVX2 here"
         return (
             f"{line}\nWARNING: only the AVX2 baseline llama.cpp was available (the test peer): "
             "it is NOT built for the instruction set ferroquant uses here; run "
