@@ -107,8 +107,10 @@ impl Plan<'_> {
             wc.clear();
             wc.resize(wgs * MR * KC, 0.0);
             acc.clear();
-            // SAFETY: AVX2 (the path's condition).
-            acc.resize(gs.len() * wgs * 12, unsafe { _mm256_setzero_ps() });
+            // SAFETY: __m256 is 8 f32 (any bits valid); a transmute, not an intrinsic outside
+            // a target_feature fn (out of line, `tests/test_codegen.py`).
+            let zero = unsafe { std::mem::transmute::<[f32; 8], __m256>([0.0; 8]) };
+            acc.resize(gs.len() * wgs * 12, zero);
             let mut k0 = 0;
             while k0 < k {
                 let kc = KC.min(k - k0);
