@@ -108,6 +108,9 @@ pub fn bf16_gemm_min_m() -> usize {
         }
         return GEMM16_MIN_M;
     }
+    #[cfg(target_arch = "x86_64")]
+    return gemm_bf16_avx2::min_m();
+    #[cfg(not(target_arch = "x86_64"))]
     0
 }
 
@@ -423,6 +426,8 @@ mod gemm_avx2;
 #[cfg(target_arch = "x86_64")]
 mod gemm_bf16;
 #[cfg(target_arch = "x86_64")]
+mod gemm_bf16_avx2;
+#[cfg(target_arch = "x86_64")]
 mod gemm_bf16_small;
 #[cfg(target_arch = "x86_64")]
 mod gemm_k;
@@ -455,6 +460,11 @@ pub fn qmatmul(x: &[f32], m: usize, w: &QuantizedView<'_>, out: &mut [f32]) -> R
     #[cfg(target_arch = "x86_64")]
     if let Some(xb) = &plan.bf16 {
         plan.run_bf16(xb, out);
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if gemm_bf16_avx2::takes(w, m) {
+        plan.run_bf16_avx2(x, out);
         return Ok(());
     }
     let n = w.rows;

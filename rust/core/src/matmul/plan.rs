@@ -322,6 +322,23 @@ fn route<'a>(
         );
     #[cfg(not(target_arch = "x86_64"))]
     let row32 = false;
+    // The AVX2 bf16 GEMM reads x as it is (`bf16_route` skipped the finite check).
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm_bf16_avx2::takes(w, m) {
+        if let Some(i) = first_non_finite(x) {
+            return Err(non_finite(x, k, i));
+        }
+        let none = x86::acts16::Acts16 {
+            x: Vec::new(),
+            pairs: 0,
+            stride: 0,
+            vectors: 0,
+        };
+        return Ok(Plan {
+            bf16: None,
+            ..bf16_plan(x, m, w, stats_per_row, block_len, none)
+        });
+    }
     #[cfg(target_arch = "x86_64")]
     if bf16_route(w, m) {
         // SAFETY: `cpu::has_avx512_bf16` (AVX-512 F/BW/VL and BF16); x is M x K, K % 32 == 0.

@@ -20,6 +20,8 @@ mod amx;
 #[cfg(target_arch = "x86_64")]
 mod amx_k;
 mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod bf16_avx2;
 mod bf16_io;
 pub(crate) mod formats;
 mod fp8_rows;

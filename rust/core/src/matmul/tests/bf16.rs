@@ -76,7 +76,7 @@ fn amx_bound(w: &[f32], x: &[f32]) -> f64 {
 
 /// Random bytes and scales for a bitsandbytes-style view (fp8: finite codes, plus one e4m3
 /// NaN code).
-fn raw_view_parts(
+pub(super) fn raw_view_parts(
     rng: &mut Rng,
     qtype: QType,
     mode: Option<ScaleMode>,
