@@ -396,6 +396,19 @@ fn integer_zeros(zeros: &[f32], mq: f32) -> bool {
     })
 }
 
+/// The integer zero `decode_row_i8` subtracts from the codes of group `gi` (`stats`: one
+/// row's scales, then its zeros).
+#[inline(always)]
+pub fn row_zero(g: GInt, stats: &[f32], groups: usize, gi: usize) -> u8 {
+    if g.sym {
+        1u8 << (g.bits - 1)
+    } else if g.float_zero {
+        int_zero(g, stats[groups + gi])
+    } else {
+        stats[groups + gi] as u8
+    }
+}
+
 /// A packed row as `q - z` (int8) and its scales: the weights the int8 matmul kernels read.
 /// Whole bytes at a time (2, 4 and 8 bits: codes never straddle a byte; 3 bits: 8 codes in 3
 /// bytes), so that the loops vectorize; the same values as `code`.
@@ -416,13 +429,7 @@ pub fn decode_row_i8(
         .zip(row.chunks_exact(gb))
         .enumerate()
     {
-        let z = if g.sym {
-            1u8 << (g.bits - 1)
-        } else if g.float_zero {
-            int_zero(g, stats[groups + k])
-        } else {
-            stats[groups + k] as u8
-        };
+        let z = row_zero(g, stats, groups, k);
         match g.bits {
             8 => {
                 for (o, &b) in wg.iter_mut().zip(rg) {

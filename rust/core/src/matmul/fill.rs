@@ -51,6 +51,10 @@ impl Plan<'_> {
                 self.gint_panels(n0 + i, rows - i, ms.clone(), &mut yt[i * m..]);
                 i = rows;
             }
+            #[cfg(target_arch = "x86_64")]
+            if m == 1 && i < rows {
+                i += self.gint_rows_avx2(n0 + i, &mut yt[i..rows]);
+            }
             if self.w.qtype.gint().is_some() {
                 while i < rows {
                     self.dots_gint(

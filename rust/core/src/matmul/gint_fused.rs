@@ -235,4 +235,32 @@ impl Plan<'_> {
         }
         R
     }
+
+    /// M = 1 grouped integers of 4 and 8 bits on AVX2 without the AVX-512 kernels: each row
+    /// through `x86::gint_avx2` (the codes unpacked in registers; `dots_gint`'s bits, the row
+    /// never decoded into a buffer). Returns the rows done: all of `y`, or none where the
+    /// kernel does not run.
+    pub(super) fn gint_rows_avx2(&self, n0: usize, y: &mut [f32]) -> usize {
+        let Some(g) = self.w.qtype.gint() else {
+            return 0;
+        };
+        let k = self.k;
+        let takes =
+            self.simd && !self.avx512 && crate::cpu::has_fma() && x86::gint_avx2::takes(g, k);
+        let Acts::Q16 { q, d, .. } = &self.acts else {
+            return 0;
+        };
+        if !takes {
+            return 0;
+        }
+        let (xq, xd): (&[i16], &[f32]) = (bytemuck::cast_slice(q), d);
+        for (i, v) in y.iter_mut().enumerate() {
+            let n = n0 + i;
+            let w = &self.w.data[n * self.row_bytes..(n + 1) * self.row_bytes];
+            // SAFETY: AVX2 (`simd`) and FMA checked, `takes(g, k)`; lengths are checked there.
+            *v = unsafe { x86::gint_avx2::dot_gint_avx2(g, w, self.stats_of(n), k, xq, xd) };
+            self.add_float_zero(n, 0..1, std::slice::from_mut(v));
+        }
+        y.len()
+    }
 }

@@ -1,4 +1,4 @@
-//! fp8 (e4m3, e5m2) at M >= 2 with the AVX2 kernels (no AVX-512): a task's weight rows in
+//! fp8 (e4m3, e5m2) with the AVX2 kernels (no AVX-512; M = 1 e4m3 with the bit map only): a task's weight rows in
 //! panels of `PANEL`, K in pieces of `PIECE` columns, and per piece the activation rows in
 //! groups of up to 4 against each row of the panel (`x86::fp8_range`), so the group's piece of
 //! the activations (16 KiB) stays in L1 while the panel's rows pass, and the panel's piece of
@@ -23,11 +23,11 @@ thread_local! {
     static LANES: RefCell<Vec<Lanes64>> = const { RefCell::new(Vec::new()) };
 }
 
-/// True where `rows_fp8` may run (`Plan::fp8_pieces` decides): fp8, M >= 2, the AVX2 kernels
+/// True where `rows_fp8` may run (`Plan::fp8_pieces` decides): fp8, any M, the AVX2 kernels
 /// (`simd` with FMA, not the AVX-512 ones), K >= 64.
 pub(super) fn takes(qtype: QType, m: usize, k: usize, simd: bool, avx512: bool) -> bool {
     matches!(qtype, QType::Fp8E4M3 | QType::Fp8E5M2)
-        && m >= 2
+        && m >= 1
         && simd
         && !avx512
         && k >= WIDE

@@ -596,4 +596,4 @@ pub mod tile;
 pub mod tile_k;
 pub use float_acts::*;
 mod q16_avx2;
-pub use q16_avx2::{dot_int8_q16_avx2, dot_nf4_q16_avx2};
+pub use q16_avx2::{dot_int8_q16_avx2, dot_nf4_q16_avx2, gint as gint_avx2};

@@ -559,5 +559,6 @@ unsafe fn int8_rows<const R: usize, const PF: bool>(
     acc
 }
 
+pub mod gint;
 #[cfg(test)]
 mod tests;

@@ -240,7 +240,14 @@ pub unsafe fn tile32_vnni<W: Tile32, const NR: usize>(
             }
         }
     }
-    let lanes: Vec<[[f32; LANES]; NR]> = acc.iter().map(|a| a.map(lanes_of)).collect();
+    // (a loop, not `array::map`: a closure over vectors may fall out of line without AVX2)
+    let mut lanes: Vec<[[f32; LANES]; NR]> = vec![[[0.0; LANES]; NR]; acc.len()];
+    for (l, a) in lanes.iter_mut().zip(&acc) {
+        for (li, ai) in l.iter_mut().zip(a) {
+            *li = lanes_of(*ai);
+        }
+    }
+    let lanes = lanes;
     // SAFETY: the features of this function (the caller's contract); lengths as stated above.
     unsafe { finish32(w, x, lanes, out) };
 }

@@ -340,7 +340,13 @@ pub unsafe fn tile_k_vnni<W: TileK, const NR: usize>(
             }
         }
     }
-    let mut lanes: Vec<[[f32; LANES]; NR]> = acc.iter().map(|a| a.map(lanes_of)).collect();
+    // (a loop, not `array::map`: a closure over vectors may fall out of line without AVX2)
+    let mut lanes: Vec<[[f32; LANES]; NR]> = vec![[[0.0; LANES]; NR]; acc.len()];
+    for (l, a) in lanes.iter_mut().zip(&acc) {
+        for (li, ai) in l.iter_mut().zip(a) {
+            *li = lanes_of(*ai);
+        }
+    }
     for b in groups * LANES..nb {
         for i in 0..NR {
             let wb = &w[i][b];
