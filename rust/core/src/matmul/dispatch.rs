@@ -210,6 +210,67 @@ impl Plan<'_> {
         }
     }
 
+    /// Weight rows `n..n + y.len()` with the one activation row through `x86::row32_avx2`.
+    #[cfg(target_arch = "x86_64")]
+    pub(super) fn rows32_avx2(&self, n: usize, y: &mut [f32]) {
+        use x86::row32_avx2::RowT;
+        let (blocks, d, xt, nbias, s) = match &self.acts {
+            Acts::Q8_0 {
+                blocks,
+                d,
+                xt,
+                nbias,
+                ..
+            } => (blocks, d, xt, nbias, None),
+            Acts::Q8_1 {
+                blocks,
+                d,
+                xt,
+                nbias,
+                s,
+                ..
+            } => (blocks, d, xt, nbias, Some(&s[..])),
+            _ => unreachable!("row32_avx2 runs only with q8_0 / q8_1 activations"),
+        };
+        let x = RowT {
+            blocks,
+            xt,
+            nbias,
+            d,
+            s,
+        };
+        for (i, yi) in y.iter_mut().enumerate() {
+            let r = n + i;
+            let wrow = &self.w.data[r * self.row_bytes..(r + 1) * self.row_bytes];
+            *yi = match self.w.qtype {
+                QType::Q4_0 => self.row32_avx2_w::<BlockQ4_0>(wrow, &x),
+                QType::Q4_1 => self.row32_avx2_w::<BlockQ4_1>(wrow, &x),
+                QType::Q5_0 => self.row32_avx2_w::<BlockQ5_0>(wrow, &x),
+                QType::Q5_1 => self.row32_avx2_w::<BlockQ5_1>(wrow, &x),
+                _ => self.row32_avx2_w::<BlockIQ4NL>(wrow, &x),
+            };
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn row32_avx2_w<W: x86::row32_avx2::Nib32>(
+        &self,
+        wrow: &[u8],
+        x: &x86::row32_avx2::RowT<'_>,
+    ) -> f32 {
+        use x86::row32_avx2::dot_row;
+        let w: &[W] = bytemuck::cast_slice(wrow);
+        // SAFETY: row32_avx2 is set only where `simd` (AVX2, F16C detected); the activations
+        // were prepared by `row32_avx2::interleave` for the same K (one block per weight block).
+        unsafe {
+            if self.long {
+                dot_row::<W, true>(w, x)
+            } else {
+                dot_row::<W, false>(w, x)
+            }
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     pub(super) fn rows32_w<W: x86::row32::Row32>(
         &self,

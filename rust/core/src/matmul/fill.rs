@@ -34,6 +34,11 @@ impl Plan<'_> {
                 i = rows;
             }
             #[cfg(target_arch = "x86_64")]
+            if self.row32_avx2 {
+                self.rows32_avx2(n0 + i, &mut yt[i..rows]);
+                i = rows;
+            }
+            #[cfg(target_arch = "x86_64")]
             if self.row32 {
                 // M = 1: ROW32 weight rows at a time for short rows, then one by one.
                 while i < rows {

@@ -223,6 +223,9 @@ struct Plan<'a> {
     /// AVX-512 VBMI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     row32: bool,
+    /// M = 1 without AVX-512 VNNI: `x86::row32_avx2` (q4_0, q5_0, iq4_nl, q4_1, q5_1).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    row32_avx2: bool,
     row_bytes: usize,
     acts: Acts<'a>,
     /// nf4 / int8: statistics per weight row, and the weights sharing one of them.

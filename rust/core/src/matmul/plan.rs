@@ -218,6 +218,7 @@ pub(super) fn bf16_plan<'a>(
         amx_k: None,
         gemm2: None,
         row32: false,
+        row32_avx2: false,
         row_bytes: w.qtype.row_bytes(w.cols, w.block_size),
         acts: Acts::F32(x),
         stats_per_row,
@@ -320,8 +321,13 @@ fn route<'a>(
             w.qtype,
             QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
         );
+    #[cfg(target_arch = "x86_64")]
+    let row32_avx2 =
+        simd && m == 1 && (!vnni || x86::row32_avx2::forced()) && x86::row32_avx2::takes(w.qtype);
+    #[cfg(target_arch = "x86_64")]
+    let row32 = row32 && !row32_avx2;
     #[cfg(not(target_arch = "x86_64"))]
-    let row32 = false;
+    let (row32, row32_avx2) = (false, false);
     // The AVX2 bf16 GEMM reads x as it is (`bf16_route` skipped the finite check).
     #[cfg(target_arch = "x86_64")]
     if super::gemm_bf16_avx2::takes(w, m) {
@@ -397,6 +403,8 @@ fn route<'a>(
                     Vec::new()
                 };
                 (xt, nbias)
+            } else if row32_avx2 {
+                x86::row32_avx2::interleave(w.qtype, &blocks, &sums)
             } else if row32 {
                 use x86::row32::interleave;
                 match w.qtype {
@@ -438,6 +446,8 @@ fn route<'a>(
                 (Vec::new(), Vec::new())
             } else if tile || gemm2.is_some() {
                 (panels::interleave_q8_0_rows(&blocks, nb, par), Vec::new())
+            } else if row32_avx2 {
+                x86::row32_avx2::interleave(w.qtype, &blocks, &sums)
             } else if row32 {
                 use x86::row32::interleave;
                 match w.qtype {
@@ -608,6 +618,7 @@ fn route<'a>(
         #[cfg(target_arch = "aarch64")]
         gemm_neon,
         row32,
+        row32_avx2,
         row_bytes: w.qtype.row_bytes(k, w.block_size),
         acts,
         stats_per_row,

@@ -39,6 +39,8 @@ pub(crate) mod q16_rows;
 #[cfg(target_arch = "x86_64")]
 mod row32_avx2;
 #[cfg(target_arch = "x86_64")]
+mod row32_t;
+#[cfg(target_arch = "x86_64")]
 use row32_avx2::block_sums;
 
 /// xorshift64: reproducible test data (also used by `neon/tests.rs`).

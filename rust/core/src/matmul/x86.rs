@@ -567,6 +567,7 @@ mod ternary;
 pub use k_low::scales_q3_k_kmask;
 mod min32;
 pub mod row32;
+pub mod row32_avx2;
 
 // ---------------------------------------------------------------- f32 activations
 
