@@ -506,7 +506,7 @@ fn route<'a>(
             // one, quiet machine, 2026-11-27 13:17 UTC.)
             #[cfg(target_arch = "x86_64")]
             let xz = match x86::xz_order(w.qtype) {
-                Some(order) if !tile && simd && crate::cpu::has_vnni_bw() => {
+                Some(order) if !tile && simd && x86::vnni_rows_k() => {
                     let mut v = vec![Line64([0; 64]); m * nb * x86::XZ_BLOCK / 64];
                     x86::interleave_k4(&blocks, nb, order, bytemuck::cast_slice_mut(&mut v));
                     v

@@ -558,8 +558,8 @@ unsafe fn block32_avx2<W: Load32, const R: usize>(
 mod row_k;
 pub(crate) use row_k::shift_bit_to_4;
 pub use row_k::{
-    dot_block_k, dot_block_k_prefetch, dot_rows_k_vnni, interleave_k4, xz_order, DecodedK, RowK,
-    SumsK, XzOrder, XZ_BLOCK,
+    dot_block_k, dot_block_k_prefetch, dot_rows_k_avx2, dot_rows_k_vnni, interleave_k4,
+    vnni_rows_k, xz_order, DecodedK, LanesK, RowK, SumsK, XzOrder, XZ_BLOCK,
 };
 
 mod k_low;

@@ -3,7 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::row_k::{load256, row_z, sums_k};
+use super::row_k::{group_scales, load256, row_z, sums_k};
 use super::{DecodedK, SumsK};
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, BlockQ8K};
@@ -37,24 +37,6 @@ pub(super) fn srl16(v: __m256i, n: usize) -> __m256i {
         6 => _mm256_srli_epi16(v, 6),
         _ => _mm256_srli_epi16(v, 7),
     }
-}
-
-/// From 16 signed byte scales (group g of 16 in byte g): per 32-element chunk c, the i16 scale
-/// of group 2c in the low 128 bits and of 2c+1 in the high (a byte shuffle and a sign extension
-/// each). Plain loops, no closures: a closure does not inherit the target features, and
-/// intrinsics left in one are not inlined.
-#[target_feature(enable = "avx2")]
-#[inline]
-fn group_scales(sc8: __m128i) -> [__m256i; 8] {
-    let mut v = [_mm256_setzero_si256(); 8];
-    for (c, out) in v.iter_mut().enumerate() {
-        let pick = _mm_set_epi64x(
-            0x0101_0101_0101_0101 * (2 * c as i64 + 1),
-            0x0101_0101_0101_0101 * (2 * c as i64),
-        );
-        *out = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, pick));
-    }
-    v
 }
 
 impl SumsK for BlockQ2K {
@@ -156,6 +138,22 @@ impl SumsK for BlockQ3K {
     }
 }
 
+/// iq4_xs's 8 six-bit scales (before the -32) in the bytes of a u64, by bit spreading: the
+/// nibbles of `scales_l` (sub-block b: nibble b) and the 2-bit fields of `scales_h` (bits
+/// 2b..2b+1) moved to byte b (tested against `scales_iq4_xs`).
+#[inline(always)]
+pub(super) fn scales_iq4_xs_bytes(w: &BlockIQ4XS) -> u64 {
+    let mut l = u32::from_le_bytes(w.scales_l) as u64;
+    l = (l | l << 16) & 0x0000_ffff_0000_ffff;
+    l = (l | l << 8) & 0x00ff_00ff_00ff_00ff;
+    l = (l | l << 4) & 0x0f0f_0f0f_0f0f_0f0f;
+    let mut h = u16::from_le_bytes(w.scales_h) as u64;
+    h = (h | h << 24) & 0x0000_00ff_0000_00ff;
+    h = (h | h << 12) & 0x000f_000f_000f_000f;
+    h = (h | h << 6) & 0x0303_0303_0303_0303;
+    l | h << 4
+}
+
 impl SumsK for BlockIQ4XS {
     row_z!();
     #[inline(always)]
@@ -164,13 +162,18 @@ impl SumsK for BlockIQ4XS {
         unsafe {
             let t = _mm_loadu_si128(r::KVALUES_IQ4NL.as_ptr() as *const __m128i);
             let table = _mm256_set_m128i(t, t);
-            let sc = r::scales_iq4_xs(self);
+            // the 8 scales (`scales_iq4_xs`) as i16 in both 128-bit lanes, then one byte
+            // shuffle each to broadcast
+            let ls = _mm_cvtsi64_si128(scales_iq4_xs_bytes(self) as i64);
+            let sc16 = _mm_cvtepi8_epi16(_mm_sub_epi8(ls, _mm_set1_epi8(32)));
+            let both = _mm256_set_m128i(sc16, sc16);
             let mut q = [_mm256_setzero_si256(); 8];
             let mut scale = [_mm256_setzero_si256(); 8];
             for (b, qs) in self.qs.chunks_exact(16).enumerate() {
                 let nib = nibbles16(qs);
                 q[b] = _mm256_shuffle_epi8(table, nib);
-                scale[b] = _mm256_set1_epi16(sc[b] as i16);
+                scale[b] =
+                    _mm256_shuffle_epi8(both, _mm256_set1_epi16((0x0100 + 0x0202 * b) as i16));
             }
             DecodedK {
                 q,

@@ -10,13 +10,17 @@ use super::prefetch_ahead;
 use crate::formats::blocks::*;
 use crate::matmul::reference::{self as r, unpack_scales_k4, BlockK, BlockQ8K, LANES};
 
+mod avx2_rows;
 mod group;
 mod low;
 mod q3;
 mod vnni;
+pub use avx2_rows::{dot_rows_k_avx2, vnni_rows_k, LanesK};
 use group::dot_row_k_vnni;
 pub use group::dot_rows_k_vnni;
 pub use vnni::{interleave_k4, xz_order, RowK, XzOrder, XZ_BLOCK};
+#[cfg(test)]
+mod avx2_tests;
 #[cfg(test)]
 mod tests;
 
@@ -131,10 +135,10 @@ fn scales_k4(scales: &[u8; K_SCALE_SIZE]) -> ([__m256i; 8], __m256i) {
     (scale, mins)
 }
 
-/// (Σ_s scale_s Σ q x, Σ bsum_mul·bsum): two reductions of 8 i32 sharing their adds.
+/// (Σ_s scale_s Σ q x, Σ bsum_mul·bsum) in 8 i32 lanes each (their lane sums).
 #[target_feature(enable = "avx2")]
 #[inline]
-pub(crate) unsafe fn sums_k(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+pub(crate) unsafe fn sums_k_lanes(d: &DecodedK, x: &BlockQ8K) -> (__m256i, __m256i) {
     let mut acc = _mm256_setzero_si256();
     for s in 0..8 {
         // SAFETY: s < 8: the 32 bytes from 32s are inside qs (256); AVX2 (this function's contract).
@@ -145,7 +149,15 @@ pub(crate) unsafe fn sums_k(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
     }
     // SAFETY: bsums is 16 i16 = the 32 bytes loaded; AVX2 (contract).
     let bs = unsafe { _mm256_loadu_si256(x.bsums.as_ptr() as *const __m256i) };
-    let mv = _mm256_madd_epi16(bs, d.bsum_mul);
+    (acc, _mm256_madd_epi16(bs, d.bsum_mul))
+}
+
+/// `sums_k_lanes` reduced: two reductions of 8 i32 sharing their adds.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) unsafe fn sums_k(d: &DecodedK, x: &BlockQ8K) -> (i32, i32) {
+    // SAFETY: AVX2 (contract).
+    let (acc, mv) = unsafe { sums_k_lanes(d, x) };
     // [a0+a1 a2+a3 m0+m1 m2+m3 | a4+a5 a6+a7 m4+m5 m6+m7] -> [A M A M | A' M' A' M']
     let t = _mm256_hadd_epi32(acc, mv);
     let t = _mm256_hadd_epi32(t, t);
@@ -223,22 +235,22 @@ pub(crate) fn shift_bit_to_4(v: __m256i, s: i32) -> __m256i {
     }
 }
 
-/// Byte-shuffle indices of the q6_K scales: vector c takes byte 2c into the high byte of each
-/// i16 of the low 128 bits and byte 2c + 1 into those of the high 128 bits (0x80: zero).
-const Q6_SCALE_IDX: [[u8; 32]; 8] = {
-    let mut t = [[0x80u8; 32]; 8];
-    let mut c = 0;
-    while c < 8 {
-        let mut i = 0;
-        while i < 8 {
-            t[c][2 * i + 1] = 2 * c as u8;
-            t[c][16 + 2 * i + 1] = 2 * c as u8 + 1;
-            i += 1;
-        }
-        c += 1;
+/// From 16 signed byte scales (group g of 16 in byte g): per 32-element chunk c, the i16 scale
+/// of group 2c in the low 128 bits and of 2c+1 in the high. The even groups' scales go to the
+/// low half, the odd ones' to the high, sign-extended once; then one byte shuffle a chunk.
+/// Plain loops, no closures: a closure does not inherit the target features, and intrinsics
+/// left in one are not inlined.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn group_scales(sc8: __m128i) -> [__m256i; 8] {
+    let eo = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    let e = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc8, eo));
+    let mut v = [_mm256_setzero_si256(); 8];
+    for (c, out) in v.iter_mut().enumerate() {
+        *out = _mm256_shuffle_epi8(e, _mm256_set1_epi16((0x0100 + 0x0202 * c) as i16));
     }
-    t
-};
+    v
+}
 
 impl SumsK for BlockQ6K {
     row_z!();
@@ -273,15 +285,8 @@ impl SumsK for BlockQ6K {
             // 2c+1 (groups of 16 share a scale).
             let sc = self.scales;
             let scv = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
-            // scale[c] = [sc[2c] x 8 | sc[2c+1] x 8] as i16: a byte shuffle puts the scale in
-            // the high byte of every i16 lane (low byte zero), the arithmetic shift by 8 sign-
-            // extends it.
-            let both = _mm256_set_m128i(scv, scv);
-            let mut scale = [_mm256_setzero_si256(); 8];
-            for (c, v) in scale.iter_mut().enumerate() {
-                let idx = _mm256_loadu_si256(Q6_SCALE_IDX[c].as_ptr() as *const __m256i);
-                *v = _mm256_srai_epi16(_mm256_shuffle_epi8(both, idx), 8);
-            }
+            // scale[c] = [sc[2c] x 8 | sc[2c+1] x 8] as i16
+            let scale = group_scales(scv);
             DecodedK {
                 q,
                 scale,

@@ -47,21 +47,21 @@ fn lanes8(lo: __m512i, hi: __m512i) -> __m256i {
 /// `t32` on 256 bits (the min sums).
 #[target_feature(enable = "avx2")]
 #[inline]
-fn t32y(a: __m256i, b: __m256i) -> __m256i {
+pub(super) fn t32y(a: __m256i, b: __m256i) -> __m256i {
     _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
 }
 
 /// `t64` on 256 bits.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn t64y(a: __m256i, b: __m256i) -> __m256i {
+pub(super) fn t64y(a: __m256i, b: __m256i) -> __m256i {
     _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
 }
 
 /// `lanes8` on 256 bits.
 #[target_feature(enable = "avx2")]
 #[inline]
-fn lanes8y(lo: __m256i, hi: __m256i) -> __m256i {
+pub(super) fn lanes8y(lo: __m256i, hi: __m256i) -> __m256i {
     _mm256_add_epi32(
         _mm256_permute2x128_si256(lo, hi, 0x20),
         _mm256_permute2x128_si256(lo, hi, 0x31),
