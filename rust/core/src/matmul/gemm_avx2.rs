@@ -61,7 +61,7 @@ pub(super) fn takes(qtype: QType) -> bool {
 /// The M from which the path runs for `qtype` (without forcing).
 pub(super) fn min_m(qtype: QType) -> usize {
     if k::takes(qtype) {
-        k::MIN_M
+        k::min_m(qtype)
     } else {
         GEMM2_MIN_M
     }

@@ -15,9 +15,24 @@ use crate::formats::blocks::*;
 use crate::matmul::reference::BlockQ8K;
 use crate::qtype::QType;
 
-/// From this many activation rows on the K-quants take this path where the CPU has AVX2 and no
-/// AVX-512 VNNI (below it, the row kernels: 4 activation rows per decoded weight row).
+/// From this many activation rows on q4_k takes this path where the CPU has AVX2 and no
+/// AVX-512 VNNI (below it, the row kernels: 4 activation rows per decoded weight row); the
+/// others, whose levels are decoded through the reference's scalar unpack, from `MIN_M_SCALAR`.
+/// Zen 3, one thread, CPU time, 4096x14336, 2026-12-08, load 11-16, A/B against main: q4_k
+/// M = 8 16.0 against 22.7 ms; q5_k / q3_k M = 8 26.6 / 34.5 against 21.0 / 26.2 (slower),
+/// q6_k / q2_k equal; at M = 16 all four 1.2-1.5x faster.
 pub(in crate::matmul) const MIN_M: usize = 5;
+/// See `MIN_M` (M = 9..15 not measured: the row kernels stay there).
+pub(in crate::matmul) const MIN_M_SCALAR: usize = 16;
+
+/// The M from which `qtype` takes this path.
+pub(in crate::matmul) fn min_m(qtype: QType) -> usize {
+    if qtype == QType::Q4K {
+        MIN_M
+    } else {
+        MIN_M_SCALAR
+    }
+}
 /// Activation rows of one block (each panel chunk decoded once per block).
 const BLOCK: usize = 64;
 

@@ -202,9 +202,9 @@ pub unsafe fn decode<W: Levels>(rows: &[&W; NV], buf: &mut SbBuf2) {
             row.levels(l);
         }
         for c in 0..8 {
-            // SAFETY: bytes 32c..32c + 32 of each row's 256 levels.
             let mut v = [_mm256_setzero_si256(); 8];
             for (v, l) in v.iter_mut().zip(&lv) {
+                // SAFETY: bytes 32c..32c + 32 of the row's 256 levels.
                 *v = unsafe { _mm256_loadu_si256(l[32 * c..].as_ptr() as *const _) };
             }
             for (t, v) in transpose8(v).into_iter().enumerate() {
