@@ -9,6 +9,9 @@
 
 use std::cell::RefCell;
 
+/// The K-quants' GEMM on the same path (`gemm_avx2/k.rs`).
+pub(super) mod k;
+
 use super::x86::gemm32_avx2::{self as k2, Acc2, Gemm2, PanelBuf, XRow2, KC_GROUPS, PANEL};
 use super::x86::tile::GROUP_BYTES;
 use super::{Acts, OutPtr, Plan};
@@ -46,12 +49,22 @@ impl Int8Dot {
     }
 }
 
-/// Whether the path takes `qtype` weights.
+/// Whether the path takes `qtype` weights (the K-quants through `k`).
 pub(super) fn takes(qtype: QType) -> bool {
-    matches!(
-        qtype,
-        QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
-    )
+    k::takes(qtype)
+        || matches!(
+            qtype,
+            QType::Q4_0 | QType::Q5_0 | QType::Q8_0 | QType::IQ4NL | QType::Q4_1 | QType::Q5_1
+        )
+}
+
+/// The M from which the path runs for `qtype` (without forcing).
+pub(super) fn min_m(qtype: QType) -> usize {
+    if k::takes(qtype) {
+        k::min_m(qtype)
+    } else {
+        GEMM2_MIN_M
+    }
 }
 
 thread_local! {
@@ -63,6 +76,9 @@ impl Plan<'_> {
     /// Weight rows `n0..n0 + rows` with every activation row, into `out`: whole panels here,
     /// the last `rows % PANEL` through `fill` (the same bits either way).
     pub(super) fn fill_gemm2(&self, dot: Int8Dot, n0: usize, rows: usize, out: &OutPtr) {
+        if self.fill_gemm_k2(n0, rows, out) {
+            return;
+        }
         let whole = rows / PANEL * PANEL;
         match self.w.qtype {
             QType::Q4_0 => self.gemm2_rows::<BlockQ4_0>(dot, n0, whole, out),

@@ -15,7 +15,7 @@
 //! `out` directly; from `gemm_k::GEMM_K_MIN_M` rows the K-quants (q2_k..q6_k, iq4_xs) take
 //! `gemm_k.rs` / `x86/gemm_k.rs`. Without AVX-512 VNNI the 32-weight formats take the AVX2 GEMM
 //! of `gemm_avx2.rs` / `x86/gemm32_avx2.rs` (AVX-VNNI where present) from
-//! `gemm_avx2::GEMM2_MIN_M` rows. From `GEMM16_MIN_M` rows (AVX-512 BF16, K a multiple of 32) nf4,
+//! `gemm_avx2::GEMM2_MIN_M` rows, q2_k..q6_k its `k` (`gemm_avx2/k.rs`) from `k::min_m`. From `GEMM16_MIN_M` rows (AVX-512 BF16, K a multiple of 32) nf4,
 //! int8, fp8 and the grouped integers take the bf16 GEMM of `gemm_bf16.rs` / `x86/gemm16.rs`,
 //! with its own numerics (`reference/bf16.rs`: bf16 operands, f32 sums; not the q16 / f32 ones).
 //! Where AMX bf16 is usable the ggml formats (not tq*) take it too from `ggml_bf16_min_m` rows

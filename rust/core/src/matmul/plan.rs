@@ -290,7 +290,8 @@ fn route<'a>(
         );
     // The K-quants' GEMM (`gemm_k.rs`): 512-bit VNNI, many rows.
     #[cfg(target_arch = "x86_64")]
-    let gemm_k = vnni && bw && m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(w.qtype);
+    let gemm_k =
+        vnni && bw && forced2.is_none() && m >= gemm_k::GEMM_K_MIN_M && gemm_k::takes(w.qtype);
     #[cfg(target_arch = "x86_64")]
     let gemm = gemm || gemm_k;
     #[cfg(not(target_arch = "x86_64"))]
@@ -298,11 +299,11 @@ fn route<'a>(
     // The 32-weight formats' GEMM without AVX-512 VNNI (`gemm_avx2.rs`): AVX2, many rows.
     #[cfg(target_arch = "x86_64")]
     let gemm2 = {
-        use super::gemm_avx2::{takes, Int8Dot, GEMM2_MIN_M};
+        use super::gemm_avx2::{min_m, takes, Int8Dot};
         let on = takes(w.qtype)
             && m >= 2
             && (forced2.is_some()
-                || (simd && !tile && m >= GEMM2_MIN_M && crate::config::avx2_gemm()));
+                || (simd && !tile && m >= min_m(w.qtype) && crate::config::avx2_gemm()));
         on.then(|| forced2.unwrap_or_else(Int8Dot::detect))
     };
     // The 32-weight formats' GEMM on aarch64 (`gemm_neon.rs`): dotprod / i8mm, M >= 2.

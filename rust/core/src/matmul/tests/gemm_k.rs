@@ -35,6 +35,40 @@ pub(super) fn reference(qtype: QType, w: &[u8], x: &[BlockQ8K]) -> f32 {
 
 #[test]
 fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
+    shapes(false);
+}
+
+/// The same with the AVX2 K-quant GEMM forced (`gemm_avx2/k.rs`: panels of 16 rows, blocks
+/// of 64 activation rows, kernel calls of 1..3 rows), also below its `MIN_M`.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
+    if crate::cpu::has_avx2() {
+        let _force = Avx2::new();
+        shapes(true);
+    }
+}
+
+/// Forces the AVX2 GEMM on this thread while alive.
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+
+#[cfg(target_arch = "x86_64")]
+impl Avx2 {
+    fn new() -> Self {
+        super::super::gemm_avx2::FORCE.set(Some(super::super::gemm_avx2::Int8Dot::Maddubs));
+        Avx2
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for Avx2 {
+    fn drop(&mut self) {
+        super::super::gemm_avx2::FORCE.set(None);
+    }
+}
+
+fn shapes(avx2: bool) {
     // (the int8 paths: on AMX the ggml formats take the bf16 tiles from `ggml_bf16_min_m`)
     let _int8 = crate::matmul::GgmlInt8::new();
     // (the VNNI kernel: the AMX tiles have `tests/amx_k.rs`)
@@ -42,26 +76,50 @@ fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
     let _vnni = crate::matmul::gemm_amx_k::Force::new(false);
     const { assert!(GEMM_K_MIN_M <= 5 && GEMM_K_MAX_BLOCK < 67) };
     let mut rng = Rng(0x6e33_6b00_6e33_6b00);
+    let avx2_shapes: &[(usize, usize, usize)] = if avx2 {
+        &[
+            (16, 1, 2),
+            (15, 2, 3),
+            (9, 7, 130),
+            (31, 3, 64),
+            (40, 2, 193),
+        ]
+    } else {
+        &[]
+    };
     for (qtype, halves) in CASES {
         let info = qtype.info();
-        for (n, nb, m) in [
+        for &(n, nb, m) in [
             (5, 1, 5),
             (17, 3, 4),
             (33, 2, 7),
             (47, 9, 6),
             (32, 5, 67),
             (70, 4, 9),
-        ] {
+        ]
+        .iter()
+        .chain(avx2_shapes)
+        {
             let k = nb * info.block_size;
             let data = blocks(&mut rng, n * nb, info.type_size, halves);
             let x = rng.normalish(m * k, 2.0);
             let w = view(qtype, n, k, &data);
             let plan = super::super::plan::plan(&x, m, &w, m * n).unwrap();
-            assert_eq!(
-                plan.gemm,
-                crate::cpu::has_vnni_bw(),
-                "{qtype:?}: the GEMM path runs"
-            );
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                let k2 = super::super::gemm_avx2::k::takes(qtype);
+                assert!(
+                    !plan.gemm && plan.gemm2.is_some() == k2,
+                    "{qtype:?}: AVX2 GEMM"
+                );
+                assert_eq!(k2, qtype != QType::IQ4XS);
+            } else {
+                assert_eq!(
+                    plan.gemm,
+                    crate::cpu::has_vnni_bw(),
+                    "{qtype:?}: the GEMM path runs"
+                );
+            }
             drop(plan);
             let mut y = vec![0.0f32; m * n];
             qmatmul(&x, m, &w, &mut y).unwrap();
@@ -97,18 +155,43 @@ fn k_quant_gemm_equals_reference_on_any_shape_and_thread_count() {
 /// the group sums must give the reference's bits there too.
 #[test]
 fn k_quant_gemm_equals_reference_at_extreme_sums() {
+    extremes(false);
+}
+
+/// The same on the AVX2 K-quant GEMM (forced): there the i16 sums of `vpmaddubsw` pairs
+/// (`Levels::FOLD` dwords of them) are at their largest; and f16 scales of inf and NaN.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_k_quant_gemm_equals_reference_at_extreme_sums() {
+    if crate::cpu::has_avx2() {
+        let _force = Avx2::new();
+        extremes(true);
+    }
+}
+
+fn extremes(avx2: bool) {
     #[cfg(target_arch = "x86_64")]
     let _vnni = crate::matmul::gemm_amx_k::Force::new(false);
     let one = f16_from_f32(1.0);
     let (n, nb, m) = (33, 2, 5);
+    let specials: &[[u8; 2]] = if avx2 {
+        &[one, f16_from_f32(f32::INFINITY), f16_from_f32(f32::NAN)]
+    } else {
+        &[one]
+    };
     for (qtype, halves) in CASES {
         let info = qtype.info();
         let k = nb * info.block_size;
-        for fill in [0x00u8, 0xff, 0x0f, 0xf0] {
+        for (fill, &h) in [0x00u8, 0xff, 0x0f, 0xf0]
+            .into_iter()
+            .flat_map(|f| specials.iter().map(move |h| (f, h)))
+        {
             let mut data = vec![fill; n * nb * info.type_size];
             for b in 0..n * nb {
                 for &o in halves {
-                    data[b * info.type_size + o..][..2].copy_from_slice(&one);
+                    // (one row's super-blocks take the special scale, the others 1)
+                    let v = if b / nb == 7 { h } else { one };
+                    data[b * info.type_size + o..][..2].copy_from_slice(&v);
                 }
             }
             let xs = [

@@ -28,6 +28,9 @@
 
 use std::arch::x86_64::*;
 
+/// The AVX2 twin of this kernel (no AVX-512).
+pub mod avx2;
+
 use crate::matmul::reference::{BlockQ8K, LANES};
 
 /// Weight rows of one vector (one per 32-bit lane).
