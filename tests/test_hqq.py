@@ -182,8 +182,8 @@ def test_quantize_model_method_hqq() -> None:
     assert model.ferroquant_plan == {"0": "int4_g32", "2": "int4_g32"}
     expect = fq.dequantize(hqq_quantize(ref, "int4_g32")).reshape(ref.shape)
     # read the weights back through the kernel 4 rows at a time: below the bf16 GEMM's
-    # threshold (qmatmul_bf16_min_m: 12 rows, 8 with AMX bf16), whose bf16 weights would not
-    # be the format's
+    # threshold (qmatmul_bf16_min_m: 12 rows, 8 with AMX bf16, 32 on AVX2 + FMA), whose bf16
+    # weights would not be the format's
     x = torch.eye(64)
     got = torch.cat([model[0](x[i : i + 4]) - model[0].bias for i in range(0, 64, 4)])
     got = got.detach().numpy().T
