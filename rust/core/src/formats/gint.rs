@@ -409,6 +409,44 @@ pub fn row_zero(g: GInt, stats: &[f32], groups: usize, gi: usize) -> u8 {
     }
 }
 
+/// Columns `k0..k0 + kc` of a packed row of `cols` (its `stats`: the row's scales, then its
+/// zeros) as `decode_row_i8` gives them when the chunk is taken as a row of its own: whole
+/// groups (the group divides the chunk) or a piece of the one per-channel group. `w` gets the
+/// chunk's codes, `scales` (at least `kc / 32` long) its groups' scales; returns the group
+/// length within the chunk (the bf16 GEMMs' chunk decode).
+pub fn decode_chunk_i8(
+    g: GInt,
+    row: &[u8],
+    stats: &[f32],
+    cols: usize,
+    (k0, kc): (usize, usize),
+    w: &mut Vec<u8>,
+    scales: &mut [f32],
+) -> usize {
+    let bl = group_len(g, cols);
+    let groups = cols / bl;
+    let (g0, gc) = if g.group == 0 {
+        (0, 1)
+    } else {
+        (k0 / bl, kc / bl)
+    };
+    // (chunks of at most 512 columns in groups of at least 32: 16 groups)
+    let mut st = [0.0f32; 32];
+    st[..gc].copy_from_slice(&stats[g0..g0 + gc]);
+    if !g.sym {
+        st[gc..2 * gc].copy_from_slice(&stats[groups + g0..groups + g0 + gc]);
+    }
+    w.resize(kc, 0);
+    let bits = g.bits as usize;
+    let bytes = &row[k0 * bits / 8..(k0 + kc) * bits / 8];
+    decode_row_i8(g, bytes, &st[..2 * gc], kc, w, &mut scales[..gc]);
+    if g.group == 0 {
+        kc
+    } else {
+        bl
+    }
+}
+
 /// A packed row as `q - z` (int8) and its scales: the weights the int8 matmul kernels read.
 /// Whole bytes at a time (2, 4 and 8 bits: codes never straddle a byte; 3 bits: 8 codes in 3
 /// bytes), so that the loops vectorize; the same values as `code`.

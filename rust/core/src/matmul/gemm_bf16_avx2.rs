@@ -211,26 +211,16 @@ impl Plan<'_> {
                 }
             }
             QType::GInt(g) => {
-                use crate::formats::gint;
-                let bits = g.bits as usize;
-                let groups = self.k / bl;
-                // The chunk as a row of its own (as `gemm_bf16.rs`): whole groups (the group
-                // divides KC) or a piece of the one per-channel group.
-                let (g0, gc) = if g.group == 0 {
-                    (0, 1)
-                } else {
-                    (k0 / bl, kc / bl)
-                };
-                let mut stats = [0.0f32; 2 * KC / 32];
-                stats[..gc].copy_from_slice(&st[g0..g0 + gc]);
-                if !g.sym {
-                    stats[gc..2 * gc].copy_from_slice(&st[groups + g0..groups + g0 + gc]);
-                }
                 let mut scales = [0.0f32; KC / 32];
-                w8.resize(kc, 0);
-                let bytes = &row[k0 * bits / 8..(k0 + kc) * bits / 8];
-                gint::decode_row_i8(g, bytes, &stats[..2 * gc], kc, w8, &mut scales[..gc]);
-                let gl = if g.group == 0 { kc } else { bl };
+                let gl = crate::formats::gint::decode_chunk_i8(
+                    g,
+                    row,
+                    st,
+                    self.k,
+                    (k0, kc),
+                    w8,
+                    &mut scales,
+                );
                 for (j, d) in dst.chunks_exact_mut(32).enumerate() {
                     i8_32(&w8[32 * j..][..32], 0, scales[32 * j / gl], d);
                 }
